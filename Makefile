@@ -1,0 +1,36 @@
+# The two set-up commands of the README: `make serve` (the main job) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= serve,train,export,dev
+
+.PHONY: install system-deps test serve demo-model clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1); pip takes them from the local wheels here.
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+# System packages the tests use (headless Chromium for the web page test). Needs root, as on CI.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: install system-deps
+	$(PY) -m pytest
+
+# Train the offline demo model (digits, CPU, minutes) and export it to ./models unless it is there already.
+demo-model: install
+	@if [ ! -d models/digits ]; then \
+		$(PY) -m training --preset demo --output runs/demo && \
+		$(PY) -m export onnx --model convnext_atto --checkpoint runs/demo/checkpoint_best.pth --name digits --repository models; \
+	fi
+
+serve: demo-model
+	$(PY) -m service --repository models
+
+clean:
+	rm -rf $(VENV) runs models .pytest_cache

@@ -1,0 +1,11 @@
+"""`python -m bench`: placeholder until this package's CLI lands."""
+import sys
+
+
+def main(argv=None) -> int:
+    print("bench: not implemented yet", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,11 @@
+"""`python -m model`: placeholder until this package's CLI lands."""
+import sys
+
+
+def main(argv=None) -> int:
+    print("model: not implemented yet", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

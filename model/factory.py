@@ -1,0 +1,47 @@
+"""One factory for every model: name + options -> nn.Module, optionally with weights from a checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .convnext import ConvNeXt, ConvNeXtIsotropic
+from .registry import get_config
+from .resnet import resnet
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 1000,
+    drop_path_rate: float = 0.0,
+    layer_scale_init: float | None = None,
+    head_init_scale: float = 1.0,
+    activation: str | None = None,
+    in_chans: int = 3,
+    checkpoint: str | Path | None = None,
+) -> nn.Module:
+    """Build `name` (see `list_models()`); `None` options take the model's own defaults from the registry.
+
+    `checkpoint` loads weights strictly (official, timm, torchvision or this project's format); a checkpoint
+    with another class count re-initialises only the head.
+    """
+    cfg = get_config(name)
+    activation = activation or cfg.default_activation
+    layer_scale_init = cfg.layer_scale_init if layer_scale_init is None else layer_scale_init
+    if cfg.family == "convnext":
+        model = ConvNeXt(
+            cfg.depths, cfg.dims, num_classes, in_chans, drop_path_rate, layer_scale_init, head_init_scale, activation
+        )
+    elif cfg.family == "convnext_isotropic":
+        model = ConvNeXtIsotropic(
+            cfg.depths[0], cfg.dims[0], num_classes, in_chans, drop_path_rate, layer_scale_init, head_init_scale,
+            activation,
+        )
+    else:
+        model = resnet(cfg.depths, num_classes, activation)
+    if checkpoint is not None:
+        from .checkpoints import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    return model

@@ -1,0 +1,96 @@
+"""Model names -> architecture and evaluation-data configs (configs as data, beside the code that uses them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ACTIVATIONS = ("gelu", "relu")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The evaluation transform: resize the short side to input_size / crop_pct, center-crop, normalize."""
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    in_chans: int = 3
+
+    @property
+    def resize_px(self) -> int:
+        # timm / official ConvNeXt eval: scale_size = int(input_size / crop_pct)
+        return int(self.input_size / self.crop_pct)
+
+
+@dataclass(frozen=True)
+class PaperFigures:
+    """Params (millions) and GFLOPs (multiply-accumulates) as the paper reports them."""
+
+    params_m: float
+    gflops: float
+    source: str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    family: str  # "convnext" | "convnext_isotropic" | "resnet"
+    depths: tuple[int, ...]
+    dims: tuple[int, ...]
+    layer_scale_init: float = 1e-6  # Table 5: layer scale 1e-6
+    default_activation: str = "gelu"
+    data: DataConfig = field(default_factory=DataConfig)
+    paper: PaperFigures | None = None
+
+
+def _convnext(name, depths, dims, paper=None, **kw) -> ModelConfig:
+    return ModelConfig(name, "convnext", depths, dims, paper=paper, **kw)
+
+
+def _isotropic(name, depth, dim, paper) -> ModelConfig:
+    # Section 3.3 / official convnext_isotropic.py: no layer scale by default.
+    return ModelConfig(name, "convnext_isotropic", (depth,), (dim,), layer_scale_init=0.0, paper=paper)
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    cfg.name: cfg
+    for cfg in (
+        # Section 3 / Table 1 (ImageNet-1K, 224^2).
+        _convnext("convnext_tiny", (3, 3, 9, 3), (96, 192, 384, 768), PaperFigures(28.6, 4.5, "Table 1")),
+        _convnext("convnext_small", (3, 3, 27, 3), (96, 192, 384, 768), PaperFigures(50.0, 8.7, "Table 1")),
+        _convnext("convnext_base", (3, 3, 27, 3), (128, 256, 512, 1024), PaperFigures(89.0, 15.4, "Table 1")),
+        _convnext("convnext_large", (3, 3, 27, 3), (192, 384, 768, 1536), PaperFigures(198.0, 34.4, "Table 1")),
+        _convnext("convnext_xlarge", (3, 3, 27, 3), (256, 512, 1024, 2048), PaperFigures(350.0, 60.9, "Table 1")),
+        # Community variants for edge/CPU (timm's atto..nano), used for fast tests and the CPU demo.
+        _convnext("convnext_atto", (2, 2, 6, 2), (40, 80, 160, 320)),
+        _convnext("convnext_femto", (2, 2, 6, 2), (48, 96, 192, 384)),
+        _convnext("convnext_pico", (2, 2, 6, 2), (64, 128, 256, 512)),
+        _convnext("convnext_nano", (2, 2, 8, 2), (80, 160, 320, 640)),
+        # Section 3.3 / Table 2: isotropic ConvNeXt (16x16 patchify, no downsampling).
+        _isotropic("convnext_isotropic_small", 18, 384, PaperFigures(22.0, 4.3, "Table 2")),
+        _isotropic("convnext_isotropic_base", 18, 768, PaperFigures(87.0, 16.9, "Table 2")),
+        _isotropic("convnext_isotropic_large", 36, 1024, PaperFigures(306.0, 59.7, "Table 2")),
+        # Table 9: the ResNet-50 baseline (torchvision's definition).
+        ModelConfig(
+            "resnet50", "resnet", (3, 4, 6, 3), (256, 512, 1024, 2048),
+            layer_scale_init=0.0, default_activation="relu",
+            data=DataConfig(interpolation="bilinear"),
+            paper=PaperFigures(25.6, 4.1, "Table 9"),
+        ),
+    )
+}
+
+
+def list_models() -> list[str]:
+    """Every model name `create_model` accepts."""
+    return sorted(MODEL_CONFIGS)
+
+
+def get_config(name: str) -> ModelConfig:
+    try:
+        return MODEL_CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
