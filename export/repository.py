@@ -1,0 +1,288 @@
+"""The model repository: `<root>/<name>/<version>/manifest.json` beside the model files.
+
+This module is the one contract between `export/` (which writes versions) and `service/` (which reads them).
+It imports neither torch nor onnx, so the serving image can use it. Versions are written atomically: files
+go to a hidden staging folder first and the folder is renamed into place once the manifest is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+class RepositoryError(Exception):
+    """A model repository entry is missing, malformed, or does not match its manifest."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    name: str = "input"
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+    channels: int = Field(3, ge=1)
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+
+
+class Preprocess(_Strict):
+    """The evaluation transform: RGB, resize the short side to resize_px, center-crop to crop_px, normalize."""
+
+    resize_px: int = Field(gt=0)
+    crop_px: int = Field(gt=0)
+    crop_pct: float = Field(gt=0, le=1)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> "Preprocess":
+        if self.crop_px > self.resize_px:
+            raise ValueError(f"crop_px {self.crop_px} is larger than resize_px {self.resize_px}")
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError("mean and std need one entry per channel and std must be positive")
+        return self
+
+
+class Parity(_Strict):
+    """How closely an artifact's outputs match its reference on a fixed set of inputs."""
+
+    reference: str  # e.g. "pytorch-fp32", "onnxruntime-fp32"
+    num_inputs: int = Field(ge=1)
+    num_real_images: int = Field(ge=0)
+    max_abs_diff: float = Field(ge=0)
+    top1_agreement: float = Field(ge=0, le=1)
+    top5_agreement: float = Field(ge=0, le=1)
+
+
+class TensorRTInfo(_Strict):
+    tensorrt_version: str
+    compute_capability: str  # "9.0" for H100
+    device_name: str
+    min_batch: int = Field(ge=1)
+    opt_batch: int = Field(ge=1)
+    max_batch: int = Field(ge=1)
+
+
+class Artifact(_Strict):
+    file: str  # relative to the version folder
+    format: Literal["onnx", "tensorrt"]
+    precision: Precision
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+    parity: Parity | None = None
+    tensorrt: TensorRTInfo | None = None
+
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        parts = Path(value).parts
+        if Path(value).is_absolute() or ".." in parts or not parts:
+            raise ValueError(f"artifact file {value!r} must be a relative path inside the version folder")
+        return value
+
+
+class Source(_Strict):
+    checkpoint: str | None  # file name of the source checkpoint; None for random init
+    sha256: str | None
+    format: Literal["project", "official", "timm", "torchvision", "random"]
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: int = Field(ge=1)
+    architecture: str  # a `model.list_models()` name
+    activation: str
+    num_classes: int = Field(ge=1)
+    input: InputSpec
+    output_name: str = "logits"
+    preprocess: Preprocess
+    labels: tuple[str, ...]
+    source: Source
+    onnx_opset: int = Field(ge=17)
+    artifacts: tuple[Artifact, ...]
+    created_at: datetime
+    project_version: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(f"model name {value!r} must match {NAME_PATTERN.pattern}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        if len(self.labels) != self.num_classes:
+            raise ValueError(f"{len(self.labels)} labels for {self.num_classes} classes")
+        if len(self.preprocess.mean) != self.input.channels:
+            raise ValueError("preprocess mean/std must have one entry per input channel")
+        if self.preprocess.crop_px != self.input.height or self.input.height != self.input.width:
+            raise ValueError("the input must be square and equal to the preprocess crop")
+        files = [a.file for a in self.artifacts]
+        if len(set(files)) != len(files):
+            raise ValueError("two artifacts name the same file")
+        return self
+
+    def find(self, format: str, precision: str) -> Artifact | None:
+        """The first artifact of this format and precision (TensorRT ones are filtered by the caller)."""
+        return next((a for a in self.artifacts if a.format == format and a.precision == precision), None)
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_file(version_dir: Path, relative: str, **fields) -> Artifact:
+    """An Artifact for a file already in `version_dir`, with its size and sha256 filled in."""
+    path = version_dir / relative
+    return Artifact(file=relative, sha256=sha256_file(path), size_bytes=path.stat().st_size, **fields)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A validated version on disk: its manifest and its folder."""
+
+    manifest: Manifest
+    path: Path
+
+    def artifact_path(self, artifact: Artifact) -> Path:
+        return self.path / artifact.file
+
+
+@dataclass
+class StagedVersion:
+    """A version being written: put files in `path`, then set `manifest` before the `with` block ends."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: Manifest | None = None
+
+
+class ModelRepository:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name) and self.versions(p.name))
+
+    def versions(self, name: str) -> list[int]:
+        folder = self.root / name
+        if not NAME_PATTERN.match(name) or not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file())
+
+    def latest_version(self, name: str) -> int:
+        versions = self.versions(name)
+        if not versions:
+            raise RepositoryError(f"no versions of model {name!r} in {self.root} (have: {self.models() or 'none'})")
+        return versions[-1]
+
+    def load(self, name: str, version: int | None = None, verify_files: bool = True) -> ModelVersion:
+        """Read and validate a manifest; with verify_files, every artifact's sha256 is checked too."""
+        version = self.latest_version(name) if version is None else version
+        path = self.root / name / str(version)
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise RepositoryError(f"{manifest_path} does not exist")
+        try:
+            manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+        except ValidationError as err:
+            raise RepositoryError(f"{manifest_path} is not a valid manifest:\n{err}") from None
+        if manifest.name != name or manifest.version != version:
+            raise RepositoryError(f"{manifest_path} describes {manifest.name}/{manifest.version}, not {name}/{version}")
+        if verify_files:
+            for artifact in manifest.artifacts:
+                file = path / artifact.file
+                if not file.is_file():
+                    raise RepositoryError(f"{name}/{version}: artifact {artifact.file} is missing")
+                if sha256_file(file) != artifact.sha256:
+                    raise RepositoryError(f"{name}/{version}: {artifact.file} does not match its sha256 in the manifest")
+        return ModelVersion(manifest, path)
+
+    @contextmanager
+    def new_version(self, name: str, version: int | None = None, overwrite: bool = False) -> Iterator[StagedVersion]:
+        """Stage a version in a hidden folder and rename it into place only if the block completes."""
+        if not NAME_PATTERN.match(name):
+            raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
+        existing = self.versions(name)
+        version = version if version is not None else (existing[-1] + 1 if existing else 1)
+        final = self.root / name / str(version)
+        if final.exists() and not overwrite:
+            raise RepositoryError(f"{name}/{version} already exists; pass overwrite to replace it")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=final.parent))
+        staged = StagedVersion(name, version, staging)
+        try:
+            yield staged
+            if staged.manifest is None:
+                raise RepositoryError("the staged version was never given a manifest")
+            if (staged.manifest.name, staged.manifest.version) != (name, version):
+                raise RepositoryError(f"manifest says {staged.manifest.name}/{staged.manifest.version}, staged {name}/{version}")
+            _write_json_atomic(staging / MANIFEST_FILE, staged.manifest.model_dump(mode="json"))
+            if final.exists():
+                trash = final.parent / f".old-{version}-{os.getpid()}"
+                os.replace(final, trash)
+                os.replace(staging, final)
+                shutil.rmtree(trash)
+            else:
+                os.replace(staging, final)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+
+    def add_artifact(self, name: str, version: int, source_file: Path, artifact: Artifact) -> ModelVersion:
+        """Add a file (e.g. a TensorRT engine built on first start) to an existing version, atomically."""
+        current = self.load(name, version, verify_files=False)
+        target = current.path / artifact.file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        os.close(fd)
+        shutil.copyfile(source_file, tmp)
+        os.replace(tmp, target)
+        others = tuple(a for a in current.manifest.artifacts if a.file != artifact.file)
+        manifest = current.manifest.model_copy(update={"artifacts": others + (artifact,)})
+        Manifest.model_validate(manifest.model_dump())  # re-validate the whole manifest
+        _write_json_atomic(current.path / MANIFEST_FILE, manifest.model_dump(mode="json"))
+        return ModelVersion(manifest, current.path)

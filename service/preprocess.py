@@ -1,0 +1,106 @@
+"""Image bytes -> RGB picture -> the manifest's evaluation transform, in PIL and NumPy (no torch).
+
+The transform reproduces torchvision's Resize(int) -> CenterCrop -> ToTensor -> Normalize on PIL images, which
+is what training evaluates with; tests/service/test_preprocess_parity.py proves the two agree.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from export.repository import Preprocess
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+RESAMPLING = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+class ImageError(ValueError):
+    """The bytes are not an image this service can classify; `code` is the machine-readable reason."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode to an RGB picture, upright per EXIF; refuse non-images, truncation and decompression bombs."""
+    if not data:
+        raise ImageError("empty_body", "the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in ALLOWED_FORMATS:
+                raise ImageError("unsupported_format", f"image format {image.format} is not accepted")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    "too_many_pixels", f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                )
+            image.seek(0)  # GIF / multi-page TIFF: the first frame
+            image.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "the body is not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: alpha composited on white, 16/32-bit and float scaled, CMYK and palettes converted."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def resize_short_side(image: Image.Image, size_px: int, interpolation: str) -> Image.Image:
+    """torchvision Resize(int): the short side becomes size_px, the long side int(size_px * long / short)."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    if short == size_px:
+        return image
+    new_short, new_long = size_px, int(size_px * long / short)
+    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
+    return image.resize(new_size, RESAMPLING[interpolation])
+
+
+def center_crop(image: Image.Image, crop_px: int) -> Image.Image:
+    """torchvision CenterCrop on a picture at least crop_px on each side."""
+    width, height = image.size
+    top = int(round((height - crop_px) / 2.0))
+    left = int(round((width - crop_px) / 2.0))
+    return image.crop((left, top, left + crop_px, top + crop_px))
+
+
+def eval_transform(image: Image.Image, spec: Preprocess) -> np.ndarray:
+    """RGB picture -> float32 (3, crop_px, crop_px), normalized: the training-side evaluation transform."""
+    image = center_crop(resize_short_side(image, spec.resize_px, spec.interpolation), spec.crop_px)
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (H, W, 3), like ToTensor
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
+
+
+def preprocess(data: bytes, spec: Preprocess, max_pixels: int) -> np.ndarray:
+    """Bytes -> the model's input tensor for one image; raises ImageError for anything unusable."""
+    return eval_transform(decode_image(data, max_pixels), spec)

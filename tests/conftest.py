@@ -1,0 +1,35 @@
+"""Fixtures shared by every test package: real photographs shipped by scikit-learn and scikit-image."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def _real_photo_sources() -> list[Path]:
+    import skimage
+    import sklearn.datasets
+
+    sklearn_images = Path(sklearn.datasets.__file__).parent / "images"
+    skimage_data = Path(skimage.__file__).parent / "data"
+    return [
+        sklearn_images / "china.jpg",  # a temple, JPEG
+        sklearn_images / "flower.jpg",  # a flower, JPEG
+        skimage_data / "chelsea.png",  # a cat, PNG
+        skimage_data / "coffee.png",  # a cup of coffee, PNG
+        skimage_data / "astronaut.png",  # a person, PNG
+        skimage_data / "rocket.jpg",  # a rocket on its pad, JPEG
+    ]
+
+
+@pytest.fixture(scope="session")
+def real_photos(tmp_path_factory) -> list[Path]:
+    """Real photographs (JPEG and PNG files, 300..640 px) copied into a temporary folder."""
+    folder = tmp_path_factory.mktemp("photos")
+    photos = []
+    for source in _real_photo_sources():
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is missing: install the dev extra (scikit-learn, scikit-image)")
+        photos.append(Path(shutil.copy(source, folder / source.name)))
+    return photos
