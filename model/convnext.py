@@ -87,6 +87,14 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _reset_head(self) -> None:
+    """(Re-)initialise the classifier: trunc-normal weights, zero bias, both scaled by head_init_scale (fine-tuning)."""
+    _init_weights(self.head)
+    with torch.no_grad():
+        self.head.weight.mul_(self.head_init_scale)
+        self.head.bias.mul_(self.head_init_scale)
+
+
 class ConvNeXt(nn.Module):
     """Hierarchical ConvNeXt: patchify stem, four stages with separate downsampling, pooled LN + linear head."""
 
@@ -121,10 +129,11 @@ class ConvNeXt(nn.Module):
             )
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)  # final norm after global average pooling
         self.head = nn.Linear(dims[-1], num_classes)
+        self.head_init_scale = head_init_scale
         self.apply(_init_weights)
-        with torch.no_grad():
-            self.head.weight.mul_(head_init_scale)
-            self.head.bias.mul_(head_init_scale)
+        self.reset_head()
+
+    reset_head = _reset_head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for downsample, stage in zip(self.downsample_layers, self.stages):
@@ -155,10 +164,11 @@ class ConvNeXtIsotropic(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, rates[i], layer_scale_init, activation) for i in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
+        self.head_init_scale = head_init_scale
         self.apply(_init_weights)
-        with torch.no_grad():
-            self.head.weight.mul_(head_init_scale)
-            self.head.bias.mul_(head_init_scale)
+        self.reset_head()
+
+    reset_head = _reset_head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))

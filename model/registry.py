@@ -32,6 +32,7 @@ class PaperFigures:
     params_m: float
     gflops: float
     source: str
+    input_size_px: int = 224
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class ModelConfig:
     default_activation: str = "gelu"
     data: DataConfig = field(default_factory=DataConfig)
     paper: PaperFigures | None = None
+    paper_high_res: PaperFigures | None = None  # the same model evaluated at 384^2 (Table 1), where reported
+
+    def paper_figures(self) -> tuple[PaperFigures, ...]:
+        """Every (input size, params, GFLOPs) row the paper reports for this model."""
+        return tuple(f for f in (self.paper, self.paper_high_res) if f is not None)
 
 
 def _convnext(name, depths, dims, paper=None, **kw) -> ModelConfig:
@@ -61,8 +67,14 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         # Section 3 / Table 1 (ImageNet-1K, 224^2).
         _convnext("convnext_tiny", (3, 3, 9, 3), (96, 192, 384, 768), PaperFigures(28.6, 4.5, "Table 1")),
         _convnext("convnext_small", (3, 3, 27, 3), (96, 192, 384, 768), PaperFigures(50.0, 8.7, "Table 1")),
-        _convnext("convnext_base", (3, 3, 27, 3), (128, 256, 512, 1024), PaperFigures(89.0, 15.4, "Table 1")),
-        _convnext("convnext_large", (3, 3, 27, 3), (192, 384, 768, 1536), PaperFigures(198.0, 34.4, "Table 1")),
+        _convnext(
+            "convnext_base", (3, 3, 27, 3), (128, 256, 512, 1024), PaperFigures(89.0, 15.4, "Table 1"),
+            paper_high_res=PaperFigures(89.0, 45.0, "Table 1", input_size_px=384),
+        ),
+        _convnext(
+            "convnext_large", (3, 3, 27, 3), (192, 384, 768, 1536), PaperFigures(198.0, 34.4, "Table 1"),
+            paper_high_res=PaperFigures(198.0, 101.0, "Table 1", input_size_px=384),
+        ),
         _convnext("convnext_xlarge", (3, 3, 27, 3), (256, 512, 1024, 2048), PaperFigures(350.0, 60.9, "Table 1")),
         # Community variants for edge/CPU (timm's atto..nano), used for fast tests and the CPU demo.
         _convnext("convnext_atto", (2, 2, 6, 2), (40, 80, 160, 320)),

@@ -1,0 +1,204 @@
+"""Read checkpoints (official, this project's, timm, torchvision), convert them to our names, load them strictly."""
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Wrappers that training code leaves on parameter names (DDP, torch.compile).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MAX_NAMES_LISTED = 20
+
+# timm's ConvNeXt names -> ours (official facebookresearch names). Applied in order, first match wins.
+_TIMM_RULES = (
+    (r"^stem\.0\.", "downsample_layers.0.0."),
+    (r"^stem\.1\.", "downsample_layers.0.1."),
+    (r"^stages\.(\d+)\.downsample\.(\d)\.", r"downsample_layers.\1.\2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"stages.\1.\2.pwconv1."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"stages.\1.\2.pwconv2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),  # norm, gamma
+    (r"^head\.norm\.", "norm."),
+    (r"^head\.fc\.", "head."),
+)
+# torchvision's CNBlock: block = [dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute].
+_TORCHVISION_BLOCK_LAYERS = {"0": "dwconv", "2": "norm", "3": "pwconv1", "5": "pwconv2"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message lists what is wrong."""
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    source_format: str  # "native" (official / this project), "timm" or "torchvision"
+    head_reinitialised: bool
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw checkpoint dict (project metadata such as model_name, data_config, class_names included)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}; pass the path of a .pth file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint of plain data ({str(error).splitlines()[0]}); "
+            "re-download it, or re-save it as a dict of tensors and plain values"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a dict (state dict or checkpoint)")
+    return checkpoint
+
+
+def select_state_dict(checkpoint: Mapping, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The weights inside a checkpoint: `model_ema` if asked, else `model` / `state_dict`, else the dict itself."""
+    if use_ema:
+        if "model_ema" not in checkpoint:
+            raise CheckpointError(
+                f"use_ema=True but the checkpoint has no 'model_ema' entry (keys: {_listed(checkpoint)}); "
+                "load without use_ema"
+            )
+        return checkpoint["model_ema"]
+    for key in ("model", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return checkpoint[key]
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return dict(checkpoint)
+    raise CheckpointError(
+        f"cannot find weights in the checkpoint (keys: {_listed(checkpoint)}); expected a state dict "
+        "or a dict with a 'model' entry"
+    )
+
+
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> tuple[dict, str]:
+    """Detect the naming (native, timm, torchvision) and return a new state dict in `model`'s names.
+
+    Pure: the input is not modified. Native covers the official facebookresearch checkpoints, this project's, and
+    torchvision's ResNet (our ResNet-50 *is* torchvision's module).
+    """
+    state_dict = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    is_convnext = any(k.startswith("downsample_layers.") for k in model.state_dict())
+    if is_convnext and any(k.startswith(("stem.0.", "stages.0.blocks.")) for k in state_dict):
+        return _from_timm(state_dict), "timm"
+    if is_convnext and any(k.startswith("features.") for k in state_dict):
+        return _from_torchvision(state_dict), "torchvision"
+    return state_dict, "torchvision" if hasattr(model, "layer1") else "native"
+
+
+def load_checkpoint(
+    model: nn.Module, path_or_state_dict: str | Path | Mapping, *, use_ema: bool = False
+) -> LoadResult:
+    """Load weights strictly; only a head of another shape (another class count) is re-initialised, with a warning."""
+    checkpoint = (
+        path_or_state_dict if isinstance(path_or_state_dict, Mapping) else read_checkpoint(path_or_state_dict)
+    )
+    state_dict, source_format = convert_state_dict(select_state_dict(checkpoint, use_ema=use_ema), model)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape)
+    )
+    head = _head_name(model)
+    head_mismatch = [k for k in mismatched if k.startswith(head + ".")]
+    other_mismatch = [k for k in mismatched if k not in head_mismatch]
+    if missing or unexpected or other_mismatch:
+        raise CheckpointError(_describe(source_format, missing, unexpected, other_mismatch, expected, state_dict))
+    if head_mismatch:
+        key = head_mismatch[0]
+        shapes = f"checkpoint {tuple(state_dict[key].shape)}, model {tuple(expected[key].shape)}"
+        model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(head + ".")}, strict=False)
+        _reset_head(model, head)
+        logger.warning(
+            "the checkpoint's head does not fit the model (%s: %s): re-initialised the head '%s' only, "
+            "every other weight was loaded from the checkpoint", key, shapes, head,
+        )
+        return LoadResult(source_format, head_reinitialised=True)
+    model.load_state_dict(state_dict, strict=True)
+    return LoadResult(source_format, head_reinitialised=False)
+
+
+def _strip_wrappers(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def _from_timm(state_dict: dict) -> dict:
+    converted = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _TIMM_RULES:
+            new_key, count = re.subn(pattern, replacement, key)
+            if count:
+                key = new_key
+                break
+        if re.search(r"\.pwconv[12]\.weight$", key) and value.ndim == 4:
+            value = value.flatten(1)  # timm's conv_mlp variants (atto..nano): 1x1 Conv2d (O, I, 1, 1) -> Linear (O, I)
+        converted[key] = value
+    return converted
+
+
+def _from_torchvision(state_dict: dict) -> dict:
+    converted = {}
+    for key, value in state_dict.items():
+        new_key = key
+        if match := re.match(r"^features\.0\.([01])\.(.+)$", key):  # stem: conv + LayerNorm2d
+            new_key = f"downsample_layers.0.{match[1]}.{match[2]}"
+        elif match := re.match(r"^features\.(\d+)\.(\d+)\.(.+)$", key):
+            index, position, rest = int(match[1]), match[2], match[3]
+            if index % 2 == 0:  # features.2i = downsampling (LayerNorm2d, Conv2d) before stage i
+                new_key = f"downsample_layers.{index // 2}.{position}.{rest}"
+            elif rest == "layer_scale":
+                new_key, value = f"stages.{index // 2}.{position}.gamma", value.reshape(-1)  # (C, 1, 1) -> (C,)
+            elif block := re.match(r"^block\.(\d+)\.(.+)$", rest):
+                layer = _TORCHVISION_BLOCK_LAYERS.get(block[1], f"block.{block[1]}")
+                new_key = f"stages.{index // 2}.{position}.{layer}.{block[2]}"
+        elif match := re.match(r"^classifier\.([02])\.(.+)$", key):
+            new_key = f"{'norm' if match[1] == '0' else 'head'}.{match[2]}"
+        converted[new_key] = value
+    return converted
+
+
+def _head_name(model: nn.Module) -> str:
+    return "head" if isinstance(getattr(model, "head", None), nn.Linear) else "fc"
+
+
+def _reset_head(model: nn.Module, head: str) -> None:
+    if hasattr(model, "reset_head"):
+        model.reset_head()  # ConvNeXt: trunc-normal scaled by head_init_scale, as at construction
+    else:
+        getattr(model, head).reset_parameters()  # torchvision ResNet: nn.Linear's own init
+
+
+def _listed(names) -> str:
+    names = list(names)
+    shown = ", ".join(str(n) for n in names[:_MAX_NAMES_LISTED])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _MAX_NAMES_LISTED else "")
+
+
+def _describe(source_format, missing, unexpected, mismatched, expected, state_dict) -> str:
+    lines = [f"checkpoint ({source_format} format) does not fit the model:"]
+    if missing:
+        lines.append(f"  missing keys: {_listed(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys: {_listed(unexpected)}")
+    if mismatched:
+        shapes = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
+                  for k in mismatched]
+        lines.append(f"  shape mismatches: {_listed(shapes)}")
+    lines.append("check that the checkpoint was made for this model name and options (in_chans, activation, ...)")
+    return "\n".join(lines)

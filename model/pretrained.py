@@ -1,0 +1,152 @@
+"""The official pretrained ConvNeXt checkpoints (facebookresearch/ConvNeXt README); a verified, resumable download."""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
+_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class PretrainedCheckpoint:
+    name: str  # the official file name without .pth
+    model_name: str  # a `list_models()` name
+    input_size_px: int
+    dataset: str  # "in1k", "in22k" (21841 classes) or "in22k->in1k" (pre-trained on 22K, fine-tuned on 1K)
+    top1: float | None  # ImageNet-1K top-1 (%) as the README reports it; None for 22K-only heads
+    num_classes: int = 1000
+    sha256: str | None = None  # not published upstream; a sidecar is written on first download instead
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.pth"
+
+    @property
+    def url(self) -> str:
+        return OFFICIAL_BASE_URL + self.filename
+
+
+def _table() -> dict[str, PretrainedCheckpoint]:
+    rows = [
+        # ImageNet-1K trained (EMA weights at 224, as released).
+        PretrainedCheckpoint("convnext_tiny_1k_224_ema", "convnext_tiny", 224, "in1k", 82.1),
+        PretrainedCheckpoint("convnext_small_1k_224_ema", "convnext_small", 224, "in1k", 83.1),
+        PretrainedCheckpoint("convnext_base_1k_224_ema", "convnext_base", 224, "in1k", 83.8),
+        PretrainedCheckpoint("convnext_base_1k_384", "convnext_base", 384, "in1k", 85.1),
+        PretrainedCheckpoint("convnext_large_1k_224_ema", "convnext_large", 224, "in1k", 84.3),
+        PretrainedCheckpoint("convnext_large_1k_384", "convnext_large", 384, "in1k", 85.5),
+        # ImageNet-1K trained, isotropic (Table 2).
+        PretrainedCheckpoint("convnext_iso_small_1k_224_ema", "convnext_isotropic_small", 224, "in1k", 78.7),
+        PretrainedCheckpoint("convnext_iso_base_1k_224_ema", "convnext_isotropic_base", 224, "in1k", 82.0),
+        PretrainedCheckpoint("convnext_iso_large_1k_224_ema", "convnext_isotropic_large", 224, "in1k", 82.6),
+    ]
+    for size in ("tiny", "small", "base", "large", "xlarge"):
+        rows.append(PretrainedCheckpoint(f"convnext_{size}_22k_224", f"convnext_{size}", 224, "in22k", None, 21841))
+    fine_tuned = {  # ImageNet-22K pre-trained, ImageNet-1K fine-tuned: top-1 at 224 and 384
+        "tiny": (82.9, 84.1), "small": (84.6, 85.8), "base": (85.8, 86.8),
+        "large": (86.6, 87.5), "xlarge": (87.0, 87.8),
+    }
+    for size, (top1_224, top1_384) in fine_tuned.items():
+        suffix = "_ema" if size == "xlarge" else ""  # only XL's fine-tuned files are the EMA weights
+        for px, top1 in ((224, top1_224), (384, top1_384)):
+            rows.append(PretrainedCheckpoint(f"convnext_{size}_22k_1k_{px}{suffix}", f"convnext_{size}", px,
+                                             "in22k->in1k", top1))
+    return {row.name: row for row in rows}
+
+
+PRETRAINED_CHECKPOINTS: dict[str, PretrainedCheckpoint] = _table()
+
+
+class DownloadError(RuntimeError):
+    """A download that failed or did not verify; nothing is left in the cache under the final name."""
+
+
+def get_pretrained(name: str) -> PretrainedCheckpoint:
+    try:
+        return PRETRAINED_CHECKPOINTS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown pretrained checkpoint {name!r}; choose one of: {', '.join(sorted(PRETRAINED_CHECKPOINTS))}"
+        ) from None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CONVNEXT_CACHE_DIR", Path.home() / ".cache" / "convnext"))
+
+
+def download_pretrained(name: str, cache_dir: str | Path | None = None, *, base_url: str = OFFICIAL_BASE_URL) -> Path:
+    """Path of the cached official checkpoint `name`, downloading it first when needed.
+
+    `base_url` points at a mirror holding the same file names (air-gapped hosts, tests).
+    """
+    entry = get_pretrained(name)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return download_file(base_url.rstrip("/") + "/" + entry.filename, cache_dir / entry.filename, sha256=entry.sha256)
+
+
+def download_file(url: str, destination: Path, *, sha256: str | None = None, timeout_s: float = 60.0) -> Path:
+    """Download `url` to `destination`: resume a `.part` file with an HTTP Range request, check Content-Length and
+    sha256 (the expected one, else the `.sha256` sidecar written on first download, re-checked on every cache hit)."""
+    destination = Path(destination)
+    sidecar = destination.with_name(destination.name + ".sha256")
+    if destination.is_file():
+        expected = sha256 or (sidecar.read_text().split()[0] if sidecar.is_file() else None)
+        actual = _sha256_of(destination)
+        if expected is None or actual == expected:
+            if expected is None:
+                sidecar.write_text(f"{actual}  {destination.name}\n")
+            return destination
+        destination.unlink()  # corrupted cache entry: fetch it again rather than hand it out
+        sidecar.unlink(missing_ok=True)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".part")
+    _fetch(url, partial, timeout_s)
+    actual = _sha256_of(partial)
+    if sha256 is not None and actual != sha256:
+        partial.unlink()
+        raise DownloadError(f"{url}: sha256 {actual} does not match the expected {sha256}; the file was discarded")
+    partial.replace(destination)
+    sidecar.write_text(f"{actual}  {destination.name}\n")
+    return destination
+
+
+def _fetch(url: str, partial: Path, timeout_s: float) -> None:
+    offset = partial.stat().st_size if partial.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            if offset and response.status != 206:  # the server ignored Range: start over
+                offset = 0
+            length = response.headers.get("Content-Length")
+            expected_total = offset + int(length) if length is not None else None
+            with partial.open("ab" if offset else "wb") as out:
+                while chunk := response.read(_CHUNK_BYTES):
+                    out.write(chunk)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:  # Range not satisfiable: the .part is stale or over-long, restart
+            partial.unlink()
+            return _fetch(url, partial, timeout_s)
+        raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; check the name or the mirror") from error
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
+        raise DownloadError(
+            f"{url}: download interrupted ({error}); {partial.name} is kept and the next call resumes it"
+        ) from error
+    received = partial.stat().st_size
+    if expected_total is not None and received != expected_total:
+        raise DownloadError(
+            f"{url}: got {received} of {expected_total} bytes; {partial.name} is kept and the next call resumes it"
+        )
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,101 @@
+"""Strict checkpoint loading: official / project formats, errors that list the keys, head re-initialisation."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from model import create_model
+from model.checkpoints import CheckpointError, convert_state_dict, load_checkpoint, read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def atto_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in create_model("convnext_atto", num_classes=1000).state_dict().items()}
+
+
+def _assert_weights_equal(model, state_dict, skip=()):
+    for key, value in model.state_dict().items():
+        if not key.startswith(skip):
+            assert torch.equal(value, state_dict[key]), key
+
+
+def test_official_format_loads_model_and_ema_on_request(atto_state):
+    ema = {k: v + 1.0 for k, v in atto_state.items()}
+    checkpoint = {"model": atto_state, "model_ema": ema}
+    model = create_model("convnext_atto")
+    assert load_checkpoint(model, checkpoint).source_format == "native"
+    _assert_weights_equal(model, atto_state)
+    load_checkpoint(model, checkpoint, use_ema=True)
+    _assert_weights_equal(model, ema)
+
+
+def test_use_ema_without_ema_weights_is_an_error(atto_state):
+    with pytest.raises(CheckpointError, match="no 'model_ema'"):
+        load_checkpoint(create_model("convnext_atto"), {"model": atto_state}, use_ema=True)
+
+
+def test_project_checkpoint_file_round_trip_with_metadata(atto_state, tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    wrapped = {f"module._orig_mod.{k}": v for k, v in atto_state.items()}  # wrappers a careless save leaves
+    metadata = {"model_name": "convnext_atto", "model_kwargs": {"num_classes": 1000}, "class_names": ["a", "b"],
+                "data_config": {"input_size": 224, "crop_pct": 0.875}}
+    torch.save({"model": wrapped, **metadata}, path)
+    raw = read_checkpoint(path)
+    assert {k: raw[k] for k in metadata} == metadata
+    model = create_model("convnext_atto", checkpoint=path)
+    _assert_weights_equal(model, atto_state)
+
+
+def test_read_checkpoint_rejects_missing_and_garbage_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        read_checkpoint(tmp_path / "absent.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        read_checkpoint(garbage)
+
+
+def test_missing_key_is_listed(atto_state):
+    partial = {k: v for k, v in atto_state.items() if k != "stages.2.3.pwconv1.weight"}
+    with pytest.raises(CheckpointError, match=r"missing keys: stages\.2\.3\.pwconv1\.weight"):
+        load_checkpoint(create_model("convnext_atto"), partial)
+
+
+def test_unexpected_key_is_listed(atto_state):
+    extra = {**atto_state, "stages.3.9.gamma": torch.ones(320)}
+    with pytest.raises(CheckpointError, match=r"unexpected keys: stages\.3\.9\.gamma"):
+        load_checkpoint(create_model("convnext_atto"), extra)
+
+
+def test_shape_mismatch_outside_the_head_is_listed_with_shapes(atto_state):
+    model = create_model("convnext_atto", in_chans=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"downsample_layers\.0\.0\.weight \(checkpoint \(40, 3, 4, 4\), model "
+                                              r"\(40, 1, 4, 4\)\)"):
+        load_checkpoint(model, atto_state)
+    _assert_weights_equal(model, before)  # nothing was loaded: no silent partial load
+
+
+def test_other_class_count_reinitialises_only_the_head(atto_state, caplog):
+    model = create_model("convnext_atto", num_classes=10)
+    with caplog.at_level(logging.WARNING, logger="model.checkpoints"):
+        result = load_checkpoint(model, {"model": atto_state})
+    assert result.head_reinitialised
+    assert "re-initialised the head 'head' only" in caplog.text
+    _assert_weights_equal(model, atto_state, skip=("head.",))
+    assert model.head.weight.shape == (10, 320)
+    assert not torch.equal(model.head.weight, atto_state["head.weight"][:10])
+    assert 0.01 < model.head.weight.std() < 0.03  # trunc-normal std 0.02, as the model initialises it
+    assert torch.count_nonzero(model.head.bias) == 0
+
+
+def test_convert_state_dict_is_pure(atto_state):
+    timm_style = {"stem.0.weight": atto_state["downsample_layers.0.0.weight"]}
+    snapshot = dict(timm_style)
+    converted, source_format = convert_state_dict(timm_style, create_model("convnext_atto"))
+    assert source_format == "timm"
+    assert list(converted) == ["downsample_layers.0.0.weight"]
+    assert timm_style == snapshot
