@@ -15,9 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-# System packages the tests use (headless Chromium for the web page test). Needs root, as on CI.
+# System packages the tests use: headless Chromium (web page test), promtool (Prometheus config check). Root, as on CI.
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	@command -v promtool >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 test: install system-deps
 	$(PY) -m pytest

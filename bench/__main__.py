@@ -1,10 +1,199 @@
-"""`python -m bench`: placeholder until this package's CLI lands."""
+"""`python -m bench` / `convnext bench`: engine, load and `all` (engine + model comparison + service vs peer) runs."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+SMOKE = {"name": "smoke", "variants": [("convnext_atto", "gelu"), ("convnext_atto", "relu")], "precisions": ["fp32"],
+         "batch_sizes": [1, 2], "iterations": 3, "max_seconds": 2.0, "concurrency": [1, 4], "rate": 4.0,
+         "requests": 12, "seconds": 6.0, "peer": True}
+FULL = {"name": "full", "variants": [("convnext_tiny", "gelu"), ("convnext_tiny", "relu"), ("resnet50", "relu")],
+        "precisions": ["fp32", "int8"], "batch_sizes": [1, 2, 4, 8, 16, 32], "iterations": 30, "max_seconds": 20.0,
+        "concurrency": [1, 8, 32], "rate": 10.0, "requests": 400, "seconds": 60.0, "peer": True}
+MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
 
 
-def main(argv=None) -> int:
-    print("bench: not implemented yet", file=sys.stderr)
-    return 2
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(command: list[str], ready_url: str, timeout_s: float = 120.0):
+    """Start a loopback server subprocess, wait until `ready_url` answers 200, stop it (SIGTERM) afterwards."""
+    import httpx
+
+    log = tempfile.TemporaryFile()
+    # A session of its own, so teardown reaches the server's worker processes too (LitServe spawns some).
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"{command[:3]} exited with {process.returncode}:\n{log.read().decode()[-3000:]}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{ready_url} not ready after {timeout_s} s")
+            time.sleep(0.3)
+        yield process
+    finally:
+        _stop_group(process)
+        log.close()
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, wait up to 15 s for the leader, then SIGKILL whatever is left."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def load_runs(url: str, server: str, cfg: dict, payloads: list[bytes], form_field: str | None = None) -> list[dict]:
+    from bench.loadgen import closed_loop, open_loop
+
+    runs = []
+    for concurrency in cfg["concurrency"]:
+        result = asyncio.run(closed_loop(url, payloads, concurrency, cfg["requests"], cfg["seconds"],
+                                         form_field=form_field))
+        runs.append({"server": server, **result.summary(), "latencies_ms": result.latencies_ms})
+    result = asyncio.run(open_loop(url, payloads, cfg["rate"], cfg["requests"], cfg["seconds"], form_field=form_field))
+    runs.append({"server": server, **result.summary(), "latencies_ms": result.latencies_ms})
+    return runs
+
+
+def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int, service_provider: str = "cpu") -> dict:
+    """Export, engine sweep, model comparison, then load against our service and the peer; writes the report."""
+    import httpx
+
+    from bench.engine_benchmark import compare_models
+    from bench.loadgen import jpeg_payloads
+    from bench.report import batch_distribution, batch_histogram, service_efficiency, write_report
+
+    results = {"config": {**cfg, "providers": providers, "threads": threads, "max_batch_size": MAX_BATCH_SIZE,
+                          "max_queue_delay_ms": QUEUE_DELAY_MS, "service_provider": service_provider},
+               "host": f"{platform.platform()}, {os.cpu_count()} cores, load average {os.getloadavg()}"}
+    with tempfile.TemporaryDirectory(prefix="bench-repo-") as repo:
+        results["compare"] = compare_models(Path(repo), cfg["variants"], cfg["precisions"], cfg["batch_sizes"],
+                                            providers, threads=threads, iterations=cfg["iterations"],
+                                            max_seconds=cfg["max_seconds"])
+        served = f"{cfg['variants'][0][0].replace('_', '-')}-{cfg['variants'][0][1]}"
+        engine = [r for r in results["compare"]["models"][0]["results"]
+                  if r["precision"] == "fp32" and r["provider"] == "cpu"]
+        payloads = jpeg_payloads()
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "service", "--repository", repo, "--model", served, "--host", "127.0.0.1",
+                   "--port", str(port), "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms",
+                   str(QUEUE_DELAY_MS), "--intra-op-threads", str(threads), "--provider", service_provider]
+        with server_process(command, f"{base}/readyz"):
+            before = batch_histogram(httpx.get(f"{base}/metrics").text)
+            results["load"] = load_runs(f"{base}/classify", "ours", cfg, payloads)
+            results["batch_distribution"] = batch_distribution(before, batch_histogram(httpx.get(f"{base}/metrics").text))
+        if cfg["peer"]:
+            port = free_port()
+            command = [sys.executable, "-m", "bench.peer_litserve", "--repository", repo, "--model", served, "--port",
+                       str(port), "--max-batch-size", str(MAX_BATCH_SIZE), "--batch-timeout-ms", str(QUEUE_DELAY_MS),
+                       "--threads", str(threads)]
+            with server_process(command, f"http://127.0.0.1:{port}/health"):
+                results["load"] += load_runs(f"http://127.0.0.1:{port}/predict", "litserve", cfg, payloads,
+                                             form_field="content")
+    engine_at_max = min(MAX_BATCH_SIZE, max(cfg["batch_sizes"]))
+    results["efficiency_batch_size"] = engine_at_max
+    for run in results["load"]:  # open loop is paced by its arrival rate: an efficiency there means nothing
+        closed = run["mode"] == "closed"
+        run["efficiency"] = service_efficiency(run["images_per_s"], engine, engine_at_max) if closed else None
+    write_report(results, out_dir)
+    return results
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convnext bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    engine = sub.add_parser("engine", help="ONNX Runtime images/s and p50/p99 vs batch size for one ONNX file")
+    engine.add_argument("onnx", type=Path)
+    engine.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    engine.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    engine.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    engine.add_argument("--iterations", type=int, default=30)
+    load = sub.add_parser("load", help="HTTP load against a loopback URL (closed loop, or open loop with --rate)")
+    load.add_argument("url")
+    load.add_argument("--concurrency", type=int, default=8)
+    load.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
+    load.add_argument("--requests", type=int, default=200)
+    load.add_argument("--seconds", type=float, default=30.0)
+    load.add_argument("--form-field", default=None, help="send multipart with this field instead of a raw body")
+    sub.add_parser("torch", add_help=False, help="PyTorch CPU throughput table (bench.model_throughput; its flags follow)")
+    sub.add_parser("serve", add_help=False,
+                   help="engine alone vs POST /classify at concurrency 1/8/32 (bench.serve_benchmark; its flags follow)")
+    everything = sub.add_parser("all", help="engine sweep + GELU/ReLU + ConvNeXt/ResNet + service vs LitServe")
+    everything.add_argument("--smoke", action="store_true", help="tiny configuration (convnext_atto, seconds)")
+    everything.add_argument("--gpu", action="store_true", help="engine sweep also on ORT's CUDA and TensorRT providers; service on CUDA")
+    everything.add_argument("--no-peer", action="store_true", help="skip the LitServe peer")
+    everything.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    everything.add_argument("--out", type=Path, default=Path("bench-results"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["torch"]:
+        from bench.model_throughput import main as torch_main
+
+        torch_main(argv[1:])
+        return 0
+    if argv[:1] == ["serve"]:
+        from bench.serve_benchmark import main as serve_main
+
+        return serve_main(argv[1:])
+    args = get_args_parser().parse_args(argv)
+    if args.command == "engine":
+        from bench.engine_benchmark import benchmark_onnx
+
+        for r in benchmark_onnx(args.onnx, args.batch_sizes, provider=args.provider, threads=args.threads,
+                                iterations=args.iterations):
+            print(json.dumps(asdict(r)))
+    elif args.command == "load":
+        from bench.loadgen import closed_loop, jpeg_payloads, open_loop
+
+        payloads = jpeg_payloads()
+        if args.rate:
+            result = open_loop(args.url, payloads, args.rate, args.requests, args.seconds, form_field=args.form_field)
+        else:
+            result = closed_loop(args.url, payloads, args.concurrency, args.requests, args.seconds,
+                                 form_field=args.form_field)
+        print(json.dumps(asyncio.run(result).summary(), indent=2))
+    else:
+        cfg = dict(SMOKE if args.smoke else FULL, peer=not args.no_peer and (SMOKE if args.smoke else FULL)["peer"])
+        providers = ["cpu", "cuda", "tensorrt"] if args.gpu else ["cpu"]
+        results = run_all(cfg, args.out, providers, args.threads, "cuda" if args.gpu else "cpu")
+        print((args.out / "report.md").read_text())
+        print("wrote", ", ".join(results["files"].values()))
+    return 0
 
 
 if __name__ == "__main__":

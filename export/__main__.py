@@ -1,10 +1,115 @@
-"""`python -m export`: placeholder until this package's CLI lands."""
+"""`python -m export {onnx,list,tensorrt}`: write, list and compile model repository versions."""
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    onnx = commands.add_parser("onnx", help="export a model to a new verified ONNX version")
+    onnx.add_argument("--model", help="a model.list_models() name (optional with a project checkpoint)")
+    onnx.add_argument("--checkpoint", help="project, official, timm or torchvision checkpoint (.pth)")
+    onnx.add_argument("--name", required=True, help="model name in the repository")
+    onnx.add_argument("--repository", default="models", help="model repository root")
+    onnx.add_argument("--version", type=int, help="version number (default: latest + 1)")
+    onnx.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    onnx.add_argument("--precisions", default="fp32", help="comma list from fp32,fp16,int8")
+    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--activation", choices=("gelu", "relu"))
+    onnx.add_argument("--num-classes", type=int)
+    onnx.add_argument("--input-size", type=int, help="crop size in px (default: the model's data config)")
+    onnx.add_argument("--verify-images", help="folder of JPEG/PNG photos for the parity check")
+    onnx.add_argument("--calibration-images", help="folder of photos for int8 calibration (default: verify images)")
+
+    listing = commands.add_parser("list", help="list the models and versions in a repository")
+    listing.add_argument("--repository", default="models")
+
+    trt = commands.add_parser("tensorrt", help="build a TensorRT engine for a version (needs TensorRT and a GPU)")
+    trt.add_argument("--name", required=True)
+    trt.add_argument("--repository", default="models")
+    trt.add_argument("--version", type=int, help="default: the latest version")
+    trt.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16")
+    trt.add_argument("--min-batch", type=int, default=1)
+    trt.add_argument("--opt-batch", type=int, default=8)
+    trt.add_argument("--max-batch", type=int, default=32)
+    trt.add_argument("--workspace-mib", type=int, default=4096)
+    trt.add_argument("--optimization-level", type=int, default=3, choices=range(0, 6))
+    trt.add_argument("--timing-cache", help="timing cache file (default: <repository>/.timing_cache)")
+    trt.add_argument("--rebuild", action="store_true", help="build even if a compatible engine exists")
+    return parser
+
+
+def _run_onnx(args) -> int:
+    from .onnx import export_onnx_version
+
+    version = export_onnx_version(
+        args.repository, args.name, args.model, args.checkpoint, version=args.version, overwrite=args.overwrite,
+        opset=args.opset, precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
+        num_classes=args.num_classes, activation=args.activation, input_size=args.input_size,
+        calibration_images=args.calibration_images, verify_images=args.verify_images,
+    )
+    print(f"wrote {version.path}")
+    _print_artifacts(version.manifest)
+    return 0
+
+
+def _print_artifacts(manifest) -> None:
+    for a in manifest.artifacts:
+        parity = a.parity
+        detail = (
+            f"vs {parity.reference}: max|diff| {parity.max_abs_diff:.3g}, top-1 {parity.top1_agreement:.3f}, "
+            f"top-5 {parity.top5_agreement:.3f} on {parity.num_inputs} inputs ({parity.num_real_images} real)"
+            if parity else "no parity recorded"
+        )
+        print(f"  {a.file:45s} {a.format:8s} {a.precision:5s} {a.size_bytes / 2**20:7.1f} MiB  {detail}")
+
+
+def _run_list(args) -> int:
+    from .repository import ModelRepository
+
+    repository = ModelRepository(args.repository)
+    names = repository.models()
+    if not names:
+        print(f"no models in {args.repository}")
+    for name in names:
+        for v in repository.versions(name):
+            m = repository.load(name, v, verify_files=False).manifest
+            print(f"{name}/{v}: {m.architecture} ({m.activation}), {m.num_classes} classes, "
+                  f"{m.input.height}px, opset {m.onnx_opset}, created {m.created_at.isoformat()}")
+            _print_artifacts(m)
+    return 0
+
+
+def _run_tensorrt(args) -> int:
+    from .repository import ModelRepository
+    from .tensorrt import BatchProfile, select_or_build_engine
+
+    profile = BatchProfile(args.min_batch, args.opt_batch, args.max_batch)
+    version = ModelRepository(args.repository).load(args.name, args.version)
+    artifact, version = select_or_build_engine(
+        version, args.precision, profile, repository_root=args.repository, workspace_mib=args.workspace_mib,
+        optimization_level=args.optimization_level, timing_cache=args.timing_cache, rebuild=args.rebuild,
+    )
+    print(f"engine {version.path / artifact.file}")
+    _print_artifacts(version.manifest)
+    return 0
+
+
 def main(argv=None) -> int:
-    print("export: not implemented yet", file=sys.stderr)
-    return 2
+    from .repository import RepositoryError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = get_args_parser().parse_args(argv)
+    handlers = {"onnx": _run_onnx, "list": _run_list, "tensorrt": _run_tensorrt}
+    try:
+        return handlers[args.command](args)
+    except (RepositoryError, ValueError, RuntimeError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -174,6 +174,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the service may run as another user
     os.replace(tmp, path)
 
 
@@ -253,6 +254,7 @@ class ModelRepository:
             raise RepositoryError(f"{name}/{version} already exists; pass overwrite to replace it")
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=final.parent))
+        os.chmod(staging, 0o755)  # mkdtemp creates 0700; the service may run as another user
         staged = StagedVersion(name, version, staging)
         try:
             yield staged
@@ -280,6 +282,7 @@ class ModelRepository:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
         os.close(fd)
         shutil.copyfile(source_file, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
         others = tuple(a for a in current.manifest.artifacts if a.file != artifact.file)
         manifest = current.manifest.model_copy(update={"artifacts": others + (artifact,)})

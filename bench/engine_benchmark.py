@@ -1,0 +1,141 @@
+"""ONNX Runtime images/s and p50/p99 latency vs batch size, and the GELU-vs-ReLU / ConvNeXt-T-vs-ResNet-50 comparison.
+
+Models are exported with random weights into a temporary repository: speed does not depend on the weights, so the
+comparison is fair, but nothing here measures accuracy (the top-1 numbers in PUBLISHED_TOP1 are the papers').
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+# Published ImageNet-1k top-1 at 224 px, labelled as published: we have no ImageNet here to measure it.
+PUBLISHED_TOP1 = {
+    ("convnext_tiny", "gelu"): (82.1, "Liu et al. 2022, Table 1 (ConvNeXt-T, ImageNet-1k, 224 px)"),
+    ("convnext_tiny", "relu"): (None, "not published for the final ConvNeXt-T; the paper's ablation reports "
+                                "ReLU vs GELU equal (81.3% vs 81.3%) one step before the final design (Sec. 2.5)"),
+    ("convnext_atto", "gelu"): (75.7, "timm convnext_atto.d2_in1k model card"),
+    ("convnext_atto", "relu"): (None, "not published"),
+    ("resnet50", "relu"): (76.13, "torchvision ResNet50_Weights.IMAGENET1K_V1 (80.86 with IMAGENET1K_V2 recipe)"),
+}
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    model: str
+    activation: str
+    precision: str
+    provider: str
+    batch_size: int
+    threads: int
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    iterations: int
+
+
+def make_session(onnx_path: Path, provider: str = "cpu", threads: int | None = None):
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider {provider!r}: choose from {sorted(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        raise RuntimeError(f"ONNX Runtime here has no {PROVIDERS[provider]} (has {available}); install "
+                           "onnxruntime-gpu on a GPU host or use --provider cpu")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    return ort.InferenceSession(str(onnx_path), options, providers=providers)
+
+
+def time_session(session, batch_size: int, warmup: int, iterations: int, max_seconds: float) -> tuple[float, list[float]]:
+    """(images/s, per-call latencies in ms) for `iterations` calls at one batch size, stopping early at max_seconds."""
+    inp = session.get_inputs()[0]
+    channels, height, width = (d if isinstance(d, int) else 224 for d in inp.shape[1:])
+    dtype = np.float16 if "float16" in inp.type else np.float32
+    x = np.random.default_rng(0).standard_normal((batch_size, channels, height, width)).astype(dtype)
+    for _ in range(warmup):
+        session.run(None, {inp.name: x})
+    latencies = []
+    start = time.perf_counter()
+    while len(latencies) < iterations:
+        t0 = time.perf_counter()
+        session.run(None, {inp.name: x})
+        latencies.append((time.perf_counter() - t0) * 1000)
+        if time.perf_counter() - start > max_seconds:
+            break
+    elapsed = time.perf_counter() - start
+    return batch_size * len(latencies) / elapsed, latencies
+
+
+def benchmark_onnx(onnx_path: Path, batch_sizes: Sequence[int], *, provider: str = "cpu", threads: int | None = None,
+                   warmup: int = 2, iterations: int = 20, max_seconds: float = 10.0, model: str = "?",
+                   activation: str = "?", precision: str = "fp32") -> list[EngineResult]:
+    threads = threads or os.cpu_count() or 1
+    session = make_session(onnx_path, provider, threads)
+    results = []
+    for batch_size in batch_sizes:
+        rate, latencies = time_session(session, batch_size, warmup, iterations, max_seconds)
+        results.append(EngineResult(model, activation, precision, provider, batch_size, threads, rate,
+                                    float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
+                                    len(latencies)))
+    return results
+
+
+def export_variant(repository_root: Path, model_name: str, activation: str, precisions: Sequence[str]):
+    """Export one random-init model; drops precisions the exporter cannot build yet (returns which it built)."""
+    from export.onnx import export_onnx_version
+
+    name = f"{model_name.replace('_', '-')}-{activation}"
+    wanted = ["fp32"] + [p for p in precisions if p != "fp32"]
+    try:
+        return export_onnx_version(repository_root, name, model_name, precisions=wanted, activation=activation,
+                                   num_classes=1000), {}
+    except (ImportError, ValueError, RuntimeError) as err:  # e.g. export.quantize not available
+        if wanted == ["fp32"]:
+            raise
+        skipped = {p: f"export failed: {err}" for p in wanted if p != "fp32"}
+        return export_onnx_version(repository_root, name, model_name, precisions=["fp32"], activation=activation,
+                                   num_classes=1000, overwrite=True), skipped
+
+
+def compare_models(repository_root: Path, variants: Sequence[tuple[str, str]], precisions: Sequence[str],
+                   batch_sizes: Sequence[int], providers: Sequence[str], **timing) -> dict:
+    """GELU vs ReLU and ConvNeXt vs ResNet-50 in one run: cost, published top-1, engine throughput per precision."""
+    from model.flops import measure
+
+    rows, skipped, onnx_files = [], {}, {}
+    for model_name, activation in variants:
+        cost = measure(model_name, activation=activation)
+        version, not_built = export_variant(repository_root, model_name, activation, precisions)
+        top1, source = PUBLISHED_TOP1.get((model_name, activation), (None, "not published"))
+        key = f"{model_name}/{activation}"
+        skipped.update({f"{key}/{p}": why for p, why in not_built.items()})
+        results = []
+        for artifact in version.manifest.artifacts:
+            if artifact.format != "onnx":
+                continue
+            path = version.artifact_path(artifact)
+            onnx_files[f"{key}/{artifact.precision}"] = str(path)
+            for provider in providers:
+                try:
+                    results += benchmark_onnx(path, batch_sizes, provider=provider, model=model_name,
+                                              activation=activation, precision=artifact.precision, **timing)
+                except Exception as err:  # noqa: BLE001 - one provider/precision failing must not end the run
+                    skipped[f"{key}/{artifact.precision}/{provider}"] = f"{type(err).__name__}: {err}"
+        rows.append({"model": model_name, "activation": activation, "params_m": cost.params_m, "gmacs": cost.gmacs,
+                     "published_top1": top1, "published_top1_source": source,
+                     "measured_top1": "not measured here (no ImageNet)", "weights": "random init (speed only)",
+                     "results": [asdict(r) for r in results]})
+    return {"models": rows, "skipped": skipped, "onnx_files": onnx_files}

@@ -1,0 +1,138 @@
+"""HTTP load generator for loopback URLs: closed loop (fixed concurrency) or open loop (Poisson arrivals), real JPEGs.
+
+Payloads are the scikit-learn / scikit-image photographs re-encoded as JPEG (quality 90) at typical upload sizes,
+so every request pays a realistic decode + resize. Results: images/s, p50/p95/p99 latency, errors by status.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image
+
+PAYLOAD_SIZES = ((500, 375), (1024, 768))
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def photo_paths() -> list[Path]:
+    import skimage
+    import sklearn.datasets
+
+    sklearn_images = Path(sklearn.datasets.__file__).parent / "images"
+    skimage_data = Path(skimage.__file__).parent / "data"
+    return [sklearn_images / "china.jpg", sklearn_images / "flower.jpg", skimage_data / "chelsea.png",
+            skimage_data / "coffee.png", skimage_data / "astronaut.png", skimage_data / "rocket.jpg"]
+
+
+def jpeg_payloads(paths: list[Path] | None = None, sizes=PAYLOAD_SIZES, quality: int = 90) -> list[bytes]:
+    """Each photo resized to each size and re-encoded as a baseline JPEG."""
+    payloads = []
+    for path in paths or photo_paths():
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        for size in sizes:
+            buffer = io.BytesIO()
+            rgb.resize(size, Image.Resampling.BILINEAR).save(buffer, format="JPEG", quality=quality)
+            payloads.append(buffer.getvalue())
+    return payloads
+
+
+@dataclass
+class LoadResult:
+    mode: str
+    url: str
+    concurrency: int | None
+    rate_per_s: float | None
+    sent: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([float("nan")])
+        return {
+            "mode": self.mode, "url": self.url, "concurrency": self.concurrency, "rate_per_s": self.rate_per_s,
+            "sent": self.sent, "ok": self.ok, "errors": dict(self.errors), "elapsed_s": self.elapsed_s,
+            "images_per_s": self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+            "p99_ms": float(np.percentile(lat, 99)),
+        }
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname
+    if host not in LOOPBACK_HOSTS:
+        raise ValueError(f"{url}: the load generator only targets loopback (127.0.0.1, localhost, ::1), got {host!r}")
+
+
+async def _send(client, url: str, body: bytes, result: LoadResult, errors: Counter, form_field: str | None) -> None:
+    """One POST: the raw JPEG body, or a multipart upload in `form_field` for servers that only parse forms."""
+    result.sent += 1
+    t0 = time.perf_counter()
+    try:
+        if form_field:
+            response = await client.post(url, files={form_field: ("image.jpg", body, "image/jpeg")})
+        else:
+            response = await client.post(url, content=body, headers={"content-type": "image/jpeg"})
+        status = str(response.status_code)
+    except Exception as err:  # noqa: BLE001 - transport errors are counted, not fatal, during a load run
+        status = type(err).__name__
+    if status == "200":
+        result.ok += 1
+        result.latencies_ms.append((time.perf_counter() - t0) * 1000)
+    else:
+        errors[status] += 1
+
+
+async def closed_loop(url: str, payloads: list[bytes], concurrency: int, max_requests: int,
+                      max_seconds: float, timeout_s: float = 60.0, form_field: str | None = None) -> LoadResult:
+    """`concurrency` workers, each sending its next request as soon as the last one answers."""
+    import httpx
+
+    check_loopback(url)
+    result, errors = LoadResult("closed", url, concurrency, None), Counter()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        start = time.perf_counter()
+        deadline = start + max_seconds
+
+        async def worker(index: int) -> None:
+            while result.sent < max_requests and time.perf_counter() < deadline:
+                await _send(client, url, payloads[(result.sent + index) % len(payloads)], result, errors,
+                            form_field)
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        result.elapsed_s = time.perf_counter() - start
+    result.errors = dict(errors)
+    return result
+
+
+async def open_loop(url: str, payloads: list[bytes], rate_per_s: float, max_requests: int, max_seconds: float,
+                    timeout_s: float = 60.0, seed: int = 0, form_field: str | None = None) -> LoadResult:
+    """Requests arrive as a Poisson process at `rate_per_s`, whether or not earlier ones have answered."""
+    import httpx
+
+    check_loopback(url)
+    if rate_per_s <= 0:
+        raise ValueError(f"rate_per_s must be > 0, got {rate_per_s}")
+    result, errors, rng = LoadResult("open", url, None, rate_per_s), Counter(), random.Random(seed)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=1000)) as client:
+        start = time.perf_counter()
+        next_at, tasks = start, []
+        while len(tasks) < max_requests and next_at - start < max_seconds:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            tasks.append(asyncio.create_task(_send(client, url, payloads[len(tasks) % len(payloads)], result, errors,
+                                                    form_field)))
+            next_at += rng.expovariate(rate_per_s)
+        await asyncio.gather(*tasks)
+        result.elapsed_s = time.perf_counter() - start
+    result.errors = dict(errors)
+    return result

@@ -1,0 +1,81 @@
+"""Peer baseline: LitServe 0.2.19 serving the SAME ONNX file with the SAME preprocessing, for a fair comparison.
+
+Fairness settings (each equal to ours, passed on the command line by `python -m bench`):
+- model: the repository version's fp32 ONNX file, run by ONNX Runtime's CPU provider with intra_op_threads = ours;
+- preprocessing: `service.preprocess.preprocess` with the manifest's Preprocess spec and our max_pixels (torch-free);
+- dynamic batching: LitAPI(max_batch_size = our max_batch_size, batch_timeout = our max_queue_delay_ms / 1000);
+- workers: one inference worker process (workers_per_device=1), like our one engine + batcher; one API server.
+LitServe parses the body as JSON or a form, so this peer takes the JPEG as the multipart field `content`
+(the load generator's `form_field`); its response is {"class_id", "score"} (same shape not required).
+Run: python -m bench.peer_litserve --repository DIR --port 8100 [--max-batch-size 8 --batch-timeout-ms 5 --threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import litserve as ls
+import numpy as np
+
+
+class OnnxClassifierAPI(ls.LitAPI):
+    """LitServe's setup / decode / batch / predict / unbatch / encode around one ONNX Runtime session."""
+
+    def __init__(self, onnx_path: str, spec_json: str, threads: int, max_pixels: int, max_batch_size: int,
+                 batch_timeout_s: float):
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout_s, api_path="/predict")
+        self.onnx_path, self.spec_json, self.threads, self.max_pixels = onnx_path, spec_json, threads, max_pixels
+
+    def setup(self, device):
+        import onnxruntime as ort
+
+        from export.repository import Preprocess
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(self.onnx_path, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.spec = Preprocess.model_validate_json(self.spec_json)
+
+    def decode_request(self, request):
+        from service.preprocess import preprocess
+
+        return preprocess(request["content"].file.read(), self.spec, self.max_pixels)
+
+    def batch(self, inputs):
+        return np.stack(inputs)
+
+    def predict(self, x):
+        logits = self.session.run(None, {self.input_name: x})[0]
+        return [(int(row.argmax()), float(row.max())) for row in logits]
+
+    def unbatch(self, output):
+        return output
+
+    def encode_response(self, output):
+        return {"class_id": output[0], "score": output[1]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from export.repository import ModelRepository
+
+    parser = argparse.ArgumentParser(description="LitServe peer serving a repository's fp32 ONNX model")
+    parser.add_argument("--repository", required=True)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-pixels", type=int, default=40_000_000)
+    args = parser.parse_args(argv)
+    repository = ModelRepository(args.repository)
+    version = repository.load(args.model or repository.models()[0])
+    artifact = version.manifest.find("onnx", "fp32")
+    api = OnnxClassifierAPI(str(version.artifact_path(artifact)), version.manifest.preprocess.model_dump_json(),
+                            args.threads, args.max_pixels, args.max_batch_size, args.batch_timeout_ms / 1000)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=60)
+    server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Benchmark report: results.json, report.md (Markdown tables) and PNG plots (matplotlib, Agg backend).
+
+Service efficiency = end-to-end images/s / engine-alone images/s at the service's max batch size: the share of the
+bare engine's throughput that survives HTTP, JPEG decode, preprocessing and the batcher.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+BATCH_METRIC = re.compile(r'^convnext_batch_size_bucket\{le="([^"]+)"\}\s+([0-9.e+]+)$', re.M)
+
+
+def batch_histogram(metrics_text: str) -> dict[str, float]:
+    """Cumulative convnext_batch_size buckets {le: count} from a Prometheus /metrics page."""
+    return {le: float(count) for le, count in BATCH_METRIC.findall(metrics_text)}
+
+
+def batch_distribution(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Batches per bucket during a run: (after - before), de-cumulated; keys are 'le' bounds."""
+    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
+    out, previous = {}, 0.0
+    for le in sorted(delta, key=lambda b: float("inf") if b == "+Inf" else float(b)):
+        out[le] = delta[le] - previous
+        previous = delta[le]
+    return out
+
+
+def service_efficiency(end_to_end_images_per_s: float, engine_results: list[dict], batch_size: int) -> float | None:
+    same = [r["images_per_s"] for r in engine_results if r["batch_size"] == batch_size]
+    return end_to_end_images_per_s / max(same) if same and max(same) > 0 else None
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    parts = [f"# Benchmark ({results['config']['name']})", "", f"Host: {results['host']}", ""]
+    parts += ["## Engine alone (ONNX Runtime, random-init weights: speed only)", ""]
+    rows = [[r["model"], r["activation"], r["precision"], r["provider"], r["batch_size"], f"{r['images_per_s']:.1f}",
+             f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}"] for m in results["compare"]["models"] for r in m["results"]]
+    parts += [_table(["model", "act", "precision", "provider", "batch", "images/s", "p50 ms", "p99 ms"], rows), ""]
+    parts += ["## Model comparison (accuracy is not measured here: no ImageNet; top-1 is the published figure)", ""]
+    rows = [[m["model"], m["activation"], f"{m['params_m']:.1f}", f"{m['gmacs']:.2f}",
+             "-" if m["published_top1"] is None else f"{m['published_top1']} (published)", m["published_top1_source"]]
+            for m in results["compare"]["models"]]
+    parts += [_table(["model", "act", "params (M)", "GMACs", "ImageNet top-1", "source"], rows), ""]
+    if results["compare"]["skipped"]:
+        parts += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in results["compare"]["skipped"].items()), ""]
+    parts += ["## End to end (HTTP load, real JPEGs 500x375 and 1024x768, quality 90)", ""]
+    rows = [[run["server"], run["mode"], run["concurrency"] or "-", run["rate_per_s"] or "-", run["ok"],
+             sum(run["errors"].values()), f"{run['images_per_s']:.1f}", f"{run['p50_ms']:.1f}", f"{run['p95_ms']:.1f}",
+             f"{run['p99_ms']:.1f}", "-" if run.get("efficiency") is None else f"{run['efficiency']:.2f}"]
+            for run in results["load"]]
+    parts += [_table(["server", "mode", "concurrency", "rate/s", "ok", "errors", "images/s", "p50 ms", "p95 ms",
+                      "p99 ms", "service efficiency"], rows), ""]
+    parts += [f"Service efficiency (closed loop) = end-to-end images/s / engine-alone fp32 CPU images/s at batch "
+              f"{results.get('efficiency_batch_size', '?')}, the service's max batch size (capped by the sweep).", ""]
+    if results.get("batch_distribution"):
+        rows = [[le, int(n)] for le, n in results["batch_distribution"].items()]
+        parts += ["## Engine batch sizes during our load runs (service /metrics convnext_batch_size)", "",
+                  _table(["batch size <=", "batches"], rows), ""]
+    return "\n".join(parts)
+
+
+def plots(results: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for server in sorted({r["server"] for r in results["load"]}):
+        runs = sorted((r for r in results["load"] if r["server"] == server and r["mode"] == "closed"),
+                      key=lambda r: r["concurrency"])
+        ax.plot([r["concurrency"] for r in runs], [r["images_per_s"] for r in runs], marker="o", label=server)
+    ax.set(xlabel="concurrency (closed loop)", ylabel="images/s", title="Throughput vs concurrency")
+    ax.legend()
+    written.append(_save(fig, out_dir / "throughput_vs_concurrency.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in results["load"]:
+        lat = np.sort(run["latencies_ms"])
+        if len(lat):
+            label = f"{run['server']} {run['mode']} c={run['concurrency'] or run['rate_per_s']}"
+            ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=label)
+    ax.set(xlabel="latency (ms)", ylabel="fraction of requests", title="Latency CDF")
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out_dir / "latency_cdf.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dist = results.get("batch_distribution") or {}
+    ax.bar(list(dist), list(dist.values()))
+    ax.set(xlabel="batch size bucket (<=)", ylabel="batches", title="Engine batch sizes (service /metrics)")
+    written.append(_save(fig, out_dir / "batch_sizes.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
+    """Plots, then report.md, then results.json (which lists every file written, itself included)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"json": out_dir / "results.json", "markdown": out_dir / "report.md"}
+    files.update({p.stem: p for p in plots(results, out_dir)})
+    results["files"] = {k: str(v) for k, v in files.items()}
+    files["markdown"].write_text(markdown(results))
+    files["json"].write_text(json.dumps(results, indent=2))
+    return files

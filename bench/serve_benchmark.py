@@ -1,0 +1,163 @@
+"""ONNX Runtime CPU throughput of a model at the engine alone vs end to end through POST /classify (JPEG uploads).
+
+    python -m bench.serve_benchmark [--repository models --model NAME] [--seconds 5] [--output serve_benchmark.json]
+
+Without --repository, a random-init convnext_tiny is exported to a temporary repository (export extra needed).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def real_jpegs() -> list[bytes]:
+    """The real photos the tests use, re-encoded as JPEG (quality 90)."""
+    import skimage
+    import sklearn.datasets
+    from PIL import Image
+
+    sources = [Path(sklearn.datasets.__file__).parent / "images" / n for n in ("china.jpg", "flower.jpg")]
+    sources += [Path(skimage.__file__).parent / "data" / n for n in ("chelsea.png", "coffee.png", "astronaut.png")]
+    out = []
+    for source in sources:
+        buffer = io.BytesIO()
+        Image.open(source).convert("RGB").save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def engine_throughput(version, batch_sizes, seconds: float, threads: int) -> dict[int, float]:
+    from service.engines.onnxruntime import OnnxRuntimeEngine
+
+    manifest = version.manifest
+    shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
+    engine = OnnxRuntimeEngine(version.artifact_path(manifest.find("onnx", "fp32")), shape,
+                               max_batch_size=max(batch_sizes), intra_op_threads=threads)
+    engine.load()
+    results = {}
+    for size in batch_sizes:
+        batch = np.random.default_rng(0).standard_normal((size, *shape), dtype=np.float32)
+        engine.run(batch)  # warm-up
+        images, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            engine.run(batch)
+            images += size
+        results[size] = images / (time.perf_counter() - started)
+    engine.close()
+    return results
+
+
+async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    end = time.perf_counter() + seconds
+
+    async def client(index: int, http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        i = index
+        while time.perf_counter() < end:
+            started = time.perf_counter()
+            response = await http.post(f"{url}/classify", content=payloads[i % len(payloads)],
+                                       headers={"content-type": "image/jpeg"})
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
+            i += 1
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000
+    return {"concurrency": concurrency, "images_per_s": len(latencies) / elapsed, "errors": errors,
+            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None, "requests": len(latencies)}
+
+
+def start_service(repository: Path, model: str, port: int, threads: int, max_batch_size: int) -> subprocess.Popen:
+    import httpx
+
+    command = [sys.executable, "-m", "service", "--repository", str(repository), "--model", model, "--host",
+               "127.0.0.1", "--port", str(port), "--intra-op-threads", str(threads), "--max-batch-size",
+               str(max_batch_size)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("the service did not become ready within 120 s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, help="an existing model repository (default: export convnext_tiny)")
+    parser.add_argument("--model", default="convnext_tiny", help="model name in the repository")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--output", type=Path, default=Path("serve_benchmark.json"))
+    args = parser.parse_args(argv)
+
+    from export.repository import ModelRepository
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = args.repository
+        if repository is None:
+            from export.onnx import export_onnx_version
+
+            repository = Path(tmp)
+            export_onnx_version(repository, args.model, "convnext_tiny")
+        version = ModelRepository(repository).load(args.model)
+        engine = engine_throughput(version, args.batch_sizes, args.seconds, args.threads)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        process = start_service(repository, args.model, port, args.threads, args.max_batch_size)
+        try:
+            payloads = real_jpegs()
+            end_to_end = [asyncio.run(load(f"http://127.0.0.1:{port}", payloads, c, args.seconds))
+                          for c in args.concurrency]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    best = max(engine.values())
+    report = {"model": args.model, "threads": args.threads, "engine_images_per_s": engine,
+              "engine_best_images_per_s": best, "end_to_end": end_to_end,
+              "end_to_end_over_engine": max(r["images_per_s"] for r in end_to_end) / best}
+    print(f"## {args.model}: ONNX Runtime CPU, {args.threads} threads\n")
+    print("| engine batch | images/s |\n|---|---|")
+    for size, rate in engine.items():
+        print(f"| {size} | {rate:.1f} |")
+    print("\n| /classify concurrency | images/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
+    for r in end_to_end:
+        print(f"| {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+    print(f"\nend-to-end best / engine best: {report['end_to_end_over_engine']:.2f}")
+    args.output.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

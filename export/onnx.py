@@ -1,0 +1,243 @@
+"""Model (random init, official/timm/torchvision or project checkpoint) -> verified ONNX in a repository version."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .repository import (
+    InputSpec, Manifest, ModelRepository, ModelVersion, Preprocess, Source, describe_file, now_utc, sha256_file,
+)
+from .verify import default_image_paths, image_paths_in, run_onnxruntime, verification_inputs, verify_against
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+PRECISIONS = ("fp32", "fp16", "int8")
+ONNX_FILES = {"fp32": "model.fp32.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# The example batch used for tracing; 2, not 1, so torch.export does not specialise the batch axis to 1.
+TRACE_BATCH = 2
+MAX_BATCH = 4096
+
+
+class ExportError(ValueError):
+    """The export request is inconsistent (unknown model, bad precision, missing metadata...)."""
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """What to export: the built eval-mode module plus the metadata that goes into the manifest."""
+
+    module: object  # torch.nn.Module
+    model_name: str
+    activation: str
+    num_classes: int
+    in_chans: int
+    preprocess: Preprocess
+    labels: tuple[str, ...]
+    source: Source
+
+
+def _preprocess_from(data_config: dict, input_size: int | None) -> Preprocess:
+    size = int(input_size or data_config["input_size"])
+    crop_pct = float(data_config.get("crop_pct", 0.875))
+    return Preprocess(
+        resize_px=int(size / crop_pct),
+        crop_px=size,
+        crop_pct=crop_pct,
+        interpolation=data_config.get("interpolation", "bicubic"),
+        mean=tuple(float(m) for m in data_config["mean"]),
+        std=tuple(float(s) for s in data_config["std"]),
+    )
+
+
+def load_source(
+    model_name: str | None,
+    checkpoint: str | Path | None,
+    *,
+    num_classes: int | None = None,
+    activation: str | None = None,
+    input_size: int | None = None,
+    labels: Sequence[str] | None = None,
+) -> ExportSource:
+    """Build the eval-mode model and collect its manifest metadata (checkpoint metadata wins where present)."""
+    from dataclasses import asdict
+
+    import model as models
+
+    raw: dict = {}
+    if checkpoint is not None:
+        raw = models.read_checkpoint(checkpoint)
+    is_project = "model_name" in raw
+    if is_project:
+        if model_name is not None and model_name != raw["model_name"]:
+            raise ExportError(f"--model {model_name} but the checkpoint holds {raw['model_name']}; drop --model")
+        model_name = raw["model_name"]
+    if model_name is None:
+        raise ExportError("no model name: pass --model (only project checkpoints carry their model name)")
+    if model_name not in models.list_models():
+        raise ExportError(f"unknown model {model_name!r}; choose one of {', '.join(models.list_models())}")
+    kwargs = dict(raw.get("model_kwargs") or {})
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if activation is not None:
+        kwargs["activation"] = activation
+    kwargs.pop("drop_path_rate", None)  # eval export: no stochastic depth
+    module = models.create_model(model_name, **kwargs)
+    source_format = "random"
+    if checkpoint is not None:
+        loaded = models.load_checkpoint(module, raw)
+        # "native" covers the official facebookresearch checkpoints (same names as ours)
+        source_format = "project" if is_project else loaded.source_format.replace("native", "official")
+    module.eval()
+    cfg = models.get_config(model_name)
+    data_config = dict(raw.get("data_config") or asdict(cfg.data))
+    num_classes = int(kwargs.get("num_classes", 1000))
+    in_chans = int(kwargs.get("in_chans", data_config.get("in_chans", 3)))
+    if labels is None:
+        labels = raw.get("class_names")
+    if labels is None:
+        from .labels import default_labels
+
+        labels = default_labels(num_classes)
+    labels = tuple(str(label) for label in labels)
+    if len(labels) != num_classes:
+        raise ExportError(f"{len(labels)} labels for {num_classes} classes; pass one label per class")
+    if len(data_config["mean"]) != in_chans:
+        raise ExportError(f"data_config mean has {len(data_config['mean'])} entries for {in_chans} input channels")
+    source = Source(
+        checkpoint=Path(checkpoint).name if checkpoint is not None else None,
+        sha256=sha256_file(Path(checkpoint)) if checkpoint is not None else None,
+        format=source_format,
+    )
+    return ExportSource(
+        module, model_name, kwargs.get("activation") or cfg.default_activation, num_classes, in_chans,
+        _preprocess_from(data_config, input_size), labels, source,
+    )
+
+
+def export_module_to_onnx(module, path: Path, in_chans: int, size_px: int, opset: int = DEFAULT_OPSET) -> None:
+    """Export with the dynamo exporter: input "input" (batch, C, H, W) float32, output "logits", dynamic batch.
+
+    The dynamo exporter (torch.export + onnxscript, with its graph optimizer: constant folding, no Identity
+    nodes) gives a clean graph: one LayerNormalization per norm, no Dropout in eval mode.
+    """
+    import onnx
+    import torch
+
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} < {MIN_OPSET}: LayerNormalization needs opset 17 or newer")
+    example = torch.randn(TRACE_BATCH, in_chans, size_px, size_px)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, (example,), input_names=["input"], output_names=["logits"], opset_version=opset,
+            dynamo=True, dynamic_shapes=({0: batch},), optimize=True, verbose=False,
+        )
+    program.save(str(path), external_data=False)
+    model_proto = onnx.load(str(path))
+    onnx.checker.check_model(model_proto, full_check=True)
+    dim = model_proto.graph.input[0].type.tensor_type.shape.dim[0]
+    if not dim.dim_param:
+        raise ExportError(f"the exported batch axis is static ({dim.dim_value}); expected a dynamic axis")
+
+
+def pytorch_logits(module, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return module(torch.from_numpy(batch)).numpy()
+
+
+def export_onnx_version(
+    repository_root: str | Path,
+    name: str,
+    model_name: str | None = None,
+    checkpoint: str | Path | None = None,
+    *,
+    version: int | None = None,
+    overwrite: bool = False,
+    opset: int = DEFAULT_OPSET,
+    precisions: Sequence[str] = ("fp32",),
+    num_classes: int | None = None,
+    activation: str | None = None,
+    input_size: int | None = None,
+    labels: Sequence[str] | None = None,
+    calibration_images: str | Path | Sequence[Path] | None = None,
+    verify_images: str | Path | Sequence[Path] | None = None,
+) -> ModelVersion:
+    """Build, export, verify (ONNX Runtime vs PyTorch) and write one repository version atomically."""
+    precisions = tuple(dict.fromkeys(precisions))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or "fp32" not in precisions:
+        raise ExportError(f"precisions {list(precisions)}: choose from {PRECISIONS}, fp32 included (the reference)")
+    src = load_source(
+        model_name, checkpoint, num_classes=num_classes, activation=activation, input_size=input_size, labels=labels
+    )
+    verify_paths = _image_paths(verify_images)
+    inputs = verification_inputs(src.preprocess, verify_paths)
+    if inputs.num_real_images == 0:
+        logger.warning("no real images to verify with: parity is on seeded random inputs only")
+    reference = pytorch_logits(src.module, inputs.batch)
+    repository = ModelRepository(repository_root)
+    with repository.new_version(name, version, overwrite=overwrite) as staged:
+        artifacts = []
+        fp32_path = staged.path / ONNX_FILES["fp32"]
+        export_module_to_onnx(src.module, fp32_path, src.in_chans, src.preprocess.crop_px, opset)
+        parity = verify_against(
+            reference, lambda b: run_onnxruntime(fp32_path, b), inputs, "fp32", "pytorch-fp32", "ONNX fp32"
+        )
+        artifacts.append(describe_file(staged.path, ONNX_FILES["fp32"], format="onnx", precision="fp32", parity=parity))
+        onnx_reference = run_onnxruntime(fp32_path, inputs.batch)
+        for precision in precisions:
+            if precision == "fp32":
+                continue
+            from .quantize import make_variant
+
+            calibration = _image_paths(calibration_images) if calibration_images is not None else verify_paths
+            parity = make_variant(
+                precision, fp32_path, staged.path / ONNX_FILES[precision], onnx_reference, inputs, src.preprocess,
+                calibration,
+            )
+            artifacts.append(
+                describe_file(staged.path, ONNX_FILES[precision], format="onnx", precision=precision, parity=parity)
+            )
+        staged.manifest = Manifest(
+            name=name,
+            version=staged.version,
+            architecture=src.model_name,
+            activation=src.activation,
+            num_classes=src.num_classes,
+            input=InputSpec(channels=src.in_chans, height=src.preprocess.crop_px, width=src.preprocess.crop_px),
+            preprocess=src.preprocess,
+            labels=src.labels,
+            source=src.source,
+            onnx_opset=opset,
+            artifacts=tuple(artifacts),
+            created_at=now_utc(),
+            project_version=_project_version(),
+        )
+        version_number = staged.version
+    return repository.load(name, version_number)
+
+
+def _image_paths(images: str | Path | Sequence[Path] | None) -> list[Path]:
+    """A folder or a list of image files; None means the shipped sample photos when importable, else none."""
+    if images is None:
+        return default_image_paths()
+    if isinstance(images, (str, Path)):
+        return image_paths_in(images)
+    return [Path(p) for p in images]
+
+
+def _project_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("convnext-serve")
+    except PackageNotFoundError:
+        return "0+unknown"

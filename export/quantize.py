@@ -1,0 +1,96 @@
+"""Reduced-precision ONNX variants of a verified fp32 model: fp16 (GPU providers) and static int8 QDQ (CPU)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .repository import Parity, Preprocess
+from .verify import VerificationInputs, preprocess_images, run_onnxruntime, verify_against
+
+# Kept in fp32 in the fp16 model: the normalisation ops. LayerNorm's mean/variance over 768+ channels overflow
+# or lose precision in fp16 (the known fp16 LayerNorm pitfall), and the reductions/pow/softmax are its pieces
+# when a norm is decomposed.
+FP16_OP_BLOCK_LIST = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf")
+NUM_CALIBRATION_RANDOM = 8
+
+
+def convert_fp16(fp32_path: Path, fp16_path: Path) -> None:
+    """fp16 weights and activations, fp32 inputs/outputs (keep_io_types) and fp32 normalisation ops."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(fp32_path))
+    model16 = float16.convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=list(FP16_OP_BLOCK_LIST) + list(float16.DEFAULT_OP_BLOCK_LIST),
+    )
+    onnx.checker.check_model(model16)
+    onnx.save(model16, str(fp16_path))
+
+
+class _ArrayReader:
+    """onnxruntime.quantization.CalibrationDataReader over a (N, C, H, W) array, one image at a time."""
+
+    def __init__(self, input_name: str, batch: np.ndarray):
+        self.input_name = input_name
+        self.items = iter(batch[i : i + 1] for i in range(len(batch)))
+
+    def get_next(self):
+        item = next(self.items, None)
+        return None if item is None else {self.input_name: item}
+
+    def rewind(self):  # pragma: no cover - not used by MinMax calibration
+        raise NotImplementedError
+
+
+def calibration_batch(spec: Preprocess, image_paths: Sequence[Path]) -> np.ndarray:
+    """Real photos preprocessed the serving way; seeded random inputs only when there are none."""
+    real = preprocess_images(list(image_paths), spec) if len(spec.mean) == 3 else None
+    if real is not None and len(real):
+        return real
+    rng = np.random.default_rng(1)
+    shape = (NUM_CALIBRATION_RANDOM, len(spec.mean), spec.crop_px, spec.crop_px)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
+    """Static int8, QDQ format, per-channel weights, MinMax calibration over `calibration`."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = int8_path.with_suffix(".prep.onnx")
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+    try:
+        quantize_static(
+            str(prepared), str(int8_path), _ArrayReader(input_name, calibration),
+            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def make_variant(
+    precision: str,
+    fp32_path: Path,
+    out_path: Path,
+    onnx_reference: np.ndarray,
+    inputs: VerificationInputs,
+    spec: Preprocess,
+    calibration_images: Sequence[Path],
+) -> Parity:
+    """Write the `precision` variant of `fp32_path` and verify it against ONNX Runtime fp32."""
+    if precision == "fp16":
+        convert_fp16(fp32_path, out_path)
+    elif precision == "int8":
+        quantize_int8(fp32_path, out_path, calibration_batch(spec, calibration_images))
+    else:
+        raise ValueError(f"no ONNX variant for precision {precision!r}; choose fp16 or int8")
+    return verify_against(
+        onnx_reference, lambda b: run_onnxruntime(out_path, b), inputs, precision, "onnxruntime-fp32",
+        f"ONNX {precision}",
+    )

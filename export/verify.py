@@ -1,0 +1,166 @@
+"""Parity of an exported artifact against its reference: max abs diff, top-1 / top-5 agreement, thresholds."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .repository import Parity, Preprocess
+
+RANDOM_SEED = 0
+NUM_RANDOM_INPUTS = 4
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_PIXELS = 50_000_000
+
+
+class ParityError(RuntimeError):
+    """An artifact's outputs are further from the reference than the documented thresholds allow."""
+
+
+@dataclass(frozen=True)
+class ParityThreshold:
+    max_rel_abs_diff: float  # max |out - ref| / max(|ref|), over all logits of all inputs
+    min_top1_agreement: float
+
+
+# Thresholds per precision. max_abs_diff is judged relative to the reference's logit scale (max |logit|), so a
+# random-init model with tiny logits and a trained one with logits of ~20 are judged alike. top-1 agreement is
+# over every verification input (seeded random + real photos). int8 is loose on purpose: post-training static
+# quantization of a random-init or small-data model moves logits a lot; its recorded agreement is the figure to read.
+PARITY_THRESHOLDS: dict[str, ParityThreshold] = {
+    "fp32": ParityThreshold(max_rel_abs_diff=1e-3, min_top1_agreement=1.0),
+    "fp16": ParityThreshold(max_rel_abs_diff=2e-2, min_top1_agreement=0.99),
+    "bf16": ParityThreshold(max_rel_abs_diff=6e-2, min_top1_agreement=0.90),
+    "int8": ParityThreshold(max_rel_abs_diff=5e-1, min_top1_agreement=0.50),
+}
+
+
+@dataclass(frozen=True)
+class VerificationInputs:
+    """A batch of inputs: seeded random tensors first, then real photos preprocessed the serving way."""
+
+    batch: np.ndarray  # (N, C, H, W) float32
+    num_real_images: int
+
+
+def default_image_paths() -> list[Path]:
+    """The real photographs shipped by scikit-learn / scikit-image, when those packages are importable."""
+    paths: list[Path] = []
+    try:
+        import sklearn.datasets
+
+        folder = Path(sklearn.datasets.__file__).parent / "images"
+        paths += [folder / "china.jpg", folder / "flower.jpg"]
+    except ImportError:
+        pass
+    try:
+        import skimage
+
+        folder = Path(skimage.__file__).parent / "data"
+        paths += [folder / n for n in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")]
+    except ImportError:
+        pass
+    return [p for p in paths if p.is_file()]
+
+
+def image_paths_in(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"verify images folder {folder} does not exist; pass a folder of JPEG/PNG files")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return paths
+
+
+def preprocess_images(paths: Sequence[Path], spec: Preprocess) -> np.ndarray:
+    """Images -> (N, C, crop, crop) float32, exactly as the service preprocesses them."""
+    from service.preprocess import preprocess
+
+    arrays = [preprocess(Path(p).read_bytes(), spec, MAX_PIXELS) for p in paths]
+    channels = len(spec.mean)
+    if not arrays:
+        return np.zeros((0, channels, spec.crop_px, spec.crop_px), np.float32)
+    return np.stack(arrays).astype(np.float32)
+
+
+def verification_inputs(
+    spec: Preprocess, image_paths: Sequence[Path] | None, num_random: int = NUM_RANDOM_INPUTS
+) -> VerificationInputs:
+    """Fixed seeded random inputs (standard normal, the normalised-image scale) plus real photos if given."""
+    channels = len(spec.mean)
+    rng = np.random.default_rng(RANDOM_SEED)
+    random = rng.standard_normal((num_random, channels, spec.crop_px, spec.crop_px)).astype(np.float32)
+    real = np.zeros((0,) + random.shape[1:], np.float32)
+    if channels == 3:  # photos are RGB; single-channel models verify on random inputs only
+        real = preprocess_images(list(image_paths or []), spec)
+    return VerificationInputs(np.concatenate([random, real]), num_real_images=len(real))
+
+
+def compare(reference: np.ndarray, output: np.ndarray, reference_name: str, num_real_images: int) -> Parity:
+    """Parity of `output` logits against `reference` logits, both (N, num_classes)."""
+    if reference.shape != output.shape:
+        raise ParityError(f"output shape {output.shape} differs from the reference's {reference.shape}")
+    reference = reference.astype(np.float64)
+    output = output.astype(np.float64)
+    k = min(5, reference.shape[1])
+    top1 = float(np.mean(reference.argmax(1) == output.argmax(1)))
+    ref_top5 = np.argsort(-reference, axis=1)[:, :k]
+    out_top5 = np.argsort(-output, axis=1)[:, :k]
+    top5 = float(np.mean([set(a) == set(b) for a, b in zip(ref_top5, out_top5)]))
+    return Parity(
+        reference=reference_name,
+        num_inputs=len(reference),
+        num_real_images=num_real_images,
+        max_abs_diff=float(np.max(np.abs(reference - output))),
+        top1_agreement=top1,
+        top5_agreement=top5,
+    )
+
+
+def check_parity(parity: Parity, reference: np.ndarray, precision: str, what: str) -> Parity:
+    """Raise ParityError when `parity` is outside the thresholds for `precision`; return it otherwise."""
+    threshold = PARITY_THRESHOLDS[precision]
+    scale = max(float(np.max(np.abs(reference))), 1e-6)
+    relative = parity.max_abs_diff / scale
+    problems = []
+    if relative > threshold.max_rel_abs_diff:
+        problems.append(
+            f"max abs diff {parity.max_abs_diff:.3g} is {relative:.3g} of the logit scale {scale:.3g} "
+            f"(allowed {threshold.max_rel_abs_diff:g})"
+        )
+    if parity.top1_agreement < threshold.min_top1_agreement:
+        problems.append(f"top-1 agreement {parity.top1_agreement:.3f} < {threshold.min_top1_agreement:.3f}")
+    if problems:
+        raise ParityError(
+            f"{what} ({precision}) does not match {parity.reference} on {parity.num_inputs} inputs: "
+            + "; ".join(problems)
+            + ". Check the export (opset, precision block list) or the calibration images."
+        )
+    return parity
+
+
+def run_onnxruntime(
+    onnx_path: Path, batch: np.ndarray, providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=list(providers))
+    input_name = session.get_inputs()[0].name
+    return session.run(None, {input_name: batch})[0]
+
+
+def verify_against(
+    reference: np.ndarray,
+    run: Callable[[np.ndarray], np.ndarray],
+    inputs: VerificationInputs,
+    precision: str,
+    reference_name: str,
+    what: str,
+) -> Parity:
+    parity = compare(reference, run(inputs.batch), reference_name, inputs.num_real_images)
+    return check_parity(parity, reference, precision, what)

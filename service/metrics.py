@@ -1,0 +1,29 @@
+"""Prometheus metrics, one CollectorRegistry per app (the names are the Grafana dashboard's contract)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("convnext_requests_total", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.request_duration = Histogram("convnext_request_duration_seconds", "HTTP request latency", ["route"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("convnext_queue_wait_seconds", "time an image waits in the batch queue",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.preprocess = Histogram("convnext_preprocess_seconds", "decode + transform time per image",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("convnext_inference_seconds", "engine time per batch",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("convnext_batch_size", "images per engine batch", buckets=BATCH_BUCKETS, registry=r)
+        self.images = Counter("convnext_images_total", "images classified", ["model"], registry=r)
+        self.queue_depth = Gauge("convnext_queue_depth", "images waiting in the batch queue", registry=r)
+        self.inflight = Gauge("convnext_inflight_requests", "HTTP requests being handled", registry=r)
+        self.model_info = Gauge("convnext_model_info", "the served model (value 1)",
+                                ["name", "version", "engine", "precision"], registry=r)
+        self.rejected = Counter("convnext_rejected_total", "requests refused, by reason", ["reason"], registry=r)

@@ -1,0 +1,68 @@
+"""Helpers for the deployment tests: the project root, and compose files read the way Docker Compose reads them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as Docker Compose reads it: `!reset` / `!override` tags mark how an override file merges."""
+
+
+class Reset:
+    def __init__(self, value):
+        self.value = value
+
+
+class Override:
+    def __init__(self, value):
+        self.value = value
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: Reset(None))
+ComposeLoader.add_constructor(
+    "!override",
+    lambda loader, node: Override(
+        loader.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode)
+        else loader.construct_sequence(node, deep=True) if isinstance(node, yaml.SequenceNode)
+        else loader.construct_scalar(node)
+    ),
+)
+
+
+def load_compose(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=ComposeLoader)
+
+
+def merge_compose(base, override):
+    """Compose's merge rules for the parts used here: mappings merge key by key, `!reset` removes, other values replace."""
+    if isinstance(override, Reset):
+        return None
+    if isinstance(override, Override):
+        return override.value
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            result = merge_compose(base.get(key), value)
+            if result is None and isinstance(value, Reset):
+                merged.pop(key, None)
+            else:
+                merged[key] = result
+        return merged
+    return override
+
+
+def strip_tags(value):
+    """An override file as plain data (for schema validation): `!reset` -> null, `!override` -> its value."""
+    if isinstance(value, Reset):
+        return None
+    if isinstance(value, Override):
+        return strip_tags(value.value)
+    if isinstance(value, dict):
+        return {k: strip_tags(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strip_tags(v) for v in value]
+    return value

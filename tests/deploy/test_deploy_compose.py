@@ -1,0 +1,112 @@
+"""docker-compose.yml (GPU host) and docker-compose.cpu.yml (CPU override) against the Compose Specification schema."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import check_jsonschema
+import jsonschema
+import pytest
+
+from compose_yaml import ROOT, load_compose, merge_compose, strip_tags
+from service.settings import Settings
+
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+# The compose-spec JSON schema (Apache-2.0) that check-jsonschema vendors from github.com/compose-spec/compose-spec.
+SCHEMA_PATH = Path(check_jsonschema.__file__).parent / "builtin_schemas" / "vendor" / "compose-spec.json"
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def errors_of(validator, document) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+
+
+@pytest.fixture(scope="module")
+def gpu() -> dict:
+    return load_compose(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def cpu(gpu) -> dict:
+    return merge_compose(gpu, load_compose(COMPOSE_CPU))
+
+
+def test_compose_files_follow_the_compose_specification(validator, gpu, cpu):
+    assert errors_of(validator, gpu) == []
+    assert errors_of(validator, strip_tags(load_compose(COMPOSE_CPU))) == []
+    assert errors_of(validator, cpu) == []
+
+
+def test_the_schema_rejects_a_misspelled_service_key(validator, gpu):
+    broken = copy.deepcopy(gpu)
+    broken["services"]["service"]["helthcheck"] = broken["services"]["service"].pop("healthcheck")
+    assert any("helthcheck" in e for e in errors_of(validator, broken))
+
+
+def test_prepare_runs_once_in_the_train_image_and_the_service_waits_for_it(gpu):
+    prepare, service = gpu["services"]["prepare"], gpu["services"]["service"]
+    assert prepare["build"]["target"] == "train"
+    assert prepare["command"][-1] == "prepare"
+    assert prepare["restart"] == "no"
+    assert service["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
+    shared = {v.split(":")[0] for v in prepare["volumes"]} & {v.split(":")[0] for v in service["volumes"]}
+    assert "models" in shared and "models" in gpu["volumes"]
+
+
+def test_gpu_service_reserves_one_nvidia_gpu_and_serves_on_8000(gpu):
+    service = gpu["services"]["service"]
+    assert service["build"]["target"] == "service"
+    assert service["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    ]
+    assert any(str(p).endswith(":8000") for p in service["ports"])
+    assert service["environment"]["CONVNEXT_ENGINE"].endswith("tensorrt}")
+
+
+def test_every_long_running_service_restarts_and_has_a_health_check(gpu):
+    for name in ("service", "prometheus", "grafana"):
+        assert gpu["services"][name]["restart"] == "unless-stopped", name
+        assert gpu["services"][name]["healthcheck"]["test"], name
+    assert "/app/deploy/healthcheck.py" in gpu["services"]["service"]["healthcheck"]["test"]
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for suffix in ("ms", "s", "m", "h"):
+        if duration.endswith(suffix):
+            return float(duration[: -len(suffix)]) * units[suffix]
+    raise ValueError(duration)
+
+
+def test_stop_grace_period_outlasts_the_service_drain(gpu):
+    # service/__main__.py: uvicorn's graceful shutdown (request timeout + 5 s), then the batcher drain (request timeout).
+    request_timeout_s = Settings().request_timeout_ms / 1000
+    worst_case_drain_s = 2 * request_timeout_s + 5
+    assert _seconds(gpu["services"]["service"]["stop_grace_period"]) > worst_case_drain_s
+
+
+def test_cpu_override_serves_the_cpu_image_without_a_gpu_reservation(cpu):
+    service = cpu["services"]["service"]
+    assert service["build"]["target"] == "service-cpu"
+    assert "deploy" not in service
+    assert service["environment"]["CONVNEXT_ENGINE"] == "onnxruntime"
+    assert service["environment"]["CONVNEXT_PROVIDER"] == "cpu"
+    assert service["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
+    assert service["healthcheck"]["test"] == load_compose(COMPOSE)["services"]["service"]["healthcheck"]["test"]
+
+
+def test_grafana_and_prometheus_mount_the_files_this_repository_ships(gpu):
+    for name in ("prometheus", "grafana"):
+        for volume in gpu["services"][name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which does not exist"

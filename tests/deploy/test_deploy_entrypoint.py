@@ -1,0 +1,167 @@
+"""The container entrypoint on the host with the CPU engine: download, export, serve; a second prepare skips it all."""
+from __future__ import annotations
+
+import functools
+import http.server
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from compose_yaml import ROOT
+
+ENTRYPOINT = ROOT / "deploy" / "entrypoint.py"
+OFFICIAL_FILE = "convnext_tiny_1k_224_ema.pth"
+
+
+class CountingMirror(http.server.ThreadingHTTPServer):
+    """A local stand-in for dl.fbaipublicfiles.com that counts the files it hands out."""
+
+    def __init__(self, folder: Path):
+        self.downloads: list[str] = []
+        handler = functools.partial(_Handler, directory=str(folder))
+        super().__init__(("127.0.0.1", 0), handler)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        self.server.downloads.append(self.path)
+        super().do_GET()
+
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory):
+    """An official-format checkpoint ({"model": state_dict}, 1000 classes) of a small ConvNeXt, served over HTTP."""
+    import torch
+
+    from model import create_model
+
+    folder = tmp_path_factory.mktemp("mirror")
+    torch.save({"model": create_model("convnext_atto").state_dict()}, folder / OFFICIAL_FILE)
+    server = CountingMirror(folder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def entrypoint_env(repository: Path, mirror: CountingMirror, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVNEXT_")}
+    env.update({
+        "CONVNEXT_REPOSITORY": str(repository),
+        "CONVNEXT_MODEL": "convnext_tiny",
+        "CONVNEXT_ARCHITECTURE": "convnext_atto",  # the stand-in checkpoint's architecture (ConvNeXt-T in production)
+        "CONVNEXT_WEIGHTS_BASE_URL": mirror.base_url,
+        "CONVNEXT_EXPORT_PRECISIONS": "fp32",
+        "CONVNEXT_EXPORT_ARGS": "--input-size 32",
+        "CONVNEXT_HOST": "127.0.0.1",
+        "CONVNEXT_PORT": str(port),
+        "CONVNEXT_ENGINE": "onnxruntime",
+        "CONVNEXT_PROVIDER": "cpu",
+        "CONVNEXT_PRECISION": "fp32",
+        "CONVNEXT_INTRA_OP_THREADS": "1",
+        "CONVNEXT_PREPROCESS_WORKERS": "1",
+        "CONVNEXT_WARMUP_RUNS": "0",
+    })
+    return env
+
+
+def start_and_wait_ready(env: dict[str, str], log: Path, deadline_s: float = 120) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, str(ENTRYPOINT), "all"], env=env, cwd=ROOT,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{env['CONVNEXT_PORT']}/readyz"
+    stop_at = time.monotonic() + deadline_s
+    while time.monotonic() < stop_at:
+        if process.poll() is not None:
+            raise AssertionError(f"the entrypoint exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"/readyz never answered 200 within {deadline_s} s:\n{log.read_text()}")
+
+
+def stop_cleanly(process: subprocess.Popen, log: Path) -> None:
+    """SIGTERM, as tini forwards it on `docker stop`: the exec'd service drains and shuts its lifespan down."""
+    process.send_signal(signal.SIGTERM)
+    returncode = process.wait(timeout=60)
+    # uvicorn re-raises the signal it handled after a graceful shutdown, so -SIGTERM is a clean exit too.
+    assert returncode in (0, -signal.SIGTERM), log.read_text()
+    assert "Application shutdown complete" in log.read_text()
+
+
+def test_entrypoint_prepares_the_model_once_then_serves(tmp_path, mirror, real_photos):
+    repository = tmp_path / "models"
+    env = entrypoint_env(repository, mirror, free_port())
+
+    first = start_and_wait_ready(env, tmp_path / "first.log")
+    try:
+        assert mirror.downloads == [f"/{OFFICIAL_FILE}"]
+        response = httpx.post(f"http://127.0.0.1:{env['CONVNEXT_PORT']}/classify",
+                              files=[("files", (real_photos[0].name, real_photos[0].read_bytes()))], timeout=30)
+        assert response.status_code == 200
+        assert response.json()["model"] == {"name": "convnext_tiny", "version": 1}
+    finally:
+        stop_cleanly(first, tmp_path / "first.log")
+    manifest = (repository / "convnext_tiny" / "1" / "manifest.json").read_text()
+    assert '"architecture": "convnext_atto"' in manifest and '"format": "official"' in manifest
+
+    # The next `docker compose up` runs the prepare container again: it must find the model and fetch nothing.
+    second = subprocess.run([sys.executable, str(ENTRYPOINT), "prepare"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "already in" in second.stdout
+    assert mirror.downloads == [f"/{OFFICIAL_FILE}"]
+    assert [p.name for p in (repository / "convnext_tiny").iterdir() if not p.name.startswith(".")] == ["1"]
+
+
+def test_serve_without_a_prepared_model_says_how_to_prepare(tmp_path, mirror):
+    env = entrypoint_env(tmp_path / "empty", mirror, free_port())
+    result = subprocess.run([sys.executable, str(ENTRYPOINT), "serve"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert "prepare" in result.stderr
+    assert mirror.downloads.count(f"/{OFFICIAL_FILE}") <= 1
+
+
+def test_own_checkpoint_from_a_file_url_is_used_instead_of_the_official_one(tmp_path, mirror):
+    spec = importlib.util.spec_from_file_location("deploy_entrypoint", ENTRYPOINT)
+    entrypoint = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = entrypoint  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(entrypoint)
+    own = tmp_path / "mine.pth"
+    own.write_bytes(b"checkpoint bytes")
+    env = entrypoint_env(tmp_path / "models", mirror, 0)
+    before = list(mirror.downloads)
+    for source in (own.as_uri(), str(own)):
+        settings = entrypoint.PrepareSettings.from_env({**env, "CONVNEXT_CHECKPOINT": source})
+        path = entrypoint.fetch_checkpoint(settings)
+        assert path.read_bytes() == b"checkpoint bytes"
+    assert mirror.downloads == before
+    missing = entrypoint.PrepareSettings.from_env({**env, "CONVNEXT_CHECKPOINT": str(tmp_path / "nope.pth")})
+    with pytest.raises(SystemExit, match="not a file"):
+        entrypoint.fetch_checkpoint(missing)

@@ -1,0 +1,105 @@
+"""deploy/k8s: every manifest validates strictly against the Kubernetes 1.37 OpenAPI schemas, and the pieces fit."""
+from __future__ import annotations
+
+import copy
+import re
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from compose_yaml import ROOT
+from service.settings import Settings
+
+K8S = ROOT / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.37.0"
+
+
+def documents() -> list[tuple[str, dict]]:
+    return [(path.name, doc) for path in sorted(K8S.glob("*.yaml")) if path.name != "kustomization.yaml"
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def find(kind: str, name: str | None = None) -> dict:
+    return next(doc for _, doc in documents() if doc["kind"] == kind and name in (None, doc["metadata"]["name"]))
+
+
+@pytest.mark.parametrize("filename,document", documents(), ids=lambda v: v if isinstance(v, str) else v["kind"])
+def test_manifest_validates_strictly(filename, document):
+    kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    broken = copy.deepcopy(find("PodDisruptionBudget"))
+    broken["spec"]["minAvailabel"] = broken["spec"].pop("minAvailable")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_serving_manifest():
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert all((K8S / name).is_file() for name in listed)
+    assert {"deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "pvc.yaml"} <= set(listed)
+
+
+def test_deployment_takes_a_gpu_probes_readyz_healthz_and_drains_before_it_is_killed():
+    pod = find("Deployment")["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "service")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    request_timeout_s = Settings().request_timeout_ms / 1000
+    worst_case_drain_s = 2 * request_timeout_s + 5  # service/__main__.py: graceful shutdown, then the batcher drain
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + worst_case_drain_s
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    prepare = pod["initContainers"][0]
+    assert prepare["command"][-1] == "prepare"
+    assert {m["name"] for m in prepare["volumeMounts"]} == {m["name"] for m in container["volumeMounts"]}
+
+
+def test_service_pdb_and_hpa_point_at_the_deployment():
+    deployment = find("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = find("Service", "convnext-serve")["spec"]["selector"]
+    assert selector.items() <= labels.items()
+    assert find("PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    target = find("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+def test_hpa_metric_is_served_by_an_adapter_rule_over_an_exported_gauge(metrics_scrape):
+    metric = find("HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    rules = yaml.safe_load(find("ConfigMap", "prometheus-adapter-convnext")["data"]["config.yaml"])["rules"]
+    rule = next(r for r in rules if r["name"]["as"] == metric)
+    series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"]).group(0)
+    assert re.search(rule["name"]["matches"], series)
+    assert {"namespace", "pod"} <= set(rule["resources"]["overrides"])
+    assert f"# TYPE {series} gauge" in metrics_scrape
+
+
+def test_training_job_runs_one_torchrun_per_node_ranked_by_completion_index():
+    job = find("Job", "convnext-train")
+    headless = find("Service", "convnext-train")
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"]
+    assert headless["spec"]["clusterIP"] == "None"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == headless["metadata"]["name"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    command = " ".join(container["command"] + container["args"])
+    assert int(env["NNODES"]) == job["spec"]["completions"]
+    assert env["MASTER_ADDR"] == f"{job['metadata']['name']}-0.{headless['metadata']['name']}"
+    assert '--node-rank="$JOB_COMPLETION_INDEX"' in command
+    assert "torchrun" in command and "-m training" in command
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == int(env["NPROC_PER_NODE"])
+
+
+def test_training_job_flags_are_ones_the_training_cli_accepts():
+    from training.__main__ import get_args_parser
+
+    container = find("Job", "convnext-train")["spec"]["template"]["spec"]["containers"][0]
+    training_args = container["args"][0].split("-m training", 1)[1].split()
+    parsed = get_args_parser().parse_args(training_args)
+    assert (parsed.preset, parsed.data_dir, parsed.batch_size, parsed.accum_steps) == ("in1k", "/data/imagenet", 128, 2)

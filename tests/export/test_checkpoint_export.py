@@ -1,0 +1,60 @@
+"""A project checkpoint exports with its own model name, kwargs, data config and class names (via the CLI)."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import model
+from export.__main__ import main
+from export.repository import ModelRepository
+
+CLASS_NAMES = ["zero", "one", "two"]
+DATA_CONFIG = {"input_size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
+               "std": [0.25, 0.25, 0.25]}
+
+
+@pytest.fixture(scope="module")
+def project_checkpoint(tmp_path_factory):
+    torch.manual_seed(1)
+    net = model.create_model("convnext_atto", num_classes=3, activation="relu").eval()
+    path = tmp_path_factory.mktemp("run") / "checkpoint_best.pth"
+    torch.save({"model": net.state_dict(), "model_name": "convnext_atto",
+                "model_kwargs": {"num_classes": 3, "activation": "relu", "drop_path_rate": 0.1},
+                "data_config": DATA_CONFIG, "class_names": CLASS_NAMES, "epoch": 3}, path)
+    return path, net
+
+
+def test_project_checkpoint_exports_with_its_metadata(project_checkpoint, tmp_path, real_photos, capsys):
+    path, net = project_checkpoint
+    code = main(["onnx", "--checkpoint", str(path), "--name", "digits", "--repository", str(tmp_path),
+                 "--verify-images", str(real_photos[0].parent)])
+    assert code == 0, capsys.readouterr().err
+    version = ModelRepository(tmp_path).load("digits")
+    m = version.manifest
+    assert (m.architecture, m.activation, m.num_classes, m.labels) == ("convnext_atto", "relu", 3, tuple(CLASS_NAMES))
+    assert (m.preprocess.crop_px, m.preprocess.resize_px, m.preprocess.interpolation) == (32, 32, "bilinear")
+    assert m.preprocess.mean == (0.5, 0.5, 0.5) and m.source.format == "project"
+    assert m.source.checkpoint == "checkpoint_best.pth" and len(m.source.sha256) == 64
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    session = ort.InferenceSession(str(version.artifact_path(m.find("onnx", "fp32"))))
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, atol=1e-4, rtol=1e-4)
+    assert "digits/1" in capsys.readouterr().out or (tmp_path / "digits" / "1").is_dir()
+
+
+def test_model_that_contradicts_the_checkpoint_is_refused(project_checkpoint, tmp_path, capsys):
+    path, _ = project_checkpoint
+    code = main(["onnx", "--model", "convnext_tiny", "--checkpoint", str(path), "--name", "x",
+                 "--repository", str(tmp_path)])
+    assert code == 1
+    assert "holds convnext_atto" in capsys.readouterr().err
+    assert ModelRepository(tmp_path).models() == []
+
+
+def test_list_shows_versions_and_parity(exported, capsys):
+    assert main(["list", "--repository", str(exported.path.parent.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "atto/1: convnext_atto" in out and "model.int8.onnx" in out and "(6 real)" in out

@@ -1,0 +1,91 @@
+"""ONNX export: a valid, verified repository version with a clean graph and a dynamic batch axis."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from export.labels import imagenet_labels
+from export.repository import ModelRepository
+from tests.export.conftest import SIZE_PX
+
+
+def _graph(version, precision="fp32"):
+    return onnx.load(str(version.artifact_path(version.manifest.find("onnx", precision))))
+
+
+def _ops(graph) -> collections.Counter:
+    return collections.Counter(node.op_type for node in graph.graph.node)
+
+
+def test_version_loads_with_every_sha256_matching(exported):
+    loaded = ModelRepository(exported.path.parent.parent).load("atto", 1, verify_files=True)
+    assert loaded.manifest == exported.manifest
+    assert {a.file for a in loaded.manifest.artifacts} == {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"}
+
+
+def test_manifest_describes_model_input_preprocess_and_labels(exported):
+    m = exported.manifest
+    assert (m.architecture, m.activation, m.num_classes, m.onnx_opset) == ("convnext_atto", "gelu", 1000, 18)
+    assert (m.input.name, m.output_name, m.input.height, m.input.width) == ("input", "logits", SIZE_PX, SIZE_PX)
+    assert m.preprocess.crop_px == SIZE_PX and m.preprocess.resize_px == int(SIZE_PX / 0.875)
+    assert m.labels == imagenet_labels() and m.labels[0] == "tench"
+    assert m.source.format == "random" and m.source.checkpoint is None
+
+
+def test_graph_has_one_layernorm_per_norm_and_no_training_ops(exported, atto_module):
+    graph = _graph(exported)
+    onnx.checker.check_model(graph, full_check=True)
+    assert graph.opset_import[0].version == 18
+    norms = sum(isinstance(m, nn.LayerNorm) for m in atto_module.modules())
+    ops = _ops(graph)
+    assert ops["LayerNormalization"] == norms == 17
+    assert "Dropout" not in ops and "Identity" not in ops
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dynamic_batch_matches_pytorch(exported, atto_module, batch):
+    session = ort.InferenceSession(str(exported.artifact_path(exported.manifest.find("onnx", "fp32"))))
+    x = np.random.default_rng(batch).standard_normal((batch, 3, SIZE_PX, SIZE_PX)).astype(np.float32)
+    (logits,) = session.run(["logits"], {"input": x})
+    with torch.no_grad():
+        expected = atto_module(torch.from_numpy(x)).numpy()
+    assert logits.shape == (batch, 1000)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fp32_parity_is_recorded_on_real_photos(exported):
+    parity = exported.manifest.find("onnx", "fp32").parity
+    assert parity.reference == "pytorch-fp32"
+    assert parity.num_real_images == 6 and parity.num_inputs == 10
+    assert parity.max_abs_diff < 1e-3
+    assert parity.top1_agreement == 1.0 and parity.top5_agreement == 1.0
+
+
+def test_fp16_variant_keeps_io_and_layernorm_in_fp32(exported):
+    graph = _graph(exported, "fp16")
+    float32 = onnx.TensorProto.FLOAT
+    assert graph.graph.input[0].type.tensor_type.elem_type == float32
+    assert graph.graph.output[0].type.tensor_type.elem_type == float32
+    inferred = onnx.shape_inference.infer_shapes(graph)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    norms = [n for n in graph.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 17
+    assert all(types.get(n.output[0], float32) == float32 for n in norms)
+    conv_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert conv_weights, "the fp16 model should hold fp16 weights"
+    parity = exported.manifest.find("onnx", "fp16").parity
+    assert parity.reference == "onnxruntime-fp32" and parity.top1_agreement >= 0.99
+
+
+def test_int8_variant_is_qdq_and_verified(exported):
+    ops = _ops(_graph(exported, "int8"))
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    parity = exported.manifest.find("onnx", "int8").parity
+    assert parity.reference == "onnxruntime-fp32" and parity.num_real_images == 6
+    assert parity.top1_agreement >= 0.5

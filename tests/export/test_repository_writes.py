@@ -1,0 +1,89 @@
+"""Atomic versions and manifest validation: a failed export leaves nothing; tampering is refused on load."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from export.onnx import export_onnx_version
+from export.repository import MANIFEST_FILE, ModelRepository, RepositoryError
+from service.preprocess import ImageError
+from tests.export.conftest import SIZE_PX
+
+
+@pytest.fixture()
+def repository_copy(exported, tmp_path):
+    shutil.copytree(exported.path, tmp_path / "atto" / "1")
+    return ModelRepository(tmp_path)
+
+
+def test_failure_mid_export_leaves_no_version_and_no_partial_files(tmp_path, photo_folder):
+    broken = tmp_path / "calibration"
+    broken.mkdir()
+    (broken / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    root = tmp_path / "repo"
+    # fp32 is exported and verified inside the staging folder; int8 calibration then fails on the broken image.
+    with pytest.raises(ImageError):
+        export_onnx_version(
+            root, "atto", "convnext_atto", precisions=("fp32", "int8"), input_size=SIZE_PX,
+            verify_images=photo_folder, calibration_images=broken,
+        )
+    assert ModelRepository(root).versions("atto") == []
+    assert list((root / "atto").iterdir()) == []
+
+
+def test_existing_version_is_refused_unless_overwrite(exported, photo_folder):
+    root = exported.path.parent.parent
+    with pytest.raises(RepositoryError, match="already exists"):
+        export_onnx_version(root, "atto", "convnext_atto", version=1, input_size=SIZE_PX, verify_images=photo_folder)
+    assert ModelRepository(root).load("atto", 1).manifest == exported.manifest
+
+
+def test_overwrite_replaces_a_version(tmp_path, photo_folder):
+    first = export_onnx_version(tmp_path, "relu", "convnext_atto", input_size=SIZE_PX, activation="relu",
+                                verify_images=photo_folder)
+    second = export_onnx_version(tmp_path, "relu", "convnext_atto", version=first.manifest.version,
+                                 overwrite=True, input_size=SIZE_PX, activation="relu", verify_images=photo_folder)
+    assert first.manifest.activation == second.manifest.activation == "relu"
+    assert ModelRepository(tmp_path).versions("relu") == [1]
+    assert first.manifest.artifacts[0].sha256 != second.manifest.artifacts[0].sha256  # new random weights
+    assert [p.name for p in (tmp_path / "relu").iterdir()] == ["1"]
+
+
+def test_tampered_artifact_is_refused(repository_copy):
+    path = repository_copy.root / "atto" / "1" / "model.int8.onnx"
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(RepositoryError, match="does not match its sha256"):
+        repository_copy.load("atto", 1)
+
+
+def test_missing_artifact_is_refused(repository_copy):
+    (repository_copy.root / "atto" / "1" / "model.fp16.onnx").unlink()
+    with pytest.raises(RepositoryError, match="model.fp16.onnx is missing"):
+        repository_copy.load("atto", 1)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda m: m.update(num_classes=999),  # labels no longer match the class count
+        lambda m: m.update(onnx_opset=13),  # below the LayerNormalization opset
+        lambda m: m["artifacts"][0].update(file="../escape.onnx"),
+        lambda m: m.update(unexpected_field=1),
+    ],
+    ids=["labels-count", "old-opset", "path-escape", "extra-field"],
+)
+def test_bad_manifest_is_refused(repository_copy, tamper):
+    path = repository_copy.root / "atto" / "1" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    tamper(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(RepositoryError, match="is not a valid manifest"):
+        repository_copy.load("atto", 1)
+
+
+def test_version_is_readable_by_another_user(exported):
+    # The service container may run as another user than the exporter.
+    assert exported.path.stat().st_mode & 0o755 == 0o755
+    assert (exported.path / MANIFEST_FILE).stat().st_mode & 0o644 == 0o644

@@ -1,0 +1,82 @@
+"""Service fixtures: a tiny random ConvNeXt exported to a model repository once, and a real uvicorn server."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory) -> Path:
+    """convnext_atto, random weights, 10 classes at 64 px: fast, and the mechanics are those of any model."""
+    from export.onnx import export_onnx_version
+
+    root = tmp_path_factory.mktemp("models")
+    export_onnx_version(root, "atto", "convnext_atto", num_classes=10, input_size=64)
+    return root
+
+
+class LiveServer(str):
+    """The base URL of a running server (a str), with the app it serves as `.app` for in-process checks."""
+
+    app = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(repository: Path, engine_factory=None, **overrides):
+    """Run the real app under uvicorn on 127.0.0.1 in a thread; yields the base URL once /readyz says ready."""
+    import uvicorn
+
+    from service.app import create_app, default_engine
+    from service.settings import Settings
+
+    port = free_port()
+    options = dict(repository=str(repository), host="127.0.0.1", port=port, intra_op_threads=1,
+                   preprocess_workers=2, warmup_runs=1) | overrides
+    settings = Settings(**options)
+    app = create_app(settings, engine_factory or default_engine)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError("the service did not become ready within 60 s")
+        time.sleep(0.05)
+    live = LiveServer(url)
+    live.app = app
+    try:
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def service_url(model_repository):
+    with serve(model_repository, max_batch_size=8, max_queue_delay_ms=20) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """The `serve` context manager, for tests that need a server with their own settings or engine."""
+    return serve

@@ -1,0 +1,60 @@
+"""Bad requests over real HTTP: each gets its 4xx with a JSON error body, and the service keeps serving."""
+from __future__ import annotations
+
+import io
+
+import httpx
+import pytest
+from PIL import Image
+
+
+
+@pytest.fixture(scope="module")
+def strict_url(model_repository, launch):
+    with launch(model_repository, max_body_bytes=300_000, max_pixels=1_000_000, max_files_per_request=3) as url:
+        yield url
+
+
+def png_bytes(size, color=(10, 200, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+
+
+def post(url, content, content_type="image/jpeg", params=None):
+    return httpx.post(f"{url}/classify", content=content, headers={"content-type": content_type}, params=params)
+
+
+def test_each_bad_request_gets_its_status_and_the_service_keeps_serving(strict_url, real_photos):
+    jpeg = real_photos[0].read_bytes()
+    assert_error(post(strict_url, b"this is plain text, not a picture"), 400, "not_an_image")
+    assert_error(post(strict_url, jpeg[: len(jpeg) // 3]), 400, "corrupt_image")
+    assert_error(post(strict_url, b""), 400, "empty_body")
+    assert_error(post(strict_url, b'{"a": 1}', "application/json"), 415, "unsupported_media_type")
+    assert_error(post(strict_url, b"\xff" * 400_000), 413, "body_too_large")
+    assert_error(post(strict_url, png_bytes((2000, 1000)), "image/png"), 413, "too_many_pixels")
+    files = [("files", (f"{i}.png", png_bytes((32, 32)), "image/png")) for i in range(4)]
+    assert_error(httpx.post(f"{strict_url}/classify", files=files), 413, "too_many_files")
+    assert_error(post(strict_url, jpeg, params={"top_k": 0}), 422, "invalid_parameter")
+    assert_error(post(strict_url, jpeg, params={"top_k": 11}), 422, "invalid_parameter")
+    assert_error(post(strict_url, jpeg, params={"top_k": "many"}), 422, "invalid_parameter")
+    assert_error(httpx.get(f"{strict_url}/nothing-here"), 404, "not_found")
+    assert post(strict_url, jpeg).status_code == 200
+    metrics = httpx.get(f"{strict_url}/metrics").text
+    assert 'convnext_rejected_total{reason="too_many_pixels"} 1.0' in metrics
+    assert 'convnext_rejected_total{reason="bad_request"} 2.0' in metrics
+
+
+def test_one_bad_file_in_a_multipart_request_fails_alone(strict_url, real_photos):
+    good = ("files", ("good.png", png_bytes((40, 40)), "image/png"))
+    bad = ("files", ("bad.png", b"garbage", "image/png"))
+    response = httpx.post(f"{strict_url}/classify", files=[good, bad])
+    assert_error(response, 400, "not_an_image")
+    assert "bad.png" in response.json()["error"]["message"]
+    assert httpx.post(f"{strict_url}/classify", files=[good]).status_code == 200

@@ -1,0 +1,112 @@
+"""The dynamic batcher in-process: lone requests go at once, queued ones batch, order holds, cancelled work is dropped."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, QueueFullError
+from service.engines.base import Engine, EngineDescription
+from service.metrics import ServiceMetrics
+
+
+class RecordingEngine(Engine):
+    """Logits = the first pixel of each image repeated; records each batch; can be held with a gate."""
+
+    def __init__(self):
+        self.batches: list[list[float]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def load(self):
+        pass
+
+    def run(self, batch):
+        self.gate.wait(10)
+        self.batches.append([float(x) for x in batch[:, 0, 0, 0]])
+        return np.repeat(batch[:, :1, 0, 0], 4, axis=1)
+
+    def describe(self):
+        return EngineDescription("recording", "input", (1, 1, 1), 8, "fp32", "cpu")
+
+
+def tensors(*values):
+    return [np.full((1, 1, 1), v, np.float32) for v in values]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_lone_request_goes_at_once_even_with_a_long_delay():
+    async def scenario():
+        engine = RecordingEngine()
+        batcher = Batcher(engine, "m", max_batch_size=8, max_queue_delay_ms=60_000, queue_size=16, metrics=ServiceMetrics())
+        batcher.start()
+        (item,) = batcher.submit(tensors(7), time.monotonic() + 10)
+        row = await asyncio.wait_for(item.future, 5)  # would time out if the batch waited for the 60 s delay
+        await batcher.drain()
+        return engine.batches, row
+
+    batches, row = run(scenario())
+    assert batches == [[7.0]] and row[0] == 7.0
+
+
+def test_queued_images_batch_together_in_order_across_batches():
+    async def scenario():
+        engine = RecordingEngine()
+        batcher = Batcher(engine, "m", max_batch_size=4, max_queue_delay_ms=1, queue_size=32, metrics=ServiceMetrics())
+        batcher.start()
+        engine.gate.clear()  # hold the engine so the following requests queue up behind the first batch
+        first = batcher.submit(tensors(0), time.monotonic() + 10)
+        await asyncio.sleep(0.05)
+        items = batcher.submit(tensors(*range(1, 11)), time.monotonic() + 10)  # one request, 10 images
+        engine.gate.set()
+        rows = await asyncio.gather(*(i.future for i in first + items))
+        await batcher.drain()
+        return engine.batches, rows
+
+    batches, rows = run(scenario())
+    assert batches == [[0.0], [1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0]]
+    assert [r[0] for r in rows] == [float(v) for v in range(11)]
+
+
+def test_cancelled_items_are_dropped_before_running_and_full_queue_refuses_whole_request():
+    async def scenario():
+        engine = RecordingEngine()
+        batcher = Batcher(engine, "m", max_batch_size=8, max_queue_delay_ms=1, queue_size=4, metrics=ServiceMetrics())
+        batcher.start()
+        engine.gate.clear()
+        batcher.submit(tensors(0), time.monotonic() + 10)
+        await asyncio.sleep(0.05)
+        gone = batcher.submit(tensors(1, 2), time.monotonic() + 10)
+        kept = batcher.submit(tensors(3), time.monotonic() + 10)
+        with pytest.raises(QueueFullError):
+            batcher.submit(tensors(4, 5), time.monotonic() + 10)  # 3 queued of 4: both or neither
+        for item in gone:
+            item.future.cancel()  # the client went away
+        engine.gate.set()
+        await kept[0].future
+        await batcher.drain()
+        return engine.batches
+
+    assert run(scenario()) == [[0.0], [3.0]]
+
+
+def test_readyz_goes_false_when_the_batcher_dies(model_repository, launch, real_photos):
+    with launch(model_repository) as url:
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        task = url.app.state.service.batcher.task
+        task.get_loop().call_soon_threadsafe(task.cancel)  # the loop dies, as an unexpected bug would end it
+        deadline = time.monotonic() + 10
+        while not task.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert httpx.get(f"{url}/readyz").status_code == 503
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 503
+        response = httpx.post(f"{url}/classify", content=real_photos[0].read_bytes(),
+                              headers={"content-type": "image/jpeg"})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"

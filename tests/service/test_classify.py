@@ -1,0 +1,96 @@
+"""POST /classify over real HTTP with real photos, against ONNX Runtime run directly on the same tensors."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export.repository import ModelRepository
+from service.preprocess import preprocess
+
+
+def direct_top1(repository, data: bytes) -> tuple[int, np.ndarray]:
+    version = ModelRepository(repository).load("atto")
+    session = ort.InferenceSession(str(version.path / version.manifest.artifacts[0].file))
+    tensor = preprocess(data, version.manifest.preprocess, 10**9)[None]
+    logits = session.run(None, {session.get_inputs()[0].name: tensor})[0][0]
+    return int(np.argmax(logits)), logits
+
+
+def test_classify_matches_onnxruntime_on_real_photos(service_url, model_repository, real_photos):
+    for photo in real_photos:
+        data = photo.read_bytes()
+        kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
+        response = httpx.post(f"{service_url}/classify?top_k=3", content=data, headers={"content-type": kind})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == {"name": "atto", "version": 1}
+        (result,) = body["results"]
+        top1, logits = direct_top1(model_repository, data)
+        assert len(result["top_k"]) == 3
+        assert result["top_k"][0]["index"] == top1
+        assert result["top_k"][0]["label"] == f"class_{top1}"
+        probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        assert result["top_k"][0]["probability"] == pytest.approx(float(probabilities[top1]), abs=1e-5)
+        assert set(result["timings"]) == {"queue_ms", "inference_ms", "total_ms"}
+
+
+def test_multipart_files_come_back_in_order(service_url, real_photos):
+    files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in real_photos]
+    response = httpx.post(f"{service_url}/classify", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == [p.name for p in real_photos]
+    for photo, result in zip(real_photos, results):
+        single = httpx.post(f"{service_url}/classify", content=photo.read_bytes(),
+                            headers={"content-type": "image/jpeg"}).json()["results"][0]
+        assert single["top_k"][0]["index"] == result["top_k"][0]["index"]
+        assert single["top_k"][0]["probability"] == pytest.approx(result["top_k"][0]["probability"], abs=1e-5)
+
+
+def test_concurrent_requests_are_batched_and_match_single_results(service_url, real_photos):
+    payloads = [p.read_bytes() for p in real_photos] * 6
+    singles = {}
+    for photo in real_photos:
+        r = httpx.post(f"{service_url}/classify", content=photo.read_bytes(), headers={"content-type": "image/jpeg"})
+        singles[photo.read_bytes()] = r.json()["results"][0]["top_k"]
+
+    def post(data):
+        return data, httpx.post(f"{service_url}/classify", content=data, headers={"content-type": "image/jpeg"},
+                                timeout=60)
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(post, payloads))
+    batch_sizes = []
+    for data, response in responses:
+        assert response.status_code == 200, response.text
+        result = response.json()["results"][0]
+        batch_sizes.append(result["batch_size"])
+        assert [t["index"] for t in result["top_k"]] == [t["index"] for t in singles[data]]
+        for got, want in zip(result["top_k"], singles[data]):
+            assert got["probability"] == pytest.approx(want["probability"], abs=1e-4)
+    assert max(batch_sizes) > 1
+    metrics = httpx.get(f"{service_url}/metrics").text
+    buckets = {line.split('le="')[1].split('"')[0]: float(line.split()[-1])
+               for line in metrics.splitlines() if line.startswith("convnext_batch_size_bucket")}
+    assert buckets["+Inf"] > buckets["1.0"]  # some batches held more than one image
+
+
+def test_health_models_metrics_and_docs(service_url):
+    assert httpx.get(f"{service_url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{service_url}/readyz").json() == {"status": "ready"}
+    models = httpx.get(f"{service_url}/models").json()
+    assert models["models"][0]["name"] == "atto" and models["models"][0]["serving"] is True
+    assert models["engine"]["name"] == "onnxruntime" and models["engine"]["provider"] == "cpu"
+    assert httpx.get(f"{service_url}/docs").status_code == 200
+    assert "/classify" in httpx.get(f"{service_url}/openapi.json").json()["paths"]
+    text = httpx.get(f"{service_url}/metrics").text
+    for name in ("convnext_requests_total", "convnext_request_duration_seconds", "convnext_queue_wait_seconds",
+                 "convnext_preprocess_seconds", "convnext_inference_seconds", "convnext_batch_size",
+                 "convnext_images_total", "convnext_queue_depth", "convnext_inflight_requests",
+                 "convnext_model_info", "convnext_rejected_total"):
+        assert name in text, name
+    assert 'convnext_model_info{engine="onnxruntime",name="atto",precision="fp32",version="1"} 1.0' in text

@@ -1,0 +1,84 @@
+"""Queue full, deadlines and engine failures, with real engine subclasses that sleep or fail on cue."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+
+from service.app import default_engine
+from service.engines.onnxruntime import OnnxRuntimeEngine
+
+
+class SlowEngine(OnnxRuntimeEngine):
+    """The real ONNX Runtime engine, made slow so the queue fills up."""
+
+    delay_s = 0.5
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.delay_s)
+        return super().run(batch)
+
+
+class FailingEngine(OnnxRuntimeEngine):
+    """Fails every batch that holds an all-black image (pixel value -mean/std everywhere)."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if (batch.reshape(batch.shape[0], -1).max(axis=1) < -1.5).any():  # a black image is below -1.8
+            raise RuntimeError("simulated GPU fault")
+        return super().run(batch)
+
+
+def factory(cls):
+    def build(version, settings):
+        engine = default_engine(version, settings)
+        engine.__class__ = cls
+        return engine
+
+    return build
+
+
+def black_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 80), (0, 0, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_full_queue_answers_503_with_retry_after_at_once(model_repository, real_photos, launch):
+    data = real_photos[0].read_bytes()
+    with launch(model_repository, factory(SlowEngine), max_batch_size=1, queue_size=2, warmup_runs=0) as url:
+        def post(_):
+            return httpx.post(f"{url}/classify", content=data, headers={"content-type": "image/jpeg"}, timeout=60)
+
+        with ThreadPoolExecutor(10) as pool:
+            responses = list(pool.map(post, range(10)))
+        statuses = sorted(r.status_code for r in responses)
+        assert 200 in statuses and 503 in statuses
+        rejected = [r for r in responses if r.status_code == 503]
+        assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full" for r in rejected)
+        assert post(0).status_code == 200  # the service keeps serving
+        assert "convnext_rejected_total{reason=\"queue_full\"}" in httpx.get(f"{url}/metrics").text
+
+
+def test_deadline_gives_504(model_repository, real_photos, launch):
+    data = real_photos[0].read_bytes()
+    with launch(model_repository, factory(SlowEngine), request_timeout_ms=200, warmup_runs=0) as url:
+        response = httpx.post(f"{url}/classify", content=data, headers={"content-type": "image/jpeg"})
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "deadline"
+
+
+def test_engine_error_fails_only_its_batch(model_repository, real_photos, launch):
+    with launch(model_repository, factory(FailingEngine), warmup_runs=0) as url:
+        bad = httpx.post(f"{url}/classify", content=black_png(), headers={"content-type": "image/png"})
+        assert bad.status_code == 500
+        assert bad.json()["error"]["code"] == "inference_failed"
+        assert "simulated GPU fault" in bad.json()["error"]["message"]
+        good = httpx.post(f"{url}/classify", content=real_photos[1].read_bytes(), headers={"content-type": "image/jpeg"})
+        assert good.status_code == 200
+        assert httpx.get(f"{url}/readyz").status_code == 200

@@ -1,0 +1,82 @@
+"""Every accepted format and pixel mode, each a real file made with PIL from a real photo, over HTTP and in decode."""
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.preprocess import decode_image
+
+
+@pytest.fixture(scope="module")
+def photo(real_photos) -> Image.Image:
+    """The cat photo, downsized so each encoded variant stays small."""
+    image = Image.open(next(p for p in real_photos if p.name == "chelsea.png")).convert("RGB")
+    return image.resize((160, 120), Image.Resampling.BICUBIC)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def variants(photo: Image.Image) -> dict[str, tuple[bytes, np.ndarray | None]]:
+    """name -> (file bytes, the RGB pixels decoding must give, or None where the codec is lossy)."""
+    rgb = np.asarray(photo)
+    gray = photo.convert("L")
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    rgba = photo.convert("RGBA")
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:, :40] = 0  # left strip fully transparent -> white
+    rgba.putalpha(Image.fromarray(alpha))
+    rgba_expected = rgb.copy()
+    rgba_expected[:, :40] = 255
+    sixteen = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)  # 16-bit grayscale, I;16
+    rotated = photo.transpose(Image.Transpose.ROTATE_270)  # stored sideways; EXIF 8 says turn it back
+    exif = Image.Exif()
+    exif[0x0112] = 8  # orientation 8: the viewer turns it 90 degrees counter-clockwise
+    frames = [photo.quantize(64), photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).quantize(64)]
+    return {
+        "jpeg": (encode(photo, "JPEG", quality=95), None),
+        "png": (encode(photo, "PNG"), rgb),
+        "webp_lossless": (encode(photo, "WEBP", lossless=True), rgb),
+        "webp_lossy": (encode(photo, "WEBP", quality=90), None),
+        "bmp": (encode(photo, "BMP"), rgb),
+        "tiff": (encode(photo, "TIFF"), rgb),
+        "gif_first_frame": (encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+                            np.asarray(frames[0].convert("RGB"))),
+        "grayscale": (encode(gray, "PNG"), np.repeat(np.asarray(gray)[..., None], 3, axis=2)),
+        "palette": (encode(palette, "PNG"), np.asarray(palette.convert("RGB"))),
+        "rgba_on_white": (encode(rgba, "PNG"), rgba_expected),
+        "cmyk_jpeg": (encode(photo.convert("CMYK"), "JPEG", quality=95), None),
+        "png_16bit": (encode(sixteen, "PNG"), np.repeat(np.asarray(gray)[..., None], 3, axis=2)),
+        "exif_orientation": (encode(rotated, "PNG", exif=exif), rgb),
+    }
+
+
+NAMES = ["jpeg", "png", "webp_lossless", "webp_lossy", "bmp", "tiff", "gif_first_frame", "grayscale", "palette",
+         "rgba_on_white", "cmyk_jpeg", "png_16bit", "exif_orientation"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_gives_upright_rgb_pixels(photo, name):
+    data, expected = variants(photo)[name]
+    image = decode_image(data, max_pixels=10**7)
+    assert image.mode == "RGB"
+    assert image.size == (160, 120)
+    pixels = np.asarray(image).astype(int)
+    if expected is not None:
+        np.testing.assert_array_equal(pixels, expected)
+    else:  # lossy codecs: close to the photo on average
+        assert np.abs(pixels - np.asarray(photo).astype(int)).mean() < 8
+
+
+def test_every_format_classifies_over_http(service_url, photo):
+    for name, (data, _) in variants(photo).items():
+        response = httpx.post(f"{service_url}/classify", content=data, headers={"content-type": "image/*"})
+        assert response.status_code == 200, (name, response.text)
+        assert len(response.json()["results"][0]["top_k"]) == 5

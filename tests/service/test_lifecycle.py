@@ -1,0 +1,84 @@
+"""Process lifecycle: `python -m service` serves, SIGTERM drains in-flight requests; TensorRT absent is a clear error."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.engines.base import EngineError
+from service.engines.tensorrt import TensorRTEngine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def inflight(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("convnext_inflight_requests ")))
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(model_repository, real_photos):
+    from tests.service.conftest import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CONVNEXT_INTRA_OP_THREADS": "1", "CONVNEXT_WARMUP_RUNS": "0"}
+    process = subprocess.Popen([sys.executable, "-m", "service", "--repository", str(model_repository),
+                                "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "1"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "service did not start"
+            time.sleep(0.1)
+        files = [("files", (p.name, p.read_bytes(), "image/*")) for p in real_photos] * 4
+
+        def post(_):
+            return httpx.post(f"{url}/classify", files=files, timeout=60)
+
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(post, i) for i in range(6)]
+            while inflight(url) < 7 and not any(f.done() for f in futures):  # 6 classify + this /metrics
+                time.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 6
+        assert all(len(r.json()["results"]) == 24 for r in responses)
+        # uvicorn re-raises the SIGTERM it caught once shutdown is complete, so the exit status is -SIGTERM.
+        assert process.wait(30) in (0, -signal.SIGTERM)
+        assert b"Application shutdown complete" in process.stdout.read()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_tensorrt_engine_without_tensorrt_says_what_to_do(tmp_path):
+    engine = TensorRTEngine(tmp_path / "model.plan", (3, 64, 64))
+    with pytest.raises(EngineError, match="install the gpu extra"):
+        engine.load()
+
+
+def test_cli_flags_override_environment(monkeypatch):
+    from service.__main__ import settings_from_args
+
+    monkeypatch.setenv("CONVNEXT_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("CONVNEXT_PORT", "9001")
+    settings = settings_from_args(["--port", "9100", "--provider", "cuda", "--max-queue-delay-ms", "2.5"])
+    assert (settings.port, settings.max_batch_size, settings.provider, settings.max_queue_delay_ms) == (9100, 4, "cuda", 2.5)
+    assert settings_from_args(["--version", "3"]).version == 3
+    with pytest.raises(ValueError):
+        settings_from_args(["--engine", "pytorch"])

@@ -1,0 +1,95 @@
+"""The web page at `/`, driven in headless Chromium: pick or drop a real photo, see the top-5 the API returns."""
+from __future__ import annotations
+
+import base64
+import shutil
+
+import httpx
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """A Chromium page from Debian's browser (the Makefile's system-deps installs it); never downloads one."""
+    from playwright.sync_api import sync_playwright
+
+    if shutil.which(CHROMIUM) is None:
+        raise FileNotFoundError(f"{CHROMIUM} is missing: run `make system-deps` (apt-get install chromium)")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as playwright:
+        # Playwright passes --user-data-dir itself for a persistent context: a fresh profile per test module.
+        context = playwright.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM,
+                                                                args=CHROMIUM_ARGS)
+        yield context.pages[0] if context.pages else context.new_page()
+        context.close()
+
+
+def api_top5(url: str, data: bytes, content_type: str) -> list[str]:
+    answer = httpx.post(f"{url}/classify?top_k=5", content=data, headers={"Content-Type": content_type})
+    answer.raise_for_status()
+    return [p["label"] for p in answer.json()["results"][0]["top_k"]]
+
+
+def shown_labels(page, file_name: str) -> list[str]:
+    page.get_by_role("status").filter(has_text=f"Classified {file_name}.").wait_for(timeout=15_000)
+    return page.locator("#predictions li .label").all_inner_texts()
+
+
+def drop_file(page, name: str, data: bytes, content_type: str) -> None:
+    """Dispatch a real `drop` event on the drop zone carrying the file, as a person dragging it would."""
+    page.evaluate(
+        """([name, b64, type]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type }));
+            const zone = document.getElementById("drop-zone");
+            zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        }""",
+        [name, base64.b64encode(data).decode(), content_type],
+    )
+
+
+def test_page_shows_the_served_model_and_the_apis_top5_for_a_picked_and_a_dropped_photo(page, service_url,
+                                                                                      real_photos):
+    page.goto(service_url + "/")
+    models = httpx.get(f"{service_url}/models").json()["models"]
+    serving = next(m for m in models if m["serving"])
+    page.locator("#served").filter(has_text=f"Serving {serving['name']} version {serving['version']}").wait_for()
+    page.keyboard.press("Tab")  # the picker is the first thing the keyboard reaches, and it has a label
+    assert page.evaluate("document.activeElement.id") == "file-input"
+    assert page.get_by_label("choose a file").count() == 1
+
+    picked = real_photos[2]  # chelsea.png, a cat
+    page.set_input_files("#file-input", str(picked))
+    assert shown_labels(page, picked.name) == api_top5(service_url, picked.read_bytes(), "image/png")
+    assert page.locator("#predictions li").count() == 5
+    assert page.locator("#predictions [role=meter]").count() == 5
+    assert f"Model {serving['name']} version {serving['version']}" in page.inner_text("#details")
+    assert page.is_visible("#preview") and page.is_hidden("#error")
+    page.screenshot(path="/tmp/web_page.png", full_page=True)
+
+    dropped = real_photos[0]  # china.jpg, a temple
+    drop_file(page, dropped.name, dropped.read_bytes(), "image/jpeg")
+    assert shown_labels(page, dropped.name) == api_top5(service_url, dropped.read_bytes(), "image/jpeg")
+
+
+def test_page_shows_the_services_error_message_for_a_text_file(page, service_url, tmp_path):
+    page.goto(service_url + "/")
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("this is not an image\n")
+    expected = httpx.post(f"{service_url}/classify?top_k=5", content=text_file.read_bytes(),
+                          headers={"Content-Type": "text/plain"}).json()["error"]["message"]
+
+    page.set_input_files("#file-input", str(text_file))
+    alert = page.get_by_role("alert")
+    alert.wait_for(timeout=15_000)
+    assert expected in alert.inner_text()
+    assert "notes.txt" in alert.inner_text()
+    assert page.is_hidden("#output")
