@@ -1,10 +1,48 @@
-"""`python -m training`: placeholder until this package's CLI lands."""
+"""`python -m training --preset in1k|in22k|finetune|finetune_384|demo [--any-config-field VALUE ...]`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
 import sys
+
+from .config import PRESETS, TrainConfig, resolve
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train ConvNeXt / ResNet-50 with the paper's recipe. Flags left out keep the preset's values.",
+    )
+    parser.add_argument("--preset", default="in1k", choices=sorted(PRESETS))
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "preset":
+            continue
+        if field.type == "bool":
+            parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}[field.type]
+            parser.add_argument(_flag(field.name), type=kind, default=None,
+                                help=f"(in1k preset: {getattr(PRESETS['in1k'], field.name)!r})")
+    return parser
 
 
 def main(argv=None) -> int:
-    print("training: not implemented yet", file=sys.stderr)
-    return 2
+    args = vars(get_args_parser().parse_args(argv))
+    preset = args.pop("preset")
+    overrides = {k: v for k, v in args.items() if v is not None}
+    try:
+        config = resolve(preset, overrides)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from .run import train
+
+    train(config)
+    return 0
 
 
 if __name__ == "__main__":

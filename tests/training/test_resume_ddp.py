@@ -1,0 +1,66 @@
+"""Exact resume after a stop, and a 2-process DDP (gloo, CPU) run equal to a 1-process run at the same batch."""
+import dataclasses
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from training.checkpoint import load
+from training.config import PRESETS
+from training.distributed import DistInfo
+from training.run import train
+
+TINY = dataclasses.replace(
+    PRESETS["demo"], epochs=3, warmup_epochs=1.0, batch_size=8, max_steps_per_epoch=2, ema_decay=0.9,
+    base_lr=1e-3, lr_ref_batch=8, scale_min=0.5,
+)
+
+
+def _assert_states_equal(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
+    full = train(dataclasses.replace(TINY, output=str(tmp_path / "full")), DistInfo())
+    first = dataclasses.replace(TINY, output=str(tmp_path / "split"))
+    train(first, DistInfo(), stop_after_epoch=0)  # "killed" after epoch 0's checkpoint
+    assert load(tmp_path / "split" / "checkpoint_last.pth")["epoch"] == 0
+    resumed = train(dataclasses.replace(first, resume=str(tmp_path / "split" / "checkpoint_last.pth")), DistInfo())
+    _assert_states_equal(full["model"].state_dict(), resumed["model"].state_dict(), 1e-6)
+    _assert_states_equal(full["ema"].state_dict(), resumed["ema"].state_dict(), 1e-6)
+    full_opt, resumed_opt = full["optimizer"].state_dict(), resumed["optimizer"].state_dict()
+    for index, state in full_opt["state"].items():
+        _assert_states_equal(state, resumed_opt["state"][index], 1e-6)
+    a, b = (load(tmp_path / d / "checkpoint_last.pth") for d in ("full", "split"))
+    assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (6, 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, config):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        train(config, augment=False)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
+    base = dataclasses.replace(TINY, epochs=1, ema_decay=0.0, label_smoothing=0.0)
+    single = train(dataclasses.replace(base, output=str(tmp_path / "one")), DistInfo(), augment=False)
+    ddp = dataclasses.replace(base, batch_size=base.batch_size // 2, output=str(tmp_path / "two"))
+    mp.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
+    distributed = load(tmp_path / "two" / "checkpoint_last.pth")
+    assert distributed["step"] == 2
+    _assert_states_equal(single["model"].state_dict(), distributed["model"], 1e-5)

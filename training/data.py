@@ -1,0 +1,117 @@
+"""Data sets (ImageFolder tree or the offline digits demo), the training transform, loaders and Mixup/CutMix."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import Mixup, create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets import ImageFolder
+
+from model.registry import DataConfig
+
+from .config import TrainConfig
+from .transforms import eval_transform
+
+DIGITS_VAL_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 digits, upscaled (bicubic) and repeated to RGB so served pictures look the same."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.transform(Image.fromarray(self.images[index]).convert("RGB")), int(self.labels[index])
+
+
+def digits_split(image_px: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Fixed seeded stratified 80/20 split of the 1797 digits, as uint8 grayscale images of image_px^2."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    gray = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    upscaled = np.stack(
+        [np.asarray(Image.fromarray(g).resize((image_px, image_px), Image.BICUBIC)) for g in gray]
+    )
+    x_train, x_val, y_train, y_val = train_test_split(
+        upscaled, digits.target, test_size=DIGITS_VAL_FRACTION, random_state=DIGITS_SPLIT_SEED,
+        stratify=digits.target,
+    )
+    return (x_train, y_train), (x_val, y_val)
+
+
+def data_config_for(config: TrainConfig, model_data: DataConfig) -> DataConfig:
+    """The evaluation DataConfig of this run: the model's mean/std, the run's size, crop and interpolation."""
+    return DataConfig(
+        input_size=config.input_size, crop_pct=config.crop_pct, interpolation=config.interpolation,
+        mean=tuple(model_data.mean), std=tuple(model_data.std),
+    )
+
+
+def train_transform(config: TrainConfig, data: DataConfig):
+    """timm's training pipeline: RandomResizedCrop, flip, RandAugment, normalize, Random Erasing (Table 5)."""
+    return create_transform(
+        data.input_size, is_training=True, scale=(config.scale_min, 1.0), hflip=config.hflip,
+        auto_augment=config.auto_augment or None, interpolation=config.interpolation,
+        mean=data.mean, std=data.std, re_prob=config.re_prob, re_mode="pixel", re_count=1,
+    )
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset
+    class_names: list[str]
+
+
+def build_datasets(config: TrainConfig, data: DataConfig, augment: bool = True) -> Datasets:
+    train_tf = train_transform(config, data) if augment else eval_transform(data)
+    if config.data_dir:
+        from pathlib import Path
+
+        root = Path(config.data_dir)
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise FileNotFoundError(f"{root / split} is missing: --data-dir needs train/ and val/ class folders")
+        train = ImageFolder(str(root / "train"), train_tf)
+        val = ImageFolder(str(root / "val"), eval_transform(data))
+        return Datasets(train, val, list(train.classes))
+    (x_train, y_train), (x_val, y_val) = digits_split(config.digits_image_px)
+    train = DigitsDataset(x_train, y_train, train_tf)
+    return Datasets(train, DigitsDataset(x_val, y_val, eval_transform(data)), train.classes)
+
+
+def build_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, train: bool,
+                 workers: int, pin_memory: bool) -> DataLoader:
+    """DistributedSampler even on one process: the shuffle is a pure function of (seed, epoch), so resume is exact."""
+    sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train)
+    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=train, persistent_workers=workers > 0)
+
+
+def build_mixup(config: TrainConfig, num_classes: int) -> Mixup | None:
+    """Mixup 0.8 / CutMix 1.0 with label smoothing folded into the soft targets (Table 5); None when both off."""
+    if config.mixup <= 0 and config.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                 num_classes=num_classes)
+
+
+def make_criterion(config: TrainConfig, mixup: Mixup | None) -> torch.nn.Module:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if config.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(config.label_smoothing)
+    return torch.nn.CrossEntropyLoss()

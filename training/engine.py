@@ -1,0 +1,109 @@
+"""One training epoch and one evaluation pass; a reader follows an epoch top to bottom here."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .distributed import all_reduce_sum
+from .optim import lr_at_step, set_lr
+
+
+@dataclass
+class StepPlan:
+    """Where the per-iteration schedule stands: optimizer steps done so far and in total."""
+
+    peak_lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+    step: int = 0
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def train_one_epoch(model, criterion, loader, optimizer, plan: StepPlan, device, *, scaler=None, mixup=None,
+                    ema=None, unwrapped=None, amp="off", accum_steps=1, clip_grad=0.0, channels_last=False,
+                    max_steps=0, log=None, log_every=20, progress=None) -> dict:
+    """Gradient accumulation over `accum_steps` batches per optimizer step; lr set per optimizer step."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    samples, started, steps_done = 0, time.perf_counter(), 0
+    num_batches = len(loader) - len(loader) % accum_steps
+    if max_steps:
+        num_batches = min(num_batches, max_steps * accum_steps)
+    for index, (images, targets) in enumerate(loader):
+        if index >= num_batches:
+            break
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        last_micro = (index + 1) % accum_steps == 0
+        # DDP: all-reduce gradients only on the micro-batch that ends an accumulation.
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
+        with sync, autocast(device, amp):
+            loss = criterion(model(images), targets)
+        scaled = loss / accum_steps
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach() * images.shape[0]
+        samples += images.shape[0]
+        if not last_micro:
+            continue
+        set_lr(optimizer, lr_at_step(plan.step, plan.peak_lr, plan.warmup_steps, plan.total_steps, plan.min_lr))
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if clip_grad > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(unwrapped)
+        plan.step += 1
+        steps_done += 1
+        if progress is not None:
+            progress.update(1)
+        if log is not None and steps_done % log_every == 0:
+            # .item() syncs the device: only on logging steps.
+            elapsed = time.perf_counter() - started
+            log({"step": plan.step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                 "images_per_s": samples / elapsed})
+    elapsed = time.perf_counter() - started
+    totals = all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(samples), device=device)]))
+    return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(), "train_images_per_s": samples / elapsed,
+            "steps": steps_done}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, *, amp="off", channels_last=False) -> dict:
+    """Top-1 / top-5 accuracy (%) and cross-entropy, summed over every process."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(images).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(targets[:, None])
+        totals += torch.stack([criterion(logits, targets).double(), hits[:, :1].sum().double(),
+                               hits.sum().double(), torch.tensor(float(len(targets)), device=device).double()])
+    totals = all_reduce_sum(totals)
+    count = totals[3].clamp(min=1)
+    return {"loss": (totals[0] / count).item(), "top1": (100 * totals[1] / count).item(),
+            "top5": (100 * totals[2] / count).item(), "count": int(totals[3].item())}
