@@ -87,6 +87,9 @@ FINETUNE = dataclasses.replace(  # Table 6: 22K -> 1K fine-tuning, 30 epochs, no
     layer_decay=0.8, mixup=0.0, cutmix=0.0, head_init_scale=0.001, drop_path=0.2, ema_decay=0.0,
 )
 FINETUNE_384 = dataclasses.replace(FINETUNE, preset="finetune_384", input_size=384, crop_pct=1.0)
+# Fine-tuning ImageNet-1K-trained models at 384 (official TRAINING.md): layer decay 0.7, heavy drop path.
+FINETUNE_1K_384 = dataclasses.replace(FINETUNE_384, preset="finetune_1k_384", layer_decay=0.7)
+DROP_PATH_FINETUNE_1K_384 = {"convnext_base": 0.8, "convnext_large": 0.95}
 # The offline CPU demo: convnext_atto on 32x32 digits; light augmentation (no flips: digits are not symmetric).
 DEMO = dataclasses.replace(
     IN1K, preset="demo", model="convnext_atto", output="runs/demo", input_size=32, crop_pct=1.0,
@@ -94,9 +97,11 @@ DEMO = dataclasses.replace(
     cutmix=0.0, label_smoothing=0.1, auto_augment="", re_prob=0.0, hflip=0.0, scale_min=0.7, drop_path=0.0,
     workers=0, log_every=10,
 )
-PRESETS: dict[str, TrainConfig] = {c.preset: c for c in (IN1K, IN22K, FINETUNE, FINETUNE_384, DEMO)}
+PRESETS: dict[str, TrainConfig] = {
+    c.preset: c for c in (IN1K, IN22K, FINETUNE, FINETUNE_384, FINETUNE_1K_384, DEMO)
+}
 DROP_PATH_BY_PRESET = {"in1k": DROP_PATH_IN1K, "in22k": DROP_PATH_IN22K, "finetune": DROP_PATH_FINETUNE,
-                       "finetune_384": DROP_PATH_FINETUNE}
+                       "finetune_384": DROP_PATH_FINETUNE, "finetune_1k_384": DROP_PATH_FINETUNE_1K_384}
 
 
 def resolve(preset: str, overrides: dict) -> TrainConfig:
