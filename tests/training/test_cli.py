@@ -37,3 +37,18 @@ def test_cli_rejects_an_unknown_amp_mode(capsys):
 def test_cli_rejects_an_unknown_preset():
     with pytest.raises(SystemExit):
         main(["--preset", "imagenet5k"])
+
+
+def test_finetune_from_an_official_1000_class_checkpoint_reinitialises_only_the_head(tmp_path):
+    official = create_model("convnext_atto", num_classes=1000)
+    torch.save({"model": official.state_dict()}, tmp_path / "official.pth")  # the official checkpoint layout
+    out = tmp_path / "ft"
+    subprocess.run(
+        [sys.executable, "-m", "training", "--preset", "demo", "--finetune", str(tmp_path / "official.pth"),
+         "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "8", "--base-lr", "0", "--output", str(out)],
+        check=True, timeout=120,
+    )
+    tuned = torch.load(out / "checkpoint_last.pth", weights_only=True)["model"]
+    assert tuned["head.weight"].shape == (10, 320)
+    # lr 0: the body is exactly the official weights, so the checkpoint was really loaded under the new head.
+    assert torch.equal(tuned["stages.2.3.pwconv1.weight"], official.state_dict()["stages.2.3.pwconv1.weight"])
