@@ -49,9 +49,11 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             image.load()
     except ImageError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError("too_many_pixels", f"the image declares too many pixels: {err}") from None
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "the body is not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
     return to_rgb(ImageOps.exif_transpose(image))
 

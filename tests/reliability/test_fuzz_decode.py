@@ -1,0 +1,107 @@
+"""Fuzzing the decode path: mutated real images either become a finite float32 tensor or raise ImageError."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from export.repository import Preprocess
+from service.preprocess import ImageError, preprocess
+
+SPEC = Preprocess(resize_px=73, crop_px=64, crop_pct=0.875, interpolation="bicubic",
+                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+MAX_PIXELS = 4_000_000
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+@pytest.fixture(scope="module")
+def seeds(real_photos) -> list[bytes]:
+    """Each real photo re-encoded at 64x48 in every accepted format: small, valid starting points to mutate."""
+    out = []
+    for photo in real_photos:
+        small = Image.open(photo).convert("RGB").resize((64, 48))
+        for fmt in FORMATS:
+            buffer = io.BytesIO()
+            small.save(buffer, format=fmt)
+            out.append(buffer.getvalue())
+    return out
+
+
+@st.composite
+def mutations(draw, seed_count: int):
+    """(seed index, list of byte edits): flips, inserts, deletes, truncation and header splices."""
+    index = draw(st.integers(0, seed_count - 1))
+    edits = draw(st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete", "truncate", "splice"]),
+                                    st.floats(0, 1), st.binary(min_size=1, max_size=8)), min_size=1, max_size=4))
+    return index, edits
+
+
+def mutate(data: bytes, edits) -> bytes:
+    for kind, where, payload in edits:
+        at = int(where * len(data)) if kind != "splice" else int(where * min(len(data), 64))
+        if kind == "flip" and data:
+            at = min(at, len(data) - 1)
+            data = data[:at] + bytes([data[at] ^ payload[0]]) + data[at + 1:]
+        elif kind == "insert":
+            data = data[:at] + payload + data[at:]
+        elif kind == "delete":
+            data = data[:at] + data[at + len(payload):]
+        elif kind == "truncate":
+            data = data[:at]
+        elif kind == "splice":  # overwrite header fields (sizes, offsets, flags) near the start
+            data = data[:at] + payload + data[at + len(payload):]
+    return data
+
+
+def check(data: bytes) -> None:
+    try:
+        tensor = preprocess(data, SPEC, MAX_PIXELS)
+    except ImageError as err:
+        assert err.code in {"empty_body", "not_an_image", "unsupported_format", "too_many_pixels", "corrupt_image"}
+        return
+    assert tensor.dtype == np.float32
+    assert tensor.shape == (3, SPEC.crop_px, SPEC.crop_px)
+    assert np.isfinite(tensor).all()
+
+
+def test_mutated_real_images_decode_or_raise_image_error(seeds):
+    @settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow], database=None)
+    @given(mutations(len(seeds)))
+    def run(case):
+        index, edits = case
+        check(mutate(seeds[index], edits))
+
+    run()
+
+
+def test_unmutated_seeds_all_decode(seeds):
+    for data in seeds:
+        assert preprocess(data, SPEC, MAX_PIXELS).shape == (3, 64, 64)
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    idat = b"IDAT" + zlib.compress(b"\0" * 64)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+            + struct.pack(">I", len(idat) - 4) + idat + struct.pack(">I", zlib.crc32(idat)))
+
+
+def gif_header_claiming(width: int, height: int) -> bytes:
+    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0)
+            + b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00\x3b")
+
+
+@pytest.mark.parametrize("header", [png_header_claiming, gif_header_claiming], ids=["png", "gif"])
+def test_declared_huge_image_is_refused_before_allocation(header):
+    """A 100000x100000 (10^10 px, ~30 GB RGB) header is refused by max_pixels from the header alone."""
+    with pytest.raises(ImageError) as caught:
+        preprocess(header(65535 if header is gif_header_claiming else 100000, 65535 if header is gif_header_claiming
+                          else 100000), SPEC, MAX_PIXELS)
+    assert caught.value.code == "too_many_pixels"
