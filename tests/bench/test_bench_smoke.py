@@ -54,7 +54,7 @@ def test_smoke_load_runs_against_ours_and_the_peer_succeed(smoke_run):
 def test_smoke_writes_markdown_and_png_plots(smoke_run):
     out, results = smoke_run
     markdown = (out / "report.md").read_text()
-    for heading in ("## Engine alone", "## Model comparison", "## End to end", "| litserve | closed |", "(published)"):
+    for heading in ("## Engine alone", "## Model comparison", "## End to end", "| litserve | closed |", "top-1 is the published figure"):
         assert heading in markdown
     for name in ("throughput_vs_concurrency", "latency_cdf", "batch_sizes"):
         data = (out / f"{name}.png").read_bytes()
