@@ -4,6 +4,9 @@
 #   service-cpu  CPU serving on python:3.11-slim with ONNX Runtime (CPU)
 #   train        training and export with torch (torchrun-capable); also runs the one-shot `prepare` step
 # Build: docker build --target service -t convnext-serve:gpu .
+# The base image supplies CUDA 13 userspace and the NVIDIA container runtime set-up. The TensorRT the service uses is
+# the pinned `tensorrt-cu13` wheel of the gpu extra (11.4, strongly typed: see export/tensorrt.py), installed in
+# /opt/venv, which does not see the base image's own TensorRT; engines record the version they were built with.
 ARG TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:25.10-py3
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG TINI_VERSION=v0.19.0

@@ -16,8 +16,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--name", required=True, help="model name in the repository")
     onnx.add_argument("--repository", default="models", help="model repository root")
     onnx.add_argument("--version", type=int, help="version number (default: latest + 1)")
+    onnx.add_argument("--ema", action="store_true",
+                      help="export the checkpoint's EMA weights (model_ema) instead of the trained weights")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    onnx.add_argument("--precisions", default="fp32", help="comma list from fp32,fp16,int8")
+    onnx.add_argument("--precisions", default="fp32", help="comma list from fp32,fp16,bf16,int8 (bf16: for TensorRT 11)")
     onnx.add_argument("--opset", type=int, default=18)
     onnx.add_argument("--activation", choices=("gelu", "relu"))
     onnx.add_argument("--num-classes", type=int)
@@ -50,7 +52,7 @@ def _run_onnx(args) -> int:
         args.repository, args.name, args.model, args.checkpoint, version=args.version, overwrite=args.overwrite,
         opset=args.opset, precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
         num_classes=args.num_classes, activation=args.activation, input_size=args.input_size,
-        calibration_images=args.calibration_images, verify_images=args.verify_images,
+        calibration_images=args.calibration_images, verify_images=args.verify_images, use_ema=args.ema,
     )
     print(f"wrote {version.path}")
     _print_artifacts(version.manifest)

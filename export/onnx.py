@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-PRECISIONS = ("fp32", "fp16", "int8")
-ONNX_FILES = {"fp32": "model.fp32.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "bf16": "model.bf16.onnx", "int8": "model.int8.onnx"}
 # The example batch used for tracing; 2, not 1, so torch.export does not specialise the batch axis to 1.
 TRACE_BATCH = 2
 MAX_BATCH = 4096
@@ -63,6 +63,7 @@ def load_source(
     activation: str | None = None,
     input_size: int | None = None,
     labels: Sequence[str] | None = None,
+    use_ema: bool = False,
 ) -> ExportSource:
     """Build the eval-mode model and collect its manifest metadata (checkpoint metadata wins where present)."""
     from dataclasses import asdict
@@ -70,6 +71,8 @@ def load_source(
     import model as models
 
     raw: dict = {}
+    if use_ema and checkpoint is None:
+        raise ExportError("--ema needs a --checkpoint that holds EMA weights (a run trained with ema_decay > 0)")
     if checkpoint is not None:
         raw = models.read_checkpoint(checkpoint)
     is_project = "model_name" in raw
@@ -90,7 +93,7 @@ def load_source(
     module = models.create_model(model_name, **kwargs)
     source_format = "random"
     if checkpoint is not None:
-        loaded = models.load_checkpoint(module, raw)
+        loaded = models.load_checkpoint(module, raw, use_ema=use_ema)
         # "native" covers the official facebookresearch checkpoints (same names as ours)
         source_format = "project" if is_project else loaded.source_format.replace("native", "official")
     module.eval()
@@ -113,6 +116,7 @@ def load_source(
         checkpoint=Path(checkpoint).name if checkpoint is not None else None,
         sha256=sha256_file(Path(checkpoint)) if checkpoint is not None else None,
         format=source_format,
+        weights="ema" if use_ema else "model",
     )
     return ExportSource(
         module, model_name, kwargs.get("activation") or cfg.default_activation, num_classes, in_chans,
@@ -169,6 +173,7 @@ def export_onnx_version(
     labels: Sequence[str] | None = None,
     calibration_images: str | Path | Sequence[Path] | None = None,
     verify_images: str | Path | Sequence[Path] | None = None,
+    use_ema: bool = False,
 ) -> ModelVersion:
     """Build, export, verify (ONNX Runtime vs PyTorch) and write one repository version atomically."""
     precisions = tuple(dict.fromkeys(precisions))
@@ -176,7 +181,8 @@ def export_onnx_version(
     if unknown or "fp32" not in precisions:
         raise ExportError(f"precisions {list(precisions)}: choose from {PRECISIONS}, fp32 included (the reference)")
     src = load_source(
-        model_name, checkpoint, num_classes=num_classes, activation=activation, input_size=input_size, labels=labels
+        model_name, checkpoint, num_classes=num_classes, activation=activation, input_size=input_size, labels=labels,
+        use_ema=use_ema,
     )
     verify_paths = _image_paths(verify_images)
     inputs = verification_inputs(src.preprocess, verify_paths)

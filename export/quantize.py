@@ -1,4 +1,4 @@
-"""Reduced-precision ONNX variants of a verified fp32 model: fp16 (GPU providers) and static int8 QDQ (CPU)."""
+"""Reduced-precision ONNX variants of a verified fp32 model: fp16 (GPU providers), bf16 (TensorRT 11) and int8."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -88,8 +88,18 @@ def make_variant(
         convert_fp16(fp32_path, out_path)
     elif precision == "int8":
         quantize_int8(fp32_path, out_path, calibration_batch(spec, calibration_images))
+    elif precision == "bf16":
+        from .bf16 import MAX_REFERENCE_INPUTS, convert_bf16, run_reference
+
+        convert_bf16(fp32_path, out_path)
+        keep = min(MAX_REFERENCE_INPUTS, len(inputs.batch))  # the real photos are last: keep those
+        subset = VerificationInputs(inputs.batch[-keep:], min(inputs.num_real_images, keep))
+        return verify_against(
+            onnx_reference[-keep:], lambda b: run_reference(out_path, b), subset, precision, "onnxruntime-fp32",
+            "ONNX bf16 (reference evaluator)",
+        )
     else:
-        raise ValueError(f"no ONNX variant for precision {precision!r}; choose fp16 or int8")
+        raise ValueError(f"no ONNX variant for precision {precision!r}; choose fp16, bf16 or int8")
     return verify_against(
         onnx_reference, lambda b: run_onnxruntime(out_path, b), inputs, precision, "onnxruntime-fp32",
         f"ONNX {precision}",

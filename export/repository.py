@@ -105,6 +105,7 @@ class Source(_Strict):
     checkpoint: str | None  # file name of the source checkpoint; None for random init
     sha256: str | None
     format: Literal["project", "official", "timm", "torchvision", "random"]
+    weights: Literal["model", "ema"] = "model"  # which weights of the checkpoint: the trained or the EMA copy
 
 
 class Manifest(_Strict):

@@ -4,7 +4,7 @@ TensorRT 10 builds weakly typed networks from the fp32 ONNX with the FP16/BF16 b
 normalization layer in fp32 (OBEY_PRECISION_CONSTRAINTS): LayerNorm's reductions overflow in fp16, the known
 reduced-precision LayerNorm pitfall. TensorRT 11 removed those flags (strongly typed networks only): there the
 precision lives in the ONNX graph, so fp16 engines are built from the fp16 ONNX variant (whose LayerNorms
-export/quantize.py already keeps in fp32).
+export/quantize.py already keeps in fp32), bf16 engines from the bf16 variant (export/bf16.py).
 """
 from __future__ import annotations
 

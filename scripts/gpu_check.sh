@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU host check: ConvNeXt-T -> fp32/fp16 ONNX -> TensorRT fp16/bf16 engines -> parity; ORT CUDA parity; pytest -m gpu.
+# GPU host check: ConvNeXt-T -> fp32/fp16/bf16 ONNX -> TensorRT fp16/bf16 engines -> parity; ORT CUDA parity; pytest -m gpu.
 # Usage: scripts/gpu_check.sh [repository-dir]   (needs: pip install -e '.[export,gpu,dev]' and an NVIDIA GPU)
 set -euo pipefail
 REPO="${1:-$(mktemp -d)/models}"
@@ -8,8 +8,8 @@ PY="${PYTHON:-python}"
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
 "$PY" -c "import tensorrt, onnxruntime as ort; print('tensorrt', tensorrt.__version__, '| ort', ort.__version__, ort.get_available_providers())"
 
-echo "== export convnext_tiny (random init) -> fp32 + fp16 ONNX, parity vs PyTorch"
-"$PY" -m export onnx --model convnext_tiny --name convnext-tiny --repository "$REPO" --precisions fp32,fp16
+echo "== export convnext_tiny (random init) -> fp32 + fp16 + bf16 ONNX, parity vs PyTorch / ORT"
+"$PY" -m export onnx --model convnext_tiny --name convnext-tiny --repository "$REPO" --precisions fp32,fp16,bf16
 
 for precision in fp16 bf16 fp32; do
   echo "== TensorRT $precision engine + parity vs ONNX Runtime fp32"

@@ -58,3 +58,29 @@ def test_list_shows_versions_and_parity(exported, capsys):
     assert main(["list", "--repository", str(exported.path.parent.parent)]) == 0
     out = capsys.readouterr().out
     assert "atto/1: convnext_atto" in out and "model.int8.onnx" in out and "(6 real)" in out
+
+
+def test_ema_flag_exports_the_ema_weights_and_records_it(tmp_path, capsys):
+    torch.manual_seed(2)
+    trained = model.create_model("convnext_atto", num_classes=3).eval()
+    ema = model.create_model("convnext_atto", num_classes=3).eval()  # other random weights: a visible difference
+    path = tmp_path / "checkpoint_last.pth"
+    torch.save({"model": trained.state_dict(), "model_ema": ema.state_dict(), "model_name": "convnext_atto",
+                "model_kwargs": {"num_classes": 3}, "data_config": DATA_CONFIG, "class_names": CLASS_NAMES}, path)
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    for flag, net, weights in (([], trained, "model"), (["--ema"], ema, "ema")):
+        name = f"digits_{weights}"
+        assert main(["onnx", "--checkpoint", str(path), "--name", name, "--repository", str(tmp_path / "repo"),
+                     *flag]) == 0, capsys.readouterr().err
+        version = ModelRepository(tmp_path / "repo").load(name)
+        assert version.manifest.source.weights == weights
+        session = ort.InferenceSession(str(version.artifact_path(version.manifest.find("onnx", "fp32"))))
+        with torch.no_grad():
+            np.testing.assert_allclose(session.run(None, {"input": x})[0], net(torch.from_numpy(x)).numpy(),
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_ema_flag_on_a_checkpoint_without_ema_weights_is_refused(project_checkpoint, tmp_path, capsys):
+    path, _ = project_checkpoint
+    assert main(["onnx", "--checkpoint", str(path), "--name", "x", "--repository", str(tmp_path), "--ema"]) == 1
+    assert "no 'model_ema' entry" in capsys.readouterr().err

@@ -26,7 +26,7 @@ def _ops(graph) -> collections.Counter:
 def test_version_loads_with_every_sha256_matching(exported):
     loaded = ModelRepository(exported.path.parent.parent).load("atto", 1, verify_files=True)
     assert loaded.manifest == exported.manifest
-    assert {a.file for a in loaded.manifest.artifacts} == {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"}
+    assert {a.file for a in loaded.manifest.artifacts} == {"model.onnx", "model.fp16.onnx", "model.int8.onnx"}
 
 
 def test_manifest_describes_model_input_preprocess_and_labels(exported):

@@ -27,7 +27,7 @@ def version(tmp_path_factory, real_photos):
     from export.onnx import export_onnx_version
 
     return export_onnx_version(tmp_path_factory.mktemp("repo"), "atto", "convnext_atto",
-                               precisions=("fp32", "fp16"), verify_images=real_photos[0].parent)
+                               precisions=("fp32", "fp16", "bf16"), verify_images=real_photos[0].parent)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
