@@ -23,6 +23,7 @@ FULL = {"name": "full", "variants": [("convnext_tiny", "gelu"), ("convnext_tiny"
         "precisions": ["fp32", "int8"], "batch_sizes": [1, 2, 4, 8, 16, 32], "iterations": 30, "max_seconds": 20.0,
         "concurrency": [1, 8, 32], "rate": 10.0, "requests": 400, "seconds": 60.0, "peer": True}
 MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
+ORT_DEFAULTS = {"CONVNEXT_ORT_SPINNING": "true", "CONVNEXT_ORT_DYNAMIC_BLOCK_BASE": "0"}
 
 
 def free_port() -> int:
@@ -32,13 +33,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_process(command: list[str], ready_url: str, timeout_s: float = 120.0):
+def server_process(command: list[str], ready_url: str, timeout_s: float = 120.0, env: dict | None = None):
     """Start a loopback server subprocess, wait until `ready_url` answers 200, stop it (SIGTERM) afterwards."""
     import httpx
 
     log = tempfile.TemporaryFile()
     # A session of its own, so teardown reaches the server's worker processes too (LitServe spawns some).
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=None if env is None else {**os.environ, **env})
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -73,17 +75,38 @@ def _stop_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def load_runs(url: str, server: str, cfg: dict, payloads: list[bytes], form_field: str | None = None) -> list[dict]:
+def load_runs(url: str, server: str, cfg: dict, payloads: list[bytes], form_field: str | None = None,
+              concurrency_levels: list[int] | None = None, open_loop_too: bool = True) -> list[dict]:
     from bench.loadgen import closed_loop, open_loop
 
     runs = []
-    for concurrency in cfg["concurrency"]:
+    for concurrency in concurrency_levels or cfg["concurrency"]:
         result = asyncio.run(closed_loop(url, payloads, concurrency, cfg["requests"], cfg["seconds"],
                                          form_field=form_field))
         runs.append({"server": server, **result.summary(), "latencies_ms": result.latencies_ms})
+    if not open_loop_too:
+        return runs
     result = asyncio.run(open_loop(url, payloads, cfg["rate"], cfg["requests"], cfg["seconds"], form_field=form_field))
     runs.append({"server": server, **result.summary(), "latencies_ms": result.latencies_ms})
     return runs
+
+
+def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engine: list[dict], load: list[dict],
+                            threads: int) -> tuple[dict, dict | None]:
+    """Preprocessing cost per image vs the engine's, and a lone request's p50 vs the engine's batch-1 p50."""
+    from bench.preprocess_cost import preprocess_report
+    from export.repository import ModelRepository
+
+    spec = ModelRepository(repo).load(served, verify_files=False).manifest.preprocess
+    at_max = [r for r in engine if r["batch_size"] == min(MAX_BATCH_SIZE, max(r["batch_size"] for r in engine))]
+    engine_cpu_ms = threads * 1000 / at_max[0]["images_per_s"] if at_max else None
+    pre = preprocess_report(payloads, spec, engine_cpu_ms)
+    lone = next((r for r in load if r["server"] == "ours" and r["mode"] == "closed" and r["concurrency"] == 1), None)
+    batch1 = next((r for r in engine if r["batch_size"] == 1), None)
+    if lone is None or batch1 is None:
+        return pre, None
+    return pre, {"service_p50_ms": lone["p50_ms"], "engine_p50_ms": batch1["p50_ms"],
+                 "overhead_ms": lone["p50_ms"] - batch1["p50_ms"], "preprocess_ms": pre["mean_ms_per_image"]}
 
 
 def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int, service_provider: str = "cpu") -> dict:
@@ -114,6 +137,12 @@ def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int, servic
             before = batch_histogram(httpx.get(f"{base}/metrics").text)
             results["load"] = load_runs(f"{base}/classify", "ours", cfg, payloads)
             results["batch_distribution"] = batch_distribution(before, batch_histogram(httpx.get(f"{base}/metrics").text))
+        # Before/after of the service's ONNX Runtime thread settings, same run: ORT's defaults at the top concurrency.
+        with server_process(command, f"{base}/readyz", env=ORT_DEFAULTS):
+            results["load"] += load_runs(f"{base}/classify", "ours (ORT default threading)", cfg, payloads,
+                                         concurrency_levels=[max(cfg["concurrency"])], open_loop_too=False)
+        results["preprocess"], results["low_load"] = preprocess_and_low_load(
+            Path(repo), served, payloads, engine, results["load"], threads)
         if cfg["peer"]:
             port = free_port()
             command = [sys.executable, "-m", "bench.peer_litserve", "--repository", repo, "--model", served, "--port",

@@ -73,17 +73,16 @@ def check_loopback(url: str) -> None:
         raise ValueError(f"{url}: the load generator only targets loopback (127.0.0.1, localhost, ::1), got {host!r}")
 
 
-async def _send(client, url: str, body: bytes, result: LoadResult, errors: Counter, form_field: str | None) -> None:
-    """One POST: the raw JPEG body, or a multipart upload in `form_field` for servers that only parse forms."""
+async def _send(connection, request, result: LoadResult, errors: Counter, timeout_s: float) -> None:
+    """One POST on `connection` (bench.http_client: a lean keep-alive client, so the numbers describe the server)."""
+    from bench.http_client import HttpError
+
     result.sent += 1
     t0 = time.perf_counter()
     try:
-        if form_field:
-            response = await client.post(url, files={form_field: ("image.jpg", body, "image/jpeg")})
-        else:
-            response = await client.post(url, content=body, headers={"content-type": "image/jpeg"})
-        status = str(response.status_code)
-    except Exception as err:  # noqa: BLE001 - transport errors are counted, not fatal, during a load run
+        status = str((await asyncio.wait_for(connection.send(request), timeout_s))[0])
+    except (HttpError, OSError, asyncio.TimeoutError) as err:  # counted, not fatal, during a load run
+        await connection.close()
         status = type(err).__name__
     if status == "200":
         result.ok += 1
@@ -92,25 +91,33 @@ async def _send(client, url: str, body: bytes, result: LoadResult, errors: Count
         errors[status] += 1
 
 
+def _requests(url: str, payloads: list[bytes], form_field: str | None) -> list:
+    from bench.http_client import prepare_post
+
+    return [prepare_post(url, body, "image/jpeg", form_field) for body in payloads]
+
+
 async def closed_loop(url: str, payloads: list[bytes], concurrency: int, max_requests: int,
                       max_seconds: float, timeout_s: float = 60.0, form_field: str | None = None) -> LoadResult:
-    """`concurrency` workers, each sending its next request as soon as the last one answers."""
-    import httpx
+    """`concurrency` workers, each on its own connection, sending the next request as soon as the last answers."""
+    from bench.http_client import Connection
 
     check_loopback(url)
     result, errors = LoadResult("closed", url, concurrency, None), Counter()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        start = time.perf_counter()
-        deadline = start + max_seconds
+    requests = _requests(url, payloads, form_field)
+    start = time.perf_counter()
+    deadline = start + max_seconds
 
-        async def worker(index: int) -> None:
+    async def worker(index: int) -> None:
+        connection = Connection.for_url(url)
+        try:
             while result.sent < max_requests and time.perf_counter() < deadline:
-                await _send(client, url, payloads[(result.sent + index) % len(payloads)], result, errors,
-                            form_field)
+                await _send(connection, requests[(result.sent + index) % len(requests)], result, errors, timeout_s)
+        finally:
+            await connection.close()
 
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        result.elapsed_s = time.perf_counter() - start
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    result.elapsed_s = time.perf_counter() - start
     result.errors = dict(errors)
     return result
 
@@ -118,21 +125,29 @@ async def closed_loop(url: str, payloads: list[bytes], concurrency: int, max_req
 async def open_loop(url: str, payloads: list[bytes], rate_per_s: float, max_requests: int, max_seconds: float,
                     timeout_s: float = 60.0, seed: int = 0, form_field: str | None = None) -> LoadResult:
     """Requests arrive as a Poisson process at `rate_per_s`, whether or not earlier ones have answered."""
-    import httpx
+    from bench.http_client import Connection
 
     check_loopback(url)
     if rate_per_s <= 0:
         raise ValueError(f"rate_per_s must be > 0, got {rate_per_s}")
     result, errors, rng = LoadResult("open", url, None, rate_per_s), Counter(), random.Random(seed)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=1000)) as client:
-        start = time.perf_counter()
-        next_at, tasks = start, []
-        while len(tasks) < max_requests and next_at - start < max_seconds:
-            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-            tasks.append(asyncio.create_task(_send(client, url, payloads[len(tasks) % len(payloads)], result, errors,
-                                                    form_field)))
-            next_at += rng.expovariate(rate_per_s)
-        await asyncio.gather(*tasks)
-        result.elapsed_s = time.perf_counter() - start
+    requests = _requests(url, payloads, form_field)
+    idle: list[Connection] = []  # keep-alive connections between requests; a new one when none is free
+
+    async def one(request) -> None:
+        connection = idle.pop() if idle else Connection.for_url(url)
+        await _send(connection, request, result, errors, timeout_s)
+        idle.append(connection)
+
+    start = time.perf_counter()
+    next_at, tasks = start, []
+    while len(tasks) < max_requests and next_at - start < max_seconds:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(requests[len(tasks) % len(requests)])))
+        next_at += rng.expovariate(rate_per_s)
+    await asyncio.gather(*tasks)
+    result.elapsed_s = time.perf_counter() - start
+    for connection in idle:
+        await connection.close()
     result.errors = dict(errors)
     return result

@@ -62,11 +62,72 @@ def markdown(results: dict) -> str:
                       "p99 ms", "service efficiency"], rows), ""]
     parts += [f"Service efficiency (closed loop) = end-to-end images/s / engine-alone fp32 CPU images/s at batch "
               f"{results.get('efficiency_batch_size', '?')}, the service's max batch size (capped by the sweep).", ""]
+    parts += activation_and_baseline_sections(results)
+    parts += low_load_and_preprocess_sections(results)
     if results.get("batch_distribution"):
         rows = [[le, int(n)] for le, n in results["batch_distribution"].items()]
         parts += ["## Engine batch sizes during our load runs (service /metrics convnext_batch_size)", "",
                   _table(["batch size <=", "batches"], rows), ""]
     return "\n".join(parts)
+
+
+def _engine_rows(results: dict) -> dict[tuple, dict]:
+    """{(model, activation, precision, provider, batch): engine result} from the sweep."""
+    return {(r["model"], r["activation"], r["precision"], r["provider"], r["batch_size"]): r
+            for m in results["compare"]["models"] for r in m["results"]}
+
+
+def activation_and_baseline_sections(results: dict) -> list[str]:
+    """The user's two questions from the same sweep: what GELU costs over ReLU, and ConvNeXt vs ResNet-50."""
+    rows_by_key = _engine_rows(results)
+    parts: list[str] = []
+    gelu_rows = []
+    for (model, act, precision, provider, batch), gelu in sorted(rows_by_key.items()):
+        relu = rows_by_key.get((model, "relu", precision, provider, batch))
+        if act == "gelu" and relu is not None:
+            gelu_rows.append([model, precision, provider, batch, f"{gelu['images_per_s']:.1f}",
+                              f"{relu['images_per_s']:.1f}", f"{gelu['images_per_s'] / relu['images_per_s']:.3f}",
+                              f"{gelu['p50_ms']:.1f}", f"{relu['p50_ms']:.1f}"])
+    if gelu_rows:
+        parts += ["## GELU vs ReLU (same model, engine, precision, batch; images/s ratio < 1 = GELU is slower)", "",
+                  _table(["model", "precision", "provider", "batch", "GELU img/s", "ReLU img/s", "GELU/ReLU",
+                          "GELU p50 ms", "ReLU p50 ms"], gelu_rows), ""]
+    models = {m["model"]: m for m in results["compare"]["models"] if m["activation"] == ("relu" if m["model"]
+                                                                                           .startswith("resnet") else "gelu")}
+    if "resnet50" in models and len(models) > 1:
+        rows = []
+        for name, m in models.items():
+            speeds = [f"{r['precision']}/{r['provider']} b{r['batch_size']}: {r['images_per_s']:.1f}"
+                      for r in m["results"] if r["batch_size"] in (1, 8)]
+            top1 = "-" if m["published_top1"] is None else f"{m['published_top1']}"
+            rows.append([name, m["activation"], f"{m['params_m']:.1f}", f"{m['gmacs']:.2f}", top1, "; ".join(speeds)])
+        parts += ["## ConvNeXt vs ResNet-50 (params, GMACs, published ImageNet top-1, engine images/s)", "",
+                  _table(["model", "act", "params (M)", "GMACs", "top-1 (published)", "images/s"], rows), ""]
+    return parts
+
+
+def low_load_and_preprocess_sections(results: dict) -> list[str]:
+    parts: list[str] = []
+    lone = results.get("low_load")
+    if lone:
+        parts += ["## Latency at low load", "",
+                  f"A lone request (closed loop, concurrency 1) p50 {lone['service_p50_ms']:.1f} ms vs the engine's "
+                  f"batch-1 p50 {lone['engine_p50_ms']:.1f} ms: {lone['overhead_ms']:+.1f} ms for HTTP, JPEG decode "
+                  f"and preprocessing ({lone['preprocess_ms']:.1f} ms of it is preprocessing, measured below).", ""]
+    pre = results.get("preprocess")
+    if pre:
+        rows = [[r["size"], r["images"], r["kib"], *(f"{r[s]:.2f}" for s in ("decode", "resize", "crop", "normalize")),
+                 f"{r['total']:.2f}"] for r in pre["rows"]]
+        parts += ["## Preprocessing cost per image (one thread; the service's own functions)", "",
+                  _table(["JPEG size", "images", "KiB", "decode ms", "resize ms", "crop ms", "normalize ms",
+                          "total ms"], rows), ""]
+        if pre.get("engine_cpu_ms_per_image"):
+            parts += [f"Mean {pre['mean_ms_per_image']:.2f} ms of CPU per image vs {pre['engine_cpu_ms_per_image']:.1f} "
+                      f"ms of engine CPU per image (batch {results.get('efficiency_batch_size')}): preprocessing is "
+                      f"{100 * pre['share_of_cpu']:.1f}% of an image's CPU. It runs in a bounded thread pool while the "
+                      "engine thread runs the previous batch, so it is off the engine's critical path; on a machine "
+                      "whose cores the engine already fills it still competes for CPU.", ""]
+    return parts
 
 
 def plots(results: dict, out_dir: Path) -> list[Path]:

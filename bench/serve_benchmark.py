@@ -22,22 +22,6 @@ from pathlib import Path
 import numpy as np
 
 
-def real_jpegs() -> list[bytes]:
-    """The real photos the tests use, re-encoded as JPEG (quality 90)."""
-    import skimage
-    import sklearn.datasets
-    from PIL import Image
-
-    sources = [Path(sklearn.datasets.__file__).parent / "images" / n for n in ("china.jpg", "flower.jpg")]
-    sources += [Path(skimage.__file__).parent / "data" / n for n in ("chelsea.png", "coffee.png", "astronaut.png")]
-    out = []
-    for source in sources:
-        buffer = io.BytesIO()
-        Image.open(source).convert("RGB").save(buffer, "JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
-
-
 def engine_throughput(version, batch_sizes, seconds: float, threads: int) -> dict[int, float]:
     from service.engines.onnxruntime import OnnxRuntimeEngine
 
@@ -60,34 +44,12 @@ def engine_throughput(version, batch_sizes, seconds: float, threads: int) -> dic
 
 
 async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float) -> dict:
-    import httpx
+    from bench.loadgen import closed_loop
 
-    latencies: list[float] = []
-    errors = 0
-    end = time.perf_counter() + seconds
-
-    async def client(index: int, http: httpx.AsyncClient) -> None:
-        nonlocal errors
-        i = index
-        while time.perf_counter() < end:
-            started = time.perf_counter()
-            response = await http.post(f"{url}/classify", content=payloads[i % len(payloads)],
-                                       headers={"content-type": "image/jpeg"})
-            if response.status_code == 200:
-                latencies.append(time.perf_counter() - started)
-            else:
-                errors += 1
-            i += 1
-
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1000
-    return {"concurrency": concurrency, "images_per_s": len(latencies) / elapsed, "errors": errors,
-            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
-            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None, "requests": len(latencies)}
+    result = (await closed_loop(f"{url}/classify", payloads, concurrency, 10**9, seconds)).summary()
+    return {"concurrency": concurrency, "images_per_s": result["images_per_s"],
+            "errors": sum(result["errors"].values()), "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+            "requests": result["ok"]}
 
 
 def start_service(repository: Path, model: str, port: int, threads: int, max_batch_size: int) -> subprocess.Popen:
@@ -137,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             port = s.getsockname()[1]
         process = start_service(repository, args.model, port, args.threads, args.max_batch_size)
         try:
-            payloads = real_jpegs()
+            from bench.loadgen import jpeg_payloads
+
+            payloads = jpeg_payloads()
             end_to_end = [asyncio.run(load(f"http://127.0.0.1:{port}", payloads, c, args.seconds))
                           for c in args.concurrency]
         finally:

@@ -56,7 +56,8 @@ def default_engine(version: ModelVersion, settings: Settings) -> Engine:
                            f"(has {have}); pass --precision one of those")
     return OnnxRuntimeEngine(version.artifact_path(artifact), shape, input_name=manifest.input.name,
                              provider=settings.provider, precision=settings.precision,
-                             max_batch_size=settings.max_batch_size, intra_op_threads=settings.intra_op_threads)
+                             max_batch_size=settings.max_batch_size, intra_op_threads=settings.intra_op_threads,
+                             spinning=settings.ort_spinning, dynamic_block_base=settings.ort_dynamic_block_base)
 
 
 def load_model_version(settings: Settings) -> ModelVersion:

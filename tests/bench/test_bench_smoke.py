@@ -39,7 +39,8 @@ def test_smoke_engine_sweep_covers_every_variant_and_batch_size(smoke_run):
 def test_smoke_load_runs_against_ours_and_the_peer_succeed(smoke_run):
     _, results = smoke_run
     servers = {(run["server"], run["mode"]) for run in results["load"]}
-    assert servers == {("ours", "closed"), ("ours", "open"), ("litserve", "closed"), ("litserve", "open")}
+    assert servers == {("ours", "closed"), ("ours", "open"), ("ours (ORT default threading)", "closed"),
+                       ("litserve", "closed"), ("litserve", "open")}
     for run in results["load"]:
         assert run["errors"] == {}, run
         assert run["ok"] == run["sent"] > 0
@@ -54,8 +55,12 @@ def test_smoke_load_runs_against_ours_and_the_peer_succeed(smoke_run):
 def test_smoke_writes_markdown_and_png_plots(smoke_run):
     out, results = smoke_run
     markdown = (out / "report.md").read_text()
-    for heading in ("## Engine alone", "## Model comparison", "## End to end", "| litserve | closed |", "top-1 is the published figure"):
+    for heading in ("## Engine alone", "## Model comparison", "## End to end", "| litserve | closed |",
+                    "top-1 is the published figure", "## GELU vs ReLU", "## Latency at low load",
+                    "## Preprocessing cost per image", "| 1024x768 |"):
         assert heading in markdown
+    assert results["low_load"]["engine_p50_ms"] > 0 and results["preprocess"]["mean_ms_per_image"] > 0
+    assert {r["size"] for r in results["preprocess"]["rows"]} == {"500x375", "1024x768"}
     for name in ("throughput_vs_concurrency", "latency_cdf", "batch_sizes"):
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 2000

@@ -1,0 +1,64 @@
+"""What preprocessing costs per image (decode, resize, crop, normalize) next to what inference costs.
+
+Timed on the load generator's real JPEG payloads with the service's own functions (service.preprocess), one
+thread, median of `repeats`; the engine's per-image CPU cost (wall time per image x its threads) comes from the
+engine sweep of the same run, so the share is of the CPU time one image costs end to end (HTTP aside).
+"""
+from __future__ import annotations
+
+import time
+from statistics import median
+
+import numpy as np
+
+STAGES = ("decode", "resize", "crop", "normalize")
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return median(times)
+
+
+def stage_costs(payload: bytes, spec, repeats: int = 7, max_pixels: int = 100_000_000) -> dict[str, float]:
+    """Milliseconds per stage for one encoded image, in the order the service runs them."""
+    from service.preprocess import center_crop, decode_image, resize_short_side
+
+    picture = decode_image(payload, max_pixels)
+    resized = resize_short_side(picture, spec.resize_px, spec.interpolation)
+    cropped = center_crop(resized, spec.crop_px)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+
+    def normalize():
+        pixels = np.asarray(cropped, dtype=np.float32) / np.float32(255.0)
+        return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
+
+    return {
+        "width": picture.size[0], "height": picture.size[1], "bytes": len(payload),
+        "decode": _median_ms(lambda: decode_image(payload, max_pixels), repeats),
+        "resize": _median_ms(lambda: resize_short_side(picture, spec.resize_px, spec.interpolation), repeats),
+        "crop": _median_ms(lambda: center_crop(resized, spec.crop_px), repeats),
+        "normalize": _median_ms(normalize, repeats),
+    }
+
+
+def preprocess_report(payloads: list[bytes], spec, engine_cpu_ms_per_image: float | None, repeats: int = 7) -> dict:
+    """Per-size rows (mean over the payloads of that size) and the share of preprocessing in an image's CPU cost."""
+    by_size: dict[tuple[int, int], list[dict]] = {}
+    for payload in payloads:
+        costs = stage_costs(payload, spec, repeats)
+        by_size.setdefault((costs["width"], costs["height"]), []).append(costs)
+    rows = []
+    for (width, height), costs in sorted(by_size.items()):
+        row = {"size": f"{width}x{height}", "images": len(costs),
+               "kib": round(float(np.mean([c["bytes"] for c in costs])) / 1024, 1)}
+        row |= {stage: float(np.mean([c[stage] for c in costs])) for stage in STAGES}
+        row["total"] = sum(row[stage] for stage in STAGES)
+        rows.append(row)
+    mean_total = float(np.mean([r["total"] for r in rows])) if rows else 0.0
+    return {"rows": rows, "mean_ms_per_image": mean_total, "engine_cpu_ms_per_image": engine_cpu_ms_per_image,
+            "share_of_cpu": (mean_total / (mean_total + engine_cpu_ms_per_image)) if engine_cpu_ms_per_image else None}

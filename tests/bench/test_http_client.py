@@ -1,0 +1,81 @@
+"""The load generator's lean HTTP client against a real asyncio server: keep-alive, chunked bodies, closes."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bench.http_client import Connection, HttpError, prepare_post
+
+
+async def _serve(handler):
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _read_request(reader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    return head + await reader.readexactly(length)
+
+
+def test_keep_alive_chunked_and_server_closed_connections():
+    seen: list[bytes] = []
+    connections = 0
+
+    async def handler(reader, writer):
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                seen.append(await _read_request(reader))
+            except asyncio.IncompleteReadError:
+                break
+            n = len(seen)
+            if n == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            elif n == 2:
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbye")
+                await writer.drain()
+                writer.close()
+                break
+            await writer.drain()
+
+    async def main():
+        server, port = await _serve(handler)
+        url = f"http://127.0.0.1:{port}/classify"
+        connection = Connection.for_url(url)
+        raw = prepare_post(url, b"\xff\xd8jpeg")
+        assert await connection.send(raw) == (200, b"ok")
+        assert await connection.send(prepare_post(url, b"x", form_field="content")) == (503, b"abcde")
+        assert await connection.send(raw) == (200, b"bye")
+        assert await connection.send(raw) == (200, b"bye")  # on a new connection: the server closed the first
+        await connection.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    assert connections == 2
+    assert seen[0].startswith(b"POST /classify HTTP/1.1\r\n") and seen[0].endswith(b"\xff\xd8jpeg")
+    assert b"multipart/form-data; boundary=" in seen[1] and b'name="content"; filename="image.jpg"' in seen[1]
+
+
+def test_a_garbled_response_is_an_http_error():
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server, port = await _serve(handler)
+        connection = Connection.for_url(f"http://127.0.0.1:{port}/")
+        with pytest.raises(HttpError, match="not an HTTP/1.x status line"):
+            await connection.send(prepare_post(f"http://127.0.0.1:{port}/", b"x"))
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
