@@ -22,6 +22,12 @@ SMOKE = {"name": "smoke", "variants": [("convnext_atto", "gelu"), ("convnext_att
 FULL = {"name": "full", "variants": [("convnext_tiny", "gelu"), ("convnext_tiny", "relu"), ("resnet50", "relu")],
         "precisions": ["fp32", "int8"], "batch_sizes": [1, 2, 4, 8, 16, 32], "iterations": 30, "max_seconds": 20.0,
         "concurrency": [1, 8, 32], "rate": 10.0, "requests": 400, "seconds": 60.0, "peer": True}
+# A GPU host: ORT CUDA / TensorRT providers on fp32 + fp16 ONNX, native TensorRT engines fp16 / bf16 / fp32, larger
+# batches, and the service on its TensorRT fp16 engine.
+GPU = {"precisions": ["fp32", "fp16", "bf16", "int8"], "tensorrt_precisions": ["fp16", "bf16", "fp32"],
+       "batch_sizes": [1, 2, 4, 8, 16, 32, 64], "concurrency": [1, 8, 32, 128], "rate": 200.0, "requests": 4000,
+       "service": {"engine": "tensorrt", "provider": "cuda", "precision": "fp16"}}
+CPU_SERVICE = {"engine": "onnxruntime", "provider": "cpu", "precision": "fp32"}
 MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
 ORT_DEFAULTS = {"CONVNEXT_ORT_SPINNING": "true", "CONVNEXT_ORT_DYNAMIC_BLOCK_BASE": "0"}
 
@@ -109,7 +115,7 @@ def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engi
                  "overhead_ms": lone["p50_ms"] - batch1["p50_ms"], "preprocess_ms": pre["mean_ms_per_image"]}
 
 
-def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int, service_provider: str = "cpu") -> dict:
+def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int) -> dict:
     """Export, engine sweep, model comparison, then load against our service and the peer; writes the report."""
     import httpx
 
@@ -118,36 +124,45 @@ def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int, servic
     from bench.report import batch_distribution, batch_histogram, service_efficiency, write_report
 
     results = {"config": {**cfg, "providers": providers, "threads": threads, "max_batch_size": MAX_BATCH_SIZE,
-                          "max_queue_delay_ms": QUEUE_DELAY_MS, "service_provider": service_provider},
+                          "max_queue_delay_ms": QUEUE_DELAY_MS},
                "host": f"{platform.platform()}, {os.cpu_count()} cores, load average {os.getloadavg()}"}
     with tempfile.TemporaryDirectory(prefix="bench-repo-") as repo:
         results["compare"] = compare_models(Path(repo), cfg["variants"], cfg["precisions"], cfg["batch_sizes"],
-                                            providers, threads=threads, iterations=cfg["iterations"],
+                                            providers, cfg.get("tensorrt_precisions", ()), threads=threads,
+                                            iterations=cfg["iterations"],
                                             max_seconds=cfg["max_seconds"])
         served = f"{cfg['variants'][0][0].replace('_', '-')}-{cfg['variants'][0][1]}"
+        service = cfg.get("service", CPU_SERVICE)
+        served_provider = "tensorrt-engine" if service["engine"] == "tensorrt" else service["provider"]
+        # The raw engine the service runs: efficiency and the low-load comparison are against it.
         engine = [r for r in results["compare"]["models"][0]["results"]
-                  if r["precision"] == "fp32" and r["provider"] == "cpu"]
+                  if r["precision"] == service["precision"] and r["provider"] == served_provider]
+        results["served_engine"] = {**service, "engine_rows": f"{service['precision']}/{served_provider}"}
         payloads = jpeg_payloads()
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "service", "--repository", repo, "--model", served, "--host", "127.0.0.1",
                    "--port", str(port), "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms",
-                   str(QUEUE_DELAY_MS), "--intra-op-threads", str(threads), "--provider", service_provider]
-        with server_process(command, f"{base}/readyz"):
+                   str(QUEUE_DELAY_MS), "--intra-op-threads", str(threads), "--engine", service["engine"],
+                   "--provider", service["provider"], "--precision", service["precision"]]
+        ready_s = 900 if service["engine"] == "tensorrt" else 120  # a TensorRT build on first start takes minutes
+        with server_process(command, f"{base}/readyz", ready_s):
             before = batch_histogram(httpx.get(f"{base}/metrics").text)
             results["load"] = load_runs(f"{base}/classify", "ours", cfg, payloads)
             results["batch_distribution"] = batch_distribution(before, batch_histogram(httpx.get(f"{base}/metrics").text))
-        # Before/after of the service's ONNX Runtime thread settings, same run: ORT's defaults at the top concurrency.
-        with server_process(command, f"{base}/readyz", env=ORT_DEFAULTS):
-            results["load"] += load_runs(f"{base}/classify", "ours (ORT default threading)", cfg, payloads,
-                                         concurrency_levels=[max(cfg["concurrency"])], open_loop_too=False)
+        if service["provider"] == "cpu":
+            # Before/after of the service's ORT CPU thread settings, same run: ORT's defaults at the top concurrency.
+            with server_process(command, f"{base}/readyz", env=ORT_DEFAULTS):
+                results["load"] += load_runs(f"{base}/classify", "ours (ORT default threading)", cfg, payloads,
+                                             concurrency_levels=[max(cfg["concurrency"])], open_loop_too=False)
         results["preprocess"], results["low_load"] = preprocess_and_low_load(
             Path(repo), served, payloads, engine, results["load"], threads)
         if cfg["peer"]:
             port = free_port()
             command = [sys.executable, "-m", "bench.peer_litserve", "--repository", repo, "--model", served, "--port",
                        str(port), "--max-batch-size", str(MAX_BATCH_SIZE), "--batch-timeout-ms", str(QUEUE_DELAY_MS),
-                       "--threads", str(threads)]
+                       "--threads", str(threads), "--provider", "cpu" if service["provider"] == "cpu" else "cuda",
+                       "--precision", "fp32" if service["provider"] == "cpu" else "fp16"]
             with server_process(command, f"http://127.0.0.1:{port}/health"):
                 results["load"] += load_runs(f"http://127.0.0.1:{port}/predict", "litserve", cfg, payloads,
                                              form_field="content")
@@ -158,6 +173,20 @@ def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int, servic
         run["efficiency"] = service_efficiency(run["images_per_s"], engine, engine_at_max) if closed else None
     write_report(results, out_dir)
     return results
+
+
+def gpu_missing() -> str | None:
+    """Why this host cannot run the GPU suite (no CUDA provider in onnxruntime, no TensorRT), or None."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return (f"onnxruntime has no CUDAExecutionProvider here (has {ort.get_available_providers()}); "
+                "run it on a GPU host with pip install -e '.[gpu]'")
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT's Python package is not installed; pip install -e '.[gpu]' on the GPU host"
+    return None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -219,7 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = dict(SMOKE if args.smoke else FULL, peer=not args.no_peer and (SMOKE if args.smoke else FULL)["peer"])
         providers = ["cpu", "cuda", "tensorrt"] if args.gpu else ["cpu"]
-        results = run_all(cfg, args.out, providers, args.threads, "cuda" if args.gpu else "cpu")
+        if args.gpu:
+            missing = gpu_missing()
+            if missing:
+                print(f"convnext bench all --gpu: {missing}", file=sys.stderr)
+                return 2
+            cfg |= GPU | {"name": cfg["name"] + "-gpu"}
+        results = run_all(cfg, args.out, providers, args.threads)
         print((args.out / "report.md").read_text())
         print("wrote", ", ".join(results["files"].values()))
     return 0

@@ -18,6 +18,7 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+TENSORRT_ENGINE = "tensorrt-engine"  # the provider label of native TensorRT engines (export/tensorrt.py)
 # Published ImageNet-1k top-1 at 224 px, labelled as published: we have no ImageNet here to measure it.
 PUBLISHED_TOP1 = {
     ("convnext_tiny", "gelu"): (82.1, "Liu et al. 2022, Table 1 (ConvNeXt-T, ImageNet-1k, 224 px)"),
@@ -59,24 +60,54 @@ def make_session(onnx_path: Path, provider: str = "cpu", threads: int | None = N
     return ort.InferenceSession(str(onnx_path), options, providers=providers)
 
 
-def time_session(session, batch_size: int, warmup: int, iterations: int, max_seconds: float) -> tuple[float, list[float]]:
-    """(images/s, per-call latencies in ms) for `iterations` calls at one batch size, stopping early at max_seconds."""
-    inp = session.get_inputs()[0]
-    channels, height, width = (d if isinstance(d, int) else 224 for d in inp.shape[1:])
-    dtype = np.float16 if "float16" in inp.type else np.float32
-    x = np.random.default_rng(0).standard_normal((batch_size, channels, height, width)).astype(dtype)
+def time_callable(run, batch_size: int, warmup: int, iterations: int, max_seconds: float) -> tuple[float, list[float]]:
+    """(images/s, per-call latencies in ms) for `iterations` calls of run(), stopping early at max_seconds."""
     for _ in range(warmup):
-        session.run(None, {inp.name: x})
+        run()
     latencies = []
     start = time.perf_counter()
     while len(latencies) < iterations:
         t0 = time.perf_counter()
-        session.run(None, {inp.name: x})
+        run()
         latencies.append((time.perf_counter() - t0) * 1000)
         if time.perf_counter() - start > max_seconds:
             break
     elapsed = time.perf_counter() - start
     return batch_size * len(latencies) / elapsed, latencies
+
+
+def time_session(session, batch_size: int, warmup: int, iterations: int, max_seconds: float) -> tuple[float, list[float]]:
+    """time_callable for an ONNX Runtime session on a seeded random batch of its input shape and type."""
+    inp = session.get_inputs()[0]
+    channels, height, width = (d if isinstance(d, int) else 224 for d in inp.shape[1:])
+    dtype = np.float16 if "float16" in inp.type else np.float32
+    x = np.random.default_rng(0).standard_normal((batch_size, channels, height, width)).astype(dtype)
+    return time_callable(lambda: session.run(None, {inp.name: x}), batch_size, warmup, iterations, max_seconds)
+
+
+def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, warmup: int = 2, iterations: int = 20,
+                       max_seconds: float = 10.0, model: str = "?", activation: str = "?",
+                       threads: int | None = None) -> list[EngineResult]:
+    """A native TensorRT engine (built once for the sweep's batch range, cached in the version) vs batch size.
+
+    Times EngineRunner.run: host->device copy, execution and device->host copy, as the service's engine pays them.
+    """
+    from export.tensorrt import BatchProfile, select_or_build_engine
+    from export.tensorrt_runtime import EngineRunner
+
+    profile = BatchProfile(1, min(8, max(batch_sizes)), max(batch_sizes))
+    artifact, version = select_or_build_engine(version, precision, profile)
+    m = version.manifest
+    shape = (m.input.channels, m.input.height, m.input.width)
+    results = []
+    with EngineRunner(version.artifact_path(artifact)) as runner:
+        for batch_size in batch_sizes:
+            x = np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
+            rate, latencies = time_callable(lambda: runner.run(x), batch_size, warmup, iterations, max_seconds)
+            results.append(EngineResult(model, activation, precision, TENSORRT_ENGINE, batch_size, 0, rate,
+                                        float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
+                                        len(latencies)))
+    return results
 
 
 def benchmark_onnx(onnx_path: Path, batch_sizes: Sequence[int], *, provider: str = "cpu", threads: int | None = None,
@@ -111,7 +142,8 @@ def export_variant(repository_root: Path, model_name: str, activation: str, prec
 
 
 def compare_models(repository_root: Path, variants: Sequence[tuple[str, str]], precisions: Sequence[str],
-                   batch_sizes: Sequence[int], providers: Sequence[str], **timing) -> dict:
+                   batch_sizes: Sequence[int], providers: Sequence[str], tensorrt_precisions: Sequence[str] = (),
+                   **timing) -> dict:
     """GELU vs ReLU and ConvNeXt vs ResNet-50 in one run: cost, published top-1, engine throughput per precision."""
     from model.flops import measure
 
@@ -129,11 +161,19 @@ def compare_models(repository_root: Path, variants: Sequence[tuple[str, str]], p
             path = version.artifact_path(artifact)
             onnx_files[f"{key}/{artifact.precision}"] = str(path)
             for provider in providers:
+                if artifact.precision == "bf16":  # ONNX Runtime has no bfloat16 Conv: the variant is TensorRT's
+                    continue
                 try:
                     results += benchmark_onnx(path, batch_sizes, provider=provider, model=model_name,
                                               activation=activation, precision=artifact.precision, **timing)
                 except Exception as err:  # noqa: BLE001 - one provider/precision failing must not end the run
                     skipped[f"{key}/{artifact.precision}/{provider}"] = f"{type(err).__name__}: {err}"
+        for precision in tensorrt_precisions:
+            try:
+                results += benchmark_tensorrt(version, precision, batch_sizes, model=model_name,
+                                              activation=activation, **timing)
+            except Exception as err:  # noqa: BLE001 - no TensorRT / GPU here, or a failed build: recorded
+                skipped[f"{key}/{precision}/{TENSORRT_ENGINE}"] = f"{type(err).__name__}: {err}"
         rows.append({"model": model_name, "activation": activation, "params_m": cost.params_m, "gmacs": cost.gmacs,
                      "published_top1": top1, "published_top1_source": source,
                      "measured_top1": "not measured here (no ImageNet)", "weights": "random init (speed only)",

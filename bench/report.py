@@ -42,7 +42,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def markdown(results: dict) -> str:
     parts = [f"# Benchmark ({results['config']['name']})", "", f"Host: {results['host']}", ""]
-    parts += ["## Engine alone (ONNX Runtime, random-init weights: speed only)", ""]
+    parts += ["## Engine alone (ONNX Runtime providers and native TensorRT engines; random-init weights: speed only)",
+              ""]
     rows = [[r["model"], r["activation"], r["precision"], r["provider"], r["batch_size"], f"{r['images_per_s']:.1f}",
              f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}"] for m in results["compare"]["models"] for r in m["results"]]
     parts += [_table(["model", "act", "precision", "provider", "batch", "images/s", "p50 ms", "p99 ms"], rows), ""]
@@ -60,8 +61,9 @@ def markdown(results: dict) -> str:
             for run in results["load"]]
     parts += [_table(["server", "mode", "concurrency", "rate/s", "ok", "errors", "images/s", "p50 ms", "p95 ms",
                       "p99 ms", "service efficiency"], rows), ""]
-    parts += [f"Service efficiency (closed loop) = end-to-end images/s / engine-alone fp32 CPU images/s at batch "
-              f"{results.get('efficiency_batch_size', '?')}, the service's max batch size (capped by the sweep).", ""]
+    served = results.get("served_engine", {}).get("engine_rows", "fp32/cpu")
+    parts += [f"Service efficiency (closed loop) = end-to-end images/s / the served engine alone ({served}) images/s "
+              f"at batch {results.get('efficiency_batch_size', '?')}, the service's max batch size.", ""]
     parts += activation_and_baseline_sections(results)
     parts += low_load_and_preprocess_sections(results)
     if results.get("batch_distribution"):

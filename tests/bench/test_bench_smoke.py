@@ -108,3 +108,10 @@ def test_engine_benchmark_names_the_fix_when_a_gpu_provider_is_missing(tmp_path)
         make_session(tmp_path / "model.onnx", "tensorrt")
     with pytest.raises(ValueError, match="choose from"):
         make_session(tmp_path / "model.onnx", "rocm")
+
+
+def test_gpu_suite_on_a_host_without_a_gpu_says_what_is_missing():
+    done = subprocess.run([sys.executable, "-m", "bench", "all", "--smoke", "--gpu", "--out", "unused"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "CUDAExecutionProvider" in done.stderr and "GPU host" in done.stderr
