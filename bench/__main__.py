@@ -21,7 +21,7 @@ SMOKE = {"name": "smoke", "variants": [("convnext_atto", "gelu"), ("convnext_att
          "requests": 12, "seconds": 6.0, "peer": True}
 FULL = {"name": "full", "variants": [("convnext_tiny", "gelu"), ("convnext_tiny", "relu"), ("resnet50", "relu")],
         "precisions": ["fp32", "int8"], "batch_sizes": [1, 2, 4, 8, 16, 32], "iterations": 30, "max_seconds": 20.0,
-        "concurrency": [1, 8, 32], "rate": 10.0, "requests": 400, "seconds": 60.0, "peer": True}
+        "concurrency": [1, 8, 32], "rate": 10.0, "requests": 600, "seconds": 60.0, "peer": True}
 # A GPU host: ORT CUDA / TensorRT providers on fp32 + fp16 ONNX, native TensorRT engines fp16 / bf16 / fp32, larger
 # batches, and the service on its TensorRT fp16 engine.
 GPU = {"precisions": ["fp32", "fp16", "bf16", "int8"], "tensorrt_precisions": ["fp16", "bf16", "fp32"],
