@@ -208,6 +208,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub.add_parser("torch", add_help=False, help="PyTorch CPU throughput table (bench.model_throughput; its flags follow)")
     sub.add_parser("serve", add_help=False,
                    help="engine alone vs POST /classify at concurrency 1/8/32 (bench.serve_benchmark; its flags follow)")
+    sub.add_parser("soak", add_help=False,
+                   help="fixed open-loop rate for minutes: latency drift and memory growth (bench.soak; its flags follow)")
     everything = sub.add_parser("all", help="engine sweep + GELU/ReLU + ConvNeXt/ResNet + service vs LitServe")
     everything.add_argument("--smoke", action="store_true", help="tiny configuration (convnext_atto, seconds)")
     everything.add_argument("--gpu", action="store_true", help="engine sweep also on ORT's CUDA and TensorRT providers; service on CUDA")
@@ -228,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.serve_benchmark import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["soak"]:
+        from bench.soak import main as soak_main
+
+        return soak_main(argv[1:])
     args = get_args_parser().parse_args(argv)
     if args.command == "engine":
         from bench.engine_benchmark import benchmark_onnx

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from service.settings import Settings
+
+# No flag for these: a command line is visible to every user of the host (ps, /proc); use the environment or a file.
+SECRET_SETTINGS = ("api_key",)
 
 
 def _flag_type(name: str):
@@ -13,13 +17,38 @@ def _flag_type(name: str):
     default = field.get_default(call_default_factory=True)
     if default is None:
         return int if name == "version" else str
+    if isinstance(default, list):
+        return _json_list
+    if isinstance(default, bool):
+        return _boolean
     return type(default)
 
 
+def _json_list(text: str) -> list:
+    """A JSON list, as in the environment: --cors-origins '["https://app.example"]'."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list; write e.g. '[\"https://app.example\"]'")
+    return value
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convnext serve", description=__doc__,
+    parser = argparse.ArgumentParser(prog="convnext serve", description=__doc__, allow_abbrev=False,
                                      epilog="Every flag overrides its CONVNEXT_<NAME> environment variable.")
     for name in Settings.model_fields:
+        if name in SECRET_SETTINGS:
+            continue
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=_flag_type(name), default=None,
                             help=f"(env CONVNEXT_{name.upper()})")
     return parser
@@ -35,18 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.server import uvicorn_config
 
     try:
         settings = settings_from_args(sys.argv[1:] if argv is None else argv)
     except ValueError as err:
         print(f"convnext serve: invalid settings:\n{err}", file=sys.stderr)
         return 2
-    app = create_app(settings)
-    # uvicorn stops accepting on SIGTERM, waits for in-flight requests, then runs the lifespan shutdown,
-    # which drains the batcher.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=int(settings.request_timeout_ms / 1000) + 5)
-    return 0
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else 3  # 3: uvicorn's start-up failure status (e.g. the model did not load)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from export.repository import ModelRepository, ModelVersion
-from service.batcher import Batcher
+from export.repository import ModelVersion
+from service.admission import Admission
 from service.engines.base import Engine
 from service.metrics import ServiceMetrics
+from service.model_manager import ModelManager
+from service.security import install_edge
 from service.settings import Settings
 
 STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
@@ -60,30 +62,35 @@ def default_engine(version: ModelVersion, settings: Settings) -> Engine:
                              spinning=settings.ort_spinning, dynamic_block_base=settings.ort_dynamic_block_base)
 
 
-def load_model_version(settings: Settings) -> ModelVersion:
-    repository = ModelRepository(settings.repository)
-    models = repository.models()
-    if not models:
-        raise RuntimeError(f"the model repository {settings.repository!r} has no models; export one with "
-                           "`convnext export onnx ...` or run `make demo-model`")
-    name = settings.model or models[0]
-    return repository.load(name, settings.version)
-
-
 class ServiceState:
     def __init__(self, settings: Settings, metrics: ServiceMetrics):
         self.settings, self.metrics = settings, metrics
-        self.ready = False
-        self.version: ModelVersion | None = None
-        self.engine: Engine | None = None
-        self.batcher: Batcher | None = None
+        self.models: ModelManager | None = None  # the served version, its engine and the batcher
         self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
         # Bounds images being decoded at once, so a flood waits here instead of piling up in the pool.
         self.preprocess_slots = asyncio.Semaphore(settings.preprocess_workers * 2)
+        # Images in progress (decoding, queued or in the running batch); beyond this a request is refused at once.
+        self.admission = Admission(settings.queue_size + settings.max_batch_size)
+
+    @property
+    def version(self) -> ModelVersion | None:
+        return self.models.model if self.models is not None else None
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.models.current.engine if self.models is not None and self.models.current is not None else None
+
+    @property
+    def batcher(self):
+        return self.models.batcher if self.models is not None else None
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        return self.models.not_ready_reason if self.models is not None else "the model is not loaded yet"
 
     @property
     def is_ready(self) -> bool:
-        return self.ready and self.batcher is not None and self.batcher.alive
+        return self.not_ready_reason is None
 
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:
@@ -94,27 +101,17 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     async def lifespan(app: FastAPI):
         state = ServiceState(settings, metrics)
         app.state.service = state
-        state.version = load_model_version(settings)
-        manifest = state.version.manifest
-        state.engine = await asyncio.to_thread(engine_factory, state.version, settings)
-        await asyncio.to_thread(state.engine.load)
-        await asyncio.to_thread(state.engine.warmup, settings.warmup_runs)
-        spec = state.engine.describe()
-        metrics.model_info.labels(manifest.name, str(manifest.version), spec.name, spec.precision).set(1)
-        state.batcher = Batcher(state.engine, manifest.name, min(settings.max_batch_size, spec.max_batch_size),
-                                settings.max_queue_delay_ms, settings.queue_size, metrics)
-        state.batcher.start()
-        state.ready = True
+        state.models = ModelManager(settings, metrics, engine_factory)
+        await state.models.start()
         try:
             yield
         finally:
-            state.ready = False
-            await state.batcher.drain(settings.request_timeout_ms / 1000)
+            await state.models.stop(settings.request_timeout_ms / 1000)
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
-            state.engine.close()
 
     app = FastAPI(title="ConvNeXt image classification", version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics
+    install_edge(app, settings, metrics)  # API-key auth and CORS when the settings ask for them
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
@@ -148,11 +145,13 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             metrics.requests.labels(path, request.method, str(status)).inc()
             metrics.request_duration.labels(path).observe(time.perf_counter() - started)
 
+    from service.admin import router as admin_router
     from service.routes import router
     from service.v2 import router as v2_router
 
     app.include_router(router)
     app.include_router(v2_router)
+    app.include_router(admin_router)
 
     @app.get("/", include_in_schema=False)
     async def index():

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
+from export.repository import ModelVersion
 from service.engines.base import Engine
 from service.metrics import ServiceMetrics
 
@@ -24,6 +28,58 @@ class BatchFailedError(Exception):
     """The engine failed on the batch this image was in (500)."""
 
 
+class EngineTimeoutError(Exception):
+    """The engine did not finish this image's batch within engine_timeout_ms (504); the engine is reloaded."""
+
+
+class EngineThread:
+    """One daemon thread that runs an engine's calls in order: the engine is not re-entrant.
+
+    A daemon thread, not a ThreadPoolExecutor worker: a hung engine call is abandoned and must not block
+    the process from exiting (executor workers are joined at interpreter exit).
+    """
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        if self._stopped:
+            future.set_exception(RuntimeError(f"{self._thread.name} was stopped; its engine is no longer in use"))
+            return future
+        self._calls.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        """Let the thread end after the calls already submitted (it is never joined)."""
+        self._stopped = True
+        self._calls.put(None)
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # handed to the waiting coroutine, which decides what it means
+                future.set_exception(err)
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """A loaded, warmed-up engine, the model version it runs, and the one thread that runs it."""
+
+    engine: Engine
+    name: str
+    version: int
+    thread: EngineThread
+    model: ModelVersion | None = None  # the repository version (manifest: labels, preprocess), when served from one
+
+
 @dataclass
 class Item:
     tensor: np.ndarray
@@ -31,22 +87,35 @@ class Item:
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.monotonic)
     timings: dict = field(default_factory=dict)
+    served_by: ServedModel | None = None  # the model whose engine ran this image's batch
 
 
 class Batcher:
-    def __init__(self, engine: Engine, model_name: str, max_batch_size: int, max_queue_delay_ms: float,
-                 queue_size: int, metrics: ServiceMetrics):
-        self.engine = engine
-        self.model_name = model_name
+    """Runs every batch on the current ServedModel; swap() replaces it between batches, never within one.
+
+    Health: a batch past engine_timeout_s, or max_consecutive_failures failed batches in a row, detaches the
+    engine and calls on_broken(served, reason, detail); queued images then wait (up to their deadline) until
+    a new model is swapped in.
+    """
+
+    def __init__(self, served: ServedModel, max_batch_size: int, max_queue_delay_ms: float, queue_size: int,
+                 metrics: ServiceMetrics, *, engine_timeout_ms: float = 10_000.0, max_consecutive_failures: int = 5,
+                 on_broken: Callable[[ServedModel, str, str], None] | None = None):
+        self.served: ServedModel | None = served
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.engine_timeout_s = engine_timeout_ms / 1000.0
+        self.max_consecutive_failures = max_consecutive_failures
+        self.on_broken = on_broken
         self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize=queue_size)
         self.metrics = metrics
         self.task: asyncio.Task | None = None
         self.closing = False
+        self.consecutive_failures = 0
         self._busy = False
-        # One worker thread: the engine is not re-entrant, and batches must not overtake each other.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._batch_done: asyncio.Future | None = None  # set while a batch runs; swap() waits on it
+        self._has_engine = asyncio.Event()
+        self._has_engine.set()
 
     @property
     def alive(self) -> bool:
@@ -67,6 +136,15 @@ class Batcher:
             self.queue.put_nowait(item)
         self.metrics.queue_depth.set(self.queue.qsize())
         return items
+
+    async def swap(self, served: ServedModel) -> ServedModel | None:
+        """Serve `served` from the next batch on; returns the previous model once its last batch has finished."""
+        previous, self.served = self.served, served
+        self.consecutive_failures = 0
+        self._has_engine.set()
+        if self._batch_done is not None:
+            await asyncio.shield(self._batch_done)  # a batch taken by the previous engine finishes on it
+        return previous
 
     async def _gather(self) -> list[Item]:
         batch = [await self.queue.get()]  # blocks while idle: no polling
@@ -106,45 +184,76 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather()
+            await self._has_engine.wait()  # while the engine is being reloaded, the batch waits for the new one
             self._busy = True
+            self._batch_done = loop.create_future()
             try:
                 self.metrics.queue_depth.set(self.queue.qsize())
                 batch = self._live(batch)
                 if batch:
-                    await self._run(loop, batch)
+                    await self._run(batch, self.served)  # one model per batch: read once, here
             finally:
+                self._batch_done.set_result(None)
+                self._batch_done = None
                 self._busy = False
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Item]) -> None:
+    async def _run(self, batch: list[Item], served: ServedModel) -> None:
         started = time.monotonic()
         for item in batch:
             item.timings["queue_ms"] = (started - item.enqueued_at) * 1000
+            item.served_by = served
             self.metrics.queue_wait.observe(started - item.enqueued_at)
         try:
             stacked = np.stack([item.tensor for item in batch])
-            logits = await loop.run_in_executor(self._executor, self.engine.run, stacked)
+            running = asyncio.wrap_future(served.thread.submit(served.engine.run, stacked))
+            logits = await asyncio.wait_for(running, self.engine_timeout_s)
             if logits.shape[0] != len(batch):
                 raise RuntimeError(f"engine returned {logits.shape[0]} rows for a batch of {len(batch)}")
-        except Exception as err:  # any engine failure fails this batch only; the loop keeps serving
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(BatchFailedError(f"inference failed: {type(err).__name__}: {err}"))
+        except asyncio.TimeoutError:
+            detail = (f"the engine did not finish a batch of {len(batch)} within {self.engine_timeout_s * 1000:.0f} "
+                      f"ms (engine_timeout_ms); it is being reloaded, retry shortly")
+            self._fail(batch, EngineTimeoutError(detail))
+            self._detach(served, "engine_timeout", detail)
             return
+        except Exception as err:  # any engine failure fails this batch only; the loop keeps serving
+            self._fail(batch, BatchFailedError(f"inference failed: {type(err).__name__}: {err}"))
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.max_consecutive_failures:
+                self._detach(served, "consecutive_failures", f"{self.consecutive_failures} batches failed in a row, "
+                             f"the last with {type(err).__name__}: {err}")
+            return
+        self.consecutive_failures = 0
         elapsed = time.monotonic() - started
         self.metrics.inference.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))
-        self.metrics.images.labels(self.model_name).inc(len(batch))
+        self.metrics.images.labels(served.name).inc(len(batch))
         for item, row in zip(batch, logits):
             item.timings["inference_ms"] = elapsed * 1000
             item.timings["batch_size"] = len(batch)
             if not item.future.done():
                 item.future.set_result(row)
 
+    @staticmethod
+    def _fail(batch: list[Item], error: Exception) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _detach(self, served: ServedModel, reason: str, detail: str) -> None:
+        """Stop using a broken engine: later batches wait until swap() brings a new one."""
+        if self.served is not served:
+            return  # already replaced
+        self.served = None
+        self._has_engine.clear()
+        if self.on_broken is not None:
+            self.on_broken(served, reason, detail)
+
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Stop taking new work, let queued and running batches finish, then stop the loop."""
         self.closing = True
         end = time.monotonic() + timeout_s
-        while self.alive and (not self.queue.empty() or self._busy) and time.monotonic() < end:
+        while self.alive and ((self.served is not None and not self.queue.empty()) or self._busy) \
+                and time.monotonic() < end:
             await asyncio.sleep(0.01)  # shutdown only: a short wait for the last batch
         if self.task is not None:
             self.task.cancel()
@@ -154,4 +263,3 @@ class Batcher:
                 pass
             except Exception:  # the loop had already died; its error was visible through /readyz
                 pass
-        self._executor.shutdown(wait=True)

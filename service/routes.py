@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import contextmanager
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -10,7 +11,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from export.repository import ModelRepository
-from service.batcher import BatchFailedError, DeadlineError, QueueFullError
+from service.admission import AdmissionRefused
+from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, QueueFullError
 from service.preprocess import ImageError, preprocess
 
 router = APIRouter()
@@ -28,7 +30,16 @@ async def read_body_limited(request: Request, max_bytes: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "body_too_large", f"the body is {declared} bytes, over the limit of {max_bytes}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    timeout_s = _state(request).settings.body_timeout_s
+    stream = request.stream()
+    while True:  # each chunk within body_timeout_s: a client that stalls mid-body does not hold a slot forever
+        try:
+            chunk = await asyncio.wait_for(anext(stream), timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, "body_timeout", f"no part of the request body arrived for {timeout_s:g} s; "
+                           "send the whole body at once", headers={"Connection": "close"}) from None
         size += len(chunk)
         if size > max_bytes:
             raise ApiError(413, "body_too_large", f"the body is over the limit of {max_bytes} bytes")
@@ -113,6 +124,8 @@ async def infer(request: Request, tensors: list[np.ndarray]):
         gathered.result()
     except (DeadlineError, asyncio.TimeoutError) as err:
         raise ApiError(504, "deadline", str(err)) from None
+    except EngineTimeoutError as err:
+        raise ApiError(504, "engine_timeout", str(err), headers={"Retry-After": "1"}) from None
     except BatchFailedError as err:
         raise ApiError(500, "inference_failed", str(err)) from None
     finally:
@@ -120,7 +133,20 @@ async def infer(request: Request, tensors: list[np.ndarray]):
         for future in futures:  # a cancelled item is dropped by the batcher before it runs
             future.cancel()
         gathered.cancel()
+        gathered.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: not logged
     return items
+
+
+@contextmanager
+def admitted(request: Request, images: int):
+    """Count the request's images in before decoding; at capacity it is refused at once (503 + Retry-After)."""
+    from service.app import ApiError
+
+    try:
+        with _state(request).admission.admit(images):
+            yield
+    except AdmissionRefused as err:
+        raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
 
 
 def top_k_of(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[dict]:
@@ -137,25 +163,28 @@ async def classify(request: Request, top_k: int = Query(5, ge=1, description="ho
     started = time.perf_counter()
     state = _state(request)
     if not state.is_ready:
-        raise ApiError(503, "not_ready", "the model is not loaded yet (see /readyz)", headers={"Retry-After": "1"})
+        raise ApiError(503, "not_ready", f"not ready: {state.not_ready_reason} (see /readyz)",
+                       headers={"Retry-After": "1"})
     manifest = state.version.manifest
     if top_k > manifest.num_classes:
         raise ApiError(422, "invalid_parameter", f"top_k must be between 1 and {manifest.num_classes}")
     images = await collect_images(request)
-    tensors = await preprocess_all(request, images)
-    items = await infer(request, tensors)
+    with admitted(request, len(images)):
+        tensors = await preprocess_all(request, images)
+        items = await infer(request, tensors)
     total_ms = (time.perf_counter() - started) * 1000
     results = [
         {
             "filename": name,
-            "top_k": top_k_of(item.future.result(), manifest.labels, top_k),
+            "top_k": top_k_of(item.future.result(), item.served_by.model.manifest.labels, top_k),
             "timings": {"queue_ms": round(item.timings["queue_ms"], 3),
                         "inference_ms": round(item.timings["inference_ms"], 3), "total_ms": round(total_ms, 3)},
             "batch_size": item.timings["batch_size"],
         }
         for (name, _), item in zip(images, items)
     ]
-    return {"model": {"name": manifest.name, "version": manifest.version}, "results": results}
+    ran = items[0].served_by  # the engine that ran the batch: the version swapped in may be newer than `manifest`
+    return {"model": {"name": ran.name, "version": ran.version}, "results": results}
 
 
 @router.get("/healthz", summary="The process is up")
@@ -168,7 +197,7 @@ async def readyz(request: Request):
     state = _state(request)
     if state.is_ready:
         return {"status": "ready"}
-    return JSONResponse({"status": "not_ready"}, status_code=503)
+    return JSONResponse({"status": "not_ready", "reason": state.not_ready_reason}, status_code=503)
 
 
 @router.get("/models", summary="Models and versions in the repository, from their manifests")

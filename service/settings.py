@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CONVNEXT_", frozen=True, extra="forbid")
+    # hide_input_in_errors: a validation error never prints the api_key it was given.
+    model_config = SettingsConfigDict(env_prefix="CONVNEXT_", frozen=True, extra="forbid", hide_input_in_errors=True)
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
@@ -34,3 +36,36 @@ class Settings(BaseSettings):
     max_files_per_request: int = Field(32, ge=1)
     preprocess_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     warmup_runs: int = Field(2, ge=0)
+    # The HTTP edge (service/security.py, service/server.py). api_key None: no auth; api_key_file: a mounted secret.
+    api_key: SecretStr | None = None
+    api_key_file: str | None = None
+    cors_origins: list[str] = []  # empty: no CORS headers at all
+    header_timeout_s: float = Field(10.0, gt=0)  # request headers complete within this, or the connection closes
+    body_timeout_s: float = Field(30.0, gt=0)  # each chunk of a request body within this, or 408
+    max_connections: int = Field(512, ge=1)  # beyond this, 503 at once
+    backlog: int = Field(2048, ge=1)
+    timeout_keep_alive_s: float = Field(5.0, gt=0)
+    # A batch running longer than this is failed (504) and its engine abandoned and rebuilt: keep it well above
+    # a batch's normal time (TensorRT's first batch on a cold GPU included).
+    engine_timeout_ms: float = Field(10_000.0, gt=0)
+    engine_max_consecutive_failures: int = Field(5, ge=1)  # failed batches in a row before the engine is rebuilt
+    watch_interval_s: float = Field(0.0, ge=0)  # poll the repository for a newer version this often; 0: off
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_api_key_file(cls, data):
+        """api_key_file (a path the operator gives, e.g. a Docker/K8s secret) holds the key; empty keys are refused."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("api_key_file") is not None:
+            if data.get("api_key") is not None:
+                raise ValueError("set api_key or api_key_file, not both")
+            try:
+                data = {**data, "api_key": Path(data["api_key_file"]).read_text().strip()}
+            except OSError as err:
+                raise ValueError(f"api_key_file: cannot read {data['api_key_file']} ({err.strerror}); "
+                                 "point it at the file holding the key") from None
+        key = data.get("api_key")
+        if key is not None and not (key.get_secret_value() if isinstance(key, SecretStr) else str(key)).strip():
+            raise ValueError("api_key is empty; set a key, or leave it unset to serve without auth")
+        return data

@@ -102,7 +102,7 @@ def _input_tensor(spec_in: dict, binary: bytes, expected: tuple[int, int, int], 
 @router.post("/models/{name}/infer")
 @router.post("/models/{name}/versions/{version}/infer")
 async def infer(request: Request, name: str, version: str | None = None):
-    from service.routes import infer as run_items, read_body_limited
+    from service.routes import admitted, infer as run_items, read_body_limited
 
     manifest = _model(request, name, version)
     state = _state(request)
@@ -111,13 +111,15 @@ async def infer(request: Request, name: str, version: str | None = None):
     spec = manifest.input
     batch = _input_tensor(header["inputs"][0], binary, (spec.channels, spec.height, spec.width),
                           state.settings.queue_size)
-    items = await run_items(request, list(batch))
+    with admitted(request, len(batch)):
+        items = await run_items(request, list(batch))
     logits = np.stack([item.future.result() for item in items]).astype("<f4")
     wanted = header.get("outputs") or [{"name": manifest.output_name}]
     binary_out = bool((header.get("parameters") or {}).get("binary_data_output")) or any(
         (o.get("parameters") or {}).get("binary_data") for o in wanted)
     output = {"name": manifest.output_name, "datatype": "FP32", "shape": list(logits.shape)}
-    response = {"model_name": manifest.name, "model_version": str(manifest.version), "outputs": [output]}
+    ran = items[0].served_by  # the version whose engine ran the batch (a hot-swap may have happened meanwhile)
+    response = {"model_name": ran.name, "model_version": str(ran.version), "outputs": [output]}
     if "id" in header:
         response["id"] = header["id"]
     if not binary_out:

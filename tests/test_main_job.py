@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_IMAGES = 100
@@ -45,15 +44,7 @@ def test_demo_model_trained_exported_and_served_classifies_held_out_digits(tmp_p
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.1)
+        wait_ready(url, alive=lambda: server.poll() is None)
 
         _, (val_images, val_labels) = digits_split(32)  # the split the demo never trained on
         correct = 0

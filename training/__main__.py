@@ -39,9 +39,14 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from .checkpoint import CheckpointError
     from .run import train
 
-    train(config)
+    try:
+        train(config)
+    except (CheckpointError, FileNotFoundError) as error:  # --resume with a missing, tampered or truncated file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

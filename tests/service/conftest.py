@@ -33,12 +33,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, timeout_s: float = 60, alive=lambda: True) -> None:
+    """Poll `url`/readyz until it answers 200; raise if `alive()` turns false (the server died) or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if not alive():
+            raise RuntimeError(f"the service at {url} stopped before it became ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the service at {url} did not become ready within {timeout_s:g} s")
+        time.sleep(0.05)
+
+
 @contextmanager
 def serve(repository: Path, engine_factory=None, **overrides):
     """Run the real app under uvicorn on 127.0.0.1 in a thread; yields the base URL once /readyz says ready."""
     import uvicorn
 
     from service.app import create_app, default_engine
+    from service.server import uvicorn_config
     from service.settings import Settings
 
     port = free_port()
@@ -46,21 +63,15 @@ def serve(repository: Path, engine_factory=None, **overrides):
                    preprocess_workers=2, warmup_runs=1) | overrides
     settings = Settings(**options)
     app = create_app(settings, engine_factory or default_engine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("the service did not become ready within 60 s")
-        time.sleep(0.05)
+    try:
+        wait_ready(url, alive=thread.is_alive)
+    except RuntimeError:
+        server.should_exit = True
+        raise
     live = LiveServer(url)
     live.app = app
     try:

@@ -1,4 +1,4 @@
-"""The dynamic batcher in-process: lone requests go at once, queued ones batch, order holds, cancelled work is dropped."""
+"""The dynamic batcher in-process: batching, order, dropped work, model swaps between batches, the engine watchdog."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, QueueFullError
+from service.batcher import Batcher, EngineThread, EngineTimeoutError, QueueFullError, ServedModel
 from service.engines.base import Engine, EngineDescription
 from service.metrics import ServiceMetrics
 
@@ -34,6 +34,10 @@ class RecordingEngine(Engine):
         return EngineDescription("recording", "input", (1, 1, 1), 8, "fp32", "cpu")
 
 
+def served(engine: Engine, version: int = 1) -> ServedModel:
+    return ServedModel(engine, "m", version, EngineThread("engine-test"))
+
+
 def tensors(*values):
     return [np.full((1, 1, 1), v, np.float32) for v in values]
 
@@ -45,7 +49,7 @@ def run(coro):
 def test_lone_request_goes_at_once_even_with_a_long_delay():
     async def scenario():
         engine = RecordingEngine()
-        batcher = Batcher(engine, "m", max_batch_size=8, max_queue_delay_ms=60_000, queue_size=16, metrics=ServiceMetrics())
+        batcher = Batcher(served(engine), max_batch_size=8, max_queue_delay_ms=60_000, queue_size=16, metrics=ServiceMetrics())
         batcher.start()
         (item,) = batcher.submit(tensors(7), time.monotonic() + 10)
         row = await asyncio.wait_for(item.future, 5)  # would time out if the batch waited for the 60 s delay
@@ -59,7 +63,7 @@ def test_lone_request_goes_at_once_even_with_a_long_delay():
 def test_queued_images_batch_together_in_order_across_batches():
     async def scenario():
         engine = RecordingEngine()
-        batcher = Batcher(engine, "m", max_batch_size=4, max_queue_delay_ms=1, queue_size=32, metrics=ServiceMetrics())
+        batcher = Batcher(served(engine), max_batch_size=4, max_queue_delay_ms=1, queue_size=32, metrics=ServiceMetrics())
         batcher.start()
         engine.gate.clear()  # hold the engine so the following requests queue up behind the first batch
         first = batcher.submit(tensors(0), time.monotonic() + 10)
@@ -78,7 +82,7 @@ def test_queued_images_batch_together_in_order_across_batches():
 def test_cancelled_items_are_dropped_before_running_and_full_queue_refuses_whole_request():
     async def scenario():
         engine = RecordingEngine()
-        batcher = Batcher(engine, "m", max_batch_size=8, max_queue_delay_ms=1, queue_size=4, metrics=ServiceMetrics())
+        batcher = Batcher(served(engine), max_batch_size=8, max_queue_delay_ms=1, queue_size=4, metrics=ServiceMetrics())
         batcher.start()
         engine.gate.clear()
         batcher.submit(tensors(0), time.monotonic() + 10)
@@ -95,6 +99,82 @@ def test_cancelled_items_are_dropped_before_running_and_full_queue_refuses_whole
         return engine.batches
 
     assert run(scenario()) == [[0.0], [3.0]]
+
+
+def test_swap_happens_between_batches_and_the_taken_batch_finishes_on_the_old_engine():
+    async def scenario():
+        old, new = RecordingEngine(), RecordingEngine()
+        batcher = Batcher(served(old, 1), max_batch_size=8, max_queue_delay_ms=1, queue_size=32,
+                          metrics=ServiceMetrics())
+        batcher.start()
+        old.gate.clear()  # the old engine is busy with the first batch
+        taken = batcher.submit(tensors(1), time.monotonic() + 10)
+        await asyncio.sleep(0.05)
+        queued = batcher.submit(tensors(2, 3), time.monotonic() + 10)
+        swap = asyncio.ensure_future(batcher.swap(served(new, 2)))
+        await asyncio.sleep(0.05)
+        swap_waited_for_old_batch = not swap.done()
+        old.gate.set()
+        previous = await swap
+        await asyncio.gather(*(i.future for i in taken + queued))
+        await batcher.drain()
+        versions = [i.served_by.version for i in taken + queued]
+        return old.batches, new.batches, previous, versions, swap_waited_for_old_batch
+
+    old_batches, new_batches, previous, versions, waited = run(scenario())
+    assert old_batches == [[1.0]] and new_batches == [[2.0, 3.0]]  # no batch mixes the two models
+    assert versions == [1, 2, 2] and previous.version == 1 and waited
+
+
+def test_a_batch_past_the_engine_timeout_fails_at_once_and_later_work_waits_for_a_new_engine():
+    async def scenario():
+        hung, fresh = RecordingEngine(), RecordingEngine()
+        broken = []
+        batcher = Batcher(served(hung), max_batch_size=8, max_queue_delay_ms=1, queue_size=32,
+                          metrics=ServiceMetrics(), engine_timeout_ms=100,
+                          on_broken=lambda model, reason, detail: broken.append((model, reason)))
+        batcher.start()
+        hung.gate.clear()  # never released during the test: the engine call hangs
+        (stuck,) = batcher.submit(tensors(1), time.monotonic() + 10)
+        with pytest.raises(EngineTimeoutError, match="engine_timeout_ms"):
+            await asyncio.wait_for(stuck.future, 5)
+        (waiting,) = batcher.submit(tensors(2), time.monotonic() + 10)
+        await asyncio.sleep(0.05)
+        waited = not waiting.future.done()  # no engine: the image stays queued instead of failing
+        await batcher.swap(served(fresh, 2))
+        row = await asyncio.wait_for(waiting.future, 5)
+        hung.gate.set()
+        await batcher.drain()
+        return broken, waited, row, waiting.served_by.version, fresh.batches
+
+    broken, waited, row, version, fresh_batches = run(scenario())
+    assert [reason for _, reason in broken] == ["engine_timeout"] and waited
+    assert row[0] == 2.0 and version == 2 and fresh_batches == [[2.0]]
+
+
+def test_consecutive_failed_batches_detach_the_engine_but_one_failure_does_not():
+    class FailingEngine(RecordingEngine):
+        def run(self, batch):
+            raise RuntimeError("device error")
+
+    async def scenario():
+        broken = []
+        batcher = Batcher(served(FailingEngine()), max_batch_size=8, max_queue_delay_ms=1, queue_size=32,
+                          metrics=ServiceMetrics(), max_consecutive_failures=3,
+                          on_broken=lambda model, reason, detail: broken.append((reason, detail)))
+        batcher.start()
+        counts = []
+        for value in range(3):
+            (item,) = batcher.submit(tensors(value), time.monotonic() + 10)
+            with pytest.raises(Exception, match="device error"):
+                await item.future
+            counts.append(len(broken))
+        batcher.task.cancel()
+        return counts, broken
+
+    counts, broken = run(scenario())
+    assert counts == [0, 0, 1]
+    assert broken[0][0] == "consecutive_failures" and "3 batches failed in a row" in broken[0][1]
 
 
 def test_readyz_goes_false_when_the_batcher_dies(model_repository, launch, real_photos):

@@ -24,7 +24,7 @@ def inflight(url: str) -> float:
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits(model_repository, real_photos):
-    from tests.service.conftest import free_port
+    from tests.service.conftest import free_port, wait_ready
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -33,15 +33,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(model_repository, real_p
                                 "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "1"],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "service did not start"
-            time.sleep(0.1)
+        wait_ready(url, alive=lambda: process.poll() is None)
         files = [("files", (p.name, p.read_bytes(), "image/*")) for p in real_photos] * 4
 
         def post(_):

@@ -1,0 +1,252 @@
+"""The served model: owns the model version, its engine and the batcher; hot-swaps versions and recovers engines."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from export.repository import ModelRepository, ModelVersion, RepositoryError
+from service.batcher import Batcher, EngineThread, ServedModel
+from service.engines.base import Engine
+from service.metrics import ServiceMetrics
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+logger = logging.getLogger("convnext.service")
+EngineFactory = Callable[[ModelVersion, "Settings"], Engine]
+RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class ReloadRefused(Exception):
+    """A reload was not done; the served model is unchanged. Carries the HTTP status and error code."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class SmokeRunError(RuntimeError):
+    """A freshly loaded engine gave wrong output on its smoke run."""
+
+
+def load_model_version(repository: ModelRepository, name: str | None, version: int | None) -> ModelVersion:
+    """The version to serve at start: `name` (default: the first model) at `version` (default: the latest)."""
+    models = repository.models()
+    if not models:
+        raise RuntimeError(f"the model repository {str(repository.root)!r} has no models; export one with "
+                           "`convnext export onnx ...` or run `make demo-model`")
+    return repository.load(name or models[0], version)
+
+
+class ModelManager:
+    """One job: which model version is served by which engine, and replacing that engine safely.
+
+    Every engine is built, loaded, warmed up and smoke-run on its own new thread while the current one keeps
+    serving; the batcher then swaps between batches. A broken engine (timeout or repeated failures, reported
+    by the batcher) is abandoned and rebuilt from the same version until one works.
+    """
+
+    def __init__(self, settings: "Settings", metrics: ServiceMetrics, engine_factory: EngineFactory):
+        self.settings, self.metrics, self.engine_factory = settings, metrics, engine_factory
+        self.repository = ModelRepository(settings.repository)
+        self.current: ServedModel | None = None  # the last model swapped in (also while its engine is broken)
+        self.batcher: Batcher | None = None
+        self._broken_reason: str | None = "the model is not loaded yet"
+        self._refused_versions: set[int] = set()
+        self._lock = asyncio.Lock()  # one reload or recovery at a time
+        self._recovery: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()
+        registry = metrics.registry
+        self.restarts = Counter("convnext_engine_restarts_total", "engines abandoned and rebuilt, by reason",
+                                ["reason"], registry=registry)
+        self.reloads = Counter("convnext_model_reloads_total", "model reloads, by result", ["result"],
+                               registry=registry)
+        ready = Gauge("convnext_ready", "1 while the service can classify (what /readyz says)", registry=registry)
+        ready.set_function(lambda: float(self.not_ready_reason is None))
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        if self._broken_reason is not None:
+            return self._broken_reason
+        if self.batcher is None or not self.batcher.alive:
+            return "the batcher is not running"
+        if self._watch is not None and self._watch.done():
+            return "the repository watcher stopped"
+        return None
+
+    @property
+    def model(self) -> ModelVersion | None:
+        return self.current.model if self.current is not None else None
+
+    async def start(self) -> None:
+        settings = self.settings
+        model = await asyncio.to_thread(load_model_version, self.repository, settings.model, settings.version)
+        served = await self._build(model)
+        spec = served.engine.describe()
+        self.batcher = Batcher(served, min(settings.max_batch_size, spec.max_batch_size), settings.max_queue_delay_ms,
+                               settings.queue_size, self.metrics, engine_timeout_ms=settings.engine_timeout_ms,
+                               max_consecutive_failures=settings.engine_max_consecutive_failures,
+                               on_broken=self._on_broken)
+        self.batcher.start()
+        self.current = served
+        self._broken_reason = None
+        self._show(None, served)
+        if settings.watch_interval_s > 0:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_repository(), name="repository-watch")
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        self._broken_reason = "the service is shutting down"
+        for task in (self._watch, self._recovery):
+            if task is not None:
+                task.cancel()
+        if self.batcher is not None:
+            await self.batcher.drain(drain_timeout_s)
+        if self.current is not None and (self.batcher is None or self.batcher.served is self.current):
+            await self._close(self.current)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def reload(self, version: int | None) -> dict:
+        """Load `version` (None: the latest) of the served model and swap it in, or raise ReloadRefused."""
+        if self._lock.locked():
+            raise ReloadRefused(409, "reload_in_progress", "a reload or an engine recovery is in progress; retry "
+                                "when /readyz says ready")
+        async with self._lock:
+            name = self.current.name
+            known = await asyncio.to_thread(self.repository.versions, name)
+            target = version if version is not None else max(known, default=None)
+            if target is None or target not in known:
+                raise ReloadRefused(404, "version_not_found", f"{name}/{version or 'latest'} is not in the "
+                                    f"repository (it has versions {known})")
+            try:
+                model = await asyncio.to_thread(self.repository.load, name, target)
+                self._check_compatible(model)
+                served = await self._build(model)
+            except Exception as err:  # a bad hash or manifest, a missing file, an engine that fails to load or run
+                self._refused_versions.add(target)
+                self.reloads.labels("refused").inc()
+                message = err.message if isinstance(err, ReloadRefused) else f"{type(err).__name__}: {err}"
+                logger.warning("refused to serve %s/%s: %s", name, target, message)
+                raise ReloadRefused(422, "version_refused", f"{name}/{target} was refused, still serving "
+                                    f"{name}/{self.current.version}: {message}") from None
+            previous = await self._install(served)
+            self._refused_versions.discard(served.version)
+            self.reloads.labels("ok").inc()
+            logger.info("now serving %s/%s", served.name, served.version)
+            return {"model": {"name": served.name, "version": served.version},
+                    "previous": {"name": previous.name, "version": previous.version} if previous else None}
+
+    def _check_compatible(self, model: ModelVersion) -> None:
+        """Queued images were preprocessed for the served version: a new one must take the same input."""
+        old, new = self.current.model.manifest, model.manifest
+        if (old.input, old.preprocess) != (new.input, new.preprocess):
+            raise ReloadRefused(422, "version_refused", f"its input or preprocessing differs from the served "
+                                f"version's ({new.input} {new.preprocess}); restart the service to change them")
+
+    async def _build(self, model: ModelVersion) -> ServedModel:
+        """Build, load, warm up and smoke-run an engine on a new thread of its own, off the event loop."""
+        manifest = model.manifest
+        thread = EngineThread(f"engine-{manifest.name}-{manifest.version}")
+        try:
+            engine = await asyncio.wrap_future(thread.submit(self._prepare_engine, model))
+        except BaseException:
+            thread.stop()
+            raise
+        return ServedModel(engine, manifest.name, manifest.version, thread, model)
+
+    def _prepare_engine(self, model: ModelVersion) -> Engine:
+        engine = self.engine_factory(model, self.settings)
+        try:
+            engine.load()
+            engine.warmup(self.settings.warmup_runs)
+            spec = engine.describe()
+            logits = engine.run(np.zeros((1, *spec.input_shape), dtype=np.float32))
+            expected = (1, model.manifest.num_classes)
+            if np.shape(logits) != expected:
+                raise SmokeRunError(f"the smoke run gave logits of shape {np.shape(logits)}, expected {expected}")
+            if not np.isfinite(logits).all():
+                raise SmokeRunError("the smoke run gave non-finite logits (NaN or inf)")
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    async def _install(self, served: ServedModel) -> ServedModel | None:
+        previous_current = self.current
+        previous = await self.batcher.swap(served)  # returns once the previous engine's last batch is done
+        self.current = served
+        self._broken_reason = None
+        self._show(previous_current, served)
+        if previous is not None:
+            await self._close(previous)
+        return previous_current
+
+    async def _close(self, served: ServedModel) -> None:
+        closing = asyncio.wrap_future(served.thread.submit(served.engine.close))
+        served.thread.stop()
+        try:
+            await closing
+        except Exception as err:  # the engine is gone either way; say so and carry on serving
+            logger.warning("closing the engine of %s/%s failed: %s", served.name, served.version, err)
+
+    def _show(self, previous: ServedModel | None, served: ServedModel) -> None:
+        """convnext_model_info names exactly the served model."""
+        if previous is not None:
+            spec = previous.engine.describe()
+            try:
+                self.metrics.model_info.remove(previous.name, str(previous.version), spec.name, spec.precision)
+            except KeyError:  # the same labels were already removed (a rebuilt engine of the same version)
+                pass
+        spec = served.engine.describe()
+        self.metrics.model_info.labels(served.name, str(served.version), spec.name, spec.precision).set(1)
+
+    def _on_broken(self, served: ServedModel, reason: str, detail: str) -> None:
+        """Called by the batcher when it stops using an engine; rebuild one from the same version."""
+        self._broken_reason = f"{reason}: {detail}"
+        self.restarts.labels(reason).inc()
+        logger.error("engine of %s/%s is broken (%s); rebuilding it", served.name, served.version, detail)
+        if reason == "engine_timeout":
+            served.thread.stop()  # abandoned: the hung call may still be using the engine, so it is not closed
+        else:
+            task = asyncio.get_running_loop().create_task(self._close(served))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(self._recover(served.model), name="engine-recovery")
+
+    async def _recover(self, model: ModelVersion) -> None:
+        async with self._lock:
+            attempt = 0
+            while self.batcher.served is None:
+                try:
+                    served = await self._build(model)
+                except Exception as err:  # keep trying: the service is useless without an engine
+                    delay = RECOVERY_BACKOFF_S[min(attempt, len(RECOVERY_BACKOFF_S) - 1)]
+                    attempt += 1
+                    self._broken_reason = (f"rebuilding the engine failed ({type(err).__name__}: {err}); "
+                                           f"retrying in {delay:.0f} s")
+                    logger.error(self._broken_reason)
+                    await asyncio.sleep(delay)
+                    continue
+                await self._install(served)
+                logger.info("engine of %s/%s rebuilt; serving again", served.name, served.version)
+
+    async def _watch_repository(self) -> None:
+        """Poll the repository for a newer version of the served model and reload it like /admin/reload."""
+        while True:
+            await asyncio.sleep(self.settings.watch_interval_s)
+            try:
+                latest = await asyncio.to_thread(self.repository.latest_version, self.current.name)
+            except (RepositoryError, OSError) as err:
+                logger.warning("cannot read the model repository: %s", err)
+                continue
+            if latest <= self.current.version or latest in self._refused_versions or self._lock.locked():
+                continue
+            try:
+                await self.reload(latest)
+            except ReloadRefused as err:
+                logger.warning("not serving the new version: %s", err.message)

@@ -1,0 +1,107 @@
+"""The uvicorn server set-up: a header read timeout (against slowloris), JSON 503 beyond max_connections."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import uvicorn
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+
+class EdgeLimitsMixin:
+    """Over uvicorn's HTTP protocol (h11 or httptools, the same hooks in both).
+
+    uvicorn has no request-header read timeout: its keep-alive timer only runs between requests and any byte
+    received cancels it, so a client trickling a header line a second holds a connection forever. Here a timer
+    starts when the connection opens and after each response, and only a complete request head (uvicorn then
+    creates a new request cycle) stops it. uvicorn's own `limit_concurrency` answers a text/plain 503; this takes
+    the limit over to answer the service's JSON error with Retry-After.
+    """
+
+    header_timeout_s: float
+    metrics: ServiceMetrics
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_connections, self.limit_concurrency = self.limit_concurrency, None
+        self.app = self._limit_connections(self.app)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._cycle_before_headers = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._start_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._header_timer is not None and self.cycle is not self._cycle_before_headers:
+            self._stop_header_timer()  # the request head is complete
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Idle now, unless a pipelined request, already parsed, has just been started.
+        if self.cycle.response_complete and not self.transport.is_closing():
+            self._start_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def _start_header_timer(self) -> None:
+        self._stop_header_timer()
+        self._cycle_before_headers = self.cycle
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._on_header_timeout)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        # get_protocol: a WebSocket upgrade hands the connection to another protocol with a complete request head.
+        if not self.transport.is_closing() and self.transport.get_protocol() is self:
+            self.metrics.rejected.labels("header_timeout").inc()
+            self.transport.close()
+
+    def _limit_connections(self, app: ASGIApp) -> ASGIApp:
+        async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+            # uvicorn's check, counted with this request's own connection and task already in the sets.
+            if self.max_connections is None or (len(self.connections) <= self.max_connections
+                                                and len(self.tasks) <= self.max_connections):
+                await app(scope, receive, send)
+                return
+            self.metrics.rejected.labels("too_many_connections").inc()
+            body = json.dumps({"error": {"code": "too_many_connections", "message": "the server is at its limit "
+                                         f"of {self.max_connections} connections; retry shortly"}}).encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()),
+                                    (b"retry-after", b"1"), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+
+        return limited
+
+
+def http_protocol(header_timeout_s: float, metrics: ServiceMetrics) -> type:
+    """The protocol class uvicorn would pick (`http="auto"`), with the edge limits mixed in."""
+    return type(f"Edge{AutoHTTPProtocol.__name__}", (EdgeLimitsMixin, AutoHTTPProtocol),
+                {"header_timeout_s": header_timeout_s, "metrics": metrics})
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") -> uvicorn.Config:
+    """The one server set-up, used by `python -m service` and by the tests' live server."""
+    return uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=log_level,
+        http=http_protocol(settings.header_timeout_s, app.state.metrics),
+        limit_concurrency=settings.max_connections, backlog=settings.backlog,
+        timeout_keep_alive=settings.timeout_keep_alive_s,
+        # uvicorn stops accepting on SIGTERM, waits for in-flight requests, then runs the lifespan shutdown,
+        # which drains the batcher.
+        timeout_graceful_shutdown=int(settings.request_timeout_ms / 1000) + 5,
+    )

@@ -1,0 +1,144 @@
+"""Engine health: a hung or repeatedly failing engine is detected, /readyz says why, and a rebuilt engine serves.
+
+The engines are the real ONNX Runtime engine, subclassed to hang or fail on an all-black image (the cue); the
+factory holds every rebuild until the test has seen the broken state, so nothing depends on timing.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+
+from service.app import default_engine
+from service.engines.base import EngineError
+from service.engines.onnxruntime import OnnxRuntimeEngine
+
+
+def black_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 80), (0, 0, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def holds_black_image(batch: np.ndarray) -> bool:
+    return bool((batch.reshape(batch.shape[0], -1).max(axis=1) < -1.5).any())  # a black image is below -1.8
+
+
+class HangingEngine(OnnxRuntimeEngine):
+    """A batch holding a black image blocks until `release` is set, as a stuck GPU call would."""
+
+    release: threading.Event
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if holds_black_image(batch):
+            self.release.wait(60)
+        return super().run(batch)
+
+
+class PoisonedEngine(OnnxRuntimeEngine):
+    """Once it has seen a black image every batch fails, as a GPU left in an error state; a new one is healthy."""
+
+    poisoned = False
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.poisoned = self.poisoned or holds_black_image(batch)
+        if self.poisoned:
+            raise RuntimeError("simulated sticky GPU fault")
+        return super().run(batch)
+
+
+class GatedFactory:
+    """The service's own engine factory with the engine class swapped; builds after the first wait for `rebuild`."""
+
+    def __init__(self, engine_class, failing_rebuilds: int = 0):
+        self.engine_class = engine_class
+        self.failing_rebuilds = failing_rebuilds  # rebuilds that raise, as a device still resetting would
+        self.builds = 0
+        self.rebuild = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, version, settings):
+        self.builds += 1
+        if self.builds > 1:
+            self.rebuild.wait(60)
+        if 1 < self.builds <= 1 + self.failing_rebuilds:
+            raise EngineError("simulated: the device is still resetting")
+        engine = default_engine(version, settings)
+        engine.__class__ = self.engine_class
+        engine.release = self.release
+        return engine
+
+    def open(self):
+        self.rebuild.set()
+        self.release.set()
+
+
+def post(url: str, data: bytes, content_type: str) -> httpx.Response:
+    return httpx.post(f"{url}/classify", content=data, headers={"content-type": content_type}, timeout=60)
+
+
+def wait_until_ready(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/readyz").status_code != 200:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not ready again after {timeout_s} s: {httpx.get(f'{url}/readyz').json()}")
+        time.sleep(0.05)
+
+
+def assert_broken_then_recovers(url: str, build: GatedFactory, reason: str, photo: bytes) -> None:
+    """Broken: /readyz and /classify say why; once rebuilds may go ahead, a new engine (after any failed
+    rebuilds, retried) serves version 1 again."""
+    readyz = httpx.get(f"{url}/readyz")
+    assert readyz.status_code == 503
+    assert readyz.json()["status"] == "not_ready" and reason in readyz.json()["reason"]
+    assert httpx.get(f"{url}/v2/health/ready").status_code == 503
+    refused = post(url, photo, "image/jpeg")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "not_ready" and reason in refused.json()["error"]["message"]
+    assert "convnext_ready 0.0" in httpx.get(f"{url}/metrics").text
+    busy = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)  # the rebuild holds the model
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "reload_in_progress"
+    build.rebuild.set()  # let the service build its new engine
+    wait_until_ready(url)
+    served = post(url, photo, "image/jpeg")
+    assert served.status_code == 200 and served.json()["model"]["version"] == 1
+    metrics = httpx.get(f"{url}/metrics").text
+    assert f'convnext_engine_restarts_total{{reason="{reason}"}} 1.0' in metrics
+    assert "convnext_ready 1.0" in metrics
+    assert build.builds == 2 + build.failing_rebuilds
+
+
+def test_hung_engine_times_out_goes_not_ready_and_is_rebuilt_without_restart(model_repository, real_photos, launch):
+    build = GatedFactory(HangingEngine)
+    photo = real_photos[0].read_bytes()
+    try:
+        with launch(model_repository, build, engine_timeout_ms=2000, warmup_runs=0) as url:
+            assert post(url, photo, "image/jpeg").status_code == 200
+            hung = post(url, black_png(), "image/png")  # the request deadline is 30 s: the watchdog answers first
+            assert hung.status_code == 504
+            assert hung.json()["error"]["code"] == "engine_timeout" and "2000 ms" in hung.json()["error"]["message"]
+            assert_broken_then_recovers(url, build, "engine_timeout", photo)
+    finally:
+        build.open()  # end the abandoned call
+
+
+def test_engine_failing_batch_after_batch_is_rebuilt_retrying_a_failed_rebuild(model_repository, real_photos,
+                                                                              launch):
+    build = GatedFactory(PoisonedEngine, failing_rebuilds=1)
+    photo = real_photos[1].read_bytes()
+    try:
+        with launch(model_repository, build, engine_max_consecutive_failures=2, warmup_runs=0) as url:
+            first = post(url, black_png(), "image/png")
+            assert first.status_code == 500 and first.json()["error"]["code"] == "inference_failed"
+            assert httpx.get(f"{url}/readyz").status_code == 200  # one failed batch is that batch's problem only
+            second = post(url, photo, "image/jpeg")
+            assert second.status_code == 500 and "sticky GPU fault" in second.json()["error"]["message"]
+            assert_broken_then_recovers(url, build, "consecutive_failures", photo)
+    finally:
+        build.open()

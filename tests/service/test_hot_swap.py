@@ -1,0 +1,171 @@
+"""Model hot-swap: a new version is swapped in under load without losing a request; a broken one is refused."""
+from __future__ import annotations
+
+import itertools
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from export.repository import ModelRepository, now_utc
+from service.app import default_engine
+from service.engines.onnxruntime import OnnxRuntimeEngine
+
+NAME = "atto"
+
+
+@pytest.fixture(scope="module")
+def swap_repository(tmp_path_factory, model_repository) -> Path:
+    """Version 1 from the session repository, and a version 2 of the same model exported with other weights."""
+    import torch
+
+    from export.onnx import export_onnx_version
+
+    root = tmp_path_factory.mktemp("swap-models")
+    shutil.copytree(model_repository / NAME / "1", root / NAME / "1")
+    torch.manual_seed(2)
+    export_onnx_version(root, NAME, "convnext_atto", num_classes=10, input_size=64)
+    return root
+
+
+def publish_copy_of(root: Path, source: int, corrupt: bool = False) -> int:
+    """Publish the next version with the files of `source`; `corrupt` flips bytes of its model file afterwards."""
+    repository = ModelRepository(root)
+    original = repository.load(NAME, source)
+    with repository.new_version(NAME) as staged:
+        for artifact in original.manifest.artifacts:
+            shutil.copy(original.artifact_path(artifact), staged.path / artifact.file)
+        staged.manifest = original.manifest.model_copy(update={"version": staged.version, "created_at": now_utc()})
+    if corrupt:
+        model_file = root / NAME / str(staged.version) / original.manifest.artifacts[0].file
+        data = bytearray(model_file.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 64])
+        model_file.write_bytes(bytes(data))
+    return staged.version
+
+
+class NanEngine(OnnxRuntimeEngine):
+    """The real engine, with a numerical fault: every logit comes out NaN."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return np.full_like(super().run(batch), np.nan)
+
+
+def nan_engine_for(versions: set[int]):
+    def build(version, settings):
+        engine = default_engine(version, settings)
+        if version.manifest.version in versions:
+            engine.__class__ = NanEngine
+        return engine
+
+    return build
+
+
+class Client(threading.Thread):
+    """Posts real photos back to back until stopped; records every outcome (status, model version) in order."""
+
+    def __init__(self, url: str, photos: list[bytes]):
+        super().__init__(daemon=True)
+        self.url, self.photos = url, photos
+        self.stop = threading.Event()
+        self.sent = 0
+        self.outcomes: list[tuple[int, int | None]] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            for photo in itertools.cycle(self.photos):
+                if self.stop.is_set():
+                    return
+                self.sent += 1
+                try:
+                    response = client.post(f"{self.url}/classify", content=photo,
+                                           headers={"content-type": "application/octet-stream"})
+                except httpx.HTTPError as err:
+                    self.errors.append(repr(err))
+                    continue
+                version = response.json()["model"]["version"] if response.status_code == 200 else None
+                self.outcomes.append((response.status_code, version))
+
+    def count(self, version: int) -> int:
+        return sum(1 for _, v in self.outcomes if v == version)
+
+
+def wait_for(condition, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def served_version(url: str, photo: bytes) -> int:
+    response = httpx.post(f"{url}/classify", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)
+    assert response.status_code == 200
+    return response.json()["model"]["version"]
+
+
+def test_reload_under_load_loses_no_request_and_refuses_broken_versions(swap_repository, real_photos, launch):
+    photos = [p.read_bytes() for p in real_photos]
+    factory = nan_engine_for(set())
+    with launch(swap_repository, factory, version=1, max_batch_size=4, max_queue_delay_ms=5) as url:
+        clients = [Client(url, photos[i:] + photos[:i]) for i in range(3)]
+        for client in clients:
+            client.start()
+        try:
+            wait_for(lambda: all(c.count(1) >= 3 for c in clients), "answers from version 1")
+            reload = httpx.post(f"{url}/admin/reload", json={"version": None}, timeout=60)  # null: the latest
+            assert reload.status_code == 200, reload.text
+            assert reload.json() == {"model": {"name": NAME, "version": 2}, "previous": {"name": NAME, "version": 1}}
+            wait_for(lambda: all(c.count(2) >= 3 for c in clients), "answers from version 2")
+        finally:
+            for client in clients:
+                client.stop.set()
+            for client in clients:
+                client.join(60)
+        for client in clients:
+            assert client.errors == [] and len(client.outcomes) == client.sent  # every request answered
+            assert {status for status, _ in client.outcomes} == {200}
+            versions = [v for _, v in client.outcomes]
+            assert versions == sorted(versions) and set(versions) == {1, 2}  # v1, then only v2
+
+        corrupt = publish_copy_of(swap_repository, 2, corrupt=True)
+        refused = httpx.post(f"{url}/admin/reload", json={"version": corrupt}, timeout=60)
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "version_refused"
+        message = refused.json()["error"]["message"]
+        assert "sha256" in message and "still serving atto/2" in message
+        assert served_version(url, photos[0]) == 2
+
+        missing = httpx.post(f"{url}/admin/reload", json={"version": 99}, timeout=60)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "version_not_found"
+
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'convnext_model_reloads_total{result="ok"} 1.0' in metrics
+        assert 'convnext_model_reloads_total{result="refused"} 1.0' in metrics
+        info = [line for line in metrics.splitlines() if line.startswith("convnext_model_info{")]
+        assert len(info) == 1 and 'version="2"' in info[0]
+
+
+def test_watcher_refuses_an_engine_with_bad_output_then_serves_the_next_good_version(swap_repository, real_photos,
+                                                                                     launch, tmp_path):
+    for version in ("1", "2"):  # a repository of its own: only versions 1 and 2, whatever other tests published
+        shutil.copytree(swap_repository / NAME / version, tmp_path / NAME / version)
+    photo = real_photos[2].read_bytes()
+    bad = 3
+    with launch(tmp_path, nan_engine_for({bad}), version=2, watch_interval_s=0.1) as url:
+        def watcher_refused_it() -> bool:
+            return 'convnext_model_reloads_total{result="refused"} 1.0' in httpx.get(f"{url}/metrics").text
+
+        assert publish_copy_of(tmp_path, 2) == bad  # good files, but its engine answers NaN
+        wait_for(watcher_refused_it, "the watcher to try and refuse the NaN version")
+        assert httpx.get(f"{url}/readyz").status_code == 200 and served_version(url, photo) == 2
+        refused = httpx.post(f"{url}/admin/reload", json={"version": bad}, timeout=60)
+        assert refused.status_code == 422 and "smoke run" in refused.json()["error"]["message"]
+
+        good = publish_copy_of(tmp_path, 2)
+        wait_for(lambda: served_version(url, photo) == good, f"the watcher to serve version {good}")
+        assert httpx.get(f"{url}/readyz").status_code == 200

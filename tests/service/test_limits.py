@@ -1,0 +1,173 @@
+"""Connection-level limits over raw sockets: slow headers, stalled bodies, too many connections, files per request,
+and a client that leaves before its answer."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from service.engines.onnxruntime import OnnxRuntimeEngine
+from tests.service.test_faults import factory
+
+
+def connect(url: str) -> socket.socket:
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=10)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+
+
+def closed_by_server(sock: socket.socket, trickle: bytes = b"", deadline_s: float = 15) -> bool:
+    """Keep sending `trickle` (a header byte at a time, as slowloris does) until the server closes the socket."""
+    sock.settimeout(0.1)
+    give_up = time.monotonic() + deadline_s
+    while time.monotonic() < give_up:
+        try:
+            if trickle:
+                sock.sendall(trickle)
+            if sock.recv(1024) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+    return False
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of a metric's samples, or one sample's value when `name` has its labels (0 when absent)."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+@pytest.fixture(scope="module")
+def strict_url(model_repository, launch):
+    with launch(model_repository, header_timeout_s=0.5, body_timeout_s=0.5, max_files_per_request=3) as url:
+        yield url
+
+
+def test_slow_request_headers_are_cut_off_while_others_are_served(strict_url):
+    stalled = connect(strict_url)
+    stalled.sendall(b"POST /classify HTTP/1.1\r\nHost: test\r\n")  # half a request head, then nothing
+    trickling = connect(strict_url)
+    trickling.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+    assert httpx.get(f"{strict_url}/healthz").status_code == 200  # another connection is served meanwhile
+    assert closed_by_server(stalled)
+    assert closed_by_server(trickling, trickle=b"X")  # bytes arriving do not keep a head open forever
+    assert metric(strict_url, 'convnext_rejected_total{reason="header_timeout"}') >= 2
+    stalled.close()
+    trickling.close()
+
+
+def test_keep_alive_connection_gets_the_same_header_timeout_for_its_next_request(strict_url):
+    sock = connect(strict_url)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert read_response(sock)[0] == 200
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: te")  # uvicorn's keep-alive timer stops at this first byte
+    assert closed_by_server(sock, trickle=b"s")
+    sock.close()
+
+
+def test_a_body_that_stalls_gets_408_and_never_reaches_the_batcher(strict_url, real_photos):
+    jpeg = real_photos[0].read_bytes()
+    images_before = metric(strict_url, "convnext_images_total")
+    sock = connect(strict_url)
+    sock.sendall(b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(jpeg) + jpeg[: len(jpeg) // 2])
+    status, headers, body = read_response(sock)
+    assert status == 408
+    assert json.loads(body)["error"]["code"] == "body_timeout"
+    assert closed_by_server(sock)
+    sock.close()
+    assert metric(strict_url, "convnext_images_total") == images_before
+    assert httpx.post(f"{strict_url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
+
+
+def test_connections_beyond_the_limit_get_json_503_then_the_service_serves_again(model_repository, launch,
+                                                                                real_photos):
+    with launch(model_repository, max_connections=2) as url:
+        check_connection_limit(url, real_photos[0].read_bytes())
+
+
+def check_connection_limit(strict_url: str, jpeg: bytes) -> None:
+    held = [connect(strict_url) for _ in range(2)]
+    for sock in held:  # a full request each, so the server has surely accepted both connections
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert read_response(sock)[0] == 200
+    refused = httpx.get(f"{strict_url}/healthz")
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "too_many_connections"
+    for sock in held:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while (status := httpx.get(f"{strict_url}/healthz").status_code) != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server notices the closed connections on its next loop turn
+    assert status == 200
+    assert httpx.post(f"{strict_url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
+
+
+def test_exactly_max_files_per_request_is_accepted_one_more_is_413(strict_url, real_photos):
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in real_photos[:4]]
+    accepted = httpx.post(f"{strict_url}/classify", files=files[:3], timeout=30)
+    assert accepted.status_code == 200
+    assert [r["filename"] for r in accepted.json()["results"]] == [p.name for p in real_photos[:3]]
+    refused = httpx.post(f"{strict_url}/classify", files=files, timeout=30)
+    assert refused.status_code == 413
+    assert refused.json()["error"]["code"] == "too_many_files"
+
+
+class GatedEngine(OnnxRuntimeEngine):
+    """The real ONNX Runtime engine, holding each batch until the test opens the gate."""
+
+    batch_started = threading.Event()
+    gate = threading.Event()
+
+    def run(self, batch):
+        self.batch_started.set()
+        self.gate.wait(30)
+        return super().run(batch)
+
+
+def test_a_client_that_leaves_is_counted_and_its_queued_images_never_run(model_repository, real_photos, launch):
+    jpeg = real_photos[0].read_bytes()
+    GatedEngine.gate.set()  # the check batch the service runs when it loads goes through
+    with launch(model_repository, factory(GatedEngine), max_batch_size=1, warmup_runs=0) as url:
+        GatedEngine.gate.clear()
+        GatedEngine.batch_started.clear()
+        first = threading.Thread(target=httpx.post, args=(f"{url}/classify",),
+                                 kwargs=dict(content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30))
+        first.start()
+        assert GatedEngine.batch_started.wait(20)  # the first request holds the engine
+        body = b"".join(b"--b\r\nContent-Disposition: form-data; name=files; filename=%d.jpg\r\n"
+                        b"Content-Type: image/jpeg\r\n\r\n" % i + jpeg + b"\r\n" for i in range(4)) + b"--b--\r\n"
+        leaving = connect(url)
+        leaving.sendall(b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        wait_for_metric(url, "convnext_queue_depth", 4)
+        leaving.close()  # while its four images wait behind the first request
+        wait_for_metric(url, 'convnext_rejected_total{reason="client_disconnected"}', 1)
+        GatedEngine.gate.set()
+        first.join()
+        second = httpx.post(f"{url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30)
+        assert second.status_code == 200  # the service keeps serving
+        text = httpx.get(f"{url}/metrics").text
+        assert 'convnext_rejected_total{reason="client_disconnected"} 1.0' in text
+        assert metric(url, "convnext_images_total") == 2  # the first and the second request, none of the four
+
+
+def wait_for_metric(url: str, name: str, at_least: float) -> None:
+    deadline = time.monotonic() + 20
+    while metric(url, name) < at_least:
+        assert time.monotonic() < deadline, f"{name} never reached {at_least}"
+        time.sleep(0.01)

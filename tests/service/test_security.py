@@ -1,0 +1,129 @@
+"""The HTTP edge over real HTTP: API-key auth, CORS off by default and per origin, and no user-supplied paths."""
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from service.settings import Settings
+
+API_KEY = "test-key-4f1c9a"
+APP_ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+def secured_url(model_repository, launch, tmp_path_factory):
+    """Key from a file (as a Docker/K8s secret is mounted), CORS for one origin."""
+    key_file = tmp_path_factory.mktemp("secrets") / "api_key"
+    key_file.write_text(API_KEY + "\n")
+    with launch(model_repository, api_key_file=str(key_file), cors_origins=[APP_ORIGIN]) as url:
+        yield url
+
+
+def classify(url, data, headers=None):
+    return httpx.post(f"{url}/classify", content=data, headers={"content-type": "image/jpeg", **(headers or {})})
+
+
+def assert_unauthorized(response: httpx.Response) -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"]["code"] == "unauthorized"
+
+
+def test_inference_and_admin_need_the_key_and_accept_either_header(secured_url, real_photos):
+    jpeg = real_photos[0].read_bytes()
+    assert_unauthorized(classify(secured_url, jpeg))
+    wrong = classify(secured_url, jpeg, {"Authorization": "Bearer not-the-key"})
+    assert_unauthorized(wrong)
+    assert "not-the-key" not in wrong.text and API_KEY not in wrong.text
+    assert_unauthorized(classify(secured_url, jpeg, {"X-API-Key": API_KEY[:-1]}))
+    assert_unauthorized(classify(secured_url, jpeg, {"Authorization": f"Basic {API_KEY}"}))
+    assert_unauthorized(httpx.post(f"{secured_url}/admin/reload", json={}))
+    assert_unauthorized(httpx.post(f"{secured_url}/v2/models/atto/infer", json={"inputs": []}))
+
+    assert classify(secured_url, jpeg, {"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert classify(secured_url, jpeg, {"X-API-Key": API_KEY}).status_code == 200
+    metrics = httpx.get(f"{secured_url}/metrics").text
+    assert 'convnext_rejected_total{reason="unauthorized"} 6.0' in metrics
+    assert API_KEY not in metrics
+
+
+def test_probes_metrics_page_and_docs_stay_open(secured_url):
+    for path in ("/healthz", "/readyz", "/metrics", "/", "/docs", "/openapi.json"):
+        assert httpx.get(f"{secured_url}{path}").status_code == 200, path
+    schema = httpx.get(f"{secured_url}/openapi.json").json()
+    assert set(schema["components"]["securitySchemes"]) == {"bearer", "api_key"}
+    assert schema["paths"]["/classify"]["post"]["security"]
+    assert "security" not in schema["paths"]["/healthz"]["get"]
+
+
+def test_cors_allows_only_the_configured_origin_and_preflight_needs_no_key(secured_url, real_photos):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"}
+    allowed = httpx.options(f"{secured_url}/classify", headers={"Origin": APP_ORIGIN, **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == APP_ORIGIN
+    other = httpx.options(f"{secured_url}/classify", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    # A refused request from the allowed page still carries CORS headers, so the page can show the error.
+    refused = classify(secured_url, real_photos[0].read_bytes(), {"Origin": APP_ORIGIN})
+    assert_unauthorized(refused)
+    assert refused.headers["access-control-allow-origin"] == APP_ORIGIN
+
+
+def test_without_settings_there_is_no_auth_and_no_cors(service_url, real_photos):
+    preflight = httpx.options(f"{service_url}/classify", headers={
+        "Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    response = classify(service_url, real_photos[0].read_bytes(), {"Origin": APP_ORIGIN})
+    assert response.status_code == 200
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_api_key_settings_read_the_file_refuse_empty_keys_and_never_print_the_key(tmp_path, monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_text(f"  {API_KEY}\n")
+    monkeypatch.setenv("CONVNEXT_API_KEY_FILE", str(key_file))
+    settings = Settings()
+    assert settings.api_key.get_secret_value() == API_KEY
+    assert API_KEY not in repr(settings) and API_KEY not in str(settings)
+    with pytest.raises(ValueError, match="not both") as both:
+        Settings(api_key=API_KEY)
+    assert API_KEY not in str(both.value)
+    monkeypatch.delenv("CONVNEXT_API_KEY_FILE")
+    with pytest.raises(ValueError, match="cannot read"):
+        Settings(api_key_file=str(tmp_path / "missing"))
+    key_file.write_text("\n")
+    with pytest.raises(ValueError, match="api_key is empty"):
+        Settings(api_key_file=str(key_file))
+    with pytest.raises(ValueError, match="api_key is empty"):
+        Settings(api_key=" ")
+
+
+def test_no_endpoint_takes_a_path_or_url_from_the_request(model_repository):
+    """Every parameter and JSON body field in the schema: none names a path, URL or file to open."""
+    from service.app import create_app
+
+    schema = create_app(Settings(repository=str(model_repository))).openapi()
+    suspicious = re.compile(r"path|url|uri|file|dir|location|href|src", re.IGNORECASE)
+    names = []
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            names += [(path, p["name"]) for p in operation.get("parameters", [])]
+            for content in operation.get("requestBody", {}).get("content", {}).values():
+                ref = content["schema"].get("$ref", "") or content["schema"].get("anyOf", [{}])[0].get("$ref", "")
+                body = schema["components"]["schemas"].get(ref.rsplit("/", 1)[-1], {})
+                names += [(path, name) for name in body.get("properties", {})]
+    assert names, "the walk found no parameters at all: the schema layout changed"
+    assert [(path, name) for path, name in names if suspicious.search(name)] == []
+
+
+def test_cli_takes_origins_as_json_and_has_no_flag_for_the_key_itself():
+    from service.__main__ import settings_from_args
+
+    settings = settings_from_args(["--cors-origins", f'["{APP_ORIGIN}"]', "--ort-spinning", "false"])
+    assert settings.cors_origins == [APP_ORIGIN] and settings.ort_spinning is False
+    with pytest.raises(SystemExit):  # a command line is visible to every user of the host: env or file only
+        settings_from_args(["--api-key", API_KEY])
+    with pytest.raises(SystemExit):
+        settings_from_args(["--cors-origins", APP_ORIGIN])

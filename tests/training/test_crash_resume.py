@@ -1,0 +1,77 @@
+"""`python -m training` SIGKILLed at a checkpoint and mid-epoch resumes from its last complete checkpoint, exactly."""
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import load
+from training.config import resolve
+from training.distributed import DistInfo
+from training.run import train
+
+# Tiny and fast: 4 epochs of 2 steps at batch 8 on the offline digits demo. Four, so that after either first
+# kill point (epoch 0 or 1 saved) the resumed run still has a whole epoch after the one the second kill targets.
+FLAGS = {"epochs": 4, "warmup_epochs": 1.0, "batch_size": 8, "max_steps_per_epoch": 2, "ema_decay": 0.9,
+         "base_lr": 1e-3, "lr_ref_batch": 8, "scale_min": 0.5, "log_every": 1}
+
+
+def _cli(output: Path, resume: Path | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "training", "--preset", "demo", "--output", str(output)]
+    for name, value in FLAGS.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv + (["--resume", str(resume)] if resume else [])
+
+
+def _kill_when(argv: list[str], ready, timeout_s: float = 120) -> None:
+    """Start the CLI, SIGKILL it the moment `ready()` holds (polled every 5 ms); fail if it ends first."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ready():
+            assert process.poll() is None, "the run finished before the kill point: nothing was interrupted"
+            assert time.monotonic() < deadline, "the kill point never came"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(30)
+
+
+def _step_records(output: Path) -> list[dict]:
+    log = output / "log.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [json.loads(line) for line in lines[:-1] if line]  # the last line may be half-written
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_at_a_checkpoint_and_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    run = tmp_path / "killed"
+    last = run / "checkpoint_last.pth"
+    # Kill 1: the moment the first checkpoint appears (the sidecar may not be written yet).
+    _kill_when(_cli(run), last.exists)
+    epoch_before = load(last)["epoch"]
+    assert epoch_before in (0, 1)
+    # A half-written temporary file from a kill during a save is never what --resume reads.
+    (run / "checkpoint_last.pth.abc123.tmp").write_bytes(last.read_bytes()[:100])
+    # Kill 2: mid-epoch of the resumed run, after its first optimizer step was logged, before its checkpoint.
+    steps_seen = len(_step_records(run))
+    _kill_when(_cli(run, resume=last), lambda: any(
+        r.get("epoch") == epoch_before + 1 and "step" in r and "val_top1" not in r
+        for r in _step_records(run)[steps_seen:]))
+    assert load(last)["epoch"] in (epoch_before, epoch_before + 1)  # still a complete, verified checkpoint
+    subprocess.run(_cli(run, resume=last), check=True, timeout=120, capture_output=True)
+
+    resumed = load(last)
+    assert (resumed["epoch"], resumed["step"]) == (3, 8)
+    config = resolve("demo", {**FLAGS, "output": str(tmp_path / "full")})
+    full = train(dataclasses.replace(config), DistInfo())
+    for key, value in full["model"].state_dict().items():
+        torch.testing.assert_close(resumed["model"][key], value, atol=1e-5, rtol=0, msg=key)
+    for key, value in full["ema"].state_dict().items():
+        torch.testing.assert_close(resumed["model_ema"][key], value, atol=1e-5, rtol=0, msg=key)
