@@ -17,6 +17,10 @@ class HttpError(Exception):
     """The server's answer was not a well-formed HTTP/1.1 response, or the connection broke."""
 
 
+class _NoResponse(Exception):
+    """The connection ended before any byte of a response (a stale keep-alive connection, or a refused one)."""
+
+
 @dataclass(frozen=True)
 class PreparedRequest:
     """One request, encoded once and sent many times."""
@@ -51,11 +55,40 @@ class Connection:
         return cls(parsed.hostname or "127.0.0.1", parsed.port or 80)
 
     async def send(self, request: PreparedRequest) -> tuple[int, bytes]:
-        if self.writer is None or self.writer.is_closing():
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        # A kept-alive connection the server has closed meanwhile (its idle timeout) is replaced before use, and a
+        # reused one that ends before the first response byte (the close raced the request) is retried once on a
+        # new connection, as HTTP clients do; a failure after the response started is an error.
+        reused = self.writer is not None and not self.writer.is_closing() and not self.reader.at_eof()
+        if not reused:
+            await self._reconnect()
+        try:
+            return await self._exchange(request)
+        except _NoResponse as err:
+            if not reused:
+                raise HttpError(str(err)) from None
+        await self._reconnect()
+        try:
+            return await self._exchange(request)
+        except _NoResponse as err:
+            raise HttpError(str(err)) from None
+
+    async def _reconnect(self) -> None:
+        await self.close()
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def _exchange(self, request: PreparedRequest) -> tuple[int, bytes]:
         try:
             self.writer.write(request.data)
             status, headers = await self._read_head()
+        except (ConnectionError, asyncio.IncompleteReadError) as err:
+            await self.close()
+            if getattr(err, "partial", b""):
+                raise HttpError(f"{type(err).__name__}: {err}") from None
+            raise _NoResponse(f"{type(err).__name__}: the connection ended before a response") from None
+        except (asyncio.LimitOverrunError, ValueError) as err:
+            await self.close()
+            raise HttpError(f"{type(err).__name__}: {err}") from None
+        try:
             body = await self._read_body(headers)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as err:
             await self.close()

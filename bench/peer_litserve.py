@@ -2,7 +2,7 @@
 
 Fairness settings (each equal to ours, passed on the command line by `python -m bench`):
 - model: the repository version's ONNX file of the same precision, run by ONNX Runtime with our engine's session
-  options (intra_op_threads, ORT_ENABLE_ALL, dynamic_block_base 4) on the same provider (CPU, or CUDA on a GPU host);
+  options (intra_op_threads, inter-op 1, ORT_ENABLE_ALL, spinning) on the same provider (CPU, or CUDA on a GPU host);
 - preprocessing: `service.preprocess.preprocess` with the manifest's Preprocess spec and our max_pixels (torch-free);
 - dynamic batching: LitAPI(max_batch_size = our max_batch_size, batch_timeout = our max_queue_delay_ms / 1000);
 - workers: one inference worker process (workers_per_device=1), like our one engine + batcher; one API server.
@@ -36,8 +36,7 @@ class OnnxClassifierAPI(ls.LitAPI):
         from service.engines.onnxruntime import OnnxRuntimeEngine
 
         # Our engine's exact session set-up (threads, optimisation level, thread-pool config) on the same provider.
-        engine = OnnxRuntimeEngine(self.onnx_path, (3, 1, 1), provider=self.provider, intra_op_threads=self.threads,
-                                   dynamic_block_base=4)
+        engine = OnnxRuntimeEngine(self.onnx_path, (3, 1, 1), provider=self.provider, intra_op_threads=self.threads)
         engine.load()
         self.session, self.input_name, self.input_dtype = engine.session, engine.input_name, engine.input_dtype
         self.spec = Preprocess.model_validate_json(self.spec_json)

@@ -59,7 +59,7 @@ def default_engine(version: ModelVersion, settings: Settings) -> Engine:
     return OnnxRuntimeEngine(version.artifact_path(artifact), shape, input_name=manifest.input.name,
                              provider=settings.provider, precision=settings.precision,
                              max_batch_size=settings.max_batch_size, intra_op_threads=settings.intra_op_threads,
-                             spinning=settings.ort_spinning, dynamic_block_base=settings.ort_dynamic_block_base)
+                             spinning=settings.ort_spinning)
 
 
 class ServiceState:

@@ -17,7 +17,7 @@ PROVIDERS = {
 class OnnxRuntimeEngine(Engine):
     def __init__(self, model_path: Path, input_shape: tuple[int, int, int], *, input_name: str = "input",
                  provider: str = "cpu", precision: str = "fp32", max_batch_size: int = 8, intra_op_threads: int = 1,
-                 spinning: bool = True, dynamic_block_base: int = 0):
+                 spinning: bool = True):
         if provider not in PROVIDERS:
             raise EngineError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
         self.model_path = Path(model_path)
@@ -28,7 +28,6 @@ class OnnxRuntimeEngine(Engine):
         self.max_batch_size = max_batch_size
         self.intra_op_threads = intra_op_threads
         self.spinning = spinning
-        self.dynamic_block_base = dynamic_block_base
         self.session = None
         self.input_dtype = np.float32
 
@@ -46,8 +45,6 @@ class OnnxRuntimeEngine(Engine):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        if self.dynamic_block_base > 0:
-            options.add_session_config_entry("session.dynamic_block_base", str(self.dynamic_block_base))
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=wanted)
         except Exception as err:  # onnxruntime raises its own exception types for bad files

@@ -39,7 +39,7 @@ def test_smoke_engine_sweep_covers_every_variant_and_batch_size(smoke_run):
 def test_smoke_load_runs_against_ours_and_the_peer_succeed(smoke_run):
     _, results = smoke_run
     servers = {(run["server"], run["mode"]) for run in results["load"]}
-    assert servers == {("ours", "closed"), ("ours", "open"), ("ours (ORT default threading)", "closed"),
+    assert servers == {("ours", "closed"), ("ours", "open"), ("ours (ORT spinning off)", "closed"),
                        ("litserve", "closed"), ("litserve", "open")}
     for run in results["load"]:
         assert run["errors"] == {}, run

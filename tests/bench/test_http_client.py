@@ -79,3 +79,26 @@ def test_a_garbled_response_is_an_http_error():
         await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_a_keep_alive_connection_the_server_closed_is_replaced_not_an_error():
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # an idle timeout: the server drops the kept-alive connection without saying so
+
+    async def main():
+        server, port = await _serve(handler)
+        url = f"http://127.0.0.1:{port}/"
+        connection = Connection.for_url(url)
+        request = prepare_post(url, b"x")
+        assert await connection.send(request) == (200, b"ok")
+        await asyncio.sleep(0.05)  # the server's FIN arrives
+        assert await connection.send(request) == (200, b"ok")
+        assert await connection.send(request) == (200, b"ok")  # and again, whether or not the FIN was seen yet
+        await connection.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
