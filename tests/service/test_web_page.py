@@ -93,3 +93,21 @@ def test_page_shows_the_services_error_message_for_a_text_file(page, service_url
     assert expected in alert.inner_text()
     assert "notes.txt" in alert.inner_text()
     assert page.is_hidden("#output")
+
+
+def test_page_asks_for_the_api_key_after_a_401_and_then_classifies(page, model_repository, launch, real_photos):
+    picked = real_photos[2]
+    with launch(model_repository, api_key="page-secret") as url:
+        page.goto(url + "/")
+        page.set_input_files("#file-input", str(picked))
+        page.get_by_role("alert").wait_for(timeout=15_000)
+        assert "no API key" in page.inner_text("#error")  # the service's own 401 message
+        key_field = page.get_by_label("API key")
+        key_field.wait_for(timeout=5_000)
+        key_field.fill("page-secret")
+        key_field.press("Enter")
+        expected = httpx.post(f"{url}/classify?top_k=5", content=picked.read_bytes(),
+                              headers={"Content-Type": "image/png", "X-API-Key": "page-secret"})
+        labels = [p["label"] for p in expected.json()["results"][0]["top_k"]]
+        assert shown_labels(page, picked.name) == labels
+        assert page.is_hidden("#key-form") and page.is_hidden("#error")
