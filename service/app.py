@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,9 +13,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from export.repository import ModelVersion
-from service.admission import Admission
+from service.admission import Admission, AdmissionGate
 from service.engines.base import Engine
-from service.metrics import ServiceMetrics
+from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_manager import ModelManager
 from service.security import install_edge
 from service.settings import Settings
@@ -111,6 +110,13 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
 
     app = FastAPI(title="ConvNeXt image classification", version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics
+
+    def current_admission() -> Admission | None:
+        state = getattr(app.state, "service", None)  # set when the lifespan starts
+        return state.admission if state is not None else None
+
+    # Middleware added first runs innermost: the gate runs after auth (no key, no hint of the load).
+    app.add_middleware(AdmissionGate, admission_of=current_admission, metrics=metrics)
     install_edge(app, settings, metrics)  # API-key auth and CORS when the settings ask for them
 
     @app.exception_handler(ApiError)
@@ -129,21 +135,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         return error_response(err.status_code, code, str(err.detail))
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        started = time.perf_counter()
-        metrics.inflight.inc()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.inflight.dec()
-            route = request.scope.get("route")
-            path = route.path if route is not None else "unmatched"
-            metrics.requests.labels(path, request.method, str(status)).inc()
-            metrics.request_duration.labels(path).observe(time.perf_counter() - started)
+    # Added last, so outermost: 401s and CORS answers are counted too. Pure ASGI: Starlette's @app.middleware("http")
+    # cost ~0.2 ms of CPU per request, paid by every request and every 503 under overload.
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     from service.admin import router as admin_router
     from service.routes import router

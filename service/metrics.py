@@ -1,7 +1,10 @@
 """Prometheus metrics, one CollectorRegistry per app (the names are the Grafana dashboard's contract)."""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -27,3 +30,33 @@ class ServiceMetrics:
         self.model_info = Gauge("convnext_model_info", "the served model (value 1)",
                                 ["name", "version", "engine", "precision"], registry=r)
         self.rejected = Counter("convnext_rejected_total", "requests refused, by reason", ["reason"], registry=r)
+
+
+class RequestMetricsMiddleware:
+    """Counts HTTP requests by route, method and status, times them to the last body byte, tracks in-flight ones."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # an exception that escapes the app is answered 500 by Starlette's outermost handler
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            self.metrics.inflight.dec()
+            route = scope.get("route")  # set by the router on the same scope dict when a route matched
+            path = route.path if route is not None else scope.get("route_path", "unmatched")
+            self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+            self.metrics.request_duration.labels(path).observe(time.perf_counter() - started)

@@ -1,0 +1,79 @@
+"""The admission gate: a POST /classify arriving when no image fits is refused before routing, over real HTTP."""
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from tests.service.test_faults import SlowEngine, factory
+
+
+def fill_to_capacity(url, app, data: bytes, headers: dict) -> list[threading.Thread]:
+    """Start requests in the background until every admission slot is taken (the slow engine holds them)."""
+    admission = app.state.service.admission
+    threads = [threading.Thread(target=httpx.post, args=(f"{url}/classify",),
+                                kwargs={"content": data, "headers": headers, "timeout": 60})
+               for _ in range(admission.capacity)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while admission.admitted < admission.capacity:
+        assert time.monotonic() < deadline, f"only {admission.admitted} of {admission.capacity} slots filled"
+        time.sleep(0.005)
+    return threads
+
+
+def test_at_capacity_a_request_is_refused_at_the_gate_and_the_connection_stays_usable(model_repository,
+                                                                                        real_photos, launch):
+    data = real_photos[0].read_bytes()
+    jpeg = {"content-type": "image/jpeg"}
+    with launch(model_repository, factory(SlowEngine), max_batch_size=1, queue_size=1, warmup_runs=0) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            threads = fill_to_capacity(url, url.app, data, jpeg)
+            started = time.perf_counter()
+            refused = client.post("/classify", content=data, headers=jpeg)
+            refused_ms = (time.perf_counter() - started) * 1000
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert "2 images in progress, limit 2" in refused.json()["error"]["message"]
+            assert refused_ms < 250, f"the refusal took {refused_ms:.0f} ms; the slow engine holds a batch 500 ms"
+            for thread in threads:
+                thread.join()
+            # The refused request's body was never read; the same keep-alive connection serves the next one.
+            assert client.post("/classify", content=data, headers=jpeg).status_code == 200
+        scrape = httpx.get(f"{url}/metrics").text
+        assert 'convnext_requests_total{method="POST",route="/classify",status="503"} 1.0' in scrape
+        assert 'convnext_rejected_total{reason="queue_full"} 1.0' in scrape
+
+
+def test_a_request_whose_images_do_not_all_fit_is_refused_in_the_route(model_repository, real_photos, launch):
+    """One slot free passes the gate; a 2-file request still does not fit, and admission in the route refuses it."""
+    data = real_photos[0].read_bytes()
+    with launch(model_repository, factory(SlowEngine), max_batch_size=1, queue_size=2, warmup_runs=0) as url:
+        admission = url.app.state.service.admission
+        background = threading.Thread(target=httpx.post, args=(f"{url}/classify",),
+                                      kwargs={"files": [("file", ("a.jpg", data)), ("file", ("b.jpg", data))],
+                                              "timeout": 60})
+        background.start()
+        while admission.admitted < 2:
+            time.sleep(0.005)
+        files = [("file", (f"{i}.jpg", data)) for i in range(2)]
+        refused = httpx.post(f"{url}/classify", files=files, timeout=60)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_full"
+        assert "limit 3" in refused.json()["error"]["message"]
+        background.join()
+
+
+def test_without_the_key_a_full_service_answers_401_not_503(model_repository, real_photos, launch):
+    data = real_photos[0].read_bytes()
+    key = {"authorization": "Bearer s3cret", "content-type": "image/jpeg"}
+    with launch(model_repository, factory(SlowEngine), max_batch_size=1, queue_size=1, warmup_runs=0,
+                api_key="s3cret") as url:
+        threads = fill_to_capacity(url, url.app, data, key)
+        anonymous = httpx.post(f"{url}/classify", content=data, headers={"content-type": "image/jpeg"})
+        assert anonymous.status_code == 401
+        assert httpx.post(f"{url}/classify", content=data, headers=key, timeout=60).status_code == 503
+        for thread in threads:
+            thread.join()
