@@ -18,14 +18,15 @@ from pathlib import Path
 
 SMOKE = {"name": "smoke", "variants": [("convnext_atto", "gelu"), ("convnext_atto", "relu")], "precisions": ["fp32"],
          "batch_sizes": [1, 2], "iterations": 3, "max_seconds": 2.0, "concurrency": [1, 4], "rate": 4.0,
-         "requests": 12, "seconds": 6.0, "peer": True}
+         "requests": 12, "seconds": 6.0, "lone_requests": 3, "peer": True}
 FULL = {"name": "full", "variants": [("convnext_tiny", "gelu"), ("convnext_tiny", "relu"), ("resnet50", "relu")],
         "precisions": ["fp32", "int8"], "batch_sizes": [1, 2, 4, 8, 16, 32], "iterations": 30, "max_seconds": 20.0,
-        "concurrency": [1, 8, 32], "rate": 10.0, "requests": 600, "seconds": 60.0, "peer": True}
+        "concurrency": [1, 8, 32], "rate": None, "requests": 600, "seconds": 60.0, "lone_requests": 40, "peer": True}
 # A GPU host: ORT CUDA / TensorRT providers on fp32 + fp16 ONNX, native TensorRT engines fp16 / bf16 / fp32, larger
 # batches, and the service on its TensorRT fp16 engine.
 GPU = {"precisions": ["fp32", "fp16", "bf16", "int8"], "tensorrt_precisions": ["fp16", "bf16", "fp32"],
        "batch_sizes": [1, 2, 4, 8, 16, 32, 64], "concurrency": [1, 8, 32, 128], "rate": 200.0, "requests": 4000,
+       "lone_requests": 200,
        "service": {"engine": "tensorrt", "provider": "cuda", "precision": "fp16"}}
 CPU_SERVICE = {"engine": "onnxruntime", "provider": "cpu", "precision": "fp32"}
 MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
@@ -98,7 +99,7 @@ def load_runs(url: str, server: str, cfg: dict, payloads: list[bytes], form_fiel
 
 
 def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engine: list[dict], load: list[dict],
-                            threads: int) -> tuple[dict, dict | None]:
+                            threads: int, by_size: list[dict] | None = None) -> tuple[dict, dict | None]:
     """Preprocessing cost per image vs the engine's, and a lone request's p50 vs the engine's batch-1 p50."""
     from bench.preprocess_cost import preprocess_report
     from export.repository import ModelRepository
@@ -111,8 +112,30 @@ def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engi
     batch1 = next((r for r in engine if r["batch_size"] == 1), None)
     if lone is None or batch1 is None:
         return pre, None
+    for row in by_size or []:
+        row["engine_alone_p50_ms"] = batch1["p50_ms"]
+        row["over_engine_ms"] = row["client_p50_ms"] - batch1["p50_ms"]
+        row["preprocess_ms"] = next((r["total"] for r in pre["rows"] if r["size"] == row["size"]), None)
     return pre, {"service_p50_ms": lone["p50_ms"], "engine_p50_ms": batch1["p50_ms"],
-                 "overhead_ms": lone["p50_ms"] - batch1["p50_ms"], "preprocess_ms": pre["mean_ms_per_image"]}
+                 "overhead_ms": lone["p50_ms"] - batch1["p50_ms"], "preprocess_ms": pre["mean_ms_per_image"],
+                 "by_size": by_size or []}
+
+
+def lone_request_breakdown(url: str, requests: int) -> list[dict]:
+    """bench.lone_request per payload size, against the running service."""
+    from bench.loadgen import PAYLOAD_SIZES, jpeg_payloads
+    from bench.lone_request import lone_requests
+
+    return [{"size": f"{w}x{h}", **asyncio.run(lone_requests(url, jpeg_payloads(sizes=((w, h),)), requests))}
+            for w, h in PAYLOAD_SIZES]
+
+
+def open_loop_rate(cfg: dict, engine: list[dict]) -> float:
+    """The configured arrival rate, or half the served engine's images/s at the max batch size (a moderate load)."""
+    if cfg.get("rate") is not None:
+        return cfg["rate"]
+    at_max = [r for r in engine if r["batch_size"] == min(MAX_BATCH_SIZE, max(r["batch_size"] for r in engine))]
+    return round(0.5 * at_max[0]["images_per_s"], 1) if at_max else 1.0
 
 
 def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int) -> dict:
@@ -125,7 +148,8 @@ def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int) -> dic
 
     results = {"config": {**cfg, "providers": providers, "threads": threads, "max_batch_size": MAX_BATCH_SIZE,
                           "max_queue_delay_ms": QUEUE_DELAY_MS},
-               "host": f"{platform.platform()}, {os.cpu_count()} cores, load average {os.getloadavg()}"}
+               "host": f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cores, load average "
+                       f"{tuple(round(x, 2) for x in os.getloadavg())}"}
     with tempfile.TemporaryDirectory(prefix="bench-repo-") as repo:
         results["compare"] = compare_models(Path(repo), cfg["variants"], cfg["precisions"], cfg["batch_sizes"],
                                             providers, cfg.get("tensorrt_precisions", ()), threads=threads,
@@ -138,6 +162,8 @@ def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int) -> dic
         engine = [r for r in results["compare"]["models"][0]["results"]
                   if r["precision"] == service["precision"] and r["provider"] == served_provider]
         results["served_engine"] = {**service, "engine_rows": f"{service['precision']}/{served_provider}"}
+        cfg = {**cfg, "rate": open_loop_rate(cfg, engine)}
+        results["config"]["rate"] = cfg["rate"]
         payloads = jpeg_payloads()
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -150,13 +176,14 @@ def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int) -> dic
             before = batch_histogram(httpx.get(f"{base}/metrics").text)
             results["load"] = load_runs(f"{base}/classify", "ours", cfg, payloads)
             results["batch_distribution"] = batch_distribution(before, batch_histogram(httpx.get(f"{base}/metrics").text))
+            by_size = lone_request_breakdown(f"{base}/classify", cfg["lone_requests"])  # after: batches of one
         if service["provider"] == "cpu":
             # The ort_spinning trade-off, same run: a lone request's latency and saturated throughput with it off.
             with server_process(command, f"{base}/readyz", env=SPINNING_OFF):
                 results["load"] += load_runs(f"{base}/classify", "ours (ORT spinning off)", cfg, payloads,
                                              concurrency_levels=[1, max(cfg["concurrency"])], open_loop_too=False)
         results["preprocess"], results["low_load"] = preprocess_and_low_load(
-            Path(repo), served, payloads, engine, results["load"], threads)
+            Path(repo), served, payloads, engine, results["load"], threads, by_size)
         if cfg["peer"]:
             port = free_port()
             command = [sys.executable, "-m", "bench.peer_litserve", "--repository", repo, "--model", served, "--port",
@@ -173,6 +200,17 @@ def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int) -> dic
         run["efficiency"] = service_efficiency(run["images_per_s"], engine, engine_at_max) if closed else None
     write_report(results, out_dir)
     return results
+
+
+def cpu_model() -> str:
+    """The CPU's name and widest SIMD: numbers from different CPUs are not comparable, so the report names it."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    simd = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else "no AVX2"
+    return f"{name} ({simd})"
 
 
 def gpu_missing() -> str | None:

@@ -61,6 +61,12 @@ def test_smoke_writes_markdown_and_png_plots(smoke_run):
         assert heading in markdown
     assert results["low_load"]["engine_p50_ms"] > 0 and results["preprocess"]["mean_ms_per_image"] > 0
     assert {r["size"] for r in results["preprocess"]["rows"]} == {"500x375", "1024x768"}
+    by_size = results["low_load"]["by_size"]
+    assert [r["size"] for r in by_size] == ["500x375", "1024x768"]
+    for row in by_size:  # the parts of a lone request's latency are measured, positive, and add up
+        assert row["requests"] == 3 and row["http_ms"] > 0 and row["preprocess_and_handoffs_ms"] > 0
+        assert row["client_p50_ms"] >= row["inference_p50_ms"] > 0 and row["preprocess_ms"] > 0
+    assert "Where the time goes" in markdown and "AVX" in results["host"]
     for name in ("throughput_vs_concurrency", "latency_cdf", "batch_sizes"):
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 2000
