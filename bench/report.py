@@ -127,8 +127,8 @@ def low_load_and_preprocess_sections(results: dict) -> list[str]:
                               "HTTP ms", "preprocess + hand-offs ms", "preprocess alone ms", "queue ms",
                               "engine in service ms"], rows), "",
                       "HTTP = client latency - the service's total; preprocess + hand-offs = total - queue - engine "
-                      "call; preprocess alone is the one-thread measurement below. The rest of the gap is the engine "
-                      "running slower inside the service than alone.", ""]
+                      "call; preprocess alone is the one-thread measurement below (the same image repeated: warm "
+                      "caches). Over engine = HTTP + preprocess + hand-offs + (engine in service - engine alone).", ""]
     pre = results.get("preprocess")
     if pre:
         rows = [[r["size"], r["images"], r["kib"], *(f"{r[s]:.2f}" for s in ("decode", "resize", "crop", "normalize")),
