@@ -1,6 +1,7 @@
 """The admission gate: a POST /classify arriving when no image fits is refused before routing, over real HTTP."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -46,6 +47,23 @@ def test_at_capacity_a_request_is_refused_at_the_gate_and_the_connection_stays_u
         scrape = httpx.get(f"{url}/metrics").text
         assert 'convnext_requests_total{method="POST",route="/classify",status="503"} 1.0' in scrape
         assert 'convnext_rejected_total{reason="queue_full"} 1.0' in scrape
+
+
+def test_at_capacity_the_gate_answers_before_the_body_arrives(model_repository, real_photos, launch):
+    """The route would wait for the body (body_timeout_s, then 408); the gate answers from the headers alone."""
+    data = real_photos[0].read_bytes()
+    jpeg = {"content-type": "image/jpeg"}
+    with launch(model_repository, factory(SlowEngine), max_batch_size=1, queue_size=1, warmup_runs=0,
+                body_timeout_s=20) as url:
+        threads = fill_to_capacity(url, url.app, data, jpeg)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as client:
+            client.sendall(b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+                           b"Content-Length: 100000\r\n\r\n" + data[:1000])  # 1000 of the 100000 bytes it declares
+            status_line = client.recv(4096).split(b"\r\n", 1)[0]
+        assert status_line == b"HTTP/1.1 503 Service Unavailable", status_line
+        for thread in threads:
+            thread.join()
 
 
 def test_a_request_whose_images_do_not_all_fit_is_refused_in_the_route(model_repository, real_photos, launch):
