@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     engine: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
-    # On CPU a batch of 8 already saturates the cores; larger batches only add latency.
+    # On CPU a batch of 8 already saturates the cores; larger batches only add latency (on 2 cores, 2 is better still:
+    # README, Settings).
     max_batch_size: int = Field(8, ge=1)
     max_queue_delay_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(256, ge=1)
