@@ -13,6 +13,8 @@ from typing import Callable, Iterator
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.metrics import ServiceMetrics
+
 GATED_ROUTE = "/classify"
 RETRY_AFTER_S = "1"
 
@@ -30,11 +32,13 @@ class Admission:
         self.capacity = capacity
         self.admitted = 0
 
+    def refusal(self) -> str:
+        return f"the service is at capacity ({self.admitted} images in progress, limit {self.capacity}); retry later"
+
     @contextmanager
     def admit(self, images: int) -> Iterator[None]:
         if self.admitted + images > self.capacity:
-            raise AdmissionRefused(f"the service is at capacity ({self.admitted} images in progress, limit "
-                                   f"{self.capacity}); retry later")
+            raise AdmissionRefused(self.refusal())
         self.admitted += images
         try:
             yield
@@ -45,13 +49,13 @@ class Admission:
 class AdmissionGate:
     """Pure ASGI: a POST /classify arriving when no image fits is answered 503 before routing or reading its body.
 
-    Under overload most requests are refused; each refusal here costs ~10x less CPU than one raised in the route
-    (routing, query parsing, exception handlers), CPU that stays with the requests being served. A request that
+    Under overload most requests are refused; a refusal here costs ~0.05 ms of CPU, one raised in the route ~0.2 ms
+    (routing, query parsing, exception handlers): CPU that stays with the requests being served. A request that
     passes the gate is still counted in by `Admission.admit` in the route, which also refuses multi-image requests
     that do not fit.
     """
 
-    def __init__(self, app: ASGIApp, admission_of: Callable[[], Admission | None], metrics):
+    def __init__(self, app: ASGIApp, admission_of: Callable[[], Admission | None], metrics: ServiceMetrics):
         self.app, self.admission_of, self.metrics = app, admission_of, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -62,9 +66,7 @@ class AdmissionGate:
             return
         scope["route_path"] = GATED_ROUTE  # the request metrics' route label, as if the route had matched
         self.metrics.rejected.labels("queue_full").inc()
-        body = json.dumps({"error": {"code": "queue_full", "message": (
-            f"the service is at capacity ({admission.admitted} images in progress, limit {admission.capacity}); "
-            "retry later")}}).encode()
+        body = json.dumps({"error": {"code": "queue_full", "message": admission.refusal()}}).encode()
         await send({"type": "http.response.start", "status": 503,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"retry-after", RETRY_AFTER_S.encode())]})
