@@ -90,23 +90,30 @@ def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, w
                        threads: int | None = None) -> list[EngineResult]:
     """A native TensorRT engine (built once for the sweep's batch range, cached in the version) vs batch size.
 
-    Times EngineRunner.run: host->device copy, execution and device->host copy, as the service's engine pays them.
+    Times the service's TensorRTEngine.run (pinned buffers allocated once, one stream): host->device copy,
+    execution and device->host copy, exactly as the service pays them.
     """
     from export.tensorrt import BatchProfile, select_or_build_engine
-    from export.tensorrt_runtime import EngineRunner
+    from service.engines.tensorrt import TensorRTEngine
 
     profile = BatchProfile(1, min(8, max(batch_sizes)), max(batch_sizes))
     artifact, version = select_or_build_engine(version, precision, profile)
     m = version.manifest
     shape = (m.input.channels, m.input.height, m.input.width)
+    engine = TensorRTEngine(version.artifact_path(artifact), shape, precision=precision,
+                            max_batch_size=max(batch_sizes), input_name=m.input.name, output_name=m.output_name,
+                            model=version)
+    engine.load()
     results = []
-    with EngineRunner(version.artifact_path(artifact)) as runner:
+    try:
         for batch_size in batch_sizes:
             x = np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
-            rate, latencies = time_callable(lambda: runner.run(x), batch_size, warmup, iterations, max_seconds)
+            rate, latencies = time_callable(lambda: engine.run(x), batch_size, warmup, iterations, max_seconds)
             results.append(EngineResult(model, activation, precision, TENSORRT_ENGINE, batch_size, 0, rate,
                                         float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
                                         len(latencies)))
+    finally:
+        engine.close()
     return results
 
 

@@ -40,7 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     trt.add_argument("--max-batch", type=int, default=32)
     trt.add_argument("--workspace-mib", type=int, default=4096)
     trt.add_argument("--optimization-level", type=int, default=3, choices=range(0, 6))
-    trt.add_argument("--timing-cache", help="timing cache file (default: <repository>/.timing_cache)")
+    trt.add_argument("--timing-cache",
+                     help="timing cache file (default: <repository>/.timing_cache.trt<version>.sm<cc>)")
     trt.add_argument("--rebuild", action="store_true", help="build even if a compatible engine exists")
     return parser
 

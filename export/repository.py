@@ -6,12 +6,14 @@ go to a hidden staging folder first and the folder is renamed into place once th
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"  # in a version folder: held while an engine is found-or-built and added (ModelRepository.lock)
+LOCK_POLL_S = 0.5
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
@@ -275,8 +279,42 @@ class ModelRepository:
             if staging.exists():
                 shutil.rmtree(staging)
 
+    @contextmanager
+    def lock(self, name: str, version: int, timeout_s: float) -> Iterator[None]:
+        """Hold the version's exclusive lock (flock on `<version>/.lock`), across processes and replicas.
+
+        Processes sharing the repository (replicas on one volume) take it around find-or-build and add_artifact,
+        so one builds and the others then find its engine. The lock dies with its process: no stale lock to clear.
+        """
+        path = self.root / name / str(version) / LOCK_FILE
+        if not path.parent.is_dir():
+            raise RepositoryError(f"{name}/{version} does not exist in {self.root}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RepositoryError(f"cannot open the lock file {path} ({err}): the repository must be writable "
+                                  "by this process to add an engine to it") from None
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise RepositoryError(
+                            f"waited {timeout_s:.0f} s for the lock {path}: another process (a replica building "
+                            "an engine?) still holds it; let it finish, or raise the timeout") from None
+                    time.sleep(LOCK_POLL_S)  # flock has no timeout of its own
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def add_artifact(self, name: str, version: int, source_file: Path, artifact: Artifact) -> ModelVersion:
-        """Add a file (e.g. a TensorRT engine built on first start) to an existing version, atomically."""
+        """Add a file (e.g. a TensorRT engine built on first start) to an existing version, atomically.
+
+        Callers that may race (replicas building engines) hold `lock(name, version)` around it.
+        """
         current = self.load(name, version, verify_files=False)
         target = current.path / artifact.file
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -38,16 +38,11 @@ def default_engine(version: ModelVersion, settings: Settings) -> Engine:
     manifest = version.manifest
     shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
     if settings.engine == "tensorrt":
-        from export.tensorrt import BatchProfile, select_or_build_engine
-        from service.engines.tensorrt import TensorRTEngine
+        from service.engines.tensorrt import open_tensorrt_engine
 
-        # A compatible engine from the version, or one built for this GPU on first start (minutes, then cached).
-        profile = BatchProfile(1, settings.max_batch_size, settings.max_batch_size)
-        artifact, version = select_or_build_engine(version, settings.precision, profile,
-                                                   repository_root=settings.repository)
-        return TensorRTEngine(version.artifact_path(artifact), shape, precision=settings.precision,
-                              max_batch_size=settings.max_batch_size, input_name=manifest.input.name,
-                              output_name=manifest.output_name)
+        # A compatible engine from the version, or one built for this GPU on first start (minutes, then cached;
+        # one replica builds, the others wait for it); an engine that fails to deserialize is rebuilt once.
+        return open_tensorrt_engine(version, settings.precision, settings.max_batch_size, settings.repository)
     from service.engines.onnxruntime import OnnxRuntimeEngine
 
     artifact = manifest.find("onnx", settings.precision)

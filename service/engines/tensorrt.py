@@ -1,105 +1,84 @@
-"""Native TensorRT 10 engine: lazy tensorrt + cuda-python imports, one CUDA stream, pinned host buffers."""
+"""Native TensorRT engine: the Engine interface over export's TensorRTRunner (pinned buffers, one CUDA stream)."""
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
 
+from export.repository import Artifact, ModelVersion
+from export.tensorrt import BatchProfile, open_or_rebuild, select_or_build_engine
+from export.tensorrt_runtime import EngineDeserializeError, TensorRTError, TensorRTRunner
 from service.engines.base import Engine, EngineDescription, EngineError
 
 
-def _import_tensorrt():
-    try:
-        import tensorrt as trt
-        from cuda.bindings import runtime as cudart
-    except ImportError as err:
-        raise EngineError(
-            f"the tensorrt engine needs TensorRT and cuda-python on an NVIDIA GPU host ({err}); "
-            "install the gpu extra (pip install '.[gpu]') or use --engine onnxruntime"
-        ) from None
-    return trt, cudart
-
-
-def _check(result):
-    """cuda-python returns (error, *values); raise on any error, return the values."""
-    error, *values = result if isinstance(result, tuple) else (result,)
-    if int(error) != 0:
-        raise EngineError(f"CUDA call failed: {error}")
-    return values[0] if len(values) == 1 else values
-
-
 class TensorRTEngine(Engine):
+    """One serialized engine. `model`: the repository version (and manifest) the engine belongs to, when known."""
+
     def __init__(self, engine_path: Path, input_shape: tuple[int, int, int], *, precision: str = "fp16",
-                 max_batch_size: int = 16, input_name: str = "input", output_name: str = "logits"):
+                 max_batch_size: int = 16, input_name: str = "input", output_name: str = "logits",
+                 model: ModelVersion | None = None):
         self.engine_path = Path(engine_path)
         self.input_shape = tuple(input_shape)
         self.precision = precision
         self.max_batch_size = max_batch_size
         self.input_name = input_name
         self.output_name = output_name
-        self._trt = self._cudart = None
-        self.engine = self.context = self.stream = None
-        self._device: dict[str, int] = {}
-        self._host: dict[str, np.ndarray] = {}
-        self._host_ptrs: list[int] = []
+        self.model = model
+        self.runner: TensorRTRunner | None = None
 
     def load(self) -> None:
-        trt, cudart = _import_tensorrt()
-        self._trt, self._cudart = trt, cudart
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-        if self.engine is None:
-            raise EngineError(f"TensorRT could not deserialize {self.engine_path}; rebuild it for this GPU/version")
-        self.context = self.engine.create_execution_context()
-        _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
-        self.max_batch_size = min(self.max_batch_size, int(max_shape[0]))
-        self.stream = _check(cudart.cudaStreamCreate())
-        num_classes = int(self.engine.get_tensor_shape(self.output_name)[-1])
-        for name, shape in ((self.input_name, (self.max_batch_size, *self.input_shape)),
-                            (self.output_name, (self.max_batch_size, num_classes))):
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            nbytes = int(np.prod(shape)) * dtype.itemsize
-            host_ptr = _check(cudart.cudaMallocHost(nbytes))  # pinned, so copies are truly async
-            self._host_ptrs.append(host_ptr)
-            buffer = np.ctypeslib.as_array((ctypes.c_byte * nbytes).from_address(host_ptr))
-            self._host[name] = buffer.view(dtype).reshape(shape)
-            self._device[name] = _check(cudart.cudaMalloc(nbytes))
-            self.context.set_tensor_address(name, self._device[name])
+        """Deserialize the engine and allocate its buffers; a second call keeps the loaded engine."""
+        if self.runner is not None:
+            return
+        try:
+            runner = TensorRTRunner(self.engine_path, max_batch_size=self.max_batch_size,
+                                    input_shape=self.input_shape)
+        except EngineDeserializeError:
+            raise  # the caller may rebuild the engine (open_tensorrt_engine)
+        except TensorRTError as err:
+            raise EngineError(f"the tensorrt engine needs TensorRT and cuda-python on an NVIDIA GPU host ({err}); "
+                              "install the gpu extra (pip install '.[gpu]') or use --engine onnxruntime") from None
+        if (runner.input_name, runner.output_name) != (self.input_name, self.output_name):
+            runner.close()
+            raise EngineError(f"{self.engine_path} has tensors {runner.input_name!r} -> {runner.output_name!r}, the "
+                              f"manifest says {self.input_name!r} -> {self.output_name!r}; rebuild the engine")
+        self.runner = runner
+        self.max_batch_size = runner.max_batch
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        if self.context is None:
+        if self.runner is None:
             raise EngineError("the engine is not loaded; call load() first")
-        cudart = self._cudart
-        n = batch.shape[0]
-        if n > self.max_batch_size:
-            raise EngineError(f"batch of {n} is over the engine profile's max batch {self.max_batch_size}")
-        host_in, host_out = self._host[self.input_name], self._host[self.output_name]
-        host_in[:n] = batch  # casts to the engine's input dtype
-        self.context.set_input_shape(self.input_name, (n, *self.input_shape))
-        kind_h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        kind_d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        _check(cudart.cudaMemcpyAsync(self._device[self.input_name], host_in.ctypes.data, host_in[:n].nbytes,
-                                      kind_h2d, self.stream))
-        if not self.context.execute_async_v3(int(self.stream)):
-            raise EngineError("TensorRT execute_async_v3 failed")
-        _check(cudart.cudaMemcpyAsync(host_out.ctypes.data, self._device[self.output_name], host_out[:n].nbytes,
-                                      kind_d2h, self.stream))
-        _check(cudart.cudaStreamSynchronize(self.stream))
-        return host_out[:n].astype(np.float32)
+        return self.runner.run(batch)
 
     def describe(self) -> EngineDescription:
         return EngineDescription("tensorrt", self.input_name, self.input_shape, self.max_batch_size,
                                  self.precision, "tensorrt")
 
     def close(self) -> None:
-        if self._cudart is None:
-            return
-        for pointer in self._device.values():
-            self._cudart.cudaFree(pointer)
-        for pointer in self._host_ptrs:
-            self._cudart.cudaFreeHost(pointer)
-        if self.stream is not None:
-            self._cudart.cudaStreamDestroy(self.stream)
-        self._device, self._host, self._host_ptrs = {}, {}, []
-        self.context = self.engine = self.stream = None
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+
+
+def open_tensorrt_engine(version: ModelVersion, precision: str, max_batch_size: int,
+                         repository_root: str | Path | None = None) -> TensorRTEngine:
+    """The version's engine for this GPU (built and added on first start), loaded; rebuilt once if it will not load.
+
+    The engine knows the version it came from, re-read from the repository: another replica may have added it.
+    """
+    manifest = version.manifest
+    shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
+    profile = BatchProfile(1, max_batch_size, max_batch_size)
+
+    def select(replace: Artifact | None) -> tuple[Artifact, ModelVersion]:
+        return select_or_build_engine(version, precision, profile, repository_root=repository_root, replace=replace)
+
+    def open_engine(current: ModelVersion, artifact: Artifact) -> TensorRTEngine:
+        engine = TensorRTEngine(current.artifact_path(artifact), shape, precision=precision,
+                                max_batch_size=max_batch_size, input_name=manifest.input.name,
+                                output_name=manifest.output_name, model=current)
+        engine.load()
+        return engine
+
+    engine, _, _ = open_or_rebuild(select, open_engine)
+    return engine

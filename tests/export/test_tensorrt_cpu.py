@@ -1,4 +1,4 @@
-"""TensorRT helpers that need no GPU: engine naming, compatibility refusal, batch profiles, CLI."""
+"""TensorRT helpers that need no GPU: engine naming, compatibility refusal, builder flags, batch profiles, CLI."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,8 @@ import pytest
 from export.__main__ import main
 from export.repository import Artifact, TensorRTInfo
 from export.tensorrt import (
-    BatchProfile, TensorRTError, check_engine_compatible, engine_file_name, find_engine, onnx_source_for,
+    BatchProfile, TensorRTError, builder_flags, check_engine_compatible, engine_file_name, find_engine,
+    onnx_source_for, timing_cache_name,
 )
 
 SHA = "0" * 64
@@ -23,28 +24,57 @@ def _engine(trt="10.13.2.6", cc="9.0", batches=(1, 8, 32), precision="fp16") -> 
     return Artifact(file=name, format="tensorrt", precision=precision, sha256=SHA, size_bytes=1, tensorrt=info)
 
 
-def test_engine_name_carries_precision_tensorrt_version_and_sm():
+def test_engine_name_carries_precision_full_tensorrt_version_and_sm():
     assert engine_file_name("fp16", "10.13.2.6", "9.0", BatchProfile(1, 8, 32)) == (
-        "engines/model.fp16.trt10.13.sm90.b1-8-32.engine"
+        "engines/model.fp16.trt10.13.2.6.sm90.b1-8-32.engine"
     )
-    assert engine_file_name("bf16", "11.4.0.106", "12.0", BatchProfile()).startswith("engines/model.bf16.trt11.4.sm120")
+    assert engine_file_name("bf16", "11.4.0.106", "12.0", BatchProfile()).startswith(
+        "engines/model.bf16.trt11.4.0.106.sm120.")
     with pytest.raises(ValueError, match="choose one of"):
         engine_file_name("int4", "10.13", "9.0", BatchProfile())
+    with pytest.raises(ValueError, match="MAJOR.MINOR"):
+        engine_file_name("fp16", "10.13.2.6/../x", "9.0", BatchProfile())
+
+
+def test_timing_cache_is_named_by_full_tensorrt_version_and_sm():
+    assert timing_cache_name("11.4.0.106", "9.0") == ".timing_cache.trt11.4.0.106.sm90"
+    assert timing_cache_name("10.13.2.6", "9.0") != timing_cache_name("10.13.0.35", "9.0")
 
 
 def test_compatible_engine_is_accepted():
-    check_engine_compatible(_engine(), "10.13.0.35", "9.0")  # same major.minor: loads
+    check_engine_compatible(_engine(), "10.13.2.6", "9.0")  # the exact TensorRT build and GPU architecture
 
 
 @pytest.mark.parametrize(
     "trt, cc, message",
-    [("10.12.0.36", "9.0", "built with TensorRT 10.13.2.6"), ("11.4.0.106", "9.0", "built with TensorRT"),
+    [("10.13.0.35", "9.0", "built with TensorRT 10.13.2.6"),  # same major.minor, another build: refused
+     ("10.12.0.36", "9.0", "built with TensorRT 10.13.2.6"), ("11.4.0.106", "9.0", "built with TensorRT"),
      ("10.13.2.6", "8.9", "built for compute capability 9.0")],
 )
 def test_mismatched_engine_is_refused_with_a_clear_message(trt, cc, message):
     with pytest.raises(TensorRTError, match=message) as error:
         check_engine_compatible(_engine(), trt, cc)
     assert "rebuild" in str(error.value)
+
+
+TRT10_FLAGS = ("FP16", "BF16", "INT8", "TF32", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS")
+TRT11_FLAGS = ("TF32", "DEBUG", "REFIT", "STRICT_NANS")  # strongly typed only: no precision flags
+
+
+@pytest.mark.parametrize(
+    "precision, available, to_set, to_clear",
+    [("fp32", TRT10_FLAGS, set(), {"TF32"}), ("fp32", TRT11_FLAGS, set(), {"TF32"}),
+     ("fp16", TRT10_FLAGS, {"FP16", "OBEY_PRECISION_CONSTRAINTS"}, set()),
+     ("bf16", TRT10_FLAGS, {"BF16", "OBEY_PRECISION_CONSTRAINTS"}, set()),
+     ("fp16", TRT11_FLAGS, set(), set()), ("bf16", TRT11_FLAGS, set(), set())],
+)
+def test_builder_flags_per_precision_and_tensorrt_typing_mode(precision, available, to_set, to_clear):
+    assert builder_flags(precision, available) == (to_set, to_clear)
+
+
+def test_builder_flags_refuse_a_tensorrt_without_a_needed_flag():
+    with pytest.raises(TensorRTError, match="no builder flag \\['TF32'\\]"):
+        builder_flags("fp32", ("FP16", "BF16", "OBEY_PRECISION_CONSTRAINTS"))
 
 
 @pytest.mark.parametrize("batches", [(0, 1, 1), (2, 1, 4), (1, 8, 4), (1, 1, 5000)])
@@ -60,7 +90,7 @@ def test_profile_shapes_and_coverage():
 
 
 def test_find_engine_picks_a_compatible_covering_engine(exported):
-    engines = (_engine(trt="10.12.0.36"), _engine(batches=(1, 4, 8)), _engine(batches=(1, 16, 64)))
+    engines = (_engine(trt="10.13.0.35"), _engine(batches=(1, 4, 8)), _engine(batches=(1, 16, 64)))
     version = type(exported)(exported.manifest.model_copy(update={"artifacts": exported.manifest.artifacts + engines}),
                              exported.path)
     found = find_engine(version, "fp16", BatchProfile(1, 8, 32), "10.13.2.6", "9.0")

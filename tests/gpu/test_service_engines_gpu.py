@@ -57,8 +57,9 @@ def test_tensorrt_engine_matches_onnxruntime_at_every_batch_size(request, tmp_pa
     engine = TensorRTEngine(plan, (3, 64, 64), precision="fp32", max_batch_size=8)
     engine.load()
     engine.warmup(1)
+    assert engine.describe().max_batch_size == 8
     rng = np.random.default_rng(0)
-    for size in (1, 3, 8):
+    for size in (1, 3, 8, 11):  # 11: two engine calls within the profile (8 + 3)
         batch = rng.standard_normal((size, 3, 64, 64), dtype=np.float32)
         np.testing.assert_allclose(engine.run(batch), reference(atto, batch), atol=1e-2)
     engine.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
@@ -30,16 +31,41 @@ def version(tmp_path_factory, real_photos):
                                precisions=("fp32", "fp16", "bf16"), verify_images=real_photos[0].parent)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_engine_builds_verifies_and_is_cached(version, precision):
     from export.repository import ModelRepository
     from export.tensorrt import BatchProfile, select_or_build_engine
 
+    # Max batch 8 under 10 verification inputs (4 random + 6 photos): parity runs in calls within the profile.
     profile = BatchProfile(1, 4, 8)
     artifact, updated = select_or_build_engine(version, precision, profile)
-    assert artifact.parity.reference == "onnxruntime-fp32" and artifact.parity.top1_agreement >= 0.99
+    assert artifact.parity.reference == "onnxruntime-fp32" and artifact.parity.num_inputs == 10
     assert artifact.tensorrt.max_batch == 8 and artifact.file.startswith(f"engines/model.{precision}.trt")
+    assert artifact.tensorrt.tensorrt_version in artifact.file  # the full TensorRT version
     reloaded = ModelRepository(updated.path.parent.parent).load("atto", updated.manifest.version)
     assert artifact in reloaded.manifest.artifacts
-    again, _ = select_or_build_engine(reloaded, precision, BatchProfile(1, 2, 4))  # covered: no rebuild
+    again, _ = select_or_build_engine(version, precision, BatchProfile(1, 2, 4))  # stale version, covered: no rebuild
     assert again == artifact
+
+
+def test_an_engine_that_does_not_deserialize_is_rebuilt_at_service_start(version, tmp_path):
+    from export.repository import ModelRepository, describe_file
+    from export.tensorrt import BatchProfile, select_or_build_engine
+    from service.engines.tensorrt import open_tensorrt_engine
+
+    good, current = select_or_build_engine(version, "fp32", BatchProfile(1, 4, 8))
+    garbage = tmp_path / "garbage.engine"
+    garbage.write_bytes(b"not an engine")
+    broken = describe_file(tmp_path, garbage.name, format="tensorrt", precision="fp32",
+                           tensorrt=good.tensorrt).model_copy(update={"file": good.file})
+    repository = ModelRepository(current.path.parent.parent)
+    repository.add_artifact("atto", current.manifest.version, garbage, broken)  # same name: replaces the engine
+    engine = open_tensorrt_engine(version, "fp32", good.tensorrt.max_batch, repository.root)  # rebuilds it once
+    try:
+        rebuilt = [a for a in engine.model.manifest.artifacts if a.file == good.file]
+        assert len(rebuilt) == 1 and rebuilt[0].sha256 != broken.sha256
+        m = engine.model.manifest
+        batch = np.zeros((10, m.input.channels, m.input.height, m.input.width), np.float32)
+        assert engine.run(batch).shape == (10, m.num_classes)  # two calls: 8 + 2
+    finally:
+        engine.close()
