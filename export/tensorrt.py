@@ -286,8 +286,6 @@ class TensorRTBuild:
     def __call__(self, version: ModelVersion, source: Artifact, engine_path: Path, precision: str,
                  profile: BatchProfile) -> Parity:
         spec = version.manifest.input
-        logger.info("building a %s TensorRT engine for %s/%s, batch %d-%d (minutes on first start)", precision,
-                    version.manifest.name, version.manifest.version, profile.min_batch, profile.max_batch)
         build_engine(version.artifact_path(source), engine_path, precision, profile, input_name=spec.name,
                      channels=spec.channels, size_px=spec.height, workspace_mib=self.workspace_mib,
                      optimization_level=self.optimization_level, timing_cache=self.timing_cache)

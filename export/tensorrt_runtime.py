@@ -151,7 +151,10 @@ class TensorRTRunner:
         self.min_batch, self.max_batch = self.profile[0][0], self.profile[2][0]
         if max_batch_size is not None:
             self.max_batch = max(self.min_batch, min(self.max_batch, int(max_batch_size)))
-        self.num_classes = int(engine.get_tensor_shape(self.output_name)[-1])
+        output_shape = tuple(int(d) for d in engine.get_tensor_shape(self.output_name))  # (-1, num_classes)
+        if len(output_shape) != 2 or output_shape[1] < 1:
+            raise RuntimeError(f"{self.engine_path} outputs shape {output_shape}; expected (batch, num_classes)")
+        self.num_classes = output_shape[1]
         self.input_dtype = numpy_dtype(engine.get_tensor_dtype(self.input_name).name)
         self.output_dtype = numpy_dtype(engine.get_tensor_dtype(self.output_name).name)
         self.context = engine.create_execution_context()
