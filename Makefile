@@ -20,7 +20,16 @@ system-deps:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	@command -v promtool >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
-test: install system-deps
+# The GPU build of ONNX Runtime, apart from the venv (it would replace the CPU package there): on this GPU-less
+# machine tests/service/test_ort_providers.py proves with it that a GPU provider that does not load is refused.
+ORT_GPU_PROBE := .cache/ort-gpu
+ORT_GPU_VERSION ?= 1.31.1
+
+$(ORT_GPU_PROBE)/.installed:
+	$(PY) -m pip install -q --upgrade --no-deps --target $(ORT_GPU_PROBE) onnxruntime-gpu==$(ORT_GPU_VERSION)
+	touch $@
+
+test: install system-deps $(ORT_GPU_PROBE)/.installed
 	$(PY) -m pytest
 
 # Train the offline demo model (digits, CPU, minutes) and export it to ./models unless it is there already.

@@ -13,11 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+from export.ort_session import (available_provider, create_session, cuda_provider_options, onnxruntime_version,
+                                ort_tensorrt_cache_dir, tensorrt_provider_options)
+
 TENSORRT_ENGINE = "tensorrt-engine"  # the provider label of native TensorRT engines (export/tensorrt.py)
 # Published ImageNet-1k top-1 at 224 px, labelled as published: we have no ImageNet here to measure it.
 PUBLISHED_TOP1 = {
@@ -44,20 +42,33 @@ class EngineResult:
     iterations: int
 
 
-def make_session(onnx_path: Path, provider: str = "cpu", threads: int | None = None):
+def make_session(onnx_path: Path, provider: str = "cpu", threads: int | None = None, max_batch_size: int = 32):
+    """A session on exactly `provider` (export/ort_session.py refuses a quiet CPU fallback), threads for throughput."""
     import onnxruntime as ort
 
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider {provider!r}: choose from {sorted(PROVIDERS)}")
-    available = ort.get_available_providers()
-    if PROVIDERS[provider] not in available:
-        raise RuntimeError(f"ONNX Runtime here has no {PROVIDERS[provider]} (has {available}); install "
-                           "onnxruntime-gpu on a GPU host or use --provider cpu")
+    available_provider(provider)  # refused before its options are built from the file
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    return ort.InferenceSession(str(onnx_path), options, providers=providers)
+    return create_session(onnx_path, provider, options, gpu_provider_options(onnx_path, provider, max_batch_size))
+
+
+def gpu_provider_options(onnx_path: Path, provider: str, max_batch_size: int) -> dict:
+    """The service's CUDA / TensorRT provider options; ORT-TensorRT's profile over batch 1..max_batch_size, its
+    caches beside the ONNX file (in the version folder, as the service keeps them)."""
+    if provider == "cpu":
+        return {}
+    options = {"cuda": cuda_provider_options()}
+    if provider == "tensorrt":
+        import onnx
+
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        graph_input = model.graph.input[0]
+        shape = tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:])
+        precision = "fp16" if graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "fp32"
+        cache = ort_tensorrt_cache_dir(Path(onnx_path).parent, onnxruntime_version())
+        options["tensorrt"] = tensorrt_provider_options(cache, graph_input.name, shape, max_batch_size, precision)
+    return options
 
 
 def time_callable(run, batch_size: int, warmup: int, iterations: int, max_seconds: float) -> tuple[float, list[float]]:
@@ -121,7 +132,7 @@ def benchmark_onnx(onnx_path: Path, batch_sizes: Sequence[int], *, provider: str
                    warmup: int = 2, iterations: int = 20, max_seconds: float = 10.0, model: str = "?",
                    activation: str = "?", precision: str = "fp32") -> list[EngineResult]:
     threads = threads or os.cpu_count() or 1
-    session = make_session(onnx_path, provider, threads)
+    session = make_session(onnx_path, provider, threads, max_batch_size=max(batch_sizes))
     results = []
     for batch_size in batch_sizes:
         rate, latencies = time_session(session, batch_size, warmup, iterations, max_seconds)

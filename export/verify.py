@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .ort_session import create_session, provider_key
 from .repository import Parity, Preprocess
 
 RANDOM_SEED = 0
@@ -145,11 +146,14 @@ def check_parity(parity: Parity, reference: np.ndarray, precision: str, what: st
 def run_onnxruntime(
     onnx_path: Path, batch: np.ndarray, providers: Sequence[str] = ("CPUExecutionProvider",)
 ) -> np.ndarray:
+    """Logits of `batch` on the first of `providers`; ProviderError when ONNX Runtime cannot load that provider."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=list(providers))
+    # The first provider names the session's chain (export/ort_session.py); parity on a GPU provider that quietly
+    # ran on CPU would verify the wrong thing.
+    session = create_session(onnx_path, provider_key(providers[0]), options)
     input_name = session.get_inputs()[0].name
     return session.run(None, {input_name: batch})[0]
 

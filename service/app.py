@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from export.ort_session import (cuda_provider_options, onnxruntime_version, ort_tensorrt_cache_dir,
+                                tensorrt_provider_options)
 from export.repository import ModelVersion
 from service.admission import Admission, AdmissionGate
 from service.engines.base import Engine
@@ -35,25 +37,37 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 
 
 def default_engine(version: ModelVersion, settings: Settings) -> Engine:
-    manifest = version.manifest
-    shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
     if settings.engine == "tensorrt":
         from service.engines.tensorrt import open_tensorrt_engine
 
         # A compatible engine from the version, or one built for this GPU on first start (minutes, then cached;
         # one replica builds, the others wait for it); an engine that fails to deserialize is rebuilt once.
         return open_tensorrt_engine(version, settings.precision, settings.max_batch_size, settings.repository)
+    return onnxruntime_engine(version, settings)
+
+
+def onnxruntime_engine(version: ModelVersion, settings: Settings) -> Engine:
+    """The version's ONNX artifact of the asked precision on ONNX Runtime, with the GPU providers' options."""
     from service.engines.onnxruntime import OnnxRuntimeEngine
 
+    manifest = version.manifest
+    shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
     artifact = manifest.find("onnx", settings.precision)
     if artifact is None:
         have = sorted({a.precision for a in manifest.artifacts if a.format == "onnx"})
         raise RuntimeError(f"{manifest.name}/{manifest.version} has no {settings.precision} ONNX artifact "
                            f"(has {have}); pass --precision one of those")
+    provider_options = {}
+    if settings.provider in ("cuda", "tensorrt"):
+        provider_options["cuda"] = cuda_provider_options()
+    if settings.provider == "tensorrt":  # engine + timing caches in the version, so a restart does not rebuild
+        cache = ort_tensorrt_cache_dir(version.path, onnxruntime_version())
+        provider_options["tensorrt"] = tensorrt_provider_options(cache, manifest.input.name, shape,
+                                                                 settings.max_batch_size, settings.precision)
     return OnnxRuntimeEngine(version.artifact_path(artifact), shape, input_name=manifest.input.name,
                              provider=settings.provider, precision=settings.precision,
                              max_batch_size=settings.max_batch_size, intra_op_threads=settings.intra_op_threads,
-                             spinning=settings.ort_spinning)
+                             spinning=settings.ort_spinning, provider_options=provider_options)
 
 
 class ServiceState:
@@ -81,6 +95,11 @@ class ServiceState:
     @property
     def not_ready_reason(self) -> str | None:
         return self.models.not_ready_reason if self.models is not None else "the model is not loaded yet"
+
+    @property
+    def not_live_reason(self) -> str | None:
+        """Why the process should be restarted (the engine cannot be rebuilt in it); None while it is live."""
+        return self.models.not_live_reason if self.models is not None else None
 
     @property
     def is_ready(self) -> bool:

@@ -47,7 +47,8 @@ class ModelManager:
 
     Every engine is built, loaded, warmed up and smoke-run on its own new thread while the current one keeps
     serving; the batcher then swaps between batches. A broken engine (timeout or repeated failures, reported
-    by the batcher) is abandoned and rebuilt from the same version until one works.
+    by the batcher) is abandoned and rebuilt from the same version, re-read from the repository, until one works;
+    after engine_max_rebuild_attempts failed rebuilds in a row the process reports itself not live.
     """
 
     def __init__(self, settings: "Settings", metrics: ServiceMetrics, engine_factory: EngineFactory):
@@ -57,6 +58,8 @@ class ModelManager:
         self.batcher: Batcher | None = None
         self._broken_reason: str | None = "the model is not loaded yet"
         self._refused_versions: set[int] = set()
+        self._failed_rebuilds = 0  # in a row, since the engine last broke
+        self._last_rebuild_error: str | None = None
         self._lock = asyncio.Lock()  # one reload or recovery at a time
         self._recovery: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
@@ -78,6 +81,16 @@ class ModelManager:
         if self._watch is not None and self._watch.done():
             return "the repository watcher stopped"
         return None
+
+    @property
+    def not_live_reason(self) -> str | None:
+        """Set once rebuilding a broken engine has failed engine_max_rebuild_attempts times in a row: /healthz
+        fails so the orchestrator restarts the container (a sticky device fault does not clear in-process)."""
+        limit = self.settings.engine_max_rebuild_attempts
+        if self._failed_rebuilds < limit:
+            return None
+        return (f"the engine could not be rebuilt in {self._failed_rebuilds} attempts in a row (limit "
+                f"engine_max_rebuild_attempts={limit}; last error: {self._last_rebuild_error}); restart the service")
 
     @property
     def model(self) -> ModelVersion | None:
@@ -148,15 +161,20 @@ class ModelManager:
                                 f"version's ({new.input} {new.preprocess}); restart the service to change them")
 
     async def _build(self, model: ModelVersion) -> ServedModel:
-        """Build, load, warm up and smoke-run an engine on a new thread of its own, off the event loop."""
+        """Build, load, warm up and smoke-run an engine on a new thread of its own, off the event loop.
+
+        The ServedModel holds the version as the repository has it after the build: building may add an artifact
+        (a TensorRT engine built on first start), which the next rebuild must find instead of building it again.
+        """
         manifest = model.manifest
         thread = EngineThread(f"engine-{manifest.name}-{manifest.version}")
         try:
             engine = await asyncio.wrap_future(thread.submit(self._prepare_engine, model))
+            built = await asyncio.to_thread(self.repository.load, manifest.name, manifest.version, verify_files=False)
         except BaseException:
             thread.stop()
             raise
-        return ServedModel(engine, manifest.name, manifest.version, thread, model)
+        return ServedModel(engine, manifest.name, manifest.version, thread, built)
 
     def _prepare_engine(self, model: ModelVersion) -> Engine:
         engine = self.engine_factory(model, self.settings)
@@ -219,19 +237,26 @@ class ModelManager:
             self._recovery = asyncio.get_running_loop().create_task(self._recover(served.model), name="engine-recovery")
 
     async def _recover(self, model: ModelVersion) -> None:
+        name, version = model.manifest.name, model.manifest.version
         async with self._lock:
-            attempt = 0
+            self._failed_rebuilds = 0
             while self.batcher.served is None:
                 try:
-                    served = await self._build(model)
+                    # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version.
+                    current = await asyncio.to_thread(self.repository.load, name, version)
+                    served = await self._build(current)
                 except Exception as err:  # keep trying: the service is useless without an engine
-                    delay = RECOVERY_BACKOFF_S[min(attempt, len(RECOVERY_BACKOFF_S) - 1)]
-                    attempt += 1
-                    self._broken_reason = (f"rebuilding the engine failed ({type(err).__name__}: {err}); "
+                    delay = RECOVERY_BACKOFF_S[min(self._failed_rebuilds, len(RECOVERY_BACKOFF_S) - 1)]
+                    self._failed_rebuilds += 1
+                    self._last_rebuild_error = f"{type(err).__name__}: {err}"
+                    self._broken_reason = (f"rebuilding the engine failed ({self._last_rebuild_error}); "
                                            f"retrying in {delay:.0f} s")
                     logger.error(self._broken_reason)
+                    if self.not_live_reason is not None:
+                        logger.critical(self.not_live_reason)
                     await asyncio.sleep(delay)
                     continue
+                self._failed_rebuilds = 0
                 await self._install(served)
                 logger.info("engine of %s/%s rebuilt; serving again", served.name, served.version)
 

@@ -187,9 +187,14 @@ async def classify(request: Request, top_k: int = Query(5, ge=1, description="ho
     return {"model": {"name": ran.name, "version": ran.version}, "results": results}
 
 
-@router.get("/healthz", summary="The process is up")
-async def healthz():
-    return {"status": "ok"}
+@router.get("/healthz", summary="The process is up and can still recover its engine (liveness)")
+async def healthz(request: Request):
+    from service.app import error_response
+
+    reason = _state(request).not_live_reason
+    if reason is None:
+        return {"status": "ok"}
+    return error_response(503, "engine_unrecoverable", reason)
 
 
 @router.get("/readyz", summary="The model is loaded, warmed up, and the batcher is running")

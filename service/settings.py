@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # a batch's normal time (TensorRT's first batch on a cold GPU included).
     engine_timeout_ms: float = Field(10_000.0, gt=0)
     engine_max_consecutive_failures: int = Field(5, ge=1)  # failed batches in a row before the engine is rebuilt
+    engine_max_rebuild_attempts: int = Field(5, ge=1, description=(
+        "failed rebuilds in a row of a broken engine before /healthz answers 503, so the orchestrator restarts the "
+        "container: a sticky GPU fault outlives every rebuild inside the process (rebuilds go on meanwhile)"))
     watch_interval_s: float = Field(0.0, ge=0)  # poll the repository for a newer version this often; 0: off
 
     @model_validator(mode="before")

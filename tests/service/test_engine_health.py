@@ -1,16 +1,21 @@
-"""Engine health: a hung or repeatedly failing engine is detected, /readyz says why, and a rebuilt engine serves.
+"""Engine health: a hung or repeatedly failing engine is detected, /readyz says why, and a rebuilt engine serves;
+an engine that cannot be rebuilt fails liveness; a rebuild sees what earlier builds added to the version.
 
 The engines are the real ONNX Runtime engine, subclassed to hang or fail on an all-black image (the cue); the
 factory holds every rebuild until the test has seen the broken state, so nothing depends on timing.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 
+from export.repository import ModelRepository, TensorRTInfo, describe_file
 from service.app import default_engine
 from service.engines.base import EngineError
 from service.engines.onnxruntime import OnnxRuntimeEngine
@@ -142,3 +147,97 @@ def test_engine_failing_batch_after_batch_is_rebuilt_retrying_a_failed_rebuild(m
             assert_broken_then_recovers(url, build, "consecutive_failures", photo)
     finally:
         build.open()
+
+
+class RebuildsFailUntilHealed:
+    """The service's factory serving a PoisonedEngine; rebuilds wait for `rebuild`, then fail until `heal` is set,
+    as on a GPU left in a sticky error state until the container restarts."""
+
+    def __init__(self):
+        self.builds = 0
+        self.rebuild = threading.Event()
+        self.heal = threading.Event()
+
+    def __call__(self, version, settings):
+        self.builds += 1
+        if self.builds > 1:
+            self.rebuild.wait(60)
+            if not self.heal.is_set():
+                raise EngineError("simulated: the GPU is in a sticky error state")
+        engine = default_engine(version, settings)
+        engine.__class__ = PoisonedEngine
+        return engine
+
+
+def wait_for_status(url: str, path: str, status: int, timeout_s: float = 30) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    while (response := httpx.get(f"{url}{path}")).status_code != status:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} still answers {response.status_code} after {timeout_s} s: {response.text}")
+        time.sleep(0.05)
+    return response
+
+
+def test_healthz_fails_after_the_engine_could_not_be_rebuilt_k_times_and_recovers_with_it(model_repository, launch):
+    build = RebuildsFailUntilHealed()
+    try:
+        with launch(model_repository, build, engine_max_consecutive_failures=1, engine_max_rebuild_attempts=2,
+                    warmup_runs=0) as url:
+            assert post(url, black_png(), "image/png").status_code == 500  # the engine is now broken
+            assert httpx.get(f"{url}/readyz").status_code == 503
+            assert httpx.get(f"{url}/healthz").status_code == 200  # broken, but no rebuild has failed yet
+            build.rebuild.set()  # rebuilds go ahead, and fail
+            dead = wait_for_status(url, "/healthz", 503)
+            error = dead.json()["error"]
+            assert error["code"] == "engine_unrecoverable"
+            assert "2 attempts" in error["message"] and "sticky error state" in error["message"]
+            assert "engine_max_rebuild_attempts=2" in error["message"]
+            assert build.builds == 3  # the first build and two failed rebuilds: liveness waits for the limit
+            build.heal.set()  # a rebuild that works (the retries go on) makes the replica live and ready again
+            wait_until_ready(url)
+            assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    finally:
+        build.rebuild.set()
+        build.heal.set()
+
+
+ENGINE_FILE = "engines/model.fp32.trt10.13.sm90.b1-8-8.engine"
+
+
+class AddsAnEngineOnFirstBuild:
+    """The service's factory serving a PoisonedEngine; its first build adds an engine file to the version the way
+    export.tensorrt.select_or_build_engine does (ModelRepository.add_artifact). Records the artifacts it is given."""
+
+    def __init__(self):
+        self.artifacts_seen: list[tuple[str, ...]] = []
+
+    def __call__(self, version, settings):
+        self.artifacts_seen.append(tuple(a.file for a in version.manifest.artifacts))
+        if len(self.artifacts_seen) == 1:
+            with tempfile.TemporaryDirectory() as tmp:
+                staged = Path(tmp) / "model.engine"
+                staged.write_bytes(b"a serialized engine")
+                info = TensorRTInfo(tensorrt_version="10.13.0", compute_capability="9.0", device_name="H100",
+                                    min_batch=1, opt_batch=8, max_batch=8)
+                artifact = describe_file(Path(tmp), staged.name, format="tensorrt", precision="fp32",
+                                         tensorrt=info).model_copy(update={"file": ENGINE_FILE})
+                ModelRepository(settings.repository).add_artifact(version.manifest.name, version.manifest.version,
+                                                                  staged, artifact)
+        engine = default_engine(version, settings)
+        engine.__class__ = PoisonedEngine
+        return engine
+
+
+def test_a_rebuild_sees_the_artifact_an_earlier_build_added_and_serves_that_version(model_repository, tmp_path,
+                                                                                  launch):
+    repository = tmp_path / "models"
+    shutil.copytree(model_repository, repository)  # the first build writes into the version
+    build = AddsAnEngineOnFirstBuild()
+    with launch(repository, build, engine_max_consecutive_failures=1, warmup_runs=0) as url:
+        served = url.app.state.service.version  # the version the engine runs: with the engine the build added
+        assert ENGINE_FILE in [a.file for a in served.manifest.artifacts]
+        assert post(url, black_png(), "image/png").status_code == 500  # breaks the engine: recovery rebuilds it
+        wait_until_ready(url)
+    first, rebuilt = build.artifacts_seen
+    assert ENGINE_FILE not in first
+    assert ENGINE_FILE in rebuilt  # re-read from the repository, not the version the first build was handed
