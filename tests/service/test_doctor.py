@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.doctor import TINY_MODEL, check_ort_provider, requirements_for
+from service.doctor import TINY_MODEL, check_ort_provider, fallback_problem, requirements_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,6 +94,13 @@ def test_an_unknown_requirement_is_refused_with_the_known_ones():
 
 def test_the_tiny_model_really_runs_on_a_provider_that_loads():
     assert check_ort_provider("CPUExecutionProvider") == "loads and runs (session providers: CPUExecutionProvider)"
+
+
+def test_a_provider_that_fell_back_to_cpu_is_a_failure():
+    # What onnxruntime-gpu 1.31.1 returned here for providers=["CUDAExecutionProvider"] with no libcuda.so.1.
+    assert fallback_problem("CUDAExecutionProvider", ["CPUExecutionProvider"]) == (
+        "CUDAExecutionProvider is in this build but did not load: ONNX Runtime fell back to CPUExecutionProvider")
+    assert fallback_problem("CUDAExecutionProvider", ["CUDAExecutionProvider", "CPUExecutionProvider"]) is None
 
 
 def test_the_tiny_model_ships_in_the_service_package():
