@@ -37,9 +37,9 @@ CUDA_LIBRARIES = ("libcuda.so.1", "libcudart.so.13", "libcublasLt.so.13", "libcu
                   "libcufft.so.12", "libcudnn.so.9")
 NVIDIA_WHEEL_LIB_DIRS = ("nvidia/cu13/lib", "nvidia/cudnn/lib")  # where the nvidia-* CUDA 13 wheels put them
 ORT_GPU_INSTALL = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu[cuda,cudnn]==1.31.1'"
-GPU_INSTALL = ("in a venv without the CPU onnxruntime: pip install -e '.[serve,gpu]' (onnxruntime-gpu[cuda,cudnn], "
-               "tensorrt-cu13, cuda-python; tensorrt-cu13 downloads its libraries from pypi.nvidia.com), "
-               "or use the GPU image (docker compose up)")
+GPU_INSTALL = ("in a venv without the CPU onnxruntime: pip install -e '.[serve,gpu]' --extra-index-url "
+               "https://pypi.nvidia.com (onnxruntime-gpu[cuda,cudnn], tensorrt-cu13 whose libraries come from that "
+               "index, cuda-python), or use the GPU image (docker compose up)")
 NO_DRIVER_FIX = (f"install NVIDIA driver >= {MIN_DRIVER_MAJOR} on the host; in a container also install the NVIDIA "
                  "Container Toolkit on the host and give the container a GPU (docker run --gpus all, or compose's "
                  "deploy.resources.reservations.devices)")
