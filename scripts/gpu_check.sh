@@ -185,12 +185,22 @@ v = R(sys.argv[1]).load(sys.argv[2]); print(v.artifact_path(v.manifest.find("onn
   done
 }
 
-# Fail fast where no GPU can be: creating the venv downloads gigabytes for nothing.
-if ! command -v nvidia-smi > /dev/null 2>&1; then
+preflight_problem() {  # prints why this host cannot run the check at all, if it cannot
+  if ! command -v nvidia-smi > /dev/null 2>&1; then
+    echo "no NVIDIA driver here (nvidia-smi not found): gpu_check.sh needs a GPU host with driver >= 580;" \
+      "in a container, run it with the NVIDIA Container Toolkit (--gpus all). See README.md, 'GPU hosts'."
+  elif [ ! -x "$PY" ] && ! "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "$PYTHON cannot make the venv: it is missing, older than 3.10, or lacks venv/ensurepip" \
+      "(Debian/Ubuntu: apt-get install python3-venv); point PYTHON=... at a Python 3.10+ that has them."
+  fi
+}
+
+# Fail fast where the check cannot run: creating the venv downloads gigabytes for nothing.
+problem="$(preflight_problem)"
+if [ -n "$problem" ]; then
   log="$OUT/logs/00-preflight.log"
-  echo "no NVIDIA driver here (nvidia-smi not found): gpu_check.sh needs a GPU host with driver >= 580;" \
-    "in a container, run it with the NVIDIA Container Toolkit (--gpus all). See README.md, 'GPU hosts'." | tee "$log" >&2
-  record preflight "FAIL (no nvidia-smi)" 0 "$log"
+  echo "$problem" | tee "$log" >&2
+  record preflight "FAIL" 0 "$log"
   write_report
   echo "report: $OUT/report.md" >&2
   exit 2

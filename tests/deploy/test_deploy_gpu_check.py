@@ -50,5 +50,18 @@ def test_without_a_gpu_it_fails_fast_and_clearly_and_still_writes_a_report(tmp_p
     assert "no NVIDIA driver here (nvidia-smi not found)" in result.stderr and "driver >= 580" in result.stderr
     assert not (tmp_path / "venv").exists()  # failed before downloading gigabytes
     report = (out / "report.md").read_text()
-    assert "| preflight | FAIL (no nvidia-smi) |" in report and "1 step(s) FAILED" in report
+    assert "| preflight | FAIL |" in report and "1 step(s) FAILED" in report
     assert (out / "logs" / "00-preflight.log").read_text().startswith("no NVIDIA driver here")
+
+
+def test_with_a_gpu_but_no_usable_python_venv_it_fails_fast_naming_the_package(tmp_path):
+    path = no_gpu_path(tmp_path)
+    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI stand-in'\n")  # a GPU host's tool
+    (tmp_path / "bin" / "nvidia-smi").chmod(0o755)
+    out = tmp_path / "report"
+    env = {"PATH": path, "HOME": str(tmp_path), "GPU_VENV": str(tmp_path / "venv"), "PYTHON": "python3-missing"}
+    result = subprocess.run([shutil.which("bash"), str(SCRIPT), str(out)], capture_output=True, text=True, timeout=60,
+                            env=env)
+    assert result.returncode == 2
+    assert "python3-missing cannot make the venv" in result.stderr and "apt-get install python3-venv" in result.stderr
+    assert not (tmp_path / "venv").exists()
