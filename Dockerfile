@@ -1,16 +1,18 @@
 # syntax=docker/dockerfile:1.7
 # Images of convnext-serve, one target each:
-#   service      GPU serving on NVIDIA's TensorRT image: ONNX Runtime (CUDA/TensorRT providers) + TensorRT, no torch
+#   service      GPU serving: python:3.11-slim + CUDA 13 runtime, cuDNN 9, TensorRT 11 and onnxruntime-gpu, all as pip
+#                wheels (the way PyTorch's wheels ship CUDA); no torch. The host needs only the NVIDIA driver >= 580
+#                (CUDA 13) and the NVIDIA Container Toolkit, which mounts the driver into the container.
 #   service-cpu  CPU serving on python:3.11-slim with ONNX Runtime (CPU)
 #   train        training and export with torch (torchrun-capable); also runs the one-shot `prepare` step
 # Build: docker build --target service -t convnext-serve:gpu .
-# The base image supplies CUDA 13 userspace and the NVIDIA container runtime set-up. The TensorRT the service uses is
-# the pinned `tensorrt-cu13` wheel of the gpu extra (11.4, strongly typed: see export/tensorrt.py), installed in
-# /opt/venv, which does not see the base image's own TensorRT; engines record the version they were built with.
-ARG TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:25.10-py3
+# The GPU build needs https://pypi.nvidia.com (or a mirror: --build-arg NVIDIA_PYPI_URL=...): tensorrt-cu13 and
+# tensorrt-cu13-libs on PyPI are placeholders that fetch the real TensorRT libraries from there at install time.
+# deploy/check_nvidia_index.py stops the build early with what to do when it is unreachable.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG TINI_VERSION=v0.19.0
 ARG TINI_SHA256=93dcc18adc78c65a028a84799ecf8ad40c936fdfc5f2a57b1acda5a8117fa82c
+ARG NVIDIA_PYPI_URL=https://pypi.nvidia.com
 
 # ---- tini, verified by checksum (PID 1: forwards SIGTERM to the service and reaps zombies) ----
 FROM ${PYTHON_IMAGE} AS tini
@@ -19,15 +21,21 @@ ARG TINI_SHA256
 ADD --checksum=sha256:${TINI_SHA256} --chmod=755 \
     https://github.com/krallin/tini/releases/download/${TINI_VERSION}/tini-amd64 /tini
 
-# ---- GPU serving dependencies in a venv (the CPU onnxruntime wheel conflicts with onnxruntime-gpu: left out) ----
-FROM ${TENSORRT_IMAGE} AS gpu-deps
+# ---- GPU serving dependencies in a venv: onnxruntime-gpu[cuda,cudnn] + tensorrt-cu13 + cuda-python, no CPU onnxruntime ----
+FROM ${PYTHON_IMAGE} AS gpu-deps
+ARG NVIDIA_PYPI_URL
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY deploy/requirements.py deploy/requirements.py
-RUN python3 -m venv /opt/venv \
-    && python3 deploy/requirements.py serve gpu --without onnxruntime > /tmp/requirements.txt \
+COPY deploy/requirements.py deploy/check_nvidia_index.py deploy/gpu-constraints.txt deploy/
+# The CUDA/cuDNN wheels are pinned to the CUDA 13.0 builds (deploy/gpu-constraints.txt); pip takes TensorRT's real
+# wheels from NVIDIA's index (a binary wheel there wins over the placeholder sdist on PyPI).
+RUN python deploy/check_nvidia_index.py --index-url "${NVIDIA_PYPI_URL}" \
+    && python -m venv /opt/venv \
+    && python deploy/requirements.py serve gpu > /tmp/requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade pip==25.3 \
-    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+    && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${NVIDIA_PYPI_URL}" \
+        -c deploy/gpu-constraints.txt -r /tmp/requirements.txt \
+    && /opt/venv/bin/pip check
 COPY model/ model/
 COPY export/ export/
 COPY service/ service/
@@ -37,21 +45,31 @@ COPY convnext_cli.py ./
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
 # ---- service: GPU serving image ----
-FROM ${TENSORRT_IMAGE} AS service
+FROM ${PYTHON_IMAGE} AS service
+# NVIDIA_*: what the NVIDIA Container Toolkit mounts (libcuda + nvidia-smi) and the driver it requires: it refuses
+# to start the container on a driver older than CUDA 13 (>= 580) with "unsatisfied condition: cuda>=13.0".
+# LD_LIBRARY_PATH: where the nvidia-* wheels put libcudart/cuBLAS/cuFFT/cuRAND/cuDNN, for ONNX Runtime's CUDA
+# provider (it links them by name and the wheels set no rpath); TensorRT's wheel loads its own libraries.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
+    LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib \
     CONVNEXT_HOST=0.0.0.0 \
     CONVNEXT_PORT=8000 \
     CONVNEXT_REPOSITORY=/models \
     CONVNEXT_ENGINE=tensorrt \
     CONVNEXT_PROVIDER=cuda \
-    CONVNEXT_PRECISION=fp16
+    CONVNEXT_PRECISION=fp16 \
+    CONVNEXT_HOST_CHECK=hold
+LABEL org.opencontainers.image.description="convnext-serve GPU service: needs NVIDIA driver >= 580 (CUDA 13), compute capability >= 7.5"
 COPY --from=tini /tini /usr/local/bin/tini
 COPY --from=gpu-deps /opt/venv /opt/venv
 RUN useradd --system --uid 10001 --create-home --home-dir /home/convnext convnext \
     && mkdir -p /models && chown convnext /models
 WORKDIR /app
-COPY --chown=convnext deploy/entrypoint.py deploy/healthcheck.py deploy/
+COPY --chown=convnext deploy/entrypoint.py deploy/healthcheck.py deploy/host_check.py deploy/
 USER 10001
 VOLUME ["/models"]
 EXPOSE 8000
@@ -65,7 +83,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/requirements.py deploy/requirements.py
 RUN python -m venv /opt/venv \
-    && python deploy/requirements.py serve > /tmp/requirements.txt \
+    && python deploy/requirements.py serve cpu > /tmp/requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade pip==25.3 \
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 COPY model/ model/
@@ -91,7 +109,7 @@ COPY --from=cpu-deps /opt/venv /opt/venv
 RUN useradd --system --uid 10001 --create-home --home-dir /home/convnext convnext \
     && mkdir -p /models && chown convnext /models
 WORKDIR /app
-COPY --chown=convnext deploy/entrypoint.py deploy/healthcheck.py deploy/
+COPY --chown=convnext deploy/entrypoint.py deploy/healthcheck.py deploy/host_check.py deploy/
 USER 10001
 VOLUME ["/models"]
 EXPOSE 8000
@@ -109,7 +127,7 @@ RUN useradd --system --uid 10001 --create-home --home-dir /home/convnext convnex
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY deploy/requirements.py deploy/requirements.py
-RUN python deploy/requirements.py train export > /tmp/requirements.txt \
+RUN python deploy/requirements.py train export cpu > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 COPY model/ model/
 COPY export/ export/
@@ -117,7 +135,7 @@ COPY service/ service/
 COPY training/ training/
 COPY bench/ bench/
 COPY convnext_cli.py ./
-COPY deploy/entrypoint.py deploy/healthcheck.py deploy/
+COPY deploy/entrypoint.py deploy/healthcheck.py deploy/host_check.py deploy/
 RUN pip install --no-cache-dir --no-deps .
 USER 10001
 VOLUME ["/models"]

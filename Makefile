@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= serve,train,export,dev
+EXTRAS ?= serve,cpu,train,export,dev
 
 .PHONY: install system-deps test serve demo-model clean
 

@@ -9,6 +9,7 @@ COMMANDS = {
     "train": ("training.__main__", "train or fine-tune (presets from the paper's Tables 5/6, or the offline demo)"),
     "export": ("export.__main__", "checkpoint -> verified ONNX / TensorRT in the model repository"),
     "serve": ("service.__main__", "serve the model repository over HTTP (/classify, KServe v2, /metrics)"),
+    "doctor": ("service.doctor", "GPU host check: driver, CUDA, cuDNN, TensorRT, ONNX Runtime providers, a tiny engine"),
     "bench": ("bench.__main__", "benchmarks: engines, end-to-end HTTP, GELU vs ReLU, ConvNeXt-T vs ResNet-50"),
 }
 

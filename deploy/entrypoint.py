@@ -1,8 +1,10 @@
-"""Container entrypoint: prepare the model repository if the model is missing, then exec the service.
+"""Container entrypoint: prepare the model repository if the model is missing, check the GPU host, exec the service.
 
     python deploy/entrypoint.py prepare   # download the checkpoint, export ONNX (needs torch: the train/export image)
-    python deploy/entrypoint.py serve     # exec `python -m service` (the service builds/caches TensorRT engines itself)
+    python deploy/entrypoint.py serve     # check the host (GPU settings), then exec `python -m service`, which
+                                          # builds and caches its TensorRT engine itself on first start
     python deploy/entrypoint.py all       # prepare, then serve (one image with both, e.g. a host venv)
+    python deploy/entrypoint.py doctor    # the GPU host check alone (`python -m service doctor`; its flags follow)
 
 Settings come from the environment (the service reads its own CONVNEXT_* settings too):
   CONVNEXT_REPOSITORY        model repository folder (default: models)
@@ -13,7 +15,10 @@ Settings come from the environment (the service reads its own CONVNEXT_* setting
   CONVNEXT_CHECKPOINT        your own checkpoint: a local path or an http(s)/file URL (overrides CONVNEXT_PRETRAINED)
   CONVNEXT_EXPORT_PRECISIONS ONNX precisions to export (default: fp32,fp16)
   CONVNEXT_EXPORT_ARGS       more `python -m export onnx` flags, e.g. "--num-classes 10 --input-size 288"
-  CONVNEXT_ENGINE            tensorrt: `serve` builds the engine first unless the repository has a fitting one
+  CONVNEXT_ENGINE, CONVNEXT_PROVIDER  what `serve` will use; tensorrt, or onnxruntime with provider cuda/tensorrt,
+                             make `serve` run `python -m service doctor` for them first (deploy/host_check.py)
+  CONVNEXT_HOST_CHECK        on a failed host check: hold (default: stay up, not ready, explain on /readyz),
+                             exit (status 78), or off (do not check)
   CONVNEXT_CACHE_DIR         where downloads are cached (default: <repository>/.cache)
 """
 from __future__ import annotations
@@ -29,7 +34,11 @@ from pathlib import Path
 
 # Keep this file torch-free at import: the GPU service image runs `serve` without torch installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
 from export.repository import ModelRepository  # noqa: E402
+from service.doctor import requirements_for  # noqa: E402
+
+HOST_CHECK_MODES = ("hold", "exit", "off")
 
 
 @dataclass(frozen=True)
@@ -44,12 +53,17 @@ class PrepareSettings:
     export_args: tuple[str, ...]
     cache_dir: Path
     engine: str
-    precision: str
-    max_batch_size: int
+    provider: str
+    host_check: str
+    host: str
+    port: int
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "PrepareSettings":
         repository = Path(env.get("CONVNEXT_REPOSITORY", "models"))
+        host_check = env.get("CONVNEXT_HOST_CHECK", "hold")
+        if host_check not in HOST_CHECK_MODES:
+            raise SystemExit(f"CONVNEXT_HOST_CHECK={host_check!r}: choose one of {', '.join(HOST_CHECK_MODES)}")
         return cls(
             repository=repository,
             model_name=env.get("CONVNEXT_MODEL", "convnext_tiny"),
@@ -61,8 +75,10 @@ class PrepareSettings:
             export_args=tuple(shlex.split(env.get("CONVNEXT_EXPORT_ARGS", ""))),
             cache_dir=Path(env.get("CONVNEXT_CACHE_DIR", repository / ".cache")),
             engine=env.get("CONVNEXT_ENGINE", "onnxruntime"),
-            precision=env.get("CONVNEXT_PRECISION", "fp32"),
-            max_batch_size=int(env.get("CONVNEXT_MAX_BATCH_SIZE", "8")),
+            provider=env.get("CONVNEXT_PROVIDER", "cpu"),
+            host_check=host_check,
+            host=env.get("CONVNEXT_HOST", "127.0.0.1"),
+            port=int(env.get("CONVNEXT_PORT", "8000")),
         )
 
 
@@ -106,45 +122,48 @@ def prepare(settings: PrepareSettings) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def build_tensorrt_engine(settings: PrepareSettings) -> int:
-    """Build (or reuse) the TensorRT engine for this GPU, cached in the repository (`export tensorrt` skips when one
-    fits). Runs in the serving image, which has TensorRT but no torch; export/tensorrt.py needs no torch."""
-    command = [
-        sys.executable, "-m", "export", "tensorrt",
-        "--repository", str(settings.repository),
-        "--name", settings.model_name,
-        "--precision", settings.precision,
-        "--max-batch", str(settings.max_batch_size),
-        "--opt-batch", str(min(8, settings.max_batch_size)),
-    ]
-    return subprocess.run(command, check=False).returncode
+def check_host(settings: PrepareSettings) -> int | None:
+    """Run the doctor for the GPU settings; None when serving may go ahead, else the exit status to return."""
+    if settings.host_check == "off" or not requirements_for(settings.engine, settings.provider):
+        return None
+    report = run_doctor(settings.engine, settings.provider)
+    print(describe(report), file=sys.stderr, flush=True)
+    if report["ok"]:
+        return None
+    if settings.host_check == "exit":
+        print(f"host check failed: exiting with status {EXIT_HOST_CHECK_FAILED}", file=sys.stderr, flush=True)
+        return EXIT_HOST_CHECK_FAILED
+    return hold(report, settings.host, settings.port)
 
 
-def serve(settings: PrepareSettings) -> None:
+def serve(settings: PrepareSettings) -> int:
     """Replace this process with the service, so it receives SIGTERM directly (tini is PID 1 in the image)."""
     if not model_is_prepared(settings):
         raise SystemExit(
             f"no model {settings.model_name!r} in {settings.repository}: run `deploy/entrypoint.py prepare` first "
             "(docker compose runs the `prepare` service before this one)"
         )
-    if settings.engine == "tensorrt":
-        returncode = build_tensorrt_engine(settings)
-        if returncode != 0:
-            raise SystemExit(f"building the TensorRT engine failed (exit {returncode}); see the log above")
+    returncode = check_host(settings)
+    if returncode is not None:
+        return returncode
     os.execv(sys.executable, [sys.executable, "-m", "service", "--repository", str(settings.repository)])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("prepare", "serve", "all"))
+    parser.add_argument("step", choices=("prepare", "serve", "all", "doctor"))
+    parser.add_argument("doctor_args", nargs=argparse.REMAINDER, help="doctor only: its flags (--json, --require)")
     args = parser.parse_args(argv)
+    if args.step == "doctor":
+        os.execv(sys.executable, [sys.executable, "-m", "service", "doctor", *args.doctor_args])
+    if args.doctor_args:
+        parser.error(f"{args.step} takes no further arguments (got {args.doctor_args})")
     settings = PrepareSettings.from_env(dict(os.environ))
     if args.step in ("prepare", "all"):
         returncode = prepare(settings)
         if returncode != 0 or args.step == "prepare":
             return returncode
-    serve(settings)
-    return 0  # not reached: serve() execs
+    return serve(settings)  # returns only when the host check failed: serve() execs the service
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Docker HEALTHCHECK: exit 0 when the service's /healthz answers 200 (stdlib only: the images carry no curl)."""
+"""Docker HEALTHCHECK: exit 0 when the service's /healthz answers 200 with status "ok" (stdlib only: no curl here).
+
+A container whose host check failed answers /healthz 200 with status "host_check_failed" (alive, so Kubernetes'
+liveness probe leaves it alone; see deploy/host_check.py): Docker marks it unhealthy, with the reason.
+"""
+import json
 import os
 import sys
 import urllib.error
@@ -8,7 +13,11 @@ PORT = os.environ.get("CONVNEXT_PORT", "8000")
 
 try:
     with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/healthz", timeout=2) as response:
-        sys.exit(0 if response.status == 200 else 1)
-except (urllib.error.URLError, OSError) as error:
+        body = json.loads(response.read() or b"{}")
+except (urllib.error.URLError, OSError, ValueError) as error:
     print(f"healthz failed: {error}", file=sys.stderr)
     sys.exit(1)
+if body.get("status") != "ok":
+    print(f"healthz: {body.get('status')}: {body.get('reason', '')}", file=sys.stderr)
+    sys.exit(1)
+sys.exit(0)

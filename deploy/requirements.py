@@ -1,6 +1,7 @@
 """Print pip requirements from pyproject.toml's extras, one a line, so the images install exactly the pinned set.
 
-    python deploy/requirements.py serve gpu --without onnxruntime   # the GPU image: onnxruntime-gpu, not the CPU wheel
+    python deploy/requirements.py serve gpu      # the GPU image: onnxruntime-gpu[cuda,cudnn], TensorRT, cuda-python
+    python deploy/requirements.py serve cpu      # the CPU image: onnxruntime (CPU)
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import tomllib
 from pathlib import Path
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+# One ONNX Runtime per environment: both packages install the same onnxruntime/ folder.
+ONNXRUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
 
 
 def requirement_name(requirement: str) -> str:
@@ -29,6 +32,10 @@ def requirements(extras: list[str], without: list[str], pyproject: Path = PYPROJ
         name = requirement_name(requirement)
         if name not in excluded:
             chosen.setdefault(name, requirement)
+    both = [name for name in ONNXRUNTIME_PACKAGES if name in chosen]
+    if len(both) > 1:
+        raise SystemExit(f"extras {extras} install both {both[0]} and {both[1]}, which overwrite each other: "
+                         "choose the cpu or the gpu extra")
     return list(chosen.values())
 
 

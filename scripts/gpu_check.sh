@@ -1,41 +1,224 @@
 #!/usr/bin/env bash
-# GPU host check: ConvNeXt-T -> fp32/fp16/bf16 ONNX -> TensorRT fp16/bf16 engines -> parity; ORT CUDA parity; pytest -m gpu.
-# Usage: scripts/gpu_check.sh [repository-dir]   (needs: pip install -e '.[export,gpu,dev]' and an NVIDIA GPU)
-set -euo pipefail
-REPO="${1:-$(mktemp -d)/models}"
-PY="${PYTHON:-python}"
+# The one command for a GPU host: its own venv (.[serve,gpu,export,dev]: onnxruntime-gpu, never the CPU onnxruntime),
+# the doctor, ConvNeXt-T -> fp32/fp16/bf16 ONNX, TensorRT engines fp32/fp16/bf16 with parity, ONNX Runtime CUDA
+# parity (on the CUDA provider for real), pytest -m gpu and a short benchmark. Every step runs even when an earlier
+# one failed; the report (OUT_DIR/report.md + OUT_DIR/logs/) says which, and the exit status is 1 if any did.
+#
+# Usage: bash scripts/gpu_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: gpu-check-<UTC time>)
+# Needs: NVIDIA driver >= 580 + a GPU of compute capability >= 7.5, python3.10+ with venv, PyPI and
+#        pypi.nvidia.com (TensorRT's libraries; mirror: NVIDIA_PYPI_URL=...). Env: GPU_VENV (default .venv-gpu),
+#        PYTHON (default python3).
+set -uo pipefail
 
-nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
-"$PY" -c "import tensorrt, onnxruntime as ort; print('tensorrt', tensorrt.__version__, '| ort', ort.__version__, ort.get_available_providers())"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DRY_RUN=0
+OUT=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
+    *) OUT="$arg" ;;
+  esac
+done
+OUT="${OUT:-$ROOT/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
+VENV="${GPU_VENV:-$ROOT/.venv-gpu}"
+PYTHON="${PYTHON:-python3}"
+NVIDIA_PYPI_URL="${NVIDIA_PYPI_URL:-https://pypi.nvidia.com}"
+PY="$VENV/bin/python"
+REPO="$OUT/models"
+MODEL=convnext-tiny
 
-echo "== export convnext_tiny (random init) -> fp32 + fp16 + bf16 ONNX, parity vs PyTorch / ORT"
-"$PY" -m export onnx --model convnext_tiny --name convnext-tiny --repository "$REPO" --precisions fp32,fp16,bf16
+STEPS=(
+  "nvidia-smi|the GPU and driver as nvidia-smi sees them"
+  "venv|create $VENV, install .[serve,gpu,export,dev] (onnxruntime-gpu, TensorRT, cuda-python; no CPU onnxruntime)"
+  "doctor|python -m service doctor: driver, CUDA, cuDNN, TensorRT, providers that load, a one-layer engine"
+  "export|ConvNeXt-T (random init) -> fp32 + fp16 + bf16 ONNX with parity vs PyTorch"
+  "tensorrt-fp32|TensorRT fp32 engine (batch 1..32) + parity vs ONNX Runtime fp32"
+  "tensorrt-fp16|TensorRT fp16 engine (batch 1..32) + parity vs ONNX Runtime fp32"
+  "tensorrt-bf16|TensorRT bf16 engine (batch 1..32) + parity vs ONNX Runtime fp32"
+  "ort-cuda|ONNX Runtime CUDAExecutionProvider (session.get_providers()[0] checked) fp32/fp16 parity vs CPU fp32"
+  "pytest-gpu|pytest -m gpu tests/gpu (a skipped test counts as a failure here)"
+  "bench|python -m bench engine on the CUDA provider, fp32 + fp16, batch 1/8/32"
+)
 
-for precision in fp16 bf16 fp32; do
-  echo "== TensorRT $precision engine + parity vs ONNX Runtime fp32"
-  "$PY" -m export tensorrt --name convnext-tiny --repository "$REPO" --precision "$precision" \
-    --min-batch 1 --opt-batch 8 --max-batch 32 || echo "!! TensorRT $precision failed (see above)"
+if [ "$DRY_RUN" = 1 ]; then
+  echo "gpu_check.sh --dry-run: would write $OUT/report.md and $OUT/logs/, running:"
+  for entry in "${STEPS[@]}"; do printf '  %-14s %s\n' "${entry%%|*}" "${entry#*|}"; done
+  exit 0
+fi
+
+mkdir -p "$OUT/logs"
+OUT="$(cd "$OUT" && pwd)"
+REPO="$OUT/models"
+RESULTS=()
+FAILED=0
+
+record() {  # name status seconds log
+  RESULTS+=("| $1 | $2 | $3 | logs/$(basename "$4") |")
+  if [ "$2" != PASS ]; then FAILED=$((FAILED + 1)); fi
+}
+
+write_report() {
+  {
+    echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo
+    echo "- host: $(uname -n), commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "- GPU: $(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || true)"
+    echo "- result: $([ "$FAILED" = 0 ] && echo "all steps passed" || echo "$FAILED step(s) FAILED")"
+    echo
+    echo "| step | status | seconds | log |"
+    echo "|---|---|---|---|"
+    printf '%s\n' "${RESULTS[@]}"
+    for log in "$OUT"/logs/*.log; do
+      [ -e "$log" ] || continue
+      echo
+      echo "<details><summary>$(basename "$log")</summary>"
+      echo
+      echo '```'
+      tail -n 40 "$log"
+      echo '```'
+      echo "</details>"
+    done
+  } > "$OUT/report.md"
+}
+
+run_step() {  # index name function
+  local log started=$SECONDS rc
+  log="$OUT/logs/$(printf '%02d' "$1")-$2.log"
+  echo "== [$1/${#STEPS[@]}] $2"
+  ( "$3" ) > "$log" 2>&1
+  rc=$?
+  if [ "$rc" = 0 ]; then record "$2" PASS $((SECONDS - started)) "$log"
+  else record "$2" "FAIL (exit $rc)" $((SECONDS - started)) "$log"; echo "!! $2 failed (exit $rc): $log"; tail -n 5 "$log"; fi
+}
+
+step_nvidia_smi() {
+  nvidia-smi
+  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
+}
+
+step_venv() {
+  [ -x "$PY" ] || "$PYTHON" -m venv "$VENV" || return 1
+  "$PY" -m pip install -q --upgrade pip || return 1
+  # pip prefers NVIDIA's real TensorRT wheels on $NVIDIA_PYPI_URL to the placeholder sdists on PyPI.
+  "$PY" -m pip install -e "${ROOT}[serve,gpu,export,dev]" -c "$ROOT/deploy/gpu-constraints.txt" \
+    --extra-index-url "$NVIDIA_PYPI_URL" || return 1
+  if "$PY" -m pip show onnxruntime > /dev/null 2>&1; then
+    echo "the CPU onnxruntime is installed next to onnxruntime-gpu: $PY -m pip uninstall -y onnxruntime onnxruntime-gpu" \
+      "&& $PY -m pip install 'onnxruntime-gpu[cuda,cudnn]==1.31.1'"
+    return 1
+  fi
+  "$PY" -m pip list 2>/dev/null | grep -i -E '^(onnxruntime|tensorrt|cuda-|nvidia-|torch )'
+}
+
+step_doctor() {
+  "$PY" -m service doctor --json > "$OUT/doctor.json"
+  "$PY" -m service doctor
+}
+
+step_export() {
+  "$PY" -m export onnx --model convnext_tiny --name "$MODEL" --repository "$REPO" --precisions fp32,fp16,bf16
+}
+
+tensorrt_step() {
+  "$PY" -m export tensorrt --name "$MODEL" --repository "$REPO" --precision "$1" \
+    --min-batch 1 --opt-batch 8 --max-batch 32
+}
+step_tensorrt_fp32() { tensorrt_step fp32; }
+step_tensorrt_fp16() { tensorrt_step fp16; }
+step_tensorrt_bf16() { tensorrt_step bf16; }
+
+step_ort_cuda() {
+  "$PY" - "$REPO" "$MODEL" <<'PYEOF'
+"""ORT CUDA vs CPU fp32 on the verification inputs; fails when the session is not on CUDAExecutionProvider."""
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+from export.repository import ModelRepository
+from export.verify import default_image_paths, verification_inputs
+
+version = ModelRepository(sys.argv[1]).load(sys.argv[2])
+manifest = version.manifest
+batch = verification_inputs(manifest.preprocess, default_image_paths()).batch
+
+
+def run(precision, provider):
+    session = ort.InferenceSession(str(version.artifact_path(manifest.find("onnx", precision))), providers=[provider])
+    if session.get_providers()[0] != provider:
+        sys.exit(f"{precision}: asked for {provider}, ONNX Runtime runs {session.get_providers()}: see the doctor step")
+    feed = session.get_inputs()[0]
+    dtype = np.float16 if feed.type == "tensor(float16)" else np.float32
+    return session.run(None, {feed.name: batch.astype(dtype)})[0].astype(np.float32)
+
+
+reference = run("fp32", "CPUExecutionProvider")
+for precision in ("fp32", "fp16"):
+    out = run(precision, "CUDAExecutionProvider")
+    if not np.isfinite(out).all():
+        sys.exit(f"ORT CUDA {precision}: non-finite logits")
+    top1 = float((out.argmax(1) == reference.argmax(1)).mean())
+    print(f"ORT CUDA {precision}: max|diff| {np.abs(out - reference).max():.3g}, top-1 agreement {top1:.3f} "
+          f"on {len(batch)} inputs, session on CUDAExecutionProvider")
+PYEOF
+}
+
+step_pytest_gpu() {
+  local summary
+  summary="$(cd "$ROOT" && "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/gpu 2>&1)"
+  local rc=$?
+  echo "$summary"
+  if grep -q -E '[0-9]+ skipped' <<< "$summary"; then echo "a GPU test skipped on this GPU host: see the reasons above"; return 1; fi
+  return "$rc"
+}
+
+step_bench() {
+  local precision path
+  for precision in fp32 fp16; do
+    path="$("$PY" -c 'import sys; from export.repository import ModelRepository as R
+v = R(sys.argv[1]).load(sys.argv[2]); print(v.artifact_path(v.manifest.find("onnx", sys.argv[3])))' \
+      "$REPO" "$MODEL" "$precision")" || return 1
+    echo "== $precision: $path"
+    "$PY" -m bench engine "$path" --provider cuda --batch-sizes 1 8 32 --iterations 20 || return 1
+  done
+}
+
+preflight_problem() {  # prints why this host cannot run the check at all, if it cannot
+  if ! command -v nvidia-smi > /dev/null 2>&1; then
+    echo "no NVIDIA driver here (nvidia-smi not found): gpu_check.sh needs a GPU host with driver >= 580;" \
+      "in a container, run it with the NVIDIA Container Toolkit (--gpus all). See README.md, 'GPU hosts'."
+  elif [ ! -x "$PY" ] && ! "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "$PYTHON cannot make the venv: it is missing, older than 3.10, or lacks venv/ensurepip" \
+      "(Debian/Ubuntu: apt-get install python3-venv); point PYTHON=... at a Python 3.10+ that has them."
+  fi
+}
+
+# Fail fast where the check cannot run: creating the venv downloads gigabytes for nothing.
+problem="$(preflight_problem)"
+if [ -n "$problem" ]; then
+  log="$OUT/logs/00-preflight.log"
+  echo "$problem" | tee "$log" >&2
+  record preflight "FAIL" 0 "$log"
+  write_report
+  echo "report: $OUT/report.md" >&2
+  exit 2
+fi
+
+index=0
+for entry in "${STEPS[@]}"; do
+  index=$((index + 1))
+  name="${entry%%|*}"
+  run_step "$index" "$name" "step_${name//-/_}"
+  if [ "$name" = venv ] && [ -x "$PY" ]; then
+    # The service does not preload CUDA libraries: put the nvidia-* wheels on the loader path, as the image does.
+    site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    export LD_LIBRARY_PATH="$site/nvidia/cu13/lib:$site/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export PATH="$VENV/bin:$PATH"
+  fi
 done
 
-echo "== ONNX Runtime CUDA provider parity vs CPU fp32"
-"$PY" - "$REPO" <<'PYEOF'
-import sys
-from export.repository import ModelRepository
-from export.verify import compare, default_image_paths, run_onnxruntime, verification_inputs
-version = ModelRepository(sys.argv[1]).load("convnext-tiny")
-m = version.manifest
-inputs = verification_inputs(m.preprocess, default_image_paths())
-reference = run_onnxruntime(version.artifact_path(m.find("onnx", "fp32")), inputs.batch)
-for precision in ("fp32", "fp16"):
-    out = run_onnxruntime(version.artifact_path(m.find("onnx", precision)), inputs.batch,
-                          providers=("CUDAExecutionProvider",))
-    p = compare(reference, out, "onnxruntime-cpu-fp32", inputs.num_real_images)
-    print(f"ORT CUDA {precision}: max|diff| {p.max_abs_diff:.3g} top-1 {p.top1_agreement:.3f} "
-          f"top-5 {p.top5_agreement:.3f} on {p.num_inputs} inputs ({p.num_real_images} real)")
-PYEOF
-
-echo "== manifest"
-"$PY" -m export list --repository "$REPO"
-
-echo "== pytest -m gpu"
-"$PY" -m pytest -m gpu -q tests/gpu
+write_report
+echo "report: $OUT/report.md ($FAILED step(s) failed)"
+[ "$FAILED" = 0 ]

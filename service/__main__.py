@@ -1,4 +1,7 @@
-"""`python -m service` / `convnext serve`: serve the model repository with uvicorn (graceful on SIGTERM)."""
+"""`python -m service` / `convnext serve`: serve the model repository with uvicorn (graceful on SIGTERM).
+
+`python -m service doctor` checks the GPU host instead (service/doctor.py).
+"""
 from __future__ import annotations
 
 import argparse
@@ -61,13 +64,18 @@ def settings_from_args(argv: list[str] | None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:
+        from service.doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     import uvicorn
 
     from service.app import create_app
     from service.server import uvicorn_config
 
     try:
-        settings = settings_from_args(sys.argv[1:] if argv is None else argv)
+        settings = settings_from_args(argv)
     except ValueError as err:
         print(f"convnext serve: invalid settings:\n{err}", file=sys.stderr)
         return 2

@@ -110,3 +110,11 @@ def test_grafana_and_prometheus_mount_the_files_this_repository_ships(gpu):
             source = volume.split(":")[0]
             if source.startswith("./"):
                 assert (ROOT / source).exists(), f"{name} mounts {source}, which does not exist"
+
+
+def test_gpu_service_holds_on_a_failed_host_check_instead_of_restarting_in_a_loop(gpu):
+    # deploy/host_check.py keeps the process up (not ready) on a wrong host, so `unless-stopped` never loops.
+    service = gpu["services"]["service"]
+    assert service["environment"]["CONVNEXT_HOST_CHECK"] == "${CONVNEXT_HOST_CHECK:-hold}"
+    assert service["restart"] == "unless-stopped"
+    assert "docker compose run --rm --no-deps service doctor" in COMPOSE.read_text()

@@ -1,9 +1,11 @@
-"""The container entrypoint on the host with the CPU engine: download, export, serve; a second prepare skips it all."""
+"""The container entrypoint on the host: download, export, serve on CPU (a second prepare skips it all); with GPU
+settings on this GPU-less machine, the start-up host check's failure (stay up not ready, or exit 78)."""
 from __future__ import annotations
 
 import functools
 import http.server
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -125,6 +127,9 @@ def test_entrypoint_prepares_the_model_once_then_serves(tmp_path, mirror, real_p
                               files=[("files", (real_photos[0].name, real_photos[0].read_bytes()))], timeout=30)
         assert response.status_code == 200
         assert response.json()["model"] == {"name": "convnext_tiny", "version": 1}
+        health = subprocess.run([sys.executable, str(ROOT / "deploy" / "healthcheck.py")], capture_output=True,
+                                text=True, timeout=30, env={**os.environ, "CONVNEXT_PORT": env["CONVNEXT_PORT"]})
+        assert health.returncode == 0, health.stderr  # Docker's HEALTHCHECK: the real service's /healthz is "ok"
     finally:
         stop_cleanly(first, tmp_path / "first.log")
     manifest = (repository / "convnext_tiny" / "1" / "manifest.json").read_text()
@@ -165,3 +170,81 @@ def test_own_checkpoint_from_a_file_url_is_used_instead_of_the_official_one(tmp_
     missing = entrypoint.PrepareSettings.from_env({**env, "CONVNEXT_CHECKPOINT": str(tmp_path / "nope.pth")})
     with pytest.raises(SystemExit, match="not a file"):
         entrypoint.fetch_checkpoint(missing)
+
+
+def gpu_env(repository: Path, port: int, **overrides: str) -> dict[str, str]:
+    """GPU serving settings, as the GPU image sets them, for a prepared repository on this GPU-less machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVNEXT_")}
+    env.update({"CONVNEXT_REPOSITORY": str(repository), "CONVNEXT_MODEL": "tiny", "CONVNEXT_HOST": "127.0.0.1",
+                "CONVNEXT_PORT": str(port), "CONVNEXT_ENGINE": "tensorrt", "CONVNEXT_PROVIDER": "cuda", **overrides})
+    return env
+
+
+def wait_for_healthz(process: subprocess.Popen, port: int, log: Path, deadline_s: float = 120) -> httpx.Response:
+    stop_at = time.monotonic() + deadline_s
+    while time.monotonic() < stop_at:
+        if process.poll() is not None:
+            raise AssertionError(f"the entrypoint exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"/healthz never answered within {deadline_s} s:\n{log.read_text()}")
+
+
+def test_serve_on_a_host_that_fails_the_gpu_check_stays_up_not_ready_and_says_why(tmp_path, tiny_repository):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen([sys.executable, str(ENTRYPOINT), "serve"], env=gpu_env(tiny_repository, port),
+                               cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        healthz = wait_for_healthz(process, port, log)
+        # Alive (a Kubernetes liveness probe passes: no restart loop) ...
+        assert healthz.status_code == 200 and healthz.json()["status"] == "host_check_failed"
+        # ... never ready, with the reason where `kubectl describe` and load balancers look ...
+        readyz = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        assert readyz.status_code == 503
+        reason = readyz.json()["reason"]
+        assert "driver: no NVIDIA driver is visible" in reason and "tensorrt: TensorRT is not installed" in reason
+        assert "fix: install NVIDIA driver >= 580" in reason
+        classify = httpx.post(f"http://127.0.0.1:{port}/classify", content=b"x", timeout=5)
+        assert classify.status_code == 503 and classify.json()["error"]["code"] == "host_check_failed"
+        assert httpx.get(f"http://127.0.0.1:{port}/doctor", timeout=5).json()["ok"] is False
+        # ... and Docker's HEALTHCHECK marks it unhealthy, with the reason.
+        health = subprocess.run([sys.executable, str(ROOT / "deploy" / "healthcheck.py")], capture_output=True,
+                                text=True, timeout=30, env={**os.environ, "CONVNEXT_PORT": str(port)})
+        assert health.returncode == 1 and "host_check_failed" in health.stderr
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=30)
+    text = log.read_text()
+    assert returncode == 0, text
+    assert "host check FAILED" in text and "FAIL tensorrt" in text and "Traceback" not in text
+    assert "export tensorrt" not in text  # the service builds its engine itself; the entrypoint no longer does
+
+
+def test_serve_with_host_check_exit_exits_78_with_the_reason(tmp_path, tiny_repository):
+    env = gpu_env(tiny_repository, free_port(), CONVNEXT_ENGINE="onnxruntime", CONVNEXT_HOST_CHECK="exit")
+    result = subprocess.run([sys.executable, str(ENTRYPOINT), "serve"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert "FAIL ort CUDAExecutionProvider" in result.stderr
+    assert "host check failed: exiting with status 78" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unknown_host_check_mode_is_refused(tiny_repository):
+    env = gpu_env(tiny_repository, free_port(), CONVNEXT_HOST_CHECK="skip")
+    result = subprocess.run([sys.executable, str(ENTRYPOINT), "serve"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "CONVNEXT_HOST_CHECK='skip': choose one of hold, exit, off" in result.stderr
+
+
+def test_the_entrypoint_runs_the_doctor_alone(tiny_repository):
+    result = subprocess.run([sys.executable, str(ENTRYPOINT), "doctor", "--require", "gpu", "--json"], cwd=ROOT,
+                            env=gpu_env(tiny_repository, 0), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["required"] == ["gpu"]

@@ -1,0 +1,101 @@
+"""Before serving on a GPU: run the doctor; on a wrong host, say why and stay up not ready instead of crash-looping.
+
+A host that fails the check (no driver, old driver, no GPU, a provider that does not load) will not fix itself on a
+restart, so restarting only hides the reason in a loop. Instead (CONVNEXT_HOST_CHECK=hold, the default) the
+container keeps running a tiny stdlib HTTP server on the service's port:
+  /healthz  200 {"status": "host_check_failed", ...}: alive, so Kubernetes' liveness probe does not restart it;
+            deploy/healthcheck.py (Docker's HEALTHCHECK) wants status "ok" and marks the container unhealthy
+  /readyz   503 with the reason: never ready, so no traffic reaches it
+  /doctor   the doctor's full JSON report; anything else 503 with the JSON error body the service uses
+CONVNEXT_HOST_CHECK=exit exits with status 78 (EX_CONFIG) instead; `off` skips the check.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import signal
+import subprocess
+import sys
+import threading
+
+EXIT_HOST_CHECK_FAILED = 78  # sysexits.h EX_CONFIG: the host's configuration, not the program, is wrong
+DOCTOR_TIMEOUT_S = 600  # the first CUDA initialisation and a one-layer TensorRT build take seconds, not minutes
+
+
+def run_doctor(engine: str, provider: str, timeout_s: float = DOCTOR_TIMEOUT_S) -> dict:
+    """The doctor's JSON report for serving with `engine`/`provider`, in a child process (a crashing driver library
+    takes down the child, not the entrypoint)."""
+    command = [sys.executable, "-m", "service", "doctor", "--json", "--engine", engine, "--provider", provider]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "checks": [], "error": f"the host check did not finish within {timeout_s:.0f} s"}
+    try:
+        return json.loads(result.stdout)
+    except ValueError:
+        tail = (result.stderr or result.stdout).strip()[-2000:]
+        return {"ok": False, "checks": [], "error": f"the host check crashed (exit {result.returncode}): {tail}"}
+
+
+def failure_reason(report: dict) -> str:
+    """One line naming each failed required check, its reason and its fix."""
+    if report.get("error"):
+        return report["error"]
+    failed = [c for c in report["checks"] if c["required"] and not c["ok"]]
+    return "; ".join(f"{c['name']}: {c['detail']}" + (f" (fix: {c['fix']})" if c["fix"] else "") for c in failed)
+
+
+def describe(report: dict) -> str:
+    """The report as log lines, the way `python -m service doctor` prints it."""
+    lines = [f"host check {'passed' if report['ok'] else 'FAILED'}"]
+    for check in report.get("checks", []):
+        mark = "ok  " if check["ok"] else "FAIL" if check["required"] else "--  "
+        lines.append(f"  {mark} {check['name']:<30} {check['detail']}")
+    if not report["ok"]:
+        lines.append(f"  reason: {failure_reason(report)}")
+    return "\n".join(lines)
+
+
+class DiagnosisHandler(http.server.BaseHTTPRequestHandler):
+    report: dict = {}
+
+    def do_GET(self):
+        reason = failure_reason(self.report)
+        if self.path == "/healthz":
+            self._send(200, {"status": "host_check_failed", "reason": reason})
+        elif self.path == "/readyz":
+            self._send(503, {"status": "not_ready", "reason": f"host check failed: {reason}"})
+        elif self.path == "/doctor":
+            self._send(200, self.report)
+        else:
+            self._send(503, {"error": {"code": "host_check_failed", "message": reason}})
+
+    do_POST = do_PUT = do_DELETE = do_GET  # any request gets the diagnosis (HTTP/1.0: the connection then closes)
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        pass  # probes every few seconds would bury the diagnosis in the log
+
+
+def hold(report: dict, host: str, port: int) -> int:
+    """Serve the diagnosis until SIGTERM/SIGINT (docker stop, pod deletion), then exit 0."""
+    handler = type("Handler", (DiagnosisHandler,), {"report": report})
+    server = http.server.ThreadingHTTPServer((host, port), handler)
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for serve_forever
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"host check failed: not serving; the diagnosis is on http://{host}:{port}/readyz (503) and /doctor. "
+          "Fix the host and restart the container.", file=sys.stderr, flush=True)
+    server.serve_forever()
+    server.server_close()
+    return 0

@@ -1,0 +1,98 @@
+"""pyproject's extras: a host installs exactly one ONNX Runtime (onnxruntime or onnxruntime-gpu), never both.
+
+Both packages write the same onnxruntime/ folder; installed together, the last one wins and the CUDA provider usually
+disappears. Checked with pip as well (pip install --dry-run --report, 2026-11): `.[serve,train,export,dev]` resolves
+to 140 packages with neither, `.[serve,gpu,export,dev]` to onnxruntime-gpu only, the GPU image's `serve gpu` set to
+onnxruntime-gpu only (no package pulls the CPU onnxruntime in); the test below proves it again over what is installed.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from compose_yaml import ROOT
+
+EXTRAS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+ONNXRUNTIMES = {"onnxruntime", "onnxruntime-gpu"}
+_spec = importlib.util.spec_from_file_location("deploy_requirements", ROOT / "deploy" / "requirements.py")
+image_requirements = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(image_requirements)
+
+
+def names(extras: list[str]) -> set[str]:
+    return {image_requirements.requirement_name(r) for r in image_requirements.requirements(extras, [])}
+
+
+def install_sets() -> dict[str, list[str]]:
+    """Every extras list this repository installs: the Makefile, each Dockerfile stage, the GPU check script."""
+    sets = {"Makefile": re.search(r"^EXTRAS \?= (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1).split(",")}
+    for i, match in enumerate(re.finditer(r"deploy/requirements\.py ((?:\w+ )+)>", (ROOT / "Dockerfile").read_text())):
+        sets[f"Dockerfile #{i + 1}"] = match.group(1).split()
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    sets["gpu_check.sh"] = re.search(r'pip install -e "\$\{ROOT\}\[([\w,]+)\]"', script).group(1).split(",")
+    return sets
+
+
+def test_serve_and_export_pin_no_onnxruntime_cpu_and_gpu_one_each():
+    for extra in ("serve", "export", "train", "dev"):
+        assert not names([extra]) & ONNXRUNTIMES, extra
+    assert names(["cpu"]) & ONNXRUNTIMES == {"onnxruntime"}
+    assert names(["gpu"]) & ONNXRUNTIMES == {"onnxruntime-gpu"}
+    assert "onnxruntime-gpu[cuda,cudnn]==1.31.1" in EXTRAS["gpu"]  # CUDA runtime + cuDNN as pip wheels
+    assert {"tensorrt-cu13==11.4.0.106", "cuda-python==13.4.4"} <= set(EXTRAS["gpu"])
+
+
+@pytest.mark.parametrize("where,extras", install_sets().items())
+def test_every_install_in_this_repository_gets_exactly_one_onnxruntime(where, extras):
+    assert len(names(extras) & ONNXRUNTIMES) == 1, (where, extras)
+
+
+def test_the_test_install_is_cpu_and_the_gpu_check_is_gpu():
+    sets = install_sets()
+    assert sets["Makefile"] == ["serve", "cpu", "train", "export", "dev"]
+    assert sets["gpu_check.sh"] == ["serve", "gpu", "export", "dev"]
+
+
+def test_asking_for_both_onnxruntimes_is_refused():
+    with pytest.raises(SystemExit, match="install both onnxruntime and onnxruntime-gpu"):
+        image_requirements.requirements(["serve", "cpu", "gpu"], [])
+
+
+def dependency_tree(requirements: list[str]) -> tuple[dict[str, str], list[str]]:
+    """{package: the package that requires it} over the installed distributions' Requires-Dist (markers evaluated
+    here, extras followed), and the required packages that are not installed."""
+    required_by: dict[str, str] = {}
+    missing, seen = [], set()
+    queue = [(Requirement(r), "pyproject.toml") for r in requirements]
+    while queue:
+        requirement, parent = queue.pop()
+        name = canonicalize_name(requirement.name)
+        if (name, frozenset(requirement.extras)) in seen:
+            continue
+        seen.add((name, frozenset(requirement.extras)))
+        required_by.setdefault(name, parent)
+        try:
+            distribution = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+            continue
+        for text in distribution.requires or []:
+            child = Requirement(text)
+            if child.marker is None or any(child.marker.evaluate({"extra": e}) for e in {"", *requirement.extras}):
+                queue.append((child, name))
+    return required_by, missing
+
+
+def test_no_installed_dependency_of_serve_train_export_dev_pulls_in_an_onnxruntime():
+    roots = [r for extra in ("serve", "train", "export", "dev") for r in EXTRAS[extra]]
+    required_by, missing = dependency_tree(roots)
+    assert not missing, f"install the test extras first (make install): {missing}"
+    assert len(required_by) > 100  # the walk really followed the tree (torch, timm, litserve, tritonclient, ...)
+    assert {"onnx", "onnxscript", "onnxconverter-common", "litserve", "tritonclient"} <= set(required_by)
+    assert not {name: by for name, by in required_by.items() if name in ONNXRUNTIMES}
