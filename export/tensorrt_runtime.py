@@ -81,13 +81,18 @@ def input_shape_error(name: str, shape: tuple[int, ...], profile: tuple[tuple[in
             f"(opt {opt}); rebuild the engine with a profile that covers it (python -m export tensorrt --max-batch)")
 
 
+# How to install the GPU half (one wording everywhere; deploy/ and README say the same).
+GPU_INSTALL_HINT = ("in a venv without the CPU onnxruntime, pip install -e '.[serve,gpu]' --extra-index-url "
+                    "https://pypi.nvidia.com (tensorrt-cu13 downloads its libraries from there), or use the GPU "
+                    "image; python -m service doctor says what is missing")
+
 def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as error:
         raise TensorRTError(
-            "TensorRT is not installed: install the gpu extra (pip install -e '.[gpu]') on a host with an NVIDIA "
-            f"GPU, or serve with ONNX Runtime instead ({error})"
+            f"TensorRT is not installed ({error}): on a host with an NVIDIA GPU (driver >= 580), {GPU_INSTALL_HINT}; "
+            "or serve with ONNX Runtime instead"
         ) from error
     return trt
 
@@ -97,7 +102,7 @@ def cudart():
         from cuda.bindings import runtime
     except ImportError as error:
         raise TensorRTError(
-            f"cuda-python is not installed ({error}): install the gpu extra (pip install -e '.[gpu]')"
+            f"cuda-python is not installed ({error}): it is part of the gpu extra: {GPU_INSTALL_HINT}"
         ) from error
     return runtime
 

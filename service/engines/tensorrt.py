@@ -7,7 +7,7 @@ import numpy as np
 
 from export.repository import Artifact, ModelVersion
 from export.tensorrt import BatchProfile, open_or_rebuild, select_or_build_engine
-from export.tensorrt_runtime import EngineDeserializeError, TensorRTError, TensorRTRunner
+from export.tensorrt_runtime import GPU_INSTALL_HINT, EngineDeserializeError, TensorRTError, TensorRTRunner
 from service.engines.base import Engine, EngineDescription, EngineError
 
 
@@ -37,7 +37,7 @@ class TensorRTEngine(Engine):
             raise  # the caller may rebuild the engine (open_tensorrt_engine)
         except TensorRTError as err:
             raise EngineError(f"the tensorrt engine needs TensorRT and cuda-python on an NVIDIA GPU host ({err}); "
-                              "install the gpu extra (pip install '.[gpu]') or use --engine onnxruntime") from None
+                              f"{GPU_INSTALL_HINT}; or use --engine onnxruntime") from None
         if (runner.input_name, runner.output_name) != (self.input_name, self.output_name):
             runner.close()
             raise EngineError(f"{self.engine_path} has tensors {runner.input_name!r} -> {runner.output_name!r}, the "

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 def _gpu_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
-        return "needs an NVIDIA GPU with TensorRT installed (pip install -e '.[gpu]')"
+        return "needs an NVIDIA GPU with TensorRT installed (bash scripts/gpu_check.sh sets up such a venv)"
     if importlib.util.find_spec("cuda") is None:
         return "needs an NVIDIA GPU with cuda-python installed"
     if shutil.which("nvidia-smi") is None:
