@@ -31,8 +31,10 @@ async def server_metadata():
 
 
 @router.get("/health/live")
-async def live():
-    return {"live": True}
+async def live(request: Request):
+    """Like /healthz: not live once the engine cannot be rebuilt in this process, so the orchestrator restarts it."""
+    is_live = _state(request).not_live_reason is None
+    return JSONResponse({"live": is_live}, status_code=200 if is_live else 503)
 
 
 @router.get("/health/ready")

@@ -192,10 +192,12 @@ def test_healthz_fails_after_the_engine_could_not_be_rebuilt_k_times_and_recover
             assert error["code"] == "engine_unrecoverable"
             assert "2 attempts" in error["message"] and "sticky error state" in error["message"]
             assert "engine_max_rebuild_attempts=2" in error["message"]
+            assert httpx.get(f"{url}/v2/health/live").status_code == 503  # KServe v2 liveness says the same
             assert build.builds == 3  # the first build and two failed rebuilds: liveness waits for the limit
             build.heal.set()  # a rebuild that works (the retries go on) makes the replica live and ready again
             wait_until_ready(url)
             assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+            assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
     finally:
         build.rebuild.set()
         build.heal.set()
