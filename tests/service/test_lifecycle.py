@@ -60,7 +60,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(model_repository, real_p
 
 def test_tensorrt_engine_without_tensorrt_says_what_to_do(tmp_path):
     engine = TensorRTEngine(tmp_path / "model.plan", (3, 64, 64))
-    with pytest.raises(EngineError, match="install the gpu extra"):
+    with pytest.raises(EngineError, match=r"pip install -e '\.\[serve,gpu\]' --extra-index-url https://pypi\.nvidia\.com"):
         engine.load()
 
 
