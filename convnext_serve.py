@@ -99,7 +99,9 @@ def _precisions(text: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args, service_args = get_args_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("export", "model"):  # their progress lines, not third-party INFO (the ONNX optimizer's pass log)
+        logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
     repository = ModelRepository(args.repository)
     try:
         name, version = (prepare_pretrained if args.pretrained else prepare_checkpoint)(args, repository)

@@ -113,7 +113,10 @@ def main(argv=None) -> int:
 
     args = get_args_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Progress lines are INFO on the project's loggers; third-party INFO (the ONNX optimizer's pass log) is noise.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("export", "model"):
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
     handlers = {"onnx": _run_onnx, "list": _run_list, "tensorrt": _run_tensorrt}
     try:
         return handlers[args.command](args)

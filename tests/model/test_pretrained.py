@@ -12,7 +12,9 @@ import torch
 from model import create_model, list_models
 from model.__main__ import main
 from model.checkpoints import load_checkpoint, read_checkpoint
-from model.pretrained import PRETRAINED_CHECKPOINTS, DownloadError, download_file, download_pretrained
+from model.pretrained import (
+    PRETRAINED_CHECKPOINTS, DownloadError, download_file, download_pretrained, format_progress,
+)
 
 FILENAME = "convnext_tiny_1k_224_ema.pth"
 
@@ -140,3 +142,20 @@ def test_download_command_prints_the_cached_path(server, tmp_path, capsys):
     assert main(["download", "convnext_tiny_1k_224_ema", "--cache-dir", str(tmp_path), "--mirror", base_url]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / FILENAME)
     assert (tmp_path / FILENAME).is_file()
+
+
+def test_download_reports_bytes_and_rate_on_stderr_unless_quiet(server, tmp_path, capsys, checkpoint_bytes):
+    _, base_url = server
+    assert main(["download", "convnext_tiny_1k_224_ema", "--cache-dir", str(tmp_path / "a"), "--mirror", base_url]) == 0
+    err = capsys.readouterr().err.splitlines()  # not a terminal here: whole lines, the last one at 100%
+    mib = len(checkpoint_bytes) / 2**20
+    assert err[0] == f"downloading {FILENAME}"
+    assert re.fullmatch(rf"{FILENAME}: {mib:.1f} of {mib:.1f} MiB \(100%\), [\d.]+ MiB/s", err[-1])
+    assert main(["download", "convnext_tiny_1k_224_ema", "--cache-dir", str(tmp_path / "b"), "--mirror", base_url,
+                 "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_line_format():
+    assert format_progress("x.pth", 45 * 2**20, 90 * 2**20, 12.5 * 2**20) == "x.pth: 45.0 of 90.0 MiB (50%), 12.5 MiB/s"
+    assert format_progress("x.pth", 3 * 2**20, None, 2**20) == "x.pth: 3.0 MiB, 1.0 MiB/s"  # no Content-Length
