@@ -72,7 +72,7 @@ def prepare_pretrained(args, repository: ModelRepository) -> tuple[str, int]:
     try:
         checkpoint = download_pretrained(entry.name, args.cache_dir, base_url=args.mirror, progress=not args.quiet)
     except DownloadError as error:
-        raise ServeSetupError(f"cannot download {entry.name}: {one_line(error)}; {LOCAL_HINT}") from None
+        raise ServeSetupError(f"{one_line(error)}; {LOCAL_HINT}") from None
     exported = export_onnx_version(
         repository.root, name, entry.model_name, checkpoint, input_size=entry.input_size_px,
         precisions=_precisions(args.precisions),

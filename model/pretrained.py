@@ -146,8 +146,13 @@ def _fetch(url: str, partial: Path, timeout_s: float, progress: bool = False) ->
             return _fetch(url, partial, timeout_s, progress)
         raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; check the name or the mirror") from error
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
+        reason = getattr(error, "reason", error)  # URLError wraps the socket error: "Name or service not known"
+        if not (partial.is_file() and partial.stat().st_size):
+            partial.unlink(missing_ok=True)
+            raise DownloadError(f"{url}: cannot download ({reason}); check the network, or pass --mirror with a "
+                                "reachable copy of the file") from error
         raise DownloadError(
-            f"{url}: download interrupted ({error}); {partial.name} is kept and the next call resumes it"
+            f"{url}: download interrupted ({reason}); {partial.name} is kept and the next call resumes it"
         ) from error
     received = partial.stat().st_size
     if expected_total is not None and received != expected_total:

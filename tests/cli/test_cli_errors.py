@@ -33,7 +33,7 @@ ERROR_CASES = [
                   "{tmp}/out"], "not a readable torch checkpoint"),
     ("model", ["info", "convnext_nosuch"], "invalid choice: 'convnext_nosuch'"),
     ("model", ["download", "convnext_tiny_1k_224_ema", "--mirror", "{dead}", "--cache-dir", "{tmp}/cache"],
-     "download interrupted"),
+     "cannot download (Connection refused); check the network"),
     ("training", ["--preset", "imagenet5k"], "invalid choice: 'imagenet5k'"),
     ("training", ["--preset", "demo", "--amp", "fp8"], "--amp"),
     ("training", ["--preset", "demo", "--resume", "{tmp}/corrupt.pth", "--output", "{tmp}/run"],
