@@ -26,7 +26,9 @@ ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "bf16": "model.bf
 # The example batch used for tracing; 2, not 1, so torch.export does not specialise the batch axis to 1.
 TRACE_BATCH = 2
 MAX_BATCH = 4096
-OFFICIAL_DATASETS = {"in1k": "ImageNet-1K", "in22k": "ImageNet-22K", "in22k->in1k": "ImageNet-22K, fine-tuned on ImageNet-1K"}
+OFFICIAL_DATASETS = {  # model.pretrained's dataset codes, as the manifest (and the web page) says them
+    "in1k": "ImageNet-1K", "in22k": "ImageNet-22K", "in22k->in1k": "ImageNet-22K, fine-tuned on ImageNet-1K",
+}
 
 
 class ExportError(ValueError):

@@ -1,4 +1,4 @@
-"""What a served model is and knows, from its manifest: architecture, source, dataset, classes (for /models, the page)."""
+"""What a served model is and knows, from its manifest: architecture, source, dataset, classes (/models, web page)."""
 from __future__ import annotations
 
 from export.repository import DIGITS_DATASET, Manifest
