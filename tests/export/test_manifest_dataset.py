@@ -1,16 +1,19 @@
 """The manifest records what the weights were trained on (source.dataset), from the checkpoint or --dataset."""
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
 from export.onnx import dataset_of, export_onnx_version
 from export.repository import MANIFEST_FILE, ModelRepository
-from model import create_model, get_config
 from service.model_card import describe
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(("raw", "checkpoint", "source_format", "num_classes", "expected"), [
@@ -29,14 +32,12 @@ def test_dataset_of_a_checkpoint(raw, checkpoint, source_format, num_classes, ex
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
-    """A project checkpoint as the demo run writes it: no --data-dir, classes "0".."9"."""
-    tmp_path = tmp_path_factory.mktemp("demo")
-    data_config = dataclasses.asdict(get_config("convnext_atto").data) | {"input_size": 32, "crop_pct": 1.0}
-    torch.save({"model": create_model("convnext_atto", num_classes=10).state_dict(), "model_name": "convnext_atto",
-                "model_kwargs": {"num_classes": 10}, "data_config": data_config,
-                "class_names": [str(i) for i in range(10)], "config": {"preset": "demo", "data_dir": ""}},
-               tmp_path / "checkpoint_best.pth")
-    return tmp_path / "checkpoint_best.pth"
+    """A real (tiny) demo run: `python -m training --preset demo` without --data-dir, i.e. the digits."""
+    output = tmp_path_factory.mktemp("demo") / "run"
+    subprocess.run([sys.executable, "-m", "training", "--preset", "demo", "--epochs", "1", "--max-steps-per-epoch", "2",
+                    "--batch-size", "16", "--output", str(output)], check=True, timeout=600,
+                   env=os.environ | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+    return output / "checkpoint_best.pth"
 
 
 @pytest.fixture(scope="module")
