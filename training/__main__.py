@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import sys
 
-from convnext_common import CliParser, add_version_argument
+from convnext_common import CliParser, add_version_argument, one_line
 
 from .config import PRESETS, TrainConfig, resolve
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     try:
         config = resolve(preset, overrides)
     except ValueError as error:
-        print(f"python -m training: error: {error}", file=sys.stderr)
+        print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
         return 2
     from .checkpoint import CheckpointError
     from .run import train
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         train(config)
     # --resume with a missing, tampered or truncated file; a missing --data-dir; a config the data cannot run
     except (CheckpointError, OSError, ValueError) as error:
-        print(f"python -m training: error: {error}", file=sys.stderr)
+        print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("python -m training: interrupted (resume with --resume <output>/checkpoint_last.pth)", file=sys.stderr)
