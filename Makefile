@@ -39,8 +39,14 @@ demo-model: install
 		$(PY) -m export onnx --model convnext_atto --checkpoint runs/demo/checkpoint_best.pth --name digits --repository models; \
 	fi
 
+# `make serve PRETRAINED=convnext_tiny_1k_224_ema`: download the official ImageNet-1K weights, export, serve them.
+ifdef PRETRAINED
+serve: install
+	$(PY) -m convnext_cli serve --pretrained $(PRETRAINED) --repository models
+else
 serve: demo-model
 	$(PY) -m service --repository models
+endif
 
 clean:
 	rm -rf $(VENV) runs models .pytest_cache

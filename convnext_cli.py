@@ -4,20 +4,31 @@ from __future__ import annotations
 import importlib
 import sys
 
+from convnext_common import version_text
+
 COMMANDS = {
     "model": ("model.__main__", "model info: params, FLOPs and the paper table"),
     "train": ("training.__main__", "train or fine-tune (presets from the paper's Tables 5/6, or the offline demo)"),
     "export": ("export.__main__", "checkpoint -> verified ONNX / TensorRT in the model repository"),
-    "serve": ("service.__main__", "serve the model repository over HTTP (/classify, KServe v2, /metrics)"),
+    "serve": ("service.__main__", "serve the model repository over HTTP (/classify, KServe v2, /metrics); "
+                                  "--pretrained NAME or --checkpoint PATH: download/export it first"),
     "doctor": ("service.doctor", "GPU host check: driver, CUDA, cuDNN, TensorRT, ONNX Runtime providers, a tiny engine"),
     "bench": ("bench.__main__", "benchmarks: engines, end-to-end HTTP, GELU vs ReLU, ConvNeXt-T vs ResNet-50"),
 }
+# `convnext serve --pretrained NAME | --checkpoint PATH` needs torch (download + export); plain `serve` never does.
+SERVE_WITH_EXPORT = ("--pretrained", "--checkpoint")
 
 
 def usage() -> str:
-    lines = ["usage: convnext <command> [args...]", "", "commands:"]
+    lines = ["usage: convnext [--version] <command> [args...]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def command_module(argv: list[str]) -> str:
+    if argv[0] == "serve" and any(arg.split("=")[0] in SERVE_WITH_EXPORT for arg in argv[1:]):
+        return "convnext_serve"
+    return COMMANDS[argv[0]][0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] == "--version":
+        print(version_text())
+        return 0
     if argv[0] not in COMMANDS:
-        print(f"convnext: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        print(f"convnext: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} "
+              "(see convnext --help)", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    try:
+        module = importlib.import_module(command_module(argv))
+    except ImportError as error:  # e.g. the serving image has no torch: no training, export or --pretrained there
+        print(f"convnext {argv[0]}: error: {error}; install the extra it needs, e.g. "
+              "pip install 'convnext-serve[train,export]'", file=sys.stderr)
+        return 1
     return module.main(argv[1:]) or 0
 
 

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
+
 SMOKE = {"name": "smoke", "variants": [("convnext_atto", "gelu"), ("convnext_atto", "relu")], "precisions": ["fp32"],
          "batch_sizes": [1, 2], "iterations": 3, "max_seconds": 2.0, "concurrency": [1, 4], "rate": 4.0,
          "requests": 12, "seconds": 6.0, "lone_requests": 3, "peer": True}
@@ -229,11 +231,18 @@ def gpu_missing() -> str | None:
     return None
 
 
+def _existing_file(text: str) -> Path:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file (an ONNX file from `python -m export onnx`)")
+    return Path(text)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convnext bench", description=__doc__)
+    parser = CliParser(prog="convnext bench", description=__doc__)
+    add_version_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     engine = sub.add_parser("engine", help="ONNX Runtime images/s and p50/p99 vs batch size for one ONNX file")
-    engine.add_argument("onnx", type=Path)
+    engine.add_argument("onnx", type=_existing_file)
     engine.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     engine.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     engine.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -259,6 +268,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OSError: a missing file or a refused connection; RuntimeError: ONNX Runtime refusing a model file.
+@exit_on_expected_errors("convnext bench", (OSError, ValueError, RuntimeError))
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["torch"]:

@@ -5,9 +5,12 @@ import argparse
 import logging
 import sys
 
+from convnext_common import CliParser, add_version_argument, one_line
+
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    parser = CliParser(prog="python -m export", description=__doc__)
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     onnx = commands.add_parser("onnx", help="export a model to a new verified ONNX version")
@@ -26,6 +29,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--input-size", type=int, help="crop size in px (default: the model's data config)")
     onnx.add_argument("--verify-images", help="folder of JPEG/PNG photos for the parity check")
     onnx.add_argument("--calibration-images", help="folder of photos for int8 calibration (default: verify images)")
+    onnx.add_argument("--dataset", help="what the model was trained on, for the manifest and the web page "
+                                        "(default: from the checkpoint, e.g. ImageNet-1K)")
+    onnx.add_argument("--quiet", action="store_true", help="no progress lines (build, ONNX, parity, precisions)")
 
     listing = commands.add_parser("list", help="list the models and versions in a repository")
     listing.add_argument("--repository", default="models")
@@ -54,6 +60,7 @@ def _run_onnx(args) -> int:
         opset=args.opset, precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
         num_classes=args.num_classes, activation=args.activation, input_size=args.input_size,
         calibration_images=args.calibration_images, verify_images=args.verify_images, use_ema=args.ema,
+        dataset=args.dataset,
     )
     print(f"wrote {version.path}")
     _print_artifacts(version.manifest)
@@ -105,14 +112,21 @@ def _run_tensorrt(args) -> int:
 def main(argv=None) -> int:
     from .repository import RepositoryError
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    # Progress lines are INFO on the project's loggers; third-party INFO (the ONNX optimizer's pass log) is noise.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("export", "model"):
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
     handlers = {"onnx": _run_onnx, "list": _run_list, "tensorrt": _run_tensorrt}
     try:
         return handlers[args.command](args)
-    except (RepositoryError, ValueError, RuntimeError, FileNotFoundError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (RepositoryError, ValueError, RuntimeError, OSError, ImportError) as error:
+        print(f"python -m export: error: {one_line(error)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("python -m export: interrupted; no version was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

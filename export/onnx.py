@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from convnext_common import project_version
+
 from .repository import (
-    InputSpec, Manifest, ModelRepository, ModelVersion, Preprocess, Source, describe_file, now_utc, sha256_file,
+    DIGITS_DATASET, InputSpec, Manifest, ModelRepository, ModelVersion, Preprocess, Source, describe_file, now_utc,
+    sha256_file,
 )
 from .verify import default_image_paths, image_paths_in, run_onnxruntime, verification_inputs, verify_against
 
@@ -22,6 +26,9 @@ ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "bf16": "model.bf
 # The example batch used for tracing; 2, not 1, so torch.export does not specialise the batch axis to 1.
 TRACE_BATCH = 2
 MAX_BATCH = 4096
+OFFICIAL_DATASETS = {  # model.pretrained's dataset codes, as the manifest (and the web page) says them
+    "in1k": "ImageNet-1K", "in22k": "ImageNet-22K", "in22k->in1k": "ImageNet-22K, fine-tuned on ImageNet-1K",
+}
 
 
 class ExportError(ValueError):
@@ -64,6 +71,7 @@ def load_source(
     input_size: int | None = None,
     labels: Sequence[str] | None = None,
     use_ema: bool = False,
+    dataset: str | None = None,
 ) -> ExportSource:
     """Build the eval-mode model and collect its manifest metadata (checkpoint metadata wins where present)."""
     from dataclasses import asdict
@@ -117,11 +125,28 @@ def load_source(
         sha256=sha256_file(Path(checkpoint)) if checkpoint is not None else None,
         format=source_format,
         weights="ema" if use_ema else "model",
+        dataset=dataset or dataset_of(raw, checkpoint, source_format, num_classes),
     )
     return ExportSource(
         module, model_name, kwargs.get("activation") or cfg.default_activation, num_classes, in_chans,
         _preprocess_from(data_config, input_size), labels, source,
     )
+
+
+def dataset_of(raw: dict, checkpoint: str | Path | None, source_format: str, num_classes: int) -> str | None:
+    """What the weights were trained on, as far as the checkpoint tells: a project run records its data folder
+    (none: the digits demo), an official file is named in the pretrained table; None when unknown (random init)."""
+    from model.pretrained import PRETRAINED_CHECKPOINTS
+
+    if source_format == "project":
+        data_dir = (raw.get("config") or {}).get("data_dir")
+        return Path(data_dir).name if data_dir else DIGITS_DATASET
+    official = PRETRAINED_CHECKPOINTS.get(Path(checkpoint).stem) if checkpoint is not None else None
+    if official is not None and official.num_classes == num_classes:
+        return OFFICIAL_DATASETS[official.dataset]
+    if source_format != "random" and num_classes == 1000:  # the labels are ImageNet-1K's (export/labels.py)
+        return "ImageNet-1K"
+    return None
 
 
 def export_module_to_onnx(module, path: Path, in_chans: int, size_px: int, opset: int = DEFAULT_OPSET) -> None:
@@ -174,15 +199,21 @@ def export_onnx_version(
     calibration_images: str | Path | Sequence[Path] | None = None,
     verify_images: str | Path | Sequence[Path] | None = None,
     use_ema: bool = False,
+    dataset: str | None = None,
 ) -> ModelVersion:
-    """Build, export, verify (ONNX Runtime vs PyTorch) and write one repository version atomically."""
+    """Build, export, verify (ONNX Runtime vs PyTorch) and write one repository version atomically.
+
+    Each stage logs one line as it starts (INFO on `export.onnx`): build, ONNX, parity, each extra precision.
+    """
     precisions = tuple(dict.fromkeys(precisions))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or "fp32" not in precisions:
         raise ExportError(f"precisions {list(precisions)}: choose from {PRECISIONS}, fp32 included (the reference)")
+    stage = _StageLog(3 + len(precisions) - 1)
+    stage(f"build {model_name or 'the checkpoint model'}" + (f" from {checkpoint}" if checkpoint else " (random init)"))
     src = load_source(
         model_name, checkpoint, num_classes=num_classes, activation=activation, input_size=input_size, labels=labels,
-        use_ema=use_ema,
+        use_ema=use_ema, dataset=dataset,
     )
     verify_paths = _image_paths(verify_images)
     inputs = verification_inputs(src.preprocess, verify_paths)
@@ -193,7 +224,10 @@ def export_onnx_version(
     with repository.new_version(name, version, overwrite=overwrite) as staged:
         artifacts = []
         fp32_path = staged.path / ONNX_FILES["fp32"]
+        stage(f"ONNX: export {src.model_name} at {src.preprocess.crop_px} px, opset {opset}")
         export_module_to_onnx(src.module, fp32_path, src.in_chans, src.preprocess.crop_px, opset)
+        stage(f"parity: ONNX Runtime fp32 vs PyTorch on {inputs.batch.shape[0]} inputs "
+              f"({inputs.num_real_images} real photos)")
         parity = verify_against(
             reference, lambda b: run_onnxruntime(fp32_path, b), inputs, "fp32", "pytorch-fp32", "ONNX fp32"
         )
@@ -204,6 +238,7 @@ def export_onnx_version(
                 continue
             from .quantize import make_variant
 
+            stage(f"{precision}: convert and verify against ONNX fp32")
             calibration = _image_paths(calibration_images) if calibration_images is not None else verify_paths
             parity = make_variant(
                 precision, fp32_path, staged.path / ONNX_FILES[precision], onnx_reference, inputs, src.preprocess,
@@ -225,7 +260,7 @@ def export_onnx_version(
             onnx_opset=opset,
             artifacts=tuple(artifacts),
             created_at=now_utc(),
-            project_version=_project_version(),
+            project_version=project_version(),
         )
         version_number = staged.version
     return repository.load(name, version_number)
@@ -240,10 +275,12 @@ def _image_paths(images: str | Path | Sequence[Path] | None) -> list[Path]:
     return [Path(p) for p in images]
 
 
-def _project_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+class _StageLog:
+    """One numbered log line per export stage, with the seconds spent so far (exports take minutes on a CPU)."""
 
-    try:
-        return version("convnext-serve")
-    except PackageNotFoundError:
-        return "0+unknown"
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        self.done += 1
+        logger.info("[%d/%d] %s (%.0f s so far)", self.done, self.total, text, time.monotonic() - self.started)

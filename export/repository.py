@@ -29,6 +29,7 @@ LOCK_FILE = ".lock"  # in a version folder: held while an engine is found-or-bui
 LOCK_POLL_S = 0.5
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
+DIGITS_DATASET = "digits"  # Source.dataset of a project run trained without --data-dir (the offline demo)
 
 
 class RepositoryError(Exception):
@@ -110,6 +111,9 @@ class Source(_Strict):
     sha256: str | None
     format: Literal["project", "official", "timm", "torchvision", "random"]
     weights: Literal["model", "ema"] = "model"  # which weights of the checkpoint: the trained or the EMA copy
+    # What the weights were trained on ("ImageNet-1K", "digits" for the offline demo, an ImageFolder's name...);
+    # optional: manifests written before it existed still load (the service then infers it, service/model_card.py).
+    dataset: str | None = None
 
 
 class Manifest(_Strict):

@@ -4,13 +4,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
+
 from .flops import measure, relative_error
-from .pretrained import OFFICIAL_BASE_URL, PRETRAINED_CHECKPOINTS, default_cache_dir, download_pretrained
+from .pretrained import (
+    OFFICIAL_BASE_URL, PRETRAINED_CHECKPOINTS, DownloadError, default_cache_dir, download_pretrained,
+)
 from .registry import ACTIVATIONS, get_config, list_models
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
+    parser = CliParser(prog="python -m model", description=__doc__)
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="params (M) and GMACs of one model, or of all with --all")
     info.add_argument("name", nargs="?", choices=list_models(), metavar="NAME", help="a model name (see `table`)")
@@ -24,6 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     download.add_argument("name", choices=sorted(PRETRAINED_CHECKPOINTS), metavar="NAME")
     download.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()} ($CONVNEXT_CACHE_DIR)")
     download.add_argument("--mirror", default=OFFICIAL_BASE_URL, help="base URL holding the official file names")
+    download.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 
 
@@ -65,6 +71,7 @@ def format_pretrained() -> str:
     return "\n".join(lines)
 
 
+@exit_on_expected_errors("python -m model", (DownloadError, ValueError, OSError))
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "pretrained":
         print(format_pretrained())
     else:
-        print(download_pretrained(args.name, args.cache_dir, base_url=args.mirror))
+        print(download_pretrained(args.name, args.cache_dir, base_url=args.mirror, progress=not args.quiet))
     return 0
 
 

@@ -8,10 +8,17 @@ import argparse
 import json
 import sys
 
+from pydantic import ValidationError
+
+from convnext_common import CliParser, add_version_argument, one_line
+from export.repository import ModelRepository, RepositoryError
 from service.settings import Settings
 
 # No flag for these: a command line is visible to every user of the host (ps, /proc); use the environment or a file.
 SECRET_SETTINGS = ("api_key",)
+# `--version` prints the project version, so the `version` setting (which model version to serve) is --model-version;
+# its environment variable stays CONVNEXT_VERSION.
+FLAG_NAMES = {"version": "model-version"}
 
 
 def _flag_type(name: str):
@@ -47,12 +54,14 @@ def _boolean(text: str) -> bool:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convnext serve", description=__doc__, allow_abbrev=False,
-                                     epilog="Every flag overrides its CONVNEXT_<NAME> environment variable.")
+    parser = CliParser(prog="convnext serve", description=__doc__, allow_abbrev=False,
+                       epilog="Every flag overrides its CONVNEXT_<NAME> environment variable.")
+    add_version_argument(parser)
     for name in Settings.model_fields:
         if name in SECRET_SETTINGS:
             continue
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=_flag_type(name), default=None,
+        flag = "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
+        parser.add_argument(flag, dest=name, type=_flag_type(name), default=None,
                             help=f"(env CONVNEXT_{name.upper()})")
     return parser
 
@@ -61,6 +70,18 @@ def settings_from_args(argv: list[str] | None) -> Settings:
     args = get_args_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     return Settings(**overrides)
+
+
+def settings_error(err: ValidationError) -> str:
+    """One line: `port: Input should be less than or equal to 65535; ...`."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
+
+
+def check_repository(settings: Settings) -> None:
+    """Fail before the server starts, in one line, when there is nothing servable (else uvicorn logs a traceback)."""
+    from service.model_manager import load_model_version
+
+    load_model_version(ModelRepository(settings.repository), settings.model, settings.version)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +97,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = settings_from_args(argv)
-    except ValueError as err:
-        print(f"convnext serve: invalid settings:\n{err}", file=sys.stderr)
+    except ValueError as err:  # pydantic's ValidationError, or pydantic-settings' error for an unparsable variable
+        detail = settings_error(err) if isinstance(err, ValidationError) else one_line(err)
+        print(f"convnext serve: error: invalid settings: {detail}", file=sys.stderr)
         return 2
+    try:
+        check_repository(settings)
+    except (RepositoryError, RuntimeError) as err:
+        print(f"convnext serve: error: {one_line(err)}", file=sys.stderr)
+        return 1
     server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
     try:
         server.run()

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from export.ort_session import (cuda_provider_options, onnxruntime_version, ort_tensorrt_cache_dir,
                                 tensorrt_provider_options)
+from convnext_common import project_version
 from export.repository import ModelVersion
 from service.admission import Admission, AdmissionGate
 from service.engines.base import Engine
@@ -122,7 +123,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             await state.models.stop(settings.request_timeout_ms / 1000)
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="ConvNeXt image classification", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="ConvNeXt image classification", version=project_version(), lifespan=lifespan)
     app.state.metrics = metrics
 
     def current_admission() -> Admission | None:

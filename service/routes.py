@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from export.repository import ModelRepository
 from service.admission import AdmissionRefused
 from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, QueueFullError
+from service.model_card import describe
 from service.preprocess import ImageError, preprocess
 
 router = APIRouter()
@@ -217,6 +218,7 @@ async def models(request: Request):
                 "name": name, "version": version, "architecture": manifest.architecture,
                 "num_classes": manifest.num_classes, "input": manifest.input.model_dump(),
                 "artifacts": [{"format": a.format, "precision": a.precision} for a in manifest.artifacts],
+                "description": describe(manifest),
                 "serving": state.version is not None and (name, version) == (state.version.manifest.name,
                                                                              state.version.manifest.version),
             })

@@ -7,6 +7,8 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from convnext_common import project_version
+
 router = APIRouter(prefix="/v2", tags=["v2"])
 BINARY_HEADER = "inference-header-content-length"
 
@@ -27,7 +29,7 @@ def _model(request: Request, name: str, version: str | None = None):
 
 @router.get("")
 async def server_metadata():
-    return {"name": "convnext", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    return {"name": "convnext", "version": project_version(), "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/health/live")

@@ -5,6 +5,8 @@ import argparse
 import dataclasses
 import sys
 
+from convnext_common import CliParser, add_version_argument, one_line
+
 from .config import PRESETS, TrainConfig, resolve
 
 
@@ -13,10 +15,11 @@ def _flag(name: str) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m training",
         description="Train ConvNeXt / ResNet-50 with the paper's recipe. Flags left out keep the preset's values.",
     )
+    add_version_argument(parser)
     parser.add_argument("--preset", default="in1k", choices=sorted(PRESETS))
     for field in dataclasses.fields(TrainConfig):
         if field.name == "preset":
@@ -37,16 +40,20 @@ def main(argv=None) -> int:
     try:
         config = resolve(preset, overrides)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
         return 2
     from .checkpoint import CheckpointError
     from .run import train
 
     try:
         train(config)
-    except (CheckpointError, FileNotFoundError) as error:  # --resume with a missing, tampered or truncated file
-        print(f"error: {error}", file=sys.stderr)
+    # --resume with a missing, tampered or truncated file; a missing --data-dir; a config the data cannot run
+    except (CheckpointError, OSError, ValueError) as error:
+        print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("python -m training: interrupted (resume with --resume <output>/checkpoint_last.pth)", file=sys.stderr)
+        return 130
     return 0
 
 

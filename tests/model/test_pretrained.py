@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,7 +13,9 @@ import torch
 from model import create_model, list_models
 from model.__main__ import main
 from model.checkpoints import load_checkpoint, read_checkpoint
-from model.pretrained import PRETRAINED_CHECKPOINTS, DownloadError, download_file, download_pretrained
+from model.pretrained import (
+    PRETRAINED_CHECKPOINTS, DownloadError, DownloadProgress, download_file, download_pretrained, format_progress,
+)
 
 FILENAME = "convnext_tiny_1k_224_ema.pth"
 
@@ -140,3 +143,35 @@ def test_download_command_prints_the_cached_path(server, tmp_path, capsys):
     assert main(["download", "convnext_tiny_1k_224_ema", "--cache-dir", str(tmp_path), "--mirror", base_url]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / FILENAME)
     assert (tmp_path / FILENAME).is_file()
+
+
+def test_download_reports_bytes_and_rate_on_stderr_unless_quiet(server, tmp_path, capsys, checkpoint_bytes):
+    _, base_url = server
+    assert main(["download", "convnext_tiny_1k_224_ema", "--cache-dir", str(tmp_path / "a"), "--mirror", base_url]) == 0
+    err = capsys.readouterr().err.splitlines()  # not a terminal here: whole lines, the last one at 100%
+    mib = len(checkpoint_bytes) / 2**20
+    assert err[0] == f"downloading {FILENAME}"
+    assert re.fullmatch(rf"{FILENAME}: {mib:.1f} of {mib:.1f} MiB \(100%\), [\d.]+ MiB/s", err[-1])
+    assert main(["download", "convnext_tiny_1k_224_ema", "--cache-dir", str(tmp_path / "b"), "--mirror", base_url,
+                 "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_line_format():
+    assert format_progress("x.pth", 45 * 2**20, 90 * 2**20, 12.5 * 2**20) == "x.pth: 45.0 of 90.0 MiB (50%), 12.5 MiB/s"
+    assert format_progress("x.pth", 3 * 2**20, None, 2**20) == "x.pth: 3.0 MiB, 1.0 MiB/s"  # no Content-Length
+
+
+def test_progress_on_a_terminal_rewrites_one_line():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    report = DownloadProgress(FILENAME, 2**20, 2 * 2**20, terminal)  # resuming a half-done download
+    report.update(2**20)
+    report.finish()
+    first, last = terminal.getvalue().split("\n", 1)
+    assert first == f"downloading {FILENAME}, resuming at 1.0 MiB"
+    assert re.fullmatch(rf"(\r{FILENAME}: [\d.]+ of 2.0 MiB \(\d+%\), [\d.]+ MiB/s\x1b\[K)*"
+                        rf"\r{FILENAME}: 2.0 of 2.0 MiB \(100%\), [\d.]+ MiB/s\x1b\[K\n", last)

@@ -62,6 +62,9 @@ def test_page_shows_the_served_model_and_the_apis_top5_for_a_picked_and_a_droppe
     models = httpx.get(f"{service_url}/models").json()["models"]
     serving = next(m for m in models if m["serving"])
     page.locator("#served").filter(has_text=f"Serving {serving['name']} version {serving['version']}").wait_for()
+    # What the model is and knows: this one has random weights, so the page says its answers mean nothing.
+    page.locator("#about").filter(has_text=serving["description"]["summary"]).wait_for()
+    assert "random (untrained) weights" in page.inner_text("#about")
     page.keyboard.press("Tab")  # the picker is the first thing the keyboard reaches, and it has a label
     assert page.evaluate("document.activeElement.id") == "file-input"
     assert page.get_by_label("choose a file").count() == 1
@@ -78,6 +81,37 @@ def test_page_shows_the_served_model_and_the_apis_top5_for_a_picked_and_a_droppe
     dropped = real_photos[0]  # china.jpg, a temple
     drop_file(page, dropped.name, dropped.read_bytes(), "image/jpeg")
     assert shown_labels(page, dropped.name) == api_top5(service_url, dropped.read_bytes(), "image/jpeg")
+
+
+@pytest.fixture(scope="module")
+def demo_repository(tmp_path_factory):
+    """The demo's shape: a project checkpoint of a run without --data-dir (digits "0".."9"), exported."""
+    import dataclasses
+
+    import torch
+
+    from export.onnx import export_onnx_version
+    from model import create_model, get_config
+
+    folder = tmp_path_factory.mktemp("demo")
+    data_config = dataclasses.asdict(get_config("convnext_atto").data) | {"input_size": 32, "crop_pct": 1.0}
+    torch.save({"model": create_model("convnext_atto", num_classes=10).state_dict(), "model_name": "convnext_atto",
+                "model_kwargs": {"num_classes": 10}, "data_config": data_config,
+                "class_names": [str(i) for i in range(10)], "config": {"preset": "demo", "data_dir": ""}},
+               folder / "checkpoint_best.pth")
+    export_onnx_version(folder / "models", "digits", checkpoint=folder / "checkpoint_best.pth")
+    return folder / "models"
+
+
+def test_the_demo_page_says_it_knows_digits_and_how_to_serve_imagenet_convnext_t(page, demo_repository, launch):
+    with launch(demo_repository) as url:
+        page.goto(url + "/")
+        about = page.locator("#about")
+        about.filter(has_text="handwritten digits").wait_for(timeout=15_000)
+        assert "recognises 10 classes (0, 1, 2, 3, 4, …)" in about.inner_text()
+        assert page.is_visible("#imagenet-hint")
+        assert page.inner_text("#imagenet-command") == "convnext serve --pretrained convnext_tiny_1k_224_ema"
+        page.screenshot(path="/tmp/web_page_demo.png", full_page=True)
 
 
 def test_page_shows_the_services_error_message_for_a_text_file(page, service_url, tmp_path):

@@ -1,0 +1,60 @@
+"""What every command line of the project shares: `--version` (from the installed metadata) and one-line errors."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+
+DISTRIBUTION = "convnext-serve"
+
+
+def project_version() -> str:
+    """The installed convnext-serve version (pyproject.toml is the one place it is written)."""
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "0+unknown"
+
+
+def version_text() -> str:
+    return f"convnext-serve {project_version()}"
+
+
+def one_line(message: object) -> str:
+    """A message on one line: multi-line texts (e.g. pydantic's) joined with '; '."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints one line (`<prog>: error: ...`, pointing at --help), not the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the project version and exit")
+
+
+def exit_on_expected_errors(prog: str, expected: tuple[type[BaseException], ...]):
+    """Decorate a CLI `main`: an `expected` error prints `<prog>: error: <message>` to stderr and returns 1;
+    Ctrl-C returns 130. Anything else is a bug and keeps its traceback."""
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except expected as error:
+                print(f"{prog}: error: {one_line(error) or type(error).__name__}", file=sys.stderr)
+                return 1
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return 130
+
+        return wrapped
+
+    return decorate

@@ -1,0 +1,124 @@
+"""`convnext serve --pretrained NAME | --checkpoint PATH`: download (resumable, verified) -> export ONNX -> serve.
+
+The service never imports torch, so this front runs the download and the export in its own process, then replaces
+itself with `python -m service` (exec): the server holds none of the export's memory. A model already exported from
+the same file is served as it is, without a download (so a second start works offline).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from convnext_common import CliParser, add_version_argument, one_line
+from export.onnx import export_onnx_version
+from export.repository import ModelRepository, RepositoryError, sha256_file
+from model.checkpoints import CheckpointError
+from model.pretrained import (
+    OFFICIAL_BASE_URL, DownloadError, default_cache_dir, download_pretrained, get_pretrained,
+)
+
+PROG = "convnext serve"
+LOCAL_HINT = "to serve a local checkpoint instead: convnext serve --checkpoint PATH [--model ARCHITECTURE]"
+
+
+class ServeSetupError(Exception):
+    """The model could not be made ready to serve; the message says what to do."""
+
+
+def get_args_parser() -> CliParser:
+    parser = CliParser(prog=PROG, description=__doc__, allow_abbrev=False,
+                       epilog="Any other flag goes to the service (see `python -m service --help`).")
+    add_version_argument(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pretrained", metavar="NAME", help="an official checkpoint (`python -m model pretrained`), "
+                                                             "e.g. convnext_tiny_1k_224_ema")
+    source.add_argument("--checkpoint", metavar="PATH", help="a local project, official, timm or torchvision .pth")
+    parser.add_argument("--model", help="its architecture, for a checkpoint that does not name it (not project ones)")
+    parser.add_argument("--name", help="its name in the repository (default: from the pretrained name or the file)")
+    parser.add_argument("--repository", default=os.environ.get("CONVNEXT_REPOSITORY", "models"))
+    parser.add_argument("--cache-dir", default=None, help=f"downloads (default: {default_cache_dir()})")
+    parser.add_argument("--mirror", default=OFFICIAL_BASE_URL, help="base URL holding the official file names")
+    parser.add_argument("--precisions", default="fp32", help="ONNX precisions to export (python -m export onnx)")
+    parser.add_argument("--quiet", action="store_true", help="no download or export progress")
+    return parser
+
+
+def repository_name(text: str) -> str:
+    """A model repository name (lower case, digits, . _ -; no underscores) from a checkpoint or pretrained name."""
+    name = re.sub(r"[^a-z0-9.-]+", "-", text.lower()).strip(".-")[:64]
+    return name or "model"
+
+
+def find_exported(repository: ModelRepository, name: str, matches) -> int | None:
+    """The newest version of `name` whose manifest source `matches`, or None."""
+    for version in reversed(repository.versions(name)):
+        try:
+            if matches(repository.load(name, version, verify_files=False).manifest.source):
+                return version
+        except RepositoryError:
+            continue  # a broken version is not reused; the export writes a new one
+    return None
+
+
+def prepare_pretrained(args, repository: ModelRepository) -> tuple[str, int]:
+    entry = get_pretrained(args.pretrained)
+    name = args.name or repository_name(entry.name)
+    version = find_exported(repository, name, lambda source: source.checkpoint == entry.filename)
+    if version is not None:
+        return name, version
+    try:
+        checkpoint = download_pretrained(entry.name, args.cache_dir, base_url=args.mirror, progress=not args.quiet)
+    except DownloadError as error:
+        raise ServeSetupError(f"{one_line(error)}; {LOCAL_HINT}") from None
+    exported = export_onnx_version(
+        repository.root, name, entry.model_name, checkpoint, input_size=entry.input_size_px,
+        precisions=_precisions(args.precisions),
+    )
+    return name, exported.manifest.version
+
+
+def prepare_checkpoint(args, repository: ModelRepository) -> tuple[str, int]:
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise ServeSetupError(f"no checkpoint file at {path}; pass the path of a .pth file")
+    name = args.name or repository_name(path.stem)
+    digest = sha256_file(path)
+    version = find_exported(repository, name, lambda source: source.sha256 == digest)
+    if version is not None:
+        return name, version
+    exported = export_onnx_version(repository.root, name, args.model, path, precisions=_precisions(args.precisions))
+    return name, exported.manifest.version
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, service_args = get_args_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("export", "model"):  # their progress lines, not third-party INFO (the ONNX optimizer's pass log)
+        logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
+    repository = ModelRepository(args.repository)
+    try:
+        name, version = (prepare_pretrained if args.pretrained else prepare_checkpoint)(args, repository)
+    except (ServeSetupError, CheckpointError, RepositoryError, ValueError, RuntimeError, OSError) as error:
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; a download resumes where it stopped", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(f"serving {name} version {version} from {args.repository}", file=sys.stderr, flush=True)
+    command = [sys.executable, "-m", "service", *service_args, "--repository", args.repository, "--model", name,
+               "--model-version", str(version)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)  # replaces this process: torch and the export's memory go with it
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""What a served model is and knows, from its manifest: architecture, source, dataset, classes (/models, web page)."""
+from __future__ import annotations
+
+from export.repository import DIGITS_DATASET, Manifest
+
+IMAGENET_PRETRAINED = "convnext_tiny_1k_224_ema"
+SERVE_IMAGENET_COMMAND = f"convnext serve --pretrained {IMAGENET_PRETRAINED}"
+SAMPLE_LABELS = 5
+
+
+def dataset_of(manifest: Manifest) -> str | None:
+    """The manifest's dataset; for manifests written before the field existed, what the source and labels imply."""
+    source = manifest.source
+    if source.dataset is not None:
+        return source.dataset
+    if source.format == "project" and manifest.labels == tuple(str(i) for i in range(10)):
+        return DIGITS_DATASET  # the demo model exported by an older `make demo-model`
+    if source.format in ("official", "timm", "torchvision") and manifest.num_classes == 1000:
+        return "ImageNet-1K"
+    return None
+
+
+def source_kind(manifest: Manifest, dataset: str | None) -> str:
+    """"demo" (the offline digits model), "official" (published pretrained weights), "checkpoint" or "random"."""
+    if manifest.source.format == "random":
+        return "random"
+    if manifest.source.format == "project" and dataset == DIGITS_DATASET:
+        return "demo"
+    return "official" if manifest.source.format in ("official", "timm", "torchvision") else "checkpoint"
+
+
+def describe(manifest: Manifest) -> dict:
+    """A JSON-ready card: the facts plus one sentence a person reads on the web page."""
+    dataset = dataset_of(manifest)
+    kind = source_kind(manifest, dataset)
+    samples = list(manifest.labels[:SAMPLE_LABELS])
+    more = ", …" if manifest.num_classes > len(samples) else ""
+    knows = f"recognises {manifest.num_classes} classes ({', '.join(samples)}{more})"
+    checkpoint = manifest.source.checkpoint
+    summary = {
+        "demo": f"The offline demo model: {manifest.architecture} trained on handwritten digits; it {knows}. "
+                "It only knows digits: any photo gets a digit.",
+        "official": f"{manifest.architecture} with the official {dataset or 'pretrained'} weights ({checkpoint}); "
+                    f"it {knows}.",
+        "checkpoint": f"{manifest.architecture} from the checkpoint {checkpoint}"
+                      + (f", trained on {dataset}" if dataset else "") + f"; it {knows}.",
+        "random": f"{manifest.architecture} with random (untrained) weights: its {manifest.num_classes} classes "
+                  f"({', '.join(samples)}{more}) are placeholders and its answers mean nothing.",
+    }[kind]
+    return {
+        "architecture": manifest.architecture,
+        "source": kind,
+        "checkpoint": checkpoint,
+        "dataset": dataset,
+        "num_classes": manifest.num_classes,
+        "sample_labels": samples,
+        "summary": summary,
+        # The demo knows digits only: point at the one command that serves a model of everyday photos.
+        "serve_imagenet_command": SERVE_IMAGENET_COMMAND if kind in ("demo", "random") else None,
+    }

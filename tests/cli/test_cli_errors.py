@@ -1,0 +1,95 @@
+"""Every CLI, driven as a subprocess: expected errors end in one `<prog>: error: ...` line and a non-zero status,
+never a traceback; `--version` prints the installed project version."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIS = {  # how a person runs it -> the prog its errors start with
+    "convnext": ([sys.executable, "-m", "convnext_cli"], "convnext"),
+    "model": ([sys.executable, "-m", "model"], "python -m model"),
+    "training": ([sys.executable, "-m", "training"], "python -m training"),
+    "export": ([sys.executable, "-m", "export"], "python -m export"),
+    "service": ([sys.executable, "-m", "service"], "convnext serve"),
+    "bench": ([sys.executable, "-m", "bench"], "convnext bench"),
+}
+# (cli, arguments, a phrase of the message); {tmp} is a folder with a corrupt checkpoint, an empty and a broken
+# repository; {dead} a local URL where nothing listens (the network is down).
+ERROR_CASES = [
+    ("convnext", ["nosuch"], "unknown command 'nosuch'"),
+    ("convnext", ["serve", "--pretrained", "convnext_nosuch"], "unknown pretrained checkpoint"),
+    ("convnext", ["serve", "--pretrained", "convnext_tiny_1k_224_ema", "--mirror", "{dead}", "--cache-dir",
+                  "{tmp}/cache", "--repository", "{tmp}/empty"], "serve a local checkpoint instead: convnext serve --checkpoint PATH"),
+    ("convnext", ["serve", "--checkpoint", "{tmp}/missing.pth", "--repository", "{tmp}/empty"], "no checkpoint file"),
+    ("convnext", ["serve", "--checkpoint", "{tmp}/corrupt.pth", "--model", "convnext_atto", "--repository",
+                  "{tmp}/out"], "not a readable torch checkpoint"),
+    ("model", ["info", "convnext_nosuch"], "invalid choice: 'convnext_nosuch'"),
+    ("model", ["download", "convnext_tiny_1k_224_ema", "--mirror", "{dead}", "--cache-dir", "{tmp}/cache"],
+     "Connection refused); check the network, or pass --mirror"),
+    ("training", ["--preset", "imagenet5k"], "invalid choice: 'imagenet5k'"),
+    ("training", ["--preset", "demo", "--amp", "fp8"], "--amp"),
+    ("training", ["--preset", "demo", "--resume", "{tmp}/corrupt.pth", "--output", "{tmp}/run"],
+     "truncated or not a torch.save file"),
+    ("export", ["onnx", "--name", "x", "--repository", "{tmp}/out"], "no model name"),
+    ("export", ["onnx", "--model", "convnext_atto", "--checkpoint", "{tmp}/missing.pth", "--name", "x",
+                "--repository", "{tmp}/out"], "no checkpoint file"),
+    ("export", ["onnx", "--model", "convnext_atto", "--checkpoint", "{tmp}/corrupt.pth", "--name", "x",
+                "--repository", "{tmp}/out"], "not a readable torch checkpoint"),
+    ("export", ["list", "--repository", "{tmp}/broken"], "is not a valid manifest"),
+    ("export", ["tensorrt", "--name", "nosuch", "--repository", "{tmp}/empty"], "no versions of model 'nosuch'"),
+    ("export", ["onnx", "--precision", "fp16"], "the following arguments are required: --name"),
+    ("service", ["--port", "99999"], "invalid settings: port"),
+    ("service", ["--model-version", "latest"], "argument --model-version: invalid int value"),
+    ("service", ["--repository", "{tmp}/empty"], "has no models"),
+    ("service", ["--repository", "{tmp}/broken"], "is not a valid manifest"),
+    ("bench", ["engine", "{tmp}/missing.onnx"], "no such file"),
+    ("bench", ["nosuch"], "invalid choice: 'nosuch'"),
+]
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "corrupt.pth").write_bytes(b"not a checkpoint")
+    (tmp / "empty").mkdir()
+    broken = tmp / "broken" / "digits" / "1"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text(json.dumps({"schema_version": 1, "name": "digits"}))
+    with socket.socket() as s:  # bound, never listening: connections are refused, as with no network
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    return {"tmp": str(tmp), "dead": dead}
+
+
+def run_cli(cli: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "CONVNEXT_CACHE_DIR": str(cwd / "cache")}
+    return subprocess.run(CLIS[cli][0] + args, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+@pytest.mark.parametrize(("cli", "args", "phrase"), ERROR_CASES,
+                         ids=[f"{cli}-{'-'.join(a.strip('-{}') for a in args[:2])}" for cli, args, _ in ERROR_CASES])
+def test_an_expected_error_is_one_line_and_a_non_zero_status_without_a_traceback(cli, args, phrase, places):
+    result = run_cli(cli, [a.format(**places) for a in args], Path(places["tmp"]))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output
+    lines = result.stderr.strip().splitlines()
+    # The message is the last line; only an export's stage lines ("[1/3] build ...") may come before it (no usage).
+    assert lines and lines[-1].startswith(f"{CLIS[cli][1]}"), output
+    assert ": error: " in lines[-1] and phrase in lines[-1], output
+    assert [line for line in lines[:-1] if not line.startswith(("INFO export.onnx: [", "["))] == [], output
+
+
+@pytest.mark.parametrize("cli", sorted(CLIS))
+def test_version_prints_the_installed_project_version(cli, tmp_path):
+    result = run_cli(cli, ["--version"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"convnext-serve {version('convnext-serve')}"
