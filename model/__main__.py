@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 from .flops import measure, relative_error
 from .pretrained import OFFICIAL_BASE_URL, PRETRAINED_CHECKPOINTS, default_cache_dir, download_pretrained
@@ -69,12 +70,15 @@ def format_table() -> str:
     return "\n".join(lines)
 
 
-def roadmap_rows(regime: str) -> list[dict]:
-    """Each step of `regime`: our params and GMACs beside the paper's GFLOPs and top-1 (delta: vs the row it edits)."""
+def roadmap_rows(regime: str, keys: Sequence[str] | None = None) -> list[dict]:
+    """Each step of `regime` (or those in `keys`): our params and GMACs beside the paper's GFLOPs and top-1 (delta:
+    vs the row it edits)."""
     steps = steps_of(regime)
     by_key = {s.key: s for s in steps}
     rows = []
     for index, step in enumerate(steps):
+        if keys is not None and step.key not in keys:
+            continue
         cost = measure(step.model, 224)
         parent: Step | None = by_key.get(step.parent) if step.parent else None
         error = relative_error(cost.gmacs, step.gflops)
