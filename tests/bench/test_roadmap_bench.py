@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench.roadmap_report import NOISE, PLOT, ledger, markdown, verdict, write_report
+from bench.roadmap_report import NOISE, PLOT, ledger, markdown, noise_level, verdict, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -77,6 +77,17 @@ def test_ledger_sets_each_delta_against_the_row_it_modifies(results):
 def test_verdict_reads_accuracy_beyond_the_seed_std_and_speed_beyond_the_noise(delta_top1, delta_speed, expected):
     assert verdict(delta_top1, 0.14, delta_speed) == expected
     assert verdict(0.65, 0.14, -NOISE / 2) == "free: accuracy at no throughput cost"
+
+
+def test_a_run_reads_its_noise_from_its_two_same_network_rows(results):
+    assert noise_level(results) == NOISE  # no rows 0 and 1 in this run
+    twins = [_step("resnet50_original", 0, 76.13, None, 4.09, None, (20.0, 20.0)),
+             _step("resnet50", 1, 78.82, 0.07, 4.09, "resnet50_original", (21.0, 24.0))]
+    results["steps"] = twins + results["steps"]
+    assert noise_level(results) == pytest.approx(0.20)
+    entries = {e["key"]: e for e in ledger(results)}
+    assert entries["resnet50"]["verdict"] == "free: accuracy at no throughput cost"  # +20% is this run's noise
+    assert entries["gelu"]["verdict"] == "paid, no gain beyond std"  # -25% is beyond it
 
 
 def test_report_answers_the_gelu_question_and_draws_the_plot(results, tmp_path):
