@@ -16,11 +16,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from export.onnx import export_onnx_version
 from model import create_model
 from model.__main__ import roadmap_rows
 from model.roadmap_steps import REGIMES, steps_of
@@ -83,8 +85,6 @@ def time_engine(run, batch_size: int, input_size: int, seconds: float) -> dict:
 
 def benchmark_step(row: dict, repository: Path, engines: dict[str, EngineFactory], args) -> dict:
     """Export one step (parity-verified), then time it on every engine at every batch size."""
-    from export.onnx import export_onnx_version
-
     torch.manual_seed(0)
     started = time.perf_counter()
     version = export_onnx_version(repository, row["key"].replace("_", "-"), row["model"], version=1,
@@ -118,7 +118,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if min(args.batch_sizes) < 1 or args.seconds <= 0 or args.threads < 1 or args.input_size < 32:
+        parser.error("--batch-sizes and --threads must be >= 1, --seconds > 0, --input-size >= 32 (4 stages of /2)")
     torch.set_num_threads(args.threads)
     keys = [s.key for s in steps_of(args.regime)]
     unknown = set(args.steps or ()) - set(keys)
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "config": {"regime": args.regime, "source": REGIMES[args.regime], "batch_sizes": args.batch_sizes,
                    "seconds_per_point": args.seconds, "input_size": args.input_size, "threads": args.threads,
-                   "command": "python -m bench " + " ".join(["roadmap", *(argv if argv is not None else sys.argv[2:])])},
+                   "command": " ".join(["python -m bench roadmap", *(sys.argv[2:] if argv is None else argv)])},
         "host": f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cores",
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
@@ -149,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:

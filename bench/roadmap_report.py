@@ -108,8 +108,8 @@ def markdown(results: dict) -> str:
                      + [f"verdict ({engine} b{batch})"], rows), "",
               f"Verdict: a top-1 change within the paper's seed std is no gain; an images/s change within "
               f"{noise_level(results):.0%} is no change: this run's noise, the larger of {NOISE:.0%} and the speed "
-              f"difference between rows 0 and 1, which are the same network. The kernel-size rows are a sweep: 9 and 11 were "
-              "tried and left; ReLU -> GELU modifies kernel 7.", "", f"![top-1 vs images/s]({PLOT})", ""]
+              f"difference between rows 0 and 1, which are the same network. The kernel-size rows are a sweep: 9 "
+              "and 11 were tried and left; ReLU -> GELU modifies kernel 7.", "", f"![top-1 vs images/s]({PLOT})", ""]
     parts += gelu_section(results)
     return "\n".join(parts)
 

@@ -144,7 +144,8 @@ def test_each_step_builds_what_its_row_says():
     assert (anatomy["gelu"]["activations"], anatomy["fewer_activations"]["activations"]) == (3, 1)
     assert (anatomy["fewer_activations"]["norms"], anatomy["fewer_norms"]["norms"]) == (3, 1)
     assert anatomy["fewer_norms"]["batchnorm"] and not anatomy["layernorm"]["batchnorm"]
-    assert not anatomy["layernorm"]["separate_downsampling"] and anatomy["separate_downsampling"]["separate_downsampling"]
+    assert not anatomy["layernorm"]["separate_downsampling"]
+    assert anatomy["separate_downsampling"]["separate_downsampling"]
 
 
 def test_r200_designs_are_r50_designs_at_other_depths_and_widths():
