@@ -259,6 +259,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="engine alone vs POST /classify at concurrency 1/8/32 (bench.serve_benchmark; its flags follow)")
     sub.add_parser("soak", add_help=False,
                    help="fixed open-loop rate for minutes: latency drift and memory growth (bench.soak; its flags follow)")
+    sub.add_parser("roadmap", add_help=False,
+                   help="every roadmap step's images/s per CPU engine vs the paper's top-1 (bench.roadmap; flags follow)")
     everything = sub.add_parser("all", help="engine sweep + GELU/ReLU + ConvNeXt/ResNet + service vs LitServe")
     everything.add_argument("--smoke", action="store_true", help="tiny configuration (convnext_atto, seconds)")
     everything.add_argument("--gpu", action="store_true", help="engine sweep also on ORT's CUDA and TensorRT providers; service on CUDA")
@@ -285,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.soak import main as soak_main
 
         return soak_main(argv[1:])
+    if argv[:1] == ["roadmap"]:
+        from bench.roadmap import main as roadmap_main
+
+        return roadmap_main(argv[1:])
     args = get_args_parser().parse_args(argv)
     if args.command == "engine":
         from bench.engine_benchmark import benchmark_onnx

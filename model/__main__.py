@@ -1,8 +1,11 @@
-"""`python -m model`: params and GMACs of a model (`info`), every model against the paper (`table`), pretrained list."""
+"""`python -m model`: params and GMACs of a model (`info`), every model against the paper (`table`), the
+modernization roadmap against Tables 10/11 (`roadmap`), the pretrained list."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Sequence
 
 from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
 
@@ -10,7 +13,14 @@ from .flops import measure, relative_error
 from .pretrained import (
     OFFICIAL_BASE_URL, PRETRAINED_CHECKPOINTS, DownloadError, default_cache_dir, download_pretrained,
 )
-from .registry import ACTIVATIONS, get_config, list_models
+from .registry import ACTIVATIONS, MODEL_CONFIGS, get_config, list_models
+from .roadmap_steps import REGIMES, Step, steps_of
+
+MACS_CONVENTION = (
+    "GMACs: multiply-accumulates of conv and linear layers, one image at 224x224 (PyTorch FlopCounterMode / 2), the "
+    "convention of the paper's GFLOPs (fvcore); norms, activations and adds are not counted. A row matches when "
+    "within 1% of the paper; a row that cannot match says why."
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -23,7 +33,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     info.add_argument("--activation", choices=ACTIVATIONS, default=None, help="default: the model's own")
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--all", action="store_true", help="the table of every model against the paper")
-    commands.add_parser("table", help="every model: params and GMACs against the paper's tables")
+    commands.add_parser("table", help="every model family: params and GMACs against the paper's tables")
+    roadmap = commands.add_parser("roadmap", help="each step from ResNet to ConvNeXt: GMACs and top-1 vs Table 10/11")
+    roadmap.add_argument("--regime", choices=sorted(REGIMES), default="r50",
+                         help="r50: Table 10, ResNet-50 -> ConvNeXt-T; r200: Table 11, ResNet-200 -> ConvNeXt-B")
+    roadmap.add_argument("--json", action="store_true", help="one JSON document instead of the Markdown table")
     commands.add_parser("pretrained", help="the official pretrained checkpoints")
     download = commands.add_parser("download", help="download (or verify the cached copy of) an official checkpoint")
     download.add_argument("name", choices=sorted(PRETRAINED_CHECKPOINTS), metavar="NAME")
@@ -41,12 +55,12 @@ def format_info(name: str, input_size_px: int | None, activation: str | None, nu
 
 
 def format_table() -> str:
-    """Markdown: every registered model, and the paper's figures (Tables 1, 2, 9) where it reports them."""
+    """Markdown: every model family, and the paper's figures (Tables 1, 2, 9); the roadmap steps: `roadmap`."""
     lines = [
         "| model | input | params (M) | paper params (M) | GMACs | paper GFLOPs | GMACs vs paper | source |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in list_models():
+    for name in sorted(MODEL_CONFIGS):
         cfg = get_config(name)
         figures = cfg.paper_figures() or (None,)
         for paper in figures:
@@ -59,6 +73,50 @@ def format_table() -> str:
                 )
             else:
                 lines.append(f"| {name} | {size} | {cost.params_m:.2f} | - | {cost.gmacs:.2f} | - | - | - |")
+    return "\n".join(lines)
+
+
+def roadmap_rows(regime: str, keys: Sequence[str] | None = None) -> list[dict]:
+    """Each step of `regime` (or those in `keys`): our params and GMACs beside the paper's GFLOPs and top-1 (delta:
+    vs the row it edits)."""
+    steps = steps_of(regime)
+    by_key = {s.key: s for s in steps}
+    rows = []
+    for index, step in enumerate(steps):
+        if keys is not None and step.key not in keys:
+            continue
+        cost = measure(step.model, 224)
+        parent: Step | None = by_key.get(step.parent) if step.parent else None
+        error = relative_error(cost.gmacs, step.gflops)
+        rows.append({
+            "row": index, "key": step.key, "model": step.model, "label": step.label, "change": step.change,
+            "recipe": step.recipe, "on_path": step.on_path, "parent": step.parent,
+            "params_m": round(cost.params_m, 3), "gmacs": round(cost.gmacs, 4), "paper_gflops": step.gflops,
+            "gmacs_vs_paper": round(error, 5), "matches_paper": abs(error) <= 0.01, "gflops_note": step.gflops_note,
+            "top1": step.top1, "top1_std": step.top1_std,
+            "delta_top1": None if parent is None else round(step.top1 - parent.top1, 2),
+            "delta_vs": None if parent is None else parent.label,
+        })
+    return rows
+
+
+def format_roadmap(regime: str, rows: list[dict]) -> str:
+    """Markdown: the roadmap table, then the convention, then every row that cannot match the paper and why."""
+    lines = [f"Modernization roadmap, {REGIMES[regime]} of Liu et al. 2022 (arXiv 2201.03545, Appendix C); "
+             "top-1: ImageNet-1K, the paper's (mean +/- std of 3 seeds where it gives one), not measured here.", "",
+             "| # | step | model | params (M) | GMACs | paper GFLOPs | GMACs vs paper | paper top-1 | delta top-1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        std = f" +/- {r['top1_std']:.2f}" if r["top1_std"] is not None else ""
+        delta = "-" if r["delta_top1"] is None else f"{r['delta_top1']:+.2f}"
+        if r["delta_vs"] is not None and r["row"] > 0 and rows[r["row"] - 1]["key"] != r["parent"]:
+            delta += f" (vs {r['delta_vs']})"
+        mark = "" if r["matches_paper"] else " (see note)" if r["gflops_note"] else " (MISMATCH)"
+        label = r["label"] if r["on_path"] else f"{r['label']} (not kept)"
+        lines.append(f"| {r['row']} | {label} | {r['model']} | {r['params_m']:.2f} | {r['gmacs']:.2f} | "
+                     f"{r['paper_gflops']:.2f} | {r['gmacs_vs_paper']:+.1%}{mark} | {r['top1']:.2f}{std} | {delta} |")
+    lines += ["", MACS_CONVENTION]
+    lines += [f"Note on '{r['label']}': {r['gflops_note']}" for r in rows if r["gflops_note"]]
     return "\n".join(lines)
 
 
@@ -81,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.name is None:
             parser.error("info needs a model NAME, or --all")
         print(format_info(args.name, args.input_size, args.activation, args.num_classes))
+    elif args.command == "roadmap":
+        rows = roadmap_rows(args.regime)
+        if args.json:
+            print(json.dumps({"regime": args.regime, "source": REGIMES[args.regime], "convention": MACS_CONVENTION,
+                              "rows": rows}, indent=2))
+        else:
+            print(format_roadmap(args.regime, rows))
     elif args.command == "pretrained":
         print(format_pretrained())
     else:

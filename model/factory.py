@@ -8,6 +8,8 @@ from torch import nn
 from .convnext import ConvNeXt, ConvNeXtIsotropic
 from .registry import get_config
 from .resnet import resnet
+from .roadmap import RoadmapNet
+from .roadmap_steps import ROADMAP_MODELS
 
 
 def create_model(
@@ -38,6 +40,9 @@ def create_model(
             cfg.depths[0], cfg.dims[0], num_classes, in_chans, drop_path_rate, layer_scale_init, head_init_scale,
             activation,
         )
+    elif cfg.family == "roadmap":
+        design = ROADMAP_MODELS[name].design.with_options(activation=activation, layer_scale_init=layer_scale_init)
+        model = RoadmapNet(design, num_classes, in_chans, drop_path_rate, head_init_scale)
     else:
         model = resnet(cfg.depths, num_classes, activation)
     if checkpoint is not None:

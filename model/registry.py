@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .roadmap_steps import ROADMAP_MODELS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ACTIVATIONS = ("gelu", "relu")
@@ -38,7 +40,7 @@ class PaperFigures:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    family: str  # "convnext" | "convnext_isotropic" | "resnet"
+    family: str  # "convnext" | "convnext_isotropic" | "resnet" | "roadmap"
     depths: tuple[int, ...]
     dims: tuple[int, ...]
     layer_scale_init: float = 1e-6  # Table 5: layer scale 1e-6
@@ -96,13 +98,22 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
 }
 
 
+# The modernization roadmap (Tables 10 and 11), one model per step; kept apart from the families above, their paper
+# figures live with the steps (model/roadmap_steps.py; `python -m model roadmap`).
+ROADMAP_CONFIGS: dict[str, ModelConfig] = {
+    name: ModelConfig(name, "roadmap", step.design.depths, step.design.stage_dims,
+                      layer_scale_init=step.design.layer_scale_init, default_activation=step.design.activation)
+    for name, step in ROADMAP_MODELS.items()
+}
+
+
 def list_models() -> list[str]:
     """Every model name `create_model` accepts."""
-    return sorted(MODEL_CONFIGS)
+    return sorted({**MODEL_CONFIGS, **ROADMAP_CONFIGS})
 
 
 def get_config(name: str) -> ModelConfig:
     try:
-        return MODEL_CONFIGS[name]
+        return MODEL_CONFIGS[name] if name in MODEL_CONFIGS else ROADMAP_CONFIGS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
