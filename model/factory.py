@@ -39,7 +39,7 @@ def create_model(
             activation,
         )
     else:
-        model = resnet(cfg.depths, num_classes, activation)
+        model = resnet(cfg.depths, num_classes, activation, drop_path_rate)
     if checkpoint is not None:
         from .checkpoints import load_checkpoint
 

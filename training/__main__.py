@@ -1,11 +1,18 @@
-"""`python -m training --preset in1k|in22k|finetune|finetune_384|demo [--any-config-field VALUE ...]`."""
+"""`python -m training --preset in1k|in22k|finetune|finetune_384|finetune_1k_384|demo [--config-field VALUE ...]`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
 
-from .config import PRESETS, TrainConfig, resolve
+from model import CheckpointError as ModelCheckpointError
+
+from .checkpoint import CheckpointError
+from .config import PRESET_HELP, PRESETS, TrainConfig, resolve
+from .engine import NonFiniteLossError
+from .run import train
+
+FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": float}
 
 
 def _flag(name: str) -> str:
@@ -15,17 +22,20 @@ def _flag(name: str) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
-        description="Train ConvNeXt / ResNet-50 with the paper's recipe. Flags left out keep the preset's values.",
+        description="Train ConvNeXt / ResNet-50 with the paper's recipe. Flags left out keep the preset's values "
+                    "(and the model's row of the official commands: drop path, warmup, EMA).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(f"  {name:16s} {text}" for name, text in PRESET_HELP.items()),
     )
-    parser.add_argument("--preset", default="in1k", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="in1k", choices=list(PRESETS),
+                        help="one of: " + ", ".join(PRESETS) + " (see below)")
     for field in dataclasses.fields(TrainConfig):
         if field.name == "preset":
             continue
         if field.type == "bool":
             parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = {"int": int, "float": float, "str": str}[field.type]
-            parser.add_argument(_flag(field.name), type=kind, default=None,
+            parser.add_argument(_flag(field.name), type=FLAG_TYPES[field.type], default=None,
                                 help=f"(in1k preset: {getattr(PRESETS['in1k'], field.name)!r})")
     return parser
 
@@ -39,14 +49,15 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from .checkpoint import CheckpointError
-    from .run import train
-
     try:
         train(config)
-    except (CheckpointError, FileNotFoundError) as error:  # --resume with a missing, tampered or truncated file
+    except (CheckpointError, ModelCheckpointError, FileNotFoundError) as error:
+        # --resume / --finetune with a missing, tampered or truncated file, or without the asked-for weights
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
