@@ -59,6 +59,7 @@ def _preprocess_from(data_config: dict, input_size: int | None) -> Preprocess:
         interpolation=data_config.get("interpolation", "bicubic"),
         mean=tuple(float(m) for m in data_config["mean"]),
         std=tuple(float(s) for s in data_config["std"]),
+        crop_mode=data_config.get("crop_mode", "center"),
     )
 
 

@@ -50,7 +50,11 @@ class InputSpec(_Strict):
 
 
 class Preprocess(_Strict):
-    """The evaluation transform: RGB, resize the short side to resize_px, center-crop to crop_px, normalize."""
+    """The evaluation transform: RGB, resize to resize_px, center-crop to crop_px, normalize.
+
+    crop_mode "center" resizes the short side to resize_px (aspect kept); "squash" resizes both sides to resize_px
+    (aspect not kept: the official ConvNeXt evaluation at 384). Manifests without crop_mode mean "center".
+    """
 
     resize_px: int = Field(gt=0)
     crop_px: int = Field(gt=0)
@@ -58,6 +62,7 @@ class Preprocess(_Strict):
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop_mode: Literal["center", "squash"] = "center"
 
     @model_validator(mode="after")
     def _check(self) -> "Preprocess":

@@ -44,7 +44,7 @@ def create_model(
         design = ROADMAP_MODELS[name].design.with_options(activation=activation, layer_scale_init=layer_scale_init)
         model = RoadmapNet(design, num_classes, in_chans, drop_path_rate, head_init_scale)
     else:
-        model = resnet(cfg.depths, num_classes, activation)
+        model = resnet(cfg.depths, num_classes, activation, drop_path_rate)
     if checkpoint is not None:
         from .checkpoints import load_checkpoint
 

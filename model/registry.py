@@ -12,7 +12,11 @@ ACTIVATIONS = ("gelu", "relu")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The evaluation transform: resize the short side to input_size / crop_pct, center-crop, normalize."""
+    """The evaluation transform: resize to input_size / crop_pct, center-crop input_size, normalize.
+
+    crop_mode "center" resizes the short side (aspect kept); "squash" resizes both sides (timm's squash; with
+    crop_pct 1.0 the official ConvNeXt evaluation at 384: warp to 384x384, no crop).
+    """
 
     input_size: int = 224
     crop_pct: float = 0.875
@@ -20,6 +24,7 @@ class DataConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     in_chans: int = 3
+    crop_mode: str = "center"
 
     @property
     def resize_px(self) -> int:
@@ -58,9 +63,9 @@ def _convnext(name, depths, dims, paper=None, **kw) -> ModelConfig:
     return ModelConfig(name, "convnext", depths, dims, paper=paper, **kw)
 
 
-def _isotropic(name, depth, dim, paper) -> ModelConfig:
-    # Section 3.3 / official convnext_isotropic.py: no layer scale by default.
-    return ModelConfig(name, "convnext_isotropic", (depth,), (dim,), layer_scale_init=0.0, paper=paper)
+def _isotropic(name, depth, dim, paper, layer_scale_init=0.0) -> ModelConfig:
+    # Section 3.3 / official TRAINING.md: layer scale 0 for isotropic S/B (--layer_scale_init_value 0), 1e-6 for L.
+    return ModelConfig(name, "convnext_isotropic", (depth,), (dim,), layer_scale_init=layer_scale_init, paper=paper)
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
@@ -86,7 +91,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         # Section 3.3 / Table 2: isotropic ConvNeXt (16x16 patchify, no downsampling).
         _isotropic("convnext_isotropic_small", 18, 384, PaperFigures(22.0, 4.3, "Table 2")),
         _isotropic("convnext_isotropic_base", 18, 768, PaperFigures(87.0, 16.9, "Table 2")),
-        _isotropic("convnext_isotropic_large", 36, 1024, PaperFigures(306.0, 59.7, "Table 2")),
+        _isotropic("convnext_isotropic_large", 36, 1024, PaperFigures(306.0, 59.7, "Table 2"), layer_scale_init=1e-6),
         # Table 9: the ResNet-50 baseline (torchvision's definition).
         ModelConfig(
             "resnet50", "resnet", (3, 4, 6, 3), (256, 512, 1024, 2048),

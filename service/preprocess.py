@@ -1,7 +1,8 @@
 """Image bytes -> RGB picture -> the manifest's evaluation transform, in PIL and NumPy (no torch).
 
-The transform reproduces torchvision's Resize(int) -> CenterCrop -> ToTensor -> Normalize on PIL images, which
-is what training evaluates with; tests/service/test_preprocess_parity.py proves the two agree.
+The transform reproduces torchvision's Resize(int) (Resize((size, size)) in squash mode) -> CenterCrop -> ToTensor ->
+Normalize on PIL images, which is what training evaluates with; tests/service/test_preprocess_parity.py proves the
+two agree.
 """
 from __future__ import annotations
 
@@ -86,6 +87,13 @@ def resize_short_side(image: Image.Image, size_px: int, interpolation: str) -> I
     return image.resize(new_size, RESAMPLING[interpolation])
 
 
+def resize_squash(image: Image.Image, size_px: int, interpolation: str) -> Image.Image:
+    """torchvision Resize((size_px, size_px)): both sides become size_px, the aspect ratio is not kept."""
+    if image.size == (size_px, size_px):
+        return image
+    return image.resize((size_px, size_px), RESAMPLING[interpolation])
+
+
 def center_crop(image: Image.Image, crop_px: int) -> Image.Image:
     """torchvision CenterCrop on a picture at least crop_px on each side."""
     width, height = image.size
@@ -96,7 +104,8 @@ def center_crop(image: Image.Image, crop_px: int) -> Image.Image:
 
 def eval_transform(image: Image.Image, spec: Preprocess) -> np.ndarray:
     """RGB picture -> float32 (3, crop_px, crop_px), normalized: the training-side evaluation transform."""
-    image = center_crop(resize_short_side(image, spec.resize_px, spec.interpolation), spec.crop_px)
+    resize = resize_squash if spec.crop_mode == "squash" else resize_short_side
+    image = center_crop(resize(image, spec.resize_px, spec.interpolation), spec.crop_px)
     pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (H, W, 3), like ToTensor
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)

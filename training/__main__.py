@@ -1,4 +1,4 @@
-"""`python -m training --preset in1k|in22k|finetune|finetune_384|demo [--any-config-field VALUE ...]`."""
+"""`python -m training --preset in1k|in22k|finetune|finetune_384|finetune_1k_384|demo [--config-field VALUE ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,14 @@ import dataclasses
 import sys
 
 from convnext_common import CliParser, add_version_argument, one_line
+from model import CheckpointError as ModelCheckpointError
 
-from .config import PRESETS, TrainConfig, resolve
+from .checkpoint import CheckpointError
+from .config import PRESET_HELP, PRESETS, TrainConfig, resolve
+from .engine import NonFiniteLossError
+from .run import train
+
+FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": float}
 
 
 def _flag(name: str) -> str:
@@ -17,18 +23,21 @@ def _flag(name: str) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(
         prog="python -m training",
-        description="Train ConvNeXt / ResNet-50 with the paper's recipe. Flags left out keep the preset's values.",
+        description="Train ConvNeXt / ResNet-50 with the paper's recipe. Flags left out keep the preset's values "
+                    "(and the model's row of the official commands: drop path, warmup, EMA).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(f"  {name:16s} {text}" for name, text in PRESET_HELP.items()),
     )
     add_version_argument(parser)
-    parser.add_argument("--preset", default="in1k", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="in1k", choices=list(PRESETS),
+                        help="one of: " + ", ".join(PRESETS) + " (see below)")
     for field in dataclasses.fields(TrainConfig):
         if field.name == "preset":
             continue
         if field.type == "bool":
             parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = {"int": int, "float": float, "str": str}[field.type]
-            parser.add_argument(_flag(field.name), type=kind, default=None,
+            parser.add_argument(_flag(field.name), type=FLAG_TYPES[field.type], default=None,
                                 help=f"(in1k preset: {getattr(PRESETS['in1k'], field.name)!r})")
     return parser
 
@@ -42,13 +51,14 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
         return 2
-    from .checkpoint import CheckpointError
-    from .run import train
-
     try:
         train(config)
-    # --resume with a missing, tampered or truncated file; a missing --data-dir; a config the data cannot run
-    except (CheckpointError, OSError, ValueError) as error:
+    except NonFiniteLossError as error:  # the last good checkpoint is kept; the message names it
+        print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    # --resume / --finetune with a missing, tampered or truncated file, or without the asked-for weights; a missing
+    # --data-dir; a config the data cannot run
+    except (CheckpointError, ModelCheckpointError, OSError, ValueError) as error:
         print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

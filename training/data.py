@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ def data_config_for(config: TrainConfig, model_data: DataConfig) -> DataConfig:
     """The evaluation DataConfig of this run: the model's mean/std, the run's size, crop and interpolation."""
     return DataConfig(
         input_size=config.input_size, crop_pct=config.crop_pct, interpolation=config.interpolation,
-        mean=tuple(model_data.mean), std=tuple(model_data.std),
+        mean=tuple(model_data.mean), std=tuple(model_data.std), crop_mode=config.crop_mode,
     )
 
 
@@ -70,25 +71,26 @@ def train_transform(config: TrainConfig, data: DataConfig):
 @dataclass
 class Datasets:
     train: Dataset
-    val: Dataset
+    val: Dataset | None  # None with --disable-eval
     class_names: list[str]
 
 
 def build_datasets(config: TrainConfig, data: DataConfig, augment: bool = True) -> Datasets:
     train_tf = train_transform(config, data) if augment else eval_transform(data)
     if config.data_dir:
-        from pathlib import Path
-
         root = Path(config.data_dir)
-        for split in ("train", "val"):
+        splits = ("train",) if config.disable_eval else ("train", "val")
+        for split in splits:
             if not (root / split).is_dir():
-                raise FileNotFoundError(f"{root / split} is missing: --data-dir needs train/ and val/ class folders")
+                raise FileNotFoundError(f"{root / split} is missing: --data-dir needs train/ and val/ class folders "
+                                        "(train/ only with --disable-eval)")
         train = ImageFolder(str(root / "train"), train_tf)
-        val = ImageFolder(str(root / "val"), eval_transform(data))
+        val = None if config.disable_eval else ImageFolder(str(root / "val"), eval_transform(data))
         return Datasets(train, val, list(train.classes))
     (x_train, y_train), (x_val, y_val) = digits_split(config.digits_image_px)
     train = DigitsDataset(x_train, y_train, train_tf)
-    return Datasets(train, DigitsDataset(x_val, y_val, eval_transform(data)), train.classes)
+    val = None if config.disable_eval else DigitsDataset(x_val, y_val, eval_transform(data))
+    return Datasets(train, val, train.classes)
 
 
 def build_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, train: bool,

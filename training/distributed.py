@@ -33,12 +33,25 @@ def init_from_env() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
+def all_gather_objects(value) -> list:
+    """Every process's `value`, indexed by rank ([value] on one process); every process must call it."""
+    if not is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.barrier()

@@ -12,6 +12,10 @@ from .distributed import all_reduce_sum
 from .optim import lr_at_step, set_lr
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf (the official engine stops too); nothing is saved after it."""
+
+
 @dataclass
 class StepPlan:
     """Where the per-iteration schedule stands: optimizer steps done so far and in total."""
@@ -21,6 +25,11 @@ class StepPlan:
     warmup_steps: int
     total_steps: int
     step: int = 0
+    steps_per_epoch: int = 0
+
+    def describe(self) -> dict:
+        return {"peak_lr": self.peak_lr, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "step": self.step}
 
 
 def autocast(device: torch.device, amp: str):
@@ -32,9 +41,14 @@ def autocast(device: torch.device, amp: str):
 def train_one_epoch(model, criterion, loader, optimizer, plan: StepPlan, device, *, scaler=None, mixup=None,
                     ema=None, unwrapped=None, amp="off", accum_steps=1, clip_grad=0.0, channels_last=False,
                     max_steps=0, log=None, log_every=20, progress=None) -> dict:
-    """Gradient accumulation over `accum_steps` batches per optimizer step; lr set per optimizer step."""
+    """Gradient accumulation over `accum_steps` batches per optimizer step; lr set per optimizer step.
+
+    Raises NonFiniteLossError at the first logging step (and at the end) after a NaN / inf loss on any process.
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), device=device)  # count of non-finite micro-batch losses, kept on the device
+    checked_step = plan.step
     samples, started, steps_done = 0, time.perf_counter(), 0
     num_batches = len(loader) - len(loader) % accum_steps
     if max_steps:
@@ -56,35 +70,51 @@ def train_one_epoch(model, criterion, loader, optimizer, plan: StepPlan, device,
         scaled = loss / accum_steps
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach() * images.shape[0]
+        nonfinite += (~torch.isfinite(loss.detach())).float()
         samples += images.shape[0]
         if not last_micro:
             continue
-        set_lr(optimizer, lr_at_step(plan.step, plan.peak_lr, plan.warmup_steps, plan.total_steps, plan.min_lr))
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if clip_grad > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(model, optimizer, plan, scaler, clip_grad)
         if ema is not None:
             ema.update(unwrapped)
         plan.step += 1
         steps_done += 1
         if progress is not None:
             progress.update(1)
-        if log is not None and steps_done % log_every == 0:
-            # .item() syncs the device: only on logging steps.
-            elapsed = time.perf_counter() - started
-            log({"step": plan.step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                 "images_per_s": samples / elapsed})
+        if steps_done % log_every == 0:
+            # .item() syncs the device: only on logging steps; the non-finite check rides on the same sync.
+            _stop_if_nonfinite(nonfinite, checked_step, plan.step)
+            checked_step = plan.step
+            if log is not None:
+                log({"step": plan.step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                     "images_per_s": samples / (time.perf_counter() - started)})
+    _stop_if_nonfinite(nonfinite, checked_step, plan.step)
     elapsed = time.perf_counter() - started
     totals = all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(samples), device=device)]))
     return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(), "train_images_per_s": samples / elapsed,
             "steps": steps_done}
+
+
+def _optimizer_step(model, optimizer, plan: StepPlan, scaler, clip_grad: float) -> None:
+    """Set this step's lr (per iteration, layer-decay scales applied), unscale and clip if asked, step, zero grads."""
+    set_lr(optimizer, lr_at_step(plan.step, plan.peak_lr, plan.warmup_steps, plan.total_steps, plan.min_lr))
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _stop_if_nonfinite(nonfinite: torch.Tensor, from_step: int, to_step: int) -> None:
+    """Summed over every process, so all of them stop at the same step (none is left waiting in a collective)."""
+    if all_reduce_sum(nonfinite.clone()).item() > 0:
+        raise NonFiniteLossError(f"the training loss became NaN or inf between optimizer steps {from_step} and "
+                                 f"{to_step}; training stopped")
 
 
 @torch.no_grad()

@@ -30,11 +30,18 @@ def convnext_layer_id(param_name: str) -> int:
     return CONVNEXT_MAX_LAYER_ID + 1  # final norm and head
 
 
+def _has_official_layer_ids(model: nn.Module) -> bool:
+    """Stage depths 3/3/27/3: the 12 layer ids of the official optim_factory cover the model without a gap."""
+    stages = getattr(model, "stages", None)
+    return hasattr(model, "downsample_layers") and [len(stage) for stage in stages] == [3, 3, 27, 3]
+
+
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """AdamW groups: 1-D params (biases, norms, layer-scale gammas) get no weight decay; `lr_scale` per layer."""
     use_layer_decay = layer_decay < 1.0
-    if use_layer_decay and not hasattr(model, "downsample_layers"):
-        raise ValueError("layer-wise lr decay is defined for hierarchical ConvNeXt only; use --layer-decay 1.0")
+    if use_layer_decay and not _has_official_layer_ids(model):
+        raise ValueError("layer-wise lr decay is defined for ConvNeXt-S/B/L/XL only (stage depths 3/3/27/3, as the "
+                         "official main.py: fewer blocks leave a jump in the layer ids); use --layer-decay 1.0")
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

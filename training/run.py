@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -11,47 +10,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import create_model, get_config
+from model import create_model, get_config, load_checkpoint
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import build_datasets, build_loader, build_mixup, data_config_for, make_criterion
-from .distributed import DistInfo, barrier, init_from_env
+from .distributed import DistInfo, all_gather_objects, barrier, init_from_env
 from .ema import ModelEma
-from .engine import StepPlan, evaluate, train_one_epoch
+from .engine import NonFiniteLossError, StepPlan, evaluate, train_one_epoch
 from .optim import create_optimizer
-
-
-class RunLog:
-    """JSON lines (log.jsonl) always, TensorBoard when importable; rank 0 only."""
-
-    def __init__(self, output: Path, enabled: bool):
-        self.enabled, self.path, self.tb = enabled, output / "log.jsonl", None
-        if enabled:
-            output.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.tb = SummaryWriter(str(output / "tb"))
-
-    def __call__(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        if self.tb is not None and "step" in record:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
+from .run_log import RunLog, announce_batch, progress_bar
 
 
 def model_kwargs_for(config: TrainConfig, num_classes: int) -> dict:
-    kwargs = {"num_classes": num_classes, "in_chans": 3}
-    if get_config(config.model).family != "resnet":
-        kwargs.update(drop_path_rate=config.drop_path, layer_scale_init=config.layer_scale_init,
-                      head_init_scale=config.head_init_scale)
+    """create_model's keyword arguments, every value explicit (the checkpoint records them)."""
+    model_cfg = get_config(config.model)
+    kwargs = {"num_classes": num_classes, "in_chans": 3, "drop_path_rate": config.drop_path}
+    if model_cfg.family != "resnet":
+        layer_scale = model_cfg.layer_scale_init if config.layer_scale_init is None else config.layer_scale_init
+        kwargs.update(layer_scale_init=layer_scale, head_init_scale=config.head_init_scale)
     return kwargs
 
 
@@ -61,55 +38,92 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_cuda_math(device: torch.device) -> None:
+    """On GPUs: TF32 matmuls/convolutions and cuDNN autotuning (the official main.py sets cudnn.benchmark)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
+def build_model(config: TrainConfig, kwargs: dict, device: torch.device) -> torch.nn.Module:
+    model = create_model(config.model, **kwargs)
+    if config.finetune:  # official --finetune / --model_key: the head is re-initialised on a class-count mismatch
+        load_checkpoint(model, config.finetune, use_ema=config.model_key == "model_ema")
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+
+def restore_rng(saved, dist_info: DistInfo, seed: int, epoch: int) -> None:
+    """Each process continues its own RNG streams; with another process count, fresh per-rank seeds instead."""
+    states = [saved] if isinstance(saved, dict) else list(saved)  # a dict: one process (older checkpoints)
+    if len(states) == dist_info.world_size:
+        ckpt.set_rng_state(states[dist_info.rank])
+        return
+    seed_everything(seed + 1000 * (epoch + 1) + dist_info.rank)
+    if dist_info.is_main:
+        print(f"warning: the checkpoint holds RNG states for {len(states)} processes, this run has "
+              f"{dist_info.world_size}: augmentation, Mixup/CutMix and drop-path draws are re-seeded, so the run "
+              "continues correctly but not bit for bit", file=sys.stderr, flush=True)
+
+
+def _build_data(config: TrainConfig, dist_info: DistInfo, device: torch.device, augment: bool):
+    """The run's evaluation DataConfig, data sets and loaders (no val loader with --disable-eval)."""
+    data_cfg = data_config_for(config, get_config(config.model).data)
+    datasets = build_datasets(config, data_cfg, augment=augment)
+
+    def loader(dataset, train: bool):
+        return build_loader(dataset, config.batch_size, dist_info.rank, dist_info.world_size, config.seed, train,
+                            config.workers, device.type == "cuda")
+
+    val_loader = None if datasets.val is None else loader(datasets.val, False)
+    return data_cfg, datasets, loader(datasets.train, True), val_loader
+
+
+def _resume(state: dict, dist_info: DistInfo, seed: int, unwrapped, optimizer, ema, scaler, plan: StepPlan,
+            best: dict) -> int:
+    """Load a checkpoint_last.pth into the run (`best` updated in place); returns the epoch to start at."""
+    unwrapped.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(state["model_ema"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    plan.step = state["step"]
+    best.update(state["best"])
+    restore_rng(state["rng"], dist_info, seed, state["epoch"])
+    return state["epoch"] + 1
+
+
 def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bool = True,
           stop_after_epoch: int | None = None) -> dict:
     """Run `config` to the end (or through epoch `stop_after_epoch`, to simulate a kill); returns the summary."""
     dist_info = dist_info or init_from_env()
     device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
-    seed_everything(config.seed + dist_info.rank)
+    configure_cuda_math(device)
     output = Path(config.output)
     log = RunLog(output, dist_info.is_main)
 
-    data_cfg = data_config_for(config, get_config(config.model).data)
-    datasets = build_datasets(config, data_cfg, augment=augment)
+    data_cfg, datasets, train_loader, val_loader = _build_data(config, dist_info, device, augment)
     num_classes = len(datasets.class_names)
-    pin = device.type == "cuda"
-    train_loader = build_loader(datasets.train, config.batch_size, dist_info.rank, dist_info.world_size,
-                                config.seed, True, config.workers, pin)
-    val_loader = build_loader(datasets.val, config.batch_size, dist_info.rank, dist_info.world_size,
-                              config.seed, False, config.workers, pin)
 
+    # Seeded after the data sets (building them may import libraries that draw from the global RNGs on first
+    # import: scikit-learn does), and with the same seed on every process: DDP broadcasts rank 0's weights, but
+    # the EMA copy is taken before that and must start from the same weights on every process too.
+    seed_everything(config.seed)
     kwargs = model_kwargs_for(config, num_classes)
-    model = create_model(config.model, **kwargs, checkpoint=config.finetune or None).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    unwrapped = model
+    model = unwrapped = build_model(config, kwargs, device)
     ema = ModelEma(unwrapped, config.ema_decay) if config.ema_decay > 0 else None
     optimizer = create_optimizer(unwrapped, config.lr(dist_info.world_size), config.weight_decay,
                                  (config.beta1, config.beta2), config.layer_decay)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
-
-    batches = len(train_loader) - len(train_loader) % config.accum_steps
-    steps_per_epoch = batches // config.accum_steps
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(datasets.train)} training images give no full optimizer step at batch "
-                         f"{config.batch_size} x accum {config.accum_steps} x {dist_info.world_size} processes")
-    plan = StepPlan(config.lr(dist_info.world_size), config.min_lr,
-                    round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch)
-    start_epoch, best = 0, {"top1": -1.0, "epoch": -1}
+    plan = _step_plan(config, len(train_loader), len(datasets.train), dist_info.world_size)
+    seed_everything(config.seed + dist_info.rank)  # per process from here: augmentation, Mixup/CutMix, drop path
+    start_epoch, best = 0, {"top1": -1.0, "epoch": -1, "ema_top1": -1.0, "ema_epoch": -1}
     if config.resume:
-        state = ckpt.load(config.resume)
-        unwrapped.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["model_ema"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        plan.step, start_epoch, best = state["step"], state["epoch"] + 1, dict(state["best"])
-        if dist_info.rank < len(state["rng"]):
-            ckpt.set_rng_state(state["rng"][dist_info.rank] if isinstance(state["rng"], list) else state["rng"])
+        start_epoch = _resume(ckpt.load(config.resume), dist_info, config.seed, unwrapped, optimizer, ema, scaler,
+                              plan, best)
 
     if config.compile:
         model = torch.compile(model)
@@ -121,50 +135,43 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
     meta = {"model_name": config.model, "model_kwargs": kwargs, "data_config": _data_dict(data_cfg),
             "class_names": list(datasets.class_names), "config": config.to_dict()}
     if dist_info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        log({"event": "start", "world_size": dist_info.world_size, "total_batch":
-             config.total_batch(dist_info.world_size), "peak_lr": plan.peak_lr, "steps_per_epoch": steps_per_epoch,
-             **meta})
+        _announce_start(config, dist_info.world_size, plan, meta, log)
 
     run_started = time.perf_counter()
     last_epoch = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
     summary: dict = {}
     for epoch in range(start_epoch, last_epoch + 1):
         train_loader.sampler.set_epoch(epoch)
-        progress = _progress(steps_per_epoch, epoch, dist_info.is_main)
-        stats = train_one_epoch(
-            model, criterion, train_loader, optimizer, plan, device, scaler=scaler, mixup=mixup, ema=ema,
-            unwrapped=unwrapped, amp=config.amp, accum_steps=config.accum_steps, clip_grad=config.clip_grad,
-            channels_last=config.channels_last, max_steps=steps_per_epoch,
-            log=(lambda r, e=epoch: log({"epoch": e, **r})), log_every=config.log_every, progress=progress)
-        if progress is not None:
-            progress.close()
-        metrics = evaluate(model, val_loader, device, amp=config.amp, channels_last=config.channels_last)
-        record = {"epoch": epoch, "step": plan.step, **stats, **{f"val_{k}": v for k, v in metrics.items()}}
-        if ema is not None:
-            ema_metrics = evaluate(ema.module, val_loader, device, amp=config.amp)
-            record.update({f"ema_val_{k}": v for k, v in ema_metrics.items()})
-        is_best = metrics["top1"] > best["top1"]
-        if is_best:
-            best = {"top1": metrics["top1"], "epoch": epoch}
-        record["best_top1"] = best["top1"]
+        progress = progress_bar(plan.steps_per_epoch, epoch, dist_info.is_main)
+        try:
+            stats = train_one_epoch(
+                model, criterion, train_loader, optimizer, plan, device, scaler=scaler, mixup=mixup, ema=ema,
+                unwrapped=unwrapped, amp=config.amp, accum_steps=config.accum_steps, clip_grad=config.clip_grad,
+                channels_last=config.channels_last, max_steps=plan.steps_per_epoch,
+                log=(lambda r, e=epoch: log({"epoch": e, **r})), log_every=config.log_every, progress=progress)
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(f"{error} in epoch {epoch}; nothing was saved after it: "
+                                     f"{_last_good(output, epoch)}") from None
+        finally:
+            if progress is not None:
+                progress.close()
+        record = {"epoch": epoch, "step": plan.step, **stats}
+        improved = _evaluate_epoch(model, ema, val_loader, device, config, best, record)
         log(record)
         if dist_info.is_main:
             print(json.dumps(record), file=sys.stderr, flush=True)
+        rng = all_gather_objects(ckpt.rng_state())  # every process's streams: each resumes its own
+        if dist_info.is_main:
             state = {**meta, "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch, "step": plan.step,
-                     "scheduler": {"peak_lr": plan.peak_lr, "min_lr": plan.min_lr, "warmup_steps":
-                                   plan.warmup_steps, "total_steps": plan.total_steps, "step": plan.step},
-                     "rng": ckpt.rng_state(), "best": best, "metrics": metrics}
-            if ema is not None:
-                state["model_ema"] = ema.state_dict()
-            ckpt.save_atomic(state, output / "checkpoint_last.pth")
-            if is_best:
-                ckpt.save_atomic(state, output / "checkpoint_best.pth")
+                     "scheduler": plan.describe(), "rng": rng, "best": dict(best),
+                     "metrics": _prefixed(record, "val_"), "ema_metrics": _prefixed(record, "ema_val_"),
+                     **({"model_ema": ema.state_dict()} if ema is not None else {})}
+            for name in ["checkpoint_last.pth", *improved]:
+                ckpt.save_atomic(state, output / name)
         barrier()
-        summary = {"event": "summary", "epochs_done": epoch + 1, "best_top1": best["top1"], "best_epoch":
-                   best["epoch"], "last_top1": metrics["top1"], "wall_s": round(time.perf_counter() - run_started, 1)}
+        summary = {"event": "summary", "epochs_done": epoch + 1, "wall_s": round(time.perf_counter() - run_started, 1),
+                   **_best_summary(best, record, ema is not None and val_loader is not None)}
     if summary:
         log(summary)
         if dist_info.is_main:
@@ -172,14 +179,70 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
     return {**summary, "model": unwrapped, "optimizer": optimizer, "ema": ema}
 
 
+def _announce_start(config: TrainConfig, world_size: int, plan: StepPlan, meta: dict, log: RunLog) -> None:
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    log({"event": "start", "world_size": world_size, "total_batch": config.total_batch(world_size),
+         "recipe_batch": config.lr_ref_batch, "peak_lr": plan.peak_lr, "steps_per_epoch": plan.steps_per_epoch,
+         **meta})
+    announce_batch(config, world_size)
+
+
+def _step_plan(config: TrainConfig, num_batches: int, num_images: int, world_size: int) -> StepPlan:
+    batches = num_batches - num_batches % config.accum_steps
+    steps_per_epoch = batches // config.accum_steps
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(f"{num_images} training images give no full optimizer step at batch "
+                         f"{config.batch_size} x accum {config.accum_steps} x {world_size} processes")
+    return StepPlan(config.lr(world_size), config.min_lr, round(config.warmup_epochs * steps_per_epoch),
+                    config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+
+
+def _evaluate_epoch(model, ema, val_loader, device, config: TrainConfig, best: dict, record: dict) -> list[str]:
+    """Evaluate the model (and the EMA), update `best` and `record`; the best checkpoints this epoch improved."""
+    if val_loader is None:  # --disable-eval (ImageNet-22K): no metrics, no best checkpoints
+        return []
+    epoch, improved = record["epoch"], []
+    metrics = evaluate(model, val_loader, device, amp=config.amp, channels_last=config.channels_last)
+    record.update({f"val_{k}": v for k, v in metrics.items()})
+    if metrics["top1"] > best["top1"]:
+        best.update(top1=metrics["top1"], epoch=epoch)
+        improved.append("checkpoint_best.pth")
+    record["best_top1"] = best["top1"]
+    if ema is not None:  # official --model_ema_eval: the EMA weights evaluated and their best kept apart
+        ema_metrics = evaluate(ema.module, val_loader, device, amp=config.amp)
+        record.update({f"ema_val_{k}": v for k, v in ema_metrics.items()})
+        if ema_metrics["top1"] > best["ema_top1"]:
+            best.update(ema_top1=ema_metrics["top1"], ema_epoch=epoch)
+            improved.append("checkpoint_best_ema.pth")
+        record["best_ema_top1"] = best["ema_top1"]
+    return improved
+
+
+def _prefixed(record: dict, prefix: str) -> dict:
+    """{"top1": ..., "loss": ...} from a record's `val_top1`, `val_loss` ... ({} when not evaluated)."""
+    return {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+
+
+def _best_summary(best: dict, record: dict, with_ema: bool) -> dict:
+    if "val_top1" not in record:
+        return {}
+    summary = {"best_top1": best["top1"], "best_epoch": best["epoch"], "last_top1": record["val_top1"]}
+    if with_ema:
+        summary.update(best_ema_top1=best["ema_top1"], best_ema_epoch=best["ema_epoch"])
+    return summary
+
+
+def _last_good(output: Path, epoch: int) -> str:
+    if not (output / "checkpoint_last.pth").is_file():
+        return "no checkpoint was written yet; lower --base-lr or try --clip-grad / --amp bf16"
+    return (f"{output / 'checkpoint_last.pth'} (epoch {epoch - 1}) is the last good one; --resume it with a lower "
+            "--base-lr, or --clip-grad / --amp bf16")
+
+
 def _data_dict(data_cfg) -> dict:
-    return {"input_size": data_cfg.input_size, "crop_pct": data_cfg.crop_pct, "interpolation":
-            data_cfg.interpolation, "mean": list(data_cfg.mean), "std": list(data_cfg.std)}
-
-
-def _progress(total: int, epoch: int, is_main: bool):
-    if not (is_main and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"epoch {epoch}", leave=False)
+    return {"input_size": data_cfg.input_size, "crop_pct": data_cfg.crop_pct, "crop_mode": data_cfg.crop_mode,
+            "interpolation": data_cfg.interpolation, "mean": list(data_cfg.mean), "std": list(data_cfg.std)}

@@ -4,6 +4,8 @@ import math
 import pytest
 
 from model import create_model
+from model.convnext import ConvNeXt
+from training.config import resolve
 from training.optim import CONVNEXT_MAX_LAYER_ID, convnext_layer_id, create_optimizer, lr_at_step, param_groups
 
 
@@ -56,14 +58,32 @@ def test_layer_decay_ids_follow_the_official_optim_factory():
     assert convnext_layer_id("norm.weight") == CONVNEXT_MAX_LAYER_ID + 1
 
 
-def test_layer_decay_scales_are_decay_to_the_distance_from_the_head(atto):
-    groups = param_groups(atto, weight_decay=0.05, layer_decay=0.8)
+@pytest.fixture(scope="module")
+def small_layout():
+    """ConvNeXt-S/B/L/XL's stage depths 3/3/27/3 at toy widths: the layout the official layer decay is defined for."""
+    return ConvNeXt(depths=(3, 3, 27, 3), dims=(8, 16, 32, 64), num_classes=10)
+
+
+def test_layer_decay_scales_are_decay_to_the_distance_from_the_head(small_layout):
+    groups = param_groups(small_layout, weight_decay=0.05, layer_decay=0.8)
     by_name = {n: g for g in groups for n in g["names"]}
     assert by_name["head.weight"]["lr_scale"] == 1.0
     assert by_name["downsample_layers.0.0.weight"]["lr_scale"] == pytest.approx(0.8**13)
     assert by_name["stages.2.5.pwconv1.weight"]["lr_scale"] == pytest.approx(0.8 ** (13 - 4))
-    optimizer = create_optimizer(atto, 1e-3, 0.05, (0.9, 0.999), 0.8)
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(atto.parameters()))
+    assert {g["layer_id"] for g in groups} == set(range(CONVNEXT_MAX_LAYER_ID + 2))  # 0..13, no jump
+    optimizer = create_optimizer(small_layout, 1e-3, 0.05, (0.9, 0.999), 0.8)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(small_layout.parameters()))
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnext_tiny"])
+def test_layer_decay_on_tiny_and_atto_is_refused_like_the_official_code(name):
+    """Their 6/9-block stage 3 gives layer ids {0..5, 12, 13} (a jump); official main.py asserts S/B/L/XL only."""
+    with pytest.raises(ValueError, match="--layer-decay 1.0"):
+        param_groups(create_model(name, num_classes=2), 0.05, layer_decay=0.8)
+    with pytest.raises(ValueError, match="--layer-decay 1.0"):
+        resolve("finetune", {"model": name})
+    assert resolve("finetune", {"model": name, "layer_decay": 1.0}).layer_decay == 1.0
+    assert resolve("finetune", {"model": "convnext_small"}).layer_decay == 0.8
 
 
 def test_layer_decay_on_resnet_is_refused():

@@ -1,7 +1,13 @@
 """The presets carry the paper's (Tables 5/6) and the official TRAINING.md values."""
-import pytest
+from pathlib import Path
 
-from training.config import resolve
+import pytest
+import torch
+
+from model import create_model, get_config
+from training.config import MODEL_ROWS, resolve
+from training.data import data_config_for
+from training.run import model_kwargs_for
 
 
 @pytest.mark.parametrize(
@@ -28,3 +34,91 @@ def test_preset_values_match_the_paper(preset, model, expected):
     config = resolve(preset, {"model": model})
     for field, value in expected.items():
         assert getattr(config, field) == pytest.approx(value), field
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+OFFICIAL_PROCESSES = 8  # TRAINING.md's single-machine commands: --nproc_per_node=8
+
+
+def _readme_model_rows() -> list[list[str]]:
+    lines = README.read_text().splitlines()
+    start = lines.index("| preset | model | drop path | layer scale | warmup | EMA | 8 GPUs |")
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_readme_lists_every_official_command_row():
+    listed = {(row[0], row[1].split()[0]) for row in _readme_model_rows()}
+    assert {(preset, model) for preset, rows in MODEL_ROWS.items() for model in rows} <= listed
+    assert {("in1k", f"convnext_isotropic_{size}") for size in ("small", "base", "large")} <= listed
+
+
+@pytest.mark.parametrize("row", _readme_model_rows(), ids=lambda row: f"{row[0]}-{row[1]}")
+def test_readme_preset_table_agrees_with_the_resolved_config(row):
+    preset, model_cell, drop_path, layer_scale, warmup, ema, batch = row
+    model, *flags = model_cell.replace("(", "").replace(")", "").split()  # "convnext_tiny (--layer-decay 1.0)"
+    overrides = {flag[2:].replace("-", "_"): float(value) for flag, value in zip(flags[::2], flags[1::2])}
+    config = resolve(preset, {"model": model, **overrides})
+    assert config.drop_path == pytest.approx(float(drop_path))
+    kwargs = model_kwargs_for(config, 10)
+    assert kwargs.get("layer_scale_init", "-") == ("-" if layer_scale == "-" else pytest.approx(float(layer_scale)))
+    assert config.warmup_epochs == pytest.approx(float(warmup))
+    assert config.ema_decay == (0.0 if ema == "off" else pytest.approx(float(ema)))
+    per_process, accum = (int(n) for n in batch.split(" x "))
+    assert per_process * accum * OFFICIAL_PROCESSES == config.lr_ref_batch  # the recipe's total batch
+
+
+@pytest.mark.parametrize("size, drop_path, layer_scale", [("small", 0.1, 0.0), ("base", 0.2, 0.0),
+                                                           ("large", 0.5, 1e-6)])
+def test_isotropic_in1k_follows_the_official_commands(size, drop_path, layer_scale):
+    """TRAINING.md: warmup 50; drop path 0.1/0.2/0.5; --layer_scale_init_value 0 for S/B, the 1e-6 default for L."""
+    config = resolve("in1k", {"model": f"convnext_isotropic_{size}"})
+    assert (config.drop_path, config.warmup_epochs, config.layer_scale_init) == (drop_path, 50.0, None)
+    kwargs = model_kwargs_for(config, 10)
+    assert kwargs["layer_scale_init"] == layer_scale
+    with torch.device("meta"):  # shapes only: the large model has 306M parameters
+        model = create_model(config.model, **kwargs)
+    assert all((block.gamma is None) == (layer_scale == 0) for block in model.blocks)
+
+
+def test_an_explicit_layer_scale_overrides_the_models_own():
+    config = resolve("in1k", {"model": "convnext_isotropic_small", "layer_scale_init": 1e-6})
+    assert model_kwargs_for(config, 10)["layer_scale_init"] == 1e-6
+    assert model_kwargs_for(resolve("in1k", {"model": "convnext_tiny"}), 10)["layer_scale_init"] == 1e-6
+
+
+@pytest.mark.parametrize("preset", ["finetune", "finetune_384"])
+def test_xlarge_fine_tuning_uses_ema_like_the_official_commands(preset):
+    assert resolve(preset, {"model": "convnext_xlarge"}).ema_decay == 0.9999
+    assert resolve(preset, {"model": "convnext_base"}).ema_decay == 0.0
+
+
+@pytest.mark.parametrize("preset, crop_mode", [("in1k", "center"), ("finetune", "center"),
+                                               ("finetune_384", "squash"), ("finetune_1k_384", "squash")])
+def test_evaluation_at_384_squashes_like_the_official_code(preset, crop_mode):
+    config = resolve(preset, {"model": "convnext_base"})
+    data = data_config_for(config, get_config(config.model).data)
+    assert (data.crop_mode, data.input_size == 384, data.crop_pct) == (crop_mode, preset.endswith("384"),
+                                                                       1.0 if crop_mode == "squash" else 0.875)
+
+
+def test_finetune_1k_384_refuses_models_without_an_official_drop_path():
+    with pytest.raises(ValueError, match="pass --drop-path for convnext_small"):
+        resolve("finetune_1k_384", {"model": "convnext_small"})
+    assert resolve("finetune_1k_384", {"model": "convnext_small", "drop_path": 0.6}).drop_path == 0.6
+
+
+def test_in22k_runs_without_evaluation_like_the_official_commands():
+    assert resolve("in22k", {"model": "convnext_base"}).disable_eval is True
+    assert resolve("in1k", {"model": "convnext_base"}).disable_eval is False
+
+
+@pytest.mark.parametrize("field, value", [("crop_mode", "border"), ("model_key", "state_dict"),
+                                          ("layer_decay", 1.5), ("drop_path", 1.0)])
+def test_values_the_recipe_cannot_run_are_refused(field, value):
+    with pytest.raises(ValueError, match=field.replace("_", "-")):
+        resolve("in1k", {field: value})

@@ -64,3 +64,42 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     distributed = load(tmp_path / "two" / "checkpoint_last.pth")
     assert distributed["step"] == 2
     _assert_states_equal(single["model"].state_dict(), distributed["model"], 1e-5)
+
+
+# Every source of per-process randomness on: crop augmentation, Mixup/CutMix (NumPy), drop path (torch), EMA.
+RANDOM = dataclasses.replace(TINY, batch_size=4, mixup=0.8, cutmix=1.0, drop_path=0.1, scale_min=0.3, epochs=3)
+
+
+def _ddp_resume_worker(rank: int, world_size: int, port: int, full, first, resumed):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        train(full)
+        train(first, stop_after_epoch=0)  # "killed" after epoch 0's checkpoint
+        train(resumed)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_two_process_resume_restores_each_ranks_rng_and_equals_an_uninterrupted_run(tmp_path):
+    full = dataclasses.replace(RANDOM, output=str(tmp_path / "full"))
+    first = dataclasses.replace(RANDOM, output=str(tmp_path / "split"))
+    resumed = dataclasses.replace(first, resume=str(tmp_path / "split" / "checkpoint_last.pth"))
+    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), full, first, resumed), nprocs=2, join=True)
+    a, b = (load(tmp_path / d / "checkpoint_last.pth") for d in ("full", "split"))
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
+    # Each rank resumed its own streams: the ranks still differ after the resume...
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
+    for rank in (0, 1):  # ...and each rank's streams end exactly where the uninterrupted run's do
+        assert torch.equal(a["rng"][rank]["torch"], b["rng"][rank]["torch"])
+        assert torch.equal(a["rng"][rank]["numpy"][1], b["rng"][rank]["numpy"][1])
+        assert a["rng"][rank]["python"] == b["rng"][rank]["python"]
+    for part in ("model", "model_ema"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][key]), f"optimizer {index}.{key}"
+    assert a["metrics"] == b["metrics"] and a["ema_metrics"] == b["ema_metrics"]
