@@ -48,6 +48,8 @@ def default_engine(version: ModelVersion, settings: Settings) -> Engine:
         return TensorRTEngine(version.artifact_path(artifact), shape, precision=settings.precision,
                               max_batch_size=settings.max_batch_size, input_name=manifest.input.name,
                               output_name=manifest.output_name)
+    if settings.engine == "openvino":
+        return openvino_engine(version, settings, shape)
     from service.engines.onnxruntime import OnnxRuntimeEngine
 
     artifact = manifest.find("onnx", settings.precision)
@@ -59,6 +61,21 @@ def default_engine(version: ModelVersion, settings: Settings) -> Engine:
                              provider=settings.provider, precision=settings.precision,
                              max_batch_size=settings.max_batch_size, intra_op_threads=settings.intra_op_threads,
                              spinning=settings.ort_spinning)
+
+
+def openvino_engine(version: ModelVersion, settings: Settings, shape: tuple[int, int, int]) -> Engine:
+    """OpenVINO on the CPU: fp32 and bf16 read the fp32 ONNX artifact, int8 the QDQ one."""
+    from service.engines.openvino import OpenVinoEngine, artifact_precision
+
+    manifest = version.manifest
+    artifact = manifest.find("onnx", artifact_precision(settings.precision))
+    if artifact is None:
+        have = sorted({a.precision for a in manifest.artifacts if a.format == "onnx"})
+        raise RuntimeError(f"{manifest.name}/{manifest.version} has no {artifact_precision(settings.precision)} ONNX "
+                           f"artifact for OpenVINO {settings.precision} (has {have}); pass another --precision")
+    return OpenVinoEngine(version.artifact_path(artifact), shape, input_name=manifest.input.name,
+                          precision=settings.precision, max_batch_size=settings.max_batch_size,
+                          threads=settings.intra_op_threads, performance_hint=settings.openvino_performance_hint)
 
 
 class ServiceState:
