@@ -1,7 +1,7 @@
 """POST /classify vs the engine it serves, per CPU engine and decode mode: images/s at concurrency 8 and 32 (real
 JPEGs, mixed sizes), a lone request's overhead, and 12-megapixel uploads.
 
-    python -m bench.cpu_serving [--repository R --model M] [--seconds 15] [--max-batch-size 8] [--output x.json]
+    python -m bench.cpu_serving [--repository R --model M | --architecture A] [--seconds 15] [--max-batch-size 8] [--output x.json]
 
 For each configuration (engine, precision, decode mode), in this order: the engine alone (the service's own engine
 class and settings, in this process: images/s at max_batch_size, p50 ms at batch 1), then the service in a
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, help="default: export a random-init convnext_tiny")
     parser.add_argument("--model", default="convnext-tiny")
+    parser.add_argument("--architecture", default="convnext_tiny", help="what to export without --repository")
     parser.add_argument("--seconds", type=float, default=15.0, help="per load level, and for the engine alone")
     parser.add_argument("--lone-requests", type=int, default=30)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             from export.onnx import export_onnx_version
 
             repository = Path(tmp)
-            export_onnx_version(repository, args.model, "convnext_tiny")
+            export_onnx_version(repository, args.model, args.architecture)
         rows = measure(ModelRepository(repository).load(args.model), repository, args.model, args)
     print_tables(rows)
     print(f"\nload average after {os.getloadavg()}")

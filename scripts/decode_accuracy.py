@@ -118,7 +118,8 @@ def export_effnet(folder: Path) -> Path:
 def photo_check(onnx_path: Path, bf16: bool) -> dict:
     uploads = photo_uploads()
     engine = effnet_engine(onnx_path, "fp32")
-    exact = logits_of(engine, tensors([u for _, u in uploads], EFFNET_SPEC, None))
+    exact_batch = tensors([u for _, u in uploads], EFFNET_SPEC, None)
+    exact = logits_of(engine, exact_batch)
     result = {"inputs": len(uploads), "sizes": [f"{a}x{b}" for a, b in PHOTO_SIZES], "photos": len(PHOTOS),
               "crops": list(CROPS)}
     for headroom in HEADROOM:
@@ -130,8 +131,7 @@ def photo_check(onnx_path: Path, bf16: bool) -> dict:
             by_size[f"{long}x{short}"] = compare(exact[rows], fast[rows])
         result[f"fast_vs_exact_headroom_{headroom:g}_by_size"] = by_size
     if bf16:
-        result["bf16_vs_fp32"] = compare(exact, logits_of(effnet_engine(onnx_path, "bf16"),
-                                                          tensors([u for _, u in uploads], EFFNET_SPEC, None)))
+        result["bf16_vs_fp32"] = compare(exact, logits_of(effnet_engine(onnx_path, "bf16"), exact_batch))
     return result
 
 
@@ -149,12 +149,13 @@ def digits_check(repository: Path, model: str, bf16: bool) -> dict:
     result = {"model": f"{model}/{version.manifest.version}", "held_out": len(labels)}
     for px in (256, 1024):
         uploads = [jpeg(Image.fromarray(g).convert("RGB"), (px, px)) for g in images]
-        exact = logits_of(engines["fp32"], tensors(uploads, spec, None))
+        exact_batch = tensors(uploads, spec, None)
+        exact = logits_of(engines["fp32"], exact_batch)
         fast = logits_of(engines["fp32"], tensors(uploads, spec, 1.0))
         row = {"exact_top1": float(np.mean(exact.argmax(1) == labels)),
                "fast_top1": float(np.mean(fast.argmax(1) == labels)), "fast_vs_exact": compare(exact, fast)}
         if bf16:
-            row["bf16_vs_fp32"] = compare(exact, logits_of(engines["bf16"], tensors(uploads, spec, None)))
+            row["bf16_vs_fp32"] = compare(exact, logits_of(engines["bf16"], exact_batch))
         result[f"jpeg_{px}px"] = row
     return result
 
