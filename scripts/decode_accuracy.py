@@ -151,9 +151,11 @@ def digits_check(repository: Path, model: str, bf16: bool) -> dict:
         uploads = [jpeg(Image.fromarray(g).convert("RGB"), (px, px)) for g in images]
         exact_batch = tensors(uploads, spec, None)
         exact = logits_of(engines["fp32"], exact_batch)
-        fast = logits_of(engines["fp32"], tensors(uploads, spec, 1.0))
-        row = {"exact_top1": float(np.mean(exact.argmax(1) == labels)),
-               "fast_top1": float(np.mean(fast.argmax(1) == labels)), "fast_vs_exact": compare(exact, fast)}
+        row = {"exact_top1": float(np.mean(exact.argmax(1) == labels))}
+        for headroom in HEADROOM:
+            fast = logits_of(engines["fp32"], tensors(uploads, spec, headroom))
+            row[f"fast_headroom_{headroom:g}_top1"] = float(np.mean(fast.argmax(1) == labels))
+            row[f"fast_vs_exact_headroom_{headroom:g}"] = compare(exact, fast)
         if bf16:
             row["bf16_vs_fp32"] = compare(exact, logits_of(engines["bf16"], exact_batch))
         result[f"jpeg_{px}px"] = row

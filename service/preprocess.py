@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from export.repository import Preprocess
-from service.decode import reduce_jpeg_decode
+from service.decode import fast_decode_min_short_side, reduce_jpeg_decode
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 RESAMPLING = {
@@ -114,5 +114,5 @@ def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str 
 
     decode_mode "exact" is training's transform bit for bit; "fast" lets large JPEGs decode at reduced size.
     """
-    min_short_side_px = spec.resize_px if decode_mode == "fast" else None
+    min_short_side_px = fast_decode_min_short_side(spec.resize_px) if decode_mode == "fast" else None
     return eval_transform(decode_image(data, max_pixels, min_short_side_px), spec)

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     watch_interval_s: float = Field(0.0, ge=0)  # poll the repository for a newer version this often; 0: off
     decode_mode: Literal["exact", "fast"] = Field(
         "exact", description="exact: training's transform bit for bit; fast: large JPEGs decode at 1/2-1/8 scale in "
-        "the DCT (short side kept >= the resize target), then the same resize + crop (README, Settings)")
+        "the DCT (short side kept >= twice the resize target), then the same resize + crop (README, Settings)")
     openvino_performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
         "LATENCY", description="--engine openvino: LATENCY runs each batch on every thread (the batcher sends one "
         "batch at a time); THROUGHPUT splits the cores into streams that only pay with several batches in flight")
