@@ -142,7 +142,9 @@ def test_python_m_service_engine_openvino_serves_real_photos(model_repository, r
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, alive=lambda: process.poll() is None)
         for photo, logits in zip(real_photos, reference):
-            response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(), timeout=30)
+            kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
+            response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(),
+                                  headers={"content-type": kind}, timeout=30)
             assert response.status_code == 200, response.text
             assert response.json()["results"][0]["top_k"][0]["index"] == int(np.argmax(logits))
         assert httpx.get(f"{url}/v2/models/atto").json()["platform"] == "openvino"
