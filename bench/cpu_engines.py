@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         result = decode_costs(spec, args.repeats)
         print("| JPEG | KiB | exact ms | fast ms | exact / fast |\n|---|---|---|---|---|")
         for r in result:
-            print(f"| {r['size']} | {r['kib']} | {r['exact_ms']:.1f} | {r['fast_ms']:.1f} | {r['exact_over_fast']:.1f} |")
+            print(f"| {r['size']} | {r['kib']} | {r['exact_ms']:.1f} | {r['fast_ms']:.1f} | "
+                  f"{r['exact_over_fast']:.1f} |")
     else:
         with tempfile.TemporaryDirectory() as tmp:
             repository = args.repository
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             version = ModelRepository(repository).load(args.model)
             result = engine_rounds(version, CONFIGS, args.batch_size, args.rounds, args.seconds, args.threads)
         print(f"\n{args.model}, batch {args.batch_size}, {args.threads} threads, {args.rounds} interleaved rounds of "
-              f"{args.seconds:g} s\n\n| engine | images/s (median) | x ONNX Runtime fp32 (median of rounds) |\n|---|---|---|")
+              f"{args.seconds:g} s\n\n| engine | images/s (median) | x ONNX Runtime fp32 (median of rounds) |\n"
+              "|---|---|---|")
         for label, r in result.items():
             print(f"| {label} | {r['images_per_s']:.1f} | {r['vs_onnxruntime_fp32']:.2f} |")
     print(f"\nload average after {load_average()}")

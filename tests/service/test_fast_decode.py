@@ -81,7 +81,8 @@ def test_exif_orientation_is_applied_after_a_reduced_decode(photos):
 def test_cmyk_progressive_and_grayscale_jpegs_decode_reduced_and_close_to_exact(photos, kind):
     big = photos[1].resize((2048, 1536), Image.Resampling.BICUBIC)
     data = {"cmyk": lambda: encode(big.convert("CMYK")), "progressive": lambda: encode(big, progressive=True),
-            "grayscale": lambda: encode(big.convert("L")), "subsampling_444": lambda: encode(big, subsampling=0)}[kind]()
+            "grayscale": lambda: encode(big.convert("L")),
+            "subsampling_444": lambda: encode(big, subsampling=0)}[kind]()
     fast = decode_image(data, MAX_PIXELS, FAST_MIN_SHORT_PX)
     assert fast.size == (1024, 768) and fast.mode == "RGB"
     assert_close_to_exact(data)
