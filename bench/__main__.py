@@ -257,6 +257,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub.add_parser("torch", add_help=False, help="PyTorch CPU throughput table (bench.model_throughput; its flags follow)")
     sub.add_parser("serve", add_help=False,
                    help="engine alone vs POST /classify at concurrency 1/8/32 (bench.serve_benchmark; its flags follow)")
+    sub.add_parser("cpu", add_help=False, help="OpenVINO vs ONNX Runtime alone, decode fast vs exact (bench.cpu_engines)")
+    sub.add_parser("cpu-serving", add_help=False,
+                   help="/classify vs the engine per CPU engine and decode mode, 12-MP uploads (bench.cpu_serving)")
     sub.add_parser("soak", add_help=False,
                    help="fixed open-loop rate for minutes: latency drift and memory growth (bench.soak; its flags follow)")
     sub.add_parser("roadmap", add_help=False,
@@ -283,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench.serve_benchmark import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] in (["cpu"], ["cpu-serving"]):
+        from bench.cpu_engines import main as cpu_main
+        from bench.cpu_serving import main as cpu_serving_main
+
+        return (cpu_main if argv[0] == "cpu" else cpu_serving_main)(argv[1:])
     if argv[:1] == ["soak"]:
         from bench.soak import main as soak_main
 

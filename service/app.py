@@ -44,6 +44,8 @@ def default_engine(version: ModelVersion, settings: Settings) -> Engine:
         # A compatible engine from the version, or one built for this GPU on first start (minutes, then cached;
         # one replica builds, the others wait for it); an engine that fails to deserialize is rebuilt once.
         return open_tensorrt_engine(version, settings.precision, settings.max_batch_size, settings.repository)
+    if settings.engine == "openvino":
+        return openvino_engine(version, settings)
     return onnxruntime_engine(version, settings)
 
 
@@ -69,6 +71,22 @@ def onnxruntime_engine(version: ModelVersion, settings: Settings) -> Engine:
                              provider=settings.provider, precision=settings.precision,
                              max_batch_size=settings.max_batch_size, intra_op_threads=settings.intra_op_threads,
                              spinning=settings.ort_spinning, provider_options=provider_options)
+
+
+def openvino_engine(version: ModelVersion, settings: Settings) -> Engine:
+    """OpenVINO on the CPU: fp32 and bf16 read the fp32 ONNX artifact, int8 the QDQ one."""
+    from service.engines.openvino import OpenVinoEngine, artifact_precision
+
+    manifest = version.manifest
+    shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
+    artifact = manifest.find("onnx", artifact_precision(settings.precision))
+    if artifact is None:
+        have = sorted({a.precision for a in manifest.artifacts if a.format == "onnx"})
+        raise RuntimeError(f"{manifest.name}/{manifest.version} has no {artifact_precision(settings.precision)} ONNX "
+                           f"artifact for OpenVINO {settings.precision} (has {have}); pass another --precision")
+    return OpenVinoEngine(version.artifact_path(artifact), shape, input_name=manifest.input.name,
+                          precision=settings.precision, max_batch_size=settings.max_batch_size,
+                          threads=settings.intra_op_threads, performance_hint=settings.openvino_performance_hint)
 
 
 class ServiceState:

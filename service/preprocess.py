@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from export.repository import Preprocess
+from service.decode import fast_decode_min_short_side, reduce_jpeg_decode
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 RESAMPLING = {
@@ -31,8 +32,11 @@ class ImageError(ValueError):
         self.message = message
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode to an RGB picture, upright per EXIF; refuse non-images, truncation and decompression bombs."""
+def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = None) -> Image.Image:
+    """Decode to an RGB picture, upright per EXIF; refuse non-images, truncation and decompression bombs.
+
+    min_short_side_px (fast mode): a large JPEG may decode at reduced size, its short side >= this (service.decode).
+    """
     if not data:
         raise ImageError("empty_body", "the image is empty (0 bytes)")
     try:
@@ -47,6 +51,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                     "too_many_pixels", f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
                 )
             image.seek(0)  # GIF / multi-page TIFF: the first frame
+            if min_short_side_px is not None:
+                reduce_jpeg_decode(image, min_short_side_px)
             image.load()
     except ImageError:
         raise
@@ -112,6 +118,10 @@ def eval_transform(image: Image.Image, spec: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
 
 
-def preprocess(data: bytes, spec: Preprocess, max_pixels: int) -> np.ndarray:
-    """Bytes -> the model's input tensor for one image; raises ImageError for anything unusable."""
-    return eval_transform(decode_image(data, max_pixels), spec)
+def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str = "exact") -> np.ndarray:
+    """Bytes -> the model's input tensor for one image; raises ImageError for anything unusable.
+
+    decode_mode "exact" is training's transform bit for bit; "fast" lets large JPEGs decode at reduced size.
+    """
+    min_short_side_px = fast_decode_min_short_side(spec.resize_px) if decode_mode == "fast" else None
+    return eval_transform(decode_image(data, max_pixels, min_short_side_px), spec)

@@ -86,7 +86,7 @@ async def preprocess_all(request: Request, images: list[tuple[str, bytes]]) -> l
             started = time.perf_counter()
             try:
                 tensor = await loop.run_in_executor(state.preprocess_pool, preprocess, data, spec,
-                                                    state.settings.max_pixels)
+                                                    state.settings.max_pixels, state.settings.decode_mode)
             except ImageError as err:
                 status = 413 if err.code == "too_many_pixels" else 400
                 raise ApiError(status, err.code, f"{name}: {err.message}") from None

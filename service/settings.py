@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     repository: str = "models"
     model: str | None = None  # default: the first model in the repository
     version: int | None = Field(None, ge=1)  # default: the latest version
-    engine: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    engine: Literal["onnxruntime", "tensorrt", "openvino"] = "onnxruntime"
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
     # On CPU a batch of 8 already saturates the cores; larger batches only add latency (on 2 cores, 2 is better still:
@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         "failed rebuilds in a row of a broken engine before /healthz answers 503, so the orchestrator restarts the "
         "container: a sticky GPU fault outlives every rebuild inside the process (rebuilds go on meanwhile)"))
     watch_interval_s: float = Field(0.0, ge=0)  # poll the repository for a newer version this often; 0: off
+    decode_mode: Literal["exact", "fast"] = Field(
+        "exact", description="exact: training's transform bit for bit; fast: large JPEGs decode at 1/2-1/8 scale in "
+        "the DCT (short side kept >= twice the resize target), then the same resize + crop (README, Settings)")
+    openvino_performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
+        "LATENCY", description="--engine openvino: LATENCY runs each batch on every thread (the batcher sends one "
+        "batch at a time); THROUGHPUT splits the cores into streams that only pay with several batches in flight")
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,165 @@
+"""POST /classify vs the engine it serves, per CPU engine and decode mode: images/s at concurrency 8 and 32 (real
+JPEGs, mixed sizes), a lone request's overhead, and 12-megapixel uploads.
+
+    python -m bench.cpu_serving [--repository R --model M | --architecture A] [--seconds 15]
+        [--max-batch-size 8] [--output x.json]
+
+For each configuration (engine, precision, decode mode), in this order: the engine alone (the service's own engine
+class and settings, in this process: images/s at max_batch_size, p50 ms at batch 1), then the service in a
+subprocess on the same threads. Efficiency = /classify images/s / the engine alone's images/s. A lone request's
+overhead = its client p50 - the engine alone's batch-1 p50 - the image's own preprocessing (one thread, this mode).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+
+# (engine, precision, decode mode): today's default path first, then what this CPU allows.
+SERVICES = (("onnxruntime", "fp32", "exact"), ("openvino", "fp32", "exact"), ("openvino", "fp32", "fast"),
+            ("onnxruntime", "fp32", "fast"), ("openvino", "bf16", "fast"))
+PHONE_SIZE = (4000, 3000)
+
+
+def engine_alone(version, engine: str, precision: str, max_batch_size: int, threads: int, seconds: float) -> dict:
+    from bench.cpu_engines import build_engine, images_per_s
+
+    runner = build_engine(version, engine, precision, "LATENCY", max_batch_size, threads)
+    runner.load()
+    runner.warmup()
+    shape = runner.describe().input_shape
+    batch = np.random.default_rng(0).standard_normal((max_batch_size, *shape), dtype=np.float32)
+    rate = images_per_s(runner, batch, 1, seconds)
+    one, latencies = batch[:1], []
+    deadline = time.perf_counter() + seconds / 2
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        runner.run(one)
+        latencies.append((time.perf_counter() - started) * 1000)
+    runner.close()
+    return {"images_per_s": rate, "batch1_p50_ms": median(latencies)}
+
+
+def preprocess_ms(payloads: list[bytes], spec, mode: str, repeats: int = 5) -> float:
+    from service.preprocess import preprocess
+
+    times = []
+    for payload in payloads:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            preprocess(payload, spec, 10**9, mode)
+            times.append((time.perf_counter() - started) * 1000)
+    return median(times)
+
+
+def service_runs(repository: Path, model: str, config: tuple[str, str, str], args, payloads: dict) -> dict:
+    from bench.__main__ import free_port, server_process
+    from bench.loadgen import closed_loop
+    from bench.lone_request import lone_requests
+
+    engine, precision, mode = config
+    port = free_port()
+    command = [sys.executable, "-m", "service", "--repository", str(repository), "--model", model, "--host",
+               "127.0.0.1", "--port", str(port), "--engine", engine, "--precision", precision, "--decode-mode", mode,
+               "--intra-op-threads", str(args.threads), "--max-batch-size", str(args.max_batch_size)]
+    url = f"http://127.0.0.1:{port}"
+    out = {}
+    with server_process(command, f"{url}/readyz"):
+        for concurrency in (8, 32):
+            result = asyncio.run(closed_loop(f"{url}/classify", payloads["mixed"], concurrency, 10**9, args.seconds))
+            out[f"c{concurrency}"] = result.summary()
+        out["lone"] = {size: asyncio.run(lone_requests(f"{url}/classify", items, args.lone_requests))
+                       for size, items in payloads["by_size"].items()}
+        result = asyncio.run(closed_loop(f"{url}/classify", payloads["phone"], 8, 10**9, args.seconds))
+        out["phone_c8"] = result.summary()
+    return out
+
+
+def payload_sets() -> dict:
+    from bench.cpu_engines import photo_jpeg
+    from bench.loadgen import PAYLOAD_SIZES, jpeg_payloads
+
+    return {"mixed": jpeg_payloads(),
+            "by_size": {f"{w}x{h}": jpeg_payloads(sizes=((w, h),)) for w, h in PAYLOAD_SIZES},
+            "phone": [photo_jpeg(PHONE_SIZE, quality) for quality in (85, 90, 95)]}
+
+
+def measure(version, repository: Path, model: str, args) -> list[dict]:
+    from service.engines.openvino import cpu_supports_bf16
+
+    import openvino as ov
+
+    payloads = payload_sets()
+    spec = version.manifest.preprocess
+    rows = []
+    for config in SERVICES:
+        if config[1] == "bf16" and not cpu_supports_bf16(ov.Core()):
+            continue
+        alone = engine_alone(version, config[0], config[1], args.max_batch_size, args.threads, args.seconds)
+        served = service_runs(repository, model, config, args, payloads)
+        row = {"engine": config[0], "precision": config[1], "decode_mode": config[2], "alone": alone, **served}
+        for c in ("c8", "c32"):
+            row[f"{c}_efficiency"] = served[c]["images_per_s"] / alone["images_per_s"]
+        for size, lone in served["lone"].items():
+            lone["preprocess_ms"] = preprocess_ms(payloads["by_size"][size], spec, config[2])
+            lone["overhead_ms"] = lone["client_p50_ms"] - alone["batch1_p50_ms"] - lone["preprocess_ms"]
+        row["phone_preprocess_ms"] = preprocess_ms(payloads["phone"], spec, config[2], repeats=2)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("c8", "c32", "phone_c8")}), flush=True)
+    return rows
+
+
+def print_tables(rows: list[dict]) -> None:
+    print("\n| engine | decode | alone img/s (bs max) | /classify c8 | c32 | c8 / alone | c32 / alone | "
+          "12-MP uploads c8 img/s | 12-MP preprocess ms |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} {r['precision']} | {r['decode_mode']} | {r['alone']['images_per_s']:.1f} | "
+              f"{r['c8']['images_per_s']:.1f} | {r['c32']['images_per_s']:.1f} | {r['c8_efficiency']:.2f} | "
+              f"{r['c32_efficiency']:.2f} | {r['phone_c8']['images_per_s']:.1f} | {r['phone_preprocess_ms']:.1f} |")
+    print("\n| engine | decode | JPEG | client p50 ms | engine bs1 alone ms | preprocess ms | overhead ms |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in rows:
+        for size, lone in r["lone"].items():
+            print(f"| {r['engine']} {r['precision']} | {r['decode_mode']} | {size} | {lone['client_p50_ms']:.1f} | "
+                  f"{r['alone']['batch1_p50_ms']:.1f} | {lone['preprocess_ms']:.1f} | {lone['overhead_ms']:.1f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, help="default: export a random-init convnext_tiny")
+    parser.add_argument("--model", default="convnext-tiny")
+    parser.add_argument("--architecture", default="convnext_tiny", help="what to export without --repository")
+    parser.add_argument("--seconds", type=float, default=15.0, help="per load level, and for the engine alone")
+    parser.add_argument("--lone-requests", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--output", type=Path, default=Path("cpu_serving.json"))
+    args = parser.parse_args(argv)
+    from bench.__main__ import cpu_model
+    from export.repository import ModelRepository
+
+    print(f"{cpu_model()}, {os.cpu_count()} cores, load average before {os.getloadavg()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = args.repository
+        if repository is None:
+            from export.onnx import export_onnx_version
+
+            repository = Path(tmp)
+            export_onnx_version(repository, args.model, args.architecture)
+        rows = measure(ModelRepository(repository).load(args.model), repository, args.model, args)
+    print_tables(rows)
+    print(f"\nload average after {os.getloadavg()}")
+    args.output.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

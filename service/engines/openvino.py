@@ -1,0 +1,88 @@
+"""OpenVINO CPU engine on the repository's ONNX files: fp32 (f32 forced), bf16 (where the CPU has it), int8 (QDQ)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.engines.base import Engine, EngineDescription, EngineError
+
+# precision -> (the ONNX artifact's precision it reads, OpenVINO's inference precision). bf16 reads the fp32 graph and
+# lets the CPU plugin run it in bf16; int8 reads the QDQ graph, whose unquantized ops stay f32.
+PRECISIONS = {"fp32": ("fp32", "f32"), "bf16": ("fp32", "bf16"), "int8": ("int8", "f32")}
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+
+
+def artifact_precision(precision: str) -> str:
+    """The precision of the repository's ONNX artifact this engine reads for `precision`."""
+    if precision not in PRECISIONS:
+        raise EngineError(f"the OpenVINO engine runs precision {'/'.join(PRECISIONS)}, not {precision!r}; "
+                          "pass --precision fp32 (or bf16 where the CPU has it, int8 from a QDQ artifact)")
+    return PRECISIONS[precision][0]
+
+
+def cpu_supports_bf16(core) -> bool:
+    """True where OpenVINO's CPU plugin computes in bf16 natively (AVX512_BF16 or AMX), not emulated."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVinoEngine(Engine):
+    def __init__(self, model_path: Path, input_shape: tuple[int, int, int], *, input_name: str = "input",
+                 precision: str = "fp32", max_batch_size: int = 8, threads: int = 1,
+                 performance_hint: str = "LATENCY"):
+        artifact_precision(precision)
+        if performance_hint not in PERFORMANCE_HINTS:
+            raise EngineError(f"unknown OpenVINO performance hint {performance_hint!r}; "
+                              f"choose one of {PERFORMANCE_HINTS}")
+        self.model_path = Path(model_path)
+        self.input_shape = tuple(input_shape)
+        self.input_name = input_name
+        self.precision = precision
+        self.max_batch_size = max_batch_size
+        self.threads = threads
+        self.performance_hint = performance_hint
+        self.compiled = None
+        self.request = None
+
+    def load(self) -> None:
+        import openvino as ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+
+        core = ov.Core()
+        if self.precision == "bf16" and not cpu_supports_bf16(core):
+            raise EngineError(f"this CPU ({core.get_property('CPU', props.device.full_name)}) has no native bf16 "
+                              "(no AVX512_BF16 or AMX in OpenVINO's OPTIMIZATION_CAPABILITIES); use --precision fp32")
+        try:
+            model = core.read_model(self.model_path)
+            # A bounded batch dimension: the plugin plans its memory for at most max_batch_size images.
+            model.reshape({model.inputs[0]: ov.PartialShape([ov.Dimension(1, self.max_batch_size),
+                                                              *self.input_shape])})
+            config = {
+                hints.inference_precision: ov.Type.bf16 if PRECISIONS[self.precision][1] == "bf16" else ov.Type.f32,
+                hints.performance_mode: getattr(hints.PerformanceMode, self.performance_hint),
+                props.inference_num_threads: self.threads,
+            }
+            self.compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError as err:  # OpenVINO raises RuntimeError subclasses for unreadable or unsupported models
+            raise EngineError(f"OpenVINO could not load {self.model_path}: {err}") from err
+        self.input_name = self.compiled.inputs[0].get_any_name()
+        # The batcher runs one batch at a time, so one infer request serves every batch.
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.request is None:
+            raise EngineError("the engine is not loaded; call load() first")
+        if len(batch) > self.max_batch_size:  # the compiled shape is bounded; say so instead of OpenVINO's shape check
+            raise EngineError(f"a batch of {len(batch)} is over this engine's max_batch_size {self.max_batch_size}")
+        # share_inputs: the request reads the batch in place instead of copying it.
+        self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request reuses it
+
+    def describe(self) -> EngineDescription:
+        return EngineDescription("openvino", self.input_name, self.input_shape, self.max_batch_size,
+                                 self.precision, "cpu")
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None

@@ -1,0 +1,147 @@
+"""Fast decoding (decode_mode "fast"): large JPEGs decode at 1/2-1/8 scale (short side >= twice the resize target),
+then the same resize + crop, within a bounded pixel difference of exact decoding on real photos; everything else
+decodes exactly as before."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.repository import ModelRepository, Preprocess
+from service.decode import fast_decode_min_short_side
+from service.preprocess import decode_image, preprocess
+
+# ConvNeXt-T's evaluation transform: 224 crop of a 256 short side, ImageNet mean/std.
+SPEC = Preprocess(resize_px=256, crop_px=224, crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+                  std=(0.229, 0.224, 0.225))
+MAX_PIXELS = 10**8
+FAST_MIN_SHORT_PX = fast_decode_min_short_side(SPEC.resize_px)  # 512
+# Bounds on the 0..255 pixels after resize + crop; on these photos the mean is <= 0.3 (<= 3.2 with only 1x headroom).
+MEAN_ABS_BOUND, P99_ABS_BOUND = 1.0, 6.0
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}) | options)
+    return buffer.getvalue()
+
+
+def pixels(tensor: np.ndarray) -> np.ndarray:
+    """A normalized (3, H, W) tensor back to 0..255 pixels, so bounds read in grey levels."""
+    mean = np.asarray(SPEC.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(SPEC.std, dtype=np.float32)[:, None, None]
+    return (tensor * std + mean) * 255.0
+
+
+def assert_close_to_exact(data: bytes) -> None:
+    exact, fast = preprocess(data, SPEC, MAX_PIXELS, "exact"), preprocess(data, SPEC, MAX_PIXELS, "fast")
+    assert fast.shape == exact.shape == (3, 224, 224) and fast.dtype == np.float32
+    difference = np.abs(pixels(fast) - pixels(exact))
+    assert difference.mean() < MEAN_ABS_BOUND
+    assert np.percentile(difference, 99) < P99_ABS_BOUND
+
+
+@pytest.fixture(scope="module")
+def photos(real_photos) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in real_photos]
+
+
+@pytest.mark.parametrize("size, decoded", [((4000, 3000), (1000, 750)), ((2048, 1536), (1024, 768)),
+                                           ((1536, 2048), (768, 1024)), ((1100, 1024), (550, 512)),
+                                           ((8000, 4096), (1000, 512))])
+def test_fast_decode_scales_in_the_dct_and_keeps_the_short_side_at_or_above_twice_the_target(photos, size, decoded):
+    data = encode(photos[0].resize(size, Image.Resampling.BILINEAR))
+    assert decode_image(data, MAX_PIXELS).size == size
+    fast = decode_image(data, MAX_PIXELS, FAST_MIN_SHORT_PX)
+    assert fast.size == decoded and fast.mode == "RGB"
+    assert min(fast.size) >= FAST_MIN_SHORT_PX == 2 * SPEC.resize_px
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (1920, 1440), (1024, 768), (700, 520)])
+def test_fast_tensor_is_within_bounds_of_exact_on_every_real_photo(photos, size):
+    for photo in photos:
+        assert_close_to_exact(encode(photo.resize(size, Image.Resampling.BICUBIC)))
+
+
+def test_exif_orientation_is_applied_after_a_reduced_decode(photos):
+    upright = photos[0].resize((1600, 1200), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned; the viewer turns it 90 degrees clockwise
+    data = encode(upright.transpose(Image.Transpose.ROTATE_90), exif=exif)
+    assert decode_image(data, MAX_PIXELS, FAST_MIN_SHORT_PX).size == (800, 600)  # upright, scaled by 2
+    assert_close_to_exact(data)
+    exact_upright = preprocess(encode(upright), SPEC, MAX_PIXELS, "exact")
+    fast = preprocess(data, SPEC, MAX_PIXELS, "fast")
+    assert np.abs(pixels(fast) - pixels(exact_upright)).mean() < MEAN_ABS_BOUND
+
+
+@pytest.mark.parametrize("kind", ["cmyk", "progressive", "grayscale", "subsampling_444"])
+def test_cmyk_progressive_and_grayscale_jpegs_decode_reduced_and_close_to_exact(photos, kind):
+    big = photos[1].resize((2048, 1536), Image.Resampling.BICUBIC)
+    data = {"cmyk": lambda: encode(big.convert("CMYK")), "progressive": lambda: encode(big, progressive=True),
+            "grayscale": lambda: encode(big.convert("L")),
+            "subsampling_444": lambda: encode(big, subsampling=0)}[kind]()
+    fast = decode_image(data, MAX_PIXELS, FAST_MIN_SHORT_PX)
+    assert fast.size == (1024, 768) and fast.mode == "RGB"
+    assert_close_to_exact(data)
+
+
+@pytest.mark.parametrize("size", [(500, 375), (1365, 1023), (1024, 768)])
+def test_jpegs_under_twice_the_fast_target_decode_exactly(photos, size):
+    data = encode(photos[2].resize(size, Image.Resampling.BICUBIC))
+    assert np.array_equal(preprocess(data, SPEC, MAX_PIXELS, "fast"), preprocess(data, SPEC, MAX_PIXELS, "exact"))
+
+
+@pytest.mark.parametrize("fmt, options", [("PNG", {}), ("WEBP", {"quality": 90}), ("WEBP", {"lossless": True})])
+def test_png_and_webp_are_unaffected(photos, fmt, options):
+    data = encode(photos[3].resize((1600, 1200), Image.Resampling.BICUBIC), fmt, **options)
+    assert np.array_equal(preprocess(data, SPEC, MAX_PIXELS, "fast"), preprocess(data, SPEC, MAX_PIXELS, "exact"))
+
+
+def test_pixel_limit_is_checked_on_the_declared_size_not_the_reduced_one(photos):
+    from service.preprocess import ImageError
+
+    data = encode(photos[0].resize((2000, 1500), Image.Resampling.BILINEAR))
+    with pytest.raises(ImageError) as err:
+        decode_image(data, 2_999_999, FAST_MIN_SHORT_PX)
+    assert err.value.code == "too_many_pixels"
+
+
+def test_fast_is_the_exact_path_for_small_model_inputs_on_real_files(real_photos):
+    """The real photo files as shipped (300-640 px), for the 64-px test model (fast decodes at 1/2 at most)."""
+    spec = Preprocess(resize_px=73, crop_px=64, crop_pct=0.875, interpolation="bicubic", mean=SPEC.mean, std=SPEC.std)
+    for photo in real_photos:
+        data = photo.read_bytes()
+        fast = decode_image(data, MAX_PIXELS, fast_decode_min_short_side(spec.resize_px))
+        assert min(fast.size) >= 2 * spec.resize_px
+        assert preprocess(data, spec, MAX_PIXELS, "fast").shape == (3, 64, 64)
+
+
+def test_the_service_decodes_fast_when_its_setting_says_so(launch, model_repository, photos):
+    """decode_mode reaches the decode pool: the answer is the fast tensor's, measurably not the exact one's."""
+    import httpx
+
+    from service.engines.onnxruntime import OnnxRuntimeEngine
+
+    version = ModelRepository(model_repository).load("atto")
+    spec = version.manifest.preprocess
+    engine = OnnxRuntimeEngine(version.artifact_path(version.manifest.find("onnx", "fp32")), (3, 64, 64))
+    engine.load()
+    data = encode(photos[0].resize((1600, 1200), Image.Resampling.BICUBIC))
+
+    def probabilities(mode: str) -> np.ndarray:
+        logits = engine.run(preprocess(data, spec, MAX_PIXELS, mode)[None])[0]
+        return np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+
+    fast, exact = probabilities("fast"), probabilities("exact")
+    assert np.abs(fast - exact).max() > 1e-5  # the two modes are told apart by this check
+    for mode, expected in (("fast", fast), ("exact", exact)):
+        with launch(model_repository, decode_mode=mode) as url:
+            answer = httpx.post(f"{url}/classify?top_k=1", content=data, headers={"content-type": "image/jpeg"},
+                                timeout=30)
+            assert answer.status_code == 200, answer.text
+            (best,) = answer.json()["results"][0]["top_k"]
+        assert best["index"] == int(np.argmax(expected))
+        assert best["probability"] == pytest.approx(float(expected.max()), abs=1e-6)

@@ -1,0 +1,153 @@
+"""The engine contract, run on the real ONNX Runtime and the real OpenVINO runtime alike; OpenVINO's precisions
+(bf16 only where the CPU computes it natively) and `python -m service --engine openvino` over HTTP."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from export.repository import ModelRepository
+from service.app import default_engine
+from service.engines.base import EngineError
+from service.preprocess import preprocess
+from service.settings import Settings
+
+ENGINES = ["onnxruntime", "openvino"]
+
+
+def cpu_has_native_bf16() -> bool:
+    """From the kernel's CPU flags: AVX512_BF16 or AMX-BF16, what OpenVINO's CPU plugin needs to compute in bf16."""
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split()))
+
+
+@pytest.fixture(scope="module")
+def version(model_repository):
+    return ModelRepository(model_repository).load("atto")
+
+
+@pytest.fixture(scope="module")
+def photo_batch(version, real_photos) -> np.ndarray:
+    return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in real_photos])
+
+
+def make_engine(version, engine: str, precision: str = "fp32", max_batch_size: int = 4):
+    settings = Settings(engine=engine, precision=precision, max_batch_size=max_batch_size, intra_op_threads=1)
+    return default_engine(version, settings)
+
+
+@pytest.fixture(scope="module")
+def reference(version, photo_batch) -> np.ndarray:
+    """ONNX Runtime fp32 logits of the real photos, one image per call."""
+    engine = make_engine(version, "onnxruntime")
+    engine.load()
+    logits = np.concatenate([engine.run(photo_batch[i:i + 1]) for i in range(len(photo_batch))])
+    engine.close()
+    return logits
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_engine_contract_load_warmup_run_describe_close(version, name, photo_batch, reference):
+    engine = make_engine(version, name)
+    with pytest.raises(EngineError, match="not loaded"):
+        engine.run(photo_batch[:1])
+    engine.load()
+    engine.warmup(runs=1)
+    spec = engine.describe()
+    assert (spec.name, spec.input_shape, spec.max_batch_size, spec.precision, spec.provider) == \
+        (name, (3, 64, 64), 4, "fp32", "cpu")
+    assert spec.input_name == version.manifest.input.name
+    for size in (1, 2, 4):
+        logits = engine.run(photo_batch[:size])
+        assert logits.shape == (size, 10) and logits.dtype == np.float32 and np.isfinite(logits).all()
+        np.testing.assert_allclose(logits, reference[:size], atol=1e-4, rtol=1e-4)
+    if name == "openvino":  # its compiled batch dimension is bounded by max_batch_size
+        with pytest.raises(EngineError, match="a batch of 5 is over this engine's max_batch_size 4"):
+            engine.run(photo_batch[:5])
+    engine.close()
+    with pytest.raises(EngineError, match="not loaded"):
+        engine.run(photo_batch[:1])
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_an_image_gets_the_same_logits_whatever_batch_it_rides_in(version, name, photo_batch):
+    engine = make_engine(version, name)
+    engine.load()
+    together = engine.run(photo_batch[:4])
+    alone = np.concatenate([engine.run(photo_batch[i:i + 1]) for i in range(4)])
+    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=1e-5)
+    engine.close()
+
+
+def test_openvino_fp32_forces_f32_inference_precision(version):
+    engine = make_engine(version, "openvino")
+    engine.load()
+    assert str(engine.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
+    engine.close()
+
+
+def test_openvino_bf16_runs_where_the_cpu_has_it_and_is_refused_clearly_elsewhere(version, photo_batch, reference):
+    engine = make_engine(version, "openvino", "bf16")
+    if not cpu_has_native_bf16():
+        with pytest.raises(EngineError, match="no native bf16.*use --precision fp32"):
+            engine.load()
+        return
+    engine.load()
+    assert str(engine.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'bfloat16'>"
+    assert engine.describe().precision == "bf16"
+    logits = engine.run(photo_batch[:4])
+    assert np.isfinite(logits).all()
+    # bf16 keeps 8 bits of mantissa: close to fp32, not equal (tighter bounds on a trained model: README).
+    assert 0 < np.abs(logits - reference[:4]).max() < 0.1 * np.abs(reference).max()
+    engine.close()
+
+
+def test_openvino_refuses_fp16_and_a_missing_int8_artifact_with_what_to_do(version):
+    with pytest.raises(EngineError, match="not 'fp16'.*--precision fp32"):
+        make_engine(version, "openvino", "fp16")
+    with pytest.raises(RuntimeError, match=r"no int8 ONNX artifact for OpenVINO int8 \(has \['fp32'\]\)"):
+        make_engine(version, "openvino", "int8")
+
+
+def test_openvino_int8_reads_the_quantized_artifact(tmp_path, real_photos):
+    import torch
+
+    from export.onnx import export_onnx_version
+
+    torch.manual_seed(0)  # random weights whose int8 variant passes the exporter's parity check, as in tests/export
+    quantized = export_onnx_version(tmp_path, "atto", "convnext_atto", num_classes=10, input_size=32,
+                                    precisions=("fp32", "int8"), verify_images=real_photos)
+    engine = make_engine(quantized, "openvino", "int8")
+    assert engine.model_path.name == quantized.manifest.find("onnx", "int8").file
+    engine.load()
+    batch = np.stack([preprocess(p.read_bytes(), quantized.manifest.preprocess, 10**8) for p in real_photos[:4]])
+    logits = engine.run(batch)
+    assert logits.shape == (4, 10) and np.isfinite(logits).all()
+    assert engine.describe().precision == "int8"
+
+
+def test_python_m_service_engine_openvino_serves_real_photos(model_repository, real_photos, version, reference):
+    from tests.service.conftest import free_port, wait_ready
+
+    port = free_port()
+    command = [sys.executable, "-m", "service", "--repository", str(model_repository), "--host", "127.0.0.1",
+               "--port", str(port), "--engine", "openvino", "--precision", "fp32", "--intra-op-threads", "1",
+               "--preprocess-workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, alive=lambda: process.poll() is None)
+        for photo, logits in zip(real_photos, reference):
+            kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
+            response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(),
+                                  headers={"content-type": kind}, timeout=30)
+            assert response.status_code == 200, response.text
+            assert response.json()["results"][0]["top_k"][0]["index"] == int(np.argmax(logits))
+        assert httpx.get(f"{url}/v2/models/atto").json()["platform"] == "openvino"
+    finally:
+        process.terminate()
+        process.wait(30)
