@@ -22,7 +22,8 @@ system-deps:
 
 # The GPU build of ONNX Runtime, apart from the venv (it would replace the CPU package there): on this GPU-less
 # machine tests/service/test_ort_providers.py proves with it that a GPU provider that does not load is refused.
-ORT_GPU_PROBE := .cache/ort-gpu
+# Inside the venv folder, so it goes with it (make clean) and no repository-wide check reads its files.
+ORT_GPU_PROBE := $(VENV)/ort-gpu-probe
 ORT_GPU_VERSION ?= 1.31.1
 
 $(ORT_GPU_PROBE)/.installed:

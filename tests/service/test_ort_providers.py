@@ -3,7 +3,7 @@ and the CUDA / TensorRT providers get the documented options (TensorRT: caches i
 
 The refusal is proven with the real GPU build of ONNX Runtime (onnxruntime-gpu) on this GPU-less machine: it lists
 the CUDA and TensorRT providers, whose libraries then fail to load. That build is kept out of the shared virtual
-environment (it would replace the CPU package): `make test` installs it into .cache/ort-gpu, and the check runs in
+environment (it would replace the CPU package): `make test` installs it into .venv/ort-gpu-probe, and the check runs in
 a subprocess that imports it first.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from service.engines.onnxruntime import OnnxRuntimeEngine
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-ORT_GPU = ROOT / ".cache" / "ort-gpu"
+ORT_GPU = ROOT / ".venv" / "ort-gpu-probe"
 INSTALL_ORT_GPU = (f"make {ORT_GPU.relative_to(ROOT)}/.installed  (or: python -m pip install --no-deps --target "
                    f"{ORT_GPU.relative_to(ROOT)} onnxruntime-gpu=={onnxruntime.__version__})")
 
