@@ -23,6 +23,8 @@ from statistics import median
 import numpy as np
 from PIL import Image
 
+from bench.host import cpu_model
+
 # (label, engine, precision, OpenVINO hint, batches in flight)
 CONFIGS = (
     ("onnxruntime fp32", "onnxruntime", "fp32", None, 1),
@@ -139,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    from bench.__main__ import cpu_model
     from export.repository import ModelRepository, Preprocess
 
     print(f"{cpu_model()}, {os.cpu_count()} cores, load average before {load_average()}")

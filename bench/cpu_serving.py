@@ -23,6 +23,8 @@ from statistics import median
 
 import numpy as np
 
+from bench.host import cpu_model, free_port, server_process
+
 # (engine, precision, decode mode): today's default path first, then what this CPU allows.
 SERVICES = (("onnxruntime", "fp32", "exact"), ("openvino", "fp32", "exact"), ("openvino", "fp32", "fast"),
             ("onnxruntime", "fp32", "fast"), ("openvino", "bf16", "fast"))
@@ -61,7 +63,6 @@ def preprocess_ms(payloads: list[bytes], spec, mode: str, repeats: int = 5) -> f
 
 
 def service_runs(repository: Path, model: str, config: tuple[str, str, str], args, payloads: dict) -> dict:
-    from bench.__main__ import free_port, server_process
     from bench.loadgen import closed_loop
     from bench.lone_request import lone_requests
 
@@ -143,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--output", type=Path, default=Path("cpu_serving.json"))
     args = parser.parse_args(argv)
-    from bench.__main__ import cpu_model
     from export.repository import ModelRepository
 
     print(f"{cpu_model()}, {os.cpu_count()} cores, load average before {os.getloadavg()}", flush=True)

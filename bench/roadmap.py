@@ -27,7 +27,7 @@ from model import create_model
 from model.__main__ import roadmap_rows
 from model.roadmap_steps import REGIMES, steps_of
 
-from .__main__ import cpu_model
+from .host import cpu_model
 from .engine_benchmark import make_session, time_callable
 from .roadmap_report import write_report
 

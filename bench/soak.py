@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.host import free_port, server_process
+
 MAX_MINUTES = 120.0  # hard cap: a soak is bounded even when --minutes is mistyped
 SMOKE_SECONDS = 20.0
 # uvicorn closes a keep-alive connection idle for 5 s; reusing one it is closing would count as a server error.
@@ -180,7 +182,6 @@ def drift(windows: list[Window]) -> dict:
 
 def run_soak(repository: Path | None, minutes: float, window_s: float, rate_fraction: float, rate: float | None,
              out: Path, queue_size: int, max_batch_size: int, calibrate_s: float) -> dict:
-    from bench.__main__ import free_port, server_process
     from bench.loadgen import closed_loop, jpeg_payloads
 
     seconds = min(minutes, MAX_MINUTES) * 60
