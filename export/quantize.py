@@ -6,13 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .bf16 import FP16_OP_BLOCK_LIST, MAX_REFERENCE_INPUTS, convert_bf16, run_reference
 from .repository import Parity, Preprocess
 from .verify import VerificationInputs, preprocess_images, run_onnxruntime, verify_against
 
-# Kept in fp32 in the fp16 model: the normalisation ops. LayerNorm's mean/variance over 768+ channels overflow
-# or lose precision in fp16 (the known fp16 LayerNorm pitfall), and the reductions/pow/softmax are its pieces
-# when a norm is decomposed.
-FP16_OP_BLOCK_LIST = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf")
 NUM_CALIBRATION_RANDOM = 8
 
 
@@ -89,7 +86,6 @@ def make_variant(
     elif precision == "int8":
         quantize_int8(fp32_path, out_path, calibration_batch(spec, calibration_images))
     elif precision == "bf16":
-        from .bf16 import MAX_REFERENCE_INPUTS, convert_bf16, run_reference
 
         convert_bf16(fp32_path, out_path)
         keep = min(MAX_REFERENCE_INPUTS, len(inputs.batch))  # the real photos are last: keep those
