@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.errors import ApiError
 from service.model_manager import ReloadRefused
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -18,8 +19,6 @@ class ReloadRequest(BaseModel):
 @router.post("/reload", summary="Load, verify and warm up a version of the served model, then swap it in")
 async def reload(request: Request, body: ReloadRequest | None = None):
     """200 with the new and previous versions; 404 unknown version; 409 a reload is running; 422 version refused."""
-    from service.app import ApiError
-
     manager = request.app.state.service.models
     try:
         return await manager.reload(body.version if body is not None else None)

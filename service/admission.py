@@ -7,12 +7,12 @@ running), and refuses a request whose images do not fit, before reading further.
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.errors import send_error
 from service.metrics import ServiceMetrics
 
 GATED_ROUTE = "/classify"
@@ -66,8 +66,4 @@ class AdmissionGate:
             return
         scope["route_path"] = GATED_ROUTE  # the request metrics' route label, as if the route had matched
         self.metrics.rejected.labels("queue_full").inc()
-        body = json.dumps({"error": {"code": "queue_full", "message": admission.refusal()}}).encode()
-        await send({"type": "http.response.start", "status": 503,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"retry-after", RETRY_AFTER_S.encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 503, "queue_full", admission.refusal(), [(b"retry-after", RETRY_AFTER_S.encode())])

@@ -1,4 +1,4 @@
-"""FastAPI app: routes, JSON errors, and the lifespan that owns the engine, the batcher and the thread pool."""
+"""FastAPI app wiring: the engine factory, routers, exception handlers, and the lifespan that owns the engine."""
 from __future__ import annotations
 
 import asyncio
@@ -12,29 +12,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from convnext_common import project_version
 from export.ort_session import (cuda_provider_options, onnxruntime_version, ort_tensorrt_cache_dir,
                                 tensorrt_provider_options)
-from convnext_common import project_version
 from export.repository import ModelVersion
+from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
 from service.engines.base import Engine
+from service.errors import ApiError, error_response
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_manager import ModelManager
+from service.routes import router
 from service.security import install_edge
 from service.settings import Settings
+from service.v2 import router as v2_router
 
 STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
 EngineFactory = Callable[[ModelVersion, Settings], Engine]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-
-
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def default_engine(version: ModelVersion, settings: Settings) -> Engine:
@@ -171,10 +165,6 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     # Added last, so outermost: 401s and CORS answers are counted too. Pure ASGI: Starlette's @app.middleware("http")
     # cost ~0.35 ms of CPU per request, paid by every request and every 503 under overload.
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-
-    from service.admin import router as admin_router
-    from service.routes import router
-    from service.v2 import router as v2_router
 
     app.include_router(router)
     app.include_router(v2_router)

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from export.repository import ModelRepository
 from service.admission import AdmissionRefused
 from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, QueueFullError
+from service.errors import ApiError, error_response
 from service.model_card import describe
 from service.preprocess import ImageError, preprocess
 
@@ -25,8 +26,6 @@ def _state(request: Request):
 
 
 async def read_body_limited(request: Request, max_bytes: int) -> bytes:
-    from service.app import ApiError
-
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "body_too_large", f"the body is {declared} bytes, over the limit of {max_bytes}")
@@ -51,8 +50,6 @@ async def read_body_limited(request: Request, max_bytes: int) -> bytes:
 
 
 async def collect_images(request: Request) -> list[tuple[str, bytes]]:
-    from service.app import ApiError
-
     settings = _state(request).settings
     content_type = request.headers.get("content-type", "").lower()
     body = await read_body_limited(request, settings.max_body_bytes)
@@ -75,8 +72,6 @@ async def collect_images(request: Request) -> list[tuple[str, bytes]]:
 
 async def preprocess_all(request: Request, images: list[tuple[str, bytes]]) -> list[np.ndarray]:
     """Decode + transform in the bounded thread pool; the first bad image fails the request before enqueueing."""
-    from service.app import ApiError
-
     state = _state(request)
     loop = asyncio.get_running_loop()
     spec = state.version.manifest.preprocess
@@ -105,8 +100,6 @@ async def wait_for_disconnect(request: Request) -> None:
 
 async def infer(request: Request, tensors: list[np.ndarray]):
     """Enqueue, wait for every image (or the deadline, or the client leaving); returns the items in order."""
-    from service.app import ApiError
-
     state = _state(request)
     timeout_s = state.settings.request_timeout_ms / 1000
     try:
@@ -141,8 +134,6 @@ async def infer(request: Request, tensors: list[np.ndarray]):
 @contextmanager
 def admitted(request: Request, images: int):
     """Count the request's images in before decoding; at capacity it is refused at once (503 + Retry-After)."""
-    from service.app import ApiError
-
     try:
         with _state(request).admission.admit(images):
             yield
@@ -159,8 +150,6 @@ def top_k_of(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[dict]:
 
 @router.post("/classify", summary="Classify one image (raw body) or several (multipart files)")
 async def classify(request: Request, top_k: int = Query(5, ge=1, description="how many classes to return")):
-    from service.app import ApiError
-
     started = time.perf_counter()
     state = _state(request)
     if not state.is_ready:
@@ -190,8 +179,6 @@ async def classify(request: Request, top_k: int = Query(5, ge=1, description="ho
 
 @router.get("/healthz", summary="The process is up and can still recover its engine (liveness)")
 async def healthz(request: Request):
-    from service.app import error_response
-
     reason = _state(request).not_live_reason
     if reason is None:
         return {"status": "ok"}

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import hmac
-import json
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.errors import send_error
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -53,12 +53,8 @@ class ApiKeyMiddleware:
             return
         self.metrics.rejected.labels("unauthorized").inc()
         reason = "no API key" if key is None else "a wrong API key"
-        body = json.dumps({"error": {"code": "unauthorized", "message": f"the request carries {reason}; send "
-                                     "`Authorization: Bearer <key>` or `X-API-Key: <key>`"}}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 401, "unauthorized", f"the request carries {reason}; send `Authorization: Bearer "
+                         "<key>` or `X-API-Key: <key>`", [(b"www-authenticate", b"Bearer")])
 
 
 def add_security_schemes(app: FastAPI) -> None:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from service.errors import send_error
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -77,13 +77,9 @@ class EdgeLimitsMixin:
                 await app(scope, receive, send)
                 return
             self.metrics.rejected.labels("too_many_connections").inc()
-            body = json.dumps({"error": {"code": "too_many_connections", "message": "the server is at its limit "
-                                         f"of {self.max_connections} connections; retry shortly"}}).encode()
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"retry-after", b"1"), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, 503, "too_many_connections", f"the server is at its limit of "
+                             f"{self.max_connections} connections; retry shortly",
+                             [(b"retry-after", b"1"), (b"connection", b"close")])
 
         return limited
 

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from convnext_common import project_version
+from service.errors import ApiError
+from service.routes import admitted, infer as run_items, read_body_limited
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 BINARY_HEADER = "inference-header-content-length"
@@ -18,8 +20,6 @@ def _state(request: Request):
 
 
 def _model(request: Request, name: str, version: str | None = None):
-    from service.app import ApiError
-
     state = _state(request)
     manifest = state.version.manifest if state.version is not None else None
     if manifest is None or name != manifest.name or (version not in (None, str(manifest.version))):
@@ -66,8 +66,6 @@ async def model_ready(request: Request, name: str, version: str | None = None):
 
 
 def _parse_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    from service.app import ApiError
-
     split = int(header_length) if header_length else len(body)
     try:
         header = json.loads(body[:split])
@@ -79,8 +77,6 @@ def _parse_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]
 
 
 def _input_tensor(spec_in: dict, binary: bytes, expected: tuple[int, int, int], max_batch: int) -> np.ndarray:
-    from service.app import ApiError
-
     if spec_in.get("datatype") != "FP32":
         raise ApiError(400, "invalid_datatype", f"input datatype must be FP32, got {spec_in.get('datatype')!r}")
     shape = tuple(int(s) for s in spec_in.get("shape", []))
@@ -106,8 +102,6 @@ def _input_tensor(spec_in: dict, binary: bytes, expected: tuple[int, int, int], 
 @router.post("/models/{name}/infer")
 @router.post("/models/{name}/versions/{version}/infer")
 async def infer(request: Request, name: str, version: str | None = None):
-    from service.routes import admitted, infer as run_items, read_body_limited
-
     manifest = _model(request, name, version)
     state = _state(request)
     body = await read_body_limited(request, state.settings.max_body_bytes)
