@@ -49,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     trt.add_argument("--timing-cache",
                      help="timing cache file (default: <repository>/.timing_cache.trt<version>.sm<cc>)")
     trt.add_argument("--rebuild", action="store_true", help="build even if a compatible engine exists")
+    trt.add_argument("--quiet", action="store_true", help="no progress lines (TensorRT's build phases)")
     return parser
 
 
@@ -103,6 +104,7 @@ def _run_tensorrt(args) -> int:
     artifact, version = select_or_build_engine(
         version, args.precision, profile, repository_root=args.repository, workspace_mib=args.workspace_mib,
         optimization_level=args.optimization_level, timing_cache=args.timing_cache, rebuild=args.rebuild,
+        quiet=args.quiet,
     )
     print(f"engine {version.path / artifact.file}")
     _print_artifacts(version.manifest)

@@ -28,6 +28,7 @@ from typing import TypeVar
 from .repository import (
     Artifact, ModelRepository, ModelVersion, Parity, TensorRTInfo, describe_file, sha256_file,
 )
+from .tensorrt_progress import BuildPhaseLines, progress_monitor
 from .tensorrt_runtime import (
     EngineDeserializeError, TensorRTError, TensorRTRunner, cuda_call, cudart, import_tensorrt,
 )
@@ -195,8 +196,9 @@ def build_engine(
     workspace_mib: int = 4096,
     optimization_level: int = 3,
     timing_cache: Path | None = None,
+    quiet: bool = False,
 ) -> None:
-    """Parse `onnx_path` and write a serialized engine to `engine_path`."""
+    """Parse `onnx_path` and write a serialized engine to `engine_path`; its phases on stderr unless `quiet`."""
     trt = import_tensorrt()
     to_set, to_clear = builder_flags(precision, trt.BuilderFlag.__members__)
     weakly_typed = "FP16" in trt.BuilderFlag.__members__
@@ -223,6 +225,9 @@ def build_engine(
     config.add_optimization_profile(optimization_profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=True)
+    monitor = None if quiet else progress_monitor(trt, BuildPhaseLines())  # alive until the build returns
+    if monitor is not None:
+        config.progress_monitor = monitor
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TensorRTError(f"TensorRT failed to build a {precision} engine from {onnx_path} (see its log above)")
@@ -282,13 +287,14 @@ class TensorRTBuild:
     timing_cache: Path | None = None
     workspace_mib: int = 4096
     optimization_level: int = 3
+    quiet: bool = False  # no build phase lines on stderr
 
     def __call__(self, version: ModelVersion, source: Artifact, engine_path: Path, precision: str,
                  profile: BatchProfile) -> Parity:
         spec = version.manifest.input
         build_engine(version.artifact_path(source), engine_path, precision, profile, input_name=spec.name,
                      channels=spec.channels, size_px=spec.height, workspace_mib=self.workspace_mib,
-                     optimization_level=self.optimization_level, timing_cache=self.timing_cache)
+                     optimization_level=self.optimization_level, timing_cache=self.timing_cache, quiet=self.quiet)
         return engine_parity(version, engine_path, precision)
 
 
@@ -373,14 +379,18 @@ def select_or_build_engine(
     replace: Artifact | None = None,
     device: int = 0,
     lock_timeout_s: float = BUILD_LOCK_TIMEOUT_S,
+    quiet: bool = False,
 ) -> tuple[Artifact, ModelVersion]:
-    """A compatible engine from the version, or a new one built, verified against ONNX Runtime and added to it."""
+    """A compatible engine from the version, or a new one built, verified against ONNX Runtime and added to it.
+
+    A build prints TensorRT's phases on stderr (export/tensorrt_progress.py) unless `quiet`.
+    """
     target = tensorrt_target(device)
     root = Path(repository_root) if repository_root is not None else version.path.parent.parent
     cache = Path(timing_cache) if timing_cache is not None else root / timing_cache_name(
         target.tensorrt_version, target.compute_capability)
     return find_or_build_engine(
-        version, precision, profile, target, TensorRTBuild(cache, workspace_mib, optimization_level),
+        version, precision, profile, target, TensorRTBuild(cache, workspace_mib, optimization_level, quiet),
         repository_root=root, rebuild=rebuild, replace=replace, lock_timeout_s=lock_timeout_s,
     )
 

@@ -14,6 +14,11 @@ from .engine import NonFiniteLossError
 from .run import train
 
 FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": float}
+FLAG_HELP = {  # what a flag does, where its name alone does not say it
+    "log_every": "optimizer steps between log.jsonl records and, when stderr is not a terminal, progress lines "
+                 "(images/s, ETA of the epoch and of the run)",
+    "quiet": "no progress bar or progress lines (for scripts); epoch records and errors still print",
+}
 
 
 def _flag(name: str) -> str:
@@ -34,11 +39,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(TrainConfig):
         if field.name == "preset":
             continue
+        preset_value = f"(in1k preset: {getattr(PRESETS['in1k'], field.name)!r})"
+        text = f"{FLAG_HELP[field.name]} {preset_value}" if field.name in FLAG_HELP else preset_value
         if field.type == "bool":
-            parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(_flag(field.name), type=FLAG_TYPES[field.type], default=None,
-                                help=f"(in1k preset: {getattr(PRESETS['in1k'], field.name)!r})")
+            parser.add_argument(_flag(field.name), type=FLAG_TYPES[field.type], default=None, help=text)
     return parser
 
 

@@ -60,7 +60,8 @@ class TrainConfig:
     model_key: str = "model"  # which weights of --finetune: model | model_ema (official --model_key)
     resume: str = ""  # checkpoint_last.pth to continue exactly
     max_steps_per_epoch: int = 0  # 0 = the whole epoch (tests and smoke runs use a few)
-    log_every: int = 20
+    log_every: int = 20  # optimizer steps between log.jsonl records (and progress lines when not on a terminal)
+    quiet: bool = False  # no progress bar or progress lines (for scripts); epoch records and errors still print
 
     def total_batch(self, world_size: int) -> int:
         return self.batch_size * self.accum_steps * world_size
@@ -173,5 +174,7 @@ def _validate(config: TrainConfig, family: str, depths: tuple[int, ...]) -> None
         raise ValueError(
             f"layer-wise lr decay is defined for ConvNeXt-S/B/L/XL only (stage depths {LAYER_DECAY_DEPTHS}, as the "
             f"official main.py); {config.model} has {tuple(depths)}: pass --layer-decay 1.0")
+    if config.log_every < 1:
+        raise ValueError(f"--log-every must be >= 1 optimizer step, got {config.log_every}")
     if config.drop_path < 0 or config.drop_path >= 1:
         raise ValueError(f"--drop-path must be in [0, 1), got {config.drop_path}")

@@ -19,7 +19,7 @@ from .distributed import DistInfo, all_gather_objects, barrier, init_from_env
 from .ema import ModelEma
 from .engine import NonFiniteLossError, StepPlan, evaluate, train_one_epoch
 from .optim import create_optimizer
-from .run_log import RunLog, announce_batch, progress_bar
+from .run_log import RunLog, StepLines, announce_batch, progress_bar, step_lines
 
 
 def model_kwargs_for(config: TrainConfig, num_classes: int) -> dict:
@@ -140,15 +140,18 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
     run_started = time.perf_counter()
     last_epoch = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
     summary: dict = {}
+    lines = step_lines(plan.steps_per_epoch, last_epoch, dist_info.world_size, dist_info.is_main, config.quiet)
     for epoch in range(start_epoch, last_epoch + 1):
         train_loader.sampler.set_epoch(epoch)
-        progress = progress_bar(plan.steps_per_epoch, epoch, dist_info.is_main)
+        progress = progress_bar(plan.steps_per_epoch, epoch, dist_info.is_main, config.quiet)
+        if lines is not None:
+            lines.start_epoch()
         try:
             stats = train_one_epoch(
                 model, criterion, train_loader, optimizer, plan, device, scaler=scaler, mixup=mixup, ema=ema,
                 unwrapped=unwrapped, amp=config.amp, accum_steps=config.accum_steps, clip_grad=config.clip_grad,
                 channels_last=config.channels_last, max_steps=plan.steps_per_epoch,
-                log=(lambda r, e=epoch: log({"epoch": e, **r})), log_every=config.log_every, progress=progress)
+                log=_step_logger(log, lines, epoch), log_every=config.log_every, progress=progress)
         except NonFiniteLossError as error:
             raise NonFiniteLossError(f"{error} in epoch {epoch}; nothing was saved after it: "
                                      f"{_last_good(output, epoch)}") from None
@@ -170,6 +173,8 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
             for name in ["checkpoint_last.pth", *improved]:
                 ckpt.save_atomic(state, output / name)
         barrier()
+        if lines is not None:
+            lines.finish_epoch()
         summary = {"event": "summary", "epochs_done": epoch + 1, "wall_s": round(time.perf_counter() - run_started, 1),
                    **_best_summary(best, record, ema is not None and val_loader is not None)}
     if summary:
@@ -177,6 +182,18 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
         if dist_info.is_main:
             print("training done: " + json.dumps(summary), flush=True)
     return {**summary, "model": unwrapped, "optimizer": optimizer, "ema": ema}
+
+
+def _step_logger(log: RunLog, lines: StepLines | None, epoch: int):
+    """What train_one_epoch calls on each logging step: the record to log.jsonl, and a progress line."""
+
+    def log_step(record: dict) -> None:
+        record = {"epoch": epoch, **record}
+        log(record)
+        if lines is not None:
+            lines(record)
+
+    return log_step
 
 
 def _announce_start(config: TrainConfig, world_size: int, plan: StepPlan, meta: dict, log: RunLog) -> None:

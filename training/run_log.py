@@ -1,9 +1,11 @@
-"""What a run tells its operator: log.jsonl (and TensorBoard), the lr and batch it runs at, a progress bar."""
+"""What a run tells its operator: log.jsonl (and TensorBoard), the lr and batch it runs at, its progress."""
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
 from .config import TrainConfig
 
@@ -53,9 +55,67 @@ def announce_batch(config: TrainConfig, world_size: int) -> None:
           file=sys.stderr, flush=True)
 
 
-def progress_bar(total: int, epoch: int, is_main: bool):
-    if not (is_main and sys.stderr.isatty()):
+def progress_bar(total: int, epoch: int, is_main: bool, quiet: bool = False):
+    """A tqdm bar on a terminal; None elsewhere (StepLines reports there) and with --quiet."""
+    if quiet or not (is_main and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"epoch {epoch}", leave=False)
+
+
+def format_duration(seconds: float) -> str:
+    """`45s`, `3m05s`, `2h07m`: short enough for a log line."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_step_line(record: dict, steps_per_epoch: int, images_per_s: float, epoch_eta_s: float,
+                     run_eta_s: float) -> str:
+    """`epoch 3 step 40/625 loss 2.3125 lr 0.00123 1530 images/s ETA epoch 6m45s, run 2h07m`."""
+    return (f"epoch {record['epoch']} step {record['epoch_step']}/{steps_per_epoch} loss {record['loss']:.4f} "
+            f"lr {record['lr']:.3g} {images_per_s:.0f} images/s ETA epoch {format_duration(epoch_eta_s)}, "
+            f"run {format_duration(run_eta_s)}")
+
+
+class StepLines:
+    """One line per logging step (--log-every) on stderr when it is not a terminal (nohup, CI, pipes); rank 0.
+
+    Fed the logging steps' records, so it adds no device sync. images/s is over all processes (each process's
+    rate x world size: the sampler gives every process the same number of batches). The run's ETA is the
+    epoch's plus the remaining epochs at the last whole epoch's wall time (evaluation and checkpoints included),
+    or at this epoch's step rate before one has finished.
+    """
+
+    def __init__(self, steps_per_epoch: int, last_epoch: int, world_size: int, stream: TextIO | None = None):
+        self.steps_per_epoch, self.last_epoch, self.world_size = steps_per_epoch, last_epoch, world_size
+        self.stream = stream or sys.stderr
+        self.epoch_started = time.perf_counter()
+        self.epoch_wall_s: float | None = None
+
+    def start_epoch(self) -> None:
+        self.epoch_started = time.perf_counter()
+
+    def finish_epoch(self) -> None:
+        self.epoch_wall_s = time.perf_counter() - self.epoch_started
+
+    def __call__(self, record: dict) -> None:
+        step_s = (time.perf_counter() - self.epoch_started) / max(record["epoch_step"], 1)
+        epoch_eta_s = (self.steps_per_epoch - record["epoch_step"]) * step_s
+        epoch_wall_s = self.epoch_wall_s if self.epoch_wall_s is not None else self.steps_per_epoch * step_s
+        run_eta_s = epoch_eta_s + (self.last_epoch - record["epoch"]) * epoch_wall_s
+        line = format_step_line(record, self.steps_per_epoch, record["images_per_s"] * self.world_size,
+                                epoch_eta_s, run_eta_s)
+        print(line, file=self.stream, flush=True)
+
+
+def step_lines(steps_per_epoch: int, last_epoch: int, world_size: int, is_main: bool,
+               quiet: bool) -> StepLines | None:
+    """StepLines where no progress bar shows: rank 0, stderr not a terminal, not --quiet."""
+    if quiet or not is_main or sys.stderr.isatty():
+        return None
+    return StepLines(steps_per_epoch, last_epoch, world_size)

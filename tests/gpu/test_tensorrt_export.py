@@ -32,13 +32,14 @@ def version(tmp_path_factory, real_photos):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_engine_builds_verifies_and_is_cached(version, precision):
+def test_engine_builds_verifies_and_is_cached(version, precision, capfd):
     from export.repository import ModelRepository
     from export.tensorrt import BatchProfile, select_or_build_engine
 
     # Max batch 8 under 10 verification inputs (4 random + 6 photos): parity runs in calls within the profile.
     profile = BatchProfile(1, 4, 8)
     artifact, updated = select_or_build_engine(version, precision, profile)
+    assert "TensorRT build: " in capfd.readouterr().err  # the build's phases, from TensorRT's progress monitor
     assert artifact.parity.reference == "onnxruntime-fp32" and artifact.parity.num_inputs == 10
     assert artifact.tensorrt.max_batch == 8 and artifact.file.startswith(f"engines/model.{precision}.trt")
     assert artifact.tensorrt.tensorrt_version in artifact.file  # the full TensorRT version

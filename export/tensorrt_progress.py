@@ -1,0 +1,97 @@
+"""TensorRT build progress on stderr: phase lines from TensorRT's progress monitor (TensorRT >= 10.0), throttled.
+
+The lines come from BuildPhaseLines, a plain class (testable without TensorRT); the trt.IProgressMonitor subclass
+that feeds it is made only once TensorRT is imported (progress_monitor).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+PREFIX = "TensorRT build:"
+
+
+@dataclass
+class _Phase:
+    depth: int
+    num_steps: int
+    started_s: float
+    shown: bool
+
+
+class BuildPhaseLines:
+    """One line per phase start and finish, indented by nesting, with a step count on long phases.
+
+    TensorRT nests phases (per layer, per tactic) and can start hundreds a second, so: phases deeper than
+    `max_depth` are not shown; a nested phase starting within `min_interval_s` of the last line is not shown (nor
+    its finish); a shown phase with steps says how far it is at most every `step_interval_s`. Top-level phases
+    are always shown. TensorRT may call from several threads: a lock guards the state.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, max_depth: int = 2, min_interval_s: float = 0.5,
+                 step_interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.stream = stream or sys.stderr
+        self.max_depth, self.min_interval_s, self.step_interval_s = max_depth, min_interval_s, step_interval_s
+        self.clock = clock
+        self.phases: dict[str, _Phase] = {}
+        self.last_line_s = float("-inf")
+        self.lock = threading.Lock()
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        with self.lock:
+            now = self.clock()
+            parent = self.phases.get(parent_phase) if parent_phase is not None else None
+            depth = parent.depth + 1 if parent is not None else 0
+            shown = depth == 0 or (depth <= self.max_depth and parent.shown
+                                   and now - self.last_line_s >= self.min_interval_s)
+            self.phases[phase_name] = _Phase(depth, num_steps, now, shown)
+            if shown:
+                steps = f" ({num_steps} steps)" if num_steps > 1 else ""
+                self._print(depth, f"{phase_name}{steps}", now)
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        """Always True: go on building (False would cancel the build)."""
+        with self.lock:
+            phase, now = self.phases.get(phase_name), self.clock()
+            if phase is not None and phase.shown and now - self.last_line_s >= self.step_interval_s:
+                self._print(phase.depth, f"{phase_name}: step {step + 1}/{phase.num_steps}", now)
+        return True
+
+    def phase_finish(self, phase_name: str) -> None:
+        with self.lock:
+            phase, now = self.phases.pop(phase_name, None), self.clock()
+            if phase is not None and phase.shown:
+                self._print(phase.depth, f"{phase_name} done in {now - phase.started_s:.1f} s", now)
+
+    def _print(self, depth: int, text: str, now: float) -> None:
+        self.last_line_s = now
+        print(f"{PREFIX} {'  ' * depth}{text}", file=self.stream, flush=True)
+
+
+def progress_monitor(trt, lines: BuildPhaseLines):
+    """A trt.IProgressMonitor that hands every callback to `lines`; None where TensorRT has no progress monitor.
+
+    Keep the returned object alive until the build ends (TensorRT does not own it).
+    """
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+
+    class _Monitor(base):
+        def __init__(self):
+            base.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            lines.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name, step):
+            return lines.step_complete(phase_name, step)
+
+        def phase_finish(self, phase_name):
+            lines.phase_finish(phase_name)
+
+    return _Monitor()
