@@ -155,7 +155,8 @@ def plot(results: dict, path: Path) -> Path:
             for s in steps if index == 0 else ():
                 ax.annotate(str(s["row"]), (s["results"][engine][batch]["images_per_s"], s["top1"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel=f"measured images/s, batch {batch} ({results.get('device', 'CPU')})", ylabel="paper ImageNet-1K top-1 (%)",
+        ax.set(xlabel=f"measured images/s, batch {batch} ({results.get('device', 'CPU')})",
+               ylabel="paper ImageNet-1K top-1 (%)",
                title=f"{results['config']['source']}: top-1 vs images/s, batch {batch}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="dashed: kernel 9, 11 (left)", title_fontsize=7)

@@ -41,7 +41,7 @@ STEPS=(
   "ort-cuda|ONNX Runtime CUDAExecutionProvider (session.get_providers()[0] checked) fp32/fp16 parity vs CPU fp32"
   "pytest-gpu|pytest -m gpu tests/gpu (a skipped test counts as a failure here)"
   "bench|python -m bench engine on the CUDA provider, fp32 + fp16, batch 1/8/32"
-  "roadmap|python -m bench roadmap --engines gpu: Table 10 steps on TensorRT fp16/bf16 + ORT CUDA fp32 (OUT_DIR/roadmap/)"
+  "roadmap|python -m bench roadmap --engines gpu: TensorRT fp16/bf16 + ORT CUDA fp32 per Table 10 step (OUT_DIR/roadmap/)"
 )
 
 if [ "$DRY_RUN" = 1 ]; then
@@ -187,7 +187,7 @@ v = R(sys.argv[1]).load(sys.argv[2]); print(v.artifact_path(v.manifest.find("onn
   done
 }
 
-step_roadmap() {
+step_roadmap() {  # the longest step: each of 17 steps exports 3 ONNX variants and builds 2 engines
   local steps=()
   # Word splitting on purpose: ROADMAP_STEPS is a space-separated list of step keys.
   # shellcheck disable=SC2206

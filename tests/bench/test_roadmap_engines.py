@@ -53,7 +53,8 @@ def test_each_step_exports_the_onnx_variants_its_engines_are_built_from(engines,
 
 
 def test_bf16_is_refused_before_ampere():
-    assert "compute capability >= 8.0" in bf16_problem("7.5", "Tesla T4") and "Tesla T4" in bf16_problem("7.5", "Tesla T4")
+    refused = bf16_problem("7.5", "Tesla T4")
+    assert "compute capability >= 8.0" in refused and "Tesla T4 is 7.5" in refused
     assert bf16_problem("8.0", "A100") is None and bf16_problem("9.0", "H200") is None
     assert bf16_problem("10.0", "B200") is None
 
@@ -89,7 +90,9 @@ def test_a_failing_engine_is_reported_and_the_others_still_make_the_report(tmp_p
     assert results["skipped_engines"]["broken-fp32"].startswith("failed: step kernel7")
     assert [list(s["results"]) for s in results["steps"]] == [["onnxruntime-fp32"]] * 2
     files = write_report(results, tmp_path)
-    assert "Not timed: broken-fp32: failed: step kernel7: RuntimeError: no such device." in files["markdown"].read_text()
+    report = files["markdown"].read_text()
+    assert "Not timed: broken-fp32: failed: step kernel7: RuntimeError: no such device." in report
+    assert "every step on every CPU engine" in report
     gelu = json.loads(files["json"].read_text())["ledger"][1]
     assert gelu["key"] == "gelu" and np.isfinite(gelu["delta_images_per_s"]["onnxruntime-fp32 b1"])
 
