@@ -24,14 +24,15 @@ import numpy as np
 import torch
 
 from export.onnx import export_onnx_version
+from export.repository import ModelRepository
 from model import create_model
 from model.__main__ import roadmap_rows
 from model.roadmap_steps import REGIMES, steps_of
 
 from .__main__ import cpu_model
 from .engine_benchmark import make_session, time_callable
-from .roadmap_engines import (CPU_ENGINES, GPU_ENGINES, GROUPS, EnginePlan, drop_failed_engines, gpu_problem,
-                              onnx_precisions, plan_engines, select_engines, time_gpu_engine)
+from .roadmap_engines import (CPU_ENGINES, GPU_ENGINES, GROUPS, EnginePlan, drop_failed_engines, engine_parities,
+                              gpu_problem, onnx_precisions, plan_engines, select_engines, time_gpu_engine)
 from .roadmap_report import write_report
 
 # An engine: (step's ONNX file, eval module, threads) -> run(batch) -> logits; None when it cannot run here.
@@ -111,10 +112,12 @@ def benchmark_step(row: dict, repository: Path, plan: EnginePlan, factories: dic
             failed[engine] = f"step {row['key']}: {type(err).__name__}: {' '.join(str(err).split())}"
             print(f"  {engine} failed on {row['key']}: {failed[engine]}", flush=True)
     parity = version.manifest.find("onnx", "fp32").parity
+    built = ModelRepository(repository).load(version.manifest.name, 1, verify_files=False).manifest.artifacts
     print(f"  {row['row']:2d} {row['key']:24s} export {export_s:5.1f} s  " + "  ".join(
         f"{e} " + "/".join(f"{r['images_per_s']:.1f}" for r in res.values()) for e, res in results.items()), flush=True)
     return {**row, "export_s": round(export_s, 1), "parity_max_abs_diff": parity.max_abs_diff,
-            "parity_top1_agreement": parity.top1_agreement, "results": results}
+            "parity_top1_agreement": parity.top1_agreement, "results": results,
+            "engine_parity": engine_parities(built, results)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -189,7 +192,7 @@ def run_roadmap(args, plan: EnginePlan, factories: dict[str, EngineFactory], tar
     results = {
         "config": {"regime": args.regime, "source": REGIMES[args.regime], "batch_sizes": args.batch_sizes,
                    "seconds_per_point": args.seconds, "input_size": args.input_size, "threads": args.threads},
-        "device": "GPU" if plan.gpu else "CPU", "host": host,
+        "device": " + ".join(d for d, names in (("CPU", plan.cpu), ("GPU", plan.gpu)) if names), "host": host,
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "versions": {"torch": torch.__version__, "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),

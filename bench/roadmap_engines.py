@@ -122,10 +122,23 @@ def time_gpu_engine(engine: str, version, batch_sizes: Sequence[int], seconds: f
     return points_from(benchmark_onnx(onnx_path, batch_sizes, provider="cuda", threads=threads, **timing))
 
 
+def engine_parities(artifacts: Iterable, engines: Iterable[str]) -> dict[str, dict]:
+    """Each timed TensorRT engine's parity against ONNX Runtime fp32, as its build recorded it in the manifest."""
+    artifacts, out = tuple(artifacts), {}
+    for engine in engines:
+        kind, precision = GPU_ENGINES.get(engine, ("cpu", None))
+        built = next((a for a in artifacts if a.format == "tensorrt" and a.precision == precision), None)
+        if kind == "tensorrt" and built is not None and built.parity is not None:
+            out[engine] = {"max_abs_diff": built.parity.max_abs_diff, "top1_agreement": built.parity.top1_agreement}
+    return out
+
+
 def drop_failed_engines(steps: Sequence[dict], engines: Sequence[str],
                         failed: Mapping[str, str]) -> tuple[list[dict], list[str], dict[str, str]]:
     """Steps and engines without the engines that failed on any step (the ledger compares every step on every
     engine), and the failures as skipped-engine reasons."""
     kept = [e for e in engines if e not in failed]
-    cleaned = [{**step, "results": {e: r for e, r in step["results"].items() if e in kept}} for step in steps]
+    cleaned = [{**step, "results": {e: r for e, r in step["results"].items() if e in kept},
+                "engine_parity": {e: r for e, r in step.get("engine_parity", {}).items() if e in kept}}
+               for step in steps]
     return cleaned, kept, {engine: f"failed: {why}" for engine, why in failed.items()}

@@ -98,7 +98,7 @@ def markdown(results: dict) -> str:
     parts += [_table(["#", "step", "params (M)", "GMACs", "paper top-1"] + [f"{e} b{b}" for e, b in points], rows),
               "", f"Every step was exported with `export.onnx.export_onnx_version` and verified against PyTorch: "
               f"max |logit diff| <= {worst:.2g}, top-1 agreement "
-              f"{min(s['parity_top1_agreement'] for s in results['steps']):.2f}.", ""]
+              f"{min(s['parity_top1_agreement'] for s in results['steps']):.2f}." + engine_parity_note(results), ""]
     entries = ledger(results)
     rows = [[e["row"], e["label"], "-" if e["delta_top1"] is None else f"{e['delta_top1']:+.2f}",
              "-" if e["delta_gmacs"] is None else f"{e['delta_gmacs']:+.1%}"]
@@ -114,6 +114,17 @@ def markdown(results: dict) -> str:
               "and 11 were tried and left; ReLU -> GELU modifies kernel 7.", "", f"![top-1 vs images/s]({PLOT})", ""]
     parts += gelu_section(results)
     return "\n".join(parts)
+
+
+def engine_parity_note(results: dict) -> str:
+    """The TensorRT engines' own parity against ONNX Runtime fp32 (their builds verify it), worst over the steps."""
+    notes = []
+    for engine in results["engines"]:
+        parities = [s["engine_parity"][engine] for s in results["steps"] if engine in s.get("engine_parity", {})]
+        if parities:
+            notes.append(f"{engine} max |logit diff| <= {max(p['max_abs_diff'] for p in parities):.2g}, top-1 "
+                         f"agreement {min(p['top1_agreement'] for p in parities):.2f}")
+    return f" Every engine built was verified against ONNX Runtime fp32: {'; '.join(notes)}." if notes else ""
 
 
 def gelu_section(results: dict) -> list[str]:

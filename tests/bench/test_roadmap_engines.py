@@ -11,9 +11,10 @@ import pytest
 
 from bench.engine_benchmark import EngineResult
 from bench.roadmap import get_args_parser, onnxruntime_engine, run_roadmap
-from bench.roadmap_engines import (EnginePlan, bf16_problem, drop_failed_engines, onnx_precisions, plan_engines,
-                                   points_from, select_engines)
-from bench.roadmap_report import write_report
+from bench.roadmap_engines import (EnginePlan, bf16_problem, drop_failed_engines, engine_parities, onnx_precisions,
+                                   plan_engines, points_from, select_engines)
+from bench.roadmap_report import engine_parity_note, write_report
+from export.repository import Artifact, Parity
 
 GPU = ["tensorrt-fp16", "tensorrt-bf16", "onnxruntime-cuda-fp32"]
 
@@ -66,12 +67,37 @@ def test_engine_benchmark_results_become_roadmap_points():
                                     "32": {"images_per_s": 9000.0, "p50_ms": 3.5, "calls": 12}}
 
 
+def _artifact(format, precision, max_abs_diff, top1):
+    parity = Parity(reference="onnxruntime-fp32", num_inputs=10, num_real_images=6, max_abs_diff=max_abs_diff,
+                    top1_agreement=top1, top5_agreement=1.0)
+    return Artifact(file=f"{format}.{precision}", format=format, precision=precision, sha256="0" * 64,
+                    size_bytes=1, parity=parity)
+
+
+def test_each_tensorrt_engine_reports_the_parity_its_build_recorded():
+    artifacts = [_artifact("onnx", "fp16", 1e-3, 1.0), _artifact("tensorrt", "fp16", 2e-3, 1.0),
+                 _artifact("tensorrt", "bf16", 3e-2, 0.9)]
+    timed = ["tensorrt-fp16", "tensorrt-bf16", "onnxruntime-cuda-fp32", "onnxruntime-fp32"]
+    parities = engine_parities(artifacts, timed)
+    assert parities == {"tensorrt-fp16": {"max_abs_diff": 2e-3, "top1_agreement": 1.0},
+                        "tensorrt-bf16": {"max_abs_diff": 3e-2, "top1_agreement": 0.9}}  # not the fp16 ONNX's
+    assert engine_parities(artifacts[:1], timed) == {}
+    steps = [{"engine_parity": parities}, {"engine_parity": {"tensorrt-fp16": {"max_abs_diff": 5e-3,
+                                                                               "top1_agreement": 0.8}}}]
+    note = engine_parity_note({"engines": ["tensorrt-fp16", "tensorrt-bf16"], "steps": steps})
+    assert note == (" Every engine built was verified against ONNX Runtime fp32: tensorrt-fp16 max |logit diff| "
+                    "<= 0.005, top-1 agreement 0.80; tensorrt-bf16 max |logit diff| <= 0.03, top-1 agreement 0.90.")
+    assert engine_parity_note({"engines": ["onnxruntime-fp32"], "steps": [{"engine_parity": {}}]}) == ""
+
+
 def test_an_engine_that_failed_on_any_step_leaves_every_step():
-    steps = [{"key": "kernel7", "results": {"tensorrt-fp16": {"1": {}}, "tensorrt-bf16": {"1": {}}}},
-             {"key": "gelu", "results": {"tensorrt-fp16": {"1": {}}}}]
+    steps = [{"key": "kernel7", "results": {"tensorrt-fp16": {"1": {}}, "tensorrt-bf16": {"1": {}}},
+              "engine_parity": {"tensorrt-fp16": {}, "tensorrt-bf16": {}}},
+             {"key": "gelu", "results": {"tensorrt-fp16": {"1": {}}}, "engine_parity": {"tensorrt-fp16": {}}}]
     failed = {"tensorrt-bf16": "step gelu: ParityError: top-1 agreement 0.5 < 0.9"}
     cleaned, engines, skipped = drop_failed_engines(steps, ["tensorrt-fp16", "tensorrt-bf16"], failed)
     assert engines == ["tensorrt-fp16"] and [set(s["results"]) for s in cleaned] == [{"tensorrt-fp16"}] * 2
+    assert [set(s["engine_parity"]) for s in cleaned] == [{"tensorrt-fp16"}] * 2
     assert skipped == {"tensorrt-bf16": "failed: step gelu: ParityError: top-1 agreement 0.5 < 0.9"}
     assert set(steps[0]["results"]) == {"tensorrt-fp16", "tensorrt-bf16"}  # the input is left as it was
 
@@ -89,6 +115,7 @@ def test_a_failing_engine_is_reported_and_the_others_still_make_the_report(tmp_p
     assert results["engines"] == ["onnxruntime-fp32"] and results["device"] == "CPU"
     assert results["skipped_engines"]["broken-fp32"].startswith("failed: step kernel7")
     assert [list(s["results"]) for s in results["steps"]] == [["onnxruntime-fp32"]] * 2
+    assert [s["engine_parity"] for s in results["steps"]] == [{}, {}]  # no TensorRT engine was built
     files = write_report(results, tmp_path)
     report = files["markdown"].read_text()
     assert "Not timed: broken-fp32: failed: step kernel7: RuntimeError: no such device." in report
