@@ -200,7 +200,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub.add_parser("soak", add_help=False,
                    help="fixed open-loop rate for minutes: latency drift and memory growth (bench.soak; its flags follow)")
     sub.add_parser("roadmap", add_help=False,
-                   help="every roadmap step's images/s per CPU engine vs the paper's top-1 (bench.roadmap; flags follow)")
+                   help="every roadmap step's images/s per engine (CPU; --engines gpu: TensorRT) vs the paper's top-1 "
+                        "(bench.roadmap; flags follow)")
     everything = sub.add_parser("all", help="engine sweep + GELU/ReLU + ConvNeXt/ResNet + service vs LitServe")
     everything.add_argument("--smoke", action="store_true", help="tiny configuration (convnext_atto, seconds)")
     everything.add_argument("--gpu", action="store_true", help="engine sweep also on ORT's CUDA and TensorRT providers; service on CUDA")

@@ -26,7 +26,8 @@ def _points(results: dict) -> list[tuple[str, str]]:
 
 
 def verdict_point(results: dict) -> tuple[str, str]:
-    """The (engine, batch) the verdicts read: the first engine (ONNX Runtime, the service's) at the largest batch."""
+    """The (engine, batch) the verdicts read: the first engine at the largest batch (ONNX Runtime CPU fp32 on a CPU
+    run, TensorRT fp16 on a GPU run: each the service's engine there)."""
     return results["engines"][0], str(max(results["config"]["batch_sizes"]))
 
 
@@ -77,7 +78,8 @@ def verdict(delta_top1: float, top1_std: float, delta_speed: float, noise: float
 def markdown(results: dict) -> str:
     cfg, points = results["config"], _points(results)
     load_before, load_after = results["load_average_before"], results["load_average_after"]
-    parts = [f"# Roadmap benchmark: {cfg['source']} ({cfg['regime']}), every step on every CPU engine", "",
+    parts = [f"# Roadmap benchmark: {cfg['source']} ({cfg['regime']}), every step on every "
+             f"{results.get('device', 'CPU')} engine", "",
              f"Host: {results['host']}. Load average (1/5/15 min) before {load_before}, after {load_after}: the "
              "machine is shared, so figures are noisy; rerun on a quiet machine with the command below.", "",
              f"Reproduce (one line): `nice -n 0 {cfg['command']}`", "",
@@ -96,7 +98,7 @@ def markdown(results: dict) -> str:
     parts += [_table(["#", "step", "params (M)", "GMACs", "paper top-1"] + [f"{e} b{b}" for e, b in points], rows),
               "", f"Every step was exported with `export.onnx.export_onnx_version` and verified against PyTorch: "
               f"max |logit diff| <= {worst:.2g}, top-1 agreement "
-              f"{min(s['parity_top1_agreement'] for s in results['steps']):.2f}.", ""]
+              f"{min(s['parity_top1_agreement'] for s in results['steps']):.2f}." + engine_parity_note(results), ""]
     entries = ledger(results)
     rows = [[e["row"], e["label"], "-" if e["delta_top1"] is None else f"{e['delta_top1']:+.2f}",
              "-" if e["delta_gmacs"] is None else f"{e['delta_gmacs']:+.1%}"]
@@ -112,6 +114,17 @@ def markdown(results: dict) -> str:
               "and 11 were tried and left; ReLU -> GELU modifies kernel 7.", "", f"![top-1 vs images/s]({PLOT})", ""]
     parts += gelu_section(results)
     return "\n".join(parts)
+
+
+def engine_parity_note(results: dict) -> str:
+    """The TensorRT engines' own parity against ONNX Runtime fp32 (their builds verify it), worst over the steps."""
+    notes = []
+    for engine in results["engines"]:
+        parities = [s["engine_parity"][engine] for s in results["steps"] if engine in s.get("engine_parity", {})]
+        if parities:
+            notes.append(f"{engine} max |logit diff| <= {max(p['max_abs_diff'] for p in parities):.2g}, top-1 "
+                         f"agreement {min(p['top1_agreement'] for p in parities):.2f}")
+    return f" Every engine built was verified against ONNX Runtime fp32: {'; '.join(notes)}." if notes else ""
 
 
 def gelu_section(results: dict) -> list[str]:
@@ -153,7 +166,8 @@ def plot(results: dict, path: Path) -> Path:
             for s in steps if index == 0 else ():
                 ax.annotate(str(s["row"]), (s["results"][engine][batch]["images_per_s"], s["top1"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel=f"measured images/s, batch {batch} (CPU)", ylabel="paper ImageNet-1K top-1 (%)",
+        ax.set(xlabel=f"measured images/s, batch {batch} ({results.get('device', 'CPU')})",
+               ylabel="paper ImageNet-1K top-1 (%)",
                title=f"{results['config']['source']}: top-1 vs images/s, batch {batch}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="dashed: kernel 9, 11 (left)", title_fontsize=7)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The one command for a GPU host: its own venv (.[serve,gpu,export,dev]: onnxruntime-gpu, never the CPU onnxruntime),
 # the doctor, ConvNeXt-T -> fp32/fp16/bf16 ONNX, TensorRT engines fp32/fp16/bf16 with parity, ONNX Runtime CUDA
-# parity (on the CUDA provider for real), pytest -m gpu and a short benchmark. Every step runs even when an earlier
-# one failed; the report (OUT_DIR/report.md + OUT_DIR/logs/) says which, and the exit status is 1 if any did.
+# parity (on the CUDA provider for real), pytest -m gpu, a short benchmark and the modernization roadmap on the GPU
+# engines. Every step runs even when an earlier one failed; the report (OUT_DIR/report.md + OUT_DIR/logs/) says
+# which, and the exit status is 1 if any did.
 #
 # Usage: bash scripts/gpu_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: gpu-check-<UTC time>)
 # Needs: NVIDIA driver >= 580 + a GPU of compute capability >= 7.5, python3.10+ with venv, PyPI and
 #        pypi.nvidia.com (TensorRT's libraries; mirror: NVIDIA_PYPI_URL=...). Env: GPU_VENV (default .venv-gpu),
-#        PYTHON (default python3).
+#        PYTHON (default python3), ROADMAP_STEPS (step keys for the roadmap step, e.g. "kernel7 gelu"; default all).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,6 +41,7 @@ STEPS=(
   "ort-cuda|ONNX Runtime CUDAExecutionProvider (session.get_providers()[0] checked) fp32/fp16 parity vs CPU fp32"
   "pytest-gpu|pytest -m gpu tests/gpu (a skipped test counts as a failure here)"
   "bench|python -m bench engine on the CUDA provider, fp32 + fp16, batch 1/8/32"
+  "roadmap|python -m bench roadmap --engines gpu: TensorRT fp16/bf16 + ORT CUDA fp32 per Table 10 step (OUT_DIR/roadmap/)"
 )
 
 if [ "$DRY_RUN" = 1 ]; then
@@ -183,6 +185,15 @@ v = R(sys.argv[1]).load(sys.argv[2]); print(v.artifact_path(v.manifest.find("onn
     echo "== $precision: $path"
     "$PY" -m bench engine "$path" --provider cuda --batch-sizes 1 8 32 --iterations 20 || return 1
   done
+}
+
+step_roadmap() {  # the longest step: each of 17 steps exports 3 ONNX variants and builds 2 engines
+  local steps=()
+  # Word splitting on purpose: ROADMAP_STEPS is a space-separated list of step keys.
+  # shellcheck disable=SC2206
+  [ -n "${ROADMAP_STEPS:-}" ] && steps=(--steps $ROADMAP_STEPS)
+  (cd "$ROOT" && "$PY" -m bench roadmap --engines gpu "${steps[@]}" --batch-sizes 1 32 --seconds 2 \
+    --out "$OUT/roadmap")
 }
 
 preflight_problem() {  # prints why this host cannot run the check at all, if it cannot

@@ -9,7 +9,7 @@ from compose_yaml import ROOT
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STEPS = ["nvidia-smi", "venv", "doctor", "export", "tensorrt-fp32", "tensorrt-fp16", "tensorrt-bf16", "ort-cuda",
-         "pytest-gpu", "bench"]
+         "pytest-gpu", "bench", "roadmap"]
 
 
 def test_the_script_parses_and_shellcheck_finds_nothing():
@@ -27,7 +27,14 @@ def test_dry_run_lists_every_step_and_touches_nothing(tmp_path):
     listed = [line.split()[0] for line in result.stdout.splitlines()[1:]]
     assert listed == STEPS
     assert "session.get_providers()[0] checked" in result.stdout
+    assert "python -m bench roadmap --engines gpu" in result.stdout and "(OUT_DIR/roadmap/)" in result.stdout
     assert not out.exists() and not (tmp_path / "venv").exists()
+
+
+def test_the_roadmap_step_times_the_gpu_engines_briefly_into_the_check_output():
+    step = SCRIPT.read_text().split("step_roadmap() {", 1)[1].split("\n}\n", 1)[0]
+    assert '-m bench roadmap --engines gpu "${steps[@]}" --batch-sizes 1 32 --seconds 2' in step
+    assert '--out "$OUT/roadmap"' in step and "steps=(--steps $ROADMAP_STEPS)" in step
 
 
 def no_gpu_path(tmp_path) -> str:
