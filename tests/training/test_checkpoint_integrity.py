@@ -105,4 +105,4 @@ def test_training_cli_refuses_a_tampered_resume_with_a_message_not_a_traceback(s
     saved.write_bytes(bytes(data))
     assert main(["--preset", "demo", "--output", str(tmp_path / "run"), "--resume", str(saved)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "sha256" in err and "Traceback" not in err
+    assert err.startswith("python -m training: error: ") and "sha256" in err and "Traceback" not in err
