@@ -159,7 +159,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
         ax.plot([r["concurrency"] for r in runs], [r["images_per_s"] for r in runs], marker="o", label=server)
     ax.set(xlabel="concurrency (closed loop)", ylabel="images/s", title="Throughput vs concurrency")
     ax.legend()
-    written.append(_save(fig, out_dir / "throughput_vs_concurrency.png"))
+    written.append(save_figure(fig, out_dir / "throughput_vs_concurrency.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in results["load"]:
@@ -169,17 +169,17 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
             ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=label)
     ax.set(xlabel="latency (ms)", ylabel="fraction of requests", title="Latency CDF")
     ax.legend(fontsize=7)
-    written.append(_save(fig, out_dir / "latency_cdf.png"))
+    written.append(save_figure(fig, out_dir / "latency_cdf.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     dist = results.get("batch_distribution") or {}
     ax.bar(list(dist), list(dist.values()))
     ax.set(xlabel="batch size bucket (<=)", ylabel="batches", title="Engine batch sizes (service /metrics)")
-    written.append(_save(fig, out_dir / "batch_sizes.png"))
+    written.append(save_figure(fig, out_dir / "batch_sizes.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

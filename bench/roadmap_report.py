@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.report import save_figure
+
 # The least throughput change read as a change. A run measures its own noise on top: rows 0 and 1 are the same
 # network twice (the two recipes; in Table 10 torchvision's ResNet-50 and ours), so any speed difference between
 # them is noise, and the verdicts use the larger of the two.
@@ -171,10 +173,7 @@ def plot(results: dict, path: Path) -> Path:
                title=f"{results['config']['source']}: top-1 vs images/s, batch {batch}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="dashed: kernel 9, 11 (left)", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
