@@ -95,6 +95,13 @@ def _reset_head(self) -> None:
         self.head.bias.mul_(self.head_init_scale)
 
 
+def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+    """Downsample + stage, four times, then global average pool (N, C, H, W) -> (N, C) and the final norm."""
+    for downsample, stage in zip(self.downsample_layers, self.stages):
+        x = stage(downsample(x))
+    return self.norm(x.mean(dim=(-2, -1)))
+
+
 class ConvNeXt(nn.Module):
     """Hierarchical ConvNeXt: patchify stem, four stages with separate downsampling, pooled LN + linear head."""
 
@@ -135,10 +142,7 @@ class ConvNeXt(nn.Module):
 
     reset_head = _reset_head
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
-        return self.norm(x.mean(dim=(-2, -1)))  # global average pool (N, C, H, W) -> (N, C), then LN
+    forward_features = _forward_stages
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))

@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .convnext import ACTIVATION_LAYERS, DropPath, LayerNorm2d, _drop_path_rates, _init_weights, _reset_head
+from .convnext import (ACTIVATION_LAYERS, DropPath, LayerNorm2d, _drop_path_rates, _forward_stages, _init_weights,
+                       _reset_head)
 
 STEMS = ("resnet", "patchify")
 NORMS = ("bn", "ln")
@@ -165,10 +166,7 @@ class RoadmapNet(nn.Module):
 
     reset_head = _reset_head
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
-        return self.norm(x.mean(dim=(-2, -1)))  # global average pool (N, C, H, W) -> (N, C)
+    forward_features = _forward_stages  # the norm after pooling is Identity before separate downsampling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
