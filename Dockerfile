@@ -38,6 +38,7 @@ RUN python deploy/check_nvidia_index.py --index-url "${NVIDIA_PYPI_URL}" \
     && /opt/venv/bin/pip check
 COPY model/ model/
 COPY export/ export/
+COPY runtime/ runtime/
 COPY service/ service/
 COPY training/ training/
 COPY bench/ bench/
@@ -88,6 +89,7 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 COPY model/ model/
 COPY export/ export/
+COPY runtime/ runtime/
 COPY service/ service/
 COPY training/ training/
 COPY bench/ bench/
@@ -131,6 +133,7 @@ RUN python deploy/requirements.py train export cpu > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 COPY model/ model/
 COPY export/ export/
+COPY runtime/ runtime/
 COPY service/ service/
 COPY training/ training/
 COPY bench/ bench/

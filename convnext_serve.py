@@ -14,11 +14,15 @@ from pathlib import Path
 
 from convnext_common import CliParser, add_version_argument, one_line
 from export.onnx import export_onnx_version
-from export.repository import ModelRepository, RepositoryError, sha256_file
 from model.checkpoints import CheckpointError
 from model.pretrained import (
-    OFFICIAL_BASE_URL, DownloadError, default_cache_dir, download_pretrained, get_pretrained,
+    OFFICIAL_BASE_URL,
+    DownloadError,
+    default_cache_dir,
+    download_pretrained,
+    get_pretrained,
 )
+from runtime.repository import ModelRepository, RepositoryError, sha256_file
 
 PROG = "convnext serve"
 LOCAL_HINT = "to serve a local checkpoint instead: convnext serve --checkpoint PATH [--model ARCHITECTURE]"

@@ -11,9 +11,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
-
 from bench.host import cpu_model, free_port, server_process
+from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
 
 SMOKE = {"name": "smoke", "variants": [("convnext_atto", "gelu"), ("convnext_atto", "relu")], "precisions": ["fp32"],
          "batch_sizes": [1, 2], "iterations": 3, "max_seconds": 2.0, "concurrency": [1, 4], "rate": 4.0,
@@ -52,7 +51,7 @@ def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engi
                             threads: int, by_size: list[dict] | None = None) -> tuple[dict, dict | None]:
     """Preprocessing cost per image vs the engine's, and a lone request's p50 vs the engine's batch-1 p50."""
     from bench.preprocess_cost import preprocess_report
-    from export.repository import ModelRepository
+    from runtime.repository import ModelRepository
 
     spec = ModelRepository(repo).load(served, verify_files=False).manifest.preprocess
     at_max = [r for r in engine if r["batch_size"] == min(MAX_BATCH_SIZE, max(r["batch_size"] for r in engine))]

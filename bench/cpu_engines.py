@@ -5,7 +5,7 @@
 
 Every configuration runs once per round, in turn, so a neighbour's load hits all of them alike; the report gives
 each one's median images/s over the rounds and the median of its per-round ratio to ONNX Runtime fp32. The engines
-are the service's own classes (service/engines/), with the settings the service passes them. "2 in flight" runs
+are the service's own classes (runtime/engines/), with the settings the service passes them. "2 in flight" runs
 OpenVINO's THROUGHPUT hint with two infer requests at once (AsyncInferQueue): what a batcher feeding two batches at a
 time would get; the service's batcher runs one batch at a time.
 """
@@ -39,8 +39,8 @@ DECODE_SIZES = ((4000, 3000), (1920, 1440), (1024, 768), (500, 375))
 
 
 def build_engine(version, engine: str, precision: str, hint: str | None, max_batch_size: int, threads: int):
-    from service.engines.onnxruntime import OnnxRuntimeEngine
-    from service.engines.openvino import OpenVinoEngine, artifact_precision
+    from runtime.engines.onnxruntime import OnnxRuntimeEngine
+    from runtime.engines.openvino import OpenVinoEngine, artifact_precision
 
     manifest = version.manifest
     shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
@@ -106,8 +106,8 @@ def photo_jpeg(size: tuple[int, int], quality: int = 90) -> bytes:
 
 
 def decode_costs(spec, repeats: int) -> list[dict]:
-    """Decode + resize + crop + normalize per size (service.preprocess.preprocess), exact vs fast, median ms."""
-    from service.preprocess import preprocess
+    """Decode + resize + crop + normalize per size (runtime.preprocess.preprocess), exact vs fast, median ms."""
+    from runtime.preprocess import preprocess
 
     rows = []
     for size in DECODE_SIZES:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    from export.repository import ModelRepository, Preprocess
+    from runtime.repository import ModelRepository, Preprocess
 
     print(f"{cpu_model()}, {os.cpu_count()} cores, load average before {load_average()}")
     if args.what == "decode":

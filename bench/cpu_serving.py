@@ -51,7 +51,7 @@ def engine_alone(version, engine: str, precision: str, max_batch_size: int, thre
 
 
 def preprocess_ms(payloads: list[bytes], spec, mode: str, repeats: int = 5) -> float:
-    from service.preprocess import preprocess
+    from runtime.preprocess import preprocess
 
     times = []
     for payload in payloads:
@@ -94,9 +94,9 @@ def payload_sets() -> dict:
 
 
 def measure(version, repository: Path, model: str, args) -> list[dict]:
-    from service.engines.openvino import cpu_supports_bf16
-
     import openvino as ov
+
+    from runtime.engines.openvino import cpu_supports_bf16
 
     payloads = payload_sets()
     spec = version.manifest.preprocess
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--output", type=Path, default=Path("cpu_serving.json"))
     args = parser.parse_args(argv)
-    from export.repository import ModelRepository
+    from runtime.repository import ModelRepository
 
     print(f"{cpu_model()}, {os.cpu_count()} cores, load average before {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from export.ort_session import (available_provider, create_session, cuda_provider_options, onnxruntime_version,
-                                ort_tensorrt_cache_dir, tensorrt_provider_options)
+from runtime.ort_session import (
+    available_provider,
+    create_session,
+    cuda_provider_options,
+    onnxruntime_version,
+    ort_tensorrt_cache_dir,
+    tensorrt_provider_options,
+)
 
-TENSORRT_ENGINE = "tensorrt-engine"  # the provider label of native TensorRT engines (export/tensorrt.py)
+TENSORRT_ENGINE = "tensorrt-engine"  # the provider label of native TensorRT engines (runtime/tensorrt.py)
 # Published ImageNet-1k top-1 at 224 px, labelled as published: we have no ImageNet here to measure it.
 PUBLISHED_TOP1 = {
     ("convnext_tiny", "gelu"): (82.1, "Liu et al. 2022, Table 1 (ConvNeXt-T, ImageNet-1k, 224 px)"),
@@ -43,7 +49,7 @@ class EngineResult:
 
 
 def make_session(onnx_path: Path, provider: str = "cpu", threads: int | None = None, max_batch_size: int = 32):
-    """A session on exactly `provider` (export/ort_session.py refuses a quiet CPU fallback), threads for throughput."""
+    """A session on exactly `provider` (runtime/ort_session.py refuses a quiet CPU fallback), threads for throughput."""
     import onnxruntime as ort
 
     available_provider(provider)  # refused before its options are built from the file
@@ -104,8 +110,8 @@ def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, w
     Times the service's TensorRTEngine.run (pinned buffers allocated once, one stream): host->device copy,
     execution and device->host copy, exactly as the service pays them.
     """
-    from export.tensorrt import BatchProfile, select_or_build_engine
-    from service.engines.tensorrt import TensorRTEngine
+    from runtime.engines.tensorrt import TensorRTEngine
+    from runtime.tensorrt import BatchProfile, select_or_build_engine
 
     profile = BatchProfile(1, min(8, max(batch_sizes)), max(batch_sizes))
     artifact, version = select_or_build_engine(version, precision, profile)

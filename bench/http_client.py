@@ -50,7 +50,7 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     @classmethod
-    def for_url(cls, url: str) -> "Connection":
+    def for_url(cls, url: str) -> Connection:
         parsed = urlparse(url)
         return cls(parsed.hostname or "127.0.0.1", parsed.port or 80)
 

@@ -81,7 +81,7 @@ async def _send(connection, request, result: LoadResult, errors: Counter, timeou
     t0 = time.perf_counter()
     try:
         status = str((await asyncio.wait_for(connection.send(request), timeout_s))[0])
-    except (HttpError, OSError, asyncio.TimeoutError) as err:  # counted, not fatal, during a load run
+    except (TimeoutError, HttpError, OSError) as err:  # counted, not fatal, during a load run
         await connection.close()
         status = type(err).__name__
     if status == "200":

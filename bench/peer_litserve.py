@@ -3,7 +3,7 @@
 Fairness settings (each equal to ours, passed on the command line by `python -m bench`):
 - model: the repository version's ONNX file of the same precision, run by ONNX Runtime with our engine's session
   options (intra_op_threads, inter-op 1, ORT_ENABLE_ALL, spinning) on the same provider (CPU, or CUDA on a GPU host);
-- preprocessing: `service.preprocess.preprocess` with the manifest's Preprocess spec and our max_pixels (torch-free);
+- preprocessing: `runtime.preprocess.preprocess` with the manifest's Preprocess spec and our max_pixels (torch-free);
 - dynamic batching: LitAPI(max_batch_size = our max_batch_size, batch_timeout = our max_queue_delay_ms / 1000);
 - workers: one inference worker process (workers_per_device=1), like our one engine + batcher; one API server.
 LitServe parses the body as JSON or a form, so this peer takes the JPEG as the multipart field `content`
@@ -29,11 +29,9 @@ class OnnxClassifierAPI(ls.LitAPI):
         self.provider = provider
 
     def setup(self, device):
-        import onnxruntime as ort
 
-        from export.repository import Preprocess
-
-        from service.engines.onnxruntime import OnnxRuntimeEngine
+        from runtime.engines.onnxruntime import OnnxRuntimeEngine
+        from runtime.repository import Preprocess
 
         # Our engine's exact session set-up (threads, optimisation level, thread-pool config) on the same provider.
         engine = OnnxRuntimeEngine(self.onnx_path, (3, 1, 1), provider=self.provider, intra_op_threads=self.threads)
@@ -42,7 +40,7 @@ class OnnxClassifierAPI(ls.LitAPI):
         self.spec = Preprocess.model_validate_json(self.spec_json)
 
     def decode_request(self, request):
-        from service.preprocess import preprocess
+        from runtime.preprocess import preprocess
 
         return preprocess(request["content"].file.read(), self.spec, self.max_pixels)
 
@@ -61,7 +59,7 @@ class OnnxClassifierAPI(ls.LitAPI):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from export.repository import ModelRepository
+    from runtime.repository import ModelRepository
 
     parser = argparse.ArgumentParser(description="LitServe peer serving a repository's ONNX model")
     parser.add_argument("--repository", required=True)

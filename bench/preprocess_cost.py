@@ -1,6 +1,6 @@
 """What preprocessing costs per image (decode, resize, crop, normalize) next to what inference costs.
 
-Timed on the load generator's real JPEG payloads with the service's own functions (service.preprocess), one
+Timed on the load generator's real JPEG payloads with the service's own functions (runtime.preprocess), one
 thread, median of `repeats`; the engine's per-image CPU cost (wall time per image x its threads) comes from the
 engine sweep of the same run, so the share is of the CPU time one image costs end to end (HTTP aside).
 """
@@ -25,7 +25,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 def stage_costs(payload: bytes, spec, repeats: int = 7, max_pixels: int = 100_000_000) -> dict[str, float]:
     """Milliseconds per stage for one encoded image, in the order the service runs them."""
-    from service.preprocess import center_crop, decode_image, resize_short_side
+    from runtime.preprocess import center_crop, decode_image, resize_short_side
 
     picture = decode_image(payload, max_pixels)
     resized = resize_short_side(picture, spec.resize_px, spec.interpolation)

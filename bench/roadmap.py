@@ -24,15 +24,26 @@ import numpy as np
 import torch
 
 from export.onnx import export_onnx_version
-from export.repository import ModelRepository
 from model import create_model
 from model.__main__ import roadmap_rows
 from model.roadmap_steps import REGIMES, steps_of
+from runtime.repository import ModelRepository
 
-from .host import cpu_model
 from .engine_benchmark import make_session, time_callable
-from .roadmap_engines import (CPU_ENGINES, GPU_ENGINES, GROUPS, EnginePlan, drop_failed_engines, engine_parities,
-                              gpu_problem, onnx_precisions, plan_engines, select_engines, time_gpu_engine)
+from .host import cpu_model
+from .roadmap_engines import (
+    CPU_ENGINES,
+    GPU_ENGINES,
+    GROUPS,
+    EnginePlan,
+    drop_failed_engines,
+    engine_parities,
+    gpu_problem,
+    onnx_precisions,
+    plan_engines,
+    select_engines,
+    time_gpu_engine,
+)
 from .roadmap_report import write_report
 
 # An engine: (step's ONNX file, eval module, threads) -> run(batch) -> logits; None when it cannot run here.

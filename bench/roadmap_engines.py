@@ -1,6 +1,6 @@
 """Which engines a roadmap run times (CPU, GPU or named ones), the GPU ones timed, and failed engines set aside.
 
-GPU engines: native TensorRT fp16 and bf16 engines (export/tensorrt.py builds and verifies them; the service's own
+GPU engines: native TensorRT fp16 and bf16 engines (runtime/tensorrt.py builds and verifies them; the service's own
 TensorRTEngine is timed by bench/engine_benchmark.py's benchmark_tensorrt) and ONNX Runtime CUDA fp32. TensorRT 11
 builds strongly typed networks only, so each step exports the fp16 / bf16 ONNX variant its engine is built from.
 Everything but the probe and the timing is pure, so it is tested without a GPU.
@@ -59,7 +59,7 @@ def plan_engines(selected: Sequence[str], cpu_available: Iterable[str], cpu_skip
 
 def onnx_precisions(gpu_engines: Iterable[str], weakly_typed: bool = False) -> tuple[str, ...]:
     """The ONNX variants a step exports: fp32 always; with TensorRT 11 (strongly typed) the fp16 / bf16 variant
-    each TensorRT engine is built from (export.tensorrt.onnx_source_for); TensorRT 10 builds from fp32."""
+    each TensorRT engine is built from (runtime.tensorrt.onnx_source_for); TensorRT 10 builds from fp32."""
     wanted = ["fp32"]
     for engine in gpu_engines:
         kind, precision = GPU_ENGINES[engine]
@@ -78,8 +78,8 @@ def bf16_problem(compute_capability: str, device_name: str) -> str | None:
 
 def gpu_problem(gpu_engines: Sequence[str]):
     """(why this host cannot run `gpu_engines`, as one line, or None; the TensorRT BuildTarget, or None)."""
-    from export.ort_session import available_provider
-    from export.tensorrt import tensorrt_target
+    from runtime.ort_session import available_provider
+    from runtime.tensorrt import tensorrt_target
 
     target, problems = None, []
     tensorrt = [e for e in gpu_engines if GPU_ENGINES[e][0] == "tensorrt"]

@@ -22,7 +22,7 @@ import numpy as np
 
 
 def engine_throughput(version, batch_sizes, seconds: float, threads: int) -> dict[int, float]:
-    from service.engines.onnxruntime import OnnxRuntimeEngine
+    from runtime.engines.onnxruntime import OnnxRuntimeEngine
 
     manifest = version.manifest
     shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("serve_benchmark.json"))
     args = parser.parse_args(argv)
 
-    from export.repository import ModelRepository
+    from runtime.repository import ModelRepository
 
     with tempfile.TemporaryDirectory() as tmp:
         repository = args.repository

@@ -110,7 +110,7 @@ async def drive(url: str, payloads: list[bytes], rate_per_s: float, seconds: flo
         sent_at = time.perf_counter()
         try:
             status = str((await asyncio.wait_for(connection.send(requests[index % len(requests)]), timeout_s))[0])
-        except (HttpError, OSError, asyncio.TimeoutError) as err:  # counted per window, not fatal
+        except (TimeoutError, HttpError, OSError) as err:  # counted per window, not fatal
             await connection.close()
             status = type(err).__name__
         finished = time.perf_counter()

@@ -35,7 +35,7 @@ from pathlib import Path
 # Keep this file torch-free at import: the GPU service image runs `serve` without torch installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
-from export.repository import ModelRepository  # noqa: E402
+from runtime.repository import ModelRepository  # noqa: E402
 from service.doctor import requirements_for  # noqa: E402
 
 HOST_CHECK_MODES = ("hold", "exit", "off")
@@ -59,7 +59,7 @@ class PrepareSettings:
     port: int
 
     @classmethod
-    def from_env(cls, env: dict[str, str]) -> "PrepareSettings":
+    def from_env(cls, env: dict[str, str]) -> PrepareSettings:
         repository = Path(env.get("CONVNEXT_REPOSITORY", "models"))
         host_check = env.get("CONVNEXT_HOST_CHECK", "hold")
         if host_check not in HOST_CHECK_MODES:

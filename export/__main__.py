@@ -80,7 +80,7 @@ def _print_artifacts(manifest) -> None:
 
 
 def _run_list(args) -> int:
-    from .repository import ModelRepository
+    from runtime.repository import ModelRepository
 
     repository = ModelRepository(args.repository)
     names = repository.models()
@@ -96,8 +96,8 @@ def _run_list(args) -> int:
 
 
 def _run_tensorrt(args) -> int:
-    from .repository import ModelRepository
-    from .tensorrt import BatchProfile, select_or_build_engine
+    from runtime.repository import ModelRepository
+    from runtime.tensorrt import BatchProfile, select_or_build_engine
 
     profile = BatchProfile(args.min_batch, args.opt_batch, args.max_batch)
     version = ModelRepository(args.repository).load(args.name, args.version)
@@ -112,7 +112,7 @@ def _run_tensorrt(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .repository import RepositoryError
+    from runtime.repository import RepositoryError
 
     args = get_args_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)

@@ -10,12 +10,19 @@ from pathlib import Path
 import numpy as np
 
 from convnext_common import project_version
-
-from .repository import (
-    DIGITS_DATASET, InputSpec, Manifest, ModelRepository, ModelVersion, Preprocess, Source, describe_file, now_utc,
+from runtime.repository import (
+    DIGITS_DATASET,
+    InputSpec,
+    Manifest,
+    ModelRepository,
+    ModelVersion,
+    Preprocess,
+    Source,
+    describe_file,
+    now_utc,
     sha256_file,
 )
-from .verify import default_image_paths, image_paths_in, run_onnxruntime, verification_inputs, verify_against
+from runtime.verify import default_image_paths, image_paths_in, run_onnxruntime, verification_inputs, verify_against
 
 logger = logging.getLogger(__name__)
 

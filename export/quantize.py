@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.repository import Parity, Preprocess
+from runtime.verify import VerificationInputs, preprocess_images, run_onnxruntime, verify_against
+
 from .bf16 import FP16_OP_BLOCK_LIST, MAX_REFERENCE_INPUTS, convert_bf16, run_reference
-from .repository import Parity, Preprocess
-from .verify import VerificationInputs, preprocess_images, run_onnxruntime, verify_against
 
 NUM_CALIBRATION_RANDOM = 8
 

@@ -11,7 +11,11 @@ from convnext_common import CliParser, add_version_argument, exit_on_expected_er
 
 from .flops import measure, relative_error
 from .pretrained import (
-    OFFICIAL_BASE_URL, PRETRAINED_CHECKPOINTS, DownloadError, default_cache_dir, download_pretrained,
+    OFFICIAL_BASE_URL,
+    PRETRAINED_CHECKPOINTS,
+    DownloadError,
+    default_cache_dir,
+    download_pretrained,
 )
 from .registry import ACTIVATIONS, MODEL_CONFIGS, get_config, list_models
 from .roadmap_steps import REGIMES, Step, steps_of

@@ -13,8 +13,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .convnext import (ACTIVATION_LAYERS, DropPath, LayerNorm2d, _drop_path_rates, _forward_stages, _init_weights,
-                       _reset_head)
+from .convnext import (
+    ACTIVATION_LAYERS,
+    DropPath,
+    LayerNorm2d,
+    _drop_path_rates,
+    _forward_stages,
+    _init_weights,
+    _reset_head,
+)
 
 STEMS = ("resnet", "patchify")
 NORMS = ("bn", "ln")

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from export.repository import ModelRepository, Preprocess
-from service.engines.openvino import OpenVinoEngine, cpu_supports_bf16
-from service.preprocess import decode_image, eval_transform
+from runtime.engines.openvino import OpenVinoEngine, cpu_supports_bf16
+from runtime.preprocess import decode_image, eval_transform
+from runtime.repository import ModelRepository, Preprocess
 
 PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png", "coins.png",
           "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png", "motorcycle_left.png",

@@ -139,8 +139,8 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
-from export.repository import ModelRepository
-from export.verify import default_image_paths, verification_inputs
+from runtime.repository import ModelRepository
+from runtime.verify import default_image_paths, verification_inputs
 
 version = ModelRepository(sys.argv[1]).load(sys.argv[2])
 manifest = version.manifest
@@ -179,7 +179,7 @@ step_pytest_gpu() {
 step_bench() {
   local precision path
   for precision in fp32 fp16; do
-    path="$("$PY" -c 'import sys; from export.repository import ModelRepository as R
+    path="$("$PY" -c 'import sys; from runtime.repository import ModelRepository as R
 v = R(sys.argv[1]).load(sys.argv[2]); print(v.artifact_path(v.manifest.find("onnx", sys.argv[3])))' \
       "$REPO" "$MODEL" "$precision")" || return 1
     echo "== $precision: $path"

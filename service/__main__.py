@@ -11,7 +11,7 @@ import sys
 from pydantic import ValidationError
 
 from convnext_common import CliParser, add_version_argument, one_line
-from export.repository import ModelRepository, RepositoryError
+from runtime.repository import ModelRepository, RepositoryError
 from service.settings import Settings
 
 # No flag for these: a command line is visible to every user of the host (ps, /proc); use the environment or a file.

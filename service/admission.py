@@ -7,8 +7,8 @@ running), and refuses a request whose images do not fit, before reading further.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 

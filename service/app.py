@@ -1,11 +1,11 @@
-"""FastAPI app wiring: the engine factory, routers, exception handlers, and the lifespan that owns the engine."""
+"""FastAPI app wiring: settings -> engine options, routers, exception handlers, and the lifespan that owns the engine."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,12 +13,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from convnext_common import project_version
-from export.ort_session import (cuda_provider_options, onnxruntime_version, ort_tensorrt_cache_dir,
-                                tensorrt_provider_options)
-from export.repository import ModelVersion
+from runtime.engines.base import Engine
+from runtime.engines.factory import EngineOptions, open_engine
+from runtime.repository import ModelVersion
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
-from service.engines.base import Engine
 from service.errors import ApiError, error_response
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_manager import ModelManager
@@ -31,56 +30,17 @@ STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
 EngineFactory = Callable[[ModelVersion, Settings], Engine]
 
 
+def engine_options(settings: Settings) -> EngineOptions:
+    return EngineOptions(engine=settings.engine, provider=settings.provider, precision=settings.precision,
+                         max_batch_size=settings.max_batch_size, threads=settings.intra_op_threads,
+                         ort_spinning=settings.ort_spinning,
+                         openvino_performance_hint=settings.openvino_performance_hint,
+                         repository=settings.repository)
+
+
 def default_engine(version: ModelVersion, settings: Settings) -> Engine:
-    if settings.engine == "tensorrt":
-        from service.engines.tensorrt import open_tensorrt_engine
-
-        # A compatible engine from the version, or one built for this GPU on first start (minutes, then cached;
-        # one replica builds, the others wait for it); an engine that fails to deserialize is rebuilt once.
-        return open_tensorrt_engine(version, settings.precision, settings.max_batch_size, settings.repository)
-    if settings.engine == "openvino":
-        return openvino_engine(version, settings)
-    return onnxruntime_engine(version, settings)
-
-
-def onnxruntime_engine(version: ModelVersion, settings: Settings) -> Engine:
-    """The version's ONNX artifact of the asked precision on ONNX Runtime, with the GPU providers' options."""
-    from service.engines.onnxruntime import OnnxRuntimeEngine
-
-    manifest = version.manifest
-    shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
-    artifact = manifest.find("onnx", settings.precision)
-    if artifact is None:
-        have = sorted({a.precision for a in manifest.artifacts if a.format == "onnx"})
-        raise RuntimeError(f"{manifest.name}/{manifest.version} has no {settings.precision} ONNX artifact "
-                           f"(has {have}); pass --precision one of those")
-    provider_options = {}
-    if settings.provider in ("cuda", "tensorrt"):
-        provider_options["cuda"] = cuda_provider_options()
-    if settings.provider == "tensorrt":  # engine + timing caches in the version, so a restart does not rebuild
-        cache = ort_tensorrt_cache_dir(version.path, onnxruntime_version())
-        provider_options["tensorrt"] = tensorrt_provider_options(cache, manifest.input.name, shape,
-                                                                 settings.max_batch_size, settings.precision)
-    return OnnxRuntimeEngine(version.artifact_path(artifact), shape, input_name=manifest.input.name,
-                             provider=settings.provider, precision=settings.precision,
-                             max_batch_size=settings.max_batch_size, intra_op_threads=settings.intra_op_threads,
-                             spinning=settings.ort_spinning, provider_options=provider_options)
-
-
-def openvino_engine(version: ModelVersion, settings: Settings) -> Engine:
-    """OpenVINO on the CPU: fp32 and bf16 read the fp32 ONNX artifact, int8 the QDQ one."""
-    from service.engines.openvino import OpenVinoEngine, artifact_precision
-
-    manifest = version.manifest
-    shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
-    artifact = manifest.find("onnx", artifact_precision(settings.precision))
-    if artifact is None:
-        have = sorted({a.precision for a in manifest.artifacts if a.format == "onnx"})
-        raise RuntimeError(f"{manifest.name}/{manifest.version} has no {artifact_precision(settings.precision)} ONNX "
-                           f"artifact for OpenVINO {settings.precision} (has {have}); pass another --precision")
-    return OpenVinoEngine(version.artifact_path(artifact), shape, input_name=manifest.input.name,
-                          precision=settings.precision, max_batch_size=settings.max_batch_size,
-                          threads=settings.intra_op_threads, performance_hint=settings.openvino_performance_hint)
+    """The engine the settings ask for (runtime/engines/factory.py)."""
+    return open_engine(version, engine_options(settings))
 
 
 class ServiceState:

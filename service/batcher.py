@@ -5,14 +5,14 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from export.repository import ModelVersion
-from service.engines.base import Engine
+from runtime.engines.base import Engine
+from runtime.repository import ModelVersion
 from service.metrics import ServiceMetrics
 
 
@@ -160,7 +160,7 @@ class Batcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             while len(batch) < self.max_batch_size and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
@@ -209,7 +209,7 @@ class Batcher:
             logits = await asyncio.wait_for(running, self.engine_timeout_s)
             if logits.shape[0] != len(batch):
                 raise RuntimeError(f"engine returned {logits.shape[0]} rows for a batch of {len(batch)}")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             detail = (f"the engine did not finish a batch of {len(batch)} within {self.engine_timeout_s * 1000:.0f} "
                       f"ms (engine_timeout_ms); it is being reloaded, retry shortly")
             self._fail(batch, EngineTimeoutError(detail))

@@ -1,7 +1,7 @@
 """What a served model is and knows, from its manifest: architecture, source, dataset, classes (/models, web page)."""
 from __future__ import annotations
 
-from export.repository import DIGITS_DATASET, Manifest
+from runtime.repository import DIGITS_DATASET, Manifest
 
 IMAGENET_PRETRAINED = "convnext_tiny_1k_224_ema"
 SERVE_IMAGENET_COMMAND = f"convnext serve --pretrained {IMAGENET_PRETRAINED}"

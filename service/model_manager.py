@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from export.repository import ModelRepository, ModelVersion, RepositoryError
+from runtime.engines.base import Engine
+from runtime.repository import ModelRepository, ModelVersion, RepositoryError
 from service.batcher import Batcher, EngineThread, ServedModel
-from service.engines.base import Engine
 from service.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class ModelManager:
     after engine_max_rebuild_attempts failed rebuilds in a row the process reports itself not live.
     """
 
-    def __init__(self, settings: "Settings", metrics: ServiceMetrics, engine_factory: EngineFactory):
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, engine_factory: EngineFactory):
         self.settings, self.metrics, self.engine_factory = settings, metrics, engine_factory
         self.repository = ModelRepository(settings.repository)
         self.current: ServedModel | None = None  # the last model swapped in (also while its engine is broken)

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from export.repository import ModelRepository
+from runtime.preprocess import ImageError, preprocess
+from runtime.repository import ModelRepository
 from service.admission import AdmissionRefused
 from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, QueueFullError
 from service.errors import ApiError, error_response
 from service.model_card import describe
-from service.preprocess import ImageError, preprocess
 
 router = APIRouter()
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -37,7 +37,7 @@ async def read_body_limited(request: Request, max_bytes: int) -> bytes:
             chunk = await asyncio.wait_for(anext(stream), timeout_s)
         except StopAsyncIteration:
             break
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(408, "body_timeout", f"no part of the request body arrived for {timeout_s:g} s; "
                            "send the whole body at once", headers={"Connection": "close"}) from None
         size += len(chunk)
@@ -116,7 +116,7 @@ async def infer(request: Request, tensors: list[np.ndarray]):
             raise ApiError(504 if reason == "deadline" else 499, reason,
                            f"the request did not finish within {state.settings.request_timeout_ms:.0f} ms")
         gathered.result()
-    except (DeadlineError, asyncio.TimeoutError) as err:
+    except (TimeoutError, DeadlineError) as err:
         raise ApiError(504, "deadline", str(err)) from None
     except EngineTimeoutError as err:
         raise ApiError(504, "engine_timeout", str(err), headers={"Retry-After": "1"}) from None

@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse, Response
 
 from convnext_common import project_version
 from service.errors import ApiError
-from service.routes import admitted, infer as run_items, read_body_limited
+from service.routes import admitted, read_body_limited
+from service.routes import infer as run_items
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 BINARY_HEADER = "inference-header-content-length"

@@ -1,6 +1,6 @@
 """Evaluation transform on the training side (torchvision), from a model's DataConfig.
 
-The service reproduces it without torch (service/preprocess.py); a test proves the two agree.
+The service reproduces it without torch (runtime/preprocess.py); a test proves the two agree.
 """
 from __future__ import annotations
 

@@ -11,10 +11,18 @@ import pytest
 
 from bench.engine_benchmark import EngineResult
 from bench.roadmap import get_args_parser, onnxruntime_engine, run_roadmap
-from bench.roadmap_engines import (EnginePlan, bf16_problem, drop_failed_engines, engine_parities, onnx_precisions,
-                                   plan_engines, points_from, select_engines)
+from bench.roadmap_engines import (
+    EnginePlan,
+    bf16_problem,
+    drop_failed_engines,
+    engine_parities,
+    onnx_precisions,
+    plan_engines,
+    points_from,
+    select_engines,
+)
 from bench.roadmap_report import engine_parity_note, write_report
-from export.repository import Artifact, Parity
+from runtime.repository import Artifact, Parity
 
 GPU = ["tensorrt-fp16", "tensorrt-bf16", "onnxruntime-cuda-fp32"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import check_jsonschema
 import jsonschema
 import pytest
-
 from compose_yaml import ROOT, load_compose, merge_compose, strip_tags
+
 from service.settings import Settings
 
 COMPOSE = ROOT / "docker-compose.yml"

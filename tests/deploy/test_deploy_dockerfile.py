@@ -8,7 +8,6 @@ import subprocess
 import tomllib
 
 import pytest
-
 from compose_yaml import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"

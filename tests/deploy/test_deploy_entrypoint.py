@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from compose_yaml import ROOT
 
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.py"

@@ -13,10 +13,9 @@ import re
 import tomllib
 
 import pytest
+from compose_yaml import ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-from compose_yaml import ROOT
 
 EXTRAS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 ONNXRUNTIMES = {"onnxruntime", "onnxruntime-gpu"}

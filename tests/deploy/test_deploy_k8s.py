@@ -7,8 +7,8 @@ import re
 import kubernetes_validate
 import pytest
 import yaml
-
 from compose_yaml import ROOT
+
 from service.settings import Settings
 
 K8S = ROOT / "deploy" / "k8s"

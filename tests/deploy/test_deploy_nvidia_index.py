@@ -8,7 +8,6 @@ import sys
 import threading
 
 import pytest
-
 from compose_yaml import ROOT
 
 SCRIPT = ROOT / "deploy" / "check_nvidia_index.py"

@@ -8,9 +8,8 @@ import subprocess
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from compose_yaml import ROOT, load_compose
+from prometheus_client.parser import text_string_to_metric_families
 
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana"

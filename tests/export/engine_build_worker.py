@@ -1,7 +1,7 @@
 """A tiny model version and a stand-in engine build for find-or-build tests; run as a module it is one 'replica'.
 
 The stand-in build writes a file and sleeps (TensorRT itself needs a GPU); everything around it (the lock, the
-re-check, the manifest update) is the real export.tensorrt.find_or_build_engine code path.
+re-check, the manifest update) is the real runtime.tensorrt.find_or_build_engine code path.
 """
 from __future__ import annotations
 
@@ -12,10 +12,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.repository import (
-    InputSpec, Manifest, ModelRepository, ModelVersion, Parity, Preprocess, Source, describe_file, now_utc,
+from runtime.repository import (
+    InputSpec,
+    Manifest,
+    ModelRepository,
+    ModelVersion,
+    Parity,
+    Preprocess,
+    Source,
+    describe_file,
+    now_utc,
 )
-from export.tensorrt import BatchProfile, BuildTarget, find_or_build_engine
+from runtime.tensorrt import BatchProfile, BuildTarget, find_or_build_engine
 
 NAME = "tiny"
 PROFILE = BatchProfile(1, 4, 8)

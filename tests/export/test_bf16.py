@@ -9,7 +9,7 @@ from onnx import TensorProto, numpy_helper
 
 from export.bf16 import BF16_MIN_OPSET, run_reference
 from export.onnx import export_onnx_version
-from export.verify import run_onnxruntime
+from runtime.verify import run_onnxruntime
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 import model
 from export.__main__ import main
-from export.repository import ModelRepository
+from runtime.repository import ModelRepository
 
 CLASS_NAMES = ["zero", "one", "two"]
 DATA_CONFIG = {"input_size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],

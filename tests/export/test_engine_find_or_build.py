@@ -1,7 +1,7 @@
 """Find-or-build without a GPU: one build across processes, stale versions, rebuild of an engine that will not load.
 
 The build and the deserializer are stand-ins (tests/export/engine_build_worker.py and `open_engine` below);
-the lock, the re-checks, the manifest updates and the rebuild decision are the real export.tensorrt code.
+the lock, the re-checks, the manifest updates and the rebuild decision are the real runtime.tensorrt code.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from export.repository import ModelRepository, RepositoryError
-from export.tensorrt import BatchProfile, EngineDeserializeError, find_or_build_engine, open_or_rebuild
+from runtime.repository import ModelRepository, RepositoryError
+from runtime.tensorrt import BatchProfile, EngineDeserializeError, find_or_build_engine, open_or_rebuild
 from tests.export.engine_build_worker import NAME, PROFILE, TARGET, StandInBuild, make_version
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from export.onnx import dataset_of, export_onnx_version
-from export.repository import MANIFEST_FILE, ModelRepository
+from runtime.repository import MANIFEST_FILE, ModelRepository
 from service.model_card import describe
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from export.labels import imagenet_labels
-from export.repository import ModelRepository
+from runtime.repository import ModelRepository
 from tests.export.conftest import SIZE_PX
 
 

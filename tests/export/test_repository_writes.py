@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from export.onnx import export_onnx_version
-from export.repository import MANIFEST_FILE, ModelRepository, RepositoryError
-from service.preprocess import ImageError
+from runtime.preprocess import ImageError
+from runtime.repository import MANIFEST_FILE, ModelRepository, RepositoryError
 from tests.export.conftest import SIZE_PX
 
 

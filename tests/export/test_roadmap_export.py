@@ -13,10 +13,10 @@ import torch
 
 from export.__main__ import main as export_main
 from export.onnx import export_module_to_onnx
-from export.repository import ModelRepository, Preprocess
-from export.verify import run_onnxruntime, verification_inputs, verify_against
 from model.roadmap import RoadmapNet
 from model.roadmap_steps import STEPS
+from runtime.repository import ModelRepository, Preprocess
+from runtime.verify import run_onnxruntime, verification_inputs, verify_against
 
 SIZE_PX = 32
 # Every step's design at width 8 with one block in each of two stages: the same modules and code paths (stem,

@@ -8,10 +8,16 @@ import sys
 import pytest
 
 from export.__main__ import main
-from export.repository import Artifact, TensorRTInfo
-from export.tensorrt import (
-    BatchProfile, TensorRTError, builder_flags, check_engine_compatible, engine_file_name, find_engine,
-    onnx_source_for, timing_cache_name,
+from runtime.repository import Artifact, TensorRTInfo
+from runtime.tensorrt import (
+    BatchProfile,
+    TensorRTError,
+    builder_flags,
+    check_engine_compatible,
+    engine_file_name,
+    find_engine,
+    onnx_source_for,
+    timing_cache_name,
 )
 
 SHA = "0" * 64

@@ -7,7 +7,7 @@ import sys
 import types
 
 from export.__main__ import get_args_parser
-from export.tensorrt_progress import BuildPhaseLines, progress_monitor
+from runtime.tensorrt_progress import BuildPhaseLines, progress_monitor
 
 
 class Clock:

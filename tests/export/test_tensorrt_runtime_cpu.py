@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from export.tensorrt_runtime import Chunk, input_shape_error, numpy_dtype, plan_chunks, run_in_chunks
+from runtime.tensorrt_runtime import Chunk, input_shape_error, numpy_dtype, plan_chunks, run_in_chunks
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.verify import PARITY_THRESHOLDS, ParityError, check_parity, compare
+from runtime.verify import PARITY_THRESHOLDS, ParityError, check_parity, compare
 
 
 def _logits(seed=0, n=10, classes=20):

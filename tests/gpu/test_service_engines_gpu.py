@@ -7,8 +7,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.repository import ModelRepository
-
 pytestmark = pytest.mark.gpu
 
 
@@ -50,7 +48,7 @@ def test_tensorrt_engine_matches_onnxruntime_at_every_batch_size(request, tmp_pa
     needs("tensorrt")
     needs("cuda")
     atto = request.getfixturevalue("atto")
-    from service.engines.tensorrt import TensorRTEngine
+    from runtime.engines.tensorrt import TensorRTEngine
 
     plan = tmp_path / "model.plan"
     build_engine(atto.path / atto.manifest.artifacts[0].file, plan, max_batch=8)
@@ -69,7 +67,7 @@ def test_onnxruntime_cuda_provider_matches_cpu(request):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider: this test needs an NVIDIA GPU with onnxruntime-gpu instead of onnxruntime (bash scripts/gpu_check.sh)")
     atto = request.getfixturevalue("atto")
-    from service.engines.onnxruntime import OnnxRuntimeEngine
+    from runtime.engines.onnxruntime import OnnxRuntimeEngine
 
     engine = OnnxRuntimeEngine(atto.path / atto.manifest.artifacts[0].file, (3, 64, 64), provider="cuda")
     engine.load()

@@ -33,8 +33,8 @@ def version(tmp_path_factory, real_photos):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_engine_builds_verifies_and_is_cached(version, precision, capfd):
-    from export.repository import ModelRepository
-    from export.tensorrt import BatchProfile, select_or_build_engine
+    from runtime.repository import ModelRepository
+    from runtime.tensorrt import BatchProfile, select_or_build_engine
 
     # Max batch 8 under 10 verification inputs (4 random + 6 photos): parity runs in calls within the profile.
     profile = BatchProfile(1, 4, 8)
@@ -50,9 +50,9 @@ def test_engine_builds_verifies_and_is_cached(version, precision, capfd):
 
 
 def test_an_engine_that_does_not_deserialize_is_rebuilt_at_service_start(version, tmp_path):
-    from export.repository import ModelRepository, describe_file
-    from export.tensorrt import BatchProfile, select_or_build_engine
-    from service.engines.tensorrt import open_tensorrt_engine
+    from runtime.engines.tensorrt import open_tensorrt_engine
+    from runtime.repository import ModelRepository, describe_file
+    from runtime.tensorrt import BatchProfile, select_or_build_engine
 
     good, current = select_or_build_engine(version, "fp32", BatchProfile(1, 4, 8))
     garbage = tmp_path / "garbage.engine"

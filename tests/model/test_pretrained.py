@@ -14,7 +14,12 @@ from model import create_model, list_models
 from model.__main__ import main
 from model.checkpoints import load_checkpoint, read_checkpoint
 from model.pretrained import (
-    PRETRAINED_CHECKPOINTS, DownloadError, DownloadProgress, download_file, download_pretrained, format_progress,
+    PRETRAINED_CHECKPOINTS,
+    DownloadError,
+    DownloadProgress,
+    download_file,
+    download_pretrained,
+    format_progress,
 )
 
 FILENAME = "convnext_tiny_1k_224_ema.pth"

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from export.repository import Preprocess
-from service.preprocess import ImageError, preprocess
+from runtime.preprocess import ImageError, preprocess
+from runtime.repository import Preprocess
 
 SPEC = Preprocess(resize_px=73, crop_px=64, crop_pct=0.875, interpolation="bicubic",
                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

@@ -48,7 +48,7 @@ async def _one(request, answers: list, connection: AnsweringConnection) -> None:
     started = time.perf_counter()
     try:
         status, headers, body = await asyncio.wait_for(connection.exchange(request), 30)
-    except (HttpError, OSError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError) as err:
+    except (TimeoutError, HttpError, OSError, ValueError, asyncio.IncompleteReadError) as err:
         status, headers, body = type(err).__name__, {}, b""
         await connection.close()
     answers.append((status, (time.perf_counter() - started) * 1000, headers, body))

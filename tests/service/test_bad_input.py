@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 
-
 @pytest.fixture(scope="module")
 def strict_url(model_repository, launch):
     with launch(model_repository, max_body_bytes=300_000, max_pixels=1_000_000, max_files_per_request=3) as url:

@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
+from runtime.engines.base import Engine, EngineDescription
 from service.batcher import Batcher, EngineThread, EngineTimeoutError, QueueFullError, ServedModel
-from service.engines.base import Engine, EngineDescription
 from service.metrics import ServiceMetrics
 
 

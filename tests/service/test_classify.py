@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.repository import ModelRepository
-from service.preprocess import preprocess
+from runtime.preprocess import preprocess
+from runtime.repository import ModelRepository
 
 
 def direct_top1(repository, data: bytes) -> tuple[int, np.ndarray]:

@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from export.repository import ModelRepository, TensorRTInfo, describe_file
+from runtime.engines.base import EngineError
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.repository import ModelRepository, TensorRTInfo, describe_file
 from service.app import default_engine
-from service.engines.base import EngineError
-from service.engines.onnxruntime import OnnxRuntimeEngine
 
 
 def black_png() -> bytes:
@@ -208,7 +208,7 @@ ENGINE_FILE = "engines/model.fp32.trt10.13.sm90.b1-8-8.engine"
 
 class AddsAnEngineOnFirstBuild:
     """The service's factory serving a PoisonedEngine; its first build adds an engine file to the version the way
-    export.tensorrt.select_or_build_engine does (ModelRepository.add_artifact). Records the artifacts it is given."""
+    runtime.tensorrt.select_or_build_engine does (ModelRepository.add_artifact). Records the artifacts it is given."""
 
     def __init__(self):
         self.artifacts_seen: list[tuple[str, ...]] = []

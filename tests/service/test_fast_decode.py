@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.repository import ModelRepository, Preprocess
-from service.decode import fast_decode_min_short_side
-from service.preprocess import decode_image, preprocess
+from runtime.decode import fast_decode_min_short_side
+from runtime.preprocess import decode_image, preprocess
+from runtime.repository import ModelRepository, Preprocess
 
 # ConvNeXt-T's evaluation transform: 224 crop of a 256 short side, ImageNet mean/std.
 SPEC = Preprocess(resize_px=256, crop_px=224, crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
@@ -101,7 +101,7 @@ def test_png_and_webp_are_unaffected(photos, fmt, options):
 
 
 def test_pixel_limit_is_checked_on_the_declared_size_not_the_reduced_one(photos):
-    from service.preprocess import ImageError
+    from runtime.preprocess import ImageError
 
     data = encode(photos[0].resize((2000, 1500), Image.Resampling.BILINEAR))
     with pytest.raises(ImageError) as err:
@@ -123,7 +123,7 @@ def test_the_service_decodes_fast_when_its_setting_says_so(launch, model_reposit
     """decode_mode reaches the decode pool: the answer is the fast tensor's, measurably not the exact one's."""
     import httpx
 
-    from service.engines.onnxruntime import OnnxRuntimeEngine
+    from runtime.engines.onnxruntime import OnnxRuntimeEngine
 
     version = ModelRepository(model_repository).load("atto")
     spec = version.manifest.preprocess

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from service.app import default_engine
-from service.engines.onnxruntime import OnnxRuntimeEngine
 
 
 class SlowEngine(OnnxRuntimeEngine):

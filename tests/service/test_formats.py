@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocess import decode_image
+from runtime.preprocess import decode_image
 
 
 @pytest.fixture(scope="module")

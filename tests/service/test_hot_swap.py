@@ -11,9 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from export.repository import ModelRepository, now_utc
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.repository import ModelRepository, now_utc
 from service.app import default_engine
-from service.engines.onnxruntime import OnnxRuntimeEngine
 
 NAME = "atto"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.engines.base import EngineError
-from service.engines.tensorrt import TensorRTEngine
+from runtime.engines.base import EngineError
+from runtime.engines.tensorrt import TensorRTEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from service.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from tests.service.test_faults import factory
 
 

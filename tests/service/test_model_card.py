@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.repository import ModelRepository
+from runtime.repository import ModelRepository
 from service.model_card import SERVE_IMAGENET_COMMAND, describe
 
 

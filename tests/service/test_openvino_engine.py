@@ -10,10 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
-from export.repository import ModelRepository
+from runtime.engines.base import EngineError
+from runtime.preprocess import preprocess
+from runtime.repository import ModelRepository
 from service.app import default_engine
-from service.engines.base import EngineError
-from service.preprocess import preprocess
 from service.settings import Settings
 
 ENGINES = ["onnxruntime", "openvino"]

@@ -19,12 +19,19 @@ from typing import get_args
 import onnxruntime
 import pytest
 
-from export.ort_session import (PROVIDERS, ProviderError, create_session, cuda_provider_options,
-                                ort_tensorrt_cache_dir, provider_chain, tensorrt_provider_options)
-from export.repository import ModelRepository, describe_file
+from runtime.engines.base import EngineError
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.ort_session import (
+    PROVIDERS,
+    ProviderError,
+    create_session,
+    cuda_provider_options,
+    ort_tensorrt_cache_dir,
+    provider_chain,
+    tensorrt_provider_options,
+)
+from runtime.repository import ModelRepository, describe_file
 from service.app import default_engine
-from service.engines.base import EngineError
-from service.engines.onnxruntime import OnnxRuntimeEngine
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,9 +44,9 @@ LOAD_WITH_GPU_BUILD = """
 import json, sys
 import onnxruntime
 from onnxruntime.capi import build_and_package_info
-from export.repository import ModelRepository, describe_file
+from runtime.repository import ModelRepository, describe_file
 from service.app import default_engine
-from service.engines.base import EngineError
+from runtime.engines.base import EngineError
 from service.settings import Settings
 
 root, provider = sys.argv[1], sys.argv[2]

@@ -6,9 +6,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from export.repository import ModelRepository, Preprocess
 from model.registry import DataConfig
-from service.preprocess import decode_image, eval_transform
+from runtime.preprocess import decode_image, eval_transform
+from runtime.repository import ModelRepository, Preprocess
 from training.transforms import eval_transform as torchvision_eval_transform
 
 

@@ -8,8 +8,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from export.repository import ModelRepository
-from service.preprocess import preprocess
+from runtime.preprocess import preprocess
+from runtime.repository import ModelRepository
 
 
 @pytest.fixture(scope="module")

@@ -220,7 +220,7 @@ class TensorRTRunner:
         self.context = None
         self.engine = None
 
-    def __enter__(self) -> "TensorRTRunner":
+    def __enter__(self) -> TensorRTRunner:
         return self
 
     def __exit__(self, *exc) -> None:

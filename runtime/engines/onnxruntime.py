@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.ort_session import PROVIDERS, ProviderError, create_session
-from service.engines.base import Engine, EngineDescription, EngineError
+from runtime.engines.base import Engine, EngineDescription, EngineError
+from runtime.ort_session import PROVIDERS, ProviderError, create_session
 
 
 class OnnxRuntimeEngine(Engine):
@@ -24,7 +24,7 @@ class OnnxRuntimeEngine(Engine):
         self.max_batch_size = max_batch_size
         self.intra_op_threads = intra_op_threads
         self.spinning = spinning
-        self.provider_options = provider_options  # short provider name -> its options (export/ort_session.py)
+        self.provider_options = provider_options  # short provider name -> its options (runtime/ort_session.py)
         self.session = None
         self.input_dtype = np.float32
 

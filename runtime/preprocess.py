@@ -12,8 +12,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from export.repository import Preprocess
-from service.decode import fast_decode_min_short_side, reduce_jpeg_decode
+from runtime.decode import fast_decode_min_short_side, reduce_jpeg_decode
+from runtime.repository import Preprocess
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 RESAMPLING = {
@@ -35,7 +35,7 @@ class ImageError(ValueError):
 def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = None) -> Image.Image:
     """Decode to an RGB picture, upright per EXIF; refuse non-images, truncation and decompression bombs.
 
-    min_short_side_px (fast mode): a large JPEG may decode at reduced size, its short side >= this (service.decode).
+    min_short_side_px (fast mode): a large JPEG may decode at reduced size, its short side >= this (runtime.decode).
     """
     if not data:
         raise ImageError("empty_body", "the image is empty (0 bytes)")

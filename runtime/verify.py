@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .ort_session import create_session, provider_key
-from .repository import Parity, Preprocess
+from runtime.ort_session import create_session, provider_key
+from runtime.repository import Parity, Preprocess
 
 RANDOM_SEED = 0
 NUM_RANDOM_INPUTS = 4
@@ -78,7 +78,7 @@ def image_paths_in(folder: str | Path) -> list[Path]:
 
 def preprocess_images(paths: Sequence[Path], spec: Preprocess) -> np.ndarray:
     """Images -> (N, C, crop, crop) float32, exactly as the service preprocesses them."""
-    from service.preprocess import preprocess
+    from runtime.preprocess import preprocess
 
     arrays = [preprocess(Path(p).read_bytes(), spec, MAX_PIXELS) for p in paths]
     channels = len(spec.mean)
@@ -151,7 +151,7 @@ def run_onnxruntime(
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # The first provider names the session's chain (export/ort_session.py); parity on a GPU provider that quietly
+    # The first provider names the session's chain (runtime/ort_session.py); parity on a GPU provider that quietly
     # ran on CPU would verify the wrong thing.
     session = create_session(onnx_path, provider_key(providers[0]), options)
     input_name = session.get_inputs()[0].name

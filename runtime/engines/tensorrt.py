@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from export.repository import Artifact, ModelVersion
-from export.tensorrt import BatchProfile, open_or_rebuild, select_or_build_engine
-from export.tensorrt_runtime import GPU_INSTALL_HINT, EngineDeserializeError, TensorRTError, TensorRTRunner
-from service.engines.base import Engine, EngineDescription, EngineError
+from runtime.engines.base import Engine, EngineDescription, EngineError
+from runtime.repository import Artifact, ModelVersion
+from runtime.tensorrt import BatchProfile, open_or_rebuild, select_or_build_engine
+from runtime.tensorrt_runtime import GPU_INSTALL_HINT, EngineDeserializeError, TensorRTError, TensorRTRunner
 
 
 class TensorRTEngine(Engine):

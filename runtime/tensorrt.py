@@ -25,14 +25,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .repository import (
-    Artifact, ModelRepository, ModelVersion, Parity, TensorRTInfo, describe_file, sha256_file,
+from runtime.repository import (
+    Artifact,
+    ModelRepository,
+    ModelVersion,
+    Parity,
+    TensorRTInfo,
+    describe_file,
+    sha256_file,
 )
-from .tensorrt_progress import BuildPhaseLines, progress_monitor
-from .tensorrt_runtime import (
-    EngineDeserializeError, TensorRTError, TensorRTRunner, cuda_call, cudart, import_tensorrt,
+from runtime.tensorrt_progress import BuildPhaseLines, progress_monitor
+from runtime.tensorrt_runtime import (
+    EngineDeserializeError,
+    TensorRTError,
+    TensorRTRunner,
+    cuda_call,
+    cudart,
+    import_tensorrt,
 )
-from .verify import default_image_paths, run_onnxruntime, verification_inputs, verify_against
+from runtime.verify import default_image_paths, run_onnxruntime, verification_inputs, verify_against
 
 __all__ = ["EngineDeserializeError", "TensorRTError", "import_tensorrt"]  # re-exported for callers of this module
 
@@ -63,11 +74,11 @@ class BatchProfile:
         """(min, opt, max) NCHW shapes for IOptimizationProfile.set_shape."""
         return tuple((b, channels, size_px, size_px) for b in (self.min_batch, self.opt_batch, self.max_batch))
 
-    def covers(self, other: "BatchProfile") -> bool:
+    def covers(self, other: BatchProfile) -> bool:
         return self.min_batch <= other.min_batch and other.max_batch <= self.max_batch
 
     @classmethod
-    def of(cls, artifact: Artifact) -> "BatchProfile":
+    def of(cls, artifact: Artifact) -> BatchProfile:
         info = artifact.tensorrt
         return cls(info.min_batch, info.opt_batch, info.max_batch)
 
@@ -383,7 +394,7 @@ def select_or_build_engine(
 ) -> tuple[Artifact, ModelVersion]:
     """A compatible engine from the version, or a new one built, verified against ONNX Runtime and added to it.
 
-    A build prints TensorRT's phases on stderr (export/tensorrt_progress.py) unless `quiet`.
+    A build prints TensorRT's phases on stderr (runtime/tensorrt_progress.py) unless `quiet`.
     """
     target = tensorrt_target(device)
     root = Path(repository_root) if repository_root is not None else version.path.parent.parent

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -65,7 +65,7 @@ class Preprocess(_Strict):
     crop_mode: Literal["center", "squash"] = "center"
 
     @model_validator(mode="after")
-    def _check(self) -> "Preprocess":
+    def _check(self) -> Preprocess:
         if self.crop_px > self.resize_px:
             raise ValueError(f"crop_px {self.crop_px} is larger than resize_px {self.resize_px}")
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
@@ -146,7 +146,7 @@ class Manifest(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Manifest":
+    def _consistent(self) -> Manifest:
         if len(self.labels) != self.num_classes:
             raise ValueError(f"{len(self.labels)} labels for {self.num_classes} classes")
         if len(self.preprocess.mean) != self.input.channels:
@@ -178,7 +178,7 @@ def describe_file(version_dir: Path, relative: str, **fields) -> Artifact:
 
 
 def now_utc() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

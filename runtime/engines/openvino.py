@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engines.base import Engine, EngineDescription, EngineError
+from runtime.engines.base import Engine, EngineDescription, EngineError
 
 # precision -> (the ONNX artifact's precision it reads, OpenVINO's inference precision). bf16 reads the fp32 graph and
 # lets the CPU plugin run it in bf16; int8 reads the QDQ graph, whose unquantized ops stay f32.

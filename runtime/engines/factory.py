@@ -1,0 +1,83 @@
+"""The engine factory: a model repository version + engine options -> a loaded Engine of the asked kind."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.engines.base import Engine
+from runtime.ort_session import (
+    cuda_provider_options,
+    onnxruntime_version,
+    ort_tensorrt_cache_dir,
+    tensorrt_provider_options,
+)
+from runtime.repository import ModelVersion
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What to run a version on; the service fills it from its Settings, the bench from its flags."""
+    engine: str = "onnxruntime"  # onnxruntime | openvino | tensorrt
+    provider: str = "cpu"  # ONNX Runtime only: cpu | cuda | tensorrt
+    precision: str = "fp32"
+    max_batch_size: int = 8
+    threads: int = 1  # ONNX Runtime intra-op threads / OpenVINO inference threads
+    ort_spinning: bool = True
+    openvino_performance_hint: str = "LATENCY"
+    repository: str = "models"  # TensorRT: where an engine built on first start is added
+
+
+def open_engine(version: ModelVersion, options: EngineOptions) -> Engine:
+    if options.engine == "tensorrt":
+        from runtime.engines.tensorrt import open_tensorrt_engine  # TensorRT is imported only when asked for
+
+        # A compatible engine from the version, or one built for this GPU on first start (minutes, then cached;
+        # one replica builds, the others wait for it); an engine that fails to deserialize is rebuilt once.
+        return open_tensorrt_engine(version, options.precision, options.max_batch_size, options.repository)
+    if options.engine == "openvino":
+        return openvino_engine(version, options)
+    return onnxruntime_engine(version, options)
+
+
+def _input_shape(version: ModelVersion) -> tuple[int, int, int]:
+    spec = version.manifest.input
+    return spec.channels, spec.height, spec.width
+
+
+def _onnx_artifact(version: ModelVersion, precision: str, what: str):
+    manifest = version.manifest
+    artifact = manifest.find("onnx", precision)
+    if artifact is None:
+        have = sorted({a.precision for a in manifest.artifacts if a.format == "onnx"})
+        raise RuntimeError(f"{manifest.name}/{manifest.version} has no {precision} ONNX artifact{what} "
+                           f"(has {have}); pass --precision one of those")
+    return artifact
+
+
+def onnxruntime_engine(version: ModelVersion, options: EngineOptions) -> Engine:
+    """The version's ONNX artifact of the asked precision on ONNX Runtime, with the GPU providers' options."""
+    from runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+    manifest, shape = version.manifest, _input_shape(version)
+    artifact = _onnx_artifact(version, options.precision, "")
+    provider_options = {}
+    if options.provider in ("cuda", "tensorrt"):
+        provider_options["cuda"] = cuda_provider_options()
+    if options.provider == "tensorrt":  # engine + timing caches in the version, so a restart does not rebuild
+        cache = ort_tensorrt_cache_dir(version.path, onnxruntime_version())
+        provider_options["tensorrt"] = tensorrt_provider_options(cache, manifest.input.name, shape,
+                                                                 options.max_batch_size, options.precision)
+    return OnnxRuntimeEngine(version.artifact_path(artifact), shape, input_name=manifest.input.name,
+                             provider=options.provider, precision=options.precision,
+                             max_batch_size=options.max_batch_size, intra_op_threads=options.threads,
+                             spinning=options.ort_spinning, provider_options=provider_options)
+
+
+def openvino_engine(version: ModelVersion, options: EngineOptions) -> Engine:
+    """OpenVINO on the CPU: fp32 and bf16 read the fp32 ONNX artifact, int8 the QDQ one."""
+    from runtime.engines.openvino import OpenVinoEngine, artifact_precision
+
+    artifact = _onnx_artifact(version, artifact_precision(options.precision), f" for OpenVINO {options.precision}")
+    return OpenVinoEngine(version.artifact_path(artifact), _input_shape(version),
+                          input_name=version.manifest.input.name, precision=options.precision,
+                          max_batch_size=options.max_batch_size, threads=options.threads,
+                          performance_hint=options.openvino_performance_hint)
