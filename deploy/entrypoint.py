@@ -6,19 +6,19 @@
     python deploy/entrypoint.py all       # prepare, then serve (one image with both, e.g. a host venv)
     python deploy/entrypoint.py doctor    # the GPU host check alone (`python -m service doctor`; its flags follow)
 
-Settings come from the environment (the service reads its own CONVNEXT_* settings too):
-  CONVNEXT_REPOSITORY        model repository folder (default: models)
-  CONVNEXT_MODEL             model name in the repository (default: convnext_tiny)
-  CONVNEXT_ARCHITECTURE      `model.list_models()` name to export (default: convnext_tiny)
+The service's own variables (CONVNEXT_REPOSITORY, CONVNEXT_MODEL, CONVNEXT_ENGINE, CONVNEXT_PROVIDER, CONVNEXT_HOST,
+CONVNEXT_PORT, ...) are read by its Settings class (service/settings.py, `python -m service --help`), here too.
+The entrypoint's own, from the environment:
+  CONVNEXT_ARCHITECTURE      `model.list_models()` name to export (default: convnext_tiny); the model is exported
+                             under CONVNEXT_MODEL, or under this name when that is unset
   CONVNEXT_PRETRAINED        official checkpoint name (default: convnext_tiny_1k_224_ema, ImageNet-1K, 82.1% top-1)
   CONVNEXT_WEIGHTS_BASE_URL  mirror holding the official file names (default: dl.fbaipublicfiles.com)
   CONVNEXT_CHECKPOINT        your own checkpoint: a local path or an http(s)/file URL (overrides CONVNEXT_PRETRAINED)
   CONVNEXT_EXPORT_PRECISIONS ONNX precisions to export (default: fp32,fp16)
   CONVNEXT_EXPORT_ARGS       more `python -m export onnx` flags, e.g. "--num-classes 10 --input-size 288"
-  CONVNEXT_ENGINE, CONVNEXT_PROVIDER  what `serve` will use; tensorrt, or onnxruntime with provider cuda/tensorrt,
-                             make `serve` run `python -m service doctor` for them first (deploy/host_check.py)
   CONVNEXT_HOST_CHECK        on a failed host check: hold (default: stay up, not ready, explain on /readyz),
-                             exit (status 78), or off (do not check)
+                             exit (status 78), or off (do not check). The check runs when the service's engine
+                             (tensorrt) or provider (cuda/tensorrt) needs a GPU (deploy/host_check.py)
   CONVNEXT_CACHE_DIR         where downloads are cached (default: <repository>/.cache)
 """
 from __future__ import annotations
@@ -34,17 +34,20 @@ from pathlib import Path
 
 # Keep this file torch-free at import: the GPU service image runs `serve` without torch installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from convnext_common import one_line  # noqa: E402
 from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
 from runtime.repository import ModelRepository  # noqa: E402
 from service.doctor import requirements_for  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 HOST_CHECK_MODES = ("hold", "exit", "off")
 
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    repository: Path
-    model_name: str
+    """The service's Settings (repository, model, engine, provider, host, port) and the entrypoint's own variables."""
+
+    service: Settings
     architecture: str
     pretrained: str
     weights_base_url: str | None
@@ -52,34 +55,39 @@ class PrepareSettings:
     precisions: str
     export_args: tuple[str, ...]
     cache_dir: Path
-    engine: str
-    provider: str
     host_check: str
-    host: str
-    port: int
 
     @classmethod
-    def from_env(cls, env: dict[str, str]) -> PrepareSettings:
-        repository = Path(env.get("CONVNEXT_REPOSITORY", "models"))
+    def from_env(cls) -> PrepareSettings:
+        """From this process's environment, as the service will read it after the exec."""
+        env = os.environ
         host_check = env.get("CONVNEXT_HOST_CHECK", "hold")
         if host_check not in HOST_CHECK_MODES:
             raise SystemExit(f"CONVNEXT_HOST_CHECK={host_check!r}: choose one of {', '.join(HOST_CHECK_MODES)}")
+        try:
+            service = Settings()
+        except ValueError as err:  # pydantic's ValidationError, or pydantic-settings' for an unparsable variable
+            raise SystemExit(f"invalid service settings: {one_line(err)}") from None
         return cls(
-            repository=repository,
-            model_name=env.get("CONVNEXT_MODEL", "convnext_tiny"),
+            service=service,
             architecture=env.get("CONVNEXT_ARCHITECTURE", "convnext_tiny"),
             pretrained=env.get("CONVNEXT_PRETRAINED", "convnext_tiny_1k_224_ema"),
             weights_base_url=env.get("CONVNEXT_WEIGHTS_BASE_URL") or None,
             checkpoint=env.get("CONVNEXT_CHECKPOINT") or None,
             precisions=env.get("CONVNEXT_EXPORT_PRECISIONS", "fp32,fp16"),
             export_args=tuple(shlex.split(env.get("CONVNEXT_EXPORT_ARGS", ""))),
-            cache_dir=Path(env.get("CONVNEXT_CACHE_DIR", repository / ".cache")),
-            engine=env.get("CONVNEXT_ENGINE", "onnxruntime"),
-            provider=env.get("CONVNEXT_PROVIDER", "cpu"),
+            cache_dir=Path(env.get("CONVNEXT_CACHE_DIR", Path(service.repository) / ".cache")),
             host_check=host_check,
-            host=env.get("CONVNEXT_HOST", "127.0.0.1"),
-            port=int(env.get("CONVNEXT_PORT", "8000")),
         )
+
+    @property
+    def repository(self) -> Path:
+        return Path(self.service.repository)
+
+    @property
+    def model_name(self) -> str:
+        """The name the model is exported and served under: CONVNEXT_MODEL, else the architecture's name."""
+        return self.service.model or self.architecture
 
 
 def model_is_prepared(settings: PrepareSettings) -> bool:
@@ -124,16 +132,17 @@ def prepare(settings: PrepareSettings) -> int:
 
 def check_host(settings: PrepareSettings) -> int | None:
     """Run the doctor for the GPU settings; None when serving may go ahead, else the exit status to return."""
-    if settings.host_check == "off" or not requirements_for(settings.engine, settings.provider):
+    service = settings.service
+    if settings.host_check == "off" or not requirements_for(service.engine, service.provider):
         return None
-    report = run_doctor(settings.engine, settings.provider)
+    report = run_doctor(service.engine, service.provider)
     print(describe(report), file=sys.stderr, flush=True)
     if report["ok"]:
         return None
     if settings.host_check == "exit":
         print(f"host check failed: exiting with status {EXIT_HOST_CHECK_FAILED}", file=sys.stderr, flush=True)
         return EXIT_HOST_CHECK_FAILED
-    return hold(report, settings.host, settings.port)
+    return hold(report, settings.service.host, settings.service.port)
 
 
 def serve(settings: PrepareSettings) -> int:
@@ -158,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "service", "doctor", *args.doctor_args])
     if args.doctor_args:
         parser.error(f"{args.step} takes no further arguments (got {args.doctor_args})")
-    settings = PrepareSettings.from_env(dict(os.environ))
+    settings = PrepareSettings.from_env()
     if args.step in ("prepare", "all"):
         returncode = prepare(settings)
         if returncode != 0 or args.step == "prepare":

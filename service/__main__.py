@@ -7,8 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
+from collections.abc import Callable
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from convnext_common import CliParser, add_version_argument, one_line
 from runtime.repository import ModelRepository, RepositoryError
@@ -19,19 +24,6 @@ SECRET_SETTINGS = ("api_key",)
 # `--version` prints the project version, so the `version` setting (which model version to serve) is --model-version;
 # its environment variable stays CONVNEXT_VERSION.
 FLAG_NAMES = {"version": "model-version"}
-
-
-def _flag_type(name: str):
-    """The argparse type of a setting: its default's type (None defaults: version is an int, model a str)."""
-    field = Settings.model_fields[name]
-    default = field.get_default(call_default_factory=True)
-    if default is None:
-        return int if name == "version" else str
-    if isinstance(default, list):
-        return _json_list
-    if isinstance(default, bool):
-        return _boolean
-    return type(default)
 
 
 def _json_list(text: str) -> list:
@@ -53,16 +45,53 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
 
 
+def flag_name(name: str) -> str:
+    return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
+
+
+def flag_type(field: FieldInfo) -> tuple[Callable[[str], object], str]:
+    """The argparse type of a setting and its metavar, from its annotation (Optional stripped).
+
+    A Literal's choices are shown, not enforced here: the Settings check them, with the same one-line error as for
+    an environment variable."""
+    annotation = field.annotation
+    if get_origin(annotation) in (Union, UnionType):
+        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+    if get_origin(annotation) is Literal:
+        return str, "{" + ",".join(map(str, get_args(annotation))) + "}"
+    if get_origin(annotation) is list:
+        return _json_list, "JSON_LIST"
+    if annotation is bool:
+        return _boolean, "{true,false}"
+    if annotation in (int, float, str):
+        return annotation, annotation.__name__.upper()
+    raise TypeError(f"no command-line type for {field.annotation}; add one to service/__main__.py")
+
+
+def flag_help(name: str, field: FieldInfo) -> str:
+    default = None if field.default_factory else field.get_default()  # a factory's default: in its description
+    if isinstance(default, list | bool):
+        default = json.dumps(default)  # as the environment and the flag write it
+    shown = "" if default is None else f"; default: {default}"
+    # argparse formats help with %: a literal % in a description must be doubled.
+    return f"{field.description} (env CONVNEXT_{name.upper()}{shown})".replace("%", "%%")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
+    """One flag per Settings field (its description, type and default), secrets excepted."""
+    secrets = "\n".join(textwrap.fill(f"CONVNEXT_{name.upper()}: {Settings.model_fields[name].description}",
+                                       subsequent_indent="  ") for name in SECRET_SETTINGS)
     parser = CliParser(prog="convnext serve", description=__doc__, allow_abbrev=False,
-                       epilog="Every flag overrides its CONVNEXT_<NAME> environment variable.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="Every flag overrides its CONVNEXT_<NAME> environment variable.\nEnvironment only "
+                              f"(a command line is visible to every user of the host):\n{secrets}".replace("%", "%%"))
     add_version_argument(parser)
-    for name in Settings.model_fields:
+    for name, field in Settings.model_fields.items():
         if name in SECRET_SETTINGS:
             continue
-        flag = "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
-        parser.add_argument(flag, dest=name, type=_flag_type(name), default=None,
-                            help=f"(env CONVNEXT_{name.upper()})")
+        type_, metavar = flag_type(field)
+        parser.add_argument(flag_name(name), dest=name, type=type_, metavar=metavar, default=None,
+                            help=flag_help(name, field))
     return parser
 
 

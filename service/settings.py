@@ -13,46 +13,56 @@ class Settings(BaseSettings):
     # hide_input_in_errors: a validation error never prints the api_key it was given.
     model_config = SettingsConfigDict(env_prefix="CONVNEXT_", frozen=True, extra="forbid", hide_input_in_errors=True)
 
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
-    repository: str = "models"
-    model: str | None = None  # default: the first model in the repository
-    version: int | None = Field(None, ge=1)  # default: the latest version
-    engine: Literal["onnxruntime", "tensorrt", "openvino"] = "onnxruntime"
-    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
-    precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
-    # On CPU a batch of 8 already saturates the cores; larger batches only add latency (on 2 cores, 2 is better still:
-    # README, Settings).
-    max_batch_size: int = Field(8, ge=1)
-    max_queue_delay_ms: float = Field(5.0, ge=0)
-    queue_size: int = Field(256, ge=1)
-    intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    # ONNX Runtime CPU threads spin-wait between ops: a lone ConvNeXt-T request is ~2.5 ms faster here; off, idle
-    # engine threads sleep and leave the cores to image decoding (~2% more images/s at saturation on 2 cores).
-    ort_spinning: bool = True
-    request_timeout_ms: float = Field(30_000.0, gt=0)
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)
-    max_files_per_request: int = Field(32, ge=1)
-    preprocess_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    warmup_runs: int = Field(2, ge=0)
-    # The HTTP edge (service/security.py, service/server.py). api_key None: no auth; api_key_file: a mounted secret.
-    api_key: SecretStr | None = None
-    api_key_file: str | None = None
-    cors_origins: list[str] = []  # empty: no CORS headers at all
-    header_timeout_s: float = Field(10.0, gt=0)  # request headers complete within this, or the connection closes
-    body_timeout_s: float = Field(30.0, gt=0)  # each chunk of a request body within this, or 408
-    max_connections: int = Field(512, ge=1)  # beyond this, 503 at once
-    backlog: int = Field(2048, ge=1)
-    timeout_keep_alive_s: float = Field(5.0, gt=0)
-    # A batch running longer than this is failed (504) and its engine abandoned and rebuilt: keep it well above
-    # a batch's normal time (TensorRT's first batch on a cold GPU included).
-    engine_timeout_ms: float = Field(10_000.0, gt=0)
-    engine_max_consecutive_failures: int = Field(5, ge=1)  # failed batches in a row before the engine is rebuilt
+    host: str = Field("0.0.0.0", description="listen address")
+    port: int = Field(8000, ge=0, le=65535, description="listen port")
+    repository: str = Field("models", description="model repository root")
+    model: str | None = Field(None, description="model name in the repository (default: the first model)")
+    version: int | None = Field(None, ge=1, description="model version to serve (default: the latest)")
+    engine: Literal["onnxruntime", "tensorrt", "openvino"] = Field(
+        "onnxruntime", description="tensorrt builds and caches its engine on first start; openvino runs on CPU")
+    provider: Literal["cpu", "cuda", "tensorrt"] = Field(
+        "cpu", description="ONNX Runtime execution provider; a GPU provider that does not load stops the start")
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field("fp32", description="artifact precision to serve")
+    max_batch_size: int = Field(8, ge=1, description=(
+        "images per engine batch; on CPU 8 already saturates the cores and larger batches only add latency "
+        "(on 2 cores, 2 is better still: README, Settings)"))
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0, description="how long a batch stays open while more requests keep arriving")
+    queue_size: int = Field(256, ge=1, description="queued images before 503 queue_full")
+    intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description=(
+        "ONNX Runtime threads (OpenVINO's inference_num_threads); default: the CPU count"))
+    ort_spinning: bool = Field(True, description=(
+        "ONNX Runtime CPU threads spin-wait between ops: a lone ConvNeXt-T request is ~2.5 ms faster here; off, "
+        "idle engine threads sleep and leave the cores to image decoding (~2% more images/s at saturation on 2 cores)"))
+    request_timeout_ms: float = Field(30_000.0, gt=0, description="per-request deadline (504 deadline)")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413 above it)")
+    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit per image (413 too_many_pixels)")
+    max_files_per_request: int = Field(32, ge=1, description="multipart files per request (413 too_many_files)")
+    preprocess_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description=(
+        "decode/transform threads; default: the CPU count"))
+    warmup_runs: int = Field(2, ge=0, description="warm-up runs at batch 1 and at max batch before ready")
+    # The HTTP edge (service/security.py, service/server.py).
+    api_key: SecretStr | None = Field(None, description=(
+        "when set, endpoints (except the open ones) need `Authorization: Bearer <key>` or `X-API-Key: <key>`; no "
+        "flag, as a command line is visible to every user of the host"))
+    api_key_file: str | None = Field(None, description="a file holding the api key (a mounted secret), not both")
+    cors_origins: list[str] = Field([], description="JSON list of browser origins allowed; empty: no CORS headers")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="request headers complete within this, or the connection closes")
+    body_timeout_s: float = Field(30.0, gt=0, description="each chunk of a request body within this, or 408")
+    max_connections: int = Field(512, ge=1, description="open connections; beyond this, 503 at once")
+    backlog: int = Field(2048, ge=1, description="listen backlog")
+    timeout_keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    engine_timeout_ms: float = Field(10_000.0, gt=0, description=(
+        "a batch running longer is failed (504) and its engine abandoned and rebuilt: keep it well above a batch's "
+        "normal time (TensorRT's first batch on a cold GPU included)"))
+    engine_max_consecutive_failures: int = Field(
+        5, ge=1, description="failed batches in a row before the engine is rebuilt")
     engine_max_rebuild_attempts: int = Field(5, ge=1, description=(
         "failed rebuilds in a row of a broken engine before /healthz answers 503, so the orchestrator restarts the "
         "container: a sticky GPU fault outlives every rebuild inside the process (rebuilds go on meanwhile)"))
-    watch_interval_s: float = Field(0.0, ge=0)  # poll the repository for a newer version this often; 0: off
+    watch_interval_s: float = Field(
+        0.0, ge=0, description="poll the repository for a newer version this often; 0: off")
     decode_mode: Literal["exact", "fast"] = Field(
         "exact", description="exact: training's transform bit for bit; fast: large JPEGs decode at 1/2-1/8 scale in "
         "the DCT (short side kept >= twice the resize target), then the same resize + crop (README, Settings)")

@@ -152,23 +152,53 @@ def test_serve_without_a_prepared_model_says_how_to_prepare(tmp_path, mirror):
     assert mirror.downloads.count(f"/{OFFICIAL_FILE}") <= 1
 
 
-def test_own_checkpoint_from_a_file_url_is_used_instead_of_the_official_one(tmp_path, mirror):
+def load_entrypoint():
     spec = importlib.util.spec_from_file_location("deploy_entrypoint", ENTRYPOINT)
     entrypoint = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = entrypoint  # dataclasses look their module up while the file executes
     spec.loader.exec_module(entrypoint)
+    return entrypoint
+
+
+def settings_from(entrypoint, monkeypatch, env: dict[str, str]):
+    """The entrypoint's settings with exactly `env`'s CONVNEXT_* variables set, as in the container."""
+    for name in [name for name in os.environ if name.startswith("CONVNEXT_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("CONVNEXT_"):
+            monkeypatch.setenv(name, value)
+    return entrypoint.PrepareSettings.from_env()
+
+
+def test_own_checkpoint_from_a_file_url_is_used_instead_of_the_official_one(tmp_path, mirror, monkeypatch):
+    entrypoint = load_entrypoint()
     own = tmp_path / "mine.pth"
     own.write_bytes(b"checkpoint bytes")
     env = entrypoint_env(tmp_path / "models", mirror, 0)
     before = list(mirror.downloads)
     for source in (own.as_uri(), str(own)):
-        settings = entrypoint.PrepareSettings.from_env({**env, "CONVNEXT_CHECKPOINT": source})
+        settings = settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_CHECKPOINT": source})
         path = entrypoint.fetch_checkpoint(settings)
         assert path.read_bytes() == b"checkpoint bytes"
     assert mirror.downloads == before
-    missing = entrypoint.PrepareSettings.from_env({**env, "CONVNEXT_CHECKPOINT": str(tmp_path / "nope.pth")})
+    missing = settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_CHECKPOINT": str(tmp_path / "nope.pth")})
     with pytest.raises(SystemExit, match="not a file"):
         entrypoint.fetch_checkpoint(missing)
+
+
+def test_the_entrypoint_reads_the_services_settings_with_their_defaults(tmp_path, monkeypatch):
+    from service.settings import Settings
+
+    entrypoint = load_entrypoint()
+    settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_ENGINE": "tensorrt", "CONVNEXT_PORT": "9000"})
+    assert settings.service == Settings()  # the same class, so the same defaults as `python -m service`
+    assert (settings.service.engine, settings.service.port, settings.repository) == ("tensorrt", 9000, Path("models"))
+    assert settings.model_name == "convnext_tiny"  # no CONVNEXT_MODEL: the exported architecture's name
+    renamed = settings_from(entrypoint, monkeypatch,
+                            {"CONVNEXT_MODEL": "mine", "CONVNEXT_ARCHITECTURE": "convnext_atto"})
+    assert (renamed.model_name, renamed.architecture) == ("mine", "convnext_atto")
+    with pytest.raises(SystemExit, match="invalid service settings: .*port"):
+        settings_from(entrypoint, monkeypatch, {"CONVNEXT_PORT": "99999"})
 
 
 def gpu_env(repository: Path, port: int, **overrides: str) -> dict[str, str]:

@@ -1,0 +1,51 @@
+"""`python -m service --help` is generated from the Settings class: every setting, its description, type and default."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.__main__ import SECRET_SETTINGS, flag_name, settings_from_args
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def help_text() -> str:
+    result = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={"PATH": "", "PYTHONPATH": str(ROOT), "COLUMNS": "1000"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_every_setting_has_a_description_and_is_in_the_help(name, help_text):
+    description = Settings.model_fields[name].description
+    assert description and len(description) > 10, f"Settings.{name} needs Field(description=...)"
+    assert description in " ".join(help_text.split())  # as argparse wraps it
+    assert f"CONVNEXT_{name.upper()}" in help_text
+    if name not in SECRET_SETTINGS:
+        assert f"  {flag_name(name)} " in help_text
+
+
+def test_help_shows_types_choices_and_defaults(help_text):
+    text = " ".join(help_text.split())
+    assert "--engine {onnxruntime,tensorrt,openvino} tensorrt builds" in text
+    assert "(env CONVNEXT_ENGINE; default: onnxruntime)" in text
+    assert "--port INT listen port (env CONVNEXT_PORT; default: 8000)" in text
+    assert "--max-queue-delay-ms FLOAT how long" in text
+    assert "--ort-spinning {true,false} ONNX" in text and "(env CONVNEXT_ORT_SPINNING; default: true)" in text
+    assert "--model-version INT model version to serve (default: the latest) (env CONVNEXT_VERSION)" in text
+    assert "--cors-origins JSON_LIST" in text and "default: [])" in text
+    assert "--api-key " not in text  # environment only
+
+
+def test_flags_parse_to_the_settings_types():
+    settings = settings_from_args(["--ort-spinning", "off", "--cors-origins", '["https://a.example"]', "--port", "81",
+                                   "--decode-mode", "fast", "--watch-interval-s", "0.5"])
+    assert (settings.ort_spinning, settings.cors_origins, settings.port) == (False, ["https://a.example"], 81)
+    assert (settings.decode_mode, settings.watch_interval_s) == ("fast", 0.5)
+    assert settings_from_args([]) == Settings()
