@@ -29,6 +29,8 @@ COPY pyproject.toml README.md ./
 COPY deploy/requirements.py deploy/check_nvidia_index.py deploy/gpu-constraints.txt deploy/
 # The CUDA/cuDNN wheels are pinned to the CUDA 13.0 builds (deploy/gpu-constraints.txt); pip takes TensorRT's real
 # wheels from NVIDIA's index (a binary wheel there wins over the placeholder sdist on PyPI).
+# Not hash-locked like service-cpu (locks/service-cpu.txt): the NVIDIA-index wheels cannot be hashed where the lock is
+# made (that index is unreachable there), so exact pins (pyproject.toml + deploy/gpu-constraints.txt) are what holds.
 RUN python deploy/check_nvidia_index.py --index-url "${NVIDIA_PYPI_URL}" \
     && python -m venv /opt/venv \
     && python deploy/requirements.py serve gpu > /tmp/requirements.txt \
@@ -83,10 +85,15 @@ FROM ${PYTHON_IMAGE} AS cpu-deps
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/requirements.py deploy/requirements.py
+COPY locks/service-cpu.txt locks/service-cpu.txt
+# Exactly the files of locks/service-cpu.txt (every package pinned with its sha256, `make lock`); then, with no index,
+# pyproject's serve + cpu pins must already be met: a lock older than pyproject.toml stops the build.
 RUN python -m venv /opt/venv \
     && python deploy/requirements.py serve cpu > /tmp/requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade pip==25.3 \
-    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+    && /opt/venv/bin/pip install --no-cache-dir --require-hashes -r locks/service-cpu.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --no-index -r /tmp/requirements.txt \
+    && /opt/venv/bin/pip check
 COPY model/ model/
 COPY export/ export/
 COPY runtime/ runtime/

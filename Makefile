@@ -1,19 +1,39 @@
-# The two set-up commands of the README: `make serve` (the main job) and `make test` (the whole suite).
+# The two set-up commands of the README: `make serve` (the main job) and `make test` (lint, then the whole suite).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= serve,cpu,train,export,dev
+# The extras of the dev/CI venv; locks/dev.txt pins them and all they pull in, with hashes (`make lock`: uv, dev extra).
+EXTRAS ?= serve,cpu,train,export,dev,bench
+LOCK ?= locks/dev.txt
+comma := ,
 
-.PHONY: install system-deps test serve demo-model clean
+.PHONY: install system-deps lint test serve demo-model clean lock
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1); pip takes them from the local wheels here.
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# Exactly the locked files (pip refuses any whose sha256 is not in the lock); torch/torchvision 2.14.1 / 0.29.1
+	# come from the local wheels here, and the lock holds those wheels' hashes. Then the project itself, no deps.
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+# Re-pin after editing pyproject.toml's dependencies: locks/dev.txt (this venv, CI) and locks/service-cpu.txt (the
+# service-cpu image), for CPython 3.11 on x86-64 Linux. uv takes each version from PyPI or from the local wheel
+# folders pip is configured with here (LOCK_SOURCES), whichever has it (torch 2.14.1 is only local here). The GPU
+# image is not locked: its NVIDIA-index wheels cannot be hashed from here (deploy/gpu-constraints.txt pins them).
+LOCK_SOURCES ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
+	$(foreach index,$(wildcard /opt/pypi/simple /opt/pypi-more/simple),--extra-index-url file://$(index))
+UV ?= $(PY) -m uv
+UV_COMPILE = $(UV) pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match \
+	--custom-compile-command "make lock" $(LOCK_SOURCES)
+
+lock:
+	$(UV_COMPILE) $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra)) -o locks/dev.txt
+	$(UV_COMPILE) --extra serve --extra cpu -o locks/service-cpu.txt
 
 # System packages the tests use: headless Chromium (web page test), promtool (Prometheus config check). Root, as on CI.
 system-deps:
@@ -30,7 +50,10 @@ $(ORT_GPU_PROBE)/.installed:
 	$(PY) -m pip install -q --upgrade --no-deps --target $(ORT_GPU_PROBE) onnxruntime-gpu==$(ORT_GPU_VERSION)
 	touch $@
 
-test: install system-deps $(ORT_GPU_PROBE)/.installed
+lint: install
+	$(PY) -m ruff check .
+
+test: lint install system-deps $(ORT_GPU_PROBE)/.installed
 	$(PY) -m pytest
 
 # Train the offline demo model (digits, CPU, minutes) and export it to ./models unless it is there already.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a GPU host: its own venv (.[serve,gpu,export,dev]: onnxruntime-gpu, never the CPU onnxruntime),
+# The one command for a GPU host: its own venv (.[serve,gpu,export,dev,bench]: onnxruntime-gpu, never the CPU onnxruntime),
 # the doctor, ConvNeXt-T -> fp32/fp16/bf16 ONNX, TensorRT engines fp32/fp16/bf16 with parity, ONNX Runtime CUDA
 # parity (on the CUDA provider for real), pytest -m gpu, a short benchmark and the modernization roadmap on the GPU
 # engines. Every step runs even when an earlier one failed; the report (OUT_DIR/report.md + OUT_DIR/logs/) says
@@ -32,7 +32,7 @@ MODEL=convnext-tiny
 
 STEPS=(
   "nvidia-smi|the GPU and driver as nvidia-smi sees them"
-  "venv|create $VENV, install .[serve,gpu,export,dev] (onnxruntime-gpu, TensorRT, cuda-python; no CPU onnxruntime)"
+  "venv|create $VENV, install .[serve,gpu,export,dev,bench] (onnxruntime-gpu, TensorRT, cuda-python; no CPU onnxruntime)"
   "doctor|python -m service doctor: driver, CUDA, cuDNN, TensorRT, providers that load, a one-layer engine"
   "export|ConvNeXt-T (random init) -> fp32 + fp16 + bf16 ONNX with parity vs PyTorch"
   "tensorrt-fp32|TensorRT fp32 engine (batch 1..32) + parity vs ONNX Runtime fp32"
@@ -104,7 +104,7 @@ step_venv() {
   [ -x "$PY" ] || "$PYTHON" -m venv "$VENV" || return 1
   "$PY" -m pip install -q --upgrade pip || return 1
   # pip prefers NVIDIA's real TensorRT wheels on $NVIDIA_PYPI_URL to the placeholder sdists on PyPI.
-  "$PY" -m pip install -e "${ROOT}[serve,gpu,export,dev]" -c "$ROOT/deploy/gpu-constraints.txt" \
+  "$PY" -m pip install -e "${ROOT}[serve,gpu,export,dev,bench]" -c "$ROOT/deploy/gpu-constraints.txt" \
     --extra-index-url "$NVIDIA_PYPI_URL" || return 1
   if "$PY" -m pip show onnxruntime > /dev/null 2>&1; then
     echo "the CPU onnxruntime is installed next to onnxruntime-gpu: $PY -m pip uninstall -y onnxruntime onnxruntime-gpu" \

@@ -90,6 +90,11 @@ def test_gpu_image_installs_onnxruntime_gpu_and_no_torch_nor_cpu_onnxruntime():
 
 def test_cpu_image_installs_the_serve_extra_without_torch():
     assert "deploy/requirements.py serve cpu >" in " ".join(stages()["cpu-deps"])
+    # From its lock, hashes required; then pyproject's pins, with no index, must already be met (a stale lock fails).
+    install = " ".join(stages()["cpu-deps"])
+    assert "COPY locks/service-cpu.txt locks/service-cpu.txt" in install
+    assert "pip install --no-cache-dir --require-hashes -r locks/service-cpu.txt" in install
+    assert "pip install --no-cache-dir --no-index -r /tmp/requirements.txt" in install
     names = [image_requirements.requirement_name(r) for r in image_requirements.requirements(["serve", "cpu"], [])]
     assert "onnxruntime" in names and "fastapi" in names
     assert not {"torch", "onnxruntime-gpu"} & set(names)
@@ -118,6 +123,8 @@ def test_gpu_image_takes_cuda_cudnn_from_onnxruntime_gpus_extras_pinned_to_cuda_
     assert set(pins) == {"nvidia-cuda-runtime", "nvidia-cublas", "nvidia-cuda-nvrtc", "nvidia-cufft", "nvidia-curand",
                          "nvidia-nvjitlink", "nvidia-cudnn-cu13"}
     assert pins["nvidia-cuda-runtime"].startswith("13.0.") and pins["nvidia-cudnn-cu13"].startswith("9.")
+    # No hash lock here (the NVIDIA index cannot be reached where locks are made), and the Dockerfile says so.
+    assert "--require-hashes" not in install and "not hash-locked" in DOCKERFILE.read_text().lower()
 
 
 def test_gpu_image_checks_nvidias_index_before_installing_tensorrt_and_uses_it():

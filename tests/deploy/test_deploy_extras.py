@@ -39,7 +39,7 @@ def install_sets() -> dict[str, list[str]]:
 
 
 def test_serve_and_export_pin_no_onnxruntime_cpu_and_gpu_one_each():
-    for extra in ("serve", "export", "train", "dev"):
+    for extra in ("serve", "export", "train", "dev", "bench"):
         assert not names([extra]) & ONNXRUNTIMES, extra
     assert names(["cpu"]) & ONNXRUNTIMES == {"onnxruntime"}
     assert names(["gpu"]) & ONNXRUNTIMES == {"onnxruntime-gpu"}
@@ -54,8 +54,8 @@ def test_every_install_in_this_repository_gets_exactly_one_onnxruntime(where, ex
 
 def test_the_test_install_is_cpu_and_the_gpu_check_is_gpu():
     sets = install_sets()
-    assert sets["Makefile"] == ["serve", "cpu", "train", "export", "dev"]
-    assert sets["gpu_check.sh"] == ["serve", "gpu", "export", "dev"]
+    assert sets["Makefile"] == ["serve", "cpu", "train", "export", "dev", "bench"]
+    assert sets["gpu_check.sh"] == ["serve", "gpu", "export", "dev", "bench"]
 
 
 def test_asking_for_both_onnxruntimes_is_refused():
@@ -89,9 +89,43 @@ def dependency_tree(requirements: list[str]) -> tuple[dict[str, str], list[str]]
 
 
 def test_no_installed_dependency_of_serve_train_export_dev_pulls_in_an_onnxruntime():
-    roots = [r for extra in ("serve", "train", "export", "dev") for r in EXTRAS[extra]]
+    roots = [r for extra in ("serve", "train", "export", "dev", "bench") for r in EXTRAS[extra]]
     required_by, missing = dependency_tree(roots)
     assert not missing, f"install the test extras first (make install): {missing}"
     assert len(required_by) > 100  # the walk really followed the tree (torch, timm, litserve, tritonclient, ...)
     assert {"onnx", "onnxscript", "onnxconverter-common", "litserve", "tritonclient"} <= set(required_by)
     assert not {name: by for name, by in required_by.items() if name in ONNXRUNTIMES}
+
+
+def locked(lock: str) -> dict[str, tuple[str, list[str]]]:
+    """{package: (version, its sha256 hashes)} of a lock file written by `make lock` (uv pip compile)."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    for entry in re.split(r"\n(?=\S)", (ROOT / lock).read_text()):
+        if entry.startswith("#") or not entry.strip():
+            continue
+        name, version = entry.split()[0].split("==")
+        pins[canonicalize_name(name)] = (version, re.findall(r"--hash=sha256:([0-9a-f]{64})", entry))
+    return pins
+
+
+@pytest.mark.parametrize("lock,extras", [("locks/dev.txt", install_sets()["Makefile"]),
+                                         ("locks/service-cpu.txt", ["serve", "cpu"])])
+def test_each_lock_pins_every_package_with_hashes_at_pyprojects_versions(lock, extras):
+    pins = locked(lock)
+    assert all(hashes for _, hashes in pins.values()), [name for name, (_, h) in pins.items() if not h]
+    for text in image_requirements.requirements(extras, []):
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{lock} lacks {name}: run `make lock` after editing pyproject.toml"
+        assert requirement.specifier.contains(pins[name][0]), (lock, text, pins[name][0])
+    assert "onnxruntime-gpu" not in pins
+
+
+def test_the_locked_torch_is_the_local_wheel_and_the_installs_use_the_locks():
+    version, hashes = locked("locks/dev.txt")["torch"]
+    assert version == "2.14.1" and len(hashes) == 1  # only the local wheel has it (its hash, not PyPI's)
+    assert "torch" not in locked("locks/service-cpu.txt")
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^LOCK \?= locks/dev\.txt$", makefile, re.M)
+    assert "pip install -q --require-hashes -r $(LOCK)" in makefile and "pip install -q --no-deps -e ." in makefile
+    assert "--require-hashes -r locks/service-cpu.txt" in (ROOT / "Dockerfile").read_text()
