@@ -6,6 +6,10 @@ import logging
 import sys
 
 from convnext_common import CliParser, add_version_argument, one_line
+from runtime.repository import ModelRepository, RepositoryError
+from runtime.tensorrt import BatchProfile, select_or_build_engine
+
+from .onnx import export_onnx_version  # torch-free at import: `export tensorrt` runs where there is no torch
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,8 +58,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _run_onnx(args) -> int:
-    from .onnx import export_onnx_version
-
     version = export_onnx_version(
         args.repository, args.name, args.model, args.checkpoint, version=args.version, overwrite=args.overwrite,
         opset=args.opset, precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
@@ -80,8 +82,6 @@ def _print_artifacts(manifest) -> None:
 
 
 def _run_list(args) -> int:
-    from runtime.repository import ModelRepository
-
     repository = ModelRepository(args.repository)
     names = repository.models()
     if not names:
@@ -96,9 +96,6 @@ def _run_list(args) -> int:
 
 
 def _run_tensorrt(args) -> int:
-    from runtime.repository import ModelRepository
-    from runtime.tensorrt import BatchProfile, select_or_build_engine
-
     profile = BatchProfile(args.min_batch, args.opt_batch, args.max_batch)
     version = ModelRepository(args.repository).load(args.name, args.version)
     artifact, version = select_or_build_engine(
@@ -112,8 +109,6 @@ def _run_tensorrt(args) -> int:
 
 
 def main(argv=None) -> int:
-    from runtime.repository import RepositoryError
-
     args = get_args_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     # Progress lines are INFO on the project's loggers; third-party INFO (the ONNX optimizer's pass log) is noise.

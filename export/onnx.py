@@ -24,6 +24,9 @@ from runtime.repository import (
 )
 from runtime.verify import default_image_paths, image_paths_in, run_onnxruntime, verification_inputs, verify_against
 
+from .labels import default_labels
+from .quantize import make_variant
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
@@ -120,8 +123,6 @@ def load_source(
     if labels is None:
         labels = raw.get("class_names")
     if labels is None:
-        from .labels import default_labels
-
         labels = default_labels(num_classes)
     labels = tuple(str(label) for label in labels)
     if len(labels) != num_classes:
@@ -244,8 +245,6 @@ def export_onnx_version(
         for precision in precisions:
             if precision == "fp32":
                 continue
-            from .quantize import make_variant
-
             stage(f"{precision}: convert and verify against ONNX fp32")
             calibration = _image_paths(calibration_images) if calibration_images is not None else verify_paths
             parity = make_variant(

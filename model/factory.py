@@ -5,6 +5,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .checkpoints import load_checkpoint
 from .convnext import ConvNeXt, ConvNeXtIsotropic
 from .registry import get_config
 from .resnet import resnet
@@ -46,7 +47,5 @@ def create_model(
     else:
         model = resnet(cfg.depths, num_classes, activation, drop_path_rate)
     if checkpoint is not None:
-        from .checkpoints import load_checkpoint
-
         load_checkpoint(model, checkpoint)
     return model

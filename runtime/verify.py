@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.ort_session import create_session, provider_key
+from runtime.preprocess import preprocess
 from runtime.repository import Parity, Preprocess
 
 RANDOM_SEED = 0
@@ -78,8 +79,6 @@ def image_paths_in(folder: str | Path) -> list[Path]:
 
 def preprocess_images(paths: Sequence[Path], spec: Preprocess) -> np.ndarray:
     """Images -> (N, C, crop, crop) float32, exactly as the service preprocesses them."""
-    from runtime.preprocess import preprocess
-
     arrays = [preprocess(Path(p).read_bytes(), spec, MAX_PIXELS) for p in paths]
     channels = len(spec.mean)
     if not arrays:

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.engines.base import Engine
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.engines.openvino import OpenVinoEngine, artifact_precision
+from runtime.engines.tensorrt import open_tensorrt_engine  # imports TensorRT itself only when an engine opens
 from runtime.ort_session import (
     cuda_provider_options,
     onnxruntime_version,
@@ -28,8 +31,6 @@ class EngineOptions:
 
 def open_engine(version: ModelVersion, options: EngineOptions) -> Engine:
     if options.engine == "tensorrt":
-        from runtime.engines.tensorrt import open_tensorrt_engine  # TensorRT is imported only when asked for
-
         # A compatible engine from the version, or one built for this GPU on first start (minutes, then cached;
         # one replica builds, the others wait for it); an engine that fails to deserialize is rebuilt once.
         return open_tensorrt_engine(version, options.precision, options.max_batch_size, options.repository)
@@ -55,8 +56,6 @@ def _onnx_artifact(version: ModelVersion, precision: str, what: str):
 
 def onnxruntime_engine(version: ModelVersion, options: EngineOptions) -> Engine:
     """The version's ONNX artifact of the asked precision on ONNX Runtime, with the GPU providers' options."""
-    from runtime.engines.onnxruntime import OnnxRuntimeEngine
-
     manifest, shape = version.manifest, _input_shape(version)
     artifact = _onnx_artifact(version, options.precision, "")
     provider_options = {}
@@ -74,8 +73,6 @@ def onnxruntime_engine(version: ModelVersion, options: EngineOptions) -> Engine:
 
 def openvino_engine(version: ModelVersion, options: EngineOptions) -> Engine:
     """OpenVINO on the CPU: fp32 and bf16 read the fp32 ONNX artifact, int8 the QDQ one."""
-    from runtime.engines.openvino import OpenVinoEngine, artifact_precision
-
     artifact = _onnx_artifact(version, artifact_precision(options.precision), f" for OpenVINO {options.precision}")
     return OpenVinoEngine(version.artifact_path(artifact), _input_shape(version),
                           input_name=version.manifest.input.name, precision=options.precision,
