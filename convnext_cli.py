@@ -12,7 +12,8 @@ COMMANDS = {
     "export": ("export.__main__", "checkpoint -> verified ONNX / TensorRT in the model repository"),
     "serve": ("service.__main__", "serve the model repository over HTTP (/classify, KServe v2, /metrics); "
                                   "--pretrained NAME or --checkpoint PATH: download/export it first"),
-    "doctor": ("service.doctor", "GPU host check: driver, CUDA, cuDNN, TensorRT, ONNX Runtime providers, a tiny engine"),
+    "doctor": ("service.doctor",
+               "GPU host check: driver, CUDA, cuDNN, TensorRT, ONNX Runtime providers, a tiny engine"),
     "bench": ("bench.__main__", "benchmarks: engines, end-to-end HTTP, GELU vs ReLU, ConvNeXt-T vs ResNet-50"),
 }
 # `convnext serve --pretrained NAME | --checkpoint PATH` needs torch (download + export); plain `serve` never does.

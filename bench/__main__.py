@@ -124,7 +124,8 @@ def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int) -> dic
         with server_process(command, f"{base}/readyz", ready_s):
             before = batch_histogram(httpx.get(f"{base}/metrics").text)
             results["load"] = load_runs(f"{base}/classify", "ours", cfg, payloads)
-            results["batch_distribution"] = batch_distribution(before, batch_histogram(httpx.get(f"{base}/metrics").text))
+            after = batch_histogram(httpx.get(f"{base}/metrics").text)
+            results["batch_distribution"] = batch_distribution(before, after)
             by_size = lone_request_breakdown(f"{base}/classify", cfg["lone_requests"])  # after: batches of one
         if service["provider"] == "cpu":
             # The ort_spinning trade-off, same run: a lone request's latency and saturated throughput with it off.
@@ -190,20 +191,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     load.add_argument("--requests", type=int, default=200)
     load.add_argument("--seconds", type=float, default=30.0)
     load.add_argument("--form-field", default=None, help="send multipart with this field instead of a raw body")
-    sub.add_parser("torch", add_help=False, help="PyTorch CPU throughput table (bench.model_throughput; its flags follow)")
+    sub.add_parser("torch", add_help=False,
+                   help="PyTorch CPU throughput table (bench.model_throughput; its flags follow)")
     sub.add_parser("serve", add_help=False,
-                   help="engine alone vs POST /classify at concurrency 1/8/32 (bench.serve_benchmark; its flags follow)")
-    sub.add_parser("cpu", add_help=False, help="OpenVINO vs ONNX Runtime alone, decode fast vs exact (bench.cpu_engines)")
+                   help="engine alone vs POST /classify at concurrency 1/8/32 "
+                        "(bench.serve_benchmark; its flags follow)")
+    sub.add_parser("cpu", add_help=False,
+                   help="OpenVINO vs ONNX Runtime alone, decode fast vs exact (bench.cpu_engines)")
     sub.add_parser("cpu-serving", add_help=False,
                    help="/classify vs the engine per CPU engine and decode mode, 12-MP uploads (bench.cpu_serving)")
     sub.add_parser("soak", add_help=False,
-                   help="fixed open-loop rate for minutes: latency drift and memory growth (bench.soak; its flags follow)")
+                   help="fixed open-loop rate for minutes: latency drift and memory growth "
+                        "(bench.soak; its flags follow)")
     sub.add_parser("roadmap", add_help=False,
                    help="every roadmap step's images/s per engine (CPU; --engines gpu: TensorRT) vs the paper's top-1 "
                         "(bench.roadmap; flags follow)")
     everything = sub.add_parser("all", help="engine sweep + GELU/ReLU + ConvNeXt/ResNet + service vs LitServe")
     everything.add_argument("--smoke", action="store_true", help="tiny configuration (convnext_atto, seconds)")
-    everything.add_argument("--gpu", action="store_true", help="engine sweep also on ORT's CUDA and TensorRT providers; service on CUDA")
+    everything.add_argument("--gpu", action="store_true",
+                            help="engine sweep also on ORT's CUDA and TensorRT providers; service on CUDA")
     everything.add_argument("--no-peer", action="store_true", help="skip the LitServe peer")
     everything.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     everything.add_argument("--out", type=Path, default=Path("bench-results"))

@@ -90,7 +90,7 @@ def engine_rounds(version, configs, batch_size: int, rounds: int, seconds: float
                 runs[label].append(images_per_s(engines[label], batch, in_flight, seconds))
     base = runs[configs[0][0]]
     return {label: {"images_per_s": median(rates), "rounds": rates,
-                    "vs_onnxruntime_fp32": median(r / b for r, b in zip(rates, base))}
+                    "vs_onnxruntime_fp32": median(r / b for r, b in zip(rates, base, strict=True))}
             for label, rates in runs.items()}
 
 

@@ -28,7 +28,8 @@ class PreparedRequest:
     data: bytes
 
 
-def prepare_post(url: str, body: bytes, content_type: str = "image/jpeg", form_field: str | None = None) -> PreparedRequest:
+def prepare_post(url: str, body: bytes, content_type: str = "image/jpeg",
+                 form_field: str | None = None) -> PreparedRequest:
     """POST `body` raw, or as the file of a multipart form field (for servers that only parse forms)."""
     parsed = urlparse(url)
     if form_field:

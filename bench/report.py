@@ -94,8 +94,8 @@ def activation_and_baseline_sections(results: dict) -> list[str]:
         parts += ["## GELU vs ReLU (same model, engine, precision, batch; images/s ratio < 1 = GELU is slower)", "",
                   _table(["model", "precision", "provider", "batch", "GELU img/s", "ReLU img/s", "GELU/ReLU",
                           "GELU p50 ms", "ReLU p50 ms"], gelu_rows), ""]
-    models = {m["model"]: m for m in results["compare"]["models"] if m["activation"] == ("relu" if m["model"]
-                                                                                           .startswith("resnet") else "gelu")}
+    models = {m["model"]: m for m in results["compare"]["models"]
+              if m["activation"] == ("relu" if m["model"].startswith("resnet") else "gelu")}
     if "resnet50" in models and len(models) > 1:
         rows = []
         for name, m in models.items():
@@ -113,7 +113,8 @@ def low_load_and_preprocess_sections(results: dict) -> list[str]:
     lone = results.get("low_load")
     if lone:
         parts += ["## Latency at low load", "",
-                  f"A lone request (closed loop, concurrency 1, both JPEG sizes) p50 {lone['service_p50_ms']:.1f} ms vs "
+                  "A lone request (closed loop, concurrency 1, both JPEG sizes) "
+                  f"p50 {lone['service_p50_ms']:.1f} ms vs "
                   f"the engine's batch-1 p50 {lone['engine_p50_ms']:.1f} ms: {lone['overhead_ms']:+.1f} ms for HTTP, "
                   f"JPEG decode and preprocessing.", ""]
         if lone.get("by_size"):
@@ -137,7 +138,8 @@ def low_load_and_preprocess_sections(results: dict) -> list[str]:
                   _table(["JPEG size", "images", "KiB", "decode ms", "resize ms", "crop ms", "normalize ms",
                           "total ms"], rows), ""]
         if pre.get("engine_cpu_ms_per_image"):
-            parts += [f"Mean {pre['mean_ms_per_image']:.2f} ms of CPU per image vs {pre['engine_cpu_ms_per_image']:.1f} "
+            parts += [f"Mean {pre['mean_ms_per_image']:.2f} ms of CPU per image "
+                      f"vs {pre['engine_cpu_ms_per_image']:.1f} "
                       f"ms of engine CPU per image (batch {results.get('efficiency_batch_size')}): preprocessing is "
                       f"{100 * pre['share_of_cpu']:.1f}% of an image's CPU. It runs in a bounded thread pool while the "
                       "engine thread runs the previous batch, so it is off the engine's critical path; on a machine "

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {size} | {rate:.1f} |")
     print("\n| /classify concurrency | images/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
     for r in end_to_end:
-        print(f"| {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+        print(f"| {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+              f"| {r['errors']} |")
     print(f"\nend-to-end best / engine best: {report['end_to_end_over_engine']:.2f}")
     args.output.write_text(json.dumps(report, indent=2))
     return 0

@@ -26,7 +26,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--ema", action="store_true",
                       help="export the checkpoint's EMA weights (model_ema) instead of the trained weights")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    onnx.add_argument("--precisions", default="fp32", help="comma list from fp32,fp16,bf16,int8 (bf16: for TensorRT 11)")
+    onnx.add_argument("--precisions", default="fp32",
+                      help="comma list from fp32,fp16,bf16,int8 (bf16: for TensorRT 11)")
     onnx.add_argument("--opset", type=int, default=18)
     onnx.add_argument("--activation", choices=("gelu", "relu"))
     onnx.add_argument("--num-classes", type=int)

@@ -97,7 +97,7 @@ def _reset_head(self) -> None:
 
 def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
     """Downsample + stage, four times, then global average pool (N, C, H, W) -> (N, C) and the final norm."""
-    for downsample, stage in zip(self.downsample_layers, self.stages):
+    for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
         x = stage(downsample(x))
     return self.norm(x.mean(dim=(-2, -1)))
 

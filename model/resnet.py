@@ -33,6 +33,6 @@ def resnet(depths: tuple[int, ...], num_classes: int = 1000, activation: str = "
         raise ValueError(f"the ResNet baseline is defined with ReLU only, got activation={activation!r}")
     model = ResNet(StochasticDepthBottleneck, list(depths), num_classes=num_classes)
     blocks = [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
-    for block, rate in zip(blocks, _drop_path_rates(drop_path_rate, len(blocks))):
+    for block, rate in zip(blocks, _drop_path_rates(drop_path_rate, len(blocks)), strict=True):
         block.drop_path = DropPath(rate)  # linear from 0 at the first block, as in ConvNeXt
     return model

@@ -158,7 +158,7 @@ class RoadmapNet(nn.Module):
         rates = iter(_drop_path_rates(drop_path_rate, sum(d.depths)))
         self.stages = nn.ModuleList()
         in_dim = d.width
-        for i, (depth, dim) in enumerate(zip(d.depths, dims)):
+        for i, (depth, dim) in enumerate(zip(d.depths, dims, strict=True)):
             in_dim = dim if d.separate_downsampling and i > 0 else in_dim
             stride = 2 if i > 0 and not d.separate_downsampling else 1
             blocks = [Block(d, in_dim if j == 0 else dim, dim, stride if j == 0 else 1, next(rates))

@@ -126,7 +126,8 @@ def available_provider(provider: str) -> str:
     available = ort.get_available_providers()
     if wanted not in available:
         raise ProviderError(f"{wanted} is not in this onnxruntime build (onnxruntime {ort.__version__} has "
-                            f"{available}); on an NVIDIA GPU host: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                            f"{available}); on an NVIDIA GPU host: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                            "pip install "
                             "'onnxruntime-gpu[cuda,cudnn]==1.31.1' (the two packages overwrite each other; or use the "
                             "GPU image), then python -m service doctor; or use --provider cpu")
     return wanted

@@ -48,7 +48,8 @@ def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = N
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(
-                    "too_many_pixels", f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                    "too_many_pixels",
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
                 )
             image.seek(0)  # GIF / multi-page TIFF: the first frame
             if min_short_side_px is not None:
@@ -59,7 +60,8 @@ def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = N
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError("too_many_pixels", f"the image declares too many pixels: {err}") from None
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", "the body is not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+        raise ImageError("not_an_image",
+                         "the body is not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
     return to_rgb(ImageOps.exif_transpose(image))

@@ -220,7 +220,8 @@ class ModelRepository:
     def models(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name) and self.versions(p.name))
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and NAME_PATTERN.match(p.name) and self.versions(p.name))
 
     def versions(self, name: str) -> list[int]:
         folder = self.root / name
@@ -253,7 +254,8 @@ class ModelRepository:
                 if not file.is_file():
                     raise RepositoryError(f"{name}/{version}: artifact {artifact.file} is missing")
                 if sha256_file(file) != artifact.sha256:
-                    raise RepositoryError(f"{name}/{version}: {artifact.file} does not match its sha256 in the manifest")
+                    raise RepositoryError(
+                        f"{name}/{version}: {artifact.file} does not match its sha256 in the manifest")
         return ModelVersion(manifest, path)
 
     @contextmanager
@@ -275,7 +277,8 @@ class ModelRepository:
             if staged.manifest is None:
                 raise RepositoryError("the staged version was never given a manifest")
             if (staged.manifest.name, staged.manifest.version) != (name, version):
-                raise RepositoryError(f"manifest says {staged.manifest.name}/{staged.manifest.version}, staged {name}/{version}")
+                raise RepositoryError(
+                    f"manifest says {staged.manifest.name}/{staged.manifest.version}, staged {name}/{version}")
             _write_json_atomic(staging / MANIFEST_FILE, staged.manifest.model_dump(mode="json"))
             if final.exists():
                 trash = final.parent / f".old-{version}-{os.getpid()}"

@@ -109,7 +109,7 @@ def compare(reference: np.ndarray, output: np.ndarray, reference_name: str, num_
     top1 = float(np.mean(reference.argmax(1) == output.argmax(1)))
     ref_top5 = np.argsort(-reference, axis=1)[:, :k]
     out_top5 = np.argsort(-output, axis=1)[:, :k]
-    top5 = float(np.mean([set(a) == set(b) for a, b in zip(ref_top5, out_top5)]))
+    top5 = float(np.mean([set(a) == set(b) for a, b in zip(ref_top5, out_top5, strict=True)]))
     return Parity(
         reference=reference_name,
         num_inputs=len(reference),

@@ -85,7 +85,7 @@ def logits_of(engine, batch: np.ndarray) -> np.ndarray:
 def compare(reference: np.ndarray, other: np.ndarray) -> dict:
     """Top-1 agreement, mean top-5 overlap and |logit| differences of `other` against `reference`."""
     top5_ref, top5_other = np.argsort(-reference)[:, :5], np.argsort(-other)[:, :5]
-    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top5_ref, top5_other)])
+    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top5_ref, top5_other, strict=True)])
     diff = np.abs(reference - other)
     return {"inputs": len(reference), "top1_agreement": float(np.mean(reference.argmax(1) == other.argmax(1))),
             "top5_overlap": float(overlap), "max_abs_logit_diff": float(diff.max()),

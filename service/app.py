@@ -1,4 +1,4 @@
-"""FastAPI app wiring: settings -> engine options, routers, exception handlers, and the lifespan that owns the engine."""
+"""FastAPI app wiring: settings -> engine options, routers, exception handlers, the lifespan that owns the engine."""
 from __future__ import annotations
 
 import asyncio

@@ -227,7 +227,7 @@ class Batcher:
         self.metrics.inference.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.images.labels(served.name).inc(len(batch))
-        for item, row in zip(batch, logits):
+        for item, row in zip(batch, logits, strict=True):  # row count checked above
             item.timings["inference_ms"] = elapsed * 1000
             item.timings["batch_size"] = len(batch)
             if not item.future.done():

@@ -95,7 +95,8 @@ def _cudart():
     try:
         from cuda.bindings import runtime
     except ImportError as error:
-        raise CheckFailed(f"cuda-python is not installed ({error})", "pip install 'cuda-python==13.4.4' (gpu extra)")
+        raise CheckFailed(f"cuda-python is not installed ({error})",
+                          "pip install 'cuda-python==13.4.4' (gpu extra)") from error
     return runtime
 
 
@@ -181,7 +182,7 @@ def check_cudnn() -> str:
         wheel = installed_version("nvidia-cudnn-cu13")
         raise CheckFailed("libcudnn.so.9 is not loadable" + (f" (nvidia-cudnn-cu13 {wheel} is installed)"
                                                              if wheel else ""),
-                          "pip install 'onnxruntime-gpu[cuda,cudnn]' and see 'cuda libraries'")
+                          "pip install 'onnxruntime-gpu[cuda,cudnn]' and see 'cuda libraries'") from None
     cudnn.cudnnGetVersion.restype = ctypes.c_size_t
     version = cudnn.cudnnGetVersion()  # cuDNN 9: major * 10000 + minor * 100 + patch
     return f"cuDNN {version // 10000}.{version % 10000 // 100}.{version % 100}"
@@ -191,7 +192,7 @@ def check_onnxruntime() -> str:
     try:
         import onnxruntime as ort
     except ImportError as error:
-        raise CheckFailed(f"onnxruntime is not installed ({error})", GPU_INSTALL)
+        raise CheckFailed(f"onnxruntime is not installed ({error})", GPU_INSTALL) from error
     build = "onnxruntime-gpu" if installed_version("onnxruntime-gpu") else "onnxruntime (CPU build)"
     return f"{build} {ort.__version__}; providers in this build: {', '.join(ort.get_available_providers())}"
 
@@ -244,7 +245,7 @@ def check_tensorrt() -> str:
     try:
         import tensorrt as trt
     except ImportError as error:
-        raise CheckFailed(f"TensorRT is not installed ({error})", GPU_INSTALL)
+        raise CheckFailed(f"TensorRT is not installed ({error})", GPU_INSTALL) from error
     return f"TensorRT {trt.__version__} (tensorrt-cu13-libs {installed_version('tensorrt-cu13-libs') or '?'})"
 
 

@@ -171,7 +171,7 @@ async def classify(request: Request, top_k: int = Query(5, ge=1, description="ho
                         "inference_ms": round(item.timings["inference_ms"], 3), "total_ms": round(total_ms, 3)},
             "batch_size": item.timings["batch_size"],
         }
-        for (name, _), item in zip(images, items)
+        for (name, _), item in zip(images, items, strict=True)
     ]
     ran = items[0].served_by  # the engine that ran the batch: the version swapped in may be newer than `manifest`
     return {"model": {"name": ran.name, "version": ran.version}, "results": results}

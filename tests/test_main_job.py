@@ -1,4 +1,4 @@
-"""The README's main job, end to end: train the offline demo, export it, serve it, classify held-out digits over HTTP."""
+"""The README's main job, end to end: train the offline demo, export it, serve it, classify held-out digits by HTTP."""
 from __future__ import annotations
 
 import io
@@ -52,7 +52,7 @@ def test_demo_model_trained_exported_and_served_classifies_held_out_digits(tmp_p
             files = [("files", (f"{i}.png", _png(val_images[i]), "image/png")) for i in range(start, start + 20)]
             response = httpx.post(f"{url}/classify?top_k=1", files=files, timeout=60)
             assert response.status_code == 200, response.text
-            for i, result in zip(range(start, start + 20), response.json()["results"]):
+            for i, result in zip(range(start, start + 20), response.json()["results"], strict=True):
                 correct += int(result["top_k"][0]["label"] == str(val_labels[i]))
         accuracy = correct / HELD_OUT_IMAGES
         assert accuracy >= 0.95, f"the served demo model got {accuracy:.0%} of held-out digits right"

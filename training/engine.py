@@ -86,7 +86,8 @@ def train_one_epoch(model, criterion, loader, optimizer, plan: StepPlan, device,
             _stop_if_nonfinite(nonfinite, checked_step, plan.step)
             checked_step = plan.step
             if log is not None:
-                log({"step": plan.step, "epoch_step": steps_done, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                log({"step": plan.step, "epoch_step": steps_done, "loss": loss.item(),
+                     "lr": optimizer.param_groups[0]["lr"],
                      "images_per_s": samples / (time.perf_counter() - started)})
     _stop_if_nonfinite(nonfinite, checked_step, plan.step)
     elapsed = time.perf_counter() - started

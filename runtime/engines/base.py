@@ -41,5 +41,5 @@ class Engine(ABC):
             for _ in range(runs):
                 self.run(batch)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: only engines that hold resources free them)
         """Free the engine's resources; the default has none."""

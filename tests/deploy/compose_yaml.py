@@ -38,7 +38,7 @@ def load_compose(path: Path) -> dict:
 
 
 def merge_compose(base, override):
-    """Compose's merge rules for the parts used here: mappings merge key by key, `!reset` removes, other values replace."""
+    """Compose's merge rules for the parts used here: mappings merge key by key, `!reset` removes, others replace."""
     if isinstance(override, Reset):
         return None
     if isinstance(override, Override):

@@ -18,7 +18,7 @@ def tiny_repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def metrics_scrape(tiny_repository, real_photos) -> str:
-    """The text of a real /metrics scrape of the service app, after it classified real photos (so labelled series exist)."""
+    """The text of a real /metrics scrape of the service app after it classified real photos (labelled series exist)."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -30,7 +30,8 @@ def metrics_scrape(tiny_repository, real_photos) -> str:
         assert client.get("/readyz").status_code == 200
         files = [("files", (photo.name, photo.read_bytes())) for photo in real_photos[:2]]
         assert client.post("/classify", params={"top_k": 2}, files=files).status_code == 200
-        client.post("/classify", content=b"not an image", headers={"content-type": "image/jpeg"})  # a rejected request: the rejected counter gets a series
+        # a rejected request: the rejected counter gets a series
+        client.post("/classify", content=b"not an image", headers={"content-type": "image/jpeg"})
         response = client.get("/metrics")
         assert response.status_code == 200
         return response.text

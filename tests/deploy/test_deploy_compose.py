@@ -88,7 +88,8 @@ def _seconds(duration: str) -> float:
 
 
 def test_stop_grace_period_outlasts_the_service_drain(gpu):
-    # service/__main__.py: uvicorn's graceful shutdown (request timeout + 5 s), then the batcher drain (request timeout).
+    # service/__main__.py: uvicorn's graceful shutdown (request timeout + 5 s), then the batcher drain (request
+    # timeout).
     request_timeout_s = Settings().request_timeout_ms / 1000
     worst_case_drain_s = 2 * request_timeout_s + 5
     assert _seconds(gpu["services"]["service"]["stop_grace_period"]) > worst_case_drain_s

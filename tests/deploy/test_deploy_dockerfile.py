@@ -58,7 +58,8 @@ def test_base_images_are_pinned_and_the_gpu_image_needs_no_nvidia_base():
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", args["PYTHON_IMAGE"])
     assert re.fullmatch(r"[0-9a-f]{64}", args["TINI_SHA256"])
     # CUDA, cuDNN and TensorRT come as pip wheels: no NGC base (its PIP_CONSTRAINT, entrypoint and missing venv).
-    assert "nvcr.io" not in "".join(line for line in DOCKERFILE.read_text().splitlines() if line.startswith(("FROM", "ARG")))
+    assert "nvcr.io" not in "".join(line for line in DOCKERFILE.read_text().splitlines()
+                                    if line.startswith(("FROM", "ARG")))
 
 
 @pytest.mark.parametrize("target,base", [("service", "${PYTHON_IMAGE}"), ("service-cpu", "${PYTHON_IMAGE}"),
@@ -102,7 +103,8 @@ def test_cpu_image_installs_the_serve_extra_without_torch():
 
 def test_train_image_has_torch_for_torchrun_and_export():
     assert "deploy/requirements.py train export cpu" in " ".join(stages()["train"])
-    names = {image_requirements.requirement_name(r) for r in image_requirements.requirements(["train", "export", "cpu"], [])}
+    names = {image_requirements.requirement_name(r)
+             for r in image_requirements.requirements(["train", "export", "cpu"], [])}
     assert {"torch", "torchvision", "onnx", "onnxruntime"} <= names
 
 

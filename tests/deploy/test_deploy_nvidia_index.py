@@ -1,4 +1,4 @@
-"""deploy/check_nvidia_index.py: the GPU image build stops early, saying what to do, when TensorRT's index is missing."""
+"""deploy/check_nvidia_index.py: the GPU image build stops early, saying what to do, when TensorRT's index is gone."""
 from __future__ import annotations
 
 import functools

@@ -93,9 +93,10 @@ def test_every_label_the_dashboard_groups_by_exists_on_its_metric(metrics_scrape
         for sample in family.samples:
             labels.setdefault(sample.name, set()).update(sample.labels)
     for title, expr in dashboard_queries():
-        grouped = {l.strip() for g in re.findall(r"\bby\s*\(([^)]*)\)", expr) for l in g.split(",")} - {"le"}
+        grouped = {label.strip() for g in re.findall(r"\bby\s*\(([^)]*)\)", expr) for label in g.split(",")} - {"le"}
         available = set().union(*(labels.get(n, set()) for n in metric_names(expr)))
-        assert grouped <= available, f"panel {title!r} groups by {sorted(grouped - available)}, not labels of its metrics"
+        assert grouped <= available, (f"panel {title!r} groups by {sorted(grouped - available)}, "
+                                      "not labels of its metrics")
 
 
 @pytest.mark.parametrize("needle", [

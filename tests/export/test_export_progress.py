@@ -1,4 +1,4 @@
-"""`python -m export onnx` says each stage in one line as it starts (build, ONNX, parity, each precision); --quiet not."""
+"""`python -m export onnx` says each stage in a line as it starts (build, ONNX, parity, each precision); --quiet not."""
 from __future__ import annotations
 
 import os

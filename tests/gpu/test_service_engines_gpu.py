@@ -65,7 +65,8 @@ def test_tensorrt_engine_matches_onnxruntime_at_every_batch_size(request, tmp_pa
 
 def test_onnxruntime_cuda_provider_matches_cpu(request):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no CUDAExecutionProvider: this test needs an NVIDIA GPU with onnxruntime-gpu instead of onnxruntime (bash scripts/gpu_check.sh)")
+        pytest.skip("onnxruntime has no CUDAExecutionProvider: this test needs an NVIDIA GPU with onnxruntime-gpu "
+                    "instead of onnxruntime (bash scripts/gpu_check.sh)")
     atto = request.getfixturevalue("atto")
     from runtime.engines.onnxruntime import OnnxRuntimeEngine
 

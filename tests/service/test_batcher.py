@@ -49,7 +49,8 @@ def run(coro):
 def test_lone_request_goes_at_once_even_with_a_long_delay():
     async def scenario():
         engine = RecordingEngine()
-        batcher = Batcher(served(engine), max_batch_size=8, max_queue_delay_ms=60_000, queue_size=16, metrics=ServiceMetrics())
+        batcher = Batcher(served(engine), max_batch_size=8, max_queue_delay_ms=60_000, queue_size=16,
+                          metrics=ServiceMetrics())
         batcher.start()
         (item,) = batcher.submit(tensors(7), time.monotonic() + 10)
         row = await asyncio.wait_for(item.future, 5)  # would time out if the batch waited for the 60 s delay
@@ -63,7 +64,8 @@ def test_lone_request_goes_at_once_even_with_a_long_delay():
 def test_queued_images_batch_together_in_order_across_batches():
     async def scenario():
         engine = RecordingEngine()
-        batcher = Batcher(served(engine), max_batch_size=4, max_queue_delay_ms=1, queue_size=32, metrics=ServiceMetrics())
+        batcher = Batcher(served(engine), max_batch_size=4, max_queue_delay_ms=1, queue_size=32,
+                          metrics=ServiceMetrics())
         batcher.start()
         engine.gate.clear()  # hold the engine so the following requests queue up behind the first batch
         first = batcher.submit(tensors(0), time.monotonic() + 10)
@@ -82,7 +84,8 @@ def test_queued_images_batch_together_in_order_across_batches():
 def test_cancelled_items_are_dropped_before_running_and_full_queue_refuses_whole_request():
     async def scenario():
         engine = RecordingEngine()
-        batcher = Batcher(served(engine), max_batch_size=8, max_queue_delay_ms=1, queue_size=4, metrics=ServiceMetrics())
+        batcher = Batcher(served(engine), max_batch_size=8, max_queue_delay_ms=1, queue_size=4,
+                          metrics=ServiceMetrics())
         batcher.start()
         engine.gate.clear()
         batcher.submit(tensors(0), time.monotonic() + 10)

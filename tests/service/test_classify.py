@@ -44,7 +44,7 @@ def test_multipart_files_come_back_in_order(service_url, real_photos):
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert [r["filename"] for r in results] == [p.name for p in real_photos]
-    for photo, result in zip(real_photos, results):
+    for photo, result in zip(real_photos, results, strict=True):
         single = httpx.post(f"{service_url}/classify", content=photo.read_bytes(),
                             headers={"content-type": "image/jpeg"}).json()["results"][0]
         assert single["top_k"][0]["index"] == result["top_k"][0]["index"]
@@ -70,7 +70,7 @@ def test_concurrent_requests_are_batched_and_match_single_results(service_url, r
         result = response.json()["results"][0]
         batch_sizes.append(result["batch_size"])
         assert [t["index"] for t in result["top_k"]] == [t["index"] for t in singles[data]]
-        for got, want in zip(result["top_k"], singles[data]):
+        for got, want in zip(result["top_k"], singles[data], strict=True):
             assert got["probability"] == pytest.approx(want["probability"], abs=1e-4)
     assert max(batch_sizes) > 1
     metrics = httpx.get(f"{service_url}/metrics").text

@@ -79,6 +79,7 @@ def test_engine_error_fails_only_its_batch(model_repository, real_photos, launch
         assert bad.status_code == 500
         assert bad.json()["error"]["code"] == "inference_failed"
         assert "simulated GPU fault" in bad.json()["error"]["message"]
-        good = httpx.post(f"{url}/classify", content=real_photos[1].read_bytes(), headers={"content-type": "image/jpeg"})
+        good = httpx.post(f"{url}/classify", content=real_photos[1].read_bytes(),
+                          headers={"content-type": "image/jpeg"})
         assert good.status_code == 200
         assert httpx.get(f"{url}/readyz").status_code == 200

@@ -1,4 +1,4 @@
-"""Process lifecycle: `python -m service` serves, SIGTERM drains in-flight requests; TensorRT absent is a clear error."""
+"""Process lifecycle: `python -m service` serves, SIGTERM drains in-flight requests; no TensorRT is a clear error."""
 from __future__ import annotations
 
 import os
@@ -70,7 +70,8 @@ def test_cli_flags_override_environment(monkeypatch):
     monkeypatch.setenv("CONVNEXT_MAX_BATCH_SIZE", "4")
     monkeypatch.setenv("CONVNEXT_PORT", "9001")
     settings = settings_from_args(["--port", "9100", "--provider", "cuda", "--max-queue-delay-ms", "2.5"])
-    assert (settings.port, settings.max_batch_size, settings.provider, settings.max_queue_delay_ms) == (9100, 4, "cuda", 2.5)
+    assert (settings.port, settings.max_batch_size, settings.provider, settings.max_queue_delay_ms) == \
+        (9100, 4, "cuda", 2.5)
     # --version prints the project version; the model version's flag is --model-version, its variable unchanged.
     assert settings_from_args(["--model-version", "3"]).version == 3
     monkeypatch.setenv("CONVNEXT_VERSION", "2")

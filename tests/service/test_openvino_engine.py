@@ -141,7 +141,7 @@ def test_python_m_service_engine_openvino_serves_real_photos(model_repository, r
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, alive=lambda: process.poll() is None)
-        for photo, logits in zip(real_photos, reference):
+        for photo, logits in zip(real_photos, reference, strict=True):
             kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
             response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(),
                                   headers={"content-type": kind}, timeout=30)

@@ -61,7 +61,7 @@ def test_the_readme_lists_every_official_command_row():
 def test_readme_preset_table_agrees_with_the_resolved_config(row):
     preset, model_cell, drop_path, layer_scale, warmup, ema, batch = row
     model, *flags = model_cell.replace("(", "").replace(")", "").split()  # "convnext_tiny (--layer-decay 1.0)"
-    overrides = {flag[2:].replace("-", "_"): float(value) for flag, value in zip(flags[::2], flags[1::2])}
+    overrides = {flag[2:].replace("-", "_"): float(value) for flag, value in zip(flags[::2], flags[1::2], strict=True)}
     config = resolve(preset, {"model": model, **overrides})
     assert config.drop_path == pytest.approx(float(drop_path))
     kwargs = model_kwargs_for(config, 10)
