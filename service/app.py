@@ -1,9 +1,7 @@
-"""FastAPI app wiring: settings -> engine options, routers, exception handlers, and the lifespan that owns the engine."""
+"""FastAPI app wiring: settings -> engine options, routers, exception handlers, the lifespan that owns the engine."""
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from service.model_manager import ModelManager
 from service.routes import router
 from service.security import install_edge
 from service.settings import Settings
+from service.state import ServiceState
 from service.v2 import router as v2_router
 
 STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
@@ -41,42 +40,6 @@ def engine_options(settings: Settings) -> EngineOptions:
 def default_engine(version: ModelVersion, settings: Settings) -> Engine:
     """The engine the settings ask for (runtime/engines/factory.py)."""
     return open_engine(version, engine_options(settings))
-
-
-class ServiceState:
-    def __init__(self, settings: Settings, metrics: ServiceMetrics):
-        self.settings, self.metrics = settings, metrics
-        self.models: ModelManager | None = None  # the served version, its engine and the batcher
-        self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
-        # Bounds images being decoded at once, so a flood waits here instead of piling up in the pool.
-        self.preprocess_slots = asyncio.Semaphore(settings.preprocess_workers * 2)
-        # Images in progress (decoding, queued or in the running batch); beyond this a request is refused at once.
-        self.admission = Admission(settings.queue_size + settings.max_batch_size)
-
-    @property
-    def version(self) -> ModelVersion | None:
-        return self.models.model if self.models is not None else None
-
-    @property
-    def engine(self) -> Engine | None:
-        return self.models.current.engine if self.models is not None and self.models.current is not None else None
-
-    @property
-    def batcher(self):
-        return self.models.batcher if self.models is not None else None
-
-    @property
-    def not_ready_reason(self) -> str | None:
-        return self.models.not_ready_reason if self.models is not None else "the model is not loaded yet"
-
-    @property
-    def not_live_reason(self) -> str | None:
-        """Why the process should be restarted (the engine cannot be rebuilt in it); None while it is live."""
-        return self.models.not_live_reason if self.models is not None else None
-
-    @property
-    def is_ready(self) -> bool:
-        return self.not_ready_reason is None
 
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:

@@ -8,20 +8,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from convnext_common import project_version
+from service import pipeline
 from service.errors import ApiError
-from service.routes import admitted, read_body_limited
-from service.routes import infer as run_items
+from service.pipeline import http_client_gone, read_body, service_state
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 BINARY_HEADER = "inference-header-content-length"
 
 
-def _state(request: Request):
-    return request.app.state.service
-
-
 def _model(request: Request, name: str, version: str | None = None):
-    state = _state(request)
+    state = service_state(request)
     manifest = state.version.manifest if state.version is not None else None
     if manifest is None or name != manifest.name or (version not in (None, str(manifest.version))):
         raise ApiError(404, "model_not_found", f"model {name!r} version {version or 'latest'} is not served here")
@@ -36,13 +32,13 @@ async def server_metadata():
 @router.get("/health/live")
 async def live(request: Request):
     """Like /healthz: not live once the engine cannot be rebuilt in this process, so the orchestrator restarts it."""
-    is_live = _state(request).not_live_reason is None
+    is_live = service_state(request).not_live_reason is None
     return JSONResponse({"live": is_live}, status_code=200 if is_live else 503)
 
 
 @router.get("/health/ready")
 async def ready(request: Request):
-    is_ready = _state(request).is_ready
+    is_ready = service_state(request).is_ready
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
@@ -51,8 +47,9 @@ async def ready(request: Request):
 async def model_metadata(request: Request, name: str, version: str | None = None):
     manifest = _model(request, name, version)
     spec = manifest.input
+    platform = service_state(request).engine.describe().name
     return {
-        "name": manifest.name, "versions": [str(manifest.version)], "platform": _state(request).engine.describe().name,
+        "name": manifest.name, "versions": [str(manifest.version)], "platform": platform,
         "inputs": [{"name": spec.name, "datatype": "FP32", "shape": [-1, spec.channels, spec.height, spec.width]}],
         "outputs": [{"name": manifest.output_name, "datatype": "FP32", "shape": [-1, manifest.num_classes]}],
     }
@@ -62,7 +59,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_ready(request: Request, name: str, version: str | None = None):
     _model(request, name, version)
-    is_ready = _state(request).is_ready
+    is_ready = service_state(request).is_ready
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
 
 
@@ -104,14 +101,13 @@ def _input_tensor(spec_in: dict, binary: bytes, expected: tuple[int, int, int], 
 @router.post("/models/{name}/versions/{version}/infer")
 async def infer(request: Request, name: str, version: str | None = None):
     manifest = _model(request, name, version)
-    state = _state(request)
-    body = await read_body_limited(request, state.settings.max_body_bytes)
+    state = service_state(request)
+    body = await read_body(request, state)
     header, binary = _parse_request(body, request.headers.get(BINARY_HEADER))
     spec = manifest.input
     batch = _input_tensor(header["inputs"][0], binary, (spec.channels, spec.height, spec.width),
                           state.settings.queue_size)
-    with admitted(request, len(batch)):
-        items = await run_items(request, list(batch))
+    items = await pipeline.infer(state, list(batch), http_client_gone(request))
     logits = np.stack([item.future.result() for item in items]).astype("<f4")
     wanted = header.get("outputs") or [{"name": manifest.output_name}]
     binary_out = bool((header.get("parameters") or {}).get("binary_data_output")) or any(
