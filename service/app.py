@@ -1,7 +1,6 @@
 """FastAPI app wiring: settings -> engine options, routers, exception handlers, the lifespan that owns the engine."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
 from service.errors import ApiError, error_response
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.model_manager import ModelManager
+from service.model_manager import EngineFactory, ModelManager
 from service.routes import router
 from service.security import install_edge
 from service.settings import Settings
@@ -26,7 +25,6 @@ from service.state import ServiceState
 from service.v2 import router as v2_router
 
 STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
-EngineFactory = Callable[[ModelVersion, Settings], Engine]
 
 
 def engine_options(settings: Settings) -> EngineOptions:
