@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from bench.host import cpu_model
+from bench.loadgen import photo_paths
 
 # (label, engine, precision, OpenVINO hint, batches in flight)
 CONFIGS = (
@@ -90,14 +91,12 @@ def engine_rounds(version, configs, batch_size: int, rounds: int, seconds: float
                 runs[label].append(images_per_s(engines[label], batch, in_flight, seconds))
     base = runs[configs[0][0]]
     return {label: {"images_per_s": median(rates), "rounds": rates,
-                    "vs_onnxruntime_fp32": median(r / b for r, b in zip(rates, base))}
+                    "vs_onnxruntime_fp32": median(r / b for r, b in zip(rates, base, strict=True))}
             for label, rates in runs.items()}
 
 
 def photo_jpeg(size: tuple[int, int], quality: int = 90) -> bytes:
     """A real photo (scikit-image's astronaut) upscaled to `size`, as a phone would store it: baseline JPEG."""
-    from bench.loadgen import photo_paths
-
     with Image.open(next(p for p in photo_paths() if p.name == "astronaut.png")) as image:
         picture = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
     buffer = io.BytesIO()

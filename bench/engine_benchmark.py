@@ -93,7 +93,8 @@ def time_callable(run, batch_size: int, warmup: int, iterations: int, max_second
     return batch_size * len(latencies) / elapsed, latencies
 
 
-def time_session(session, batch_size: int, warmup: int, iterations: int, max_seconds: float) -> tuple[float, list[float]]:
+def time_session(session, batch_size: int, warmup: int, iterations: int,
+                 max_seconds: float) -> tuple[float, list[float]]:
     """time_callable for an ONNX Runtime session on a seeded random batch of its input shape and type."""
     inp = session.get_inputs()[0]
     channels, height, width = (d if isinstance(d, int) else 224 for d in inp.shape[1:])
@@ -125,7 +126,7 @@ def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, w
     try:
         for batch_size in batch_sizes:
             x = np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
-            rate, latencies = time_callable(lambda: engine.run(x), batch_size, warmup, iterations, max_seconds)
+            rate, latencies = time_callable(lambda x=x: engine.run(x), batch_size, warmup, iterations, max_seconds)
             results.append(EngineResult(model, activation, precision, TENSORRT_ENGINE, batch_size, 0, rate,
                                         float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
                                         len(latencies)))

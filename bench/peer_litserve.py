@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     api = OnnxClassifierAPI(str(version.artifact_path(artifact)), version.manifest.preprocess.model_dump_json(),
                             args.threads, args.max_pixels, args.max_batch_size, args.batch_timeout_ms / 1000,
                             args.provider)
-    server = ls.LitServer(api, accelerator="cpu" if args.provider == "cpu" else "cuda", devices=1, workers_per_device=1, timeout=60)
+    server = ls.LitServer(api, accelerator="cpu" if args.provider == "cpu" else "cuda", devices=1, workers_per_device=1,
+                          timeout=60)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False)
 
 

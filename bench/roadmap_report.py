@@ -157,7 +157,7 @@ def plot(results: dict, path: Path) -> Path:
     path_rows = [s for s in steps if s["on_path"]]
     branch = [by_key[k] for k in ("kernel7", "kernel9", "kernel11") if k in by_key]
     fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 5.5), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
+    for ax, batch in zip(axes[0], batches, strict=True):
         for index, engine in enumerate(results["engines"]):
             color = f"C{index}"
             speed = [s["results"][engine][batch]["images_per_s"] for s in path_rows]
