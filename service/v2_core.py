@@ -3,17 +3,22 @@
 Adapters (HTTP: service/v2.py; gRPC: service/grpc_server.py) call only these; the messages are the pydantic models
 of service/v2_models.py (InferenceRequest, RequestInput, RequestOutput, their parameters, and the responses):
 
-    parse_request(header: bytes) -> InferenceRequest          a JSON header (HTTP); gRPC builds InferenceRequest itself
+    parse_request(header: bytes) -> InferenceRequest          the JSON header (HTTP)
+    build_request(fields: dict) -> InferenceRequest           the same fields as plain dicts/lists (gRPC; strict:
+        lists not tuples or repeated fields, bool is not a number); both raise 400 invalid_json / invalid_request
     await infer(state, name, version, request, binary, client_gone) -> InferResult
         binary: the bytes that follow the JSON header; an input with parameters.binary_data_size takes its next
         binary_data_size bytes, in input order. BYTES elements in binary are 4-byte little-endian length + bytes
-        (serialize_bytes), which is also gRPC's raw_input_contents / raw_output_contents layout.
+        (serialize_bytes), which is also gRPC's raw_input_contents / raw_output_contents layout: a gRPC input's
+        raw contents (or its bytes_contents, serialized) go in `binary` with binary_data_size = their length.
     InferResult(model_name, model_version, id, outputs: [OutputTensor(name, datatype, shape, array, binary)]);
         OutputTensor.raw() is its binary form, OutputTensor.json_data() its JSON `data` list
     model_metadata(state, name, version) -> ModelMetadataResponse;   model_ready(state, name, version) -> bool
     server_metadata() -> ServerMetadataResponse;   server_live(state) / server_ready(state) -> bool
+    resolve_model(state, name, version) -> V2Model            404 before any work for a model not served here
 Every refusal is an ApiError(status, code, message) (service/errors.py): 400 bad request, 404 unknown model,
-413 over a limit, 503 not ready / full, 504 deadline; a gRPC adapter maps the status to its own code.
+413 over a limit, 499 client gone, 500 engine failed, 503 not ready / full, 504 deadline; a gRPC adapter maps the
+status to its own code.
 
 Two v2 models serve the one loaded repository model `<name>`: `<name>` takes the preprocessed FP32 NCHW tensor,
 and `<name>_image` (IMAGE_SUFFIX) takes encoded images (BYTES input `IMAGE`, one JPEG/PNG/... per element: raw bytes
@@ -102,17 +107,28 @@ def serialize_bytes(elements) -> bytes:
     return b"".join(LENGTH_PREFIX.pack(len(e)) + e for e in elements)
 
 
+def _refused(err: ValidationError) -> ApiError:
+    errors = err.errors(include_url=False, include_input=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return ApiError(400, "invalid_json", f"the inference request is not valid JSON: {errors[0]['msg']}")
+    shown = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in errors[:MAX_ERRORS_SHOWN])
+    return ApiError(400, "invalid_request", f"the inference request does not follow the protocol: {shown}")
+
+
 def parse_request(header: bytes) -> InferenceRequest:
     """The JSON inference header -> InferenceRequest; 400 invalid_json / invalid_request naming what is wrong."""
     try:
         return InferenceRequest.model_validate_json(header)
     except ValidationError as err:
-        errors = err.errors(include_url=False, include_input=False)
-        if errors and errors[0]["type"] == "json_invalid":
-            message = f"the inference request is not valid JSON: {errors[0]['msg']}"
-            raise ApiError(400, "invalid_json", message) from None
-        shown = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in errors[:MAX_ERRORS_SHOWN])
-        raise ApiError(400, "invalid_request", f"the inference request does not follow the protocol: {shown}") from None
+        raise _refused(err) from None
+
+
+def build_request(fields: dict) -> InferenceRequest:
+    """Plain Python fields (dicts, lists, ints, floats, str, bool: the JSON's shape) -> InferenceRequest, or 400."""
+    try:
+        return InferenceRequest.model_validate(fields)
+    except ValidationError as err:
+        raise _refused(err) from None
 
 
 def server_metadata() -> ServerMetadataResponse:
