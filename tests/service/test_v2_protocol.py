@@ -177,6 +177,7 @@ def test_the_service_still_serves_after_the_malformed_requests(service_url):
         httpx.post(f"{service_url}{path}", content=body, headers=headers)
     assert httpx.get(f"{service_url}/v2/health/ready").json() == {"ready": True}
     assert httpx.post(f"{service_url}{INFER}", content=VALID).status_code == 200
+    assert httpx.post(f"{service_url}/v2/models/atto/versions/1/infer", content=VALID).status_code == 200
     body, headers = binary_request(BINARY_HEADER, ZERO_BYTES)
     assert httpx.post(f"{service_url}{INFER}", content=body, headers=headers).status_code == 200
 
