@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
-from pydantic import ValidationError
 
 from service import v2_core
 from service.errors import ApiError
@@ -35,7 +34,6 @@ STATUS_CODES = {
     500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 ERROR_CODE_KEY = "convnext-error-code"  # trailing metadata: the machine-readable code of the HTTP API's JSON errors
-MAX_ERRORS_SHOWN = 3
 # uvicorn's configured logger: the gRPC address is logged beside the HTTP one ("Uvicorn running on ...").
 logger = logging.getLogger("uvicorn.error")
 
@@ -130,14 +128,9 @@ def inference_request_of(request: pb.ModelInferRequest) -> tuple[InferenceReques
             entry["data"] = values
         inputs.append(entry)
     outputs = [{"name": o.name, "parameters": parameters_of(o.parameters)} for o in request.outputs]
-    message = {"id": request.id or None, "parameters": parameters_of(request.parameters), "inputs": inputs,
-               "outputs": outputs or None}
-    try:
-        return InferenceRequest.model_validate(message), b"".join(chunks)
-    except ValidationError as err:
-        errors = err.errors(include_url=False, include_input=False)
-        shown = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in errors[:MAX_ERRORS_SHOWN])
-        raise ApiError(400, "invalid_request", f"the inference request does not follow the protocol: {shown}") from None
+    fields = {"id": request.id or None, "parameters": parameters_of(request.parameters), "inputs": inputs,
+              "outputs": outputs or None}
+    return v2_core.build_request(fields), b"".join(chunks)
 
 
 def grpc_client_gone(context: grpc.aio.ServicerContext) -> ClientGone:

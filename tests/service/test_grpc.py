@@ -99,6 +99,76 @@ def test_typed_fp32_contents_are_accepted_like_raw_contents(served, batch):
     np.testing.assert_allclose(logits, expected, atol=1e-5)
 
 
+def image_input(photos) -> triton_grpc.InferInput:
+    tensor = triton_grpc.InferInput("IMAGE", [len(photos)], "BYTES")
+    tensor.set_data_from_numpy(np.array([p.read_bytes() for p in photos], dtype=object))
+    return tensor
+
+
+def test_the_encoded_image_model_preprocesses_like_classify(served, real_photos, batch):
+    url, client = served
+    metadata = client.get_model_metadata("atto_image", as_json=True)
+    assert metadata["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": ["-1"]}]
+    assert metadata["platform"].startswith("ensemble")
+    photos = real_photos[:3]  # two JPEGs and a PNG
+    result = client.infer("atto_image", [image_input(photos)])
+    assert result.get_response().model_name == "atto_image"
+    tensors = client.infer("atto", [fp32_input(batch)]).as_numpy("logits")
+    np.testing.assert_allclose(result.as_numpy("logits"), tensors, atol=1e-5)  # the server's exact preprocessing
+
+
+def parse_classes(entries: np.ndarray) -> list[list[tuple[float, int, str]]]:
+    return [[(float(s), int(i), label) for s, i, label in (e.decode().split(":", 2) for e in row)] for row in entries]
+
+
+@pytest.mark.parametrize("model", ["atto", "atto_image"])
+def test_classification_over_grpc_equals_http_and_ranks_the_logits(served, real_photos, batch, model):
+    url, client = served
+    inputs = [image_input(real_photos[:3])] if model == "atto_image" else [fp32_input(batch)]
+    asked = [triton_grpc.InferRequestedOutput("logits", class_count=3)]
+    top = client.infer(model, inputs, outputs=asked).as_numpy("logits")
+    assert top.shape == (3, 3) and top.dtype == object
+    classes = parse_classes(top)
+    logits = client.infer("atto", [fp32_input(batch)]).as_numpy("logits")
+    labels = ModelRepository(url.app.state.service.settings.repository).load("atto").manifest.labels
+    for row, ranked in zip(logits, classes, strict=True):
+        assert [i for _, i, _ in ranked] == list(np.argsort(-row, kind="stable")[:3])
+        assert [label for _, i, label in ranked] == [labels[i] for _, i, _ in ranked]
+        np.testing.assert_allclose([s for s, _, _ in ranked], np.sort(row)[::-1][:3], atol=1e-5)
+    http = triton_http.InferenceServerClient(url.removeprefix("http://"))
+    if model == "atto_image":
+        tensor = triton_http.InferInput("IMAGE", [3], "BYTES")
+        tensor.set_data_from_numpy(np.array([p.read_bytes() for p in real_photos[:3]], dtype=object))
+    else:
+        tensor = triton_http.InferInput("input", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch)
+    over_http = http.infer(model, [tensor], outputs=[triton_http.InferRequestedOutput("logits", class_count=3)])
+    for grpc_row, http_row in zip(classes, parse_classes(over_http.as_numpy("logits")), strict=True):
+        assert [i for _, i, _ in grpc_row] == [i for _, i, _ in http_row]
+        np.testing.assert_allclose([s for s, _, _ in grpc_row], [s for s, _, _ in http_row], atol=1e-5)
+
+
+def test_typed_bytes_contents_and_bad_images_on_the_image_model(served, real_photos):
+    url, client = served
+    request = pb.ModelInferRequest(model_name="atto_image")
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+        real_photos[0].read_bytes())
+    response = pb.ModelInferResponse.FromString(raw_call(grpc_address(url), "ModelInfer", request.SerializeToString()))
+    expected = client.infer("atto_image", [image_input(real_photos[:1])]).as_numpy("logits")
+    np.testing.assert_allclose(np.frombuffer(response.raw_output_contents[0], "<f4").reshape(1, 10), expected,
+                               atol=1e-5)
+    broken = triton_grpc.InferInput("IMAGE", [1], "BYTES")
+    broken.set_data_from_numpy(np.array([b"not an image"], dtype=object))
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("atto_image", [broken])
+    assert status_of(raised.value) == "INVALID_ARGUMENT" and "IMAGE[0]" in raised.value.message()
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("atto_image", [image_input(real_photos[:1])],
+                     outputs=[triton_grpc.InferRequestedOutput("logits", class_count=11)])
+    assert status_of(raised.value) == "INVALID_ARGUMENT" and "classification" in raised.value.message()
+    assert client.is_server_ready()
+
+
 @pytest.mark.parametrize("bad,status,words", [
     (lambda b: ("atto", [fp32_input(np.zeros((1, 3, 8, 8), np.float32))]), "INVALID_ARGUMENT", "shape"),
     (lambda b: ("atto", [fp32_input(b.astype(np.float64), datatype="FP64")]), "INVALID_ARGUMENT", "datatype"),
