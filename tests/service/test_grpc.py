@@ -207,6 +207,58 @@ def test_malformed_messages_are_invalid_argument_and_the_server_keeps_serving(se
     assert 'convnext_grpc_requests_total{code="OK",method="ModelInfer"}' in text
 
 
+ANSWERS = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+           grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def mutated_requests(batch: np.ndarray, seed: int = 16):
+    """Valid ModelInfer requests with one part made wrong at random, then flipped or truncated bytes of valid ones."""
+    rng = np.random.default_rng(seed)
+    parameter_values = [{"bool_param": True}, {"int64_param": -3}, {"int64_param": 0}, {"int64_param": 2**62},
+                        {"string_param": "3"}, {"double_param": float("nan")}, {"uint64_param": 2**64 - 1}, {}]
+    for case in range(150):
+        request = pb.ModelInferRequest(model_name=str(rng.choice(["atto", "atto_image", "atto", ""])))
+        shape = [1, 3, 64, 64]
+        if case % 5 == 1:
+            shape[int(rng.integers(4))] = int(rng.choice([-1, 0, 2, 65, 2**40, -(2**63)]))
+        tensor = request.inputs.add(name=str(rng.choice(["input", "IMAGE", ""])), shape=shape,
+                                    datatype=str(rng.choice(["FP32", "BYTES", "FP16", "INT64", "nonsense"])))
+        raw = batch[:1].tobytes()
+        if case % 7 == 2:
+            raw = raw[: int(rng.integers(len(raw)))]
+        request.raw_input_contents.append(raw)
+        if case % 3 == 0:
+            output = request.outputs.add(name=str(rng.choice(["logits", "other"])))
+            output.parameters["classification"].CopyFrom(pb.InferParameter(**parameter_values[case % 8]))
+        if case % 11 == 3:
+            tensor.contents.fp32_contents.append(1.0)  # both raw and typed contents
+        if case % 13 == 4:
+            request.raw_input_contents.append(b"extra")
+        body = request.SerializeToString()
+        if case % 4 == 3:  # damage the encoding itself
+            body = bytearray(body[: max(1, int(rng.integers(len(body))))])
+            body[int(rng.integers(len(body)))] ^= 0xFF
+            body = bytes(body)
+        yield body
+
+
+def test_mutated_calls_get_only_client_error_codes_and_the_server_stays_ready(served, batch):
+    url, client = served
+    answered = []
+    with grpc.insecure_channel(grpc_address(url)) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for body in mutated_requests(batch):
+            try:
+                call(body, timeout=30)
+                answered.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                assert err.code() in ANSWERS, (err.code(), err.details())
+                answered.append(err.code())
+    assert grpc.StatusCode.INVALID_ARGUMENT in answered and grpc.StatusCode.OK in answered
+    assert client.is_server_ready()
+    assert client.infer("atto", [fp32_input(batch[:1])]).as_numpy("logits").shape == (1, 10)
+
+
 def test_api_key_and_message_size_limit_apply_to_grpc(model_repository, launch, batch):
     with launch(model_repository, grpc_port=free_port(), api_key=API_KEY, max_body_bytes=100_000) as url:
         client = triton_grpc.InferenceServerClient(grpc_address(url))
