@@ -16,6 +16,7 @@ from runtime.repository import ModelVersion
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
 from service.errors import ApiError, error_response
+from service.grpc_server import start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_manager import EngineFactory, ModelManager
 from service.routes import router
@@ -50,9 +51,14 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         app.state.service = state
         state.models = ModelManager(settings, metrics, engine_factory)
         await state.models.start()
+        grpc_server = None
         try:
+            if settings.grpc_port:
+                grpc_server = await start_grpc_server(state)
             yield
         finally:
+            if grpc_server is not None:  # in-flight calls finish first (new ones are refused), then the batcher drains
+                await grpc_server.stop(settings.request_timeout_ms / 1000)
             await state.models.stop(settings.request_timeout_ms / 1000)
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
 

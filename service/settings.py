@@ -15,6 +15,9 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(8001, ge=0, le=65535, description=(
+        "the Open Inference Protocol over gRPC (inference.GRPCInferenceService, as Triton's) listens on host:grpc_port "
+        "with the same API key, limits and batcher as HTTP; 0: no gRPC server"))
     repository: str = "models"
     model: str | None = None  # default: the first model in the repository
     version: int | None = Field(None, ge=1)  # default: the latest version
