@@ -33,8 +33,10 @@ def free_port() -> int:
 
 
 def service(args: Sequence[str], env: Mapping[str, str] | None = None, ready_timeout_s: float = 120.0):
-    """Our service (`python -m service ARGS`) on loopback, ready when /readyz answers 200."""
-    return server_process("service", ["--host", "127.0.0.1", *args], "/readyz", ready_timeout_s, env)
+    """Our service (`python -m service ARGS`) on loopback, ready when /readyz answers 200; HTTP only (the benches time
+    HTTP, and no gRPC port is taken from a service already running on this host)."""
+    return server_process("service", ["--host", "127.0.0.1", "--grpc-port", "0", *args], "/readyz", ready_timeout_s,
+                          env)
 
 
 def litserve_peer(args: Sequence[str], ready_timeout_s: float = 120.0):
