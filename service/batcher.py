@@ -254,11 +254,12 @@ class Batcher:
         """The batches in flight that the next one must wait for: a previous engine's, or all of them once the
         engine's slots are taken. Batches on an engine abandoned at a timeout wait for their own timeout only."""
         served = self.served
-        running = {task: model for task, model in self._running.items() if model not in self._hung}
+        running = {task: model for task, model in self._running.items()
+                   if model not in self._hung and not task.done()}
         previous = [task for task, model in running.items() if model is not served]
         if previous:
             return previous
-        slots = served.engine.max_concurrent_batches if served is not None else 1
+        slots = min(served.engine.max_concurrent_batches, served.thread.workers) if served is not None else 1
         return list(running) if len(running) >= slots else []
 
     async def _free_slot(self) -> None:
