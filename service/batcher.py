@@ -239,8 +239,11 @@ class Batcher:
         while True:
             await self._free_slot()  # a batch gathered now fills from everything queued while the slots were busy
             batch = await self._gather()
-            await self._has_engine.wait()  # while the engine is being reloaded, the batch waits for the new one
-            await self._free_slot()  # a swap during the gather may have brought an engine with fewer slots
+            # While the engine is being reloaded the batch waits for the new one, and for a slot on it (a swap during
+            # the gather may have brought an engine with fewer slots); checked again after every wait.
+            while self.served is None or self._blocking():
+                await self._has_engine.wait()
+                await self._free_slot()
             self.metrics.queue_depth.set(self.queue.qsize())
             batch = self._live(batch)
             if not batch:

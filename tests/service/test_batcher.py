@@ -356,3 +356,29 @@ def test_submit_last_runs_after_the_calls_other_workers_are_still_running():
     assert close_waited and order == ["run", "close"]
     with pytest.raises(RuntimeError, match="was stopped"):
         threads.submit(order.append, "late").result(1)
+
+
+def test_batches_still_on_a_hung_engine_do_not_hold_back_its_replacement():
+    async def scenario():
+        hung, fresh = ConcurrentEngine(slots=2), RecordingEngine()
+        batcher = Batcher(concurrent_served(hung), max_batch_size=4, max_queue_delay_ms=1, queue_size=32,
+                          metrics=ServiceMetrics(), engine_timeout_ms=500)
+        batcher.start()
+        (first,) = batcher.submit(tensors(1), time.monotonic() + 10)  # never released: the engine hangs
+        await asyncio.sleep(0.3)
+        (second,) = batcher.submit(tensors(2), time.monotonic() + 10)  # in the second slot, times out 0.3 s later
+        with pytest.raises(EngineTimeoutError):
+            await asyncio.wait_for(first.future, 5)
+        await asyncio.wait_for(batcher.swap(served(fresh, 2)), 0.2)  # no wait for the hung engine's other batch
+        (third,) = batcher.submit(tensors(3), time.monotonic() + 10)
+        row = await asyncio.wait_for(third.future, 5)
+        second_pending_meanwhile = not second.future.done()
+        with pytest.raises(EngineTimeoutError):
+            await asyncio.wait_for(second.future, 5)
+        for gate in hung.gates:
+            gate.set()
+        await batcher.drain()
+        return row, second_pending_meanwhile, fresh.batches
+
+    row, second_pending, fresh_batches = run(scenario())
+    assert row[0] == 3.0 and second_pending and fresh_batches == [[3.0]]
