@@ -63,7 +63,8 @@ def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = N
                          "the body is not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
-    return to_rgb(ImageOps.exif_transpose(image))
+    ImageOps.exif_transpose(image, in_place=True)  # in place: without an Orientation tag it would copy every picture
+    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
