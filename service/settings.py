@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     repository: str = "models"
     model: str | None = None  # default: the first model in the repository
     version: int | None = Field(None, ge=1)  # default: the latest version
-    engine: Literal["onnxruntime", "tensorrt", "openvino"] = "onnxruntime"
+    # auto: the faster fp32 CPU engine, ONNX Runtime or OpenVINO, measured on the served model at start (README).
+    engine: Literal["onnxruntime", "tensorrt", "openvino", "auto"] = "onnxruntime"
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
     # On CPU a batch of 8 already saturates the cores; larger batches only add latency (on 2 cores, 2 is better still:
@@ -60,8 +61,9 @@ class Settings(BaseSettings):
         "exact", description="exact: training's transform bit for bit; fast: large JPEGs decode at 1/2-1/8 scale in "
         "the DCT (short side kept >= twice the resize target), then the same resize + crop (README, Settings)")
     openvino_performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
-        "LATENCY", description="--engine openvino: LATENCY runs each batch on every thread (the batcher sends one "
-        "batch at a time); THROUGHPUT splits the cores into streams that only pay with several batches in flight")
+        "LATENCY", description="--engine openvino: LATENCY runs each batch on every thread, one batch at a time; "
+        "THROUGHPUT splits the cores into streams and the batcher keeps as many batches in flight as OpenVINO's "
+        "optimal number of infer requests")
 
     @model_validator(mode="before")
     @classmethod
