@@ -61,6 +61,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib \
     CONVNEXT_HOST=0.0.0.0 \
     CONVNEXT_PORT=8000 \
+    CONVNEXT_GRPC_PORT=8001 \
     CONVNEXT_REPOSITORY=/models \
     CONVNEXT_ENGINE=tensorrt \
     CONVNEXT_PROVIDER=cuda \
@@ -76,6 +77,7 @@ COPY --chown=convnext deploy/entrypoint.py deploy/healthcheck.py deploy/host_che
 USER 10001
 VOLUME ["/models"]
 EXPOSE 8000
+EXPOSE 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=300s --retries=3 CMD ["python", "/app/deploy/healthcheck.py"]
 ENTRYPOINT ["/usr/local/bin/tini", "--", "python", "/app/deploy/entrypoint.py"]
 CMD ["serve"]
@@ -109,6 +111,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CONVNEXT_HOST=0.0.0.0 \
     CONVNEXT_PORT=8000 \
+    CONVNEXT_GRPC_PORT=8001 \
     CONVNEXT_REPOSITORY=/models \
     CONVNEXT_ENGINE=onnxruntime \
     CONVNEXT_PROVIDER=cpu \
@@ -122,6 +125,7 @@ COPY --chown=convnext deploy/entrypoint.py deploy/healthcheck.py deploy/host_che
 USER 10001
 VOLUME ["/models"]
 EXPOSE 8000
+EXPOSE 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 CMD ["python", "/app/deploy/healthcheck.py"]
 ENTRYPOINT ["/usr/local/bin/tini", "--", "python", "/app/deploy/entrypoint.py"]
 CMD ["serve"]

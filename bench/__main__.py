@@ -8,41 +8,38 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench.host import cpu_model, free_port, server_process
+from bench import cpu_engines, cpu_serving, serve_benchmark, soak
+from bench.engine_benchmark import benchmark_onnx, compare_models
+from bench.host import cpu_model
+from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
+from bench.lone_request import lone_requests
+from bench.open_loop import open_loop
+from bench.preprocess_cost import preprocess_report
+from bench.presets import PRESETS, Preset
+from bench.report import batch_distribution, batch_histogram, service_efficiency, write_report
+from bench.server_process import litserve_peer, service
+from bench.service_metrics import scrape
 from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
+from runtime.repository import ModelRepository
 
-SMOKE = {"name": "smoke", "variants": [("convnext_atto", "gelu"), ("convnext_atto", "relu")], "precisions": ["fp32"],
-         "batch_sizes": [1, 2], "iterations": 3, "max_seconds": 2.0, "concurrency": [1, 4], "rate": 4.0,
-         "requests": 12, "seconds": 6.0, "lone_requests": 3, "peer": True}
-FULL = {"name": "full", "variants": [("convnext_tiny", "gelu"), ("convnext_tiny", "relu"), ("resnet50", "relu")],
-        "precisions": ["fp32", "int8"], "batch_sizes": [1, 2, 4, 8, 16, 32], "iterations": 30, "max_seconds": 20.0,
-        "concurrency": [1, 8, 32], "rate": None, "requests": 600, "seconds": 60.0, "lone_requests": 40, "peer": True}
-# A GPU host: ORT CUDA / TensorRT providers on fp32 + fp16 ONNX, native TensorRT engines fp16 / bf16 / fp32, larger
-# batches, and the service on its TensorRT fp16 engine.
-GPU = {"precisions": ["fp32", "fp16", "bf16", "int8"], "tensorrt_precisions": ["fp16", "bf16", "fp32"],
-       "batch_sizes": [1, 2, 4, 8, 16, 32, 64], "concurrency": [1, 8, 32, 128], "rate": 200.0, "requests": 4000,
-       "lone_requests": 200,
-       "service": {"engine": "tensorrt", "provider": "cuda", "precision": "fp16"}}
-CPU_SERVICE = {"engine": "onnxruntime", "provider": "cpu", "precision": "fp32"}
 MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
 SPINNING_OFF = {"CONVNEXT_ORT_SPINNING": "false"}
 
 
-def load_runs(url: str, server: str, cfg: dict, payloads: list[bytes], form_field: str | None = None,
-              concurrency_levels: list[int] | None = None, open_loop_too: bool = True) -> list[dict]:
-    from bench.loadgen import closed_loop, open_loop
-
+def load_runs(url: str, server: str, preset: Preset, payloads: list[bytes], form_field: str | None = None,
+              concurrency_levels: tuple[int, ...] | None = None, open_loop_too: bool = True) -> list[dict]:
+    """Closed loop at each concurrency, then (unless told not to) one open-loop run at the preset's rate."""
     runs = []
-    for concurrency in concurrency_levels or cfg["concurrency"]:
-        result = asyncio.run(closed_loop(url, payloads, concurrency, cfg["requests"], cfg["seconds"],
+    for concurrency in concurrency_levels or preset.concurrency:
+        result = asyncio.run(closed_loop(url, payloads, concurrency, preset.requests, preset.seconds,
                                          form_field=form_field))
         runs.append({"server": server, **result.summary(), "latencies_ms": result.latencies_ms})
     if not open_loop_too:
         return runs
-    result = asyncio.run(open_loop(url, payloads, cfg["rate"], cfg["requests"], cfg["seconds"], form_field=form_field))
+    result = asyncio.run(open_loop(url, payloads, preset.rate, preset.requests, preset.seconds, form_field=form_field))
     runs.append({"server": server, **result.summary(), "latencies_ms": result.latencies_ms})
     return runs
 
@@ -50,9 +47,6 @@ def load_runs(url: str, server: str, cfg: dict, payloads: list[bytes], form_fiel
 def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engine: list[dict], load: list[dict],
                             threads: int, by_size: list[dict] | None = None) -> tuple[dict, dict | None]:
     """Preprocessing cost per image vs the engine's, and a lone request's p50 vs the engine's batch-1 p50."""
-    from bench.preprocess_cost import preprocess_report
-    from runtime.repository import ModelRepository
-
     spec = ModelRepository(repo).load(served, verify_files=False).manifest.preprocess
     at_max = [r for r in engine if r["batch_size"] == min(MAX_BATCH_SIZE, max(r["batch_size"] for r in engine))]
     engine_cpu_ms = threads * 1000 / at_max[0]["images_per_s"] if at_max else None
@@ -72,82 +66,80 @@ def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engi
 
 def lone_request_breakdown(url: str, requests: int) -> list[dict]:
     """bench.lone_request per payload size, against the running service."""
-    from bench.loadgen import PAYLOAD_SIZES, jpeg_payloads
-    from bench.lone_request import lone_requests
-
     return [{"size": f"{w}x{h}", **asyncio.run(lone_requests(url, jpeg_payloads(sizes=((w, h),)), requests))}
             for w, h in PAYLOAD_SIZES]
 
 
-def open_loop_rate(cfg: dict, engine: list[dict]) -> float:
+def open_loop_rate(preset: Preset, engine: list[dict]) -> float:
     """The configured arrival rate, or half the served engine's images/s at the max batch size (a moderate load)."""
-    if cfg.get("rate") is not None:
-        return cfg["rate"]
+    if preset.rate is not None:
+        return preset.rate
     at_max = [r for r in engine if r["batch_size"] == min(MAX_BATCH_SIZE, max(r["batch_size"] for r in engine))]
     return round(0.5 * at_max[0]["images_per_s"], 1) if at_max else 1.0
 
 
-def run_all(cfg: dict, out_dir: Path, providers: list[str], threads: int) -> dict:
+def load_our_service(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> dict:
+    """Our service under load (and, on CPU, again with ORT spinning off), its batch sizes, and lone requests."""
+    engine = preset.service
+    args = ["--repository", repo, "--model", served, "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms",
+            str(QUEUE_DELAY_MS), "--intra-op-threads", str(threads), "--engine", engine.engine, "--provider",
+            engine.provider, "--precision", engine.precision]
+    ready_s = 900 if engine.engine == "tensorrt" else 120  # a TensorRT build on first start takes minutes
+    out = {}
+    with service(args, ready_timeout_s=ready_s) as server:
+        before = batch_histogram(asyncio.run(scrape(server.url)))
+        out["load"] = load_runs(f"{server.url}/classify", "ours", preset, payloads)
+        out["batch_distribution"] = batch_distribution(before, batch_histogram(asyncio.run(scrape(server.url))))
+        out["by_size"] = lone_request_breakdown(f"{server.url}/classify", preset.lone_requests)  # batches of one
+    if engine.provider == "cpu":
+        # The ort_spinning trade-off, same run: a lone request's latency and saturated throughput with it off.
+        with service(args, env=SPINNING_OFF) as server:
+            out["load"] += load_runs(f"{server.url}/classify", "ours (ORT spinning off)", preset, payloads,
+                                     concurrency_levels=(1, max(preset.concurrency)), open_loop_too=False)
+    return out
+
+
+def load_peer(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> list[dict]:
+    """The LitServe peer under the same load, on the same ONNX file, provider and batching settings."""
+    on_cpu = preset.service.provider == "cpu"
+    args = ["--repository", repo, "--model", served, "--max-batch-size", str(MAX_BATCH_SIZE), "--batch-timeout-ms",
+            str(QUEUE_DELAY_MS), "--threads", str(threads), "--provider", "cpu" if on_cpu else "cuda",
+            "--precision", "fp32" if on_cpu else "fp16"]
+    with litserve_peer(args) as peer:
+        return load_runs(f"{peer.url}/predict", "litserve", preset, payloads, form_field="content")
+
+
+def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -> dict:
     """Export, engine sweep, model comparison, then load against our service and the peer; writes the report."""
-    import httpx
-
-    from bench.engine_benchmark import compare_models
-    from bench.loadgen import jpeg_payloads
-    from bench.report import batch_distribution, batch_histogram, service_efficiency, write_report
-
-    results = {"config": {**cfg, "providers": providers, "threads": threads, "max_batch_size": MAX_BATCH_SIZE,
-                          "max_queue_delay_ms": QUEUE_DELAY_MS},
+    results = {"config": {**asdict(preset), "providers": providers, "threads": threads,
+                          "max_batch_size": MAX_BATCH_SIZE, "max_queue_delay_ms": QUEUE_DELAY_MS},
                "host": f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cores, load average "
                        f"{tuple(round(x, 2) for x in os.getloadavg())}"}
     with tempfile.TemporaryDirectory(prefix="bench-repo-") as repo:
-        results["compare"] = compare_models(Path(repo), cfg["variants"], cfg["precisions"], cfg["batch_sizes"],
-                                            providers, cfg.get("tensorrt_precisions", ()), threads=threads,
-                                            iterations=cfg["iterations"],
-                                            max_seconds=cfg["max_seconds"])
-        served = f"{cfg['variants'][0][0].replace('_', '-')}-{cfg['variants'][0][1]}"
-        service = cfg.get("service", CPU_SERVICE)
-        served_provider = "tensorrt-engine" if service["engine"] == "tensorrt" else service["provider"]
+        results["compare"] = compare_models(Path(repo), preset.variants, preset.precisions, preset.batch_sizes,
+                                            providers, preset.tensorrt_precisions, threads=threads,
+                                            iterations=preset.iterations, max_seconds=preset.max_seconds)
+        served = f"{preset.variants[0][0].replace('_', '-')}-{preset.variants[0][1]}"
+        engine = preset.service
+        served_provider = "tensorrt-engine" if engine.engine == "tensorrt" else engine.provider
         # The raw engine the service runs: efficiency and the low-load comparison are against it.
-        engine = [r for r in results["compare"]["models"][0]["results"]
-                  if r["precision"] == service["precision"] and r["provider"] == served_provider]
-        results["served_engine"] = {**service, "engine_rows": f"{service['precision']}/{served_provider}"}
-        cfg = {**cfg, "rate": open_loop_rate(cfg, engine)}
-        results["config"]["rate"] = cfg["rate"]
+        engine_rows = [r for r in results["compare"]["models"][0]["results"]
+                       if r["precision"] == engine.precision and r["provider"] == served_provider]
+        results["served_engine"] = {**asdict(engine), "engine_rows": f"{engine.precision}/{served_provider}"}
+        preset = replace(preset, rate=open_loop_rate(preset, engine_rows))
+        results["config"]["rate"] = preset.rate
         payloads = jpeg_payloads()
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "service", "--repository", repo, "--model", served, "--host", "127.0.0.1",
-                   "--port", str(port), "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms",
-                   str(QUEUE_DELAY_MS), "--intra-op-threads", str(threads), "--engine", service["engine"],
-                   "--provider", service["provider"], "--precision", service["precision"]]
-        ready_s = 900 if service["engine"] == "tensorrt" else 120  # a TensorRT build on first start takes minutes
-        with server_process(command, f"{base}/readyz", ready_s):
-            before = batch_histogram(httpx.get(f"{base}/metrics").text)
-            results["load"] = load_runs(f"{base}/classify", "ours", cfg, payloads)
-            after = batch_histogram(httpx.get(f"{base}/metrics").text)
-            results["batch_distribution"] = batch_distribution(before, after)
-            by_size = lone_request_breakdown(f"{base}/classify", cfg["lone_requests"])  # after: batches of one
-        if service["provider"] == "cpu":
-            # The ort_spinning trade-off, same run: a lone request's latency and saturated throughput with it off.
-            with server_process(command, f"{base}/readyz", env=SPINNING_OFF):
-                results["load"] += load_runs(f"{base}/classify", "ours (ORT spinning off)", cfg, payloads,
-                                             concurrency_levels=[1, max(cfg["concurrency"])], open_loop_too=False)
+        ours = load_our_service(repo, served, preset, payloads, threads)
+        results["load"], results["batch_distribution"] = ours["load"], ours["batch_distribution"]
         results["preprocess"], results["low_load"] = preprocess_and_low_load(
-            Path(repo), served, payloads, engine, results["load"], threads, by_size)
-        if cfg["peer"]:
-            port = free_port()
-            command = [sys.executable, "-m", "bench.peer_litserve", "--repository", repo, "--model", served, "--port",
-                       str(port), "--max-batch-size", str(MAX_BATCH_SIZE), "--batch-timeout-ms", str(QUEUE_DELAY_MS),
-                       "--threads", str(threads), "--provider", "cpu" if service["provider"] == "cpu" else "cuda",
-                       "--precision", "fp32" if service["provider"] == "cpu" else "fp16"]
-            with server_process(command, f"http://127.0.0.1:{port}/health"):
-                results["load"] += load_runs(f"http://127.0.0.1:{port}/predict", "litserve", cfg, payloads,
-                                             form_field="content")
-    engine_at_max = min(MAX_BATCH_SIZE, max(cfg["batch_sizes"]))
+            Path(repo), served, payloads, engine_rows, results["load"], threads, ours["by_size"])
+        if preset.peer:
+            results["load"] += load_peer(repo, served, preset, payloads, threads)
+    engine_at_max = min(MAX_BATCH_SIZE, max(preset.batch_sizes))
     results["efficiency_batch_size"] = engine_at_max
     for run in results["load"]:  # open loop is paced by its arrival rate: an efficiency there means nothing
         closed = run["mode"] == "closed"
-        run["efficiency"] = service_efficiency(run["images_per_s"], engine, engine_at_max) if closed else None
+        run["efficiency"] = service_efficiency(run["images_per_s"], engine_rows, engine_at_max) if closed else None
     write_report(results, out_dir)
     return results
 
@@ -220,38 +212,26 @@ def get_args_parser() -> argparse.ArgumentParser:
 @exit_on_expected_errors("convnext bench", (OSError, ValueError, RuntimeError))
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["torch"]:
-        from bench.model_throughput import main as torch_main
+    if argv[:1] in (["torch"], ["roadmap"]):
+        # These two import torch (and export), which no other subcommand needs: loaded only when asked for.
+        if argv[0] == "torch":
+            from bench.model_throughput import main as torch_main
 
-        torch_main(argv[1:])
-        return 0
-    if argv[:1] == ["serve"]:
-        from bench.serve_benchmark import main as serve_main
-
-        return serve_main(argv[1:])
-    if argv[:1] in (["cpu"], ["cpu-serving"]):
-        from bench.cpu_engines import main as cpu_main
-        from bench.cpu_serving import main as cpu_serving_main
-
-        return (cpu_main if argv[0] == "cpu" else cpu_serving_main)(argv[1:])
-    if argv[:1] == ["soak"]:
-        from bench.soak import main as soak_main
-
-        return soak_main(argv[1:])
-    if argv[:1] == ["roadmap"]:
+            torch_main(argv[1:])
+            return 0
         from bench.roadmap import main as roadmap_main
 
         return roadmap_main(argv[1:])
+    subcommands = {"serve": serve_benchmark.main, "cpu": cpu_engines.main, "cpu-serving": cpu_serving.main,
+                   "soak": soak.main}
+    if argv[:1] and argv[0] in subcommands:
+        return subcommands[argv[0]](argv[1:])
     args = get_args_parser().parse_args(argv)
     if args.command == "engine":
-        from bench.engine_benchmark import benchmark_onnx
-
         for r in benchmark_onnx(args.onnx, args.batch_sizes, provider=args.provider, threads=args.threads,
                                 iterations=args.iterations):
             print(json.dumps(asdict(r)))
     elif args.command == "load":
-        from bench.loadgen import closed_loop, jpeg_payloads, open_loop
-
         payloads = jpeg_payloads()
         if args.rate:
             result = open_loop(args.url, payloads, args.rate, args.requests, args.seconds, form_field=args.form_field)
@@ -260,15 +240,16 @@ def main(argv: list[str] | None = None) -> int:
                                  form_field=args.form_field)
         print(json.dumps(asyncio.run(result).summary(), indent=2))
     else:
-        cfg = dict(SMOKE if args.smoke else FULL, peer=not args.no_peer and (SMOKE if args.smoke else FULL)["peer"])
+        preset = PRESETS["smoke" if args.smoke else "full"]
+        preset = replace(preset, peer=preset.peer and not args.no_peer)
         providers = ["cpu", "cuda", "tensorrt"] if args.gpu else ["cpu"]
         if args.gpu:
             missing = gpu_missing()
             if missing:
                 print(f"convnext bench all --gpu: {missing}", file=sys.stderr)
                 return 2
-            cfg |= GPU | {"name": cfg["name"] + "-gpu"}
-        results = run_all(cfg, args.out, providers, args.threads)
+            preset = preset.on_gpu()
+        results = run_all(preset, args.out, providers, args.threads)
         print((args.out / "report.md").read_text())
         print("wrote", ", ".join(results["files"].values()))
     return 0

@@ -6,8 +6,8 @@
 Every configuration runs once per round, in turn, so a neighbour's load hits all of them alike; the report gives
 each one's median images/s over the rounds and the median of its per-round ratio to ONNX Runtime fp32. The engines
 are the service's own classes (runtime/engines/), with the settings the service passes them. "2 in flight" runs
-OpenVINO's THROUGHPUT hint with two infer requests at once (AsyncInferQueue): what a batcher feeding two batches at a
-time would get; the service's batcher runs one batch at a time.
+OpenVINO's THROUGHPUT hint with two infer requests at once (AsyncInferQueue): what the service's batcher feeds under
+`openvino_performance_hint THROUGHPUT` (Engine.max_concurrent_batches batches in flight).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from bench.host import cpu_model
+from bench.loadgen import photo_paths
 
 # (label, engine, precision, OpenVINO hint, batches in flight)
 CONFIGS = (
@@ -96,8 +97,6 @@ def engine_rounds(version, configs, batch_size: int, rounds: int, seconds: float
 
 def photo_jpeg(size: tuple[int, int], quality: int = 90) -> bytes:
     """A real photo (scikit-image's astronaut) upscaled to `size`, as a phone would store it: baseline JPEG."""
-    from bench.loadgen import photo_paths
-
     with Image.open(next(p for p in photo_paths() if p.name == "astronaut.png")) as image:
         picture = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
     buffer = io.BytesIO()

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,11 @@ from statistics import median
 
 import numpy as np
 
-from bench.host import cpu_model, free_port, server_process
+from bench import cpu_engines
+from bench.host import cpu_model
+from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
+from bench.lone_request import lone_requests
+from bench.server_process import service
 
 # (engine, precision, decode mode): today's default path first, then what this CPU allows.
 SERVICES = (("onnxruntime", "fp32", "exact"), ("openvino", "fp32", "exact"), ("openvino", "fp32", "fast"),
@@ -32,14 +35,12 @@ PHONE_SIZE = (4000, 3000)
 
 
 def engine_alone(version, engine: str, precision: str, max_batch_size: int, threads: int, seconds: float) -> dict:
-    from bench.cpu_engines import build_engine, images_per_s
-
-    runner = build_engine(version, engine, precision, "LATENCY", max_batch_size, threads)
+    runner = cpu_engines.build_engine(version, engine, precision, "LATENCY", max_batch_size, threads)
     runner.load()
     runner.warmup()
     shape = runner.describe().input_shape
     batch = np.random.default_rng(0).standard_normal((max_batch_size, *shape), dtype=np.float32)
-    rate = images_per_s(runner, batch, 1, seconds)
+    rate = cpu_engines.images_per_s(runner, batch, 1, seconds)
     one, latencies = batch[:1], []
     deadline = time.perf_counter() + seconds / 2
     while time.perf_counter() < deadline:
@@ -63,17 +64,12 @@ def preprocess_ms(payloads: list[bytes], spec, mode: str, repeats: int = 5) -> f
 
 
 def service_runs(repository: Path, model: str, config: tuple[str, str, str], args, payloads: dict) -> dict:
-    from bench.loadgen import closed_loop
-    from bench.lone_request import lone_requests
-
     engine, precision, mode = config
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--repository", str(repository), "--model", model, "--host",
-               "127.0.0.1", "--port", str(port), "--engine", engine, "--precision", precision, "--decode-mode", mode,
-               "--intra-op-threads", str(args.threads), "--max-batch-size", str(args.max_batch_size)]
-    url = f"http://127.0.0.1:{port}"
     out = {}
-    with server_process(command, f"{url}/readyz"):
+    with service(["--repository", str(repository), "--model", model, "--engine", engine, "--precision", precision,
+                  "--decode-mode", mode, "--intra-op-threads", str(args.threads), "--max-batch-size",
+                  str(args.max_batch_size)]) as server:
+        url = server.url
         for concurrency in (8, 32):
             result = asyncio.run(closed_loop(f"{url}/classify", payloads["mixed"], concurrency, 10**9, args.seconds))
             out[f"c{concurrency}"] = result.summary()
@@ -85,12 +81,9 @@ def service_runs(repository: Path, model: str, config: tuple[str, str, str], arg
 
 
 def payload_sets() -> dict:
-    from bench.cpu_engines import photo_jpeg
-    from bench.loadgen import PAYLOAD_SIZES, jpeg_payloads
-
     return {"mixed": jpeg_payloads(),
             "by_size": {f"{w}x{h}": jpeg_payloads(sizes=((w, h),)) for w, h in PAYLOAD_SIZES},
-            "phone": [photo_jpeg(PHONE_SIZE, quality) for quality in (85, 90, 95)]}
+            "phone": [cpu_engines.photo_jpeg(PHONE_SIZE, quality) for quality in (85, 90, 95)]}
 
 
 def measure(version, repository: Path, model: str, args) -> list[dict]:

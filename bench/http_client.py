@@ -2,8 +2,8 @@
 
 On a machine whose cores the server shares with the load generator, every millisecond of client CPU is taken from
 the server being measured; httpx costs about 1 ms of CPU per request, this client about a tenth of that, so the
-numbers describe the server. It speaks only what the benchmark needs: POST with Content-Length, responses with
-Content-Length or chunked bodies, and it re-opens a connection the server closed.
+numbers describe the server. It speaks only what the benchmark needs: POST with Content-Length and a bare GET,
+responses with Content-Length or chunked bodies, and it re-opens a connection the server closed.
 """
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def prepare_post(url: str, body: bytes, content_type: str = "image/jpeg",
     head = (f"POST {parsed.path or '/'} HTTP/1.1\r\nHost: {parsed.netloc}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     return PreparedRequest(head + body)
+
+
+def prepare_get(url: str) -> PreparedRequest:
+    """GET `url`'s path (a /metrics scrape)."""
+    parsed = urlparse(url)
+    return PreparedRequest(f"GET {parsed.path or '/'} HTTP/1.1\r\nHost: {parsed.netloc}\r\n\r\n".encode())
 
 
 class Connection:

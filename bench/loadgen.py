@@ -1,13 +1,13 @@
-"""HTTP load generator for loopback URLs: closed loop (fixed concurrency) or open loop (Poisson arrivals), real JPEGs.
+"""HTTP load for loopback URLs: real JPEG payloads, the closed loop (fixed concurrency) and the result both loops give.
 
 Payloads are the scikit-learn / scikit-image photographs re-encoded as JPEG (quality 90) at typical upload sizes,
-so every request pays a realistic decode + resize. Results: images/s, p50/p95/p99 latency, errors by status.
+so every request pays a realistic decode + resize. Results: images/s, p50/p95/p99 latency, errors by status. The
+open loop (arrivals on a schedule, latency from each request's due time) is bench/open_loop.py.
 """
 from __future__ import annotations
 
 import asyncio
 import io
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
+
+from bench.http_client import Connection, HttpError, PreparedRequest, prepare_post
 
 PAYLOAD_SIZES = ((500, 375), (1024, 768))
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -55,6 +57,8 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
+    # Open loop only: how late each request was sent after its due time (a lagging generator shows here).
+    send_lags_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([float("nan")])
@@ -63,8 +67,15 @@ class LoadResult:
             "sent": self.sent, "ok": self.ok, "errors": dict(self.errors), "elapsed_s": self.elapsed_s,
             "images_per_s": self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0,
             "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
-            "p99_ms": float(np.percentile(lat, 99)),
+            "p99_ms": float(np.percentile(lat, 99)), **send_lag_summary(self.send_lags_ms),
         }
+
+
+def send_lag_summary(send_lags_ms: list[float]) -> dict:
+    """p99 and max send lag in ms (None when nothing was scheduled): how far behind its schedule a generator fell."""
+    lags = np.asarray(send_lags_ms)
+    return {"send_lag_p99_ms": float(np.percentile(lags, 99)) if lags.size else None,
+            "send_lag_max_ms": float(lags.max()) if lags.size else None}
 
 
 def check_loopback(url: str) -> None:
@@ -73,10 +84,9 @@ def check_loopback(url: str) -> None:
         raise ValueError(f"{url}: the load generator only targets loopback (127.0.0.1, localhost, ::1), got {host!r}")
 
 
-async def _send(connection, request, result: LoadResult, errors: Counter, timeout_s: float) -> None:
+async def _send(connection: Connection, request: PreparedRequest, result: LoadResult, errors: Counter,
+                timeout_s: float) -> None:
     """One POST on `connection` (bench.http_client: a lean keep-alive client, so the numbers describe the server)."""
-    from bench.http_client import HttpError
-
     result.sent += 1
     t0 = time.perf_counter()
     try:
@@ -91,20 +101,17 @@ async def _send(connection, request, result: LoadResult, errors: Counter, timeou
         errors[status] += 1
 
 
-def _requests(url: str, payloads: list[bytes], form_field: str | None) -> list:
-    from bench.http_client import prepare_post
-
+def prepared_posts(url: str, payloads: list[bytes], form_field: str | None = None) -> list[PreparedRequest]:
+    """One prebuilt POST per payload, raw JPEG or the file of a multipart `form_field`."""
     return [prepare_post(url, body, "image/jpeg", form_field) for body in payloads]
 
 
 async def closed_loop(url: str, payloads: list[bytes], concurrency: int, max_requests: int,
                       max_seconds: float, timeout_s: float = 60.0, form_field: str | None = None) -> LoadResult:
     """`concurrency` workers, each on its own connection, sending the next request as soon as the last answers."""
-    from bench.http_client import Connection
-
     check_loopback(url)
     result, errors = LoadResult("closed", url, concurrency, None), Counter()
-    requests = _requests(url, payloads, form_field)
+    requests = prepared_posts(url, payloads, form_field)
     start = time.perf_counter()
     deadline = start + max_seconds
 
@@ -118,36 +125,5 @@ async def closed_loop(url: str, payloads: list[bytes], concurrency: int, max_req
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     result.elapsed_s = time.perf_counter() - start
-    result.errors = dict(errors)
-    return result
-
-
-async def open_loop(url: str, payloads: list[bytes], rate_per_s: float, max_requests: int, max_seconds: float,
-                    timeout_s: float = 60.0, seed: int = 0, form_field: str | None = None) -> LoadResult:
-    """Requests arrive as a Poisson process at `rate_per_s`, whether or not earlier ones have answered."""
-    from bench.http_client import Connection
-
-    check_loopback(url)
-    if rate_per_s <= 0:
-        raise ValueError(f"rate_per_s must be > 0, got {rate_per_s}")
-    result, errors, rng = LoadResult("open", url, None, rate_per_s), Counter(), random.Random(seed)
-    requests = _requests(url, payloads, form_field)
-    idle: list[Connection] = []  # keep-alive connections between requests; a new one when none is free
-
-    async def one(request) -> None:
-        connection = idle.pop() if idle else Connection.for_url(url)
-        await _send(connection, request, result, errors, timeout_s)
-        idle.append(connection)
-
-    start = time.perf_counter()
-    next_at, tasks = start, []
-    while len(tasks) < max_requests and next_at - start < max_seconds:
-        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(requests[len(tasks) % len(requests)])))
-        next_at += rng.expovariate(rate_per_s)
-    await asyncio.gather(*tasks)
-    result.elapsed_s = time.perf_counter() - start
-    for connection in idle:
-        await connection.close()
     result.errors = dict(errors)
     return result

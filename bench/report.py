@@ -6,17 +6,16 @@ bare engine's throughput that survives HTTP, JPEG decode, preprocessing and the 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
-BATCH_METRIC = re.compile(r'^convnext_batch_size_bucket\{le="([^"]+)"\}\s+([0-9.e+]+)$', re.M)
+from bench.service_metrics import histogram_buckets
 
 
 def batch_histogram(metrics_text: str) -> dict[str, float]:
     """Cumulative convnext_batch_size buckets {le: count} from a Prometheus /metrics page."""
-    return {le: float(count) for le, count in BATCH_METRIC.findall(metrics_text)}
+    return histogram_buckets(metrics_text, "convnext_batch_size")
 
 
 def batch_distribution(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -57,10 +56,13 @@ def markdown(results: dict) -> str:
     parts += ["## End to end (HTTP load, real JPEGs 500x375 and 1024x768, quality 90)", ""]
     rows = [[run["server"], run["mode"], run["concurrency"] or "-", run["rate_per_s"] or "-", run["ok"],
              sum(run["errors"].values()), f"{run['images_per_s']:.1f}", f"{run['p50_ms']:.1f}", f"{run['p95_ms']:.1f}",
-             f"{run['p99_ms']:.1f}", "-" if run.get("efficiency") is None else f"{run['efficiency']:.2f}"]
+             f"{run['p99_ms']:.1f}", "-" if run.get("send_lag_max_ms") is None else f"{run['send_lag_max_ms']:.1f}",
+             "-" if run.get("efficiency") is None else f"{run['efficiency']:.2f}"]
             for run in results["load"]]
     parts += [_table(["server", "mode", "concurrency", "rate/s", "ok", "errors", "images/s", "p50 ms", "p95 ms",
-                      "p99 ms", "service efficiency"], rows), ""]
+                      "p99 ms", "max send lag ms", "service efficiency"], rows), ""]
+    parts += ["Open loop: each request's latency counts from its scheduled arrival, so a generator that falls behind "
+              "cannot hide the wait (no coordinated omission); max send lag = how late the latest send was.", ""]
     served = results.get("served_engine", {}).get("engine_rows", "fp32/cpu")
     parts += [f"Service efficiency (closed loop) = end-to-end images/s / the served engine alone ({served}) images/s "
               f"at batch {results.get('efficiency_batch_size', '?')}, the service's max batch size.", ""]
@@ -94,6 +96,7 @@ def activation_and_baseline_sections(results: dict) -> list[str]:
         parts += ["## GELU vs ReLU (same model, engine, precision, batch; images/s ratio < 1 = GELU is slower)", "",
                   _table(["model", "precision", "provider", "batch", "GELU img/s", "ReLU img/s", "GELU/ReLU",
                           "GELU p50 ms", "ReLU p50 ms"], gelu_rows), ""]
+    # Each model at its own activation: ResNet's ReLU, ConvNeXt's GELU.
     models = {m["model"]: m for m in results["compare"]["models"]
               if m["activation"] == ("relu" if m["model"].startswith("resnet") else "gelu")}
     if "resnet50" in models and len(models) > 1:
@@ -113,10 +116,9 @@ def low_load_and_preprocess_sections(results: dict) -> list[str]:
     lone = results.get("low_load")
     if lone:
         parts += ["## Latency at low load", "",
-                  "A lone request (closed loop, concurrency 1, both JPEG sizes) "
-                  f"p50 {lone['service_p50_ms']:.1f} ms vs "
-                  f"the engine's batch-1 p50 {lone['engine_p50_ms']:.1f} ms: {lone['overhead_ms']:+.1f} ms for HTTP, "
-                  f"JPEG decode and preprocessing.", ""]
+                  f"A lone request (closed loop, concurrency 1, both JPEG sizes) p50 {lone['service_p50_ms']:.1f} ms "
+                  f"vs the engine's batch-1 p50 {lone['engine_p50_ms']:.1f} ms: {lone['overhead_ms']:+.1f} ms for "
+                  "HTTP, JPEG decode and preprocessing.", ""]
         if lone.get("by_size"):
             rows = [[r["size"], r["requests"], f"{r['client_p50_ms']:.1f}", f"{r['engine_alone_p50_ms']:.1f}",
                      f"{r['over_engine_ms']:+.1f}", f"{r['http_ms']:.1f}", f"{r['preprocess_and_handoffs_ms']:.1f}",
@@ -138,9 +140,9 @@ def low_load_and_preprocess_sections(results: dict) -> list[str]:
                   _table(["JPEG size", "images", "KiB", "decode ms", "resize ms", "crop ms", "normalize ms",
                           "total ms"], rows), ""]
         if pre.get("engine_cpu_ms_per_image"):
-            parts += [f"Mean {pre['mean_ms_per_image']:.2f} ms of CPU per image "
-                      f"vs {pre['engine_cpu_ms_per_image']:.1f} "
-                      f"ms of engine CPU per image (batch {results.get('efficiency_batch_size')}): preprocessing is "
+            parts += [f"Mean {pre['mean_ms_per_image']:.2f} ms of CPU per image vs "
+                      f"{pre['engine_cpu_ms_per_image']:.1f} ms of engine CPU per image "
+                      f"(batch {results.get('efficiency_batch_size')}): preprocessing is "
                       f"{100 * pre['share_of_cpu']:.1f}% of an image's CPU. It runs in a bounded thread pool while the "
                       "engine thread runs the previous batch, so it is off the engine's critical path; on a machine "
                       "whose cores the engine already fills it still competes for CPU.", ""]

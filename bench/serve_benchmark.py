@@ -10,20 +10,19 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.loadgen import closed_loop, jpeg_payloads
+from bench.server_process import service
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.repository import ModelRepository
+
 
 def engine_throughput(version, batch_sizes, seconds: float, threads: int) -> dict[int, float]:
-    from runtime.engines.onnxruntime import OnnxRuntimeEngine
-
     manifest = version.manifest
     shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
     engine = OnnxRuntimeEngine(version.artifact_path(manifest.find("onnx", "fp32")), shape,
@@ -43,31 +42,10 @@ def engine_throughput(version, batch_sizes, seconds: float, threads: int) -> dic
 
 
 async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float) -> dict:
-    from bench.loadgen import closed_loop
-
     result = (await closed_loop(f"{url}/classify", payloads, concurrency, 10**9, seconds)).summary()
     return {"concurrency": concurrency, "images_per_s": result["images_per_s"],
             "errors": sum(result["errors"].values()), "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
             "requests": result["ok"]}
-
-
-def start_service(repository: Path, model: str, port: int, threads: int, max_batch_size: int) -> subprocess.Popen:
-    import httpx
-
-    command = [sys.executable, "-m", "service", "--repository", str(repository), "--model", model, "--host",
-               "127.0.0.1", "--port", str(port), "--intra-op-threads", str(threads), "--max-batch-size",
-               str(max_batch_size)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the service did not become ready within 120 s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,31 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--output", type=Path, default=Path("serve_benchmark.json"))
     args = parser.parse_args(argv)
-
-    from runtime.repository import ModelRepository
-
     with tempfile.TemporaryDirectory() as tmp:
         repository = args.repository
         if repository is None:
-            from export.onnx import export_onnx_version
+            from export.onnx import export_onnx_version  # torch: only when no --repository is given
 
             repository = Path(tmp)
             export_onnx_version(repository, args.model, "convnext_tiny")
         version = ModelRepository(repository).load(args.model)
         engine = engine_throughput(version, args.batch_sizes, args.seconds, args.threads)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        process = start_service(repository, args.model, port, args.threads, args.max_batch_size)
-        try:
-            from bench.loadgen import jpeg_payloads
-
-            payloads = jpeg_payloads()
-            end_to_end = [asyncio.run(load(f"http://127.0.0.1:{port}", payloads, c, args.seconds))
-                          for c in args.concurrency]
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
+        payloads = jpeg_payloads()
+        with service(["--repository", str(repository), "--model", args.model, "--intra-op-threads",
+                      str(args.threads), "--max-batch-size", str(args.max_batch_size)]) as server:
+            end_to_end = [asyncio.run(load(server.url, payloads, c, args.seconds)) for c in args.concurrency]
     best = max(engine.values())
     report = {"model": args.model, "threads": args.threads, "engine_images_per_s": engine,
               "engine_best_images_per_s": best, "end_to_end": end_to_end,
@@ -116,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {size} | {rate:.1f} |")
     print("\n| /classify concurrency | images/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
     for r in end_to_end:
-        print(f"| {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-              f"| {r['errors']} |")
+        print(f"| {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+              f"{r['errors']} |")
     print(f"\nend-to-end best / engine best: {report['end_to_end_over_engine']:.2f}")
     args.output.write_text(json.dumps(report, indent=2))
     return 0

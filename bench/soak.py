@@ -1,8 +1,9 @@
 """Soak test: the real service as a subprocess, a fixed open-loop rate for minutes, sampled per window for drift.
 
-Every `window_s` it records images/s, p50/p99 latency, errors, the server's RSS and the batch queue depth from
-/metrics; at the end it reports latency drift (p50 of the last window over the first, and a linear slope) and
-memory growth after the first window (MB and MB/min). A benchmark script: it prints numbers, it asserts nothing.
+Every `window_s` it records images/s, p50/p99 latency (from each request's scheduled arrival, bench.open_loop), the
+generator's worst send lag, errors, the server's RSS and the batch queue depth from /metrics; at the end it reports
+latency drift (p50 of the last window over the first, and a linear slope) and memory growth after the first window
+(MB and MB/min). A benchmark script: it prints numbers, it asserts nothing.
 """
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from bench.host import free_port, server_process
+from bench.http_client import HttpError
+from bench.loadgen import closed_loop, jpeg_payloads, prepared_posts, send_lag_summary
+from bench.open_loop import OpenLoop, Outcome, even_arrivals_s
+from bench.server_process import service
+from bench.service_metrics import metric_value, scrape
 
 MAX_MINUTES = 120.0  # hard cap: a soak is bounded even when --minutes is mistyped
 SMOKE_SECONDS = 20.0
-# uvicorn closes a keep-alive connection idle for 5 s; reusing one it is closing would count as a server error.
-KEEP_ALIVE_REUSE_S = 2.0
+SCRAPE_TIMEOUT_S = 5.0
 
 
 def rss_mb(pid: int) -> float:
@@ -36,23 +41,14 @@ def rss_mb(pid: int) -> float:
 
 def export_atto(root: Path, input_size_px: int = 64) -> Path:
     """A model repository with convnext_atto (random weights, 10 classes): the service's mechanics, fast."""
-    from export.onnx import export_onnx_version
+    from export.onnx import export_onnx_version  # torch: only when no --repository is given
 
     export_onnx_version(root, "atto", "convnext_atto", num_classes=10, input_size=input_size_px)
     return root
 
 
-def service_command(repository: Path, port: int, queue_size: int, max_batch_size: int) -> list[str]:
-    return [sys.executable, "-m", "service", "--repository", str(repository), "--host", "127.0.0.1",
-            "--port", str(port), "--queue-size", str(queue_size), "--max-batch-size", str(max_batch_size)]
-
-
-def metric_value(metrics_text: str, name: str) -> float | None:
-    """The value of an unlabelled Prometheus sample `name` in a /metrics exposition, or None when absent."""
-    for line in metrics_text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+def service_args(repository: Path, queue_size: int, max_batch_size: int) -> list[str]:
+    return ["--repository", str(repository), "--queue-size", str(queue_size), "--max-batch-size", str(max_batch_size)]
 
 
 @dataclass
@@ -64,24 +60,46 @@ class Window:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     images_per_s: float = 0.0
-    p50_ms: float = float("nan")
+    p50_ms: float = float("nan")  # latency from each request's scheduled arrival (bench.open_loop)
     p99_ms: float = float("nan")
+    send_lag_max_ms: float = float("nan")  # how far behind its schedule the generator fell
     rss_mb: float = 0.0
     queue_depth: float | None = None
 
 
-async def _scrape(url: str) -> str:
-    from bench.http_client import Connection, HttpError, PreparedRequest
+def window_of(answered: list[Outcome], end_s: float, window_s: float, sent: int) -> Window:
+    """A Window from the requests answered in it (`sent` = requests that fell due in it)."""
+    ok_ms = np.asarray([o.latency_ms for o in answered if o.status == "200"])
+    errors = Counter(o.status for o in answered if o.status != "200")
+    window = Window(end_s=round(end_s, 1), sent=sent, ok=len(ok_ms), errors=dict(errors),
+                    images_per_s=len(ok_ms) / window_s)
+    if len(ok_ms):
+        window.p50_ms, window.p99_ms = (float(v) for v in np.percentile(ok_ms, [50, 99]))
+    if answered:
+        window.send_lag_max_ms = max(o.send_lag_ms for o in answered)
+    return window
 
-    connection = Connection.for_url(url)
-    host = url.split("//", 1)[1].split("/", 1)[0]
+
+async def queue_depth(url: str) -> float | None:
+    """convnext_queue_depth from the server's /metrics, or None when this window's scrape failed."""
     try:
-        status, body = await connection.send(PreparedRequest(f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()))
-    except (HttpError, OSError):
-        return ""
-    finally:
-        await connection.close()
-    return body.decode() if status == 200 else ""
+        return metric_value(await asyncio.wait_for(scrape(url), SCRAPE_TIMEOUT_S), "convnext_queue_depth")
+    except (TimeoutError, HttpError, OSError):  # a busy server: this window has no reading
+        return None
+
+
+async def sample(load: OpenLoop, url: str, t0: float, seconds: float, window_s: float, pid: int) -> list[Window]:
+    """Every `window_s` after t0, a Window of what was answered since the last one, the server's RSS and queue."""
+    windows, seen, dispatched_seen = [], 0, 0
+    for number in range(1, int(seconds / window_s) + 1):
+        await asyncio.sleep(max(0.0, t0 + number * window_s - time.perf_counter()))
+        answered, seen = load.outcomes[seen:], len(load.outcomes)
+        window = window_of(answered, number * window_s, window_s, load.dispatched - dispatched_seen)
+        dispatched_seen = load.dispatched
+        window.rss_mb, window.queue_depth = rss_mb(pid), await queue_depth(url)
+        windows.append(window)
+        print(format_row(window), flush=True)
+    return windows
 
 
 async def drive(url: str, payloads: list[bytes], rate_per_s: float, seconds: float, window_s: float, pid: int,
@@ -91,76 +109,24 @@ async def drive(url: str, payloads: list[bytes], rate_per_s: float, seconds: flo
     A request is counted in the window in which it was answered; those still in flight at the end of the last
     window are answered afterwards and counted in the totals only.
     """
-    from bench.http_client import Connection, HttpError, prepare_post
-
-    requests = [prepare_post(f"{url}/classify", body) for body in payloads]
-    idle: list[tuple[float, Connection]] = []  # (idle since, connection), most recently used last
-    done: list[tuple[float, float, str]] = []  # (finished at, latency ms, status)
-    start = time.perf_counter()
-
-    async def one(index: int) -> None:
-        connection = None
-        while idle and connection is None:
-            idle_since, candidate = idle.pop()
-            if time.perf_counter() - idle_since < KEEP_ALIVE_REUSE_S:
-                connection = candidate
-            else:
-                await candidate.close()
-        connection = connection or Connection.for_url(url)
-        sent_at = time.perf_counter()
-        try:
-            status = str((await asyncio.wait_for(connection.send(requests[index % len(requests)]), timeout_s))[0])
-        except (TimeoutError, HttpError, OSError) as err:  # counted per window, not fatal
-            await connection.close()
-            status = type(err).__name__
-        finished = time.perf_counter()
-        done.append((finished - start, (finished - sent_at) * 1000, status))
-        idle.append((finished, connection))
-
-    async def sample() -> list[Window]:
-        windows, seen, sent_seen = [], 0, 0
-        for number in range(1, int(seconds / window_s) + 1):
-            await asyncio.sleep(max(0.0, start + number * window_s - time.perf_counter()))
-            batch, seen = done[seen:], len(done)
-            ok_ms = np.asarray([ms for _, ms, status in batch if status == "200"])
-            errors: dict[str, int] = {}
-            for _, _, status in batch:
-                if status != "200":
-                    errors[status] = errors.get(status, 0) + 1
-            window = Window(end_s=round(number * window_s, 1), sent=len(tasks) - sent_seen, ok=len(ok_ms),
-                            errors=errors, images_per_s=len(ok_ms) / window_s, rss_mb=rss_mb(pid),
-                            queue_depth=metric_value(await _scrape(url), "convnext_queue_depth"))
-            sent_seen = len(tasks)
-            if len(ok_ms):
-                window.p50_ms, window.p99_ms = (float(v) for v in np.percentile(ok_ms, [50, 99]))
-            windows.append(window)
-            print(format_row(window), flush=True)
-        return windows
-
-    tasks: list[asyncio.Task] = []
-    sampler = asyncio.create_task(sample())
-    total = int(seconds * rate_per_s)
-    for index in range(total):
-        await asyncio.sleep(max(0.0, start + index / rate_per_s - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(index)))
-    windows = await sampler
-    await asyncio.gather(*tasks)
-    for _, connection in idle:
-        await connection.close()
-    statuses: dict[str, int] = {}
-    for _, _, status in done:
-        statuses[status] = statuses.get(status, 0) + 1
-    return windows, {"sent": len(tasks), "answered": len(done), "statuses": statuses}
+    load = OpenLoop(f"{url}/classify", prepared_posts(f"{url}/classify", payloads),
+                    even_arrivals_s(rate_per_s, seconds), timeout_s)
+    t0 = time.perf_counter()
+    outcomes, windows = await asyncio.gather(load.run(t0), sample(load, url, t0, seconds, window_s, pid))
+    statuses = Counter(o.status for o in outcomes)
+    return windows, {"sent": load.dispatched, "answered": len(outcomes), "statuses": dict(statuses),
+                     **send_lag_summary([o.send_lag_ms for o in outcomes])}
 
 
 def format_row(w: Window) -> str:
     errors = ",".join(f"{k}:{v}" for k, v in sorted(w.errors.items())) or "-"
     depth = "-" if w.queue_depth is None else f"{w.queue_depth:.0f}"
-    return (f"{w.end_s:>7.0f} {w.sent:>6} {w.images_per_s:>8.1f} {w.p50_ms:>8.1f} {w.p99_ms:>8.1f} {w.rss_mb:>8.1f} "
-            f"{depth:>5}  {errors}")
+    return (f"{w.end_s:>7.0f} {w.sent:>6} {w.images_per_s:>8.1f} {w.p50_ms:>8.1f} {w.p99_ms:>8.1f} "
+            f"{w.send_lag_max_ms:>8.1f} {w.rss_mb:>8.1f} {depth:>5}  {errors}")
 
 
-HEADER = f"{'t_s':>7} {'sent':>6} {'img/s':>8} {'p50_ms':>8} {'p99_ms':>8} {'rss_mb':>8} {'queue':>5}  errors"
+HEADER = (f"{'t_s':>7} {'sent':>6} {'img/s':>8} {'p50_ms':>8} {'p99_ms':>8} {'lag_ms':>8} {'rss_mb':>8} {'queue':>5}"
+          "  errors")
 
 
 def drift(windows: list[Window]) -> dict:
@@ -182,25 +148,21 @@ def drift(windows: list[Window]) -> dict:
 
 def run_soak(repository: Path | None, minutes: float, window_s: float, rate_fraction: float, rate: float | None,
              out: Path, queue_size: int, max_batch_size: int, calibrate_s: float) -> dict:
-    from bench.loadgen import closed_loop, jpeg_payloads
-
     seconds = min(minutes, MAX_MINUTES) * 60
     if seconds < 2 * window_s:
         raise ValueError(f"--minutes {minutes} gives fewer than two {window_s} s windows: nothing to compare")
     payloads = jpeg_payloads(sizes=((500, 375),))
     with tempfile.TemporaryDirectory() as scratch:
         repository = repository or export_atto(Path(scratch) / "models")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = service_command(repository, port, queue_size, max_batch_size)
-        with server_process(command, f"{url}/readyz") as process:
+        with service(service_args(repository, queue_size, max_batch_size)) as server:
+            url = server.url
             calibration = asyncio.run(closed_loop(f"{url}/classify", payloads, 8, 10**9, calibrate_s)).summary()
             sustainable = calibration["images_per_s"]
             rate = rate or max(1.0, rate_fraction * sustainable)
             print(f"sustainable (closed loop, 8 clients, {calibrate_s:.0f} s): {sustainable:.1f} images/s; "
-                  f"soak at {rate:.1f} requests/s for {seconds:.0f} s, pid {process.pid}", flush=True)
+                  f"soak at {rate:.1f} requests/s for {seconds:.0f} s, pid {server.pid}", flush=True)
             print(HEADER, flush=True)
-            windows, totals = asyncio.run(drive(url, payloads, rate, seconds, window_s, process.pid))
+            windows, totals = asyncio.run(drive(url, payloads, rate, seconds, window_s, server.pid))
     report = {"repository": str(repository), "sustainable_images_per_s": sustainable, "rate_per_s": rate,
               "seconds": seconds, "window_s": window_s, "queue_size": queue_size, "max_batch_size": max_batch_size,
               "windows": [w.__dict__ for w in windows], "summary": drift(windows) | totals}

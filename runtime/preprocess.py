@@ -6,6 +6,7 @@ two agree.
 """
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -47,10 +48,8 @@ def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = N
                 raise ImageError("unsupported_format", f"image format {image.format} is not accepted")
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(
-                    "too_many_pixels",
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
-                )
+                raise ImageError("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
+                                 f"over the limit of {max_pixels}")
             image.seek(0)  # GIF / multi-page TIFF: the first frame
             if min_short_side_px is not None:
                 reduce_jpeg_decode(image, min_short_side_px)
@@ -64,7 +63,8 @@ def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = N
                          "the body is not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
-    return to_rgb(ImageOps.exif_transpose(image))
+    ImageOps.exif_transpose(image, in_place=True)  # in place: without an Orientation tag it would copy every picture
+    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -110,14 +110,28 @@ def center_crop(image: Image.Image, crop_px: int) -> Image.Image:
     return image.crop((left, top, left + crop_px, top + crop_px))
 
 
+def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 (channels, 256): ((v / 255) - mean[c]) / std[c] for every 8-bit value v, in ToTensor + Normalize's order.
+
+    The same float32 operations as computing them per pixel, so a lookup gives the same bits in one pass.
+    """
+    values = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    return (values[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+
+
+_normalization_tables = functools.lru_cache(maxsize=8)(normalization_table)  # one per served preprocess spec
+
+
 def eval_transform(image: Image.Image, spec: Preprocess) -> np.ndarray:
     """RGB picture -> float32 (3, crop_px, crop_px), normalized: the training-side evaluation transform."""
     resize = resize_squash if spec.crop_mode == "squash" else resize_short_side
     image = center_crop(resize(image, spec.resize_px, spec.interpolation), spec.crop_px)
-    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (H, W, 3), like ToTensor
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
+    channels = np.asarray(image).transpose(2, 0, 1)  # (3, H, W) uint8, a view
+    table = _normalization_tables(spec.mean, spec.std)
+    tensor = np.empty(channels.shape, dtype=np.float32)
+    for channel, values in enumerate(channels):  # one lookup pass per channel, straight into (3, H, W)
+        tensor[channel] = table[channel][values]
+    return tensor
 
 
 def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str = "exact") -> np.ndarray:

@@ -1,9 +1,6 @@
 """FastAPI app wiring: settings -> engine options, routers, exception handlers, the lifespan that owns the engine."""
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,15 +16,16 @@ from runtime.repository import ModelVersion
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
 from service.errors import ApiError, error_response
+from service.grpc_server import start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.model_manager import ModelManager
+from service.model_manager import EngineFactory, ModelManager
 from service.routes import router
 from service.security import install_edge
 from service.settings import Settings
+from service.state import ServiceState
 from service.v2 import router as v2_router
 
 STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
-EngineFactory = Callable[[ModelVersion, Settings], Engine]
 
 
 def engine_options(settings: Settings) -> EngineOptions:
@@ -43,42 +41,6 @@ def default_engine(version: ModelVersion, settings: Settings) -> Engine:
     return open_engine(version, engine_options(settings))
 
 
-class ServiceState:
-    def __init__(self, settings: Settings, metrics: ServiceMetrics):
-        self.settings, self.metrics = settings, metrics
-        self.models: ModelManager | None = None  # the served version, its engine and the batcher
-        self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
-        # Bounds images being decoded at once, so a flood waits here instead of piling up in the pool.
-        self.preprocess_slots = asyncio.Semaphore(settings.preprocess_workers * 2)
-        # Images in progress (decoding, queued or in the running batch); beyond this a request is refused at once.
-        self.admission = Admission(settings.queue_size + settings.max_batch_size)
-
-    @property
-    def version(self) -> ModelVersion | None:
-        return self.models.model if self.models is not None else None
-
-    @property
-    def engine(self) -> Engine | None:
-        return self.models.current.engine if self.models is not None and self.models.current is not None else None
-
-    @property
-    def batcher(self):
-        return self.models.batcher if self.models is not None else None
-
-    @property
-    def not_ready_reason(self) -> str | None:
-        return self.models.not_ready_reason if self.models is not None else "the model is not loaded yet"
-
-    @property
-    def not_live_reason(self) -> str | None:
-        """Why the process should be restarted (the engine cannot be rebuilt in it); None while it is live."""
-        return self.models.not_live_reason if self.models is not None else None
-
-    @property
-    def is_ready(self) -> bool:
-        return self.not_ready_reason is None
-
-
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
@@ -89,9 +51,14 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         app.state.service = state
         state.models = ModelManager(settings, metrics, engine_factory)
         await state.models.start()
+        grpc_server = None
         try:
+            if settings.grpc_port:
+                grpc_server = await start_grpc_server(state)
             yield
         finally:
+            if grpc_server is not None:  # in-flight calls finish first (new ones are refused), then the batcher drains
+                await grpc_server.stop(settings.request_timeout_ms / 1000)
             await state.models.stop(settings.request_timeout_ms / 1000)
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
 

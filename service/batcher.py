@@ -33,45 +33,91 @@ class EngineTimeoutError(Exception):
 
 
 class EngineThread:
-    """One daemon thread that runs an engine's calls in order: the engine is not re-entrant.
+    """The daemon threads that run one engine's calls: one by default (the engine is not re-entrant), or as many as
+    the engine runs batches at once (Engine.max_concurrent_batches).
 
-    A daemon thread, not a ThreadPoolExecutor worker: a hung engine call is abandoned and must not block
-    the process from exiting (executor workers are joined at interpreter exit).
+    Daemon threads, not a ThreadPoolExecutor: a hung engine call is abandoned and must not block the process from
+    exiting (executor workers are joined at interpreter exit).
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, workers: int = 1):
+        self.name = name
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = False
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
+        self._unfinished = 0  # calls submitted and not yet finished: submit_last waits until it is the only one
+        self._finished = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self.add_workers(workers)
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
+
+    def add_workers(self, count: int) -> None:
+        for _ in range(count):
+            name = self.name if not self._threads else f"{self.name}.{len(self._threads)}"
+            thread = threading.Thread(target=self._work, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def submit(self, fn: Callable, *args) -> Future:
-        future: Future = Future()
-        if self._stopped:
-            future.set_exception(RuntimeError(f"{self._thread.name} was stopped; its engine is no longer in use"))
-            return future
-        self._calls.put((future, fn, args))
+        return self._put(fn, args, last=False)
+
+    def submit_last(self, fn: Callable, *args) -> Future:
+        """Run fn once every call submitted before it has finished (an engine's close), then let the threads end."""
+        future = self._put(fn, args, last=True)
+        self.stop()
         return future
 
     def stop(self) -> None:
-        """Let the thread end after the calls already submitted (it is never joined)."""
+        """Let the threads end after the calls already submitted (they are never joined)."""
         self._stopped = True
-        self._calls.put(None)
+        for _ in self._threads:
+            self._calls.put(None)
+
+    def _put(self, fn: Callable, args: tuple, last: bool) -> Future:
+        future: Future = Future()
+        if self._stopped:
+            future.set_exception(RuntimeError(f"{self.name} was stopped; its engine is no longer in use"))
+            return future
+        with self._finished:
+            self._unfinished += 1
+        self._calls.put((future, fn, args, last))
+        return future
 
     def _work(self) -> None:
         while (call := self._calls.get()) is not None:
-            future, fn, args = call
-            if not future.set_running_or_notify_cancel():
-                continue
+            future, fn, args, last = call
+            if last:  # the calls taken before it by the other threads finish first
+                with self._finished:
+                    self._finished.wait_for(lambda: self._unfinished == 1)
             try:
-                future.set_result(fn(*args))
-            except BaseException as err:  # handed to the waiting coroutine, which decides what it means
-                future.set_exception(err)
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as err:  # handed to the waiting coroutine, which decides what it means
+                        future.set_exception(err)
+            finally:
+                with self._finished:
+                    self._unfinished -= 1
+                    self._finished.notify_all()
+
+
+def fill_and_run(engine: Engine, buffer: np.ndarray, tensors: list[np.ndarray]) -> np.ndarray:
+    """In the engine thread: copy the images into the batch buffer's first rows and run the engine on them."""
+    rows = buffer[:len(tensors)]  # contiguous: the first rows of a C-ordered array
+    for row, tensor in zip(rows, tensors, strict=True):
+        if tensor.shape != row.shape:  # assignment would broadcast where np.stack refused
+            raise ValueError(f"an image of shape {tensor.shape} in a batch of {row.shape} images")
+        row[...] = tensor
+    logits = engine.run(rows)
+    # The buffer is reused by a later batch while these rows are still being read: never hand out a view of it.
+    return logits.copy() if np.may_share_memory(logits, buffer) else logits
 
 
 @dataclass(eq=False)
 class ServedModel:
-    """A loaded, warmed-up engine, the model version it runs, and the one thread that runs it."""
+    """A loaded, warmed-up engine, the model version it runs, and the threads that run it."""
 
     engine: Engine
     name: str
@@ -93,6 +139,11 @@ class Item:
 class Batcher:
     """Runs every batch on the current ServedModel; swap() replaces it between batches, never within one.
 
+    Up to the engine's max_concurrent_batches batches run at once (one for most engines); the next batch is gathered
+    when a slot is free, so it fills from what queued meanwhile. Each batch is copied into a reused float32 buffer
+    (max_batch_size rows), not stacked anew. Batches of two engines never run at once: after a swap, the new engine
+    starts once the previous one's batches are done.
+
     Health: a batch past engine_timeout_s, or max_consecutive_failures failed batches in a row, detaches the
     engine and calls on_broken(served, reason, detail); queued images then wait (up to their deadline) until
     a new model is swapped in.
@@ -112,8 +163,9 @@ class Batcher:
         self.task: asyncio.Task | None = None
         self.closing = False
         self.consecutive_failures = 0
-        self._busy = False
-        self._batch_done: asyncio.Future | None = None  # set while a batch runs; swap() waits on it
+        self._running: dict[asyncio.Task, ServedModel] = {}  # the batches in flight and the model running each
+        self._hung: set[ServedModel] = set()  # models abandoned at an engine timeout; their batches block nothing
+        self._buffers: list[np.ndarray] = []  # free batch buffers, (max_batch_size, C, H, W) float32
         self._has_engine = asyncio.Event()
         self._has_engine.set()
 
@@ -142,8 +194,10 @@ class Batcher:
         previous, self.served = self.served, served
         self.consecutive_failures = 0
         self._has_engine.set()
-        if self._batch_done is not None:
-            await asyncio.shield(self._batch_done)  # a batch taken by the previous engine finishes on it
+        previous_batches = [task for task, model in self._running.items()
+                            if model is not served and model not in self._hung]
+        if previous_batches:  # batches taken by the previous engine finish on it (asyncio.wait never cancels them)
+            await asyncio.wait(previous_batches)
         return previous
 
     async def _gather(self) -> list[Item]:
@@ -183,19 +237,49 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._free_slot()  # a batch gathered now fills from everything queued while the slots were busy
             batch = await self._gather()
-            await self._has_engine.wait()  # while the engine is being reloaded, the batch waits for the new one
-            self._busy = True
-            self._batch_done = loop.create_future()
-            try:
-                self.metrics.queue_depth.set(self.queue.qsize())
-                batch = self._live(batch)
-                if batch:
-                    await self._run(batch, self.served)  # one model per batch: read once, here
-            finally:
-                self._batch_done.set_result(None)
-                self._batch_done = None
-                self._busy = False
+            # While the engine is being reloaded the batch waits for the new one, and for a slot on it (a swap during
+            # the gather may have brought an engine with fewer slots); checked again after every wait.
+            while self.served is None or self._blocking():
+                await self._has_engine.wait()
+                await self._free_slot()
+            self.metrics.queue_depth.set(self.queue.qsize())
+            batch = self._live(batch)
+            if not batch:
+                continue
+            served = self.served  # one model per batch: read once, here
+            task = loop.create_task(self._run(batch, served), name="batch")
+            self._running[task] = served
+            task.add_done_callback(self._batch_finished)
+
+    def _blocking(self) -> list[asyncio.Task]:
+        """The batches in flight that the next one must wait for: a previous engine's, or all of them once the
+        engine's slots are taken. Batches on an engine abandoned at a timeout wait for their own timeout only."""
+        served = self.served
+        running = {task: model for task, model in self._running.items()
+                   if model not in self._hung and not task.done()}
+        previous = [task for task, model in running.items() if model is not served]
+        if previous:
+            return previous
+        slots = min(served.engine.max_concurrent_batches, served.thread.workers) if served is not None else 1
+        return list(running) if len(running) >= slots else []
+
+    async def _free_slot(self) -> None:
+        while blocking := self._blocking():
+            await asyncio.wait(blocking, return_when=asyncio.FIRST_COMPLETED)
+
+    def _batch_finished(self, task: asyncio.Task) -> None:
+        served = self._running.pop(task)
+        if served in self._hung and served not in self._running.values():
+            self._hung.discard(served)
+
+    def _take_buffer(self, image_shape: tuple[int, ...]) -> np.ndarray:
+        while self._buffers:
+            buffer = self._buffers.pop()
+            if buffer.shape[1:] == image_shape:
+                return buffer
+        return np.empty((self.max_batch_size, *image_shape), dtype=np.float32)
 
     async def _run(self, batch: list[Item], served: ServedModel) -> None:
         started = time.monotonic()
@@ -203,31 +287,35 @@ class Batcher:
             item.timings["queue_ms"] = (started - item.enqueued_at) * 1000
             item.served_by = served
             self.metrics.queue_wait.observe(started - item.enqueued_at)
+        buffer = self._take_buffer(batch[0].tensor.shape)
         try:
-            stacked = np.stack([item.tensor for item in batch])
-            running = asyncio.wrap_future(served.thread.submit(served.engine.run, stacked))
-            logits = await asyncio.wait_for(running, self.engine_timeout_s)
+            call = served.thread.submit(fill_and_run, served.engine, buffer, [item.tensor for item in batch])
+            logits = await asyncio.wait_for(asyncio.wrap_future(call), self.engine_timeout_s)
             if logits.shape[0] != len(batch):
                 raise RuntimeError(f"engine returned {logits.shape[0]} rows for a batch of {len(batch)}")
         except TimeoutError:
+            # The hung call may still read its buffer: it is not reused.
             detail = (f"the engine did not finish a batch of {len(batch)} within {self.engine_timeout_s * 1000:.0f} "
                       f"ms (engine_timeout_ms); it is being reloaded, retry shortly")
+            self._hung.add(served)
             self._fail(batch, EngineTimeoutError(detail))
             self._detach(served, "engine_timeout", detail)
             return
         except Exception as err:  # any engine failure fails this batch only; the loop keeps serving
+            self._buffers.append(buffer)  # the call has finished with it
             self._fail(batch, BatchFailedError(f"inference failed: {type(err).__name__}: {err}"))
             self.consecutive_failures += 1
             if self.consecutive_failures >= self.max_consecutive_failures:
                 self._detach(served, "consecutive_failures", f"{self.consecutive_failures} batches failed in a row, "
                              f"the last with {type(err).__name__}: {err}")
             return
+        self._buffers.append(buffer)
         self.consecutive_failures = 0
         elapsed = time.monotonic() - started
         self.metrics.inference.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.images.labels(served.name).inc(len(batch))
-        for item, row in zip(batch, logits, strict=True):  # row count checked above
+        for item, row in zip(batch, logits, strict=True):
             item.timings["inference_ms"] = elapsed * 1000
             item.timings["batch_size"] = len(batch)
             if not item.future.done():
@@ -252,13 +340,15 @@ class Batcher:
         """Stop taking new work, let queued and running batches finish, then stop the loop."""
         self.closing = True
         end = time.monotonic() + timeout_s
-        while self.alive and ((self.served is not None and not self.queue.empty()) or self._busy) \
+        while self.alive and ((self.served is not None and not self.queue.empty()) or self._running) \
                 and time.monotonic() < end:
-            await asyncio.sleep(0.01)  # shutdown only: a short wait for the last batch
-        if self.task is not None:
-            self.task.cancel()
+            await asyncio.sleep(0.01)  # shutdown only: a short wait for the last batches
+        for task in [self.task, *self._running]:  # batches still running past the timeout are given up
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self.task
+                await task
             except asyncio.CancelledError:
                 pass
             except Exception:  # the loop had already died; its error was visible through /readyz

@@ -29,6 +29,10 @@ class ServiceMetrics:
         self.inflight = Gauge("convnext_inflight_requests", "HTTP requests being handled", registry=r)
         self.model_info = Gauge("convnext_model_info", "the served model (value 1)",
                                 ["name", "version", "engine", "precision"], registry=r)
+        self.grpc_requests = Counter("convnext_grpc_requests_total", "gRPC calls (Open Inference Protocol)",
+                                     ["method", "code"], registry=r)
+        self.grpc_request_duration = Histogram("convnext_grpc_request_duration_seconds", "gRPC call latency",
+                                               ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("convnext_rejected_total", "requests refused, by reason", ["reason"], registry=r)
 
 

@@ -171,6 +171,7 @@ class ModelManager:
         thread = EngineThread(f"engine-{manifest.name}-{manifest.version}")
         try:
             engine = await asyncio.wrap_future(thread.submit(self._prepare_engine, model))
+            thread.add_workers(engine.max_concurrent_batches - 1)  # one thread per batch it runs at once
             built = await asyncio.to_thread(self.repository.load, manifest.name, manifest.version, verify_files=False)
         except BaseException:
             thread.stop()
@@ -205,8 +206,8 @@ class ModelManager:
         return previous_current
 
     async def _close(self, served: ServedModel) -> None:
-        closing = asyncio.wrap_future(served.thread.submit(served.engine.close))
-        served.thread.stop()
+        # After the batches already handed to it: an engine running several at once may still be in one.
+        closing = asyncio.wrap_future(served.thread.submit_last(served.engine.close))
         try:
             await closing
         except Exception as err:  # the engine is gone either way; say so and carry on serving

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from service.errors import send_error
@@ -90,10 +92,17 @@ def http_protocol(header_timeout_s: float, metrics: ServiceMetrics) -> type:
                 {"header_timeout_s": header_timeout_s, "metrics": metrics})
 
 
+def log_config(log_level: str) -> dict:
+    """uvicorn's logging, plus the project's own loggers (convnext.*: engine choice, reloads, rebuilds) beside it."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["convnext"] = {"handlers": ["default"], "level": log_level.upper()}
+    return config
+
+
 def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") -> uvicorn.Config:
     """The one server set-up, used by `python -m service` and by the tests' live server."""
     return uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=log_level,
+        app, host=settings.host, port=settings.port, log_level=log_level, log_config=log_config(log_level),
         http=http_protocol(settings.header_timeout_s, app.state.metrics),
         limit_concurrency=settings.max_connections, backlog=settings.backlog,
         timeout_keep_alive=settings.timeout_keep_alive_s,

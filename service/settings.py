@@ -15,11 +15,15 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(8000, ge=0, le=65535, description="listen port")
+    grpc_port: int = Field(8001, ge=0, le=65535, description=(
+        "the Open Inference Protocol over gRPC (inference.GRPCInferenceService, as Triton's) listens on host:grpc_port "
+        "with the same API key, limits and batcher as HTTP; 0: no gRPC server"))
     repository: str = Field("models", description="model repository root")
     model: str | None = Field(None, description="model name in the repository (default: the first model)")
     version: int | None = Field(None, ge=1, description="model version to serve (default: the latest)")
-    engine: Literal["onnxruntime", "tensorrt", "openvino"] = Field(
-        "onnxruntime", description="tensorrt builds and caches its engine on first start; openvino runs on CPU")
+    engine: Literal["onnxruntime", "tensorrt", "openvino", "auto"] = Field(
+        "onnxruntime", description="tensorrt builds and caches its engine on first start; openvino runs on CPU; auto: "
+        "the faster fp32 CPU engine, ONNX Runtime or OpenVINO, measured on the served model at start (README)")
     provider: Literal["cpu", "cuda", "tensorrt"] = Field(
         "cpu", description="ONNX Runtime execution provider; a GPU provider that does not load stops the start")
     precision: Literal["fp32", "fp16", "bf16", "int8"] = Field("fp32", description="artifact precision to serve")
@@ -67,8 +71,9 @@ class Settings(BaseSettings):
         "exact", description="exact: training's transform bit for bit; fast: large JPEGs decode at 1/2-1/8 scale in "
         "the DCT (short side kept >= twice the resize target), then the same resize + crop (README, Settings)")
     openvino_performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
-        "LATENCY", description="--engine openvino: LATENCY runs each batch on every thread (the batcher sends one "
-        "batch at a time); THROUGHPUT splits the cores into streams that only pay with several batches in flight")
+        "LATENCY", description="--engine openvino: LATENCY runs each batch on every thread, one batch at a time; "
+        "THROUGHPUT splits the cores into streams and the batcher keeps as many batches in flight as OpenVINO's "
+        "optimal number of infer requests")
 
     @model_validator(mode="before")
     @classmethod

@@ -1,131 +1,161 @@
-"""Open Inference Protocol (KServe v2) over HTTP: FP32 NCHW preprocessed input, JSON or binary-data tensors."""
+"""The Open Inference Protocol (KServe v2) over HTTP: a thin adapter over service/v2_core.py (JSON or binary data)."""
 from __future__ import annotations
 
 import json
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from convnext_common import project_version
-from service.errors import ApiError
-from service.routes import admitted, read_body_limited
-from service.routes import infer as run_items
+from service import v2_core
+from service.errors import ApiError, error_responses
+from service.pipeline import http_client_gone, read_body, service_state
+from service.v2_core import InferResult
+from service.v2_models import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadataResponse,
+    ModelReadyResponse,
+    ServerLiveResponse,
+    ServerMetadataResponse,
+    ServerReadyResponse,
+)
 
 router = APIRouter(prefix="/v2", tags=["v2"])
-BINARY_HEADER = "inference-header-content-length"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_HEADER_LENGTH_DIGITS = 20
 
 
-def _state(request: Request):
-    return request.app.state.service
+def inlined_schema(model) -> dict:
+    """A pydantic model's JSON schema with its $defs inlined, so it can stand inside an OpenAPI operation."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(value) for value in node] if isinstance(node, list) else node
+
+    return resolve(schema)
 
 
-def _model(request: Request, name: str, version: str | None = None):
-    state = _state(request)
-    manifest = state.version.manifest if state.version is not None else None
-    if manifest is None or name != manifest.name or (version not in (None, str(manifest.version))):
-        raise ApiError(404, "model_not_found", f"model {name!r} version {version or 'latest'} is not served here")
-    return manifest
+INFER_OPENAPI = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": inlined_schema(InferenceRequest)},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": (
+            f"binary-data extension: the JSON inference request ({HEADER_LENGTH} bytes), then each input's "
+            "binary_data_size bytes in input order")}},
+    }},
+    "parameters": [{"name": HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer",
+                    "minimum": 0}, "description": "binary-data extension: the length of the JSON part of the body"}],
+}
+INFER_RESPONSES = {
+    200: {"model": InferenceResponse, "description": "the outputs; with binary outputs, application/octet-stream: "
+          f"the JSON response ({HEADER_LENGTH} bytes in the response header), then each output's bytes",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    **error_responses(400, 401, 404, 408, 413, 500, 503, 504),
+}
 
 
-@router.get("")
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The body's JSON header and the binary data after it, split where Inference-Header-Content-Length says."""
+    if header_length is None:
+        return body, b""
+    value = header_length.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= MAX_HEADER_LENGTH_DIGITS) or int(value) > len(body):
+        raise ApiError(400, "invalid_header_length", f"{HEADER_LENGTH} must be a whole number of bytes from 0 to the "
+                       f"body's {len(body)}, got {header_length[:MAX_HEADER_LENGTH_DIGITS]!r}")
+    split = int(value)
+    return body[:split], body[split:]
+
+
+def infer_response(result: InferResult) -> Response:
+    """JSON, or the JSON header followed by the binary outputs (binary-data extension) when any output asks."""
+    outputs, binary = [], []
+    for output in result.outputs:
+        entry = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
+        if output.binary:
+            raw = output.raw()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            binary.append(raw)
+        else:
+            entry["data"] = output.json_data()
+        outputs.append(entry)
+    response = {"model_name": result.model_name, "model_version": result.model_version, "outputs": outputs}
+    if result.id is not None:
+        response["id"] = result.id
+    if not binary:
+        return JSONResponse(response)
+    head = json.dumps(response).encode()
+    return Response(b"".join([head, *binary]), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(head))})
+
+
+@router.get("", response_model=ServerMetadataResponse, responses=error_responses(401))
 async def server_metadata():
-    return {"name": "convnext", "version": project_version(), "extensions": ["binary_tensor_data"]}
+    return v2_core.server_metadata()
 
 
-@router.get("/health/live")
+@router.get("/health/live", response_model=ServerLiveResponse,
+            responses={503: {"model": ServerLiveResponse, "description": "the engine cannot be rebuilt here"}})
 async def live(request: Request):
-    """Like /healthz: not live once the engine cannot be rebuilt in this process, so the orchestrator restarts it."""
-    is_live = _state(request).not_live_reason is None
+    is_live = v2_core.server_live(service_state(request))
     return JSONResponse({"live": is_live}, status_code=200 if is_live else 503)
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", response_model=ServerReadyResponse,
+            responses={503: {"model": ServerReadyResponse, "description": "not ready"}})
 async def ready(request: Request):
-    is_ready = _state(request).is_ready
+    is_ready = v2_core.server_ready(service_state(request))
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
-async def model_metadata(request: Request, name: str, version: str | None = None):
-    manifest = _model(request, name, version)
-    spec = manifest.input
-    return {
-        "name": manifest.name, "versions": [str(manifest.version)], "platform": _state(request).engine.describe().name,
-        "inputs": [{"name": spec.name, "datatype": "FP32", "shape": [-1, spec.channels, spec.height, spec.width]}],
-        "outputs": [{"name": manifest.output_name, "datatype": "FP32", "shape": [-1, manifest.num_classes]}],
-    }
+METADATA_RESPONSES = error_responses(401, 404, 503)
+READY_RESPONSES = {503: {"model": ModelReadyResponse, "description": "not ready"}, **error_responses(401, 404)}
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
-async def model_ready(request: Request, name: str, version: str | None = None):
-    _model(request, name, version)
-    is_ready = _state(request).is_ready
+@router.get("/models/{name}", response_model=ModelMetadataResponse, response_model_exclude_none=True,
+            responses=METADATA_RESPONSES)
+async def model_metadata(request: Request, name: str):
+    return v2_core.model_metadata(service_state(request), name)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadataResponse,
+            response_model_exclude_none=True, responses=METADATA_RESPONSES)
+async def model_version_metadata(request: Request, name: str, version: str):
+    return v2_core.model_metadata(service_state(request), name, version)
+
+
+def ready_response(request: Request, name: str, version: str | None) -> JSONResponse:
+    is_ready = v2_core.model_ready(service_state(request), name, version)
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-def _parse_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    split = int(header_length) if header_length else len(body)
-    try:
-        header = json.loads(body[:split])
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(400, "invalid_json", f"the inference request is not valid JSON: {err}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or len(header["inputs"]) != 1:
-        raise ApiError(400, "invalid_request", "the request needs exactly one input tensor in 'inputs'")
-    return header, body[split:]
+@router.get("/models/{name}/ready", response_model=ModelReadyResponse, responses=READY_RESPONSES)
+async def model_ready(request: Request, name: str):
+    return ready_response(request, name, None)
 
 
-def _input_tensor(spec_in: dict, binary: bytes, expected: tuple[int, int, int], max_batch: int) -> np.ndarray:
-    if spec_in.get("datatype") != "FP32":
-        raise ApiError(400, "invalid_datatype", f"input datatype must be FP32, got {spec_in.get('datatype')!r}")
-    shape = tuple(int(s) for s in spec_in.get("shape", []))
-    if len(shape) != 4 or shape[1:] != expected or not 1 <= shape[0] <= max_batch:
-        raise ApiError(400, "invalid_shape", f"input shape must be [1..{max_batch}, {', '.join(map(str, expected))}], "
-                       f"got {list(shape)}")
-    count = int(np.prod(shape))
-    size = (spec_in.get("parameters") or {}).get("binary_data_size")
-    if size is not None:
-        if int(size) != count * 4 or len(binary) < int(size):
-            raise ApiError(400, "invalid_binary_data", f"binary_data_size {size} does not fit shape {list(shape)}")
-        array = np.frombuffer(binary[: int(size)], dtype="<f4")
-    else:
-        try:
-            array = np.asarray(spec_in.get("data"), dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError) as err:
-            raise ApiError(400, "invalid_data", f"input data is not a list of numbers: {err}") from None
-        if array.size != count:
-            raise ApiError(400, "invalid_data", f"{array.size} values for shape {list(shape)}")
-    return array.reshape(shape)
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReadyResponse, responses=READY_RESPONSES)
+async def model_version_ready(request: Request, name: str, version: str):
+    return ready_response(request, name, version)
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
-async def infer(request: Request, name: str, version: str | None = None):
-    manifest = _model(request, name, version)
-    state = _state(request)
-    body = await read_body_limited(request, state.settings.max_body_bytes)
-    header, binary = _parse_request(body, request.headers.get(BINARY_HEADER))
-    spec = manifest.input
-    batch = _input_tensor(header["inputs"][0], binary, (spec.channels, spec.height, spec.width),
-                          state.settings.queue_size)
-    with admitted(request, len(batch)):
-        items = await run_items(request, list(batch))
-    logits = np.stack([item.future.result() for item in items]).astype("<f4")
-    wanted = header.get("outputs") or [{"name": manifest.output_name}]
-    binary_out = bool((header.get("parameters") or {}).get("binary_data_output")) or any(
-        (o.get("parameters") or {}).get("binary_data") for o in wanted)
-    output = {"name": manifest.output_name, "datatype": "FP32", "shape": list(logits.shape)}
-    ran = items[0].served_by  # the version whose engine ran the batch (a hot-swap may have happened meanwhile)
-    response = {"model_name": ran.name, "model_version": str(ran.version), "outputs": [output]}
-    if "id" in header:
-        response["id"] = header["id"]
-    if not binary_out:
-        output["data"] = logits.reshape(-1).tolist()
-        return response
-    raw = logits.tobytes()
-    output["parameters"] = {"binary_data_size": len(raw)}
-    head = json.dumps(response).encode()
-    return Response(head + raw, media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(head))})
+async def infer_response_for(request: Request, name: str, version: str | None) -> Response:
+    state = service_state(request)
+    v2_core.resolve_model(state, name, version)  # 404 before reading the body of a request for no model
+    body = await read_body(request, state)
+    header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+    inference = v2_core.parse_request(header)
+    return infer_response(await v2_core.infer(state, name, version, inference, binary, http_client_gone(request)))
+
+
+@router.post("/models/{name}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_OPENAPI)
+async def infer(request: Request, name: str):
+    return await infer_response_for(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_OPENAPI)
+async def infer_version(request: Request, name: str, version: str):
+    return await infer_response_for(request, name, version)

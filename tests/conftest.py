@@ -1,10 +1,20 @@
 """Fixtures shared by every test package: real photographs shipped by scikit-learn and scikit-image."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    """Test servers start many at a time (and other checkouts' beside them): none takes the fixed gRPC port 8001.
+
+    Through the environment, so `python -m service` subprocesses inherit it; tests/service/test_grpc.py gives its
+    servers a free port.
+    """
+    os.environ.setdefault("CONVNEXT_GRPC_PORT", "0")
 
 
 def _real_photo_sources() -> list[Path]:

@@ -19,10 +19,20 @@ class EngineDescription:
     max_batch_size: int
     precision: str
     provider: str
+    max_concurrent_batches: int = 1  # batches the engine runs at once (Engine.max_concurrent_batches)
+    # engine "auto" only: images/s each candidate engine reached in the start-up measurement (runtime/engines/auto.py)
+    auto_images_per_s: dict[str, float] | None = None
 
 
 class Engine(ABC):
-    """Decode and encode stay outside: run() takes float32 NCHW and returns float32 (N, num_classes) logits."""
+    """Decode and encode stay outside: run() takes float32 NCHW and returns float32 (N, num_classes) logits.
+
+    run() finishes with its input before it returns (the caller reuses the buffer) and returns an array of its own.
+    """
+
+    # How many run() calls may be in flight at once, each from its own thread, once loaded. One for most engines;
+    # OpenVINO's THROUGHPUT hint splits the cores into streams that only pay with several batches in flight.
+    max_concurrent_batches: int = 1
 
     @abstractmethod
     def load(self) -> None: ...
@@ -41,5 +51,5 @@ class Engine(ABC):
             for _ in range(runs):
                 self.run(batch)
 
-    def close(self) -> None:  # noqa: B027 (optional: only engines that hold resources free them)
+    def close(self) -> None:  # noqa: B027 (optional: engines without resources need not override it)
         """Free the engine's resources; the default has none."""

@@ -1,9 +1,11 @@
 """The engine factory: a model repository version + engine options -> a loaded Engine of the asked kind."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, replace
 
-from runtime.engines.base import Engine
+from runtime.engines.auto import AutoEngine
+from runtime.engines.base import Engine, EngineError
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.engines.openvino import OpenVinoEngine, artifact_precision
 from runtime.engines.tensorrt import open_tensorrt_engine  # imports TensorRT itself only when an engine opens
@@ -19,7 +21,7 @@ from runtime.repository import ModelVersion
 @dataclass(frozen=True)
 class EngineOptions:
     """What to run a version on; the service fills it from its Settings, the bench from its flags."""
-    engine: str = "onnxruntime"  # onnxruntime | openvino | tensorrt
+    engine: str = "onnxruntime"  # onnxruntime | openvino | tensorrt | auto (the faster fp32 CPU engine, measured)
     provider: str = "cpu"  # ONNX Runtime only: cpu | cuda | tensorrt
     precision: str = "fp32"
     max_batch_size: int = 8
@@ -27,6 +29,7 @@ class EngineOptions:
     ort_spinning: bool = True
     openvino_performance_hint: str = "LATENCY"
     repository: str = "models"  # TensorRT: where an engine built on first start is added
+    auto_measure_s: float = 2.0  # engine auto: seconds each candidate runs before the choice
 
 
 def open_engine(version: ModelVersion, options: EngineOptions) -> Engine:
@@ -36,7 +39,21 @@ def open_engine(version: ModelVersion, options: EngineOptions) -> Engine:
         return open_tensorrt_engine(version, options.precision, options.max_batch_size, options.repository)
     if options.engine == "openvino":
         return openvino_engine(version, options)
+    if options.engine == "auto":
+        return auto_engine(version, options)
     return onnxruntime_engine(version, options)
+
+
+def auto_engine(version: ModelVersion, options: EngineOptions) -> Engine:
+    """ONNX Runtime fp32 and OpenVINO fp32 (where it imports) on the CPU; load() measures both and keeps the faster."""
+    if options.provider != "cpu" or options.precision != "fp32":
+        raise EngineError(f"engine auto chooses between fp32 CPU engines, not provider {options.provider!r} at "
+                          f"precision {options.precision!r}; on a GPU pass --engine tensorrt or onnxruntime --provider "
+                          "cuda, and for bf16/int8 name the engine (--engine openvino --precision bf16)")
+    candidates = {"onnxruntime": lambda: onnxruntime_engine(version, replace(options, engine="onnxruntime"))}
+    if importlib.util.find_spec("openvino") is not None:
+        candidates["openvino"] = lambda: openvino_engine(version, replace(options, engine="openvino"))
+    return AutoEngine(candidates, options.auto_measure_s)
 
 
 def _input_shape(version: ModelVersion) -> tuple[int, int, int]:

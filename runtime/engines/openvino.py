@@ -1,6 +1,7 @@
 """OpenVINO CPU engine on the repository's ONNX files: fp32 (f32 forced), bf16 (where the CPU has it), int8 (QDQ)."""
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,12 @@ class OpenVinoEngine(Engine):
         self.threads = threads
         self.performance_hint = performance_hint
         self.compiled = None
-        self.request = None
+        self.idle_requests: queue.SimpleQueue | None = None  # one infer request per batch in flight
 
     def load(self) -> None:
+        """Compile the model for the CPU and create its infer requests; a second call keeps the loaded model."""
+        if self.compiled is not None:
+            return
         import openvino as ov
         import openvino.properties as props
         import openvino.properties.hint as hints
@@ -67,22 +71,39 @@ class OpenVinoEngine(Engine):
         except RuntimeError as err:  # OpenVINO raises RuntimeError subclasses for unreadable or unsupported models
             raise EngineError(f"OpenVINO could not load {self.model_path}: {err}") from err
         self.input_name = self.compiled.inputs[0].get_any_name()
-        # The batcher runs one batch at a time, so one infer request serves every batch.
-        self.request = self.compiled.create_infer_request()
+        # LATENCY: one stream runs each batch on every thread, so one batch at a time. THROUGHPUT: a stream per few
+        # cores, each busy only with a batch of its own: OpenVINO says how many requests keep them all busy.
+        if self.performance_hint == "THROUGHPUT":
+            optimal = self.compiled.get_property(props.optimal_number_of_infer_requests)
+            self.max_concurrent_batches = max(1, int(optimal))
+        self.idle_requests = queue.SimpleQueue()
+        for _ in range(self.max_concurrent_batches):
+            self.idle_requests.put(self.compiled.create_infer_request())
+
+    def warmup(self, runs: int = 2) -> None:
+        """As every engine, on each infer request (run() takes them in turn)."""
+        super().warmup(runs * self.max_concurrent_batches)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        if self.request is None:
+        """One batch on an idle infer request; up to max_concurrent_batches calls may run at once, from any threads."""
+        idle = self.idle_requests
+        if idle is None:
             raise EngineError("the engine is not loaded; call load() first")
         if len(batch) > self.max_batch_size:  # the compiled shape is bounded; say so instead of OpenVINO's shape check
             raise EngineError(f"a batch of {len(batch)} is over this engine's max_batch_size {self.max_batch_size}")
-        # share_inputs: the request reads the batch in place instead of copying it.
-        self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
-        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request reuses it
+        request = idle.get()  # never waits while callers keep to max_concurrent_batches
+        try:
+            # share_inputs: the request reads the batch in place instead of copying it, and is done with it once
+            # infer() returns (synchronous; the GIL is released meanwhile, so other requests run alongside).
+            request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request reuses it
+        finally:
+            idle.put(request)
 
     def describe(self) -> EngineDescription:
         return EngineDescription("openvino", self.input_name, self.input_shape, self.max_batch_size,
-                                 self.precision, "cpu")
+                                 self.precision, "cpu", max_concurrent_batches=self.max_concurrent_batches)
 
     def close(self) -> None:
-        self.request = None
+        self.idle_requests = None
         self.compiled = None

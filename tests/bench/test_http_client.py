@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from bench.http_client import Connection, HttpError, prepare_post
+from bench.http_client import Connection, HttpError, prepare_get, prepare_post
 
 
 async def _serve(handler):
@@ -15,9 +15,8 @@ async def _serve(handler):
 
 async def _read_request(reader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
-    return head + await reader.readexactly(length)
+    lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    return head + await reader.readexactly(int(lengths[0]) if lengths else 0)
 
 
 def test_keep_alive_chunked_and_server_closed_connections():
@@ -103,3 +102,25 @@ def test_a_keep_alive_connection_the_server_closed_is_replaced_not_an_error():
         await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_a_get_without_a_body_reads_the_whole_answer():
+    seen: list[bytes] = []
+
+    async def handler(reader, writer):
+        seen.append(await _read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\n\r\nconvnext_queue_depth 0")
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server, port = await _serve(handler)
+        url = f"http://127.0.0.1:{port}"
+        connection = Connection.for_url(url)
+        assert await connection.send(prepare_get(f"{url}/metrics")) == (200, b"convnext_queue_depth 0")
+        await connection.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    assert seen[0].startswith(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:") and seen[0].endswith(b"\r\n\r\n")

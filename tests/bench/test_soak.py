@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from bench.soak import Window, drift, metric_value, rss_mb
+from bench.service_metrics import metric_value
+from bench.soak import Window, drift, rss_mb
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,7 @@ def entrypoint_env(repository: Path, mirror: CountingMirror, port: int) -> dict[
         "CONVNEXT_EXPORT_ARGS": "--input-size 32",
         "CONVNEXT_HOST": "127.0.0.1",
         "CONVNEXT_PORT": str(port),
+        "CONVNEXT_GRPC_PORT": "0",  # no fixed port: tests run side by side
         "CONVNEXT_ENGINE": "onnxruntime",
         "CONVNEXT_PROVIDER": "cpu",
         "CONVNEXT_PRECISION": "fp32",
@@ -205,7 +206,8 @@ def gpu_env(repository: Path, port: int, **overrides: str) -> dict[str, str]:
     """GPU serving settings, as the GPU image sets them, for a prepared repository on this GPU-less machine."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVNEXT_")}
     env.update({"CONVNEXT_REPOSITORY": str(repository), "CONVNEXT_MODEL": "tiny", "CONVNEXT_HOST": "127.0.0.1",
-                "CONVNEXT_PORT": str(port), "CONVNEXT_ENGINE": "tensorrt", "CONVNEXT_PROVIDER": "cuda", **overrides})
+                "CONVNEXT_PORT": str(port), "CONVNEXT_GRPC_PORT": "0", "CONVNEXT_ENGINE": "tensorrt",
+                "CONVNEXT_PROVIDER": "cuda", **overrides})
     return env
 
 

@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from bench.__main__ import free_port, server_process
 from bench.http_client import Connection, HttpError, prepare_post
 from bench.loadgen import jpeg_payloads
-from bench.soak import rss_mb, service_command
+from bench.server_process import service
+from bench.soak import export_atto, rss_mb, service_args
 
 QUEUE_SIZE, MAX_BATCH_SIZE, OVERLOAD_FACTOR = 16, 8, 4.0
 SHED_CODES = {"queue_full", "too_many_connections"}  # the batch queue, or the server's connection limit
@@ -24,8 +24,6 @@ def engine_bound_repository(tmp_path_factory):
     At 64 px the engine is so cheap that 4x its rate overloads the single-threaded HTTP layer itself on 2 cores,
     which no queue can shed.
     """
-    from bench.soak import export_atto
-
     return export_atto(tmp_path_factory.mktemp("models"), input_size_px=224)
 
 
@@ -92,11 +90,9 @@ async def _open_loop(url: str, requests: list, rate_per_s: float, seconds: float
 
 @pytest.mark.timeout(120)
 def test_overload_sheds_with_fast_503s_and_keeps_serving(engine_bound_repository):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    requests = [prepare_post(f"{url}/classify", body) for body in jpeg_payloads(sizes=((500, 375),))]
-    command = service_command(engine_bound_repository, port, QUEUE_SIZE, MAX_BATCH_SIZE)
-    with server_process(command, f"{url}/readyz") as server:
+    with service(service_args(engine_bound_repository, QUEUE_SIZE, MAX_BATCH_SIZE)) as server:
+        url = server.url
+        requests = [prepare_post(f"{url}/classify", body) for body in jpeg_payloads(sizes=((500, 375),))]
         calibration, calibration_s = asyncio.run(_closed_loop(url, requests, clients=8, seconds=3.0))
         assert {a[0] for a in calibration} == {200}, "the closed loop at 8 clients must not be shed"
         sustainable = len(calibration) / calibration_s

@@ -2,8 +2,11 @@
 (bf16 only where the CPU computes it natively) and `python -m service --engine openvino` over HTTP."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -17,6 +20,8 @@ from service.app import default_engine
 from service.settings import Settings
 
 ENGINES = ["onnxruntime", "openvino"]
+# (engine, OpenVINO performance hint): THROUGHPUT runs several batches at once, each call from its own thread.
+CONTRACT = [("onnxruntime", "LATENCY"), ("openvino", "LATENCY"), ("openvino", "THROUGHPUT")]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -35,8 +40,10 @@ def photo_batch(version, real_photos) -> np.ndarray:
     return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in real_photos])
 
 
-def make_engine(version, engine: str, precision: str = "fp32", max_batch_size: int = 4):
-    settings = Settings(engine=engine, precision=precision, max_batch_size=max_batch_size, intra_op_threads=1)
+def make_engine(version, engine: str, precision: str = "fp32", max_batch_size: int = 4, hint: str = "LATENCY"):
+    threads = 2 if hint == "THROUGHPUT" else 1  # THROUGHPUT makes a stream per core: two threads, two streams
+    settings = Settings(engine=engine, precision=precision, max_batch_size=max_batch_size, intra_op_threads=threads,
+                        openvino_performance_hint=hint)
     return default_engine(version, settings)
 
 
@@ -50,9 +57,9 @@ def reference(version, photo_batch) -> np.ndarray:
     return logits
 
 
-@pytest.mark.parametrize("name", ENGINES)
-def test_engine_contract_load_warmup_run_describe_close(version, name, photo_batch, reference):
-    engine = make_engine(version, name)
+@pytest.mark.parametrize("name, hint", CONTRACT, ids=["onnxruntime", "openvino", "openvino-throughput"])
+def test_engine_contract_load_warmup_run_describe_close(version, name, hint, photo_batch, reference):
+    engine = make_engine(version, name, hint=hint)
     with pytest.raises(EngineError, match="not loaded"):
         engine.run(photo_batch[:1])
     engine.load()
@@ -64,6 +71,18 @@ def test_engine_contract_load_warmup_run_describe_close(version, name, photo_bat
     for size in (1, 2, 4):
         logits = engine.run(photo_batch[:size])
         assert logits.shape == (size, 10) and logits.dtype == np.float32 and np.isfinite(logits).all()
+        np.testing.assert_allclose(logits, reference[:size], atol=1e-4, rtol=1e-4)
+    slots = engine.max_concurrent_batches
+    assert spec.max_concurrent_batches == slots
+    if hint == "THROUGHPUT":  # as many batches in flight as OpenVINO says keep its streams busy
+        assert slots == int(engine.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        assert slots >= min(2, os.cpu_count() or 1)
+    else:
+        assert slots == 1
+    sizes = [1, 2, 3, 4] * 3
+    with ThreadPoolExecutor(slots) as pool:  # the batcher's way: up to `slots` calls at once, each from its thread
+        results = list(pool.map(lambda size: engine.run(photo_batch[:size]), sizes))
+    for size, logits in zip(sizes, results, strict=True):
         np.testing.assert_allclose(logits, reference[:size], atol=1e-4, rtol=1e-4)
     if name == "openvino":  # its compiled batch dimension is bounded by max_batch_size
         with pytest.raises(EngineError, match="a batch of 5 is over this engine's max_batch_size 4"):
@@ -151,3 +170,51 @@ def test_python_m_service_engine_openvino_serves_real_photos(model_repository, r
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_openvino_throughput_serves_with_several_batches_in_flight(model_repository, launch, version, real_photos,
+                                                                  reference):
+    """Over HTTP: the batcher hands OpenVINO a second batch while the first is still running, results stay right."""
+    calls = {"armed": False, "count": 0, "running": 0, "most": 0}
+    lock, first_two = threading.Lock(), threading.Barrier(2, timeout=10)
+
+    def counting_openvino(model, settings):  # the real engine; its run() counts the calls in flight
+        engine = default_engine(model, settings)
+        real_run = engine.run
+
+        def run(batch):
+            with lock:
+                calls["running"] += 1
+                calls["most"] = max(calls["most"], calls["running"])
+                index = calls["count"] if calls["armed"] else None
+                calls["count"] += calls["armed"]
+            try:
+                if index is not None and index < 2:
+                    first_two.wait()  # the first two calls once armed meet: the second starts while the first runs
+                return real_run(batch)
+            finally:
+                with lock:
+                    calls["running"] -= 1
+
+        engine.run = run
+        return engine
+
+    with launch(model_repository, counting_openvino, engine="openvino", openvino_performance_hint="THROUGHPUT",
+                intra_op_threads=2, max_batch_size=2, max_queue_delay_ms=1) as url:
+        engine = httpx.get(f"{url}/models").json()["engine"]
+        assert engine["name"] == "openvino" and engine["max_concurrent_batches"] >= 2
+        calls["armed"], calls["most"] = True, 0
+        photos = list(zip(real_photos, reference, strict=True)) * 2
+
+        def classify(pair):
+            photo, logits = pair
+            kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
+            response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(),
+                                  headers={"content-type": kind}, timeout=30)
+            assert response.status_code == 200, response.text
+            return response.json()["results"][0]["top_k"][0]["index"], int(np.argmax(logits))
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(classify, photos))
+    assert all(got == expected for got, expected in answers)
+    assert calls["most"] >= 2 and not first_two.broken

@@ -60,3 +60,17 @@ def test_squash_keeps_the_whole_picture_where_center_crops_it(real_photos):
 def test_a_manifest_preprocess_without_crop_mode_means_center():
     fields = {"resize_px": 256, "crop_px": 224, "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}
     assert Preprocess.model_validate(fields).crop_mode == "center"
+
+
+
+@pytest.mark.parametrize("mean, std", [(DataConfig().mean, DataConfig().std), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))],
+                         ids=["imagenet", "half"])
+def test_normalization_by_table_is_bit_identical_to_the_arithmetic(mean, std):
+    """All 256 values in every channel, at the crop size (no resize): the lookup gives ToTensor + Normalize's bits."""
+    pixels = np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3, axis=-1)
+    pixels[..., 1] = pixels[..., 1].T  # each channel its own layout
+    spec = preprocess_spec(DataConfig(input_size=16, crop_pct=1.0, mean=mean, std=std))
+    tensor = eval_transform(Image.fromarray(pixels), spec)
+    expected = (pixels.astype(np.float32) / np.float32(255.0) - np.float32(mean)) / np.float32(std)
+    assert tensor.dtype == np.float32 and tensor.flags.c_contiguous
+    np.testing.assert_array_equal(tensor, expected.transpose(2, 0, 1))

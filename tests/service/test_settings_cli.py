@@ -33,7 +33,7 @@ def test_every_setting_has_a_description_and_is_in_the_help(name, help_text):
 
 def test_help_shows_types_choices_and_defaults(help_text):
     text = " ".join(help_text.split())
-    assert "--engine {onnxruntime,tensorrt,openvino} tensorrt builds" in text
+    assert "--engine {onnxruntime,tensorrt,openvino,auto} tensorrt builds" in text
     assert "(env CONVNEXT_ENGINE; default: onnxruntime)" in text
     assert "--port INT listen port (env CONVNEXT_PORT; default: 8000)" in text
     assert "--max-queue-delay-ms FLOAT how long" in text

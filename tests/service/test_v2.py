@@ -41,4 +41,4 @@ def test_v2_errors_are_json(service_url):
     bad_shape = {"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.0] * 192}]}
     response = httpx.post(f"{service_url}/v2/models/atto/infer", json=bad_shape)
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_shape"
-    assert httpx.get(f"{service_url}/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert httpx.get(f"{service_url}/v2").json()["extensions"] == ["binary_tensor_data", "classification"]

@@ -1,0 +1,106 @@
+"""The one way a benchmark starts a server: `python -m MODULE` on a free loopback port, waited for, then stopped."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO
+
+LOG_TAIL_CHARS = 3000
+STOP_GRACE_S = 15.0
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """A started, ready server: its base URL (http://127.0.0.1:PORT) and its process id (for RSS)."""
+
+    url: str
+    pid: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service(args: Sequence[str], env: Mapping[str, str] | None = None, ready_timeout_s: float = 120.0):
+    """Our service (`python -m service ARGS`) on loopback, ready when /readyz answers 200; HTTP only (the benches time
+    HTTP, and no gRPC port is taken from a service already running on this host)."""
+    return server_process("service", ["--host", "127.0.0.1", "--grpc-port", "0", *args], "/readyz", ready_timeout_s,
+                          env)
+
+
+def litserve_peer(args: Sequence[str], ready_timeout_s: float = 120.0):
+    """The LitServe peer (`python -m bench.peer_litserve ARGS`, loopback only), ready when /health answers 200."""
+    return server_process("bench.peer_litserve", args, "/health", ready_timeout_s)
+
+
+@contextmanager
+def server_process(module: str, args: Sequence[str], ready_path: str, ready_timeout_s: float = 120.0,
+                   env: Mapping[str, str] | None = None) -> Iterator[RunningServer]:
+    """Run `python -m MODULE ARGS --port P` until `ready_path` answers 200; stop it (and its children) on exit.
+
+    The server's output goes to a temporary log whose tail is in the error when it exits early or is not ready
+    in time, so a failed start says why.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", module, *args, "--port", str(port)]
+    with tempfile.TemporaryFile() as log:
+        # A session of its own, so teardown reaches the server's worker processes too (LitServe spawns some).
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=None if env is None else {**os.environ, **env})
+        try:
+            _wait_ready(process, f"{url}{ready_path}", ready_timeout_s, log)
+            yield RunningServer(url, process.pid)
+        finally:
+            _stop_group(process)
+
+
+def _wait_ready(process: subprocess.Popen, ready_url: str, timeout_s: float, log: IO[bytes]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{' '.join(process.args[1:3])} exited with {process.returncode} before "
+                               f"{ready_url} answered:\n{_tail(log)}")
+        if _answers_ok(ready_url):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{ready_url} not ready after {timeout_s} s; the server's log ends:\n{_tail(log)}")
+        time.sleep(0.3)
+
+
+def _answers_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:  # nothing listening yet (URLError), or an HTTPError such as 503 while the model loads
+        return False
+
+
+def _tail(log: IO[bytes]) -> str:
+    log.seek(0)
+    return log.read().decode(errors="replace")[-LOG_TAIL_CHARS:]
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, wait for the leader, then SIGKILL whatever is left."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(STOP_GRACE_S)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()

@@ -1,0 +1,124 @@
+"""Engine "auto": on the CPU, measure the engines that keep fp32 accuracy on the served model and serve the faster.
+
+The rule: every candidate (ONNX Runtime fp32, OpenVINO fp32 where it imports) is loaded and warmed up, then runs
+batches of max_batch_size for the same fixed time, in alternating rounds so a neighbour's load hits each alike, with
+as many batches in flight as the batcher would keep (Engine.max_concurrent_batches); the most images/s wins. bf16 and
+int8 change the logits, so they are never candidates: they stay opt-in (--engine openvino --precision bf16).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+
+from runtime.engines.base import Engine, EngineDescription, EngineError
+
+logger = logging.getLogger("convnext.runtime")
+MEASURE_ROUNDS = 2  # each candidate's time is split into this many alternating rounds
+
+
+def measure_images_per_s(engine: Engine, batch: np.ndarray, seconds: float) -> float:
+    """Images/s of engine.run(batch) for `seconds`, max_concurrent_batches calls in flight (what the batcher keeps)."""
+    deadline = time.perf_counter() + seconds
+
+    def run_until_deadline() -> int:
+        batches = 0
+        while time.perf_counter() < deadline:
+            engine.run(batch)
+            batches += 1
+        return batches
+
+    started = time.perf_counter()
+    in_flight = engine.max_concurrent_batches
+    if in_flight == 1:
+        batches = run_until_deadline()
+    else:
+        with ThreadPoolExecutor(in_flight, thread_name_prefix="auto-measure") as pool:
+            batches = sum(pool.map(lambda _: run_until_deadline(), range(in_flight)))
+    return batches * len(batch) / (time.perf_counter() - started)
+
+
+class AutoEngine(Engine):
+    """load() builds, loads and measures every candidate and keeps the fastest (the others are closed); from then
+    on it runs as the engine it chose, and describes itself as that engine plus every candidate's images/s."""
+
+    def __init__(self, candidates: dict[str, Callable[[], Engine]], measure_s: float):
+        if not candidates:
+            raise EngineError("engine auto needs at least one candidate engine")
+        self.candidates = candidates  # name -> a function that builds that engine (not loaded)
+        self.measure_s = measure_s  # per candidate, all rounds together
+        self.chosen: Engine | None = None
+        self.chosen_name: str | None = None
+        self.images_per_s: dict[str, float] = {}
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.chosen.max_concurrent_batches if self.chosen is not None else 1
+
+    def load(self) -> None:
+        if self.chosen is not None:
+            return
+        engines = self._load_candidates()
+        try:
+            spec = next(iter(engines.values())).describe()
+            batch = np.random.default_rng(0).standard_normal((spec.max_batch_size, *spec.input_shape),
+                                                             dtype=np.float32)
+            rates: dict[str, list[float]] = {name: [] for name in engines}
+            for _ in range(MEASURE_ROUNDS):
+                for name, engine in engines.items():
+                    rates[name].append(measure_images_per_s(engine, batch, self.measure_s / MEASURE_ROUNDS))
+        except BaseException:
+            for engine in engines.values():
+                engine.close()
+            raise
+        self.images_per_s = {name: round(sum(r) / len(r), 2) for name, r in rates.items()}
+        self.chosen_name = max(self.images_per_s, key=self.images_per_s.get)
+        for name, engine in engines.items():
+            if name != self.chosen_name:
+                engine.close()
+        self.chosen = engines[self.chosen_name]
+        figures = ", ".join(f"{name} {rate:.1f}" for name, rate in self.images_per_s.items())
+        logger.info("engine auto chose %s: images/s at batch %d over %.1f s each: %s", self.chosen_name,
+                    spec.max_batch_size, self.measure_s, figures)
+
+    def _load_candidates(self) -> dict[str, Engine]:
+        """Each candidate loaded and warmed up; one that cannot load is left out (and logged), unless all fail."""
+        engines, errors = {}, {}
+        for name, build in self.candidates.items():
+            engine = None
+            try:
+                engine = build()
+                engine.load()
+                engine.warmup(1)
+            except (EngineError, ImportError, RuntimeError) as err:  # e.g. OpenVINO not installed or the model refused
+                if engine is not None:
+                    engine.close()
+                errors[name] = f"{type(err).__name__}: {err}"
+                logger.warning("engine auto: leaving out %s, it did not load (%s)", name, errors[name])
+                continue
+            engines[name] = engine
+        if not engines:
+            raise EngineError(f"engine auto: no candidate engine loaded ({errors})")
+        return engines
+
+    def warmup(self, runs: int = 2) -> None:
+        self._loaded().warmup(runs)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._loaded().run(batch)
+
+    def describe(self) -> EngineDescription:
+        return replace(self._loaded().describe(), auto_images_per_s=dict(self.images_per_s))
+
+    def close(self) -> None:
+        if self.chosen is not None:
+            self.chosen.close()
+
+    def _loaded(self) -> Engine:
+        if self.chosen is None:
+            raise EngineError("the engine is not loaded; call load() first")
+        return self.chosen

@@ -1,0 +1,218 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: `inference.GRPCInferenceService` on its own port (grpc.aio).
+
+A thin adapter over service/v2_core.py, like the HTTP one (service/v2.py): the same models (`<name>` and
+`<name>_image`), checks, classification extension, admission, batcher and limits, because it shares the lifespan's
+ServiceState. Tensors travel as raw_input_contents / raw_output_contents (typed `contents` are accepted too).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError, Message
+
+from service import v2_core
+from service.errors import ApiError
+from service.grpc_proto import open_inference_pb2 as pb
+from service.pipeline import ClientGone
+from service.security import presented_key
+from service.state import ServiceState
+from service.v2_models import InferenceRequest
+
+# The protocol's service name on the wire; the .proto's own package differs (open_inference.proto says why).
+SERVICE_NAME = "inference.GRPCInferenceService"
+PUBLIC_METHODS = frozenset({"ServerLive", "ServerReady"})  # open without a key, like /v2/health/live and /ready
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED, 409: grpc.StatusCode.ABORTED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT, 499: grpc.StatusCode.CANCELLED,
+    500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+ERROR_CODE_KEY = "convnext-error-code"  # trailing metadata: the machine-readable code of the HTTP API's JSON errors
+# uvicorn's configured logger: the gRPC address is logged beside the HTTP one ("Uvicorn running on ...").
+logger = logging.getLogger("uvicorn.error")
+
+Handler = Callable[[ServiceState, Message, grpc.aio.ServicerContext], Awaitable[Message]]
+
+
+async def server_live(state: ServiceState, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+    return pb.ServerLiveResponse(live=v2_core.server_live(state))
+
+
+async def server_ready(state: ServiceState, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+    return pb.ServerReadyResponse(ready=v2_core.server_ready(state))
+
+
+async def server_metadata(state: ServiceState, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+    metadata = v2_core.server_metadata()
+    return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version, extensions=metadata.extensions)
+
+
+async def model_ready(state: ServiceState, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+    return pb.ModelReadyResponse(ready=v2_core.model_ready(state, request.name, request.version or None))
+
+
+async def model_metadata(state: ServiceState, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+    metadata = v2_core.model_metadata(state, request.name, request.version or None)
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=metadata.name, versions=metadata.versions or [], platform=metadata.platform,
+        inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.inputs],
+        outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.outputs])
+
+
+async def model_infer(state: ServiceState, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    inference_request, binary = inference_request_of(request)
+    result = await v2_core.infer(state, request.model_name, request.model_version or None, inference_request, binary,
+                                 grpc_client_gone(context))
+    response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version,
+                                     id=result.id or "")
+    for output in result.outputs:
+        response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        response.raw_output_contents.append(output.raw())
+    return response
+
+
+HANDLERS: dict[str, Handler] = {"ServerLive": server_live, "ServerReady": server_ready,
+                                "ServerMetadata": server_metadata, "ModelReady": model_ready,
+                                "ModelMetadata": model_metadata, "ModelInfer": model_infer}
+
+
+def parameters_of(parameters) -> dict:
+    """A protobuf map<string, InferParameter> as the JSON form's parameters object (unset values left out)."""
+    values = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        if choice is not None:
+            values[key] = getattr(parameter, choice)
+    return values
+
+
+def _contents_as_binary(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[bytes | None, list | None]:
+    """Typed contents as the bytes raw contents would hold (FP32, BYTES), or any other typed list as JSON data."""
+    contents = tensor.contents
+    if contents.fp32_contents:
+        return np.asarray(contents.fp32_contents, dtype="<f4").tobytes(), None
+    if contents.bytes_contents:
+        return v2_core.serialize_bytes(contents.bytes_contents), None
+    fields = contents.ListFields()  # another type: the core refuses its datatype with its usual message
+    return None, list(fields[0][1]) if fields else []
+
+
+def inference_request_of(request: pb.ModelInferRequest) -> tuple[InferenceRequest, bytes]:
+    """The gRPC request as the protocol's InferenceRequest plus the binary data its inputs point into (in order)."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise ApiError(400, "invalid_binary_data", f"raw_input_contents has {len(raw)} entries for "
+                       f"{len(request.inputs)} inputs; send one per input, in input order")
+    inputs, chunks = [], []
+    for index, tensor in enumerate(request.inputs):
+        entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
+                 "parameters": parameters_of(tensor.parameters)}
+        if raw:
+            if tensor.HasField("contents"):
+                raise ApiError(400, "invalid_data", f"input {tensor.name!r} has both contents and "
+                               "raw_input_contents; send one of them")
+            data, values = raw[index], None
+        else:
+            data, values = _contents_as_binary(tensor)
+        if data is not None:
+            entry["parameters"]["binary_data_size"] = len(data)
+            chunks.append(data)
+        else:
+            entry["data"] = values
+        inputs.append(entry)
+    outputs = [{"name": o.name, "parameters": parameters_of(o.parameters)} for o in request.outputs]
+    fields = {"id": request.id or None, "parameters": parameters_of(request.parameters), "inputs": inputs,
+              "outputs": outputs or None}
+    return v2_core.build_request(fields), b"".join(chunks)
+
+
+def grpc_client_gone(context: grpc.aio.ServicerContext) -> ClientGone:
+    """Completes when the call ends early (client cancel, its deadline): the pipeline then drops its queued images."""
+    ended = asyncio.Event()
+    context.add_done_callback(lambda _: ended.set())
+    return ended.wait
+
+
+def _has_key(context: grpc.aio.ServicerContext, api_key: bytes) -> bool:
+    """The key from metadata `authorization: Bearer <key>` or `x-api-key: <key>`, as over HTTP."""
+    headers = [(key.encode(), value if isinstance(value, bytes) else value.encode())
+               for key, value in context.invocation_metadata() or ()]
+    key = presented_key(headers)
+    return key is not None and hmac.compare_digest(key, api_key)
+
+
+class _Method:
+    """One RPC: key check, parsing (a malformed message is INVALID_ARGUMENT), the handler, status and metrics."""
+
+    def __init__(self, name: str, handler: Handler, request_type: type[Message], state: ServiceState):
+        self.name, self.handler, self.request_type, self.state = name, handler, request_type, state
+        api_key = state.settings.api_key
+        self.api_key = None if api_key is None or name in PUBLIC_METHODS else api_key.get_secret_value().encode()
+
+    async def call(self, body: bytes, context: grpc.aio.ServicerContext) -> Message:
+        metrics, started, code = self.state.metrics, time.perf_counter(), grpc.StatusCode.OK
+        try:
+            if self.api_key is not None and not _has_key(context, self.api_key):
+                raise ApiError(401, "unauthorized", "the call carries no or a wrong API key; send metadata "
+                               "`authorization: Bearer <key>` or `x-api-key: <key>`")
+            try:
+                request = self.request_type.FromString(body)
+            except DecodeError as err:
+                raise ApiError(400, "invalid_message", f"not a {self.request_type.DESCRIPTOR.name} message: {err}"
+                               ) from None
+            return await self.handler(self.state, request, context)
+        except ApiError as err:
+            code = STATUS_CODES.get(err.status, grpc.StatusCode.UNKNOWN)
+            metrics.rejected.labels(err.code).inc()
+            await context.abort(code, err.message, trailing_metadata=((ERROR_CODE_KEY, err.code),))
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed: grpc cancels this task
+            code = grpc.StatusCode.CANCELLED
+            metrics.rejected.labels("client_disconnected").inc()
+            raise
+        except Exception:  # a bug, not the client's fault: logged, answered INTERNAL, and the server carries on
+            code = grpc.StatusCode.INTERNAL
+            logger.exception("gRPC %s failed", self.name)
+            await context.abort(code, "internal error (logged by the server)",
+                                trailing_metadata=((ERROR_CODE_KEY, "internal_error"),))
+        finally:
+            metrics.grpc_requests.labels(self.name, code.name).inc()
+            metrics.grpc_request_duration.labels(self.name).observe(time.perf_counter() - started)
+
+
+def inference_service(state: ServiceState) -> grpc.GenericRpcHandler:
+    """Every RPC of the .proto's service, served under the protocol's name with the state's limits and key."""
+    methods = {}
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        request_type = getattr(pb, method.input_type.name)
+        # No request deserializer: the handler parses, so a malformed message gets INVALID_ARGUMENT, not UNKNOWN.
+        methods[method.name] = grpc.unary_unary_rpc_method_handler(
+            _Method(method.name, HANDLERS[method.name], request_type, state).call,  # a coroutine function, for grpc
+            response_serializer=lambda message: message.SerializeToString())
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+
+async def start_grpc_server(state: ServiceState) -> grpc.aio.Server:
+    """Listen on host:grpc_port; messages up to max_body_bytes (larger: RESOURCE_EXHAUSTED), as HTTP bodies."""
+    settings = state.settings
+    server = grpc.aio.server(
+        handlers=[inference_service(state)], maximum_concurrent_rpcs=settings.max_connections,
+        options=[("grpc.max_receive_message_length", settings.max_body_bytes),
+                 ("grpc.max_send_message_length", -1),
+                 ("grpc.so_reuseport", 0)])  # a port another server holds is an error, not a silent share
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    address = f"{host}:{settings.grpc_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise RuntimeError(f"cannot listen for gRPC on {address} ({err}); free the port, or choose another with "
+                           "--grpc-port (0: no gRPC server)") from None
+    await server.start()
+    logger.info("Open Inference Protocol over gRPC on %s (inference.GRPCInferenceService)", address)
+    return server

@@ -1,0 +1,158 @@
+"""The request path every protocol shares: body -> admission -> preprocess -> batcher -> results.
+
+`/classify` (routes.py), the Open Inference Protocol over HTTP (v2.py) and over gRPC are thin adapters over these
+functions: each turns its own request into images or tensors, calls `classify` or `infer`, and turns the items (or the
+ApiError raised here) into its own answer. Limits, admission, deadlines and the batcher are therefore the same for all.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from starlette.requests import Request
+
+from runtime.preprocess import ImageError, preprocess
+from service.admission import AdmissionRefused
+from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, Item, QueueFullError
+from service.errors import ApiError
+from service.state import ServiceState
+
+ClientGone = Callable[[], Awaitable[None]]  # completes when the client has left (HTTP disconnect, gRPC cancel)
+
+
+def service_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+async def read_body(request: Request, state: ServiceState) -> bytes:
+    """The HTTP body within max_body_bytes, each chunk within body_timeout_s (413 / 408 otherwise)."""
+    max_bytes = state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, "body_too_large", f"the body is {declared} bytes, over the limit of {max_bytes}")
+    chunks, size = [], 0
+    timeout_s = state.settings.body_timeout_s
+    stream = request.stream()
+    while True:  # each chunk within body_timeout_s: a client that stalls mid-body does not hold a slot forever
+        try:
+            chunk = await asyncio.wait_for(anext(stream), timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ApiError(408, "body_timeout", f"no part of the request body arrived for {timeout_s:g} s; "
+                           "send the whole body at once", headers={"Connection": "close"}) from None
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, "body_too_large", f"the body is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette reads the cached body when parsing a multipart form
+    return body
+
+
+def http_client_gone(request: Request) -> ClientGone:
+    async def wait_for_disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    return wait_for_disconnect
+
+
+def require_ready(state: ServiceState) -> None:
+    if not state.is_ready:
+        raise ApiError(503, "not_ready", f"not ready: {state.not_ready_reason} (see /readyz)",
+                       headers={"Retry-After": "1"})
+
+
+@contextmanager
+def admitted(state: ServiceState, images: int) -> Iterator[None]:
+    """Count the request's images in before decoding; at capacity it is refused at once (503 + Retry-After)."""
+    try:
+        with state.admission.admit(images):
+            yield
+    except AdmissionRefused as err:
+        raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
+
+
+async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]) -> list[np.ndarray]:
+    """Decode + transform in the bounded thread pool; the first bad image fails the request before enqueueing."""
+    loop = asyncio.get_running_loop()
+    spec = state.version.manifest.preprocess
+
+    async def one(name: str, data: bytes) -> np.ndarray:
+        async with state.preprocess_slots:
+            started = time.perf_counter()
+            try:
+                tensor = await loop.run_in_executor(state.preprocess_pool, preprocess, data, spec,
+                                                    state.settings.max_pixels, state.settings.decode_mode)
+            except ImageError as err:
+                status = 413 if err.code == "too_many_pixels" else 400
+                raise ApiError(status, err.code, f"{name}: {err.message}") from None
+            state.metrics.preprocess.observe(time.perf_counter() - started)
+            return tensor
+
+    return list(await asyncio.gather(*(one(name, data) for name, data in images)))
+
+
+async def run_batched(state: ServiceState, tensors: list[np.ndarray], client_gone: ClientGone | None) -> list[Item]:
+    """Enqueue, wait for every image (or the deadline, or the client leaving); returns the items in order."""
+    timeout_s = state.settings.request_timeout_ms / 1000
+    try:
+        items = state.batcher.submit(tensors, time.monotonic() + timeout_s)
+    except QueueFullError as err:
+        raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
+    futures = [item.future for item in items]
+    gathered = asyncio.gather(*futures)
+    gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+    waiting = {gathered} if gone is None else {gathered, gone}
+    try:
+        done, _ = await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if gathered not in done:
+            reason = "client_disconnected" if gone is not None and gone in done else "deadline"
+            raise ApiError(504 if reason == "deadline" else 499, reason,
+                           f"the request did not finish within {state.settings.request_timeout_ms:.0f} ms")
+        gathered.result()
+    except (DeadlineError, TimeoutError) as err:
+        raise ApiError(504, "deadline", str(err)) from None
+    except EngineTimeoutError as err:
+        raise ApiError(504, "engine_timeout", str(err), headers={"Retry-After": "1"}) from None
+    except BatchFailedError as err:
+        raise ApiError(500, "inference_failed", str(err)) from None
+    finally:
+        if gone is not None:
+            gone.cancel()
+        for future in futures:  # a cancelled item is dropped by the batcher before it runs
+            future.cancel()
+        gathered.cancel()
+        gathered.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: not logged
+    return items
+
+
+async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_gone: ClientGone | None) -> list[Item]:
+    """Encoded images (name, bytes) -> one batcher item each, preprocessed the serving way."""
+    with admitted(state, len(images)):
+        tensors = await preprocess_images(state, images)
+        return await run_batched(state, tensors, client_gone)
+
+
+async def infer(state: ServiceState, tensors: list[np.ndarray], client_gone: ClientGone | None) -> list[Item]:
+    """Preprocessed tensors (C, H, W) -> one batcher item each."""
+    with admitted(state, len(tensors)):
+        return await run_batched(state, tensors, client_gone)
+
+
+def labels_of(item: Item) -> tuple[str, ...]:
+    """The class names of the version whose engine ran the item (a hot-swap may have happened since it arrived)."""
+    return item.served_by.model.manifest.labels
+
+
+def top_k_of(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[dict]:
+    shifted = np.exp(logits.astype(np.float64) - logits.max())
+    probabilities = shifted / shifted.sum()
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"label": labels[i], "index": int(i), "probability": float(probabilities[i])} for i in order]

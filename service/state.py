@@ -1,0 +1,49 @@
+"""ServiceState: what the lifespan owns (settings, metrics, model manager, decode pool, admission), one per app."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from runtime.engines.base import Engine
+from runtime.repository import ModelVersion
+from service.admission import Admission
+from service.batcher import Batcher
+from service.metrics import ServiceMetrics
+from service.model_manager import ModelManager
+from service.settings import Settings
+
+
+class ServiceState:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+        self.settings, self.metrics = settings, metrics
+        self.models: ModelManager | None = None  # the served version, its engine and the batcher
+        self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
+        # Bounds images being decoded at once, so a flood waits here instead of piling up in the pool.
+        self.preprocess_slots = asyncio.Semaphore(settings.preprocess_workers * 2)
+        # Images in progress (decoding, queued or in the running batch); beyond this a request is refused at once.
+        self.admission = Admission(settings.queue_size + settings.max_batch_size)
+
+    @property
+    def version(self) -> ModelVersion | None:
+        return self.models.model if self.models is not None else None
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.models.current.engine if self.models is not None and self.models.current is not None else None
+
+    @property
+    def batcher(self) -> Batcher | None:
+        return self.models.batcher if self.models is not None else None
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        return self.models.not_ready_reason if self.models is not None else "the model is not loaded yet"
+
+    @property
+    def not_live_reason(self) -> str | None:
+        """Why the process should be restarted (the engine cannot be rebuilt in it); None while it is live."""
+        return self.models.not_live_reason if self.models is not None else None
+
+    @property
+    def is_ready(self) -> bool:
+        return self.not_ready_reason is None

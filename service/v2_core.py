@@ -1,0 +1,361 @@
+"""The Open Inference Protocol (KServe v2) without a transport: models, metadata, request checks and infer.
+
+Adapters (HTTP: service/v2.py; gRPC: service/grpc_server.py) call only these; the messages are the pydantic models
+of service/v2_models.py (InferenceRequest, RequestInput, RequestOutput, their parameters, and the responses):
+
+    parse_request(header: bytes) -> InferenceRequest          the JSON header (HTTP)
+    build_request(fields: dict) -> InferenceRequest           the same fields as plain dicts/lists (gRPC; strict:
+        lists not tuples or repeated fields, bool is not a number); both raise 400 invalid_json / invalid_request
+    await infer(state, name, version, request, binary, client_gone) -> InferResult
+        binary: the bytes that follow the JSON header; an input with parameters.binary_data_size takes its next
+        binary_data_size bytes, in input order. BYTES elements in binary are 4-byte little-endian length + bytes
+        (serialize_bytes), which is also gRPC's raw_input_contents / raw_output_contents layout: a gRPC input's
+        raw contents (or its bytes_contents, serialized) go in `binary` with binary_data_size = their length.
+    InferResult(model_name, model_version, id, outputs: [OutputTensor(name, datatype, shape, array, binary)]);
+        OutputTensor.raw() is its binary form, OutputTensor.json_data() its JSON `data` list
+    model_metadata(state, name, version) -> ModelMetadataResponse;   model_ready(state, name, version) -> bool
+    server_metadata() -> ServerMetadataResponse;   server_live(state) / server_ready(state) -> bool
+    resolve_model(state, name, version) -> V2Model            404 before any work for a model not served here
+Every refusal is an ApiError(status, code, message) (service/errors.py): 400 bad request, 404 unknown model,
+413 over a limit, 499 client gone, 500 engine failed, 503 not ready / full, 504 deadline; a gRPC adapter maps the
+status to its own code.
+
+Two v2 models serve the one loaded repository model `<name>`: `<name>` takes the preprocessed FP32 NCHW tensor,
+and `<name>_image` (IMAGE_SUFFIX) takes encoded images (BYTES input `IMAGE`, one JPEG/PNG/... per element: raw bytes
+in binary data, base64 strings in JSON) and decodes and preprocesses them exactly like /classify.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import struct
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+from pydantic import Field, TypeAdapter, ValidationError
+
+from convnext_common import project_version
+from runtime.repository import Manifest
+from service import pipeline
+from service.errors import ApiError
+from service.pipeline import ClientGone, labels_of, require_ready
+from service.state import ServiceState
+from service.v2_models import (
+    InferenceRequest,
+    MetadataTensor,
+    ModelMetadataResponse,
+    RequestInput,
+    ServerMetadataResponse,
+)
+
+EXTENSIONS = ["binary_tensor_data", "classification"]
+IMAGE_SUFFIX = "_image"
+IMAGE_INPUT = "IMAGE"
+LENGTH_PREFIX = struct.Struct("<I")  # BYTES elements in binary data: uint32 little-endian length, then the bytes
+FP32_VALUES = TypeAdapter(list[Annotated[float, Field(strict=True, allow_inf_nan=False)]])
+STRING_VALUES = TypeAdapter(list[Annotated[str, Field(strict=True)]])
+MAX_ERRORS_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class V2Model:
+    """One v2 model over the served repository version: the tensor model, or the encoded-image one (`is_image`)."""
+
+    name: str
+    manifest: Manifest
+    is_image: bool
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str  # "FP32" (logits) or "BYTES" (classification strings)
+    shape: list[int]
+    array: np.ndarray  # float32, or an object array of bytes for BYTES
+    binary: bool  # the client asked for this output as binary data
+
+    def raw(self) -> bytes:
+        if self.datatype == "BYTES":
+            return serialize_bytes(self.array.reshape(-1))
+        return self.array.astype("<f4").tobytes()
+
+    def json_data(self) -> list:
+        if self.datatype == "BYTES":
+            return [value.decode() for value in self.array.reshape(-1)]
+        return self.array.reshape(-1).tolist()
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model_name: str
+    model_version: str
+    id: str | None
+    outputs: list[OutputTensor]
+
+
+@dataclass(frozen=True)
+class _WantedOutput:
+    name: str
+    classification: int | None  # top k, or None for the logits themselves
+    binary: bool
+
+
+def serialize_bytes(elements) -> bytes:
+    """BYTES elements as the binary-data extension (and gRPC raw contents) lay them out: length + bytes each."""
+    return b"".join(LENGTH_PREFIX.pack(len(e)) + e for e in elements)
+
+
+def _refused(err: ValidationError) -> ApiError:
+    errors = err.errors(include_url=False, include_input=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return ApiError(400, "invalid_json", f"the inference request is not valid JSON: {errors[0]['msg']}")
+    shown = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in errors[:MAX_ERRORS_SHOWN])
+    return ApiError(400, "invalid_request", f"the inference request does not follow the protocol: {shown}")
+
+
+def parse_request(header: bytes) -> InferenceRequest:
+    """The JSON inference header -> InferenceRequest; 400 invalid_json / invalid_request naming what is wrong."""
+    try:
+        return InferenceRequest.model_validate_json(header)
+    except ValidationError as err:
+        raise _refused(err) from None
+
+
+def build_request(fields: dict) -> InferenceRequest:
+    """Plain Python fields (dicts, lists, ints, floats, str, bool: the JSON's shape) -> InferenceRequest, or 400."""
+    try:
+        return InferenceRequest.model_validate(fields)
+    except ValidationError as err:
+        raise _refused(err) from None
+
+
+def server_metadata() -> ServerMetadataResponse:
+    return ServerMetadataResponse(name="convnext", version=project_version(), extensions=EXTENSIONS)
+
+
+def server_live(state: ServiceState) -> bool:
+    """Like /healthz: not live once the engine cannot be rebuilt in this process, so the orchestrator restarts it."""
+    return state.not_live_reason is None
+
+
+def server_ready(state: ServiceState) -> bool:
+    return state.is_ready
+
+
+def resolve_model(state: ServiceState, name: str, version: str | None = None) -> V2Model:
+    """The v2 model `name` (optionally at `version`): 404 model_not_found, 503 before any model is loaded."""
+    if state.version is None:
+        require_ready(state)
+    manifest = state.version.manifest
+    is_image = name == manifest.name + IMAGE_SUFFIX
+    if (name != manifest.name and not is_image) or version not in (None, str(manifest.version)):
+        raise ApiError(404, "model_not_found", f"model {name!r} version {version or 'latest'} is not served here; "
+                       f"this server has {manifest.name!r} and {manifest.name + IMAGE_SUFFIX!r}")
+    return V2Model(name, manifest, is_image)
+
+
+def model_ready(state: ServiceState, name: str, version: str | None = None) -> bool:
+    """False before any model is loaded; 404 model_not_found for a name this server does not serve."""
+    if state.version is None:
+        return False
+    resolve_model(state, name, version)
+    return state.is_ready
+
+
+def model_metadata(state: ServiceState, name: str, version: str | None = None) -> ModelMetadataResponse:
+    model = resolve_model(state, name, version)
+    manifest, spec = model.manifest, model.manifest.input
+    engine = state.engine.describe().name if state.engine is not None else "none"
+    outputs = [MetadataTensor(name=manifest.output_name, datatype="FP32", shape=[-1, manifest.num_classes])]
+    versions = [str(manifest.version)]
+    if not model.is_image:
+        inputs = [MetadataTensor(name=spec.name, datatype="FP32", shape=[-1, spec.channels, spec.height, spec.width])]
+        return ModelMetadataResponse(name=model.name, versions=versions, platform=engine, inputs=inputs,
+                                     outputs=outputs)
+    p = manifest.preprocess
+    return ModelMetadataResponse(
+        name=model.name, versions=versions,
+        platform=f"ensemble: decodes and preprocesses like /classify, then {engine}",
+        inputs=[MetadataTensor(name=IMAGE_INPUT, datatype="BYTES", shape=[-1])], outputs=outputs,
+        parameters={"input": "one encoded image per element (JPEG, PNG, WebP, BMP, GIF, TIFF): raw bytes as binary "
+                             "data, base64 strings in JSON",
+                    "preprocess": f"as POST /classify: RGB, resize {p.resize_px} px {p.interpolation} "
+                                  f"({p.crop_mode}), crop {p.crop_px} px, normalize by the model's mean/std",
+                    "model": manifest.name})
+
+
+def _wanted_outputs(request: InferenceRequest, manifest: Manifest) -> list[_WantedOutput]:
+    default_binary = bool(request.parameters and request.parameters.binary_data_output)
+    if not request.outputs:  # none named: every output (the logits), as the protocol says
+        return [_WantedOutput(manifest.output_name, None, default_binary)]
+    names = [o.name for o in request.outputs]
+    if len(set(names)) != len(names) or any(n != manifest.output_name for n in names):
+        raise ApiError(400, "invalid_output", f"the model has one output, {manifest.output_name!r}; asked for {names}")
+    wanted = []
+    for output in request.outputs:
+        params = output.parameters
+        k = params.classification if params is not None else None
+        if k is not None and k > manifest.num_classes:
+            raise ApiError(400, "invalid_parameter", f"classification must be between 1 and {manifest.num_classes}, "
+                           f"got {k}")
+        binary = params.binary_data if params is not None and params.binary_data is not None else default_binary
+        wanted.append(_WantedOutput(output.name, k, binary))
+    return wanted
+
+
+def _only_input(request: InferenceRequest, expected_name: str) -> RequestInput:
+    names = [tensor.name for tensor in request.inputs]
+    if names != [expected_name]:
+        raise ApiError(400, "invalid_input", f"the model takes one input, {expected_name!r}; got {names}")
+    return request.inputs[0]
+
+
+def _check_batch(batch: int, limit: int, what: str) -> None:
+    if batch < 1:
+        raise ApiError(400, "invalid_shape", f"the batch dimension is {batch}; send at least one {what}")
+    if batch > limit:
+        raise ApiError(413, "too_many_images", f"a batch of {batch} {what}s, over the limit of {limit} per request")
+
+
+def _binary_slice(tensor: RequestInput, binary: bytes, expected_size: int | None) -> bytes | None:
+    """The input's binary data (None when it is sent as JSON); its size checked before anything reads it."""
+    size = tensor.parameters.binary_data_size if tensor.parameters is not None else None
+    if size is None:
+        if binary:
+            raise ApiError(400, "invalid_binary_data", f"{len(binary)} bytes of binary data follow the header but no "
+                           "input has a binary_data_size")
+        if tensor.data is None:
+            raise ApiError(400, "invalid_data", f"input {tensor.name!r} has neither data nor a binary_data_size")
+        return None
+    if tensor.data is not None:
+        raise ApiError(400, "invalid_binary_data", f"input {tensor.name!r} has both data and a binary_data_size")
+    if expected_size is not None and size != expected_size:
+        raise ApiError(400, "invalid_binary_data", f"binary_data_size is {size} bytes; shape {tensor.shape} of "
+                       f"{tensor.datatype} needs {expected_size}")
+    if size != len(binary):
+        raise ApiError(400, "invalid_binary_data", f"binary_data_size is {size} bytes but {len(binary)} bytes follow "
+                       "the header")
+    return binary
+
+
+def _flat(data: list, rank: int, name: str) -> list:
+    """Row-major data, flat or nested (at most `rank` levels), as one flat list."""
+    for _ in range(rank - 1):
+        if not any(isinstance(value, list) for value in data):
+            break
+        if not all(isinstance(value, list) for value in data):
+            raise ApiError(400, "invalid_data", f"input {name!r}: nested data mixes lists and values")
+        data = [value for row in data for value in row]
+    return data
+
+
+def _fp32_batch(tensor: RequestInput, binary: bytes, manifest: Manifest, max_batch: int) -> np.ndarray:
+    """The FP32 NCHW input as an array: shape within the limits before anything the size of the data is made."""
+    spec = manifest.input
+    chw = (spec.channels, spec.height, spec.width)
+    if tensor.datatype != "FP32":
+        raise ApiError(400, "invalid_datatype", f"input datatype must be FP32, got {tensor.datatype!r}")
+    if len(tensor.shape) != 4 or tuple(tensor.shape[1:]) != chw:
+        raise ApiError(400, "invalid_shape", f"input shape must be [1..{max_batch}, {', '.join(map(str, chw))}], "
+                       f"got {tensor.shape}")
+    _check_batch(tensor.shape[0], max_batch, "image")
+    count = math.prod(tensor.shape)  # bounded now: at most max_batch images of the model's size
+    raw = _binary_slice(tensor, binary, count * 4)
+    if raw is not None:
+        array = np.frombuffer(raw, dtype="<f4", count=count).astype(np.float32)
+    else:
+        values = _flat(tensor.data, len(tensor.shape), tensor.name)
+        if len(values) != count:
+            raise ApiError(400, "invalid_data", f"{len(values)} values for shape {tensor.shape} ({count} needed)")
+        try:
+            with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+                array = np.asarray(FP32_VALUES.validate_python(values), dtype=np.float32)
+        except ValidationError as err:
+            first = err.errors(include_url=False, include_input=False)[0]
+            raise ApiError(400, "invalid_data", f"input {tensor.name!r} data[{first['loc'][0]}]: {first['msg']}"
+                           ) from None
+    if not np.isfinite(array).all():  # NaN/inf in binary data, or JSON numbers beyond float32's range
+        raise ApiError(400, "invalid_data", f"input {tensor.name!r} has values that are not finite float32 numbers")
+    return array.reshape(tensor.shape)
+
+
+def _split_bytes(raw: bytes, count: int) -> list[bytes]:
+    """`count` length-prefixed elements that fill `raw` exactly; each length checked against what is left."""
+    elements, offset = [], 0
+    for index in range(count):
+        if len(raw) - offset < LENGTH_PREFIX.size:
+            raise ApiError(400, "invalid_binary_data", f"BYTES element {index}: its 4-byte length is missing")
+        (length,) = LENGTH_PREFIX.unpack_from(raw, offset)
+        offset += LENGTH_PREFIX.size
+        if length > len(raw) - offset:
+            raise ApiError(400, "invalid_binary_data", f"BYTES element {index} says {length} bytes, "
+                           f"{len(raw) - offset} are left")
+        elements.append(raw[offset:offset + length])
+        offset += length
+    if offset != len(raw):
+        raise ApiError(400, "invalid_binary_data", f"{len(raw) - offset} bytes left over after {count} BYTES elements")
+    return elements
+
+
+def _encoded_images(tensor: RequestInput, binary: bytes, max_images: int) -> list[tuple[str, bytes]]:
+    if tensor.datatype != "BYTES":
+        raise ApiError(400, "invalid_datatype", f"input {IMAGE_INPUT} datatype must be BYTES, got {tensor.datatype!r}")
+    if len(tensor.shape) != 1:
+        raise ApiError(400, "invalid_shape", f"input {IMAGE_INPUT} shape must be [n] (one image per element), "
+                       f"got {tensor.shape}")
+    count = tensor.shape[0]
+    _check_batch(count, max_images, "image")
+    raw = _binary_slice(tensor, binary, None)
+    if raw is not None:
+        images = _split_bytes(raw, count)
+    else:
+        values = _flat(tensor.data, 1, tensor.name)
+        if len(values) != count:
+            raise ApiError(400, "invalid_data", f"{len(values)} images for shape {tensor.shape}")
+        try:
+            images = [base64.b64decode(v, validate=True) for v in STRING_VALUES.validate_python(values)]
+        except (ValidationError, binascii.Error) as err:
+            raise ApiError(400, "invalid_data", f"input {IMAGE_INPUT}: JSON elements must be base64 strings of "
+                           f"the image bytes ({type(err).__name__})") from None
+    return [(f"{IMAGE_INPUT}[{i}]", image) for i, image in enumerate(images)]
+
+
+def _top_k_strings(logits: np.ndarray, labels: tuple[str, ...], k: int) -> np.ndarray:
+    """Triton's classification extension: per row the top k as b"score:index:label", score = the output's value."""
+    rows = []
+    for row in logits:
+        order = np.argsort(-row, kind="stable")[:k]
+        rows.append([f"{row[i]:f}:{i}:{labels[i]}".encode() for i in order])
+    return np.array(rows, dtype=object).reshape(len(rows), k)
+
+
+async def infer(state: ServiceState, name: str, version: str | None, request: InferenceRequest, binary: bytes,
+                client_gone: ClientGone | None) -> InferResult:
+    """Check the request, run it through the shared pipeline (admission, batcher, limits), build the outputs."""
+    model = resolve_model(state, name, version)
+    manifest, settings = model.manifest, state.settings
+    wanted = _wanted_outputs(request, manifest)
+    if model.is_image:
+        images = _encoded_images(_only_input(request, IMAGE_INPUT), binary, settings.max_files_per_request)
+        require_ready(state)
+        items = await pipeline.classify(state, images, client_gone)
+    else:
+        batch = _fp32_batch(_only_input(request, manifest.input.name), binary, manifest, settings.queue_size)
+        require_ready(state)
+        items = await pipeline.infer(state, list(batch), client_gone)
+    logits = np.stack([item.future.result() for item in items]).astype(np.float32)
+    if not np.isfinite(logits).all():
+        raise ApiError(500, "inference_failed", "the engine returned values that are not finite numbers")
+    labels = labels_of(items[0])
+    outputs = []
+    for output in wanted:
+        if output.classification is None:
+            outputs.append(OutputTensor(output.name, "FP32", list(logits.shape), logits, output.binary))
+        else:
+            top = _top_k_strings(logits, labels, output.classification)
+            outputs.append(OutputTensor(output.name, "BYTES", list(top.shape), top, output.binary))
+    ran = items[0].served_by  # the version whose engine ran the batch (a hot-swap may have happened meanwhile)
+    ran_name = ran.name + IMAGE_SUFFIX if model.is_image else ran.name
+    return InferResult(ran_name, str(ran.version), request.id, outputs)

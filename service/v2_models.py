@@ -1,0 +1,118 @@
+"""The Open Inference Protocol's (KServe v2) messages as strict pydantic models, the binary-data extension included.
+
+Shaped like KServe's data models (kserve/protocol/rest/v2_datamodels.py): unknown top-level fields are ignored as
+there, but every field the protocol defines is strictly typed: shapes are non-negative JSON integers (no floats, no
+booleans, no null), parameters are bool / int / finite float / string, and the extension parameters have their own
+types (`binary_data_size` an int >= 0, `binary_data` / `binary_data_output` booleans, `classification` an int >= 1).
+Tensor `data` stays a JSON list here: its element type depends on the datatype, checked by service/v2_core.py.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64_MAX = 2**63 - 1  # shapes are int64 in the protocol (and in its gRPC form)
+
+InferParameter = bool | int | float | str
+Dimension = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
+class _Message(BaseModel):
+    # strict: 1.0 is not an int and true is not a number; no NaN or infinity where a number is required.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class _Parameters(_Message):
+    """A parameters object: the named fields typed, any other key kept, its value a bool, int, float or string."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, InferParameter]
+
+
+class RequestParameters(_Parameters):
+    binary_data_output: bool | None = Field(None, description="binary-data extension: every output in binary "
+                                            "unless the output says otherwise")
+
+
+class InputParameters(_Parameters):
+    binary_data_size: int | None = Field(None, ge=0, le=INT64_MAX, description="binary-data extension: this "
+                                         "input's bytes follow the JSON header (in input order)")
+
+
+class OutputParameters(_Parameters):
+    binary_data: bool | None = Field(None, description="binary-data extension: this output's bytes follow the "
+                                     "JSON header of the response")
+    classification: int | None = Field(None, ge=1, le=INT64_MAX, description="classification extension: the "
+                                       "top k as BYTES 'score:index:label' (k <= the number of classes)")
+
+
+class RequestInput(_Message):
+    name: str
+    shape: list[Dimension]
+    datatype: str
+    parameters: InputParameters | None = None
+    data: list[Any] | None = Field(None, description="row-major, flat or nested; numbers for FP32, base64 "
+                                   "strings for BYTES (absent when the bytes are binary data)")
+
+
+class RequestOutput(_Message):
+    name: str
+    parameters: OutputParameters | None = None
+
+
+class InferenceRequest(_Message):
+    id: str | None = None
+    parameters: RequestParameters | None = None
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, InferParameter] | None = None
+    data: list[float] | list[str] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, InferParameter] | None = None
+    outputs: list[ResponseOutput]
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadataResponse(BaseModel):
+    name: str
+    versions: list[str] | None = None
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+    parameters: dict[str, str] | None = None
+
+
+class ServerMetadataResponse(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ServerLiveResponse(BaseModel):
+    live: bool
+
+
+class ServerReadyResponse(BaseModel):
+    ready: bool
+
+
+class ModelReadyResponse(BaseModel):
+    name: str
+    ready: bool

@@ -1,0 +1,85 @@
+"""Engine auto on the real runtimes: it measures ONNX Runtime fp32 and OpenVINO fp32, serves the faster, shows both
+figures (log, engine description, /models), and serves correctly over HTTP."""
+from __future__ import annotations
+
+import logging
+
+import httpx
+import numpy as np
+import pytest
+
+from runtime.engines.auto import AutoEngine
+from runtime.engines.base import EngineError
+from runtime.engines.factory import EngineOptions, onnxruntime_engine, open_engine
+from runtime.engines.openvino import OpenVinoEngine
+from runtime.preprocess import preprocess
+from runtime.repository import ModelRepository
+
+
+@pytest.fixture(scope="module")
+def version(model_repository):
+    return ModelRepository(model_repository).load("atto")
+
+
+@pytest.fixture(scope="module")
+def photo_batch(version, real_photos) -> np.ndarray:
+    return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in real_photos])
+
+
+@pytest.fixture(scope="module")
+def reference(version, photo_batch) -> np.ndarray:
+    engine = open_engine(version, EngineOptions())
+    engine.load()
+    logits = np.concatenate([engine.run(photo_batch[i:i + 1]) for i in range(len(photo_batch))])
+    engine.close()
+    return logits
+
+
+def test_auto_measures_both_fp32_engines_serves_the_faster_and_says_so(version, photo_batch, reference, caplog):
+    engine = open_engine(version, EngineOptions(engine="auto", max_batch_size=4, auto_measure_s=0.4))
+    with caplog.at_level(logging.INFO, logger="convnext.runtime"):
+        engine.load()
+    spec = engine.describe()
+    figures = spec.auto_images_per_s
+    assert set(figures) == {"onnxruntime", "openvino"} and all(rate > 0 for rate in figures.values())
+    assert spec.name == engine.chosen_name == max(figures, key=figures.get)
+    assert (spec.precision, spec.provider, spec.max_batch_size) == ("fp32", "cpu", 4)
+    assert f"engine auto chose {spec.name}" in caplog.text
+    assert all(f"{name} {rate:.1f}" in caplog.text for name, rate in figures.items())
+    engine.warmup(1)
+    np.testing.assert_allclose(engine.run(photo_batch[:4]), reference[:4], atol=1e-4, rtol=1e-4)
+    engine.close()
+    with pytest.raises(EngineError, match="not loaded"):
+        engine.run(photo_batch[:1])
+
+
+def test_a_candidate_that_does_not_load_is_left_out_and_none_loading_is_an_error(version, tmp_path, caplog):
+    options = EngineOptions(max_batch_size=2)
+    missing = lambda: OpenVinoEngine(tmp_path / "missing.onnx", (3, 64, 64), max_batch_size=2)  # noqa: E731
+    engine = AutoEngine({"onnxruntime": lambda: onnxruntime_engine(version, options), "openvino": missing}, 0.1)
+    with caplog.at_level(logging.WARNING, logger="convnext.runtime"):
+        engine.load()
+    assert engine.describe().name == "onnxruntime" and set(engine.describe().auto_images_per_s) == {"onnxruntime"}
+    assert "leaving out openvino" in caplog.text
+    engine.close()
+    with pytest.raises(EngineError, match="no candidate engine loaded"):
+        AutoEngine({"openvino": missing}, 0.1).load()
+
+
+@pytest.mark.parametrize("provider, precision", [("cuda", "fp32"), ("cpu", "bf16")])
+def test_auto_refuses_what_it_does_not_choose_between_and_says_what_to_pass(version, provider, precision):
+    with pytest.raises(EngineError, match="fp32 CPU engines.*--engine openvino --precision bf16"):
+        open_engine(version, EngineOptions(engine="auto", provider=provider, precision=precision))
+
+
+def test_engine_auto_serves_real_photos_and_shows_both_figures(model_repository, launch, real_photos, reference):
+    with launch(model_repository, engine="auto", max_batch_size=4) as url:
+        engine = httpx.get(f"{url}/models").json()["engine"]
+        figures = engine["auto_images_per_s"]
+        assert set(figures) == {"onnxruntime", "openvino"} and engine["name"] == max(figures, key=figures.get)
+        for photo, logits in zip(real_photos, reference, strict=True):
+            kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
+            response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(),
+                                  headers={"content-type": kind}, timeout=30)
+            assert response.status_code == 200, response.text
+            assert response.json()["results"][0]["top_k"][0]["index"] == int(np.argmax(logits))
