@@ -30,7 +30,7 @@ def schemathesis_run(url: str, *options: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "all",
                "--max-examples", str(EXAMPLES_PER_OPERATION), "--seed", str(SEED), "--workers", "1",
                "--generation-database", "none", "--request-timeout", "30", "--no-color", *options]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
 
 
 def assert_no_failures(run: subprocess.CompletedProcess) -> None:
