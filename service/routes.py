@@ -15,6 +15,7 @@ from service.errors import ApiError, ErrorResponse, error_response, error_respon
 from service.model_card import describe
 from service.pipeline import http_client_gone, labels_of, read_body, require_ready, service_state, top_k_of
 from service.schemas import CLASSIFY_BODY, ClassifyResponse, Health, ModelsResponse, NotReady, Ready
+from service.settings import Settings
 from service.state import ServiceState
 
 logger = logging.getLogger(__name__)
@@ -27,12 +28,13 @@ CLASSIFY_ERRORS = error_responses(400, 408, 413, 415, 422, 500, 503, 504, descri
 })
 
 
-async def read_form_files(request: Request, max_files: int) -> list[tuple[str, bytes]]:
-    """The file fields of a multipart form, in order; more than `max_files` is 413 however many there are."""
+async def read_form_files(request: Request, settings: Settings) -> list[tuple[str, bytes]]:
+    """The file fields of a multipart form, in order; more than max_files_per_request is 413 however many."""
+    max_files = settings.max_files_per_request
     try:
-        form = await request.form(max_files=max_files + 1, max_part_size=service_state(request).settings.max_body_bytes)
+        form = await request.form(max_files=max_files + 1, max_part_size=settings.max_body_bytes)
     except StarletteHTTPException as err:
-        # Starlette stops counting at max_files + 1 and says so only in its message.
+        # Starlette stops parsing past max_files + 1 with a 400 that says so only in its message.
         if str(err.detail).startswith("Too many files"):
             raise ApiError(413, "too_many_files", f"over the limit of {max_files} files per request") from None
         raise
@@ -45,7 +47,7 @@ async def collect_images(request: Request, state: ServiceState) -> list[tuple[st
     content_type = request.headers.get("content-type", "").lower()
     body = await read_body(request, state)
     if content_type.startswith("multipart/form-data"):
-        files = await read_form_files(request, settings.max_files_per_request)
+        files = await read_form_files(request, settings)
         if not files:
             raise ApiError(400, "no_files", "the multipart form has no file fields; send images as files")
         if len(files) > settings.max_files_per_request:

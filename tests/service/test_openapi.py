@@ -79,3 +79,17 @@ def test_reload_takes_a_json_integer_not_a_boolean_nor_a_string(service_url):
     assert not_utf8.status_code == 400 and not_utf8.json()["error"]["code"] == "invalid_body"
     assert httpx.post(f"{service_url}/admin/reload", json={"version": 1.0}, timeout=60).json()["model"] == {
         "name": "atto", "version": 1}
+
+
+def test_a_model_with_fewer_than_5_classes_answers_the_default_top_k_with_every_class(tmp_path, launch, real_photos):
+    from export.onnx import export_onnx_version
+
+    export_onnx_version(tmp_path, "three", "convnext_atto", num_classes=3, input_size=32)
+    with launch(tmp_path) as url:
+        top_k = httpx.get(f"{url}/openapi.json").json()["paths"]["/classify"]["post"]["parameters"][0]["schema"]
+        assert (top_k["maximum"], top_k["default"]) == (3, 3)
+        photo = real_photos[0].read_bytes()
+        answer = httpx.post(f"{url}/classify", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)
+        assert answer.status_code == 200 and len(answer.json()["results"][0]["top_k"]) == 3
+        explicit = httpx.post(f"{url}/classify?top_k=5", content=photo, headers={"content-type": "image/jpeg"})
+        assert explicit.status_code == 422
