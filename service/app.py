@@ -12,13 +12,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from convnext_common import project_version
 from runtime.engines.base import Engine
 from runtime.engines.factory import EngineOptions, open_engine
-from runtime.repository import ModelVersion
+from runtime.repository import Manifest, ModelVersion
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
 from service.errors import ApiError, error_response
 from service.grpc_server import start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_manager import EngineFactory, ModelManager
+from service.openapi import APP_RESPONSES, install_openapi
 from service.routes import router
 from service.security import install_edge
 from service.settings import Settings
@@ -26,6 +27,7 @@ from service.state import ServiceState
 from service.v2 import router as v2_router
 
 STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
+HTTP_ERROR_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
 
 
 def engine_options(settings: Settings) -> EngineOptions:
@@ -62,12 +64,17 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             await state.models.stop(settings.request_timeout_ms / 1000)
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="ConvNeXt image classification", version=project_version(), lifespan=lifespan)
+    app = FastAPI(title="ConvNeXt image classification", version=project_version(), lifespan=lifespan,
+                  responses=APP_RESPONSES)
     app.state.metrics = metrics
 
     def current_admission() -> Admission | None:
         state = getattr(app.state, "service", None)  # set when the lifespan starts
         return state.admission if state is not None else None
+
+    def served_manifest() -> Manifest | None:
+        state = getattr(app.state, "service", None)
+        return state.version.manifest if state is not None and state.version is not None else None
 
     # Middleware added first runs innermost: the gate runs after auth (no key, no hint of the load).
     app.add_middleware(AdmissionGate, admission_of=current_admission, metrics=metrics)
@@ -86,8 +93,15 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-        return error_response(err.status_code, code, str(err.detail))
+        # err.headers: a 405 carries Allow, the methods of the route at that path (RFC 9110).
+        return error_response(err.status_code, HTTP_ERROR_CODES.get(err.status_code, "http_error"), str(err.detail),
+                              err.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request: Request, err: Exception):
+        # A bug, not the client's doing: still the JSON error body; Starlette logs the traceback after this answer.
+        return error_response(500, "internal_error", f"the server failed on this request ({type(err).__name__}); "
+                              "it is logged")
 
     # Added last, so outermost: 401s and CORS answers are counted too. Pure ASGI: Starlette's @app.middleware("http")
     # cost ~0.35 ms of CPU per request, paid by every request and every 503 under overload.
@@ -96,6 +110,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.include_router(router)
     app.include_router(v2_router)
     app.include_router(admin_router)
+    install_openapi(app, settings, served_manifest)
 
     @app.get("/", include_in_schema=False)
     async def index():

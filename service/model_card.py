@@ -1,11 +1,28 @@
 """What a served model is and knows, from its manifest: architecture, source, dataset, classes (/models, web page)."""
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import BaseModel
+
 from runtime.repository import DIGITS_DATASET, Manifest
 
 IMAGENET_PRETRAINED = "convnext_tiny_1k_224_ema"
 SERVE_IMAGENET_COMMAND = f"convnext serve --pretrained {IMAGENET_PRETRAINED}"
 SAMPLE_LABELS = 5
+
+
+class ModelCard(BaseModel):
+    """The card's schema in /openapi.json (describe() builds it)."""
+
+    architecture: str
+    source: Literal["demo", "official", "checkpoint", "random"]
+    checkpoint: str | None
+    dataset: str | None
+    num_classes: int
+    sample_labels: list[str]
+    summary: str
+    serve_imagenet_command: str | None
 
 
 def dataset_of(manifest: Manifest) -> str | None:

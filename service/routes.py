@@ -1,21 +1,44 @@
 """Service routes: /classify, health, readiness, the model list and Prometheus metrics."""
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.repository import ModelRepository
+from runtime.repository import ModelRepository, RepositoryError
 from service import pipeline
-from service.errors import ApiError, error_response
+from service.errors import ApiError, ErrorResponse, error_response, error_responses
 from service.model_card import describe
 from service.pipeline import http_client_gone, labels_of, read_body, require_ready, service_state, top_k_of
+from service.schemas import CLASSIFY_BODY, ClassifyResponse, Health, ModelsResponse, NotReady, Ready
+from service.settings import Settings
 from service.state import ServiceState
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 RAW_TYPES = ("image/", "application/octet-stream")
+DEFAULT_TOP_K = 5
+CLASSIFY_ERRORS = error_responses(400, 408, 413, 415, 422, 500, 503, 504, descriptions={
+    400: "Not an image (not_an_image, corrupt_image, unsupported_format, empty_body), or a multipart form without "
+         "files (no_files) or that does not parse (invalid_body)",
+})
+
+
+async def read_form_files(request: Request, settings: Settings) -> list[tuple[str, bytes]]:
+    """The file fields of a multipart form, in order; more than max_files_per_request is 413 however many."""
+    max_files = settings.max_files_per_request
+    try:
+        form = await request.form(max_files=max_files + 1, max_part_size=settings.max_body_bytes)
+    except StarletteHTTPException as err:
+        # Starlette stops parsing past max_files + 1 with a 400 that says so only in its message.
+        if str(err.detail).startswith("Too many files"):
+            raise ApiError(413, "too_many_files", f"over the limit of {max_files} files per request") from None
+        raise
+    return [(v.filename or key, await v.read()) for key, v in form.multi_items() if hasattr(v, "read")]
 
 
 async def collect_images(request: Request, state: ServiceState) -> list[tuple[str, bytes]]:
@@ -24,8 +47,7 @@ async def collect_images(request: Request, state: ServiceState) -> list[tuple[st
     content_type = request.headers.get("content-type", "").lower()
     body = await read_body(request, state)
     if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=settings.max_files_per_request + 1, max_part_size=settings.max_body_bytes)
-        files = [(v.filename or key, await v.read()) for key, v in form.multi_items() if hasattr(v, "read")]
+        files = await read_form_files(request, settings)
         if not files:
             raise ApiError(400, "no_files", "the multipart form has no file fields; send images as files")
         if len(files) > settings.max_files_per_request:
@@ -40,12 +62,17 @@ async def collect_images(request: Request, state: ServiceState) -> list[tuple[st
     return [("body", body)]
 
 
-@router.post("/classify", summary="Classify one image (raw body) or several (multipart files)")
-async def classify(request: Request, top_k: int = Query(5, ge=1, description="how many classes to return")):
+@router.post("/classify", summary="Classify one image (raw body) or several (multipart files)",
+             response_model=ClassifyResponse, responses=CLASSIFY_ERRORS, openapi_extra=CLASSIFY_BODY)
+async def classify(request: Request, top_k: int = Query(DEFAULT_TOP_K, ge=1, description=(
+        "how many classes to return, at most the served model's class count (its schema maximum); "
+        "default 5, or every class of a model with fewer"))):
     started = time.perf_counter()
     state = service_state(request)
     require_ready(state)
     manifest = state.version.manifest
+    if "top_k" not in request.query_params:
+        top_k = min(top_k, manifest.num_classes)
     if top_k > manifest.num_classes:
         raise ApiError(422, "invalid_parameter", f"top_k must be between 1 and {manifest.num_classes}")
     images = await collect_images(request, state)
@@ -65,7 +92,10 @@ async def classify(request: Request, top_k: int = Query(5, ge=1, description="ho
     return {"model": {"name": ran.name, "version": ran.version}, "results": results}
 
 
-@router.get("/healthz", summary="The process is up and can still recover its engine (liveness)")
+@router.get("/healthz", summary="The process is up and can still recover its engine (liveness)",
+            response_model=Health, responses=error_responses(503, descriptions={
+                503: "The engine cannot be rebuilt in this process (engine_unrecoverable): restart it; or the "
+                     "connection limit (too_many_connections)"}))
 async def healthz(request: Request):
     reason = service_state(request).not_live_reason
     if reason is None:
@@ -73,7 +103,10 @@ async def healthz(request: Request):
     return error_response(503, "engine_unrecoverable", reason)
 
 
-@router.get("/readyz", summary="The model is loaded, warmed up, and the batcher is running")
+@router.get("/readyz", summary="The model is loaded, warmed up, and the batcher is running",
+            response_model=Ready, responses={503: {
+                "model": NotReady | ErrorResponse,
+                "description": "Not ready, with the reason; or the connection limit (too_many_connections)"}})
 async def readyz(request: Request):
     state = service_state(request)
     if state.is_ready:
@@ -81,14 +114,19 @@ async def readyz(request: Request):
     return JSONResponse({"status": "not_ready", "reason": state.not_ready_reason}, status_code=503)
 
 
-@router.get("/models", summary="Models and versions in the repository, from their manifests")
+@router.get("/models", summary="Models and versions in the repository, from their manifests",
+            response_model=ModelsResponse)
 async def models(request: Request):
     state = service_state(request)
     repository = ModelRepository(state.settings.repository)
     listing = []
     for name in repository.models():
         for version in repository.versions(name):
-            manifest = repository.load(name, version, verify_files=False).manifest
+            try:
+                manifest = repository.load(name, version, verify_files=False).manifest
+            except RepositoryError as err:  # a broken version on disk is the operator's to fix, not a 500 here
+                logger.warning("/models leaves out %s/%s: %s", name, version, err)
+                continue
             listing.append({
                 "name": name, "version": version, "architecture": manifest.architecture,
                 "num_classes": manifest.num_classes, "input": manifest.input.model_dump(),
@@ -101,6 +139,8 @@ async def models(request: Request):
     return {"models": listing, "engine": engine}
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: {
+    "description": "The Prometheus text exposition format",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

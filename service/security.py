@@ -18,16 +18,16 @@ PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/models", "/d
 SCHEME_NAMES = ("bearer", "api_key")
 
 
-def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    """The key from `Authorization: Bearer <key>` or `X-API-Key: <key>`; None when neither header is there."""
+def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """Every credential the request carries (X-API-Key, Authorization: Bearer); another scheme is never the key."""
+    keys = []
     for name, value in headers:
         if name == b"x-api-key":
-            return value.strip()
-        if name == b"authorization":
+            keys.append(value.strip())
+        elif name == b"authorization":
             scheme, _, token = value.partition(b" ")
-            if scheme.lower() == b"bearer":
-                return token.strip()
-    return None
+            keys.append(token.strip() if scheme.lower() == b"bearer" else value)
+    return keys
 
 
 class ApiKeyMiddleware:
@@ -47,42 +47,24 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or self._is_public(scope):
             await self.app(scope, receive, send)
             return
-        key = presented_key(scope["headers"])
-        if key is not None and hmac.compare_digest(key, self._key):
+        keys = presented_keys(scope["headers"])
+        # Every credential presented must be the key: a wrong one beside a right one is still a wrong one.
+        if keys and all(hmac.compare_digest(key, self._key) for key in keys):
             await self.app(scope, receive, send)
             return
         self.metrics.rejected.labels("unauthorized").inc()
-        reason = "no API key" if key is None else "a wrong API key"
+        reason = "no API key" if not keys else "a wrong API key"
         await send_error(send, 401, "unauthorized", f"the request carries {reason}; send `Authorization: Bearer "
                          "<key>` or `X-API-Key: <key>`", [(b"www-authenticate", b"Bearer")])
 
 
-def add_security_schemes(app: FastAPI) -> None:
-    """Show the two ways to send the key in the OpenAPI schema (and the docs' Authorize button)."""
-    build_schema = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = build_schema()
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "api_key": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-            }
-            for path, operations in schema.get("paths", {}).items():
-                if path not in PUBLIC_PATHS:
-                    for operation in operations.values():
-                        operation["security"] = [{name: []} for name in SCHEME_NAMES]
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
-
-
 def install_edge(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> None:
-    """Auth when `api_key` is set, then CORS (outermost, so preflights and 401s get its headers) when origins are."""
+    """Auth when `api_key` is set, then CORS (outermost, so preflights and 401s get its headers) when origins are.
+
+    The OpenAPI document declares the key and its 401s (service/openapi.py).
+    """
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), metrics=metrics)
-        add_security_schemes(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])

@@ -50,6 +50,12 @@ def test_each_bad_request_gets_its_status_and_the_service_keeps_serving(strict_u
     assert 'convnext_rejected_total{reason="bad_request"} 2.0' in metrics
 
 
+def test_too_many_files_is_413_however_many_there_are(strict_url):
+    for count in (4, 5, 12):
+        files = [("files", (f"{i}.png", png_bytes((8, 8)), "image/png")) for i in range(count)]
+        assert_error(httpx.post(f"{strict_url}/classify", files=files), 413, "too_many_files")
+
+
 def test_one_bad_file_in_a_multipart_request_fails_alone(strict_url, real_photos):
     good = ("files", ("good.png", png_bytes((40, 40)), "image/png"))
     bad = ("files", ("bad.png", b"garbage", "image/png"))

@@ -42,10 +42,12 @@ def test_inference_and_admin_need_the_key_and_accept_either_header(secured_url, 
     assert_unauthorized(httpx.post(f"{secured_url}/admin/reload", json={}))
     assert_unauthorized(httpx.post(f"{secured_url}/v2/models/atto/infer", json={"inputs": []}))
 
+    # The right key beside a wrong credential: every credential presented must be the key.
+    assert_unauthorized(classify(secured_url, jpeg, {"X-API-Key": API_KEY, "Authorization": "Bearer wrong"}))
     assert classify(secured_url, jpeg, {"Authorization": f"Bearer {API_KEY}"}).status_code == 200
     assert classify(secured_url, jpeg, {"X-API-Key": API_KEY}).status_code == 200
     metrics = httpx.get(f"{secured_url}/metrics").text
-    assert 'convnext_rejected_total{reason="unauthorized"} 6.0' in metrics
+    assert 'convnext_rejected_total{reason="unauthorized"} 7.0' in metrics
     assert API_KEY not in metrics
 
 

@@ -1,0 +1,93 @@
+"""The app's OpenAPI document: what holds for every route, the API key when one is set, the served model's bounds.
+
+Routes declare their own bodies and answers (service/schemas.py, `error_responses`); this adds what the app's outer
+layers answer on any route, which no route can see: 503 at the connection limit (service/server.py), 401 from the
+API key edge (service/security.py), 422 from the validation handler in the service's error body.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from fastapi import FastAPI
+
+from runtime.repository import Manifest
+from service.errors import ErrorResponse, error_responses
+from service.security import PUBLIC_PATHS, SCHEME_NAMES
+from service.settings import Settings
+
+# Every route: beyond max_connections the server answers 503 before routing (routes may say more about their 503).
+APP_RESPONSES = error_responses(503, descriptions={503: "The server is at its connection limit "
+                                                        "(too_many_connections); retry after Retry-After"})
+ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+TOP_K = ("/classify", "post", "top_k")  # 1 .. the served model's class count
+
+
+def install_openapi(app: FastAPI, settings: Settings, served_manifest: Callable[[], Manifest | None]) -> None:
+    """Replace `app.openapi` with the completed document, built once per served model version."""
+    build_base = app.openapi  # FastAPI's own, cached in app.openapi_schema
+    documents: dict[tuple[str, int] | None, dict] = {}
+
+    def openapi() -> dict:
+        manifest = served_manifest()
+        key = (manifest.name, manifest.version) if manifest is not None else None
+        if key not in documents:
+            documents.clear()  # one served version at a time
+            schema = copy.deepcopy(build_base())
+            errors_in_service_body(schema)
+            if manifest is not None:
+                bound_top_k(schema, manifest.num_classes)
+            if settings.api_key is not None:
+                declare_api_key(schema)
+            documents[key] = schema
+        return documents[key]
+
+    app.openapi = openapi
+
+
+def operations(schema: dict):
+    for path, methods in schema.get("paths", {}).items():
+        for method, operation in methods.items():
+            yield path, method, operation
+
+
+def errors_in_service_body(schema: dict) -> None:
+    """FastAPI documents its own 422 body; the app's validation handler answers the service's error body instead."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    if "ErrorResponse" not in components:
+        body = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components["ErrorResponse"] = body
+    for _, _, operation in operations(schema):
+        answer = operation.get("responses", {}).get("422")
+        content = (answer or {}).get("content", {}).get("application/json", {})
+        if content.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+            content["schema"] = dict(ERROR_REF)
+    for name in FASTAPI_VALIDATION_SCHEMAS:
+        components.pop(name, None)
+
+
+def bound_top_k(schema: dict, num_classes: int) -> None:
+    """top_k's maximum is the served model's class count (422 beyond it), known once the model is loaded."""
+    path, method, name = TOP_K
+    operation = schema.get("paths", {}).get(path, {}).get(method, {})
+    for parameter in operation.get("parameters", []):
+        if parameter["name"] == name:
+            parameter["schema"]["maximum"] = num_classes
+            parameter["schema"]["default"] = min(parameter["schema"].get("default", num_classes), num_classes)
+
+
+def declare_api_key(schema: dict) -> None:
+    """The two ways to send the key (the docs' Authorize button), and 401 on every path that needs it."""
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "api_key": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    unauthorized = error_responses(401)[401]
+    for path, _, operation in operations(schema):
+        if path not in PUBLIC_PATHS:
+            operation["security"] = [{name: []} for name in SCHEME_NAMES]
+            operation["responses"]["401"] = {"description": unauthorized["description"],
+                                             "headers": unauthorized["headers"],
+                                             "content": {"application/json": {"schema": dict(ERROR_REF)}}}

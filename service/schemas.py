@@ -1,0 +1,105 @@
+"""The JSON bodies of the service routes as pydantic models: their schemas in /openapi.json, checked on the way out."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from runtime.repository import InputSpec, Precision
+from service.model_card import ModelCard
+
+IMAGE_BYTES = {"type": "string", "format": "binary"}
+# The body is read by hand (raw bytes or a multipart form, limits checked while reading), so it is declared here.
+CLASSIFY_BODY = {"requestBody": {"required": True, "description": (
+    "One image as the raw body (an image/* type, or application/octet-stream), or several as the file fields of a "
+    "multipart form (any field name; one result per file, in order). Formats: JPEG, PNG, WebP, BMP, GIF, TIFF."),
+    "content": {
+        "image/*": {"schema": IMAGE_BYTES},
+        "application/octet-stream": {"schema": IMAGE_BYTES},
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["files"], "properties": {"files": {
+                "type": "array", "minItems": 1, "items": IMAGE_BYTES,
+                "description": "image files, at most max_files_per_request (413 beyond)"}}},
+            "encoding": {"files": {"headers": {
+                # A part without a filename is a text field, not a file (RFC 7578 4.2): every client sends one.
+                "Content-Disposition": {"description": "each file part names its file", "schema": {"type": "string"},
+                                        "example": 'form-data; name="files"; filename="photo.jpg"'}}}},
+        },
+    }}}
+
+
+class ClassScore(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class ClassifyResult(BaseModel):
+    filename: str  # "body" for a raw body, else the file's name (or its form field)
+    top_k: list[ClassScore]
+    timings: Timings
+    batch_size: int  # images in the engine batch this one ran in
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef  # the version whose engine ran the request
+    results: list[ClassifyResult]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+
+
+class NotReady(BaseModel):
+    status: Literal["not_ready"]
+    reason: str
+
+
+class ArtifactInfo(BaseModel):
+    format: str
+    precision: Precision
+
+
+class ModelListing(BaseModel):
+    name: str
+    version: int
+    architecture: str
+    num_classes: int
+    input: InputSpec
+    artifacts: list[ArtifactInfo]
+    description: ModelCard
+    serving: bool
+
+
+class EngineInfo(BaseModel):
+    name: str
+    input_name: str
+    input_shape: list[int]  # (C, H, W) of one image
+    max_batch_size: int
+    precision: str
+    provider: str
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelListing]
+    engine: EngineInfo | None  # null until the engine is loaded
+
+
+class ReloadResponse(BaseModel):
+    model: ModelRef  # now served
+    previous: ModelRef | None  # served before the swap
