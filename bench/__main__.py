@@ -213,7 +213,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["torch"], ["roadmap"]):
-        # These two import torch (and export), which no other subcommand needs: loaded only when asked for.
+        # These two import torch (and model/), which no other subcommand needs: loaded only when asked for.
         if argv[0] == "torch":
             from bench.model_throughput import main as torch_main
 

@@ -25,6 +25,11 @@ from PIL import Image
 
 from bench.host import cpu_model
 from bench.loadgen import photo_paths
+from export.onnx import export_onnx_version
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.engines.openvino import OpenVinoEngine, artifact_precision
+from runtime.preprocess import preprocess
+from runtime.repository import ModelRepository, Preprocess
 
 # (label, engine, precision, OpenVINO hint, batches in flight)
 CONFIGS = (
@@ -40,9 +45,6 @@ DECODE_SIZES = ((4000, 3000), (1920, 1440), (1024, 768), (500, 375))
 
 
 def build_engine(version, engine: str, precision: str, hint: str | None, max_batch_size: int, threads: int):
-    from runtime.engines.onnxruntime import OnnxRuntimeEngine
-    from runtime.engines.openvino import OpenVinoEngine, artifact_precision
-
     manifest = version.manifest
     shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
     if engine == "onnxruntime":
@@ -106,8 +108,6 @@ def photo_jpeg(size: tuple[int, int], quality: int = 90) -> bytes:
 
 def decode_costs(spec, repeats: int) -> list[dict]:
     """Decode + resize + crop + normalize per size (runtime.preprocess.preprocess), exact vs fast, median ms."""
-    from runtime.preprocess import preprocess
-
     rows = []
     for size in DECODE_SIZES:
         payload = photo_jpeg(size)
@@ -140,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    from runtime.repository import ModelRepository, Preprocess
 
     print(f"{cpu_model()}, {os.cpu_count()} cores, load average before {load_average()}")
     if args.what == "decode":
@@ -156,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             repository = args.repository
             if repository is None:
-                from export.onnx import export_onnx_version
-
                 repository = Path(tmp)
                 export_onnx_version(repository, args.model, "convnext_tiny", precisions=("fp32", "int8"))
             version = ModelRepository(repository).load(args.model)

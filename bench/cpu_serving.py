@@ -27,6 +27,10 @@ from bench.host import cpu_model
 from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.server_process import service
+from export.onnx import export_onnx_version
+from runtime.engines.openvino import cpu_supports_bf16
+from runtime.preprocess import preprocess
+from runtime.repository import ModelRepository
 
 # (engine, precision, decode mode): today's default path first, then what this CPU allows.
 SERVICES = (("onnxruntime", "fp32", "exact"), ("openvino", "fp32", "exact"), ("openvino", "fp32", "fast"),
@@ -52,8 +56,6 @@ def engine_alone(version, engine: str, precision: str, max_batch_size: int, thre
 
 
 def preprocess_ms(payloads: list[bytes], spec, mode: str, repeats: int = 5) -> float:
-    from runtime.preprocess import preprocess
-
     times = []
     for payload in payloads:
         for _ in range(repeats):
@@ -88,8 +90,6 @@ def payload_sets() -> dict:
 
 def measure(version, repository: Path, model: str, args) -> list[dict]:
     import openvino as ov
-
-    from runtime.engines.openvino import cpu_supports_bf16
 
     payloads = payload_sets()
     spec = version.manifest.preprocess
@@ -137,14 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--output", type=Path, default=Path("cpu_serving.json"))
     args = parser.parse_args(argv)
-    from runtime.repository import ModelRepository
-
     print(f"{cpu_model()}, {os.cpu_count()} cores, load average before {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         repository = args.repository
         if repository is None:
-            from export.onnx import export_onnx_version
-
             repository = Path(tmp)
             export_onnx_version(repository, args.model, args.architecture)
         rows = measure(ModelRepository(repository).load(args.model), repository, args.model, args)

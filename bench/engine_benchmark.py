@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.onnx import export_onnx_version
+from runtime.engines.tensorrt import TensorRTEngine
 from runtime.ort_session import (
     available_provider,
     create_session,
@@ -21,6 +23,7 @@ from runtime.ort_session import (
     ort_tensorrt_cache_dir,
     tensorrt_provider_options,
 )
+from runtime.tensorrt import BatchProfile, select_or_build_engine
 
 TENSORRT_ENGINE = "tensorrt-engine"  # the provider label of native TensorRT engines (runtime/tensorrt.py)
 # Published ImageNet-1k top-1 at 224 px, labelled as published: we have no ImageNet here to measure it.
@@ -111,9 +114,6 @@ def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, w
     Times the service's TensorRTEngine.run (pinned buffers allocated once, one stream): host->device copy,
     execution and device->host copy, exactly as the service pays them.
     """
-    from runtime.engines.tensorrt import TensorRTEngine
-    from runtime.tensorrt import BatchProfile, select_or_build_engine
-
     profile = BatchProfile(1, min(8, max(batch_sizes)), max(batch_sizes))
     artifact, version = select_or_build_engine(version, precision, profile)
     m = version.manifest
@@ -151,8 +151,6 @@ def benchmark_onnx(onnx_path: Path, batch_sizes: Sequence[int], *, provider: str
 
 def export_variant(repository_root: Path, model_name: str, activation: str, precisions: Sequence[str]):
     """Export one random-init model; drops precisions the exporter cannot build yet (returns which it built)."""
-    from export.onnx import export_onnx_version
-
     name = f"{model_name.replace('_', '-')}-{activation}"
     wanted = ["fp32"] + [p for p in precisions if p != "fp32"]
     try:

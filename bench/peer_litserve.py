@@ -18,6 +18,10 @@ import os
 import litserve as ls
 import numpy as np
 
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.preprocess import preprocess
+from runtime.repository import ModelRepository, Preprocess
+
 
 class OnnxClassifierAPI(ls.LitAPI):
     """LitServe's setup / decode / batch / predict / unbatch / encode around one ONNX Runtime session."""
@@ -29,10 +33,6 @@ class OnnxClassifierAPI(ls.LitAPI):
         self.provider = provider
 
     def setup(self, device):
-
-        from runtime.engines.onnxruntime import OnnxRuntimeEngine
-        from runtime.repository import Preprocess
-
         # Our engine's exact session set-up (threads, optimisation level, thread-pool config) on the same provider.
         engine = OnnxRuntimeEngine(self.onnx_path, (3, 1, 1), provider=self.provider, intra_op_threads=self.threads)
         engine.load()
@@ -40,8 +40,6 @@ class OnnxClassifierAPI(ls.LitAPI):
         self.spec = Preprocess.model_validate_json(self.spec_json)
 
     def decode_request(self, request):
-        from runtime.preprocess import preprocess
-
         return preprocess(request["content"].file.read(), self.spec, self.max_pixels)
 
     def batch(self, inputs):
@@ -59,8 +57,6 @@ class OnnxClassifierAPI(ls.LitAPI):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from runtime.repository import ModelRepository
-
     parser = argparse.ArgumentParser(description="LitServe peer serving a repository's ONNX model")
     parser.add_argument("--repository", required=True)
     parser.add_argument("--model", default=None)

@@ -11,6 +11,8 @@ from statistics import median
 
 import numpy as np
 
+from runtime.preprocess import center_crop, decode_image, resize_short_side
+
 STAGES = ("decode", "resize", "crop", "normalize")
 
 
@@ -25,8 +27,6 @@ def _median_ms(fn, repeats: int) -> float:
 
 def stage_costs(payload: bytes, spec, repeats: int = 7, max_pixels: int = 100_000_000) -> dict[str, float]:
     """Milliseconds per stage for one encoded image, in the order the service runs them."""
-    from runtime.preprocess import center_crop, decode_image, resize_short_side
-
     picture = decode_image(payload, max_pixels)
     resized = resize_short_side(picture, spec.resize_px, spec.interpolation)
     cropped = center_crop(resized, spec.crop_px)

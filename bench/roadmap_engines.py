@@ -10,6 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from runtime.ort_session import available_provider
+from runtime.tensorrt import tensorrt_target
+
+from .engine_benchmark import benchmark_onnx, benchmark_tensorrt
+
 CPU_ENGINES = ("onnxruntime-fp32", "pytorch-eager-fp32", "openvino-f32", "openvino-bf16")
 # name -> (kind, precision); TensorRT fp16 first: the verdicts read the first engine, and fp16 is the service's.
 GPU_ENGINES = {"tensorrt-fp16": ("tensorrt", "fp16"), "tensorrt-bf16": ("tensorrt", "bf16"),
@@ -78,9 +83,6 @@ def bf16_problem(compute_capability: str, device_name: str) -> str | None:
 
 def gpu_problem(gpu_engines: Sequence[str]):
     """(why this host cannot run `gpu_engines`, as one line, or None; the TensorRT BuildTarget, or None)."""
-    from runtime.ort_session import available_provider
-    from runtime.tensorrt import tensorrt_target
-
     target, problems = None, []
     tensorrt = [e for e in gpu_engines if GPU_ENGINES[e][0] == "tensorrt"]
     if tensorrt:
@@ -112,8 +114,6 @@ def time_gpu_engine(engine: str, version, batch_sizes: Sequence[int], seconds: f
     TensorRT: the engine is found or built (and verified against ONNX Runtime fp32) in the version, then the
     service's TensorRTEngine is timed, host<->device copies included. ONNX Runtime CUDA: the fp32 ONNX file.
     """
-    from .engine_benchmark import benchmark_onnx, benchmark_tensorrt
-
     kind, precision = GPU_ENGINES[engine]
     timing = {"warmup": 2, "iterations": 10**6, "max_seconds": seconds}
     if kind == "tensorrt":

@@ -18,6 +18,7 @@ import numpy as np
 
 from bench.loadgen import closed_loop, jpeg_payloads
 from bench.server_process import service
+from export.onnx import export_onnx_version
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.repository import ModelRepository
 
@@ -62,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         repository = args.repository
         if repository is None:
-            from export.onnx import export_onnx_version  # torch: only when no --repository is given
-
             repository = Path(tmp)
             export_onnx_version(repository, args.model, "convnext_tiny")
         version = ModelRepository(repository).load(args.model)

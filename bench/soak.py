@@ -25,6 +25,7 @@ from bench.loadgen import closed_loop, jpeg_payloads, prepared_posts, send_lag_s
 from bench.open_loop import OpenLoop, Outcome, even_arrivals_s
 from bench.server_process import service
 from bench.service_metrics import metric_value, scrape
+from export.onnx import export_onnx_version
 
 MAX_MINUTES = 120.0  # hard cap: a soak is bounded even when --minutes is mistyped
 SMOKE_SECONDS = 20.0
@@ -41,8 +42,6 @@ def rss_mb(pid: int) -> float:
 
 def export_atto(root: Path, input_size_px: int = 64) -> Path:
     """A model repository with convnext_atto (random weights, 10 classes): the service's mechanics, fast."""
-    from export.onnx import export_onnx_version  # torch: only when no --repository is given
-
     export_onnx_version(root, "atto", "convnext_atto", num_classes=10, input_size=input_size_px)
     return root
 
