@@ -7,7 +7,6 @@ ServiceState. Tensors travel as raw_input_contents / raw_output_contents (typed 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,7 @@ from service import v2_core
 from service.errors import ApiError
 from service.grpc_proto import open_inference_pb2 as pb
 from service.pipeline import ClientGone
-from service.security import presented_key
+from service.security import key_accepted
 from service.state import ServiceState
 from service.v2_models import InferenceRequest
 
@@ -144,8 +143,7 @@ def _has_key(context: grpc.aio.ServicerContext, api_key: bytes) -> bool:
     """The key from metadata `authorization: Bearer <key>` or `x-api-key: <key>`, as over HTTP."""
     headers = [(key.encode(), value if isinstance(value, bytes) else value.encode())
                for key, value in context.invocation_metadata() or ()]
-    key = presented_key(headers)
-    return key is not None and hmac.compare_digest(key, api_key)
+    return key_accepted(headers, api_key)
 
 
 class _Method:

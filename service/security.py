@@ -30,6 +30,12 @@ def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
     return keys
 
 
+def key_accepted(headers: list[tuple[bytes, bytes]], api_key: bytes) -> bool:
+    """Every credential presented must be the key: a wrong one beside a right one is still a wrong one."""
+    keys = presented_keys(headers)
+    return bool(keys) and all(hmac.compare_digest(key, api_key) for key in keys)
+
+
 class ApiKeyMiddleware:
     """401 JSON for HTTP requests to non-public paths without the right key; the key is never logged or echoed."""
 
@@ -47,13 +53,11 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or self._is_public(scope):
             await self.app(scope, receive, send)
             return
-        keys = presented_keys(scope["headers"])
-        # Every credential presented must be the key: a wrong one beside a right one is still a wrong one.
-        if keys and all(hmac.compare_digest(key, self._key) for key in keys):
+        if key_accepted(scope["headers"], self._key):
             await self.app(scope, receive, send)
             return
         self.metrics.rejected.labels("unauthorized").inc()
-        reason = "no API key" if not keys else "a wrong API key"
+        reason = "a wrong API key" if presented_keys(scope["headers"]) else "no API key"
         await send_error(send, 401, "unauthorized", f"the request carries {reason}; send `Authorization: Bearer "
                          "<key>` or `X-API-Key: <key>`", [(b"www-authenticate", b"Bearer")])
 
