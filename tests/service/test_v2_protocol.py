@@ -247,7 +247,7 @@ def test_openapi_declares_the_v2_infer_body_and_its_errors(service_url):
     assert "application/octet-stream" in body
     for status in ("400", "404", "413", "503"):
         schema = operation["responses"][status]["content"]["application/json"]["schema"]
-        assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+        assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
 
 
 def client_for(url: str) -> triton.InferenceServerClient:
