@@ -12,18 +12,6 @@ from runtime.engines.auto import AutoEngine
 from runtime.engines.base import EngineError
 from runtime.engines.factory import EngineOptions, onnxruntime_engine, open_engine
 from runtime.engines.openvino import OpenVinoEngine
-from runtime.preprocess import preprocess
-from runtime.repository import ModelRepository
-
-
-@pytest.fixture(scope="module")
-def version(model_repository):
-    return ModelRepository(model_repository).load("atto")
-
-
-@pytest.fixture(scope="module")
-def photo_batch(version, real_photos) -> np.ndarray:
-    return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in real_photos])
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 
 from runtime.engines.base import EngineError
 from runtime.preprocess import preprocess
-from runtime.repository import ModelRepository
 from service.app import default_engine
 from service.settings import Settings
 
@@ -28,16 +27,6 @@ def cpu_has_native_bf16() -> bool:
     """From the kernel's CPU flags: AVX512_BF16 or AMX-BF16, what OpenVINO's CPU plugin needs to compute in bf16."""
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split()))
-
-
-@pytest.fixture(scope="module")
-def version(model_repository):
-    return ModelRepository(model_repository).load("atto")
-
-
-@pytest.fixture(scope="module")
-def photo_batch(version, real_photos) -> np.ndarray:
-    return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in real_photos])
 
 
 def make_engine(version, engine: str, precision: str = "fp32", max_batch_size: int = 4, hint: str = "LATENCY"):
