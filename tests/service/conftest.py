@@ -37,6 +37,15 @@ def photo_batch(version, real_photos) -> np.ndarray:
     return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in real_photos])
 
 
+def classify_top1(url: str, photo: Path) -> int:
+    """POST one photo file to `url`/classify?top_k=1 (asserting a 200) and return its top class's index."""
+    kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
+    response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(), headers={"content-type": kind},
+                          timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["results"][0]["top_k"][0]["index"]
+
+
 class LiveServer(str):
     """The base URL of a running server (a str), with the app it serves as `.app` for in-process checks."""
 
