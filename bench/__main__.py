@@ -166,6 +166,18 @@ def _existing_file(text: str) -> Path:
     return Path(text)
 
 
+# Subcommands with flags of their own: main() hands them the rest of the command line; the parser only lists them.
+DELEGATED_HELP = {
+    "torch": "PyTorch CPU throughput table (bench.model_throughput; its flags follow)",
+    "serve": "engine alone vs POST /classify at concurrency 1/8/32 (bench.serve_benchmark; its flags follow)",
+    "cpu": "OpenVINO vs ONNX Runtime alone, decode fast vs exact (bench.cpu_engines)",
+    "cpu-serving": "/classify vs the engine per CPU engine and decode mode, 12-MP uploads (bench.cpu_serving)",
+    "soak": "fixed open-loop rate for minutes: latency drift and memory growth (bench.soak; its flags follow)",
+    "roadmap": "every roadmap step's images/s per engine (CPU; --engines gpu: TensorRT) vs the paper's top-1 "
+               "(bench.roadmap; flags follow)",
+}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="convnext bench", description=__doc__)
     add_version_argument(parser)
@@ -183,21 +195,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     load.add_argument("--requests", type=int, default=200)
     load.add_argument("--seconds", type=float, default=30.0)
     load.add_argument("--form-field", default=None, help="send multipart with this field instead of a raw body")
-    sub.add_parser("torch", add_help=False,
-                   help="PyTorch CPU throughput table (bench.model_throughput; its flags follow)")
-    sub.add_parser("serve", add_help=False,
-                   help="engine alone vs POST /classify at concurrency 1/8/32 "
-                        "(bench.serve_benchmark; its flags follow)")
-    sub.add_parser("cpu", add_help=False,
-                   help="OpenVINO vs ONNX Runtime alone, decode fast vs exact (bench.cpu_engines)")
-    sub.add_parser("cpu-serving", add_help=False,
-                   help="/classify vs the engine per CPU engine and decode mode, 12-MP uploads (bench.cpu_serving)")
-    sub.add_parser("soak", add_help=False,
-                   help="fixed open-loop rate for minutes: latency drift and memory growth "
-                        "(bench.soak; its flags follow)")
-    sub.add_parser("roadmap", add_help=False,
-                   help="every roadmap step's images/s per engine (CPU; --engines gpu: TensorRT) vs the paper's top-1 "
-                        "(bench.roadmap; flags follow)")
+    for name, text in DELEGATED_HELP.items():
+        sub.add_parser(name, add_help=False, help=text)
     everything = sub.add_parser("all", help="engine sweep + GELU/ReLU + ConvNeXt/ResNet + service vs LitServe")
     everything.add_argument("--smoke", action="store_true", help="tiny configuration (convnext_atto, seconds)")
     everything.add_argument("--gpu", action="store_true",

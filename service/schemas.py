@@ -93,6 +93,8 @@ class EngineInfo(BaseModel):
     max_batch_size: int
     precision: str
     provider: str
+    max_concurrent_batches: int = 1  # batches the engine runs at once (OpenVINO THROUGHPUT: several)
+    auto_images_per_s: dict[str, float] | None = None  # engine "auto" only: each candidate's measured images/s
 
 
 class ModelsResponse(BaseModel):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -53,3 +54,23 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 (optional: engines without resources need not override it)
         """Free the engine's resources; the default has none."""
+
+
+class ModelFileEngine(Engine):
+    """An engine over one model file (ONNX, or a serialized TensorRT engine): the fields every such engine has, and
+    describe() built from them plus the subclass's `name` and `provider`."""
+
+    name: str  # EngineDescription.name: "onnxruntime" / "openvino" / "tensorrt"
+    provider: str  # where the engine runs: a class attribute, or an instance one where it is a constructor option
+
+    def __init__(self, model_path: Path, input_shape: tuple[int, int, int], *, input_name: str, precision: str,
+                 max_batch_size: int):
+        self.model_path = Path(model_path)
+        self.input_shape = tuple(input_shape)
+        self.input_name = input_name  # the manifest's; load() may replace it with the name the model file has
+        self.precision = precision
+        self.max_batch_size = max_batch_size
+
+    def describe(self) -> EngineDescription:
+        return EngineDescription(self.name, self.input_name, self.input_shape, self.max_batch_size, self.precision,
+                                 self.provider, max_concurrent_batches=self.max_concurrent_batches)

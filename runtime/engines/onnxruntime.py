@@ -6,22 +6,21 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.engines.base import Engine, EngineDescription, EngineError
+from runtime.engines.base import EngineError, ModelFileEngine
 from runtime.ort_session import PROVIDERS, ProviderError, create_session
 
 
-class OnnxRuntimeEngine(Engine):
+class OnnxRuntimeEngine(ModelFileEngine):
+    name = "onnxruntime"
+
     def __init__(self, model_path: Path, input_shape: tuple[int, int, int], *, input_name: str = "input",
                  provider: str = "cpu", precision: str = "fp32", max_batch_size: int = 8, intra_op_threads: int = 1,
                  spinning: bool = True, provider_options: Mapping[str, Mapping[str, str]] | None = None):
         if provider not in PROVIDERS:
             raise EngineError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
-        self.model_path = Path(model_path)
-        self.input_shape = tuple(input_shape)
-        self.input_name = input_name
+        super().__init__(model_path, input_shape, input_name=input_name, precision=precision,
+                         max_batch_size=max_batch_size)
         self.provider = provider
-        self.precision = precision
-        self.max_batch_size = max_batch_size
         self.intra_op_threads = intra_op_threads
         self.spinning = spinning
         self.provider_options = provider_options  # short provider name -> its options (runtime/ort_session.py)
@@ -51,10 +50,6 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError("the engine is not loaded; call load() first")
         (logits,) = self.session.run(None, {self.input_name: batch.astype(self.input_dtype, copy=False)})
         return np.asarray(logits, dtype=np.float32)
-
-    def describe(self) -> EngineDescription:
-        return EngineDescription("onnxruntime", self.input_name, self.input_shape, self.max_batch_size,
-                                 self.precision, self.provider)
 
     def close(self) -> None:
         self.session = None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.engines.base import Engine, EngineDescription, EngineError
+from runtime.engines.base import EngineError, ModelFileEngine
 
 # precision -> (the ONNX artifact's precision it reads, OpenVINO's inference precision). bf16 reads the fp32 graph and
 # lets the CPU plugin run it in bf16; int8 reads the QDQ graph, whose unquantized ops stay f32.
@@ -27,7 +27,10 @@ def cpu_supports_bf16(core) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-class OpenVinoEngine(Engine):
+class OpenVinoEngine(ModelFileEngine):
+    name = "openvino"
+    provider = "cpu"
+
     def __init__(self, model_path: Path, input_shape: tuple[int, int, int], *, input_name: str = "input",
                  precision: str = "fp32", max_batch_size: int = 8, threads: int = 1,
                  performance_hint: str = "LATENCY"):
@@ -35,11 +38,8 @@ class OpenVinoEngine(Engine):
         if performance_hint not in PERFORMANCE_HINTS:
             raise EngineError(f"unknown OpenVINO performance hint {performance_hint!r}; "
                               f"choose one of {PERFORMANCE_HINTS}")
-        self.model_path = Path(model_path)
-        self.input_shape = tuple(input_shape)
-        self.input_name = input_name
-        self.precision = precision
-        self.max_batch_size = max_batch_size
+        super().__init__(model_path, input_shape, input_name=input_name, precision=precision,
+                         max_batch_size=max_batch_size)
         self.threads = threads
         self.performance_hint = performance_hint
         self.compiled = None
@@ -99,10 +99,6 @@ class OpenVinoEngine(Engine):
             return np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request reuses it
         finally:
             idle.put(request)
-
-    def describe(self) -> EngineDescription:
-        return EngineDescription("openvino", self.input_name, self.input_shape, self.max_batch_size,
-                                 self.precision, "cpu", max_concurrent_batches=self.max_concurrent_batches)
 
     def close(self) -> None:
         self.idle_requests = None

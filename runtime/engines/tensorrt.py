@@ -5,23 +5,23 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.engines.base import Engine, EngineDescription, EngineError
+from runtime.engines.base import EngineError, ModelFileEngine
 from runtime.repository import Artifact, ModelVersion
 from runtime.tensorrt import BatchProfile, open_or_rebuild, select_or_build_engine
 from runtime.tensorrt_runtime import GPU_INSTALL_HINT, EngineDeserializeError, TensorRTError, TensorRTRunner
 
 
-class TensorRTEngine(Engine):
+class TensorRTEngine(ModelFileEngine):
     """One serialized engine. `model`: the repository version (and manifest) the engine belongs to, when known."""
+
+    name = "tensorrt"
+    provider = "tensorrt"
 
     def __init__(self, engine_path: Path, input_shape: tuple[int, int, int], *, precision: str = "fp16",
                  max_batch_size: int = 16, input_name: str = "input", output_name: str = "logits",
                  model: ModelVersion | None = None):
-        self.engine_path = Path(engine_path)
-        self.input_shape = tuple(input_shape)
-        self.precision = precision
-        self.max_batch_size = max_batch_size
-        self.input_name = input_name
+        super().__init__(engine_path, input_shape, input_name=input_name, precision=precision,
+                         max_batch_size=max_batch_size)
         self.output_name = output_name
         self.model = model
         self.runner: TensorRTRunner | None = None
@@ -31,7 +31,7 @@ class TensorRTEngine(Engine):
         if self.runner is not None:
             return
         try:
-            runner = TensorRTRunner(self.engine_path, max_batch_size=self.max_batch_size,
+            runner = TensorRTRunner(self.model_path, max_batch_size=self.max_batch_size,
                                     input_shape=self.input_shape)
         except EngineDeserializeError:
             raise  # the caller may rebuild the engine (open_tensorrt_engine)
@@ -40,7 +40,7 @@ class TensorRTEngine(Engine):
                               f"{GPU_INSTALL_HINT}; or use --engine onnxruntime") from None
         if (runner.input_name, runner.output_name) != (self.input_name, self.output_name):
             runner.close()
-            raise EngineError(f"{self.engine_path} has tensors {runner.input_name!r} -> {runner.output_name!r}, the "
+            raise EngineError(f"{self.model_path} has tensors {runner.input_name!r} -> {runner.output_name!r}, the "
                               f"manifest says {self.input_name!r} -> {self.output_name!r}; rebuild the engine")
         self.runner = runner
         self.max_batch_size = runner.max_batch
@@ -49,10 +49,6 @@ class TensorRTEngine(Engine):
         if self.runner is None:
             raise EngineError("the engine is not loaded; call load() first")
         return self.runner.run(batch)
-
-    def describe(self) -> EngineDescription:
-        return EngineDescription("tensorrt", self.input_name, self.input_shape, self.max_batch_size,
-                                 self.precision, "tensorrt")
 
     def close(self) -> None:
         if self.runner is not None:

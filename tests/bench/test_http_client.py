@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 
 import pytest
 
 from bench.http_client import Connection, HttpError, prepare_get, prepare_post
 
 
-async def _serve(handler):
+@asynccontextmanager
+async def _serving(handler):
+    """An asyncio server on 127.0.0.1 answering with `handler`; yields its port, closes it on the way out."""
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def _read_request(reader) -> bytes:
@@ -45,17 +52,15 @@ def test_keep_alive_chunked_and_server_closed_connections():
             await writer.drain()
 
     async def main():
-        server, port = await _serve(handler)
-        url = f"http://127.0.0.1:{port}/classify"
-        connection = Connection.for_url(url)
-        raw = prepare_post(url, b"\xff\xd8jpeg")
-        assert await connection.send(raw) == (200, b"ok")
-        assert await connection.send(prepare_post(url, b"x", form_field="content")) == (503, b"abcde")
-        assert await connection.send(raw) == (200, b"bye")
-        assert await connection.send(raw) == (200, b"bye")  # on a new connection: the server closed the first
-        await connection.close()
-        server.close()
-        await server.wait_closed()
+        async with _serving(handler) as port:
+            url = f"http://127.0.0.1:{port}/classify"
+            connection = Connection.for_url(url)
+            raw = prepare_post(url, b"\xff\xd8jpeg")
+            assert await connection.send(raw) == (200, b"ok")
+            assert await connection.send(prepare_post(url, b"x", form_field="content")) == (503, b"abcde")
+            assert await connection.send(raw) == (200, b"bye")
+            assert await connection.send(raw) == (200, b"bye")  # on a new connection: the server closed the first
+            await connection.close()
 
     asyncio.run(main())
     assert connections == 2
@@ -71,12 +76,10 @@ def test_a_garbled_response_is_an_http_error():
         writer.close()
 
     async def main():
-        server, port = await _serve(handler)
-        connection = Connection.for_url(f"http://127.0.0.1:{port}/")
-        with pytest.raises(HttpError, match="not an HTTP/1.x status line"):
-            await connection.send(prepare_post(f"http://127.0.0.1:{port}/", b"x"))
-        server.close()
-        await server.wait_closed()
+        async with _serving(handler) as port:
+            connection = Connection.for_url(f"http://127.0.0.1:{port}/")
+            with pytest.raises(HttpError, match="not an HTTP/1.x status line"):
+                await connection.send(prepare_post(f"http://127.0.0.1:{port}/", b"x"))
 
     asyncio.run(main())
 
@@ -89,17 +92,15 @@ def test_a_keep_alive_connection_the_server_closed_is_replaced_not_an_error():
         writer.close()  # an idle timeout: the server drops the kept-alive connection without saying so
 
     async def main():
-        server, port = await _serve(handler)
-        url = f"http://127.0.0.1:{port}/"
-        connection = Connection.for_url(url)
-        request = prepare_post(url, b"x")
-        assert await connection.send(request) == (200, b"ok")
-        await asyncio.sleep(0.05)  # the server's FIN arrives
-        assert await connection.send(request) == (200, b"ok")
-        assert await connection.send(request) == (200, b"ok")  # and again, whether or not the FIN was seen yet
-        await connection.close()
-        server.close()
-        await server.wait_closed()
+        async with _serving(handler) as port:
+            url = f"http://127.0.0.1:{port}/"
+            connection = Connection.for_url(url)
+            request = prepare_post(url, b"x")
+            assert await connection.send(request) == (200, b"ok")
+            await asyncio.sleep(0.05)  # the server's FIN arrives
+            assert await connection.send(request) == (200, b"ok")
+            assert await connection.send(request) == (200, b"ok")  # and again, whether or not the FIN was seen yet
+            await connection.close()
 
     asyncio.run(main())
 
@@ -114,13 +115,11 @@ def test_a_get_without_a_body_reads_the_whole_answer():
         writer.close()
 
     async def main():
-        server, port = await _serve(handler)
-        url = f"http://127.0.0.1:{port}"
-        connection = Connection.for_url(url)
-        assert await connection.send(prepare_get(f"{url}/metrics")) == (200, b"convnext_queue_depth 0")
-        await connection.close()
-        server.close()
-        await server.wait_closed()
+        async with _serving(handler) as port:
+            url = f"http://127.0.0.1:{port}"
+            connection = Connection.for_url(url)
+            assert await connection.send(prepare_get(f"{url}/metrics")) == (200, b"convnext_queue_depth 0")
+            await connection.close()
 
     asyncio.run(main())
     assert seen[0].startswith(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:") and seen[0].endswith(b"\r\n\r\n")

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from export.labels import imagenet_labels
 from model import create_model
+from tests.service.conftest import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "convnext_tiny_1k_224_ema"
@@ -42,12 +42,6 @@ def mirror(folder: Path):
         httpd.server_close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def convnext_serve(tmp: Path, mirror_url: str, log: Path):
     """`convnext serve --pretrained NAME` in a subprocess; yields its URL once /readyz answers 200."""
@@ -60,16 +54,10 @@ def convnext_serve(tmp: Path, mirror_url: str, log: Path):
         process = subprocess.Popen(command, stdout=stderr, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 900  # ConvNeXt-T: download, export and parity take about a minute on 2 cores
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, f"convnext serve exited {process.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"not ready in time:\n{log.read_text()}"
-            time.sleep(0.5)
+        try:  # ConvNeXt-T: download, export and parity take about a minute on 2 cores
+            wait_ready(url, timeout_s=900, alive=lambda: process.poll() is None)
+        except RuntimeError as err:
+            raise AssertionError(f"{err}:\n{log.read_text()}") from None
         yield url
     finally:
         process.terminate()

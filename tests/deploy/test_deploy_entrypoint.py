@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 from compose_yaml import ROOT
+
+from tests.service.conftest import free_port
 
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.py"
 OFFICIAL_FILE = "convnext_tiny_1k_224_ema.pth"
@@ -59,12 +60,6 @@ def mirror(tmp_path_factory):
     yield server
     server.shutdown()
     server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def entrypoint_env(repository: Path, mirror: CountingMirror, port: int) -> dict[str, str]:

@@ -8,7 +8,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+
+from runtime.preprocess import preprocess
+from runtime.repository import ModelRepository
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +23,27 @@ def model_repository(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     export_onnx_version(root, "atto", "convnext_atto", num_classes=10, input_size=64)
     return root
+
+
+@pytest.fixture(scope="module")
+def version(model_repository):
+    """The repository's one version: convnext_atto (random weights, 10 classes, 64 px)."""
+    return ModelRepository(model_repository).load("atto")
+
+
+@pytest.fixture(scope="module")
+def photo_batch(version, real_photos) -> np.ndarray:
+    """The real photos as the service preprocesses them for `version`: float32 (N, 3, 64, 64)."""
+    return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in real_photos])
+
+
+def classify_top1(url: str, photo: Path) -> int:
+    """POST one photo file to `url`/classify?top_k=1 (asserting a 200) and return its top class's index."""
+    kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
+    response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(), headers={"content-type": kind},
+                          timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["results"][0]["top_k"][0]["index"]
 
 
 class LiveServer(str):

@@ -12,18 +12,7 @@ from runtime.engines.auto import AutoEngine
 from runtime.engines.base import EngineError
 from runtime.engines.factory import EngineOptions, onnxruntime_engine, open_engine
 from runtime.engines.openvino import OpenVinoEngine
-from runtime.preprocess import preprocess
-from runtime.repository import ModelRepository
-
-
-@pytest.fixture(scope="module")
-def version(model_repository):
-    return ModelRepository(model_repository).load("atto")
-
-
-@pytest.fixture(scope="module")
-def photo_batch(version, real_photos) -> np.ndarray:
-    return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in real_photos])
+from tests.service.conftest import classify_top1
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +67,4 @@ def test_engine_auto_serves_real_photos_and_shows_both_figures(model_repository,
         figures = engine["auto_images_per_s"]
         assert set(figures) == {"onnxruntime", "openvino"} and engine["name"] == max(figures, key=figures.get)
         for photo, logits in zip(real_photos, reference, strict=True):
-            kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
-            response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(),
-                                  headers={"content-type": kind}, timeout=30)
-            assert response.status_code == 200, response.text
-            assert response.json()["results"][0]["top_k"][0]["index"] == int(np.argmax(logits))
+            assert classify_top1(url, photo) == int(np.argmax(logits))

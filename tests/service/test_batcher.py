@@ -53,6 +53,14 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def hold_first_batch(batcher: Batcher, engine: RecordingEngine, value: float = 0) -> list:
+    """Submit a one-image request and hold `engine` on it, so the requests that follow queue up behind it."""
+    engine.gate.clear()
+    items = batcher.submit(tensors(value), time.monotonic() + 10)
+    await asyncio.sleep(0.05)  # the batcher takes it to the engine, which waits at its gate
+    return items
+
+
 def test_lone_request_goes_at_once_even_with_a_long_delay():
     async def scenario():
         engine = RecordingEngine()
@@ -74,9 +82,7 @@ def test_queued_images_batch_together_in_order_across_batches():
         batcher = Batcher(served(engine), max_batch_size=4, max_queue_delay_ms=1, queue_size=32,
                           metrics=ServiceMetrics())
         batcher.start()
-        engine.gate.clear()  # hold the engine so the following requests queue up behind the first batch
-        first = batcher.submit(tensors(0), time.monotonic() + 10)
-        await asyncio.sleep(0.05)
+        first = await hold_first_batch(batcher, engine)
         items = batcher.submit(tensors(*range(1, 11)), time.monotonic() + 10)  # one request, 10 images
         engine.gate.set()
         rows = await asyncio.gather(*(i.future for i in first + items))
@@ -94,9 +100,7 @@ def test_cancelled_items_are_dropped_before_running_and_full_queue_refuses_whole
         batcher = Batcher(served(engine), max_batch_size=8, max_queue_delay_ms=1, queue_size=4,
                           metrics=ServiceMetrics())
         batcher.start()
-        engine.gate.clear()
-        batcher.submit(tensors(0), time.monotonic() + 10)
-        await asyncio.sleep(0.05)
+        await hold_first_batch(batcher, engine)
         gone = batcher.submit(tensors(1, 2), time.monotonic() + 10)
         kept = batcher.submit(tensors(3), time.monotonic() + 10)
         with pytest.raises(QueueFullError):
@@ -117,9 +121,7 @@ def test_swap_happens_between_batches_and_the_taken_batch_finishes_on_the_old_en
         batcher = Batcher(served(old, 1), max_batch_size=8, max_queue_delay_ms=1, queue_size=32,
                           metrics=ServiceMetrics())
         batcher.start()
-        old.gate.clear()  # the old engine is busy with the first batch
-        taken = batcher.submit(tensors(1), time.monotonic() + 10)
-        await asyncio.sleep(0.05)
+        taken = await hold_first_batch(batcher, old, 1)  # the old engine is busy with the first batch
         queued = batcher.submit(tensors(2, 3), time.monotonic() + 10)
         swap = asyncio.ensure_future(batcher.swap(served(new, 2)))
         await asyncio.sleep(0.05)
@@ -329,9 +331,7 @@ def test_images_of_different_shapes_fail_their_batch_instead_of_broadcasting():
         batcher = Batcher(served(engine), max_batch_size=4, max_queue_delay_ms=1, queue_size=32,
                           metrics=ServiceMetrics())
         batcher.start()
-        engine.gate.clear()
-        batcher.submit(tensors(0), time.monotonic() + 10)
-        await asyncio.sleep(0.05)
+        await hold_first_batch(batcher, engine)
         mixed = batcher.submit([np.zeros((1, 1, 1), np.float32), np.zeros((1, 2, 2), np.float32)],
                                time.monotonic() + 10)
         engine.gate.set()

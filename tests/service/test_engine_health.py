@@ -72,12 +72,16 @@ class GatedFactory:
         self.builds += 1
         if self.builds > 1:
             self.rebuild.wait(60)
-        if 1 < self.builds <= 1 + self.failing_rebuilds:
-            raise EngineError("simulated: the device is still resetting")
+            self.check_rebuild()
         engine = default_engine(version, settings)
         engine.__class__ = self.engine_class
         engine.release = self.release
         return engine
+
+    def check_rebuild(self):
+        """Raise for the first `failing_rebuilds` rebuilds."""
+        if self.builds <= 1 + self.failing_rebuilds:
+            raise EngineError("simulated: the device is still resetting")
 
     def open(self):
         self.rebuild.set()
@@ -88,12 +92,17 @@ def post(url: str, data: bytes, content_type: str) -> httpx.Response:
     return httpx.post(f"{url}/classify", content=data, headers={"content-type": content_type}, timeout=60)
 
 
-def wait_until_ready(url: str, timeout_s: float = 30) -> None:
+def wait_for_status(url: str, path: str, status: int, timeout_s: float = 30) -> httpx.Response:
     deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{url}/readyz").status_code != 200:
+    while (response := httpx.get(f"{url}{path}")).status_code != status:
         if time.monotonic() > deadline:
-            raise AssertionError(f"not ready again after {timeout_s} s: {httpx.get(f'{url}/readyz').json()}")
+            raise AssertionError(f"{path} still answers {response.status_code} after {timeout_s} s: {response.text}")
         time.sleep(0.05)
+    return response
+
+
+def wait_until_ready(url: str) -> None:
+    wait_for_status(url, "/readyz", 200)
 
 
 def assert_broken_then_recovers(url: str, build: GatedFactory, reason: str, photo: bytes) -> None:
@@ -149,33 +158,17 @@ def test_engine_failing_batch_after_batch_is_rebuilt_retrying_a_failed_rebuild(m
         build.open()
 
 
-class RebuildsFailUntilHealed:
+class RebuildsFailUntilHealed(GatedFactory):
     """The service's factory serving a PoisonedEngine; rebuilds wait for `rebuild`, then fail until `heal` is set,
     as on a GPU left in a sticky error state until the container restarts."""
 
     def __init__(self):
-        self.builds = 0
-        self.rebuild = threading.Event()
+        super().__init__(PoisonedEngine)
         self.heal = threading.Event()
 
-    def __call__(self, version, settings):
-        self.builds += 1
-        if self.builds > 1:
-            self.rebuild.wait(60)
-            if not self.heal.is_set():
-                raise EngineError("simulated: the GPU is in a sticky error state")
-        engine = default_engine(version, settings)
-        engine.__class__ = PoisonedEngine
-        return engine
-
-
-def wait_for_status(url: str, path: str, status: int, timeout_s: float = 30) -> httpx.Response:
-    deadline = time.monotonic() + timeout_s
-    while (response := httpx.get(f"{url}{path}")).status_code != status:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} still answers {response.status_code} after {timeout_s} s: {response.text}")
-        time.sleep(0.05)
-    return response
+    def check_rebuild(self):
+        if not self.heal.is_set():
+            raise EngineError("simulated: the GPU is in a sticky error state")
 
 
 def test_healthz_fails_after_the_engine_could_not_be_rebuilt_k_times_and_recovers_with_it(model_repository, launch):

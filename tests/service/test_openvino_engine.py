@@ -15,9 +15,9 @@ import pytest
 
 from runtime.engines.base import EngineError
 from runtime.preprocess import preprocess
-from runtime.repository import ModelRepository
 from service.app import default_engine
 from service.settings import Settings
+from tests.service.conftest import classify_top1, free_port, wait_ready
 
 ENGINES = ["onnxruntime", "openvino"]
 # (engine, OpenVINO performance hint): THROUGHPUT runs several batches at once, each call from its own thread.
@@ -28,16 +28,6 @@ def cpu_has_native_bf16() -> bool:
     """From the kernel's CPU flags: AVX512_BF16 or AMX-BF16, what OpenVINO's CPU plugin needs to compute in bf16."""
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split()))
-
-
-@pytest.fixture(scope="module")
-def version(model_repository):
-    return ModelRepository(model_repository).load("atto")
-
-
-@pytest.fixture(scope="module")
-def photo_batch(version, real_photos) -> np.ndarray:
-    return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in real_photos])
 
 
 def make_engine(version, engine: str, precision: str = "fp32", max_batch_size: int = 4, hint: str = "LATENCY"):
@@ -150,8 +140,6 @@ def test_openvino_int8_reads_the_quantized_artifact(tmp_path, real_photos):
 
 
 def test_python_m_service_engine_openvino_serves_real_photos(model_repository, real_photos, version, reference):
-    from tests.service.conftest import free_port, wait_ready
-
     port = free_port()
     command = [sys.executable, "-m", "service", "--repository", str(model_repository), "--host", "127.0.0.1",
                "--port", str(port), "--engine", "openvino", "--precision", "fp32", "--intra-op-threads", "1",
@@ -161,11 +149,7 @@ def test_python_m_service_engine_openvino_serves_real_photos(model_repository, r
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, alive=lambda: process.poll() is None)
         for photo, logits in zip(real_photos, reference, strict=True):
-            kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
-            response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(),
-                                  headers={"content-type": kind}, timeout=30)
-            assert response.status_code == 200, response.text
-            assert response.json()["results"][0]["top_k"][0]["index"] == int(np.argmax(logits))
+            assert classify_top1(url, photo) == int(np.argmax(logits))
         assert httpx.get(f"{url}/v2/models/atto").json()["platform"] == "openvino"
     finally:
         process.terminate()
@@ -208,11 +192,7 @@ def test_openvino_throughput_serves_with_several_batches_in_flight(model_reposit
 
         def classify(pair):
             photo, logits = pair
-            kind = "image/png" if photo.suffix == ".png" else "image/jpeg"
-            response = httpx.post(f"{url}/classify?top_k=1", content=photo.read_bytes(),
-                                  headers={"content-type": kind}, timeout=30)
-            assert response.status_code == 200, response.text
-            return response.json()["results"][0]["top_k"][0]["index"], int(np.argmax(logits))
+            return classify_top1(url, photo), int(np.argmax(logits))
 
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(classify, photos))

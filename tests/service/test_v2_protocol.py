@@ -12,16 +12,10 @@ import pytest
 import tritonclient.http as triton
 
 from runtime.preprocess import preprocess
-from runtime.repository import ModelRepository
 
 INFER = "/v2/models/atto/infer"
 IMAGE_INFER = "/v2/models/atto_image/infer"
 ZEROS = [0.0] * (3 * 64 * 64)
-
-
-@pytest.fixture(scope="module")
-def version(model_repository):
-    return ModelRepository(model_repository).load("atto")
 
 
 @pytest.fixture(scope="module")
