@@ -7,7 +7,6 @@ go to a hidden staging folder first and the folder is renamed into place once th
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from convnext_files import replace_atomic, sha256_file, write_text_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -163,14 +164,6 @@ class Manifest(_Strict):
         return next((a for a in self.artifacts if a.format == format and a.precision == precision), None)
 
 
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def describe_file(version_dir: Path, relative: str, **fields) -> Artifact:
     """An Artifact for a file already in `version_dir`, with its size and sha256 filled in."""
     path = version_dir / relative
@@ -182,14 +175,7 @@ def now_utc() -> datetime:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the service may run as another user
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 @dataclass(frozen=True)
@@ -220,7 +206,8 @@ class ModelRepository:
     def models(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name) and self.versions(p.name))
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and NAME_PATTERN.match(p.name) and self.versions(p.name))
 
     def versions(self, name: str) -> list[int]:
         folder = self.root / name
@@ -253,7 +240,8 @@ class ModelRepository:
                 if not file.is_file():
                     raise RepositoryError(f"{name}/{version}: artifact {artifact.file} is missing")
                 if sha256_file(file) != artifact.sha256:
-                    raise RepositoryError(f"{name}/{version}: {artifact.file} does not match its sha256 in the manifest")
+                    raise RepositoryError(
+                        f"{name}/{version}: {artifact.file} does not match its sha256 in the manifest")
         return ModelVersion(manifest, path)
 
     @contextmanager
@@ -275,7 +263,8 @@ class ModelRepository:
             if staged.manifest is None:
                 raise RepositoryError("the staged version was never given a manifest")
             if (staged.manifest.name, staged.manifest.version) != (name, version):
-                raise RepositoryError(f"manifest says {staged.manifest.name}/{staged.manifest.version}, staged {name}/{version}")
+                raise RepositoryError(
+                    f"manifest says {staged.manifest.name}/{staged.manifest.version}, staged {name}/{version}")
             _write_json_atomic(staging / MANIFEST_FILE, staged.manifest.model_dump(mode="json"))
             if final.exists():
                 trash = final.parent / f".old-{version}-{os.getpid()}"
@@ -327,11 +316,8 @@ class ModelRepository:
         current = self.load(name, version, verify_files=False)
         target = current.path / artifact.file
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        os.close(fd)
-        shutil.copyfile(source_file, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+        with open(source_file, "rb") as source:
+            replace_atomic(target, lambda file: shutil.copyfileobj(source, file))
         others = tuple(a for a in current.manifest.artifacts if a.file != artifact.file)
         manifest = current.manifest.model_copy(update={"artifacts": others + (artifact,)})
         Manifest.model_validate(manifest.model_dump())  # re-validate the whole manifest

@@ -122,7 +122,7 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
     seed_everything(config.seed + dist_info.rank)  # per process from here: augmentation, Mixup/CutMix, drop path
     start_epoch, best = 0, {"top1": -1.0, "epoch": -1, "ema_top1": -1.0, "ema_epoch": -1}
     if config.resume:
-        start_epoch = _resume(ckpt.load(config.resume), dist_info, config.seed, unwrapped, optimizer, ema, scaler,
+        start_epoch = _resume(ckpt.read_for_resume(config.resume), dist_info, config.seed, unwrapped, optimizer, ema, scaler,
                               plan, best)
 
     if config.compile:
