@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from convnext_common import CliParser, add_version_argument, one_line
+from convnext_files import sha256_file
 from export.onnx import export_onnx_version
 from model.checkpoints import CheckpointError
 from model.pretrained import (
@@ -22,7 +23,7 @@ from model.pretrained import (
     download_pretrained,
     get_pretrained,
 )
-from runtime.repository import ModelRepository, RepositoryError, sha256_file
+from runtime.repository import ModelRepository, RepositoryError
 
 PROG = "convnext serve"
 LOCAL_HINT = "to serve a local checkpoint instead: convnext serve --checkpoint PATH [--model ARCHITECTURE]"

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from convnext_common import project_version
+from convnext_files import sha256_file
 from runtime.repository import (
     DIGITS_DATASET,
     InputSpec,
@@ -20,7 +21,6 @@ from runtime.repository import (
     Source,
     describe_file,
     now_utc,
-    sha256_file,
 )
 from runtime.verify import default_image_paths, image_paths_in, run_onnxruntime, verification_inputs, verify_against
 

@@ -1,9 +1,10 @@
-"""Read checkpoints (official, this project's, timm, torchvision), convert them to our names, load them strictly."""
+"""Read checkpoints (official, this project's, timm, torchvision) safely, convert them to our names, load strictly."""
 from __future__ import annotations
 
 import logging
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from convnext_files import sha256_file, sidecar_path
+
 logger = logging.getLogger(__name__)
 
 # Wrappers that training code leaves on parameter names (DDP, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_NAMES_LISTED = 20
+# torch.save's legacy (pre-1.6, non-zip) format starts by pickling this number (torch.serialization.MAGIC_NUMBER).
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
 # timm's ConvNeXt names -> ours (official facebookresearch names). Applied in order, first match wins.
 _TIMM_RULES = (
@@ -34,7 +39,10 @@ _TORCHVISION_BLOCK_LAYERS = {"0": "dwconv", "2": "norm", "3": "pwconv1", "5": "p
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message lists what is wrong."""
+    """A checkpoint that cannot be read (missing, truncated, modified, carrying code) or does not fit the model.
+
+    The message names the file and says what to do; a refused file is never unpickled past the refusal.
+    """
 
 
 @dataclass(frozen=True)
@@ -44,20 +52,56 @@ class LoadResult:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The raw checkpoint dict (project metadata such as model_name, data_config, class_names included)."""
+    """The raw checkpoint dict, verified against its sha256 sidecar when it has one, loaded with weights_only=True.
+
+    The one reader of checkpoint files: training's --resume and --finetune, create_model(checkpoint=), the export.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}; pass the path of a .pth file")
+    expected = _recorded_sha256(path)
+    if expected is not None and sha256_file(path) != expected:
+        raise CheckpointError(f"checkpoint {path} does not match its recorded sha256 ({sidecar_path(path).name}): "
+                              "it was modified or partly written; copy it again, or export or resume from an "
+                              "earlier checkpoint")
+    if not _is_torch_save_file(path):  # a cut-off zip has lost its central directory
+        raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint: truncated or not a torch.save "
+                              f"file ({path.stat().st_size} bytes); use an earlier checkpoint, or copy or download "
+                              "it again")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is not a readable torch checkpoint of plain data ({str(error).splitlines()[0]}); "
-            "re-download it, or re-save it as a dict of tensors and plain values"
-        ) from error
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data (possibly code), "
+                              f"so it was refused unexecuted; use a checkpoint written by this project, or re-save "
+                              f"it as a dict of tensors and plain values ({str(error).splitlines()[-1][:200]})"
+                              ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} is damaged ({str(error).splitlines()[0][:200]}); use an earlier "
+                              "checkpoint, or copy or download it again") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a dict (state dict or checkpoint)")
     return checkpoint
+
+
+def _recorded_sha256(path: Path) -> str | None:
+    """The hash in `path`'s sidecar, or None for a checkpoint without one (older runs, other projects' files)."""
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return None
+    fields = sidecar.read_text().split()
+    if not fields or len(fields[0]) != 64:
+        raise CheckpointError(f"{sidecar} is not a sha256 line ('<64 hex digits>  {path.name}'); delete it to "
+                              f"load {path} unverified, or use an earlier checkpoint")
+    return fields[0].lower()
+
+
+def _is_torch_save_file(path: Path) -> bool:
+    """A zip (torch.save since 1.6) or the legacy format's header (pickle protocol 2, then torch's magic number)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as file:
+        header = file.read(16)
+    return header[:1] == b"\x80" and _LEGACY_MAGIC in header
 
 
 def select_state_dict(checkpoint: Mapping, *, use_ema: bool = False) -> dict[str, torch.Tensor]:

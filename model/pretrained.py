@@ -1,7 +1,6 @@
 """The official pretrained ConvNeXt checkpoints (facebookresearch/ConvNeXt README); a verified, resumable download."""
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import sys
@@ -11,6 +10,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from convnext_files import sha256_file, sidecar_path, write_sidecar
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
 _CHUNK_BYTES = 1 << 20
@@ -101,25 +102,25 @@ def download_file(url: str, destination: Path, *, sha256: str | None = None, tim
     """Download `url` to `destination`: resume a `.part` file with an HTTP Range request, check Content-Length and
     sha256 (the expected one, else the `.sha256` sidecar written on first download, re-checked on every cache hit)."""
     destination = Path(destination)
-    sidecar = destination.with_name(destination.name + ".sha256")
+    sidecar = sidecar_path(destination)
     if destination.is_file():
         expected = sha256 or (sidecar.read_text().split()[0] if sidecar.is_file() else None)
-        actual = _sha256_of(destination)
+        actual = sha256_file(destination)
         if expected is None or actual == expected:
             if expected is None:
-                sidecar.write_text(f"{actual}  {destination.name}\n")
+                write_sidecar(destination, actual)
             return destination
         destination.unlink()  # corrupted cache entry: fetch it again rather than hand it out
         sidecar.unlink(missing_ok=True)
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
     _fetch(url, partial, timeout_s, progress)
-    actual = _sha256_of(partial)
+    actual = sha256_file(partial)
     if sha256 is not None and actual != sha256:
         partial.unlink()
         raise DownloadError(f"{url}: sha256 {actual} does not match the expected {sha256}; the file was discarded")
     partial.replace(destination)
-    sidecar.write_text(f"{actual}  {destination.name}\n")
+    write_sidecar(destination, actual)
     return destination
 
 
@@ -197,10 +198,3 @@ class DownloadProgress:
         line = format_progress(self.label, self.done_bytes, self.total_bytes, rate)
         print(("\r" + line + "\x1b[K") if self.is_terminal else line, end=end, file=self.stream, flush=True)
 
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -7,7 +7,6 @@ go to a hidden staging folder first and the folder is renamed into place once th
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from convnext_files import replace_atomic, sha256_file, write_text_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -163,14 +164,6 @@ class Manifest(_Strict):
         return next((a for a in self.artifacts if a.format == format and a.precision == precision), None)
 
 
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def describe_file(version_dir: Path, relative: str, **fields) -> Artifact:
     """An Artifact for a file already in `version_dir`, with its size and sha256 filled in."""
     path = version_dir / relative
@@ -182,14 +175,7 @@ def now_utc() -> datetime:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the service may run as another user
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 @dataclass(frozen=True)
@@ -330,11 +316,8 @@ class ModelRepository:
         current = self.load(name, version, verify_files=False)
         target = current.path / artifact.file
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        os.close(fd)
-        shutil.copyfile(source_file, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+        with open(source_file, "rb") as source:
+            replace_atomic(target, lambda file: shutil.copyfileobj(source, file))
         others = tuple(a for a in current.manifest.artifacts if a.file != artifact.file)
         manifest = current.manifest.model_copy(update={"artifacts": others + (artifact,)})
         Manifest.model_validate(manifest.model_dump())  # re-validate the whole manifest

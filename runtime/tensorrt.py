@@ -17,7 +17,6 @@ fails to deserialize is rebuilt once (open_or_rebuild) instead of failing every 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from convnext_files import sha256_file, write_bytes_atomic
 from runtime.repository import (
     Artifact,
     ModelRepository,
@@ -32,7 +32,6 @@ from runtime.repository import (
     Parity,
     TensorRTInfo,
     describe_file,
-    sha256_file,
 )
 from runtime.tensorrt_progress import BuildPhaseLines, progress_monitor
 from runtime.tensorrt_runtime import (
@@ -246,20 +245,6 @@ def build_engine(
     engine_path.write_bytes(bytes(serialized))
     if timing_cache is not None:
         write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path`: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _keep_normalization_fp32(trt, network) -> int:

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "training", "export", "runtime", "service", "bench", "deploy")
-ROOT_MODULES = ("convnext_cli", "convnext_common", "convnext_serve")
+ROOT_MODULES = ("convnext_cli", "convnext_common", "convnext_files", "convnext_serve")
 TORCH = ("torch", "torchvision", "timm")
 # (importer package, imported top-level names it must never import, at any level, and why).
 LAYER_RULES = [
@@ -38,7 +38,7 @@ FUNCTION_LEVEL_ALLOWED = {
                                                "engine|load` and `serve|cpu|soak --repository` run without torch",
 }
 # Areas other work is restructuring now: their function-level project imports are listed, not yet fixed.
-BEING_RESTRUCTURED = ("training",)
+BEING_RESTRUCTURED: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,8 @@ import dataclasses
 import sys
 
 from convnext_common import CliParser, add_version_argument, one_line
-from model import CheckpointError as ModelCheckpointError
+from model import CheckpointError
 
-from .checkpoint import CheckpointError
 from .config import PRESET_HELP, PRESETS, TrainConfig, resolve
 from .engine import NonFiniteLossError
 from .run import train
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
         return 1
     # --resume / --finetune with a missing, tampered or truncated file, or without the asked-for weights; a missing
     # --data-dir; a config the data cannot run
-    except (CheckpointError, ModelCheckpointError, OSError, ValueError) as error:
+    except (CheckpointError, OSError, ValueError) as error:
         print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .distributed import all_reduce_sum
+from .ema import ModelEma
 from .optim import lr_at_step, set_lr
 
 
@@ -32,62 +33,87 @@ class StepPlan:
                 "total_steps": self.total_steps, "step": self.step}
 
 
+@dataclass(frozen=True)
+class EpochSettings:
+    """What every epoch of a run does the same way: the device, precision, accumulation, clipping, logging."""
+
+    device: torch.device
+    amp: str = "off"  # "off", "bf16" or "fp16" (autocast dtype; fp16 also needs the state's GradScaler)
+    accum_steps: int = 1  # micro-batches per optimizer step
+    clip_grad: float = 0.0  # max gradient norm; 0: no clipping
+    channels_last: bool = False
+    log_every: int = 20  # optimizer steps between log records (and the non-finite check: both need a host sync)
+
+
+@dataclass
+class TrainState:
+    """The live objects an epoch updates, beside the StepPlan that says where the schedule stands."""
+
+    model: nn.Module  # what runs forward: possibly DDP- and / or torch.compile-wrapped
+    unwrapped: nn.Module  # the plain module under the wrappers: what the EMA follows and checkpoints hold
+    optimizer: torch.optim.Optimizer
+    plan: StepPlan
+    scaler: torch.amp.GradScaler | None = None  # only with amp="fp16"
+    ema: ModelEma | None = None
+
+
 def autocast(device: torch.device, amp: str):
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def train_one_epoch(model, criterion, loader, optimizer, plan: StepPlan, device, *, scaler=None, mixup=None,
-                    ema=None, unwrapped=None, amp="off", accum_steps=1, clip_grad=0.0, channels_last=False,
-                    max_steps=0, log=None, log_every=20, progress=None) -> dict:
+def train_one_epoch(state: TrainState, criterion, loader, settings: EpochSettings, *, mixup=None, log=None,
+                    progress=None) -> dict:
     """Gradient accumulation over `accum_steps` batches per optimizer step; lr set per optimizer step.
 
-    Raises NonFiniteLossError at the first logging step (and at the end) after a NaN / inf loss on any process.
+    Stops after `plan.steps_per_epoch` optimizer steps when that is set. Raises NonFiniteLossError at the first
+    logging step (and at the end) after a NaN / inf loss on any process.
     """
+    model, plan, device, accum_steps = state.model, state.plan, settings.device, settings.accum_steps
     model.train()
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), device=device)  # count of non-finite micro-batch losses, kept on the device
     checked_step = plan.step
     samples, started, steps_done = 0, time.perf_counter(), 0
     num_batches = len(loader) - len(loader) % accum_steps
-    if max_steps:
-        num_batches = min(num_batches, max_steps * accum_steps)
+    if plan.steps_per_epoch:
+        num_batches = min(num_batches, plan.steps_per_epoch * accum_steps)
     for index, (images, targets) in enumerate(loader):
         if index >= num_batches:
             break
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        if channels_last:
+        if settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if mixup is not None:
             images, targets = mixup(images, targets)
         last_micro = (index + 1) % accum_steps == 0
         # DDP: all-reduce gradients only on the micro-batch that ends an accumulation.
         sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
-        with sync, autocast(device, amp):
+        with sync, autocast(device, settings.amp):
             loss = criterion(model(images), targets)
         scaled = loss / accum_steps
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
         loss_sum += loss.detach() * images.shape[0]
         nonfinite += (~torch.isfinite(loss.detach())).float()
         samples += images.shape[0]
         if not last_micro:
             continue
-        _optimizer_step(model, optimizer, plan, scaler, clip_grad)
-        if ema is not None:
-            ema.update(unwrapped)
+        _optimizer_step(state, settings.clip_grad)
+        if state.ema is not None:
+            state.ema.update(state.unwrapped)
         plan.step += 1
         steps_done += 1
         if progress is not None:
             progress.update(1)
-        if steps_done % log_every == 0:
+        if steps_done % settings.log_every == 0:
             # .item() syncs the device: only on logging steps; the non-finite check rides on the same sync.
             _stop_if_nonfinite(nonfinite, checked_step, plan.step)
             checked_step = plan.step
             if log is not None:
                 log({"step": plan.step, "epoch_step": steps_done, "loss": loss.item(),
-                     "lr": optimizer.param_groups[0]["lr"],
+                     "lr": state.optimizer.param_groups[0]["lr"],
                      "images_per_s": samples / (time.perf_counter() - started)})
     _stop_if_nonfinite(nonfinite, checked_step, plan.step)
     elapsed = time.perf_counter() - started
@@ -96,13 +122,14 @@ def train_one_epoch(model, criterion, loader, optimizer, plan: StepPlan, device,
             "steps": steps_done}
 
 
-def _optimizer_step(model, optimizer, plan: StepPlan, scaler, clip_grad: float) -> None:
+def _optimizer_step(state: TrainState, clip_grad: float) -> None:
     """Set this step's lr (per iteration, layer-decay scales applied), unscale and clip if asked, step, zero grads."""
+    plan, optimizer, scaler = state.plan, state.optimizer, state.scaler
     set_lr(optimizer, lr_at_step(plan.step, plan.peak_lr, plan.warmup_steps, plan.total_steps, plan.min_lr))
     if scaler is not None:
         scaler.unscale_(optimizer)
     if clip_grad > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        nn.utils.clip_grad_norm_(state.model.parameters(), clip_grad)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

@@ -5,10 +5,12 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from model import create_model, get_config, load_checkpoint
 
@@ -17,7 +19,7 @@ from .config import TrainConfig
 from .data import build_datasets, build_loader, build_mixup, data_config_for, make_criterion
 from .distributed import DistInfo, all_gather_objects, barrier, init_from_env
 from .ema import ModelEma
-from .engine import NonFiniteLossError, StepPlan, evaluate, train_one_epoch
+from .engine import EpochSettings, NonFiniteLossError, StepPlan, TrainState, evaluate, train_one_epoch
 from .optim import create_optimizer
 from .run_log import RunLog, StepLines, announce_batch, progress_bar, step_lines
 
@@ -81,30 +83,28 @@ def _build_data(config: TrainConfig, dist_info: DistInfo, device: torch.device, 
     return data_cfg, datasets, loader(datasets.train, True), val_loader
 
 
-def _resume(state: dict, dist_info: DistInfo, seed: int, unwrapped, optimizer, ema, scaler, plan: StepPlan,
-            best: dict) -> int:
-    """Load a checkpoint_last.pth into the run (`best` updated in place); returns the epoch to start at."""
-    unwrapped.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if ema is not None:
-        ema.load_state_dict(state["model_ema"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    plan.step = state["step"]
-    best.update(state["best"])
-    restore_rng(state["rng"], dist_info, seed, state["epoch"])
-    return state["epoch"] + 1
+@dataclass
+class Run:
+    """What a run builds once from its TrainConfig: the training state, the data, and what checkpoints record."""
+
+    config: TrainConfig
+    dist_info: DistInfo
+    state: TrainState
+    settings: EpochSettings
+    train_loader: DataLoader
+    val_loader: DataLoader | None  # None with --disable-eval
+    mixup: object | None  # timm Mixup / CutMix, None when both are off
+    criterion: torch.nn.Module
+    meta: dict  # model name, kwargs, data config, class names and config: in every checkpoint
+    log: RunLog
+    best: dict = field(default_factory=lambda: {"top1": -1.0, "epoch": -1, "ema_top1": -1.0, "ema_epoch": -1})
 
 
-def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bool = True,
-          stop_after_epoch: int | None = None) -> dict:
-    """Run `config` to the end (or through epoch `stop_after_epoch`, to simulate a kill); returns the summary."""
-    dist_info = dist_info or init_from_env()
+def build_run(config: TrainConfig, dist_info: DistInfo, augment: bool) -> Run:
+    """Data, model, EMA, optimizer, scaler and schedule, seeded the same on every process; not yet DDP-wrapped."""
     device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
     configure_cuda_math(device)
-    output = Path(config.output)
-    log = RunLog(output, dist_info.is_main)
-
+    log = RunLog(Path(config.output), dist_info.is_main)
     data_cfg, datasets, train_loader, val_loader = _build_data(config, dist_info, device, augment)
     num_classes = len(datasets.class_names)
 
@@ -113,75 +113,129 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
     # the EMA copy is taken before that and must start from the same weights on every process too.
     seed_everything(config.seed)
     kwargs = model_kwargs_for(config, num_classes)
-    model = unwrapped = build_model(config, kwargs, device)
-    ema = ModelEma(unwrapped, config.ema_decay) if config.ema_decay > 0 else None
-    optimizer = create_optimizer(unwrapped, config.lr(dist_info.world_size), config.weight_decay,
-                                 (config.beta1, config.beta2), config.layer_decay)
-    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
-    plan = _step_plan(config, len(train_loader), len(datasets.train), dist_info.world_size)
-    seed_everything(config.seed + dist_info.rank)  # per process from here: augmentation, Mixup/CutMix, drop path
-    start_epoch, best = 0, {"top1": -1.0, "epoch": -1, "ema_top1": -1.0, "ema_epoch": -1}
-    if config.resume:
-        start_epoch = _resume(ckpt.load(config.resume), dist_info, config.seed, unwrapped, optimizer, ema, scaler,
-                              plan, best)
-
-    if config.compile:
-        model = torch.compile(model)
-    if dist_info.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    model = build_model(config, kwargs, device)
+    state = TrainState(
+        model=model, unwrapped=model,
+        optimizer=create_optimizer(model, config.lr(dist_info.world_size), config.weight_decay,
+                                   (config.beta1, config.beta2), config.layer_decay),
+        plan=_step_plan(config, len(train_loader), len(datasets.train), dist_info.world_size),
+        scaler=torch.amp.GradScaler(device.type) if config.amp == "fp16" else None,
+        ema=ModelEma(model, config.ema_decay) if config.ema_decay > 0 else None,
+    )
     mixup = build_mixup(config, num_classes)
-    criterion = make_criterion(config, mixup)
     meta = {"model_name": config.model, "model_kwargs": kwargs, "data_config": _data_dict(data_cfg),
             "class_names": list(datasets.class_names), "config": config.to_dict()}
+    settings = EpochSettings(device, config.amp, config.accum_steps, config.clip_grad, config.channels_last,
+                             config.log_every)
+    seed_everything(config.seed + dist_info.rank)  # per process from here: augmentation, Mixup/CutMix, drop path
+    return Run(config, dist_info, state, settings, train_loader, val_loader, mixup, make_criterion(config, mixup),
+               meta, log)
+
+
+def resume(run: Run, path: str) -> int:
+    """Load a checkpoint_last.pth into the run (weights, optimizer, EMA, scaler, schedule, best, RNG streams).
+
+    Returns the epoch to start at.
+    """
+    saved = ckpt.read_for_resume(path)
+    state = run.state
+    state.unwrapped.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    if state.ema is not None:
+        state.ema.load_state_dict(saved["model_ema"])
+    if state.scaler is not None and saved.get("scaler"):
+        state.scaler.load_state_dict(saved["scaler"])
+    state.plan.step = saved["step"]
+    run.best.update(saved["best"])
+    restore_rng(saved["rng"], run.dist_info, run.config.seed, saved["epoch"])
+    return saved["epoch"] + 1
+
+
+def wrap_model(run: Run) -> None:
+    """torch.compile and / or DDP around the (resumed) module; the EMA and checkpoints keep the unwrapped one."""
+    model, dist_info = run.state.unwrapped, run.dist_info
+    if run.config.compile:
+        model = torch.compile(model)
+    if dist_info.world_size > 1:
+        device = run.settings.device
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    run.state.model = model
+
+
+def run_epoch(run: Run, epoch: int, lines: StepLines | None) -> tuple[dict, list[str]]:
+    """Train one epoch, evaluate, log the epoch record; returns it and the best checkpoints this epoch improved."""
+    run.train_loader.sampler.set_epoch(epoch)
+    plan, is_main = run.state.plan, run.dist_info.is_main
+    progress = progress_bar(plan.steps_per_epoch, epoch, is_main, run.config.quiet)
+    if lines is not None:
+        lines.start_epoch()
+    try:
+        stats = train_one_epoch(run.state, run.criterion, run.train_loader, run.settings, mixup=run.mixup,
+                                log=_step_logger(run.log, lines, epoch), progress=progress)
+    except NonFiniteLossError as error:
+        raise NonFiniteLossError(f"{error} in epoch {epoch}; nothing was saved after it: "
+                                 f"{_last_good(Path(run.config.output), epoch)}") from None
+    finally:
+        if progress is not None:
+            progress.close()
+    record = {"epoch": epoch, "step": plan.step, **stats}
+    improved = _evaluate_epoch(run, record)
+    run.log(record)
+    if is_main:
+        print(json.dumps(record), file=sys.stderr, flush=True)
+    return record, improved
+
+
+def save_checkpoints(run: Run, record: dict, improved: list[str]) -> None:
+    """checkpoint_last.pth and the improved best ones, from the main process; every process joins the RNG gather."""
+    rng = all_gather_objects(ckpt.rng_state())  # every process's streams: each resumes its own
+    if not run.dist_info.is_main:
+        return
+    state = run.state
+    saved = {**run.meta, "model": state.unwrapped.state_dict(), "optimizer": state.optimizer.state_dict(),
+             "scaler": state.scaler.state_dict() if state.scaler is not None else {}, "epoch": record["epoch"],
+             "step": state.plan.step, "scheduler": state.plan.describe(), "rng": rng, "best": dict(run.best),
+             "metrics": _prefixed(record, "val_"), "ema_metrics": _prefixed(record, "ema_val_"),
+             **({"model_ema": state.ema.state_dict()} if state.ema is not None else {})}
+    output = Path(run.config.output)
+    for name in ["checkpoint_last.pth", *improved]:
+        ckpt.save_atomic(saved, output / name)
+
+
+def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bool = True,
+          stop_after_epoch: int | None = None) -> dict:
+    """Run `config` to the end (or through epoch `stop_after_epoch`, to simulate a kill).
+
+    Returns the run's summary (plain data, as logged: epochs done, wall time, best and last top-1); the weights
+    are in the checkpoints.
+    """
+    dist_info = dist_info or init_from_env()
+    run = build_run(config, dist_info, augment)
+    start_epoch = resume(run, config.resume) if config.resume else 0
+    wrap_model(run)
+    plan = run.state.plan
     if dist_info.is_main:
-        _announce_start(config, dist_info.world_size, plan, meta, log)
+        _announce_start(config, dist_info.world_size, plan, run.meta, run.log)
 
     run_started = time.perf_counter()
     last_epoch = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
     summary: dict = {}
     lines = step_lines(plan.steps_per_epoch, last_epoch, dist_info.world_size, dist_info.is_main, config.quiet)
     for epoch in range(start_epoch, last_epoch + 1):
-        train_loader.sampler.set_epoch(epoch)
-        progress = progress_bar(plan.steps_per_epoch, epoch, dist_info.is_main, config.quiet)
-        if lines is not None:
-            lines.start_epoch()
-        try:
-            stats = train_one_epoch(
-                model, criterion, train_loader, optimizer, plan, device, scaler=scaler, mixup=mixup, ema=ema,
-                unwrapped=unwrapped, amp=config.amp, accum_steps=config.accum_steps, clip_grad=config.clip_grad,
-                channels_last=config.channels_last, max_steps=plan.steps_per_epoch,
-                log=_step_logger(log, lines, epoch), log_every=config.log_every, progress=progress)
-        except NonFiniteLossError as error:
-            raise NonFiniteLossError(f"{error} in epoch {epoch}; nothing was saved after it: "
-                                     f"{_last_good(output, epoch)}") from None
-        finally:
-            if progress is not None:
-                progress.close()
-        record = {"epoch": epoch, "step": plan.step, **stats}
-        improved = _evaluate_epoch(model, ema, val_loader, device, config, best, record)
-        log(record)
-        if dist_info.is_main:
-            print(json.dumps(record), file=sys.stderr, flush=True)
-        rng = all_gather_objects(ckpt.rng_state())  # every process's streams: each resumes its own
-        if dist_info.is_main:
-            state = {**meta, "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch, "step": plan.step,
-                     "scheduler": plan.describe(), "rng": rng, "best": dict(best),
-                     "metrics": _prefixed(record, "val_"), "ema_metrics": _prefixed(record, "ema_val_"),
-                     **({"model_ema": ema.state_dict()} if ema is not None else {})}
-            for name in ["checkpoint_last.pth", *improved]:
-                ckpt.save_atomic(state, output / name)
+        record, improved = run_epoch(run, epoch, lines)
+        save_checkpoints(run, record, improved)
         barrier()
         if lines is not None:
             lines.finish_epoch()
+        with_ema = run.state.ema is not None and run.val_loader is not None
         summary = {"event": "summary", "epochs_done": epoch + 1, "wall_s": round(time.perf_counter() - run_started, 1),
-                   **_best_summary(best, record, ema is not None and val_loader is not None)}
+                   **_best_summary(run.best, record, with_ema)}
     if summary:
-        log(summary)
+        run.log(summary)
         if dist_info.is_main:
             print("training done: " + json.dumps(summary), flush=True)
-    return {**summary, "model": unwrapped, "optimizer": optimizer, "ema": ema}
+    return summary
 
 
 def _step_logger(log: RunLog, lines: StepLines | None, epoch: int):
@@ -218,19 +272,20 @@ def _step_plan(config: TrainConfig, num_batches: int, num_images: int, world_siz
                     config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
 
 
-def _evaluate_epoch(model, ema, val_loader, device, config: TrainConfig, best: dict, record: dict) -> list[str]:
-    """Evaluate the model (and the EMA), update `best` and `record`; the best checkpoints this epoch improved."""
-    if val_loader is None:  # --disable-eval (ImageNet-22K): no metrics, no best checkpoints
+def _evaluate_epoch(run: Run, record: dict) -> list[str]:
+    """Evaluate the model (and the EMA), update `run.best` and `record`; the best checkpoints this epoch improved."""
+    if run.val_loader is None:  # --disable-eval (ImageNet-22K): no metrics, no best checkpoints
         return []
-    epoch, improved = record["epoch"], []
-    metrics = evaluate(model, val_loader, device, amp=config.amp, channels_last=config.channels_last)
+    epoch, improved, best, settings = record["epoch"], [], run.best, run.settings
+    metrics = evaluate(run.state.model, run.val_loader, settings.device, amp=settings.amp,
+                       channels_last=settings.channels_last)
     record.update({f"val_{k}": v for k, v in metrics.items()})
     if metrics["top1"] > best["top1"]:
         best.update(top1=metrics["top1"], epoch=epoch)
         improved.append("checkpoint_best.pth")
     record["best_top1"] = best["top1"]
-    if ema is not None:  # official --model_ema_eval: the EMA weights evaluated and their best kept apart
-        ema_metrics = evaluate(ema.module, val_loader, device, amp=config.amp)
+    if run.state.ema is not None:  # official --model_ema_eval: the EMA weights evaluated and their best kept apart
+        ema_metrics = evaluate(run.state.ema.module, run.val_loader, settings.device, amp=settings.amp)
         record.update({f"ema_val_{k}": v for k, v in ema_metrics.items()})
         if ema_metrics["top1"] > best["ema_top1"]:
             best.update(ema_top1=ema_metrics["top1"], ema_epoch=epoch)

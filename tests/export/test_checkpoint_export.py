@@ -6,9 +6,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import convnext_serve
 import model
 from export.__main__ import main
 from runtime.repository import ModelRepository
+from training.checkpoint import save_atomic
 
 CLASS_NAMES = ["zero", "one", "two"]
 DATA_CONFIG = {"input_size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
@@ -84,3 +86,34 @@ def test_ema_flag_on_a_checkpoint_without_ema_weights_is_refused(project_checkpo
     path, _ = project_checkpoint
     assert main(["onnx", "--checkpoint", str(path), "--name", "x", "--repository", str(tmp_path), "--ema"]) == 1
     assert "no 'model_ema' entry" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def corrupted_checkpoint(project_checkpoint, tmp_path):
+    """The project checkpoint saved with its sha256 sidecar, then one byte of its tensor data flipped."""
+    _, net = project_checkpoint
+    path = tmp_path / "checkpoint_last.pth"
+    save_atomic({"model": net.state_dict(), "model_name": "convnext_atto", "model_kwargs": {"num_classes": 3},
+                 "data_config": DATA_CONFIG, "class_names": CLASS_NAMES}, path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # still a valid zip: only the sidecar's hash can tell
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_export_refuses_a_checkpoint_that_does_not_match_its_sidecar(corrupted_checkpoint, tmp_path, capsys):
+    code = main(["onnx", "--checkpoint", str(corrupted_checkpoint), "--name", "x", "--repository", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("python -m export: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert str(corrupted_checkpoint) in err and "does not match its recorded sha256" in err
+    assert ModelRepository(tmp_path).models() == []
+
+
+def test_convnext_serve_refuses_a_checkpoint_that_does_not_match_its_sidecar(corrupted_checkpoint, tmp_path, capsys):
+    code = convnext_serve.main(["--checkpoint", str(corrupted_checkpoint), "--model", "convnext_atto",
+                                "--repository", str(tmp_path / "repo"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("convnext serve: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert str(corrupted_checkpoint) in err and "does not match its recorded sha256" in err

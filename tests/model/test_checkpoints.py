@@ -58,6 +58,13 @@ def test_read_checkpoint_rejects_missing_and_garbage_files(tmp_path):
         read_checkpoint(garbage)
 
 
+def test_a_legacy_torch_save_file_still_loads(atto_state, tmp_path):
+    path = tmp_path / "resnet50-0676ba61.pth"  # torchvision's older weights predate torch.save's zip format
+    torch.save({"model": atto_state}, path, _use_new_zipfile_serialization=False)
+    model = create_model("convnext_atto", checkpoint=path)
+    _assert_weights_equal(model, atto_state)
+
+
 def test_missing_key_is_listed(atto_state):
     partial = {k: v for k, v in atto_state.items() if k != "stages.2.3.pwconv1.weight"}
     with pytest.raises(CheckpointError, match=r"missing keys: stages\.2\.3\.pwconv1\.weight"):

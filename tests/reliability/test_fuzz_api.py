@@ -37,7 +37,8 @@ def config_file(tmp_path_factory, model: str) -> Path:
 
 
 def schemathesis_run(url: str, config: Path, *options: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{url}/openapi.json", "--checks", "all",
+    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{url}/openapi.json",
+               "--checks", "all",
                "--max-examples", str(EXAMPLES_PER_OPERATION), "--seed", str(SEED), "--workers", "1",
                "--generation-database", "none", "--request-timeout", "30", "--no-color", *options]
     return subprocess.run(command, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import load, rng_state, save_atomic, set_rng_state
+from model.checkpoints import read_checkpoint
+from training.checkpoint import read_for_resume, rng_state, save_atomic, set_rng_state
 
 
 def test_round_trip_with_weights_only_restores_every_rng(tmp_path):
@@ -29,11 +30,11 @@ def test_a_failing_save_leaves_the_previous_file_intact(tmp_path):
     save_atomic({"epoch": 1}, path)
     with pytest.raises(RuntimeError, match="disk full"):
         save_atomic({"epoch": 2, "bad": Unpicklable()}, path)
-    assert load(path)["epoch"] == 1
+    assert read_checkpoint(path)["epoch"] == 1
     # no temp file left behind; the sidecar still matches the surviving file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pth", "checkpoint_last.pth.sha256"]
 
 
 def test_resume_from_a_missing_file_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume"):
-        load(tmp_path / "nope.pth")
+        read_for_resume(tmp_path / "nope.pth")

@@ -7,7 +7,9 @@ import shlex
 import pytest
 import torch
 
-from training.checkpoint import CheckpointError, load, save_atomic, sidecar_path
+from convnext_files import sidecar_path
+from model.checkpoints import CheckpointError, read_checkpoint
+from training.checkpoint import save_atomic
 
 
 class WritesAMarker:
@@ -30,7 +32,7 @@ def saved(tmp_path):
 def test_save_writes_a_sha256sum_sidecar_that_load_verifies(saved):
     line = sidecar_path(saved).read_text()
     assert line == f"{hashlib.sha256(saved.read_bytes()).hexdigest()}  checkpoint_last.pth\n"
-    assert load(saved)["epoch"] == 3
+    assert read_checkpoint(saved)["epoch"] == 3
 
 
 def test_a_tampered_checkpoint_is_refused_naming_the_file(saved):
@@ -38,7 +40,7 @@ def test_a_tampered_checkpoint_is_refused_naming_the_file(saved):
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor data: still a valid zip
     saved.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match its recorded sha256") as error:
-        load(saved)
+        read_checkpoint(saved)
     assert str(saved) in str(error.value) and "resume from an earlier checkpoint" in str(error.value)
 
 
@@ -46,7 +48,7 @@ def test_a_swapped_in_code_pickle_is_refused_by_the_hash_before_unpickling(saved
     marker = tmp_path / "marker"
     torch.save({"model": WritesAMarker(marker)}, saved)  # replaced behind the sidecar's back
     with pytest.raises(CheckpointError, match="sha256"):
-        load(saved)
+        read_checkpoint(saved)
     assert not marker.exists()
 
 
@@ -57,7 +59,7 @@ def test_a_code_carrying_checkpoint_without_sidecar_is_refused_and_never_runs(tm
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(2)}, "hook": WritesAMarker(marker)}, path)
     with pytest.raises(CheckpointError, match="refused unexecuted") as error:
-        load(path)
+        read_checkpoint(path)
     assert str(path) in str(error.value)
     assert not marker.exists()
 
@@ -68,7 +70,7 @@ def test_a_truncated_checkpoint_gives_a_clear_error_not_a_zip_traceback(saved, k
     if not keep_sidecar:
         sidecar_path(saved).unlink()
     with pytest.raises(CheckpointError, match="sha256" if keep_sidecar else "truncated") as error:
-        load(saved)
+        read_checkpoint(saved)
     assert str(saved) in str(error.value) and "earlier checkpoint" in str(error.value)
 
 
@@ -76,24 +78,24 @@ def test_an_empty_file_is_refused_clearly(tmp_path):
     path = tmp_path / "checkpoint_last.pth"
     path.write_bytes(b"")
     with pytest.raises(CheckpointError, match="truncated"):
-        load(path)
+        read_checkpoint(path)
 
 
 def test_a_checkpoint_without_sidecar_loads_like_an_official_file(tmp_path):
     path = tmp_path / "official.pth"
     torch.save({"model": {"w": torch.ones(3)}}, path)  # an older run or a downloaded checkpoint
-    assert torch.equal(load(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
 def test_a_garbled_sidecar_is_reported_with_what_to_do(saved):
     sidecar_path(saved).write_text("not-a-hash\n")
     with pytest.raises(CheckpointError, match="delete it"):
-        load(saved)
+        read_checkpoint(saved)
 
 
 def test_saving_again_replaces_checkpoint_and_sidecar_together(saved):
     save_atomic({"model": {"w": torch.zeros(1)}, "epoch": 4}, saved)
-    assert load(saved)["epoch"] == 4
+    assert read_checkpoint(saved)["epoch"] == 4
     assert sorted(p.name for p in saved.parent.iterdir()) == ["checkpoint_last.pth", "checkpoint_last.pth.sha256"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import load
+from model.checkpoints import read_checkpoint
 
 # Tiny and fast: 4 epochs of 2 steps at batch 8 on the offline digits demo. Four, so that after either first
 # kill point (epoch 0 or 1 saved) the resumed run still has a whole epoch after the one the second kill targets.
@@ -51,7 +51,7 @@ def test_sigkill_at_a_checkpoint_and_mid_epoch_then_resume_equals_an_uninterrupt
     last = run / "checkpoint_last.pth"
     # Kill 1: the moment the first checkpoint appears (the sidecar may not be written yet).
     _kill_when(_cli(run), last.exists)
-    epoch_before = load(last)["epoch"]
+    epoch_before = read_checkpoint(last)["epoch"]
     assert epoch_before in (0, 1)
     # A half-written temporary file from a kill during a save is never what --resume reads.
     (run / "checkpoint_last.pth.abc123.tmp").write_bytes(last.read_bytes()[:100])
@@ -60,15 +60,15 @@ def test_sigkill_at_a_checkpoint_and_mid_epoch_then_resume_equals_an_uninterrupt
     _kill_when(_cli(run, resume=last), lambda: any(
         r.get("epoch") == epoch_before + 1 and "step" in r and "val_top1" not in r
         for r in _step_records(run)[steps_seen:]))
-    assert load(last)["epoch"] in (epoch_before, epoch_before + 1)  # still a complete, verified checkpoint
+    assert read_checkpoint(last)["epoch"] in (epoch_before, epoch_before + 1)  # still a complete, verified checkpoint
     subprocess.run(_cli(run, resume=last), check=True, timeout=120, capture_output=True)
 
-    resumed = load(last)
+    resumed = read_checkpoint(last)
     assert (resumed["epoch"], resumed["step"]) == (3, 8)
     # The uninterrupted reference runs the same CLI in a fresh process, like the killed runs (no state left in
     # this test process by earlier tests, such as torch's thread count, can change its arithmetic).
     subprocess.run(_cli(tmp_path / "full"), check=True, timeout=120, capture_output=True)
-    full = load(tmp_path / "full" / "checkpoint_last.pth")
+    full = read_checkpoint(tmp_path / "full" / "checkpoint_last.pth")
     assert (full["epoch"], full["step"]) == (3, 8)
     for part in ("model", "model_ema"):
         for key, value in full[part].items():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from convnext_files import sha256_file
+from model.checkpoints import read_checkpoint
 from training.__main__ import main
-from training.checkpoint import file_sha256, load
 from training.config import resolve
 from training.run_log import announce_batch
 
@@ -44,7 +45,7 @@ def test_a_run_with_ema_keeps_its_best_ema_checkpoint_and_logs_its_top1(ema_run)
     best_epoch = max(range(2), key=lambda e: (epochs[e]["ema_val_top1"], -e))  # the first epoch at the best top-1
     assert summary["best_ema_top1"] == epochs[best_epoch]["ema_val_top1"] == epochs[-1]["best_ema_top1"]
     assert summary["best_ema_epoch"] == best_epoch
-    best_ema = load(ema_run / "checkpoint_best_ema.pth")
+    best_ema = read_checkpoint(ema_run / "checkpoint_best_ema.pth")
     assert best_ema["epoch"] == best_epoch and best_ema["best"]["ema_top1"] == summary["best_ema_top1"]
     assert best_ema["ema_metrics"]["top1"] == summary["best_ema_top1"]
     assert (ema_run / "checkpoint_best.pth").is_file()
@@ -54,19 +55,19 @@ def test_a_run_with_ema_keeps_its_best_ema_checkpoint_and_logs_its_top1(ema_run)
 
 @pytest.mark.parametrize("key", ["model", "model_ema"])
 def test_finetune_model_key_picks_the_weights_it_names(ema_run, tmp_path, key):
-    source = load(ema_run / "checkpoint_best_ema.pth")
+    source = read_checkpoint(ema_run / "checkpoint_best_ema.pth")
     assert any(not torch.equal(v, source["model_ema"][k]) for k, v in source["model"].items())  # they differ
     output = tmp_path / "ft"
     argv = _argv(output, epochs=1, max_steps_per_epoch=1, base_lr=0, ema_decay=0,
                  finetune=ema_run / "checkpoint_best_ema.pth", model_key=key)
     assert main(argv) == 0
-    tuned = load(output / "checkpoint_last.pth")["model"]
+    tuned = read_checkpoint(output / "checkpoint_last.pth")["model"]
     for name, value in source[key].items():  # lr 0: exactly the weights the key named
         assert torch.equal(tuned[name], value), name
 
 
 def test_model_key_model_ema_on_a_checkpoint_without_ema_is_refused_clearly(ema_run, tmp_path, capsys):
-    plain = {k: v for k, v in load(ema_run / "checkpoint_last.pth").items() if k != "model_ema"}
+    plain = {k: v for k, v in read_checkpoint(ema_run / "checkpoint_last.pth").items() if k != "model_ema"}
     torch.save(plain, tmp_path / "plain.pth")
     argv = _argv(tmp_path / "ft", epochs=1, finetune=tmp_path / "plain.pth", model_key="model_ema")
     assert main(argv) == 2
@@ -78,13 +79,13 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ema_
     run = tmp_path / "run"
     shutil.copytree(ema_run, run)
     last = run / "checkpoint_last.pth"
-    digest, epoch = file_sha256(last), load(last)["epoch"]
+    digest, epoch = sha256_file(last), read_checkpoint(last)["epoch"]
     # An absurd lr: after one AdamW step the weights are ~1e30 and the next forward overflows.
     assert main(_argv(run, ema_decay=0.5, epochs=4, base_lr=1e30, resume=last)) == 1
     err = capsys.readouterr().err
     assert "error: the training loss became NaN or inf" in err and "Traceback" not in err
     assert f"checkpoint_last.pth (epoch {epoch}) is the last good one" in err
-    assert file_sha256(last) == digest and load(last)["epoch"] == epoch  # nothing saved after it
+    assert sha256_file(last) == digest and read_checkpoint(last)["epoch"] == epoch  # nothing saved after it
     assert not any("epoch" in r and r["epoch"] > epoch and "val_top1" in r for r in _records(run))
 
 

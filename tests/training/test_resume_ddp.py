@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from training.checkpoint import load
+from model.checkpoints import read_checkpoint
 from training.config import PRESETS
 from training.distributed import DistInfo
 from training.run import train
@@ -25,17 +25,17 @@ def _assert_states_equal(a: dict, b: dict, atol: float):
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
-    full = train(dataclasses.replace(TINY, output=str(tmp_path / "full")), DistInfo())
+    train(dataclasses.replace(TINY, output=str(tmp_path / "full")), DistInfo())
     first = dataclasses.replace(TINY, output=str(tmp_path / "split"))
     train(first, DistInfo(), stop_after_epoch=0)  # "killed" after epoch 0's checkpoint
-    assert load(tmp_path / "split" / "checkpoint_last.pth")["epoch"] == 0
-    resumed = train(dataclasses.replace(first, resume=str(tmp_path / "split" / "checkpoint_last.pth")), DistInfo())
-    _assert_states_equal(full["model"].state_dict(), resumed["model"].state_dict(), 1e-6)
-    _assert_states_equal(full["ema"].state_dict(), resumed["ema"].state_dict(), 1e-6)
-    full_opt, resumed_opt = full["optimizer"].state_dict(), resumed["optimizer"].state_dict()
+    assert read_checkpoint(tmp_path / "split" / "checkpoint_last.pth")["epoch"] == 0
+    train(dataclasses.replace(first, resume=str(tmp_path / "split" / "checkpoint_last.pth")), DistInfo())
+    a, b = (read_checkpoint(tmp_path / d / "checkpoint_last.pth") for d in ("full", "split"))  # the final states
+    _assert_states_equal(a["model"], b["model"], 1e-6)
+    _assert_states_equal(a["model_ema"], b["model_ema"], 1e-6)
+    full_opt, resumed_opt = a["optimizer"], b["optimizer"]
     for index, state in full_opt["state"].items():
         _assert_states_equal(state, resumed_opt["state"][index], 1e-6)
-    a, b = (load(tmp_path / d / "checkpoint_last.pth") for d in ("full", "split"))
     assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (6, 2)
 
 
@@ -58,12 +58,13 @@ def _ddp_worker(rank: int, world_size: int, port: int, config):
 @pytest.mark.timeout(180)
 def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     base = dataclasses.replace(TINY, epochs=1, ema_decay=0.0, label_smoothing=0.0)
-    single = train(dataclasses.replace(base, output=str(tmp_path / "one")), DistInfo(), augment=False)
+    train(dataclasses.replace(base, output=str(tmp_path / "one")), DistInfo(), augment=False)
+    single = read_checkpoint(tmp_path / "one" / "checkpoint_last.pth")
     ddp = dataclasses.replace(base, batch_size=base.batch_size // 2, output=str(tmp_path / "two"))
     mp.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
-    distributed = load(tmp_path / "two" / "checkpoint_last.pth")
+    distributed = read_checkpoint(tmp_path / "two" / "checkpoint_last.pth")
     assert distributed["step"] == 2
-    _assert_states_equal(single["model"].state_dict(), distributed["model"], 1e-5)
+    _assert_states_equal(single["model"], distributed["model"], 1e-5)
 
 
 # Every source of per-process randomness on: crop augmentation, Mixup/CutMix (NumPy), drop path (torch), EMA.
@@ -88,7 +89,7 @@ def test_two_process_resume_restores_each_ranks_rng_and_equals_an_uninterrupted_
     first = dataclasses.replace(RANDOM, output=str(tmp_path / "split"))
     resumed = dataclasses.replace(first, resume=str(tmp_path / "split" / "checkpoint_last.pth"))
     mp.spawn(_ddp_resume_worker, args=(2, _free_port(), full, first, resumed), nprocs=2, join=True)
-    a, b = (load(tmp_path / d / "checkpoint_last.pth") for d in ("full", "split"))
+    a, b = (read_checkpoint(tmp_path / d / "checkpoint_last.pth") for d in ("full", "split"))
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
     # Each rank resumed its own streams: the ranks still differ after the resume...
     assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])

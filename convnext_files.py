@@ -1,0 +1,81 @@
+"""File helpers every package shares (torch-free): a file's sha256, its `sha256sum` sidecar, atomic replacement."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK_BYTES = 1 << 20
+# mkstemp creates 0600; the files are read by other users (the service may run as another user than the export).
+FILE_MODE = 0o644
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """`checkpoint_last.pth` -> `checkpoint_last.pth.sha256` (the `sha256sum` line format)."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def write_sidecar(path: str | Path, sha256: str) -> None:
+    """Write `path`'s sidecar atomically: one `sha256sum` line, `<hex>  <file name>`."""
+    path = Path(path)
+    write_bytes_atomic(sidecar_path(path), f"{sha256}  {path.name}\n".encode())
+
+
+def replace_atomic(path: str | Path, write: Callable[[BinaryIO], object],
+                   before_replace: Callable[[Path], object] | None = None) -> None:
+    """`write(file)` into a temporary file beside `path`, fsync it, os.replace it over `path`, fsync the folder.
+
+    Readers see the old file or the new one, never half of one, and the rename survives a power cut.
+    `before_replace(tmp_path)` runs on the complete temporary file just before the rename.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, FILE_MODE)
+        if before_replace is not None:
+            before_replace(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """`data` as the new content of `path`, replaced atomically (see replace_atomic)."""
+    replace_atomic(path, lambda file: file.write(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`text` (UTF-8) as the new content of `path`, replaced atomically (see replace_atomic)."""
+    write_bytes_atomic(path, text.encode())
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make renames in `folder` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
