@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 LOG_TAIL_CHARS = 3000
@@ -46,7 +47,7 @@ def litserve_peer(args: Sequence[str], ready_timeout_s: float = 120.0):
 
 @contextmanager
 def server_process(module: str, args: Sequence[str], ready_path: str, ready_timeout_s: float = 120.0,
-                   env: Mapping[str, str] | None = None) -> Iterator[RunningServer]:
+                   env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> Iterator[RunningServer]:
     """Run `python -m MODULE ARGS --port P` until `ready_path` answers 200; stop it (and its children) on exit.
 
     The server's output goes to a temporary log whose tail is in the error when it exits early or is not ready
@@ -58,7 +59,7 @@ def server_process(module: str, args: Sequence[str], ready_path: str, ready_time
     with tempfile.TemporaryFile() as log:
         # A session of its own, so teardown reaches the server's worker processes too (LitServe spawns some).
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=None if env is None else {**os.environ, **env})
+                                   env=None if env is None else {**os.environ, **env}, cwd=cwd)
         try:
             _wait_ready(process, f"{url}{ready_path}", ready_timeout_s, log)
             yield RunningServer(url, process.pid)

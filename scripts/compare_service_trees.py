@@ -1,0 +1,81 @@
+"""Before/after of a change to the service: the same client, load and model against `python -m service` run from two
+source trees (e.g. a worktree of the old commit and this checkout), in interleaved rounds (before, after, before,
+after, ...) so both see the same machine.
+
+    git worktree add --detach /tmp/before <old commit>
+    python scripts/compare_service_trees.py --before /tmp/before --after . --repository R --model M \\
+        [--rounds 2] [--seconds 6] [--concurrency 1 8 32] [--lone-requests 30]
+
+Per tree and round: POST /classify closed loops at each concurrency (real JPEGs of mixed sizes, bench.loadgen) and
+lone requests of one 500x375 JPEG (bench.lone_request); the table gives the median over rounds. Both trees run with
+the same interpreter and installed packages; each server imports its own tree's code (cwd and PYTHONPATH).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+from statistics import median
+
+from bench.host import cpu_model
+from bench.loadgen import closed_loop, jpeg_payloads
+from bench.lone_request import lone_requests
+from bench.server_process import server_process
+
+
+def measure(tree: Path, args, payloads: list[bytes], lone: list[bytes]) -> dict:
+    tree = tree.resolve()
+    server_args = ["--host", "127.0.0.1", "--repository", str(args.repository.resolve()), "--model", args.model,
+                   "--intra-op-threads", str(args.threads), "--max-batch-size", str(args.max_batch_size)]
+    env = {"PYTHONPATH": str(tree), "CONVNEXT_GRPC_PORT": "0"}  # older trees have no gRPC port; the variable is unused
+    out = {}
+    with server_process("service", server_args, "/readyz", env=env, cwd=tree) as server:
+        for concurrency in args.concurrency:
+            result = asyncio.run(closed_loop(f"{server.url}/classify", payloads, concurrency, 10**9, args.seconds))
+            summary = result.summary()
+            out[f"c{concurrency}"] = {k: summary[k] for k in ("images_per_s", "p50_ms", "p99_ms", "ok", "errors")}
+        out["lone"] = asyncio.run(lone_requests(f"{server.url}/classify", lone, args.lone_requests))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, required=True)
+    parser.add_argument("--after", type=Path, default=Path("."))
+    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--lone-requests", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    payloads, lone = jpeg_payloads(), jpeg_payloads(sizes=((500, 375),))
+    print(f"{cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    for round_index in range(args.rounds):
+        for label, tree in (("before", args.before), ("after", args.after)):
+            runs[label].append(measure(tree, args, payloads, lone))
+            print(json.dumps({"round": round_index, "tree": label, **runs[label][-1]}), flush=True)
+    print(f"\nload average after {os.getloadavg()[0]:.2f}\n\n| measure | before | after | after / before |\n"
+          "|---|---|---|---|")
+    for concurrency in args.concurrency:
+        for key, unit in (("images_per_s", "images/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")):
+            before = median(r[f"c{concurrency}"][key] for r in runs["before"])
+            after = median(r[f"c{concurrency}"][key] for r in runs["after"])
+            print(f"| /classify c={concurrency} {unit} | {before:.1f} | {after:.1f} | {after / before:.2f} |")
+    lone_key = "client_p50_ms"
+    before = median(r["lone"][lone_key] for r in runs["before"])
+    after = median(r["lone"][lone_key] for r in runs["after"])
+    print(f"| lone request (500x375 JPEG) client p50 ms | {before:.1f} | {after:.1f} | {after / before:.2f} |")
+    if args.output:
+        args.output.write_text(json.dumps(runs, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
