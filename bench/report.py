@@ -149,11 +149,18 @@ def low_load_and_preprocess_sections(results: dict) -> list[str]:
     return parts
 
 
-def plots(results: dict, out_dir: Path) -> list[Path]:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display); imported when a plot is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plots(results: dict, out_dir: Path) -> list[Path]:
+    plt = pyplot()
 
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.report import save_figure
+from bench.report import pyplot, save_figure
 
 # The least throughput change read as a change. A run measures its own noise on top: rows 0 and 1 are the same
 # network twice (the two recipes; in Table 10 torchvision's ResNet-50 and ours), so any speed difference between
@@ -146,10 +146,7 @@ def gelu_section(results: dict) -> list[str]:
 
 def plot(results: dict, path: Path) -> Path:
     """Paper top-1 against measured images/s, one panel per batch size, the steps joined in table order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     batches = [str(b) for b in results["config"]["batch_sizes"]]
     steps = results["steps"]
