@@ -75,4 +75,4 @@ serve: demo-model
 endif
 
 clean:
-	rm -rf $(VENV) runs models .pytest_cache
+	rm -rf $(VENV) runs models .pytest_cache .mypy_cache
