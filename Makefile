@@ -50,8 +50,10 @@ $(ORT_GPU_PROBE)/.installed:
 	$(PY) -m pip install -q --upgrade --no-deps --target $(ORT_GPU_PROBE) onnxruntime-gpu==$(ORT_GPU_VERSION)
 	touch $@
 
+# ruff over everything; mypy over the torch-free serving layers (pyproject.toml [tool.mypy] says which files).
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: lint install system-deps $(ORT_GPU_PROBE)/.installed
 	$(PY) -m pytest
@@ -73,4 +75,4 @@ serve: demo-model
 endif
 
 clean:
-	rm -rf $(VENV) runs models .pytest_cache
+	rm -rf $(VENV) runs models .pytest_cache .mypy_cache

@@ -18,13 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from convnext_files import replace_atomic, sha256_file, write_text_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"  # in a version folder: held while an engine is found-or-built and added (ModelRepository.lock)
 LOCK_POLL_S = 0.5

@@ -71,7 +71,8 @@ class BatchProfile:
 
     def shapes(self, channels: int, size_px: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) NCHW shapes for IOptimizationProfile.set_shape."""
-        return tuple((b, channels, size_px, size_px) for b in (self.min_batch, self.opt_batch, self.max_batch))
+        return ((self.min_batch, channels, size_px, size_px), (self.opt_batch, channels, size_px, size_px),
+                (self.max_batch, channels, size_px, size_px))
 
     def covers(self, other: BatchProfile) -> bool:
         return self.min_batch <= other.min_batch and other.max_batch <= self.max_batch
@@ -79,6 +80,8 @@ class BatchProfile:
     @classmethod
     def of(cls, artifact: Artifact) -> BatchProfile:
         info = artifact.tensorrt
+        if info is None:
+            raise TensorRTError(f"{artifact.file} is not a TensorRT engine artifact")
         return cls(info.min_batch, info.opt_batch, info.max_batch)
 
 

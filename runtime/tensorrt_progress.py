@@ -46,7 +46,7 @@ class BuildPhaseLines:
             now = self.clock()
             parent = self.phases.get(parent_phase) if parent_phase is not None else None
             depth = parent.depth + 1 if parent is not None else 0
-            shown = depth == 0 or (depth <= self.max_depth and parent.shown
+            shown = depth == 0 or (parent is not None and depth <= self.max_depth and parent.shown
                                    and now - self.last_line_s >= self.min_interval_s)
             self.phases[phase_name] = _Phase(depth, num_steps, now, shown)
             if shown:
@@ -81,9 +81,9 @@ def progress_monitor(trt, lines: BuildPhaseLines):
     if base is None:
         return None
 
-    class _Monitor(base):
+    class _Monitor(base):  # type: ignore[valid-type, misc]  # TensorRT's class, found at run time
         def __init__(self):
-            base.__init__(self)
+            base.__init__(self)  # type: ignore[misc]  # pybind11 classes need their __init__ called explicitly
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             lines.phase_start(phase_name, parent_phase, num_steps)

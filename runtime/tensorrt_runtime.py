@@ -10,6 +10,7 @@ import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +130,7 @@ class TensorRTRunner:
         self._rt = cudart()
         self._device: list[int] = []
         self._host: list[int] = []
-        self.stream = None
+        self.stream: Any = None  # a cudaStream_t once set up (cuda-python is imported lazily)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:

@@ -64,7 +64,7 @@ def flag_type(field: FieldInfo) -> tuple[Callable[[str], object], str]:
     if annotation is bool:
         return _boolean, "{true,false}"
     if annotation in (int, float, str):
-        return annotation, annotation.__name__.upper()
+        return annotation, annotation.__name__.upper()  # type: ignore[return-value]  # int/float/str parse a str
     raise TypeError(f"no command-line type for {field.annotation}; add one to service/__main__.py")
 
 

@@ -5,6 +5,7 @@ Also the body's schema and the `responses=` entries routes declare, so /openapi.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -23,13 +24,13 @@ def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """The error as a FastAPI response (routes and exception handlers)."""
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
 async def send_error(send: Send, status: int, code: str, message: str,
-                     headers: list[tuple[bytes, bytes]] = ()) -> None:
+                     headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """The error written straight to ASGI `send` (the pure-ASGI edge: admission gate, API key, connection limit)."""
     body = json.dumps(error_body(code, message)).encode()
     await send({"type": "http.response.start", "status": status,

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -36,7 +37,7 @@ ERROR_CODE_KEY = "convnext-error-code"  # trailing metadata: the machine-readabl
 # uvicorn's configured logger: the gRPC address is logged beside the HTTP one ("Uvicorn running on ...").
 logger = logging.getLogger("uvicorn.error")
 
-Handler = Callable[[ServiceState, Message, grpc.aio.ServicerContext], Awaitable[Message]]
+Handler = Callable[[ServiceState, Any, grpc.aio.ServicerContext], Awaitable[Message]]  # Any: its own request type
 
 
 async def server_live(state: ServiceState, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
@@ -111,7 +112,8 @@ def inference_request_of(request: pb.ModelInferRequest) -> tuple[InferenceReques
                        f"{len(request.inputs)} inputs; send one per input, in input order")
     inputs, chunks = [], []
     for index, tensor in enumerate(request.inputs):
-        entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
+        data: bytes | None
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
                  "parameters": parameters_of(tensor.parameters)}
         if raw:
             if tensor.HasField("contents"):
@@ -135,7 +137,8 @@ def inference_request_of(request: pb.ModelInferRequest) -> tuple[InferenceReques
 def grpc_client_gone(context: grpc.aio.ServicerContext) -> ClientGone:
     """Completes when the call ends early (client cancel, its deadline): the pipeline then drops its queued images."""
     ended = asyncio.Event()
-    context.add_done_callback(lambda _: ended.set())
+    # The stubs declare the callback as a class no function matches (types-grpcio); grpc calls it with the context.
+    context.add_done_callback(lambda _: ended.set())  # type: ignore[arg-type]
     return ended.wait
 
 
@@ -186,7 +189,7 @@ class _Method:
 
 def inference_service(state: ServiceState) -> grpc.GenericRpcHandler:
     """Every RPC of the .proto's service, served under the protocol's name with the state's limits and key."""
-    methods = {}
+    methods: dict[str, grpc.RpcMethodHandler] = {}
     for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         request_type = getattr(pb, method.input_type.name)
         # No request deserializer: the handler parses, so a malformed message gets INVALID_ARGUMENT, not UNKNOWN.

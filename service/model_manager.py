@@ -236,7 +236,9 @@ class ModelManager:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         if self._recovery is None or self._recovery.done():
-            self._recovery = asyncio.get_running_loop().create_task(self._recover(served.model), name="engine-recovery")
+            # served.model is set: _build made every ServedModel this manager serves.
+            self._recovery = asyncio.get_running_loop().create_task(
+                self._recover(served.model), name="engine-recovery")  # type: ignore[arg-type]
 
     async def _recover(self, model: ModelVersion) -> None:
         name, version = model.manifest.name, model.manifest.version

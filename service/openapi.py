@@ -43,7 +43,7 @@ def install_openapi(app: FastAPI, settings: Settings, served_manifest: Callable[
             documents[key] = schema
         return documents[key]
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
 
 
 def operations(schema: dict):

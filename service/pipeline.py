@@ -10,17 +10,19 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 from starlette.requests import Request
 
 from runtime.preprocess import ImageError, preprocess
+from runtime.repository import ModelVersion
 from service.admission import AdmissionRefused
-from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, Item, QueueFullError
+from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, Item, QueueFullError, ServedModel
 from service.errors import ApiError
 from service.state import ServiceState
 
-ClientGone = Callable[[], Awaitable[None]]  # completes when the client has left (HTTP disconnect, gRPC cancel)
+ClientGone = Callable[[], Awaitable[object]]  # completes when the client has left (HTTP disconnect, gRPC cancel)
 
 
 def service_state(request: Request) -> ServiceState:
@@ -63,10 +65,13 @@ def http_client_gone(request: Request) -> ClientGone:
     return wait_for_disconnect
 
 
-def require_ready(state: ServiceState) -> None:
-    if not state.is_ready:
+def require_ready(state: ServiceState) -> ModelVersion:
+    """The served version, or 503 not_ready while there is none or its engine cannot run."""
+    version = state.version
+    if not state.is_ready or version is None:
         raise ApiError(503, "not_ready", f"not ready: {state.not_ready_reason} (see /readyz)",
                        headers={"Retry-After": "1"})
+    return version
 
 
 @contextmanager
@@ -82,7 +87,7 @@ def admitted(state: ServiceState, images: int) -> Iterator[None]:
 async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]) -> list[np.ndarray]:
     """Decode + transform in the bounded thread pool; the first bad image fails the request before enqueueing."""
     loop = asyncio.get_running_loop()
-    spec = state.version.manifest.preprocess
+    spec = state.version.manifest.preprocess  # type: ignore[union-attr]  # callers check require_ready first
 
     async def one(name: str, data: bytes) -> np.ndarray:
         async with state.preprocess_slots:
@@ -103,13 +108,13 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], client_gon
     """Enqueue, wait for every image (or the deadline, or the client leaving); returns the items in order."""
     timeout_s = state.settings.request_timeout_ms / 1000
     try:
-        items = state.batcher.submit(tensors, time.monotonic() + timeout_s)
+        items = state.batcher.submit(tensors, time.monotonic() + timeout_s)  # type: ignore[union-attr]  # as above
     except QueueFullError as err:
         raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
     futures = [item.future for item in items]
     gathered = asyncio.gather(*futures)
     gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
-    waiting = {gathered} if gone is None else {gathered, gone}
+    waiting: set[asyncio.Future[Any]] = {gathered} if gone is None else {gathered, gone}
     try:
         done, _ = await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if gathered not in done:
@@ -148,7 +153,15 @@ async def infer(state: ServiceState, tensors: list[np.ndarray], client_gone: Cli
 
 def labels_of(item: Item) -> tuple[str, ...]:
     """The class names of the version whose engine ran the item (a hot-swap may have happened since it arrived)."""
-    return item.served_by.model.manifest.labels
+    # Every version the service serves comes from the repository (only bare-engine batcher tests have none).
+    return served_by(item).model.manifest.labels  # type: ignore[union-attr]
+
+
+def served_by(item: Item) -> ServedModel:
+    """The model whose engine ran the item: the version swapped in may be newer than the one it arrived for."""
+    if item.served_by is None:  # the batcher sets it before it completes the item's future
+        raise RuntimeError("the item has not run yet")
+    return item.served_by
 
 
 def top_k_of(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[dict]:

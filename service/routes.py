@@ -7,13 +7,22 @@ import time
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.repository import ModelRepository, RepositoryError
 from service import pipeline
 from service.errors import ApiError, ErrorResponse, error_response, error_responses
 from service.model_card import describe
-from service.pipeline import http_client_gone, labels_of, read_body, require_ready, service_state, top_k_of
+from service.pipeline import (
+    http_client_gone,
+    labels_of,
+    read_body,
+    require_ready,
+    served_by,
+    service_state,
+    top_k_of,
+)
 from service.schemas import CLASSIFY_BODY, ClassifyResponse, Health, ModelsResponse, NotReady, Ready
 from service.settings import Settings
 from service.state import ServiceState
@@ -38,7 +47,7 @@ async def read_form_files(request: Request, settings: Settings) -> list[tuple[st
         if str(err.detail).startswith("Too many files"):
             raise ApiError(413, "too_many_files", f"over the limit of {max_files} files per request") from None
         raise
-    return [(v.filename or key, await v.read()) for key, v in form.multi_items() if hasattr(v, "read")]
+    return [(v.filename or key, await v.read()) for key, v in form.multi_items() if isinstance(v, UploadFile)]
 
 
 async def collect_images(request: Request, state: ServiceState) -> list[tuple[str, bytes]]:
@@ -69,8 +78,7 @@ async def classify(request: Request, top_k: int = Query(DEFAULT_TOP_K, ge=1, des
         "default 5, or every class of a model with fewer"))):
     started = time.perf_counter()
     state = service_state(request)
-    require_ready(state)
-    manifest = state.version.manifest
+    manifest = require_ready(state).manifest
     if "top_k" not in request.query_params:
         top_k = min(top_k, manifest.num_classes)
     if top_k > manifest.num_classes:
@@ -88,7 +96,7 @@ async def classify(request: Request, top_k: int = Query(DEFAULT_TOP_K, ge=1, des
         }
         for (name, _), item in zip(images, items, strict=True)
     ]
-    ran = items[0].served_by  # the engine that ran the batch: the version swapped in may be newer than `manifest`
+    ran = served_by(items[0])  # the engine that ran the batch: the version swapped in may be newer than `manifest`
     return {"model": {"name": ran.name, "version": ran.version}, "results": results}
 
 

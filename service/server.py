@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
@@ -14,8 +15,13 @@ from service.errors import send_error
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
+if TYPE_CHECKING:  # the hooks and fields the mixin uses; at run time it goes before AutoHTTPProtocol (http_protocol)
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornProtocol
+else:
+    _UvicornProtocol = object
 
-class EdgeLimitsMixin:
+
+class EdgeLimitsMixin(_UvicornProtocol):
     """Over uvicorn's HTTP protocol (h11 or httptools, the same hooks in both).
 
     uvicorn has no request-header read timeout: its keep-alive timer only runs between requests and any byte
@@ -105,7 +111,8 @@ def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") ->
         app, host=settings.host, port=settings.port, log_level=log_level, log_config=log_config(log_level),
         http=http_protocol(settings.header_timeout_s, app.state.metrics),
         limit_concurrency=settings.max_connections, backlog=settings.backlog,
-        timeout_keep_alive=settings.timeout_keep_alive_s,
+        # uvicorn annotates int but hands it to loop.call_later, which takes fractions of a second too.
+        timeout_keep_alive=settings.timeout_keep_alive_s,  # type: ignore[arg-type]
         # uvicorn stops accepting on SIGTERM, waits for in-flight requests, then runs the lifespan shutdown,
         # which drains the batcher.
         timeout_graceful_shutdown=int(settings.request_timeout_ms / 1000) + 5,

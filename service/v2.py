@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -74,7 +75,7 @@ def infer_response(result: InferResult) -> Response:
     """JSON, or the JSON header followed by the binary outputs (binary-data extension) when any output asks."""
     outputs, binary = [], []
     for output in result.outputs:
-        entry = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
+        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
         if output.binary:
             raw = output.raw()
             entry["parameters"] = {"binary_data_size": len(raw)}

@@ -40,7 +40,7 @@ from convnext_common import project_version
 from runtime.repository import Manifest
 from service import pipeline
 from service.errors import ApiError
-from service.pipeline import ClientGone, labels_of, require_ready
+from service.pipeline import ClientGone, labels_of, require_ready, served_by
 from service.state import ServiceState
 from service.v2_models import (
     InferenceRequest,
@@ -146,9 +146,7 @@ def server_ready(state: ServiceState) -> bool:
 
 def resolve_model(state: ServiceState, name: str, version: str | None = None) -> V2Model:
     """The v2 model `name` (optionally at `version`): 404 model_not_found, 503 before any model is loaded."""
-    if state.version is None:
-        require_ready(state)
-    manifest = state.version.manifest
+    manifest = (state.version or require_ready(state)).manifest
     is_image = name == manifest.name + IMAGE_SUFFIX
     if (name != manifest.name and not is_image) or version not in (None, str(manifest.version)):
         raise ApiError(404, "model_not_found", f"model {name!r} version {version or 'latest'} is not served here; "
@@ -266,7 +264,7 @@ def _fp32_batch(tensor: RequestInput, binary: bytes, manifest: Manifest, max_bat
     if raw is not None:
         array = np.frombuffer(raw, dtype="<f4", count=count).astype(np.float32)
     else:
-        values = _flat(tensor.data, len(tensor.shape), tensor.name)
+        values = _flat(tensor.data, len(tensor.shape), tensor.name)  # type: ignore[arg-type]  # see below
         if len(values) != count:
             raise ApiError(400, "invalid_data", f"{len(values)} values for shape {tensor.shape} ({count} needed)")
         try:
@@ -311,7 +309,8 @@ def _encoded_images(tensor: RequestInput, binary: bytes, max_images: int) -> lis
     if raw is not None:
         images = _split_bytes(raw, count)
     else:
-        values = _flat(tensor.data, 1, tensor.name)
+        # Not None: _binary_slice refuses an input with neither data nor binary data.
+        values = _flat(tensor.data, 1, tensor.name)  # type: ignore[arg-type]
         if len(values) != count:
             raise ApiError(400, "invalid_data", f"{len(values)} images for shape {tensor.shape}")
         try:
@@ -356,6 +355,6 @@ async def infer(state: ServiceState, name: str, version: str | None, request: In
         else:
             top = _top_k_strings(logits, labels, output.classification)
             outputs.append(OutputTensor(output.name, "BYTES", list(top.shape), top, output.binary))
-    ran = items[0].served_by  # the version whose engine ran the batch (a hot-swap may have happened meanwhile)
+    ran = served_by(items[0])  # the version whose engine ran the batch (a hot-swap may have happened meanwhile)
     ran_name = ran.name + IMAGE_SUFFIX if model.is_image else ran.name
     return InferResult(ran_name, str(ran.version), request.id, outputs)

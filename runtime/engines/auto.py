@@ -55,8 +55,8 @@ class AutoEngine(Engine):
         self.chosen_name: str | None = None
         self.images_per_s: dict[str, float] = {}
 
-    @property
-    def max_concurrent_batches(self) -> int:
+    @property  # read-only here: the chosen engine's figure, never assigned
+    def max_concurrent_batches(self) -> int:  # type: ignore[override]
         return self.chosen.max_concurrent_batches if self.chosen is not None else 1
 
     def load(self) -> None:
@@ -76,7 +76,7 @@ class AutoEngine(Engine):
                 engine.close()
             raise
         self.images_per_s = {name: round(sum(r) / len(r), 2) for name, r in rates.items()}
-        self.chosen_name = max(self.images_per_s, key=self.images_per_s.get)
+        self.chosen_name = max(self.images_per_s, key=self.images_per_s.__getitem__)
         for name, engine in engines.items():
             if name != self.chosen_name:
                 engine.close()

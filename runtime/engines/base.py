@@ -4,6 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class ModelFileEngine(Engine):
     def __init__(self, model_path: Path, input_shape: tuple[int, int, int], *, input_name: str, precision: str,
                  max_batch_size: int):
         self.model_path = Path(model_path)
-        self.input_shape = tuple(input_shape)
+        self.input_shape = cast(tuple[int, int, int], tuple(input_shape))  # (C, H, W), whatever sequence came in
         self.input_name = input_name  # the manifest's; load() may replace it with the name the model file has
         self.precision = precision
         self.max_batch_size = max_batch_size

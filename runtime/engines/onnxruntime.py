@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,8 +25,8 @@ class OnnxRuntimeEngine(ModelFileEngine):
         self.intra_op_threads = intra_op_threads
         self.spinning = spinning
         self.provider_options = provider_options  # short provider name -> its options (runtime/ort_session.py)
-        self.session = None
-        self.input_dtype = np.float32
+        self.session: Any = None  # an ort.InferenceSession once loaded (onnxruntime is imported lazily)
+        self.input_dtype: type[np.floating] = np.float32
 
     def load(self) -> None:
         import onnxruntime as ort

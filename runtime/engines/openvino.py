@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import queue
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ class OpenVinoEngine(ModelFileEngine):
                          max_batch_size=max_batch_size)
         self.threads = threads
         self.performance_hint = performance_hint
-        self.compiled = None
+        self.compiled: Any = None  # an ov.CompiledModel once loaded (openvino is imported lazily)
         self.idle_requests: queue.SimpleQueue | None = None  # one infer request per batch in flight
 
     def load(self) -> None:
