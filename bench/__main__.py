@@ -66,7 +66,7 @@ def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engi
 
 def lone_request_breakdown(url: str, requests: int) -> list[dict]:
     """bench.lone_request per payload size, against the running service."""
-    return [{"size": f"{w}x{h}", **asyncio.run(lone_requests(url, jpeg_payloads(sizes=((w, h),)), requests))}
+    return [{"size": f"{w}x{h}", **lone_requests(url, jpeg_payloads(sizes=((w, h),)), requests)}
             for w, h in PAYLOAD_SIZES]
 
 

@@ -14,7 +14,6 @@ requests the engine's threads go idle, which a hot loop in another process does 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 
 from bench import cpu_engines
 from bench.host import cpu_model
+from bench.http_client import run_client
 from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.report import pyplot, save_figure
@@ -38,9 +38,11 @@ from runtime.repository import ModelRepository
 # (engine, precision, decode mode, OpenVINO performance hint): today's default path first, then what this CPU allows.
 # THROUGHPUT: the batcher keeps the engine's optimal number of batches in flight, and the engine alone is timed the
 # same way (that many infer requests kept busy).
-SERVICES = (("onnxruntime", "fp32", "exact", "LATENCY"), ("openvino", "fp32", "exact", "LATENCY"),
-            ("openvino", "fp32", "fast", "LATENCY"), ("openvino", "fp32", "fast", "THROUGHPUT"),
-            ("onnxruntime", "fp32", "fast", "LATENCY"), ("openvino", "bf16", "fast", "LATENCY"))
+# ONNX Runtime "THROUGHPUT": --ort-streams = the thread count, a batch per thread (bench/cpu_engines.ort_streams).
+SERVICES = (("onnxruntime", "fp32", "exact", "LATENCY"), ("onnxruntime", "fp32", "exact", "THROUGHPUT"),
+            ("openvino", "fp32", "exact", "LATENCY"), ("openvino", "fp32", "fast", "LATENCY"),
+            ("openvino", "fp32", "fast", "THROUGHPUT"), ("onnxruntime", "fp32", "fast", "LATENCY"),
+            ("onnxruntime", "fp32", "fast", "THROUGHPUT"), ("openvino", "bf16", "fast", "LATENCY"))
 PHONE_SIZE = (4000, 3000)
 
 
@@ -77,14 +79,15 @@ def service_runs(repository: Path, model: str, config: tuple[str, str, str, str]
     out = {}
     with service(["--repository", str(repository), "--model", model, "--engine", engine, "--precision", precision,
                   "--decode-mode", mode, "--intra-op-threads", str(args.threads), "--max-batch-size",
-                  str(args.max_batch_size), "--openvino-performance-hint", hint]) as server:
+                  str(args.max_batch_size), "--openvino-performance-hint", hint, "--ort-streams",
+                  str(cpu_engines.ort_streams(hint if engine == "onnxruntime" else None, args.threads))]) as server:
         url = server.url
         for concurrency in (8, 32):
-            result = asyncio.run(closed_loop(f"{url}/classify", payloads["mixed"], concurrency, 10**9, args.seconds))
+            result = run_client(closed_loop(f"{url}/classify", payloads["mixed"], concurrency, 10**9, args.seconds))
             out[f"c{concurrency}"] = result.summary()
-        out["lone"] = {size: asyncio.run(lone_requests(f"{url}/classify", items, args.lone_requests))
+        out["lone"] = {size: lone_requests(f"{url}/classify", items, args.lone_requests)
                        for size, items in payloads["by_size"].items()}
-        result = asyncio.run(closed_loop(f"{url}/classify", payloads["phone"], 8, 10**9, args.seconds))
+        result = run_client(closed_loop(f"{url}/classify", payloads["phone"], 8, 10**9, args.seconds))
         out["phone_c8"] = result.summary()
     return out
 
@@ -113,7 +116,7 @@ def measure(version, repository: Path, model: str, args) -> list[dict]:
             row[f"{c}_efficiency"] = served[c]["images_per_s"] / alone["images_per_s"]
         for size, lone in served["lone"].items():
             lone["preprocess_ms"] = preprocess_ms(payloads["by_size"][size], spec, config[2])
-            lone["overhead_ms"] = lone["client_p50_ms"] - lone["inference_p50_ms"] - lone["preprocess_ms"]
+            lone["overhead_ms"] = lone["overhead_p50_ms"]  # per request, with the service's own preprocess timing
         row["phone_preprocess_ms"] = preprocess_ms(payloads["phone"], spec, config[2], repeats=2)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("c8", "c32", "phone_c8")}), flush=True)
@@ -121,8 +124,8 @@ def measure(version, repository: Path, model: str, args) -> list[dict]:
 
 
 def label(row: dict) -> str:
-    """engine precision, and the performance hint for OpenVINO."""
-    hint = [row["hint"]] if row["engine"] == "openvino" else []
+    """engine precision, and the performance hint for OpenVINO (streams for ONNX Runtime)."""
+    hint = [row["hint"]] if row["engine"] == "openvino" else ["streams"] if row["hint"] == "THROUGHPUT" else []
     return " ".join([row["engine"], row["precision"], *hint])
 
 

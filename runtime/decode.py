@@ -1,5 +1,6 @@
 """JPEG decoding at reduced size ("fast" mode): the decoder's DCT scaling (1/2, 1/4, 1/8) for pictures far above the
-model's resize target, keeping the decoded short side >= twice that target so the usual resize + crop follows."""
+model's resize target, keeping the decoded short side >= twice that target; the same resize + crop follows, with only
+the crop's region resampled (runtime.preprocess.resize_crop_region)."""
 from __future__ import annotations
 
 from PIL import Image
@@ -18,12 +19,15 @@ def fast_decode_min_short_side(resize_px: int) -> int:
     return FAST_DECODE_HEADROOM * resize_px
 
 
-def reduce_jpeg_decode(image: Image.Image, min_short_side_px: int) -> None:
+def reduce_jpeg_decode(image: Image.Image, min_short_side_px: int) -> bool:
     """Before load(): let a JPEG decode at 1/2, 1/4 or 1/8 scale, its short side staying >= min_short_side_px.
+    True when it will (the picture then has its reduced size).
 
     Other formats, and JPEGs under twice the target (no scale would apply), decode as they are. PIL's draft picks
     the largest scale s in (8, 4, 2) with s <= short // min_short_side_px, so ceil(short / s) >= min_short_side_px.
     """
     if image.format not in DRAFT_FORMATS or min(image.size) < 2 * min_short_side_px:
-        return
+        return False
+    declared = image.size
     image.draft(image.mode, (min_short_side_px, min_short_side_px))  # same mode: CMYK and L stay what they are
+    return image.size != declared

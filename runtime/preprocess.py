@@ -38,6 +38,12 @@ def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = N
 
     min_short_side_px (fast mode): a large JPEG may decode at reduced size, its short side >= this (runtime.decode).
     """
+    return decode_image_scaled(data, max_pixels, min_short_side_px)[0]
+
+
+def decode_image_scaled(data: bytes, max_pixels: int, min_short_side_px: int | None) -> tuple[Image.Image, bool]:
+    """decode_image, and whether the JPEG decoder scaled the picture down (fast mode only)."""
+    reduced = False
     if not data:
         raise ImageError("empty_body", "the image is empty (0 bytes)")
     try:
@@ -52,7 +58,7 @@ def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = N
                                  f"over the limit of {max_pixels}")
             image.seek(0)  # GIF / multi-page TIFF: the first frame
             if min_short_side_px is not None:
-                reduce_jpeg_decode(image, min_short_side_px)
+                reduced = reduce_jpeg_decode(image, min_short_side_px)
             image.load()
     except ImageError:
         raise
@@ -64,7 +70,7 @@ def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = N
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
     ImageOps.exif_transpose(image, in_place=True)  # in place: without an Orientation tag it would copy every picture
-    return to_rgb(image)
+    return to_rgb(image), reduced
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -110,6 +116,21 @@ def center_crop(image: Image.Image, crop_px: int) -> Image.Image:
     return image.crop((left, top, left + crop_px, top + crop_px))
 
 
+def resize_crop_region(image: Image.Image, spec: Preprocess) -> Image.Image:
+    """resize_short_side then center_crop, resampling only the crop's region (PIL's resize box): the same source
+    coordinates per output pixel, within 1 grey level of the two steps (filter weights round differently), ~40%
+    less resampling. Fast mode only: exact mode keeps the two steps, bit for bit training's."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(spec.resize_px * long / short)
+    new_width, new_height = (spec.resize_px, new_long) if width <= height else (new_long, spec.resize_px)
+    top = int(round((new_height - spec.crop_px) / 2.0))
+    left = int(round((new_width - spec.crop_px) / 2.0))
+    scale_x, scale_y = width / new_width, height / new_height
+    box = (left * scale_x, top * scale_y, (left + spec.crop_px) * scale_x, (top + spec.crop_px) * scale_y)
+    return image.resize((spec.crop_px, spec.crop_px), RESAMPLING[spec.interpolation], box=box)
+
+
 def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """float32 (channels, 256): ((v / 255) - mean[c]) / std[c] for every 8-bit value v, in ToTensor + Normalize's order.
 
@@ -125,7 +146,11 @@ _normalization_tables = functools.lru_cache(maxsize=8)(normalization_table)  # o
 def eval_transform(image: Image.Image, spec: Preprocess) -> np.ndarray:
     """RGB picture -> float32 (3, crop_px, crop_px), normalized: the training-side evaluation transform."""
     resize = resize_squash if spec.crop_mode == "squash" else resize_short_side
-    image = center_crop(resize(image, spec.resize_px, spec.interpolation), spec.crop_px)
+    return normalized_tensor(center_crop(resize(image, spec.resize_px, spec.interpolation), spec.crop_px), spec)
+
+
+def normalized_tensor(image: Image.Image, spec: Preprocess) -> np.ndarray:
+    """The cropped RGB picture -> float32 (3, H, W): ToTensor + Normalize."""
     channels = np.asarray(image).transpose(2, 0, 1)  # (3, H, W) uint8, a view
     table = _normalization_tables(spec.mean, spec.std)
     tensor = np.empty(channels.shape, dtype=np.float32)
@@ -139,5 +164,14 @@ def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str 
 
     decode_mode "exact" is training's transform bit for bit; "fast" lets large JPEGs decode at reduced size.
     """
-    min_short_side_px = fast_decode_min_short_side(spec.resize_px) if decode_mode == "fast" else None
-    return eval_transform(decode_image(data, max_pixels, min_short_side_px), spec)
+    if decode_mode != "fast":
+        return eval_transform(decode_image(data, max_pixels), spec)
+    return fast_transform(*decode_image_scaled(data, max_pixels, fast_decode_min_short_side(spec.resize_px)), spec)
+
+
+def fast_transform(image: Image.Image, reduced: bool, spec: Preprocess) -> np.ndarray:
+    """Fast mode's transform of a decoded picture: eval_transform's, except that a picture the JPEG decoder scaled
+    down (no longer training's pixels anyway) has only its crop's region resampled."""
+    if reduced and spec.crop_mode == "center":
+        return normalized_tensor(resize_crop_region(image, spec), spec)
+    return eval_transform(image, spec)

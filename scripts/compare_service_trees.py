@@ -36,7 +36,7 @@ def measure(tree: Path, args, payloads: list[bytes], lone: list[bytes]) -> dict:
             result = asyncio.run(closed_loop(f"{server.url}/classify", payloads, concurrency, 10**9, args.seconds))
             summary = result.summary()
             out[f"c{concurrency}"] = {k: summary[k] for k in ("images_per_s", "p50_ms", "p99_ms", "ok", "errors")}
-        out["lone"] = asyncio.run(lone_requests(f"{server.url}/classify", lone, args.lone_requests))
+        out["lone"] = lone_requests(f"{server.url}/classify", lone, args.lone_requests)
     return out
 
 

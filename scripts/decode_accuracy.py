@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.engines.openvino import OpenVinoEngine, cpu_supports_bf16
-from runtime.preprocess import decode_image, eval_transform
+from runtime.preprocess import decode_image, decode_image_scaled, eval_transform, fast_transform
 from runtime.repository import ModelRepository, Preprocess
 
 PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png", "coins.png",
@@ -73,9 +73,12 @@ def photo_uploads() -> list[tuple[str, bytes]]:
 
 
 def tensors(uploads: list[bytes], spec: Preprocess, headroom: float | None) -> np.ndarray:
-    """Exact (headroom None) or fast decoding with the short side kept >= headroom x resize_px."""
-    target = None if headroom is None else int(round(headroom * spec.resize_px))
-    return np.stack([eval_transform(decode_image(data, 10**9, target), spec) for data in uploads])
+    """Exact (headroom None) or fast decoding with the short side kept >= headroom x resize_px, then the service's
+    fast transform (runtime.preprocess.fast_transform)."""
+    if headroom is None:
+        return np.stack([eval_transform(decode_image(data, 10**9), spec) for data in uploads])
+    target = int(round(headroom * spec.resize_px))
+    return np.stack([fast_transform(*decode_image_scaled(data, 10**9, target), spec) for data in uploads])
 
 
 def logits_of(engine, batch: np.ndarray) -> np.ndarray:

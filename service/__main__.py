@@ -119,10 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         from service.doctor import main as doctor_main
 
         return doctor_main(argv[1:])
-    import uvicorn
-
     from service.app import create_app
-    from service.server import uvicorn_config
+    from service.server import Server, uvicorn_config
 
     try:
         settings = settings_from_args(argv)
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RepositoryError, RuntimeError) as err:
         print(f"convnext serve: error: {one_line(err)}", file=sys.stderr)
         return 1
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    server = Server(uvicorn_config(create_app(settings), settings))
     try:
         server.run()
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ HTTP_ERROR_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allo
 def engine_options(settings: Settings) -> EngineOptions:
     return EngineOptions(engine=settings.engine, provider=settings.provider, precision=settings.precision,
                          max_batch_size=settings.max_batch_size, threads=settings.intra_op_threads,
-                         ort_spinning=settings.ort_spinning,
+                         ort_spinning=settings.ort_spinning, ort_streams=settings.ort_streams,
                          openvino_performance_hint=settings.openvino_performance_hint,
                          repository=settings.repository)
 
@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
 
     # Added last, so outermost: 401s and CORS answers are counted too. Pure ASGI: Starlette's @app.middleware("http")
     # cost ~0.35 ms of CPU per request, paid by every request and every 503 under overload.
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, access_log=settings.access_log)
 
     app.include_router(router)
     app.include_router(v2_router)

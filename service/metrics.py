@@ -6,6 +6,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.access_log import ACCESS_LOG
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -37,10 +39,11 @@ class ServiceMetrics:
 
 
 class RequestMetricsMiddleware:
-    """Counts HTTP requests by route, method and status, times them to the last body byte, tracks in-flight ones."""
+    """Counts HTTP requests by route, method and status, times them to the last body byte, tracks in-flight ones;
+    and queues each for the access log."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log: bool = True):
+        self.app, self.metrics, self.access_log = app, metrics, access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,3 +67,5 @@ class RequestMetricsMiddleware:
             path = route.path if route is not None else scope.get("route_path", "unmatched")
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()
             self.metrics.request_duration.labels(path).observe(time.perf_counter() - started)
+            if self.access_log:
+                ACCESS_LOG.record(scope, status)

@@ -16,7 +16,7 @@ import numpy as np
 from starlette.requests import Request
 
 from runtime.preprocess import ImageError, preprocess
-from runtime.repository import ModelVersion
+from runtime.repository import ModelVersion, Preprocess
 from service.admission import AdmissionRefused
 from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, Item, QueueFullError, ServedModel
 from service.errors import ApiError
@@ -40,7 +40,9 @@ async def read_body(request: Request, state: ServiceState) -> bytes:
     stream = request.stream()
     while True:  # each chunk within body_timeout_s: a client that stalls mid-body does not hold a slot forever
         try:
-            chunk = await asyncio.wait_for(anext(stream), timeout_s)
+            # asyncio.timeout, not wait_for: no task per chunk (wait_for wraps the coroutine in one on Python 3.11)
+            async with asyncio.timeout(timeout_s):
+                chunk = await anext(stream)
         except StopAsyncIteration:
             break
         except TimeoutError:
@@ -84,23 +86,32 @@ def admitted(state: ServiceState, images: int) -> Iterator[None]:
         raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
 
 
-async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]) -> list[np.ndarray]:
-    """Decode + transform in the bounded thread pool; the first bad image fails the request before enqueueing."""
+def timed_preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str) -> tuple[np.ndarray, float]:
+    """In a decode-pool thread: the tensor and the seconds this image's decode + transform took there."""
+    started = time.perf_counter()
+    tensor = preprocess(data, spec, max_pixels, decode_mode)
+    return tensor, time.perf_counter() - started
+
+
+async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]) -> list[tuple[np.ndarray, float]]:
+    """Decode + transform in the bounded thread pool: (tensor, seconds) per image; the first bad image fails the
+    request before enqueueing."""
     loop = asyncio.get_running_loop()
     spec = state.version.manifest.preprocess  # type: ignore[union-attr]  # callers check require_ready first
 
-    async def one(name: str, data: bytes) -> np.ndarray:
+    async def one(name: str, data: bytes) -> tuple[np.ndarray, float]:
         async with state.preprocess_slots:
-            started = time.perf_counter()
             try:
-                tensor = await loop.run_in_executor(state.preprocess_pool, preprocess, data, spec,
-                                                    state.settings.max_pixels, state.settings.decode_mode)
+                tensor, seconds = await loop.run_in_executor(state.preprocess_pool, timed_preprocess, data, spec,
+                                                             state.settings.max_pixels, state.settings.decode_mode)
             except ImageError as err:
                 status = 413 if err.code == "too_many_pixels" else 400
                 raise ApiError(status, err.code, f"{name}: {err.message}") from None
-            state.metrics.preprocess.observe(time.perf_counter() - started)
-            return tensor
+            state.metrics.preprocess.observe(seconds)
+            return tensor, seconds
 
+    if len(images) == 1:  # the common case: no task for a gather of one
+        return [await one(*images[0])]
     return list(await asyncio.gather(*(one(name, data) for name, data in images)))
 
 
@@ -112,7 +123,8 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], client_gon
     except QueueFullError as err:
         raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
     futures = [item.future for item in items]
-    gathered = asyncio.gather(*futures)
+    # One image (the common case): its own future, no gathering future around it.
+    gathered: asyncio.Future[Any] = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
     gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
     waiting: set[asyncio.Future[Any]] = {gathered} if gone is None else {gathered, gone}
     try:
@@ -133,16 +145,20 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], client_gon
             gone.cancel()
         for future in futures:  # a cancelled item is dropped by the batcher before it runs
             future.cancel()
-        gathered.cancel()
-        gathered.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: not logged
+        if gathered is not futures[0]:
+            gathered.cancel()
+            gathered.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: not logged
     return items
 
 
 async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_gone: ClientGone | None) -> list[Item]:
     """Encoded images (name, bytes) -> one batcher item each, preprocessed the serving way."""
     with admitted(state, len(images)):
-        tensors = await preprocess_images(state, images)
-        return await run_batched(state, tensors, client_gone)
+        preprocessed = await preprocess_images(state, images)
+        items = await run_batched(state, [tensor for tensor, _ in preprocessed], client_gone)
+    for item, (_, seconds) in zip(items, preprocessed, strict=True):
+        item.timings["preprocess_ms"] = seconds * 1000
+    return items
 
 
 async def infer(state: ServiceState, tensors: list[np.ndarray], client_gone: ClientGone | None) -> list[Item]:
@@ -165,7 +181,17 @@ def served_by(item: Item) -> ServedModel:
 
 
 def top_k_of(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[dict]:
-    shifted = np.exp(logits.astype(np.float64) - logits.max())
-    probabilities = shifted / shifted.sum()
-    order = np.argsort(-probabilities, kind="stable")[:k]
+    """The k most probable classes, ties in class order (a stable sort of all classes, without sorting them all).
+
+    Few NumPy calls on purpose: after a batch the event loop runs on cold caches, ~20 us a call on a 2-core EPYC."""
+    probabilities = logits.astype(np.float64)
+    probabilities -= probabilities.max()
+    np.exp(probabilities, out=probabilities)
+    probabilities /= probabilities.sum()
+    size = probabilities.size
+    if k < size:  # the k largest, then every class tied with the k-th one too, in class order
+        candidates = np.flatnonzero(probabilities >= probabilities[np.argpartition(probabilities, size - k)[size - k]])
+    else:
+        candidates = np.arange(size)
+    order = candidates[np.argsort(-probabilities[candidates], kind="stable")[:k]]
     return [{"label": labels[i], "index": int(i), "probability": float(probabilities[i])} for i in order]

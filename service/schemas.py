@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from runtime.repository import InputSpec, Precision
 from service.model_card import ModelCard
@@ -35,9 +35,10 @@ class ClassScore(BaseModel):
 
 
 class Timings(BaseModel):
-    queue_ms: float
-    inference_ms: float
-    total_ms: float
+    preprocess_ms: float = Field(description="this image's decode + transform in the decode pool")
+    queue_ms: float = Field(description="from enqueueing to its batch starting")
+    inference_ms: float = Field(description="its batch on the engine, hand-offs to and from the engine thread included")
+    total_ms: float = Field(description="in the handler, from its start (before the body is read) to the answer")
 
 
 class ClassifyResult(BaseModel):

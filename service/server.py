@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from service.access_log import ACCESS_LOG
 from service.errors import send_error
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -24,11 +25,11 @@ else:
 class EdgeLimitsMixin(_UvicornProtocol):
     """Over uvicorn's HTTP protocol (h11 or httptools, the same hooks in both).
 
-    uvicorn has no request-header read timeout: its keep-alive timer only runs between requests and any byte
-    received cancels it, so a client trickling a header line a second holds a connection forever. Here a timer
-    starts when the connection opens and after each response, and only a complete request head (uvicorn then
-    creates a new request cycle) stops it. uvicorn's own `limit_concurrency` answers a text/plain 503; this takes
-    the limit over to answer the service's JSON error with Retry-After.
+    Its access log is left to service/access_log.py. uvicorn has no request-header read timeout: its keep-alive
+    timer only runs between requests and any byte received cancels it, so a client trickling a header line a second
+    holds a connection forever. Here a timer starts when the connection opens and after each response, and only a
+    complete request head (uvicorn then creates a new request cycle) stops it. uvicorn's own `limit_concurrency`
+    answers a text/plain 503; this takes the limit over to answer the service's JSON error with Retry-After.
     """
 
     header_timeout_s: float
@@ -36,6 +37,8 @@ class EdgeLimitsMixin(_UvicornProtocol):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # uvicorn writes its access line on the event loop; service/access_log.py writes the same line off it.
+        self.access_log = False
         self.max_connections, self.limit_concurrency = self.limit_concurrency, None
         self.app = self._limit_connections(self.app)
         self._header_timer: asyncio.TimerHandle | None = None
@@ -88,6 +91,8 @@ class EdgeLimitsMixin(_UvicornProtocol):
             await send_error(send, 503, "too_many_connections", f"the server is at its limit of "
                              f"{self.max_connections} connections; retry shortly",
                              [(b"retry-after", b"1"), (b"connection", b"close")])
+            if scope["type"] == "http":
+                ACCESS_LOG.record(scope, 503)
 
         return limited
 
@@ -105,9 +110,20 @@ def log_config(log_level: str) -> dict:
     return config
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server; once it has shut down, the access lines still queued are written before uvicorn re-raises a
+    caught SIGTERM (which ends the process without running atexit)."""
+
+    async def shutdown(self, sockets=None) -> None:
+        try:
+            await super().shutdown(sockets=sockets)
+        finally:
+            ACCESS_LOG.flush()
+
+
 def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") -> uvicorn.Config:
     """The one server set-up, used by `python -m service` and by the tests' live server."""
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level, log_config=log_config(log_level),
         http=http_protocol(settings.header_timeout_s, app.state.metrics),
         limit_concurrency=settings.max_connections, backlog=settings.backlog,
@@ -117,3 +133,4 @@ def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") ->
         # which drains the batcher.
         timeout_graceful_shutdown=int(settings.request_timeout_ms / 1000) + 5,
     )
+    return config

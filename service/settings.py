@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(True, description=(
         "ONNX Runtime CPU threads spin-wait between ops: a lone ConvNeXt-T request is ~2.5 ms faster here; off, "
         "idle engine threads sleep and leave the cores to image decoding (~2% more images/s at saturation on 2 cores)"))
+    ort_streams: int = Field(1, ge=1, description=(
+        "ONNX Runtime CPU: batches run at once, each on intra_op_threads / ort_streams threads; 2 on 2 cores keeps "
+        "both busy while images decode (more images/s under load, README) but runs a lone request on one core"))
+    access_log: bool = Field(True, description=(
+        "one line per HTTP request on stdout (uvicorn's format), written by a thread off the event loop"))
     request_timeout_ms: float = Field(30_000.0, gt=0, description="per-request deadline (504 deadline)")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413 above it)")
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit per image (413 too_many_pixels)")

@@ -27,6 +27,7 @@ class EngineOptions:
     max_batch_size: int = 8
     threads: int = 1  # ONNX Runtime intra-op threads / OpenVINO inference threads
     ort_spinning: bool = True
+    ort_streams: int = 1  # ONNX Runtime CPU: batches at once, each on threads // ort_streams threads
     openvino_performance_hint: str = "LATENCY"
     repository: str = "models"  # TensorRT: where an engine built on first start is added
     auto_measure_s: float = 2.0  # engine auto: seconds each candidate runs before the choice
@@ -84,8 +85,10 @@ def onnxruntime_engine(version: ModelVersion, options: EngineOptions) -> Engine:
                                                                  options.max_batch_size, options.precision)
     return OnnxRuntimeEngine(version.artifact_path(artifact), shape, input_name=manifest.input.name,
                              provider=options.provider, precision=options.precision,
-                             max_batch_size=options.max_batch_size, intra_op_threads=options.threads,
-                             spinning=options.ort_spinning, provider_options=provider_options)
+                             max_batch_size=options.max_batch_size,
+                             intra_op_threads=max(1, options.threads // options.ort_streams),
+                             spinning=options.ort_spinning, provider_options=provider_options,
+                             streams=options.ort_streams)
 
 
 def openvino_engine(version: ModelVersion, options: EngineOptions) -> Engine:

@@ -16,15 +16,22 @@ class OnnxRuntimeEngine(ModelFileEngine):
 
     def __init__(self, model_path: Path, input_shape: tuple[int, int, int], *, input_name: str = "input",
                  provider: str = "cpu", precision: str = "fp32", max_batch_size: int = 8, intra_op_threads: int = 1,
-                 spinning: bool = True, provider_options: Mapping[str, Mapping[str, str]] | None = None):
+                 spinning: bool = True, provider_options: Mapping[str, Mapping[str, str]] | None = None,
+                 streams: int = 1):
         if provider not in PROVIDERS:
             raise EngineError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
+        if streams < 1 or (streams > 1 and provider != "cpu"):
+            raise EngineError(f"ONNX Runtime streams must be 1, or more on the CPU provider only (got {streams} on "
+                              f"{provider})")
         super().__init__(model_path, input_shape, input_name=input_name, precision=precision,
                          max_batch_size=max_batch_size)
         self.provider = provider
         self.intra_op_threads = intra_op_threads
         self.spinning = spinning
         self.provider_options = provider_options  # short provider name -> its options (runtime/ort_session.py)
+        # streams > 1: that many batches run at once on the one session (Run is thread-safe), each on
+        # intra_op_threads threads; on a few cores this overlaps image decoding with inference under load.
+        self.max_concurrent_batches = streams
         self.session: Any = None  # an ort.InferenceSession once loaded (onnxruntime is imported lazily)
         self.input_dtype: type[np.floating] = np.float32
 

@@ -35,7 +35,7 @@ def test_classify_matches_onnxruntime_on_real_photos(service_url, model_reposito
         assert result["top_k"][0]["label"] == f"class_{top1}"
         probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         assert result["top_k"][0]["probability"] == pytest.approx(float(probabilities[top1]), abs=1e-5)
-        assert set(result["timings"]) == {"queue_ms", "inference_ms", "total_ms"}
+        assert set(result["timings"]) == {"preprocess_ms", "queue_ms", "inference_ms", "total_ms"}
 
 
 def test_multipart_files_come_back_in_order(service_url, real_photos):

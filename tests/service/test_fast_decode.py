@@ -145,3 +145,31 @@ def test_the_service_decodes_fast_when_its_setting_says_so(launch, model_reposit
             (best,) = answer.json()["results"][0]["top_k"]
         assert best["index"] == int(np.argmax(expected))
         assert best["probability"] == pytest.approx(float(expected.max()), abs=1e-6)
+
+
+@pytest.mark.parametrize("size", [(1000, 750), (750, 1000), (1100, 513), (2000, 2000)])
+def test_the_crop_region_resize_is_resize_then_crop_within_one_grey_level(photos, size):
+    """Fast mode resamples only the crop's region of a DCT-reduced picture: the same source coordinates per output
+    pixel as resizing the whole picture and cropping, only the filter weights' rounding differs."""
+    from runtime.preprocess import center_crop, resize_crop_region, resize_short_side
+
+    for photo in photos:
+        picture = photo.resize(size, Image.Resampling.BICUBIC)
+        two_steps = np.asarray(center_crop(resize_short_side(picture, SPEC.resize_px, "bicubic"), SPEC.crop_px))
+        region = np.asarray(resize_crop_region(picture, SPEC))
+        assert region.shape == two_steps.shape == (224, 224, 3)
+        assert np.abs(region.astype(int) - two_steps).max() <= 1
+
+
+def test_a_reduced_jpeg_takes_the_crop_region_path_and_others_do_not(photos, monkeypatch):
+    import runtime.preprocess as preprocess_module
+
+    calls = []
+    real = preprocess_module.resize_crop_region
+    monkeypatch.setattr(preprocess_module, "resize_crop_region", lambda *a: calls.append(a[0].size) or real(*a))
+    preprocess(encode(photos[0].resize((4000, 3000), Image.Resampling.BICUBIC)), SPEC, MAX_PIXELS, "fast")
+    assert calls == [(1000, 750)]  # decoded at 1/4, then only the crop's region resampled
+    preprocess(encode(photos[0].resize((1024, 768), Image.Resampling.BICUBIC)), SPEC, MAX_PIXELS, "fast")
+    preprocess(encode(photos[0].resize((4000, 3000), Image.Resampling.BICUBIC), "PNG"), SPEC, MAX_PIXELS, "fast")
+    preprocess(encode(photos[0].resize((4000, 3000), Image.Resampling.BICUBIC)), SPEC, MAX_PIXELS, "exact")
+    assert calls == [(1000, 750)]  # not reduced, not a JPEG, or exact mode: training's two steps

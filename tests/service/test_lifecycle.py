@@ -49,7 +49,10 @@ def test_sigterm_finishes_in_flight_requests_then_exits(model_repository, real_p
         assert all(len(r.json()["results"]) == 24 for r in responses)
         # uvicorn re-raises the SIGTERM it caught once shutdown is complete, so the exit status is -SIGTERM.
         assert process.wait(30) in (0, -signal.SIGTERM)
-        assert b"Application shutdown complete" in process.stdout.read()
+        output = process.stdout.read()
+        assert b"Application shutdown complete" in output
+        # The access log is written by a thread (service/server.py); every line is out before the process ends.
+        assert output.count(b'"POST /classify HTTP/1.1" 200') == 6
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/healthz")
     finally:
@@ -78,3 +81,33 @@ def test_cli_flags_override_environment(monkeypatch):
     assert settings_from_args([]).version == 2
     with pytest.raises(ValueError):
         settings_from_args(["--engine", "pytorch"])
+
+
+def test_access_log_lines_are_uvicorns_and_the_setting_turns_them_off(model_repository, real_photos):
+    """One line per request in uvicorn's access format, written by service/access_log.py's thread; off with
+    --access-log false (both processes end on SIGTERM, so the lines also prove the flush at shutdown)."""
+    from tests.service.conftest import free_port, wait_ready
+
+    outputs = {}
+    for access_log in ("true", "false"):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "CONVNEXT_INTRA_OP_THREADS": "1", "CONVNEXT_WARMUP_RUNS": "0"}
+        process = subprocess.Popen([sys.executable, "-m", "service", "--repository", str(model_repository),
+                                    "--host", "127.0.0.1", "--port", str(port), "--access-log", access_log],
+                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(url, alive=lambda: process.poll() is None)
+            assert httpx.post(f"{url}/classify?top_k=2", content=real_photos[0].read_bytes(),
+                              headers={"Content-Type": "image/jpeg"}).status_code == 200
+            assert httpx.get(f"{url}/nowhere").status_code == 404
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+            outputs[access_log] = process.stdout.read().decode()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert '127.0.0.1:' in outputs["true"] and '"POST /classify?top_k=2 HTTP/1.1" 200' in outputs["true"]
+    assert '"GET /nowhere HTTP/1.1" 404' in outputs["true"]
+    assert "/classify" not in outputs["false"] and "Application shutdown complete" in outputs["false"]

@@ -20,8 +20,10 @@ from service.settings import Settings
 from tests.service.conftest import classify_top1, free_port, wait_ready
 
 ENGINES = ["onnxruntime", "openvino"]
-# (engine, OpenVINO performance hint): THROUGHPUT runs several batches at once, each call from its own thread.
-CONTRACT = [("onnxruntime", "LATENCY"), ("openvino", "LATENCY"), ("openvino", "THROUGHPUT")]
+# (engine, performance hint): THROUGHPUT runs several batches at once, each call from its own thread (OpenVINO's
+# hint; for ONNX Runtime, ort_streams 2).
+CONTRACT = [("onnxruntime", "LATENCY"), ("onnxruntime", "THROUGHPUT"), ("openvino", "LATENCY"),
+            ("openvino", "THROUGHPUT")]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -33,7 +35,7 @@ def cpu_has_native_bf16() -> bool:
 def make_engine(version, engine: str, precision: str = "fp32", max_batch_size: int = 4, hint: str = "LATENCY"):
     threads = 2 if hint == "THROUGHPUT" else 1  # THROUGHPUT makes a stream per core: two threads, two streams
     settings = Settings(engine=engine, precision=precision, max_batch_size=max_batch_size, intra_op_threads=threads,
-                        openvino_performance_hint=hint)
+                        openvino_performance_hint=hint, ort_streams=threads if engine == "onnxruntime" else 1)
     return default_engine(version, settings)
 
 
@@ -47,7 +49,8 @@ def reference(version, photo_batch) -> np.ndarray:
     return logits
 
 
-@pytest.mark.parametrize("name, hint", CONTRACT, ids=["onnxruntime", "openvino", "openvino-throughput"])
+@pytest.mark.parametrize("name, hint", CONTRACT,
+                         ids=["onnxruntime", "onnxruntime-streams", "openvino", "openvino-throughput"])
 def test_engine_contract_load_warmup_run_describe_close(version, name, hint, photo_batch, reference):
     engine = make_engine(version, name, hint=hint)
     with pytest.raises(EngineError, match="not loaded"):
@@ -64,9 +67,11 @@ def test_engine_contract_load_warmup_run_describe_close(version, name, hint, pho
         np.testing.assert_allclose(logits, reference[:size], atol=1e-4, rtol=1e-4)
     slots = engine.max_concurrent_batches
     assert spec.max_concurrent_batches == slots
-    if hint == "THROUGHPUT":  # as many batches in flight as OpenVINO says keep its streams busy
+    if hint == "THROUGHPUT" and name == "openvino":  # as many batches in flight as OpenVINO says keep streams busy
         assert slots == int(engine.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         assert slots >= min(2, os.cpu_count() or 1)
+    elif hint == "THROUGHPUT":  # ort_streams 2: two batches at once on one session, a thread each
+        assert slots == 2 and engine.intra_op_threads == 1
     else:
         assert slots == 1
     sizes = [1, 2, 3, 4] * 3
@@ -156,13 +161,16 @@ def test_python_m_service_engine_openvino_serves_real_photos(model_repository, r
         process.wait(30)
 
 
-def test_openvino_throughput_serves_with_several_batches_in_flight(model_repository, launch, version, real_photos,
-                                                                  reference):
-    """Over HTTP: the batcher hands OpenVINO a second batch while the first is still running, results stay right."""
+@pytest.mark.parametrize("engine_name, overrides", [
+    ("openvino", {"openvino_performance_hint": "THROUGHPUT"}), ("onnxruntime", {"ort_streams": 2})],
+    ids=["openvino-throughput", "onnxruntime-streams"])
+def test_several_batches_in_flight_serve_right(model_repository, launch, version, real_photos, reference,
+                                               engine_name, overrides):
+    """Over HTTP: the batcher hands the engine a second batch while the first is still running, results stay right."""
     calls = {"armed": False, "count": 0, "running": 0, "most": 0}
     lock, first_two = threading.Lock(), threading.Barrier(2, timeout=10)
 
-    def counting_openvino(model, settings):  # the real engine; its run() counts the calls in flight
+    def counting_engine(model, settings):  # the real engine; its run() counts the calls in flight
         engine = default_engine(model, settings)
         real_run = engine.run
 
@@ -183,10 +191,10 @@ def test_openvino_throughput_serves_with_several_batches_in_flight(model_reposit
         engine.run = run
         return engine
 
-    with launch(model_repository, counting_openvino, engine="openvino", openvino_performance_hint="THROUGHPUT",
-                intra_op_threads=2, max_batch_size=2, max_queue_delay_ms=1) as url:
+    with launch(model_repository, counting_engine, engine=engine_name, intra_op_threads=2, max_batch_size=2,
+                max_queue_delay_ms=1, **overrides) as url:
         engine = httpx.get(f"{url}/models").json()["engine"]
-        assert engine["name"] == "openvino" and engine["max_concurrent_batches"] >= 2
+        assert engine["name"] == engine_name and engine["max_concurrent_batches"] >= 2
         calls["armed"], calls["most"] = True, 0
         photos = list(zip(real_photos, reference, strict=True)) * 2
 
@@ -198,3 +206,15 @@ def test_openvino_throughput_serves_with_several_batches_in_flight(model_reposit
             answers = list(pool.map(classify, photos))
     assert all(got == expected for got, expected in answers)
     assert calls["most"] >= 2 and not first_two.broken
+
+
+def test_onnxruntime_streams_are_cpu_only_and_at_least_one(version):
+    from runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+    path = version.artifact_path(version.manifest.find("onnx", "fp32"))
+    with pytest.raises(EngineError, match="streams must be 1, or more on the CPU provider only"):
+        OnnxRuntimeEngine(path, (3, 64, 64), provider="cuda", streams=2)
+    with pytest.raises(EngineError, match="streams must be 1"):
+        OnnxRuntimeEngine(path, (3, 64, 64), streams=0)
+    engine = make_engine(version, "onnxruntime", hint="THROUGHPUT")  # Settings(intra_op_threads=2, ort_streams=2)
+    assert (engine.max_concurrent_batches, engine.intra_op_threads) == (2, 1)

@@ -1,0 +1,25 @@
+"""top_k_of: the k most probable classes in the order a stable sort of every class gives, ties in class order."""
+from __future__ import annotations
+
+import numpy as np
+
+from service.pipeline import top_k_of
+
+
+def reference(logits: np.ndarray, k: int) -> list[int]:
+    shifted = np.exp(logits.astype(np.float64) - logits.max())
+    return [int(i) for i in np.argsort(-(shifted / shifted.sum()), kind="stable")[:k]]
+
+
+def test_top_k_matches_a_stable_sort_of_every_class_with_ties():
+    rng = np.random.default_rng(0)
+    labels = tuple(f"class {i}" for i in range(40))
+    for trial in range(200):
+        # Few distinct values, so ties straddle the k-th place often.
+        logits = rng.integers(0, 4 if trial % 2 else 40, size=40).astype(np.float32)
+        for k in (1, 2, 5, 39, 40):
+            top = top_k_of(logits, labels, k)
+            assert [entry["index"] for entry in top] == reference(logits, k)
+            assert [entry["label"] for entry in top] == [labels[i] for i in reference(logits, k)]
+    probabilities = [entry["probability"] for entry in top_k_of(np.arange(5, dtype=np.float32), labels[:5], 5)]
+    assert abs(sum(probabilities) - 1) < 1e-12 and probabilities == sorted(probabilities, reverse=True)
