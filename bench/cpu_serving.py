@@ -83,11 +83,12 @@ def service_runs(repository: Path, model: str, config: tuple[str, str, str, str]
                   str(cpu_engines.ort_streams(hint if engine == "onnxruntime" else None, args.threads))]) as server:
         url = server.url
         for concurrency in (8, 32):
-            result = run_client(closed_loop(f"{url}/classify", payloads["mixed"], concurrency, 10**9, args.seconds))
+            result = run_client(closed_loop(f"{url}/classify", payloads["mixed"], concurrency, 10**9, args.seconds,
+                                            steady=True))
             out[f"c{concurrency}"] = result.summary()
         out["lone"] = {size: lone_requests(f"{url}/classify", items, args.lone_requests)
                        for size, items in payloads["by_size"].items()}
-        result = run_client(closed_loop(f"{url}/classify", payloads["phone"], 8, 10**9, args.seconds))
+        result = run_client(closed_loop(f"{url}/classify", payloads["phone"], 8, 10**9, args.seconds, steady=True))
         out["phone_c8"] = result.summary()
     return out
 

@@ -156,13 +156,29 @@ class BlockingConnection:
         self.buffer = b""
 
     def send(self, request: PreparedRequest) -> tuple[int, bytes]:
+        reused = self.sock is not None
+        try:
+            return self._exchange(request)
+        except (_NoResponse, ConnectionError) as err:
+            self.close()
+            if not reused:  # a kept-alive connection the server had closed is replaced once, as in Connection.send
+                raise HttpError(str(err)) from None
+        try:
+            return self._exchange(request)
+        except (_NoResponse, ConnectionError) as err:
+            self.close()
+            raise HttpError(str(err)) from None
+
+    def _exchange(self, request: PreparedRequest) -> tuple[int, bytes]:
         if self.sock is None:
             self.sock = socket.create_connection(self.address)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.buffer = b""
         self.sock.sendall(request.data)
+        if not self._receive():
+            raise _NoResponse("the connection ended before a response")
         while (end := self.buffer.find(b"\r\n\r\n")) < 0:
-            self._receive()
+            self._receive_more()
         head, self.buffer = self.buffer[:end].decode("latin-1"), self.buffer[end + 4:]
         lines = head.split("\r\n")
         headers = {name.strip().lower(): value.strip()
@@ -171,18 +187,21 @@ class BlockingConnection:
             raise HttpError("response without Content-Length")
         length = int(headers["content-length"])
         while len(self.buffer) < length:
-            self._receive()
+            self._receive_more()
         body, self.buffer = self.buffer[:length], self.buffer[length:]
         if headers.get("connection", "").lower() == "close":
             self.close()
         return int(lines[0].split(" ", 2)[1]), body
 
-    def _receive(self) -> None:
+    def _receive(self) -> bool:
         chunk = self.sock.recv(1 << 20)  # type: ignore[union-attr]
-        if not chunk:
-            self.close()
-            raise HttpError("the connection ended before the whole response")
         self.buffer += chunk
+        return bool(chunk)
+
+    def _receive_more(self) -> None:
+        if not self._receive():
+            self.close()
+            raise HttpError("the connection ended in the middle of a response")
 
     def close(self) -> None:
         if self.sock is not None:

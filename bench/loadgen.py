@@ -85,15 +85,18 @@ def check_loopback(url: str) -> None:
 
 
 async def _send(connection: Connection, request: PreparedRequest, result: LoadResult, errors: Counter,
-                timeout_s: float) -> None:
-    """One POST on `connection` (bench.http_client: a lean keep-alive client, so the numbers describe the server)."""
-    result.sent += 1
+                timeout_s: float, window: tuple[float, float] = (0.0, float("inf"))) -> None:
+    """One POST on `connection` (bench.http_client: a lean keep-alive client, so the numbers describe the server);
+    counted in `result` when it completes inside `window` (time.perf_counter() from, until)."""
     t0 = time.perf_counter()
     try:
         status = str((await asyncio.wait_for(connection.send(request), timeout_s))[0])
     except (TimeoutError, HttpError, OSError) as err:  # counted, not fatal, during a load run
         await connection.close()
         status = type(err).__name__
+    if not window[0] <= time.perf_counter() <= window[1]:
+        return  # ramp-up or drain of a steady-state run
+    result.sent += 1
     if status == "200":
         result.ok += 1
         result.latencies_ms.append((time.perf_counter() - t0) * 1000)
@@ -107,23 +110,33 @@ def prepared_posts(url: str, payloads: list[bytes], form_field: str | None = Non
 
 
 async def closed_loop(url: str, payloads: list[bytes], concurrency: int, max_requests: int,
-                      max_seconds: float, timeout_s: float = 60.0, form_field: str | None = None) -> LoadResult:
-    """`concurrency` workers, each on its own connection, sending the next request as soon as the last answers."""
+                      max_seconds: float, timeout_s: float = 60.0, form_field: str | None = None,
+                      steady: bool = False) -> LoadResult:
+    """`concurrency` workers, each on its own connection, sending the next request as soon as the last answers.
+
+    steady: the load runs max_seconds / 4 longer on each side of a max_seconds window, and only the requests that
+    complete inside the window count (images/s = those / max_seconds): the ramp-up of `concurrency` requests and the
+    drain of the last ones, whose batches run part-empty, stay out of a figure meant for the steady state."""
     check_loopback(url)
     result, errors = LoadResult("closed", url, concurrency, None), Counter()
     requests = prepared_posts(url, payloads, form_field)
     start = time.perf_counter()
-    deadline = start + max_seconds
+    margin = max_seconds / 4 if steady else 0.0
+    window = (start + margin, start + margin + max_seconds) if steady else (0.0, float("inf"))
+    deadline = start + max_seconds + 2 * margin
+    sent = 0
 
     async def worker(index: int) -> None:
+        nonlocal sent
         connection = Connection.for_url(url)
         try:
-            while result.sent < max_requests and time.perf_counter() < deadline:
-                await _send(connection, requests[(result.sent + index) % len(requests)], result, errors, timeout_s)
+            while sent < max_requests and time.perf_counter() < deadline:
+                sent += 1
+                await _send(connection, requests[(sent + index) % len(requests)], result, errors, timeout_s, window)
         finally:
             await connection.close()
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    result.elapsed_s = time.perf_counter() - start
+    result.elapsed_s = max_seconds if steady else time.perf_counter() - start
     result.errors = dict(errors)
     return result

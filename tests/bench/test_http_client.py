@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import asynccontextmanager
 
 import pytest
 
-from bench.http_client import Connection, HttpError, prepare_get, prepare_post
+from bench.http_client import BlockingConnection, Connection, HttpError, prepare_get, prepare_post
 
 
 @asynccontextmanager
@@ -123,3 +124,41 @@ def test_a_get_without_a_body_reads_the_whole_answer():
 
     asyncio.run(main())
     assert seen[0].startswith(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:") and seen[0].endswith(b"\r\n\r\n")
+
+
+def test_the_blocking_client_keeps_alive_replaces_a_closed_connection_and_reads_split_answers():
+    """bench/lone_request.py's client: one request at a time on a plain socket."""
+    connections = 0
+
+    async def handler(reader, writer):
+        nonlocal connections
+        connections += 1
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-")  # the head and body arrive in pieces
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(b"Length: 5\r\n\r\nhe")
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(b"llo")
+        await writer.drain()
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()  # then an idle close: the next request goes on a new connection
+
+    def client(url: str) -> list:
+        connection = BlockingConnection(url)
+        request = prepare_post(url, b"x")
+        answers = [connection.send(request), connection.send(request)]
+        time.sleep(0.05)  # the server's FIN arrives
+        answers.append(connection.send(request))
+        connection.close()
+        return answers
+
+    async def main():
+        async with _serving(handler) as port:
+            return await asyncio.to_thread(client, f"http://127.0.0.1:{port}/classify")
+
+    assert asyncio.run(main()) == [(200, b"hello"), (404, b""), (200, b"hello")]
+    assert connections == 2

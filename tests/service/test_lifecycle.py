@@ -97,7 +97,7 @@ def test_access_log_lines_are_uvicorns_and_the_setting_turns_them_off(model_repo
                                     "--host", "127.0.0.1", "--port", str(port), "--access-log", access_log],
                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            wait_ready(url, alive=lambda: process.poll() is None)
+            wait_ready(url, alive=lambda process=process: process.poll() is None)
             assert httpx.post(f"{url}/classify?top_k=2", content=real_photos[0].read_bytes(),
                               headers={"Content-Type": "image/jpeg"}).status_code == 200
             assert httpx.get(f"{url}/nowhere").status_code == 404
