@@ -115,9 +115,23 @@ async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]
     return list(await asyncio.gather(*(one(name, data) for name, data in images)))
 
 
-async def run_batched(state: ServiceState, tensors: list[np.ndarray], client_gone: ClientGone | None) -> list[Item]:
-    """Enqueue, wait for every image (or the deadline, or the client leaving); returns the items in order."""
+@contextmanager
+def watching(client_gone: ClientGone | None) -> Iterator[asyncio.Future[Any] | None]:
+    """A task that completes when the client leaves, for the whole request. Started before decoding, its first step
+    runs while the decode pool works, and its cancellation after the answer, both off a lone request's latency."""
+    gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+    try:
+        yield gone
+    finally:
+        if gone is not None:
+            gone.cancel()
+
+
+async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyncio.Future[Any] | None) -> list[Item]:
+    """Enqueue, wait for every image (or the deadline, or `gone`: the client leaving); returns the items in order."""
     timeout_s = state.settings.request_timeout_ms / 1000
+    if gone is not None and gone.done():  # it left while its images decoded: nothing is enqueued
+        raise ApiError(499, "client_disconnected", "the client disconnected before its images were queued")
     try:
         items = state.batcher.submit(tensors, time.monotonic() + timeout_s)  # type: ignore[union-attr]  # as above
     except QueueFullError as err:
@@ -125,7 +139,6 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], client_gon
     futures = [item.future for item in items]
     # One image (the common case): its own future, no gathering future around it.
     gathered: asyncio.Future[Any] = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
-    gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
     waiting: set[asyncio.Future[Any]] = {gathered} if gone is None else {gathered, gone}
     try:
         done, _ = await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -141,8 +154,6 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], client_gon
     except BatchFailedError as err:
         raise ApiError(500, "inference_failed", str(err)) from None
     finally:
-        if gone is not None:
-            gone.cancel()
         for future in futures:  # a cancelled item is dropped by the batcher before it runs
             future.cancel()
         if gathered is not futures[0]:
@@ -153,9 +164,9 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], client_gon
 
 async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_gone: ClientGone | None) -> list[Item]:
     """Encoded images (name, bytes) -> one batcher item each, preprocessed the serving way."""
-    with admitted(state, len(images)):
+    with watching(client_gone) as gone, admitted(state, len(images)):
         preprocessed = await preprocess_images(state, images)
-        items = await run_batched(state, [tensor for tensor, _ in preprocessed], client_gone)
+        items = await run_batched(state, [tensor for tensor, _ in preprocessed], gone)
     for item, (_, seconds) in zip(items, preprocessed, strict=True):
         item.timings["preprocess_ms"] = seconds * 1000
     return items
@@ -163,8 +174,8 @@ async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_
 
 async def infer(state: ServiceState, tensors: list[np.ndarray], client_gone: ClientGone | None) -> list[Item]:
     """Preprocessed tensors (C, H, W) -> one batcher item each."""
-    with admitted(state, len(tensors)):
-        return await run_batched(state, tensors, client_gone)
+    with watching(client_gone) as gone, admitted(state, len(tensors)):
+        return await run_batched(state, tensors, gone)
 
 
 def labels_of(item: Item) -> tuple[str, ...]:

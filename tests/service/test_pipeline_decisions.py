@@ -1,4 +1,5 @@
-"""top_k_of: the k most probable classes in the order a stable sort of every class gives, ties in class order."""
+"""pipeline decisions without a server: top_k_of (the k most probable classes in the order a stable sort of every
+class gives, ties in class order), and a client gone before its images were queued."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,3 +24,24 @@ def test_top_k_matches_a_stable_sort_of_every_class_with_ties():
             assert [entry["label"] for entry in top] == [labels[i] for i in reference(logits, k)]
     probabilities = [entry["probability"] for entry in top_k_of(np.arange(5, dtype=np.float32), labels[:5], 5)]
     assert abs(sum(probabilities) - 1) < 1e-12 and probabilities == sorted(probabilities, reverse=True)
+
+
+def test_a_client_gone_while_its_images_decoded_gets_499_and_nothing_is_queued():
+    """pipeline.run_batched with the disconnect watcher already done: no batcher call (state has none)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import pytest
+
+    from service.errors import ApiError
+    from service.pipeline import run_batched
+
+    async def main():
+        gone = asyncio.get_running_loop().create_future()
+        gone.set_result(None)
+        state = SimpleNamespace(settings=SimpleNamespace(request_timeout_ms=1000.0), batcher=None)
+        with pytest.raises(ApiError) as err:
+            await run_batched(state, [np.zeros((3, 4, 4), np.float32)], gone)
+        assert (err.value.status, err.value.code) == (499, "client_disconnected")
+
+    asyncio.run(main())
