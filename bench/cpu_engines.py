@@ -18,7 +18,6 @@ import json
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import median
 
@@ -28,6 +27,7 @@ from PIL import Image
 from bench.host import cpu_model
 from bench.loadgen import photo_paths
 from export.onnx import export_onnx_version
+from runtime.engines.auto import measure_images_per_s
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.engines.openvino import OpenVinoEngine, artifact_precision
 from runtime.preprocess import preprocess
@@ -66,20 +66,9 @@ def build_engine(version, engine: str, precision: str, hint: str | None, max_bat
 
 
 def images_per_s(engine, batch: np.ndarray, in_flight: int, seconds: float) -> float:
-    """Batches for `seconds`: engine.run one after another, or from `in_flight` threads at once (the batcher's way)."""
-    deadline = time.perf_counter() + seconds
-
-    def run_until_deadline() -> int:
-        batches = 0
-        while time.perf_counter() < deadline:
-            engine.run(batch)
-            batches += 1
-        return batches
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(in_flight) as pool:
-        done = sum(pool.map(lambda _: run_until_deadline(), range(in_flight)))
-    return done * len(batch) / (time.perf_counter() - started)
+    """Batches for `seconds`: engine.run one after another, or from `in_flight` threads at once (the batcher's way):
+    the measurement `--engine auto` makes."""
+    return measure_images_per_s(engine, batch, seconds, in_flight)
 
 
 def engine_rounds(version, configs, batch_size: int, rounds: int, seconds: float, threads: int) -> dict:

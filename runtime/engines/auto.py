@@ -21,8 +21,9 @@ logger = logging.getLogger("convnext.runtime")
 MEASURE_ROUNDS = 2  # each candidate's time is split into this many alternating rounds
 
 
-def measure_images_per_s(engine: Engine, batch: np.ndarray, seconds: float) -> float:
-    """Images/s of engine.run(batch) for `seconds`, max_concurrent_batches calls in flight (what the batcher keeps)."""
+def measure_images_per_s(engine: Engine, batch: np.ndarray, seconds: float, in_flight: int | None = None) -> float:
+    """Images/s of engine.run(batch) for `seconds`, `in_flight` calls at once, each from its own thread (default:
+    max_concurrent_batches, what the batcher keeps)."""
     deadline = time.perf_counter() + seconds
 
     def run_until_deadline() -> int:
@@ -33,7 +34,7 @@ def measure_images_per_s(engine: Engine, batch: np.ndarray, seconds: float) -> f
         return batches
 
     started = time.perf_counter()
-    in_flight = engine.max_concurrent_batches
+    in_flight = in_flight or engine.max_concurrent_batches
     if in_flight == 1:
         batches = run_until_deadline()
     else:
