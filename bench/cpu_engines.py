@@ -9,10 +9,17 @@ are the service's own classes (runtime/engines/), with the settings the service 
 OpenVINO's THROUGHPUT hint with two infer requests at once, and ONNX Runtime with 2 streams (two batches at once on
 one session, a thread each), each batch from its own thread: what the service's batcher feeds under
 `openvino_performance_hint THROUGHPUT` / `ort_streams 2` (Engine.max_concurrent_batches batches in flight).
+
+The ceiling: each round also times this machine's fp32 matrix product (NumPy's BLAS, 2048 x 2048, the same
+threads), and each engine's rate in model FLOPs (2 per multiply-accumulate, counted by model.flops) is given as a
+fraction of that round's GEMM rate. ConvNeXt-T spends 93% of its MACs in its pointwise (1x1) layers, plain GEMMs,
+so an fp32 engine cannot go much past 1.0 of it: one fp32 engine's lead over another is bounded by how close the
+other already is.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -23,9 +30,11 @@ from statistics import median
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits  # scikit-learn's dependency (the bench extra)
 
 from bench.host import cpu_model
 from bench.loadgen import photo_paths
+from bench.preprocess_cost import median_ms
 from export.onnx import export_onnx_version
 from runtime.engines.auto import measure_images_per_s
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -45,6 +54,8 @@ CONFIGS = (
     ("openvino int8 LATENCY", "openvino", "int8", "LATENCY", 1),
 )
 DECODE_SIZES = ((4000, 3000), (1920, 1440), (1024, 768), (500, 375))
+GEMM_SIZE = 2048
+GEMM_LABEL = "fp32 GEMM (NumPy BLAS)"
 
 
 def ort_streams(hint: str | None, threads: int) -> int:
@@ -71,6 +82,34 @@ def images_per_s(engine, batch: np.ndarray, in_flight: int, seconds: float) -> f
     return measure_images_per_s(engine, batch, seconds, in_flight)
 
 
+def fp32_gemm_gflops(threads: int, seconds: float) -> float:
+    """This machine's fp32 matrix-product rate now, in GFLOPS: NumPy's BLAS on 2048 x 2048 operands with `threads`
+    threads, the best call within `seconds` (at least three calls)."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((GEMM_SIZE, GEMM_SIZE), dtype=np.float32) for _ in range(2))
+    out = np.empty_like(a)
+    best, calls, deadline = float("inf"), 0, time.perf_counter() + seconds
+    with threadpool_limits(limits=threads, user_api="blas"):
+        np.matmul(a, b, out=out)  # warm-up: the BLAS threads start
+        while calls < 3 or time.perf_counter() < deadline:
+            started = time.perf_counter()
+            np.matmul(a, b, out=out)
+            best, calls = min(best, time.perf_counter() - started), calls + 1
+    return 2 * GEMM_SIZE**3 / best / 1e9
+
+
+def model_macs(version) -> int | None:
+    """Multiply-accumulates per image of the repository model's architecture (model.flops), None when it is not one
+    this project builds (an imported ONNX file)."""
+    from model.flops import measure  # torch: only here, for the ceiling
+
+    manifest = version.manifest
+    try:
+        return measure(manifest.architecture, manifest.input.height, num_classes=manifest.num_classes).macs
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def engine_rounds(version, configs, batch_size: int, rounds: int, seconds: float, threads: int) -> dict:
     engines = {}
     for label, engine, precision, hint, _ in configs:
@@ -83,8 +122,10 @@ def engine_rounds(version, configs, batch_size: int, rounds: int, seconds: float
             engines.pop(label, None)
     shape = engines[configs[0][0]].describe().input_shape
     batch = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
-    runs = {label: [] for label in engines}
+    runs: dict[str, list[float]] = {label: [] for label in engines}
+    gemm: list[float] = []
     for _ in range(rounds):
+        gemm.append(fp32_gemm_gflops(threads, min(seconds, 2.0)))
         for label, _, _, _, in_flight in configs:
             if label in engines:
                 runs[label].append(images_per_s(engines[label], batch, in_flight, seconds))
@@ -95,6 +136,14 @@ def engine_rounds(version, configs, batch_size: int, rounds: int, seconds: float
         # The per-round range shows how far a machine's drift moves one ratio (a shared VM: up to +-25%).
         results[label] = {"images_per_s": median(rates), "rounds": rates, "vs_onnxruntime_fp32": median(ratios),
                           "vs_onnxruntime_fp32_range": [min(ratios), max(ratios)]}
+    macs = model_macs(version)
+    results[GEMM_LABEL] = {"gflops": median(gemm), "rounds": gemm, "gflops_range": [min(gemm), max(gemm)],
+                           "macs_per_image": macs}
+    if macs is not None:
+        for label in runs:  # each round's model FLOPs over that round's GEMM rate: the VM's drift moves both
+            gflops = [rate * 2 * macs / 1e9 for rate in runs[label]]
+            results[label]["gflops"] = median(gflops)
+            results[label]["of_fp32_gemm"] = median(g / peak for g, peak in zip(gflops, gemm, strict=True))
     return results
 
 
@@ -107,22 +156,47 @@ def photo_jpeg(size: tuple[int, int], quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
+def decode_at_one_eighth(payload: bytes) -> Image.Image:
+    """The least work any reduced JPEG decode does: the whole file's entropy decoding, then only each block's DC
+    coefficient (libjpeg's 1/8 scale). No fast decode of this file can take less."""
+    with Image.open(io.BytesIO(payload)) as image:
+        image.draft(image.mode, (image.width // 8, image.height // 8))
+        image.load()
+        return image
+
+
 def decode_costs(spec, repeats: int) -> list[dict]:
-    """Decode + resize + crop + normalize per size (runtime.preprocess.preprocess), exact vs fast, median ms."""
+    """Decode + resize + crop + normalize per size (runtime.preprocess.preprocess), exact vs fast, median ms; and the
+    floor under any reduced decode (decode_at_one_eighth): exact / floor is the most a fast mode could gain."""
     rows = []
     for size in DECODE_SIZES:
         payload = photo_jpeg(size)
         row = {"size": f"{size[0]}x{size[1]}", "kib": round(len(payload) / 1024)}
         for mode in ("exact", "fast"):
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                preprocess(payload, spec, 10**9, mode)
-                times.append((time.perf_counter() - started) * 1000)
-            row[f"{mode}_ms"] = median(times)
+            row[f"{mode}_ms"] = median_ms(functools.partial(preprocess, payload, spec, 10**9, mode), repeats)
+        row["floor_ms"] = median_ms(functools.partial(decode_at_one_eighth, payload), repeats)
         row["exact_over_fast"] = row["exact_ms"] / row["fast_ms"]
+        row["exact_over_floor"] = row["exact_ms"] / row["floor_ms"]
         rows.append(row)
     return rows
+
+
+def print_engine_table(result: dict, args) -> None:
+    gemm = result[GEMM_LABEL]
+    low, high = gemm["gflops_range"]
+    macs = gemm["macs_per_image"]
+    print(f"\n{args.model}, batch {args.batch_size}, {args.threads} threads, {args.rounds} interleaved rounds of "
+          f"{args.seconds:g} s; {GEMM_LABEL} {GEMM_SIZE}x{GEMM_SIZE}: {gemm['gflops']:.0f} GFLOPS (rounds "
+          f"{low:.0f}-{high:.0f})" + (f"; model {macs / 1e9:.2f} GMACs/image" if macs else "; model MACs unknown"))
+    print("\n| engine | images/s (median) | x ONNX Runtime fp32 (median of rounds) | per-round x | GFLOPS | "
+          "x fp32 GEMM rate |\n|---|---|---|---|---|---|")
+    for label, r in result.items():
+        if label == GEMM_LABEL:
+            continue
+        low, high = r["vs_onnxruntime_fp32_range"]
+        ceiling = f"{r['gflops']:.0f} | {r['of_fp32_gemm']:.2f}" if "gflops" in r else "- | -"
+        print(f"| {label} | {r['images_per_s']:.1f} | {r['vs_onnxruntime_fp32']:.2f} | {low:.2f}-{high:.2f} | "
+              f"{ceiling} |")
 
 
 def load_average() -> str:
@@ -148,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = Preprocess(resize_px=256, crop_px=224, crop_pct=0.875, interpolation="bicubic",
                           mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
         result = decode_costs(spec, args.repeats)
-        print("| JPEG | KiB | exact ms | fast ms | exact / fast |\n|---|---|---|---|---|")
+        print("| JPEG | KiB | exact ms | fast ms | exact / fast | 1/8-scale decode alone ms (floor) | exact / floor |\n"
+              "|---|---|---|---|---|---|---|")
         for r in result:
             print(f"| {r['size']} | {r['kib']} | {r['exact_ms']:.1f} | {r['fast_ms']:.1f} | "
-                  f"{r['exact_over_fast']:.1f} |")
+                  f"{r['exact_over_fast']:.1f} | {r['floor_ms']:.1f} | {r['exact_over_floor']:.1f} |")
     else:
         with tempfile.TemporaryDirectory() as tmp:
             repository = args.repository
@@ -160,12 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 export_onnx_version(repository, args.model, "convnext_tiny", precisions=("fp32", "int8"))
             version = ModelRepository(repository).load(args.model)
             result = engine_rounds(version, CONFIGS, args.batch_size, args.rounds, args.seconds, args.threads)
-        print(f"\n{args.model}, batch {args.batch_size}, {args.threads} threads, {args.rounds} interleaved rounds of "
-              f"{args.seconds:g} s\n\n| engine | images/s (median) | x ONNX Runtime fp32 (median of rounds) | "
-              "per-round x |\n|---|---|---|---|")
-        for label, r in result.items():
-            low, high = r["vs_onnxruntime_fp32_range"]
-            print(f"| {label} | {r['images_per_s']:.1f} | {r['vs_onnxruntime_fp32']:.2f} | {low:.2f}-{high:.2f} |")
+        print_engine_table(result, args)
     print(f"\nload average after {load_average()}")
     if args.output:
         args.output.write_text(json.dumps(result, indent=2))

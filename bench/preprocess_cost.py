@@ -16,7 +16,7 @@ from runtime.preprocess import center_crop, decode_image, resize_short_side
 STAGES = ("decode", "resize", "crop", "normalize")
 
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -39,10 +39,10 @@ def stage_costs(payload: bytes, spec, repeats: int = 7, max_pixels: int = 100_00
 
     return {
         "width": picture.size[0], "height": picture.size[1], "bytes": len(payload),
-        "decode": _median_ms(lambda: decode_image(payload, max_pixels), repeats),
-        "resize": _median_ms(lambda: resize_short_side(picture, spec.resize_px, spec.interpolation), repeats),
-        "crop": _median_ms(lambda: center_crop(resized, spec.crop_px), repeats),
-        "normalize": _median_ms(normalize, repeats),
+        "decode": median_ms(lambda: decode_image(payload, max_pixels), repeats),
+        "resize": median_ms(lambda: resize_short_side(picture, spec.resize_px, spec.interpolation), repeats),
+        "crop": median_ms(lambda: center_crop(resized, spec.crop_px), repeats),
+        "normalize": median_ms(normalize, repeats),
     }
 
 
