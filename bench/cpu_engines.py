@@ -100,9 +100,11 @@ def fp32_gemm_gflops(threads: int, seconds: float) -> float:
 
 def model_macs(version) -> int | None:
     """Multiply-accumulates per image of the repository model's architecture (model.flops), None when it is not one
-    this project builds (an imported ONNX file)."""
-    from model.flops import measure  # torch: only here, for the ceiling
-
+    this project builds (an imported ONNX file) or torch is not installed (model/ counts with it)."""
+    try:
+        from model.flops import measure  # torch: only here, for the ceiling
+    except ImportError:
+        return None
     manifest = version.manifest
     try:
         return measure(manifest.architecture, manifest.input.height, num_classes=manifest.num_classes).macs

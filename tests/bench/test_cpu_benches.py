@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from statistics import median
 from types import SimpleNamespace
 
@@ -48,11 +49,13 @@ def test_fp32_gemm_rate_is_the_blas_product_rate():
     assert 1 < rate < 1000
 
 
-def test_model_macs_is_none_for_an_architecture_this_project_does_not_build(repository):
+def test_model_macs_is_none_for_an_architecture_this_project_does_not_build(repository, monkeypatch):
     version = ModelRepository(repository).load("atto")
     assert cpu_engines.model_macs(version) == measure("convnext_atto", 64, num_classes=10).macs
     imported = version.manifest.model_copy(update={"architecture": "imported-onnx"})
     assert cpu_engines.model_macs(SimpleNamespace(manifest=imported)) is None
+    monkeypatch.setitem(sys.modules, "model.flops", None)  # as where torch is not installed: the import fails
+    assert cpu_engines.model_macs(version) is None
 
 
 def test_cpu_serving_measures_the_service_against_its_engine(repository, tmp_path, monkeypatch):

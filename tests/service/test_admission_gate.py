@@ -6,8 +6,46 @@ import threading
 import time
 
 import httpx
+import numpy as np
+import pytest
 
-from tests.service.test_faults import SlowEngine, factory
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from tests.service.test_faults import factory
+
+
+class Hold:
+    """Batches that wait, once `start()` is called, until `finish()`: the slots stay taken for as long as a test
+    needs them, however slow the machine (a fixed engine delay let a slot free itself before a test's last request).
+    Before start() batches run at once, so the service warms up and becomes ready."""
+
+    def __init__(self):
+        self.holding = threading.Event()
+        self.released = threading.Event()
+
+        hold = self
+
+        class HeldEngine(OnnxRuntimeEngine):
+            def run(self, batch: np.ndarray) -> np.ndarray:
+                if hold.holding.is_set():
+                    hold.released.wait(timeout=60)
+                return super().run(batch)
+
+        self.factory = factory(HeldEngine)
+
+    def start(self) -> None:
+        self.holding.set()
+
+    def finish(self, threads: list[threading.Thread]) -> None:
+        self.released.set()
+        for thread in threads:
+            thread.join()
+
+
+@pytest.fixture
+def held():
+    hold = Hold()
+    yield hold
+    hold.released.set()  # a failed test leaves nothing blocked
 
 
 def fill_to_capacity(url, app, data: bytes, headers: dict) -> list[threading.Thread]:
@@ -26,10 +64,11 @@ def fill_to_capacity(url, app, data: bytes, headers: dict) -> list[threading.Thr
 
 
 def test_at_capacity_a_request_is_refused_at_the_gate_and_the_connection_stays_usable(model_repository,
-                                                                                        real_photos, launch):
+                                                                                        real_photos, launch, held):
     data = real_photos[0].read_bytes()
     jpeg = {"content-type": "image/jpeg"}
-    with launch(model_repository, factory(SlowEngine), max_batch_size=1, queue_size=1, warmup_runs=0) as url:
+    with launch(model_repository, held.factory, max_batch_size=1, queue_size=1, warmup_runs=0) as url:
+        held.start()  # from here on, batches wait for held.finish
         with httpx.Client(base_url=url, timeout=60) as client:
             threads = fill_to_capacity(url, url.app, data, jpeg)
             started = time.perf_counter()
@@ -39,9 +78,8 @@ def test_at_capacity_a_request_is_refused_at_the_gate_and_the_connection_stays_u
             assert refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "queue_full"
             assert "2 images in progress, limit 2" in refused.json()["error"]["message"]
-            assert refused_ms < 250, f"the refusal took {refused_ms:.0f} ms; the slow engine holds a batch 500 ms"
-            for thread in threads:
-                thread.join()
+            assert refused_ms < 250, f"the refusal took {refused_ms:.0f} ms"  # no wait for the held batches
+            held.finish(threads)
             # The refused request's body was never read; the same keep-alive connection serves the next one.
             assert client.post("/classify", content=data, headers=jpeg).status_code == 200
         scrape = httpx.get(f"{url}/metrics").text
@@ -49,12 +87,13 @@ def test_at_capacity_a_request_is_refused_at_the_gate_and_the_connection_stays_u
         assert 'convnext_rejected_total{reason="queue_full"} 1.0' in scrape
 
 
-def test_at_capacity_the_gate_answers_before_the_body_arrives(model_repository, real_photos, launch):
+def test_at_capacity_the_gate_answers_before_the_body_arrives(model_repository, real_photos, launch, held):
     """The route would wait for the body (body_timeout_s, then 408); the gate answers from the headers alone."""
     data = real_photos[0].read_bytes()
     jpeg = {"content-type": "image/jpeg"}
-    with launch(model_repository, factory(SlowEngine), max_batch_size=1, queue_size=1, warmup_runs=0,
+    with launch(model_repository, held.factory, max_batch_size=1, queue_size=1, warmup_runs=0,
                 body_timeout_s=20) as url:
+        held.start()  # from here on, batches wait for held.finish
         threads = fill_to_capacity(url, url.app, data, jpeg)
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=5) as client:
@@ -62,14 +101,15 @@ def test_at_capacity_the_gate_answers_before_the_body_arrives(model_repository, 
                            b"Content-Length: 100000\r\n\r\n" + data[:1000])  # 1000 of the 100000 bytes it declares
             status_line = client.recv(4096).split(b"\r\n", 1)[0]
         assert status_line == b"HTTP/1.1 503 Service Unavailable", status_line
-        for thread in threads:
-            thread.join()
+        held.finish(threads)
 
 
-def test_a_request_whose_images_do_not_all_fit_is_refused_in_the_route(model_repository, real_photos, launch):
+def test_a_request_whose_images_do_not_all_fit_is_refused_in_the_route(model_repository, real_photos, launch,
+                                                                         held):
     """One slot free passes the gate; a 2-file request still does not fit, and admission in the route refuses it."""
     data = real_photos[0].read_bytes()
-    with launch(model_repository, factory(SlowEngine), max_batch_size=1, queue_size=2, warmup_runs=0) as url:
+    with launch(model_repository, held.factory, max_batch_size=1, queue_size=2, warmup_runs=0) as url:
+        held.start()  # from here on, batches wait for held.finish
         admission = url.app.state.service.admission
         background = threading.Thread(target=httpx.post, args=(f"{url}/classify",),
                                       kwargs={"files": [("file", ("a.jpg", data)), ("file", ("b.jpg", data))],
@@ -81,17 +121,17 @@ def test_a_request_whose_images_do_not_all_fit_is_refused_in_the_route(model_rep
         refused = httpx.post(f"{url}/classify", files=files, timeout=60)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_full"
         assert "limit 3" in refused.json()["error"]["message"]
-        background.join()
+        held.finish([background])
 
 
-def test_without_the_key_a_full_service_answers_401_not_503(model_repository, real_photos, launch):
+def test_without_the_key_a_full_service_answers_401_not_503(model_repository, real_photos, launch, held):
     data = real_photos[0].read_bytes()
     key = {"authorization": "Bearer s3cret", "content-type": "image/jpeg"}
-    with launch(model_repository, factory(SlowEngine), max_batch_size=1, queue_size=1, warmup_runs=0,
+    with launch(model_repository, held.factory, max_batch_size=1, queue_size=1, warmup_runs=0,
                 api_key="s3cret") as url:
+        held.start()  # from here on, batches wait for held.finish
         threads = fill_to_capacity(url, url.app, data, key)
         anonymous = httpx.post(f"{url}/classify", content=data, headers={"content-type": "image/jpeg"})
         assert anonymous.status_code == 401
         assert httpx.post(f"{url}/classify", content=data, headers=key, timeout=60).status_code == 503
-        for thread in threads:
-            thread.join()
+        held.finish(threads)
