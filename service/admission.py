@@ -19,6 +19,13 @@ GATED_ROUTE = "/classify"
 RETRY_AFTER_S = "1"
 
 
+def admission_capacity(queue_size: int, max_batch_size: int) -> int:
+    """Images in progress at most: a full queue and a running batch. The batcher's queue takes as many, so an
+    admitted request is never refused by it, even while the images ahead of it have not been taken into a batch yet
+    (two decodes finishing in one loop step while the engine is idle)."""
+    return queue_size + max_batch_size
+
+
 class AdmissionRefused(Exception):
     """Not enough room for this request's images right now (503 + Retry-After)."""
 

@@ -11,6 +11,7 @@ from prometheus_client import Counter, Gauge
 
 from runtime.engines.base import Engine
 from runtime.repository import ModelRepository, ModelVersion, RepositoryError
+from service.admission import admission_capacity
 from service.batcher import Batcher, EngineThread, ServedModel
 from service.metrics import ServiceMetrics
 
@@ -102,8 +103,10 @@ class ModelManager:
         model = await asyncio.to_thread(load_model_version, self.repository, settings.model, settings.version)
         served = await self._build(model)
         spec = served.engine.describe()
+        # The queue holds every image admission lets in (service/admission.py), so admitted means accepted.
+        queue_size = admission_capacity(settings.queue_size, settings.max_batch_size)
         self.batcher = Batcher(served, min(settings.max_batch_size, spec.max_batch_size), settings.max_queue_delay_ms,
-                               settings.queue_size, self.metrics, engine_timeout_ms=settings.engine_timeout_ms,
+                               queue_size, self.metrics, engine_timeout_ms=settings.engine_timeout_ms,
                                max_consecutive_failures=settings.engine_max_consecutive_failures,
                                on_broken=self._on_broken)
         self.batcher.start()

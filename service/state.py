@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from runtime.engines.base import Engine
 from runtime.repository import ModelVersion
-from service.admission import Admission
+from service.admission import Admission, admission_capacity
 from service.batcher import Batcher
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
@@ -21,7 +21,7 @@ class ServiceState:
         # Bounds images being decoded at once, so a flood waits here instead of piling up in the pool.
         self.preprocess_slots = asyncio.Semaphore(settings.preprocess_workers * 2)
         # Images in progress (decoding, queued or in the running batch); beyond this a request is refused at once.
-        self.admission = Admission(settings.queue_size + settings.max_batch_size)
+        self.admission = Admission(admission_capacity(settings.queue_size, settings.max_batch_size))
 
     @property
     def version(self) -> ModelVersion | None:

@@ -1,6 +1,7 @@
 """The admission gate: a POST /classify arriving when no image fits is refused before routing, over real HTTP."""
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -135,3 +136,26 @@ def test_without_the_key_a_full_service_answers_401_not_503(model_repository, re
         assert anonymous.status_code == 401
         assert httpx.post(f"{url}/classify", content=data, headers=key, timeout=60).status_code == 503
         held.finish(threads)
+
+
+def test_images_admitted_together_are_all_queued_before_the_batcher_takes_any(model_repository, launch, held):
+    """Two decodes can finish in one loop step while the engine is idle: their images are enqueued before the
+    batcher takes the first. The queue holds as many images as admission lets in, so neither is refused."""
+    with launch(model_repository, held.factory, max_batch_size=1, queue_size=1, warmup_runs=0) as url:
+        state = url.app.state.service
+        assert state.batcher.queue.maxsize == state.admission.capacity == 2
+        held.start()
+        spec = state.version.manifest.input
+        image = np.zeros((spec.channels, spec.height, spec.width), dtype=np.float32)
+
+        async def submit_in_one_step():  # no await between the submits: the batcher cannot run in between
+            first = state.batcher.submit([image], time.monotonic() + 30)
+            second = state.batcher.submit([image], time.monotonic() + 30)
+            return [*first, *second]
+
+        loop = state.batcher.task.get_loop()
+        items = asyncio.run_coroutine_threadsafe(submit_in_one_step(), loop).result(timeout=10)
+        held.finish([])
+        for item in items:
+            asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(item.future), 30), loop).result(40)
+        assert all(item.future.result().shape == (state.version.manifest.num_classes,) for item in items)
