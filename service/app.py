@@ -16,7 +16,7 @@ from runtime.repository import Manifest, ModelVersion
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
 from service.errors import ApiError, error_response
-from service.grpc_server import start_grpc_server
+from service.grpc_server import GrpcService, start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_manager import EngineFactory, ModelManager
 from service.openapi import APP_RESPONSES, install_openapi
@@ -43,6 +43,15 @@ def default_engine(version: ModelVersion, settings: Settings) -> Engine:
     return open_engine(version, engine_options(settings))
 
 
+def begin_drain(app: FastAPI) -> None:
+    """The process is stopping and uvicorn has just stopped taking HTTP requests (service.server.Server): the gRPC
+    server stops taking calls at the same moment, so the two protocols drain side by side, not one after the other.
+    The lifespan's shutdown then waits for the gRPC calls in flight and drains the batcher."""
+    grpc_service: GrpcService | None = getattr(app.state, "grpc", None)
+    if grpc_service is not None:
+        grpc_service.begin_stop()
+
+
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
@@ -53,14 +62,15 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         app.state.service = state
         state.models = ModelManager(settings, metrics, engine_factory)
         await state.models.start()
-        grpc_server = None
+        grpc_service: GrpcService | None = None
         try:
             if settings.grpc_port:
-                grpc_server = await start_grpc_server(state)
+                grpc_service = app.state.grpc = await start_grpc_server(state)
             yield
         finally:
-            if grpc_server is not None:  # in-flight calls finish first (new ones are refused), then the batcher drains
-                await grpc_server.stop(settings.request_timeout_ms / 1000)
+            if grpc_service is not None:  # its stop began with the HTTP server's (begin_drain); its calls finish
+                await grpc_service.begin_stop()
+                app.state.grpc = None
             await state.models.stop(settings.request_timeout_ms / 1000)
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
 

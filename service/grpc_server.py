@@ -199,8 +199,25 @@ def inference_service(state: ServiceState) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
 
-async def start_grpc_server(state: ServiceState) -> grpc.aio.Server:
-    """Listen on host:grpc_port; messages up to max_body_bytes (larger: RESOURCE_EXHAUSTED), as HTTP bodies."""
+class GrpcService:
+    """The running gRPC server and its one graceful stop: begun when the HTTP server's shutdown begins
+    (service.app.begin_drain), so both protocols drain side by side, and awaited by the lifespan's shutdown."""
+
+    def __init__(self, server: grpc.aio.Server, grace_s: float):
+        self.server, self.grace_s = server, grace_s
+        self._stopped: asyncio.Future[None] | None = None
+
+    def begin_stop(self) -> asyncio.Future[None]:
+        """New calls are refused from now on (UNAVAILABLE); calls in flight get up to grace_s to finish. The same
+        future for every caller."""
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self.server.stop(self.grace_s))
+        return self._stopped
+
+
+async def start_grpc_server(state: ServiceState) -> GrpcService:
+    """Listen on host:grpc_port; messages up to max_body_bytes (larger: RESOURCE_EXHAUSTED), as HTTP bodies. Calls in
+    flight at shutdown get the request timeout to finish."""
     settings = state.settings
     server = grpc.aio.server(
         handlers=[inference_service(state)], maximum_concurrent_rpcs=settings.max_connections,
@@ -216,4 +233,4 @@ async def start_grpc_server(state: ServiceState) -> grpc.aio.Server:
                            "--grpc-port (0: no gRPC server)") from None
     await server.start()
     logger.info("Open Inference Protocol over gRPC on %s (inference.GRPCInferenceService)", address)
-    return server
+    return GrpcService(server, settings.request_timeout_ms / 1000)

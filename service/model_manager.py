@@ -95,6 +95,20 @@ class ModelManager:
                 f"engine_max_rebuild_attempts={limit}; last error: {self._last_rebuild_error}); restart the service")
 
     @property
+    def serving(self) -> ServedModel:
+        """The model swapped in last: start() sets it before the lifespan lets any request or task in."""
+        if self.current is None:
+            raise RuntimeError("the model manager has not started")
+        return self.current
+
+    @property
+    def running_batcher(self) -> Batcher:
+        """The batcher: start() creates it before the lifespan lets any request or task in."""
+        if self.batcher is None:
+            raise RuntimeError("the model manager has not started")
+        return self.batcher
+
+    @property
     def model(self) -> ModelVersion | None:
         return self.current.model if self.current is not None else None
 
@@ -133,7 +147,7 @@ class ModelManager:
             raise ReloadRefused(409, "reload_in_progress", "a reload or an engine recovery is in progress; retry "
                                 "when /readyz says ready")
         async with self._lock:
-            name = self.current.name
+            name = self.serving.name
             known = await asyncio.to_thread(self.repository.versions, name)
             target = version if version is not None else max(known, default=None)
             if target is None or target not in known:
@@ -149,7 +163,7 @@ class ModelManager:
                 message = err.message if isinstance(err, ReloadRefused) else f"{type(err).__name__}: {err}"
                 logger.warning("refused to serve %s/%s: %s", name, target, message)
                 raise ReloadRefused(422, "version_refused", f"{name}/{target} was refused, still serving "
-                                    f"{name}/{self.current.version}: {message}") from None
+                                    f"{name}/{self.serving.version}: {message}") from None
             previous = await self._install(served)
             self._refused_versions.discard(served.version)
             self.reloads.labels("ok").inc()
@@ -159,8 +173,8 @@ class ModelManager:
 
     def _check_compatible(self, model: ModelVersion) -> None:
         """Queued images were preprocessed for the served version: a new one must take the same input."""
-        old, new = self.current.model.manifest, model.manifest
-        if (old.input, old.preprocess) != (new.input, new.preprocess):
+        served, new = self.serving.model, model.manifest
+        if served is not None and (served.manifest.input, served.manifest.preprocess) != (new.input, new.preprocess):
             raise ReloadRefused(422, "version_refused", f"its input or preprocessing differs from the served "
                                 f"version's ({new.input} {new.preprocess}); restart the service to change them")
 
@@ -200,7 +214,7 @@ class ModelManager:
 
     async def _install(self, served: ServedModel) -> ServedModel | None:
         previous_current = self.current
-        previous = await self.batcher.swap(served)  # returns once the previous engine's last batch is done
+        previous = await self.running_batcher.swap(served)  # returns once the previous engine's last batch is done
         self.current = served
         self._broken_reason = None
         self._show(previous_current, served)
@@ -247,7 +261,7 @@ class ModelManager:
         name, version = model.manifest.name, model.manifest.version
         async with self._lock:
             self._failed_rebuilds = 0
-            while self.batcher.served is None:
+            while self.running_batcher.served is None:
                 try:
                     # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version.
                     current = await asyncio.to_thread(self.repository.load, name, version)
@@ -272,11 +286,11 @@ class ModelManager:
         while True:
             await asyncio.sleep(self.settings.watch_interval_s)
             try:
-                latest = await asyncio.to_thread(self.repository.latest_version, self.current.name)
+                latest = await asyncio.to_thread(self.repository.latest_version, self.serving.name)
             except (RepositoryError, OSError) as err:
                 logger.warning("cannot read the model repository: %s", err)
                 continue
-            if latest <= self.current.version or latest in self._refused_versions or self._lock.locked():
+            if latest <= self.serving.version or latest in self._refused_versions or self._lock.locked():
                 continue
             try:
                 await self.reload(latest)

@@ -12,6 +12,7 @@ from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from service.access_log import ACCESS_LOG
+from service.app import begin_drain
 from service.errors import send_error
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -111,10 +112,13 @@ def log_config(log_level: str) -> dict:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server; once it has shut down, the access lines still queued are written before uvicorn re-raises a
-    caught SIGTERM (which ends the process without running atexit)."""
+    """uvicorn's server. When its shutdown begins (SIGTERM), the app's gRPC server stops taking calls too
+    (service.app.begin_drain); once it has shut down, the access lines still queued are written before uvicorn
+    re-raises a caught SIGTERM (which ends the process without running atexit)."""
 
     async def shutdown(self, sockets=None) -> None:
+        if isinstance(self.config.app, FastAPI):
+            begin_drain(self.config.app)
         try:
             await super().shutdown(sockets=sockets)
         finally:

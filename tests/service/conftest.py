@@ -77,10 +77,8 @@ def wait_ready(url: str, timeout_s: float = 60, alive=lambda: True) -> None:
 @contextmanager
 def serve(repository: Path, engine_factory=None, **overrides):
     """Run the real app under uvicorn on 127.0.0.1 in a thread; yields the base URL once /readyz says ready."""
-    import uvicorn
-
     from service.app import create_app, default_engine
-    from service.server import uvicorn_config
+    from service.server import Server, uvicorn_config
     from service.settings import Settings
 
     port = free_port()
@@ -88,7 +86,7 @@ def serve(repository: Path, engine_factory=None, **overrides):
                    preprocess_workers=2, warmup_runs=1) | overrides
     settings = Settings(**options)
     app = create_app(settings, engine_factory or default_engine)
-    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
+    server = Server(uvicorn_config(app, settings, log_level="warning"))  # the server `python -m service` runs
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -315,6 +315,38 @@ def test_shutdown_lets_an_in_flight_call_finish(model_repository, launch, batch)
     assert results and results[0].as_numpy("logits").shape == (1, 10)
 
 
+def test_shutdown_refuses_new_calls_while_http_requests_drain(model_repository, launch, batch, real_photos):
+    """Shutdown stops both protocols at once: while an HTTP request is still in flight (its batch held by the engine),
+    a new gRPC call is refused (UNAVAILABLE, so a client retries elsewhere) instead of being queued behind it, and the
+    HTTP request is still answered."""
+    GatedEngine.gate.set()
+    answers, late_calls = [], []
+    jpeg = real_photos[0].read_bytes()
+    with launch(model_repository, factory(GatedEngine), grpc_port=free_port(), max_batch_size=1,
+                warmup_runs=0) as url:
+        client = triton_grpc.InferenceServerClient(grpc_address(url))
+        assert client.is_server_ready()  # the channel is connected before the shutdown
+        GatedEngine.gate.clear()
+        GatedEngine.batch_started.clear()
+        request = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30)))
+        request.start()
+        assert GatedEngine.batch_started.wait(20)
+
+        def late_call():  # once the shutdown has begun (leaving `launch` below), while the HTTP request is held
+            try:
+                client.infer("atto", [fp32_input(batch[:1])], client_timeout=10)
+                late_calls.append("OK")
+            except InferenceServerException as err:
+                late_calls.append(status_of(err))
+            GatedEngine.gate.set()
+
+        threading.Timer(1.0, late_call).start()
+    request.join(30)
+    assert late_calls == ["UNAVAILABLE"]  # before the fix: queued behind the held batch, DEADLINE_EXCEEDED
+    assert [answer.status_code for answer in answers] == [200]
+
+
 def test_grpc_port_setting_and_the_cli_prints_the_address(model_repository):
     assert Settings.model_fields["grpc_port"].default == 8001  # Triton's gRPC port
     assert Settings(grpc_port=0).grpc_port == 0  # 0: no gRPC server
