@@ -49,6 +49,9 @@ def cuda_provider_options(device_id: int = 0) -> dict[str, str]:
         # cuDNN benchmarks every algorithm once per input shape and keeps the fastest (the documented default,
         # spelled out): batch sizes warmup did not run pay it on their first batch only.
         "cudnn_conv_algo_search": "EXHAUSTIVE",
+        # The provider runs fp32 matmuls and convolutions in TF32 on Ampere and newer unless told not to (its
+        # use_tf32 defaults to 1): off, so an fp32 artifact runs in fp32, as the native TensorRT fp32 engines do.
+        "use_tf32": "0",
     }
 
 

@@ -108,6 +108,16 @@ def cudart():
     return runtime
 
 
+def stream_handle(stream) -> int:
+    """The address behind a cuda-python stream, as execute_async_v3 takes it: cuda-bindings 13 deprecates int() on its
+    objects for `cuda.bindings.utils.get_cuda_native_handle` (its 13.0.0 release notes); int() where that is absent."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(stream)
+    return int(get_cuda_native_handle(stream))
+
+
 def cuda_call(result):
     """cuda-python returns (error, *values): raise on error, return the value(s)."""
     error, *values = result
@@ -200,7 +210,7 @@ class TensorRTRunner:
         # cudaMemcpyAsync(dst, src, count, kind, stream)
         cuda_call(rt.cudaMemcpyAsync(self.device_input, self.host_input.ctypes.data, in_bytes,
                                      rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
-        if not self.context.execute_async_v3(int(self.stream)):
+        if not self.context.execute_async_v3(stream_handle(self.stream)):
             raise RuntimeError(f"TensorRT execute_async_v3 failed for a batch of {n} ({self.engine_path})")
         cuda_call(rt.cudaMemcpyAsync(self.host_output.ctypes.data, self.device_output, out_bytes,
                                      rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))

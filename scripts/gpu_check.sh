@@ -38,7 +38,7 @@ STEPS=(
   "tensorrt-fp32|TensorRT fp32 engine (batch 1..32) + parity vs ONNX Runtime fp32"
   "tensorrt-fp16|TensorRT fp16 engine (batch 1..32) + parity vs ONNX Runtime fp32"
   "tensorrt-bf16|TensorRT bf16 engine (batch 1..32) + parity vs ONNX Runtime fp32"
-  "ort-cuda|ONNX Runtime CUDAExecutionProvider (session.get_providers()[0] checked) fp32/fp16 parity vs CPU fp32"
+  "ort-cuda|ONNX Runtime CUDAExecutionProvider (session.get_providers()[0] checked) fp32/fp16 within the export parity thresholds vs CPU fp32"
   "pytest-gpu|pytest -m gpu tests/gpu (a skipped test counts as a failure here)"
   "bench|python -m bench engine on the CUDA provider, fp32 + fp16, batch 1/8/32"
   "roadmap|python -m bench roadmap --engines gpu: TensorRT fp16/bf16 + ORT CUDA fp32 per Table 10 step (OUT_DIR/roadmap/)"
@@ -133,22 +133,26 @@ step_tensorrt_bf16() { tensorrt_step bf16; }
 
 step_ort_cuda() {
   "$PY" - "$REPO" "$MODEL" <<'PYEOF'
-"""ORT CUDA vs CPU fp32 on the verification inputs; fails when the session is not on CUDAExecutionProvider."""
+"""ORT CUDA (the service's provider options: TF32 off) vs CPU fp32 on the verification inputs, held to the export's
+parity thresholds (runtime/verify.py); fails when the session is not on CUDAExecutionProvider."""
 import sys
 
 import numpy as np
 import onnxruntime as ort
 
+from runtime.ort_session import cuda_provider_options
 from runtime.repository import ModelRepository
-from runtime.verify import default_image_paths, verification_inputs
+from runtime.verify import ParityError, check_parity, compare, default_image_paths, verification_inputs
 
 version = ModelRepository(sys.argv[1]).load(sys.argv[2])
 manifest = version.manifest
-batch = verification_inputs(manifest.preprocess, default_image_paths()).batch
+inputs = verification_inputs(manifest.preprocess, default_image_paths())
+batch = inputs.batch
 
 
 def run(precision, provider):
-    session = ort.InferenceSession(str(version.artifact_path(manifest.find("onnx", precision))), providers=[provider])
+    providers = [(provider, cuda_provider_options())] if provider == "CUDAExecutionProvider" else [provider]
+    session = ort.InferenceSession(str(version.artifact_path(manifest.find("onnx", precision))), providers=providers)
     if session.get_providers()[0] != provider:
         sys.exit(f"{precision}: asked for {provider}, ONNX Runtime runs {session.get_providers()}: see the doctor step")
     feed = session.get_inputs()[0]
@@ -157,13 +161,20 @@ def run(precision, provider):
 
 
 reference = run("fp32", "CPUExecutionProvider")
+failed = []
 for precision in ("fp32", "fp16"):
     out = run(precision, "CUDAExecutionProvider")
     if not np.isfinite(out).all():
         sys.exit(f"ORT CUDA {precision}: non-finite logits")
-    top1 = float((out.argmax(1) == reference.argmax(1)).mean())
-    print(f"ORT CUDA {precision}: max|diff| {np.abs(out - reference).max():.3g}, top-1 agreement {top1:.3f} "
-          f"on {len(batch)} inputs, session on CUDAExecutionProvider")
+    parity = compare(reference, out, "onnxruntime CPU fp32", inputs.num_real_images)
+    print(f"ORT CUDA {precision}: max|diff| {parity.max_abs_diff:.3g}, top-1 agreement {parity.top1_agreement:.3f} "
+          f"on {parity.num_inputs} inputs, session on CUDAExecutionProvider")
+    try:
+        check_parity(parity, reference, precision, f"ORT CUDA {precision}")
+    except ParityError as err:
+        failed.append(str(err))
+if failed:
+    sys.exit("\n".join(failed))
 PYEOF
 }
 

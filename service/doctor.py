@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.tensorrt_runtime import stream_handle
+
 # CUDA 13.x runs on NVIDIA drivers >= 580 (docs.nvidia.com/deploy/cuda-compatibility, "Minor Version
 # Compatibility", table 1); cudaDriverGetVersion reports 13000 for such a driver.
 MIN_DRIVER_MAJOR = 580
@@ -273,20 +275,25 @@ def check_tensorrt_engine() -> str:
     host_in = np.arange(4, dtype=np.float32).reshape(1, 4)
     host_out = np.empty_like(host_in)
     kind = cudart.cudaMemcpyKind
-    stream = _cuda(cudart.cudaStreamCreate())
-    device_in, device_out = _cuda(cudart.cudaMalloc(host_in.nbytes)), _cuda(cudart.cudaMalloc(host_out.nbytes))
+    stream, device = None, []  # whatever was created is freed, even when a later allocation fails
     try:
+        stream = _cuda(cudart.cudaStreamCreate())
+        device_in = _cuda(cudart.cudaMalloc(host_in.nbytes))
+        device.append(device_in)
+        device_out = _cuda(cudart.cudaMalloc(host_out.nbytes))
+        device.append(device_out)
         _cuda(cudart.cudaMemcpy(device_in, host_in.ctypes.data, host_in.nbytes, kind.cudaMemcpyHostToDevice))
-        context.set_tensor_address("x", int(device_in))
-        context.set_tensor_address("y", int(device_out))
-        if not context.execute_async_v3(int(stream)):
+        if not (context.set_tensor_address("x", int(device_in)) and context.set_tensor_address("y", int(device_out))):
+            raise CheckFailed("TensorRT refused the device buffers' addresses for the one-layer engine")
+        if not context.execute_async_v3(stream_handle(stream)):
             raise CheckFailed("TensorRT execute_async_v3 failed on the one-layer engine")
         _cuda(cudart.cudaStreamSynchronize(stream))
         _cuda(cudart.cudaMemcpy(host_out.ctypes.data, device_out, host_out.nbytes, kind.cudaMemcpyDeviceToHost))
     finally:
-        cudart.cudaFree(device_in)
-        cudart.cudaFree(device_out)
-        cudart.cudaStreamDestroy(stream)
+        for pointer in device:
+            cudart.cudaFree(pointer)
+        if stream is not None:
+            cudart.cudaStreamDestroy(stream)
     if not np.array_equal(host_out, 2 * host_in):
         raise CheckFailed(f"the one-layer engine returned {host_out.tolist()}, not {(2 * host_in).tolist()}")
     return f"built, deserialized and ran a one-layer engine ({len(bytes(serialized))} bytes)"

@@ -5,7 +5,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from runtime.tensorrt_runtime import Chunk, input_shape_error, numpy_dtype, plan_chunks, run_in_chunks
+from runtime.tensorrt_runtime import (
+    Chunk,
+    input_shape_error,
+    numpy_dtype,
+    plan_chunks,
+    run_in_chunks,
+    stream_handle,
+)
 
 
 @pytest.mark.parametrize(
@@ -74,3 +81,12 @@ def test_a_refused_input_shape_names_the_shape_and_the_profile():
     assert "(12, 3, 224, 224)" in message and "(1, 3, 224, 224) to (8, 3, 224, 224)" in message
     assert "--max-batch" in message
 
+
+
+def test_a_stream_is_handed_to_tensorrt_as_its_address():
+    """cuda-bindings 13 deprecates int() on its objects: the stream's address comes from get_cuda_native_handle
+    (no GPU needed to make a stream object from an address)."""
+    from cuda.bindings import runtime  # installed with torch in the dev install (locks/dev.txt)
+
+    assert stream_handle(runtime.cudaStream_t(0x1234)) == 0x1234
+    assert stream_handle(runtime.cudaStream_t(0)) == 0

@@ -7,6 +7,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from runtime.ort_session import cuda_provider_options
+
 pytestmark = pytest.mark.gpu
 
 
@@ -70,7 +72,9 @@ def test_onnxruntime_cuda_provider_matches_cpu(request):
     atto = request.getfixturevalue("atto")
     from runtime.engines.onnxruntime import OnnxRuntimeEngine
 
-    engine = OnnxRuntimeEngine(atto.path / atto.manifest.artifacts[0].file, (3, 64, 64), provider="cuda")
+    # The service's options (TF32 off): fp32 within 1e-3 of the CPU.
+    engine = OnnxRuntimeEngine(atto.path / atto.manifest.artifacts[0].file, (3, 64, 64), provider="cuda",
+                               provider_options={"cuda": cuda_provider_options()})
     engine.load()
     batch = np.random.default_rng(1).standard_normal((4, 3, 64, 64), dtype=np.float32)
     np.testing.assert_allclose(engine.run(batch), reference(atto, batch), atol=1e-3)

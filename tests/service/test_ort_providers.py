@@ -140,7 +140,7 @@ def test_tensorrt_provider_options_cache_in_the_version_and_cover_the_service_ba
 
 
 def test_cuda_provider_options_and_the_provider_chains():
-    assert cuda_provider_options() == {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    assert cuda_provider_options() == {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"}
     assert cuda_provider_options(device_id=1)["device_id"] == "1"
     trt, cuda = {"trt_fp16_enable": "True"}, {"device_id": "0"}
     assert provider_chain("tensorrt", {"tensorrt": trt, "cuda": cuda}) == [
