@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from convnext_common import CliParser, add_version_argument, one_line
-from runtime.repository import ModelRepository, RepositoryError
+from runtime.repository import RepositoryError
 from service.settings import Settings
 
 # No flag for these: a command line is visible to every user of the host (ps, /proc); use the environment or a file.
@@ -24,6 +24,11 @@ SECRET_SETTINGS = ("api_key",)
 # `--version` prints the project version, so the `version` setting (which model version to serve) is --model-version;
 # its environment variable stays CONVNEXT_VERSION.
 FLAG_NAMES = {"version": "model-version"}
+# `convnext serve` takes these before the service starts (convnext_serve.py: download or export first, needs torch).
+EXPORT_FIRST_FLAGS = ("--pretrained", "--checkpoint")
+EXPORT_FIRST_HELP = ("`convnext serve --pretrained NAME | --checkpoint PATH` downloads or exports that model into the "
+                     "repository first, then serves it (its own flags: --model, --name, --mirror, --cache-dir, "
+                     "--precisions, --quiet; `convnext serve --pretrained NAME --help`).")
 
 
 def _json_list(text: str) -> list:
@@ -84,7 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="convnext serve", description=__doc__, allow_abbrev=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="Every flag overrides its CONVNEXT_<NAME> environment variable.\nEnvironment only "
-                              f"(a command line is visible to every user of the host):\n{secrets}".replace("%", "%%"))
+                              f"(a command line is visible to every user of the host):\n{secrets}\n\n"
+                              f"{textwrap.fill(EXPORT_FIRST_HELP)}".replace("%", "%%"))
     add_version_argument(parser)
     for name, field in Settings.model_fields.items():
         if name in SECRET_SETTINGS:
@@ -103,14 +109,8 @@ def settings_from_args(argv: list[str] | None) -> Settings:
 
 def settings_error(err: ValidationError) -> str:
     """One line: `port: Input should be less than or equal to 65535; ...`."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
-
-
-def check_repository(settings: Settings) -> None:
-    """Fail before the server starts, in one line, when there is nothing servable (else uvicorn logs a traceback)."""
-    from service.model_manager import load_model_version
-
-    load_model_version(ModelRepository(settings.repository), settings.model, settings.version)
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in err.errors())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         from service.doctor import main as doctor_main
 
         return doctor_main(argv[1:])
-    from service.app import create_app
-    from service.server import Server, uvicorn_config
+    if any(arg.split("=")[0] in EXPORT_FIRST_FLAGS for arg in argv):  # `python -m service`, not `convnext serve`
+        print("python -m service: error: --pretrained and --checkpoint are `convnext serve`'s (it downloads or "
+              "exports the model first, then starts this service): run convnext serve "
+              f"{' '.join(argv)} (or python -m convnext_cli serve ...)", file=sys.stderr)
+        return 2
+    from service.app import check_servable, create_app
+    from service.server import Server, check_ports_free, uvicorn_config
 
     try:
         settings = settings_from_args(argv)
@@ -128,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         detail = settings_error(err) if isinstance(err, ValidationError) else one_line(err)
         print(f"convnext serve: error: invalid settings: {detail}", file=sys.stderr)
         return 2
+    try:  # before the model loads (minutes for a TensorRT build), what would make the start fail at its end
+        check_ports_free(settings)
+    except OSError as err:
+        print(f"convnext serve: error: {one_line(err)}", file=sys.stderr)
+        return 3  # as uvicorn's own failure to bind
     try:
-        check_repository(settings)
+        check_servable(settings)
     except (RepositoryError, RuntimeError) as err:
         print(f"convnext serve: error: {one_line(err)}", file=sys.stderr)
         return 1

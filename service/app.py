@@ -1,6 +1,7 @@
 """FastAPI app wiring: settings -> engine options, routers, exception handlers, the lifespan that owns the engine."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -8,17 +9,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from convnext_common import project_version
+from convnext_common import one_line, project_version
 from runtime.engines.base import Engine
-from runtime.engines.factory import EngineOptions, open_engine
-from runtime.repository import Manifest, ModelVersion
+from runtime.engines.factory import EngineOptions, check_engine_options, open_engine
+from runtime.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
 from service.errors import ApiError, error_response
 from service.grpc_server import GrpcService, start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.model_manager import EngineFactory, ModelManager
+from service.model_manager import EngineFactory, ModelManager, load_model_version
 from service.openapi import APP_RESPONSES, install_openapi
 from service.routes import router
 from service.security import install_edge
@@ -28,6 +30,9 @@ from service.v2 import router as v2_router
 
 STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
 HTTP_ERROR_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
+# What a start can expectedly fail with (a model, engine, provider, TensorRT build or port problem): logged as one line
+# by uvicorn. Anything else is a bug, and keeps its traceback.
+STARTUP_ERRORS = (RuntimeError, OSError, RepositoryError)
 
 
 def engine_options(settings: Settings) -> EngineOptions:
@@ -41,6 +46,35 @@ def engine_options(settings: Settings) -> EngineOptions:
 def default_engine(version: ModelVersion, settings: Settings) -> Engine:
     """The engine the settings ask for (runtime/engines/factory.py)."""
     return open_engine(version, engine_options(settings))
+
+
+def check_servable(settings: Settings) -> ModelVersion:
+    """What the lifespan's start would fail on first, checked before the server starts (`python -m service`): the
+    version to serve, and an engine the settings can open for it (runtime.engines.factory.check_engine_options)."""
+    version = load_model_version(ModelRepository(settings.repository), settings.model, settings.version)
+    check_engine_options(version, engine_options(settings))
+    return version
+
+
+class StartupErrorInOneLine:
+    """Pure ASGI, for the lifespan only: a start that fails with one of STARTUP_ERRORS is reported to uvicorn as
+    `convnext serve: error: <message>` instead of Starlette's formatted traceback (what the CLI promises)."""
+
+    def __init__(self, app: ASGIApp, error_of: Callable[[], str | None]):
+        self.app, self.error_of = app, error_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_line(message: Message) -> None:
+            error = self.error_of()
+            if message["type"] == "lifespan.startup.failed" and error is not None:
+                message = {**message, "message": f"convnext serve: error: {error}"}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
 
 
 def begin_drain(app: FastAPI) -> None:
@@ -61,11 +95,17 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         state = ServiceState(settings, metrics)
         app.state.service = state
         state.models = ModelManager(settings, metrics, engine_factory)
-        await state.models.start()
         grpc_service: GrpcService | None = None
         try:
+            await state.models.start()
             if settings.grpc_port:
                 grpc_service = app.state.grpc = await start_grpc_server(state)
+        except STARTUP_ERRORS as err:
+            app.state.startup_error = one_line(err)
+            await state.models.stop(0)  # whatever the failed start had built
+            state.preprocess_pool.shutdown(wait=False)
+            raise
+        try:
             yield
         finally:
             if grpc_service is not None:  # its stop began with the HTTP server's (begin_drain); its calls finish
@@ -116,6 +156,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     # Added last, so outermost: 401s and CORS answers are counted too. Pure ASGI: Starlette's @app.middleware("http")
     # cost ~0.35 ms of CPU per request, paid by every request and every 503 under overload.
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, access_log=settings.access_log)
+    app.state.startup_error = None
+    app.add_middleware(StartupErrorInOneLine, error_of=lambda: app.state.startup_error)
 
     app.include_router(router)
     app.include_router(v2_router)

@@ -349,8 +349,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--require", default=None,
                         help=f"comma-separated subset of {','.join(REQUIREMENTS)} (default: gpu,tensorrt,cuda)")
-    parser.add_argument("--engine", choices=("onnxruntime", "tensorrt"), default=None,
-                        help="require what serving with this engine needs (with --provider)")
+    parser.add_argument("--engine", choices=("onnxruntime", "tensorrt", "openvino", "auto"), default=None,
+                        help="require what serving with this engine needs (with --provider; openvino and auto run "
+                             "on the CPU and need nothing from the host)")
     parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu")
     return parser
 

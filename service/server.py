@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import socket
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -123,6 +124,24 @@ class Server(uvicorn.Server):
             await super().shutdown(sockets=sockets)
         finally:
             ACCESS_LOG.flush()
+
+
+def check_ports_free(settings: Settings) -> None:
+    """OSError naming the setting to change when the HTTP or gRPC port is already taken. Checked before the model
+    loads: uvicorn and the gRPC server only bind after it, which can take minutes (a TensorRT build)."""
+    for setting, port, protocol in (("port", settings.port, "HTTP"), ("grpc-port", settings.grpc_port, "gRPC")):
+        if port == 0:  # HTTP: any free port; gRPC: off
+            continue
+        family, kind, proto, _, address = socket.getaddrinfo(settings.host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no owner
+            try:
+                probe.bind(address)
+            except OSError as err:
+                raise OSError(f"the {protocol} port {settings.host}:{port} is taken ({err.strerror}): stop "
+                              f"the server using it, or pass --{setting} with a free port"
+                              + ("; 0 turns gRPC off" if protocol == "gRPC" else "")) from None
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") -> uvicorn.Config:

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
         "THROUGHPUT splits the cores into streams and the batcher keeps as many batches in flight as OpenVINO's "
         "optimal number of infer requests")
 
+    @model_validator(mode="after")
+    def _ports_differ(self):
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"port and grpc_port are both {self.port}: HTTP and gRPC need a port each (grpc_port 0: "
+                             "no gRPC server)")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _read_api_key_file(cls, data):

@@ -28,7 +28,6 @@ FUNCTION_LEVEL_ALLOWED = {
     ("service.__main__", "service.doctor"): "CLI dispatch: `python -m service doctor`",
     ("service.__main__", "service.app"): "`--help` and settings errors answer without importing FastAPI and uvicorn",
     ("service.__main__", "service.server"): "`--help` and settings errors answer without importing uvicorn",
-    ("service.__main__", "service.model_manager"): "`--help` and settings errors answer without the engines",
     ("deploy.entrypoint", "model.pretrained"): "the service images run `serve` without torch; only `prepare` needs it",
     ("export.onnx", "model"): "model/ is torch: `python -m export tensorrt|list` run where there is none (GPU image)",
     ("export.onnx", "model.pretrained"): "model/ is torch: `python -m export tensorrt|list` run without it",

@@ -10,12 +10,15 @@ from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.engines.openvino import OpenVinoEngine, artifact_precision
 from runtime.engines.tensorrt import open_tensorrt_engine  # imports TensorRT itself only when an engine opens
 from runtime.ort_session import (
+    ProviderError,
+    available_provider,
     cuda_provider_options,
     onnxruntime_version,
     ort_tensorrt_cache_dir,
     tensorrt_provider_options,
 )
 from runtime.repository import ModelVersion
+from runtime.tensorrt_runtime import TensorRTError, cudart, import_tensorrt
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,38 @@ def open_engine(version: ModelVersion, options: EngineOptions) -> Engine:
         # A compatible engine from the version, or one built for this GPU on first start (minutes, then cached;
         # one replica builds, the others wait for it); an engine that fails to deserialize is rebuilt once.
         return open_tensorrt_engine(version, options.precision, options.max_batch_size, options.repository)
+    return open_engine_unloaded(version, options)
+
+
+def check_engine_options(version: ModelVersion, options: EngineOptions) -> None:
+    """Raise EngineError for what open_engine would refuse, without loading a model or touching a GPU: the version's
+    artifact for the precision, each engine's own option checks, the provider in this onnxruntime build, OpenVINO or
+    TensorRT installed. `python -m service` runs it before anything starts: a wrong flag costs one line, not a model
+    load (or a TensorRT build) first."""
+    if options.engine == "tensorrt":
+        try:
+            import_tensorrt()
+            cudart()
+        except TensorRTError as err:
+            raise EngineError(f"--engine tensorrt: {err}") from None
+        return
+    if options.engine == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise EngineError("--engine openvino needs the openvino package (pip install -e '.[serve]' installs it); or "
+                          "use --engine onnxruntime")
+    engine = open_engine_unloaded(version, options)
+    if isinstance(engine, AutoEngine):
+        for candidate in engine.candidates.values():
+            candidate()  # each one's own checks
+    if options.engine == "onnxruntime" and options.provider != "cpu":
+        try:
+            available_provider(options.provider)
+        except ProviderError as err:
+            raise EngineError(str(err)) from None
+
+
+def open_engine_unloaded(version: ModelVersion, options: EngineOptions) -> Engine:
+    """The engine open_engine would serve, built but not loaded (ONNX Runtime, OpenVINO, auto; not TensorRT, whose
+    engine is found or built when it opens)."""
     if options.engine == "openvino":
         return openvino_engine(version, options)
     if options.engine == "auto":
@@ -67,7 +102,7 @@ def _onnx_artifact(version: ModelVersion, precision: str, what: str):
     artifact = manifest.find("onnx", precision)
     if artifact is None:
         have = sorted({a.precision for a in manifest.artifacts if a.format == "onnx"})
-        raise RuntimeError(f"{manifest.name}/{manifest.version} has no {precision} ONNX artifact{what} "
+        raise EngineError(f"{manifest.name}/{manifest.version} has no {precision} ONNX artifact{what} "
                            f"(has {have}); pass --precision one of those")
     return artifact
 

@@ -1,6 +1,7 @@
 """The Open Inference Protocol over gRPC, proven with the official tritonclient.grpc against the real server."""
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from runtime.preprocess import preprocess
 from runtime.repository import ModelRepository
+from service.app import create_app
 from service.grpc_proto import open_inference_pb2 as pb
 from service.settings import Settings
 from tests.service.conftest import free_port
@@ -373,14 +375,21 @@ def test_grpc_port_setting_and_the_cli_prints_the_address(model_repository):
     assert process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM it caught once it is done
 
 
-def test_a_taken_grpc_port_fails_the_start_with_a_clear_message(model_repository):
+def test_a_grpc_port_taken_after_the_cli_checked_it_fails_the_start_with_a_clear_message(model_repository):
+    """`python -m service` finds a taken port before the model loads (tests/service/test_startup_errors.py); one taken
+    in between fails the start itself, and the lifespan keeps its one-line message for uvicorn's log."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [sys.executable, "-m", "service", "--repository", str(model_repository), "--host", "127.0.0.1",
-                   "--port", str(free_port()), "--grpc-port", str(port), "--intra-op-threads", "1",
-                   "--warmup-runs", "0"]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 3
-    assert f"cannot listen for gRPC on 127.0.0.1:{port}" in result.stdout + result.stderr
+        app = create_app(Settings(repository=str(model_repository), host="127.0.0.1", port=free_port(),
+                                  grpc_port=port, intra_op_threads=1, warmup_runs=0))
+
+        async def start() -> None:
+            async with app.router.lifespan_context(app):
+                pass
+
+        with pytest.raises(RuntimeError, match=f"cannot listen for gRPC on 127.0.0.1:{port}"):
+            asyncio.run(start())
+    assert app.state.startup_error.startswith(f"cannot listen for gRPC on 127.0.0.1:{port}")
+    assert "\n" not in app.state.startup_error

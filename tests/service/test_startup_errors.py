@@ -1,0 +1,82 @@
+"""`python -m service` refuses what it cannot serve before anything starts (one line, no model loaded), and a start
+that still fails (an engine that will not load) ends in one line too, never a traceback."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.service.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (flags, a phrase of the one line, exit status); every case is refused before the model is loaded.
+REFUSED = [
+    (["--precision", "int8"], "atto/1 has no int8 ONNX artifact (has ['fp32'])", 1),
+    (["--engine", "tensorrt"], "--engine tensorrt: TensorRT is not installed", 1),
+    (["--provider", "cuda"], "CUDAExecutionProvider is not in this onnxruntime build", 1),
+    (["--engine", "openvino", "--precision", "fp16"], "the OpenVINO engine runs precision fp32/bf16/int8", 1),
+    (["--engine", "auto", "--precision", "int8"], "engine auto chooses between fp32 CPU engines", 1),
+    (["--ort-streams", "2", "--provider", "cuda"], "ONNX Runtime streams must be 1", 1),
+    (["--grpc-port", "{port}"], "port and grpc_port are both", 2),
+]
+
+
+def serve(*flags: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def assert_one_line(result: subprocess.CompletedProcess, phrase: str, status: int) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == status, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "convnext serve: error: " in line]
+    assert len(errors) == 1 and phrase in errors[0], output
+    return errors[0]
+
+
+@pytest.mark.parametrize(("flags", "phrase", "status"), REFUSED, ids=[" ".join(f[:2]) for f, _, _ in REFUSED])
+def test_settings_it_cannot_serve_are_refused_in_one_line_before_the_model_loads(model_repository, flags, phrase,
+                                                                                  status):
+    port = free_port()
+    result = serve("--repository", str(model_repository), "--host", "127.0.0.1", "--port", str(port),
+                   *[flag.format(port=port) for flag in flags])
+    assert_one_line(result, phrase, status)
+    assert "Waiting for application startup" not in result.stderr  # nothing was started
+
+
+@pytest.mark.parametrize("taken", ["HTTP", "gRPC"])
+def test_a_taken_port_is_named_before_the_model_loads(model_repository, taken):
+    http_port, grpc_port = free_port(), free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", http_port if taken == "HTTP" else grpc_port))
+        holder.listen()
+        result = serve("--repository", str(model_repository), "--host", "127.0.0.1", "--port", str(http_port),
+                       "--grpc-port", str(grpc_port))
+    flag = "--port" if taken == "HTTP" else "--grpc-port"
+    line = assert_one_line(result, f"the {taken} port 127.0.0.1:", 3)
+    assert f"pass {flag} with a free port" in line
+
+
+def test_an_engine_that_fails_to_load_at_start_is_one_line_too(model_repository, tmp_path):
+    """A version whose files are intact by their hashes but whose ONNX model ONNX Runtime cannot read: only the
+    start itself finds out; uvicorn then logs one line and the process exits with its start-up failure status."""
+    version = tmp_path / "models" / "atto" / "1"
+    shutil.copytree(model_repository / "atto" / "1", version, ignore=shutil.ignore_patterns(".lock"))
+    garbage = b"not an ONNX model" * 64
+    (version / "model.onnx").write_bytes(garbage)
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["artifacts"][0].update(sha256=hashlib.sha256(garbage).hexdigest(), size_bytes=len(garbage))
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    result = serve("--repository", str(tmp_path / "models"), "--host", "127.0.0.1", "--port", str(free_port()),
+                   "--grpc-port", str(free_port()))
+    line = assert_one_line(result, "ONNX Runtime could not load", 3)
+    assert "model.onnx" in line
+    assert "Application startup failed" in result.stderr
