@@ -14,7 +14,7 @@ from pathlib import Path
 from bench import cpu_engines, cpu_serving, serve_benchmark, soak
 from bench.engine_benchmark import benchmark_onnx, compare_models
 from bench.host import cpu_model
-from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
+from bench.loadgen import PAYLOAD_SIZES, LoadResult, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.open_loop import open_loop
 from bench.preprocess_cost import preprocess_report
@@ -23,7 +23,7 @@ from bench.report import batch_distribution, batch_histogram, service_efficiency
 from bench.server_process import litserve_peer, service
 from bench.service_metrics import scrape
 from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
-from runtime.repository import ModelRepository
+from runtime.repository import MANIFEST_FILE, ModelRepository, RepositoryError
 
 MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
 SPINNING_OFF = {"CONVNEXT_ORT_SPINNING": "false"}
@@ -53,7 +53,7 @@ def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engi
     pre = preprocess_report(payloads, spec, engine_cpu_ms)
     lone = next((r for r in load if r["server"] == "ours" and r["mode"] == "closed" and r["concurrency"] == 1), None)
     batch1 = next((r for r in engine if r["batch_size"] == 1), None)
-    if lone is None or batch1 is None:
+    if lone is None or lone["p50_ms"] is None or batch1 is None:
         return pre, None
     for row in by_size or []:
         row["engine_alone_p50_ms"] = batch1["p50_ms"]
@@ -144,6 +144,37 @@ def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -
     return results
 
 
+def run_load(args: argparse.Namespace) -> LoadResult:
+    """`bench load`: the closed loop, or the open loop with --rate; a RuntimeError when no request succeeded."""
+    payloads = jpeg_payloads()
+    if args.rate:
+        load = open_loop(args.url, payloads, args.rate, args.requests, args.seconds, form_field=args.form_field)
+    else:
+        load = closed_loop(args.url, payloads, args.concurrency, args.requests, args.seconds,
+                           form_field=args.form_field)
+    result = asyncio.run(load)
+    if result.ok == 0:
+        first = f", the first with {result.first_error}" if result.first_error else ""
+        raise RuntimeError(f"none of the {result.sent} requests to {args.url} succeeded{first}; check that the "
+                           "service is listening there (convnext serve) and the URL's path")
+    return result
+
+
+def repository_labels(onnx_path: Path) -> dict[str, str]:
+    """model, activation and precision of an ONNX file that its folder's manifest lists (a model repository
+    version); {} for any other file, whose model cannot be told from the file."""
+    path = onnx_path.resolve()
+    version_dir = path.parent
+    if not (version_dir / MANIFEST_FILE).is_file() or not version_dir.name.isdigit():
+        return {}
+    manifest = ModelRepository(version_dir.parent.parent).load(
+        version_dir.parent.name, int(version_dir.name), verify_files=False).manifest
+    artifact = next((a for a in manifest.artifacts if a.file == path.name and a.format == "onnx"), None)
+    if artifact is None:
+        return {}
+    return {"model": manifest.architecture, "activation": manifest.activation, "precision": artifact.precision}
+
+
 def gpu_missing() -> str | None:
     """Why this host cannot run the GPU suite (no CUDA provider in onnxruntime, no TensorRT), or None."""
     import importlib.util
@@ -207,8 +238,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# OSError: a missing file or a refused connection; RuntimeError: ONNX Runtime refusing a model file.
-@exit_on_expected_errors("convnext bench", (OSError, ValueError, RuntimeError))
+# OSError: a missing file or a refused connection; RuntimeError: ONNX Runtime refusing a model file, or a load run
+# with no success; RepositoryError: a model or version not in --repository.
+@exit_on_expected_errors("convnext bench", (OSError, ValueError, RuntimeError, RepositoryError))
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["torch"], ["roadmap"]):
@@ -228,16 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.command == "engine":
         for r in benchmark_onnx(args.onnx, args.batch_sizes, provider=args.provider, threads=args.threads,
-                                iterations=args.iterations):
-            print(json.dumps(asdict(r)))
+                                iterations=args.iterations, **repository_labels(args.onnx)):
+            print(json.dumps({k: v for k, v in asdict(r).items() if v is not None}, allow_nan=False))
     elif args.command == "load":
-        payloads = jpeg_payloads()
-        if args.rate:
-            result = open_loop(args.url, payloads, args.rate, args.requests, args.seconds, form_field=args.form_field)
-        else:
-            result = closed_loop(args.url, payloads, args.concurrency, args.requests, args.seconds,
-                                 form_field=args.form_field)
-        print(json.dumps(asyncio.run(result).summary(), indent=2))
+        print(json.dumps(run_load(args).summary(), indent=2, allow_nan=False))
     else:
         preset = PRESETS["smoke" if args.smoke else "full"]
         preset = replace(preset, peer=preset.peer and not args.no_peer)

@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_limits  # scikit-learn's dependency (the be
 from bench.host import cpu_model
 from bench.loadgen import photo_paths
 from bench.preprocess_cost import median_ms
+from convnext_common import CliParser
 from export.onnx import export_onnx_version
 from runtime.engines.auto import measure_images_per_s
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -63,15 +64,25 @@ def ort_streams(hint: str | None, threads: int) -> int:
     return threads if hint == "THROUGHPUT" else 1
 
 
+def onnx_artifact_path(version, precision: str) -> Path:
+    """The version's ONNX file of `precision`; a RuntimeError naming the precisions it has when it lacks that one."""
+    manifest = version.manifest
+    artifact = manifest.find("onnx", precision)
+    if artifact is None:
+        has = ", ".join(a.precision for a in manifest.artifacts if a.format == "onnx") or "none"
+        raise RuntimeError(f"no {precision} ONNX artifact in {manifest.name}/{manifest.version} (has {has})")
+    return version.artifact_path(artifact)
+
+
 def build_engine(version, engine: str, precision: str, hint: str | None, max_batch_size: int, threads: int):
     manifest = version.manifest
     shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
     if engine == "onnxruntime":  # hint THROUGHPUT: a stream per thread (the service's --ort-streams)
-        path = version.artifact_path(manifest.find("onnx", precision))
+        path = onnx_artifact_path(version, precision)
         streams = ort_streams(hint, threads)
         return OnnxRuntimeEngine(path, shape, precision=precision, max_batch_size=max_batch_size,
                                  intra_op_threads=max(1, threads // streams), streams=streams)
-    path = version.artifact_path(manifest.find("onnx", artifact_precision(precision)))
+    path = onnx_artifact_path(version, artifact_precision(precision))
     return OpenVinoEngine(path, shape, precision=precision, max_batch_size=max_batch_size, threads=threads,
                           performance_hint=hint)
 
@@ -119,7 +130,7 @@ def engine_rounds(version, configs, batch_size: int, rounds: int, seconds: float
             engines[label] = build_engine(version, engine, precision, hint, batch_size, threads)
             engines[label].load()
             engines[label].warmup()
-        except (RuntimeError, AttributeError) as err:  # e.g. no int8 artifact, bf16 on a CPU without it
+        except RuntimeError as err:  # e.g. no int8 artifact, bf16 on a CPU without it
             print(f"skipped {label}: {err}")
             engines.pop(label, None)
     shape = engines[configs[0][0]].describe().input_shape
@@ -206,7 +217,8 @@ def load_average() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliParser(prog="python -m bench cpu", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["engines", "decode"])
     parser.add_argument("--repository", type=Path, help="default: export a random-init convnext_tiny (fp32 + int8)")
     parser.add_argument("--model", default="convnext-tiny")

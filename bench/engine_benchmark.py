@@ -39,9 +39,9 @@ PUBLISHED_TOP1 = {
 
 @dataclass(frozen=True)
 class EngineResult:
-    model: str
-    activation: str
-    precision: str
+    model: str | None  # None: not known (a bare ONNX file, outside a model repository)
+    activation: str | None
+    precision: str | None
     provider: str
     batch_size: int
     threads: int
@@ -107,7 +107,7 @@ def time_session(session, batch_size: int, warmup: int, iterations: int,
 
 
 def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, warmup: int = 2, iterations: int = 20,
-                       max_seconds: float = 10.0, model: str = "?", activation: str = "?",
+                       max_seconds: float = 10.0, model: str | None = None, activation: str | None = None,
                        threads: int | None = None) -> list[EngineResult]:
     """A native TensorRT engine (built once for the sweep's batch range, cached in the version) vs batch size.
 
@@ -136,8 +136,8 @@ def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, w
 
 
 def benchmark_onnx(onnx_path: Path, batch_sizes: Sequence[int], *, provider: str = "cpu", threads: int | None = None,
-                   warmup: int = 2, iterations: int = 20, max_seconds: float = 10.0, model: str = "?",
-                   activation: str = "?", precision: str = "fp32") -> list[EngineResult]:
+                   warmup: int = 2, iterations: int = 20, max_seconds: float = 10.0, model: str | None = None,
+                   activation: str | None = None, precision: str | None = None) -> list[EngineResult]:
     threads = threads or os.cpu_count() or 1
     session = make_session(onnx_path, provider, threads, max_batch_size=max(batch_sizes))
     results = []

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from bench.http_client import Connection, HttpError, PreparedRequest, prepare_post
+from convnext_common import one_line
 
 PAYLOAD_SIZES = ((500, 375), (1024, 768))
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -55,19 +56,21 @@ class LoadResult:
     sent: int = 0
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    first_error: str | None = None  # what the first failed request met, e.g. "HTTP 503: ..." or "TimeoutError"
     elapsed_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     # Open loop only: how late each request was sent after its due time (a lagging generator shows here).
     send_lags_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
-        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([float("nan")])
+        """The run's figures; latency percentiles are None (JSON null) when no request succeeded."""
+        lat = np.asarray(self.latencies_ms)
+        p50, p95, p99 = (float(v) for v in np.percentile(lat, [50, 95, 99])) if lat.size else (None, None, None)
         return {
             "mode": self.mode, "url": self.url, "concurrency": self.concurrency, "rate_per_s": self.rate_per_s,
-            "sent": self.sent, "ok": self.ok, "errors": dict(self.errors), "elapsed_s": self.elapsed_s,
-            "images_per_s": self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0,
-            "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
-            "p99_ms": float(np.percentile(lat, 99)), **send_lag_summary(self.send_lags_ms),
+            "sent": self.sent, "ok": self.ok, "errors": dict(self.errors), "first_error": self.first_error,
+            "elapsed_s": self.elapsed_s, "images_per_s": self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0,
+            "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, **send_lag_summary(self.send_lags_ms),
         }
 
 
@@ -76,6 +79,16 @@ def send_lag_summary(send_lags_ms: list[float]) -> dict:
     lags = np.asarray(send_lags_ms)
     return {"send_lag_p99_ms": float(np.percentile(lags, 99)) if lags.size else None,
             "send_lag_max_ms": float(lags.max()) if lags.size else None}
+
+
+def http_error_text(status: int, body: bytes) -> str:
+    """A non-200 answer as one line: its status and the start of its body (the service's JSON error)."""
+    return f"HTTP {status}: {one_line(body[:200].decode('utf-8', 'replace'))}"
+
+
+def transport_error_text(error: BaseException) -> str:
+    """A request that got no answer, as one line: the exception's name and its message when it has one."""
+    return f"{type(error).__name__}: {one_line(error)}" if str(error) else type(error).__name__
 
 
 def check_loopback(url: str) -> None:
@@ -90,10 +103,11 @@ async def _send(connection: Connection, request: PreparedRequest, result: LoadRe
     counted in `result` when it completes inside `window` (time.perf_counter() from, until)."""
     t0 = time.perf_counter()
     try:
-        status = str((await asyncio.wait_for(connection.send(request), timeout_s))[0])
+        code, body = await asyncio.wait_for(connection.send(request), timeout_s)
+        status, error = str(code), None if code == 200 else http_error_text(code, body)
     except (TimeoutError, HttpError, OSError) as err:  # counted, not fatal, during a load run
         await connection.close()
-        status = type(err).__name__
+        status, error = type(err).__name__, transport_error_text(err)
     if not window[0] <= time.perf_counter() <= window[1]:
         return  # ramp-up or drain of a steady-state run
     result.sent += 1
@@ -102,6 +116,7 @@ async def _send(connection: Connection, request: PreparedRequest, result: LoadRe
         result.latencies_ms.append((time.perf_counter() - t0) * 1000)
     else:
         errors[status] += 1
+        result.first_error = result.first_error or error
 
 
 def prepared_posts(url: str, payloads: list[bytes], form_field: str | None = None) -> list[PreparedRequest]:

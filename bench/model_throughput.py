@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from convnext_common import CliParser
 from model import create_model
 from model.flops import measure
 
@@ -14,7 +15,7 @@ MODELS = (("convnext_tiny", "gelu"), ("convnext_tiny", "relu"), ("resnet50", "re
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CliParser(prog="python -m bench torch", description=__doc__)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--warmup-iters", type=int, default=3)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.http_client import Connection, HttpError, PreparedRequest
-from bench.loadgen import LoadResult, check_loopback, prepared_posts
+from bench.loadgen import LoadResult, check_loopback, http_error_text, prepared_posts, transport_error_text
 
 # uvicorn closes a keep-alive connection idle for 5 s; reusing one it is closing would count as a server error.
 KEEP_ALIVE_REUSE_S = 2.0
@@ -46,6 +46,7 @@ class Outcome:
     sent_s: float
     answered_s: float
     status: str  # the HTTP status ("200", "503"), or the transport error's name ("TimeoutError")
+    error: str | None = None  # a failure as one line (bench.loadgen.http_error_text / transport_error_text)
 
     @property
     def latency_ms(self) -> float:
@@ -96,14 +97,14 @@ class OpenLoop:
             connection = await self._connection()
             sent_s = time.perf_counter() - t0
             try:
-                answer = await asyncio.wait_for(connection.send(self.requests[index % len(self.requests)]),
-                                                self.timeout_s)
-                status = str(answer[0])
+                code, body = await asyncio.wait_for(connection.send(self.requests[index % len(self.requests)]),
+                                                    self.timeout_s)
+                status, error = str(code), None if code == 200 else http_error_text(code, body)
             except (TimeoutError, HttpError, OSError) as err:  # counted, not fatal, during a load run
                 await connection.close()
-                status = type(err).__name__
+                status, error = type(err).__name__, transport_error_text(err)
             answered = time.perf_counter()
-            self.outcomes.append(Outcome(index, due_s, sent_s, answered - t0, status))
+            self.outcomes.append(Outcome(index, due_s, sent_s, answered - t0, status, error))
             self._idle.append((answered, connection))
 
     async def _connection(self) -> Connection:
@@ -122,7 +123,8 @@ def load_result(url: str, rate_per_s: float, outcomes: Sequence[Outcome], elapse
     ok = [o for o in outcomes if o.status == "200"]
     return LoadResult("open", url, None, rate_per_s, sent=len(outcomes), ok=len(ok), errors=dict(errors),
                       elapsed_s=elapsed_s, latencies_ms=[o.latency_ms for o in ok],
-                      send_lags_ms=[o.send_lag_ms for o in outcomes])
+                      send_lags_ms=[o.send_lag_ms for o in outcomes],
+                      first_error=next((o.error for o in outcomes if o.status != "200"), None))
 
 
 async def open_loop(url: str, payloads: list[bytes], rate_per_s: float, max_requests: int, max_seconds: float,

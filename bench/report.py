@@ -33,6 +33,11 @@ def service_efficiency(end_to_end_images_per_s: float, engine_results: list[dict
     return end_to_end_images_per_s / max(same) if same and max(same) > 0 else None
 
 
+def format_ms(value: float | None) -> str:
+    """A latency for a table: one decimal, or "-" when there is none (a run in which no request succeeded)."""
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -55,8 +60,8 @@ def markdown(results: dict) -> str:
         parts += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in results["compare"]["skipped"].items()), ""]
     parts += ["## End to end (HTTP load, real JPEGs 500x375 and 1024x768, quality 90)", ""]
     rows = [[run["server"], run["mode"], run["concurrency"] or "-", run["rate_per_s"] or "-", run["ok"],
-             sum(run["errors"].values()), f"{run['images_per_s']:.1f}", f"{run['p50_ms']:.1f}", f"{run['p95_ms']:.1f}",
-             f"{run['p99_ms']:.1f}", "-" if run.get("send_lag_max_ms") is None else f"{run['send_lag_max_ms']:.1f}",
+             sum(run["errors"].values()), f"{run['images_per_s']:.1f}", format_ms(run["p50_ms"]),
+             format_ms(run["p95_ms"]), format_ms(run["p99_ms"]), format_ms(run.get("send_lag_max_ms")),
              "-" if run.get("efficiency") is None else f"{run['efficiency']:.2f}"]
             for run in results["load"]]
     parts += [_table(["server", "mode", "concurrency", "rate/s", "ok", "errors", "images/s", "p50 ms", "p95 ms",

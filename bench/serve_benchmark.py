@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.loadgen import closed_loop, jpeg_payloads
+from bench.report import format_ms
 from bench.server_process import service
+from convnext_common import CliParser
 from export.onnx import export_onnx_version
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.repository import ModelRepository
@@ -50,7 +52,8 @@ async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliParser(prog="python -m bench serve", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, help="an existing model repository (default: export convnext_tiny)")
     parser.add_argument("--model", default="convnext_tiny", help="model name in the repository")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {size} | {rate:.1f} |")
     print("\n| /classify concurrency | images/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
     for r in end_to_end:
-        print(f"| {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+        print(f"| {r['concurrency']} | {r['images_per_s']:.1f} | {format_ms(r['p50_ms'])} | {format_ms(r['p99_ms'])} | "
               f"{r['errors']} |")
     print(f"\nend-to-end best / engine best: {report['end_to_end_over_engine']:.2f}")
     args.output.write_text(json.dumps(report, indent=2))

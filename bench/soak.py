@@ -25,6 +25,7 @@ from bench.loadgen import closed_loop, jpeg_payloads, prepared_posts, send_lag_s
 from bench.open_loop import OpenLoop, Outcome, even_arrivals_s
 from bench.server_process import service
 from bench.service_metrics import metric_value, scrape
+from convnext_common import CliParser, one_line
 from export.onnx import export_onnx_version
 
 MAX_MINUTES = 120.0  # hard cap: a soak is bounded even when --minutes is mistyped
@@ -59,9 +60,9 @@ class Window:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     images_per_s: float = 0.0
-    p50_ms: float = float("nan")  # latency from each request's scheduled arrival (bench.open_loop)
-    p99_ms: float = float("nan")
-    send_lag_max_ms: float = float("nan")  # how far behind its schedule the generator fell
+    p50_ms: float | None = None  # latency from each request's scheduled arrival (bench.open_loop); None: no 200
+    p99_ms: float | None = None
+    send_lag_max_ms: float | None = None  # how far behind its schedule the generator fell; None: nothing answered
     rss_mb: float = 0.0
     queue_depth: float | None = None
 
@@ -120,8 +121,9 @@ async def drive(url: str, payloads: list[bytes], rate_per_s: float, seconds: flo
 def format_row(w: Window) -> str:
     errors = ",".join(f"{k}:{v}" for k, v in sorted(w.errors.items())) or "-"
     depth = "-" if w.queue_depth is None else f"{w.queue_depth:.0f}"
-    return (f"{w.end_s:>7.0f} {w.sent:>6} {w.images_per_s:>8.1f} {w.p50_ms:>8.1f} {w.p99_ms:>8.1f} "
-            f"{w.send_lag_max_ms:>8.1f} {w.rss_mb:>8.1f} {depth:>5}  {errors}")
+    p50, p99, lag = ("-" if v is None else f"{v:.1f}" for v in (w.p50_ms, w.p99_ms, w.send_lag_max_ms))
+    return (f"{w.end_s:>7.0f} {w.sent:>6} {w.images_per_s:>8.1f} {p50:>8} {p99:>8} "
+            f"{lag:>8} {w.rss_mb:>8.1f} {depth:>5}  {errors}")
 
 
 HEADER = (f"{'t_s':>7} {'sent':>6} {'img/s':>8} {'p50_ms':>8} {'p99_ms':>8} {'lag_ms':>8} {'rss_mb':>8} {'queue':>5}"
@@ -129,18 +131,19 @@ HEADER = (f"{'t_s':>7} {'sent':>6} {'img/s':>8} {'p50_ms':>8} {'p99_ms':>8} {'la
 
 
 def drift(windows: list[Window]) -> dict:
-    """Latency drift and memory growth, both measured after the first window (warm-up excluded from memory)."""
-    p50 = np.asarray([w.p50_ms for w in windows])
-    minutes = np.asarray([w.end_s for w in windows]) / 60
-    valid = ~np.isnan(p50)
-    slope = float(np.polyfit(minutes[valid], p50[valid], 1)[0]) if valid.sum() >= 2 else float("nan")
+    """Latency drift and memory growth, both measured after the first window (warm-up excluded from memory).
+    A figure that cannot be computed (a window without a success, a single window) is None."""
+    first, last = windows[0].p50_ms, windows[-1].p50_ms
+    minutes = [w.end_s / 60 for w in windows if w.p50_ms is not None]
+    p50s = [w.p50_ms for w in windows if w.p50_ms is not None]
+    slope = float(np.polyfit(minutes, p50s, 1)[0]) if len(p50s) >= 2 else None
     rss = [w.rss_mb for w in windows]
     span_min = (windows[-1].end_s - windows[0].end_s) / 60 if len(windows) > 1 else 0.0
     growth = rss[-1] - rss[0]
-    return {"p50_first_ms": float(p50[0]), "p50_last_ms": float(p50[-1]),
-            "p50_last_over_first": float(p50[-1] / p50[0]) if p50[0] > 0 else float("nan"),
+    return {"p50_first_ms": first, "p50_last_ms": last,
+            "p50_last_over_first": last / first if first and last is not None else None,
             "p50_slope_ms_per_min": slope, "rss_first_window_mb": rss[0], "rss_last_mb": rss[-1],
-            "rss_growth_mb": growth, "rss_growth_mb_per_min": growth / span_min if span_min else float("nan"),
+            "rss_growth_mb": growth, "rss_growth_mb_per_min": growth / span_min if span_min else None,
             "rss_max_mb": max(rss), "errors": sum(sum(w.errors.values()) for w in windows),
             "ok_in_windows": sum(w.ok for w in windows)}
 
@@ -171,7 +174,7 @@ def run_soak(repository: Path | None, minutes: float, window_s: float, rate_frac
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convnext bench soak", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m bench soak", description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=None,
                         help="model repository to serve (default: export a random convnext_atto at 64 px)")
     parser.add_argument("--minutes", type=float, default=5.0, help=f"soak length (capped at {MAX_MINUTES:.0f})")
@@ -187,20 +190,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the server subprocess is stopped rather than orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     minutes, window_s, calibrate_s = args.minutes, args.window_s, 5.0
     if args.smoke:
         minutes, window_s, calibrate_s = SMOKE_SECONDS / 60, 5.0, 2.0
     if not 0 < args.rate_fraction <= 2 or (args.rate is not None and args.rate <= 0):
-        print("convnext bench soak: --rate-fraction must be in (0, 2] and --rate > 0", file=sys.stderr)
-        return 2
+        parser.error("--rate-fraction must be in (0, 2] and --rate > 0")
     try:
         report = run_soak(args.repository, minutes, window_s, args.rate_fraction, args.rate, args.out,
                           args.queue_size, args.max_batch_size, calibrate_s)
     except ValueError as err:
-        print(f"convnext bench soak: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     print(json.dumps(report["summary"], indent=2))
     print("wrote", args.out)

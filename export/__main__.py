@@ -6,10 +6,31 @@ import logging
 import sys
 
 from convnext_common import CliParser, add_version_argument, one_line
-from runtime.repository import ModelRepository, RepositoryError
+from runtime.repository import NAME_PATTERN, ModelRepository, RepositoryError
 from runtime.tensorrt import BatchProfile, select_or_build_engine
 
-from .onnx import export_onnx_version  # torch-free at import: `export tensorrt` runs where there is no torch
+# torch-free at import: `python -m export tensorrt|list` run where there is no torch
+from .onnx import PRECISIONS, ExportError, check_model_name, export_onnx_version
+
+
+def _repository_name(text: str) -> str:
+    if not NAME_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a repository name: lower-case letters, digits, '.', '_' and '-', starting with a "
+            f"letter or digit, at most 64 characters ({NAME_PATTERN.pattern})")
+    return text
+
+
+def _precision_list(text: str) -> tuple[str, ...]:
+    precisions = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown precision {', '.join(unknown)}; choose from {','.join(PRECISIONS)}")
+    if "fp32" not in precisions:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} leaves out fp32, the reference every other precision is verified against; "
+            f"pass --precisions fp32,{','.join(precisions)}")
+    return precisions
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -20,13 +41,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     onnx = commands.add_parser("onnx", help="export a model to a new verified ONNX version")
     onnx.add_argument("--model", help="a model.list_models() name (optional with a project checkpoint)")
     onnx.add_argument("--checkpoint", help="project, official, timm or torchvision checkpoint (.pth)")
-    onnx.add_argument("--name", required=True, help="model name in the repository")
+    onnx.add_argument("--name", required=True, type=_repository_name, help="model name in the repository")
     onnx.add_argument("--repository", default="models", help="model repository root")
     onnx.add_argument("--version", type=int, help="version number (default: latest + 1)")
     onnx.add_argument("--ema", action="store_true",
                       help="export the checkpoint's EMA weights (model_ema) instead of the trained weights")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    onnx.add_argument("--precisions", default="fp32",
+    onnx.add_argument("--precisions", default="fp32", type=_precision_list,
                       help="comma list from fp32,fp16,bf16,int8 (bf16: for TensorRT 11)")
     onnx.add_argument("--opset", type=int, default=18)
     onnx.add_argument("--activation", choices=("gelu", "relu"))
@@ -58,10 +79,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_bad_onnx_args(parser: argparse.ArgumentParser, args) -> None:
+    """The argument errors an export would otherwise meet only after building the model (minutes on a CPU)."""
+    if args.model is None and args.checkpoint is None:
+        parser.error("no model name: pass --model (only project checkpoints carry their model name)")
+    if args.model is not None:
+        try:
+            check_model_name(args.model)
+        except ExportError as error:
+            parser.error(f"--model: {error}")
+    if args.version in ModelRepository(args.repository).versions(args.name) and not args.overwrite:
+        parser.error(f"{args.name}/{args.version} already exists in {args.repository}; "
+                     "pass --overwrite to replace it")
+
+
 def _run_onnx(args) -> int:
     version = export_onnx_version(
         args.repository, args.name, args.model, args.checkpoint, version=args.version, overwrite=args.overwrite,
-        opset=args.opset, precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
+        opset=args.opset, precisions=args.precisions,
         num_classes=args.num_classes, activation=args.activation, input_size=args.input_size,
         calibration_images=args.calibration_images, verify_images=args.verify_images, use_ema=args.ema,
         dataset=args.dataset,
@@ -110,7 +145,8 @@ def _run_tensorrt(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False)
     # Progress lines are INFO on the project's loggers; third-party INFO (the ONNX optimizer's pass log) is noise.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -118,6 +154,8 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
     handlers = {"onnx": _run_onnx, "list": _run_list, "tensorrt": _run_tensorrt}
     try:
+        if args.command == "onnx":
+            _refuse_bad_onnx_args(parser, args)
         return handlers[args.command](args)
     except (RepositoryError, ValueError, RuntimeError, OSError, ImportError) as error:
         print(f"python -m export: error: {one_line(error)}", file=sys.stderr)

@@ -73,6 +73,14 @@ def _preprocess_from(data_config: dict, input_size: int | None) -> Preprocess:
     )
 
 
+def check_model_name(model_name: str) -> None:
+    """An ExportError naming the models model/ builds when `model_name` is not one of them."""
+    import model as models
+
+    if model_name not in models.list_models():
+        raise ExportError(f"unknown model {model_name!r}; choose one of: {', '.join(models.list_models())}")
+
+
 def load_source(
     model_name: str | None,
     checkpoint: str | Path | None,
@@ -101,8 +109,7 @@ def load_source(
         model_name = raw["model_name"]
     if model_name is None:
         raise ExportError("no model name: pass --model (only project checkpoints carry their model name)")
-    if model_name not in models.list_models():
-        raise ExportError(f"unknown model {model_name!r}; choose one of {', '.join(models.list_models())}")
+    check_model_name(model_name)
     kwargs = dict(raw.get("model_kwargs") or {})
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

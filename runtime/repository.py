@@ -253,7 +253,8 @@ class ModelRepository:
         version = version if version is not None else (existing[-1] + 1 if existing else 1)
         final = self.root / name / str(version)
         if final.exists() and not overwrite:
-            raise RepositoryError(f"{name}/{version} already exists; pass overwrite to replace it")
+            raise RepositoryError(f"{name}/{version} already exists; pass overwrite=True (--overwrite on the command "
+                                  "line) to replace it")
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=final.parent))
         os.chmod(staging, 0o755)  # mkdtemp creates 0700; the service may run as another user

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bench.service_metrics import metric_value
-from bench.soak import Window, drift, rss_mb
+from bench.soak import Window, drift, format_row, rss_mb
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,17 @@ def test_drift_reports_latency_ratio_slope_and_memory_growth_after_the_first_win
     assert summary["p50_slope_ms_per_min"] == pytest.approx(6.0)  # +1 ms per 10 s window
     assert summary["rss_growth_mb"] == pytest.approx(10.0)
     assert summary["rss_growth_mb_per_min"] == pytest.approx(12.0)  # 10 MB over the 50 s after window one
+
+
+def test_a_window_without_a_success_gives_nulls_not_nan():
+    windows = [Window(end_s=10.0, sent=5, errors={"503": 5}, rss_mb=100.0),
+               *(Window(end_s=10.0 * i, p50_ms=10.0 + i, p99_ms=20.0, send_lag_max_ms=1.0, rss_mb=100.0, ok=5)
+                 for i in range(2, 5))]
+    summary = drift(windows)
+    assert summary["p50_first_ms"] is None and summary["p50_last_over_first"] is None
+    assert summary["p50_slope_ms_per_min"] == pytest.approx(6.0)  # from the windows that have a p50
+    json.dumps({"windows": [w.__dict__ for w in windows], "summary": summary}, allow_nan=False)
+    assert format_row(windows[0]).split()[3:6] == ["-", "-", "-"]  # p50, p99 and send lag columns
 
 
 def test_queue_depth_is_read_from_a_prometheus_exposition():

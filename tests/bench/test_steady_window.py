@@ -5,26 +5,16 @@ from __future__ import annotations
 import asyncio
 
 from bench.loadgen import closed_loop
+from tests.bench.canned_http import answering
 
 DELAY_S = 0.05
 
 
-async def serve_with_delay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length"))
-            await reader.readexactly(length)
-            await asyncio.sleep(DELAY_S)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        writer.close()
+SERVE_WITH_DELAY = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", DELAY_S)
 
 
 async def run(steady: bool) -> dict:
-    server = await asyncio.start_server(serve_with_delay, "127.0.0.1", 0)
+    server = await asyncio.start_server(SERVE_WITH_DELAY, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
         result = await closed_loop(f"http://127.0.0.1:{port}/classify", [b"x" * 100], 4, 10**9, 1.0, steady=steady)

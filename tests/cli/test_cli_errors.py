@@ -46,14 +46,32 @@ ERROR_CASES = [
                 "--repository", "{tmp}/out"], "not a readable torch checkpoint"),
     ("export", ["list", "--repository", "{tmp}/broken"], "is not a valid manifest"),
     ("export", ["tensorrt", "--name", "nosuch", "--repository", "{tmp}/empty"], "no versions of model 'nosuch'"),
-    ("export", ["onnx", "--precision", "fp16"], "the following arguments are required: --name"),
+    ("export", ["onnx", "--precisions", "fp32,fp16"], "the following arguments are required: --name"),
     ("service", ["--port", "99999"], "invalid settings: port"),
     ("service", ["--model-version", "latest"], "argument --model-version: invalid int value"),
     ("service", ["--repository", "{tmp}/empty"], "has no models"),
     ("service", ["--repository", "{tmp}/broken"], "is not a valid manifest"),
     ("bench", ["engine", "{tmp}/missing.onnx"], "no such file"),
+    ("bench", ["load", "{dead}", "--requests", "3"], "none of the 3 requests to http://127.0.0.1:"),
+    ("bench", ["load", "{dead}", "--requests", "3", "--rate", "100"],
+     "succeeded, the first with ConnectionRefusedError"),
+    ("bench", ["cpu", "engines", "--repository", "{tmp}/empty", "--model", "nosuch"], "no versions of model 'nosuch'"),
     ("bench", ["nosuch"], "invalid choice: 'nosuch'"),
 ]
+
+
+# Argument errors an export once met only after building the model: now refused first, with status 2.
+EXPORT_ARGUMENT_ERRORS = [
+    (["--model", "convnext_nope", "--name", "x"],
+     "--model: unknown model 'convnext_nope'; choose one of: convnext_atto, "),
+    (["--model", "convnext_atto", "--name", "Bad_Name"], "argument --name: 'Bad_Name' is not a repository name"),
+    (["--name", "x"], "no model name: pass --model"),
+    (["--model", "convnext_atto", "--name", "x", "--precisions", "fp16"], "leaves out fp32, the reference"),
+    (["--model", "convnext_atto", "--name", "x", "--precisions", "fp32,int4"], "unknown precision int4"),
+    (["--model", "convnext_atto", "--name", "digits", "--version", "1", "--repository", "{tmp}/broken"],
+     "digits/1 already exists in {tmp}/broken; pass --overwrite to replace it"),
+]
+BENCH_SUBCOMMANDS = ["torch", "serve", "cpu", "cpu-serving", "soak", "roadmap"]
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +112,22 @@ def test_version_prints_the_installed_project_version(cli, tmp_path):
     result = run_cli(cli, ["--version"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"convnext-serve {version('convnext-serve')}"
+
+
+@pytest.mark.parametrize(("args", "phrase"), EXPORT_ARGUMENT_ERRORS,
+                         ids=["unknown-model", "bad-name", "no-model", "no-fp32", "unknown-precision", "exists"])
+def test_export_refuses_an_argument_error_with_status_2_before_building(args, phrase, places):
+    result = run_cli("export", ["onnx", *(a.format(**places) for a in args)], Path(places["tmp"]))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("python -m export"), result.stderr  # no "[1/3] build" first
+    assert phrase.format(**places) in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("subcommand", BENCH_SUBCOMMANDS)
+def test_a_bench_subcommand_names_itself_in_its_usage_and_its_one_line_errors(subcommand, tmp_path):
+    helped = run_cli("bench", [subcommand, "--help"], tmp_path)
+    assert helped.returncode == 0 and helped.stdout.startswith(f"usage: python -m bench {subcommand} ["), helped.stdout
+    refused = run_cli("bench", [subcommand, "--nosuch"], tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith(f"python -m bench {subcommand}: error: ") and refused.stderr.count("\n") == 1

@@ -1,0 +1,55 @@
+"""`bench engine` and `bench cpu engines` on a real exported model: results name the model only when its repository
+manifest says what it is, and an engine whose artifact the version lacks is skipped saying which one."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bench import cpu_engines
+from runtime.repository import ModelRepository
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    from export.onnx import export_onnx_version
+
+    root = tmp_path_factory.mktemp("bench-cli")
+    export_onnx_version(root, "atto", "convnext_atto", num_classes=10, input_size=32, verify_images=[])
+    return root
+
+
+def refuse_non_finite(constant: str):
+    raise AssertionError(f"{constant} in the JSON output: not JSON (use null)")
+
+
+def bench_engine(onnx_path) -> list[dict]:
+    done = subprocess.run([sys.executable, "-m", "bench", "engine", str(onnx_path), "--batch-sizes", "1", "2",
+                           "--iterations", "2", "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line, parse_constant=refuse_non_finite) for line in done.stdout.splitlines()]
+
+
+def test_bench_engine_labels_a_repository_artifact_from_its_manifest(repository):
+    rows = bench_engine(repository / "atto" / "1" / "model.onnx")
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for row in rows:
+        assert (row["model"], row["activation"], row["precision"]) == ("convnext_atto", "gelu", "fp32")
+
+
+def test_bench_engine_leaves_out_what_a_bare_onnx_file_cannot_tell(repository, tmp_path):
+    bare = shutil.copy(repository / "atto" / "1" / "model.onnx", tmp_path / "model.onnx")
+    for row in bench_engine(bare):
+        assert not {"model", "activation", "precision"} & set(row)
+        assert row["images_per_s"] > 0 and row["provider"] == "cpu"
+
+
+def test_an_engine_whose_artifact_the_version_lacks_is_skipped_naming_what_it_has(repository, capsys):
+    version = ModelRepository(repository).load("atto")
+    configs = [c for c in cpu_engines.CONFIGS if c[0] in ("onnxruntime fp32", "onnxruntime int8")]
+    result = cpu_engines.engine_rounds(version, configs, batch_size=1, rounds=1, seconds=0.05, threads=1)
+    assert "onnxruntime fp32" in result and "onnxruntime int8" not in result
+    assert "skipped onnxruntime int8: no int8 ONNX artifact in atto/1 (has fp32)\n" in capsys.readouterr().out
