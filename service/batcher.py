@@ -328,6 +328,10 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(error)
 
+    def abandoned(self, served: ServedModel) -> bool:
+        """True when a batch on `served` hit engine_timeout_ms: its engine may still be inside that call."""
+        return served in self._hung
+
     def _detach(self, served: ServedModel, reason: str, detail: str) -> None:
         """Stop using a broken engine: later batches wait until swap() brings a new one."""
         if self.served is not served:

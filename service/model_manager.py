@@ -223,10 +223,21 @@ class ModelManager:
         return previous_current
 
     async def _close(self, served: ServedModel) -> None:
-        # After the batches already handed to it: an engine running several at once may still be in one.
+        """Close an engine after the batches already handed to it (one running several at once may still be in
+        one). An engine with a hung batch is abandoned instead: its close would queue behind that call forever
+        (holding a reload's lock, or the shutdown). The wait is bounded for the same reason: a batch that hangs
+        only now gets engine_timeout_ms to finish, and the close as much again."""
+        if self.batcher is not None and self.batcher.abandoned(served):
+            served.thread.stop()
+            logger.warning("the engine of %s/%s is abandoned, not closed: a batch on it hung", served.name,
+                           served.version)
+            return
         closing = asyncio.wrap_future(served.thread.submit_last(served.engine.close))
         try:
-            await closing
+            await asyncio.wait_for(closing, 2 * self.settings.engine_timeout_ms / 1000)
+        except TimeoutError:
+            logger.warning("closing the engine of %s/%s did not finish within 2 x engine_timeout_ms (a batch still "
+                           "running on it?); abandoned", served.name, served.version)
         except Exception as err:  # the engine is gone either way; say so and carry on serving
             logger.warning("closing the engine of %s/%s failed: %s", served.name, served.version, err)
 

@@ -112,7 +112,12 @@ async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]
 
     if len(images) == 1:  # the common case: no task for a gather of one
         return [await one(*images[0])]
-    return list(await asyncio.gather(*(one(name, data) for name, data in images)))
+    decodes = [asyncio.ensure_future(one(name, data)) for name, data in images]
+    try:
+        return list(await asyncio.gather(*decodes))
+    finally:  # the first bad image answers the request: the images still waiting for a decode are not decoded
+        for decode in decodes:
+            decode.cancel()
 
 
 @contextmanager

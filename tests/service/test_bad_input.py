@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import httpx
 import pytest
@@ -63,3 +64,21 @@ def test_one_bad_file_in_a_multipart_request_fails_alone(strict_url, real_photos
     assert_error(response, 400, "not_an_image")
     assert "bad.png" in response.json()["error"]["message"]
     assert httpx.post(f"{strict_url}/classify", files=[good]).status_code == 200
+
+
+def test_after_a_bad_file_answers_the_request_its_other_files_are_not_decoded(model_repository, launch, real_photos):
+    """A multipart request whose first file is bad gets its 400 at once; its other files, still waiting for a decode
+    slot, are dropped instead of decoded after the answer, outside admission (work nobody waits for)."""
+    from tests.service.test_limits import metric
+
+    picture = Image.open(real_photos[0]).convert("RGB").resize((1600, 1200))
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=90)
+    files = [("files", ("bad.png", b"garbage", "image/png"))]
+    files += [("files", (f"{i}.jpg", buffer.getvalue(), "image/jpeg")) for i in range(24)]
+    with launch(model_repository, preprocess_workers=1) as url:
+        decoded_before = metric(url, "convnext_preprocess_seconds_count")
+        assert_error(httpx.post(f"{url}/classify", files=files, timeout=60), 400, "not_an_image")
+        time.sleep(1.0)  # the old code went on decoding all 24 meanwhile (~10 ms each here)
+        # At most those already in the decode pool when the answer went out (one worker, two decode slots).
+        assert metric(url, "convnext_preprocess_seconds_count") - decoded_before <= 2

@@ -169,3 +169,55 @@ def test_watcher_refuses_an_engine_with_bad_output_then_serves_the_next_good_ver
         good = publish_copy_of(tmp_path, 2)
         wait_for(lambda: served_version(url, photo) == good, f"the watcher to serve version {good}")
         assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+class HoldingEngine(OnnxRuntimeEngine):
+    """The real engine; while `hold` is set, each batch waits for `release` (which the test sets at its end)."""
+
+    hold = threading.Event()
+    release = threading.Event()
+    batch_started = threading.Event()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.hold.is_set():
+            self.batch_started.set()
+            self.release.wait(60)
+        return super().run(batch)
+
+
+def holding_engine_for(version_number: int):
+    def build(version, settings):
+        engine = default_engine(version, settings)
+        if version.manifest.version == version_number:
+            engine.__class__ = HoldingEngine
+        return engine
+
+    return build
+
+
+def test_a_reload_while_the_old_engine_hangs_finishes_and_frees_the_next_reload(swap_repository, real_photos, launch):
+    """The old engine's batch hangs while a reload waits for it: the batch times out (504), the reload swaps in the
+    new version and answers, and the hung engine is abandoned rather than closed behind the hung call (which held
+    the reload's lock forever: every later reload got 409 reload_in_progress)."""
+    photo = real_photos[0].read_bytes()
+    HoldingEngine.hold.clear()
+    HoldingEngine.release.clear()
+    HoldingEngine.batch_started.clear()
+    answers: list[httpx.Response] = []
+    try:
+        with launch(swap_repository, holding_engine_for(1), version=1, max_batch_size=1, warmup_runs=0,
+                    engine_timeout_ms=500) as url:
+            HoldingEngine.hold.set()
+            held = threading.Thread(target=lambda: answers.append(httpx.post(
+                f"{url}/classify", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)))
+            held.start()
+            assert HoldingEngine.batch_started.wait(20)
+            reload = httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=20)
+            assert reload.status_code == 200, reload.text
+            held.join(20)
+            assert answers[0].status_code == 504 and answers[0].json()["error"]["code"] == "engine_timeout"
+            again = httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=20)
+            assert again.status_code == 200, again.text
+            assert served_version(url, photo) == 2
+    finally:
+        HoldingEngine.release.set()
