@@ -178,3 +178,6 @@ def _validate(config: TrainConfig, family: str, depths: tuple[int, ...]) -> None
         raise ValueError(f"--log-every must be >= 1 optimizer step, got {config.log_every}")
     if config.drop_path < 0 or config.drop_path >= 1:
         raise ValueError(f"--drop-path must be in [0, 1), got {config.drop_path}")
+    if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
+        raise ValueError(f"Mixup/CutMix mix each batch with itself reversed (timm's batch mode): --batch-size (per "
+                         f"process) must be even, got {config.batch_size}")

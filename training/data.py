@@ -95,10 +95,15 @@ def build_datasets(config: TrainConfig, data: DataConfig, augment: bool = True) 
 
 def build_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, train: bool,
                  workers: int, pin_memory: bool) -> DataLoader:
-    """DistributedSampler even on one process: the shuffle is a pure function of (seed, epoch), so resume is exact."""
+    """DistributedSampler even on one process: the shuffle is a pure function of (seed, epoch), so resume is exact.
+
+    Workers are not persistent: each epoch's start seeds them from the main process's RNG, which a checkpoint saves
+    and a resume restores, so the augmentation they draw continues as if never stopped. Persistent workers draw
+    their seed once and keep their RNG across epochs, out of any checkpoint's reach (a resume then drew other crops).
+    """
     sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train)
     return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=train, persistent_workers=workers > 0)
+                      drop_last=train, persistent_workers=False)
 
 
 def build_mixup(config: TrainConfig, num_classes: int) -> Mixup | None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from .distributed import all_reduce_sum
 from .ema import ModelEma
-from .optim import lr_at_step, set_lr
+from .optim import lr_at_step, peak_lr, set_lr
 
 
 class NonFiniteLossError(RuntimeError):
@@ -113,7 +113,7 @@ def train_one_epoch(state: TrainState, criterion, loader, settings: EpochSetting
             checked_step = plan.step
             if log is not None:
                 log({"step": plan.step, "epoch_step": steps_done, "loss": loss.item(),
-                     "lr": state.optimizer.param_groups[0]["lr"],
+                     "lr": peak_lr(state.optimizer),
                      "images_per_s": samples / (time.perf_counter() - started)})
     _stop_if_nonfinite(nonfinite, checked_step, plan.step)
     elapsed = time.perf_counter() - started

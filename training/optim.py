@@ -66,6 +66,12 @@ def create_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, la
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
+def peak_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's learning rate: the largest group's (with layer-wise decay, the head's; the stem's group runs
+    at decay^13 of it)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -141,8 +141,13 @@ def resume(run: Run, path: str) -> int:
     state = run.state
     state.unwrapped.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
-    if state.ema is not None:
+    if state.ema is not None and "model_ema" in saved:
         state.ema.load_state_dict(saved["model_ema"])
+    elif state.ema is not None:  # EMA turned on at resume: it starts from the weights (official auto_load_model)
+        state.ema.load_state_dict(saved["model"])
+        if run.dist_info.is_main:
+            print(f"warning: {path} has no EMA weights (its run had no EMA); the EMA starts from its weights",
+                  file=sys.stderr, flush=True)
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
     state.plan.step = saved["step"]

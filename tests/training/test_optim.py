@@ -6,7 +6,15 @@ import pytest
 from model import create_model
 from model.convnext import ConvNeXt
 from training.config import resolve
-from training.optim import CONVNEXT_MAX_LAYER_ID, convnext_layer_id, create_optimizer, lr_at_step, param_groups
+from training.optim import (
+    CONVNEXT_MAX_LAYER_ID,
+    convnext_layer_id,
+    create_optimizer,
+    lr_at_step,
+    param_groups,
+    peak_lr,
+    set_lr,
+)
 
 
 def test_warmup_starts_at_zero_and_reaches_peak_at_its_end():
@@ -89,3 +97,12 @@ def test_layer_decay_on_tiny_and_atto_is_refused_like_the_official_code(name):
 def test_layer_decay_on_resnet_is_refused():
     with pytest.raises(ValueError, match="layer-decay"):
         param_groups(create_model("resnet50", num_classes=2), 0.05, layer_decay=0.7)
+
+
+def test_the_logged_lr_is_the_schedules_not_the_stems_decayed_one():
+    """With layer-wise decay group 0 is the stem at decay^13 of the schedule's rate; logs show the schedule's."""
+    optimizer = create_optimizer(create_model("convnext_small", num_classes=2), 5e-5, 0.05, (0.9, 0.999),
+                                 layer_decay=0.8)
+    set_lr(optimizer, 5e-5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-5 * 0.8 ** 13)
+    assert peak_lr(optimizer) == pytest.approx(5e-5)

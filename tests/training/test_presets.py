@@ -118,7 +118,7 @@ def test_in22k_runs_without_evaluation_like_the_official_commands():
 
 
 @pytest.mark.parametrize("field, value", [("crop_mode", "border"), ("model_key", "state_dict"),
-                                          ("layer_decay", 1.5), ("drop_path", 1.0)])
+                                          ("layer_decay", 1.5), ("drop_path", 1.0), ("batch_size", 63)])
 def test_values_the_recipe_cannot_run_are_refused(field, value):
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         resolve("in1k", {field: value})

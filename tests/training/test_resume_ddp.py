@@ -24,9 +24,12 @@ def _assert_states_equal(a: dict, b: dict, atol: float):
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
-def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
-    train(dataclasses.replace(TINY, output=str(tmp_path / "full")), DistInfo())
-    first = dataclasses.replace(TINY, output=str(tmp_path / "split"))
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-workers"])
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, workers):
+    """With data-loader workers too: their augmentation draws (crops, flips) continue exactly after a resume."""
+    config = dataclasses.replace(TINY, workers=workers)
+    train(dataclasses.replace(config, output=str(tmp_path / "full")), DistInfo())
+    first = dataclasses.replace(config, output=str(tmp_path / "split"))
     train(first, DistInfo(), stop_after_epoch=0)  # "killed" after epoch 0's checkpoint
     assert read_checkpoint(tmp_path / "split" / "checkpoint_last.pth")["epoch"] == 0
     train(dataclasses.replace(first, resume=str(tmp_path / "split" / "checkpoint_last.pth")), DistInfo())
@@ -37,6 +40,18 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     for index, state in full_opt["state"].items():
         _assert_states_equal(state, resumed_opt["state"][index], 1e-6)
     assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (6, 2)
+
+
+def test_a_resume_with_ema_turned_on_starts_the_ema_from_the_checkpoints_weights(tmp_path, capsys):
+    """The checkpoint's run had no EMA: the resumed one starts its EMA from the weights (as the official
+    auto_load_model) and says so, instead of failing on the missing model_ema."""
+    first = dataclasses.replace(TINY, ema_decay=0.0, output=str(tmp_path / "run"))
+    train(first, DistInfo(), stop_after_epoch=0)
+    last = tmp_path / "run" / "checkpoint_last.pth"
+    assert "model_ema" not in read_checkpoint(last)
+    train(dataclasses.replace(first, ema_decay=0.9, resume=str(last)), DistInfo())
+    assert "has no EMA weights (its run had no EMA); the EMA starts from its weights" in capsys.readouterr().err
+    assert read_checkpoint(last)["model_ema"].keys() == read_checkpoint(last)["model"].keys()
 
 
 def _free_port() -> int:
