@@ -172,11 +172,19 @@ class ModelManager:
                     "previous": {"name": previous.name, "version": previous.version} if previous else None}
 
     def _check_compatible(self, model: ModelVersion) -> None:
-        """Queued images were preprocessed for the served version: a new one must take the same input."""
+        """Queued images were preprocessed for the served version, and a request's images may span the swap (one
+        answer, one set of classes): a new version must take the same input and give the same classes."""
         served, new = self.serving.model, model.manifest
-        if served is not None and (served.manifest.input, served.manifest.preprocess) != (new.input, new.preprocess):
+        if served is None:
+            return
+        old = served.manifest
+        if (old.input, old.preprocess) != (new.input, new.preprocess):
             raise ReloadRefused(422, "version_refused", f"its input or preprocessing differs from the served "
                                 f"version's ({new.input} {new.preprocess}); restart the service to change them")
+        if old.labels != new.labels:
+            raise ReloadRefused(422, "version_refused", f"its classes differ from the served version's "
+                                f"({new.num_classes} vs {old.num_classes} classes, or other labels); restart the "
+                                "service to change them")
 
     async def _build(self, model: ModelVersion) -> ServedModel:
         """Build, load, warm up and smoke-run an engine on a new thread of its own, off the event loop.

@@ -221,3 +221,20 @@ def test_a_reload_while_the_old_engine_hangs_finishes_and_frees_the_next_reload(
             assert served_version(url, photo) == 2
     finally:
         HoldingEngine.release.set()
+
+
+def test_a_version_with_other_classes_is_refused_a_request_may_span_the_swap(swap_repository, launch):
+    """A request's images may run on both sides of a swap and get one answer: a version whose classes differ needs a
+    restart, like one whose input differs."""
+    repository = ModelRepository(swap_repository)
+    original = repository.load(NAME, 2)
+    with repository.new_version(NAME) as staged:
+        for artifact in original.manifest.artifacts:
+            shutil.copy(original.artifact_path(artifact), staged.path / artifact.file)
+        relabelled = tuple(f"class {label}" for label in original.manifest.labels)
+        staged.manifest = original.manifest.model_copy(
+            update={"version": staged.version, "created_at": now_utc(), "labels": relabelled})
+    with launch(swap_repository, version=2) as url:
+        refused = httpx.post(f"{url}/admin/reload", json={"version": staged.version}, timeout=60)
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "version_refused"
+        assert "its classes differ from the served version's" in refused.json()["error"]["message"]
