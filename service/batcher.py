@@ -316,11 +316,17 @@ class Batcher:
         self.metrics.inference.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.images.labels(served.name).inc(len(batch))
-        for item, row in zip(batch, logits, strict=True):
+        finite = np.isfinite(logits).all(axis=1)
+        for item, row, row_is_finite in zip(batch, logits, finite, strict=True):
             item.timings["inference_ms"] = elapsed * 1000
             item.timings["batch_size"] = len(batch)
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if row_is_finite:
                 item.future.set_result(row)
+            else:  # that image only (fp16 overflow on one input, say): the others in its batch are answered
+                item.future.set_exception(BatchFailedError("inference failed: the engine returned values that are "
+                                                           "not finite numbers (NaN or inf) for this image"))
 
     @staticmethod
     def _fail(batch: list[Item], error: Exception) -> None:

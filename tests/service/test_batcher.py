@@ -382,3 +382,25 @@ def test_batches_still_on_a_hung_engine_do_not_hold_back_its_replacement():
 
     row, second_pending, fresh_batches = run(scenario())
     assert row[0] == 3.0 and second_pending and fresh_batches == [[3.0]]
+
+
+def test_an_image_whose_logits_are_not_finite_fails_alone_and_its_batch_mates_are_answered():
+    async def scenario():
+        engine = RecordingEngine()
+        batcher = Batcher(served(engine), max_batch_size=4, max_queue_delay_ms=50, queue_size=16,
+                          metrics=ServiceMetrics())
+        batcher.start()
+        engine.gate.clear()
+        held = batcher.submit(tensors(0), time.monotonic() + 10)
+        await asyncio.sleep(0.05)
+        items = batcher.submit(tensors(1, float("nan"), 3), time.monotonic() + 10)  # one batch behind the held one
+        engine.gate.set()
+        outcomes = await asyncio.gather(*(item.future for item in held + items), return_exceptions=True)
+        await batcher.drain()
+        return outcomes, engine.batches, batcher.consecutive_failures
+
+    outcomes, batches, failures = run(scenario())
+    assert len(batches[1]) == 3  # the three ran together
+    assert outcomes[1][0] == 1.0 and outcomes[3][0] == 3.0
+    assert isinstance(outcomes[2], BatchFailedError) and "not finite" in str(outcomes[2])
+    assert failures == 0  # an input's numbers, not an engine fault
