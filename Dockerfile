@@ -44,7 +44,7 @@ COPY runtime/ runtime/
 COPY service/ service/
 COPY training/ training/
 COPY bench/ bench/
-COPY convnext_cli.py ./
+COPY convnext_cli.py convnext_common.py convnext_files.py convnext_serve.py ./
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
 # ---- service: GPU serving image ----
@@ -102,7 +102,7 @@ COPY runtime/ runtime/
 COPY service/ service/
 COPY training/ training/
 COPY bench/ bench/
-COPY convnext_cli.py ./
+COPY convnext_cli.py convnext_common.py convnext_files.py convnext_serve.py ./
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
 # ---- service-cpu: CPU serving image ----
@@ -148,7 +148,7 @@ COPY runtime/ runtime/
 COPY service/ service/
 COPY training/ training/
 COPY bench/ bench/
-COPY convnext_cli.py ./
+COPY convnext_cli.py convnext_common.py convnext_files.py convnext_serve.py ./
 COPY deploy/entrypoint.py deploy/healthcheck.py deploy/host_check.py deploy/
 RUN pip install --no-cache-dir --no-deps .
 USER 10001

@@ -24,11 +24,14 @@ The entrypoint's own, from the environment:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shlex
 import subprocess
 import sys
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,10 +115,26 @@ def fetch_checkpoint(settings: PrepareSettings) -> Path:
     return path
 
 
+@contextmanager
+def prepare_lock(settings: PrepareSettings) -> Iterator[None]:
+    """One prepare per model at a time across the replicas sharing the repository (the first rollout starts every
+    replica's init container at once): the others wait here, then find the model exported. flock: released when
+    the holder exits, however it exits."""
+    settings.repository.mkdir(parents=True, exist_ok=True)
+    with open(settings.repository / f".prepare-{settings.model_name}.lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield
+
+
 def prepare(settings: PrepareSettings) -> int:
-    if model_is_prepared(settings):
-        print(f"prepare: {settings.model_name} is already in {settings.repository}; skipping", flush=True)
-        return 0
+    with prepare_lock(settings):
+        if model_is_prepared(settings):
+            print(f"prepare: {settings.model_name} is already in {settings.repository}; skipping", flush=True)
+            return 0
+        return export_model(settings)
+
+
+def export_model(settings: PrepareSettings) -> int:
     checkpoint = fetch_checkpoint(settings)
     print(f"prepare: exporting {checkpoint} as {settings.model_name} ({settings.precisions})", flush=True)
     command = [

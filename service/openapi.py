@@ -16,7 +16,8 @@ from service.errors import ErrorResponse, error_responses
 from service.security import PUBLIC_PATHS, SCHEME_NAMES
 from service.settings import Settings
 
-# Every route: beyond max_connections the server answers 503 before routing (routes may say more about their 503).
+# Every route but the probes (service.server.PROBE_PATHS): beyond max_connections the server answers 503 before
+# routing (routes may say more about their 503).
 APP_RESPONSES = error_responses(503, descriptions={503: "The server is at its connection limit "
                                                         "(too_many_connections); retry after Retry-After"})
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}

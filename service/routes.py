@@ -105,8 +105,8 @@ async def classify(request: Request, top_k: int = Query(DEFAULT_TOP_K, ge=1, des
 
 @router.get("/healthz", summary="The process is up and can still recover its engine (liveness)",
             response_model=Health, responses=error_responses(503, descriptions={
-                503: "The engine cannot be rebuilt in this process (engine_unrecoverable): restart it; or the "
-                     "connection limit (too_many_connections)"}))
+                503: "The engine cannot be rebuilt in this process (engine_unrecoverable): restart it (answered "
+                     "beyond the connection limit too)"}))
 async def healthz(request: Request):
     reason = service_state(request).not_live_reason
     if reason is None:
@@ -117,7 +117,7 @@ async def healthz(request: Request):
 @router.get("/readyz", summary="The model is loaded, warmed up, and the batcher is running",
             response_model=Ready, responses={503: {
                 "model": NotReady | ErrorResponse,
-                "description": "Not ready, with the reason; or the connection limit (too_many_connections)"}})
+                "description": "Not ready, with the reason (answered beyond the connection limit too)"}})
 async def readyz(request: Request):
     state = service_state(request)
     if state.is_ready:

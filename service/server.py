@@ -18,6 +18,9 @@ from service.errors import send_error
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
+# Answered beyond max_connections too: orchestrators' health checks and Prometheus, cheap and needed most under load.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
 if TYPE_CHECKING:  # the hooks and fields the mixin uses; at run time it goes before AutoHTTPProtocol (http_protocol)
     from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornProtocol
 else:
@@ -84,9 +87,10 @@ class EdgeLimitsMixin(_UvicornProtocol):
 
     def _limit_connections(self, app: ASGIApp) -> ASGIApp:
         async def limited(scope: Scope, receive: Receive, send: Send) -> None:
-            # uvicorn's check, counted with this request's own connection and task already in the sets.
-            if self.max_connections is None or (len(self.connections) <= self.max_connections
-                                                and len(self.tasks) <= self.max_connections):
+            # uvicorn's check, counted with this request's own connection and task already in the sets. Probes and
+            # scrapes always pass: a liveness probe failing under load would restart a busy but healthy server.
+            if self.max_connections is None or scope.get("path") in PROBE_PATHS or (
+                    len(self.connections) <= self.max_connections and len(self.tasks) <= self.max_connections):
                 await app(scope, receive, send)
                 return
             self.metrics.rejected.labels("too_many_connections").inc()

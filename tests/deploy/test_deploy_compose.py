@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import check_jsonschema
@@ -99,7 +100,8 @@ def test_cpu_override_serves_the_cpu_image_without_a_gpu_reservation(cpu):
     service = cpu["services"]["service"]
     assert service["build"]["target"] == "service-cpu"
     assert "deploy" not in service
-    assert service["environment"]["CONVNEXT_ENGINE"] == "auto"  # the faster fp32 CPU engine, measured at start
+    # The faster fp32 CPU engine, measured at start, unless the shell or .env names one (README "CPU-only host").
+    assert service["environment"]["CONVNEXT_ENGINE"] == "${CONVNEXT_ENGINE:-auto}"
     assert service["environment"]["CONVNEXT_PROVIDER"] == "cpu"
     assert service["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
     assert service["healthcheck"]["test"] == load_compose(COMPOSE)["services"]["service"]["healthcheck"]["test"]
@@ -119,3 +121,17 @@ def test_gpu_service_holds_on_a_failed_host_check_instead_of_restarting_in_a_loo
     assert service["environment"]["CONVNEXT_HOST_CHECK"] == "${CONVNEXT_HOST_CHECK:-hold}"
     assert service["restart"] == "unless-stopped"
     assert "docker compose run --rm --no-deps service doctor" in COMPOSE.read_text()
+
+
+def test_every_service_setting_reaches_the_container_when_set_in_the_shell_or_env(gpu):
+    """A setting compose does not name never reaches the container: CONVNEXT_API_KEY in .env would leave the service
+    open while its user believes it is protected. The ones without a value pass through when set, unset otherwise."""
+    environment = gpu["services"]["service"]["environment"]
+    assert {f"CONVNEXT_{name.upper()}" for name in Settings.model_fields} <= set(environment)
+    assert environment["CONVNEXT_API_KEY"] is None and environment["CONVNEXT_API_KEY_FILE"] is None
+
+
+def test_prepare_gets_every_variable_the_entrypoint_reads(gpu):
+    entrypoint = (ROOT / "deploy" / "entrypoint.py").read_text()
+    read = set(re.findall(r"env\.get\(\"(CONVNEXT_[A-Z_]+)\"", entrypoint)) - {"CONVNEXT_HOST_CHECK"}  # service's
+    assert read and read <= set(gpu["services"]["prepare"]["environment"])

@@ -163,3 +163,14 @@ def test_gpu_image_puts_the_cuda_wheels_where_onnxruntime_looks_on_the_loader_pa
 def test_every_image_ships_the_host_check_the_entrypoint_imports(target):
     copies = " ".join(line for line in stages()[target] if line.startswith("COPY") and "entrypoint.py" in line)
     assert "deploy/host_check.py" in copies
+
+
+@pytest.mark.parametrize("target", ["gpu-deps", "cpu-deps", "train"])
+def test_every_stage_that_installs_the_project_copies_every_module_it_lists(target):
+    """pyproject's py-modules (convnext_common, ...) and packages are in the image: setuptools only warns about a
+    listed module that is missing and builds a wheel without it, and every entry point then fails to import."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    copied = {source.rstrip("/") for line in stages()[target] if line.startswith("COPY") and "--from" not in line
+              for source in line.split()[1:-1] if not source.startswith("--")}
+    assert {f"{module}.py" for module in project["py-modules"]} <= copied
+    assert {package.split(".")[0] for package in project["packages"]} <= copied

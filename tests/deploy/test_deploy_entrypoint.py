@@ -274,3 +274,29 @@ def test_the_entrypoint_runs_the_doctor_alone(tiny_repository):
                             env=gpu_env(tiny_repository, 0), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert json.loads(result.stdout)["required"] == ["gpu"]
+
+
+def test_a_prepare_that_finds_another_one_exporting_waits_for_it_then_skips(tmp_path, tiny_repository, monkeypatch,
+                                                                             capsys):
+    """Replicas' init containers start together on the first rollout: the second waits for the first's export
+    instead of exporting the same version 1 over it."""
+    import fcntl
+    import shutil
+
+    entrypoint = load_entrypoint()
+    repository = tmp_path / "models"
+    settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository),
+                                                        "CONVNEXT_MODEL": "tiny"})
+    monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported although the model was there"))
+    repository.mkdir()
+    results: list[int] = []
+    with open(repository / ".prepare-tiny.lock", "a") as first:  # the first replica, exporting
+        fcntl.flock(first, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=lambda: results.append(entrypoint.prepare(settings)))
+        waiting.start()
+        time.sleep(0.5)
+        assert waiting.is_alive() and results == []  # the second one waits for the lock
+        shutil.copytree(tiny_repository / "tiny", repository / "tiny")  # the first one's export lands
+    waiting.join(10)
+    assert results == [0]
+    assert "tiny is already in" in capsys.readouterr().out

@@ -104,14 +104,17 @@ def check_connection_limit(strict_url: str, jpeg: bytes) -> None:
     for sock in held:  # a full request each, so the server has surely accepted both connections
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
         assert read_response(sock)[0] == 200
-    refused = httpx.get(f"{strict_url}/healthz")
+    refused = httpx.post(f"{strict_url}/classify", content=jpeg, headers={"content-type": "image/jpeg"})
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "too_many_connections"
+    # Health checks and scrapes still answer: a liveness probe refused under load would restart a healthy server.
+    for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+        assert httpx.get(f"{strict_url}{path}").status_code == 200, path
     for sock in held:
         sock.close()
     deadline = time.monotonic() + 10
-    while (status := httpx.get(f"{strict_url}/healthz").status_code) != 200 and time.monotonic() < deadline:
+    while (status := httpx.get(f"{strict_url}/models").status_code) != 200 and time.monotonic() < deadline:
         time.sleep(0.05)  # the server notices the closed connections on its next loop turn
     assert status == 200
     assert httpx.post(f"{strict_url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
