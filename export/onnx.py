@@ -59,6 +59,31 @@ class ExportSource:
     source: Source
 
 
+# torchvision's ConvNeXt weights evaluate with their own transform (weights.transforms(): resize 230-236, bilinear).
+TORCHVISION_WEIGHTS = {"convnext_tiny": "ConvNeXt_Tiny_Weights", "convnext_small": "ConvNeXt_Small_Weights",
+                       "convnext_base": "ConvNeXt_Base_Weights", "convnext_large": "ConvNeXt_Large_Weights"}
+OFFICIAL_SQUASH_FROM_PX = 384  # official datasets.py: at >= 384 px, warp to size x size (no crop) for evaluation
+
+
+def checkpoint_preprocess(data_config: dict, input_size: int | None, from_checkpoint: bool, source_format: str,
+                          model_name: str) -> Preprocess:
+    """The evaluation transform the weights were evaluated with: a project checkpoint's own data_config; for
+    torchvision's ConvNeXt weights, torchvision's; otherwise the registry's, warped without a crop at 384 px and
+    above as the official evaluation does (timm's 384 configs: crop_pct 1.0, squash)."""
+    size = int(input_size or data_config["input_size"])
+    if not from_checkpoint and source_format == "torchvision" and model_name in TORCHVISION_WEIGHTS and size == 224:
+        import torchvision.models
+
+        transform = getattr(torchvision.models, TORCHVISION_WEIGHTS[model_name]).IMAGENET1K_V1.transforms()
+        resize_px, crop_px = transform.resize_size[0], transform.crop_size[0]
+        return Preprocess(resize_px=resize_px, crop_px=crop_px, crop_pct=crop_px / resize_px,
+                          interpolation=transform.interpolation.value, mean=tuple(transform.mean),
+                          std=tuple(transform.std))
+    if not from_checkpoint and size >= OFFICIAL_SQUASH_FROM_PX:
+        data_config = {**data_config, "crop_pct": 1.0, "crop_mode": "squash"}
+    return _preprocess_from(data_config, size)
+
+
 def _preprocess_from(data_config: dict, input_size: int | None) -> Preprocess:
     size = int(input_size or data_config["input_size"])
     crop_pct = float(data_config.get("crop_pct", 0.875))
@@ -120,10 +145,16 @@ def load_source(
     source_format = "random"
     if checkpoint is not None:
         loaded = models.load_checkpoint(module, raw, use_ema=use_ema)
+        if loaded.head_reinitialised:  # fine-tuning wants a new head; an export would ship a random classifier
+            classes = kwargs.get("num_classes", 1000)
+            raise ExportError(f"the checkpoint's classifier head does not fit {model_name} with {classes} classes "
+                              "(see the warning above for its shape): pass --num-classes with the checkpoint's class "
+                              "count (e.g. 21841 for an ImageNet-22K checkpoint)")
         # "native" covers the official facebookresearch checkpoints (same names as ours)
         source_format = "project" if is_project else loaded.source_format.replace("native", "official")
     module.eval()
     cfg = models.get_config(model_name)
+    from_checkpoint = raw.get("data_config") is not None  # a project run's own evaluation transform
     data_config = dict(raw.get("data_config") or asdict(cfg.data))
     num_classes = int(kwargs.get("num_classes", 1000))
     in_chans = int(kwargs.get("in_chans", data_config.get("in_chans", 3)))
@@ -145,7 +176,7 @@ def load_source(
     )
     return ExportSource(
         module, model_name, kwargs.get("activation") or cfg.default_activation, num_classes, in_chans,
-        _preprocess_from(data_config, input_size), labels, source,
+        checkpoint_preprocess(data_config, input_size, from_checkpoint, source_format, model_name), labels, source,
     )
 
 

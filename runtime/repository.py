@@ -6,6 +6,7 @@ go to a hidden staging folder first and the folder is renamed into place once th
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -199,6 +200,19 @@ class StagedVersion:
     manifest: Manifest | None = None
 
 
+def _publish_new(staging: Path, final: Path) -> None:
+    """Rename the staged folder into place unless a version already sits there: another export that staged the same
+    number and published first (a published version is never empty, and rename onto a non-empty folder fails)."""
+    try:
+        os.rename(staging, final)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise RepositoryError(f"{final.parent.name}/{final.name} was published by another export while this one ran; "
+                              "export again (it takes the next version number), or pass overwrite=True "
+                              "(--overwrite) to replace it") from None
+
+
 class ModelRepository:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -267,13 +281,13 @@ class ModelRepository:
                 raise RepositoryError(
                     f"manifest says {staged.manifest.name}/{staged.manifest.version}, staged {name}/{version}")
             _write_json_atomic(staging / MANIFEST_FILE, staged.manifest.model_dump(mode="json"))
-            if final.exists():
+            if overwrite and final.exists():
                 trash = final.parent / f".old-{version}-{os.getpid()}"
                 os.replace(final, trash)
                 os.replace(staging, final)
                 shutil.rmtree(trash)
             else:
-                os.replace(staging, final)
+                _publish_new(staging, final)
         finally:
             if staging.exists():
                 shutil.rmtree(staging)

@@ -117,3 +117,16 @@ def test_convnext_serve_refuses_a_checkpoint_that_does_not_match_its_sidecar(cor
     assert code == 1
     assert err.startswith("convnext serve: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert str(corrupted_checkpoint) in err and "does not match its recorded sha256" in err
+
+
+def test_a_checkpoint_whose_head_does_not_fit_is_refused_not_exported_with_a_random_head(tmp_path, capsys):
+    """An official-style checkpoint (no metadata) of 21841 classes exported as the default 1000: fine-tuning
+    re-initialises such a head, an export must not (it would publish a random classifier as ImageNet-1K)."""
+    torch.manual_seed(3)
+    path = tmp_path / "convnext_atto_22k_224.pth"
+    torch.save({"model": model.create_model("convnext_atto", num_classes=21841).state_dict()}, path)
+    code = main(["onnx", "--model", "convnext_atto", "--checkpoint", str(path), "--name", "x", "--input-size", "32",
+                 "--repository", str(tmp_path / "models")])
+    assert code == 1
+    assert "pass --num-classes with the checkpoint's class count" in capsys.readouterr().err
+    assert ModelRepository(tmp_path / "models").models() == []

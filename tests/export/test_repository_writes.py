@@ -87,3 +87,25 @@ def test_version_is_readable_by_another_user(exported):
     # The service container may run as another user than the exporter.
     assert exported.path.stat().st_mode & 0o755 == 0o755
     assert (exported.path / MANIFEST_FILE).stat().st_mode & 0o644 == 0o644
+
+
+def test_an_export_that_finishes_second_never_replaces_the_version_the_first_published(repository_copy):
+    """Two exports staged the same next version (each takes minutes): the one finishing second is refused instead
+    of silently swapping its files in under a version that may already be served."""
+    original = repository_copy.load("atto", 1)
+
+    def fill(staged, who: str) -> None:
+        for artifact in original.manifest.artifacts:
+            shutil.copy(original.artifact_path(artifact), staged.path / artifact.file)
+        (staged.path / "who").write_text(who)
+        staged.manifest = original.manifest.model_copy(update={"version": staged.version})
+
+    with pytest.raises(RepositoryError, match="published by another export while this one ran"):
+        with repository_copy.new_version("atto") as late:
+            fill(late, "late")
+            with repository_copy.new_version("atto") as early:
+                fill(early, "early")
+    assert (late.version, early.version) == (2, 2)
+    assert (repository_copy.root / "atto" / "2" / "who").read_text() == "early"
+    assert repository_copy.load("atto", 2).manifest.version == 2  # intact, every hash checked
+    assert [p.name for p in (repository_copy.root / "atto").iterdir() if p.name.startswith(".")] == []
