@@ -162,7 +162,9 @@ def normalized_tensor(image: Image.Image, spec: Preprocess) -> np.ndarray:
 def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str = "exact") -> np.ndarray:
     """Bytes -> the model's input tensor for one image; raises ImageError for anything unusable.
 
-    decode_mode "exact" is training's transform bit for bit; "fast" lets large JPEGs decode at reduced size.
+    decode_mode "exact" is training's transform bit for bit (on 8-bit opaque pictures: decode_image also applies
+    EXIF orientation, alpha on white and 16-bit scaling, which training's loader does not); "fast" lets large JPEGs
+    decode at reduced size.
     """
     if decode_mode != "fast":
         return eval_transform(decode_image(data, max_pixels), spec)
