@@ -2,6 +2,9 @@
 import dataclasses
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from model.checkpoints import read_checkpoint
 from training.config import PRESETS
 from training.distributed import DistInfo
 from training.run import train
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = dataclasses.replace(
     PRESETS["demo"], epochs=3, warmup_epochs=1.0, batch_size=8, max_steps_per_epoch=2, ema_decay=0.9,
@@ -24,15 +29,25 @@ def _assert_states_equal(a: dict, b: dict, atol: float):
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
+def _full_and_resumed_runs(root: str, workers: int) -> None:
+    """An uninterrupted run in root/full; in root/split a run stopped after epoch 0's checkpoint, then resumed."""
+    config = dataclasses.replace(TINY, workers=workers)
+    train(dataclasses.replace(config, output=f"{root}/full"), DistInfo())
+    first = dataclasses.replace(config, output=f"{root}/split")
+    train(first, DistInfo(), stop_after_epoch=0)  # "killed" after epoch 0's checkpoint
+    assert read_checkpoint(f"{root}/split/checkpoint_last.pth")["epoch"] == 0
+    train(dataclasses.replace(first, resume=f"{root}/split/checkpoint_last.pth"), DistInfo())
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-workers"])
 def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, workers):
     """With data-loader workers too: their augmentation draws (crops, flips) continue exactly after a resume."""
-    config = dataclasses.replace(TINY, workers=workers)
-    train(dataclasses.replace(config, output=str(tmp_path / "full")), DistInfo())
-    first = dataclasses.replace(config, output=str(tmp_path / "split"))
-    train(first, DistInfo(), stop_after_epoch=0)  # "killed" after epoch 0's checkpoint
-    assert read_checkpoint(tmp_path / "split" / "checkpoint_last.pth")["epoch"] == 0
-    train(dataclasses.replace(first, resume=str(tmp_path / "split" / "checkpoint_last.pth")), DistInfo())
+    if workers:  # in a fresh interpreter: the workers fork from it, not from this one and earlier tests' threads
+        script = (f"from tests.training.test_resume_ddp import _full_and_resumed_runs as runs; "
+                  f"runs({str(tmp_path)!r}, {workers})")
+        subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=300, capture_output=True)
+    else:
+        _full_and_resumed_runs(str(tmp_path), workers)
     a, b = (read_checkpoint(tmp_path / d / "checkpoint_last.pth") for d in ("full", "split"))  # the final states
     _assert_states_equal(a["model"], b["model"], 1e-6)
     _assert_states_equal(a["model_ema"], b["model_ema"], 1e-6)
