@@ -141,6 +141,7 @@ class TensorRTRunner:
         self._device: list[int] = []
         self._host: list[int] = []
         self.stream: Any = None  # a cudaStream_t once set up (cuda-python is imported lazily)
+        self.stream_address = 0  # its address for execute_async_v3, set with it
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
@@ -175,6 +176,7 @@ class TensorRTRunner:
         self.output_dtype = numpy_dtype(engine.get_tensor_dtype(self.output_name).name)
         self.context = engine.create_execution_context()
         self.stream = cuda_call(self._rt.cudaStreamCreate())
+        self.stream_address = stream_handle(self.stream)  # what execute_async_v3 takes, once: the stream stays
         self.host_input, self.device_input = self._allocate((self.max_batch, *self.input_shape), self.input_dtype)
         self.host_output, self.device_output = self._allocate((self.max_batch, self.num_classes), self.output_dtype)
         for name, pointer in ((self.input_name, self.device_input), (self.output_name, self.device_output)):
@@ -210,7 +212,7 @@ class TensorRTRunner:
         # cudaMemcpyAsync(dst, src, count, kind, stream)
         cuda_call(rt.cudaMemcpyAsync(self.device_input, self.host_input.ctypes.data, in_bytes,
                                      rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
-        if not self.context.execute_async_v3(stream_handle(self.stream)):
+        if not self.context.execute_async_v3(self.stream_address):
             raise RuntimeError(f"TensorRT execute_async_v3 failed for a batch of {n} ({self.engine_path})")
         cuda_call(rt.cudaMemcpyAsync(self.host_output.ctypes.data, self.device_output, out_bytes,
                                      rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
