@@ -73,4 +73,5 @@ class AdmissionGate:
             return
         scope["route_path"] = GATED_ROUTE  # the request metrics' route label, as if the route had matched
         self.metrics.rejected.labels("queue_full").inc()
-        await send_error(send, 503, "queue_full", admission.refusal(), [(b"retry-after", RETRY_AFTER_S.encode())])
+        await send_error(scope, send, 503, "queue_full", admission.refusal(),
+                         [(b"retry-after", RETRY_AFTER_S.encode())])

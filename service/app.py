@@ -17,7 +17,7 @@ from runtime.engines.factory import EngineOptions, check_engine_options, open_en
 from runtime.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
-from service.errors import ApiError, error_response
+from service.errors import ApiError, error_response, speaks_v2
 from service.grpc_server import GrpcService, start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_manager import EngineFactory, ModelManager, load_model_version
@@ -133,25 +133,28 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
         metrics.rejected.labels(err.code).inc()
-        return error_response(err.status, err.code, err.message, err.headers)
+        return error_response(err.status, err.code, err.message, err.headers, speaks_v2(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
-        metrics.rejected.labels("bad_request").inc()
+        # A JSON body that does not parse is a bad body (400), like a multipart one; anything else a bad field (422).
+        status, code = (400, "invalid_body") if any(e["type"] == "json_invalid" for e in err.errors()) else \
+            (422, "invalid_parameter")
+        metrics.rejected.labels(code).inc()
         details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        return error_response(422, "invalid_parameter", details)
+        return error_response(status, code, details, v2=speaks_v2(request.scope))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         # err.headers: a 405 carries Allow, the methods of the route at that path (RFC 9110).
         return error_response(err.status_code, HTTP_ERROR_CODES.get(err.status_code, "http_error"), str(err.detail),
-                              err.headers)
+                              err.headers, speaks_v2(request.scope))
 
     @app.exception_handler(Exception)
     async def _unexpected_error(request: Request, err: Exception):
         # A bug, not the client's doing: still the JSON error body; Starlette logs the traceback after this answer.
         return error_response(500, "internal_error", f"the server failed on this request ({type(err).__name__}); "
-                              "it is logged")
+                              "it is logged", v2=speaks_v2(request.scope))
 
     # Added last, so outermost: 401s and CORS answers are counted too. Pure ASGI: Starlette's @app.middleware("http")
     # cost ~0.35 ms of CPU per request, paid by every request and every 503 under overload.

@@ -1,6 +1,7 @@
-"""API errors and the one JSON error body the service answers with: {"error": {"code": ..., "message": ...}}.
+"""API errors and the JSON error body the service answers with: {"error": {"code": ..., "message": ...}}, and on the
+Open Inference Protocol's paths (/v2...) the protocol's own {"error": "<message>"}, with the code beside it.
 
-Also the body's schema and the `responses=` entries routes declare, so /openapi.json documents every error answer.
+Also the bodies' schemas and the `responses=` entries routes declare, so /openapi.json documents every error answer.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.types import Send
+from starlette.types import Scope, Send
 
 
 class ApiError(Exception):
@@ -20,19 +21,37 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def error_body(code: str, message: str) -> dict:
+V2_PREFIX = "/v2"
+
+
+def is_v2_path(path: str) -> bool:
+    """An Open Inference Protocol path (/v2 and below)."""
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def speaks_v2(scope: Scope) -> bool:
+    """The request is on an Open Inference Protocol path (as the routes see it, behind a proxy's root_path)."""
+    return is_v2_path(scope.get("path", "").removeprefix(scope.get("root_path", "")))
+
+
+def error_body(code: str, message: str, v2: bool = False) -> dict:
+    """The service's error body; with `v2`, the protocol's: "error" must be the message string (KServe
+    required_api.md; tritonclient raises it as its exception's message), the machine-readable code beside it."""
+    if v2:
+        return {"error": message, "code": code}
     return {"error": {"code": code, "message": message}}
 
 
-def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None,
+                   v2: bool = False) -> JSONResponse:
     """The error as a FastAPI response (routes and exception handlers)."""
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, v2), status_code=status, headers=headers)
 
 
-async def send_error(send: Send, status: int, code: str, message: str,
+async def send_error(scope: Scope, send: Send, status: int, code: str, message: str,
                      headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """The error written straight to ASGI `send` (the pure-ASGI edge: admission gate, API key, connection limit)."""
-    body = json.dumps(error_body(code, message)).encode()
+    body = json.dumps(error_body(code, message, speaks_v2(scope))).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -45,9 +64,16 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """The body of every error answer, whatever the route or the layer that refused the request."""
+    """The body of every error answer outside /v2, whatever the route or the layer that refused the request."""
 
     error: ErrorDetail
+
+
+class V2ErrorResponse(BaseModel):
+    """The body of every error answer on /v2 paths: the Open Inference Protocol's inference_error_response."""
+
+    error: str = Field(description="what went wrong and what to do about it, for a person")
+    code: str = Field(description="machine-readable reason, as `error.code` elsewhere in this API")
 
 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}

@@ -29,10 +29,15 @@ SERVICE_NAME = "inference.GRPCInferenceService"
 PUBLIC_METHODS = frozenset({"ServerLive", "ServerReady"})  # open without a key, like /v2/health/live and /ready
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED, 409: grpc.StatusCode.ABORTED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED, 409: grpc.StatusCode.ABORTED, 413: grpc.StatusCode.INVALID_ARGUMENT,
     415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT, 499: grpc.StatusCode.CANCELLED,
     500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+# The typed contents field of each datatype (FP16/BF16 have none: raw_input_contents only).
+CONTENTS_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                   "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                   "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                   "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 ERROR_CODE_KEY = "convnext-error-code"  # trailing metadata: the machine-readable code of the HTTP API's JSON errors
 # uvicorn's configured logger: the gRPC address is logged beside the HTTP one ("Uvicorn running on ...").
 logger = logging.getLogger("uvicorn.error")
@@ -94,8 +99,16 @@ def parameters_of(parameters) -> dict:
 
 
 def _contents_as_binary(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[bytes | None, list | None]:
-    """Typed contents as the bytes raw contents would hold (FP32, BYTES), or any other typed list as JSON data."""
+    """Typed contents as the bytes raw contents would hold (FP32, BYTES), or any other typed list as JSON data.
+
+    Only the datatype's own field may hold them (the protocol's InferTensorContents: FP32 in fp32_contents, ...).
+    """
     contents = tensor.contents
+    expected = CONTENTS_FIELDS.get(tensor.datatype)
+    filled = [field.name for field, _ in contents.ListFields()]
+    if any(name != expected for name in filled):
+        raise ApiError(400, "invalid_data", f"input {tensor.name!r} is {tensor.datatype} but its contents are in "
+                       f"{', '.join(filled)}; send them in {expected or 'raw_input_contents'}")
     if contents.fp32_contents:
         return np.asarray(contents.fp32_contents, dtype="<f4").tobytes(), None
     if contents.bytes_contents:

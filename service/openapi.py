@@ -2,7 +2,8 @@
 
 Routes declare their own bodies and answers (service/schemas.py, `error_responses`); this adds what the app's outer
 layers answer on any route, which no route can see: 503 at the connection limit (service/server.py), 401 from the
-API key edge (service/security.py), 422 from the validation handler in the service's error body.
+API key edge (service/security.py), 422 from the validation handler in the service's error body; and on /v2 paths
+every error answer in the Open Inference Protocol's body (V2ErrorResponse).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 
 from runtime.repository import Manifest
-from service.errors import ErrorResponse, error_responses
+from service.errors import ErrorResponse, V2ErrorResponse, error_responses, is_v2_path
 from service.security import PUBLIC_PATHS, SCHEME_NAMES
 from service.settings import Settings
 
@@ -21,6 +22,7 @@ from service.settings import Settings
 APP_RESPONSES = error_responses(503, descriptions={503: "The server is at its connection limit "
                                                         "(too_many_connections); retry after Retry-After"})
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+V2_ERROR_REF = {"$ref": "#/components/schemas/V2ErrorResponse"}
 FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 TOP_K = ("/classify", "post", "top_k")  # 1 .. the served model's class count
 
@@ -41,6 +43,7 @@ def install_openapi(app: FastAPI, settings: Settings, served_manifest: Callable[
                 bound_top_k(schema, manifest.num_classes)
             if settings.api_key is not None:
                 declare_api_key(schema)
+            v2_errors_in_protocol_body(schema)
             documents[key] = schema
         return documents[key]
 
@@ -67,6 +70,20 @@ def errors_in_service_body(schema: dict) -> None:
             content["schema"] = dict(ERROR_REF)
     for name in FASTAPI_VALIDATION_SCHEMAS:
         components.pop(name, None)
+
+
+def v2_errors_in_protocol_body(schema: dict) -> None:
+    """Every error answer documented on a /v2 path (the routes' own, 401, 422, the connection limit's 503) has the
+    protocol's body, as service.errors.error_body writes it there."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["V2ErrorResponse"] = \
+        V2ErrorResponse.model_json_schema()
+    for path, _, operation in operations(schema):
+        if not is_v2_path(path):
+            continue
+        for answer in operation.get("responses", {}).values():
+            content = answer.get("content", {}).get("application/json", {})
+            if content.get("schema") == ERROR_REF:
+                content["schema"] = dict(V2_ERROR_REF)
 
 
 def bound_top_k(schema: dict, num_classes: int) -> None:

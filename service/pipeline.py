@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,7 @@ from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError,
 from service.errors import ApiError
 from service.state import ServiceState
 
+ZLIB_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # Content-Encoding -> zlib's window bits (gzip / zlib header)
 ClientGone = Callable[[], Awaitable[object]]  # completes when the client has left (HTTP disconnect, gRPC cancel)
 
 
@@ -53,8 +55,30 @@ async def read_body(request: Request, state: ServiceState) -> bytes:
             raise ApiError(413, "body_too_large", f"the body is over the limit of {max_bytes} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # tritonclient's request_compression_algorithm: gzip or deflate
+        body = await asyncio.to_thread(decoded_body, body, encoding, max_bytes)
     request._body = body  # Starlette reads the cached body when parsing a multipart form
     return body
+
+
+def decoded_body(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """The body with its Content-Encoding (gzip, deflate) undone, never more than max_bytes decompressed (a small
+    compressed body can expand a thousandfold); 415 for another encoding, 400 for data that does not decompress."""
+    wbits = ZLIB_WBITS.get(encoding)
+    if wbits is None:
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not accepted; send the body "
+                       f"as it is or as {' or '.join(ZLIB_WBITS)}")
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        data = decompressor.decompress(body, max_bytes + 1)
+    except zlib.error as err:
+        raise ApiError(400, "invalid_body", f"the body is not {encoding} data ({err})") from None
+    if len(data) > max_bytes:
+        raise ApiError(413, "body_too_large", f"the body decompresses to over the limit of {max_bytes} bytes")
+    if not decompressor.eof or decompressor.unused_data:
+        raise ApiError(400, "invalid_body", f"the body is not one complete {encoding} stream")
+    return data
 
 
 def http_client_gone(request: Request) -> ClientGone:

@@ -58,8 +58,8 @@ class ApiKeyMiddleware:
             return
         self.metrics.rejected.labels("unauthorized").inc()
         reason = "a wrong API key" if presented_keys(scope["headers"]) else "no API key"
-        await send_error(send, 401, "unauthorized", f"the request carries {reason}; send `Authorization: Bearer "
-                         "<key>` or `X-API-Key: <key>`", [(b"www-authenticate", b"Bearer")])
+        await send_error(scope, send, 401, "unauthorized", f"the request carries {reason}; send "
+                         "`Authorization: Bearer <key>` or `X-API-Key: <key>`", [(b"www-authenticate", b"Bearer")])
 
 
 def install_edge(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> None:

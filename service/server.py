@@ -94,7 +94,7 @@ class EdgeLimitsMixin(_UvicornProtocol):
                 await app(scope, receive, send)
                 return
             self.metrics.rejected.labels("too_many_connections").inc()
-            await send_error(send, 503, "too_many_connections", f"the server is at its limit of "
+            await send_error(scope, send, 503, "too_many_connections", f"the server is at its limit of "
                              f"{self.max_connections} connections; retry shortly",
                              [(b"retry-after", b"1"), (b"connection", b"close")])
             if scope["type"] == "http":

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import v2_core
-from service.errors import ApiError, error_responses
+from service.errors import V2_PREFIX, ApiError, error_responses
 from service.pipeline import http_client_gone, read_body, service_state
 from service.v2_core import InferResult
 from service.v2_models import (
@@ -21,7 +21,7 @@ from service.v2_models import (
     ServerReadyResponse,
 )
 
-router = APIRouter(prefix="/v2", tags=["v2"])
+router = APIRouter(prefix=V2_PREFIX, tags=["v2"])
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_HEADER_LENGTH_DIGITS = 20
 
@@ -55,7 +55,7 @@ INFER_RESPONSES = {
     200: {"model": InferenceResponse, "description": "the outputs; with binary outputs, application/octet-stream: "
           f"the JSON response ({HEADER_LENGTH} bytes in the response header), then each output's bytes",
           "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-    **error_responses(400, 401, 404, 408, 413, 500, 503, 504),
+    **error_responses(400, 404, 408, 413, 415, 500, 503, 504),  # 401: service/openapi.py, with a key
 }
 
 
@@ -93,7 +93,7 @@ def infer_response(result: InferResult) -> Response:
                     headers={HEADER_LENGTH: str(len(head))})
 
 
-@router.get("", response_model=ServerMetadataResponse, responses=error_responses(401))
+@router.get("", response_model=ServerMetadataResponse)
 async def server_metadata():
     return v2_core.server_metadata()
 
@@ -112,8 +112,8 @@ async def ready(request: Request):
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-METADATA_RESPONSES = error_responses(401, 404, 503)
-READY_RESPONSES = {503: {"model": ModelReadyResponse, "description": "not ready"}, **error_responses(401, 404)}
+METADATA_RESPONSES = error_responses(404, 503)
+READY_RESPONSES = {503: {"model": ModelReadyResponse, "description": "not ready"}, **error_responses(404)}
 
 
 @router.get("/models/{name}", response_model=ModelMetadataResponse, response_model_exclude_none=True,
@@ -147,8 +147,15 @@ async def infer_response_for(request: Request, name: str, version: str | None) -
     state = service_state(request)
     v2_core.resolve_model(state, name, version)  # 404 before reading the body of a request for no model
     body = await read_body(request, state)
-    header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-    inference = v2_core.parse_request(header)
+    header_length = request.headers.get(HEADER_LENGTH)
+    header, binary = split_body(body, header_length)
+    try:
+        inference = v2_core.parse_request(header)
+    except ApiError as err:
+        if header_length is None and err.code == "invalid_json" and "trailing" in err.message:  # bytes after the JSON
+            raise ApiError(400, err.code, f"{err.message}; binary data after the JSON needs the JSON part's length "
+                           f"in the {HEADER_LENGTH} header") from None
+        raise
     return infer_response(await v2_core.infer(state, name, version, inference, binary, http_client_gone(request)))
 
 

@@ -39,6 +39,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from convnext_common import project_version
 from runtime.repository import Manifest
 from service import pipeline
+from service.batcher import Item, ServedModel
 from service.errors import ApiError
 from service.pipeline import ClientGone, labels_of, require_ready, served_by
 from service.state import ServiceState
@@ -51,6 +52,8 @@ from service.v2_models import (
 )
 
 EXTENSIONS = ["binary_tensor_data", "classification"]
+# The protocol's platform names are <project>_<format> (Triton's model configuration names them so).
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "openvino": "openvino"}
 IMAGE_SUFFIX = "_image"
 IMAGE_INPUT = "IMAGE"
 LENGTH_PREFIX = struct.Struct("<I")  # BYTES elements in binary data: uint32 little-endian length, then the bytes
@@ -166,18 +169,19 @@ def model_metadata(state: ServiceState, name: str, version: str | None = None) -
     model = resolve_model(state, name, version)
     manifest, spec = model.manifest, model.manifest.input
     engine = state.engine.describe().name if state.engine is not None else "none"
+    platform = PLATFORMS.get(engine, engine)
     outputs = [MetadataTensor(name=manifest.output_name, datatype="FP32", shape=[-1, manifest.num_classes])]
     versions = [str(manifest.version)]
     if not model.is_image:
         inputs = [MetadataTensor(name=spec.name, datatype="FP32", shape=[-1, spec.channels, spec.height, spec.width])]
-        return ModelMetadataResponse(name=model.name, versions=versions, platform=engine, inputs=inputs,
+        return ModelMetadataResponse(name=model.name, versions=versions, platform=platform, inputs=inputs,
                                      outputs=outputs)
     p = manifest.preprocess
     return ModelMetadataResponse(
-        name=model.name, versions=versions,
-        platform=f"ensemble: decodes and preprocesses like /classify, then {engine}",
+        name=model.name, versions=versions, platform="ensemble",
         inputs=[MetadataTensor(name=IMAGE_INPUT, datatype="BYTES", shape=[-1])], outputs=outputs,
-        parameters={"input": "one encoded image per element (JPEG, PNG, WebP, BMP, GIF, TIFF): raw bytes as binary "
+        parameters={"pipeline": f"decodes and preprocesses like /classify, then runs {manifest.name} on {platform}",
+                    "input": "one encoded image per element (JPEG, PNG, WebP, BMP, GIF, TIFF): raw bytes as binary "
                              "data, base64 strings in JSON",
                     "preprocess": f"as POST /classify: RGB, resize {p.resize_px} px {p.interpolation} "
                                   f"({p.crop_mode}), crop {p.crop_px} px, normalize by the model's mean/std",
@@ -238,13 +242,18 @@ def _binary_slice(tensor: RequestInput, binary: bytes, expected_size: int | None
     return binary
 
 
-def _flat(data: list, rank: int, name: str) -> list:
-    """Row-major data, flat or nested (at most `rank` levels), as one flat list."""
-    for _ in range(rank - 1):
+def _flat(data: list, shape: list[int], name: str) -> list:
+    """Row-major data, flat or nested along the shape's leading dimensions, as one flat list. A nested level holds
+    its dimension's count of lists, each as long as the next dimension (nesting goes on) or as all the remaining
+    ones together (flat below); the flat count is checked by the caller."""
+    for depth in range(len(shape) - 1):
         if not any(isinstance(value, list) for value in data):
             break
         if not all(isinstance(value, list) for value in data):
             raise ApiError(400, "invalid_data", f"input {name!r}: nested data mixes lists and values")
+        lengths = {shape[depth + 1], math.prod(shape[depth + 1:])}
+        if len(data) != math.prod(shape[:depth + 1]) or any(len(row) not in lengths for row in data):
+            raise ApiError(400, "invalid_data", f"input {name!r}: nested data does not follow shape {shape}")
         data = [value for row in data for value in row]
     return data
 
@@ -264,7 +273,7 @@ def _fp32_batch(tensor: RequestInput, binary: bytes, manifest: Manifest, max_bat
     if raw is not None:
         array = np.frombuffer(raw, dtype="<f4", count=count).astype(np.float32)
     else:
-        values = _flat(tensor.data, len(tensor.shape), tensor.name)  # type: ignore[arg-type]  # see below
+        values = _flat(tensor.data, tensor.shape, tensor.name)  # type: ignore[arg-type]  # see below
         if len(values) != count:
             raise ApiError(400, "invalid_data", f"{len(values)} values for shape {tensor.shape} ({count} needed)")
         try:
@@ -310,7 +319,7 @@ def _encoded_images(tensor: RequestInput, binary: bytes, max_images: int) -> lis
         images = _split_bytes(raw, count)
     else:
         # Not None: _binary_slice refuses an input with neither data nor binary data.
-        values = _flat(tensor.data, 1, tensor.name)  # type: ignore[arg-type]
+        values = _flat(tensor.data, tensor.shape, tensor.name)  # type: ignore[arg-type]
         if len(values) != count:
             raise ApiError(400, "invalid_data", f"{len(values)} images for shape {tensor.shape}")
         try:
@@ -344,6 +353,7 @@ async def infer(state: ServiceState, name: str, version: str | None, request: In
         batch = _fp32_batch(_only_input(request, manifest.input.name), binary, manifest, settings.queue_size)
         require_ready(state)
         items = await pipeline.infer(state, list(batch), client_gone)
+    ran = _one_version_ran(items, version)
     logits = np.stack([item.future.result() for item in items]).astype(np.float32)
     if not np.isfinite(logits).all():
         raise ApiError(500, "inference_failed", "the engine returned values that are not finite numbers")
@@ -355,6 +365,18 @@ async def infer(state: ServiceState, name: str, version: str | None, request: In
         else:
             top = _top_k_strings(logits, labels, output.classification)
             outputs.append(OutputTensor(output.name, "BYTES", list(top.shape), top, output.binary))
-    ran = served_by(items[0])  # the version whose engine ran the batch (a hot-swap may have happened meanwhile)
     ran_name = ran.name + IMAGE_SUFFIX if model.is_image else ran.name
     return InferResult(ran_name, str(ran.version), request.id, outputs)
+
+
+def _one_version_ran(items: list[Item], version: str | None) -> ServedModel:
+    """The version whose engine ran every row; 503 version_changed when a hot-swap came between the request's
+    engine batches (one response names one model_version) or replaced the version the request named."""
+    served = {(model.name, model.version): model for model in map(served_by, items)}
+    ran = served_by(items[0])
+    if len(served) > 1 or (version is not None and str(ran.version) != version):
+        names = ", ".join(str(v) for _, v in sorted(served))
+        raise ApiError(503, "version_changed", f"the model was reloaded while this request ran (its rows ran on "
+                       f"version {names}{'' if version is None else f', it asked for version {version}'}); "
+                       "send it again", headers={"Retry-After": "1"})
+    return ran

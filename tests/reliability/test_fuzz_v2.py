@@ -225,14 +225,14 @@ MUTATIONS = {f.__name__: f for f in (
 
 
 def failure_of(response: httpx.Response) -> str | None:
-    """None for a 200 or a JSON 4xx with error.code and error.message; else what is wrong with the answer."""
+    """None for a 200 or a JSON 4xx in the protocol's error body (error: the message, code); else what is wrong."""
     if response.status_code == 200:
         return None
     if not 400 <= response.status_code < 500:
         return f"status {response.status_code}: {response.text[:200]!r}"
     try:
-        error = response.json()["error"]
-        assert isinstance(error["code"], str) and error["code"] and isinstance(error["message"], str)
+        body = response.json()
+        assert isinstance(body["code"], str) and body["code"] and isinstance(body["error"], str) and body["error"]
     except (ValueError, KeyError, TypeError, AssertionError):
         return f"status {response.status_code} without the JSON error body: {response.text[:200]!r}"
     return None

@@ -111,7 +111,7 @@ def test_the_encoded_image_model_preprocesses_like_classify(served, real_photos,
     url, client = served
     metadata = client.get_model_metadata("atto_image", as_json=True)
     assert metadata["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": ["-1"]}]
-    assert metadata["platform"].startswith("ensemble")
+    assert metadata["platform"] == "ensemble"
     photos = real_photos[:3]  # two JPEGs and a PNG
     result = client.infer("atto_image", [image_input(photos)])
     assert result.get_response().model_name == "atto_image"
@@ -196,8 +196,11 @@ def test_malformed_messages_are_invalid_argument_and_the_server_keeps_serving(se
     negative.inputs.add(name="input", datatype="FP32", shape=[-1, 3, 64, 64]).contents.fp32_contents.append(0.0)
     nan = pb.ModelInferRequest(model_name="atto", raw_input_contents=[np.full((1, 3, 64, 64), np.nan, "<f4").tobytes()])
     nan.inputs.add(name="input", datatype="FP32", shape=[1, 3, 64, 64])
+    fp64_for_fp32 = pb.ModelInferRequest(model_name="atto")  # typed contents in another datatype's field
+    fp64_for_fp32.inputs.add(name="input", datatype="FP32", shape=[1, 3, 64, 64]).contents.fp64_contents.extend(
+        [0.0] * (3 * 64 * 64))
     for body in [b"\xff\xff\xff", short, request.SerializeToString() + two_raw, negative.SerializeToString(),
-                 nan.SerializeToString()]:
+                 nan.SerializeToString(), fp64_for_fp32.SerializeToString()]:
         with pytest.raises(grpc.RpcError) as raised:
             raw_call(address, "ModelInfer", body)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
@@ -207,6 +210,16 @@ def test_malformed_messages_are_invalid_argument_and_the_server_keeps_serving(se
     text = httpx.get(f"{url}/metrics").text
     assert 'convnext_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}' in text
     assert 'convnext_grpc_requests_total{code="OK",method="ModelInfer"}' in text
+
+
+def test_a_batch_over_the_request_limit_is_invalid_argument_not_a_retryable_code(served):
+    url, client = served
+    images = triton_grpc.InferInput("IMAGE", [33], "BYTES")  # max_files_per_request is 32
+    images.set_data_from_numpy(np.array([b"x"] * 33, dtype=object))
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("atto_image", [images])
+    # RESOURCE_EXHAUSTED is retried by gRPC clients; this request can never succeed (Triton: INVALID_ARGUMENT)
+    assert status_of(raised.value) == "INVALID_ARGUMENT" and "over the limit of 32" in raised.value.message()
 
 
 ANSWERS = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

@@ -238,3 +238,37 @@ def test_a_version_with_other_classes_is_refused_a_request_may_span_the_swap(swa
         refused = httpx.post(f"{url}/admin/reload", json={"version": staged.version}, timeout=60)
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "version_refused"
         assert "its classes differ from the served version's" in refused.json()["error"]["message"]
+
+
+def test_a_v2_request_whose_rows_ran_on_both_sides_of_a_swap_gets_503_not_one_version_for_both(swap_repository,
+                                                                                                  launch):
+    """A v2 response names one model_version: rows that ran on two versions (a swap between the request's engine
+    batches) are refused with 503 version_changed and Retry-After, instead of an answer that says version 1 or 2 for
+    logits from both."""
+    HoldingEngine.hold.clear()
+    HoldingEngine.release.clear()
+    HoldingEngine.batch_started.clear()
+    rows = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    request = {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
+                           "data": rows.reshape(-1).tolist()}]}
+    answers: list[httpx.Response] = []
+    try:
+        with launch(swap_repository, holding_engine_for(1), version=1, max_batch_size=1, warmup_runs=0) as url:
+            HoldingEngine.hold.set()  # row 0 runs on version 1 and waits there; row 1 stays queued
+            infer = threading.Thread(target=lambda: answers.append(httpx.post(
+                f"{url}/v2/models/{NAME}/infer", json=request, timeout=60)))
+            infer.start()
+            assert HoldingEngine.batch_started.wait(20)
+            reload = threading.Thread(target=lambda: httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=60))
+            reload.start()
+            batcher = url.app.state.service.batcher
+            wait_for(lambda: batcher.served.version == 2, "the swap to version 2")  # row 1 will run on it
+            HoldingEngine.release.set()
+            infer.join(30)
+            reload.join(30)
+            assert answers[0].status_code == 503, answers[0].text
+            assert answers[0].json()["code"] == "version_changed" and answers[0].headers["retry-after"] == "1"
+            again = httpx.post(f"{url}/v2/models/{NAME}/infer", json=request, timeout=60)
+            assert again.status_code == 200 and again.json()["model_version"] == "2"
+    finally:
+        HoldingEngine.release.set()

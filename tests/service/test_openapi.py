@@ -8,6 +8,7 @@ from service.app import create_app
 from service.settings import Settings
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
+V2_ERROR_REF = "#/components/schemas/V2ErrorResponse"  # the Open Inference Protocol's body on /v2 paths
 
 
 def json_schema(answer: dict) -> dict:
@@ -34,8 +35,11 @@ def test_every_operation_documents_503_and_no_fastapi_validation_body(service_ur
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             assert "503" in operation["responses"], (method, path)
-            if "422" in operation["responses"]:
-                assert json_schema(operation["responses"]["422"]) == {"$ref": ERROR_REF}, (method, path)
+            error_ref = V2_ERROR_REF if path.startswith("/v2") else ERROR_REF
+            for status, answer in operation["responses"].items():
+                ref = json_schema(answer).get("$ref", "") if "application/json" in answer.get("content", {}) else ""
+                if status == "422" or ref.endswith("ErrorResponse"):  # the error body of the path's protocol
+                    assert ref == error_ref, (method, path, status)
     metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert set(metrics) == {"text/plain"}
     assert httpx.get(f"{service_url}/metrics").headers["content-type"].startswith("text/plain")
@@ -45,8 +49,11 @@ def test_401_is_documented_only_where_a_key_is_needed(model_repository):
     schema = create_app(Settings(repository=str(model_repository), api_key="k")).openapi()
     assert json_schema(schema["paths"]["/classify"]["post"]["responses"]["401"]) == {"$ref": ERROR_REF}
     assert "401" not in schema["paths"]["/healthz"]["get"]["responses"]
-    assert "401" not in create_app(Settings(repository=str(model_repository))).openapi()["paths"]["/classify"][
-        "post"]["responses"]
+    assert json_schema(schema["paths"]["/v2/models/{name}/infer"]["post"]["responses"]["401"]) == {
+        "$ref": V2_ERROR_REF}
+    without_key = create_app(Settings(repository=str(model_repository))).openapi()["paths"]
+    assert all("401" not in operation["responses"] for operations in without_key.values()
+               for operation in operations.values())
 
 
 def test_405_names_the_allowed_methods(service_url):
@@ -77,6 +84,8 @@ def test_reload_takes_a_json_integer_not_a_boolean_nor_a_string(service_url):
     not_utf8 = httpx.post(f"{service_url}/admin/reload", content=b"\x80abc",
                           headers={"content-type": "application/json"})
     assert not_utf8.status_code == 400 and not_utf8.json()["error"]["code"] == "invalid_body"
+    not_json = httpx.post(f"{service_url}/admin/reload", content=b"{bad", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_body"  # as README says
     assert httpx.post(f"{service_url}/admin/reload", json={"version": 1.0}, timeout=60).json()["model"] == {
         "name": "atto", "version": 1}
 

@@ -34,11 +34,13 @@ def test_tritonclient_infer_matches_onnxruntime(service_url, batch_and_reference
     np.testing.assert_allclose(result.as_numpy("logits"), reference, atol=1e-4)
 
 
-def test_v2_errors_are_json(service_url):
+def test_v2_errors_are_the_protocols_json_body_and_tritonclient_shows_their_message(service_url):
     client = triton.InferenceServerClient(service_url.removeprefix("http://"))
-    with pytest.raises(InferenceServerException):
+    with pytest.raises(InferenceServerException) as raised:
         client.get_model_metadata("no-such-model")
+    assert "is not served here" in str(raised.value)  # tritonclient raises the body's "error" as its message
     bad_shape = {"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.0] * 192}]}
     response = httpx.post(f"{service_url}/v2/models/atto/infer", json=bad_shape)
-    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_shape"
+    assert response.status_code == 400 and response.json()["code"] == "invalid_shape"
+    assert isinstance(response.json()["error"], str)  # KServe required_api.md: {"error": <error message string>}
     assert httpx.get(f"{service_url}/v2").json()["extensions"] == ["binary_tensor_data", "classification"]

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import struct
+import zlib
 
 import httpx
 import numpy as np
@@ -153,6 +155,13 @@ MALFORMED = {
                                                      bytes_elements(*[b"x"] * 33)), 413, "too_many_images"),
     "image_not_an_image": (IMAGE_INFER, *binary_request({"inputs": [image_input(b"plain text")]},
                                                         bytes_elements(b"plain text")), 400, "not_an_image"),
+    "nested_data_not_the_shape": (INFER, json.dumps({"inputs": [fp32_input(data=[[0.0] * 192] * 64)]}).encode(), {},
+                                  400, "invalid_data"),
+    "gzip_header_on_plain_json": (INFER, VALID, {"Content-Encoding": "gzip"}, 400, "invalid_body"),
+    "gzip_truncated": (INFER, gzip.compress(VALID)[:-12], {"Content-Encoding": "gzip"}, 400, "invalid_body"),
+    "gzip_over_the_body_limit": (INFER, gzip.compress(b" " * (21 << 20)), {"Content-Encoding": "gzip"}, 413,
+                                 "body_too_large"),  # ~21 KB on the wire, 21 MiB decompressed: the limit is 20 MiB
+    "unknown_encoding": (INFER, VALID, {"Content-Encoding": "br"}, 415, "unsupported_media_type"),
 }
 
 
@@ -161,8 +170,8 @@ def test_each_malformed_request_gets_a_json_4xx_with_its_code(service_url, case)
     path, body, headers, status, code = case
     response = httpx.post(f"{service_url}{path}", content=body, headers=headers)
     assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code and error["message"]
+    body = response.json()  # the protocol's error body: "error" is the message string
+    assert body["code"] == code and isinstance(body["error"], str) and body["error"]
 
 
 def test_the_service_still_serves_after_the_malformed_requests(service_url):
@@ -210,7 +219,9 @@ def test_image_model_metadata_says_it_decodes_like_classify(service_url):
     metadata = httpx.get(f"{service_url}/v2/models/atto_image").json()
     assert metadata["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1]}]
     assert metadata["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
-    assert "decodes and preprocesses like /classify" in metadata["platform"]
+    assert metadata["platform"] == "ensemble"  # the protocol's <project>_<format> names; Triton's for a pipeline
+    assert "decodes and preprocesses like /classify" in metadata["parameters"]["pipeline"]
+    assert httpx.get(f"{service_url}/v2/models/atto").json()["platform"] == "onnxruntime_onnx"
     assert "/classify" in metadata["parameters"]["preprocess"]
     assert httpx.get(f"{service_url}/v2/models/atto_image/ready").json() == {"name": "atto_image", "ready": True}
 
@@ -241,7 +252,7 @@ def test_openapi_declares_the_v2_infer_body_and_its_errors(service_url):
     assert "application/octet-stream" in body
     for status in ("400", "404", "413", "503"):
         schema = operation["responses"][status]["content"]["application/json"]["schema"]
-        assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+        assert schema == {"$ref": "#/components/schemas/V2ErrorResponse"}
 
 
 def client_for(url: str) -> triton.InferenceServerClient:
@@ -287,3 +298,31 @@ def test_tritonclient_image_model(service_url, real_photos, reference, version, 
         parsed = triton_strings(strings)
         assert [index for _, index, _ in parsed] == list(np.argsort(-row, kind="stable")[:class_count])
         assert [score for score, _, _ in parsed] == pytest.approx([row[i] for _, i, _ in parsed], abs=1e-4)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compressed_requests_give_the_uncompressed_answer(service_url, version, algorithm):
+    batch = np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    client = client_for(service_url)
+    answers = []
+    for compression in (None, algorithm):
+        tensor = triton.InferInput("input", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch, binary_data=False)
+        answers.append(client.infer("atto", [tensor], request_compression_algorithm=compression).as_numpy("logits"))
+    np.testing.assert_array_equal(answers[1], answers[0])
+    raw = httpx.post(f"{service_url}{INFER}", content=zlib.compress(VALID) if algorithm == "deflate" else
+                     gzip.compress(VALID), headers={"Content-Encoding": algorithm, "Content-Type": "application/json"})
+    assert raw.status_code == 200 and raw.json()["outputs"][0]["shape"] == [1, 10]
+
+
+def test_nested_data_along_the_shape_is_accepted_flat_below_any_level(service_url):
+    image = np.arange(3 * 64 * 64, dtype=np.float32).reshape(1, 3, 64, 64) / 5000
+    answers = [httpx.post(f"{service_url}{INFER}", json={"inputs": [fp32_input(data=data)]}).json()["outputs"][0]
+               ["data"] for data in (image.reshape(-1).tolist(), image.tolist(), image.reshape(1, -1).tolist(),
+                                     image.reshape(1, 3, -1).tolist())]
+    assert all(answer == answers[0] for answer in answers)
+
+
+def test_binary_data_without_the_header_length_says_which_header_is_missing(service_url):
+    response = httpx.post(f"{service_url}{INFER}", content=BINARY_BODY)
+    assert response.status_code == 400 and "Inference-Header-Content-Length" in response.json()["error"]
