@@ -139,6 +139,11 @@ def load_source(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if activation is not None:
+        trained = kwargs.get("activation") or models.get_config(model_name).default_activation
+        if checkpoint is not None and activation != trained:  # parity would not see it: both sides share the swap
+            raise ExportError(f"the checkpoint's weights were trained with {trained}; --activation {activation} would "
+                              f"run them under another activation and change every output. Retrain with "
+                              f"`python -m training --activation {activation}` (or drop --activation)")
         kwargs["activation"] = activation
     kwargs.pop("drop_path_rate", None)  # eval export: no stochastic depth
     module = models.create_model(model_name, **kwargs)

@@ -14,6 +14,8 @@ from .run import train
 
 FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": float}
 FLAG_HELP = {  # what a flag does, where its name alone does not say it
+    "activation": "gelu | relu; empty = the model's own (GELU for ConvNeXt, ReLU for ResNet-50 and the roadmap's "
+                  "ReLU steps); recorded in the checkpoint, so the export builds the same",
     "log_every": "optimizer steps between log.jsonl records and, when stderr is not a terminal, progress lines "
                  "(images/s, ETA of the epoch and of the run)",
     "quiet": "no progress bar or progress lines (for scripts); epoch records and errors still print",

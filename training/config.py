@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from model import get_config
+from model.registry import ACTIVATIONS
 
 CROP_MODES = ("center", "squash")
 MODEL_KEYS = ("model", "model_ema")
@@ -41,6 +42,7 @@ class TrainConfig:
     drop_path: float = 0.1  # stochastic depth; ResNet-50 too (Section 2.1: the modernized recipe)
     layer_scale_init: float | None = None  # None = the model's own (model/registry.py): 1e-6, isotropic S/B 0
     head_init_scale: float = 1.0
+    activation: str = ""  # "" = the model's own (gelu; relu for ResNet-50 and the roadmap's ReLU steps) | gelu | relu
     ema_decay: float = 0.9999  # 0 = no EMA; on: EMA evaluated each epoch, checkpoint_best_ema.pth kept
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -174,6 +176,8 @@ def _validate(config: TrainConfig, family: str, depths: tuple[int, ...]) -> None
         raise ValueError(
             f"layer-wise lr decay is defined for ConvNeXt-S/B/L/XL only (stage depths {LAYER_DECAY_DEPTHS}, as the "
             f"official main.py); {config.model} has {tuple(depths)}: pass --layer-decay 1.0")
+    if config.activation not in ("", *ACTIVATIONS):
+        raise ValueError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}")
     if config.log_every < 1:
         raise ValueError(f"--log-every must be >= 1 optimizer step, got {config.log_every}")
     if config.drop_path < 0 or config.drop_path >= 1:

@@ -27,7 +27,8 @@ from .run_log import RunLog, StepLines, announce_batch, progress_bar, step_lines
 def model_kwargs_for(config: TrainConfig, num_classes: int) -> dict:
     """create_model's keyword arguments, every value explicit (the checkpoint records them)."""
     model_cfg = get_config(config.model)
-    kwargs = {"num_classes": num_classes, "in_chans": 3, "drop_path_rate": config.drop_path}
+    kwargs = {"num_classes": num_classes, "in_chans": 3, "drop_path_rate": config.drop_path,
+              "activation": config.activation or model_cfg.default_activation}
     if model_cfg.family != "resnet":
         layer_scale = model_cfg.layer_scale_init if config.layer_scale_init is None else config.layer_scale_init
         kwargs.update(layer_scale_init=layer_scale, head_init_scale=config.head_init_scale)

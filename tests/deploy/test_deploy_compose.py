@@ -103,6 +103,12 @@ def test_cpu_override_serves_the_cpu_image_without_a_gpu_reservation(cpu):
     # The faster fp32 CPU engine, measured at start, unless the shell or .env names one (README "CPU-only host").
     assert service["environment"]["CONVNEXT_ENGINE"] == "${CONVNEXT_ENGINE:-auto}"
     assert service["environment"]["CONVNEXT_PROVIDER"] == "cpu"
+    # The service's own CPU defaults, not the GPU file's batch 32 (merged maps would keep it): README "Settings".
+    settings = Settings.model_fields
+    assert service["environment"]["CONVNEXT_MAX_BATCH_SIZE"] == \
+        f"${{CONVNEXT_MAX_BATCH_SIZE:-{settings['max_batch_size'].default}}}"
+    assert service["environment"]["CONVNEXT_MAX_QUEUE_DELAY_MS"] == \
+        f"${{CONVNEXT_MAX_QUEUE_DELAY_MS:-{settings['max_queue_delay_ms'].default:g}}}"
     assert service["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
     assert service["healthcheck"]["test"] == load_compose(COMPOSE)["services"]["service"]["healthcheck"]["test"]
 

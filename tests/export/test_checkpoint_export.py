@@ -56,6 +56,17 @@ def test_model_that_contradicts_the_checkpoint_is_refused(project_checkpoint, tm
     assert ModelRepository(tmp_path).models() == []
 
 
+def test_an_activation_other_than_the_checkpoints_is_refused(project_checkpoint, tmp_path, capsys):
+    """Its weights were trained under ReLU: running them under GELU changes every output, and the parity check cannot
+    see it (the PyTorch reference is built with the same swapped activation)."""
+    path, _ = project_checkpoint
+    code = main(["onnx", "--checkpoint", str(path), "--activation", "gelu", "--name", "x",
+                 "--repository", str(tmp_path)])
+    assert code == 1
+    assert "trained with relu; --activation gelu" in capsys.readouterr().err
+    assert ModelRepository(tmp_path).models() == []
+
+
 def test_list_shows_versions_and_parity(exported, capsys):
     assert main(["list", "--repository", str(exported.path.parent.parent)]) == 0
     out = capsys.readouterr().out

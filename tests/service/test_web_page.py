@@ -41,18 +41,20 @@ def shown_labels(page, file_name: str) -> list[str]:
     return page.locator("#predictions li .label").all_inner_texts()
 
 
-def drop_file(page, name: str, data: bytes, content_type: str) -> None:
-    """Dispatch a real `drop` event on the drop zone carrying the file, as a person dragging it would."""
-    page.evaluate(
-        """([name, b64, type]) => {
+def drop_file(page, name: str, data: bytes, content_type: str, target: str = "#drop-zone") -> bool:
+    """Dispatch real `dragover` and `drop` events on `target` carrying the file, as a person dragging it would; True
+    when the page took the drop (cancelled its default: the browser would otherwise open the file in its place)."""
+    return page.evaluate(
+        """([name, b64, type, target]) => {
             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
             const transfer = new DataTransfer();
             transfer.items.add(new File([bytes], name, { type }));
-            const zone = document.getElementById("drop-zone");
-            zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true, cancelable: true }));
-            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+            const element = document.querySelector(target);
+            const options = { dataTransfer: transfer, bubbles: true, cancelable: true };
+            element.dispatchEvent(new DragEvent("dragover", options));
+            return !element.dispatchEvent(new DragEvent("drop", options));
         }""",
-        [name, base64.b64encode(data).decode(), content_type],
+        [name, base64.b64encode(data).decode(), content_type, target],
     )
 
 
@@ -79,8 +81,24 @@ def test_page_shows_the_served_model_and_the_apis_top5_for_a_picked_and_a_droppe
     page.screenshot(path="/tmp/web_page.png", full_page=True)
 
     dropped = real_photos[0]  # china.jpg, a temple
-    drop_file(page, dropped.name, dropped.read_bytes(), "image/jpeg")
+    assert drop_file(page, dropped.name, dropped.read_bytes(), "image/jpeg")
     assert shown_labels(page, dropped.name) == api_top5(service_url, dropped.read_bytes(), "image/jpeg")
+
+    beside = real_photos[1]  # dropped on the page's heading, not the zone: classified too, the page stays
+    assert drop_file(page, beside.name, beside.read_bytes(), "image/jpeg", target="h1")
+    assert shown_labels(page, beside.name) == api_top5(service_url, beside.read_bytes(), "image/jpeg")
+
+
+def test_page_classifies_with_a_model_of_fewer_than_5_classes(page, tmp_path, launch, real_photos):
+    from export.onnx import export_onnx_version
+
+    export_onnx_version(tmp_path, "three", "convnext_atto", num_classes=3, input_size=32)
+    picked = real_photos[2]
+    with launch(tmp_path) as url:
+        page.goto(url + "/")
+        page.set_input_files("#file-input", str(picked))
+        assert len(shown_labels(page, picked.name)) == 3  # every class; it asked for top_k=5 and got a 422 before
+        assert page.is_hidden("#error")
 
 
 @pytest.fixture(scope="module")

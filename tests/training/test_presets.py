@@ -122,3 +122,18 @@ def test_in22k_runs_without_evaluation_like_the_official_commands():
 def test_values_the_recipe_cannot_run_are_refused(field, value):
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         resolve("in1k", {field: value})
+
+
+def test_activation_is_a_training_flag_recorded_in_the_model_kwargs():
+    """README: retraining with ReLU is `--activation relu`; the checkpoint records it, so the export builds the
+    model it was trained as."""
+    relu = resolve("demo", {"model": "convnext_atto", "activation": "relu"})
+    kwargs = model_kwargs_for(relu, 10)
+    assert kwargs["activation"] == "relu"
+    model = create_model(relu.model, **kwargs)
+    assert any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.GELU) for m in model.modules())
+    assert model_kwargs_for(resolve("demo", {"model": "convnext_atto"}), 10)["activation"] == "gelu"
+    assert model_kwargs_for(resolve("in1k", {"model": "resnet50"}), 10)["activation"] == "relu"
+    with pytest.raises(ValueError, match="--activation must be one of gelu, relu"):
+        resolve("demo", {"activation": "swish"})
