@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import tempfile
 from dataclasses import asdict, replace
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from bench import cpu_engines, cpu_serving, serve_benchmark, soak
 from bench.engine_benchmark import benchmark_onnx, compare_models
-from bench.host import cpu_model
+from bench.host import host_description
 from bench.loadgen import PAYLOAD_SIZES, LoadResult, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.open_loop import open_loop
@@ -24,6 +23,7 @@ from bench.server_process import litserve_peer, service
 from bench.service_metrics import scrape
 from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
 from runtime.repository import MANIFEST_FILE, ModelRepository, RepositoryError
+from runtime.tensorrt import tensorrt_target
 
 MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
 SPINNING_OFF = {"CONVNEXT_ORT_SPINNING": "false"}
@@ -45,11 +45,15 @@ def load_runs(url: str, server: str, preset: Preset, payloads: list[bytes], form
 
 
 def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engine: list[dict], load: list[dict],
-                            threads: int, by_size: list[dict] | None = None) -> tuple[dict, dict | None]:
-    """Preprocessing cost per image vs the engine's, and a lone request's p50 vs the engine's batch-1 p50."""
+                            threads: int, by_size: list[dict] | None = None,
+                            engine_on_cpu: bool = True) -> tuple[dict, dict | None]:
+    """Preprocessing cost per image vs the engine's, and a lone request's p50 vs the engine's batch-1 p50.
+
+    The engine's CPU cost per image is its threads x its wall time per image, on the CPU only: a GPU engine's
+    wall time is the GPU's, so none is given there."""
     spec = ModelRepository(repo).load(served, verify_files=False).manifest.preprocess
     at_max = [r for r in engine if r["batch_size"] == min(MAX_BATCH_SIZE, max(r["batch_size"] for r in engine))]
-    engine_cpu_ms = threads * 1000 / at_max[0]["images_per_s"] if at_max else None
+    engine_cpu_ms = threads * 1000 / at_max[0]["images_per_s"] if at_max and engine_on_cpu else None
     pre = preprocess_report(payloads, spec, engine_cpu_ms)
     lone = next((r for r in load if r["server"] == "ours" and r["mode"] == "closed" and r["concurrency"] == 1), None)
     batch1 = next((r for r in engine if r["batch_size"] == 1), None)
@@ -100,21 +104,26 @@ def load_our_service(repo: str, served: str, preset: Preset, payloads: list[byte
 
 
 def load_peer(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> list[dict]:
-    """The LitServe peer under the same load, on the same ONNX file, provider and batching settings."""
-    on_cpu = preset.service.provider == "cpu"
+    """The LitServe peer under the same load and batching settings, on the repository's ONNX file of its engine's
+    precision (preset.peer_engine: ours on CPU; ONNX Runtime CUDA where ours runs TensorRT)."""
     args = ["--repository", repo, "--model", served, "--max-batch-size", str(MAX_BATCH_SIZE), "--batch-timeout-ms",
-            str(QUEUE_DELAY_MS), "--threads", str(threads), "--provider", "cpu" if on_cpu else "cuda",
-            "--precision", "fp32" if on_cpu else "fp16"]
+            str(QUEUE_DELAY_MS), "--threads", str(threads), "--provider", preset.peer_engine.provider,
+            "--precision", preset.peer_engine.precision]
     with litserve_peer(args) as peer:
         return load_runs(f"{peer.url}/predict", "litserve", preset, payloads, form_field="content")
+
+
+def host_line(providers: list[str]) -> str:
+    """The host, with its GPU named (as `bench roadmap` names it) when the run uses one, and its load average now."""
+    target = tensorrt_target() if "cuda" in providers else None
+    return f"{host_description(target)}, load average {tuple(round(x, 2) for x in os.getloadavg())}"
 
 
 def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -> dict:
     """Export, engine sweep, model comparison, then load against our service and the peer; writes the report."""
     results = {"config": {**asdict(preset), "providers": providers, "threads": threads,
                           "max_batch_size": MAX_BATCH_SIZE, "max_queue_delay_ms": QUEUE_DELAY_MS},
-               "host": f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cores, load average "
-                       f"{tuple(round(x, 2) for x in os.getloadavg())}"}
+               "host": host_line(providers)}
     with tempfile.TemporaryDirectory(prefix="bench-repo-") as repo:
         results["compare"] = compare_models(Path(repo), preset.variants, preset.precisions, preset.batch_sizes,
                                             providers, preset.tensorrt_precisions, threads=threads,
@@ -132,9 +141,11 @@ def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -
         ours = load_our_service(repo, served, preset, payloads, threads)
         results["load"], results["batch_distribution"] = ours["load"], ours["batch_distribution"]
         results["preprocess"], results["low_load"] = preprocess_and_low_load(
-            Path(repo), served, payloads, engine_rows, results["load"], threads, ours["by_size"])
+            Path(repo), served, payloads, engine_rows, results["load"], threads, ours["by_size"],
+            engine_on_cpu=engine.provider == "cpu")
         if preset.peer:
             results["load"] += load_peer(repo, served, preset, payloads, threads)
+            results["engines_under_load"] = {"ours": engine.label, "litserve": preset.peer_engine.label}
     engine_at_max = min(MAX_BATCH_SIZE, max(preset.batch_sizes))
     results["efficiency_batch_size"] = engine_at_max
     for run in results["load"]:  # open loop is paced by its arrival rate: an efficiency there means nothing

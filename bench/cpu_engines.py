@@ -5,10 +5,11 @@
 
 Every configuration runs once per round, in turn, so a neighbour's load hits all of them alike; the report gives
 each one's median images/s over the rounds and the median of its per-round ratio to ONNX Runtime fp32. The engines
-are the service's own classes (runtime/engines/), with the settings the service passes them. "2 in flight" runs
-OpenVINO's THROUGHPUT hint with two infer requests at once, and ONNX Runtime with 2 streams (two batches at once on
-one session, a thread each), each batch from its own thread: what the service's batcher feeds under
-`openvino_performance_hint THROUGHPUT` / `ort_streams 2` (Engine.max_concurrent_batches batches in flight).
+are the service's own classes (runtime/engines/), with the settings the service passes them. "N in flight" runs
+OpenVINO's THROUGHPUT hint with its optimal number of infer requests at once, and ONNX Runtime with a stream per
+thread (that many batches at once on one session), each batch from its own thread: what the service's batcher feeds
+under `openvino_performance_hint THROUGHPUT` / `ort_streams N` (Engine.max_concurrent_batches batches in flight); the
+label gives the numbers this host ran with.
 
 The ceiling: each round also times this machine's fp32 matrix product (NumPy's BLAS, 2048 x 2048, the same
 threads), and each engine's rate in model FLOPs (2 per multiply-accumulate, counted by model.flops) is given as a
@@ -43,13 +44,14 @@ from runtime.engines.openvino import OpenVinoEngine, artifact_precision
 from runtime.preprocess import preprocess
 from runtime.repository import ModelRepository, Preprocess
 
-# (label, engine, precision, OpenVINO hint, batches in flight)
+# (label, engine, precision, OpenVINO hint, batches in flight). In flight None: the engine's max_concurrent_batches,
+# as the service's batcher keeps; the label's {streams} and {in_flight} are filled in once the engine is loaded.
 CONFIGS = (
     ("onnxruntime fp32", "onnxruntime", "fp32", None, 1),
-    ("onnxruntime fp32, 2 streams, 2 in flight", "onnxruntime", "fp32", "THROUGHPUT", 2),
+    ("onnxruntime fp32, {streams} streams, {in_flight} in flight", "onnxruntime", "fp32", "THROUGHPUT", None),
     ("openvino fp32 LATENCY", "openvino", "fp32", "LATENCY", 1),
     ("openvino fp32 THROUGHPUT", "openvino", "fp32", "THROUGHPUT", 1),
-    ("openvino fp32 THROUGHPUT, 2 in flight", "openvino", "fp32", "THROUGHPUT", 2),
+    ("openvino fp32 THROUGHPUT, {in_flight} in flight", "openvino", "fp32", "THROUGHPUT", None),
     ("openvino bf16 LATENCY", "openvino", "bf16", "LATENCY", 1),
     ("onnxruntime int8", "onnxruntime", "int8", None, 1),
     ("openvino int8 LATENCY", "openvino", "int8", "LATENCY", 1),
@@ -124,25 +126,31 @@ def model_macs(version) -> int | None:
 
 
 def engine_rounds(version, configs, batch_size: int, rounds: int, seconds: float, threads: int) -> dict:
-    engines = {}
-    for label, engine, precision, hint, _ in configs:
+    engines: dict = {}  # label (with this host's numbers) -> the loaded engine
+    in_flight: dict[str, int] = {}
+    for template, engine, precision, hint, wanted in configs:
         try:
-            engines[label] = build_engine(version, engine, precision, hint, batch_size, threads)
-            engines[label].load()
-            engines[label].warmup()
+            runner = build_engine(version, engine, precision, hint, batch_size, threads)
+            runner.load()
+            runner.warmup()
         except RuntimeError as err:  # e.g. no int8 artifact, bf16 on a CPU without it
-            print(f"skipped {label}: {err}")
-            engines.pop(label, None)
-    shape = engines[configs[0][0]].describe().input_shape
+            print(f"skipped {template.format(streams='N', in_flight='N')}: {err}")
+            continue
+        batches = wanted or runner.max_concurrent_batches
+        label = template.format(streams=runner.max_concurrent_batches, in_flight=batches)
+        engines[label], in_flight[label] = runner, batches
+    base_label = configs[0][0]  # every ratio is against the first configuration (ONNX Runtime fp32)
+    if base_label not in engines:
+        raise RuntimeError(f"{base_label}, the configuration every other is compared with, did not load")
+    shape = engines[base_label].describe().input_shape
     batch = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
     runs: dict[str, list[float]] = {label: [] for label in engines}
     gemm: list[float] = []
     for _ in range(rounds):
         gemm.append(fp32_gemm_gflops(threads, min(seconds, 2.0)))
-        for label, _, _, _, in_flight in configs:
-            if label in engines:
-                runs[label].append(images_per_s(engines[label], batch, in_flight, seconds))
-    base = runs[configs[0][0]]
+        for label, runner in engines.items():
+            runs[label].append(images_per_s(runner, batch, in_flight[label], seconds))
+    base = runs[base_label]
     results = {}
     for label, rates in runs.items():
         ratios = [r / b for r, b in zip(rates, base, strict=True)]

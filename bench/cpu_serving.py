@@ -24,7 +24,7 @@ from statistics import median
 import numpy as np
 
 from bench import cpu_engines
-from bench.host import cpu_model
+from bench.host import cpu_model, host_description
 from bench.http_client import run_client
 from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
@@ -45,6 +45,7 @@ SERVICES = (("onnxruntime", "fp32", "exact", "LATENCY"), ("onnxruntime", "fp32",
             ("openvino", "fp32", "fast", "THROUGHPUT"), ("onnxruntime", "fp32", "fast", "LATENCY"),
             ("onnxruntime", "fp32", "fast", "THROUGHPUT"), ("openvino", "bf16", "fast", "LATENCY"))
 PHONE_SIZE = (4000, 3000)
+UNKNOWN_CPU = "CPU unknown (not recorded in this JSON)"
 
 
 def engine_alone(version, engine: str, precision: str, hint: str, max_batch_size: int, threads: int,
@@ -105,6 +106,9 @@ def measure(version, repository: Path, model: str, args) -> list[dict]:
 
     payloads = payload_sets()
     spec = version.manifest.preprocess
+    # Each row says where and what it measured, so that --from-json plots it under its own CPU, not the replotter's.
+    run = {"cpu": f"{cpu_model()}, {os.cpu_count()} cores", "architecture": version.manifest.architecture,
+           "max_batch_size": args.max_batch_size, "threads": args.threads}
     rows = []
     for config in SERVICES:
         if config[1] == "bf16" and not cpu_supports_bf16(ov.Core()):
@@ -113,7 +117,7 @@ def measure(version, repository: Path, model: str, args) -> list[dict]:
                              args.seconds)
         served = service_runs(repository, model, config, args, payloads)
         row = {"engine": config[0], "precision": config[1], "decode_mode": config[2], "hint": config[3],
-               "alone": alone, **served}
+               **run, "alone": alone, **served}
         for c in ("c8", "c32"):
             row[f"{c}_efficiency"] = served[c]["images_per_s"] / alone["images_per_s"]
         for size, lone in served["lone"].items():
@@ -121,7 +125,7 @@ def measure(version, repository: Path, model: str, args) -> list[dict]:
             lone["overhead_ms"] = lone["overhead_p50_ms"]  # per request, with the service's own preprocess timing
         row["phone_preprocess_ms"] = preprocess_ms(payloads["phone"], spec, config[2], repeats=2)
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("c8", "c32", "phone_c8")}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("c8", "c32", "phone_c8", *run)}), flush=True)
     return rows
 
 
@@ -148,12 +152,20 @@ def print_tables(rows: list[dict]) -> None:
                   f"{r['alone']['batch1_p50_ms']:.1f} | {lone['preprocess_ms']:.1f} | {lone['overhead_ms']:.1f} |")
 
 
+def with_run_facts(rows: list[dict], architecture: str, max_batch_size: int) -> list[dict]:
+    """Rows of an older --output, which did not record where and what they measured: the CPU unknown (not this
+    machine's), the architecture and max batch size as the command line gives them."""
+    return [{"cpu": UNKNOWN_CPU, "architecture": architecture, "max_batch_size": max_batch_size, **row}
+            for row in rows]
+
+
 def save_plot(rows: list[dict], path: Path) -> Path:
     """Images/s per configuration: the engine alone, /classify at 8 and 32 clients, and 12-MP uploads at 8."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(11, 5))
-    bars = (("alone", "engine alone, batch 8"), ("c8", "/classify, 8 clients"), ("c32", "/classify, 32 clients"),
-            ("phone_c8", "/classify, 12-MP uploads, 8 clients"))
+    run = rows[0]
+    bars = (("alone", f"engine alone, batch {run['max_batch_size']}"), ("c8", "/classify, 8 clients"),
+            ("c32", "/classify, 32 clients"), ("phone_c8", "/classify, 12-MP uploads, 8 clients"))
     width = 0.8 / len(bars)
     for index, (key, title) in enumerate(bars):
         ax.bar([i + index * width for i in range(len(rows))], [r[key]["images_per_s"] for r in rows], width,
@@ -161,7 +173,7 @@ def save_plot(rows: list[dict], path: Path) -> Path:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))],
                   [f"{label(r)}\n{r['decode_mode']} decode" for r in rows], fontsize=8)
     ax.set_ylabel("images/s")
-    ax.set_title(f"ConvNeXt-T on {cpu_model()}: /classify vs the engine it serves")
+    ax.set_title(f"{run['architecture']} on {run['cpu']}: /classify vs the engine it serves", fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
@@ -171,22 +183,25 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, help="default: export a random-init convnext_tiny")
     parser.add_argument("--model", default="convnext-tiny")
-    parser.add_argument("--architecture", default="convnext_tiny", help="what to export without --repository")
+    parser.add_argument("--architecture", default="convnext_tiny", help="what to export without --repository "
+                        "(and, with --from-json, the plot's title when that JSON did not record it)")
     parser.add_argument("--seconds", type=float, default=15.0, help="per load level, and for the engine alone")
     parser.add_argument("--lone-requests", type=int, default=30)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="the service's (and, with --from-json, the "
+                        "plot's when that JSON did not record it)")
     parser.add_argument("--output", type=Path, default=Path("cpu_serving.json"))
     parser.add_argument("--plot", type=Path, default=None, help="also save the images/s bar chart (PNG) here")
     parser.add_argument("--from-json", type=Path, default=None, help="print and plot an earlier run's --output")
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        rows = json.loads(args.from_json.read_text())
+        rows = with_run_facts(json.loads(args.from_json.read_text()), args.architecture, args.max_batch_size)
+        print(rows[0]["cpu"] if rows else UNKNOWN_CPU)
         print_tables(rows)
         if args.plot:
             save_plot(rows, args.plot)
         return 0
-    print(f"{cpu_model()}, {os.cpu_count()} cores, load average before {os.getloadavg()}", flush=True)
+    print(f"{host_description()}, {args.threads} threads, load average before {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         repository = args.repository
         if repository is None:

@@ -26,6 +26,7 @@ from runtime.ort_session import (
 from runtime.tensorrt import BatchProfile, select_or_build_engine
 
 TENSORRT_ENGINE = "tensorrt-engine"  # the provider label of native TensorRT engines (runtime/tensorrt.py)
+MIN_TIMED_CALLS = 5  # per point, whatever the seconds budget: fewer make p99 the slowest call, not a percentile
 # Published ImageNet-1k top-1 at 224 px, labelled as published: we have no ImageNet here to measure it.
 PUBLISHED_TOP1 = {
     ("convnext_tiny", "gelu"): (82.1, "Liu et al. 2022, Table 1 (ConvNeXt-T, ImageNet-1k, 224 px)"),
@@ -80,17 +81,19 @@ def gpu_provider_options(onnx_path: Path, provider: str, max_batch_size: int) ->
     return options
 
 
-def time_callable(run, batch_size: int, warmup: int, iterations: int, max_seconds: float) -> tuple[float, list[float]]:
-    """(images/s, per-call latencies in ms) for `iterations` calls of run(), stopping early at max_seconds."""
+def time_callable(run, batch_size: int, warmup: int, iterations: int, max_seconds: float,
+                  min_calls: int = MIN_TIMED_CALLS) -> tuple[float, list[float]]:
+    """(images/s, per-call latencies in ms) for `iterations` calls of run(), stopping early at max_seconds once at
+    least `min_calls` calls are timed (a slow call cannot leave a point resting on one sample)."""
     for _ in range(warmup):
         run()
-    latencies = []
+    latencies: list[float] = []
     start = time.perf_counter()
     while len(latencies) < iterations:
         t0 = time.perf_counter()
         run()
         latencies.append((time.perf_counter() - t0) * 1000)
-        if time.perf_counter() - start > max_seconds:
+        if len(latencies) >= min_calls and time.perf_counter() - start > max_seconds:
             break
     elapsed = time.perf_counter() - start
     return batch_size * len(latencies) / elapsed, latencies

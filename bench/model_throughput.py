@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from bench.host import cpu_model
 from convnext_common import CliParser
 from model import create_model
 from model.flops import measure
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+    print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min), fp32, eval, inference_mode, "
           f"{args.warmup_iters} warm-up + {args.timed_iters} timed iterations\n")
     header = ["model", "activation", "params (M)", "GMACs"]

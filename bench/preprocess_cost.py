@@ -1,8 +1,9 @@
 """What preprocessing costs per image (decode, resize, crop, normalize) next to what inference costs.
 
-Timed on the load generator's real JPEG payloads with the service's own functions (runtime.preprocess), one
-thread, median of `repeats`; the engine's per-image CPU cost (wall time per image x its threads) comes from the
-engine sweep of the same run, so the share is of the CPU time one image costs end to end (HTTP aside).
+Timed on the load generator's real JPEG payloads with the service's own functions (runtime.preprocess: exact
+decode, its resize, crop and normalized_tensor), one thread, median of `repeats`; the engine's per-image CPU cost
+(wall time per image x its threads, a CPU engine's only) comes from the engine sweep of the same run, so the share is
+of the CPU time one image costs end to end (HTTP aside).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from statistics import median
 
 import numpy as np
 
-from runtime.preprocess import center_crop, decode_image, resize_short_side
+from runtime.preprocess import center_crop, decode_image, normalized_tensor, resize_short_side, resize_squash
 
 STAGES = ("decode", "resize", "crop", "normalize")
 
@@ -26,23 +27,18 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def stage_costs(payload: bytes, spec, repeats: int = 7, max_pixels: int = 100_000_000) -> dict[str, float]:
-    """Milliseconds per stage for one encoded image, in the order the service runs them."""
+    """Milliseconds per stage for one encoded image, in the order the service runs them (its exact decode mode:
+    runtime.preprocess.eval_transform's stages)."""
+    resize = resize_squash if spec.crop_mode == "squash" else resize_short_side
     picture = decode_image(payload, max_pixels)
-    resized = resize_short_side(picture, spec.resize_px, spec.interpolation)
+    resized = resize(picture, spec.resize_px, spec.interpolation)
     cropped = center_crop(resized, spec.crop_px)
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-
-    def normalize():
-        pixels = np.asarray(cropped, dtype=np.float32) / np.float32(255.0)
-        return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
-
     return {
         "width": picture.size[0], "height": picture.size[1], "bytes": len(payload),
         "decode": median_ms(lambda: decode_image(payload, max_pixels), repeats),
-        "resize": median_ms(lambda: resize_short_side(picture, spec.resize_px, spec.interpolation), repeats),
+        "resize": median_ms(lambda: resize(picture, spec.resize_px, spec.interpolation), repeats),
         "crop": median_ms(lambda: center_crop(resized, spec.crop_px), repeats),
-        "normalize": median_ms(normalize, repeats),
+        "normalize": median_ms(lambda: normalized_tensor(cropped, spec), repeats),
     }
 
 

@@ -12,9 +12,18 @@ class ServedEngine:
     provider: str
     precision: str
 
+    @property
+    def label(self) -> str:
+        """As the report names it: "ONNX Runtime CPU fp32", "TensorRT fp16"."""
+        if self.engine == "tensorrt":
+            return f"TensorRT {self.precision}"
+        return f"ONNX Runtime {self.provider.upper()} {self.precision}"
+
 
 CPU_SERVICE = ServedEngine("onnxruntime", "cpu", "fp32")
 GPU_SERVICE = ServedEngine("tensorrt", "cuda", "fp16")
+# The LitServe peer runs ONNX Runtime only (bench/peer_litserve.py): on a GPU host its CUDA provider, not TensorRT.
+GPU_PEER = ServedEngine("onnxruntime", "cuda", "fp16")
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class Preset:
     peer: bool = True  # also load the LitServe peer
     tensorrt_precisions: tuple[str, ...] = ()  # native TensorRT engines (GPU hosts)
     service: ServedEngine = field(default=CPU_SERVICE)
+    peer_engine: ServedEngine = field(default=CPU_SERVICE)
 
     def __post_init__(self):
         if not self.variants or not self.precisions or not self.batch_sizes or not self.concurrency:
@@ -49,12 +59,14 @@ class Preset:
             raise ValueError(f"preset {self.name!r}: iterations, requests, lone requests and durations must be > 0")
 
     def on_gpu(self) -> Preset:
-        """This preset on a GPU host (`bench all --gpu`), with the service on its TensorRT fp16 engine."""
+        """This preset on a GPU host (`bench all --gpu`), with the service on its TensorRT fp16 engine (the peer on
+        ONNX Runtime CUDA fp16)."""
         # ORT CUDA / TensorRT providers on fp32 + fp16 ONNX, native TensorRT engines fp16 / bf16 / fp32, larger
         # batches and loads.
         return replace(self, name=f"{self.name}-gpu", precisions=("fp32", "fp16", "bf16", "int8"),
                        tensorrt_precisions=("fp16", "bf16", "fp32"), batch_sizes=(1, 2, 4, 8, 16, 32, 64),
-                       concurrency=(1, 8, 32, 128), rate=200.0, requests=4000, lone_requests=200, service=GPU_SERVICE)
+                       concurrency=(1, 8, 32, 128), rate=200.0, requests=4000, lone_requests=200, service=GPU_SERVICE,
+                       peer_engine=GPU_PEER)
 
 
 PRESETS = {

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,8 +29,8 @@ from model.__main__ import roadmap_rows
 from model.roadmap_steps import REGIMES, steps_of
 from runtime.repository import ModelRepository
 
-from .engine_benchmark import make_session, time_callable
-from .host import cpu_model
+from .engine_benchmark import MIN_TIMED_CALLS, make_session, time_callable
+from .host import host_description
 from .roadmap_engines import (
     CPU_ENGINES,
     GPU_ENGINES,
@@ -198,13 +197,12 @@ def run_roadmap(args, plan: EnginePlan, factories: dict[str, EngineFactory], tar
     with tempfile.TemporaryDirectory() as repository:
         steps = [benchmark_step(row, Path(repository), plan, factories, args, failed, precisions) for row in rows]
     steps, engines, failures = drop_failed_engines(steps, plan.engines, failed)
-    host = f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cores"
-    if target is not None:
-        host += f", GPU {target.device_name} (compute capability {target.compute_capability})"
     results = {
         "config": {"regime": args.regime, "source": REGIMES[args.regime], "batch_sizes": args.batch_sizes,
-                   "seconds_per_point": args.seconds, "input_size": args.input_size, "threads": args.threads},
-        "device": " + ".join(d for d, names in (("CPU", plan.cpu), ("GPU", plan.gpu)) if names), "host": host,
+                   "seconds_per_point": args.seconds, "min_calls_per_point": MIN_TIMED_CALLS,
+                   "input_size": args.input_size, "threads": args.threads},
+        "device": " + ".join(d for d, names in (("CPU", plan.cpu), ("GPU", plan.gpu)) if names),
+        "host": host_description(target),
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "versions": {"torch": torch.__version__, "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),

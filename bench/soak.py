@@ -3,7 +3,7 @@
 Every `window_s` it records images/s, p50/p99 latency (from each request's scheduled arrival, bench.open_loop), the
 generator's worst send lag, errors, the server's RSS and the batch queue depth from /metrics; at the end it reports
 latency drift (p50 of the last window over the first, and a linear slope) and memory growth after the first window
-(MB and MB/min). A benchmark script: it prints numbers, it asserts nothing.
+(MB = 10^6 bytes, and MB/min). A benchmark script: it prints numbers, it asserts nothing.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.host import host_description
 from bench.http_client import HttpError
 from bench.loadgen import closed_loop, jpeg_payloads, prepared_posts, send_lag_summary
 from bench.open_loop import OpenLoop, Outcome, even_arrivals_s
@@ -34,10 +35,11 @@ SCRAPE_TIMEOUT_S = 5.0
 
 
 def rss_mb(pid: int) -> float:
-    """Resident set size of process `pid` in MiB (Linux /proc; the service runs on Linux hosts)."""
+    """Resident set size of process `pid` in MB (10^6 bytes; Linux /proc, whose "kB" are KiB; the service runs on
+    Linux hosts)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+            return int(line.split()[1]) * 1024 / 1e6
     raise RuntimeError(f"/proc/{pid}/status has no VmRSS line: is {pid} a live process?")
 
 
@@ -154,6 +156,8 @@ def run_soak(repository: Path | None, minutes: float, window_s: float, rate_frac
     if seconds < 2 * window_s:
         raise ValueError(f"--minutes {minutes} gives fewer than two {window_s} s windows: nothing to compare")
     payloads = jpeg_payloads(sizes=((500, 375),))
+    host = host_description()
+    print(f"{host}; the service on its default threads (every core)", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         repository = repository or export_atto(Path(scratch) / "models")
         with service(service_args(repository, queue_size, max_batch_size)) as server:
@@ -165,9 +169,10 @@ def run_soak(repository: Path | None, minutes: float, window_s: float, rate_frac
                   f"soak at {rate:.1f} requests/s for {seconds:.0f} s, pid {server.pid}", flush=True)
             print(HEADER, flush=True)
             windows, totals = asyncio.run(drive(url, payloads, rate, seconds, window_s, server.pid))
-    report = {"repository": str(repository), "sustainable_images_per_s": sustainable, "rate_per_s": rate,
-              "seconds": seconds, "window_s": window_s, "queue_size": queue_size, "max_batch_size": max_batch_size,
-              "windows": [w.__dict__ for w in windows], "summary": drift(windows) | totals}
+    report = {"repository": str(repository), "host": host, "sustainable_images_per_s": sustainable,
+              "rate_per_s": rate, "seconds": seconds, "window_s": window_s, "queue_size": queue_size,
+              "max_batch_size": max_batch_size, "windows": [w.__dict__ for w in windows],
+              "summary": drift(windows) | totals}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from bench.host import host_description
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -20,6 +22,9 @@ def main() -> None:
     import onnxruntime as ort
 
     from export.onnx import export_onnx_version
+
+    threads = f"{args.threads} intra-op threads" if args.threads else "ONNX Runtime's default intra-op threads"
+    print(f"{host_description()}; {threads}, batch {args.batch}, {args.runs} timed runs", flush=True)
 
     with tempfile.TemporaryDirectory() as root:
         version = export_onnx_version(root, "speed", args.model, args.checkpoint, precisions=("fp32", "fp16", "int8"))

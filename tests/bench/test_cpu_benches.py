@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import sys
 from statistics import median
 from types import SimpleNamespace
@@ -11,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench import cpu_engines, cpu_serving
+from bench.host import cpu_model
 from model.flops import measure
 from runtime.repository import ModelRepository, Preprocess
 
@@ -30,13 +33,17 @@ def repository(tmp_path_factory):
 def test_engine_rounds_run_every_configuration_and_report_ratio_ranges(repository):
     version = ModelRepository(repository).load("atto")
     result = cpu_engines.engine_rounds(version, cpu_engines.CONFIGS, batch_size=4, rounds=2, seconds=0.3, threads=2)
-    labels = [label for label, *_ in cpu_engines.CONFIGS]
+    labels = [label for label, *_ in cpu_engines.CONFIGS if "{" not in label]
     gemm = result.pop(cpu_engines.GEMM_LABEL)  # the ceiling, timed in every round beside the engines
     assert len(gemm["rounds"]) == 2 and 0 < gemm["gflops_range"][0] <= gemm["gflops"] <= gemm["gflops_range"][1]
     macs = gemm["macs_per_image"]
     assert macs == measure("convnext_atto", 64, num_classes=10).macs
-    # bf16 only where the CPU computes it; everything else builds on any x86 CPU.
-    assert set(labels) - {"openvino bf16 LATENCY"} <= set(result) <= set(labels)
+    # bf16 only where the CPU computes it; everything else builds on any x86 CPU. The in-flight rows are labelled
+    # with this host's numbers: a stream per thread for ONNX Runtime, OpenVINO's optimal request count.
+    in_flight = {label for label in result if label.endswith(" in flight")}
+    assert set(labels) - {"openvino bf16 LATENCY"} <= set(result) - in_flight <= set(labels)
+    assert "onnxruntime fp32, 2 streams, 2 in flight" in in_flight and len(in_flight) == 2
+    assert any(re.fullmatch(r"openvino fp32 THROUGHPUT, \d+ in flight", label) for label in in_flight)
     for row in result.values():
         assert len(row["rounds"]) == 2 and row["images_per_s"] > 0
         low, high = row["vs_onnxruntime_fp32_range"]
@@ -44,6 +51,23 @@ def test_engine_rounds_run_every_configuration_and_report_ratio_ranges(repositor
         assert math.isclose(row["gflops"], median(rate * 2 * macs / 1e9 for rate in row["rounds"]))
         assert row["of_fp32_gemm"] > 0
     assert result["onnxruntime fp32"]["vs_onnxruntime_fp32_range"] == [1.0, 1.0]
+
+
+def test_in_flight_rows_keep_the_engines_own_batch_count_busy_and_say_how_many(repository, monkeypatch):
+    timed = {}
+
+    def record(engine, batch, in_flight, seconds):
+        timed[engine] = in_flight
+        return 1.0
+
+    monkeypatch.setattr(cpu_engines, "images_per_s", record)
+    monkeypatch.setattr(cpu_engines, "fp32_gemm_gflops", lambda threads, seconds: 1.0)
+    version = ModelRepository(repository).load("atto")
+    configs = [c for c in cpu_engines.CONFIGS if c[1] == "onnxruntime" and c[2] == "fp32"]
+    result = cpu_engines.engine_rounds(version, configs, batch_size=1, rounds=1, seconds=0.01, threads=4)
+    streams = next(engine for engine in timed if engine.max_concurrent_batches > 1)
+    assert streams.max_concurrent_batches == 4 and timed[streams] == 4  # a stream per thread, each fed a batch
+    assert "onnxruntime fp32, 4 streams, 4 in flight" in result
 
 
 def test_fp32_gemm_rate_is_the_blas_product_rate():
@@ -70,13 +94,47 @@ def test_cpu_serving_measures_the_service_against_its_engine(repository, tmp_pat
                              "--plot", str(plot)]) == 0
     rows = json.loads(output.read_text())
     assert [(r["decode_mode"], r["hint"]) for r in rows] == [("exact", "LATENCY"), ("fast", "THROUGHPUT")]
-    for row in rows:
+    for row in rows:  # what --from-json plots it under: this CPU, the served architecture, the max batch size
+        assert (row["cpu"], row["architecture"], row["max_batch_size"]) == (
+            f"{cpu_model()}, {os.cpu_count()} cores", "convnext_atto", 8)
         assert row["alone"]["images_per_s"] > 0 and row["c8_efficiency"] > 0 and row["c32_efficiency"] > 0
         assert row["c8"]["elapsed_s"] == 1.0 and not row["c8"]["errors"]  # the steady window, nothing refused
         for lone in row["lone"].values():
             assert lone["requests"] == 3 and math.isfinite(lone["overhead_ms"])
             assert lone["client_p50_ms"] > lone["inference_p50_ms"] > 0 and lone["served_preprocess_p50_ms"] > 0
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def served_row(decode_mode: str) -> dict:
+    """A row of cpu_serving's --output as runs before the CPU was recorded wrote them."""
+    rate = {"images_per_s": 10.0}
+    lone = {"client_p50_ms": 9.0, "inference_p50_ms": 5.0, "preprocess_ms": 2.0, "overhead_ms": 2.0}
+    return {"engine": "onnxruntime", "precision": "fp32", "decode_mode": decode_mode, "hint": "LATENCY",
+            "alone": {"images_per_s": 20.0, "batch1_p50_ms": 5.0}, "c8": rate, "c32": rate, "phone_c8": rate,
+            "c8_efficiency": 0.5, "c32_efficiency": 0.5, "lone": {"500x375": lone}, "phone_preprocess_ms": 30.0}
+
+
+def test_replotting_old_json_names_no_cpu_of_this_machine_and_the_given_architecture(tmp_path, monkeypatch):
+    figures = []
+
+    def keep_figure(fig, path):
+        figures.append(fig)
+        return path
+
+    monkeypatch.setattr(cpu_serving, "save_figure", keep_figure)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([served_row("exact"), served_row("fast")]))
+    assert cpu_serving.main(["--from-json", str(old), "--plot", str(tmp_path / "plot.png"), "--architecture",
+                             "convnext_atto", "--max-batch-size", "4"]) == 0
+    (ax,) = figures[0].axes
+    assert ax.get_title() == f"convnext_atto on {cpu_serving.UNKNOWN_CPU}: /classify vs the engine it serves"
+    assert cpu_model() not in ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()][0] == "engine alone, batch 4"
+    recorded = [{**served_row("exact"), "cpu": "Recorded CPU (AVX2), 4 cores", "architecture": "convnext_tiny",
+                 "max_batch_size": 8}]
+    old.write_text(json.dumps(recorded))
+    assert cpu_serving.main(["--from-json", str(old), "--plot", str(tmp_path / "plot.png")]) == 0
+    assert figures[1].axes[0].get_title().startswith("convnext_tiny on Recorded CPU (AVX2), 4 cores:")
 
 
 def test_decode_costs_report_the_floor_under_any_reduced_decode():

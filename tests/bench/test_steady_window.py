@@ -1,16 +1,18 @@
 """closed_loop(steady=True): only requests completing inside the measurement window count, so images/s is the steady
-state's (a real asyncio HTTP server that answers each request after a fixed delay)."""
+state's, fitted to their completion times so that batches answered together do not quantise it (a real asyncio HTTP
+server that answers each request after a fixed delay, or every request waiting at each tick of a clock)."""
 from __future__ import annotations
 
 import asyncio
 
-from bench.loadgen import closed_loop
+import pytest
+
+from bench.loadgen import closed_loop, steady_rate
 from tests.bench.canned_http import answering
 
 DELAY_S = 0.05
-
-
-SERVE_WITH_DELAY = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", DELAY_S)
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+SERVE_WITH_DELAY = answering(OK, DELAY_S)
 
 
 async def run(steady: bool) -> dict:
@@ -29,3 +31,28 @@ def test_steady_counts_the_window_only_and_reports_its_rate():
     assert steady["sent"] == steady["ok"] <= 82  # what ran in the 0.25 s before and after is not counted
     whole = asyncio.run(run(steady=False))
     assert whole["elapsed_s"] >= 1.0 and whole["ok"] == whole["sent"] > 0
+
+
+async def run_batched(batch: int, period_s: float, window_s: float) -> dict:
+    """`batch` clients against a server that answers whatever waits every period_s: batches complete together."""
+    server = await asyncio.start_server(answering(OK, period_s=period_s), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        result = await closed_loop(f"http://127.0.0.1:{port}/classify", [b"x" * 100], batch, 10**9, window_s,
+                                   steady=True)
+    return result.summary()
+
+
+def test_steady_rate_of_batched_answers_is_not_quantised_by_the_batch():
+    # 8 answers every 0.5 s is 16/s; the 1.2 s window holds two batches, whose count / window would say 13.3/s.
+    steady = asyncio.run(run_batched(batch=8, period_s=0.5, window_s=1.2))
+    assert steady["ok"] == 16 and not steady["errors"]
+    assert steady["images_per_s"] == pytest.approx(16.0, rel=0.05)
+
+
+def test_steady_rate_is_the_slope_of_the_running_count():
+    batches = [tick + i * 1e-4 for tick in (0.5, 1.0, 1.5) for i in range(8)]  # 8 answers, within a millisecond
+    assert steady_rate(batches, window_s=1.2) == pytest.approx(16.0, rel=0.01)
+    assert steady_rate([0.1 * i for i in range(11)], window_s=1.0) == pytest.approx(10.0)
+    assert steady_rate([0.5] * 8, window_s=1.2) == pytest.approx(8 / 1.2)  # one batch: nothing to fit, the count
+    assert steady_rate([], window_s=1.0) == 0.0
