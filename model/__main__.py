@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
 
-from .flops import measure, relative_error
+from .flops import check_input_size, measure, relative_error
 from .pretrained import (
     OFFICIAL_BASE_URL,
     PRETRAINED_CHECKPOINTS,
@@ -33,7 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="params (M) and GMACs of one model, or of all with --all")
     info.add_argument("name", nargs="?", choices=list_models(), metavar="NAME", help="a model name (see `table`)")
-    info.add_argument("--input-size", type=int, default=None, help="square input side in px (default: the model's)")
+    info.add_argument("--input-size", type=positive_px, default=None,
+                      help="square input side in px, at least the model's total stride (default: the model's own)")
     info.add_argument("--activation", choices=ACTIVATIONS, default=None, help="default: the model's own")
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--all", action="store_true", help="the table of every model against the paper")
@@ -43,12 +44,27 @@ def get_args_parser() -> argparse.ArgumentParser:
                          help="r50: Table 10, ResNet-50 -> ConvNeXt-T; r200: Table 11, ResNet-200 -> ConvNeXt-B")
     roadmap.add_argument("--json", action="store_true", help="one JSON document instead of the Markdown table")
     commands.add_parser("pretrained", help="the official pretrained checkpoints")
-    download = commands.add_parser("download", help="download (or verify the cached copy of) an official checkpoint")
+    download = commands.add_parser(
+        "download", help="download (or verify the cached copy of) an official checkpoint",
+        description="Upstream publishes no sha256 for its checkpoints, so the first download is trusted (HTTPS from "
+                    "the official host, or your --mirror); its hash is recorded beside the file and every later use "
+                    "of the cached copy is checked against it.")
     download.add_argument("name", choices=sorted(PRETRAINED_CHECKPOINTS), metavar="NAME")
     download.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()} ($CONVNEXT_CACHE_DIR)")
     download.add_argument("--mirror", default=OFFICIAL_BASE_URL, help="base URL holding the official file names")
     download.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
+
+
+def positive_px(text: str) -> int:
+    """argparse type of a size in px: a positive whole number."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of px, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of px, got {value}")
+    return value
 
 
 def format_info(name: str, input_size_px: int | None, activation: str | None, num_classes: int) -> str:
@@ -110,10 +126,11 @@ def format_roadmap(regime: str, rows: list[dict]) -> str:
              "top-1: ImageNet-1K, the paper's (mean +/- std of 3 seeds where it gives one), not measured here.", "",
              "| # | step | model | params (M) | GMACs | paper GFLOPs | GMACs vs paper | paper top-1 | delta top-1 |",
              "|---|---|---|---|---|---|---|---|---|"]
+    steps = steps_of(regime)  # rows may be a selection: the step above a row is found by its row number
     for r in rows:
         std = f" +/- {r['top1_std']:.2f}" if r["top1_std"] is not None else ""
         delta = "-" if r["delta_top1"] is None else f"{r['delta_top1']:+.2f}"
-        if r["delta_vs"] is not None and r["row"] > 0 and rows[r["row"] - 1]["key"] != r["parent"]:
+        if r["delta_vs"] is not None and r["row"] > 0 and steps[r["row"] - 1].key != r["parent"]:
             delta += f" (vs {r['delta_vs']})"
         mark = "" if r["matches_paper"] else " (see note)" if r["gflops_note"] else " (MISMATCH)"
         label = r["label"] if r["on_path"] else f"{r['label']} (not kept)"
@@ -142,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "info":
         if args.name is None:
             parser.error("info needs a model NAME, or --all")
+        if args.input_size is not None:
+            try:
+                check_input_size(args.name, args.input_size)
+            except ValueError as error:
+                parser.error(f"argument --input-size: {error}")
         print(format_info(args.name, args.input_size, args.activation, args.num_classes))
     elif args.command == "roadmap":
         rows = roadmap_rows(args.regime)

@@ -59,12 +59,16 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}; pass the path of a .pth file")
-    expected = _recorded_sha256(path)
+    expected = recorded_sha256(path)
     if expected is not None and sha256_file(path) != expected:
         raise CheckpointError(f"checkpoint {path} does not match its recorded sha256 ({sidecar_path(path).name}): "
                               "it was modified or partly written; copy it again, or export or resume from an "
                               "earlier checkpoint")
     if not _is_torch_save_file(path):  # a cut-off zip has lost its central directory
+        if _is_safetensors_file(path):
+            raise CheckpointError(f"checkpoint {path} is a safetensors file, which is not supported (torch.save "
+                                  "files only); convert it: torch.save(safetensors.torch.load_file(path), "
+                                  "'model.pth'), then pass the .pth")
         raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint: truncated or not a torch.save "
                               f"file ({path.stat().st_size} bytes); use an earlier checkpoint, or copy or download "
                               "it again")
@@ -83,16 +87,29 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def _recorded_sha256(path: Path) -> str | None:
-    """The hash in `path`'s sidecar, or None for a checkpoint without one (older runs, other projects' files)."""
+def recorded_sha256(path: str | Path) -> str | None:
+    """The hash in `path`'s sidecar, or None for a file without one (older runs, other projects' files).
+
+    The one sidecar parser (checkpoints here, the pretrained download's cache): a sidecar that is not a `sha256sum`
+    line (empty, cut off, edited) raises CheckpointError rather than passing for a record.
+    """
+    path = Path(path)
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
         return None
-    fields = sidecar.read_text().split()
-    if not fields or len(fields[0]) != 64:
+    fields = sidecar.read_text(errors="replace").split()
+    if not fields or not re.fullmatch(r"[0-9a-fA-F]{64}", fields[0]):
         raise CheckpointError(f"{sidecar} is not a sha256 line ('<64 hex digits>  {path.name}'); delete it to "
                               f"load {path} unverified, or use an earlier checkpoint")
     return fields[0].lower()
+
+
+def _is_safetensors_file(path: Path) -> bool:
+    """By name, or by safetensors' layout: an 8-byte little-endian header size, then a JSON header ('{')."""
+    with path.open("rb") as file:
+        head = file.read(9)
+    header_bytes = int.from_bytes(head[:8], "little")
+    return path.suffix == ".safetensors" or (head[8:9] == b"{" and header_bytes <= path.stat().st_size - 8)
 
 
 def _is_torch_save_file(path: Path) -> bool:

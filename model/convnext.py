@@ -27,6 +27,8 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
+        if not 0.0 <= drop_prob <= 1.0:
+            raise ValueError(f"DropPath's drop_prob {drop_prob} is not a probability: pass a value in [0, 1]")
         self.drop_prob = drop_prob
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +36,7 @@ class DropPath(nn.Module):
             return x
         keep_prob = 1.0 - self.drop_prob
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
-        return x * mask.div_(keep_prob)
+        return x * mask.div_(keep_prob) if keep_prob > 0.0 else x * mask  # 1.0 drops every branch (timm): zeros
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
@@ -75,6 +77,8 @@ class Block(nn.Module):
 
 def _drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
     # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
+    if not 0.0 <= drop_path_rate <= 1.0:
+        raise ValueError(f"drop_path_rate {drop_path_rate} is not a probability: pass a value in [0, 1]")
     if num_blocks == 1:
         return [0.0]
     return [drop_path_rate * i / (num_blocks - 1) for i in range(num_blocks)]

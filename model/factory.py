@@ -27,11 +27,13 @@ def create_model(
     """Build `name` (see `list_models()`); `None` options take the model's own defaults from the registry.
 
     `checkpoint` loads weights strictly (official, timm, torchvision or this project's format); a checkpoint
-    with another class count re-initialises only the head.
+    with another class count re-initialises only the head. ResNet-50 (torchvision's) has no layer scale and keeps its
+    own head init: a layer_scale_init other than 0, or a head_init_scale other than 1.0, raises ValueError for it.
     """
     cfg = get_config(name)
     activation = activation or cfg.default_activation
     layer_scale_init = cfg.layer_scale_init if layer_scale_init is None else layer_scale_init
+    model: nn.Module
     if cfg.family == "convnext":
         model = ConvNeXt(
             cfg.depths, cfg.dims, num_classes, in_chans, drop_path_rate, layer_scale_init, head_init_scale, activation
@@ -45,7 +47,8 @@ def create_model(
         design = ROADMAP_MODELS[name].design.with_options(activation=activation, layer_scale_init=layer_scale_init)
         model = RoadmapNet(design, num_classes, in_chans, drop_path_rate, head_init_scale)
     else:
-        model = resnet(cfg.depths, num_classes, activation, drop_path_rate)
+        model = resnet(cfg.depths, num_classes, activation, drop_path_rate, in_chans,
+                       layer_scale_init=layer_scale_init, head_init_scale=head_init_scale)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model

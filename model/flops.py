@@ -46,9 +46,18 @@ def count_macs(model: nn.Module, input_size_px: int, in_chans: int = 3) -> int:
     return counter.get_total_flops() // 2
 
 
+def check_input_size(name: str, input_size_px: int) -> None:
+    """Raise ValueError unless `name` runs on a square input of `input_size_px` (at least its total stride)."""
+    stride_px = get_config(name).total_stride_px
+    if input_size_px < stride_px:
+        raise ValueError(f"input size {input_size_px} px is too small for {name}, which downsamples {stride_px}x: "
+                         f"pass at least {stride_px}")
+
+
 def measure(name: str, input_size_px: int | None = None, **model_kwargs) -> ModelCost:
     """Params and MACs of `create_model(name, **model_kwargs)` at `input_size_px` (default: the model's own)."""
-    input_size_px = input_size_px or get_config(name).data.input_size
+    input_size_px = get_config(name).data.input_size if input_size_px is None else input_size_px
+    check_input_size(name, input_size_px)
     with torch.device("meta"):
         model = create_model(name, **model_kwargs)
     in_chans = model_kwargs.get("in_chans", 3)

@@ -1,17 +1,27 @@
-"""The official pretrained ConvNeXt checkpoints (facebookresearch/ConvNeXt README); a verified, resumable download."""
+"""The official pretrained ConvNeXt checkpoints (facebookresearch/ConvNeXt README); a verified, resumable download.
+
+Upstream publishes no sha256 for these files, and none could be pinned here without a trusted copy of each, so
+the table's `sha256` is None: the first download is trusted (it comes over HTTPS from dl.fbaipublicfiles.com,
+or from a mirror you chose), its hash is recorded in a `.sha256` sidecar, and every later cache hit is checked
+against that record. A resumed download only joins bytes the server proves are of the same file (If-Range).
+"""
 from __future__ import annotations
 
 import http.client
 import os
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import TextIO
 
-from convnext_files import sha256_file, sidecar_path, write_sidecar
+from convnext_files import sha256_file, sidecar_path, write_sidecar, write_text_atomic
+
+from .checkpoints import CheckpointError, recorded_sha256
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
 _CHUNK_BYTES = 1 << 20
@@ -25,7 +35,7 @@ class PretrainedCheckpoint:
     dataset: str  # "in1k", "in22k" (21841 classes) or "in22k->in1k" (pre-trained on 22K, fine-tuned on 1K)
     top1: float | None  # ImageNet-1K top-1 (%) as the README reports it; None for 22K-only heads
     num_classes: int = 1000
-    sha256: str | None = None  # not published upstream; a sidecar is written on first download instead
+    sha256: str | None = None  # not published upstream: the first download is trusted and recorded in a sidecar
 
     @property
     def filename(self) -> str:
@@ -100,66 +110,149 @@ def download_pretrained(name: str, cache_dir: str | Path | None = None, *, base_
 def download_file(url: str, destination: Path, *, sha256: str | None = None, timeout_s: float = 60.0,
                   progress: bool = False) -> Path:
     """Download `url` to `destination`: resume a `.part` file with an HTTP Range request, check Content-Length and
-    sha256 (the expected one, else the `.sha256` sidecar written on first download, re-checked on every cache hit)."""
+    sha256 (the expected one, else the `.sha256` sidecar written on first download, re-checked on every cache hit).
+
+    Without an expected sha256 the first download is trusted: its hash becomes the record later hits are held to.
+    A `.part` is resumed only against the validator (ETag or Last-Modified) saved when it began, sent as If-Range,
+    so the bytes on disk and the tail are of the same remote file; anything else starts again from byte 0.
+    """
     destination = Path(destination)
-    sidecar = sidecar_path(destination)
     if destination.is_file():
-        expected = sha256 or (sidecar.read_text().split()[0] if sidecar.is_file() else None)
-        actual = sha256_file(destination)
-        if expected is None or actual == expected:
-            if expected is None:
-                write_sidecar(destination, actual)
+        if _cached_copy_verifies(destination, sha256):
             return destination
         destination.unlink()  # corrupted cache entry: fetch it again rather than hand it out
-        sidecar.unlink(missing_ok=True)
+        sidecar_path(destination).unlink(missing_ok=True)
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
     _fetch(url, partial, timeout_s, progress)
     actual = sha256_file(partial)
     if sha256 is not None and actual != sha256:
-        partial.unlink()
+        _discard_partial(partial)
         raise DownloadError(f"{url}: sha256 {actual} does not match the expected {sha256}; the file was discarded")
     partial.replace(destination)
+    _validator_path(partial).unlink(missing_ok=True)
     write_sidecar(destination, actual)
     return destination
 
 
-def _fetch(url: str, partial: Path, timeout_s: float, progress: bool = False) -> None:
-    offset = partial.stat().st_size if partial.is_file() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+def _cached_copy_verifies(destination: Path, sha256: str | None) -> bool:
+    """Whether the cached file matches `sha256`, else its sidecar; a file without either is recorded as it is."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            if offset and response.status != 206:  # the server ignored Range: start over
-                offset = 0
-            length = response.headers.get("Content-Length")
-            expected_total = offset + int(length) if length is not None else None
-            report = DownloadProgress(partial.name.removesuffix(".part"), offset, expected_total) if progress else None
-            with partial.open("ab" if offset else "wb") as out:
-                while chunk := response.read(_CHUNK_BYTES):
-                    out.write(chunk)
-                    if report is not None:
-                        report.update(len(chunk))
-            if report is not None:
-                report.finish()
+        expected = sha256 or recorded_sha256(destination)
+    except CheckpointError:  # an empty or garbled sidecar: the copy cannot be verified, so it is fetched again
+        return False
+    actual = sha256_file(destination)
+    if expected is None:
+        write_sidecar(destination, actual)
+    return expected is None or actual == expected
+
+
+def _validator_path(partial: Path) -> Path:
+    """`x.pth.part` -> `x.pth.part.validator`: the ETag or Last-Modified the server sent when the `.part` began."""
+    return partial.with_name(partial.name + ".validator")
+
+
+def _discard_partial(partial: Path) -> None:
+    partial.unlink(missing_ok=True)
+    _validator_path(partial).unlink(missing_ok=True)
+
+
+def _response_validator(headers: Message) -> str | None:
+    """What If-Range may carry (RFC 9110 13.1.5): a strong ETag, else Last-Modified; None when there is neither."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):  # a weak ETag must not be sent in If-Range
+        return etag
+    return headers.get("Last-Modified")
+
+
+def _resume_point(partial: Path) -> tuple[int, str | None]:
+    """The bytes of `partial` to keep and the validator they were fetched under; (0, None) discards the `.part`
+    when nothing proves which file it holds (no saved validator: an older version, another file, a proxy's)."""
+    validator_file = _validator_path(partial)
+    validator = validator_file.read_text(errors="replace").strip() if validator_file.is_file() else ""
+    offset = partial.stat().st_size if partial.is_file() else 0
+    if not (offset and validator.isascii() and validator.isprintable() and validator):
+        _discard_partial(partial)
+        return 0, None
+    return offset, validator
+
+
+def _write_offset(response: http.client.HTTPResponse, offset: int, validator: str | None) -> int | None:
+    """Where the body goes in the `.part`: `offset` for a 206 that continues it, 0 for a whole file (200: the file
+    changed, or the server ignores ranges), None for a 206 of another range or version (splicing it corrupts)."""
+    if response.status != 206:
+        return 0
+    sent_validator = _response_validator(response.headers)
+    same_file = validator is None or sent_validator in (None, validator)
+    return offset if same_file and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-") else None
+
+
+def _fetch(url: str, partial: Path, timeout_s: float, progress: bool = False) -> None:
+    """Download `url` into `partial`, resuming it only while the validator saved beside it still holds."""
+    offset, validator = _resume_point(partial)
+    headers = {"Range": f"bytes={offset}-", "If-Range": validator} if validator else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
+            start = _write_offset(response, offset, validator)
+            content_range = response.headers.get("Content-Range")
+            expected_total = _receive(response, partial, start, progress) if start is not None else None
     except urllib.error.HTTPError as error:
         if error.code == 416 and offset:  # Range not satisfiable: the .part is stale or over-long, restart
-            partial.unlink()
+            _discard_partial(partial)
             return _fetch(url, partial, timeout_s, progress)
         raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; check the name or the mirror") from error
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
         reason = getattr(error, "reason", error)  # URLError wraps the socket error: "Name or service not known"
         if not (partial.is_file() and partial.stat().st_size):
-            partial.unlink(missing_ok=True)
+            _discard_partial(partial)
             raise DownloadError(f"{url}: cannot download ({reason}); check the network, or pass --mirror with a "
                                 "reachable copy of the file") from error
-        raise DownloadError(
-            f"{url}: download interrupted ({reason}); {partial.name} is kept and the next call resumes it"
-        ) from error
+        raise DownloadError(f"{url}: download interrupted ({reason}); {_after_interruption(partial)}") from error
+    if start is None:  # a 206 that does not continue the .part: never splice it, fetch the whole file instead
+        if not offset:
+            raise DownloadError(f"{url}: the server sent part of the file (Content-Range {content_range}) to a "
+                                "request for all of it; use another mirror")
+        _discard_partial(partial)
+        return _fetch(url, partial, timeout_s, progress)
     received = partial.stat().st_size
     if expected_total is not None and received != expected_total:
-        raise DownloadError(
-            f"{url}: got {received} of {expected_total} bytes; {partial.name} is kept and the next call resumes it"
-        )
+        raise DownloadError(f"{url}: got {received} of {expected_total} bytes; {_after_interruption(partial)}")
+
+
+def _receive(response: http.client.HTTPResponse, partial: Path, offset: int, progress: bool) -> int | None:
+    """Write the body into `partial` after its first `offset` bytes; the file's total size, when the server says."""
+    if not offset:  # a new .part: drop the old one first, so no validator ever sits beside bytes of another file
+        _discard_partial(partial)
+        validator = _response_validator(response.headers)
+        if validator is not None:
+            write_text_atomic(_validator_path(partial), validator + "\n")
+    expected_total = _total_bytes(response.headers, offset)
+    report = DownloadProgress(partial.name.removesuffix(".part"), offset, expected_total) if progress else None
+    with partial.open("ab" if offset else "wb") as out:
+        while chunk := response.read(_CHUNK_BYTES):
+            out.write(chunk)
+            if report is not None:
+                report.update(len(chunk))
+    if report is not None:
+        report.finish()
+    return expected_total
+
+
+def _total_bytes(headers: Message, offset: int) -> int | None:
+    """The whole file's size: a 206's Content-Range says it (a range cut short must not pass for the rest of the
+    file), else the body's Content-Length after `offset`; None when the server says neither."""
+    if match := re.fullmatch(r"bytes \d+-\d+/(\d+)", headers.get("Content-Range", "")):
+        return int(match[1])
+    length = headers.get("Content-Length")
+    return offset + int(length) if length is not None else None
+
+
+def _after_interruption(partial: Path) -> str:
+    """What happens to a cut-off `.part`: kept for the next call to resume, or dropped when it cannot be resumed."""
+    if _validator_path(partial).is_file():
+        return f"{partial.name} is kept and the next call resumes it"
+    _discard_partial(partial)
+    return "the server sent no ETag or Last-Modified to resume against, so the next call starts over"
 
 
 def format_progress(label: str, done_bytes: int, total_bytes: int | None, rate_bytes_s: float) -> str:

@@ -54,6 +54,12 @@ class ModelConfig:
     paper: PaperFigures | None = None
     paper_high_res: PaperFigures | None = None  # the same model evaluated at 384^2 (Table 1), where reported
 
+    @property
+    def total_stride_px(self) -> int:
+        """Input px per px of the last feature map: the smallest input side the model runs on."""
+        # Section 3.3: isotropic = one 16x16 patchify; else a 4x stem (or ResNet's conv + pool) and three 2x stages.
+        return 16 if self.family == "convnext_isotropic" else 32
+
     def paper_figures(self) -> tuple[PaperFigures, ...]:
         """Every (input size, params, GFLOPs) row the paper reports for this model."""
         return tuple(f for f in (self.paper, self.paper_high_res) if f is not None)

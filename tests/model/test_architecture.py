@@ -1,4 +1,5 @@
-"""Options of the ConvNeXt family: activation, stochastic depth, layer scale, head init; ONNX-clean export."""
+"""Options of the ConvNeXt family (activation, stochastic depth, layer scale, head init) and of the ResNet-50
+baseline; ONNX-clean export."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from model import create_model
-from model.convnext import Block, LayerNorm2d
+from model.convnext import Block, DropPath, LayerNorm2d
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,29 @@ def test_head_init_scale_scales_the_classifier():
     torch.manual_seed(0)
     scaled = float(create_model("convnext_atto", head_init_scale=0.001).head.weight.detach().std())
     assert scaled == pytest.approx(full * 0.001, rel=1e-4)
+
+
+def test_drop_path_of_one_drops_every_branch_and_more_than_one_is_refused():
+    dropped = DropPath(1.0).train()(torch.ones(4, 3, 2, 2))
+    assert torch.equal(dropped, torch.zeros(4, 3, 2, 2))  # not NaN (a division by keep_prob 0)
+    with pytest.raises(ValueError, match=r"drop_path_rate 1.5 is not a probability: pass a value in \[0, 1\]"):
+        create_model("convnext_atto", drop_path_rate=1.5)
+    with pytest.raises(ValueError, match=r"drop_prob -0.1 is not a probability"):
+        DropPath(-0.1)
+
+
+def test_resnet50_takes_in_chans(images):
+    model = create_model("resnet50", in_chans=1, num_classes=10).eval()
+    assert model.conv1.in_channels == 1
+    with torch.no_grad():
+        assert model(images[:, :1]).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("option", "value"), [("layer_scale_init", 1e-6), ("head_init_scale", 0.001)])
+def test_resnet50_refuses_convnext_options_it_does_not_have(option, value):
+    with pytest.raises(ValueError, match=f"ResNet baseline .* {option}={value}"):
+        create_model("resnet50", **{option: value})
+    assert create_model("resnet50", layer_scale_init=0.0, head_init_scale=1.0) is not None  # the defaults: none
 
 
 def test_onnx_export_has_one_layer_norm_op_per_norm_and_few_transposes(tmp_path):

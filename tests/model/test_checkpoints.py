@@ -1,6 +1,7 @@
 """Strict checkpoint loading: official / project formats, errors that list the keys, head re-initialisation."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -56,6 +57,15 @@ def test_read_checkpoint_rejects_missing_and_garbage_files(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         read_checkpoint(garbage)
+
+
+def test_a_safetensors_file_is_named_as_such(tmp_path):
+    header = json.dumps({"head.bias": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    for name in ("model.safetensors", "model.pth"):  # recognised by its content, whatever its name
+        path = tmp_path / name
+        path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+        with pytest.raises(CheckpointError, match="is a safetensors file, which is not supported"):
+            read_checkpoint(path)
 
 
 def test_a_legacy_torch_save_file_still_loads(atto_state, tmp_path):

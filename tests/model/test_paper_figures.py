@@ -47,6 +47,28 @@ def test_info_prints_params_and_gmacs(capsys):
     )
 
 
+@pytest.mark.parametrize(("name", "size", "message"), [
+    ("convnext_tiny", "0", "must be a positive number of px, got 0"),
+    ("convnext_tiny", "-5", "must be a positive number of px, got -5"),
+    ("convnext_tiny", "16", "16 px is too small for convnext_tiny, which downsamples 32x: pass at least 32"),
+    ("convnext_isotropic_small", "8", "pass at least 16"),
+])
+def test_info_refuses_an_input_size_the_model_cannot_run_on(capsys, name, size, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", name, "--input-size", size])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("python -m model") and "error: argument --input-size: " in err and message in err
+
+
+def test_the_smallest_input_size_is_the_models_total_stride(capsys):
+    assert main(["info", "convnext_isotropic_small", "--input-size", "16"]) == 0
+    assert main(["info", "convnext_tiny", "--input-size", "32"]) == 0
+    assert "at 16x16" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="pass at least 32"):
+        measure("convnext_tiny", 31)
+
+
 def test_table_lists_every_model_against_the_paper():
     result = subprocess.run([sys.executable, "-m", "model", "info", "--all"], capture_output=True, text=True,
                             check=True)

@@ -25,31 +25,49 @@ from model.pretrained import (
 FILENAME = "convnext_tiny_1k_224_ema.pth"
 
 
+def _etag(body: bytes) -> str:
+    return f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+
+
 class _CheckpointServer(BaseHTTPRequestHandler):
-    """Serves `files` with HTTP Range support; `truncate_next` cuts the next response short after that many bytes."""
+    """Serves `files` with HTTP Range and If-Range support, each file with its `validators` headers (by default a
+    strong ETag of its bytes); `truncate_next` cuts the next response short after that many bytes;
+    `range_reply` "misplaced" answers a Range request from byte 0, "short" with only 1000 bytes (a proxy that mangles
+    ranges)."""
 
     files: dict[str, bytes] = {}
+    validators: dict[str, dict[str, str]] = {}
     truncate_next: int | None = None
-    requests: list[tuple[str, str | None]] = []
+    range_reply = "honest"
+    requests: list[tuple[str, str | None, str | None]] = []  # (path, Range, If-Range)
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         cls = type(self)
-        cls.requests.append((self.path, self.headers.get("Range")))
-        body = cls.files.get(self.path.lstrip("/"))
+        cls.requests.append((self.path, self.headers.get("Range"), self.headers.get("If-Range")))
+        name = self.path.lstrip("/")
+        body = cls.files.get(name)
         if body is None:
             self.send_error(404)
             return
+        validators = cls.validators.get(name, {"ETag": _etag(body)})
+        if_range = self.headers.get("If-Range")
         start = 0
-        if match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or ""):
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if match and (if_range is None or if_range in validators.values()):  # RFC 9110: else the whole file
             start = int(match[1])
             if start >= len(body):
                 self.send_error(416)
                 return
+            start = 0 if cls.range_reply == "misplaced" else start
+            end = min(start + 1000, len(body)) if cls.range_reply == "short" else len(body)
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
         else:
             self.send_response(200)
-        payload = body[start:]
+            end = len(body)
+        payload = body[start:end]
+        for header, value in validators.items():
+            self.send_header(header, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         if cls.truncate_next is not None:
@@ -72,7 +90,9 @@ def checkpoint_bytes(tmp_path_factory) -> bytes:
 @pytest.fixture
 def server(checkpoint_bytes):
     _CheckpointServer.files = {FILENAME: checkpoint_bytes}
+    _CheckpointServer.validators = {}
     _CheckpointServer.truncate_next = None
+    _CheckpointServer.range_reply = "honest"
     _CheckpointServer.requests = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _CheckpointServer)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -103,17 +123,83 @@ def test_download_then_cache_hit_and_the_file_loads(server, tmp_path, checkpoint
     assert load_checkpoint(model, read_checkpoint(path)).head_reinitialised
 
 
-def test_truncated_transfer_fails_then_resumes_with_a_range_request(server, tmp_path, checkpoint_bytes):
+LAST_MODIFIED = "Tue, 01 Jul 2025 00:00:00 GMT"
+
+
+@pytest.mark.parametrize(("validators", "if_range"), [
+    (None, "etag"),
+    ({"Last-Modified": LAST_MODIFIED}, LAST_MODIFIED),
+    ({"ETag": 'W/"weak"', "Last-Modified": LAST_MODIFIED}, LAST_MODIFIED),  # a weak ETag may not go in If-Range
+], ids=["etag", "last-modified", "weak-etag"])
+def test_truncated_transfer_fails_then_resumes_with_a_range_request_if_still_the_same_file(
+        server, tmp_path, checkpoint_bytes, validators, if_range):
     handler, base_url = server
+    if validators is not None:
+        handler.validators = {FILENAME: validators}
     handler.truncate_next = 100_000
     with pytest.raises(DownloadError, match="resumes"):
         download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
     assert not (tmp_path / FILENAME).exists()  # no half file under the final name
     assert (tmp_path / f"{FILENAME}.part").stat().st_size == 100_000
     path = download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
-    assert handler.requests[-1][1] == "bytes=100000-"
+    expected_if_range = _etag(checkpoint_bytes) if if_range == "etag" else if_range
+    assert handler.requests[-1][1:] == ("bytes=100000-", expected_if_range)  # only the tail, and only of this file
     assert path.read_bytes() == checkpoint_bytes
-    assert not (tmp_path / f"{FILENAME}.part").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FILENAME, f"{FILENAME}.sha256"]  # no .part, no validator
+
+
+def _plant_partial(folder, first_bytes: bytes, validator: str | None) -> None:
+    (folder / f"{FILENAME}.part").write_bytes(first_bytes)
+    if validator is not None:
+        (folder / f"{FILENAME}.part.validator").write_text(validator + "\n")
+
+
+def test_a_part_of_another_version_is_not_joined_with_the_new_file(server, tmp_path, checkpoint_bytes):
+    handler, base_url = server
+    older = bytes(reversed(checkpoint_bytes))  # what the same URL served before, as large as the new file
+    _plant_partial(tmp_path, older[:100_000], _etag(older))
+    path = download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
+    assert handler.requests[-1][1:] == ("bytes=100000-", _etag(older))  # the server saw the ETag change: 200
+    assert path.read_bytes() == checkpoint_bytes
+
+
+def test_a_part_without_its_validator_starts_over(server, tmp_path, checkpoint_bytes):
+    handler, base_url = server
+    _plant_partial(tmp_path, bytes(reversed(checkpoint_bytes))[:100_000], None)  # e.g. left by an older version
+    path = download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
+    assert handler.requests == [("/" + FILENAME, None, None)]
+    assert path.read_bytes() == checkpoint_bytes
+
+
+def test_a_206_that_does_not_continue_the_part_is_never_spliced(server, tmp_path, checkpoint_bytes):
+    handler, base_url = server
+    _plant_partial(tmp_path, checkpoint_bytes[:100_000], _etag(checkpoint_bytes))
+    handler.range_reply = "misplaced"  # answers "bytes=100000-" with "Content-Range: bytes 0-..."
+    path = download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
+    assert [request[1] for request in handler.requests] == ["bytes=100000-", None]  # refused, then the whole file
+    assert path.read_bytes() == checkpoint_bytes
+
+
+def test_a_206_that_stops_short_of_the_end_is_not_taken_for_the_whole_file(server, tmp_path, checkpoint_bytes):
+    handler, base_url = server
+    _plant_partial(tmp_path, checkpoint_bytes[:100_000], _etag(checkpoint_bytes))
+    handler.range_reply = "short"  # "Content-Range: bytes 100000-100999/<size>"
+    with pytest.raises(DownloadError, match=f"got 101000 of {len(checkpoint_bytes)} bytes; .* resumes it"):
+        download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
+    handler.range_reply = "honest"
+    path = download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
+    assert handler.requests[-1][1] == "bytes=101000-" and path.read_bytes() == checkpoint_bytes
+
+
+def test_a_transfer_without_validators_cannot_be_resumed_and_says_so(server, tmp_path, checkpoint_bytes):
+    handler, base_url = server
+    handler.validators = {FILENAME: {}}
+    handler.truncate_next = 100_000
+    with pytest.raises(DownloadError, match="no ETag or Last-Modified to resume against, so the next call starts over"):
+        download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
+    assert list(tmp_path.iterdir()) == []
+    assert download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url).read_bytes() == checkpoint_bytes
+    assert handler.requests[-1][1] is None
 
 
 def test_corrupted_cached_file_is_detected_and_downloaded_again(server, tmp_path, checkpoint_bytes):
@@ -124,6 +210,18 @@ def test_corrupted_cached_file_is_detected_and_downloaded_again(server, tmp_path
     path.write_bytes(bytes(corrupted))
     assert download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url).read_bytes() == checkpoint_bytes
     assert len(handler.requests) == 2
+
+
+@pytest.mark.parametrize("sidecar_text", ["", "\n"])
+def test_an_empty_sidecar_means_the_cached_file_is_downloaded_again(server, tmp_path, checkpoint_bytes, sidecar_text):
+    handler, base_url = server
+    path = download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
+    sidecar = tmp_path / f"{FILENAME}.sha256"
+    sidecar.write_text(sidecar_text)  # e.g. a disk that filled up while it was written
+    assert main(["download", "convnext_tiny_1k_224_ema", "--cache-dir", str(tmp_path), "--mirror", base_url,
+                 "--quiet"]) == 0
+    assert len(handler.requests) == 2 and path.read_bytes() == checkpoint_bytes
+    assert sidecar.read_text().split()[0] == hashlib.sha256(checkpoint_bytes).hexdigest()
 
 
 def test_wrong_expected_sha256_leaves_nothing_behind(server, tmp_path):

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 import model
-from model.__main__ import main, roadmap_rows
+from model.__main__ import format_roadmap, main, roadmap_rows
 from model.roadmap import Design, RoadmapNet
 from model.roadmap_steps import REGIMES, ROADMAP_MODELS, STEPS
 
@@ -194,6 +194,15 @@ def test_roadmap_cli_prints_each_step_with_the_paper_and_the_exception(capsys):
     assert "| 15 | BN -> LN | roadmap_r50_layernorm | 25.84 | 4.15 | 4.46 | -7.0% (see note) |" in table[15]
     assert "multiply-accumulates of conv and linear layers" in out and "Note on 'BN -> LN'" in out
     assert "MISMATCH" not in out
+
+
+def test_a_selection_of_steps_reads_as_in_the_whole_table():
+    whole = format_roadmap("r50", roadmap_rows("r50")).splitlines()
+    keys = ["resnet50_original", "stage_ratio", "kernel11", "gelu"]  # rows 0, 2, 11, 12: not one after another
+    selected = [line for line in format_roadmap("r50", roadmap_rows("r50", keys)).splitlines()
+                if re.match(r"\| \d+ \|", line)]
+    assert selected == [line for line in whole if re.match(r"\| (0|2|11|12) \|", line)]
+    assert selected[1].endswith("| +0.54 |") and selected[3].endswith("| +0.05 (vs kernel size -> 7) |")
 
 
 def test_roadmap_cli_json_for_the_resnet200_regime(capsys, rows):
