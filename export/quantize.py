@@ -61,6 +61,9 @@ def calibration_batch(spec: Preprocess, image_paths: Sequence[Path]) -> np.ndarr
     real = preprocess_images(list(image_paths), spec) if len(spec.mean) == 3 else None
     if real is not None and len(real):
         return real
+    logger.warning("int8 calibration runs on %d random tensors: no photos found (pass --calibration-images, or "
+                   "install scikit-image/scikit-learn for their sample photos); activation ranges fitted to noise "
+                   "may clip real images", NUM_CALIBRATION_RANDOM)
     rng = np.random.default_rng(1)
     shape = (NUM_CALIBRATION_RANDOM, len(spec.mean), spec.crop_px, spec.crop_px)
     return rng.standard_normal(shape).astype(np.float32)

@@ -221,7 +221,7 @@ def build_engine(
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network(0 if weakly_typed or strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger_)
-    if not parser.parse(Path(onnx_path).read_bytes()):
+    if not parser.parse(Path(onnx_path).read_bytes(), str(onnx_path)):  # the path finds external-data weights
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise TensorRTError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()

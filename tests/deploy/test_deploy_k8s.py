@@ -48,6 +48,9 @@ def test_deployment_takes_a_gpu_probes_readyz_healthz_and_drains_before_it_is_ki
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # a probe answered behind a busy event loop (a large JSON body parses for ~0.25 s) must not time out at 1 s
+    assert all(container[probe].get("timeoutSeconds", 1) >= 3
+               for probe in ("startupProbe", "readinessProbe", "livenessProbe"))
     pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     request_timeout_s = Settings().request_timeout_ms / 1000
     worst_case_drain_s = 2 * request_timeout_s + 5  # service/__main__.py: graceful shutdown, then the batcher drain

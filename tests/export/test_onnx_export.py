@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from export.labels import imagenet_labels
-from runtime.repository import ModelRepository
+from export.quantize import NUM_CALIBRATION_RANDOM, calibration_batch
+from runtime.repository import ModelRepository, Preprocess
 from tests.export.conftest import SIZE_PX
 
 
@@ -89,3 +90,11 @@ def test_int8_variant_is_qdq_and_verified(exported):
     parity = exported.manifest.find("onnx", "int8").parity
     assert parity.reference == "onnxruntime-fp32" and parity.num_real_images == 6
     assert parity.top1_agreement >= 0.5
+
+
+def test_int8_calibration_without_photos_says_it_calibrates_on_noise(caplog):
+    spec = Preprocess(resize_px=40, crop_px=32, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    with caplog.at_level("WARNING", logger="export.quantize"):
+        batch = calibration_batch(spec, [])
+    assert batch.shape == (NUM_CALIBRATION_RANDOM, 3, 32, 32)
+    assert "random tensors" in caplog.text and "--calibration-images" in caplog.text
