@@ -228,8 +228,8 @@ class Batcher:
             if item.future.done():  # cancelled by a disconnect or a timed-out request
                 continue
             if now > item.deadline:
+                # Counted once, by the request that answers 504 deadline (not here once per image as well).
                 item.future.set_exception(DeadlineError("the request deadline passed while queued"))
-                self.metrics.rejected.labels("deadline").inc()
                 continue
             live.append(item)
         return live

@@ -197,7 +197,7 @@ class _Method:
                                 trailing_metadata=((ERROR_CODE_KEY, "internal_error"),))
         finally:
             metrics.grpc_requests.labels(self.name, code.name).inc()
-            metrics.grpc_request_duration.labels(self.name).observe(time.perf_counter() - started)
+            metrics.grpc_request_duration.labels(self.name, code.name).observe(time.perf_counter() - started)
 
 
 def inference_service(state: ServiceState) -> grpc.GenericRpcHandler:

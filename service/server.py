@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import socket
+import time
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -93,11 +94,14 @@ class EdgeLimitsMixin(_UvicornProtocol):
                     len(self.connections) <= self.max_connections and len(self.tasks) <= self.max_connections):
                 await app(scope, receive, send)
                 return
+            started = time.perf_counter()
             self.metrics.rejected.labels("too_many_connections").inc()
             await send_error(scope, send, 503, "too_many_connections", f"the server is at its limit of "
                              f"{self.max_connections} connections; retry shortly",
                              [(b"retry-after", b"1"), (b"connection", b"close")])
             if scope["type"] == "http":
+                # Refused before routing (outside the request metrics' middleware): counted here, under no route.
+                self.metrics.count_request("unmatched", scope["method"], 503, time.perf_counter() - started)
                 ACCESS_LOG.record(scope, 503)
 
         return limited

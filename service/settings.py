@@ -9,6 +9,12 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: `taskset`, a container's cpuset), not the machine's count.
+    A CPU quota (docker --cpus, a k8s limit) is not a mask: set intra_op_threads / preprocess_workers to it."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a validation error never prints the api_key it was given.
     model_config = SettingsConfigDict(env_prefix="CONVNEXT_", frozen=True, extra="forbid", hide_input_in_errors=True)
@@ -33,21 +39,22 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(
         5.0, ge=0, description="how long a batch stays open while more requests keep arriving")
     queue_size: int = Field(256, ge=1, description="queued images before 503 queue_full")
-    intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description=(
-        "ONNX Runtime threads (OpenVINO's inference_num_threads); default: the CPU count"))
+    intra_op_threads: int = Field(default_factory=usable_cpus, ge=1, description=(
+        "ONNX Runtime threads (OpenVINO's inference_num_threads); default: the CPUs this process may run on"))
     ort_spinning: bool = Field(True, description=(
         "ONNX Runtime CPU threads spin-wait between ops: a lone ConvNeXt-T request is ~2.5 ms faster here; off, "
         "idle engine threads sleep and leave the cores to image decoding (~2% more images/s at saturation on 2 cores)"))
     ort_streams: int = Field(1, ge=1, description=(
-        "ONNX Runtime CPU: batches run at once, each on intra_op_threads / ort_streams threads; 2 on 2 cores keeps "
-        "both busy while images decode (more images/s under load, README) but runs a lone request on one core"))
+        "ONNX Runtime CPU: batches run at once on the one session, sharing its intra_op_threads (each batch's own "
+        "thread plus the pool's); 2 on 2 cores keeps both busy while images decode (more images/s under load, "
+        "README) but runs a lone request on one core"))
     access_log: bool = Field(True, description=(
         "one line per HTTP request on stdout (uvicorn's format), written by a thread off the event loop"))
     request_timeout_ms: float = Field(30_000.0, gt=0, description="per-request deadline (504 deadline)")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413 above it)")
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit per image (413 too_many_pixels)")
     max_files_per_request: int = Field(32, ge=1, description="multipart files per request (413 too_many_files)")
-    preprocess_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description=(
+    preprocess_workers: int = Field(default_factory=usable_cpus, ge=1, description=(
         "decode/transform threads; default: the CPU count"))
     warmup_runs: int = Field(2, ge=0, description="warm-up runs at batch 1 and at max batch before ready")
     # The HTTP edge (service/security.py, service/server.py).

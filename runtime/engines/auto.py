@@ -2,8 +2,9 @@
 
 The rule: every candidate (ONNX Runtime fp32, OpenVINO fp32 where it imports) is loaded and warmed up, then runs
 batches of max_batch_size for the same fixed time, in alternating rounds so a neighbour's load hits each alike, with
-as many batches in flight as the batcher would keep (Engine.max_concurrent_batches); the most images/s wins. bf16 and
-int8 change the logits, so they are never candidates: they stay opt-in (--engine openvino --precision bf16).
+as many batches in flight as the batcher would keep (Engine.max_concurrent_batches); the most images/s wins (one that
+fails while measured is left out, like one that does not load). bf16 and int8 change the logits, so they are never
+candidates: they stay opt-in (--engine openvino --precision bf16).
 """
 from __future__ import annotations
 
@@ -69,9 +70,18 @@ class AutoEngine(Engine):
             batch = np.random.default_rng(0).standard_normal((spec.max_batch_size, *spec.input_shape),
                                                              dtype=np.float32)
             rates: dict[str, list[float]] = {name: [] for name in engines}
-            for _ in range(MEASURE_ROUNDS):
-                for name, engine in engines.items():
-                    rates[name].append(measure_images_per_s(engine, batch, self.measure_s / MEASURE_ROUNDS))
+            for round_index in range(MEASURE_ROUNDS):
+                names = list(engines) if round_index % 2 == 0 else list(reversed(engines))  # none always goes first
+                for name in names:
+                    try:
+                        rates[name].append(measure_images_per_s(engines[name], batch, self.measure_s / MEASURE_ROUNDS))
+                    except (EngineError, RuntimeError) as err:  # left out like one that does not load
+                        logger.warning("engine auto: leaving out %s, it failed while measured (%s: %s)", name,
+                                       type(err).__name__, err)
+                        engines.pop(name).close()
+                        del rates[name]
+                if not engines:
+                    raise EngineError("engine auto: every candidate failed while measured (see the warnings above)")
         except BaseException:
             for engine in engines.values():
                 engine.close()
@@ -118,6 +128,7 @@ class AutoEngine(Engine):
     def close(self) -> None:
         if self.chosen is not None:
             self.chosen.close()
+        self.chosen = None  # a later load() measures again instead of returning a closed engine
 
     def _loaded(self) -> Engine:
         if self.chosen is None:

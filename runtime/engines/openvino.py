@@ -96,7 +96,8 @@ class OpenVinoEngine(ModelFileEngine):
         try:
             # share_inputs: the request reads the batch in place instead of copying it, and is done with it once
             # infer() returns (synchronous; the GIL is released meanwhile, so other requests run alongside).
-            request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
+            # share_outputs: no copy of the results here, as the one copy below is what is handed out.
+            request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True, share_outputs=True)
             return np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request reuses it
         finally:
             idle.put(request)

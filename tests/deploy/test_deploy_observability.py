@@ -87,15 +87,18 @@ def test_every_dashboard_query_reads_only_metrics_the_service_exports(metrics_sc
         assert not unknown, f"panel {title!r} queries {sorted(unknown)}, which /metrics does not export"
 
 
-def test_every_label_the_dashboard_groups_by_exists_on_its_metric(metrics_scrape):
+def test_every_label_the_dashboard_groups_by_or_selects_on_exists_on_its_metric(metrics_scrape):
     labels: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(metrics_scrape):
         for sample in family.samples:
             labels.setdefault(sample.name, set()).update(sample.labels)
     for title, expr in dashboard_queries():
         grouped = {label.strip() for g in re.findall(r"\bby\s*\(([^)]*)\)", expr) for label in g.split(",")} - {"le"}
+        matched = set(re.findall(r"[{,]\s*(\w+)\s*(?:=~|!~|!=|=)", expr))  # selectors: {status_class="2xx"}
         available = set().union(*(labels.get(n, set()) for n in metric_names(expr)))
         assert grouped <= available, (f"panel {title!r} groups by {sorted(grouped - available)}, "
+                                      "not labels of its metrics")
+        assert matched <= available, (f"panel {title!r} selects on {sorted(matched - available)}, "
                                       "not labels of its metrics")
 
 

@@ -86,6 +86,10 @@ def test_at_capacity_a_request_is_refused_at_the_gate_and_the_connection_stays_u
         scrape = httpx.get(f"{url}/metrics").text
         assert 'convnext_requests_total{method="POST",route="/classify",status="503"} 1.0' in scrape
         assert 'convnext_rejected_total{reason="queue_full"} 1.0' in scrape
+        # The refusal's ~0 ms stays out of the answered requests' latency, which the dashboard's percentiles read.
+        assert 'convnext_request_duration_seconds_count{route="/classify",status_class="5xx"} 1.0' in scrape
+        assert f'convnext_request_duration_seconds_count{{route="/classify",status_class="2xx"}} {len(threads) + 1}.0' \
+            in scrape
 
 
 def test_at_capacity_the_gate_answers_before_the_body_arrives(model_repository, real_photos, launch, held):

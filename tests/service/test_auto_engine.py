@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from runtime.engines.auto import AutoEngine
-from runtime.engines.base import EngineError
+from runtime.engines.base import Engine, EngineError
 from runtime.engines.factory import EngineOptions, onnxruntime_engine, open_engine
 from runtime.engines.openvino import OpenVinoEngine
 from tests.service.conftest import classify_top1
@@ -40,6 +40,9 @@ def test_auto_measures_both_fp32_engines_serves_the_faster_and_says_so(version, 
     engine.close()
     with pytest.raises(EngineError, match="not loaded"):
         engine.run(photo_batch[:1])
+    engine.load()  # the interface's load after close: measured and loaded again, not the closed engine handed back
+    np.testing.assert_allclose(engine.run(photo_batch[:1]), reference[:1], atol=1e-4, rtol=1e-4)
+    engine.close()
 
 
 def test_a_candidate_that_does_not_load_is_left_out_and_none_loading_is_an_error(version, tmp_path, caplog):
@@ -68,3 +71,40 @@ def test_engine_auto_serves_real_photos_and_shows_both_figures(model_repository,
         assert set(figures) == {"onnxruntime", "openvino"} and engine["name"] == max(figures, key=figures.get)
         for photo, logits in zip(real_photos, reference, strict=True):
             assert classify_top1(url, photo) == int(np.argmax(logits))
+
+
+class FailsWhenMeasured(Engine):
+    """A real engine that loads and warms up, then fails every batch (a device lost after start-up, say)."""
+
+    def __init__(self, inner: Engine):
+        self.inner, self.closed = inner, False
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def warmup(self, runs: int = 2) -> None:
+        self.inner.warmup(runs)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        raise EngineError("device lost")
+
+    def describe(self):
+        return self.inner.describe()
+
+    def close(self) -> None:
+        self.inner.close()
+        self.closed = True
+
+
+def test_a_candidate_that_fails_while_measured_is_left_out(version, caplog):
+    options = EngineOptions(max_batch_size=2)
+    failing = FailsWhenMeasured(onnxruntime_engine(version, options))
+    engine = AutoEngine({"openvino": lambda: failing, "onnxruntime": lambda: onnxruntime_engine(version, options)},
+                        0.1)
+    with caplog.at_level(logging.WARNING, logger="convnext.runtime"):
+        engine.load()
+    assert engine.describe().name == "onnxruntime" and set(engine.describe().auto_images_per_s) == {"onnxruntime"}
+    assert "leaving out openvino, it failed while measured" in caplog.text and failing.closed
+    engine.close()
+    with pytest.raises(EngineError, match="every candidate failed while measured"):
+        AutoEngine({"openvino": lambda: FailsWhenMeasured(onnxruntime_engine(version, options))}, 0.1).load()

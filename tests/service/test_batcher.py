@@ -13,6 +13,7 @@ from runtime.engines.base import Engine, EngineDescription
 from service.batcher import (
     Batcher,
     BatchFailedError,
+    DeadlineError,
     EngineThread,
     EngineTimeoutError,
     QueueFullError,
@@ -404,3 +405,25 @@ def test_an_image_whose_logits_are_not_finite_fails_alone_and_its_batch_mates_ar
     assert outcomes[1][0] == 1.0 and outcomes[3][0] == 3.0
     assert isinstance(outcomes[2], BatchFailedError) and "not finite" in str(outcomes[2])
     assert failures == 0  # an input's numbers, not an engine fault
+
+
+def test_images_past_their_deadline_fail_without_being_counted_here():
+    """A request answers 504 deadline once and is counted once (convnext_rejected_total{reason="deadline"}) where it
+    is answered; the batcher counted each of its images again."""
+    async def scenario():
+        engine = RecordingEngine()
+        metrics = ServiceMetrics()
+        batcher = Batcher(served(engine), max_batch_size=8, max_queue_delay_ms=1, queue_size=16, metrics=metrics)
+        batcher.start()
+        held = await hold_first_batch(batcher, engine)
+        late = batcher.submit(tensors(1, 2, 3), time.monotonic() + 0.01)  # expires behind the held batch
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        outcomes = await asyncio.gather(*(item.future for item in late), return_exceptions=True)
+        await asyncio.gather(*(item.future for item in held))
+        await batcher.drain()
+        return outcomes, metrics.rejected.labels("deadline")._value.get()
+
+    outcomes, counted = run(scenario())
+    assert all(isinstance(outcome, DeadlineError) for outcome in outcomes)
+    assert counted == 0

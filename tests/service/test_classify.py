@@ -7,9 +7,11 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+from prometheus_client import generate_latest
 
 from runtime.preprocess import preprocess
 from runtime.repository import ModelRepository
+from service.metrics import LATENCY_BUCKETS, ServiceMetrics
 
 
 def direct_top1(repository, data: bytes) -> tuple[int, np.ndarray]:
@@ -94,3 +96,18 @@ def test_health_models_metrics_and_docs(service_url):
                  "convnext_model_info", "convnext_rejected_total"):
         assert name in text, name
     assert 'convnext_model_info{engine="onnxruntime",name="atto",precision="fp32",version="1"} 1.0' in text
+
+
+def test_request_metrics_keep_their_labels_bounded_and_their_buckets_fine():
+    """A method outside the standard ones is counted as "other" (h11 passes any token: one series per invented
+    method otherwise); latency buckets resolve a 2 ms GPU request as well as a 2 s CPU batch."""
+    metrics = ServiceMetrics()
+    metrics.count_request("/classify", "XYZZY123", 405, 0.002)
+    metrics.count_request("/classify", "POST", 200, 0.002)
+    text = generate_latest(metrics.registry).decode()
+    assert 'convnext_requests_total{method="other",route="/classify",status="405"} 1.0' in text
+    assert 'status_class="4xx"' in text and 'status_class="2xx"' in text and "XYZZY" not in text
+    bounds = np.array(LATENCY_BUCKETS)
+    for seconds in (0.002, 0.02, 0.2, 2.0, 20.0):  # the bucket holding it spans at most 2x: quantiles within ~2x
+        index = int(np.searchsorted(bounds, seconds))
+        assert 0 < index < len(bounds) and bounds[index] / bounds[index - 1] <= 2.0, seconds

@@ -111,6 +111,9 @@ def check_connection_limit(strict_url: str, jpeg: bytes) -> None:
     # Health checks and scrapes still answer: a liveness probe refused under load would restart a healthy server.
     for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
         assert httpx.get(f"{strict_url}{path}").status_code == 200, path
+    # Refused before routing, still in the request metrics (the dashboard's 5xx ratio): under no route, as a 5xx.
+    assert metric(strict_url, 'convnext_requests_total{method="POST",route="unmatched",status="503"}') >= 1
+    assert metric(strict_url, 'convnext_request_duration_seconds_count{route="unmatched",status_class="5xx"}') >= 1
     for sock in held:
         sock.close()
     deadline = time.monotonic() + 10

@@ -218,3 +218,14 @@ def test_onnxruntime_streams_are_cpu_only_and_at_least_one(version):
         OnnxRuntimeEngine(path, (3, 64, 64), streams=0)
     engine = make_engine(version, "onnxruntime", hint="THROUGHPUT")  # Settings(intra_op_threads=2, ort_streams=2)
     assert (engine.max_concurrent_batches, engine.intra_op_threads) == (2, 1)
+
+
+def test_onnxruntime_streams_share_the_sessions_threads_and_use_them_all():
+    """One session, one intra-op pool of n - 1 workers, and each running batch's own thread joins in: n is chosen so
+    that workers + running batches = the threads asked for (threads // streams left cores idle: 8 / 2 ran 5)."""
+    from runtime.engines.factory import ort_intra_op_threads
+
+    for threads, streams in [(1, 1), (2, 1), (2, 2), (8, 2), (16, 4), (4, 4)]:
+        pool_workers = ort_intra_op_threads(threads, streams) - 1
+        assert pool_workers + streams == threads, (threads, streams)
+    assert ort_intra_op_threads(1, 2) == 1  # more streams than threads: still a session

@@ -49,3 +49,13 @@ def test_flags_parse_to_the_settings_types():
     assert (settings.ort_spinning, settings.cors_origins, settings.port) == (False, ["https://a.example"], 81)
     assert (settings.decode_mode, settings.watch_interval_s) == ("fast", 0.5)
     assert settings_from_args([]) == Settings()
+
+
+def test_thread_defaults_follow_the_cpus_the_process_may_use():
+    """Pinned to one CPU (taskset, a container's cpuset), the engine and decode pools default to 1 thread, not to the
+    machine's core count (oversubscribed threads spin against each other)."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from service.settings import Settings; s = Settings(); print(s.intra_op_threads, s.preprocess_workers)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT)
+    assert result.stdout.split() == ["1", "1"], result.stderr
