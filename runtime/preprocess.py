@@ -17,6 +17,9 @@ from runtime.decode import fast_decode_min_short_side, reduce_jpeg_decode
 from runtime.repository import Preprocess
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+# Image.open tries only these plugins, in order (an MPO file opens through JPEG's, which returns it as MPO).
+OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+STRIP_ROWS = 256  # rows scaled at a time when a 16/32-bit picture becomes 8-bit (to_rgb)
 RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -49,7 +52,8 @@ def decode_image_scaled(data: bytes, max_pixels: int, min_short_side_px: int | N
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # formats: only these plugins look at the bytes (not every format Pillow can parse a header of).
+            image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
             if image.format not in ALLOWED_FORMATS:
                 raise ImageError("unsupported_format", f"image format {image.format} is not accepted")
             width, height = image.size
@@ -78,9 +82,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), mode="L")
+        pixels = np.asarray(image)
+        top = 65535 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255
+        image = Image.fromarray(scaled_to_8_bits(pixels, top), mode="L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -88,6 +92,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image
+
+
+def scaled_to_8_bits(pixels: np.ndarray, top: int) -> np.ndarray:
+    """round(v * 255 / top) clipped to 0..255 as uint8, a strip of rows at a time: a few bytes of scratch per pixel
+    of a strip, not 24 per pixel of the picture (a 80 KB 16-bit PNG may declare 40 megapixels)."""
+    out = np.empty(pixels.shape, dtype=np.uint8)
+    for start in range(0, pixels.shape[0], STRIP_ROWS):
+        strip = pixels[start:start + STRIP_ROWS]
+        wide: np.ndarray
+        if strip.dtype.kind == "u" and top == 65535:  # 16-bit: exact, in integers (no float rounding at all)
+            wide = strip.astype(np.uint32)
+            wide *= 255
+            wide += 32767
+            wide //= 65535
+        else:  # 32-bit integer or float pictures
+            wide = strip.astype(np.float32)
+            wide *= np.float32(255.0 / top)
+            wide += np.float32(0.5)
+            np.clip(wide, 0, 255, out=wide)
+        out[start:start + STRIP_ROWS] = wide
+    return out
 
 
 def resize_short_side(image: Image.Image, size_px: int, interpolation: str) -> Image.Image:

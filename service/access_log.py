@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from uvicorn._types import HTTPScope
 
 LOGGER = logging.getLogger("uvicorn.access")
+MAX_QUEUED_LINES = 10_000  # beyond this (a stalled stdout, say) lines are dropped and counted, never held without end
 
 
 class AccessLog:
@@ -23,6 +24,7 @@ class AccessLog:
         self._entries: queue.SimpleQueue[tuple[Scope, int] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.dropped = 0  # lines not written because the queue was full
 
     def record(self, scope: Scope, status: int) -> None:
         """From the event loop: one answered request (nothing when the logger is off, e.g. at log level warning)."""
@@ -30,6 +32,9 @@ class AccessLog:
             return
         if self._writer is None:
             self._start()
+        if self._entries.qsize() >= MAX_QUEUED_LINES:
+            self.dropped += 1
+            return
         self._entries.put((scope, status))
 
     def flush(self) -> None:
@@ -50,8 +55,11 @@ class AccessLog:
         while (entry := self._entries.get()) is not None:
             scope, status = entry
             http_scope = cast("HTTPScope", scope)  # only HTTP requests are recorded
-            LOGGER.info('%s - "%s %s HTTP/%s" %d', get_client_addr(http_scope), scope["method"],
-                        get_path_with_query_string(http_scope), scope["http_version"], status)
+            try:
+                LOGGER.info('%s - "%s %s HTTP/%s" %d', get_client_addr(http_scope), scope["method"],
+                            get_path_with_query_string(http_scope), scope["http_version"], status)
+            except Exception:  # one line that cannot be formatted must not end the writer (the queue would only grow)
+                self.dropped += 1
 
 
 ACCESS_LOG = AccessLog()  # one per process, as the logger it writes to

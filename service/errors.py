@@ -22,6 +22,18 @@ class ApiError(Exception):
 
 
 V2_PREFIX = "/v2"
+MAX_ECHOED_CHARS = 200  # of anything a client sent that an error message repeats (a name, a file name)
+
+
+def clipped(text: str) -> str:
+    """Client-sent text for an error message, cut at MAX_ECHOED_CHARS: a message never carries a client's megabytes
+    back (over gRPC it becomes the grpc-message trailer, which clients cap at a few KB)."""
+    return text if len(text) <= MAX_ECHOED_CHARS else text[:MAX_ECHOED_CHARS] + f"... ({len(text)} characters)"
+
+
+def shown(value: object) -> str:
+    """repr(value), clipped."""
+    return clipped(repr(value))
 
 
 def is_v2_path(path: str) -> bool:

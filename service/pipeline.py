@@ -20,7 +20,7 @@ from runtime.preprocess import ImageError, preprocess
 from runtime.repository import ModelVersion, Preprocess
 from service.admission import AdmissionRefused
 from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, Item, QueueFullError, ServedModel
-from service.errors import ApiError
+from service.errors import ApiError, clipped
 from service.state import ServiceState
 
 ZLIB_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # Content-Encoding -> zlib's window bits (gzip / zlib header)
@@ -31,25 +31,30 @@ def service_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-async def read_body(request: Request, state: ServiceState) -> bytes:
-    """The HTTP body within max_body_bytes, each chunk within body_timeout_s (413 / 408 otherwise)."""
-    max_bytes = state.settings.max_body_bytes
+async def read_body(request: Request, state: ServiceState, max_bytes: int | None = None) -> bytes:
+    """The HTTP body within max_bytes (default max_body_bytes), each chunk within body_timeout_s and the whole
+    within body_deadline_s (413 / 408 otherwise)."""
+    max_bytes = state.settings.max_body_bytes if max_bytes is None else max_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "body_too_large", f"the body is {declared} bytes, over the limit of {max_bytes}")
     chunks, size = [], 0
-    timeout_s = state.settings.body_timeout_s
+    timeout_s, deadline_s = state.settings.body_timeout_s, state.settings.body_deadline_s
     stream = request.stream()
-    while True:  # each chunk within body_timeout_s: a client that stalls mid-body does not hold a slot forever
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while True:  # each chunk in time: a client that stalls or trickles mid-body does not hold a slot forever
         try:
             # asyncio.timeout, not wait_for: no task per chunk (wait_for wraps the coroutine in one on Python 3.11)
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(min(loop.time() + timeout_s, deadline)):
                 chunk = await anext(stream)
         except StopAsyncIteration:
             break
         except TimeoutError:
-            raise ApiError(408, "body_timeout", f"no part of the request body arrived for {timeout_s:g} s; "
-                           "send the whole body at once", headers={"Connection": "close"}) from None
+            waited = f"no part of the request body arrived for {timeout_s:g} s" if loop.time() < deadline else \
+                f"the request body did not arrive within {deadline_s:g} s"
+            raise ApiError(408, "body_timeout", f"{waited}; send the whole body at once",
+                           headers={"Connection": "close"}) from None
         size += len(chunk)
         if size > max_bytes:
             raise ApiError(413, "body_too_large", f"the body is over the limit of {max_bytes} bytes")
@@ -130,7 +135,7 @@ async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]
                                                              state.settings.max_pixels, state.settings.decode_mode)
             except ImageError as err:
                 status = 413 if err.code == "too_many_pixels" else 400
-                raise ApiError(status, err.code, f"{name}: {err.message}") from None
+                raise ApiError(status, err.code, f"{clipped(name)}: {err.message}") from None
             state.metrics.preprocess.observe(seconds)
             return tensor, seconds
 

@@ -1,6 +1,7 @@
 """Service routes: /classify, health, readiness, the model list and Prometheus metrics."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -129,6 +130,14 @@ async def readyz(request: Request):
             response_model=ModelsResponse)
 async def models(request: Request):
     state = service_state(request)
+    # Every manifest read is file I/O (maybe on a network volume): off the event loop, which serves the requests.
+    listing = await asyncio.to_thread(repository_listing, state)
+    engine = state.engine.describe().__dict__ if state.engine is not None else None
+    return {"models": listing, "engine": engine}
+
+
+def repository_listing(state: ServiceState) -> list[dict]:
+    """Every version in the repository with the fields /models shows; a broken one is left out (and logged)."""
     repository = ModelRepository(state.settings.repository)
     listing = []
     for name in repository.models():
@@ -146,8 +155,7 @@ async def models(request: Request):
                 "serving": state.version is not None and (name, version) == (state.version.manifest.name,
                                                                              state.version.manifest.version),
             })
-    engine = state.engine.describe().__dict__ if state.engine is not None else None
-    return {"models": listing, "engine": engine}
+    return listing
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: {

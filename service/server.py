@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -15,12 +16,17 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from service.access_log import ACCESS_LOG
 from service.app import begin_drain
-from service.errors import send_error
+from service.errors import error_body, send_error
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 # Answered beyond max_connections too: orchestrators' health checks and Prometheus, cheap and needed most under load.
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# A request line + headers beyond this is refused (431): uvicorn's httptools protocol appends the URL piece by piece,
+# so a multi-MB URL sent in small segments costs the event loop quadratic time before any route or key check.
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_TOO_LARGE = json.dumps(error_body("header_too_large", f"the request line and headers are over {MAX_HEAD_BYTES} "
+                                       "bytes")).encode()
 
 if TYPE_CHECKING:  # the hooks and fields the mixin uses; at run time it goes before AutoHTTPProtocol (http_protocol)
     from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornProtocol
@@ -49,15 +55,28 @@ class EdgeLimitsMixin(_UvicornProtocol):
         self.app = self._limit_connections(self.app)
         self._header_timer: asyncio.TimerHandle | None = None
         self._cycle_before_headers = None
+        self._head_bytes = 0  # received while the request head is incomplete
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._start_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        head_pending = self._header_timer is not None
         super().data_received(data)
-        if self._header_timer is not None and self.cycle is not self._cycle_before_headers:
-            self._stop_header_timer()  # the request head is complete
+        if not head_pending:
+            return
+        if self.cycle is not self._cycle_before_headers:
+            self._stop_header_timer()  # the request head is complete (this chunk may carry body bytes too)
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self.metrics.rejected.labels("header_too_large").inc()
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(HEAD_TOO_LARGE),
+                                                                                     HEAD_TOO_LARGE))
+            self._stop_header_timer()
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -72,6 +91,7 @@ class EdgeLimitsMixin(_UvicornProtocol):
     def _start_header_timer(self) -> None:
         self._stop_header_timer()
         self._cycle_before_headers = self.cycle
+        self._head_bytes = 0
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._on_header_timeout)
 
     def _stop_header_timer(self) -> None:

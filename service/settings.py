@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         10.0, gt=0, description="request headers complete within this, or the connection closes")
     body_timeout_s: float = Field(30.0, gt=0, description="each chunk of a request body within this, or 408")
+    body_deadline_s: float = Field(120.0, gt=0, description=(
+        "the whole request body within this, or 408 (a client sending a byte per body_timeout_s holds its connection "
+        "and buffer no longer)"))
     max_connections: int = Field(512, ge=1, description="open connections; beyond this, 503 at once")
     backlog: int = Field(2048, ge=1, description="listen backlog")
     timeout_keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")

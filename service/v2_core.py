@@ -40,7 +40,7 @@ from convnext_common import project_version
 from runtime.repository import Manifest
 from service import pipeline
 from service.batcher import Item, ServedModel
-from service.errors import ApiError
+from service.errors import ApiError, shown
 from service.pipeline import ClientGone, labels_of, require_ready, served_by
 from service.state import ServiceState
 from service.v2_models import (
@@ -194,7 +194,8 @@ def _wanted_outputs(request: InferenceRequest, manifest: Manifest) -> list[_Want
         return [_WantedOutput(manifest.output_name, None, default_binary)]
     names = [o.name for o in request.outputs]
     if len(set(names)) != len(names) or any(n != manifest.output_name for n in names):
-        raise ApiError(400, "invalid_output", f"the model has one output, {manifest.output_name!r}; asked for {names}")
+        raise ApiError(400, "invalid_output", f"the model has one output, {manifest.output_name!r}; asked for "
+                       f"{shown(names)}")
     wanted = []
     for output in request.outputs:
         params = output.parameters
@@ -210,7 +211,7 @@ def _wanted_outputs(request: InferenceRequest, manifest: Manifest) -> list[_Want
 def _only_input(request: InferenceRequest, expected_name: str) -> RequestInput:
     names = [tensor.name for tensor in request.inputs]
     if names != [expected_name]:
-        raise ApiError(400, "invalid_input", f"the model takes one input, {expected_name!r}; got {names}")
+        raise ApiError(400, "invalid_input", f"the model takes one input, {expected_name!r}; got {shown(names)}")
     return request.inputs[0]
 
 

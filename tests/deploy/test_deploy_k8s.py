@@ -58,6 +58,13 @@ def test_deployment_takes_a_gpu_probes_readyz_healthz_and_drains_before_it_is_ki
     assert pod["securityContext"]["runAsNonRoot"] is True
     prepare = pod["initContainers"][0]
     assert prepare["command"][-1] == "prepare"
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    env = {e["name"]: e.get("value") for e in container["env"]}  # threads sized to the CPU request, not the node
+    assert env["CONVNEXT_PREPROCESS_WORKERS"] == env["CONVNEXT_INTRA_OP_THREADS"] == container["resources"][
+        "requests"]["cpu"]
+    for each in (container, prepare):  # Pod Security "restricted": no privilege escalation, no capabilities
+        assert each["securityContext"]["allowPrivilegeEscalation"] is False
+        assert each["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert {m["name"] for m in prepare["volumeMounts"]} == {m["name"] for m in container["volumeMounts"]}
 
 

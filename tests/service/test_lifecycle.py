@@ -1,6 +1,7 @@
 """Process lifecycle: `python -m service` serves, SIGTERM drains in-flight requests; no TensorRT is a clear error."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from runtime.engines.base import EngineError
 from runtime.engines.tensorrt import TensorRTEngine
+from service.access_log import LOGGER, AccessLog
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,3 +113,25 @@ def test_access_log_lines_are_uvicorns_and_the_setting_turns_them_off(model_repo
     assert '127.0.0.1:' in outputs["true"] and '"POST /classify?top_k=2 HTTP/1.1" 200' in outputs["true"]
     assert '"GET /nowhere HTTP/1.1" 404' in outputs["true"]
     assert "/classify" not in outputs["false"] and "Application shutdown complete" in outputs["false"]
+
+
+def test_the_access_log_writer_survives_a_line_it_cannot_format():
+    """One bad entry must not end the writer thread: the queue would then grow with every request, unbounded."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    LOGGER.addHandler(handler)
+    level = LOGGER.level
+    LOGGER.setLevel(logging.INFO)
+    try:
+        log = AccessLog()
+        good = {"type": "http", "method": "GET", "path": "/healthz", "query_string": b"", "http_version": "1.1",
+                "client": ("127.0.0.1", 5000), "headers": []}
+        log.record({"type": "http"}, 200)  # no method, path or client: formatting it raises
+        log.record(good, 200)
+        log.flush()
+    finally:
+        LOGGER.removeHandler(handler)
+        LOGGER.setLevel(level)
+    assert log.dropped == 1
+    assert lines == ['127.0.0.1:5000 - "GET /healthz HTTP/1.1" 200']

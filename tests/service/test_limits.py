@@ -69,6 +69,34 @@ def test_slow_request_headers_are_cut_off_while_others_are_served(strict_url):
     trickling.close()
 
 
+def test_a_request_head_over_64_kib_is_refused_with_431_before_it_costs_the_event_loop(strict_url, real_photos):
+    """A 1 MiB URL sent in 4 KiB writes: uvicorn's httptools protocol joins the URL piece by piece (quadratic: ~1 s of
+    event loop per 2 MB before any route or key check). The server answers 431 and closes once the head passes
+    64 KiB; a body of any size after a normal head is not counted against it."""
+    sock = connect(strict_url)
+    sock.settimeout(10)
+    answer = b""
+    try:
+        sock.sendall(b"GET /")
+        for _ in range(256):  # up to 1 MiB of URL
+            sock.sendall(b"a" * 4096)
+            time.sleep(0.001)
+    except OSError:  # the server closed the connection while we were still sending
+        pass
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except OSError:
+        pass
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "header_too_large"
+    assert metric(strict_url, 'convnext_rejected_total{reason="header_too_large"}') >= 1
+    big = real_photos[0].read_bytes() * 3  # ~0.5 MB in one go after a small head: answered, not 431
+    response = httpx.post(f"{strict_url}/classify", content=big, headers={"content-type": "image/jpeg"})
+    assert response.status_code != 431 and response.status_code < 500
+
+
 def test_keep_alive_connection_gets_the_same_header_timeout_for_its_next_request(strict_url):
     sock = connect(strict_url)
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -76,6 +104,47 @@ def test_keep_alive_connection_gets_the_same_header_timeout_for_its_next_request
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: te")  # uvicorn's keep-alive timer stops at this first byte
     assert closed_by_server(sock, trickle=b"s")
     sock.close()
+
+
+def test_a_body_trickled_under_the_chunk_timeout_still_ends_at_the_body_deadline(model_repository, launch,
+                                                                                 real_photos):
+    """A byte every 0.2 s never trips the 0.5 s chunk timeout: without a deadline for the whole body it would hold
+    its connection and buffer for as long as it likes (512 such clients lock everyone out)."""
+    jpeg = real_photos[0].read_bytes()
+    with launch(model_repository, body_timeout_s=0.5, body_deadline_s=1.5) as url:
+        sock = connect(url)
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(jpeg))
+        started = time.monotonic()
+        sock.settimeout(0.2)
+        answer = b""
+        for byte in jpeg[:100]:
+            try:
+                sock.sendall(bytes([byte]))
+                answer += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if answer:
+                break
+        elapsed = time.monotonic() - started
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert b"did not arrive within 1.5 s" in answer and elapsed < 5
+
+
+def test_admin_reload_takes_only_a_small_json_body(strict_url):
+    """A bodyless or form POST is what any web page can send cross-site without a preflight (415); a large body
+    is refused before it is buffered (413)."""
+    for headers in ({}, {"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain"}):
+        refused = httpx.post(f"{strict_url}/admin/reload", headers=headers)
+        assert refused.status_code == 415 and refused.json()["error"]["code"] == "unsupported_media_type", headers
+    huge = httpx.post(f"{strict_url}/admin/reload", content=b" " * 2_000_000,
+                      headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+    latest = httpx.post(f"{strict_url}/admin/reload", json={}, timeout=60)
+    assert latest.status_code == 200 and latest.json()["model"]["name"] == "atto"
 
 
 def test_a_body_that_stalls_gets_408_and_never_reaches_the_batcher(strict_url, real_photos):

@@ -326,3 +326,10 @@ def test_nested_data_along_the_shape_is_accepted_flat_below_any_level(service_ur
 def test_binary_data_without_the_header_length_says_which_header_is_missing(service_url):
     response = httpx.post(f"{service_url}{INFER}", content=BINARY_BODY)
     assert response.status_code == 400 and "Inference-Header-Content-Length" in response.json()["error"]
+
+
+def test_error_messages_repeat_at_most_200_characters_of_what_the_client_sent(service_url):
+    long_name = "x" * 100_000
+    response = httpx.post(f"{service_url}{INFER}", json={"inputs": [fp32_input(name=long_name)]})
+    assert response.status_code == 400 and response.json()["code"] == "invalid_input"
+    assert len(response.json()["error"]) < 400 and "(100004 characters)" in response.json()["error"]
