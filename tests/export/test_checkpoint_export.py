@@ -10,6 +10,7 @@ import convnext_serve
 import model
 from export.__main__ import main
 from runtime.repository import ModelRepository
+from tests.training.test_checkpoint_integrity import WritesAMarker
 from training.checkpoint import save_atomic
 
 CLASS_NAMES = ["zero", "one", "two"]
@@ -44,7 +45,7 @@ def test_project_checkpoint_exports_with_its_metadata(project_checkpoint, tmp_pa
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, atol=1e-4, rtol=1e-4)
-    assert "digits/1" in capsys.readouterr().out or (tmp_path / "digits" / "1").is_dir()
+    assert f"wrote {tmp_path / 'digits' / '1'}\n" in capsys.readouterr().out  # the CLI names the version it wrote
 
 
 def test_model_that_contradicts_the_checkpoint_is_refused(project_checkpoint, tmp_path, capsys):
@@ -119,6 +120,27 @@ def test_export_refuses_a_checkpoint_that_does_not_match_its_sidecar(corrupted_c
     assert err.startswith("python -m export: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert str(corrupted_checkpoint) in err and "does not match its recorded sha256" in err
     assert ModelRepository(tmp_path).models() == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "code-carrying"])
+def test_export_refuses_a_truncated_or_code_carrying_checkpoint_without_sidecar(project_checkpoint, tmp_path, capsys,
+                                                                                 damage):
+    """No sidecar to check against (an older run, a downloaded file): what the file holds is refused, and a pickled
+    payload is never run (torch.load(..., weights_only=True) only)."""
+    source, net = project_checkpoint
+    path, marker = tmp_path / "checkpoint_last.pth", tmp_path / "marker"
+    if damage == "truncated":
+        path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    else:
+        torch.save({"model": net.state_dict(), "model_name": "convnext_atto", "model_kwargs": {"num_classes": 3},
+                    "data_config": DATA_CONFIG, "class_names": CLASS_NAMES, "hook": WritesAMarker(marker)}, path)
+    code = main(["onnx", "--checkpoint", str(path), "--name", "x", "--repository", str(tmp_path / "models")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("python -m export: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert str(path) in err and ("truncated" if damage == "truncated" else "refused unexecuted") in err
+    assert not marker.exists()  # the payload (`touch marker` when unpickled) never ran
+    assert ModelRepository(tmp_path / "models").models() == []
 
 
 def test_convnext_serve_refuses_a_checkpoint_that_does_not_match_its_sidecar(corrupted_checkpoint, tmp_path, capsys):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
 from runtime.preprocess import ImageError, preprocess
 from runtime.repository import Preprocess
@@ -99,9 +99,18 @@ def gif_header_claiming(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize("header", [png_header_claiming, gif_header_claiming], ids=["png", "gif"])
-def test_declared_huge_image_is_refused_before_allocation(header):
-    """A 100000x100000 (10^10 px, ~30 GB RGB) header is refused by max_pixels from the header alone."""
+@pytest.mark.parametrize("width, height", [(5000, 5000), (65535, 65535)], ids=["25-mp", "4-gp"])
+def test_declared_huge_image_is_refused_before_allocation(header, width, height, monkeypatch):
+    """A header claiming more than max_pixels is refused from the header alone: no decoder ever allocates its pixels.
+
+    5000x5000 (25 MP, 75 MB RGB) is over max_pixels (4 MP) but under Pillow's own decompression-bomb limit (89 MP,
+    which preprocess also answers with too_many_pixels): only the max_pixels check refuses it; without it, Pillow
+    would allocate the picture and find its data truncated (corrupt_image). 65535x65535 is over both.
+    """
+    def no_pixels(image, *args, **kwargs):
+        raise AssertionError(f"{image.format} {image.size[0]}x{image.size[1]}: pixel memory allocated by load()")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_pixels)  # where every file plugin allocates and decodes
     with pytest.raises(ImageError) as caught:
-        preprocess(header(65535 if header is gif_header_claiming else 100000, 65535 if header is gif_header_claiming
-                          else 100000), SPEC, MAX_PIXELS)
+        preprocess(header(width, height), SPEC, MAX_PIXELS)
     assert caught.value.code == "too_many_pixels"

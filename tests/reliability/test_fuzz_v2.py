@@ -276,6 +276,9 @@ def test_a_mutated_request_gets_200_or_a_json_4xx(v2_url, model_input, mutation)
         if problem is not None:
             failures.append(f"{problem}\n    sent {described(request)}")
     assert not failures, f"{len(failures)} of {CASES_PER_CLASS} {mutation} cases:\n" + "\n".join(failures[:5])
+    # Still ready after this class: a class that broke the service fails here, not in whichever test runs next.
+    assert httpx.get(f"{v2_url}/v2/health/ready").status_code == 200, f"not ready after the {mutation} cases"
+    assert httpx.get(f"{v2_url}/readyz").json() == {"status": "ready"}
 
 
 def test_the_service_is_still_ready_and_serving_after_the_fuzzing(v2_url, model_input):

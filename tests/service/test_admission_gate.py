@@ -79,7 +79,9 @@ def test_at_capacity_a_request_is_refused_at_the_gate_and_the_connection_stays_u
             assert refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "queue_full"
             assert "2 images in progress, limit 2" in refused.json()["error"]["message"]
-            assert refused_ms < 250, f"the refusal took {refused_ms:.0f} ms"  # no wait for the held batches
+            # No wait for the held batches (held up to 60 s); typically a few ms, the bound leaves room for a busy
+            # machine.
+            assert refused_ms < 5000, f"the refusal took {refused_ms:.0f} ms"
             held.finish(threads)
             # The refused request's body was never read; the same keep-alive connection serves the next one.
             assert client.post("/classify", content=data, headers=jpeg).status_code == 200
@@ -120,7 +122,9 @@ def test_a_request_whose_images_do_not_all_fit_is_refused_in_the_route(model_rep
                                       kwargs={"files": [("file", ("a.jpg", data)), ("file", ("b.jpg", data))],
                                               "timeout": 60})
         background.start()
+        deadline = time.monotonic() + 10
         while admission.admitted < 2:
+            assert time.monotonic() < deadline, f"only {admission.admitted} of 2 images admitted"
             time.sleep(0.005)
         files = [("file", (f"{i}.jpg", data)) for i in range(2)]
         refused = httpx.post(f"{url}/classify", files=files, timeout=60)

@@ -238,6 +238,16 @@ class ConcurrentEngine(RecordingEngine):
             gate.set()
 
 
+async def eventually(condition, timeout_s: float = 5) -> bool:
+    """Whether `condition()` holds within `timeout_s`, polled every 10 ms (the engine runs in its own threads)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 def concurrent_served(engine: Engine, version: int = 1) -> ServedModel:
     return ServedModel(engine, "m", version, EngineThread("engine-test", workers=engine.max_concurrent_batches))
 
@@ -249,21 +259,20 @@ def test_up_to_max_concurrent_batches_run_at_once_and_the_next_fills_from_what_q
                           metrics=ServiceMetrics())
         batcher.start()
         first = batcher.submit(tensors(1), time.monotonic() + 10)  # a lone request goes at once
-        await asyncio.sleep(0.05)
+        first_running = await eventually(lambda: engine.running == 1)
         second = batcher.submit(tensors(2), time.monotonic() + 10)  # a second slot is free: it goes at once too
-        await asyncio.sleep(0.05)
-        both_running = engine.running
+        both_running = await eventually(lambda: engine.running == 2)
         queued = batcher.submit(tensors(3, 4, 5), time.monotonic() + 10)  # no slot: waits, then goes as one batch
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # time to start a third batch, which it must not (an absence: nothing to poll for)
         batches_while_full = list(engine.batches)
         await engine.release(2)
         await engine.release(3)
         rows = await asyncio.gather(*(i.future for i in first + second + queued))
         await batcher.drain()
-        return both_running, batches_while_full, engine.batches, engine.most_running, rows
+        return first_running and both_running, batches_while_full, engine.batches, engine.most_running, rows
 
     both_running, while_full, batches, most_running, rows = run(scenario())
-    assert both_running == 2 and while_full == [[1.0], [2.0]]
+    assert both_running and while_full == [[1.0], [2.0]]
     assert batches == [[1.0], [2.0], [3.0, 4.0, 5.0]] and most_running == 2
     assert [r[0] for r in rows] == [1.0, 2.0, 3.0, 4.0, 5.0]
 
@@ -363,19 +372,20 @@ def test_batches_still_on_a_hung_engine_do_not_hold_back_its_replacement():
     async def scenario():
         hung, fresh = ConcurrentEngine(slots=2), RecordingEngine()
         batcher = Batcher(concurrent_served(hung), max_batch_size=4, max_queue_delay_ms=1, queue_size=32,
-                          metrics=ServiceMetrics(), engine_timeout_ms=500)
+                          metrics=ServiceMetrics(), engine_timeout_ms=2000)
         batcher.start()
-        (first,) = batcher.submit(tensors(1), time.monotonic() + 10)  # never released: the engine hangs
-        await asyncio.sleep(0.3)
-        (second,) = batcher.submit(tensors(2), time.monotonic() + 10)  # in the second slot, times out 0.3 s later
+        (first,) = batcher.submit(tensors(1), time.monotonic() + 30)  # never released: the engine hangs
+        await asyncio.sleep(1.5)
+        (second,) = batcher.submit(tensors(2), time.monotonic() + 30)  # in the second slot, times out 1.5 s later
         with pytest.raises(EngineTimeoutError):
-            await asyncio.wait_for(first.future, 5)
-        await asyncio.wait_for(batcher.swap(served(fresh, 2)), 0.2)  # no wait for the hung engine's other batch
-        (third,) = batcher.submit(tensors(3), time.monotonic() + 10)
-        row = await asyncio.wait_for(third.future, 5)
+            await asyncio.wait_for(first.future, 10)
+        # No wait for the hung engine's other batch: waiting for it would take until it times out, ~1.5 s from here.
+        await asyncio.wait_for(batcher.swap(served(fresh, 2)), 1.0)
+        (third,) = batcher.submit(tensors(3), time.monotonic() + 30)
+        row = await asyncio.wait_for(third.future, 10)
         second_pending_meanwhile = not second.future.done()
         with pytest.raises(EngineTimeoutError):
-            await asyncio.wait_for(second.future, 5)
+            await asyncio.wait_for(second.future, 10)
         for gate in hung.gates:
             gate.set()
         await batcher.drain()

@@ -49,19 +49,32 @@ def black_png() -> bytes:
     return buffer.getvalue()
 
 
+class SlowerEngine(SlowEngine):
+    """A batch takes 1.5 s: a 503 that waited for any batch to finish (or a queue slot to free) would show it."""
+
+    delay_s = 1.5
+
+
 def test_full_queue_answers_503_with_retry_after_at_once(model_repository, real_photos, launch):
     data = real_photos[0].read_bytes()
-    with launch(model_repository, factory(SlowEngine), max_batch_size=1, queue_size=2, warmup_runs=0) as url:
+    with launch(model_repository, factory(SlowerEngine), max_batch_size=1, queue_size=2, warmup_runs=0) as url:
         def post(_):
-            return httpx.post(f"{url}/classify", content=data, headers={"content-type": "image/jpeg"}, timeout=60)
+            started = time.monotonic()
+            response = httpx.post(f"{url}/classify", content=data, headers={"content-type": "image/jpeg"},
+                                  timeout=60)
+            return response, time.monotonic() - started
 
         with ThreadPoolExecutor(10) as pool:
-            responses = list(pool.map(post, range(10)))
+            timed = list(pool.map(post, range(10)))
+        responses = [response for response, _ in timed]
         statuses = sorted(r.status_code for r in responses)
         assert 200 in statuses and 503 in statuses
         rejected = [r for r in responses if r.status_code == 503]
         assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full" for r in rejected)
-        assert post(0).status_code == 200  # the service keeps serving
+        # At once: each 503 is sent before the engine could have finished even one batch (typically a few ms).
+        refused_s = [seconds for response, seconds in timed if response.status_code == 503]
+        assert max(refused_s) < SlowerEngine.delay_s, f"503s took {sorted(refused_s)} s"
+        assert post(0)[0].status_code == 200  # the service keeps serving
         assert "convnext_rejected_total{reason=\"queue_full\"}" in httpx.get(f"{url}/metrics").text
 
 

@@ -24,8 +24,8 @@ from service.app import create_app
 from service.grpc_proto import open_inference_pb2 as pb
 from service.settings import Settings
 from tests.service.conftest import free_port
-from tests.service.test_faults import factory
-from tests.service.test_limits import GatedEngine, metric, wait_for_metric
+from tests.service.test_limits import Gate, metric, wait_for_metric
+from tests.service.test_security import recorded_compare_digest
 
 API_KEY = "grpc-test-key"
 ROOT = Path(__file__).resolve().parents[2]
@@ -274,7 +274,8 @@ def test_mutated_calls_get_only_client_error_codes_and_the_server_stays_ready(se
     assert client.infer("atto", [fp32_input(batch[:1])]).as_numpy("logits").shape == (1, 10)
 
 
-def test_api_key_and_message_size_limit_apply_to_grpc(model_repository, launch, batch):
+def test_api_key_and_message_size_limit_apply_to_grpc(model_repository, launch, batch, monkeypatch):
+    compared = recorded_compare_digest(monkeypatch)  # the key is compared in constant time, as over HTTP
     with launch(model_repository, grpc_port=free_port(), api_key=API_KEY, max_body_bytes=100_000) as url:
         client = triton_grpc.InferenceServerClient(grpc_address(url))
         assert client.is_server_live() and client.is_server_ready()  # public, like /v2/health/*
@@ -288,6 +289,7 @@ def test_api_key_and_message_size_limit_apply_to_grpc(model_repository, launch, 
         for headers in [{"authorization": f"Bearer {API_KEY}"}, {"x-api-key": API_KEY}]:
             assert client.get_model_metadata("atto", headers=headers).name == "atto"
             assert client.infer("atto", [fp32_input(batch[:1])], headers=headers).as_numpy("logits").shape == (1, 10)
+        assert {(b"wrong", API_KEY.encode()), (API_KEY.encode(), API_KEY.encode())} <= set(compared)
         with pytest.raises(InferenceServerException) as raised:  # 3 images of 48 KiB: over 100 kB
             client.infer("atto", [fp32_input(batch)], headers={"x-api-key": API_KEY})
         assert status_of(raised.value) == "RESOURCE_EXHAUSTED"
@@ -295,37 +297,35 @@ def test_api_key_and_message_size_limit_apply_to_grpc(model_repository, launch, 
 
 
 def test_a_cancelled_call_drops_its_queued_images(model_repository, launch, batch):
-    GatedEngine.gate.set()  # the check batch the service runs when it loads goes through
-    with launch(model_repository, factory(GatedEngine), grpc_port=free_port(), max_batch_size=1,
+    gate = Gate()
+    with launch(model_repository, gate.factory, grpc_port=free_port(), max_batch_size=1,
                 warmup_runs=0) as url:
         client = triton_grpc.InferenceServerClient(grpc_address(url))
-        GatedEngine.gate.clear()
-        GatedEngine.batch_started.clear()
+        gate.close()
         first = threading.Thread(target=client.infer, args=("atto", [fp32_input(batch[:1])]))
         first.start()
-        assert GatedEngine.batch_started.wait(20)  # the first call holds the engine
+        assert gate.batch_started.wait(20)  # the first call holds the engine
         leaving = client.async_infer("atto", [fp32_input(np.concatenate([batch, batch[:1]]))], callback=lambda *_: None)
         wait_for_metric(url, "convnext_queue_depth", 4)
         leaving.cancel()  # while its four images wait behind the first call
         wait_for_metric(url, 'convnext_rejected_total{reason="client_disconnected"}', 1)
-        GatedEngine.gate.set()
+        gate.open.set()
         first.join()
         assert client.infer("atto", [fp32_input(batch[:1])]).as_numpy("logits").shape == (1, 10)
         assert metric(url, "convnext_images_total") == 2  # the first and the last call, none of the four
 
 
 def test_shutdown_lets_an_in_flight_call_finish(model_repository, launch, batch):
-    GatedEngine.gate.set()
+    gate = Gate()
     results = []
-    with launch(model_repository, factory(GatedEngine), grpc_port=free_port(), max_batch_size=1,
+    with launch(model_repository, gate.factory, grpc_port=free_port(), max_batch_size=1,
                 warmup_runs=0) as url:
         client = triton_grpc.InferenceServerClient(grpc_address(url))
-        GatedEngine.gate.clear()
-        GatedEngine.batch_started.clear()
+        gate.close()
         call = threading.Thread(target=lambda: results.append(client.infer("atto", [fp32_input(batch[:1])])))
         call.start()
-        assert GatedEngine.batch_started.wait(20)
-        threading.Timer(1.0, GatedEngine.gate.set).start()  # the engine finishes after the shutdown has begun
+        assert gate.batch_started.wait(20)
+        threading.Timer(1.0, gate.open.set).start()  # the engine finishes after the shutdown has begun
     call.join(30)
     assert results and results[0].as_numpy("logits").shape == (1, 10)
 
@@ -334,19 +334,18 @@ def test_shutdown_refuses_new_calls_while_http_requests_drain(model_repository, 
     """Shutdown stops both protocols at once: while an HTTP request is still in flight (its batch held by the engine),
     a new gRPC call is refused (UNAVAILABLE, so a client retries elsewhere) instead of being queued behind it, and the
     HTTP request is still answered."""
-    GatedEngine.gate.set()
+    gate = Gate()
     answers, late_calls = [], []
     jpeg = real_photos[0].read_bytes()
-    with launch(model_repository, factory(GatedEngine), grpc_port=free_port(), max_batch_size=1,
+    with launch(model_repository, gate.factory, grpc_port=free_port(), max_batch_size=1,
                 warmup_runs=0) as url:
         client = triton_grpc.InferenceServerClient(grpc_address(url))
         assert client.is_server_ready()  # the channel is connected before the shutdown
-        GatedEngine.gate.clear()
-        GatedEngine.batch_started.clear()
+        gate.close()
         request = threading.Thread(target=lambda: answers.append(httpx.post(
             f"{url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30)))
         request.start()
-        assert GatedEngine.batch_started.wait(20)
+        assert gate.batch_started.wait(20)
 
         def late_call():  # once the shutdown has begun (leaving `launch` below), while the HTTP request is held
             try:
@@ -354,7 +353,7 @@ def test_shutdown_refuses_new_calls_while_http_requests_drain(model_repository, 
                 late_calls.append("OK")
             except InferenceServerException as err:
                 late_calls.append(status_of(err))
-            GatedEngine.gate.set()
+            gate.open.set()
 
         threading.Timer(1.0, late_call).start()
     request.join(30)

@@ -20,7 +20,10 @@ NAME = "atto"
 
 @pytest.fixture(scope="module")
 def swap_repository(tmp_path_factory, model_repository) -> Path:
-    """Version 1 from the session repository, and a version 2 of the same model exported with other weights."""
+    """Version 1 from the session repository, and a version 2 of the same model exported with other weights.
+
+    Shared by the module's tests, so never published to: a test that publishes, or reloads "the latest", takes
+    its own copy (own_repository)."""
     import torch
 
     from export.onnx import export_onnx_version
@@ -30,6 +33,14 @@ def swap_repository(tmp_path_factory, model_repository) -> Path:
     torch.manual_seed(2)
     export_onnx_version(root, NAME, "convnext_atto", num_classes=10, input_size=64)
     return root
+
+
+@pytest.fixture()
+def own_repository(swap_repository, tmp_path) -> Path:
+    """A copy of versions 1 and 2 for one test: what it publishes, and what "latest" means, no other test sees."""
+    for version in ("1", "2"):
+        shutil.copytree(swap_repository / NAME / version, tmp_path / NAME / version)
+    return tmp_path
 
 
 def publish_copy_of(root: Path, source: int, corrupt: bool = False) -> int:
@@ -109,10 +120,10 @@ def served_version(url: str, photo: bytes) -> int:
     return response.json()["model"]["version"]
 
 
-def test_reload_under_load_loses_no_request_and_refuses_broken_versions(swap_repository, real_photos, launch):
+def test_reload_under_load_loses_no_request_and_refuses_broken_versions(own_repository, real_photos, launch):
     photos = [p.read_bytes() for p in real_photos]
     factory = nan_engine_for(set())
-    with launch(swap_repository, factory, version=1, max_batch_size=4, max_queue_delay_ms=5) as url:
+    with launch(own_repository, factory, version=1, max_batch_size=4, max_queue_delay_ms=5) as url:
         clients = [Client(url, photos[i:] + photos[:i]) for i in range(3)]
         for client in clients:
             client.start()
@@ -133,7 +144,7 @@ def test_reload_under_load_loses_no_request_and_refuses_broken_versions(swap_rep
             versions = [v for _, v in client.outcomes]
             assert versions == sorted(versions) and set(versions) == {1, 2}  # v1, then only v2
 
-        corrupt = publish_copy_of(swap_repository, 2, corrupt=True)
+        corrupt = publish_copy_of(own_repository, 2, corrupt=True)
         refused = httpx.post(f"{url}/admin/reload", json={"version": corrupt}, timeout=60)
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "version_refused"
         message = refused.json()["error"]["message"]
@@ -150,83 +161,85 @@ def test_reload_under_load_loses_no_request_and_refuses_broken_versions(swap_rep
         assert len(info) == 1 and 'version="2"' in info[0]
 
 
-def test_watcher_refuses_an_engine_with_bad_output_then_serves_the_next_good_version(swap_repository, real_photos,
-                                                                                     launch, tmp_path):
-    for version in ("1", "2"):  # a repository of its own: only versions 1 and 2, whatever other tests published
-        shutil.copytree(swap_repository / NAME / version, tmp_path / NAME / version)
+def test_watcher_refuses_an_engine_with_bad_output_then_serves_the_next_good_version(own_repository, real_photos,
+                                                                                     launch):
     photo = real_photos[2].read_bytes()
     bad = 3
-    with launch(tmp_path, nan_engine_for({bad}), version=2, watch_interval_s=0.1) as url:
+    with launch(own_repository, nan_engine_for({bad}), version=2, watch_interval_s=0.1) as url:
         def watcher_refused_it() -> bool:
             return 'convnext_model_reloads_total{result="refused"} 1.0' in httpx.get(f"{url}/metrics").text
 
-        assert publish_copy_of(tmp_path, 2) == bad  # good files, but its engine answers NaN
+        assert publish_copy_of(own_repository, 2) == bad  # good files, but its engine answers NaN
         wait_for(watcher_refused_it, "the watcher to try and refuse the NaN version")
         assert httpx.get(f"{url}/readyz").status_code == 200 and served_version(url, photo) == 2
         refused = httpx.post(f"{url}/admin/reload", json={"version": bad}, timeout=60)
         assert refused.status_code == 422 and "smoke run" in refused.json()["error"]["message"]
 
-        good = publish_copy_of(tmp_path, 2)
+        good = publish_copy_of(own_repository, 2)
         wait_for(lambda: served_version(url, photo) == good, f"the watcher to serve version {good}")
         assert httpx.get(f"{url}/readyz").status_code == 200
 
 
-class HoldingEngine(OnnxRuntimeEngine):
-    """The real engine; while `hold` is set, each batch waits for `release` (which the test sets at its end)."""
+class Holding:
+    """Version 1's engine (`factory`, the real one) holding each batch, once `hold` is set, until `release` is set.
 
-    hold = threading.Event()
-    release = threading.Event()
-    batch_started = threading.Event()
+    Events of one test's own (the `holding` fixture): none is left set, or set late, for another test's server.
+    """
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        if self.hold.is_set():
-            self.batch_started.set()
-            self.release.wait(60)
-        return super().run(batch)
+    def __init__(self, version_number: int = 1):
+        self.hold, self.release, self.batch_started = threading.Event(), threading.Event(), threading.Event()
+        holding = self
+
+        class HoldingEngine(OnnxRuntimeEngine):
+            def run(self, batch: np.ndarray) -> np.ndarray:
+                if holding.hold.is_set():
+                    holding.batch_started.set()
+                    holding.release.wait(60)
+                return super().run(batch)
+
+        def build(version, settings):
+            engine = default_engine(version, settings)
+            if version.manifest.version == version_number:
+                engine.__class__ = HoldingEngine
+            return engine
+
+        self.factory = build
 
 
-def holding_engine_for(version_number: int):
-    def build(version, settings):
-        engine = default_engine(version, settings)
-        if version.manifest.version == version_number:
-            engine.__class__ = HoldingEngine
-        return engine
-
-    return build
+@pytest.fixture()
+def holding():
+    holding = Holding()
+    yield holding
+    holding.release.set()  # a failed test leaves no batch waiting
 
 
-def test_a_reload_while_the_old_engine_hangs_finishes_and_frees_the_next_reload(swap_repository, real_photos, launch):
+def test_a_reload_while_the_old_engine_hangs_finishes_and_frees_the_next_reload(swap_repository, real_photos, launch,
+                                                                                 holding):
     """The old engine's batch hangs while a reload waits for it: the batch times out (504), the reload swaps in the
     new version and answers, and the hung engine is abandoned rather than closed behind the hung call (which held
     the reload's lock forever: every later reload got 409 reload_in_progress)."""
     photo = real_photos[0].read_bytes()
-    HoldingEngine.hold.clear()
-    HoldingEngine.release.clear()
-    HoldingEngine.batch_started.clear()
     answers: list[httpx.Response] = []
-    try:
-        with launch(swap_repository, holding_engine_for(1), version=1, max_batch_size=1, warmup_runs=0,
-                    engine_timeout_ms=500) as url:
-            HoldingEngine.hold.set()
-            held = threading.Thread(target=lambda: answers.append(httpx.post(
-                f"{url}/classify", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)))
-            held.start()
-            assert HoldingEngine.batch_started.wait(20)
-            reload = httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=20)
-            assert reload.status_code == 200, reload.text
-            held.join(20)
-            assert answers[0].status_code == 504 and answers[0].json()["error"]["code"] == "engine_timeout"
-            again = httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=20)
-            assert again.status_code == 200, again.text
-            assert served_version(url, photo) == 2
-    finally:
-        HoldingEngine.release.set()
+    with launch(swap_repository, holding.factory, version=1, max_batch_size=1, warmup_runs=0,
+                engine_timeout_ms=500) as url:
+        holding.hold.set()
+        held = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{url}/classify", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)))
+        held.start()
+        assert holding.batch_started.wait(20)
+        reload = httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=20)
+        assert reload.status_code == 200, reload.text
+        held.join(20)
+        assert answers[0].status_code == 504 and answers[0].json()["error"]["code"] == "engine_timeout"
+        again = httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=20)
+        assert again.status_code == 200, again.text
+        assert served_version(url, photo) == 2
 
 
-def test_a_version_with_other_classes_is_refused_a_request_may_span_the_swap(swap_repository, launch):
+def test_a_version_with_other_classes_is_refused_a_request_may_span_the_swap(own_repository, launch):
     """A request's images may run on both sides of a swap and get one answer: a version whose classes differ needs a
     restart, like one whose input differs."""
-    repository = ModelRepository(swap_repository)
+    repository = ModelRepository(own_repository)
     original = repository.load(NAME, 2)
     with repository.new_version(NAME) as staged:
         for artifact in original.manifest.artifacts:
@@ -234,41 +247,35 @@ def test_a_version_with_other_classes_is_refused_a_request_may_span_the_swap(swa
         relabelled = tuple(f"class {label}" for label in original.manifest.labels)
         staged.manifest = original.manifest.model_copy(
             update={"version": staged.version, "created_at": now_utc(), "labels": relabelled})
-    with launch(swap_repository, version=2) as url:
+    with launch(own_repository, version=2) as url:
         refused = httpx.post(f"{url}/admin/reload", json={"version": staged.version}, timeout=60)
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "version_refused"
         assert "its classes differ from the served version's" in refused.json()["error"]["message"]
 
 
 def test_a_v2_request_whose_rows_ran_on_both_sides_of_a_swap_gets_503_not_one_version_for_both(swap_repository,
-                                                                                                  launch):
+                                                                                                  launch, holding):
     """A v2 response names one model_version: rows that ran on two versions (a swap between the request's engine
     batches) are refused with 503 version_changed and Retry-After, instead of an answer that says version 1 or 2 for
     logits from both."""
-    HoldingEngine.hold.clear()
-    HoldingEngine.release.clear()
-    HoldingEngine.batch_started.clear()
     rows = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     request = {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
                            "data": rows.reshape(-1).tolist()}]}
     answers: list[httpx.Response] = []
-    try:
-        with launch(swap_repository, holding_engine_for(1), version=1, max_batch_size=1, warmup_runs=0) as url:
-            HoldingEngine.hold.set()  # row 0 runs on version 1 and waits there; row 1 stays queued
-            infer = threading.Thread(target=lambda: answers.append(httpx.post(
-                f"{url}/v2/models/{NAME}/infer", json=request, timeout=60)))
-            infer.start()
-            assert HoldingEngine.batch_started.wait(20)
-            reload = threading.Thread(target=lambda: httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=60))
-            reload.start()
-            batcher = url.app.state.service.batcher
-            wait_for(lambda: batcher.served.version == 2, "the swap to version 2")  # row 1 will run on it
-            HoldingEngine.release.set()
-            infer.join(30)
-            reload.join(30)
-            assert answers[0].status_code == 503, answers[0].text
-            assert answers[0].json()["code"] == "version_changed" and answers[0].headers["retry-after"] == "1"
-            again = httpx.post(f"{url}/v2/models/{NAME}/infer", json=request, timeout=60)
-            assert again.status_code == 200 and again.json()["model_version"] == "2"
-    finally:
-        HoldingEngine.release.set()
+    with launch(swap_repository, holding.factory, version=1, max_batch_size=1, warmup_runs=0) as url:
+        holding.hold.set()  # row 0 runs on version 1 and waits there; row 1 stays queued
+        infer = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{url}/v2/models/{NAME}/infer", json=request, timeout=60)))
+        infer.start()
+        assert holding.batch_started.wait(20)
+        reload = threading.Thread(target=lambda: httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=60))
+        reload.start()
+        batcher = url.app.state.service.batcher
+        wait_for(lambda: batcher.served.version == 2, "the swap to version 2")  # row 1 will run on it
+        holding.release.set()
+        infer.join(30)
+        reload.join(30)
+        assert answers[0].status_code == 503, answers[0].text
+        assert answers[0].json()["code"] == "version_changed" and answers[0].headers["retry-after"] == "1"
+        again = httpx.post(f"{url}/v2/models/{NAME}/infer", json=request, timeout=60)
+        assert again.status_code == 200 and again.json()["model_version"] == "2"

@@ -202,28 +202,41 @@ def test_exactly_max_files_per_request_is_accepted_one_more_is_413(strict_url, r
     assert refused.json()["error"]["code"] == "too_many_files"
 
 
-class GatedEngine(OnnxRuntimeEngine):
-    """The real ONNX Runtime engine, holding each batch until the test opens the gate."""
+class Gate:
+    """The real ONNX Runtime engine (`factory`), each batch waiting while the gate is closed until the test opens it.
 
-    batch_started = threading.Event()
-    gate = threading.Event()
+    Open at first, so the check batch the service runs when it loads goes through. One Gate per test: its events
+    are that test's own, so a gate a failed test left closed, or a late Timer opening one, reaches no other server.
+    """
 
-    def run(self, batch):
-        self.batch_started.set()
-        self.gate.wait(30)
-        return super().run(batch)
+    def __init__(self):
+        self.open, self.batch_started = threading.Event(), threading.Event()
+        self.open.set()
+        gate = self
+
+        class GatedEngine(OnnxRuntimeEngine):
+            def run(self, batch):
+                gate.batch_started.set()
+                gate.open.wait(30)
+                return super().run(batch)
+
+        self.factory = factory(GatedEngine)
+
+    def close(self) -> None:
+        """From here on each batch waits for open.set(); batch_started tells when the next one reached the engine."""
+        self.open.clear()
+        self.batch_started.clear()
 
 
 def test_a_client_that_leaves_is_counted_and_its_queued_images_never_run(model_repository, real_photos, launch):
     jpeg = real_photos[0].read_bytes()
-    GatedEngine.gate.set()  # the check batch the service runs when it loads goes through
-    with launch(model_repository, factory(GatedEngine), max_batch_size=1, warmup_runs=0) as url:
-        GatedEngine.gate.clear()
-        GatedEngine.batch_started.clear()
+    gate = Gate()
+    with launch(model_repository, gate.factory, max_batch_size=1, warmup_runs=0) as url:
+        gate.close()
         first = threading.Thread(target=httpx.post, args=(f"{url}/classify",),
                                  kwargs=dict(content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30))
         first.start()
-        assert GatedEngine.batch_started.wait(20)  # the first request holds the engine
+        assert gate.batch_started.wait(20)  # the first request holds the engine
         body = b"".join(b"--b\r\nContent-Disposition: form-data; name=files; filename=%d.jpg\r\n"
                         b"Content-Type: image/jpeg\r\n\r\n" % i + jpeg + b"\r\n" for i in range(4)) + b"--b--\r\n"
         leaving = connect(url)
@@ -232,7 +245,7 @@ def test_a_client_that_leaves_is_counted_and_its_queued_images_never_run(model_r
         wait_for_metric(url, "convnext_queue_depth", 4)
         leaving.close()  # while its four images wait behind the first request
         wait_for_metric(url, 'convnext_rejected_total{reason="client_disconnected"}', 1)
-        GatedEngine.gate.set()
+        gate.open.set()
         first.join()
         second = httpx.post(f"{url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30)
         assert second.status_code == 200  # the service keeps serving

@@ -28,7 +28,7 @@ def test_service_tensor_equals_torchvision_on_real_photos(real_photos, data):
         ours = eval_transform(decode_image(photo.read_bytes(), 10**8), preprocess_spec(data))
         theirs = reference(Image.open(photo).convert("RGB")).numpy()
         assert ours.shape == theirs.shape == (3, data.input_size, data.input_size)
-        np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(ours, theirs)  # bit for bit, not merely close
 
 
 def test_same_top1_through_the_engine(model_repository, real_photos):

@@ -6,6 +6,7 @@ import re
 import httpx
 import pytest
 
+from service import security
 from service.settings import Settings
 
 API_KEY = "test-key-4f1c9a"
@@ -51,6 +52,27 @@ def test_inference_and_admin_need_the_key_and_accept_either_header(secured_url, 
     metrics = httpx.get(f"{secured_url}/metrics").text
     assert 'convnext_rejected_total{reason="unauthorized"} 7.0' in metrics
     assert API_KEY not in metrics
+
+
+def recorded_compare_digest(monkeypatch) -> list[tuple[bytes, bytes]]:
+    """Wrap hmac.compare_digest where service.security looks it up; returns the (presented, key) pairs it compares."""
+    compared, compare_digest = [], security.hmac.compare_digest
+
+    def recording(presented, key):
+        compared.append((presented, key))
+        return compare_digest(presented, key)
+
+    monkeypatch.setattr(security.hmac, "compare_digest", recording)
+    return compared
+
+
+def test_keys_are_compared_in_constant_time(secured_url, real_photos, monkeypatch):
+    """`==` on bytes returns at the first differing byte: its timing would let a caller guess the key byte by byte."""
+    compared = recorded_compare_digest(monkeypatch)
+    jpeg = real_photos[0].read_bytes()
+    assert_unauthorized(classify(secured_url, jpeg, {"X-API-Key": "not-the-key"}))
+    assert classify(secured_url, jpeg, {"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert compared == [(b"not-the-key", API_KEY.encode()), (API_KEY.encode(), API_KEY.encode())]
 
 
 def test_probes_metrics_page_and_docs_stay_open(secured_url):
