@@ -20,7 +20,7 @@ from runtime.repository import RepositoryError
 from service.settings import Settings
 
 # No flag for these: a command line is visible to every user of the host (ps, /proc); use the environment or a file.
-SECRET_SETTINGS = ("api_key",)
+SECRET_SETTINGS = ("api_key", "admin_api_key")
 # `--version` prints the project version, so the `version` setting (which model version to serve) is --model-version;
 # its environment variable stays CONVNEXT_VERSION.
 FLAG_NAMES = {"version": "model-version"}

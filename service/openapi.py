@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from runtime.repository import Manifest
 from service.errors import ErrorResponse, V2ErrorResponse, error_responses, is_v2_path
-from service.security import PUBLIC_PATHS, SCHEME_NAMES
+from service.security import SCHEME_NAMES, required_key
 from service.settings import Settings
 
 # Every route but the probes (service.server.PROBE_PATHS): beyond max_connections the server answers 503 before
@@ -41,8 +41,8 @@ def install_openapi(app: FastAPI, settings: Settings, served_manifest: Callable[
             errors_in_service_body(schema)
             if manifest is not None:
                 bound_top_k(schema, manifest.num_classes)
-            if settings.api_key is not None:
-                declare_api_key(schema)
+            if settings.api_key is not None or settings.admin_api_key is not None:
+                declare_api_key(schema, settings)
             v2_errors_in_protocol_body(schema)
             documents[key] = schema
         return documents[key]
@@ -96,15 +96,16 @@ def bound_top_k(schema: dict, num_classes: int) -> None:
             parameter["schema"]["default"] = min(parameter["schema"].get("default", num_classes), num_classes)
 
 
-def declare_api_key(schema: dict) -> None:
-    """The two ways to send the key (the docs' Authorize button), and 401 on every path that needs it."""
+def declare_api_key(schema: dict, settings: Settings) -> None:
+    """The two ways to send the key (the docs' Authorize button), and 401 on every path that needs one
+    (service.security.required_key: the api key, or the admin key on /admin)."""
     schema.setdefault("components", {})["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer"},
         "api_key": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     }
     unauthorized = error_responses(401)[401]
     for path, _, operation in operations(schema):
-        if path not in PUBLIC_PATHS:
+        if required_key(settings, path) is not None:
             operation["security"] = [{name: []} for name in SCHEME_NAMES]
             operation["responses"]["401"] = {"description": unauthorized["description"],
                                              "headers": unauthorized["headers"],

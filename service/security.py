@@ -16,6 +16,21 @@ from service.settings import Settings
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/models", "/docs", "/docs/oauth2-redirect",
                           "/redoc", "/openapi.json", "/v2/health/live", "/v2/health/ready"})
 SCHEME_NAMES = ("bearer", "api_key")
+ADMIN_PREFIX = "/admin"
+
+
+def is_admin_path(path: str) -> bool:
+    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+
+
+def required_key(settings: Settings, path: str) -> str | None:
+    """The key a request to `path` must carry (None: open): admin_api_key on /admin when set, else api_key; the
+    open paths never. The middleware and the OpenAPI document both follow this."""
+    if path in PUBLIC_PATHS:
+        return None
+    secret = settings.admin_api_key if is_admin_path(path) and settings.admin_api_key is not None else \
+        settings.api_key
+    return secret.get_secret_value() if secret is not None else None
 
 
 def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
@@ -39,21 +54,19 @@ def key_accepted(headers: list[tuple[bytes, bytes]], api_key: bytes) -> bool:
 class ApiKeyMiddleware:
     """401 JSON for HTTP requests to non-public paths without the right key; the key is never logged or echoed."""
 
-    def __init__(self, app: ASGIApp, api_key: str, metrics: ServiceMetrics):
-        self.app, self.metrics = app, metrics
-        self._key = api_key.encode()
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: ServiceMetrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
 
-    @staticmethod
-    def _is_public(scope: Scope) -> bool:
-        path = scope["path"].removeprefix(scope.get("root_path", ""))  # as the routes see it, behind a proxy prefix
+    def _key_for(self, scope: Scope) -> bytes | None:
         # OPTIONS: a CORS preflight carries no credentials; CORSMiddleware (outside) or a 405 answers it.
-        return path in PUBLIC_PATHS or scope["method"] == "OPTIONS"
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            return None
+        key = required_key(self.settings, scope["path"].removeprefix(scope.get("root_path", "")))  # as routed
+        return key.encode() if key is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._is_public(scope):
-            await self.app(scope, receive, send)
-            return
-        if key_accepted(scope["headers"], self._key):
+        key = self._key_for(scope)
+        if key is None or key_accepted(scope["headers"], key):
             await self.app(scope, receive, send)
             return
         self.metrics.rejected.labels("unauthorized").inc()
@@ -63,12 +76,13 @@ class ApiKeyMiddleware:
 
 
 def install_edge(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> None:
-    """Auth when `api_key` is set, then CORS (outermost, so preflights and 401s get its headers) when origins are.
+    """Auth when `api_key` or `admin_api_key` is set, then CORS (outermost, so preflights and 401s get its headers)
+    when origins are.
 
     The OpenAPI document declares the key and its 401s (service/openapi.py).
     """
-    if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), metrics=metrics)
+    if settings.api_key is not None or settings.admin_api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, settings=settings, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])

@@ -15,6 +15,23 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _key_from_file(data: dict, name: str) -> dict:
+    """data with `name` read from `name`_file when that is set; a ValueError for both, an unreadable file, or ""."""
+    file_name = f"{name}_file"
+    if data.get(file_name) is not None:
+        if data.get(name) is not None:
+            raise ValueError(f"set {name} or {file_name}, not both")
+        try:
+            data = {**data, name: Path(data[file_name]).read_text().strip()}
+        except OSError as err:
+            raise ValueError(f"{file_name}: cannot read {data[file_name]} ({err.strerror}); point it at the file "
+                             "holding the key") from None
+    key = data.get(name)
+    if key is not None and not (key.get_secret_value() if isinstance(key, SecretStr) else str(key)).strip():
+        raise ValueError(f"{name} is empty; set a key, or leave it unset")
+    return data
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a validation error never prints the api_key it was given.
     model_config = SettingsConfigDict(env_prefix="CONVNEXT_", frozen=True, extra="forbid", hide_input_in_errors=True)
@@ -62,6 +79,9 @@ class Settings(BaseSettings):
         "when set, endpoints (except the open ones) need `Authorization: Bearer <key>` or `X-API-Key: <key>`; no "
         "flag, as a command line is visible to every user of the host"))
     api_key_file: str | None = Field(None, description="a file holding the api key (a mounted secret), not both")
+    admin_api_key: SecretStr | None = Field(None, description=(
+        "when set, /admin/* needs this key instead of api_key (inference keys cannot reload the model); no flag"))
+    admin_api_key_file: str | None = Field(None, description="a file holding the admin api key, not both")
     cors_origins: list[str] = Field([], description="JSON list of browser origins allowed; empty: no CORS headers")
     header_timeout_s: float = Field(
         10.0, gt=0, description="request headers complete within this, or the connection closes")
@@ -99,19 +119,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _read_api_key_file(cls, data):
-        """api_key_file (a path the operator gives, e.g. a Docker/K8s secret) holds the key; empty keys are refused."""
+    def _read_api_key_files(cls, data):
+        """<key>_file (a path the operator gives, e.g. a Docker/K8s secret) holds api_key / admin_api_key; empty keys
+        are refused."""
         if not isinstance(data, dict):
             return data
-        if data.get("api_key_file") is not None:
-            if data.get("api_key") is not None:
-                raise ValueError("set api_key or api_key_file, not both")
-            try:
-                data = {**data, "api_key": Path(data["api_key_file"]).read_text().strip()}
-            except OSError as err:
-                raise ValueError(f"api_key_file: cannot read {data['api_key_file']} ({err.strerror}); "
-                                 "point it at the file holding the key") from None
-        key = data.get("api_key")
-        if key is not None and not (key.get_secret_value() if isinstance(key, SecretStr) else str(key)).strip():
-            raise ValueError("api_key is empty; set a key, or leave it unset to serve without auth")
+        for name in ("api_key", "admin_api_key"):
+            data = _key_from_file(data, name)
         return data

@@ -138,10 +138,37 @@ def test_no_endpoint_takes_a_path_or_url_from_the_request(model_repository):
             names += [(path, p["name"]) for p in operation.get("parameters", [])]
             for content in operation.get("requestBody", {}).get("content", {}).values():
                 ref = content["schema"].get("$ref", "") or content["schema"].get("anyOf", [{}])[0].get("$ref", "")
-                body = schema["components"]["schemas"].get(ref.rsplit("/", 1)[-1], {})
-                names += [(path, name) for name in body.get("properties", {})]
+                body = schema["components"]["schemas"].get(ref.rsplit("/", 1)[-1], content["schema"])  # or inline
+                names += [(path, name) for name, field in body.get("properties", {}).items()
+                          if "binary" not in (field.get("format"), field.get("items", {}).get("format"))]  # uploads
     assert names, "the walk found no parameters at all: the schema layout changed"
     assert [(path, name) for path, name in names if suspicious.search(name)] == []
+
+
+ADMIN_KEY = "admin-key-7d20e1"
+
+
+def test_an_admin_key_guards_admin_alone_and_the_inference_key_cannot_reload(model_repository, launch, real_photos):
+    """With admin_api_key set, /admin/* takes that key and no other: a client holding the inference key can classify
+    but not swap the model; without api_key, inference stays open and /admin still needs its key."""
+    jpeg = real_photos[0].read_bytes()
+    reload = {"json": {}, "timeout": 60}
+    with launch(model_repository, api_key=API_KEY, admin_api_key=ADMIN_KEY) as url:
+        assert classify(url, jpeg, {"X-API-Key": API_KEY}).status_code == 200
+        assert_unauthorized(classify(url, jpeg, {"X-API-Key": ADMIN_KEY}))
+        assert_unauthorized(httpx.post(f"{url}/admin/reload", headers={"X-API-Key": API_KEY}, **reload))
+        assert httpx.post(f"{url}/admin/reload", headers={"X-API-Key": ADMIN_KEY}, **reload).status_code == 200
+        schema = httpx.get(f"{url}/openapi.json").json()["paths"]
+        assert "401" in schema["/admin/reload"]["post"]["responses"] and "401" in schema["/classify"]["post"][
+            "responses"]
+    with launch(model_repository, admin_api_key=ADMIN_KEY) as url:
+        assert classify(url, jpeg).status_code == 200
+        assert_unauthorized(httpx.post(f"{url}/admin/reload", **reload))
+        assert httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                          **reload).status_code == 200
+        schema = httpx.get(f"{url}/openapi.json").json()["paths"]
+        assert "401" in schema["/admin/reload"]["post"]["responses"]
+        assert "401" not in schema["/classify"]["post"]["responses"]
 
 
 def test_cli_takes_origins_as_json_and_has_no_flag_for_the_key_itself():
@@ -151,5 +178,7 @@ def test_cli_takes_origins_as_json_and_has_no_flag_for_the_key_itself():
     assert settings.cors_origins == [APP_ORIGIN] and settings.ort_spinning is False
     with pytest.raises(SystemExit):  # a command line is visible to every user of the host: env or file only
         settings_from_args(["--api-key", API_KEY])
+    with pytest.raises(SystemExit):
+        settings_from_args(["--admin-api-key", ADMIN_KEY])
     with pytest.raises(SystemExit):
         settings_from_args(["--cors-origins", APP_ORIGIN])
