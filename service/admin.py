@@ -8,8 +8,9 @@ from service.errors import ApiError, error_responses
 from service.model_manager import ReloadRefused
 from service.pipeline import read_body, service_state
 from service.schemas import ReloadResponse
+from service.security import ADMIN_PREFIX
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix=ADMIN_PREFIX, tags=["admin"])
 MAX_RELOAD_BODY_BYTES = 1024  # {"version": N} is a few bytes
 RELOAD_ERRORS = error_responses(400, 404, 409, 413, 415, 422, descriptions={
     400: "The body is not UTF-8 JSON text (invalid_body)",

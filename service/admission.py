@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import send_error
+from service.errors import routed_path, send_error
 from service.metrics import ServiceMetrics
 
 GATED_ROUTE = "/classify"
@@ -68,7 +68,7 @@ class AdmissionGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         admission = self.admission_of() if scope["type"] == "http" and scope["method"] == "POST" else None
         if admission is None or admission.admitted < admission.capacity or \
-                scope["path"].removeprefix(scope.get("root_path", "")) != GATED_ROUTE:
+                routed_path(scope) != GATED_ROUTE:
             await self.app(scope, receive, send)
             return
         scope["route_path"] = GATED_ROUTE  # the request metrics' route label, as if the route had matched

@@ -36,14 +36,24 @@ def shown(value: object) -> str:
     return clipped(repr(value))
 
 
+def routed_path(scope: Scope) -> str:
+    """The request's path as the routes see it (behind a proxy, without its root_path)."""
+    return scope.get("path", "").removeprefix(scope.get("root_path", ""))
+
+
+def is_under(path: str, prefix: str) -> bool:
+    """`path` is `prefix` or below it ("/v2", "/v2/models/x"; not "/v2x")."""
+    return path == prefix or path.startswith(prefix + "/")
+
+
 def is_v2_path(path: str) -> bool:
     """An Open Inference Protocol path (/v2 and below)."""
-    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+    return is_under(path, V2_PREFIX)
 
 
 def speaks_v2(scope: Scope) -> bool:
-    """The request is on an Open Inference Protocol path (as the routes see it, behind a proxy's root_path)."""
-    return is_v2_path(scope.get("path", "").removeprefix(scope.get("root_path", "")))
+    """The request is on an Open Inference Protocol path."""
+    return is_v2_path(routed_path(scope))
 
 
 def error_body(code: str, message: str, v2: bool = False) -> dict:

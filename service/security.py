@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import send_error
+from service.errors import is_under, routed_path, send_error
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -19,16 +19,12 @@ SCHEME_NAMES = ("bearer", "api_key")
 ADMIN_PREFIX = "/admin"
 
 
-def is_admin_path(path: str) -> bool:
-    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
-
-
 def required_key(settings: Settings, path: str) -> str | None:
     """The key a request to `path` must carry (None: open): admin_api_key on /admin when set, else api_key; the
     open paths never. The middleware and the OpenAPI document both follow this."""
     if path in PUBLIC_PATHS:
         return None
-    secret = settings.admin_api_key if is_admin_path(path) and settings.admin_api_key is not None else \
+    secret = settings.admin_api_key if is_under(path, ADMIN_PREFIX) and settings.admin_api_key is not None else \
         settings.api_key
     return secret.get_secret_value() if secret is not None else None
 
@@ -61,7 +57,7 @@ class ApiKeyMiddleware:
         # OPTIONS: a CORS preflight carries no credentials; CORSMiddleware (outside) or a 405 answers it.
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             return None
-        key = required_key(self.settings, scope["path"].removeprefix(scope.get("root_path", "")))  # as routed
+        key = required_key(self.settings, routed_path(scope))
         return key.encode() if key is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
