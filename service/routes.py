@@ -74,15 +74,16 @@ async def collect_images(request: Request, state: ServiceState) -> list[tuple[st
 
 @router.post("/classify", summary="Classify one image (raw body) or several (multipart files)",
              response_model=ClassifyResponse, responses=CLASSIFY_ERRORS, openapi_extra=CLASSIFY_BODY)
-async def classify(request: Request, top_k: int = Query(DEFAULT_TOP_K, ge=1, description=(
+async def classify(request: Request, top_k: int = Query(DEFAULT_TOP_K, json_schema_extra={"minimum": 1}, description=(
         "how many classes to return, at most the served model's class count (its schema maximum); "
         "default 5, or every class of a model with fewer"))):
+    # minimum 1 in the schema but checked here, with the maximum: one wording for both ends of the range.
     started = time.perf_counter()
     state = service_state(request)
     manifest = require_ready(state).manifest
     if "top_k" not in request.query_params:
         top_k = min(top_k, manifest.num_classes)
-    if top_k > manifest.num_classes:
+    if not 1 <= top_k <= manifest.num_classes:
         raise ApiError(422, "invalid_parameter", f"top_k must be between 1 and {manifest.num_classes}")
     images = await collect_images(request, state)
     items = await pipeline.classify(state, images, http_client_gone(request))

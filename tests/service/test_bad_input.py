@@ -46,8 +46,10 @@ def test_each_bad_request_gets_its_status_and_the_service_keeps_serving(strict_u
     assert_error(post(strict_url, png_bytes((2000, 1000)), "image/png"), 413, "too_many_pixels")
     files = [("files", (f"{i}.png", png_bytes((32, 32)), "image/png")) for i in range(4)]
     assert_error(httpx.post(f"{strict_url}/classify", files=files), 413, "too_many_files")
-    assert_error(post(strict_url, jpeg, params={"top_k": 0}), 422, "invalid_parameter")
-    assert_error(post(strict_url, jpeg, params={"top_k": 11}), 422, "invalid_parameter")
+    for out_of_range in (0, 11):  # both ends of the range in one wording
+        answer = post(strict_url, jpeg, params={"top_k": out_of_range})
+        assert_error(answer, 422, "invalid_parameter")
+        assert answer.json()["error"]["message"] == "top_k must be between 1 and 10"
     assert_error(post(strict_url, jpeg, params={"top_k": "many"}), 422, "invalid_parameter")
     assert_error(httpx.get(f"{strict_url}/nothing-here"), 404, "not_found")
     assert post(strict_url, jpeg).status_code == 200
