@@ -181,6 +181,8 @@ class Batcher:
         if self.closing or not self.alive:
             raise QueueFullError("the service is shutting down or its batcher is not running")
         if self.queue.maxsize - self.queue.qsize() < len(tensors):
+            self._drop_cancelled()  # a stalled engine leaves gone clients' images queued: their places count again
+        if self.queue.maxsize - self.queue.qsize() < len(tensors):
             raise QueueFullError(f"the queue is full ({self.queue.qsize()}/{self.queue.maxsize} images waiting)")
         loop = asyncio.get_running_loop()
         items = [Item(t, deadline, loop.create_future()) for t in tensors]
@@ -188,6 +190,14 @@ class Batcher:
             self.queue.put_nowait(item)
         self.metrics.queue_depth.set(self.queue.qsize())
         return items
+
+    def _drop_cancelled(self) -> None:
+        """Take the items already answered (a disconnect, a request's timeout) out of the queue, keeping the order."""
+        waiting = [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        for item in waiting:
+            if not item.future.done():
+                self.queue.put_nowait(item)
+        self.metrics.queue_depth.set(self.queue.qsize())
 
     async def swap(self, served: ServedModel) -> ServedModel | None:
         """Serve `served` from the next batch on; returns the previous model once its last batch has finished."""
@@ -305,13 +315,16 @@ class Batcher:
         except Exception as err:  # any engine failure fails this batch only; the loop keeps serving
             self._buffers.append(buffer)  # the call has finished with it
             self._fail(batch, BatchFailedError(f"inference failed: {type(err).__name__}: {err}"))
+            if served is not self.served:
+                return  # a swapped-out engine's last batch: its failures say nothing of the engine now serving
             self.consecutive_failures += 1
             if self.consecutive_failures >= self.max_consecutive_failures:
                 self._detach(served, "consecutive_failures", f"{self.consecutive_failures} batches failed in a row, "
                              f"the last with {type(err).__name__}: {err}")
             return
         self._buffers.append(buffer)
-        self.consecutive_failures = 0
+        if served is self.served:
+            self.consecutive_failures = 0
         elapsed = time.monotonic() - started
         self.metrics.inference.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))

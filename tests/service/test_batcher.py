@@ -108,12 +108,14 @@ def test_cancelled_items_are_dropped_before_running_and_full_queue_refuses_whole
             batcher.submit(tensors(4, 5), time.monotonic() + 10)  # 3 queued of 4: both or neither
         for item in gone:
             item.future.cancel()  # the client went away
+        later = batcher.submit(tensors(6, 7), time.monotonic() + 10)  # their places are free again
         engine.gate.set()
         await kept[0].future
+        await asyncio.gather(*(item.future for item in later))
         await batcher.drain()
         return engine.batches
 
-    assert run(scenario()) == [[0.0], [3.0]]
+    assert run(scenario()) == [[0.0], [3.0, 6.0, 7.0]]
 
 
 def test_swap_happens_between_batches_and_the_taken_batch_finishes_on_the_old_engine():
@@ -188,6 +190,38 @@ def test_consecutive_failed_batches_detach_the_engine_but_one_failure_does_not()
     counts, broken = run(scenario())
     assert counts == [0, 0, 1]
     assert broken[0][0] == "consecutive_failures" and "3 batches failed in a row" in broken[0][1]
+
+
+def test_a_swapped_out_engines_last_failed_batch_does_not_count_against_the_new_engine():
+    class HeldThenFailing(RecordingEngine):
+        def run(self, batch):
+            self.gate.wait(10)
+            raise RuntimeError("device error")
+
+    async def scenario():
+        old, broken = HeldThenFailing(), []
+        batcher = Batcher(served(old), max_batch_size=8, max_queue_delay_ms=1, queue_size=32,
+                          metrics=ServiceMetrics(), max_consecutive_failures=2,
+                          on_broken=lambda model, reason, detail: broken.append(reason))
+        batcher.start()
+        old.gate.clear()
+        (held,) = batcher.submit(tensors(0), time.monotonic() + 10)
+        while not batcher._running:  # the batch is on the old engine
+            await asyncio.sleep(0.001)
+        swapped = asyncio.create_task(batcher.swap(served(RecordingEngine(), 2)))
+        await asyncio.sleep(0)  # the swap has begun: the new engine serves, the old one's batch is still held
+        old.gate.set()
+        with pytest.raises(BatchFailedError, match="device error"):
+            await held.future
+        await swapped
+        failures_after_swap = batcher.consecutive_failures
+        (item,) = batcher.submit(tensors(1), time.monotonic() + 10)
+        row = await asyncio.wait_for(item.future, 5)
+        await batcher.drain()
+        return failures_after_swap, row, broken
+
+    failures_after_swap, row, broken = run(scenario())
+    assert failures_after_swap == 0 and row[0] == 1.0 and broken == []
 
 
 def test_readyz_goes_false_when_the_batcher_dies(model_repository, launch, real_photos):
