@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,7 +60,7 @@ class ModelManager:
         self.current: ServedModel | None = None  # the last model swapped in (also while its engine is broken)
         self.batcher: Batcher | None = None
         self._broken_reason: str | None = "the model is not loaded yet"
-        self._refused_versions: set[int] = set()
+        self._refused: dict[int, datetime | None] = {}  # version -> created_at of the manifest refused (None: unread)
         self._failed_rebuilds = 0  # in a row, since the engine last broke
         self._last_rebuild_error: str | None = None
         self._lock = asyncio.Lock()  # one reload or recovery at a time
@@ -158,14 +159,14 @@ class ModelManager:
                 self._check_compatible(model)
                 served = await self._build(model)
             except Exception as err:  # a bad hash or manifest, a missing file, an engine that fails to load or run
-                self._refused_versions.add(target)
+                self._refused[target] = await asyncio.to_thread(self._created_at, name, target)
                 self.reloads.labels("refused").inc()
                 message = err.message if isinstance(err, ReloadRefused) else f"{type(err).__name__}: {err}"
                 logger.warning("refused to serve %s/%s: %s", name, target, message)
                 raise ReloadRefused(422, "version_refused", f"{name}/{target} was refused, still serving "
                                     f"{name}/{self.serving.version}: {message}") from None
             previous = await self._install(served)
-            self._refused_versions.discard(served.version)
+            self._refused.pop(served.version, None)
             self.reloads.labels("ok").inc()
             logger.info("now serving %s/%s", served.name, served.version)
             return {"model": {"name": served.name, "version": served.version},
@@ -301,17 +302,38 @@ class ModelManager:
                 logger.info("engine of %s/%s rebuilt; serving again", served.name, served.version)
 
     async def _watch_repository(self) -> None:
-        """Poll the repository for a newer version of the served model and reload it like /admin/reload."""
+        """Poll the repository for a newer version of the served model, or the served version exported again
+        (`export --overwrite`), and reload it like /admin/reload."""
         while True:
             await asyncio.sleep(self.settings.watch_interval_s)
             try:
-                latest = await asyncio.to_thread(self.repository.latest_version, self.serving.name)
+                target = await asyncio.to_thread(self._changed_version)
             except (RepositoryError, OSError) as err:
                 logger.warning("cannot read the model repository: %s", err)
                 continue
-            if latest <= self.serving.version or latest in self._refused_versions or self._lock.locked():
+            if target is None or self._lock.locked():
                 continue
             try:
-                await self.reload(latest)
+                await self.reload(target)
             except ReloadRefused as err:
                 logger.warning("not serving the new version: %s", err.message)
+
+    def _changed_version(self) -> int | None:
+        """The version to load: a newer one, or the served one when its manifest was written anew since it was
+        loaded (manifests differ by created_at); None when neither, or when that manifest was refused already."""
+        served = self.serving
+        latest = self.repository.latest_version(served.name)
+        target = max(latest, served.version)
+        created_at = self._created_at(served.name, target)
+        if target == served.version and (created_at is None or served.model is None
+                                         or created_at == served.model.manifest.created_at):
+            return None  # unchanged, or being replaced right now (the next poll sees the new manifest)
+        if target in self._refused and self._refused[target] == created_at:
+            return None
+        return target
+
+    def _created_at(self, name: str, version: int) -> datetime | None:
+        try:
+            return self.repository.load(name, version, verify_files=False).manifest.created_at
+        except (RepositoryError, OSError):
+            return None

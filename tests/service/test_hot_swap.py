@@ -43,11 +43,12 @@ def own_repository(swap_repository, tmp_path) -> Path:
     return tmp_path
 
 
-def publish_copy_of(root: Path, source: int, corrupt: bool = False) -> int:
-    """Publish the next version with the files of `source`; `corrupt` flips bytes of its model file afterwards."""
+def publish_copy_of(root: Path, source: int, corrupt: bool = False, over: int | None = None) -> int:
+    """Publish the next version with the files of `source` (or write them over version `over`, as `export
+    --overwrite` does); `corrupt` flips bytes of its model file afterwards."""
     repository = ModelRepository(root)
     original = repository.load(NAME, source)
-    with repository.new_version(NAME) as staged:
+    with repository.new_version(NAME, over, overwrite=over is not None) as staged:
         for artifact in original.manifest.artifacts:
             shutil.copy(original.artifact_path(artifact), staged.path / artifact.file)
         staged.manifest = original.manifest.model_copy(update={"version": staged.version, "created_at": now_utc()})
@@ -178,6 +179,32 @@ def test_watcher_refuses_an_engine_with_bad_output_then_serves_the_next_good_ver
         good = publish_copy_of(own_repository, 2)
         wait_for(lambda: served_version(url, photo) == good, f"the watcher to serve version {good}")
         assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_watcher_reloads_the_served_version_when_it_is_exported_again_over_itself(own_repository, real_photos,
+                                                                                   launch):
+    photo = real_photos[2].read_bytes()
+
+    def probabilities(url: str) -> list[float]:
+        response = httpx.post(f"{url}/classify", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)
+        assert response.status_code == 200 and response.json()["model"]["version"] == 2
+        return [entry["probability"] for entry in response.json()["results"][0]["top_k"]]
+
+    def reloads(url: str) -> float:
+        lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                 if line.startswith('convnext_model_reloads_total{result="ok"}')]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    with launch(own_repository, version=2, watch_interval_s=0.1) as url:
+        before = probabilities(url)
+        time.sleep(0.3)  # a few polls of an unchanged repository reload nothing
+        assert reloads(url) == 0
+        publish_copy_of(own_repository, 1, over=2)  # version 1's weights, published as version 2
+        wait_for(lambda: reloads(url) == 1, "the watcher to reload version 2")
+        after = probabilities(url)
+        time.sleep(0.3)
+        assert reloads(url) == 1  # once: the manifest it loaded is the one it serves
+    assert after != before
 
 
 class Holding:
