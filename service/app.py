@@ -17,6 +17,7 @@ from runtime.engines.factory import EngineOptions, check_engine_options, open_en
 from runtime.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
+from service.body_budget import BodyBudget, BodyBudgetMiddleware
 from service.errors import ApiError, error_response, speaks_v2
 from service.grpc_server import GrpcService, start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
@@ -89,10 +90,11 @@ def begin_drain(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
+    body_budget = BodyBudget(settings.max_buffered_body_bytes)  # HTTP bodies and gRPC messages together
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = ServiceState(settings, metrics)
+        state = ServiceState(settings, metrics, body_budget)
         app.state.service = state
         state.models = ModelManager(settings, metrics, engine_factory)
         grpc_service: GrpcService | None = None
@@ -127,6 +129,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         return state.version.manifest if state is not None and state.version is not None else None
 
     # Middleware added first runs innermost: the gate runs after auth (no key, no hint of the load).
+    app.add_middleware(BodyBudgetMiddleware, budget=body_budget, metrics=metrics)
     app.add_middleware(AdmissionGate, admission_of=current_admission, metrics=metrics)
     install_edge(app, settings, metrics)  # API-key auth and CORS when the settings ask for them
 

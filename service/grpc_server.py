@@ -176,12 +176,13 @@ class _Method:
             if self.api_key is not None and not _has_key(context, self.api_key):
                 raise ApiError(401, "unauthorized", "the call carries no or a wrong API key; send metadata "
                                "`authorization: Bearer <key>` or `x-api-key: <key>`")
-            try:
-                request = self.request_type.FromString(body)
-            except DecodeError as err:
-                raise ApiError(400, "invalid_message", f"not a {self.request_type.DESCRIPTOR.name} message: {err}"
-                               ) from None
-            return await self.handler(self.state, request, context)
+            with self.state.body_budget.held(len(body)):  # gRPC has read the message whole: counted until answered
+                try:
+                    request = self.request_type.FromString(body)
+                except DecodeError as err:
+                    raise ApiError(400, "invalid_message", f"not a {self.request_type.DESCRIPTOR.name} message: "
+                                   f"{err}") from None
+                return await self.handler(self.state, request, context)
         except ApiError as err:
             code = STATUS_CODES.get(err.status, grpc.StatusCode.UNKNOWN)
             metrics.rejected.labels(err.code).inc()

@@ -1,4 +1,5 @@
-"""ServiceState: what the lifespan owns (settings, metrics, model manager, decode pool, admission), one per app."""
+"""ServiceState: what the lifespan owns (settings, metrics, model manager, decode pool, admission, the memory bound
+on request bodies that HTTP and gRPC share), one per app."""
 from __future__ import annotations
 
 import asyncio
@@ -8,14 +9,15 @@ from runtime.engines.base import Engine
 from runtime.repository import ModelVersion
 from service.admission import Admission, admission_capacity
 from service.batcher import Batcher
+from service.body_budget import BodyBudget
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
 from service.settings import Settings
 
 
 class ServiceState:
-    def __init__(self, settings: Settings, metrics: ServiceMetrics):
-        self.settings, self.metrics = settings, metrics
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, body_budget: BodyBudget):
+        self.settings, self.metrics, self.body_budget = settings, metrics, body_budget
         self.models: ModelManager | None = None  # the served version, its engine and the batcher
         self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
         # Bounds images being decoded at once, so a flood waits here instead of piling up in the pool.

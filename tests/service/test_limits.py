@@ -162,6 +162,38 @@ def test_a_body_that_stalls_gets_408_and_never_reaches_the_batcher(strict_url, r
     assert httpx.post(f"{strict_url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
 
 
+def slow_upload(url: str) -> socket.socket:
+    """900 KiB of a 1 MiB /classify body, then a pause: held by the route reading it (send 124 KiB more to end it)."""
+    slow = connect(url)
+    slow.sendall(b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+                 b"Content-Length: %d\r\n\r\n" % (1024 * 1024) + bytes(900 * 1024))
+    deadline = time.monotonic() + 10
+    while metric(url, "convnext_buffered_body_bytes") < 900 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metric(url, "convnext_buffered_body_bytes") == 900 * 1024
+    return slow
+
+
+def test_bodies_held_at_once_stay_within_max_buffered_body_bytes_and_their_room_comes_back(model_repository, launch,
+                                                                                            real_photos):
+    """max_connections x max_body_bytes can exceed the container's memory: bodies together are bounded too."""
+    photo = real_photos[0].read_bytes()
+    upload = photo + bytes(700 * 1024 - len(photo))  # 700 KiB: the JPEG, then zeros its decoder stops before
+    with launch(model_repository, max_body_bytes=1024 * 1024, max_buffered_body_bytes=1536 * 1024,
+                body_timeout_s=10) as url:
+        slow = slow_upload(url)
+        refused = httpx.post(f"{url}/classify", content=upload, headers={"content-type": "image/jpeg"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert refused.json()["error"]["code"] == "body_buffer_full"
+        assert metric(url, 'convnext_rejected_total{reason="body_buffer_full"}') == 1
+        slow.sendall(bytes(124 * 1024))  # the rest: answered (400, zeros are no image), its room given back
+        assert read_response(slow)[0] == 400
+        slow.close()
+        assert metric(url, "convnext_buffered_body_bytes") == 0
+        answered = httpx.post(f"{url}/classify", content=upload, headers={"content-type": "image/jpeg"})
+        assert answered.status_code == 200, answered.text
+
+
 def test_connections_beyond_the_limit_get_json_503_then_the_service_serves_again(model_repository, launch,
                                                                                 real_photos):
     with launch(model_repository, max_connections=2) as url:
