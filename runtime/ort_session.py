@@ -1,6 +1,9 @@
 """ONNX Runtime sessions on a named execution provider, refused when ORT quietly loaded another one (no torch)."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -136,6 +139,21 @@ def available_provider(provider: str) -> str:
     return wanted
 
 
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels (site-packages/nvidia/cu13/lib, nvidia/cudnn/lib)
+    before a GPU session: onnxruntime-gpu's CUDA provider opens them by name and has no RUNPATH, so in a venv without
+    LD_LIBRARY_PATH it would not load. `onnxruntime.preload_dlls(directory="")` (ORT docs, "Preload DLLs") looks in
+    those wheels first, then the loader's default paths; in the GPU image, whose LD_LIBRARY_PATH names the same
+    folders, it loads the same files. Once per process. It prints what it cannot load: sent to stderr, so a JSON
+    report on stdout stays JSON; the session then fails and says what to check. A CPU build has nothing to load."""
+    import onnxruntime as ort
+
+    if getattr(ort.capi.build_and_package_info, "cuda_version", "") and hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(sys.stderr):
+            ort.preload_dlls(directory="")
+
+
 def create_session(model_path: str | Path, provider: str = "cpu", options=None,
                    provider_options: Mapping[str, Mapping[str, str]] | None = None):
     """An InferenceSession whose first provider is `provider`, or ProviderError saying why and what to check.
@@ -147,6 +165,8 @@ def create_session(model_path: str | Path, provider: str = "cpu", options=None,
     import onnxruntime as ort
 
     wanted = available_provider(provider)
+    if provider != "cpu":
+        preload_cuda_libraries()
     for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
         folder = (provider_options or {}).get("tensorrt", {}).get(key)
         if folder:

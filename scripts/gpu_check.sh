@@ -6,7 +6,7 @@
 # which, and the exit status is 1 if any did.
 #
 # Usage: bash scripts/gpu_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: gpu-check-<UTC time>)
-# Needs: NVIDIA driver >= 580 + a GPU of compute capability >= 7.5, python3.10+ with venv, PyPI and
+# Needs: NVIDIA driver >= 580 + a GPU of compute capability >= 7.5, python3.11+ with venv, PyPI and
 #        pypi.nvidia.com (TensorRT's libraries; mirror: NVIDIA_PYPI_URL=...). Env: GPU_VENV (default .venv-gpu),
 #        PYTHON (default python3), ROADMAP_STEPS (step keys for the roadmap step, e.g. "kernel7 gelu"; default all).
 set -uo pipefail
@@ -211,9 +211,9 @@ preflight_problem() {  # prints why this host cannot run the check at all, if it
   if ! command -v nvidia-smi > /dev/null 2>&1; then
     echo "no NVIDIA driver here (nvidia-smi not found): gpu_check.sh needs a GPU host with driver >= 580;" \
       "in a container, run it with the NVIDIA Container Toolkit (--gpus all). See README.md, 'GPU hosts'."
-  elif [ ! -x "$PY" ] && ! "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-    echo "$PYTHON cannot make the venv: it is missing, older than 3.10, or lacks venv/ensurepip" \
-      "(Debian/Ubuntu: apt-get install python3-venv); point PYTHON=... at a Python 3.10+ that has them."
+  elif [ ! -x "$PY" ] && ! "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "$PYTHON cannot make the venv: it is missing, older than 3.11, or lacks venv/ensurepip" \
+      "(Debian/Ubuntu: apt-get install python3-venv); point PYTHON=... at a Python 3.11+ that has them."
   fi
 }
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.ort_session import preload_cuda_libraries
 from runtime.tensorrt_runtime import stream_handle
 
 # CUDA 13.x runs on NVIDIA drivers >= 580 (docs.nvidia.com/deploy/cuda-compatibility, "Minor Version
@@ -31,7 +32,9 @@ MIN_DRIVER_MAJOR = 580
 MIN_DRIVER_CUDA = 13000
 # CUDA 13 dropped offline compilation for Maxwell, Pascal and Volta: Turing (7.5) is the oldest GPU it serves.
 MIN_COMPUTE_CAPABILITY = (7, 5)
-TINY_MODEL = Path(__file__).parent / "assets" / "doctor_double.onnx"  # y = x + x, x: float32[1, 4]
+# y = 2x, x: float32[1, 4], through a 1x1 convolution: on the CUDA provider that runs cuDNN, which the provider opens
+# only when a node needs it (a model of one Add would pass without cuDNN, and serving would fail at its warm-up).
+TINY_MODEL = Path(__file__).parent / "assets" / "doctor_double.onnx"
 REQUIREMENTS = ("gpu", "tensorrt", "cuda", "ort-tensorrt")
 ORT_PROVIDERS = {"cuda": "CUDAExecutionProvider", "ort-tensorrt": "TensorrtExecutionProvider"}
 # What onnxruntime-gpu 1.31.1's CUDA provider and TensorRT provider link (readelf -d), plus cuDNN, which it dlopens.
@@ -302,13 +305,14 @@ def check_tensorrt_engine() -> str:
 def run_checks(required: set[str]) -> list[Check]:
     """Every check, in order; a check whose prerequisite failed is reported as not run, with that reason."""
     gpu_needed = bool(required)
+    ort_gpu = "cuda" in required or "ort-tensorrt" in required  # a GPU provider of ONNX Runtime: CUDA and cuDNN
     plan = [
         ("packages", check_packages, "cuda" in required or "ort-tensorrt" in required, None),
         ("driver", check_driver, gpu_needed, None),
         ("cuda runtime", check_cuda_runtime, False, None),
         ("gpu", check_gpu, gpu_needed, "driver"),
-        ("cuda libraries", check_cuda_libraries, False, None),
-        ("cudnn", check_cudnn, False, None),
+        ("cuda libraries", check_cuda_libraries, ort_gpu, None),
+        ("cudnn", check_cudnn, ort_gpu, None),
         ("onnxruntime", check_onnxruntime, "cuda" in required or "ort-tensorrt" in required, None),
         ("ort CUDAExecutionProvider", lambda: check_ort_provider("CUDAExecutionProvider"), "cuda" in required,
          "onnxruntime"),
@@ -371,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         import onnxruntime
 
         onnxruntime.set_default_logger_severity(4)  # failures are explained in the report, not in ORT's log
+        # As the service does before a GPU session: the nvidia-* wheels' libraries first. What it cannot load, the
+        # checks below report; its own lines would only repeat them.
+        with contextlib.redirect_stderr(io.StringIO()):
+            preload_cuda_libraries()
     checks = run_checks(required)
     ok = all(c.ok for c in checks if c.required)
     if args.json:

@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import onnx
 import pytest
 
 from service.doctor import TINY_MODEL, check_ort_provider, fallback_problem, requirements_for
@@ -44,7 +45,9 @@ def test_doctor_on_a_host_without_a_gpu_fails_and_names_what_is_missing():
     assert "CUDAExecutionProvider is not in this onnxruntime build" in checks["ort CUDAExecutionProvider"]
     assert checks["onnxruntime"].startswith("ok") and "onnxruntime (CPU build) 1.31.1" in checks["onnxruntime"]
     assert "fix: install NVIDIA driver >= 580" in result.stdout
-    assert "host check FAILED: driver, gpu, ort CUDAExecutionProvider, tensorrt, tensorrt engine" in result.stdout
+    assert checks["cudnn"].startswith("FAIL") and "libcudnn.so.9 is not loadable" in checks["cudnn"]
+    assert ("host check FAILED: driver, gpu, cuda libraries, cudnn, ort CUDAExecutionProvider, tensorrt, tensorrt "
+            "engine") in result.stdout
 
 
 def test_doctor_json_gives_each_required_failure_a_reason_and_a_fix():
@@ -53,7 +56,9 @@ def test_doctor_json_gives_each_required_failure_a_reason_and_a_fix():
     report = json.loads(result.stdout)  # stdout is JSON only, even when ONNX Runtime warns
     assert report["ok"] is False and report["required"] == ["cuda", "gpu", "tensorrt"]
     failed = {c["name"]: c for c in report["checks"] if c["required"] and not c["ok"]}
-    assert set(failed) == {"driver", "gpu", "ort CUDAExecutionProvider", "tensorrt", "tensorrt engine"}
+    # CUDA serving needs cuDNN too: the provider opens it only when a node needs it, so its check is required.
+    assert set(failed) == {"driver", "gpu", "cuda libraries", "cudnn", "ort CUDAExecutionProvider", "tensorrt",
+                           "tensorrt engine"}
     for check in failed.values():
         assert check["fix"] or check["detail"].startswith("not run: "), check
     assert "pypi.nvidia.com" in failed["tensorrt"]["fix"]
@@ -94,6 +99,8 @@ def test_an_unknown_requirement_is_refused_with_the_known_ones():
 
 def test_the_tiny_model_really_runs_on_a_provider_that_loads():
     assert check_ort_provider("CPUExecutionProvider") == "loads and runs (session providers: CPUExecutionProvider)"
+    # A convolution: on the CUDA provider it runs cuDNN, which a model of one Add never loads.
+    assert [node.op_type for node in onnx.load(TINY_MODEL).graph.node] == ["Reshape", "Conv", "Reshape"]
 
 
 def test_a_provider_that_fell_back_to_cpu_is_a_failure():

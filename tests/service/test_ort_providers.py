@@ -93,6 +93,8 @@ def test_the_gpu_build_on_a_host_without_gpu_libraries_refuses_the_provider_at_l
         assert "TensorRT 10 (libnvinfer.so.10" in error
     assert "Falling back" not in done.stdout  # ORT's session fallback is off: it never retried on CPU
     assert "Traceback" not in done.stderr
+    # The wheels' CUDA libraries were looked for first (onnxruntime.preload_dlls; none here), reported on stderr.
+    assert "Failed to load libcublasLt.so.13" in done.stderr and "Failed to load" not in done.stdout
 
 
 def test_the_cpu_build_asked_for_a_gpu_provider_says_how_to_get_it(model_repository):
