@@ -195,10 +195,11 @@ def gpu_missing() -> str | None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return (f"onnxruntime has no CUDAExecutionProvider here (has {ort.get_available_providers()}); "
                 "run it on a GPU host in a venv with onnxruntime-gpu and not onnxruntime (bash scripts/gpu_check.sh "
-                "makes one: pip install -e '.[serve,gpu,export,dev]' --extra-index-url https://pypi.nvidia.com)")
+                "makes one: pip install -e '.[serve,gpu,export,dev,bench]' --extra-index-url https://pypi.nvidia.com)")
     if importlib.util.find_spec("tensorrt") is None:
-        return ("TensorRT's Python package is not installed; on the GPU host: pip install -e '.[serve,gpu,export,dev]' "
-                "--extra-index-url https://pypi.nvidia.com (or bash scripts/gpu_check.sh)")
+        return ("TensorRT's Python package is not installed; on the GPU host: pip install -e "
+                "'.[serve,gpu,export,dev,bench]' --extra-index-url https://pypi.nvidia.com (or bash "
+                "scripts/gpu_check.sh)")
     return None
 
 
