@@ -3,6 +3,8 @@
 This module is the one contract between `export/` (which writes versions) and `service/` (which reads them).
 It imports neither torch nor onnx, so the serving image can use it. Versions are written atomically: files
 go to a hidden staging folder first and the folder is renamed into place once the manifest is complete.
+A write that dies leaves its hidden folders behind; the next write to that model removes them (runtime.repository_writes
+says under which rule).
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from convnext_files import replace_atomic, sha256_file, write_text_atomic
+from runtime.repository_writes import hold_write_lock, remove_dead_writes, remove_tree
 
 SCHEMA_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
@@ -260,20 +262,27 @@ class ModelRepository:
 
     @contextmanager
     def new_version(self, name: str, version: int | None = None, overwrite: bool = False) -> Iterator[StagedVersion]:
-        """Stage a version in a hidden folder and rename it into place only if the block completes."""
+        """Stage a version in a hidden folder and rename it into place only if the block completes.
+
+        First removes what dead writes to this model left behind (see the module docstring).
+        """
         if not NAME_PATTERN.match(name):
             raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_dead_writes(folder)  # before numbering: it may put back a version a dead overwrite moved aside
         existing = self.versions(name)
         version = version if version is not None else (existing[-1] + 1 if existing else 1)
-        final = self.root / name / str(version)
+        final = folder / str(version)
         if final.exists() and not overwrite:
             raise RepositoryError(f"{name}/{version} already exists; pass overwrite=True (--overwrite on the command "
                                   "line) to replace it")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=final.parent))
-        os.chmod(staging, 0o755)  # mkdtemp creates 0700; the service may run as another user
-        staged = StagedVersion(name, version, staging)
+        lock_fd, token = hold_write_lock(folder, version)  # held until this write's folders are gone
+        staging, trash = folder / f".staging-{version}-{token}", folder / f".old-{version}-{token}"
         try:
+            staging.mkdir()
+            os.chmod(staging, 0o755)  # the service may run as another user
+            staged = StagedVersion(name, version, staging)
             yield staged
             if staged.manifest is None:
                 raise RepositoryError("the staged version was never given a manifest")
@@ -282,15 +291,15 @@ class ModelRepository:
                     f"manifest says {staged.manifest.name}/{staged.manifest.version}, staged {name}/{version}")
             _write_json_atomic(staging / MANIFEST_FILE, staged.manifest.model_dump(mode="json"))
             if overwrite and final.exists():
-                trash = final.parent / f".old-{version}-{os.getpid()}"
                 os.replace(final, trash)
                 os.replace(staging, final)
-                shutil.rmtree(trash)
             else:
                 _publish_new(staging, final)
         finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+            for path in (staging, trash):
+                remove_tree(path)
+            (folder / f".staging-{version}-{token}.lock").unlink(missing_ok=True)
+            os.close(lock_fd)  # releases the lock, after the folders it guards are gone
 
     @contextmanager
     def lock(self, name: str, version: int, timeout_s: float) -> Iterator[None]:
