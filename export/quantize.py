@@ -70,7 +70,11 @@ def calibration_batch(spec: Preprocess, image_paths: Sequence[Path]) -> np.ndarr
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
-    """Static int8, QDQ format, per-channel weights, MinMax calibration over `calibration`."""
+    """Static int8, QDQ format, per-channel weights, MinMax calibration over `calibration`.
+
+    Symmetric for activations as well as weights (every zero point 0): TensorRT's explicit quantization takes only
+    symmetric Q/DQ, and ONNX Runtime's default for activations is asymmetric.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -83,7 +87,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
             str(prepared), str(int8_path), _ArrayReader(input_name, calibration),
             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"], extra_options={"ActivationSymmetric": True},
         )
     finally:
         prepared.unlink(missing_ok=True)

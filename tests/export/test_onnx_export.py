@@ -13,6 +13,7 @@ from torch import nn
 from export.labels import imagenet_labels
 from export.quantize import NUM_CALIBRATION_RANDOM, calibration_batch
 from runtime.repository import ModelRepository, Preprocess
+from runtime.verify import image_paths_in, run_onnxruntime, verification_inputs
 from tests.export.conftest import SIZE_PX
 
 
@@ -22,6 +23,12 @@ def _graph(version, precision="fp32"):
 
 def _ops(graph) -> collections.Counter:
     return collections.Counter(node.op_type for node in graph.graph.node)
+
+
+def _onnx_logits(version, precision: str, photo_folder) -> np.ndarray:
+    """The artifact's logits on the inputs its parity was measured on (the export verified with `photo_folder`)."""
+    inputs = verification_inputs(version.manifest.preprocess, image_paths_in(photo_folder))
+    return run_onnxruntime(version.artifact_path(version.manifest.find("onnx", precision)), inputs.batch)
 
 
 def test_version_loads_with_every_sha256_matching(exported):
@@ -84,12 +91,27 @@ def test_fp16_variant_keeps_io_and_layernorm_in_fp32(exported):
     assert parity.reference == "onnxruntime-fp32" and parity.top1_agreement >= 0.99
 
 
-def test_int8_variant_is_qdq_and_verified(exported):
+def test_int8_variant_is_qdq_and_verified(exported, photo_folder):
     ops = _ops(_graph(exported, "int8"))
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
     parity = exported.manifest.find("onnx", "int8").parity
     assert parity.reference == "onnxruntime-fp32" and parity.num_real_images == 6
-    assert parity.top1_agreement >= 0.5
+    # Symmetric activations: 0.90 top-1 and 0.046 of the logit scale here (seeds 0-2: 0.04-0.05; asymmetric 0.06-0.12).
+    fp32_scale = np.abs(_onnx_logits(exported, "fp32", photo_folder)).max()
+    assert parity.top1_agreement >= 0.8 and parity.max_abs_diff / fp32_scale < 0.1
+
+
+def test_int8_zero_points_are_all_zero_as_tensorrt_requires(exported):
+    """TensorRT's explicit quantization takes symmetric Q/DQ only; ONNX Runtime's default quantizes activations
+    asymmetrically (a zero point per tensor), which TensorRT refuses."""
+    graph = _graph(exported, "int8").graph
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    quantize_nodes = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    activations = [n for n in quantize_nodes if n.op_type == "QuantizeLinear"]
+    assert activations and all(len(n.input) == 3 for n in quantize_nodes)
+    for node in quantize_nodes:
+        zero_point = initializers[node.input[2]]
+        assert zero_point.dtype == np.int8 and not zero_point.any(), f"{node.name}: zero point {zero_point}"
 
 
 def test_int8_calibration_without_photos_says_it_calibrates_on_noise(caplog):
