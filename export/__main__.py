@@ -39,8 +39,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     onnx = commands.add_parser("onnx", help="export a model to a new verified ONNX version")
-    onnx.add_argument("--model", help="a model.list_models() name (optional with a project checkpoint)")
+    onnx.add_argument("--model", help="a model.list_models() name (optional with a project checkpoint, or timm "
+                                       "weights whose timm name is known)")
     onnx.add_argument("--checkpoint", help="project, official, timm or torchvision checkpoint (.pth)")
+    onnx.add_argument("--timm-name", metavar="MODEL.TAG",
+                      help="the timm weights --checkpoint holds (e.g. convnext_tiny.in12k_ft_in1k): their model, "
+                           "class count and evaluation transform; read from the path when it names them (the "
+                           "Hugging Face cache's models--timm--MODEL.TAG folder)")
     onnx.add_argument("--name", required=True, type=_repository_name, help="model name in the repository")
     onnx.add_argument("--repository", default="models", help="model repository root")
     onnx.add_argument("--version", type=int, help="version number (default: latest + 1)")
@@ -73,8 +78,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     trt.add_argument("--workspace-mib", type=int, default=4096)
     trt.add_argument("--optimization-level", type=int, default=3, choices=range(0, 6))
     trt.add_argument("--timing-cache",
-                     help="timing cache file (default: <repository>/.timing_cache.trt<version>.sm<cc>)")
+                     help="timing cache file (default: <repository>/.timing_cache.trt<version>.sm<cc>-<device model>, "
+                          "e.g. .timing_cache.trt10.13.2.6.sm90-h100-pcie)")
     trt.add_argument("--rebuild", action="store_true", help="build even if a compatible engine exists")
+    trt.add_argument("--device", type=int, default=0, help="CUDA device index to build and verify the engine on")
     trt.add_argument("--quiet", action="store_true", help="no progress lines (TensorRT's build phases)")
     return parser
 
@@ -83,6 +90,8 @@ def _refuse_bad_onnx_args(parser: argparse.ArgumentParser, args) -> None:
     """The argument errors an export would otherwise meet only after building the model (minutes on a CPU)."""
     if args.model is None and args.checkpoint is None:
         parser.error("no model name: pass --model (only project checkpoints carry their model name)")
+    if args.timm_name is not None and args.checkpoint is None:
+        parser.error("--timm-name says which timm weights a --checkpoint holds: pass the --checkpoint")
     if args.model is not None:
         try:
             check_model_name(args.model)
@@ -99,7 +108,7 @@ def _run_onnx(args) -> int:
         opset=args.opset, precisions=args.precisions,
         num_classes=args.num_classes, activation=args.activation, input_size=args.input_size,
         calibration_images=args.calibration_images, verify_images=args.verify_images, use_ema=args.ema,
-        dataset=args.dataset,
+        dataset=args.dataset, timm_name=args.timm_name,
     )
     print(f"wrote {version.path}")
     _print_artifacts(version.manifest)
@@ -137,7 +146,7 @@ def _run_tensorrt(args) -> int:
     artifact, version = select_or_build_engine(
         version, args.precision, profile, repository_root=args.repository, workspace_mib=args.workspace_mib,
         optimization_level=args.optimization_level, timing_cache=args.timing_cache, rebuild=args.rebuild,
-        quiet=args.quiet,
+        quiet=args.quiet, device=args.device,
     )
     print(f"engine {version.path / artifact.file}")
     _print_artifacts(version.manifest)

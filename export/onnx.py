@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from runtime.verify import default_image_paths, image_paths_in, run_onnxruntime,
 
 from .labels import default_labels
 from .quantize import make_variant
+
+if TYPE_CHECKING:  # model/ imports torch; `python -m export tensorrt|list` run without it
+    from model.pretrained import TimmPretrained
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +71,9 @@ OFFICIAL_SQUASH_FROM_PX = 384  # official datasets.py: at >= 384 px, warp to siz
 
 def checkpoint_preprocess(data_config: dict, input_size: int | None, from_checkpoint: bool, source_format: str,
                           model_name: str) -> Preprocess:
-    """The evaluation transform the weights were evaluated with: a project checkpoint's own data_config; for
-    torchvision's ConvNeXt weights, torchvision's; otherwise the registry's, warped without a crop at 384 px and
-    above as the official evaluation does (timm's 384 configs: crop_pct 1.0, squash)."""
+    """The evaluation transform the weights were evaluated with: the weights' own when `from_checkpoint` (a project
+    run's data_config, a timm tag's pretrained_cfg); for torchvision's ConvNeXt weights, torchvision's; otherwise
+    the registry's, warped without a crop at 384 px and above as the official evaluation does."""
     size = int(input_size or data_config["input_size"])
     if not from_checkpoint and source_format == "torchvision" and model_name in TORCHVISION_WEIGHTS and size == 224:
         import torchvision.models
@@ -98,6 +102,31 @@ def _preprocess_from(data_config: dict, input_size: int | None) -> Preprocess:
     )
 
 
+def timm_pretrained_of(checkpoint: str | Path | None, timm_name: str | None,
+                       is_project: bool) -> TimmPretrained | None:
+    """The timm pretrained tag a checkpoint holds: `timm_name` (--timm-name), else the one its path names; None for
+    a project checkpoint (it carries its own transform) and for weights of no known tag."""
+    from model.pretrained import find_timm_pretrained, get_timm_pretrained
+
+    if timm_name is None:
+        return find_timm_pretrained(checkpoint) if checkpoint is not None and not is_project else None
+    if checkpoint is None:
+        raise ExportError(f"--timm-name {timm_name} says which timm weights a --checkpoint holds: pass the checkpoint")
+    if is_project:
+        raise ExportError("a project checkpoint carries its own model and evaluation transform; drop --timm-name")
+    try:
+        return get_timm_pretrained(timm_name)
+    except ValueError as error:
+        raise ExportError(f"--timm-name: {error}") from None
+
+
+def timm_crops(model_name: str) -> str:
+    """`model_name`'s timm tags and their crop_pct, for a message: "convnext_nano.in12k_ft_in1k 0.95, ..."."""
+    from model.pretrained import TIMM_PRETRAINED
+
+    return ", ".join(f"{t.name} {t.crop_pct:g}" for t in TIMM_PRETRAINED.values() if t.model_name == model_name)
+
+
 def check_model_name(model_name: str) -> None:
     """An ExportError naming the models model/ builds when `model_name` is not one of them."""
     import model as models
@@ -116,8 +145,13 @@ def load_source(
     labels: Sequence[str] | None = None,
     use_ema: bool = False,
     dataset: str | None = None,
+    timm_name: str | None = None,
 ) -> ExportSource:
-    """Build the eval-mode model and collect its manifest metadata (checkpoint metadata wins where present)."""
+    """Build the eval-mode model and collect its manifest metadata (checkpoint metadata wins where present).
+
+    `timm_name` ("convnext_tiny.in12k_ft_in1k") says which timm pretrained weights the checkpoint holds, when its
+    path does not (see model.pretrained.find_timm_pretrained): their model, class count and evaluation transform.
+    """
     from dataclasses import asdict
 
     import model as models
@@ -128,16 +162,12 @@ def load_source(
     if checkpoint is not None:
         raw = models.read_checkpoint(checkpoint)
     is_project = "model_name" in raw
-    if is_project:
-        if model_name is not None and model_name != raw["model_name"]:
-            raise ExportError(f"--model {model_name} but the checkpoint holds {raw['model_name']}; drop --model")
-        model_name = raw["model_name"]
-    if model_name is None:
-        raise ExportError("no model name: pass --model (only project checkpoints carry their model name)")
-    check_model_name(model_name)
+    tag = timm_pretrained_of(checkpoint, timm_name, is_project)
+    held = raw["model_name"] if is_project else (tag.model_name if tag is not None else None)
+    model_name = _model_name_of(model_name, held)
     kwargs = dict(raw.get("model_kwargs") or {})
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
+    if num_classes is not None or tag is not None:
+        kwargs["num_classes"] = num_classes if num_classes is not None else tag.num_classes
     if activation is not None:
         trained = kwargs.get("activation") or models.get_config(model_name).default_activation
         if checkpoint is not None and activation != trained:  # parity would not see it: both sides share the swap
@@ -157,19 +187,18 @@ def load_source(
                               "count (e.g. 21841 for an ImageNet-22K checkpoint)")
         # "native" covers the official facebookresearch checkpoints (same names as ours)
         source_format = "project" if is_project else loaded.source_format.replace("native", "official")
+    if source_format == "timm" and tag is None:
+        logger.warning("%s holds timm weights, and neither its path nor --timm-name says which: the manifest gets "
+                       "%s's registry transform (crop_pct 0.875), not the one timm evaluates them with (%s); pass "
+                       "--timm-name with their timm name", checkpoint, model_name, timm_crops(model_name))
     module.eval()
     cfg = models.get_config(model_name)
-    from_checkpoint = raw.get("data_config") is not None  # a project run's own evaluation transform
-    data_config = dict(raw.get("data_config") or asdict(cfg.data))
+    own = raw.get("data_config") or (tag.data_config(input_size) if tag is not None else None)
+    from_checkpoint = own is not None  # the weights' own evaluation transform: a project run's, a timm tag's
+    data_config = dict(own or asdict(cfg.data))
     num_classes = int(kwargs.get("num_classes", 1000))
     in_chans = int(kwargs.get("in_chans", data_config.get("in_chans", 3)))
-    if labels is None:
-        labels = raw.get("class_names")
-    if labels is None:
-        labels = default_labels(num_classes)
-    labels = tuple(str(label) for label in labels)
-    if len(labels) != num_classes:
-        raise ExportError(f"{len(labels)} labels for {num_classes} classes; pass one label per class")
+    labels = _labels_of(labels if labels is not None else raw.get("class_names"), num_classes)
     if len(data_config["mean"]) != in_chans:
         raise ExportError(f"data_config mean has {len(data_config['mean'])} entries for {in_chans} input channels")
     source = Source(
@@ -177,22 +206,47 @@ def load_source(
         sha256=sha256_file(Path(checkpoint)) if checkpoint is not None else None,
         format=source_format,
         weights="ema" if use_ema else "model",
-        dataset=dataset or dataset_of(raw, checkpoint, source_format, num_classes),
+        dataset=dataset or dataset_of(raw, checkpoint, source_format, num_classes, tag),
     )
-    return ExportSource(
-        module, model_name, kwargs.get("activation") or cfg.default_activation, num_classes, in_chans,
-        checkpoint_preprocess(data_config, input_size, from_checkpoint, source_format, model_name), labels, source,
-    )
+    preprocess = checkpoint_preprocess(data_config, input_size, from_checkpoint, source_format, model_name)
+    if checkpoint is None:  # random init: BatchNorm statistics as training would leave them, so fp16 keeps the logits
+        models.calibrate_batch_norms(module, preprocess.crop_px, in_chans)
+    return ExportSource(module, model_name, kwargs.get("activation") or cfg.default_activation, num_classes, in_chans,
+                        preprocess, labels, source)
 
 
-def dataset_of(raw: dict, checkpoint: str | Path | None, source_format: str, num_classes: int) -> str | None:
+def _model_name_of(asked: str | None, held: str | None) -> str:
+    """The model to build: the one the checkpoint holds (a project run's, a timm tag's), else --model."""
+    if held is not None and asked is not None and asked != held:
+        raise ExportError(f"--model {asked} but the checkpoint holds {held}; drop --model")
+    model_name = held or asked
+    if model_name is None:
+        raise ExportError("no model name: pass --model (project checkpoints carry their model name, and so do timm "
+                          "checkpoints whose timm name is known: --timm-name)")
+    check_model_name(model_name)
+    return model_name
+
+
+def _labels_of(labels: Sequence[str] | None, num_classes: int) -> tuple[str, ...]:
+    """The given class names (the caller's, a project checkpoint's), else ImageNet-1K's or class_0..class_{N-1}."""
+    labels = tuple(str(label) for label in labels) if labels is not None else default_labels(num_classes)
+    if len(labels) != num_classes:
+        raise ExportError(f"{len(labels)} labels for {num_classes} classes; pass one label per class")
+    return labels
+
+
+def dataset_of(raw: dict, checkpoint: str | Path | None, source_format: str, num_classes: int,
+               timm_pretrained: TimmPretrained | None = None) -> str | None:
     """What the weights were trained on, as far as the checkpoint tells: a project run records its data folder
-    (none: the digits demo), an official file is named in the pretrained table; None when unknown (random init)."""
+    (none: the digits demo), an official file is named in the pretrained table, timm's weights by their tag; None
+    when unknown (random init)."""
     from model.pretrained import PRETRAINED_CHECKPOINTS
 
     if source_format == "project":
         data_dir = (raw.get("config") or {}).get("data_dir")
         return Path(data_dir).name if data_dir else DIGITS_DATASET
+    if timm_pretrained is not None and timm_pretrained.num_classes == num_classes:
+        return timm_pretrained.dataset
     official = PRETRAINED_CHECKPOINTS.get(Path(checkpoint).stem) if checkpoint is not None else None
     if official is not None and official.num_classes == num_classes:
         return OFFICIAL_DATASETS[official.dataset]
@@ -252,6 +306,7 @@ def export_onnx_version(
     verify_images: str | Path | Sequence[Path] | None = None,
     use_ema: bool = False,
     dataset: str | None = None,
+    timm_name: str | None = None,
 ) -> ModelVersion:
     """Build, export, verify (ONNX Runtime vs PyTorch) and write one repository version atomically.
 
@@ -265,7 +320,7 @@ def export_onnx_version(
     stage(f"build {model_name or 'the checkpoint model'}" + (f" from {checkpoint}" if checkpoint else " (random init)"))
     src = load_source(
         model_name, checkpoint, num_classes=num_classes, activation=activation, input_size=input_size, labels=labels,
-        use_ema=use_ema, dataset=dataset,
+        use_ema=use_ema, dataset=dataset, timm_name=timm_name,
     )
     verify_paths = _image_paths(verify_images)
     inputs = verification_inputs(src.preprocess, verify_paths)

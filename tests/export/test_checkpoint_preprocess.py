@@ -1,11 +1,20 @@
 """The manifest's evaluation transform is the one the weights were evaluated with: a project run's own, torchvision's
-for torchvision's ConvNeXt weights, and the official squash (no crop) at 384 px."""
+for torchvision's ConvNeXt weights, timm's pretrained_cfg for timm's weights (by their tag), and the official squash
+(no crop) at 384 px."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
+from pathlib import Path
 
-from export.onnx import checkpoint_preprocess
+import pytest
+import torch
+
+from export.__main__ import main
+from export.onnx import ExportError, checkpoint_preprocess, load_source
 from model import get_config
+from model.pretrained import TIMM_PRETRAINED
+from runtime.repository import MANIFEST_FILE
 
 REGISTRY = asdict(get_config("convnext_tiny").data)
 PROJECT = {"input_size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -37,3 +46,76 @@ def test_a_project_checkpoint_keeps_its_own_transform_even_at_384():
     own_384 = checkpoint_preprocess({**PROJECT, "input_size": 384, "crop_pct": 0.875}, None, True, "project",
                                     "convnext_atto")
     assert (own_384.resize_px, own_384.crop_mode) == (438, "center")
+
+
+def timm_transform(name: str, use_test_size: bool = False) -> tuple:
+    """timm's own evaluation transform of a tag, from its pretrained_cfg: (crop mode, resize px, crop px,
+    interpolation, mean, std)."""
+    import timm.data
+
+    cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    resize, crop, *_, normalize = timm.data.create_transform(
+        **timm.data.resolve_data_config({}, pretrained_cfg=cfg, use_test_size=use_test_size)).transforms
+    squash = isinstance(resize.size, (tuple, list))  # Resize((h, w)) warps, Resize(short side) keeps the aspect
+    return ("squash" if squash else "center", resize.size[0] if squash else resize.size, crop.size[0],
+            resize.interpolation.value, *normalize.mean.tolist(), *normalize.std.tolist())
+
+
+def manifest_transform(spec) -> tuple:
+    return (spec.crop_mode, spec.resize_px, spec.crop_px, spec.interpolation, *spec.mean, *spec.std)
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_PRETRAINED))
+def test_timm_weights_get_the_transform_timm_evaluates_them_with(name):
+    tag = TIMM_PRETRAINED[name]
+    spec = checkpoint_preprocess(tag.data_config(), None, True, "timm", tag.model_name)
+    assert manifest_transform(spec) == pytest.approx(timm_transform(name), abs=1e-7)  # timm's mean: float32
+    if tag.test_input_size_px is not None:  # timm's top-1 at its test size, with its test crop
+        at_test_size = checkpoint_preprocess(tag.data_config(tag.test_input_size_px), None, True, "timm",
+                                             tag.model_name)
+        assert manifest_transform(at_test_size) == pytest.approx(timm_transform(name, use_test_size=True), abs=1e-7)
+
+
+def save_timm_checkpoint(path: Path, model_name: str, num_classes: int) -> Path:
+    """A real timm-format checkpoint: timm's own module's state dict (random weights), as torch.save writes it."""
+    import timm
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(timm.create_model(model_name, pretrained=False, num_classes=num_classes).state_dict(), path)
+    return path
+
+
+def test_a_timm_checkpoint_in_the_hugging_face_cache_is_known_by_its_path(tmp_path):
+    """convnext_nano.in12k: 11821 classes, crop_pct 0.95 (not the registry's 0.875), without any flag."""
+    path = save_timm_checkpoint(
+        tmp_path / "hub" / "models--timm--convnext_nano.in12k" / "snapshots" / "0a1b" / "pytorch_model.bin",
+        "convnext_nano", 11821)
+    source = load_source(None, path)
+    assert (source.model_name, source.num_classes, source.source.format) == ("convnext_nano", 11821, "timm")
+    assert (source.preprocess.crop_pct, source.preprocess.resize_px, source.preprocess.crop_px) == (0.95, 235, 224)
+    assert source.source.dataset == "ImageNet-12K"
+
+
+def test_a_renamed_timm_checkpoint_is_named_with_timm_name_and_an_unnamed_one_warns(tmp_path, caplog):
+    path = save_timm_checkpoint(tmp_path / "weights.pth", "convnext_nano", 1000)
+    named = load_source(None, path, timm_name="convnext_nano.in12k_ft_in1k")
+    assert (named.preprocess.crop_pct, named.preprocess.resize_px) == (0.95, 235)
+    assert named.source.dataset == "ImageNet-12K, fine-tuned on ImageNet-1K"
+    with pytest.raises(ExportError, match="the checkpoint holds convnext_nano; drop --model"):
+        load_source("convnext_tiny", path, timm_name="convnext_nano.in12k_ft_in1k")
+    with caplog.at_level("WARNING", logger="export.onnx"):
+        unnamed = load_source("convnext_nano", path)
+    assert unnamed.preprocess.crop_pct == 0.875
+    assert "--timm-name" in caplog.text and "convnext_nano.in12k_ft_in1k 0.95" in caplog.text
+
+
+def test_the_cli_writes_a_timm_tags_transform_into_the_manifest(tmp_path, photo_folder, capsys):
+    path = save_timm_checkpoint(tmp_path / "weights.pth", "convnext_nano", 1000)
+    code = main(["onnx", "--checkpoint", str(path), "--timm-name", "convnext_nano.d1h_in1k", "--name", "nano",
+                 "--repository", str(tmp_path / "models"), "--input-size", "64", "--verify-images", str(photo_folder),
+                 "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "models" / "nano" / "1" / MANIFEST_FILE).read_text())
+    assert manifest["architecture"] == "convnext_nano" and manifest["source"]["format"] == "timm"
+    assert {k: manifest["preprocess"][k] for k in ("crop_pct", "resize_px", "crop_px", "crop_mode")} == {
+        "crop_pct": 0.95, "resize_px": 67, "crop_px": 64, "crop_mode": "center"}
