@@ -64,7 +64,7 @@ def plan_engines(selected: Sequence[str], cpu_available: Iterable[str], cpu_skip
 
 def onnx_precisions(gpu_engines: Iterable[str], weakly_typed: bool = False) -> tuple[str, ...]:
     """The ONNX variants a step exports: fp32 always; with TensorRT 11 (strongly typed) the fp16 / bf16 variant
-    each TensorRT engine is built from (runtime.tensorrt.onnx_source_for); TensorRT 10 builds from fp32."""
+    each TensorRT engine is built from (runtime.tensorrt_build.onnx_source_for); TensorRT 10 builds from fp32."""
     wanted = ["fp32"]
     for engine in gpu_engines:
         kind, precision = GPU_ENGINES[engine]

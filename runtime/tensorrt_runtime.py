@@ -108,6 +108,21 @@ def cudart():
     return runtime
 
 
+def use_cuda_device(device: int) -> None:
+    """Make CUDA device `device` current for the calling thread (cudaSetDevice: per host thread, device 0 until set).
+
+    TensorRT builds and deserializes on the current device, and streams, allocations and launches go to it (trtexec
+    --device does the same: cudaSetDevice before anything else). Not restored afterwards: making device 0 current
+    again would create a CUDA context on it, which a process meant for another GPU should not hold.
+    """
+    cuda_call(cudart().cudaSetDevice(device))
+
+
+def current_cuda_device() -> int:
+    """The calling thread's current CUDA device (cudaGetDevice)."""
+    return int(cuda_call(cudart().cudaGetDevice()))
+
+
 def stream_handle(stream) -> int:
     """The address behind a cuda-python stream, as execute_async_v3 takes it: cuda-bindings 13 deprecates int() on its
     objects for `cuda.bindings.utils.get_cuda_native_handle` (its 13.0.0 release notes); int() where that is absent."""
@@ -131,13 +146,17 @@ class TensorRTRunner:
 
     Each engine call copies the rows into pinned host memory, then host->device, execute and device->host on one
     stream, and waits for that stream: the service calls it from one engine thread, so one stream is enough.
+    Everything runs on `device` (default: the current device when the runner is made), made current again for each
+    run and for close, as they may come from another thread than the one that made the runner.
     """
 
     def __init__(self, engine_path: str | Path, *, max_batch_size: int | None = None,
-                 input_shape: tuple[int, ...] | None = None):
+                 input_shape: tuple[int, ...] | None = None, device: int | None = None):
         trt = import_tensorrt()
         self.engine_path = Path(engine_path)
         self._rt = cudart()
+        self.cuda_device = current_cuda_device() if device is None else device
+        use_cuda_device(self.cuda_device)  # before the runtime: the engine's memory goes to the current device
         self._device: list[int] = []
         self._host: list[int] = []
         self.stream: Any = None  # a cudaStream_t once set up (cuda-python is imported lazily)
@@ -199,6 +218,7 @@ class TensorRTRunner:
             raise RuntimeError(f"the TensorRT runner for {self.engine_path} is closed")
         if tuple(batch.shape[1:]) != self.input_shape:
             raise ValueError(f"batch of shape {tuple(batch.shape)}; the engine takes (N, *{self.input_shape})")
+        use_cuda_device(self.cuda_device)  # this thread's current device may be another (the stream is on this one)
         return run_in_chunks(self._run_chunk, batch, self.min_batch, self.max_batch, self.num_classes)
 
     def _run_chunk(self, batch: np.ndarray) -> np.ndarray:
@@ -222,6 +242,8 @@ class TensorRTRunner:
     def close(self) -> None:
         """Free the buffers and the stream; safe to call twice."""
         rt = self._rt
+        if self._device or self._host or self.stream is not None:
+            rt.cudaSetDevice(self.cuda_device)  # errors ignored, as the frees' are: close also runs after GPU faults
         for pointer in self._device:
             rt.cudaFree(pointer)
         for pointer in self._host:

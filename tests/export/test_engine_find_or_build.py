@@ -1,23 +1,29 @@
-"""Find-or-build without a GPU: one build across processes, stale versions, rebuild of an engine that will not load.
+"""Find-or-build without a GPU: one build across processes, stale versions, rebuild of an engine that will not load,
+one engine per GPU device model, and engines named before device models were in file names.
 
 The build and the deserializer are stand-ins (tests/export/engine_build_worker.py and `open_engine` below);
 the lock, the re-checks, the manifest updates and the rebuild decision are the real runtime.tensorrt code.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from runtime.repository import ModelRepository, RepositoryError
+from runtime.repository import Artifact, ModelRepository, RepositoryError, TensorRTInfo, describe_file
 from runtime.tensorrt import BatchProfile, EngineDeserializeError, find_or_build_engine, open_or_rebuild
 from tests.export.engine_build_worker import NAME, PROFILE, TARGET, StandInBuild, make_version
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+H200 = dataclasses.replace(TARGET, device_name="NVIDIA H200")  # TARGET is an H100: both are compute capability 9.0
 
 
 def engines_of(version):
@@ -112,3 +118,77 @@ def test_a_held_lock_times_out_with_a_clear_message(tmp_path):
     assert build.builds() == []
     find_or_build_engine(version, "fp16", PROFILE, TARGET, build, lock_timeout_s=0.2)  # released: builds
     assert len(build.builds()) == 1
+
+
+def test_the_next_build_removes_the_staging_folder_of_a_replica_killed_mid_build(tmp_path):
+    root, log, ready = tmp_path / "models", tmp_path / "builds.log", tmp_path / "ready"
+    version = make_version(root)
+    ready.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    replica = subprocess.Popen([sys.executable, "-m", "tests.export.engine_build_worker", str(root), str(log),
+                                str(ready), "1"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not log.exists():  # the stand-in build logs, writes its engine, then sleeps a second
+        assert replica.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    replica.send_signal(signal.SIGKILL)
+    assert replica.wait(timeout=30) == -signal.SIGKILL
+    assert list(version.path.glob(".engine-*"))  # the killed build's staging folder, with its engine file in it
+
+    artifact, current = find_or_build_engine(version, "fp16", PROFILE, TARGET, StandInBuild(log))
+    assert not list(current.path.glob(".engine-*"))
+    assert engines_of(current) == [artifact]
+
+
+def test_each_device_model_of_one_architecture_builds_and_then_finds_its_own_engine(tmp_path):
+    """An H100 and an H200 (both sm90) sharing a repository: one engine each, side by side, each found again."""
+    version = make_version(tmp_path)
+    build = StandInBuild(tmp_path / "builds.log")
+    for_h100, _ = find_or_build_engine(version, "fp16", PROFILE, TARGET, build)
+    for_h200, current = find_or_build_engine(version, "fp16", PROFILE, H200, build)
+    assert len(build.builds()) == 2 and for_h200.file != for_h100.file
+    assert ".sm90-h200." in for_h200.file and for_h200.tensorrt.device_name == "NVIDIA H200"
+    assert engines_of(current) == [for_h100, for_h200]
+    assert find_or_build_engine(version, "fp16", PROFILE, TARGET, build)[0] == for_h100
+    assert find_or_build_engine(version, "fp16", PROFILE, H200, build)[0] == for_h200
+    assert len(build.builds()) == 2
+
+
+LEGACY_FILE = "engines/model.fp16.trt10.13.2.6.sm90.b1-4-8.engine"  # named before device models were in names
+
+
+def add_legacy_engine(version, device_name: str) -> Artifact:
+    """An engine under LEGACY_FILE, built on `device_name` for PROFILE, added to `version` as an older export did."""
+    info = TensorRTInfo(tensorrt_version=TARGET.tensorrt_version, compute_capability=TARGET.compute_capability,
+                        device_name=device_name, min_batch=PROFILE.min_batch, opt_batch=PROFILE.opt_batch,
+                        max_batch=PROFILE.max_batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "legacy.engine"
+        staged.write_bytes(b"engine built before device models were in names")
+        legacy = describe_file(Path(tmp), staged.name, format="tensorrt", precision="fp16", tensorrt=info)
+        legacy = legacy.model_copy(update={"file": LEGACY_FILE})
+        ModelRepository(version.path.parent.parent).add_artifact(NAME, 1, staged, legacy)
+    return legacy
+
+
+def test_an_engine_named_before_device_models_loads_on_its_own_device_model_only(tmp_path):
+    version = make_version(tmp_path)
+    legacy = add_legacy_engine(version, TARGET.device_name)
+    build = StandInBuild(tmp_path / "builds.log")
+    found, _ = find_or_build_engine(version, "fp16", PROFILE, TARGET, build)
+    assert found == legacy and build.builds() == []  # the same device model: used as it is, no rebuild
+    for_h200, current = find_or_build_engine(version, "fp16", PROFILE, H200, build)
+    assert len(build.builds()) == 1 and ".sm90-h200." in for_h200.file  # another model of sm90: its own engine
+    assert engines_of(current) == [legacy, for_h200]  # beside the old one, which its own device model still uses
+
+
+def test_an_engine_named_before_device_models_is_rebuilt_in_place(tmp_path):
+    version = make_version(tmp_path)
+    legacy = add_legacy_engine(version, TARGET.device_name)
+    build = StandInBuild(tmp_path / "builds.log")
+    rebuilt, current = find_or_build_engine(version, "fp16", PROFILE, TARGET, build, replace=legacy)  # won't load
+    assert rebuilt.file == LEGACY_FILE and rebuilt.sha256 != legacy.sha256 and len(build.builds()) == 1
+    assert engines_of(current) == [rebuilt]  # replaced, not left beside the new one to be found (and fail) again
+    again, _ = find_or_build_engine(version, "fp16", PROFILE, TARGET, build, rebuild=True)  # --rebuild
+    assert again.file == LEGACY_FILE and len(build.builds()) == 2
+    assert engines_of(ModelRepository(tmp_path).load(NAME, 1, verify_files=True)) == [again]

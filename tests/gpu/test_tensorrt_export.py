@@ -34,7 +34,8 @@ def version(tmp_path_factory, real_photos):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_engine_builds_verifies_and_is_cached(version, precision, capfd):
     from runtime.repository import ModelRepository
-    from runtime.tensorrt import BatchProfile, select_or_build_engine
+    from runtime.tensorrt import BatchProfile, select_or_build_engine, tensorrt_target
+    from runtime.tensorrt_files import device_tag, timing_cache_name
 
     # Max batch 8 under 10 verification inputs (4 random + 6 photos): parity runs in calls within the profile.
     profile = BatchProfile(1, 4, 8)
@@ -42,7 +43,10 @@ def test_engine_builds_verifies_and_is_cached(version, precision, capfd):
     assert "TensorRT build: " in capfd.readouterr().err  # the build's phases, from TensorRT's progress monitor
     assert artifact.parity.reference == "onnxruntime-fp32" and artifact.parity.num_inputs == 10
     assert artifact.tensorrt.max_batch == 8 and artifact.file.startswith(f"engines/model.{precision}.trt")
+    target = tensorrt_target()
     assert artifact.tensorrt.tensorrt_version in artifact.file  # the full TensorRT version
+    assert f".{device_tag(target)}." in artifact.file and artifact.tensorrt.device_name == target.device_name
+    assert (updated.path.parent.parent / timing_cache_name(target)).stat().st_size > 0  # this GPU's timing cache
     reloaded = ModelRepository(updated.path.parent.parent).load("atto", updated.manifest.version)
     assert artifact in reloaded.manifest.artifacts
     again, _ = select_or_build_engine(version, precision, BatchProfile(1, 2, 4))  # stale version, covered: no rebuild

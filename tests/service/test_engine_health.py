@@ -196,7 +196,7 @@ def test_healthz_fails_after_the_engine_could_not_be_rebuilt_k_times_and_recover
         build.heal.set()
 
 
-ENGINE_FILE = "engines/model.fp32.trt10.13.sm90.b1-8-8.engine"
+ENGINE_FILE = "engines/model.fp32.trt10.13.0.sm90-h100.b1-8-8.engine"
 
 
 class AddsAnEngineOnFirstBuild:
