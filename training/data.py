@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import Mixup, create_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
 from model.registry import DataConfig
@@ -95,15 +95,26 @@ def build_datasets(config: TrainConfig, data: DataConfig, augment: bool = True) 
 
 def build_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, train: bool,
                  workers: int, pin_memory: bool) -> DataLoader:
-    """DistributedSampler even on one process: the shuffle is a pure function of (seed, epoch), so resume is exact.
+    """Training: DistributedSampler even on one process; the shuffle is a pure function of (seed, epoch), so resume
+    is exact. Evaluation: this process's shard of the images, in order (see eval_shard).
 
     Workers are not persistent: each epoch's start seeds them from the main process's RNG, which a checkpoint saves
     and a resume restores, so the augmentation they draw continues as if never stopped. Persistent workers draw
     their seed once and keep their RNG across epochs, out of any checkpoint's reach (a resume then drew other crops).
     """
-    sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train)
-    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=train, persistent_workers=False)
+    if train:
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                          drop_last=True, persistent_workers=False)
+    return DataLoader(eval_shard(dataset, rank, world_size), batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+def eval_shard(dataset: Dataset, rank: int, world_size: int) -> Subset:
+    """Every `world_size`-th image from `rank`: each image on exactly one process, so the per-process totals that
+    evaluate() sums count it once. DistributedSampler would pad the last shards with repeated images instead (the
+    top-1 and image count then included the repeats whenever the images did not divide by the process count)."""
+    return Subset(dataset, range(rank, len(dataset), world_size))
 
 
 def build_mixup(config: TrainConfig, num_classes: int) -> Mixup | None:

@@ -1,7 +1,9 @@
 """Process-group set-up from torchrun's environment, and the few collective helpers the loop needs."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,22 @@ def init_from_env() -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+@contextlib.contextmanager
+def process_group_from_env() -> Iterator[DistInfo]:
+    """The process group of one run: joined from torchrun's environment, destroyed when the run ends or fails.
+
+    PyTorch asks for destroy_process_group() before exit (NCCL warns at exit without it, and may leak resources). A
+    group that was already initialised when the run began is its creator's to destroy, and is left as it is.
+    """
+    created = not is_initialized()
+    dist_info = init_from_env()
+    try:
+        yield dist_info
+    finally:
+        if created and is_initialized():
+            dist.destroy_process_group()
 
 
 def is_initialized() -> bool:

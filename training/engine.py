@@ -49,8 +49,8 @@ class EpochSettings:
 class TrainState:
     """The live objects an epoch updates, beside the StepPlan that says where the schedule stands."""
 
-    model: nn.Module  # what runs forward: possibly DDP- and / or torch.compile-wrapped
-    unwrapped: nn.Module  # the plain module under the wrappers: what the EMA follows and checkpoints hold
+    model: nn.Module  # what trains: `unwrapped`, in DDP when there are several processes
+    unwrapped: nn.Module  # the module under DDP: what evaluation runs, the EMA follows and checkpoints hold
     optimizer: torch.optim.Optimizer
     plan: StepPlan
     scaler: torch.amp.GradScaler | None = None  # only with amp="fp16"

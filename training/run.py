@@ -1,8 +1,11 @@
 """A whole run: build model, data, optimizer and EMA from a TrainConfig; train, evaluate, checkpoint, resume."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,7 +20,7 @@ from model import create_model, get_config, load_checkpoint
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import build_datasets, build_loader, build_mixup, data_config_for, make_criterion
-from .distributed import DistInfo, all_gather_objects, barrier, init_from_env
+from .distributed import DistInfo, all_gather_objects, barrier, process_group_from_env
 from .ema import ModelEma
 from .engine import EpochSettings, NonFiniteLossError, StepPlan, TrainState, evaluate, train_one_epoch
 from .optim import create_optimizer
@@ -48,6 +51,33 @@ def configure_cuda_math(device: torch.device) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
+
+
+def compile_toolchain_problem(device_type: str) -> str | None:
+    """Why --compile cannot run on this device type here, or None: torch.compile builds native code at run time.
+
+    CUDA: Triton compiles its launcher (driver.c) with the compiler Triton 3.8's runtime/build.py `_find_compiler`
+    picks: $CC, else gcc or clang on PATH. CPU: Inductor compiles its C++ kernels with $CXX, else g++ (clang++ on
+    macOS; torch._inductor.config.cpp.cxx). Either fails mid-run without one, after the data has loaded.
+    """
+    if device_type == "cuda":
+        cc = os.environ.get("CC")
+        if cc is not None:
+            return None if shutil.which(cc) else (
+                f"--compile on a GPU needs a C compiler at run time (Triton builds its CUDA launcher with $CC), and "
+                f"CC={cc!r} was not found: set CC to an installed compiler or unset it, install gcc "
+                "(apt-get install gcc), or drop --compile")
+        if shutil.which("gcc") or shutil.which("clang"):
+            return None
+        return ("--compile on a GPU needs a C compiler at run time (Triton builds its CUDA launcher with $CC, else gcc "
+                "or clang on PATH) and none was found: install gcc (apt-get install gcc), or drop --compile")
+    if device_type == "cpu":
+        cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(cxx):
+            return None
+        return (f"--compile on the CPU needs a C++ compiler at run time (Inductor builds its kernels with $CXX, else "
+                f"g++) and {cxx!r} was not found: install g++ (apt-get install g++), or drop --compile")
+    return None
 
 
 def build_model(config: TrainConfig, kwargs: dict, device: torch.device) -> torch.nn.Module:
@@ -102,8 +132,14 @@ class Run:
 
 
 def build_run(config: TrainConfig, dist_info: DistInfo, augment: bool) -> Run:
-    """Data, model, EMA, optimizer, scaler and schedule, seeded the same on every process; not yet DDP-wrapped."""
+    """Data, model, EMA, optimizer, scaler and schedule, seeded the same on every process; not yet DDP-wrapped.
+
+    Refuses --compile first, before any data loads, where no compiler for torch.compile's kernels is installed.
+    """
     device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
+    problem = compile_toolchain_problem(device.type) if config.compile else None
+    if problem:
+        raise ValueError(problem)
     configure_cuda_math(device)
     log = RunLog(Path(config.output), dist_info.is_main)
     data_cfg, datasets, train_loader, val_loader = _build_data(config, dist_info, device, augment)
@@ -158,10 +194,16 @@ def resume(run: Run, path: str) -> int:
 
 
 def wrap_model(run: Run) -> None:
-    """torch.compile and / or DDP around the (resumed) module; the EMA and checkpoints keep the unwrapped one."""
+    """Compile the (resumed) module in place with --compile, then put it in DDP with several processes.
+
+    Compiled inside DDP, as PyTorch's "Where to apply torch.compile?" advises (Module.compile(): its state_dict keeps
+    plain names): DDP marks itself the active DDP module while it calls the compiled module, so Dynamo still splits
+    the graph at DDP's gradient buckets (DDPOptimizer) and the all-reduce overlaps backward. torch.compile(DDP(...))
+    splits too, but breaks the graph twice in DDP's own forward.
+    """
     model, dist_info = run.state.unwrapped, run.dist_info
     if run.config.compile:
-        model = torch.compile(model)
+        model.compile()
     if dist_info.world_size > 1:
         device = run.settings.device
         model = torch.nn.parallel.DistributedDataParallel(
@@ -186,7 +228,7 @@ def run_epoch(run: Run, epoch: int, lines: StepLines | None) -> tuple[dict, list
         if progress is not None:
             progress.close()
     record = {"epoch": epoch, "step": plan.step, **stats}
-    improved = _evaluate_epoch(run, record)
+    improved = evaluate_epoch(run, record)
     run.log(record)
     if is_main:
         print(json.dumps(record), file=sys.stderr, flush=True)
@@ -214,9 +256,15 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
     """Run `config` to the end (or through epoch `stop_after_epoch`, to simulate a kill).
 
     Returns the run's summary (plain data, as logged: epochs done, wall time, best and last top-1); the weights
-    are in the checkpoints.
+    are in the checkpoints. Without `dist_info`, the run joins torchrun's process group (WORLD_SIZE > 1) and
+    destroys it when it ends or fails; with one, the caller owns the process group.
     """
-    dist_info = dist_info or init_from_env()
+    group = contextlib.nullcontext(dist_info) if dist_info is not None else process_group_from_env()
+    with group as dist_info:
+        return _train(config, dist_info, augment, stop_after_epoch)
+
+
+def _train(config: TrainConfig, dist_info: DistInfo, augment: bool, stop_after_epoch: int | None) -> dict:
     run = build_run(config, dist_info, augment)
     start_epoch = resume(run, config.resume) if config.resume else 0
     wrap_model(run)
@@ -278,20 +326,29 @@ def _step_plan(config: TrainConfig, num_batches: int, num_images: int, world_siz
                     config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
 
 
-def _evaluate_epoch(run: Run, record: dict) -> list[str]:
-    """Evaluate the model (and the EMA), update `run.best` and `record`; the best checkpoints this epoch improved."""
+def evaluate_epoch(run: Run, record: dict) -> list[str]:
+    """Evaluate the model (and the EMA), update `run.best` and `record`; the best checkpoints this epoch improved.
+
+    Both the same way: precision, and the memory format the weights are in (channels_last inputs for channels_last
+    weights, or every convolution converts them).
+    """
     if run.val_loader is None:  # --disable-eval (ImageNet-22K): no metrics, no best checkpoints
         return []
-    epoch, improved, best, settings = record["epoch"], [], run.best, run.settings
-    metrics = evaluate(run.state.model, run.val_loader, settings.device, amp=settings.amp,
-                       channels_last=settings.channels_last)
+    epoch, improved, best, settings, val_loader = record["epoch"], [], run.best, run.settings, run.val_loader
+
+    def measure(module: torch.nn.Module) -> dict:
+        return evaluate(module, val_loader, settings.device, amp=settings.amp, channels_last=settings.channels_last)
+
+    # The module under DDP (compiled with --compile): evaluation syncs no gradients, and DDP's forward may broadcast
+    # buffers, a collective that evaluation shards of unequal length (a batch more on some ranks) would leave unmatched.
+    metrics = measure(run.state.unwrapped)
     record.update({f"val_{k}": v for k, v in metrics.items()})
     if metrics["top1"] > best["top1"]:
         best.update(top1=metrics["top1"], epoch=epoch)
         improved.append("checkpoint_best.pth")
     record["best_top1"] = best["top1"]
     if run.state.ema is not None:  # official --model_ema_eval: the EMA weights evaluated and their best kept apart
-        ema_metrics = evaluate(run.state.ema.module, run.val_loader, settings.device, amp=settings.amp)
+        ema_metrics = measure(run.state.ema.module)
         record.update({f"ema_val_{k}": v for k, v in ema_metrics.items()})
         if ema_metrics["top1"] > best["ema_top1"]:
             best.update(ema_top1=ema_metrics["top1"], ema_epoch=epoch)

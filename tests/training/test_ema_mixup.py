@@ -1,10 +1,14 @@
-"""EMA update math, and the Mixup/CutMix soft targets (sum to one, label smoothing folded in)."""
+"""EMA update math and evaluation, and the Mixup/CutMix soft targets (sum to one, label smoothing folded in)."""
+import dataclasses
+
 import torch
 from torch import nn
 
 from training.config import PRESETS
 from training.data import build_mixup, make_criterion
+from training.distributed import DistInfo
 from training.ema import ModelEma
+from training.run import build_run, evaluate_epoch, wrap_model
 
 
 def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_model():
@@ -22,6 +26,23 @@ def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_model():
         else:
             assert torch.equal(ema.state_dict()[key], value)
     assert all(not p.requires_grad for p in ema.module.parameters())
+
+
+def test_with_channels_last_the_ema_is_evaluated_on_channels_last_inputs_as_the_model_is(tmp_path):
+    """The EMA copy holds channels_last weights too; NCHW inputs would make every convolution convert them."""
+    config = dataclasses.replace(PRESETS["demo"], channels_last=True, ema_decay=0.9, output=str(tmp_path), quiet=True)
+    run = build_run(config, DistInfo(), augment=False)
+    wrap_model(run)
+    ema_conv = run.state.ema.module.downsample_layers[0][0].weight
+    assert ema_conv.is_contiguous(memory_format=torch.channels_last)
+    seen: dict[str, set[bool]] = {"model": set(), "ema": set()}
+    for name, module in (("model", run.state.unwrapped), ("ema", run.state.ema.module)):
+        module.register_forward_pre_hook(
+            lambda _, inputs, name=name: seen[name].add(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    record = {"epoch": 0}
+    evaluate_epoch(run, record)
+    assert seen == {"model": {True}, "ema": {True}}
+    assert record["val_count"] == record["ema_val_count"] == 360
 
 
 def test_mixup_cutmix_targets_sum_to_one_with_smoothing():

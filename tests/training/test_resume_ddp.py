@@ -1,7 +1,5 @@
 """Exact resume after a stop, and a 2-process DDP (gloo, CPU) run equal to a 1-process run at the same batch."""
 import dataclasses
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ddp_env import free_port, join_as_torchrun
 
 from model.checkpoints import read_checkpoint
 from training.config import PRESETS
-from training.distributed import DistInfo
+from training.distributed import DistInfo, process_group_from_env
 from training.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +42,9 @@ def _full_and_resumed_runs(root: str, workers: int) -> None:
 def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, workers):
     """With data-loader workers too: their augmentation draws (crops, flips) continue exactly after a resume."""
     if workers:  # in a fresh interpreter: the workers fork from it, not from this one and earlier tests' threads
-        script = (f"from tests.training.test_resume_ddp import _full_and_resumed_runs as runs; "
-                  f"runs({str(tmp_path)!r}, {workers})")
+        # this folder on sys.path, as pytest puts it: the module imports ddp_env.py beside it
+        script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                  f"from test_resume_ddp import _full_and_resumed_runs as runs; runs({str(tmp_path)!r}, {workers})")
         subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=300, capture_output=True)
     else:
         _full_and_resumed_runs(str(tmp_path), workers)
@@ -69,20 +69,9 @@ def test_a_resume_with_ema_turned_on_starts_the_ema_from_the_checkpoints_weights
     assert read_checkpoint(last)["model_ema"].keys() == read_checkpoint(last)["model"].keys()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, config):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
-                      RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        train(config, augment=False)
-    finally:
-        torch.distributed.destroy_process_group()
+    join_as_torchrun(rank, world_size, port)
+    train(config, augment=False)  # joins the group from the environment, destroys it at the end
 
 
 @pytest.mark.timeout(180)
@@ -91,7 +80,7 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     train(dataclasses.replace(base, output=str(tmp_path / "one")), DistInfo(), augment=False)
     single = read_checkpoint(tmp_path / "one" / "checkpoint_last.pth")
     ddp = dataclasses.replace(base, batch_size=base.batch_size // 2, output=str(tmp_path / "two"))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), ddp), nprocs=2, join=True)
     distributed = read_checkpoint(tmp_path / "two" / "checkpoint_last.pth")
     assert distributed["step"] == 2
     _assert_states_equal(single["model"], distributed["model"], 1e-5)
@@ -102,15 +91,11 @@ RANDOM = dataclasses.replace(TINY, batch_size=4, mixup=0.8, cutmix=1.0, drop_pat
 
 
 def _ddp_resume_worker(rank: int, world_size: int, port: int, full, first, resumed):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
-                      RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        train(full)
-        train(first, stop_after_epoch=0)  # "killed" after epoch 0's checkpoint
-        train(resumed)
-    finally:
-        torch.distributed.destroy_process_group()
+    join_as_torchrun(rank, world_size, port)
+    with process_group_from_env() as dist_info:  # one group for the three runs: each is given it, none ends it
+        train(full, dist_info)
+        train(first, dist_info, stop_after_epoch=0)  # "killed" after epoch 0's checkpoint
+        train(resumed, dist_info)
 
 
 @pytest.mark.timeout(240)
@@ -118,7 +103,7 @@ def test_two_process_resume_restores_each_ranks_rng_and_equals_an_uninterrupted_
     full = dataclasses.replace(RANDOM, output=str(tmp_path / "full"))
     first = dataclasses.replace(RANDOM, output=str(tmp_path / "split"))
     resumed = dataclasses.replace(first, resume=str(tmp_path / "split" / "checkpoint_last.pth"))
-    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), full, first, resumed), nprocs=2, join=True)
+    mp.spawn(_ddp_resume_worker, args=(2, free_port(), full, first, resumed), nprocs=2, join=True)
     a, b = (read_checkpoint(tmp_path / d / "checkpoint_last.pth") for d in ("full", "split"))
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
     # Each rank resumed its own streams: the ranks still differ after the resume...
