@@ -11,15 +11,27 @@
 # deploy/check_nvidia_index.py stops the build early with what to do when it is unreachable.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG TINI_VERSION=v0.19.0
-ARG TINI_SHA256=93dcc18adc78c65a028a84799ecf8ad40c936fdfc5f2a57b1acda5a8117fa82c
+# The sha256 of each of tini v0.19.0's release binaries (amd64 and arm64 hosts: `docker buildx build --platform ...`).
+ARG TINI_SHA256_AMD64=93dcc18adc78c65a028a84799ecf8ad40c936fdfc5f2a57b1acda5a8117fa82c
+ARG TINI_SHA256_ARM64=07952557df20bfd2a95f9bef198b445e006171969499a1d361bd9e6f8e5e0e81
 ARG NVIDIA_PYPI_URL=https://pypi.nvidia.com
 
-# ---- tini, verified by checksum (PID 1: forwards SIGTERM to the service and reaps zombies) ----
+# ---- tini for the target platform, verified by checksum (PID 1: forwards SIGTERM to the service, reaps zombies) ----
+# Both binaries are fetched and checked (a few KiB each); BuildKit's TARGETARCH picks the image's own.
 FROM ${PYTHON_IMAGE} AS tini
 ARG TINI_VERSION
-ARG TINI_SHA256
-ADD --checksum=sha256:${TINI_SHA256} --chmod=755 \
-    https://github.com/krallin/tini/releases/download/${TINI_VERSION}/tini-amd64 /tini
+ARG TINI_SHA256_AMD64
+ARG TINI_SHA256_ARM64
+ARG TARGETARCH
+ADD --checksum=sha256:${TINI_SHA256_AMD64} --chmod=755 \
+    https://github.com/krallin/tini/releases/download/${TINI_VERSION}/tini-amd64 /tini-amd64
+ADD --checksum=sha256:${TINI_SHA256_ARM64} --chmod=755 \
+    https://github.com/krallin/tini/releases/download/${TINI_VERSION}/tini-arm64 /tini-arm64
+RUN case "${TARGETARCH}" in \
+        amd64|arm64) mv "/tini-${TARGETARCH}" /tini ;; \
+        *) echo "no tini checksum for TARGETARCH=${TARGETARCH:-unset}: the images are built for amd64 and arm64" >&2; \
+           exit 1 ;; \
+    esac
 
 # ---- GPU serving dependencies in a venv: onnxruntime-gpu[cuda,cudnn] + tensorrt-cu13 + cuda-python, no CPU onnxruntime ----
 FROM ${PYTHON_IMAGE} AS gpu-deps
@@ -27,6 +39,7 @@ ARG NVIDIA_PYPI_URL
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/requirements.py deploy/check_nvidia_index.py deploy/gpu-constraints.txt deploy/
+COPY deploy/build-requirements.txt deploy/build-requirements.txt
 # The CUDA/cuDNN wheels are pinned to the CUDA 13.0 builds (deploy/gpu-constraints.txt); pip takes TensorRT's real
 # wheels from NVIDIA's index (a binary wheel there wins over the placeholder sdist on PyPI).
 # Not hash-locked like service-cpu (locks/service-cpu.txt): the NVIDIA-index wheels cannot be hashed where the lock is
@@ -37,6 +50,7 @@ RUN python deploy/check_nvidia_index.py --index-url "${NVIDIA_PYPI_URL}" \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade pip==25.3 \
     && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${NVIDIA_PYPI_URL}" \
         -c deploy/gpu-constraints.txt -r /tmp/requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --require-hashes -r deploy/build-requirements.txt \
     && /opt/venv/bin/pip check
 COPY model/ model/
 COPY export/ export/
@@ -45,7 +59,7 @@ COPY service/ service/
 COPY training/ training/
 COPY bench/ bench/
 COPY convnext_cli.py convnext_common.py convnext_files.py convnext_serve.py ./
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation --check-build-dependencies .
 
 # ---- service: GPU serving image ----
 FROM ${PYTHON_IMAGE} AS service
@@ -88,13 +102,23 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/requirements.py deploy/requirements.py
 COPY locks/service-cpu.txt locks/service-cpu.txt
+COPY deploy/build-requirements.txt deploy/build-requirements.txt
+ARG TARGETARCH
 # Exactly the files of locks/service-cpu.txt (every package pinned with its sha256, `make lock`); then, with no index,
 # pyproject's serve + cpu pins must already be met: a lock older than pyproject.toml stops the build.
-RUN python -m venv /opt/venv \
+# `make lock` compiles that lock for x86-64 only: on arm64 some wheels' hashes are missing from it and pip's refusal
+# reads like tampering, so other platforms stop here first, saying so.
+RUN if [ "${TARGETARCH}" != "amd64" ]; then \
+        echo "service-cpu installs locks/service-cpu.txt, locked for x86-64 (amd64) only: build it with" \
+             "--platform linux/amd64, or re-lock for ${TARGETARCH:-this platform} too (Makefile: lock)" >&2; \
+        exit 1; \
+    fi \
+    && python -m venv /opt/venv \
     && python deploy/requirements.py serve cpu > /tmp/requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade pip==25.3 \
     && /opt/venv/bin/pip install --no-cache-dir --require-hashes -r locks/service-cpu.txt \
     && /opt/venv/bin/pip install --no-cache-dir --no-index -r /tmp/requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --require-hashes -r deploy/build-requirements.txt \
     && /opt/venv/bin/pip check
 COPY model/ model/
 COPY export/ export/
@@ -103,7 +127,7 @@ COPY service/ service/
 COPY training/ training/
 COPY bench/ bench/
 COPY convnext_cli.py convnext_common.py convnext_files.py convnext_serve.py ./
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation --check-build-dependencies .
 
 # ---- service-cpu: CPU serving image ----
 FROM ${PYTHON_IMAGE} AS service-cpu
@@ -135,13 +159,21 @@ FROM ${PYTHON_IMAGE} AS train
 ENV PYTHONUNBUFFERED=1 \
     CONVNEXT_REPOSITORY=/models
 COPY --from=tini /tini /usr/local/bin/tini
-RUN useradd --system --uid 10001 --create-home --home-dir /home/convnext convnext \
+# gcc: `--compile` builds native code at run time (Triton's CUDA launcher with $CC/gcc, Inductor's CPU kernels with
+# g++); training refuses --compile at start where neither is found (training/run.py: compile_toolchain_problem).
+# libc6-dev (the C headers) at exactly the image's own libc6.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc=4:12.2.0-3 g++=4:12.2.0-3 \
+        "libc6-dev=$(dpkg-query --show --showformat='${Version}' libc6)" \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --create-home --home-dir /home/convnext convnext \
     && mkdir -p /models /runs /data && chown convnext /models /runs /data
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY deploy/requirements.py deploy/requirements.py
+COPY deploy/requirements.py deploy/build-requirements.txt deploy/
 RUN python deploy/requirements.py train export cpu > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && pip install --no-cache-dir --require-hashes -r deploy/build-requirements.txt
 COPY model/ model/
 COPY export/ export/
 COPY runtime/ runtime/
@@ -150,7 +182,7 @@ COPY training/ training/
 COPY bench/ bench/
 COPY convnext_cli.py convnext_common.py convnext_files.py convnext_serve.py ./
 COPY deploy/entrypoint.py deploy/healthcheck.py deploy/host_check.py deploy/
-RUN pip install --no-cache-dir --no-deps .
+RUN pip install --no-cache-dir --no-deps --no-build-isolation --check-build-dependencies .
 USER 10001
 VOLUME ["/models"]
 ENTRYPOINT ["/usr/local/bin/tini", "--"]

@@ -3,11 +3,14 @@
 tensorrt-cu13 and tensorrt-cu13-libs on PyPI are placeholders: pip fetches the real TensorRT libraries from
 pypi.nvidia.com at install time. Without this check an offline build dies deep inside pip with a wheel-stub error.
 
-    python deploy/check_nvidia_index.py [--index-url https://pypi.nvidia.com]
+    python deploy/check_nvidia_index.py [--index-url https://pypi.nvidia.com] [--machine aarch64]
+
+The wheel must be there for this machine's architecture (the image's: x86_64 or aarch64), not just for some.
 """
 from __future__ import annotations
 
 import argparse
+import platform
 import re
 import sys
 import tomllib
@@ -30,8 +33,8 @@ def pinned_tensorrt_version(pyproject: Path = PYPROJECT) -> str:
     raise SystemExit("pyproject.toml's gpu extra pins no tensorrt-cu13==VERSION")
 
 
-def problem(index_url: str, version: str, timeout_s: float = 20.0) -> str | None:
-    """Why `index_url` cannot supply tensorrt-cu13-libs `version` (None when it can)."""
+def problem(index_url: str, version: str, machine: str, timeout_s: float = 20.0) -> str | None:
+    """Why `index_url` cannot supply tensorrt-cu13-libs `version` for `machine` (None when it can)."""
     page = f"{index_url.rstrip('/')}/{LIBS_PACKAGE}/"
     try:
         with urllib.request.urlopen(page, timeout=timeout_s) as response:
@@ -39,8 +42,12 @@ def problem(index_url: str, version: str, timeout_s: float = 20.0) -> str | None
     except (urllib.error.URLError, OSError) as error:
         return f"{page} is unreachable ({getattr(error, 'reason', error)})"
     wheel = f"{LIBS_PACKAGE.replace('-', '_')}-{version}-"
-    if wheel.lower() not in listing.lower():
+    wheels = set(re.findall(rf"{re.escape(wheel)}[\w.-]*?\.whl", listing, re.IGNORECASE))
+    if not wheels:
         return f"{page} answers but lists no {wheel}*.whl"
+    # A wheel's platform tag ends its name: ..._x86_64.whl, ..._aarch64.whl
+    if not any(name.lower().endswith(f"_{machine.lower()}.whl") for name in wheels):
+        return f"{page} lists {wheel}*.whl only for other platforms ({', '.join(sorted(wheels))}), none for {machine}"
     return None
 
 
@@ -61,13 +68,14 @@ def explain(reason: str, index_url: str, version: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index-url", default=DEFAULT_INDEX_URL)
+    parser.add_argument("--machine", default=platform.machine(), help="wheel architecture (default: this machine's)")
     args = parser.parse_args(argv)
     version = pinned_tensorrt_version()
-    reason = problem(args.index_url, version)
+    reason = problem(args.index_url, version, args.machine)
     if reason is not None:
         print(explain(reason, args.index_url, version), file=sys.stderr)
         return 1
-    print(f"{args.index_url} has {LIBS_PACKAGE} {version}")
+    print(f"{args.index_url} has {LIBS_PACKAGE} {version} for {args.machine}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Helpers for the deployment tests: the project root, and compose files read the way Docker Compose reads them."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -66,3 +67,40 @@ def strip_tags(value):
     if isinstance(value, list):
         return [strip_tags(v) for v in value]
     return value
+
+
+class MissingVariable(ValueError):
+    """A `${VAR:?message}` whose variable is unset or empty: Compose refuses the whole file with the message."""
+
+
+_VARIABLE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<name>\w+)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}|(?P<bare>\w+))")
+
+
+def interpolate(value, env: dict[str, str]):
+    """`value` (a compose document or part of one) with ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error},
+    ${VAR?error}, ${VAR:+alternative}, $VAR and $$ substituted from `env`, as Compose does before it reads the file."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["name"] or match["bare"]
+        op, arg = match["op"] or "", match["arg"] or ""
+        current = env.get(name, "")
+        present = name in env and (current != "" or not op.startswith(":"))  # `:` also refuses an empty value
+        if op in (":-", "-"):
+            return current if present else arg
+        if op in (":?", "?"):
+            if not present:
+                raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+            return current
+        if op in (":+", "+"):
+            return arg if present else ""
+        return current
+
+    return _VARIABLE.sub(substitute, value)

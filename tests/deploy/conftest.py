@@ -18,20 +18,28 @@ def tiny_repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def metrics_scrape(tiny_repository, real_photos) -> str:
-    """The text of a real /metrics scrape of the service app after it classified real photos (labelled series exist)."""
-    from fastapi.testclient import TestClient
+    """The text of a real /metrics scrape of the real server (uvicorn + its gRPC port, as `python -m service` runs it)
+    after it classified real photos over HTTP and answered gRPC calls: every labelled series the dashboard reads
+    exists, HTTP and gRPC, answered and refused."""
+    import httpx
+    import numpy as np
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
 
-    from service.app import create_app
-    from service.settings import Settings
+    from tests.service.conftest import free_port, serve
 
-    settings = Settings(repository=str(tiny_repository), max_batch_size=2, intra_op_threads=1, preprocess_workers=1,
-                        warmup_runs=0)
-    with TestClient(create_app(settings)) as client:
-        assert client.get("/readyz").status_code == 200
+    grpc_port = free_port()
+    with serve(tiny_repository, grpc_port=grpc_port, max_batch_size=2, preprocess_workers=1, warmup_runs=0) as url:
         files = [("files", (photo.name, photo.read_bytes())) for photo in real_photos[:2]]
-        assert client.post("/classify", params={"top_k": 2}, files=files).status_code == 200
+        assert httpx.post(f"{url}/classify", params={"top_k": 2}, files=files, timeout=30).status_code == 200
         # a rejected request: the rejected counter gets a series
-        client.post("/classify", content=b"not an image", headers={"content-type": "image/jpeg"})
-        response = client.get("/metrics")
+        httpx.post(f"{url}/classify", content=b"not an image", headers={"content-type": "image/jpeg"}, timeout=30)
+        with triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            tensor = triton_grpc.InferInput("input", [1, 3, 32, 32], "FP32")
+            tensor.set_data_from_numpy(np.zeros((1, 3, 32, 32), dtype=np.float32))
+            assert client.infer("tiny", [tensor]).as_numpy("logits").shape == (1, 4)  # code OK
+            with pytest.raises(InferenceServerException):
+                client.infer("no_such_model", [tensor])  # code NOT_FOUND
+        response = httpx.get(f"{url}/metrics", timeout=30)
         assert response.status_code == 200
         return response.text

@@ -9,7 +9,7 @@ from pathlib import Path
 import check_jsonschema
 import jsonschema
 import pytest
-from compose_yaml import ROOT, load_compose, merge_compose, strip_tags
+from compose_yaml import ROOT, interpolate, load_compose, merge_compose, strip_tags
 
 from service.settings import Settings
 
@@ -141,3 +141,46 @@ def test_prepare_gets_every_variable_the_entrypoint_reads(gpu):
     entrypoint = (ROOT / "deploy" / "entrypoint.py").read_text()
     read = set(re.findall(r"env\.get\(\"(CONVNEXT_[A-Z_]+)\"", entrypoint)) - {"CONVNEXT_HOST_CHECK"}  # service's
     assert read and read <= set(gpu["services"]["prepare"]["environment"])
+
+
+def published(port: str) -> tuple[str | None, str, str]:
+    """(host IP or None for every interface, host port, container port) of a short-syntax `ports:` entry."""
+    parts = port.rsplit(":", 2)
+    return (None, *parts) if len(parts) == 2 else (parts[0], parts[1], parts[2])
+
+
+@pytest.mark.parametrize("compose", ["gpu", "cpu"])
+def test_monitoring_ports_are_this_hosts_only_and_the_service_ports_are_public(compose, request):
+    """Prometheus has no login and Grafana shows anonymous viewers the dashboard: by default both listen on
+    127.0.0.1 only, while the service's HTTP and gRPC ports stay on every interface."""
+    document = request.getfixturevalue(compose)
+    services = interpolate(document, {"GRAFANA_ADMIN_PASSWORD": "s3cret"})["services"]
+    assert [published(p) for p in services["prometheus"]["ports"]] == [("127.0.0.1", "9090", "9090")]
+    assert [published(p) for p in services["grafana"]["ports"]] == [("127.0.0.1", "3000", "3000")]
+    assert [published(p) for p in services["service"]["ports"]] == [(None, "8000", "8000"), (None, "8001", "8001")]
+    opened = interpolate(document, {"GRAFANA_ADMIN_PASSWORD": "s3cret", "MONITORING_BIND": "0.0.0.0"})["services"]
+    assert published(opened["grafana"]["ports"][0])[0] == "0.0.0.0"
+
+
+def test_grafanas_admin_password_comes_from_the_environment_and_compose_up_needs_none(gpu):
+    """`docker compose up` runs with nothing set: unset, Grafana keeps its own admin/admin (on a port of this host
+    only, and it asks for a new one at the first login); set, the operator's."""
+    environment = gpu["services"]["grafana"]["environment"]
+    assert interpolate(gpu, {})["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "admin"
+    grafana = interpolate(gpu, {"GRAFANA_ADMIN_PASSWORD": "s3cret"})["services"]["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
+    assert not any(key.startswith(("GF_SECURITY_ADMIN_USER", "GF_SECURITY_ADMIN_PASSWORD__FILE")) for key in grafana)
+    # anonymous visitors may only view, nobody signs up, and the service's own settings never carry the password
+    assert grafana["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer" and grafana["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert environment["GF_AUTH_ANONYMOUS_ENABLED"] == "${GRAFANA_ANONYMOUS:-true}"
+    assert interpolate(gpu, {"GRAFANA_ADMIN_PASSWORD": "x", "GRAFANA_ANONYMOUS": "false"})["services"]["grafana"][
+        "environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GRAFANA_ADMIN_PASSWORD" not in str(gpu["services"]["service"]) + str(gpu["services"]["prepare"])
+
+
+@pytest.mark.parametrize("text,env,expected", [
+    ("${A:-x}", {}, "x"), ("${A:-x}", {"A": ""}, "x"), ("${A-x}", {"A": ""}, ""), ("${A}", {"A": "1"}, "1"),
+    ("$A/$$B", {"A": "1"}, "1/$B"), ("${A:+on}", {"A": "1"}, "on"), ("${A:+on}", {}, ""), ("${A?e}", {"A": ""}, ""),
+])
+def test_the_interpolation_follows_compose(text, env, expected):
+    assert interpolate(text, env) == expected

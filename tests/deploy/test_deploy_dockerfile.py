@@ -56,10 +56,62 @@ def test_hadolint_is_live_and_flags_an_unpinned_base(tmp_path):
 def test_base_images_are_pinned_and_the_gpu_image_needs_no_nvidia_base():
     args = build_args()
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", args["PYTHON_IMAGE"])
-    assert re.fullmatch(r"[0-9a-f]{64}", args["TINI_SHA256"])
     # CUDA, cuDNN and TensorRT come as pip wheels: no NGC base (its PIP_CONSTRAINT, entrypoint and missing venv).
     assert "nvcr.io" not in "".join(line for line in DOCKERFILE.read_text().splitlines()
                                     if line.startswith(("FROM", "ARG")))
+
+
+# tini v0.19.0's release binaries (github.com/krallin/tini/releases/tag/v0.19.0, its .sha256sum files), as pinned
+# independently by e.g. the Neo4j and Kroxylicious images and bazel-buildfarm.
+TINI_V0_19_0_SHA256 = {
+    "amd64": "93dcc18adc78c65a028a84799ecf8ad40c936fdfc5f2a57b1acda5a8117fa82c",
+    "arm64": "07952557df20bfd2a95f9bef198b445e006171969499a1d361bd9e6f8e5e0e81",
+}
+
+
+def test_tini_is_fetched_and_checked_for_amd64_and_arm64():
+    args, body = build_args(), stages()["tini"]
+    assert args["TINI_VERSION"] == "v0.19.0"
+    for arch, sha256 in TINI_V0_19_0_SHA256.items():
+        assert args[f"TINI_SHA256_{arch.upper()}"] == sha256
+        add = next(line for line in body if line.startswith("ADD ") and f"/tini-{arch} " in line)
+        assert f"--checksum=sha256:${{TINI_SHA256_{arch.upper()}}}" in add
+        assert add.split()[-2].endswith(f"/releases/download/${{TINI_VERSION}}/tini-{arch}")
+    assert "ARG TARGETARCH" in body
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64", "riscv64", ""])
+def test_the_tini_stage_keeps_the_target_platforms_binary_and_refuses_others(tmp_path, arch):
+    """The stage's RUN, run by sh with BuildKit's TARGETARCH, on stand-ins of the two checked downloads."""
+    run = next(line for line in stages()["tini"] if line.startswith("RUN "))
+    for each in TINI_V0_19_0_SHA256:
+        (tmp_path / f"tini-{each}").write_text(each)
+    script = run.removeprefix("RUN ").replace("/tini", f"{tmp_path}/tini")
+    result = subprocess.run(["sh", "-c", script], env={"TARGETARCH": arch, "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=30)
+    if arch in TINI_V0_19_0_SHA256:
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "tini").read_text() == arch
+    else:
+        assert result.returncode == 1 and not (tmp_path / "tini").exists()
+        assert f"no tini checksum for TARGETARCH={arch or 'unset'}" in result.stderr
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_the_cpu_image_refuses_other_platforms_while_its_lock_is_x86_64_only(arch):
+    """locks/service-cpu.txt holds the x86-64 wheels' hashes (`make lock`): on arm64 pip would refuse numpy's wheel
+    as if tampered with, so the stage stops first and says why; re-locking for arm64 too retires this check."""
+    lock_platforms = re.findall(r"--python-platform\s+(\S+)", (ROOT / "Makefile").read_text())
+    assert lock_platforms == ["x86_64-manylinux_2_28"]
+    assert "ARG TARGETARCH" in stages()["cpu-deps"]
+    install = next(line for line in stages()["cpu-deps"] if line.startswith("RUN ") and "service-cpu.txt" in line)
+    guard = re.match(r"RUN (if .*?\bfi\b)\s+&&", install).group(1)
+    result = subprocess.run(["sh", "-c", guard], env={"TARGETARCH": arch, "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=30)
+    if arch == "amd64":
+        assert result.returncode == 0 and not result.stderr
+    else:
+        assert result.returncode == 1 and "locked for x86-64 (amd64) only" in result.stderr
 
 
 @pytest.mark.parametrize("target,base", [("service", "${PYTHON_IMAGE}"), ("service-cpu", "${PYTHON_IMAGE}"),
@@ -126,7 +178,8 @@ def test_gpu_image_takes_cuda_cudnn_from_onnxruntime_gpus_extras_pinned_to_cuda_
                          "nvidia-nvjitlink", "nvidia-cudnn-cu13"}
     assert pins["nvidia-cuda-runtime"].startswith("13.0.") and pins["nvidia-cudnn-cu13"].startswith("9.")
     # No hash lock here (the NVIDIA index cannot be reached where locks are made), and the Dockerfile says so.
-    assert "--require-hashes" not in install and "not hash-locked" in DOCKERFILE.read_text().lower()
+    dependencies = next(step for step in install.split("&&") if "-c deploy/gpu-constraints.txt" in step)
+    assert "--require-hashes" not in dependencies and "not hash-locked" in DOCKERFILE.read_text().lower()
 
 
 def test_gpu_image_checks_nvidias_index_before_installing_tensorrt_and_uses_it():
@@ -163,6 +216,37 @@ def test_gpu_image_puts_the_cuda_wheels_where_onnxruntime_looks_on_the_loader_pa
 def test_every_image_ships_the_host_check_the_entrypoint_imports(target):
     copies = " ".join(line for line in stages()[target] if line.startswith("COPY") and "entrypoint.py" in line)
     assert "deploy/host_check.py" in copies
+
+
+def locked_hashes(requirements: str, name: str) -> tuple[str, set[str]]:
+    """The version and sha256 hashes a hash-pinned requirements file gives `name`."""
+    match = re.search(rf"^{re.escape(name)}==(\S+)((?:\s*\\\n\s+--hash=sha256:\w+)+)", requirements, re.M)
+    assert match, f"{name} is not hash-pinned"
+    return match.group(1), set(re.findall(r"sha256:(\w+)", match.group(2)))
+
+
+def test_the_build_backend_is_one_exact_hash_checked_setuptools():
+    """pip's isolated build fetches the newest setuptools its requirement allows: pinned exactly in [build-system], and
+    the images install that version by hash and build without isolation (pip then checks it meets [build-system])."""
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert len(requires) == 1 and re.fullmatch(r"setuptools==[\d.]+", requires[0]), requires
+    version = requires[0].split("==")[1]
+    image_pin = locked_hashes((ROOT / "deploy" / "build-requirements.txt").read_text(), "setuptools")
+    assert image_pin == locked_hashes((ROOT / "locks" / "dev.txt").read_text(), "setuptools")
+    assert image_pin[0] == version
+
+
+@pytest.mark.parametrize("target", ["gpu-deps", "cpu-deps", "train"])
+def test_every_stage_builds_the_project_with_the_hash_checked_backend(target):
+    body = stages()[target]
+    installs = [line for line in body if line.startswith("RUN ") and re.search(r"pip install .* \.$", line)]
+    assert installs, f"{target} installs no project"
+    for line in installs:
+        assert "--no-build-isolation --check-build-dependencies" in line, line
+    backend = next(i for i, line in enumerate(body)
+                   if "--require-hashes -r deploy/build-requirements.txt" in line)
+    assert backend < body.index(installs[0])
+    assert any(line.startswith("COPY ") and "deploy/build-requirements.txt" in line for line in body[:backend])
 
 
 @pytest.mark.parametrize("target", ["gpu-deps", "cpu-deps", "train"])

@@ -29,15 +29,15 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def run(index_url: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--index-url", index_url], capture_output=True, text=True,
-                          timeout=60)
+def run(index_url: str, machine: str = "x86_64") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--index-url", index_url, "--machine", machine],
+                          capture_output=True, text=True, timeout=60)
 
 
-def list_wheel(root, filename: str) -> None:
+def list_wheel(root, *filenames: str) -> None:
     page = root / "tensorrt-cu13-libs"
     page.mkdir()
-    (page / "index.html").write_text(f'<a href="../files/{filename}">{filename}</a>\n')
+    (page / "index.html").write_text("".join(f'<a href="../files/{name}">{name}</a>\n' for name in filenames))
 
 
 def test_an_index_with_the_pinned_tensorrt_libs_passes(index):
@@ -45,7 +45,22 @@ def test_an_index_with_the_pinned_tensorrt_libs_passes(index):
     list_wheel(root, "tensorrt_cu13_libs-11.4.0.106-py2.py3-none-manylinux_2_28_x86_64.whl")
     result = run(url)
     assert result.returncode == 0, result.stderr
-    assert "has tensorrt-cu13-libs 11.4.0.106" in result.stdout
+    assert "has tensorrt-cu13-libs 11.4.0.106 for x86_64" in result.stdout
+
+
+def test_an_arm64_build_needs_the_aarch64_wheel(index):
+    """An arm64 image build needs TensorRT's aarch64 wheel: a listing for x86_64 only fails here, naming both."""
+    root, url = index
+    x86 = "tensorrt_cu13_libs-11.4.0.106-py2.py3-none-manylinux_2_28_x86_64.whl"
+    list_wheel(root, x86)
+    refused = run(url, machine="aarch64")
+    assert refused.returncode == 1
+    assert f"lists tensorrt_cu13_libs-11.4.0.106-*.whl only for other platforms ({x86}), none for aarch64" \
+        in refused.stderr
+    (root / "tensorrt-cu13-libs" / "index.html").unlink()
+    (root / "tensorrt-cu13-libs").rmdir()
+    list_wheel(root, x86, "tensorrt_cu13_libs-11.4.0.106-py2.py3-none-manylinux_2_31_aarch64.whl")
+    assert run(url, machine="aarch64").returncode == 0
 
 
 def test_an_index_without_the_pinned_version_fails_naming_it(index):

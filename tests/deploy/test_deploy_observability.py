@@ -79,7 +79,8 @@ def test_the_metric_name_parser_sees_through_promql():
 def test_every_dashboard_query_reads_only_metrics_the_service_exports(metrics_scrape):
     exported = exported_series_names(metrics_scrape)
     assert {"convnext_requests_total", "convnext_request_duration_seconds_bucket", "convnext_batch_size_bucket",
-            "convnext_queue_depth", "convnext_model_info", "convnext_rejected_total"} <= exported
+            "convnext_queue_depth", "convnext_model_info", "convnext_rejected_total", "convnext_grpc_requests_total",
+            "convnext_grpc_request_duration_seconds_bucket"} <= exported
     for title, expr in dashboard_queries():
         names = metric_names(expr)
         assert names, f"{title}: no metric in {expr!r}"
@@ -87,11 +88,26 @@ def test_every_dashboard_query_reads_only_metrics_the_service_exports(metrics_sc
         assert not unknown, f"panel {title!r} queries {sorted(unknown)}, which /metrics does not export"
 
 
-def test_every_label_the_dashboard_groups_by_or_selects_on_exists_on_its_metric(metrics_scrape):
-    labels: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(metrics_scrape):
+def sample_labels(scrape: str) -> dict[str, dict[str, set[str]]]:
+    """Per sample name, each label's values in the scrape."""
+    labels: dict[str, dict[str, set[str]]] = {}
+    for family in text_string_to_metric_families(scrape):
         for sample in family.samples:
-            labels.setdefault(sample.name, set()).update(sample.labels)
+            for label, value in sample.labels.items():
+                labels.setdefault(sample.name, {}).setdefault(label, set()).add(value)
+    return labels
+
+
+def test_the_scrape_holds_http_and_grpc_series_answered_and_refused(metrics_scrape):
+    """So that the label checks below test the gRPC panels against labels the service really writes."""
+    labels = sample_labels(metrics_scrape)
+    for name in ("convnext_grpc_requests_total", "convnext_grpc_request_duration_seconds_bucket"):
+        assert labels[name]["method"] == {"ModelInfer"} and labels[name]["code"] == {"OK", "NOT_FOUND"}, name
+    assert {"200", "400"} <= labels["convnext_requests_total"]["status"]
+
+
+def test_every_label_the_dashboard_groups_by_or_selects_on_exists_on_its_metric(metrics_scrape):
+    labels = {name: set(values) for name, values in sample_labels(metrics_scrape).items()}
     for title, expr in dashboard_queries():
         grouped = {label.strip() for g in re.findall(r"\bby\s*\(([^)]*)\)", expr) for label in g.split(",")} - {"le"}
         matched = set(re.findall(r"[{,]\s*(\w+)\s*(?:=~|!~|!=|=)", expr))  # selectors: {status_class="2xx"}
@@ -100,6 +116,15 @@ def test_every_label_the_dashboard_groups_by_or_selects_on_exists_on_its_metric(
                                       "not labels of its metrics")
         assert matched <= available, (f"panel {title!r} selects on {sorted(matched - available)}, "
                                       "not labels of its metrics")
+
+
+def test_every_label_value_the_dashboard_selects_exactly_is_one_the_service_writes(metrics_scrape):
+    """`code="OK"`, `status_class="2xx"`: a value the service never writes (`code="Ok"`) leaves a panel empty."""
+    labels = sample_labels(metrics_scrape)
+    for title, expr in dashboard_queries():
+        for label, value in re.findall(r'[{,]\s*(\w+)\s*=(?![~=])\s*"([^"]*)"', expr):
+            written = set().union(*(labels.get(name, {}).get(label, set()) for name in metric_names(expr)))
+            assert value in written, f"panel {title!r} selects {label}={value!r}; the service writes {sorted(written)}"
 
 
 @pytest.mark.parametrize("needle", [
@@ -111,6 +136,9 @@ def test_every_label_the_dashboard_groups_by_or_selects_on_exists_on_its_metric(
     "convnext_queue_depth",
     'convnext_requests_total{status=~"5.."}',
     "convnext_rejected_total",
+    "sum by (method, code) (rate(convnext_grpc_requests_total[",
+    'histogram_quantile(0.5, sum by (le, method) (rate(convnext_grpc_request_duration_seconds_bucket{code="OK"}',
+    'histogram_quantile(0.95, sum by (le, method) (rate(convnext_grpc_request_duration_seconds_bucket{code="OK"}',
 ])
 def test_dashboard_has_the_required_panel_queries(needle):
     assert any(needle in expr for _, expr in dashboard_queries()), needle
