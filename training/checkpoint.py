@@ -55,14 +55,3 @@ def read_for_resume(path: str | Path) -> dict:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; pass the checkpoint_last.pth of an earlier run to --resume")
     return read_checkpoint(path)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP (`module.`) and torch.compile (`_orig_mod.`)."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model

@@ -33,6 +33,9 @@ class RunLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, record["step"])
+            # Written now, as log.jsonl is: the writer's own thread flushes every 2 minutes, and nothing closes it
+            # when a run is killed, so the last records of a run would otherwise be lost.
+            self.tb.flush()
 
 
 def announce_batch(config: TrainConfig, world_size: int) -> None:
