@@ -51,6 +51,16 @@ def process_group_from_env() -> Iterator[DistInfo]:
             dist.destroy_process_group()
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Every process takes rank 0's buffers (BatchNorm's running statistics): each process's last training forward
+    moved its own by a momentum step, and DDP broadcasts them only at the start of its next forward. Evaluation runs
+    outside DDP, so it takes them here, and every process scores its shard with the statistics rank 0 saves."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

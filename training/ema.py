@@ -18,7 +18,7 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """`model` is the unwrapped module (not DDP, not compiled)."""
+        """`model` is the module under DDP (compiled in place with --compile: its state_dict keeps plain names)."""
         for ema_value, value in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
             if ema_value.dtype.is_floating_point:
                 ema_value.lerp_(value.detach(), 1.0 - self.decay)

@@ -20,7 +20,7 @@ from model import create_model, get_config, load_checkpoint
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import build_datasets, build_loader, build_mixup, data_config_for, make_criterion
-from .distributed import DistInfo, all_gather_objects, barrier, process_group_from_env
+from .distributed import DistInfo, all_gather_objects, barrier, broadcast_buffers, process_group_from_env
 from .ema import ModelEma
 from .engine import EpochSettings, NonFiniteLossError, StepPlan, TrainState, evaluate, train_one_epoch
 from .optim import create_optimizer
@@ -337,6 +337,7 @@ def evaluate_epoch(run: Run, record: dict) -> list[str]:
     epoch, improved, best, settings, val_loader = record["epoch"], [], run.best, run.settings, run.val_loader
 
     def measure(module: torch.nn.Module) -> dict:
+        broadcast_buffers(module)  # the same collectives on every process, whatever its shard
         return evaluate(module, val_loader, settings.device, amp=settings.amp, channels_last=settings.channels_last)
 
     # The module under DDP (compiled with --compile): evaluation syncs no gradients, and DDP's forward may broadcast

@@ -18,6 +18,7 @@ from model import create_model, get_config
 from model.checkpoints import read_checkpoint
 from training.config import PRESETS
 from training.data import build_datasets, build_loader, data_config_for, eval_shard
+from training.distributed import broadcast_buffers
 from training.engine import evaluate
 from training.run import train
 
@@ -133,3 +134,22 @@ def test_torchrun_two_process_cli_run_exits_cleanly_without_a_process_group_warn
     assert result.returncode == 0, result.stderr[-3000:]
     assert "destroy_process_group" not in result.stderr
     assert read_checkpoint(tmp_path / "run" / "checkpoint_last.pth")["metrics"]["count"] == 7
+
+
+def _buffers_worker(rank: int, world_size: int, port: int, report_dir: str):
+    join_as_torchrun(rank, world_size, port)
+    torch.distributed.init_process_group("gloo")
+    norm = torch.nn.BatchNorm2d(3)
+    norm.running_mean.fill_(float(rank + 1))  # each process's last training step moved its own statistics
+    norm.num_batches_tracked.fill_(10 + rank)
+    broadcast_buffers(norm)
+    Path(report_dir, f"rank{rank}.json").write_text(json.dumps(
+        {"mean": norm.running_mean.tolist(), "batches": int(norm.num_batches_tracked)}))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_every_process_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
+    mp.spawn(_buffers_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert reports == [{"mean": [1.0, 1.0, 1.0], "batches": 10}] * 2
