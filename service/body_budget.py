@@ -4,7 +4,9 @@ max_body_bytes bounds one body and max_connections the requests at once, but the
 by default) is more than a container's memory: slow uploads from many clients could have the process killed for
 memory. Every HTTP body chunk is counted as it arrives and given back when its request has been answered; a chunk
 that does not fit in max_buffered_body_bytes ends its request with 503 body_buffer_full + Retry-After (and the
-connection closes, its body unread). A gRPC message, which gRPC reads whole before the handler runs, is counted from
+connection closes, its body unread). What a body becomes in memory besides is counted into the same request's share
+(`count_copy`): a gzip body's decompressed bytes beyond the compressed ones (20 KB on the wire can be 20 MiB), a
+multipart form's file contents. A gRPC message, which gRPC reads whole before the handler runs, is counted from
 then until answered (UNAVAILABLE when it does not fit), so a flood of them under overload is refused instead of
 held for the request timeout. With room, counting is two additions per chunk.
 """
@@ -16,10 +18,11 @@ from contextlib import contextmanager
 from prometheus_client import Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admission import RETRY_AFTER_S
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
 
-RETRY_AFTER_S = "1"
+REQUEST_SHARE = "convnext.body_share"  # the scope key of a request's BodyShare
 
 
 class BodyBudget:
@@ -50,6 +53,25 @@ class BodyBudget:
             self.give_back(size)
 
 
+class BodyShare:
+    """The bytes one HTTP request holds of the budget: taken as they arrive, given back at once when it is answered."""
+
+    def __init__(self, budget: BodyBudget):
+        self.budget, self.held_bytes = budget, 0
+
+    def take(self, size: int) -> None:
+        self.budget.take(size)
+        self.held_bytes += size
+
+
+def count_copy(scope: Scope, size: int) -> None:
+    """Count `size` bytes more into the request's share: a copy of its body that lives until the answer (503
+    body_buffer_full when they do not fit). Outside the middleware (no share), nothing to count."""
+    share: BodyShare | None = scope.get(REQUEST_SHARE)
+    if share is not None and size > 0:
+        share.take(size)
+
+
 class BodyBudgetMiddleware:
     """Pure ASGI: counts each HTTP request's body chunks into the BodyBudget as the route reads them (the 503 is
     raised from `receive`, so it reaches the route's exception handlers like any ApiError) and gives them back once
@@ -64,18 +86,15 @@ class BodyBudgetMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        held = 0
+        share = scope[REQUEST_SHARE] = BodyShare(self.budget)
 
         async def counted_receive() -> Message:
-            nonlocal held
             message = await receive()
-            size = len(message.get("body", b"")) if message["type"] == "http.request" else 0
-            if size:
-                self.budget.take(size)
-                held += size
+            if message["type"] == "http.request":
+                count_copy(scope, len(message.get("body", b"")))
             return message
 
         try:
             await self.app(scope, counted_receive, send)
         finally:
-            self.budget.give_back(held)
+            self.budget.give_back(share.held_bytes)

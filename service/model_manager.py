@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("convnext.service")
 EngineFactory = Callable[[ModelVersion, "Settings"], Engine]
 RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+NOT_REFUSED = object()  # a version the watcher has not seen refused
 
 
 class ReloadRefused(Exception):
@@ -154,12 +155,14 @@ class ModelManager:
             if target is None or target not in known:
                 raise ReloadRefused(404, "version_not_found", f"{name}/{version or 'latest'} is not in the "
                                     f"repository (it has versions {known})")
+            attempted = await asyncio.to_thread(self._created_at, name, target)  # what is refused, if it is
             try:
                 model = await asyncio.to_thread(self.repository.load, name, target)
+                attempted = model.manifest.created_at
                 self._check_compatible(model)
                 served = await self._build(model)
             except Exception as err:  # a bad hash or manifest, a missing file, an engine that fails to load or run
-                self._refused[target] = await asyncio.to_thread(self._created_at, name, target)
+                self._refused[target] = attempted
                 self.reloads.labels("refused").inc()
                 message = err.message if isinstance(err, ReloadRefused) else f"{type(err).__name__}: {err}"
                 logger.warning("refused to serve %s/%s: %s", name, target, message)
@@ -319,18 +322,20 @@ class ModelManager:
                 logger.warning("not serving the new version: %s", err.message)
 
     def _changed_version(self) -> int | None:
-        """The version to load: a newer one, or the served one when its manifest was written anew since it was
-        loaded (manifests differ by created_at); None when neither, or when that manifest was refused already."""
+        """The version to load: a newer one, else the served one when its manifest was written anew since it was
+        loaded (manifests differ by created_at); None when neither, or when that manifest was refused already.
+        Runs in a thread: the refusals are only read, with one dict lookup each."""
         served = self.serving
         latest = self.repository.latest_version(served.name)
-        target = max(latest, served.version)
-        created_at = self._created_at(served.name, target)
-        if target == served.version and (created_at is None or served.model is None
-                                         or created_at == served.model.manifest.created_at):
+        if latest > served.version and not self._was_refused(latest, self._created_at(served.name, latest)):
+            return latest
+        created_at = self._created_at(served.name, served.version)
+        if created_at is None or served.model is None or created_at == served.model.manifest.created_at:
             return None  # unchanged, or being replaced right now (the next poll sees the new manifest)
-        if target in self._refused and self._refused[target] == created_at:
-            return None
-        return target
+        return None if self._was_refused(served.version, created_at) else served.version
+
+    def _was_refused(self, version: int, created_at: datetime | None) -> bool:
+        return self._refused.get(version, NOT_REFUSED) == created_at
 
     def _created_at(self, name: str, version: int) -> datetime | None:
         try:

@@ -20,6 +20,7 @@ from runtime.preprocess import ImageError, preprocess
 from runtime.repository import ModelVersion, Preprocess
 from service.admission import AdmissionRefused
 from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, Item, QueueFullError, ServedModel
+from service.body_budget import count_copy
 from service.errors import ApiError, clipped
 from service.state import ServiceState
 
@@ -62,7 +63,9 @@ async def read_body(request: Request, state: ServiceState, max_bytes: int | None
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "").strip().lower()
     if encoding not in ("", "identity"):  # tritonclient's request_compression_algorithm: gzip or deflate
-        body = await asyncio.to_thread(decoded_body, body, encoding, max_bytes)
+        decoded = await asyncio.to_thread(decoded_body, body, encoding, max_bytes)
+        count_copy(request.scope, len(decoded) - len(body))  # the wire bytes are counted: what decompressing added
+        body = decoded
     request._body = body  # Starlette reads the cached body when parsing a multipart form
     return body
 

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.repository import ModelRepository, RepositoryError
 from service import pipeline
+from service.body_budget import count_copy
 from service.errors import ApiError, ErrorResponse, error_response, error_responses
 from service.model_card import describe
 from service.pipeline import (
@@ -48,7 +49,9 @@ async def read_form_files(request: Request, settings: Settings) -> list[tuple[st
         if str(err.detail).startswith("Too many files"):
             raise ApiError(413, "too_many_files", f"over the limit of {max_files} files per request") from None
         raise
-    return [(v.filename or key, await v.read()) for key, v in form.multi_items() if isinstance(v, UploadFile)]
+    files = [(v.filename or key, await v.read()) for key, v in form.multi_items() if isinstance(v, UploadFile)]
+    count_copy(request.scope, sum(len(data) for _, data in files))  # beside the raw body until the answer
+    return files
 
 
 async def collect_images(request: Request, state: ServiceState) -> list[tuple[str, bytes]]:

@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(30_000.0, gt=0, description="per-request deadline (504 deadline)")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413 above it)")
     max_buffered_body_bytes: int = Field(256 * 1024 * 1024, ge=1, description=(
-        "request bodies held in memory at once, all requests together, counted as they arrive; beyond it, 503 "
-        "body_buffer_full + Retry-After (max_connections x max_body_bytes could exceed the container's memory)"))
+        "request bodies held in memory at once, all requests together, counted as they arrive, with what they become "
+        "(decompressed, a form's files); beyond it, 503 body_buffer_full + Retry-After (max_connections x "
+        "max_body_bytes could exceed the container's memory); at least twice max_body_bytes"))
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit per image (413 too_many_pixels)")
     max_files_per_request: int = Field(32, ge=1, description="multipart files per request (413 too_many_files)")
     preprocess_workers: int = Field(default_factory=usable_cpus, ge=1, description=(
@@ -122,9 +123,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_body_fits_the_buffer(self):
-        if self.max_buffered_body_bytes < self.max_body_bytes:
-            raise ValueError(f"max_buffered_body_bytes ({self.max_buffered_body_bytes}) is under max_body_bytes "
-                             f"({self.max_body_bytes}): a body of the allowed size could never be read")
+        if self.max_buffered_body_bytes < 2 * self.max_body_bytes:
+            raise ValueError(f"max_buffered_body_bytes ({self.max_buffered_body_bytes}) is under twice max_body_bytes "
+                             f"({self.max_body_bytes}): a multipart body of the allowed size, held with its files, "
+                             "could never be read")
         return self
 
     @model_validator(mode="before")

@@ -24,7 +24,7 @@ from service.app import create_app
 from service.grpc_proto import open_inference_pb2 as pb
 from service.settings import Settings
 from tests.service.conftest import free_port
-from tests.service.test_limits import Gate, metric, read_response, slow_upload, wait_for_metric
+from tests.service.test_limits import BUDGET_LIMITS, Gate, finish_upload, metric, slow_upload, wait_for_metric
 from tests.service.test_security import recorded_compare_digest
 
 API_KEY = "grpc-test-key"
@@ -298,17 +298,15 @@ def test_api_key_and_message_size_limit_apply_to_grpc(model_repository, launch, 
 
 def test_grpc_messages_count_against_the_memory_bound_that_http_bodies_share(model_repository, launch):
     tensors = np.zeros((15, 3, 64, 64), np.float32)  # 720 KiB
-    with launch(model_repository, grpc_port=free_port(), max_body_bytes=1024 * 1024,
-                max_buffered_body_bytes=1536 * 1024, body_timeout_s=10) as url:
+    with launch(model_repository, grpc_port=free_port(), **BUDGET_LIMITS) as url:
         client = triton_grpc.InferenceServerClient(grpc_address(url))
-        slow = slow_upload(url)  # 900 KiB of an HTTP body held
+        slow = [slow_upload(url), slow_upload(url)]  # 1800 KiB of HTTP bodies held
         with pytest.raises(InferenceServerException) as raised:
             client.infer("atto", [fp32_input(tensors)])
         assert status_of(raised.value) == "UNAVAILABLE" and "max_buffered_body_bytes" in raised.value.message()
         assert metric(url, 'convnext_rejected_total{reason="body_buffer_full"}') == 1
-        slow.sendall(bytes(124 * 1024))
-        assert read_response(slow)[0] == 400
-        slow.close()
+        for upload in slow:
+            finish_upload(upload)
         assert client.infer("atto", [fp32_input(tensors)]).as_numpy("logits").shape == (15, 10)
         assert metric(url, "convnext_buffered_body_bytes") == 0
 

@@ -190,15 +190,17 @@ def test_watcher_reloads_the_served_version_when_it_is_exported_again_over_itsel
         assert response.status_code == 200 and response.json()["model"]["version"] == 2
         return [entry["probability"] for entry in response.json()["results"][0]["top_k"]]
 
-    def reloads(url: str) -> float:
+    def reloads(url: str, result: str = "ok") -> float:
         lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
-                 if line.startswith('convnext_model_reloads_total{result="ok"}')]
+                 if line.startswith(f'convnext_model_reloads_total{{result="{result}"}}')]
         return float(lines[0].split()[-1]) if lines else 0.0
 
-    with launch(own_repository, version=2, watch_interval_s=0.1) as url:
+    with launch(own_repository, nan_engine_for({3}), version=2, watch_interval_s=0.1) as url:
         before = probabilities(url)
-        time.sleep(0.3)  # a few polls of an unchanged repository reload nothing
-        assert reloads(url) == 0
+        assert publish_copy_of(own_repository, 2) == 3  # a newer version, refused (its engine answers NaN) ...
+        wait_for(lambda: reloads(url, "refused") == 1, "the watcher to refuse version 3")
+        time.sleep(0.3)  # ... once; a few more polls of an unchanged repository reload nothing
+        assert (reloads(url), reloads(url, "refused")) == (0, 1)
         publish_copy_of(own_repository, 1, over=2)  # version 1's weights, published as version 2
         wait_for(lambda: reloads(url) == 1, "the watcher to reload version 2")
         after = probabilities(url)

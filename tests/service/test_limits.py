@@ -2,6 +2,7 @@
 and a client that leaves before its answer."""
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import socket
@@ -162,36 +163,57 @@ def test_a_body_that_stalls_gets_408_and_never_reaches_the_batcher(strict_url, r
     assert httpx.post(f"{strict_url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
 
 
+SLOW_SENT, SLOW_DECLARED = 900 * 1024, 1024 * 1024
+BUDGET_LIMITS = dict(max_body_bytes=1024 * 1024, max_buffered_body_bytes=2048 * 1024, body_timeout_s=10)
+
+
 def slow_upload(url: str) -> socket.socket:
-    """900 KiB of a 1 MiB /classify body, then a pause: held by the route reading it (send 124 KiB more to end it)."""
+    """900 KiB of a 1 MiB /classify body, then a pause: held by the route reading it (finish_upload ends it)."""
+    held = metric(url, "convnext_buffered_body_bytes")
     slow = connect(url)
     slow.sendall(b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
-                 b"Content-Length: %d\r\n\r\n" % (1024 * 1024) + bytes(900 * 1024))
+                 b"Content-Length: %d\r\n\r\n" % SLOW_DECLARED + bytes(SLOW_SENT))
     deadline = time.monotonic() + 10
-    while metric(url, "convnext_buffered_body_bytes") < 900 * 1024 and time.monotonic() < deadline:
+    while metric(url, "convnext_buffered_body_bytes") < held + SLOW_SENT and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert metric(url, "convnext_buffered_body_bytes") == 900 * 1024
+    assert metric(url, "convnext_buffered_body_bytes") == held + SLOW_SENT
     return slow
+
+
+def finish_upload(slow: socket.socket) -> None:
+    """The rest of a slow_upload: answered (400, zeros are no image), its room given back."""
+    slow.sendall(bytes(SLOW_DECLARED - SLOW_SENT))
+    assert read_response(slow)[0] == 400
+    slow.close()
 
 
 def test_bodies_held_at_once_stay_within_max_buffered_body_bytes_and_their_room_comes_back(model_repository, launch,
                                                                                             real_photos):
-    """max_connections x max_body_bytes can exceed the container's memory: bodies together are bounded too."""
+    """max_connections x max_body_bytes can exceed the container's memory: bodies together are bounded too, with
+    what they become in memory (a gzip body decompressed, a form's files beside the raw body)."""
     photo = real_photos[0].read_bytes()
     upload = photo + bytes(700 * 1024 - len(photo))  # 700 KiB: the JPEG, then zeros its decoder stops before
-    with launch(model_repository, max_body_bytes=1024 * 1024, max_buffered_body_bytes=1536 * 1024,
-                body_timeout_s=10) as url:
-        slow = slow_upload(url)
+    gzipped = {"content-type": "image/jpeg", "content-encoding": "gzip"}
+    with launch(model_repository, **BUDGET_LIMITS) as url:
+        slow = [slow_upload(url), slow_upload(url)]  # 1800 KiB of 2 MiB held
         refused = httpx.post(f"{url}/classify", content=upload, headers={"content-type": "image/jpeg"})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
         assert refused.json()["error"]["code"] == "body_buffer_full"
-        assert metric(url, 'convnext_rejected_total{reason="body_buffer_full"}') == 1
-        slow.sendall(bytes(124 * 1024))  # the rest: answered (400, zeros are no image), its room given back
-        assert read_response(slow)[0] == 400
-        slow.close()
+        # ~1 KB on the wire, 700 KiB once decompressed: counted as that
+        inflated = httpx.post(f"{url}/classify", content=gzip.compress(upload), headers=gzipped)
+        assert inflated.status_code == 503 and inflated.json()["error"]["code"] == "body_buffer_full", inflated.text
+        assert metric(url, 'convnext_rejected_total{reason="body_buffer_full"}') == 2
+        finish_upload(slow.pop())
+        files = {"files": ("photo.jpg", upload[:600 * 1024], "image/jpeg")}  # 600 KiB on the wire and 600 read
+        doubled = httpx.post(f"{url}/classify", files=files)
+        assert doubled.status_code == 503 and doubled.json()["error"]["code"] == "body_buffer_full", doubled.text
+        finish_upload(slow.pop())
         assert metric(url, "convnext_buffered_body_bytes") == 0
-        answered = httpx.post(f"{url}/classify", content=upload, headers={"content-type": "image/jpeg"})
-        assert answered.status_code == 200, answered.text
+        for answered in (httpx.post(f"{url}/classify", content=upload, headers={"content-type": "image/jpeg"}),
+                         httpx.post(f"{url}/classify", content=gzip.compress(upload), headers=gzipped),
+                         httpx.post(f"{url}/classify", files=files)):
+            assert answered.status_code == 200, answered.text
+        assert metric(url, "convnext_buffered_body_bytes") == 0
 
 
 def test_connections_beyond_the_limit_get_json_503_then_the_service_serves_again(model_repository, launch,

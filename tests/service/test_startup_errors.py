@@ -25,7 +25,7 @@ REFUSED = [
     (["--engine", "auto", "--precision", "int8"], "engine auto chooses between fp32 CPU engines", 1),
     (["--ort-streams", "2", "--provider", "cuda"], "ONNX Runtime streams must be 1", 1),
     (["--grpc-port", "{port}"], "port and grpc_port are both", 2),
-    (["--max-body-bytes", "300000000"], "max_buffered_body_bytes (268435456) is under max_body_bytes", 2),
+    (["--max-body-bytes", "200000000"], "max_buffered_body_bytes (268435456) is under twice max_body_bytes", 2),
 ]
 
 
