@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,22 +14,31 @@ from convnext_common import project_version
 from convnext_files import sha256_file
 from runtime.repository import (
     DIGITS_DATASET,
+    Artifact,
     InputSpec,
     Manifest,
     ModelRepository,
     ModelVersion,
     Preprocess,
     Source,
+    StagedVersion,
     describe_file,
     now_utc,
 )
-from runtime.verify import default_image_paths, image_paths_in, run_onnxruntime, verification_inputs, verify_against
+from runtime.verify import (
+    VerificationInputs,
+    default_image_paths,
+    image_paths_in,
+    run_onnxruntime,
+    verification_inputs,
+    verify_against,
+)
 
 from .labels import default_labels
 from .quantize import make_variant
 
 if TYPE_CHECKING:  # model/ imports torch; `python -m export tensorrt|list` run without it
-    from model.pretrained import TimmPretrained
+    from model.timm_pretrained import TimmPretrained
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +115,7 @@ def timm_pretrained_of(checkpoint: str | Path | None, timm_name: str | None,
                        is_project: bool) -> TimmPretrained | None:
     """The timm pretrained tag a checkpoint holds: `timm_name` (--timm-name), else the one its path names; None for
     a project checkpoint (it carries its own transform) and for weights of no known tag."""
-    from model.pretrained import find_timm_pretrained, get_timm_pretrained
+    from model.timm_pretrained import find_timm_pretrained, get_timm_pretrained
 
     if timm_name is None:
         return find_timm_pretrained(checkpoint) if checkpoint is not None and not is_project else None
@@ -120,13 +129,6 @@ def timm_pretrained_of(checkpoint: str | Path | None, timm_name: str | None,
         raise ExportError(f"--timm-name: {error}") from None
 
 
-def timm_crops(model_name: str) -> str:
-    """`model_name`'s timm tags and their crop_pct, for a message: "convnext_nano.in12k_ft_in1k 0.95, ..."."""
-    from model.pretrained import TIMM_PRETRAINED
-
-    return ", ".join(f"{t.name} {t.crop_pct:g}" for t in TIMM_PRETRAINED.values() if t.model_name == model_name)
-
-
 def check_model_name(model_name: str) -> None:
     """An ExportError naming the models model/ builds when `model_name` is not one of them."""
     import model as models
@@ -135,63 +137,81 @@ def check_model_name(model_name: str) -> None:
         raise ExportError(f"unknown model {model_name!r}; choose one of: {', '.join(models.list_models())}")
 
 
-def load_source(
-    model_name: str | None,
-    checkpoint: str | Path | None,
-    *,
-    num_classes: int | None = None,
-    activation: str | None = None,
-    input_size: int | None = None,
-    labels: Sequence[str] | None = None,
-    use_ema: bool = False,
-    dataset: str | None = None,
-    timm_name: str | None = None,
-) -> ExportSource:
+def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_classes: int | None = None,
+                activation: str | None = None, input_size: int | None = None, labels: Sequence[str] | None = None,
+                use_ema: bool = False, dataset: str | None = None, timm_name: str | None = None) -> ExportSource:
     """Build the eval-mode model and collect its manifest metadata (checkpoint metadata wins where present).
 
     `timm_name` ("convnext_tiny.in12k_ft_in1k") says which timm pretrained weights the checkpoint holds, when its
-    path does not (see model.pretrained.find_timm_pretrained): their model, class count and evaluation transform.
+    path does not (see model.timm_pretrained.find_timm_pretrained): their model, class count and evaluation transform.
     """
-    from dataclasses import asdict
-
     import model as models
+    from model.timm_pretrained import tags_and_crops
 
-    raw: dict = {}
     if use_ema and checkpoint is None:
         raise ExportError("--ema needs a --checkpoint that holds EMA weights (a run trained with ema_decay > 0)")
-    if checkpoint is not None:
-        raw = models.read_checkpoint(checkpoint)
+    raw: dict = models.read_checkpoint(checkpoint) if checkpoint is not None else {}
     is_project = "model_name" in raw
     tag = timm_pretrained_of(checkpoint, timm_name, is_project)
     held = raw["model_name"] if is_project else (tag.model_name if tag is not None else None)
     model_name = _model_name_of(model_name, held)
+    kwargs = _model_kwargs(raw, model_name, checkpoint is not None, num_classes, activation, tag)
+    module = models.create_model(model_name, **kwargs)
+    source_format = "random"
+    if checkpoint is not None:
+        source_format = _load_weights(module, raw, use_ema, model_name, kwargs)
+    if source_format == "timm" and tag is None:
+        logger.warning("%s holds timm weights, and neither its path nor --timm-name says which: the manifest gets "
+                       "%s's registry transform (crop_pct 0.875), not the one timm evaluates them with (%s); pass "
+                       "--timm-name with their timm name", checkpoint, model_name, tags_and_crops(model_name))
+    module.eval()
+    src = _export_source(module, model_name, kwargs, raw, checkpoint, source_format, tag, input_size=input_size,
+                         labels=labels, use_ema=use_ema, dataset=dataset)
+    if checkpoint is None:  # random init: BatchNorm statistics as training would leave them, so fp16 keeps the logits
+        models.calibrate_batch_norms(module, src.preprocess.crop_px, src.in_chans)
+    return src
+
+
+def _model_kwargs(raw: dict, model_name: str, has_checkpoint: bool, num_classes: int | None,
+                  activation: str | None, tag: TimmPretrained | None) -> dict:
+    """create_model's keyword arguments: the checkpoint's, with the asked class count (else the timm tag's) and
+    activation (refused when it is not the one the checkpoint's weights were trained with)."""
+    import model as models
+
     kwargs = dict(raw.get("model_kwargs") or {})
     if num_classes is not None or tag is not None:
         kwargs["num_classes"] = num_classes if num_classes is not None else tag.num_classes
     if activation is not None:
         trained = kwargs.get("activation") or models.get_config(model_name).default_activation
-        if checkpoint is not None and activation != trained:  # parity would not see it: both sides share the swap
+        if has_checkpoint and activation != trained:  # parity would not see it: both sides share the swap
             raise ExportError(f"the checkpoint's weights were trained with {trained}; --activation {activation} would "
                               f"run them under another activation and change every output. Retrain with "
                               f"`python -m training --activation {activation}` (or drop --activation)")
         kwargs["activation"] = activation
     kwargs.pop("drop_path_rate", None)  # eval export: no stochastic depth
-    module = models.create_model(model_name, **kwargs)
-    source_format = "random"
-    if checkpoint is not None:
-        loaded = models.load_checkpoint(module, raw, use_ema=use_ema)
-        if loaded.head_reinitialised:  # fine-tuning wants a new head; an export would ship a random classifier
-            classes = kwargs.get("num_classes", 1000)
-            raise ExportError(f"the checkpoint's classifier head does not fit {model_name} with {classes} classes "
-                              "(see the warning above for its shape): pass --num-classes with the checkpoint's class "
-                              "count (e.g. 21841 for an ImageNet-22K checkpoint)")
-        # "native" covers the official facebookresearch checkpoints (same names as ours)
-        source_format = "project" if is_project else loaded.source_format.replace("native", "official")
-    if source_format == "timm" and tag is None:
-        logger.warning("%s holds timm weights, and neither its path nor --timm-name says which: the manifest gets "
-                       "%s's registry transform (crop_pct 0.875), not the one timm evaluates them with (%s); pass "
-                       "--timm-name with their timm name", checkpoint, model_name, timm_crops(model_name))
-    module.eval()
+    return kwargs
+
+
+def _load_weights(module, raw: dict, use_ema: bool, model_name: str, kwargs: dict) -> str:
+    """Load the checkpoint into `module`; its Source.format ("project", "official", "timm", "torchvision")."""
+    import model as models
+
+    loaded = models.load_checkpoint(module, raw, use_ema=use_ema)
+    if loaded.head_reinitialised:  # fine-tuning wants a new head; an export would ship a random classifier
+        classes = kwargs.get("num_classes", 1000)
+        raise ExportError(f"the checkpoint's classifier head does not fit {model_name} with {classes} classes "
+                          "(see the warning above for its shape): pass --num-classes with the checkpoint's class "
+                          "count (e.g. 21841 for an ImageNet-22K checkpoint)")
+    # "native" covers the official facebookresearch checkpoints (same names as ours)
+    return "project" if "model_name" in raw else loaded.source_format.replace("native", "official")
+
+
+def _export_source(module, model_name: str, kwargs: dict, raw: dict, checkpoint: str | Path | None,
+                   source_format: str, tag: TimmPretrained | None, *, input_size: int | None,
+                   labels: Sequence[str] | None, use_ema: bool, dataset: str | None) -> ExportSource:
+    """The manifest's metadata of the built model: classes, channels, labels, evaluation transform and source."""
+    import model as models
+
     cfg = models.get_config(model_name)
     own = raw.get("data_config") or (tag.data_config(input_size) if tag is not None else None)
     from_checkpoint = own is not None  # the weights' own evaluation transform: a project run's, a timm tag's
@@ -209,8 +229,6 @@ def load_source(
         dataset=dataset or dataset_of(raw, checkpoint, source_format, num_classes, tag),
     )
     preprocess = checkpoint_preprocess(data_config, input_size, from_checkpoint, source_format, model_name)
-    if checkpoint is None:  # random init: BatchNorm statistics as training would leave them, so fp16 keeps the logits
-        models.calibrate_batch_norms(module, preprocess.crop_px, in_chans)
     return ExportSource(module, model_name, kwargs.get("activation") or cfg.default_activation, num_classes, in_chans,
                         preprocess, labels, source)
 
@@ -288,26 +306,14 @@ def pytorch_logits(module, batch: np.ndarray) -> np.ndarray:
         return module(torch.from_numpy(batch)).numpy()
 
 
-def export_onnx_version(
-    repository_root: str | Path,
-    name: str,
-    model_name: str | None = None,
-    checkpoint: str | Path | None = None,
-    *,
-    version: int | None = None,
-    overwrite: bool = False,
-    opset: int = DEFAULT_OPSET,
-    precisions: Sequence[str] = ("fp32",),
-    num_classes: int | None = None,
-    activation: str | None = None,
-    input_size: int | None = None,
-    labels: Sequence[str] | None = None,
-    calibration_images: str | Path | Sequence[Path] | None = None,
-    verify_images: str | Path | Sequence[Path] | None = None,
-    use_ema: bool = False,
-    dataset: str | None = None,
-    timm_name: str | None = None,
-) -> ModelVersion:
+def export_onnx_version(repository_root: str | Path, name: str, model_name: str | None = None,
+                        checkpoint: str | Path | None = None, *, version: int | None = None, overwrite: bool = False,
+                        opset: int = DEFAULT_OPSET, precisions: Sequence[str] = ("fp32",),
+                        num_classes: int | None = None, activation: str | None = None, input_size: int | None = None,
+                        labels: Sequence[str] | None = None,
+                        calibration_images: str | Path | Sequence[Path] | None = None,
+                        verify_images: str | Path | Sequence[Path] | None = None, use_ema: bool = False,
+                        dataset: str | None = None, timm_name: str | None = None) -> ModelVersion:
     """Build, export, verify (ONNX Runtime vs PyTorch) and write one repository version atomically.
 
     Each stage logs one line as it starts (INFO on `export.onnx`): build, ONNX, parity, each extra precision.
@@ -329,7 +335,6 @@ def export_onnx_version(
     reference = pytorch_logits(src.module, inputs.batch)
     repository = ModelRepository(repository_root)
     with repository.new_version(name, version, overwrite=overwrite) as staged:
-        artifacts = []
         fp32_path = staged.path / ONNX_FILES["fp32"]
         stage(f"ONNX: export {src.model_name} at {src.preprocess.crop_px} px, opset {opset}")
         export_module_to_onnx(src.module, fp32_path, src.in_chans, src.preprocess.crop_px, opset)
@@ -338,37 +343,39 @@ def export_onnx_version(
         parity = verify_against(
             reference, lambda b: run_onnxruntime(fp32_path, b), inputs, "fp32", "pytorch-fp32", "ONNX fp32"
         )
-        artifacts.append(describe_file(staged.path, ONNX_FILES["fp32"], format="onnx", precision="fp32", parity=parity))
-        onnx_reference = run_onnxruntime(fp32_path, inputs.batch)
-        for precision in precisions:
-            if precision == "fp32":
-                continue
-            stage(f"{precision}: convert and verify against ONNX fp32")
-            calibration = _image_paths(calibration_images) if calibration_images is not None else verify_paths
-            parity = make_variant(
-                precision, fp32_path, staged.path / ONNX_FILES[precision], onnx_reference, inputs, src.preprocess,
-                calibration,
-            )
-            artifacts.append(
-                describe_file(staged.path, ONNX_FILES[precision], format="onnx", precision=precision, parity=parity)
-            )
+        artifacts = [describe_file(staged.path, ONNX_FILES["fp32"], format="onnx", precision="fp32", parity=parity)]
+        artifacts += _other_precisions(staged, src, precisions, inputs, calibration_images, verify_paths, stage)
         staged.manifest = Manifest(
-            name=name,
-            version=staged.version,
-            architecture=src.model_name,
-            activation=src.activation,
-            num_classes=src.num_classes,
+            name=name, version=staged.version, architecture=src.model_name, activation=src.activation,
+            num_classes=src.num_classes, labels=src.labels, source=src.source,
             input=InputSpec(channels=src.in_chans, height=src.preprocess.crop_px, width=src.preprocess.crop_px),
-            preprocess=src.preprocess,
-            labels=src.labels,
-            source=src.source,
-            onnx_opset=opset,
-            artifacts=tuple(artifacts),
-            created_at=now_utc(),
+            preprocess=src.preprocess, onnx_opset=opset, artifacts=tuple(artifacts), created_at=now_utc(),
             project_version=project_version(),
         )
-        version_number = staged.version
-    return repository.load(name, version_number)
+    return repository.load(name, staged.version)
+
+
+def _other_precisions(staged: StagedVersion, src: ExportSource, precisions: tuple[str, ...],
+                      inputs: VerificationInputs, calibration_images: str | Path | Sequence[Path] | None,
+                      verify_paths: list[Path], stage: Callable[[str], None]) -> list[Artifact]:
+    """Convert the staged fp32 ONNX to each other precision and verify it against ONNX Runtime fp32 on `inputs`
+    (int8 calibrates on `calibration_images`, else the verification images)."""
+    fp32_path = staged.path / ONNX_FILES["fp32"]
+    onnx_reference = run_onnxruntime(fp32_path, inputs.batch)
+    artifacts = []
+    for precision in precisions:
+        if precision == "fp32":
+            continue
+        stage(f"{precision}: convert and verify against ONNX fp32")
+        calibration = _image_paths(calibration_images) if calibration_images is not None else verify_paths
+        parity = make_variant(
+            precision, fp32_path, staged.path / ONNX_FILES[precision], onnx_reference, inputs, src.preprocess,
+            calibration,
+        )
+        artifacts.append(
+            describe_file(staged.path, ONNX_FILES[precision], format="onnx", precision=precision, parity=parity)
+        )
+    return artifacts
 
 
 def _image_paths(images: str | Path | Sequence[Path] | None) -> list[Path]:

@@ -3,13 +3,13 @@
 This module is the one contract between `export/` (which writes versions) and `service/` (which reads them).
 It imports neither torch nor onnx, so the serving image can use it. Versions are written atomically: files
 go to a hidden staging folder first and the folder is renamed into place once the manifest is complete.
-A write that dies leaves its hidden folders behind; the next write to that model removes them (runtime.repository_writes
-says under which rule).
+A write that dies leaves its hidden folders behind; the next new version of that model (new_version) removes them,
+and puts back a version a dead overwrite had moved aside; adding an engine (add_artifact) does not
+(runtime.repository_writes says under which rule).
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
@@ -25,7 +25,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from convnext_files import replace_atomic, sha256_file, write_text_atomic
-from runtime.repository_writes import hold_write_lock, remove_dead_writes, remove_tree
+from runtime.repository_writes import finish_write, hold_write_lock, lock_now, remove_dead_writes
 
 SCHEMA_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
@@ -34,6 +34,8 @@ LOCK_POLL_S = 0.5
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 DIGITS_DATASET = "digits"  # Source.dataset of a project run trained without --data-dir (the offline demo)
+# flock's answers when the file system has no locks: NFSv3 without a lock manager (ENOLCK), FUSE and the like
+NO_FILE_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 class RepositoryError(Exception):
@@ -215,6 +217,24 @@ def _publish_new(staging: Path, final: Path) -> None:
                               "(--overwrite) to replace it") from None
 
 
+def _lock_error(path: Path, err: OSError) -> RepositoryError:
+    """Why a lock file in the repository could not be created or locked, and what to do."""
+    if err.errno in NO_FILE_LOCKS:
+        return RepositoryError(f"cannot lock {path} ({err}): the repository's volume does not support file locks "
+                               "(flock); mount it with locking (NFS: not nolock; NFSv3 needs its lock manager) or "
+                               "keep the repository on a local disk")
+    return RepositoryError(f"cannot lock {path} ({err}): the repository must be writable by this process, on a "
+                           "volume with file locks")
+
+
+def _lock_or_raise(fd: int, path: Path) -> bool:
+    """lock_now, with a volume's refusal as a RepositoryError."""
+    try:
+        return lock_now(fd)
+    except OSError as err:
+        raise _lock_error(path, err) from None
+
+
 class ModelRepository:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -277,8 +297,11 @@ class ModelRepository:
         if final.exists() and not overwrite:
             raise RepositoryError(f"{name}/{version} already exists; pass overwrite=True (--overwrite on the command "
                                   "line) to replace it")
-        lock_fd, token = hold_write_lock(folder, version)  # held until this write's folders are gone
-        staging, trash = folder / f".staging-{version}-{token}", folder / f".old-{version}-{token}"
+        try:
+            lock_fd, paths = hold_write_lock(folder, version)  # held until this write's folders are gone
+        except OSError as err:
+            raise _lock_error(folder, err) from None
+        staging = paths.staging
         try:
             staging.mkdir()
             os.chmod(staging, 0o755)  # the service may run as another user
@@ -291,15 +314,15 @@ class ModelRepository:
                     f"manifest says {staged.manifest.name}/{staged.manifest.version}, staged {name}/{version}")
             _write_json_atomic(staging / MANIFEST_FILE, staged.manifest.model_dump(mode="json"))
             if overwrite and final.exists():
-                os.replace(final, trash)
-                os.replace(staging, final)
+                os.replace(final, paths.old)
+                os.replace(staging, final)  # should this fail, finish_write puts the old version back
             else:
                 _publish_new(staging, final)
         finally:
-            for path in (staging, trash):
-                remove_tree(path)
-            (folder / f".staging-{version}-{token}.lock").unlink(missing_ok=True)
-            os.close(lock_fd)  # releases the lock, after the folders it guards are gone
+            try:
+                finish_write(paths)
+            finally:
+                os.close(lock_fd)  # releases the lock, after the folders it guards are gone (or on an error)
 
     @contextmanager
     def lock(self, name: str, version: int, timeout_s: float) -> Iterator[None]:
@@ -318,16 +341,12 @@ class ModelRepository:
                                   "by this process to add an engine to it") from None
         try:
             deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise RepositoryError(
-                            f"waited {timeout_s:.0f} s for the lock {path}: another process (a replica building "
-                            "an engine?) still holds it; let it finish, or raise the timeout") from None
-                    time.sleep(LOCK_POLL_S)  # flock has no timeout of its own
+            while not _lock_or_raise(fd, path):
+                if time.monotonic() >= deadline:
+                    raise RepositoryError(
+                        f"waited {timeout_s:.0f} s for the lock {path}: another process (a replica building "
+                        "an engine?) still holds it; let it finish, or raise the timeout")
+                time.sleep(LOCK_POLL_S)  # flock has no timeout of its own
             yield
         finally:
             os.close(fd)  # releases the lock

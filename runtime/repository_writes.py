@@ -1,14 +1,22 @@
-"""What dead writes to a model repository leave behind, and the one rule for removing it safely.
+"""A repository write's folders and lock, how a write ends, and the one rule for removing what dead writes leave.
 
-A write that dies (SIGKILL, OOM, a lost node) leaves its hidden folders behind: `.staging-<version>-<token>` and,
-mid-overwrite, `.old-<version>-<token>` (the version it moved aside). The next write to that model removes them,
-under one rule that holds across the hosts sharing a repository volume: every write holds an exclusive flock on
-`.staging-<version>-<token>.lock` from before its folders exist until after they are gone, and a folder is removed
-only by whoever holds its lock. A live write holds it, so its folders are never touched; flock dies with its process
-(and on NFSv4 with its client's lease), so a dead write's lock can be taken and its folders removed. A write that
-died between moving the old version aside and renaming its own into place has its old version renamed back. Folders
-without a lock file (written before this rule existed) are removed only when nothing in them changed for
-LEGACY_WRITE_MAX_AGE_S. A pid check could not do this: pids repeat across hosts and containers.
+A new version (ModelRepository.new_version: an export) stages its files in hidden folders: `.staging-<version>-<token>`
+and, mid-overwrite, `.old-<version>-<token>` (the version it moves aside). A write that dies (SIGKILL, OOM, a lost
+node) leaves them behind, and the next new version of that model removes them (adding an engine to a version,
+ModelRepository.add_artifact, does not), under one rule that holds across the hosts sharing a repository volume:
+every write holds an exclusive flock on `.staging-<version>-<token>.lock` from before its folders exist until after
+they are gone, and a folder is removed only by whoever holds its lock. A live write holds it, so its folders are never
+touched; flock dies with its process (and on NFSv4 with its client's lease), so a dead write's lock can be taken and
+its folders removed. An overwrite that died, or whose second rename failed, between moving the old version aside and
+renaming the new one into place gets the old version renamed back, by itself or by the next write. Folders without a
+lock file (written before this rule existed) are removed only when nothing in them changed for LEGACY_WRITE_MAX_AGE_S.
+A pid check could not do this: pids repeat across hosts and containers.
+
+On NFS, Linux emulates flock with a whole-file byte-range lock on the server: an exclusive one needs the file open for
+writing (else EBADF, so lock files are opened read-write where the permissions allow), and a volume mounted with
+`nolock` or `local_lock=flock|all` keeps locks on each host, where writes from different hosts no longer exclude each
+other (the rule then holds only between processes of one host). A volume that refuses locks (ENOLCK: NFSv3 without
+a lock manager) fails a write at its start, with nothing left behind.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import re
 import secrets
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # `.staging-<version>-<token>` / `.old-<version>-<token>` folders of a write, `.staging-<version>-<token>.lock` its lock
@@ -28,19 +37,64 @@ LEGACY_WRITE_MAX_AGE_S = 24 * 3600  # lock-less folders from before the write lo
 logger = logging.getLogger("runtime.repository")
 
 
-def hold_write_lock(folder: Path, version: int) -> tuple[int, str]:
-    """A new write's token and the descriptor holding its lock, `.staging-<version>-<token>.lock`, created here."""
+@dataclass(frozen=True)
+class WritePaths:
+    """The paths of one write of `<model folder>/<version>`: the only place their names are spelled."""
+
+    staging: Path  # the new version, until renamed into place
+    old: Path  # an overwritten version, moved aside until the new one is in place
+    lock: Path  # flock-ed by the write from before its folders exist until after they are gone
+    final: Path  # the published version
+
+
+def write_paths(folder: Path, version: int, token: str) -> WritePaths:
+    return WritePaths(staging=folder / f".staging-{version}-{token}", old=folder / f".old-{version}-{token}",
+                      lock=folder / f".staging-{version}-{token}.lock", final=folder / str(version))
+
+
+def hold_write_lock(folder: Path, version: int) -> tuple[int, WritePaths]:
+    """A new write's paths and the descriptor holding its lock file, created here.
+
+    Raises OSError (with nothing left behind) when the file cannot be created or the volume refuses the lock.
+    """
     while True:
-        token = secrets.token_hex(8)
-        path = folder / f".staging-{version}-{token}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        paths = write_paths(folder, version, secrets.token_hex(8))
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if _still_named(fd, path):  # a cleaner did not take the new file, folder-less, for a dead write's
-                return fd, token
-        except BlockingIOError:
-            pass
+            # Still named: a cleaner did not take the new file, folder-less, for a dead write's.
+            if lock_now(fd) and _still_named(fd, paths.lock):
+                return fd, paths
+        except BaseException:  # ENOLCK and the like: this write never began, so its lock file goes too
+            os.close(fd)
+            paths.lock.unlink(missing_ok=True)
+            raise
         os.close(fd)
+
+
+def lock_now(fd: int) -> bool:
+    """Take the exclusive flock on `fd` unless another open file holds it (False then; other errors are raised)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def finish_write(paths: WritePaths) -> None:
+    """End a write, under its lock: put back a version it moved aside and did not replace, remove its folders, then
+    its lock file. The caller closes the lock's descriptor afterwards, whatever this raised."""
+    # Staging still there: the new version never went in (a finished overwrite killed while removing its `.old-*`
+    # has none, and its half-removed folder must not come back).
+    if paths.old.is_dir() and paths.staging.is_dir() and not paths.final.exists():
+        try:
+            os.rename(paths.old, paths.final)
+            logger.warning("%s: put back the version an unfinished overwrite had moved aside", paths.final)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # else: a new export published it meanwhile
+                raise
+    for path in (paths.staging, paths.old):
+        remove_tree(path)
+    paths.lock.unlink(missing_ok=True)
 
 
 def _still_named(fd: int, path: Path) -> bool:
@@ -68,49 +122,43 @@ def remove_dead_writes(folder: Path) -> None:
     writes = {(int(m["version"]), m["token"]) for m in map(WRITE_ENTRY.match, os.listdir(folder)) if m}
     for version, token in sorted(writes):
         try:
-            _remove_dead_write(folder, version, token)
+            _remove_dead_write(write_paths(folder, version, token))
         except OSError as err:
             logger.warning("could not remove what a dead write left in %s (%s); the next write tries again",
                            folder, err)
 
 
-def _remove_dead_write(folder: Path, version: int, token: str) -> None:
-    staging, old = folder / f".staging-{version}-{token}", folder / f".old-{version}-{token}"
-    lock, final = folder / f".staging-{version}-{token}.lock", folder / str(version)
+def _open_lock_file(path: Path) -> int:
+    """Another write's lock file, to flock: read-write (NFS needs it for an exclusive lock), else read-only (a file of
+    another user, 0644: enough for flock on a local file system)."""
     try:
-        fd = os.open(lock, os.O_RDWR)
+        return os.open(path, os.O_RDWR)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
+def _remove_dead_write(paths: WritePaths) -> None:
+    try:
+        fd = _open_lock_file(paths.lock)
     except FileNotFoundError:  # written before the write locks (or finished just now: then nothing is left)
-        _remove_lockless(staging, old, final)
+        _remove_lockless(paths)
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # a live write
-        if not _still_named(fd, lock):  # another cleaner finished this write meanwhile
-            return
-        if old.is_dir() and staging.is_dir() and not final.exists():  # died between its two renames
-            try:
-                os.rename(old, final)
-                logger.warning("%s: put back the version a dead overwrite had moved aside", final)
-            except OSError as err:
-                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # else: a new export published it meanwhile
-                    raise
-        for path in (staging, old):
-            remove_tree(path)
-        lock.unlink()
+        # Not still named: another cleaner finished this write meanwhile.
+        if lock_now(fd) and _still_named(fd, paths.lock):  # else a live write holds it
+            finish_write(paths)
     finally:
         os.close(fd)  # releases the lock
 
 
-def _remove_lockless(staging: Path, old: Path, final: Path) -> None:
+def _remove_lockless(paths: WritePaths) -> None:
     """A day-old staging folder of an export from before the write locks; its `.old-*` only once the version is
     back in place (unpaired with its staging folder, it cannot tell whether the overwrite died before that)."""
-    if staging.is_dir() and _idle_s(staging) > LEGACY_WRITE_MAX_AGE_S:
-        remove_tree(staging)
-    if old.is_dir() and _idle_s(old) > LEGACY_WRITE_MAX_AGE_S:
-        if final.exists():
-            remove_tree(old)
+    if paths.staging.is_dir() and _idle_s(paths.staging) > LEGACY_WRITE_MAX_AGE_S:
+        remove_tree(paths.staging)
+    if paths.old.is_dir() and _idle_s(paths.old) > LEGACY_WRITE_MAX_AGE_S:
+        if paths.final.exists():
+            remove_tree(paths.old)
         else:
             logger.warning("%s holds %s, which an overwrite that died moved aside: check it and rename it back",
-                           old, final.name)
+                           paths.old, paths.final.name)

@@ -13,7 +13,7 @@ import torch
 from export.__main__ import main
 from export.onnx import ExportError, checkpoint_preprocess, load_source
 from model import get_config
-from model.pretrained import TIMM_PRETRAINED
+from model.timm_pretrained import TIMM_PRETRAINED
 from runtime.repository import MANIFEST_FILE
 
 REGISTRY = asdict(get_config("convnext_tiny").data)

@@ -1,9 +1,11 @@
 """What dead writes leave in a model's folder is removed by the next write; a live write's folders never are.
 
-The writers are real processes (tests/export/repository_write_worker.py), killed with a real SIGKILL.
+The writers are real processes (tests/export/repository_write_worker.py), killed with a real SIGKILL. What a volume
+refuses (a failed rename, no file locks, another user's file) is stood in for by patching the one call that fails.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -12,7 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.repository import ModelRepository
+import pytest
+
+import runtime.repository_writes as repository_writes
+from runtime.repository import ModelRepository, RepositoryError
 from runtime.repository_writes import LEGACY_WRITE_MAX_AGE_S
 from tests.export.repository_write_worker import NAME, write_version
 
@@ -120,3 +125,93 @@ def test_a_dead_writes_lock_file_alone_is_removed_and_a_held_one_kept(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX)  # another open file description: conflicts as another process would
         write_version(root, 1, "next")
         assert not dead.exists() and held.exists()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.EIO, os.strerror(errno.EIO)), KeyboardInterrupt()],
+                         ids=["EIO", "Ctrl-C"])
+def test_an_overwrite_whose_second_rename_fails_keeps_the_old_version(tmp_path, monkeypatch, failure):
+    """The rename of the new version into place fails (EIO on a network volume; Ctrl-C between the two renames)
+    after the old one was moved aside: the old version is put back, not removed with the write's other folders."""
+    root = tmp_path / "models"
+    write_version(root, 1, "the original")
+    real_replace = os.replace
+
+    def second_rename_fails(src, dst):
+        if Path(src).name.startswith(".staging-"):  # the second rename: staging -> <version>
+            raise failure
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(type(failure)):
+        write_version(root, 1, "the overwrite that failed", overwrite=True)
+    monkeypatch.undo()
+    assert (ModelRepository(root).load(NAME, 1).path / "model.onnx").read_text() == "the original"
+    assert hidden(root) == []
+
+
+def no_file_locks(fd, operation):
+    """fcntl.flock on a volume without locks (NFSv3 without its lock manager)."""
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+
+def test_a_volume_without_file_locks_fails_the_write_clearly_and_leaves_nothing(tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    (root / NAME).mkdir(parents=True)
+    monkeypatch.setattr(repository_writes.fcntl, "flock", no_file_locks)
+    before = open_descriptors()
+    with pytest.raises(RepositoryError, match="does not support file locks"):
+        write_version(root, 1, "never written")
+    assert open_descriptors() == before  # the lock file's descriptor was closed
+    assert hidden(root) == []  # and the lock file removed
+
+
+def test_the_version_lock_on_a_volume_without_file_locks_is_refused_the_same_way(tmp_path, monkeypatch):
+    write_version(tmp_path, 1, "a version")
+    monkeypatch.setattr(repository_writes.fcntl, "flock", no_file_locks)
+    before = open_descriptors()
+    with pytest.raises(RepositoryError, match="does not support file locks"):
+        with ModelRepository(tmp_path).lock(NAME, 1, timeout_s=1):
+            pass
+    assert open_descriptors() == before
+
+
+def test_a_write_whose_folders_cannot_be_removed_still_releases_its_lock(tmp_path, monkeypatch):
+    """Removing the staging folder fails (EIO): the lock's descriptor is closed all the same, so the next write can
+    take the lock and remove what is left."""
+    root = tmp_path / "models"
+
+    def removal_fails(path, *args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(repository_writes.shutil, "rmtree", removal_fails)
+    before = open_descriptors()
+    with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+        with ModelRepository(root).new_version(NAME, 1) as staged:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))  # the export fails, then so does the clean-up
+    assert open_descriptors() == before
+    monkeypatch.undo()
+    assert hidden(root) != []  # what the failed clean-up left, with a lock nobody holds
+    write_version(root, 2, "next")
+    assert hidden(root) == [] and not staged.path.exists()
+
+
+def test_a_dead_writes_lock_file_of_another_user_is_still_removed(tmp_path, monkeypatch):
+    """A lock file another user's export left (0644: not writable here) is opened read-only, enough for flock."""
+    root = tmp_path / "models"
+    (root / NAME).mkdir(parents=True)
+    dead = root / NAME / ".staging-6-0123456789abcdef.lock"
+    dead.touch(mode=0o644)
+    real_open = os.open
+
+    def as_another_users_file(path, flags, *args):  # root may write any file: refuse as the kernel would others
+        if Path(path) == dead and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", as_another_users_file)
+    write_version(root, 1, "next")
+    assert not dead.exists() and hidden(root) == []

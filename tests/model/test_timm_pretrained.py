@@ -9,7 +9,7 @@ from timm.models import convnext as timm_convnext
 
 from model import create_model, list_models
 from model.checkpoints import load_checkpoint
-from model.pretrained import TIMM_PRETRAINED, find_timm_pretrained, get_timm_pretrained
+from model.timm_pretrained import TIMM_PRETRAINED, find_timm_pretrained, get_timm_pretrained
 
 
 def timm_cfgs() -> dict:
