@@ -1,22 +1,25 @@
-"""The uvicorn server set-up: a header read timeout (against slowloris), JSON 503 beyond max_connections."""
+"""The uvicorn server set-up: a header read timeout (against slowloris), JSON 503 beyond max_connections, and a
+lingering close after an answer sent while the client was still sending its request."""
 from __future__ import annotations
 
 import asyncio
 import copy
 import json
+import math
 import socket
 import time
 from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from service.access_log import ACCESS_LOG
 from service.app import begin_drain
 from service.errors import error_body, send_error
+from service.lingering_close import LINGERING_TIME_S, LingeringConnections, LingeringTransport
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -25,8 +28,8 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "
 # A request line + headers beyond this is refused (431): uvicorn's httptools protocol appends the URL piece by piece,
 # so a multi-MB URL sent in small segments costs the event loop quadratic time before any route or key check.
 MAX_HEAD_BYTES = 64 * 1024
-HEAD_TOO_LARGE = json.dumps(error_body("header_too_large", f"the request line and headers are over {MAX_HEAD_BYTES} "
-                                       "bytes")).encode()
+HEAD_TOO_LARGE_MESSAGE = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
+HEAD_TOO_LARGE = json.dumps(error_body("header_too_large", HEAD_TOO_LARGE_MESSAGE)).encode()
 
 if TYPE_CHECKING:  # the hooks and fields the mixin uses; at run time it goes before AutoHTTPProtocol (http_protocol)
     from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornProtocol
@@ -42,26 +45,37 @@ class EdgeLimitsMixin(_UvicornProtocol):
     holds a connection forever. Here a timer starts when the connection opens and after each response, and only a
     complete request head (uvicorn then creates a new request cycle) stops it. uvicorn's own `limit_concurrency`
     answers a text/plain 503; this takes the limit over to answer the service's JSON error with Retry-After.
+
+    An answer that starts before the request body has all arrived (413, 408, 503, 401, 404 ...) says
+    `Connection: close`, and the connection then closes lingering (service/lingering_close.py), so that the client
+    still sending reads the answer instead of a reset. Kept alive instead, uvicorn would read and parse the rest of a
+    body of any length before the next request, with no bound.
     """
 
     header_timeout_s: float
     metrics: ServiceMetrics
+    lingering_connections: LingeringConnections  # the server's, shared by its connections
+    _lingering_transport: LingeringTransport  # the connection's transport, set when it is made
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # uvicorn writes its access line on the event loop; service/access_log.py writes the same line off it.
         self.access_log = False
         self.max_connections, self.limit_concurrency = self.limit_concurrency, None
-        self.app = self._limit_connections(self.app)
+        self.app = self._close_after_early_answer(self._limit_connections(self.app))
         self._header_timer: asyncio.TimerHandle | None = None
         self._cycle_before_headers = None
         self._head_bytes = 0  # received while the request head is incomplete
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        self._lingering_transport = LingeringTransport(transport, self.loop, self.lingering_connections)
+        super().connection_made(self._lingering_transport)
         self._start_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering_transport.lingering:
+            self._lingering_transport.discard()  # the answer is out: what the client still sends is dropped
+            return
         head_pending = self._header_timer is not None
         super().data_received(data)
         if not head_pending:
@@ -72,6 +86,7 @@ class EdgeLimitsMixin(_UvicornProtocol):
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
             self.metrics.rejected.labels("header_too_large").inc()
+            self._lingering_transport.linger_on_close = True  # the head is still arriving
             self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
                                  b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(HEAD_TOO_LARGE),
                                                                                      HEAD_TOO_LARGE))
@@ -84,8 +99,20 @@ class EdgeLimitsMixin(_UvicornProtocol):
         if self.cycle.response_complete and not self.transport.is_closing():
             self._start_header_timer()
 
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to bytes that do not parse as HTTP: the rest of them may still be arriving.
+        self._lingering_transport.linger_on_close = True
+        super().send_400_response(msg)
+
+    def shutdown(self) -> None:
+        # uvicorn's graceful shutdown closes idle connections and waits for all to go: a lingering one goes within
+        # its bounds (service/lingering_close.py), which timeout_graceful_shutdown leaves room for (uvicorn_config).
+        if not self._lingering_transport.lingering:
+            super().shutdown()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        self._lingering_transport.connection_lost()
         super().connection_lost(exc)
 
     def _start_header_timer(self) -> None:
@@ -106,31 +133,80 @@ class EdgeLimitsMixin(_UvicornProtocol):
             self.metrics.rejected.labels("header_timeout").inc()
             self.transport.close()
 
+    def _close_after_early_answer(self, app: ASGIApp) -> ASGIApp:
+        async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+
+            async def send_closing_when_early(message: Message) -> None:
+                if message["type"] == "http.response.start" and self._body_still_arriving(scope):
+                    self._lingering_transport.linger_on_close = True
+                    message = closing_connection(message)
+                await send(message)
+
+            await app(scope, receive, send_closing_when_early)
+
+        return answer
+
+    def _body_still_arriving(self, scope: Scope) -> bool:
+        # The protocol's current cycle is this request's, unless its parser has moved on to a pipelined request,
+        # which it does only once this request's body is complete. Both of uvicorn's protocols clear more_body when
+        # the body's last byte has been parsed (read by the app or not).
+        cycle = self.cycle
+        return cycle is not None and cycle.scope is scope and cycle.more_body
+
     def _limit_connections(self, app: ASGIApp) -> ASGIApp:
         async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and head_bytes(scope) > MAX_HEAD_BYTES:
+                # A head that arrived whole in one read, which data_received never counted as incomplete.
+                await self._refuse(scope, send, 431, "header_too_large", HEAD_TOO_LARGE_MESSAGE,
+                                   [(b"connection", b"close")])
+                return
             # uvicorn's check, counted with this request's own connection and task already in the sets. Probes and
             # scrapes always pass: a liveness probe failing under load would restart a busy but healthy server.
             if self.max_connections is None or scope.get("path") in PROBE_PATHS or (
                     len(self.connections) <= self.max_connections and len(self.tasks) <= self.max_connections):
                 await app(scope, receive, send)
                 return
-            started = time.perf_counter()
-            self.metrics.rejected.labels("too_many_connections").inc()
-            await send_error(scope, send, 503, "too_many_connections", f"the server is at its limit of "
-                             f"{self.max_connections} connections; retry shortly",
-                             [(b"retry-after", b"1"), (b"connection", b"close")])
-            if scope["type"] == "http":
-                # Refused before routing (outside the request metrics' middleware): counted here, under no route.
-                self.metrics.count_request("unmatched", scope["method"], 503, time.perf_counter() - started)
-                ACCESS_LOG.record(scope, 503)
+            await self._refuse(scope, send, 503, "too_many_connections", f"the server is at its limit of "
+                               f"{self.max_connections} connections; retry shortly",
+                               [(b"retry-after", b"1"), (b"connection", b"close")])
 
         return limited
 
+    async def _refuse(self, scope: Scope, send: Send, status: int, code: str, message: str,
+                      headers: list[tuple[bytes, bytes]]) -> None:
+        started = time.perf_counter()
+        self.metrics.rejected.labels(code).inc()
+        await send_error(scope, send, status, code, message, headers)
+        if scope["type"] == "http":
+            # Refused before routing (outside the request metrics' middleware): counted here, under no route.
+            self.metrics.count_request("unmatched", scope["method"], status, time.perf_counter() - started)
+            ACCESS_LOG.record(scope, status)
 
-def http_protocol(header_timeout_s: float, metrics: ServiceMetrics) -> type:
-    """The protocol class uvicorn would pick (`http="auto"`), with the edge limits mixed in."""
-    return type(f"Edge{AutoHTTPProtocol.__name__}", (EdgeLimitsMixin, AutoHTTPProtocol),
-                {"header_timeout_s": header_timeout_s, "metrics": metrics})
+
+def head_bytes(scope: Scope) -> int:
+    """The request line and headers' size as sent, give or take the spaces: method, target, version, each header."""
+    target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 1
+    return len(scope["method"]) + target + 12 + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+
+
+def closing_connection(start: Message) -> Message:
+    """An `http.response.start` message that says `Connection: close` (uvicorn then closes after the answer)."""
+    headers = list(start.get("headers", []))
+    if not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in headers):
+        headers.append((b"connection", b"close"))
+    return {**start, "headers": headers}
+
+
+def http_protocol(header_timeout_s: float, metrics: ServiceMetrics, max_connections: int | None = None,
+                  base: type = AutoHTTPProtocol) -> type:
+    """The protocol class uvicorn would pick (`http="auto"`: httptools, or h11 where httptools is not installed), or
+    `base`, with the edge limits mixed in; one class per server, which its connections share (what lingers)."""
+    return type(f"Edge{base.__name__}", (EdgeLimitsMixin, base),
+                {"header_timeout_s": header_timeout_s, "metrics": metrics,
+                 "lingering_connections": LingeringConnections(max_connections)})
 
 
 def log_config(log_level: str) -> dict:
@@ -176,12 +252,13 @@ def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") ->
     """The one server set-up, used by `python -m service` and by the tests' live server."""
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level, log_config=log_config(log_level),
-        http=http_protocol(settings.header_timeout_s, app.state.metrics),
+        http=http_protocol(settings.header_timeout_s, app.state.metrics, settings.max_connections),
         limit_concurrency=settings.max_connections, backlog=settings.backlog,
         # uvicorn annotates int but hands it to loop.call_later, which takes fractions of a second too.
         timeout_keep_alive=settings.timeout_keep_alive_s,  # type: ignore[arg-type]
         # uvicorn stops accepting on SIGTERM, waits for in-flight requests, then runs the lifespan shutdown,
         # which drains the batcher.
-        timeout_graceful_shutdown=int(settings.request_timeout_ms / 1000) + 5,
+        # (+ the longest lingering close: one that starts as the shutdown ends still goes within it)
+        timeout_graceful_shutdown=int(settings.request_timeout_ms / 1000) + 5 + math.ceil(LINGERING_TIME_S),
     )
     return config

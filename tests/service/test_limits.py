@@ -313,3 +313,20 @@ def wait_for_metric(url: str, name: str, at_least: float) -> None:
     while metric(url, name) < at_least:
         assert time.monotonic() < deadline, f"{name} never reached {at_least}"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/classify"])
+def test_a_head_over_64_kib_that_arrives_in_one_read_gets_431_too(strict_url, path):
+    """The same limit when the whole head parses in one read (a 100 KB header in one write): answered 431 and closed,
+    probes included; a head just under the limit is served."""
+    for size, expected in ((100_000, 431), (60_000, 200)):
+        answer = httpx.get(f"{strict_url}{path}", headers={"x-big": "a" * size}) if path == "/healthz" else \
+            httpx.post(f"{strict_url}{path}", headers={"x-big": "a" * size, "content-type": "image/jpeg"},
+                       content=b"")
+        if expected == 431:
+            assert answer.status_code == 431, answer.text
+            assert answer.json()["error"]["code"] == "header_too_large"
+            assert answer.headers["connection"] == "close"
+        else:
+            assert answer.status_code != 431, answer.text
+    assert metric(strict_url, 'convnext_rejected_total{reason="header_too_large"}') >= 1
