@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             app.state.startup_error = one_line(err)
             await state.models.stop(0)  # whatever the failed start had built
             state.preprocess_pool.shutdown(wait=False)
+            state.conversion_pool.shutdown(wait=False)
             raise
         try:
             yield
@@ -115,6 +116,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
                 app.state.grpc = None
             await state.models.stop(settings.request_timeout_ms / 1000)
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+            state.conversion_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="ConvNeXt image classification", version=project_version(), lifespan=lifespan,
                   responses=APP_RESPONSES)

@@ -14,6 +14,8 @@ from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
 from service.settings import Settings
 
+CONVERSIONS_AT_ONCE = 2
+
 
 class ServiceState:
     def __init__(self, settings: Settings, metrics: ServiceMetrics, body_budget: BodyBudget):
@@ -22,6 +24,11 @@ class ServiceState:
         self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
         # Bounds images being decoded at once, so a flood waits here instead of piling up in the pool.
         self.preprocess_slots = asyncio.Semaphore(settings.preprocess_workers * 2)
+        # Large v2 requests are parsed and converted here (service/v2.py, grpc_server.py): each builds a Python object
+        # per number (several times its JSON in memory) and holds the GIL much of its run, so a flood of them queues
+        # for these threads instead of all parsing at once. A pool, not a semaphore: a cancelled gRPC call's thread
+        # goes on converting, and still holds its place here until it ends (a queued one is dropped).
+        self.conversion_pool = ThreadPoolExecutor(CONVERSIONS_AT_ONCE, thread_name_prefix="v2-convert")
         # Images in progress (decoding, queued or in the running batch); beyond this a request is refused at once.
         self.admission = Admission(admission_capacity(settings.queue_size, settings.max_batch_size))
 

@@ -6,11 +6,14 @@ of service/v2_models.py (InferenceRequest, RequestInput, RequestOutput, their pa
     parse_request(header: bytes) -> InferenceRequest          the JSON header (HTTP)
     build_request(fields: dict) -> InferenceRequest           the same fields as plain dicts/lists (gRPC; strict:
         lists not tuples or repeated fields, bool is not a number); both raise 400 invalid_json / invalid_request
-    await infer(state, name, version, request, binary, client_gone) -> InferResult
+    prepare(state, name, version, request, binary) -> PreparedRequest     checks + the input as tensors or images
         binary: the bytes that follow the JSON header; an input with parameters.binary_data_size takes its next
         binary_data_size bytes, in input order. BYTES elements in binary are 4-byte little-endian length + bytes
         (serialize_bytes), which is also gRPC's raw_input_contents / raw_output_contents layout: a gRPC input's
         raw contents (or its bytes_contents, serialized) go in `binary` with binary_data_size = their length.
+        The input conversion (JSON data, binary slices, BYTES elements) is service/v2_tensors.py's.
+        CPU only, no await: an adapter runs parse + prepare of a large request in a worker thread, off the loop.
+    await infer(state, prepared, client_gone) -> InferResult             the pipeline (admission, batcher, limits)
     InferResult(model_name, model_version, id, outputs: [OutputTensor(name, datatype, shape, array, binary)]);
         OutputTensor.raw() is its binary form, OutputTensor.json_data() its JSON `data` list
     model_metadata(state, name, version) -> ModelMetadataResponse;   model_ready(state, name, version) -> bool
@@ -26,15 +29,10 @@ in binary data, base64 strings in JSON) and decodes and preprocesses them exactl
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import math
-import struct
 from dataclasses import dataclass
-from typing import Annotated
 
 import numpy as np
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from convnext_common import project_version
 from runtime.repository import Manifest
@@ -50,15 +48,13 @@ from service.v2_models import (
     RequestInput,
     ServerMetadataResponse,
 )
+from service.v2_tensors import encoded_images, fp32_batch, serialize_bytes
 
 EXTENSIONS = ["binary_tensor_data", "classification"]
 # The protocol's platform names are <project>_<format> (Triton's model configuration names them so).
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "openvino": "openvino"}
 IMAGE_SUFFIX = "_image"
 IMAGE_INPUT = "IMAGE"
-LENGTH_PREFIX = struct.Struct("<I")  # BYTES elements in binary data: uint32 little-endian length, then the bytes
-FP32_VALUES = TypeAdapter(list[Annotated[float, Field(strict=True, allow_inf_nan=False)]])
-STRING_VALUES = TypeAdapter(list[Annotated[str, Field(strict=True)]])
 MAX_ERRORS_SHOWN = 3
 
 
@@ -104,10 +100,6 @@ class _WantedOutput:
     classification: int | None  # top k, or None for the logits themselves
     binary: bool
 
-
-def serialize_bytes(elements) -> bytes:
-    """BYTES elements as the binary-data extension (and gRPC raw contents) lay them out: length + bytes each."""
-    return b"".join(LENGTH_PREFIX.pack(len(e)) + e for e in elements)
 
 
 def _refused(err: ValidationError) -> ApiError:
@@ -215,122 +207,6 @@ def _only_input(request: InferenceRequest, expected_name: str) -> RequestInput:
     return request.inputs[0]
 
 
-def _check_batch(batch: int, limit: int, what: str) -> None:
-    if batch < 1:
-        raise ApiError(400, "invalid_shape", f"the batch dimension is {batch}; send at least one {what}")
-    if batch > limit:
-        raise ApiError(413, "too_many_images", f"a batch of {batch} {what}s, over the limit of {limit} per request")
-
-
-def _binary_slice(tensor: RequestInput, binary: bytes, expected_size: int | None) -> bytes | None:
-    """The input's binary data (None when it is sent as JSON); its size checked before anything reads it."""
-    size = tensor.parameters.binary_data_size if tensor.parameters is not None else None
-    if size is None:
-        if binary:
-            raise ApiError(400, "invalid_binary_data", f"{len(binary)} bytes of binary data follow the header but no "
-                           "input has a binary_data_size")
-        if tensor.data is None:
-            raise ApiError(400, "invalid_data", f"input {tensor.name!r} has neither data nor a binary_data_size")
-        return None
-    if tensor.data is not None:
-        raise ApiError(400, "invalid_binary_data", f"input {tensor.name!r} has both data and a binary_data_size")
-    if expected_size is not None and size != expected_size:
-        raise ApiError(400, "invalid_binary_data", f"binary_data_size is {size} bytes; shape {tensor.shape} of "
-                       f"{tensor.datatype} needs {expected_size}")
-    if size != len(binary):
-        raise ApiError(400, "invalid_binary_data", f"binary_data_size is {size} bytes but {len(binary)} bytes follow "
-                       "the header")
-    return binary
-
-
-def _flat(data: list, shape: list[int], name: str) -> list:
-    """Row-major data, flat or nested along the shape's leading dimensions, as one flat list. A nested level holds
-    its dimension's count of lists, each as long as the next dimension (nesting goes on) or as all the remaining
-    ones together (flat below); the flat count is checked by the caller."""
-    for depth in range(len(shape) - 1):
-        if not any(isinstance(value, list) for value in data):
-            break
-        if not all(isinstance(value, list) for value in data):
-            raise ApiError(400, "invalid_data", f"input {name!r}: nested data mixes lists and values")
-        lengths = {shape[depth + 1], math.prod(shape[depth + 1:])}
-        if len(data) != math.prod(shape[:depth + 1]) or any(len(row) not in lengths for row in data):
-            raise ApiError(400, "invalid_data", f"input {name!r}: nested data does not follow shape {shape}")
-        data = [value for row in data for value in row]
-    return data
-
-
-def _fp32_batch(tensor: RequestInput, binary: bytes, manifest: Manifest, max_batch: int) -> np.ndarray:
-    """The FP32 NCHW input as an array: shape within the limits before anything the size of the data is made."""
-    spec = manifest.input
-    chw = (spec.channels, spec.height, spec.width)
-    if tensor.datatype != "FP32":
-        raise ApiError(400, "invalid_datatype", f"input datatype must be FP32, got {tensor.datatype!r}")
-    if len(tensor.shape) != 4 or tuple(tensor.shape[1:]) != chw:
-        raise ApiError(400, "invalid_shape", f"input shape must be [1..{max_batch}, {', '.join(map(str, chw))}], "
-                       f"got {tensor.shape}")
-    _check_batch(tensor.shape[0], max_batch, "image")
-    count = math.prod(tensor.shape)  # bounded now: at most max_batch images of the model's size
-    raw = _binary_slice(tensor, binary, count * 4)
-    if raw is not None:
-        array = np.frombuffer(raw, dtype="<f4", count=count).astype(np.float32)
-    else:
-        values = _flat(tensor.data, tensor.shape, tensor.name)  # type: ignore[arg-type]  # see below
-        if len(values) != count:
-            raise ApiError(400, "invalid_data", f"{len(values)} values for shape {tensor.shape} ({count} needed)")
-        try:
-            with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
-                array = np.asarray(FP32_VALUES.validate_python(values), dtype=np.float32)
-        except ValidationError as err:
-            first = err.errors(include_url=False, include_input=False)[0]
-            raise ApiError(400, "invalid_data", f"input {tensor.name!r} data[{first['loc'][0]}]: {first['msg']}"
-                           ) from None
-    if not np.isfinite(array).all():  # NaN/inf in binary data, or JSON numbers beyond float32's range
-        raise ApiError(400, "invalid_data", f"input {tensor.name!r} has values that are not finite float32 numbers")
-    return array.reshape(tensor.shape)
-
-
-def _split_bytes(raw: bytes, count: int) -> list[bytes]:
-    """`count` length-prefixed elements that fill `raw` exactly; each length checked against what is left."""
-    elements, offset = [], 0
-    for index in range(count):
-        if len(raw) - offset < LENGTH_PREFIX.size:
-            raise ApiError(400, "invalid_binary_data", f"BYTES element {index}: its 4-byte length is missing")
-        (length,) = LENGTH_PREFIX.unpack_from(raw, offset)
-        offset += LENGTH_PREFIX.size
-        if length > len(raw) - offset:
-            raise ApiError(400, "invalid_binary_data", f"BYTES element {index} says {length} bytes, "
-                           f"{len(raw) - offset} are left")
-        elements.append(raw[offset:offset + length])
-        offset += length
-    if offset != len(raw):
-        raise ApiError(400, "invalid_binary_data", f"{len(raw) - offset} bytes left over after {count} BYTES elements")
-    return elements
-
-
-def _encoded_images(tensor: RequestInput, binary: bytes, max_images: int) -> list[tuple[str, bytes]]:
-    if tensor.datatype != "BYTES":
-        raise ApiError(400, "invalid_datatype", f"input {IMAGE_INPUT} datatype must be BYTES, got {tensor.datatype!r}")
-    if len(tensor.shape) != 1:
-        raise ApiError(400, "invalid_shape", f"input {IMAGE_INPUT} shape must be [n] (one image per element), "
-                       f"got {tensor.shape}")
-    count = tensor.shape[0]
-    _check_batch(count, max_images, "image")
-    raw = _binary_slice(tensor, binary, None)
-    if raw is not None:
-        images = _split_bytes(raw, count)
-    else:
-        # Not None: _binary_slice refuses an input with neither data nor binary data.
-        values = _flat(tensor.data, tensor.shape, tensor.name)  # type: ignore[arg-type]
-        if len(values) != count:
-            raise ApiError(400, "invalid_data", f"{len(values)} images for shape {tensor.shape}")
-        try:
-            images = [base64.b64decode(v, validate=True) for v in STRING_VALUES.validate_python(values)]
-        except (ValidationError, binascii.Error) as err:
-            raise ApiError(400, "invalid_data", f"input {IMAGE_INPUT}: JSON elements must be base64 strings of "
-                           f"the image bytes ({type(err).__name__})") from None
-    return [(f"{IMAGE_INPUT}[{i}]", image) for i, image in enumerate(images)]
-
-
 def _top_k_strings(logits: np.ndarray, labels: tuple[str, ...], k: int) -> np.ndarray:
     """Triton's classification extension: per row the top k as b"score:index:label", score = the output's value."""
     rows = []
@@ -340,34 +216,52 @@ def _top_k_strings(logits: np.ndarray, labels: tuple[str, ...], k: int) -> np.nd
     return np.array(rows, dtype=object).reshape(len(rows), k)
 
 
-async def infer(state: ServiceState, name: str, version: str | None, request: InferenceRequest, binary: bytes,
-                client_gone: ClientGone | None) -> InferResult:
-    """Check the request, run it through the shared pipeline (admission, batcher, limits), build the outputs."""
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A checked request with its input converted: the tensor model's batch or the image model's encoded images."""
+
+    model: V2Model
+    version: str | None  # the version the request named (None: the latest)
+    id: str | None
+    wanted: list[_WantedOutput]
+    images: list[tuple[str, bytes]]  # the image model's encoded images ([] for the tensor model)
+    tensors: list[np.ndarray]  # the tensor model's float32 CHW images ([] for the image model)
+
+
+def prepare(state: ServiceState, name: str, version: str | None, request: InferenceRequest,
+            binary: bytes) -> PreparedRequest:
+    """Check the request and convert its input (400 / 404 / 413); CPU work only, safe in a worker thread."""
     model = resolve_model(state, name, version)
     manifest, settings = model.manifest, state.settings
     wanted = _wanted_outputs(request, manifest)
     if model.is_image:
-        images = _encoded_images(_only_input(request, IMAGE_INPUT), binary, settings.max_files_per_request)
-        require_ready(state)
-        items = await pipeline.classify(state, images, client_gone)
+        images = encoded_images(_only_input(request, IMAGE_INPUT), binary, settings.max_files_per_request)
+        return PreparedRequest(model, version, request.id, wanted, images, [])
+    batch = fp32_batch(_only_input(request, manifest.input.name), binary, manifest, settings.queue_size)
+    return PreparedRequest(model, version, request.id, wanted, [], list(batch))
+
+
+async def infer(state: ServiceState, prepared: PreparedRequest, client_gone: ClientGone | None) -> InferResult:
+    """Run a prepared request through the shared pipeline (admission, batcher, limits), build the outputs."""
+    require_ready(state)
+    if prepared.model.is_image:
+        items = await pipeline.classify(state, prepared.images, client_gone)
     else:
-        batch = _fp32_batch(_only_input(request, manifest.input.name), binary, manifest, settings.queue_size)
-        require_ready(state)
-        items = await pipeline.infer(state, list(batch), client_gone)
-    ran = _one_version_ran(items, version)
+        items = await pipeline.infer(state, prepared.tensors, client_gone)
+    ran = _one_version_ran(items, prepared.version)
     logits = np.stack([item.future.result() for item in items]).astype(np.float32)
     if not np.isfinite(logits).all():
         raise ApiError(500, "inference_failed", "the engine returned values that are not finite numbers")
     labels = labels_of(items[0])
     outputs = []
-    for output in wanted:
+    for output in prepared.wanted:
         if output.classification is None:
             outputs.append(OutputTensor(output.name, "FP32", list(logits.shape), logits, output.binary))
         else:
             top = _top_k_strings(logits, labels, output.classification)
             outputs.append(OutputTensor(output.name, "BYTES", list(top.shape), top, output.binary))
-    ran_name = ran.name + IMAGE_SUFFIX if model.is_image else ran.name
-    return InferResult(ran_name, str(ran.version), request.id, outputs)
+    ran_name = ran.name + IMAGE_SUFFIX if prepared.model.is_image else ran.name
+    return InferResult(ran_name, str(ran.version), prepared.id, outputs)
 
 
 def _one_version_ran(items: list[Item], version: str | None) -> ServedModel:

@@ -1,0 +1,249 @@
+"""A large v2 request is parsed and turned into tensors in a worker thread, off the event loop; small ones stay on it.
+
+Proven against the real server (HTTP and gRPC) with a spy on v2_core.parse_request / v2_core.prepare that records
+whether it ran with a running event loop; the answers (logits, refusals: status, code, message) are the inline ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from service import grpc_server, v2, v2_core
+from service.errors import ApiError
+from service.grpc_proto import open_inference_pb2 as pb
+from service.state import CONVERSIONS_AT_ONCE
+from tests.service.conftest import free_port
+from tests.service.test_grpc import grpc_address, raw_call
+
+INFER = "/v2/models/atto/infer"
+SHAPE = (2, 3, 64, 64)
+BATCH = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
+# Unknown to InferTensorContents (fields 1-8): field 15 varint 7, field 20 bytes b"abc". Kept by protobuf, re-sent
+# after the known fields when the message is serialized again.
+UNKNOWN_FIELDS = bytes([15 << 3, 7, (20 << 3 | 2) | 0x80, (20 << 3 | 2) >> 7, 3]) + b"abc"
+
+
+@pytest.fixture(scope="module")
+def served(model_repository, launch):
+    with launch(model_repository, grpc_port=free_port(), max_batch_size=8, max_queue_delay_ms=1) as url:
+        yield url
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple[str, bool]]:
+    """(function, ran on an event loop) for each v2_core.parse_request / v2_core.prepare call from now on."""
+    seen: list[tuple[str, bool]] = []
+
+    def spy(name: str) -> None:
+        function = getattr(v2_core, name)
+
+        def recorded(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                seen.append((name, True))
+            except RuntimeError:  # no loop runs in this thread: a worker thread
+                seen.append((name, False))
+            return function(*args, **kwargs)
+
+        monkeypatch.setattr(v2_core, name, recorded)
+
+    spy("parse_request")
+    spy("prepare")
+    return seen
+
+
+def json_request(data, shape=SHAPE, name="input", datatype="FP32") -> bytes:
+    return json.dumps({"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}]}).encode()
+
+
+def binary_request(batch: np.ndarray) -> tuple[bytes, dict]:
+    raw = batch.astype("<f4").tobytes()
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(batch.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return head + raw, {v2.HEADER_LENGTH: str(len(head))}
+
+
+def logits_of(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    output = response.json()["outputs"][0]
+    return np.array(output["data"], dtype=np.float32).reshape(output["shape"])
+
+
+def test_a_large_json_request_is_parsed_and_converted_off_the_loop_with_the_same_logits(served, calls):
+    body, headers = binary_request(BATCH)
+    from_binary = logits_of(httpx.post(f"{served}{INFER}", content=body, headers=headers))
+    assert calls == [("parse_request", True), ("prepare", True)]  # a small JSON part: no thread hop
+    for data in (BATCH.reshape(-1).tolist(), BATCH.tolist()):  # flat, and nested along the shape
+        calls.clear()
+        body = json_request(data)
+        assert len(body) > v2.INLINE_MAX_JSON_BYTES
+        np.testing.assert_allclose(logits_of(httpx.post(f"{served}{INFER}", content=body)), from_binary, atol=1e-6)
+        assert calls == [("parse_request", False), ("prepare", False)]
+
+
+def test_a_small_json_request_is_parsed_on_the_loop(served, calls):
+    body = json_request([0.5] * 10, shape=(1, 3, 8, 8))
+    assert len(body) <= v2.INLINE_MAX_JSON_BYTES
+    response = httpx.post(f"{served}{INFER}", content=body)
+    assert response.status_code == 400 and response.json()["code"] == "invalid_shape"
+    assert calls == [("parse_request", True), ("prepare", True)]
+
+
+ZEROS = [0.0] * (3 * 64 * 64)
+LARGE = json_request(BATCH.reshape(-1).tolist())
+
+
+def large_with(index: int, value: float) -> bytes:
+    data = BATCH.reshape(-1).tolist()
+    data[index] = value
+    return json_request(data)
+
+
+# (model, body, Inference-Header-Content-Length): each over INLINE_MAX_JSON_BYTES, each refused.
+LARGE_REFUSED = {
+    "nan": ("atto", large_with(3, float("nan")), None),
+    "beyond_float32": ("atto", large_with(5, 1e39), None),
+    "cut_json": ("atto", LARGE[:-10], None),
+    "bytes_after_the_json": ("atto", LARGE + b"\0" * 8, None),
+    "header_length_cuts_the_json": ("atto", LARGE, str(len(LARGE) // 2)),
+    "count_differs": ("atto", json_request(ZEROS, shape=(2, 3, 64, 64)), None),
+    "too_many_images": ("atto", json_request(ZEROS, shape=(10**6, 3, 64, 64)), None),
+    "mixed_nesting": ("atto", json_request([ZEROS[:6144], *ZEROS[6144:]], shape=(1, 3, 64, 64)), None),
+    "not_base64": ("atto_image", json_request(["not base64!" * 3000], shape=(1,), name="IMAGE",
+                                              datatype="BYTES"), None),
+}
+
+
+def refusal(function, *args) -> ApiError:
+    with pytest.raises(ApiError) as raised:
+        function(*args)
+    return raised.value
+
+
+@pytest.mark.parametrize("case", LARGE_REFUSED.values(), ids=LARGE_REFUSED.keys())
+def test_a_large_request_off_the_loop_is_refused_as_inline(served, calls, case):
+    model, body, header_length = case
+    state = served.app.state.service
+    header, binary = v2.split_body(body, header_length)
+    assert len(header) > v2.INLINE_MAX_JSON_BYTES
+    expected = refusal(v2.prepared_request, state, model, None, header, binary, header_length)  # inline, as before
+    calls.clear()
+    headers = {} if header_length is None else {v2.HEADER_LENGTH: header_length}
+    response = httpx.post(f"{served}/v2/models/{model}/infer", content=body, headers=headers)
+    assert (response.status_code, response.json()) == (expected.status, {"error": expected.message,
+                                                                        "code": expected.code})
+    assert calls and not any(on_loop for _, on_loop in calls)
+
+
+def test_fp32_contents_become_the_bytes_numpy_gives_unknown_fields_and_all():
+    values = np.array([0.0, -0.0, 1.5, -2.25, 1e-45, 3.4028235e38, -1e-38, 7.0], dtype=np.float32)
+    contents = pb.InferTensorContents.FromString(pb.InferTensorContents(fp32_contents=values).SerializeToString()
+                                                 + UNKNOWN_FIELDS)
+    assert contents.SerializeToString().endswith(b"abc")  # the unknown fields are there, after the floats
+    expected = np.asarray(contents.fp32_contents, dtype="<f4").tobytes()
+    assert expected == values.astype("<f4").tobytes()
+    assert grpc_server._fp32_bytes(contents) == expected
+
+
+def grpc_infer(url, request: pb.ModelInferRequest) -> np.ndarray:
+    response = pb.ModelInferResponse.FromString(raw_call(grpc_address(url), "ModelInfer", request.SerializeToString()))
+    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
+
+
+def test_grpc_fp32_contents_convert_on_the_loop_and_answer_as_raw_contents(served, calls):
+    raw = pb.ModelInferRequest(model_name="atto", raw_input_contents=[BATCH.astype("<f4").tobytes()])
+    raw.inputs.add(name="input", datatype="FP32", shape=SHAPE)
+    typed = pb.ModelInferRequest(model_name="atto")
+    contents = typed.inputs.add(name="input", datatype="FP32", shape=SHAPE).contents
+    contents.fp32_contents.extend(BATCH.reshape(-1))
+    contents.MergeFromString(UNKNOWN_FIELDS)
+    np.testing.assert_array_equal(grpc_infer(served, typed), grpc_infer(served, raw))
+    assert calls == [("prepare", True)] * 2  # fp32_contents are copied whole, not converted a float at a time
+
+
+def many_elements(model: str, datatype: str, field: str, values: list) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="IMAGE" if model == "atto_image" else "input", datatype=datatype,
+                                shape=[len(values)] if model == "atto_image" else [1, 3, 64, 64])
+    getattr(tensor.contents, field).extend(values)
+    return request
+
+
+GRPC_REFUSED = {
+    "bytes_elements": many_elements("atto_image", "BYTES", "bytes_contents", [b"x"] * 5000),
+    "int_contents": many_elements("atto", "INT32", "int_contents", [0] * (3 * 64 * 64)),
+}
+
+
+@pytest.mark.parametrize("request_", GRPC_REFUSED.values(), ids=GRPC_REFUSED.keys())
+def test_grpc_many_typed_elements_convert_off_the_loop_and_are_refused_as_inline(served, calls, request_):
+    assert grpc_server.typed_elements(request_) > grpc_server.INLINE_MAX_ELEMENTS
+    expected = refusal(grpc_server.prepared_request, served.app.state.service, request_)
+    calls.clear()
+    with pytest.raises(grpc.RpcError) as raised:
+        raw_call(grpc_address(served), "ModelInfer", request_.SerializeToString())
+    assert raised.value.code() == grpc_server.STATUS_CODES[expected.status]
+    assert raised.value.details() == expected.message
+    assert dict(raised.value.trailing_metadata())[grpc_server.ERROR_CODE_KEY] == expected.code
+    assert calls == [("prepare", False)]
+
+
+@pytest.fixture
+def conversions(monkeypatch) -> list[int]:
+    """[running now, most at once] of v2_core.prepare calls from now on, each held 0.3 s so that they overlap."""
+    lock, counts = threading.Lock(), [0, 0]
+    prepare = v2_core.prepare
+
+    def counted(*args, **kwargs):
+        with lock:
+            counts[0] += 1
+            counts[1] = max(counts)
+        try:
+            time.sleep(0.3)
+            return prepare(*args, **kwargs)
+        finally:
+            with lock:
+                counts[0] -= 1
+
+    monkeypatch.setattr(v2_core, "prepare", counted)
+    return counts
+
+
+def test_at_most_two_large_requests_are_converted_at_once(served, conversions):
+    """A flood of large JSON requests queues for the conversion threads (service/state.py CONVERSIONS_AT_ONCE)
+    instead of parsing all at once."""
+    body = json_request(BATCH.reshape(-1).tolist())
+    with ThreadPoolExecutor(6) as clients:
+        answers = list(clients.map(lambda _: httpx.post(f"{served}{INFER}", content=body, timeout=60), range(6)))
+    assert [a.status_code for a in answers] == [200] * 6, answers[0].text
+    assert conversions[1] == CONVERSIONS_AT_ONCE == 2
+
+
+def test_grpc_calls_cancelled_mid_conversion_still_hold_their_conversion_thread(served, conversions):
+    """A gRPC call past its deadline is cancelled while its conversion runs on: the next calls wait for that thread
+    (a semaphore would have been given back at the cancel, and six conversions run at once)."""
+    request = GRPC_REFUSED["bytes_elements"].SerializeToString()  # > INLINE_MAX_ELEMENTS: converted off the loop
+
+    def call(_) -> grpc.StatusCode:
+        with grpc.insecure_channel(grpc_address(served)) as channel:
+            try:
+                channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(request, timeout=0.1)
+            except grpc.RpcError as err:
+                return err.code()
+        return grpc.StatusCode.OK
+
+    with ThreadPoolExecutor(6) as clients:
+        codes = list(clients.map(call, range(6)))
+    assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    deadline = time.monotonic() + 30
+    while conversions[0] and time.monotonic() < deadline:  # the cancelled calls' conversions end on their own
+        time.sleep(0.05)
+    assert conversions[0] == 0 and 1 <= conversions[1] <= CONVERSIONS_AT_ONCE
