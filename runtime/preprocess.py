@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from runtime.decode import fast_decode_min_short_side, reduce_jpeg_decode
+from runtime.decode import FAST_DECODE_HEADROOM, fast_decode_min_short_side, reduce_jpeg_decode
 from runtime.repository import Preprocess
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
@@ -184,16 +184,18 @@ def normalized_tensor(image: Image.Image, spec: Preprocess) -> np.ndarray:
     return tensor
 
 
-def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str = "exact") -> np.ndarray:
+def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str = "exact",
+               fast_decode_headroom: float = FAST_DECODE_HEADROOM) -> np.ndarray:
     """Bytes -> the model's input tensor for one image; raises ImageError for anything unusable.
 
     decode_mode "exact" is training's transform bit for bit (on 8-bit opaque pictures: decode_image also applies
     EXIF orientation, alpha on white and 16-bit scaling, which training's loader does not); "fast" lets large JPEGs
-    decode at reduced size.
+    decode at reduced size, their short side kept >= fast_decode_headroom x the resize target.
     """
     if decode_mode != "fast":
         return eval_transform(decode_image(data, max_pixels), spec)
-    return fast_transform(*decode_image_scaled(data, max_pixels, fast_decode_min_short_side(spec.resize_px)), spec)
+    min_short_side = fast_decode_min_short_side(spec.resize_px, fast_decode_headroom)
+    return fast_transform(*decode_image_scaled(data, max_pixels, min_short_side), spec)
 
 
 def fast_transform(image: Image.Image, reduced: bool, spec: Preprocess) -> np.ndarray:

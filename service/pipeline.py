@@ -22,6 +22,7 @@ from service.admission import AdmissionRefused
 from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, Item, QueueFullError, ServedModel
 from service.body_budget import count_copy
 from service.errors import ApiError, clipped
+from service.settings import Settings
 from service.state import ServiceState
 
 ZLIB_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # Content-Encoding -> zlib's window bits (gzip / zlib header)
@@ -118,10 +119,10 @@ def admitted(state: ServiceState, images: int) -> Iterator[None]:
         raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
 
 
-def timed_preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str) -> tuple[np.ndarray, float]:
+def timed_preprocess(data: bytes, spec: Preprocess, settings: Settings) -> tuple[np.ndarray, float]:
     """In a decode-pool thread: the tensor and the seconds this image's decode + transform took there."""
     started = time.perf_counter()
-    tensor = preprocess(data, spec, max_pixels, decode_mode)
+    tensor = preprocess(data, spec, settings.max_pixels, settings.decode_mode, settings.fast_decode_headroom)
     return tensor, time.perf_counter() - started
 
 
@@ -135,7 +136,7 @@ async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]
         async with state.preprocess_slots:
             try:
                 tensor, seconds = await loop.run_in_executor(state.preprocess_pool, timed_preprocess, data, spec,
-                                                             state.settings.max_pixels, state.settings.decode_mode)
+                                                             state.settings)
             except ImageError as err:
                 status = 413 if err.code == "too_many_pixels" else 400
                 raise ApiError(status, err.code, f"{clipped(name)}: {err.message}") from None

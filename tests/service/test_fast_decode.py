@@ -4,6 +4,7 @@ decodes exactly as before."""
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -120,7 +121,8 @@ def test_fast_is_the_exact_path_for_small_model_inputs_on_real_files(real_photos
 
 
 def test_the_service_decodes_fast_when_its_setting_says_so(launch, model_repository, photos):
-    """decode_mode reaches the decode pool: the answer is the fast tensor's, measurably not the exact one's."""
+    """decode_mode and fast_decode_headroom reach the decode pool: each answer is its own mode's tensor's, measurably
+    not the others'."""
     import httpx
 
     from runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -129,22 +131,49 @@ def test_the_service_decodes_fast_when_its_setting_says_so(launch, model_reposit
     spec = version.manifest.preprocess
     engine = OnnxRuntimeEngine(version.artifact_path(version.manifest.find("onnx", "fp32")), (3, 64, 64))
     engine.load()
-    data = encode(photos[0].resize((1600, 1200), Image.Resampling.BICUBIC))
+    # Short side 1000 for a 73-px resize: headroom 2 decodes at 1/4 (250), headroom 1 at 1/8 (125).
+    data = encode(photos[0].resize((1333, 1000), Image.Resampling.BICUBIC))
 
-    def probabilities(mode: str) -> np.ndarray:
-        logits = engine.run(preprocess(data, spec, MAX_PIXELS, mode)[None])[0]
+    def probabilities(mode: str, headroom: float) -> np.ndarray:
+        logits = engine.run(preprocess(data, spec, MAX_PIXELS, mode, headroom)[None])[0]
         return np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
 
-    fast, exact = probabilities("fast"), probabilities("exact")
-    assert np.abs(fast - exact).max() > 1e-5  # the two modes are told apart by this check
-    for mode, expected in (("fast", fast), ("exact", exact)):
-        with launch(model_repository, decode_mode=mode) as url:
+    modes = [("fast", 2.0), ("fast", 1.0), ("exact", 2.0)]
+    expected = {mode: probabilities(*mode) for mode in modes}
+    for one, other in ((modes[0], modes[1]), (modes[0], modes[2]), (modes[1], modes[2])):
+        assert np.abs(expected[one] - expected[other]).max() > 1e-5  # the modes are told apart by this check
+    for mode, headroom in modes:
+        with launch(model_repository, decode_mode=mode, fast_decode_headroom=headroom) as url:
             answer = httpx.post(f"{url}/classify?top_k=1", content=data, headers={"content-type": "image/jpeg"},
                                 timeout=30)
             assert answer.status_code == 200, answer.text
             (best,) = answer.json()["results"][0]["top_k"]
-        assert best["index"] == int(np.argmax(expected))
-        assert best["probability"] == pytest.approx(float(expected.max()), abs=1e-6)
+        assert best["index"] == int(np.argmax(expected[mode, headroom]))
+        assert best["probability"] == pytest.approx(float(expected[mode, headroom].max()), abs=1e-6)
+
+
+@pytest.mark.parametrize("headroom, decoded", [(2.0, (1000, 750)), (1.5, (1000, 750)), (1.0, (500, 375))])
+def test_the_headroom_chooses_the_dct_scale_and_the_decode_never_lands_under_the_resize_target(photos, headroom,
+                                                                                               decoded):
+    """Headroom 1 is the least decoding work (a 12-MP photo at 1/8); its short side still >= the resize target."""
+    data = encode(photos[0].resize((4000, 3000), Image.Resampling.BILINEAR))
+    min_short_side = fast_decode_min_short_side(SPEC.resize_px, headroom)
+    assert min_short_side == math.ceil(headroom * SPEC.resize_px)
+    assert decode_image(data, MAX_PIXELS, min_short_side).size == decoded
+    tensor = preprocess(data, SPEC, MAX_PIXELS, "fast", headroom)
+    assert tensor.shape == (3, 224, 224) and tensor.dtype == np.float32
+
+
+@pytest.mark.parametrize("headroom", [0.5, 0.99, 8.5])
+def test_a_headroom_out_of_range_is_refused_by_the_decoder_and_the_settings(headroom):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValueError, match="outside 1..8"):
+        fast_decode_min_short_side(SPEC.resize_px, headroom)
+    with pytest.raises(ValidationError, match="fast_decode_headroom"):
+        Settings(fast_decode_headroom=headroom)
 
 
 @pytest.mark.parametrize("size", [(1000, 750), (750, 1000), (1100, 513), (2000, 2000)])
