@@ -1,8 +1,9 @@
 """`convnext serve --pretrained NAME | --checkpoint PATH`: download (resumable, verified) -> export ONNX -> serve.
 
 The service never imports torch, so this front runs the download and the export in its own process, then replaces
-itself with `python -m service` (exec): the server holds none of the export's memory. A model already exported from
-the same file is served as it is, without a download (so a second start works offline).
+itself with `python -m service` (exec): the server holds none of the export's memory. A version of the same
+repository name exported from the same file is served as it is, without a download (so a second start works
+offline). The service's settings and ports are checked first, so a taken port fails at once, not after the export.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from model.pretrained import (
     get_pretrained,
 )
 from runtime.repository import ModelRepository, RepositoryError
+from service.__main__ import StartRefused, startable_settings
 
 PROG = "convnext serve"
 LOCAL_HINT = "to serve a local checkpoint instead: convnext serve --checkpoint PATH [--model ARCHITECTURE]"
@@ -107,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("export", "model"):  # their progress lines, not third-party INFO (the ONNX optimizer's pass log)
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:  # the service's settings and ports before a download and an export that could take minutes
+        startable_settings([*service_args, "--repository", args.repository])
+    except StartRefused as refused:
+        print(f"{PROG}: error: {refused}", file=sys.stderr)
+        return refused.status
     repository = ModelRepository(args.repository)
     try:
         name, version = (prepare_pretrained if args.pretrained else prepare_checkpoint)(args, repository)

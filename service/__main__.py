@@ -113,6 +113,32 @@ def settings_error(err: ValidationError) -> str:
                      for e in err.errors())
 
 
+class StartRefused(Exception):
+    """The service would not start with these arguments; `status` is the exit status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def startable_settings(argv: list[str]) -> Settings:
+    """The settings, and the HTTP and gRPC ports they name free: what would otherwise fail a start only at its end,
+    after the model loaded (minutes for a TensorRT build) or, from `convnext serve --pretrained`, after a download
+    and an export. StartRefused: 2 for invalid settings, 3 for a taken port (as uvicorn's own failure to bind)."""
+    from service.server import check_ports_free
+
+    try:
+        settings = settings_from_args(argv)
+    except ValueError as err:  # pydantic's ValidationError, or pydantic-settings' error for an unparsable variable
+        detail = settings_error(err) if isinstance(err, ValidationError) else one_line(err)
+        raise StartRefused(2, f"invalid settings: {detail}") from None
+    try:
+        check_ports_free(settings)
+    except OSError as err:
+        raise StartRefused(3, one_line(err)) from None
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["doctor"]:
@@ -124,20 +150,14 @@ def main(argv: list[str] | None = None) -> int:
               "exports the model first, then starts this service): run convnext serve "
               f"{' '.join(argv)} (or python -m convnext_cli serve ...)", file=sys.stderr)
         return 2
-    from service.app import check_servable, create_app
-    from service.server import Server, check_ports_free, uvicorn_config
-
     try:
-        settings = settings_from_args(argv)
-    except ValueError as err:  # pydantic's ValidationError, or pydantic-settings' error for an unparsable variable
-        detail = settings_error(err) if isinstance(err, ValidationError) else one_line(err)
-        print(f"convnext serve: error: invalid settings: {detail}", file=sys.stderr)
-        return 2
-    try:  # before the model loads (minutes for a TensorRT build), what would make the start fail at its end
-        check_ports_free(settings)
-    except OSError as err:
-        print(f"convnext serve: error: {one_line(err)}", file=sys.stderr)
-        return 3  # as uvicorn's own failure to bind
+        settings = startable_settings(argv)
+    except StartRefused as refused:
+        print(f"convnext serve: error: {refused}", file=sys.stderr)
+        return refused.status
+    from service.app import check_servable, create_app
+    from service.server import Server, uvicorn_config
+
     try:
         check_servable(settings)
     except (RepositoryError, RuntimeError) as err:

@@ -131,3 +131,23 @@ def test_a_bench_subcommand_names_itself_in_its_usage_and_its_one_line_errors(su
     refused = run_cli("bench", [subcommand, "--nosuch"], tmp_path)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.startswith(f"python -m bench {subcommand}: error: ") and refused.stderr.count("\n") == 1
+
+
+def test_convnext_serve_checks_the_service_settings_and_ports_before_exporting(places):
+    """A taken port or an invalid setting is answered at once with the service's status (3 / 2), not after a
+    download and an export: the checkpoint here is unreadable, and it is never opened."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for service_args, status, phrase in (
+                (["--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"], 3,
+                 f"port 127.0.0.1:{port} is taken"),
+                (["--max-batch-size", "0"], 2, "invalid settings: max_batch_size")):
+            result = run_cli("convnext", ["serve", "--checkpoint", f"{places['tmp']}/corrupt.pth", "--model",
+                                          "convnext_atto", "--repository", f"{places['tmp']}/never", *service_args],
+                             Path(places["tmp"]))
+            assert result.returncode == status, result.stderr
+            assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no export stage lines
+            assert result.stderr.startswith("convnext serve: error: ") and phrase in result.stderr, result.stderr
+            assert not Path(places["tmp"], "never").exists()
