@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu:
             missing = gpu_missing()
             if missing:
-                print(f"convnext bench all --gpu: {missing}", file=sys.stderr)
+                print(f"convnext bench all: error: --gpu: {missing}", file=sys.stderr)
                 return 2
             preset = preset.on_gpu()
         results = run_all(preset, args.out, providers, args.threads)

@@ -46,6 +46,7 @@ from .roadmap_engines import (
 )
 from .roadmap_report import write_report
 
+PROG = "python -m bench roadmap"
 # An engine: (step's ONNX file, eval module, threads) -> run(batch) -> logits; None when it cannot run here.
 EngineFactory = Callable[[Path, torch.nn.Module, int], Callable[[np.ndarray], object]]
 
@@ -132,7 +133,7 @@ def benchmark_step(row: dict, repository: Path, plan: EnginePlan, factories: dic
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = CliParser(prog="python -m bench roadmap", description=__doc__,
+    parser = CliParser(prog=PROG, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regime", choices=sorted(REGIMES), default="r50", help="r50: Table 10; r200: Table 11")
     parser.add_argument("--steps", nargs="+", metavar="KEY", help="only these step keys (default: every row)")
@@ -160,29 +161,29 @@ def main(argv: list[str] | None = None) -> int:
     keys = [s.key for s in steps_of(args.regime)]
     unknown = set(args.steps or ()) - set(keys)
     if unknown:
-        print(f"unknown step keys {sorted(unknown)}; choose from {keys}", file=sys.stderr)
+        print(f"{PROG}: error: unknown step keys {sorted(unknown)}; choose from {keys}", file=sys.stderr)
         return 2
     factories, cpu_skipped = cpu_engines()
     plan = plan_engines(selected, factories, cpu_skipped)
     problem, target = gpu_problem(plan.gpu) if plan.gpu else (None, None)
     if problem:  # before any export: one line, no traceback
-        print(f"bench roadmap: this host cannot run {list(plan.gpu)}: {problem}. Without a GPU: --engines cpu",
+        print(f"{PROG}: error: this host cannot run {list(plan.gpu)}: {problem}. Without a GPU: --engines cpu",
               file=sys.stderr)
         return 2
     if not plan.engines:
-        print(f"bench roadmap: none of {selected} can run here: {plan.skipped}", file=sys.stderr)
+        print(f"{PROG}: error: none of {selected} can run here: {plan.skipped}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     results, failed = run_roadmap(args, plan, factories, target)
-    results["config"]["command"] = " ".join(["python -m bench roadmap", *(sys.argv[2:] if argv is None else argv)])
+    results["config"]["command"] = " ".join([PROG, *(sys.argv[2:] if argv is None else argv)])
     if not results["engines"]:
-        print(f"bench roadmap: every engine failed: {failed}", file=sys.stderr)
+        print(f"{PROG}: error: every engine failed: {failed}", file=sys.stderr)
         return 1
     files = write_report(results, args.out)
     print((args.out / "report.md").read_text())
     print("wrote", ", ".join(str(p) for p in files.values()))
     if failed:
-        print(f"bench roadmap: {len(failed)} engine(s) failed and are left out of the report: {failed}",
+        print(f"{PROG}: error: {len(failed)} engine(s) failed and are left out of the report: {failed}",
               file=sys.stderr)
     return 1 if failed else 0
 

@@ -9,8 +9,8 @@ from .checkpoints import load_checkpoint
 from .convnext import ConvNeXt, ConvNeXtIsotropic
 from .registry import get_config
 from .resnet import resnet
-from .roadmap import RoadmapNet
-from .roadmap_steps import ROADMAP_MODELS
+from .roadmap import Design, RoadmapNet
+from .roadmap_steps import ROADMAP_MODELS, step_with_activation
 
 
 def create_model(
@@ -44,7 +44,7 @@ def create_model(
             activation,
         )
     elif cfg.family == "roadmap":
-        design = ROADMAP_MODELS[name].design.with_options(activation=activation, layer_scale_init=layer_scale_init)
+        design = roadmap_design(name, activation, layer_scale_init)
         model = RoadmapNet(design, num_classes, in_chans, drop_path_rate, head_init_scale)
     else:
         model = resnet(cfg.depths, num_classes, activation, drop_path_rate, in_chans,
@@ -52,3 +52,14 @@ def create_model(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def roadmap_design(name: str, activation: str, layer_scale_init: float) -> Design:
+    """A roadmap step's design with create_model's options. The activation is one of the things the roadmap varies,
+    so another one is refused, naming the step that has it."""
+    try:
+        return ROADMAP_MODELS[name].design.with_options(activation=activation, layer_scale_init=layer_scale_init)
+    except ValueError as err:
+        other = step_with_activation(name, activation)
+        where = f"the step with {activation} is {other}" if other else f"no step has this design with {activation}"
+        raise ValueError(f"{err}; {where}") from None

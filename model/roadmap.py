@@ -71,7 +71,7 @@ class Design:
         """This design with create_model's options applied: layer scale is free, the activation is the design's."""
         if activation is not None and activation != self.activation:
             raise ValueError(f"this roadmap step is defined with {self.activation}; the activation is one of the "
-                             f"steps the roadmap varies: pick the step that uses {activation} instead")
+                             "steps the roadmap varies")
         return self if layer_scale_init is None else replace(self, layer_scale_init=layer_scale_init)
 
 

@@ -136,6 +136,15 @@ STEPS = {"r50": R50_STEPS, "r200": R200_STEPS}
 ROADMAP_MODELS: dict[str, Step] = {s.model: s for steps in STEPS.values() for s in steps if s.recipe == "enhanced"}
 
 
+def step_with_activation(name: str, activation: str) -> str | None:
+    """The roadmap model with `name`'s design but `activation` (e.g. the step before "ReLU -> GELU"), or None."""
+    try:
+        wanted = replace(ROADMAP_MODELS[name].design, activation=activation)
+    except ValueError:  # not an activation any design takes
+        return None
+    return next((model for model, step in ROADMAP_MODELS.items() if step.design == wanted), None)
+
+
 def steps_of(regime: str) -> tuple[Step, ...]:
     try:
         return STEPS[regime]

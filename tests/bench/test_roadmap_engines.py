@@ -137,7 +137,7 @@ def test_gpu_engines_on_a_host_without_a_gpu_fail_at_once_in_one_line(tmp_path):
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.startswith("bench roadmap: this host cannot run ['tensorrt-fp16', 'tensorrt-bf16', "
-                                  "'onnxruntime-cuda-fp32']:")
+    assert done.stderr.startswith("python -m bench roadmap: error: this host cannot run ['tensorrt-fp16', "
+                                  "'tensorrt-bf16', 'onnxruntime-cuda-fp32']:")
     assert "TensorRT" in done.stderr and "--engines cpu" in done.stderr
     assert not (tmp_path / "out").exists() and "export" not in done.stdout  # refused before exporting anything

@@ -161,8 +161,12 @@ def test_create_model_options_on_a_step():
     assert blocks[0].drop_path.drop_prob == 0.0 and blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
     assert all(b.gamma is None for b in model.create_model("roadmap_r50_gelu").modules() if hasattr(b, "gamma"))
     assert model.create_model("roadmap_r50_gelu", activation="gelu") is not None
-    with pytest.raises(ValueError, match="defined with gelu.*pick the step"):
-        model.create_model("roadmap_r50_gelu", activation="relu")
+    with pytest.raises(ValueError, match="defined with gelu.*the step with relu is roadmap_r50_kernel7$"):
+        model.create_model("roadmap_r50_gelu", activation="relu")  # the row before "ReLU -> GELU"
+    with pytest.raises(ValueError, match="defined with relu.*the step with gelu is roadmap_r50_gelu$"):
+        model.create_model("roadmap_r50_kernel7", activation="gelu")
+    with pytest.raises(ValueError, match="no step has this design with relu$"):  # after GELU the roadmap keeps it
+        model.create_model("roadmap_r50_fewer_activations", activation="relu")
 
 
 @pytest.mark.parametrize(("edits", "message"), [
