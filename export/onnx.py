@@ -246,7 +246,8 @@ def _model_name_of(asked: str | None, held: str | None) -> str:
 
 
 def _labels_of(labels: Sequence[str] | None, num_classes: int) -> tuple[str, ...]:
-    """The given class names (the caller's, a project checkpoint's), else ImageNet-1K's or class_0..class_{N-1}."""
+    """The given class names (the caller's, a project checkpoint's), else export.labels.default_labels: ImageNet-1K's,
+    -22K's or -12K's by the class count, or class_0..class_{N-1}."""
     labels = tuple(str(label) for label in labels) if labels is not None else default_labels(num_classes)
     if len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels for {num_classes} classes; pass one label per class")
