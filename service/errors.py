@@ -12,17 +12,21 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.types import Scope, Send
 
+V2_PREFIX = "/v2"
+MAX_ECHOED_CHARS = 200  # of anything a client sent that an error message repeats (a name, a file name)
+# Of a whole message: the bound whatever a message repeats unclipped (a model or tensor name, a JSON path of
+# client-chosen keys), so no answer and no gRPC trailer carries a client's megabytes back.
+MAX_MESSAGE_CHARS = 1000
+
 
 class ApiError(Exception):
     """An answer to the client: HTTP status, machine-readable code, message (and headers such as Retry-After)."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message)} characters)"
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
-
-
-V2_PREFIX = "/v2"
-MAX_ECHOED_CHARS = 200  # of anything a client sent that an error message repeats (a name, a file name)
 
 
 def clipped(text: str) -> str:

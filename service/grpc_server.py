@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -37,6 +37,7 @@ CONTENTS_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "in
                    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
                    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
                    "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+MAX_STREAMS_PER_CONNECTION = 128
 # Typed contents elements converted on the event loop; more (each one is Python work) go to a worker thread.
 INLINE_MAX_ELEMENTS = 4096
 ERROR_CODE_KEY = "convnext-error-code"  # trailing metadata: the machine-readable code of the HTTP API's JSON errors
@@ -188,19 +189,27 @@ def _has_key(context: grpc.aio.ServicerContext, api_key: bytes) -> bool:
 
 
 class _Method:
-    """One RPC: key check, parsing (a malformed message is INVALID_ARGUMENT), the handler, status and metrics."""
+    """One RPC: key check, parsing (a malformed message is INVALID_ARGUMENT), the handler, status and metrics.
+
+    Served as stream-unary, one request message read by hand: a unary handler runs only once grpc has received the
+    whole message, so a caller without the key (or one that never finishes its message) would hold a call slot and
+    up to max_body_bytes of memory for as long as it liked. Here the key is checked first, from the call's metadata
+    (a refused call is answered at once and its message never read), and the message must arrive within
+    body_deadline_s, as an HTTP body must. Clients call it as the unary RPC it is in the .proto: the wire is the same.
+    """
 
     def __init__(self, name: str, handler: Handler, request_type: type[Message], state: ServiceState):
         self.name, self.handler, self.request_type, self.state = name, handler, request_type, state
         api_key = state.settings.api_key
         self.api_key = None if api_key is None or name in PUBLIC_METHODS else api_key.get_secret_value().encode()
 
-    async def call(self, body: bytes, context: grpc.aio.ServicerContext) -> Message:
+    async def call(self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Message:
         metrics, started, code = self.state.metrics, time.perf_counter(), grpc.StatusCode.OK
         try:
             if self.api_key is not None and not _has_key(context, self.api_key):
                 raise ApiError(401, "unauthorized", "the call carries no or a wrong API key; send metadata "
                                "`authorization: Bearer <key>` or `x-api-key: <key>`")
+            body = await self._request_message(messages)
             with self.state.body_budget.held(len(body)):  # gRPC has read the message whole: counted until answered
                 try:
                     request = self.request_type.FromString(body)
@@ -225,6 +234,18 @@ class _Method:
             metrics.grpc_requests.labels(self.name, code.name).inc()
             metrics.grpc_request_duration.labels(self.name, code.name).observe(time.perf_counter() - started)
 
+    async def _request_message(self, messages: AsyncIterator[bytes]) -> bytes:
+        """The call's one request message, within body_deadline_s of the call's start."""
+        deadline_s = self.state.settings.body_deadline_s
+        try:
+            async with asyncio.timeout(deadline_s):
+                return await anext(messages)
+        except StopAsyncIteration:
+            raise ApiError(400, "invalid_message", "the call ended without its request message") from None
+        except TimeoutError:
+            raise ApiError(408, "body_timeout", f"the request message did not arrive within {deadline_s:g} s; "
+                           "send it at once") from None
+
 
 def inference_service(state: ServiceState) -> grpc.GenericRpcHandler:
     """Every RPC of the .proto's service, served under the protocol's name with the state's limits and key."""
@@ -232,7 +253,8 @@ def inference_service(state: ServiceState) -> grpc.GenericRpcHandler:
     for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         request_type = getattr(pb, method.input_type.name)
         # No request deserializer: the handler parses, so a malformed message gets INVALID_ARGUMENT, not UNKNOWN.
-        methods[method.name] = grpc.unary_unary_rpc_method_handler(
+        # Stream-unary on this side (_Method): the key is checked before the message is read.
+        methods[method.name] = grpc.stream_unary_rpc_method_handler(
             _Method(method.name, HANDLERS[method.name], request_type, state).call,  # a coroutine function, for grpc
             response_serializer=lambda message: message.SerializeToString())
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
@@ -261,6 +283,9 @@ async def start_grpc_server(state: ServiceState) -> GrpcService:
     server = grpc.aio.server(
         handlers=[inference_service(state)], maximum_concurrent_rpcs=settings.max_connections,
         options=[("grpc.max_receive_message_length", settings.max_body_bytes),
+                 # Calls at once on one connection (HTTP/2 streams; grpc core's default has no bound): one client
+                 # cannot take every call slot; a client with more waits for a stream, not an error.
+                 ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                  ("grpc.max_send_message_length", -1),
                  ("grpc.so_reuseport", 0)])  # a port another server holds is an error, not a silent share
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
