@@ -165,13 +165,26 @@ def watching(client_gone: ClientGone | None) -> Iterator[asyncio.Future[Any] | N
             gone.cancel()
 
 
-async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyncio.Future[Any] | None) -> list[Item]:
+def request_deadline(state: ServiceState) -> float:
+    """The time.monotonic() by which a request whose body has arrived must be answered: request_timeout_ms from
+    now, waits for a decode slot and decoding included."""
+    return time.monotonic() + state.settings.request_timeout_ms / 1000
+
+
+def deadline_passed(state: ServiceState) -> ApiError:
+    return ApiError(504, "deadline", f"the request did not finish within {state.settings.request_timeout_ms:.0f} ms")
+
+
+async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyncio.Future[Any] | None,
+                      deadline: float) -> list[Item]:
     """Enqueue, wait for every image (or the deadline, or `gone`: the client leaving); returns the items in order."""
-    timeout_s = state.settings.request_timeout_ms / 1000
+    timeout_s = max(0.0, deadline - time.monotonic())
+    if timeout_s == 0:
+        raise deadline_passed(state)
     if gone is not None and gone.done():  # it left while its images decoded: nothing is enqueued
         raise ApiError(499, "client_disconnected", "the client disconnected before its images were queued")
     try:
-        items = state.batcher.submit(tensors, time.monotonic() + timeout_s)  # type: ignore[union-attr]  # as above
+        items = state.batcher.submit(tensors, deadline)  # type: ignore[union-attr]  # callers check require_ready
     except QueueFullError as err:
         raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
     futures = [item.future for item in items]
@@ -181,9 +194,9 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyn
     try:
         done, _ = await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if gathered not in done:
-            reason = "client_disconnected" if gone is not None and gone in done else "deadline"
-            raise ApiError(504 if reason == "deadline" else 499, reason,
-                           f"the request did not finish within {state.settings.request_timeout_ms:.0f} ms")
+            if gone is not None and gone in done:
+                raise ApiError(499, "client_disconnected", "the client disconnected before its answer")
+            raise deadline_passed(state)
         gathered.result()
     except (DeadlineError, TimeoutError) as err:
         raise ApiError(504, "deadline", str(err)) from None
@@ -202,9 +215,14 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyn
 
 async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_gone: ClientGone | None) -> list[Item]:
     """Encoded images (name, bytes) -> one batcher item each, preprocessed the serving way."""
+    deadline = request_deadline(state)
     with watching(client_gone) as gone, admitted(state, len(images)):
-        preprocessed = await preprocess_images(state, images)
-        items = await run_batched(state, [tensor for tensor, _ in preprocessed], gone)
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):  # a decode slot may have to be waited for
+                preprocessed = await preprocess_images(state, images)
+        except TimeoutError:
+            raise deadline_passed(state) from None
+        items = await run_batched(state, [tensor for tensor, _ in preprocessed], gone, deadline)
     for item, (_, seconds) in zip(items, preprocessed, strict=True):
         item.timings["preprocess_ms"] = seconds * 1000
     return items
@@ -212,8 +230,9 @@ async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_
 
 async def infer(state: ServiceState, tensors: list[np.ndarray], client_gone: ClientGone | None) -> list[Item]:
     """Preprocessed tensors (C, H, W) -> one batcher item each."""
+    deadline = request_deadline(state)
     with watching(client_gone) as gone, admitted(state, len(tensors)):
-        return await run_batched(state, tensors, gone)
+        return await run_batched(state, tensors, gone, deadline)
 
 
 def labels_of(item: Item) -> tuple[str, ...]:

@@ -69,7 +69,8 @@ class Settings(BaseSettings):
         "README) but runs a lone request on one core"))
     access_log: bool = Field(True, description=(
         "one line per HTTP request on stdout (uvicorn's format), written by a thread off the event loop"))
-    request_timeout_ms: float = Field(30_000.0, gt=0, description="per-request deadline (504 deadline)")
+    request_timeout_ms: float = Field(30_000.0, gt=0, description=(
+        "per-request deadline, from when the body has arrived to the answer, decoding included (504 deadline)"))
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413 above it)")
     max_buffered_body_bytes: int = Field(256 * 1024 * 1024, ge=1, description=(
         "request bodies held in memory at once, all requests together, counted as they arrive, with what they become "

@@ -1,6 +1,8 @@
-"""pipeline decisions without a server: top_k_of (the k most probable classes in the order a stable sort of every
-class gives, ties in class order), and a client gone before its images were queued."""
+"""pipeline decisions: top_k_of (the k most probable classes in the order a stable sort of every class gives, ties in
+class order) and a client gone before its images were queued, without a server; the request deadline, with one."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -41,7 +43,24 @@ def test_a_client_gone_while_its_images_decoded_gets_499_and_nothing_is_queued()
         gone.set_result(None)
         state = SimpleNamespace(settings=SimpleNamespace(request_timeout_ms=1000.0), batcher=None)
         with pytest.raises(ApiError) as err:
-            await run_batched(state, [np.zeros((3, 4, 4), np.float32)], gone)
+            await run_batched(state, [np.zeros((3, 4, 4), np.float32)], gone, time.monotonic() + 1)
         assert (err.value.status, err.value.code) == (499, "client_disconnected")
 
     asyncio.run(main())
+
+
+def test_the_request_deadline_counts_decoding_too(launch, model_repository, real_photos):
+    """request_timeout_ms runs from when the body has arrived, decoding included: a 12-MP photo (~100 ms of exact
+    decoding) cannot finish within 20 ms, even though the 64-px model's batch takes a few ms once it is queued."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(real_photos[0]).convert("RGB").resize((4000, 3000)).save(buffer, "JPEG", quality=90)
+    with launch(model_repository, request_timeout_ms=20) as url:
+        answer = httpx.post(f"{url}/classify", content=buffer.getvalue(), headers={"content-type": "image/jpeg"},
+                            timeout=30)
+    assert answer.status_code == 504, answer.text
+    assert answer.json()["error"] == {"code": "deadline", "message": "the request did not finish within 20 ms"}
