@@ -5,6 +5,7 @@ import asyncio
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -164,7 +165,9 @@ class Batcher:
         self.closing = False
         self.consecutive_failures = 0
         self._running: dict[asyncio.Task, ServedModel] = {}  # the batches in flight and the model running each
-        self._hung: set[ServedModel] = set()  # models abandoned at an engine timeout; their batches block nothing
+        # Models abandoned at an engine timeout: their batches block nothing, and they stay abandoned (their engine may
+        # still be inside the hung call) for as long as anyone holds them; weak, so a dropped model is not kept here.
+        self._hung: weakref.WeakSet[ServedModel] = weakref.WeakSet()
         self._buffers: list[np.ndarray] = []  # free batch buffers, (max_batch_size, C, H, W) float32
         self._has_engine = asyncio.Event()
         self._has_engine.set()
@@ -280,9 +283,7 @@ class Batcher:
             await asyncio.wait(blocking, return_when=asyncio.FIRST_COMPLETED)
 
     def _batch_finished(self, task: asyncio.Task) -> None:
-        served = self._running.pop(task)
-        if served in self._hung and served not in self._running.values():
-            self._hung.discard(served)
+        self._running.pop(task)  # a hung model stays in _hung: its engine may still be inside the abandoned call
 
     def _take_buffer(self, image_shape: tuple[int, ...]) -> np.ndarray:
         while self._buffers:
@@ -348,7 +349,8 @@ class Batcher:
                 item.future.set_exception(error)
 
     def abandoned(self, served: ServedModel) -> bool:
-        """True when a batch on `served` hit engine_timeout_ms: its engine may still be inside that call."""
+        """True once a batch on `served` hit engine_timeout_ms, and from then on (also after that batch's task has
+        finished, e.g. before a swap returns): its engine may still be inside that call."""
         return served in self._hung
 
     def _detach(self, served: ServedModel, reason: str, detail: str) -> None:

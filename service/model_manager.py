@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from runtime.engines.base import Engine
+from runtime.engines.factory import open_bound_s
 from runtime.repository import ModelRepository, ModelVersion, RepositoryError
 from service.admission import admission_capacity
 from service.batcher import Batcher, EngineThread, ServedModel
@@ -35,6 +37,28 @@ class ReloadRefused(Exception):
 
 class SmokeRunError(RuntimeError):
     """A freshly loaded engine gave wrong output on its smoke run."""
+
+
+def rebuild_timeout_s(settings: Settings) -> float:
+    """How long one rebuild of a broken engine may take before it counts as failed: opening the engine (open_bound_s:
+    with TensorRT, time for a build) and engine_timeout_ms per engine call (warmup_runs at batch 1 and at max batch,
+    and the smoke run), as a served batch gets."""
+    engine_calls = 2 * settings.warmup_runs + 1
+    return open_bound_s(settings.engine, settings.provider) + engine_calls * settings.engine_timeout_ms / 1000
+
+
+def close_engine(engine: Engine, what: str) -> None:
+    """In the engine's thread: close it; a failure is logged (the engine is gone either way)."""
+    try:
+        engine.close()
+    except Exception as err:
+        logger.warning("closing the engine of %s failed: %s: %s", what, type(err).__name__, err)
+
+
+def close_prepared(prepared: Future, what: str) -> None:
+    """In the engine's thread, after the call that prepared the engine: close it, if that call made one."""
+    if not prepared.cancelled() and prepared.exception() is None:  # a failed prepare closed its own engine
+        close_engine(prepared.result(), what)
 
 
 def load_model_version(repository: ModelRepository, name: str | None, version: int | None) -> ModelVersion:
@@ -64,6 +88,8 @@ class ModelManager:
         self._refused: dict[int, datetime | None] = {}  # version -> created_at of the manifest refused (None: unread)
         self._failed_rebuilds = 0  # in a row, since the engine last broke
         self._last_rebuild_error: str | None = None
+        self.rebuild_limit_s = rebuild_timeout_s(settings)  # each rebuild attempt's bound
+        self._info_labels: tuple[str, ...] | None = None  # convnext_model_info's labels, as set last
         self._lock = asyncio.Lock()  # one reload or recovery at a time
         self._recovery: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
@@ -128,7 +154,7 @@ class ModelManager:
         self.batcher.start()
         self.current = served
         self._broken_reason = None
-        self._show(None, served)
+        self._show(served)
         if settings.watch_interval_s > 0:
             self._watch = asyncio.get_running_loop().create_task(self._watch_repository(), name="repository-watch")
 
@@ -150,7 +176,12 @@ class ModelManager:
                                 "when /readyz says ready")
         async with self._lock:
             name = self.serving.name
-            known = await asyncio.to_thread(self.repository.versions, name)
+            try:
+                known = await asyncio.to_thread(self.repository.versions, name)
+            except (RepositoryError, OSError) as err:  # a transient error (a network volume, say): nothing to refuse
+                self.reloads.labels("refused").inc()
+                raise ReloadRefused(503, "repository_unavailable", f"cannot read the model repository ({err}); still "
+                                    f"serving {name}/{self.serving.version}, retry later") from None
             target = version if version is not None else max(known, default=None)
             if target is None or target not in known:
                 raise ReloadRefused(404, "version_not_found", f"{name}/{version or 'latest'} is not in the "
@@ -198,12 +229,15 @@ class ModelManager:
         """
         manifest = model.manifest
         thread = EngineThread(f"engine-{manifest.name}-{manifest.version}")
+        prepared = thread.submit(self._prepare_engine, model)
         try:
-            engine = await asyncio.wrap_future(thread.submit(self._prepare_engine, model))
+            engine = await asyncio.wrap_future(prepared)
             thread.add_workers(engine.max_concurrent_batches - 1)  # one thread per batch it runs at once
             built = await asyncio.to_thread(self.repository.load, manifest.name, manifest.version, verify_files=False)
         except BaseException:
-            thread.stop()
+            # Failed or cancelled (a rebuild past its bound): the engine is closed once its preparation returns, if it
+            # made one, and the thread then ends; nothing waits for that (a wedged device's load may never return).
+            thread.submit_last(close_prepared, prepared, f"{manifest.name}/{manifest.version}")
             raise
         return ServedModel(engine, manifest.name, manifest.version, thread, built)
 
@@ -229,40 +263,49 @@ class ModelManager:
         previous = await self.running_batcher.swap(served)  # returns once the previous engine's last batch is done
         self.current = served
         self._broken_reason = None
-        self._show(previous_current, served)
+        self._show(served)
         if previous is not None:
             await self._close(previous)
         return previous_current
 
     async def _close(self, served: ServedModel) -> None:
-        """Close an engine after the batches already handed to it (one running several at once may still be in
-        one). An engine with a hung batch is abandoned instead: its close would queue behind that call forever
-        (holding a reload's lock, or the shutdown). The wait is bounded for the same reason: a batch that hangs
-        only now gets engine_timeout_ms to finish, and the close as much again."""
+        """Close an engine after the batches already handed to it (one running several at once may still be in one).
+        One with a hung batch is not waited for (that would hold a reload's lock, or the shutdown): it closes if and
+        when that call returns. Nor is a slow one for long: after engine_timeout_ms for a batch that hangs only now and
+        as much for the close, the close is left queued (not cancelled), to run once the calls before it are done."""
         if self.batcher is not None and self.batcher.abandoned(served):
-            served.thread.stop()
-            logger.warning("the engine of %s/%s is abandoned, not closed: a batch on it hung", served.name,
-                           served.version)
+            self._close_later(served)
+            logger.warning("the engine of %s/%s is abandoned: a batch on it hung; it is closed if that call returns",
+                           served.name, served.version)
             return
-        closing = asyncio.wrap_future(served.thread.submit_last(served.engine.close))
-        try:
-            await asyncio.wait_for(closing, 2 * self.settings.engine_timeout_ms / 1000)
-        except TimeoutError:
+        closing = asyncio.wrap_future(served.thread.submit_last(close_engine, served.engine,
+                                                                f"{served.name}/{served.version}"))
+        done, _ = await asyncio.wait({closing}, timeout=2 * self.settings.engine_timeout_ms / 1000)
+        if not done:
             logger.warning("closing the engine of %s/%s did not finish within 2 x engine_timeout_ms (a batch still "
-                           "running on it?); abandoned", served.name, served.version)
-        except Exception as err:  # the engine is gone either way; say so and carry on serving
-            logger.warning("closing the engine of %s/%s failed: %s", served.name, served.version, err)
+                           "running on it?); not waiting for it, it closes once that batch returns", served.name,
+                           served.version)
+        elif closing.exception() is not None:  # its thread was stopped already: the engine is not in use
+            logger.warning("the engine of %s/%s was not closed: %s", served.name, served.version, closing.exception())
 
-    def _show(self, previous: ServedModel | None, served: ServedModel) -> None:
-        """convnext_model_info names exactly the served model."""
-        if previous is not None:
-            spec = previous.engine.describe()
-            try:
-                self.metrics.model_info.remove(previous.name, str(previous.version), spec.name, spec.precision)
-            except KeyError:  # the same labels were already removed (a rebuilt engine of the same version)
-                pass
-        spec = served.engine.describe()
-        self.metrics.model_info.labels(served.name, str(served.version), spec.name, spec.precision).set(1)
+    @staticmethod
+    def _close_later(served: ServedModel) -> None:  # behind every call on it, a hung one included; waits for none
+        served.thread.submit_last(close_engine, served.engine, f"{served.name}/{served.version}")
+
+    def _show(self, served: ServedModel) -> None:
+        """convnext_model_info names exactly the served model (the labels set last are removed: the previous engine
+        may be closed by now, and is not asked again)."""
+        if self._info_labels is not None:
+            self.metrics.model_info.remove(*self._info_labels)
+            self._info_labels = None
+        try:
+            spec = served.engine.describe()
+        except Exception as err:  # the metric only informs: the model serves without it
+            logger.warning("convnext_model_info is not set: the engine of %s/%s cannot describe itself (%s: %s)",
+                           served.name, served.version, type(err).__name__, err)
+            return
+        self._info_labels = (served.name, str(served.version), spec.name, spec.precision)
+        self.metrics.model_info.labels(*self._info_labels).set(1)
 
     def _on_broken(self, served: ServedModel, reason: str, detail: str) -> None:
         """Called by the batcher when it stops using an engine; rebuild one from the same version."""
@@ -270,7 +313,7 @@ class ModelManager:
         self.restarts.labels(reason).inc()
         logger.error("engine of %s/%s is broken (%s); rebuilding it", served.name, served.version, detail)
         if reason == "engine_timeout":
-            served.thread.stop()  # abandoned: the hung call may still be using the engine, so it is not closed
+            self._close_later(served)  # abandoned: the hung call may still be using the engine
         else:
             task = asyncio.get_running_loop().create_task(self._close(served))
             self._closing.add(task)
@@ -286,9 +329,7 @@ class ModelManager:
             self._failed_rebuilds = 0
             while self.running_batcher.served is None:
                 try:
-                    # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version.
-                    current = await asyncio.to_thread(self.repository.load, name, version)
-                    served = await self._build(current)
+                    served = await self._rebuild(name, version)
                 except Exception as err:  # keep trying: the service is useless without an engine
                     delay = RECOVERY_BACKOFF_S[min(self._failed_rebuilds, len(RECOVERY_BACKOFF_S) - 1)]
                     self._failed_rebuilds += 1
@@ -304,22 +345,38 @@ class ModelManager:
                 await self._install(served)
                 logger.info("engine of %s/%s rebuilt; serving again", served.name, served.version)
 
+    async def _rebuild(self, name: str, version: int) -> ServedModel:
+        """One rebuild attempt, bounded by rebuild_limit_s: past it the attempt is abandoned (_build closes its engine
+        if its load ever returns) and TimeoutError raised, so it counts as a failed attempt."""
+        limit_s = self.rebuild_limit_s
+        try:
+            async with asyncio.timeout(limit_s) as bound:
+                # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version.
+                current = await asyncio.to_thread(self.repository.load, name, version)
+                return await self._build(current)
+        except TimeoutError:
+            if not bound.expired():
+                raise  # the build's own
+            raise TimeoutError(f"the rebuild did not finish within {limit_s:g} s (a wedged device?); it is "
+                               "abandoned") from None
+
     async def _watch_repository(self) -> None:
         """Poll the repository for a newer version of the served model, or the served version exported again
-        (`export --overwrite`), and reload it like /admin/reload."""
+        (`export --overwrite`), and reload it like /admin/reload. A poll that fails (a transient repository error,
+        say) is logged and the next one tries again: the watcher ends with the service only (/readyz says if not)."""
         while True:
             await asyncio.sleep(self.settings.watch_interval_s)
             try:
                 target = await asyncio.to_thread(self._changed_version)
-            except (RepositoryError, OSError) as err:
-                logger.warning("cannot read the model repository: %s", err)
-                continue
-            if target is None or self._lock.locked():
-                continue
-            try:
-                await self.reload(target)
+                if target is not None and not self._lock.locked():
+                    await self.reload(target)
             except ReloadRefused as err:
                 logger.warning("not serving the new version: %s", err.message)
+            except (RepositoryError, OSError) as err:
+                logger.warning("cannot read the model repository: %s", err)
+            except Exception as err:
+                logger.error("the repository watcher's poll failed (%s: %s); it polls again in %g s",
+                             type(err).__name__, err, self.settings.watch_interval_s)
 
     def _changed_version(self) -> int | None:
         """The version to load: a newer one, else the served one when its manifest was written anew since it was

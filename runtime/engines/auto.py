@@ -56,6 +56,7 @@ class AutoEngine(Engine):
         self.chosen: Engine | None = None
         self.chosen_name: str | None = None
         self.images_per_s: dict[str, float] = {}
+        self.described: EngineDescription | None = None  # the chosen engine's description, kept after close()
 
     @property  # read-only here: the chosen engine's figure, never assigned
     def max_concurrent_batches(self) -> int:  # type: ignore[override]
@@ -73,9 +74,11 @@ class AutoEngine(Engine):
             for round_index in range(MEASURE_ROUNDS):
                 names = list(engines) if round_index % 2 == 0 else list(reversed(engines))  # none always goes first
                 for name in names:
+                    # One that fails is left out like one that does not load: any Exception, as ONNX Runtime's
+                    # errors (InvalidArgument, RuntimeException, ...) derive from Exception, not RuntimeError.
                     try:
                         rates[name].append(measure_images_per_s(engines[name], batch, self.measure_s / MEASURE_ROUNDS))
-                    except (EngineError, RuntimeError) as err:  # left out like one that does not load
+                    except Exception as err:
                         logger.warning("engine auto: leaving out %s, it failed while measured (%s: %s)", name,
                                        type(err).__name__, err)
                         engines.pop(name).close()
@@ -92,6 +95,7 @@ class AutoEngine(Engine):
             if name != self.chosen_name:
                 engine.close()
         self.chosen = engines[self.chosen_name]
+        self.described = replace(self.chosen.describe(), auto_images_per_s=dict(self.images_per_s))
         figures = ", ".join(f"{name} {rate:.1f}" for name, rate in self.images_per_s.items())
         logger.info("engine auto chose %s: images/s at batch %d over %.1f s each: %s", self.chosen_name,
                     spec.max_batch_size, self.measure_s, figures)
@@ -105,7 +109,7 @@ class AutoEngine(Engine):
                 engine = build()
                 engine.load()
                 engine.warmup(1)
-            except (EngineError, ImportError, RuntimeError) as err:  # e.g. OpenVINO not installed or the model refused
+            except Exception as err:  # OpenVINO not installed, the model refused, an ONNX Runtime error, ...
                 if engine is not None:
                     engine.close()
                 errors[name] = f"{type(err).__name__}: {err}"
@@ -123,6 +127,10 @@ class AutoEngine(Engine):
         return self._loaded().run(batch)
 
     def describe(self) -> EngineDescription:
+        """The chosen engine's description; after close() the last one (a closed engine is still described while the
+        service rebuilds it: /models, model metadata)."""
+        if self.chosen is None and self.described is not None:
+            return self.described
         return replace(self._loaded().describe(), auto_images_per_s=dict(self.images_per_s))
 
     def close(self) -> None:

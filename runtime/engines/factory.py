@@ -18,7 +18,12 @@ from runtime.ort_session import (
     tensorrt_provider_options,
 )
 from runtime.repository import ModelVersion
+from runtime.tensorrt import BUILD_LOCK_TIMEOUT_S
 from runtime.tensorrt_runtime import TensorRTError, cudart, import_tensorrt
+
+# Opening an engine that builds nothing: reading and hashing the version's files, then an ONNX Runtime or OpenVINO
+# session, CUDA's start-up on a GPU; engine auto loads two and measures each for auto_measure_s.
+OPEN_BOUND_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,20 @@ def open_engine(version: ModelVersion, options: EngineOptions) -> Engine:
         # one replica builds, the others wait for it); an engine that fails to deserialize is rebuilt once.
         return open_tensorrt_engine(version, options.precision, options.max_batch_size, options.repository)
     return open_engine_unloaded(version, options)
+
+
+def open_bound_s(engine: str, provider: str) -> float:
+    """A bound on opening and loading an engine, its engine calls aside, for a caller that must not wait forever (the
+    service's rebuild of a broken engine: a wedged device's load never returns).
+
+    TensorRT may build on the way: open_tensorrt_engine builds an engine when the version (re-read) has none sound for
+    this GPU (exported again, a file failing its sha256) and rebuilds one that fails to deserialize, after waiting for
+    another replica's build; ONNX Runtime's TensorRT provider builds when its cache lacks one. The bound then allows
+    BUILD_LOCK_TIMEOUT_S more, what a replica already allows another's build: a wedged GPU takes that long to be
+    given up on, the price of never abandoning a build that would have finished.
+    """
+    may_build = engine == "tensorrt" or (engine == "onnxruntime" and provider == "tensorrt")
+    return OPEN_BOUND_S + (BUILD_LOCK_TIMEOUT_S if may_build else 0.0)
 
 
 def check_engine_options(version: ModelVersion, options: EngineOptions) -> None:

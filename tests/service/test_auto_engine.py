@@ -3,6 +3,7 @@ figures (log, engine description, /models), and serves correctly over HTTP."""
 from __future__ import annotations
 
 import logging
+import time
 
 import httpx
 import numpy as np
@@ -10,9 +11,18 @@ import pytest
 
 from runtime.engines.auto import AutoEngine
 from runtime.engines.base import Engine, EngineError
-from runtime.engines.factory import EngineOptions, onnxruntime_engine, open_engine
+from runtime.engines.factory import EngineOptions, onnxruntime_engine, open_engine, openvino_engine
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.engines.openvino import OpenVinoEngine
 from tests.service.conftest import classify_top1
+from tests.service.test_engine_health import (
+    GatedFactory,
+    black_png,
+    holds_black_image,
+    post,
+    wait_for_status,
+    wait_until_ready,
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +118,91 @@ def test_a_candidate_that_fails_while_measured_is_left_out(version, caplog):
     engine.close()
     with pytest.raises(EngineError, match="every candidate failed while measured"):
         AutoEngine({"openvino": lambda: FailsWhenMeasured(onnxruntime_engine(version, options))}, 0.1).load()
+
+
+class OnnxRuntimeErrorWhenMeasured(OnnxRuntimeEngine):
+    """The real ONNX Runtime engine, which loads and warms up, then hands ONNX Runtime images of the wrong height: its
+    InvalidArgument derives from Exception, not RuntimeError or EngineError."""
+
+    warmed_up = False
+
+    def warmup(self, runs: int = 2) -> None:
+        super().warmup(runs)
+        self.warmed_up = True
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return super().run(batch[:, :, :32] if self.warmed_up else batch)
+
+
+class OnnxRuntimeErrorWhenWarmedUp(OnnxRuntimeErrorWhenMeasured):
+    warmed_up = True  # wrong from the first batch on
+
+
+@pytest.mark.parametrize("engine_class, left_out_as", [(OnnxRuntimeErrorWhenMeasured, "it failed while measured"),
+                                                       (OnnxRuntimeErrorWhenWarmedUp, "it did not load")])
+def test_a_candidate_failing_with_an_onnxruntime_error_is_left_out(version, caplog, engine_class, left_out_as):
+    options = EngineOptions(max_batch_size=2)
+    failing = onnxruntime_engine(version, options)
+    failing.__class__ = engine_class
+    engine = AutoEngine({"onnxruntime": lambda: failing, "openvino": lambda: openvino_engine(version, options)}, 0.1)
+    with caplog.at_level(logging.WARNING, logger="convnext.runtime"):
+        engine.load()
+    assert engine.describe().name == "openvino" and set(engine.describe().auto_images_per_s) == {"openvino"}
+    assert f"leaving out onnxruntime, {left_out_as} (InvalidArgument" in caplog.text
+    assert failing.session is None  # closed
+    engine.close()
+
+
+def test_a_closed_auto_engine_still_describes_the_engine_it_chose(version):
+    """The service describes its engine while rebuilding a closed one (/models, model metadata, the model_info
+    metric); load() after close measures again and describes anew."""
+    engine = open_engine(version, EngineOptions(engine="auto", max_batch_size=2, auto_measure_s=0.1))
+    engine.load()
+    loaded = engine.describe()
+    engine.close()
+    assert engine.describe() == loaded and loaded.auto_images_per_s
+    with pytest.raises(EngineError, match="not loaded"):
+        AutoEngine({"onnxruntime": lambda: open_engine(version, EngineOptions())}, 0.1).describe()
+
+
+class PoisonedAutoEngine(AutoEngine):
+    """Engine auto failing every batch once it has seen a black image (a device fault); a rebuilt one is healthy."""
+
+    poisoned = False
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.poisoned = self.poisoned or holds_black_image(batch)
+        if self.poisoned:
+            raise RuntimeError("simulated sticky device fault")
+        return super().run(batch)
+
+
+def test_an_auto_engine_closed_for_a_rebuild_is_still_described_and_the_rebuild_completes(model_repository, launch):
+    """/models and the v2 model metadata describe the closed engine while its rebuild waits (they answered 500), and
+    the rebuild ends without an error (it raised describing the closed engine, after the swap)."""
+    build = GatedFactory(PoisonedAutoEngine)
+    try:
+        with launch(model_repository, build, engine="auto", max_batch_size=2, engine_max_consecutive_failures=1,
+                    warmup_runs=0) as url:
+            broken = url.app.state.service.engine
+            assert post(url, black_png(), "image/png").status_code == 500  # broken: closed, and rebuilt
+            wait_for_status(url, "/readyz", 503)
+            deadline = time.monotonic() + 20
+            while broken.chosen is not None:  # closed on its thread
+                assert time.monotonic() < deadline, "the broken engine was never closed"
+                time.sleep(0.05)
+            models = httpx.get(f"{url}/models")
+            assert models.status_code == 200 and models.json()["engine"]["name"] == broken.chosen_name
+            assert httpx.get(f"{url}/v2/models/atto").status_code == 200
+            build.rebuild.set()
+            wait_until_ready(url)
+            recovery = url.app.state.service.models._recovery
+            while not recovery.done():
+                assert time.monotonic() < deadline + 60, "the recovery never ended"
+                time.sleep(0.05)
+            assert recovery.exception() is None
+            info = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                    if line.startswith("convnext_model_info{")]
+            assert len(info) == 1 and 'version="1"' in info[0]
+    finally:
+        build.open()

@@ -208,3 +208,24 @@ def test_batches_still_on_a_hung_engine_do_not_hold_back_its_replacement():
 
     row, second_pending, fresh_batches = run(scenario())
     assert row[0] == 3.0 and second_pending and fresh_batches == [[3.0]]
+
+
+def test_an_engine_whose_batch_times_out_while_a_swap_waits_for_it_stays_abandoned():
+    """The swap waits for the old engine's batch, which then hits engine_timeout_ms: once that batch's task is done the
+    engine is still abandoned (the hung call may still be inside it), so its close is not queued and waited for."""
+    async def scenario():
+        old = RecordingEngine()
+        batcher = Batcher(served(old, 1), max_batch_size=4, max_queue_delay_ms=1, queue_size=32,
+                          metrics=ServiceMetrics(), engine_timeout_ms=200)
+        batcher.start()
+        (taken,) = await hold_first_batch(batcher, old)  # the old engine's call hangs (its gate stays shut)
+        previous = await asyncio.wait_for(batcher.swap(served(RecordingEngine(), 2)), 5)
+        with pytest.raises(EngineTimeoutError):
+            await taken.future
+        abandoned = batcher.abandoned(previous)
+        old.gate.set()
+        await batcher.drain()
+        return previous.version, abandoned, batcher._running
+
+    version, abandoned, running = run(scenario())
+    assert version == 1 and running == {} and abandoned

@@ -1,5 +1,6 @@
 """Engine health: a hung or repeatedly failing engine is detected, /readyz says why, and a rebuilt engine serves;
-an engine that cannot be rebuilt fails liveness; a rebuild sees what earlier builds added to the version.
+an engine that cannot be rebuilt fails liveness, as does a rebuild that hangs past its bound; a rebuild sees what
+earlier builds added to the version.
 
 The engines are the real ONNX Runtime engine, subclassed to hang or fail on an all-black image (the cue); the
 factory holds every rebuild until the test has seen the broken state, so nothing depends on timing.
@@ -16,9 +17,13 @@ import httpx
 import numpy as np
 
 from runtime.engines.base import EngineError
+from runtime.engines.factory import OPEN_BOUND_S
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.repository import ModelRepository, TensorRTInfo, describe_file
+from runtime.tensorrt import BUILD_LOCK_TIMEOUT_S
 from service.app import default_engine
+from service.model_manager import rebuild_timeout_s
+from service.settings import Settings
 
 
 def black_png() -> bytes:
@@ -236,3 +241,59 @@ def test_a_rebuild_sees_the_artifact_an_earlier_build_added_and_serves_that_vers
     first, rebuilt = build.artifacts_seen
     assert ENGINE_FILE not in first
     assert ENGINE_FILE in rebuilt  # re-read from the repository, not the version the first build was handed
+
+
+class WedgedRebuilds:
+    """The service's factory serving a HangingEngine; every rebuild blocks in the factory until `release` is set, as
+    a load on a wedged GPU would (none returns by itself). Keeps every engine it makes."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.engines: list[OnnxRuntimeEngine] = []
+
+    def __call__(self, version, settings):
+        if self.engines:
+            self.release.wait(60)
+        engine = default_engine(version, settings)
+        engine.__class__ = HangingEngine
+        engine.release = self.release
+        self.engines.append(engine)
+        return engine
+
+
+def test_a_rebuild_that_hangs_fails_past_its_bound_counts_toward_liveness_and_its_engines_are_closed_later(
+        model_repository, launch):
+    build = WedgedRebuilds()
+    try:
+        with launch(model_repository, build, engine_timeout_ms=500, engine_max_rebuild_attempts=2,
+                    warmup_runs=0) as url:
+            manager = url.app.state.service.models
+            manager.rebuild_limit_s = 1.0  # the test's bound; rebuild_timeout_s(settings) allows minutes
+            assert post(url, black_png(), "image/png").status_code == 504  # the engine hangs: rebuilds begin
+            dead = wait_for_status(url, "/healthz", 503, timeout_s=20)  # two attempts, each abandoned after 1 s
+            message = dead.json()["error"]["message"]
+            assert "2 attempts" in message and "did not finish within 1 s" in message
+            busy = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
+            assert busy.status_code == 409  # rebuilds go on, one at a time
+            manager.rebuild_limit_s = 60.0
+            build.release.set()  # the device recovers: the hung calls return, a rebuild succeeds
+            wait_until_ready(url)
+            assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+            serving = manager.current.engine
+            deadline = time.monotonic() + 20
+            while any(e.session is not None for e in build.engines if e is not serving):  # hung, and built too late
+                assert time.monotonic() < deadline, "an abandoned engine was never closed"
+                time.sleep(0.05)
+            assert len(build.engines) >= 3 and serving.session is not None
+    finally:
+        build.release.set()
+
+
+def test_a_rebuild_is_given_engine_timeout_ms_per_engine_call_and_with_tensorrt_the_time_to_build():
+    cpu = rebuild_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2))
+    assert cpu == OPEN_BOUND_S + 5 * 10  # warm-up at two batch sizes twice each, and the smoke run
+    assert rebuild_timeout_s(Settings(engine_timeout_ms=20_000, warmup_runs=2)) == cpu + 5 * 10
+    assert rebuild_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2, provider="cuda")) == cpu
+    for options in ({"engine": "tensorrt"}, {"provider": "tensorrt"}):  # either may build a TensorRT engine
+        assert rebuild_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2, **options)) == \
+            cpu + BUILD_LOCK_TIMEOUT_S

@@ -209,6 +209,41 @@ def test_watcher_reloads_the_served_version_when_it_is_exported_again_over_itsel
     assert after != before
 
 
+class FailingReads:
+    """The repository's versions(), failing the reads of a reload with each of `errors` in turn, as a network volume's
+    transient errors would. The watcher's poll reads the versions, then its reload reads them again: of the reads
+    that list `version`, every second one is a reload's."""
+
+    def __init__(self, versions, version: int, errors: list[Exception]):
+        self.versions, self.version, self.errors = versions, version, errors
+        self.reads = 0
+
+    def __call__(self, name: str) -> list[int]:
+        found = self.versions(name)
+        if self.version in found:
+            self.reads += 1
+            if self.reads % 2 == 0 and self.errors:
+                raise self.errors.pop(0)
+        return found
+
+
+def test_the_watcher_outlives_reloads_that_fail_and_serves_the_new_version_at_a_later_poll(own_repository,
+                                                                                          real_photos, launch):
+    """An OSError from the repository (refused, counted) and any other error out of a reload are each logged, and the
+    watcher polls on: /readyz stays ready (it said "the repository watcher stopped" forever)."""
+    photo = real_photos[3].read_bytes()
+    with launch(own_repository, version=2, watch_interval_s=0.1) as url:
+        repository = url.app.state.service.models.repository
+        errors = [OSError(116, "Stale file handle"), RuntimeError("an unexpected error")]
+        repository.versions = FailingReads(repository.versions, 3, errors)
+        assert publish_copy_of(own_repository, 2) == 3
+        wait_for(lambda: served_version(url, photo) == 3, "the watcher to serve version 3 after two failed reloads")
+        assert errors == [] and httpx.get(f"{url}/readyz").status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'convnext_model_reloads_total{result="refused"} 1.0' in metrics
+        assert 'convnext_model_reloads_total{result="ok"} 1.0' in metrics
+
+
 class Holding:
     """Version 1's engine (`factory`, the real one) holding each batch, once `hold` is set, until `release` is set.
 
@@ -262,6 +297,27 @@ def test_a_reload_while_the_old_engine_hangs_finishes_and_frees_the_next_reload(
         assert answers[0].status_code == 504 and answers[0].json()["error"]["code"] == "engine_timeout"
         again = httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=20)
         assert again.status_code == 200, again.text
+        assert served_version(url, photo) == 2
+
+
+def test_an_engine_swapped_out_while_its_batch_hangs_is_closed_once_that_call_returns(swap_repository, real_photos,
+                                                                                   launch, holding):
+    """The batch the swap waits for hits engine_timeout_ms: the old engine stays abandoned, its close is queued behind
+    the hung call (never run under it, nor cancelled), and runs once that call returns (TensorRT frees its memory)."""
+    photo = real_photos[0].read_bytes()
+    with launch(swap_repository, holding.factory, version=1, max_batch_size=1, warmup_runs=0,
+                engine_timeout_ms=500) as url:
+        old = url.app.state.service.engine
+        holding.hold.set()
+        held = threading.Thread(target=lambda: httpx.post(f"{url}/classify", content=photo,
+                                                          headers={"content-type": "image/jpeg"}, timeout=60))
+        held.start()
+        assert holding.batch_started.wait(20)
+        assert httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=20).status_code == 200
+        held.join(20)
+        assert old.session is not None  # still inside the hung call: not closed under it
+        holding.release.set()
+        wait_for(lambda: old.session is None, "the old engine to be closed once its hung call returned")
         assert served_version(url, photo) == 2
 
 
