@@ -12,7 +12,7 @@ from service.security import ADMIN_PREFIX
 
 router = APIRouter(prefix=ADMIN_PREFIX, tags=["admin"])
 MAX_RELOAD_BODY_BYTES = 1024  # {"version": N} is a few bytes
-RELOAD_ERRORS = error_responses(400, 404, 409, 413, 415, 422, descriptions={
+RELOAD_ERRORS = error_responses(400, 404, 409, 413, 415, 422, 503, descriptions={
     400: "The body is not UTF-8 JSON text (invalid_body)",
     404: "The version is not in the repository (version_not_found)",
     409: "A reload or an engine recovery is already running (reload_in_progress)",
@@ -20,6 +20,7 @@ RELOAD_ERRORS = error_responses(400, 404, 409, 413, 415, 422, descriptions={
     415: "Content-Type is not application/json (unsupported_media_type)",
     422: "The body does not fit the schema (invalid_parameter), or the version failed to load, verify or warm up, "
          "or differs in input or preprocessing (version_refused); the served model is unchanged",
+    503: "The model repository cannot be read now (repository_unavailable); the served model is unchanged; retry",
 })
 
 
@@ -68,4 +69,5 @@ async def reload(request: Request):
     try:
         return await manager.reload(body.version)
     except ReloadRefused as err:
-        raise ApiError(err.status, err.code, err.message) from None
+        retry = {"Retry-After": "1"} if err.status == 503 else None  # a transient repository error
+        raise ApiError(err.status, err.code, err.message, headers=retry) from None
