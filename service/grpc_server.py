@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from service import v2_core, v2_tensors
-from service.errors import ApiError
+from service.errors import ApiError, clipped
 from service.grpc_proto import open_inference_pb2 as pb
 from service.pipeline import ClientGone
 from service.security import key_accepted
@@ -74,7 +74,7 @@ async def model_metadata(state: ServiceState, request: pb.ModelMetadataRequest, 
 
 
 def prepared_request(state: ServiceState, request: pb.ModelInferRequest) -> v2_core.PreparedRequest:
-    inference_request, binary = inference_request_of(request)
+    inference_request, binary = inference_request_of(request, state.settings.max_files_per_request)
     return v2_core.prepare(state, request.model_name, request.model_version or None, inference_request, binary)
 
 
@@ -114,10 +114,13 @@ def parameters_of(parameters) -> dict:
     return values
 
 
-def _contents_as_binary(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[bytes | None, list | None]:
+def _contents_as_binary(tensor: pb.ModelInferRequest.InferInputTensor,
+                        max_images: int) -> tuple[bytes | None, list | None]:
     """Typed contents as the bytes raw contents would hold (FP32, BYTES), or any other typed list as JSON data.
 
     Only the datatype's own field may hold them (the protocol's InferTensorContents: FP32 in fp32_contents, ...).
+    BYTES elements are images, at most max_images of them: counted before they are copied (a 20 MB message holds
+    ten million empty ones, ~70x that in memory once expanded).
     """
     contents = tensor.contents
     expected = CONTENTS_FIELDS.get(tensor.datatype)
@@ -128,6 +131,9 @@ def _contents_as_binary(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[
     if contents.fp32_contents:
         return _fp32_bytes(contents), None
     if contents.bytes_contents:
+        if len(contents.bytes_contents) > max_images:
+            raise ApiError(413, "too_many_images", f"input {clipped(tensor.name)!r} has {len(contents.bytes_contents)} "
+                           f"BYTES elements (images), over the limit of {max_images} per request")
         return v2_tensors.serialize_bytes(contents.bytes_contents), None
     fields = contents.ListFields()  # another type: the core refuses its datatype with its usual message
     return None, list(fields[0][1]) if fields else []
@@ -143,8 +149,9 @@ def _fp32_bytes(contents: pb.InferTensorContents) -> bytes:
     return wire[len(wire) - 4 * len(contents.fp32_contents):]
 
 
-def inference_request_of(request: pb.ModelInferRequest) -> tuple[InferenceRequest, bytes]:
-    """The gRPC request as the protocol's InferenceRequest plus the binary data its inputs point into (in order)."""
+def inference_request_of(request: pb.ModelInferRequest, max_images: int) -> tuple[InferenceRequest, bytes]:
+    """The gRPC request as the protocol's InferenceRequest plus the binary data its inputs point into (in order);
+    BYTES contents of at most max_images elements."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise ApiError(400, "invalid_binary_data", f"raw_input_contents has {len(raw)} entries for "
@@ -160,7 +167,7 @@ def inference_request_of(request: pb.ModelInferRequest) -> tuple[InferenceReques
                                "raw_input_contents; send one of them")
             data, values = raw[index], None
         else:
-            data, values = _contents_as_binary(tensor)
+            data, values = _contents_as_binary(tensor, max_images)
         if data is not None:
             entry["parameters"]["binary_data_size"] = len(data)
             chunks.append(data)
