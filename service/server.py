@@ -248,6 +248,13 @@ def check_ports_free(settings: Settings) -> None:
                               + ("; 0 turns gRPC off" if protocol == "gRPC" else "")) from None
 
 
+def graceful_shutdown_s(settings: Settings) -> int:
+    """uvicorn's graceful shutdown: the requests in flight get their request timeout + 5 s, plus the longest
+    lingering close (one that starts as the shutdown ends still goes within it). The lifespan's batcher drain
+    (request timeout again) follows; deploy's stop grace periods outlast both (tests/deploy)."""
+    return int(settings.request_timeout_ms / 1000) + 5 + math.ceil(LINGERING_TIME_S)
+
+
 def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") -> uvicorn.Config:
     """The one server set-up, used by `python -m service` and by the tests' live server."""
     config = uvicorn.Config(
@@ -258,7 +265,6 @@ def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") ->
         timeout_keep_alive=settings.timeout_keep_alive_s,  # type: ignore[arg-type]
         # uvicorn stops accepting on SIGTERM, waits for in-flight requests, then runs the lifespan shutdown,
         # which drains the batcher.
-        # (+ the longest lingering close: one that starts as the shutdown ends still goes within it)
-        timeout_graceful_shutdown=int(settings.request_timeout_ms / 1000) + 5 + math.ceil(LINGERING_TIME_S),
+        timeout_graceful_shutdown=graceful_shutdown_s(settings),
     )
     return config

@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 from compose_yaml import ROOT, interpolate, load_compose, merge_compose, strip_tags
 
+from service.server import graceful_shutdown_s
 from service.settings import Settings
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -89,10 +90,9 @@ def _seconds(duration: str) -> float:
 
 
 def test_stop_grace_period_outlasts_the_service_drain(gpu):
-    # service/__main__.py: uvicorn's graceful shutdown (request timeout + 5 s), then the batcher drain (request
-    # timeout).
-    request_timeout_s = Settings().request_timeout_ms / 1000
-    worst_case_drain_s = 2 * request_timeout_s + 5
+    # uvicorn's graceful shutdown (service/server.py graceful_shutdown_s), then the batcher drain (request timeout).
+    settings = Settings()
+    worst_case_drain_s = graceful_shutdown_s(settings) + settings.request_timeout_ms / 1000
     assert _seconds(gpu["services"]["service"]["stop_grace_period"]) > worst_case_drain_s
 
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from compose_yaml import ROOT
 
+from service.server import graceful_shutdown_s
 from service.settings import Settings
 
 K8S = ROOT / "deploy" / "k8s"
@@ -52,8 +53,8 @@ def test_deployment_takes_a_gpu_probes_readyz_healthz_and_drains_before_it_is_ki
     assert all(container[probe].get("timeoutSeconds", 1) >= 3
                for probe in ("startupProbe", "readinessProbe", "livenessProbe"))
     pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    request_timeout_s = Settings().request_timeout_ms / 1000
-    worst_case_drain_s = 2 * request_timeout_s + 5  # service/__main__.py: graceful shutdown, then the batcher drain
+    settings = Settings()  # uvicorn's graceful shutdown (service/server.py), then the batcher drain
+    worst_case_drain_s = graceful_shutdown_s(settings) + settings.request_timeout_ms / 1000
     assert pod["terminationGracePeriodSeconds"] > pre_stop_s + worst_case_drain_s
     assert pod["securityContext"]["runAsNonRoot"] is True
     prepare = pod["initContainers"][0]
