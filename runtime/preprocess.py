@@ -9,17 +9,22 @@ from __future__ import annotations
 import functools
 import io
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from runtime.decode import FAST_DECODE_HEADROOM, fast_decode_min_short_side, reduce_jpeg_decode
+from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, resized_size
 from runtime.repository import Preprocess
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 # Image.open tries only these plugins, in order (an MPO file opens through JPEG's, which returns it as MPO).
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 STRIP_ROWS = 256  # rows scaled at a time when a 16/32-bit picture becomes 8-bit (to_rgb)
+# Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
+Reserve = Callable[[int], AbstractContextManager[object]]
 RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -46,24 +51,17 @@ def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = N
 
 def decode_image_scaled(data: bytes, max_pixels: int, min_short_side_px: int | None) -> tuple[Image.Image, bool]:
     """decode_image, and whether the JPEG decoder scaled the picture down (fast mode only)."""
-    reduced = False
-    if not data:
-        raise ImageError("empty_body", "the image is empty (0 bytes)")
+    image, reduced = opened_image(data, max_pixels, min_short_side_px)
+    return loaded_rgb(image), reduced
+
+
+@contextmanager
+def image_errors() -> Iterator[None]:
+    """Pillow's exceptions while reading an image -> ImageError with the reason's code."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # formats: only these plugins look at the bytes (not every format Pillow can parse a header of).
-            image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
-            if image.format not in ALLOWED_FORMATS:
-                raise ImageError("unsupported_format", f"image format {image.format} is not accepted")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
-                                 f"over the limit of {max_pixels}")
-            image.seek(0)  # GIF / multi-page TIFF: the first frame
-            if min_short_side_px is not None:
-                reduced = reduce_jpeg_decode(image, min_short_side_px)
-            image.load()
+            yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -73,25 +71,63 @@ def decode_image_scaled(data: bytes, max_pixels: int, min_short_side_px: int | N
                          "the body is not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
-    ImageOps.exif_transpose(image, in_place=True)  # in place: without an Orientation tag it would copy every picture
-    return to_rgb(image), reduced
+
+
+def opened_image(data: bytes, max_pixels: int, min_short_side_px: int | None) -> tuple[Image.Image, bool]:
+    """The image's header read, its size and format checked, not a pixel decoded yet; and whether a large JPEG will
+    decode at reduced size (min_short_side_px: fast mode)."""
+    if not data:
+        raise ImageError("empty_body", "the image is empty (0 bytes)")
+    with image_errors():
+        # formats: only these plugins look at the bytes (not every format Pillow can parse a header of).
+        image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+        if image.format not in ALLOWED_FORMATS:
+            raise ImageError("unsupported_format", f"image format {image.format} is not accepted")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
+                             f"over the limit of {max_pixels}")
+        image.seek(0)  # GIF / multi-page TIFF: the first frame
+        reduced = reduce_jpeg_decode(image, min_short_side_px) if min_short_side_px is not None else False
+    return image, reduced
+
+
+def loaded_rgb(image: Image.Image) -> Image.Image:
+    """The opened image decoded, upright per EXIF, as 8-bit RGB."""
+    with image_errors():
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # in place: without an Orientation tag it would copy each picture
+    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: alpha composited on white, 16/32-bit and float scaled, CMYK and palettes converted."""
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode == "P" and "transparency" not in image.info:
+        image = image.convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         pixels = np.asarray(image)
         top = 65535 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255
         image = Image.fromarray(scaled_to_8_bits(pixels, top), mode="L")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
+        image = on_white(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """A picture with alpha (or a palette with a transparent entry) composited on white, as RGB: the same pixels as
+    Image.alpha_composite over the whole picture, made a strip of rows at a time, so only the source and the RGB
+    result are held whole (an RGBA copy, a white picture and their composite of a 40-MP PNG were 480 MB more)."""
+    width, height = image.size
+    rows = alpha_strip_rows(width)
+    rgb = Image.new("RGB", image.size)
+    white = Image.new("RGBA", (width, min(rows, height)), (255, 255, 255, 255))
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(top + rows, height))).convert("RGBA")
+        background = white if strip.height == white.height else white.crop((0, 0, width, strip.height))
+        rgb.paste(Image.alpha_composite(background, strip).convert("RGB"), (0, top))
+    return rgb
 
 
 def scaled_to_8_bits(pixels: np.ndarray, top: int) -> np.ndarray:
@@ -185,17 +221,30 @@ def normalized_tensor(image: Image.Image, spec: Preprocess) -> np.ndarray:
 
 
 def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str = "exact",
-               fast_decode_headroom: float = FAST_DECODE_HEADROOM) -> np.ndarray:
+               fast_decode_headroom: float = FAST_DECODE_HEADROOM, reserve: Reserve | None = None) -> np.ndarray:
     """Bytes -> the model's input tensor for one image; raises ImageError for anything unusable.
 
     decode_mode "exact" is training's transform bit for bit (on 8-bit opaque pictures: decode_image also applies
     EXIF orientation, alpha on white and 16-bit scaling, which training's loader does not); "fast" lets large JPEGs
     decode at reduced size, their short side kept >= fast_decode_headroom x the resize target.
+    reserve (the service's decode budget) is entered with the bytes the decode will hold at its peak, once the header
+    is read, and held until the tensor is made.
     """
-    if decode_mode != "fast":
-        return eval_transform(decode_image(data, max_pixels), spec)
-    min_short_side = fast_decode_min_short_side(spec.resize_px, fast_decode_headroom)
-    return fast_transform(*decode_image_scaled(data, max_pixels, min_short_side), spec)
+    fast = decode_mode == "fast"
+    min_short_side = fast_decode_min_short_side(spec.resize_px, fast_decode_headroom) if fast else None
+    image, reduced = opened_image(data, max_pixels, min_short_side)
+    crop_region_only = fast and reduced and spec.crop_mode == "center"
+    resized = resized_size(image.size, spec, crop_region_only)
+    if resized[0] * resized[1] > max_pixels:  # a sliver: 4 x 100000 pixels resize to 256 x 6400000
+        raise ImageError("too_many_pixels", f"the image is {image.width}x{image.height}: resized to "
+                         f"{spec.resize_px} px on its short side it would be {resized[0]}x{resized[1]} = "
+                         f"{resized[0] * resized[1]} pixels, over the limit of {max_pixels}")
+    with image_errors():  # the estimate reads the EXIF block
+        peak_bytes = decode_peak_bytes(image, resized)
+    with reserve(peak_bytes) if reserve is not None else nullcontext():
+        picture = loaded_rgb(image)
+        del image  # the decoded picture, when to_rgb made another, is not held through the resize
+        return fast_transform(picture, reduced, spec) if fast else eval_transform(picture, spec)
 
 
 def fast_transform(image: Image.Image, reduced: bool, spec: Preprocess) -> np.ndarray:

@@ -7,6 +7,8 @@ ApiError raised here) into its own answer. Limits, admission, deadlines and the 
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
@@ -16,11 +18,12 @@ from typing import Any
 import numpy as np
 from starlette.requests import Request
 
-from runtime.preprocess import ImageError, preprocess
+from runtime.preprocess import ImageError, Reserve, preprocess
 from runtime.repository import ModelVersion, Preprocess
 from service.admission import AdmissionRefused
 from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, Item, QueueFullError, ServedModel
 from service.body_budget import count_copy
+from service.decode_budget import DecodeWaitTimeout
 from service.errors import ApiError, clipped
 from service.settings import Settings
 from service.state import ServiceState
@@ -119,27 +122,36 @@ def admitted(state: ServiceState, images: int) -> Iterator[None]:
         raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
 
 
-def timed_preprocess(data: bytes, spec: Preprocess, settings: Settings) -> tuple[np.ndarray, float]:
+def timed_preprocess(data: bytes, spec: Preprocess, settings: Settings, reserve: Reserve) -> tuple[np.ndarray, float]:
     """In a decode-pool thread: the tensor and the seconds this image's decode + transform took there."""
     started = time.perf_counter()
-    tensor = preprocess(data, spec, settings.max_pixels, settings.decode_mode, settings.fast_decode_headroom)
+    tensor = preprocess(data, spec, settings.max_pixels, settings.decode_mode, settings.fast_decode_headroom, reserve)
     return tensor, time.perf_counter() - started
 
 
-async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]) -> list[tuple[np.ndarray, float]]:
-    """Decode + transform in the bounded thread pool: (tensor, seconds) per image; the first bad image fails the
-    request before enqueueing."""
+async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]],
+                            deadline: float) -> list[tuple[np.ndarray, float]]:
+    """Decode + transform in the bounded thread pool, each image's peak memory reserved from the decode budget until
+    `deadline`: (tensor, seconds) per image; the first bad image fails the request before enqueueing."""
     loop = asyncio.get_running_loop()
     spec = state.version.manifest.preprocess  # type: ignore[union-attr]  # callers check require_ready first
 
     async def one(name: str, data: bytes) -> tuple[np.ndarray, float]:
         async with state.preprocess_slots:
+            abandoned = threading.Event()  # set if this request stops waiting: its thread stops waiting for memory
+            reserve = functools.partial(state.decode_budget.reserved, deadline=deadline, abandoned=abandoned)
             try:
                 tensor, seconds = await loop.run_in_executor(state.preprocess_pool, timed_preprocess, data, spec,
-                                                             state.settings)
+                                                             state.settings, reserve)
             except ImageError as err:
                 status = 413 if err.code == "too_many_pixels" else 400
                 raise ApiError(status, err.code, f"{clipped(name)}: {err.message}") from None
+            except DecodeWaitTimeout:
+                raise deadline_passed(state) from None
+            except asyncio.CancelledError:
+                abandoned.set()
+                state.decode_budget.wake()
+                raise
             state.metrics.preprocess.observe(seconds)
             return tensor, seconds
 
@@ -219,7 +231,7 @@ async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_
     with watching(client_gone) as gone, admitted(state, len(images)):
         try:
             async with asyncio.timeout(deadline - time.monotonic()):  # a decode slot may have to be waited for
-                preprocessed = await preprocess_images(state, images)
+                preprocessed = await preprocess_images(state, images, deadline)
         except TimeoutError:
             raise deadline_passed(state) from None
         items = await run_batched(state, [tensor for tensor, _ in preprocessed], gone, deadline)

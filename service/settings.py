@@ -1,6 +1,7 @@
 """Service settings: one immutable object, from CONVNEXT_* environment variables, overridden by CLI flags."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -9,6 +10,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runtime.decode import FAST_DECODE_HEADROOM, HEADROOM_RANGE
+from runtime.decode_memory import common_peak_bytes
 
 
 def usable_cpus() -> int:
@@ -77,6 +79,11 @@ class Settings(BaseSettings):
         "(decompressed, a form's files); beyond it, 503 body_buffer_full + Retry-After (max_connections x "
         "max_body_bytes could exceed the container's memory); at least twice max_body_bytes"))
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit per image (413 too_many_pixels)")
+    decode_memory_mb: int = Field(1024, ge=1, description=(
+        "memory that images being decoded may hold at once, all requests together (each reserves its peak, known "
+        "from its header: ~4 bytes a pixel for a JPEG, ~9 for a PNG with alpha); an image waits for its share within "
+        "the request's deadline (504), one that needs more than all of it is refused (413 too_many_pixels); at least "
+        "8 bytes x max_pixels + 5 MiB"))
     max_files_per_request: int = Field(32, ge=1, description="multipart files per request (413 too_many_files)")
     preprocess_workers: int = Field(default_factory=usable_cpus, ge=1, description=(
         "decode/transform threads; default: the CPU count"))
@@ -136,6 +143,14 @@ class Settings(BaseSettings):
             raise ValueError(f"max_buffered_body_bytes ({self.max_buffered_body_bytes}) is under twice max_body_bytes "
                              f"({self.max_body_bytes}): a multipart body of the allowed size, held with its files, "
                              "could never be read")
+        return self
+
+    @model_validator(mode="after")
+    def _largest_image_fits_the_decode_budget(self):
+        needed_mb = math.ceil(common_peak_bytes(self.max_pixels) / 2**20)
+        if self.decode_memory_mb < needed_mb:
+            raise ValueError(f"decode_memory_mb ({self.decode_memory_mb}) is under {needed_mb}: a PNG with alpha or "
+                             f"a rotated JPEG of max_pixels ({self.max_pixels}) could never be decoded")
         return self
 
     @model_validator(mode="before")

@@ -10,6 +10,7 @@ from runtime.repository import ModelVersion
 from service.admission import Admission, admission_capacity
 from service.batcher import Batcher
 from service.body_budget import BodyBudget
+from service.decode_budget import MIB, DecodeBudget
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
 from service.settings import Settings
@@ -24,6 +25,9 @@ class ServiceState:
         self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
         # Bounds images being decoded at once, so a flood waits here instead of piling up in the pool.
         self.preprocess_slots = asyncio.Semaphore(settings.preprocess_workers * 2)
+        # The memory those decodes may hold at once: each image reserves its peak from its header before decoding.
+        self.decode_budget = DecodeBudget(settings.decode_memory_mb * MIB)
+        metrics.decode_memory.set_function(lambda: self.decode_budget.reserved_bytes)
         # Large v2 requests are parsed and converted here (service/v2.py, grpc_server.py): each builds a Python object
         # per number (several times its JSON in memory) and holds the GIL much of its run, so a flood of them queues
         # for these threads instead of all parsing at once. A pool, not a semaphore: a cancelled gRPC call's thread

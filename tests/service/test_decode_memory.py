@@ -1,0 +1,252 @@
+"""Decode memory: the peak each image's decode holds (estimated from its header, measured in a fresh process), the
+budget that bounds it across decode threads (decode_memory_mb), alpha composited a strip at a time with the very
+pixels of a whole-picture composite, and the sliver whose resize alone would take gigabytes refused from its header."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, resized_size
+from runtime.preprocess import ImageError, opened_image, preprocess, to_rgb
+from runtime.repository import Preprocess
+from service.decode_budget import MIB, DecodeAbandoned, DecodeBudget, DecodeWaitTimeout
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = Preprocess(resize_px=256, crop_px=224, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def encoded(image: Image.Image, kind: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, kind, **options)
+    return buffer.getvalue()
+
+
+def composited_whole(image: Image.Image) -> np.ndarray:
+    """The reference: the whole picture converted to RGBA and composited on a white picture of its size."""
+    rgba = image.convert("RGBA")
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "RGBa", "P", "P-bytes"])
+def test_alpha_on_white_a_strip_at_a_time_equals_the_whole_composite(mode):
+    rng = np.random.default_rng(7)
+    height = 2 * alpha_strip_rows(1301) + 37  # two whole strips and a short one
+    rgba = Image.fromarray(rng.integers(0, 256, (height, 1301, 4), dtype=np.uint8), "RGBA")
+    if mode.startswith("P"):
+        image = rgba.convert("RGB").quantize(64)
+        image.info["transparency"] = 5 if mode == "P" else bytes(range(0, 256, 4))
+    else:
+        image = rgba.convert(mode)
+    assert np.array_equal(np.asarray(to_rgb(image)), composited_whole(image))
+
+
+def test_a_sliver_whose_resize_would_take_gigabytes_is_refused_from_its_header():
+    """4 x 100000 pixels (2.6 KB as PNG) resize to 256 x 6400000: 6.5 GB. Refused before decoding, in both modes."""
+    data = encoded(Image.new("RGB", (4, 100_000), (1, 2, 3)), "PNG")
+    for mode in ("exact", "fast"):
+        with pytest.raises(ImageError) as refused:
+            preprocess(data, SPEC, 40_000_000, mode)
+        assert refused.value.code == "too_many_pixels"
+        assert "256x6400000 = 1638400000 pixels, over the limit of 40000000" in refused.value.message
+    # Squashed to 256 x 256, the same picture is no bomb.
+    assert preprocess(data, SPEC.model_copy(update={"crop_mode": "squash"}), 40_000_000).shape == (3, 224, 224)
+
+
+def test_the_resize_bound_counts_the_resized_picture_not_the_source():
+    assert resized_size((4000, 3000), SPEC, crop_region_only=False) == (341, 256)
+    assert resized_size((100, 20_000), SPEC, crop_region_only=False) == (256, 51_200)
+    assert resized_size((4000, 3000), SPEC, crop_region_only=True) == (224, 224)
+
+
+# Pictures of ~7.5 MP in each mode the decoders produce; (name, PIL mode or recipe, format, save options). A PNG
+# counts as EXIF-turned (its eXIf chunk may follow the pixels): an RGB one is estimated at twice its peak.
+PEAK_CASES = {
+    "jpeg": ("RGB", "JPEG", {}),
+    "jpeg-rotated": ("RGB", "JPEG", {"orientation": 6}),
+    "jpeg-cmyk": ("CMYK", "JPEG", {}),
+    "jpeg-fast": ("RGB", "JPEG", {"fast": True}),
+    "png-rgb": ("RGB", "PNG", {"loose": 2.0}),
+    "png-grey": ("L", "PNG", {}),
+    "png-rgba": ("RGBA", "PNG", {}),
+    "png-palette-transparent": ("P", "PNG", {"transparency": 3}),
+    "png-16-bit": ("I;16", "PNG", {}),
+    "png-tall": ("RGB", "PNG", {"size": (150, 40_000)}),  # the resize (256 x 68266) is the larger peak
+}
+MEASURE = r"""
+import io, sys, time
+from PIL import Image
+from runtime.decode_memory import decode_peak_bytes, resized_size
+from runtime.preprocess import opened_image, preprocess
+from runtime.repository import Preprocess
+spec = Preprocess.model_validate_json(sys.argv[1])
+fast = sys.argv[3] == "fast"
+data = open(sys.argv[2], "rb").read()
+image, reduced = opened_image(data, 10**9, 2 * spec.resize_px if fast else None)
+estimate = decode_peak_bytes(image, resized_size(image.size, spec, fast and reduced))
+del image
+def rss(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+before = rss("VmRSS:")
+preprocess(data, spec, 10**9, "fast" if fast else "exact")
+print(rss("VmHWM:") - before, estimate)
+"""
+
+
+def peak_case_file(tmp_path, name: str):
+    mode, kind, options = PEAK_CASES[name]
+    size = options.get("size", (3000, 2500))
+    rng = np.random.default_rng(3)
+    noise = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 4), dtype=np.uint8)  # compresses, still not flat
+    picture = Image.fromarray(noise, "RGBA").resize(size, Image.Resampling.NEAREST)
+    if mode == "I;16":
+        picture = Image.fromarray(np.asarray(picture.convert("L"), dtype=np.uint16) * 257)
+    elif mode == "P":
+        picture = picture.convert("RGB").quantize(16)
+    else:
+        picture = picture.convert(mode)
+    save = {"transparency": options["transparency"]} if "transparency" in options else {}
+    if "orientation" in options:
+        exif = Image.Exif()
+        exif[0x0112] = options["orientation"]
+        save["exif"] = exif
+    path = tmp_path / f"{name}.{kind.lower()}"
+    picture.save(path, kind, **save)
+    return path, options.get("fast", False)
+
+
+@pytest.mark.parametrize("name", list(PEAK_CASES))
+def test_the_estimated_peak_covers_the_measured_one(tmp_path, name):
+    """In a fresh process, the peak RSS growth of preprocessing each kind of picture (Linux's VmHWM, reset just before)
+    stays within the estimate the budget reserves, plus 8 MiB (the interpreter, the codecs' own buffers); and the
+    estimate is not so loose it would starve concurrency (under 1.5x the measured peak, but an RGB PNG's)."""
+    path, fast = peak_case_file(tmp_path, name)
+    command = [sys.executable, "-c", MEASURE, SPEC.model_dump_json(), str(path), "fast" if fast else "exact"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    measured, estimate = map(int, run.stdout.split())
+    figures = f"{name}: measured {measured / MIB:.1f} MiB, estimated {estimate / MIB:.1f}"
+    assert measured <= estimate + 8 * MIB, figures
+    assert estimate <= PEAK_CASES[name][2].get("loose", 1.5) * measured + 8 * MIB, figures
+
+
+def test_a_picture_over_the_whole_budget_is_refused_before_decoding():
+    budget = DecodeBudget(8 * MIB)
+    with pytest.raises(ImageError) as refused, budget.reserved(9 * MIB, time.monotonic() + 5, threading.Event()):
+        pass
+    assert refused.value.code == "too_many_pixels"
+    assert "9 MiB, over the decode memory budget of 8 MiB (decode_memory_mb)" in refused.value.message
+    assert budget.reserved_bytes == 0
+
+
+def test_waiters_are_served_first_come_first_served():
+    """A large picture waiting for memory is not overtaken by a small one that arrived after it."""
+    budget, order = DecodeBudget(10), []
+    holding = budget.reserved(8, time.monotonic() + 5, threading.Event())
+    holding.__enter__()
+
+    def decode(name: str, nbytes: int) -> None:
+        with budget.reserved(nbytes, time.monotonic() + 5, threading.Event()):
+            order.append(name)
+
+    large = threading.Thread(target=decode, args=("large", 10))
+    large.start()
+    while not budget._waiting:
+        time.sleep(0.001)
+    small = threading.Thread(target=decode, args=("small", 1))  # 2 bytes are free, but the large one is first
+    small.start()
+    time.sleep(0.05)
+    assert order == []
+    holding.__exit__(None, None, None)
+    large.join(5)
+    small.join(5)
+    assert order == ["large", "small"]
+    assert budget.reserved_bytes == 0
+
+
+def test_a_waiter_gives_up_at_its_deadline_or_once_abandoned():
+    budget = DecodeBudget(10)
+    with budget.reserved(10, time.monotonic() + 5, threading.Event()):
+        started = time.monotonic()
+        with pytest.raises(DecodeWaitTimeout), budget.reserved(1, started + 0.1, threading.Event()):
+            pass
+        assert 0.09 <= time.monotonic() - started < 2
+        abandoned, outcome = threading.Event(), []
+
+        def wait() -> None:
+            try:
+                with budget.reserved(1, time.monotonic() + 30, abandoned):
+                    outcome.append("decoded")
+            except DecodeAbandoned:
+                outcome.append("abandoned")
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        while not budget._waiting:
+            time.sleep(0.001)
+        abandoned.set()
+        budget.wake()
+        waiter.join(5)
+        assert outcome == ["abandoned"]
+        assert not budget._waiting
+    assert budget.reserved_bytes == 0
+
+
+def test_the_budget_must_hold_the_largest_allowed_picture():
+    with pytest.raises(ValueError, match=r"decode_memory_mb \(100\) is under 311: a PNG with alpha or a rotated JPEG "
+                                         r"of max_pixels \(40000000\) could never be decoded"):
+        Settings(decode_memory_mb=100)
+    assert Settings(decode_memory_mb=100, max_pixels=10_000_000).decode_memory_mb == 100
+
+
+def png_of(mode: str, size: tuple[int, int]) -> bytes:
+    return encoded(Image.new(mode, size, 200 if mode in ("L", "I;16") else (200, 100, 50, 128)), "PNG")
+
+
+def test_the_service_bounds_decode_memory(launch, model_repository):
+    """Over HTTP: a picture that fits the budget is classified and gives its share back (the gauge reads 0 after); one
+    whose decode needs more than all of it gets 413; one that waits for memory past its deadline gets 504, and the
+    next one is classified once the memory is free."""
+    rgba = png_of("RGBA", (1000, 1000))  # decoding holds 12.6 MiB: 4 B/px for the RGBA picture, 4 for its RGB, strips
+    floats = encoded(Image.new("F", (1000, 1000), 0.5), "TIFF")  # 13.4 MiB: 4 + 4 (NumPy's) + 2 (8-bit) + 4 (RGB)
+    with launch(model_repository, max_pixels=1_000_000, decode_memory_mb=13, request_timeout_ms=500) as url:
+        def post(data: bytes) -> httpx.Response:
+            return httpx.post(f"{url}/classify", content=data, timeout=30,
+                              headers={"content-type": "image/tiff" if data.startswith(b"II") else "image/png"})
+
+        assert post(rgba).status_code == 200
+        refused = post(floats)
+        assert refused.status_code == 413, refused.text
+        assert refused.json()["error"]["code"] == "too_many_pixels"
+        assert "over the decode memory budget of 13 MiB" in refused.json()["error"]["message"]
+        budget = url.app.state.service.decode_budget
+        holding = budget.reserved(4 * MIB, time.monotonic() + 30, threading.Event())
+        holding.__enter__()  # 4 MiB held elsewhere: the 12.6 MiB decode waits, past its 500 ms deadline
+        try:
+            waited = post(rgba)
+            assert waited.status_code == 504, waited.text
+            assert waited.json()["error"]["code"] == "deadline"
+        finally:
+            holding.__exit__(None, None, None)
+        assert post(rgba).status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "convnext_decode_memory_bytes 0.0" in metrics
+        assert budget.reserved_bytes == 0 and not budget._waiting
+
+
+def test_the_estimate_reads_the_header_only():
+    """opened_image decodes no pixel: the estimate of a 40-MP PNG is known while the process holds a few MB."""
+    data = png_of("RGBA", (8000, 5000))
+    image, _ = opened_image(data, 10**9, None)
+    assert decode_peak_bytes(image, resized_size(image.size, SPEC, False)) >= 8 * 40_000_000
+    assert image.tile  # still to be decoded
