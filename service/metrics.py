@@ -1,9 +1,10 @@
 """Prometheus metrics, one CollectorRegistry per app (the names are the Grafana dashboard's contract)."""
 from __future__ import annotations
 
+import asyncio
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access_log import ACCESS_LOG
@@ -14,6 +15,9 @@ from service.access_log import ACCESS_LOG
 LATENCY_BUCKETS = (0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
                    0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# /metrics is open and exempt from max_connections (Prometheus must reach it under load), and a render takes ~4 ms of
+# the event loop: renders start at most this often, so a flood of scrapes costs the loop <= ~10% instead of all of it.
+METRICS_RENDER_INTERVAL_S = 0.05
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"})
 
 
@@ -45,6 +49,8 @@ class ServiceMetrics:
         self.batch_size = Histogram("convnext_batch_size", "images per engine batch", buckets=BATCH_BUCKETS, registry=r)
         self.images = Counter("convnext_images_total", "images classified", ["model"], registry=r)
         self.queue_depth = Gauge("convnext_queue_depth", "images waiting in the batch queue", registry=r)
+        self.decode_memory = Gauge("convnext_decode_memory_bytes", "memory reserved by images being decoded (of "
+                                   "decode_memory_mb)", registry=r)
         self.inflight = Gauge("convnext_inflight_requests", "HTTP requests being handled", registry=r)
         self.model_info = Gauge("convnext_model_info", "the served model (value 1)",
                                 ["name", "version", "engine", "precision"], registry=r)
@@ -54,6 +60,27 @@ class ServiceMetrics:
                                                "status code (OK: answered)", ["method", "code"],
                                                buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("convnext_rejected_total", "requests refused, by reason", ["reason"], registry=r)
+
+        self.renders = 0
+        self._next_render: asyncio.Future[bytes] | None = None  # scheduled, not started: later scrapes join it
+        self._last_render_started = float("-inf")
+
+    async def rendered(self) -> bytes:
+        """The registry in the text format, from a render that started after this call (never a stale one); scrapes
+        arriving while one waits its turn share it, and renders start at least METRICS_RENDER_INTERVAL_S apart."""
+        if self._next_render is None or self._next_render.get_loop() is not asyncio.get_running_loop():
+            self._next_render = asyncio.ensure_future(self._render_in_turn())
+        return await asyncio.shield(self._next_render)  # a scrape that leaves does not cancel the others' render
+
+    async def _render_in_turn(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        wait_s = self._last_render_started + METRICS_RENDER_INTERVAL_S - loop.time()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        self._next_render = None  # from here on, a new scrape needs a render that starts after it
+        self._last_render_started = loop.time()
+        self.renders += 1
+        return generate_latest(self.registry)
 
     def count_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One HTTP request answered: convnext_requests_total and its latency by status class."""

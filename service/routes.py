@@ -7,7 +7,7 @@ import time
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -166,4 +166,4 @@ def repository_listing(state: ServiceState) -> list[dict]:
     "description": "The Prometheus text exposition format",
     "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(await request.app.state.metrics.rendered(), media_type=CONTENT_TYPE_LATEST)
