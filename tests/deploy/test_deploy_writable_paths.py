@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from compose_yaml import ROOT
+from compose_yaml import ROOT, load_compose
 from PIL import Image
 
 from tests.service.conftest import free_port
@@ -99,6 +99,26 @@ def test_each_path_a_container_writes_is_on_a_writable_mount(name, path):
     resolved = path.replace("$HOME", home(container))
     assert on_writable_mount(resolved, container), f"{name} writes {resolved} ({WRITES[name][path]}), on no " \
         f"writable mount of it ({', '.join(map(str, writable_mounts(container)))}): the write fails (read-only root)"
+
+
+def compose_writable_mounts(service: dict) -> list[PurePosixPath]:
+    """A compose service's writable paths: its tmpfs mounts and its volumes not mounted read-only."""
+    volumes = [v.split(":") for v in service.get("volumes", [])]
+    return [PurePosixPath(t.split(":")[0]) for t in service.get("tmpfs", [])] + \
+        [PurePosixPath(v[1]) for v in volumes if "ro" not in v[2:]]
+
+
+@pytest.mark.parametrize("name,path", [(name, path) for name in ("prepare", "service") for path in WRITES[name]])
+def test_compose_runs_the_same_containers_read_only_with_the_same_writable_paths(name, path):
+    """docker-compose.yml hardens prepare and the service as the manifests do: read-only root, no capability, no
+    privilege gain, a memory limit; and each path the container writes is on one of its tmpfs mounts or volumes."""
+    service = load_compose(ROOT / "docker-compose.yml")["services"][name]
+    assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
+    assert service["security_opt"] == ["no-new-privileges:true"] and service["mem_limit"], name
+    resolved = PurePosixPath(path.replace("$HOME", home({})))
+    mounts = compose_writable_mounts(service)
+    assert any(resolved.is_relative_to(mount) for mount in mounts), \
+        f"compose {name} writes {resolved} ({WRITES[name][path]}) on no writable path ({', '.join(map(str, mounts))})"
 
 
 # ---- the real programs, audited ----
