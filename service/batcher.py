@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
+import secrets
 import threading
 import time
 import weakref
@@ -15,6 +17,8 @@ import numpy as np
 from runtime.engines.base import Engine
 from runtime.repository import ModelVersion
 from service.metrics import ServiceMetrics
+
+logger = logging.getLogger("convnext.service")
 
 
 class QueueFullError(Exception):
@@ -315,7 +319,13 @@ class Batcher:
             return
         except Exception as err:  # any engine failure fails this batch only; the loop keeps serving
             self._buffers.append(buffer)  # the call has finished with it
-            self._fail(batch, BatchFailedError(f"inference failed: {type(err).__name__}: {err}"))
+            # The engine's own words (paths, node names, driver messages) go to the operator's log, not to clients;
+            # the incident id ties the two together.
+            incident = secrets.token_hex(4)
+            logger.error("inference failed on a batch of %d, incident %s: %s: %s", len(batch), incident,
+                         type(err).__name__, err, exc_info=err)
+            self._fail(batch, BatchFailedError(f"inference failed on this image's batch (incident {incident}: the "
+                                               "service log has the engine's error)"))
             if served is not self.served:
                 return  # a swapped-out engine's last batch: its failures say nothing of the engine now serving
             self.consecutive_failures += 1

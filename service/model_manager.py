@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import Counter, Gauge
@@ -191,7 +191,7 @@ class ModelManager:
                 model = await asyncio.to_thread(self.repository.load, name, target)
                 attempted = model.manifest.created_at
                 self._check_compatible(model)
-                served = await self._build(model)
+                served = await self._bounded(self._build(model), "the build")
             except Exception as err:  # a bad hash or manifest, a missing file, an engine that fails to load or run
                 self._refused[target] = attempted
                 self.reloads.labels("refused").inc()
@@ -346,18 +346,25 @@ class ModelManager:
                 logger.info("engine of %s/%s rebuilt; serving again", served.name, served.version)
 
     async def _rebuild(self, name: str, version: int) -> ServedModel:
-        """One rebuild attempt, bounded by rebuild_limit_s: past it the attempt is abandoned (_build closes its engine
-        if its load ever returns) and TimeoutError raised, so it counts as a failed attempt."""
+        """One rebuild attempt, bounded: past rebuild_limit_s it counts as a failed attempt."""
+        async def rebuilt() -> ServedModel:
+            # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version.
+            return await self._build(await asyncio.to_thread(self.repository.load, name, version))
+
+        return await self._bounded(rebuilt(), "the rebuild")
+
+    async def _bounded(self, build: Coroutine[Any, Any, ServedModel], what: str) -> ServedModel:
+        """A build (a reload's, a rebuild's) within rebuild_limit_s: past it the build is abandoned (_build closes its
+        engine if its load ever returns) and TimeoutError raised, so the reload is refused or the rebuild attempt
+        fails, and the lock they hold is free again."""
         limit_s = self.rebuild_limit_s
         try:
             async with asyncio.timeout(limit_s) as bound:
-                # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version.
-                current = await asyncio.to_thread(self.repository.load, name, version)
-                return await self._build(current)
+                return await build
         except TimeoutError:
             if not bound.expired():
                 raise  # the build's own
-            raise TimeoutError(f"the rebuild did not finish within {limit_s:g} s (a wedged device?); it is "
+            raise TimeoutError(f"{what} did not finish within {limit_s:g} s (a wedged device?); it is "
                                "abandoned") from None
 
     async def _watch_repository(self) -> None:

@@ -157,7 +157,7 @@ def test_engine_failing_batch_after_batch_is_rebuilt_retrying_a_failed_rebuild(m
             assert first.status_code == 500 and first.json()["error"]["code"] == "inference_failed"
             assert httpx.get(f"{url}/readyz").status_code == 200  # one failed batch is that batch's problem only
             second = post(url, photo, "image/jpeg")
-            assert second.status_code == 500 and "sticky GPU fault" in second.json()["error"]["message"]
+            assert second.status_code == 500 and "incident" in second.json()["error"]["message"]
             assert_broken_then_recovers(url, build, "consecutive_failures", photo)
     finally:
         build.open()
@@ -285,6 +285,34 @@ def test_a_rebuild_that_hangs_fails_past_its_bound_counts_toward_liveness_and_it
                 assert time.monotonic() < deadline, "an abandoned engine was never closed"
                 time.sleep(0.05)
             assert len(build.engines) >= 3 and serving.session is not None
+    finally:
+        build.release.set()
+
+
+def test_a_reload_whose_build_hangs_is_refused_past_the_bound_and_frees_the_next_reload(model_repository, launch):
+    """/admin/reload builds its engine under the same bound as a rebuild: a build that hangs (a wedged device) is
+    refused once past it, the version is still served, the next reload is not told one is in progress, and the
+    abandoned engine is closed once its load returns."""
+    build = WedgedRebuilds()
+    try:
+        with launch(model_repository, build, warmup_runs=0) as url:
+            manager = url.app.state.service.models
+            manager.rebuild_limit_s = 1.0
+            started = time.monotonic()
+            refused = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
+            assert refused.status_code == 422, refused.text
+            assert "the build did not finish within 1 s (a wedged device?)" in refused.json()["error"]["message"]
+            assert 1.0 <= time.monotonic() - started < 10
+            assert httpx.get(f"{url}/readyz").status_code == 200  # still serving the version it had
+            again = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
+            assert again.status_code == 422, again.text  # not 409 reload_in_progress: the lock was given back
+            build.release.set()  # the device recovers: the two abandoned loads return, their engines are closed
+            deadline = time.monotonic() + 20
+            while len(build.engines) < 3 or any(e.session is not None for e in build.engines[1:]):
+                assert time.monotonic() < deadline, "an abandoned engine was never closed"
+                time.sleep(0.05)
+            manager.rebuild_limit_s = 60.0
+            assert httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=60).status_code == 200
     finally:
         build.release.set()
 

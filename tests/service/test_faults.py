@@ -1,6 +1,7 @@
 """Queue full, deadlines and engine failures, with real engine subclasses that sleep or fail on cue."""
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,12 +87,18 @@ def test_deadline_gives_504(model_repository, real_photos, launch):
         assert response.json()["error"]["code"] == "deadline"
 
 
-def test_engine_error_fails_only_its_batch(model_repository, real_photos, launch):
+def test_engine_error_fails_only_its_batch(model_repository, real_photos, launch, caplog):
+    """The client gets a 500 with an incident id; the engine's own error, under that id, goes to the log only."""
     with launch(model_repository, factory(FailingEngine), warmup_runs=0) as url:
         bad = httpx.post(f"{url}/classify", content=black_png(), headers={"content-type": "image/png"})
         assert bad.status_code == 500
         assert bad.json()["error"]["code"] == "inference_failed"
-        assert "simulated GPU fault" in bad.json()["error"]["message"]
+        message = bad.json()["error"]["message"]
+        assert "simulated GPU fault" not in message
+        incident = re.fullmatch(r"inference failed on this image's batch \(incident ([0-9a-f]{8}): the service log has "
+                                r"the engine's error\)", message).group(1)
+        logged = [r.getMessage() for r in caplog.records if f"incident {incident}" in r.getMessage()]
+        assert len(logged) == 1 and "simulated GPU fault" in logged[0]
         good = httpx.post(f"{url}/classify", content=real_photos[1].read_bytes(),
                           headers={"content-type": "image/jpeg"})
         assert good.status_code == 200
