@@ -7,9 +7,13 @@ The two peaks (tests/service/test_decode_memory.py measures them in a fresh proc
 - decoding: the decoded picture, and, for any mode but RGB, the RGB picture it becomes (runtime.preprocess.to_rgb:
   alpha is composited a strip at a time; 16/32-bit pictures pass through an 8-bit copy and a NumPy view of theirs);
   an EXIF rotation holds the picture twice for a moment.
-- resizing: the RGB picture, PIL's horizontal pass (output width x the rows it reads) and the output.
+- resizing: the RGB picture, PIL's horizontal pass (output width x the rows it reads), the output and the filter
+  weights.
+The decoder's own buffers come on top while it decodes (decoder_bytes).
 """
 from __future__ import annotations
+
+import math
 
 from PIL import Image
 
@@ -26,6 +30,11 @@ SCALING_SCRATCH = {**dict.fromkeys(SIXTEEN_BIT_MODES, 2 + 2), "I": 4 + 2, "F": 4
 ALPHA_STRIP_PIXELS = 1 << 18
 ALPHA_STRIP_COPIES = 5
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La", "P"})  # P: with a transparent entry (counted alike)
+# libwebp's canvas and previous frame, and the decoded frame's bytes, all kept with the picture (measured: 12 bytes).
+WEBP_DECODER_BYTES_PER_PIXEL = 12
+FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0, "nearest": 0.0}  # PIL's; nearest resizes without weight tables
+TIFF_BITS_PER_SAMPLE, TIFF_COMPRESSION, TIFF_SAMPLES_PER_PIXEL, TIFF_ROWS_PER_STRIP = 258, 259, 277, 278
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
 EXIF_ORIENTATION = 0x0112
 UPRIGHT = (0, 1)  # no Orientation tag, or "top-left": exif_transpose copies nothing
 
@@ -62,25 +71,70 @@ def resized_size(size: tuple[int, int], spec: Preprocess, crop_region_only: bool
 
 
 def may_be_rotated(image: Image.Image) -> bool:
-    """Whether EXIF turns the picture (runtime.preprocess.loaded_rgb copies it then), from the header: a PNG's eXIf
-    chunk may follow its pixels (PIL would decode them to look), so a PNG without one before them counts as turned."""
-    if image.format == "PNG" and "exif" not in image.info:
+    """Whether EXIF (or XMP) may turn the picture (runtime.preprocess.loaded_rgb copies it then), read from the header
+    without touching the image's own EXIF cache (exif_transpose reads it after the decode). A PNG's eXIf or XMP chunk
+    may follow its pixels (PIL would decode them to look): a PNG counts as turned."""
+    if image.format == "PNG":
         return True
-    return image.getexif().get(EXIF_ORIENTATION, 1) not in UPRIGHT
+    xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp") or b""
+    if b"Orientation" in (xmp.encode() if isinstance(xmp, str) else xmp):
+        return True
+    if "exif" in image.info:
+        exif = Image.Exif()
+        exif.load(image.info["exif"])
+        return exif.get(EXIF_ORIENTATION, 1) not in UPRIGHT
+    tags = getattr(image, "tag_v2", None)  # a TIFF's orientation is a tag of its own
+    return tags is not None and tags.get(EXIF_ORIENTATION, 1) not in UPRIGHT
 
 
-def decode_peak_bytes(image: Image.Image, resized: tuple[int, int]) -> int:
+def decoder_bytes(image: Image.Image, declared: tuple[int, int]) -> int:
+    """What the decoder itself holds beside the picture while it decodes: a progressive JPEG's coefficients (2 bytes
+    each, for the full declared size even when it decodes at reduced scale), a compressed TIFF's strip or tile, a
+    WebP's frame buffers (which stay with the picture)."""
+    width, height = declared
+    if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+        layers = getattr(image, "layer", [])  # (id, horizontal, vertical sampling, table) per component
+        sampling = [h * v for _, h, v, _ in layers] or [1]
+        return round(2 * width * height * sum(sampling) / max(sampling))
+    if image.format == "WEBP":
+        return WEBP_DECODER_BYTES_PER_PIXEL * width * height
+    tags = getattr(image, "tag_v2", None)
+    if image.format == "TIFF" and tags is not None and tags.get(TIFF_COMPRESSION, 1) != 1:
+        samples, bits = tags.get(TIFF_SAMPLES_PER_PIXEL, 1), tags.get(TIFF_BITS_PER_SAMPLE, (8,))
+        sample_bytes = -(-max(bits if isinstance(bits, tuple) else (bits,)) // 8)
+        if TIFF_TILE_WIDTH in tags:
+            return tags[TIFF_TILE_WIDTH] * tags.get(TIFF_TILE_LENGTH, 1) * samples * sample_bytes
+        return width * min(height, tags.get(TIFF_ROWS_PER_STRIP, height)) * samples * sample_bytes
+    return 0
+
+
+def resize_bytes(size: tuple[int, int], resized: tuple[int, int], interpolation: str) -> int:
+    """What PIL's resize holds besides the picture: its horizontal pass (output width x the rows), the output and
+    the two filter-weight tables (8 bytes x output size x taps, where the taps grow with the reduction: a sliver of
+    40,000,000 x 1 squashed to 256 x 256 needs 1.3 GB of them)."""
+    if resized == size:
+        return 0  # resize_short_side / resize_squash return the picture as it is
+    (width, height), (new_width, new_height) = size, resized
+    support = FILTER_SUPPORT[interpolation]
+    tables = 0 if support == 0 else sum(
+        8 * out * (2 * math.ceil(support * max(1.0, source / out)) + 1)
+        for source, out in ((width, new_width), (height, new_height)))
+    return RGB_BYTES * (new_width * height + new_width * new_height) + tables
+
+
+def decode_peak_bytes(image: Image.Image, declared: tuple[int, int], resized: tuple[int, int],
+                      interpolation: str) -> int:
     """The most bytes decoding the opened (not yet loaded) image, converting it to RGB and resizing it to `resized`
-    hold at once."""
+    hold at once. declared: its size in the header (a JPEG decoding at reduced scale has a smaller image.size)."""
     width, height = image.size
     pixels, stored = width * height, stored_bytes(image.mode)
-    rotated = may_be_rotated(image)
+    decoder = decoder_bytes(image, declared)
     if image.mode == "RGB":
-        decoding = pixels * stored * (2 if rotated else 1)
+        decoding = pixels * stored * (2 if may_be_rotated(image) else 1)
     else:  # the rotation's second copy (<= 4 bytes a pixel) is gone before the RGB picture is made
         decoding = pixels * (stored + RGB_BYTES + SCALING_SCRATCH.get(image.mode, 0))
         if image.mode in ALPHA_MODES:
             decoding += ALPHA_STRIP_COPIES * RGB_BYTES * width * min(height, alpha_strip_rows(width))
-    new_width, new_height = resized
-    resizing = RGB_BYTES * (pixels + new_width * height + new_width * new_height)
-    return max(decoding, resizing)
+    resizing = RGB_BYTES * pixels + resize_bytes(image.size, resized, interpolation)
+    kept = decoder if image.format == "WEBP" else 0  # a WebP's frame buffers stay with the picture, through the resize
+    return max(decoding + decoder, resizing + kept)

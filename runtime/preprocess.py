@@ -51,8 +51,8 @@ def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = N
 
 def decode_image_scaled(data: bytes, max_pixels: int, min_short_side_px: int | None) -> tuple[Image.Image, bool]:
     """decode_image, and whether the JPEG decoder scaled the picture down (fast mode only)."""
-    image, reduced = opened_image(data, max_pixels, min_short_side_px)
-    return loaded_rgb(image), reduced
+    image, declared = opened_image(data, max_pixels, min_short_side_px)
+    return loaded_rgb(image), image.size != declared
 
 
 @contextmanager
@@ -73,9 +73,10 @@ def image_errors() -> Iterator[None]:
         raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
 
 
-def opened_image(data: bytes, max_pixels: int, min_short_side_px: int | None) -> tuple[Image.Image, bool]:
-    """The image's header read, its size and format checked, not a pixel decoded yet; and whether a large JPEG will
-    decode at reduced size (min_short_side_px: fast mode)."""
+def opened_image(data: bytes, max_pixels: int,
+                 min_short_side_px: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """The image's header read, its size and format checked, not a pixel decoded yet; and the size its header
+    declares: a large JPEG in fast mode (min_short_side_px) decodes at reduced size, image.size then smaller."""
     if not data:
         raise ImageError("empty_body", "the image is empty (0 bytes)")
     with image_errors():
@@ -88,8 +89,9 @@ def opened_image(data: bytes, max_pixels: int, min_short_side_px: int | None) ->
             raise ImageError("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
                              f"over the limit of {max_pixels}")
         image.seek(0)  # GIF / multi-page TIFF: the first frame
-        reduced = reduce_jpeg_decode(image, min_short_side_px) if min_short_side_px is not None else False
-    return image, reduced
+        if min_short_side_px is not None:
+            reduce_jpeg_decode(image, min_short_side_px)
+    return image, (width, height)
 
 
 def loaded_rgb(image: Image.Image) -> Image.Image:
@@ -232,7 +234,8 @@ def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str 
     """
     fast = decode_mode == "fast"
     min_short_side = fast_decode_min_short_side(spec.resize_px, fast_decode_headroom) if fast else None
-    image, reduced = opened_image(data, max_pixels, min_short_side)
+    image, declared = opened_image(data, max_pixels, min_short_side)
+    reduced = image.size != declared
     crop_region_only = fast and reduced and spec.crop_mode == "center"
     resized = resized_size(image.size, spec, crop_region_only)
     if resized[0] * resized[1] > max_pixels:  # a sliver: 4 x 100000 pixels resize to 256 x 6400000
@@ -240,7 +243,7 @@ def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str 
                          f"{spec.resize_px} px on its short side it would be {resized[0]}x{resized[1]} = "
                          f"{resized[0] * resized[1]} pixels, over the limit of {max_pixels}")
     with image_errors():  # the estimate reads the EXIF block
-        peak_bytes = decode_peak_bytes(image, resized)
+        peak_bytes = decode_peak_bytes(image, declared, resized, spec.interpolation)
     with reserve(peak_bytes) if reserve is not None else nullcontext():
         picture = loaded_rgb(image)
         del image  # the decoded picture, when to_rgb made another, is not held through the resize

@@ -4,8 +4,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from service.engine_builds import ReloadRefused
 from service.errors import ApiError, error_responses
-from service.model_manager import ReloadRefused
 from service.pipeline import read_body, service_state
 from service.schemas import ReloadResponse
 from service.security import ADMIN_PREFIX

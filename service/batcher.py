@@ -331,7 +331,7 @@ class Batcher:
             self.consecutive_failures += 1
             if self.consecutive_failures >= self.max_consecutive_failures:
                 self._detach(served, "consecutive_failures", f"{self.consecutive_failures} batches failed in a row, "
-                             f"the last with {type(err).__name__}: {err}")
+                             f"the last with {type(err).__name__} (incident {incident})")
             return
         self._buffers.append(buffer)
         if served is self.served:

@@ -56,6 +56,8 @@ class DecodeBudget:
 
     def _acquire(self, nbytes: int, deadline: float, abandoned: threading.Event) -> None:
         with self._changed:
+            if abandoned.is_set():  # its request ended while the thread was on its way here
+                raise DecodeAbandoned()
             if not self._waiting and self._free >= nbytes:  # the usual case: nobody waits, it fits
                 self._free -= nbytes
                 return

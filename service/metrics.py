@@ -70,6 +70,7 @@ class ServiceMetrics:
         arriving while one waits its turn share it, and renders start at least METRICS_RENDER_INTERVAL_S apart."""
         if self._next_render is None or self._next_render.get_loop() is not asyncio.get_running_loop():
             self._next_render = asyncio.ensure_future(self._render_in_turn())
+            self._next_render.add_done_callback(lambda done: done.cancelled() or done.exception())  # if all left
         return await asyncio.shield(self._next_render)  # a scrape that leaves does not cancel the others' render
 
     async def _render_in_turn(self) -> bytes:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -12,10 +12,17 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from runtime.engines.base import Engine
-from runtime.engines.factory import open_bound_s
 from runtime.repository import ModelRepository, ModelVersion, RepositoryError
 from service.admission import admission_capacity
 from service.batcher import Batcher, EngineThread, ServedModel
+from service.engine_builds import (
+    BuildTimeoutError,
+    ReloadRefused,
+    SmokeRunError,
+    close_engine,
+    close_prepared,
+    rebuild_timeout_s,
+)
 from service.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
@@ -25,40 +32,6 @@ logger = logging.getLogger("convnext.service")
 EngineFactory = Callable[[ModelVersion, "Settings"], Engine]
 RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 NOT_REFUSED = object()  # a version the watcher has not seen refused
-
-
-class ReloadRefused(Exception):
-    """A reload was not done; the served model is unchanged. Carries the HTTP status and error code."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-class SmokeRunError(RuntimeError):
-    """A freshly loaded engine gave wrong output on its smoke run."""
-
-
-def rebuild_timeout_s(settings: Settings) -> float:
-    """How long one rebuild of a broken engine may take before it counts as failed: opening the engine (open_bound_s:
-    with TensorRT, time for a build) and engine_timeout_ms per engine call (warmup_runs at batch 1 and at max batch,
-    and the smoke run), as a served batch gets."""
-    engine_calls = 2 * settings.warmup_runs + 1
-    return open_bound_s(settings.engine, settings.provider) + engine_calls * settings.engine_timeout_ms / 1000
-
-
-def close_engine(engine: Engine, what: str) -> None:
-    """In the engine's thread: close it; a failure is logged (the engine is gone either way)."""
-    try:
-        engine.close()
-    except Exception as err:
-        logger.warning("closing the engine of %s failed: %s: %s", what, type(err).__name__, err)
-
-
-def close_prepared(prepared: Future, what: str) -> None:
-    """In the engine's thread, after the call that prepared the engine: close it, if that call made one."""
-    if not prepared.cancelled() and prepared.exception() is None:  # a failed prepare closed its own engine
-        close_engine(prepared.result(), what)
 
 
 def load_model_version(repository: ModelRepository, name: str | None, version: int | None) -> ModelVersion:
@@ -187,11 +160,16 @@ class ModelManager:
                 raise ReloadRefused(404, "version_not_found", f"{name}/{version or 'latest'} is not in the "
                                     f"repository (it has versions {known})")
             attempted = await asyncio.to_thread(self._created_at, name, target)  # what is refused, if it is
-            try:
+
+            async def loaded_and_built() -> ServedModel:  # reading (hashing) the files too: a volume may hang
+                nonlocal attempted
                 model = await asyncio.to_thread(self.repository.load, name, target)
                 attempted = model.manifest.created_at
                 self._check_compatible(model)
-                served = await self._bounded(self._build(model), "the build")
+                return await self._build(model)
+
+            try:
+                served = await self._bounded(loaded_and_built(), "the reload")
             except Exception as err:  # a bad hash or manifest, a missing file, an engine that fails to load or run
                 self._refused[target] = attempted
                 self.reloads.labels("refused").inc()
@@ -333,7 +311,11 @@ class ModelManager:
                 except Exception as err:  # keep trying: the service is useless without an engine
                     delay = RECOVERY_BACKOFF_S[min(self._failed_rebuilds, len(RECOVERY_BACKOFF_S) - 1)]
                     self._failed_rebuilds += 1
-                    self._last_rebuild_error = f"{type(err).__name__}: {err}"
+                    incident = secrets.token_hex(4)  # the error's own words go to the log only, not to /readyz
+                    logger.error("rebuilding the engine of %s/%s failed, incident %s: %s: %s", name, version, incident,
+                                 type(err).__name__, err)
+                    self._last_rebuild_error = str(err) if isinstance(err, BuildTimeoutError) else \
+                        f"{type(err).__name__} (incident {incident})"
                     self._broken_reason = (f"rebuilding the engine failed ({self._last_rebuild_error}); "
                                            f"retrying in {delay:.0f} s")
                     logger.error(self._broken_reason)
@@ -364,8 +346,8 @@ class ModelManager:
         except TimeoutError:
             if not bound.expired():
                 raise  # the build's own
-            raise TimeoutError(f"{what} did not finish within {limit_s:g} s (a wedged device?); it is "
-                               "abandoned") from None
+            raise BuildTimeoutError(f"{what} did not finish within {limit_s:g} s (a wedged device?); it is "
+                                    "abandoned") from None
 
     async def _watch_repository(self) -> None:
         """Poll the repository for a newer version of the served model, or the served version exported again

@@ -11,9 +11,9 @@ import functools
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from starlette.requests import Request
@@ -29,6 +29,7 @@ from service.settings import Settings
 from service.state import ServiceState
 
 ZLIB_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # Content-Encoding -> zlib's window bits (gzip / zlib header)
+T = TypeVar("T")
 ClientGone = Callable[[], Awaitable[object]]  # completes when the client has left (HTTP disconnect, gRPC cancel)
 
 
@@ -177,6 +178,24 @@ def watching(client_gone: ClientGone | None) -> Iterator[asyncio.Future[Any] | N
             gone.cancel()
 
 
+async def until_gone(work: Coroutine[Any, Any, T], gone: asyncio.Future[Any] | None) -> T:
+    """`work`'s result; if the client leaves first, `work` is cancelled (its decodes stop waiting for memory or a
+    slot: preprocess_images) and 499 raised."""
+    if gone is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, if nobody else does
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the request's deadline (asyncio.timeout), or the server cancelling the handler
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ApiError(499, "client_disconnected", "the client disconnected while its images were being decoded")
+
+
 def request_deadline(state: ServiceState) -> float:
     """The time.monotonic() by which a request whose body has arrived must be answered: request_timeout_ms from
     now, waits for a decode slot and decoding included."""
@@ -231,7 +250,7 @@ async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_
     with watching(client_gone) as gone, admitted(state, len(images)):
         try:
             async with asyncio.timeout(deadline - time.monotonic()):  # a decode slot may have to be waited for
-                preprocessed = await preprocess_images(state, images, deadline)
+                preprocessed = await until_gone(preprocess_images(state, images, deadline), gone)
         except TimeoutError:
             raise deadline_passed(state) from None
         items = await run_batched(state, [tensor for tensor, _ in preprocessed], gone, deadline)

@@ -150,7 +150,7 @@ def test_batches_reuse_one_buffer_and_rows_survive_its_reuse():
     assert [float(r[0]) for r in rows] == [1.0, 2.0, 3.0]  # each row kept its value after the buffer was refilled
 
 
-def test_images_of_different_shapes_fail_their_batch_instead_of_broadcasting():
+def test_images_of_different_shapes_fail_their_batch_instead_of_broadcasting(caplog):
     async def scenario():
         engine = RecordingEngine()
         batcher = Batcher(served(engine), max_batch_size=4, max_queue_delay_ms=1, queue_size=32,
@@ -165,7 +165,8 @@ def test_images_of_different_shapes_fail_their_batch_instead_of_broadcasting():
         return results
 
     results = run(scenario())
-    assert all(isinstance(r, BatchFailedError) and "shape" in str(r) for r in results)
+    assert all(isinstance(r, BatchFailedError) and "incident" in str(r) for r in results)
+    assert any("an image of shape (1, 2, 2)" in record.getMessage() for record in caplog.records)  # in the log
 
 
 def test_submit_last_runs_after_the_calls_other_workers_are_still_running():

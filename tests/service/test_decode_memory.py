@@ -4,19 +4,22 @@ pixels of a whole-picture composite, and the sliver whose resize alone would tak
 from __future__ import annotations
 
 import io
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, resized_size
-from runtime.preprocess import ImageError, opened_image, preprocess, to_rgb
+from runtime.preprocess import ImageError, eval_transform, opened_image, preprocess, to_rgb
 from runtime.repository import Preprocess
 from service.decode_budget import MIB, DecodeAbandoned, DecodeBudget, DecodeWaitTimeout
 from service.settings import Settings
@@ -62,14 +65,35 @@ def test_a_sliver_whose_resize_would_take_gigabytes_is_refused_from_its_header()
     assert preprocess(data, SPEC.model_copy(update={"crop_mode": "squash"}), 40_000_000).shape == (3, 224, 224)
 
 
+def test_an_orientation_that_only_the_decode_reveals_is_still_applied():
+    """A PNG whose eXIf chunk (no Orientation) precedes its pixels and whose XMP (tiff:Orientation 6) follows them:
+    estimating the decode's memory reads the header only, and must not leave PIL's EXIF cache without the turn."""
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010F] = "maker"
+    png = encoded(picture, "PNG", exif=exif)
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    body = b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp
+    chunk = struct.pack(">I", len(body)) + b"iTXt" + body + struct.pack(">I", zlib.crc32(b"iTXt" + body))
+    end = png.rindex(b"IEND") - 4
+    data = png[:end] + chunk + png[end:]
+    reference = Image.open(io.BytesIO(data))
+    reference.load()
+    upright = ImageOps.exif_transpose(reference)
+    assert upright.size == (300, 500)  # turned
+    assert np.array_equal(preprocess(data, SPEC, 10**8), eval_transform(upright.convert("RGB"), SPEC))
+
+
 def test_the_resize_bound_counts_the_resized_picture_not_the_source():
     assert resized_size((4000, 3000), SPEC, crop_region_only=False) == (341, 256)
     assert resized_size((100, 20_000), SPEC, crop_region_only=False) == (256, 51_200)
     assert resized_size((4000, 3000), SPEC, crop_region_only=True) == (224, 224)
 
 
-# Pictures of ~7.5 MP in each mode the decoders produce; (name, PIL mode or recipe, format, save options). A PNG
-# counts as EXIF-turned (its eXIf chunk may follow the pixels): an RGB one is estimated at twice its peak.
+# Pictures of ~7.5 MP in each mode the decoders produce; (name, PIL mode or recipe, format, options: save options,
+# and "fast", "squash", "size", "loose"). A PNG counts as EXIF-turned (its eXIf chunk may follow the pixels): an RGB
+# one is estimated at twice its peak.
 PEAK_CASES = {
     "jpeg": ("RGB", "JPEG", {}),
     "jpeg-rotated": ("RGB", "JPEG", {"orientation": 6}),
@@ -81,6 +105,14 @@ PEAK_CASES = {
     "png-palette-transparent": ("P", "PNG", {"transparency": 3}),
     "png-16-bit": ("I;16", "PNG", {}),
     "png-tall": ("RGB", "PNG", {"size": (150, 40_000)}),  # the resize (256 x 68266) is the larger peak
+    # Squashed to 256 x 256, PIL's filter weights for a 2,000,000-pixel row: 64 MB (1.3 GB for 40,000,000).
+    "png-sliver-squashed": ("RGB", "PNG", {"size": (2_000_000, 1), "squash": True}),
+    "jpeg-progressive": ("RGB", "JPEG", {"progressive": True}),  # libjpeg keeps every coefficient: 2 bytes each
+    "jpeg-progressive-444-fast": ("RGB", "JPEG", {"progressive": True, "subsampling": 0, "fast": True}),
+    "jpeg-progressive-cmyk": ("CMYK", "JPEG", {"progressive": True}),
+    "webp": ("RGB", "WEBP", {"lossless": True}),  # libwebp's frame buffers stay with the picture
+    "webp-rgba": ("RGBA", "WEBP", {}),
+    "tiff-deflate-one-strip": ("RGB", "TIFF", {"compression": "tiff_adobe_deflate", "tiffinfo": {278: 2500}}),
 }
 MEASURE = r"""
 import io, sys, time
@@ -91,8 +123,9 @@ from runtime.repository import Preprocess
 spec = Preprocess.model_validate_json(sys.argv[1])
 fast = sys.argv[3] == "fast"
 data = open(sys.argv[2], "rb").read()
-image, reduced = opened_image(data, 10**9, 2 * spec.resize_px if fast else None)
-estimate = decode_peak_bytes(image, resized_size(image.size, spec, fast and reduced))
+image, declared = opened_image(data, 10**9, 2 * spec.resize_px if fast else None)
+resized = resized_size(image.size, spec, fast and image.size != declared and spec.crop_mode == "center")
+estimate = decode_peak_bytes(image, declared, resized, spec.interpolation)
 del image
 def rss(field):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
@@ -115,7 +148,8 @@ def peak_case_file(tmp_path, name: str):
         picture = picture.convert("RGB").quantize(16)
     else:
         picture = picture.convert(mode)
-    save = {"transparency": options["transparency"]} if "transparency" in options else {}
+    save = {key: options[key] for key in ("transparency", "progressive", "subsampling", "lossless", "compression",
+                                          "tiffinfo") if key in options}
     if "orientation" in options:
         exif = Image.Exif()
         exif[0x0112] = options["orientation"]
@@ -131,11 +165,13 @@ def test_the_estimated_peak_covers_the_measured_one(tmp_path, name):
     stays within the estimate the budget reserves, plus 8 MiB (the interpreter, the codecs' own buffers); and the
     estimate is not so loose it would starve concurrency (under 1.5x the measured peak, but an RGB PNG's)."""
     path, fast = peak_case_file(tmp_path, name)
-    command = [sys.executable, "-c", MEASURE, SPEC.model_dump_json(), str(path), "fast" if fast else "exact"]
+    spec = SPEC.model_copy(update={"crop_mode": "squash"}) if PEAK_CASES[name][2].get("squash") else SPEC
+    command = [sys.executable, "-c", MEASURE, spec.model_dump_json(), str(path), "fast" if fast else "exact"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert run.returncode == 0, run.stderr
     measured, estimate = map(int, run.stdout.split())
     figures = f"{name}: measured {measured / MIB:.1f} MiB, estimated {estimate / MIB:.1f}"
+    print(figures)
     assert measured <= estimate + 8 * MIB, figures
     assert estimate <= PEAK_CASES[name][2].get("loose", 1.5) * measured + 8 * MIB, figures
 
@@ -247,6 +283,33 @@ def test_the_service_bounds_decode_memory(launch, model_repository):
 def test_the_estimate_reads_the_header_only():
     """opened_image decodes no pixel: the estimate of a 40-MP PNG is known while the process holds a few MB."""
     data = png_of("RGBA", (8000, 5000))
-    image, _ = opened_image(data, 10**9, None)
-    assert decode_peak_bytes(image, resized_size(image.size, SPEC, False)) >= 8 * 40_000_000
+    image, declared = opened_image(data, 10**9, None)
+    assert decode_peak_bytes(image, declared, resized_size(image.size, SPEC, False), "bicubic") >= 8 * 40_000_000
     assert image.tile  # still to be decoded
+
+
+def test_a_client_that_leaves_while_its_image_waits_for_memory_stops_waiting(launch, model_repository):
+    """The wait ends when the client does (not at the request's deadline): its decode thread and its place at the
+    head of the line are given back, and the image is never decoded."""
+    data = png_of("RGBA", (1000, 1000))
+    with launch(model_repository, max_pixels=1_000_000, decode_memory_mb=13, request_timeout_ms=20_000) as url:
+        budget = url.app.state.service.decode_budget
+        holding = budget.reserved(4 * MIB, time.monotonic() + 60, threading.Event())
+        holding.__enter__()
+        try:
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as client:
+                client.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+                deadline = time.monotonic() + 10
+                while not budget._waiting:
+                    assert time.monotonic() < deadline, "the image never waited for memory"
+                    time.sleep(0.01)
+            left = time.monotonic()  # the client has closed its connection
+            while budget._waiting:
+                assert time.monotonic() - left < 5, "the image still waits for memory after its client left"
+                time.sleep(0.01)
+        finally:
+            holding.__exit__(None, None, None)
+        assert budget.reserved_bytes == 0
+        assert 'convnext_rejected_total{reason="client_disconnected"} 1.0' in httpx.get(f"{url}/metrics").text

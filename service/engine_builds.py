@@ -1,0 +1,54 @@
+"""What building an engine for the served model can end with, and the bound on it: the refusals and errors a reload
+or a rebuild raises, how long a build may take, and closing an engine whatever state its build left it in."""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+from runtime.engines.base import Engine
+from runtime.engines.factory import open_bound_s
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+logger = logging.getLogger("convnext.service")
+
+
+class ReloadRefused(Exception):
+    """A reload was not done; the served model is unchanged. Carries the HTTP status and error code."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class SmokeRunError(RuntimeError):
+    """A freshly loaded engine gave wrong output on its smoke run."""
+
+
+class BuildTimeoutError(TimeoutError):
+    """A build (a reload's, a rebuild's) went past rebuild_limit_s and was abandoned; its message is the service's
+    own, so /readyz and /healthz may show it."""
+
+
+def rebuild_timeout_s(settings: Settings) -> float:
+    """How long one rebuild of a broken engine may take before it counts as failed: opening the engine (open_bound_s:
+    with TensorRT, time for a build) and engine_timeout_ms per engine call (warmup_runs at batch 1 and at max batch,
+    and the smoke run), as a served batch gets."""
+    engine_calls = 2 * settings.warmup_runs + 1
+    return open_bound_s(settings.engine, settings.provider) + engine_calls * settings.engine_timeout_ms / 1000
+
+
+def close_engine(engine: Engine, what: str) -> None:
+    """In the engine's thread: close it; a failure is logged (the engine is gone either way)."""
+    try:
+        engine.close()
+    except Exception as err:
+        logger.warning("closing the engine of %s failed: %s: %s", what, type(err).__name__, err)
+
+
+def close_prepared(prepared: Future, what: str) -> None:
+    """In the engine's thread, after the call that prepared the engine: close it, if that call made one."""
+    if not prepared.cancelled() and prepared.exception() is None:  # a failed prepare closed its own engine
+        close_engine(prepared.result(), what)
