@@ -57,6 +57,7 @@ def test_deployment_takes_a_gpu_probes_readyz_healthz_and_drains_before_it_is_ki
     worst_case_drain_s = graceful_shutdown_s(settings) + settings.request_timeout_ms / 1000
     assert pod["terminationGracePeriodSeconds"] > pre_stop_s + worst_case_drain_s
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False  # no API token in a pod that never calls the API
     prepare = pod["initContainers"][0]
     assert prepare["command"][-1] == "prepare"
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -97,6 +98,7 @@ def test_training_job_runs_one_torchrun_per_node_ranked_by_completion_index():
     assert headless["spec"]["clusterIP"] == "None"
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == headless["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is False
     container = pod["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
     command = " ".join(container["command"] + container["args"])
