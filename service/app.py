@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,13 +21,13 @@ from service.grpc_server import GrpcService, start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_manager import EngineFactory, ModelManager, load_model_version
 from service.openapi import APP_RESPONSES, install_openapi
+from service.pages import pages_router
 from service.routes import router
-from service.security import install_edge
+from service.security import NOSNIFF_HEADERS, install_edge
 from service.settings import Settings
 from service.state import ServiceState
 from service.v2 import router as v2_router
 
-STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
 HTTP_ERROR_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
 # What a start can expectedly fail with (a model, engine, provider, TensorRT build or port problem): logged as one line
 # by uvicorn. Anything else is a bug, and keeps its traceback.
@@ -118,8 +116,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
             state.conversion_pool.shutdown(wait=False, cancel_futures=True)
 
+    # docs_url/redoc_url None: service/pages.py serves /docs on vendored Swagger UI files (no CDN), and no ReDoc.
     app = FastAPI(title="ConvNeXt image classification", version=project_version(), lifespan=lifespan,
-                  responses=APP_RESPONSES)
+                  responses=APP_RESPONSES, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
 
     def current_admission() -> Admission | None:
@@ -158,8 +157,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     @app.exception_handler(Exception)
     async def _unexpected_error(request: Request, err: Exception):
         # A bug, not the client's doing: still the JSON error body; Starlette logs the traceback after this answer.
+        # Starlette's outermost layer sends it, outside every middleware: nosniff is set here.
         return error_response(500, "internal_error", f"the server failed on this request ({type(err).__name__}); "
-                              "it is logged", v2=speaks_v2(request.scope))
+                              "it is logged", NOSNIFF_HEADERS, speaks_v2(request.scope))
 
     # Added last, so outermost: 401s and CORS answers are counted too. Pure ASGI: Starlette's @app.middleware("http")
     # cost ~0.35 ms of CPU per request, paid by every request and every 503 under overload.
@@ -170,12 +170,6 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.include_router(router)
     app.include_router(v2_router)
     app.include_router(admin_router)
+    app.include_router(pages_router())
     install_openapi(app, settings, served_manifest)
-
-    @app.get("/", include_in_schema=False)
-    async def index():
-        if STATIC_INDEX.is_file():
-            return FileResponse(STATIC_INDEX)
-        return JSONResponse({"service": "convnext", "docs": "/docs", "classify": "POST /classify"})
-
     return app

@@ -1,21 +1,26 @@
-"""The service's HTTP edge: optional API-key auth (deny by default) and opt-in CORS, as pure ASGI middleware."""
+"""The service's HTTP edge, as pure ASGI middleware: optional API-key auth (deny by default), opt-in CORS, and
+`X-Content-Type-Options: nosniff` on every answer."""
 from __future__ import annotations
 
 import hmac
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import is_under, routed_path, send_error
 from service.metrics import ServiceMetrics
+from service.pages import DOCS_PUBLIC_PATHS
 from service.settings import Settings
 
 # Open without a key: probes, the metrics scrape (meant for the private network, like the probes), the web page,
-# the model list it shows, and the API docs. Every other path, including any route added later, needs the key.
-PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/models", "/docs", "/docs/oauth2-redirect",
-                          "/redoc", "/openapi.json", "/v2/health/live", "/v2/health/ready"})
+# the model list it shows, and the API docs with the files they load, each by its exact path (service/pages.py).
+# Every other path, including any route added later, needs the key.
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/models", "/openapi.json", "/v2/health/live",
+                          "/v2/health/ready"}) | DOCS_PUBLIC_PATHS
 SCHEME_NAMES = ("bearer", "api_key")
+NOSNIFF_HEADERS = {"X-Content-Type-Options": "nosniff"}
+NOSNIFF = (b"x-content-type-options", b"nosniff")
 ADMIN_PREFIX = "/admin"
 
 
@@ -71,9 +76,29 @@ class ApiKeyMiddleware:
                          "`Authorization: Bearer <key>` or `X-API-Key: <key>`", [(b"www-authenticate", b"Bearer")])
 
 
+class NoSniffMiddleware:
+    """`X-Content-Type-Options: nosniff` on every HTTP answer: a browser takes each body as its declared type (an
+    error echoing a client's text is never run as HTML or script)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_nosniff(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), NOSNIFF]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_nosniff)
+
+
 def install_edge(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> None:
-    """Auth when `api_key` or `admin_api_key` is set, then CORS (outermost, so preflights and 401s get its headers)
-    when origins are.
+    """Auth when `api_key` or `admin_api_key` is set, then CORS (so preflights and 401s get its headers) when origins
+    are, then nosniff (outermost of the three: on 401s and CORS answers too).
 
     The OpenAPI document declares the key and its 401s (service/openapi.py).
     """
@@ -82,3 +107,4 @@ def install_edge(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> N
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+    app.add_middleware(NoSniffMiddleware)

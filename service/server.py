@@ -21,6 +21,7 @@ from service.app import begin_drain
 from service.errors import error_body, send_error
 from service.lingering_close import LINGERING_TIME_S, LingeringConnections, LingeringTransport
 from service.metrics import ServiceMetrics
+from service.security import NOSNIFF
 from service.settings import Settings
 
 # Answered beyond max_connections too: orchestrators' health checks and Prometheus, cheap and needed most under load.
@@ -88,8 +89,8 @@ class EdgeLimitsMixin(_UvicornProtocol):
             self.metrics.rejected.labels("header_too_large").inc()
             self._lingering_transport.linger_on_close = True  # the head is still arriving
             self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(HEAD_TOO_LARGE),
-                                                                                     HEAD_TOO_LARGE))
+                                 b"x-content-type-options: nosniff\r\ncontent-length: %d\r\nconnection: close\r\n"
+                                 b"\r\n%s" % (len(HEAD_TOO_LARGE), HEAD_TOO_LARGE))
             self._stop_header_timer()
             self.transport.close()
 
@@ -179,7 +180,7 @@ class EdgeLimitsMixin(_UvicornProtocol):
                       headers: list[tuple[bytes, bytes]]) -> None:
         started = time.perf_counter()
         self.metrics.rejected.labels(code).inc()
-        await send_error(scope, send, status, code, message, headers)
+        await send_error(scope, send, status, code, message, [*headers, NOSNIFF])
         if scope["type"] == "http":
             # Refused before routing (outside the request metrics' middleware): counted here, under no route.
             self.metrics.count_request("unmatched", scope["method"], status, time.perf_counter() - started)

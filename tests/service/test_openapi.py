@@ -75,6 +75,8 @@ def test_a_bug_still_answers_the_json_error_body(model_repository):
     response = TestClient(app, raise_server_exceptions=False).get("/bug")
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error"
+    # Starlette's outermost layer answers it, outside every middleware: nosniff still comes with it.
+    assert response.headers.get_list("x-content-type-options") == ["nosniff"]
 
 
 def test_reload_takes_a_json_integer_not_a_boolean_nor_a_string(service_url):
