@@ -6,7 +6,8 @@ container keeps running a tiny stdlib HTTP server on the service's port:
   /healthz  200 {"status": "host_check_failed", ...}: alive, so Kubernetes' liveness probe does not restart it;
             deploy/healthcheck.py (Docker's HEALTHCHECK) wants status "ok" and marks the container unhealthy
   /readyz   503 with the reason: never ready, so no traffic reaches it
-  /doctor   the doctor's full JSON report; anything else 503 with the JSON error body the service uses
+  /doctor   the doctor's full JSON report (with an API key set, only for the admin key, else the api key: 401);
+            anything else 503 with the JSON error body the service uses
 CONVNEXT_HOST_CHECK=exit exits with status 78 (EX_CONFIG) instead; `off` skips the check.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ import signal
 import subprocess
 import sys
 import threading
+
+from service.security import key_accepted
 
 EXIT_HOST_CHECK_FAILED = 78  # sysexits.h EX_CONFIG: the host's configuration, not the program, is wrong
 DOCTOR_TIMEOUT_S = 600  # the first CUDA initialisation and a one-layer TensorRT build take seconds, not minutes
@@ -58,6 +61,7 @@ def describe(report: dict) -> str:
 
 class DiagnosisHandler(http.server.BaseHTTPRequestHandler):
     report: dict = {}
+    key: bytes | None = None  # the service's admin key (else its api key): /doctor's report describes the host
 
     def do_GET(self):
         reason = failure_reason(self.report)
@@ -65,6 +69,9 @@ class DiagnosisHandler(http.server.BaseHTTPRequestHandler):
             self._send(200, {"status": "host_check_failed", "reason": reason})
         elif self.path == "/readyz":
             self._send(503, {"status": "not_ready", "reason": f"host check failed: {reason}"})
+        elif self.path == "/doctor" and self.key is not None and not key_accepted(
+                [(name.lower().encode(), value.encode()) for name, value in self.headers.items()], self.key):
+            self._send(401, {"error": {"code": "unauthorized", "message": "missing or invalid API key"}})
         elif self.path == "/doctor":
             self._send(200, self.report)
         else:
@@ -84,9 +91,10 @@ class DiagnosisHandler(http.server.BaseHTTPRequestHandler):
         pass  # probes every few seconds would bury the diagnosis in the log
 
 
-def hold(report: dict, host: str, port: int) -> int:
-    """Serve the diagnosis until SIGTERM/SIGINT (docker stop, pod deletion), then exit 0."""
-    handler = type("Handler", (DiagnosisHandler,), {"report": report})
+def hold(report: dict, host: str, port: int, key: str | None = None) -> int:
+    """Serve the diagnosis until SIGTERM/SIGINT (docker stop, pod deletion), then exit 0. With a key, /doctor asks
+    for it as the service's /admin does (Authorization: Bearer or X-API-Key); the probes stay open."""
+    handler = type("Handler", (DiagnosisHandler,), {"report": report, "key": key.encode() if key else None})
     server = http.server.ThreadingHTTPServer((host, port), handler)
 
     def stop(signum, frame):

@@ -222,8 +222,9 @@ def wait_for_healthz(process: subprocess.Popen, port: int, log: Path, deadline_s
 def test_serve_on_a_host_that_fails_the_gpu_check_stays_up_not_ready_and_says_why(tmp_path, tiny_repository):
     port = free_port()
     log = tmp_path / "serve.log"
-    process = subprocess.Popen([sys.executable, str(ENTRYPOINT), "serve"], env=gpu_env(tiny_repository, port),
-                               cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = gpu_env(tiny_repository, port, CONVNEXT_API_KEY="host-check-key")
+    process = subprocess.Popen([sys.executable, str(ENTRYPOINT), "serve"], env=env, cwd=ROOT, stdout=log.open("w"),
+                               stderr=subprocess.STDOUT)
     try:
         healthz = wait_for_healthz(process, port, log)
         # Alive (a Kubernetes liveness probe passes: no restart loop) ...
@@ -236,7 +237,13 @@ def test_serve_on_a_host_that_fails_the_gpu_check_stays_up_not_ready_and_says_wh
         assert "fix: install NVIDIA driver >= 580" in reason
         classify = httpx.post(f"http://127.0.0.1:{port}/classify", content=b"x", timeout=5)
         assert classify.status_code == 503 and classify.json()["error"]["code"] == "host_check_failed"
-        assert httpx.get(f"http://127.0.0.1:{port}/doctor", timeout=5).json()["ok"] is False
+        # The probes stay open; the report describes the host, so it wants the service's key like /admin does.
+        assert httpx.get(f"http://127.0.0.1:{port}/doctor", timeout=5).status_code == 401
+        wrong = httpx.get(f"http://127.0.0.1:{port}/doctor", headers={"X-API-Key": "nope"}, timeout=5)
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
+        report = httpx.get(f"http://127.0.0.1:{port}/doctor", headers={"Authorization": "Bearer host-check-key"},
+                           timeout=5)
+        assert report.json()["ok"] is False
         # ... and Docker's HEALTHCHECK marks it unhealthy, with the reason.
         health = subprocess.run([sys.executable, str(ROOT / "deploy" / "healthcheck.py")], capture_output=True,
                                 text=True, timeout=30, env={**os.environ, "CONVNEXT_PORT": str(port)})
