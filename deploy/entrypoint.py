@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convnext_common import one_line  # noqa: E402
 from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
 from runtime.repository import ModelRepository  # noqa: E402
+from service.api_keys import admin_key  # noqa: E402
 from service.doctor import requirements_for  # noqa: E402
-from service.security import required_key  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 HOST_CHECK_MODES = ("hold", "exit", "off")
@@ -162,7 +162,7 @@ def check_host(settings: PrepareSettings) -> int | None:
     if settings.host_check == "exit":
         print(f"host check failed: exiting with status {EXIT_HOST_CHECK_FAILED}", file=sys.stderr, flush=True)
         return EXIT_HOST_CHECK_FAILED
-    return hold(report, settings.service.host, settings.service.port, required_key(settings.service, "/admin"))
+    return hold(report, settings.service.host, settings.service.port, admin_key(settings.service))
 
 
 def serve(settings: PrepareSettings) -> int:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 
-from service.security import key_accepted
+from service.api_keys import key_accepted
 
 EXIT_HOST_CHECK_FAILED = 78  # sysexits.h EX_CONFIG: the host's configuration, not the program, is wrong
 DOCTOR_TIMEOUT_S = 600  # the first CUDA initialisation and a one-layer TensorRT build take seconds, not minutes
@@ -70,7 +70,8 @@ class DiagnosisHandler(http.server.BaseHTTPRequestHandler):
         elif self.path == "/readyz":
             self._send(503, {"status": "not_ready", "reason": f"host check failed: {reason}"})
         elif self.path == "/doctor" and self.key is not None and not key_accepted(
-                [(name.lower().encode(), value.encode()) for name, value in self.headers.items()], self.key):
+                [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in self.headers.items()],
+                self.key):
             self._send(401, {"error": {"code": "unauthorized", "message": "missing or invalid API key"}})
         elif self.path == "/doctor":
             self._send(200, self.report)

@@ -16,10 +16,10 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from service import v2_core, v2_tensors
+from service.api_keys import key_accepted
 from service.errors import ApiError, clipped
 from service.grpc_proto import open_inference_pb2 as pb
 from service.pipeline import ClientGone
-from service.security import key_accepted
 from service.state import ServiceState
 from service.v2_models import InferenceRequest
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 STATIC = Path(__file__).parent / "static"
@@ -22,8 +22,8 @@ WEB_PAGE = STATIC / "index.html"
 SWAGGER_UI = STATIC / "swagger-ui"
 SWAGGER_UI_VERSION = "5.35.0"  # in the asset URLs, so browsers fetch an updated copy at once
 DOCS_PATH = "/docs"
-OAUTH2_REDIRECT_PATH = "/docs/oauth2-redirect"
 DOCS_ASSETS_PATH = "/docs/assets/"
+SAFE_ROOT_PATH = re.compile(r"[A-Za-z0-9/_.~-]*")  # a proxy prefix the page may embed as it is
 SWAGGER_UI_MEDIA_TYPES = {
     "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
     "swagger-ui.css": "text/css; charset=utf-8",
@@ -34,8 +34,7 @@ SWAGGER_UI_MEDIA_TYPES = {
 SWAGGER_UI_ASSETS = {name: (SWAGGER_UI / name, media_type) for name, media_type in SWAGGER_UI_MEDIA_TYPES.items()}
 ASSET_CACHE_CONTROL = "public, max-age=86400"  # a day; the ?v= in their URLs changes with the version
 # Open without a key (service.security.PUBLIC_PATHS): the docs, their OAuth2 redirect, and the named assets only.
-DOCS_PUBLIC_PATHS = frozenset({DOCS_PATH, OAUTH2_REDIRECT_PATH,
-                               *(DOCS_ASSETS_PATH + name for name in SWAGGER_UI_ASSETS)})
+DOCS_PUBLIC_PATHS = frozenset({DOCS_PATH, *(DOCS_ASSETS_PATH + name for name in SWAGGER_UI_ASSETS)})
 # The docs' policy: Swagger UI's own script and the page's inline start-up script (by hash), its stylesheet and the
 # inline styles React sets, data: images from that stylesheet, requests to the service itself ("Try it out"); nothing
 # may frame it (clickjacking the Authorize dialog). Checked in Chromium (tests/service/test_docs_pages.py).
@@ -84,6 +83,8 @@ def swagger_ui_page(request: Request) -> HTMLResponse:
     """FastAPI's Swagger UI page on the vendored assets; every URL carries the proxy's path prefix (root_path), as
     FastAPI's own /docs does."""
     root_path = request.scope.get("root_path", "").rstrip("/")
+    if not SAFE_ROOT_PATH.fullmatch(root_path):  # it goes into the page's script and URLs, unescaped, then is hashed
+        raise HTTPException(400, "the proxy's path prefix (root_path) has characters /docs cannot carry")
 
     def asset_url(name: str) -> str:
         return f"{root_path}{DOCS_ASSETS_PATH}{name}?v={SWAGGER_UI_VERSION}"
@@ -93,7 +94,7 @@ def swagger_ui_page(request: Request) -> HTMLResponse:
                                swagger_js_url=asset_url("swagger-ui-bundle.js"),
                                swagger_css_url=asset_url("swagger-ui.css"),
                                swagger_favicon_url=asset_url("favicon-32x32.png"),
-                               oauth2_redirect_url=root_path + OAUTH2_REDIRECT_PATH,
+                               oauth2_redirect_url=None,  # the API has no OAuth2 flow
                                swagger_ui_parameters=SWAGGER_UI_PARAMETERS)
     policy = DOCS_POLICY.format(script=inline_source_hash(bytes(page.body).decode(), "script", "the Swagger UI page"))
     page.headers.update({**DOCS_HEADERS, "Content-Security-Policy": policy})
@@ -114,12 +115,6 @@ def pages_router() -> APIRouter:
     @router.get(DOCS_PATH)
     async def swagger_ui(request: Request) -> HTMLResponse:
         return swagger_ui_page(request)
-
-    @router.get(OAUTH2_REDIRECT_PATH)
-    async def swagger_ui_oauth2_redirect() -> HTMLResponse:
-        page = get_swagger_ui_oauth2_redirect_html()
-        page.headers.update(DOCS_HEADERS)
-        return page
 
     @router.get(DOCS_ASSETS_PATH + "{name}")
     async def swagger_ui_asset(name: str) -> FileResponse:

@@ -2,12 +2,11 @@
 `X-Content-Type-Options: nosniff` on every answer."""
 from __future__ import annotations
 
-import hmac
-
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api_keys import admin_key, key_accepted, presented_keys
 from service.errors import is_under, routed_path, send_error
 from service.metrics import ServiceMetrics
 from service.pages import DOCS_PUBLIC_PATHS
@@ -29,27 +28,9 @@ def required_key(settings: Settings, path: str) -> str | None:
     open paths never. The middleware and the OpenAPI document both follow this."""
     if path in PUBLIC_PATHS:
         return None
-    secret = settings.admin_api_key if is_under(path, ADMIN_PREFIX) and settings.admin_api_key is not None else \
-        settings.api_key
-    return secret.get_secret_value() if secret is not None else None
-
-
-def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
-    """Every credential the request carries (X-API-Key, Authorization: Bearer); another scheme is never the key."""
-    keys = []
-    for name, value in headers:
-        if name == b"x-api-key":
-            keys.append(value.strip())
-        elif name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            keys.append(token.strip() if scheme.lower() == b"bearer" else value)
-    return keys
-
-
-def key_accepted(headers: list[tuple[bytes, bytes]], api_key: bytes) -> bool:
-    """Every credential presented must be the key: a wrong one beside a right one is still a wrong one."""
-    keys = presented_keys(headers)
-    return bool(keys) and all(hmac.compare_digest(key, api_key) for key in keys)
+    if is_under(path, ADMIN_PREFIX):
+        return admin_key(settings)
+    return settings.api_key.get_secret_value() if settings.api_key is not None else None
 
 
 class ApiKeyMiddleware:

@@ -148,6 +148,33 @@ def test_serve_without_a_prepared_model_says_how_to_prepare(tmp_path, mirror):
     assert mirror.downloads.count(f"/{OFFICIAL_FILE}") <= 1
 
 
+# What the serve extra installs and the train image (deploy/requirements.py train export cpu) does not, as modules.
+SERVE_ONLY_MODULES = ("fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client", "grpc",
+                      "httptools", "uvloop", "watchfiles", "websockets")
+WITHOUT_SERVE_PACKAGES = f"""
+import importlib.abc, runpy, sys
+class NotInTheTrainImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {SERVE_ONLY_MODULES!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not in the train image)")
+sys.meta_path.insert(0, NotInTheTrainImage())
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_the_entrypoint_starts_in_the_train_image_without_the_web_stack():
+    """compose's prepare and the k8s init container run the entrypoint in the train image, which has no FastAPI,
+    uvicorn, prometheus-client or grpc: its imports (the host check's key check included) must not need them."""
+    train = subprocess.run([sys.executable, str(ROOT / "deploy" / "requirements.py"), "train", "export", "cpu"],
+                           capture_output=True, text=True, check=True).stdout
+    assert not any(package in train for package in ("fastapi", "uvicorn", "prometheus", "grpcio", "multipart"))
+    result = subprocess.run([sys.executable, "-c", WITHOUT_SERVE_PACKAGES, str(ENTRYPOINT)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "prepare" in result.stdout
+
+
 def load_entrypoint():
     spec = importlib.util.spec_from_file_location("deploy_entrypoint", ENTRYPOINT)
     entrypoint = importlib.util.module_from_spec(spec)
