@@ -4,11 +4,13 @@ after, ...) so both see the same machine.
 
     git worktree add --detach /tmp/before <old commit>
     python scripts/compare_service_trees.py --before /tmp/before --after . --repository R --model M \\
-        [--rounds 2] [--seconds 6] [--concurrency 1 8 32] [--lone-requests 30]
+        [--rounds 2] [--seconds 6] [--concurrency 1 8 32] [--lone-requests 30] \\
+        [--service-args "--engine openvino --precision bf16 --decode-mode fast"]
 
 Per tree and round: POST /classify closed loops at each concurrency (real JPEGs of mixed sizes, bench.loadgen) and
-lone requests of one 500x375 JPEG (bench.lone_request); the table gives the median over rounds. Both trees run with
-the same interpreter and installed packages; each server imports its own tree's code (cwd and PYTHONPATH).
+lone requests of one 500x375 JPEG (bench.lone_request); the table gives the median over rounds. The trees take turns
+first in each round (before, after; after, before; ...). Both run with the same interpreter, installed packages and
+--service-args; each server imports its own tree's code (cwd and PYTHONPATH).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 from pathlib import Path
 from statistics import median
 
@@ -28,7 +31,8 @@ from bench.server_process import server_process
 def measure(tree: Path, args, payloads: list[bytes], lone: list[bytes]) -> dict:
     tree = tree.resolve()
     server_args = ["--host", "127.0.0.1", "--repository", str(args.repository.resolve()), "--model", args.model,
-                   "--intra-op-threads", str(args.threads), "--max-batch-size", str(args.max_batch_size)]
+                   "--intra-op-threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
+                   *shlex.split(args.service_args)]
     env = {"PYTHONPATH": str(tree), "CONVNEXT_GRPC_PORT": "0"}  # older trees have no gRPC port; the variable is unused
     out = {}
     with server_process("service", server_args, "/readyz", env=env, cwd=tree) as server:
@@ -52,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lone-requests", type=int, default=30)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--service-args", default="", help="more `python -m service` flags, for both trees")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     payloads, lone = jpeg_payloads(), jpeg_payloads(sizes=((500, 375),))
     print(f"{cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for round_index in range(args.rounds):
-        for label, tree in (("before", args.before), ("after", args.after)):
+        trees = (("before", args.before), ("after", args.after))
+        for label, tree in trees if round_index % 2 == 0 else reversed(trees):
             runs[label].append(measure(tree, args, payloads, lone))
             print(json.dumps({"round": round_index, "tree": label, **runs[label][-1]}), flush=True)
     print(f"\nload average after {os.getloadavg()[0]:.2f}\n\n| measure | before | after | after / before |\n"
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     before = median(r["lone"][lone_key] for r in runs["before"])
     after = median(r["lone"][lone_key] for r in runs["after"])
     print(f"| lone request (500x375 JPEG) client p50 ms | {before:.1f} | {after:.1f} | {after / before:.2f} |")
+    before = median(r["lone"]["overhead_p50_ms"] for r in runs["before"])
+    after = median(r["lone"]["overhead_p50_ms"] for r in runs["after"])
+    print(f"| lone request overhead ms (client - its preprocess - its inference) | {before:.2f} | {after:.2f} | "
+          f"{after / before:.2f} |")
     if args.output:
         args.output.write_text(json.dumps(runs, indent=2))
     return 0
