@@ -33,7 +33,7 @@ SWAGGER_UI_MEDIA_TYPES = {
 # (404 otherwise) and never becomes part of a file path.
 SWAGGER_UI_ASSETS = {name: (SWAGGER_UI / name, media_type) for name, media_type in SWAGGER_UI_MEDIA_TYPES.items()}
 ASSET_CACHE_CONTROL = "public, max-age=86400"  # a day; the ?v= in their URLs changes with the version
-# Open without a key (service.security.PUBLIC_PATHS): the docs, their OAuth2 redirect, and the named assets only.
+# Open without a key (service.security.PUBLIC_PATHS): the docs page and the named assets only.
 DOCS_PUBLIC_PATHS = frozenset({DOCS_PATH, *(DOCS_ASSETS_PATH + name for name in SWAGGER_UI_ASSETS)})
 # The docs' policy: Swagger UI's own script and the page's inline start-up script (by hash), its stylesheet and the
 # inline styles React sets, data: images from that stylesheet, requests to the service itself ("Try it out"); nothing

@@ -80,10 +80,10 @@ class Settings(BaseSettings):
         "max_body_bytes could exceed the container's memory); at least twice max_body_bytes"))
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit per image (413 too_many_pixels)")
     decode_memory_mb: int = Field(1024, ge=1, description=(
-        "memory that images being decoded may hold at once, all requests together (each reserves its peak, known "
-        "from its header: ~4 bytes a pixel for a JPEG, ~9 for a PNG with alpha); an image waits for its share within "
-        "the request's deadline (504), one that needs more than all of it is refused (413 too_many_pixels); at least "
-        "8 bytes x max_pixels + 5 MiB"))
+        "MiB that images being decoded may hold at once, all requests together (each reserves its peak, known from "
+        "its header: ~4 bytes a pixel for a JPEG, 8 for an RGB or RGBA PNG); an image waits for its share within the "
+        "request's deadline (504) or until its client leaves (499), one that needs more than all of it is refused "
+        "(413 too_many_pixels); at least 8 bytes x max_pixels + 5 MiB"))
     max_files_per_request: int = Field(32, ge=1, description="multipart files per request (413 too_many_files)")
     preprocess_workers: int = Field(default_factory=usable_cpus, ge=1, description=(
         "decode/transform threads; default: the CPU count"))
