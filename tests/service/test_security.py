@@ -6,7 +6,7 @@ import re
 import httpx
 import pytest
 
-from service import security
+from service import api_keys
 from service.settings import Settings
 
 API_KEY = "test-key-4f1c9a"
@@ -55,14 +55,14 @@ def test_inference_and_admin_need_the_key_and_accept_either_header(secured_url, 
 
 
 def recorded_compare_digest(monkeypatch) -> list[tuple[bytes, bytes]]:
-    """Wrap hmac.compare_digest where service.security looks it up; returns the (presented, key) pairs it compares."""
-    compared, compare_digest = [], security.hmac.compare_digest
+    """Wrap hmac.compare_digest where service.api_keys looks it up; returns the (presented, key) pairs it compares."""
+    compared, compare_digest = [], api_keys.hmac.compare_digest
 
     def recording(presented, key):
         compared.append((presented, key))
         return compare_digest(presented, key)
 
-    monkeypatch.setattr(security.hmac, "compare_digest", recording)
+    monkeypatch.setattr(api_keys.hmac, "compare_digest", recording)
     return compared
 
 
