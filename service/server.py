@@ -30,7 +30,6 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "
 # so a multi-MB URL sent in small segments costs the event loop quadratic time before any route or key check.
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TOO_LARGE_MESSAGE = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
-HEAD_TOO_LARGE = json.dumps(error_body("header_too_large", HEAD_TOO_LARGE_MESSAGE)).encode()
 
 if TYPE_CHECKING:  # the hooks and fields the mixin uses; at run time it goes before AutoHTTPProtocol (http_protocol)
     from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornProtocol
@@ -86,13 +85,7 @@ class EdgeLimitsMixin(_UvicornProtocol):
             return
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-            self.metrics.rejected.labels("header_too_large").inc()
-            self._lingering_transport.linger_on_close = True  # the head is still arriving
-            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                                 b"x-content-type-options: nosniff\r\ncontent-length: %d\r\nconnection: close\r\n"
-                                 b"\r\n%s" % (len(HEAD_TOO_LARGE), HEAD_TOO_LARGE))
-            self._stop_header_timer()
-            self.transport.close()
+            self._refuse_raw(b"431 Request Header Fields Too Large", "header_too_large", HEAD_TOO_LARGE_MESSAGE)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -101,9 +94,19 @@ class EdgeLimitsMixin(_UvicornProtocol):
             self._start_header_timer()
 
     def send_400_response(self, msg: str) -> None:
-        # uvicorn's answer to bytes that do not parse as HTTP: the rest of them may still be arriving.
+        # uvicorn's answer to bytes that do not parse as HTTP (its own is text/plain, without nosniff).
+        self._refuse_raw(b"400 Bad Request", "bad_request", msg)
+
+    def _refuse_raw(self, status_line: bytes, code: str, message: str) -> None:
+        """The service's JSON error, written by the server itself (no request cycle, no app), and the connection
+        closed lingering: the rest of the request may still be arriving."""
+        self.metrics.rejected.labels(code).inc()
+        body = json.dumps(error_body(code, message)).encode()
         self._lingering_transport.linger_on_close = True
-        super().send_400_response(msg)
+        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-content-type-options: nosniff\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status_line, len(body), body))
+        self._stop_header_timer()
+        self.transport.close()
 
     def shutdown(self) -> None:
         # uvicorn's graceful shutdown closes idle connections and waits for all to go: a lingering one goes within

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import json
 import re
 import shutil
+import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -182,3 +184,23 @@ def test_the_servers_own_refusals_carry_nosniff_too(service_url):
     refused = httpx.get(f"{service_url}/healthz", headers={"X-Padding": "x" * 70_000})
     assert refused.status_code == 431
     assert refused.headers.get_list("x-content-type-options") == ["nosniff"]
+
+
+def test_bytes_that_are_not_http_get_the_json_400_with_nosniff(service_url):
+    """uvicorn's own answer to an unparseable request was text/plain without nosniff; the server now writes the
+    service's JSON error, counts it, and closes the connection."""
+    address = urlsplit(service_url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):  # the server closes after its answer
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert lines[0] == "HTTP/1.1 400 Bad Request"
+    assert headers["content-type"] == "application/json"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    assert 'convnext_rejected_total{reason="bad_request"}' in httpx.get(service_url + "/metrics").text
