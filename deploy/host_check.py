@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.server
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,11 @@ from service.api_keys import key_accepted
 
 EXIT_HOST_CHECK_FAILED = 78  # sysexits.h EX_CONFIG: the host's configuration, not the program, is wrong
 DOCTOR_TIMEOUT_S = 600  # the first CUDA initialisation and a one-layer TensorRT build take seconds, not minutes
+# The diagnosis server's bounds, against clients that connect and then send slowly or nothing (slowloris): each
+# connection is one request (HTTP/1.0), closed CONNECTION_DEADLINE_S after it opened whatever it is doing, and at
+# most MAX_CONNECTIONS are served at once (a thread each); one beyond is closed at once.
+CONNECTION_DEADLINE_S = 10.0
+MAX_CONNECTIONS = 32
 
 
 def run_doctor(engine: str, provider: str, timeout_s: float = DOCTOR_TIMEOUT_S) -> dict:
@@ -59,7 +65,49 @@ def describe(report: dict) -> str:
     return "\n".join(lines)
 
 
+class DiagnosisServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` at once, each closed `deadline_s` after it opened."""
+
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS,
+                 deadline_s: float = CONNECTION_DEADLINE_S):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.deadline_s = deadline_s
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # all slots taken: closed unanswered, the client may retry
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        # A shutdown from the timer's thread ends a read or write blocked in the connection's own thread.
+        deadline = threading.Timer(self.deadline_s, end_connection, (request,))
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):  # a client gone or cut at its deadline is not worth a traceback
+            super().handle_error(request, client_address)
+
+
+def end_connection(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed: the connection ended on its own
+
+
 class DiagnosisHandler(http.server.BaseHTTPRequestHandler):
+    timeout = CONNECTION_DEADLINE_S  # each read's socket timeout (StreamRequestHandler); the server bounds the total
     report: dict = {}
     key: bytes | None = None  # the service's admin key (else its api key): /doctor's report describes the host
 
@@ -97,7 +145,7 @@ def hold(report: dict, host: str, port: int, key: str | None = None) -> int:
     """Serve the diagnosis until SIGTERM/SIGINT (docker stop, pod deletion), then exit 0. With a key, /doctor asks
     for it as the service's /admin does (Authorization: Bearer or X-API-Key); the probes stay open."""
     handler = type("Handler", (DiagnosisHandler,), {"report": report, "key": key.encode() if key else None})
-    server = http.server.ThreadingHTTPServer((host, port), handler)
+    server = DiagnosisServer((host, port), handler)
 
     def stop(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for serve_forever

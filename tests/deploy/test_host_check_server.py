@@ -1,0 +1,81 @@
+"""The host-check fallback's diagnosis server is bounded: a connection that sends nothing, or trickles its request,
+is cut at its deadline, and connections beyond the limit are closed at once instead of each taking a thread."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from deploy.host_check import DiagnosisHandler, DiagnosisServer
+
+REPORT = {"ok": False, "checks": [], "error": "no NVIDIA driver is visible"}
+
+
+@pytest.fixture
+def diagnosis():
+    """A DiagnosisServer on a free port with a 1 s deadline and 2 connections at most; yields its port."""
+    handler = type("Handler", (DiagnosisHandler,), {"report": REPORT, "key": None, "timeout": 1.0})
+    server = DiagnosisServer(("127.0.0.1", 0), handler, max_connections=2, deadline_s=1.0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def seconds_until_closed(connection: socket.socket, trickle: bytes = b"") -> float:
+    """Seconds until the server closes `connection`, sending it one byte of `trickle` every 0.2 s meanwhile."""
+    started = time.monotonic()
+    connection.settimeout(0.2)
+    for byte in [trickle[i:i + 1] for i in range(len(trickle))] + [b""] * 100:
+        with contextlib.suppress(OSError):
+            if byte:
+                connection.sendall(byte)
+        try:
+            if connection.recv(4096) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            return time.monotonic() - started
+    raise AssertionError("the server never closed the connection")
+
+
+def test_a_silent_connection_is_closed_at_its_deadline(diagnosis):
+    with socket.create_connection(("127.0.0.1", diagnosis)) as silent:
+        assert 0.5 < seconds_until_closed(silent) < 5
+
+
+def test_a_trickling_request_is_cut_at_the_deadline_though_each_byte_is_in_time(diagnosis):
+    with socket.create_connection(("127.0.0.1", diagnosis)) as trickling:
+        # A byte every 0.2 s keeps each read within its own 1 s timeout; only the connection's deadline ends it.
+        assert 0.8 < seconds_until_closed(trickling, b"GET /healthz HTTP/1.0\r\nX-Slow: " + b"x" * 200) < 5
+
+
+def test_connections_beyond_the_limit_are_closed_at_once_and_the_probes_answer_after(diagnosis):
+    held = [socket.create_connection(("127.0.0.1", diagnosis)) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # both accepted, each holding its slot
+        with socket.create_connection(("127.0.0.1", diagnosis)) as beyond:
+            assert seconds_until_closed(beyond) < 0.5
+    finally:
+        for connection in held:
+            connection.close()
+    deadline = time.monotonic() + 5
+    while True:  # the held slots free as their threads see the close; until then a connection is closed unanswered
+        try:
+            healthz = httpx.get(f"http://127.0.0.1:{diagnosis}/healthz", timeout=5)
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert healthz.json() == {"status": "host_check_failed", "reason": "no NVIDIA driver is visible"}
+    assert healthz.headers["x-content-type-options"] == "nosniff"
