@@ -6,7 +6,7 @@ import logging
 import secrets
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from prometheus_client import Counter, Gauge
@@ -32,6 +32,7 @@ logger = logging.getLogger("convnext.service")
 EngineFactory = Callable[[ModelVersion, "Settings"], Engine]
 RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 NOT_REFUSED = object()  # a version the watcher has not seen refused
+T = TypeVar("T")
 
 
 def load_model_version(repository: ModelRepository, name: str | None, version: int | None) -> ModelVersion:
@@ -150,7 +151,7 @@ class ModelManager:
         async with self._lock:
             name = self.serving.name
             try:
-                known = await asyncio.to_thread(self.repository.versions, name)
+                known = await self._read_repository(self.repository.versions, name)
             except (RepositoryError, OSError) as err:  # a transient error (a network volume, say): nothing to refuse
                 self.reloads.labels("refused").inc()
                 raise ReloadRefused(503, "repository_unavailable", f"cannot read the model repository ({err}); still "
@@ -159,10 +160,11 @@ class ModelManager:
             if target is None or target not in known:
                 raise ReloadRefused(404, "version_not_found", f"{name}/{version or 'latest'} is not in the "
                                     f"repository (it has versions {known})")
-            attempted = await asyncio.to_thread(self._created_at, name, target)  # what is refused, if it is
+            attempted: datetime | None = None  # the manifest's created_at: what is refused, if it is
 
             async def loaded_and_built() -> ServedModel:  # reading (hashing) the files too: a volume may hang
                 nonlocal attempted
+                attempted = await asyncio.to_thread(self._created_at, name, target)
                 model = await asyncio.to_thread(self.repository.load, name, target)
                 attempted = model.manifest.created_at
                 self._check_compatible(model)
@@ -348,6 +350,17 @@ class ModelManager:
                 raise  # the build's own
             raise BuildTimeoutError(f"{what} did not finish within {limit_s:g} s (a wedged device?); it is "
                                     "abandoned") from None
+
+    async def _read_repository(self, read: Callable[..., T], *args: Any) -> T:
+        """A repository read in a thread, within rebuild_limit_s: a hung volume must not hold the reload lock. Past
+        the bound the read is abandoned (its thread ends when the volume answers) and RepositoryError raised."""
+        try:
+            async with asyncio.timeout(self.rebuild_limit_s) as bound:
+                return await asyncio.to_thread(read, *args)
+        except TimeoutError:
+            if not bound.expired():
+                raise  # the read's own
+            raise RepositoryError(f"the repository did not answer within {self.rebuild_limit_s:g} s") from None
 
     async def _watch_repository(self) -> None:
         """Poll the repository for a newer version of the served model, or the served version exported again

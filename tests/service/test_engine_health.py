@@ -318,6 +318,31 @@ def test_a_reload_whose_build_hangs_is_refused_past_the_bound_and_frees_the_next
         build.release.set()
 
 
+def test_a_reload_whose_repository_listing_hangs_answers_503_past_the_bound_and_frees_the_next_reload(
+        model_repository, launch):
+    """The version listing a reload starts with is bounded too: a repository on a volume that stops answering held
+    the reload lock for as long as it hung (every later reload 409)."""
+    volume_back = threading.Event()
+    with launch(model_repository, warmup_runs=0) as url:
+        manager = url.app.state.service.models
+        manager.rebuild_limit_s = 1.0
+        listing = manager.repository.versions
+        manager.repository.versions = lambda name: volume_back.wait(60) and listing(name)
+        try:
+            for _ in range(2):  # the second is not told a reload is in progress: the lock was given back
+                started = time.monotonic()
+                refused = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"]["code"] == "repository_unavailable"
+                assert "the repository did not answer within 1 s" in refused.json()["error"]["message"]
+                assert 1.0 <= time.monotonic() - started < 10
+            assert httpx.get(f"{url}/readyz").status_code == 200  # still serving
+        finally:
+            volume_back.set()
+        manager.repository.versions = listing
+        assert httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=60).status_code == 200
+
+
 def test_a_rebuild_is_given_engine_timeout_ms_per_engine_call_and_with_tensorrt_the_time_to_build():
     cpu = rebuild_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2))
     assert cpu == OPEN_BOUND_S + 5 * 10  # warm-up at two batch sizes twice each, and the smoke run
