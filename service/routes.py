@@ -91,21 +91,22 @@ async def classify(request: Request, top_k: int = Query(DEFAULT_TOP_K, json_sche
     images = await collect_images(request, state)
     items = await pipeline.classify(state, images, http_client_gone(request))
     total_ms = (time.perf_counter() - started) * 1000
+    ran = [served_by(item) for item in items]  # the engines that ran them: a version swapped in may be newer
     results = [
         {
             "filename": name,
+            "model": {"name": model.name, "version": model.version},
             "top_k": top_k_of(item.future.result(), labels_of(item), top_k),
             "timings": {"preprocess_ms": round(item.timings["preprocess_ms"], 3),
                         "queue_ms": round(item.timings["queue_ms"], 3),
                         "inference_ms": round(item.timings["inference_ms"], 3), "total_ms": round(total_ms, 3)},
             "batch_size": item.timings["batch_size"],
         }
-        for (name, _), item in zip(images, items, strict=True)
+        for (name, _), item, model in zip(images, items, ran, strict=True)
     ]
-    ran = served_by(items[0])  # the engine that ran the batch: the version swapped in may be newer than `manifest`
     # Built here, not validated again by FastAPI against response_model (the schema it documents): that pass cost
     # ~0.1 ms of event-loop time per request; tests check these answers against the OpenAPI schema.
-    return JSONResponse({"model": {"name": ran.name, "version": ran.version}, "results": results})
+    return JSONResponse({"model": results[0]["model"], "results": results})
 
 
 @router.get("/healthz", summary="The process is up and can still recover its engine (liveness)",

@@ -41,20 +41,22 @@ class Timings(BaseModel):
     total_ms: float = Field(description="in the handler, from its start (before the body is read) to the answer")
 
 
-class ClassifyResult(BaseModel):
-    filename: str  # "body" for a raw body, else the file's name (or its form field)
-    top_k: list[ClassScore]
-    timings: Timings
-    batch_size: int  # images in the engine batch this one ran in
-
-
 class ModelRef(BaseModel):
     name: str
     version: int
 
 
+class ClassifyResult(BaseModel):
+    filename: str  # "body" for a raw body, else the file's name (or its form field)
+    model: ModelRef = Field(description="the version whose engine ran this image (a request's images may span a "
+                                        "hot-swap; the versions then take the same input and have the same classes)")
+    top_k: list[ClassScore]
+    timings: Timings
+    batch_size: int  # images in the engine batch this one ran in
+
+
 class ClassifyResponse(BaseModel):
-    model: ModelRef  # the version whose engine ran the request
+    model: ModelRef = Field(description="the version whose engine ran the first image; each result names its own")
     results: list[ClassifyResult]
 
 

@@ -364,3 +364,30 @@ def test_a_v2_request_whose_rows_ran_on_both_sides_of_a_swap_gets_503_not_one_ve
         assert answers[0].json()["code"] == "version_changed" and answers[0].headers["retry-after"] == "1"
         again = httpx.post(f"{url}/v2/models/{NAME}/infer", json=request, timeout=60)
         assert again.status_code == 200 and again.json()["model_version"] == "2"
+
+
+def test_a_classify_request_whose_images_ran_on_both_sides_of_a_swap_names_each_ones_version(swap_repository,
+                                                                                               real_photos, launch,
+                                                                                               holding):
+    """/classify may answer across a swap (the versions take the same input and have the same classes): each result
+    names the version whose engine ran it; the top-level model is the first result's."""
+    files = [("files", (path.name, path.read_bytes(), "image/jpeg")) for path in real_photos[:2]]
+    answers: list[httpx.Response] = []
+    with launch(swap_repository, holding.factory, version=1, max_batch_size=1, warmup_runs=0) as url:
+        holding.hold.set()  # one image runs on version 1 and waits there; the other stays queued
+        classify = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/classify", files=files,
+                                                                              timeout=60)))
+        classify.start()
+        assert holding.batch_started.wait(20)
+        reload = threading.Thread(target=lambda: httpx.post(f"{url}/admin/reload", json={"version": 2}, timeout=60))
+        reload.start()
+        batcher = url.app.state.service.batcher
+        wait_for(lambda: batcher.served.version == 2, "the swap to version 2")  # the queued image will run on it
+        holding.release.set()
+        classify.join(30)
+        reload.join(30)
+    assert answers[0].status_code == 200, answers[0].text
+    answer = answers[0].json()
+    assert sorted(result["model"]["version"] for result in answer["results"]) == [1, 2]
+    assert {result["model"]["name"] for result in answer["results"]} == {NAME}
+    assert answer["model"] == answer["results"][0]["model"]
