@@ -85,11 +85,10 @@ def begin_drain(app: FastAPI) -> None:
         grpc_service.begin_stop()
 
 
-def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:
-    settings = settings or Settings()
-    metrics = ServiceMetrics()
-    body_budget = BodyBudget(settings.max_buffered_body_bytes)  # HTTP bodies and gRPC messages together
-
+def service_lifespan(settings: Settings, metrics: ServiceMetrics, body_budget: BodyBudget,
+                     engine_factory: EngineFactory):
+    """The app's lifespan: load the model and start the batcher (and the gRPC server) before the first request; on
+    shutdown, drain both protocols and the batcher, then stop the decode pools."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = ServiceState(settings, metrics, body_budget)
@@ -116,24 +115,11 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
             state.conversion_pool.shutdown(wait=False, cancel_futures=True)
 
-    # docs_url/redoc_url None: service/pages.py serves /docs on vendored Swagger UI files (no CDN), and no ReDoc.
-    app = FastAPI(title="ConvNeXt image classification", version=project_version(), lifespan=lifespan,
-                  responses=APP_RESPONSES, docs_url=None, redoc_url=None)
-    app.state.metrics = metrics
+    return lifespan
 
-    def current_admission() -> Admission | None:
-        state = getattr(app.state, "service", None)  # set when the lifespan starts
-        return state.admission if state is not None else None
 
-    def served_manifest() -> Manifest | None:
-        state = getattr(app.state, "service", None)
-        return state.version.manifest if state is not None and state.version is not None else None
-
-    # Middleware added first runs innermost: the gate runs after auth (no key, no hint of the load).
-    app.add_middleware(BodyBudgetMiddleware, budget=body_budget, metrics=metrics)
-    app.add_middleware(AdmissionGate, admission_of=current_admission, metrics=metrics)
-    install_edge(app, settings, metrics)  # API-key auth and CORS when the settings ask for them
-
+def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
+    """Every error as the service's JSON body (the v2 protocol's on /v2 paths), refusals counted by code."""
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
         metrics.rejected.labels(err.code).inc()
@@ -160,6 +146,32 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         # Starlette's outermost layer sends it, outside every middleware: nosniff is set here.
         return error_response(500, "internal_error", f"the server failed on this request ({type(err).__name__}); "
                               "it is logged", NOSNIFF_HEADERS, speaks_v2(request.scope))
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+    body_budget = BodyBudget(settings.max_buffered_body_bytes)  # HTTP bodies and gRPC messages together
+
+    # docs_url/redoc_url None: service/pages.py serves /docs on vendored Swagger UI files (no CDN), and no ReDoc.
+    app = FastAPI(title="ConvNeXt image classification", version=project_version(),
+                  lifespan=service_lifespan(settings, metrics, body_budget, engine_factory),
+                  responses=APP_RESPONSES, docs_url=None, redoc_url=None)
+    app.state.metrics = metrics
+
+    def current_admission() -> Admission | None:
+        state = getattr(app.state, "service", None)  # set when the lifespan starts
+        return state.admission if state is not None else None
+
+    def served_manifest() -> Manifest | None:
+        state = getattr(app.state, "service", None)
+        return state.version.manifest if state is not None and state.version is not None else None
+
+    # Middleware added first runs innermost: the gate runs after auth (no key, no hint of the load).
+    app.add_middleware(BodyBudgetMiddleware, budget=body_budget, metrics=metrics)
+    app.add_middleware(AdmissionGate, admission_of=current_admission, metrics=metrics)
+    install_edge(app, settings, metrics)  # API-key auth and CORS when the settings ask for them
+    install_error_handlers(app, metrics)
 
     # Added last, so outermost: 401s and CORS answers are counted too. Pure ASGI: Starlette's @app.middleware("http")
     # cost ~0.35 ms of CPU per request, paid by every request and every 503 under overload.
