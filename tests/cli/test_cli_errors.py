@@ -1,5 +1,8 @@
-"""Every CLI, driven as a subprocess: expected errors end in one `<prog>: error: ...` line and a non-zero status,
-never a traceback; `--version` prints the installed project version."""
+"""Every CLI, driven as a process of its own: expected errors end in one `<prog>: error: ...` line and a non-zero
+status, never a traceback; `--version` prints the installed project version.
+
+The ~70 runs are forked from one process that imported torch once (tests/cli/forked_cli.py: each still runs its
+module as `python -m` does, in a process of its own); the last test starts real interpreters, as a person would."""
 from __future__ import annotations
 
 import json
@@ -88,15 +91,45 @@ def places(tmp_path_factory) -> dict[str, str]:
     return {"tmp": str(tmp), "dead": dead}
 
 
+def cli_env(cwd: Path) -> dict[str, str]:
+    return os.environ | {"PYTHONPATH": str(ROOT), "CONVNEXT_CACHE_DIR": str(cwd / "cache")}
+
+
 def run_cli(cli: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "CONVNEXT_CACHE_DIR": str(cwd / "cache")}
-    return subprocess.run(CLIS[cli][0] + args, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+    """One run in a new interpreter."""
+    return subprocess.run(CLIS[cli][0] + args, capture_output=True, text=True, timeout=300, cwd=cwd, env=cli_env(cwd))
+
+
+def every_run(places: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """The (cli, arguments) of every run the forked tests look at."""
+    runs = [(cli, [a.format(**places) for a in args]) for cli, args, _ in ERROR_CASES]
+    runs += [(cli, ["--version"]) for cli in sorted(CLIS)]
+    runs += [("export", ["onnx", *(a.format(**places) for a in args)]) for args, _ in EXPORT_ARGUMENT_ERRORS]
+    runs += [("bench", [subcommand, flag]) for subcommand in BENCH_SUBCOMMANDS for flag in ("--help", "--nosuch")]
+    return runs
+
+
+@pytest.fixture(scope="module")
+def forked(places) -> dict[tuple[str, tuple[str, ...]], subprocess.CompletedProcess]:
+    """Every run's result by (cli, arguments), all made by one tests/cli/forked_cli.py process in the places' folder."""
+    cwd = Path(places["tmp"])
+    runs = every_run(places)
+    spec = cwd / "runs.json"
+    spec.write_text(json.dumps([{"module": CLIS[cli][0][2], "args": args, "cwd": str(cwd), "env": cli_env(cwd)}
+                                for cli, args in runs]))
+    runner = subprocess.run([sys.executable, str(ROOT / "tests" / "cli" / "forked_cli.py"), str(spec)],
+                            capture_output=True, text=True, timeout=900, env=cli_env(cwd))
+    assert runner.returncode == 0, runner.stderr[-3000:]
+    results = json.loads(Path(f"{spec}.out").read_text())
+    return {(cli, tuple(args)): subprocess.CompletedProcess(CLIS[cli][0] + args, r["returncode"], r["stdout"],
+                                                              r["stderr"])
+            for (cli, args), r in zip(runs, results, strict=True)}
 
 
 @pytest.mark.parametrize(("cli", "args", "phrase"), ERROR_CASES,
                          ids=[f"{cli}-{'-'.join(a.strip('-{}') for a in args[:2])}" for cli, args, _ in ERROR_CASES])
-def test_an_expected_error_is_one_line_and_a_non_zero_status_without_a_traceback(cli, args, phrase, places):
-    result = run_cli(cli, [a.format(**places) for a in args], Path(places["tmp"]))
+def test_an_expected_error_is_one_line_and_a_non_zero_status_without_a_traceback(cli, args, phrase, places, forked):
+    result = forked[cli, tuple(a.format(**places) for a in args)]
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert "Traceback" not in output
@@ -108,16 +141,16 @@ def test_an_expected_error_is_one_line_and_a_non_zero_status_without_a_traceback
 
 
 @pytest.mark.parametrize("cli", sorted(CLIS))
-def test_version_prints_the_installed_project_version(cli, tmp_path):
-    result = run_cli(cli, ["--version"], tmp_path)
+def test_version_prints_the_installed_project_version(cli, forked):
+    result = forked[cli, ("--version",)]
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"convnext-serve {version('convnext-serve')}"
 
 
 @pytest.mark.parametrize(("args", "phrase"), EXPORT_ARGUMENT_ERRORS,
                          ids=["unknown-model", "bad-name", "no-model", "no-fp32", "unknown-precision", "exists"])
-def test_export_refuses_an_argument_error_with_status_2_before_building(args, phrase, places):
-    result = run_cli("export", ["onnx", *(a.format(**places) for a in args)], Path(places["tmp"]))
+def test_export_refuses_an_argument_error_with_status_2_before_building(args, phrase, places, forked):
+    result = forked["export", ("onnx", *(a.format(**places) for a in args))]
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("python -m export"), result.stderr  # no "[1/3] build" first
@@ -125,10 +158,10 @@ def test_export_refuses_an_argument_error_with_status_2_before_building(args, ph
 
 
 @pytest.mark.parametrize("subcommand", BENCH_SUBCOMMANDS)
-def test_a_bench_subcommand_names_itself_in_its_usage_and_its_one_line_errors(subcommand, tmp_path):
-    helped = run_cli("bench", [subcommand, "--help"], tmp_path)
+def test_a_bench_subcommand_names_itself_in_its_usage_and_its_one_line_errors(subcommand, forked):
+    helped = forked["bench", (subcommand, "--help")]
     assert helped.returncode == 0 and helped.stdout.startswith(f"usage: python -m bench {subcommand} ["), helped.stdout
-    refused = run_cli("bench", [subcommand, "--nosuch"], tmp_path)
+    refused = forked["bench", (subcommand, "--nosuch")]
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.startswith(f"python -m bench {subcommand}: error: ") and refused.stderr.count("\n") == 1
 
