@@ -6,7 +6,7 @@ import logging
 import secrets
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import Counter, Gauge
@@ -24,6 +24,7 @@ from service.engine_builds import (
     rebuild_timeout_s,
 )
 from service.metrics import ServiceMetrics
+from service.repository_reader import RepositoryReader
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -32,7 +33,6 @@ logger = logging.getLogger("convnext.service")
 EngineFactory = Callable[[ModelVersion, "Settings"], Engine]
 RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 NOT_REFUSED = object()  # a version the watcher has not seen refused
-T = TypeVar("T")
 
 
 def load_model_version(repository: ModelRepository, name: str | None, version: int | None) -> ModelVersion:
@@ -63,6 +63,7 @@ class ModelManager:
         self._failed_rebuilds = 0  # in a row, since the engine last broke
         self._last_rebuild_error: str | None = None
         self.rebuild_limit_s = rebuild_timeout_s(settings)  # each rebuild attempt's bound
+        self.reader = RepositoryReader()  # a reload's and a rebuild's reads of the repository, each bounded
         self._info_labels: tuple[str, ...] | None = None  # convnext_model_info's labels, as set last
         self._lock = asyncio.Lock()  # one reload or recovery at a time
         self._recovery: asyncio.Task | None = None
@@ -151,40 +152,47 @@ class ModelManager:
         async with self._lock:
             name = self.serving.name
             try:
-                known = await self._read_repository(self.repository.versions, name)
+                known = await self.reader.read(self.repository.versions, name)
             except (RepositoryError, OSError) as err:  # a transient error (a network volume, say): nothing to refuse
-                self.reloads.labels("refused").inc()
-                raise ReloadRefused(503, "repository_unavailable", f"cannot read the model repository ({err}); still "
-                                    f"serving {name}/{self.serving.version}, retry later") from None
+                raise self._unavailable(err) from None
             target = version if version is not None else max(known, default=None)
             if target is None or target not in known:
                 raise ReloadRefused(404, "version_not_found", f"{name}/{version or 'latest'} is not in the "
                                     f"repository (it has versions {known})")
             attempted: datetime | None = None  # the manifest's created_at: what is refused, if it is
-
-            async def loaded_and_built() -> ServedModel:  # reading (hashing) the files too: a volume may hang
-                nonlocal attempted
-                attempted = await asyncio.to_thread(self._created_at, name, target)
-                model = await asyncio.to_thread(self.repository.load, name, target)
-                attempted = model.manifest.created_at
-                self._check_compatible(model)
-                return await self._build(model)
-
             try:
-                served = await self._bounded(loaded_and_built(), "the reload")
-            except Exception as err:  # a bad hash or manifest, a missing file, an engine that fails to load or run
-                self._refused[target] = attempted
-                self.reloads.labels("refused").inc()
-                message = err.message if isinstance(err, ReloadRefused) else f"{type(err).__name__}: {err}"
-                logger.warning("refused to serve %s/%s: %s", name, target, message)
-                raise ReloadRefused(422, "version_refused", f"{name}/{target} was refused, still serving "
-                                    f"{name}/{self.serving.version}: {message}") from None
+                attempted = await self.reader.read(self._created_at, name, target)  # None: unreadable (refused below)
+                # Hashing the version's files: bounded like its build.
+                model = await self.reader.read(self.repository.load, name, target, timeout_s=self.rebuild_limit_s)
+            except OSError as err:  # the volume (an I/O error, a read that did not return), not the version
+                raise self._unavailable(err) from None
+            except Exception as err:  # a bad hash or manifest, a missing file
+                raise self._refuse(name, target, attempted, err) from None
+            try:
+                self._check_compatible(model)
+                served = await self._bounded(self._build(model), "the reload")
+            except Exception as err:  # other inputs or classes, an engine that fails to load or run, or hangs
+                raise self._refuse(name, target, model.manifest.created_at, err) from None
             previous = await self._install(served)
             self._refused.pop(served.version, None)
             self.reloads.labels("ok").inc()
             logger.info("now serving %s/%s", served.name, served.version)
             return {"model": {"name": served.name, "version": served.version},
                     "previous": {"name": previous.name, "version": previous.version} if previous else None}
+
+    def _unavailable(self, err: Exception) -> ReloadRefused:
+        self.reloads.labels("refused").inc()
+        return ReloadRefused(503, "repository_unavailable", f"cannot read the model repository ({err}); still serving "
+                             f"{self.serving.name}/{self.serving.version}, retry later")
+
+    def _refuse(self, name: str, target: int, attempted: datetime | None, err: Exception) -> ReloadRefused:
+        """The version is refused (the watcher tries it again only once it is exported anew)."""
+        self._refused[target] = attempted
+        self.reloads.labels("refused").inc()
+        message = err.message if isinstance(err, ReloadRefused) else f"{type(err).__name__}: {err}"
+        logger.warning("refused to serve %s/%s: %s", name, target, message)
+        return ReloadRefused(422, "version_refused", f"{name}/{target} was refused, still serving "
+                             f"{name}/{self.serving.version}: {message}")
 
     def _check_compatible(self, model: ModelVersion) -> None:
         """Queued images were preprocessed for the served version, and a request's images may span the swap (one
@@ -333,7 +341,8 @@ class ModelManager:
         """One rebuild attempt, bounded: past rebuild_limit_s it counts as a failed attempt."""
         async def rebuilt() -> ServedModel:
             # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version.
-            return await self._build(await asyncio.to_thread(self.repository.load, name, version))
+            return await self._build(await self.reader.read(self.repository.load, name, version,
+                                                            timeout_s=self.rebuild_limit_s))
 
         return await self._bounded(rebuilt(), "the rebuild")
 
@@ -350,17 +359,6 @@ class ModelManager:
                 raise  # the build's own
             raise BuildTimeoutError(f"{what} did not finish within {limit_s:g} s (a wedged device?); it is "
                                     "abandoned") from None
-
-    async def _read_repository(self, read: Callable[..., T], *args: Any) -> T:
-        """A repository read in a thread, within rebuild_limit_s: a hung volume must not hold the reload lock. Past
-        the bound the read is abandoned (its thread ends when the volume answers) and RepositoryError raised."""
-        try:
-            async with asyncio.timeout(self.rebuild_limit_s) as bound:
-                return await asyncio.to_thread(read, *args)
-        except TimeoutError:
-            if not bound.expired():
-                raise  # the read's own
-            raise RepositoryError(f"the repository did not answer within {self.rebuild_limit_s:g} s") from None
 
     async def _watch_repository(self) -> None:
         """Poll the repository for a newer version of the served model, or the served version exported again

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from runtime.engines.base import EngineError
 from runtime.engines.factory import OPEN_BOUND_S
@@ -318,29 +319,40 @@ def test_a_reload_whose_build_hangs_is_refused_past_the_bound_and_frees_the_next
         build.release.set()
 
 
-def test_a_reload_whose_repository_listing_hangs_answers_503_past_the_bound_and_frees_the_next_reload(
-        model_repository, launch):
-    """The version listing a reload starts with is bounded too: a repository on a volume that stops answering held
-    the reload lock for as long as it hung (every later reload 409)."""
+@pytest.mark.parametrize("hung_read", ["versions", "load"])
+def test_a_reload_whose_repository_read_hangs_answers_503_and_one_stuck_read_at_most(model_repository, launch,
+                                                                                      hung_read):
+    """A reload's reads of the repository (its version listing, the manifest, hashing the files) are bounded: a
+    volume that stops answering gets 503 repository_unavailable past the bound, not a refusal of the version, and
+    the reload lock is given back. While that read is still stuck, the next reload is answered 503 at once rather
+    than leaving one more thread stuck behind it."""
     volume_back = threading.Event()
     with launch(model_repository, warmup_runs=0) as url:
         manager = url.app.state.service.models
-        manager.rebuild_limit_s = 1.0
-        listing = manager.repository.versions
-        manager.repository.versions = lambda name: volume_back.wait(60) and listing(name)
+        manager.reader.timeout_s = 1.0
+        real_read = getattr(manager.repository, hung_read)
+        setattr(manager.repository, hung_read, lambda *args, **kw: volume_back.wait(60) and real_read(*args, **kw))
         try:
-            for _ in range(2):  # the second is not told a reload is in progress: the lock was given back
-                started = time.monotonic()
-                refused = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
-                assert refused.status_code == 503, refused.text
-                assert refused.json()["error"]["code"] == "repository_unavailable"
-                assert "the repository did not answer within 1 s" in refused.json()["error"]["message"]
-                assert 1.0 <= time.monotonic() - started < 10
+            started = time.monotonic()
+            refused = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "repository_unavailable"
+            assert "the model repository did not answer within 1 s" in refused.json()["error"]["message"]
+            assert 1.0 <= time.monotonic() - started < 10
+            started = time.monotonic()
+            again = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)  # not 409: the lock is free
+            assert again.status_code == 503, again.text
+            assert "an earlier read of the model repository has not returned" in again.json()["error"]["message"]
+            assert time.monotonic() - started < 1.0
             assert httpx.get(f"{url}/readyz").status_code == 200  # still serving
         finally:
             volume_back.set()
-        manager.repository.versions = listing
-        assert httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=60).status_code == 200
+        setattr(manager.repository, hung_read, real_read)
+        deadline = time.monotonic() + 20
+        while (answer := httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=60)).status_code == 503:
+            assert time.monotonic() < deadline, answer.text  # the stuck read returns once the volume is back
+            time.sleep(0.05)
+        assert answer.status_code == 200, answer.text
 
 
 def test_a_rebuild_is_given_engine_timeout_ms_per_engine_call_and_with_tensorrt_the_time_to_build():
