@@ -120,6 +120,7 @@ def forked(places) -> dict[tuple[str, tuple[str, ...]], subprocess.CompletedProc
     runner = subprocess.run([sys.executable, str(ROOT / "tests" / "cli" / "forked_cli.py"), str(spec)],
                             capture_output=True, text=True, timeout=900, env=cli_env(cwd))
     assert runner.returncode == 0, runner.stderr[-3000:]
+    assert runner.stderr == "", runner.stderr[-3000:]  # the preloaded imports printed nothing a real run would show
     results = json.loads(Path(f"{spec}.out").read_text())
     return {(cli, tuple(args)): subprocess.CompletedProcess(CLIS[cli][0] + args, r["returncode"], r["stdout"],
                                                               r["stderr"])
