@@ -85,13 +85,18 @@ class DiagnosisServer(http.server.ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address):
-        # A shutdown from the timer's thread ends a read or write blocked in the connection's own thread.
+        # ThreadingMixIn's, with a deadline: a shutdown from the timer's thread ends a read or write blocked in the
+        # connection's own thread. The timer is stopped (and waited for) before the socket is closed.
         deadline = threading.Timer(self.deadline_s, end_connection, (request,))
         deadline.start()
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
             deadline.cancel()
+            deadline.join()
+            self.shutdown_request(request)
             self.slots.release()
 
     def handle_error(self, request, client_address):
@@ -103,7 +108,7 @@ def end_connection(connection: socket.socket) -> None:
     try:
         connection.shutdown(socket.SHUT_RDWR)
     except OSError:
-        pass  # already closed: the connection ended on its own
+        pass  # the client has gone already
 
 
 class DiagnosisHandler(http.server.BaseHTTPRequestHandler):

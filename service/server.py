@@ -98,15 +98,19 @@ class EdgeLimitsMixin(_UvicornProtocol):
         self._refuse_raw(b"400 Bad Request", "bad_request", msg)
 
     def _refuse_raw(self, status_line: bytes, code: str, message: str) -> None:
-        """The service's JSON error, written by the server itself (no request cycle, no app), and the connection
-        closed lingering: the rest of the request may still be arriving."""
-        self.metrics.rejected.labels(code).inc()
-        body = json.dumps(error_body(code, message)).encode()
+        """The service's JSON error, written by the server itself (no app), and the connection closed lingering: the
+        rest of the request may still be arriving. Behind a response still being sent (bytes that do not parse after
+        a pipelined request) nothing is written: the connection just closes."""
         self._lingering_transport.linger_on_close = True
-        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-content-type-options: nosniff\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status_line, len(body), body))
         self._stop_header_timer()
+        cycle = self.cycle
+        if cycle is None or not cycle.response_started or cycle.response_complete:
+            body = json.dumps(error_body(code, message)).encode()
+            self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-content-type-options: "
+                                 b"nosniff\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                                 % (status_line, len(body), body))
         self.transport.close()
+        self.metrics.rejected.labels(code).inc()
 
     def shutdown(self) -> None:
         # uvicorn's graceful shutdown closes idle connections and waits for all to go: a lingering one goes within
