@@ -1,6 +1,6 @@
-"""The model manager's reads of the model repository (a reload's listing, manifest and hashing, a rebuild's re-read),
-each bounded and one at a time: a volume that stops answering costs one stuck thread, not one per retry, and every
-caller gets an answer (RepositoryStuck) instead of waiting with the reload lock held."""
+"""Reads of the model repository off the event loop (a reload's listing, manifest and hashing, a rebuild's re-read,
+/models), each bounded, at most `max_reads` at once: a volume that stops answering costs that many stuck threads,
+not one per request or retry, and every caller gets an answer (RepositoryStuck) instead of waiting."""
 from __future__ import annotations
 
 import asyncio
@@ -19,22 +19,24 @@ class RepositoryStuck(OSError):
 
 
 class RepositoryReader:
-    def __init__(self, timeout_s: float = READ_TIMEOUT_S):
-        self.timeout_s = timeout_s
-        self._reading: Future[Any] | None = None
-        self._started = 0.0
+    def __init__(self, timeout_s: float = READ_TIMEOUT_S, max_reads: int = 1):
+        self.timeout_s, self.max_reads = timeout_s, max_reads
+        self._running: dict[Future[Any], float] = {}  # reads started and not returned (abandoned ones too) -> start
 
     async def read(self, read: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
         """`read(*args)` on a thread of its own, within `timeout_s` (default: the reader's). Past it the read is
         abandoned (a daemon thread: it never holds the process at exit) and RepositoryStuck raised; so is it at once
-        while an abandoned read has still not returned."""
-        if self._reading is not None and not self._reading.done():
-            raise RepositoryStuck(f"an earlier read of the model repository has not returned for "
-                                  f"{time.monotonic() - self._started:.0f} s (a hung volume?)")
+        while `max_reads` reads have not returned. Called on the event loop only."""
+        self._running = {started: at for started, at in self._running.items() if not started.done()}
+        now = time.monotonic()
+        if len(self._running) >= self.max_reads:
+            count = len(self._running)
+            raise RepositoryStuck(f"{count} earlier read{'s' if count > 1 else ''} of the model repository "
+                                  f"{'have' if count > 1 else 'has'} not returned, the oldest in "
+                                  f"{now - min(self._running.values()):.0f} s: a hung volume?")
         limit_s = self.timeout_s if timeout_s is None else timeout_s
-        self._started = time.monotonic()
         reading: Future[T] = Future()
-        self._reading = reading
+        self._running[reading] = now
         threading.Thread(target=self._run, args=(reading, read, args), name="repository-read", daemon=True).start()
         try:
             async with asyncio.timeout(limit_s) as bound:
@@ -42,7 +44,7 @@ class RepositoryReader:
         except TimeoutError:
             if not bound.expired():
                 raise  # the read's own (an OSError: the caller's to map)
-            raise RepositoryStuck(f"the model repository did not answer within {limit_s:g} s (a hung volume?)") \
+            raise RepositoryStuck(f"the model repository did not answer within {limit_s:g} s: a hung volume?") \
                 from None
 
     @staticmethod

@@ -1,7 +1,6 @@
 """Service routes: /classify, health, readiness, the model list and Prometheus metrics."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -132,11 +131,18 @@ async def readyz(request: Request):
 
 
 @router.get("/models", summary="Models and versions in the repository, from their manifests",
-            response_model=ModelsResponse)
+            response_model=ModelsResponse, responses=error_responses(503, descriptions={
+                503: "The model repository cannot be read now (repository_unavailable: an I/O error, or a volume "
+                     "that does not answer); retry"}))
 async def models(request: Request):
     state = service_state(request)
-    # Every manifest read is file I/O (maybe on a network volume): off the event loop, which serves the requests.
-    listing = await asyncio.to_thread(repository_listing, state)
+    # Every manifest read is file I/O (maybe on a network volume): off the event loop, which serves the requests,
+    # bounded, and a few at once (a hung volume holds that many threads, not one per request).
+    try:
+        listing = await state.repository_reader.read(repository_listing, state)
+    except (RepositoryError, OSError) as err:
+        raise ApiError(503, "repository_unavailable", f"cannot read the model repository ({err}); retry later",
+                       headers={"Retry-After": "1"}) from None
     engine = state.engine.describe().__dict__ if state.engine is not None else None
     return {"models": listing, "engine": engine}
 

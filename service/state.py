@@ -13,9 +13,11 @@ from service.body_budget import BodyBudget
 from service.decode_budget import MIB, DecodeBudget
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
+from service.repository_reader import RepositoryReader
 from service.settings import Settings
 
 CONVERSIONS_AT_ONCE = 2
+LISTINGS_AT_ONCE = 8  # /models requests reading the repository at once; more get 503 repository_unavailable
 
 
 class ServiceState:
@@ -33,6 +35,8 @@ class ServiceState:
         # for these threads instead of all parsing at once. A pool, not a semaphore: a cancelled gRPC call's thread
         # goes on converting, and still holds its place here until it ends (a queued one is dropped).
         self.conversion_pool = ThreadPoolExecutor(CONVERSIONS_AT_ONCE, thread_name_prefix="v2-convert")
+        # /models' reads of the repository: bounded, a few at once (service/repository_reader.py).
+        self.repository_reader = RepositoryReader(max_reads=LISTINGS_AT_ONCE)
         # Images in progress (decoding, queued or in the running batch); beyond this a request is refused at once.
         self.admission = Admission(admission_capacity(settings.queue_size, settings.max_batch_size))
 

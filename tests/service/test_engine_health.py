@@ -342,7 +342,7 @@ def test_a_reload_whose_repository_read_hangs_answers_503_and_one_stuck_read_at_
             started = time.monotonic()
             again = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)  # not 409: the lock is free
             assert again.status_code == 503, again.text
-            assert "an earlier read of the model repository has not returned" in again.json()["error"]["message"]
+            assert "1 earlier read of the model repository has not returned" in again.json()["error"]["message"]
             assert time.monotonic() - started < 1.0
             assert httpx.get(f"{url}/readyz").status_code == 200  # still serving
         finally:

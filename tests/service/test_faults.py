@@ -103,3 +103,47 @@ def test_engine_error_fails_only_its_batch(model_repository, real_photos, launch
                           headers={"content-type": "image/jpeg"})
         assert good.status_code == 200
         assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_models_answers_503_when_the_repository_does_not_and_holds_few_threads_while_it_hangs(model_repository,
+                                                                                               launch, monkeypatch):
+    """/models reads every manifest: on a volume that stops answering it answers 503 repository_unavailable past
+    its bound, and once `max_reads` reads are stuck, at once (not one more stuck thread per request); an I/O error
+    is a 503 too, not a 500."""
+    import threading
+
+    from service import routes
+
+    volume_back = threading.Event()
+    listing = routes.repository_listing
+    with launch(model_repository, warmup_runs=0) as url:
+        reader = url.app.state.service.repository_reader
+        reader.timeout_s, reader.max_reads = 1.0, 2
+        monkeypatch.setattr(routes, "repository_listing", lambda state: volume_back.wait(60) and listing(state))
+        try:
+            for _ in range(2):
+                started = time.monotonic()
+                hung = httpx.get(f"{url}/models", timeout=30)
+                assert hung.status_code == 503 and hung.headers["retry-after"] == "1", hung.text
+                assert "the model repository did not answer within 1 s" in hung.json()["error"]["message"]
+                assert time.monotonic() - started >= 1.0
+            started = time.monotonic()
+            refused = httpx.get(f"{url}/models", timeout=30)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "repository_unavailable"
+            assert "2 earlier reads of the model repository have not returned" in refused.json()["error"]["message"]
+            assert time.monotonic() - started < 1.0
+        finally:
+            volume_back.set()
+
+        def unreadable(state):
+            raise PermissionError(13, "Permission denied", str(model_repository))
+
+        monkeypatch.setattr(routes, "repository_listing", unreadable)
+        denied = httpx.get(f"{url}/models", timeout=30)
+        assert denied.status_code == 503 and "Permission denied" in denied.json()["error"]["message"], denied.text
+        monkeypatch.setattr(routes, "repository_listing", listing)
+        deadline = time.monotonic() + 20
+        while (answer := httpx.get(f"{url}/models", timeout=30)).status_code == 503:  # the stuck reads return
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.05)
+        assert answer.status_code == 200 and answer.json()["models"], answer.text
