@@ -24,7 +24,7 @@ from service.engine_builds import (
     rebuild_timeout_s,
 )
 from service.metrics import ServiceMetrics
-from service.repository_reader import RepositoryReader
+from service.repository_reader import RepositoryReader, is_transient
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -64,6 +64,7 @@ class ModelManager:
         self._last_rebuild_error: str | None = None
         self.rebuild_limit_s = rebuild_timeout_s(settings)  # each rebuild attempt's bound
         self.reader = RepositoryReader()  # a reload's and a rebuild's reads of the repository, each bounded
+        self._watch_reader = RepositoryReader()  # the watcher's polls
         self._info_labels: tuple[str, ...] | None = None  # convnext_model_info's labels, as set last
         self._lock = asyncio.Lock()  # one reload or recovery at a time
         self._recovery: asyncio.Task | None = None
@@ -117,7 +118,8 @@ class ModelManager:
 
     async def start(self) -> None:
         settings = self.settings
-        model = await asyncio.to_thread(load_model_version, self.repository, settings.model, settings.version)
+        model = await self.reader.read(load_model_version, self.repository, settings.model, settings.version,
+                                       timeout_s=self.rebuild_limit_s)
         served = await self._build(model)
         spec = served.engine.describe()
         # The queue holds every image admission lets in (service/admission.py), so admitted means accepted.
@@ -164,8 +166,10 @@ class ModelManager:
                 attempted = await self.reader.read(self._created_at, name, target)  # None: unreadable (refused below)
                 # Hashing the version's files: bounded like its build.
                 model = await self.reader.read(self.repository.load, name, target, timeout_s=self.rebuild_limit_s)
-            except OSError as err:  # the volume (an I/O error, a read that did not return), not the version
-                raise self._unavailable(err) from None
+            except OSError as err:
+                if is_transient(err):  # the volume (an I/O error, a read that did not return), not the version
+                    raise self._unavailable(err) from None
+                raise self._refuse(name, target, attempted, err) from None  # unreadable for good (permissions, say)
             except Exception as err:  # a bad hash or manifest, a missing file
                 raise self._refuse(name, target, attempted, err) from None
             try:
@@ -221,7 +225,7 @@ class ModelManager:
         try:
             engine = await asyncio.wrap_future(prepared)
             thread.add_workers(engine.max_concurrent_batches - 1)  # one thread per batch it runs at once
-            built = await asyncio.to_thread(self.repository.load, manifest.name, manifest.version, verify_files=False)
+            built = await self.reader.read(self.repository.load, manifest.name, manifest.version, False)
         except BaseException:
             # Failed or cancelled (a rebuild past its bound): the engine is closed once its preparation returns, if it
             # made one, and the thread then ends; nothing waits for that (a wedged device's load may never return).
@@ -367,7 +371,7 @@ class ModelManager:
         while True:
             await asyncio.sleep(self.settings.watch_interval_s)
             try:
-                target = await asyncio.to_thread(self._changed_version)
+                target = await self._watch_reader.read(self._changed_version)
                 if target is not None and not self._lock.locked():
                     await self.reload(target)
             except ReloadRefused as err:

@@ -4,6 +4,7 @@ not one per request or retry, and every caller gets an answer (RepositoryStuck) 
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 import time
 from collections.abc import Callable
@@ -14,8 +15,19 @@ T = TypeVar("T")
 READ_TIMEOUT_S = 30.0  # a listing or a manifest: small files; hashing a version's files gets the caller's bound
 
 
+# Errors a volume may get over by itself (a network file system's), as opposed to a permission or a missing file.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ENETDOWN,
+                              errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ECONNRESET,
+                              errno.ECONNREFUSED, errno.ENOLINK, errno.ECOMM})
+
+
 class RepositoryStuck(OSError):
     """A read of the repository did not return within its bound, or an earlier one still has not."""
+
+
+def is_transient(err: OSError) -> bool:
+    """A read that may succeed if tried again later: one that did not return, or an error a volume gets over."""
+    return isinstance(err, (RepositoryStuck, TimeoutError, ConnectionError)) or err.errno in TRANSIENT_ERRNOS
 
 
 class RepositoryReader:

@@ -24,6 +24,7 @@ from service.pipeline import (
     service_state,
     top_k_of,
 )
+from service.repository_reader import RepositoryStuck
 from service.schemas import CLASSIFY_BODY, ClassifyResponse, Health, ModelsResponse, NotReady, Ready
 from service.settings import Settings
 from service.state import ServiceState
@@ -140,9 +141,13 @@ async def models(request: Request):
     # bounded, and a few at once (a hung volume holds that many threads, not one per request).
     try:
         listing = await state.repository_reader.read(repository_listing, state)
-    except (RepositoryError, OSError) as err:
+    except RepositoryStuck as err:
         raise ApiError(503, "repository_unavailable", f"cannot read the model repository ({err}); retry later",
                        headers={"Retry-After": "1"}) from None
+    except (RepositoryError, OSError) as err:  # its words name paths: the log has them, the client its type
+        logger.warning("/models cannot read the model repository: %s", err)
+        raise ApiError(503, "repository_unavailable", f"cannot read the model repository ({type(err).__name__}, "
+                       "logged); retry later", headers={"Retry-After": "1"}) from None
     engine = state.engine.describe().__dict__ if state.engine is not None else None
     return {"models": listing, "engine": engine}
 
@@ -155,7 +160,7 @@ def repository_listing(state: ServiceState) -> list[dict]:
         for version in repository.versions(name):
             try:
                 manifest = repository.load(name, version, verify_files=False).manifest
-            except RepositoryError as err:  # a broken version on disk is the operator's to fix, not a 500 here
+            except (RepositoryError, OSError) as err:  # a broken or unreadable version is the operator's to fix
                 logger.warning("/models leaves out %s/%s: %s", name, version, err)
                 continue
             listing.append({

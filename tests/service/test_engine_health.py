@@ -329,9 +329,11 @@ def test_a_reload_whose_repository_read_hangs_answers_503_and_one_stuck_read_at_
     volume_back = threading.Event()
     with launch(model_repository, warmup_runs=0) as url:
         manager = url.app.state.service.models
-        manager.reader.timeout_s = 1.0
+        manager.reader.timeout_s = manager.rebuild_limit_s = 1.0
         real_read = getattr(manager.repository, hung_read)
-        setattr(manager.repository, hung_read, lambda *args, **kw: volume_back.wait(60) and real_read(*args, **kw))
+        # "load": the hashing read hangs (the manifest's own read, verify_files=False, answers).
+        setattr(manager.repository, hung_read, lambda *args, **kw: (kw.get("verify_files") is False
+                                                                    or volume_back.wait(60)) and real_read(*args, **kw))
         try:
             started = time.monotonic()
             refused = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
@@ -353,6 +355,28 @@ def test_a_reload_whose_repository_read_hangs_answers_503_and_one_stuck_read_at_
             assert time.monotonic() < deadline, answer.text  # the stuck read returns once the volume is back
             time.sleep(0.05)
         assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize(("error", "status", "code"), [
+    (PermissionError(13, "Permission denied"), 422, "version_refused"),  # unreadable for good: refused
+    (OSError(5, "Input/output error"), 503, "repository_unavailable"),  # a volume's error: retry later
+])
+def test_a_reload_whose_files_cannot_be_read_is_refused_or_retried_by_the_kind_of_error(model_repository, launch,
+                                                                                         error, status, code):
+    with launch(model_repository, warmup_runs=0) as url:
+        manager = url.app.state.service.models
+        real_load = manager.repository.load
+
+        def load(*args, **kw):
+            if kw.get("verify_files") is not False:  # hashing the files
+                raise error
+            return real_load(*args, **kw)
+
+        manager.repository.load = load
+        answer = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (status, code), answer.text
+        assert type(error).__name__ in answer.json()["error"]["message"] or status == 503
+        assert (1 in manager._refused) == (status == 422)  # the watcher tries a refused version only once re-exported
 
 
 def test_a_rebuild_is_given_engine_timeout_ms_per_engine_call_and_with_tensorrt_the_time_to_build():

@@ -117,6 +117,15 @@ def test_models_answers_503_when_the_repository_does_not_and_holds_few_threads_w
     volume_back = threading.Event()
     listing = routes.repository_listing
     with launch(model_repository, warmup_runs=0) as url:
+        def unreadable(state):
+            raise PermissionError(13, "Permission denied", str(model_repository))
+
+        monkeypatch.setattr(routes, "repository_listing", unreadable)
+        denied = httpx.get(f"{url}/models", timeout=30)
+        assert denied.status_code == 503 and denied.json()["error"]["code"] == "repository_unavailable"
+        message = denied.json()["error"]["message"]
+        assert "PermissionError" in message and str(model_repository) not in message  # the path is in the log only
+
         reader = url.app.state.service.repository_reader
         reader.timeout_s, reader.max_reads = 1.0, 2
         monkeypatch.setattr(routes, "repository_listing", lambda state: volume_back.wait(60) and listing(state))
@@ -134,13 +143,6 @@ def test_models_answers_503_when_the_repository_does_not_and_holds_few_threads_w
             assert time.monotonic() - started < 1.0
         finally:
             volume_back.set()
-
-        def unreadable(state):
-            raise PermissionError(13, "Permission denied", str(model_repository))
-
-        monkeypatch.setattr(routes, "repository_listing", unreadable)
-        denied = httpx.get(f"{url}/models", timeout=30)
-        assert denied.status_code == 503 and "Permission denied" in denied.json()["error"]["message"], denied.text
         monkeypatch.setattr(routes, "repository_listing", listing)
         deadline = time.monotonic() + 20
         while (answer := httpx.get(f"{url}/models", timeout=30)).status_code == 503:  # the stuck reads return

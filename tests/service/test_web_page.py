@@ -163,3 +163,18 @@ def test_page_asks_for_the_api_key_after_a_401_and_then_classifies(page, model_r
         labels = [p["label"] for p in expected.json()["results"][0]["top_k"]]
         assert shown_labels(page, picked.name) == labels
         assert page.is_hidden("#key-form") and page.is_hidden("#error")
+
+
+def test_page_says_when_the_model_list_cannot_be_read(page, model_repository, launch, monkeypatch):
+    """A 503 from /models is shown as what it is, not as "No model is being served yet"."""
+    from service import routes
+
+    def unreadable(state):
+        raise PermissionError(13, "Permission denied", str(model_repository))
+
+    monkeypatch.setattr(routes, "repository_listing", unreadable)
+    with launch(model_repository, warmup_runs=0) as url:
+        page.goto(url + "/")
+        served = page.locator("#served")
+        served.filter(has_text="Could not read /models").wait_for(timeout=15_000)
+        assert "cannot read the model repository (PermissionError, logged)" in served.inner_text()
