@@ -61,7 +61,15 @@ async def server_metadata(state: ServiceState, request: pb.ServerMetadataRequest
 
 
 async def model_ready(state: ServiceState, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-    return pb.ModelReadyResponse(ready=v2_core.model_ready(state, request.name, request.version or None))
+    # A model this server does not serve is not ready, not an error: Triton answers OK with ready=false (its
+    # InferenceServer::ModelIsReady), so tritonclient.grpc's is_model_ready returns False instead of raising.
+    # Over HTTP the 404 stays: there, any status but 200 means not ready.
+    try:
+        return pb.ModelReadyResponse(ready=v2_core.model_ready(state, request.name, request.version or None))
+    except ApiError as err:
+        if err.status != 404:
+            raise
+        return pb.ModelReadyResponse(ready=False)
 
 
 async def model_metadata(state: ServiceState, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:

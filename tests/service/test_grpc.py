@@ -67,6 +67,8 @@ def status_of(error: InferenceServerException) -> str:
 def test_health_and_metadata_over_grpc(served):
     url, client = served
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("atto")
+    # An unknown model (or version) is not ready, as Triton answers it, rather than an error the client raises.
+    assert client.is_model_ready("no-such-model") is False and client.is_model_ready("atto", "7") is False
     server = client.get_server_metadata(as_json=True)
     assert server["name"] == "convnext" and "binary_tensor_data" in server["extensions"]
     metadata = client.get_model_metadata("atto", as_json=True)
