@@ -1,13 +1,6 @@
 """The Open Inference Protocol over gRPC, proven with the official tritonclient.grpc against the real server."""
 from __future__ import annotations
 
-import asyncio
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -20,15 +13,12 @@ from tritonclient.utils import InferenceServerException
 
 from runtime.preprocess import preprocess
 from runtime.repository import ModelRepository
-from service.app import create_app
 from service.grpc_proto import open_inference_pb2 as pb
-from service.settings import Settings
 from tests.service.conftest import free_port
-from tests.service.test_limits import BUDGET_LIMITS, Gate, finish_upload, metric, slow_upload, wait_for_metric
+from tests.service.test_limits import BUDGET_LIMITS, finish_upload, metric, slow_upload
 from tests.service.test_security import recorded_compare_digest
 
 API_KEY = "grpc-test-key"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def grpc_address(url) -> str:
@@ -41,10 +31,15 @@ def served(model_repository, launch):
         yield url, triton_grpc.InferenceServerClient(grpc_address(url))
 
 
+def preprocessed_photos(repository: Path, photos: list[Path]) -> np.ndarray:
+    """Three real photos as the served model's input batch."""
+    version = ModelRepository(repository).load("atto")
+    return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in photos[:3]])
+
+
 @pytest.fixture(scope="module")
 def batch(model_repository, real_photos) -> np.ndarray:
-    version = ModelRepository(model_repository).load("atto")
-    return np.stack([preprocess(p.read_bytes(), version.manifest.preprocess, 10**8) for p in real_photos[:3]])
+    return preprocessed_photos(model_repository, real_photos)
 
 
 def fp32_input(batch: np.ndarray, name: str = "input", datatype: str = "FP32") -> triton_grpc.InferInput:
@@ -311,114 +306,3 @@ def test_grpc_messages_count_against_the_memory_bound_that_http_bodies_share(mod
             finish_upload(upload)
         assert client.infer("atto", [fp32_input(tensors)]).as_numpy("logits").shape == (15, 10)
         assert metric(url, "convnext_buffered_body_bytes") == 0
-
-
-def test_a_cancelled_call_drops_its_queued_images(model_repository, launch, batch):
-    gate = Gate()
-    with launch(model_repository, gate.factory, grpc_port=free_port(), max_batch_size=1,
-                warmup_runs=0) as url:
-        client = triton_grpc.InferenceServerClient(grpc_address(url))
-        gate.close()
-        first = threading.Thread(target=client.infer, args=("atto", [fp32_input(batch[:1])]))
-        first.start()
-        assert gate.batch_started.wait(20)  # the first call holds the engine
-        leaving = client.async_infer("atto", [fp32_input(np.concatenate([batch, batch[:1]]))], callback=lambda *_: None)
-        wait_for_metric(url, "convnext_queue_depth", 4)
-        leaving.cancel()  # while its four images wait behind the first call
-        wait_for_metric(url, 'convnext_rejected_total{reason="client_disconnected"}', 1)
-        gate.open.set()
-        first.join()
-        assert client.infer("atto", [fp32_input(batch[:1])]).as_numpy("logits").shape == (1, 10)
-        assert metric(url, "convnext_images_total") == 2  # the first and the last call, none of the four
-
-
-def test_shutdown_lets_an_in_flight_call_finish(model_repository, launch, batch):
-    gate = Gate()
-    results = []
-    with launch(model_repository, gate.factory, grpc_port=free_port(), max_batch_size=1,
-                warmup_runs=0) as url:
-        client = triton_grpc.InferenceServerClient(grpc_address(url))
-        gate.close()
-        call = threading.Thread(target=lambda: results.append(client.infer("atto", [fp32_input(batch[:1])])))
-        call.start()
-        assert gate.batch_started.wait(20)
-        threading.Timer(1.0, gate.open.set).start()  # the engine finishes after the shutdown has begun
-    call.join(30)
-    assert results and results[0].as_numpy("logits").shape == (1, 10)
-
-
-def test_shutdown_refuses_new_calls_while_http_requests_drain(model_repository, launch, batch, real_photos):
-    """Shutdown stops both protocols at once: while an HTTP request is still in flight (its batch held by the engine),
-    a new gRPC call is refused (UNAVAILABLE, so a client retries elsewhere) instead of being queued behind it, and the
-    HTTP request is still answered."""
-    gate = Gate()
-    answers, late_calls = [], []
-    jpeg = real_photos[0].read_bytes()
-    with launch(model_repository, gate.factory, grpc_port=free_port(), max_batch_size=1,
-                warmup_runs=0) as url:
-        client = triton_grpc.InferenceServerClient(grpc_address(url))
-        assert client.is_server_ready()  # the channel is connected before the shutdown
-        gate.close()
-        request = threading.Thread(target=lambda: answers.append(httpx.post(
-            f"{url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30)))
-        request.start()
-        assert gate.batch_started.wait(20)
-
-        def late_call():  # once the shutdown has begun (leaving `launch` below), while the HTTP request is held
-            try:
-                client.infer("atto", [fp32_input(batch[:1])], client_timeout=10)
-                late_calls.append("OK")
-            except InferenceServerException as err:
-                late_calls.append(status_of(err))
-            gate.open.set()
-
-        threading.Timer(1.0, late_call).start()
-    request.join(30)
-    assert late_calls == ["UNAVAILABLE"]  # before the fix: queued behind the held batch, DEADLINE_EXCEEDED
-    assert [answer.status_code for answer in answers] == [200]
-
-
-def test_grpc_port_setting_and_the_cli_prints_the_address(model_repository):
-    assert Settings.model_fields["grpc_port"].default == 8001  # Triton's gRPC port
-    assert Settings(grpc_port=0).grpc_port == 0  # 0: no gRPC server
-    port, http_port = free_port(), free_port()
-    command = [sys.executable, "-m", "service", "--repository", str(model_repository), "--host", "127.0.0.1",
-               "--port", str(http_port), "--grpc-port", str(port), "--intra-op-threads", "1", "--warmup-runs", "0"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.is_server_ready():
-                    break
-            except InferenceServerException:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "the service did not become ready"
-            time.sleep(0.2)
-    finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=60)
-    assert f"gRPC on 127.0.0.1:{port}" in output
-    assert "Application shutdown complete" in output
-    assert process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM it caught once it is done
-
-
-def test_a_grpc_port_taken_after_the_cli_checked_it_fails_the_start_with_a_clear_message(model_repository):
-    """`python -m service` finds a taken port before the model loads (tests/service/test_startup_errors.py); one taken
-    in between fails the start itself, and the lifespan keeps its one-line message for uvicorn's log."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        app = create_app(Settings(repository=str(model_repository), host="127.0.0.1", port=free_port(),
-                                  grpc_port=port, intra_op_threads=1, warmup_runs=0))
-
-        async def start() -> None:
-            async with app.router.lifespan_context(app):
-                pass
-
-        with pytest.raises(RuntimeError, match=f"cannot listen for gRPC on 127.0.0.1:{port}"):
-            asyncio.run(start())
-    assert app.state.startup_error.startswith(f"cannot listen for gRPC on 127.0.0.1:{port}")
-    assert "\n" not in app.state.startup_error
