@@ -82,10 +82,10 @@ def window_of(answered: list[Outcome], end_s: float, window_s: float, sent: int)
     return window
 
 
-async def queue_depth(url: str) -> float | None:
+async def queue_depth(url: str, timeout_s: float = SCRAPE_TIMEOUT_S) -> float | None:
     """convnext_queue_depth from the server's /metrics, or None when this window's scrape failed."""
     try:
-        return metric_value(await asyncio.wait_for(scrape(url), SCRAPE_TIMEOUT_S), "convnext_queue_depth")
+        return metric_value(await asyncio.wait_for(scrape(url), timeout_s), "convnext_queue_depth")
     except (TimeoutError, HttpError, OSError):  # a busy server: this window has no reading
         return None
 
@@ -98,7 +98,8 @@ async def sample(load: OpenLoop, url: str, t0: float, seconds: float, window_s: 
         answered, seen = load.outcomes[seen:], len(load.outcomes)
         window = window_of(answered, number * window_s, window_s, load.dispatched - dispatched_seen)
         dispatched_seen = load.dispatched
-        window.rss_mb, window.queue_depth = rss_mb(pid), await queue_depth(url)
+        # Within half a window, so that a slow scrape never reaches into the next window's slice.
+        window.rss_mb, window.queue_depth = rss_mb(pid), await queue_depth(url, min(SCRAPE_TIMEOUT_S, window_s / 2))
         windows.append(window)
         print(format_row(window), flush=True)
     return windows
