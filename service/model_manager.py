@@ -24,7 +24,7 @@ from service.engine_builds import (
     rebuild_timeout_s,
 )
 from service.metrics import ServiceMetrics
-from service.repository_reader import RepositoryReader, is_transient
+from service.repository_reader import RepositoryReader, RepositoryStuck, is_transient
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -175,6 +175,8 @@ class ModelManager:
             try:
                 self._check_compatible(model)
                 served = await self._bounded(self._build(model), "the reload")
+            except RepositoryStuck as err:  # the build's re-read of the manifest: the volume again, not the version
+                raise self._unavailable(err) from None
             except Exception as err:  # other inputs or classes, an engine that fails to load or run, or hangs
                 raise self._refuse(name, target, model.manifest.created_at, err) from None
             previous = await self._install(served)

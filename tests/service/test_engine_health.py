@@ -379,6 +379,30 @@ def test_a_reload_whose_files_cannot_be_read_is_refused_or_retried_by_the_kind_o
         assert (1 in manager._refused) == (status == 422)  # the watcher tries a refused version only once re-exported
 
 
+def test_a_reload_whose_re_read_after_its_build_hangs_answers_503_not_a_refusal(model_repository, launch):
+    """The build re-reads the version's manifest (an engine built on first start adds an artifact): a volume that
+    stops answering there is the volume's fault too, so no refusal is recorded."""
+    volume_back = threading.Event()
+    with launch(model_repository, warmup_runs=0) as url:
+        manager = url.app.state.service.models
+        manager.reader.timeout_s = 1.0
+        real_load = manager.repository.load
+
+        def load(*args, **kw):
+            if args[2:3] == (False,):  # _build's re-read: load(name, version, False)
+                volume_back.wait(60)
+            return real_load(*args, **kw)
+
+        manager.repository.load = load
+        try:
+            answer = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "repository_unavailable", answer.text
+            assert 1 not in manager._refused
+            assert httpx.get(f"{url}/readyz").status_code == 200  # the version it had still serves
+        finally:
+            volume_back.set()
+
+
 def test_a_rebuild_is_given_engine_timeout_ms_per_engine_call_and_with_tensorrt_the_time_to_build():
     cpu = rebuild_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2))
     assert cpu == OPEN_BOUND_S + 5 * 10  # warm-up at two batch sizes twice each, and the smoke run
