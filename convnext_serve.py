@@ -82,7 +82,7 @@ def prepare_pretrained(args, repository: ModelRepository) -> tuple[str, int]:
         raise ServeSetupError(f"{one_line(error)}; {LOCAL_HINT}") from None
     exported = export_onnx_version(
         repository.root, name, entry.model_name, checkpoint, input_size=entry.input_size_px,
-        precisions=_precisions(args.precisions),
+        num_classes=entry.num_classes, precisions=_precisions(args.precisions),
     )
     return name, exported.manifest.version
 

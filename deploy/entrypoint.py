@@ -9,9 +9,11 @@
 The service's own variables (CONVNEXT_REPOSITORY, CONVNEXT_MODEL, CONVNEXT_ENGINE, CONVNEXT_PROVIDER, CONVNEXT_HOST,
 CONVNEXT_PORT, ...) are read by its Settings class (service/settings.py, `python -m service --help`), here too.
 The entrypoint's own, from the environment:
-  CONVNEXT_ARCHITECTURE      `model.list_models()` name to export (default: convnext_tiny); the model is exported
-                             under CONVNEXT_MODEL, or under this name when that is unset
-  CONVNEXT_PRETRAINED        official checkpoint name (default: convnext_tiny_1k_224_ema, ImageNet-1K, 82.1% top-1)
+  CONVNEXT_ARCHITECTURE      `model.list_models()` name of CONVNEXT_CHECKPOINT's model, where the checkpoint does
+                             not name it (an official or torchvision file); an official download's is known. The
+                             model is exported under CONVNEXT_MODEL, else under this name, else the official one's
+  CONVNEXT_PRETRAINED        official checkpoint name (default: convnext_tiny_1k_224_ema, ImageNet-1K, 82.1% top-1);
+                             its architecture, class count (21841 for the 22K ones) and input size go with it
   CONVNEXT_WEIGHTS_BASE_URL  mirror holding the official file names (default: dl.fbaipublicfiles.com)
   CONVNEXT_CHECKPOINT        your own checkpoint: a local path or an http(s)/file URL (overrides CONVNEXT_PRETRAINED)
   CONVNEXT_EXPORT_PRECISIONS ONNX precisions to export (default: fp32,fp16)
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -45,6 +48,9 @@ from service.doctor import requirements_for  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 HOST_CHECK_MODES = ("hold", "exit", "off")
+# The official file names: convnext_base_22k_1k_384 -> convnext_base, convnext_iso_small_1k_224_ema ->
+# convnext_isotropic_small (model/pretrained.py's table; a test holds every entry to it).
+OFFICIAL_ARCHITECTURE = re.compile(r"^convnext_(iso_)?([a-z]+)_")
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class PrepareSettings:
     """The service's Settings (repository, model, engine, provider, host, port) and the entrypoint's own variables."""
 
     service: Settings
-    architecture: str
+    architecture: str | None
     pretrained: str
     weights_base_url: str | None
     checkpoint: str | None
@@ -74,7 +80,7 @@ class PrepareSettings:
             raise SystemExit(f"invalid service settings: {one_line(err)}") from None
         return cls(
             service=service,
-            architecture=env.get("CONVNEXT_ARCHITECTURE", "convnext_tiny"),
+            architecture=env.get("CONVNEXT_ARCHITECTURE") or None,
             pretrained=env.get("CONVNEXT_PRETRAINED", "convnext_tiny_1k_224_ema"),
             weights_base_url=env.get("CONVNEXT_WEIGHTS_BASE_URL") or None,
             checkpoint=env.get("CONVNEXT_CHECKPOINT") or None,
@@ -90,8 +96,15 @@ class PrepareSettings:
 
     @property
     def model_name(self) -> str:
-        """The name the model is exported and served under: CONVNEXT_MODEL, else the architecture's name."""
-        return self.service.model or self.architecture
+        """The name the model is exported and served under: CONVNEXT_MODEL, else the architecture's name (an official
+        checkpoint's: convnext_base_22k_224 -> convnext_base; read from the name, as `serve` has no torch to look it
+        up with)."""
+        if self.service.model or self.architecture:
+            return self.service.model or self.architecture or ""
+        official = OFFICIAL_ARCHITECTURE.match(self.pretrained)
+        if official is None:
+            return self.pretrained.lower()
+        return f"convnext_{'isotropic_' if official.group(1) else ''}{official.group(2)}"
 
 
 def model_is_prepared(settings: PrepareSettings) -> bool:
@@ -138,16 +151,21 @@ def prepare(settings: PrepareSettings) -> int:
 def export_model(settings: PrepareSettings) -> int:
     checkpoint = fetch_checkpoint(settings)
     print(f"prepare: exporting {checkpoint} as {settings.model_name} ({settings.precisions})", flush=True)
-    command = [
+    return subprocess.run(export_command(settings, checkpoint), check=False).returncode
+
+
+def export_command(settings: PrepareSettings, checkpoint: Path) -> list[str]:
+    """`python -m export onnx` for the checkpoint. --model only when CONVNEXT_ARCHITECTURE is set: a project
+    checkpoint names its model, and an official download's name says its model, class count and input size."""
+    return [
         sys.executable, "-m", "export", "onnx",
-        "--model", settings.architecture,
+        *(["--model", settings.architecture] if settings.architecture else []),
         "--checkpoint", str(checkpoint),
         "--name", settings.model_name,
         "--repository", str(settings.repository),
         "--precisions", settings.precisions,
         *settings.export_args,
     ]
-    return subprocess.run(command, check=False).returncode
 
 
 def check_host(settings: PrepareSettings) -> int | None:

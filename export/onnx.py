@@ -38,6 +38,7 @@ from .labels import default_labels
 from .quantize import make_variant
 
 if TYPE_CHECKING:  # model/ imports torch; `python -m export tensorrt|list` run without it
+    from model.pretrained import PretrainedCheckpoint
     from model.timm_pretrained import TimmPretrained
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,18 @@ def timm_pretrained_of(checkpoint: str | Path | None, timm_name: str | None,
         raise ExportError(f"--timm-name: {error}") from None
 
 
+def official_pretrained_of(checkpoint: str | Path | None, asked_model: str | None) -> PretrainedCheckpoint | None:
+    """The official checkpoint a file is by its name (downloads keep the official names: convnext_base_22k_224.pth),
+    so its architecture, class count (21841 for the 22K heads) and input size are the export's defaults; None for
+    another name, or when --model asks for another architecture (the flags say what the file holds, then)."""
+    from model.pretrained import PRETRAINED_CHECKPOINTS
+
+    official = PRETRAINED_CHECKPOINTS.get(Path(checkpoint).stem) if checkpoint is not None else None
+    if official is None or (asked_model is not None and asked_model != official.model_name):
+        return None
+    return official
+
+
 def check_model_name(model_name: str) -> None:
     """An ExportError naming the models model/ builds when `model_name` is not one of them."""
     import model as models
@@ -153,9 +166,13 @@ def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_cl
     raw: dict = models.read_checkpoint(checkpoint) if checkpoint is not None else {}
     is_project = "model_name" in raw
     tag = timm_pretrained_of(checkpoint, timm_name, is_project)
+    official = official_pretrained_of(checkpoint, model_name) if not is_project and tag is None else None
     held = raw["model_name"] if is_project else (tag.model_name if tag is not None else None)
-    model_name = _model_name_of(model_name, held)
-    kwargs = _model_kwargs(raw, model_name, checkpoint is not None, num_classes, activation, tag)
+    model_name = _model_name_of(model_name or (official.model_name if official is not None else None), held)
+    known_classes = tag.num_classes if tag is not None else (official.num_classes if official is not None else None)
+    kwargs = _model_kwargs(raw, model_name, checkpoint is not None, num_classes, activation, known_classes)
+    if input_size is None and official is not None:
+        input_size = official.input_size_px  # e.g. 384 for convnext_base_1k_384: the official squash at 384
     module = models.create_model(model_name, **kwargs)
     source_format = "random"
     if checkpoint is not None:
@@ -173,14 +190,14 @@ def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_cl
 
 
 def _model_kwargs(raw: dict, model_name: str, has_checkpoint: bool, num_classes: int | None,
-                  activation: str | None, tag: TimmPretrained | None) -> dict:
-    """create_model's keyword arguments: the checkpoint's, with the asked class count (else the timm tag's) and
-    activation (refused when it is not the one the checkpoint's weights were trained with)."""
+                  activation: str | None, known_classes: int | None) -> dict:
+    """create_model's keyword arguments: the checkpoint's, with the asked class count (else the one its timm tag or
+    official name says) and activation (refused when it is not the one the checkpoint's weights were trained with)."""
     import model as models
 
     kwargs = dict(raw.get("model_kwargs") or {})
-    if num_classes is not None or tag is not None:
-        kwargs["num_classes"] = num_classes if num_classes is not None else tag.num_classes
+    if num_classes is not None or known_classes is not None:
+        kwargs["num_classes"] = num_classes if num_classes is not None else known_classes
     if activation is not None:
         trained = kwargs.get("activation") or models.get_config(model_name).default_activation
         if has_checkpoint and activation != trained:  # parity would not see it: both sides share the swap

@@ -224,6 +224,23 @@ def test_the_entrypoint_reads_the_services_settings_with_their_defaults(tmp_path
         settings_from(entrypoint, monkeypatch, {"CONVNEXT_PORT": "99999"})
 
 
+def test_an_official_checkpoint_exports_as_its_own_architecture_without_a_model_flag(monkeypatch, tmp_path):
+    """CONVNEXT_PRETRAINED=convnext_base_22k_224 alone: exported (and served) as convnext_base, and the export is
+    not told --model (compose used to pass convnext_tiny), so it takes the file's architecture and 21841 classes."""
+    from model.pretrained import PRETRAINED_CHECKPOINTS
+
+    entrypoint = load_entrypoint()
+    for name, official in PRETRAINED_CHECKPOINTS.items():  # the name is read without torch (the serve image)
+        settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_PRETRAINED": name, "CONVNEXT_ARCHITECTURE": ""})
+        assert (settings.architecture, settings.model_name) == (None, official.model_name)
+    base = settings_from(entrypoint, monkeypatch, {"CONVNEXT_PRETRAINED": "convnext_base_22k_224"})
+    command = entrypoint.export_command(base, tmp_path / "convnext_base_22k_224.pth")
+    assert "--model" not in command and command[command.index("--name") + 1] == "convnext_base"
+    own = settings_from(entrypoint, monkeypatch, {"CONVNEXT_ARCHITECTURE": "convnext_small",
+                                                  "CONVNEXT_CHECKPOINT": "/checkpoints/mine.pth"})
+    assert entrypoint.export_command(own, Path("/checkpoints/mine.pth"))[4:6] == ["--model", "convnext_small"]
+
+
 def gpu_env(repository: Path, port: int, **overrides: str) -> dict[str, str]:
     """GPU serving settings, as the GPU image sets them, for a prepared repository on this GPU-less machine."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVNEXT_")}

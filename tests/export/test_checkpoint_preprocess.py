@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from export.__main__ import main
-from export.onnx import ExportError, checkpoint_preprocess, load_source
-from model import get_config
+from export.labels import imagenet22k_labels
+from export.onnx import ExportError, checkpoint_preprocess, load_source, official_pretrained_of
+from model import create_model, get_config
+from model.pretrained import PRETRAINED_CHECKPOINTS
 from model.timm_pretrained import TIMM_PRETRAINED
 from runtime.repository import MANIFEST_FILE
 
@@ -107,6 +109,28 @@ def test_a_renamed_timm_checkpoint_is_named_with_timm_name_and_an_unnamed_one_wa
         unnamed = load_source("convnext_nano", path)
     assert unnamed.preprocess.crop_pct == 0.875
     assert "--timm-name" in caplog.text and "convnext_nano.in12k_ft_in1k 0.95" in caplog.text
+
+
+def test_an_official_file_is_known_by_its_name_with_its_class_count_and_input_size(tmp_path):
+    """convnext_tiny_22k_224.pth (21841 classes) exports without --model or --num-classes, as `convnext serve
+    --pretrained` and the compose `prepare` export it; a 384 px one gets the official squash at 384."""
+    path = tmp_path / "convnext_tiny_22k_224.pth"
+    torch.manual_seed(0)
+    torch.save({"model": create_model("convnext_tiny", num_classes=21841).state_dict()}, path)
+    source = load_source(None, path)
+    assert (source.model_name, source.num_classes, source.source.format) == ("convnext_tiny", 21841, "official")
+    assert source.labels == imagenet22k_labels() and source.source.dataset == "ImageNet-22K"
+    assert (source.preprocess.resize_px, source.preprocess.crop_px) == (256, 224)
+    at_384 = tmp_path / "convnext_tiny_22k_1k_384.pth"
+    torch.save({"model": create_model("convnext_tiny").state_dict()}, at_384)
+    squashed = load_source(None, at_384)
+    assert (squashed.num_classes, squashed.source.dataset) == (1000, "ImageNet-22K, fine-tuned on ImageNet-1K")
+    assert (squashed.preprocess.crop_px, squashed.preprocess.crop_mode) == (384, "squash")
+    for name, official in PRETRAINED_CHECKPOINTS.items():
+        assert official_pretrained_of(tmp_path / f"{name}.pth", None) == official
+    # --model naming another architecture: the flags, not the file name, say what the file holds.
+    assert official_pretrained_of(path, "convnext_atto") is None
+    assert official_pretrained_of(tmp_path / "my_weights.pth", None) is None
 
 
 def test_the_cli_writes_a_timm_tags_transform_into_the_manifest(tmp_path, photo_folder, capsys):
