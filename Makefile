@@ -37,7 +37,7 @@ lock:
 
 # System packages the tests use: headless Chromium (web page test), promtool (Prometheus config check). Root, as on CI.
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)  # the tests' path
 	@command -v promtool >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 # The GPU build of ONNX Runtime, apart from the venv (it would replace the CPU package there): on this GPU-less

@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits  # scikit-learn's dependency (the be
 from bench.host import cpu_model
 from bench.loadgen import photo_paths
 from bench.preprocess_cost import median_ms
-from convnext_common import CliParser
+from convnext_common import CliParser, add_version_argument
 from export.onnx import export_onnx_version
 from runtime.decode import FAST_DECODE_HEADROOM
 from runtime.engines.auto import measure_images_per_s
@@ -231,6 +231,7 @@ def load_average() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = CliParser(prog="python -m bench cpu", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(parser)
     parser.add_argument("what", choices=["engines", "decode"])
     parser.add_argument("--repository", type=Path, help="default: export a random-init convnext_tiny (fp32 + int8)")
     parser.add_argument("--model", default="convnext-tiny")

@@ -30,7 +30,7 @@ from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.report import pyplot, save_figure
 from bench.server_process import service
-from convnext_common import CliParser
+from convnext_common import CliParser, add_version_argument
 from export.onnx import export_onnx_version
 from runtime.engines.openvino import cpu_supports_bf16
 from runtime.preprocess import preprocess
@@ -181,6 +181,7 @@ def save_plot(rows: list[dict], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = CliParser(prog="python -m bench cpu-serving", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(parser)
     parser.add_argument("--repository", type=Path, help="default: export a random-init convnext_tiny")
     parser.add_argument("--model", default="convnext-tiny")
     parser.add_argument("--architecture", default="convnext_tiny", help="what to export without --repository "

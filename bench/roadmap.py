@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convnext_common import CliParser
+from convnext_common import CliParser, add_version_argument
 from export.onnx import export_onnx_version
 from model import create_model
 from model.__main__ import roadmap_rows
@@ -135,6 +135,7 @@ def benchmark_step(row: dict, repository: Path, plan: EnginePlan, factories: dic
 def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog=PROG, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(parser)
     parser.add_argument("--regime", choices=sorted(REGIMES), default="r50", help="r50: Table 10; r200: Table 11")
     parser.add_argument("--steps", nargs="+", metavar="KEY", help="only these step keys (default: every row)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch 1 and a throughput batch")

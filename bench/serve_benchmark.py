@@ -23,7 +23,7 @@ from bench.host import host_description
 from bench.loadgen import closed_loop, jpeg_payloads
 from bench.report import format_ms
 from bench.server_process import service
-from convnext_common import CliParser
+from convnext_common import CliParser, add_version_argument
 from export.onnx import export_onnx_version
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.repository import ModelRepository
@@ -71,6 +71,7 @@ def engine_best(engine: dict[int, float], max_batch_size: int) -> tuple[int, flo
 def main(argv: list[str] | None = None) -> int:
     parser = CliParser(prog="python -m bench serve", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(parser)
     parser.add_argument("--repository", type=Path, help="an existing model repository (default: export convnext_tiny)")
     parser.add_argument("--model", default="convnext_tiny", help="model name in --repository; without one, the "
                         "architecture to export (random weights) under that name")

@@ -26,7 +26,7 @@ from bench.loadgen import closed_loop, jpeg_payloads, prepared_posts, send_lag_s
 from bench.open_loop import OpenLoop, Outcome, even_arrivals_s
 from bench.server_process import service
 from bench.service_metrics import metric_value, scrape
-from convnext_common import CliParser, one_line
+from convnext_common import CliParser, add_version_argument, one_line
 from export.onnx import export_onnx_version
 
 MAX_MINUTES = 120.0  # hard cap: a soak is bounded even when --minutes is mistyped
@@ -181,6 +181,7 @@ def run_soak(repository: Path | None, minutes: float, window_s: float, rate_frac
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m bench soak", description=__doc__.splitlines()[0])
+    add_version_argument(parser)
     parser.add_argument("--repository", type=Path, default=None,
                         help="model repository to serve (default: export a random convnext_atto at 64 px)")
     parser.add_argument("--minutes", type=float, default=5.0, help=f"soak length (capped at {MAX_MINUTES:.0f})")

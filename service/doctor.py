@@ -7,7 +7,6 @@ the fix on its line. Torch-free; TensorRT, cuda-python and onnxruntime are impor
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import importlib.metadata
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convnext_common import CliParser, add_version_argument
 from runtime.ort_session import preload_cuda_libraries
 from runtime.tensorrt_runtime import stream_handle
 
@@ -37,9 +37,10 @@ MIN_COMPUTE_CAPABILITY = (7, 5)
 TINY_MODEL = Path(__file__).parent / "assets" / "doctor_double.onnx"
 REQUIREMENTS = ("gpu", "tensorrt", "cuda", "ort-tensorrt")
 ORT_PROVIDERS = {"cuda": "CUDAExecutionProvider", "ort-tensorrt": "TensorrtExecutionProvider"}
-# What onnxruntime-gpu 1.31.1's CUDA provider and TensorRT provider link (readelf -d), plus cuDNN, which it dlopens.
+# What onnxruntime-gpu 1.31.1's CUDA provider links (readelf -d: no cuFFT, though its [cuda] extra installs it),
+# plus cuDNN, which it dlopens.
 CUDA_LIBRARIES = ("libcuda.so.1", "libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10",
-                  "libcufft.so.12", "libcudnn.so.9")
+                  "libcudnn.so.9")
 NVIDIA_WHEEL_LIB_DIRS = ("nvidia/cu13/lib", "nvidia/cudnn/lib")  # where the nvidia-* CUDA 13 wheels put them
 ORT_GPU_INSTALL = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu[cuda,cudnn]==1.31.1'"
 GPU_INSTALL = ("in a venv without the CPU onnxruntime: pip install -e '.[serve,gpu]' --extra-index-url "
@@ -348,8 +349,9 @@ def format_report(checks: list[Check], required: set[str]) -> str:
     return "\n".join(lines)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convnext doctor", description=__doc__.splitlines()[0])
+def get_args_parser() -> CliParser:
+    parser = CliParser(prog="convnext doctor", description=__doc__.splitlines()[0])
+    add_version_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--require", default=None,
                         help=f"comma-separated subset of {','.join(REQUIREMENTS)} (default: gpu,tensorrt,cuda)")

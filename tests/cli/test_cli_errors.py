@@ -105,7 +105,9 @@ def every_run(places: dict[str, str]) -> list[tuple[str, list[str]]]:
     runs = [(cli, [a.format(**places) for a in args]) for cli, args, _ in ERROR_CASES]
     runs += [(cli, ["--version"]) for cli in sorted(CLIS)]
     runs += [("export", ["onnx", *(a.format(**places) for a in args)]) for args, _ in EXPORT_ARGUMENT_ERRORS]
-    runs += [("bench", [subcommand, flag]) for subcommand in BENCH_SUBCOMMANDS for flag in ("--help", "--nosuch")]
+    runs += [("bench", [subcommand, flag]) for subcommand in BENCH_SUBCOMMANDS
+             for flag in ("--help", "--nosuch", "--version")]
+    runs += [("service", ["doctor", flag]) for flag in ("--version", "--nosuch")]
     return runs
 
 
@@ -141,11 +143,20 @@ def test_an_expected_error_is_one_line_and_a_non_zero_status_without_a_traceback
     assert [line for line in lines[:-1] if not line.startswith(("INFO export.onnx: [", "["))] == [], output
 
 
-@pytest.mark.parametrize("cli", sorted(CLIS))
-def test_version_prints_the_installed_project_version(cli, forked):
-    result = forked[cli, ("--version",)]
+@pytest.mark.parametrize("command", [(cli, "--version") for cli in sorted(CLIS)]
+                         + [("bench", subcommand, "--version") for subcommand in BENCH_SUBCOMMANDS]
+                         + [("service", "doctor", "--version")], ids="-".join)
+def test_version_prints_the_installed_project_version(command, forked):
+    result = forked[command[0], command[1:]]
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"convnext-serve {version('convnext-serve')}"
+
+
+def test_the_doctor_refuses_a_bad_argument_in_one_line(forked):
+    result = forked["service", ("doctor", "--nosuch")]
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "convnext doctor: error: unrecognized arguments: --nosuch (see convnext doctor --help)"]
 
 
 @pytest.mark.parametrize(("args", "phrase"), EXPORT_ARGUMENT_ERRORS,
