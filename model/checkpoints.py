@@ -1,6 +1,7 @@
 """Read checkpoints (official, this project's, timm, torchvision) safely, convert them to our names, load strictly."""
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
 import re
@@ -34,6 +35,12 @@ _TIMM_RULES = (
     (r"^head\.norm\.", "norm."),
     (r"^head\.fc\.", "head."),
 )
+# Training scripts pickle their argparse flags into checkpoints as 'args' (the official ConvNeXt utils.save_model,
+# timm's CheckpointSaver): a Namespace is plain data, its attributes unpickled under weights_only's rules like the
+# rest. Anything else that is not a tensor or plain data (a function, a class, another object) is still refused.
+_ALLOWED_CHECKPOINT_CLASSES = [argparse.Namespace]
+# Where training code keeps EMA weights: the official ConvNeXt (and this project) 'model_ema', timm 'state_dict_ema'.
+_EMA_KEYS = ("model_ema", "state_dict_ema")
 # torchvision's CNBlock: block = [dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute].
 _TORCHVISION_BLOCK_LAYERS = {"0": "dwconv", "2": "norm", "3": "pwconv1", "5": "pwconv2"}
 
@@ -73,7 +80,8 @@ def read_checkpoint(path: str | Path) -> dict:
                               f"file ({path.stat().st_size} bytes); use an earlier checkpoint, or copy or download "
                               "it again")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_ALLOWED_CHECKPOINT_CLASSES):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data (possibly code), "
                               f"so it was refused unexecuted; use a checkpoint written by this project, or re-save "
@@ -122,14 +130,16 @@ def _is_torch_save_file(path: Path) -> bool:
 
 
 def select_state_dict(checkpoint: Mapping, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """The weights inside a checkpoint: `model_ema` if asked, else `model` / `state_dict`, else the dict itself."""
+    """The weights inside a checkpoint: the EMA weights if asked (`model_ema`, timm's `state_dict_ema`), else `model` /
+    `state_dict`, else the dict itself."""
     if use_ema:
-        if "model_ema" not in checkpoint:
-            raise CheckpointError(
-                f"use_ema=True but the checkpoint has no 'model_ema' entry (keys: {_listed(checkpoint)}); "
-                "load without use_ema"
-            )
-        return checkpoint["model_ema"]
+        for key in _EMA_KEYS:
+            if isinstance(checkpoint.get(key), Mapping):
+                return checkpoint[key]
+        raise CheckpointError(
+            f"use_ema=True but the checkpoint has no 'model_ema' entry, nor timm's 'state_dict_ema' (keys: "
+            f"{_listed(checkpoint)}); load without use_ema"
+        )
     for key in ("model", "state_dict"):
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             return checkpoint[key]
@@ -144,16 +154,27 @@ def select_state_dict(checkpoint: Mapping, *, use_ema: bool = False) -> dict[str
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> tuple[dict, str]:
     """Detect the naming (native, timm, torchvision) and return a new state dict in `model`'s names.
 
-    Pure: the input is not modified. Native covers the official facebookresearch checkpoints, this project's, and
-    torchvision's ResNet (our ResNet-50 *is* torchvision's module).
+    Pure: the input is not modified. Native covers the official facebookresearch checkpoints and this project's.
+    torchvision's ResNet needs no conversion (our ResNet-50 *is* torchvision's module).
     """
     state_dict = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    naming = _naming_of(state_dict)
     is_convnext = any(k.startswith("downsample_layers.") for k in model.state_dict())
-    if is_convnext and any(k.startswith(("stem.0.", "stages.0.blocks.")) for k in state_dict):
-        return _from_timm(state_dict), "timm"
+    if is_convnext and naming == "timm":
+        return _from_timm(state_dict), naming
     if is_convnext and any(k.startswith("features.") for k in state_dict):
-        return _from_torchvision(state_dict), "torchvision"
-    return state_dict, "torchvision" if hasattr(model, "layer1") else "native"
+        return _from_torchvision(state_dict), naming
+    return state_dict, naming
+
+
+def _naming_of(state_dict: Mapping) -> str:
+    """Whose names a state dict uses, by its keys alone: a ConvNeXt file given for resnet50 is not torchvision's,
+    whatever the model (the format a message names when the file does not fit)."""
+    if any(k.startswith(("stem.0.", "stages.0.blocks.")) for k in state_dict):
+        return "timm"
+    if "conv1.weight" in state_dict or any(k.startswith("features.") for k in state_dict):
+        return "torchvision"  # its ResNet (timm's ResNet uses the same names) or its ConvNeXt
+    return "native"
 
 
 def load_checkpoint(
@@ -165,7 +186,7 @@ def load_checkpoint(
     )
     state_dict, source_format = convert_state_dict(select_state_dict(checkpoint, use_ema=use_ema), model)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
+    missing = sorted(k for k in set(expected) - set(state_dict) if not _is_filled_in_by_torch(k))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = sorted(
         k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape)
@@ -187,6 +208,13 @@ def load_checkpoint(
         return LoadResult(source_format, head_reinitialised=True)
     model.load_state_dict(state_dict, strict=True)
     return LoadResult(source_format, head_reinitialised=False)
+
+
+def _is_filled_in_by_torch(key: str) -> bool:
+    """BatchNorm's `num_batches_tracked` came with PyTorch 0.4.1: files saved before lack it, and BatchNorm's own load
+    hook puts it in (strict=True accepts them). The hook does so for a state dict without version metadata, which
+    ours always is (convert_state_dict builds a new dict)."""
+    return key.endswith(".num_batches_tracked")
 
 
 def _strip_wrappers(key: str) -> str:

@@ -7,6 +7,7 @@ against that record. A resumed download only joins bytes the server proves are o
 """
 from __future__ import annotations
 
+import fcntl
 import http.client
 import os
 import re
@@ -14,6 +15,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -114,14 +117,26 @@ def download_file(url: str, destination: Path, *, sha256: str | None = None, tim
     Without an expected sha256 the first download is trusted: its hash becomes the record later hits are held to.
     A `.part` is resumed only against the validator (ETag or Last-Modified) saved when it began, sent as If-Range,
     so the bytes on disk and the tail are of the same remote file; anything else starts again from byte 0.
+    Concurrent calls for one destination (two `python -m model download`, two `convnext serve`) take turns: the
+    later one finds the file finished, or resumes the `.part` the earlier one left.
     """
     destination = Path(destination)
+    if _is_verified_cache_hit(destination, sha256):  # no lock taken: a read-only cache still serves its files
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(destination.with_name(destination.name + ".lock")):
+        return _download_unless_cached(url, destination, sha256, timeout_s, progress)
+
+
+def _download_unless_cached(url: str, destination: Path, sha256: str | None, timeout_s: float,
+                            progress: bool) -> Path:
+    """download_file's work, under its lock: the `.part` has a fixed name (what lets a later call resume it), so two
+    downloads writing it at once would interleave their bytes, or one would find it renamed away."""
     if destination.is_file():
         if _cached_copy_verifies(destination, sha256):
             return destination
         destination.unlink()  # corrupted cache entry: fetch it again rather than hand it out
         sidecar_path(destination).unlink(missing_ok=True)
-    destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
     _fetch(url, partial, timeout_s, progress)
     actual = sha256_file(partial)
@@ -132,6 +147,47 @@ def download_file(url: str, destination: Path, *, sha256: str | None = None, tim
     _validator_path(partial).unlink(missing_ok=True)
     write_sidecar(destination, actual)
     return destination
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on `lock_path`, waited for, released when the holder leaves (or dies: flock goes with its
+    process). The file is removed before the release, so the cache keeps no lock files; a waiter that wakes holding
+    the removed file locks the one now named `lock_path` instead."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)  # read-write: NFS's emulated flock needs it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _still_named(fd, lock_path):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (not removed, nor replaced by another)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _is_verified_cache_hit(destination: Path, sha256: str | None) -> bool:
+    """Whether the cached file matches its expected or recorded sha256; checked without writing anything."""
+    if not destination.is_file():
+        return False
+    try:
+        expected = sha256 or recorded_sha256(destination)
+        return expected is not None and sha256_file(destination) == expected
+    except (CheckpointError, FileNotFoundError):  # a garbled sidecar, or a file just removed: left to the locked path
+        return False
 
 
 def _cached_copy_verifies(destination: Path, sha256: str | None) -> bool:

@@ -5,6 +5,7 @@ import json
 import logging
 
 import pytest
+import timm
 import torch
 
 from model import create_model
@@ -15,6 +16,22 @@ from model.checkpoints import CheckpointError, convert_state_dict, load_checkpoi
 def atto_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return {k: v.clone() for k, v in create_model("convnext_atto", num_classes=1000).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def resnet_state() -> dict[str, torch.Tensor]:
+    """A ResNet-50's weights with BatchNorm statistics off their defaults, so a statistic not loaded would show."""
+    torch.manual_seed(0)
+    model = create_model("resnet50")
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0.0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+            elif name.endswith("num_batches_tracked"):
+                buffer.fill_(1000)
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _assert_weights_equal(model, state_dict, skip=()):
@@ -116,3 +133,34 @@ def test_convert_state_dict_is_pure(atto_state):
     assert source_format == "timm"
     assert list(converted) == ["downsample_layers.0.0.weight"]
     assert timm_style == snapshot
+
+
+def test_a_batchnorm_checkpoint_from_before_num_batches_tracked_loads_strictly(resnet_state, tmp_path):
+    # PyTorch < 0.4.1 wrote no num_batches_tracked; BatchNorm's load hook fills it in, as strict=True accepts.
+    older = {k: v for k, v in resnet_state.items() if not k.endswith(".num_batches_tracked")}
+    assert len(older) == len(resnet_state) - 53  # every BatchNorm of the ResNet-50
+    path = tmp_path / "resnet50-19c8e357.pth"
+    torch.save(older, path, _use_new_zipfile_serialization=False)  # as old as torch.save's format allows
+    model, reference = create_model("resnet50"), create_model("resnet50")
+    assert load_checkpoint(model, path).source_format == "torchvision"
+    reference.load_state_dict(resnet_state)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), reference.eval()(images), rtol=0, atol=0)
+    _assert_weights_equal(model, older, skip=tuple(k for k in resnet_state if k not in older))
+
+
+def test_a_missing_batchnorm_statistic_is_still_listed(resnet_state):
+    partial = {k: v for k, v in resnet_state.items() if k != "layer2.0.bn1.running_var"}
+    with pytest.raises(CheckpointError, match=r"(?m)missing keys: layer2\.0\.bn1\.running_var$"):
+        load_checkpoint(create_model("resnet50"), partial)
+
+
+@pytest.mark.parametrize("naming", ["native", "timm"])
+def test_a_convnext_checkpoint_given_for_resnet50_is_not_called_torchvisions(atto_state, naming):
+    state = atto_state if naming == "native" else timm.create_model("convnext_atto", pretrained=False).state_dict()
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(create_model("resnet50"), {"model": state})
+    message = str(error.value)
+    assert message.startswith(f"checkpoint ({naming} format) does not fit the model:")
+    assert "torchvision" not in message

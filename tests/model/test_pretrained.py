@@ -5,6 +5,7 @@ import hashlib
 import io
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -33,12 +34,15 @@ class _CheckpointServer(BaseHTTPRequestHandler):
     """Serves `files` with HTTP Range and If-Range support, each file with its `validators` headers (by default a
     strong ETag of its bytes); `truncate_next` cuts the next response short after that many bytes;
     `range_reply` "misplaced" answers a Range request from byte 0, "short" with only 1000 bytes (a proxy that mangles
-    ranges)."""
+    ranges); `stall_after` holds the next response after that many bytes, setting `stalled`, until `resume` is set."""
 
     files: dict[str, bytes] = {}
     validators: dict[str, dict[str, str]] = {}
     truncate_next: int | None = None
     range_reply = "honest"
+    stall_after: int | None = None
+    stalled = threading.Event()
+    resume = threading.Event()
     requests: list[tuple[str, str | None, str | None]] = []  # (path, Range, If-Range)
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
@@ -73,6 +77,12 @@ class _CheckpointServer(BaseHTTPRequestHandler):
         if cls.truncate_next is not None:
             payload, cls.truncate_next = payload[: cls.truncate_next], None
             self.close_connection = True
+        if cls.stall_after is not None:
+            head, payload, cls.stall_after = payload[: cls.stall_after], payload[cls.stall_after:], None
+            self.wfile.write(head)
+            self.wfile.flush()
+            cls.stalled.set()
+            cls.resume.wait(timeout=30)
         self.wfile.write(payload)
 
     def log_message(self, *args):
@@ -93,11 +103,14 @@ def server(checkpoint_bytes):
     _CheckpointServer.validators = {}
     _CheckpointServer.truncate_next = None
     _CheckpointServer.range_reply = "honest"
+    _CheckpointServer.stall_after = None
+    _CheckpointServer.stalled, _CheckpointServer.resume = threading.Event(), threading.Event()
     _CheckpointServer.requests = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _CheckpointServer)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield _CheckpointServer, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    _CheckpointServer.resume.set()  # a test that failed while a response was held does not leave it waiting
     httpd.shutdown()
     httpd.server_close()
 
@@ -200,6 +213,33 @@ def test_a_transfer_without_validators_cannot_be_resumed_and_says_so(server, tmp
     assert list(tmp_path.iterdir()) == []
     assert download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url).read_bytes() == checkpoint_bytes
     assert handler.requests[-1][1] is None
+
+
+@pytest.mark.parametrize("first_transfer", ["finishes", "is cut off"])
+def test_concurrent_downloads_of_one_file_take_turns_and_fetch_its_bytes_once(server, tmp_path, checkpoint_bytes,
+                                                                               first_transfer):
+    handler, base_url = server
+    handler.stall_after = 100_000  # the first transfer is held halfway while the second download starts
+    if first_transfer == "is cut off":
+        handler.truncate_next = 100_000
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(download_pretrained, "convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
+            assert handler.stalled.wait(timeout=10)
+            second = pool.submit(download_pretrained, "convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
+            assert wait([second], timeout=0.5).not_done == {second}  # time enough to reach the server, were it free to
+            assert len(handler.requests) == 1  # it waits for the first rather than writing the same .part beside it
+        finally:
+            handler.resume.set()
+        if first_transfer == "is cut off":
+            with pytest.raises(DownloadError, match="the next call resumes it"):
+                first.result(timeout=30)
+        else:
+            assert first.result(timeout=30) == tmp_path / FILENAME
+        assert second.result(timeout=30).read_bytes() == checkpoint_bytes  # a cache hit, or the resumed .part
+    expected_ranges = [None] if first_transfer == "finishes" else [None, "bytes=100000-"]
+    assert [request[1] for request in handler.requests] == expected_ranges
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FILENAME, f"{FILENAME}.sha256"]  # and no lock file
 
 
 def test_corrupted_cached_file_is_detected_and_downloaded_again(server, tmp_path, checkpoint_bytes):
