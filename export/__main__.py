@@ -50,7 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--repository", default="models", help="model repository root")
     onnx.add_argument("--version", type=int, help="version number (default: latest + 1)")
     onnx.add_argument("--ema", action="store_true",
-                      help="export the checkpoint's EMA weights (model_ema) instead of the trained weights")
+                      help="export the checkpoint's EMA weights (model_ema; timm's state_dict_ema) instead of the "
+                           "trained weights")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing version")
     onnx.add_argument("--precisions", default="fp32", type=_precision_list,
                       help="comma list from fp32,fp16,bf16,int8 (bf16: for TensorRT 11)")

@@ -85,8 +85,7 @@ def read_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data (possibly code), "
                               f"so it was refused unexecuted; use a checkpoint written by this project, or re-save "
-                              f"it as a dict of tensors and plain values ({str(error).splitlines()[-1][:200]})"
-                              ) from None
+                              f"it as a dict of tensors and plain values ({_refused_global(error)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is damaged ({str(error).splitlines()[0][:200]}); use an earlier "
                               "checkpoint, or copy or download it again") from None
@@ -118,6 +117,13 @@ def _is_safetensors_file(path: Path) -> bool:
         head = file.read(9)
     header_bytes = int.from_bytes(head[:8], "little")
     return path.suffix == ".safetensors" or (head[8:9] == b"{" and header_bytes <= path.stat().st_size - 8)
+
+
+def _refused_global(error: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names what the file holds ("Trying to load unsupported GLOBAL posix.system
+    ..."), not its advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line), lines[-1] if lines else "")[:200]
 
 
 def _is_torch_save_file(path: Path) -> bool:
