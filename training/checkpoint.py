@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,18 @@ from model.checkpoints import read_checkpoint
 
 
 def rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) RNG states as tensors, lists and ints only."""
+    """Python, NumPy, torch (and CUDA) RNG states as tensors, lists and ints only.
+
+    CUDA: the current device's generator only, the one this process draws from (a process sets its device to its
+    local rank before any draw). All devices' states would not restore where the process sees fewer GPUs.
+    """
     version, state, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
         "python": [version, list(state), gauss],
         "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -29,8 +34,28 @@ def set_rng_state(state: dict) -> None:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
     np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        cuda_state = cuda_state_to_restore(state["cuda"], torch.cuda.current_device())
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
+
+
+def cuda_state_to_restore(saved, device_index: int) -> torch.Tensor | None:
+    """The CUDA generator state for device `device_index` in a checkpoint's `cuda` entry, or None when it holds none.
+
+    Newer checkpoints hold the saving process's own device's state; older ones a list over every device it saw, of
+    which the entry of the device it ran on (this process's, on the same launch layout) is the one it drew from.
+    """
+    if saved is None or isinstance(saved, torch.Tensor):
+        return saved
+    if not saved:  # an older checkpoint of a process without CUDA
+        return None
+    if device_index < len(saved):
+        return saved[device_index]
+    print(f"warning: the checkpoint holds CUDA RNG states for {len(saved)} devices and none for cuda:{device_index}: "
+          "GPU-side draws start from this run's seed, so the run continues correctly but not bit for bit",
+          file=sys.stderr, flush=True)
+    return None
 
 
 def save_atomic(checkpoint: dict, path: str | Path) -> None:

@@ -86,11 +86,25 @@ def build_datasets(config: TrainConfig, data: DataConfig, augment: bool = True) 
                                         "(train/ only with --disable-eval)")
         train = ImageFolder(str(root / "train"), train_tf)
         val = None if config.disable_eval else ImageFolder(str(root / "val"), eval_transform(data))
+        if val is not None:
+            check_same_classes(train.classes, val.classes, root)
         return Datasets(train, val, list(train.classes))
     (x_train, y_train), (x_val, y_val) = digits_split(config.digits_image_px)
     train = DigitsDataset(x_train, y_train, train_tf)
     val = None if config.disable_eval else DigitsDataset(x_val, y_val, eval_transform(data))
     return Datasets(train, val, train.classes)
+
+
+def check_same_classes(train_classes: list[str], val_classes: list[str], root: Path) -> None:
+    """Refuse a val/ whose class folders are not train/'s: ImageFolder numbers each split's sorted folders on its own,
+    so a class missing from val/ (or one only there) shifts every label after it, and evaluation scores wrong labels.
+    """
+    if val_classes == train_classes:
+        return
+    missing, extra = sorted(set(train_classes) - set(val_classes)), sorted(set(val_classes) - set(train_classes))
+    raise ValueError(f"{root / 'val'} has other class folders than {root / 'train'} (missing from val/: "
+                     f"{', '.join(missing) or 'none'}; only in val/: {', '.join(extra) or 'none'}), and ImageFolder "
+                     "would number their labels differently: give val/ the same class folders as train/")
 
 
 def build_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, train: bool,

@@ -187,10 +187,24 @@ def resume(run: Run, path: str) -> int:
                   file=sys.stderr, flush=True)
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
-    state.plan.step = saved["step"]
+    state.plan.step = resumed_step(saved, state.plan, run.dist_info.is_main)
     run.best.update(saved["best"])
     restore_rng(saved["rng"], run.dist_info, run.config.seed, saved["epoch"])
     return saved["epoch"] + 1
+
+
+def resumed_step(saved: dict, plan: StepPlan, is_main: bool) -> int:
+    """The start of the epoch after the checkpoint's in this run's plan, as the official epoch * steps_per_epoch.
+
+    Not the saved step count: batch size, process count, accumulation or --max-steps-per-epoch may have changed the
+    steps per epoch, and the lr would then be elsewhere in this plan's schedule. The same count when nothing changed.
+    """
+    step = (saved["epoch"] + 1) * plan.steps_per_epoch
+    if step != saved["step"] and is_main:
+        print(f"warning: the checkpoint's run took {saved['step']} optimizer steps through epoch {saved['epoch']}, "
+              f"this run takes {plan.steps_per_epoch} per epoch: its lr schedule continues at step {step} of "
+              f"{plan.total_steps}, the start of epoch {saved['epoch'] + 1}", file=sys.stderr, flush=True)
+    return step
 
 
 def wrap_model(run: Run) -> None:
@@ -236,7 +250,9 @@ def run_epoch(run: Run, epoch: int, lines: StepLines | None) -> tuple[dict, list
 
 
 def save_checkpoints(run: Run, record: dict, improved: list[str]) -> None:
-    """checkpoint_last.pth and the improved best ones, from the main process; every process joins the RNG gather."""
+    """The improved best checkpoints, then checkpoint_last.pth (its `best` names what they hold: a kill between the
+    writes leaves the previous one, and a resume redoes the epoch and its best), from the main process; every process
+    joins the RNG gather."""
     rng = all_gather_objects(ckpt.rng_state())  # every process's streams: each resumes its own
     if not run.dist_info.is_main:
         return
@@ -247,7 +263,7 @@ def save_checkpoints(run: Run, record: dict, improved: list[str]) -> None:
              "metrics": _prefixed(record, "val_"), "ema_metrics": _prefixed(record, "ema_val_"),
              **({"model_ema": state.ema.state_dict()} if state.ema is not None else {})}
     output = Path(run.config.output)
-    for name in ["checkpoint_last.pth", *improved]:
+    for name in [*improved, "checkpoint_last.pth"]:
         ckpt.save_atomic(saved, output / name)
 
 

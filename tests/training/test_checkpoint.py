@@ -1,4 +1,6 @@
-"""Checkpoints round-trip with weights_only=True (RNG states included) and are written atomically."""
+"""Checkpoints round-trip with weights_only=True (RNG states included), are written atomically, and
+checkpoint_last.pth after the best ones."""
+import dataclasses
 import random
 
 import numpy as np
@@ -6,7 +8,10 @@ import pytest
 import torch
 
 from model.checkpoints import read_checkpoint
-from training.checkpoint import read_for_resume, rng_state, save_atomic, set_rng_state
+from training.checkpoint import cuda_state_to_restore, read_for_resume, rng_state, save_atomic, set_rng_state
+from training.config import PRESETS
+from training.distributed import DistInfo
+from training.run import train
 
 
 def test_round_trip_with_weights_only_restores_every_rng(tmp_path):
@@ -38,3 +43,30 @@ def test_a_failing_save_leaves_the_previous_file_intact(tmp_path):
 def test_resume_from_a_missing_file_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume"):
         read_for_resume(tmp_path / "nope.pth")
+
+
+def test_the_cuda_state_restored_is_the_saved_devices_or_an_old_lists_entry_for_this_device(capsys):
+    """Decided without a GPU: a single state (this format) is restored as it is; an older checkpoint's list over
+    every device the saving process saw gives this device's entry; none is restored where it holds none."""
+    states = [torch.full((16,), index, dtype=torch.uint8) for index in range(8)]  # a process that saw 8 GPUs
+    assert cuda_state_to_restore(states[5], device_index=0) is states[5]
+    assert cuda_state_to_restore(states, device_index=3) is states[3]
+    assert cuda_state_to_restore(None, device_index=0) is None  # saved without CUDA (this format)
+    assert cuda_state_to_restore([], device_index=0) is None  # saved without CUDA (older format)
+    assert capsys.readouterr().err == ""
+    assert cuda_state_to_restore(states[:2], device_index=2) is None  # saved where 2 GPUs showed, resumed on cuda:2
+    assert "CUDA RNG states for 2 devices and none for cuda:2" in capsys.readouterr().err
+
+
+def test_the_best_checkpoint_is_written_before_checkpoint_last(tmp_path):
+    """checkpoint_last.pth names the best epoch: a crash at its write (here: a folder in its place, so the rename
+    fails) must find the best checkpoint already holding that epoch, or a resume trusts a best never saved."""
+    output = tmp_path / "run"
+    (output / "checkpoint_last.pth").mkdir(parents=True)
+    config = dataclasses.replace(PRESETS["demo"], epochs=1, batch_size=8, max_steps_per_epoch=1, ema_decay=0.5,
+                                 output=str(output))
+    with pytest.raises(IsADirectoryError):
+        train(config, DistInfo())
+    for name in ("checkpoint_best.pth", "checkpoint_best_ema.pth"):
+        best = read_checkpoint(output / name)
+        assert best["epoch"] == 0 and best["best"]["epoch"] == best["best"]["ema_epoch"] == 0, name

@@ -1,5 +1,6 @@
 """Exact resume after a stop, and a 2-process DDP (gloo, CPU) run equal to a 1-process run at the same batch."""
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from ddp_env import free_port, join_as_torchrun
 from model.checkpoints import read_checkpoint
 from training.config import PRESETS
 from training.distributed import DistInfo, process_group_from_env
+from training.optim import lr_at_step
 from training.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +69,25 @@ def test_a_resume_with_ema_turned_on_starts_the_ema_from_the_checkpoints_weights
     train(dataclasses.replace(first, ema_decay=0.9, resume=str(last)), DistInfo())
     assert "has no EMA weights (its run had no EMA); the EMA starts from its weights" in capsys.readouterr().err
     assert read_checkpoint(last)["model_ema"].keys() == read_checkpoint(last)["model"].keys()
+
+
+def test_a_resume_with_fewer_steps_per_epoch_continues_the_schedule_at_the_epochs_start_in_the_new_plan(
+        tmp_path, capsys):
+    """Saved after epoch 0 at 2 steps per epoch, resumed at 1: epoch 1 is step 1 of the new 2-step plan (the peak lr
+    after its 1-step warmup), not the saved step 2 (its end, min_lr)."""
+    first = dataclasses.replace(TINY, epochs=2, ema_decay=0.0, log_every=1, output=str(tmp_path / "run"))
+    train(first, DistInfo(), stop_after_epoch=0)
+    last = tmp_path / "run" / "checkpoint_last.pth"
+    assert (read_checkpoint(last)["epoch"], read_checkpoint(last)["step"]) == (0, 2)
+    train(dataclasses.replace(first, max_steps_per_epoch=1, resume=str(last)), DistInfo())
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    resumed_steps = [(r["step"], r["lr"]) for r in records if r.get("epoch") == 1 and "epoch_step" in r]
+    peak_lr = first.lr(world_size=1)
+    expected_lr = lr_at_step(1, peak_lr, warmup_steps=1, total_steps=2, min_lr=first.min_lr)  # epoch 1 of 1-step epochs
+    assert expected_lr == pytest.approx(peak_lr)
+    assert resumed_steps == [(2, pytest.approx(expected_lr))]  # a step's record comes after it: step 1 -> 2
+    assert (read_checkpoint(last)["epoch"], read_checkpoint(last)["step"]) == (1, 2)
+    assert "took 2 optimizer steps through epoch 0, this run takes 1 per epoch" in capsys.readouterr().err
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, config):
