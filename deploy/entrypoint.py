@@ -96,11 +96,14 @@ class PrepareSettings:
 
     @property
     def model_name(self) -> str:
-        """The name the model is exported and served under: CONVNEXT_MODEL, else the architecture's name (an official
-        checkpoint's: convnext_base_22k_224 -> convnext_base; read from the name, as `serve` has no torch to look it
-        up with)."""
+        """The name the model is exported and served under: CONVNEXT_MODEL, else CONVNEXT_ARCHITECTURE, else the
+        checkpoint's file name (my_small.pth -> my_small), else the official checkpoint's architecture
+        (convnext_base_22k_224 -> convnext_base). All read from names: `serve` has no torch to look anything up."""
         if self.service.model or self.architecture:
             return self.service.model or self.architecture or ""
+        if self.checkpoint is not None:
+            stem = Path(urllib.parse.urlparse(self.checkpoint).path).stem.lower()
+            return re.sub(r"[^a-z0-9._-]+", "-", stem).strip("._-")[:64] or "model"
         official = OFFICIAL_ARCHITECTURE.match(self.pretrained)
         if official is None:
             return self.pretrained.lower()
@@ -151,7 +154,12 @@ def prepare(settings: PrepareSettings) -> int:
 def export_model(settings: PrepareSettings) -> int:
     checkpoint = fetch_checkpoint(settings)
     print(f"prepare: exporting {checkpoint} as {settings.model_name} ({settings.precisions})", flush=True)
-    return subprocess.run(export_command(settings, checkpoint), check=False).returncode
+    returncode = subprocess.run(export_command(settings, checkpoint), check=False).returncode
+    if returncode != 0 and settings.checkpoint is not None and settings.architecture is None:
+        print("prepare: if the export above asks for --model, set CONVNEXT_ARCHITECTURE to the checkpoint's model (a "
+              "`python -m model list` name): only project checkpoints, official file names and known timm files "
+              "carry it", file=sys.stderr, flush=True)
+    return returncode
 
 
 def export_command(settings: PrepareSettings, checkpoint: Path) -> list[str]:
@@ -183,6 +191,12 @@ def check_host(settings: PrepareSettings) -> int | None:
     return hold(report, settings.service.host, settings.service.port, admin_key(settings.service))
 
 
+def service_command(settings: PrepareSettings) -> list[str]:
+    """`python -m service` for the prepared model: --model names it, not the repository's first (the volume may hold
+    others, e.g. one prepared under another CONVNEXT_MODEL or CONVNEXT_PRETRAINED)."""
+    return [sys.executable, "-m", "service", "--repository", str(settings.repository), "--model", settings.model_name]
+
+
 def serve(settings: PrepareSettings) -> int:
     """Replace this process with the service, so it receives SIGTERM directly (tini is PID 1 in the image)."""
     if not model_is_prepared(settings):
@@ -193,7 +207,7 @@ def serve(settings: PrepareSettings) -> int:
     returncode = check_host(settings)
     if returncode is not None:
         return returncode
-    os.execv(sys.executable, [sys.executable, "-m", "service", "--repository", str(settings.repository)])
+    os.execv(sys.executable, service_command(settings))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,8 +167,10 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        lock_path.unlink(missing_ok=True)
-        os.close(fd)
+        try:
+            lock_path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # even when the unlink fails: a lock held on would block every other download
 
 
 def _still_named(fd: int, path: Path) -> bool:

@@ -236,9 +236,15 @@ def test_an_official_checkpoint_exports_as_its_own_architecture_without_a_model_
     base = settings_from(entrypoint, monkeypatch, {"CONVNEXT_PRETRAINED": "convnext_base_22k_224"})
     command = entrypoint.export_command(base, tmp_path / "convnext_base_22k_224.pth")
     assert "--model" not in command and command[command.index("--name") + 1] == "convnext_base"
+    assert entrypoint.service_command(base)[-2:] == ["--model", "convnext_base"]  # not the repository's first model
     own = settings_from(entrypoint, monkeypatch, {"CONVNEXT_ARCHITECTURE": "convnext_small",
                                                   "CONVNEXT_CHECKPOINT": "/checkpoints/mine.pth"})
     assert entrypoint.export_command(own, Path("/checkpoints/mine.pth"))[4:6] == ["--model", "convnext_small"]
+    # A checkpoint of your own, named by neither variable: its file name, never the unused CONVNEXT_PRETRAINED's.
+    for checkpoint, name in [("/checkpoints/My Small.pth", "my-small"),
+                             ("https://host/w/run_7.best.pth", "run_7.best")]:
+        unnamed = settings_from(entrypoint, monkeypatch, {"CONVNEXT_CHECKPOINT": checkpoint})
+        assert unnamed.model_name == name and entrypoint.service_command(unnamed)[-1] == name
 
 
 def gpu_env(repository: Path, port: int, **overrides: str) -> dict[str, str]:
