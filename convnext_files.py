@@ -79,3 +79,20 @@ def fsync_folder(folder: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Make every file under `folder`, and the folders' entries, durable before something names them (a manifest
+    written after the files it lists: a power cut must not leave it beside truncated ones). POSIX; folders that cannot
+    be opened (Windows) are skipped, as in fsync_folder."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_folder(root)

@@ -39,8 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     onnx = commands.add_parser("onnx", help="export a model to a new verified ONNX version")
-    onnx.add_argument("--model", help="a model.list_models() name (optional with a project checkpoint, or timm "
-                                       "weights whose timm name is known)")
+    onnx.add_argument("--model", help="a model.list_models() name (optional with a project checkpoint, an official "
+                                       "file under its official name, or timm weights whose timm name is known)")
     onnx.add_argument("--checkpoint", help="project, official, timm or torchvision checkpoint (.pth)")
     onnx.add_argument("--timm-name", metavar="MODEL.TAG",
                       help="the timm weights --checkpoint holds (e.g. convnext_tiny.in12k_ft_in1k): their model, "
@@ -52,7 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--ema", action="store_true",
                       help="export the checkpoint's EMA weights (model_ema; timm's state_dict_ema) instead of the "
                            "trained weights")
-    onnx.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    onnx.add_argument("--overwrite", action="store_true",
+                      help="replace the existing --version N (without --version an export takes the next number)")
     onnx.add_argument("--precisions", default="fp32", type=_precision_list,
                       help="comma list from fp32,fp16,bf16,int8 (bf16: for TensorRT 11)")
     onnx.add_argument("--opset", type=int, default=18)

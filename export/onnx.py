@@ -177,6 +177,10 @@ def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_cl
     source_format = "random"
     if checkpoint is not None:
         source_format = _load_weights(module, raw, use_ema, model_name, kwargs)
+        if not use_ema and Path(checkpoint).stem.endswith("_ema") and isinstance(raw.get("model_ema"), dict):
+            logger.warning("%s was kept for its EMA weights (training's checkpoint_best_ema.pth: the best EMA val "
+                           "top-1), but without --ema the export takes its trained weights, not the EMA ones; pass "
+                           "--ema to export those", checkpoint)
     if source_format == "timm" and tag is None:
         logger.warning("%s holds timm weights, and neither its path nor --timm-name says which: the manifest gets "
                        "%s's registry transform (crop_pct 0.875), not the one timm evaluates them with (%s); pass "
@@ -315,6 +319,11 @@ def export_module_to_onnx(module, path: Path, in_chans: int, size_px: int, opset
     dim = model_proto.graph.input[0].type.tensor_type.shape.dim[0]
     if not dim.dim_param:
         raise ExportError(f"the exported batch axis is static ({dim.dim_value}); expected a dynamic axis")
+    written = next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # torch keeps its own opset (18) when converting to the asked one fails, with a warning only
+        raise ExportError(f"asked for opset {opset}, but the exporter wrote opset {written} (its conversion failed; "
+                          "see the warning above): the manifest would misstate it; export with --opset "
+                          f"{written or DEFAULT_OPSET}")
 
 
 def pytorch_logits(module, batch: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from convnext_files import replace_atomic, sha256_file, write_text_atomic
+from convnext_files import fsync_folder, fsync_tree, replace_atomic, sha256_file, write_text_atomic
 from runtime.repository_writes import finish_write, hold_write_lock, lock_now, remove_dead_writes
 
 SCHEMA_VERSION: Final = 1
@@ -258,7 +258,10 @@ class ModelRepository:
         return versions[-1]
 
     def load(self, name: str, version: int | None = None, verify_files: bool = True) -> ModelVersion:
-        """Read and validate a manifest; with verify_files, every artifact's sha256 is checked too."""
+        """Read and validate a manifest; with verify_files, every artifact's sha256 is checked too, and each must be a
+        file of the version itself (a symlink out of it is refused: what is served is what the repository holds)."""
+        if not NAME_PATTERN.match(name):
+            raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
         version = self.latest_version(name) if version is None else version
         path = self.root / name / str(version)
         manifest_path = path / MANIFEST_FILE
@@ -275,6 +278,9 @@ class ModelRepository:
                 file = path / artifact.file
                 if not file.is_file():
                     raise RepositoryError(f"{name}/{version}: artifact {artifact.file} is missing")
+                if not file.resolve().is_relative_to(path.resolve()):
+                    raise RepositoryError(f"{name}/{version}: artifact {artifact.file} links outside the version's "
+                                          "folder; copy the file in instead")
                 if sha256_file(file) != artifact.sha256:
                     raise RepositoryError(
                         f"{name}/{version}: {artifact.file} does not match its sha256 in the manifest")
@@ -292,7 +298,9 @@ class ModelRepository:
         folder.mkdir(parents=True, exist_ok=True)
         remove_dead_writes(folder)  # before numbering: it may put back a version a dead overwrite moved aside
         existing = self.versions(name)
-        version = version if version is not None else (existing[-1] + 1 if existing else 1)
+        if version is None:  # the next number: overwrite could only replace what a concurrent export just published
+            overwrite = False
+            version = existing[-1] + 1 if existing else 1
         final = folder / str(version)
         if final.exists() and not overwrite:
             raise RepositoryError(f"{name}/{version} already exists; pass overwrite=True (--overwrite on the command "
@@ -312,12 +320,14 @@ class ModelRepository:
             if (staged.manifest.name, staged.manifest.version) != (name, version):
                 raise RepositoryError(
                     f"manifest says {staged.manifest.name}/{staged.manifest.version}, staged {name}/{version}")
+            fsync_tree(staging)  # the files first: the manifest below must never name truncated ones after a crash
             _write_json_atomic(staging / MANIFEST_FILE, staged.manifest.model_dump(mode="json"))
             if overwrite and final.exists():
                 os.replace(final, paths.old)
                 os.replace(staging, final)  # should this fail, finish_write puts the old version back
             else:
                 _publish_new(staging, final)
+            fsync_folder(folder)  # the rename itself
         finally:
             try:
                 finish_write(paths)

@@ -1,10 +1,11 @@
 """The shared file helpers: sha256 and its sidecar line, atomic replacement that leaves the old file on failure."""
 import hashlib
+import os
 import stat
 
 import pytest
 
-from convnext_files import replace_atomic, sha256_file, sidecar_path, write_bytes_atomic, write_sidecar
+from convnext_files import fsync_tree, replace_atomic, sha256_file, sidecar_path, write_bytes_atomic, write_sidecar
 
 
 def test_sha256_file_and_its_sidecar_line(tmp_path):
@@ -38,3 +39,24 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         replace_atomic(path, fail_half_way)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["engine.plan"]
+
+
+def test_fsync_tree_syncs_every_file_and_folder_under_it_and_follows_no_link(tmp_path, monkeypatch):
+    """What a version's manifest names is on disk before the manifest is (runtime/repository.py new_version)."""
+    version = tmp_path / "1"
+    (version / "engines").mkdir(parents=True)
+    for name in ("model.onnx", "engines/model.engine"):
+        (version / name).write_bytes(b"weights")
+    (tmp_path / "outside").write_bytes(b"not ours")
+    (version / "link").symlink_to(tmp_path / "outside")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    fsync_tree(version)
+    assert sorted(synced) == sorted(str(p) for p in (version / "model.onnx", version / "engines" / "model.engine",
+                                                     version / "engines", version))

@@ -9,6 +9,7 @@ import torch
 import convnext_serve
 import model
 from export.__main__ import main
+from export.onnx import load_source
 from runtime.repository import ModelRepository
 from tests.training.test_checkpoint_integrity import WritesAMarker
 from training.checkpoint import save_atomic
@@ -92,6 +93,20 @@ def test_ema_flag_exports_the_ema_weights_and_records_it(tmp_path, capsys):
         with torch.no_grad():
             np.testing.assert_allclose(session.run(None, {"input": x})[0], net(torch.from_numpy(x)).numpy(),
                                        atol=1e-4, rtol=1e-4)
+
+
+def test_the_best_ema_checkpoint_exported_without_ema_warns_that_it_takes_the_trained_weights(tmp_path, caplog):
+    net = model.create_model("convnext_atto", num_classes=3)
+    kept = {"model": net.state_dict(), "model_ema": net.state_dict(), "model_name": "convnext_atto",
+            "model_kwargs": {"num_classes": 3}, "data_config": DATA_CONFIG, "class_names": CLASS_NAMES}
+    for name in ("checkpoint_best_ema.pth", "checkpoint_best.pth"):
+        torch.save(kept, tmp_path / name)
+    with caplog.at_level("WARNING", logger="export.onnx"):
+        load_source(None, tmp_path / "checkpoint_best_ema.pth", use_ema=True)
+        load_source(None, tmp_path / "checkpoint_best.pth")
+        assert "pass --ema" not in caplog.text
+        load_source(None, tmp_path / "checkpoint_best_ema.pth")
+    assert "checkpoint_best_ema.pth was kept for its EMA weights" in caplog.text and "pass --ema" in caplog.text
 
 
 def test_ema_flag_on_a_checkpoint_without_ema_weights_is_refused(project_checkpoint, tmp_path, capsys):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from export.labels import imagenet_labels
+from export.onnx import ExportError, export_module_to_onnx
 from export.quantize import NUM_CALIBRATION_RANDOM, calibration_batch
 from runtime.repository import ModelRepository, Preprocess
 from runtime.verify import image_paths_in, run_onnxruntime, verification_inputs
@@ -54,6 +55,13 @@ def test_graph_has_one_layernorm_per_norm_and_no_training_ops(exported, atto_mod
     ops = _ops(graph)
     assert ops["LayerNormalization"] == norms == 17
     assert "Dropout" not in ops and "Identity" not in ops
+
+
+def test_an_opset_the_exporter_cannot_convert_to_is_refused_not_misstated(atto_module, tmp_path):
+    """torch's exporter keeps opset 18 when converting ConvNeXt to 17 fails (a warning only): the manifest would say
+    17 for an opset-18 file, which an opset-17 runtime then refuses to load."""
+    with pytest.raises(ExportError, match="asked for opset 17, but the exporter wrote opset 18"):
+        export_module_to_onnx(atto_module, tmp_path / "model.onnx", 3, SIZE_PX, opset=17)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

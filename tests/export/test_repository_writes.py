@@ -64,6 +64,17 @@ def test_missing_artifact_is_refused(repository_copy):
         repository_copy.load("atto", 1)
 
 
+def test_an_artifact_linking_outside_its_version_and_a_name_outside_the_repository_are_refused(repository_copy):
+    version = repository_copy.root / "atto" / "1"
+    outside = repository_copy.root.parent / f"outside-{repository_copy.root.name}.onnx"
+    (version / "model.fp16.onnx").rename(outside)  # the same bytes: the sha256 alone would pass
+    (version / "model.fp16.onnx").symlink_to(outside)
+    with pytest.raises(RepositoryError, match="model.fp16.onnx links outside the version's folder"):
+        repository_copy.load("atto", 1)
+    with pytest.raises(RepositoryError, match="model name '../models/atto' must match"):
+        repository_copy.load("../models/atto", 1)
+
+
 @pytest.mark.parametrize(
     "tamper",
     [
@@ -89,9 +100,11 @@ def test_version_is_readable_by_another_user(exported):
     assert (exported.path / MANIFEST_FILE).stat().st_mode & 0o644 == 0o644
 
 
-def test_an_export_that_finishes_second_never_replaces_the_version_the_first_published(repository_copy):
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite-without-version"])
+def test_an_export_that_finishes_second_never_replaces_the_version_the_first_published(repository_copy, overwrite):
     """Two exports staged the same next version (each takes minutes): the one finishing second is refused instead
-    of silently swapping its files in under a version that may already be served."""
+    of silently swapping its files in under a version that may already be served; --overwrite without --version
+    too (it names no version of its own to replace)."""
     original = repository_copy.load("atto", 1)
 
     def fill(staged, who: str) -> None:
@@ -101,7 +114,7 @@ def test_an_export_that_finishes_second_never_replaces_the_version_the_first_pub
         staged.manifest = original.manifest.model_copy(update={"version": staged.version})
 
     with pytest.raises(RepositoryError, match="published by another export while this one ran"):
-        with repository_copy.new_version("atto") as late:
+        with repository_copy.new_version("atto", overwrite=overwrite) as late:
             fill(late, "late")
             with repository_copy.new_version("atto") as early:
                 fill(early, "early")
