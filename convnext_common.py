@@ -34,6 +34,18 @@ class CliParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count (iterations, threads, a batch size): a whole number >= 1, refused as a usage error
+    rather than failing later inside the run (percentiles of no timings, a pool of no threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_version_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=version_text(),
                         help="print the project version and exit")

@@ -17,16 +17,16 @@ from bench.loadgen import PAYLOAD_SIZES, LoadResult, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.open_loop import open_loop
 from bench.preprocess_cost import preprocess_report
-from bench.presets import PRESETS, Preset
+from bench.presets import PRESETS, Preset, ServedEngine
 from bench.report import batch_distribution, batch_histogram, service_efficiency, write_report
-from bench.server_process import litserve_peer, service
+from bench.server_process import litserve_peer, measurement_pins, service
 from bench.service_metrics import scrape
-from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
+from convnext_common import CliParser, add_version_argument, exit_on_expected_errors, positive_int
+from export.onnx import PRECISIONS
 from runtime.repository import MANIFEST_FILE, ModelRepository, RepositoryError
 from runtime.tensorrt import tensorrt_target
 
 MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
-SPINNING_OFF = {"CONVNEXT_ORT_SPINNING": "false"}
 
 
 def load_runs(url: str, server: str, preset: Preset, payloads: list[bytes], form_field: str | None = None,
@@ -82,12 +82,19 @@ def open_loop_rate(preset: Preset, engine: list[dict]) -> float:
     return round(0.5 * at_max[0]["images_per_s"], 1) if at_max else 1.0
 
 
+def our_service_args(repo: str, served: str, engine: ServedEngine, threads: int,
+                     ort_spinning: bool = True) -> list[str]:
+    """`python -m service` flags for the engine the sweep timed alone: one ORT stream (a session runs one batch at a
+    time there), exact decoding (as the peer decodes), every measured setting pinned against CONVNEXT_* variables."""
+    return ["--repository", repo, "--model", served, "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms",
+            str(QUEUE_DELAY_MS), "--intra-op-threads", str(threads), "--engine", engine.engine, "--provider",
+            engine.provider, "--precision", engine.precision, *measurement_pins(ort_spinning=ort_spinning)]
+
+
 def load_our_service(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> dict:
     """Our service under load (and, on CPU, again with ORT spinning off), its batch sizes, and lone requests."""
     engine = preset.service
-    args = ["--repository", repo, "--model", served, "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms",
-            str(QUEUE_DELAY_MS), "--intra-op-threads", str(threads), "--engine", engine.engine, "--provider",
-            engine.provider, "--precision", engine.precision]
+    args = our_service_args(repo, served, engine, threads)
     ready_s = 900 if engine.engine == "tensorrt" else 120  # a TensorRT build on first start takes minutes
     out = {}
     with service(args, ready_timeout_s=ready_s) as server:
@@ -97,7 +104,7 @@ def load_our_service(repo: str, served: str, preset: Preset, payloads: list[byte
         out["by_size"] = lone_request_breakdown(f"{server.url}/classify", preset.lone_requests)  # batches of one
     if engine.provider == "cpu":
         # The ort_spinning trade-off, same run: a lone request's latency and saturated throughput with it off.
-        with service(args, env=SPINNING_OFF) as server:
+        with service(our_service_args(repo, served, engine, threads, ort_spinning=False)) as server:
             out["load"] += load_runs(f"{server.url}/classify", "ours (ORT spinning off)", preset, payloads,
                                      concurrency_levels=(1, max(preset.concurrency)), open_loop_too=False)
     return out
@@ -186,6 +193,17 @@ def repository_labels(onnx_path: Path) -> dict[str, str]:
     return {"model": manifest.architecture, "activation": manifest.activation, "precision": artifact.precision}
 
 
+def engine_labels(onnx_path: Path, precision: str | None) -> dict[str, str]:
+    """repository_labels, with the precision --precision gives (a file outside a repository cannot tell it: the
+    exporter keeps every variant's inputs fp32); a ValueError when it contradicts the file's manifest."""
+    labels = repository_labels(onnx_path)
+    if precision is None:
+        return labels
+    if labels.get("precision", precision) != precision:
+        raise ValueError(f"--precision {precision}, but {onnx_path}'s manifest lists it as {labels['precision']}")
+    return {**labels, "precision": precision}
+
+
 def gpu_missing() -> str | None:
     """Why this host cannot run the GPU suite (no CUDA provider in onnxruntime, no TensorRT), or None."""
     import importlib.util
@@ -227,15 +245,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     engine = sub.add_parser("engine", help="ONNX Runtime images/s and p50/p99 vs batch size for one ONNX file")
     engine.add_argument("onnx", type=_existing_file)
-    engine.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    engine.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     engine.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
-    engine.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    engine.add_argument("--iterations", type=int, default=30)
+    engine.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="the file's precision when no model repository manifest lists it (the row's label, and "
+                             "TensorRT's precision flags)")
+    engine.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    engine.add_argument("--iterations", type=positive_int, default=30)
     load = sub.add_parser("load", help="HTTP load against a loopback URL (closed loop, or open loop with --rate)")
     load.add_argument("url")
-    load.add_argument("--concurrency", type=int, default=8)
+    load.add_argument("--concurrency", type=positive_int, default=8)
     load.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
-    load.add_argument("--requests", type=int, default=200)
+    load.add_argument("--requests", type=positive_int, default=200)
     load.add_argument("--seconds", type=float, default=30.0)
     load.add_argument("--form-field", default=None, help="send multipart with this field instead of a raw body")
     for name, text in DELEGATED_HELP.items():
@@ -245,7 +266,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     everything.add_argument("--gpu", action="store_true",
                             help="engine sweep also on ORT's CUDA and TensorRT providers; service on CUDA")
     everything.add_argument("--no-peer", action="store_true", help="skip the LitServe peer")
-    everything.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    everything.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
     everything.add_argument("--out", type=Path, default=Path("bench-results"))
     return parser
 
@@ -272,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.command == "engine":
         for r in benchmark_onnx(args.onnx, args.batch_sizes, provider=args.provider, threads=args.threads,
-                                iterations=args.iterations, **repository_labels(args.onnx)):
+                                iterations=args.iterations, **engine_labels(args.onnx, args.precision)):
             print(json.dumps({k: v for k, v in asdict(r).items() if v is not None}, allow_nan=False))
     elif args.command == "load":
         print(json.dumps(run_load(args).summary(), indent=2, allow_nan=False))

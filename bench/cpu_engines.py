@@ -37,6 +37,7 @@ from bench.host import cpu_model
 from bench.loadgen import photo_paths
 from bench.preprocess_cost import median_ms
 from convnext_common import CliParser, add_version_argument
+from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.decode import FAST_DECODE_HEADROOM
 from runtime.engines.auto import measure_images_per_s
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print_engine_table(result, args)
     print(f"\nload average after {load_average()}")
     if args.output:
-        args.output.write_text(json.dumps(result, indent=2))
+        write_text_atomic(args.output, json.dumps(result, indent=2))
     return 0
 
 

@@ -29,8 +29,9 @@ from bench.http_client import run_client
 from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.report import pyplot, save_figure
-from bench.server_process import service
+from bench.server_process import measurement_pins, service
 from convnext_common import CliParser, add_version_argument
+from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.engines.openvino import cpu_supports_bf16
 from runtime.preprocess import preprocess
@@ -46,6 +47,9 @@ SERVICES = (("onnxruntime", "fp32", "exact", "LATENCY"), ("onnxruntime", "fp32",
             ("onnxruntime", "fp32", "fast", "THROUGHPUT"), ("openvino", "bf16", "fast", "LATENCY"))
 PHONE_SIZE = (4000, 3000)
 UNKNOWN_CPU = "CPU unknown (not recorded in this JSON)"
+# The load client runs on this host: under load it takes CPU from the service, while the engine ran alone.
+SHARED_CPU_NOTE = ("/classify rates were measured with the load client on this host, sharing its CPU with the "
+                   "service; the engine alone ran with no client running")
 
 
 def engine_alone(version, engine: str, precision: str, hint: str, max_batch_size: int, threads: int,
@@ -76,13 +80,20 @@ def preprocess_ms(payloads: list[bytes], spec, mode: str, repeats: int = 5) -> f
     return median(times)
 
 
-def service_runs(repository: Path, model: str, config: tuple[str, str, str, str], args, payloads: dict) -> dict:
+def service_args(repository: Path, model: str, config: tuple[str, str, str, str], threads: int,
+                 max_batch_size: int) -> list[str]:
+    """`python -m service` flags for one configuration, on the settings its engine alone was timed with (ORT's
+    streams, spinning on as the engine class's default), every measured setting pinned against CONVNEXT_*."""
     engine, precision, mode, hint = config
+    streams = cpu_engines.ort_streams(hint if engine == "onnxruntime" else None, threads)
+    return ["--repository", str(repository), "--model", model, "--engine", engine, "--provider", "cpu",
+            "--precision", precision, "--intra-op-threads", str(threads), "--max-batch-size", str(max_batch_size),
+            "--openvino-performance-hint", hint, *measurement_pins(decode_mode=mode, ort_streams=streams)]
+
+
+def service_runs(repository: Path, model: str, config: tuple[str, str, str, str], args, payloads: dict) -> dict:
     out = {}
-    with service(["--repository", str(repository), "--model", model, "--engine", engine, "--precision", precision,
-                  "--decode-mode", mode, "--intra-op-threads", str(args.threads), "--max-batch-size",
-                  str(args.max_batch_size), "--openvino-performance-hint", hint, "--ort-streams",
-                  str(cpu_engines.ort_streams(hint if engine == "onnxruntime" else None, args.threads))]) as server:
+    with service(service_args(repository, model, config, args.threads, args.max_batch_size)) as server:
         url = server.url
         for concurrency in (8, 32):
             result = run_client(closed_loop(f"{url}/classify", payloads["mixed"], concurrency, 10**9, args.seconds,
@@ -136,6 +147,7 @@ def label(row: dict) -> str:
 
 
 def print_tables(rows: list[dict]) -> None:
+    print(f"\n{SHARED_CPU_NOTE}.")
     print("\n| engine | decode | alone img/s (bs max) | /classify c8 | c32 | c8 / alone | c32 / alone | "
           "12-MP uploads c8 img/s | 12-MP preprocess ms |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -211,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(ModelRepository(repository).load(args.model), repository, args.model, args)
     print_tables(rows)
     print(f"\nload average after {os.getloadavg()}")
-    args.output.write_text(json.dumps(rows, indent=2))
-    if args.plot:
+    if args.plot:  # the plot first, the results last: a failed plot leaves no new results beside an old plot
         save_plot(rows, args.plot)
+    write_text_atomic(args.output, json.dumps(rows, indent=2))
     return 0
 
 

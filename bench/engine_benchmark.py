@@ -52,30 +52,41 @@ class EngineResult:
     iterations: int
 
 
-def make_session(onnx_path: Path, provider: str = "cpu", threads: int | None = None, max_batch_size: int = 32):
-    """A session on exactly `provider` (runtime/ort_session.py refuses a quiet CPU fallback), threads for throughput."""
+def make_session(onnx_path: Path, provider: str = "cpu", threads: int | None = None, *,
+                 precision: str | None = None, max_batch_size: int | None = None):
+    """A session on exactly `provider` (runtime/ort_session.py refuses a quiet CPU fallback), threads for throughput.
+
+    precision and max_batch_size matter to the TensorRT provider only (see gpu_provider_options)."""
     import onnxruntime as ort
 
     available_provider(provider)  # refused before its options are built from the file
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return create_session(onnx_path, provider, options, gpu_provider_options(onnx_path, provider, max_batch_size))
+    provider_options = gpu_provider_options(onnx_path, provider, precision, max_batch_size)
+    return create_session(onnx_path, provider, options, provider_options)
 
 
-def gpu_provider_options(onnx_path: Path, provider: str, max_batch_size: int) -> dict:
+def gpu_provider_options(onnx_path: Path, provider: str, precision: str | None, max_batch_size: int | None) -> dict:
     """The service's CUDA / TensorRT provider options; ORT-TensorRT's profile over batch 1..max_batch_size, its
-    caches beside the ONNX file (in the version folder, as the service keeps them)."""
+    caches beside the ONNX file (in the version folder, as the service keeps them).
+
+    TensorRT's precision flags follow the artifact's precision, as the service sets them (runtime/engines/factory.py):
+    the file cannot tell it, since the exporter keeps an fp16 graph's inputs and outputs fp32 (keep_io_types).
+    """
     if provider == "cpu":
         return {}
     options = {"cuda": cuda_provider_options()}
     if provider == "tensorrt":
         import onnx
 
+        if precision is None or max_batch_size is None:
+            raise ValueError(f"TensorRT provider options for {onnx_path} need its precision and the profile's max "
+                             f"batch size (got {precision}, {max_batch_size}); for a file outside a model repository "
+                             "pass --precision")
         model = onnx.load(str(onnx_path), load_external_data=False)
         graph_input = model.graph.input[0]
         shape = tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:])
-        precision = "fp16" if graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "fp32"
         cache = ort_tensorrt_cache_dir(Path(onnx_path).parent, onnxruntime_version())
         options["tensorrt"] = tensorrt_provider_options(cache, graph_input.name, shape, max_batch_size, precision)
     return options
@@ -101,11 +112,11 @@ def time_callable(run, batch_size: int, warmup: int, iterations: int, max_second
 
 def time_session(session, batch_size: int, warmup: int, iterations: int,
                  max_seconds: float) -> tuple[float, list[float]]:
-    """time_callable for an ONNX Runtime session on a seeded random batch of its input shape and type."""
+    """time_callable for an ONNX Runtime session on a seeded random float32 batch of its input shape (every precision
+    the exporter writes keeps float32 inputs and outputs)."""
     inp = session.get_inputs()[0]
     channels, height, width = (d if isinstance(d, int) else 224 for d in inp.shape[1:])
-    dtype = np.float16 if "float16" in inp.type else np.float32
-    x = np.random.default_rng(0).standard_normal((batch_size, channels, height, width)).astype(dtype)
+    x = np.random.default_rng(0).standard_normal((batch_size, channels, height, width), dtype=np.float32)
     return time_callable(lambda: session.run(None, {inp.name: x}), batch_size, warmup, iterations, max_seconds)
 
 
@@ -140,9 +151,15 @@ def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, w
 
 def benchmark_onnx(onnx_path: Path, batch_sizes: Sequence[int], *, provider: str = "cpu", threads: int | None = None,
                    warmup: int = 2, iterations: int = 20, max_seconds: float = 10.0, model: str | None = None,
-                   activation: str | None = None, precision: str | None = None) -> list[EngineResult]:
+                   activation: str | None = None, precision: str | None = None,
+                   max_batch_size: int | None = None) -> list[EngineResult]:
+    """ONNX Runtime images/s and p50/p99 per batch size. The TensorRT provider's profile covers batch
+    1..max_batch_size (default: the largest batch size timed), opt = max as the service's."""
     threads = threads or os.cpu_count() or 1
-    session = make_session(onnx_path, provider, threads, max_batch_size=max(batch_sizes))
+    max_batch_size = max_batch_size or max(batch_sizes)
+    if max_batch_size < max(batch_sizes):
+        raise ValueError(f"max_batch_size {max_batch_size} is under the largest batch size timed, {max(batch_sizes)}")
+    session = make_session(onnx_path, provider, threads, precision=precision, max_batch_size=max_batch_size)
     results = []
     for batch_size in batch_sizes:
         rate, latencies = time_session(session, batch_size, warmup, iterations, max_seconds)
@@ -190,8 +207,10 @@ def compare_models(repository_root: Path, variants: Sequence[tuple[str, str]], p
                 if artifact.precision == "bf16":  # ONNX Runtime has no bfloat16 Conv: the variant is TensorRT's
                     continue
                 try:
+                    # One TensorRT profile over the whole sweep: its largest batch is the profile's max (and opt).
                     results += benchmark_onnx(path, batch_sizes, provider=provider, model=model_name,
-                                              activation=activation, precision=artifact.precision, **timing)
+                                              activation=activation, precision=artifact.precision,
+                                              max_batch_size=max(batch_sizes), **timing)
                 except Exception as err:  # noqa: BLE001 - one provider/precision failing must not end the run
                     skipped[f"{key}/{artifact.precision}/{provider}"] = f"{type(err).__name__}: {err}"
         for precision in tensorrt_precisions:

@@ -5,12 +5,14 @@ bare engine's throughput that survives HTTP, JPEG decode, preprocessing and the 
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from bench.service_metrics import histogram_buckets
+from convnext_files import write_bytes_atomic, write_text_atomic
 
 
 def batch_histogram(metrics_text: str) -> dict[str, float]:
@@ -199,10 +201,11 @@ def pyplot():
     return plt
 
 
-def plots(results: dict, out_dir: Path) -> list[Path]:
+def plots(results: dict, out_dir: Path) -> dict[Path, bytes]:
+    """Each plot's PNG by the path it is to have under out_dir: rendered in memory, nothing written yet."""
     plt = pyplot()
 
-    written = []
+    rendered = {}
     fig, ax = plt.subplots(figsize=(6, 4))
     for server in sorted({r["server"] for r in results["load"]}):
         runs = sorted((r for r in results["load"] if r["server"] == server and r["mode"] == "closed"),
@@ -210,7 +213,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
         ax.plot([r["concurrency"] for r in runs], [r["images_per_s"] for r in runs], marker="o", label=server)
     ax.set(xlabel="concurrency (closed loop)", ylabel="images/s", title="Throughput vs concurrency")
     ax.legend()
-    written.append(save_figure(fig, out_dir / "throughput_vs_concurrency.png"))
+    rendered[out_dir / "throughput_vs_concurrency.png"] = render_figure(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in results["load"]:
@@ -219,31 +222,49 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
             ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=latency_cdf_label(run))
     ax.set(xlabel="latency (ms)", ylabel="fraction of requests", title="Latency CDF")
     ax.legend(fontsize=7)
-    written.append(save_figure(fig, out_dir / "latency_cdf.png"))
+    rendered[out_dir / "latency_cdf.png"] = render_figure(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     dist = results.get("batch_distribution") or {}
     ax.bar(list(dist), list(dist.values()))
     ax.set(xlabel="batch size bucket (<=)", ylabel="batches", title="Engine batch sizes (service /metrics)")
-    written.append(save_figure(fig, out_dir / "batch_sizes.png"))
-    return written
+    rendered[out_dir / "batch_sizes.png"] = render_figure(fig)
+    return rendered
 
 
-def save_figure(fig, path: Path) -> Path:
+def render_figure(fig) -> bytes:
+    """The figure as PNG bytes (closed afterwards)."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    return png.getvalue()
+
+
+def save_figure(fig, path: Path) -> Path:
+    """The figure as a PNG at `path`, replaced atomically (a reader never sees half a file)."""
+    write_bytes_atomic(path, render_figure(fig))
     return path
 
 
+def write_files(rendered: dict[Path, bytes], results_json: Path, results: dict, report_md: Path, report: str) -> None:
+    """Everything already rendered, written atomically: the plots, then results.json, then report.md, last because
+    it is what a reader opens (and `bench all` prints). A failure while rendering writes nothing; a new report.md is
+    never beside plots older than it."""
+    for path, png in rendered.items():
+        write_bytes_atomic(path, png)
+    write_text_atomic(results_json, json.dumps(results, indent=2) + "\n")
+    write_text_atomic(report_md, report)
+
+
 def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
-    """Plots, then report.md, then results.json (which lists every file written, itself included)."""
+    """Plots, results.json (which lists every file written, itself included) and report.md, rendered first."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": out_dir / "results.json", "markdown": out_dir / "report.md"}
-    files.update({p.stem: p for p in plots(results, out_dir)})
+    rendered = plots(results, out_dir)
+    files.update({p.stem: p for p in rendered})
     results["files"] = {k: str(v) for k, v in files.items()}
-    files["markdown"].write_text(markdown(results))
-    files["json"].write_text(json.dumps(results, indent=2))
+    write_files(rendered, files["json"], results, files["markdown"], markdown(results))
     return files

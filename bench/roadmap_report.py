@@ -5,10 +5,9 @@ the row the step modifies, and says which way the trade went.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from bench.report import pyplot, save_figure
+from bench.report import pyplot, render_figure, write_files
 
 # The least throughput change read as a change. A run measures its own noise on top: rows 0 and 1 are the same
 # network twice (the two recipes; in Table 10 torchvision's ResNet-50 and ours), so any speed difference between
@@ -188,8 +187,8 @@ def _top1_change(parent: dict, step: dict, source: str) -> str:
     return f"({delta:+.2f}, beyond one seed std)"
 
 
-def plot(results: dict, path: Path) -> Path:
-    """Paper top-1 against measured images/s, one panel per batch size, the steps joined in table order."""
+def plot(results: dict) -> bytes:
+    """Paper top-1 against measured images/s, one panel per batch size, the steps joined in table order (PNG)."""
     plt = pyplot()
 
     batches = [str(b) for b in results["config"]["batch_sizes"]]
@@ -214,14 +213,14 @@ def plot(results: dict, path: Path) -> Path:
                title=f"{results['config']['source']}: top-1 vs images/s, batch {batch}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="dashed: kernel 9, 11 (left)", title_fontsize=7)
-    return save_figure(fig, path)
+    return render_figure(fig)
 
 
 def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
-    """The plot, report.md and results.json (with the ledger) under out_dir."""
+    """The plot, results.json (with the ledger) and report.md under out_dir, all rendered before any is written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"plot": plot(results, out_dir / PLOT), "markdown": out_dir / "report.md", "json": out_dir / "results.json"}
+    files = {"plot": out_dir / PLOT, "markdown": out_dir / "report.md", "json": out_dir / "results.json"}
+    png = plot(results)
     results["ledger"] = ledger(results)
-    files["markdown"].write_text(markdown(results) + "\n")
-    files["json"].write_text(json.dumps(results, indent=2) + "\n")
+    write_files({files["plot"]: png}, files["json"], results, files["markdown"], markdown(results) + "\n")
     return files

@@ -4,8 +4,8 @@
 
 Without --repository, the architecture --model names (default convnext_tiny) is exported with random weights to a
 temporary repository (export extra needed). The service is started on the engine timed alone (ONNX Runtime CPU fp32,
-one stream, exact decoding), whatever CONVNEXT_* variables say; "engine best" is over the batch sizes the service can
-run (<= --max-batch-size).
+one stream, ORT spinning on, exact decoding), whatever CONVNEXT_* variables say; "engine best" is over the batch
+sizes the service can run (<= --max-batch-size).
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ import numpy as np
 from bench.host import host_description
 from bench.loadgen import closed_loop, jpeg_payloads
 from bench.report import format_ms
-from bench.server_process import service
+from bench.server_process import measurement_pins, service
 from convnext_common import CliParser, add_version_argument
+from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.repository import ModelRepository
@@ -59,7 +60,7 @@ def service_args(repository: Path, model: str, threads: int, max_batch_size: int
     """`python -m service` flags for the engine engine_throughput times, each pinned so that a CONVNEXT_* variable in
     the environment (CONVNEXT_ENGINE=openvino, CONVNEXT_DECODE_MODE=fast, ...) cannot change what is compared."""
     return ["--repository", str(repository), "--model", model, "--engine", "onnxruntime", "--provider", "cpu",
-            "--precision", "fp32", "--ort-streams", "1", "--decode-mode", "exact", "--intra-op-threads", str(threads),
+            "--precision", "fp32", *measurement_pins(), "--intra-op-threads", str(threads),
             "--max-batch-size", str(max_batch_size)]
 
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['errors']} |")
     print(f"\nend-to-end best / engine best at a batch the service runs (batch {best_batch}): "
           f"{report['end_to_end_over_engine']:.2f}")
-    args.output.write_text(json.dumps(report, indent=2))
+    write_text_atomic(args.output, json.dumps(report, indent=2))
     return 0
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from runtime.decode import FAST_DECODE_HEADROOM
+
 LOG_TAIL_CHARS = 3000
 STOP_GRACE_S = 15.0
 
@@ -31,6 +33,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def measurement_pins(*, decode_mode: str = "exact", ort_streams: int = 1, ort_spinning: bool = True,
+                     fast_decode_headroom: float = FAST_DECODE_HEADROOM) -> list[str]:
+    """`python -m service` flags pinning the settings that change what a benchmark measures (default: the service's
+    own defaults). A flag overrides its CONVNEXT_* variable: unpinned, one in the bench's environment would change
+    "ours" but not the engine alone or the peer that it is compared with."""
+    return ["--decode-mode", decode_mode, "--fast-decode-headroom", str(fast_decode_headroom),
+            "--ort-streams", str(ort_streams), "--ort-spinning", "true" if ort_spinning else "false"]
 
 
 def service(args: Sequence[str], env: Mapping[str, str] | None = None, ready_timeout_s: float = 120.0):

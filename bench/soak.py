@@ -24,9 +24,10 @@ from bench.host import host_description
 from bench.http_client import HttpError
 from bench.loadgen import closed_loop, jpeg_payloads, prepared_posts, send_lag_summary
 from bench.open_loop import OpenLoop, Outcome, even_arrivals_s
-from bench.server_process import service
+from bench.server_process import measurement_pins, service
 from bench.service_metrics import metric_value, scrape
 from convnext_common import CliParser, add_version_argument, one_line
+from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 
 MAX_MINUTES = 120.0  # hard cap: a soak is bounded even when --minutes is mistyped
@@ -50,7 +51,9 @@ def export_atto(root: Path, input_size_px: int = 64) -> Path:
 
 
 def service_args(repository: Path, queue_size: int, max_batch_size: int) -> list[str]:
-    return ["--repository", str(repository), "--queue-size", str(queue_size), "--max-batch-size", str(max_batch_size)]
+    """The service as it runs by default (exact decoding, one ORT stream, spinning on), whatever CONVNEXT_* says."""
+    return ["--repository", str(repository), "--queue-size", str(queue_size), "--max-batch-size", str(max_batch_size),
+            *measurement_pins()]
 
 
 @dataclass
@@ -174,8 +177,7 @@ def run_soak(repository: Path | None, minutes: float, window_s: float, rate_frac
               "rate_per_s": rate, "seconds": seconds, "window_s": window_s, "queue_size": queue_size,
               "max_batch_size": max_batch_size, "windows": [w.__dict__ for w in windows],
               "summary": drift(windows) | totals}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -26,6 +26,7 @@ from bench.host import cpu_model
 from bench.loadgen import closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.server_process import server_process
+from convnext_files import write_text_atomic
 
 
 def measure(tree: Path, args, payloads: list[bytes], lone: list[bytes]) -> dict:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| lone request overhead ms (client - its preprocess - its inference) | {before:.2f} | {after:.2f} | "
           f"{after / before:.2f} |")
     if args.output:
-        args.output.write_text(json.dumps(runs, indent=2))
+        write_text_atomic(args.output, json.dumps(runs, indent=2))
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from convnext_files import write_text_atomic
 from runtime.decode import FAST_DECODE_HEADROOM
 from runtime.engines.openvino import OpenVinoEngine, cpu_supports_bf16
 from runtime.preprocess import decode_image, decode_image_scaled, eval_transform, fast_transform
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             results["efficientnet_lite0_photos"] = photo_check(export_effnet(Path(tmp)), bf16)
         print(json.dumps(results["efficientnet_lite0_photos"], indent=1))
-    args.output.write_text(json.dumps(results, indent=2))
+    write_text_atomic(args.output, json.dumps(results, indent=2))
     return 0
 
 

@@ -24,24 +24,32 @@ MEASURE_ROUNDS = 2  # each candidate's time is split into this many alternating 
 
 def measure_images_per_s(engine: Engine, batch: np.ndarray, seconds: float, in_flight: int | None = None) -> float:
     """Images/s of engine.run(batch) for `seconds`, `in_flight` calls at once, each from its own thread (default:
-    max_concurrent_batches, what the batcher keeps)."""
+    max_concurrent_batches, what the batcher keeps); every thread runs at least one batch.
+
+    Each thread counts its own batches over its own time, from its first call to the end of its last, and the
+    threads' rates are summed (combined_images_per_s). Their last batches end after the deadline at different
+    times: all batches over the time until the last thread ended would count the others as idle in that tail,
+    undercounting several batches in flight against one.
+    """
     deadline = time.perf_counter() + seconds
 
-    def run_until_deadline() -> int:
-        batches = 0
-        while time.perf_counter() < deadline:
+    def run_until_deadline() -> tuple[int, float]:
+        batches, started = 0, time.perf_counter()
+        while batches == 0 or time.perf_counter() < deadline:
             engine.run(batch)
             batches += 1
-        return batches
+        return batches, time.perf_counter() - started
 
-    started = time.perf_counter()
     in_flight = in_flight or engine.max_concurrent_batches
     if in_flight == 1:
-        batches = run_until_deadline()
-    else:
-        with ThreadPoolExecutor(in_flight, thread_name_prefix="auto-measure") as pool:
-            batches = sum(pool.map(lambda _: run_until_deadline(), range(in_flight)))
-    return batches * len(batch) / (time.perf_counter() - started)
+        return combined_images_per_s([run_until_deadline()], len(batch))
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="auto-measure") as pool:
+        return combined_images_per_s(list(pool.map(lambda _: run_until_deadline(), range(in_flight))), len(batch))
+
+
+def combined_images_per_s(per_thread: list[tuple[int, float]], batch_size: int) -> float:
+    """The sum of each thread's images/s, from its (batches run, seconds it ran them in)."""
+    return sum(batches * batch_size / elapsed_s for batches, elapsed_s in per_thread)
 
 
 class AutoEngine(Engine):

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import bench.__main__ as bench_main
 from bench import cpu_engines
 from runtime.repository import ModelRepository
 
@@ -53,3 +54,21 @@ def test_an_engine_whose_artifact_the_version_lacks_is_skipped_naming_what_it_ha
     result = cpu_engines.engine_rounds(version, configs, batch_size=1, rounds=1, seconds=0.05, threads=1)
     assert "onnxruntime fp32" in result and "onnxruntime int8" not in result
     assert "skipped onnxruntime int8: no int8 ONNX artifact in atto/1 (has fp32)\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--iterations", "--threads", "--batch-sizes"])
+def test_a_count_of_zero_is_a_usage_error_not_a_traceback(repository, flag, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        bench_main.main(["engine", str(repository / "atto" / "1" / "model.onnx"), flag, "0"])
+    assert stopped.value.code == 2
+    assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_precision_labels_a_bare_file_and_may_not_contradict_a_manifest(repository, tmp_path):
+    artifact = repository / "atto" / "1" / "model.onnx"
+    bare = shutil.copy(artifact, tmp_path / "model.onnx")
+    assert bench_main.engine_labels(bare, "fp16") == {"precision": "fp16"}
+    assert bench_main.engine_labels(bare, None) == {}
+    assert bench_main.engine_labels(artifact, "fp32")["precision"] == "fp32"
+    with pytest.raises(ValueError, match="--precision fp16, but .* lists it as fp32"):
+        bench_main.engine_labels(artifact, "fp16")

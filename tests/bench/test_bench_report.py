@@ -2,13 +2,14 @@
 across two phases, the engines under load, and the GPU host it ran on (no GPU needed: only its name is looked up)."""
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
 
 import bench.__main__ as bench_main
 from bench.presets import PRESETS
-from bench.report import latency_cdf_label, low_load_line, markdown
+from bench.report import latency_cdf_label, low_load_line, markdown, write_report
 
 
 def engine_row(batch_size: int, iterations: int) -> dict:
@@ -80,3 +81,21 @@ def test_gpu_run_names_the_gpu_on_the_host_line(monkeypatch):
     host = bench_main.host_line(["cpu", "cuda", "tensorrt"])
     assert ", GPU NVIDIA H200 (compute capability 9.0), load average (" in host
     assert "cores, load average (" in bench_main.host_line(["cpu"]) and len(looked_up) == 1  # no lookup on CPU
+
+
+def test_the_report_lists_and_writes_every_plot_then_its_results_and_markdown(results, tmp_path):
+    files = write_report(results, tmp_path)
+    listed = json.loads(files["json"].read_text())["files"]
+    assert set(listed) == {"json", "markdown", "throughput_vs_concurrency", "latency_cdf", "batch_sizes"}
+    assert all(files[name].read_bytes().startswith(b"\x89PNG") for name in listed if name not in ("json", "markdown"))
+    assert files["markdown"].read_text() == markdown(results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files.values())  # no temporaries
+
+
+def test_a_report_that_fails_to_render_leaves_the_old_one_and_no_new_plots(results, tmp_path):
+    (tmp_path / "report.md").write_text("the previous run's report")
+    del results["compare"]  # the markdown needs the engine sweep; the plots, rendered first, do not
+    with pytest.raises(KeyError):
+        write_report(results, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+    assert (tmp_path / "report.md").read_text() == "the previous run's report"

@@ -114,7 +114,7 @@ def served_row(decode_mode: str) -> dict:
             "c8_efficiency": 0.5, "c32_efficiency": 0.5, "lone": {"500x375": lone}, "phone_preprocess_ms": 30.0}
 
 
-def test_replotting_old_json_names_no_cpu_of_this_machine_and_the_given_architecture(tmp_path, monkeypatch):
+def test_replotting_old_json_names_no_cpu_of_this_machine_and_the_given_architecture(tmp_path, monkeypatch, capsys):
     figures = []
 
     def keep_figure(fig, path):
@@ -130,6 +130,8 @@ def test_replotting_old_json_names_no_cpu_of_this_machine_and_the_given_architec
     assert ax.get_title() == f"convnext_atto on {cpu_serving.UNKNOWN_CPU}: /classify vs the engine it serves"
     assert cpu_model() not in ax.get_title()
     assert [t.get_text() for t in ax.get_legend().get_texts()][0] == "engine alone, batch 4"
+    # The tables say that the load client shared the CPU with the service, not with the engine alone.
+    assert f"{cpu_serving.SHARED_CPU_NOTE}.\n" in capsys.readouterr().out
     recorded = [{**served_row("exact"), "cpu": "Recorded CPU (AVX2), 4 cores", "architecture": "convnext_tiny",
                  "max_batch_size": 8}]
     old.write_text(json.dumps(recorded))

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from runtime.engines.auto import AutoEngine
+from runtime.engines.auto import AutoEngine, combined_images_per_s, measure_images_per_s
 from runtime.engines.base import Engine, EngineError
 from runtime.engines.factory import EngineOptions, onnxruntime_engine, open_engine, openvino_engine
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -206,3 +206,21 @@ def test_an_auto_engine_closed_for_a_rebuild_is_still_described_and_the_rebuild_
             assert len(info) == 1 and 'version="1"' in info[0]
     finally:
         build.open()
+
+
+def test_several_batches_in_flight_sum_each_threads_own_rate():
+    # Two threads of batch 8: 10 batches in 2.0 s and 9 in 2.25 s are 40 + 32 images/s. Dividing all 19 batches by
+    # the last thread's 2.25 s would give 67.6, as if the first thread had idled for its last 0.25 s.
+    assert combined_images_per_s([(10, 2.0), (9, 2.25)], batch_size=8) == pytest.approx(72.0)
+    assert combined_images_per_s([(5, 0.5)], batch_size=4) == pytest.approx(40.0)
+
+
+def test_a_real_engine_with_two_streams_is_measured_from_every_thread(version):
+    engine = onnxruntime_engine(version, EngineOptions(max_batch_size=2, threads=2, ort_streams=2))
+    engine.load()
+    batch = np.zeros((2, *engine.describe().input_shape), dtype=np.float32)
+    try:
+        assert engine.max_concurrent_batches == 2 and measure_images_per_s(engine, batch, 0.2) > 0
+        assert measure_images_per_s(engine, batch, 0.0) > 0  # past its deadline, each thread still runs one batch
+    finally:
+        engine.close()
