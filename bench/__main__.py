@@ -86,9 +86,9 @@ def our_service_args(repo: str, served: str, engine: ServedEngine, threads: int,
                      ort_spinning: bool = True) -> list[str]:
     """`python -m service` flags for the engine the sweep timed alone: one ORT stream (a session runs one batch at a
     time there), exact decoding (as the peer decodes), every measured setting pinned against CONVNEXT_* variables."""
-    return ["--repository", repo, "--model", served, "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms",
-            str(QUEUE_DELAY_MS), "--intra-op-threads", str(threads), "--engine", engine.engine, "--provider",
-            engine.provider, "--precision", engine.precision, *measurement_pins(ort_spinning=ort_spinning)]
+    return ["--repository", repo, "--model", served, "--max-batch-size", str(MAX_BATCH_SIZE), "--intra-op-threads",
+            str(threads), "--engine", engine.engine, "--provider", engine.provider, "--precision", engine.precision,
+            *measurement_pins(ort_spinning=ort_spinning, max_queue_delay_ms=QUEUE_DELAY_MS)]
 
 
 def load_our_service(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> dict:

@@ -223,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(ModelRepository(repository).load(args.model), repository, args.model, args)
     print_tables(rows)
     print(f"\nload average after {os.getloadavg()}")
-    if args.plot:  # the plot first, the results last: a failed plot leaves no new results beside an old plot
-        save_plot(rows, args.plot)
+    # The results first: minutes of measuring are kept even if the plot fails (redraw it with --from-json).
     write_text_atomic(args.output, json.dumps(rows, indent=2))
+    if args.plot:
+        save_plot(rows, args.plot)
     return 0
 
 

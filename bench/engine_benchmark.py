@@ -112,11 +112,13 @@ def time_callable(run, batch_size: int, warmup: int, iterations: int, max_second
 
 def time_session(session, batch_size: int, warmup: int, iterations: int,
                  max_seconds: float) -> tuple[float, list[float]]:
-    """time_callable for an ONNX Runtime session on a seeded random float32 batch of its input shape (every precision
-    the exporter writes keeps float32 inputs and outputs)."""
+    """time_callable for an ONNX Runtime session on a seeded random batch of its input shape, in its input's type
+    (the exporter's files all take float32; `bench engine` also times files from elsewhere, fp16 inputs included)."""
     inp = session.get_inputs()[0]
     channels, height, width = (d if isinstance(d, int) else 224 for d in inp.shape[1:])
     x = np.random.default_rng(0).standard_normal((batch_size, channels, height, width), dtype=np.float32)
+    if inp.type == "tensor(float16)":
+        x = x.astype(np.float16)
     return time_callable(lambda: session.run(None, {inp.name: x}), batch_size, warmup, iterations, max_seconds)
 
 

@@ -35,13 +35,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVICE_QUEUE_DELAY_MS = 5.0  # the service's own default (service/settings.py), pinned where a bench keeps it
+
+
 def measurement_pins(*, decode_mode: str = "exact", ort_streams: int = 1, ort_spinning: bool = True,
-                     fast_decode_headroom: float = FAST_DECODE_HEADROOM) -> list[str]:
+                     fast_decode_headroom: float = FAST_DECODE_HEADROOM,
+                     max_queue_delay_ms: float = SERVICE_QUEUE_DELAY_MS, preprocess_workers: int | None = None
+                     ) -> list[str]:
     """`python -m service` flags pinning the settings that change what a benchmark measures (default: the service's
-    own defaults). A flag overrides its CONVNEXT_* variable: unpinned, one in the bench's environment would change
-    "ours" but not the engine alone or the peer that it is compared with."""
+    own defaults; preprocess workers: the CPUs this process may use, as the service counts them). A flag overrides
+    its CONVNEXT_* variable: unpinned, one in the bench's environment would change "ours" but not the engine alone or
+    the peer that it is compared with."""
+    workers = preprocess_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                     else os.cpu_count() or 1)
     return ["--decode-mode", decode_mode, "--fast-decode-headroom", str(fast_decode_headroom),
-            "--ort-streams", str(ort_streams), "--ort-spinning", "true" if ort_spinning else "false"]
+            "--ort-streams", str(ort_streams), "--ort-spinning", "true" if ort_spinning else "false",
+            "--max-queue-delay-ms", str(max_queue_delay_ms), "--preprocess-workers", str(workers)]
 
 
 def service(args: Sequence[str], env: Mapping[str, str] | None = None, ready_timeout_s: float = 120.0):

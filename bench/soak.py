@@ -51,9 +51,10 @@ def export_atto(root: Path, input_size_px: int = 64) -> Path:
 
 
 def service_args(repository: Path, queue_size: int, max_batch_size: int) -> list[str]:
-    """The service as it runs by default (exact decoding, one ORT stream, spinning on), whatever CONVNEXT_* says."""
+    """The service as it runs by default (ONNX Runtime CPU fp32, exact decoding, one ORT stream, spinning on, its
+    queue delay and preprocess workers), whatever CONVNEXT_* says."""
     return ["--repository", str(repository), "--queue-size", str(queue_size), "--max-batch-size", str(max_batch_size),
-            *measurement_pins()]
+            "--engine", "onnxruntime", "--provider", "cpu", "--precision", "fp32", *measurement_pins()]
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from convnext_files import fsync_folder, fsync_tree, replace_atomic, sha256_file, write_text_atomic
 from runtime.repository_writes import finish_write, hold_write_lock, lock_now, remove_dead_writes
+
+logger = logging.getLogger("runtime.repository")
 
 SCHEMA_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
@@ -327,7 +330,11 @@ class ModelRepository:
                 os.replace(staging, final)  # should this fail, finish_write puts the old version back
             else:
                 _publish_new(staging, final)
-            fsync_folder(folder)  # the rename itself
+            try:
+                fsync_folder(folder)  # the rename itself
+            except OSError as err:  # published already: an error now would say the export failed when it did not
+                logger.warning("%s/%s is published, but syncing its folder failed (%s): the rename may not survive a "
+                               "power cut", name, version, err)
         finally:
             try:
                 finish_write(paths)

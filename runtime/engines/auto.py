@@ -22,34 +22,47 @@ logger = logging.getLogger("convnext.runtime")
 MEASURE_ROUNDS = 2  # each candidate's time is split into this many alternating rounds
 
 
-def measure_images_per_s(engine: Engine, batch: np.ndarray, seconds: float, in_flight: int | None = None) -> float:
-    """Images/s of engine.run(batch) for `seconds`, `in_flight` calls at once, each from its own thread (default:
-    max_concurrent_batches, what the batcher keeps); every thread runs at least one batch.
+MIN_BATCHES_PER_THREAD = 2  # so that a window with every thread busy exists (measure_images_per_s)
 
-    Each thread counts its own batches over its own time, from its first call to the end of its last, and the
-    threads' rates are summed (combined_images_per_s). Their last batches end after the deadline at different
-    times: all batches over the time until the last thread ended would count the others as idle in that tail,
-    undercounting several batches in flight against one.
+
+def measure_images_per_s(engine: Engine, batch: np.ndarray, seconds: float, in_flight: int | None = None) -> float:
+    """Images/s of engine.run(batch) for about `seconds`, `in_flight` calls at once, each from its own thread
+    (default: max_concurrent_batches, what the batcher keeps); every thread runs at least MIN_BATCHES_PER_THREAD.
+
+    Counted while every thread is busy (busy_window_images_per_s): the whole run's batches over the whole time would
+    count the tail, where some threads have stopped, as idle time (undercounting several in flight against one),
+    and summing each thread's own rate would overcount calls that queue inside the engine (a thread's own time
+    leaves out the others' turns: n queued threads would add up to 1 + 1/2 + ... + 1/n times the true rate).
     """
     deadline = time.perf_counter() + seconds
 
-    def run_until_deadline() -> tuple[int, float]:
-        batches, started = 0, time.perf_counter()
-        while batches == 0 or time.perf_counter() < deadline:
+    def run_until_deadline() -> list[float]:
+        ends: list[float] = []
+        while len(ends) < MIN_BATCHES_PER_THREAD or time.perf_counter() < deadline:
             engine.run(batch)
-            batches += 1
-        return batches, time.perf_counter() - started
+            ends.append(time.perf_counter())
+        return ends
 
+    started = time.perf_counter()
     in_flight = in_flight or engine.max_concurrent_batches
     if in_flight == 1:
-        return combined_images_per_s([run_until_deadline()], len(batch))
+        return busy_window_images_per_s([run_until_deadline()], len(batch), started)
     with ThreadPoolExecutor(in_flight, thread_name_prefix="auto-measure") as pool:
-        return combined_images_per_s(list(pool.map(lambda _: run_until_deadline(), range(in_flight))), len(batch))
+        per_thread = list(pool.map(lambda _: run_until_deadline(), range(in_flight)))
+    return busy_window_images_per_s(per_thread, len(batch), started)
 
 
-def combined_images_per_s(per_thread: list[tuple[int, float]], batch_size: int) -> float:
-    """The sum of each thread's images/s, from its (batches run, seconds it ran them in)."""
-    return sum(batches * batch_size / elapsed_s for batches, elapsed_s in per_thread)
+def busy_window_images_per_s(per_thread: list[list[float]], batch_size: int, started: float) -> float:
+    """Images/s from each thread's batch end times: the batches that ended after every thread had ended its first
+    (all busy from then on) and by the time the first thread ended its last (fewer busy after), over that window;
+    one thread: its batches after the first, over first to last. Where no batch ended inside the window (a thread
+    finished before another's first batch), all batches over the whole run."""
+    all_busy = max(ends[0] for ends in per_thread)
+    first_stop = min(ends[-1] for ends in per_thread)
+    inside = sum(all_busy < end <= first_stop for ends in per_thread for end in ends)
+    if inside and first_stop > all_busy:
+        return inside * batch_size / (first_stop - all_busy)
+    return sum(len(ends) for ends in per_thread) * batch_size / (max(ends[-1] for ends in per_thread) - started)
 
 
 class AutoEngine(Engine):

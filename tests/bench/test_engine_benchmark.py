@@ -51,3 +51,15 @@ def test_an_fp16_artifact_runs_on_the_cpu_provider_with_a_float32_batch(fp16_onn
 def test_a_profile_smaller_than_the_largest_timed_batch_is_refused(fp16_onnx):
     with pytest.raises(ValueError, match="under the largest batch size timed, 4"):
         benchmark_onnx(fp16_onnx, [1, 4], threads=1, iterations=1, max_batch_size=2)
+
+
+@pytest.mark.filterwarnings("ignore:the float32 number:UserWarning")  # the converter's note on tiny weights
+def test_a_file_from_elsewhere_with_float16_inputs_is_timed_with_a_float16_batch(fp16_onnx, tmp_path):
+    from onnxconverter_common import float16
+
+    fp32 = onnx.load(str(fp16_onnx.with_name("model.onnx")))
+    half_io = tmp_path / "half_io.onnx"
+    onnx.save(float16.convert_float_to_float16(fp32, keep_io_types=False), str(half_io))
+    assert onnx.load(str(half_io)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    (row,) = benchmark_onnx(half_io, [2], threads=1, warmup=1, iterations=2, precision="fp16")
+    assert row.images_per_s > 0

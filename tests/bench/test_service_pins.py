@@ -7,17 +7,21 @@ import pytest
 import bench.__main__ as bench_main
 from bench import cpu_serving, serve_benchmark, soak
 from bench.presets import CPU_SERVICE
-from bench.server_process import measurement_pins
+from bench.server_process import SERVICE_QUEUE_DELAY_MS, measurement_pins
 from runtime.decode import FAST_DECODE_HEADROOM
 from service.__main__ import settings_from_args
+from service.settings import Settings, usable_cpus
 
 # Each differs from what some bench measures; a bench that forgot a pin would take it up.
 ENVIRONMENT = {"DECODE_MODE": "fast", "ORT_STREAMS": "2", "ORT_SPINNING": "false", "FAST_DECODE_HEADROOM": "1",
-               "ENGINE": "openvino", "PROVIDER": "cuda", "PRECISION": "int8"}
+               "ENGINE": "openvino", "PROVIDER": "cuda", "PRECISION": "int8", "MAX_QUEUE_DELAY_MS": "50",
+               "PREPROCESS_WORKERS": "7"}
 
 
 def measured(args: list[str]) -> tuple:
     settings = settings_from_args(args)
+    assert settings.preprocess_workers == usable_cpus()  # never the environment's 7
+    assert settings.max_queue_delay_ms in (SERVICE_QUEUE_DELAY_MS, bench_main.QUEUE_DELAY_MS)  # never its 50
     return (settings.engine, settings.provider, settings.precision, settings.decode_mode, settings.ort_streams,
             settings.ort_spinning, settings.fast_decode_headroom)
 
@@ -50,9 +54,9 @@ def test_bench_serve_runs_the_engine_it_timed_alone(environment, tmp_path):
 
 
 def test_the_soak_runs_the_service_defaults(environment, tmp_path):
-    settings = settings_from_args(soak.service_args(tmp_path, queue_size=64, max_batch_size=4))
-    assert (settings.decode_mode, settings.ort_streams, settings.ort_spinning) == ("exact", 1, True)
-    assert settings.fast_decode_headroom == FAST_DECODE_HEADROOM
+    args = soak.service_args(tmp_path, queue_size=64, max_batch_size=4)
+    assert measured(args) == ("onnxruntime", "cpu", "fp32", "exact", 1, True, FAST_DECODE_HEADROOM)
+    assert settings_from_args(args).max_queue_delay_ms == SERVICE_QUEUE_DELAY_MS
 
 
 @pytest.mark.parametrize(("config", "streams"), [(("onnxruntime", "fp32", "fast", "THROUGHPUT"), 4),
@@ -61,3 +65,7 @@ def test_cpu_serving_runs_each_configuration_as_its_engine_alone_ran(environment
     engine, precision, mode, _ = config
     args = cpu_serving.service_args(tmp_path, "atto", config, threads=4, max_batch_size=8)
     assert measured(args) == (engine, "cpu", precision, mode, streams, True, FAST_DECODE_HEADROOM)
+
+
+def test_the_pinned_queue_delay_is_the_services_own_default():
+    assert Settings.model_fields["max_queue_delay_ms"].default == SERVICE_QUEUE_DELAY_MS

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from runtime.engines.auto import AutoEngine, combined_images_per_s, measure_images_per_s
+from runtime.engines.auto import AutoEngine, busy_window_images_per_s, measure_images_per_s
 from runtime.engines.base import Engine, EngineError
 from runtime.engines.factory import EngineOptions, onnxruntime_engine, open_engine, openvino_engine
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -208,11 +208,20 @@ def test_an_auto_engine_closed_for_a_rebuild_is_still_described_and_the_rebuild_
         build.open()
 
 
-def test_several_batches_in_flight_sum_each_threads_own_rate():
-    # Two threads of batch 8: 10 batches in 2.0 s and 9 in 2.25 s are 40 + 32 images/s. Dividing all 19 batches by
-    # the last thread's 2.25 s would give 67.6, as if the first thread had idled for its last 0.25 s.
-    assert combined_images_per_s([(10, 2.0), (9, 2.25)], batch_size=8) == pytest.approx(72.0)
-    assert combined_images_per_s([(5, 0.5)], batch_size=4) == pytest.approx(40.0)
+def test_batches_in_flight_are_counted_while_every_thread_is_busy():
+    # Two independent streams of 1 s batches (batch 8): 16 images/s. All 6 batches over the 3 s until both stopped
+    # would also give 16 here, but not with uneven tails; the busy window (1 s to 3 s) holds 4 batches.
+    assert busy_window_images_per_s([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], 8, started=0.0) == pytest.approx(16.0)
+    # Uneven tails: stream A ran to 2.0, stream B to 2.25 (1 s and 1.125 s batches): counted from 1.125 to 2.0, A's
+    # batch at 2.0 (8 images in 0.875 s), not B's at 2.25, when A no longer ran.
+    assert busy_window_images_per_s([[1.0, 2.0], [1.125, 2.25]], 8, started=0.0) == pytest.approx(8 / 0.875)
+    # Calls queued behind one another inside the engine (0.7 s each, one at a time): 8 / 0.7 = 11.4 images/s. Each
+    # thread's own rate (8 / 1.4 per thread, summed) would give 22.9; the busy window gives the true rate.
+    assert busy_window_images_per_s([[0.7, 2.1], [1.4, 2.8]], 8, started=0.0) == pytest.approx(8 / 0.7)
+    # One thread: its batches after the first, over first to last.
+    assert busy_window_images_per_s([[0.5, 1.0, 1.5]], 4, started=0.0) == pytest.approx(8.0)
+    # No batch inside the window (a thread done before the other's first): everything over the whole run.
+    assert busy_window_images_per_s([[0.1, 0.2], [0.5, 0.6]], 8, started=0.0) == pytest.approx(32 / 0.6)
 
 
 def test_a_real_engine_with_two_streams_is_measured_from_every_thread(version):
@@ -221,6 +230,6 @@ def test_a_real_engine_with_two_streams_is_measured_from_every_thread(version):
     batch = np.zeros((2, *engine.describe().input_shape), dtype=np.float32)
     try:
         assert engine.max_concurrent_batches == 2 and measure_images_per_s(engine, batch, 0.2) > 0
-        assert measure_images_per_s(engine, batch, 0.0) > 0  # past its deadline, each thread still runs one batch
+        assert measure_images_per_s(engine, batch, 0.0) > 0  # past its deadline, each thread still runs two
     finally:
         engine.close()
