@@ -6,8 +6,7 @@ comparison is fair, but nothing here measures accuracy (the top-1 numbers in PUB
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,10 +22,12 @@ from runtime.ort_session import (
     ort_tensorrt_cache_dir,
     tensorrt_provider_options,
 )
+from runtime.repository import ModelVersion
 from runtime.tensorrt import BatchProfile, select_or_build_engine
 
+from .timing import time_callable, time_in_rounds
+
 TENSORRT_ENGINE = "tensorrt-engine"  # the provider label of native TensorRT engines (runtime/tensorrt.py)
-MIN_TIMED_CALLS = 5  # per point, whatever the seconds budget: fewer make p99 the slowest call, not a percentile
 # Published ImageNet-1k top-1 at 224 px, labelled as published: we have no ImageNet here to measure it.
 PUBLISHED_TOP1 = {
     ("convnext_tiny", "gelu"): (82.1, "Liu et al. 2022, Table 1 (ConvNeXt-T, ImageNet-1k, 224 px)"),
@@ -92,34 +93,21 @@ def gpu_provider_options(onnx_path: Path, provider: str, precision: str | None, 
     return options
 
 
-def time_callable(run, batch_size: int, warmup: int, iterations: int, max_seconds: float,
-                  min_calls: int = MIN_TIMED_CALLS) -> tuple[float, list[float]]:
-    """(images/s, per-call latencies in ms) for `iterations` calls of run(), stopping early at max_seconds once at
-    least `min_calls` calls are timed (a slow call cannot leave a point resting on one sample)."""
-    for _ in range(warmup):
-        run()
-    latencies: list[float] = []
-    start = time.perf_counter()
-    while len(latencies) < iterations:
-        t0 = time.perf_counter()
-        run()
-        latencies.append((time.perf_counter() - t0) * 1000)
-        if len(latencies) >= min_calls and time.perf_counter() - start > max_seconds:
-            break
-    elapsed = time.perf_counter() - start
-    return batch_size * len(latencies) / elapsed, latencies
-
-
-def time_session(session, batch_size: int, warmup: int, iterations: int,
-                 max_seconds: float) -> tuple[float, list[float]]:
-    """time_callable for an ONNX Runtime session on a seeded random batch of its input shape, in its input's type
-    (the exporter's files all take float32; `bench engine` also times files from elsewhere, fp16 inputs included)."""
+def session_runner(session, batch_size: int) -> Callable[[], object]:
+    """One call of an ONNX Runtime session on a seeded random batch of its input shape, in its input's type (the
+    exporter's files all take float32; `bench engine` also times files from elsewhere, fp16 inputs included)."""
     inp = session.get_inputs()[0]
     channels, height, width = (d if isinstance(d, int) else 224 for d in inp.shape[1:])
     x = np.random.default_rng(0).standard_normal((batch_size, channels, height, width), dtype=np.float32)
     if inp.type == "tensor(float16)":
         x = x.astype(np.float16)
-    return time_callable(lambda: session.run(None, {inp.name: x}), batch_size, warmup, iterations, max_seconds)
+    return lambda: session.run(None, {inp.name: x})
+
+
+def time_session(session, batch_size: int, warmup: int, iterations: int,
+                 max_seconds: float) -> tuple[float, list[float]]:
+    """time_callable for an ONNX Runtime session (session_runner)."""
+    return time_callable(session_runner(session, batch_size), batch_size, warmup, iterations, max_seconds)
 
 
 def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, warmup: int = 2, iterations: int = 20,
@@ -188,41 +176,86 @@ def export_variant(repository_root: Path, model_name: str, activation: str, prec
 
 def compare_models(repository_root: Path, variants: Sequence[tuple[str, str]], precisions: Sequence[str],
                    batch_sizes: Sequence[int], providers: Sequence[str], tensorrt_precisions: Sequence[str] = (),
-                   **timing) -> dict:
-    """GELU vs ReLU and ConvNeXt vs ResNet-50 in one run: cost, published top-1, engine throughput per precision."""
+                   threads: int | None = None, warmup: int = 2, iterations: int = 20,
+                   max_seconds: float = 10.0) -> dict:
+    """GELU vs ReLU and ConvNeXt vs ResNet-50 in one run: cost, published top-1, engine throughput per precision.
+
+    ONNX Runtime points are timed in alternating rounds across the variants (bench/timing.py: time_in_rounds), one
+    provider and precision at a time, so a ratio between two variants never spans minutes of the machine's drift.
+    """
     from model.flops import measure
 
-    rows, skipped, onnx_files = [], {}, {}
+    rows: dict[str, dict] = {}
+    versions: dict[str, tuple[str, str, ModelVersion]] = {}
+    skipped: dict[str, str] = {}
+    onnx_files: dict[str, str] = {}
     for model_name, activation in variants:
         cost = measure(model_name, activation=activation)
         version, not_built = export_variant(repository_root, model_name, activation, precisions)
         top1, source = PUBLISHED_TOP1.get((model_name, activation), (None, "not published"))
         key = f"{model_name}/{activation}"
         skipped.update({f"{key}/{p}": why for p, why in not_built.items()})
-        results = []
-        for artifact in version.manifest.artifacts:
-            if artifact.format != "onnx":
-                continue
-            path = version.artifact_path(artifact)
-            onnx_files[f"{key}/{artifact.precision}"] = str(path)
-            for provider in providers:
-                if artifact.precision == "bf16":  # ONNX Runtime has no bfloat16 Conv: the variant is TensorRT's
-                    continue
-                try:
-                    # One TensorRT profile over the whole sweep: its largest batch is the profile's max (and opt).
-                    results += benchmark_onnx(path, batch_sizes, provider=provider, model=model_name,
-                                              activation=activation, precision=artifact.precision,
-                                              max_batch_size=max(batch_sizes), **timing)
-                except Exception as err:  # noqa: BLE001 - one provider/precision failing must not end the run
-                    skipped[f"{key}/{artifact.precision}/{provider}"] = f"{type(err).__name__}: {err}"
-        for precision in tensorrt_precisions:
-            try:
-                results += benchmark_tensorrt(version, precision, batch_sizes, model=model_name,
-                                              activation=activation, **timing)
-            except Exception as err:  # noqa: BLE001 - no TensorRT / GPU here, or a failed build: recorded
-                skipped[f"{key}/{precision}/{TENSORRT_ENGINE}"] = f"{type(err).__name__}: {err}"
-        rows.append({"model": model_name, "activation": activation, "params_m": cost.params_m, "gmacs": cost.gmacs,
+        versions[key] = (model_name, activation, version)
+        onnx_files.update({f"{key}/{a.precision}": str(version.artifact_path(a))
+                           for a in version.manifest.artifacts if a.format == "onnx"})
+        rows[key] = {"model": model_name, "activation": activation, "params_m": cost.params_m, "gmacs": cost.gmacs,
                      "published_top1": top1, "published_top1_source": source,
                      "measured_top1": "not measured here (no ImageNet)", "weights": "random init (speed only)",
-                     "results": [asdict(r) for r in results]})
-    return {"models": rows, "skipped": skipped, "onnx_files": onnx_files}
+                     "results": []}
+    threads = threads or os.cpu_count() or 1
+    for provider in providers:
+        for precision in dict.fromkeys(["fp32", *precisions]):
+            if precision == "bf16":  # ONNX Runtime has no bfloat16 Conv: the variant is TensorRT's
+                continue
+            for key, result in _interleaved_points(versions, provider, precision, batch_sizes, threads, skipped,
+                                                   warmup=warmup, iterations=iterations, max_seconds=max_seconds):
+                rows[key]["results"].append(asdict(result))
+    for key, (model_name, activation, version) in versions.items():
+        for precision in tensorrt_precisions:
+            try:
+                rows[key]["results"] += [asdict(r) for r in benchmark_tensorrt(
+                    version, precision, batch_sizes, model=model_name, activation=activation, threads=threads,
+                    warmup=warmup, iterations=iterations, max_seconds=max_seconds)]
+            except Exception as err:  # noqa: BLE001 - no TensorRT / GPU here, or a failed build: recorded
+                skipped[f"{key}/{precision}/{TENSORRT_ENGINE}"] = f"{type(err).__name__}: {err}"
+    return {"models": list(rows.values()), "skipped": skipped, "onnx_files": onnx_files}
+
+
+def _interleaved_points(versions: dict, provider: str, precision: str, batch_sizes: Sequence[int], threads: int,
+                        skipped: dict[str, str], **timing) -> list[tuple[str, EngineResult]]:
+    """(variant key, its point) for every batch size, the variants' sessions timed in alternating rounds."""
+    sessions = _sessions(versions, provider, precision, threads, max(batch_sizes), skipped)
+    where = f"{precision}/{provider}"
+
+    def record(key: str, err: Exception) -> None:
+        skipped[f"{key}/{where}"] = f"{type(err).__name__}: {err}"
+
+    points = []
+    for batch_size in batch_sizes:
+        runs = {key: session_runner(session, batch_size) for key, session in sessions.items()}
+        totals = time_in_rounds(runs, batch_size, on_error=record, **timing)
+        for key, total in totals.items():
+            model_name, activation, _ = versions[key]
+            points.append((key, EngineResult(
+                model_name, activation, precision, provider, batch_size, threads, total.images_per_s,
+                float(np.percentile(total.latencies_ms, 50)), float(np.percentile(total.latencies_ms, 99)),
+                len(total.latencies_ms))))
+        sessions = {key: sessions[key] for key in totals}  # a session that failed is not timed again
+    return points
+
+
+def _sessions(versions: dict, provider: str, precision: str, threads: int, max_batch_size: int,
+              skipped: dict[str, str]) -> dict:
+    """A session per variant that has an ONNX artifact of `precision`, on `provider` (one TensorRT profile over the
+    whole sweep: its largest batch is the profile's max and opt); a variant whose session fails is recorded."""
+    sessions = {}
+    for key, (_, _, version) in versions.items():
+        artifact = version.manifest.find("onnx", precision)
+        if artifact is None:
+            continue
+        try:
+            sessions[key] = make_session(version.artifact_path(artifact), provider, threads, precision=precision,
+                                         max_batch_size=max_batch_size)
+        except Exception as err:  # noqa: BLE001 - one provider/precision failing must not end the run
+            skipped[f"{key}/{precision}/{provider}"] = f"{type(err).__name__}: {err}"
+    return sessions

@@ -29,7 +29,7 @@ from model.__main__ import roadmap_rows
 from model.roadmap_steps import REGIMES, steps_of
 from runtime.repository import ModelRepository
 
-from .engine_benchmark import MIN_TIMED_CALLS, make_session, time_callable
+from .engine_benchmark import make_session
 from .host import host_description
 from .roadmap_engines import (
     CPU_ENGINES,
@@ -45,6 +45,7 @@ from .roadmap_engines import (
     time_gpu_engine,
 )
 from .roadmap_report import write_report
+from .timing import MIN_TIMED_CALLS, time_callable
 
 PROG = "python -m bench roadmap"
 # An engine: (step's ONNX file, eval module, threads) -> run(batch) -> logits; None when it cannot run here.
