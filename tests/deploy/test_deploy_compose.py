@@ -93,7 +93,14 @@ def test_stop_grace_period_outlasts_the_service_drain(gpu):
     # uvicorn's graceful shutdown (service/server.py graceful_shutdown_s), then the batcher drain (request timeout).
     settings = Settings()
     worst_case_drain_s = graceful_shutdown_s(settings) + settings.request_timeout_ms / 1000
-    assert _seconds(gpu["services"]["service"]["stop_grace_period"]) > worst_case_drain_s
+    default = interpolate(gpu, {})["services"]["service"]["stop_grace_period"]
+    assert _seconds(default) > worst_case_drain_s
+    # A longer request timeout needs a longer grace period: the variable sets it, as the file's comment says.
+    longer = Settings(request_timeout_ms=60_000)
+    needed_s = graceful_shutdown_s(longer) + longer.request_timeout_ms / 1000
+    assert needed_s == 2 * 60 + 10 > _seconds(default)
+    raised = interpolate(gpu, {"CONVNEXT_STOP_GRACE_PERIOD": "140s"})["services"]["service"]["stop_grace_period"]
+    assert _seconds(raised) > needed_s
 
 
 def test_cpu_override_serves_the_cpu_image_without_a_gpu_reservation(cpu):

@@ -70,6 +70,31 @@ def test_deployment_takes_a_gpu_probes_readyz_healthz_and_drains_before_it_is_ki
     assert {m["name"] for m in prepare["volumeMounts"]} == {m["name"] for m in container["volumeMounts"]}
 
 
+def test_rollouts_fit_a_cluster_whose_gpus_are_all_taken_and_leave_the_hpas_count():
+    deployment = find("Deployment")["spec"]
+    assert "replicas" not in deployment  # the HPA's: an apply would reset it
+    assert find("HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
+    assert deployment["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}  # no pod waiting for a GPU
+    assert find("PodDisruptionBudget")["spec"]["minAvailable"] >= 1
+
+
+def test_the_startup_probe_outlasts_the_services_own_bound_on_opening_an_engine():
+    from runtime.engines.factory import open_bound_s
+
+    container = next(c for c in find("Deployment")["spec"]["template"]["spec"]["containers"] if c["name"] == "service")
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= open_bound_s("tensorrt", "cuda")
+
+
+def test_the_training_job_meets_pod_security_restricted_too():
+    pod = find("Job")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for container in pod["containers"]:
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
 def test_service_pdb_and_hpa_point_at_the_deployment():
     deployment = find("Deployment")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
