@@ -21,7 +21,7 @@ from service.errors import ApiError, clipped
 from service.grpc_proto import open_inference_pb2 as pb
 from service.pipeline import ClientGone
 from service.state import ServiceState
-from service.v2_models import InferenceRequest
+from service.v2_models import MAX_PARAMETERS, MAX_RANK, MAX_TENSORS, InferenceRequest
 
 # The protocol's service name on the wire; the .proto's own package differs (open_inference.proto says why).
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -92,7 +92,21 @@ def typed_elements(request: pb.ModelInferRequest) -> int:
                if field.name != "fp32_contents")
 
 
+def check_message_bounds(request: pb.ModelInferRequest) -> None:
+    """The JSON form's bounds (service/v2_models.py), checked on the message before any of it is converted: counting
+    entries costs nothing, converting a million outputs or parameters holds the event loop for seconds."""
+    if len(request.inputs) > MAX_TENSORS or len(request.outputs) > MAX_TENSORS:
+        raise ApiError(400, "invalid_request", f"{len(request.inputs)} inputs and {len(request.outputs)} outputs; "
+                       f"at most {MAX_TENSORS} of each")
+    maps = [request.parameters, *(t.parameters for t in request.inputs), *(o.parameters for o in request.outputs)]
+    if any(len(entries) > MAX_PARAMETERS for entries in maps):
+        raise ApiError(400, "invalid_request", f"a parameters map over the limit of {MAX_PARAMETERS} entries")
+    if any(len(t.shape) > MAX_RANK for t in request.inputs):
+        raise ApiError(400, "invalid_request", f"a shape of more than {MAX_RANK} dimensions")
+
+
 async def model_infer(state: ServiceState, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    check_message_bounds(request)
     if typed_elements(request) <= INLINE_MAX_ELEMENTS:
         prepared = prepared_request(state, request)
     else:  # bytes_contents, say, 10^6 short elements: seconds of Python work, in a worker thread

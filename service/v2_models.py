@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 INT64_MAX = 2**63 - 1  # shapes are int64 in the protocol (and in its gRPC form)
+# Bounds on a message's shape, far above any real request (every model served has one input and one output): a
+# 20 MB message of a million outputs or parameters would otherwise hold the GIL for seconds while it is converted.
+MAX_TENSORS = 16  # inputs, or outputs, in one request
+MAX_PARAMETERS = 64  # entries in one parameters object
+MAX_RANK = 16  # dimensions of one shape
 
 InferParameter = bool | int | float | str
 Dimension = Annotated[int, Field(ge=0, le=INT64_MAX)]
@@ -28,6 +33,13 @@ class _Parameters(_Message):
 
     model_config = ConfigDict(extra="allow")
     __pydantic_extra__: dict[str, InferParameter]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) > MAX_PARAMETERS:
+            raise ValueError(f"{len(data)} parameters, over the limit of {MAX_PARAMETERS}")
+        return data
 
 
 class RequestParameters(_Parameters):
@@ -49,7 +61,7 @@ class OutputParameters(_Parameters):
 
 class RequestInput(_Message):
     name: str
-    shape: list[Dimension]
+    shape: list[Dimension] = Field(max_length=MAX_RANK)
     datatype: str
     parameters: InputParameters | None = None
     data: list[Any] | None = Field(None, description="row-major, flat or nested; numbers for FP32, base64 "
@@ -64,8 +76,8 @@ class RequestOutput(_Message):
 class InferenceRequest(_Message):
     id: str | None = None
     parameters: RequestParameters | None = None
-    inputs: list[RequestInput]
-    outputs: list[RequestOutput] | None = None
+    inputs: list[RequestInput] = Field(max_length=MAX_TENSORS)
+    outputs: list[RequestOutput] | None = Field(None, max_length=MAX_TENSORS)
 
 
 class ResponseOutput(BaseModel):

@@ -209,6 +209,25 @@ def test_malformed_messages_are_invalid_argument_and_the_server_keeps_serving(se
     assert 'convnext_grpc_requests_total{code="OK",method="ModelInfer"}' in text
 
 
+def test_a_message_of_a_million_outputs_or_parameters_is_refused_before_it_is_converted(served, batch):
+    """Converting them would hold the event loop (HTTP's too) for seconds; counting them costs nothing."""
+    url, client = served
+    outputs = pb.ModelInferRequest(model_name="atto", raw_input_contents=[batch[:1].astype("<f4").tobytes()])
+    outputs.inputs.add(name="input", datatype="FP32", shape=[1, 3, 64, 64])
+    for _ in range(10**6):
+        outputs.outputs.add(name="logits")
+    parameters = pb.ModelInferRequest()
+    parameters.CopyFrom(outputs)
+    del parameters.outputs[:]
+    for i in range(10**5):
+        parameters.parameters[f"p{i}"].int64_param = i
+    for request, words in [(outputs, "1000000 outputs"), (parameters, "over the limit of 64 entries")]:
+        with pytest.raises(grpc.RpcError) as raised:
+            raw_call(grpc_address(url), "ModelInfer", request.SerializeToString())
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in raised.value.details()
+    assert client.infer("atto", [fp32_input(batch[:1])]).as_numpy("logits").shape == (1, 10)
+
+
 def test_a_batch_over_the_request_limit_is_invalid_argument_not_a_retryable_code(served):
     url, client = served
     images = triton_grpc.InferInput("IMAGE", [33], "BYTES")  # max_files_per_request is 32

@@ -131,6 +131,13 @@ MALFORMED = {
     "binary_without_size": (INFER, *binary_request({"inputs": [fp32_input()]}, ZERO_BYTES), 400,
                             "invalid_binary_data"),
     "binary_nan": (INFER, *binary_request(BINARY_HEADER, NAN_BYTES), 400, "invalid_data"),
+    "seventeen_outputs": (INFER, json.dumps({"inputs": [fp32_input()], "outputs": [{"name": "logits"}] * 17}).encode(),
+                          {}, 400, "invalid_request"),
+    "seventeen_inputs": (INFER, json.dumps({"inputs": [fp32_input(data=None)] * 17}).encode(), {}, 400,
+                         "invalid_request"),
+    "65_parameters": (INFER, json.dumps({"inputs": [fp32_input()], "parameters": {f"p{i}": i for i in range(65)}}
+                                        ).encode(), {}, 400, "invalid_request"),
+    "rank_17": (INFER, json.dumps({"inputs": [fp32_input(shape=(1,) * 17)]}).encode(), {}, 400, "invalid_request"),
     "classification_zero": (INFER, json.dumps({"inputs": [fp32_input()], "outputs": [
         {"name": "logits", "parameters": {"classification": 0}}]}).encode(), {}, 400, "invalid_request"),
     "classification_too_many": (INFER, json.dumps({"inputs": [fp32_input()], "outputs": [
