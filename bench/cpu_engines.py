@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits  # scikit-learn's dependency (the be
 from bench.host import cpu_model
 from bench.loadgen import photo_paths
 from bench.preprocess_cost import median_ms
-from convnext_common import CliParser, add_version_argument
+from convnext_common import CliParser, add_version_argument, positive_int
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.decode import FAST_DECODE_HEADROOM
@@ -236,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["engines", "decode"])
     parser.add_argument("--repository", type=Path, help="default: export a random-init convnext_tiny (fp32 + int8)")
     parser.add_argument("--model", default="convnext-tiny")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="per configuration per round")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
 

@@ -30,7 +30,7 @@ from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.report import pyplot, save_figure
 from bench.server_process import measurement_pins, service
-from convnext_common import CliParser, add_version_argument
+from convnext_common import CliParser, add_version_argument, positive_int
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.engines.openvino import cpu_supports_bf16
@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--architecture", default="convnext_tiny", help="what to export without --repository "
                         "(and, with --from-json, the plot's title when that JSON did not record it)")
     parser.add_argument("--seconds", type=float, default=15.0, help="per load level, and for the engine alone")
-    parser.add_argument("--lone-requests", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--max-batch-size", type=int, default=8, help="the service's (and, with --from-json, the "
-                        "plot's when that JSON did not record it)")
+    parser.add_argument("--lone-requests", type=positive_int, default=30)
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-batch-size", type=positive_int, default=8,
+                        help="the service's (and, with --from-json, the plot's when that JSON did not record it)")
     parser.add_argument("--output", type=Path, default=Path("cpu_serving.json"))
     parser.add_argument("--plot", type=Path, default=None, help="also save the images/s bar chart (PNG) here")
     parser.add_argument("--from-json", type=Path, default=None, help="print and plot an earlier run's --output")

@@ -8,7 +8,7 @@ import time
 import torch
 
 from bench.host import cpu_model
-from convnext_common import CliParser, add_version_argument
+from convnext_common import CliParser, add_version_argument, positive_int
 from model import create_model
 from model.flops import measure
 
@@ -18,11 +18,11 @@ MODELS = (("convnext_tiny", "gelu"), ("convnext_tiny", "relu"), ("resnet50", "re
 def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m bench torch", description=__doc__)
     add_version_argument(parser)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--warmup-iters", type=int, default=3)
-    parser.add_argument("--timed-iters", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="default: every core")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16])
+    parser.add_argument("--input-size", type=positive_int, default=224)
+    parser.add_argument("--warmup-iters", type=positive_int, default=3)
+    parser.add_argument("--timed-iters", type=positive_int, default=10)
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="default: every core")
     return parser
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convnext_common import CliParser, add_version_argument
+from convnext_common import CliParser, add_version_argument, positive_int
 from export.onnx import export_onnx_version
 from model import create_model
 from model.__main__ import roadmap_rows
@@ -139,10 +139,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_version_argument(parser)
     parser.add_argument("--regime", choices=sorted(REGIMES), default="r50", help="r50: Table 10; r200: Table 11")
     parser.add_argument("--steps", nargs="+", metavar="KEY", help="only these step keys (default: every row)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch 1 and a throughput batch")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8],
+                        help="batch 1 and a throughput batch")
     parser.add_argument("--seconds", type=float, default=2.5, help="timed seconds per engine and batch size")
-    parser.add_argument("--input-size", type=int, default=224, help="square input side in px")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="engine threads (default: every core)")
+    parser.add_argument("--input-size", type=positive_int, default=224, help="square input side in px")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
+                        help="engine threads (default: every core)")
     parser.add_argument("--engines", nargs="+", default=["cpu"], metavar="NAME",
                         help=f"engines or groups to time (default: cpu): {sorted(GROUPS)} or "
                              f"{[*CPU_ENGINES, *GPU_ENGINES]}; gpu = TensorRT fp16 + bf16 engines and ONNX Runtime "

@@ -23,7 +23,7 @@ from bench.host import host_description
 from bench.loadgen import closed_loop, jpeg_payloads
 from bench.report import format_ms
 from bench.server_process import measurement_pins, service
-from convnext_common import CliParser, add_version_argument
+from convnext_common import CliParser, add_version_argument, positive_int
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -76,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, help="an existing model repository (default: export convnext_tiny)")
     parser.add_argument("--model", default="convnext_tiny", help="model name in --repository; without one, the "
                         "architecture to export (random weights) under that name")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-batch-size", type=positive_int, default=8)
     parser.add_argument("--output", type=Path, default=Path("serve_benchmark.json"))
     args = parser.parse_args(argv)
     if min(args.batch_sizes) > args.max_batch_size:

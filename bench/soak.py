@@ -26,7 +26,7 @@ from bench.loadgen import closed_loop, jpeg_payloads, prepared_posts, send_lag_s
 from bench.open_loop import OpenLoop, Outcome, even_arrivals_s
 from bench.server_process import measurement_pins, service
 from bench.service_metrics import metric_value, scrape
-from convnext_common import CliParser, add_version_argument, one_line
+from convnext_common import CliParser, add_version_argument, one_line, positive_int
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 
@@ -192,8 +192,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate-fraction", type=float, default=0.7, help="open-loop rate as a fraction of the "
                         "closed-loop sustainable rate measured first")
     parser.add_argument("--rate", type=float, default=None, help="fixed requests/s instead of --rate-fraction")
-    parser.add_argument("--queue-size", type=int, default=256)
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--queue-size", type=positive_int, default=256)
+    parser.add_argument("--max-batch-size", type=positive_int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench-results/soak.json"))
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_SECONDS:.0f} s in {SMOKE_WINDOW_S:g} s windows")
     return parser

@@ -64,6 +64,16 @@ def test_a_count_of_zero_is_a_usage_error_not_a_traceback(repository, flag, caps
     assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["cpu", "engines", "--rounds"], ["cpu-serving", "--lone-requests"],
+                                     ["torch", "--timed-iters"], ["roadmap", "--threads"], ["serve", "--concurrency"],
+                                     ["soak", "--max-batch-size"]], ids=lambda c: "-".join(c).replace("--", ""))
+def test_every_benchs_counts_refuse_zero_as_a_usage_error(command, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        bench_main.main([*command, "0"])
+    assert stopped.value.code == 2
+    assert f"argument {command[-1]}: must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_precision_labels_a_bare_file_and_may_not_contradict_a_manifest(repository, tmp_path):
     artifact = repository / "atto" / "1" / "model.onnx"
     bare = shutil.copy(artifact, tmp_path / "model.onnx")
