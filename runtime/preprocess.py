@@ -17,15 +17,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from runtime.decode import FAST_DECODE_HEADROOM, fast_decode_min_short_side, reduce_jpeg_decode
 from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, resized_size
+from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
 from runtime.repository import Preprocess
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 # Image.open tries only these plugins, in order (an MPO file opens through JPEG's, which returns it as MPO).
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 STRIP_ROWS = 256  # rows scaled at a time when a 16/32-bit picture becomes 8-bit (to_rgb)
-# A progressive JPEG's every scan is a pass over the whole image, and a scan can be a dozen bytes: 20 MB of repeated
-# scans decode for an hour. Encoders write about 10 (libjpeg's default script) and rarely more than a few dozen.
-MAX_PROGRESSIVE_SCANS = 100
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
 Reserve = Callable[[int], AbstractContextManager[object]]
 RESAMPLING = {
@@ -91,7 +89,7 @@ def opened_image(data: bytes, max_pixels: int,
         if width * height > max_pixels:
             raise ImageError("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
                              f"over the limit of {max_pixels}")
-        if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+        if image.format in ("JPEG", "MPO"):
             _check_scan_count(data)
         image.seek(0)  # GIF / multi-page TIFF: the first frame
         if min_short_side_px is not None:
@@ -100,15 +98,12 @@ def opened_image(data: bytes, max_pixels: int,
 
 
 def _check_scan_count(data: bytes) -> None:
-    """Refuse a progressive JPEG of more than MAX_PROGRESSIVE_SCANS scans before decoding it. Every scan starts with
-    the marker FF DA, which cannot occur inside entropy-coded data (an FF there is followed by 00 or a restart
-    marker); an EXIF thumbnail's own scans count too, well within the bound. Baseline JPEGs need no count: their
-    scans must each code every block, so their decoding work grows with their bytes only."""
-    scans = data.count(b"\xff\xda")
-    if scans > MAX_PROGRESSIVE_SCANS:
-        raise ImageError("corrupt_image", f"a progressive JPEG of {scans} scans (at most {MAX_PROGRESSIVE_SCANS}; "
-                         "encoders write about 10): each scan is a pass over the whole image, so it is refused "
-                         "before decoding")
+    """Refuse a JPEG of more than MAX_JPEG_SCANS scans before decoding it: each scan is a pass over the whole image
+    (runtime/jpeg_scans.py)."""
+    scans = scan_count(data)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError("corrupt_image", f"a JPEG of more than {MAX_JPEG_SCANS} scans (encoders write 1-18): each "
+                         "scan is a pass over the whole image, so it is refused before decoding")
 
 
 def loaded_rgb(image: Image.Image) -> Image.Image:

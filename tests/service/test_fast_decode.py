@@ -110,23 +110,6 @@ def test_pixel_limit_is_checked_on_the_declared_size_not_the_reduced_one(photos)
     assert err.value.code == "too_many_pixels"
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_a_progressive_jpeg_of_repeated_scans_is_refused_before_it_is_decoded(photos, mode):
-    """Each repeated scan is a pass over the whole image: thousands of them (a few bytes each) would hold a decode
-    thread for minutes past the request's deadline. A real progressive JPEG (about 10 scans) still decodes."""
-    from runtime.preprocess import MAX_PROGRESSIVE_SCANS, ImageError
-
-    data = encode(photos[1].resize((1200, 900), Image.Resampling.BICUBIC), progressive=True)
-    assert 5 <= data.count(b"\xff\xda") <= 20  # an encoder's own script
-    assert preprocess(data, SPEC, MAX_PIXELS, mode).shape == (3, 224, 224)
-    end = data.rfind(b"\xff\xd9")
-    last_scan = data[data.rfind(b"\xff\xda"):end]
-    bomb = data[:end] + last_scan * MAX_PROGRESSIVE_SCANS + data[end:]
-    with pytest.raises(ImageError, match=r"progressive JPEG of 1\d\d scans \(at most 100") as refused:
-        preprocess(bomb, SPEC, MAX_PIXELS, mode)  # raised from its header and bytes, before a pixel is decoded
-    assert refused.value.code == "corrupt_image"
-
-
 def test_fast_is_the_exact_path_for_small_model_inputs_on_real_files(real_photos):
     """The real photo files as shipped (300-640 px), for the 64-px test model (fast decodes at 1/2 at most)."""
     spec = Preprocess(resize_px=73, crop_px=64, crop_pct=0.875, interpolation="bicubic", mean=SPEC.mean, std=SPEC.std)
