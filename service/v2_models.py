@@ -31,7 +31,7 @@ class _Message(BaseModel):
 class _Parameters(_Message):
     """A parameters object: the named fields typed, any other key kept, its value a bool, int, float or string."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"maxProperties": MAX_PARAMETERS})
     __pydantic_extra__: dict[str, InferParameter]
 
     @model_validator(mode="before")

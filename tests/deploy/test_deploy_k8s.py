@@ -84,6 +84,8 @@ def test_the_startup_probe_outlasts_the_services_own_bound_on_opening_an_engine(
     container = next(c for c in find("Deployment")["spec"]["template"]["spec"]["containers"] if c["name"] == "service")
     probe = container["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= open_bound_s("tensorrt", "cuda")
+    # A rollout is not declared failed while a new pod may still be within that allowance.
+    assert find("Deployment")["spec"]["progressDeadlineSeconds"] > probe["periodSeconds"] * probe["failureThreshold"]
 
 
 def test_the_training_job_meets_pod_security_restricted_too():
