@@ -227,10 +227,8 @@ class _Method:
     body_deadline_s, as an HTTP body must. Clients call it as the unary RPC it is in the .proto: the wire is the same.
     """
 
-    def __init__(self, name: str, handler: Handler, request_type: type[Message], state: ServiceState,
-                 read_slots: asyncio.Semaphore):
+    def __init__(self, name: str, handler: Handler, request_type: type[Message], state: ServiceState):
         self.name, self.handler, self.request_type, self.state = name, handler, request_type, state
-        self.read_slots = read_slots  # shared by every method (see read_slot_count)
         api_key = state.settings.api_key
         self.api_key = None if api_key is None or name in PUBLIC_METHODS else api_key.get_secret_value().encode()
 
@@ -266,14 +264,11 @@ class _Method:
             metrics.grpc_request_duration.labels(self.name, code.name).observe(time.perf_counter() - started)
 
     async def _request_message(self, messages: AsyncIterator[bytes]) -> bytes:
-        """The call's one request message, within body_deadline_s of the call's start: first a read slot (a call
-        waits for one without its message being read: HTTP/2 flow control then holds the client back), then the
-        message, after which the slot is free and the body budget counts the message instead."""
+        """The call's one request message, within body_deadline_s of the call's start."""
         deadline_s = self.state.settings.body_deadline_s
         try:
             async with asyncio.timeout(deadline_s):
-                async with self.read_slots:
-                    return await anext(messages)
+                return await anext(messages)
         except StopAsyncIteration:
             raise ApiError(400, "invalid_message", "the call ended without its request message") from None
         except TimeoutError:
@@ -281,25 +276,15 @@ class _Method:
                            "send it at once") from None
 
 
-def read_slot_count(max_buffered_body_bytes: int, max_body_bytes: int) -> int:
-    """How many calls' request messages may be received at once. gRPC holds a message whole, up to max_body_bytes,
-    until its last byte arrives, out of the body budget's sight (HTTP bodies are counted chunk by chunk): 512 calls
-    that never finish their 20 MB messages would hold 10 GB for body_deadline_s. So as many as the budget has room
-    for at the largest message size (12 by default) are read at once, and the rest wait their turn unread."""
-    return max(1, max_buffered_body_bytes // max_body_bytes)
-
-
 def inference_service(state: ServiceState) -> grpc.GenericRpcHandler:
     """Every RPC of the .proto's service, served under the protocol's name with the state's limits and key."""
     methods: dict[str, grpc.RpcMethodHandler] = {}
-    settings = state.settings
-    read_slots = asyncio.Semaphore(read_slot_count(settings.max_buffered_body_bytes, settings.max_body_bytes))
     for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         request_type = getattr(pb, method.input_type.name)
         # No request deserializer: the handler parses, so a malformed message gets INVALID_ARGUMENT, not UNKNOWN.
         # Stream-unary on this side (_Method): the key is checked before the message is read.
         methods[method.name] = grpc.stream_unary_rpc_method_handler(
-            _Method(method.name, HANDLERS[method.name], request_type, state, read_slots).call,  # for grpc: a coroutine
+            _Method(method.name, HANDLERS[method.name], request_type, state).call,  # a coroutine function, for grpc
             response_serializer=lambda message: message.SerializeToString())
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import httpx
 import numpy as np
 import pytest
@@ -141,34 +140,3 @@ def test_a_grpc_port_taken_after_the_cli_checked_it_fails_the_start_with_a_clear
             asyncio.run(start())
     assert app.state.startup_error.startswith(f"cannot listen for gRPC on 127.0.0.1:{port}")
     assert "\n" not in app.state.startup_error
-
-
-def test_messages_are_received_a_budgets_worth_at_a_time_and_the_rest_wait_unread(model_repository, launch):
-    """gRPC holds a request message whole until its last byte, out of the body budget's sight: only
-    max_buffered_body_bytes // max_body_bytes calls (here 2) have theirs read at once; another waits its turn, unread,
-    and is served once a slot frees."""
-    from service.grpc_server import read_slot_count
-
-    assert read_slot_count(256 * 2**20, 20 * 2**20) == 12 and read_slot_count(2**20, 2**20) == 1
-    release = threading.Event()
-
-    def message_when_released():
-        release.wait(60)
-        yield b""  # an empty ServerLiveRequest
-
-    with launch(model_repository, grpc_port=free_port(), max_body_bytes=2**20, max_buffered_body_bytes=2 * 2**20,
-                warmup_runs=0) as url:
-        channel = grpc.insecure_channel(grpc_address(url))
-        live = "/inference.GRPCInferenceService/ServerLive"
-        try:
-            held = [channel.stream_unary(live).future(message_when_released(), timeout=60) for _ in range(2)]
-            time.sleep(0.5)  # both calls have taken their slots and wait for their messages
-            with pytest.raises(grpc.RpcError) as waited:
-                channel.unary_unary(live)(b"", timeout=1.0)
-            assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # queued for a slot, not answered
-            release.set()
-            assert all(call.result(30) == b"\x08\x01" for call in held)  # live: true
-            assert channel.unary_unary(live)(b"", timeout=30) == b"\x08\x01"
-        finally:
-            release.set()
-            channel.close()
