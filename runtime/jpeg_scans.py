@@ -7,10 +7,11 @@ MAX_JPEG_SCANS refuses nothing real.
 
 A JPEG is segments (FF, a marker byte, a two-byte length, the payload), and after each SOS (FF DA) segment the
 scan's entropy-coded data, in which an FF is followed by 00 (a stuffed byte) or a restart marker (D0-D7) and any
-other byte starts the next segment. Counting FF DA in the raw bytes would also count those bytes inside APP and COM
+other byte starts the next segment. Counting FF DA in the raw bytes also counts those bytes inside APP and COM
 payloads (an ICC profile, EXIF) and after the end-of-image marker (a motion photo's appended video), where they are
-arbitrary; the walk below skips payloads by their lengths and stops at EOI (FF D9), as libjpeg does. The plain count
-from the first scan on runs first, at C speed: only a file over the bound there is walked scan by scan.
+arbitrary: that count is an upper bound, and only a file over the bound there is walked (payloads skipped by their
+lengths, junk between segments skipped to the next marker as libjpeg does, stopping at EOI). Every search is a
+regular expression without backtracking, so the walk stays linear in the file's size.
 """
 from __future__ import annotations
 
@@ -21,17 +22,18 @@ from itertools import islice
 MAX_JPEG_SCANS = 100
 SOS, EOI = 0xDA, 0xD9
 STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and the restart markers: no length follows
-# The end of a scan's entropy-coded data: an FF (and fill FFs) followed by a byte that is not 00 or a restart marker.
-NEXT_SEGMENT = re.compile(rb"\xff+[^\x00\xff\xd0-\xd7]")
+# A marker: the last FF of a run (fill bytes) and a byte that is neither 00 (a stuffed FF) nor another FF. Searched
+# from wherever the walk stands, it skips junk bytes as libjpeg's next_marker does (with a warning there).
+MARKER = re.compile(rb"\xff[^\x00\xff]")
+# The end of a scan's entropy-coded data: a marker that is not a restart marker (those belong to the scan).
+CODED_DATA_END = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
 
 
 def scan_offsets(data: bytes) -> Iterator[int]:
-    """The offset of each SOS segment of the primary image, in file order, up to its EOI (or where the structure
-    ends or breaks: what libjpeg would refuse is its to refuse, not this walk's)."""
-    pos, end = 2, len(data)  # past SOI
-    while pos + 4 <= end and data[pos] == 0xFF:
-        while pos + 1 < end and data[pos + 1] == 0xFF:  # fill bytes before a marker
-            pos += 1
+    """The offset of each SOS segment of the primary image, in file order, up to its EOI or the data's end."""
+    pos = 2  # past SOI
+    while (found := MARKER.search(data, pos)) is not None:
+        pos = found.start()
         marker = data[pos + 1]
         if marker == EOI:
             return
@@ -39,21 +41,20 @@ def scan_offsets(data: bytes) -> Iterator[int]:
             pos += 2
             continue
         segment = pos
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        # A length under 2 covers nothing past itself: libjpeg reads on after the two length bytes.
+        pos += 2 + max(int.from_bytes(data[pos + 2:pos + 4], "big"), 2)
         if marker == SOS:
             yield segment
-            coded_end = NEXT_SEGMENT.search(data, pos)
+            coded_end = CODED_DATA_END.search(data, pos)
             if coded_end is None:
                 return
-            pos = coded_end.end() - 2
+            pos = coded_end.start()
 
 
 def scan_count(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
-    """The primary image's scans, counted up to limit + 1 (enough to refuse it)."""
-    first = next(scan_offsets(data), None)
-    if first is None:
-        return 0
-    upper_bound = data.count(b"\xff\xda", first)  # also counts APP/COM bytes between scans, and trailing data
+    """The primary image's scans, counted up to limit + 1 (enough to refuse it); within the limit, the number of
+    FF DA pairs in the file (an upper bound, at C speed)."""
+    upper_bound = data.count(b"\xff\xda")
     if upper_bound <= limit:
         return upper_bound
     return sum(1 for _ in islice(scan_offsets(data), limit + 1))

@@ -82,3 +82,29 @@ def test_scan_markers_inside_metadata_or_after_the_image_are_not_scans(photo):
     for accepted in (with_metadata, with_video):
         assert scan_count(accepted) == 10
         assert preprocess(accepted, SPEC, MAX_PIXELS, "exact").shape == (3, 224, 224)
+
+
+def app0_end(data: bytes) -> int:
+    assert data[2:4] == b"\xff\xe0"  # Pillow writes JFIF's APP0 first
+    return 4 + int.from_bytes(data[4:6], "big")
+
+
+@pytest.mark.parametrize("junk", [b"\x00", bytes.fromhex("fffe0000")], ids=["junk-byte", "zero-length-comment"])
+def test_junk_between_segments_does_not_stop_the_count(photo, junk):
+    """libjpeg skips junk to the next marker (a warning) and reads on after a length under 2: the walk does too, or
+    one stray byte after APP0 would hide every scan."""
+    data = jpeg(photo, progressive=True)
+    bomb = before_eoi(data[:app0_end(data)] + junk + data[app0_end(data):], EMPTY_SCAN * MAX_JPEG_SCANS)
+    assert scan_count(bomb) == MAX_JPEG_SCANS + 1
+    with pytest.raises(ImageError, match="more than 100 scans"):
+        preprocess(bomb, SPEC, MAX_PIXELS, "exact")
+
+
+def test_the_walk_is_linear_in_runs_of_fill_bytes_and_ends_cleanly_on_them(photo):
+    """A run of FF bytes ended by 00 inside coded data made a backtracking pattern quadratic (a 20 MB run: days); a
+    file ending in fill bytes made the walk read past its end."""
+    data = jpeg(photo)
+    first_scan_end = data.index(b"\xff\xda") + 2 + int.from_bytes(data[data.index(b"\xff\xda") + 2:][:2], "big")
+    runs = data[:first_scan_end] + (b"\xff" * 200_000 + b"\x00") + data[first_scan_end:] + b"\xff\xda" * 101
+    assert scan_count(runs) == 1  # finishes (at once: linear), the look-alikes after EOI not counted
+    assert scan_count(data[:first_scan_end] + b"\xff" * 50 + b"\xff\xda" * 101 + b"\xff" * 9) >= 1
