@@ -21,7 +21,12 @@ from itertools import islice
 
 MAX_JPEG_SCANS = 100
 SOS, EOI = 0xDA, 0xD9
-STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and the restart markers: no length follows
+# Read without a length: TEM, the restart markers, and the reserved 02-BF. libjpeg fails on a reserved one between
+# segments; inside a scan with a restart interval it steps over its two bytes and reads on (jdmarker.c,
+# jpeg_resync_to_restart: "invalid marker"), so a made-up length after it must not hide what follows.
+STANDALONE = frozenset({*range(0x01, 0xC0), *range(0xD0, 0xD8)})
+# Real files have a few dozen segments outside their scans' data; a walk that meets far more is refused as over.
+MAX_MARKERS = 64 * MAX_JPEG_SCANS
 # A marker: the last FF of a run (fill bytes) and a byte that is neither 00 (a stuffed FF) nor another FF. Searched
 # from wherever the walk stands, it skips junk bytes as libjpeg's next_marker does (with a warning there).
 MARKER = re.compile(rb"\xff[^\x00\xff]")
@@ -30,9 +35,13 @@ CODED_DATA_END = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
 
 
 def scan_offsets(data: bytes) -> Iterator[int]:
-    """The offset of each SOS segment of the primary image, in file order, up to its EOI or the data's end."""
+    """The offset of each SOS segment of the primary image, in file order, up to its EOI or the data's end; past
+    MAX_MARKERS markers, MAX_JPEG_SCANS + 1 more (-1: no offset), so that the file counts as over the bound."""
     pos = 2  # past SOI
-    while (found := MARKER.search(data, pos)) is not None:
+    for _ in range(MAX_MARKERS):
+        found = MARKER.search(data, pos)
+        if found is None:
+            return
         pos = found.start()
         marker = data[pos + 1]
         if marker == EOI:
@@ -49,6 +58,7 @@ def scan_offsets(data: bytes) -> Iterator[int]:
             if coded_end is None:
                 return
             pos = coded_end.start()
+    yield from (-1 for _ in range(MAX_JPEG_SCANS + 1))  # MAX_MARKERS met: counted as over the bound
 
 
 def scan_count(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:

@@ -108,3 +108,22 @@ def test_the_walk_is_linear_in_runs_of_fill_bytes_and_ends_cleanly_on_them(photo
     runs = data[:first_scan_end] + (b"\xff" * 200_000 + b"\x00") + data[first_scan_end:] + b"\xff\xda" * 101
     assert scan_count(runs) == 1  # finishes (at once: linear), the look-alikes after EOI not counted
     assert scan_count(data[:first_scan_end] + b"\xff" * 50 + b"\xff\xda" * 101 + b"\xff" * 9) >= 1
+
+
+def test_a_reserved_marker_with_a_made_up_length_hides_no_scans(photo):
+    """With a restart interval, libjpeg steps over a reserved marker (02-BF) inside a scan's data and reads on; a walk
+    that skipped the length after it would miss every scan hidden there."""
+    data = jpeg(photo, progressive=True, restart_marker_blocks=1)
+    first_scan = data.index(b"\xff\xda")
+    scan_data = first_scan + 2 + int.from_bytes(data[first_scan + 2:first_scan + 4], "big")
+    hidden = EMPTY_SCAN * (MAX_JPEG_SCANS + 1)
+    bomb = data[:scan_data] + b"\xff\x02" + (len(hidden) + 2).to_bytes(2, "big") + hidden + data[scan_data:]
+    assert scan_count(bomb) == MAX_JPEG_SCANS + 1
+    with pytest.raises(ImageError, match="more than 100 scans"):
+        preprocess(bomb, SPEC, MAX_PIXELS, "exact")
+
+
+def test_a_walk_through_thousands_of_markers_stops_and_counts_the_file_as_over(photo):
+    data = jpeg(photo)
+    markers = b"\xff\x01" * 100_000 + b"\xff\xda" * (MAX_JPEG_SCANS + 1)  # TEM markers, then look-alikes
+    assert scan_count(data[:2] + markers + data[2:]) == MAX_JPEG_SCANS + 1
