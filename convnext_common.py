@@ -1,8 +1,10 @@
-"""What every command line of the project shares: `--version` (from the installed metadata) and one-line errors."""
+"""What every command line of the project shares: `--version` (from the installed metadata), one-line errors, and
+the CPUs a process may use (the service's thread defaults, and the benches that pin them)."""
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -16,6 +18,12 @@ def project_version() -> str:
         return version(DISTRIBUTION)
     except PackageNotFoundError:  # run from a source tree that was never pip-installed
         return "0+unknown"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: `taskset`, a container's cpuset), not the machine's count.
+    A CPU quota (docker --cpus, a k8s limit) is not a mask: set intra_op_threads / preprocess_workers to it."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def version_text() -> str:

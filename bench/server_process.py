@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from convnext_common import usable_cpus
 from runtime.decode import FAST_DECODE_HEADROOM
 
 LOG_TAIL_CHARS = 3000
@@ -46,8 +47,7 @@ def measurement_pins(*, decode_mode: str = "exact", ort_streams: int = 1, ort_sp
     own defaults; preprocess workers: the CPUs this process may use, as the service counts them). A flag overrides
     its CONVNEXT_* variable: unpinned, one in the bench's environment would change "ours" but not the engine alone or
     the peer that it is compared with."""
-    workers = preprocess_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                     else os.cpu_count() or 1)
+    workers = preprocess_workers or usable_cpus()
     return ["--decode-mode", decode_mode, "--fast-decode-headroom", str(fast_decode_headroom),
             "--ort-streams", str(ort_streams), "--ort-spinning", "true" if ort_spinning else "false",
             "--max-queue-delay-ms", str(max_queue_delay_ms), "--preprocess-workers", str(workers)]

@@ -2,21 +2,15 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from convnext_common import usable_cpus
 from runtime.decode import FAST_DECODE_HEADROOM, HEADROOM_RANGE
 from runtime.decode_memory import common_peak_bytes
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: `taskset`, a container's cpuset), not the machine's count.
-    A CPU quota (docker --cpus, a k8s limit) is not a mask: set intra_op_threads / preprocess_workers to it."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _key_from_file(data: dict, name: str) -> dict:
