@@ -16,8 +16,6 @@ regular expression without backtracking, so the walk stays linear in the file's 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from itertools import islice
 
 MAX_JPEG_SCANS = 100
 SOS, EOI = 0xDA, 0xD9
@@ -34,37 +32,36 @@ MARKER = re.compile(rb"\xff[^\x00\xff]")
 CODED_DATA_END = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
 
 
-def scan_offsets(data: bytes) -> Iterator[int]:
-    """The offset of each SOS segment of the primary image, in file order, up to its EOI or the data's end; past
-    MAX_MARKERS markers, MAX_JPEG_SCANS + 1 more (-1: no offset), so that the file counts as over the bound."""
-    pos = 2  # past SOI
+def walked_scans(data: bytes, limit: int) -> int:
+    """The primary image's SOS segments, walked in file order up to its EOI or the data's end, counted up to
+    limit + 1; past MAX_MARKERS markers, limit + 1 (the file counts as over the bound)."""
+    scans, pos = 0, 2  # past SOI
     for _ in range(MAX_MARKERS):
         found = MARKER.search(data, pos)
         if found is None:
-            return
+            return scans
         pos = found.start()
         marker = data[pos + 1]
         if marker == EOI:
-            return
+            return scans
         if marker in STANDALONE:
             pos += 2
             continue
-        segment = pos
         # A length under 2 covers nothing past itself: libjpeg reads on after the two length bytes.
         pos += 2 + max(int.from_bytes(data[pos + 2:pos + 4], "big"), 2)
         if marker == SOS:
-            yield segment
+            scans += 1
+            if scans > limit:
+                return scans
             coded_end = CODED_DATA_END.search(data, pos)
             if coded_end is None:
-                return
+                return scans
             pos = coded_end.start()
-    yield from (-1 for _ in range(MAX_JPEG_SCANS + 1))  # MAX_MARKERS met: counted as over the bound
+    return limit + 1
 
 
 def scan_count(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
     """The primary image's scans, counted up to limit + 1 (enough to refuse it); within the limit, the number of
     FF DA pairs in the file (an upper bound, at C speed)."""
     upper_bound = data.count(b"\xff\xda")
-    if upper_bound <= limit:
-        return upper_bound
-    return sum(1 for _ in islice(scan_offsets(data), limit + 1))
+    return upper_bound if upper_bound <= limit else walked_scans(data, limit)
