@@ -69,7 +69,8 @@ class ModelManager:
         self._lock = asyncio.Lock()  # one reload or recovery at a time
         self._recovery: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
-        self._closing: set[asyncio.Task] = set()
+        self._closing: set[asyncio.Task] = set()  # engines closing in the background; stop() awaits them
+        self._stopping = False  # stop() has begun: an engine that breaks now is closed, not rebuilt
         registry = metrics.registry
         self.restarts = Counter("convnext_engine_restarts_total", "engines abandoned and rebuilt, by reason",
                                 ["reason"], registry=registry)
@@ -136,6 +137,7 @@ class ModelManager:
             self._watch = asyncio.get_running_loop().create_task(self._watch_repository(), name="repository-watch")
 
     async def stop(self, drain_timeout_s: float) -> None:
+        self._stopping = True
         self._broken_reason = "the service is shutting down"
         for task in (self._watch, self._recovery):
             if task is not None:
@@ -253,8 +255,17 @@ class ModelManager:
         return engine
 
     async def _install(self, served: ServedModel) -> ServedModel | None:
-        previous_current = self.current
-        previous = await self.running_batcher.swap(served)  # returns once the previous engine's last batch is done
+        previous_current, previously_served = self.current, self.running_batcher.served
+        try:
+            previous = await self.running_batcher.swap(served)  # returns once the previous engine's last batch is done
+        except asyncio.CancelledError:
+            # Cancelled while the previous engine's last batches finish (a reload the shutdown stopped): the batcher
+            # serves `served` from swap's first step on, so it is current now (stop() closes it) and the previous
+            # engine closes behind its batches (a detached one, None here, has been closing since it broke).
+            self.current = served
+            if previously_served is not None:
+                self._close_in_background(previously_served)
+            raise
         self.current = served
         self._broken_reason = None
         self._show(served)
@@ -282,6 +293,11 @@ class ModelManager:
         elif closing.exception() is not None:  # its thread was stopped already: the engine is not in use
             logger.warning("the engine of %s/%s was not closed: %s", served.name, served.version, closing.exception())
 
+    def _close_in_background(self, served: ServedModel) -> None:
+        task = asyncio.get_running_loop().create_task(self._close(served))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     @staticmethod
     def _close_later(served: ServedModel) -> None:  # behind every call on it, a hung one included; waits for none
         served.thread.submit_last(close_engine, served.engine, f"{served.name}/{served.version}")
@@ -302,16 +318,18 @@ class ModelManager:
         self.metrics.model_info.labels(*self._info_labels).set(1)
 
     def _on_broken(self, served: ServedModel, reason: str, detail: str) -> None:
-        """Called by the batcher when it stops using an engine; rebuild one from the same version."""
-        self._broken_reason = f"{reason}: {detail}"
+        """Called by the batcher when it stops using an engine; rebuild one from the same version (not once stop()
+        has begun: a batch of the drain that breaks it gets no rebuild outliving the shutdown)."""
         self.restarts.labels(reason).inc()
-        logger.error("engine of %s/%s is broken (%s); rebuilding it", served.name, served.version, detail)
+        logger.error("engine of %s/%s is broken (%s); %s", served.name, served.version, detail,
+                     "shutting down, not rebuilding it" if self._stopping else "rebuilding it")
         if reason == "engine_timeout":
             self._close_later(served)  # abandoned: the hung call may still be using the engine
         else:
-            task = asyncio.get_running_loop().create_task(self._close(served))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close_in_background(served)  # stop() awaits it
+        if self._stopping:
+            return
+        self._broken_reason = f"{reason}: {detail}"
         if self._recovery is None or self._recovery.done():
             # served.model is set: _build made every ServedModel this manager serves.
             self._recovery = asyncio.get_running_loop().create_task(

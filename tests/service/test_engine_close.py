@@ -138,3 +138,63 @@ def test_a_rebuild_completes_when_the_closed_engine_it_replaces_cannot_describe_
     error, info, serving = asyncio.run(scenario())
     assert error is None and serving is not None and serving.engine is rebuilt
     assert info == [{"name": "atto", "version": "1", "engine": "stand-in", "precision": "fp32"}]
+
+
+class FailsOnRelease(StandInEngine):
+    """Once `hold` is set, a batch waits for `release`, then fails (a device fault during the shutdown's drain)."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if not self.hold.is_set():
+            return super().run(batch)
+        self.running.set()
+        self.release.wait(30)
+        raise RuntimeError("simulated device fault")
+
+
+def test_an_engine_that_breaks_during_the_shutdown_drain_is_closed_and_not_rebuilt(model_repository):
+    """stop() has cancelled any recovery when the drain's last batch breaks the engine: a rebuild started then
+    outlived stop() (a TensorRT build the exiting process then killed) and overwrote "shutting down" on /readyz."""
+    broken, spare = FailsOnRelease(), StandInEngine()
+
+    async def scenario():
+        manager = manager_for(model_repository, [broken, spare], engine_max_consecutive_failures=1)
+        await manager.start()
+        broken.hold.set()
+        (item,) = manager.running_batcher.submit(image(), time.monotonic() + 30)
+        assert await asyncio.to_thread(broken.running.wait, 5)
+        stopping = asyncio.create_task(manager.stop(drain_timeout_s=10))
+        await asyncio.sleep(0)  # stop() runs up to the drain's first wait
+        broken.release.set()
+        with pytest.raises(BatchFailedError):
+            await item.future
+        await stopping
+        return manager._recovery, manager.not_ready_reason
+
+    recovery, reason = asyncio.run(scenario())
+    assert broken.closed.is_set() and not spare.loading.is_set() and recovery is None
+    assert reason == "the service is shutting down"
+
+
+def test_a_reload_cancelled_while_the_old_engine_finishes_its_batch_leaves_both_engines_to_stop(model_repository):
+    """uvicorn's graceful-shutdown timeout cancels an /admin/reload waiting in swap() for the old engine's last
+    batch: the batcher serves the new engine already, so it is current, and the old one closes behind its batch;
+    neither was closed before (the manager still named the old one, which the batcher no longer served)."""
+    old, new = StandInEngine(), StandInEngine()
+
+    async def scenario():
+        manager = manager_for(model_repository, [old, new])
+        await manager.start()
+        old.hold.set()
+        manager.running_batcher.submit(image(), time.monotonic() + 30)
+        assert await asyncio.to_thread(old.running.wait, 5)
+        reload = asyncio.create_task(manager.reload(1))
+        deadline = time.monotonic() + 30
+        while manager.running_batcher.served.engine is not new and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the new engine is built and served; the reload waits for the old one's batch
+        reload.cancel()
+        await asyncio.gather(reload, return_exceptions=True)
+        old.release.set()
+        await manager.stop(drain_timeout_s=5)
+        return (await asyncio.to_thread(old.closed.wait, 5)), new.closed.is_set()
+
+    assert asyncio.run(scenario()) == (True, True)
