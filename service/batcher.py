@@ -165,6 +165,10 @@ class Batcher:
         self.on_broken = on_broken
         self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize=queue_size)
         self.metrics = metrics
+        # Read at each scrape: set on events only, it kept its last value through an engine outage, when every
+        # queued request had left with its 504.
+        metrics.queue_depth.set_function(self.waiting)
+        self._gathered: list[Item] = []  # a batch taken from the queue that waits for an engine or a slot
         self.task: asyncio.Task | None = None
         self.closing = False
         self.consecutive_failures = 0
@@ -195,8 +199,12 @@ class Batcher:
         items = [Item(t, deadline, loop.create_future()) for t in tensors]
         for item in items:
             self.queue.put_nowait(item)
-        self.metrics.queue_depth.set(self.queue.qsize())
         return items
+
+    def waiting(self) -> int:
+        """Images waiting for the engine (convnext_queue_depth, read at each scrape): those queued, and those of a
+        gathered batch still waiting for an engine or a slot whose clients are still there."""
+        return self.queue.qsize() + sum(not item.future.done() for item in self._gathered)
 
     def _drop_cancelled(self) -> None:
         """Take the items already answered (a disconnect, a request's timeout) out of the queue, keeping the order."""
@@ -204,7 +212,6 @@ class Batcher:
         for item in waiting:
             if not item.future.done():
                 self.queue.put_nowait(item)
-        self.metrics.queue_depth.set(self.queue.qsize())
 
     async def swap(self, served: ServedModel) -> ServedModel | None:
         """Serve `served` from the next batch on; returns the previous model once its last batch has finished."""
@@ -255,13 +262,13 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             await self._free_slot()  # a batch gathered now fills from everything queued while the slots were busy
-            batch = await self._gather()
+            batch = self._gathered = await self._gather()
             # While the engine is being reloaded the batch waits for the new one, and for a slot on it (a swap during
             # the gather may have brought an engine with fewer slots); checked again after every wait.
             while self.served is None or self._blocking():
                 await self._has_engine.wait()
                 await self._free_slot()
-            self.metrics.queue_depth.set(self.queue.qsize())
+            self._gathered = []
             batch = self._live(batch)
             if not batch:
                 continue
@@ -303,13 +310,17 @@ class Batcher:
             item.served_by = served
             self.metrics.queue_wait.observe(started - item.enqueued_at)
         buffer = self._take_buffer(batch[0].tensor.shape)
+        bound = asyncio.timeout(self.engine_timeout_s)  # cheaper than wait_for on the event loop
         try:
             call = served.thread.submit(fill_and_run, served.engine, buffer, [item.tensor for item in batch])
-            async with asyncio.timeout(self.engine_timeout_s):  # cheaper than wait_for on the event loop
+            async with bound:
                 logits = await asyncio.wrap_future(call)
             if logits.shape[0] != len(batch):
                 raise RuntimeError(f"engine returned {logits.shape[0]} rows for a batch of {len(batch)}")
-        except TimeoutError:
+        except TimeoutError as err:
+            if not bound.expired():  # the engine's own TimeoutError (socket.timeout is one): a failed batch
+                self._failed(batch, buffer, served, err)
+                return
             # The hung call may still read its buffer: it is not reused.
             detail = (f"the engine did not finish a batch of {len(batch)} within {self.engine_timeout_s * 1000:.0f} "
                       f"ms (engine_timeout_ms); it is being reloaded, retry shortly")
@@ -318,20 +329,7 @@ class Batcher:
             self._detach(served, "engine_timeout", detail)
             return
         except Exception as err:  # any engine failure fails this batch only; the loop keeps serving
-            self._buffers.append(buffer)  # the call has finished with it
-            # The engine's own words (paths, node names, driver messages) go to the operator's log, not to clients;
-            # the incident id ties the two together.
-            incident = secrets.token_hex(4)
-            logger.error("inference failed on a batch of %d, incident %s: %s: %s", len(batch), incident,
-                         type(err).__name__, err, exc_info=err)
-            self._fail(batch, BatchFailedError(f"inference failed on this image's batch (incident {incident}: the "
-                                               "service log has the engine's error)"))
-            if served is not self.served:
-                return  # a swapped-out engine's last batch: its failures say nothing of the engine now serving
-            self.consecutive_failures += 1
-            if self.consecutive_failures >= self.max_consecutive_failures:
-                self._detach(served, "consecutive_failures", f"{self.consecutive_failures} batches failed in a row, "
-                             f"the last with {type(err).__name__} (incident {incident})")
+            self._failed(batch, buffer, served, err)
             return
         self._buffers.append(buffer)
         if served is self.served:
@@ -351,6 +349,23 @@ class Batcher:
             else:  # that image only (fp16 overflow on one input, say): the others in its batch are answered
                 item.future.set_exception(BatchFailedError("inference failed: the engine returned values that are "
                                                            "not finite numbers (NaN or inf) for this image"))
+
+    def _failed(self, batch: list[Item], buffer: np.ndarray, served: ServedModel, err: Exception) -> None:
+        """The engine raised on this batch: it fails, and enough failures in a row detach the engine."""
+        self._buffers.append(buffer)  # the call has finished with it
+        # The engine's own words (paths, node names, driver messages) go to the operator's log, not to clients;
+        # the incident id ties the two together.
+        incident = secrets.token_hex(4)
+        logger.error("inference failed on a batch of %d, incident %s: %s: %s", len(batch), incident,
+                     type(err).__name__, err, exc_info=err)
+        self._fail(batch, BatchFailedError(f"inference failed on this image's batch (incident {incident}: the "
+                                           "service log has the engine's error)"))
+        if served is not self.served:
+            return  # a swapped-out engine's last batch: its failures say nothing of the engine now serving
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.max_consecutive_failures:
+            self._detach(served, "consecutive_failures", f"{self.consecutive_failures} batches failed in a row, "
+                         f"the last with {type(err).__name__} (incident {incident})")
 
     @staticmethod
     def _fail(batch: list[Item], error: Exception) -> None:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from runtime.preprocess import ImageError, Reserve, preprocess
 from runtime.repository import ModelVersion, Preprocess
@@ -56,6 +56,8 @@ async def read_body(request: Request, state: ServiceState, max_bytes: int | None
                 chunk = await anext(stream)
         except StopAsyncIteration:
             break
+        except ClientDisconnect:  # it hung up mid-upload: its 499, not a 500 with a traceback in the log
+            raise ApiError(499, "client_disconnected", "the client disconnected while sending its body") from None
         except TimeoutError:
             waited = f"no part of the request body arrived for {timeout_s:g} s" if loop.time() < deadline else \
                 f"the request body did not arrive within {deadline_s:g} s"
@@ -115,7 +117,12 @@ def require_ready(state: ServiceState) -> ModelVersion:
 
 @contextmanager
 def admitted(state: ServiceState, images: int) -> Iterator[None]:
-    """Count the request's images in before decoding; at capacity it is refused at once (503 + Retry-After)."""
+    """Count the request's images in before decoding; at capacity it is refused at once (503 + Retry-After); more
+    images than the capacity itself never fit, so that is a 413, not a 503 a client would retry forever."""
+    capacity = state.admission.capacity
+    if images > capacity:
+        raise ApiError(413, "too_many_images", f"{images} images in one request, over the service's capacity of "
+                       f"{capacity} (queue_size + max_batch_size); send at most {capacity} per request")
     try:
         with state.admission.admit(images):
             yield

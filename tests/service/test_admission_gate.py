@@ -167,3 +167,21 @@ def test_images_admitted_together_are_all_queued_before_the_batcher_takes_any(mo
         for item in items:
             asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(item.future), 30), loop).result(40)
         assert all(item.future.result().shape == (state.version.manifest.num_classes,) for item in items)
+
+
+def test_a_request_with_more_images_than_the_capacity_gets_413_not_a_503_to_retry_forever(model_repository,
+                                                                                          real_photos, launch):
+    """queue_size + max_batch_size images at most are ever in progress: a request with more could never be admitted,
+    and a 503 with Retry-After had clients retry it forever (gRPC's UNAVAILABLE is retried automatically)."""
+    data = real_photos[0].read_bytes()
+    with launch(model_repository, max_batch_size=1, queue_size=1, warmup_runs=0) as url:
+        def post(count: int) -> httpx.Response:
+            files = [("files", (f"{i}.jpg", data, "image/jpeg")) for i in range(count)]
+            return httpx.post(f"{url}/classify", files=files, timeout=60)
+
+        refused = post(3)
+        assert refused.status_code == 413, refused.text
+        assert refused.json()["error"]["code"] == "too_many_images"
+        assert "over the service's capacity of 2" in refused.json()["error"]["message"]
+        assert "retry-after" not in refused.headers
+        assert post(2).status_code == 200

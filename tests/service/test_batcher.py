@@ -167,10 +167,13 @@ def test_a_batch_past_the_engine_timeout_fails_at_once_and_later_work_waits_for_
     assert row[0] == 2.0 and version == 2 and fresh_batches == [[2.0]]
 
 
-def test_consecutive_failed_batches_detach_the_engine_but_one_failure_does_not():
+# TimeoutError: the engine's own (socket.timeout, concurrent.futures.TimeoutError are one), raised at once: a failed
+# batch like any other, not the engine_timeout_ms hang that detached the engine on its first occurrence.
+@pytest.mark.parametrize("error", [RuntimeError, TimeoutError])
+def test_consecutive_failed_batches_detach_the_engine_but_one_failure_does_not(error):
     class FailingEngine(RecordingEngine):
         def run(self, batch):
-            raise RuntimeError("device error")
+            raise error("device error")
 
     async def scenario():
         broken = []
@@ -190,6 +193,7 @@ def test_consecutive_failed_batches_detach_the_engine_but_one_failure_does_not()
     counts, broken = run(scenario())
     assert counts == [0, 0, 1]
     assert broken[0][0] == "consecutive_failures" and "3 batches failed in a row" in broken[0][1]
+    assert f"the last with {error.__name__}" in broken[0][1]
 
 
 def test_a_swapped_out_engines_last_failed_batch_does_not_count_against_the_new_engine():
@@ -281,3 +285,35 @@ def test_images_past_their_deadline_fail_without_being_counted_here():
     outcomes, counted = run(scenario())
     assert all(isinstance(outcome, DeadlineError) for outcome in outcomes)
     assert counted == 0
+
+
+def test_queue_depth_is_read_at_each_scrape_so_it_follows_the_queue_through_an_engine_outage():
+    """Set on events only, the gauge kept its last value while the batcher waited for a new engine, as the waiting
+    requests left with their 504s."""
+    async def scenario():
+        metrics = ServiceMetrics()
+
+        def depth() -> float:
+            return metrics.queue_depth.collect()[0].samples[0].value
+
+        class BrokenEngine(RecordingEngine):
+            def run(self, batch):
+                raise RuntimeError("device error")
+
+        batcher = Batcher(served(BrokenEngine()), max_batch_size=2, max_queue_delay_ms=1, queue_size=8,
+                          metrics=metrics, max_consecutive_failures=1)
+        batcher.start()
+        (breaking,) = batcher.submit(tensors(0), time.monotonic() + 10)
+        with pytest.raises(BatchFailedError):
+            await breaking.future  # the engine is detached: a batch is gathered and waits for a new one
+        items = batcher.submit(tensors(1, 2, 3), time.monotonic() + 10)
+        submitted = depth()
+        while batcher.queue.qsize() > 1:
+            await asyncio.sleep(0.001)  # the loop takes a batch of 2 from the queue and waits for an engine
+        gathered = depth()
+        for item in items:
+            item.future.cancel()  # their clients leave
+        batcher.task.cancel()
+        return submitted, gathered, depth(), batcher.queue.qsize()
+
+    assert run(scenario()) == (3, 3, 1, 1)  # the queued one counts until the batcher drops it
