@@ -53,7 +53,10 @@ def metric(url: str, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def strict_url(model_repository, launch):
-    with launch(model_repository, header_timeout_s=0.5, body_timeout_s=0.5, max_files_per_request=3) as url:
+    """2 s timeouts: short enough for the tests that wait for them, long enough that a pause of the whole test process
+    (its servers run in threads of it: a garbage collection, CPU steal on CI) cannot time out the uploads and heads
+    meant to succeed (after a pause longer than a timer, asyncio runs the timer before the read of what arrived)."""
+    with launch(model_repository, header_timeout_s=2.0, body_timeout_s=2.0, max_files_per_request=3) as url:
         yield url
 
 
@@ -109,15 +112,17 @@ def test_keep_alive_connection_gets_the_same_header_timeout_for_its_next_request
 
 def test_a_body_trickled_under_the_chunk_timeout_still_ends_at_the_body_deadline(model_repository, launch,
                                                                                  real_photos):
-    """A byte every 0.2 s never trips the 0.5 s chunk timeout: without a deadline for the whole body it would hold
-    its connection and buffer for as long as it likes (512 such clients lock everyone out)."""
+    """A byte every 0.1 s never trips the 1 s chunk timeout: without a deadline for the whole body it would hold
+    its connection and buffer for as long as it likes (512 such clients lock everyone out). The 0.9 s between a byte
+    and the chunk timeout is room for a pause of the test process, whose server thread would otherwise answer 408
+    for the chunk instead of for the deadline."""
     jpeg = real_photos[0].read_bytes()
-    with launch(model_repository, body_timeout_s=0.5, body_deadline_s=1.5) as url:
+    with launch(model_repository, body_timeout_s=1.0, body_deadline_s=2.5) as url:
         sock = connect(url)
         sock.sendall(b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(jpeg))
         started = time.monotonic()
-        sock.settimeout(0.2)
+        sock.settimeout(0.1)
         answer = b""
         for byte in jpeg[:100]:
             try:
@@ -132,7 +137,8 @@ def test_a_body_trickled_under_the_chunk_timeout_still_ends_at_the_body_deadline
         elapsed = time.monotonic() - started
         sock.close()
         assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
-        assert b"did not arrive within 1.5 s" in answer and elapsed < 5
+        # 100 bytes take 10 s or more: an answer well before them is the deadline's
+        assert b"did not arrive within 2.5 s" in answer and elapsed < 8
 
 
 def test_admin_reload_takes_only_a_small_json_body(strict_url):

@@ -24,7 +24,10 @@ from tests.service.test_admission_gate import Hold, fill_to_capacity
 from tests.service.test_limits import read_response
 
 UPLOAD_BYTES = 16 * 1024 * 1024  # 16 times max_body_bytes: far more than the socket buffers hold
-LIMITS = dict(max_body_bytes=1024 * 1024, max_buffered_body_bytes=2 * 1024 * 1024, body_timeout_s=0.5)
+# body_timeout_s: 2 s, not less: the uploads that must go through (a 1 MiB streamed body, the keep-alive test's JPEGs)
+# would get 408 from a pause of the whole test process (its servers run in threads of it: a garbage collection, CPU
+# steal on CI) longer than it between two chunks; the stall test waits for it once per stack.
+LIMITS = dict(max_body_bytes=1024 * 1024, max_buffered_body_bytes=2 * 1024 * 1024, body_timeout_s=2.0)
 STACKS = {"httptools-uvloop": (HttpToolsProtocol, "uvloop"), "httptools-asyncio": (HttpToolsProtocol, "asyncio"),
           "h11-uvloop": (H11Protocol, "uvloop"), "h11-asyncio": (H11Protocol, "asyncio")}
 uvicorn_config = server.uvicorn_config  # the real one, before any test swaps it
@@ -97,8 +100,8 @@ def answer_of(raw: bytes) -> tuple[int, dict]:
 
 def assert_serves(url: str, jpeg: bytes) -> None:
     """The process serves afterwards (polled: a connection the client has just closed may still be counted, 503,
-    and a pause of this whole process, server thread included, over the fixture's 0.5 s body_timeout_s between two
-    chunks of the upload (a full garbage collection late in the suite, CPU steal on CI) answers 408; CI saw one)."""
+    and a pause of this whole process, server thread included, over body_timeout_s between two chunks of the upload
+    (a full garbage collection late in the suite, CPU steal on CI) answers 408; CI saw one at 0.5 s)."""
     deadline = time.monotonic() + 20
     while (status := httpx.post(f"{url}/classify", content=jpeg, headers={"content-type": "image/jpeg"},
                                 timeout=30).status_code) in (503, 408) and time.monotonic() < deadline:
@@ -172,7 +175,7 @@ def test_a_client_that_stalls_then_sends_the_rest_reads_the_408(edge_url, jpeg):
     declared = LIMITS["max_body_bytes"]  # within the limit: read until it stalls
     sock = raw_socket(edge_url)
     sock.sendall(upload_head(declared) + bytes(1024))
-    sock.recv(1, socket.MSG_PEEK)  # the 408 has arrived (body_timeout_s: 0.5 s) ...
+    sock.recv(1, socket.MSG_PEEK)  # the 408 has arrived (body_timeout_s: 2 s) ...
     sock.sendall(bytes(declared - 1024))  # ... and the client, unaware, sends the rest of its body
     raw = b""
     while chunk := sock.recv(65536):
@@ -209,6 +212,9 @@ def test_a_client_that_never_stops_sending_is_cut_off_at_the_lingering_bound(edg
 def test_at_the_connection_limit_an_uploading_client_reads_the_503_and_lingering_counts(model_repository, launch,
                                                                                        stack, jpeg, monkeypatch):
     monkeypatch.setattr(lingering_close, "LINGERING_TIME_S", 60.0)  # here only the client's silence ends it
+    # Silence: 4 s, not 2, so that a pause of the sending thread (or of the whole process, servers included) cannot
+    # end the lingering before the test has seen it hold the place; the test then waits that long once per stack.
+    monkeypatch.setattr(lingering_close, "LINGERING_TIMEOUT_S", 4.0)
     with serving(model_repository, launch, stack, max_connections=1, **LIMITS) as url:
         held = raw_socket(url)
         held.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")  # a probe: always answered, then kept alive
@@ -228,7 +234,7 @@ def test_at_the_connection_limit_an_uploading_client_reads_the_503_and_lingering
             assert httpx.get(f"{url}/models").json()["error"]["code"] == "too_many_connections"
             client.stop.set()
             client.thread.join(10)
-            # Silent now: within LINGERING_TIMEOUT_S (2 s) the server closes it and the place is free again.
+            # Silent now: within LINGERING_TIMEOUT_S (4 s here) the server closes it and the place is free again.
             deadline = time.monotonic() + 20
             while httpx.get(f"{url}/models").status_code == 503 and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -293,6 +299,8 @@ def test_no_more_connections_linger_at_once_than_max_connections(model_repositor
     """A flood of early-refused uploads holds no more sockets open than the server would serve: with
     max_connections 1, one lingers while it sends; the next ones close at once (their clients cut off)."""
     monkeypatch.setattr(lingering_close, "LINGERING_TIME_S", 60.0)
+    # Nor its silence (2 s by default): a pause of the first client's sending thread while the others connect.
+    monkeypatch.setattr(lingering_close, "LINGERING_TIMEOUT_S", 30.0)
     with serving(model_repository, launch, stack, max_connections=1, **LIMITS) as url:
         first = EndlessUpload(url, "/healthz")  # a probe path passes the limit: answered 405, its body unread
         others: list[EndlessUpload] = []
