@@ -10,36 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from runtime.engines.onnxruntime import OnnxRuntimeEngine
-from tests.service.test_faults import factory
-
-
-class Hold:
-    """Batches that wait, once `start()` is called, until `finish()`: the slots stay taken for as long as a test
-    needs them, however slow the machine (a fixed engine delay let a slot free itself before a test's last request).
-    Before start() batches run at once, so the service warms up and becomes ready."""
-
-    def __init__(self):
-        self.holding = threading.Event()
-        self.released = threading.Event()
-
-        hold = self
-
-        class HeldEngine(OnnxRuntimeEngine):
-            def run(self, batch: np.ndarray) -> np.ndarray:
-                if hold.holding.is_set():
-                    hold.released.wait(timeout=60)
-                return super().run(batch)
-
-        self.factory = factory(HeldEngine)
-
-    def start(self) -> None:
-        self.holding.set()
-
-    def finish(self, threads: list[threading.Thread]) -> None:
-        self.released.set()
-        for thread in threads:
-            thread.join()
+from tests.service.test_faults import Hold
 
 
 @pytest.fixture

@@ -193,7 +193,10 @@ def test_healthz_fails_after_the_engine_could_not_be_rebuilt_k_times_and_recover
             assert "sticky error state" not in error["message"]  # the error's own words are in the log only
             assert "engine_max_rebuild_attempts=2" in error["message"]
             assert httpx.get(f"{url}/v2/health/live").status_code == 503  # KServe v2 liveness says the same
-            assert build.builds == 3  # the first build and two failed rebuilds: liveness waits for the limit
+            # The first build and two failed rebuilds at least: liveness waits for the limit ("2 attempts" above).
+            # Maybe more: the retries go on, the next 2 s after the second failure, which a busy machine can take to
+            # get here.
+            assert build.builds >= 3
             build.heal.set()  # a rebuild that works (the retries go on) makes the replica live and ready again
             wait_until_ready(url)
             assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
@@ -345,7 +348,9 @@ def test_a_reload_whose_repository_read_hangs_answers_503_and_one_stuck_read_at_
             again = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)  # not 409: the lock is free
             assert again.status_code == 503, again.text
             assert "1 earlier read of the model repository has not returned" in again.json()["error"]["message"]
-            assert time.monotonic() - started < 1.0
+            # The message says no read was started (one would have waited its 1 s); the bound, a busy machine's, only
+            # catches a wait on something else.
+            assert time.monotonic() - started < 5
             assert httpx.get(f"{url}/readyz").status_code == 200  # still serving
         finally:
             volume_back.set()

@@ -20,7 +20,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import lingering_close, server
-from tests.service.test_admission_gate import Hold, fill_to_capacity
+from tests.service.test_admission_gate import fill_to_capacity
+from tests.service.test_faults import Hold
 from tests.service.test_limits import read_response
 
 UPLOAD_BYTES = 16 * 1024 * 1024  # 16 times max_body_bytes: far more than the socket buffers hold
