@@ -145,8 +145,10 @@ def test_a_batch_past_the_engine_timeout_fails_at_once_and_later_work_waits_for_
     async def scenario():
         hung, fresh = RecordingEngine(), RecordingEngine()
         broken = []
+        # 1 s: the hung call (held 10 s) still times out well before it returns, and the fresh engine's batch, under
+        # the same timeout, has room for a pause of the machine (100 ms had none).
         batcher = Batcher(served(hung), max_batch_size=8, max_queue_delay_ms=1, queue_size=32,
-                          metrics=ServiceMetrics(), engine_timeout_ms=100,
+                          metrics=ServiceMetrics(), engine_timeout_ms=1000,
                           on_broken=lambda model, reason, detail: broken.append((model, reason)))
         batcher.start()
         hung.gate.clear()  # never released during the test: the engine call hangs

@@ -187,16 +187,19 @@ def test_submit_last_runs_after_the_calls_other_workers_are_still_running():
 def test_batches_still_on_a_hung_engine_do_not_hold_back_its_replacement():
     async def scenario():
         hung, fresh = ConcurrentEngine(slots=2), RecordingEngine()
+        # Each step below has 1.5-2.5 s of room for a pause of the machine: the second batch starts 1.5 s before the
+        # first times out, the swap gets 2 s where waiting for the second batch would take 2.5, and the fresh
+        # engine answers within the 2.5 s the second batch still runs.
         batcher = Batcher(concurrent_served(hung), max_batch_size=4, max_queue_delay_ms=1, queue_size=32,
-                          metrics=ServiceMetrics(), engine_timeout_ms=2000)
+                          metrics=ServiceMetrics(), engine_timeout_ms=4000)
         batcher.start()
         (first,) = batcher.submit(tensors(1), time.monotonic() + 30)  # never released: the engine hangs
-        await asyncio.sleep(1.5)
-        (second,) = batcher.submit(tensors(2), time.monotonic() + 30)  # in the second slot, times out 1.5 s later
+        await asyncio.sleep(2.5)
+        (second,) = batcher.submit(tensors(2), time.monotonic() + 30)  # in the second slot, times out 2.5 s later
         with pytest.raises(EngineTimeoutError):
             await asyncio.wait_for(first.future, 10)
-        # No wait for the hung engine's other batch: waiting for it would take until it times out, ~1.5 s from here.
-        await asyncio.wait_for(batcher.swap(served(fresh, 2)), 1.0)
+        # No wait for the hung engine's other batch: waiting for it would take until it times out, ~2.5 s from here.
+        await asyncio.wait_for(batcher.swap(served(fresh, 2)), 2.0)
         (third,) = batcher.submit(tensors(3), time.monotonic() + 30)
         row = await asyncio.wait_for(third.future, 10)
         second_pending_meanwhile = not second.future.done()

@@ -255,7 +255,8 @@ def test_the_service_bounds_decode_memory(launch, model_repository):
     next one is classified once the memory is free."""
     rgba = png_of("RGBA", (1000, 1000))  # decoding holds 12.6 MiB: 4 B/px for the RGBA picture, 4 for its RGB, strips
     floats = encoded(Image.new("F", (1000, 1000), 0.5), "TIFF")  # 13.4 MiB: 4 + 4 (NumPy's) + 2 (8-bit) + 4 (RGB)
-    with launch(model_repository, max_pixels=1_000_000, decode_memory_mb=13, request_timeout_ms=500) as url:
+    # request_timeout_ms also bounds the posts that must succeed (decode and inference): 3 s leaves room for a pause.
+    with launch(model_repository, max_pixels=1_000_000, decode_memory_mb=13, request_timeout_ms=3000) as url:
         def post(data: bytes) -> httpx.Response:
             return httpx.post(f"{url}/classify", content=data, timeout=30,
                               headers={"content-type": "image/tiff" if data.startswith(b"II") else "image/png"})
@@ -267,7 +268,7 @@ def test_the_service_bounds_decode_memory(launch, model_repository):
         assert "over the decode memory budget of 13 MiB" in refused.json()["error"]["message"]
         budget = url.app.state.service.decode_budget
         holding = budget.reserved(4 * MIB, time.monotonic() + 30, threading.Event())
-        holding.__enter__()  # 4 MiB held elsewhere: the 12.6 MiB decode waits, past its 500 ms deadline
+        holding.__enter__()  # 4 MiB held elsewhere (for 30 s): the 12.6 MiB decode waits, past its 3 s deadline
         try:
             waited = post(rgba)
             assert waited.status_code == 504, waited.text

@@ -284,8 +284,10 @@ def test_a_reload_while_the_old_engine_hangs_finishes_and_frees_the_next_reload(
     the reload's lock forever: every later reload got 409 reload_in_progress)."""
     photo = real_photos[0].read_bytes()
     answers: list[httpx.Response] = []
+    # engine_timeout_ms bounds the new version's batches too: 2 s leaves them room for a pause of the machine (the
+    # held batch waits that long to time out).
     with launch(swap_repository, holding.factory, version=1, max_batch_size=1, warmup_runs=0,
-                engine_timeout_ms=500) as url:
+                engine_timeout_ms=2000) as url:
         holding.hold.set()
         held = threading.Thread(target=lambda: answers.append(httpx.post(
             f"{url}/classify", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)))
@@ -306,7 +308,7 @@ def test_an_engine_swapped_out_while_its_batch_hangs_is_closed_once_that_call_re
     the hung call (never run under it, nor cancelled), and runs once that call returns (TensorRT frees its memory)."""
     photo = real_photos[0].read_bytes()
     with launch(swap_repository, holding.factory, version=1, max_batch_size=1, warmup_runs=0,
-                engine_timeout_ms=500) as url:
+                engine_timeout_ms=2000) as url:  # 2 s: as above
         old = url.app.state.service.engine
         holding.hold.set()
         held = threading.Thread(target=lambda: httpx.post(f"{url}/classify", content=photo,
