@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -18,6 +19,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
+from service.grpc_server import GrpcService
 from service.settings import Settings
 from tests.service.conftest import free_port
 from tests.service.test_grpc import fp32_input, grpc_address, preprocessed_photos, status_of
@@ -60,7 +62,15 @@ def test_shutdown_lets_an_in_flight_call_finish(model_repository, launch, batch)
         call = threading.Thread(target=lambda: results.append(client.infer("atto", [fp32_input(batch[:1])])))
         call.start()
         assert gate.batch_started.wait(20)
-        threading.Timer(1.0, gate.open.set).start()  # the engine finishes after the shutdown has begun
+        grpc_service = url.app.state.grpc
+
+        def finish_once_shutting_down():  # the engine finishes after the shutdown has begun (leaving `launch` below)
+            try:
+                wait_for_shutdown_begun(url, grpc_service)
+            finally:
+                gate.open.set()
+
+        threading.Thread(target=finish_once_shutting_down).start()
     call.join(30)
     assert results and results[0].as_numpy("logits").shape == (1, 10)
 
@@ -81,19 +91,47 @@ def test_shutdown_refuses_new_calls_while_http_requests_drain(model_repository, 
             f"{url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30)))
         request.start()
         assert gate.batch_started.wait(20)
+        grpc_service = url.app.state.grpc
 
         def late_call():  # once the shutdown has begun (leaving `launch` below), while the HTTP request is held
             try:
+                wait_for_shutdown_begun(url, grpc_service)
                 client.infer("atto", [fp32_input(batch[:1])], client_timeout=10)
                 late_calls.append("OK")
             except InferenceServerException as err:
                 late_calls.append(status_of(err))
-            gate.open.set()
+            except (TimeoutError, RuntimeError) as err:
+                late_calls.append(str(err))
+            finally:
+                gate.open.set()
 
-        threading.Timer(1.0, late_call).start()
+        late = threading.Thread(target=late_call)
+        late.start()
     request.join(30)
+    late.join(30)
     assert late_calls == ["UNAVAILABLE"]  # before the fix: queued behind the held batch, DEADLINE_EXCEEDED
     assert [answer.status_code for answer in answers] == [200]
+
+
+def wait_for_shutdown_begun(url: str, grpc_service: GrpcService, timeout_s: float = 20) -> None:
+    """Once uvicorn's shutdown has begun (it no longer takes HTTP connections) and the gRPC server's stop, begun with it
+    (service.app.begin_drain), has run its first step, from which on grpc refuses new calls. Polled: a fixed delay can
+    pass on a busy machine before uvicorn has even begun to shut down."""
+    address = (urlsplit(url).hostname, urlsplit(url).port)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(address, timeout=5).close()
+        except ConnectionRefusedError:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the HTTP server still took connections after {timeout_s} s")
+        time.sleep(0.01)
+    stopping = grpc_service._stopped  # begin_drain runs just before uvicorn stops listening
+    if stopping is None:
+        raise RuntimeError("the HTTP server's shutdown has begun, the gRPC server's stop has not")
+    # Scheduled on the server's loop behind the stop's first step: done, that step has run.
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), stopping.get_loop()).result(timeout_s)
 
 
 def test_grpc_port_setting_and_the_cli_prints_the_address(model_repository):

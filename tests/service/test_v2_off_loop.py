@@ -9,6 +9,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -22,6 +23,7 @@ from service.grpc_proto import open_inference_pb2 as pb
 from service.state import CONVERSIONS_AT_ONCE
 from tests.service.conftest import free_port
 from tests.service.test_grpc import grpc_address, raw_call
+from tests.service.test_limits import metric
 
 INFER = "/v2/models/atto/infer"
 SHAPE = (2, 3, 64, 64)
@@ -200,8 +202,18 @@ def test_grpc_many_typed_elements_convert_off_the_loop_and_are_refused_as_inline
 
 
 @pytest.fixture
-def conversions(monkeypatch) -> list[int]:
-    """[running now, most at once] of v2_core.prepare calls from now on, each held 0.3 s so that they overlap."""
+def conversion_gate() -> Iterator[threading.Event]:
+    """Open unless a test clears it; while it is closed each conversion (`conversions`) waits for it."""
+    gate = threading.Event()
+    gate.set()
+    yield gate
+    gate.set()  # a failed test leaves no conversion thread waiting
+
+
+@pytest.fixture
+def conversions(monkeypatch, conversion_gate) -> list[int]:
+    """[running now, most at once] of v2_core.prepare calls from now on, each held 0.3 s so that they overlap (and
+    for as long as conversion_gate is closed)."""
     lock, counts = threading.Lock(), [0, 0]
     prepare = v2_core.prepare
 
@@ -211,6 +223,7 @@ def conversions(monkeypatch) -> list[int]:
             counts[1] = max(counts)
         try:
             time.sleep(0.3)
+            conversion_gate.wait(30)
             return prepare(*args, **kwargs)
         finally:
             with lock:
@@ -230,23 +243,36 @@ def test_at_most_two_large_requests_are_converted_at_once(served, conversions):
     assert conversions[1] == CONVERSIONS_AT_ONCE == 2
 
 
-def test_grpc_calls_cancelled_mid_conversion_still_hold_their_conversion_thread(served, conversions):
-    """A gRPC call past its deadline is cancelled while its conversion runs on: the next calls wait for that thread
-    (a semaphore would have been given back at the cancel, and six conversions run at once)."""
+def test_grpc_calls_cancelled_mid_conversion_still_hold_their_conversion_thread(served, conversions,
+                                                                                conversion_gate):
+    """A gRPC call cancelled (its client gone, or its deadline past) while its conversion runs: the conversion runs on
+    in its thread, and the calls waiting for a conversion thread wait on (a semaphore would have been given back at
+    the cancel, and the waiting calls' conversions would run beside the cancelled ones)."""
     request = GRPC_REFUSED["int_contents"].SerializeToString()  # > INLINE_MAX_ELEMENTS: converted off the loop
+    disconnected = 'convnext_rejected_total{reason="client_disconnected"}'
+    cancelled_before = metric(served, disconnected)
+    conversion_gate.clear()  # the conversions started from here on run until the test opens the gate
+    with grpc.insecure_channel(grpc_address(served)) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        cancelled = [infer.future(request, timeout=60) for _ in range(CONVERSIONS_AT_ONCE)]
+        wait_until(lambda: conversions[0] == CONVERSIONS_AT_ONCE, "both conversion threads to be busy")
+        waiting = [infer.future(request, timeout=60) for _ in range(4)]
+        for call in cancelled:
+            call.cancel()
+        wait_until(lambda: metric(served, disconnected) == cancelled_before + CONVERSIONS_AT_ONCE,
+                   "the server to cancel both calls")
+        # A waiting call given a thread at the cancel would be converting now, held by the gate beside the two.
+        assert conversions[1] == CONVERSIONS_AT_ONCE
+        conversion_gate.set()
+        codes = [call.code() for call in waiting]  # each converted in turn, then refused (INT32 data, as inline)
+    assert [call.code() for call in cancelled] == [grpc.StatusCode.CANCELLED] * CONVERSIONS_AT_ONCE
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 4
+    wait_until(lambda: conversions[0] == 0, "the conversions to end")
+    assert conversions[1] == CONVERSIONS_AT_ONCE
 
-    def call(_) -> grpc.StatusCode:
-        with grpc.insecure_channel(grpc_address(served)) as channel:
-            try:
-                channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(request, timeout=0.1)
-            except grpc.RpcError as err:
-                return err.code()
-        return grpc.StatusCode.OK
 
-    with ThreadPoolExecutor(6) as clients:
-        codes = list(clients.map(call, range(6)))
-    assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
-    deadline = time.monotonic() + 30
-    while conversions[0] and time.monotonic() < deadline:  # the cancelled calls' conversions end on their own
-        time.sleep(0.05)
-    assert conversions[0] == 0 and 1 <= conversions[1] <= CONVERSIONS_AT_ONCE
+def wait_until(condition, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
