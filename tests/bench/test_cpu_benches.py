@@ -142,11 +142,12 @@ def test_replotting_old_json_names_no_cpu_of_this_machine_and_the_given_architec
 def test_decode_costs_report_the_floor_under_any_reduced_decode():
     spec = Preprocess(resize_px=256, crop_px=224, crop_pct=0.875, interpolation="bicubic",
                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    rows = {row["size"]: row for row in cpu_engines.decode_costs(spec, repeats=1)}
+    # Medians of 3: one run stalled by the machine (CPU steal, a collection) does not turn the comparison below.
+    rows = {row["size"]: row for row in cpu_engines.decode_costs(spec, repeats=3)}
     assert list(rows) == [f"{w}x{h}" for w, h in cpu_engines.DECODE_SIZES]
     phone = rows["4000x3000"]
     # Every reduced decode is far under the full one (5-10x on a 12-MP JPEG). How the floor compares with fast mode
-    # (11 vs 13 ms at headroom 1) is the benchmark's to report: a one-repeat timing that close is noise under load.
+    # (11 vs 13 ms at headroom 1) is the benchmark's to report: a timing that close is noise under load.
     assert max(phone["floor_ms"], phone["fast_ms"], phone["fast_h1_ms"]) < phone["exact_ms"]
     for key in ("fast", "fast_h1", "floor"):
         assert math.isclose(phone[f"exact_over_{key}"], phone["exact_ms"] / phone[f"{key}_ms"])

@@ -26,8 +26,10 @@ async def run(steady: bool) -> dict:
 def test_steady_counts_the_window_only_and_reports_its_rate():
     steady = asyncio.run(run(steady=True))
     assert steady["elapsed_s"] == 1.0 and not steady["errors"]
-    # 4 clients, 50 ms a request: ~80/s in the window (the loop itself adds a little per request).
-    assert 55 <= steady["images_per_s"] <= 82
+    # 4 clients, 50 ms a request: ~80/s in the window (the loop itself adds a little per request, and a busy machine
+    # more: the lower bound only says the rate was measured). The upper bound is the point: 1.5 s of requests counted
+    # would be ~120/s.
+    assert 40 <= steady["images_per_s"] <= 82
     assert steady["sent"] == steady["ok"] <= 82  # what ran in the 0.25 s before and after is not counted
     whole = asyncio.run(run(steady=False))
     assert whole["elapsed_s"] >= 1.0 and whole["ok"] == whole["sent"] > 0
@@ -44,10 +46,13 @@ async def run_batched(batch: int, period_s: float, window_s: float) -> dict:
 
 
 def test_steady_rate_of_batched_answers_is_not_quantised_by_the_batch():
-    # 8 answers every 0.5 s is 16/s; the 1.2 s window holds two batches, whose count / window would say 13.3/s.
+    # 8 answers every 0.5 s is 16/s; the 1.2 s window holds two batches, whose count / window would say 13.3/s. The
+    # clock ticks 0.05 s before the window opens and 0.25 s after it closes, so late answers or a late start (a busy
+    # machine) can bring a third batch in: 20/s by count, still 16/s by slope. rel=0.1 leaves room for a batch
+    # answered ~50 ms late and still tells 16/s from both 13.3/s and 20/s.
     steady = asyncio.run(run_batched(batch=8, period_s=0.5, window_s=1.2))
-    assert steady["ok"] == 16 and not steady["errors"]
-    assert steady["images_per_s"] == pytest.approx(16.0, rel=0.05)
+    assert steady["ok"] in (16, 24) and not steady["errors"]
+    assert steady["images_per_s"] == pytest.approx(16.0, rel=0.1)
 
 
 def test_steady_rate_is_the_slope_of_the_running_count():

@@ -1,4 +1,5 @@
-"""A tiny model version and a stand-in engine build for find-or-build tests; run as a module it is one 'replica'.
+"""A tiny model version and a stand-in engine build for find-or-build tests; run as a module it is one 'replica'
+(`python -m tests.export.engine_build_worker ROOT LOG READY_DIR REPLICAS BUILD_S`).
 
 The stand-in build writes a file and sleeps (TensorRT itself needs a GPU); everything around it (the lock, the
 re-check, the manifest update) is the real runtime.tensorrt.find_or_build_engine code path.
@@ -80,10 +81,10 @@ def _wait_for_each_other(ready: Path, replicas: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    root, log, ready, replicas = Path(argv[0]), Path(argv[1]), Path(argv[2]), int(argv[3])
+    root, log, ready, replicas, build_s = Path(argv[0]), Path(argv[1]), Path(argv[2]), int(argv[3]), float(argv[4])
     stale = ModelRepository(root).load(NAME, 1)  # read at start, before anyone built: the engine is not in it
     _wait_for_each_other(ready, replicas)
-    artifact, current = find_or_build_engine(stale, "fp16", PROFILE, TARGET, StandInBuild(log, sleep_s=1.0),
+    artifact, current = find_or_build_engine(stale, "fp16", PROFILE, TARGET, StandInBuild(log, sleep_s=build_s),
                                              repository_root=root)
     print(json.dumps({"file": artifact.file, "sha256": artifact.sha256, "version": current.manifest.version}))
     return 0

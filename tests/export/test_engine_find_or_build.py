@@ -45,7 +45,8 @@ def test_two_replicas_build_one_engine_and_leave_a_consistent_manifest(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     replicas = [
         subprocess.Popen([sys.executable, "-m", "tests.export.engine_build_worker", str(root), str(log), str(ready),
-                          "2"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "2", "1.0"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
         for _ in range(2)
     ]
     outputs = [replica.communicate(timeout=120) for replica in replicas]
@@ -125,10 +126,11 @@ def test_the_next_build_removes_the_staging_folder_of_a_replica_killed_mid_build
     version = make_version(root)
     ready.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    # A build of 60 s: the kill lands mid-build however long the machine takes to get to it.
     replica = subprocess.Popen([sys.executable, "-m", "tests.export.engine_build_worker", str(root), str(log),
-                                str(ready), "1"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
+                                str(ready), "1", "60"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not log.exists():  # the stand-in build logs, writes its engine, then sleeps a second
+    while not list(version.path.glob(".engine-*/*")):  # the stand-in build logs, writes its engine, then sleeps
         assert replica.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     replica.send_signal(signal.SIGKILL)

@@ -123,5 +123,7 @@ def test_overload_sheds_with_fast_503s_and_keeps_serving(engine_bound_repository
     codes = sorted({json.loads(a[3])["error"]["code"] for a in shed})
     assert shed_p50 < accepted_p50 / 3, f"503 ({codes}) p50 {shed_p50:.1f} ms vs 200 p50 {accepted_p50:.1f} ms"
     accepted_per_s = len(accepted) / elapsed_s
-    assert accepted_per_s >= 0.6 * sustainable, f"{accepted_per_s:.0f} accepted/s vs {sustainable:.0f} sustainable"
+    # Half: a service that collapses under overload keeps far less. The rest is room for CPU steal during the 4 s
+    # of overload that the calibrations on either side of it did not see.
+    assert accepted_per_s >= 0.5 * sustainable, f"{accepted_per_s:.0f} accepted/s vs {sustainable:.0f} sustainable"
     assert rss_growth < 200, f"server RSS grew {rss_growth:.0f} MB under overload"
