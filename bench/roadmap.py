@@ -1,11 +1,13 @@
 """`python -m bench roadmap`: images/s of every roadmap step (Table 10 or 11) on each engine, in one run.
 
-Each step is exported through the normal path (export.onnx, parity-verified against PyTorch) with random weights,
-then timed at batch 1 and a throughput batch on ONNX Runtime CPU fp32, PyTorch eager fp32 and, when the `openvino`
-package is importable, OpenVINO CPU with f32 and bf16 inference precision. On a GPU host, `--engines gpu` times
-TensorRT fp16 and bf16 engines and ONNX Runtime CUDA fp32 instead (bench/roadmap_engines.py). Accuracy is the
-paper's, never measured here; speed does not depend on the weights. The report (bench/roadmap_report.py) sets each
-step's delta top-1 against its delta images/s.
+Every step is exported first through the normal path (export.onnx, parity-verified against PyTorch) with random
+weights. Then each CPU engine (ONNX Runtime fp32, PyTorch eager fp32 and, when the `openvino` package is importable,
+OpenVINO CPU with f32 and bf16 inference precision) holds every step at once and times them at batch 1 and a
+throughput batch in alternating rounds (bench/roadmap_timing.py), so a step's delta to the row it modifies carries
+none of the machine's drift over the run. On a GPU host, `--engines gpu` times TensorRT fp16 and bf16 engines and
+ONNX Runtime CUDA fp32 instead, one step after another (bench/roadmap_engines.py). Accuracy is the paper's, never
+measured here; speed does not depend on the weights. The report (bench/roadmap_report.py) sets each step's delta
+top-1 against its delta images/s.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from export.onnx import export_onnx_version
 from model import create_model
 from model.__main__ import roadmap_rows
 from model.roadmap_steps import REGIMES, steps_of
-from runtime.repository import ModelRepository
+from runtime.repository import ModelRepository, ModelVersion
 
 from .engine_benchmark import make_session
 from .host import host_description
@@ -45,19 +46,20 @@ from .roadmap_engines import (
     time_gpu_engine,
 )
 from .roadmap_report import write_report
-from .timing import MIN_TIMED_CALLS, time_callable
+from .roadmap_timing import EngineFactory, ExportedStep, PointTiming, record_failure, step_failure, time_cpu_engines
+from .timing import MIN_TIMED_CALLS, ROUNDS
 
 PROG = "python -m bench roadmap"
-# An engine: (step's ONNX file, eval module, threads) -> run(batch) -> logits; None when it cannot run here.
-EngineFactory = Callable[[Path, torch.nn.Module, int], Callable[[np.ndarray], object]]
 
 
-def onnxruntime_engine(onnx_path: Path, module: torch.nn.Module, threads: int):
+def onnxruntime_engine(onnx_path: Path, model: str, threads: int):
     session = make_session(onnx_path, "cpu", threads)
     return lambda batch: session.run(None, {"input": batch})
 
 
-def pytorch_engine(onnx_path: Path, module: torch.nn.Module, threads: int):
+def pytorch_engine(onnx_path: Path, model: str, threads: int):
+    module = create_model(model).eval()  # random weights, as the export's: speed does not depend on them
+
     def run(batch: np.ndarray):
         with torch.inference_mode():
             return module(torch.from_numpy(batch))
@@ -66,7 +68,7 @@ def pytorch_engine(onnx_path: Path, module: torch.nn.Module, threads: int):
 
 def openvino_engine(precision: str) -> EngineFactory:
     """OpenVINO CPU, one synchronous request, `precision` ("f32" | "bf16") as its inference precision hint."""
-    def factory(onnx_path: Path, module: torch.nn.Module, threads: int):
+    def factory(onnx_path: Path, model: str, threads: int):
         import openvino as ov  # optional: only where the package is installed
 
         compiled = ov.Core().compile_model(str(onnx_path), "CPU", {
@@ -94,39 +96,39 @@ def cpu_engines() -> tuple[dict[str, EngineFactory], dict[str, str]]:
     return engines, skipped
 
 
-def time_engine(run, batch_size: int, input_size: int, seconds: float) -> dict:
-    x = np.random.default_rng(0).standard_normal((batch_size, 3, input_size, input_size)).astype(np.float32)
-    rate, latencies = time_callable(lambda: run(x), batch_size, warmup=2, iterations=10**6, max_seconds=seconds)
-    return {"images_per_s": rate, "p50_ms": float(np.percentile(latencies, 50)), "calls": len(latencies)}
-
-
-def benchmark_step(row: dict, repository: Path, plan: EnginePlan, factories: dict[str, EngineFactory], args,
-                   failed: dict[str, str], precisions: tuple[str, ...] = ("fp32",)) -> dict:
-    """Export one step (parity-verified, with the ONNX variants `precisions`), then time it on every engine at every
-    batch size. An engine that fails goes into `failed` (with the step) and is not tried on later steps."""
+def export_step(row: dict, repository: Path, input_size: int,
+                precisions: tuple[str, ...]) -> tuple[ModelVersion, float]:
+    """One step exported (parity-verified, with the ONNX variants `precisions`) into the run's repository, and the
+    seconds that took."""
     torch.manual_seed(0)
     started = time.perf_counter()
     version = export_onnx_version(repository, row["key"].replace("_", "-"), row["model"], version=1,
-                                  input_size=args.input_size, precisions=precisions)
+                                  input_size=input_size, precisions=precisions)
     export_s = time.perf_counter() - started
-    onnx_path = version.artifact_path(version.manifest.find("onnx", "fp32"))
-    module = create_model(row["model"]).eval()
-    results: dict[str, dict] = {}
-    for engine in (e for e in plan.engines if e not in failed):
-        try:
-            if engine in factories:
-                run = factories[engine](onnx_path, module, args.threads)
-                results[engine] = {str(b): time_engine(run, b, args.input_size, args.seconds)
-                                   for b in args.batch_sizes}
-                del run
-            else:
-                results[engine] = time_gpu_engine(engine, version, args.batch_sizes, args.seconds, args.threads)
-        except Exception as err:  # noqa: BLE001 - one engine failing (a build, a parity miss) must not end the run
-            failed[engine] = f"step {row['key']}: {type(err).__name__}: {' '.join(str(err).split())}"
-            print(f"  {engine} failed on {row['key']}: {failed[engine]}", flush=True)
+    print(f"  {row['row']:2d} {row['key']:24s} exported in {export_s:5.1f} s", flush=True)
+    return version, export_s
+
+
+def time_gpu_engines(rows: list[dict], versions: dict[str, ModelVersion], engines: tuple[str, ...], args,
+                     failed: dict[str, str]) -> dict[str, dict[str, dict]]:
+    """{step key: {engine: {batch: point}}} for the GPU engines, one step after another (not in rounds: each step's
+    TensorRT engine is built, verified and timed in turn). An engine that fails is not tried on later steps."""
+    results: dict[str, dict[str, dict]] = {row["key"]: {} for row in rows}
+    for row in rows:
+        for engine in (e for e in engines if e not in failed):
+            try:
+                results[row["key"]][engine] = time_gpu_engine(engine, versions[row["key"]], args.batch_sizes,
+                                                              args.seconds, args.threads)
+            except Exception as err:  # noqa: BLE001 - one engine failing (a build, a parity miss) must not end the run
+                record_failure(engine, step_failure(row["key"], err), failed)
+    return results
+
+
+def step_result(row: dict, version: ModelVersion, export_s: float, results: dict[str, dict], repository: Path) -> dict:
+    """One step's entry in results.json: its row, export, parity, points per engine and the engines' own parity."""
     parity = version.manifest.find("onnx", "fp32").parity
     built = ModelRepository(repository).load(version.manifest.name, 1, verify_files=False).manifest.artifacts
-    print(f"  {row['row']:2d} {row['key']:24s} export {export_s:5.1f} s  " + "  ".join(
+    print(f"  {row['row']:2d} {row['key']:24s} " + "  ".join(
         f"{e} " + "/".join(f"{r['images_per_s']:.1f}" for r in res.values()) for e, res in results.items()), flush=True)
     return {**row, "export_s": round(export_s, 1), "parity_max_abs_diff": parity.max_abs_diff,
             "parity_top1_agreement": parity.top1_agreement, "results": results,
@@ -141,7 +143,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", nargs="+", metavar="KEY", help="only these step keys (default: every row)")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8],
                         help="batch 1 and a throughput batch")
-    parser.add_argument("--seconds", type=float, default=2.5, help="timed seconds per engine and batch size")
+    parser.add_argument("--seconds", type=float, default=2.5,
+                        help="timed seconds per step, engine and batch size (CPU: split over the rounds)")
+    parser.add_argument("--rounds", type=positive_int, default=ROUNDS,
+                        help="CPU engines: alternating rounds over every step per batch size (the order reversed "
+                             "every other round)")
     parser.add_argument("--input-size", type=positive_int, default=224, help="square input side in px")
     parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
                         help="engine threads (default: every core)")
@@ -199,12 +205,21 @@ def run_roadmap(args, plan: EnginePlan, factories: dict[str, EngineFactory], tar
     load_before = os.getloadavg()
     print(f"roadmap {args.regime}: {len(rows)} steps x {plan.engines} x batch {args.batch_sizes}", flush=True)
     failed: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as repository:
-        steps = [benchmark_step(row, Path(repository), plan, factories, args, failed, precisions) for row in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = Path(tmp)
+        exported = {row["key"]: export_step(row, repository, args.input_size, precisions) for row in rows}
+        versions = {key: version for key, (version, _) in exported.items()}
+        to_time = [ExportedStep(row["key"], row["model"], _onnx_fp32(versions[row["key"]])) for row in rows]
+        timing = PointTiming(tuple(args.batch_sizes), args.seconds, args.rounds, args.input_size, args.threads)
+        cpu = time_cpu_engines(to_time, factories, plan.cpu, timing, failed)
+        gpu = time_gpu_engines(rows, versions, plan.gpu, args, failed)
+        steps = [step_result(row, *exported[row["key"]], {**cpu[row["key"]], **gpu[row["key"]]}, repository)
+                 for row in rows]
     steps, engines, failures = drop_failed_engines(steps, plan.engines, failed)
     results = {
         "config": {"regime": args.regime, "source": REGIMES[args.regime], "batch_sizes": args.batch_sizes,
-                   "seconds_per_point": args.seconds, "min_calls_per_point": MIN_TIMED_CALLS,
+                   "seconds_per_point": args.seconds, "rounds": args.rounds,
+                   "min_calls_per_point": MIN_TIMED_CALLS,
                    "input_size": args.input_size, "threads": args.threads},
         "device": " + ".join(d for d, names in (("CPU", plan.cpu), ("GPU", plan.gpu)) if names),
         "host": host_description(target),
@@ -215,6 +230,10 @@ def run_roadmap(args, plan: EnginePlan, factories: dict[str, EngineFactory], tar
         "engines": engines, "skipped_engines": {**plan.skipped, **failures}, "steps": steps,
     }
     return results, failed
+
+
+def _onnx_fp32(version: ModelVersion) -> Path:
+    return version.artifact_path(version.manifest.find("onnx", "fp32"))
 
 
 def _version(package: str) -> str | None:

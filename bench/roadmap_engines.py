@@ -3,7 +3,9 @@
 GPU engines: native TensorRT fp16 and bf16 engines (runtime/tensorrt.py builds and verifies them; the service's own
 TensorRTEngine is timed by bench/engine_benchmark.py's benchmark_tensorrt) and ONNX Runtime CUDA fp32. TensorRT 11
 builds strongly typed networks only, so each step exports the fp16 / bf16 ONNX variant its engine is built from.
-Everything but the probe and the timing is pure, so it is tested without a GPU.
+Everything but the probe and the timing is pure, so it is tested without a GPU. The GPU engines are timed one step
+after another (bench/roadmap.py: each step's engines built, verified and timed in turn), not in the CPU engines'
+interleaved rounds (bench/roadmap_timing.py).
 """
 from __future__ import annotations
 

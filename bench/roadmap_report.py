@@ -1,7 +1,8 @@
 """The roadmap benchmark's report: results.json, report.md (images/s and the ledger of deltas) and one PNG plot.
 
 The ledger sets each step's delta top-1 (the paper's) against its delta images/s (measured here), both against
-the row the step modifies, and says which way the trade went.
+the row the step modifies, and says which way the trade went; where the steps were timed in interleaved rounds (the
+CPU engines), it also gives each delta's range over the rounds.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def ledger(results: dict) -> list[dict]:
     for step in results["steps"]:
         parent = by_key.get(step["parent"])
         entry = {"row": step["row"], "key": step["key"], "label": step["label"], "parent": step["parent"],
-                 "delta_top1": None, "delta_gmacs": None, "delta_images_per_s": {}, "verdict": "baseline"}
+                 "delta_top1": None, "delta_gmacs": None, "delta_images_per_s": {},
+                 "delta_images_per_s_rounds": {}, "verdict": "baseline"}
         if parent is not None:
             entry["delta_top1"] = round(step["top1"] - parent["top1"], 2)
             entry["delta_gmacs"] = step["gmacs"] / parent["gmacs"] - 1
@@ -58,11 +60,34 @@ def ledger(results: dict) -> list[dict]:
                 f"{e} b{b}": step["results"][e][b]["images_per_s"] / parent["results"][e][b]["images_per_s"] - 1
                 for e, b in _points(results)
             }
+            entry["delta_images_per_s_rounds"] = {
+                f"{e} b{b}": spread for e, b in _points(results)
+                if (spread := round_spread(step["results"][e][b], parent["results"][e][b])) is not None
+            }
             std = max(step["top1_std"] or 0.0, parent["top1_std"] or 0.0)
             entry["verdict"] = verdict(entry["delta_top1"], std, entry["delta_images_per_s"][f"{engine} b{batch}"],
                                        noise)
         out.append(entry)
     return out
+
+
+def round_spread(point: dict, parent_point: dict) -> list[float] | None:
+    """[lowest, highest] of a point's per-round delta images/s against the same round of its parent's point, or None
+    where the two were not timed in the same rounds (GPU engines: one step after another)."""
+    rates, parent_rates = point.get("round_rates"), parent_point.get("round_rates")
+    if not rates or not parent_rates or len(rates) != len(parent_rates):
+        return None
+    deltas = [rate / parent_rate - 1 for rate, parent_rate in zip(rates, parent_rates, strict=True)]
+    return [min(deltas), max(deltas)]
+
+
+def _delta_cell(entry: dict, point: str) -> str:
+    """A ledger cell: the delta images/s, and its range over the rounds where there is one."""
+    if not entry["delta_images_per_s"]:
+        return "-"
+    cell = f"{entry['delta_images_per_s'][point]:+.1%}"
+    spread = entry.get("delta_images_per_s_rounds", {}).get(point)
+    return cell if spread is None else f"{cell} ({spread[0]:+.0%} to {spread[1]:+.0%})"
 
 
 def verdict(delta_top1: float, top1_std: float, delta_speed: float, noise: float = NOISE) -> str:
@@ -86,8 +111,8 @@ def markdown(results: dict) -> str:
              f"Reproduce (one line): `nice -n 0 {cfg['command']}`", "",
              f"Engines: {', '.join(results['engines'])}, {cfg['threads']} threads, fp32 unless named, input "
              f"{cfg['input_size']}x{cfg['input_size']}, {cfg['seconds_per_point']} s timed per point (and at least "
-             f"{cfg['min_calls_per_point']} calls) after 2 warm-up calls.{calls_note(results)} Versions: "
-             f"{results['versions']}."]
+             f"{cfg['min_calls_per_point']} calls) after 2 warm-up calls.{timing_note(results)}{calls_note(results)} "
+             f"Versions: {results['versions']}."]
     if results["skipped_engines"]:
         parts += [""] + [f"Not timed: {name}: {why}." for name, why in results["skipped_engines"].items()]
     parts += ["", f"Top-1 is the paper's (ImageNet-1K, {seed_std_note(results)}), never measured here; weights are "
@@ -104,13 +129,14 @@ def markdown(results: dict) -> str:
     entries = ledger(results)
     rows = [[e["row"], e["label"], "-" if e["delta_top1"] is None else f"{e['delta_top1']:+.2f}",
              "-" if e["delta_gmacs"] is None else f"{e['delta_gmacs']:+.1%}"]
-            + [f"{e['delta_images_per_s'][f'{n} b{b}']:+.1%}" if e["delta_images_per_s"] else "-" for n, b in points]
+            + [_delta_cell(e, f"{n} b{b}") for n, b in points]
             + [e["verdict"]] for e in entries]
     engine, batch = verdict_point(results)
     parts += ["## The ledger: accuracy gained (paper) against throughput (measured), each vs the row it modifies", "",
               _table(["#", "step", "delta top-1", "delta GMACs"] + [f"delta img/s {e} b{b}" for e, b in points]
                      + [f"verdict ({engine} b{batch})"], rows), "",
-              f"Verdict: {top1_rule(results)}; an images/s change within {noise_level(results):.0%} is no change: "
+              f"{rounds_legend(entries)}Verdict: {top1_rule(results)}; an images/s change within "
+              f"{noise_level(results):.0%} is no change: "
               f"this run's noise, the larger of {NOISE:.0%} and the speed difference between rows 0 and 1, which are "
               "the same network. The kernel-size rows are a sweep: 9 and 11 were tried and left; ReLU -> GELU "
               "modifies kernel 7.", "", f"![top-1 vs images/s]({PLOT})", ""]
@@ -133,6 +159,39 @@ def top1_rule(results: dict) -> str:
     if has_seed_std(results):
         return "a top-1 change within the paper's seed std is no gain"
     return f"{results['config']['source']} gives no std, so any top-1 change counts"
+
+
+def interleaved_engines(results: dict) -> list[str]:
+    """The engines whose points carry per-round images/s: every step timed in the same alternating rounds."""
+    return [e for e in results["engines"]
+            if all("round_rates" in point for s in results["steps"] for point in s["results"][e].values())]
+
+
+def timing_note(results: dict) -> str:
+    """How the steps were timed against each other: in interleaved rounds (CPU engines) or one after another."""
+    interleaved = interleaved_engines(results)
+    sequential = [e for e in results["engines"] if e not in interleaved]
+
+    def which(engines: list[str]) -> str:
+        return "every engine" if engines == results["engines"] else ", ".join(engines)
+
+    note = ""
+    if interleaved:
+        note += (f" Steps timed in {results['config'].get('rounds')} interleaved rounds per engine and batch size "
+                 f"({which(interleaved)}: the steps in turn, the order reversed every other round, each point's "
+                 "seconds split over the rounds), so a step and the row it modifies were timed in the same minutes.")
+    if sequential:
+        note += (f" Steps timed one after another ({which(sequential)}: each step minutes after the previous), so "
+                 "the deltas between them carry the machine's drift over those minutes.")
+    return note
+
+
+def rounds_legend(entries: list[dict]) -> str:
+    """What the bracketed ranges in the ledger are, when it has any."""
+    if not any(e.get("delta_images_per_s_rounds") for e in entries):
+        return ""
+    return ("In brackets: the lowest and highest per-round delta (each round's images/s against the same round's of "
+            "the row it modifies), how far the machine moved the delta during the run. ")
 
 
 def calls_note(results: dict) -> str:

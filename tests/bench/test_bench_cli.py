@@ -65,8 +65,9 @@ def test_a_count_of_zero_is_a_usage_error_not_a_traceback(repository, flag, caps
 
 
 @pytest.mark.parametrize("command", [["cpu", "engines", "--rounds"], ["cpu-serving", "--lone-requests"],
-                                     ["torch", "--timed-iters"], ["roadmap", "--threads"], ["serve", "--concurrency"],
-                                     ["soak", "--max-batch-size"]], ids=lambda c: "-".join(c).replace("--", ""))
+                                     ["torch", "--timed-iters"], ["roadmap", "--threads"], ["roadmap", "--rounds"],
+                                     ["serve", "--concurrency"], ["soak", "--max-batch-size"]],
+                         ids=lambda c: "-".join(c).replace("--", ""))
 def test_every_benchs_counts_refuse_zero_as_a_usage_error(command, capsys):
     with pytest.raises(SystemExit) as stopped:
         bench_main.main([*command, "0"])

@@ -15,7 +15,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_roadmap_bench_runs_one_step_on_every_cpu_engine(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "bench", "roadmap", "--steps", "gelu", "--batch-sizes", "1", "2", "--seconds", "0.2",
-         "--input-size", "32", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+         "--rounds", "2", "--input-size", "32", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -29,7 +29,10 @@ def test_roadmap_bench_runs_one_step_on_every_cpu_engine(tmp_path):
         assert set(step["results"][engine]) == {"1", "2"}
         # At least 5 timed calls per point, however slow a call is against --seconds 0.2.
         assert all(point["images_per_s"] > 0 and point["calls"] >= 5 for point in step["results"][engine].values())
+        assert all(len(point["round_rates"]) == 2 for point in step["results"][engine].values())
+    assert results["config"]["rounds"] == 2
     report = (tmp_path / "report.md").read_text()
+    assert "Steps timed in 2 interleaved rounds per engine and batch size (every engine:" in report
     assert results["host"] in report and "Load average" in report and str(results["load_average_after"]) in report
     assert "Reproduce (one line): `nice -n 0 python -m bench roadmap --steps gelu" in report
     assert (tmp_path / PLOT).read_bytes().startswith(PNG_MAGIC)
@@ -47,7 +50,8 @@ def _step(key, row, top1, std, gmacs, parent, speeds, on_path=True):
 def results():
     return {
         "config": {"regime": "r50", "source": "Table 10", "batch_sizes": [1, 8], "seconds_per_point": 2.5,
-                   "min_calls_per_point": 5, "input_size": 224, "threads": 2, "command": "python -m bench roadmap"},
+                   "rounds": 3, "min_calls_per_point": 5, "input_size": 224, "threads": 2,
+                   "command": "python -m bench roadmap"},
         "host": "Linux, Test CPU (AVX2), 2 cores", "load_average_before": [1.0, 1.0, 1.0],
         "load_average_after": [2.0, 1.5, 1.0], "versions": {}, "engines": ["onnxruntime-fp32"],
         "skipped_engines": {"openvino": "not installed"},
@@ -106,6 +110,32 @@ def test_report_answers_the_gelu_question_and_draws_the_plot(results, tmp_path):
     assert files["plot"].read_bytes().startswith(PNG_MAGIC)
     assert json.loads(files["json"].read_text())["ledger"][2]["key"] == "gelu"
     assert markdown(results) + "\n" == report
+    # Figures without per-round rates (a run from before the rounds, or GPU engines) say they were timed in turn.
+    assert "Steps timed one after another (every engine: each step minutes after the previous)" in report
+    assert "interleaved" not in report and "In brackets" not in report
+
+
+def test_the_ledger_gives_an_interleaved_delta_its_range_over_the_rounds(results):
+    for step in results["steps"]:
+        for point in step["results"]["onnxruntime-fp32"].values():
+            point["round_rates"] = [point["images_per_s"]] * 3
+    gelu = next(s for s in results["steps"] if s["key"] == "gelu")
+    gelu["results"]["onnxruntime-fp32"]["8"]["round_rates"] = [42.0, 45.0, 48.0]  # kernel 7: 60 in every round
+    # A GPU engine beside it, timed step after step: no per-round rates, no range, and the report says so.
+    results["engines"].append("tensorrt-fp16")
+    for step in results["steps"]:
+        step["results"]["tensorrt-fp16"] = {b: {"images_per_s": p["images_per_s"], "calls": p["calls"]}
+                                            for b, p in step["results"]["onnxruntime-fp32"].items()}
+    entries = {e["key"]: e for e in ledger(results)}
+    assert entries["gelu"]["delta_images_per_s_rounds"] == {"onnxruntime-fp32 b1": pytest.approx([-0.25, -0.25]),
+                                                            "onnxruntime-fp32 b8": pytest.approx([-0.30, -0.20])}
+    assert entries["kernel7"]["delta_images_per_s_rounds"] == {}
+    report = markdown(results)
+    assert "| 12 | gelu | +0.05 | +0.0% | -25.0% (-25% to -25%) | -25.0% (-30% to -20%) | -25.0% | -25.0% |" in report
+    assert ("Steps timed in 3 interleaved rounds per engine and batch size (onnxruntime-fp32: the steps in turn, the "
+            "order reversed every other round") in report
+    assert "Steps timed one after another (tensorrt-fp16: each step minutes after the previous)" in report
+    assert "In brackets: the lowest and highest per-round delta" in report
 
 
 def test_a_table_without_seed_std_claims_none(results):

@@ -110,23 +110,39 @@ def test_an_engine_that_failed_on_any_step_leaves_every_step():
     assert set(steps[0]["results"]) == {"tensorrt-fp16", "tensorrt-bf16"}  # the input is left as it was
 
 
-def test_a_failing_engine_is_reported_and_the_others_still_make_the_report(tmp_path):
-    def broken(onnx_path, module, threads):
+def test_failing_engines_are_reported_and_the_others_still_make_the_report(tmp_path):
+    def broken(onnx_path, model, threads):
         raise RuntimeError("no such device")
+
+    def fails_on_gelus_fourth_call(onnx_path, model, threads):
+        run, calls = onnxruntime_engine(onnx_path, model, threads), []
+
+        def flaky(batch):
+            calls.append(model)
+            if model.endswith("gelu") and len(calls) >= 4:
+                raise RuntimeError("provider lost")
+            return run(batch)
+        return flaky
 
     args = get_args_parser().parse_args(["--steps", "kernel7", "gelu", "--batch-sizes", "1", "--seconds", "0.1",
                                          "--input-size", "32", "--threads", "1", "--out", str(tmp_path)])
-    plan = EnginePlan(("onnxruntime-fp32", "broken-fp32"), (), {})
-    results, failed = run_roadmap(args, plan, {"onnxruntime-fp32": onnxruntime_engine, "broken-fp32": broken}, None)
+    plan = EnginePlan(("onnxruntime-fp32", "broken-fp32", "flaky-fp32"), (), {})
+    factories = {"onnxruntime-fp32": onnxruntime_engine, "broken-fp32": broken,
+                 "flaky-fp32": fails_on_gelus_fourth_call}
+    results, failed = run_roadmap(args, plan, factories, None)
     results["config"]["command"] = "python -m bench roadmap"
-    assert failed == {"broken-fp32": "step kernel7: RuntimeError: no such device"}  # not retried on gelu
+    assert failed == {"broken-fp32": "step kernel7: RuntimeError: no such device",  # a build: not tried on gelu
+                      "flaky-fp32": "step gelu: RuntimeError: provider lost"}  # a call, while timing
     assert results["engines"] == ["onnxruntime-fp32"] and results["device"] == "CPU"
     assert results["skipped_engines"]["broken-fp32"].startswith("failed: step kernel7")
     assert [list(s["results"]) for s in results["steps"]] == [["onnxruntime-fp32"]] * 2
+    assert results["config"]["rounds"] == 3
+    assert [len(s["results"]["onnxruntime-fp32"]["1"]["round_rates"]) for s in results["steps"]] == [3, 3]
     assert [s["engine_parity"] for s in results["steps"]] == [{}, {}]  # no TensorRT engine was built
     files = write_report(results, tmp_path)
     report = files["markdown"].read_text()
     assert "Not timed: broken-fp32: failed: step kernel7: RuntimeError: no such device." in report
+    assert "Not timed: flaky-fp32: failed: step gelu: RuntimeError: provider lost." in report
     assert "every step on every CPU engine" in report
     gelu = json.loads(files["json"].read_text())["ledger"][1]
     assert gelu["key"] == "gelu" and np.isfinite(gelu["delta_images_per_s"]["onnxruntime-fp32 b1"])
