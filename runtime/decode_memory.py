@@ -17,6 +17,7 @@ import math
 
 from PIL import Image
 
+from runtime.orientation import EXIF_ORIENTATION, TURNS, UNREADABLE_EXIF
 from runtime.repository import Preprocess
 
 RGB_BYTES = 4  # bytes a pixel of an RGB picture (PIL pads it to 4)
@@ -35,8 +36,6 @@ WEBP_DECODER_BYTES_PER_PIXEL = 12
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0, "nearest": 0.0}  # PIL's; nearest resizes without weight tables
 TIFF_BITS_PER_SAMPLE, TIFF_COMPRESSION, TIFF_SAMPLES_PER_PIXEL, TIFF_ROWS_PER_STRIP = 258, 259, 277, 278
 TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
-EXIF_ORIENTATION = 0x0112
-UPRIGHT = (0, 1)  # no Orientation tag, or "top-left": exif_transpose copies nothing
 
 
 def stored_bytes(mode: str) -> int:
@@ -72,8 +71,11 @@ def resized_size(size: tuple[int, int], spec: Preprocess, crop_region_only: bool
 
 def may_be_rotated(image: Image.Image) -> bool:
     """Whether EXIF (or XMP) may turn the picture (runtime.preprocess.loaded_rgb copies it then), read from the header
-    without touching the image's own EXIF cache (exif_transpose reads it after the decode). A PNG's eXIf or XMP chunk
-    may follow its pixels (PIL would decode them to look): a PNG counts as turned."""
+    without touching the image's own EXIF cache (runtime.orientation reads it after the decode). A PNG's eXIf or XMP
+    chunk may follow its pixels (PIL would decode them to look): a PNG counts as turned.
+
+    An EXIF block that does not parse is not turned: the decode parses the same bytes the same way
+    (runtime.orientation.exif_orientation) and leaves the picture as stored, so no second copy is ever made."""
     if image.format == "PNG":
         return True
     xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp") or b""
@@ -81,10 +83,13 @@ def may_be_rotated(image: Image.Image) -> bool:
         return True
     if "exif" in image.info:
         exif = Image.Exif()
-        exif.load(image.info["exif"])
-        return exif.get(EXIF_ORIENTATION, 1) not in UPRIGHT
+        try:
+            exif.load(image.info["exif"])
+        except UNREADABLE_EXIF:
+            return False
+        return exif.get(EXIF_ORIENTATION) in TURNS
     tags = getattr(image, "tag_v2", None)  # a TIFF's orientation is a tag of its own
-    return tags is not None and tags.get(EXIF_ORIENTATION, 1) not in UPRIGHT
+    return tags is not None and tags.get(EXIF_ORIENTATION) in TURNS
 
 
 def decoder_bytes(image: Image.Image, declared: tuple[int, int]) -> int:

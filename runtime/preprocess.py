@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from runtime.decode import FAST_DECODE_HEADROOM, fast_decode_min_short_side, reduce_jpeg_decode
 from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, resized_size
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
+from runtime.orientation import exif_orientation, turned_upright
 from runtime.repository import Preprocess
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
@@ -107,11 +108,11 @@ def _check_scan_count(data: bytes) -> None:
 
 
 def loaded_rgb(image: Image.Image) -> Image.Image:
-    """The opened image decoded, upright per EXIF, as 8-bit RGB."""
+    """The opened image decoded, upright per EXIF (an EXIF block that does not parse counts as upright: the pixels are
+    what training's loader, which ignores EXIF, classifies), as 8-bit RGB. A turned image's stored picture is closed."""
     with image_errors():
         image.load()
-        ImageOps.exif_transpose(image, in_place=True)  # in place: without an Orientation tag it would copy each picture
-    return to_rgb(image)
+    return to_rgb(turned_upright(image, exif_orientation(image)))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
