@@ -118,13 +118,13 @@ MEASURE = r"""
 import io, sys, time
 from PIL import Image
 from runtime.decode_memory import decode_peak_bytes, resized_size
-from runtime.preprocess import opened_image, preprocess
+from runtime.preprocess import opened_image, preprocess, resamples_crop_region_only
 from runtime.repository import Preprocess
 spec = Preprocess.model_validate_json(sys.argv[1])
 fast = sys.argv[3] == "fast"
 data = open(sys.argv[2], "rb").read()
-image, declared = opened_image(data, 10**9, 2 * spec.resize_px if fast else None)
-resized = resized_size(image.size, spec, fast and image.size != declared and spec.crop_mode == "center")
+image, declared, dct_scale = opened_image(data, 10**9, 2 * spec.resize_px if fast else None)
+resized = resized_size(image.size, spec, dct_scale > 1 and resamples_crop_region_only(spec))
 estimate = decode_peak_bytes(image, declared, resized, spec.interpolation)
 del image
 def rss(field):
@@ -284,7 +284,7 @@ def test_the_service_bounds_decode_memory(launch, model_repository):
 def test_the_estimate_reads_the_header_only():
     """opened_image decodes no pixel: the estimate of a 40-MP PNG is known while the process holds a few MB."""
     data = png_of("RGBA", (8000, 5000))
-    image, declared = opened_image(data, 10**9, None)
+    image, declared, _ = opened_image(data, 10**9, None)
     assert decode_peak_bytes(image, declared, resized_size(image.size, SPEC, False), "bicubic") >= 8 * 40_000_000
     assert image.tile  # still to be decoded
 

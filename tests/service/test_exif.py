@@ -73,7 +73,7 @@ def test_the_decode_budget_reads_an_unreadable_block_as_the_decode_does(picture)
     turned[0x0112] = 6
 
     def estimate(data: bytes) -> int:
-        image, declared = opened_image(data, MAX_PIXELS, None)
+        image, declared, _ = opened_image(data, MAX_PIXELS, None)
         return decode_peak_bytes(image, declared, resized_size(image.size, SPEC, False), SPEC.interpolation)
 
     assert not may_be_rotated(Image.open(io.BytesIO(with_block)))
