@@ -33,6 +33,8 @@ ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 # Image.open tries only these plugins, in order (an MPO file opens through JPEG's, which returns it as MPO).
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 STRIP_ROWS = 256  # rows scaled at a time when a 16/32-bit picture becomes 8-bit (to_rgb)
+HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # scaled to 8 bits by to_rgb
+TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 258, 339, 2
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
 Reserve = Callable[[int], AbstractContextManager[object]]
 RESAMPLING = {
@@ -128,17 +130,36 @@ def loaded_rgb(image: Image.Image) -> tuple[Image.Image, int]:
     with image_errors():
         image.load()
     orientation = exif_orientation(image)
-    return to_rgb(turned_upright(image, orientation)), orientation
+    white = white_level(image) if image.mode in HIGH_DEPTH_MODES else None  # before a turn drops the TIFF tags
+    return to_rgb(turned_upright(image, orientation), white), orientation
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: alpha composited on white, 16/32-bit and float scaled, CMYK and palettes converted."""
+def white_level(image: Image.Image) -> float:
+    """The sample value that is white in a 16/32-bit or float picture, from what the file declares, never from its
+    pixels (a guess from their maximum made a 32-bit picture of 0..255 white and one of 1..256 near black): the
+    largest value its samples' bits hold (a TIFF's BitsPerSample and SampleFormat: 4095 for 12 bits, 32767 for
+    signed 16, 2**31 - 1 for signed 32; else 65535 for I;16, 2**31 - 1 for PIL's 32-bit I), and 1.0 for floating
+    point (the 0..1 convention of float images). Training's loader (convert("RGB")) clips them to 0..255 instead."""
+    if image.mode == "F":
+        return 1.0
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(TIFF_BITS_PER_SAMPLE) if tags is not None else None
+    if bits is None:
+        return 65535 if image.mode.startswith("I;16") else 2**31 - 1
+    sample_format = tags.get(TIFF_SAMPLE_FORMAT, 1)
+    bits = max(bits) if isinstance(bits, tuple) else bits
+    signed = (max(sample_format) if isinstance(sample_format, tuple) else sample_format) == TIFF_SIGNED_INTEGER
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+def to_rgb(image: Image.Image, white: float | None = None) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: alpha composited on white, 16/32-bit and float scaled (0..white to 0..255; white:
+    white_level(image) unless given), CMYK and palettes converted."""
     if image.mode == "P" and "transparency" not in image.info:
         image = image.convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        pixels = np.asarray(image)
-        top = 65535 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255
-        image = Image.fromarray(scaled_to_8_bits(pixels, top), mode="L")
+    if image.mode in HIGH_DEPTH_MODES:
+        top = white_level(image) if white is None else white
+        image = Image.fromarray(scaled_to_8_bits(np.asarray(image), top), mode="L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
         image = on_white(image)
     if image.mode != "RGB":
@@ -161,7 +182,7 @@ def on_white(image: Image.Image) -> Image.Image:
     return rgb
 
 
-def scaled_to_8_bits(pixels: np.ndarray, top: int) -> np.ndarray:
+def scaled_to_8_bits(pixels: np.ndarray, top: float) -> np.ndarray:
     """round(v * 255 / top) clipped to 0..255 as uint8, a strip of rows at a time: a few bytes of scratch per pixel
     of a strip, not 24 per pixel of the picture (a 80 KB 16-bit PNG may declare 40 megapixels)."""
     out = np.empty(pixels.shape, dtype=np.uint8)

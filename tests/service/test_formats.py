@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import tracemalloc
 
 import httpx
@@ -102,3 +103,55 @@ def test_16_and_32_bit_pictures_scale_like_the_float_formula_in_bounded_memory()
         tracemalloc.stop()
     assert image.size == (6000, 6000) and len(data) < 100_000
     assert peak_bytes < 6 * 6000 * 6000, f"{peak_bytes / 1e6:.0f} MB traced"
+
+
+def grey_tiff(samples: bytes, size: tuple[int, int], bits: int, sample_format: int) -> bytes:
+    """A one-strip, uncompressed, little-endian grey TIFF of packed samples: what PIL cannot write (12-bit, signed
+    16-bit) but cameras and scientific software do."""
+    width, height = size
+    tags = [(256, width), (257, height), (258, bits), (259, 1), (262, 1), (273, 0), (277, 1), (278, height),
+            (279, len(samples)), (339, sample_format)]
+    data_offset = 8 + 2 + 12 * len(tags) + 4
+    directory = b"".join(struct.pack("<HHII", tag, 4 if tag in (273, 279) else 3, 1,
+                                     data_offset if tag == 273 else value) for tag, value in tags)
+    return b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)) + directory + bytes(4) + samples
+
+
+def grey_levels(data: bytes) -> np.ndarray:
+    rgb = np.asarray(decode_image(data, max_pixels=10**7)).astype(int)
+    assert (rgb == rgb[..., :1]).all()
+    return rgb[..., 0]
+
+
+def test_deep_pictures_scale_by_the_depth_they_declare_never_by_their_pixels():
+    """White is the largest value the samples' declared bits hold (float: 1.0). A guess from the pixels' maximum made
+    a 32-bit picture of 0..255 white and one of 1..256 near black, and a float picture of 0..1 black."""
+    ramp = np.arange(256, dtype=np.int64).reshape(16, 16)
+
+    def expected(values: np.ndarray, white: float) -> np.ndarray:
+        return np.clip(np.floor(values * 255.0 / white + 0.5), 0, 255).astype(int)
+
+    full = (ramp * (2**31 - 1)) // 255  # signed 32-bit (PIL's I, written as SampleFormat 2)
+    np.testing.assert_array_equal(grey_levels(encode(Image.fromarray(full.astype(np.int32), "I"), "TIFF")),
+                                  expected(full, 2**31 - 1))
+    small = grey_levels(encode(Image.fromarray(ramp.astype(np.int32), "I"), "TIFF"))
+    one_brighter = ramp.copy()
+    one_brighter[0, 0] = 256
+    brighter = grey_levels(encode(Image.fromarray(one_brighter.astype(np.int32), "I"), "TIFF"))
+    np.testing.assert_array_equal(small[1:], brighter[1:])  # one pixel over 255 changes no other pixel
+    np.testing.assert_array_equal(small, np.zeros_like(small))  # 0..255 of 2**31 - 1: black, as declared
+
+    floats = (ramp / 255).astype(np.float32)
+    np.testing.assert_array_equal(grey_levels(encode(Image.fromarray(floats, "F"), "TIFF")), ramp)
+
+    twelve = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    pairs = twelve.reshape(-1, 2).astype(np.uint32)
+    packed = np.stack([pairs[:, 0] >> 4, ((pairs[:, 0] & 15) << 4) | (pairs[:, 1] >> 8), pairs[:, 1] & 255], axis=1)
+    data = grey_tiff(packed.astype(np.uint8).tobytes(), (64, 64), 12, 1)
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    np.testing.assert_array_equal(grey_levels(data), expected(twelve, 4095))
+
+    signed = np.linspace(-1000, 32767, 256).astype(np.int16).reshape(16, 16)
+    data = grey_tiff(signed.tobytes(), (16, 16), 16, 2)
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    np.testing.assert_array_equal(grey_levels(data), expected(signed.astype(np.int64), 32767))
