@@ -27,12 +27,13 @@ from runtime.decode import (
 from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, resized_size
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
 from runtime.orientation import exif_orientation, turned_upright
-from runtime.repository import Preprocess
+from runtime.repository import Manifest, Preprocess, RepositoryError
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 # Image.open tries only these plugins, in order (an MPO file opens through JPEG's, which returns it as MPO).
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 STRIP_ROWS = 256  # rows scaled at a time when a 16/32-bit picture becomes 8-bit (to_rgb)
+RGB_CHANNELS = 3  # every picture becomes RGB: the tensor is (3, crop_px, crop_px) whatever the manifest says
 HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # scaled to 8 bits by to_rgb
 TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 258, 339, 2
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
@@ -271,6 +272,16 @@ def eval_transform(image: Image.Image, spec: Preprocess) -> np.ndarray:
     """RGB picture -> float32 (3, crop_px, crop_px), normalized: the training-side evaluation transform."""
     resize = resize_squash if spec.crop_mode == "squash" else resize_short_side
     return normalized_tensor(center_crop(resize(image, spec.resize_px, spec.interpolation), spec.crop_px), spec)
+
+
+def check_takes_rgb(manifest: Manifest) -> None:
+    """Refuse a version for image serving unless its input is RGB: every picture becomes 3 channels here, so a model
+    of another input.channels (a manifest may declare one: export writes in_chans models) would fail each request."""
+    channels = manifest.input.channels
+    if channels != RGB_CHANNELS:
+        raise RepositoryError(f"{manifest.name}/{manifest.version} takes {channels}-channel input, and images are "
+                              f"decoded to RGB ({RGB_CHANNELS} channels): serve a model exported with "
+                              f"{RGB_CHANNELS} input channels")
 
 
 def normalized_tensor(image: Image.Image, spec: Preprocess) -> np.ndarray:
