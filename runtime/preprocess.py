@@ -144,10 +144,9 @@ def white_level(image: Image.Image) -> float:
     if image.mode == "F":
         return 1.0
     tags = getattr(image, "tag_v2", None)
-    bits = tags.get(TIFF_BITS_PER_SAMPLE) if tags is not None else None
-    if bits is None:
+    if tags is None or tags.get(TIFF_BITS_PER_SAMPLE) is None:
         return 65535 if image.mode.startswith("I;16") else 2**31 - 1
-    sample_format = tags.get(TIFF_SAMPLE_FORMAT, 1)
+    bits, sample_format = tags[TIFF_BITS_PER_SAMPLE], tags.get(TIFF_SAMPLE_FORMAT, 1)
     bits = max(bits) if isinstance(bits, tuple) else bits
     signed = (max(sample_format) if isinstance(sample_format, tuple) else sample_format) == TIFF_SIGNED_INTEGER
     return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
@@ -244,7 +243,8 @@ def resize_crop_region(image: Image.Image, source: ReducedPicture, spec: Preproc
     """resize_short_side then center_crop of the source, resampling only the crop's region (PIL's resize box): the
     region is computed on the source's (declared, upright) size as exact mode does, then mapped into the reduced
     picture; the same source coordinates per output pixel, within 1 grey level of the two steps (filter weights round
-    differently; bicubic: a few values in 100,000 by up to 4), ~40% less resampling. Fast mode only: exact mode keeps the two steps, bit for bit training's."""
+    differently; bicubic: a few values in 100,000 by up to 4), ~40% less resampling. Fast mode only: exact mode
+    keeps the two steps, bit for bit training's."""
     box = source.box(crop_region(source.upright_size, spec))
     return image.resize((spec.crop_px, spec.crop_px), RESAMPLING[spec.interpolation], box=box)
 
@@ -299,7 +299,7 @@ def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str 
     """Bytes -> the model's input tensor for one image; raises ImageError for anything unusable.
 
     decode_mode "exact" is training's transform bit for bit (on 8-bit opaque pictures: decode_image also applies
-    EXIF orientation, alpha on white and 16-bit scaling, which training's loader does not); "fast" lets large JPEGs
+    EXIF orientation, alpha on white and 16/32-bit scaling, which training's loader does not); "fast" lets large JPEGs
     decode at reduced size, their short side kept >= fast_decode_headroom x the resize target.
     reserve (the service's decode budget) is entered with the bytes the decode will hold at its peak, once the header
     is read, and held until the tensor is made.
