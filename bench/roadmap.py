@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.batch_sizes) < 1 or args.seconds <= 0 or args.threads < 1 or args.input_size < 32:
         parser.error("--batch-sizes and --threads must be >= 1, --seconds > 0, --input-size >= 32 (4 stages of /2)")
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2: one round times the steps one after another, as the alternating "
+                     "rounds are there to avoid, and gives no per-round range")
     try:
         selected = select_engines(args.engines)
     except ValueError as err:

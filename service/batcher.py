@@ -202,9 +202,11 @@ class Batcher:
         return items
 
     def waiting(self) -> int:
-        """Images waiting for the engine (convnext_queue_depth, read at each scrape): those queued, and those of a
-        gathered batch still waiting for an engine or a slot whose clients are still there."""
-        return self.queue.qsize() + sum(not item.future.done() for item in self._gathered)
+        """Images waiting for the engine (convnext_queue_depth, read at each scrape, on the event loop): those queued
+        or in the batch being gathered or waiting for an engine or a slot, whose clients are still there (through an
+        outage nothing is submitted, so gone clients' places stay queued until the engine is back)."""
+        queued = self.queue._queue  # type: ignore[attr-defined]  # asyncio.Queue's deque, read on its own loop
+        return sum(not item.future.done() for item in (*queued, *self._gathered))
 
     def _drop_cancelled(self) -> None:
         """Take the items already answered (a disconnect, a request's timeout) out of the queue, keeping the order."""
@@ -225,7 +227,8 @@ class Batcher:
         return previous
 
     async def _gather(self) -> list[Item]:
-        batch = [await self.queue.get()]  # blocks while idle: no polling
+        """The next batch; held in _gathered from its first image on (convnext_queue_depth counts it)."""
+        batch = self._gathered = [await self.queue.get()]  # blocks while idle: no polling
         while len(batch) < self.max_batch_size and not self.queue.empty():
             batch.append(self.queue.get_nowait())  # take what is already queued first
         if len(batch) == 1:
@@ -262,7 +265,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             await self._free_slot()  # a batch gathered now fills from everything queued while the slots were busy
-            batch = self._gathered = await self._gather()
+            batch = await self._gather()
             # While the engine is being reloaded the batch waits for the new one, and for a slot on it (a swap during
             # the gather may have brought an engine with fewer slots); checked again after every wait.
             while self.served is None or self._blocking():

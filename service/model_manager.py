@@ -153,6 +153,8 @@ class ModelManager:
 
     async def reload(self, version: int | None) -> dict:
         """Load `version` (None: the latest) of the served model and swap it in, or raise ReloadRefused."""
+        if self._stopping:  # nothing would close an engine swapped into the drained batcher
+            raise ReloadRefused(503, "shutting_down", "the service is shutting down")
         if self._lock.locked():
             raise ReloadRefused(409, "reload_in_progress", "a reload or an engine recovery is in progress; retry "
                                 "when /readyz says ready")
@@ -185,6 +187,9 @@ class ModelManager:
                 raise self._unavailable(err) from None
             except Exception as err:  # other inputs or classes, an engine that fails to load or run, or hangs
                 raise self._refuse(name, target, model.manifest.created_at, err) from None
+            if self._stopping:  # stop() began during the build: the batcher is drained or draining
+                await self._close(served)
+                raise ReloadRefused(503, "shutting_down", "the service is shutting down")
             previous = await self._install(served)
             self._refused.pop(served.version, None)
             self.reloads.labels("ok").inc()

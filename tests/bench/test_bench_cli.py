@@ -75,6 +75,13 @@ def test_every_benchs_counts_refuse_zero_as_a_usage_error(command, capsys):
     assert f"argument {command[-1]}: must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_roadmap_refuses_a_single_round(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        bench_main.main(["roadmap", "--rounds", "1"])
+    assert stopped.value.code == 2
+    assert "--rounds must be at least 2" in capsys.readouterr().err
+
+
 def test_precision_labels_a_bare_file_and_may_not_contradict_a_manifest(repository, tmp_path):
     artifact = repository / "atto" / "1" / "model.onnx"
     bare = shutil.copy(artifact, tmp_path / "model.onnx")

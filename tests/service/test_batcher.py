@@ -318,4 +318,21 @@ def test_queue_depth_is_read_at_each_scrape_so_it_follows_the_queue_through_an_e
         batcher.task.cancel()
         return submitted, gathered, depth(), batcher.queue.qsize()
 
-    assert run(scenario()) == (3, 3, 1, 1)  # the queued one counts until the batcher drops it
+    assert run(scenario()) == (3, 3, 0, 1)  # the queued one's place is taken back later; it no longer counts
+
+
+def test_queue_depth_counts_a_batch_held_open_for_more_images():
+    """A batch held open for max_queue_delay_ms has left the queue: it counted nowhere while it waited."""
+    async def scenario():
+        metrics = ServiceMetrics()
+        batcher = Batcher(served(RecordingEngine()), max_batch_size=8, max_queue_delay_ms=60_000, queue_size=16,
+                          metrics=metrics)
+        batcher.start()
+        batcher.submit(tensors(1, 2), time.monotonic() + 10)
+        while not batcher.queue.empty():
+            await asyncio.sleep(0.001)  # the batcher takes both and holds the batch open for more
+        depth = metrics.queue_depth.collect()[0].samples[0].value
+        batcher.task.cancel()
+        return depth
+
+    assert run(scenario()) == 2

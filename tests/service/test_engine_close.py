@@ -16,6 +16,7 @@ import pytest
 
 from runtime.engines.base import Engine, EngineDescription, EngineError
 from service.batcher import BatchFailedError
+from service.engine_builds import ReloadRefused
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
 from service.settings import Settings
@@ -198,3 +199,20 @@ def test_a_reload_cancelled_while_the_old_engine_finishes_its_batch_leaves_both_
         return (await asyncio.to_thread(old.closed.wait, 5)), new.closed.is_set()
 
     assert asyncio.run(scenario()) == (True, True)
+
+
+def test_a_reload_once_the_shutdown_has_begun_is_refused_and_swaps_nothing_in(model_repository):
+    """Nothing would close an engine swapped into the drained batcher."""
+    first, spare = StandInEngine(), StandInEngine()
+
+    async def scenario():
+        manager = manager_for(model_repository, [first, spare])
+        await manager.start()
+        await manager.stop(drain_timeout_s=5)
+        with pytest.raises(ReloadRefused) as refused:
+            await manager.reload(1)
+        return refused.value
+
+    refused = asyncio.run(scenario())
+    assert (refused.status, refused.code) == (503, "shutting_down")
+    assert first.closed.is_set() and not spare.loading.is_set()
