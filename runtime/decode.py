@@ -16,9 +16,9 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom, as PIL's re
 DECODE_MODES = ("exact", "fast")
 DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # the formats whose decoder can scale in the DCT (libjpeg's scale_denom)
 # The decoded short side stays >= this x resize_px. Measured with EfficientNet-Lite0 on 380 real-photo JPEGs
-# (scripts/decode_accuracy.py, README "Fast decoding"): at 1x, top-1 agreement with exact decoding was 85.8% (71.6%
+# (scripts/decode_accuracy.py, README "Fast decoding"): at 1x, top-1 agreement with exact decoding was 88.7% (83.2%
 # when the decode lands just above the target, where the resize barely filters); at 2x, 97.9% and a max |logit|
-# difference of 1.5 instead of 18.9. 12-MP photos then decode at 1/4 scale instead of 1/8. The service's
+# difference of 1.5 instead of 8.5. 12-MP photos then decode at 1/4 scale instead of 1/8. The service's
 # fast_decode_headroom setting chooses another (1: the least decoding work, 12-MP photos at 1/8).
 FAST_DECODE_HEADROOM = 2.0
 # Below 1 the decode would land under the resize target; above 8 a JPEG's short side would need 16x the target

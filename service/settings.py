@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     fast_decode_headroom: float = Field(
         FAST_DECODE_HEADROOM, ge=HEADROOM_RANGE[0], le=HEADROOM_RANGE[1], description=(
             "decode_mode fast: a JPEG's decoded short side stays >= this x the model's resize target. 2: 12-MP photos "
-            "decode at 1/4 scale, 97.9% top-1 agreement with exact on real photos; 1: at 1/8, the least work, 85.8% "
+            "decode at 1/4 scale, 97.9% top-1 agreement with exact on real photos; 1: at 1/8, the least work, 88.7% "
             "(README, Fast decoding)"))
     openvino_performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
         "LATENCY", description="--engine openvino: LATENCY runs each batch on every thread, one batch at a time; "
