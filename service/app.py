@@ -16,10 +16,11 @@ from runtime.repository import Manifest, ModelRepository, ModelVersion, Reposito
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
 from service.body_budget import BodyBudget, BodyBudgetMiddleware
+from service.engine_builds import EngineFactory
 from service.errors import ApiError, error_response, speaks_v2
 from service.grpc_server import GrpcService, start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.model_manager import EngineFactory, ModelManager, load_model_version
+from service.model_manager import ModelManager, load_model_version
 from service.openapi import APP_RESPONSES, install_openapi
 from service.pages import pages_router
 from service.routes import router

@@ -1,18 +1,24 @@
-"""What building an engine for the served model can end with, and the bound on it: the refusals and errors a reload
-or a rebuild raises, how long a build may take, and closing an engine whatever state its build left it in."""
+"""What building an engine for the served model can end with, and the bound on it: the engine prepared (made, loaded,
+warmed up, smoke-run) in its own thread, the refusals and errors a reload or a rebuild raises, how long a build may
+take, and closing an engine whatever state its build left it in."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from runtime.engines.base import Engine
 from runtime.engines.factory import open_bound_s
+from runtime.repository import ModelVersion
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
 logger = logging.getLogger("convnext.service")
+EngineFactory = Callable[[ModelVersion, "Settings"], Engine]
 
 
 class ReloadRefused(Exception):
@@ -52,3 +58,23 @@ def close_prepared(prepared: Future, what: str) -> None:
     """In the engine's thread, after the call that prepared the engine: close it, if that call made one."""
     if not prepared.cancelled() and prepared.exception() is None:  # a failed prepare closed its own engine
         close_engine(prepared.result(), what)
+
+
+def prepared_engine(model: ModelVersion, settings: Settings, engine_factory: EngineFactory) -> Engine:
+    """In the engine's thread: the engine made, loaded, warmed up and smoke-run (logits of the manifest's shape, all
+    finite), or closed and the error raised."""
+    engine = engine_factory(model, settings)
+    try:
+        engine.load()
+        engine.warmup(settings.warmup_runs)
+        spec = engine.describe()
+        logits = engine.run(np.zeros((1, *spec.input_shape), dtype=np.float32))
+        expected = (1, model.manifest.num_classes)
+        if np.shape(logits) != expected:
+            raise SmokeRunError(f"the smoke run gave logits of shape {np.shape(logits)}, expected {expected}")
+        if not np.isfinite(logits).all():
+            raise SmokeRunError("the smoke run gave non-finite logits (NaN or inf)")
+    except BaseException:
+        engine.close()
+        raise
+    return engine

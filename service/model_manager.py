@@ -4,24 +4,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from prometheus_client import Counter, Gauge
 
-from runtime.engines.base import Engine
 from runtime.preprocess import check_takes_rgb
 from runtime.repository import ModelRepository, ModelVersion, RepositoryError
 from service.admission import admission_capacity
 from service.batcher import Batcher, EngineThread, ServedModel
 from service.engine_builds import (
     BuildTimeoutError,
+    EngineFactory,
     ReloadRefused,
-    SmokeRunError,
     close_engine,
     close_prepared,
+    prepared_engine,
     rebuild_timeout_s,
 )
 from service.metrics import ServiceMetrics
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 logger = logging.getLogger("convnext.service")
-EngineFactory = Callable[[ModelVersion, "Settings"], Engine]
 RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 NOT_REFUSED = object()  # a version the watcher has not seen refused
 
@@ -234,7 +232,7 @@ class ModelManager:
         """
         manifest = model.manifest
         thread = EngineThread(f"engine-{manifest.name}-{manifest.version}")
-        prepared = thread.submit(self._prepare_engine, model)
+        prepared = thread.submit(prepared_engine, model, self.settings, self.engine_factory)
         try:
             engine = await asyncio.wrap_future(prepared)
             thread.add_workers(engine.max_concurrent_batches - 1)  # one thread per batch it runs at once
@@ -245,23 +243,6 @@ class ModelManager:
             thread.submit_last(close_prepared, prepared, f"{manifest.name}/{manifest.version}")
             raise
         return ServedModel(engine, manifest.name, manifest.version, thread, built)
-
-    def _prepare_engine(self, model: ModelVersion) -> Engine:
-        engine = self.engine_factory(model, self.settings)
-        try:
-            engine.load()
-            engine.warmup(self.settings.warmup_runs)
-            spec = engine.describe()
-            logits = engine.run(np.zeros((1, *spec.input_shape), dtype=np.float32))
-            expected = (1, model.manifest.num_classes)
-            if np.shape(logits) != expected:
-                raise SmokeRunError(f"the smoke run gave logits of shape {np.shape(logits)}, expected {expected}")
-            if not np.isfinite(logits).all():
-                raise SmokeRunError("the smoke run gave non-finite logits (NaN or inf)")
-        except BaseException:
-            engine.close()
-            raise
-        return engine
 
     async def _install(self, served: ServedModel) -> ServedModel | None:
         previous_current, previously_served = self.current, self.running_batcher.served
