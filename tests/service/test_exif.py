@@ -13,6 +13,7 @@ from model.registry import DataConfig
 from runtime.decode_memory import decode_peak_bytes, may_be_rotated, resized_size
 from runtime.preprocess import decode_image, opened_image, preprocess
 from runtime.repository import Preprocess
+from tests.service.test_formats import encode
 from training.transforms import eval_transform as torchvision_eval_transform
 
 DATA = DataConfig(input_size=32)
@@ -30,12 +31,6 @@ def picture(real_photos) -> Image.Image:
     """The cat photo, small and not square (a turn shows)."""
     photo = Image.open(next(p for p in real_photos if p.name == "chelsea.png")).convert("RGB")
     return photo.resize((60, 40), Image.Resampling.BICUBIC)
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def training_tensor(data: bytes) -> np.ndarray:
