@@ -100,6 +100,8 @@ def decoder_bytes(image: Image.Image, declared: tuple[int, int]) -> int:
     if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
         layers = getattr(image, "layer", [])  # (id, horizontal, vertical sampling, table) per component
         sampling = [h * v for _, h, v, _ in layers] or [1]
+        if max(sampling) < 1:  # a sampling factor of 0: not a JPEG libjpeg decodes (it refuses it), nothing held
+            raise ValueError("a JPEG component's sampling factor is 0")
         return round(2 * width * height * sum(sampling) / max(sampling))
     if image.format == "WEBP":
         return WEBP_DECODER_BYTES_PER_PIXEL * width * height

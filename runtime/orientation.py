@@ -38,7 +38,10 @@ def exif_orientation(image: Image.Image) -> int:
         orientation = image.getexif().get(EXIF_ORIENTATION, UPRIGHT)
     except UNREADABLE_EXIF:
         return UPRIGHT
-    return orientation if isinstance(orientation, int) and orientation in TURNS else UPRIGHT
+    try:  # as exif_transpose looks it up: a RATIONAL 6/1 or a FLOAT 6.0 is 6, an unhashable value none of the eight
+        return int(orientation) if orientation in TURNS else UPRIGHT
+    except TypeError:
+        return UPRIGHT
 
 
 def turned_upright(image: Image.Image, orientation: int) -> Image.Image:

@@ -27,7 +27,7 @@ from runtime.decode import (
 from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, resized_size
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
 from runtime.orientation import exif_orientation, turned_upright
-from runtime.repository import Manifest, Preprocess, RepositoryError
+from runtime.repository import Preprocess
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 # Image.open tries only these plugins, in order (an MPO file opens through JPEG's, which returns it as MPO).
@@ -84,7 +84,9 @@ def image_errors() -> Iterator[None]:
     except UnidentifiedImageError:
         raise ImageError("not_an_image",
                          "the body is not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    # ArithmeticError, TypeError: Pillow's plugins on hostile headers too (a TIFF palette's overflow, an IFDRational
+    # where an integer belongs), as the decode memory estimate on a sampling factor of 0.
+    except (OSError, SyntaxError, ValueError, ArithmeticError, TypeError) as err:
         raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
 
 
@@ -143,13 +145,20 @@ def white_level(image: Image.Image) -> float:
     point (the 0..1 convention of float images). Training's loader (convert("RGB")) clips them to 0..255 instead."""
     if image.mode == "F":
         return 1.0
+    default = 65535 if image.mode.startswith("I;16") else 2**31 - 1
     tags = getattr(image, "tag_v2", None)
     if tags is None or tags.get(TIFF_BITS_PER_SAMPLE) is None:
-        return 65535 if image.mode.startswith("I;16") else 2**31 - 1
-    bits, sample_format = tags[TIFF_BITS_PER_SAMPLE], tags.get(TIFF_SAMPLE_FORMAT, 1)
-    bits = max(bits) if isinstance(bits, tuple) else bits
-    signed = (max(sample_format) if isinstance(sample_format, tuple) else sample_format) == TIFF_SIGNED_INTEGER
-    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        return default
+    # The first sample's, as PIL decodes with (a hostile tag may list more values, or huge ones: 2**(2**32) held the
+    # GIL for half a minute); a depth PIL would not decode into this mode is not believed.
+    bits, sample_format = (_first(tags[TIFF_BITS_PER_SAMPLE]), _first(tags.get(TIFF_SAMPLE_FORMAT, 1)))
+    if not isinstance(bits, int) or not 1 < bits <= 32:
+        return default
+    return 2 ** (bits - 1) - 1 if sample_format == TIFF_SIGNED_INTEGER else 2**bits - 1
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) and value else value
 
 
 def to_rgb(image: Image.Image, white: float | None = None) -> Image.Image:
@@ -272,16 +281,6 @@ def eval_transform(image: Image.Image, spec: Preprocess) -> np.ndarray:
     """RGB picture -> float32 (3, crop_px, crop_px), normalized: the training-side evaluation transform."""
     resize = resize_squash if spec.crop_mode == "squash" else resize_short_side
     return normalized_tensor(center_crop(resize(image, spec.resize_px, spec.interpolation), spec.crop_px), spec)
-
-
-def check_takes_rgb(manifest: Manifest) -> None:
-    """Refuse a version for image serving unless its input is RGB: every picture becomes 3 channels here, so a model
-    of another input.channels (a manifest may declare one: export writes in_chans models) would fail each request."""
-    channels = manifest.input.channels
-    if channels != RGB_CHANNELS:
-        raise RepositoryError(f"{manifest.name}/{manifest.version} takes {channels}-channel input, and images are "
-                              f"decoded to RGB ({RGB_CHANNELS} channels): serve a model exported with "
-                              f"{RGB_CHANNELS} input channels")
 
 
 def normalized_tensor(image: Image.Image, spec: Preprocess) -> np.ndarray:

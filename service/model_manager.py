@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge
 
-from runtime.preprocess import check_takes_rgb
 from runtime.repository import ModelRepository, ModelVersion, RepositoryError
 from service.admission import admission_capacity
 from service.batcher import Batcher, EngineThread, ServedModel
@@ -41,7 +40,6 @@ def load_model_version(repository: ModelRepository, name: str | None, version: i
         raise RuntimeError(f"the model repository {str(repository.root)!r} has no models; export one with "
                            "`convnext export onnx ...` or run `make demo-model`")
     model = repository.load(name or models[0], version)
-    check_takes_rgb(model.manifest)
     return model
 
 
@@ -171,7 +169,6 @@ class ModelManager:
                 attempted = await self.reader.read(self._created_at, name, target)  # None: unreadable (refused below)
                 # Hashing the version's files: bounded like its build.
                 model = await self.reader.read(self.repository.load, name, target, timeout_s=self.rebuild_limit_s)
-                check_takes_rgb(model.manifest)
             except OSError as err:
                 if is_transient(err):  # the volume (an I/O error, a read that did not return), not the version
                     raise self._unavailable(err) from None

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
 
-from runtime.preprocess import ImageError, Reserve, preprocess
+from runtime.preprocess import RGB_CHANNELS, ImageError, Reserve, preprocess
 from runtime.repository import ModelVersion, Preprocess
 from service.admission import AdmissionRefused
 from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, Item, QueueFullError, ServedModel
@@ -253,6 +253,11 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyn
 
 async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_gone: ClientGone | None) -> list[Item]:
     """Encoded images (name, bytes) -> one batcher item each, preprocessed the serving way."""
+    manifest = state.version.manifest  # type: ignore[union-attr]  # callers check require_ready first
+    if manifest.input.channels != RGB_CHANNELS:  # its tensors are served (v2), its images could not be
+        raise ApiError(422, "not_an_image_model", f"{manifest.name}/{manifest.version} takes {manifest.input.channels}"
+                       f"-channel input, and images decode to RGB ({RGB_CHANNELS} channels): send its input as a "
+                       f"tensor to /v2/models/{manifest.name}/infer")
     deadline = request_deadline(state)
     with watching(client_gone) as gone, admitted(state, len(images)):
         try:

@@ -156,3 +156,4 @@ def test_a_request_with_more_images_than_the_capacity_gets_413_not_a_503_to_retr
         assert "over the service's capacity of 2" in refused.json()["error"]["message"]
         assert "retry-after" not in refused.headers
         assert post(2).status_code == 200
+

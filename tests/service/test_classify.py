@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -111,3 +112,41 @@ def test_request_metrics_keep_their_labels_bounded_and_their_buckets_fine():
     for seconds in (0.002, 0.02, 0.2, 2.0, 20.0):  # the bucket holding it spans at most 2x: quantiles within ~2x
         index = int(np.searchsorted(bounds, seconds))
         assert 0 < index < len(bounds) and bounds[index] / bounds[index - 1] <= 2.0, seconds
+
+
+
+@pytest.fixture(scope="module")
+def grey_repository(tmp_path_factory) -> Path:
+    """convnext_atto taking 1-channel input (a project checkpoint with in_chans 1), exported as `grey`."""
+    from dataclasses import asdict
+
+    import torch
+
+    import model
+    from export.onnx import export_onnx_version
+
+    root = tmp_path_factory.mktemp("grey")
+    module = model.create_model("convnext_atto", in_chans=1, num_classes=10)
+    data_config = asdict(model.get_config("convnext_atto").data) | {"mean": [0.5], "std": [0.5], "in_chans": 1}
+    torch.save({"model_name": "convnext_atto", "model_kwargs": {"in_chans": 1, "num_classes": 10},
+                "data_config": data_config, "model": module.state_dict()}, root / "grey.pth")
+    export_onnx_version(root / "models", "grey", "convnext_atto", root / "grey.pth", input_size=64)
+    return root / "models"
+
+
+def test_a_model_that_does_not_take_rgb_serves_its_tensors_and_refuses_images(grey_repository, real_photos,
+                                                                                launch):
+    """A 1-channel model (export writes in_chans models) serves tensors over v2, but every image decodes to RGB: an
+    image request is refused at once with where its tensors go, not failed with a 500 (an IndexError)."""
+    with launch(grey_repository, warmup_runs=0) as url:
+        refused = httpx.post(f"{url}/classify", content=real_photos[0].read_bytes(),
+                             headers={"content-type": "image/jpeg"}, timeout=60)
+        tensor = {"inputs": [{"name": "input", "shape": [1, 1, 64, 64], "datatype": "FP32",
+                              "data": [0.0] * (64 * 64)}]}
+        served = httpx.post(f"{url}/v2/models/grey/infer", json=tensor, timeout=60)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["code"] == "not_an_image_model"
+    assert "takes 1-channel input" in refused.json()["error"]["message"]
+    assert "/v2/models/grey/infer" in refused.json()["error"]["message"]
+    assert served.status_code == 200, served.text
+    assert served.json()["outputs"][0]["shape"] == [1, 10]

@@ -4,6 +4,7 @@ reads but cannot write back still turns the picture; the decode budget's estimat
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -98,3 +99,20 @@ def test_a_block_pil_reads_but_cannot_write_back_still_turns_the_picture(picture
     np.testing.assert_array_equal(np.asarray(decode_image(data, MAX_PIXELS)), np.asarray(upright))
     np.testing.assert_array_equal(preprocess(data, SPEC, MAX_PIXELS, "exact"),
                                   torchvision_eval_transform(DATA)(upright).numpy())
+
+
+@pytest.mark.parametrize("stored", ["rational", "float"])
+def test_an_orientation_stored_as_a_rational_or_a_float_turns_the_picture_as_exif_transpose_does(picture, stored):
+    """exif_transpose looks the value up by equality (6/1 and 6.0 are 6); an isinstance(int) check left them
+    stored."""
+    # One IFD entry, Orientation: RATIONAL 6/1 (type 5, its 8 bytes after the IFD) or FLOAT 6.0 (type 11, inline).
+    entry = struct.pack("<HHII", 0x0112, 5, 1, 26) if stored == "rational" else \
+        struct.pack("<HHI", 0x0112, 11, 1) + struct.pack("<f", 6.0)
+    value = struct.pack("<II", 6, 1) if stored == "rational" else b""
+    block = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 1) + entry + bytes(4) + value
+    data = encode(picture, "JPEG", quality=90, exif=block)
+    read = Image.open(io.BytesIO(data)).getexif()[0x0112]
+    assert not isinstance(read, int) and read == 6
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    assert expected.size == (40, 60)
+    np.testing.assert_array_equal(np.asarray(decode_image(data, MAX_PIXELS)), np.asarray(expected))

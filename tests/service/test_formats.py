@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.preprocess import decode_image, scaled_to_8_bits
+from runtime.preprocess import ImageError, decode_image, preprocess, scaled_to_8_bits
+from runtime.repository import Preprocess
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +156,40 @@ def test_deep_pictures_scale_by_the_depth_they_declare_never_by_their_pixels():
     data = grey_tiff(signed.tobytes(), (16, 16), 16, 2)
     assert Image.open(io.BytesIO(data)).mode == "I"
     np.testing.assert_array_equal(grey_levels(data), expected(signed.astype(np.int64), 32767))
+
+
+def tiff_listing_bits(bits: tuple[int, ...], samples: bytes, size: tuple[int, int]) -> bytes:
+    """A one-sample grey TIFF whose BitsPerSample lists `bits` (LONGs, out of line): PIL decodes with the first."""
+    width, height = size
+    inline = [(256, 3, width), (257, 3, height), (259, 3, 1), (262, 3, 1), (277, 3, 1), (278, 3, height),
+              (279, 4, len(samples))]
+    count = len(inline) + 2
+    bits_offset = 8 + 2 + 12 * count + 4
+    out_of_line = struct.pack(f"<{len(bits)}I", *bits) if len(bits) > 1 else b""  # one LONG sits in its entry
+    entries = sorted([*inline, (258, 4, bits[0] if len(bits) == 1 else bits_offset),
+                      (273, 4, bits_offset + len(out_of_line))])
+    directory = b"".join(struct.pack("<HHII", tag, kind, len(bits) if tag == 258 else 1, value)
+                         for tag, kind, value in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", count) + directory + bytes(4) + out_of_line + samples
+
+
+@pytest.mark.parametrize("extra", [255, 65535, 2**32 - 1])
+def test_a_bits_per_sample_tag_listing_more_values_than_samples_scales_by_the_decoded_depth(extra):
+    """Only the first value is the depth PIL decodes with: the largest listed one made a 16-bit picture black, raised
+    OverflowError (a 500), or, at 2**32 - 1, computed 2**(2**32) for half a minute with the GIL held."""
+    ramp = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)
+    expected = grey_levels(tiff_listing_bits((16,), ramp.tobytes(), (16, 16)))
+    np.testing.assert_array_equal(expected, np.arange(256).reshape(16, 16))
+    np.testing.assert_array_equal(grey_levels(tiff_listing_bits((16, extra), ramp.tobytes(), (16, 16))), expected)
+
+
+def test_a_progressive_jpeg_whose_sampling_factors_are_zero_is_a_corrupt_image(photo):
+    """The decode-memory estimate divided by the largest sampling factor: ZeroDivisionError, a 500."""
+    data = bytearray(encode(photo, "JPEG", progressive=True))
+    frame = data.index(b"\xff\xc2") + 2  # SOF2: length, precision, height, width, components, then 3 bytes each
+    for component in range(data[frame + 7]):
+        data[frame + 8 + 3 * component + 1] = 0  # its sampling factors, horizontal and vertical
+    spec = Preprocess(resize_px=73, crop_px=64, crop_pct=0.875, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(ImageError) as refused:
+        preprocess(bytes(data), spec, 10**7, "exact")
+    assert refused.value.code == "corrupt_image"

@@ -82,16 +82,3 @@ def test_an_engine_that_fails_to_load_at_start_is_one_line_too(model_repository,
     assert "model.onnx" in line
     assert "Application startup failed" in result.stderr
 
-
-def test_a_model_that_does_not_take_rgb_is_refused_in_one_line(model_repository, tmp_path):
-    """A manifest may declare input.channels 1 (export writes in_chans models); every image is decoded to RGB, so
-    serving it would fail each request (an IndexError, a 500): refused at start, naming the channels."""
-    version = tmp_path / "models" / "atto" / "1"
-    shutil.copytree(model_repository / "atto" / "1", version, ignore=shutil.ignore_patterns(".lock"))
-    manifest = json.loads((version / "manifest.json").read_text())
-    manifest["input"]["channels"] = 1
-    manifest["preprocess"].update(mean=[0.5], std=[0.5])
-    (version / "manifest.json").write_text(json.dumps(manifest))
-    result = serve("--repository", str(tmp_path / "models"), "--host", "127.0.0.1", "--port", str(free_port()))
-    assert_one_line(result, "atto/1 takes 1-channel input, and images are decoded to RGB (3 channels)", 1)
-    assert "Waiting for application startup" not in result.stderr  # refused before anything started
