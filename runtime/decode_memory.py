@@ -35,7 +35,7 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La", "P"})  # P: with a tr
 WEBP_DECODER_BYTES_PER_PIXEL = 12
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0, "nearest": 0.0}  # PIL's; nearest resizes without weight tables
 TIFF_BITS_PER_SAMPLE, TIFF_COMPRESSION, TIFF_SAMPLES_PER_PIXEL, TIFF_ROWS_PER_STRIP = 258, 259, 277, 278
-TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH, TIFF_TILE_OFFSETS = 322, 323, 324
 
 
 def stored_bytes(mode: str) -> int:
@@ -107,12 +107,24 @@ def decoder_bytes(image: Image.Image, declared: tuple[int, int]) -> int:
         return WEBP_DECODER_BYTES_PER_PIXEL * width * height
     tags = getattr(image, "tag_v2", None)
     if image.format == "TIFF" and tags is not None and tags.get(TIFF_COMPRESSION, 1) != 1:
-        samples, bits = tags.get(TIFF_SAMPLES_PER_PIXEL, 1), tags.get(TIFF_BITS_PER_SAMPLE, (8,))
-        sample_bytes = -(-max(bits if isinstance(bits, tuple) else (bits,)) // 8)
-        if TIFF_TILE_WIDTH in tags:
-            return tags[TIFF_TILE_WIDTH] * tags.get(TIFF_TILE_LENGTH, 1) * samples * sample_bytes
-        return width * min(height, tags.get(TIFF_ROWS_PER_STRIP, height)) * samples * sample_bytes
+        samples = tiff_count(tags, TIFF_SAMPLES_PER_PIXEL, 1)
+        sample_bytes = -(-tiff_count(tags, TIFF_BITS_PER_SAMPLE, 8) // 8)
+        if TIFF_TILE_OFFSETS in tags:  # tiled (a strip TIFF's tile tags, which PIL ignores, are not read)
+            return tiff_count(tags, TIFF_TILE_WIDTH, width) * tiff_count(tags, TIFF_TILE_LENGTH, 1) * samples * \
+                sample_bytes
+        return width * min(height, tiff_count(tags, TIFF_ROWS_PER_STRIP, height)) * samples * sample_bytes
     return 0
+
+
+def tiff_count(tags, tag: int, default: int) -> int:
+    """A TIFF tag's value as a count, its first where it lists several (as PIL decodes with it); one a hostile file
+    gives as text or bytes (which Python would repeat, not multiply: 210 bytes asked for gigabytes) is refused."""
+    value = tags.get(tag, default)
+    if isinstance(value, tuple):
+        value = value[0] if value else default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"the TIFF's tag {tag} is {str(value)[:20]!r}, not a count")
+    return value
 
 
 def resize_bytes(size: tuple[int, int], resized: tuple[int, int], interpolation: str) -> int:

@@ -11,9 +11,11 @@ import io
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import PIL
 from PIL import Image, UnidentifiedImageError
 
 from runtime.decode import (
@@ -34,6 +36,7 @@ ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 STRIP_ROWS = 256  # rows scaled at a time when a 16/32-bit picture becomes 8-bit (to_rgb)
 RGB_CHANNELS = 3  # every picture becomes RGB: the tensor is (3, crop_px, crop_px) whatever the manifest says
+PILLOW_PACKAGE = Path(PIL.__file__).resolve().parent
 HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # scaled to 8 bits by to_rgb
 TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 258, 339, 2
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
@@ -84,10 +87,20 @@ def image_errors() -> Iterator[None]:
     except UnidentifiedImageError:
         raise ImageError("not_an_image",
                          "the body is not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
-    # ArithmeticError, TypeError: Pillow's plugins on hostile headers too (a TIFF palette's overflow, an IFDRational
-    # where an integer belongs), as the decode memory estimate on a sampling factor of 0.
-    except (OSError, SyntaxError, ValueError, ArithmeticError, TypeError) as err:
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
+    except (ArithmeticError, TypeError) as err:  # Pillow's plugins on hostile headers raise these too (a TIFF
+        if not raised_in_pillow(err):           # palette's overflow, an IFDRational where an integer belongs); ours
+            raise                                # are bugs: a 500, logged, not a client's corrupt image
+        raise ImageError("corrupt_image", f"the image could not be decoded: {err}") from None
+
+
+def raised_in_pillow(err: BaseException) -> bool:
+    """Whether the innermost frame of err's traceback is Pillow's code."""
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and PILLOW_PACKAGE in Path(frame.tb_frame.f_code.co_filename).resolve().parents
 
 
 class OpenedImage(NamedTuple):
@@ -152,8 +165,9 @@ def white_level(image: Image.Image) -> float:
     # The first sample's, as PIL decodes with (a hostile tag may list more values, or huge ones: 2**(2**32) held the
     # GIL for half a minute); a depth PIL would not decode into this mode is not believed.
     bits, sample_format = (_first(tags[TIFF_BITS_PER_SAMPLE]), _first(tags.get(TIFF_SAMPLE_FORMAT, 1)))
-    if not isinstance(bits, int) or not 1 < bits <= 32:
+    if isinstance(bits, bool) or bits not in range(2, 33):  # by equality, as PIL matches it (a RATIONAL 16/1 is 16)
         return default
+    bits = int(bits)
     return 2 ** (bits - 1) - 1 if sample_format == TIFF_SIGNED_INTEGER else 2**bits - 1
 
 
@@ -168,7 +182,10 @@ def to_rgb(image: Image.Image, white: float | None = None) -> Image.Image:
         image = image.convert("RGB")
     if image.mode in HIGH_DEPTH_MODES:
         top = white_level(image) if white is None else white
-        image = Image.fromarray(scaled_to_8_bits(np.asarray(image), top), mode="L")
+        pixels = np.asarray(image)
+        if top > np.iinfo(np.int32).max and pixels.dtype == np.int32:  # unsigned 32-bit: PIL's I holds it as int32
+            pixels = pixels.view(np.uint32)
+        image = Image.fromarray(scaled_to_8_bits(pixels, top), mode="L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
         image = on_white(image)
     if image.mode != "RGB":

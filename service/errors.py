@@ -114,9 +114,10 @@ ERROR_DESCRIPTIONS = {
     404: "Not found",
     408: "The request body stalled (body_timeout)",
     409: "Conflict",
-    413: "Too large (body_too_large, too_many_files, too_many_pixels)",
+    413: "Too large (body_too_large, too_many_files, too_many_pixels, too_many_images)",
     415: "Unsupported content type (unsupported_media_type)",
-    422: "A parameter or body field is invalid (invalid_parameter)",
+    422: "A parameter or body field is invalid (invalid_parameter), or images for a model whose input is not RGB "
+         "(not_an_image_model)",
     500: "The engine failed the batch this request was in (inference_failed)",
     503: "Not ready (not_ready), at capacity (queue_full) or at the connection limit (too_many_connections); "
          "retry after Retry-After",

@@ -143,8 +143,11 @@ class ModelManager:
                 task.cancel()
         if self.batcher is not None:
             await self.batcher.drain(drain_timeout_s)
-        if self.current is not None and (self.batcher is None or self.batcher.served is self.current):
-            await self._close(self.current)
+        # The engine the batcher serves: current, or a reload's new one while that reload waits in swap() for the old
+        # one's last batches (the reload closes the old one). A detached engine has been closing since it broke.
+        served = self.batcher.served if self.batcher is not None else self.current
+        if served is not None:
+            await self._close(served)
         await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def reload(self, version: int | None) -> dict:

@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from convnext_common import project_version
+from runtime.preprocess import RGB_CHANNELS
 from runtime.repository import Manifest
 from service import pipeline
 from service.batcher import Item, ServedModel
@@ -142,10 +143,14 @@ def server_ready(state: ServiceState) -> bool:
 def resolve_model(state: ServiceState, name: str, version: str | None = None) -> V2Model:
     """The v2 model `name` (optionally at `version`): 404 model_not_found, 503 before any model is loaded."""
     manifest = (state.version or require_ready(state)).manifest
-    is_image = name == manifest.name + IMAGE_SUFFIX
+    # The image model exists where images make the model's input: a model of another channel count serves tensors.
+    image_model = manifest.name + IMAGE_SUFFIX if manifest.input.channels == RGB_CHANNELS else None
+    is_image = name == image_model
     if (name != manifest.name and not is_image) or version not in (None, str(manifest.version)):
+        served = f"{manifest.name!r} and {image_model!r}" if image_model else f"{manifest.name!r} (its input is " \
+            f"{manifest.input.channels}-channel tensors, so no image model)"
         raise ApiError(404, "model_not_found", f"model {name!r} version {version or 'latest'} is not served here; "
-                       f"this server has {manifest.name!r} and {manifest.name + IMAGE_SUFFIX!r}")
+                       f"this server has {served}")
     return V2Model(name, manifest, is_image)
 
 

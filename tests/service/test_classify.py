@@ -144,9 +144,12 @@ def test_a_model_that_does_not_take_rgb_serves_its_tensors_and_refuses_images(gr
         tensor = {"inputs": [{"name": "input", "shape": [1, 1, 64, 64], "datatype": "FP32",
                               "data": [0.0] * (64 * 64)}]}
         served = httpx.post(f"{url}/v2/models/grey/infer", json=tensor, timeout=60)
+        no_image_model = httpx.get(f"{url}/v2/models/grey_image", timeout=60)  # its metadata said "RGB, resize ..."
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["code"] == "not_an_image_model"
     assert "takes 1-channel input" in refused.json()["error"]["message"]
     assert "/v2/models/grey/infer" in refused.json()["error"]["message"]
     assert served.status_code == 200, served.text
     assert served.json()["outputs"][0]["shape"] == [1, 10]
+    assert no_image_model.status_code == 404, no_image_model.text
+    assert "1-channel tensors, so no image model" in no_image_model.json()["error"]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, resized_size
+from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, decoder_bytes, resized_size
 from runtime.preprocess import ImageError, eval_transform, opened_image, preprocess, to_rgb
 from runtime.repository import Preprocess
 from service.decode_budget import MIB, DecodeAbandoned, DecodeBudget, DecodeWaitTimeout
@@ -314,3 +314,21 @@ def test_a_client_that_leaves_while_its_image_waits_for_memory_stops_waiting(lau
             holding.__exit__(None, None, None)
         assert budget.reserved_bytes == 0
         assert 'convnext_rejected_total{reason="client_disconnected"} 1.0' in httpx.get(f"{url}/metrics").text
+
+
+@pytest.mark.parametrize("kind, entry", [("ascii", (2, 4, b"AAA\0")), ("byte", (1, 4, b"\1\2\3\4")),
+                                         ("undefined", (7, 4, b"\1\2\3\4"))])
+def test_a_strip_tiffs_tile_tags_in_text_or_bytes_cost_nothing(kind, entry):
+    """PIL ignores tile tags in a strip TIFF and hands them over as they are stored: the estimate multiplied a
+    TileWidth of text by the TileLength, which Python does by repeating it (210 bytes asked for gigabytes)."""
+    entries = sorted([(256, 3, 1, 16), (257, 3, 1, 16), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
+                      (273, 4, 1, 0), (277, 3, 1, 1), (278, 3, 1, 16), (279, 4, 1, 64), (322, *entry),
+                      (323, 4, 1, 2**22)])
+    data_offset = 8 + 2 + 12 * len(entries) + 4
+    directory = b"".join(struct.pack("<HHI", tag, kind_, count) + value.ljust(4, b"\0") if isinstance(value, bytes)
+                         else struct.pack("<HHII", tag, kind_, count, data_offset if tag == 273 else value)
+                         for tag, kind_, count, value in entries)
+    data = b"II*\x00" + struct.pack("<IH", 8, len(entries)) + directory + bytes(4) + bytes(64)
+    image = Image.open(io.BytesIO(data))
+    assert not isinstance(image.tag_v2[322], int)
+    assert decoder_bytes(image, image.size) == 16 * 16  # one strip of 16 rows of 16 one-byte samples

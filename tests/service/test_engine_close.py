@@ -216,3 +216,26 @@ def test_a_reload_once_the_shutdown_has_begun_is_refused_and_swaps_nothing_in(mo
     refused = asyncio.run(scenario())
     assert (refused.status, refused.code) == (503, "shutting_down")
     assert first.closed.is_set() and not spare.loading.is_set()
+
+
+def test_a_stop_while_a_reload_waits_for_the_old_engines_batch_closes_both_engines(model_repository):
+    """The reload is not cancelled: the batcher serves the new engine, the manager still names the old one. stop()
+    closes the one the batcher serves (it closed neither: the new engine was left open), the reload the old one."""
+    old, new = StandInEngine(), StandInEngine()
+
+    async def scenario():
+        manager = manager_for(model_repository, [old, new])
+        await manager.start()
+        old.hold.set()
+        manager.running_batcher.submit(image(), time.monotonic() + 30)
+        assert await asyncio.to_thread(old.running.wait, 5)
+        reload = asyncio.create_task(manager.reload(1))
+        deadline = time.monotonic() + 30
+        while manager.running_batcher.served.engine is not new and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the new engine is served; the reload waits for the old one's batch
+        await manager.stop(drain_timeout_s=0.2)
+        old.release.set()
+        await asyncio.gather(reload, return_exceptions=True)
+        return await asyncio.to_thread(old.closed.wait, 5), await asyncio.to_thread(new.closed.wait, 5)
+
+    assert asyncio.run(scenario()) == (True, True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.preprocess import ImageError, decode_image, preprocess, scaled_to_8_bits
+from runtime.preprocess import ImageError, decode_image, image_errors, preprocess, scaled_to_8_bits
 from runtime.repository import Preprocess
 
 
@@ -193,3 +193,21 @@ def test_a_progressive_jpeg_whose_sampling_factors_are_zero_is_a_corrupt_image(p
     with pytest.raises(ImageError) as refused:
         preprocess(bytes(data), spec, 10**7, "exact")
     assert refused.value.code == "corrupt_image"
+
+
+def test_an_unsigned_32_bit_picture_keeps_its_upper_half():
+    """PIL holds an unsigned 32-bit TIFF as signed int32 (mode I): values of 2**31 and up came out negative, black."""
+    ramp = (np.arange(256, dtype=np.uint64) * (2**32 - 1) // 255).astype(np.uint32).reshape(16, 16)
+    data = grey_tiff(ramp.tobytes(), (16, 16), 32, 1)
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    np.testing.assert_array_equal(grey_levels(data), np.arange(256).reshape(16, 16))
+
+
+def test_only_pillows_own_type_and_arithmetic_errors_are_a_corrupt_image():
+    """A hostile header makes Pillow raise TypeError or OverflowError (400 corrupt_image); the same raised by the
+    service's own code is a bug, a 500 that is logged, not a client's bad image."""
+    with pytest.raises(ImageError) as mapped, image_errors():
+        Image.new("L", (4, 4)).resize("a size")  # TypeError inside Pillow
+    assert mapped.value.code == "corrupt_image"
+    with pytest.raises(ZeroDivisionError), image_errors():
+        _ = 1 // 0  # noqa: B018 - ours
