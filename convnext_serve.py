@@ -105,7 +105,11 @@ def _precisions(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, service_args = get_args_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    parser = get_args_parser()
+    args, service_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if any(arg.split("=")[0] == "--model-version" for arg in service_args):  # the service's own flag, overridden
+        parser.error("--model-version is not taken here: the version served is the one this command exports or "
+                     "finds for the checkpoint (python -m service --model-version N serves another)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("export", "model"):  # their progress lines, not third-party INFO (the ONNX optimizer's pass log)
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)

@@ -93,8 +93,10 @@ class RequestMetricsMiddleware:
     """Counts HTTP requests by route, method and status, times them to the last body byte, tracks in-flight ones;
     and queues each for the access log."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log: bool = True):
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log: bool = True,
+                 plain_routes: frozenset[str] = frozenset()):
         self.app, self.metrics, self.access_log = app, metrics, access_log
+        self.plain_routes = plain_routes  # paths of Starlette routes, which set no scope["route"] (/openapi.json)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,7 +117,8 @@ class RequestMetricsMiddleware:
         finally:
             self.metrics.inflight.dec()
             route = scope.get("route")  # set by the router on the same scope dict when a route matched
-            path = route.path if route is not None else scope.get("route_path", "unmatched")
+            path = route.path if route is not None else scope.get("route_path") or \
+                (scope["path"] if scope["path"] in self.plain_routes else "unmatched")
             self.metrics.count_request(path, scope["method"], status, time.perf_counter() - started)
             if self.access_log:
                 ACCESS_LOG.record(scope, status)

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         "(413 too_many_pixels); at least 8 bytes x max_pixels + 5 MiB"))
     max_files_per_request: int = Field(32, ge=1, description="multipart files per request (413 too_many_files)")
     preprocess_workers: int = Field(default_factory=usable_cpus, ge=1, description=(
-        "decode/transform threads; default: the CPU count"))
+        "decode/transform threads; default: the CPUs this process may use (its affinity mask)"))
     warmup_runs: int = Field(2, ge=0, description="warm-up runs at batch 1 and at max batch before ready")
     # The HTTP edge (service/security.py, service/server.py).
     api_key: SecretStr | None = Field(None, description=(

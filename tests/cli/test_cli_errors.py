@@ -33,6 +33,8 @@ ERROR_CASES = [
                   "{tmp}/cache", "--repository", "{tmp}/empty"],
      "serve a local checkpoint instead: convnext serve --checkpoint PATH"),
     ("convnext", ["serve", "--checkpoint", "{tmp}/missing.pth", "--repository", "{tmp}/empty"], "no checkpoint file"),
+    ("convnext", ["serve", "--checkpoint", "{tmp}/missing.pth", "--model-version", "2"],
+     "--model-version is not taken here"),
     ("convnext", ["serve", "--checkpoint", "{tmp}/corrupt.pth", "--model", "convnext_atto", "--repository",
                   "{tmp}/out"], "not a readable torch checkpoint"),
     ("model", ["info", "convnext_nosuch"], "invalid choice: 'convnext_nosuch'"),

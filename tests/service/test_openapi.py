@@ -104,3 +104,16 @@ def test_a_model_with_fewer_than_5_classes_answers_the_default_top_k_with_every_
         assert answer.status_code == 200 and len(answer.json()["results"][0]["top_k"]) == 3
         explicit = httpx.post(f"{url}/classify?top_k=5", content=photo, headers={"content-type": "image/jpeg"})
         assert explicit.status_code == 422
+
+
+def test_the_schema_route_is_counted_under_its_own_path_not_as_unmatched(service_url):
+    """/openapi.json is a plain Starlette route (FastAPI's own), which sets no scope["route"]: it was counted under
+    route="unmatched", the label of requests refused before routing."""
+    def count() -> float:
+        lines = httpx.get(f"{service_url}/metrics").text.splitlines()
+        sample = 'convnext_requests_total{method="GET",route="/openapi.json",status="200"} '
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(sample))
+
+    before = count()
+    assert httpx.get(f"{service_url}/openapi.json").status_code == 200
+    assert count() == before + 1
