@@ -177,7 +177,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     # Added last, so outermost: 401s and CORS answers are counted too. Pure ASGI: Starlette's @app.middleware("http")
     # cost ~0.35 ms of CPU per request, paid by every request and every 503 under overload.
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, access_log=settings.access_log,
-                       plain_routes=frozenset({app.openapi_url}))
+                       plain_routes=frozenset({app.openapi_url} if app.openapi_url else ()))
     app.state.startup_error = None
     app.add_middleware(StartupErrorInOneLine, error_of=lambda: app.state.startup_error)
 
