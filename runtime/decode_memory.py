@@ -35,7 +35,7 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La", "P"})  # P: with a tr
 WEBP_DECODER_BYTES_PER_PIXEL = 12
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0, "nearest": 0.0}  # PIL's; nearest resizes without weight tables
 TIFF_BITS_PER_SAMPLE, TIFF_COMPRESSION, TIFF_SAMPLES_PER_PIXEL, TIFF_ROWS_PER_STRIP = 258, 259, 277, 278
-TIFF_TILE_WIDTH, TIFF_TILE_LENGTH, TIFF_TILE_OFFSETS = 322, 323, 324
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
 
 
 def stored_bytes(mode: str) -> int:
@@ -109,7 +109,7 @@ def decoder_bytes(image: Image.Image, declared: tuple[int, int]) -> int:
     if image.format == "TIFF" and tags is not None and tags.get(TIFF_COMPRESSION, 1) != 1:
         samples = tiff_count(tags, TIFF_SAMPLES_PER_PIXEL, 1)
         sample_bytes = -(-tiff_count(tags, TIFF_BITS_PER_SAMPLE, 8) // 8)
-        if TIFF_TILE_OFFSETS in tags:  # tiled (a strip TIFF's tile tags, which PIL ignores, are not read)
+        if TIFF_TILE_WIDTH in tags or TIFF_TILE_LENGTH in tags:  # tiled, as libtiff (which decodes these) decides
             return tiff_count(tags, TIFF_TILE_WIDTH, width) * tiff_count(tags, TIFF_TILE_LENGTH, 1) * samples * \
                 sample_bytes
         return width * min(height, tiff_count(tags, TIFF_ROWS_PER_STRIP, height)) * samples * sample_bytes

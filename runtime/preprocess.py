@@ -96,11 +96,14 @@ def image_errors() -> Iterator[None]:
 
 
 def raised_in_pillow(err: BaseException) -> bool:
-    """Whether the innermost frame of err's traceback is Pillow's code."""
+    """Whether err was raised while Pillow's code ran (a frame of its traceback is Pillow's: once Pillow has returned,
+    its frames are gone, so an error of ours is not counted as Pillow's)."""
     frame = err.__traceback__
-    while frame is not None and frame.tb_next is not None:
+    while frame is not None:
+        if PILLOW_PACKAGE in Path(frame.tb_frame.f_code.co_filename).resolve().parents:
+            return True
         frame = frame.tb_next
-    return frame is not None and PILLOW_PACKAGE in Path(frame.tb_frame.f_code.co_filename).resolve().parents
+    return False
 
 
 class OpenedImage(NamedTuple):

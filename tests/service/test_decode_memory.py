@@ -316,19 +316,41 @@ def test_a_client_that_leaves_while_its_image_waits_for_memory_stops_waiting(lau
         assert 'convnext_rejected_total{reason="client_disconnected"} 1.0' in httpx.get(f"{url}/metrics").text
 
 
+def deflate_grey_tiff(*extra: tuple, strip: bytes = bytes(64), size: tuple[int, int] = (16, 16)) -> bytes:
+    """An 8-bit grey deflate TIFF of one strip, with `extra` (tag, type, count, value: an int or <= 4 inline bytes)
+    entries; decoded by libtiff, as every compressed TIFF is."""
+    width, height = size
+    entries = sorted([(256, 3, 1, width), (257, 3, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
+                      (277, 3, 1, 1), (278, 3, 1, height), (279, 4, 1, len(strip)), *extra])
+    if not any(tag in (273, 324) for tag, *_ in extra):
+        entries = sorted([*entries, (273, 4, 1, None)])  # the strip's offset: after the directory
+    data_offset = 8 + 2 + 12 * len(entries) + 4
+    directory = b"".join(struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0") if isinstance(value, bytes)
+                         else struct.pack("<HHII", tag, kind, count, data_offset if value is None else value)
+                         for tag, kind, count, value in entries)
+    return b"II*\x00" + struct.pack("<IH", 8, len(entries)) + directory + bytes(4) + strip
+
+
 @pytest.mark.parametrize("kind, entry", [("ascii", (2, 4, b"AAA\0")), ("byte", (1, 4, b"\1\2\3\4")),
                                          ("undefined", (7, 4, b"\1\2\3\4"))])
-def test_a_strip_tiffs_tile_tags_in_text_or_bytes_cost_nothing(kind, entry):
-    """PIL ignores tile tags in a strip TIFF and hands them over as they are stored: the estimate multiplied a
-    TileWidth of text by the TileLength, which Python does by repeating it (210 bytes asked for gigabytes)."""
-    entries = sorted([(256, 3, 1, 16), (257, 3, 1, 16), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
-                      (273, 4, 1, 0), (277, 3, 1, 1), (278, 3, 1, 16), (279, 4, 1, 64), (322, *entry),
-                      (323, 4, 1, 2**22)])
-    data_offset = 8 + 2 + 12 * len(entries) + 4
-    directory = b"".join(struct.pack("<HHI", tag, kind_, count) + value.ljust(4, b"\0") if isinstance(value, bytes)
-                         else struct.pack("<HHII", tag, kind_, count, data_offset if tag == 273 else value)
-                         for tag, kind_, count, value in entries)
-    data = b"II*\x00" + struct.pack("<IH", 8, len(entries)) + directory + bytes(4) + bytes(64)
-    image = Image.open(io.BytesIO(data))
+def test_tile_tags_in_text_or_bytes_are_refused_not_multiplied(kind, entry):
+    """A TileWidth of text times the TileLength is Python repeating the text (210 bytes asked for gigabytes); libtiff,
+    which decodes such a file, refuses it too."""
+    image = Image.open(io.BytesIO(deflate_grey_tiff((322, *entry), (323, 4, 1, 2**22))))
     assert not isinstance(image.tag_v2[322], int)
-    assert decoder_bytes(image, image.size) == 16 * 16  # one strip of 16 rows of 16 one-byte samples
+    with pytest.raises(ValueError, match="not a count"):
+        decoder_bytes(image, image.size)
+
+
+def test_tile_sizes_count_without_tile_offsets_as_libtiff_decodes_them():
+    """libtiff calls a file tiled when it has a tile size, whatever holds its offsets: a 65 KB file of 16 x 16 pixels
+    in one 16 x 2**22 tile makes it hold 64 MiB, which the estimate must reserve."""
+    image = Image.open(io.BytesIO(deflate_grey_tiff((322, 4, 1, 16), (323, 4, 1, 2**22))))
+    assert 324 not in image.tag_v2
+    assert decoder_bytes(image, image.size) == 16 * 2**22
+
+
+def test_strip_offsets_stored_as_tile_offsets_count_as_strips():
+    """No tile size: libtiff reads tag 324 as the strip offsets, and holds a strip."""
+    image = Image.open(io.BytesIO(deflate_grey_tiff((324, 4, 1, None), size=(1000, 2000))))
+    assert decoder_bytes(image, image.size) == 1000 * 2000
