@@ -176,6 +176,21 @@ def test_an_engine_that_breaks_during_the_shutdown_drain_is_closed_and_not_rebui
     assert reason == "the service is shutting down"
 
 
+async def reload_waiting_in_swap(repository, old: StandInEngine, new: StandInEngine):
+    """A started manager serving `old`, which holds a batch, and a reload to `new` built and served, waiting in swap()
+    for that batch: (the manager, the reload's task)."""
+    manager = manager_for(repository, [old, new])
+    await manager.start()
+    old.hold.set()
+    manager.running_batcher.submit(image(), time.monotonic() + 30)
+    assert await asyncio.to_thread(old.running.wait, 5)
+    reload = asyncio.create_task(manager.reload(1))
+    deadline = time.monotonic() + 30
+    while manager.running_batcher.served.engine is not new and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return manager, reload
+
+
 def test_a_reload_cancelled_while_the_old_engine_finishes_its_batch_leaves_both_engines_to_stop(model_repository):
     """uvicorn's graceful-shutdown timeout cancels an /admin/reload waiting in swap() for the old engine's last
     batch: the batcher serves the new engine already, so it is current, and the old one closes behind its batch;
@@ -183,15 +198,7 @@ def test_a_reload_cancelled_while_the_old_engine_finishes_its_batch_leaves_both_
     old, new = StandInEngine(), StandInEngine()
 
     async def scenario():
-        manager = manager_for(model_repository, [old, new])
-        await manager.start()
-        old.hold.set()
-        manager.running_batcher.submit(image(), time.monotonic() + 30)
-        assert await asyncio.to_thread(old.running.wait, 5)
-        reload = asyncio.create_task(manager.reload(1))
-        deadline = time.monotonic() + 30
-        while manager.running_batcher.served.engine is not new and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # the new engine is built and served; the reload waits for the old one's batch
+        manager, reload = await reload_waiting_in_swap(model_repository, old, new)
         reload.cancel()
         await asyncio.gather(reload, return_exceptions=True)
         old.release.set()
@@ -224,15 +231,7 @@ def test_a_stop_while_a_reload_waits_for_the_old_engines_batch_closes_both_engin
     old, new = StandInEngine(), StandInEngine()
 
     async def scenario():
-        manager = manager_for(model_repository, [old, new])
-        await manager.start()
-        old.hold.set()
-        manager.running_batcher.submit(image(), time.monotonic() + 30)
-        assert await asyncio.to_thread(old.running.wait, 5)
-        reload = asyncio.create_task(manager.reload(1))
-        deadline = time.monotonic() + 30
-        while manager.running_batcher.served.engine is not new and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # the new engine is served; the reload waits for the old one's batch
+        manager, reload = await reload_waiting_in_swap(model_repository, old, new)
         await manager.stop(drain_timeout_s=0.2)
         old.release.set()
         await asyncio.gather(reload, return_exceptions=True)
