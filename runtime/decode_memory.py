@@ -116,12 +116,17 @@ def decoder_bytes(image: Image.Image, declared: tuple[int, int]) -> int:
     return 0
 
 
+def first_tiff_value(value, default=None):
+    """A TIFF tag's value, its first where it lists several (PIL decodes with the first sample's), default if none."""
+    if isinstance(value, tuple):
+        return value[0] if value else default
+    return value
+
+
 def tiff_count(tags, tag: int, default: int) -> int:
     """A TIFF tag's value as a count, its first where it lists several (as PIL decodes with it); one a hostile file
     gives as text or bytes (which Python would repeat, not multiply: 210 bytes asked for gigabytes) is refused."""
-    value = tags.get(tag, default)
-    if isinstance(value, tuple):
-        value = value[0] if value else default
+    value = first_tiff_value(tags.get(tag, default), default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"the TIFF's tag {tag} is {str(value)[:20]!r}, not a count")
     return value

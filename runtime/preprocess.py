@@ -26,7 +26,7 @@ from runtime.decode import (
     reduce_jpeg_decode,
     reduced_picture,
 )
-from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, resized_size
+from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, first_tiff_value, resized_size
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
 from runtime.orientation import exif_orientation, turned_upright
 from runtime.repository import Preprocess
@@ -167,15 +167,12 @@ def white_level(image: Image.Image) -> float:
         return default
     # The first sample's, as PIL decodes with (a hostile tag may list more values, or huge ones: 2**(2**32) held the
     # GIL for half a minute); a depth PIL would not decode into this mode is not believed.
-    bits, sample_format = (_first(tags[TIFF_BITS_PER_SAMPLE]), _first(tags.get(TIFF_SAMPLE_FORMAT, 1)))
+    bits = first_tiff_value(tags[TIFF_BITS_PER_SAMPLE])
+    sample_format = first_tiff_value(tags.get(TIFF_SAMPLE_FORMAT, 1))
     if isinstance(bits, bool) or bits not in range(2, 33):  # by equality, as PIL matches it (a RATIONAL 16/1 is 16)
         return default
     bits = int(bits)
     return 2 ** (bits - 1) - 1 if sample_format == TIFF_SIGNED_INTEGER else 2**bits - 1
-
-
-def _first(value):
-    return value[0] if isinstance(value, tuple) and value else value
 
 
 def to_rgb(image: Image.Image, white: float | None = None) -> Image.Image:
