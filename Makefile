@@ -71,7 +71,7 @@ serve: install
 	$(PY) -m convnext_cli serve --pretrained $(PRETRAINED) --repository models
 else
 serve: demo-model
-	$(PY) -m service --repository models
+	$(PY) -m convnext_cli serve --repository models
 endif
 
 clean:

@@ -4,17 +4,20 @@ from __future__ import annotations
 import importlib
 import sys
 
-from convnext_common import version_text
+from convnext_common import run_from_front, version_text
 
-COMMANDS = {
-    "model": ("model.__main__", "model info: params, FLOPs and the paper table"),
-    "train": ("training.__main__", "train or fine-tune (presets from the paper's Tables 5/6, or the offline demo)"),
-    "export": ("export.__main__", "checkpoint -> verified ONNX / TensorRT in the model repository"),
-    "serve": ("service.__main__", "serve the model repository over HTTP (/classify, KServe v2, /metrics); "
-                                  "--pretrained NAME or --checkpoint PATH: download/export it first"),
-    "doctor": ("service.doctor",
+COMMANDS = {  # command: (module, how that module's CLI is run without the front, help)
+    "model": ("model.__main__", "python -m model", "model info: params, FLOPs and the paper table"),
+    "train": ("training.__main__", "python -m training",
+              "train or fine-tune (presets from the paper's Tables 5/6, or the offline demo)"),
+    "export": ("export.__main__", "python -m export", "checkpoint -> verified ONNX / TensorRT in the model repository"),
+    "serve": ("service.__main__", "python -m service",
+              "serve the model repository over HTTP (/classify, KServe v2, /metrics); "
+              "--pretrained NAME or --checkpoint PATH: download/export it first"),
+    "doctor": ("service.doctor", "python -m service doctor",
                "GPU host check: driver, CUDA, cuDNN, TensorRT, ONNX Runtime providers, a tiny engine"),
-    "bench": ("bench.__main__", "benchmarks: engines, end-to-end HTTP, GELU vs ReLU, ConvNeXt-T vs ResNet-50"),
+    "bench": ("bench.__main__", "python -m bench",
+              "benchmarks: engines, end-to-end HTTP, GELU vs ReLU, ConvNeXt-T vs ResNet-50"),
 }
 # `convnext serve --pretrained NAME | --checkpoint PATH` needs torch (download + export); plain `serve` never does.
 SERVE_WITH_EXPORT = ("--pretrained", "--checkpoint")
@@ -22,7 +25,7 @@ SERVE_WITH_EXPORT = ("--pretrained", "--checkpoint")
 
 def usage() -> str:
     lines = ["usage: convnext [--version] <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convnext: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} "
               "(see convnext --help)", file=sys.stderr)
         return 2
+    run_from_front(f"convnext {argv[0]}", COMMANDS[argv[0]][1])  # its errors then name `convnext <command>`
     try:
         module = importlib.import_module(command_module(argv))
     except ImportError as error:  # e.g. the serving image has no torch: no training, export or --pretrained there

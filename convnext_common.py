@@ -26,6 +26,26 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# How the user ran the command a package's CLI serves, when the `convnext` front handed it over in this process:
+# (the front's words, the module's words), e.g. ("convnext serve", "python -m service").
+_front: list[tuple[str, str]] = []
+
+
+def run_from_front(front_words: str, module_words: str) -> None:
+    """The `convnext` front calls this before it hands `module_words`'s CLI the rest of the command line."""
+    _front[:] = [(front_words, module_words)]
+
+
+def prog_name(prog: str) -> str:
+    """`prog` (written as its module runs it: "python -m bench cpu") as the user typed it: "convnext bench cpu" when
+    the `convnext` front ran it, so usage lines and one-line errors name the command the user can run again."""
+    if _front:
+        front_words, module_words = _front[0]
+        if prog == module_words or prog.startswith(module_words + " "):
+            return front_words + prog[len(module_words):]
+    return prog
+
+
 def version_text() -> str:
     return f"convnext-serve {project_version()}"
 
@@ -36,7 +56,11 @@ def one_line(message: object) -> str:
 
 
 class CliParser(argparse.ArgumentParser):
-    """argparse, but a bad argument prints one line (`<prog>: error: ...`, pointing at --help), not the usage."""
+    """argparse, but a bad argument prints one line (`<prog>: error: ...`, pointing at --help), not the usage; `prog`
+    is written as the module runs it and shown as the user ran it (prog_name)."""
+
+    def __init__(self, prog: str | None = None, **kwargs):
+        super().__init__(prog=None if prog is None else prog_name(prog), **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
@@ -69,10 +93,10 @@ def exit_on_expected_errors(prog: str, expected: tuple[type[BaseException], ...]
             try:
                 return main(*args, **kwargs)
             except expected as error:
-                print(f"{prog}: error: {one_line(error) or type(error).__name__}", file=sys.stderr)
+                print(f"{prog_name(prog)}: error: {one_line(error) or type(error).__name__}", file=sys.stderr)
                 return 1
             except KeyboardInterrupt:
-                print(f"{prog}: interrupted", file=sys.stderr)
+                print(f"{prog_name(prog)}: interrupted", file=sys.stderr)
                 return 130
 
         return wrapped

@@ -1,9 +1,10 @@
 """`convnext serve --pretrained NAME | --checkpoint PATH`: download (resumable, verified) -> export ONNX -> serve.
 
 The service never imports torch, so this front runs the download and the export in its own process, then replaces
-itself with `python -m service` (exec): the server holds none of the export's memory. A version of the same
-repository name exported from the same file is served as it is, without a download (so a second start works
-offline). The service's settings and ports are checked first, so a taken port fails at once, not after the export.
+itself (exec) with `convnext serve` without either flag, i.e. `python -m service`: the server holds none of the
+export's memory. A version of the same repository name exported from the same file is served as it is, without a
+download (so a second start works offline). The service's settings and ports are checked first, so a taken port
+fails at once, not after the export.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from runtime.repository import ModelRepository, RepositoryError
 from service.__main__ import StartRefused, startable_settings
 
 PROG = "convnext serve"
+# The service's settings for which model to serve: this command passes --model and --model-version, which win.
+SERVED_MODEL_VARIABLES = ("CONVNEXT_MODEL", "CONVNEXT_VERSION")
 LOCAL_HINT = "to serve a local checkpoint instead: convnext serve --checkpoint PATH [--model ARCHITECTURE]"
 
 
@@ -129,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not args.quiet:
         print(f"serving {name} version {version} from {args.repository}", file=sys.stderr, flush=True)
-    command = [sys.executable, "-m", "service", *service_args, "--repository", args.repository, "--model", name,
-               "--model-version", str(version)]
+    for variable in SERVED_MODEL_VARIABLES:
+        if os.environ.get(variable):
+            print(f"{PROG}: note: {variable}={os.environ[variable]} is not used: this command serves the model it "
+                  f"exports or finds ({name} version {version}); python -m service serves what the variable names",
+                  file=sys.stderr)
+    # Through the `convnext` front, as the user typed it: the service's own errors then say `convnext serve`.
+    command = [sys.executable, "-m", "convnext_cli", "serve", *service_args, "--repository", args.repository,
+               "--model", name, "--model-version", str(version)]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)  # replaces this process: torch and the export's memory go with it

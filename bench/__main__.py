@@ -21,10 +21,12 @@ from bench.presets import PRESETS, Preset, ServedEngine
 from bench.report import batch_distribution, batch_histogram, service_efficiency, write_report
 from bench.server_process import litserve_peer, measurement_pins, service
 from bench.service_metrics import scrape
-from convnext_common import CliParser, add_version_argument, exit_on_expected_errors, positive_int
+from convnext_common import CliParser, add_version_argument, exit_on_expected_errors, positive_int, prog_name
 from export.onnx import PRECISIONS
 from runtime.repository import MANIFEST_FILE, ModelRepository, RepositoryError
 from runtime.tensorrt import tensorrt_target
+
+PROG = "python -m bench"  # as the module runs; prog_name() gives it as the user ran it
 
 MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
 
@@ -240,7 +242,7 @@ DELEGATED_HELP = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = CliParser(prog="convnext bench", description=__doc__)
+    parser = CliParser(prog=PROG, description=__doc__)
     add_version_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     engine = sub.add_parser("engine", help="ONNX Runtime images/s and p50/p99 vs batch size for one ONNX file")
@@ -273,7 +275,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # OSError: a missing file or a refused connection; RuntimeError: ONNX Runtime refusing a model file, or a load run
 # with no success; RepositoryError: a model or version not in --repository.
-@exit_on_expected_errors("convnext bench", (OSError, ValueError, RuntimeError, RepositoryError))
+@exit_on_expected_errors(PROG, (OSError, ValueError, RuntimeError, RepositoryError))
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["torch"], ["roadmap"]):
@@ -304,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu:
             missing = gpu_missing()
             if missing:
-                print(f"convnext bench all: error: --gpu: {missing}", file=sys.stderr)
+                print(f"{prog_name(PROG)} all: error: --gpu: {missing}", file=sys.stderr)
                 return 2
             preset = preset.on_gpu()
         results = run_all(preset, args.out, providers, args.threads)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convnext_common import CliParser, add_version_argument, positive_int
+from convnext_common import CliParser, add_version_argument, positive_int, prog_name
 from export.onnx import export_onnx_version
 from model import create_model
 from model.__main__ import roadmap_rows
@@ -174,29 +174,29 @@ def main(argv: list[str] | None = None) -> int:
     keys = [s.key for s in steps_of(args.regime)]
     unknown = set(args.steps or ()) - set(keys)
     if unknown:
-        print(f"{PROG}: error: unknown step keys {sorted(unknown)}; choose from {keys}", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: unknown step keys {sorted(unknown)}; choose from {keys}", file=sys.stderr)
         return 2
     factories, cpu_skipped = cpu_engines()
     plan = plan_engines(selected, factories, cpu_skipped)
     problem, target = gpu_problem(plan.gpu) if plan.gpu else (None, None)
     if problem:  # before any export: one line, no traceback
-        print(f"{PROG}: error: this host cannot run {list(plan.gpu)}: {problem}. Without a GPU: --engines cpu",
-              file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: this host cannot run {list(plan.gpu)}: {problem}. Without a GPU: "
+              "--engines cpu", file=sys.stderr)
         return 2
     if not plan.engines:
-        print(f"{PROG}: error: none of {selected} can run here: {plan.skipped}", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: none of {selected} can run here: {plan.skipped}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     results, failed = run_roadmap(args, plan, factories, target)
     results["config"]["command"] = " ".join([PROG, *(sys.argv[2:] if argv is None else argv)])
     if not results["engines"]:
-        print(f"{PROG}: error: every engine failed: {failed}", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: every engine failed: {failed}", file=sys.stderr)
         return 1
     files = write_report(results, args.out)
     print((args.out / "report.md").read_text())
     print("wrote", ", ".join(str(p) for p in files.values()))
     if failed:
-        print(f"{PROG}: error: {len(failed)} engine(s) failed and are left out of the report: {failed}",
+        print(f"{prog_name(PROG)}: error: {len(failed)} engine(s) failed and are left out of the report: {failed}",
               file=sys.stderr)
     return 1 if failed else 0
 

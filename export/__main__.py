@@ -5,12 +5,14 @@ import argparse
 import logging
 import sys
 
-from convnext_common import CliParser, add_version_argument, one_line
+from convnext_common import CliParser, add_version_argument, one_line, prog_name
 from runtime.repository import NAME_PATTERN, ModelRepository, RepositoryError
 from runtime.tensorrt import BatchProfile, select_or_build_engine
 
 # torch-free at import: `python -m export tensorrt|list` run where there is no torch
 from .onnx import PRECISIONS, ExportError, check_model_name, export_onnx_version
+
+PROG = "python -m export"  # as the module runs; prog_name() gives it as the user ran it
 
 
 def _repository_name(text: str) -> str:
@@ -34,7 +36,7 @@ def _precision_list(text: str) -> tuple[str, ...]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = CliParser(prog="python -m export", description=__doc__)
+    parser = CliParser(prog=PROG, description=__doc__)
     add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -169,10 +171,10 @@ def main(argv=None) -> int:
             _refuse_bad_onnx_args(parser, args)
         return handlers[args.command](args)
     except (RepositoryError, ValueError, RuntimeError, OSError, ImportError) as error:
-        print(f"python -m export: error: {one_line(error)}", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("python -m export: interrupted; no version was written", file=sys.stderr)
+        print(f"{prog_name(PROG)}: interrupted; no version was written", file=sys.stderr)
         return 130
 
 

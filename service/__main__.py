@@ -15,9 +15,11 @@ from typing import Literal, Union, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from convnext_common import CliParser, add_version_argument, one_line
+from convnext_common import CliParser, add_version_argument, one_line, prog_name
 from runtime.repository import RepositoryError
 from service.settings import Settings
+
+PROG = "python -m service"  # as the module runs; prog_name() gives it as the user ran it
 
 # No flag for these: a command line is visible to every user of the host (ps, /proc); use the environment or a file.
 SECRET_SETTINGS = ("api_key", "admin_api_key")
@@ -86,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """One flag per Settings field (its description, type and default), secrets excepted."""
     secrets = "\n".join(textwrap.fill(f"CONVNEXT_{name.upper()}: {Settings.model_fields[name].description}",
                                        subsequent_indent="  ") for name in SECRET_SETTINGS)
-    parser = CliParser(prog="convnext serve", description=__doc__, allow_abbrev=False,
+    parser = CliParser(prog=PROG, description=__doc__, allow_abbrev=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="Every flag overrides its CONVNEXT_<NAME> environment variable.\nEnvironment only "
                               f"(a command line is visible to every user of the host):\n{secrets}\n\n"
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = startable_settings(argv)
     except StartRefused as refused:
-        print(f"convnext serve: error: {refused}", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: {refused}", file=sys.stderr)
         return refused.status
     from service.app import check_servable, create_app
     from service.server import Server, uvicorn_config
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_servable(settings)
     except (RepositoryError, RuntimeError) as err:
-        print(f"convnext serve: error: {one_line(err)}", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: {one_line(err)}", file=sys.stderr)
         return 1
     server = Server(uvicorn_config(create_app(settings), settings))
     try:

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from convnext_common import one_line, project_version
+from convnext_common import one_line, prog_name, project_version
 from runtime.engines.base import Engine
 from runtime.engines.factory import EngineOptions, check_engine_options, open_engine
 from runtime.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
@@ -71,7 +71,7 @@ class StartupErrorInOneLine:
         async def send_one_line(message: Message) -> None:
             error = self.error_of()
             if message["type"] == "lifespan.startup.failed" and error is not None:
-                message = {**message, "message": f"convnext serve: error: {error}"}
+                message = {**message, "message": f"{prog_name('python -m service')}: error: {error}"}
             await send(message)
 
         await self.app(scope, receive, send_one_line)

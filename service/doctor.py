@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from convnext_common import CliParser, add_version_argument
+from convnext_common import CliParser, add_version_argument, prog_name
 from runtime.ort_session import preload_cuda_libraries
 from runtime.tensorrt_runtime import stream_handle
+
+PROG = "python -m service doctor"  # as the module runs; prog_name() gives it as the user ran it
 
 # CUDA 13.x runs on NVIDIA drivers >= 580 (docs.nvidia.com/deploy/cuda-compatibility, "Minor Version
 # Compatibility", table 1); cudaDriverGetVersion reports 13000 for such a driver.
@@ -350,7 +352,7 @@ def format_report(checks: list[Check], required: set[str]) -> str:
 
 
 def get_args_parser() -> CliParser:
-    parser = CliParser(prog="convnext doctor", description=__doc__.splitlines()[0])
+    parser = CliParser(prog=PROG, description=__doc__.splitlines()[0])
     add_version_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--require", default=None,
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         required = set((args.require or "gpu,tensorrt,cuda").split(",")) - {""}
         unknown = required - set(REQUIREMENTS)
         if unknown:
-            print(f"convnext doctor: unknown requirement(s) {sorted(unknown)}; choose from {REQUIREMENTS}",
+            print(f"{prog_name(PROG)}: error: unknown requirement(s) {sorted(unknown)}; choose from {REQUIREMENTS}",
                   file=sys.stderr)
             return 2
     with contextlib.suppress(ImportError):

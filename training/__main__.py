@@ -5,12 +5,14 @@ import argparse
 import dataclasses
 import sys
 
-from convnext_common import CliParser, add_version_argument, one_line
+from convnext_common import CliParser, add_version_argument, one_line, prog_name
 from model import CheckpointError
 
 from .config import PRESET_HELP, PRESETS, TrainConfig, resolve
 from .engine import NonFiniteLossError
 from .run import train
+
+PROG = "python -m training"  # as the module runs; prog_name() gives it as the user ran it
 
 FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": float}
 FLAG_HELP = {  # what a flag does, where its name alone does not say it
@@ -28,7 +30,7 @@ def _flag(name: str) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(
-        prog="python -m training",
+        prog=PROG,
         description="Train ConvNeXt / ResNet-50 with the paper's recipe. Flags left out keep the preset's values "
                     "(and the model's row of the official commands: drop path, warmup, EMA).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,20 +58,20 @@ def main(argv=None) -> int:
     try:
         config = resolve(preset, overrides)
     except ValueError as error:
-        print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: {one_line(error)}", file=sys.stderr)
         return 2
     try:
         train(config)
     except NonFiniteLossError as error:  # the last good checkpoint is kept; the message names it
-        print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: {one_line(error)}", file=sys.stderr)
         return 1
     # --resume / --finetune with a missing, tampered or truncated file, or without the asked-for weights; a missing
     # --data-dir; a config the data cannot run
     except (CheckpointError, OSError, ValueError) as error:
-        print(f"python -m training: error: {one_line(error)}", file=sys.stderr)
+        print(f"{prog_name(PROG)}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("python -m training: interrupted (resume with --resume <output>/checkpoint_last.pth)", file=sys.stderr)
+        print(f"{prog_name(PROG)}: interrupted (resume with --resume <output>/checkpoint_last.pth)", file=sys.stderr)
         return 130
     return 0
 

@@ -21,8 +21,8 @@ CLIS = {  # how a person runs it -> the prog its errors start with
     "model": ([sys.executable, "-m", "model"], "python -m model"),
     "training": ([sys.executable, "-m", "training"], "python -m training"),
     "export": ([sys.executable, "-m", "export"], "python -m export"),
-    "service": ([sys.executable, "-m", "service"], "convnext serve"),
-    "bench": ([sys.executable, "-m", "bench"], "convnext bench"),
+    "service": ([sys.executable, "-m", "service"], "python -m service"),
+    "bench": ([sys.executable, "-m", "bench"], "python -m bench"),
 }
 # (cli, arguments, a phrase of the message); {tmp} is a folder with a corrupt checkpoint, an empty and a broken
 # repository; {dead} a local URL where nothing listens (the network is down).
@@ -77,6 +77,21 @@ EXPORT_ARGUMENT_ERRORS = [
      "digits/1 already exists in {tmp}/broken; pass --overwrite to replace it"),
 ]
 BENCH_SUBCOMMANDS = ["torch", "serve", "cpu", "cpu-serving", "soak", "roadmap"]
+# The same errors through the `convnext` front name the command as the user typed it: (arguments, the line's start).
+FRONT_ERRORS = [
+    (["model", "info", "convnext_nosuch"], "convnext model info: error: argument NAME: invalid choice"),
+    (["train", "--preset", "demo", "--resume", "{tmp}/corrupt.pth", "--output", "{tmp}/run"],
+     "convnext train: error: "),
+    (["export", "list", "--repository", "{tmp}/broken"], "convnext export: error: "),
+    (["serve", "--port", "99999"], "convnext serve: error: invalid settings: port"),
+    (["serve", "doctor", "--nosuch"], "convnext serve doctor: error: unrecognized arguments: --nosuch "
+                                      "(see convnext serve doctor --help)"),
+    (["doctor", "--nosuch"], "convnext doctor: error: unrecognized arguments: --nosuch (see convnext doctor --help)"),
+    (["bench", "nosuch"], "convnext bench: error: argument command: invalid choice"),
+    (["bench", "cpu", "engines", "--nosuch"], "convnext bench cpu: error: unrecognized arguments: --nosuch"),
+    (["bench", "engine", "{tmp}/missing.onnx"],
+     "convnext bench engine: error: argument onnx: {tmp}/missing.onnx: no such file"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +125,7 @@ def every_run(places: dict[str, str]) -> list[tuple[str, list[str]]]:
     runs += [("bench", [subcommand, flag]) for subcommand in BENCH_SUBCOMMANDS
              for flag in ("--help", "--nosuch", "--version")]
     runs += [("service", ["doctor", flag]) for flag in ("--version", "--nosuch")]
+    runs += [("convnext", [a.format(**places) for a in args]) for args, _ in FRONT_ERRORS]
     return runs
 
 
@@ -158,7 +174,7 @@ def test_the_doctor_refuses_a_bad_argument_in_one_line(forked):
     result = forked["service", ("doctor", "--nosuch")]
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        "convnext doctor: error: unrecognized arguments: --nosuch (see convnext doctor --help)"]
+        "python -m service doctor: error: unrecognized arguments: --nosuch (see python -m service doctor --help)"]
 
 
 @pytest.mark.parametrize(("args", "phrase"), EXPORT_ARGUMENT_ERRORS,
@@ -198,3 +214,11 @@ def test_convnext_serve_checks_the_service_settings_and_ports_before_exporting(p
             assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no export stage lines
             assert result.stderr.startswith("convnext serve: error: ") and phrase in result.stderr, result.stderr
             assert not Path(places["tmp"], "never").exists()
+
+
+@pytest.mark.parametrize(("args", "start"), FRONT_ERRORS, ids=["-".join(args[:2]) for args, _ in FRONT_ERRORS])
+def test_through_the_convnext_front_an_error_names_the_command_as_typed(args, start, places, forked):
+    result = forked["convnext", tuple(a.format(**places) for a in args)]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(start.format(**places)), result.stderr

@@ -43,13 +43,14 @@ def mirror(folder: Path):
 
 
 @contextmanager
-def convnext_serve(tmp: Path, mirror_url: str, log: Path):
-    """`convnext serve --pretrained NAME` in a subprocess; yields its URL once /readyz answers 200."""
+def convnext_serve(tmp: Path, mirror_url: str, log: Path, **variables: str):
+    """`convnext serve --pretrained NAME` in a subprocess (with these environment `variables` too); yields its URL
+    once /readyz answers 200."""
     port = free_port()
     command = [sys.executable, "-m", "convnext_cli", "serve", "--pretrained", NAME, "--mirror", mirror_url,
                "--cache-dir", str(tmp / "cache"), "--repository", str(tmp / "models"), "--host", "127.0.0.1",
                "--port", str(port), "--intra-op-threads", "1", "--preprocess-workers", "1", "--warmup-runs", "1"]
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    env = os.environ | {"PYTHONPATH": str(ROOT)} | variables
     with log.open("w") as stderr:
         process = subprocess.Popen(command, stdout=stderr, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}"
@@ -86,14 +87,17 @@ def test_serve_pretrained_downloads_exports_and_serves_imagenet_labels(tmp_path,
     assert f"downloading {NAME}.pth" in first and "[2/3] ONNX" in first and "[3/3] parity" in first
     assert (tmp_path / "cache" / f"{NAME}.pth.sha256").is_file()  # verified, cached
 
-    # The mirror is gone (offline): the model exported above is served again without a download or an export.
+    # The mirror is gone (offline): the model exported above is served again without a download or an export; a
+    # CONVNEXT_MODEL left in the environment does not change what is served, and the log says so.
     with socket.socket() as dead:
         dead.bind(("127.0.0.1", 0))
         dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}/"
-        with convnext_serve(tmp_path, dead_url, tmp_path / "second.log") as url:
+        with convnext_serve(tmp_path, dead_url, tmp_path / "second.log", CONVNEXT_MODEL="other") as url:
             answer = httpx.post(f"{url}/classify?top_k=5", content=cat, headers={"Content-Type": "image/png"},
                                 timeout=60)
             assert [p["label"] for p in answer.json()["results"][0]["top_k"]] == labels
     second = (tmp_path / "second.log").read_text()
     assert "downloading" not in second and "ONNX" not in second
+    assert ("convnext serve: note: CONVNEXT_MODEL=other is not used: this command serves the model it exports or "
+            "finds (convnext-tiny-1k-224-ema version 1)") in second
     assert sorted(p.name for p in (tmp_path / "models" / "convnext-tiny-1k-224-ema").iterdir()) == ["1"]

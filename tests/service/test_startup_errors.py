@@ -38,7 +38,7 @@ def assert_one_line(result: subprocess.CompletedProcess, phrase: str, status: in
     output = result.stdout + result.stderr
     assert result.returncode == status, output
     assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if "convnext serve: error: " in line]
+    errors = [line for line in output.splitlines() if "python -m service: error: " in line]
     assert len(errors) == 1 and phrase in errors[0], output
     return errors[0]
 
