@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from convnext_common import run_from_front, version_text
+from convnext_common import exit_status, run_from_front, version_text
 
 COMMANDS = {  # command: (module, how that module's CLI is run without the front, help)
     "model": ("model.__main__", "python -m model", "model info: params, FLOPs and the paper table"),
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convnext {argv[0]}: error: {error}; install the extra it needs, e.g. "
               "pip install 'convnext-serve[train,export]'", file=sys.stderr)
         return 1
-    return module.main(argv[1:]) or 0
+    return exit_status(lambda: module.main(argv[1:]))
 
 
 if __name__ == "__main__":

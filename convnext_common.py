@@ -83,6 +83,18 @@ def add_version_argument(parser: argparse.ArgumentParser) -> None:
                         help="print the project version and exit")
 
 
+def exit_status(main: Callable[[], int | None]) -> int:
+    """Run a CLI's `main` as the process's last act; its exit status. A reader that stops early (`... | head`) ends it
+    quietly with 141, as a shell reports SIGPIPE, not with a BrokenPipeError traceback."""
+    try:
+        status = main() or 0
+        sys.stdout.flush()  # here, where the error can be caught, not in the interpreter's flush at exit
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush of what is left goes nowhere
+        return 141
+
+
 def exit_on_expected_errors(prog: str, expected: tuple[type[BaseException], ...]):
     """Decorate a CLI `main`: an `expected` error prints `<prog>: error: <message>` to stderr and returns 1;
     Ctrl-C returns 130. Anything else is a bug and keeps its traceback."""
@@ -92,6 +104,8 @@ def exit_on_expected_errors(prog: str, expected: tuple[type[BaseException], ...]
         def wrapped(*args, **kwargs) -> int:
             try:
                 return main(*args, **kwargs)
+            except BrokenPipeError:  # the reader of stdout left (`| head`): not the command's error (exit_status)
+                raise
             except expected as error:
                 print(f"{prog_name(prog)}: error: {one_line(error) or type(error).__name__}", file=sys.stderr)
                 return 1

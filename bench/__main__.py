@@ -21,7 +21,14 @@ from bench.presets import PRESETS, Preset, ServedEngine
 from bench.report import batch_distribution, batch_histogram, service_efficiency, write_report
 from bench.server_process import litserve_peer, measurement_pins, service
 from bench.service_metrics import scrape
-from convnext_common import CliParser, add_version_argument, exit_on_expected_errors, positive_int, prog_name
+from convnext_common import (
+    CliParser,
+    add_version_argument,
+    exit_on_expected_errors,
+    exit_status,
+    positive_int,
+    prog_name,
+)
 from export.onnx import PRECISIONS
 from runtime.repository import MANIFEST_FILE, ModelRepository, RepositoryError
 from runtime.tensorrt import tensorrt_target
@@ -316,4 +323,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

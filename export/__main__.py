@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from convnext_common import CliParser, add_version_argument, one_line, prog_name
+from convnext_common import CliParser, add_version_argument, exit_status, one_line, prog_name
 from runtime.repository import NAME_PATTERN, ModelRepository, RepositoryError
 from runtime.tensorrt import BatchProfile, select_or_build_engine
 
@@ -179,4 +179,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 
-from convnext_common import CliParser, add_version_argument, exit_on_expected_errors
+from convnext_common import CliParser, add_version_argument, exit_on_expected_errors, exit_status
 
 from .flops import check_input_size, measure, relative_error
 from .pretrained import (
@@ -180,4 +179,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(exit_status(main))

@@ -15,7 +15,7 @@ from typing import Literal, Union, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from convnext_common import CliParser, add_version_argument, one_line, prog_name
+from convnext_common import CliParser, add_version_argument, exit_status, one_line, prog_name
 from runtime.repository import RepositoryError
 from service.settings import Settings
 
@@ -174,4 +174,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

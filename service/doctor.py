@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convnext_common import CliParser, add_version_argument, prog_name
+from convnext_common import CliParser, add_version_argument, exit_status, prog_name
 from runtime.ort_session import preload_cuda_libraries
 from runtime.tensorrt_runtime import stream_handle
 
@@ -393,4 +393,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import sys
 
-from convnext_common import CliParser, add_version_argument, one_line, prog_name
+from convnext_common import CliParser, add_version_argument, exit_status, one_line, prog_name
 from model import CheckpointError
 
 from .config import PRESET_HELP, PRESETS, TrainConfig, resolve
@@ -77,4 +77,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

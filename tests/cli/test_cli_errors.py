@@ -222,3 +222,14 @@ def test_through_the_convnext_front_an_error_names_the_command_as_typed(args, st
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1 and lines[0].startswith(start.format(**places)), result.stderr
+
+
+@pytest.mark.parametrize("command", [["-m", "model"], ["-m", "convnext_cli", "model"]], ids=["module", "front"])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(command, tmp_path):
+    """`convnext model info ... | head -0`: the reader is gone before the first line; status 141 (as SIGPIPE), no
+    BrokenPipeError traceback and no `error:` line."""
+    process = subprocess.Popen([sys.executable, *command, "info", "convnext_atto"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=tmp_path, env=cli_env(tmp_path))
+    process.stdout.close()  # before the child has imported anything: its first write finds no reader
+    stderr = process.communicate(timeout=300)[1].decode()
+    assert process.returncode == 141 and stderr == "", stderr
