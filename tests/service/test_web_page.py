@@ -89,6 +89,37 @@ def test_page_shows_the_served_model_and_the_apis_top5_for_a_picked_and_a_droppe
     assert shown_labels(page, beside.name) == api_top5(service_url, beside.read_bytes(), "image/jpeg")
 
 
+def test_a_second_file_aborts_the_first_ones_request_and_only_its_own_answer_is_shown(page, service_url,
+                                                                                     real_photos):
+    """Drop a photo whose answer is slow, then another: the first request is aborted, and its answer can never land
+    under the second photo's preview. The first fetch is held in the page until the second is answered."""
+    page.goto(service_url + "/")
+    page.locator("#served").filter(has_text="Serving").wait_for()
+    page.evaluate("""() => {
+        const realFetch = window.fetch;
+        window.firstRequest = null;
+        window.fetch = (url, options) => {
+            if (window.firstRequest !== null) return realFetch(url, options);
+            // Held: settles only if the page aborts it, as a real fetch does (AbortError).
+            return new Promise((resolve, reject) => {
+                window.firstRequest = { signal: options.signal, aborted: false };
+                if (options.signal) options.signal.addEventListener("abort", () => {
+                    window.firstRequest.aborted = true;
+                    reject(new DOMException("The user aborted a request.", "AbortError"));
+                });
+            });
+        };
+    }""")
+    first, second = real_photos[0], real_photos[2]
+    assert drop_file(page, first.name, first.read_bytes(), "image/jpeg")
+    page.get_by_role("status").filter(has_text=f"Classifying {first.name}").wait_for()
+    assert drop_file(page, second.name, second.read_bytes(), "image/png")
+    assert shown_labels(page, second.name) == api_top5(service_url, second.read_bytes(), "image/png")
+    assert page.evaluate("window.firstRequest.aborted") is True
+    assert page.is_hidden("#error")  # the abort is not "Could not reach the service"
+    assert page.inner_text("#status") == f"Classified {second.name}."
+
+
 def test_page_classifies_with_a_model_of_fewer_than_5_classes(page, tmp_path, launch, real_photos):
     from export.onnx import export_onnx_version
 
