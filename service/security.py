@@ -77,6 +77,13 @@ class NoSniffMiddleware:
         await self.app(scope, receive, send_with_nosniff)
 
 
+# What a page on an allowed origin may send: the key, the body's type and encoding (gzip), and the v2 binary tensor
+# extension's header; and what it may read of an answer: that header (to split a binary answer) and Retry-After.
+CORS_REQUEST_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "Content-Encoding",
+                        "Inference-Header-Content-Length"]
+CORS_EXPOSED_HEADERS = ["Inference-Header-Content-Length", "Retry-After"]
+
+
 def install_edge(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> None:
     """Auth when `api_key` or `admin_api_key` is set, then CORS (so preflights and 401s get its headers) when origins
     are, then nosniff (outermost of the three: on 401s and CORS answers too).
@@ -87,5 +94,5 @@ def install_edge(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> N
         app.add_middleware(ApiKeyMiddleware, settings=settings, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+                           allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS)
     app.add_middleware(NoSniffMiddleware)
