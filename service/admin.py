@@ -5,14 +5,14 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.engine_builds import ReloadRefused
-from service.errors import ApiError, error_responses
+from service.errors import ApiError, error_responses, shown
 from service.pipeline import read_body, service_state
 from service.schemas import ReloadResponse
 from service.security import ADMIN_PREFIX
 
 router = APIRouter(prefix=ADMIN_PREFIX, tags=["admin"])
 MAX_RELOAD_BODY_BYTES = 1024  # {"version": N} is a few bytes
-RELOAD_ERRORS = error_responses(400, 404, 409, 413, 415, 422, 503, descriptions={
+RELOAD_ERRORS = error_responses(400, 404, 408, 409, 413, 415, 422, 503, descriptions={
     400: "The body is not UTF-8 JSON text (invalid_body)",
     404: "The version is not in the repository (version_not_found)",
     409: "A reload or an engine recovery is already running (reload_in_progress)",
@@ -47,7 +47,7 @@ async def reload_request(request: Request) -> ReloadRequest:
     after a CORS preflight, so a web page the operator opens cannot make it reload (a bodyless or form POST can)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", f"content type {content_type or 'none'!r}: send JSON with "
+        raise ApiError(415, "unsupported_media_type", f"content type {shown(content_type or 'none')}: send JSON with "
                        'Content-Type: application/json, {"version": N} or {} for the latest')
     body = await read_body(request, service_state(request), MAX_RELOAD_BODY_BYTES)
     try:

@@ -138,13 +138,16 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         # err.headers: a 405 carries Allow, the methods of the route at that path (RFC 9110).
-        return error_response(err.status_code, HTTP_ERROR_CODES.get(err.status_code, "http_error"), str(err.detail),
-                              err.headers, speaks_v2(request.scope))
+        code = HTTP_ERROR_CODES.get(err.status_code, "http_error")
+        if err.status_code not in (404, 405):  # an unknown path or method is not counted (unbounded by clients)
+            metrics.rejected.labels(code).inc()  # e.g. 400 invalid_body: a multipart body that does not parse
+        return error_response(err.status_code, code, str(err.detail), err.headers, speaks_v2(request.scope))
 
     @app.exception_handler(Exception)
     async def _unexpected_error(request: Request, err: Exception):
         # A bug, not the client's doing: still the JSON error body; Starlette logs the traceback after this answer.
         # Starlette's outermost layer sends it, outside every middleware: nosniff is set here.
+        metrics.rejected.labels("internal_error").inc()
         return error_response(500, "internal_error", f"the server failed on this request ({type(err).__name__}); "
                               "it is logged", NOSNIFF_HEADERS, speaks_v2(request.scope))
 

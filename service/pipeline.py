@@ -24,7 +24,7 @@ from service.admission import AdmissionRefused
 from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError, Item, QueueFullError, ServedModel
 from service.body_budget import count_copy
 from service.decode_budget import DecodeWaitTimeout
-from service.errors import ApiError, clipped
+from service.errors import ApiError, clipped, shown
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -82,8 +82,8 @@ def decoded_body(body: bytes, encoding: str, max_bytes: int) -> bytes:
     compressed body can expand a thousandfold); 415 for another encoding, 400 for data that does not decompress."""
     wbits = ZLIB_WBITS.get(encoding)
     if wbits is None:
-        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not accepted; send the body "
-                       f"as it is or as {' or '.join(ZLIB_WBITS)}")
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {shown(encoding)} is not accepted; send the "
+                       f"body as it is or as {' or '.join(ZLIB_WBITS)}")
     decompressor = zlib.decompressobj(wbits)
     try:
         data = decompressor.decompress(body, max_bytes + 1)

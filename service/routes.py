@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from runtime.repository import ModelRepository, RepositoryError
 from service import pipeline
 from service.body_budget import count_copy
-from service.errors import ApiError, ErrorResponse, error_response, error_responses
+from service.errors import ApiError, ErrorResponse, error_response, error_responses, shown
 from service.model_card import describe
 from service.pipeline import (
     http_client_gone,
@@ -68,7 +68,7 @@ async def collect_images(request: Request, state: ServiceState) -> list[tuple[st
                            f"{settings.max_files_per_request} per request")
         return files
     if not content_type.startswith(RAW_TYPES):
-        raise ApiError(415, "unsupported_media_type", f"content type {content_type or 'none'!r} is not accepted; "
+        raise ApiError(415, "unsupported_media_type", f"content type {shown(content_type or 'none')} is not accepted; "
                        "send image/* bytes or multipart/form-data files")
     if not body:
         raise ApiError(400, "empty_body", "the request body is empty; send the image bytes")

@@ -39,7 +39,7 @@ from runtime.preprocess import RGB_CHANNELS
 from runtime.repository import Manifest
 from service import pipeline
 from service.batcher import Item, ServedModel
-from service.errors import ApiError, shown
+from service.errors import ApiError, clipped, shown
 from service.pipeline import ClientGone, labels_of, require_ready, served_by
 from service.state import ServiceState
 from service.v2_models import (
@@ -149,8 +149,8 @@ def resolve_model(state: ServiceState, name: str, version: str | None = None) ->
     if (name != manifest.name and not is_image) or version not in (None, str(manifest.version)):
         served = f"{manifest.name!r} and {image_model!r}" if image_model else f"{manifest.name!r} (its input is " \
             f"{manifest.input.channels}-channel tensors, so no image model)"
-        raise ApiError(404, "model_not_found", f"model {name!r} version {version or 'latest'} is not served here; "
-                       f"this server has {served}")
+        raise ApiError(404, "model_not_found", f"model {shown(name)} version {clipped(version or 'latest')} is not "
+                       f"served here; this server has {served}")
     return V2Model(name, manifest, is_image)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, TypeAdapter, ValidationError
 
 from runtime.repository import Manifest
-from service.errors import ApiError
+from service.errors import ApiError, clipped, shown
 from service.v2_models import RequestInput
 
 LENGTH_PREFIX = struct.Struct("<I")  # BYTES elements in binary data: uint32 little-endian length, then the bytes
@@ -48,10 +48,10 @@ def _binary_slice(tensor: RequestInput, binary: bytes, expected_size: int | None
             raise ApiError(400, "invalid_binary_data", f"{len(binary)} bytes of binary data follow the header but no "
                            "input has a binary_data_size")
         if tensor.data is None:
-            raise ApiError(400, "invalid_data", f"input {tensor.name!r} has neither data nor a binary_data_size")
+            raise ApiError(400, "invalid_data", f"input {shown(tensor.name)} has neither data nor a binary_data_size")
         return None
     if tensor.data is not None:
-        raise ApiError(400, "invalid_binary_data", f"input {tensor.name!r} has both data and a binary_data_size")
+        raise ApiError(400, "invalid_binary_data", f"input {shown(tensor.name)} has both data and a binary_data_size")
     if expected_size is not None and size != expected_size:
         raise ApiError(400, "invalid_binary_data", f"binary_data_size is {size} bytes; shape {tensor.shape} of "
                        f"{tensor.datatype} needs {expected_size}")
@@ -71,10 +71,10 @@ def _flat(data: list, shape: list[int], name: str) -> list:
         if list not in kinds:
             break
         if kinds != {list}:
-            raise ApiError(400, "invalid_data", f"input {name!r}: nested data mixes lists and values")
+            raise ApiError(400, "invalid_data", f"input {shown(name)}: nested data mixes lists and values")
         lengths = {shape[depth + 1], math.prod(shape[depth + 1:])}
         if len(data) != math.prod(shape[:depth + 1]) or any(len(row) not in lengths for row in data):
-            raise ApiError(400, "invalid_data", f"input {name!r}: nested data does not follow shape {shape}")
+            raise ApiError(400, "invalid_data", f"input {shown(name)}: nested data does not follow shape {shape}")
         data = list(itertools.chain.from_iterable(data))
     return data
 
@@ -84,7 +84,7 @@ def fp32_batch(tensor: RequestInput, binary: bytes, manifest: Manifest, max_batc
     spec = manifest.input
     chw = (spec.channels, spec.height, spec.width)
     if tensor.datatype != "FP32":
-        raise ApiError(400, "invalid_datatype", f"input datatype must be FP32, got {tensor.datatype!r}")
+        raise ApiError(400, "invalid_datatype", f"input datatype must be FP32, got {shown(tensor.datatype)}")
     if len(tensor.shape) != 4 or tuple(tensor.shape[1:]) != chw:
         raise ApiError(400, "invalid_shape", f"input shape must be [1..{max_batch}, {', '.join(map(str, chw))}], "
                        f"got {tensor.shape}")
@@ -102,10 +102,11 @@ def fp32_batch(tensor: RequestInput, binary: bytes, manifest: Manifest, max_batc
                 array = np.asarray(FP32_VALUES.validate_python(values), dtype=np.float32)
         except ValidationError as err:
             first = err.errors(include_url=False, include_input=False)[0]
-            raise ApiError(400, "invalid_data", f"input {tensor.name!r} data[{first['loc'][0]}]: {first['msg']}"
+            raise ApiError(400, "invalid_data", f"input {shown(tensor.name)} data[{first['loc'][0]}]: {first['msg']}"
                            ) from None
     if not np.isfinite(array).all():  # NaN/inf in binary data, or JSON numbers beyond float32's range
-        raise ApiError(400, "invalid_data", f"input {tensor.name!r} has values that are not finite float32 numbers")
+        raise ApiError(400, "invalid_data",
+                       f"input {shown(tensor.name)} has values that are not finite float32 numbers")
     return array.reshape(tensor.shape)
 
 
@@ -130,9 +131,10 @@ def _split_bytes(raw: bytes, count: int) -> list[bytes]:
 def encoded_images(tensor: RequestInput, binary: bytes, max_images: int) -> list[tuple[str, bytes]]:
     """The BYTES input as (name[i], encoded image) pairs, one image per element; 1..max_images of them."""
     if tensor.datatype != "BYTES":
-        raise ApiError(400, "invalid_datatype", f"input {tensor.name} datatype must be BYTES, got {tensor.datatype!r}")
+        raise ApiError(400, "invalid_datatype",
+                       f"input {shown(tensor.name)} datatype must be BYTES, got {shown(tensor.datatype)}")
     if len(tensor.shape) != 1:
-        raise ApiError(400, "invalid_shape", f"input {tensor.name} shape must be [n] (one image per element), "
+        raise ApiError(400, "invalid_shape", f"input {shown(tensor.name)} shape must be [n] (one image per element), "
                        f"got {tensor.shape}")
     count = tensor.shape[0]
     _check_batch(count, max_images, "image")
@@ -147,6 +149,6 @@ def encoded_images(tensor: RequestInput, binary: bytes, max_images: int) -> list
         try:
             images = [base64.b64decode(v, validate=True) for v in STRING_VALUES.validate_python(values)]
         except (ValidationError, binascii.Error) as err:
-            raise ApiError(400, "invalid_data", f"input {tensor.name}: JSON elements must be base64 strings of "
+            raise ApiError(400, "invalid_data", f"input {shown(tensor.name)}: JSON elements must be base64 strings of "
                            f"the image bytes ({type(err).__name__})") from None
-    return [(f"{tensor.name}[{i}]", image) for i, image in enumerate(images)]
+    return [(f"{clipped(tensor.name)}[{i}]", image) for i, image in enumerate(images)]

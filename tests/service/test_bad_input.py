@@ -58,6 +58,15 @@ def test_each_bad_request_gets_its_status_and_the_service_keeps_serving(strict_u
     assert metric(strict_url, rejected % "invalid_parameter") - parameters_before == 3  # under the code answered
 
 
+def test_a_multipart_body_that_does_not_parse_is_a_counted_400(strict_url):
+    """Starlette's own refusal of the form (not an ApiError) is counted under the code answered, as every other."""
+    rejected = 'convnext_rejected_total{reason="invalid_body"}'
+    before = metric(strict_url, rejected)
+    assert_error(post(strict_url, b"--x\r\nno headers, no end", "multipart/form-data; boundary=x"), 400,
+                 "invalid_body")
+    assert metric(strict_url, rejected) - before == 1
+
+
 def padded_to(data: bytes, size: int) -> bytes:
     """`data` followed by zero bytes up to exactly `size` bytes (a JPEG decoder stops at its end-of-image marker)."""
     assert len(data) < size

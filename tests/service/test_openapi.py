@@ -27,6 +27,8 @@ def test_classify_documents_its_bodies_its_answers_and_the_served_models_top_k(s
     assert "Retry-After" in classify["responses"]["503"]["headers"]
     (top_k,) = classify["parameters"]
     assert top_k["schema"]["minimum"] == 1 and top_k["schema"]["maximum"] == 10  # the served model's classes
+    # A reload's body is read under the same body timeout as an upload: 408 body_timeout is documented there too.
+    assert "408" in schema["paths"]["/admin/reload"]["post"]["responses"]
 
 
 def test_every_operation_documents_503_and_no_fastapi_validation_body(service_url):

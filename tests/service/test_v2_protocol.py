@@ -340,3 +340,22 @@ def test_error_messages_repeat_at_most_200_characters_of_what_the_client_sent(se
     response = httpx.post(f"{service_url}{INFER}", json={"inputs": [fp32_input(name=long_name)]})
     assert response.status_code == 400 and response.json()["code"] == "invalid_input"
     assert len(response.json()["error"]) < 400 and "(100004 characters)" in response.json()["error"]
+
+
+LONG = "x" * 3000
+ECHO_CASES = {  # what a client sent that the message repeats: the path's model name, a datatype, a header
+    "model name": lambda url: httpx.post(f"{url}/v2/models/{LONG}/infer", json={"inputs": [fp32_input()]}),
+    "datatype": lambda url: httpx.post(f"{url}{INFER}", json={"inputs": [fp32_input(datatype=LONG)]}),
+    "content type": lambda url: httpx.post(f"{url}/classify", content=b"x", headers={"Content-Type": LONG}),
+    "reload content type": lambda url: httpx.post(f"{url}/admin/reload", content=b"{}",
+                                                  headers={"Content-Type": LONG}),
+    "content encoding": lambda url: httpx.post(f"{url}/classify", content=b"x",
+                                               headers={"Content-Type": "image/png", "Content-Encoding": LONG}),
+}
+
+
+@pytest.mark.parametrize("case", ECHO_CASES)
+def test_names_and_headers_are_repeated_clipped_too(service_url, case):
+    response = ECHO_CASES[case](service_url)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.text.count("x") <= 200 + 10 and "(3002 characters)" in response.text, response.text
