@@ -21,19 +21,21 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 # Re-pin after editing pyproject.toml's dependencies: locks/dev.txt (this venv, CI) and locks/service-cpu.txt (the
-# service-cpu image), for CPython 3.11 on x86-64 Linux. uv takes each version from PyPI or from the local wheel
+# service-cpu image), and after editing locks/ort-gpu-probe.in: locks/ort-gpu-probe.txt (below), for CPython 3.11 on
+# x86-64 Linux. uv takes each version from PyPI or from the local wheel
 # folders pip is configured with here (LOCK_SOURCES), whichever has it (torch 2.14.1 is only local here). The GPU
 # image is not locked: its NVIDIA-index wheels cannot be hashed from here (deploy/gpu-constraints.txt pins them).
 LOCK_SOURCES ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
 	$(foreach index,$(wildcard /opt/pypi/simple /opt/pypi-more/simple),--extra-index-url file://$(index))
 UV ?= $(PY) -m uv
-UV_COMPILE = $(UV) pip compile pyproject.toml --generate-hashes --python-version 3.11 \
-	--python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match \
-	--custom-compile-command "make lock" $(LOCK_SOURCES)
+UV_COMPILE_FLAGS = --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--index-strategy unsafe-best-match --custom-compile-command "make lock" $(LOCK_SOURCES)
+UV_COMPILE = $(UV) pip compile pyproject.toml $(UV_COMPILE_FLAGS)
 
 lock:
 	$(UV_COMPILE) $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra)) -o locks/dev.txt
 	$(UV_COMPILE) --extra serve --extra cpu -o locks/service-cpu.txt
+	$(UV) pip compile locks/ort-gpu-probe.in --no-deps $(UV_COMPILE_FLAGS) -o locks/ort-gpu-probe.txt
 
 # System packages the tests use: headless Chromium (web page test), promtool (Prometheus config check). Root, as on CI.
 system-deps:
@@ -43,11 +45,11 @@ system-deps:
 # The GPU build of ONNX Runtime, apart from the venv (it would replace the CPU package there): on this GPU-less
 # machine tests/service/test_ort_providers.py proves with it that a GPU provider that does not load is refused.
 # Inside the venv folder, so it goes with it (make clean) and no repository-wide check reads its files.
+# Hash-pinned as the venv is (locks/ort-gpu-probe.txt; the same version as the CPU package in locks/dev.txt).
 ORT_GPU_PROBE := $(VENV)/ort-gpu-probe
-ORT_GPU_VERSION ?= 1.31.1
 
-$(ORT_GPU_PROBE)/.installed:
-	$(PY) -m pip install -q --upgrade --no-deps --target $(ORT_GPU_PROBE) onnxruntime-gpu==$(ORT_GPU_VERSION)
+$(ORT_GPU_PROBE)/.installed: locks/ort-gpu-probe.txt
+	$(PY) -m pip install -q --upgrade --no-deps --require-hashes --target $(ORT_GPU_PROBE) -r locks/ort-gpu-probe.txt
 	touch $@
 
 # ruff over everything; mypy over the torch-free serving layers (pyproject.toml [tool.mypy] says which files).
@@ -58,9 +60,10 @@ lint: install
 test: lint install system-deps $(ORT_GPU_PROBE)/.installed
 	$(PY) -m pytest
 
-# Train the offline demo model (digits, CPU, minutes) and export it to ./models unless it is there already.
+# Train the offline demo model (digits, CPU, minutes) and export it to ./models unless a version of it is there already
+# (a published one, with its manifest: an export that was interrupted leaves the model's folder without one).
 demo-model: install
-	@if [ ! -d models/digits ]; then \
+	@if ! ls models/digits/*/manifest.json >/dev/null 2>&1; then \
 		$(PY) -m training --preset demo --output runs/demo && \
 		$(PY) -m export onnx --model convnext_atto --checkpoint runs/demo/checkpoint_best.pth --name digits --repository models; \
 	fi
@@ -71,7 +74,7 @@ serve: install
 	$(PY) -m convnext_cli serve --pretrained $(PRETRAINED) --repository models
 else
 serve: demo-model
-	$(PY) -m convnext_cli serve --repository models
+	$(PY) -m convnext_cli serve --repository models --model digits
 endif
 
 clean:

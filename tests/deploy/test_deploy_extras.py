@@ -129,3 +129,13 @@ def test_the_locked_torch_is_the_local_wheel_and_the_installs_use_the_locks():
     assert re.search(r"^LOCK \?= locks/dev\.txt$", makefile, re.M)
     assert "pip install -q --require-hashes -r $(LOCK)" in makefile and "pip install -q --no-deps -e ." in makefile
     assert "--require-hashes -r locks/service-cpu.txt" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_gpu_onnxruntime_probe_is_hash_pinned_at_the_cpu_packages_version():
+    """`make test` installs onnxruntime-gpu beside the venv for tests/service/test_ort_providers.py: from its own
+    lock with hashes, as everything else it installs, and at the version of the locked CPU package."""
+    pins = locked("locks/ort-gpu-probe.txt")
+    assert set(pins) == {"onnxruntime-gpu"} and pins["onnxruntime-gpu"][1]
+    assert pins["onnxruntime-gpu"][0] == locked("locks/dev.txt")["onnxruntime"][0]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--no-deps --require-hashes --target $(ORT_GPU_PROBE) -r locks/ort-gpu-probe.txt" in makefile
