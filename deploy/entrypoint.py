@@ -157,8 +157,8 @@ def export_model(settings: PrepareSettings) -> int:
     returncode = subprocess.run(export_command(settings, checkpoint), check=False).returncode
     if returncode != 0 and settings.checkpoint is not None and settings.architecture is None:
         print("prepare: if the export above asks for --model, set CONVNEXT_ARCHITECTURE to the checkpoint's model (a "
-              "`python -m model info --all` name): only project checkpoints, official file names and known timm files "
-              "carry it", file=sys.stderr, flush=True)
+              "`python -m model table` or `python -m model roadmap` name): only project checkpoints, official file "
+              "names and known timm files carry it", file=sys.stderr, flush=True)
     return returncode
 
 

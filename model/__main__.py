@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from convnext_common import CliParser, add_version_argument, exit_on_expected_errors, exit_status
+from convnext_common import CliParser, add_version_argument, exit_on_expected_errors, exit_status, positive_int
 
 from .flops import check_input_size, measure, relative_error
 from .pretrained import (
@@ -31,12 +31,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="params (M) and GMACs of one model, or of all with --all")
-    info.add_argument("name", nargs="?", choices=list_models(), metavar="NAME", help="a model name (see `table`)")
+    info.add_argument("name", nargs="?", choices=list_models(), metavar="NAME",
+                      help="a model name (see `table`, and `roadmap` for the roadmap steps)")
     info.add_argument("--input-size", type=positive_px, default=None,
                       help="square input side in px, at least the model's total stride (default: the model's own)")
     info.add_argument("--activation", choices=ACTIVATIONS, default=None, help="default: the model's own")
-    info.add_argument("--num-classes", type=int, default=1000)
-    info.add_argument("--all", action="store_true", help="the table of every model against the paper")
+    info.add_argument("--num-classes", type=positive_int, default=None, help="default: 1000")
+    info.add_argument("--all", action="store_true", help="the table of every model against the paper (each at its "
+                                                         "own size and activation, 1000 classes: no NAME or option)")
     commands.add_parser("table", help="every model family: params and GMACs against the paper's tables")
     roadmap = commands.add_parser("roadmap", help="each step from ResNet to ConvNeXt: GMACs and top-1 vs Table 10/11")
     roadmap.add_argument("--regime", choices=sorted(REGIMES), default="r50",
@@ -153,6 +155,13 @@ def format_pretrained() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.command == "info" and args.all:
+        given = [flag for flag, value in (("NAME", args.name), ("--input-size", args.input_size),
+                                          ("--activation", args.activation), ("--num-classes", args.num_classes))
+                 if value is not None]
+        if given:
+            parser.error(f"--all prints every model at its own size and activation with 1000 classes: drop "
+                         f"{' and '.join(given)}, or --all")
     if args.command == "table" or (args.command == "info" and args.all):
         print(format_table())
     elif args.command == "info":
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_input_size(args.name, args.input_size)
             except ValueError as error:
                 parser.error(f"argument --input-size: {error}")
-        print(format_info(args.name, args.input_size, args.activation, args.num_classes))
+        print(format_info(args.name, args.input_size, args.activation, args.num_classes or 1000))
     elif args.command == "roadmap":
         rows = roadmap_rows(args.regime)
         if args.json:

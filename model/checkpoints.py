@@ -15,6 +15,9 @@ from torch import nn
 
 from convnext_files import sha256_file, sidecar_path
 
+from .convnext import ACTIVATION_LAYERS
+from .registry import get_config
+
 logger = logging.getLogger(__name__)
 
 # Wrappers that training code leaves on parameter names (DDP, torch.compile).
@@ -190,6 +193,7 @@ def load_checkpoint(
     checkpoint = (
         path_or_state_dict if isinstance(path_or_state_dict, Mapping) else read_checkpoint(path_or_state_dict)
     )
+    _check_activation(model, checkpoint)
     state_dict, source_format = convert_state_dict(select_state_dict(checkpoint, use_ema=use_ema), model)
     expected = model.state_dict()
     missing = sorted(k for k in set(expected) - set(state_dict) if not _is_filled_in_by_torch(k))
@@ -214,6 +218,30 @@ def load_checkpoint(
         return LoadResult(source_format, head_reinitialised=True)
     model.load_state_dict(state_dict, strict=True)
     return LoadResult(source_format, head_reinitialised=False)
+
+
+def _check_activation(model: nn.Module, checkpoint: Mapping) -> None:
+    """A project checkpoint records the activation its weights were trained with (its model_kwargs, else its model's
+    own): a model that runs another one has the same weight shapes, would load them strictly, and change every output.
+    Official, timm and torchvision files record none (their models' defaults are GELU for ConvNeXt, ReLU for ResNet)."""
+    recorded = checkpoint.get("model_kwargs") if isinstance(checkpoint, Mapping) else None
+    name = checkpoint.get("model_name") if isinstance(checkpoint, Mapping) else None
+    trained = recorded.get("activation") if isinstance(recorded, Mapping) else None
+    if trained is None and isinstance(name, str):
+        try:
+            trained = get_config(name).default_activation
+        except ValueError:  # a model this version does not know: nothing to compare with
+            return
+    if trained not in ACTIVATION_LAYERS:
+        return
+    running = sorted(key for key, layer in ACTIVATION_LAYERS.items()
+                     if any(isinstance(module, layer) for module in model.modules()))
+    if running and running != [trained]:
+        raise CheckpointError(
+            f"the checkpoint's weights ({name or 'this project'}) were trained with {trained}, and this model runs "
+            f"{' and '.join(running)}: loading them would change every output. Build the model with "
+            f"activation={trained!r} (python -m training / export: --activation {trained}), or for a roadmap step, "
+            f"the step the checkpoint names")
 
 
 def _is_filled_in_by_torch(key: str) -> bool:

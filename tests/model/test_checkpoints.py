@@ -67,6 +67,20 @@ def test_project_checkpoint_file_round_trip_with_metadata(atto_state, tmp_path):
     _assert_weights_equal(model, atto_state)
 
 
+def test_a_project_checkpoint_loads_only_into_a_model_with_the_activation_it_was_trained_with(atto_state):
+    """GELU and ReLU models have the same weight shapes: the recorded activation (model_kwargs, else the recorded
+    model's own) is what tells them apart; a roadmap step's checkpoint into the step before it (only GELU differs)."""
+    relu = {"model": atto_state, "model_name": "convnext_atto", "model_kwargs": {"activation": "relu"}}
+    with pytest.raises(CheckpointError, match="trained with relu, and this model runs gelu"):
+        load_checkpoint(create_model("convnext_atto"), relu)
+    load_checkpoint(create_model("convnext_atto", activation="relu"), relu)
+    gelu_step = {"model": create_model("roadmap_r50_gelu").state_dict(), "model_name": "roadmap_r50_gelu"}
+    with pytest.raises(CheckpointError, match="trained with gelu, and this model runs relu"):
+        load_checkpoint(create_model("roadmap_r50_kernel7"), gelu_step)
+    load_checkpoint(create_model("roadmap_r50_gelu"), gelu_step)
+    load_checkpoint(create_model("convnext_atto", activation="relu"), {"model": atto_state})  # records nothing
+
+
 def test_read_checkpoint_rejects_missing_and_garbage_files(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint file"):
         read_checkpoint(tmp_path / "absent.pth")
