@@ -38,6 +38,11 @@ CONTENTS_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "in
                    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
                    "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 MAX_STREAMS_PER_CONNECTION = 128
+# What grpc core takes in of a stream whose message nobody is reading (a call waiting for room in the body budget,
+# or bytes a client sends after its one message): without BDP probing, the stream's flow-control window stays at this
+# (with it, the default, the window grows to megabytes a stream, outside the budget). A pending read still opens the
+# window to the message's declared size, up to max_body_bytes, which the budget has reserved (_Method).
+UNREAD_STREAM_WINDOW_BYTES = 64 * 1024
 # Typed contents elements converted on the event loop; more (each one is Python work) go to a worker thread.
 INLINE_MAX_ELEMENTS = 4096
 ERROR_CODE_KEY = "convnext-error-code"  # trailing metadata: the machine-readable code of the HTTP API's JSON errors
@@ -306,8 +311,9 @@ class GrpcService:
 
 
 async def start_grpc_server(state: ServiceState) -> GrpcService:
-    """Listen on host:grpc_port; messages up to max_body_bytes (larger: RESOURCE_EXHAUSTED), as HTTP bodies. Calls in
-    flight at shutdown get the request timeout to finish."""
+    """Listen on host:grpc_port; messages up to max_body_bytes (larger: RESOURCE_EXHAUSTED), as HTTP bodies, and at
+    most UNREAD_STREAM_WINDOW_BYTES taken in of a stream nobody reads. Calls in flight at shutdown get the request
+    timeout to finish."""
     settings = state.settings
     server = grpc.aio.server(
         handlers=[inference_service(state)], maximum_concurrent_rpcs=settings.max_connections,
@@ -315,6 +321,7 @@ async def start_grpc_server(state: ServiceState) -> GrpcService:
                  # Calls at once on one connection (HTTP/2 streams; grpc core's default has no bound): one client
                  # cannot take every call slot; a client with more waits for a stream, not an error.
                  ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+                 ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", UNREAD_STREAM_WINDOW_BYTES),
                  ("grpc.max_send_message_length", -1),
                  ("grpc.so_reuseport", 0)])  # a port another server holds is an error, not a silent share
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

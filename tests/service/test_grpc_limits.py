@@ -1,18 +1,26 @@
 """gRPC calls are held to the HTTP side's limits before their message is read: a call without the key is refused at
 once (its message never read), and a message that does not arrive within body_deadline_s ends the call, so neither
-holds a call slot and up to max_body_bytes of memory for as long as it likes; and no error message, HTTP or gRPC,
-carries a client's megabytes back."""
+holds a call slot and up to max_body_bytes of memory for as long as it likes; grpc core takes in no more than a small
+window of a stream nobody reads; and no error message, HTTP or gRPC, carries a client's megabytes back."""
 from __future__ import annotations
 
 import asyncio
 
 import grpc
+import numpy as np
 import pytest
 
-from service.grpc_server import ERROR_CODE_KEY
+from service.grpc_proto import open_inference_pb2 as pb
+from service.grpc_server import ERROR_CODE_KEY, SERVICE_NAME, UNREAD_STREAM_WINDOW_BYTES
 from tests.service.conftest import free_port
+from tests.service.h2c import H2Connection, grpc_frame
 from tests.service.test_grpc import grpc_address
+from tests.service.test_hot_swap import wait_for
+from tests.service.test_limits import Gate, metric
 
+MIB = 1024 * 1024
+MODEL_INFER = f"/{SERVICE_NAME}/ModelInfer"
+OK_INFERS = 'convnext_grpc_requests_total{code="OK",method="ModelInfer"}'
 SERVER_METADATA = "/inference.GRPCInferenceService/ServerMetadata"
 
 
@@ -58,9 +66,6 @@ def test_an_error_never_carries_a_clients_megabytes_back(model_repository, launc
     """A 1 MB model name, over HTTP and gRPC: the 404 names it clipped, in a message of at most ~1000 characters."""
     import httpx
 
-    from service.grpc_proto import open_inference_pb2 as pb
-    from service.grpc_server import SERVICE_NAME
-
     name = "m" * 1_000_000
     with launch(model_repository, grpc_port=free_port()) as url:
         answer = httpx.get(f"{url}/v2/models/{name[:60_000]}", timeout=30)  # under the 64 KiB head limit
@@ -73,3 +78,32 @@ def test_an_error_never_carries_a_clients_megabytes_back(model_repository, launc
                 metadata(pb.ModelMetadataRequest(name=name), timeout=30)
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND  # not RESOURCE_EXHAUSTED: the trailer fits
     assert len(refused.value.details()) < 1100
+
+
+def infer_message(images: int) -> bytes:
+    """A ModelInfer request of `images` 64 px FP32 images (48 KiB each) as raw contents."""
+    request = pb.ModelInferRequest(model_name="atto",
+                                   raw_input_contents=[np.zeros((images, 3, 64, 64), "<f4").tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=[images, 3, 64, 64])
+    return request.SerializeToString()
+
+
+
+def test_what_a_client_sends_after_its_one_message_is_not_taken_in(model_repository, launch):
+    """The call reads one message; grpc core takes in only a small window of anything the client sends after it,
+    however long the call waits for its batch. Before: megabytes a call, outside the budget."""
+    gate = Gate()
+    with launch(model_repository, gate.factory, grpc_port=free_port(), max_batch_size=1, warmup_runs=0) as url:
+        gate.close()
+        connection = H2Connection(grpc_address(url))
+        message = grpc_frame(infer_message(1))
+        connection.open(1, MODEL_INFER)
+        assert connection.send(1, message, stall_s=10) == len(message)
+        assert gate.batch_started.wait(20)  # read, converted and running: the call asks for nothing more
+        let_in = connection.send(1, grpc_frame(bytes(MIB), declared=4 * MIB), stall_s=2)
+        assert let_in <= 2 * UNREAD_STREAM_WINDOW_BYTES, f"{let_in} bytes after the message were taken in"
+        assert metric(url, "convnext_buffered_body_bytes") == len(message) - 5  # the message, without its prefix
+        gate.open.set()
+        assert connection.wait_ended(1)
+        wait_for(lambda: metric(url, OK_INFERS) == 1, "the call to be answered")
+        connection.close()
