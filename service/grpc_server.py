@@ -229,7 +229,9 @@ class _Method:
     whole message, so a caller without the key (or one that never finishes its message) would hold a call slot and
     up to max_body_bytes of memory for as long as it liked. Here the key is checked first, from the call's metadata
     (a refused call is answered at once and its message never read), and the message must arrive within
-    body_deadline_s, as an HTTP body must. Clients call it as the unary RPC it is in the .proto: the wire is the same.
+    body_deadline_s, as an HTTP body must, in room reserved in the body budget before grpc is asked for it (a pending
+    read lets grpc core take in the message's declared size). Clients call it as the unary RPC it is in the .proto:
+    the wire is the same.
     """
 
     def __init__(self, name: str, handler: Handler, request_type: type[Message], state: ServiceState):
@@ -244,13 +246,16 @@ class _Method:
                 raise ApiError(401, "unauthorized", "the call carries no or a wrong API key; send metadata "
                                "`authorization: Bearer <key>` or `x-api-key: <key>`")
             body = await self._request_message(messages)
-            with self.state.body_budget.held(len(body)):  # gRPC has read the message whole: counted until answered
+            size = len(body)  # counted in the body budget until answered
+            try:
                 try:
                     request = self.request_type.FromString(body)
                 except DecodeError as err:
                     raise ApiError(400, "invalid_message", f"not a {self.request_type.DESCRIPTOR.name} message: "
                                    f"{err}") from None
                 return await self.handler(self.state, request, context)
+            finally:
+                self.state.body_budget.give_back(size)
         except ApiError as err:
             code = STATUS_CODES.get(err.status, grpc.StatusCode.UNKNOWN)
             metrics.rejected.labels(err.code).inc()
@@ -269,16 +274,25 @@ class _Method:
             metrics.grpc_request_duration.labels(self.name, code.name).observe(time.perf_counter() - started)
 
     async def _request_message(self, messages: AsyncIterator[bytes]) -> bytes:
-        """The call's one request message, within body_deadline_s of the call's start."""
-        deadline_s = self.state.settings.body_deadline_s
+        """The call's one request message, within body_deadline_s of the call's start, its size counted in the body
+        budget from its arrival: until then the budget holds max_body_bytes for it, waiting for that room first."""
+        settings, budget = self.state.settings, self.state.body_budget
+        deadline_s, reserved = settings.body_deadline_s, settings.max_body_bytes
+        deadline = asyncio.get_running_loop().time() + deadline_s
+        await budget.reserve(reserved, deadline)  # 503 body_buffer_full (UNAVAILABLE) when no room comes
+        size = 0
         try:
-            async with asyncio.timeout(deadline_s):
-                return await anext(messages)
+            async with asyncio.timeout_at(deadline):
+                message = await anext(messages)
+            size = len(message)
+            return message
         except StopAsyncIteration:
             raise ApiError(400, "invalid_message", "the call ended without its request message") from None
         except TimeoutError:
             raise ApiError(408, "body_timeout", f"the request message did not arrive within {deadline_s:g} s; "
                            "send it at once") from None
+        finally:
+            budget.received(reserved, size)  # no await from here to the caller's count of it
 
 
 def inference_service(state: ServiceState) -> grpc.GenericRpcHandler:

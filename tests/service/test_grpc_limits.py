@@ -1,7 +1,8 @@
 """gRPC calls are held to the HTTP side's limits before their message is read: a call without the key is refused at
 once (its message never read), and a message that does not arrive within body_deadline_s ends the call, so neither
-holds a call slot and up to max_body_bytes of memory for as long as it likes; grpc core takes in no more than a small
-window of a stream nobody reads; and no error message, HTTP or gRPC, carries a client's megabytes back."""
+holds a call slot and up to max_body_bytes of memory for as long as it likes; a message being received holds its
+room in the body budget, waiting for it in line, while grpc core takes in no more than a small window of a stream
+nobody reads; and no error message, HTTP or gRPC, carries a client's megabytes back."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,7 @@ from tests.service.conftest import free_port
 from tests.service.h2c import H2Connection, grpc_frame
 from tests.service.test_grpc import grpc_address
 from tests.service.test_hot_swap import wait_for
-from tests.service.test_limits import Gate, metric
+from tests.service.test_limits import BUDGET_LIMITS, Gate, metric
 
 MIB = 1024 * 1024
 MODEL_INFER = f"/{SERVICE_NAME}/ModelInfer"
@@ -87,6 +88,31 @@ def infer_message(images: int) -> bytes:
     request.inputs.add(name="input", datatype="FP32", shape=[images, 3, 64, 64])
     return request.SerializeToString()
 
+
+def test_a_message_waits_in_line_for_room_in_the_body_budget_and_is_taken_in_only_then(model_repository, launch):
+    """A message being received holds max_body_bytes of the budget (grpc core takes in up to its declared size once it
+    is asked for it); a call that finds no room waits, its stream let in only a small window meanwhile, and goes on
+    when room comes. Before: every stalled stream held its megabytes in grpc core, the budget counting none."""
+    with launch(model_repository, grpc_port=free_port(), **BUDGET_LIMITS) as url:  # 1 MiB a body, 2 MiB in all
+        connection = H2Connection(grpc_address(url))
+        stalled = grpc_frame(bytes(900 * 1024), declared=MIB - 1000)  # 900 KiB of a message, then nothing more
+        for stream in (1, 3):
+            connection.open(stream, MODEL_INFER)
+            assert connection.send(stream, stalled, stall_s=10) == len(stalled)
+        wait_for(lambda: metric(url, "convnext_buffered_body_bytes") == 2 * MIB, "the two messages' room")
+        waiting = grpc_frame(infer_message(10))  # 480 KiB
+        connection.open(5, MODEL_INFER)
+        let_in = connection.send(5, waiting, stall_s=2)
+        assert let_in <= 2 * UNREAD_STREAM_WINDOW_BYTES, f"{let_in} bytes of a message nobody reads were taken in"
+        assert 5 not in connection.ended  # waiting, not refused: only messages still arriving hold the room
+        assert metric(url, "convnext_buffered_body_bytes") == 2 * MIB
+        connection.reset(1)  # a stalled client gives up: its room goes to the call in line
+        assert connection.send(5, waiting[let_in:], end=True, stall_s=10) == len(waiting) - let_in
+        assert connection.wait_ended(5)
+        wait_for(lambda: metric(url, OK_INFERS) == 1, "the waiting call to be answered")
+        connection.reset(3)
+        wait_for(lambda: metric(url, "convnext_buffered_body_bytes") == 0, "the room to come back")
+        connection.close()
 
 
 def test_what_a_client_sends_after_its_one_message_is_not_taken_in(model_repository, launch):
