@@ -37,6 +37,9 @@ CONTENTS_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "in
                    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
                    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
                    "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+# Codes the HTTP status alone does not give: a message over max_body_bytes is refused by grpc core itself with
+# RESOURCE_EXHAUSTED (413 is otherwise INVALID_ARGUMENT: a batch over the request limit, which no retry can fix).
+ERROR_STATUS_CODES = {"body_too_large": grpc.StatusCode.RESOURCE_EXHAUSTED}
 MAX_STREAMS_PER_CONNECTION = 128
 # What grpc core takes in of a stream whose message nobody is reading (a call waiting for room in the body budget,
 # or bytes a client sends after its one message): without BDP probing, the stream's flow-control window stays at this
@@ -257,7 +260,7 @@ class _Method:
             finally:
                 self.state.body_budget.give_back(size)
         except ApiError as err:
-            code = STATUS_CODES.get(err.status, grpc.StatusCode.UNKNOWN)
+            code = ERROR_STATUS_CODES.get(err.code) or STATUS_CODES.get(err.status, grpc.StatusCode.UNKNOWN)
             metrics.rejected.labels(err.code).inc()
             await context.abort(code, err.message, trailing_metadata=((ERROR_CODE_KEY, err.code),))
         except asyncio.CancelledError:  # the client cancelled or its deadline passed: grpc cancels this task
@@ -287,7 +290,10 @@ class _Method:
             size = len(message)
             return message
         except StopAsyncIteration:
-            raise ApiError(400, "invalid_message", "the call ended without its request message") from None
+            # grpc core ends the read of a message over max_receive_message_length (and answers the client
+            # RESOURCE_EXHAUSTED itself); a client that closes its side without a message ends it the same way.
+            raise ApiError(413, "body_too_large", f"the request message is over the limit of {reserved} bytes "
+                           "(max_body_bytes), or the call ended without one") from None
         except TimeoutError:
             raise ApiError(408, "body_timeout", f"the request message did not arrive within {deadline_s:g} s; "
                            "send it at once") from None

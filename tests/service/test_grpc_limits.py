@@ -2,7 +2,8 @@
 once (its message never read), and a message that does not arrive within body_deadline_s ends the call, so neither
 holds a call slot and up to max_body_bytes of memory for as long as it likes; a message being received holds its
 room in the body budget, waiting for it in line, while grpc core takes in no more than a small window of a stream
-nobody reads; and no error message, HTTP or gRPC, carries a client's megabytes back."""
+nobody reads; a message over max_body_bytes is counted as the refusal it gets; and no error message, HTTP or gRPC,
+carries a client's megabytes back."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,7 @@ from service.grpc_proto import open_inference_pb2 as pb
 from service.grpc_server import ERROR_CODE_KEY, SERVICE_NAME, UNREAD_STREAM_WINDOW_BYTES
 from tests.service.conftest import free_port
 from tests.service.h2c import H2Connection, grpc_frame
-from tests.service.test_grpc import grpc_address
+from tests.service.test_grpc import grpc_address, raw_call
 from tests.service.test_hot_swap import wait_for
 from tests.service.test_limits import BUDGET_LIMITS, Gate, metric
 
@@ -133,3 +134,17 @@ def test_what_a_client_sends_after_its_one_message_is_not_taken_in(model_reposit
         assert connection.wait_ended(1)
         wait_for(lambda: metric(url, OK_INFERS) == 1, "the call to be answered")
         connection.close()
+
+
+def test_a_message_over_max_body_bytes_is_counted_as_the_resource_exhausted_it_gets(model_repository, launch):
+    """grpc core refuses it (RESOURCE_EXHAUSTED) and ends the handler's read: the metrics say body_too_large and
+    RESOURCE_EXHAUSTED too, not invalid_message and INVALID_ARGUMENT."""
+    with launch(model_repository, grpc_port=free_port(), max_body_bytes=100_000) as url:
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_call(grpc_address(url), "ModelInfer", infer_message(3))  # 147 KB
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        exhausted = 'convnext_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="ModelInfer"}'
+        wait_for(lambda: metric(url, exhausted) == 1, "the refusal to be counted")
+        assert metric(url, 'convnext_rejected_total{reason="body_too_large"}') == 1
+        assert metric(url, 'convnext_rejected_total{reason="invalid_message"}') == 0
+        assert metric(url, "convnext_buffered_body_bytes") == 0
