@@ -49,6 +49,8 @@ UNREAD_STREAM_WINDOW_BYTES = 64 * 1024
 # Typed contents elements converted on the event loop; more (each one is Python work) go to a worker thread.
 INLINE_MAX_ELEMENTS = 4096
 ERROR_CODE_KEY = "convnext-error-code"  # trailing metadata: the machine-readable code of the HTTP API's JSON errors
+# Trailing metadata of a refusal the HTTP API answers with Retry-After (gRPC's retry design: when to try again).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 # uvicorn's configured logger: the gRPC address is logged beside the HTTP one ("Uvicorn running on ...").
 logger = logging.getLogger("uvicorn.error")
 
@@ -262,7 +264,7 @@ class _Method:
         except ApiError as err:
             code = ERROR_STATUS_CODES.get(err.code) or STATUS_CODES.get(err.status, grpc.StatusCode.UNKNOWN)
             metrics.rejected.labels(err.code).inc()
-            await context.abort(code, err.message, trailing_metadata=((ERROR_CODE_KEY, err.code),))
+            await context.abort(code, err.message, trailing_metadata=error_trailers(err))
         except asyncio.CancelledError:  # the client cancelled or its deadline passed: grpc cancels this task
             code = grpc.StatusCode.CANCELLED
             metrics.rejected.labels("client_disconnected").inc()
@@ -299,6 +301,14 @@ class _Method:
                            "send it at once") from None
         finally:
             budget.received(reserved, size)  # no await from here to the caller's count of it
+
+
+def error_trailers(err: ApiError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a refusal: its code, and when the HTTP API would say Retry-After, the same wait."""
+    retry_after = (err.headers or {}).get("Retry-After")
+    if retry_after is None:
+        return ((ERROR_CODE_KEY, err.code),)
+    return (ERROR_CODE_KEY, err.code), (RETRY_PUSHBACK_KEY, str(round(float(retry_after) * 1000)))
 
 
 def inference_service(state: ServiceState) -> grpc.GenericRpcHandler:

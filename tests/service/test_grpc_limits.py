@@ -2,7 +2,7 @@
 once (its message never read), and a message that does not arrive within body_deadline_s ends the call, so neither
 holds a call slot and up to max_body_bytes of memory for as long as it likes; a message being received holds its
 room in the body budget, waiting for it in line, while grpc core takes in no more than a small window of a stream
-nobody reads; a message over max_body_bytes is counted as the refusal it gets; and no error message, HTTP or gRPC,
+nobody reads; refusals are labelled and carry their retry hint as over HTTP; and no error message, HTTP or gRPC,
 carries a client's megabytes back."""
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from service.grpc_proto import open_inference_pb2 as pb
-from service.grpc_server import ERROR_CODE_KEY, SERVICE_NAME, UNREAD_STREAM_WINDOW_BYTES
+from service.grpc_server import ERROR_CODE_KEY, RETRY_PUSHBACK_KEY, SERVICE_NAME, UNREAD_STREAM_WINDOW_BYTES
 from tests.service.conftest import free_port
 from tests.service.h2c import H2Connection, grpc_frame
 from tests.service.test_grpc import grpc_address, raw_call
 from tests.service.test_hot_swap import wait_for
-from tests.service.test_limits import BUDGET_LIMITS, Gate, metric
+from tests.service.test_limits import BUDGET_LIMITS, Gate, finish_upload, metric, slow_upload
 
 MIB = 1024 * 1024
 MODEL_INFER = f"/{SERVICE_NAME}/ModelInfer"
@@ -148,3 +148,15 @@ def test_a_message_over_max_body_bytes_is_counted_as_the_resource_exhausted_it_g
         assert metric(url, 'convnext_rejected_total{reason="body_too_large"}') == 1
         assert metric(url, 'convnext_rejected_total{reason="invalid_message"}') == 0
         assert metric(url, "convnext_buffered_body_bytes") == 0
+
+
+def test_a_refusal_that_http_answers_with_retry_after_carries_grpc_retry_pushback_ms(model_repository, launch):
+    with launch(model_repository, grpc_port=free_port(), **BUDGET_LIMITS) as url:
+        slow = [slow_upload(url), slow_upload(url)]  # HTTP bodies received: 1800 KiB of 2 MiB
+        with pytest.raises(grpc.RpcError) as refused:  # no room for it: refused at once, as an HTTP body is
+            raw_call(grpc_address(url), "ModelInfer", infer_message(6))  # 288 KiB: over what is left
+        trailers = dict(refused.value.trailing_metadata())
+        assert (refused.value.code(), trailers[ERROR_CODE_KEY]) == (grpc.StatusCode.UNAVAILABLE, "body_buffer_full")
+        assert trailers[RETRY_PUSHBACK_KEY] == "1000"  # HTTP's Retry-After: 1
+        for upload in slow:
+            finish_upload(upload)
