@@ -122,6 +122,7 @@ async def model_infer(state: ServiceState, request: pb.ModelInferRequest, contex
     else:  # bytes_contents, say, 10^6 short elements: seconds of Python work, in a worker thread
         prepared = await asyncio.get_running_loop().run_in_executor(state.conversion_pool, prepared_request, state,
                                                                     request)
+    del request  # converted: the call holds its tensors or images while it waits for its batch, not the message too
     result = await v2_core.infer(state, prepared, grpc_client_gone(context))
     response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version,
                                      id=result.id or "")
@@ -245,20 +246,21 @@ class _Method:
         self.api_key = None if api_key is None or name in PUBLIC_METHODS else api_key.get_secret_value().encode()
 
     async def call(self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Message:
+        """The RPC. Its message is read with context.read(), not from `messages`: that iterator's generator would
+        hold the message's bytes until the call ends."""
         metrics, started, code = self.state.metrics, time.perf_counter(), grpc.StatusCode.OK
         try:
             if self.api_key is not None and not _has_key(context, self.api_key):
                 raise ApiError(401, "unauthorized", "the call carries no or a wrong API key; send metadata "
                                "`authorization: Bearer <key>` or `x-api-key: <key>`")
-            body = await self._request_message(messages)
+            body = await self._request_message(context)
             size = len(body)  # counted in the body budget until answered
             try:
-                try:
-                    request = self.request_type.FromString(body)
-                except DecodeError as err:
-                    raise ApiError(400, "invalid_message", f"not a {self.request_type.DESCRIPTOR.name} message: "
-                                   f"{err}") from None
-                return await self.handler(self.state, request, context)
+                # The handler alone holds the parsed message (model_infer lets it go once converted), and the body
+                # goes once parsed: a call waiting for its batch holds about the one copy the budget counts.
+                handled = self.handler(self.state, self._parsed(body), context)
+                del body
+                return await handled
             finally:
                 self.state.body_budget.give_back(size)
         except ApiError as err:
@@ -278,7 +280,14 @@ class _Method:
             metrics.grpc_requests.labels(self.name, code.name).inc()
             metrics.grpc_request_duration.labels(self.name, code.name).observe(time.perf_counter() - started)
 
-    async def _request_message(self, messages: AsyncIterator[bytes]) -> bytes:
+    def _parsed(self, body: bytes) -> Message:
+        try:
+            return self.request_type.FromString(body)
+        except DecodeError as err:
+            raise ApiError(400, "invalid_message", f"not a {self.request_type.DESCRIPTOR.name} message: "
+                           f"{err}") from None
+
+    async def _request_message(self, context: grpc.aio.ServicerContext) -> bytes:
         """The call's one request message, within body_deadline_s of the call's start, its size counted in the body
         budget from its arrival: until then the budget holds max_body_bytes for it, waiting for that room first."""
         settings, budget = self.state.settings, self.state.body_budget
@@ -288,14 +297,14 @@ class _Method:
         size = 0
         try:
             async with asyncio.timeout_at(deadline):
-                message = await anext(messages)
+                message = await context.read()
+            if message is grpc.aio.EOF:
+                # grpc core ends the read of a message over max_receive_message_length (and answers the client
+                # RESOURCE_EXHAUSTED itself); a client that closes its side without a message ends it the same way.
+                raise ApiError(413, "body_too_large", f"the request message is over the limit of {reserved} bytes "
+                               "(max_body_bytes), or the call ended without one")
             size = len(message)
             return message
-        except StopAsyncIteration:
-            # grpc core ends the read of a message over max_receive_message_length (and answers the client
-            # RESOURCE_EXHAUSTED itself); a client that closes its side without a message ends it the same way.
-            raise ApiError(413, "body_too_large", f"the request message is over the limit of {reserved} bytes "
-                           "(max_body_bytes), or the call ended without one") from None
         except TimeoutError:
             raise ApiError(408, "body_timeout", f"the request message did not arrive within {deadline_s:g} s; "
                            "send it at once") from None

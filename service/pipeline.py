@@ -73,7 +73,6 @@ async def read_body(request: Request, state: ServiceState, max_bytes: int | None
         decoded = await asyncio.to_thread(decoded_body, body, encoding, max_bytes)
         count_copy(request.scope, len(decoded) - len(body))  # the wire bytes are counted: what decompressing added
         body = decoded
-    request._body = body  # Starlette reads the cached body when parsing a multipart form
     return body
 
 

@@ -60,6 +60,7 @@ async def collect_images(request: Request, state: ServiceState) -> list[tuple[st
     content_type = request.headers.get("content-type", "").lower()
     body = await read_body(request, state)
     if content_type.startswith("multipart/form-data"):
+        request._body = body  # the body read: Starlette parses the form from its cached body
         files = await read_form_files(request, settings)
         if not files:
             raise ApiError(400, "no_files", "the multipart form has no file fields; send images as files")

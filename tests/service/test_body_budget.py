@@ -1,15 +1,27 @@
 """The body budget (max_buffered_body_bytes): room reserved for gRPC messages still arriving, first come first served
-and refused as HTTP chunks are."""
+and refused as HTTP chunks are; and what a request holds while it waits for its batch is what the budget counts, over
+gRPC and HTTP v2 alike (its body is let go once converted)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from service.body_budget import BodyBudget
 from service.errors import ApiError
+from service.grpc_proto import open_inference_pb2 as pb
+from tests.service.conftest import free_port
+from tests.service.test_grpc import grpc_address, raw_call
+from tests.service.test_hot_swap import wait_for
+from tests.service.test_limits import Gate, connect, metric, read_response
 
 MIB = 1024 * 1024
+QUEUED_IMAGES = 128  # 6 MiB of 64 px FP32 images: far above anything else the server allocates meanwhile
 LONG_S = 30  # a deadline no waiter in these tests should reach
 
 
@@ -75,3 +87,85 @@ def test_a_wait_that_ends_gives_its_place_up_and_holds_nothing():
 
     asyncio.run(scenario())
 
+
+def queued_tensors() -> np.ndarray:
+    return np.zeros((QUEUED_IMAGES, 3, 64, 64), np.float32)
+
+
+def large_allocations_now() -> int:
+    """Bytes in blocks of 1 MiB or more allocated since tracing began and still held (Python objects, numpy data)."""
+    return sum(trace.size for trace in tracemalloc.take_snapshot().traces if trace.size >= MIB)
+
+
+def held_while_queued(url: str, gate: Gate, send) -> tuple[int, int, int]:
+    """With the engine held by another request, `send(QUEUED_IMAGES)` (in a thread): once its images are all queued,
+    the bytes the server holds in large blocks, the bytes the body budget counts, and the gRPC messages of over 1 MiB
+    still alive (parsed, they live outside the traced blocks)."""
+    gate.close()
+    with ThreadPoolExecutor(2) as clients:
+        holding = clients.submit(send, 1)
+        assert gate.batch_started.wait(20)  # that request holds the engine (max_batch_size 1)
+        tracemalloc.start()  # the test's own request bytes were made before: only the server's are traced
+        try:
+            queued = clients.submit(send, QUEUED_IMAGES)
+            wait_for(lambda: metric(url, "convnext_queue_depth") == QUEUED_IMAGES, "the request to be queued")
+            gc.collect()
+            held = large_allocations_now()
+            messages = sum(type(o) is pb.ModelInferRequest and o.ByteSize() > MIB for o in gc.get_objects())
+        finally:
+            tracemalloc.stop()
+        counted = int(metric(url, "convnext_buffered_body_bytes"))
+        gate.open.set()
+        holding.result(timeout=30)
+        queued.result(timeout=30)
+    return held, counted, messages
+
+
+def test_a_grpc_call_waiting_for_its_batch_holds_no_more_than_the_budget_counts(model_repository, launch):
+    """Once converted, the message's bytes (the body grpc handed over, and the parsed message) are let go: the call
+    holds its tensors alone. Before, body, message and tensors: ~3x what the budget counted."""
+    messages = {}
+    for images in (1, QUEUED_IMAGES):
+        request = pb.ModelInferRequest(model_name="atto", raw_input_contents=[queued_tensors()[:images].tobytes()])
+        request.inputs.add(name="input", datatype="FP32", shape=[images, 3, 64, 64])
+        messages[images] = request.SerializeToString()
+    del request
+    gate = Gate()
+    with launch(model_repository, gate.factory, grpc_port=free_port(), max_batch_size=1, warmup_runs=0) as url:
+        def send(images: int) -> None:
+            response = pb.ModelInferResponse.FromString(raw_call(grpc_address(url), "ModelInfer", messages[images]))
+            assert list(response.outputs[0].shape) == [images, 10]
+
+        held, counted, parsed = held_while_queued(url, gate, send)
+    assert counted == len(messages[1]) + len(messages[QUEUED_IMAGES])
+    assert parsed == 0
+    assert 0 < held <= counted, f"{held} bytes held, {counted} counted"
+
+
+def test_an_http_v2_request_waiting_for_its_batch_holds_no_more_than_the_budget_counts(model_repository, launch):
+    """The binary-data body and its split-off binary part are let go once converted (and Starlette's request no
+    longer caches the body): the request holds its tensors alone. Before: body, binary part and tensors, ~3x."""
+    bodies = {}
+    for images in (1, QUEUED_IMAGES):
+        data = queued_tensors()[:images].tobytes()
+        header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [images, 3, 64, 64],
+                                         "parameters": {"binary_data_size": len(data)}}]}).encode()
+        bodies[images] = (header, data)
+    gate = Gate()
+    with launch(model_repository, gate.factory, max_batch_size=1, warmup_runs=0) as url:
+        def send(images: int) -> None:
+            header, data = bodies[images]
+            client = connect(url)
+            client.settimeout(30)
+            client.sendall(b"POST /v2/models/atto/infer HTTP/1.1\r\nHost: test\r\n"
+                           b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: %d\r\n"
+                           b"Content-Length: %d\r\n\r\n" % (len(header), len(header) + len(data)))
+            client.sendall(header)
+            client.sendall(data)
+            status, _, answer = read_response(client)
+            client.close()
+            assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [images, 10], answer[:200]
+
+        held, counted, _ = held_while_queued(url, gate, send)
+    assert counted == sum(len(header) + len(data) for header, data in bodies.values())
+    assert 0 < held <= counted, f"{held} bytes held, {counted} counted"
