@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError, Message
 
 from service import v2_core, v2_tensors
 from service.api_keys import key_accepted
-from service.errors import ApiError, clipped
+from service.errors import ApiError, clipped, shown
 from service.grpc_proto import open_inference_pb2 as pb
 from service.pipeline import ClientGone
 from service.state import ServiceState
@@ -159,8 +159,8 @@ def _contents_as_binary(tensor: pb.ModelInferRequest.InferInputTensor,
     expected = CONTENTS_FIELDS.get(tensor.datatype)
     filled = [field.name for field, _ in contents.ListFields()]
     if any(name != expected for name in filled):
-        raise ApiError(400, "invalid_data", f"input {tensor.name!r} is {tensor.datatype} but its contents are in "
-                       f"{', '.join(filled)}; send them in {expected or 'raw_input_contents'}")
+        raise ApiError(400, "invalid_data", f"input {shown(tensor.name)} is {clipped(tensor.datatype)} but its "
+                       f"contents are in {', '.join(filled)}; send them in {expected or 'raw_input_contents'}")
     if contents.fp32_contents:
         return _fp32_bytes(contents), None
     if contents.bytes_contents:
@@ -196,7 +196,7 @@ def inference_request_of(request: pb.ModelInferRequest, max_images: int) -> tupl
                  "parameters": parameters_of(tensor.parameters)}
         if raw:
             if tensor.HasField("contents"):
-                raise ApiError(400, "invalid_data", f"input {tensor.name!r} has both contents and "
+                raise ApiError(400, "invalid_data", f"input {shown(tensor.name)} has both contents and "
                                "raw_input_contents; send one of them")
             data, values = raw[index], None
         else:
