@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,13 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from convnext_files import fsync_folder, fsync_tree, replace_atomic, sha256_file, write_text_atomic
-from runtime.repository_writes import finish_write, hold_write_lock, lock_now, remove_dead_writes
+from runtime.repository_writes import (
+    LockBusy,
+    finish_write,
+    hold_write_lock,
+    remove_dead_writes,
+    wait_for_lock,
+)
 
 logger = logging.getLogger("runtime.repository")
 
@@ -34,6 +39,8 @@ SCHEMA_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"  # in a version folder: held while an engine is found-or-built and added (ModelRepository.lock)
 LOCK_POLL_S = 0.5
+# An overwrite waits this long for the version's lock: a TensorRT engine being built for it holds the lock for minutes.
+OVERWRITE_LOCK_TIMEOUT_S = 1800.0
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 DIGITS_DATASET = "digits"  # Source.dataset of a project run trained without --data-dir (the offline demo)
@@ -230,14 +237,6 @@ def _lock_error(path: Path, err: OSError) -> RepositoryError:
                            "volume with file locks")
 
 
-def _lock_or_raise(fd: int, path: Path) -> bool:
-    """lock_now, with a volume's refusal as a RepositoryError."""
-    try:
-        return lock_now(fd)
-    except OSError as err:
-        raise _lock_error(path, err) from None
-
-
 class ModelRepository:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -290,10 +289,13 @@ class ModelRepository:
         return ModelVersion(manifest, path)
 
     @contextmanager
-    def new_version(self, name: str, version: int | None = None, overwrite: bool = False) -> Iterator[StagedVersion]:
+    def new_version(self, name: str, version: int | None = None, overwrite: bool = False,
+                    lock_timeout_s: float = OVERWRITE_LOCK_TIMEOUT_S) -> Iterator[StagedVersion]:
         """Stage a version in a hidden folder and rename it into place only if the block completes.
 
-        First removes what dead writes to this model left behind (see the module docstring).
+        First removes what dead writes to this model left behind (see the module docstring). An overwrite swaps the
+        versions under the existing version's lock (ModelRepository.lock), waiting up to `lock_timeout_s` for an
+        engine build of that version to end: it never moves a folder aside while an engine is built or added in it.
         """
         if not NAME_PATTERN.match(name):
             raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
@@ -326,8 +328,11 @@ class ModelRepository:
             fsync_tree(staging)  # the files first: the manifest below must never name truncated ones after a crash
             _write_json_atomic(staging / MANIFEST_FILE, staged.manifest.model_dump(mode="json"))
             if overwrite and final.exists():
-                os.replace(final, paths.old)
-                os.replace(staging, final)  # should this fail, finish_write puts the old version back
+                with self.lock(name, version, lock_timeout_s,
+                               waiting=f"{name}/{version} is locked (an engine being built for it?): the overwrite "
+                                       f"waits for it, up to {lock_timeout_s:.0f} s"):
+                    os.replace(final, paths.old)
+                    os.replace(staging, final)  # should this fail, finish_write puts the old version back
             else:
                 _publish_new(staging, final)
             try:
@@ -342,38 +347,51 @@ class ModelRepository:
                 os.close(lock_fd)  # releases the lock, after the folders it guards are gone (or on an error)
 
     @contextmanager
-    def lock(self, name: str, version: int, timeout_s: float) -> Iterator[None]:
+    def lock(self, name: str, version: int, timeout_s: float, waiting: str | None = None) -> Iterator[None]:
         """Hold the version's exclusive lock (flock on `<version>/.lock`), across processes and replicas.
 
         Processes sharing the repository (replicas on one volume) take it around find-or-build and add_artifact,
-        so one builds and the others then find its engine. The lock dies with its process: no stale lock to clear.
+        so one builds and the others then find its engine; an overwrite takes it to swap the version folder. The lock
+        dies with its process: no stale lock to clear. `waiting` is logged (a warning) when another process holds it.
         """
         path = self.root / name / str(version) / LOCK_FILE
         if not path.parent.is_dir():
             raise RepositoryError(f"{name}/{version} does not exist in {self.root}")
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = wait_for_lock(path, 0.0, LOCK_POLL_S)
+            except LockBusy:
+                if waiting is not None:
+                    logger.warning("%s", waiting)
+                fd = wait_for_lock(path, timeout_s, LOCK_POLL_S)
+        except LockBusy:
+            raise RepositoryError(
+                f"waited {timeout_s:.0f} s for the lock {path}: another process (a replica building an engine?) "
+                "still holds it; let it finish, then try again") from None
         except OSError as err:
+            if err.errno in NO_FILE_LOCKS:
+                raise _lock_error(path, err) from None
             raise RepositoryError(f"cannot open the lock file {path} ({err}): the repository must be writable "
-                                  "by this process to add an engine to it") from None
+                                  "by this process to add an engine to it or replace the version") from None
         try:
-            deadline = time.monotonic() + timeout_s
-            while not _lock_or_raise(fd, path):
-                if time.monotonic() >= deadline:
-                    raise RepositoryError(
-                        f"waited {timeout_s:.0f} s for the lock {path}: another process (a replica building "
-                        "an engine?) still holds it; let it finish, or raise the timeout")
-                time.sleep(LOCK_POLL_S)  # flock has no timeout of its own
             yield
         finally:
             os.close(fd)  # releases the lock
 
-    def add_artifact(self, name: str, version: int, source_file: Path, artifact: Artifact) -> ModelVersion:
+    def add_artifact(self, name: str, version: int, source_file: Path, artifact: Artifact,
+                     based_on: Manifest | None = None) -> ModelVersion:
         """Add a file (e.g. a TensorRT engine built on first start) to an existing version, atomically.
 
-        Callers that may race (replicas building engines) hold `lock(name, version)` around it.
+        Callers that may race (replicas building engines) hold `lock(name, version)` around it. `based_on`: the
+        manifest the file was made from; a version whose manifest is no longer that one (replaced meanwhile by an
+        overwrite that did not take the lock: an older release's) is refused, not given a file made from another.
         """
         current = self.load(name, version, verify_files=False)
+        if based_on is not None and current.manifest != based_on:
+            raise RepositoryError(
+                f"{name}/{version} was replaced while {artifact.file} was made from it (manifest created "
+                f"{based_on.created_at.isoformat()}, now {current.manifest.created_at.isoformat()}: an export "
+                "--overwrite?); the file is not added: run again to make it from the version as it is now")
         target = current.path / artifact.file
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(source_file, "rb") as source:

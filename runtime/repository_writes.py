@@ -71,6 +71,33 @@ def hold_write_lock(folder: Path, version: int) -> tuple[int, WritePaths]:
         os.close(fd)
 
 
+class LockBusy(Exception):
+    """Another process held a lock past the caller's deadline."""
+
+
+def wait_for_lock(path: Path, timeout_s: float, poll_s: float) -> int:
+    """A descriptor of the file at `path` (created if missing) holding its exclusive flock, taken within `timeout_s`.
+
+    A lock taken on a file that `path` no longer names guards nothing (an overwrite moved the version folder holding
+    it aside while this one waited), so it is dropped and the file now at `path` is locked instead.
+    Raises LockBusy past the deadline, OSError when the file cannot be opened or the volume refuses the lock.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while not lock_now(fd):
+                if time.monotonic() >= deadline:
+                    raise LockBusy(path)
+                time.sleep(poll_s)  # flock has no timeout of its own
+            if _still_named(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
 def lock_now(fd: int) -> bool:
     """Take the exclusive flock on `fd` unless another open file holds it (False then; other errors are raised)."""
     try:

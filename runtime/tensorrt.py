@@ -4,11 +4,12 @@ Which engines fit a GPU and how their files are named: runtime/tensorrt_files.py
 check: runtime/tensorrt_build.py. Replicas sharing one repository build an engine once: find-or-build and the manifest
 update run under the version's lock (ModelRepository.lock), and whoever gets the lock second finds the engine the
 first one added; builds stage only under that lock, so its holder removes any `.engine-*` staging folder a killed
-build left. An engine that fails to deserialize is rebuilt once (open_or_rebuild) instead of failing every start. A
-rebuilt engine keeps the file name of the one it replaces (an engine named before device models were in file names
-too), so a version never lists two engines for one device model, precision and batch profile. `device` picks the
-GPU: the build and its parity run make it current first (TensorRT builds and runs on the calling thread's current
-CUDA device).
+build left; an export --overwrite of the version takes the same lock to swap it, so it waits for a build to end,
+and an engine is added only to the version it was built from. An engine that fails to deserialize is rebuilt once
+(open_or_rebuild) instead of failing every start. A rebuilt engine keeps the file name of the one it replaces (an
+engine named before device models were in file names too), so a version never lists two engines for one device
+model, precision and batch profile. `device` picks the GPU: the build and its parity run make it current first
+(TensorRT builds and runs on the calling thread's current CUDA device).
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def _build_and_add(repository: ModelRepository, version: ModelVersion, precision
         )
         artifact = describe_file(Path(tmp), staged.name, format="tensorrt", precision=precision, parity=parity,
                                  tensorrt=info).model_copy(update={"file": relative})
-        updated = repository.add_artifact(manifest.name, manifest.version, staged, artifact)
+        updated = repository.add_artifact(manifest.name, manifest.version, staged, artifact, based_on=manifest)
     return artifact, updated
 
 
