@@ -2,9 +2,10 @@
 
 The service never imports torch, so this front runs the download and the export in its own process, then replaces
 itself (exec) with `convnext serve` without either flag, i.e. `python -m service`: the server holds none of the
-export's memory. A version of the same repository name exported from the same file is served as it is, without a
-download (so a second start works offline). The service's settings and ports are checked first, so a taken port
-fails at once, not after the export.
+export's memory. A version of the same repository name exported from the same file, with an ONNX file of every
+precision --precisions asks for, is served as it is, without a download (so a second start works offline); one with
+fewer precisions is not (the service could not start at a precision it lacks): a new version is exported. The
+service's settings and ports are checked first, so a taken port fails at once, not after the export.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from convnext_common import CliParser, add_version_argument, one_line
@@ -25,13 +27,14 @@ from model.pretrained import (
     download_pretrained,
     get_pretrained,
 )
-from runtime.repository import ModelRepository, RepositoryError
+from runtime.repository import ModelRepository, RepositoryError, Source
 from service.__main__ import StartRefused, startable_settings
 
 PROG = "convnext serve"
 # The service's settings for which model to serve: this command passes --model and --model-version, which win.
 SERVED_MODEL_VARIABLES = ("CONVNEXT_MODEL", "CONVNEXT_VERSION")
 LOCAL_HINT = "to serve a local checkpoint instead: convnext serve --checkpoint PATH [--model ARCHITECTURE]"
+logger = logging.getLogger("convnext_serve")
 
 
 class ServeSetupError(Exception):
@@ -62,21 +65,33 @@ def repository_name(text: str) -> str:
     return name or "model"
 
 
-def find_exported(repository: ModelRepository, name: str, matches) -> int | None:
-    """The newest version of `name` whose manifest source `matches`, or None."""
+def find_exported(repository: ModelRepository, name: str, matches: Callable[[Source], bool],
+                  precisions: Sequence[str]) -> int | None:
+    """The newest version of `name` whose manifest source `matches` and that has an ONNX file of each of `precisions`,
+    or None (then a new version is exported)."""
+    lacking = []
     for version in reversed(repository.versions(name)):
         try:
-            if matches(repository.load(name, version, verify_files=False).manifest.source):
-                return version
+            manifest = repository.load(name, version, verify_files=False).manifest
         except RepositoryError:
             continue  # a broken version is not reused; the export writes a new one
+        if not matches(manifest.source):
+            continue
+        missing = [p for p in precisions if manifest.find("onnx", p) is None]
+        if not missing:
+            return version
+        lacking.append(f"{name}/{version} has no {','.join(missing)}")
+    if lacking:
+        logger.info("exported from this file before, but not in every precision --precisions asks for (%s): "
+                    "exporting a new version", "; ".join(lacking))
     return None
 
 
 def prepare_pretrained(args, repository: ModelRepository) -> tuple[str, int]:
     entry = get_pretrained(args.pretrained)
     name = args.name or repository_name(entry.name)
-    version = find_exported(repository, name, lambda source: source.checkpoint == entry.filename)
+    version = find_exported(repository, name, lambda source: source.checkpoint == entry.filename,
+                            _precisions(args.precisions))
     if version is not None:
         return name, version
     try:
@@ -96,7 +111,7 @@ def prepare_checkpoint(args, repository: ModelRepository) -> tuple[str, int]:
         raise ServeSetupError(f"no checkpoint file at {path}; pass the path of a .pth file")
     name = args.name or repository_name(path.stem)
     digest = sha256_file(path)
-    version = find_exported(repository, name, lambda source: source.sha256 == digest)
+    version = find_exported(repository, name, lambda source: source.sha256 == digest, _precisions(args.precisions))
     if version is not None:
         return name, version
     exported = export_onnx_version(repository.root, name, args.model, path, precisions=_precisions(args.precisions))
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model-version is not taken here: the version served is the one this command exports or "
                      "finds for the checkpoint (python -m service --model-version N serves another)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("export", "model"):  # their progress lines, not third-party INFO (the ONNX optimizer's pass log)
+    for name in ("export", "model", "convnext_serve"):  # progress lines, not third-party INFO (the ONNX optimizer's)
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:  # the service's settings and ports before a download and an export that could take minutes
         startable_settings([*service_args, "--repository", args.repository])

@@ -1,0 +1,80 @@
+"""`convnext serve --checkpoint FILE` reuses an earlier export of FILE only when it has every precision --precisions
+asks for; otherwise it exports a new version (the service could not start at a precision the version lacks).
+
+The export itself is a stand-in that writes a version as the real one would name it (the real export is covered in
+tests/export); the reuse decision, the repository and the command line are the real ones. Nothing is served: the
+exec of the service is recorded instead.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import convnext_serve
+from convnext_files import sha256_file
+from export.onnx import ONNX_FILES
+from runtime.repository import ModelRepository, Source, describe_file
+from tests.export.repository_write_worker import fill
+from tests.service.conftest import free_port
+
+NAME = "atto"  # repository_name("atto.pth")
+
+
+def write_export(root: Path, checkpoint: Path, precisions: tuple[str, ...]) -> int:
+    """A version of NAME exported from `checkpoint`, with one (placeholder) ONNX file per precision."""
+    source = Source(checkpoint=checkpoint.name, sha256=sha256_file(checkpoint), format="official")
+    with ModelRepository(root).new_version(NAME) as staged:
+        fill(staged, "fp32 weights")
+        for precision in precisions[1:]:
+            (staged.path / ONNX_FILES[precision]).write_text(f"{precision} weights")
+        artifacts = tuple(describe_file(staged.path, ONNX_FILES[p], format="onnx", precision=p) for p in precisions)
+        assert staged.manifest is not None
+        staged.manifest = staged.manifest.model_copy(update={"name": NAME, "source": source, "artifacts": artifacts})
+    return staged.version
+
+
+@pytest.fixture()
+def serve(tmp_path, monkeypatch):
+    """convnext serve --checkpoint atto.pth ... -> (the version it serves, the precisions each export was asked for)."""
+    checkpoint = tmp_path / "atto.pth"
+    checkpoint.write_bytes(b"the checkpoint's bytes")
+    root = tmp_path / "models"
+    exports: list[tuple[str, ...]] = []
+    execs: list[list[str]] = []
+
+    def stand_in_export(repository_root, name, model_name, path, precisions):
+        exports.append(tuple(precisions))
+        number = write_export(Path(repository_root), Path(path), tuple(precisions))
+        return ModelRepository(repository_root).load(name, number)
+
+    monkeypatch.setattr(convnext_serve, "export_onnx_version", stand_in_export)
+    monkeypatch.setattr(os, "execv", lambda executable, argv: execs.append(argv))
+
+    def run(*args: str) -> int:
+        convnext_serve.main(["--checkpoint", str(checkpoint), "--model", "convnext_atto", "--repository", str(root),
+                             "--quiet", "--host", "127.0.0.1", "--port", str(free_port()), "--grpc-port", "0", *args])
+        argv = execs[-1]
+        assert argv[argv.index("--model") + 1] == NAME
+        return int(argv[argv.index("--model-version") + 1])
+
+    return run, exports, checkpoint, root
+
+
+def test_an_export_without_a_precision_asked_for_is_not_reused(serve):
+    run, exports, checkpoint, root = serve
+    write_export(root, checkpoint, ("fp32",))  # an earlier `convnext serve --checkpoint atto.pth`: fp32 only
+    assert run("--precisions", "fp32,fp16", "--precision", "fp16") == 2
+    assert exports == [("fp32", "fp16")]
+    assert run("--precisions", "fp32,fp16", "--precision", "fp16") == 2  # now it has both: reused
+    assert run() == 2  # fp32 alone: the newest version of the file has it
+    assert exports == [("fp32", "fp16")]
+
+
+def test_an_older_export_with_every_precision_is_reused(serve):
+    run, exports, checkpoint, root = serve
+    write_export(root, checkpoint, ("fp32", "fp16", "int8"))
+    write_export(root, checkpoint, ("fp32",))
+    assert run("--precisions", "fp32,int8") == 1
+    assert exports == []
