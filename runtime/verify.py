@@ -99,10 +99,25 @@ def verification_inputs(
     return VerificationInputs(np.concatenate([random, real]), num_real_images=len(real))
 
 
-def compare(reference: np.ndarray, output: np.ndarray, reference_name: str, num_real_images: int) -> Parity:
-    """Parity of `output` logits against `reference` logits, both (N, num_classes)."""
+def _refuse_non_finite(logits: np.ndarray, whose: str, advice: str) -> None:
+    """A ParityError when `logits` hold NaN or infinity: no difference or agreement can be measured on them."""
+    bad = ~np.isfinite(logits)
+    if bad.any():
+        rows = int(bad.any(axis=1).sum())
+        raise ParityError(f"{whose} NaN or infinite logits ({int(bad.sum())} of {bad.size} values, on {rows} of "
+                          f"{len(logits)} inputs){advice}")
+
+
+def compare(reference: np.ndarray, output: np.ndarray, reference_name: str, num_real_images: int,
+            what: str = "the artifact") -> Parity:
+    """Parity of `output` logits (of `what`) against `reference` logits, both (N, num_classes)."""
     if reference.shape != output.shape:
         raise ParityError(f"output shape {output.shape} differs from the reference's {reference.shape}")
+    _refuse_non_finite(reference, f"the reference ({reference_name}) gives",
+                       ": the model itself is broken; check its weights")
+    _refuse_non_finite(output, f"{what} gives", f" where {reference_name} gives finite ones: a value past its "
+                       "precision's range (fp16 overflows past 65504)? Check the export (precision block list) or use "
+                       "another precision")
     reference = reference.astype(np.float64)
     output = output.astype(np.float64)
     k = min(5, reference.shape[1])
@@ -165,5 +180,5 @@ def verify_against(
     reference_name: str,
     what: str,
 ) -> Parity:
-    parity = compare(reference, run(inputs.batch), reference_name, inputs.num_real_images)
+    parity = compare(reference, run(inputs.batch), reference_name, inputs.num_real_images, f"{what} ({precision})")
     return check_parity(parity, reference, precision, what)
