@@ -5,12 +5,12 @@ import argparse
 import logging
 import sys
 
-from convnext_common import CliParser, add_version_argument, exit_status, one_line, prog_name
+from convnext_common import CliParser, add_version_argument, exit_status, one_line, positive_int, prog_name
 from runtime.repository import NAME_PATTERN, ModelRepository, RepositoryError
 from runtime.tensorrt import BatchProfile, select_or_build_engine
 
 # torch-free at import: `python -m export tensorrt|list` run where there is no torch
-from .onnx import PRECISIONS, ExportError, check_model_name, export_onnx_version
+from .onnx import MIN_OPSET, PRECISIONS, ExportError, check_input_size, check_model_name, export_onnx_version
 
 PROG = "python -m export"  # as the module runs; prog_name() gives it as the user ran it
 
@@ -35,6 +35,23 @@ def _precision_list(text: str) -> tuple[str, ...]:
     return precisions
 
 
+def _opset(text: str) -> int:
+    value = positive_int(text)
+    if value < MIN_OPSET:
+        raise argparse.ArgumentTypeError(f"{value} < {MIN_OPSET}: LayerNormalization needs opset {MIN_OPSET} or newer")
+    return value
+
+
+def _device_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a CUDA device index is 0 or more, got {value}")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog=PROG, description=__doc__)
     add_version_argument(parser)
@@ -50,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "Hugging Face cache's models--timm--MODEL.TAG folder)")
     onnx.add_argument("--name", required=True, type=_repository_name, help="model name in the repository")
     onnx.add_argument("--repository", default="models", help="model repository root")
-    onnx.add_argument("--version", type=int, help="version number (default: latest + 1)")
+    onnx.add_argument("--version", type=positive_int, help="version number, 1 or more (default: latest + 1)")
     onnx.add_argument("--ema", action="store_true",
                       help="export the checkpoint's EMA weights (model_ema; timm's state_dict_ema) instead of the "
                            "trained weights")
@@ -58,10 +75,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="replace the existing --version N (without --version an export takes the next number)")
     onnx.add_argument("--precisions", default="fp32", type=_precision_list,
                       help="comma list from fp32,fp16,bf16,int8 (bf16: for TensorRT 11)")
-    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--opset", type=_opset, default=18)
     onnx.add_argument("--activation", choices=("gelu", "relu"))
-    onnx.add_argument("--num-classes", type=int)
-    onnx.add_argument("--input-size", type=int, help="crop size in px (default: the model's data config)")
+    onnx.add_argument("--num-classes", type=positive_int)
+    onnx.add_argument("--input-size", type=positive_int,
+                      help="crop size in px, at least the model's total stride: 32 (16 for the isotropic ConvNeXts) "
+                           "(default: the model's data config)")
     onnx.add_argument("--verify-images", help="folder of JPEG/PNG photos for the parity check")
     onnx.add_argument("--calibration-images", help="folder of photos for int8 calibration (default: verify images)")
     onnx.add_argument("--dataset", help="what the model was trained on, for the manifest and the web page "
@@ -74,18 +93,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     trt = commands.add_parser("tensorrt", help="build a TensorRT engine for a version (needs TensorRT and a GPU)")
     trt.add_argument("--name", required=True)
     trt.add_argument("--repository", default="models")
-    trt.add_argument("--version", type=int, help="default: the latest version")
+    trt.add_argument("--version", type=positive_int, help="default: the latest version")
     trt.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16")
-    trt.add_argument("--min-batch", type=int, default=1)
-    trt.add_argument("--opt-batch", type=int, default=8)
-    trt.add_argument("--max-batch", type=int, default=32)
-    trt.add_argument("--workspace-mib", type=int, default=4096)
+    trt.add_argument("--min-batch", type=positive_int, default=1)
+    trt.add_argument("--opt-batch", type=positive_int, default=8)
+    trt.add_argument("--max-batch", type=positive_int, default=32)
+    trt.add_argument("--workspace-mib", type=positive_int, default=4096)
     trt.add_argument("--optimization-level", type=int, default=3, choices=range(0, 6))
     trt.add_argument("--timing-cache",
                      help="timing cache file (default: <repository>/.timing_cache.trt<version>.sm<cc>-<device model>, "
                           "e.g. .timing_cache.trt10.13.2.6.sm90-h100-pcie)")
     trt.add_argument("--rebuild", action="store_true", help="build even if a compatible engine exists")
-    trt.add_argument("--device", type=int, default=0, help="CUDA device index to build and verify the engine on")
+    trt.add_argument("--device", type=_device_index, default=0,
+                     help="CUDA device index to build and verify the engine on")
     trt.add_argument("--quiet", action="store_true", help="no progress lines (TensorRT's build phases)")
     return parser
 
@@ -101,6 +121,11 @@ def _refuse_bad_onnx_args(parser: argparse.ArgumentParser, args) -> None:
             check_model_name(args.model)
         except ExportError as error:
             parser.error(f"--model: {error}")
+        if args.input_size is not None:  # else known once the checkpoint is read: load_source checks it then
+            try:
+                check_input_size(args.model, args.input_size)
+            except ExportError as error:
+                parser.error(str(error))
     if args.version in ModelRepository(args.repository).versions(args.name) and not args.overwrite:
         parser.error(f"{args.name}/{args.version} already exists in {args.repository}; "
                      "pass --overwrite to replace it")
@@ -144,6 +169,13 @@ def _run_list(args) -> int:
     return 0
 
 
+def _batch_profile(parser: argparse.ArgumentParser, args) -> BatchProfile:
+    try:
+        return BatchProfile(args.min_batch, args.opt_batch, args.max_batch)
+    except ValueError as error:
+        parser.error(f"--min-batch / --opt-batch / --max-batch: {error}")
+
+
 def _run_tensorrt(args) -> int:
     profile = BatchProfile(args.min_batch, args.opt_batch, args.max_batch)
     version = ModelRepository(args.repository).load(args.name, args.version)
@@ -169,6 +201,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "onnx":
             _refuse_bad_onnx_args(parser, args)
+        elif args.command == "tensorrt":
+            _batch_profile(parser, args)  # refused here (status 2), not after loading the version
         return handlers[args.command](args)
     except (RepositoryError, ValueError, RuntimeError, OSError, ImportError) as error:
         print(f"{prog_name(PROG)}: error: {one_line(error)}", file=sys.stderr)

@@ -150,6 +150,16 @@ def check_model_name(model_name: str) -> None:
         raise ExportError(f"unknown model {model_name!r}; choose one of: {', '.join(models.list_models())}")
 
 
+def check_input_size(model_name: str, input_size: int) -> None:
+    """An ExportError when `input_size` px is below the model's total stride: its last feature map would be empty."""
+    import model as models
+
+    stride = models.get_config(model_name).total_stride_px
+    if input_size < stride:
+        raise ExportError(f"--input-size {input_size} is too small for {model_name}, which downsamples its input "
+                          f"{stride}x: pass --input-size {stride} or more")
+
+
 def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_classes: int | None = None,
                 activation: str | None = None, input_size: int | None = None, labels: Sequence[str] | None = None,
                 use_ema: bool = False, dataset: str | None = None, timm_name: str | None = None) -> ExportSource:
@@ -163,6 +173,8 @@ def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_cl
 
     if use_ema and checkpoint is None:
         raise ExportError("--ema needs a --checkpoint that holds EMA weights (a run trained with ema_decay > 0)")
+    if num_classes is not None and num_classes < 1:
+        raise ExportError(f"--num-classes {num_classes}: a classifier needs at least 1 class")
     raw: dict = models.read_checkpoint(checkpoint) if checkpoint is not None else {}
     is_project = "model_name" in raw
     tag = timm_pretrained_of(checkpoint, timm_name, is_project)
@@ -173,6 +185,8 @@ def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_cl
     kwargs = _model_kwargs(raw, model_name, checkpoint is not None, num_classes, activation, known_classes)
     if input_size is None and official is not None:
         input_size = official.input_size_px  # e.g. 384 for convnext_base_1k_384: the official squash at 384
+    if input_size is not None:
+        check_input_size(model_name, input_size)
     module = models.create_model(model_name, **kwargs)
     source_format = "random"
     if checkpoint is not None:

@@ -299,6 +299,8 @@ class ModelRepository:
         """
         if not NAME_PATTERN.match(name):
             raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
+        if version is not None and version < 1:  # before any folder: a write's folders are named by a number >= 1
+            raise RepositoryError(f"version {version}: versions are numbered from 1")
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
         remove_dead_writes(folder)  # before numbering: it may put back a version a dead overwrite moved aside

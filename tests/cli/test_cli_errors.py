@@ -78,6 +78,19 @@ EXPORT_ARGUMENT_ERRORS = [
     (["--model", "convnext_atto", "--name", "x", "--precisions", "fp32,int4"], "unknown precision int4"),
     (["--model", "convnext_atto", "--name", "digits", "--version", "1", "--repository", "{tmp}/broken"],
      "digits/1 already exists in {tmp}/broken; pass --overwrite to replace it"),
+    (["--model", "convnext_atto", "--name", "x", "--version", "0"], "argument --version: must be at least 1, got 0"),
+    (["--model", "convnext_atto", "--name", "x", "--num-classes", "0"], "argument --num-classes: must be at least 1"),
+    (["--model", "convnext_atto", "--name", "x", "--input-size", "0"], "argument --input-size: must be at least 1"),
+    (["--model", "convnext_atto", "--name", "x", "--input-size", "7"],
+     "--input-size 7 is too small for convnext_atto, which downsamples its input 32x: pass --input-size 32 or more"),
+    (["--model", "convnext_atto", "--name", "x", "--opset", "13"], "argument --opset: 13 < 17"),
+]
+# The same for `python -m export tensorrt`: refused before the version is loaded (no GPU needed to be told).
+TENSORRT_ARGUMENT_ERRORS = [
+    (["--name", "x", "--min-batch", "0"], "argument --min-batch: must be at least 1, got 0"),
+    (["--name", "x", "--min-batch", "8", "--opt-batch", "4"], "batch profile min 8 / opt 4 / max 32 must satisfy"),
+    (["--name", "x", "--version", "-3"], "argument --version: must be at least 1, got -3"),
+    (["--name", "x", "--device", "-1"], "argument --device: a CUDA device index is 0 or more"),
 ]
 BENCH_SUBCOMMANDS = ["torch", "serve", "cpu", "cpu-serving", "soak", "roadmap"]
 # The same errors through the `convnext` front name the command as the user typed it: (arguments, the line's start).
@@ -125,6 +138,8 @@ def every_run(places: dict[str, str]) -> list[tuple[str, list[str]]]:
     runs = [(cli, [a.format(**places) for a in args]) for cli, args, _ in ERROR_CASES]
     runs += [(cli, ["--version"]) for cli in sorted(CLIS)]
     runs += [("export", ["onnx", *(a.format(**places) for a in args)]) for args, _ in EXPORT_ARGUMENT_ERRORS]
+    runs += [("export", ["tensorrt", "--repository", places["tmp"] + "/empty", *args])
+             for args, _ in TENSORRT_ARGUMENT_ERRORS]
     runs += [("bench", [subcommand, flag]) for subcommand in BENCH_SUBCOMMANDS
              for flag in ("--help", "--nosuch", "--version")]
     runs += [("service", ["doctor", flag]) for flag in ("--version", "--nosuch")]
@@ -181,13 +196,23 @@ def test_the_doctor_refuses_a_bad_argument_in_one_line(forked):
 
 
 @pytest.mark.parametrize(("args", "phrase"), EXPORT_ARGUMENT_ERRORS,
-                         ids=["unknown-model", "bad-name", "no-model", "no-fp32", "unknown-precision", "exists"])
+                         ids=["unknown-model", "bad-name", "no-model", "no-fp32", "unknown-precision", "exists",
+                              "version-0", "no-classes", "size-0", "size-below-stride", "old-opset"])
 def test_export_refuses_an_argument_error_with_status_2_before_building(args, phrase, places, forked):
     result = forked["export", ("onnx", *(a.format(**places) for a in args))]
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("python -m export"), result.stderr  # no "[1/3] build" first
     assert phrase.format(**places) in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(("args", "phrase"), TENSORRT_ARGUMENT_ERRORS,
+                         ids=["min-batch-0", "min-above-opt", "negative-version", "negative-device"])
+def test_export_tensorrt_refuses_an_argument_error_with_status_2(args, phrase, places, forked):
+    result = forked["export", ("tensorrt", "--repository", places["tmp"] + "/empty", *args)]
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("python -m export") and result.stderr.count("\n") == 1, result.stderr
+    assert phrase in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("subcommand", BENCH_SUBCOMMANDS)

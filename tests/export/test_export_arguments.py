@@ -1,0 +1,42 @@
+"""Numbers an export cannot use are refused before anything is built or staged, through the Python API as on the
+command line (tests/cli/test_cli_errors.py): a class count under 1, an input smaller than the model's total stride, a
+version number under 1."""
+from __future__ import annotations
+
+import pytest
+
+from export.onnx import ExportError, load_source
+from runtime.repository import ModelRepository, RepositoryError
+
+
+@pytest.mark.parametrize(("model_name", "input_size", "smallest"),
+                         [("convnext_atto", 31, 32), ("convnext_atto", 0, 32), ("resnet50", 16, 32),
+                          ("convnext_isotropic_small", 15, 16)])
+def test_an_input_smaller_than_the_total_stride_is_refused_before_the_model_is_built(model_name, input_size,
+                                                                                      smallest, monkeypatch):
+    import model
+
+    monkeypatch.setattr(model, "create_model", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(ExportError, match=f"--input-size {input_size} is too small for {model_name}, which "
+                                          f"downsamples its input {smallest}x: pass --input-size {smallest} or more"):
+        load_source(model_name, None, input_size=input_size)
+
+
+def test_the_smallest_input_the_model_runs_on_exports():
+    source = load_source("convnext_atto", None, input_size=32, num_classes=3)
+    assert (source.preprocess.crop_px, source.num_classes) == (32, 3)
+
+
+@pytest.mark.parametrize("num_classes", [0, -1])
+def test_a_class_count_under_one_is_refused(num_classes):
+    with pytest.raises(ExportError, match=f"--num-classes {num_classes}: a classifier needs at least 1 class"):
+        load_source("convnext_atto", None, num_classes=num_classes, input_size=32)
+
+
+@pytest.mark.parametrize("version", [0, -3])
+def test_a_version_number_under_one_is_refused_before_anything_is_staged(tmp_path, version):
+    """A negative number once left a `.staging--3-*` folder that no later write recognised as its own to remove."""
+    with pytest.raises(RepositoryError, match=f"version {version}: versions are numbered from 1"):
+        with ModelRepository(tmp_path).new_version("tiny", version):
+            pytest.fail("staged")
+    assert not (tmp_path / "tiny").exists()
