@@ -10,7 +10,8 @@ from runtime.repository import NAME_PATTERN, ModelRepository, RepositoryError
 from runtime.tensorrt import BatchProfile, select_or_build_engine
 
 # torch-free at import: `python -m export tensorrt|list` run where there is no torch
-from .onnx import MIN_OPSET, PRECISIONS, ExportError, check_input_size, check_model_name, export_onnx_version
+from .onnx import MIN_OPSET, PRECISIONS, export_onnx_version
+from .source import ExportError, check_input_size, check_model_name
 
 PROG = "python -m export"  # as the module runs; prog_name() gives it as the user ran it
 

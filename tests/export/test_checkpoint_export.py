@@ -9,7 +9,7 @@ import torch
 import convnext_serve
 import model
 from export.__main__ import main
-from export.onnx import load_source
+from export.source import load_source
 from runtime.repository import ModelRepository
 from tests.training.test_checkpoint_integrity import WritesAMarker
 from training.checkpoint import save_atomic
@@ -101,7 +101,7 @@ def test_the_best_ema_checkpoint_exported_without_ema_warns_that_it_takes_the_tr
             "model_kwargs": {"num_classes": 3}, "data_config": DATA_CONFIG, "class_names": CLASS_NAMES}
     for name in ("checkpoint_best_ema.pth", "checkpoint_best.pth"):
         torch.save(kept, tmp_path / name)
-    with caplog.at_level("WARNING", logger="export.onnx"):
+    with caplog.at_level("WARNING", logger="export.source"):
         load_source(None, tmp_path / "checkpoint_best_ema.pth", use_ema=True)
         load_source(None, tmp_path / "checkpoint_best.pth")
         assert "pass --ema" not in caplog.text

@@ -12,7 +12,7 @@ import torch
 
 from export.__main__ import main
 from export.labels import imagenet22k_labels
-from export.onnx import ExportError, checkpoint_preprocess, load_source, official_pretrained_of
+from export.source import ExportError, checkpoint_preprocess, load_source, official_pretrained_of
 from model import create_model, get_config
 from model.pretrained import PRETRAINED_CHECKPOINTS
 from model.timm_pretrained import TIMM_PRETRAINED
@@ -105,7 +105,7 @@ def test_a_renamed_timm_checkpoint_is_named_with_timm_name_and_an_unnamed_one_wa
     assert named.source.dataset == "ImageNet-12K, fine-tuned on ImageNet-1K"
     with pytest.raises(ExportError, match="the checkpoint holds convnext_nano; drop --model"):
         load_source("convnext_tiny", path, timm_name="convnext_nano.in12k_ft_in1k")
-    with caplog.at_level("WARNING", logger="export.onnx"):
+    with caplog.at_level("WARNING", logger="export.source"):
         unnamed = load_source("convnext_nano", path)
     assert unnamed.preprocess.crop_pct == 0.875
     assert "--timm-name" in caplog.text and "convnext_nano.in12k_ft_in1k 0.95" in caplog.text

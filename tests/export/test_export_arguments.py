@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.onnx import ExportError, load_source
+from export.source import ExportError, load_source
 from runtime.repository import ModelRepository, RepositoryError
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from export.onnx import dataset_of, export_onnx_version
+from export.onnx import export_onnx_version
+from export.source import dataset_of
 from runtime.repository import MANIFEST_FILE, ModelRepository
 from service.model_card import describe
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from export.onnx import load_source
+from export.source import load_source
 from model import create_model
 from model.batchnorm_calibration import calibrate_batch_norms
 
