@@ -157,16 +157,28 @@ def _print_artifacts(manifest) -> None:
 
 
 def _run_list(args) -> int:
+    """Every version, one that cannot be read included (`name/v: invalid (why)`): one broken manifest hides none of
+    the others; the listing then ends in an error naming them (status 1)."""
     repository = ModelRepository(args.repository)
     names = repository.models()
     if not names:
         print(f"no models in {args.repository}")
+    invalid = []
     for name in names:
         for v in repository.versions(name):
-            m = repository.load(name, v, verify_files=False).manifest
+            try:
+                m = repository.load(name, v, verify_files=False).manifest
+            except (RepositoryError, OSError) as error:
+                print(f"{name}/{v}: invalid ({one_line(error)})")
+                invalid.append(f"{name}/{v}")
+                continue
             print(f"{name}/{v}: {m.architecture} ({m.activation}), {m.num_classes} classes, "
                   f"{m.input.height}px, opset {m.onnx_opset}, created {m.created_at.isoformat()}")
             _print_artifacts(m)
+    if invalid:
+        versions = "version" if len(invalid) == 1 else "versions"
+        raise RepositoryError(f"{len(invalid)} {versions} in {args.repository} cannot be read: {', '.join(invalid)} "
+                              "(listed above with the reason); fix or remove their manifest.json, or export again")
     return 0
 
 

@@ -52,7 +52,7 @@ ERROR_CASES = [
                 "--repository", "{tmp}/out"], "no checkpoint file"),
     ("export", ["onnx", "--model", "convnext_atto", "--checkpoint", "{tmp}/corrupt.pth", "--name", "x",
                 "--repository", "{tmp}/out"], "not a readable torch checkpoint"),
-    ("export", ["list", "--repository", "{tmp}/broken"], "is not a valid manifest"),
+    ("export", ["list", "--repository", "{tmp}/broken"], "cannot be read: digits/1 (listed above with the reason)"),
     ("export", ["tensorrt", "--name", "nosuch", "--repository", "{tmp}/empty"], "no versions of model 'nosuch'"),
     ("export", ["onnx", "--precisions", "fp32,fp16"], "the following arguments are required: --name"),
     ("service", ["--port", "99999"], "invalid settings: port"),
@@ -98,7 +98,8 @@ FRONT_ERRORS = [
     (["model", "info", "convnext_nosuch"], "convnext model info: error: argument NAME: invalid choice"),
     (["train", "--preset", "demo", "--resume", "{tmp}/corrupt.pth", "--output", "{tmp}/run"],
      "convnext train: error: "),
-    (["export", "list", "--repository", "{tmp}/broken"], "convnext export: error: "),
+    (["export", "list", "--repository", "{tmp}/broken"],
+     "convnext export: error: 1 version in {tmp}/broken cannot be read: digits/1"),
     (["serve", "--port", "99999"], "convnext serve: error: invalid settings: port"),
     (["serve", "doctor", "--nosuch"], "convnext serve doctor: error: unrecognized arguments: --nosuch "
                                       "(see convnext serve doctor --help)"),
