@@ -359,22 +359,15 @@ class ModelRepository:
         path = self.root / name / str(version) / LOCK_FILE
         if not path.parent.is_dir():
             raise RepositoryError(f"{name}/{version} does not exist in {self.root}")
+        log_wait = (lambda: logger.warning("%s", waiting)) if waiting is not None else (lambda: None)
         try:
-            try:
-                fd = wait_for_lock(path, 0.0, LOCK_POLL_S)
-            except LockBusy:
-                if waiting is not None:
-                    logger.warning("%s", waiting)
-                fd = wait_for_lock(path, timeout_s, LOCK_POLL_S)
+            fd = wait_for_lock(path, timeout_s, LOCK_POLL_S, on_wait=log_wait)
         except LockBusy:
             raise RepositoryError(
                 f"waited {timeout_s:.0f} s for the lock {path}: another process (a replica building an engine?) "
                 "still holds it; let it finish, then try again") from None
-        except OSError as err:
-            if err.errno in NO_FILE_LOCKS:
-                raise _lock_error(path, err) from None
-            raise RepositoryError(f"cannot open the lock file {path} ({err}): the repository must be writable "
-                                  "by this process to add an engine to it or replace the version") from None
+        except OSError as err:  # it cannot be created, or the volume has no locks
+            raise _lock_error(path, err) from None
         try:
             yield
         finally:

@@ -28,6 +28,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,18 +76,23 @@ class LockBusy(Exception):
     """Another process held a lock past the caller's deadline."""
 
 
-def wait_for_lock(path: Path, timeout_s: float, poll_s: float) -> int:
-    """A descriptor of the file at `path` (created if missing) holding its exclusive flock, taken within `timeout_s`.
+def wait_for_lock(path: Path, timeout_s: float, poll_s: float, on_wait: Callable[[], object] = lambda: None) -> int:
+    """A descriptor of the file at `path` (created if missing) holding its exclusive flock, taken within `timeout_s`;
+    `on_wait` is called once if another process holds it.
 
     A lock taken on a file that `path` no longer names guards nothing (an overwrite moved the version folder holding
     it aside while this one waited), so it is dropped and the file now at `path` is locked instead.
     Raises LockBusy past the deadline, OSError when the file cannot be opened or the volume refuses the lock.
     """
     deadline = time.monotonic() + timeout_s
+    waited = False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             while not lock_now(fd):
+                if not waited:
+                    waited = True
+                    on_wait()
                 if time.monotonic() >= deadline:
                     raise LockBusy(path)
                 time.sleep(poll_s)  # flock has no timeout of its own

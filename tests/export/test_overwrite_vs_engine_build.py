@@ -40,7 +40,7 @@ def hidden(root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("moment", ["mid-build", "between-engine-copy-and-manifest-write"])
-def test_an_overwrite_never_swaps_a_version_while_an_engine_is_built_for_it(tmp_path, monkeypatch, moment):
+def test_an_overwrite_never_swaps_a_version_while_an_engine_is_built_for_it(tmp_path, monkeypatch, caplog, moment):
     root = tmp_path / "models"
     version = make_version(root)
     refused: list[RepositoryError] = []
@@ -73,6 +73,7 @@ def test_an_overwrite_never_swaps_a_version_while_an_engine_is_built_for_it(tmp_
     artifact, current = find_or_build_engine(version, "fp16", PROFILE, TARGET, build, repository_root=root)
     monkeypatch.undo()
     assert len(refused) == 1  # the build held the version's lock: the overwrite could not swap the folder
+    assert "tiny/1 is locked (an engine being built for it?): the overwrite waits for it" in caplog.text
     loaded = ModelRepository(root).load(NAME, 1, verify_files=True)  # every file matches its manifest
     assert loaded.manifest == current.manifest and engines_of(loaded) == [artifact]
     assert (loaded.path / "model.onnx").read_bytes() == b"placeholder onnx"
