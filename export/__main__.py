@@ -145,6 +145,14 @@ def _run_onnx(args) -> int:
     return 0
 
 
+def _opset_of(manifest, artifact) -> int | None:
+    """An ONNX artifact's opset: its own, else (a manifest written before those were recorded) the version's for
+    model.onnx, which it describes; unknown for the others (a bf16 file's is higher)."""
+    if artifact.onnx_opset is not None:
+        return artifact.onnx_opset
+    return manifest.onnx_opset if (artifact.format, artifact.precision) == ("onnx", "fp32") else None
+
+
 def _print_artifacts(manifest) -> None:
     for a in manifest.artifacts:
         parity = a.parity
@@ -153,7 +161,10 @@ def _print_artifacts(manifest) -> None:
             f"top-5 {parity.top5_agreement:.3f} on {parity.num_inputs} inputs ({parity.num_real_images} real)"
             if parity else "no parity recorded"
         )
-        print(f"  {a.file:45s} {a.format:8s} {a.precision:5s} {a.size_bytes / 2**20:7.1f} MiB  {detail}")
+        opset = _opset_of(manifest, a)
+        opset_text = f"opset {opset}" if opset is not None else ""
+        print(f"  {a.file:45s} {a.format:8s} {a.precision:5s} {a.size_bytes / 2**20:7.1f} MiB  {opset_text:8s}  "
+              f"{detail}")
 
 
 def _run_list(args) -> int:
@@ -173,7 +184,7 @@ def _run_list(args) -> int:
                 invalid.append(f"{name}/{v}")
                 continue
             print(f"{name}/{v}: {m.architecture} ({m.activation}), {m.num_classes} classes, "
-                  f"{m.input.height}px, opset {m.onnx_opset}, created {m.created_at.isoformat()}")
+                  f"{m.input.height}px, created {m.created_at.isoformat()}")
             _print_artifacts(m)
     if invalid:
         versions = "version" if len(invalid) == 1 else "versions"

@@ -70,11 +70,23 @@ def export_module_to_onnx(module, path: Path, in_chans: int, size_px: int, opset
     dim = model_proto.graph.input[0].type.tensor_type.shape.dim[0]
     if not dim.dim_param:
         raise ExportError(f"the exported batch axis is static ({dim.dim_value}); expected a dynamic axis")
-    written = next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    written = default_opset(model_proto)
     if written != opset:  # torch keeps its own opset (18) when converting to the asked one fails, with a warning only
         raise ExportError(f"asked for opset {opset}, but the exporter wrote opset {written} (its conversion failed; "
                           "see the warning above): the manifest would misstate it; export with --opset "
                           f"{written or DEFAULT_OPSET}")
+
+
+def default_opset(model_proto) -> int | None:
+    """The opset of the default ONNX domain a model imports (what its ops are specified by)."""
+    return next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def onnx_opset_of(path: Path) -> int | None:
+    """The default-domain opset of the ONNX file at `path` (a variant may have moved up: bf16 to 22)."""
+    import onnx
+
+    return default_opset(onnx.load(str(path), load_external_data=False))
 
 
 def pytorch_logits(module, batch: np.ndarray) -> np.ndarray:
@@ -121,7 +133,8 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
         parity = verify_against(
             reference, lambda b: run_onnxruntime(fp32_path, b), inputs, "fp32", "pytorch-fp32", "ONNX fp32"
         )
-        artifacts = [describe_file(staged.path, ONNX_FILES["fp32"], format="onnx", precision="fp32", parity=parity)]
+        artifacts = [describe_file(staged.path, ONNX_FILES["fp32"], format="onnx", precision="fp32", parity=parity,
+                                   onnx_opset=opset)]
         artifacts += _other_precisions(staged, src, precisions, inputs, calibration_images, verify_paths, stage)
         staged.manifest = Manifest(
             name=name, version=staged.version, architecture=src.model_name, activation=src.activation,
@@ -150,9 +163,9 @@ def _other_precisions(staged: StagedVersion, src: ExportSource, precisions: tupl
             precision, fp32_path, staged.path / ONNX_FILES[precision], onnx_reference, inputs, src.preprocess,
             calibration,
         )
-        artifacts.append(
-            describe_file(staged.path, ONNX_FILES[precision], format="onnx", precision=precision, parity=parity)
-        )
+        path = staged.path / ONNX_FILES[precision]
+        artifacts.append(describe_file(staged.path, ONNX_FILES[precision], format="onnx", precision=precision,
+                                       parity=parity, onnx_opset=onnx_opset_of(path)))
     return artifacts
 
 

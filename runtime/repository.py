@@ -117,6 +117,7 @@ class Artifact(_Strict):
     size_bytes: int = Field(ge=0)
     parity: Parity | None = None
     tensorrt: TensorRTInfo | None = None
+    onnx_opset: int | None = Field(None, ge=17)  # an ONNX file's own (bf16: 22+); None: an engine, or not recorded
 
     @field_validator("file")
     @classmethod
@@ -149,7 +150,7 @@ class Manifest(_Strict):
     preprocess: Preprocess
     labels: tuple[str, ...]
     source: Source
-    onnx_opset: int = Field(ge=17)
+    onnx_opset: int = Field(ge=17)  # model.onnx's (--opset); each ONNX artifact records its own as well
     artifacts: tuple[Artifact, ...]
     created_at: datetime
     project_version: str

@@ -7,6 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from export.__main__ import main
 from export.bf16 import BF16_MIN_OPSET, run_reference
 from export.onnx import export_onnx_version
 from runtime.verify import run_onnxruntime
@@ -67,3 +68,16 @@ def test_reference_evaluator_agrees_with_onnxruntime_on_the_fp32_model(bf16_vers
     path = bf16_version.artifact_path(bf16_version.manifest.find("onnx", "fp32"))
     batch = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(run_reference(path, batch), run_onnxruntime(path, batch), atol=1e-4, rtol=1e-4)
+
+
+def test_each_onnx_artifact_records_its_own_opset_and_list_prints_it(bf16_version, capsys):
+    """The bf16 file is opset 22 while model.onnx is 18: the manifest and `export list` say so per file."""
+    manifest = bf16_version.manifest
+    for artifact in manifest.artifacts:
+        model = onnx.load(str(bf16_version.artifact_path(artifact)), load_external_data=False)
+        assert artifact.onnx_opset == next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert (manifest.onnx_opset, manifest.find("onnx", "fp32").onnx_opset) == (18, 18)
+    assert manifest.find("onnx", "bf16").onnx_opset == BF16_MIN_OPSET
+    assert main(["list", "--repository", str(bf16_version.path.parent.parent)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert " opset 18 " in lines["model.onnx"] and f" opset {BF16_MIN_OPSET} " in lines["model.bf16.onnx"]

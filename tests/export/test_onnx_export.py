@@ -41,6 +41,7 @@ def test_version_loads_with_every_sha256_matching(exported):
 def test_manifest_describes_model_input_preprocess_and_labels(exported):
     m = exported.manifest
     assert (m.architecture, m.activation, m.num_classes, m.onnx_opset) == ("convnext_atto", "gelu", 1000, 18)
+    assert [(a.precision, a.onnx_opset) for a in m.artifacts] == [("fp32", 18), ("fp16", 18), ("int8", 18)]
     assert (m.input.name, m.output_name, m.input.height, m.input.width) == ("input", "logits", SIZE_PX, SIZE_PX)
     assert m.preprocess.crop_px == SIZE_PX and m.preprocess.resize_px == int(SIZE_PX / 0.875)
     assert m.labels == imagenet_labels() and m.labels[0] == "tench"
