@@ -27,6 +27,7 @@ from runtime.verify import (
     VerificationInputs,
     default_image_paths,
     image_paths_in,
+    in_chunks,
     run_onnxruntime,
     verification_inputs,
     verify_against,
@@ -90,10 +91,11 @@ def onnx_opset_of(path: Path) -> int | None:
 
 
 def pytorch_logits(module, batch: np.ndarray) -> np.ndarray:
+    """The module's logits of `batch`, VERIFY_CHUNK inputs at a time (a big --verify-images folder stays in memory)."""
     import torch
 
     with torch.no_grad():
-        return module(torch.from_numpy(batch)).numpy()
+        return in_chunks(lambda chunk: module(torch.from_numpy(chunk)).numpy(), batch)
 
 
 def export_onnx_version(repository_root: str | Path, name: str, model_name: str | None = None,

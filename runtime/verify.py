@@ -15,6 +15,9 @@ RANDOM_SEED = 0
 NUM_RANDOM_INPUTS = 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_PIXELS = 50_000_000
+# Inputs per model call in a parity check: its memory is that of this many inputs (PyTorch needs ~13 MB of activations
+# per ConvNeXt-T image at 224 px), however many photos --verify-images holds.
+VERIFY_CHUNK = 32
 
 
 class ParityError(RuntimeError):
@@ -108,6 +111,13 @@ def _refuse_non_finite(logits: np.ndarray, whose: str, advice: str) -> None:
                           f"{len(logits)} inputs){advice}")
 
 
+def in_chunks(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, size: int = VERIFY_CHUNK) -> np.ndarray:
+    """run(batch), computed `size` inputs at a time and concatenated: the same outputs, at the memory of `size`."""
+    if len(batch) <= size:
+        return run(batch)
+    return np.concatenate([run(batch[start:start + size]) for start in range(0, len(batch), size)])
+
+
 def compare(reference: np.ndarray, output: np.ndarray, reference_name: str, num_real_images: int,
             what: str = "the artifact") -> Parity:
     """Parity of `output` logits (of `what`) against `reference` logits, both (N, num_classes)."""
@@ -160,7 +170,8 @@ def check_parity(parity: Parity, reference: np.ndarray, precision: str, what: st
 def run_onnxruntime(
     onnx_path: Path, batch: np.ndarray, providers: Sequence[str] = ("CPUExecutionProvider",)
 ) -> np.ndarray:
-    """Logits of `batch` on the first of `providers`; ProviderError when ONNX Runtime cannot load that provider."""
+    """Logits of `batch` (VERIFY_CHUNK inputs per run) on the first of `providers`; ProviderError when ONNX Runtime
+    cannot load that provider."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -169,7 +180,7 @@ def run_onnxruntime(
     # ran on CPU would verify the wrong thing.
     session = create_session(onnx_path, provider_key(providers[0]), options)
     input_name = session.get_inputs()[0].name
-    return session.run(None, {input_name: batch})[0]
+    return in_chunks(lambda chunk: session.run(None, {input_name: chunk})[0], batch)
 
 
 def verify_against(

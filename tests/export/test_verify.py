@@ -4,7 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.verify import PARITY_THRESHOLDS, ParityError, VerificationInputs, check_parity, compare, verify_against
+from runtime.verify import (
+    PARITY_THRESHOLDS,
+    VERIFY_CHUNK,
+    ParityError,
+    VerificationInputs,
+    check_parity,
+    compare,
+    run_onnxruntime,
+    verify_against,
+)
 
 
 def _logits(seed=0, n=10, classes=20):
@@ -52,3 +61,66 @@ def test_non_finite_logits_fail_parity_with_a_parity_error_not_a_validation_erro
         verify_against(ref, lambda batch: out, inputs, "fp16", "onnxruntime-fp32", "ONNX fp16")
     with pytest.raises(ParityError, match=r"the reference \(pytorch-fp32\) gives NaN or infinite logits"):
         compare(out, ref, "pytorch-fp32", num_real_images=0)
+
+
+class _BatchSizes:
+    """Wraps a callable taking a batch first, recording each batch's size."""
+
+    def __init__(self, run):
+        self.run, self.sizes = run, []
+
+    def __call__(self, batch, *args, **kwargs):
+        self.sizes.append(len(batch))
+        return self.run(batch, *args, **kwargs)
+
+
+def test_pytorch_reference_logits_are_computed_a_chunk_at_a_time():
+    """A --verify-images folder of many photos is not one batch through PyTorch (~13 MB per ConvNeXt-T image)."""
+    import torch
+
+    from export.onnx import pytorch_logits
+
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5)).eval()
+    module = _BatchSizes(linear)
+    batch = np.random.default_rng(0).standard_normal((2 * VERIFY_CHUNK + 6, 3, 4, 4)).astype(np.float32)
+    logits = pytorch_logits(module, batch)
+    assert module.sizes == [VERIFY_CHUNK, VERIFY_CHUNK, 6]
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, linear(torch.from_numpy(batch)).numpy(), rtol=1e-6, atol=1e-6)
+
+
+class _RecordingSession:
+    """An ONNX Runtime session that records the batch size of each run."""
+
+    def __init__(self, session):
+        self.session, self.sizes = session, []
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def run(self, outputs, feeds):
+        self.sizes.append(len(next(iter(feeds.values()))))
+        return self.session.run(outputs, feeds)
+
+
+def test_onnxruntime_logits_are_computed_a_chunk_at_a_time(tmp_path, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    import runtime.verify as verify
+
+    path = tmp_path / "flatten.onnx"  # logits = the input, flattened
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["logits"], axis=1)], "flatten",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 48])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(path))
+    sessions: list[_RecordingSession] = []
+    real_create_session = verify.create_session
+    monkeypatch.setattr(verify, "create_session",
+                        lambda *args: sessions.append(_RecordingSession(real_create_session(*args))) or sessions[-1])
+    batch = np.random.default_rng(0).standard_normal((VERIFY_CHUNK + 1, 3, 4, 4)).astype(np.float32)
+    logits = run_onnxruntime(path, batch)
+    np.testing.assert_array_equal(logits, batch.reshape(len(batch), -1))
+    assert [session.sizes for session in sessions] == [[VERIFY_CHUNK, 1]]
