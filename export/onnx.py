@@ -114,6 +114,8 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or "fp32" not in precisions:
         raise ExportError(f"precisions {list(precisions)}: choose from {PRECISIONS}, fp32 included (the reference)")
+    if version is not None and version < 1:  # new_version refuses it too, but only once the model is built
+        raise ExportError(f"version {version}: versions are numbered from 1")
     stage = _StageLog(3 + len(precisions) - 1)
     stage(f"build {model_name or 'the checkpoint model'}" + (f" from {checkpoint}" if checkpoint else " (random init)"))
     src = load_source(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from export.onnx import export_onnx_version
 from export.source import ExportError, load_source
 from runtime.repository import ModelRepository, RepositoryError
 
@@ -40,3 +41,12 @@ def test_a_version_number_under_one_is_refused_before_anything_is_staged(tmp_pat
         with ModelRepository(tmp_path).new_version("tiny", version):
             pytest.fail("staged")
     assert not (tmp_path / "tiny").exists()
+
+
+def test_an_export_to_a_version_under_one_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    import model
+
+    monkeypatch.setattr(model, "create_model", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(ExportError, match="version 0: versions are numbered from 1"):
+        export_onnx_version(tmp_path, "atto", "convnext_atto", version=0, input_size=32)
+    assert list(tmp_path.iterdir()) == []
