@@ -193,9 +193,10 @@ def _run_list(args) -> int:
     return 0
 
 
-def _batch_profile(parser: argparse.ArgumentParser, args) -> BatchProfile:
+def _refuse_bad_tensorrt_args(parser: argparse.ArgumentParser, args) -> None:
+    """A batch profile TensorRT cannot take, refused before the version is loaded (and without a GPU)."""
     try:
-        return BatchProfile(args.min_batch, args.opt_batch, args.max_batch)
+        BatchProfile(args.min_batch, args.opt_batch, args.max_batch)
     except ValueError as error:
         parser.error(f"--min-batch / --opt-batch / --max-batch: {error}")
 
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
         if args.command == "onnx":
             _refuse_bad_onnx_args(parser, args)
         elif args.command == "tensorrt":
-            _batch_profile(parser, args)  # refused here (status 2), not after loading the version
+            _refuse_bad_tensorrt_args(parser, args)
         return handlers[args.command](args)
     except (RepositoryError, ValueError, RuntimeError, OSError, ImportError) as error:
         print(f"{prog_name(PROG)}: error: {one_line(error)}", file=sys.stderr)

@@ -166,7 +166,9 @@ def test_cli_says_tensorrt_is_missing(exported, capsys):
 
 
 def test_cli_refuses_a_bad_profile(exported, capsys):
-    code = main(["tensorrt", "--name", "atto", "--repository", str(exported.path.parent.parent),
-                 "--min-batch", "4", "--opt-batch", "2"])
-    assert code == 1
+    """As an argument error (status 2, as README says of bad arguments), before the version is loaded."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["tensorrt", "--name", "atto", "--repository", str(exported.path.parent.parent),
+              "--min-batch", "4", "--opt-batch", "2"])
+    assert exit_.value.code == 2
     assert "1 <= min <= opt <= max" in capsys.readouterr().err
