@@ -87,7 +87,7 @@ def wait_for_lock(path: Path, timeout_s: float, poll_s: float, on_wait: Callable
     deadline = time.monotonic() + timeout_s
     waited = False
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(path, create=True)
         try:
             while not lock_now(fd):
                 if not waited:
@@ -161,11 +161,11 @@ def remove_dead_writes(folder: Path) -> None:
                            folder, err)
 
 
-def _open_lock_file(path: Path) -> int:
-    """Another write's lock file, to flock: read-write (NFS needs it for an exclusive lock), else read-only (a file of
-    another user, 0644: enough for flock on a local file system)."""
+def _open_lock_file(path: Path, create: bool = False) -> int:
+    """A lock file, to flock: read-write (NFS needs it for an exclusive lock; created if `create`), else read-only (a
+    file of another user, 0644, e.g. a version's .lock the service made: enough for flock on a local file system)."""
     try:
-        return os.open(path, os.O_RDWR)
+        return os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
     except PermissionError:
         return os.open(path, os.O_RDONLY)
 

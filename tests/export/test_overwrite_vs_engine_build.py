@@ -8,6 +8,7 @@ of waiting for the build that runs on its own thread.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -142,3 +143,24 @@ def test_add_artifact_refuses_a_version_replaced_since_the_file_was_made_from_it
         ModelRepository(root).add_artifact(NAME, 1, engine, artifact, based_on=built_from)
     current = ModelRepository(root).load(NAME, 1, verify_files=True)
     assert engines_of(current) == [] and not (current.path / "engines").exists()
+
+
+def test_an_overwrite_locks_a_version_whose_lock_file_another_user_made(tmp_path, monkeypatch):
+    """The service (another user) built an engine for the version and left its .lock (0644, not writable here): the
+    overwrite opens it read-only, enough for flock, as it could replace the version before it took the lock."""
+    root = tmp_path / "models"
+    make_version(root)
+    theirs = root / NAME / "1" / LOCK_FILE
+    theirs.touch(mode=0o644)
+    real_open = os.open
+
+    def as_another_users_file(path, flags, *args, **kwargs):  # root may write any file: refuse as for others
+        if Path(path) == theirs and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", as_another_users_file)
+    overwrite_at_once(root, "the new weights")
+    monkeypatch.undo()
+    assert (ModelRepository(root).load(NAME, 1).path / "model.onnx").read_text() == "the new weights"
+    assert hidden(root) == []
