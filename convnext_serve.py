@@ -27,8 +27,11 @@ from model.pretrained import (
     download_pretrained,
     get_pretrained,
 )
+from runtime.engines.base import EngineError
+from runtime.engines.openvino import artifact_precision
 from runtime.repository import ModelRepository, RepositoryError, Source
 from service.__main__ import StartRefused, startable_settings
+from service.settings import Settings
 
 PROG = "convnext serve"
 # The service's settings for which model to serve: this command passes --model and --model-version, which win.
@@ -122,6 +125,27 @@ def _precisions(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+def with_served_precision(precisions: str, settings: Settings) -> str:
+    """--precisions plus the ONNX precision the service reads for its --engine and --precision (OpenVINO's bf16 reads
+    the fp32 file), so `--precision fp16` alone exports fp32 and fp16 rather than failing once the export is done."""
+    try:
+        needed = artifact_precision(settings.precision) if settings.engine == "openvino" else settings.precision
+    except EngineError as error:  # e.g. OpenVINO at fp16: the service would refuse it, after the export
+        raise ServeSetupError(str(error)) from None
+    listed = _precisions(precisions)
+    return ",".join(listed if needed in listed else (*listed, needed))
+
+
+def _export_first_hint(error: BaseException) -> str:
+    """The export's own advice names flags this command does not take: how to pass them instead."""
+    flags = [flag for flag in ("--num-classes", "--input-size") if flag in str(error)]
+    if not flags:
+        return ""
+    given = " ".join(f"{flag} ..." for flag in flags)
+    return (f" ({PROG} takes no {' or '.join(flags)}: export it with python -m export onnx --checkpoint PATH --model "
+            f"ARCHITECTURE --name NAME {given}, then python -m service --model NAME)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args, service_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -132,15 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("export", "model", "convnext_serve"):  # progress lines, not third-party INFO (the ONNX optimizer's)
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:  # the service's settings and ports before a download and an export that could take minutes
-        startable_settings([*service_args, "--repository", args.repository])
+        settings = startable_settings([*service_args, "--repository", args.repository])
     except StartRefused as refused:
         print(f"{PROG}: error: {refused}", file=sys.stderr)
         return refused.status
     repository = ModelRepository(args.repository)
     try:
+        args.precisions = with_served_precision(args.precisions, settings)
         name, version = (prepare_pretrained if args.pretrained else prepare_checkpoint)(args, repository)
     except (ServeSetupError, CheckpointError, RepositoryError, ValueError, RuntimeError, OSError) as error:
-        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(error)}{_export_first_hint(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; a download resumes where it stopped", file=sys.stderr)

@@ -14,6 +14,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import torch
+
+from model import create_model
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIS = {  # how a person runs it -> the prog its errors start with
@@ -37,6 +40,10 @@ ERROR_CASES = [
      "--model-version is not taken here"),
     ("convnext", ["serve", "--checkpoint", "{tmp}/corrupt.pth", "--model", "convnext_atto", "--repository",
                   "{tmp}/out"], "not a readable torch checkpoint"),
+    ("convnext", ["serve", "--checkpoint", "{tmp}/ten_classes.pth", "--model", "convnext_atto", "--repository",
+                  "{tmp}/out"], "(convnext serve takes no --num-classes: export it with python -m export onnx "
+                                "--checkpoint PATH --model ARCHITECTURE --name NAME --num-classes ..., then python -m "
+                                "service --model NAME)"),
     ("model", ["info", "convnext_nosuch"], "invalid choice: 'convnext_nosuch'"),
     ("model", ["info", "convnext_atto", "--num-classes", "-1"], "argument --num-classes: must be at least 1"),
     ("model", ["info", "convnext_xlarge", "--all", "--input-size", "384"],
@@ -115,6 +122,8 @@ FRONT_ERRORS = [
 def places(tmp_path_factory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "corrupt.pth").write_bytes(b"not a checkpoint")
+    torch.manual_seed(0)  # official layout, a name that says no class count: the export assumes 1000
+    torch.save({"model": create_model("convnext_atto", num_classes=10).state_dict()}, tmp / "ten_classes.pth")
     (tmp / "empty").mkdir()
     broken = tmp / "broken" / "digits" / "1"
     broken.mkdir(parents=True)
@@ -177,7 +186,9 @@ def test_an_expected_error_is_one_line_and_a_non_zero_status_without_a_traceback
     # The message is the last line; only an export's stage lines ("[1/3] build ...") may come before it (no usage).
     assert lines and lines[-1].startswith(f"{CLIS[cli][1]}"), output
     assert ": error: " in lines[-1] and phrase in lines[-1], output
-    assert [line for line in lines[:-1] if not line.startswith(("INFO export.onnx: [", "["))] == [], output
+    # ... and the warning a head that does not fit logs, which the message points at ("see the warning above").
+    assert [line for line in lines[:-1] if not line.startswith(
+        ("INFO export.onnx: [", "[", "the checkpoint's head does not fit the model"))] == [], output
 
 
 @pytest.mark.parametrize("command", [(cli, "--version") for cli in sorted(CLIS)]

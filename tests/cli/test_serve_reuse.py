@@ -78,3 +78,23 @@ def test_an_older_export_with_every_precision_is_reused(serve):
     write_export(root, checkpoint, ("fp32",))
     assert run("--precisions", "fp32,int8") == 1
     assert exports == []
+
+
+def test_the_precision_served_is_exported_without_being_listed(serve):
+    """`--precision fp16` alone exports fp32 (the reference) and fp16; OpenVINO's bf16 runs the fp32 file, so it adds
+    nothing; an engine that cannot run the precision is refused before any export."""
+    run, exports, checkpoint, root = serve
+    assert run("--precision", "fp16") == 1
+    assert exports == [("fp32", "fp16")]
+    assert run("--engine", "openvino", "--precision", "bf16") == 1  # version 1 has fp32: reused
+    assert exports == [("fp32", "fp16")]
+
+
+def test_an_engine_that_cannot_run_the_precision_is_refused_before_the_export(serve, capsys):
+    run, exports, checkpoint, root = serve
+    code = convnext_serve.main(["--checkpoint", str(checkpoint), "--model", "convnext_atto", "--repository", str(root),
+                                "--quiet", "--port", str(free_port()), "--grpc-port", "0", "--engine", "openvino",
+                                "--precision", "fp16"])
+    assert code == 1 and exports == []
+    assert "the OpenVINO engine runs precision fp32/bf16/int8" in capsys.readouterr().err
+
