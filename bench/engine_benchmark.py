@@ -5,8 +5,9 @@ comparison is fair, but nothing here measures accuracy (the top-1 numbers in PUB
 """
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from runtime.ort_session import (
 from runtime.repository import ModelVersion
 from runtime.tensorrt import BatchProfile, select_or_build_engine
 
-from .timing import time_callable, time_in_rounds
+from .timing import RoundsTotal, time_callable, time_in_rounds
 
 TENSORRT_ENGINE = "tensorrt-engine"  # the provider label of native TensorRT engines (runtime/tensorrt.py)
 # Published ImageNet-1k top-1 at 224 px, labelled as published: we have no ImageNet here to measure it.
@@ -51,6 +52,9 @@ class EngineResult:
     p50_ms: float
     p99_ms: float
     iterations: int
+    # TensorRT only (native engines and ORT's TensorRT provider): the optimization profile's opt batch, the batch
+    # size its kernels were chosen for; None for every other engine.
+    opt_batch: int | None = None
 
 
 def make_session(onnx_path: Path, provider: str = "cpu", threads: int | None = None, *,
@@ -110,30 +114,50 @@ def time_session(session, batch_size: int, warmup: int, iterations: int,
     return time_callable(session_runner(session, batch_size), batch_size, warmup, iterations, max_seconds)
 
 
-def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, warmup: int = 2, iterations: int = 20,
-                       max_seconds: float = 10.0, model: str | None = None, activation: str | None = None,
-                       threads: int | None = None) -> list[EngineResult]:
-    """A native TensorRT engine (built once for the sweep's batch range, cached in the version) vs batch size.
+def tensorrt_profile(batch_sizes: Sequence[int]) -> BatchProfile:
+    """A sweep's native-engine profile: batch 1..the largest timed, opt = max, as the service's engines
+    (runtime/engines/tensorrt.py: opt = max = its max batch size) and ORT-TensorRT's profile (runtime/ort_session.py).
+    TensorRT picks each layer's kernels for the opt shape, so every batch of the sweep runs on the kernels a loaded
+    service runs; an opt under the largest batch would time that batch on kernels tuned for a smaller one."""
+    largest = max(batch_sizes)
+    return BatchProfile(1, largest, largest)
 
-    Times the service's TensorRTEngine.run (pinned buffers allocated once, one stream): host->device copy,
-    execution and device->host copy, exactly as the service pays them.
-    """
-    profile = BatchProfile(1, min(8, max(batch_sizes)), max(batch_sizes))
-    artifact, version = select_or_build_engine(version, precision, profile)
+
+def open_tensorrt(version, precision: str, batch_sizes: Sequence[int]) -> tuple[TensorRTEngine, int]:
+    """The version's native engine for the sweep (found, or built and verified against ONNX Runtime, and cached in
+    the version), loaded as the service loads it (pinned buffers allocated once, one stream), and its profile's opt
+    batch: an engine the version already has is used when its batch range covers the sweep, whatever its opt."""
+    artifact, version = select_or_build_engine(version, precision, tensorrt_profile(batch_sizes))
     m = version.manifest
     shape = (m.input.channels, m.input.height, m.input.width)
     engine = TensorRTEngine(version.artifact_path(artifact), shape, precision=precision,
                             max_batch_size=max(batch_sizes), input_name=m.input.name, output_name=m.output_name,
                             model=version)
     engine.load()
+    return engine, BatchProfile.of(artifact).opt_batch
+
+
+def tensorrt_runner(engine: TensorRTEngine, batch_size: int) -> Callable[[], object]:
+    """One call of the engine's run on a seeded random float32 batch: host->device copy, execution and device->host
+    copy, exactly as the service pays them."""
+    shape = engine.describe().input_shape
+    x = np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
+    return lambda: engine.run(x)
+
+
+def benchmark_tensorrt(version, precision: str, batch_sizes: Sequence[int], *, warmup: int = 2, iterations: int = 20,
+                       max_seconds: float = 10.0, model: str | None = None, activation: str | None = None,
+                       threads: int | None = None) -> list[EngineResult]:
+    """One native TensorRT engine (profile: tensorrt_profile) vs batch size, the service's TensorRTEngine.run timed."""
+    engine, opt_batch = open_tensorrt(version, precision, batch_sizes)
     results = []
     try:
         for batch_size in batch_sizes:
-            x = np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
-            rate, latencies = time_callable(lambda x=x: engine.run(x), batch_size, warmup, iterations, max_seconds)
+            rate, latencies = time_callable(tensorrt_runner(engine, batch_size), batch_size, warmup, iterations,
+                                            max_seconds)
             results.append(EngineResult(model, activation, precision, TENSORRT_ENGINE, batch_size, 0, rate,
                                         float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
-                                        len(latencies)))
+                                        len(latencies), opt_batch))
     finally:
         engine.close()
     return results
@@ -144,18 +168,19 @@ def benchmark_onnx(onnx_path: Path, batch_sizes: Sequence[int], *, provider: str
                    activation: str | None = None, precision: str | None = None,
                    max_batch_size: int | None = None) -> list[EngineResult]:
     """ONNX Runtime images/s and p50/p99 per batch size. The TensorRT provider's profile covers batch
-    1..max_batch_size (default: the largest batch size timed), opt = max as the service's."""
+    1..max_batch_size (default: the largest batch size timed), opt = max as the service's (the rows say so)."""
     threads = threads or os.cpu_count() or 1
     max_batch_size = max_batch_size or max(batch_sizes)
     if max_batch_size < max(batch_sizes):
         raise ValueError(f"max_batch_size {max_batch_size} is under the largest batch size timed, {max(batch_sizes)}")
     session = make_session(onnx_path, provider, threads, precision=precision, max_batch_size=max_batch_size)
+    opt_batch = max_batch_size if provider == "tensorrt" else None
     results = []
     for batch_size in batch_sizes:
         rate, latencies = time_session(session, batch_size, warmup, iterations, max_seconds)
         results.append(EngineResult(model, activation, precision, provider, batch_size, threads, rate,
                                     float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
-                                    len(latencies)))
+                                    len(latencies), opt_batch))
     return results
 
 
@@ -180,8 +205,9 @@ def compare_models(repository_root: Path, variants: Sequence[tuple[str, str]], p
                    max_seconds: float = 10.0) -> dict:
     """GELU vs ReLU and ConvNeXt vs ResNet-50 in one run: cost, published top-1, engine throughput per precision.
 
-    ONNX Runtime points are timed in alternating rounds across the variants (bench/timing.py: time_in_rounds), one
-    provider and precision at a time, so a ratio between two variants never spans minutes of the machine's drift.
+    Every point is timed in alternating rounds across the variants (bench/timing.py: time_in_rounds), one provider
+    (ONNX Runtime's, then the native TensorRT engines) and precision at a time, so a ratio between two variants never
+    spans minutes of the machine's drift.
     """
     from model.flops import measure
 
@@ -210,38 +236,77 @@ def compare_models(repository_root: Path, variants: Sequence[tuple[str, str]], p
             for key, result in _interleaved_points(versions, provider, precision, batch_sizes, threads, skipped,
                                                    warmup=warmup, iterations=iterations, max_seconds=max_seconds):
                 rows[key]["results"].append(asdict(result))
-    for key, (model_name, activation, version) in versions.items():
-        for precision in tensorrt_precisions:
-            try:
-                rows[key]["results"] += [asdict(r) for r in benchmark_tensorrt(
-                    version, precision, batch_sizes, model=model_name, activation=activation, threads=threads,
-                    warmup=warmup, iterations=iterations, max_seconds=max_seconds)]
-            except Exception as err:  # noqa: BLE001 - no TensorRT / GPU here, or a failed build: recorded
-                skipped[f"{key}/{precision}/{TENSORRT_ENGINE}"] = f"{type(err).__name__}: {err}"
+    for precision in tensorrt_precisions:
+        for key, result in _interleaved_tensorrt_points(versions, precision, batch_sizes, skipped, warmup=warmup,
+                                                        iterations=iterations, max_seconds=max_seconds):
+            rows[key]["results"].append(asdict(result))
     return {"models": list(rows.values()), "skipped": skipped, "onnx_files": onnx_files}
+
+
+def _points_in_rounds(runners: Mapping[str, Callable[[int], Callable[[], object]]], batch_sizes: Sequence[int],
+                      point: Callable[[str, int, RoundsTotal], EngineResult],
+                      on_error: Callable[[str, Exception], None], **timing) -> list[tuple[str, EngineResult]]:
+    """(variant key, its point) for every batch size, the variants timed in alternating rounds: runners[key](batch)
+    is one call of that variant's engine; a variant that fails at one batch size is not timed at the next."""
+    points = []
+    for batch_size in batch_sizes:
+        totals = time_in_rounds({key: runner(batch_size) for key, runner in runners.items()}, batch_size,
+                                on_error=on_error, **timing)
+        points += [(key, point(key, batch_size, total)) for key, total in totals.items()]
+        runners = {key: runners[key] for key in totals}
+    return points
 
 
 def _interleaved_points(versions: dict, provider: str, precision: str, batch_sizes: Sequence[int], threads: int,
                         skipped: dict[str, str], **timing) -> list[tuple[str, EngineResult]]:
-    """(variant key, its point) for every batch size, the variants' sessions timed in alternating rounds."""
+    """(variant key, its point) for every batch size, the variants' ONNX Runtime sessions in alternating rounds."""
     sessions = _sessions(versions, provider, precision, threads, max(batch_sizes), skipped)
-    where = f"{precision}/{provider}"
+    opt_batch = max(batch_sizes) if provider == "tensorrt" else None
+
+    def point(key: str, batch_size: int, total: RoundsTotal) -> EngineResult:
+        model_name, activation, _ = versions[key]
+        return _rounds_result(model_name, activation, precision, provider, batch_size, threads, total, opt_batch)
 
     def record(key: str, err: Exception) -> None:
-        skipped[f"{key}/{where}"] = f"{type(err).__name__}: {err}"
+        skipped[f"{key}/{precision}/{provider}"] = f"{type(err).__name__}: {err}"
 
-    points = []
-    for batch_size in batch_sizes:
-        runs = {key: session_runner(session, batch_size) for key, session in sessions.items()}
-        totals = time_in_rounds(runs, batch_size, on_error=record, **timing)
-        for key, total in totals.items():
-            model_name, activation, _ = versions[key]
-            points.append((key, EngineResult(
-                model_name, activation, precision, provider, batch_size, threads, total.images_per_s,
-                float(np.percentile(total.latencies_ms, 50)), float(np.percentile(total.latencies_ms, 99)),
-                len(total.latencies_ms))))
-        sessions = {key: sessions[key] for key in totals}  # a session that failed is not timed again
-    return points
+    runners = {key: functools.partial(session_runner, session) for key, session in sessions.items()}
+    return _points_in_rounds(runners, batch_sizes, point, record, **timing)
+
+
+def _interleaved_tensorrt_points(versions: dict, precision: str, batch_sizes: Sequence[int], skipped: dict[str, str],
+                                 **timing) -> list[tuple[str, EngineResult]]:
+    """The variants' native TensorRT engines of `precision` (open_tensorrt: all loaded at once, each with its own
+    buffers), timed in alternating rounds as the ONNX Runtime sessions are; a variant whose engine fails to build or
+    load (no TensorRT or GPU here, a failed parity check) is recorded in `skipped`."""
+    engines: dict[str, tuple[TensorRTEngine, int]] = {}
+
+    def record(key: str, err: Exception) -> None:
+        skipped[f"{key}/{precision}/{TENSORRT_ENGINE}"] = f"{type(err).__name__}: {err}"
+
+    def point(key: str, batch_size: int, total: RoundsTotal) -> EngineResult:
+        model_name, activation, _ = versions[key]
+        return _rounds_result(model_name, activation, precision, TENSORRT_ENGINE, batch_size, 0, total,
+                              engines[key][1])
+
+    try:
+        for key, (_, _, version) in versions.items():
+            try:
+                engines[key] = open_tensorrt(version, precision, batch_sizes)
+            except Exception as err:  # noqa: BLE001 - no TensorRT / GPU here, or a failed build: recorded
+                record(key, err)
+        runners = {key: functools.partial(tensorrt_runner, engine) for key, (engine, _) in engines.items()}
+        return _points_in_rounds(runners, batch_sizes, point, record, **timing)
+    finally:
+        for engine, _ in engines.values():
+            engine.close()
+
+
+def _rounds_result(model_name: str, activation: str, precision: str, provider: str, batch_size: int, threads: int,
+                   total: RoundsTotal, opt_batch: int | None) -> EngineResult:
+    return EngineResult(model_name, activation, precision, provider, batch_size, threads, total.images_per_s,
+                        float(np.percentile(total.latencies_ms, 50)), float(np.percentile(total.latencies_ms, 99)),
+                        len(total.latencies_ms), opt_batch)
 
 
 def _sessions(versions: dict, provider: str, precision: str, threads: int, max_batch_size: int,

@@ -51,11 +51,13 @@ def markdown(results: dict) -> str:
     parts += ["## Engine alone (ONNX Runtime providers and native TensorRT engines; random-init weights: speed only)",
               ""]
     # n: the timed calls a row rests on; with few, p99 is the slowest call rather than a percentile.
-    rows = [[r["model"], r["activation"], r["precision"], r["provider"], r["batch_size"], f"{r['images_per_s']:.1f}",
+    rows = [[r["model"], r["activation"], r["precision"], provider_cell(r), r["batch_size"], f"{r['images_per_s']:.1f}",
              f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f} (n={r['iterations']})"]
             for m in results["compare"]["models"] for r in m["results"]]
     parts += [_table(["model", "act", "precision", "provider", "batch", "images/s", "p50 ms", "p99 ms (n calls)"],
                      rows), ""]
+    profile_note = tensorrt_profile_note(results)
+    parts += [profile_note, ""] if profile_note else []
     parts += ["## Model comparison (accuracy is not measured here: no ImageNet; top-1 is the published figure)", ""]
     rows = [[m["model"], m["activation"], f"{m['params_m']:.1f}", f"{m['gmacs']:.2f}",
              "-" if m["published_top1"] is None else f"{m['published_top1']} (published)", m["published_top1_source"]]
@@ -91,6 +93,24 @@ def markdown(results: dict) -> str:
         parts += ["## Engine batch sizes during our load runs (service /metrics convnext_batch_size)", "",
                   _table(["batch size <=", "batches"], rows), ""]
     return "\n".join(parts)
+
+
+def provider_cell(row: dict) -> str:
+    """An engine row's provider, with the TensorRT profile's opt batch where it has one ("tensorrt-engine, opt 64")."""
+    return row["provider"] if row.get("opt_batch") is None else f"{row['provider']}, opt {row['opt_batch']}"
+
+
+def tensorrt_profile_note(results: dict) -> str:
+    """What the TensorRT rows were tuned for, and how they were timed; "" for a run without them."""
+    opts = sorted({r["opt_batch"] for m in results["compare"]["models"] for r in m["results"]
+                   if r.get("opt_batch") is not None})
+    if not opts:
+        return ""
+    return (f"TensorRT rows (native engines and ONNX Runtime's TensorRT provider): each engine's optimization profile "
+            f"is batch 1 to {'/'.join(map(str, opts))}, opt = max, as the service's engine (opt = max = its max batch "
+            "size): TensorRT chose its kernels for that batch, so a smaller batch runs on kernels tuned for the "
+            "largest. Like the ONNX Runtime rows, the variants' engines of one precision are timed in alternating "
+            "rounds, so their ratios come from the same minutes.")
 
 
 def _engine_rows(results: dict) -> dict[tuple, dict]:

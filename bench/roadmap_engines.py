@@ -105,16 +105,19 @@ def gpu_problem(gpu_engines: Sequence[str]):
 
 
 def points_from(engine_results: Iterable) -> dict[str, dict]:
-    """bench.engine_benchmark EngineResults -> the roadmap's points: {batch: {images_per_s, p50_ms, calls}}."""
-    return {str(r.batch_size): {"images_per_s": r.images_per_s, "p50_ms": r.p50_ms, "calls": r.iterations}
+    """bench.engine_benchmark EngineResults -> the roadmap's points: {batch: {images_per_s, p50_ms, calls}}, and
+    opt_batch for a TensorRT engine (its profile's opt: the batch its kernels were chosen for)."""
+    return {str(r.batch_size): {"images_per_s": r.images_per_s, "p50_ms": r.p50_ms, "calls": r.iterations,
+                                **({} if r.opt_batch is None else {"opt_batch": r.opt_batch})}
             for r in engine_results}
 
 
 def time_gpu_engine(engine: str, version, batch_sizes: Sequence[int], seconds: float, threads: int) -> dict:
     """One GPU engine on one step's repository version: its points per batch size.
 
-    TensorRT: the engine is found or built (and verified against ONNX Runtime fp32) in the version, then the
-    service's TensorRTEngine is timed, host<->device copies included. ONNX Runtime CUDA: the fp32 ONNX file.
+    TensorRT: the engine is found or built (and verified against ONNX Runtime fp32) in the version, with opt = the
+    largest batch size (engine_benchmark.tensorrt_profile, as the service's), then the service's TensorRTEngine is
+    timed, host<->device copies included. ONNX Runtime CUDA: the fp32 ONNX file.
     """
     kind, precision = GPU_ENGINES[engine]
     timing = {"warmup": 2, "iterations": 10**6, "max_seconds": seconds}

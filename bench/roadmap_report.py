@@ -125,7 +125,8 @@ def markdown(results: dict) -> str:
     parts += [_table(["#", "step", "params (M)", "GMACs", "paper top-1"] + [f"{e} b{b}" for e, b in points], rows),
               "", f"Every step was exported with `export.onnx.export_onnx_version` and verified against PyTorch: "
               f"max |logit diff| <= {worst:.2g}, top-1 agreement "
-              f"{min(s['parity_top1_agreement'] for s in results['steps']):.2f}." + engine_parity_note(results), ""]
+              f"{min(s['parity_top1_agreement'] for s in results['steps']):.2f}." + engine_parity_note(results)
+              + tensorrt_profile_note(results), ""]
     entries = ledger(results)
     rows = [[e["row"], e["label"], "-" if e["delta_top1"] is None else f"{e['delta_top1']:+.2f}",
              "-" if e["delta_gmacs"] is None else f"{e['delta_gmacs']:+.1%}"]
@@ -214,6 +215,19 @@ def engine_parity_note(results: dict) -> str:
             notes.append(f"{engine} max |logit diff| <= {max(p['max_abs_diff'] for p in parities):.2g}, top-1 "
                          f"agreement {min(p['top1_agreement'] for p in parities):.2f}")
     return f" Every engine built was verified against ONNX Runtime fp32: {'; '.join(notes)}." if notes else ""
+
+
+def tensorrt_profile_note(results: dict) -> str:
+    """The batch each TensorRT engine's kernels were chosen for (its profile's opt), where the run has one."""
+    opts: dict[str, set[int]] = {}
+    for step in results["steps"]:
+        for engine, by_batch in step["results"].items():
+            opts.setdefault(engine, set()).update(p["opt_batch"] for p in by_batch.values() if "opt_batch" in p)
+    named = [f"{engine} opt batch {'/'.join(map(str, sorted(o)))}" for engine, o in opts.items() if o]
+    if not named:
+        return ""
+    return (f" TensorRT profiles: {'; '.join(named)} (opt = the largest batch timed, as the service's engine: "
+            "TensorRT chose the kernels for that batch, and smaller batches run on them).")
 
 
 def gelu_section(results: dict) -> list[str]:

@@ -21,7 +21,7 @@ from bench.roadmap_engines import (
     points_from,
     select_engines,
 )
-from bench.roadmap_report import engine_parity_note, write_report
+from bench.roadmap_report import engine_parity_note, tensorrt_profile_note, write_report
 from runtime.repository import Artifact, Parity
 
 GPU = ["tensorrt-fp16", "tensorrt-bf16", "onnxruntime-cuda-fp32"]
@@ -96,6 +96,18 @@ def test_each_tensorrt_engine_reports_the_parity_its_build_recorded():
     assert note == (" Every engine built was verified against ONNX Runtime fp32: tensorrt-fp16 max |logit diff| "
                     "<= 0.005, top-1 agreement 0.80; tensorrt-bf16 max |logit diff| <= 0.03, top-1 agreement 0.90.")
     assert engine_parity_note({"engines": ["onnxruntime-fp32"], "steps": [{"engine_parity": {}}]}) == ""
+
+
+def test_the_report_names_the_batch_each_tensorrt_engines_kernels_were_chosen_for():
+    tensorrt = points_from([EngineResult("m", "gelu", "fp16", "tensorrt-engine", b, 0, 100.0, 1.0, 1.0, 5, 32)
+                            for b in (1, 32)])
+    cuda = points_from([EngineResult("m", "gelu", "fp32", "cuda", b, 1, 50.0, 2.0, 2.0, 5) for b in (1, 32)])
+    assert "opt_batch" not in cuda["32"]
+    steps = [{"results": {"tensorrt-fp16": tensorrt, "onnxruntime-cuda-fp32": cuda}}] * 2
+    assert tensorrt_profile_note({"steps": steps}) == (
+        " TensorRT profiles: tensorrt-fp16 opt batch 32 (opt = the largest batch timed, as the service's engine: "
+        "TensorRT chose the kernels for that batch, and smaller batches run on them).")
+    assert tensorrt_profile_note({"steps": [{"results": {"onnxruntime-cuda-fp32": cuda}}]}) == ""
 
 
 def test_an_engine_that_failed_on_any_step_leaves_every_step():
