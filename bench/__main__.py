@@ -26,6 +26,7 @@ from convnext_common import (
     add_version_argument,
     exit_on_expected_errors,
     exit_status,
+    one_line,
     positive_int,
     prog_name,
 )
@@ -100,12 +101,19 @@ def our_service_args(repo: str, served: str, engine: ServedEngine, threads: int,
             *measurement_pins(ort_spinning=ort_spinning, max_queue_delay_ms=QUEUE_DELAY_MS)]
 
 
+# A comparison phase that fails to start or run (its server exits, is never ready, its socket fails) is recorded in
+# the results and the run goes on: the phases before it took many minutes.
+PHASE_ERRORS = (RuntimeError, OSError)
+SPINNING_OFF = "our service, ORT spinning off"
+
+
 def load_our_service(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> dict:
-    """Our service under load (and, on CPU, again with ORT spinning off), its batch sizes, and lone requests."""
+    """Our service under load (and, on CPU, again with ORT spinning off: a failure there is recorded in "phases",
+    not raised), its batch sizes, and lone requests."""
     engine = preset.service
     args = our_service_args(repo, served, engine, threads)
     ready_s = 900 if engine.engine == "tensorrt" else 120  # a TensorRT build on first start takes minutes
-    out = {}
+    out: dict = {"phases": {}}
     with service(args, ready_timeout_s=ready_s) as server:
         before = batch_histogram(asyncio.run(scrape(server.url)))
         out["load"] = load_runs(f"{server.url}/classify", "ours", preset, payloads)
@@ -113,10 +121,19 @@ def load_our_service(repo: str, served: str, preset: Preset, payloads: list[byte
         out["by_size"] = lone_request_breakdown(f"{server.url}/classify", preset.lone_requests)  # batches of one
     if engine.provider == "cpu":
         # The ort_spinning trade-off, same run: a lone request's latency and saturated throughput with it off.
-        with service(our_service_args(repo, served, engine, threads, ort_spinning=False)) as server:
-            out["load"] += load_runs(f"{server.url}/classify", "ours (ORT spinning off)", preset, payloads,
-                                     concurrency_levels=(1, max(preset.concurrency)), open_loop_too=False)
+        try:
+            with service(our_service_args(repo, served, engine, threads, ort_spinning=False)) as server:
+                out["load"] += load_runs(f"{server.url}/classify", "ours (ORT spinning off)", preset, payloads,
+                                         concurrency_levels=(1, max(preset.concurrency)), open_loop_too=False)
+            out["phases"][SPINNING_OFF] = "done"
+        except PHASE_ERRORS as err:
+            out["phases"][SPINNING_OFF] = phase_failure(err)
     return out
+
+
+def phase_failure(err: BaseException) -> str:
+    """A failed phase as the report gives it: one line (a server's log tail is left to its own run)."""
+    return f"failed: {type(err).__name__}: {one_line(str(err))[:500]}"
 
 
 def load_peer(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> list[dict]:
@@ -136,10 +153,13 @@ def host_line(providers: list[str]) -> str:
 
 
 def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -> dict:
-    """Export, engine sweep, model comparison, then load against our service and the peer; writes the report."""
-    results = {"config": {**asdict(preset), "providers": providers, "threads": threads,
-                          "max_batch_size": MAX_BATCH_SIZE, "max_queue_delay_ms": QUEUE_DELAY_MS},
-               "host": host_line(providers)}
+    """Export, engine sweep, model comparison, then load against our service and the peer. The report is written
+    after every phase, so a later phase that fails loses none of the earlier ones; a comparison phase that fails (the
+    peer, the spinning-off rerun) is recorded and the run goes on, a failure of our service ends it."""
+    results: dict = {"config": {**asdict(preset), "providers": providers, "threads": threads,
+                                "max_batch_size": MAX_BATCH_SIZE, "max_queue_delay_ms": QUEUE_DELAY_MS},
+                     "host": host_line(providers), "phases": {}, "complete": False, "load": []}
+    results["efficiency_batch_size"] = min(MAX_BATCH_SIZE, max(preset.batch_sizes))
     with tempfile.TemporaryDirectory(prefix="bench-repo-") as repo:
         results["compare"] = compare_models(Path(repo), preset.variants, preset.precisions, preset.batch_sizes,
                                             providers, preset.tensorrt_precisions, threads=threads,
@@ -153,22 +173,43 @@ def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -
         results["served_engine"] = {**asdict(engine), "engine_rows": f"{engine.precision}/{served_provider}"}
         preset = replace(preset, rate=open_loop_rate(preset, engine_rows))
         results["config"]["rate"] = preset.rate
+        save_phase(results, "engine sweep", "done", out_dir, engine_rows)
         payloads = jpeg_payloads()
-        ours = load_our_service(repo, served, preset, payloads, threads)
+        try:
+            ours = load_our_service(repo, served, preset, payloads, threads)
+        except BaseException as err:  # the run ends here: what it measured so far is on disk, saying where it stopped
+            save_phase(results, "our service", phase_failure(err), out_dir, engine_rows)
+            raise
         results["load"], results["batch_distribution"] = ours["load"], ours["batch_distribution"]
         results["preprocess"], results["low_load"] = preprocess_and_low_load(
             Path(repo), served, payloads, engine_rows, results["load"], threads, ours["by_size"],
             engine_on_cpu=engine.provider == "cpu")
+        results["phases"]["our service"] = "done"
+        results["phases"].update(ours["phases"])  # the spinning-off rerun's
+        save_phase(results, None, None, out_dir, engine_rows)
         if preset.peer:
-            results["load"] += load_peer(repo, served, preset, payloads, threads)
-            results["engines_under_load"] = {"ours": engine.label, "litserve": preset.peer_engine.label}
-    engine_at_max = min(MAX_BATCH_SIZE, max(preset.batch_sizes))
-    results["efficiency_batch_size"] = engine_at_max
-    for run in results["load"]:  # open loop is paced by its arrival rate: an efficiency there means nothing
-        closed = run["mode"] == "closed"
-        run["efficiency"] = service_efficiency(run["images_per_s"], engine_rows, engine_at_max) if closed else None
-    write_report(results, out_dir)
+            try:
+                results["load"] += load_peer(repo, served, preset, payloads, threads)
+                results["engines_under_load"] = {"ours": engine.label, "litserve": preset.peer_engine.label}
+                save_phase(results, "LitServe peer", "done", out_dir, engine_rows)
+            except PHASE_ERRORS as err:
+                save_phase(results, "LitServe peer", phase_failure(err), out_dir, engine_rows)
+    results["complete"] = True
+    save_phase(results, None, None, out_dir, engine_rows)
     return results
+
+
+def save_phase(results: dict, phase: str | None, outcome: str | None, out_dir: Path,
+               engine_rows: list[dict]) -> None:
+    """Record how `phase` ended and write the report as it stands (each closed-loop run's service efficiency
+    against the served engine alone at the service's max batch size; open loops are paced by their arrival rate)."""
+    if phase is not None:
+        results["phases"][phase] = outcome
+    for run in results["load"]:
+        closed = run["mode"] == "closed"
+        run["efficiency"] = (service_efficiency(run["images_per_s"], engine_rows, results["efficiency_batch_size"])
+                             if closed else None)
+    write_report(results, out_dir)
 
 
 def run_load(args: argparse.Namespace) -> LoadResult:

@@ -48,6 +48,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def markdown(results: dict) -> str:
     parts = [f"# Benchmark ({results['config']['name']})", "", f"Host: {results['host']}", ""]
+    parts += phases_lines(results)
     parts += ["## Engine alone (ONNX Runtime providers and native TensorRT engines; random-init weights: speed only)",
               ""]
     # n: the timed calls a row rests on; with few, p99 is the slowest call rather than a percentile.
@@ -93,6 +94,18 @@ def markdown(results: dict) -> str:
         parts += ["## Engine batch sizes during our load runs (service /metrics convnext_batch_size)", "",
                   _table(["batch size <=", "batches"], rows), ""]
     return "\n".join(parts)
+
+
+def phases_lines(results: dict) -> list[str]:
+    """How each phase of the run ended, and, while the run is not complete, that the report stops where it did."""
+    phases = results.get("phases")
+    if not phases:
+        return []
+    line = "Phases: " + "; ".join(f"{name}: {outcome}" for name, outcome in phases.items()) + "."
+    if not results.get("complete", True):
+        line = ("**Incomplete run**: this report was written when the last phase listed ended; the phases after it "
+                "have not run (the run is still going, or it stopped there). " + line)
+    return [line, ""]
 
 
 def provider_cell(row: dict) -> str:
@@ -232,7 +245,8 @@ def plots(results: dict, out_dir: Path) -> dict[Path, bytes]:
                       key=lambda r: r["concurrency"])
         ax.plot([r["concurrency"] for r in runs], [r["images_per_s"] for r in runs], marker="o", label=server)
     ax.set(xlabel="concurrency (closed loop)", ylabel="images/s", title="Throughput vs concurrency")
-    ax.legend()
+    if ax.get_lines():  # a report written before any load run has none
+        ax.legend()
     rendered[out_dir / "throughput_vs_concurrency.png"] = render_figure(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -241,7 +255,8 @@ def plots(results: dict, out_dir: Path) -> dict[Path, bytes]:
         if len(lat):
             ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=latency_cdf_label(run))
     ax.set(xlabel="latency (ms)", ylabel="fraction of requests", title="Latency CDF")
-    ax.legend(fontsize=7)
+    if ax.get_lines():
+        ax.legend(fontsize=7)
     rendered[out_dir / "latency_cdf.png"] = render_figure(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,0 +1,94 @@
+"""`bench all` keeps what it measured when a later phase fails: the report is written after every phase, a comparison
+phase that fails (the LitServe peer, the ORT-spinning-off rerun) is recorded and the run goes on, and a failure of our
+service leaves the engine sweep on disk, marked incomplete. The phases are stubbed with canned results: seconds."""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import pytest
+
+import bench.__main__ as bench_main
+from bench.presets import PRESETS
+from bench.server_process import RunningServer
+
+ENGINE_ROW = {"model": "convnext_atto", "activation": "gelu", "precision": "fp32", "provider": "cpu", "batch_size": 1,
+              "threads": 2, "images_per_s": 50.0, "p50_ms": 20.0, "p99_ms": 25.0, "iterations": 5}
+OUR_RUN = {"server": "ours", "mode": "closed", "concurrency": 1, "rate_per_s": None, "ok": 10, "errors": {},
+           "images_per_s": 40.0, "p50_ms": 25.0, "p95_ms": 30.0, "p99_ms": 31.0, "latencies_ms": [25.0] * 10}
+PEER_DIED = "bench.peer_litserve exited with 1 before http://127.0.0.1:1234/health answered"
+
+
+@pytest.fixture()
+def canned_phases(monkeypatch):
+    """Every phase before the peer answers at once with canned results (the engine sweep, our service)."""
+    compared = {"models": [{"model": "convnext_atto", "activation": "gelu", "params_m": 3.7, "gmacs": 0.55,
+                            "published_top1": None, "published_top1_source": "not published",
+                            "results": [ENGINE_ROW, {**ENGINE_ROW, "batch_size": 2, "images_per_s": 80.0}]}],
+                "skipped": {}, "onnx_files": {}}
+    monkeypatch.setattr(bench_main, "compare_models", lambda *a, **k: compared)
+    monkeypatch.setattr(bench_main, "jpeg_payloads", lambda *a, **k: [b"jpeg"])
+    monkeypatch.setattr(bench_main, "load_our_service", lambda *a, **k: {
+        "load": [dict(OUR_RUN)], "batch_distribution": {}, "by_size": [], "phases": {}})
+    monkeypatch.setattr(bench_main, "preprocess_and_low_load", lambda *a, **k: ({}, None))
+
+
+def written(out) -> tuple[dict, str]:
+    return json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
+
+
+def test_a_peer_that_fails_to_start_is_recorded_and_every_earlier_phase_is_written(canned_phases, monkeypatch,
+                                                                                    tmp_path):
+    def peer_fails(*args, **kwargs):
+        raise RuntimeError(PEER_DIED)
+
+    monkeypatch.setattr(bench_main, "load_peer", peer_fails)
+    results = bench_main.run_all(PRESETS["smoke"], tmp_path, ["cpu"], 2)
+    saved, report = written(tmp_path)
+    assert saved["phases"] == results["phases"] == {"engine sweep": "done", "our service": "done",
+                                                    "LitServe peer": f"failed: RuntimeError: {PEER_DIED}"}
+    assert saved["complete"] and [run["server"] for run in saved["load"]] == ["ours"]
+    assert saved["load"][0]["efficiency"] == 0.5  # against the engine alone at the largest batch timed, 80 images/s
+    assert "engines_under_load" not in saved  # no peer ran: nothing to compare ours with
+    assert f"LitServe peer: failed: RuntimeError: {PEER_DIED}." in report and "Incomplete" not in report
+    assert "| ours | closed |" in report
+
+
+def test_when_our_service_fails_the_engine_sweep_is_on_disk_and_the_report_says_the_run_stopped(
+        canned_phases, monkeypatch, tmp_path):
+    def ours_fails(*args, **kwargs):
+        raise RuntimeError("python -m service exited with 3 before http://127.0.0.1:1/readyz answered:\nport taken")
+
+    monkeypatch.setattr(bench_main, "load_our_service", ours_fails)
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        bench_main.run_all(PRESETS["smoke"], tmp_path, ["cpu"], 2)
+    saved, report = written(tmp_path)
+    assert saved["compare"]["models"][0]["results"][1]["images_per_s"] == 80.0 and not saved["complete"]
+    assert saved["phases"] == {"engine sweep": "done", "our service": "failed: RuntimeError: python -m service "
+                                                                      "exited with 3 before http://127.0.0.1:1/readyz "
+                                                                      "answered:; port taken"}
+    assert report.count("**Incomplete run**") == 1 and "## Engine alone" in report
+
+
+def test_a_spinning_off_rerun_that_fails_to_start_is_recorded_and_our_runs_are_kept(monkeypatch):
+    started = []
+
+    @contextmanager
+    def service(args, ready_timeout_s=120.0):
+        started.append(args)
+        if len(started) == 2:
+            raise RuntimeError("http://127.0.0.1:2/readyz not ready after 120 s")
+        yield RunningServer("http://127.0.0.1:1", 1)
+
+    async def scrape(url):
+        return ""
+
+    monkeypatch.setattr(bench_main, "service", service)
+    monkeypatch.setattr(bench_main, "scrape", scrape)
+    monkeypatch.setattr(bench_main, "load_runs", lambda *a, **k: [dict(OUR_RUN)])
+    monkeypatch.setattr(bench_main, "lone_request_breakdown", lambda url, requests: [])
+    ours = bench_main.load_our_service("repo", "atto", PRESETS["smoke"], [b"jpeg"], 2)
+    assert len(started) == 2 and "false" in started[1]  # the rerun asked for spinning off
+    assert [run["server"] for run in ours["load"]] == ["ours"]
+    assert ours["phases"] == {bench_main.SPINNING_OFF: "failed: RuntimeError: http://127.0.0.1:2/readyz not ready "
+                                                       "after 120 s"}
