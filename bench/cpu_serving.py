@@ -1,5 +1,6 @@
 """POST /classify vs the engine it serves, per CPU engine and decode mode: images/s at concurrency 8 and 32 (real
-JPEGs, mixed sizes), a lone request's overhead, and 12-megapixel uploads.
+JPEGs, mixed sizes), a lone request's overhead, and 12-megapixel uploads (a real photo upscaled, and a mosaic of real
+photos at their native resolution: the realistic one, bench/cpu_engines.photo_mosaic_jpeg).
 
     python -m bench.cpu_serving [--repository R --model M | --architecture A] [--seconds 15]
         [--max-batch-size 8] [--output x.json]
@@ -45,7 +46,9 @@ SERVICES = (("onnxruntime", "fp32", "exact", "LATENCY"), ("onnxruntime", "fp32",
             ("openvino", "fp32", "exact", "LATENCY"), ("openvino", "fp32", "fast", "LATENCY"),
             ("openvino", "fp32", "fast", "THROUGHPUT"), ("onnxruntime", "fp32", "fast", "LATENCY"),
             ("onnxruntime", "fp32", "fast", "THROUGHPUT"), ("openvino", "bf16", "fast", "LATENCY"))
-PHONE_SIZE = (4000, 3000)
+PHONE_SIZE = cpu_engines.PHONE_SIZE
+# 12-MP uploads: the upscaled astronaut (as runs before session 16 sent) and the mosaic of native-resolution photos.
+PHONE_SETS = {"phone": "upscaled", "phone_native": "native-resolution mosaic"}
 UNKNOWN_CPU = "CPU unknown (not recorded in this JSON)"
 # The load client runs on this host: under load it takes CPU from the service, while the engine ran alone.
 SHARED_CPU_NOTE = ("/classify rates were measured with the load client on this host, sharing its CPU with the "
@@ -101,15 +104,20 @@ def service_runs(repository: Path, model: str, config: tuple[str, str, str, str]
             out[f"c{concurrency}"] = result.summary()
         out["lone"] = {size: lone_requests(f"{url}/classify", items, args.lone_requests)
                        for size, items in payloads["by_size"].items()}
-        result = run_client(closed_loop(f"{url}/classify", payloads["phone"], 8, 10**9, args.seconds, steady=True))
-        out["phone_c8"] = result.summary()
+        for name in PHONE_SETS:
+            result = run_client(closed_loop(f"{url}/classify", payloads[name], 8, 10**9, args.seconds, steady=True))
+            out[f"{name}_c8"] = result.summary()
     return out
 
 
 def payload_sets() -> dict:
+    """Mixed 500x375 and 1024x768 JPEGs, each size alone, and the two 12-MP sets (PHONE_SETS), three files each."""
+    qualities = (85, 90, 95)
     return {"mixed": jpeg_payloads(),
             "by_size": {f"{w}x{h}": jpeg_payloads(sizes=((w, h),)) for w, h in PAYLOAD_SIZES},
-            "phone": [cpu_engines.photo_jpeg(PHONE_SIZE, quality) for quality in (85, 90, 95)]}
+            "phone": [cpu_engines.photo_jpeg(PHONE_SIZE, quality) for quality in qualities],
+            "phone_native": [cpu_engines.photo_mosaic_jpeg(PHONE_SIZE, quality, first=index)
+                             for index, quality in enumerate(qualities)]}
 
 
 def measure(version, repository: Path, model: str, args) -> list[dict]:
@@ -134,9 +142,11 @@ def measure(version, repository: Path, model: str, args) -> list[dict]:
         for size, lone in served["lone"].items():
             lone["preprocess_ms"] = preprocess_ms(payloads["by_size"][size], spec, config[2])
             lone["overhead_ms"] = lone["overhead_p50_ms"]  # per request, with the service's own preprocess timing
-        row["phone_preprocess_ms"] = preprocess_ms(payloads["phone"], spec, config[2], repeats=2)
+        for name in PHONE_SETS:
+            row[f"{name}_preprocess_ms"] = preprocess_ms(payloads[name], spec, config[2], repeats=2)
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("c8", "c32", "phone_c8", *run)}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("c8", "c32", "phone_c8", "phone_native_c8", *run)}),
+              flush=True)
     return rows
 
 
@@ -148,13 +158,20 @@ def label(row: dict) -> str:
 
 def print_tables(rows: list[dict]) -> None:
     print(f"\n{SHARED_CPU_NOTE}.")
+    print("\n12-MP uploads: 4000x3000 JPEGs (q85/90/95), the upscaled astronaut photo / a mosaic of real photos at "
+          "their native resolution (the realistic one: an upscaled photo has less detail to decode).")
     print("\n| engine | decode | alone img/s (bs max) | /classify c8 | c32 | c8 / alone | c32 / alone | "
-          "12-MP uploads c8 img/s | 12-MP preprocess ms |\n|---|---|---|---|---|---|---|---|---|")
+          "12-MP uploads c8 img/s, upscaled / mosaic | 12-MP preprocess ms, upscaled / mosaic |"
+          "\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        uploads = " / ".join(f"{r[f'{name}_c8']['images_per_s']:.1f}" if f"{name}_c8" in r else "-"
+                             for name in PHONE_SETS)
+        preprocess = " / ".join(f"{r[f'{name}_preprocess_ms']:.1f}" if f"{name}_preprocess_ms" in r else "-"
+                                for name in PHONE_SETS)
         print(f"| {label(r)} | {r['decode_mode']} | "
               f"{r['alone']['images_per_s']:.1f} | "
               f"{r['c8']['images_per_s']:.1f} | {r['c32']['images_per_s']:.1f} | {r['c8_efficiency']:.2f} | "
-              f"{r['c32_efficiency']:.2f} | {r['phone_c8']['images_per_s']:.1f} | {r['phone_preprocess_ms']:.1f} |")
+              f"{r['c32_efficiency']:.2f} | {uploads} | {preprocess} |")
     print("\n| engine | decode | JPEG | client p50 ms | served bs1 inference ms | engine bs1 alone ms | "
           "preprocess ms | overhead ms |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -177,7 +194,9 @@ def save_plot(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(11, 5))
     run = rows[0]
     bars = (("alone", f"engine alone, batch {run['max_batch_size']}"), ("c8", "/classify, 8 clients"),
-            ("c32", "/classify, 32 clients"), ("phone_c8", "/classify, 12-MP uploads, 8 clients"))
+            ("c32", "/classify, 32 clients"), ("phone_c8", "/classify, 12-MP uploads (upscaled), 8 clients"),
+            ("phone_native_c8", "/classify, 12-MP uploads (native-resolution mosaic), 8 clients"))
+    bars = tuple((key, title) for key, title in bars if all(key in r for r in rows))  # older runs: no mosaic
     width = 0.8 / len(bars)
     for index, (key, title) in enumerate(bars):
         ax.bar([i + index * width for i in range(len(rows))], [r[key]["images_per_s"] for r in rows], width,

