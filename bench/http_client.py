@@ -147,31 +147,43 @@ class Connection:
 
 class BlockingConnection:
     """One keep-alive connection on a plain blocking socket, for one request at a time: no event loop, so the
-    client's own time in a lone request's latency is a send, a few recv calls and one header parse."""
+    client's own time in a lone request's latency is a send, a few recv calls and one header parse. A server that
+    accepts and then sends nothing for `timeout_s` (connecting, sending or between received bytes) is an HttpError,
+    not a benchmark blocked for good; 60 s, as the load generators' per-request timeout."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeout_s: float = 60.0):
         parsed = urlparse(url)
         self.address = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+        self.timeout_s = timeout_s
         self.sock: socket.socket | None = None
         self.buffer = b""
 
     def send(self, request: PreparedRequest) -> tuple[int, bytes]:
         reused = self.sock is not None
         try:
-            return self._exchange(request)
+            return self._timed_exchange(request)
         except (_NoResponse, ConnectionError) as err:
             self.close()
             if not reused:  # a kept-alive connection the server had closed is replaced once, as in Connection.send
                 raise HttpError(str(err)) from None
         try:
-            return self._exchange(request)
+            return self._timed_exchange(request)
         except (_NoResponse, ConnectionError) as err:
             self.close()
             raise HttpError(str(err)) from None
 
+    def _timed_exchange(self, request: PreparedRequest) -> tuple[int, bytes]:
+        """_exchange, with the socket's timeout as an HttpError (never retried: the server is there, not answering)."""
+        try:
+            return self._exchange(request)
+        except TimeoutError:  # socket.timeout
+            self.close()
+            raise HttpError(f"no answer from {self.address[0]}:{self.address[1]} within {self.timeout_s:g} s (its "
+                            "socket timeout)") from None
+
     def _exchange(self, request: PreparedRequest) -> tuple[int, bytes]:
         if self.sock is None:
-            self.sock = socket.create_connection(self.address)
+            self.sock = socket.create_connection(self.address, timeout=self.timeout_s)  # every later call too
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.buffer = b""
         self.sock.sendall(request.data)

@@ -18,19 +18,23 @@ import json
 import time
 from statistics import median
 
-from bench.http_client import BlockingConnection, prepare_post
+from bench.http_client import BlockingConnection, HttpError, prepare_post
 
 
-def lone_requests(url: str, payloads: list[bytes], requests: int, warmup: int = 2) -> dict:
+def lone_requests(url: str, payloads: list[bytes], requests: int, warmup: int = 2, timeout_s: float = 60.0) -> dict:
     """`requests` sequential POSTs cycling over `payloads` (one JPEG size) on a blocking keep-alive socket (one at
-    a time needs no event loop, whose own steps would count in every latency); medians in ms."""
-    connection = BlockingConnection(url)
+    a time needs no event loop, whose own steps would count in every latency); medians in ms. A request that fails
+    (no answer within timeout_s, a broken connection, a status other than 200) ends it with a RuntimeError."""
+    connection = BlockingConnection(url, timeout_s)
     prepared = [prepare_post(url, body) for body in payloads]
     rows = []
     try:
         for index in range(warmup + requests):
             started = time.perf_counter()
-            status, body = connection.send(prepared[index % len(prepared)])
+            try:
+                status, body = connection.send(prepared[index % len(prepared)])
+            except HttpError as err:
+                raise RuntimeError(f"lone request {index + 1} to {url} failed: {err}") from None
             client_ms = (time.perf_counter() - started) * 1000
             if status != 200:
                 raise RuntimeError(f"lone request answered {status}: {body[:200]!r}")

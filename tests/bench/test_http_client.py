@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from contextlib import asynccontextmanager
 
 import pytest
 
 from bench.http_client import BlockingConnection, Connection, HttpError, prepare_get, prepare_post
+from bench.lone_request import lone_requests
 
 
 @asynccontextmanager
@@ -162,3 +164,15 @@ def test_the_blocking_client_keeps_alive_replaces_a_closed_connection_and_reads_
 
     assert asyncio.run(main()) == [(200, b"hello"), (404, b""), (200, b"hello")]
     assert connections == 2
+
+
+def test_a_server_that_accepts_and_never_answers_ends_a_lone_request_run_instead_of_blocking_it():
+    """bench/lone_request.py against a silent server: its socket timeout, an HttpError, then a one-line RuntimeError."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # the kernel accepts the connection; nothing reads the request or answers
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/classify"
+        with pytest.raises(HttpError, match=r"no answer from 127\.0\.0\.1:\d+ within 0\.3 s"):
+            BlockingConnection(url, timeout_s=0.3).send(prepare_post(url, b"x"))
+        with pytest.raises(RuntimeError, match=r"lone request 1 to http://127\.0\.0\.1:\d+/classify failed: no answer"):
+            lone_requests(url, [b"x" * 100], 3, timeout_s=0.3)
