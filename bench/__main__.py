@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from runtime.tensorrt import tensorrt_target
 PROG = "python -m bench"  # as the module runs; prog_name() gives it as the user ran it
 
 MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
+CLOSED_LOOP_REQUESTS = 200  # `bench load` without --rate: requests sent, unless --seconds ends it first
 
 
 def load_runs(url: str, server: str, preset: Preset, payloads: list[bytes], form_field: str | None = None,
@@ -213,13 +215,17 @@ def save_phase(results: dict, phase: str | None, outcome: str | None, out_dir: P
 
 
 def run_load(args: argparse.Namespace) -> LoadResult:
-    """`bench load`: the closed loop, or the open loop with --rate; a RuntimeError when no request succeeded."""
+    """`bench load`: the closed loop, or the open loop with --rate; a RuntimeError when no request succeeded.
+
+    The open loop's arrivals span --seconds unless --requests caps them (a default cap of 200 ended `--rate 20
+    --seconds 30` after 10 s); the closed loop sends --requests (200) or runs --seconds, whichever ends first."""
     payloads = jpeg_payloads()
-    if args.rate:
-        load = open_loop(args.url, payloads, args.rate, args.requests, args.seconds, form_field=args.form_field)
+    if args.rate is not None:
+        cap = sys.maxsize if args.requests is None else args.requests  # uncapped: the schedule ends at --seconds
+        load = open_loop(args.url, payloads, args.rate, cap, args.seconds, form_field=args.form_field)
     else:
-        load = closed_loop(args.url, payloads, args.concurrency, args.requests, args.seconds,
-                           form_field=args.form_field)
+        requests = CLOSED_LOOP_REQUESTS if args.requests is None else args.requests
+        load = closed_loop(args.url, payloads, args.concurrency, requests, args.seconds, form_field=args.form_field)
     result = asyncio.run(load)
     if result.ok == 0:
         first = f", the first with {result.first_error}" if result.first_error else ""
@@ -271,6 +277,18 @@ def gpu_missing() -> str | None:
     return None
 
 
+def positive_number(text: str) -> float:
+    """argparse type of a rate or a duration: a finite number > 0 (0 would have been read as "no rate": a closed loop
+    run in its place), refused as a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
 def _existing_file(text: str) -> Path:
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file (an ONNX file from `python -m export onnx`)")
@@ -305,9 +323,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", help="HTTP load against a loopback URL (closed loop, or open loop with --rate)")
     load.add_argument("url")
     load.add_argument("--concurrency", type=positive_int, default=8)
-    load.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
-    load.add_argument("--requests", type=positive_int, default=200)
-    load.add_argument("--seconds", type=float, default=30.0)
+    load.add_argument("--rate", type=positive_number, default=None, help="open loop: Poisson arrivals per second")
+    load.add_argument("--requests", type=positive_int, default=None,
+                      help=f"at most this many requests (closed loop: default {CLOSED_LOOP_REQUESTS}; open loop: "
+                           "default no cap, arrivals for the whole --seconds)")
+    load.add_argument("--seconds", type=positive_number, default=30.0,
+                      help="at most this long (open loop: the arrival schedule's length)")
     load.add_argument("--form-field", default=None, help="send multipart with this field instead of a raw body")
     for name, text in DELEGATED_HELP.items():
         sub.add_parser(name, add_help=False, help=text)

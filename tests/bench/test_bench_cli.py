@@ -1,5 +1,6 @@
 """`bench engine` and `bench cpu engines` on a real exported model: results name the model only when its repository
-manifest says what it is, and an engine whose artifact the version lacks is skipped saying which one."""
+manifest says what it is, and an engine whose artifact the version lacks is skipped saying which one. Usage errors of
+every bench, and which loop `bench load` runs for how long."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,8 @@ import pytest
 
 import bench.__main__ as bench_main
 from bench import cpu_engines
+from bench.loadgen import LoadResult
+from bench.open_loop import poisson_arrivals_s
 from runtime.repository import ModelRepository
 
 
@@ -90,3 +93,42 @@ def test_precision_labels_a_bare_file_and_may_not_contradict_a_manifest(reposito
     assert bench_main.engine_labels(artifact, "fp32")["precision"] == "fp32"
     with pytest.raises(ValueError, match="--precision fp16, but .* lists it as fp32"):
         bench_main.engine_labels(artifact, "fp16")
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--rate", "0"), ("--rate", "-5"), ("--rate", "nan"), ("--rate", "inf"),
+                                             ("--seconds", "0")])
+def test_a_rate_or_duration_that_is_not_above_zero_is_a_usage_error(flag, value, capsys):
+    # --rate 0 was read as no rate: a closed loop ran in place of the open loop asked for.
+    with pytest.raises(SystemExit) as stopped:
+        bench_main.main(["load", "http://127.0.0.1:8000/classify", flag, value])
+    assert stopped.value.code == 2
+    assert f"argument {flag}: must be a number above 0, got {value}" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def loads(monkeypatch):
+    """bench load's two loops, recorded instead of run: (loop, its arguments)."""
+    started = []
+
+    def recording(mode):
+        async def run(url, payloads, first, requests, seconds, form_field=None):
+            started.append((mode, first, requests, seconds))
+            return LoadResult(mode, url, None, None, sent=1, ok=1, elapsed_s=1.0, latencies_ms=[1.0])
+        return run
+
+    monkeypatch.setattr(bench_main, "jpeg_payloads", lambda: [b"jpeg"])
+    monkeypatch.setattr(bench_main, "open_loop", recording("open"))
+    monkeypatch.setattr(bench_main, "closed_loop", recording("closed"))
+    return started
+
+
+def test_an_open_loop_sends_for_the_whole_duration_asked_unless_its_requests_are_capped(loads):
+    url = "http://127.0.0.1:8000/classify"
+    assert bench_main.main(["load", url, "--rate", "20", "--seconds", "30"]) == 0  # the README's example
+    ((mode, rate, cap, seconds),) = loads
+    assert (mode, rate, seconds) == ("open", 20.0, 30.0)
+    arrivals = poisson_arrivals_s(rate, cap, seconds)
+    assert arrivals[-1] > 29 and 500 < len(arrivals) < 700  # ~rate x seconds, due until the end, not 200 in 10 s
+    bench_main.main(["load", url, "--rate", "20", "--requests", "50"])
+    bench_main.main(["load", url])
+    assert loads[1:] == [("open", 20.0, 50, 30.0), ("closed", 8, bench_main.CLOSED_LOOP_REQUESTS, 30.0)]
