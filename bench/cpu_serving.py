@@ -8,9 +8,11 @@ photos at their native resolution: the realistic one, bench/cpu_engines.photo_mo
 For each configuration (engine, precision, decode mode), in this order: the engine alone (the service's own engine
 class and settings, in this process: images/s at max_batch_size, p50 ms at batch 1), then the service in a
 subprocess on the same threads. Efficiency = /classify images/s / the engine alone's images/s. A lone request's
-overhead = its client p50 - its batch-1 inference p50 as the service ran it (the response's timings) - the image's
-own preprocessing (one thread, this mode). The served engine's batch-1 time, not the engine alone's: between lone
-requests the engine's threads go idle, which a hot loop in another process does not show (both are reported).
+overhead = the median, over its requests, of client latency - that request's preprocessing - its batch-1 inference,
+both as the service timed them (the response's timings; bench/lone_request.py). The served engine's batch-1 time, not
+the engine alone's: between lone requests the engine's threads go idle, which a hot loop in another process does not
+show (both are reported). The table prints the service's preprocessing (what the overhead subtracts) beside this
+process's own one-thread timing of the same images, which runs on warm caches and is not part of the overhead.
 """
 from __future__ import annotations
 
@@ -172,13 +174,19 @@ def print_tables(rows: list[dict]) -> None:
               f"{r['alone']['images_per_s']:.1f} | "
               f"{r['c8']['images_per_s']:.1f} | {r['c32']['images_per_s']:.1f} | {r['c8_efficiency']:.2f} | "
               f"{r['c32_efficiency']:.2f} | {uploads} | {preprocess} |")
+    print("\nA lone request: overhead = median of (client latency - served preprocessing - served batch-1 inference) "
+          "per request, so the medians beside it add up to it only roughly; the one-thread preprocessing is this "
+          "process's (warm caches), not part of it.")
     print("\n| engine | decode | JPEG | client p50 ms | served bs1 inference ms | engine bs1 alone ms | "
-          "preprocess ms | overhead ms |\n|---|---|---|---|---|---|---|---|")
+          "served preprocess ms | preprocess ms (one thread, bench) | overhead ms |"
+          "\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for size, lone in r["lone"].items():
+            served = lone.get("served_preprocess_p50_ms")  # not in runs that predate it
             print(f"| {label(r)} | {r['decode_mode']} | {size} | "
                   f"{lone['client_p50_ms']:.1f} | {lone['inference_p50_ms']:.1f} | "
-                  f"{r['alone']['batch1_p50_ms']:.1f} | {lone['preprocess_ms']:.1f} | {lone['overhead_ms']:.1f} |")
+                  f"{r['alone']['batch1_p50_ms']:.1f} | {'-' if served is None else f'{served:.1f}'} | "
+                  f"{lone['preprocess_ms']:.1f} | {lone['overhead_ms']:.1f} |")
 
 
 def with_run_facts(rows: list[dict], architecture: str, max_batch_size: int) -> list[dict]:

@@ -182,3 +182,15 @@ def test_the_12_mp_mosaic_holds_the_photos_at_their_native_resolution_unlike_the
     assert np.abs(decoded[band:2 * band, :second_row.shape[1]] - second_row).mean() < 6
     # Native detail is what the upscaled file lacks: far more to entropy-decode in the same 12 MP.
     assert len(mosaic) > 2 * len(cpu_engines.photo_jpeg(cpu_engines.PHONE_SIZE))
+
+
+def test_the_lone_request_table_prints_the_preprocessing_its_overhead_subtracts(capsys):
+    # overhead = client - the service's own preprocessing - its inference: the table shows that preprocessing, and the
+    # bench's one-thread timing beside it, labelled as such.
+    measured = served_row("exact")
+    measured["lone"]["500x375"]["served_preprocess_p50_ms"] = 2.5
+    cpu_serving.print_tables([measured, served_row("fast")])
+    printed = capsys.readouterr().out
+    assert "| served preprocess ms | preprocess ms (one thread, bench) | overhead ms |" in printed
+    assert "| exact | 500x375 | 9.0 | 5.0 | 5.0 | 2.5 | 2.0 | 2.0 |" in printed
+    assert "| fast | 500x375 | 9.0 | 5.0 | 5.0 | - | 2.0 | 2.0 |" in printed  # a run from before it was kept
