@@ -67,6 +67,10 @@ def test_smoke_writes_markdown_and_png_plots(smoke_run):
         assert row["requests"] == 3 and row["http_ms"] > 0 and row["preprocess_and_handoffs_ms"] > 0
         assert row["client_p50_ms"] >= row["inference_p50_ms"] > 0 and row["preprocess_ms"] > 0
     assert "Where the time goes" in markdown and "AVX" in results["host"]
+    assert results["complete"] and results["phases"] == {"engine sweep": "done", "our service": "done",
+                                                         "our service, ORT spinning off": "done",
+                                                         "LitServe peer": "done"}
+    assert "\nPhases: engine sweep: done; our service: done;" in markdown and "Incomplete" not in markdown
     assert "| p99 ms (n calls) |" in markdown and " (n=3) |" in markdown  # the smoke preset's 3 calls per batch
     assert results["engines_under_load"] == {"ours": "ONNX Runtime CPU fp32", "litserve": "ONNX Runtime CPU fp32"}
     assert "Under load, ours runs ONNX Runtime CPU fp32 and the LitServe peer ONNX Runtime CPU fp32." in markdown

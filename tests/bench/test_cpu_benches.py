@@ -17,6 +17,7 @@ from PIL import Image
 
 from bench import cpu_engines, cpu_serving
 from bench.host import cpu_model
+from bench.loadgen import photo_paths
 from model.flops import measure
 from runtime.repository import ModelRepository, Preprocess
 
@@ -164,8 +165,6 @@ def test_decode_costs_report_the_floor_under_any_reduced_decode():
 
 
 def test_the_12_mp_mosaic_holds_the_photos_at_their_native_resolution_unlike_the_upscaled_photo():
-    from bench.loadgen import photo_paths
-
     mosaic = cpu_engines.photo_mosaic_jpeg(cpu_engines.PHONE_SIZE)
     with Image.open(io.BytesIO(mosaic)) as image:
         assert (image.format, image.size) == ("JPEG", cpu_engines.PHONE_SIZE)
