@@ -12,6 +12,12 @@ from convnext_files import replace_atomic, sha256_file, sidecar_path, write_side
 from model.checkpoints import read_checkpoint
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     """Python, NumPy, torch (and CUDA) RNG states as tensors, lists and ints only.
 

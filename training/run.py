@@ -4,14 +4,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -24,6 +22,7 @@ from .distributed import DistInfo, all_gather_objects, barrier, broadcast_buffer
 from .ema import ModelEma
 from .engine import EpochSettings, NonFiniteLossError, StepPlan, TrainState, evaluate, train_one_epoch
 from .optim import create_optimizer
+from .resume import resume
 from .run_log import RunLog, StepLines, announce_batch, progress_bar, step_lines
 
 
@@ -36,12 +35,6 @@ def model_kwargs_for(config: TrainConfig, num_classes: int) -> dict:
         layer_scale = model_cfg.layer_scale_init if config.layer_scale_init is None else config.layer_scale_init
         kwargs.update(layer_scale_init=layer_scale, head_init_scale=config.head_init_scale)
     return kwargs
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def configure_cuda_math(device: torch.device) -> None:
@@ -86,19 +79,6 @@ def build_model(config: TrainConfig, kwargs: dict, device: torch.device) -> torc
         load_checkpoint(model, config.finetune, use_ema=config.model_key == "model_ema")
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
-
-
-def restore_rng(saved, dist_info: DistInfo, seed: int, epoch: int) -> None:
-    """Each process continues its own RNG streams; with another process count, fresh per-rank seeds instead."""
-    states = [saved] if isinstance(saved, dict) else list(saved)  # a dict: one process (older checkpoints)
-    if len(states) == dist_info.world_size:
-        ckpt.set_rng_state(states[dist_info.rank])
-        return
-    seed_everything(seed + 1000 * (epoch + 1) + dist_info.rank)
-    if dist_info.is_main:
-        print(f"warning: the checkpoint holds RNG states for {len(states)} processes, this run has "
-              f"{dist_info.world_size}: augmentation, Mixup/CutMix and drop-path draws are re-seeded, so the run "
-              "continues correctly but not bit for bit", file=sys.stderr, flush=True)
 
 
 def _build_data(config: TrainConfig, dist_info: DistInfo, device: torch.device, augment: bool):
@@ -148,7 +128,7 @@ def build_run(config: TrainConfig, dist_info: DistInfo, augment: bool) -> Run:
     # Seeded after the data sets (building them may import libraries that draw from the global RNGs on first
     # import: scikit-learn does), and with the same seed on every process: DDP broadcasts rank 0's weights, but
     # the EMA copy is taken before that and must start from the same weights on every process too.
-    seed_everything(config.seed)
+    ckpt.seed_everything(config.seed)
     kwargs = model_kwargs_for(config, num_classes)
     model = build_model(config, kwargs, device)
     state = TrainState(
@@ -164,47 +144,9 @@ def build_run(config: TrainConfig, dist_info: DistInfo, augment: bool) -> Run:
             "class_names": list(datasets.class_names), "config": config.to_dict()}
     settings = EpochSettings(device, config.amp, config.accum_steps, config.clip_grad, config.channels_last,
                              config.log_every)
-    seed_everything(config.seed + dist_info.rank)  # per process from here: augmentation, Mixup/CutMix, drop path
+    ckpt.seed_everything(config.seed + dist_info.rank)  # per process from here: augmentation, Mixup/CutMix, drop path
     return Run(config, dist_info, state, settings, train_loader, val_loader, mixup, make_criterion(config, mixup),
                meta, log)
-
-
-def resume(run: Run, path: str) -> int:
-    """Load a checkpoint_last.pth into the run (weights, optimizer, EMA, scaler, schedule, best, RNG streams).
-
-    Returns the epoch to start at.
-    """
-    saved = ckpt.read_for_resume(path)
-    state = run.state
-    state.unwrapped.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    if state.ema is not None and "model_ema" in saved:
-        state.ema.load_state_dict(saved["model_ema"])
-    elif state.ema is not None:  # EMA turned on at resume: it starts from the weights (official auto_load_model)
-        state.ema.load_state_dict(saved["model"])
-        if run.dist_info.is_main:
-            print(f"warning: {path} has no EMA weights (its run had no EMA); the EMA starts from its weights",
-                  file=sys.stderr, flush=True)
-    if state.scaler is not None and saved.get("scaler"):
-        state.scaler.load_state_dict(saved["scaler"])
-    state.plan.step = resumed_step(saved, state.plan, run.dist_info.is_main)
-    run.best.update(saved["best"])
-    restore_rng(saved["rng"], run.dist_info, run.config.seed, saved["epoch"])
-    return saved["epoch"] + 1
-
-
-def resumed_step(saved: dict, plan: StepPlan, is_main: bool) -> int:
-    """The start of the epoch after the checkpoint's in this run's plan, as the official epoch * steps_per_epoch.
-
-    Not the saved step count: batch size, process count, accumulation or --max-steps-per-epoch may have changed the
-    steps per epoch, and the lr would then be elsewhere in this plan's schedule. The same count when nothing changed.
-    """
-    step = (saved["epoch"] + 1) * plan.steps_per_epoch
-    if step != saved["step"] and is_main:
-        print(f"warning: the checkpoint's run took {saved['step']} optimizer steps through epoch {saved['epoch']}, "
-              f"this run takes {plan.steps_per_epoch} per epoch: its lr schedule continues at step {step} of "
-              f"{plan.total_steps}, the start of epoch {saved['epoch'] + 1}", file=sys.stderr, flush=True)
-    return step
 
 
 def wrap_model(run: Run) -> None:
@@ -282,7 +224,11 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
 
 def _train(config: TrainConfig, dist_info: DistInfo, augment: bool, stop_after_epoch: int | None) -> dict:
     run = build_run(config, dist_info, augment)
-    start_epoch = resume(run, config.resume) if config.resume else 0
+    start_epoch = 0
+    if config.resume:
+        resumed_epoch, best = resume(config.resume, run.state, dist_info, config.seed)
+        run.best.update(best)
+        start_epoch = resumed_epoch + 1
     wrap_model(run)
     plan = run.state.plan
     if dist_info.is_main:

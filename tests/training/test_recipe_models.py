@@ -11,7 +11,8 @@ from training.__main__ import main
 from training.checkpoint import rng_state
 from training.config import PRESETS, resolve
 from training.distributed import DistInfo
-from training.run import configure_cuda_math, model_kwargs_for, restore_rng
+from training.resume import restore_rng
+from training.run import configure_cuda_math, model_kwargs_for
 
 
 def test_resnet50_gets_stochastic_depth_from_the_run_with_torchvision_names():
