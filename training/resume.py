@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import sys
 
+from model import CheckpointError
+
 from . import checkpoint as ckpt
 from .distributed import DistInfo
 from .engine import StepPlan, TrainState
 
+# What a checkpoint needs for --resume besides its weights: an official release, a timm file or a bare state dict
+# has none of them.
+TRAINING_KEYS = ("model", "optimizer", "epoch", "step", "rng", "best", "model_name", "model_kwargs")
+# The model_kwargs that make the weights mean something else (drop path, head init and the layer-scale init value
+# only shape a run's start or its regularisation: a resumed run may change them, as its flags say).
+SAME_MODEL_KWARGS = ("num_classes", "in_chans", "activation")
+RESUME_HINT = ("--resume continues a run from its checkpoint_last.pth; to start a new run from a file's weights, use "
+               "--finetune")
 
-def resume(path: str, state: TrainState, dist_info: DistInfo, seed: int) -> tuple[int, dict]:
-    """Load checkpoint `path` into `state`; returns its last complete epoch and its `best` record."""
+
+def resume(path: str, state: TrainState, meta: dict, dist_info: DistInfo, seed: int) -> tuple[int, dict]:
+    """Load checkpoint `path` into `state`; returns its last complete epoch and its `best` record.
+
+    Refuses (CheckpointError) a file that is not a training checkpoint, or one of another model, class count or
+    class list than this run's `meta` (model name, kwargs and class names, as checkpoints record them).
+    """
     saved = ckpt.read_for_resume(path)
-    state.unwrapped.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
+    check_resumable(saved, path, meta)
+    load_weights(state, saved, path, meta["model_name"])
     if state.ema is not None and "model_ema" in saved:
         state.ema.load_state_dict(saved["model_ema"])
     elif state.ema is not None:  # EMA turned on at resume: it starts from the weights (official auto_load_model)
@@ -26,6 +41,40 @@ def resume(path: str, state: TrainState, dist_info: DistInfo, seed: int) -> tupl
     state.plan.step = resumed_step(saved, state.plan, dist_info.is_main)
     restore_rng(saved["rng"], dist_info, seed, saved["epoch"])
     return saved["epoch"], saved["best"]
+
+
+def check_resumable(saved: dict, path: str, meta: dict) -> None:
+    """The checkpoint holds a run's training state, of the model, classes and inputs this run builds."""
+    missing = [key for key in TRAINING_KEYS if key not in saved]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (it has no {', '.join(missing)}: a weights-only "
+                              f"file, such as an official release?); {RESUME_HINT}")
+    theirs = {"model": saved["model_name"], **{k: saved["model_kwargs"].get(k) for k in SAME_MODEL_KWARGS}}
+    ours = {"model": meta["model_name"], **{k: meta["model_kwargs"].get(k) for k in SAME_MODEL_KWARGS}}
+    differences = [f"{name} {theirs[name]} (this run: {ours[name]})" for name in ours if theirs[name] != ours[name]]
+    their_classes, our_classes = list(saved.get("class_names", meta["class_names"])), list(meta["class_names"])
+    if not differences and their_classes != our_classes:  # as many classes, other names: other labels
+        index = next(i for i, (a, b) in enumerate(zip(their_classes, our_classes, strict=True)) if a != b)
+        differences.append(f"class {index} {their_classes[index]!r} (this run's data: {our_classes[index]!r})")
+    if differences:
+        raise CheckpointError(f"{path} is not a checkpoint of this run's model and data: {', '.join(differences)}; "
+                              f"check --model and --data-dir. {RESUME_HINT}")
+
+
+def load_weights(state: TrainState, saved: dict, path: str, model_name: str) -> None:
+    """The weights and the optimizer's state, strictly; a mismatch is one CheckpointError, not torch's listing."""
+    try:
+        state.unwrapped.load_state_dict(saved["model"])
+    except RuntimeError as error:  # torch lists every key: the first one says enough
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise CheckpointError(f"{path}: its weights do not fit this run's {model_name} ({detail[:300]}); "
+                              f"{RESUME_HINT}") from None
+    try:
+        state.optimizer.load_state_dict(saved["optimizer"])
+    except ValueError as error:  # other parameter groups: layer-wise lr decay turned on or off
+        layer_decay = saved.get("config", {}).get("layer_decay", "?")
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run's parameter groups ({error}); "
+                              f"its run used --layer-decay {layer_decay}: pass the same") from None
 
 
 def resumed_step(saved: dict, plan: StepPlan, is_main: bool) -> int:

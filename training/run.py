@@ -226,7 +226,7 @@ def _train(config: TrainConfig, dist_info: DistInfo, augment: bool, stop_after_e
     run = build_run(config, dist_info, augment)
     start_epoch = 0
     if config.resume:
-        resumed_epoch, best = resume(config.resume, run.state, dist_info, config.seed)
+        resumed_epoch, best = resume(config.resume, run.state, run.meta, dist_info, config.seed)
         run.best.update(best)
         start_epoch = resumed_epoch + 1
     wrap_model(run)

@@ -1,0 +1,64 @@
+"""--resume refuses what it cannot continue with one error line: a weights-only file, another model's checkpoint."""
+import dataclasses
+
+import pytest
+import torch
+
+from model.checkpoints import read_checkpoint
+from training.__main__ import main
+from training.config import PRESETS
+from training.distributed import DistInfo
+from training.run import train
+
+TINY = dataclasses.replace(PRESETS["demo"], epochs=1, batch_size=8, max_steps_per_epoch=1, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The checkpoint_last.pth of a one-epoch demo run (convnext_atto, 10 digit classes)."""
+    output = tmp_path_factory.mktemp("finished")
+    train(dataclasses.replace(TINY, output=str(output)), DistInfo())
+    return output / "checkpoint_last.pth"
+
+
+def _resume(tmp_path, checkpoint, *flags: str) -> list[str]:
+    return ["--preset", "demo", "--epochs", "2", "--batch-size", "8", "--max-steps-per-epoch", "1", "--quiet",
+            "--output", str(tmp_path / "run"), "--resume", str(checkpoint), *flags]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("python -m training: error: "), err
+    return lines[0]
+
+
+def test_resuming_another_models_checkpoint_is_one_error_naming_both_models(finished, tmp_path, capsys):
+    assert main(_resume(tmp_path, finished, "--model", "convnext_femto")) == 2
+    line = _one_error_line(capsys)
+    assert "model convnext_atto (this run: convnext_femto)" in line and "--finetune" in line
+
+
+def test_resuming_a_checkpoint_of_another_class_count_is_one_error(finished, tmp_path, capsys):
+    saved = read_checkpoint(finished)
+    saved["model_kwargs"]["num_classes"] = 5  # as a run on a 5-class --data-dir records it
+    saved["model"]["head.weight"], saved["model"]["head.bias"] = saved["model"]["head.weight"][:5], saved[
+        "model"]["head.bias"][:5]
+    torch.save(saved, tmp_path / "five.pth")
+    assert main(_resume(tmp_path, tmp_path / "five.pth")) == 2
+    assert "num_classes 5 (this run: 10)" in _one_error_line(capsys)
+
+
+def test_resuming_a_weights_only_file_says_to_use_finetune(finished, tmp_path, capsys):
+    torch.save({"model": read_checkpoint(finished)["model"]}, tmp_path / "weights.pth")  # an official release's layout
+    assert main(_resume(tmp_path, tmp_path / "weights.pth")) == 2
+    line = _one_error_line(capsys)
+    assert "is not a training checkpoint (it has no optimizer," in line and "use --finetune" in line
+
+
+def test_resuming_weights_that_do_not_fit_is_one_error_not_torchs_listing(finished, tmp_path, capsys):
+    """Layer scale 0 builds no gammas: the checkpoint's gammas do not fit (the strict load's error, shortened)."""
+    assert main(_resume(tmp_path, finished, "--layer-scale-init", "0")) == 2
+    line = _one_error_line(capsys)
+    assert "its weights do not fit this run's convnext_atto (Unexpected key(s)" in line and "--finetune" in line
