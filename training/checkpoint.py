@@ -1,7 +1,9 @@
 """Atomic checkpoints of plain data with a sha256 sidecar (read back by model.read_checkpoint), and RNG states."""
 from __future__ import annotations
 
+import errno
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,6 +12,9 @@ import torch
 
 from convnext_files import replace_atomic, sha256_file, sidecar_path, write_sidecar
 from model.checkpoints import read_checkpoint
+
+# A full disk, a file-size limit, a full quota: free space (or write elsewhere) and the save works.
+SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 def seed_everything(seed: int) -> None:
@@ -77,8 +82,35 @@ def save_atomic(checkpoint: dict, path: str | Path) -> None:
         digest.append(sha256_file(tmp))
         sidecar_path(path).unlink(missing_ok=True)
 
-    replace_atomic(path, lambda file: torch.save(checkpoint, file), hash_then_drop_old_sidecar)
+    try:
+        replace_atomic(path, lambda file: torch.save(checkpoint, file), hash_then_drop_old_sidecar)
+    except (OSError, RuntimeError) as error:  # torch.save turns a failed write into RuntimeError "unexpected pos"
+        cause = _os_error_in(error)
+        if isinstance(error, OSError) and (cause is None or cause.errno not in SPACE_ERRNOS):
+            raise  # a permission, a folder in the way: its own message names the path
+        raise OSError(_write_failure(Path(path), error, cause)) from error
     write_sidecar(path, digest[0])
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: itself, or the one torch.save's RuntimeError carries as its context."""
+    cause: BaseException | None = error
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+        cause = cause.__context__
+    return cause if isinstance(cause, OSError) else None
+
+
+def _write_failure(path: Path, error: BaseException, cause: OSError | None) -> str:
+    """What a failed checkpoint write says: why, the space left when space ran out, and that the file there is still
+    the previous one (the temporary file is gone)."""
+    previous = "the previous one is intact" if path.is_file() else "no earlier one was replaced"
+    if cause is None:
+        return f"could not write {path} ({str(error).splitlines()[0][:200]}); {previous}"
+    if cause.errno not in SPACE_ERRNOS:
+        return f"could not write {path} ({cause.strerror}); {previous}"
+    free_mb = shutil.disk_usage(path.parent).free / 1e6
+    return (f"could not write {path} ({cause.strerror}; {free_mb:,.0f} MB free on its filesystem): free space or "
+            f"pass another --output; {previous}")
 
 
 def read_for_resume(path: str | Path) -> dict:

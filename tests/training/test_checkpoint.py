@@ -2,6 +2,11 @@
 checkpoint_last.pth after the best ones."""
 import dataclasses
 import random
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +17,8 @@ from training.checkpoint import cuda_state_to_restore, read_for_resume, rng_stat
 from training.config import PRESETS
 from training.distributed import DistInfo
 from training.run import train
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_round_trip_with_weights_only_restores_every_rng(tmp_path):
@@ -33,11 +40,57 @@ class Unpicklable:
 def test_a_failing_save_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "checkpoint_last.pth"
     save_atomic({"epoch": 1}, path)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(OSError, match=r"could not write .*checkpoint_last.pth \(disk full\); the previous one is"):
         save_atomic({"epoch": 2, "bad": Unpicklable()}, path)
     assert read_checkpoint(path)["epoch"] == 1
     # no temp file left behind; the sidecar still matches the surviving file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pth", "checkpoint_last.pth.sha256"]
+
+
+def _file_size_limit(max_bytes: int):
+    """A child process's preexec_fn: writes past `max_bytes` fail with EFBIG (File too large), as on a full disk
+    they fail with ENOSPC; SIGXFSZ ignored, or the kernel kills the process instead."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return limit
+
+
+SAVE_PAST_THE_LIMIT = """
+import sys, torch
+from training.checkpoint import save_atomic
+save_atomic({"epoch": 1}, sys.argv[1])
+try:
+    save_atomic({"epoch": 2, "w": torch.zeros(4_000_000, dtype=torch.uint8)}, sys.argv[1])
+except OSError as error:
+    print(error)
+"""
+
+
+def test_a_save_that_hits_a_real_write_limit_names_the_cause_and_keeps_the_previous_file(tmp_path):
+    """A real failed write (not a faked exception): torch.save reports it as RuntimeError "unexpected pos"."""
+    path = tmp_path / "checkpoint_last.pth"
+    result = subprocess.run([sys.executable, "-c", SAVE_PAST_THE_LIMIT, str(path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, preexec_fn=_file_size_limit(1_000_000), check=True)
+    assert result.stdout.startswith(f"could not write {path} (File too large; "), result.stdout + result.stderr
+    assert "MB free on its filesystem): free space or pass another --output; the previous one is intact" in (
+        result.stdout)
+    assert read_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pth", "checkpoint_last.pth.sha256"]
+
+
+def test_a_run_whose_checkpoint_write_fails_ends_with_one_error_line(tmp_path):
+    output = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "--preset", "demo", "--epochs", "1", "--max-steps-per-epoch", "1",
+         "--batch-size", "8", "--disable-eval", "--quiet", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, preexec_fn=_file_size_limit(5_000_000))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"python -m training: error: could not write {output / 'checkpoint_last.pth'} (File too large; ")
+    assert not list(output.glob("*.tmp")) and not list(output.glob(".*.tmp"))
 
 
 def test_resume_from_a_missing_file_says_what_to_pass(tmp_path):

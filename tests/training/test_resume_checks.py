@@ -10,7 +10,8 @@ from training.config import PRESETS
 from training.distributed import DistInfo
 from training.run import train
 
-TINY = dataclasses.replace(PRESETS["demo"], epochs=1, batch_size=8, max_steps_per_epoch=1, quiet=True)
+TINY = dataclasses.replace(PRESETS["demo"], epochs=1, batch_size=8, max_steps_per_epoch=1, disable_eval=True,
+                           quiet=True)
 
 
 @pytest.fixture(scope="module")
