@@ -28,7 +28,10 @@ def resume(path: str, state: TrainState, meta: dict, dist_info: DistInfo, seed: 
     """
     saved = ckpt.read_for_resume(path)
     check_resumable(saved, path, meta)
-    load_weights(state, saved, path, meta["model_name"])
+    changed = load_weights(state, saved, path, meta["model_name"])
+    if changed and dist_info.is_main:
+        print(f"warning: this run's optimizer settings replace {path}'s: {', '.join(changed)}", file=sys.stderr,
+              flush=True)
     if state.ema is not None and "model_ema" in saved:
         state.ema.load_state_dict(saved["model_ema"])
     elif state.ema is not None:  # EMA turned on at resume: it starts from the weights (official auto_load_model)
@@ -61,8 +64,14 @@ def check_resumable(saved: dict, path: str, meta: dict) -> None:
                               f"check --model and --data-dir. {RESUME_HINT}")
 
 
-def load_weights(state: TrainState, saved: dict, path: str, model_name: str) -> None:
-    """The weights and the optimizer's state, strictly; a mismatch is one CheckpointError, not torch's listing."""
+def load_weights(state: TrainState, saved: dict, path: str, model_name: str) -> list[str]:
+    """The weights and the optimizer's state, strictly; a mismatch is one CheckpointError, not torch's listing.
+
+    The optimizer keeps this run's group settings (weight decay, betas, layer-decay lr scales: its config's, which
+    config.json records); returns those that differ from the checkpoint's, as "weight_decay 0.05 -> 0.5".
+    """
+    this_runs = [{key: value for key, value in group.items() if key != "params"}
+                 for group in state.optimizer.param_groups]
     try:
         state.unwrapped.load_state_dict(saved["model"])
     except RuntimeError as error:  # torch lists every key: the first one says enough
@@ -75,6 +84,29 @@ def load_weights(state: TrainState, saved: dict, path: str, model_name: str) -> 
         layer_decay = saved.get("config", {}).get("layer_decay", "?")
         raise CheckpointError(f"{path}: its optimizer state does not fit this run's parameter groups ({error}); "
                               f"its run used --layer-decay {layer_decay}: pass the same") from None
+    return restore_group_settings(state.optimizer, this_runs)
+
+
+def restore_group_settings(optimizer, settings: list[dict]) -> list[str]:
+    """Put `settings` back into the optimizer's groups after load_state_dict, which takes every saved group setting:
+    --weight-decay, --beta1/2 and --layer-decay then apply as the flags say (the lr is set at every step anyway)."""
+    changes: dict[str, list[tuple]] = {}
+    for group, wanted in zip(optimizer.param_groups, settings, strict=True):
+        for key, value in wanted.items():
+            saved = group.get(key)
+            if key != "lr" and _plain(saved) != _plain(value):
+                changes.setdefault(key, []).append((_plain(saved), _plain(value)))
+            group[key] = value
+    described = []
+    for key, pairs in changes.items():
+        (old, new), *others = dict.fromkeys(pairs)  # the distinct changes, in group order
+        described.append(f"{key} in {len(pairs)} parameter groups" if others else f"{key} {old} -> {new}")
+    return described
+
+
+def _plain(value):
+    """Lists as tuples: a checkpoint may hold a group's betas as either."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def resumed_step(saved: dict, plan: StepPlan, is_main: bool) -> int:

@@ -1,4 +1,5 @@
-"""--resume refuses what it cannot continue with one error line: a weights-only file, another model's checkpoint."""
+"""--resume refuses what it cannot continue with one error line (a weights-only file, another model's checkpoint),
+and continues with the flags' optimizer settings."""
 import dataclasses
 
 import pytest
@@ -63,3 +64,16 @@ def test_resuming_weights_that_do_not_fit_is_one_error_not_torchs_listing(finish
     assert main(_resume(tmp_path, finished, "--layer-scale-init", "0")) == 2
     line = _one_error_line(capsys)
     assert "its weights do not fit this run's convnext_atto (Unexpected key(s)" in line and "--finetune" in line
+
+
+def test_a_resume_trains_with_this_runs_weight_decay_and_betas_and_says_which_changed(finished, tmp_path, capsys):
+    """Optimizer.load_state_dict takes the saved group settings: the flags (and config.json) must win."""
+    resumed = dataclasses.replace(TINY, epochs=2, weight_decay=0.5, beta2=0.95, output=str(tmp_path / "run"),
+                                  resume=str(finished))
+    train(resumed, DistInfo())
+    groups = read_checkpoint(tmp_path / "run" / "checkpoint_last.pth")["optimizer"]["param_groups"]
+    assert sorted({group["weight_decay"] for group in groups}) == [0.0, 0.5]  # biases, norms, gammas: none
+    assert {tuple(group["betas"]) for group in groups} == {(0.9, 0.95)}
+    err = capsys.readouterr().err
+    changed = "weight_decay 0.05 -> 0.5, betas (0.9, 0.999) -> (0.9, 0.95)"
+    assert f"warning: this run's optimizer settings replace {finished}'s: {changed}\n" in err
