@@ -13,6 +13,8 @@ import torch
 from convnext_files import replace_atomic, sha256_file, sidecar_path, write_sidecar
 from model.checkpoints import read_checkpoint
 
+# What a run writes in --output: checkpoint_last.pth for --resume, the best val top-1 and best EMA val top-1 ones.
+CHECKPOINT_NAMES = ("checkpoint_last.pth", "checkpoint_best.pth", "checkpoint_best_ema.pth")
 # A full disk, a file-size limit, a full quota: free space (or write elsewhere) and the save works.
 SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
@@ -111,6 +113,16 @@ def _write_failure(path: Path, error: BaseException, cause: OSError | None) -> s
     free_mb = shutil.disk_usage(path.parent).free / 1e6
     return (f"could not write {path} ({cause.strerror}; {free_mb:,.0f} MB free on its filesystem): free space or "
             f"pass another --output; {previous}")
+
+
+def remove_interrupted_writes(output: Path) -> list[Path]:
+    """Remove the temporary files of checkpoint saves that a signal ended mid-write (replace_atomic's
+    `.<name>.<random>.tmp`, a checkpoint's or its sidecar's): hidden, up to a checkpoint's size, never read, and
+    no later save reuses their random names. Call it before a run's first save, on the one process that saves."""
+    stale = sorted(path for name in CHECKPOINT_NAMES for path in output.glob(f".{name}.*.tmp") if path.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def read_for_resume(path: str | Path) -> dict:

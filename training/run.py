@@ -270,6 +270,10 @@ def _announce_start(config: TrainConfig, world_size: int, plan: StepPlan, meta: 
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    stale = ckpt.remove_interrupted_writes(output)
+    if stale:
+        print(f"warning: removed {len(stale)} temporary file(s) of interrupted checkpoint saves from {output}: "
+              f"{', '.join(path.name for path in stale)}", file=sys.stderr, flush=True)
     log({"event": "start", "world_size": world_size, "total_batch": config.total_batch(world_size),
          "recipe_batch": config.lr_ref_batch, "peak_lr": plan.peak_lr, "steps_per_epoch": plan.steps_per_epoch,
          **meta})

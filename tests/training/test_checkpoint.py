@@ -123,3 +123,20 @@ def test_the_best_checkpoint_is_written_before_checkpoint_last(tmp_path):
     for name in ("checkpoint_best.pth", "checkpoint_best_ema.pth"):
         best = read_checkpoint(output / name)
         assert best["epoch"] == 0 and best["best"]["epoch"] == best["best"]["ema_epoch"] == 0, name
+
+
+def test_a_run_removes_the_temporary_files_that_saves_ended_by_a_signal_left(tmp_path, capsys):
+    """SIGKILL (or SIGTERM from torchrun / SLURM) during a save leaves replace_atomic's hidden temporary file, up to
+    a checkpoint's size; the next run in that folder removes those of its checkpoints and sidecars, nothing else."""
+    output = tmp_path / "run"
+    output.mkdir()
+    left = [".checkpoint_last.pth.k1vhrv2t.tmp", ".checkpoint_best.pth.f79tu5ao.tmp",
+            ".checkpoint_last.pth.sha256.0x3ab1c2.tmp"]
+    for name in left:
+        (output / name).write_bytes(b"\0" * 4096)
+    (output / ".notes.tmp").write_text("not a checkpoint's")
+    config = dataclasses.replace(PRESETS["demo"], epochs=1, batch_size=8, max_steps_per_epoch=1, disable_eval=True,
+                                 quiet=True, output=str(output))
+    train(config, DistInfo())
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == [".notes.tmp"]
+    assert "warning: removed 3 temporary file(s) of interrupted checkpoint saves" in capsys.readouterr().err
