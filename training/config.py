@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from model import get_config
 from model.registry import ACTIVATIONS
 
+from .transforms import INTERPOLATION
+
 CROP_MODES = ("center", "squash")
 MODEL_KEYS = ("model", "model_ema")
 
@@ -178,6 +180,19 @@ def _validate(config: TrainConfig, family: str, depths: tuple[int, ...]) -> None
             f"official main.py); {config.model} has {tuple(depths)}: pass --layer-decay 1.0")
     if config.activation not in ("", *ACTIVATIONS):
         raise ValueError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}")
+    if config.epochs < 1 or config.warmup_epochs < 0:
+        raise ValueError(f"--epochs must be >= 1 and --warmup-epochs >= 0, got {config.epochs} and "
+                         f"{config.warmup_epochs}")
+    # (0, 1]: what the exported manifest's preprocess takes; above 1 the evaluation crop would pad the image.
+    if not 0.0 < config.crop_pct <= 1.0:
+        raise ValueError(f"--crop-pct (the share of the resized image the evaluation crop keeps) must be in (0, 1], "
+                         f"got {config.crop_pct}")
+    if config.interpolation not in INTERPOLATION:
+        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATION)}, got {config.interpolation!r}")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1) (0: no EMA), got {config.ema_decay}")
     if config.log_every < 1:
         raise ValueError(f"--log-every must be >= 1 optimizer step, got {config.log_every}")
     if config.drop_path < 0 or config.drop_path >= 1:

@@ -52,6 +52,7 @@ ERROR_CASES = [
      "Connection refused); check the network, or pass --mirror"),
     ("training", ["--preset", "imagenet5k"], "invalid choice: 'imagenet5k'"),
     ("training", ["--preset", "demo", "--amp", "fp8"], "--amp"),
+    ("training", ["--preset", "demo", "--interpolation", "bilinearx"], "--interpolation must be one of bicubic"),
     ("training", ["--preset", "demo", "--resume", "{tmp}/corrupt.pth", "--output", "{tmp}/run"],
      "truncated or not a torch.save file"),
     ("export", ["onnx", "--name", "x", "--repository", "{tmp}/out"], "no model name"),

@@ -117,8 +117,10 @@ def test_in22k_runs_without_evaluation_like_the_official_commands():
     assert resolve("in1k", {"model": "convnext_base"}).disable_eval is False
 
 
-@pytest.mark.parametrize("field, value", [("crop_mode", "border"), ("model_key", "state_dict"),
-                                          ("layer_decay", 1.5), ("drop_path", 1.0), ("batch_size", 63)])
+@pytest.mark.parametrize("field, value", [
+    ("crop_mode", "border"), ("model_key", "state_dict"), ("layer_decay", 1.5), ("drop_path", 1.0), ("batch_size", 63),
+    ("crop_pct", 0.0), ("crop_pct", 1.2), ("interpolation", "bilinearx"), ("label_smoothing", 1.0),
+    ("ema_decay", 1.5), ("ema_decay", -0.5), ("epochs", 0), ("warmup_epochs", -1.0)])
 def test_values_the_recipe_cannot_run_are_refused(field, value):
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         resolve("in1k", {field: value})
