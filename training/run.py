@@ -109,6 +109,8 @@ class Run:
     meta: dict  # model name, kwargs, data config, class names and config: in every checkpoint
     log: RunLog
     best: dict = field(default_factory=lambda: {"top1": -1.0, "epoch": -1, "ema_top1": -1.0, "ema_epoch": -1})
+    # The checkpoint_last.pth this run resumed from or last wrote, and its epoch: what a divergence falls back to.
+    last_checkpoint: tuple[Path, int] | None = None
 
 
 def build_run(config: TrainConfig, dist_info: DistInfo, augment: bool) -> Run:
@@ -179,7 +181,7 @@ def run_epoch(run: Run, epoch: int, lines: StepLines | None) -> tuple[dict, list
                                 log=_step_logger(run.log, lines, epoch), progress=progress)
     except NonFiniteLossError as error:
         raise NonFiniteLossError(f"{error} in epoch {epoch}; nothing was saved after it: "
-                                 f"{_last_good(Path(run.config.output), epoch)}") from None
+                                 f"{_last_good(run.last_checkpoint)}") from None
     finally:
         if progress is not None:
             progress.close()
@@ -196,6 +198,8 @@ def save_checkpoints(run: Run, record: dict, improved: list[str]) -> None:
     writes leaves the previous one, and a resume redoes the epoch and its best), from the main process; every process
     joins the RNG gather."""
     rng = all_gather_objects(ckpt.rng_state())  # every process's streams: each resumes its own
+    output = Path(run.config.output)
+    run.last_checkpoint = (output / "checkpoint_last.pth", record["epoch"])  # on every process: all name it
     if not run.dist_info.is_main:
         return
     state = run.state
@@ -204,7 +208,6 @@ def save_checkpoints(run: Run, record: dict, improved: list[str]) -> None:
              "step": state.plan.step, "scheduler": state.plan.describe(), "rng": rng, "best": dict(run.best),
              "metrics": _prefixed(record, "val_"), "ema_metrics": _prefixed(record, "ema_val_"),
              **({"model_ema": state.ema.state_dict()} if state.ema is not None else {})}
-    output = Path(run.config.output)
     for name in [*improved, "checkpoint_last.pth"]:
         ckpt.save_atomic(saved, output / name)
 
@@ -228,6 +231,7 @@ def _train(config: TrainConfig, dist_info: DistInfo, augment: bool, stop_after_e
     if config.resume:
         resumed_epoch, best = resume(config.resume, run.state, run.meta, dist_info, config.seed)
         run.best.update(best)
+        run.last_checkpoint = (Path(config.resume), resumed_epoch)
         start_epoch = resumed_epoch + 1
     wrap_model(run)
     plan = run.state.plan
@@ -338,11 +342,14 @@ def _best_summary(best: dict, record: dict, with_ema: bool) -> dict:
     return summary
 
 
-def _last_good(output: Path, epoch: int) -> str:
-    if not (output / "checkpoint_last.pth").is_file():
-        return "no checkpoint was written yet; lower --base-lr or try --clip-grad / --amp bf16"
-    return (f"{output / 'checkpoint_last.pth'} (epoch {epoch - 1}) is the last good one; --resume it with a lower "
-            "--base-lr, or --clip-grad / --amp bf16")
+def _last_good(last_checkpoint: tuple[Path, int] | None) -> str:
+    """Names the checkpoint this run resumed from or wrote last: a checkpoint_last.pth an earlier run left in
+    --output is not this run's."""
+    if last_checkpoint is None:
+        return "this run wrote no checkpoint yet; lower --base-lr or try --clip-grad / --amp bf16"
+    path, epoch = last_checkpoint
+    return (f"{path} (epoch {epoch}) is the last good one; --resume it with a lower --base-lr, or --clip-grad / "
+            "--amp bf16")
 
 
 def _data_dict(data_cfg) -> dict:
