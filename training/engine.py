@@ -43,6 +43,7 @@ class EpochSettings:
     clip_grad: float = 0.0  # max gradient norm; 0: no clipping
     channels_last: bool = False
     log_every: int = 20  # optimizer steps between log records (and the non-finite check: both need a host sync)
+    world_size: int = 1  # processes training together: the logged images/s counts all of their images
 
 
 @dataclass
@@ -111,14 +112,15 @@ def train_one_epoch(state: TrainState, criterion, loader, settings: EpochSetting
             # .item() syncs the device: only on logging steps; the non-finite check rides on the same sync.
             _stop_if_nonfinite(nonfinite, checked_step, plan.step)
             checked_step = plan.step
-            if log is not None:
+            if log is not None:  # every process runs as many batches of this size (DistributedSampler, drop_last)
                 log({"step": plan.step, "epoch_step": steps_done, "loss": loss.item(),
                      "lr": peak_lr(state.optimizer),
-                     "images_per_s": samples / (time.perf_counter() - started)})
+                     "images_per_s": samples * settings.world_size / (time.perf_counter() - started)})
     _stop_if_nonfinite(nonfinite, checked_step, plan.step)
     elapsed = time.perf_counter() - started
     totals = all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(samples), device=device)]))
-    return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(), "train_images_per_s": samples / elapsed,
+    return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(),
+            "train_images_per_s": totals[1].item() / elapsed,  # every process's images
             "steps": steps_done}
 
 

@@ -145,7 +145,7 @@ def build_run(config: TrainConfig, dist_info: DistInfo, augment: bool) -> Run:
     meta = {"model_name": config.model, "model_kwargs": kwargs, "data_config": _data_dict(data_cfg),
             "class_names": list(datasets.class_names), "config": config.to_dict()}
     settings = EpochSettings(device, config.amp, config.accum_steps, config.clip_grad, config.channels_last,
-                             config.log_every)
+                             config.log_every, dist_info.world_size)
     ckpt.seed_everything(config.seed + dist_info.rank)  # per process from here: augmentation, Mixup/CutMix, drop path
     return Run(config, dist_info, state, settings, train_loader, val_loader, mixup, make_criterion(config, mixup),
                meta, log)
@@ -241,7 +241,7 @@ def _train(config: TrainConfig, dist_info: DistInfo, augment: bool, stop_after_e
     run_started = time.perf_counter()
     last_epoch = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
     summary: dict = {}
-    lines = step_lines(plan.steps_per_epoch, last_epoch, dist_info.world_size, dist_info.is_main, config.quiet)
+    lines = step_lines(plan.steps_per_epoch, last_epoch, dist_info.is_main, config.quiet)
     for epoch in range(start_epoch, last_epoch + 1):
         record, improved = run_epoch(run, epoch, lines)
         save_checkpoints(run, record, improved)

@@ -88,14 +88,13 @@ def format_step_line(record: dict, steps_per_epoch: int, images_per_s: float, ep
 class StepLines:
     """One line per logging step (--log-every) on stderr when it is not a terminal (nohup, CI, pipes); rank 0.
 
-    Fed the logging steps' records, so it adds no device sync. images/s is over all processes (each process's
-    rate x world size: the sampler gives every process the same number of batches). The run's ETA is the
-    epoch's plus the remaining epochs at the last whole epoch's wall time (evaluation and checkpoints included),
-    or at this epoch's step rate before one has finished.
+    Fed the logging steps' records, so it adds no device sync; their images/s is already over all processes. The
+    run's ETA is the epoch's plus the remaining epochs at the last whole epoch's wall time (evaluation and
+    checkpoints included), or at this epoch's step rate before one has finished.
     """
 
-    def __init__(self, steps_per_epoch: int, last_epoch: int, world_size: int, stream: TextIO | None = None):
-        self.steps_per_epoch, self.last_epoch, self.world_size = steps_per_epoch, last_epoch, world_size
+    def __init__(self, steps_per_epoch: int, last_epoch: int, stream: TextIO | None = None):
+        self.steps_per_epoch, self.last_epoch = steps_per_epoch, last_epoch
         self.stream = stream or sys.stderr
         self.epoch_started = time.perf_counter()
         self.epoch_wall_s: float | None = None
@@ -111,14 +110,12 @@ class StepLines:
         epoch_eta_s = (self.steps_per_epoch - record["epoch_step"]) * step_s
         epoch_wall_s = self.epoch_wall_s if self.epoch_wall_s is not None else self.steps_per_epoch * step_s
         run_eta_s = epoch_eta_s + (self.last_epoch - record["epoch"]) * epoch_wall_s
-        line = format_step_line(record, self.steps_per_epoch, record["images_per_s"] * self.world_size,
-                                epoch_eta_s, run_eta_s)
+        line = format_step_line(record, self.steps_per_epoch, record["images_per_s"], epoch_eta_s, run_eta_s)
         print(line, file=self.stream, flush=True)
 
 
-def step_lines(steps_per_epoch: int, last_epoch: int, world_size: int, is_main: bool,
-               quiet: bool) -> StepLines | None:
+def step_lines(steps_per_epoch: int, last_epoch: int, is_main: bool, quiet: bool) -> StepLines | None:
     """StepLines where no progress bar shows: rank 0, stderr not a terminal, not --quiet."""
     if quiet or not is_main or sys.stderr.isatty():
         return None
-    return StepLines(steps_per_epoch, last_epoch, world_size)
+    return StepLines(steps_per_epoch, last_epoch)
