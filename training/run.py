@@ -233,6 +233,11 @@ def _train(config: TrainConfig, dist_info: DistInfo, augment: bool, stop_after_e
         run.best.update(best)
         run.last_checkpoint = (Path(config.resume), resumed_epoch)
         start_epoch = resumed_epoch + 1
+    if start_epoch >= config.epochs:  # a finished run resumed again (a requeued job): nothing to do, not an error
+        if dist_info.is_main:
+            print(f"warning: nothing to train: {config.resume} has {start_epoch} epoch(s) done and --epochs is "
+                  f"{config.epochs}; raise --epochs to train on", file=sys.stderr, flush=True)
+        return {}
     wrap_model(run)
     plan = run.state.plan
     if dist_info.is_main:

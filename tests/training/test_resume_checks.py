@@ -77,3 +77,11 @@ def test_a_resume_trains_with_this_runs_weight_decay_and_betas_and_says_which_ch
     err = capsys.readouterr().err
     changed = "weight_decay 0.05 -> 0.5, betas (0.9, 0.999) -> (0.9, 0.95)"
     assert f"warning: this run's optimizer settings replace {finished}'s: {changed}\n" in err
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(finished, tmp_path, capsys):
+    """A requeued job that already ran its epochs: exit 0, one warning line, nothing written."""
+    assert main([*_resume(tmp_path, finished), "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: nothing to train: {finished} has 1 epoch(s) done and --epochs is 1; raise --epochs" in err
+    assert {path.name for path in (tmp_path / "run").iterdir()} <= {"tb"}  # no config.json, log or checkpoint
