@@ -22,6 +22,7 @@ from bench.presets import PRESETS, Preset, ServedEngine
 from bench.report import batch_distribution, batch_histogram, service_efficiency, write_report
 from bench.server_process import litserve_peer, measurement_pins, service
 from bench.service_metrics import scrape
+from bench.service_repository import without_engines
 from convnext_common import (
     CliParser,
     add_version_argument,
@@ -135,7 +136,8 @@ def load_our_service(repo: str, served: str, preset: Preset, payloads: list[byte
 
 def phase_failure(err: BaseException) -> str:
     """A failed phase as the report gives it: one line (a server's log tail is left to its own run)."""
-    return f"failed: {type(err).__name__}: {one_line(str(err))[:500]}"
+    reason = one_line(str(err))[:500]
+    return f"failed: {type(err).__name__}: {reason}" if reason else f"failed: {type(err).__name__}"
 
 
 def load_peer(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> list[dict]:
@@ -177,8 +179,12 @@ def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -
         results["config"]["rate"] = preset.rate
         save_phase(results, "engine sweep", "done", out_dir, engine_rows)
         payloads = jpeg_payloads()
+        served_repo = repo
+        if engine.engine == "tensorrt":  # the service builds its own engine, for its max batch size
+            served_repo = str(Path(repo) / "served")
+            without_engines(Path(repo), served, Path(served_repo))
         try:
-            ours = load_our_service(repo, served, preset, payloads, threads)
+            ours = load_our_service(served_repo, served, preset, payloads, threads)
         except BaseException as err:  # the run ends here: what it measured so far is on disk, saying where it stopped
             save_phase(results, "our service", phase_failure(err), out_dir, engine_rows)
             raise

