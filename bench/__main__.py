@@ -111,27 +111,24 @@ SPINNING_OFF = "our service, ORT spinning off"
 
 
 def load_our_service(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> dict:
-    """Our service under load (and, on CPU, again with ORT spinning off: a failure there is recorded in "phases",
-    not raised), its batch sizes, and lone requests."""
+    """Our service under load, its batch sizes, and lone requests."""
     engine = preset.service
     args = our_service_args(repo, served, engine, threads)
     ready_s = 900 if engine.engine == "tensorrt" else 120  # a TensorRT build on first start takes minutes
-    out: dict = {"phases": {}}
+    out: dict = {}
     with service(args, ready_timeout_s=ready_s) as server:
         before = batch_histogram(asyncio.run(scrape(server.url)))
         out["load"] = load_runs(f"{server.url}/classify", "ours", preset, payloads)
         out["batch_distribution"] = batch_distribution(before, batch_histogram(asyncio.run(scrape(server.url))))
         out["by_size"] = lone_request_breakdown(f"{server.url}/classify", preset.lone_requests)  # batches of one
-    if engine.provider == "cpu":
-        # The ort_spinning trade-off, same run: a lone request's latency and saturated throughput with it off.
-        try:
-            with service(our_service_args(repo, served, engine, threads, ort_spinning=False)) as server:
-                out["load"] += load_runs(f"{server.url}/classify", "ours (ORT spinning off)", preset, payloads,
-                                         concurrency_levels=(1, max(preset.concurrency)), open_loop_too=False)
-            out["phases"][SPINNING_OFF] = "done"
-        except PHASE_ERRORS as err:
-            out["phases"][SPINNING_OFF] = phase_failure(err)
     return out
+
+
+def load_spinning_off(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> list[dict]:
+    """The ort_spinning trade-off, same run (CPU): a lone request's latency and saturated throughput with it off."""
+    with service(our_service_args(repo, served, preset.service, threads, ort_spinning=False)) as server:
+        return load_runs(f"{server.url}/classify", "ours (ORT spinning off)", preset, payloads,
+                         concurrency_levels=(1, max(preset.concurrency)), open_loop_too=False)
 
 
 def phase_failure(err: BaseException) -> str:
@@ -192,9 +189,13 @@ def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -
         results["preprocess"], results["low_load"] = preprocess_and_low_load(
             Path(repo), served, payloads, engine_rows, results["load"], threads, ours["by_size"],
             engine_on_cpu=engine.provider == "cpu")
-        results["phases"]["our service"] = "done"
-        results["phases"].update(ours["phases"])  # the spinning-off rerun's
-        save_phase(results, None, None, out_dir, engine_rows)
+        save_phase(results, "our service", "done", out_dir, engine_rows)
+        if engine.provider == "cpu":  # its own phase: an interrupted rerun loses none of the runs above
+            try:
+                results["load"] += load_spinning_off(served_repo, served, preset, payloads, threads)
+                save_phase(results, SPINNING_OFF, "done", out_dir, engine_rows)
+            except PHASE_ERRORS as err:
+                save_phase(results, SPINNING_OFF, phase_failure(err), out_dir, engine_rows)
         if preset.peer:
             try:
                 results["load"] += load_peer(repo, served, preset, payloads, threads)

@@ -4,18 +4,17 @@ service leaves the engine sweep on disk, marked incomplete. The phases are stubb
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import pytest
 
 import bench.__main__ as bench_main
 from bench.presets import PRESETS
-from bench.server_process import RunningServer
 
 ENGINE_ROW = {"model": "convnext_atto", "activation": "gelu", "precision": "fp32", "provider": "cpu", "batch_size": 1,
               "threads": 2, "images_per_s": 50.0, "p50_ms": 20.0, "p99_ms": 25.0, "iterations": 5}
 OUR_RUN = {"server": "ours", "mode": "closed", "concurrency": 1, "rate_per_s": None, "ok": 10, "errors": {},
            "images_per_s": 40.0, "p50_ms": 25.0, "p95_ms": 30.0, "p99_ms": 31.0, "latencies_ms": [25.0] * 10}
+SPINNING_OFF_RUN = "ours (ORT spinning off)"
 PEER_DIED = "bench.peer_litserve exited with 1 before http://127.0.0.1:1234/health answered"
 
 
@@ -29,7 +28,8 @@ def canned_phases(monkeypatch):
     monkeypatch.setattr(bench_main, "compare_models", lambda *a, **k: compared)
     monkeypatch.setattr(bench_main, "jpeg_payloads", lambda *a, **k: [b"jpeg"])
     monkeypatch.setattr(bench_main, "load_our_service", lambda *a, **k: {
-        "load": [dict(OUR_RUN)], "batch_distribution": {}, "by_size": [], "phases": {}})
+        "load": [dict(OUR_RUN)], "batch_distribution": {}, "by_size": []})
+    monkeypatch.setattr(bench_main, "load_spinning_off", lambda *a, **k: [{**OUR_RUN, "server": SPINNING_OFF_RUN}])
     monkeypatch.setattr(bench_main, "preprocess_and_low_load", lambda *a, **k: ({}, None))
 
 
@@ -46,8 +46,9 @@ def test_a_peer_that_fails_to_start_is_recorded_and_every_earlier_phase_is_writt
     results = bench_main.run_all(PRESETS["smoke"], tmp_path, ["cpu"], 2)
     saved, report = written(tmp_path)
     assert saved["phases"] == results["phases"] == {"engine sweep": "done", "our service": "done",
+                                                    bench_main.SPINNING_OFF: "done",
                                                     "LitServe peer": f"failed: RuntimeError: {PEER_DIED}"}
-    assert saved["complete"] and [run["server"] for run in saved["load"]] == ["ours"]
+    assert saved["complete"] and [run["server"] for run in saved["load"]] == ["ours", SPINNING_OFF_RUN]
     assert saved["load"][0]["efficiency"] == 0.5  # against the engine alone at the largest batch timed, 80 images/s
     assert "engines_under_load" not in saved  # no peer ran: nothing to compare ours with
     assert f"LitServe peer: failed: RuntimeError: {PEER_DIED}." in report and "Incomplete" not in report
@@ -70,25 +71,27 @@ def test_when_our_service_fails_the_engine_sweep_is_on_disk_and_the_report_says_
     assert report.count("**Incomplete run**") == 1 and "## Engine alone" in report
 
 
-def test_a_spinning_off_rerun_that_fails_to_start_is_recorded_and_our_runs_are_kept(monkeypatch):
-    started = []
+@pytest.mark.parametrize("failure", [RuntimeError("http://127.0.0.1:2/readyz not ready after 120 s"),
+                                     KeyboardInterrupt()], ids=["not-ready", "ctrl-c"])
+def test_a_spinning_off_rerun_that_fails_leaves_our_services_runs_on_disk(canned_phases, monkeypatch, tmp_path,
+                                                                          failure):
+    """The rerun is a phase of its own, after our service's is saved: a rerun that fails to start is recorded and the
+    run goes on; one interrupted (Ctrl-C) ends the run, with our service's runs on disk all the same."""
+    def rerun_fails(*args, **kwargs):
+        raise failure
 
-    @contextmanager
-    def service(args, ready_timeout_s=120.0):
-        started.append(args)
-        if len(started) == 2:
-            raise RuntimeError("http://127.0.0.1:2/readyz not ready after 120 s")
-        yield RunningServer("http://127.0.0.1:1", 1)
-
-    async def scrape(url):
-        return ""
-
-    monkeypatch.setattr(bench_main, "service", service)
-    monkeypatch.setattr(bench_main, "scrape", scrape)
-    monkeypatch.setattr(bench_main, "load_runs", lambda *a, **k: [dict(OUR_RUN)])
-    monkeypatch.setattr(bench_main, "lone_request_breakdown", lambda url, requests: [])
-    ours = bench_main.load_our_service("repo", "atto", PRESETS["smoke"], [b"jpeg"], 2)
-    assert len(started) == 2 and "false" in started[1]  # the rerun asked for spinning off
-    assert [run["server"] for run in ours["load"]] == ["ours"]
-    assert ours["phases"] == {bench_main.SPINNING_OFF: "failed: RuntimeError: http://127.0.0.1:2/readyz not ready "
-                                                       "after 120 s"}
+    monkeypatch.setattr(bench_main, "load_spinning_off", rerun_fails)
+    monkeypatch.setattr(bench_main, "load_peer", lambda *a, **k: [])
+    if isinstance(failure, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            bench_main.run_all(PRESETS["smoke"], tmp_path, ["cpu"], 2)
+    else:
+        bench_main.run_all(PRESETS["smoke"], tmp_path, ["cpu"], 2)
+    saved, report = written(tmp_path)
+    assert saved["phases"]["our service"] == "done" and [run["server"] for run in saved["load"]] == ["ours"]
+    if isinstance(failure, KeyboardInterrupt):
+        assert not saved["complete"] and bench_main.SPINNING_OFF not in saved["phases"]
+        assert "**Incomplete run**" in report
+    else:
+        assert saved["complete"] and saved["phases"][bench_main.SPINNING_OFF] == (
+            "failed: RuntimeError: http://127.0.0.1:2/readyz not ready after 120 s")
