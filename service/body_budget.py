@@ -99,8 +99,10 @@ class BodyBudget:
             self._waiting.popleft()
 
     def _full(self, why: str = "") -> ApiError:
-        return ApiError(503, "body_buffer_full", f"{why}the service holds {self.held_bytes} bytes of request bodies "
-                        f"(limit {self.limit_bytes}, max_buffered_body_bytes); retry later",
+        received = self.held_bytes - self.reserved_bytes
+        return ApiError(503, "body_buffer_full", f"{why}the service holds {received} bytes of request bodies and "
+                        f"{self.reserved_bytes} reserved for gRPC messages still arriving (limit {self.limit_bytes}, "
+                        "max_buffered_body_bytes); retry later",
                         headers={"Retry-After": RETRY_AFTER_S, "Connection": "close"})
 
 

@@ -15,7 +15,7 @@ import pytest
 from service.grpc_proto import open_inference_pb2 as pb
 from service.grpc_server import ERROR_CODE_KEY, RETRY_PUSHBACK_KEY, SERVICE_NAME, UNREAD_STREAM_WINDOW_BYTES
 from tests.service.conftest import free_port
-from tests.service.h2c import H2Connection, grpc_frame
+from tests.service.h2c import DATA, END_STREAM, H2Connection, grpc_frame
 from tests.service.test_grpc import grpc_address, raw_call
 from tests.service.test_hot_swap import wait_for
 from tests.service.test_limits import BUDGET_LIMITS, Gate, finish_upload, metric, slow_upload
@@ -23,7 +23,7 @@ from tests.service.test_limits import BUDGET_LIMITS, Gate, finish_upload, metric
 MIB = 1024 * 1024
 MODEL_INFER = f"/{SERVICE_NAME}/ModelInfer"
 OK_INFERS = 'convnext_grpc_requests_total{code="OK",method="ModelInfer"}'
-SERVER_METADATA = "/inference.GRPCInferenceService/ServerMetadata"
+MODEL_READY = f"/{SERVICE_NAME}/ModelReady"  # a request with fields: read (ServerMetadata's has none: never read)
 
 
 def stalled_call(address: str, metadata: tuple = ()) -> tuple[grpc.StatusCode, dict]:
@@ -37,7 +37,7 @@ def stalled_call(address: str, metadata: tuple = ()) -> tuple[grpc.StatusCode, d
             yield b""
 
         async with grpc.aio.insecure_channel(address) as channel:
-            method = channel.stream_unary(SERVER_METADATA, request_serializer=bytes, response_deserializer=bytes)
+            method = channel.stream_unary(MODEL_READY, request_serializer=bytes, response_deserializer=bytes)
             try:
                 await method(no_message(), metadata=metadata, timeout=30)
             except grpc.aio.AioRpcError as err:
@@ -160,3 +160,38 @@ def test_a_refusal_that_http_answers_with_retry_after_carries_grpc_retry_pushbac
         assert trailers[RETRY_PUSHBACK_KEY] == "1000"  # HTTP's Retry-After: 1
         for upload in slow:
             finish_upload(upload)
+
+
+def test_health_calls_answer_while_messages_arriving_hold_the_whole_body_budget(model_repository, launch):
+    """ServerLive, ServerReady and ServerMetadata take no request fields: they are answered without reading one, so
+    they reserve no room and never wait behind uploads (before: each waited in line for max_body_bytes of room, up to
+    body_deadline_s, while streams that sent nothing held the budget)."""
+    with launch(model_repository, grpc_port=free_port(), **BUDGET_LIMITS) as url:  # 1 MiB a body, 2 MiB in all
+        connection = H2Connection(grpc_address(url))
+        stalled = grpc_frame(bytes(900 * 1024), declared=MIB - 1000)
+        for stream in (1, 3):
+            connection.open(stream, MODEL_INFER)
+            assert connection.send(stream, stalled, stall_s=10) == len(stalled)
+        wait_for(lambda: metric(url, "convnext_buffered_body_bytes") == 2 * MIB, "the two messages' room")
+        address = grpc_address(url)
+        assert pb.ServerLiveResponse.FromString(raw_call(address, "ServerLive", b"")).live
+        assert pb.ServerReadyResponse.FromString(raw_call(address, "ServerReady", b"")).ready
+        assert pb.ServerMetadataResponse.FromString(raw_call(address, "ServerMetadata", b"")).name
+        assert metric(url, "convnext_buffered_body_bytes") == 2 * MIB  # they took none of it
+        connection.close()
+
+
+def test_a_call_closed_without_its_message_is_an_invalid_message_not_a_message_too_large(model_repository, launch):
+    """A client that half-closes its stream without sending a message gets INVALID_ARGUMENT invalid_message, as
+    before the read learned to tell an oversized message (cancelled by grpc core) from it."""
+    with launch(model_repository, grpc_port=free_port()) as url:
+        connection = H2Connection(grpc_address(url))
+        connection.open(1, MODEL_INFER)
+        connection._frame(DATA, END_STREAM, 1, b"")  # the request side ends with no message
+        assert connection.wait_ended(1)
+        invalid = 'convnext_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}'
+        wait_for(lambda: metric(url, invalid) == 1, "the refusal to be counted")
+        assert metric(url, 'convnext_rejected_total{reason="invalid_message"}') == 1
+        assert metric(url, 'convnext_rejected_total{reason="body_too_large"}') == 0
+        assert metric(url, "convnext_buffered_body_bytes") == 0
+        connection.close()
