@@ -30,6 +30,8 @@ from model.pretrained import (
 from runtime.engines.base import EngineError
 from runtime.engines.openvino import artifact_precision
 from runtime.repository import ModelRepository, RepositoryError, Source
+from runtime.tensorrt_files import ENGINE_PRECISIONS
+from runtime.tensorrt_runtime import TensorRTError, import_tensorrt
 from service.__main__ import StartRefused, startable_settings
 from service.settings import Settings
 
@@ -125,13 +127,36 @@ def _precisions(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+def onnx_precision_read(engine: str, precision: str) -> str:
+    """The precision of the ONNX file the service's engine reads to serve `precision`; ServeSetupError for a pair it
+    would refuse (after the download and the export, were it not asked here)."""
+    if engine == "auto":
+        if precision != "fp32":
+            raise ServeSetupError(f"engine auto chooses between fp32 CPU engines, not precision {precision!r}; for "
+                                  "bf16/int8 name the engine (--engine openvino --precision bf16)")
+        return "fp32"
+    if engine == "openvino":
+        try:
+            return artifact_precision(precision)  # bf16 runs the fp32 file
+        except EngineError as error:
+            raise ServeSetupError(str(error)) from None
+    if engine == "tensorrt":
+        if precision not in ENGINE_PRECISIONS:
+            raise ServeSetupError(f"--engine tensorrt builds {'/'.join(ENGINE_PRECISIONS)} engines, not {precision}; "
+                                  "int8 runs on --engine onnxruntime or openvino")
+        try:
+            trt = import_tensorrt()
+        except TensorRTError as error:
+            raise ServeSetupError(f"--engine tensorrt: {error}") from None
+        weakly_typed = "FP16" in trt.BuilderFlag.__members__  # TensorRT 10: fp16/bf16 built from the fp32 file
+        return "fp32" if weakly_typed else precision
+    return precision
+
+
 def with_served_precision(precisions: str, settings: Settings) -> str:
-    """--precisions plus the ONNX precision the service reads for its --engine and --precision (OpenVINO's bf16 reads
-    the fp32 file), so `--precision fp16` alone exports fp32 and fp16 rather than failing once the export is done."""
-    try:
-        needed = artifact_precision(settings.precision) if settings.engine == "openvino" else settings.precision
-    except EngineError as error:  # e.g. OpenVINO at fp16: the service would refuse it, after the export
-        raise ServeSetupError(str(error)) from None
+    """--precisions plus the ONNX precision the service reads for its --engine and --precision, so `--precision fp16`
+    alone exports fp32 and fp16 rather than failing once the export is done."""
+    needed = onnx_precision_read(settings.engine, settings.precision)
     listed = _precisions(precisions)
     return ",".join(listed if needed in listed else (*listed, needed))
 

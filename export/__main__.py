@@ -229,6 +229,8 @@ def main(argv=None) -> int:
         elif args.command == "tensorrt":
             _refuse_bad_tensorrt_args(parser, args)
         return handlers[args.command](args)
+    except BrokenPipeError:  # the reader of stdout left (`export list | head`): exit_status ends quietly
+        raise
     except (RepositoryError, ValueError, RuntimeError, OSError, ImportError) as error:
         print(f"{prog_name(PROG)}: error: {one_line(error)}", file=sys.stderr)
         return 1

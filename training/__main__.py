@@ -67,6 +67,8 @@ def main(argv=None) -> int:
         return 1
     # --resume / --finetune with a missing, tampered or truncated file, or without the asked-for weights; a missing
     # --data-dir; a config the data cannot run
+    except BrokenPipeError:  # the reader of stdout left: exit_status ends quietly
+        raise
     except (CheckpointError, OSError, ValueError) as error:
         print(f"{prog_name(PROG)}: error: {one_line(error)}", file=sys.stderr)
         return 2

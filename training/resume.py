@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from model import CheckpointError
+from model import CheckpointError, get_config
 
 from . import checkpoint as ckpt
 from .distributed import DistInfo
@@ -52,8 +52,8 @@ def check_resumable(saved: dict, path: str, meta: dict) -> None:
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint (it has no {', '.join(missing)}: a weights-only "
                               f"file, such as an official release?); {RESUME_HINT}")
-    theirs = {"model": saved["model_name"], **{k: saved["model_kwargs"].get(k) for k in SAME_MODEL_KWARGS}}
-    ours = {"model": meta["model_name"], **{k: meta["model_kwargs"].get(k) for k in SAME_MODEL_KWARGS}}
+    theirs, ours = _identity(saved["model_name"], saved["model_kwargs"]), _identity(meta["model_name"],
+                                                                                   meta["model_kwargs"])
     differences = [f"{name} {theirs[name]} (this run: {ours[name]})" for name in ours if theirs[name] != ours[name]]
     their_classes, our_classes = list(saved.get("class_names", meta["class_names"])), list(meta["class_names"])
     if not differences and their_classes != our_classes:  # as many classes, other names: other labels
@@ -62,6 +62,18 @@ def check_resumable(saved: dict, path: str, meta: dict) -> None:
     if differences:
         raise CheckpointError(f"{path} is not a checkpoint of this run's model and data: {', '.join(differences)}; "
                               f"check --model and --data-dir. {RESUME_HINT}")
+
+
+def _identity(model_name: str, kwargs: dict) -> dict:
+    """What a resumed checkpoint must share with the run. A checkpoint from before the activation was recorded in
+    model_kwargs ran its model's own (as model.load_checkpoint reads it too)."""
+    identity = {"model": model_name, **{key: kwargs.get(key) for key in SAME_MODEL_KWARGS}}
+    if identity["activation"] is None:
+        try:
+            identity["activation"] = get_config(model_name).default_activation
+        except ValueError:  # a model this version does not know: the name differs anyway
+            pass
+    return identity
 
 
 def load_weights(state: TrainState, saved: dict, path: str, model_name: str) -> list[str]:

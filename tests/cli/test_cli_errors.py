@@ -265,11 +265,15 @@ def test_through_the_convnext_front_an_error_names_the_command_as_typed(args, st
     assert len(lines) == 1 and lines[0].startswith(start.format(**places)), result.stderr
 
 
-@pytest.mark.parametrize("command", [["-m", "model"], ["-m", "convnext_cli", "model"]], ids=["module", "front"])
+@pytest.mark.parametrize("command", [["-m", "model", "info", "convnext_atto"],
+                                     ["-m", "convnext_cli", "model", "info", "convnext_atto"],
+                                     # unbuffered: the write inside main meets the closed pipe, not the final flush
+                                     ["-u", "-m", "export", "list", "--repository", "models"]],
+                         ids=["module", "front", "export-list"])
 def test_a_reader_that_leaves_early_ends_the_command_quietly(command, tmp_path):
     """`convnext model info ... | head -0`: the reader is gone before the first line; status 141 (as SIGPIPE), no
-    BrokenPipeError traceback and no `error:` line."""
-    process = subprocess.Popen([sys.executable, *command, "info", "convnext_atto"], stdout=subprocess.PIPE,
+    BrokenPipeError traceback and no `error:` line (export's own OSError handling lets it through too)."""
+    process = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, cwd=tmp_path, env=cli_env(tmp_path))
     process.stdout.close()  # before the child has imported anything: its first write finds no reader
     stderr = process.communicate(timeout=300)[1].decode()

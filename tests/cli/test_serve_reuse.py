@@ -90,11 +90,18 @@ def test_the_precision_served_is_exported_without_being_listed(serve):
     assert exports == [("fp32", "fp16")]
 
 
-def test_an_engine_that_cannot_run_the_precision_is_refused_before_the_export(serve, capsys):
+@pytest.mark.parametrize(("engine", "precision", "refusal"), [
+    ("openvino", "fp16", "the OpenVINO engine runs precision fp32/bf16/int8"),
+    ("auto", "fp16", "engine auto chooses between fp32 CPU engines, not precision 'fp16'"),
+    ("tensorrt", "int8", "--engine tensorrt builds fp32/fp16/bf16 engines, not int8"),
+    ("tensorrt", "fp16", "--engine tensorrt: TensorRT is not installed"),  # not on this machine
+])
+def test_an_engine_that_cannot_run_the_precision_is_refused_before_the_export(serve, capsys, engine, precision,
+                                                                               refusal):
     run, exports, checkpoint, root = serve
     code = convnext_serve.main(["--checkpoint", str(checkpoint), "--model", "convnext_atto", "--repository", str(root),
-                                "--quiet", "--port", str(free_port()), "--grpc-port", "0", "--engine", "openvino",
-                                "--precision", "fp16"])
+                                "--quiet", "--port", str(free_port()), "--grpc-port", "0", "--engine", engine,
+                                "--precision", precision])
     assert code == 1 and exports == []
-    assert "the OpenVINO engine runs precision fp32/bf16/int8" in capsys.readouterr().err
+    assert refusal in capsys.readouterr().err
 

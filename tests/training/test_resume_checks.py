@@ -52,6 +52,20 @@ def test_resuming_a_checkpoint_of_another_class_count_is_one_error(finished, tmp
     assert "num_classes 5 (this run: 10)" in _one_error_line(capsys)
 
 
+def test_a_checkpoint_from_before_the_activation_was_recorded_resumes_under_its_models_own(finished, tmp_path,
+                                                                                          capsys):
+    """Older runs recorded no activation in model_kwargs: they ran the model's own (GELU for ConvNeXt), which this run
+    builds too; under --activation relu the same file is refused."""
+    saved = read_checkpoint(finished)
+    del saved["model_kwargs"]["activation"]
+    torch.save(saved, tmp_path / "older.pth")
+    assert main(_resume(tmp_path, tmp_path / "older.pth")) == 0
+    assert "error" not in capsys.readouterr().err
+    assert main(_resume(tmp_path, tmp_path / "older.pth", "--activation", "relu",
+                        "--output", str(tmp_path / "relu"))) == 2
+    assert "activation gelu (this run: relu)" in _one_error_line(capsys)
+
+
 def test_resuming_a_weights_only_file_says_to_use_finetune(finished, tmp_path, capsys):
     torch.save({"model": read_checkpoint(finished)["model"]}, tmp_path / "weights.pth")  # an official release's layout
     assert main(_resume(tmp_path, tmp_path / "weights.pth")) == 2
