@@ -66,13 +66,18 @@ class CliParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+def whole_number(text: str) -> int:
+    """An argparse value as an int, or the usage error that says it is not one."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type of a count (iterations, threads, a batch size): a whole number >= 1, refused as a usage error
     rather than failing later inside the run (percentiles of no timings, a pool of no threads)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

@@ -5,7 +5,15 @@ import argparse
 import logging
 import sys
 
-from convnext_common import CliParser, add_version_argument, exit_status, one_line, positive_int, prog_name
+from convnext_common import (
+    CliParser,
+    add_version_argument,
+    exit_status,
+    one_line,
+    positive_int,
+    prog_name,
+    whole_number,
+)
 from runtime.repository import NAME_PATTERN, ModelRepository, RepositoryError
 from runtime.tensorrt import BatchProfile, select_or_build_engine
 
@@ -44,10 +52,7 @@ def _opset(text: str) -> int:
 
 
 def _device_index(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"a CUDA device index is 0 or more, got {value}")
     return value
