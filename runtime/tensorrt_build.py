@@ -21,7 +21,15 @@ from convnext_files import write_bytes_atomic
 from runtime.repository import Artifact, ModelVersion, Parity
 from runtime.tensorrt_files import ENGINE_PRECISIONS, BatchProfile, BuildTarget
 from runtime.tensorrt_progress import BuildPhaseLines, progress_monitor
-from runtime.tensorrt_runtime import TensorRTError, TensorRTRunner, cuda_call, cudart, import_tensorrt, use_cuda_device
+from runtime.tensorrt_runtime import (
+    TensorRTError,
+    TensorRTRunner,
+    cuda_call,
+    cudart,
+    import_tensorrt,
+    use_cuda_device,
+    weakly_typed,
+)
 from runtime.verify import default_image_paths, run_onnxruntime, verification_inputs, verify_against
 
 logger = logging.getLogger("convnext.export")
@@ -60,8 +68,7 @@ def tensorrt_target(device: int = 0) -> BuildTarget:
     """This host's TensorRT build and its GPU `device` (needs TensorRT, cuda-python and a GPU)."""
     trt = import_tensorrt()
     compute_capability, device_name = device_properties(device)
-    return BuildTarget(trt.__version__, compute_capability, device_name, "FP16" in trt.BuilderFlag.__members__,
-                       device)
+    return BuildTarget(trt.__version__, compute_capability, device_name, weakly_typed(trt), device)
 
 
 def build_engine(

@@ -98,6 +98,12 @@ def import_tensorrt():
     return trt
 
 
+def weakly_typed(trt) -> bool:
+    """Whether this TensorRT builds fp16/bf16 engines from an fp32 graph by builder flags (TensorRT 10), rather than
+    only strongly typed from the precision's own graph (TensorRT 11)."""
+    return "FP16" in trt.BuilderFlag.__members__
+
+
 def cudart():
     try:
         from cuda.bindings import runtime
