@@ -34,6 +34,20 @@ def write_sidecar(path: str | Path, sha256: str) -> None:
     write_bytes_atomic(sidecar_path(path), f"{sha256}  {path.name}\n".encode())
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def interrupted_writes(path: str | Path) -> list[Path]:
+    """The temporary files replace_atomic left beside `path` when a signal ended it mid-write (`.<name>.<random>.tmp`,
+    for `path` or for a file whose name starts with `path`'s and a dot, as its .sha256 sidecar)."""
+    path = Path(path)
+    return sorted(p for p in path.parent.glob(f"{_temporary_prefix(path)}*{TEMPORARY_SUFFIX}") if p.is_file())
+
+
 def replace_atomic(path: str | Path, write: Callable[[BinaryIO], object],
                    before_replace: Callable[[Path], object] | None = None) -> None:
     """`write(file)` into a temporary file beside `path`, fsync it, os.replace it over `path`, fsync the folder.
@@ -43,7 +57,7 @@ def replace_atomic(path: str | Path, write: Callable[[BinaryIO], object],
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
             write(file)

@@ -30,7 +30,7 @@ from model.pretrained import (
 from runtime.engines.base import EngineError
 from runtime.engines.openvino import artifact_precision
 from runtime.repository import ModelRepository, RepositoryError, Source
-from runtime.tensorrt_files import ENGINE_PRECISIONS
+from runtime.tensorrt_files import ENGINE_PRECISIONS, onnx_precision_for
 from runtime.tensorrt_runtime import TensorRTError, import_tensorrt, weakly_typed
 from service.__main__ import StartRefused, startable_settings
 from service.settings import Settings
@@ -148,7 +148,7 @@ def onnx_precision_read(engine: str, precision: str) -> str:
             trt = import_tensorrt()
         except TensorRTError as error:
             raise ServeSetupError(f"--engine tensorrt: {error}") from None
-        return "fp32" if weakly_typed(trt) else precision  # TensorRT 10 builds fp16/bf16 from the fp32 file
+        return onnx_precision_for(precision, weakly_typed(trt))
     return precision
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from runtime.repository import ModelRepository, ModelVersion
+from runtime.repository import LOCK_FILE, ModelRepository, ModelVersion
+from runtime.tensorrt import ENGINE_STAGING_PREFIX
 
-ENGINE_FILES = ("engines", ".engine-*", ".lock")  # engines, builds in progress, the version's build lock
+ENGINE_FILES = ("engines", f"{ENGINE_STAGING_PREFIX}*", LOCK_FILE)  # engines, builds in progress, the build lock
 
 
 def without_engines(repository: Path, name: str, into: Path) -> ModelVersion:

@@ -26,7 +26,13 @@ from runtime.decode import (
     reduce_jpeg_decode,
     reduced_picture,
 )
-from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, first_tiff_value, resized_size
+from runtime.decode_memory import (
+    TIFF_BITS_PER_SAMPLE,
+    alpha_strip_rows,
+    decode_peak_bytes,
+    first_tiff_value,
+    resized_size,
+)
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
 from runtime.orientation import exif_orientation, turned_upright
 from runtime.repository import Preprocess
@@ -38,7 +44,7 @@ STRIP_ROWS = 256  # rows scaled at a time when a 16/32-bit picture becomes 8-bit
 RGB_CHANNELS = 3  # every picture becomes RGB: the tensor is (3, crop_px, crop_px) whatever the manifest says
 PILLOW_PACKAGE = Path(PIL.__file__).resolve().parent
 HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # scaled to 8 bits by to_rgb
-TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 258, 339, 2
+TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 339, 2
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
 Reserve = Callable[[int], AbstractContextManager[object]]
 RESAMPLING = {

@@ -30,6 +30,7 @@ from runtime.tensorrt_runtime import EngineDeserializeError, TensorRTError, impo
 __all__ = ["BatchProfile", "BuildTarget", "EngineDeserializeError", "TensorRTError", "import_tensorrt",
            "tensorrt_target"]
 
+ENGINE_STAGING_PREFIX = ".engine-"  # a build's folder inside the version, until its engine is added
 BUILD_LOCK_TIMEOUT_S = 1800.0  # a ConvNeXt-T engine builds in minutes; a replica waits for the one building it
 logger = logging.getLogger("convnext.export")
 Opened = TypeVar("Opened")
@@ -91,7 +92,7 @@ def find_or_build_engine(
 def _remove_dead_builds(version_path: Path) -> None:
     """Remove the staging folders of builds killed mid-way: builds stage only while holding the version's lock, so
     a `.engine-*` folder seen by its holder belongs to none that is alive."""
-    for folder in version_path.glob(".engine-*"):
+    for folder in version_path.glob(f"{ENGINE_STAGING_PREFIX}*"):
         try:
             shutil.rmtree(folder)
         except OSError as err:
@@ -111,7 +112,7 @@ def _build_and_add(repository: ModelRepository, version: ModelVersion, precision
     manifest = version.manifest
     source = onnx_source_for(version, precision, target.weakly_typed)
     relative = _engine_file(precision, profile, target, found)
-    with tempfile.TemporaryDirectory(prefix=".engine-", dir=version.path) as tmp:
+    with tempfile.TemporaryDirectory(prefix=ENGINE_STAGING_PREFIX, dir=version.path) as tmp:
         staged = Path(tmp) / Path(relative).name
         parity = build(version, source, staged, precision, profile)
         info = TensorRTInfo(

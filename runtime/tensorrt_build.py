@@ -19,7 +19,7 @@ from pathlib import Path
 
 from convnext_files import write_bytes_atomic
 from runtime.repository import Artifact, ModelVersion, Parity
-from runtime.tensorrt_files import ENGINE_PRECISIONS, BatchProfile, BuildTarget
+from runtime.tensorrt_files import ENGINE_PRECISIONS, BatchProfile, BuildTarget, onnx_precision_for
 from runtime.tensorrt_progress import BuildPhaseLines, progress_monitor
 from runtime.tensorrt_runtime import (
     TensorRTError,
@@ -159,7 +159,7 @@ def _keep_normalization_fp32(trt, network) -> int:
 def onnx_source_for(version: ModelVersion, precision: str, weakly_typed: bool) -> Artifact:
     """The ONNX file an engine of `precision` is built from (TensorRT 11: the precision must be in the graph)."""
     manifest = version.manifest
-    wanted = "fp32" if weakly_typed or precision == "fp32" else precision
+    wanted = onnx_precision_for(precision, weakly_typed)
     source = manifest.find("onnx", wanted)
     if source is None:
         raise TensorRTError(

@@ -31,6 +31,12 @@ MAX_DEVICE_MODEL_CHARS = 64  # CUDA device names are far shorter; this bounds a 
 VERSION_PATTERN = re.compile(r"\d+(\.\d+){1,3}")
 
 
+def onnx_precision_for(precision: str, weakly_typed: bool) -> str:
+    """The precision of the ONNX file an engine of `precision` is built from: TensorRT 10 (weakly typed) builds every
+    precision from the fp32 graph with builder flags, TensorRT 11 only from a graph already in that precision."""
+    return "fp32" if weakly_typed or precision == "fp32" else precision
+
+
 @dataclass(frozen=True)
 class BatchProfile:
     """The optimization profile over the batch axis: an engine runs any batch in [min_batch, max_batch]."""

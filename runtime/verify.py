@@ -10,6 +10,7 @@ import numpy as np
 from runtime.ort_session import create_session, provider_key
 from runtime.preprocess import preprocess
 from runtime.repository import Parity, Preprocess
+from runtime.tensorrt_runtime import run_in_chunks
 
 RANDOM_SEED = 0
 NUM_RANDOM_INPUTS = 4
@@ -113,9 +114,7 @@ def _refuse_non_finite(logits: np.ndarray, whose: str, advice: str) -> None:
 
 def in_chunks(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, size: int = VERIFY_CHUNK) -> np.ndarray:
     """run(batch), computed `size` inputs at a time and concatenated: the same outputs, at the memory of `size`."""
-    if len(batch) <= size:
-        return run(batch)
-    return np.concatenate([run(batch[start:start + size]) for start in range(0, len(batch), size)])
+    return run_in_chunks(run, batch, 1, size, 0)
 
 
 def compare(reference: np.ndarray, output: np.ndarray, reference_name: str, num_real_images: int,

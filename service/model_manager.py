@@ -39,8 +39,7 @@ def load_model_version(repository: ModelRepository, name: str | None, version: i
     if not models:
         raise RuntimeError(f"the model repository {str(repository.root)!r} has no models; export one with "
                            "`convnext export onnx ...` or run `make demo-model`")
-    model = repository.load(name or models[0], version)
-    return model
+    return repository.load(name or models[0], version)
 
 
 class ModelManager:

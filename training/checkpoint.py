@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convnext_files import replace_atomic, sha256_file, sidecar_path, write_sidecar
+from convnext_files import interrupted_writes, replace_atomic, sha256_file, sidecar_path, write_sidecar
 from model.checkpoints import read_checkpoint
 
 # What a run writes in --output: checkpoint_last.pth for --resume, the best val top-1 and best EMA val top-1 ones.
@@ -119,7 +119,7 @@ def remove_interrupted_writes(output: Path) -> list[Path]:
     """Remove the temporary files of checkpoint saves that a signal ended mid-write (replace_atomic's
     `.<name>.<random>.tmp`, a checkpoint's or its sidecar's): hidden, up to a checkpoint's size, never read, and
     no later save reuses their random names. Call it before a run's first save, on the one process that saves."""
-    stale = sorted(path for name in CHECKPOINT_NAMES for path in output.glob(f".{name}.*.tmp") if path.is_file())
+    stale = [path for name in CHECKPOINT_NAMES for path in interrupted_writes(output / name)]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
