@@ -186,7 +186,7 @@ def _model_kwargs(raw: dict, model_name: str, has_checkpoint: bool, num_classes:
     if num_classes is not None or known_classes is not None:
         kwargs["num_classes"] = num_classes if num_classes is not None else known_classes
     if activation is not None:
-        trained = kwargs.get("activation") or models.get_config(model_name).default_activation
+        trained = models.trained_activation(model_name, kwargs)
         if has_checkpoint and activation != trained:  # parity would not see it: both sides share the swap
             raise ExportError(f"the checkpoint's weights were trained with {trained}; --activation {activation} would "
                               f"run them under another activation and change every output. Retrain with "

@@ -220,19 +220,25 @@ def load_checkpoint(
     return LoadResult(source_format, head_reinitialised=False)
 
 
+def trained_activation(model_name: object, model_kwargs: object) -> str | None:
+    """The activation a project checkpoint's weights were trained with: its model_kwargs' (else, for a checkpoint from
+    before the activation was recorded, its model's own); None when it records neither, or a model unknown here."""
+    recorded = model_kwargs.get("activation") if isinstance(model_kwargs, Mapping) else None
+    if recorded is not None or not isinstance(model_name, str):
+        return recorded
+    try:
+        return get_config(model_name).default_activation
+    except ValueError:
+        return None
+
+
 def _check_activation(model: nn.Module, checkpoint: Mapping) -> None:
     """A project checkpoint records the activation its weights were trained with (its model_kwargs, else its model's
     own): a model that runs another one has the same weight shapes, would load them strictly, and change every output.
     Official, timm and torchvision files record none (their models' defaults are GELU for ConvNeXt, ReLU for ResNet)."""
-    recorded = checkpoint.get("model_kwargs") if isinstance(checkpoint, Mapping) else None
-    name = checkpoint.get("model_name") if isinstance(checkpoint, Mapping) else None
-    trained = recorded.get("activation") if isinstance(recorded, Mapping) else None
-    if trained is None and isinstance(name, str):
-        try:
-            trained = get_config(name).default_activation
-        except ValueError:  # a model this version does not know: nothing to compare with
-            return
-    if trained not in ACTIVATION_LAYERS:
+    name = checkpoint.get("model_name")
+    trained = trained_activation(name, checkpoint.get("model_kwargs"))
+    if trained not in ACTIVATION_LAYERS:  # none recorded, or a model this version does not know: nothing to compare
         return
     running = sorted(key for key, layer in ACTIVATION_LAYERS.items()
                      if any(isinstance(module, layer) for module in model.modules()))

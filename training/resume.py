@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from model import CheckpointError, get_config
+from model import CheckpointError, trained_activation
 
 from . import checkpoint as ckpt
 from .distributed import DistInfo
@@ -68,11 +68,7 @@ def _identity(model_name: str, kwargs: dict) -> dict:
     """What a resumed checkpoint must share with the run. A checkpoint from before the activation was recorded in
     model_kwargs ran its model's own (as model.load_checkpoint reads it too)."""
     identity = {"model": model_name, **{key: kwargs.get(key) for key in SAME_MODEL_KWARGS}}
-    if identity["activation"] is None:
-        try:
-            identity["activation"] = get_config(model_name).default_activation
-        except ValueError:  # a model this version does not know: the name differs anyway
-            pass
+    identity["activation"] = trained_activation(model_name, kwargs)
     return identity
 
 
