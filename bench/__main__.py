@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from convnext_common import (
     exit_status,
     one_line,
     positive_int,
+    positive_number,
     prog_name,
 )
 from export.onnx import PRECISIONS
@@ -282,18 +282,6 @@ def gpu_missing() -> str | None:
                 "'.[serve,gpu,export,dev,bench]' --extra-index-url https://pypi.nvidia.com (or bash "
                 "scripts/gpu_check.sh)")
     return None
-
-
-def positive_number(text: str) -> float:
-    """argparse type of a rate or a duration: a finite number > 0 (0 would have been read as "no rate": a closed loop
-    run in its place), refused as a usage error."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
 
 
 def _existing_file(text: str) -> Path:
