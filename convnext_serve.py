@@ -96,7 +96,7 @@ def prepare_pretrained(args, repository: ModelRepository) -> tuple[str, int]:
     entry = get_pretrained(args.pretrained)
     name = args.name or repository_name(entry.name)
     version = find_exported(repository, name, lambda source: source.checkpoint == entry.filename,
-                            _precisions(args.precisions))
+                            args.precisions)
     if version is not None:
         return name, version
     try:
@@ -105,7 +105,7 @@ def prepare_pretrained(args, repository: ModelRepository) -> tuple[str, int]:
         raise ServeSetupError(f"{one_line(error)}; {LOCAL_HINT}") from None
     exported = export_onnx_version(
         repository.root, name, entry.model_name, checkpoint, input_size=entry.input_size_px,
-        num_classes=entry.num_classes, precisions=_precisions(args.precisions),
+        num_classes=entry.num_classes, precisions=args.precisions,
     )
     return name, exported.manifest.version
 
@@ -116,10 +116,10 @@ def prepare_checkpoint(args, repository: ModelRepository) -> tuple[str, int]:
         raise ServeSetupError(f"no checkpoint file at {path}; pass the path of a .pth file")
     name = args.name or repository_name(path.stem)
     digest = sha256_file(path)
-    version = find_exported(repository, name, lambda source: source.sha256 == digest, _precisions(args.precisions))
+    version = find_exported(repository, name, lambda source: source.sha256 == digest, args.precisions)
     if version is not None:
         return name, version
-    exported = export_onnx_version(repository.root, name, args.model, path, precisions=_precisions(args.precisions))
+    exported = export_onnx_version(repository.root, name, args.model, path, precisions=args.precisions)
     return name, exported.manifest.version
 
 
@@ -152,12 +152,12 @@ def onnx_precision_read(engine: str, precision: str) -> str:
     return precision
 
 
-def with_served_precision(precisions: str, settings: Settings) -> str:
+def with_served_precision(precisions: str, settings: Settings) -> tuple[str, ...]:
     """--precisions plus the ONNX precision the service reads for its --engine and --precision, so `--precision fp16`
     alone exports fp32 and fp16 rather than failing once the export is done."""
     needed = onnx_precision_read(settings.engine, settings.precision)
     listed = _precisions(precisions)
-    return ",".join(listed if needed in listed else (*listed, needed))
+    return listed if needed in listed else (*listed, needed)
 
 
 def _export_first_hint(error: BaseException) -> str:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return refused.status
     repository = ModelRepository(args.repository)
     try:
-        args.precisions = with_served_precision(args.precisions, settings)
+        args.precisions = with_served_precision(args.precisions, settings)  # from here on, a tuple of precisions
         name, version = (prepare_pretrained if args.pretrained else prepare_checkpoint)(args, repository)
     except (ServeSetupError, CheckpointError, RepositoryError, ValueError, RuntimeError, OSError) as error:
         print(f"{PROG}: error: {one_line(error)}{_export_first_hint(error)}", file=sys.stderr)

@@ -17,9 +17,8 @@ from pydantic.fields import FieldInfo
 
 from convnext_common import CliParser, add_version_argument, exit_status, one_line, prog_name
 from runtime.repository import RepositoryError
+from service import PROG
 from service.settings import Settings
-
-PROG = "python -m service"  # as the module runs; prog_name() gives it as the user ran it
 
 # No flag for these: a command line is visible to every user of the host (ps, /proc); use the environment or a file.
 SECRET_SETTINGS = ("api_key", "admin_api_key")

@@ -13,6 +13,7 @@ from convnext_common import one_line, prog_name, project_version
 from runtime.engines.base import Engine
 from runtime.engines.factory import EngineOptions, check_engine_options, open_engine
 from runtime.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
+from service import PROG
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
 from service.body_budget import BodyBudget, BodyBudgetMiddleware
@@ -71,7 +72,7 @@ class StartupErrorInOneLine:
         async def send_one_line(message: Message) -> None:
             error = self.error_of()
             if message["type"] == "lifespan.startup.failed" and error is not None:
-                message = {**message, "message": f"{prog_name('python -m service')}: error: {error}"}
+                message = {**message, "message": f"{prog_name(PROG)}: error: {error}"}
             await send(message)
 
         await self.app(scope, receive, send_one_line)
