@@ -157,10 +157,17 @@ def is_compatible(artifact: Artifact, target: BuildTarget) -> bool:
 
 
 def find_engine(version: ModelVersion, precision: str, profile: BatchProfile, target: BuildTarget) -> Artifact | None:
-    """A compatible engine of this precision whose batch range covers `profile`, if the version has one."""
-    for artifact in version.manifest.artifacts:
-        if artifact.format != "tensorrt" or artifact.precision != precision:
-            continue
-        if is_compatible(artifact, target) and BatchProfile.of(artifact).covers(profile):
-            return artifact
-    return None
+    """The best compatible engine of this precision whose batch range covers `profile`, if the version has one.
+
+    Of several, the one whose opt batch is nearest `profile`'s (TensorRT picks each layer's kernels at the opt shape),
+    then the one with the narrowest range (a batch-64 profile can cost the batch-8 case), then the first listed.
+    """
+    fitting = [artifact for artifact in version.manifest.artifacts
+               if artifact.format == "tensorrt" and artifact.precision == precision
+               and is_compatible(artifact, target) and BatchProfile.of(artifact).covers(profile)]
+
+    def mismatch(artifact: Artifact) -> tuple[int, int]:
+        built = BatchProfile.of(artifact)
+        return abs(built.opt_batch - profile.opt_batch), built.max_batch - built.min_batch
+
+    return min(fitting, key=mismatch, default=None)

@@ -143,6 +143,18 @@ def test_find_engine_picks_a_compatible_covering_engine(exported):
     assert find_engine(version, "bf16", BatchProfile(1, 8, 32), _target()) is None
 
 
+def test_find_engine_prefers_the_nearest_opt_batch_then_the_narrowest_range(exported):
+    engines = (_engine(batches=(1, 8, 64)), _engine(batches=(1, 32, 32)), _engine(batches=(1, 8, 32)),
+               _engine(batches=(1, 16, 32)))
+    version = type(exported)(exported.manifest.model_copy(update={"artifacts": exported.manifest.artifacts + engines}),
+                             exported.path)
+    assert find_engine(version, "fp16", BatchProfile(1, 32, 32), _target()) is engines[1]  # its opt is 32
+    assert find_engine(version, "fp16", BatchProfile(1, 8, 8), _target()) is engines[2]  # opt 8, narrower than 1-64
+    assert find_engine(version, "fp16", BatchProfile(1, 16, 16), _target()) is engines[3]
+    assert find_engine(version, "fp16", BatchProfile(1, 4, 4), _target()) is engines[2]  # opt 8 is nearest; narrower
+    assert find_engine(version, "fp16", BatchProfile(1, 48, 48), _target()) is engines[0]  # the only one covering 48
+
+
 def test_onnx_source_follows_the_tensorrt_typing_mode(exported):
     assert onnx_source_for(exported, "fp16", weakly_typed=True).precision == "fp32"  # TensorRT 10: builder flag
     assert onnx_source_for(exported, "fp16", weakly_typed=False).precision == "fp16"  # TensorRT 11: in the graph
