@@ -13,8 +13,12 @@
    exact decoding (top-1 agreement, top-5 overlap, max |logit| difference); the fast decode with the short side kept
    >= 1x, 1.5x and 2x resize_px (the service keeps runtime.decode.FAST_DECODE_HEADROOM x), so the choice of target
    is measured too.
-2. The same inputs (exact decode): OpenVINO bf16 vs fp32, where the CPU computes bf16.
-3. The trained demo model (digits) on its 360 held-out images, upscaled to 256 and 1024 px JPEGs: accuracy against
+2. Inputs with photo detail at their own resolution, standing in for a phone photo's (--parts native): bench's
+   4000x3000 mosaics of the six colour photos tiled unscaled (one per first photo, landscape and portrait), whole and
+   in 2000x1500 quarters (re-encoded): fast vs exact as in 1. A mosaic is many small pictures to an ImageNet
+   classifier, so its top-1 margins are small (reported: the median gap between exact's top two logits).
+3. The inputs of 1 (exact decode): OpenVINO bf16 vs fp32, where the CPU computes bf16.
+4. The trained demo model (digits) on its 360 held-out images, upscaled to 256 and 1024 px JPEGs: accuracy against
    the labels with exact and fast decoding, their agreement, and bf16 vs fp32.
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_moti
 CROPS = {"full": (0.0, 0.0, 1.0, 1.0), "center": (0.15, 0.15, 0.85, 0.85), "top_left": (0.0, 0.0, 0.7, 0.7),
          "bottom_right": (0.3, 0.3, 1.0, 1.0), "left_half": (0.0, 0.0, 0.55, 1.0)}
 PHOTO_SIZES = ((4000, 3000), (2000, 1500), (1024, 768), (700, 525))  # long x short; portrait crops get it turned
+NATIVE_SIZES = ((4000, 3000), (3000, 4000))
 # The fast decode keeps the short side >= headroom x resize_px; the service's, FAST_DECODE_HEADROOM, always among them.
 HEADROOM = tuple(sorted({1.0, 1.5, 2.0, float(FAST_DECODE_HEADROOM)}))
 # EfficientNet-Lite's evaluation transform (TF reference: inputs scaled to [-1, 1]); 0.875 crop of 224.
@@ -78,6 +83,26 @@ def photo_uploads() -> list[tuple[str, bytes]]:
     return uploads
 
 
+def native_uploads() -> list[tuple[str, bytes]]:
+    """bench.cpu_engines.photo_mosaic_jpeg at 4000x3000 and 3000x4000, every row start, whole and as its four quarters
+    (each cut from the decoded mosaic and saved again at q90): photo detail at the upload's own size."""
+    from bench.cpu_engines import photo_mosaic_jpeg
+    from bench.loadgen import photo_paths as colour_photos
+
+    uploads = []
+    for size in NATIVE_SIZES:
+        for first in range(len(colour_photos())):
+            whole = photo_mosaic_jpeg(size, first=first)
+            uploads.append((f"mosaic{first}/full/{size[0]}x{size[1]}", whole))
+            with Image.open(io.BytesIO(whole)) as opened:
+                mosaic = opened.convert("RGB")
+            w, h = size[0] // 2, size[1] // 2
+            for column, row in ((0, 0), (1, 0), (0, 1), (1, 1)):
+                quarter = mosaic.crop((column * w, row * h, (column + 1) * w, (row + 1) * h))
+                uploads.append((f"mosaic{first}/quarter{column}{row}/{w}x{h}", jpeg(quarter, (w, h))))
+    return uploads
+
+
 def tensors(uploads: list[bytes], spec: Preprocess, headroom: float | None) -> np.ndarray:
     """Exact (headroom None) or fast decoding with the short side kept >= headroom x resize_px, then the service's
     fast transform (runtime.preprocess.fast_transform)."""
@@ -98,7 +123,8 @@ def compare(reference: np.ndarray, other: np.ndarray) -> dict:
     diff = np.abs(reference - other)
     return {"inputs": len(reference), "top1_agreement": float(np.mean(reference.argmax(1) == other.argmax(1))),
             "top5_overlap": float(overlap), "max_abs_logit_diff": float(diff.max()),
-            "mean_abs_logit_diff": float(diff.mean()), "logit_scale": float(np.abs(reference).max())}
+            "mean_abs_logit_diff": float(diff.mean()), "logit_scale": float(np.abs(reference).max()),
+            "median_top1_margin": float(np.median(np.diff(np.sort(reference)[:, -2:], axis=1)))}
 
 
 def effnet_engine(onnx_path: Path, precision: str) -> OpenVinoEngine:
@@ -145,6 +171,22 @@ def photo_check(onnx_path: Path, bf16: bool) -> dict:
     return result
 
 
+def native_check(onnx_path: Path) -> dict:
+    """Fast vs exact decoding on native_uploads, by headroom: all of them, the whole mosaics and the quarters."""
+    uploads = native_uploads()
+    engine = effnet_engine(onnx_path, "fp32")
+    exact = logits_of(engine, tensors([u for _, u in uploads], EFFNET_SPEC, None))
+    groups = {"12-MP mosaics": "/full/", "3-MP quarters": "/quarter"}
+    result = {"inputs": len(uploads), "sizes": [f"{a}x{b}" for a, b in NATIVE_SIZES]}
+    for headroom in HEADROOM:
+        fast = logits_of(engine, tensors([u for _, u in uploads], EFFNET_SPEC, headroom))
+        result[f"fast_vs_exact_headroom_{headroom:g}"] = compare(exact, fast)
+        result[f"fast_vs_exact_headroom_{headroom:g}_by_size"] = {
+            group: compare(exact[rows], fast[rows])
+            for group, part in groups.items() for rows in [[i for i, (name, _) in enumerate(uploads) if part in name]]}
+    return result
+
+
 def digits_check(repository: Path, model: str, bf16: bool) -> dict:
     from training.data import digits_split
 
@@ -178,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--digits-repository", type=Path, default=Path("models"))
     parser.add_argument("--digits-model", default="digits")
-    parser.add_argument("--parts", nargs="+", choices=["digits", "photos"], default=["digits", "photos"])
+    parser.add_argument("--parts", nargs="+", choices=["digits", "photos", "native"],
+                        default=["digits", "photos", "native"])
     parser.add_argument("--output", type=Path, default=Path("decode_accuracy.json"))
     args = parser.parse_args(argv)
     bf16 = cpu_supports_bf16(ov.Core())
@@ -186,10 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     if "digits" in args.parts:
         results["digits"] = digits_check(args.digits_repository, args.digits_model, bf16)
         print(json.dumps(results["digits"], indent=1), flush=True)
-    if "photos" in args.parts:
+    if {"photos", "native"} & set(args.parts):
         with tempfile.TemporaryDirectory() as tmp:
-            results["efficientnet_lite0_photos"] = photo_check(export_effnet(Path(tmp)), bf16)
-        print(json.dumps(results["efficientnet_lite0_photos"], indent=1))
+            onnx_path = export_effnet(Path(tmp))
+            if "photos" in args.parts:
+                results["efficientnet_lite0_photos"] = photo_check(onnx_path, bf16)
+                print(json.dumps(results["efficientnet_lite0_photos"], indent=1), flush=True)
+            if "native" in args.parts:
+                results["efficientnet_lite0_native_detail"] = native_check(onnx_path)
+                print(json.dumps(results["efficientnet_lite0_native_detail"], indent=1))
     write_text_atomic(args.output, json.dumps(results, indent=2))
     return 0
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from model import get_config
 from model.registry import ACTIVATIONS
 
-from .transforms import INTERPOLATION
+from .transforms import INTERPOLATION, check_auto_augment
 
 CROP_MODES = ("center", "squash")
 MODEL_KEYS = ("model", "model_ema")
@@ -195,6 +195,7 @@ def _validate(config: TrainConfig, family: str, depths: tuple[int, ...]) -> None
         raise ValueError(f"--ema-decay must be in [0, 1) (0: no EMA), got {config.ema_decay}")
     if config.log_every < 1:
         raise ValueError(f"--log-every must be >= 1 optimizer step, got {config.log_every}")
+    check_auto_augment(config.auto_augment)
     if config.drop_path < 0 or config.drop_path >= 1:
         raise ValueError(f"--drop-path must be in [0, 1), got {config.drop_path}")
     if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:

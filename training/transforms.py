@@ -4,6 +4,8 @@ The service reproduces it without torch (runtime/preprocess.py); a test proves t
 """
 from __future__ import annotations
 
+import re
+
 from torchvision import transforms as T
 
 from model.registry import DataConfig
@@ -32,3 +34,28 @@ def eval_transform(data: DataConfig) -> T.Compose:
             T.Normalize(data.mean, data.std),
         ]
     )
+
+
+def check_auto_augment(spec: str) -> None:
+    """Raise ValueError unless timm reads every section of this --auto-augment spec ("" = none).
+
+    timm's own parse fails on an unknown policy or section with a bare assertion, when the first batch is being set
+    up, and skips a section with no number in it ('rand-mX') without a word; this says which, before any work."""
+    if not spec:
+        return
+    from timm.data import create_transform
+
+    family, *sections = spec.split("-")
+    for section in sections:
+        if not re.search(r"\d", section) and not (family == "rand" and section.startswith("t") and len(section) > 1):
+            raise ValueError(f"--auto-augment {spec!r}: section {section!r} has no value (timm would ignore it); "
+                             f"e.g. {AUTO_AUGMENT_EXAMPLE}")
+    try:
+        create_transform(32, is_training=True, auto_augment=spec)
+    except (AssertionError, ValueError, KeyError) as error:
+        reason = str(error) or "not a policy or section timm knows"
+        raise ValueError(f"--auto-augment {spec!r}: {reason}; e.g. {AUTO_AUGMENT_EXAMPLE}") from None
+
+
+AUTO_AUGMENT_EXAMPLE = ("rand-m9-mstd0.5-inc1 (RandAugment, the paper's), augmix-m5-w3, "
+                        "original-mstd0.5 (AutoAugment), or '' for none")

@@ -126,6 +126,20 @@ def test_values_the_recipe_cannot_run_are_refused(field, value):
         resolve("in1k", {field: value})
 
 
+@pytest.mark.parametrize("spec, why", [("bogus", "Unknown AA policy"), ("rand-mX", "section 'mX' has no value"),
+                                       ("rand-m9-zz1", "Unknown RandAugment"), ("rand-m9x", "'9x'"),
+                                       ("augmix-m5-q", "section 'q'"), ("v0-zz1", "Unknown AutoAugment")])
+def test_an_auto_augment_spec_timm_would_not_read_whole_is_refused_before_any_work(spec, why):
+    with pytest.raises(ValueError, match=f"--auto-augment '{spec}': .*{why}"):
+        resolve("in1k", {"auto_augment": spec})
+
+
+@pytest.mark.parametrize("spec", ["", "rand-m9-mstd0.5-inc1", "rand-m7-n3-tweights", "augmix-m5-w3", "v0",
+                                  "original-mstd0.5"])
+def test_auto_augment_specs_timm_reads_are_accepted(spec):
+    assert resolve("in1k", {"auto_augment": spec}).auto_augment == spec
+
+
 def test_activation_is_a_training_flag_recorded_in_the_model_kwargs():
     """README: retraining with ReLU is `--activation relu`; the checkpoint records it, so the export builds the
     model it was trained as."""
