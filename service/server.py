@@ -30,6 +30,7 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "
 # so a multi-MB URL sent in small segments costs the event loop quadratic time before any route or key check.
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TOO_LARGE_MESSAGE = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
+MAX_SOCKET_READ_BYTES = 256 * 1024  # the most one data_received brings (asyncio's and uvloop's read size)
 
 if TYPE_CHECKING:  # the hooks and fields the mixin uses; at run time it goes before AutoHTTPProtocol (http_protocol)
     from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornProtocol
@@ -269,6 +270,9 @@ def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") ->
         app, host=settings.host, port=settings.port, log_level=log_level, log_config=log_config(log_level),
         http=http_protocol(settings.header_timeout_s, app.state.metrics, settings.max_connections),
         limit_concurrency=settings.max_connections, backlog=settings.backlog,
+        # h11 (where httptools is not installed) refuses a head still incomplete past its own 16 KiB with a bare 400;
+        # past the service's limit by one socket read, so EdgeLimitsMixin answers 431 after that read, as on httptools.
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES + MAX_SOCKET_READ_BYTES,
         # uvicorn annotates int but hands it to loop.call_later, which takes fractions of a second too.
         timeout_keep_alive=settings.timeout_keep_alive_s,  # type: ignore[arg-type]
         # uvicorn stops accepting on SIGTERM, waits for in-flight requests, then runs the lifespan shutdown,
