@@ -304,20 +304,22 @@ class _Method:
         settings, budget = self.state.settings, self.state.body_budget
         deadline_s, reserved = settings.body_deadline_s, settings.max_body_bytes
         deadline = asyncio.get_running_loop().time() + deadline_s
-        await budget.reserve(reserved, deadline)  # 503 body_buffer_full (UNAVAILABLE) when no room comes
-        size = 0
-        try:
-            async with asyncio.timeout_at(deadline):
-                message = await context.read()
-            if message is grpc.aio.EOF:
-                await _why_no_message(context, reserved)
-            size = len(message)
-            return message
-        except TimeoutError:
-            raise ApiError(408, "body_timeout", f"the request message did not arrive within {deadline_s:g} s; "
-                           "send it at once") from None
-        finally:
-            budget.received(reserved, size)  # no await from here to the caller's count of it
+        # a place among its client's messages arriving first (service/grpc_clients.py), then room in the budget
+        async with self.state.grpc_arrivals.place(context.peer(), deadline):
+            await budget.reserve(reserved, deadline)  # 503 body_buffer_full (UNAVAILABLE) when no room comes
+            size = 0
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await context.read()
+                if message is grpc.aio.EOF:
+                    await _why_no_message(context, reserved)
+                size = len(message)
+                return message
+            except TimeoutError:
+                raise ApiError(408, "body_timeout", f"the request message did not arrive within {deadline_s:g} s; "
+                               "send it at once") from None
+            finally:
+                budget.received(reserved, size)  # no await from here to the caller's count of it
 
 
 async def _why_no_message(context: grpc.aio.ServicerContext, limit: int) -> None:

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         "request bodies held in memory at once, all requests together, counted as they arrive, with what they become "
         "(decompressed, a form's files); beyond it, 503 body_buffer_full + Retry-After (max_connections x "
         "max_body_bytes could exceed the container's memory); at least twice max_body_bytes"))
+    grpc_messages_per_client: int = Field(4, ge=0, description=(
+        "gRPC request messages one client address may have arriving at once, each holding max_body_bytes of "
+        "max_buffered_body_bytes until it has arrived; its further calls wait, holding none, until one of its messages "
+        "has arrived or its call ended: a client that opens calls and sends nothing holds at most this many "
+        "messages' room (0: no per-client limit; raise it behind a proxy, whose calls all come from one address)"))
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit per image (413 too_many_pixels)")
     decode_memory_mb: int = Field(1024, ge=1, description=(
         "MiB that images being decoded may hold at once, all requests together (each reserves its peak, known from "

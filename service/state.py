@@ -11,6 +11,7 @@ from service.admission import Admission, admission_capacity
 from service.batcher import Batcher
 from service.body_budget import BodyBudget
 from service.decode_budget import MIB, DecodeBudget
+from service.grpc_clients import ArrivingMessages
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
 from service.repository_reader import RepositoryReader
@@ -39,6 +40,8 @@ class ServiceState:
         self.repository_reader = RepositoryReader(max_reads=LISTINGS_AT_ONCE)
         # Images in progress (decoding, queued or in the running batch); beyond this a request is refused at once.
         self.admission = Admission(admission_capacity(settings.queue_size, settings.max_batch_size))
+        # gRPC calls per client address waiting for room in the body budget or receiving their message.
+        self.grpc_arrivals = ArrivingMessages(settings.grpc_messages_per_client)
 
     @property
     def version(self) -> ModelVersion | None:

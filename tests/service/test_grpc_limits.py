@@ -195,3 +195,29 @@ def test_a_call_closed_without_its_message_is_an_invalid_message_not_a_message_t
         assert metric(url, 'convnext_rejected_total{reason="body_too_large"}') == 0
         assert metric(url, "convnext_buffered_body_bytes") == 0
         connection.close()
+
+
+def test_one_client_holds_the_room_of_at_most_grpc_messages_per_client_messages(model_repository, launch):
+    """A stream that sends nothing holds max_body_bytes of the budget until body_deadline_s: one client address gets
+    at most grpc_messages_per_client such places; its further calls wait holding no room, so HTTP uploads still find
+    it, and go on once one of its messages has arrived or gone. Before: two such streams took the whole budget."""
+    with launch(model_repository, grpc_port=free_port(), grpc_messages_per_client=1, **BUDGET_LIMITS) as url:
+        connection = H2Connection(grpc_address(url))
+        stalled = grpc_frame(bytes(900 * 1024), declared=MIB - 1000)
+        connection.open(1, MODEL_INFER)
+        assert connection.send(1, stalled, stall_s=10) == len(stalled)
+        wait_for(lambda: metric(url, "convnext_buffered_body_bytes") == MIB, "the first message's room")
+        waiting = grpc_frame(infer_message(10))  # 480 KiB
+        connection.open(3, MODEL_INFER)
+        let_in = connection.send(3, waiting, stall_s=2)
+        assert let_in <= 2 * UNREAD_STREAM_WINDOW_BYTES, f"{let_in} bytes of a message nobody reads were taken in"
+        assert 3 not in connection.ended  # waiting, not refused
+        assert metric(url, "convnext_buffered_body_bytes") == MIB  # the waiting call holds no room
+        finish_upload(slow_upload(url))  # an HTTP body finds the room the client's second call would have held
+        connection.reset(1)  # the client's first message gives up: its place goes to the waiting call
+        assert connection.send(3, waiting[let_in:], end=True, stall_s=10) == len(waiting) - let_in
+        assert connection.wait_ended(3)
+        wait_for(lambda: metric(url, OK_INFERS) == 1, "the waiting call to be answered")
+        wait_for(lambda: metric(url, "convnext_buffered_body_bytes") == 0, "the room to come back")
+        connection.close()
+
