@@ -75,12 +75,24 @@ def onnx_precisions(gpu_engines: Iterable[str], weakly_typed: bool = False) -> t
     return tuple(dict.fromkeys(wanted))
 
 
-def bf16_problem(compute_capability: str, device_name: str) -> str | None:
+def runs_bf16(compute_capability: str) -> bool:
+    """Whether a GPU of this compute capability ('7.5') has bfloat16 tensor cores."""
     major, minor = (int(part) for part in compute_capability.split("."))
-    if (major, minor) < BF16_MIN_COMPUTE_CAPABILITY:
-        return (f"tensorrt-bf16 needs a GPU of compute capability >= 8.0 (Ampere or newer); {device_name} is "
-                f"{compute_capability}: leave tensorrt-bf16 out of --engines")
-    return None
+    return (major, minor) >= BF16_MIN_COMPUTE_CAPABILITY
+
+
+def bf16_problem(compute_capability: str, device_name: str) -> str | None:
+    """Why this GPU cannot run a bf16 engine, or None (scripts/gpu_check.sh and the GPU tests allow a skip that says
+    "needs a GPU of compute capability >= 8.0")."""
+    if runs_bf16(compute_capability):
+        return None
+    return (f"bf16 needs a GPU of compute capability >= 8.0 (Ampere or newer); {device_name} is "
+            f"{compute_capability}")
+
+
+def gpu_engines_for(compute_capability: str) -> tuple[str, ...]:
+    """The `gpu` group's engines a GPU of this compute capability runs: tensorrt-bf16 from Ampere (8.0) on only."""
+    return tuple(e for e in GPU_ENGINES if GPU_ENGINES[e][1] != "bf16" or runs_bf16(compute_capability))
 
 
 def gpu_problem(gpu_engines: Sequence[str]):
@@ -93,8 +105,8 @@ def gpu_problem(gpu_engines: Sequence[str]):
         except Exception as err:  # noqa: BLE001 - any failure of the probe is why TensorRT cannot run here
             problems.append(f"{', '.join(tensorrt)} need an NVIDIA GPU with TensorRT and cuda-python: {err}")
         else:
-            problems.append(bf16_problem(target.compute_capability, target.device_name)
-                            if "tensorrt-bf16" in tensorrt else None)
+            bf16 = bf16_problem(target.compute_capability, target.device_name) if "tensorrt-bf16" in tensorrt else None
+            problems.append(f"tensorrt-{bf16}: leave tensorrt-bf16 out of --engines" if bf16 else None)
     if "onnxruntime-cuda-fp32" in gpu_engines:
         try:
             available_provider("cuda")

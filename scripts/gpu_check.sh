@@ -3,7 +3,8 @@
 # the doctor, ConvNeXt-T -> fp32/fp16/bf16 ONNX, TensorRT engines fp32/fp16/bf16 with parity, ONNX Runtime CUDA
 # parity (on the CUDA provider for real), pytest -m gpu, a short benchmark and the modernization roadmap on the GPU
 # engines. Every step runs even when an earlier one failed; the report (OUT_DIR/report.md + OUT_DIR/logs/) says
-# which, and the exit status is 1 if any did.
+# which, and the exit status is 1 if any did. A GPU below compute capability 8.0 (Turing) has no bf16: the bf16
+# engine step is skipped with the reason (not a failure) and the roadmap times the other GPU engines.
 #
 # Usage: bash scripts/gpu_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: gpu-check-<UTC time>)
 # Needs: NVIDIA driver >= 580 + a GPU of compute capability >= 7.5, python3.11+ with venv, PyPI and
@@ -17,7 +18,7 @@ OUT=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
     *) OUT="$arg" ;;
   esac
@@ -29,6 +30,25 @@ NVIDIA_PYPI_URL="${NVIDIA_PYPI_URL:-https://pypi.nvidia.com}"
 PY="$VENV/bin/python"
 REPO="$OUT/models"
 MODEL=convnext-tiny
+# bench/roadmap_engines.py: BF16_MIN_COMPUTE_CAPABILITY and gpu_engines_for (tests/deploy checks they agree).
+BF16_MIN_MAJOR=8
+PRE_AMPERE_GPU_ENGINES="tensorrt-fp16 onnxruntime-cuda-fp32"
+BF16_SKIP_MARK="needs a GPU of compute capability >= 8.0"  # in every bf16 skip reason (bench's bf16_problem too)
+
+bf16_skip_reason() {  # why this host's GPUs cannot build bf16 engines (one below compute capability 8.0), or nothing
+  local name cap
+  while IFS=, read -r name cap; do
+    cap="${cap// /}"
+    if [[ "$cap" =~ ^[0-9]+\.[0-9]+$ ]] && [ "${cap%%.*}" -lt "$BF16_MIN_MAJOR" ]; then
+      echo "bf16 $BF16_SKIP_MARK (Ampere or newer); $name is $cap"
+      return
+    fi
+  done < <(nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader 2>/dev/null)
+}
+
+BF16_SKIP="$(bf16_skip_reason)"
+ROADMAP_ENGINES=gpu ROADMAP_TENSORRT=fp16/bf16
+if [ -n "$BF16_SKIP" ]; then ROADMAP_ENGINES="$PRE_AMPERE_GPU_ENGINES" ROADMAP_TENSORRT=fp16; fi
 
 STEPS=(
   "nvidia-smi|the GPU and driver as nvidia-smi sees them"
@@ -37,11 +57,11 @@ STEPS=(
   "export|ConvNeXt-T (random init) -> fp32 + fp16 + bf16 ONNX with parity vs PyTorch"
   "tensorrt-fp32|TensorRT fp32 engine (batch 1..32) + parity vs ONNX Runtime fp32"
   "tensorrt-fp16|TensorRT fp16 engine (batch 1..32) + parity vs ONNX Runtime fp32"
-  "tensorrt-bf16|TensorRT bf16 engine (batch 1..32) + parity vs ONNX Runtime fp32"
+  "tensorrt-bf16|${BF16_SKIP:+skipped: $BF16_SKIP; }TensorRT bf16 engine (batch 1..32) + parity vs ONNX Runtime fp32"
   "ort-cuda|ONNX Runtime CUDAExecutionProvider (session.get_providers()[0] checked) fp32/fp16 within the export parity thresholds vs CPU fp32"
-  "pytest-gpu|pytest -m gpu tests/gpu (a skipped test counts as a failure here)"
+  "pytest-gpu|pytest -m gpu tests/gpu (a skipped test counts as a failure here, but for bf16 on a GPU without it)"
   "bench|python -m bench engine on the CUDA provider, fp32 + fp16, batch 1/8/32"
-  "roadmap|python -m bench roadmap --engines gpu: TensorRT fp16/bf16 + ORT CUDA fp32 per Table 10 step (OUT_DIR/roadmap/)"
+  "roadmap|python -m bench roadmap --engines $ROADMAP_ENGINES: TensorRT $ROADMAP_TENSORRT + ORT CUDA fp32 per Table 10 step (OUT_DIR/roadmap/)"
 )
 
 if [ "$DRY_RUN" = 1 ]; then
@@ -55,10 +75,15 @@ OUT="$(cd "$OUT" && pwd)"
 REPO="$OUT/models"
 RESULTS=()
 FAILED=0
+SKIPPED=0
 
 record() {  # name status seconds log
   RESULTS+=("| $1 | $2 | $3 | logs/$(basename "$4") |")
-  if [ "$2" != PASS ]; then FAILED=$((FAILED + 1)); fi
+  case "$2" in
+    PASS) ;;
+    SKIP*) SKIPPED=$((SKIPPED + 1)) ;;
+    *) FAILED=$((FAILED + 1)) ;;
+  esac
 }
 
 write_report() {
@@ -67,7 +92,8 @@ write_report() {
     echo
     echo "- host: $(uname -n), commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
     echo "- GPU: $(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || true)"
-    echo "- result: $([ "$FAILED" = 0 ] && echo "all steps passed" || echo "$FAILED step(s) FAILED")"
+    echo "- result: $([ "$FAILED" = 0 ] && echo "all steps passed" || echo "$FAILED step(s) FAILED")$(
+      [ "$SKIPPED" = 0 ] || echo "; $SKIPPED skipped: $BF16_SKIP")"
     echo
     echo "| step | status | seconds | log |"
     echo "|---|---|---|---|"
@@ -93,6 +119,14 @@ run_step() {  # index name function
   rc=$?
   if [ "$rc" = 0 ]; then record "$2" PASS $((SECONDS - started)) "$log"
   else record "$2" "FAIL (exit $rc)" $((SECONDS - started)) "$log"; echo "!! $2 failed (exit $rc): $log"; tail -n 5 "$log"; fi
+}
+
+skip_step() {  # index name reason: a step this GPU cannot run, recorded with why (not a failure)
+  local log
+  log="$OUT/logs/$(printf '%02d' "$1")-$2.log"
+  echo "== [$1/${#STEPS[@]}] $2: skipped, $3"
+  echo "skipped: $3" > "$log"
+  record "$2" "SKIP ($3)" 0 "$log"
 }
 
 step_nvidia_smi() {
@@ -178,12 +212,19 @@ if failed:
 PYEOF
 }
 
+unexpected_skips() {  # pytest -rs output on stdin -> its SKIPPED lines, less bf16's on a GPU without bf16
+  if [ -n "$BF16_SKIP" ]; then grep -E '^SKIPPED' | grep -v -F "$BF16_SKIP_MARK"; else grep -E '^SKIPPED'; fi
+}
+
 step_pytest_gpu() {
   local summary
   summary="$(cd "$ROOT" && "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/gpu 2>&1)"
   local rc=$?
   echo "$summary"
-  if grep -q -E '[0-9]+ skipped' <<< "$summary"; then echo "a GPU test skipped on this GPU host: see the reasons above"; return 1; fi
+  if [ -n "$(unexpected_skips <<< "$summary")" ]; then
+    echo "a GPU test skipped on this GPU host: see the reasons above"
+    return 1
+  fi
   return "$rc"
 }
 
@@ -203,7 +244,9 @@ step_roadmap() {  # the longest step: each of 17 steps exports 3 ONNX variants a
   # Word splitting on purpose: ROADMAP_STEPS is a space-separated list of step keys.
   # shellcheck disable=SC2206
   [ -n "${ROADMAP_STEPS:-}" ] && steps=(--steps $ROADMAP_STEPS)
-  (cd "$ROOT" && "$PY" -m bench roadmap --engines gpu "${steps[@]}" --batch-sizes 1 32 --seconds 2 \
+  # Word splitting on purpose: ROADMAP_ENGINES is "gpu" or the engine names a pre-Ampere GPU runs.
+  # shellcheck disable=SC2086
+  (cd "$ROOT" && "$PY" -m bench roadmap --engines $ROADMAP_ENGINES "${steps[@]}" --batch-sizes 1 32 --seconds 2 \
     --out "$OUT/roadmap")
 }
 
@@ -232,9 +275,12 @@ index=0
 for entry in "${STEPS[@]}"; do
   index=$((index + 1))
   name="${entry%%|*}"
+  if [ "$name" = tensorrt-bf16 ] && [ -n "$BF16_SKIP" ]; then skip_step "$index" "$name" "$BF16_SKIP"; continue; fi
   run_step "$index" "$name" "step_${name//-/_}"
   if [ "$name" = venv ] && [ -x "$PY" ]; then
-    # The service does not preload CUDA libraries: put the nvidia-* wheels on the loader path, as the image does.
+    # The service, bench and doctor preload the nvidia-* wheels' CUDA libraries (runtime/ort_session.py:
+    # preload_cuda_libraries); the ort-cuda step opens its sessions itself: put the wheels on the loader path, as the
+    # image does.
     site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     export LD_LIBRARY_PATH="$site/nvidia/cu13/lib:$site/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export PATH="$VENV/bin:$PATH"

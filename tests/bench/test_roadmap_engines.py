@@ -16,6 +16,7 @@ from bench.roadmap_engines import (
     bf16_problem,
     drop_failed_engines,
     engine_parities,
+    gpu_engines_for,
     onnx_precisions,
     plan_engines,
     points_from,
@@ -66,6 +67,14 @@ def test_bf16_is_refused_before_ampere():
     assert "compute capability >= 8.0" in refused and "Tesla T4 is 7.5" in refused
     assert bf16_problem("8.0", "A100") is None and bf16_problem("9.0", "H200") is None
     assert bf16_problem("10.0", "B200") is None
+
+
+@pytest.mark.parametrize(("compute_capability", "expected"), [
+    ("7.5", ["tensorrt-fp16", "onnxruntime-cuda-fp32"]),  # Turing: supported, no bf16 tensor cores
+    ("8.0", GPU), ("8.9", GPU), ("9.0", GPU), ("12.0", GPU),
+])
+def test_a_pre_ampere_gpu_runs_the_gpu_group_without_tensorrt_bf16(compute_capability, expected):
+    assert list(gpu_engines_for(compute_capability)) == expected
 
 
 def test_engine_benchmark_results_become_roadmap_points():
