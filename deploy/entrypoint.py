@@ -8,7 +8,8 @@
 
 The service's own variables (CONVNEXT_REPOSITORY, CONVNEXT_MODEL, CONVNEXT_ENGINE, CONVNEXT_PROVIDER, CONVNEXT_HOST,
 CONVNEXT_PORT, ...) are read by its Settings class (service/settings.py, `python -m service --help`), here too.
-The entrypoint's own, from the environment:
+The entrypoint's own, from the environment (an empty one counts as unset; `serve` works the model's name out of the
+same variables as `prepare`, so give both the same ones):
   CONVNEXT_ARCHITECTURE      `model.list_models()` name of CONVNEXT_CHECKPOINT's model, where the checkpoint does
                              not name it (an official or torchvision file); an official download's is known. The
                              model is exported under CONVNEXT_MODEL, else under this name, else the official one's
@@ -81,7 +82,7 @@ class PrepareSettings:
         return cls(
             service=service,
             architecture=env.get("CONVNEXT_ARCHITECTURE") or None,
-            pretrained=env.get("CONVNEXT_PRETRAINED", "convnext_tiny_1k_224_ema"),
+            pretrained=env.get("CONVNEXT_PRETRAINED") or "convnext_tiny_1k_224_ema",  # empty: unset, as the others
             weights_base_url=env.get("CONVNEXT_WEIGHTS_BASE_URL") or None,
             checkpoint=env.get("CONVNEXT_CHECKPOINT") or None,
             precisions=env.get("CONVNEXT_EXPORT_PRECISIONS", "fp32,fp16"),

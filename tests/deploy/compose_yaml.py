@@ -104,3 +104,11 @@ def interpolate(value, env: dict[str, str]):
         return current
 
     return _VARIABLE.sub(substitute, value)
+
+
+def container_environment(document: dict, service: str, shell: dict[str, str]) -> dict[str, str]:
+    """The environment `service`'s container starts with: the file interpolated from `shell` (the shell and .env); a
+    variable given no value passes the shell's through, and is unset when the shell has none."""
+    environment = interpolate(document, shell)["services"][service]["environment"]
+    return {name: shell[name] if value is None else str(value) for name, value in environment.items()
+            if value is not None or name in shell}

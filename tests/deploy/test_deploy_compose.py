@@ -9,7 +9,8 @@ from pathlib import Path
 import check_jsonschema
 import jsonschema
 import pytest
-from compose_yaml import ROOT, interpolate, load_compose, merge_compose, strip_tags
+from compose_yaml import ROOT, container_environment, interpolate, load_compose, merge_compose, strip_tags
+from entrypoint_settings import load_entrypoint, settings_from
 
 from service.server import graceful_shutdown_s
 from service.settings import Settings
@@ -148,6 +149,23 @@ def test_prepare_gets_every_variable_the_entrypoint_reads(gpu):
     entrypoint = (ROOT / "deploy" / "entrypoint.py").read_text()
     read = set(re.findall(r"env\.get\(\"(CONVNEXT_[A-Z_]+)\"", entrypoint)) - {"CONVNEXT_HOST_CHECK"}  # service's
     assert read and read <= set(gpu["services"]["prepare"]["environment"])
+
+
+@pytest.mark.parametrize(("shell", "name"), [
+    ({}, "convnext_tiny"),
+    ({"CONVNEXT_PRETRAINED": "convnext_base_22k_224"}, "convnext_base"),  # README: "needs only its name"
+    ({"CONVNEXT_CHECKPOINT": "/checkpoints/my_small.pth", "CONVNEXT_ARCHITECTURE": "convnext_small"}, "convnext_small"),
+    ({"CONVNEXT_CHECKPOINT": "/checkpoints/my_small.pth"}, "my_small"),
+    ({"CONVNEXT_MODEL": "mine", "CONVNEXT_PRETRAINED": "convnext_base_22k_224"}, "mine"),
+    ({"CONVNEXT_MODEL": "", "CONVNEXT_PRETRAINED": ""}, "convnext_tiny"),  # empty in .env: unset
+])
+def test_prepare_and_the_service_name_the_model_from_what_the_shell_or_env_sets(gpu, monkeypatch, shell, name):
+    """Compose gave both containers CONVNEXT_MODEL=convnext_tiny, so a new CONVNEXT_PRETRAINED alone kept the old
+    model (already prepared) or served new weights as convnext_tiny: the entrypoint's own naming never ran."""
+    entrypoint = load_entrypoint()
+    for service in ("prepare", "service"):
+        settings = settings_from(entrypoint, monkeypatch, container_environment(gpu, service, shell))
+        assert settings.model_name == name, service
 
 
 def published(port: str) -> tuple[str | None, str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import importlib.util
 import json
 import os
 import signal
@@ -17,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 from compose_yaml import ROOT
+from entrypoint_settings import ENTRYPOINT, load_entrypoint, settings_from
 
 from tests.service.conftest import free_port
 
-ENTRYPOINT = ROOT / "deploy" / "entrypoint.py"
 OFFICIAL_FILE = "convnext_tiny_1k_224_ema.pth"
 
 
@@ -173,24 +172,6 @@ def test_the_entrypoint_starts_in_the_train_image_without_the_web_stack():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "prepare" in result.stdout
-
-
-def load_entrypoint():
-    spec = importlib.util.spec_from_file_location("deploy_entrypoint", ENTRYPOINT)
-    entrypoint = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = entrypoint  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(entrypoint)
-    return entrypoint
-
-
-def settings_from(entrypoint, monkeypatch, env: dict[str, str]):
-    """The entrypoint's settings with exactly `env`'s CONVNEXT_* variables set, as in the container."""
-    for name in [name for name in os.environ if name.startswith("CONVNEXT_")]:
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        if name.startswith("CONVNEXT_"):
-            monkeypatch.setenv(name, value)
-    return entrypoint.PrepareSettings.from_env()
 
 
 def test_own_checkpoint_from_a_file_url_is_used_instead_of_the_official_one(tmp_path, mirror, monkeypatch):

@@ -8,6 +8,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from compose_yaml import ROOT
+from entrypoint_settings import load_entrypoint, settings_from
 
 from service.server import graceful_shutdown_s
 from service.settings import Settings
@@ -86,6 +87,20 @@ def test_the_startup_probe_outlasts_the_services_own_bound_on_opening_an_engine(
     assert probe["periodSeconds"] * probe["failureThreshold"] >= open_bound_s("tensorrt", "cuda")
     # A rollout is not declared failed while a new pod may still be within that allowance.
     assert find("Deployment")["spec"]["progressDeadlineSeconds"] > probe["periodSeconds"] * probe["failureThreshold"]
+
+
+def test_the_init_container_and_the_service_name_the_model_alike(monkeypatch):
+    """The service container's entrypoint serves the model the init container prepared: the same name from the same
+    variables (a fixed CONVNEXT_MODEL in both hid a changed CONVNEXT_PRETRAINED)."""
+    pod = find("Deployment")["spec"]["template"]["spec"]
+    entrypoint = load_entrypoint()
+    shipped, renamed = set(), set()
+    for container in (*pod["initContainers"], *pod["containers"]):
+        env = {item["name"]: item["value"] for item in container["env"]}
+        shipped.add(settings_from(entrypoint, monkeypatch, env).model_name)
+        another = {**env, "CONVNEXT_PRETRAINED": "convnext_base_22k_224"}  # README: "needs only its name"
+        renamed.add(settings_from(entrypoint, monkeypatch, another).model_name)
+    assert shipped == {"convnext_tiny"} and renamed == {"convnext_base"}
 
 
 def test_the_training_job_meets_pod_security_restricted_too():
