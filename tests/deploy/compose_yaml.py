@@ -34,6 +34,15 @@ ComposeLoader.add_constructor(
 )
 
 
+def seconds(duration: str) -> float:
+    """A Compose duration ('75s', '2m', '500ms') in seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for suffix in ("ms", "s", "m", "h"):
+        if duration.endswith(suffix):
+            return float(duration[: -len(suffix)]) * units[suffix]
+    raise ValueError(duration)
+
+
 def load_compose(path: Path) -> dict:
     return yaml.load(path.read_text(), Loader=ComposeLoader)
 

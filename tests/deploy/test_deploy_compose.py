@@ -9,7 +9,7 @@ from pathlib import Path
 import check_jsonschema
 import jsonschema
 import pytest
-from compose_yaml import ROOT, container_environment, interpolate, load_compose, merge_compose, strip_tags
+from compose_yaml import ROOT, container_environment, interpolate, load_compose, merge_compose, seconds, strip_tags
 from entrypoint_settings import load_entrypoint, settings_from
 
 from service.server import graceful_shutdown_s
@@ -82,26 +82,18 @@ def test_every_long_running_service_restarts_and_has_a_health_check(gpu):
     assert "/app/deploy/healthcheck.py" in gpu["services"]["service"]["healthcheck"]["test"]
 
 
-def _seconds(duration: str) -> float:
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    for suffix in ("ms", "s", "m", "h"):
-        if duration.endswith(suffix):
-            return float(duration[: -len(suffix)]) * units[suffix]
-    raise ValueError(duration)
-
-
 def test_stop_grace_period_outlasts_the_service_drain(gpu):
     # uvicorn's graceful shutdown (service/server.py graceful_shutdown_s), then the batcher drain (request timeout).
     settings = Settings()
     worst_case_drain_s = graceful_shutdown_s(settings) + settings.request_timeout_ms / 1000
     default = interpolate(gpu, {})["services"]["service"]["stop_grace_period"]
-    assert _seconds(default) > worst_case_drain_s
+    assert seconds(default) > worst_case_drain_s
     # A longer request timeout needs a longer grace period: the variable sets it, as the file's comment says.
     longer = Settings(request_timeout_ms=60_000)
     needed_s = graceful_shutdown_s(longer) + longer.request_timeout_ms / 1000
-    assert needed_s == 2 * 60 + 10 > _seconds(default)
+    assert needed_s == 2 * 60 + 10 > seconds(default)
     raised = interpolate(gpu, {"CONVNEXT_STOP_GRACE_PERIOD": "140s"})["services"]["service"]["stop_grace_period"]
-    assert _seconds(raised) > needed_s
+    assert seconds(raised) > needed_s
 
 
 def test_cpu_override_serves_the_cpu_image_without_a_gpu_reservation(cpu):

@@ -7,9 +7,10 @@ import re
 import kubernetes_validate
 import pytest
 import yaml
-from compose_yaml import ROOT
+from compose_yaml import ROOT, load_compose, seconds
 from entrypoint_settings import load_entrypoint, settings_from
 
+from deploy.host_check import DOCTOR_TIMEOUT_S
 from service.server import graceful_shutdown_s
 from service.settings import Settings
 
@@ -79,14 +80,23 @@ def test_rollouts_fit_a_cluster_whose_gpus_are_all_taken_and_leave_the_hpas_coun
     assert find("PodDisruptionBudget")["spec"]["minAvailable"] >= 1
 
 
-def test_the_startup_probe_outlasts_the_services_own_bound_on_opening_an_engine():
+def test_every_gpu_start_allowance_outlasts_the_host_check_then_the_services_own_bound_on_opening_an_engine():
+    """The service binds only after the entrypoint's host check (the doctor) and its engine's opening, a first TensorRT
+    build included: k8s's startup probe, and the GPU image's and compose's health check start period (300 s, shorter
+    than one engine build, before), allow both."""
     from runtime.engines.factory import open_bound_s
 
+    bound_s = DOCTOR_TIMEOUT_S + open_bound_s("tensorrt", "cuda")
     container = next(c for c in find("Deployment")["spec"]["template"]["spec"]["containers"] if c["name"] == "service")
     probe = container["startupProbe"]
-    assert probe["periodSeconds"] * probe["failureThreshold"] >= open_bound_s("tensorrt", "cuda")
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= bound_s
     # A rollout is not declared failed while a new pod may still be within that allowance.
     assert find("Deployment")["spec"]["progressDeadlineSeconds"] > probe["periodSeconds"] * probe["failureThreshold"]
+    compose = load_compose(ROOT / "docker-compose.yml")["services"]["service"]["healthcheck"]
+    assert seconds(compose["start_period"]) >= bound_s
+    gpu_stage = ROOT.joinpath("Dockerfile").read_text().split(" AS service\n", 1)[1].split("\nFROM ", 1)[0]
+    (start_period,) = re.findall(r"^HEALTHCHECK .*--start-period=(\S+)", gpu_stage, re.M)
+    assert seconds(start_period) >= bound_s
 
 
 def test_the_init_container_and_the_service_name_the_model_alike(monkeypatch):
