@@ -44,7 +44,16 @@ COPY deploy/build-requirements.txt deploy/build-requirements.txt
 # wheels from NVIDIA's index (a binary wheel there wins over the placeholder sdist on PyPI).
 # Not hash-locked like service-cpu (locks/service-cpu.txt): the NVIDIA-index wheels cannot be hashed where the lock is
 # made (that index is unreachable there), so exact pins (pyproject.toml + deploy/gpu-constraints.txt) are what holds.
-RUN python deploy/check_nvidia_index.py --index-url "${NVIDIA_PYPI_URL}" \
+# PyPI has onnxruntime-gpu for x86-64 only (Linux aarch64 CUDA builds are on Microsoft's own feed, microsoft/onnxruntime
+# issues 27005 and 27944): other platforms stop here first, saying so, rather than at pip's "no matching distribution".
+ARG TARGETARCH
+RUN if [ "${TARGETARCH}" != "amd64" ]; then \
+        echo "the GPU service installs onnxruntime-gpu, which PyPI has for x86-64 (amd64) only: build it with" \
+             "--platform linux/amd64 (for ${TARGETARCH:-this platform}, onnxruntime-gpu would come from Microsoft's" \
+             "own package feed instead of PyPI)" >&2; \
+        exit 1; \
+    fi \
+    && python deploy/check_nvidia_index.py --index-url "${NVIDIA_PYPI_URL}" \
     && python -m venv /opt/venv \
     && python deploy/requirements.py serve gpu > /tmp/requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade pip==25.3 \

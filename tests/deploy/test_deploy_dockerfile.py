@@ -97,21 +97,38 @@ def test_the_tini_stage_keeps_the_target_platforms_binary_and_refuses_others(tmp
         assert f"no tini checksum for TARGETARCH={arch or 'unset'}" in result.stderr
 
 
+def run_platform_guard(stage: str, install_marker: str, arch: str) -> subprocess.CompletedProcess:
+    """The `if ... fi` that opens `stage`'s install RUN (the one naming install_marker), run by sh with TARGETARCH."""
+    assert "ARG TARGETARCH" in stages()[stage]
+    install = next(line for line in stages()[stage] if line.startswith("RUN ") and install_marker in line)
+    guard = re.match(r"RUN (if .*?\bfi\b)\s+&&", install).group(1)
+    return subprocess.run(["sh", "-c", guard], env={"TARGETARCH": arch, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=30)
+
+
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
 def test_the_cpu_image_refuses_other_platforms_while_its_lock_is_x86_64_only(arch):
     """locks/service-cpu.txt holds the x86-64 wheels' hashes (`make lock`): on arm64 pip would refuse numpy's wheel
     as if tampered with, so the stage stops first and says why; re-locking for arm64 too retires this check."""
     lock_platforms = re.findall(r"--python-platform\s+(\S+)", (ROOT / "Makefile").read_text())
     assert lock_platforms == ["x86_64-manylinux_2_28"]
-    assert "ARG TARGETARCH" in stages()["cpu-deps"]
-    install = next(line for line in stages()["cpu-deps"] if line.startswith("RUN ") and "service-cpu.txt" in line)
-    guard = re.match(r"RUN (if .*?\bfi\b)\s+&&", install).group(1)
-    result = subprocess.run(["sh", "-c", guard], env={"TARGETARCH": arch, "PATH": "/usr/bin:/bin"},
-                            capture_output=True, text=True, timeout=30)
+    result = run_platform_guard("cpu-deps", "service-cpu.txt", arch)
     if arch == "amd64":
         assert result.returncode == 0 and not result.stderr
     else:
         assert result.returncode == 1 and "locked for x86-64 (amd64) only" in result.stderr
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_the_gpu_image_refuses_other_platforms_where_pypi_has_no_onnxruntime_gpu(arch):
+    """onnxruntime-gpu's wheels on PyPI are x86-64 only (its Linux aarch64 CUDA builds are on Microsoft's own feed):
+    an arm64 build stops before its first download and says why, not at pip's "no matching distribution"."""
+    result = run_platform_guard("gpu-deps", "check_nvidia_index.py", arch)
+    if arch == "amd64":
+        assert result.returncode == 0 and not result.stderr
+    else:
+        assert result.returncode == 1 and "onnxruntime-gpu, which PyPI has for x86-64 (amd64) only" in result.stderr
+        assert "--platform linux/amd64" in result.stderr
 
 
 @pytest.mark.parametrize("target,base", [("service", "${PYTHON_IMAGE}"), ("service-cpu", "${PYTHON_IMAGE}"),
@@ -185,7 +202,8 @@ def test_gpu_image_takes_cuda_cudnn_from_onnxruntime_gpus_extras_pinned_to_cuda_
 def test_gpu_image_checks_nvidias_index_before_installing_tensorrt_and_uses_it():
     install = stages()["gpu-deps"]
     run = next(line for line in install if line.startswith("RUN ") and "requirements.py serve gpu" in line)
-    assert run.split("&&")[0].strip() == 'RUN python deploy/check_nvidia_index.py --index-url "${NVIDIA_PYPI_URL}"'
+    first_command = re.sub(r"^RUN if .*?\bfi\b\s+&&", "", run).split("&&")[0]  # after the platform check, the first
+    assert first_command.strip() == 'python deploy/check_nvidia_index.py --index-url "${NVIDIA_PYPI_URL}"'
     assert '--extra-index-url "${NVIDIA_PYPI_URL}"' in run
     assert build_args()["NVIDIA_PYPI_URL"] == "https://pypi.nvidia.com"
     assert "pypi.nvidia.com" in "".join(line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#"))
