@@ -156,7 +156,8 @@ def loaded_rgb(image: Image.Image) -> tuple[Image.Image, int]:
         image.load()
     orientation = exif_orientation(image)
     white = white_level(image) if image.mode in HIGH_DEPTH_MODES else None  # before a turn drops the TIFF tags
-    return to_rgb(turned_upright(image, orientation), white), orientation
+    with image_errors():  # a conversion Pillow lacks for a mode a file may declare is the file's problem, a 400
+        return to_rgb(turned_upright(image, orientation), white), orientation
 
 
 def white_level(image: Image.Image) -> float:
@@ -208,10 +209,16 @@ def on_white(image: Image.Image) -> Image.Image:
     rgb = Image.new("RGB", image.size)
     white = Image.new("RGBA", (width, min(rows, height)), (255, 255, 255, 255))
     for top in range(0, height, rows):
-        strip = image.crop((0, top, width, min(top + rows, height))).convert("RGBA")
+        strip = as_rgba(image.crop((0, top, width, min(top + rows, height))))
         background = white if strip.height == white.height else white.crop((0, 0, width, strip.height))
         rgb.paste(Image.alpha_composite(background, strip).convert("RGB"), (0, top))
     return rgb
+
+
+def as_rgba(strip: Image.Image) -> Image.Image:
+    """A strip as RGBA, its alpha un-premultiplied: Pillow converts premultiplied grey (La, a TIFF's associated alpha)
+    to LA only."""
+    return (strip.convert("LA") if strip.mode == "La" else strip).convert("RGBA")
 
 
 def scaled_to_8_bits(pixels: np.ndarray, top: float) -> np.ndarray:

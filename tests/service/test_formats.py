@@ -106,12 +106,13 @@ def test_16_and_32_bit_pictures_scale_like_the_float_formula_in_bounded_memory()
     assert peak_bytes < 6 * 6000 * 6000, f"{peak_bytes / 1e6:.0f} MB traced"
 
 
-def grey_tiff(samples: bytes, size: tuple[int, int], bits: int, sample_format: int) -> bytes:
+def grey_tiff(samples: bytes, size: tuple[int, int], bits: int, sample_format: int, alpha: int | None = None) -> bytes:
     """A one-strip, uncompressed, little-endian grey TIFF of packed samples: what PIL cannot write (12-bit, signed
-    16-bit) but cameras and scientific software do."""
+    16-bit, premultiplied alpha) but cameras and scientific software do. alpha: the ExtraSamples value of a second
+    sample a pixel (1: premultiplied, 2: straight)."""
     width, height = size
-    tags = [(256, width), (257, height), (258, bits), (259, 1), (262, 1), (273, 0), (277, 1), (278, height),
-            (279, len(samples)), (339, sample_format)]
+    tags = [(256, width), (257, height), (258, bits), (259, 1), (262, 1), (273, 0), (277, 1 if alpha is None else 2),
+            (278, height), (279, len(samples)), *([] if alpha is None else [(338, alpha)]), (339, sample_format)]
     data_offset = 8 + 2 + 12 * len(tags) + 4
     directory = b"".join(struct.pack("<HHII", tag, 4 if tag in (273, 279) else 3, 1,
                                      data_offset if tag == 273 else value) for tag, value in tags)
@@ -193,6 +194,22 @@ def test_a_progressive_jpeg_whose_sampling_factors_are_zero_is_a_corrupt_image(p
     with pytest.raises(ImageError) as refused:
         preprocess(bytes(data), spec, 10**7, "exact")
     assert refused.value.code == "corrupt_image"
+
+
+def test_premultiplied_grey_alpha_is_composited_on_white(photo, service_url):
+    """A grey TIFF with associated alpha opens as PIL's La, which Pillow converts to RGBA only through LA: the
+    conversion raised ValueError outside the decode's error mapping, a 500. Premultiplied grey g over white is
+    g + 255 - alpha (within the rounding of un-premultiplying)."""
+    grey = np.asarray(photo.convert("L"), dtype=np.int64)
+    alpha = np.tile(np.linspace(0, 255, grey.shape[1]).astype(np.int64), (grey.shape[0], 1))
+    premultiplied = (grey * alpha + 127) // 255
+    samples = np.stack([premultiplied, alpha], axis=2).astype(np.uint8).tobytes()
+    data = grey_tiff(samples, photo.size, 8, 1, alpha=1)
+    assert Image.open(io.BytesIO(data)).mode == "La"
+    rgb = np.asarray(decode_image(data, max_pixels=10**7)).astype(int)
+    assert np.abs(rgb - (premultiplied + 255 - alpha)[..., None]).max() <= 2
+    response = httpx.post(f"{service_url}/classify", content=data, headers={"content-type": "image/tiff"})
+    assert response.status_code == 200, response.text
 
 
 def test_an_unsigned_32_bit_picture_keeps_its_upper_half():
