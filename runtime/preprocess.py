@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import PIL
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from runtime.decode import (
     FAST_DECODE_HEADROOM,
@@ -45,6 +45,8 @@ RGB_CHANNELS = 3  # every picture becomes RGB: the tensor is (3, crop_px, crop_p
 PILLOW_PACKAGE = Path(PIL.__file__).resolve().parent
 HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # scaled to 8 bits by to_rgb
 TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 339, 2
+# The text (XMP, comments) a PNG may hold, all its chunks together, decompressed (limit_pillow_for_serving).
+PNG_TEXT_BYTES = 512 * 1024
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
 Reserve = Callable[[int], AbstractContextManager[object]]
 RESAMPLING = {
@@ -61,6 +63,17 @@ class ImageError(ValueError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def limit_pillow_for_serving() -> None:
+    """Pillow's process-wide decoding limits, set to the service's policy when the service starts (service.state), not
+    on import: training and export may share this interpreter, and keep Pillow's own.
+
+    A PNG's text chunks are decompressed into image.info while its header is read, before the decode budget is
+    reserved (runtime.decode_memory counts pixels): Pillow lets an image hold 64 MiB of them, which a 66 KB file fills.
+    The service reads only an XMP orientation from them: PNG_TEXT_BYTES in all, beyond it a 400 corrupt_image."""
+    PngImagePlugin.MAX_TEXT_CHUNK = PNG_TEXT_BYTES
+    PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
 
 
 def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = None) -> Image.Image:
