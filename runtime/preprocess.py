@@ -45,6 +45,8 @@ RGB_CHANNELS = 3  # every picture becomes RGB: the tensor is (3, crop_px, crop_p
 PILLOW_PACKAGE = Path(PIL.__file__).resolve().parent
 HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # scaled to 8 bits by to_rgb
 TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 339, 2
+# PIL.Image.MAX_IMAGE_PIXELS's default (1 GiB / 4 / 3): Pillow warns above it, raises above twice it.
+PILLOW_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 # The text (XMP, comments) a PNG may hold, all its chunks together, decompressed (limit_pillow_for_serving).
 PNG_TEXT_BYTES = 512 * 1024
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
@@ -71,9 +73,15 @@ def limit_pillow_for_serving() -> None:
 
     A PNG's text chunks are decompressed into image.info while its header is read, before the decode budget is
     reserved (runtime.decode_memory counts pixels): Pillow lets an image hold 64 MiB of them, which a 66 KB file fills.
-    The service reads only an XMP orientation from them: PNG_TEXT_BYTES in all, beyond it a 400 corrupt_image."""
+    The service reads only an XMP orientation from them: PNG_TEXT_BYTES in all, beyond it a 400 corrupt_image.
+
+    Pillow's decompression-bomb warning (more than PILLOW_MAX_PIXELS) is an error: its check also runs where Pillow
+    allocates while reading a header, before max_pixels can be checked (a 37-byte GIF whose first frame covers
+    12000x12000 has its area filled: 140 MB), and a warning lets it go on. Set once: a catch_warnings around each
+    decode swapped the process's filters under the other decode threads."""
     PngImagePlugin.MAX_TEXT_CHUNK = PNG_TEXT_BYTES
     PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = None) -> Image.Image:
@@ -96,9 +104,7 @@ def decode_image_scaled(data: bytes, max_pixels: int,
 def image_errors() -> Iterator[None]:
     """Pillow's exceptions while reading an image -> ImageError with the reason's code."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

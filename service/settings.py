@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from convnext_common import usable_cpus
 from runtime.decode import FAST_DECODE_HEADROOM, HEADROOM_RANGE
 from runtime.decode_memory import common_peak_bytes
+from runtime.preprocess import PILLOW_MAX_PIXELS
 
 
 def _key_from_file(data: dict, name: str) -> dict:
@@ -77,7 +78,9 @@ class Settings(BaseSettings):
         "max_buffered_body_bytes until it has arrived; its further calls wait, holding none, until one of its messages "
         "has arrived or its call ended: a client that opens calls and sends nothing holds at most this many "
         "messages' room (0: no per-client limit; raise it behind a proxy, whose calls all come from one address)"))
-    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit per image (413 too_many_pixels)")
+    max_pixels: int = Field(40_000_000, ge=1, le=PILLOW_MAX_PIXELS, description=(
+        "decompression-bomb limit per image (413 too_many_pixels); at most 89,478,485, Pillow's own limit, which also "
+        "guards what Pillow allocates while it reads a header (README)"))
     decode_memory_mb: int = Field(1024, ge=1, description=(
         "MiB that images being decoded may hold at once, all requests together (each reserves its peak, known from "
         "its header: ~4 bytes a pixel for a JPEG, 8 for an RGB or RGBA PNG); an image waits for its share within the "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -10,9 +11,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
+from pydantic import ValidationError
 
-from runtime.preprocess import ImageError, preprocess
+from runtime.preprocess import (
+    PILLOW_MAX_PIXELS,
+    ImageError,
+    image_errors,
+    limit_pillow_for_serving,
+    opened_image,
+    preprocess,
+)
 from runtime.repository import Preprocess
+from service.settings import Settings
 
 SPEC = Preprocess(resize_px=73, crop_px=64, crop_pct=0.875, interpolation="bicubic",
                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -115,3 +125,58 @@ def test_declared_huge_image_is_refused_before_allocation(header, width, height,
     with pytest.raises(ImageError) as caught:
         preprocess(header(width, height), SPEC, MAX_PIXELS)
     assert caught.value.code == "too_many_pixels"
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A 16x16 JPEG whose frame header declares width x height: opened_image reads only the header."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5:frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_max_pixels_goes_up_to_pillows_own_limit_and_no_further():
+    """Pillow refuses more than 89,478,485 pixels itself (in the service): a larger max_pixels was capped silently, a
+    108-MP photo answered with Pillow's limit; it is refused when the settings are read."""
+    assert PILLOW_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+    assert Settings(max_pixels=PILLOW_MAX_PIXELS).max_pixels == PILLOW_MAX_PIXELS
+    with pytest.raises(ValidationError, match="max_pixels"):
+        Settings(max_pixels=PILLOW_MAX_PIXELS + 1)
+    with warnings.catch_warnings():
+        limit_pillow_for_serving()
+        assert opened_image(jpeg_declaring(9000, 9000), PILLOW_MAX_PIXELS, None).declared == (9000, 9000)
+        with pytest.raises(ImageError) as refused:
+            opened_image(jpeg_declaring(12000, 9000), PILLOW_MAX_PIXELS, None)
+        assert refused.value.code == "too_many_pixels"
+
+
+def test_a_gif_frame_over_pillows_limit_is_refused_before_pillow_fills_it(monkeypatch):
+    """A 37-byte GIF whose first frame covers 12000x12000 has Pillow fill that area (140 MB) while it reads the header,
+    before max_pixels is checked: in the service, Pillow's warning past its limit is an error, so it never does."""
+    disposal = b"\x21\xf9\x04" + bytes([2 << 2]) + bytes(4)  # graphic control: restore to background
+    data = gif_header_claiming(12000, 12000).replace(b"\x2c", disposal + b"\x2c", 1).replace(
+        struct.pack("<HH", 12000, 12000), struct.pack("<HH", 1, 1), 1)  # a 1x1 screen, the frame beyond it
+
+    fill = Image.core.fill
+
+    def small_fill(mode, size, *color):
+        if size[0] * size[1] > MAX_PIXELS:
+            raise AssertionError(f"Pillow filled {size[0]}x{size[1]} pixels while reading the header")
+        return fill(mode, size, *color)
+
+    monkeypatch.setattr(Image.core, "fill", small_fill)
+    with warnings.catch_warnings():
+        limit_pillow_for_serving()
+        with pytest.raises(ImageError) as refused:
+            preprocess(data, SPEC, MAX_PIXELS)
+    assert refused.value.code == "too_many_pixels"
+
+
+def test_decoding_leaves_the_process_warning_filters_alone():
+    """A catch_warnings around each decode swapped the process's filters (not thread-safe): one decode thread's exit
+    dropped the error filter under another's decode, or left it on for good."""
+    before = list(warnings.filters)
+    with image_errors():
+        assert warnings.filters == before
