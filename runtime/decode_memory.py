@@ -30,7 +30,9 @@ SCALING_SCRATCH = {**dict.fromkeys(SIXTEEN_BIT_MODES, 2 + 2), "I": 4 + 2, "F": 4
 # the white strip, their composite, its RGB conversion).
 ALPHA_STRIP_PIXELS = 1 << 18
 ALPHA_STRIP_COPIES = 5
-ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La", "P"})  # P: with a transparent entry (counted alike)
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# Modes transparent where a pixel is info["transparency"] (a PNG's tRNS, a GIF's transparent index), composited alike.
+COLOUR_KEY_MODES = frozenset({"1", "L", "P", "RGB"})
 # libwebp's canvas and previous frame, and the decoded frame's bytes, all kept with the picture (measured: 12 bytes).
 WEBP_DECODER_BYTES_PER_PIXEL = 12
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0, "nearest": 0.0}  # PIL's; nearest resizes without weight tables
@@ -49,6 +51,12 @@ def common_peak_bytes(max_pixels: int) -> int:
     """The most a picture of max_pixels in a common mode holds (a PNG with alpha, a turned or CMYK JPEG): the least a
     decode budget must hold (16/32-bit ones need up to 14 bytes a pixel)."""
     return max_pixels * 2 * RGB_BYTES + ALPHA_STRIP_COPIES * RGB_BYTES * ALPHA_STRIP_PIXELS
+
+
+def composited_on_white(image: Image.Image) -> bool:
+    """Whether runtime.preprocess.to_rgb composites the picture on white a strip at a time: it has an alpha channel, or
+    a transparent colour (Pillow's convert("RGBA") honours it)."""
+    return image.mode in ALPHA_MODES or (image.mode in COLOUR_KEY_MODES and "transparency" in image.info)
 
 
 def alpha_strip_rows(width: int) -> int:
@@ -153,11 +161,12 @@ def decode_peak_bytes(image: Image.Image, declared: tuple[int, int], resized: tu
     width, height = image.size
     pixels, stored = width * height, stored_bytes(image.mode)
     decoder = decoder_bytes(image, declared)
-    if image.mode == "RGB":
+    alpha = composited_on_white(image)
+    if image.mode == "RGB" and not alpha:
         decoding = pixels * stored * (2 if may_be_rotated(image) else 1)
     else:  # the rotation's second copy (<= 4 bytes a pixel) is gone before the RGB picture is made
         decoding = pixels * (stored + RGB_BYTES + SCALING_SCRATCH.get(image.mode, 0))
-        if image.mode in ALPHA_MODES:
+        if alpha:
             decoding += ALPHA_STRIP_COPIES * RGB_BYTES * width * min(height, alpha_strip_rows(width))
     resizing = RGB_BYTES * pixels + resize_bytes(image.size, resized, interpolation)
     kept = decoder if image.format == "WEBP" else 0  # a WebP's frame buffers stay with the picture, through the resize

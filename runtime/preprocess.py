@@ -29,6 +29,7 @@ from runtime.decode import (
 from runtime.decode_memory import (
     TIFF_BITS_PER_SAMPLE,
     alpha_strip_rows,
+    composited_on_white,
     decode_peak_bytes,
     first_tiff_value,
     resized_size,
@@ -202,17 +203,16 @@ def white_level(image: Image.Image) -> float:
 
 
 def to_rgb(image: Image.Image, white: float | None = None) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: alpha composited on white, 16/32-bit and float scaled (0..white to 0..255; white:
-    white_level(image) unless given), CMYK and palettes converted."""
-    if image.mode == "P" and "transparency" not in image.info:
-        image = image.convert("RGB")
+    """Any PIL mode -> 8-bit RGB: alpha and a transparent colour (a PNG's tRNS, a GIF's transparent index) composited
+    on white, 16/32-bit and float scaled (0..white to 0..255; white: white_level(image) unless given), CMYK and
+    palettes converted."""
     if image.mode in HIGH_DEPTH_MODES:
         top = white_level(image) if white is None else white
         pixels = np.asarray(image)
         if top > np.iinfo(np.int32).max and pixels.dtype == np.int32:  # unsigned 32-bit: PIL's I holds it as int32
             pixels = pixels.view(np.uint32)
-        image = Image.fromarray(scaled_to_8_bits(pixels, top), mode="L")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
+        image = Image.fromarray(scaled_to_8_bits(pixels, top, image.info.get("transparency")), mode="L")
+    if composited_on_white(image):
         image = on_white(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -220,7 +220,7 @@ def to_rgb(image: Image.Image, white: float | None = None) -> Image.Image:
 
 
 def on_white(image: Image.Image) -> Image.Image:
-    """A picture with alpha (or a palette with a transparent entry) composited on white, as RGB: the same pixels as
+    """A picture with alpha (or a transparent colour) composited on white, as RGB: the same pixels as
     Image.alpha_composite over the whole picture, made a strip of rows at a time, so only the source and the RGB
     result are held whole (an RGBA copy, a white picture and their composite of a 40-MP PNG were 480 MB more)."""
     width, height = image.size
@@ -240,9 +240,11 @@ def as_rgba(strip: Image.Image) -> Image.Image:
     return (strip.convert("LA") if strip.mode == "La" else strip).convert("RGBA")
 
 
-def scaled_to_8_bits(pixels: np.ndarray, top: float) -> np.ndarray:
+def scaled_to_8_bits(pixels: np.ndarray, top: float, transparent: int | None = None) -> np.ndarray:
     """round(v * 255 / top) clipped to 0..255 as uint8, a strip of rows at a time: a few bytes of scratch per pixel
-    of a strip, not 24 per pixel of the picture (a 80 KB 16-bit PNG may declare 40 megapixels)."""
+    of a strip, not 24 per pixel of the picture (a 80 KB 16-bit PNG may declare 40 megapixels). Pixels of the
+    transparent value (a 16-bit PNG's tRNS) become white, as on_white composites them (Pillow's convert("RGBA") would
+    clip the picture to 8 bits, not scale it)."""
     out = np.empty(pixels.shape, dtype=np.uint8)
     for start in range(0, pixels.shape[0], STRIP_ROWS):
         strip = pixels[start:start + STRIP_ROWS]
@@ -258,6 +260,8 @@ def scaled_to_8_bits(pixels: np.ndarray, top: float) -> np.ndarray:
             wide += np.float32(0.5)
             np.clip(wide, 0, 255, out=wide)
         out[start:start + STRIP_ROWS] = wide
+        if isinstance(transparent, int):
+            out[start:start + STRIP_ROWS][strip == transparent] = 255
     return out
 
 

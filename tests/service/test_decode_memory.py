@@ -40,16 +40,21 @@ def composited_whole(image: Image.Image) -> np.ndarray:
     return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "RGBa", "P", "P-bytes"])
+COLOUR_KEYS = {"P": 5, "P-bytes": bytes(range(0, 256, 4)), "L-key": 7, "RGB-key": (7, 8, 9), "1-key": 0}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "RGBa", *COLOUR_KEYS])
 def test_alpha_on_white_a_strip_at_a_time_equals_the_whole_composite(mode):
     rng = np.random.default_rng(7)
     height = 2 * alpha_strip_rows(1301) + 37  # two whole strips and a short one
     rgba = Image.fromarray(rng.integers(0, 256, (height, 1301, 4), dtype=np.uint8), "RGBA")
     if mode.startswith("P"):
         image = rgba.convert("RGB").quantize(64)
-        image.info["transparency"] = 5 if mode == "P" else bytes(range(0, 256, 4))
     else:
-        image = rgba.convert(mode)
+        image = rgba.convert(mode.removesuffix("-key"))
+    if mode in COLOUR_KEYS:
+        image.info["transparency"] = COLOUR_KEYS[mode]
+        image.putpixel((3, 5), COLOUR_KEYS[mode] if mode.endswith("key") else 5)  # at least one transparent pixel
     assert np.array_equal(np.asarray(to_rgb(image)), composited_whole(image))
 
 
@@ -103,6 +108,8 @@ PEAK_CASES = {
     "png-grey": ("L", "PNG", {}),
     "png-rgba": ("RGBA", "PNG", {}),
     "png-palette-transparent": ("P", "PNG", {"transparency": 3}),
+    "png-rgb-colour-key": ("RGB", "PNG", {"transparency": (0, 0, 0)}),  # tRNS: composited on white as alpha is
+    "png-grey-colour-key": ("L", "PNG", {"transparency": 0}),
     "png-16-bit": ("I;16", "PNG", {}),
     "png-tall": ("RGB", "PNG", {"size": (150, 40_000)}),  # the resize (256 x 68266) is the larger peak
     # Squashed to 256 x 256, PIL's filter weights for a 2,000,000-pixel row: 64 MB (1.3 GB for 40,000,000).

@@ -85,6 +85,26 @@ def test_every_format_classifies_over_http(service_url, photo):
         assert len(response.json()["results"][0]["top_k"]) == 5
 
 
+def test_a_transparent_colour_is_composited_on_white_as_alpha_is():
+    """A dark square on a transparent background, its transparency kept as a colour key (a PNG's tRNS in RGB, grey
+    and 16-bit grey pictures; a grey GIF, which PIL opens as L with a transparent index): served as the RGBA PNG of
+    the same picture is, the background white; the key's own colour (black) was served."""
+    square = np.zeros((48, 64), np.uint8)
+    square[12:36, 16:48] = 90
+    alpha = np.where(square > 0, 255, 0).astype(np.uint8)
+    grey = Image.fromarray(square)
+    reference = np.asarray(decode_image(encode(Image.merge("LA", (grey, Image.fromarray(alpha))), "PNG"), 10**7))
+    assert (reference[0, 0] == 255).all() and (reference[20, 20] == 90).all()
+    files = {"RGB tRNS PNG": encode(grey.convert("RGB"), "PNG", transparency=(0, 0, 0)),
+             "grey tRNS PNG": encode(grey, "PNG", transparency=0),
+             "16-bit grey tRNS PNG": encode(Image.fromarray(square.astype(np.uint16) * 257), "PNG", transparency=0),
+             "grey GIF": encode(grey, "GIF", transparency=0, optimize=False)}
+    for name, data in files.items():
+        opened = Image.open(io.BytesIO(data))
+        assert opened.mode in ("RGB", "L", "I;16") and "transparency" in opened.info, name
+        np.testing.assert_array_equal(np.asarray(decode_image(data, 10**7)), reference, err_msg=name)
+
+
 def test_16_and_32_bit_pictures_scale_like_the_float_formula_in_bounded_memory():
     """Every 16-bit value rounds as round(v * 255 / 65535) did in float64, and a small file declaring a large 16-bit
     picture decodes with a few bytes of scratch per pixel (float64 took 24: ~860 MB for this 84 KB PNG)."""
