@@ -208,7 +208,8 @@ def _refuse_bad_tensorrt_args(parser: argparse.ArgumentParser, args) -> None:
 
 def _run_tensorrt(args) -> int:
     profile = BatchProfile(args.min_batch, args.opt_batch, args.max_batch)
-    version = ModelRepository(args.repository).load(args.name, args.version)
+    # Engines are left to find-or-build: it rebuilds the one asked for when missing or not matching its sha256.
+    version = ModelRepository(args.repository).load(args.name, args.version, verify_engines=False)
     artifact, version = select_or_build_engine(
         version, args.precision, profile, repository_root=args.repository, workspace_mib=args.workspace_mib,
         optimization_level=args.optimization_level, timing_cache=args.timing_cache, rebuild=args.rebuild,

@@ -186,6 +186,18 @@ def describe_file(version_dir: Path, relative: str, **fields) -> Artifact:
     return Artifact(file=relative, sha256=sha256_file(path), size_bytes=path.stat().st_size, **fields)
 
 
+def artifact_problem(version_dir: Path, artifact: Artifact) -> str | None:
+    """What is wrong with the artifact's file (missing, a link out of the version, another sha256), or None."""
+    file = version_dir / artifact.file
+    if not file.is_file():
+        return f"artifact {artifact.file} is missing"
+    if not file.resolve().is_relative_to(version_dir.resolve()):
+        return f"artifact {artifact.file} links outside the version's folder; copy the file in instead"
+    if sha256_file(file) != artifact.sha256:
+        return f"{artifact.file} does not match its sha256 in the manifest"
+    return None
+
+
 def now_utc() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
@@ -260,9 +272,12 @@ class ModelRepository:
             raise RepositoryError(f"no versions of model {name!r} in {self.root} (have: {self.models() or 'none'})")
         return versions[-1]
 
-    def load(self, name: str, version: int | None = None, verify_files: bool = True) -> ModelVersion:
+    def load(self, name: str, version: int | None = None, verify_files: bool = True,
+             verify_engines: bool = True) -> ModelVersion:
         """Read and validate a manifest; with verify_files, every artifact's sha256 is checked too, and each must be a
-        file of the version itself (a symlink out of it is refused: what is served is what the repository holds)."""
+        file of the version itself (a symlink out of it is refused: what is served is what the repository holds).
+        verify_engines=False (the service's way) leaves TensorRT engines to find-or-build, which rebuilds the one it
+        would serve when broken (runtime.tensorrt): one GPU's engine stops no replica of the version."""
         if not NAME_PATTERN.match(name):
             raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
         version = self.latest_version(name) if version is None else version
@@ -276,17 +291,11 @@ class ModelRepository:
             raise RepositoryError(f"{manifest_path} is not a valid manifest:\n{err}") from None
         if manifest.name != name or manifest.version != version:
             raise RepositoryError(f"{manifest_path} describes {manifest.name}/{manifest.version}, not {name}/{version}")
-        if verify_files:
-            for artifact in manifest.artifacts:
-                file = path / artifact.file
-                if not file.is_file():
-                    raise RepositoryError(f"{name}/{version}: artifact {artifact.file} is missing")
-                if not file.resolve().is_relative_to(path.resolve()):
-                    raise RepositoryError(f"{name}/{version}: artifact {artifact.file} links outside the version's "
-                                          "folder; copy the file in instead")
-                if sha256_file(file) != artifact.sha256:
-                    raise RepositoryError(
-                        f"{name}/{version}: {artifact.file} does not match its sha256 in the manifest")
+        checked = [a for a in manifest.artifacts if verify_engines or a.format != "tensorrt"] if verify_files else []
+        for artifact in checked:
+            problem = artifact_problem(path, artifact)
+            if problem is not None:
+                raise RepositoryError(f"{name}/{version}: {problem}")
         return ModelVersion(manifest, path)
 
     @contextmanager

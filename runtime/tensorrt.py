@@ -20,8 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from convnext_files import sha256_file
-from runtime.repository import Artifact, ModelRepository, ModelVersion, Parity, TensorRTInfo, describe_file
+from runtime.repository import (
+    Artifact,
+    ModelRepository,
+    ModelVersion,
+    Parity,
+    TensorRTInfo,
+    artifact_problem,
+    describe_file,
+)
 from runtime.tensorrt_build import TensorRTBuild, onnx_source_for, tensorrt_target
 from runtime.tensorrt_files import BatchProfile, BuildTarget, engine_file_name, find_engine, timing_cache_name
 from runtime.tensorrt_runtime import EngineDeserializeError, TensorRTError, import_tensorrt
@@ -40,12 +47,14 @@ EngineBuild = Callable[[ModelVersion, Artifact, Path, str, BatchProfile], Parity
 
 
 def _sound(version: ModelVersion, artifact: Artifact, replace: Artifact | None) -> bool:
-    """The engine file is there, matches its sha256, and is not the one the caller could not deserialize."""
+    """The engine file is there, in the version, matches its sha256, and is not the one the caller could not
+    deserialize. The service loads versions without checking engines (ModelRepository.load(verify_engines=False)):
+    this is where the one it serves is checked."""
     if replace is not None and artifact.sha256 == replace.sha256:
         return False
-    path = version.artifact_path(artifact)
-    if not path.is_file() or sha256_file(path) != artifact.sha256:
-        logger.warning("%s is missing or does not match its sha256 in the manifest; rebuilding it", path)
+    problem = artifact_problem(version.path, artifact)
+    if problem is not None:
+        logger.warning("%s/%s: %s; rebuilding it", version.manifest.name, version.manifest.version, problem)
         return False
     return True
 

@@ -33,13 +33,19 @@ RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 NOT_REFUSED = object()  # a version the watcher has not seen refused
 
 
+def load_to_serve(repository: ModelRepository, name: str, version: int | None) -> ModelVersion:
+    """A version as the service loads it (start, reload, rebuild): manifest and ONNX files verified; TensorRT engines
+    are left to find-or-build, which rebuilds the one served when broken (another GPU's is never read)."""
+    return repository.load(name, version, verify_engines=False)
+
+
 def load_model_version(repository: ModelRepository, name: str | None, version: int | None) -> ModelVersion:
     """The version to serve at start: `name` (default: the first model) at `version` (default: the latest)."""
     models = repository.models()
     if not models:
         raise RuntimeError(f"the model repository {str(repository.root)!r} has no models; export one with "
                            "`convnext export onnx ...` or run `make demo-model`")
-    return repository.load(name or models[0], version)
+    return load_to_serve(repository, name or models[0], version)
 
 
 class ModelManager:
@@ -170,7 +176,8 @@ class ModelManager:
             try:
                 attempted = await self.reader.read(self._created_at, name, target)  # None: unreadable (refused below)
                 # Hashing the version's files: bounded like its build.
-                model = await self.reader.read(self.repository.load, name, target, timeout_s=self.rebuild_limit_s)
+                model = await self.reader.read(load_to_serve, self.repository, name, target,
+                                               timeout_s=self.rebuild_limit_s)
             except OSError as err:
                 if is_transient(err):  # the volume (an I/O error, a read that did not return), not the version
                     raise self._unavailable(err) from None
@@ -354,7 +361,7 @@ class ModelManager:
         """One rebuild attempt, bounded: past rebuild_limit_s it counts as a failed attempt."""
         async def rebuilt() -> ServedModel:
             # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version.
-            return await self._build(await self.reader.read(self.repository.load, name, version,
+            return await self._build(await self.reader.read(load_to_serve, self.repository, name, version,
                                                             timeout_s=self.rebuild_limit_s))
 
         return await self._bounded(rebuilt(), "the rebuild")
