@@ -29,8 +29,9 @@ from model.pretrained import (
 )
 from runtime.engines.base import EngineError
 from runtime.engines.openvino import artifact_precision
+from runtime.engines.tensorrt import check_tensorrt_precision
 from runtime.repository import ModelRepository, RepositoryError, Source
-from runtime.tensorrt_files import ENGINE_PRECISIONS, onnx_precision_for
+from runtime.tensorrt_files import onnx_precision_for
 from runtime.tensorrt_runtime import TensorRTError, import_tensorrt, weakly_typed
 from service.__main__ import StartRefused, startable_settings
 from service.settings import Settings
@@ -141,11 +142,11 @@ def onnx_precision_read(engine: str, precision: str) -> str:
         except EngineError as error:
             raise ServeSetupError(str(error)) from None
     if engine == "tensorrt":
-        if precision not in ENGINE_PRECISIONS:
-            raise ServeSetupError(f"--engine tensorrt builds {'/'.join(ENGINE_PRECISIONS)} engines, not {precision}; "
-                                  "int8 runs on --engine onnxruntime or openvino")
         try:
+            check_tensorrt_precision(precision)
             trt = import_tensorrt()
+        except EngineError as error:
+            raise ServeSetupError(str(error)) from None
         except TensorRTError as error:
             raise ServeSetupError(f"--engine tensorrt: {error}") from None
         return onnx_precision_for(precision, weakly_typed(trt))

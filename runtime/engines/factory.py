@@ -8,7 +8,11 @@ from runtime.engines.auto import AutoEngine
 from runtime.engines.base import Engine, EngineError
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.engines.openvino import OpenVinoEngine, artifact_precision
-from runtime.engines.tensorrt import open_tensorrt_engine  # imports TensorRT itself only when an engine opens
+from runtime.engines.tensorrt import (  # imports TensorRT itself only when an engine opens
+    check_tensorrt_precision,
+    open_tensorrt_engine,
+    tensorrt_profile,
+)
 from runtime.ort_session import (
     ProviderError,
     available_provider,
@@ -19,7 +23,8 @@ from runtime.ort_session import (
 )
 from runtime.repository import ModelVersion
 from runtime.tensorrt import BUILD_LOCK_TIMEOUT_S
-from runtime.tensorrt_runtime import TensorRTError, cudart, import_tensorrt
+from runtime.tensorrt_build import onnx_source_for
+from runtime.tensorrt_runtime import TensorRTError, cudart, import_tensorrt, weakly_typed
 
 # Opening an engine that builds nothing: reading and hashing the version's files, then an ONNX Runtime or OpenVINO
 # session, CUDA's start-up on a GPU; engine auto loads two and measures each for auto_measure_s.
@@ -69,11 +74,7 @@ def check_engine_options(version: ModelVersion, options: EngineOptions) -> None:
     TensorRT installed. `python -m service` runs it before anything starts: a wrong flag costs one line, not a model
     load (or a TensorRT build) first."""
     if options.engine == "tensorrt":
-        try:
-            import_tensorrt()
-            cudart()
-        except TensorRTError as err:
-            raise EngineError(f"--engine tensorrt: {err}") from None
+        check_tensorrt_options(version, options)
         return
     if options.engine == "openvino" and importlib.util.find_spec("openvino") is None:
         raise EngineError("--engine openvino needs the openvino package (pip install -e '.[serve]' installs it); or "
@@ -87,6 +88,20 @@ def check_engine_options(version: ModelVersion, options: EngineOptions) -> None:
             available_provider(options.provider)
         except ProviderError as err:
             raise EngineError(str(err)) from None
+
+
+def check_tensorrt_options(version: ModelVersion, options: EngineOptions) -> None:
+    """What the tensorrt engine's start would fail on, GPU aside: the precision and the batch profile (neither needs
+    TensorRT), TensorRT and cuda-python installed, and the ONNX file this TensorRT builds the engine from (built on
+    first start; checked even where an engine is there already, as a broken one is rebuilt from it)."""
+    check_tensorrt_precision(options.precision)
+    tensorrt_profile(options.max_batch_size)
+    try:
+        trt = import_tensorrt()
+        cudart()
+        onnx_source_for(version, options.precision, weakly_typed(trt))
+    except TensorRTError as err:
+        raise EngineError(f"--engine tensorrt: {err}") from None
 
 
 def open_engine_unloaded(version: ModelVersion, options: EngineOptions) -> Engine:

@@ -8,6 +8,7 @@ import numpy as np
 from runtime.engines.base import EngineError, ModelFileEngine
 from runtime.repository import Artifact, ModelVersion
 from runtime.tensorrt import BatchProfile, open_or_rebuild, select_or_build_engine
+from runtime.tensorrt_files import ENGINE_PRECISIONS
 from runtime.tensorrt_runtime import GPU_INSTALL_HINT, EngineDeserializeError, TensorRTError, TensorRTRunner
 
 
@@ -56,15 +57,31 @@ class TensorRTEngine(ModelFileEngine):
             self.runner = None
 
 
+def check_tensorrt_precision(precision: str) -> None:
+    """EngineError for a precision TensorRT engines are not built in (int8), before anything is built or locked."""
+    if precision not in ENGINE_PRECISIONS:
+        raise EngineError(f"--engine tensorrt builds {'/'.join(ENGINE_PRECISIONS)} engines, not {precision}; int8 runs "
+                          "on --engine onnxruntime or openvino")
+
+
+def tensorrt_profile(max_batch_size: int) -> BatchProfile:
+    """The batch profile the service builds its engine for: 1 to max_batch_size, tuned at max_batch_size."""
+    try:
+        return BatchProfile(1, max_batch_size, max_batch_size)
+    except ValueError as err:
+        raise EngineError(f"--engine tensorrt --max-batch-size {max_batch_size}: {err}") from None
+
+
 def open_tensorrt_engine(version: ModelVersion, precision: str, max_batch_size: int,
                          repository_root: str | Path | None = None) -> TensorRTEngine:
     """The version's engine for this GPU (built and added on first start), loaded; rebuilt once if it will not load.
 
     The engine knows the version it came from, re-read from the repository: another replica may have added it.
     """
+    check_tensorrt_precision(precision)
     manifest = version.manifest
     shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
-    profile = BatchProfile(1, max_batch_size, max_batch_size)
+    profile = tensorrt_profile(max_batch_size)
 
     def select(replace: Artifact | None) -> tuple[Artifact, ModelVersion]:
         return select_or_build_engine(version, precision, profile, repository_root=repository_root, replace=replace)

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 REFUSED = [
     (["--precision", "int8"], "atto/1 has no int8 ONNX artifact (has ['fp32'])", 1),
     (["--engine", "tensorrt"], "--engine tensorrt: TensorRT is not installed", 1),
+    (["--engine", "tensorrt", "--precision", "int8"], "--engine tensorrt builds fp32/fp16/bf16 engines, not int8", 1),
+    (["--engine", "tensorrt", "--max-batch-size", "5000"], "1 <= min <= opt <= max <= 4096", 1),
     (["--provider", "cuda"], "CUDAExecutionProvider is not in this onnxruntime build", 1),
     (["--engine", "openvino", "--precision", "fp16"], "the OpenVINO engine runs precision fp32/bf16/int8", 1),
     (["--engine", "auto", "--precision", "int8"], "engine auto chooses between fp32 CPU engines", 1),
@@ -43,7 +45,7 @@ def assert_one_line(result: subprocess.CompletedProcess, phrase: str, status: in
     return errors[0]
 
 
-@pytest.mark.parametrize(("flags", "phrase", "status"), REFUSED, ids=[" ".join(f[:2]) for f, _, _ in REFUSED])
+@pytest.mark.parametrize(("flags", "phrase", "status"), REFUSED, ids=[" ".join(f) for f, _, _ in REFUSED])
 def test_settings_it_cannot_serve_are_refused_in_one_line_before_the_model_loads(model_repository, flags, phrase,
                                                                                   status):
     port = free_port()
