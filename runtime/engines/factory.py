@@ -35,7 +35,7 @@ OPEN_BOUND_S = 120.0
 class EngineOptions:
     """What to run a version on; the service fills it from its Settings, the bench from its flags."""
     engine: str = "onnxruntime"  # onnxruntime | openvino | tensorrt | auto (the faster fp32 CPU engine, measured)
-    provider: str = "cpu"  # ONNX Runtime only: cpu | cuda | tensorrt
+    provider: str = "cpu"  # ONNX Runtime's: cpu | cuda | tensorrt (OpenVINO refuses a GPU one; TensorRT ignores it)
     precision: str = "fp32"
     max_batch_size: int = 8
     threads: int = 1  # ONNX Runtime intra-op threads / OpenVINO inference threads
@@ -122,7 +122,8 @@ def auto_engine(version: ModelVersion, options: EngineOptions) -> Engine:
                           "cuda, and for bf16/int8 name the engine (--engine openvino --precision bf16)")
     candidates = {"onnxruntime": lambda: onnxruntime_engine(version, replace(options, engine="onnxruntime"))}
     if importlib.util.find_spec("openvino") is not None:
-        candidates["openvino"] = lambda: openvino_engine(version, replace(options, engine="openvino"))
+        # --ort-streams is ONNX Runtime's; OpenVINO's counterpart is its performance hint, passed as it is.
+        candidates["openvino"] = lambda: openvino_engine(version, replace(options, engine="openvino", ort_streams=1))
     return AutoEngine(candidates, options.auto_measure_s)
 
 
@@ -171,7 +172,14 @@ def onnxruntime_engine(version: ModelVersion, options: EngineOptions) -> Engine:
 
 
 def openvino_engine(version: ModelVersion, options: EngineOptions) -> Engine:
-    """OpenVINO on the CPU: fp32 and bf16 read the fp32 ONNX artifact, int8 the QDQ one."""
+    """OpenVINO on the CPU: fp32 and bf16 read the fp32 ONNX artifact, int8 the QDQ one. ONNX Runtime's options are
+    refused, not ignored: a GPU provider would otherwise be a quiet CPU run."""
+    if options.provider != "cpu":
+        raise EngineError(f"the OpenVINO engine runs on the CPU, not provider {options.provider!r}: pass --provider "
+                          "cpu (CONVNEXT_PROVIDER=cpu), or on a GPU --engine tensorrt or onnxruntime --provider cuda")
+    if options.ort_streams != 1:
+        raise EngineError(f"--ort-streams {options.ort_streams} is ONNX Runtime's: OpenVINO runs batches at once under "
+                          "--openvino-performance-hint THROUGHPUT; pass that, with --ort-streams 1")
     artifact = _onnx_artifact(version, artifact_precision(options.precision), f" for OpenVINO {options.precision}")
     return OpenVinoEngine(version.artifact_path(artifact), _input_shape(version),
                           input_name=version.manifest.input.name, precision=options.precision,

@@ -54,3 +54,21 @@ def test_a_tensorrt_start_at_int8_neither_locks_nor_builds(model_repository, tmp
     with pytest.raises(EngineError, match="not int8"):
         open_engine(copy, EngineOptions(engine="tensorrt", precision="int8", repository=str(root)))
     assert not (copy.path / ".lock").exists()
+
+
+@pytest.mark.parametrize(("options", "refusal"), [
+    (EngineOptions(engine="openvino", provider="cuda"), "runs on the CPU, not provider 'cuda'"),
+    (EngineOptions(engine="openvino", provider="tensorrt"), "runs on the CPU, not provider 'tensorrt'"),
+    (EngineOptions(engine="openvino", ort_streams=2), "--openvino-performance-hint THROUGHPUT"),
+])
+def test_openvino_refuses_onnx_runtime_options_instead_of_running_on_the_cpu_anyway(version, options, refusal):
+    with pytest.raises(EngineError, match=refusal):
+        check_engine_options(version, options)
+
+
+def test_engine_auto_gives_ort_streams_to_its_onnx_runtime_candidate_only(version):
+    options = EngineOptions(engine="auto", threads=2, ort_streams=2)
+    check_engine_options(version, options)  # builds each candidate: OpenVINO's is not refused
+    candidates = open_engine(version, options).candidates
+    assert candidates["onnxruntime"]().max_concurrent_batches == 2
+    assert candidates["openvino"]().name == "openvino"

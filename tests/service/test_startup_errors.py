@@ -24,6 +24,8 @@ REFUSED = [
     (["--engine", "tensorrt", "--max-batch-size", "5000"], "1 <= min <= opt <= max <= 4096", 1),
     (["--provider", "cuda"], "CUDAExecutionProvider is not in this onnxruntime build", 1),
     (["--engine", "openvino", "--precision", "fp16"], "the OpenVINO engine runs precision fp32/bf16/int8", 1),
+    (["--engine", "openvino", "--provider", "cuda"], "the OpenVINO engine runs on the CPU, not provider 'cuda'", 1),
+    (["--engine", "openvino", "--ort-streams", "2"], "--ort-streams 2 is ONNX Runtime's", 1),
     (["--engine", "auto", "--precision", "int8"], "engine auto chooses between fp32 CPU engines", 1),
     (["--ort-streams", "2", "--provider", "cuda"], "ONNX Runtime streams must be 1", 1),
     (["--grpc-port", "{port}"], "port and grpc_port are both", 2),
