@@ -28,6 +28,7 @@ from model.pretrained import (
     get_pretrained,
 )
 from runtime.engines.base import EngineError
+from runtime.engines.onnxruntime import check_onnxruntime_precision
 from runtime.engines.openvino import artifact_precision
 from runtime.engines.tensorrt import check_tensorrt_precision
 from runtime.repository import ModelRepository, RepositoryError, Source
@@ -128,7 +129,7 @@ def _precisions(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def onnx_precision_read(engine: str, precision: str) -> str:
+def onnx_precision_read(engine: str, provider: str, precision: str) -> str:
     """The precision of the ONNX file the service's engine reads to serve `precision`; ServeSetupError for a pair it
     would refuse (after the download and the export, were it not asked here)."""
     if engine == "auto":
@@ -150,13 +151,17 @@ def onnx_precision_read(engine: str, precision: str) -> str:
         except TensorRTError as error:
             raise ServeSetupError(f"--engine tensorrt: {error}") from None
         return onnx_precision_for(precision, weakly_typed(trt))
+    try:
+        check_onnxruntime_precision(provider, precision)
+    except EngineError as error:
+        raise ServeSetupError(str(error)) from None
     return precision
 
 
 def with_served_precision(precisions: str, settings: Settings) -> tuple[str, ...]:
     """--precisions plus the ONNX precision the service reads for its --engine and --precision, so `--precision fp16`
     alone exports fp32 and fp16 rather than failing once the export is done."""
-    needed = onnx_precision_read(settings.engine, settings.precision)
+    needed = onnx_precision_read(settings.engine, settings.provider, settings.precision)
     listed = _precisions(precisions)
     return listed if needed in listed else (*listed, needed)
 

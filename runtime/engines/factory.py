@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from runtime.engines.auto import AutoEngine
 from runtime.engines.base import Engine, EngineError
-from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.engines.onnxruntime import OnnxRuntimeEngine, check_onnxruntime_precision
 from runtime.engines.openvino import OpenVinoEngine, artifact_precision
 from runtime.engines.tensorrt import (  # imports TensorRT itself only when an engine opens
     check_tensorrt_precision,
@@ -154,6 +154,7 @@ def ort_intra_op_threads(threads: int, streams: int) -> int:
 
 def onnxruntime_engine(version: ModelVersion, options: EngineOptions) -> Engine:
     """The version's ONNX artifact of the asked precision on ONNX Runtime, with the GPU providers' options."""
+    check_onnxruntime_precision(options.provider, options.precision)  # before the artifact: exporting it would not do
     manifest, shape = version.manifest, _input_shape(version)
     artifact = _onnx_artifact(version, options.precision, "")
     provider_options = {}

@@ -11,6 +11,14 @@ from runtime.engines.base import EngineError, ModelFileEngine
 from runtime.ort_session import PROVIDERS, ProviderError, create_session
 
 
+def check_onnxruntime_precision(provider: str, precision: str) -> None:
+    """EngineError for bf16 on the CPU provider, whose kernels have no bfloat16 Conv (the session fails to load with
+    NOT_IMPLEMENTED Conv(22)); the CUDA provider registers one (Conv 22+, its OperatorKernels.md), so it may try."""
+    if provider == "cpu" and precision == "bf16":
+        raise EngineError("ONNX Runtime's CPU provider has no bfloat16 Conv kernel: serve bf16 with --engine openvino "
+                          "--precision bf16 (a CPU with native BF16) or, on a GPU, --engine tensorrt --precision bf16")
+
+
 class OnnxRuntimeEngine(ModelFileEngine):
     name = "onnxruntime"
 

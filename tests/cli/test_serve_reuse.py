@@ -94,6 +94,7 @@ def test_the_precision_served_is_exported_without_being_listed(serve):
     ("openvino", "fp16", "the OpenVINO engine runs precision fp32/bf16/int8"),
     ("auto", "fp16", "engine auto chooses between fp32 CPU engines, not precision 'fp16'"),
     ("tensorrt", "int8", "--engine tensorrt builds fp32/fp16/bf16 engines, not int8"),
+    ("onnxruntime", "bf16", "ONNX Runtime's CPU provider has no bfloat16 Conv kernel"),  # not after the bf16 export
     ("tensorrt", "fp16", "--engine tensorrt: TensorRT is not installed"),  # not on this machine
 ])
 def test_an_engine_that_cannot_run_the_precision_is_refused_before_the_export(serve, capsys, engine, precision,

@@ -72,3 +72,11 @@ def test_engine_auto_gives_ort_streams_to_its_onnx_runtime_candidate_only(versio
     candidates = open_engine(version, options).candidates
     assert candidates["onnxruntime"]().max_concurrent_batches == 2
     assert candidates["openvino"]().name == "openvino"
+
+
+def test_onnx_runtime_bf16_is_refused_on_the_cpu_provider_only(version):
+    """Refused for what the CPU provider lacks, not for the missing file: exporting bf16 would not help there."""
+    with pytest.raises(EngineError, match="no bfloat16 Conv kernel.* --engine openvino --precision bf16"):
+        check_engine_options(version, EngineOptions(precision="bf16"))
+    with pytest.raises(EngineError, match=r"no bf16 ONNX artifact \(has \['fp32'\]\)"):  # CUDA has bf16 Conv kernels
+        check_engine_options(version, EngineOptions(provider="cuda", precision="bf16"))

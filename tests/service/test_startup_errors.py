@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # (flags, a phrase of the one line, exit status); every case is refused before the model is loaded.
 REFUSED = [
     (["--precision", "int8"], "atto/1 has no int8 ONNX artifact (has ['fp32'])", 1),
+    (["--precision", "bf16"], "ONNX Runtime's CPU provider has no bfloat16 Conv kernel", 1),
     (["--engine", "tensorrt"], "--engine tensorrt: TensorRT is not installed", 1),
     (["--engine", "tensorrt", "--precision", "int8"], "--engine tensorrt builds fp32/fp16/bf16 engines, not int8", 1),
     (["--engine", "tensorrt", "--max-batch-size", "5000"], "1 <= min <= opt <= max <= 4096", 1),
