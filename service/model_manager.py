@@ -234,7 +234,9 @@ class ModelManager:
         """Build, load, warm up and smoke-run an engine on a new thread of its own, off the event loop.
 
         The ServedModel holds the version as the repository has it after the build: building may add an artifact
-        (a TensorRT engine built on first start), which the next rebuild must find instead of building it again.
+        (a TensorRT engine built on first start), which the next rebuild must find instead of building it again, unless
+        it was exported anew meanwhile (`export --overwrite`; adding an engine keeps created_at): the engine was built
+        from the manifest given, which the ServedModel then keeps, and the watcher or a reload sees the new export.
         """
         manifest = model.manifest
         thread = EngineThread(f"engine-{manifest.name}-{manifest.version}")
@@ -243,6 +245,8 @@ class ModelManager:
             engine = await asyncio.wrap_future(prepared)
             thread.add_workers(engine.max_concurrent_batches - 1)  # one thread per batch it runs at once
             built = await self.reader.read(self.repository.load, manifest.name, manifest.version, False)
+            if built.manifest.created_at != manifest.created_at:  # not the export the engine was built from
+                built = model
         except BaseException:
             # Failed or cancelled (a rebuild past its bound): the engine is closed once its preparation returns, if it
             # made one, and the thread then ends; nothing waits for that (a wedged device's load may never return).

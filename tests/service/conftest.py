@@ -1,6 +1,8 @@
-"""Service fixtures: a tiny random ConvNeXt exported to a model repository once, and a real uvicorn server."""
+"""Service fixtures: a tiny random ConvNeXt exported to a model repository once (and a version 2 of it, for
+hot-swaps), and a real uvicorn server."""
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -23,6 +25,31 @@ def model_repository(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     export_onnx_version(root, "atto", "convnext_atto", num_classes=10, input_size=64)
     return root
+
+
+@pytest.fixture(scope="module")
+def swap_repository(tmp_path_factory, model_repository) -> Path:
+    """Version 1 from the session repository, and a version 2 of the same model exported with other weights.
+
+    Shared by the module's tests, so never published to: a test that publishes, or reloads "the latest", takes
+    its own copy (own_repository)."""
+    import torch
+
+    from export.onnx import export_onnx_version
+
+    root = tmp_path_factory.mktemp("swap-models")
+    shutil.copytree(model_repository / "atto" / "1", root / "atto" / "1")
+    torch.manual_seed(2)
+    export_onnx_version(root, "atto", "convnext_atto", num_classes=10, input_size=64)
+    return root
+
+
+@pytest.fixture()
+def own_repository(swap_repository, tmp_path) -> Path:
+    """A copy of versions 1 and 2 for one test: what it publishes, and what "latest" means, no other test sees."""
+    for version in ("1", "2"):
+        shutil.copytree(swap_repository / "atto" / version, tmp_path / "atto" / version)
+    return tmp_path
 
 
 @pytest.fixture(scope="module")

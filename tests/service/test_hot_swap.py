@@ -18,31 +18,6 @@ from service.app import default_engine
 NAME = "atto"
 
 
-@pytest.fixture(scope="module")
-def swap_repository(tmp_path_factory, model_repository) -> Path:
-    """Version 1 from the session repository, and a version 2 of the same model exported with other weights.
-
-    Shared by the module's tests, so never published to: a test that publishes, or reloads "the latest", takes
-    its own copy (own_repository)."""
-    import torch
-
-    from export.onnx import export_onnx_version
-
-    root = tmp_path_factory.mktemp("swap-models")
-    shutil.copytree(model_repository / NAME / "1", root / NAME / "1")
-    torch.manual_seed(2)
-    export_onnx_version(root, NAME, "convnext_atto", num_classes=10, input_size=64)
-    return root
-
-
-@pytest.fixture()
-def own_repository(swap_repository, tmp_path) -> Path:
-    """A copy of versions 1 and 2 for one test: what it publishes, and what "latest" means, no other test sees."""
-    for version in ("1", "2"):
-        shutil.copytree(swap_repository / NAME / version, tmp_path / NAME / version)
-    return tmp_path
-
-
 def publish_copy_of(root: Path, source: int, corrupt: bool = False, over: int | None = None) -> int:
     """Publish the next version with the files of `source` (or write them over version `over`, as `export
     --overwrite` does); `corrupt` flips bytes of its model file afterwards."""
