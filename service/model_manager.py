@@ -385,9 +385,10 @@ class ModelManager:
                                     "abandoned") from None
 
     async def _watch_repository(self) -> None:
-        """Poll the repository for a newer version of the served model, or the served version exported again
-        (`export --overwrite`), and reload it like /admin/reload. A poll that fails (a transient repository error,
-        say) is logged and the next one tries again: the watcher ends with the service only (/readyz says if not)."""
+        """Poll the repository for a newer version of the served model (unless `version` pins one), or the served
+        version exported again (`export --overwrite`), and reload it like /admin/reload. A poll that fails (a transient
+        repository error, say) is logged and the next one tries again: the watcher ends with the service only (/readyz
+        says if not)."""
         while True:
             await asyncio.sleep(self.settings.watch_interval_s)
             try:
@@ -403,13 +404,14 @@ class ModelManager:
                              type(err).__name__, err, self.settings.watch_interval_s)
 
     def _changed_version(self) -> int | None:
-        """The version to load: a newer one, else the served one when its manifest was written anew since it was
-        loaded (manifests differ by created_at); None when neither, or when that manifest was refused already.
-        Runs in a thread: the refusals are only read, with one dict lookup each."""
+        """The version to load: a newer one (never with a pinned `version`), else the served one when its manifest
+        was written anew since it was loaded (manifests differ by created_at); None when neither, or when that manifest
+        was refused already. Runs in a thread: the refusals are only read, with one dict lookup each."""
         served = self.serving
-        latest = self.repository.latest_version(served.name)
-        if latest > served.version and not self._was_refused(latest, self._created_at(served.name, latest)):
-            return latest
+        if self.settings.version is None:
+            latest = self.repository.latest_version(served.name)
+            if latest > served.version and not self._was_refused(latest, self._created_at(served.name, latest)):
+                return latest
         created_at = self._created_at(served.name, served.version)
         if created_at is None or served.model is None or created_at == served.model.manifest.created_at:
             return None  # unchanged, or being replaced right now (the next poll sees the new manifest)

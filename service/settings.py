@@ -117,7 +117,8 @@ class Settings(BaseSettings):
         "failed rebuilds in a row of a broken engine before /healthz answers 503, so the orchestrator restarts the "
         "container: a sticky GPU fault outlives every rebuild inside the process (rebuilds go on meanwhile)"))
     watch_interval_s: float = Field(
-        0.0, ge=0, description="poll the repository for a newer version this often; 0: off")
+        0.0, ge=0, description=("poll the repository this often for a newer version (none while `version` pins one) "
+                                "or the served one exported again; 0: off"))
     decode_mode: Literal["exact", "fast"] = Field(
         "exact", description="exact: training's transform bit for bit; fast: large JPEGs decode at 1/2-1/8 scale in "
         "the DCT (short side kept >= fast_decode_headroom x the resize target), then the same resize + crop (README, "

@@ -141,7 +141,7 @@ def test_watcher_refuses_an_engine_with_bad_output_then_serves_the_next_good_ver
                                                                                      launch):
     photo = real_photos[2].read_bytes()
     bad = 3
-    with launch(own_repository, nan_engine_for({bad}), version=2, watch_interval_s=0.1) as url:
+    with launch(own_repository, nan_engine_for({bad}), watch_interval_s=0.1) as url:  # the latest, 2
         def watcher_refused_it() -> bool:
             return 'convnext_model_reloads_total{result="refused"} 1.0' in httpx.get(f"{url}/metrics").text
 
@@ -170,7 +170,7 @@ def test_watcher_reloads_the_served_version_when_it_is_exported_again_over_itsel
                  if line.startswith(f'convnext_model_reloads_total{{result="{result}"}}')]
         return float(lines[0].split()[-1]) if lines else 0.0
 
-    with launch(own_repository, nan_engine_for({3}), version=2, watch_interval_s=0.1) as url:
+    with launch(own_repository, nan_engine_for({3}), watch_interval_s=0.1) as url:  # the latest, 2
         before = probabilities(url)
         assert publish_copy_of(own_repository, 2) == 3  # a newer version, refused (its engine answers NaN) ...
         wait_for(lambda: reloads(url, "refused") == 1, "the watcher to refuse version 3")
@@ -207,7 +207,7 @@ def test_the_watcher_outlives_reloads_that_fail_and_serves_the_new_version_at_a_
     """An OSError from the repository (refused, counted) and any other error out of a reload are each logged, and the
     watcher polls on: /readyz stays ready (it said "the repository watcher stopped" forever)."""
     photo = real_photos[3].read_bytes()
-    with launch(own_repository, version=2, watch_interval_s=0.1) as url:
+    with launch(own_repository, watch_interval_s=0.1) as url:  # the latest, 2
         repository = url.app.state.service.models.repository
         errors = [OSError(116, "Stale file handle"), RuntimeError("an unexpected error")]
         repository.versions = FailingReads(repository.versions, 3, errors)
