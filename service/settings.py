@@ -13,6 +13,8 @@ from runtime.decode import FAST_DECODE_HEADROOM, HEADROOM_RANGE
 from runtime.decode_memory import common_peak_bytes
 from runtime.preprocess import PILLOW_MAX_PIXELS
 
+C_INT_MAX = 2**31 - 1  # settings that reach a C int (grpc core's channel args, listen(), the engines' thread counts)
+
 
 def _key_from_file(data: dict, name: str) -> dict:
     """data with `name` read from `name`_file when that is set; a ValueError for both, an unreadable file, or ""."""
@@ -32,8 +34,10 @@ def _key_from_file(data: dict, name: str) -> dict:
 
 
 class Settings(BaseSettings):
-    # hide_input_in_errors: a validation error never prints the api_key it was given.
-    model_config = SettingsConfigDict(env_prefix="CONVNEXT_", frozen=True, extra="forbid", hide_input_in_errors=True)
+    # hide_input_in_errors: a validation error never prints the api_key it was given. allow_inf_nan: no float setting
+    # takes inf or nan (an infinite timeout would end the start in a traceback, once the model is loaded).
+    model_config = SettingsConfigDict(env_prefix="CONVNEXT_", frozen=True, extra="forbid", hide_input_in_errors=True,
+                                      allow_inf_nan=False)
 
     host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(8000, ge=0, le=65535, description="listen port")
@@ -55,7 +59,7 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(
         5.0, ge=0, description="how long a batch stays open while more requests keep arriving")
     queue_size: int = Field(256, ge=1, description="queued images before 503 queue_full")
-    intra_op_threads: int = Field(default_factory=usable_cpus, ge=1, description=(
+    intra_op_threads: int = Field(default_factory=usable_cpus, ge=1, le=C_INT_MAX, description=(
         "ONNX Runtime threads (OpenVINO's inference_num_threads); default: the CPUs this process may run on"))
     ort_spinning: bool = Field(True, description=(
         "ONNX Runtime CPU threads spin-wait between ops: a lone ConvNeXt-T request is ~2.5 ms faster here; off, "
@@ -68,7 +72,7 @@ class Settings(BaseSettings):
         "one line per HTTP request on stdout (uvicorn's format), written by a thread off the event loop"))
     request_timeout_ms: float = Field(30_000.0, gt=0, description=(
         "per-request deadline, from when the body has arrived to the answer, decoding included (504 deadline)"))
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413 above it)")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, le=C_INT_MAX, description="request body limit (413 above it)")
     max_buffered_body_bytes: int = Field(256 * 1024 * 1024, ge=1, description=(
         "request bodies held in memory at once, all requests together, counted as they arrive, with what they become "
         "(decompressed, a form's files); beyond it, 503 body_buffer_full + Retry-After (max_connections x "
@@ -105,8 +109,8 @@ class Settings(BaseSettings):
     body_deadline_s: float = Field(120.0, gt=0, description=(
         "the whole request body within this, or 408 (a client sending a byte per body_timeout_s holds its connection "
         "and buffer no longer)"))
-    max_connections: int = Field(512, ge=1, description="open connections; beyond this, 503 at once")
-    backlog: int = Field(2048, ge=1, description="listen backlog")
+    max_connections: int = Field(512, ge=1, le=C_INT_MAX, description="open connections; beyond this, 503 at once")
+    backlog: int = Field(2048, ge=1, le=C_INT_MAX, description="listen backlog")
     timeout_keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
     engine_timeout_ms: float = Field(10_000.0, gt=0, description=(
         "a batch running longer is failed (504) and its engine abandoned and rebuilt: keep it well above a batch's "

@@ -64,6 +64,8 @@ ERROR_CASES = [
     ("export", ["tensorrt", "--name", "nosuch", "--repository", "{tmp}/empty"], "no versions of model 'nosuch'"),
     ("export", ["onnx", "--precisions", "fp32,fp16"], "the following arguments are required: --name"),
     ("service", ["--port", "99999"], "invalid settings: port"),
+    ("service", ["--request-timeout-ms", "inf"], "invalid settings: request_timeout_ms: Input should be a finite"),
+    ("service", ["--max-body-bytes", "2147483648"], "invalid settings: max_body_bytes: Input should be less than"),
     ("service", ["--model-version", "latest"], "argument --model-version: invalid int value"),
     ("service", ["--repository", "{tmp}/empty"], "has no models"),
     ("service", ["--repository", "{tmp}/broken"], "is not a valid manifest"),

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from service.__main__ import SECRET_SETTINGS, flag_name, settings_from_args
-from service.settings import Settings
+from service.__main__ import SECRET_SETTINGS, StartRefused, flag_name, settings_from_args, startable_settings
+from service.settings import C_INT_MAX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+FLOAT_SETTINGS = sorted(name for name, field in Settings.model_fields.items() if field.annotation is float)
+C_INT_SETTINGS = ["backlog", "intra_op_threads", "max_body_bytes", "max_connections"]  # grpc core, listen(), engines
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +61,26 @@ def test_thread_defaults_follow_the_cpus_the_process_may_use():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             cwd=ROOT)
     assert result.stdout.split() == ["1", "1"], result.stderr
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_no_float_setting_takes_infinity_or_nan(name, value):
+    """Refused with the one-line status-2 answer, not a start that ends in a traceback once the model has loaded
+    (request_timeout_ms=inf: the graceful shutdown's int(inf))."""
+    with pytest.raises(StartRefused) as refused:
+        startable_settings([f"{flag_name(name)}={value}"])
+    assert refused.value.status == 2
+    assert str(refused.value) == f"invalid settings: {name}: Input should be a finite number"
+
+
+@pytest.mark.parametrize("name", C_INT_SETTINGS)
+def test_settings_that_reach_a_c_int_stop_at_its_largest_value(name):
+    """max_body_bytes of 2 GiB was grpc's max_receive_message_length: an OverflowError traceback after the model
+    loaded; the backlog reaches listen(), max_connections grpc's maximum_concurrent_rpcs, threads the engines."""
+    with pytest.raises(StartRefused) as refused:
+        startable_settings([flag_name(name), str(C_INT_MAX + 1)])
+    assert refused.value.status == 2
+    assert str(refused.value) == f"invalid settings: {name}: Input should be less than or equal to {C_INT_MAX}"
+    overrides = {"max_buffered_body_bytes": 2 * C_INT_MAX} if name == "max_body_bytes" else {}
+    assert getattr(Settings(**{name: C_INT_MAX}, **overrides), name) == C_INT_MAX
