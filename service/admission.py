@@ -39,6 +39,10 @@ class Admission:
         self.capacity = capacity
         self.admitted = 0
 
+    @property
+    def full(self) -> bool:
+        return self.admitted >= self.capacity
+
     def refusal(self) -> str:
         return f"the service is at capacity ({self.admitted} images in progress, limit {self.capacity}); retry later"
 
@@ -67,8 +71,7 @@ class AdmissionGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         admission = self.admission_of() if scope["type"] == "http" and scope["method"] == "POST" else None
-        if admission is None or admission.admitted < admission.capacity or \
-                routed_path(scope) != GATED_ROUTE:
+        if admission is None or not admission.full or routed_path(scope) != GATED_ROUTE:
             await self.app(scope, receive, send)
             return
         scope["route_path"] = GATED_ROUTE  # the request metrics' route label, as if the route had matched

@@ -19,7 +19,7 @@ from service import v2_core, v2_tensors
 from service.api_keys import key_accepted
 from service.errors import ApiError, clipped, shown
 from service.grpc_proto import open_inference_pb2 as pb
-from service.pipeline import ClientGone
+from service.pipeline import ClientGone, converted, request_deadline
 from service.state import ServiceState
 from service.v2_models import MAX_PARAMETERS, MAX_RANK, MAX_TENSORS, InferenceRequest
 
@@ -121,14 +121,15 @@ def check_message_bounds(request: pb.ModelInferRequest) -> None:
 
 
 async def model_infer(state: ServiceState, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    deadline = request_deadline(state)  # the message has arrived: request_timeout_ms counts its conversion too
+    client_gone = grpc_client_gone(context)
     check_message_bounds(request)
     if typed_elements(request) <= INLINE_MAX_ELEMENTS:
         prepared = prepared_request(state, request)
     else:  # bytes_contents, say, 10^6 short elements: seconds of Python work, in a worker thread
-        prepared = await asyncio.get_running_loop().run_in_executor(state.conversion_pool, prepared_request, state,
-                                                                    request)
+        prepared = await converted(state, prepared_request, state, request, client_gone=client_gone, deadline=deadline)
     del request  # converted: the call holds its tensors or images while it waits for its batch, not the message too
-    result = await v2_core.infer(state, prepared, grpc_client_gone(context))
+    result = await v2_core.infer(state, prepared, client_gone, deadline)
     response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version,
                                      id=result.id or "")
     for output in result.outputs:

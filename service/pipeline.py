@@ -11,7 +11,7 @@ import functools
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -114,6 +114,17 @@ def require_ready(state: ServiceState) -> ModelVersion:
     return version
 
 
+def queue_full(message: str) -> ApiError:
+    return ApiError(503, "queue_full", message, headers={"Retry-After": "1"})
+
+
+def refuse_when_full(state: ServiceState) -> None:
+    """503 queue_full while not one more image fits: before work that comes ahead of counting the request's images in
+    (a v2 request's conversion, after which alone its image count is known), so a full service spends none on it."""
+    if state.admission.full:
+        raise queue_full(state.admission.refusal())
+
+
 @contextmanager
 def admitted(state: ServiceState, images: int) -> Iterator[None]:
     """Count the request's images in before decoding; at capacity it is refused at once (503 + Retry-After); more
@@ -126,7 +137,7 @@ def admitted(state: ServiceState, images: int) -> Iterator[None]:
         with state.admission.admit(images):
             yield
     except AdmissionRefused as err:
-        raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
+        raise queue_full(str(err)) from None
 
 
 def timed_preprocess(data: bytes, spec: Preprocess, settings: Settings, reserve: Reserve) -> tuple[np.ndarray, float]:
@@ -184,9 +195,9 @@ def watching(client_gone: ClientGone | None) -> Iterator[asyncio.Future[Any] | N
             gone.cancel()
 
 
-async def until_gone(work: Coroutine[Any, Any, T], gone: asyncio.Future[Any] | None) -> T:
+async def until_gone(work: Awaitable[T], gone: asyncio.Future[Any] | None, doing: str) -> T:
     """`work`'s result; if the client leaves first, `work` is cancelled (its decodes stop waiting for memory or a
-    slot: preprocess_images) and 499 raised."""
+    slot: preprocess_images; a conversion still queued is dropped) and 499 raised, saying it left while `doing`."""
     if gone is None:
         return await work
     task = asyncio.ensure_future(work)
@@ -199,7 +210,29 @@ async def until_gone(work: Coroutine[Any, Any, T], gone: asyncio.Future[Any] | N
     if task.done():
         return task.result()
     task.cancel()
-    raise ApiError(499, "client_disconnected", "the client disconnected while its images were being decoded")
+    raise ApiError(499, "client_disconnected", f"the client disconnected while {doing}")
+
+
+async def within_deadline(state: ServiceState, work: Awaitable[T], gone: asyncio.Future[Any] | None, deadline: float,
+                          doing: str) -> T:
+    """until_gone(work), cancelled past `deadline` with 504 deadline (a wait for a decode slot or a conversion thread
+    included)."""
+    try:
+        async with asyncio.timeout(deadline - time.monotonic()):
+            return await until_gone(work, gone, doing)
+    except TimeoutError:
+        raise deadline_passed(state) from None
+
+
+async def converted(state: ServiceState, convert: Callable[..., T], *args: Any, client_gone: ClientGone | None,
+                    deadline: float) -> T:
+    """`convert(*args)` (a large v2 request's parse and conversion) in the conversion pool, once there is room for an
+    image (503 at once otherwise), within the request's deadline (504) and while its client waits (499); a conversion
+    already running when either ends finishes in its thread, unused."""
+    refuse_when_full(state)
+    conversion = asyncio.get_running_loop().run_in_executor(state.conversion_pool, convert, *args)
+    with watching(client_gone) as gone:
+        return await within_deadline(state, conversion, gone, deadline, "its request was being converted")
 
 
 def request_deadline(state: ServiceState) -> float:
@@ -223,7 +256,7 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyn
     try:
         items = state.batcher.submit(tensors, deadline)  # type: ignore[union-attr]  # callers check require_ready
     except QueueFullError as err:
-        raise ApiError(503, "queue_full", str(err), headers={"Retry-After": "1"}) from None
+        raise queue_full(str(err)) from None
     futures = [item.future for item in items]
     # One image (the common case): its own future, no gathering future around it.
     gathered: asyncio.Future[Any] = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
@@ -250,29 +283,27 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyn
     return items
 
 
-async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_gone: ClientGone | None) -> list[Item]:
-    """Encoded images (name, bytes) -> one batcher item each, preprocessed the serving way."""
+async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_gone: ClientGone | None,
+                   deadline: float) -> list[Item]:
+    """Encoded images (name, bytes) -> one batcher item each, preprocessed the serving way, by `deadline`
+    (request_deadline, taken when the body had arrived)."""
     manifest = state.version.manifest  # type: ignore[union-attr]  # callers check require_ready first
     if manifest.input.channels != RGB_CHANNELS:  # its tensors are served (v2), its images could not be
         raise ApiError(422, "not_an_image_model", f"{manifest.name}/{manifest.version} takes {manifest.input.channels}"
                        f"-channel input, and images decode to RGB ({RGB_CHANNELS} channels): send its input as a "
                        f"tensor to /v2/models/{manifest.name}/infer")
-    deadline = request_deadline(state)
     with watching(client_gone) as gone, admitted(state, len(images)):
-        try:
-            async with asyncio.timeout(deadline - time.monotonic()):  # a decode slot may have to be waited for
-                preprocessed = await until_gone(preprocess_images(state, images, deadline), gone)
-        except TimeoutError:
-            raise deadline_passed(state) from None
+        preprocessed = await within_deadline(state, preprocess_images(state, images, deadline), gone, deadline,
+                                             "its images were being decoded")
         items = await run_batched(state, [tensor for tensor, _ in preprocessed], gone, deadline)
     for item, (_, seconds) in zip(items, preprocessed, strict=True):
         item.timings["preprocess_ms"] = seconds * 1000
     return items
 
 
-async def infer(state: ServiceState, tensors: list[np.ndarray], client_gone: ClientGone | None) -> list[Item]:
-    """Preprocessed tensors (C, H, W) -> one batcher item each."""
-    deadline = request_deadline(state)
+async def infer(state: ServiceState, tensors: list[np.ndarray], client_gone: ClientGone | None,
+                deadline: float) -> list[Item]:
+    """Preprocessed tensors (C, H, W) -> one batcher item each, by `deadline` (request_deadline)."""
     with watching(client_gone) as gone, admitted(state, len(tensors)):
         return await run_batched(state, tensors, gone, deadline)
 

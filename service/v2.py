@@ -1,7 +1,6 @@
 """The Open Inference Protocol (KServe v2) over HTTP: a thin adapter over service/v2_core.py (JSON or binary data)."""
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -10,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from service import v2_core
 from service.errors import V2_PREFIX, ApiError, error_responses
-from service.pipeline import http_client_gone, read_body, service_state
+from service.pipeline import ClientGone, converted, http_client_gone, read_body, request_deadline, service_state
 from service.state import ServiceState
 from service.v2_core import InferResult
 from service.v2_models import (
@@ -163,25 +162,28 @@ def prepared_request(state: ServiceState, name: str, version: str | None, header
     return v2_core.prepare(state, name, version, parsed_request(header, header_length), binary)
 
 
-async def prepared_from_body(request: Request, state: ServiceState, name: str,
-                             version: str | None) -> v2_core.PreparedRequest:
-    """The request read and converted. The body and its split parts are let go on return, so a request waiting for
-    its batch holds its tensors or images alone: about the one copy of its body that the body budget counts."""
+async def prepared_from_body(request: Request, state: ServiceState, name: str, version: str | None,
+                             client_gone: ClientGone) -> tuple[v2_core.PreparedRequest, float]:
+    """The request read and converted, and its deadline (request_timeout_ms from when the body has arrived). The body
+    and its split parts are let go on return, so a request waiting for its batch holds its tensors or images alone:
+    about the one copy of its body that the body budget counts."""
     header_length = request.headers.get(HEADER_LENGTH)
     header, binary = split_body(await read_body(request, state), header_length)
+    deadline = request_deadline(state)
     args = (state, name, version, header, binary, header_length)
     if len(header) <= INLINE_MAX_JSON_BYTES:
-        return prepared_request(*args)
+        return prepared_request(*args), deadline
     # A Python object per JSON number (8x3x224x224 FP32: ~12 MB, ~170 ms of CPU) in a worker thread; pydantic's parse
     # holds the GIL throughout (~80 ms the loop still waits), the conversion after it lets the loop run
-    return await asyncio.get_running_loop().run_in_executor(state.conversion_pool, prepared_request, *args)
+    return await converted(state, prepared_request, *args, client_gone=client_gone, deadline=deadline), deadline
 
 
 async def infer_response_for(request: Request, name: str, version: str | None) -> Response:
     state = service_state(request)
     v2_core.resolve_model(state, name, version)  # 404 before reading the body of a request for no model
-    prepared = await prepared_from_body(request, state, name, version)
-    return infer_response(await v2_core.infer(state, prepared, http_client_gone(request)))
+    client_gone = http_client_gone(request)
+    prepared, deadline = await prepared_from_body(request, state, name, version, client_gone)
+    return infer_response(await v2_core.infer(state, prepared, client_gone, deadline))
 
 
 @router.post("/models/{name}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_OPENAPI)

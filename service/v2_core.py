@@ -13,7 +13,7 @@ of service/v2_models.py (InferenceRequest, RequestInput, RequestOutput, their pa
         raw contents (or its bytes_contents, serialized) go in `binary` with binary_data_size = their length.
         The input conversion (JSON data, binary slices, BYTES elements) is service/v2_tensors.py's.
         CPU only, no await: an adapter runs parse + prepare of a large request in a worker thread, off the loop.
-    await infer(state, prepared, client_gone) -> InferResult             the pipeline (admission, batcher, limits)
+    await infer(state, prepared, client_gone, deadline) -> InferResult   the pipeline (admission, batcher, limits)
     InferResult(model_name, model_version, id, outputs: [OutputTensor(name, datatype, shape, array, binary)]);
         OutputTensor.raw() is its binary form, OutputTensor.json_data() its JSON `data` list
     model_metadata(state, name, version) -> ModelMetadataResponse;   model_ready(state, name, version) -> bool
@@ -246,13 +246,15 @@ def prepare(state: ServiceState, name: str, version: str | None, request: Infere
     return PreparedRequest(model, version, request.id, wanted, [], list(batch))
 
 
-async def infer(state: ServiceState, prepared: PreparedRequest, client_gone: ClientGone | None) -> InferResult:
-    """Run a prepared request through the shared pipeline (admission, batcher, limits), build the outputs."""
+async def infer(state: ServiceState, prepared: PreparedRequest, client_gone: ClientGone | None,
+                deadline: float) -> InferResult:
+    """Run a prepared request through the shared pipeline (admission, batcher, limits) by `deadline`
+    (pipeline.request_deadline, taken when its body or message had arrived), build the outputs."""
     require_ready(state)
     if prepared.model.is_image:
-        items = await pipeline.classify(state, prepared.images, client_gone)
+        items = await pipeline.classify(state, prepared.images, client_gone, deadline)
     else:
-        items = await pipeline.infer(state, prepared.tensors, client_gone)
+        items = await pipeline.infer(state, prepared.tensors, client_gone, deadline)
     ran = _one_version_ran(items, prepared.version)
     logits = np.stack([item.future.result() for item in items]).astype(np.float32)
     if not np.isfinite(logits).all():

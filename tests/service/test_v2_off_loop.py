@@ -1,4 +1,5 @@
 """A large v2 request is parsed and turned into tensors in a worker thread, off the event loop; small ones stay on it.
+Its wait for that thread counts in its deadline and ends when its client leaves; a full service refuses it first.
 
 Proven against the real server (HTTP and gRPC) with a spy on v2_core.parse_request / v2_core.prepare that records
 whether it ran with a running event loop; the answers (logits, refusals: status, code, message) are the inline ones.
@@ -10,7 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -22,6 +23,7 @@ from service.errors import ApiError
 from service.grpc_proto import open_inference_pb2 as pb
 from service.state import CONVERSIONS_AT_ONCE
 from tests.service.conftest import free_port
+from tests.service.test_faults import Hold
 from tests.service.test_grpc import grpc_address, raw_call
 from tests.service.test_limits import metric
 
@@ -212,15 +214,16 @@ def conversion_gate() -> Iterator[threading.Event]:
 
 @pytest.fixture
 def conversions(monkeypatch, conversion_gate) -> list[int]:
-    """[running now, most at once] of v2_core.prepare calls from now on, each held 0.3 s so that they overlap (and
-    for as long as conversion_gate is closed)."""
-    lock, counts = threading.Lock(), [0, 0]
+    """[running now, most at once, started] of v2_core.prepare calls from now on, each held 0.3 s so that they overlap
+    (and for as long as conversion_gate is closed)."""
+    lock, counts = threading.Lock(), [0, 0, 0]
     prepare = v2_core.prepare
 
     def counted(*args, **kwargs):
         with lock:
             counts[0] += 1
-            counts[1] = max(counts)
+            counts[1] = max(counts[:2])
+            counts[2] += 1
         try:
             time.sleep(0.3)
             conversion_gate.wait(30)
@@ -269,6 +272,67 @@ def test_grpc_calls_cancelled_mid_conversion_still_hold_their_conversion_thread(
     assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 4
     wait_until(lambda: conversions[0] == 0, "the conversions to end")
     assert conversions[1] == CONVERSIONS_AT_ONCE
+
+
+def busy_converting(url: str, clients: ThreadPoolExecutor, conversions: list[int]) -> list[Future[httpx.Response]]:
+    """Large JSON requests on every conversion thread (their conversions held by the closed conversion_gate)."""
+    busy = [clients.submit(httpx.post, f"{url}{INFER}", content=LARGE, timeout=60) for _ in range(CONVERSIONS_AT_ONCE)]
+    wait_until(lambda: conversions[0] == CONVERSIONS_AT_ONCE, "both conversion threads to be busy")
+    return busy
+
+
+def test_the_wait_for_a_conversion_thread_counts_in_the_request_deadline(model_repository, launch, conversions,
+                                                                         conversion_gate):
+    """request_timeout_ms runs from when the body has arrived: a request whose deadline passes while it waits for a
+    conversion thread gets 504 and is never converted, and one whose conversion runs past it gets 504 too."""
+    with launch(model_repository, request_timeout_ms=1000) as url, ThreadPoolExecutor(CONVERSIONS_AT_ONCE) as clients:
+        conversion_gate.clear()
+        busy = busy_converting(url, clients, conversions)
+        late = httpx.post(f"{url}{INFER}", content=LARGE, timeout=60)
+        conversion_gate.set()
+        answers = [future.result() for future in busy]
+        wait_until(lambda: conversions[0] == 0, "the conversions to end")
+    assert (late.status_code, late.json()["code"]) == (504, "deadline")
+    assert [(a.status_code, a.json()["code"]) for a in answers] == [(504, "deadline")] * CONVERSIONS_AT_ONCE
+    assert conversions[2] == CONVERSIONS_AT_ONCE  # the late request's conversion never started
+
+
+def test_a_client_gone_while_waiting_for_a_conversion_thread_is_never_converted(served, conversions,
+                                                                                conversion_gate):
+    disconnected = 'convnext_rejected_total{reason="client_disconnected"}'
+    gone_before = metric(served, disconnected)
+    with ThreadPoolExecutor(CONVERSIONS_AT_ONCE) as clients:
+        conversion_gate.clear()
+        busy = busy_converting(served, clients, conversions)
+        with pytest.raises(httpx.ReadTimeout):  # the client stops waiting while both threads are busy
+            httpx.post(f"{served}{INFER}", content=LARGE, timeout=httpx.Timeout(60, read=0.5))
+        wait_until(lambda: metric(served, disconnected) == gone_before + 1, "the server to see the client leave")
+        conversion_gate.set()
+        answers = [future.result() for future in busy]
+    wait_until(lambda: conversions[0] == 0, "the conversions to end")
+    assert [a.status_code for a in answers] == [200] * CONVERSIONS_AT_ONCE
+    assert conversions[2] == CONVERSIONS_AT_ONCE  # the request of the client gone was never converted
+
+
+def test_at_capacity_a_large_json_request_is_refused_before_it_is_parsed(model_repository, launch, calls):
+    """Its images are counted in only once it is converted: a full service answers 503 + Retry-After first, without
+    parsing and converting (~90 ms of CPU for 1 MB of JSON) a request it would refuse."""
+    hold = Hold()
+    with launch(model_repository, hold.factory, max_batch_size=1, queue_size=1, warmup_runs=0) as url:
+        hold.start()  # from here on, batches wait for hold.finish
+        admission = url.app.state.service.admission
+        one_image, headers = binary_request(BATCH[:1])
+        holding = [threading.Thread(target=httpx.post, args=(f"{url}{INFER}",),
+                                    kwargs={"content": one_image, "headers": headers, "timeout": 60})
+                   for _ in range(admission.capacity)]
+        for thread in holding:
+            thread.start()
+        wait_until(lambda: admission.admitted == admission.capacity, "the held requests to fill every admission slot")
+        calls.clear()
+        refused = httpx.post(f"{url}{INFER}", content=LARGE, timeout=60)
+        hold.finish(holding)
+    assert (refused.status_code, refused.json()["code"], refused.headers["retry-after"]) == (503, "queue_full", "1")
+    assert calls == []
 
 
 def wait_until(condition, what: str, timeout_s: float = 30) -> None:
