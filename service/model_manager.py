@@ -24,13 +24,13 @@ from service.engine_builds import (
 )
 from service.metrics import ServiceMetrics
 from service.repository_reader import RepositoryReader, RepositoryStuck, is_transient
+from service.repository_watch import RefusedManifests, changed_version, created_at
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
 logger = logging.getLogger("convnext.service")
 RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
-NOT_REFUSED = object()  # a version the watcher has not seen refused
 
 
 def load_to_serve(repository: ModelRepository, name: str, version: int | None) -> ModelVersion:
@@ -63,7 +63,7 @@ class ModelManager:
         self.current: ServedModel | None = None  # the last model swapped in (also while its engine is broken)
         self.batcher: Batcher | None = None
         self._broken_reason: str | None = "the model is not loaded yet"
-        self._refused: dict[int, datetime | None] = {}  # version -> created_at of the manifest refused (None: unread)
+        self._refused = RefusedManifests()  # the watcher retries none until it is exported anew
         self._failed_rebuilds = 0  # in a row, since the engine last broke
         self._last_rebuild_error: str | None = None
         self.rebuild_limit_s = rebuild_timeout_s(settings)  # each rebuild attempt's bound
@@ -174,7 +174,8 @@ class ModelManager:
                                     f"repository (it has versions {known})")
             attempted: datetime | None = None  # the manifest's created_at: what is refused, if it is
             try:
-                attempted = await self.reader.read(self._created_at, name, target)  # None: unreadable (refused below)
+                # None: unreadable (refused below)
+                attempted = await self.reader.read(created_at, self.repository, name, target)
                 # Hashing the version's files: bounded like its build.
                 model = await self.reader.read(load_to_serve, self.repository, name, target,
                                                timeout_s=self.rebuild_limit_s)
@@ -195,7 +196,7 @@ class ModelManager:
                 await self._close(served)
                 raise ReloadRefused(503, "shutting_down", "the service is shutting down")
             previous = await self._install(served)
-            self._refused.pop(served.version, None)
+            self._refused.forget(served.version)
             self.reloads.labels("ok").inc()
             logger.info("now serving %s/%s", served.name, served.version)
             return {"model": {"name": served.name, "version": served.version},
@@ -208,7 +209,7 @@ class ModelManager:
 
     def _refuse(self, name: str, target: int, attempted: datetime | None, err: Exception) -> ReloadRefused:
         """The version is refused (the watcher tries it again only once it is exported anew)."""
-        self._refused[target] = attempted
+        self._refused.add(target, attempted)
         self.reloads.labels("refused").inc()
         message = err.message if isinstance(err, ReloadRefused) else f"{type(err).__name__}: {err}"
         logger.warning("refused to serve %s/%s: %s", name, target, message)
@@ -392,7 +393,8 @@ class ModelManager:
         while True:
             await asyncio.sleep(self.settings.watch_interval_s)
             try:
-                target = await self._watch_reader.read(self._changed_version)
+                target = await self._watch_reader.read(changed_version, self.repository, self.serving,
+                                                       self.settings.version is not None, self._refused)
                 if target is not None and not self._lock.locked():
                     await self.reload(target)
             except ReloadRefused as err:
@@ -402,26 +404,3 @@ class ModelManager:
             except Exception as err:
                 logger.error("the repository watcher's poll failed (%s: %s); it polls again in %g s",
                              type(err).__name__, err, self.settings.watch_interval_s)
-
-    def _changed_version(self) -> int | None:
-        """The version to load: a newer one (never with a pinned `version`), else the served one when its manifest
-        was written anew since it was loaded (manifests differ by created_at); None when neither, or when that manifest
-        was refused already. Runs in a thread: the refusals are only read, with one dict lookup each."""
-        served = self.serving
-        if self.settings.version is None:
-            latest = self.repository.latest_version(served.name)
-            if latest > served.version and not self._was_refused(latest, self._created_at(served.name, latest)):
-                return latest
-        created_at = self._created_at(served.name, served.version)
-        if created_at is None or served.model is None or created_at == served.model.manifest.created_at:
-            return None  # unchanged, or being replaced right now (the next poll sees the new manifest)
-        return None if self._was_refused(served.version, created_at) else served.version
-
-    def _was_refused(self, version: int, created_at: datetime | None) -> bool:
-        return self._refused.get(version, NOT_REFUSED) == created_at
-
-    def _created_at(self, name: str, version: int) -> datetime | None:
-        try:
-            return self.repository.load(name, version, verify_files=False).manifest.created_at
-        except (RepositoryError, OSError):
-            return None
