@@ -89,10 +89,14 @@ def tensorrt_provider_options(cache_dir: str | Path, input_name: str, input_shap
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": cache,
         # fp16 lets TensorRT pick fp16 kernels; LayerNorm's Pow + ReduceMean then overflow in fp16, so ORT keeps
-        # those in fp32. int8 artifacts are Q/DQ graphs (explicit quantization): TensorRT needs no precision flag.
+        # those in fp32. int8 artifacts are Q/DQ graphs (explicit quantization); ORT builds a weakly typed network,
+        # for which TensorRT's quantization guide (8.x) says the INT8 builder flag must be set; trt_int8_enable sets
+        # it (TensorRT 10's guide drops the need for strongly typed networks only). With no calibration table named,
+        # ORT reads none: the Q/DQ scales are the calibration. Never run here (no machine here has libnvinfer).
         "trt_fp16_enable": str(precision == "fp16"),
         "trt_layer_norm_fp32_fallback": str(precision == "fp16"),
         "trt_bf16_enable": str(precision == "bf16"),
+        "trt_int8_enable": str(precision == "int8"),
         # opt = max, as the native engines' profile: under load the batcher fills whole batches.
         "trt_profile_min_shapes": shape_string(input_name, 1, input_shape),
         "trt_profile_opt_shapes": shape_string(input_name, max_batch_size, input_shape),

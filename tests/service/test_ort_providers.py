@@ -128,6 +128,7 @@ def test_tensorrt_provider_options_cache_in_the_version_and_cover_the_service_ba
         "trt_fp16_enable": "True",
         "trt_layer_norm_fp32_fallback": "True",
         "trt_bf16_enable": "False",
+        "trt_int8_enable": "False",
         "trt_profile_min_shapes": "input:1x3x224x224",
         "trt_profile_opt_shapes": "input:8x3x224x224",
         "trt_profile_max_shapes": "input:8x3x224x224",
@@ -136,7 +137,8 @@ def test_tensorrt_provider_options_cache_in_the_version_and_cover_the_service_ba
     assert (fp32["trt_fp16_enable"], fp32["trt_layer_norm_fp32_fallback"], fp32["trt_bf16_enable"]) == ("False",) * 3
     assert (fp32["trt_profile_min_shapes"], fp32["trt_profile_max_shapes"]) == ("pixels:1x1x32x32", "pixels:2x1x32x32")
     assert tensorrt_provider_options(cache, "input", (3, 224, 224), 8, "bf16")["trt_bf16_enable"] == "True"
-    assert tensorrt_provider_options(cache, "input", (3, 224, 224), 8, "int8")["trt_fp16_enable"] == "False"
+    int8 = tensorrt_provider_options(cache, "input", (3, 224, 224), 8, "int8")
+    assert (int8["trt_int8_enable"], int8["trt_fp16_enable"]) == ("True", "False")  # no calibration table: Q/DQ
     with pytest.raises(ValueError, match="max_batch_size 0"):
         tensorrt_provider_options(cache, "input", (3, 224, 224), 0, "fp32")
 
