@@ -46,8 +46,13 @@ def check_auto_augment(spec: str) -> None:
     from timm.data import create_transform
 
     family, *sections = spec.split("-")
+    transform_sets = [section[1:] for section in sections if family == "rand" and section.startswith("t")]
+    if len(transform_sets) > 1 or any(name not in RAND_TRANSFORM_SETS for name in transform_sets):
+        raise ValueError(f"--auto-augment {spec!r}: a RandAugment transform set is one section t<name>, name one of "
+                         f"{', '.join(RAND_TRANSFORM_SETS)} (timm takes any other as its default set, and the first of "
+                         "several)")
     for section in sections:
-        if not re.search(r"\d", section) and not (family == "rand" and section.startswith("t") and len(section) > 1):
+        if not re.search(r"\d", section) and not (family == "rand" and section.startswith("t")):
             raise ValueError(f"--auto-augment {spec!r}: section {section!r} has no value (timm would ignore it); "
                              f"e.g. {AUTO_AUGMENT_EXAMPLE}")
     try:
@@ -57,5 +62,6 @@ def check_auto_augment(spec: str) -> None:
         raise ValueError(f"--auto-augment {spec!r}: {reason}; e.g. {AUTO_AUGMENT_EXAMPLE}") from None
 
 
+RAND_TRANSFORM_SETS = ("weights", "3aw", "3a")  # timm's rand_augment_choices
 AUTO_AUGMENT_EXAMPLE = ("rand-m9-mstd0.5-inc1 (RandAugment, the paper's), augmix-m5-w3, "
                         "original-mstd0.5 (AutoAugment), or '' for none")

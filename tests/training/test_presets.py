@@ -128,13 +128,15 @@ def test_values_the_recipe_cannot_run_are_refused(field, value):
 
 @pytest.mark.parametrize("spec, why", [("bogus", "Unknown AA policy"), ("rand-mX", "section 'mX' has no value"),
                                        ("rand-m9-zz1", "Unknown RandAugment"), ("rand-m9x", "'9x'"),
-                                       ("augmix-m5-q", "section 'q'"), ("v0-zz1", "Unknown AutoAugment")])
+                                       ("augmix-m5-q", "section 'q'"), ("v0-zz1", "Unknown AutoAugment"),
+                                       ("rand-m9-tbogus", "transform set"), ("rand-m9-tweight", "transform set"),
+                                       ("rand-t", "transform set"), ("rand-t3a-tweights", "transform set")])
 def test_an_auto_augment_spec_timm_would_not_read_whole_is_refused_before_any_work(spec, why):
     with pytest.raises(ValueError, match=f"--auto-augment '{spec}': .*{why}"):
         resolve("in1k", {"auto_augment": spec})
 
 
-@pytest.mark.parametrize("spec", ["", "rand-m9-mstd0.5-inc1", "rand-m7-n3-tweights", "augmix-m5-w3", "v0",
+@pytest.mark.parametrize("spec", ["", "rand-m9-mstd0.5-inc1", "rand-m7-n3-tweights", "rand-t3aw", "augmix-m5-w3", "v0",
                                   "original-mstd0.5"])
 def test_auto_augment_specs_timm_reads_are_accepted(spec):
     assert resolve("in1k", {"auto_augment": spec}).auto_augment == spec
