@@ -48,7 +48,9 @@ HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # s
 TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 339, 2
 # PIL.Image.MAX_IMAGE_PIXELS's default (1 GiB / 4 / 3): Pillow warns above it, raises above twice it.
 PILLOW_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
-# The text (XMP, comments) a PNG may hold, all its chunks together, decompressed (limit_pillow_for_serving).
+# The text (XMP, comments) a PNG may hold, all its chunks together, decompressed (limit_pillow_for_serving). One chunk
+# may still take up to Pillow's MAX_TEXT_CHUNK (1 MiB) while it decompresses: that limit also bounds an embedded ICC
+# profile (iCCP), and real ones reach it.
 PNG_TEXT_BYTES = 512 * 1024
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
 Reserve = Callable[[int], AbstractContextManager[object]]
@@ -74,13 +76,13 @@ def limit_pillow_for_serving() -> None:
 
     A PNG's text chunks are decompressed into image.info while its header is read, before the decode budget is
     reserved (runtime.decode_memory counts pixels): Pillow lets an image hold 64 MiB of them, which a 66 KB file fills.
-    The service reads only an XMP orientation from them: PNG_TEXT_BYTES in all, beyond it a 400 corrupt_image.
+    The service reads only an XMP orientation from them: PNG_TEXT_BYTES in all, beyond it a 400 corrupt_image. A single
+    chunk keeps Pillow's own limit (MAX_TEXT_CHUNK, 1 MiB), which is also an ICC profile's (a 700 KiB one is valid).
 
     Pillow's decompression-bomb warning (more than PILLOW_MAX_PIXELS) is an error: its check also runs where Pillow
     allocates while reading a header, before max_pixels can be checked (a 37-byte GIF whose first frame covers
     12000x12000 has its area filled: 140 MB), and a warning lets it go on. Set once: a catch_warnings around each
     decode swapped the process's filters under the other decode threads."""
-    PngImagePlugin.MAX_TEXT_CHUNK = PNG_TEXT_BYTES
     PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 

@@ -311,6 +311,16 @@ def test_a_png_may_hold_half_a_mib_of_text_in_the_service(service_url):
     assert post(png_with_text(4, 120_000)).status_code == 200
 
 
+def test_a_png_with_a_large_icc_profile_decodes_in_the_service(service_url):
+    """Pillow decompresses an iCCP chunk with MAX_TEXT_CHUNK as its limit: the service's text cap lowered it to 512 KiB
+    as well, so a valid PNG with a 700 KiB profile (a LUT-heavy one) was 400 corrupt_image."""
+    profile = np.random.default_rng(0).integers(0, 256, 700 * 1024, dtype=np.uint8).tobytes()
+    data = encoded(Image.new("RGB", (64, 48), (10, 120, 200)), "PNG", icc_profile=profile)
+    assert Image.open(io.BytesIO(data)).info["icc_profile"] == profile
+    response = httpx.post(f"{service_url}/classify", content=data, headers={"content-type": "image/png"}, timeout=30)
+    assert response.status_code == 200, response.text
+
+
 def test_the_estimate_reads_the_header_only():
     """opened_image decodes no pixel: the estimate of a 40-MP PNG is known while the process holds a few MB."""
     data = png_of("RGBA", (8000, 5000))
