@@ -197,7 +197,8 @@ def watching(client_gone: ClientGone | None) -> Iterator[asyncio.Future[Any] | N
 
 async def until_gone(work: Awaitable[T], gone: asyncio.Future[Any] | None, doing: str) -> T:
     """`work`'s result; if the client leaves first, `work` is cancelled (its decodes stop waiting for memory or a
-    slot: preprocess_images; a conversion still queued is dropped) and 499 raised, saying it left while `doing`."""
+    slot: preprocess_images; a conversion waiting for its slot is never started) and 499 raised, saying it left while
+    `doing`."""
     if gone is None:
         return await work
     task = asyncio.ensure_future(work)
@@ -230,9 +231,33 @@ async def converted(state: ServiceState, convert: Callable[..., T], *args: Any, 
     image (503 at once otherwise), within the request's deadline (504) and while its client waits (499); a conversion
     already running when either ends finishes in its thread, unused."""
     refuse_when_full(state)
-    conversion = asyncio.get_running_loop().run_in_executor(state.conversion_pool, convert, *args)
     with watching(client_gone) as gone:
-        return await within_deadline(state, conversion, gone, deadline, "its request was being converted")
+        return await within_deadline(state, converted_in_a_slot(state, convert, *args), gone, deadline,
+                                     "its request was being converted")
+
+
+async def converted_in_a_slot(state: ServiceState, convert: Callable[..., T], *args: Any) -> T:
+    """`convert(*args)` in the conversion pool, handed to it once a conversion slot is held, so it never waits in the
+    pool's queue (a job cancelled there stayed queued with its arguments, the request's body, until a thread took
+    it); the slot is given back when the job ends in its thread (or is cancelled before it starts), not when this
+    wait is cancelled: a conversion that runs on keeps its place."""
+    await state.conversion_slots.acquire()
+    loop = asyncio.get_running_loop()
+    try:
+        job = state.conversion_pool.submit(convert, *args)
+    except BaseException:  # the pool shut down: the slot was never used
+        state.conversion_slots.release()
+        raise
+    job.add_done_callback(lambda _: give_back_from_thread(loop, state.conversion_slots))
+    return await asyncio.wrap_future(job)
+
+
+def give_back_from_thread(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore) -> None:
+    """Release `slots` on its loop from any thread; once the loop is closed nobody waits for it."""
+    try:
+        loop.call_soon_threadsafe(slots.release)
+    except RuntimeError:  # the event loop is closed (the service stopped while the job ran)
+        pass
 
 
 def request_deadline(state: ServiceState) -> float:

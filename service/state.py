@@ -34,9 +34,13 @@ class ServiceState:
         self.decode_budget = DecodeBudget(settings.decode_memory_mb * MIB)
         metrics.decode_memory.set_function(lambda: self.decode_budget.reserved_bytes)
         # Large v2 requests are parsed and converted here (service/v2.py, grpc_server.py): each builds a Python object
-        # per number (several times its JSON in memory) and holds the GIL much of its run, so a flood of them queues
-        # for these threads instead of all parsing at once. A pool, not a semaphore: a cancelled gRPC call's thread
-        # goes on converting, and still holds its place here until it ends (a queued one is dropped).
+        # per number (several times its JSON in memory) and holds the GIL much of its run, so a flood of them waits
+        # for these threads instead of all parsing at once. A request waits for a slot on the event loop and is
+        # handed to the pool only holding one (service.pipeline.converted), so nothing waits in the pool's queue,
+        # where a job kept its request's body after the request was answered; the slot is given back when the
+        # thread ends, not when the request does: a cancelled gRPC call's thread goes on converting, and still holds
+        # its place until it ends.
+        self.conversion_slots = asyncio.Semaphore(CONVERSIONS_AT_ONCE)
         self.conversion_pool = ThreadPoolExecutor(CONVERSIONS_AT_ONCE, thread_name_prefix="v2-convert")
         # /models' reads of the repository: bounded, a few at once (service/repository_reader.py).
         self.repository_reader = RepositoryReader(max_reads=LISTINGS_AT_ONCE)

@@ -7,9 +7,11 @@ whether it ran with a running event loop; the answers (logits, refusals: status,
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -19,9 +21,13 @@ import numpy as np
 import pytest
 
 from service import grpc_server, v2, v2_core
+from service.body_budget import BodyBudget
 from service.errors import ApiError
 from service.grpc_proto import open_inference_pb2 as pb
-from service.state import CONVERSIONS_AT_ONCE
+from service.metrics import ServiceMetrics
+from service.pipeline import converted
+from service.settings import Settings
+from service.state import CONVERSIONS_AT_ONCE, ServiceState
 from tests.service.conftest import free_port
 from tests.service.test_faults import Hold
 from tests.service.test_grpc import grpc_address, raw_call
@@ -312,6 +318,62 @@ def test_a_client_gone_while_waiting_for_a_conversion_thread_is_never_converted(
     wait_until(lambda: conversions[0] == 0, "the conversions to end")
     assert [a.status_code for a in answers] == [200] * CONVERSIONS_AT_ONCE
     assert conversions[2] == CONVERSIONS_AT_ONCE  # the request of the client gone was never converted
+
+
+class Body(bytearray):
+    """A request's JSON part, weakly referenceable: alive while anything holds it."""
+
+
+@pytest.mark.parametrize("ends", ["client gone", "deadline"])
+def test_a_request_answered_while_waiting_for_a_conversion_thread_leaves_no_body_behind(ends):
+    """A request answered (499 / 504) while both conversion threads are busy held nothing afterwards: its job waited
+    in the pool's queue, cancelled but still holding its arguments (the body, up to max_body_bytes, already given
+    back to the body budget) until a thread took it. It now waits for a slot on the event loop; the running
+    conversions keep theirs."""
+    started, release = threading.Semaphore(0), threading.Event()
+
+    def hold() -> bool:
+        started.release()
+        return release.wait(60)
+
+    async def scenario() -> tuple[tuple[int, str], bool, list[bool]]:
+        state = ServiceState(Settings(), ServiceMetrics(), BodyBudget(256 * 1024 * 1024))
+        far = time.monotonic() + 60
+        try:
+            busy = [asyncio.ensure_future(converted(state, hold, client_gone=None, deadline=far))
+                    for _ in range(CONVERSIONS_AT_ONCE)]
+            for _ in busy:
+                await asyncio.to_thread(started.acquire)
+            gone, body = asyncio.Event(), Body(8 * 1024 * 1024)
+            alive = weakref.ref(body)
+            waiting = asyncio.ensure_future(converted(
+                state, len, body, client_gone=gone.wait, deadline=far if ends == "client gone" else time.monotonic()))
+            del body
+            for _ in range(10):  # a few loop steps take it to its wait for a slot
+                if state.conversion_slots._waiters:
+                    break
+                await asyncio.sleep(0)
+            gone.set()
+            try:
+                await waiting
+            except ApiError as err:  # its traceback (and the frames holding the body) is dropped with it
+                answer = err.status, err.code
+            del waiting
+            for _ in range(3):  # the cancelled wait for a slot ends in the loop's next steps
+                await asyncio.sleep(0)
+            gc.collect()
+            held = alive() is not None  # while both threads still convert
+            release.set()
+            return answer, held, await asyncio.gather(*busy)
+        finally:
+            release.set()
+            state.conversion_pool.shutdown(wait=True)
+            state.preprocess_pool.shutdown(wait=True)
+
+    answer, held, results = asyncio.run(scenario())
+    assert answer == ((499, "client_disconnected") if ends == "client gone" else (504, "deadline"))
+    assert not held, "the answered request's body was still held by the conversion pool"
+    assert results == [True] * CONVERSIONS_AT_ONCE
 
 
 def test_at_capacity_a_large_json_request_is_refused_before_it_is_parsed(model_repository, launch, calls):
