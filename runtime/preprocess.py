@@ -32,6 +32,7 @@ from runtime.decode_memory import (
     composited_on_white,
     decode_peak_bytes,
     first_tiff_value,
+    match_colour_key_to_pixels,
     resized_size,
 )
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
@@ -157,6 +158,7 @@ def opened_image(data: bytes, max_pixels: int, min_short_side_px: int | None) ->
         if image.format in ("JPEG", "MPO"):
             _check_scan_count(data)
         image.seek(0)  # GIF / multi-page TIFF: the first frame
+        match_colour_key_to_pixels(image)
         dct_scale = 1 if min_short_side_px is None else reduce_jpeg_decode(image, min_short_side_px)
     return OpenedImage(image, (width, height), dct_scale)
 

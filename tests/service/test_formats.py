@@ -4,13 +4,15 @@ from __future__ import annotations
 import io
 import struct
 import tracemalloc
+import zlib
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.preprocess import ImageError, decode_image, image_errors, preprocess, scaled_to_8_bits
+from runtime.decode_memory import composited_on_white
+from runtime.preprocess import ImageError, decode_image, image_errors, opened_image, preprocess, scaled_to_8_bits
 from runtime.repository import Preprocess
 
 
@@ -103,6 +105,41 @@ def test_a_transparent_colour_is_composited_on_white_as_alpha_is():
         opened = Image.open(io.BytesIO(data))
         assert opened.mode in ("RGB", "L", "I;16") and "transparency" in opened.info, name
         np.testing.assert_array_equal(np.asarray(decode_image(data, 10**7)), reference, err_msg=name)
+
+
+def png_with_key(size: tuple[int, int], depth: int, colour: int, rows: list[bytes], key: bytes) -> bytes:
+    """A PNG written chunk by chunk (PIL saves no 16-bit RGB) with a tRNS colour key: colour 0 grey, 2 RGB."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", *size, depth, colour, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\x00" + row for row in rows))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", key) + chunk(b"IDAT", pixels)
+            + chunk(b"IEND", b""))
+
+
+def test_a_transparent_colour_is_matched_at_the_depth_pillow_reads_the_pixels():
+    """Pillow scales 2- and 4-bit grey pixels to 8 bits (x85, x17) but keeps their tRNS key raw: the key's pixels were
+    served as their grey, and others whitened. It cuts 16-bit RGB pixels to their high bytes and compared the key's
+    low byte: a 16-bit RGB PNG is served opaque, as training's convert("RGB") reads it (its shadows were whitened).
+    The decode estimate counts the composite exactly where to_rgb makes one."""
+    grey = {4: [0, 5, 15, 5, 9, 0], 2: [0, 1, 3, 1, 2, 0]}  # raw samples; the key is 5 (4-bit) or 1 (2-bit)
+    for bits, samples in grey.items():
+        key, scale = samples[1], 255 // (2**bits - 1)
+        row = np.packbits(np.unpackbits(np.asarray(samples, np.uint8)[:, None], axis=1)[:, 8 - bits:]).tobytes()
+        data = png_with_key((len(samples), 1), bits, 0, [row], struct.pack(">H", key))
+        expected = [255 if v == key else v * scale for v in samples]
+        assert np.asarray(decode_image(data, 10**7))[0, :, 0].tolist() == expected, bits
+        assert composited_on_white(opened_image(data, 10**7, None).image), bits
+    # 16-bit RGB, key black: a shadow (high bytes 0) and the key itself stay dark; 0x0140 matched 0x40xx pixels.
+    for key, pixels in (((0, 0, 0), [(0, 0, 0), (200, 100, 50), (32768,) * 3]),
+                        ((0x0140,) * 3, [(0x0140,) * 3, (0x4040,) * 3, (0x4041, 0x4000, 0x40FF)])):
+        row = b"".join(struct.pack(">HHH", *pixel) for pixel in pixels)
+        data = png_with_key((3, 1), 16, 2, [row], struct.pack(">HHH", *key))
+        assert Image.open(io.BytesIO(data)).info["transparency"] == key
+        training = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(decode_image(data, 10**7)), training)
+        assert not composited_on_white(opened_image(data, 10**7, None).image)
 
 
 def test_16_and_32_bit_pictures_scale_like_the_float_formula_in_bounded_memory():
