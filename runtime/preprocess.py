@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import io
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -35,6 +34,7 @@ from runtime.decode_memory import (
     match_colour_key_to_pixels,
     resized_size,
 )
+from runtime.gif_frames import GIF_SIGNATURES, gif_first_frame_size
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
 from runtime.orientation import exif_orientation, turned_upright
 from runtime.repository import Preprocess
@@ -49,7 +49,7 @@ HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # s
 TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 339, 2
 # PIL.Image.MAX_IMAGE_PIXELS's default (1 GiB / 4 / 3): Pillow warns above it, raises above twice it.
 PILLOW_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
-# The text (XMP, comments) a PNG may hold, all its chunks together, decompressed (limit_pillow_for_serving). One chunk
+# The text (XMP, comments) a PNG may hold, all its chunks together, decompressed (png_text_limited). One chunk
 # may still take up to Pillow's MAX_TEXT_CHUNK (1 MiB) while it decompresses: that limit also bounds an embedded ICC
 # profile (iCCP), and real ones reach it.
 PNG_TEXT_BYTES = 512 * 1024
@@ -71,21 +71,22 @@ class ImageError(ValueError):
         self.message = message
 
 
-def limit_pillow_for_serving() -> None:
-    """Pillow's process-wide decoding limits, set to the service's policy when the service starts (service.state), not
-    on import: training and export may share this interpreter, and keep Pillow's own.
+@contextmanager
+def png_text_limited() -> Iterator[None]:
+    """Pillow's limit on a PNG's text lowered to the service's policy while the service runs (its lifespan), and
+    Pillow's own again after: it is a module global, and training and export may share this interpreter (the tests
+    do) and keep Pillow's.
 
     A PNG's text chunks are decompressed into image.info while its header is read, before the decode budget is
     reserved (runtime.decode_memory counts pixels): Pillow lets an image hold 64 MiB of them, which a 66 KB file fills.
     The service reads only an XMP orientation from them: PNG_TEXT_BYTES in all, beyond it a 400 corrupt_image. A single
-    chunk keeps Pillow's own limit (MAX_TEXT_CHUNK, 1 MiB), which is also an ICC profile's (a 700 KiB one is valid).
-
-    Pillow's decompression-bomb warning (more than PILLOW_MAX_PIXELS) is an error: its check also runs where Pillow
-    allocates while reading a header, before max_pixels can be checked (a 37-byte GIF whose first frame covers
-    12000x12000 has its area filled: 140 MB), and a warning lets it go on. Set once: a catch_warnings around each
-    decode swapped the process's filters under the other decode threads."""
+    chunk keeps Pillow's own limit (MAX_TEXT_CHUNK, 1 MiB), which is also an ICC profile's (a 700 KiB one is valid)."""
+    before = PngImagePlugin.MAX_TEXT_MEMORY
     PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
-    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+    try:
+        yield
+    finally:
+        PngImagePlugin.MAX_TEXT_MEMORY = before
 
 
 def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = None) -> Image.Image:
@@ -146,21 +147,30 @@ def opened_image(data: bytes, max_pixels: int, min_short_side_px: int | None) ->
     declares: a large JPEG in fast mode (min_short_side_px) decodes at reduced size, image.size then smaller."""
     if not data:
         raise ImageError("empty_body", "the image is empty (0 bytes)")
+    if data[:6] in GIF_SIGNATURES:  # Pillow would fill its first frame while opening it, whatever its size
+        check_pixels(gif_first_frame_size(data), max_pixels)
     with image_errors():
         # formats: only these plugins look at the bytes (not every format Pillow can parse a header of).
         image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
         if image.format not in ALLOWED_FORMATS:
             raise ImageError("unsupported_format", f"image format {image.format} is not accepted")
         width, height = image.size
-        if width * height > max_pixels:
-            raise ImageError("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
-                             f"over the limit of {max_pixels}")
+        check_pixels(image.size, max_pixels)
         if image.format in ("JPEG", "MPO"):
             _check_scan_count(data)
         image.seek(0)  # GIF / multi-page TIFF: the first frame
         match_colour_key_to_pixels(image)
         dct_scale = 1 if min_short_side_px is None else reduce_jpeg_decode(image, min_short_side_px)
     return OpenedImage(image, (width, height), dct_scale)
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """413 too_many_pixels for a picture of more than max_pixels (never more than Pillow's own limit, so the service
+    refuses, with its own answer, whatever Pillow would only warn about: no process-wide warning filter is needed)."""
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageError("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
+                         f"over the limit of {max_pixels}")
 
 
 def _check_scan_count(data: bytes) -> None:

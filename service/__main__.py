@@ -8,10 +8,12 @@ import argparse
 import json
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from types import UnionType
 from typing import Literal, Union, get_args, get_origin
 
+from PIL import Image
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
@@ -164,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RepositoryError, RuntimeError) as err:
         print(f"{prog_name(PROG)}: error: {one_line(err)}", file=sys.stderr)
         return 1
+    # The service refuses a picture over max_pixels itself (at most Pillow's limit: runtime.preprocess.check_pixels),
+    # after Image.open, which warns first for one over Pillow's limit: as a warning, a line in the log and an entry in
+    # PIL.Image's warning registry for each size a client sends. This process decodes for the service only.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     server = Server(uvicorn_config(create_app(settings), settings))
     try:
         server.run()

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from convnext_common import one_line, prog_name, project_version
 from runtime.engines.base import Engine
 from runtime.engines.factory import EngineOptions, check_engine_options, open_engine
+from runtime.preprocess import png_text_limited
 from runtime.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
 from service import PROG
 from service.admin import router as admin_router
@@ -93,29 +94,30 @@ def service_lifespan(settings: Settings, metrics: ServiceMetrics, body_budget: B
     shutdown, drain both protocols and the batcher, then stop the decode pools."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = ServiceState(settings, metrics, body_budget)
-        app.state.service = state
-        state.models = ModelManager(settings, metrics, engine_factory)
-        grpc_service: GrpcService | None = None
-        try:
-            await state.models.start()
-            if settings.grpc_port:
-                grpc_service = app.state.grpc = await start_grpc_server(state)
-        except STARTUP_ERRORS as err:
-            app.state.startup_error = one_line(err)
-            await state.models.stop(0)  # whatever the failed start had built
-            state.preprocess_pool.shutdown(wait=False)
-            state.conversion_pool.shutdown(wait=False)
-            raise
-        try:
-            yield
-        finally:
-            if grpc_service is not None:  # its stop began with the HTTP server's (begin_drain); its calls finish
-                await grpc_service.begin_stop()
-                app.state.grpc = None
-            await state.models.stop(settings.request_timeout_ms / 1000)
-            state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
-            state.conversion_pool.shutdown(wait=False, cancel_futures=True)
+        with png_text_limited():  # Pillow's limit for this service's life, its own again after
+            state = ServiceState(settings, metrics, body_budget)
+            app.state.service = state
+            state.models = ModelManager(settings, metrics, engine_factory)
+            grpc_service: GrpcService | None = None
+            try:
+                await state.models.start()
+                if settings.grpc_port:
+                    grpc_service = app.state.grpc = await start_grpc_server(state)
+            except STARTUP_ERRORS as err:
+                app.state.startup_error = one_line(err)
+                await state.models.stop(0)  # whatever the failed start had built
+                state.preprocess_pool.shutdown(wait=False)
+                state.conversion_pool.shutdown(wait=False)
+                raise
+            try:
+                yield
+            finally:
+                if grpc_service is not None:  # its stop began with the HTTP server's (begin_drain); its calls finish
+                    await grpc_service.begin_stop()
+                    app.state.grpc = None
+                await state.models.stop(settings.request_timeout_ms / 1000)
+                state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+                state.conversion_pool.shutdown(wait=False, cancel_futures=True)
 
     return lifespan
 

@@ -6,7 +6,6 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from runtime.engines.base import Engine
-from runtime.preprocess import limit_pillow_for_serving
 from runtime.repository import ModelVersion
 from service.admission import Admission, admission_capacity
 from service.batcher import Batcher
@@ -26,7 +25,6 @@ class ServiceState:
     def __init__(self, settings: Settings, metrics: ServiceMetrics, body_budget: BodyBudget):
         self.settings, self.metrics, self.body_budget = settings, metrics, body_budget
         self.models: ModelManager | None = None  # the served version, its engine and the batcher
-        limit_pillow_for_serving()  # before the pool's first decode
         self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
         # Bounds images being decoded at once, so a flood waits here instead of piling up in the pool.
         self.preprocess_slots = asyncio.Semaphore(settings.preprocess_workers * 2)

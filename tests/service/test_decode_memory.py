@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
 from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, decoder_bytes, resized_size
-from runtime.preprocess import ImageError, eval_transform, opened_image, preprocess, to_rgb
+from runtime.preprocess import PNG_TEXT_BYTES, ImageError, eval_transform, opened_image, preprocess, to_rgb
 from runtime.repository import Preprocess
 from service.decode_budget import MIB, DecodeAbandoned, DecodeBudget, DecodeWaitTimeout
 from service.settings import Settings
@@ -254,6 +254,16 @@ def test_the_budget_must_hold_the_largest_allowed_picture():
 
 def png_of(mode: str, size: tuple[int, int]) -> bytes:
     return encoded(Image.new(mode, size, 200 if mode in ("L", "I;16") else (200, 100, 50, 128)), "PNG")
+
+
+def test_the_png_text_limit_lasts_as_long_as_the_service(launch, model_repository):
+    """Pillow's limit on a PNG's text is a module global: the service lowers it while it runs, and gives Pillow's own
+    back when it stops (it stayed lowered for the rest of the process, training's and export's tests included)."""
+    pillows_own = 64 * ImageFile.SAFEBLOCK
+    assert PngImagePlugin.MAX_TEXT_MEMORY == pillows_own  # no service runs in this process before this test
+    with launch(model_repository):
+        assert PngImagePlugin.MAX_TEXT_MEMORY == PNG_TEXT_BYTES
+    assert PngImagePlugin.MAX_TEXT_MEMORY == pillows_own
 
 
 def test_the_service_bounds_decode_memory(launch, model_repository):

@@ -1,0 +1,60 @@
+"""The size Pillow gives a GIF once it has read its first frame's image descriptor, found before Image.open.
+
+Pillow grows a GIF to cover a first frame that reaches beyond its logical screen, and with a disposal method fills
+the frame's area, while it opens the file (GifImagePlugin._seek(0)): before its size can be checked against
+max_pixels (a 37-byte GIF whose frame covers 12000 x 12000 had 140 MB filled). Pillow's own check there only warns
+below twice its limit. The walk follows _seek(0) block by block (its quirks included: after an extension other than a
+comment it reads sub-blocks up to an empty one, even when the first was empty; a NETSCAPE2.0 block's next one is
+read inside), so it finds the descriptor Pillow finds.
+"""
+from __future__ import annotations
+
+import struct
+
+GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
+SCREEN_BYTES = 13  # signature, logical screen width and height, flags, background, aspect
+EXTENSION, IMAGE, TRAILER = 0x21, 0x2C, 0x3B
+COMMENT, APPLICATION = 0xFE, 0xFF
+
+
+def gif_first_frame_size(data: bytes) -> tuple[int, int]:
+    """The GIF's size once Pillow has read its first frame's descriptor: the logical screen, grown to cover the
+    frame; the screen's where no descriptor is found (Pillow then fails to open it)."""
+    if len(data) < SCREEN_BYTES:
+        return 0, 0
+    width, height = struct.unpack_from("<HH", data, 6)
+    flags = data[10]
+    pos = SCREEN_BYTES + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # past the global colour table
+    while pos < len(data) and data[pos] != TRAILER:
+        kind, pos = data[pos], pos + 1
+        if kind == IMAGE:
+            if pos + 9 > len(data):
+                break
+            left, top, frame_width, frame_height = struct.unpack_from("<HHHH", data, pos)
+            return max(left + frame_width, width), max(top + frame_height, height)
+        if kind == EXTENSION:
+            pos = past_extension(data, pos)
+    return width, height
+
+
+def past_extension(data: bytes, pos: int) -> int:
+    """Where Pillow's reading of the extension whose label is at pos ends."""
+    label = data[pos] if pos < len(data) else None
+    block, pos = sub_block(data, pos + 1)
+    if label == COMMENT:  # read up to an empty sub-block, the first included
+        while block:
+            block, pos = sub_block(data, pos)
+        return pos
+    if label == APPLICATION and block is not None and block.startswith(b"NETSCAPE2.0"):
+        block, pos = sub_block(data, pos)
+    while True:  # then on to an empty sub-block, whatever it has read
+        block, pos = sub_block(data, pos)
+        if not block:
+            return pos
+
+
+def sub_block(data: bytes, pos: int) -> tuple[bytes | None, int]:
+    """Pillow's GifImageFile.data(): the sub-block at pos (None for a length of 0 or the end), and where it ends."""
+    if pos < len(data) and data[pos]:
+        return data[pos + 1:pos + 1 + data[pos]], pos + 1 + data[pos]
+    return None, pos + 1
