@@ -3,10 +3,11 @@ warmed up, smoke-run) in its own thread, the refusals and errors a reload or a r
 take, and closing an engine whatever state its build left it in."""
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 logger = logging.getLogger("convnext.service")
+T = TypeVar("T")
 EngineFactory = Callable[[ModelVersion, "Settings"], Engine]
 
 
@@ -44,6 +46,20 @@ def rebuild_timeout_s(settings: Settings) -> float:
     and the smoke run), as a served batch gets."""
     engine_calls = 2 * settings.warmup_runs + 1
     return open_bound_s(settings.engine, settings.provider) + engine_calls * settings.engine_timeout_ms / 1000
+
+
+async def bounded_build(build: Awaitable[T], limit_s: float, what: str) -> T:
+    """A build (a reload's, a rebuild's) within limit_s: past it the build is abandoned (its engine is closed if its
+    load ever returns) and BuildTimeoutError raised, so the reload is refused or the rebuild attempt fails, and the
+    lock they hold is free again."""
+    try:
+        async with asyncio.timeout(limit_s) as bound:
+            return await build
+    except TimeoutError:
+        if not bound.expired():
+            raise  # the build's own
+        raise BuildTimeoutError(f"{what} did not finish within {limit_s:g} s (a wedged device?); it is "
+                                "abandoned") from None
 
 
 def close_engine(engine: Engine, what: str) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Coroutine
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
 
@@ -17,6 +16,7 @@ from service.engine_builds import (
     BuildTimeoutError,
     EngineFactory,
     ReloadRefused,
+    bounded_build,
     close_engine,
     close_prepared,
     prepared_engine,
@@ -187,7 +187,7 @@ class ModelManager:
                 raise self._refuse(name, target, attempted, err) from None
             try:
                 self._check_compatible(model)
-                served = await self._bounded(self._build(model), "the reload")
+                served = await bounded_build(self._build(model), self.rebuild_limit_s, "the reload")
             except RepositoryStuck as err:  # the build's re-read of the manifest: the volume again, not the version
                 raise self._unavailable(err) from None
             except Exception as err:  # other inputs or classes, an engine that fails to load or run, or hangs
@@ -369,21 +369,7 @@ class ModelManager:
             return await self._build(await self.reader.read(load_to_serve, self.repository, name, version,
                                                             timeout_s=self.rebuild_limit_s))
 
-        return await self._bounded(rebuilt(), "the rebuild")
-
-    async def _bounded(self, build: Coroutine[Any, Any, ServedModel], what: str) -> ServedModel:
-        """A build (a reload's, a rebuild's) within rebuild_limit_s: past it the build is abandoned (_build closes its
-        engine if its load ever returns) and TimeoutError raised, so the reload is refused or the rebuild attempt
-        fails, and the lock they hold is free again."""
-        limit_s = self.rebuild_limit_s
-        try:
-            async with asyncio.timeout(limit_s) as bound:
-                return await build
-        except TimeoutError:
-            if not bound.expired():
-                raise  # the build's own
-            raise BuildTimeoutError(f"{what} did not finish within {limit_s:g} s (a wedged device?); it is "
-                                    "abandoned") from None
+        return await bounded_build(rebuilt(), self.rebuild_limit_s, "the rebuild")
 
     async def _watch_repository(self) -> None:
         """Poll the repository for a newer version of the served model (unless `version` pins one), or the served
