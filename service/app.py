@@ -22,9 +22,10 @@ from service.engine_builds import EngineFactory
 from service.errors import ApiError, error_response, speaks_v2
 from service.grpc_server import GrpcService, start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.model_manager import ModelManager, load_model_version
+from service.model_manager import ModelManager
 from service.openapi import APP_RESPONSES, install_openapi
 from service.pages import pages_router
+from service.repository_reader import load_model_version
 from service.routes import router
 from service.security import NOSNIFF_HEADERS, install_edge
 from service.settings import Settings

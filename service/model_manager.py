@@ -23,7 +23,7 @@ from service.engine_builds import (
     rebuild_timeout_s,
 )
 from service.metrics import ServiceMetrics
-from service.repository_reader import RepositoryReader, RepositoryStuck, is_transient
+from service.repository_reader import RepositoryReader, RepositoryStuck, is_transient, load_model_version, load_to_serve
 from service.repository_watch import RefusedManifests, changed_version, created_at
 
 if TYPE_CHECKING:
@@ -31,21 +31,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("convnext.service")
 RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
-
-
-def load_to_serve(repository: ModelRepository, name: str, version: int | None) -> ModelVersion:
-    """A version as the service loads it (start, reload, rebuild): manifest and ONNX files verified; TensorRT engines
-    are left to find-or-build, which rebuilds the one served when broken (another GPU's is never read)."""
-    return repository.load(name, version, verify_engines=False)
-
-
-def load_model_version(repository: ModelRepository, name: str | None, version: int | None) -> ModelVersion:
-    """The version to serve at start: `name` (default: the first model) at `version` (default: the latest)."""
-    models = repository.models()
-    if not models:
-        raise RuntimeError(f"the model repository {str(repository.root)!r} has no models; export one with "
-                           "`convnext export onnx ...` or run `make demo-model`")
-    return load_to_serve(repository, name or models[0], version)
 
 
 class ModelManager:

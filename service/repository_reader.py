@@ -1,6 +1,7 @@
 """Reads of the model repository off the event loop (a reload's listing, manifest and hashing, a rebuild's re-read,
 /models), each bounded, at most `max_reads` at once: a volume that stops answering costs that many stuck threads,
-not one per request or retry, and every caller gets an answer (RepositoryStuck) instead of waiting."""
+not one per request or retry, and every caller gets an answer (RepositoryStuck) instead of waiting. Also the read of a
+version to serve (load_to_serve) and of the one to start with (load_model_version)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +11,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
+
+from runtime.repository import ModelRepository, ModelVersion
 
 T = TypeVar("T")
 READ_TIMEOUT_S = 30.0  # a listing or a manifest: small files; hashing a version's files gets the caller's bound
@@ -67,3 +70,18 @@ class RepositoryReader:
             reading.set_result(read(*args))
         except BaseException as err:  # handed to the awaiting caller, as to_thread would
             reading.set_exception(err)
+
+
+def load_to_serve(repository: ModelRepository, name: str, version: int | None) -> ModelVersion:
+    """A version as the service loads it (start, reload, rebuild): manifest and ONNX files verified; TensorRT engines
+    are left to find-or-build, which rebuilds the one served when broken (another GPU's is never read)."""
+    return repository.load(name, version, verify_engines=False)
+
+
+def load_model_version(repository: ModelRepository, name: str | None, version: int | None) -> ModelVersion:
+    """The version to serve at start: `name` (default: the first model) at `version` (default: the latest)."""
+    models = repository.models()
+    if not models:
+        raise RuntimeError(f"the model repository {str(repository.root)!r} has no models; export one with "
+                           "`convnext export onnx ...` or run `make demo-model`")
+    return load_to_serve(repository, name or models[0], version)

@@ -15,7 +15,7 @@ import pytest
 from runtime.repository import ModelRepository, RepositoryError
 from runtime.tensorrt import BatchProfile, find_or_build_engine
 from service.app import check_servable
-from service.model_manager import load_model_version
+from service.repository_reader import load_model_version
 from service.settings import Settings
 from tests.export.engine_build_worker import TARGET, StandInBuild
 from tests.service.conftest import classify_top1
