@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("convnext.service")
 RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+BUILD_ATTEMPTS = 3  # builds of a version, each overtaken by an export of it anew, before giving up
 
 
 class ModelManager:
@@ -172,7 +174,8 @@ class ModelManager:
                 raise self._refuse(name, target, attempted, err) from None
             try:
                 self._check_compatible(model)
-                served = await bounded_build(self._build(model), self.rebuild_limit_s, "the reload")
+                served = await bounded_build(self._build(model, self._check_compatible), self.rebuild_limit_s,
+                                             "the reload")
             except RepositoryStuck as err:  # the build's re-read of the manifest: the volume again, not the version
                 raise self._unavailable(err) from None
             except Exception as err:  # other inputs or classes, an engine that fails to load or run, or hangs
@@ -216,13 +219,33 @@ class ModelManager:
                                 f"({new.num_classes} vs {old.num_classes} classes, or other labels); restart the "
                                 "service to change them")
 
-    async def _build(self, model: ModelVersion) -> ServedModel:
+    async def _build(self, model: ModelVersion,
+                     check: Callable[[ModelVersion], None] | None = None) -> ServedModel:
+        """An engine for `model` (_build_engine), built again from the version as the repository now has it when that
+        was exported anew meanwhile (`export --overwrite`; adding an engine keeps created_at): the engine opens its
+        files by path after they were verified, so its weights may be either export's. `check` vets each version
+        re-read so (a reload's compatibility check); past BUILD_ATTEMPTS builds, each overtaken, RuntimeError."""
+        name, number = model.manifest.name, model.manifest.version
+        for _ in range(BUILD_ATTEMPTS):
+            served = await self._build_engine(model)
+            if served.model is not None and served.model.manifest.created_at == model.manifest.created_at:
+                return served
+            logger.warning("%s/%s was exported anew while its engine was built; building it again from that export",
+                           name, number)
+            await self._close(served)
+            model = await self.reader.read(load_to_serve, self.repository, name, number,
+                                           timeout_s=self.rebuild_limit_s)
+            if check is not None:
+                check(model)
+        raise RuntimeError(f"{name}/{number} was exported anew during each of {BUILD_ATTEMPTS} engine builds in a row "
+                           "(export --overwrite); no engine is served whose weights may not be its manifest's: retry "
+                           "once the exports are done")
+
+    async def _build_engine(self, model: ModelVersion) -> ServedModel:
         """Build, load, warm up and smoke-run an engine on a new thread of its own, off the event loop.
 
         The ServedModel holds the version as the repository has it after the build: building may add an artifact
-        (a TensorRT engine built on first start), which the next rebuild must find instead of building it again, unless
-        it was exported anew meanwhile (`export --overwrite`; adding an engine keeps created_at): the engine was built
-        from the manifest given, which the ServedModel then keeps, and the watcher or a reload sees the new export.
+        (a TensorRT engine built on first start), which the next rebuild must find instead of building it again.
         """
         manifest = model.manifest
         thread = EngineThread(f"engine-{manifest.name}-{manifest.version}")
@@ -231,8 +254,6 @@ class ModelManager:
             engine = await asyncio.wrap_future(prepared)
             thread.add_workers(engine.max_concurrent_batches - 1)  # one thread per batch it runs at once
             built = await self.reader.read(self.repository.load, manifest.name, manifest.version, False)
-            if built.manifest.created_at != manifest.created_at:  # not the export the engine was built from
-                built = model
         except BaseException:
             # Failed or cancelled (a rebuild past its bound): the engine is closed once its preparation returns, if it
             # made one, and the thread then ends; nothing waits for that (a wedged device's load may never return).

@@ -1,13 +1,15 @@
-"""What the repository watcher serves as versions are exported: a version exported anew (`export --overwrite`) while
-its engine was being built is served with the manifest that engine was built from, then reloaded; a pinned version
-(`version` set) is reloaded when exported again, never left for a newer one."""
+"""What the service serves as versions are exported: a version exported anew (`export --overwrite`) while its engine was
+being built has its engine built again from the new export (a few times at most); the repository watcher reloads a
+pinned version (`version` set) when it is exported again, never leaving it for a newer one."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import httpx
+import pytest
 
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.repository import ModelRepository, now_utc
@@ -22,20 +24,34 @@ def wait_for_a_later_second(created_at: datetime) -> None:
         time.sleep(0.05)
 
 
-def overwritten_during_first_warmup(root: Path, built_from: list):
-    """The real engine, recording the manifest each is built from; while the first one warms up (its ONNX file read
-    already), an operator exports version 2 again over itself, with version 1's weights."""
-    class OverwrittenWhileWarming(OnnxRuntimeEngine):
-        def warmup(self, runs: int) -> None:
-            super().warmup(runs)
-            wait_for_a_later_second(built_from[0].created_at)
-            publish_copy_of(root, 1, over=2)
+class OverwrittenWhileWarming(OnnxRuntimeEngine):
+    """The real engine; while it warms up (its ONNX file read already), `overwrite` runs."""
+
+    overwrite: Callable[[], None]
+
+    def warmup(self, runs: int) -> None:
+        super().warmup(runs)
+        self.overwrite()
+
+
+def overwritten_during_first_build(root: Path, before_opening: bool, built: list):
+    """The real engine factory, recording (manifest, engine) for each build; during the first, an operator exports
+    version 2 again over itself with version 1's weights: before the engine opens its ONNX file (it then runs the new
+    export's weights), or once it has (while it warms up: it runs the first export's)."""
+    def overwrite() -> None:
+        wait_for_a_later_second(built[0][0].created_at)
+        publish_copy_of(root, 1, over=2)
 
     def build(version, settings):
-        built_from.append(version.manifest)
+        first = not built
+        built.append((version.manifest, None))
+        if first and before_opening:
+            overwrite()
         engine = default_engine(version, settings)
-        if len(built_from) == 1:
+        if first and not before_opening:
             engine.__class__ = OverwrittenWhileWarming
+            engine.overwrite = overwrite
+        built[-1] = (version.manifest, engine)
         return engine
 
     return build
@@ -47,22 +63,41 @@ def reloads(url: str) -> float:
     return float(lines[0].split()[-1]) if lines else 0.0
 
 
-def test_a_version_exported_anew_while_its_engine_was_built_keeps_that_engines_manifest_until_reloaded(
-        own_repository, real_photos, launch):
-    """The engine was built from the first export: served beside the new manifest, its outputs would be given the new
-    export's classes (a 500 for every request, with another class count), and the watcher would see nothing new."""
-    built_from: list = []
-    with launch(own_repository, overwritten_during_first_warmup(own_repository, built_from),
-                watch_interval_s=0.1) as url:
+@pytest.mark.parametrize("before_opening", [True, False], ids=["before-the-engine-opens-its-file", "during-warm-up"])
+def test_a_version_exported_anew_while_its_engine_was_built_is_built_again_from_the_new_export(
+        own_repository, real_photos, launch, before_opening):
+    """Whether the engine read its file before or after the new export, it is closed and one is built from the new
+    export: the manifest served is always the one its engine was built from (kept beside the first engine, it was the
+    old one while the engine could run the new weights)."""
+    built: list = []
+    with launch(own_repository, overwritten_during_first_build(own_repository, before_opening, built)) as url:
         models = url.app.state.service.models
-        wait_for(lambda: reloads(url) == 1, "the watcher to reload the version exported anew")
         exported_anew = ModelRepository(own_repository).load(NAME, 2).manifest
-        assert len(built_from) == 2 and built_from[0].created_at != exported_anew.created_at
-        assert built_from[1].created_at == exported_anew.created_at  # the reload built from the new export
-        assert models.current.model.manifest == exported_anew
+        assert [manifest.created_at == exported_anew.created_at for manifest, _ in built] == [False, True]
+        assert models.current.model.manifest == exported_anew and models.current.engine is built[1][1]
+        assert built[0][1].session is None  # the first engine was closed
         response = httpx.post(f"{url}/classify", content=real_photos[0].read_bytes(),
                               headers={"content-type": "image/jpeg"}, timeout=60)
         assert response.status_code == 200 and response.json()["model"]["version"] == 2
+
+
+def test_a_version_exported_anew_during_every_build_is_refused_after_three_builds(own_repository, launch):
+    """A reload whose every build is overtaken by another export of the version ends (422) instead of building on."""
+    built: list = []
+
+    def build(version, settings):
+        built.append(version.manifest)
+        if version.manifest.version == 1:  # the reload's builds, not the start's (the latest: 2)
+            wait_for_a_later_second(version.manifest.created_at)
+            publish_copy_of(own_repository, 1, over=1)
+        return default_engine(version, settings)
+
+    with launch(own_repository, build) as url:
+        refused = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=60)
+        assert refused.status_code == 422, refused.text
+        assert "atto/1 was exported anew during each of 3 engine builds in a row" in refused.json()["error"]["message"]
+        assert [manifest.version for manifest in built] == [2, 1, 1, 1]
+        assert url.app.state.service.models.current.version == 2  # still serving what it served
 
 
 def test_a_pinned_version_is_reloaded_when_exported_again_and_never_left_for_a_newer_one(own_repository, real_photos,
