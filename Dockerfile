@@ -102,7 +102,7 @@ VOLUME ["/models"]
 EXPOSE 8000
 EXPOSE 8001
 # The start period is k8s's startup allowance (2600 s): the host check (at most 600 s), then the service's own bound on
-# opening its engine, a first TensorRT build included (1920 s); a success within it counts at once, so it costs nothing.
+# its first engine build (1970 s: opening, a TensorRT build included, and warm-up); a success within it counts at once.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=2600s --retries=3 CMD ["python", "/app/deploy/healthcheck.py"]
 ENTRYPOINT ["/usr/local/bin/tini", "--", "python", "/app/deploy/entrypoint.py"]
 CMD ["serve"]

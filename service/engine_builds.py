@@ -1,6 +1,6 @@
 """What building an engine for the served model can end with, and the bound on it: the engine prepared (made, loaded,
 warmed up, smoke-run) in its own thread, the refusals and errors a reload or a rebuild raises, how long a build may
-take, and closing an engine whatever state its build left it in."""
+take (the start's too) and the bound itself, and closing an engine whatever state its build left it in."""
 from __future__ import annotations
 
 import asyncio
@@ -36,22 +36,22 @@ class SmokeRunError(RuntimeError):
 
 
 class BuildTimeoutError(TimeoutError):
-    """A build (a reload's, a rebuild's) went past rebuild_limit_s and was abandoned; its message is the service's
-    own, so /readyz and /healthz may show it."""
+    """A build (the start's, a reload's, a rebuild's) went past rebuild_limit_s and was abandoned; its message is the
+    service's own, so /readyz and /healthz may show it."""
 
 
 def rebuild_timeout_s(settings: Settings) -> float:
-    """How long one rebuild of a broken engine may take before it counts as failed: opening the engine (open_bound_s:
-    with TensorRT, time for a build) and engine_timeout_ms per engine call (warmup_runs at batch 1 and at max batch,
-    and the smoke run), as a served batch gets."""
+    """How long one engine build (the start's, a reload's, a rebuild's) may take before it fails: opening the engine
+    (open_bound_s: with TensorRT, time for a build) and engine_timeout_ms per engine call (warmup_runs at batch 1 and
+    at max batch, and the smoke run), as a served batch gets."""
     engine_calls = 2 * settings.warmup_runs + 1
     return open_bound_s(settings.engine, settings.provider) + engine_calls * settings.engine_timeout_ms / 1000
 
 
 async def bounded_build(build: Awaitable[T], limit_s: float, what: str) -> T:
-    """A build (a reload's, a rebuild's) within limit_s: past it the build is abandoned (its engine is closed if its
-    load ever returns) and BuildTimeoutError raised, so the reload is refused or the rebuild attempt fails, and the
-    lock they hold is free again."""
+    """A build (the start's, a reload's, a rebuild's) within limit_s: past it the build is abandoned (its engine is
+    closed if its load ever returns) and BuildTimeoutError raised, so the start ends in one line, the reload is refused
+    or the rebuild attempt fails, and the lock they hold is free again."""
     try:
         async with asyncio.timeout(limit_s) as bound:
             return await build

@@ -53,7 +53,7 @@ class ModelManager:
         self._refused = RefusedManifests()  # the watcher retries none until it is exported anew
         self._failed_rebuilds = 0  # in a row, since the engine last broke
         self._last_rebuild_error: str | None = None
-        self.rebuild_limit_s = rebuild_timeout_s(settings)  # each rebuild attempt's bound
+        self.rebuild_limit_s = rebuild_timeout_s(settings)  # each build's bound: the start's, a reload's, a rebuild's
         self.reader = RepositoryReader()  # a reload's and a rebuild's reads of the repository, each bounded
         self._watch_reader = RepositoryReader()  # the watcher's polls
         self._info_labels: tuple[str, ...] | None = None  # convnext_model_info's labels, as set last
@@ -112,7 +112,7 @@ class ModelManager:
         settings = self.settings
         model = await self.reader.read(load_model_version, self.repository, settings.model, settings.version,
                                        timeout_s=self.rebuild_limit_s)
-        served = await self._build(model)
+        served = await bounded_build(self._build(model), self.rebuild_limit_s, "the first engine build")
         spec = served.engine.describe()
         # The queue holds every image admission lets in (service/admission.py), so admitted means accepted.
         queue_size = admission_capacity(settings.queue_size, settings.max_batch_size)

@@ -1,17 +1,27 @@
 """`python -m service` refuses what it cannot serve before anything starts (one line, no model loaded), and a start
-that still fails (an engine that will not load) ends in one line too, never a traceback."""
+that still fails (an engine that will not load, or whose build hangs past its bound) ends in one line too, never a
+traceback."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from service.app import STARTUP_ERRORS, default_engine
+from service.engine_builds import BuildTimeoutError
+from service.metrics import ServiceMetrics
+from service.model_manager import ModelManager
+from service.settings import Settings
 from tests.service.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,3 +97,46 @@ def test_an_engine_that_fails_to_load_at_start_is_one_line_too(model_repository,
     assert "model.onnx" in line
     assert "Application startup failed" in result.stderr
 
+
+
+class WedgedLoad(OnnxRuntimeEngine):
+    """The real engine, whose load waits for `device_back` as a wedged device's would; it records its close."""
+
+    device_back: threading.Event
+    closed = False
+
+    def load(self) -> None:
+        self.device_back.wait(60)
+        super().load()
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
+def test_a_first_engine_build_that_hangs_ends_the_start_past_the_bound_a_rebuild_has(model_repository):
+    """The start's build is bounded as a reload's and a rebuild's are (rebuild_timeout_s): past it the start fails with
+    an error the lifespan reports in one line (STARTUP_ERRORS), and the engine is closed if its load ever returns."""
+    device_back, engines = threading.Event(), []
+
+    def wedged(version, settings):
+        engine = default_engine(version, settings)
+        engine.__class__, engine.device_back = WedgedLoad, device_back
+        engines.append(engine)
+        return engine
+
+    settings = Settings(repository=str(model_repository), warmup_runs=0, intra_op_threads=1)
+    manager = ModelManager(settings, ServiceMetrics(), wedged)
+    manager.rebuild_limit_s = 1.0  # the test's bound; rebuild_timeout_s(settings) allows minutes
+    try:
+        with pytest.raises(BuildTimeoutError) as raised:
+            asyncio.run(manager.start())
+        assert str(raised.value) == ("the first engine build did not finish within 1 s (a wedged device?); it is "
+                                     "abandoned")
+        assert isinstance(raised.value, STARTUP_ERRORS) and manager.current is None
+    finally:
+        device_back.set()
+    deadline = time.monotonic() + 30
+    while not engines[0].closed:  # its load returned: the abandoned engine is closed
+        assert time.monotonic() < deadline, "the abandoned engine was never closed"
+        time.sleep(0.05)
