@@ -38,7 +38,8 @@ from service.__main__ import StartRefused, startable_settings
 from service.settings import Settings
 
 PROG = "convnext serve"
-# The service's settings for which model to serve: this command passes --model and --model-version, which win.
+# The service's settings for which model to serve: this command names the model and version itself, so the service
+# is started without them.
 SERVED_MODEL_VARIABLES = ("CONVNEXT_MODEL", "CONVNEXT_VERSION")
 LOCAL_HINT = "to serve a local checkpoint instead: convnext serve --checkpoint PATH [--model ARCHITECTURE]"
 logger = logging.getLogger("convnext_serve")
@@ -166,6 +167,15 @@ def with_served_precision(precisions: str, settings: Settings) -> tuple[str, ...
     return listed if needed in listed else (*listed, needed)
 
 
+def served_version_flags(repository: ModelRepository, name: str, version: int, settings: Settings) -> list[str]:
+    """`--model-version VERSION`: the version exported or found, pinned. With a repository watcher (--watch-interval-s)
+    and that version the newest, none: the service starts on the newest, this one, unpinned, so its watcher follows
+    later exports (it never leaves a pinned version, only reloads it when exported again)."""
+    if settings.watch_interval_s > 0 and repository.latest_version(name) == version:
+        return []
+    return ["--model-version", str(version)]
+
+
 def _export_first_hint(error: BaseException) -> str:
     """The export's own advice names flags this command does not take: how to pass them instead."""
     flags = [flag for flag in ("--num-classes", "--input-size") if flag in str(error)]
@@ -209,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     # Through the `convnext` front, as the user typed it: the service's own errors then say `convnext serve`.
     command = [sys.executable, "-m", "convnext_cli", "serve", *service_args, "--repository", args.repository,
-               "--model", name, "--model-version", str(version)]
+               "--model", name, *served_version_flags(repository, name, version, settings)]
+    env = {variable: value for variable, value in os.environ.items() if variable not in SERVED_MODEL_VARIABLES}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, command)  # replaces this process: torch and the export's memory go with it
+    os.execve(sys.executable, command, env)  # replaces this process: torch and the export's memory go with it
 
 
 if __name__ == "__main__":

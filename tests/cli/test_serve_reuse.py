@@ -42,7 +42,7 @@ def serve(tmp_path, monkeypatch):
     checkpoint.write_bytes(b"the checkpoint's bytes")
     root = tmp_path / "models"
     exports: list[tuple[str, ...]] = []
-    execs: list[list[str]] = []
+    execs: list[tuple[list[str], dict[str, str]]] = []
 
     def stand_in_export(repository_root, name, model_name, path, precisions):
         exports.append(tuple(precisions))
@@ -50,14 +50,16 @@ def serve(tmp_path, monkeypatch):
         return ModelRepository(repository_root).load(name, number)
 
     monkeypatch.setattr(convnext_serve, "export_onnx_version", stand_in_export)
-    monkeypatch.setattr(os, "execv", lambda executable, argv: execs.append(argv))
+    monkeypatch.setattr(os, "execve", lambda executable, argv, env: execs.append((argv, env)))
 
-    def run(*args: str) -> int:
+    def run(*args: str) -> int | None:
+        """The version passed to the service (--model-version), None when none is."""
         convnext_serve.main(["--checkpoint", str(checkpoint), "--model", "convnext_atto", "--repository", str(root),
                              "--quiet", "--host", "127.0.0.1", "--port", str(free_port()), "--grpc-port", "0", *args])
-        argv = execs[-1]
+        argv, env = execs[-1]
         assert argv[argv.index("--model") + 1] == NAME
-        return int(argv[argv.index("--model-version") + 1])
+        assert not set(convnext_serve.SERVED_MODEL_VARIABLES) & set(env)  # the service reads neither variable
+        return int(argv[argv.index("--model-version") + 1]) if "--model-version" in argv else None
 
     return run, exports, checkpoint, root
 
@@ -106,3 +108,19 @@ def test_an_engine_that_cannot_run_the_precision_is_refused_before_the_export(se
     assert code == 1 and exports == []
     assert refusal in capsys.readouterr().err
 
+
+
+def test_with_a_watcher_the_newest_version_is_served_unpinned_and_an_older_one_pinned(serve, tmp_path, monkeypatch):
+    """--watch-interval-s: the version exported is the newest, so the service starts on the newest without a pinned
+    version and its watcher follows later exports; a CONVNEXT_VERSION left in the environment does not pin it either.
+    An older version found for the file (a newer one of the name exported from another file) is pinned, as without a
+    watcher: the command serves what it exported or found."""
+    run, exports, checkpoint, root = serve
+    monkeypatch.setenv("CONVNEXT_VERSION", "1")
+    assert run("--watch-interval-s", "5") is None
+    assert run() == 1  # no watcher: pinned
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"another checkpoint's bytes")
+    assert write_export(root, other, ("fp32",)) == 2
+    assert run("--watch-interval-s", "5") == 1
+    assert exports == [("fp32",)]
