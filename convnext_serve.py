@@ -29,7 +29,7 @@ from model.pretrained import (
 )
 from runtime.engines.base import EngineError
 from runtime.engines.onnxruntime import check_onnxruntime_precision
-from runtime.engines.openvino import artifact_precision
+from runtime.engines.openvino import artifact_precision, check_openvino_options
 from runtime.engines.tensorrt import check_tensorrt_precision
 from runtime.repository import ModelRepository, RepositoryError, Source
 from runtime.tensorrt_files import onnx_precision_for
@@ -130,9 +130,10 @@ def _precisions(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def onnx_precision_read(engine: str, provider: str, precision: str) -> str:
-    """The precision of the ONNX file the service's engine reads to serve `precision`; ServeSetupError for a pair it
-    would refuse (after the download and the export, were it not asked here)."""
+def onnx_precision_read(settings: Settings) -> str:
+    """The precision of the ONNX file the service's engine reads to serve its precision; ServeSetupError for settings
+    it would refuse (after the download and the export, were it not asked here)."""
+    engine, provider, precision = settings.engine, settings.provider, settings.precision
     if engine == "auto":
         if precision != "fp32":
             raise ServeSetupError(f"engine auto chooses between fp32 CPU engines, not precision {precision!r}; for "
@@ -140,6 +141,7 @@ def onnx_precision_read(engine: str, provider: str, precision: str) -> str:
         return "fp32"
     if engine == "openvino":
         try:
+            check_openvino_options(provider, settings.ort_streams)
             return artifact_precision(precision)  # bf16 runs the fp32 file
         except EngineError as error:
             raise ServeSetupError(str(error)) from None
@@ -162,7 +164,7 @@ def onnx_precision_read(engine: str, provider: str, precision: str) -> str:
 def with_served_precision(precisions: str, settings: Settings) -> tuple[str, ...]:
     """--precisions plus the ONNX precision the service reads for its --engine and --precision, so `--precision fp16`
     alone exports fp32 and fp16 rather than failing once the export is done."""
-    needed = onnx_precision_read(settings.engine, settings.provider, settings.precision)
+    needed = onnx_precision_read(settings)
     listed = _precisions(precisions)
     return listed if needed in listed else (*listed, needed)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from runtime.engines.auto import AutoEngine
 from runtime.engines.base import Engine, EngineError
 from runtime.engines.onnxruntime import OnnxRuntimeEngine, check_onnxruntime_precision
-from runtime.engines.openvino import OpenVinoEngine, artifact_precision
+from runtime.engines.openvino import OpenVinoEngine, artifact_precision, check_openvino_options
 from runtime.engines.tensorrt import (  # imports TensorRT itself only when an engine opens
     check_tensorrt_precision,
     open_tensorrt_engine,
@@ -174,13 +174,8 @@ def onnxruntime_engine(version: ModelVersion, options: EngineOptions) -> Engine:
 
 def openvino_engine(version: ModelVersion, options: EngineOptions) -> Engine:
     """OpenVINO on the CPU: fp32 and bf16 read the fp32 ONNX artifact, int8 the QDQ one. ONNX Runtime's options are
-    refused, not ignored: a GPU provider would otherwise be a quiet CPU run."""
-    if options.provider != "cpu":
-        raise EngineError(f"the OpenVINO engine runs on the CPU, not provider {options.provider!r}: pass --provider "
-                          "cpu (CONVNEXT_PROVIDER=cpu), or on a GPU --engine tensorrt or onnxruntime --provider cuda")
-    if options.ort_streams != 1:
-        raise EngineError(f"--ort-streams {options.ort_streams} is ONNX Runtime's: OpenVINO runs batches at once under "
-                          "--openvino-performance-hint THROUGHPUT; pass that, with --ort-streams 1")
+    refused, not ignored (check_openvino_options)."""
+    check_openvino_options(options.provider, options.ort_streams)
     artifact = _onnx_artifact(version, artifact_precision(options.precision), f" for OpenVINO {options.precision}")
     return OpenVinoEngine(version.artifact_path(artifact), _input_shape(version),
                           input_name=version.manifest.input.name, precision=options.precision,

@@ -23,6 +23,17 @@ def artifact_precision(precision: str) -> str:
     return PRECISIONS[precision][0]
 
 
+def check_openvino_options(provider: str, ort_streams: int) -> None:
+    """EngineError for ONNX Runtime's options given to OpenVINO, refused rather than ignored: a GPU provider would
+    otherwise be a quiet CPU run, and OpenVINO's way to run batches at once is its performance hint."""
+    if provider != "cpu":
+        raise EngineError(f"the OpenVINO engine runs on the CPU, not provider {provider!r}: pass --provider cpu "
+                          "(CONVNEXT_PROVIDER=cpu), or on a GPU --engine tensorrt or onnxruntime --provider cuda")
+    if ort_streams != 1:
+        raise EngineError(f"--ort-streams {ort_streams} is ONNX Runtime's: OpenVINO runs batches at once under "
+                          "--openvino-performance-hint THROUGHPUT; pass that, with --ort-streams 1")
+
+
 def cpu_supports_bf16(core) -> bool:
     """True where OpenVINO's CPU plugin computes in bf16 natively (AVX512_BF16 or AMX), not emulated."""
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")

@@ -92,19 +92,24 @@ def test_the_precision_served_is_exported_without_being_listed(serve):
     assert exports == [("fp32", "fp16")]
 
 
-@pytest.mark.parametrize(("engine", "precision", "refusal"), [
-    ("openvino", "fp16", "the OpenVINO engine runs precision fp32/bf16/int8"),
-    ("auto", "fp16", "engine auto chooses between fp32 CPU engines, not precision 'fp16'"),
-    ("tensorrt", "int8", "--engine tensorrt builds fp32/fp16/bf16 engines, not int8"),
-    ("onnxruntime", "bf16", "ONNX Runtime's CPU provider has no bfloat16 Conv kernel"),  # not after the bf16 export
-    ("tensorrt", "fp16", "--engine tensorrt: TensorRT is not installed"),  # not on this machine
-])
-def test_an_engine_that_cannot_run_the_precision_is_refused_before_the_export(serve, capsys, engine, precision,
-                                                                               refusal):
+REFUSED_BEFORE_THE_EXPORT = [
+    ("openvino", "fp16", [], "the OpenVINO engine runs precision fp32/bf16/int8"),
+    ("openvino", "fp32", ["--provider", "cuda"], "the OpenVINO engine runs on the CPU, not provider 'cuda'"),
+    ("openvino", "fp32", ["--ort-streams", "2"], "--ort-streams 2 is ONNX Runtime's"),
+    ("auto", "fp16", [], "engine auto chooses between fp32 CPU engines, not precision 'fp16'"),
+    ("tensorrt", "int8", [], "--engine tensorrt builds fp32/fp16/bf16 engines, not int8"),
+    ("onnxruntime", "bf16", [], "ONNX Runtime's CPU provider has no bfloat16 Conv kernel"),  # not after the bf16 export
+    ("tensorrt", "fp16", [], "--engine tensorrt: TensorRT is not installed"),  # not on this machine
+]
+
+
+@pytest.mark.parametrize(("engine", "precision", "flags", "refusal"), REFUSED_BEFORE_THE_EXPORT,
+                         ids=[" ".join([e, p, *f]) for e, p, f, _ in REFUSED_BEFORE_THE_EXPORT])
+def test_settings_the_engine_refuses_are_refused_before_the_export(serve, capsys, engine, precision, flags, refusal):
     run, exports, checkpoint, root = serve
     code = convnext_serve.main(["--checkpoint", str(checkpoint), "--model", "convnext_atto", "--repository", str(root),
                                 "--quiet", "--port", str(free_port()), "--grpc-port", "0", "--engine", engine,
-                                "--precision", precision])
+                                "--precision", precision, *flags])
     assert code == 1 and exports == []
     assert refusal in capsys.readouterr().err
 
