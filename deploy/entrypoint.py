@@ -54,6 +54,12 @@ HOST_CHECK_MODES = ("hold", "exit", "off")
 OFFICIAL_ARCHITECTURE = re.compile(r"^convnext_(iso_)?([a-z]+)_")
 
 
+def variable(name: str) -> str | None:
+    """One of the entrypoint's own variables; None when unset or empty (compose's `${CONVNEXT_X:-}` passes an empty
+    one, and `CONVNEXT_X=` in a .env or a shell means the default too)."""
+    return os.environ.get(name) or None
+
+
 @dataclass(frozen=True)
 class PrepareSettings:
     """The service's Settings (repository, model, engine, provider, host, port) and the entrypoint's own variables."""
@@ -71,8 +77,7 @@ class PrepareSettings:
     @classmethod
     def from_env(cls) -> PrepareSettings:
         """From this process's environment, as the service will read it after the exec."""
-        env = os.environ
-        host_check = env.get("CONVNEXT_HOST_CHECK", "hold")
+        host_check = variable("CONVNEXT_HOST_CHECK") or "hold"
         if host_check not in HOST_CHECK_MODES:
             raise SystemExit(f"CONVNEXT_HOST_CHECK={host_check!r}: choose one of {', '.join(HOST_CHECK_MODES)}")
         try:
@@ -81,13 +86,13 @@ class PrepareSettings:
             raise SystemExit(f"invalid service settings: {one_line(err)}") from None
         return cls(
             service=service,
-            architecture=env.get("CONVNEXT_ARCHITECTURE") or None,
-            pretrained=env.get("CONVNEXT_PRETRAINED") or "convnext_tiny_1k_224_ema",  # empty: unset, as the others
-            weights_base_url=env.get("CONVNEXT_WEIGHTS_BASE_URL") or None,
-            checkpoint=env.get("CONVNEXT_CHECKPOINT") or None,
-            precisions=env.get("CONVNEXT_EXPORT_PRECISIONS", "fp32,fp16"),
-            export_args=tuple(shlex.split(env.get("CONVNEXT_EXPORT_ARGS", ""))),
-            cache_dir=Path(env.get("CONVNEXT_CACHE_DIR", Path(service.repository) / ".cache")),
+            architecture=variable("CONVNEXT_ARCHITECTURE"),
+            pretrained=variable("CONVNEXT_PRETRAINED") or "convnext_tiny_1k_224_ema",
+            weights_base_url=variable("CONVNEXT_WEIGHTS_BASE_URL"),
+            checkpoint=variable("CONVNEXT_CHECKPOINT"),
+            precisions=variable("CONVNEXT_EXPORT_PRECISIONS") or "fp32,fp16",
+            export_args=tuple(shlex.split(variable("CONVNEXT_EXPORT_ARGS") or "")),
+            cache_dir=Path(variable("CONVNEXT_CACHE_DIR") or Path(service.repository) / ".cache"),
             host_check=host_check,
         )
 

@@ -205,6 +205,19 @@ def test_the_entrypoint_reads_the_services_settings_with_their_defaults(tmp_path
         settings_from(entrypoint, monkeypatch, {"CONVNEXT_PORT": "99999"})
 
 
+def test_every_entrypoint_variable_set_empty_means_its_default(monkeypatch, tmp_path):
+    """An empty variable counts as unset (an empty CONVNEXT_CACHE_DIR was the working directory, read-only under k8s;
+    an empty CONVNEXT_HOST_CHECK stopped the start; an empty CONVNEXT_EXPORT_PRECISIONS exported none)."""
+    entrypoint = load_entrypoint()
+    own = [line.split()[0] for line in entrypoint.__doc__.split("The entrypoint's own", 1)[1].splitlines()[1:]
+           if line.startswith("  CONVNEXT_")]
+    assert len(own) == 8  # the docstring's list, every variable from_env reads
+    repository = {"CONVNEXT_REPOSITORY": str(tmp_path)}
+    empty = settings_from(entrypoint, monkeypatch, {**repository, **dict.fromkeys(own, "")})
+    assert empty == settings_from(entrypoint, monkeypatch, repository)
+    assert (empty.cache_dir, empty.precisions, empty.host_check) == (tmp_path / ".cache", "fp32,fp16", "hold")
+
+
 def test_an_official_checkpoint_exports_as_its_own_architecture_without_a_model_flag(monkeypatch, tmp_path):
     """CONVNEXT_PRETRAINED=convnext_base_22k_224 alone: exported (and served) as convnext_base, and the export is
     not told --model (compose used to pass convnext_tiny), so it takes the file's architecture and 21841 classes."""
