@@ -23,6 +23,10 @@ class RefusedManifests:
     def forget(self, version: int) -> None:
         self._refused.pop(version, None)
 
+    @property
+    def versions(self) -> set[int]:
+        return set(self._refused)
+
     def __contains__(self, manifest: tuple[int, datetime | None]) -> bool:
         version, created_at = manifest
         return self._refused.get(version, NOT_REFUSED) == created_at
