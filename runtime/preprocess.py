@@ -34,7 +34,7 @@ from runtime.decode_memory import (
     match_colour_key_to_pixels,
     resized_size,
 )
-from runtime.gif_frames import GIF_SIGNATURES, gif_first_frame_size
+from runtime.gif_frames import GIF_SIGNATURES, ExtensionsTooLarge, gif_first_frame_size
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
 from runtime.orientation import exif_orientation, turned_upright
 from runtime.repository import Preprocess
@@ -51,7 +51,8 @@ TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 339, 2
 PILLOW_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 # The text (XMP, comments) a PNG may hold, all its chunks together, decompressed (png_text_limited). One chunk
 # may still take up to Pillow's MAX_TEXT_CHUNK (1 MiB) while it decompresses: that limit also bounds an embedded ICC
-# profile (iCCP), and real ones reach it.
+# profile (iCCP), and real ones reach it. A GIF's extension blocks before its first frame (comments, XMP), which
+# Pillow reads while opening it, are held to the same (runtime/gif_frames.py).
 PNG_TEXT_BYTES = 512 * 1024
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
 Reserve = Callable[[int], AbstractContextManager[object]]
@@ -148,7 +149,10 @@ def opened_image(data: bytes, max_pixels: int, min_short_side_px: int | None) ->
     if not data:
         raise ImageError("empty_body", "the image is empty (0 bytes)")
     if data[:6] in GIF_SIGNATURES:  # Pillow would fill its first frame while opening it, whatever its size
-        check_pixels(gif_first_frame_size(data), max_pixels)
+        try:  # and keep a comment's every sub-block: metadata is held to PNG text's limit
+            check_pixels(gif_first_frame_size(data, PNG_TEXT_BYTES), max_pixels)
+        except ExtensionsTooLarge as err:
+            raise ImageError("corrupt_image", f"{err}: not an image this service reads") from None
     with image_errors():
         # formats: only these plugins look at the bytes (not every format Pillow can parse a header of).
         image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)

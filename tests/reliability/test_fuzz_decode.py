@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from runtime.gif_frames import gif_first_frame_size
 from runtime.preprocess import (
     PILLOW_MAX_PIXELS,
+    PNG_TEXT_BYTES,
     ImageError,
     image_errors,
     opened_image,
@@ -189,6 +190,26 @@ def test_the_gif_walk_finds_the_first_frame_pillow_finds():
                   b"\x21\x01\x00\x02xy\x00")  # a plain-text extension whose first sub-block is empty
     for data in (animated, beyond, beyond.replace(b"\x2c", extensions + b"\x2c", 1)):
         assert gif_first_frame_size(data) == Image.open(io.BytesIO(data)).size
+
+
+def gif_with_comment(sub_blocks: int, size: int) -> bytes:
+    """A 10 x 10 GIF whose comment, before its first frame, is `sub_blocks` sub-blocks of `size` bytes each."""
+    buffer = io.BytesIO()
+    Image.new("L", (10, 10), 90).save(buffer, "GIF")
+    comment = b"\x21\xfe" + (bytes([size]) + b"c" * size) * sub_blocks + b"\x00"
+    return buffer.getvalue().replace(b"\x2c", comment + b"\x2c", 1)
+
+
+def test_a_gif_whose_comment_passes_the_metadata_limit_is_refused_before_pillow_reads_it():
+    """Pillow keeps each comment sub-block as its own bytes object while it opens the file, outside the decode budget:
+    a 20 MB comment of one-byte sub-blocks held ~840 MB. The walk stops past PNG_TEXT_BYTES and refuses it."""
+    flood = gif_with_comment(sub_blocks=PNG_TEXT_BYTES // 2 + 1, size=1)  # just over the limit: 512 KiB + 2 bytes
+    with pytest.raises(ImageError) as refused:
+        opened_image(flood, 40_000_000, None)
+    assert refused.value.code == "corrupt_image" and "extension blocks" in refused.value.message
+    fine = gif_with_comment(sub_blocks=400, size=255)  # 100 KB of comment: read as before
+    assert opened_image(fine, 40_000_000, None).image.info["comment"] == b"c" * 255 * 400
+    assert gif_first_frame_size(flood) == (10, 10)  # uncapped, the walk still finds what Pillow finds
 
 
 def test_decoding_leaves_the_process_warning_filters_alone():
