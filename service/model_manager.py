@@ -224,7 +224,8 @@ class ModelManager:
         """An engine for `model` (_build_engine), built again from the version as the repository now has it when that
         was exported anew meanwhile (`export --overwrite`; adding an engine keeps created_at): the engine opens its
         files by path after they were verified, so its weights may be either export's. `check` vets each version
-        re-read so (a reload's compatibility check); past BUILD_ATTEMPTS builds, each overtaken, RuntimeError."""
+        re-read so (a reload's compatibility check); past BUILD_ATTEMPTS builds, each overtaken, RuntimeError. The
+        caller's one bound (bounded_build) covers every build: an overtaken TensorRT build leaves the next one less."""
         name, number = model.manifest.name, model.manifest.version
         for _ in range(BUILD_ATTEMPTS):
             served = await self._build_engine(model)
@@ -371,9 +372,12 @@ class ModelManager:
     async def _rebuild(self, name: str, version: int) -> ServedModel:
         """One rebuild attempt, bounded: past rebuild_limit_s it counts as a failed attempt."""
         async def rebuilt() -> ServedModel:
-            # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version.
-            return await self._build(await self.reader.read(load_to_serve, self.repository, name, version,
-                                                            timeout_s=self.rebuild_limit_s))
+            # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version; an export over
+            # it meanwhile must keep the served input and classes, as a reload's (the queue holds images for them).
+            model = await self.reader.read(load_to_serve, self.repository, name, version,
+                                           timeout_s=self.rebuild_limit_s)
+            self._check_compatible(model)
+            return await self._build(model, self._check_compatible)
 
         return await bounded_build(rebuilt(), self.rebuild_limit_s, "the rebuild")
 

@@ -3,6 +3,7 @@ being built has its engine built again from the new export (a few times at most)
 pinned version (`version` set) when it is exported again, never leaving it for a newer one."""
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -14,6 +15,7 @@ import pytest
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.repository import ModelRepository, now_utc
 from service.app import default_engine
+from tests.service.test_engine_health import GatedFactory, PoisonedEngine, black_png
 from tests.service.test_hot_swap import NAME, publish_copy_of, wait_for
 
 
@@ -113,3 +115,27 @@ def test_a_pinned_version_is_reloaded_when_exported_again_and_never_left_for_a_n
         response = httpx.post(f"{url}/classify", content=real_photos[0].read_bytes(),
                               headers={"content-type": "image/jpeg"}, timeout=60)
         assert response.status_code == 200 and response.json()["model"]["version"] == 1
+
+
+def test_a_rebuild_of_a_broken_engine_is_held_to_the_served_versions_classes(own_repository, real_photos, launch):
+    """The served version exported again with other classes while its engine is broken: the rebuild re-reads the
+    version, and like a reload refuses a version whose classes differ (queued answers would switch classes
+    mid-service), building no engine for it; the service stays not ready and says why until a restart."""
+    build = GatedFactory(PoisonedEngine)
+    try:
+        with launch(own_repository, build, engine_max_consecutive_failures=1, warmup_runs=0) as url:
+            served = ModelRepository(own_repository).load(NAME, 2)
+            with ModelRepository(own_repository).new_version(NAME, 2, overwrite=True) as staged:
+                for artifact in served.manifest.artifacts:
+                    shutil.copy(served.artifact_path(artifact), staged.path / artifact.file)
+                labels = tuple(f"other {label}" for label in served.manifest.labels)
+                staged.manifest = served.manifest.model_copy(update={"labels": labels, "created_at": now_utc()})
+            assert httpx.post(f"{url}/classify", content=black_png(), timeout=60,
+                              headers={"content-type": "image/png"}).status_code == 500  # the engine breaks
+            build.rebuild.set()
+            wait_for(lambda: "rebuilding the engine failed" in httpx.get(f"{url}/readyz").json().get("reason", ""),
+                     "the rebuild to be refused")
+            assert build.builds == 1  # no engine was built for the export with other classes
+            assert httpx.get(f"{url}/readyz").status_code == 503
+    finally:
+        build.open()
