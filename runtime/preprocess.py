@@ -82,12 +82,19 @@ def png_text_limited() -> Iterator[None]:
     reserved (runtime.decode_memory counts pixels): Pillow lets an image hold 64 MiB of them, which a 66 KB file fills.
     The service reads only an XMP orientation from them: PNG_TEXT_BYTES in all, beyond it a 400 corrupt_image. A single
     chunk keeps Pillow's own limit (MAX_TEXT_CHUNK, 1 MiB), which is also an ICC profile's (a 700 KiB one is valid)."""
-    before = PngImagePlugin.MAX_TEXT_MEMORY
+    if not _PNG_TEXT_LIMITS:  # the first service of the process to start saves Pillow's own
+        _PNG_TEXT_LIMITS.append(PngImagePlugin.MAX_TEXT_MEMORY)
+    _PNG_TEXT_LIMITS.append(PNG_TEXT_BYTES)  # one entry per service running (they may stop in any order)
     PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
     try:
         yield
     finally:
-        PngImagePlugin.MAX_TEXT_MEMORY = before
+        _PNG_TEXT_LIMITS.pop()
+        if len(_PNG_TEXT_LIMITS) == 1:  # the last one has stopped: Pillow's own again
+            PngImagePlugin.MAX_TEXT_MEMORY = _PNG_TEXT_LIMITS.pop()
+
+
+_PNG_TEXT_LIMITS: list[int] = []  # Pillow's own limit, then one entry per service running in this process
 
 
 def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = None) -> Image.Image:

@@ -19,7 +19,15 @@ import pytest
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
 from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, decoder_bytes, resized_size
-from runtime.preprocess import PNG_TEXT_BYTES, ImageError, eval_transform, opened_image, preprocess, to_rgb
+from runtime.preprocess import (
+    PNG_TEXT_BYTES,
+    ImageError,
+    eval_transform,
+    opened_image,
+    png_text_limited,
+    preprocess,
+    to_rgb,
+)
 from runtime.repository import Preprocess
 from service.decode_budget import MIB, DecodeAbandoned, DecodeBudget, DecodeWaitTimeout
 from service.settings import Settings
@@ -404,3 +412,17 @@ def test_strip_offsets_stored_as_tile_offsets_count_as_strips():
     """No tile size: libtiff reads tag 324 as the strip offsets, and holds a strip."""
     image = Image.open(io.BytesIO(deflate_grey_tiff((324, 4, 1, None), size=(1000, 2000))))
     assert decoder_bytes(image, image.size) == 1000 * 2000
+
+
+def test_the_png_text_limit_holds_until_the_last_of_overlapping_services_stops():
+    """Two services in one process (tests run them on threads) that stop in the order they started: the limit stays
+    while the second runs, and Pillow's own comes back once both have stopped (saving and restoring a value per
+    service left the limit lowered for good)."""
+    pillows_own = PngImagePlugin.MAX_TEXT_MEMORY
+    first, second = png_text_limited(), png_text_limited()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert PngImagePlugin.MAX_TEXT_MEMORY == PNG_TEXT_BYTES  # the second still runs
+    second.__exit__(None, None, None)
+    assert PngImagePlugin.MAX_TEXT_MEMORY == pillows_own
