@@ -30,7 +30,7 @@ from model.pretrained import (
 from runtime.engines.base import EngineError
 from runtime.engines.onnxruntime import check_onnxruntime_precision
 from runtime.engines.openvino import artifact_precision, check_openvino_options
-from runtime.engines.tensorrt import check_tensorrt_precision
+from runtime.engines.tensorrt import check_tensorrt_precision, tensorrt_profile
 from runtime.repository import ModelRepository, RepositoryError, Source
 from runtime.tensorrt_files import onnx_precision_for
 from runtime.tensorrt_runtime import TensorRTError, import_tensorrt, weakly_typed
@@ -148,6 +148,7 @@ def onnx_precision_read(settings: Settings) -> str:
     if engine == "tensorrt":
         try:
             check_tensorrt_precision(precision)
+            tensorrt_profile(settings.max_batch_size)
             trt = import_tensorrt()
         except EngineError as error:
             raise ServeSetupError(str(error)) from None

@@ -98,6 +98,7 @@ REFUSED_BEFORE_THE_EXPORT = [
     ("openvino", "fp32", ["--ort-streams", "2"], "--ort-streams 2 is ONNX Runtime's"),
     ("auto", "fp16", [], "engine auto chooses between fp32 CPU engines, not precision 'fp16'"),
     ("tensorrt", "int8", [], "--engine tensorrt builds fp32/fp16/bf16 engines, not int8"),
+    ("tensorrt", "fp16", ["--max-batch-size", "8192"], "--engine tensorrt --max-batch-size 8192"),
     ("onnxruntime", "bf16", [], "ONNX Runtime's CPU provider has no bfloat16 Conv kernel"),  # not after the bf16 export
     ("tensorrt", "fp16", [], "--engine tensorrt: TensorRT is not installed"),  # not on this machine
 ]
