@@ -173,7 +173,6 @@ class ModelManager:
             except Exception as err:  # a bad hash or manifest, a missing file
                 raise self._refuse(name, target, attempted, err) from None
             try:
-                self._check_compatible(model)
                 served = await bounded_build(self._build(model, self._check_compatible), self.rebuild_limit_s,
                                              "the reload")
             except RepositoryStuck as err:  # the build's re-read of the manifest: the volume again, not the version
@@ -224,20 +223,22 @@ class ModelManager:
         """An engine for `model` (_build_engine), built again from the version as the repository now has it when that
         was exported anew meanwhile (`export --overwrite`; adding an engine keeps created_at): the engine opens its
         files by path after they were verified, so its weights may be either export's. `check` vets each version
-        re-read so (a reload's compatibility check); past BUILD_ATTEMPTS builds, each overtaken, RuntimeError. The
-        caller's one bound (bounded_build) covers every build: an overtaken TensorRT build leaves the next one less."""
+        it builds (a reload's or a rebuild's compatibility check), the first included; past BUILD_ATTEMPTS builds, each
+        overtaken, RuntimeError. The caller's one bound (bounded_build) covers every build: an overtaken TensorRT
+        build leaves the next one less."""
         name, number = model.manifest.name, model.manifest.version
-        for _ in range(BUILD_ATTEMPTS):
+        for attempt in range(BUILD_ATTEMPTS):
+            if attempt:
+                logger.warning("%s/%s was exported anew while its engine was built; building it again from that "
+                               "export", name, number)
+                model = await self.reader.read(load_to_serve, self.repository, name, number,
+                                               timeout_s=self.rebuild_limit_s)
+            if check is not None:
+                check(model)
             served = await self._build_engine(model)
             if served.model is not None and served.model.manifest.created_at == model.manifest.created_at:
                 return served
-            logger.warning("%s/%s was exported anew while its engine was built; building it again from that export",
-                           name, number)
             await self._close(served)
-            model = await self.reader.read(load_to_serve, self.repository, name, number,
-                                           timeout_s=self.rebuild_limit_s)
-            if check is not None:
-                check(model)
         raise RuntimeError(f"{name}/{number} was exported anew during each of {BUILD_ATTEMPTS} engine builds in a row "
                            "(export --overwrite); no engine is served whose weights may not be its manifest's: retry "
                            "once the exports are done")
@@ -376,7 +377,6 @@ class ModelManager:
             # it meanwhile must keep the served input and classes, as a reload's (the queue holds images for them).
             model = await self.reader.read(load_to_serve, self.repository, name, version,
                                            timeout_s=self.rebuild_limit_s)
-            self._check_compatible(model)
             return await self._build(model, self._check_compatible)
 
         return await bounded_build(rebuilt(), self.rebuild_limit_s, "the rebuild")
