@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import io
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,7 +55,20 @@ PILLOW_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 # may still take up to Pillow's MAX_TEXT_CHUNK (1 MiB) while it decompresses: that limit also bounds an embedded ICC
 # profile (iCCP), and real ones reach it. A GIF's extension blocks before its first frame (comments, XMP), which
 # Pillow reads while opening it, are held to the same (runtime/gif_frames.py).
-PNG_TEXT_BYTES = 512 * 1024
+MAX_METADATA_BYTES = 512 * 1024
+
+
+@dataclass
+class ServicesRunning:
+    """Services running in this process: the first to start lowers Pillow's PNG text limit, the last to stop gives
+    Pillow's own back (png_text_limited)."""
+
+    services: int = 0
+    pillows_own: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_PNG_TEXT = ServicesRunning()
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
 Reserve = Callable[[int], AbstractContextManager[object]]
 RESAMPLING = {
@@ -80,21 +95,21 @@ def png_text_limited() -> Iterator[None]:
 
     A PNG's text chunks are decompressed into image.info while its header is read, before the decode budget is
     reserved (runtime.decode_memory counts pixels): Pillow lets an image hold 64 MiB of them, which a 66 KB file fills.
-    The service reads only an XMP orientation from them: PNG_TEXT_BYTES in all, beyond it a 400 corrupt_image. A single
-    chunk keeps Pillow's own limit (MAX_TEXT_CHUNK, 1 MiB), which is also an ICC profile's (a 700 KiB one is valid)."""
-    if not _PNG_TEXT_LIMITS:  # the first service of the process to start saves Pillow's own
-        _PNG_TEXT_LIMITS.append(PngImagePlugin.MAX_TEXT_MEMORY)
-    _PNG_TEXT_LIMITS.append(PNG_TEXT_BYTES)  # one entry per service running (they may stop in any order)
-    PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
+    The service reads only an XMP orientation from them: MAX_METADATA_BYTES in all, beyond it a 400 corrupt_image. A
+    single chunk keeps Pillow's own limit (MAX_TEXT_CHUNK, 1 MiB), which is also an ICC profile's (a 700 KiB one is
+    valid)."""
+    with _PNG_TEXT.lock:  # services may start and stop in threads of one process (the tests' do)
+        if _PNG_TEXT.services == 0:
+            _PNG_TEXT.pillows_own = PngImagePlugin.MAX_TEXT_MEMORY
+            PngImagePlugin.MAX_TEXT_MEMORY = MAX_METADATA_BYTES
+        _PNG_TEXT.services += 1
     try:
         yield
     finally:
-        _PNG_TEXT_LIMITS.pop()
-        if len(_PNG_TEXT_LIMITS) == 1:  # the last one has stopped: Pillow's own again
-            PngImagePlugin.MAX_TEXT_MEMORY = _PNG_TEXT_LIMITS.pop()
-
-
-_PNG_TEXT_LIMITS: list[int] = []  # Pillow's own limit, then one entry per service running in this process
+        with _PNG_TEXT.lock:
+            _PNG_TEXT.services -= 1
+            if _PNG_TEXT.services == 0:
+                PngImagePlugin.MAX_TEXT_MEMORY = _PNG_TEXT.pillows_own
 
 
 def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = None) -> Image.Image:
@@ -156,8 +171,8 @@ def opened_image(data: bytes, max_pixels: int, min_short_side_px: int | None) ->
     if not data:
         raise ImageError("empty_body", "the image is empty (0 bytes)")
     if data[:6] in GIF_SIGNATURES:  # Pillow would fill its first frame while opening it, whatever its size
-        try:  # and keep a comment's every sub-block: metadata is held to PNG text's limit
-            check_pixels(gif_first_frame_size(data, PNG_TEXT_BYTES), max_pixels)
+        try:  # and keep a comment's every sub-block
+            check_pixels(gif_first_frame_size(data, MAX_METADATA_BYTES), max_pixels)
         except ExtensionsTooLarge as err:
             raise ImageError("corrupt_image", f"{err}: not an image this service reads") from None
     with image_errors():

@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from runtime.gif_frames import gif_first_frame_size
 from runtime.preprocess import (
+    MAX_METADATA_BYTES,
     PILLOW_MAX_PIXELS,
-    PNG_TEXT_BYTES,
     ImageError,
     image_errors,
     opened_image,
@@ -202,8 +202,8 @@ def gif_with_comment(sub_blocks: int, size: int) -> bytes:
 
 def test_a_gif_whose_comment_passes_the_metadata_limit_is_refused_before_pillow_reads_it():
     """Pillow keeps each comment sub-block as its own bytes object while it opens the file, outside the decode budget:
-    a 20 MB comment of one-byte sub-blocks held ~840 MB. The walk stops past PNG_TEXT_BYTES and refuses it."""
-    flood = gif_with_comment(sub_blocks=PNG_TEXT_BYTES // 2 + 1, size=1)  # just over the limit: 512 KiB + 2 bytes
+    a 20 MB comment of one-byte sub-blocks held ~840 MB. The walk stops past MAX_METADATA_BYTES and refuses it."""
+    flood = gif_with_comment(sub_blocks=MAX_METADATA_BYTES // 2 + 1, size=1)  # just over the limit: 512 KiB + 2 bytes
     with pytest.raises(ImageError) as refused:
         opened_image(flood, 40_000_000, None)
     assert refused.value.code == "corrupt_image" and "extension blocks" in refused.value.message

@@ -20,7 +20,7 @@ from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
 from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, decoder_bytes, resized_size
 from runtime.preprocess import (
-    PNG_TEXT_BYTES,
+    MAX_METADATA_BYTES,
     ImageError,
     eval_transform,
     opened_image,
@@ -270,7 +270,7 @@ def test_the_png_text_limit_lasts_as_long_as_the_service(launch, model_repositor
     pillows_own = 64 * ImageFile.SAFEBLOCK
     assert PngImagePlugin.MAX_TEXT_MEMORY == pillows_own  # no service runs in this process before this test
     with launch(model_repository):
-        assert PngImagePlugin.MAX_TEXT_MEMORY == PNG_TEXT_BYTES
+        assert PngImagePlugin.MAX_TEXT_MEMORY == MAX_METADATA_BYTES
     assert PngImagePlugin.MAX_TEXT_MEMORY == pillows_own
 
 
@@ -423,6 +423,6 @@ def test_the_png_text_limit_holds_until_the_last_of_overlapping_services_stops()
     first.__enter__()
     second.__enter__()
     first.__exit__(None, None, None)
-    assert PngImagePlugin.MAX_TEXT_MEMORY == PNG_TEXT_BYTES  # the second still runs
+    assert PngImagePlugin.MAX_TEXT_MEMORY == MAX_METADATA_BYTES  # the second still runs
     second.__exit__(None, None, None)
     assert PngImagePlugin.MAX_TEXT_MEMORY == pillows_own
