@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 
-from PIL import Image, ImageFile
+from PIL import Image
 
 from runtime.orientation import EXIF_ORIENTATION, TURNS, UNREADABLE_EXIF
 from runtime.repository import Preprocess
+from runtime.transparency import ALPHA_STRIP_PIXELS, alpha_strip_rows, composited_on_white
 
 RGB_BYTES = 4  # bytes a pixel of an RGB picture (PIL pads it to 4)
 ONE_BYTE_MODES = frozenset({"1", "L", "P"})
@@ -26,17 +27,9 @@ SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 # to_rgb's scratch for pictures it scales to 8 bits: NumPy's copy of the pixels (2 or 4 bytes), the 8-bit array and
 # the L picture made from it (1 + 1).
 SCALING_SCRATCH = {**dict.fromkeys(SIXTEEN_BIT_MODES, 2 + 2), "I": 4 + 2, "F": 4 + 2}
-# Alpha is composited this many pixels at a time; a strip is held ~5 times at once (the crop, its RGBA conversion,
-# the white strip, their composite, its RGB conversion).
-ALPHA_STRIP_PIXELS = 1 << 18
+# A composited strip is held ~5 times at once (the crop, its RGBA conversion, the white strip, their composite,
+# its RGB conversion).
 ALPHA_STRIP_COPIES = 5
-ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-# Modes transparent where a pixel is info["transparency"] (a PNG's tRNS, a GIF's transparent index), composited alike.
-COLOUR_KEY_MODES = frozenset({"1", "L", "P", "RGB"})
-# A PNG's raw depth (its tile's rawmode) -> what Pillow multiplies its samples by to make them 8-bit: its tRNS key is
-# kept raw (PngImagePlugin), and compared with the 8-bit pixels. A 1-bit key is already 0 or 255; 16-bit RGB
-# ("RGB;16B") is missing: Pillow keeps each sample's high byte, so no 8-bit value stands for its key.
-PNG_KEY_SCALE = {"L": 1, "L;2": 85, "L;4": 17, "RGB": 1}
 # libwebp's canvas and previous frame, and the decoded frame's bytes, all kept with the picture (measured: 12 bytes).
 WEBP_DECODER_BYTES_PER_PIXEL = 12
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0, "nearest": 0.0}  # PIL's; nearest resizes without weight tables
@@ -55,37 +48,6 @@ def common_peak_bytes(max_pixels: int) -> int:
     """The most a picture of max_pixels in a common mode holds (a PNG with alpha, a turned or CMYK JPEG): the least a
     decode budget must hold (16/32-bit ones need up to 14 bytes a pixel)."""
     return max_pixels * 2 * RGB_BYTES + ALPHA_STRIP_COPIES * RGB_BYTES * ALPHA_STRIP_PIXELS
-
-
-def composited_on_white(image: Image.Image) -> bool:
-    """Whether runtime.preprocess.to_rgb composites the picture on white a strip at a time: it has an alpha channel, or
-    a transparent colour (Pillow's convert("RGBA") honours it)."""
-    return image.mode in ALPHA_MODES or (image.mode in COLOUR_KEY_MODES and "transparency" in image.info)
-
-
-def match_colour_key_to_pixels(image: ImageFile.ImageFile) -> None:
-    """Make an opened PNG's transparent colour (its tRNS key, info["transparency"]) the 8-bit value its pixels hold as
-    Pillow reads them, which is what convert("RGBA") compares it with: a 2- or 4-bit grey key scaled as the pixels
-    are (x85, x17; kept raw, it matched other pixels or none). A key no 8-bit pixel stands for is dropped, the picture
-    opaque, as training's convert("RGB") reads it: 16-bit RGB, whose pixels Pillow cuts to their high bytes and whose
-    key it compared by its low byte (whitening pixels of another colour), and a key beyond the depth's values.
-    Called before the decode estimate, so composited_on_white says what to_rgb does; 16-bit grey keeps its raw key
-    (runtime.preprocess.scaled_to_8_bits compares it at 16 bits)."""
-    key = image.info.get("transparency")
-    if image.format != "PNG" or image.mode not in ("L", "RGB") or key is None or not image.tile:
-        return
-    rawmode = image.tile[0].args  # the zip decoder's argument: the depth the PNG stores
-    scale = PNG_KEY_SCALE.get(rawmode) if isinstance(rawmode, str) else None
-    samples = key if isinstance(key, tuple) else (key,)
-    if scale is None or not all(isinstance(v, int) and 0 <= v * scale <= 255 for v in samples):
-        del image.info["transparency"]
-    elif scale != 1:
-        image.info["transparency"] = key * scale
-
-
-def alpha_strip_rows(width: int) -> int:
-    """Rows composited at a time (runtime.preprocess.on_white): about ALPHA_STRIP_PIXELS, at least one."""
-    return max(1, ALPHA_STRIP_PIXELS // width)
 
 
 def resized_size(size: tuple[int, int], spec: Preprocess, crop_region_only: bool) -> tuple[int, int]:

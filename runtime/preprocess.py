@@ -27,19 +27,12 @@ from runtime.decode import (
     reduce_jpeg_decode,
     reduced_picture,
 )
-from runtime.decode_memory import (
-    TIFF_BITS_PER_SAMPLE,
-    alpha_strip_rows,
-    composited_on_white,
-    decode_peak_bytes,
-    first_tiff_value,
-    match_colour_key_to_pixels,
-    resized_size,
-)
+from runtime.decode_memory import TIFF_BITS_PER_SAMPLE, decode_peak_bytes, first_tiff_value, resized_size
 from runtime.gif_frames import GIF_SIGNATURES, ExtensionsTooLarge, gif_first_frame_size
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
 from runtime.orientation import exif_orientation, turned_upright
 from runtime.repository import Preprocess
+from runtime.transparency import composited_on_white, match_colour_key_to_pixels, on_white
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 # Image.open tries only these plugins, in order (an MPO file opens through JPEG's, which returns it as MPO).
@@ -257,27 +250,6 @@ def to_rgb(image: Image.Image, white: float | None = None) -> Image.Image:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image
-
-
-def on_white(image: Image.Image) -> Image.Image:
-    """A picture with alpha (or a transparent colour) composited on white, as RGB: the same pixels as
-    Image.alpha_composite over the whole picture, made a strip of rows at a time, so only the source and the RGB
-    result are held whole (an RGBA copy, a white picture and their composite of a 40-MP PNG were 480 MB more)."""
-    width, height = image.size
-    rows = alpha_strip_rows(width)
-    rgb = Image.new("RGB", image.size)
-    white = Image.new("RGBA", (width, min(rows, height)), (255, 255, 255, 255))
-    for top in range(0, height, rows):
-        strip = as_rgba(image.crop((0, top, width, min(top + rows, height))))
-        background = white if strip.height == white.height else white.crop((0, 0, width, strip.height))
-        rgb.paste(Image.alpha_composite(background, strip).convert("RGB"), (0, top))
-    return rgb
-
-
-def as_rgba(strip: Image.Image) -> Image.Image:
-    """A strip as RGBA, its alpha un-premultiplied: Pillow converts premultiplied grey (La, a TIFF's associated alpha)
-    to LA only."""
-    return (strip.convert("LA") if strip.mode == "La" else strip).convert("RGBA")
 
 
 def scaled_to_8_bits(pixels: np.ndarray, top: float, transparent: int | None = None) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
-from runtime.decode_memory import alpha_strip_rows, decode_peak_bytes, decoder_bytes, resized_size
+from runtime.decode_memory import decode_peak_bytes, decoder_bytes, resized_size
 from runtime.preprocess import (
     MAX_METADATA_BYTES,
     ImageError,
@@ -29,6 +29,7 @@ from runtime.preprocess import (
     to_rgb,
 )
 from runtime.repository import Preprocess
+from runtime.transparency import alpha_strip_rows
 from service.decode_budget import MIB, DecodeAbandoned, DecodeBudget, DecodeWaitTimeout
 from service.settings import Settings
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.decode_memory import composited_on_white
 from runtime.preprocess import ImageError, decode_image, image_errors, opened_image, preprocess, scaled_to_8_bits
 from runtime.repository import Preprocess
+from runtime.transparency import composited_on_white
 
 
 @pytest.fixture(scope="module")
