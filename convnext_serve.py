@@ -38,8 +38,8 @@ from service.__main__ import StartRefused, startable_settings
 from service.settings import Settings
 
 PROG = "convnext serve"
-# The service's settings for which model to serve: this command names the model and version itself, so the service
-# is started without them.
+# The service's settings for which model to serve: this command names the model itself (and the version, unless it
+# starts the service unpinned for its watcher), so these are dropped: they neither override nor pin what it serves.
 SERVED_MODEL_VARIABLES = ("CONVNEXT_MODEL", "CONVNEXT_VERSION")
 LOCAL_HINT = "to serve a local checkpoint instead: convnext serve --checkpoint PATH [--model ARCHITECTURE]"
 logger = logging.getLogger("convnext_serve")

@@ -106,7 +106,7 @@ def gpu_problem(gpu_engines: Sequence[str]):
             problems.append(f"{', '.join(tensorrt)} need an NVIDIA GPU with TensorRT and cuda-python: {err}")
         else:
             bf16 = bf16_problem(target.compute_capability, target.device_name) if "tensorrt-bf16" in tensorrt else None
-            problems.append(f"tensorrt-{bf16}: leave tensorrt-bf16 out of --engines" if bf16 else None)
+            problems.append(f"tensorrt-bf16: {bf16}; leave tensorrt-bf16 out of --engines" if bf16 else None)
     if "onnxruntime-cuda-fp32" in gpu_engines:
         try:
             available_provider("cuda")
