@@ -27,8 +27,8 @@ class RefusedManifests:
     def versions(self) -> set[int]:
         return set(self._refused)
 
-    def __contains__(self, manifest: tuple[int, datetime | None]) -> bool:
-        version, created_at = manifest
+    def has(self, version: int, created_at: datetime | None) -> bool:
+        """Whether a reload refused this version's manifest of this created_at."""
         return self._refused.get(version, NOT_REFUSED) == created_at
 
 
@@ -38,12 +38,12 @@ def changed_version(repository: ModelRepository, served: ServedModel, pinned: bo
     the new manifest), or refused already. Runs in a thread: the refusals are only read, one dict lookup each."""
     if not pinned:
         latest = repository.latest_version(served.name)
-        if latest > served.version and (latest, created_at(repository, served.name, latest)) not in refused:
+        if latest > served.version and not refused.has(latest, created_at(repository, served.name, latest)):
             return latest
     current = created_at(repository, served.name, served.version)
     if current is None or served.model is None or current == served.model.manifest.created_at:
         return None
-    return None if (served.version, current) in refused else served.version
+    return None if refused.has(served.version, current) else served.version
 
 
 def created_at(repository: ModelRepository, name: str, version: int) -> datetime | None:

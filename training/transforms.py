@@ -36,6 +36,11 @@ def eval_transform(data: DataConfig) -> T.Compose:
     )
 
 
+RAND_TRANSFORM_SETS = ("weights", "3aw", "3a")  # timm's rand_augment_choices
+AUTO_AUGMENT_EXAMPLE = ("rand-m9-mstd0.5-inc1 (RandAugment, the paper's), augmix-m5-w3, "
+                        "original-mstd0.5 (AutoAugment), or '' for none")
+
+
 def check_auto_augment(spec: str) -> None:
     """Raise ValueError unless timm reads every section of this --auto-augment spec ("" = none).
 
@@ -46,13 +51,15 @@ def check_auto_augment(spec: str) -> None:
     from timm.data import create_transform
 
     family, *sections = spec.split("-")
-    transform_sets = [section[1:] for section in sections if family == "rand" and section.startswith("t")]
-    if len(transform_sets) > 1 or any(name not in RAND_TRANSFORM_SETS for name in transform_sets):
-        raise ValueError(f"--auto-augment {spec!r}: a RandAugment transform set is one section t<name>, name one of "
-                         f"{', '.join(RAND_TRANSFORM_SETS)} (timm takes any other as its default set, and the first of "
-                         "several)")
+    transform_sets = 0
     for section in sections:
-        if not re.search(r"\d", section) and not (family == "rand" and section.startswith("t")):
+        if family == "rand" and section.startswith("t"):
+            transform_sets += 1
+            if transform_sets > 1 or section[1:] not in RAND_TRANSFORM_SETS:
+                raise ValueError(f"--auto-augment {spec!r}: a RandAugment transform set is one section t<name>, name "
+                                 f"one of {', '.join(RAND_TRANSFORM_SETS)} (timm takes any other as its default set, "
+                                 "and the first of several)")
+        elif not re.search(r"\d", section):
             raise ValueError(f"--auto-augment {spec!r}: section {section!r} has no value (timm would ignore it); "
                              f"e.g. {AUTO_AUGMENT_EXAMPLE}")
     try:
@@ -61,7 +68,3 @@ def check_auto_augment(spec: str) -> None:
         reason = str(error) or "not a policy or section timm knows"
         raise ValueError(f"--auto-augment {spec!r}: {reason}; e.g. {AUTO_AUGMENT_EXAMPLE}") from None
 
-
-RAND_TRANSFORM_SETS = ("weights", "3aw", "3a")  # timm's rand_augment_choices
-AUTO_AUGMENT_EXAMPLE = ("rand-m9-mstd0.5-inc1 (RandAugment, the paper's), augmix-m5-w3, "
-                        "original-mstd0.5 (AutoAugment), or '' for none")
