@@ -36,11 +36,11 @@ class SmokeRunError(RuntimeError):
 
 
 class BuildTimeoutError(TimeoutError):
-    """A build (the start's, a reload's, a rebuild's) went past rebuild_limit_s and was abandoned; its message is the
+    """A build (the start's, a reload's, a rebuild's) went past build_limit_s and was abandoned; its message is the
     service's own, so /readyz and /healthz may show it."""
 
 
-def rebuild_timeout_s(settings: Settings) -> float:
+def build_timeout_s(settings: Settings) -> float:
     """How long one engine build (the start's, a reload's, a rebuild's) may take before it fails: opening the engine
     (open_bound_s: with TensorRT, time for a build) and engine_timeout_ms per engine call (warmup_runs at batch 1 and
     at max batch, and the smoke run), as a served batch gets."""

@@ -18,10 +18,10 @@ from service.engine_builds import (
     EngineFactory,
     ReloadRefused,
     bounded_build,
+    build_timeout_s,
     close_engine,
     close_prepared,
     prepared_engine,
-    rebuild_timeout_s,
 )
 from service.metrics import ServiceMetrics
 from service.repository_reader import RepositoryReader, RepositoryStuck, is_transient, load_model_version, load_to_serve
@@ -53,7 +53,7 @@ class ModelManager:
         self._refused = RefusedManifests()  # the watcher retries none until it is exported anew
         self._failed_rebuilds = 0  # in a row, since the engine last broke
         self._last_rebuild_error: str | None = None
-        self.rebuild_limit_s = rebuild_timeout_s(settings)  # each build's bound: the start's, a reload's, a rebuild's
+        self.build_limit_s = build_timeout_s(settings)  # each build's bound: the start's, a reload's, a rebuild's
         self.reader = RepositoryReader()  # a reload's and a rebuild's reads of the repository, each bounded
         self._watch_reader = RepositoryReader()  # the watcher's polls
         self._info_labels: tuple[str, ...] | None = None  # convnext_model_info's labels, as set last
@@ -111,8 +111,8 @@ class ModelManager:
     async def start(self) -> None:
         settings = self.settings
         model = await self.reader.read(load_model_version, self.repository, settings.model, settings.version,
-                                       timeout_s=self.rebuild_limit_s)
-        served = await bounded_build(self._build(model), self.rebuild_limit_s, "the first engine build")
+                                       timeout_s=self.build_limit_s)
+        served = await bounded_build(self._build(model), self.build_limit_s, "the first engine build")
         spec = served.engine.describe()
         # The queue holds every image admission lets in (service/admission.py), so admitted means accepted.
         queue_size = admission_capacity(settings.queue_size, settings.max_batch_size)
@@ -165,7 +165,7 @@ class ModelManager:
                 attempted = await self.reader.read(created_at, self.repository, name, target)
                 # Hashing the version's files: bounded like its build.
                 model = await self.reader.read(load_to_serve, self.repository, name, target,
-                                               timeout_s=self.rebuild_limit_s)
+                                               timeout_s=self.build_limit_s)
             except OSError as err:
                 if is_transient(err):  # the volume (an I/O error, a read that did not return), not the version
                     raise self._unavailable(err) from None
@@ -173,7 +173,7 @@ class ModelManager:
             except Exception as err:  # a bad hash or manifest, a missing file
                 raise self._refuse(name, target, attempted, err) from None
             try:
-                served = await bounded_build(self._build(model, self._check_compatible), self.rebuild_limit_s,
+                served = await bounded_build(self._build(model, self._check_compatible), self.build_limit_s,
                                              "the reload")
             except RepositoryStuck as err:  # the build's re-read of the manifest: the volume again, not the version
                 raise self._unavailable(err) from None
@@ -232,7 +232,7 @@ class ModelManager:
                 logger.warning("%s/%s was exported anew while its engine was built; building it again from that "
                                "export", name, number)
                 model = await self.reader.read(load_to_serve, self.repository, name, number,
-                                               timeout_s=self.rebuild_limit_s)
+                                               timeout_s=self.build_limit_s)
             if check is not None:
                 check(model)
             served = await self._build_engine(model)
@@ -371,15 +371,15 @@ class ModelManager:
                 logger.info("engine of %s/%s rebuilt; serving again", served.name, served.version)
 
     async def _rebuild(self, name: str, version: int) -> ServedModel:
-        """One rebuild attempt, bounded: past rebuild_limit_s it counts as a failed attempt."""
+        """One rebuild attempt, bounded: past build_limit_s it counts as a failed attempt."""
         async def rebuilt() -> ServedModel:
             # Re-read: a previous build may have added an artifact (a TensorRT engine) to the version; an export over
             # it meanwhile must keep the served input and classes, as a reload's (the queue holds images for them).
             model = await self.reader.read(load_to_serve, self.repository, name, version,
-                                           timeout_s=self.rebuild_limit_s)
+                                           timeout_s=self.build_limit_s)
             return await self._build(model, self._check_compatible)
 
-        return await bounded_build(rebuilt(), self.rebuild_limit_s, "the rebuild")
+        return await bounded_build(rebuilt(), self.build_limit_s, "the rebuild")
 
     async def _watch_repository(self) -> None:
         """Poll the repository for a newer version of the served model (unless `version` pins one), or the served

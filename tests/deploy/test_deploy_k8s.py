@@ -11,7 +11,7 @@ from compose_yaml import ROOT, load_compose, seconds
 from entrypoint_settings import load_entrypoint, settings_from
 
 from deploy.host_check import DOCTOR_TIMEOUT_S
-from service.engine_builds import rebuild_timeout_s
+from service.engine_builds import build_timeout_s
 from service.server import graceful_shutdown_s
 from service.settings import Settings
 
@@ -83,13 +83,13 @@ def test_rollouts_fit_a_cluster_whose_gpus_are_all_taken_and_leave_the_hpas_coun
 
 def test_every_gpu_start_allowance_outlasts_the_host_check_then_the_services_own_bound_on_its_first_build(monkeypatch):
     """The service binds only after the entrypoint's host check (the doctor) and its first engine build, bounded as a
-    rebuild's (rebuild_timeout_s of the deployment's settings: the opening, a TensorRT build included, and the engine
+    rebuild's (build_timeout_s of the deployment's settings: the opening, a TensorRT build included, and the engine
     calls of warm-up and smoke run): k8s's startup probe, and the GPU image's and compose's health check start period
     (300 s, shorter than one engine build, before), allow both."""
     container = next(c for c in find("Deployment")["spec"]["template"]["spec"]["containers"] if c["name"] == "service")
     env = {item["name"]: item["value"] for item in container["env"]}
     service = settings_from(load_entrypoint(), monkeypatch, env).service
-    bound_s = DOCTOR_TIMEOUT_S + rebuild_timeout_s(service)
+    bound_s = DOCTOR_TIMEOUT_S + build_timeout_s(service)
     assert bound_s == 600 + 1970  # the numbers the comments and README give
     probe = container["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= bound_s

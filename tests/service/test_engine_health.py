@@ -23,7 +23,7 @@ from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.repository import ModelRepository, TensorRTInfo, describe_file
 from runtime.tensorrt import BUILD_LOCK_TIMEOUT_S
 from service.app import default_engine
-from service.engine_builds import rebuild_timeout_s
+from service.engine_builds import build_timeout_s
 from service.settings import Settings
 
 
@@ -273,14 +273,14 @@ def test_a_rebuild_that_hangs_fails_past_its_bound_counts_toward_liveness_and_it
         with launch(model_repository, build, engine_timeout_ms=500, engine_max_rebuild_attempts=2,
                     warmup_runs=0) as url:
             manager = url.app.state.service.models
-            manager.rebuild_limit_s = 1.0  # the test's bound; rebuild_timeout_s(settings) allows minutes
+            manager.build_limit_s = 1.0  # the test's bound; build_timeout_s(settings) allows minutes
             assert post(url, black_png(), "image/png").status_code == 504  # the engine hangs: rebuilds begin
             dead = wait_for_status(url, "/healthz", 503, timeout_s=20)  # two attempts, each abandoned after 1 s
             message = dead.json()["error"]["message"]
             assert "2 attempts" in message and "did not finish within 1 s" in message
             busy = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
             assert busy.status_code == 409  # rebuilds go on, one at a time
-            manager.rebuild_limit_s = 60.0
+            manager.build_limit_s = 60.0
             build.release.set()  # the device recovers: the hung calls return, a rebuild succeeds
             wait_until_ready(url)
             assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
@@ -302,7 +302,7 @@ def test_a_reload_whose_build_hangs_is_refused_past_the_bound_and_frees_the_next
     try:
         with launch(model_repository, build, warmup_runs=0) as url:
             manager = url.app.state.service.models
-            manager.rebuild_limit_s = 1.0
+            manager.build_limit_s = 1.0
             started = time.monotonic()
             refused = httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=30)
             assert refused.status_code == 422, refused.text
@@ -316,7 +316,7 @@ def test_a_reload_whose_build_hangs_is_refused_past_the_bound_and_frees_the_next
             while len(build.engines) < 3 or any(e.session is not None for e in build.engines[1:]):
                 assert time.monotonic() < deadline, "an abandoned engine was never closed"
                 time.sleep(0.05)
-            manager.rebuild_limit_s = 60.0
+            manager.build_limit_s = 60.0
             assert httpx.post(f"{url}/admin/reload", json={"version": 1}, timeout=60).status_code == 200
     finally:
         build.release.set()
@@ -332,7 +332,7 @@ def test_a_reload_whose_repository_read_hangs_answers_503_and_one_stuck_read_at_
     volume_back = threading.Event()
     with launch(model_repository, warmup_runs=0) as url:
         manager = url.app.state.service.models
-        manager.reader.timeout_s = manager.rebuild_limit_s = 1.0
+        manager.reader.timeout_s = manager.build_limit_s = 1.0
         real_read = getattr(manager.repository, hung_read)
         # "load": the hashing read hangs (the manifest's own read, verify_files=False, answers).
         setattr(manager.repository, hung_read, lambda *args, **kw: (kw.get("verify_files") is False
@@ -410,10 +410,10 @@ def test_a_reload_whose_re_read_after_its_build_hangs_answers_503_not_a_refusal(
 
 
 def test_a_rebuild_is_given_engine_timeout_ms_per_engine_call_and_with_tensorrt_the_time_to_build():
-    cpu = rebuild_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2))
+    cpu = build_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2))
     assert cpu == OPEN_BOUND_S + 5 * 10  # warm-up at two batch sizes twice each, and the smoke run
-    assert rebuild_timeout_s(Settings(engine_timeout_ms=20_000, warmup_runs=2)) == cpu + 5 * 10
-    assert rebuild_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2, provider="cuda")) == cpu
+    assert build_timeout_s(Settings(engine_timeout_ms=20_000, warmup_runs=2)) == cpu + 5 * 10
+    assert build_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2, provider="cuda")) == cpu
     for options in ({"engine": "tensorrt"}, {"provider": "tensorrt"}):  # either may build a TensorRT engine
-        assert rebuild_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2, **options)) == \
+        assert build_timeout_s(Settings(engine_timeout_ms=10_000, warmup_runs=2, **options)) == \
             cpu + BUILD_LOCK_TIMEOUT_S

@@ -115,7 +115,7 @@ class WedgedLoad(OnnxRuntimeEngine):
 
 
 def test_a_first_engine_build_that_hangs_ends_the_start_past_the_bound_a_rebuild_has(model_repository):
-    """The start's build is bounded as a reload's and a rebuild's are (rebuild_timeout_s): past it the start fails with
+    """The start's build is bounded as a reload's and a rebuild's are (build_timeout_s): past it the start fails with
     an error the lifespan reports in one line (STARTUP_ERRORS), and the engine is closed if its load ever returns."""
     device_back, engines = threading.Event(), []
 
@@ -127,7 +127,7 @@ def test_a_first_engine_build_that_hangs_ends_the_start_past_the_bound_a_rebuild
 
     settings = Settings(repository=str(model_repository), warmup_runs=0, intra_op_threads=1)
     manager = ModelManager(settings, ServiceMetrics(), wedged)
-    manager.rebuild_limit_s = 1.0  # the test's bound; rebuild_timeout_s(settings) allows minutes
+    manager.build_limit_s = 1.0  # the test's bound; build_timeout_s(settings) allows minutes
     try:
         with pytest.raises(BuildTimeoutError) as raised:
             asyncio.run(manager.start())
