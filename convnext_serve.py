@@ -28,13 +28,10 @@ from model.pretrained import (
     get_pretrained,
 )
 from runtime.engines.base import EngineError
-from runtime.engines.onnxruntime import check_onnxruntime_precision
-from runtime.engines.openvino import artifact_precision, check_openvino_options
-from runtime.engines.tensorrt import check_tensorrt_precision, tensorrt_profile
+from runtime.engines.factory import check_engine_settings
 from runtime.repository import ModelRepository, RepositoryError, Source
-from runtime.tensorrt_files import onnx_precision_for
-from runtime.tensorrt_runtime import TensorRTError, import_tensorrt, weakly_typed
 from service.__main__ import StartRefused, startable_settings
+from service.app import engine_options
 from service.settings import Settings
 
 PROG = "convnext serve"
@@ -133,33 +130,10 @@ def _precisions(text: str) -> tuple[str, ...]:
 def onnx_precision_read(settings: Settings) -> str:
     """The precision of the ONNX file the service's engine reads to serve its precision; ServeSetupError for settings
     it would refuse (after the download and the export, were it not asked here)."""
-    engine, provider, precision = settings.engine, settings.provider, settings.precision
-    if engine == "auto":
-        if precision != "fp32":
-            raise ServeSetupError(f"engine auto chooses between fp32 CPU engines, not precision {precision!r}; for "
-                                  "bf16/int8 name the engine (--engine openvino --precision bf16)")
-        return "fp32"
-    if engine == "openvino":
-        try:
-            check_openvino_options(provider, settings.ort_streams)
-            return artifact_precision(precision)  # bf16 runs the fp32 file
-        except EngineError as error:
-            raise ServeSetupError(str(error)) from None
-    if engine == "tensorrt":
-        try:
-            check_tensorrt_precision(precision)
-            tensorrt_profile(settings.max_batch_size)
-            trt = import_tensorrt()
-        except EngineError as error:
-            raise ServeSetupError(str(error)) from None
-        except TensorRTError as error:
-            raise ServeSetupError(f"--engine tensorrt: {error}") from None
-        return onnx_precision_for(precision, weakly_typed(trt))
     try:
-        check_onnxruntime_precision(provider, precision)
+        return check_engine_settings(engine_options(settings))
     except EngineError as error:
         raise ServeSetupError(str(error)) from None
-    return precision
 
 
 def with_served_precision(precisions: str, settings: Settings) -> tuple[str, ...]:

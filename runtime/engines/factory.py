@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from runtime.engines.auto import AutoEngine
 from runtime.engines.base import Engine, EngineError
-from runtime.engines.onnxruntime import OnnxRuntimeEngine, check_onnxruntime_precision
+from runtime.engines.onnxruntime import OnnxRuntimeEngine, check_onnxruntime_options
 from runtime.engines.openvino import OpenVinoEngine, artifact_precision, check_openvino_options
 from runtime.engines.tensorrt import (  # imports TensorRT itself only when an engine opens
     check_tensorrt_precision,
@@ -24,6 +24,7 @@ from runtime.ort_session import (
 from runtime.repository import ModelVersion
 from runtime.tensorrt import BUILD_LOCK_TIMEOUT_S
 from runtime.tensorrt_build import onnx_source_for
+from runtime.tensorrt_files import onnx_precision_for
 from runtime.tensorrt_runtime import TensorRTError, cudart, import_tensorrt, weakly_typed
 
 # Opening an engine that builds nothing: reading and hashing the version's files, then an ONNX Runtime or OpenVINO
@@ -68,40 +69,63 @@ def open_bound_s(engine: str, provider: str) -> float:
     return OPEN_BOUND_S + (BUILD_LOCK_TIMEOUT_S if may_build else 0.0)
 
 
+def check_engine_settings(options: EngineOptions) -> str:
+    """The precision of the ONNX artifact the engine reads to serve options.precision; EngineError for what it would
+    refuse in any version: each engine's own option checks, the provider in this onnxruntime build, OpenVINO or TensorRT
+    installed. Needs no version, so `convnext serve` asks it before a download and an export that could take minutes."""
+    engine, provider, precision = options.engine, options.provider, options.precision
+    if engine == "tensorrt":
+        check_tensorrt_precision(precision)
+        tensorrt_profile(options.max_batch_size)
+        try:
+            trt = import_tensorrt()
+            cudart()
+        except TensorRTError as err:
+            raise EngineError(f"--engine tensorrt: {err}") from None
+        return onnx_precision_for(precision, weakly_typed(trt))
+    if engine == "auto":
+        check_auto_options(provider, precision)
+        return "fp32"
+    if engine == "openvino":
+        if importlib.util.find_spec("openvino") is None:
+            raise EngineError("--engine openvino needs the openvino package (pip install -e '.[serve]' installs it); "
+                              "or use --engine onnxruntime")
+        check_openvino_options(provider, options.ort_streams)
+        return artifact_precision(precision)  # bf16 runs the fp32 file
+    check_onnxruntime_options(provider, precision, options.ort_streams)
+    if provider != "cpu":
+        try:
+            available_provider(provider)
+        except ProviderError as err:
+            raise EngineError(str(err)) from None
+    return precision
+
+
 def check_engine_options(version: ModelVersion, options: EngineOptions) -> None:
-    """Raise EngineError for what open_engine would refuse, without loading a model or touching a GPU: the version's
-    artifact for the precision, each engine's own option checks, the provider in this onnxruntime build, OpenVINO or
-    TensorRT installed. `python -m service` runs it before anything starts: a wrong flag costs one line, not a model
-    load (or a TensorRT build) first."""
+    """Raise EngineError for what open_engine would refuse, without loading a model or touching a GPU: the settings
+    (check_engine_settings), then the version's artifact for the precision. `python -m service` runs it before anything
+    starts: a wrong flag costs one line, not a model load (or a TensorRT build) first."""
+    check_engine_settings(options)
     if options.engine == "tensorrt":
-        check_tensorrt_options(version, options)
+        # The ONNX file TensorRT builds from (on first start; checked even where an engine is there already, as a
+        # broken one is rebuilt from it).
+        try:
+            onnx_source_for(version, options.precision, weakly_typed(import_tensorrt()))
+        except TensorRTError as err:
+            raise EngineError(f"--engine tensorrt: {err}") from None
         return
-    if options.engine == "openvino" and importlib.util.find_spec("openvino") is None:
-        raise EngineError("--engine openvino needs the openvino package (pip install -e '.[serve]' installs it); or "
-                          "use --engine onnxruntime")
     engine = open_engine_unloaded(version, options)
     if isinstance(engine, AutoEngine):
         for candidate in engine.candidates.values():
             candidate()  # each one's own checks
-    if options.engine == "onnxruntime" and options.provider != "cpu":
-        try:
-            available_provider(options.provider)
-        except ProviderError as err:
-            raise EngineError(str(err)) from None
 
 
-def check_tensorrt_options(version: ModelVersion, options: EngineOptions) -> None:
-    """What the tensorrt engine's start would fail on, GPU aside: the precision and the batch profile (neither needs
-    TensorRT), TensorRT and cuda-python installed, and the ONNX file this TensorRT builds the engine from (built on
-    first start; checked even where an engine is there already, as a broken one is rebuilt from it)."""
-    check_tensorrt_precision(options.precision)
-    tensorrt_profile(options.max_batch_size)
-    try:
-        trt = import_tensorrt()
-        cudart()
-        onnx_source_for(version, options.precision, weakly_typed(trt))
-    except TensorRTError as err:
-        raise EngineError(f"--engine tensorrt: {err}") from None
+def check_auto_options(provider: str, precision: str) -> None:
+    """EngineError unless engine auto can choose: it measures fp32 CPU engines only."""
+    if provider != "cpu" or precision != "fp32":
+        raise EngineError(f"engine auto chooses between fp32 CPU engines, not provider {provider!r} at precision "
+                          f"{precision!r}; on a GPU pass --engine tensorrt or onnxruntime --provider cuda, and for "
+                          "bf16/int8 name the engine (--engine openvino --precision bf16)")
 
 
 def open_engine_unloaded(version: ModelVersion, options: EngineOptions) -> Engine:
@@ -116,10 +140,7 @@ def open_engine_unloaded(version: ModelVersion, options: EngineOptions) -> Engin
 
 def auto_engine(version: ModelVersion, options: EngineOptions) -> Engine:
     """ONNX Runtime fp32 and OpenVINO fp32 (where it imports) on the CPU; load() measures both and keeps the faster."""
-    if options.provider != "cpu" or options.precision != "fp32":
-        raise EngineError(f"engine auto chooses between fp32 CPU engines, not provider {options.provider!r} at "
-                          f"precision {options.precision!r}; on a GPU pass --engine tensorrt or onnxruntime --provider "
-                          "cuda, and for bf16/int8 name the engine (--engine openvino --precision bf16)")
+    check_auto_options(options.provider, options.precision)
     candidates = {"onnxruntime": lambda: onnxruntime_engine(version, replace(options, engine="onnxruntime"))}
     if importlib.util.find_spec("openvino") is not None:
         # --ort-streams is ONNX Runtime's; OpenVINO's counterpart is its performance hint, passed as it is.
@@ -154,7 +175,7 @@ def ort_intra_op_threads(threads: int, streams: int) -> int:
 
 def onnxruntime_engine(version: ModelVersion, options: EngineOptions) -> Engine:
     """The version's ONNX artifact of the asked precision on ONNX Runtime, with the GPU providers' options."""
-    check_onnxruntime_precision(options.provider, options.precision)  # before the artifact: exporting it would not do
+    check_onnxruntime_options(options.provider, options.precision, options.ort_streams)  # before the artifact
     manifest, shape = version.manifest, _input_shape(version)
     artifact = _onnx_artifact(version, options.precision, "")
     provider_options = {}

@@ -11,9 +11,15 @@ from runtime.engines.base import EngineError, ModelFileEngine
 from runtime.ort_session import PROVIDERS, ProviderError, create_session
 
 
-def check_onnxruntime_precision(provider: str, precision: str) -> None:
-    """EngineError for bf16 on the CPU provider, whose kernels have no bfloat16 Conv (the session fails to load with
+def check_onnxruntime_options(provider: str, precision: str, streams: int) -> None:
+    """EngineError for options no ONNX Runtime session takes: an unknown provider; streams other than 1 off the CPU
+    provider; bf16 on the CPU provider, whose kernels have no bfloat16 Conv (the session fails to load with
     NOT_IMPLEMENTED Conv(22)); the CUDA provider registers one (Conv 22+, its OperatorKernels.md), so it may try."""
+    if provider not in PROVIDERS:
+        raise EngineError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
+    if streams < 1 or (streams > 1 and provider != "cpu"):
+        raise EngineError(f"ONNX Runtime streams must be 1, or more on the CPU provider only (got {streams} on "
+                          f"{provider})")
     if provider == "cpu" and precision == "bf16":
         raise EngineError("ONNX Runtime's CPU provider has no bfloat16 Conv kernel: serve bf16 with --engine openvino "
                           "--precision bf16 (a CPU with native BF16) or, on a GPU, --engine tensorrt --precision bf16")
@@ -26,11 +32,7 @@ class OnnxRuntimeEngine(ModelFileEngine):
                  provider: str = "cpu", precision: str = "fp32", max_batch_size: int = 8, intra_op_threads: int = 1,
                  spinning: bool = True, provider_options: Mapping[str, Mapping[str, str]] | None = None,
                  streams: int = 1):
-        if provider not in PROVIDERS:
-            raise EngineError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
-        if streams < 1 or (streams > 1 and provider != "cpu"):
-            raise EngineError(f"ONNX Runtime streams must be 1, or more on the CPU provider only (got {streams} on "
-                              f"{provider})")
+        check_onnxruntime_options(provider, precision, streams)
         super().__init__(model_path, input_shape, input_name=input_name, precision=precision,
                          max_batch_size=max_batch_size)
         self.provider = provider

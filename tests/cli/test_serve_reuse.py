@@ -96,7 +96,10 @@ REFUSED_BEFORE_THE_EXPORT = [
     ("openvino", "fp16", [], "the OpenVINO engine runs precision fp32/bf16/int8"),
     ("openvino", "fp32", ["--provider", "cuda"], "the OpenVINO engine runs on the CPU, not provider 'cuda'"),
     ("openvino", "fp32", ["--ort-streams", "2"], "--ort-streams 2 is ONNX Runtime's"),
-    ("auto", "fp16", [], "engine auto chooses between fp32 CPU engines, not precision 'fp16'"),
+    ("auto", "fp16", [], "engine auto chooses between fp32 CPU engines, not provider 'cpu' at precision 'fp16'"),
+    ("auto", "fp32", ["--provider", "cuda"], "engine auto chooses between fp32 CPU engines, not provider 'cuda'"),
+    ("onnxruntime", "fp32", ["--provider", "cuda"], "CUDAExecutionProvider is not in this onnxruntime build"),
+    ("onnxruntime", "fp32", ["--provider", "cuda", "--ort-streams", "2"], "ONNX Runtime streams must be 1"),
     ("tensorrt", "int8", [], "--engine tensorrt builds fp32/fp16/bf16 engines, not int8"),
     ("tensorrt", "fp16", ["--max-batch-size", "8192"], "--engine tensorrt --max-batch-size 8192"),
     ("onnxruntime", "bf16", [], "ONNX Runtime's CPU provider has no bfloat16 Conv kernel"),  # not after the bf16 export
