@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from model import get_config
-from model.registry import ACTIVATIONS
+from model.registry import ACTIVATIONS, ModelConfig
 
 from .transforms import INTERPOLATION, check_auto_augment
 
@@ -159,11 +159,12 @@ def resolve(preset: str, overrides: dict) -> TrainConfig:
                          f"pass --drop-path for {model}")
     config = dataclasses.replace(config, model=model, **rows.get(model, {}))
     config = dataclasses.replace(config, **overrides)
-    _validate(config, model_cfg.family, model_cfg.depths)
+    _validate(config, model_cfg)
     return config
 
 
-def _validate(config: TrainConfig, family: str, depths: tuple[int, ...]) -> None:
+def _validate(config: TrainConfig, model_cfg: ModelConfig) -> None:
+    family, depths = model_cfg.family, model_cfg.depths
     if config.amp not in ("bf16", "fp16", "off"):
         raise ValueError(f"--amp must be bf16, fp16 or off, got {config.amp!r}")
     if config.accum_steps < 1 or config.batch_size < 1:
@@ -183,6 +184,18 @@ def _validate(config: TrainConfig, family: str, depths: tuple[int, ...]) -> None
     if config.epochs < 1 or config.warmup_epochs < 0:
         raise ValueError(f"--epochs must be >= 1 and --warmup-epochs >= 0, got {config.epochs} and "
                          f"{config.warmup_epochs}")
+    if config.warmup_epochs > config.epochs:  # the lr would climb all run and never decay (official code: assert)
+        raise ValueError(f"--warmup-epochs {config.warmup_epochs:g} is longer than the run's --epochs {config.epochs} "
+                         f"(preset {config.preset}): pass --warmup-epochs {config.epochs} or less")
+    if config.lr_ref_batch < 1:
+        raise ValueError(f"--lr-ref-batch (the total batch --base-lr is given at) must be >= 1, got "
+                         f"{config.lr_ref_batch}")
+    if config.max_steps_per_epoch < 0:
+        raise ValueError(f"--max-steps-per-epoch must be >= 0 (0: the whole epoch), got {config.max_steps_per_epoch}")
+    stride = model_cfg.total_stride_px
+    if config.input_size < stride:  # its last feature map would be empty: the first forward pass would fail
+        raise ValueError(f"--input-size {config.input_size} is too small for {config.model}, which downsamples its "
+                         f"input {stride}x: pass --input-size {stride} or more")
     # (0, 1]: what the exported manifest's preprocess takes; above 1 the evaluation crop would pad the image.
     if not 0.0 < config.crop_pct <= 1.0:
         raise ValueError(f"--crop-pct (the share of the resized image the evaluation crop keeps) must be in (0, 1], "

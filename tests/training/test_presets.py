@@ -120,10 +120,27 @@ def test_in22k_runs_without_evaluation_like_the_official_commands():
 @pytest.mark.parametrize("field, value", [
     ("crop_mode", "border"), ("model_key", "state_dict"), ("layer_decay", 1.5), ("drop_path", 1.0), ("batch_size", 63),
     ("crop_pct", 0.0), ("crop_pct", 1.2), ("interpolation", "bilinearx"), ("label_smoothing", 1.0),
-    ("ema_decay", 1.5), ("ema_decay", -0.5), ("epochs", 0), ("warmup_epochs", -1.0)])
+    ("ema_decay", 1.5), ("ema_decay", -0.5), ("epochs", 0), ("warmup_epochs", -1.0), ("lr_ref_batch", 0),
+    ("max_steps_per_epoch", -1), ("input_size", 16)])
 def test_values_the_recipe_cannot_run_are_refused(field, value):
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         resolve("in1k", {field: value})
+
+
+def test_a_warmup_longer_than_the_run_is_refused_and_one_as_long_accepted():
+    """in1k's 20 warmup epochs in a 10-epoch run: the lr would climb all run to half its peak, never decaying."""
+    with pytest.raises(ValueError, match="--warmup-epochs 20 is longer than the run's --epochs 10 .*in1k"):
+        resolve("in1k", {"epochs": 10})
+    assert resolve("in1k", {"epochs": 20}).warmup_epochs == 20
+
+
+def test_an_input_size_under_the_models_stride_is_refused_before_any_work():
+    """Training's first forward pass would fail after the datasets load (minutes on ImageNet)."""
+    with pytest.raises(ValueError, match="--input-size 16 is too small for convnext_atto, .* 32x"):
+        resolve("demo", {"input_size": 16})
+    with pytest.raises(ValueError, match="--input-size 8 is too small for convnext_isotropic_small, .* 16x"):
+        resolve("in1k", {"model": "convnext_isotropic_small", "input_size": 8})
+    assert resolve("in1k", {"model": "convnext_isotropic_small", "input_size": 16}).input_size == 16
 
 
 @pytest.mark.parametrize("spec, why", [("bogus", "Unknown AA policy"), ("rand-mX", "section 'mX' has no value"),
