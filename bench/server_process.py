@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -76,7 +77,7 @@ def server_process(module: str, args: Sequence[str], ready_path: str, ready_time
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", module, *args, "--port", str(port)]
-    with tempfile.TemporaryFile() as log:
+    with tempfile.TemporaryFile() as log, _sigterm_unwinds():
         # A session of its own, so teardown reaches the server's worker processes too (LitServe spawns some).
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                    env=None if env is None else {**os.environ, **env}, cwd=cwd)
@@ -85,6 +86,27 @@ def server_process(module: str, args: Sequence[str], ready_path: str, ready_time
             yield RunningServer(url, process.pid)
         finally:
             _stop_group(process)
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM (timeout(1), a CI cancel, kill) raises SystemExit(143) instead of ending the
+    process on the spot: the server is in a session of its own, so nothing else would stop it, and only an unwinding
+    `finally` does. The previous handler is back afterwards. Python runs signal handlers in the main thread only, and
+    only there may one be set: elsewhere this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which cannot be put back; the default is the nearest
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the server's stop short
+    raise SystemExit(128 + signum)
 
 
 def _wait_ready(process: subprocess.Popen, ready_url: str, timeout_s: float, log: IO[bytes]) -> None:
@@ -101,8 +123,11 @@ def _wait_ready(process: subprocess.Popen, ready_url: str, timeout_s: float, log
 
 
 def _answers_ok(url: str) -> bool:
+    # Asked of 127.0.0.1 directly: urllib's default opener sends it to an http_proxy from the environment (a CI
+    # runner's, a corporate host's) unless no_proxy lists it, and a proxy cannot reach this host's loopback.
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with direct.open(url, timeout=2) as response:
             return response.status == 200
     except OSError:  # nothing listening yet (URLError), or an HTTPError such as 503 while the model loads
         return False

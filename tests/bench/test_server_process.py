@@ -1,14 +1,20 @@
-"""bench.server_process against a real subprocess: ready -> yields its URL, stopped on exit; a failed start says why."""
+"""bench.server_process against a real subprocess: ready -> yields its URL, stopped on exit (a SIGTERM to the bench
+included); a failed start says why; an http_proxy in the environment is not asked for loopback."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from bench.server_process import server_process
 
 TOY = "tests.bench.toy_server"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_ready_server_yields_its_url_and_is_stopped_on_exit():
@@ -35,3 +41,60 @@ def test_a_server_never_ready_times_out_with_its_log_and_is_stopped():
     port = int(str(error.value).split("toy server starting on port ")[1].split()[0])
     with pytest.raises(OSError):  # stopped: nothing listens on its port any more
         urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2)
+
+
+# A bench holding a server, as `timeout`, a CI cancel or `kill` finds it: it prints the server's pid, then waits.
+BENCH_HOLDING_A_SERVER = """
+import time
+from bench.server_process import server_process
+with server_process("tests.bench.toy_server", [], "/readyz", ready_timeout_s=30) as server:
+    print(server.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_bench_sent_sigterm_stops_its_server_before_it_exits():
+    # The server runs in a session of its own: a bench that SIGTERM ended without unwinding left it running.
+    bench = subprocess.Popen([sys.executable, "-c", BENCH_HOLDING_A_SERVER], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    server_pid = None
+    try:
+        server_pid = int(bench.stdout.readline())
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):  # the server's whole process group is gone
+            os.killpg(server_pid, 0)
+    finally:
+        bench.kill()
+        bench.wait()
+        if server_pid is not None:  # what this test started, were it left behind
+            try:
+                os.killpg(server_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_sigterm_unwinds_only_while_a_server_is_up_and_the_previous_handler_is_put_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with server_process(TOY, [], "/readyz", ready_timeout_s=30):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# In a process of its own: urllib keeps the opener (and the proxies) of its first urlopen, which the tests above made.
+BENCH_BEHIND_A_PROXY = """
+from bench.server_process import server_process
+with server_process("tests.bench.toy_server", [], "/readyz", ready_timeout_s=15) as server:
+    print("ready", server.url)
+"""
+
+
+def test_readiness_is_asked_of_loopback_directly_whatever_http_proxy_says():
+    # A proxy (here one that nothing answers for) cannot reach this host's loopback: asked through it, a server
+    # that is up was never seen as ready.
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update(PYTHONPATH=str(ROOT), http_proxy="http://127.0.0.1:9")
+    done = subprocess.run([sys.executable, "-c", BENCH_BEHIND_A_PROXY], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ready http://127.0.0.1:")
