@@ -31,7 +31,7 @@ from bench.host import cpu_model, host_description
 from bench.http_client import run_client
 from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
-from bench.report import pyplot, save_figure
+from bench.report import format_ms, pyplot, save_figure
 from bench.server_process import measurement_pins, service
 from convnext_common import CliParser, add_version_argument, positive_int
 from convnext_files import write_text_atomic
@@ -185,8 +185,8 @@ def print_tables(rows: list[dict]) -> None:
             served = lone.get("served_preprocess_p50_ms")  # not in runs that predate it
             print(f"| {label(r)} | {r['decode_mode']} | {size} | "
                   f"{lone['client_p50_ms']:.1f} | {lone['inference_p50_ms']:.1f} | "
-                  f"{r['alone']['batch1_p50_ms']:.1f} | {'-' if served is None else f'{served:.1f}'} | "
-                  f"{lone['preprocess_ms']:.1f} | {lone['overhead_ms']:.1f} |")
+                  f"{r['alone']['batch1_p50_ms']:.1f} | {format_ms(served)} | "
+                  f"{lone['preprocess_ms']:.1f} | {format_ms(lone['overhead_ms'])} |")
 
 
 def with_run_facts(rows: list[dict], architecture: str, max_batch_size: int) -> list[dict]:

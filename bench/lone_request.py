@@ -10,7 +10,9 @@ to the answer), `queue_ms` and `inference_ms` (the engine call inside the servic
   the same run): any difference is interference from everything else the process does.
 
 Its overhead, per request: client latency - that image's own preprocessing - its batch-1 inference, both as the
-service timed them; `overhead_p50_ms` is the median of those (not a difference of medians).
+service timed them; `overhead_p50_ms` is the median of those (not a difference of medians). A service that does not
+report `preprocess_ms` (trees before it, which scripts/compare_service_trees.py measures too) leaves both its median
+and the overhead unknown: None.
 """
 from __future__ import annotations
 
@@ -41,11 +43,13 @@ def lone_requests(url: str, payloads: list[bytes], requests: int, warmup: int = 
             timings = json.loads(body)["results"][0]["timings"]
             if index >= warmup:
                 rows.append((client_ms, timings["total_ms"], timings["queue_ms"], timings["inference_ms"],
-                             timings["preprocess_ms"]))
+                             timings.get("preprocess_ms")))
     finally:
         connection.close()
-    client, server, queue, inference, preprocess = (median(r[k] for r in rows) for k in range(5))
+    client, server, queue, inference = (median(r[k] for r in rows) for k in range(4))
+    preprocess_known = all(r[4] is not None for r in rows)
     return {"requests": len(rows), "client_p50_ms": client, "server_p50_ms": server, "queue_p50_ms": queue,
-            "inference_p50_ms": inference, "served_preprocess_p50_ms": preprocess, "http_ms": client - server,
-            "preprocess_and_handoffs_ms": server - queue - inference,
-            "overhead_p50_ms": median(r[0] - r[4] - r[3] for r in rows)}
+            "inference_p50_ms": inference,
+            "served_preprocess_p50_ms": median(r[4] for r in rows) if preprocess_known else None,
+            "http_ms": client - server, "preprocess_and_handoffs_ms": server - queue - inference,
+            "overhead_p50_ms": median(r[0] - r[4] - r[3] for r in rows) if preprocess_known else None}

@@ -68,24 +68,31 @@ def main(argv: list[str] | None = None) -> int:
         for label, tree in trees if round_index % 2 == 0 else reversed(trees):
             runs[label].append(measure(tree, args, payloads, lone))
             print(json.dumps({"round": round_index, "tree": label, **runs[label][-1]}), flush=True)
+            if args.output:  # as it goes: a tree that fails in a later round loses none of the minutes before it
+                write_text_atomic(args.output, json.dumps(runs, indent=2))
     print(f"\nload average after {os.getloadavg()[0]:.2f}\n\n| measure | before | after | after / before |\n"
           "|---|---|---|---|")
     for concurrency in args.concurrency:
         for key, unit in (("images_per_s", "images/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")):
-            before = median(r[f"c{concurrency}"][key] for r in runs["before"])
-            after = median(r[f"c{concurrency}"][key] for r in runs["after"])
-            print(f"| /classify c={concurrency} {unit} | {before:.1f} | {after:.1f} | {after / before:.2f} |")
-    lone_key = "client_p50_ms"
-    before = median(r["lone"][lone_key] for r in runs["before"])
-    after = median(r["lone"][lone_key] for r in runs["after"])
-    print(f"| lone request (500x375 JPEG) client p50 ms | {before:.1f} | {after:.1f} | {after / before:.2f} |")
-    before = median(r["lone"]["overhead_p50_ms"] for r in runs["before"])
-    after = median(r["lone"]["overhead_p50_ms"] for r in runs["after"])
-    print(f"| lone request overhead ms (client - its preprocess - its inference) | {before:.2f} | {after:.2f} | "
-          f"{after / before:.2f} |")
-    if args.output:
-        write_text_atomic(args.output, json.dumps(runs, indent=2))
+            print(table_row(f"/classify c={concurrency} {unit}", runs, f"c{concurrency}", key, 1))
+    print(table_row("lone request (500x375 JPEG) client p50 ms", runs, "lone", "client_p50_ms", 1))
+    print(table_row("lone request overhead ms (client - its preprocess - its inference)", runs, "lone",
+                    "overhead_p50_ms", 2))
     return 0
+
+
+def median_over_rounds(runs: list[dict], section: str, key: str) -> float | None:
+    """The median of run[section][key] over a tree's rounds; None when a round has none (no request succeeded, or a
+    tree whose service does not report what it needs: preprocess_ms, for the overhead)."""
+    values = [run[section][key] for run in runs]
+    return None if any(v is None for v in values) else median(values)
+
+
+def table_row(measure: str, runs: dict[str, list[dict]], section: str, key: str, decimals: int) -> str:
+    before, after = (median_over_rounds(runs[label], section, key) for label in ("before", "after"))
+    cells = ["-" if v is None else f"{v:.{decimals}f}" for v in (before, after)]
+    ratio = "-" if before is None or after is None or before == 0 else f"{after / before:.2f}"
+    return f"| {measure} | {cells[0]} | {cells[1]} | {ratio} |"
 
 
 if __name__ == "__main__":

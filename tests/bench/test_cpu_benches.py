@@ -193,3 +193,7 @@ def test_the_lone_request_table_prints_the_preprocessing_its_overhead_subtracts(
     assert "| served preprocess ms | preprocess ms (one thread, bench) | overhead ms |" in printed
     assert "| exact | 500x375 | 9.0 | 5.0 | 5.0 | 2.5 | 2.0 | 2.0 |" in printed
     assert "| fast | 500x375 | 9.0 | 5.0 | 5.0 | - | 2.0 | 2.0 |" in printed  # a run from before it was kept
+    unknown = served_row("exact")
+    unknown["lone"]["500x375"]["overhead_ms"] = None  # a service that does not report preprocess_ms (lone_request)
+    cpu_serving.print_tables([unknown])
+    assert "| exact | 500x375 | 9.0 | 5.0 | 5.0 | - | 2.0 | - |" in capsys.readouterr().out
