@@ -149,7 +149,8 @@ def prepared_posts(url: str, payloads: list[bytes], form_field: str | None = Non
 async def closed_loop(url: str, payloads: list[bytes], concurrency: int, max_requests: int,
                       max_seconds: float, timeout_s: float = 60.0, form_field: str | None = None,
                       steady: bool = False) -> LoadResult:
-    """`concurrency` workers, each on its own connection, sending the next request as soon as the last answers.
+    """`concurrency` workers, each on its own connection, sending the next request as soon as the last answers; the
+    payloads go in turn across all workers, so each is sent an equal share of the requests.
 
     steady: the load runs max_seconds / 4 longer on each side of a max_seconds window, and only the requests that
     complete inside the window count: the ramp-up of `concurrency` requests and the drain of the last ones, whose
@@ -165,17 +166,19 @@ async def closed_loop(url: str, payloads: list[bytes], concurrency: int, max_req
     deadline = start + max_seconds + 2 * margin
     sent = 0
 
-    async def worker(index: int) -> None:
+    async def worker() -> None:
         nonlocal sent
         connection = Connection.for_url(url)
         try:
             while sent < max_requests and time.perf_counter() < deadline:
-                sent += 1
-                await _send(connection, requests[(sent + index) % len(requests)], result, errors, timeout_s, window)
+                # Round robin by the count sent alone: a pick that also depended on which client is free tied the mix
+                # of upload sizes to the order clients resume in (a batch answered together skewed it 277:166).
+                request, sent = requests[sent % len(requests)], sent + 1
+                await _send(connection, request, result, errors, timeout_s, window)
         finally:
             await connection.close()
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     result.elapsed_s = max_seconds if steady else time.perf_counter() - start
     result.errors = dict(errors)
     return result

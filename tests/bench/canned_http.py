@@ -10,10 +10,11 @@ from collections.abc import Awaitable, Callable
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def answering(response: bytes, delay_s: float = 0.0, period_s: float = 0.0) -> Handler:
+def answering(response: bytes, delay_s: float = 0.0, period_s: float = 0.0,
+              received: list[bytes] | None = None) -> Handler:
     """An asyncio.start_server handler that answers each request on a connection with `response`, after `delay_s`, or
     (period_s) at the next tick of a clock ticking every period_s from half a period after this call: the requests
-    waiting then are answered together, as a batching server answers a batch."""
+    waiting then are answered together, as a batching server answers a batch. `received` collects each body."""
     epoch = time.perf_counter() + period_s / 2
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -22,7 +23,9 @@ def answering(response: bytes, delay_s: float = 0.0, period_s: float = 0.0) -> H
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                               if line.lower().startswith(b"content-length"))
-                await reader.readexactly(length)
+                body = await reader.readexactly(length)
+                if received is not None:
+                    received.append(body)
                 if delay_s:
                     await asyncio.sleep(delay_s)
                 if period_s:
