@@ -168,7 +168,9 @@ def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -
         served = f"{preset.variants[0][0].replace('_', '-')}-{preset.variants[0][1]}"
         engine = preset.service
         served_provider = "tensorrt-engine" if engine.engine == "tensorrt" else engine.provider
-        # The raw engine the service runs: efficiency and the low-load comparison are against it.
+        # The sweep's rows of the engine the service runs: efficiency and the low-load comparison are against them.
+        # On the CPU that is the served engine; with --gpu the sweep's TensorRT engine (opt 64), not the service's own
+        # build (opt = its max batch size), and the report says so.
         engine_rows = [r for r in results["compare"]["models"][0]["results"]
                        if r["precision"] == engine.precision and r["provider"] == served_provider]
         results["served_engine"] = {**asdict(engine), "engine_rows": f"{engine.precision}/{served_provider}"}
@@ -211,7 +213,7 @@ def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -
 def save_phase(results: dict, phase: str | None, outcome: str | None, out_dir: Path,
                engine_rows: list[dict]) -> None:
     """Record how `phase` ended and write the report as it stands (each closed-loop run's service efficiency
-    against the served engine alone at the service's max batch size; open loops are paced by their arrival rate)."""
+    against the sweep's engine alone at the service's max batch size; open loops are paced by their arrival rate)."""
     if phase is not None:
         results["phases"][phase] = outcome
     for run in results["load"]:

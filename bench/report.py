@@ -1,7 +1,8 @@
 """Benchmark report: results.json, report.md (Markdown tables) and PNG plots (matplotlib, Agg backend).
 
 Service efficiency = end-to-end images/s / engine-alone images/s at the service's max batch size: the share of the
-bare engine's throughput that survives HTTP, JPEG decode, preprocessing and the batcher.
+bare engine's throughput that survives HTTP, JPEG decode, preprocessing and the batcher. The engine alone is the
+sweep's: on a GPU its TensorRT engine is the sweep's build (opt 64), not the one the service builds (efficiency_line).
 """
 from __future__ import annotations
 
@@ -84,9 +85,7 @@ def markdown(results: dict) -> str:
         parts += [f"Under load, ours runs {engines['ours']} and the LitServe peer {engines['litserve']}"
                   + ("." if same else ": not the same engine (the peer runs ONNX Runtime only), so the gap between "
                      "them is the engines' as well as the serving stacks'."), ""]
-    served = results.get("served_engine", {}).get("engine_rows", "fp32/cpu")
-    parts += [f"Service efficiency (closed loop) = end-to-end images/s / the served engine alone ({served}) images/s "
-              f"at batch {results.get('efficiency_batch_size', '?')}, the service's max batch size.", ""]
+    parts += [efficiency_line(results), ""]
     parts += activation_and_baseline_sections(results)
     parts += low_load_and_preprocess_sections(results)
     if results.get("batch_distribution"):
@@ -94,6 +93,24 @@ def markdown(results: dict) -> str:
         parts += ["## Engine batch sizes during our load runs (service /metrics convnext_batch_size)", "",
                   _table(["batch size <=", "batches"], rows), ""]
     return "\n".join(parts)
+
+
+def efficiency_line(results: dict) -> str:
+    """What the closed loops' service efficiency divides by: the sweep's rows of the engine the service runs. On the CPU
+    that is the served engine (its ONNX file in an ONNX Runtime session); a TensorRT engine of the sweep was built for
+    the sweep's largest batch (opt 64), the service's own for its max batch size, so it is named as the sweep's."""
+    served = results.get("served_engine", {}).get("engine_rows", "fp32/cpu")
+    precision, _, provider = served.partition("/")
+    opts = sorted({r["opt_batch"] for r in results["compare"]["models"][0]["results"]
+                   if (r["precision"], r["provider"]) == (precision, provider) and r.get("opt_batch") is not None})
+    batch = results.get("efficiency_batch_size", "?")
+    if not opts:
+        return (f"Service efficiency (closed loop) = end-to-end images/s / the served engine alone ({served}) images/s "
+                f"at batch {batch}, the service's max batch size.")
+    service_opt = results["config"].get("max_batch_size", "its max batch size")
+    return (f"Service efficiency (closed loop) = end-to-end images/s / the sweep's engine alone ({served}, opt "
+            f"{'/'.join(map(str, opts))}) images/s at batch {batch}, the service's max batch size: not the engine the "
+            f"service serves, which it builds itself (opt {service_opt}).")
 
 
 def phases_lines(results: dict) -> list[str]:

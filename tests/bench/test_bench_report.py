@@ -70,6 +70,21 @@ def test_report_says_when_the_peer_runs_another_engine_and_notes_the_closed_loop
     assert cpu.service.label == cpu.peer_engine.label == "ONNX Runtime CPU fp32"
 
 
+def test_efficiency_names_its_denominator_the_sweeps_tensorrt_engine_not_the_served_one(results):
+    assert ("Service efficiency (closed loop) = end-to-end images/s / the served engine alone (fp32/cpu) images/s at "
+            "batch 8, the service's max batch size.") in markdown({**results, "efficiency_batch_size": 8})
+    # bench all --gpu: the sweep's TensorRT engine is built for its largest batch (opt 64); the service builds its own.
+    sweep = [{**engine_row(batch, 10), "precision": "fp16", "provider": "tensorrt-engine", "opt_batch": 64}
+             for batch in (1, 8, 64)]
+    results["compare"]["models"][0]["results"] += sweep
+    results["served_engine"] = {"engine": "tensorrt", "provider": "cuda", "precision": "fp16",
+                                "engine_rows": "fp16/tensorrt-engine"}
+    report = markdown({**results, "config": {"name": "smoke-gpu", "max_batch_size": 8}, "efficiency_batch_size": 8})
+    assert ("/ the sweep's engine alone (fp16/tensorrt-engine, opt 64) images/s at batch 8, the service's max batch "
+            "size: not the engine the service serves, which it builds itself (opt 8).") in report
+    assert "served engine alone" not in report
+
+
 def test_gpu_run_names_the_gpu_on_the_host_line(monkeypatch):
     looked_up = []
 
