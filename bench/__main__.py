@@ -31,6 +31,7 @@ from convnext_common import (
     positive_int,
     positive_number,
     prog_name,
+    usable_cpus,
 )
 from export.onnx import PRECISIONS
 from runtime.repository import MANIFEST_FILE, ModelRepository, RepositoryError
@@ -315,7 +316,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     engine.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="the file's precision when no model repository manifest lists it (the row's label, and "
                              "TensorRT's precision flags)")
-    engine.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    engine.add_argument("--threads", type=positive_int, default=usable_cpus())
     engine.add_argument("--iterations", type=positive_int, default=30)
     load = sub.add_parser("load", help="HTTP load against a loopback URL (closed loop, or open loop with --rate)")
     load.add_argument("url")
@@ -334,7 +335,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     everything.add_argument("--gpu", action="store_true",
                             help="engine sweep also on ORT's CUDA and TensorRT providers; service on CUDA")
     everything.add_argument("--no-peer", action="store_true", help="skip the LitServe peer")
-    everything.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    everything.add_argument("--threads", type=positive_int, default=usable_cpus())
     everything.add_argument("--out", type=Path, default=Path("bench-results"))
     return parser
 

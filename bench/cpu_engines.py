@@ -38,10 +38,10 @@ import numpy as np
 from PIL import Image
 from threadpoolctl import threadpool_limits  # scikit-learn's dependency (the bench extra)
 
-from bench.host import cpu_model
+from bench.host import cores_description, cpu_model
 from bench.loadgen import photo_paths
 from bench.preprocess_cost import median_ms
-from convnext_common import CliParser, add_version_argument, positive_int
+from convnext_common import CliParser, add_version_argument, positive_int, usable_cpus
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.decode import FAST_DECODE_HEADROOM
@@ -272,7 +272,7 @@ def load_average() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m bench cpu", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_version_argument(parser)
@@ -282,12 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="per configuration per round")
-    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=positive_int, default=usable_cpus())
     parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
 
-    print(f"{cpu_model()}, {os.cpu_count()} cores, load average before {load_average()}")
+    print(f"{cpu_model()}, {cores_description()}, load average before {load_average()}")
     if args.what == "decode":
         # ConvNeXt-T's evaluation transform (224 crop, crop_pct 0.875 -> resize 256), as the repository writes it.
         spec = Preprocess(resize_px=256, crop_px=224, crop_pct=0.875, interpolation="bicubic",

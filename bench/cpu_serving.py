@@ -27,13 +27,13 @@ from statistics import median
 import numpy as np
 
 from bench import cpu_engines
-from bench.host import cpu_model, host_description
+from bench.host import cores_description, cpu_model, host_description
 from bench.http_client import run_client
 from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.report import format_ms, pyplot, save_figure
 from bench.server_process import measurement_pins, service
-from convnext_common import CliParser, add_version_argument, positive_int
+from convnext_common import CliParser, add_version_argument, positive_int, usable_cpus
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.engines.openvino import cpu_supports_bf16
@@ -128,7 +128,7 @@ def measure(version, repository: Path, model: str, args) -> list[dict]:
     payloads = payload_sets()
     spec = version.manifest.preprocess
     # Each row says where and what it measured, so that --from-json plots it under its own CPU, not the replotter's.
-    run = {"cpu": f"{cpu_model()}, {os.cpu_count()} cores", "architecture": version.manifest.architecture,
+    run = {"cpu": f"{cpu_model()}, {cores_description()}", "architecture": version.manifest.architecture,
            "max_batch_size": args.max_batch_size, "threads": args.threads}
     rows = []
     for config in SERVICES:
@@ -217,7 +217,7 @@ def save_plot(rows: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m bench cpu-serving", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_version_argument(parser)
@@ -227,12 +227,17 @@ def main(argv: list[str] | None = None) -> int:
                         "(and, with --from-json, the plot's title when that JSON did not record it)")
     parser.add_argument("--seconds", type=float, default=15.0, help="per load level, and for the engine alone")
     parser.add_argument("--lone-requests", type=positive_int, default=30)
-    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=positive_int, default=usable_cpus())
     parser.add_argument("--max-batch-size", type=positive_int, default=8,
                         help="the service's (and, with --from-json, the plot's when that JSON did not record it)")
     parser.add_argument("--output", type=Path, default=Path("cpu_serving.json"))
     parser.add_argument("--plot", type=Path, default=None, help="also save the images/s bar chart (PNG) here")
     parser.add_argument("--from-json", type=Path, default=None, help="print and plot an earlier run's --output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.from_json is not None:
         rows = with_run_facts(json.loads(args.from_json.read_text()), args.architecture, args.max_batch_size)

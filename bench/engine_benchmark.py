@@ -6,13 +6,13 @@ comparison is fair, but nothing here measures accuracy (the top-1 numbers in PUB
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from convnext_common import usable_cpus
 from export.onnx import export_onnx_version
 from runtime.engines.tensorrt import TensorRTEngine
 from runtime.ort_session import (
@@ -66,7 +66,7 @@ def make_session(onnx_path: Path, provider: str = "cpu", threads: int | None = N
 
     available_provider(provider)  # refused before its options are built from the file
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads or usable_cpus()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     provider_options = gpu_provider_options(onnx_path, provider, precision, max_batch_size)
     return create_session(onnx_path, provider, options, provider_options)
@@ -169,7 +169,7 @@ def benchmark_onnx(onnx_path: Path, batch_sizes: Sequence[int], *, provider: str
                    max_batch_size: int | None = None) -> list[EngineResult]:
     """ONNX Runtime images/s and p50/p99 per batch size. The TensorRT provider's profile covers batch
     1..max_batch_size (default: the largest batch size timed), opt = max as the service's (the rows say so)."""
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cpus()
     max_batch_size = max_batch_size or max(batch_sizes)
     if max_batch_size < max(batch_sizes):
         raise ValueError(f"max_batch_size {max_batch_size} is under the largest batch size timed, {max(batch_sizes)}")
@@ -228,7 +228,7 @@ def compare_models(repository_root: Path, variants: Sequence[tuple[str, str]], p
                      "published_top1": top1, "published_top1_source": source,
                      "measured_top1": "not measured here (no ImageNet)", "weights": "random init (speed only)",
                      "results": []}
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cpus()
     for provider in providers:
         for precision in dict.fromkeys(["fp32", *precisions]):
             if precision == "bf16":  # ONNX Runtime has no bfloat16 Conv: the variant is TensorRT's

@@ -5,6 +5,8 @@ import os
 import platform
 from pathlib import Path
 
+from convnext_common import usable_cpus
+
 
 def cpu_model() -> str:
     """The CPU's name and widest SIMD: numbers from different CPUs are not comparable, so the report names it."""
@@ -17,9 +19,16 @@ def cpu_model() -> str:
     return f"{name} ({simd})"
 
 
+def cores_description() -> str:
+    """The cores this process may run on (its affinity mask: taskset, a container's cpuset), as the service counts
+    them for its threads, and the machine's count beside them when the mask leaves some out."""
+    usable, machine = usable_cpus(), os.cpu_count() or 1
+    return f"{usable} cores" if usable >= machine else f"{usable} usable of {machine} cores"
+
+
 def host_description(gpu_target=None) -> str:
     """Platform, CPU and cores; and the GPU of `gpu_target` (runtime.tensorrt.tensorrt_target()) when a run uses one."""
-    host = f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cores"
+    host = f"{platform.platform()}, {cpu_model()}, {cores_description()}"
     if gpu_target is not None:
         host += f", GPU {gpu_target.device_name} (compute capability {gpu_target.compute_capability})"
     return host

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from bench.host import cpu_model
-from convnext_common import CliParser, add_version_argument, positive_int
+from bench.host import cores_description, cpu_model
+from convnext_common import CliParser, add_version_argument, positive_int, usable_cpus
 from model import create_model
 from model.flops import measure
 
@@ -22,7 +22,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-size", type=positive_int, default=224)
     parser.add_argument("--warmup-iters", type=positive_int, default=3)
     parser.add_argument("--timed-iters", type=positive_int, default=10)
-    parser.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="default: every core")
+    parser.add_argument("--threads", type=positive_int, default=usable_cpus(),
+                        help="default: every core this process may use")
     return parser
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+    print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {cores_description()}, "
           f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min), fp32, eval, inference_mode, "
           f"{args.warmup_iters} warm-up + {args.timed_iters} timed iterations\n")
     header = ["model", "activation", "params (M)", "GMACs"]

@@ -13,11 +13,11 @@ Run: python -m bench.peer_litserve --repository DIR --port 8100 [--max-batch-siz
 from __future__ import annotations
 
 import argparse
-import os
 
 import litserve as ls
 import numpy as np
 
+from convnext_common import usable_cpus
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.preprocess import preprocess
 from runtime.repository import ModelRepository, Preprocess
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=usable_cpus())
     parser.add_argument("--max-pixels", type=int, default=40_000_000)
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")

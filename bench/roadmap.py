@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convnext_common import CliParser, add_version_argument, positive_int, prog_name
+from convnext_common import CliParser, add_version_argument, positive_int, prog_name, usable_cpus
 from export.onnx import export_onnx_version
 from model import create_model
 from model.__main__ import roadmap_rows
@@ -149,8 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="CPU engines: alternating rounds over every step per batch size (the order reversed "
                              "every other round)")
     parser.add_argument("--input-size", type=positive_int, default=224, help="square input side in px")
-    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
-                        help="engine threads (default: every core)")
+    parser.add_argument("--threads", type=positive_int, default=usable_cpus(),
+                        help="engine threads (default: every core this process may use)")
     parser.add_argument("--engines", nargs="+", default=["cpu"], metavar="NAME",
                         help=f"engines or groups to time (default: cpu): {sorted(GROUPS)} or "
                              f"{[*CPU_ENGINES, *GPU_ENGINES]}; gpu = TensorRT fp16 + bf16 engines and ONNX Runtime "

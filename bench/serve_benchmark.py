@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from bench.host import host_description
 from bench.loadgen import closed_loop, jpeg_payloads
 from bench.report import format_ms
 from bench.server_process import measurement_pins, service
-from convnext_common import CliParser, add_version_argument, positive_int
+from convnext_common import CliParser, add_version_argument, positive_int, usable_cpus
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -69,7 +68,7 @@ def engine_best(engine: dict[int, float], max_batch_size: int) -> tuple[int, flo
     return max(((size, rate) for size, rate in engine.items() if size <= max_batch_size), key=lambda item: item[1])
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m bench serve", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_version_argument(parser)
@@ -79,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
-    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=positive_int, default=usable_cpus())
     parser.add_argument("--max-batch-size", type=positive_int, default=8)
     parser.add_argument("--output", type=Path, default=Path("serve_benchmark.json"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     if min(args.batch_sizes) > args.max_batch_size:
         parser.error(f"no --batch-sizes value is <= --max-batch-size {args.max_batch_size}: nothing to compare the "

@@ -162,7 +162,7 @@ def run_soak(repository: Path | None, minutes: float, window_s: float, rate_frac
         raise ValueError(f"--minutes {minutes} gives fewer than two {window_s} s windows: nothing to compare")
     payloads = jpeg_payloads(sizes=((500, 375),))
     host = host_description()
-    print(f"{host}; the service on its default threads (every core)", flush=True)
+    print(f"{host}; the service on its default threads (every core it may use)", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         repository = repository or export_atto(Path(scratch) / "models")
         with service(service_args(repository, queue_size, max_batch_size)) as server:

@@ -22,10 +22,11 @@ import shlex
 from pathlib import Path
 from statistics import median
 
-from bench.host import cpu_model
+from bench.host import cores_description, cpu_model
 from bench.loadgen import closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.server_process import server_process
+from convnext_common import usable_cpus
 from convnext_files import write_text_atomic
 
 
@@ -45,7 +46,7 @@ def measure(tree: Path, args, payloads: list[bytes], lone: list[bytes]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, required=True)
     parser.add_argument("--after", type=Path, default=Path("."))
@@ -55,13 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--lone-requests", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=usable_cpus())
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--service-args", default="", help="more `python -m service` flags, for both trees")
     parser.add_argument("--output", type=Path, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     payloads, lone = jpeg_payloads(), jpeg_payloads(sizes=((500, 375),))
-    print(f"{cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{cpu_model()}, {cores_description()}, load average {os.getloadavg()[0]:.2f}", flush=True)
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for round_index in range(args.rounds):
         trees = (("before", args.before), ("after", args.after))

@@ -4,9 +4,11 @@ every bench, and which loop `bench load` runs for how long."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +105,41 @@ def test_a_rate_or_duration_that_is_not_above_zero_is_a_usage_error(flag, value,
         bench_main.main(["load", "http://127.0.0.1:8000/classify", flag, value])
     assert stopped.value.code == 2
     assert f"argument {flag}: must be a number above 0, got {value}" in capsys.readouterr().err
+
+
+# Every bench's --threads default and its host line, in a process allowed one CPU fewer than the machine has (as under
+# taskset or a container's cpuset).
+THREAD_DEFAULTS_UNDER_A_MASK = """
+import json, os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+sys.path.insert(0, "scripts")
+import compare_service_trees
+import bench.__main__ as bench_main
+from bench import cpu_engines, cpu_serving, serve_benchmark
+from bench.host import host_description
+from bench.model_throughput import get_args_parser as torch_parser
+from bench.roadmap import get_args_parser as roadmap_parser
+threads = {"all": bench_main.get_args_parser().parse_args(["all"]).threads,
+           "engine": bench_main.get_args_parser().parse_args(["engine", sys.executable]).threads,
+           "cpu": cpu_engines.get_args_parser().parse_args(["engines"]).threads,
+           "cpu-serving": cpu_serving.get_args_parser().parse_args([]).threads,
+           "serve": serve_benchmark.get_args_parser().parse_args([]).threads,
+           "torch": torch_parser().parse_args([]).threads, "roadmap": roadmap_parser().parse_args([]).threads,
+           "compare_service_trees": compare_service_trees.get_args_parser().parse_args(
+               ["--before", ".", "--repository", ".", "--model", "m"]).threads}
+print(json.dumps({"threads": threads, "host": host_description()}))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to leave one out of the mask")
+def test_thread_defaults_and_the_host_line_count_the_cpus_the_affinity_mask_allows():
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", THREAD_DEFAULTS_UNDER_A_MASK], cwd=root, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.splitlines()[-1])
+    assert measured["threads"] == dict.fromkeys(measured["threads"], 1)  # the service's usable_cpus(), not the machine
+    assert measured["host"].endswith(f", 1 usable of {os.cpu_count()} cores")
 
 
 @pytest.fixture()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import sys
 from statistics import median
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 
 from bench import cpu_engines, cpu_serving
-from bench.host import cpu_model
+from bench.host import cores_description, cpu_model
 from bench.loadgen import photo_paths
 from model.flops import measure
 from runtime.repository import ModelRepository, Preprocess
@@ -100,7 +99,7 @@ def test_cpu_serving_measures_the_service_against_its_engine(repository, tmp_pat
     assert [(r["decode_mode"], r["hint"]) for r in rows] == [("exact", "LATENCY"), ("fast", "THROUGHPUT")]
     for row in rows:  # what --from-json plots it under: this CPU, the served architecture, the max batch size
         assert (row["cpu"], row["architecture"], row["max_batch_size"]) == (
-            f"{cpu_model()}, {os.cpu_count()} cores", "convnext_atto", 8)
+            f"{cpu_model()}, {cores_description()}", "convnext_atto", 8)
         assert row["alone"]["images_per_s"] > 0 and row["c8_efficiency"] > 0 and row["c32_efficiency"] > 0
         assert row["c8"]["elapsed_s"] == 1.0 and not row["c8"]["errors"]  # the steady window, nothing refused
         for name in cpu_serving.PHONE_SETS:  # 12-MP uploads: the upscaled photo and the native-resolution mosaic
