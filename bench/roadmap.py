@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_roadmap(args, plan: EnginePlan, factories: dict[str, EngineFactory], target) -> tuple[dict, dict[str, str]]:
     """Every step on every planned engine; the results document (failed engines left out) and the failures."""
-    rows = roadmap_rows(args.regime, args.steps)
+    rows = roadmap_rows(args.regime, args.steps, args.input_size)  # GMACs at the size timed, not the paper's 224
     precisions = onnx_precisions(plan.gpu, target.weakly_typed if target is not None else False)
     load_before = os.getloadavg()
     print(f"roadmap {args.regime}: {len(rows)} steps x {plan.engines} x batch {args.batch_sizes}", flush=True)

@@ -103,6 +103,7 @@ def verdict(delta_top1: float, top1_std: float, delta_speed: float, noise: float
 
 def markdown(results: dict) -> str:
     cfg, points = results["config"], _points(results)
+    size = cfg["input_size"]
     load_before, load_after = results["load_average_before"], results["load_average_after"]
     parts = [f"# Roadmap benchmark: {cfg['source']} ({cfg['regime']}), every step on every "
              f"{results.get('device', 'CPU')} engine", "",
@@ -116,7 +117,8 @@ def markdown(results: dict) -> str:
     if results["skipped_engines"]:
         parts += [""] + [f"Not timed: {name}: {why}." for name, why in results["skipped_engines"].items()]
     parts += ["", f"Top-1 is the paper's (ImageNet-1K, {seed_std_note(results)}), never measured here; weights are "
-              "random (speed only). GMACs: conv + linear multiply-accumulates (`python -m model roadmap`).",
+              f"random (speed only). GMACs: conv + linear multiply-accumulates of one {size}x{size} image, the size "
+              "timed (`python -m model roadmap` gives them at 224 px, the paper's).",
               "", "## Images/s per step", ""]
     worst = max(s["parity_max_abs_diff"] for s in results["steps"])
     rows = [[s["row"], s["label"] + ("" if s["on_path"] else " (not kept)"), f"{s['params_m']:.2f}",

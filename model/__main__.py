@@ -97,23 +97,29 @@ def format_table() -> str:
     return "\n".join(lines)
 
 
-def roadmap_rows(regime: str, keys: Sequence[str] | None = None) -> list[dict]:
-    """Each step of `regime` (or those in `keys`): our params and GMACs beside the paper's GFLOPs and top-1 (delta:
-    vs the row it edits)."""
+ROADMAP_PAPER_INPUT_PX = 224  # Tables 10 and 11: every step's GFLOPs at 224 px
+
+
+def roadmap_rows(regime: str, keys: Sequence[str] | None = None,
+                 input_size_px: int = ROADMAP_PAPER_INPUT_PX) -> list[dict]:
+    """Each step of `regime` (or those in `keys`): our params and GMACs at `input_size_px` beside the paper's GFLOPs
+    and top-1 (delta: vs the row it edits). The paper's GFLOPs are at 224 px: at another size the GMACs are not set
+    against them (gmacs_vs_paper and matches_paper None)."""
     steps = steps_of(regime)
     by_key = {s.key: s for s in steps}
     rows = []
     for index, step in enumerate(steps):
         if keys is not None and step.key not in keys:
             continue
-        cost = measure(step.model, 224)
+        cost = measure(step.model, input_size_px)
         parent: Step | None = by_key.get(step.parent) if step.parent else None
-        error = relative_error(cost.gmacs, step.gflops)
+        error = relative_error(cost.gmacs, step.gflops) if input_size_px == ROADMAP_PAPER_INPUT_PX else None
         rows.append({
             "row": index, "key": step.key, "model": step.model, "label": step.label, "change": step.change,
             "recipe": step.recipe, "on_path": step.on_path, "parent": step.parent,
-            "params_m": round(cost.params_m, 3), "gmacs": round(cost.gmacs, 4), "paper_gflops": step.gflops,
-            "gmacs_vs_paper": round(error, 5), "matches_paper": abs(error) <= 0.01, "gflops_note": step.gflops_note,
+            "params_m": round(cost.params_m, 3), "input_size_px": input_size_px, "gmacs": round(cost.gmacs, 4),
+            "paper_gflops": step.gflops, "gmacs_vs_paper": None if error is None else round(error, 5),
+            "matches_paper": None if error is None else abs(error) <= 0.01, "gflops_note": step.gflops_note,
             "top1": step.top1, "top1_std": step.top1_std,
             "delta_top1": None if parent is None else round(step.top1 - parent.top1, 2),
             "delta_vs": None if parent is None else parent.label,

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from bench.roadmap_report import NOISE, PLOT, gelu_section, ledger, markdown, noise_level, verdict, write_report
+from model.flops import measure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -21,7 +22,9 @@ def test_roadmap_bench_runs_one_step_on_every_cpu_engine(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     (step,) = results["steps"]
     assert (step["model"], step["top1"], step["delta_top1"]) == ("roadmap_r50_gelu", 80.62, 0.05)
-    assert step["gmacs"] == pytest.approx(4.146, abs=1e-3)
+    # GMACs at the 32 px timed (the "input 32x32" the report heads them with), not the paper's 224 px (4.146).
+    assert step["gmacs"] == pytest.approx(measure("roadmap_r50_gelu", 32).gmacs, abs=1e-4) and step["gmacs"] < 0.2
+    assert step["input_size_px"] == 32 and step["gmacs_vs_paper"] is None
     assert step["parity_top1_agreement"] == 1.0 and step["parity_max_abs_diff"] < 1e-3
     assert {"onnxruntime-fp32", "pytorch-eager-fp32"} <= set(results["engines"])
     assert "openvino-f32" in results["engines"] or "not installed" in results["skipped_engines"]["openvino"]
@@ -35,6 +38,7 @@ def test_roadmap_bench_runs_one_step_on_every_cpu_engine(tmp_path):
     assert "Steps timed in 2 interleaved rounds per engine and batch size (every engine:" in report
     assert results["host"] in report and "Load average" in report and str(results["load_average_after"]) in report
     assert "Reproduce (one line): `nice -n 0 python -m bench roadmap --steps gelu" in report
+    assert "GMACs: conv + linear multiply-accumulates of one 32x32 image, the size timed" in report
     assert (tmp_path / PLOT).read_bytes().startswith(PNG_MAGIC)
 
 
