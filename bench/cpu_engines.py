@@ -41,7 +41,7 @@ from threadpoolctl import threadpool_limits  # scikit-learn's dependency (the be
 from bench.host import cores_description, cpu_model
 from bench.loadgen import photo_paths
 from bench.preprocess_cost import median_ms
-from convnext_common import CliParser, add_version_argument, positive_int, usable_cpus
+from convnext_common import CliParser, add_version_argument, positive_int, positive_number, usable_cpus
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.decode import FAST_DECODE_HEADROOM
@@ -281,7 +281,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="convnext-tiny")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--rounds", type=positive_int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0, help="per configuration per round")
+    parser.add_argument("--seconds", type=positive_number, default=3.0, help="per configuration per round")
     parser.add_argument("--threads", type=positive_int, default=usable_cpus())
     parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")

@@ -33,7 +33,7 @@ from bench.loadgen import PAYLOAD_SIZES, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.report import format_ms, pyplot, save_figure
 from bench.server_process import measurement_pins, service
-from convnext_common import CliParser, add_version_argument, positive_int, usable_cpus
+from convnext_common import CliParser, add_version_argument, positive_int, positive_number, usable_cpus
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.engines.openvino import cpu_supports_bf16
@@ -225,7 +225,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="convnext-tiny")
     parser.add_argument("--architecture", default="convnext_tiny", help="what to export without --repository "
                         "(and, with --from-json, the plot's title when that JSON did not record it)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="per load level, and for the engine alone")
+    parser.add_argument("--seconds", type=positive_number, default=15.0,
+                        help="per load level, and for the engine alone")
     parser.add_argument("--lone-requests", type=positive_int, default=30)
     parser.add_argument("--threads", type=positive_int, default=usable_cpus())
     parser.add_argument("--max-batch-size", type=positive_int, default=8,

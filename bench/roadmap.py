@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convnext_common import CliParser, add_version_argument, positive_int, prog_name, usable_cpus
+from convnext_common import CliParser, add_version_argument, positive_int, positive_number, prog_name, usable_cpus
 from export.onnx import export_onnx_version
 from model import create_model
 from model.__main__ import roadmap_rows
@@ -143,7 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", nargs="+", metavar="KEY", help="only these step keys (default: every row)")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8],
                         help="batch 1 and a throughput batch")
-    parser.add_argument("--seconds", type=float, default=2.5,
+    parser.add_argument("--seconds", type=positive_number, default=2.5,
                         help="timed seconds per step, engine and batch size (CPU: split over the rounds)")
     parser.add_argument("--rounds", type=positive_int, default=ROUNDS,
                         help="CPU engines: alternating rounds over every step per batch size (the order reversed "
@@ -162,8 +162,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if min(args.batch_sizes) < 1 or args.seconds <= 0 or args.threads < 1 or args.input_size < 32:
-        parser.error("--batch-sizes and --threads must be >= 1, --seconds > 0, --input-size >= 32 (4 stages of /2)")
+    if args.input_size < 32:
+        parser.error("--input-size must be >= 32 (4 stages of /2)")
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: one round times the steps one after another, as the alternating "
                      "rounds are there to avoid, and gives no per-round range")

@@ -22,7 +22,7 @@ from bench.host import host_description
 from bench.loadgen import closed_loop, jpeg_payloads
 from bench.report import format_ms
 from bench.server_process import measurement_pins, service
-from convnext_common import CliParser, add_version_argument, positive_int, usable_cpus
+from convnext_common import CliParser, add_version_argument, positive_int, positive_number, usable_cpus
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -77,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "architecture to export (random weights) under that name")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--seconds", type=positive_number, default=5.0, help="seconds per measurement")
     parser.add_argument("--threads", type=positive_int, default=usable_cpus())
     parser.add_argument("--max-batch-size", type=positive_int, default=8)
     parser.add_argument("--output", type=Path, default=Path("serve_benchmark.json"))

@@ -26,7 +26,7 @@ from bench.loadgen import closed_loop, jpeg_payloads, prepared_posts, send_lag_s
 from bench.open_loop import OpenLoop, Outcome, even_arrivals_s
 from bench.server_process import measurement_pins, service
 from bench.service_metrics import metric_value, scrape
-from convnext_common import CliParser, add_version_argument, one_line, positive_int
+from convnext_common import CliParser, add_version_argument, one_line, positive_int, positive_number
 from convnext_files import write_text_atomic
 from export.onnx import export_onnx_version
 
@@ -187,11 +187,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_version_argument(parser)
     parser.add_argument("--repository", type=Path, default=None,
                         help="model repository to serve (default: export a random convnext_atto at 64 px)")
-    parser.add_argument("--minutes", type=float, default=5.0, help=f"soak length (capped at {MAX_MINUTES:.0f})")
-    parser.add_argument("--window-s", type=float, default=10.0, help="sampling window")
+    parser.add_argument("--minutes", type=positive_number, default=5.0,
+                        help=f"soak length (capped at {MAX_MINUTES:.0f})")
+    parser.add_argument("--window-s", type=positive_number, default=10.0, help="sampling window")
     parser.add_argument("--rate-fraction", type=float, default=0.7, help="open-loop rate as a fraction of the "
                         "closed-loop sustainable rate measured first")
-    parser.add_argument("--rate", type=float, default=None, help="fixed requests/s instead of --rate-fraction")
+    parser.add_argument("--rate", type=positive_number, default=None,
+                        help="fixed requests/s instead of --rate-fraction")
     parser.add_argument("--queue-size", type=positive_int, default=256)
     parser.add_argument("--max-batch-size", type=positive_int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench-results/soak.json"))
@@ -207,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     minutes, window_s, calibrate_s = args.minutes, args.window_s, 5.0
     if args.smoke:
         minutes, window_s, calibrate_s = SMOKE_SECONDS / 60, SMOKE_WINDOW_S, 2.0
-    if not 0 < args.rate_fraction <= 2 or (args.rate is not None and args.rate <= 0):
-        parser.error("--rate-fraction must be in (0, 2] and --rate > 0")
+    if not 0 < args.rate_fraction <= 2:
+        parser.error("--rate-fraction must be in (0, 2]")
     try:
         report = run_soak(args.repository, minutes, window_s, args.rate_fraction, args.rate, args.out,
                           args.queue_size, args.max_batch_size, calibrate_s)

@@ -26,7 +26,7 @@ from bench.host import cores_description, cpu_model
 from bench.loadgen import closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.server_process import server_process
-from convnext_common import usable_cpus
+from convnext_common import positive_int, positive_number, usable_cpus
 from convnext_files import write_text_atomic
 
 
@@ -52,12 +52,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--after", type=Path, default=Path("."))
     parser.add_argument("--repository", type=Path, required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--lone-requests", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=usable_cpus())
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument("--seconds", type=positive_number, default=6.0)
+    parser.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--lone-requests", type=positive_int, default=30)
+    parser.add_argument("--threads", type=positive_int, default=usable_cpus())
+    parser.add_argument("--max-batch-size", type=positive_int, default=8)
     parser.add_argument("--service-args", default="", help="more `python -m service` flags, for both trees")
     parser.add_argument("--output", type=Path, default=None)
     return parser

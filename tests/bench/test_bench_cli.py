@@ -142,6 +142,29 @@ def test_thread_defaults_and_the_host_line_count_the_cpus_the_affinity_mask_allo
     assert measured["host"].endswith(f", 1 usable of {os.cpu_count()} cores")
 
 
+@pytest.mark.parametrize("command", [["soak", "--window-s", "0"], ["soak", "--window-s", "-10"],
+                                     ["soak", "--minutes", "0"], ["soak", "--rate", "nan"], ["serve", "--seconds", "0"],
+                                     ["cpu", "engines", "--seconds", "0"], ["cpu-serving", "--seconds", "-1"],
+                                     ["roadmap", "--seconds", "nan"]], ids=lambda c: "-".join(c).replace("--", ""))
+def test_every_benchs_durations_and_rates_refuse_a_value_not_above_zero_before_anything_starts(command, capsys):
+    # soak --window-s 0 failed with an IndexError (a negative one a ZeroDivisionError) after the whole soak.
+    with pytest.raises(SystemExit) as stopped:
+        bench_main.main(command)
+    assert stopped.value.code == 2
+    assert f"argument {command[-2]}: must be a number above 0, got {command[-1]}" in capsys.readouterr().err
+
+
+def test_compare_service_trees_refuses_a_duration_or_count_not_above_zero(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
+    import compare_service_trees
+
+    for flag, value in (("--seconds", "0"), ("--rounds", "0"), ("--lone-requests", "0")):
+        with pytest.raises(SystemExit) as stopped:
+            compare_service_trees.get_args_parser().parse_args(["--before", ".", "--repository", ".", "--model", "m",
+                                                                 flag, value])
+        assert stopped.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err
+
+
 @pytest.fixture()
 def loads(monkeypatch):
     """bench load's two loops, recorded instead of run: (loop, its arguments)."""
