@@ -163,8 +163,8 @@ def print_tables(rows: list[dict]) -> None:
     print("\n12-MP uploads: 4000x3000 JPEGs (q85/90/95), the upscaled astronaut photo / a mosaic of real photos at "
           "their native resolution (the realistic one: an upscaled photo has less detail to decode).")
     print("\n| engine | decode | alone img/s (bs max) | /classify c8 | c32 | c8 / alone | c32 / alone | "
-          "12-MP uploads c8 img/s, upscaled / mosaic | 12-MP preprocess ms, upscaled / mosaic |"
-          "\n|---|---|---|---|---|---|---|---|---|")
+          "12-MP uploads c8 img/s, upscaled / mosaic | 12-MP preprocess ms, upscaled / mosaic | "
+          "errors c8 / c32 / 12-MP upscaled / mosaic |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         uploads = " / ".join(f"{r[f'{name}_c8']['images_per_s']:.1f}" if f"{name}_c8" in r else "-"
                              for name in PHONE_SETS)
@@ -173,7 +173,7 @@ def print_tables(rows: list[dict]) -> None:
         print(f"| {label(r)} | {r['decode_mode']} | "
               f"{r['alone']['images_per_s']:.1f} | "
               f"{r['c8']['images_per_s']:.1f} | {r['c32']['images_per_s']:.1f} | {r['c8_efficiency']:.2f} | "
-              f"{r['c32_efficiency']:.2f} | {uploads} | {preprocess} |")
+              f"{r['c32_efficiency']:.2f} | {uploads} | {preprocess} | {errors_cell(r)} |")
     print("\nA lone request: overhead = median of (client latency - served preprocessing - served batch-1 inference) "
           "per request, so the medians beside it add up to it only roughly; the one-thread preprocessing is this "
           "process's (warm caches), not part of it.")
@@ -187,6 +187,13 @@ def print_tables(rows: list[dict]) -> None:
                   f"{lone['client_p50_ms']:.1f} | {lone['inference_p50_ms']:.1f} | "
                   f"{r['alone']['batch1_p50_ms']:.1f} | {format_ms(served)} | "
                   f"{lone['preprocess_ms']:.1f} | {format_ms(lone['overhead_ms'])} |")
+
+
+def errors_cell(row: dict) -> str:
+    """Failed requests per load run of a row (any status but 200, timeouts, broken connections): a rate beside them
+    counts successes only. "-" for a run the row lacks or one recorded without its errors."""
+    runs = ("c8", "c32", *(f"{name}_c8" for name in PHONE_SETS))
+    return " / ".join(str(sum(row[run]["errors"].values())) if "errors" in row.get(run, {}) else "-" for run in runs)
 
 
 def with_run_facts(rows: list[dict], architecture: str, max_batch_size: int) -> list[dict]:

@@ -76,15 +76,24 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"round": round_index, "tree": label, **runs[label][-1]}), flush=True)
             if args.output:  # as it goes: a tree that fails in a later round loses none of the minutes before it
                 write_text_atomic(args.output, json.dumps(runs, indent=2))
-    print(f"\nload average after {os.getloadavg()[0]:.2f}\n\n| measure | before | after | after / before |\n"
-          "|---|---|---|---|")
+    print(f"\nload average after {os.getloadavg()[0]:.2f}\n\n| measure | before | after | after / before | "
+          "failed requests, all rounds, before / after |\n|---|---|---|---|---|")
     for concurrency in args.concurrency:
+        errors = errors_cell(runs, f"c{concurrency}")
         for key, unit in (("images_per_s", "images/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")):
-            print(table_row(f"/classify c={concurrency} {unit}", runs, f"c{concurrency}", key, 1))
-    print(table_row("lone request (500x375 JPEG) client p50 ms", runs, "lone", "client_p50_ms", 1))
+            print(table_row(f"/classify c={concurrency} {unit}", runs, f"c{concurrency}", key, 1, errors))
+    # A lone request that fails ends the run (bench.lone_request): those rows have no failures to count.
+    print(table_row("lone request (500x375 JPEG) client p50 ms", runs, "lone", "client_p50_ms", 1, "-"))
     print(table_row("lone request overhead ms (client - its preprocess - its inference)", runs, "lone",
-                    "overhead_p50_ms", 2))
+                    "overhead_p50_ms", 2, "-"))
     return 0
+
+
+def errors_cell(runs: dict[str, list[dict]], section: str) -> str:
+    """Failed requests (any status but 200, timeouts, broken connections) of a closed loop over every round, per tree:
+    the images/s beside them counts successes only."""
+    return " / ".join(str(sum(sum(run[section]["errors"].values()) for run in runs[label]))
+                      for label in ("before", "after"))
 
 
 def median_over_rounds(runs: list[dict], section: str, key: str) -> float | None:
@@ -94,11 +103,11 @@ def median_over_rounds(runs: list[dict], section: str, key: str) -> float | None
     return None if any(v is None for v in values) else median(values)
 
 
-def table_row(measure: str, runs: dict[str, list[dict]], section: str, key: str, decimals: int) -> str:
+def table_row(measure: str, runs: dict[str, list[dict]], section: str, key: str, decimals: int, errors: str) -> str:
     before, after = (median_over_rounds(runs[label], section, key) for label in ("before", "after"))
     cells = ["-" if v is None else f"{v:.{decimals}f}" for v in (before, after)]
     ratio = "-" if before is None or after is None or before == 0 else f"{after / before:.2f}"
-    return f"| {measure} | {cells[0]} | {cells[1]} | {ratio} |"
+    return f"| {measure} | {cells[0]} | {cells[1]} | {ratio} | {errors} |"
 
 
 if __name__ == "__main__":

@@ -196,3 +196,17 @@ def test_the_lone_request_table_prints_the_preprocessing_its_overhead_subtracts(
     unknown["lone"]["500x375"]["overhead_ms"] = None  # a service that does not report preprocess_ms (lone_request)
     cpu_serving.print_tables([unknown])
     assert "| exact | 500x375 | 9.0 | 5.0 | 5.0 | - | 2.0 | - |" in capsys.readouterr().out
+
+
+
+def test_the_serving_table_counts_each_load_runs_failed_requests(capsys):
+    # The JSON kept every run's errors by status; the table printed its rates (successes only) without them.
+    measured = served_row("exact")
+    measured["c8"] = {"images_per_s": 10.0, "errors": {}}
+    measured["c32"] = {"images_per_s": 9.0, "errors": {"503": 2, "TimeoutError": 1}}
+    measured["phone_c8"] = {"images_per_s": 5.0, "errors": {}}
+    cpu_serving.print_tables([measured, served_row("fast")])
+    printed = capsys.readouterr().out
+    assert "| errors c8 / c32 / 12-MP upscaled / mosaic |" in printed
+    assert "| 5.0 / - | 30.0 / - | 0 / 3 / 0 / - |" in printed  # no mosaic run in this row
+    assert "| 10.0 / - | 30.0 / - | - / - / - / - |" in printed  # an older run, recorded without its errors
