@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from convnext_common import usable_cpus
 from convnext_files import write_text_atomic
 from runtime.decode import FAST_DECODE_HEADROOM
 from runtime.engines.openvino import OpenVinoEngine, cpu_supports_bf16
@@ -129,7 +129,7 @@ def compare(reference: np.ndarray, other: np.ndarray) -> dict:
 
 def effnet_engine(onnx_path: Path, precision: str) -> OpenVinoEngine:
     engine = OpenVinoEngine(onnx_path, (3, 224, 224), precision=precision, max_batch_size=BATCH,
-                            threads=os.cpu_count() or 1)
+                            threads=usable_cpus())
     engine.load()
     return engine
 
