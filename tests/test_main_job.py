@@ -59,4 +59,9 @@ def test_demo_model_trained_exported_and_served_classifies_held_out_digits(tmp_p
         assert httpx.get(f"{url}/models").json()  # what is served is visible
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:  # a shutdown that hangs fails the test, and leaves no server behind
+            server.kill()
+            server.wait()
+            raise

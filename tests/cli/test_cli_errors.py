@@ -169,7 +169,7 @@ def forked(places) -> dict[tuple[str, tuple[str, ...]], subprocess.CompletedProc
     spec.write_text(json.dumps([{"module": CLIS[cli][0][2], "args": args, "cwd": str(cwd), "env": cli_env(cwd)}
                                 for cli, args in runs]))
     runner = subprocess.run([sys.executable, str(ROOT / "tests" / "cli" / "forked_cli.py"), str(spec)],
-                            capture_output=True, text=True, timeout=900, env=cli_env(cwd))
+                            capture_output=True, text=True, timeout=540, env=cli_env(cwd))  # < pytest-timeout 600
     assert runner.returncode == 0, runner.stderr[-3000:]
     assert runner.stderr == "", runner.stderr[-3000:]  # the preloaded imports printed nothing a real run would show
     results = json.loads(Path(f"{spec}.out").read_text())

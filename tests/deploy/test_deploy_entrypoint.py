@@ -104,7 +104,12 @@ def start_and_wait_ready(env: dict[str, str], log: Path, deadline_s: float = 120
 def stop_cleanly(process: subprocess.Popen, log: Path) -> None:
     """SIGTERM, as tini forwards it on `docker stop`: the exec'd service drains and shuts its lifespan down."""
     process.send_signal(signal.SIGTERM)
-    returncode = process.wait(timeout=60)
+    try:
+        returncode = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # a shutdown that hangs fails the test, and leaves no server behind
+        process.kill()
+        process.wait()
+        raise
     # uvicorn re-raises the signal it handled after a graceful shutdown, so -SIGTERM is a clean exit too.
     assert returncode in (0, -signal.SIGTERM), log.read_text()
     assert "Application shutdown complete" in log.read_text()

@@ -129,11 +129,13 @@ def test_the_next_build_removes_the_staging_folder_of_a_replica_killed_mid_build
     # A build of 60 s: the kill lands mid-build however long the machine takes to get to it.
     replica = subprocess.Popen([sys.executable, "-m", "tests.export.engine_build_worker", str(root), str(log),
                                 str(ready), "1", "60"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not list(version.path.glob(".engine-*/*")):  # the stand-in build logs, writes its engine, then sleeps
-        assert replica.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    replica.send_signal(signal.SIGKILL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(version.path.glob(".engine-*/*")):  # the stand-in build logs, writes its engine, then sleeps
+            assert replica.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:  # killed mid-build, as the test wants, or because the wait failed: never left building
+        replica.send_signal(signal.SIGKILL)
     assert replica.wait(timeout=30) == -signal.SIGKILL
     assert list(version.path.glob(".engine-*"))  # the killed build's staging folder, with its engine file in it
 

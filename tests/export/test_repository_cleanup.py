@@ -46,10 +46,12 @@ def hidden(root: Path) -> list[str]:
 def test_the_next_write_removes_what_a_killed_export_left(tmp_path):
     root, ready = tmp_path / "models", tmp_path / "ready"
     writer = start_writer(root, 1, "hold", ready, tmp_path / "never")
-    wait_until_staged(writer, ready)
+    try:
+        wait_until_staged(writer, ready)
+    finally:  # killed once staged, as the test wants, or because the wait failed: never left holding
+        writer.send_signal(signal.SIGKILL)
     left = hidden(root)
     assert [n for n in left if n.startswith(".staging-1-") and not n.endswith(".lock")], left
-    writer.send_signal(signal.SIGKILL)
     assert writer.wait(timeout=30) == -signal.SIGKILL
     assert hidden(root) == left  # the dead export's folder and lock stay until the next write
 

@@ -1,7 +1,6 @@
 """TensorRT helpers that need no GPU: engine naming, compatibility refusal, builder flags, batch profiles, CLI."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
@@ -170,8 +169,9 @@ def test_cli_help_lists_the_build_options():
         assert option in result.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed (GPU host)")
-def test_cli_says_tensorrt_is_missing(exported, capsys):
+def test_cli_says_tensorrt_is_missing(exported, capsys, monkeypatch):
+    """Where TensorRT is installed (a GPU host) too: a None in sys.modules makes its import fail as a missing one."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
     code = main(["tensorrt", "--name", "atto", "--repository", str(exported.path.parent.parent)])
     assert code == 1
     assert "TensorRT is not installed" in capsys.readouterr().err
