@@ -132,3 +132,28 @@ def test_the_lr_and_total_batch_are_printed_and_a_batch_off_the_recipe_is_warned
     out, err = capsys.readouterr()
     assert "lr 0.000125 at total batch 128" in out
     assert "warning: total batch 128 differs from the in1k recipe's 4096" in err and "--accum-steps 32" in err
+
+
+def test_an_epoch_that_scores_worse_leaves_the_best_checkpoint_alone(tmp_path, monkeypatch):
+    """The real run, evaluation and checkpoint writes; only the top-1 each evaluation reports is set (the model 50
+    then 40, the EMA 30 then 35), since a tiny run's own scores need not fall: checkpoint_best.pth stays epoch 0's,
+    checkpoint_best_ema.pth moves to epoch 1, and the summary says so."""
+    import training.run
+
+    scripted = iter([50.0, 30.0, 40.0, 35.0])  # per epoch: the model's evaluation, then the EMA's
+    real_evaluate = training.run.evaluate
+
+    def evaluate(*args, **kwargs):
+        return {**real_evaluate(*args, **kwargs), "top1": next(scripted)}
+
+    monkeypatch.setattr(training.run, "evaluate", evaluate)
+    output = tmp_path / "run"
+    assert main(_argv(output, ema_decay=0.5)) == 0
+    summary = _records(output)[-1]
+    assert (summary["best_top1"], summary["best_epoch"], summary["last_top1"]) == (50.0, 0, 40.0)
+    assert (summary["best_ema_top1"], summary["best_ema_epoch"]) == (35.0, 1)
+    best = read_checkpoint(output / "checkpoint_best.pth")
+    best_ema = read_checkpoint(output / "checkpoint_best_ema.pth")
+    assert (best["epoch"], best["metrics"]["top1"]) == (0, 50.0)
+    assert (best_ema["epoch"], best_ema["ema_metrics"]["top1"]) == (1, 35.0)
+    assert read_checkpoint(output / "checkpoint_last.pth")["epoch"] == 1
