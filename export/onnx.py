@@ -34,7 +34,7 @@ from runtime.verify import (
 )
 
 from .quantize import make_variant
-from .source import ExportError, ExportSource, load_source
+from .source import RANDOM_INIT_SEED, ExportError, ExportSource, load_source
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,11 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
                         labels: Sequence[str] | None = None,
                         calibration_images: str | Path | Sequence[Path] | None = None,
                         verify_images: str | Path | Sequence[Path] | None = None, use_ema: bool = False,
-                        dataset: str | None = None, timm_name: str | None = None) -> ModelVersion:
+                        dataset: str | None = None, timm_name: str | None = None,
+                        init_seed: int = RANDOM_INIT_SEED) -> ModelVersion:
     """Build, export, verify (ONNX Runtime vs PyTorch) and write one repository version atomically.
+
+    Without a checkpoint the weights are random, drawn from `init_seed`: the same call exports the same weights.
 
     Each stage logs one line as it starts (INFO on `export.onnx`): build, ONNX, parity, each extra precision.
     """
@@ -117,10 +120,11 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
     if version is not None and version < 1:  # new_version refuses it too, but only once the model is built
         raise ExportError(f"version {version}: versions are numbered from 1")
     stage = _StageLog(3 + len(precisions) - 1)
-    stage(f"build {model_name or 'the checkpoint model'}" + (f" from {checkpoint}" if checkpoint else " (random init)"))
+    stage(f"build {model_name or 'the checkpoint model'}"
+          + (f" from {checkpoint}" if checkpoint else f" (random init, seed {init_seed})"))
     src = load_source(
         model_name, checkpoint, num_classes=num_classes, activation=activation, input_size=input_size, labels=labels,
-        use_ema=use_ema, dataset=dataset, timm_name=timm_name,
+        use_ema=use_ema, dataset=dataset, timm_name=timm_name, init_seed=init_seed,
     )
     verify_paths = _image_paths(verify_images)
     inputs = verification_inputs(src.preprocess, verify_paths)

@@ -3,7 +3,8 @@ torchvision), and what the manifest records of it: classes, labels, evaluation t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ if TYPE_CHECKING:  # model/ imports torch; `python -m export tensorrt|list` run 
 
 logger = logging.getLogger(__name__)
 
+# Random init is seeded: the same export twice holds the same weights, so its parity figures (and a failure) repeat.
+RANDOM_INIT_SEED = 0
 OFFICIAL_DATASETS = {  # model.pretrained's dataset codes, as the manifest (and the web page) says them
     "in1k": "ImageNet-1K", "in22k": "ImageNet-22K", "in22k->in1k": "ImageNet-22K, fine-tuned on ImageNet-1K",
 }
@@ -129,13 +132,26 @@ def check_input_size(model_name: str, input_size: int) -> None:
                           f"{stride}x: pass --input-size {stride} or more")
 
 
+@contextmanager
+def seeded_torch_rng(seed: int) -> Iterator[None]:
+    """torch's CPU generator seeded with `seed` inside the block and put back as it was after it, so the caller's
+    random numbers go on as if the block had not run (the CUDA generators are not touched: no CUDA context)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_classes: int | None = None,
                 activation: str | None = None, input_size: int | None = None, labels: Sequence[str] | None = None,
-                use_ema: bool = False, dataset: str | None = None, timm_name: str | None = None) -> ExportSource:
+                use_ema: bool = False, dataset: str | None = None, timm_name: str | None = None,
+                init_seed: int = RANDOM_INIT_SEED) -> ExportSource:
     """Build the eval-mode model and collect its manifest metadata (checkpoint metadata wins where present).
 
     `timm_name` ("convnext_tiny.in12k_ft_in1k") says which timm pretrained weights the checkpoint holds, when its
     path does not (see model.timm_pretrained.find_timm_pretrained): their model, class count and evaluation transform.
+    Without a checkpoint, the random weights (and the BatchNorm statistics) are drawn from `init_seed`.
     """
     import model as models
     from model.timm_pretrained import tags_and_crops
@@ -156,7 +172,8 @@ def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_cl
         input_size = official.input_size_px  # e.g. 384 for convnext_base_1k_384: the official squash at 384
     if input_size is not None:
         check_input_size(model_name, input_size)
-    module = models.create_model(model_name, **kwargs)
+    with seeded_torch_rng(init_seed):
+        module = models.create_model(model_name, **kwargs)
     source_format = "random"
     if checkpoint is not None:
         source_format = _load_weights(module, raw, use_ema, model_name, kwargs)
@@ -172,7 +189,8 @@ def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_cl
     src = _export_source(module, model_name, kwargs, raw, checkpoint, source_format, tag, input_size=input_size,
                          labels=labels, use_ema=use_ema, dataset=dataset)
     if checkpoint is None:  # random init: BatchNorm statistics as training would leave them, so fp16 keeps the logits
-        models.calibrate_batch_norms(module, src.preprocess.crop_px, src.in_chans)
+        with seeded_torch_rng(init_seed):
+            models.calibrate_batch_norms(module, src.preprocess.crop_px, src.in_chans)
     return src
 
 

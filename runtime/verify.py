@@ -28,18 +28,24 @@ class ParityError(RuntimeError):
 @dataclass(frozen=True)
 class ParityThreshold:
     max_rel_abs_diff: float  # max |out - ref| / max(|ref|), over all logits of all inputs
-    min_top1_agreement: float
+    min_top1_agreement: float  # over the inputs with a clear top-1
+    # An input's top-1 is clear when it leads the reference's runner-up by more than this x the logit scale.
+    clear_margin_rel: float
 
 
 # Thresholds per precision. max_abs_diff is judged relative to the reference's logit scale (max |logit|), so a
-# random-init model with tiny logits and a trained one with logits of ~20 are judged alike. top-1 agreement is
-# over every verification input (seeded random + real photos). int8 is loose on purpose: post-training static
-# quantization of a random-init or small-data model moves logits a lot; its recorded agreement is the figure to read.
+# random-init model with tiny logits and a trained one with logits of ~20 are judged alike. top-1 agreement is judged
+# on the inputs whose top-1 is clear: for fp32/fp16/bf16 a lead of more than twice the allowed difference (two logits,
+# each moved by that much, can swap a smaller one). A random-init 1000-class model has near-tied top-1/top-2 logits,
+# and bf16 rounding 10x inside the allowed difference flipped one of its 4 inputs (agreement 0.75). int8 judges every
+# input: twice its allowed difference is the whole logit scale, and its low floor is what absorbs rounding flips.
+# int8 is loose on purpose: post-training static quantization of a random-init or small-data model moves logits a
+# lot; its recorded agreement is the figure to read.
 PARITY_THRESHOLDS: dict[str, ParityThreshold] = {
-    "fp32": ParityThreshold(max_rel_abs_diff=1e-3, min_top1_agreement=1.0),
-    "fp16": ParityThreshold(max_rel_abs_diff=2e-2, min_top1_agreement=0.99),
-    "bf16": ParityThreshold(max_rel_abs_diff=6e-2, min_top1_agreement=0.90),
-    "int8": ParityThreshold(max_rel_abs_diff=5e-1, min_top1_agreement=0.50),
+    "fp32": ParityThreshold(max_rel_abs_diff=1e-3, min_top1_agreement=1.0, clear_margin_rel=2e-3),
+    "fp16": ParityThreshold(max_rel_abs_diff=2e-2, min_top1_agreement=0.99, clear_margin_rel=4e-2),
+    "bf16": ParityThreshold(max_rel_abs_diff=6e-2, min_top1_agreement=0.90, clear_margin_rel=1.2e-1),
+    "int8": ParityThreshold(max_rel_abs_diff=5e-1, min_top1_agreement=0.50, clear_margin_rel=0.0),
 }
 
 
@@ -144,8 +150,22 @@ def compare(reference: np.ndarray, output: np.ndarray, reference_name: str, num_
     )
 
 
-def check_parity(parity: Parity, reference: np.ndarray, precision: str, what: str) -> Parity:
-    """Raise ParityError when `parity` is outside the thresholds for `precision`; return it otherwise."""
+def _clear_top1(reference: np.ndarray, output: np.ndarray, margin: float) -> tuple[int, int]:
+    """(clear, agreeing): how many inputs' reference top-1 leads its runner-up by more than `margin` (logits), and on
+    how many of those `output` has the same top-1."""
+    if reference.shape[1] == 1:  # one class: nothing to flip
+        leads = np.full(len(reference), np.inf)
+    else:
+        top2 = np.sort(reference, axis=1)[:, -2:]
+        leads = top2[:, 1] - top2[:, 0]
+    clear = leads > margin
+    agreeing = reference.argmax(1) == output.argmax(1)
+    return int(clear.sum()), int((clear & agreeing).sum())
+
+
+def check_parity(parity: Parity, reference: np.ndarray, output: np.ndarray, precision: str, what: str) -> Parity:
+    """Raise ParityError when `parity` (of `output` against `reference`) is outside the thresholds for `precision`;
+    return it otherwise. Its recorded top-1 agreement is over all inputs; the check's is over the clear ones."""
     threshold = PARITY_THRESHOLDS[precision]
     scale = max(float(np.max(np.abs(reference))), 1e-6)
     relative = parity.max_abs_diff / scale
@@ -155,8 +175,14 @@ def check_parity(parity: Parity, reference: np.ndarray, precision: str, what: st
             f"max abs diff {parity.max_abs_diff:.3g} is {relative:.3g} of the logit scale {scale:.3g} "
             f"(allowed {threshold.max_rel_abs_diff:g})"
         )
-    if parity.top1_agreement < threshold.min_top1_agreement:
-        problems.append(f"top-1 agreement {parity.top1_agreement:.3f} < {threshold.min_top1_agreement:.3f}")
+    clear, agreeing = _clear_top1(reference.astype(np.float64), output.astype(np.float64),
+                                 threshold.clear_margin_rel * scale)
+    agreement = agreeing / clear if clear else 1.0
+    if agreement < threshold.min_top1_agreement:
+        judged = (f"inputs with a clear top-1 (a lead over the runner-up above {threshold.clear_margin_rel:g} of the "
+                  "logit scale)" if threshold.clear_margin_rel else "inputs")
+        problems.append(f"top-1 agreement {agreement:.3f} < {threshold.min_top1_agreement:.3f}: top-1 differs on "
+                        f"{clear - agreeing} of {clear} {judged}")
     if problems:
         raise ParityError(
             f"{what} ({precision}) does not match {parity.reference} on {parity.num_inputs} inputs: "
@@ -190,5 +216,6 @@ def verify_against(
     reference_name: str,
     what: str,
 ) -> Parity:
-    parity = compare(reference, run(inputs.batch), reference_name, inputs.num_real_images, f"{what} ({precision})")
-    return check_parity(parity, reference, precision, what)
+    output = run(inputs.batch)
+    parity = compare(reference, output, reference_name, inputs.num_real_images, f"{what} ({precision})")
+    return check_parity(parity, reference, output, precision, what)

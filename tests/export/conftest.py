@@ -13,22 +13,18 @@ def photo_folder(real_photos):
 
 @pytest.fixture(scope="session")
 def atto_module():
-    import torch
-
     import model
+    from export.source import RANDOM_INIT_SEED, seeded_torch_rng
 
-    torch.manual_seed(0)  # the same seed as `exported`, so both hold the same random weights
-    return model.create_model("convnext_atto").eval()
+    with seeded_torch_rng(RANDOM_INIT_SEED):  # the seed `exported` draws its random weights from: the same weights
+        return model.create_model("convnext_atto").eval()
 
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, photo_folder):
     """convnext_atto, random init, exported with every ONNX precision and verified on the real photos."""
-    import torch
-
     from export.onnx import export_onnx_version
 
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("repository")
     return export_onnx_version(
         root, "atto", "convnext_atto", version=1, precisions=("fp32", "fp16", "int8"), input_size=SIZE_PX,

@@ -24,7 +24,7 @@ def test_identical_outputs_agree_fully():
     ref = _logits()
     parity = compare(ref, ref.copy(), "pytorch-fp32", num_real_images=6)
     assert (parity.max_abs_diff, parity.top1_agreement, parity.top5_agreement) == (0.0, 1.0, 1.0)
-    assert check_parity(parity, ref, "fp32", "ONNX fp32") is parity
+    assert check_parity(parity, ref, ref, "fp32", "ONNX fp32") is parity
 
 
 def test_swapped_top1_fails_fp32_with_the_numbers():
@@ -33,8 +33,9 @@ def test_swapped_top1_fails_fp32_with_the_numbers():
     out[0] = -out[0]  # flips one prediction
     parity = compare(ref, out, "pytorch-fp32", num_real_images=0)
     assert parity.top1_agreement == pytest.approx(0.9)
-    with pytest.raises(ParityError, match=r"top-1 agreement 0\.900 < 1\.000"):
-        check_parity(parity, ref, "fp32", "ONNX fp32")
+    with pytest.raises(ParityError, match=r"top-1 agreement 0\.900 < 1\.000: top-1 differs on 1 of 10 inputs with a "
+                                          r"clear top-1"):
+        check_parity(parity, ref, out, "fp32", "ONNX fp32")
 
 
 def test_max_abs_diff_is_judged_relative_to_the_logit_scale():
@@ -42,10 +43,57 @@ def test_max_abs_diff_is_judged_relative_to_the_logit_scale():
     scale = np.abs(ref).max()
     small = ref + scale * 0.5 * PARITY_THRESHOLDS["fp32"].max_rel_abs_diff
     big = ref + scale * 2 * PARITY_THRESHOLDS["fp32"].max_rel_abs_diff
-    check_parity(compare(ref, small, "r", 0), ref, "fp32", "x")
+    check_parity(compare(ref, small, "r", 0), ref, small, "fp32", "x")
     with pytest.raises(ParityError, match="of the logit scale"):
-        check_parity(compare(ref, big, "r", 0), ref, "fp32", "x")
-    check_parity(compare(ref, big, "r", 0), ref, "fp16", "x")  # within the looser fp16 bound
+        check_parity(compare(ref, big, "r", 0), ref, big, "fp32", "x")
+    check_parity(compare(ref, big, "r", 0), ref, big, "fp16", "x")  # within the looser fp16 bound
+
+
+def _led(leads, classes=20):
+    """Logits of scale 10 whose top-1 (class 0) leads the runner-up (class 1) by leads[i] on input i."""
+    logits = np.random.default_rng(0).uniform(-5, 5, (len(leads), classes))
+    logits[:, 0] = 10.0
+    logits[:, 1] = 10.0 - np.asarray(leads)
+    return logits
+
+
+def _swapped(logits, rows):
+    """`logits` with top-1 and runner-up swapped on `rows`, each moved by just over half their lead."""
+    out = logits.copy()
+    for row in rows:
+        lead = logits[row, 0] - logits[row, 1]
+        out[row, 0] -= 0.51 * lead
+        out[row, 1] += 0.51 * lead
+    return out
+
+
+def test_a_near_tie_that_rounding_inside_the_allowed_difference_flips_fails_no_check():
+    """A random-init 1000-class model's near-tied top-1, flipped by bf16 rounding 10x inside the allowed difference."""
+    ref = _led([5.0, 3.0, 1.5, 0.03])  # leads of 0.5, 0.3, 0.15 and 0.003 of the logit scale
+    out = _swapped(ref, [3])
+    parity = compare(ref, out, "onnxruntime-fp32", num_real_images=4)
+    assert parity.top1_agreement == 0.75  # recorded over all inputs: the flip is on record
+    assert check_parity(parity, ref, out, "bf16", "ONNX bf16") is parity
+
+
+def test_a_flipped_clear_top1_fails_with_how_many_inputs_had_one():
+    ref = _led([5.0, 3.0, 1.5, 0.03])
+    out = _swapped(ref, [0, 3])
+    with pytest.raises(ParityError, match=r"top-1 agreement 0\.667 < 0\.900: top-1 differs on 1 of 3 inputs with a "
+                                          r"clear top-1 \(a lead over the runner-up above 0\.12 of the logit scale\)"):
+        check_parity(compare(ref, out, "onnxruntime-fp32", 4), ref, out, "bf16", "ONNX bf16")
+
+
+def test_int8_judges_every_input_however_near_its_top1():
+    """Twice int8's allowed difference is the whole logit scale: judged by lead, no input would count. Its flips of
+    near-ties count, and 6 of 10 fail it though every logit is well inside its allowed difference."""
+    ref = _led([0.1] * 10)
+    out = _swapped(ref, range(6))
+    parity = compare(ref, out, "onnxruntime-fp32", 10)
+    assert parity.max_abs_diff / 10 < PARITY_THRESHOLDS["int8"].max_rel_abs_diff / 50
+    with pytest.raises(ParityError, match=r"top-1 agreement 0\.400 < 0\.500: top-1 differs on 6 of 10 inputs\."):
+        check_parity(parity, ref, out, "int8", "ONNX int8")
+    check_parity(compare(ref, _swapped(ref, range(5)), "r", 10), ref, _swapped(ref, range(5)), "int8", "x")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])

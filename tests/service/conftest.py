@@ -33,14 +33,11 @@ def swap_repository(tmp_path_factory, model_repository) -> Path:
 
     Shared by the module's tests, so never published to: a test that publishes, or reloads "the latest", takes
     its own copy (own_repository)."""
-    import torch
-
     from export.onnx import export_onnx_version
 
     root = tmp_path_factory.mktemp("swap-models")
     shutil.copytree(model_repository / "atto" / "1", root / "atto" / "1")
-    torch.manual_seed(2)
-    export_onnx_version(root, "atto", "convnext_atto", num_classes=10, input_size=64)
+    export_onnx_version(root, "atto", "convnext_atto", num_classes=10, input_size=64, init_seed=2)
     return root
 
 
