@@ -16,6 +16,7 @@ from convnext_common import (
 )
 from runtime.repository import NAME_PATTERN, ModelRepository, RepositoryError
 from runtime.tensorrt import BatchProfile, select_or_build_engine
+from runtime.verify import image_paths_in
 
 # torch-free at import: `python -m export tensorrt|list` run where there is no torch
 from .onnx import MIN_OPSET, PRECISIONS, export_onnx_version
@@ -88,7 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="crop size in px, at least the model's total stride: 32 (16 for the isotropic ConvNeXts) "
                            "(default: the model's data config)")
     onnx.add_argument("--verify-images", help="folder of JPEG/PNG photos for the parity check")
-    onnx.add_argument("--calibration-images", help="folder of photos for int8 calibration (default: verify images)")
+    onnx.add_argument("--calibration-images",
+                      help="folder of photos for int8 calibration (default: the verify images; used by int8 only)")
     onnx.add_argument("--dataset", help="what the model was trained on, for the manifest and the web page "
                                         "(default: from the checkpoint, e.g. ImageNet-1K)")
     onnx.add_argument("--quiet", action="store_true", help="no progress lines (build, ONNX, parity, precisions)")
@@ -131,6 +133,15 @@ def _refuse_bad_onnx_args(parser: argparse.ArgumentParser, args) -> None:
             try:
                 check_input_size(args.model, args.input_size)
             except ExportError as error:
+                parser.error(str(error))
+    folders = {"--verify-images": args.verify_images}
+    if "int8" in args.precisions:  # only int8 calibrates
+        folders["--calibration-images"] = args.calibration_images
+    for flag, folder in folders.items():
+        if folder is not None:
+            try:
+                image_paths_in(folder, flag)
+            except OSError as error:
                 parser.error(str(error))
     if args.version in ModelRepository(args.repository).versions(args.name) and not args.overwrite:
         parser.error(f"{args.name}/{args.version} already exists in {args.repository}; "

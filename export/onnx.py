@@ -119,6 +119,9 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
         raise ExportError(f"precisions {list(precisions)}: choose from {PRECISIONS}, fp32 included (the reference)")
     if version is not None and version < 1:  # new_version refuses it too, but only once the model is built
         raise ExportError(f"version {version}: versions are numbered from 1")
+    # The folders are listed before the build (minutes): a wrong one fails at once.
+    verify_paths = _image_paths(verify_images, "--verify-images")
+    calibration_paths = _calibration_paths(calibration_images, verify_paths, precisions)
     stage = _StageLog(3 + len(precisions) - 1)
     stage(f"build {model_name or 'the checkpoint model'}"
           + (f" from {checkpoint}" if checkpoint else f" (random init, seed {init_seed})"))
@@ -126,7 +129,6 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
         model_name, checkpoint, num_classes=num_classes, activation=activation, input_size=input_size, labels=labels,
         use_ema=use_ema, dataset=dataset, timm_name=timm_name, init_seed=init_seed,
     )
-    verify_paths = _image_paths(verify_images)
     inputs = verification_inputs(src.preprocess, verify_paths)
     if inputs.num_real_images == 0:
         logger.warning("no real images to verify with: parity is on seeded random inputs only")
@@ -143,7 +145,7 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
         )
         artifacts = [describe_file(staged.path, ONNX_FILES["fp32"], format="onnx", precision="fp32", parity=parity,
                                    onnx_opset=opset)]
-        artifacts += _other_precisions(staged, src, precisions, inputs, calibration_images, verify_paths, stage)
+        artifacts += _other_precisions(staged, src, precisions, inputs, calibration_paths, stage)
         staged.manifest = Manifest(
             name=name, version=staged.version, architecture=src.model_name, activation=src.activation,
             num_classes=src.num_classes, labels=src.labels, source=src.source,
@@ -155,10 +157,10 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
 
 
 def _other_precisions(staged: StagedVersion, src: ExportSource, precisions: tuple[str, ...],
-                      inputs: VerificationInputs, calibration_images: str | Path | Sequence[Path] | None,
-                      verify_paths: list[Path], stage: Callable[[str], None]) -> list[Artifact]:
+                      inputs: VerificationInputs, calibration_paths: list[Path],
+                      stage: Callable[[str], None]) -> list[Artifact]:
     """Convert the staged fp32 ONNX to each other precision and verify it against ONNX Runtime fp32 on `inputs`
-    (int8 calibrates on `calibration_images`, else the verification images)."""
+    (int8 calibrates on `calibration_paths`)."""
     fp32_path = staged.path / ONNX_FILES["fp32"]
     onnx_reference = run_onnxruntime(fp32_path, inputs.batch)
     artifacts = []
@@ -166,10 +168,9 @@ def _other_precisions(staged: StagedVersion, src: ExportSource, precisions: tupl
         if precision == "fp32":
             continue
         stage(f"{precision}: convert and verify against ONNX fp32")
-        calibration = _image_paths(calibration_images) if calibration_images is not None else verify_paths
         parity = make_variant(
             precision, fp32_path, staged.path / ONNX_FILES[precision], onnx_reference, inputs, src.preprocess,
-            calibration,
+            calibration_paths,
         )
         path = staged.path / ONNX_FILES[precision]
         artifacts.append(describe_file(staged.path, ONNX_FILES[precision], format="onnx", precision=precision,
@@ -177,12 +178,25 @@ def _other_precisions(staged: StagedVersion, src: ExportSource, precisions: tupl
     return artifacts
 
 
-def _image_paths(images: str | Path | Sequence[Path] | None) -> list[Path]:
-    """A folder or a list of image files; None means the shipped sample photos when importable, else none."""
+def _calibration_paths(calibration_images: str | Path | Sequence[Path] | None, verify_paths: list[Path],
+                       precisions: tuple[str, ...]) -> list[Path]:
+    """The photos int8 calibrates on (`calibration_images`, else the verification photos); none without int8, the
+    only precision that calibrates."""
+    if "int8" not in precisions:
+        if calibration_images is not None:
+            logger.warning("calibration images are not used: only int8 calibrates, and the precisions %s leave it out",
+                           ",".join(precisions))
+        return []
+    return verify_paths if calibration_images is None else _image_paths(calibration_images, "--calibration-images")
+
+
+def _image_paths(images: str | Path | Sequence[Path] | None, flag: str) -> list[Path]:
+    """A folder (errors name `flag`) or a list of image files; None means the shipped sample photos when importable,
+    else none."""
     if images is None:
         return default_image_paths()
     if isinstance(images, (str, Path)):
-        return image_paths_in(images)
+        return image_paths_in(images, flag)
     return [Path(p) for p in images]
 
 

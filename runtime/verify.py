@@ -77,13 +77,16 @@ def default_image_paths() -> list[Path]:
     return [p for p in paths if p.is_file()]
 
 
-def image_paths_in(folder: str | Path) -> list[Path]:
+def image_paths_in(folder: str | Path, flag: str = "--verify-images") -> list[Path]:
+    """The image files in `folder` (not in its subfolders), by name; errors name `flag`, the option it came from."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"verify images folder {folder} does not exist; pass a folder of JPEG/PNG files")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        error = NotADirectoryError if folder.exists() else FileNotFoundError
+        raise error(f"{flag} {folder} {'is not a folder' if folder.exists() else 'does not exist'}; pass a folder of "
+                    "JPEG/PNG files")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        raise FileNotFoundError(f"{flag}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return paths
 
 

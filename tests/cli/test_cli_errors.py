@@ -94,6 +94,12 @@ EXPORT_ARGUMENT_ERRORS = [
     (["--model", "convnext_atto", "--name", "x", "--input-size", "7"],
      "--input-size 7 is too small for convnext_atto, which downsamples its input 32x: pass --input-size 32 or more"),
     (["--model", "convnext_atto", "--name", "x", "--opset", "13"], "argument --opset: 13 < 17"),
+    (["--model", "convnext_atto", "--name", "x", "--verify-images", "{tmp}/nosuch"],
+     "--verify-images {tmp}/nosuch does not exist; pass a folder of JPEG/PNG files"),
+    (["--model", "convnext_atto", "--name", "x", "--verify-images", "{tmp}/corrupt.pth"],
+     "--verify-images {tmp}/corrupt.pth is not a folder"),
+    (["--model", "convnext_atto", "--name", "x", "--precisions", "fp32,int8", "--calibration-images", "{tmp}/empty"],
+     "--calibration-images: no images (.jpg, .jpeg, .png, .bmp, .webp) in {tmp}/empty"),
 ]
 # The same for `python -m export tensorrt`: refused before the version is loaded (no GPU needed to be told).
 TENSORRT_ARGUMENT_ERRORS = [
@@ -212,7 +218,8 @@ def test_the_doctor_refuses_a_bad_argument_in_one_line(forked):
 
 @pytest.mark.parametrize(("args", "phrase"), EXPORT_ARGUMENT_ERRORS,
                          ids=["unknown-model", "bad-name", "no-model", "no-fp32", "unknown-precision", "exists",
-                              "version-0", "no-classes", "size-0", "size-below-stride", "old-opset"])
+                              "version-0", "no-classes", "size-0", "size-below-stride", "old-opset",
+                              "no-verify-folder", "verify-folder-a-file", "empty-calibration-folder"])
 def test_export_refuses_an_argument_error_with_status_2_before_building(args, phrase, places, forked):
     result = forked["export", ("onnx", *(a.format(**places) for a in args))]
     lines = result.stderr.strip().splitlines()

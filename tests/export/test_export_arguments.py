@@ -50,3 +50,26 @@ def test_an_export_to_a_version_under_one_is_refused_before_the_model_is_built(t
     with pytest.raises(ExportError, match="version 0: versions are numbered from 1"):
         export_onnx_version(tmp_path, "atto", "convnext_atto", version=0, input_size=32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_image_folder_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    import model
+
+    monkeypatch.setattr(model, "create_model", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(FileNotFoundError, match=f"--verify-images {tmp_path / 'nosuch'} does not exist"):
+        export_onnx_version(tmp_path, "atto", "convnext_atto", input_size=32, verify_images=tmp_path / "nosuch")
+    with pytest.raises(FileNotFoundError, match=f"--calibration-images {tmp_path / 'nosuch'} does not exist"):
+        export_onnx_version(tmp_path, "atto", "convnext_atto", input_size=32, precisions=("fp32", "int8"),
+                            calibration_images=tmp_path / "nosuch")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_images_are_read_by_int8_only(tmp_path, caplog):
+    """fp16 and bf16 never calibrate: their export neither lists the calibration folder nor fails on it."""
+    with caplog.at_level("WARNING", logger="export.onnx"):
+        version = export_onnx_version(tmp_path, "atto", "convnext_atto", num_classes=3, input_size=32,
+                                      precisions=("fp32", "fp16"), calibration_images=tmp_path / "nosuch",
+                                      verify_images=[])
+    assert [a.precision for a in version.manifest.artifacts] == ["fp32", "fp16"]
+    assert "calibration images are not used: only int8 calibrates, and the precisions fp32,fp16 leave it out" \
+        in caplog.text
