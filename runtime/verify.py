@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.ort_session import create_session, provider_key
-from runtime.preprocess import preprocess
+from runtime.preprocess import ImageError, preprocess
 from runtime.repository import Parity, Preprocess
 from runtime.tensorrt_runtime import run_in_chunks
 
@@ -78,21 +78,33 @@ def default_image_paths() -> list[Path]:
 
 
 def image_paths_in(folder: str | Path, flag: str = "--verify-images") -> list[Path]:
-    """The image files in `folder` (not in its subfolders), by name; errors name `flag`, the option it came from."""
+    """The image files in `folder` (not in its subfolders), by name; errors name `flag`, the option it came from.
+
+    macOS's AppleDouble files (`._IMG_1.jpg`, the metadata it writes beside IMG_1.jpg on other file systems) are not
+    images, whatever their name ends with: they are left out.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         error = NotADirectoryError if folder.exists() else FileNotFoundError
         raise error(f"{flag} {folder} {'is not a folder' if folder.exists() else 'does not exist'}; pass a folder of "
                     "JPEG/PNG files")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("._") and p.is_file())
     if not paths:
         raise FileNotFoundError(f"{flag}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return paths
 
 
 def preprocess_images(paths: Sequence[Path], spec: Preprocess) -> np.ndarray:
-    """Images -> (N, C, crop, crop) float32, exactly as the service preprocesses them."""
-    arrays = [preprocess(Path(p).read_bytes(), spec, MAX_PIXELS) for p in paths]
+    """Images -> (N, C, crop, crop) float32, exactly as the service preprocesses them; an ImageError names the file
+    (one bad file in a folder of hundreds)."""
+    arrays = []
+    for path in map(Path, paths):
+        try:
+            arrays.append(preprocess(path.read_bytes(), spec, MAX_PIXELS))
+        except ImageError as error:
+            raise ImageError(error.code, f"{path}: {error.message} (remove it from {path.parent}, or replace "
+                                         "it)") from None
     channels = len(spec.mean)
     if not arrays:
         return np.zeros((0, channels, spec.crop_px, spec.crop_px), np.float32)

@@ -24,7 +24,7 @@ def test_failure_mid_export_leaves_no_version_and_no_partial_files(tmp_path, pho
     (broken / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     root = tmp_path / "repo"
     # fp32 is exported and verified inside the staging folder; int8 calibration then fails on the broken image.
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match=f"^{broken / 'truncated.jpg'}: "):  # which of the folder's files
         export_onnx_version(
             root, "atto", "convnext_atto", precisions=("fp32", "int8"), input_size=SIZE_PX,
             verify_images=photo_folder, calibration_images=broken,

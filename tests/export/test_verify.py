@@ -1,9 +1,13 @@
 """Parity arithmetic and thresholds: disagreeing outputs fail with a message that names the numbers."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
+from runtime.preprocess import ImageError
+from runtime.repository import Preprocess
 from runtime.verify import (
     PARITY_THRESHOLDS,
     VERIFY_CHUNK,
@@ -11,9 +15,13 @@ from runtime.verify import (
     VerificationInputs,
     check_parity,
     compare,
+    image_paths_in,
     run_onnxruntime,
+    verification_inputs,
     verify_against,
 )
+
+SPEC = Preprocess(resize_px=37, crop_px=32, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 def _logits(seed=0, n=10, classes=20):
@@ -172,3 +180,23 @@ def test_onnxruntime_logits_are_computed_a_chunk_at_a_time(tmp_path, monkeypatch
     logits = run_onnxruntime(path, batch)
     np.testing.assert_array_equal(logits, batch.reshape(len(batch), -1))
     assert [session.sizes for session in sessions] == [[VERIFY_CHUNK, 1]]
+
+
+def test_macos_appledouble_files_are_not_taken_for_photos(tmp_path, real_photos):
+    """Copied from a Mac to a USB stick or a network share, IMG_1.jpg gets a `._IMG_1.jpg` of metadata beside it."""
+    shutil.copy(real_photos[0], tmp_path / "IMG_1.jpg")
+    (tmp_path / "._IMG_1.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64))
+    paths = image_paths_in(tmp_path)
+    assert [p.name for p in paths] == ["IMG_1.jpg"]
+    assert verification_inputs(SPEC, paths).num_real_images == 1
+
+
+@pytest.mark.parametrize(("name", "content"), [("notes.png", b"a text file, named .png"),
+                                                ("cut.jpg", None)], ids=["text-as-png", "truncated-jpeg"])
+def test_a_bad_file_among_the_photos_is_named(tmp_path, real_photos, name, content):
+    for photo in real_photos[:2]:
+        shutil.copy(photo, tmp_path / photo.name)
+    jpeg = next(p for p in real_photos if p.suffix == ".jpg").read_bytes()
+    (tmp_path / name).write_bytes(content if content is not None else jpeg[: len(jpeg) // 3])
+    with pytest.raises(ImageError, match=f"^{tmp_path / name}: .* \\(remove it from {tmp_path}, or replace it\\)$"):
+        verification_inputs(SPEC, image_paths_in(tmp_path))
