@@ -30,7 +30,7 @@ from runtime.verify import (
     in_chunks,
     run_onnxruntime,
     verification_inputs,
-    verify_against,
+    verify_outputs,
 )
 
 from .quantize import make_variant
@@ -140,12 +140,11 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
         export_module_to_onnx(src.module, fp32_path, src.in_chans, src.preprocess.crop_px, opset)
         stage(f"parity: ONNX Runtime fp32 vs PyTorch on {inputs.batch.shape[0]} inputs "
               f"({inputs.num_real_images} real photos)")
-        parity = verify_against(
-            reference, lambda b: run_onnxruntime(fp32_path, b), inputs, "fp32", "pytorch-fp32", "ONNX fp32"
-        )
+        onnx_logits = run_onnxruntime(fp32_path, inputs.batch)  # also the other precisions' reference
+        parity = verify_outputs(reference, onnx_logits, inputs, "fp32", "pytorch-fp32", "ONNX fp32")
         artifacts = [describe_file(staged.path, ONNX_FILES["fp32"], format="onnx", precision="fp32", parity=parity,
                                    onnx_opset=opset)]
-        artifacts += _other_precisions(staged, src, precisions, inputs, calibration_paths, stage)
+        artifacts += _other_precisions(staged, src, precisions, inputs, onnx_logits, calibration_paths, stage)
         staged.manifest = Manifest(
             name=name, version=staged.version, architecture=src.model_name, activation=src.activation,
             num_classes=src.num_classes, labels=src.labels, source=src.source,
@@ -157,12 +156,11 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
 
 
 def _other_precisions(staged: StagedVersion, src: ExportSource, precisions: tuple[str, ...],
-                      inputs: VerificationInputs, calibration_paths: list[Path],
+                      inputs: VerificationInputs, onnx_reference: np.ndarray, calibration_paths: list[Path],
                       stage: Callable[[str], None]) -> list[Artifact]:
-    """Convert the staged fp32 ONNX to each other precision and verify it against ONNX Runtime fp32 on `inputs`
-    (int8 calibrates on `calibration_paths`)."""
+    """Convert the staged fp32 ONNX to each other precision and verify it against `onnx_reference`, ONNX Runtime
+    fp32's logits of `inputs` (int8 calibrates on `calibration_paths`)."""
     fp32_path = staged.path / ONNX_FILES["fp32"]
-    onnx_reference = run_onnxruntime(fp32_path, inputs.batch)
     artifacts = []
     for precision in precisions:
         if precision == "fp32":

@@ -231,6 +231,12 @@ def verify_against(
     reference_name: str,
     what: str,
 ) -> Parity:
-    output = run(inputs.batch)
+    return verify_outputs(reference, run(inputs.batch), inputs, precision, reference_name, what)
+
+
+def verify_outputs(reference: np.ndarray, output: np.ndarray, inputs: VerificationInputs, precision: str,
+                   reference_name: str, what: str) -> Parity:
+    """The parity of `output`, `what`'s logits of `inputs`, against `reference`; ParityError outside the thresholds
+    for `precision`."""
     parity = compare(reference, output, reference_name, inputs.num_real_images, f"{what} ({precision})")
     return check_parity(parity, reference, output, precision, what)

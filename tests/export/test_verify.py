@@ -200,3 +200,23 @@ def test_a_bad_file_among_the_photos_is_named(tmp_path, real_photos, name, conte
     (tmp_path / name).write_bytes(content if content is not None else jpeg[: len(jpeg) // 3])
     with pytest.raises(ImageError, match=f"^{tmp_path / name}: .* \\(remove it from {tmp_path}, or replace it\\)$"):
         verification_inputs(SPEC, image_paths_in(tmp_path))
+
+
+@pytest.mark.parametrize("precisions", [("fp32",), ("fp32", "fp16")], ids=["fp32-only", "fp32-and-fp16"])
+def test_the_fp32_onnx_model_runs_once_over_the_verification_inputs(tmp_path, monkeypatch, precisions):
+    """Its parity run's logits are the other precisions' reference too; with fp32 alone nothing else needs them."""
+    import export.onnx
+    from export.onnx import export_onnx_version
+
+    runs = []
+    real_run = export.onnx.run_onnxruntime
+
+    def recorded_run(path, batch, *args, **kwargs):  # the real run, recorded
+        runs.append((path.name, len(batch)))
+        return real_run(path, batch, *args, **kwargs)
+
+    monkeypatch.setattr(export.onnx, "run_onnxruntime", recorded_run)
+    version = export_onnx_version(tmp_path, "atto", "convnext_atto", num_classes=3, input_size=32,
+                                  precisions=precisions, verify_images=[])
+    assert runs == [("model.onnx", 4)]
+    assert [a.precision for a in version.manifest.artifacts] == list(precisions)
