@@ -26,10 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from convnext_files import fsync_folder, fsync_tree, replace_atomic, sha256_file, write_text_atomic
 from runtime.repository_writes import (
+    FOLDER_MODE,
     LockBusy,
     finish_write,
     hold_write_lock,
+    make_folders,
     remove_dead_writes,
+    share_tree,
     wait_for_lock,
 )
 
@@ -312,7 +315,7 @@ class ModelRepository:
         if version is not None and version < 1:  # before any folder: a write's folders are named by a number >= 1
             raise RepositoryError(f"version {version}: versions are numbered from 1")
         folder = self.root / name
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folders(folder)
         remove_dead_writes(folder)  # before numbering: it may put back a version a dead overwrite moved aside
         existing = self.versions(name)
         if version is None:  # the next number: overwrite could only replace what a concurrent export just published
@@ -329,7 +332,7 @@ class ModelRepository:
         staging = paths.staging
         try:
             staging.mkdir()
-            os.chmod(staging, 0o755)  # the service may run as another user
+            os.chmod(staging, FOLDER_MODE)  # the service may run as another user
             staged = StagedVersion(name, version, staging)
             yield staged
             if staged.manifest is None:
@@ -337,6 +340,7 @@ class ModelRepository:
             if (staged.manifest.name, staged.manifest.version) != (name, version):
                 raise RepositoryError(
                     f"manifest says {staged.manifest.name}/{staged.manifest.version}, staged {name}/{version}")
+            share_tree(staging)  # the service may run as another user: the exporter's umask (077) would hide them
             fsync_tree(staging)  # the files first: the manifest below must never name truncated ones after a crash
             _write_json_atomic(staging / MANIFEST_FILE, staged.manifest.model_dump(mode="json"))
             if overwrite and final.exists():
@@ -398,7 +402,7 @@ class ModelRepository:
                 f"{based_on.created_at.isoformat()}, now {current.manifest.created_at.isoformat()}: an export "
                 "--overwrite?); the file is not added: run again to make it from the version as it is now")
         target = current.path / artifact.file
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(target.parent)  # engines/, readable by the service whoever adds the first engine
         with open(source_file, "rb") as source:
             replace_atomic(target, lambda file: shutil.copyfileobj(source, file))
         others = tuple(a for a in current.manifest.artifacts if a.file != artifact.file)

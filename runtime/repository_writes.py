@@ -32,9 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from convnext_files import FILE_MODE
+
 # `.staging-<version>-<token>` / `.old-<version>-<token>` folders of a write, `.staging-<version>-<token>.lock` its lock
 WRITE_ENTRY = re.compile(r"^\.(?P<kind>staging|old)-(?P<version>\d+)-(?P<token>\w+)(?P<lock>\.lock)?$")
 LEGACY_WRITE_MAX_AGE_S = 24 * 3600  # lock-less folders from before the write locks: no export runs a day
+# The service may run as another user than the export: it lists and reads what a write creates, whatever the umask.
+FOLDER_MODE = 0o755
 logger = logging.getLogger("runtime.repository")
 
 
@@ -51,6 +55,32 @@ class WritePaths:
 def write_paths(folder: Path, version: int, token: str) -> WritePaths:
     return WritePaths(staging=folder / f".staging-{version}-{token}", old=folder / f".old-{version}-{token}",
                       lock=folder / f".staging-{version}-{token}.lock", final=folder / str(version))
+
+
+def make_folders(folder: Path) -> None:
+    """`folder` and its missing parents, each created FOLDER_MODE whatever the umask; a folder that exists keeps its
+    mode (whoever made it chose it)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:  # made meanwhile by another write: its mode is that one's
+            continue
+        os.chmod(path, FOLDER_MODE)
+
+
+def share_tree(folder: Path) -> None:
+    """Every file under `folder` FILE_MODE and every folder FOLDER_MODE, whatever the umask they were written under
+    (onnx.save leaves a model 0600 under umask 077); links are left alone."""
+    for root, _, files in os.walk(folder):
+        os.chmod(root, FOLDER_MODE)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, FILE_MODE)
 
 
 def hold_write_lock(folder: Path, version: int) -> tuple[int, WritePaths]:

@@ -2,14 +2,22 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from convnext_files import sha256_file
 from export.onnx import export_onnx_version
 from runtime.preprocess import ImageError
-from runtime.repository import MANIFEST_FILE, ModelRepository, RepositoryError
+from runtime.repository import MANIFEST_FILE, Artifact, ModelRepository, RepositoryError
 from tests.export.conftest import SIZE_PX
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -95,10 +103,38 @@ def test_bad_manifest_is_refused(repository_copy, tamper):
         repository_copy.load("atto", 1)
 
 
-def test_version_is_readable_by_another_user(exported):
-    # The service container may run as another user than the exporter.
-    assert exported.path.stat().st_mode & 0o755 == 0o755
-    assert (exported.path / MANIFEST_FILE).stat().st_mode & 0o644 == 0o644
+def test_version_is_readable_by_another_user(tmp_path):
+    """The service container may run as another user than the exporter, whose umask may be 077: every file of the
+    version is 0644 and every folder it creates 0755; a folder that was there keeps the mode its owner gave it."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o750)
+    shared.chmod(0o750)
+    command = [sys.executable, "-m", "export", "onnx", "--model", "convnext_atto", "--num-classes", "3",
+               "--input-size", "32", "--precisions", "fp32,fp16", "--name", "atto", "--quiet"]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    for root in (tmp_path / "models", shared / "models"):
+        subprocess.run([*command, "--repository", str(root)], env=env, umask=0o077, check=True, timeout=300,
+                       capture_output=True)
+        version = root / "atto" / "1"
+        assert sorted(p.name for p in version.iterdir()) == [MANIFEST_FILE, "model.fp16.onnx", "model.onnx"]
+        modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (root, root / "atto", version, *version.iterdir())}
+        assert modes == {p: 0o644 if p.is_file() else 0o755 for p in modes}
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o750
+
+
+def test_a_file_added_to_a_version_under_umask_077_is_readable_by_another_user(repository_copy, tmp_path):
+    """`python -m export tensorrt` run by the exporter adds the first engine, and with it the engines/ folder."""
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"an engine's bytes")
+    artifact = Artifact(file="engines/model.fp16.engine-like.onnx", format="onnx", precision="fp16",
+                        sha256=sha256_file(engine), size_bytes=engine.stat().st_size)
+    umask = os.umask(0o077)
+    try:
+        added = repository_copy.add_artifact("atto", 1, engine, artifact)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((added.path / "engines").stat().st_mode) == 0o755
+    assert stat.S_IMODE((added.path / artifact.file).stat().st_mode) == 0o644
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite-without-version"])
