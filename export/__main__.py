@@ -19,7 +19,7 @@ from runtime.tensorrt import BatchProfile, select_or_build_engine
 from runtime.verify import image_paths_in
 
 # torch-free at import: `python -m export tensorrt|list` run where there is no torch
-from .onnx import MIN_OPSET, PRECISIONS, export_onnx_version
+from .onnx import MIN_OPSET, PRECISIONS, InterruptedAfterPublishing, export_onnx_version
 from .source import ExportError, check_input_size, check_model_name
 
 PROG = "python -m export"  # as the module runs; prog_name() gives it as the user ran it
@@ -156,8 +156,11 @@ def _run_onnx(args) -> int:
         calibration_images=args.calibration_images, verify_images=args.verify_images, use_ema=args.ema,
         dataset=args.dataset, timm_name=args.timm_name,
     )
-    print(f"wrote {version.path}")
-    _print_artifacts(version.manifest)
+    try:
+        print(f"wrote {version.path}")
+        _print_artifacts(version.manifest)
+    except KeyboardInterrupt:  # the version is in place all the same
+        raise InterruptedAfterPublishing(version.path) from None
     return 0
 
 
@@ -251,8 +254,13 @@ def main(argv=None) -> int:
     except (RepositoryError, ValueError, RuntimeError, OSError, ImportError) as error:
         print(f"{prog_name(PROG)}: error: {one_line(error)}", file=sys.stderr)
         return 1
+    except InterruptedAfterPublishing as interrupt:
+        print(f"{prog_name(PROG)}: interrupted after the version was published: {interrupt.path} is complete",
+              file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print(f"{prog_name(PROG)}: interrupted; no version was written", file=sys.stderr)
+        written = "; no version was written" if args.command == "onnx" else ""
+        print(f"{prog_name(PROG)}: interrupted{written}", file=sys.stderr)
         return 130
 
 

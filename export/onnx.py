@@ -19,6 +19,7 @@ from runtime.repository import (
     Manifest,
     ModelRepository,
     ModelVersion,
+    RepositoryError,
     StagedVersion,
     describe_file,
     now_utc,
@@ -45,6 +46,15 @@ ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "bf16": "model.bf
 # The example batch used for tracing; 2, not 1, so torch.export does not specialise the batch axis to 1.
 TRACE_BATCH = 2
 MAX_BATCH = 4096
+
+
+class InterruptedAfterPublishing(KeyboardInterrupt):
+    """Ctrl-C after the version was renamed into place (while the rename was synced, or an overwritten version
+    removed): the version is published and complete."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
 
 
 def export_module_to_onnx(module, path: Path, in_chans: int, size_px: int, opset: int = DEFAULT_OPSET) -> None:
@@ -134,25 +144,53 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
         logger.warning("no real images to verify with: parity is on seeded random inputs only")
     reference = pytorch_logits(src.module, inputs.batch)
     repository = ModelRepository(repository_root)
-    with repository.new_version(name, version, overwrite=overwrite) as staged:
-        fp32_path = staged.path / ONNX_FILES["fp32"]
-        stage(f"ONNX: export {src.model_name} at {src.preprocess.crop_px} px, opset {opset}")
-        export_module_to_onnx(src.module, fp32_path, src.in_chans, src.preprocess.crop_px, opset)
-        stage(f"parity: ONNX Runtime fp32 vs PyTorch on {inputs.batch.shape[0]} inputs "
-              f"({inputs.num_real_images} real photos)")
-        onnx_logits = run_onnxruntime(fp32_path, inputs.batch)  # also the other precisions' reference
-        parity = verify_outputs(reference, onnx_logits, inputs, "fp32", "pytorch-fp32", "ONNX fp32")
-        artifacts = [describe_file(staged.path, ONNX_FILES["fp32"], format="onnx", precision="fp32", parity=parity,
-                                   onnx_opset=opset)]
-        artifacts += _other_precisions(staged, src, precisions, inputs, onnx_logits, calibration_paths, stage)
-        staged.manifest = Manifest(
-            name=name, version=staged.version, architecture=src.model_name, activation=src.activation,
-            num_classes=src.num_classes, labels=src.labels, source=src.source,
-            input=InputSpec(channels=src.in_chans, height=src.preprocess.crop_px, width=src.preprocess.crop_px),
-            preprocess=src.preprocess, onnx_opset=opset, artifacts=tuple(artifacts), created_at=now_utc(),
-            project_version=project_version(),
-        )
-    return repository.load(name, staged.version)
+    staged = None
+    try:
+        with repository.new_version(name, version, overwrite=overwrite) as staged:
+            _write_version(staged, src, opset, precisions, inputs, reference, calibration_paths, stage)
+    except KeyboardInterrupt:  # it may come after the rename into place (syncing it, removing an overwritten version)
+        published = _published(repository, staged)
+        if published is not None:
+            raise InterruptedAfterPublishing(published.path) from None
+        raise
+    # The files were hashed as they were described: re-reading them (seconds for a large model) checks nothing new.
+    return ModelVersion(staged.manifest, repository.root / name / str(staged.version))
+
+
+def _write_version(staged: StagedVersion, src: ExportSource, opset: int, precisions: tuple[str, ...],
+                   inputs: VerificationInputs, reference: np.ndarray, calibration_paths: list[Path],
+                   stage: Callable[[str], None]) -> None:
+    """The staged version's files, each verified (fp32 against PyTorch's `reference`, the others against fp32), and
+    its manifest."""
+    fp32_path = staged.path / ONNX_FILES["fp32"]
+    stage(f"ONNX: export {src.model_name} at {src.preprocess.crop_px} px, opset {opset}")
+    export_module_to_onnx(src.module, fp32_path, src.in_chans, src.preprocess.crop_px, opset)
+    stage(f"parity: ONNX Runtime fp32 vs PyTorch on {inputs.batch.shape[0]} inputs "
+          f"({inputs.num_real_images} real photos)")
+    onnx_logits = run_onnxruntime(fp32_path, inputs.batch)  # also the other precisions' reference
+    parity = verify_outputs(reference, onnx_logits, inputs, "fp32", "pytorch-fp32", "ONNX fp32")
+    artifacts = [describe_file(staged.path, ONNX_FILES["fp32"], format="onnx", precision="fp32", parity=parity,
+                               onnx_opset=opset)]
+    artifacts += _other_precisions(staged, src, precisions, inputs, onnx_logits, calibration_paths, stage)
+    staged.manifest = Manifest(
+        name=staged.name, version=staged.version, architecture=src.model_name, activation=src.activation,
+        num_classes=src.num_classes, labels=src.labels, source=src.source,
+        input=InputSpec(channels=src.in_chans, height=src.preprocess.crop_px, width=src.preprocess.crop_px),
+        preprocess=src.preprocess, onnx_opset=opset, artifacts=tuple(artifacts), created_at=now_utc(),
+        project_version=project_version(),
+    )
+
+
+def _published(repository: ModelRepository, staged: StagedVersion | None) -> ModelVersion | None:
+    """The version `staged` once it is in place: its manifest, not the one an overwrite replaced (put back when the
+    rename did not happen) nor another export's; None before the rename."""
+    if staged is None or staged.manifest is None:
+        return None
+    try:
+        on_disk = repository.load(staged.name, staged.version, verify_files=False)
+    except (RepositoryError, OSError):
+        return None
+    return on_disk if on_disk.manifest == staged.manifest else None
 
 
 def _other_precisions(staged: StagedVersion, src: ExportSource, precisions: tuple[str, ...],
