@@ -5,6 +5,7 @@ import argparse
 import logging
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,12 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_NAMES_LISTED = 20
 # torch.save's legacy (pre-1.6, non-zip) format starts by pickling this number (torch.serialization.MAGIC_NUMBER).
 _LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+# What torch.load raises on a cut-off or damaged file besides its own RuntimeError and the unpickler's refusal, found
+# by cutting and flipping bytes of both formats: the unpickler's stack and memo (IndexError, KeyError, EOFError), its
+# opcode arguments (struct.error, TypeError), the legacy loader's storage table (AssertionError, AttributeError), the
+# zip reader (zipfile.BadZipFile, OSError). Any of them means the file's bytes are not what torch.save wrote.
+_DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+                        AssertionError, struct.error, zipfile.BadZipFile)
 
 # timm's ConvNeXt names -> ours (official facebookresearch names). Applied in order, first match wins.
 _TIMM_RULES = (
@@ -74,14 +81,13 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not match its recorded sha256 ({sidecar_path(path).name}): "
                               "it was modified or partly written; copy it again, or export or resume from an "
                               "earlier checkpoint")
-    if not _is_torch_save_file(path):  # a cut-off zip has lost its central directory
+    if not is_torch_save_file(path):  # a cut-off zip has lost its central directory
         if _is_safetensors_file(path):
             raise CheckpointError(f"checkpoint {path} is a safetensors file, which is not supported (torch.save "
                                   "files only); convert it: torch.save(safetensors.torch.load_file(path), "
                                   "'model.pth'), then pass the .pth")
         raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint: truncated or not a torch.save "
-                              f"file ({path.stat().st_size} bytes); use an earlier checkpoint, or copy or download "
-                              "it again")
+                              f"file ({path.stat().st_size} bytes); {_advice_for_unreadable(path)}")
     try:
         with torch.serialization.safe_globals(_ALLOWED_CHECKPOINT_CLASSES):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -89,9 +95,9 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data (possibly code), "
                               f"so it was refused unexecuted; use a checkpoint written by this project, or re-save "
                               f"it as a dict of tensors and plain values ({_refused_global(error)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path} is damaged ({str(error).splitlines()[0][:200]}); use an earlier "
-                              "checkpoint, or copy or download it again") from None
+    except _DAMAGED_FILE_ERRORS as error:
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({_first_line(error)}); "
+                              f"{_advice_for_unreadable(path)}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a dict (state dict or checkpoint)")
     return checkpoint
@@ -114,6 +120,34 @@ def recorded_sha256(path: str | Path) -> str | None:
     return fields[0].lower()
 
 
+def source_url_path(path: str | Path) -> Path:
+    """`x.pth` -> `x.pth.url`: the URL a downloaded file came from (model/pretrained.py's cache writes it)."""
+    path = Path(path)
+    return path.with_name(path.name + ".url")
+
+
+def recorded_source_url(path: str | Path) -> str | None:
+    """The URL `path` was downloaded from, or None for a file the download cache did not write (or an empty record)."""
+    record = source_url_path(path)
+    return (record.read_text(errors="replace").strip() or None) if record.is_file() else None
+
+
+def _advice_for_unreadable(path: Path) -> str:
+    """What to do about a file that cannot be read. A downloaded one is named for deletion: its sidecar holds the
+    damaged bytes' hash, so nothing else makes the next download fetch it again."""
+    url = recorded_source_url(path)
+    if url is None:
+        return "use an earlier checkpoint, or copy or download it again"
+    return f"it was downloaded from {url}: delete {path} and download it again"
+
+
+def _first_line(error: BaseException) -> str:
+    """`KeyError: 215`, `RuntimeError: PytorchStreamReader failed ...`: the type, and the message's first line if any
+    (an EOFError of a cut-off legacy file has none)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}"[:200] if lines else type(error).__name__
+
+
 def _is_safetensors_file(path: Path) -> bool:
     """By name, or by safetensors' layout: an 8-byte little-endian header size, then a JSON header ('{')."""
     with path.open("rb") as file:
@@ -129,10 +163,16 @@ def _refused_global(error: pickle.UnpicklingError) -> str:
     return next((line for line in lines if "GLOBAL" in line), lines[-1] if lines else "")[:200]
 
 
-def _is_torch_save_file(path: Path) -> bool:
-    """A zip (torch.save since 1.6) or the legacy format's header (pickle protocol 2, then torch's magic number)."""
-    if zipfile.is_zipfile(path):
-        return True
+def is_torch_save_file(path: Path) -> bool:
+    """A zip (torch.save since 1.6) or the legacy format's header (pickle protocol 2, then torch's magic number).
+
+    Only the frame: a zip's end record, a legacy file's first bytes (a legacy file cut short passes, torch.load
+    finds it)."""
+    try:
+        if zipfile.is_zipfile(path):
+            return True
+    except zipfile.BadZipFile:  # an end record that names other disks: a damaged zip
+        return False
     with path.open("rb") as file:
         header = file.read(16)
     return header[:1] == b"\x80" and _LEGACY_MAGIC in header

@@ -60,6 +60,8 @@ ERROR_CASES = [
                 "--repository", "{tmp}/out"], "no checkpoint file"),
     ("export", ["onnx", "--model", "convnext_atto", "--checkpoint", "{tmp}/corrupt.pth", "--name", "x",
                 "--repository", "{tmp}/out"], "not a readable torch checkpoint"),
+    ("export", ["onnx", "--model", "convnext_atto", "--checkpoint", "{tmp}/legacy_cut.pth", "--name", "x",
+                "--repository", "{tmp}/out"], "is damaged or truncated (IndexError: index out of range)"),
     ("export", ["list", "--repository", "{tmp}/broken"], "cannot be read: digits/1 (listed above with the reason)"),
     ("export", ["tensorrt", "--name", "nosuch", "--repository", "{tmp}/empty"], "no versions of model 'nosuch'"),
     ("export", ["onnx", "--precisions", "fp32,fp16"], "the following arguments are required: --name"),
@@ -131,6 +133,9 @@ FRONT_ERRORS = [
 def places(tmp_path_factory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "corrupt.pth").write_bytes(b"not a checkpoint")
+    legacy = tmp / "legacy.pth"  # torch.save's pre-1.6 format, cut off: its header is whole, its pickle is not
+    torch.save({"model": create_model("convnext_atto").state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    (tmp / "legacy_cut.pth").write_bytes(legacy.read_bytes()[:2000])
     torch.manual_seed(0)  # official layout, a name that says no class count: the export assumes 1000
     torch.save({"model": create_model("convnext_atto", num_classes=10).state_dict()}, tmp / "ten_classes.pth")
     (tmp / "empty").mkdir()

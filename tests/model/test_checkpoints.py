@@ -1,8 +1,10 @@
 """Strict checkpoint loading: official / project formats, errors that list the keys, head re-initialisation."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import random
 
 import pytest
 import timm
@@ -178,3 +180,58 @@ def test_a_convnext_checkpoint_given_for_resnet50_is_not_called_torchvisions(att
     message = str(error.value)
     assert message.startswith(f"checkpoint ({naming} format) does not fit the model:")
     assert "torchvision" not in message
+
+
+@pytest.fixture(scope="module")
+def saved_formats(tmp_path_factory) -> dict[str, bytes]:
+    """A small checkpoint's bytes (weights, metadata, pickled args) in torch.save's zip and legacy (pre-1.6) formats."""
+    folder = tmp_path_factory.mktemp("formats")
+    torch.manual_seed(0)
+    checkpoint = {"model": {"a.weight": torch.randn(4, 4), "b.bias": torch.zeros(3)}, "model_name": "convnext_atto",
+                  "epoch": 3, "args": argparse.Namespace(lr=0.1)}
+    torch.save(checkpoint, folder / "zip.pth")
+    torch.save(checkpoint, folder / "legacy.pth", _use_new_zipfile_serialization=False)
+    return {name: (folder / f"{name}.pth").read_bytes() for name in ("zip", "legacy")}
+
+
+@pytest.mark.parametrize("file_format", ["zip", "legacy"])
+def test_a_checkpoint_cut_off_anywhere_is_a_checkpoint_error_naming_the_file(saved_formats, tmp_path, file_format):
+    """A cut-off legacy file once crashed the reader (IndexError on EOFError's empty message, the unpickler's own
+    IndexError or struct.error): every cut point is a CheckpointError that says the file is damaged or truncated."""
+    data = saved_formats[file_format]
+    cuts = [1, 2, 10, 50, 100, 300] + [len(data) * i // 16 for i in range(2, 16)] + [len(data) - 10, len(data) - 1]
+    path = tmp_path / "cut.pth"
+    for cut in cuts:
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="damaged or truncated|truncated or not a torch.save file") as error:
+            read_checkpoint(path)
+        assert str(path) in str(error.value), cut
+
+
+@pytest.mark.parametrize("file_format", ["zip", "legacy"])
+def test_a_checkpoint_with_damaged_bytes_is_read_or_refused_never_a_crash(saved_formats, tmp_path, file_format):
+    """Bytes flipped in the pickled part (a zip's data.pkl, a legacy file's head): the unpickler raised KeyError,
+    IndexError, TypeError, struct.error and the legacy loader AssertionError, each a traceback in the CLIs."""
+    data = saved_formats[file_format]
+    start = data.find(b"\x80\x02", data.find(b"data.pkl")) if file_format == "zip" else 0
+    rng = random.Random(0)
+    path = tmp_path / "damaged.pth"
+    for _ in range(300):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            damaged[start + rng.randrange(600)] = rng.randrange(256)
+        path.write_bytes(bytes(damaged))
+        try:
+            read_checkpoint(path)  # a flip in a string or a number may still read: the sha256 sidecar catches those
+        except CheckpointError:
+            pass
+
+
+def test_a_zip_whose_end_record_names_other_disks_is_a_checkpoint_error(saved_formats, tmp_path):
+    damaged = bytearray(saved_formats["zip"])
+    locator = damaged.rfind(b"PK\x06\x07")  # zip64 end-of-central-directory locator: total number of disks
+    damaged[locator + 16] = 2  # zipfile.is_zipfile raised BadZipFile ("zipfiles that span multiple disks")
+    path = tmp_path / "disks.pth"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match="truncated or not a torch.save file"):
+        read_checkpoint(path)
