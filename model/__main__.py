@@ -48,8 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     download = commands.add_parser(
         "download", help="download (or verify the cached copy of) an official checkpoint",
         description="Upstream publishes no sha256 for its checkpoints, so the first download is trusted (HTTPS from "
-                    "the official host, or your --mirror); its hash is recorded beside the file and every later use "
-                    "of the cached copy is checked against it.")
+                    "the official host, or your --mirror) once it is a torch.save file; its hash and URL are recorded "
+                    "beside the file, and the cached copy is used again only for the same URL, checked against its "
+                    "hash.")
     download.add_argument("name", choices=sorted(PRETRAINED_CHECKPOINTS), metavar="NAME")
     download.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()} ($CONVNEXT_CACHE_DIR)")
     download.add_argument("--mirror", default=OFFICIAL_BASE_URL, help="base URL holding the official file names")

@@ -2,8 +2,9 @@
 
 Upstream publishes no sha256 for these files, and none could be pinned here without a trusted copy of each, so
 the table's `sha256` is None: the first download is trusted (it comes over HTTPS from dl.fbaipublicfiles.com,
-or from a mirror you chose), its hash is recorded in a `.sha256` sidecar, and every later cache hit is checked
-against that record. A resumed download only joins bytes the server proves are of the same file (If-Range).
+or from a mirror you chose) once it is a torch.save file, its hash is recorded in a `.sha256` sidecar and its URL in a
+`.url` record, and every later cache hit is checked against both. A resumed download only joins bytes the server
+proves are of the same file of the same URL (If-Range).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import TextIO
 
 from convnext_files import sha256_file, sidecar_path, write_sidecar, write_text_atomic
 
-from .checkpoints import CheckpointError, recorded_sha256
+from .checkpoints import CheckpointError, is_torch_save_file, recorded_sha256, recorded_source_url, source_url_path
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
 _CHUNK_BYTES = 1 << 20
@@ -93,7 +94,8 @@ def get_pretrained(name: str) -> PretrainedCheckpoint:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CONVNEXT_CACHE_DIR", Path.home() / ".cache" / "convnext"))
+    # Empty means unset (compose's `${CONVNEXT_CACHE_DIR:-}`, as deploy/entrypoint.py reads it), not the working folder.
+    return Path(os.environ.get("CONVNEXT_CACHE_DIR") or Path.home() / ".cache" / "convnext")
 
 
 def download_pretrained(name: str, cache_dir: str | Path | None = None, *, base_url: str = OFFICIAL_BASE_URL,
@@ -111,17 +113,21 @@ def download_pretrained(name: str, cache_dir: str | Path | None = None, *, base_
 
 def download_file(url: str, destination: Path, *, sha256: str | None = None, timeout_s: float = 60.0,
                   progress: bool = False) -> Path:
-    """Download `url` to `destination`: resume a `.part` file with an HTTP Range request, check Content-Length and
-    sha256 (the expected one, else the `.sha256` sidecar written on first download, re-checked on every cache hit).
+    """Download the torch.save file at `url` to `destination`: resume a `.part` file with an HTTP Range request, check
+    Content-Length and sha256 (the expected one, else the `.sha256` sidecar written on first download, re-checked on
+    every cache hit), and that it is a torch.save file (a login page answered with 200 is not cached).
 
-    Without an expected sha256 the first download is trusted: its hash becomes the record later hits are held to.
-    A `.part` is resumed only against the validator (ETag or Last-Modified) saved when it began, sent as If-Range,
-    so the bytes on disk and the tail are of the same remote file; anything else starts again from byte 0.
+    Without an expected sha256 the first download is trusted: its hash becomes the record later hits are held to, and
+    a hit must also be of the same URL (its `.url` record): a cache keyed by file name alone would hand run A's
+    `checkpoint_best.pth` to a request for run B's. With an expected sha256, the hash alone decides.
+    A `.part` is resumed only from the same URL and against the validator (ETag or Last-Modified) saved when it began,
+    sent as If-Range, so the bytes on disk and the tail are of the same remote file; anything else starts again from
+    byte 0.
     Concurrent calls for one destination (two `python -m model download`, two `convnext serve`) take turns: the
     later one finds the file finished, or resumes the `.part` the earlier one left.
     """
     destination = Path(destination)
-    if _is_verified_cache_hit(destination, sha256):  # no lock taken: a read-only cache still serves its files
+    if _is_cache_hit(destination, url, sha256):  # no lock taken: a read-only cache still serves its files
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(destination.with_name(destination.name + ".lock")):
@@ -132,20 +138,29 @@ def _download_unless_cached(url: str, destination: Path, sha256: str | None, tim
                             progress: bool) -> Path:
     """download_file's work, under its lock: the `.part` has a fixed name (what lets a later call resume it), so two
     downloads writing it at once would interleave their bytes, or one would find it renamed away."""
-    if destination.is_file():
-        if _cached_copy_verifies(destination, sha256):
-            return destination
-        destination.unlink()  # corrupted cache entry: fetch it again rather than hand it out
-        sidecar_path(destination).unlink(missing_ok=True)
+    if _is_cache_hit(destination, url, sha256):  # the call that held the lock before this one fetched it
+        return destination
+    # Not a hit (another URL's file, a corrupted or unreadable one, one with nothing to verify it by): fetched again,
+    # and replaced only once the new file is whole, so a failed download leaves the old one where it was.
     partial = destination.with_name(destination.name + ".part")
-    _fetch(url, partial, timeout_s, progress)
+    content_type = _fetch(url, partial, timeout_s, progress)
     actual = sha256_file(partial)
     if sha256 is not None and actual != sha256:
         _discard_partial(partial)
         raise DownloadError(f"{url}: sha256 {actual} does not match the expected {sha256}; the file was discarded")
+    if not is_torch_save_file(partial):
+        size = partial.stat().st_size
+        _discard_partial(partial)
+        raise DownloadError(f"{url}: the server sent {size} bytes of {content_type or 'no Content-Type'}, not a "
+                            "torch.save checkpoint (a login or share page, an error page, a mirror without the file?); "
+                            "the file was discarded: check the URL, or download it in a browser and pass the path")
+    # The old file's records go first: a crash before the new ones are written leaves a file that is no hit.
+    for record in (source_url_path(destination), sidecar_path(destination)):
+        record.unlink(missing_ok=True)
     partial.replace(destination)
     _validator_path(partial).unlink(missing_ok=True)
     write_sidecar(destination, actual)
+    write_text_atomic(source_url_path(destination), url + "\n")  # last: a file without it is never a hit for a URL
     return destination
 
 
@@ -181,31 +196,23 @@ def _still_named(fd: int, path: Path) -> bool:
         return False
 
 
-def _is_verified_cache_hit(destination: Path, sha256: str | None) -> bool:
-    """Whether the cached file matches its expected or recorded sha256; checked without writing anything."""
+def _is_cache_hit(destination: Path, url: str, sha256: str | None) -> bool:
+    """Whether the cached file is the one asked for, checked without writing anything: of the expected sha256, else
+    downloaded from `url` (its `.url` record) and still of the sha256 recorded then; and a torch.save file, so that a
+    page cached before that check was made is fetched again. A file with no record (copied in, or from an older
+    version) is not trusted for a URL: its source is unknown."""
     if not destination.is_file():
         return False
     try:
-        expected = sha256 or recorded_sha256(destination)
-        return expected is not None and sha256_file(destination) == expected
-    except (CheckpointError, FileNotFoundError):  # a garbled sidecar, or a file just removed: left to the locked path
+        expected = sha256 or (recorded_sha256(destination) if recorded_source_url(destination) == url else None)
+        return expected is not None and sha256_file(destination) == expected and is_torch_save_file(destination)
+    except (CheckpointError, FileNotFoundError):  # a garbled sidecar, or a file just removed: fetched again
         return False
-
-
-def _cached_copy_verifies(destination: Path, sha256: str | None) -> bool:
-    """Whether the cached file matches `sha256`, else its sidecar; a file without either is recorded as it is."""
-    try:
-        expected = sha256 or recorded_sha256(destination)
-    except CheckpointError:  # an empty or garbled sidecar: the copy cannot be verified, so it is fetched again
-        return False
-    actual = sha256_file(destination)
-    if expected is None:
-        write_sidecar(destination, actual)
-    return expected is None or actual == expected
 
 
 def _validator_path(partial: Path) -> Path:
-    """`x.pth.part` -> `x.pth.part.validator`: the ETag or Last-Modified the server sent when the `.part` began."""
+    """`x.pth.part` -> `x.pth.part.validator`: the URL the `.part` is of, and the ETag or Last-Modified its server sent
+    when it began (one line each)."""
     return partial.with_name(partial.name + ".validator")
 
 
@@ -222,13 +229,15 @@ def _response_validator(headers: Message) -> str | None:
     return headers.get("Last-Modified")
 
 
-def _resume_point(partial: Path) -> tuple[int, str | None]:
+def _resume_point(partial: Path, url: str) -> tuple[int, str | None]:
     """The bytes of `partial` to keep and the validator they were fetched under; (0, None) discards the `.part`
-    when nothing proves which file it holds (no saved validator: an older version, another file, a proxy's)."""
+    when nothing proves which file it holds (no saved validator: an older version, another file, a proxy's), or it
+    is of another URL (the same file name on another run's folder or another mirror)."""
     validator_file = _validator_path(partial)
-    validator = validator_file.read_text(errors="replace").strip() if validator_file.is_file() else ""
+    lines = validator_file.read_text(errors="replace").splitlines() if validator_file.is_file() else []
+    source, validator = (lines[0], lines[1].strip()) if len(lines) == 2 else ("", "")
     offset = partial.stat().st_size if partial.is_file() else 0
-    if not (offset and validator.isascii() and validator.isprintable() and validator):
+    if not (offset and source == url and validator.isascii() and validator.isprintable() and validator):
         _discard_partial(partial)
         return 0, None
     return offset, validator
@@ -244,15 +253,17 @@ def _write_offset(response: http.client.HTTPResponse, offset: int, validator: st
     return offset if same_file and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-") else None
 
 
-def _fetch(url: str, partial: Path, timeout_s: float, progress: bool = False) -> None:
-    """Download `url` into `partial`, resuming it only while the validator saved beside it still holds."""
-    offset, validator = _resume_point(partial)
+def _fetch(url: str, partial: Path, timeout_s: float, progress: bool = False) -> str | None:
+    """Download `url` into `partial`, resuming it only while the validator saved beside it still holds; the response's
+    Content-Type (what a message names when the file is not a checkpoint)."""
+    offset, validator = _resume_point(partial, url)
     headers = {"Range": f"bytes={offset}-", "If-Range": validator} if validator else {}
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
             start = _write_offset(response, offset, validator)
             content_range = response.headers.get("Content-Range")
-            expected_total = _receive(response, partial, start, progress) if start is not None else None
+            content_type = response.headers.get("Content-Type")
+            expected_total = _receive(response, partial, url, start, progress) if start is not None else None
     except urllib.error.HTTPError as error:
         if error.code == 416 and offset:  # Range not satisfiable: the .part is stale or over-long, restart
             _discard_partial(partial)
@@ -274,15 +285,16 @@ def _fetch(url: str, partial: Path, timeout_s: float, progress: bool = False) ->
     received = partial.stat().st_size
     if expected_total is not None and received != expected_total:
         raise DownloadError(f"{url}: got {received} of {expected_total} bytes; {_after_interruption(partial)}")
+    return content_type
 
 
-def _receive(response: http.client.HTTPResponse, partial: Path, offset: int, progress: bool) -> int | None:
+def _receive(response: http.client.HTTPResponse, partial: Path, url: str, offset: int, progress: bool) -> int | None:
     """Write the body into `partial` after its first `offset` bytes; the file's total size, when the server says."""
     if not offset:  # a new .part: drop the old one first, so no validator ever sits beside bytes of another file
         _discard_partial(partial)
         validator = _response_validator(response.headers)
         if validator is not None:
-            write_text_atomic(_validator_path(partial), validator + "\n")
+            write_text_atomic(_validator_path(partial), f"{url}\n{validator}\n")
     expected_total = _total_bytes(response.headers, offset)
     report = DownloadProgress(partial.name.removesuffix(".part"), offset, expected_total) if progress else None
     with partial.open("ab" if offset else "wb") as out:

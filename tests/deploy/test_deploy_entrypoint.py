@@ -180,16 +180,32 @@ def test_the_entrypoint_starts_in_the_train_image_without_the_web_stack():
 
 
 def test_own_checkpoint_from_a_file_url_is_used_instead_of_the_official_one(tmp_path, mirror, monkeypatch):
+    import torch
+
     entrypoint = load_entrypoint()
     own = tmp_path / "mine.pth"
-    own.write_bytes(b"checkpoint bytes")
+    torch.save({"mine": 1}, own)  # a torch.save file: the download refuses anything else
     env = entrypoint_env(tmp_path / "models", mirror, 0)
     before = list(mirror.downloads)
     for source in (own.as_uri(), str(own)):
         settings = settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_CHECKPOINT": source})
         path = entrypoint.fetch_checkpoint(settings)
-        assert path.read_bytes() == b"checkpoint bytes"
+        assert path.read_bytes() == own.read_bytes()
     assert mirror.downloads == before
+
+
+def test_checkpoint_urls_of_the_same_file_name_each_give_their_own_file(tmp_path, mirror, monkeypatch):
+    """CONVNEXT_CHECKPOINT=.../runB/checkpoint_best.pth after runA's: the cache (by file name) once gave runA's."""
+    import torch
+
+    entrypoint = load_entrypoint()
+    env = entrypoint_env(tmp_path / "models", mirror, 0)
+    for run in ("runA", "runB", "runA"):
+        (tmp_path / run).mkdir(exist_ok=True)
+        torch.save({"run": run}, tmp_path / run / "checkpoint_best.pth")
+        url = (tmp_path / run / "checkpoint_best.pth").as_uri()
+        settings = settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_CHECKPOINT": url})
+        assert torch.load(entrypoint.fetch_checkpoint(settings))["run"] == run
     missing = settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_CHECKPOINT": str(tmp_path / "nope.pth")})
     with pytest.raises(SystemExit, match="not a file"):
         entrypoint.fetch_checkpoint(missing)

@@ -7,23 +7,26 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
 
 from model import create_model, list_models
 from model.__main__ import main
-from model.checkpoints import load_checkpoint, read_checkpoint
+from model.checkpoints import CheckpointError, load_checkpoint, read_checkpoint
 from model.pretrained import (
     PRETRAINED_CHECKPOINTS,
     DownloadError,
     DownloadProgress,
+    default_cache_dir,
     download_file,
     download_pretrained,
     format_progress,
 )
 
 FILENAME = "convnext_tiny_1k_224_ema.pth"
+CACHED_FILES = [FILENAME, f"{FILENAME}.sha256", f"{FILENAME}.url"]  # the file, its hash and the URL it came from
 
 
 def _etag(body: bytes) -> str:
@@ -34,13 +37,16 @@ class _CheckpointServer(BaseHTTPRequestHandler):
     """Serves `files` with HTTP Range and If-Range support, each file with its `validators` headers (by default a
     strong ETag of its bytes); `truncate_next` cuts the next response short after that many bytes;
     `range_reply` "misplaced" answers a Range request from byte 0, "short" with only 1000 bytes (a proxy that mangles
-    ranges); `stall_after` holds the next response after that many bytes, setting `stalled`, until `resume` is set."""
+    ranges); `stall_after` holds the next response after that many bytes, setting `stalled`, until `resume` is set;
+    `content_type` is sent as Content-Type when set, and `send_length` False sends no Content-Length."""
 
     files: dict[str, bytes] = {}
     validators: dict[str, dict[str, str]] = {}
     truncate_next: int | None = None
     range_reply = "honest"
     stall_after: int | None = None
+    content_type: str | None = None
+    send_length = True
     stalled = threading.Event()
     resume = threading.Event()
     requests: list[tuple[str, str | None, str | None]] = []  # (path, Range, If-Range)
@@ -72,7 +78,12 @@ class _CheckpointServer(BaseHTTPRequestHandler):
         payload = body[start:end]
         for header, value in validators.items():
             self.send_header(header, value)
-        self.send_header("Content-Length", str(len(payload)))
+        if cls.content_type is not None:
+            self.send_header("Content-Type", cls.content_type)
+        if cls.send_length:
+            self.send_header("Content-Length", str(len(payload)))
+        else:  # the body ends when the connection closes
+            self.close_connection = True
         self.end_headers()
         if cls.truncate_next is not None:
             payload, cls.truncate_next = payload[: cls.truncate_next], None
@@ -104,6 +115,8 @@ def server(checkpoint_bytes):
     _CheckpointServer.truncate_next = None
     _CheckpointServer.range_reply = "honest"
     _CheckpointServer.stall_after = None
+    _CheckpointServer.content_type = None
+    _CheckpointServer.send_length = True
     _CheckpointServer.stalled, _CheckpointServer.resume = threading.Event(), threading.Event()
     _CheckpointServer.requests = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _CheckpointServer)
@@ -158,19 +171,19 @@ def test_truncated_transfer_fails_then_resumes_with_a_range_request_if_still_the
     expected_if_range = _etag(checkpoint_bytes) if if_range == "etag" else if_range
     assert handler.requests[-1][1:] == ("bytes=100000-", expected_if_range)  # only the tail, and only of this file
     assert path.read_bytes() == checkpoint_bytes
-    assert sorted(p.name for p in tmp_path.iterdir()) == [FILENAME, f"{FILENAME}.sha256"]  # no .part, no validator
+    assert sorted(p.name for p in tmp_path.iterdir()) == CACHED_FILES  # no .part, no validator
 
 
-def _plant_partial(folder, first_bytes: bytes, validator: str | None) -> None:
+def _plant_partial(folder, first_bytes: bytes, validator: str | None, url: str) -> None:
     (folder / f"{FILENAME}.part").write_bytes(first_bytes)
     if validator is not None:
-        (folder / f"{FILENAME}.part.validator").write_text(validator + "\n")
+        (folder / f"{FILENAME}.part.validator").write_text(f"{url}\n{validator}\n")
 
 
 def test_a_part_of_another_version_is_not_joined_with_the_new_file(server, tmp_path, checkpoint_bytes):
     handler, base_url = server
     older = bytes(reversed(checkpoint_bytes))  # what the same URL served before, as large as the new file
-    _plant_partial(tmp_path, older[:100_000], _etag(older))
+    _plant_partial(tmp_path, older[:100_000], _etag(older), base_url + FILENAME)
     path = download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
     assert handler.requests[-1][1:] == ("bytes=100000-", _etag(older))  # the server saw the ETag change: 200
     assert path.read_bytes() == checkpoint_bytes
@@ -178,7 +191,7 @@ def test_a_part_of_another_version_is_not_joined_with_the_new_file(server, tmp_p
 
 def test_a_part_without_its_validator_starts_over(server, tmp_path, checkpoint_bytes):
     handler, base_url = server
-    _plant_partial(tmp_path, bytes(reversed(checkpoint_bytes))[:100_000], None)  # e.g. left by an older version
+    _plant_partial(tmp_path, bytes(reversed(checkpoint_bytes))[:100_000], None, base_url + FILENAME)  # older version
     path = download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
     assert handler.requests == [("/" + FILENAME, None, None)]
     assert path.read_bytes() == checkpoint_bytes
@@ -186,7 +199,7 @@ def test_a_part_without_its_validator_starts_over(server, tmp_path, checkpoint_b
 
 def test_a_206_that_does_not_continue_the_part_is_never_spliced(server, tmp_path, checkpoint_bytes):
     handler, base_url = server
-    _plant_partial(tmp_path, checkpoint_bytes[:100_000], _etag(checkpoint_bytes))
+    _plant_partial(tmp_path, checkpoint_bytes[:100_000], _etag(checkpoint_bytes), base_url + FILENAME)
     handler.range_reply = "misplaced"  # answers "bytes=100000-" with "Content-Range: bytes 0-..."
     path = download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
     assert [request[1] for request in handler.requests] == ["bytes=100000-", None]  # refused, then the whole file
@@ -195,7 +208,7 @@ def test_a_206_that_does_not_continue_the_part_is_never_spliced(server, tmp_path
 
 def test_a_206_that_stops_short_of_the_end_is_not_taken_for_the_whole_file(server, tmp_path, checkpoint_bytes):
     handler, base_url = server
-    _plant_partial(tmp_path, checkpoint_bytes[:100_000], _etag(checkpoint_bytes))
+    _plant_partial(tmp_path, checkpoint_bytes[:100_000], _etag(checkpoint_bytes), base_url + FILENAME)
     handler.range_reply = "short"  # "Content-Range: bytes 100000-100999/<size>"
     with pytest.raises(DownloadError, match=f"got 101000 of {len(checkpoint_bytes)} bytes; .* resumes it"):
         download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
@@ -239,7 +252,7 @@ def test_concurrent_downloads_of_one_file_take_turns_and_fetch_its_bytes_once(se
         assert second.result(timeout=30).read_bytes() == checkpoint_bytes  # a cache hit, or the resumed .part
     expected_ranges = [None] if first_transfer == "finishes" else [None, "bytes=100000-"]
     assert [request[1] for request in handler.requests] == expected_ranges
-    assert sorted(p.name for p in tmp_path.iterdir()) == [FILENAME, f"{FILENAME}.sha256"]  # and no lock file
+    assert sorted(p.name for p in tmp_path.iterdir()) == CACHED_FILES  # and no lock file
 
 
 def test_corrupted_cached_file_is_detected_and_downloaded_again(server, tmp_path, checkpoint_bytes):
@@ -318,3 +331,117 @@ def test_progress_on_a_terminal_rewrites_one_line():
     assert first == f"downloading {FILENAME}, resuming at 1.0 MiB"
     assert re.fullmatch(rf"(\r{FILENAME}: [\d.]+ of 2.0 MiB \(\d+%\), [\d.]+ MiB/s\x1b\[K)*"
                         rf"\r{FILENAME}: 2.0 of 2.0 MiB \(100%\), [\d.]+ MiB/s\x1b\[K\n", last)
+
+
+def _torch_file_bytes(tmp_path, content: dict) -> bytes:
+    path = tmp_path / "made.pth"
+    torch.save(content, path)
+    return path.read_bytes()
+
+
+def test_a_cached_file_is_a_hit_only_for_the_url_it_came_from(server, tmp_path):
+    """Two runs' checkpoint_best.pth share a file name (deploy/entrypoint.py caches CONVNEXT_CHECKPOINT by it): the
+    cache once handed run A's weights to a request for run B's."""
+    handler, base_url = server
+    runs = {run: _torch_file_bytes(tmp_path, {"run": run}) for run in ("runA", "runB")}
+    handler.files = {f"{run}/checkpoint_best.pth": body for run, body in runs.items()}
+    destination = tmp_path / "cache" / "checkpoint_best.pth"
+    for run in ("runA", "runB", "runB", "runA"):
+        url = f"{base_url}{run}/checkpoint_best.pth"
+        assert download_file(url, destination).read_bytes() == runs[run], run
+        assert (tmp_path / "cache" / "checkpoint_best.pth.url").read_text() == url + "\n"
+    assert [request[0] for request in handler.requests] == ["/runA/checkpoint_best.pth", "/runB/checkpoint_best.pth",
+                                                            "/runA/checkpoint_best.pth"]  # the second runB: a hit
+
+
+def test_a_cached_file_without_a_recorded_url_is_fetched_again_unless_its_sha256_is_known(server, tmp_path,
+                                                                                         checkpoint_bytes):
+    """A file copied into the cache, or cached by an older version, has no `.url`: its source is unknown. A file
+    whose sha256 the caller knows is verified by that hash alone, wherever it came from."""
+    handler, base_url = server
+    other = _torch_file_bytes(tmp_path, {"other": "weights"})
+    (tmp_path / "cache").mkdir()
+    destination = tmp_path / "cache" / FILENAME
+    destination.write_bytes(other)
+    (tmp_path / "cache" / f"{FILENAME}.sha256").write_text(f"{hashlib.sha256(other).hexdigest()}  {FILENAME}\n")
+    assert download_file(base_url + FILENAME, destination).read_bytes() == checkpoint_bytes
+    assert len(handler.requests) == 1
+    (tmp_path / "cache" / f"{FILENAME}.url").unlink()
+    known = hashlib.sha256(checkpoint_bytes).hexdigest()
+    assert download_file(base_url + "elsewhere/" + FILENAME, destination, sha256=known) == destination
+    assert len(handler.requests) == 1  # verified by the known hash: no request
+
+
+def test_a_part_of_another_url_is_not_resumed(server, tmp_path):
+    """Run A's download is cut off; run B's file of the same name carries the same Last-Modified (both written in
+    one second): that validator proves nothing about another URL's bytes, so B starts from byte 0, never spliced."""
+    handler, base_url = server
+    runs = {run: _torch_file_bytes(tmp_path, {"run": run, "weights": torch.randn(100_000)}) for run in ("runA", "runB")}
+    handler.files = {f"{run}/checkpoint_best.pth": body for run, body in runs.items()}
+    handler.validators = {name: {"Last-Modified": LAST_MODIFIED} for name in handler.files}
+    destination = tmp_path / "cache" / "checkpoint_best.pth"
+    handler.truncate_next = 100_000
+    with pytest.raises(DownloadError, match="resumes"):
+        download_file(f"{base_url}runA/checkpoint_best.pth", destination)
+    assert download_file(f"{base_url}runB/checkpoint_best.pth", destination).read_bytes() == runs["runB"]
+    assert handler.requests[-1] == ("/runB/checkpoint_best.pth", None, None)  # the whole file, no Range
+
+
+@pytest.mark.parametrize("reply", ["login page", "cut off without Content-Length"])
+def test_a_body_that_is_not_a_torch_save_file_is_refused_and_never_cached(server, tmp_path, checkpoint_bytes, reply):
+    """A proxy's login page answered with 200, or a body cut short with no Content-Length to notice it by, was once
+    cached with a sidecar and served from the cache forever."""
+    handler, base_url = server
+    if reply == "login page":
+        handler.files = {FILENAME: b"<html><body>Please log in to the proxy</body></html>"}
+        handler.content_type = "text/html"
+        expected = "the server sent 52 bytes of text/html, not a torch.save checkpoint"
+    else:
+        handler.send_length, handler.truncate_next = False, 100_000
+        expected = "the server sent 100000 bytes of no Content-Type, not a torch.save checkpoint"
+    with pytest.raises(DownloadError, match=re.escape(f"{base_url}{FILENAME}: {expected}")):
+        download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url)
+    assert list(tmp_path.iterdir()) == []
+    handler.files, handler.content_type, handler.send_length = {FILENAME: checkpoint_bytes}, None, True
+    assert download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url).read_bytes() == checkpoint_bytes
+    assert len(handler.requests) == 2
+
+
+def test_a_cached_file_that_is_not_a_torch_save_file_is_fetched_again(server, tmp_path, checkpoint_bytes):
+    """A page an older version cached, with its sidecar and URL: not handed out again."""
+    handler, base_url = server
+    page = b"<html>share page</html>"
+    (tmp_path / FILENAME).write_bytes(page)
+    (tmp_path / f"{FILENAME}.sha256").write_text(f"{hashlib.sha256(page).hexdigest()}  {FILENAME}\n")
+    (tmp_path / f"{FILENAME}.url").write_text(base_url + FILENAME + "\n")
+    assert download_pretrained("convnext_tiny_1k_224_ema", tmp_path, base_url=base_url).read_bytes() == checkpoint_bytes
+    assert len(handler.requests) == 1
+
+
+def test_a_downloaded_file_that_cannot_be_read_is_named_for_deletion(server, tmp_path, checkpoint_bytes):
+    """A legacy-format file cut short passes the download's check (its header is whole) and its sidecar records the
+    cut bytes: read_checkpoint names the cached file to delete, and the next download fetches it again."""
+    handler, base_url = server
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": create_model("convnext_atto").state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    handler.files = {FILENAME: legacy.read_bytes()[:2000]}
+    cache = tmp_path / "cache"
+    path = download_pretrained("convnext_tiny_1k_224_ema", cache, base_url=base_url)
+    with pytest.raises(CheckpointError, match=re.escape(f"is damaged or truncated (IndexError: index out of range); "
+                                                        f"it was downloaded from {base_url}{FILENAME}: delete {path} "
+                                                        "and download it again")):
+        read_checkpoint(path)
+    path.unlink()
+    handler.files = {FILENAME: checkpoint_bytes}
+    assert read_checkpoint(download_pretrained("convnext_tiny_1k_224_ema", cache, base_url=base_url))["model"]
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_an_empty_cache_dir_variable_means_the_default_not_the_working_folder(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("CONVNEXT_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("CONVNEXT_CACHE_DIR", value)
+    assert default_cache_dir() == Path.home() / ".cache" / "convnext"
+    monkeypatch.setenv("CONVNEXT_CACHE_DIR", "/data/cache")
+    assert default_cache_dir() == Path("/data/cache")
