@@ -229,11 +229,14 @@ def _naming_of(state_dict: Mapping) -> str:
 def load_checkpoint(
     model: nn.Module, path_or_state_dict: str | Path | Mapping, *, use_ema: bool = False
 ) -> LoadResult:
-    """Load weights strictly; only a head of another shape (another class count) is re-initialised, with a warning."""
+    """Load weights strictly; only a head of another shape (another class count) is re-initialised, with a warning.
+
+    A checkpoint that names another model than `model` (create_model's `model_name`) and does not fit says so first;
+    the activation is compared only once the weights fit (another model's activation advice would mislead)."""
     checkpoint = (
         path_or_state_dict if isinstance(path_or_state_dict, Mapping) else read_checkpoint(path_or_state_dict)
     )
-    _check_activation(model, checkpoint)
+    other_model = _other_model(model, checkpoint)
     state_dict, source_format = convert_state_dict(select_state_dict(checkpoint, use_ema=use_ema), model)
     expected = model.state_dict()
     missing = sorted(k for k in set(expected) - set(state_dict) if not _is_filled_in_by_torch(k))
@@ -245,7 +248,9 @@ def load_checkpoint(
     head_mismatch = [k for k in mismatched if k.startswith(head + ".")]
     other_mismatch = [k for k in mismatched if k not in head_mismatch]
     if missing or unexpected or other_mismatch:
-        raise CheckpointError(_describe(source_format, missing, unexpected, other_mismatch, expected, state_dict))
+        described = _describe(source_format, missing, unexpected, other_mismatch, expected, state_dict)
+        raise CheckpointError(described if other_model is None else f"{other_model}\n{described}")
+    _check_activation(model, checkpoint, other_model)
     if head_mismatch:
         key = head_mismatch[0]
         shapes = f"checkpoint {tuple(state_dict[key].shape)}, model {tuple(expected[key].shape)}"
@@ -272,22 +277,39 @@ def trained_activation(model_name: object, model_kwargs: object) -> str | None:
         return None
 
 
-def _check_activation(model: nn.Module, checkpoint: Mapping) -> None:
+def _other_model(model: nn.Module, checkpoint: Mapping) -> str | None:
+    """What to say first when a project checkpoint names another model than the one create_model built ("a checkpoint
+    of convnext_atto, the model is resnet50: ..."); None when they match, or either is not named."""
+    named, built = checkpoint.get("model_name"), getattr(model, "model_name", None)
+    if not isinstance(named, str) or not isinstance(built, str) or named == built:
+        return None
+    return (f"a checkpoint of {named}, the model is {built}: build {named} to load it (create_model({named!r}); "
+            f"python -m training / export: --model {named})")
+
+
+def _check_activation(model: nn.Module, checkpoint: Mapping, other_model: str | None) -> None:
     """A project checkpoint records the activation its weights were trained with (its model_kwargs, else its model's
     own): a model that runs another one has the same weight shapes, would load them strictly, and change every output.
-    Official, timm and torchvision files record none (their models' defaults are GELU for ConvNeXt, ReLU for ResNet)."""
+    Official, timm and torchvision files record none (their models' defaults are GELU for ConvNeXt, ReLU for ResNet).
+    A model named differently is advised to be the checkpoint's (`other_model`), not to take its activation."""
     name = checkpoint.get("model_name")
     trained = trained_activation(name, checkpoint.get("model_kwargs"))
     if trained not in ACTIVATION_LAYERS:  # none recorded, or a model this version does not know: nothing to compare
         return
     running = sorted(key for key, layer in ACTIVATION_LAYERS.items()
                      if any(isinstance(module, layer) for module in model.modules()))
-    if running and running != [trained]:
-        raise CheckpointError(
-            f"the checkpoint's weights ({name or 'this project'}) were trained with {trained}, and this model runs "
-            f"{' and '.join(running)}: loading them would change every output. Build the model with "
-            f"activation={trained!r} (python -m training / export: --activation {trained}), or for a roadmap step, "
-            f"the step the checkpoint names")
+    if not running or running == [trained]:
+        return
+    problem = (f"the checkpoint's weights ({name or 'this project'}) were trained with {trained}, and this model runs "
+               f"{' and '.join(running)}: loading them would change every output")
+    if other_model is not None:
+        raise CheckpointError(f"{other_model}; {problem}")
+    # A roadmap step's activation is fixed, so there the fix is another step: only said when the model is not named
+    # (a named one is the checkpoint's own model here, and a roadmap step of the checkpoint's name has its activation).
+    named = isinstance(getattr(model, "model_name", None), str)
+    roadmap = "" if named else ", or for a roadmap step, the step it names"
+    raise CheckpointError(f"{problem}. Build the model with activation={trained!r} (python -m training / export: "
+                          f"--activation {trained}){roadmap}")
 
 
 def _is_filled_in_by_torch(key: str) -> bool:

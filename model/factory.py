@@ -29,6 +29,7 @@ def create_model(
     `checkpoint` loads weights strictly (official, timm, torchvision or this project's format); a checkpoint
     with another class count re-initialises only the head. ResNet-50 (torchvision's) has no layer scale and keeps its
     own head init: a layer_scale_init other than 0, or a head_init_scale other than 1.0, raises ValueError for it.
+    The module's `model_name` is `name`: load_checkpoint names a checkpoint of another model by it.
     """
     cfg = get_config(name)
     activation = activation or cfg.default_activation
@@ -49,6 +50,7 @@ def create_model(
     else:
         model = resnet(cfg.depths, num_classes, activation, drop_path_rate, in_chans,
                        layer_scale_init=layer_scale_init, head_init_scale=head_init_scale)
+    model.model_name = name  # what load_checkpoint compares a checkpoint's model_name with, to name a wrong model first
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model

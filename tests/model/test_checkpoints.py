@@ -73,14 +73,32 @@ def test_a_project_checkpoint_loads_only_into_a_model_with_the_activation_it_was
     """GELU and ReLU models have the same weight shapes: the recorded activation (model_kwargs, else the recorded
     model's own) is what tells them apart; a roadmap step's checkpoint into the step before it (only GELU differs)."""
     relu = {"model": atto_state, "model_name": "convnext_atto", "model_kwargs": {"activation": "relu"}}
-    with pytest.raises(CheckpointError, match="trained with relu, and this model runs gelu"):
+    with pytest.raises(CheckpointError, match="^the checkpoint's weights .* trained with relu, and this model runs "
+                                              r"gelu: .* activation='relu' \(python -m training / export: "
+                                              r"--activation relu\)$"):  # the same model: its activation is the fix
         load_checkpoint(create_model("convnext_atto"), relu)
     load_checkpoint(create_model("convnext_atto", activation="relu"), relu)
     gelu_step = {"model": create_model("roadmap_r50_gelu").state_dict(), "model_name": "roadmap_r50_gelu"}
-    with pytest.raises(CheckpointError, match="trained with gelu, and this model runs relu"):
+    with pytest.raises(CheckpointError, match="^a checkpoint of roadmap_r50_gelu, the model is roadmap_r50_kernel7: "
+                                              "build roadmap_r50_gelu .*trained with gelu, and this model runs relu"):
         load_checkpoint(create_model("roadmap_r50_kernel7"), gelu_step)
     load_checkpoint(create_model("roadmap_r50_gelu"), gelu_step)
     load_checkpoint(create_model("convnext_atto", activation="relu"), {"model": atto_state})  # records nothing
+
+
+def test_a_checkpoint_of_another_model_says_so_before_anything_else(atto_state):
+    """The activation advice once came first (build resnet50 with activation='gelu', which resnet50 refuses)."""
+    atto = {"model": atto_state, "model_name": "convnext_atto", "model_kwargs": {}}
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(create_model("resnet50"), atto)
+    message = str(error.value)
+    assert message.startswith("a checkpoint of convnext_atto, the model is resnet50: build convnext_atto to load it")
+    assert "activation" not in message.splitlines()[0] and "missing keys: bn1.bias" in message
+    step = {"model": create_model("roadmap_r50_kernel7").state_dict(), "model_name": "roadmap_r50_kernel7"}
+    with pytest.raises(CheckpointError, match="^a checkpoint of roadmap_r50_kernel7, the model is convnext_atto: ") \
+            as error:
+        load_checkpoint(create_model("convnext_atto"), step)
+    assert "--activation" not in str(error.value)
 
 
 def test_read_checkpoint_rejects_missing_and_garbage_files(tmp_path):
