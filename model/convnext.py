@@ -6,6 +6,7 @@ ONNX exports as a single LayerNormalization op, and each block transposes only a
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +14,20 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATION_LAYERS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def check_layer_scale_init(layer_scale_init: float) -> None:
+    """Refuse a value that would silently drop layer scale: blocks keep it only when `> 0`, which -1e-6 and NaN fail."""
+    if not 0.0 <= layer_scale_init < math.inf:  # NaN fails every comparison
+        raise ValueError(f"layer_scale_init must be a finite number >= 0 (Table 5: 1e-6; 0: no layer scale), got "
+                         f"{layer_scale_init!r}")
+
+
+def check_head_init_scale(head_init_scale: float) -> None:
+    """Refuse a head scale that leaves a NaN, infinite, all-zero or sign-flipped classifier at initialisation."""
+    if not 0.0 < head_init_scale < math.inf:
+        raise ValueError(f"head_init_scale must be a finite number > 0 (1.0: the usual init; fine-tuning: 0.001), got "
+                         f"{head_init_scale!r}")
 
 
 def activation_layer(name: str) -> type[nn.Module]:
@@ -121,6 +136,8 @@ class ConvNeXt(nn.Module):
         activation: str = "gelu",
     ):
         super().__init__()
+        check_layer_scale_init(layer_scale_init)
+        check_head_init_scale(head_init_scale)
         # Section 2.2: "patchify" stem, 4x4 non-overlapping conv + LN.
         stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
         # Section 2.6: separate downsampling layers, LN + 2x2 stride-2 conv, between stages.
@@ -167,6 +184,8 @@ class ConvNeXtIsotropic(nn.Module):
         activation: str = "gelu",
     ):
         super().__init__()
+        check_layer_scale_init(layer_scale_init)
+        check_head_init_scale(head_init_scale)
         self.stem = nn.Conv2d(in_chans, dim, kernel_size=16, stride=16)
         rates = _drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[Block(dim, rates[i], layer_scale_init, activation) for i in range(depth)])

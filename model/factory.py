@@ -6,7 +6,7 @@ from pathlib import Path
 from torch import nn
 
 from .checkpoints import load_checkpoint
-from .convnext import ConvNeXt, ConvNeXtIsotropic
+from .convnext import ConvNeXt, ConvNeXtIsotropic, check_layer_scale_init
 from .registry import get_config
 from .resnet import resnet
 from .roadmap import Design, RoadmapNet
@@ -59,6 +59,7 @@ def create_model(
 def roadmap_design(name: str, activation: str, layer_scale_init: float) -> Design:
     """A roadmap step's design with create_model's options. The activation is one of the things the roadmap varies,
     so another one is refused, naming the step that has it."""
+    check_layer_scale_init(layer_scale_init)  # here, not in the try: naming a step with the activation is no help
     try:
         return ROADMAP_MODELS[name].design.with_options(activation=activation, layer_scale_init=layer_scale_init)
     except ValueError as err:

@@ -21,6 +21,8 @@ from .convnext import (
     _forward_stages,
     _init_weights,
     _reset_head,
+    check_head_init_scale,
+    check_layer_scale_init,
 )
 
 STEMS = ("resnet", "patchify")
@@ -60,6 +62,7 @@ class Design:
         if self.norm == "ln" and not self.one_norm:
             raise ValueError("norm='ln' builds ConvNeXt's channels-last block (one LN, then Linear layers): "
                              "set one_norm=True (and so dwconv_first, inverted)")
+        check_layer_scale_init(self.layer_scale_init)
 
     @property
     def stage_dims(self) -> tuple[int, ...]:
@@ -147,6 +150,7 @@ class RoadmapNet(nn.Module):
     def __init__(self, design: Design, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
                  head_init_scale: float = 1.0):
         super().__init__()
+        check_head_init_scale(head_init_scale)
         d, dims = design, design.stage_dims
         self.design = design
         # Stage transitions: a stride-2 first block (ResNet), or Section 2.6's norm + 2x2/2 conv between stages.

@@ -53,6 +53,8 @@ ERROR_CASES = [
     ("training", ["--preset", "imagenet5k"], "invalid choice: 'imagenet5k'"),
     ("training", ["--preset", "demo", "--amp", "fp8"], "--amp"),
     ("training", ["--preset", "demo", "--interpolation", "bilinearx"], "--interpolation must be one of bicubic"),
+    ("training", ["--preset", "demo", "--layer-scale-init=-1e-6"], "--layer-scale-init must be a finite number >= 0"),
+    ("training", ["--preset", "demo", "--head-init-scale", "nan"], "--head-init-scale must be a finite number > 0"),
     ("training", ["--preset", "demo", "--resume", "{tmp}/corrupt.pth", "--output", "{tmp}/run"],
      "truncated or not a torch.save file"),
     ("export", ["onnx", "--name", "x", "--repository", "{tmp}/out"], "no model name"),

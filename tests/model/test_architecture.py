@@ -10,6 +10,7 @@ from torch import nn
 
 from model import create_model
 from model.convnext import Block, DropPath, LayerNorm2d
+from model.roadmap import Design
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,22 @@ def test_head_init_scale_scales_the_classifier():
     torch.manual_seed(0)
     scaled = float(create_model("convnext_atto", head_init_scale=0.001).head.weight.detach().std())
     assert scaled == pytest.approx(full * 0.001, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnext_isotropic_small", "roadmap_r50_kernel7"])
+@pytest.mark.parametrize(("option", "value"), [
+    ("layer_scale_init", -1e-6), ("layer_scale_init", float("nan")), ("layer_scale_init", float("inf")),
+    ("head_init_scale", 0.0), ("head_init_scale", -1.0), ("head_init_scale", float("nan")),
+    ("head_init_scale", float("inf"))])
+def test_a_layer_scale_or_head_scale_that_would_silently_change_the_model_is_refused(name, option, value):
+    """-1e-6 and NaN once read as "no layer scale" (blocks keep it when `> 0`); a NaN head scale made a NaN head."""
+    with pytest.raises(ValueError, match=f"{option} must be a finite number .*, got [^;]*$"):  # no roadmap step advice
+        create_model(name, **{option: value})
+
+
+def test_roadmap_design_refuses_a_negative_layer_scale():
+    with pytest.raises(ValueError, match="layer_scale_init must be a finite number >= 0"):
+        Design(layer_scale_init=-1e-6)
 
 
 def test_drop_path_of_one_drops_every_branch_and_more_than_one_is_refused():

@@ -121,7 +121,9 @@ def test_in22k_runs_without_evaluation_like_the_official_commands():
     ("crop_mode", "border"), ("model_key", "state_dict"), ("layer_decay", 1.5), ("drop_path", 1.0), ("batch_size", 63),
     ("crop_pct", 0.0), ("crop_pct", 1.2), ("interpolation", "bilinearx"), ("label_smoothing", 1.0),
     ("ema_decay", 1.5), ("ema_decay", -0.5), ("epochs", 0), ("warmup_epochs", -1.0), ("lr_ref_batch", 0),
-    ("max_steps_per_epoch", -1), ("input_size", 16)])
+    ("max_steps_per_epoch", -1), ("input_size", 16),
+    ("layer_scale_init", -1e-6), ("layer_scale_init", float("nan")), ("layer_scale_init", float("inf")),
+    ("head_init_scale", 0.0), ("head_init_scale", -1.0), ("head_init_scale", float("nan"))])
 def test_values_the_recipe_cannot_run_are_refused(field, value):
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         resolve("in1k", {field: value})
