@@ -108,18 +108,21 @@ def download_pretrained(name: str, cache_dir: str | Path | None = None, *, base_
     entry = get_pretrained(name)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return download_file(base_url.rstrip("/") + "/" + entry.filename, cache_dir / entry.filename, sha256=entry.sha256,
-                         progress=progress)
+                         progress=progress, name_is_identity=True)
 
 
 def download_file(url: str, destination: Path, *, sha256: str | None = None, timeout_s: float = 60.0,
-                  progress: bool = False) -> Path:
+                  progress: bool = False, name_is_identity: bool = False) -> Path:
     """Download the torch.save file at `url` to `destination`: resume a `.part` file with an HTTP Range request, check
     Content-Length and sha256 (the expected one, else the `.sha256` sidecar written on first download, re-checked on
     every cache hit), and that it is a torch.save file (a login page answered with 200 is not cached).
 
     Without an expected sha256 the first download is trusted: its hash becomes the record later hits are held to, and
     a hit must also be of the same URL (its `.url` record): a cache keyed by file name alone would hand run A's
-    `checkpoint_best.pth` to a request for run B's. With an expected sha256, the hash alone decides.
+    `checkpoint_best.pth` to a request for run B's. With an expected sha256, the hash alone decides; with
+    `name_is_identity` (the official table's file names: every mirror serves the same file under one name), the
+    recorded sha256 does, whatever URL the file came from, and a torch.save file found without a record (copied into
+    the cache by hand, as an air-gapped host does) is recorded as it is.
     A `.part` is resumed only from the same URL and against the validator (ETag or Last-Modified) saved when it began,
     sent as If-Range, so the bytes on disk and the tail are of the same remote file; anything else starts again from
     byte 0.
@@ -127,18 +130,20 @@ def download_file(url: str, destination: Path, *, sha256: str | None = None, tim
     later one finds the file finished, or resumes the `.part` the earlier one left.
     """
     destination = Path(destination)
-    if _is_cache_hit(destination, url, sha256):  # no lock taken: a read-only cache still serves its files
+    if _is_cache_hit(destination, url, sha256, name_is_identity):  # no lock: a read-only cache still serves its files
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(destination.with_name(destination.name + ".lock")):
-        return _download_unless_cached(url, destination, sha256, timeout_s, progress)
+        return _download_unless_cached(url, destination, sha256, timeout_s, progress, name_is_identity)
 
 
 def _download_unless_cached(url: str, destination: Path, sha256: str | None, timeout_s: float,
-                            progress: bool) -> Path:
+                            progress: bool, name_is_identity: bool) -> Path:
     """download_file's work, under its lock: the `.part` has a fixed name (what lets a later call resume it), so two
     downloads writing it at once would interleave their bytes, or one would find it renamed away."""
-    if _is_cache_hit(destination, url, sha256):  # the call that held the lock before this one fetched it
+    if _is_cache_hit(destination, url, sha256, name_is_identity):  # the call that held the lock before fetched it
+        return destination
+    if name_is_identity and sha256 is None and _record_copied_in(destination):
         return destination
     # Not a hit (another URL's file, a corrupted or unreadable one, one with nothing to verify it by): fetched again,
     # and replaced only once the new file is whole, so a failed download leaves the old one where it was.
@@ -196,18 +201,29 @@ def _still_named(fd: int, path: Path) -> bool:
         return False
 
 
-def _is_cache_hit(destination: Path, url: str, sha256: str | None) -> bool:
+def _is_cache_hit(destination: Path, url: str, sha256: str | None, name_is_identity: bool = False) -> bool:
     """Whether the cached file is the one asked for, checked without writing anything: of the expected sha256, else
-    downloaded from `url` (its `.url` record) and still of the sha256 recorded then; and a torch.save file, so that a
-    page cached before that check was made is fetched again. A file with no record (copied in, or from an older
-    version) is not trusted for a URL: its source is unknown."""
+    downloaded from `url` (its `.url` record; any URL with `name_is_identity`) and still of the sha256 recorded then;
+    and a torch.save file, so that a page cached before that check was made is fetched again. A file with no record
+    (copied in, or from an older version) is not trusted for a URL: its source is unknown."""
     if not destination.is_file():
         return False
     try:
-        expected = sha256 or (recorded_sha256(destination) if recorded_source_url(destination) == url else None)
+        same_source = name_is_identity or recorded_source_url(destination) == url
+        expected = sha256 or (recorded_sha256(destination) if same_source else None)
         return expected is not None and sha256_file(destination) == expected and is_torch_save_file(destination)
     except (CheckpointError, FileNotFoundError):  # a garbled sidecar, or a file just removed: fetched again
         return False
+
+
+def _record_copied_in(destination: Path) -> bool:
+    """An official file put into the cache by hand, with no sha256 record: recorded as it is when it is a torch.save
+    file (its name says which file it is; later hits are held to this record), so an air-gapped host need not fetch
+    it. False when there is no such file, it has a record already (which it failed), or it is not a checkpoint."""
+    if not destination.is_file() or sidecar_path(destination).exists() or not is_torch_save_file(destination):
+        return False
+    write_sidecar(destination, sha256_file(destination))
+    return True
 
 
 def _validator_path(partial: Path) -> Path:

@@ -372,6 +372,27 @@ def test_a_cached_file_without_a_recorded_url_is_fetched_again_unless_its_sha256
     assert len(handler.requests) == 1  # verified by the known hash: no request
 
 
+def test_an_official_file_is_reused_whatever_mirror_it_came_from_and_when_copied_in(server, tmp_path,
+                                                                                   checkpoint_bytes):
+    """An official name says which file it is (every mirror serves the same one): a file cached by an older version
+    (a sidecar, no `.url`), one from another mirror, and one copied into the cache by hand (no record at all: an
+    air-gapped host) are used without a request; a copied-in file that is not a checkpoint is fetched."""
+    handler, base_url = server
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    destination = cache / FILENAME
+    destination.write_bytes(checkpoint_bytes)  # copied in by hand
+    assert download_pretrained("convnext_tiny_1k_224_ema", cache, base_url=base_url) == destination
+    assert (cache / f"{FILENAME}.sha256").read_text().split()[0] == hashlib.sha256(checkpoint_bytes).hexdigest()
+    assert not (cache / f"{FILENAME}.url").exists()  # recorded as it is: its source is not known
+    assert download_pretrained("convnext_tiny_1k_224_ema", cache, base_url=base_url + "mirror/") == destination
+    assert handler.requests == []
+    destination.write_bytes(b"<html>not a checkpoint</html>")
+    (cache / f"{FILENAME}.sha256").unlink()
+    assert download_pretrained("convnext_tiny_1k_224_ema", cache, base_url=base_url).read_bytes() == checkpoint_bytes
+    assert len(handler.requests) == 1
+
+
 def test_a_part_of_another_url_is_not_resumed(server, tmp_path):
     """Run A's download is cut off; run B's file of the same name carries the same Last-Modified (both written in
     one second): that validator proves nothing about another URL's bytes, so B starts from byte 0, never spliced."""
