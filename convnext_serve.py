@@ -27,12 +27,14 @@ from model.pretrained import (
     download_pretrained,
     get_pretrained,
 )
+from model.timm_pretrained import TimmPretrained, get_timm_pretrained
 from runtime.engines.base import EngineError
 from runtime.engines.factory import check_engine_settings
-from runtime.repository import ModelRepository, RepositoryError, Source
+from runtime.repository import Manifest, ModelRepository, RepositoryError
 from service.__main__ import StartRefused, startable_settings
 from service.app import engine_options
 from service.settings import Settings
+from training.checkpoint import CHECKPOINT_NAMES
 
 PROG = "convnext serve"
 # The service's settings for which model to serve: this command names the model itself (and the version, unless it
@@ -55,7 +57,12 @@ def get_args_parser() -> CliParser:
                                                              "e.g. convnext_tiny_1k_224_ema")
     source.add_argument("--checkpoint", metavar="PATH", help="a local project, official, timm or torchvision .pth")
     parser.add_argument("--model", help="its architecture, for a checkpoint that does not name it (not project ones)")
-    parser.add_argument("--name", help="its name in the repository (default: from the pretrained name or the file)")
+    parser.add_argument("--name", help="its name in the repository (default: from the pretrained name or the file; "
+                                       "for a training run's checkpoint_best/_best_ema/_last.pth, its run folder)")
+    parser.add_argument("--ema", action="store_true", help="serve the checkpoint's EMA weights (model_ema; timm's "
+                                                           "state_dict_ema) instead of the trained ones")
+    parser.add_argument("--timm-name", metavar="MODEL.TAG", help="the timm weights --checkpoint holds (e.g. "
+                        "convnext_tiny.in12k_ft_in1k): their model, class count and evaluation transform")
     parser.add_argument("--repository", default=os.environ.get("CONVNEXT_REPOSITORY", "models"))
     parser.add_argument("--cache-dir", default=None, help=f"downloads (default: {default_cache_dir()})")
     parser.add_argument("--mirror", default=OFFICIAL_BASE_URL, help="base URL holding the official file names")
@@ -70,7 +77,16 @@ def repository_name(text: str) -> str:
     return name or "model"
 
 
-def find_exported(repository: ModelRepository, name: str, matches: Callable[[Source], bool],
+def default_checkpoint_name(path: Path) -> str:
+    """The repository name a checkpoint is served under without --name: its file's, but for the files every training
+    run writes (checkpoint_best.pth ...), which name no model: their run folder's (runs/t/checkpoint_best.pth -> t), so
+    two runs' checkpoint_best.pth are two models, not two versions of one a watcher would switch between."""
+    if path.name in CHECKPOINT_NAMES:
+        return repository_name(path.resolve().parent.name)
+    return repository_name(path.stem)
+
+
+def find_exported(repository: ModelRepository, name: str, matches: Callable[[Manifest], bool],
                   precisions: Sequence[str]) -> int | None:
     """The newest version of `name` whose manifest source `matches` and that has an ONNX file of each of `precisions`,
     or None (then a new version is exported)."""
@@ -80,7 +96,7 @@ def find_exported(repository: ModelRepository, name: str, matches: Callable[[Sou
             manifest = repository.load(name, version, verify_files=False).manifest
         except RepositoryError:
             continue  # a broken version is not reused; the export writes a new one
-        if not matches(manifest.source):
+        if not matches(manifest):
             continue
         missing = [p for p in precisions if manifest.find("onnx", p) is None]
         if not missing:
@@ -95,7 +111,7 @@ def find_exported(repository: ModelRepository, name: str, matches: Callable[[Sou
 def prepare_pretrained(args, repository: ModelRepository) -> tuple[str, int]:
     entry = get_pretrained(args.pretrained)
     name = args.name or repository_name(entry.name)
-    version = find_exported(repository, name, lambda source: source.checkpoint == entry.filename,
+    version = find_exported(repository, name, lambda manifest: manifest.source.checkpoint == entry.filename,
                             args.precisions)
     if version is not None:
         return name, version
@@ -114,13 +130,31 @@ def prepare_checkpoint(args, repository: ModelRepository) -> tuple[str, int]:
     path = Path(args.checkpoint)
     if not path.is_file():
         raise ServeSetupError(f"no checkpoint file at {path}; pass the path of a .pth file")
-    name = args.name or repository_name(path.stem)
-    digest = sha256_file(path)
-    version = find_exported(repository, name, lambda source: source.sha256 == digest, args.precisions)
+    name = args.name or default_checkpoint_name(path)
+    digest, weights = sha256_file(path), "ema" if args.ema else "model"
+    tag = timm_tag(args.timm_name)
+
+    def matches(manifest: Manifest) -> bool:  # the same file's same weights, under the same timm transform
+        same = manifest.source.sha256 == digest and manifest.source.weights == weights
+        return same and (tag is None or (manifest.source.dataset, manifest.preprocess.crop_pct,
+                                         manifest.preprocess.crop_px) == (tag.dataset, tag.crop_pct, tag.input_size_px))
+
+    version = find_exported(repository, name, matches, args.precisions)
     if version is not None:
         return name, version
-    exported = export_onnx_version(repository.root, name, args.model, path, precisions=args.precisions)
+    exported = export_onnx_version(repository.root, name, args.model, path, precisions=args.precisions,
+                                   use_ema=args.ema, timm_name=args.timm_name)
     return name, exported.manifest.version
+
+
+def timm_tag(timm_name: str | None) -> TimmPretrained | None:
+    """--timm-name's tag, refused before anything is read when this project does not know it."""
+    if timm_name is None:
+        return None
+    try:
+        return get_timm_pretrained(timm_name)
+    except ValueError as error:
+        raise ServeSetupError(f"--timm-name: {error}") from None
 
 
 def _precisions(text: str) -> tuple[str, ...]:
@@ -169,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(arg.split("=")[0] == "--model-version" for arg in service_args):  # the service's own flag, overridden
         parser.error("--model-version is not taken here: the version served is the one this command exports or "
                      "finds for the checkpoint (python -m service --model-version N serves another)")
+    if args.pretrained and (args.ema or args.timm_name):
+        parser.error("--ema and --timm-name say what a --checkpoint holds; an official name says it itself (its _ema "
+                     "names are the EMA weights)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("export", "model", "convnext_serve"):  # progress lines, not third-party INFO (the ONNX optimizer's)
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)

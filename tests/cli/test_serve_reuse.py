@@ -22,9 +22,9 @@ from tests.service.conftest import free_port
 NAME = "atto"  # repository_name("atto.pth")
 
 
-def write_export(root: Path, checkpoint: Path, precisions: tuple[str, ...]) -> int:
+def write_export(root: Path, checkpoint: Path, precisions: tuple[str, ...], weights: str = "model") -> int:
     """A version of NAME exported from `checkpoint`, with one (placeholder) ONNX file per precision."""
-    source = Source(checkpoint=checkpoint.name, sha256=sha256_file(checkpoint), format="official")
+    source = Source(checkpoint=checkpoint.name, sha256=sha256_file(checkpoint), format="official", weights=weights)
     with ModelRepository(root).new_version(NAME) as staged:
         fill(staged, "fp32 weights")
         for precision in precisions[1:]:
@@ -44,9 +44,9 @@ def serve(tmp_path, monkeypatch):
     exports: list[tuple[str, ...]] = []
     execs: list[tuple[list[str], dict[str, str]]] = []
 
-    def stand_in_export(repository_root, name, model_name, path, precisions):
+    def stand_in_export(repository_root, name, model_name, path, precisions, use_ema=False, timm_name=None):
         exports.append(tuple(precisions))
-        number = write_export(Path(repository_root), Path(path), tuple(precisions))
+        number = write_export(Path(repository_root), Path(path), tuple(precisions), "ema" if use_ema else "model")
         return ModelRepository(repository_root).load(name, number)
 
     monkeypatch.setattr(convnext_serve, "export_onnx_version", stand_in_export)
@@ -90,6 +90,43 @@ def test_the_precision_served_is_exported_without_being_listed(serve):
     assert exports == [("fp32", "fp16")]
     assert run("--engine", "openvino", "--precision", "bf16") == 1  # version 1 has fp32: reused
     assert exports == [("fp32", "fp16")]
+
+
+def test_the_ema_weights_are_their_own_export(serve):
+    """--ema serves the checkpoint's EMA weights: an export of its trained weights is not reused for it, nor the other
+    way round."""
+    run, exports, checkpoint, root = serve
+    assert run() == 1
+    assert run("--ema") == 2
+    assert run("--ema") == 2 and run() == 1
+    assert exports == [("fp32",), ("fp32",)]
+    assert ModelRepository(root).load(NAME, 2).manifest.source.weights == "ema"
+
+
+@pytest.mark.parametrize(("path", "name"), [
+    ("runs/t/checkpoint_best.pth", "t"), ("runs/t/checkpoint_best_ema.pth", "t"), ("runs/in1k_T/checkpoint_last.pth",
+                                                                                   "in1k-t"),
+    ("weights/convnext_tiny_1k_224_ema.pth", "convnext-tiny-1k-224-ema"), ("my_model.pth", "my-model")])
+def test_a_training_runs_checkpoint_is_named_after_its_run_folder(path, name):
+    """Every run writes checkpoint_best.pth: named by the file, two runs would be two versions of one model, and a
+    watcher serving one would switch to the other's weights."""
+    assert convnext_serve.default_checkpoint_name(Path(path)) == name
+
+
+def test_ema_and_timm_name_are_refused_with_an_official_name(capsys):
+    for flag in (["--ema"], ["--timm-name", "convnext_atto.d2_in1k"]):
+        with pytest.raises(SystemExit) as exit_:
+            convnext_serve.main(["--pretrained", "convnext_tiny_1k_224_ema", *flag])
+        assert exit_.value.code == 2
+        assert "say what a --checkpoint holds" in capsys.readouterr().err
+
+
+def test_an_unknown_timm_name_is_refused_before_the_export(serve, capsys):
+    run, exports, checkpoint, root = serve
+    code = convnext_serve.main(["--checkpoint", str(checkpoint), "--repository", str(root), "--quiet",
+                                "--port", str(free_port()), "--grpc-port", "0", "--timm-name", "convnext_atto.bogus"])
+    assert code == 1 and exports == []
+    assert "--timm-name: 'convnext_atto.bogus' is not a timm ConvNeXt pretrained tag" in capsys.readouterr().err
 
 
 REFUSED_BEFORE_THE_EXPORT = [

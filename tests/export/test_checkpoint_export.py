@@ -95,6 +95,32 @@ def test_ema_flag_exports_the_ema_weights_and_records_it(tmp_path, capsys):
                                        atol=1e-4, rtol=1e-4)
 
 
+def test_convnext_serve_ema_serves_the_ema_weights_under_the_run_folders_name(tmp_path, monkeypatch):
+    """The real export through `convnext serve --checkpoint runs/demo/checkpoint_best_ema.pth --ema`: the version is
+    named after the run, records the EMA weights and computes the EMA network (the service's exec is recorded)."""
+    import os
+
+    torch.manual_seed(3)
+    trained = model.create_model("convnext_atto", num_classes=3).eval()
+    ema = model.create_model("convnext_atto", num_classes=3).eval()
+    path = tmp_path / "runs" / "demo" / "checkpoint_best_ema.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": trained.state_dict(), "model_ema": ema.state_dict(), "model_name": "convnext_atto",
+                "model_kwargs": {"num_classes": 3}, "data_config": DATA_CONFIG, "class_names": CLASS_NAMES}, path)
+    execs = []
+    monkeypatch.setattr(os, "execve", lambda executable, argv, env: execs.append(argv))
+    convnext_serve.main(["--checkpoint", str(path), "--ema", "--repository", str(tmp_path / "repo"), "--quiet",
+                         "--port", "0", "--grpc-port", "0"])
+    assert execs and execs[0][execs[0].index("--model") + 1] == "demo"
+    version = ModelRepository(tmp_path / "repo").load("demo")
+    assert version.manifest.source.weights == "ema"
+    x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    session = ort.InferenceSession(str(version.artifact_path(version.manifest.find("onnx", "fp32"))))
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x})[0], ema(torch.from_numpy(x)).numpy(), atol=1e-4,
+                                   rtol=1e-4)
+
+
 def test_the_best_ema_checkpoint_exported_without_ema_warns_that_it_takes_the_trained_weights(tmp_path, caplog):
     net = model.create_model("convnext_atto", num_classes=3)
     kept = {"model": net.state_dict(), "model_ema": net.state_dict(), "model_name": "convnext_atto",
