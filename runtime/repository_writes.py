@@ -90,7 +90,8 @@ def hold_write_lock(folder: Path, version: int) -> tuple[int, WritePaths]:
     """
     while True:
         paths = write_paths(folder, version, secrets.token_hex(8))
-        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)  # not the umask's: another user's write opens it read-only to clean up after it
         try:
             # Still named: a cleaner did not take the new file, folder-less, for a dead write's.
             if lock_now(fd) and _still_named(fd, paths.lock):
@@ -195,9 +196,15 @@ def _open_lock_file(path: Path, create: bool = False) -> int:
     """A lock file, to flock: read-write (NFS needs it for an exclusive lock; created if `create`), else read-only (a
     file of another user, 0644, e.g. a version's .lock the service made: enough for flock on a local file system)."""
     try:
-        return os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), FILE_MODE)
     except PermissionError:
         return os.open(path, os.O_RDONLY)
+    if create:  # not the umask's mode (077: 0600): the service, another user, locks a version's .lock read-only
+        try:
+            os.fchmod(fd, FILE_MODE)
+        except PermissionError:  # another user's file: its mode is its owner's
+            pass
+    return fd
 
 
 def _remove_dead_write(paths: WritePaths) -> None:

@@ -14,7 +14,8 @@ import pytest
 from convnext_files import sha256_file
 from export.onnx import export_onnx_version
 from runtime.preprocess import ImageError
-from runtime.repository import MANIFEST_FILE, Artifact, ModelRepository, RepositoryError
+from runtime.repository import LOCK_FILE, MANIFEST_FILE, Artifact, ModelRepository, RepositoryError
+from runtime.repository_writes import hold_write_lock
 from tests.export.conftest import SIZE_PX
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,6 +136,23 @@ def test_a_file_added_to_a_version_under_umask_077_is_readable_by_another_user(r
         os.umask(umask)
     assert stat.S_IMODE((added.path / "engines").stat().st_mode) == 0o755
     assert stat.S_IMODE((added.path / artifact.file).stat().st_mode) == 0o644
+
+
+def test_lock_files_made_under_umask_077_can_be_locked_by_another_user(repository_copy, tmp_path):
+    """A version's .lock (python -m export tensorrt takes it to add an engine) and a write's staging lock: the service
+    (another user) opens them read-only to flock, which a 0600 file refuses."""
+    umask = os.umask(0o077)
+    try:
+        with repository_copy.lock("atto", 1, timeout_s=5):
+            pass
+        fd, paths = hold_write_lock(repository_copy.root / "atto", 7)
+        staging_lock_mode = stat.S_IMODE(paths.lock.stat().st_mode)
+        os.close(fd)
+        paths.lock.unlink()
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((repository_copy.root / "atto" / "1" / LOCK_FILE).stat().st_mode) == 0o644
+    assert staging_lock_mode == 0o644
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite-without-version"])
