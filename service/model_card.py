@@ -55,8 +55,11 @@ def describe(manifest: Manifest) -> dict:
     knows = f"recognises {manifest.num_classes} classes ({', '.join(samples)}{more})"
     checkpoint = manifest.source.checkpoint
     summary = {
-        "demo": f"The offline demo model: {manifest.architecture} trained on handwritten digits; it {knows}. "
-                "It only knows digits: any photo gets a digit.",
+        # The digits set is light ink on a dark background and training never inverts it: a digit drawn dark on
+        # light (on paper, or a transparent drawing, which the service puts on white) is not recognised as it is.
+        "demo": f"The offline demo model: {manifest.architecture} trained on handwritten digits, light digits on a "
+                f"dark background like scikit-learn's 8x8 digits; it {knows}. Invert a dark-on-light drawing (ink on "
+                "paper) first. It only knows digits: any photo gets a digit.",
         "official": f"{manifest.architecture} with the official {dataset or 'pretrained'} weights ({checkpoint}); "
                     f"it {knows}.",
         "checkpoint": f"{manifest.architecture} from the checkpoint {checkpoint}"

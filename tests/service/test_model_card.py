@@ -34,3 +34,11 @@ def test_describe(manifest, source, labels, kind, dataset, phrase):
     assert (card["source"], card["dataset"], card["num_classes"]) == (kind, dataset, 10)
     assert phrase in card["summary"] and card["sample_labels"] == list((labels or manifest.labels)[:5])
     assert card["serve_imagenet_command"] == (SERVE_IMAGENET_COMMAND if kind in ("demo", "random") else None)
+
+
+def test_the_demo_card_says_its_digits_are_light_on_dark_and_to_invert_a_drawing_on_paper(manifest):
+    """training/data.py never inverts scikit-learn's digits (light ink on a dark background): a digit written dark on
+    paper, or a transparent drawing put on white, is not recognised unless inverted, and the card says so."""
+    card = describe(with_source(manifest, format="project", checkpoint="checkpoint_best.pth", dataset="digits"))
+    assert "light digits on a dark background like scikit-learn's 8x8 digits" in card["summary"]
+    assert "Invert a dark-on-light drawing (ink on paper) first" in card["summary"]
