@@ -1,5 +1,11 @@
 # The two set-up commands of the README: `make serve` (the main job) and `make test` (lint, then the whole suite).
 PYTHON ?= python3
+# The CPython the locks are compiled for (`make lock`): their wheels are cp311, so another version's pip finds none of
+# them and fails deep in --require-hashes; the venv target checks $(PYTHON) first.
+LOCKED_PYTHON := 3.11
+WRONG_PYTHON = make: $(PYTHON) is Python $${version:-(unknown: it did not run)}, but $(LOCK) pins CPython \
+	$(LOCKED_PYTHON) wheels: run \`make serve PYTHON=python$(LOCKED_PYTHON)\` (or PYTHON=python$(LOCKED_PYTHON) with any \
+	other target)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The extras of the dev/CI venv; locks/dev.txt pins them and all they pull in, with hashes (`make lock`: uv, dev extra).
@@ -12,6 +18,8 @@ comma := ,
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
+	@version=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') && test "$$version" = $(LOCKED_PYTHON) \
+		|| { echo "$(WRONG_PYTHON)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Exactly the locked files (pip refuses any whose sha256 is not in the lock); torch/torchvision 2.14.1 / 0.29.1
@@ -28,7 +36,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 LOCK_SOURCES ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
 	$(foreach index,$(wildcard /opt/pypi/simple /opt/pypi-more/simple),--extra-index-url file://$(index))
 UV ?= $(PY) -m uv
-UV_COMPILE_FLAGS = --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+UV_COMPILE_FLAGS = --generate-hashes --python-version $(LOCKED_PYTHON) --python-platform x86_64-manylinux_2_28 \
 	--index-strategy unsafe-best-match --custom-compile-command "make lock" $(LOCK_SOURCES)
 UV_COMPILE = $(UV) pip compile pyproject.toml $(UV_COMPILE_FLAGS)
 
