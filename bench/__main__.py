@@ -11,6 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench import cpu_engines, cpu_serving, serve_benchmark, soak
+from bench.api_key import API_KEY_HEADER, API_KEY_VARIABLE, api_key_from, what_to_check
 from bench.engine_benchmark import benchmark_onnx, compare_models
 from bench.host import host_description
 from bench.loadgen import PAYLOAD_SIZES, LoadResult, closed_loop, jpeg_payloads
@@ -229,18 +230,21 @@ def run_load(args: argparse.Namespace) -> LoadResult:
 
     The open loop's arrivals span --seconds unless --requests caps them (a default cap of 200 ended `--rate 20
     --seconds 30` after 10 s); the closed loop sends --requests (200) or runs --seconds, whichever ends first."""
+    api_key = api_key_from(args.api_key)
     payloads = jpeg_payloads()
     if args.rate is not None:
         cap = sys.maxsize if args.requests is None else args.requests  # uncapped: the schedule ends at --seconds
-        load = open_loop(args.url, payloads, args.rate, cap, args.seconds, form_field=args.form_field)
+        load = open_loop(args.url, payloads, args.rate, cap, args.seconds, form_field=args.form_field,
+                         api_key=api_key)
     else:
         requests = CLOSED_LOOP_REQUESTS if args.requests is None else args.requests
-        load = closed_loop(args.url, payloads, args.concurrency, requests, args.seconds, form_field=args.form_field)
+        load = closed_loop(args.url, payloads, args.concurrency, requests, args.seconds, form_field=args.form_field,
+                           api_key=api_key)
     result = asyncio.run(load)
     if result.ok == 0:
         first = f", the first with {result.first_error}" if result.first_error else ""
-        raise RuntimeError(f"none of the {result.sent} requests to {args.url} succeeded{first}; check that the "
-                           "service is listening there (convnext serve) and the URL's path")
+        raise RuntimeError(f"none of the {result.sent} requests to {args.url} succeeded{first}; "
+                           f"{what_to_check(result.errors, api_key)}")
     return result
 
 
@@ -328,6 +332,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     load.add_argument("--seconds", type=positive_number, default=30.0,
                       help="at most this long (open loop: the arrival schedule's length)")
     load.add_argument("--form-field", default=None, help="send multipart with this field instead of a raw body")
+    load.add_argument("--api-key", default=None, metavar="KEY",
+                      help=f"sent as {API_KEY_HEADER} (default: ${API_KEY_VARIABLE}, the service's own variable, "
+                           "which a process list does not show; never printed)")
     for name, text in DELEGATED_HELP.items():
         sub.add_parser(name, add_help=False, help=text)
     everything = sub.add_parser("all", help="engine sweep + GELU/ReLU + ConvNeXt/ResNet + service vs LitServe")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -33,17 +33,19 @@ class PreparedRequest:
     data: bytes
 
 
-def prepare_post(url: str, body: bytes, content_type: str = "image/jpeg",
-                 form_field: str | None = None) -> PreparedRequest:
-    """POST `body` raw, or as the file of a multipart form field (for servers that only parse forms)."""
+def prepare_post(url: str, body: bytes, content_type: str = "image/jpeg", form_field: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> PreparedRequest:
+    """POST `body` raw, or as the file of a multipart form field (for servers that only parse forms), with `headers`
+    besides (an API key)."""
     parsed = urlparse(url)
     if form_field:
         boundary = uuid.uuid4().hex
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{form_field}\"; filename=\"image.jpg\"\r\n"
                 f"Content-Type: {content_type}\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
         content_type = f"multipart/form-data; boundary={boundary}"
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (f"POST {parsed.path or '/'} HTTP/1.1\r\nHost: {parsed.netloc}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+            f"{extra}Content-Length: {len(body)}\r\n\r\n").encode()
     return PreparedRequest(head + body)
 
 

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
+from bench.api_key import API_KEY_HEADER
 from bench.http_client import Connection, HttpError, PreparedRequest, prepare_post
 from convnext_common import one_line
 
@@ -141,14 +142,16 @@ async def _send(connection: Connection, request: PreparedRequest, result: LoadRe
         result.first_error = result.first_error or error
 
 
-def prepared_posts(url: str, payloads: list[bytes], form_field: str | None = None) -> list[PreparedRequest]:
-    """One prebuilt POST per payload, raw JPEG or the file of a multipart `form_field`."""
-    return [prepare_post(url, body, "image/jpeg", form_field) for body in payloads]
+def prepared_posts(url: str, payloads: list[bytes], form_field: str | None = None,
+                   api_key: str | None = None) -> list[PreparedRequest]:
+    """One prebuilt POST per payload, raw JPEG or the file of a multipart `form_field`, carrying `api_key` if given."""
+    headers = {API_KEY_HEADER: api_key} if api_key else None
+    return [prepare_post(url, body, "image/jpeg", form_field, headers) for body in payloads]
 
 
 async def closed_loop(url: str, payloads: list[bytes], concurrency: int, max_requests: int,
                       max_seconds: float, timeout_s: float = 60.0, form_field: str | None = None,
-                      steady: bool = False) -> LoadResult:
+                      steady: bool = False, api_key: str | None = None) -> LoadResult:
     """`concurrency` workers, each on its own connection, sending the next request as soon as the last answers; the
     payloads go in turn across all workers, so each is sent an equal share of the requests.
 
@@ -159,7 +162,7 @@ async def closed_loop(url: str, payloads: list[bytes], concurrency: int, max_req
     window's max_seconds."""
     check_loopback(url)
     result, errors = LoadResult("closed", url, concurrency, None, steady=steady), Counter[str]()
-    requests = prepared_posts(url, payloads, form_field)
+    requests = prepared_posts(url, payloads, form_field, api_key)
     start = time.perf_counter()
     margin = max_seconds / 4 if steady else 0.0
     window = (start + margin, start + margin + max_seconds) if steady else (0.0, float("inf"))

@@ -128,12 +128,13 @@ def load_result(url: str, rate_per_s: float, outcomes: Sequence[Outcome], elapse
 
 
 async def open_loop(url: str, payloads: list[bytes], rate_per_s: float, max_requests: int, max_seconds: float,
-                    timeout_s: float = 60.0, seed: int = 0, form_field: str | None = None) -> LoadResult:
+                    timeout_s: float = 60.0, seed: int = 0, form_field: str | None = None,
+                    api_key: str | None = None) -> LoadResult:
     """Requests arrive as a Poisson process at `rate_per_s`, whether or not earlier ones have answered."""
     check_loopback(url)
     if rate_per_s <= 0:
         raise ValueError(f"rate_per_s must be > 0, got {rate_per_s}")
-    loop = OpenLoop(url, prepared_posts(url, payloads, form_field),
+    loop = OpenLoop(url, prepared_posts(url, payloads, form_field, api_key),
                     poisson_arrivals_s(rate_per_s, max_requests, max_seconds, seed), timeout_s)
     started = time.perf_counter()
     outcomes = await loop.run(started)

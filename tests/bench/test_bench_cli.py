@@ -171,7 +171,7 @@ def loads(monkeypatch):
     started = []
 
     def recording(mode):
-        async def run(url, payloads, first, requests, seconds, form_field=None):
+        async def run(url, payloads, first, requests, seconds, form_field=None, api_key=None):
             started.append((mode, first, requests, seconds))
             return LoadResult(mode, url, None, None, sent=1, ok=1, elapsed_s=1.0, latencies_ms=[1.0])
         return run
