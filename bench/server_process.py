@@ -66,6 +66,16 @@ def litserve_peer(args: Sequence[str], ready_timeout_s: float = 120.0):
     return server_process("bench.peer_litserve", args, "/health", ready_timeout_s)
 
 
+# The service's keys: the benches send none to a server they start, so one in the bench's shell (set for `bench load`
+# against a running service) would make every request a 401. A server that should want a key is given it in `env`.
+KEY_VARIABLES = ("CONVNEXT_API_KEY", "CONVNEXT_API_KEY_FILE", "CONVNEXT_ADMIN_API_KEY", "CONVNEXT_ADMIN_API_KEY_FILE")
+
+
+def server_environment() -> dict[str, str]:
+    """This process's environment for a server the bench starts, without the service's API keys."""
+    return {name: value for name, value in os.environ.items() if name not in KEY_VARIABLES}
+
+
 @contextmanager
 def server_process(module: str, args: Sequence[str], ready_path: str, ready_timeout_s: float = 120.0,
                    env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> Iterator[RunningServer]:
@@ -80,7 +90,7 @@ def server_process(module: str, args: Sequence[str], ready_path: str, ready_time
     with tempfile.TemporaryFile() as log, _sigterm_unwinds():
         # A session of its own, so teardown reaches the server's worker processes too (LitServe spawns some).
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=None if env is None else {**os.environ, **env}, cwd=cwd)
+                                   env={**server_environment(), **(env or {})}, cwd=cwd)
         try:
             _wait_ready(process, f"{url}{ready_path}", ready_timeout_s, log)
             yield RunningServer(url, process.pid)

@@ -27,6 +27,19 @@ def test_a_ready_server_yields_its_url_and_is_stopped_on_exit():
         os.kill(server.pid, 0)
 
 
+def test_a_server_started_by_a_bench_is_not_given_the_shells_api_key(monkeypatch):
+    """A key exported for `bench load` against a running service would make every request of the benches that start
+    their own service (they send none) a 401; one the caller passes in `env` is given."""
+    monkeypatch.setenv("CONVNEXT_API_KEY", "for-bench-load")
+    monkeypatch.setenv("CONVNEXT_API_KEY_FILE", "/run/secrets/key")
+    with server_process(TOY, [], "/readyz", ready_timeout_s=30) as server:
+        environment = Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
+    assert not [v for v in environment if v.startswith((b"CONVNEXT_API_KEY=", b"CONVNEXT_API_KEY_FILE="))]
+    with server_process(TOY, [], "/readyz", ready_timeout_s=30, env={"CONVNEXT_API_KEY": "given"}) as server:
+        environment = Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
+    assert b"CONVNEXT_API_KEY=given" in environment
+
+
 def test_a_server_that_exits_early_is_reported_with_its_log():
     with pytest.raises(RuntimeError, match=r"exited with 3(.|\n)*refusing to start"):
         with server_process(TOY, ["--exit-code", "3"], "/readyz", ready_timeout_s=30):
