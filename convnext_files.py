@@ -5,12 +5,23 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import BinaryIO
 
 CHUNK_BYTES = 1 << 20
 # mkstemp creates 0600; the files are read by other users (the service may run as another user than the export).
 FILE_MODE = 0o644
+# What every training run writes into its --output folder (training/checkpoint.py): names that say no model.
+TRAINING_CHECKPOINT_NAMES = ("checkpoint_last.pth", "checkpoint_best.pth", "checkpoint_best_ema.pth")
+
+
+def checkpoint_name_part(path: PurePath) -> str:
+    """The part of a checkpoint's path (or URL path) that names its model: the file's stem, but for the files every
+    training run writes the run folder's (runs/t/checkpoint_best.pth -> t), so that two runs' checkpoint_best.pth are
+    two models, not two versions of one that a watcher would switch between."""
+    if path.name in TRAINING_CHECKPOINT_NAMES and path.parent.name:
+        return path.parent.name
+    return path.stem
 
 
 def sha256_file(path: str | Path) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from convnext_common import CliParser, add_version_argument, one_line
-from convnext_files import sha256_file
+from convnext_files import checkpoint_name_part, sha256_file
 from export.onnx import export_onnx_version
 from model.checkpoints import CheckpointError
 from model.pretrained import (
@@ -34,7 +34,6 @@ from runtime.repository import Manifest, ModelRepository, RepositoryError
 from service.__main__ import StartRefused, startable_settings
 from service.app import engine_options
 from service.settings import Settings
-from training.checkpoint import CHECKPOINT_NAMES
 
 PROG = "convnext serve"
 # The service's settings for which model to serve: this command names the model itself (and the version, unless it
@@ -78,12 +77,8 @@ def repository_name(text: str) -> str:
 
 
 def default_checkpoint_name(path: Path) -> str:
-    """The repository name a checkpoint is served under without --name: its file's, but for the files every training
-    run writes (checkpoint_best.pth ...), which name no model: their run folder's (runs/t/checkpoint_best.pth -> t), so
-    two runs' checkpoint_best.pth are two models, not two versions of one a watcher would switch between."""
-    if path.name in CHECKPOINT_NAMES:
-        return repository_name(path.resolve().parent.name)
-    return repository_name(path.stem)
+    """The repository name a checkpoint is served under without --name (convnext_files.checkpoint_name_part)."""
+    return repository_name(checkpoint_name_part(path.resolve()))
 
 
 def find_exported(repository: ModelRepository, name: str, matches: Callable[[Manifest], bool],

@@ -37,11 +37,12 @@ import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 # Keep this file torch-free at import: the GPU service image runs `serve` without torch installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convnext_common import one_line  # noqa: E402
+from convnext_files import checkpoint_name_part  # noqa: E402
 from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
 from runtime.repository import ModelRepository  # noqa: E402
 from service.api_keys import admin_key  # noqa: E402
@@ -103,12 +104,13 @@ class PrepareSettings:
     @property
     def model_name(self) -> str:
         """The name the model is exported and served under: CONVNEXT_MODEL, else CONVNEXT_ARCHITECTURE, else the
-        checkpoint's file name (my_small.pth -> my_small), else the official checkpoint's architecture
-        (convnext_base_22k_224 -> convnext_base). All read from names: `serve` has no torch to look anything up."""
+        checkpoint's file name (my_small.pth -> my_small; a training run's checkpoint_best.pth ..., its run folder's:
+        .../runs/t/checkpoint_best.pth -> t), else the official checkpoint's architecture (convnext_base_22k_224 ->
+        convnext_base). All read from names: `serve` has no torch to look anything up."""
         if self.service.model or self.architecture:
             return self.service.model or self.architecture or ""
         if self.checkpoint is not None:
-            stem = Path(urllib.parse.urlparse(self.checkpoint).path).stem.lower()
+            stem = checkpoint_name_part(PurePosixPath(urllib.parse.urlparse(self.checkpoint).path)).lower()
             return re.sub(r"[^a-z0-9._-]+", "-", stem).strip("._-")[:64] or "model"
         official = OFFICIAL_ARCHITECTURE.match(self.pretrained)
         if official is None:

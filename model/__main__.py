@@ -140,10 +140,12 @@ def format_roadmap(regime: str, rows: list[dict]) -> str:
         delta = "-" if r["delta_top1"] is None else f"{r['delta_top1']:+.2f}"
         if r["delta_vs"] is not None and r["row"] > 0 and steps[r["row"] - 1].key != r["parent"]:
             delta += f" (vs {r['delta_vs']})"
-        mark = "" if r["matches_paper"] else " (see note)" if r["gflops_note"] else " (MISMATCH)"
+        mark = "" if r["matches_paper"] in (True, None) else " (see note)" if r["gflops_note"] else " (MISMATCH)"
+        # Rows counted at a size other than the paper's 224 are set against none of its figures.
+        vs_paper = "-" if r["gmacs_vs_paper"] is None else f"{r['gmacs_vs_paper']:+.1%}"
         label = r["label"] if r["on_path"] else f"{r['label']} (not kept)"
         lines.append(f"| {r['row']} | {label} | {r['model']} | {r['params_m']:.2f} | {r['gmacs']:.2f} | "
-                     f"{r['paper_gflops']:.2f} | {r['gmacs_vs_paper']:+.1%}{mark} | {r['top1']:.2f}{std} | {delta} |")
+                     f"{r['paper_gflops']:.2f} | {vs_paper}{mark} | {r['top1']:.2f}{std} | {delta} |")
     lines += ["", MACS_CONVENTION]
     lines += [f"Note on '{r['label']}': {r['gflops_note']}" for r in rows if r["gflops_note"]]
     return "\n".join(lines)

@@ -82,16 +82,17 @@ def read_checkpoint(path: str | Path) -> dict:
                               "it was modified or partly written; copy it again, or export or resume from an "
                               "earlier checkpoint")
     if not is_torch_save_file(path):  # a cut-off zip has lost its central directory
-        if _is_safetensors_file(path):
-            raise CheckpointError(f"checkpoint {path} is a safetensors file, which is not supported (torch.save "
-                                  "files only); convert it: torch.save(safetensors.torch.load_file(path), "
-                                  "'model.pth'), then pass the .pth")
+        if is_safetensors_file(path):
+            raise CheckpointError(f"checkpoint {path} is a safetensors file, {SAFETENSORS_ADVICE}")
         raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint: truncated or not a torch.save "
                               f"file ({path.stat().st_size} bytes); {_advice_for_unreadable(path)}")
     try:
         with torch.serialization.safe_globals(_ALLOWED_CHECKPOINT_CLASSES):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if _pickle_is_garbled(error):
+            raise CheckpointError(f"checkpoint {path} is damaged or truncated ({_refused_global(error)}); "
+                                  f"{_advice_for_unreadable(path)}") from None
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data (possibly code), "
                               f"so it was refused unexecuted; use a checkpoint written by this project, or re-save "
                               f"it as a dict of tensors and plain values ({_refused_global(error)})") from None
@@ -148,7 +149,11 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}"[:200] if lines else type(error).__name__
 
 
-def _is_safetensors_file(path: Path) -> bool:
+SAFETENSORS_ADVICE = ("which is not supported (torch.save files only); convert it: "
+                      "torch.save(safetensors.torch.load_file(path), 'model.pth'), then pass the .pth")
+
+
+def is_safetensors_file(path: Path) -> bool:
     """By name, or by safetensors' layout: an 8-byte little-endian header size, then a JSON header ('{')."""
     with path.open("rb") as file:
         head = file.read(9)
@@ -156,11 +161,22 @@ def _is_safetensors_file(path: Path) -> bool:
     return path.suffix == ".safetensors" or (head[8:9] == b"{" and header_bytes <= path.stat().st_size - 8)
 
 
+def _pickle_is_garbled(error: pickle.UnpicklingError) -> bool:
+    """Whether the weights-only unpickler refused bytes no pickle writer makes (an opcode that does not exist, a
+    GLOBAL that names no Python object): a damaged file, not one holding code or objects."""
+    text = str(error)
+    if "Unsupported operand" in text:
+        return True
+    named = re.search(r"GLOBAL (.*?) was not an allowed global", text, re.DOTALL)
+    return named is not None and re.fullmatch(r"[A-Za-z_][\w.]*", named.group(1).strip()) is None
+
+
 def _refused_global(error: pickle.UnpicklingError) -> str:
     """The line of torch's refusal that names what the file holds ("Trying to load unsupported GLOBAL posix.system
-    ..."), not its advice to load with weights_only=False."""
+    ...", "Unsupported operand 255"), not its advice to load with weights_only=False."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((line for line in lines if "GLOBAL" in line), lines[-1] if lines else "")[:200]
+    return next((line for line in lines if "GLOBAL" in line or "Unsupported operand" in line),
+                lines[-1] if lines else "")[:200]
 
 
 def is_torch_save_file(path: Path) -> bool:

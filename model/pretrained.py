@@ -25,7 +25,15 @@ from typing import TextIO
 
 from convnext_files import sha256_file, sidecar_path, write_sidecar, write_text_atomic
 
-from .checkpoints import CheckpointError, is_torch_save_file, recorded_sha256, recorded_source_url, source_url_path
+from .checkpoints import (
+    SAFETENSORS_ADVICE,
+    CheckpointError,
+    is_safetensors_file,
+    is_torch_save_file,
+    recorded_sha256,
+    recorded_source_url,
+    source_url_path,
+)
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
 _CHUNK_BYTES = 1 << 20
@@ -154,8 +162,10 @@ def _download_unless_cached(url: str, destination: Path, sha256: str | None, tim
         _discard_partial(partial)
         raise DownloadError(f"{url}: sha256 {actual} does not match the expected {sha256}; the file was discarded")
     if not is_torch_save_file(partial):
-        size = partial.stat().st_size
+        size, safetensors = partial.stat().st_size, is_safetensors_file(partial)
         _discard_partial(partial)
+        if safetensors:  # e.g. a Hugging Face timm repository's model.safetensors
+            raise DownloadError(f"{url}: a safetensors file, {SAFETENSORS_ADVICE}; the download was discarded")
         raise DownloadError(f"{url}: the server sent {size} bytes of {content_type or 'no Content-Type'}, not a "
                             "torch.save checkpoint (a login or share page, an error page, a mirror without the file?); "
                             "the file was discarded: check the URL, or download it in a browser and pass the path")

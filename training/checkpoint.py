@@ -10,11 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convnext_files import interrupted_writes, replace_atomic, sha256_file, sidecar_path, write_sidecar
+from convnext_files import (
+    TRAINING_CHECKPOINT_NAMES,
+    interrupted_writes,
+    replace_atomic,
+    sha256_file,
+    sidecar_path,
+    write_sidecar,
+)
 from model.checkpoints import read_checkpoint
 
 # What a run writes in --output: checkpoint_last.pth for --resume, the best val top-1 and best EMA val top-1 ones.
-CHECKPOINT_NAMES = ("checkpoint_last.pth", "checkpoint_best.pth", "checkpoint_best_ema.pth")
+CHECKPOINT_NAMES = TRAINING_CHECKPOINT_NAMES
 # A full disk, a file-size limit, a full quota: free space (or write elsewhere) and the save works.
 SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from model import get_config
+from model.convnext import check_head_init_scale, check_layer_scale_init
 from model.registry import ACTIVATIONS, ModelConfig
 
 from .transforms import INTERPOLATION, check_auto_augment
@@ -212,12 +212,15 @@ def _validate(config: TrainConfig, model_cfg: ModelConfig) -> None:
     check_auto_augment(config.auto_augment)
     if config.drop_path < 0 or config.drop_path >= 1:
         raise ValueError(f"--drop-path must be in [0, 1), got {config.drop_path}")
-    # NaN fails both comparisons; a negative or NaN layer scale would read as "none" (model/convnext.py's blocks).
-    if config.layer_scale_init is not None and not 0.0 <= config.layer_scale_init < math.inf:
-        raise ValueError(f"--layer-scale-init must be a finite number >= 0 (0: no layer scale), got "
-                         f"{config.layer_scale_init}")
-    if not 0.0 < config.head_init_scale < math.inf:
-        raise ValueError(f"--head-init-scale must be a finite number > 0, got {config.head_init_scale}")
+    # The model's own rules (a negative or NaN layer scale would read as "none"), refused before anything loads.
+    checks = [("--head-init-scale", check_head_init_scale, config.head_init_scale)]
+    if config.layer_scale_init is not None:
+        checks.append(("--layer-scale-init", check_layer_scale_init, config.layer_scale_init))
+    for flag, check, value in checks:
+        try:
+            check(value)
+        except ValueError as error:
+            raise ValueError(f"{flag}: {error}") from None
     if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
         raise ValueError(f"Mixup/CutMix mix each batch with itself reversed (timm's batch mode): --batch-size (per "
                          f"process) must be even, got {config.batch_size}")

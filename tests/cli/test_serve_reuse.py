@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import onnxruntime
 import pytest
 
 import convnext_serve
 from convnext_files import sha256_file
 from export.onnx import ONNX_FILES
+from model.timm_pretrained import get_timm_pretrained
 from runtime.repository import ModelRepository, Source, describe_file
 from tests.export.repository_write_worker import fill
 from tests.service.conftest import free_port
@@ -22,16 +24,26 @@ from tests.service.conftest import free_port
 NAME = "atto"  # repository_name("atto.pth")
 
 
-def write_export(root: Path, checkpoint: Path, precisions: tuple[str, ...], weights: str = "model") -> int:
-    """A version of NAME exported from `checkpoint`, with one (placeholder) ONNX file per precision."""
-    source = Source(checkpoint=checkpoint.name, sha256=sha256_file(checkpoint), format="official", weights=weights)
+def write_export(root: Path, checkpoint: Path, precisions: tuple[str, ...], weights: str = "model",
+                 timm_name: str | None = None) -> int:
+    """A version of NAME exported from `checkpoint`, with one (placeholder) ONNX file per precision; with a timm name,
+    the tag's dataset and evaluation crop, as the real export records them."""
+    tag = get_timm_pretrained(timm_name) if timm_name is not None else None
+    source = Source(checkpoint=checkpoint.name, sha256=sha256_file(checkpoint), format="timm" if tag else "official",
+                    weights=weights, dataset=tag.dataset if tag else None)
     with ModelRepository(root).new_version(NAME) as staged:
         fill(staged, "fp32 weights")
         for precision in precisions[1:]:
             (staged.path / ONNX_FILES[precision]).write_text(f"{precision} weights")
         artifacts = tuple(describe_file(staged.path, ONNX_FILES[p], format="onnx", precision=p) for p in precisions)
         assert staged.manifest is not None
-        staged.manifest = staged.manifest.model_copy(update={"name": NAME, "source": source, "artifacts": artifacts})
+        update = {"name": NAME, "source": source, "artifacts": artifacts}
+        if tag is not None:
+            size = tag.input_size_px
+            update["preprocess"] = staged.manifest.preprocess.model_copy(update={
+                "crop_pct": tag.crop_pct, "crop_px": size, "resize_px": int(size / tag.crop_pct)})
+            update["input"] = staged.manifest.input.model_copy(update={"height": size, "width": size})
+        staged.manifest = staged.manifest.model_copy(update=update)
     return staged.version
 
 
@@ -46,7 +58,8 @@ def serve(tmp_path, monkeypatch):
 
     def stand_in_export(repository_root, name, model_name, path, precisions, use_ema=False, timm_name=None):
         exports.append(tuple(precisions))
-        number = write_export(Path(repository_root), Path(path), tuple(precisions), "ema" if use_ema else "model")
+        number = write_export(Path(repository_root), Path(path), tuple(precisions), "ema" if use_ema else "model",
+                              timm_name)
         return ModelRepository(repository_root).load(name, number)
 
     monkeypatch.setattr(convnext_serve, "export_onnx_version", stand_in_export)
@@ -103,6 +116,18 @@ def test_the_ema_weights_are_their_own_export(serve):
     assert ModelRepository(root).load(NAME, 2).manifest.source.weights == "ema"
 
 
+def test_a_timm_tag_is_reused_only_for_the_same_tags_transform(serve):
+    """--timm-name sets the evaluation transform (crop) and dataset: an export without it, or under a tag with
+    another crop, is not what the service should serve for it."""
+    run, exports, checkpoint, root = serve
+    assert run() == 1
+    assert run("--timm-name", "convnext_tiny.fb_in1k") == 2
+    assert run("--timm-name", "convnext_tiny.fb_in1k") == 2
+    assert run("--timm-name", "convnext_tiny.fb_in22k_ft_in1k") == 3  # the same crop, other weights' dataset
+    assert run("--timm-name", "convnext_tiny.fb_in22k_ft_in1k_384") == 4  # another crop
+    assert run() == 4 and len(exports) == 4  # no tag named: the newest export of the file's weights, as before
+
+
 @pytest.mark.parametrize(("path", "name"), [
     ("runs/t/checkpoint_best.pth", "t"), ("runs/t/checkpoint_best_ema.pth", "t"), ("runs/in1k_T/checkpoint_last.pth",
                                                                                    "in1k-t"),
@@ -146,8 +171,11 @@ REFUSED_BEFORE_THE_EXPORT = [
 
 @pytest.mark.parametrize(("engine", "precision", "flags", "refusal"), REFUSED_BEFORE_THE_EXPORT,
                          ids=[" ".join([e, p, *f]) for e, p, f, _ in REFUSED_BEFORE_THE_EXPORT])
-def test_settings_the_engine_refuses_are_refused_before_the_export(serve, capsys, engine, precision, flags, refusal):
+def test_settings_the_engine_refuses_are_refused_before_the_export(serve, capsys, monkeypatch, engine, precision, flags,
+                                                                   refusal):
     run, exports, checkpoint, root = serve
+    # An onnxruntime build without the CUDA provider (onnxruntime-gpu lists it even without a GPU).
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     code = convnext_serve.main(["--checkpoint", str(checkpoint), "--model", "convnext_atto", "--repository", str(root),
                                 "--quiet", "--port", str(free_port()), "--grpc-port", "0", "--engine", engine,
                                 "--precision", precision, *flags])

@@ -256,8 +256,13 @@ def test_an_official_checkpoint_exports_as_its_own_architecture_without_a_model_
                                                   "CONVNEXT_CHECKPOINT": "/checkpoints/mine.pth"})
     assert entrypoint.export_command(own, Path("/checkpoints/mine.pth"))[4:6] == ["--model", "convnext_small"]
     # A checkpoint of your own, named by neither variable: its file name, never the unused CONVNEXT_PRETRAINED's.
+    # A training run's checkpoint_best.pth names no model: its run folder does (two runs, two models; with one name
+    # the second run was never exported, its model taken for prepared).
     for checkpoint, name in [("/checkpoints/My Small.pth", "my-small"),
-                             ("https://host/w/run_7.best.pth", "run_7.best")]:
+                             ("https://host/w/run_7.best.pth", "run_7.best"),
+                             ("https://host/runs/runA/checkpoint_best.pth", "runa"),
+                             ("file:///ckpt/runs/in1k_T/checkpoint_best_ema.pth", "in1k_t"),
+                             ("/checkpoint_last.pth", "checkpoint_last")]:
         unnamed = settings_from(entrypoint, monkeypatch, {"CONVNEXT_CHECKPOINT": checkpoint})
         assert unnamed.model_name == name and entrypoint.service_command(unnamed)[-1] == name
 

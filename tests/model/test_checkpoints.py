@@ -245,6 +245,29 @@ def test_a_checkpoint_with_damaged_bytes_is_read_or_refused_never_a_crash(saved_
             pass
 
 
+def test_a_pickle_no_writer_makes_is_called_damaged_and_real_code_is_still_called_code(saved_formats, tmp_path):
+    """The weights-only unpickler refuses both: an opcode that does not exist or a GLOBAL that names no Python object
+    is damage (delete and copy again), a GLOBAL naming a real function is a file holding code."""
+    data = saved_formats["zip"]
+    start = data.find(b"\x80\x02", data.find(b"data.pkl"))
+    path = tmp_path / "damaged.pth"
+    path.write_bytes(data[:start + 2] + b"\xff" + data[start + 3:])  # opcode 0xff: "Unsupported operand 255"
+    with pytest.raises(CheckpointError, match="is damaged or truncated .*Unsupported operand"):
+        read_checkpoint(path)
+    rebuild = data.find(b"torch._utils")
+    path.write_bytes(data[:rebuild] + b"}q (X" + data[rebuild + 5:])  # the name of a GLOBAL garbled
+    with pytest.raises(CheckpointError, match="is damaged or truncated"):
+        read_checkpoint(path)
+
+    class Code:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"model": Code()}, tmp_path / "code.pth")
+    with pytest.raises(CheckpointError, match="possibly code"):
+        read_checkpoint(tmp_path / "code.pth")
+
+
 def test_a_zip_whose_end_record_names_other_disks_is_a_checkpoint_error(saved_formats, tmp_path):
     damaged = bytearray(saved_formats["zip"])
     locator = damaged.rfind(b"PK\x06\x07")  # zip64 end-of-central-directory locator: total number of disks

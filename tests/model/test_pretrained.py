@@ -393,6 +393,17 @@ def test_an_official_file_is_reused_whatever_mirror_it_came_from_and_when_copied
     assert len(handler.requests) == 1
 
 
+def test_a_safetensors_download_says_how_to_convert_it(server, tmp_path):
+    """A Hugging Face timm repository serves model.safetensors: named as such, with the conversion, not taken for a
+    login page."""
+    handler, base_url = server
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    handler.files = {"model.safetensors": len(header).to_bytes(8, "little") + header + b"\0" * 4}
+    with pytest.raises(DownloadError, match=r"a safetensors file, which is not .*safetensors.torch.load_file"):
+        download_file(base_url + "model.safetensors", tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()  # discarded, not cached
+
+
 def test_a_part_of_another_url_is_not_resumed(server, tmp_path):
     """Run A's download is cut off; run B's file of the same name carries the same Last-Modified (both written in
     one second): that validator proves nothing about another URL's bytes, so B starts from byte 0, never spliced."""

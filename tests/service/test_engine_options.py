@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from types import SimpleNamespace
 
+import onnxruntime
 import pytest
 
 import runtime.engines.factory as factory
@@ -81,6 +82,8 @@ def test_onnx_runtime_bf16_is_refused_on_the_cpu_provider_only(version, monkeypa
     export)."""
     with pytest.raises(EngineError, match="no bfloat16 Conv kernel.* --engine openvino --precision bf16"):
         check_engine_options(version, EngineOptions(precision="bf16"))
+    # An onnxruntime build without the CUDA provider (onnxruntime-gpu lists it even without a GPU).
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(EngineError, match="CUDAExecutionProvider is not in this onnxruntime build"):
         factory.check_engine_settings(EngineOptions(provider="cuda", precision="bf16"))
     monkeypatch.setattr(factory, "available_provider", lambda provider: "CUDAExecutionProvider")
