@@ -58,8 +58,8 @@ def test_a_step_trains_with_the_in1k_recipe_and_exports(tmp_path, real_photos, c
     data, run = _image_folder(tmp_path / "data", real_photos), tmp_path / "run"
     subprocess.run(
         [sys.executable, "-m", "training", "--preset", "in1k", "--model", "roadmap_r50_layernorm", "--data-dir",
-         str(data), "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "2", "--input-size", str(SIZE_PX),
-         "--workers", "0", "--output", str(run)], check=True, timeout=300,
+         str(data), "--epochs", "1", "--warmup-epochs", "0", "--max-steps-per-epoch", "1", "--batch-size", "2",
+         "--input-size", str(SIZE_PX), "--workers", "0", "--output", str(run)], check=True, timeout=300,
     )
     checkpoint = torch.load(run / "checkpoint_best.pth", weights_only=True)
     assert checkpoint["model_name"] == "roadmap_r50_layernorm"
