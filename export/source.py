@@ -151,7 +151,8 @@ def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_cl
 
     `timm_name` ("convnext_tiny.in12k_ft_in1k") says which timm pretrained weights the checkpoint holds, when its
     path does not (see model.timm_pretrained.find_timm_pretrained): their model, class count and evaluation transform.
-    Without a checkpoint, the random weights (and the BatchNorm statistics) are drawn from `init_seed`.
+    Without a checkpoint, the random weights (layer-scale gammas near 1, so that every block shapes the logits) and
+    the BatchNorm statistics are drawn from `init_seed`.
     """
     import model as models
     from model.timm_pretrained import tags_and_crops
@@ -174,6 +175,8 @@ def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_cl
         check_input_size(model_name, input_size)
     with seeded_torch_rng(init_seed):
         module = models.create_model(model_name, **kwargs)
+        if checkpoint is None:  # at their 1e-6 init the blocks barely touch the logits: parity would not see them
+            models.draw_layer_scales(module)
     source_format = "random"
     if checkpoint is not None:
         source_format = _load_weights(module, raw, use_ema, model_name, kwargs)

@@ -13,11 +13,10 @@ def photo_folder(real_photos):
 
 @pytest.fixture(scope="session")
 def atto_module():
-    import model
-    from export.source import RANDOM_INIT_SEED, seeded_torch_rng
+    """The module `exported` exports: the same seeded random weights, layer-scale gammas near 1 included."""
+    from export.source import load_source
 
-    with seeded_torch_rng(RANDOM_INIT_SEED):  # the seed `exported` draws its random weights from: the same weights
-        return model.create_model("convnext_atto").eval()
+    return load_source("convnext_atto", None, input_size=SIZE_PX).module
 
 
 @pytest.fixture(scope="session")

@@ -6,17 +6,19 @@ import timm
 import torch
 import torchvision
 
-from model import create_model
+from model import create_model, draw_layer_scales
 from model.checkpoints import load_checkpoint
 
 
 def _randomise(reference: torch.nn.Module) -> torch.nn.Module:
-    """Random weights everywhere (layer scale included: at its 1e-6 init a mis-mapped block would go unnoticed)."""
+    """Random weights everywhere, layer scale drawn near 1 as random-init exports draw it (at its 1e-6 init a
+    mis-mapped block would go unnoticed)."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for tensor in list(reference.parameters()) + [b for b in reference.buffers() if b.is_floating_point()]:
             noise = torch.randn(tensor.shape, generator=generator) * 0.1
             tensor.copy_(noise + 1.0 if tensor.ndim == 1 and tensor.min() >= 0.999 else noise)  # norm scales, BN var
+    draw_layer_scales(reference, generator)  # timm's `gamma`, torchvision's `layer_scale`
     return reference.eval()
 
 
