@@ -23,7 +23,6 @@ from runtime.repository import ModelRepository, Preprocess
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory):
-
     from export.onnx import export_onnx_version
 
     root = tmp_path_factory.mktemp("cpu-bench")

@@ -128,7 +128,6 @@ def test_openvino_refuses_fp16_and_a_missing_int8_artifact_with_what_to_do(versi
 
 
 def test_openvino_int8_reads_the_quantized_artifact(tmp_path, real_photos):
-
     from export.onnx import export_onnx_version
 
     quantized = export_onnx_version(tmp_path, "atto", "convnext_atto", num_classes=10, input_size=32,
