@@ -205,7 +205,7 @@ def test_checkpoint_urls_of_the_same_file_name_each_give_their_own_file(tmp_path
         torch.save({"run": run}, tmp_path / run / "checkpoint_best.pth")
         url = (tmp_path / run / "checkpoint_best.pth").as_uri()
         settings = settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_CHECKPOINT": url})
-        assert torch.load(entrypoint.fetch_checkpoint(settings))["run"] == run
+        assert torch.load(entrypoint.fetch_checkpoint(settings), weights_only=True)["run"] == run
     missing = settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_CHECKPOINT": str(tmp_path / "nope.pth")})
     with pytest.raises(SystemExit, match="not a file"):
         entrypoint.fetch_checkpoint(missing)
