@@ -11,16 +11,21 @@ from typing import BinaryIO
 CHUNK_BYTES = 1 << 20
 # mkstemp creates 0600; the files are read by other users (the service may run as another user than the export).
 FILE_MODE = 0o644
-# What every training run writes into its --output folder (training/checkpoint.py): names that say no model.
-TRAINING_CHECKPOINT_NAMES = ("checkpoint_last.pth", "checkpoint_best.pth", "checkpoint_best_ema.pth")
+# What every training run writes into its --output folder (training/checkpoint.py): names that say no model. Each
+# maps to what its model name adds to the run folder's: the best weights are the run's model, the others apart.
+TRAINING_CHECKPOINT_SUFFIXES = {"checkpoint_best.pth": "", "checkpoint_best_ema.pth": "-ema",
+                                "checkpoint_last.pth": "-last"}
+TRAINING_CHECKPOINT_NAMES = tuple(TRAINING_CHECKPOINT_SUFFIXES)
 
 
 def checkpoint_name_part(path: PurePath) -> str:
     """The part of a checkpoint's path (or URL path) that names its model: the file's stem, but for the files every
-    training run writes the run folder's (runs/t/checkpoint_best.pth -> t), so that two runs' checkpoint_best.pth are
-    two models, not two versions of one that a watcher would switch between."""
-    if path.name in TRAINING_CHECKPOINT_NAMES and path.parent.name:
-        return path.parent.name
+    training run writes the run folder's, with the file's kind (runs/t/checkpoint_best.pth -> t, checkpoint_last.pth
+    -> t-last, checkpoint_best_ema.pth -> t-ema), so that two runs' checkpoint_best.pth are two models, not two
+    versions of one that a watcher would switch between, and a deploy moved from a run's last to its best weights
+    prepares the best rather than finding the name taken."""
+    if path.name in TRAINING_CHECKPOINT_SUFFIXES and path.parent.name:
+        return path.parent.name + TRAINING_CHECKPOINT_SUFFIXES[path.name]
     return path.stem
 
 

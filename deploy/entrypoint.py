@@ -160,7 +160,14 @@ def prepare(settings: PrepareSettings) -> int:
 
 
 def export_model(settings: PrepareSettings) -> int:
-    checkpoint = fetch_checkpoint(settings)
+    from model.checkpoints import CheckpointError
+    from model.pretrained import DownloadError
+
+    try:
+        checkpoint = fetch_checkpoint(settings)
+    except (DownloadError, CheckpointError) as error:  # one line saying what to do, as the CLIs end, not a traceback
+        print(f"prepare: error: {one_line(error)}", file=sys.stderr, flush=True)
+        return 1
     print(f"prepare: exporting {checkpoint} as {settings.model_name} ({settings.precisions})", flush=True)
     returncode = subprocess.run(export_command(settings, checkpoint), check=False).returncode
     if returncode != 0 and settings.checkpoint is not None and settings.architecture is None:

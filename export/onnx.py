@@ -134,8 +134,7 @@ def export_onnx_version(repository_root: str | Path, name: str, model_name: str 
     calibration_paths = _calibration_paths(calibration_images, verify_paths, precisions)
     stage = _StageLog(3 + len(precisions) - 1)
     stage(f"build {model_name or 'the checkpoint model'}"
-          + (f" from {checkpoint}" if checkpoint else f" (random init, seed {init_seed}; layer-scale gammas near 1, "
-                                                      "not 1e-6: every block shapes the logits parity compares)"))
+          + (f" from {checkpoint}" if checkpoint else f" (random init, seed {init_seed})"))
     src = load_source(
         model_name, checkpoint, num_classes=num_classes, activation=activation, input_size=input_size, labels=labels,
         use_ema=use_ema, dataset=dataset, timm_name=timm_name, init_seed=init_seed,

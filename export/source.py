@@ -176,7 +176,10 @@ def load_source(model_name: str | None, checkpoint: str | Path | None, *, num_cl
     with seeded_torch_rng(init_seed):
         module = models.create_model(model_name, **kwargs)
         if checkpoint is None:  # at their 1e-6 init the blocks barely touch the logits: parity would not see them
-            models.draw_layer_scales(module)
+            drawn = models.draw_layer_scales(module)
+            if drawn:
+                logger.info("random init: %d layer-scale gammas drawn near 1, not 1e-6, so every block shapes the "
+                            "logits parity compares", drawn)
     source_format = "random"
     if checkpoint is not None:
         source_format = _load_weights(module, raw, use_ema, model_name, kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -90,6 +91,12 @@ def read_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals(_ALLOWED_CHECKPOINT_CLASSES):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        opcode = _unread_opcode(error)
+        if opcode is not None:
+            raise CheckpointError(f"checkpoint {path} uses pickle opcode {opcode} (pickle protocol 4 or 5), which "
+                                  "torch's weights-only loader does not read; re-save it with torch.save's default "
+                                  "protocol where you trust the file: torch.save(torch.load(path, weights_only=False), "
+                                  "'model.pth')") from None
         if _pickle_is_garbled(error):
             raise CheckpointError(f"checkpoint {path} is damaged or truncated ({_refused_global(error)}); "
                                   f"{_advice_for_unreadable(path)}") from None
@@ -161,11 +168,24 @@ def is_safetensors_file(path: Path) -> bool:
     return path.suffix == ".safetensors" or (head[8:9] == b"{" and header_bytes <= path.stat().st_size - 8)
 
 
+def _newer_protocol_opcode(code: int) -> str | None:
+    """The name of `code` when it is an opcode of pickle protocol 4 or 5 (FRAME, MEMOIZE...: a file saved with
+    pickle_protocol=4/5, which the weights-only loader does not read), else None (pickletools' table)."""
+    found = [op.name for op in pickletools.opcodes if op.proto >= 4 and 0 <= code < 256 and op.code == chr(code)]
+    return found[0] if found else None
+
+
+def _unread_opcode(error: pickle.UnpicklingError) -> str | None:
+    """The protocol-4/5 opcode the weights-only unpickler refused, or None."""
+    operand = re.search(r"Unsupported operand (\d+)", str(error))
+    return _newer_protocol_opcode(int(operand.group(1))) if operand is not None else None
+
+
 def _pickle_is_garbled(error: pickle.UnpicklingError) -> bool:
     """Whether the weights-only unpickler refused bytes no pickle writer makes (an opcode that does not exist, a
     GLOBAL that names no Python object): a damaged file, not one holding code or objects."""
     text = str(error)
-    if "Unsupported operand" in text:
+    if "Unsupported operand" in text:  # protocol 4/5's opcodes are asked about first (_unread_opcode)
         return True
     named = re.search(r"GLOBAL (.*?) was not an allowed global", text, re.DOTALL)
     return named is not None and re.fullmatch(r"[A-Za-z_][\w.]*", named.group(1).strip()) is None

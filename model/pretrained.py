@@ -165,7 +165,8 @@ def _download_unless_cached(url: str, destination: Path, sha256: str | None, tim
         size, safetensors = partial.stat().st_size, is_safetensors_file(partial)
         _discard_partial(partial)
         if safetensors:  # e.g. a Hugging Face timm repository's model.safetensors
-            raise DownloadError(f"{url}: a safetensors file, {SAFETENSORS_ADVICE}; the download was discarded")
+            raise DownloadError(f"{url}: a safetensors file, {SAFETENSORS_ADVICE} (fetch it yourself to convert it); "
+                                "the download was discarded")
         raise DownloadError(f"{url}: the server sent {size} bytes of {content_type or 'no Content-Type'}, not a "
                             "torch.save checkpoint (a login or share page, an error page, a mirror without the file?); "
                             "the file was discarded: check the URL, or download it in a browser and pass the path")

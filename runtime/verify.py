@@ -37,7 +37,7 @@ class ParityThreshold:
 # random-init model with tiny logits and a trained one with logits of ~20 are judged alike. top-1 agreement is judged
 # on the inputs whose top-1 is clear: for fp32/fp16/bf16 a lead of more than twice the allowed difference (two logits,
 # each moved by that much, can swap a smaller one). A random-init 1000-class model has near-tied top-1/top-2 logits,
-# and bf16 rounding 10x inside the allowed difference flipped one of its 4 inputs (agreement 0.75). int8 judges every
+# and bf16 rounding well inside the allowed difference flipped one of its 4 inputs (agreement 0.75). int8 judges every
 # input: twice its allowed difference is the whole logit scale, and its low floor is what absorbs rounding flips.
 # For fp32/fp16/bf16 the top-1 bound is then implied by the max-diff bound (a clear lead flips only when a logit moved
 # by more than the allowed difference): it names what flipped, it refuses nothing the max-diff bound would pass.

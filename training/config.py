@@ -219,8 +219,8 @@ def _validate(config: TrainConfig, model_cfg: ModelConfig) -> None:
     for flag, check, value in checks:
         try:
             check(value)
-        except ValueError as error:
-            raise ValueError(f"{flag}: {error}") from None
+        except ValueError as error:  # "layer_scale_init must be ..." -> "--layer-scale-init must be ..."
+            raise ValueError(flag + str(error).removeprefix(flag[2:].replace("-", "_"))) from None
     if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
         raise ValueError(f"Mixup/CutMix mix each batch with itself reversed (timm's batch mode): --batch-size (per "
                          f"process) must be even, got {config.batch_size}")

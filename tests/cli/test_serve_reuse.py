@@ -129,8 +129,8 @@ def test_a_timm_tag_is_reused_only_for_the_same_tags_transform(serve):
 
 
 @pytest.mark.parametrize(("path", "name"), [
-    ("runs/t/checkpoint_best.pth", "t"), ("runs/t/checkpoint_best_ema.pth", "t"), ("runs/in1k_T/checkpoint_last.pth",
-                                                                                   "in1k-t"),
+    ("runs/t/checkpoint_best.pth", "t"), ("runs/t/checkpoint_best_ema.pth", "t-ema"),
+    ("runs/in1k_T/checkpoint_last.pth", "in1k-t-last"),
     ("weights/convnext_tiny_1k_224_ema.pth", "convnext-tiny-1k-224-ema"), ("my_model.pth", "my-model")])
 def test_a_training_runs_checkpoint_is_named_after_its_run_folder(path, name):
     """Every run writes checkpoint_best.pth: named by the file, two runs would be two versions of one model, and a

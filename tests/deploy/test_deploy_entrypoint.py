@@ -211,6 +211,19 @@ def test_checkpoint_urls_of_the_same_file_name_each_give_their_own_file(tmp_path
         entrypoint.fetch_checkpoint(missing)
 
 
+def test_a_checkpoint_url_that_is_no_checkpoint_ends_prepare_in_one_line(tmp_path, mirror):
+    """A login page or a safetensors file behind CONVNEXT_CHECKPOINT: the download's own advice, not a traceback."""
+    page = tmp_path / "checkpoint_best.pth"
+    page.write_text("<html>sign in</html>")
+    env = {**entrypoint_env(tmp_path / "models", mirror, 0), "CONVNEXT_CHECKPOINT": page.as_uri()}
+    result = subprocess.run([sys.executable, str(ENTRYPOINT), "prepare"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("prepare: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "not a torch.save checkpoint" in result.stderr
+
+
 def test_the_entrypoint_reads_the_services_settings_with_their_defaults(tmp_path, monkeypatch):
     from service.settings import Settings
 
@@ -261,7 +274,8 @@ def test_an_official_checkpoint_exports_as_its_own_architecture_without_a_model_
     for checkpoint, name in [("/checkpoints/My Small.pth", "my-small"),
                              ("https://host/w/run_7.best.pth", "run_7.best"),
                              ("https://host/runs/runA/checkpoint_best.pth", "runa"),
-                             ("file:///ckpt/runs/in1k_T/checkpoint_best_ema.pth", "in1k_t"),
+                             ("file:///ckpt/runs/in1k_T/checkpoint_best_ema.pth", "in1k_t-ema"),
+                             ("https://host/runs/runA/checkpoint_last.pth", "runa-last"),
                              ("/checkpoint_last.pth", "checkpoint_last")]:
         unnamed = settings_from(entrypoint, monkeypatch, {"CONVNEXT_CHECKPOINT": checkpoint})
         assert unnamed.model_name == name and entrypoint.service_command(unnamed)[-1] == name

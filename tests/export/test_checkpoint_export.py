@@ -114,8 +114,8 @@ def test_convnext_serve_ema_serves_the_ema_weights_under_the_run_folders_name(tm
     monkeypatch.setattr(os, "execve", lambda executable, argv, env: execs.append(argv))
     convnext_serve.main(["--checkpoint", str(path), "--ema", "--repository", str(tmp_path / "repo"), "--quiet",
                          "--port", "0", "--grpc-port", "0"])
-    assert execs and execs[0][execs[0].index("--model") + 1] == "demo"
-    version = ModelRepository(tmp_path / "repo").load("demo")
+    assert execs and execs[0][execs[0].index("--model") + 1] == "demo-ema"
+    version = ModelRepository(tmp_path / "repo").load("demo-ema")
     assert version.manifest.source.weights == "ema"
     x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
     session = ort.InferenceSession(str(version.artifact_path(version.manifest.find("onnx", "fp32"))))

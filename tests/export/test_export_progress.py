@@ -20,7 +20,8 @@ def test_each_export_stage_is_one_line(tmp_path):
     stderr = export_cli(tmp_path, "--precisions", "fp32,fp16").stderr
     stages = [line.split(": ", 1)[1] for line in stderr.splitlines() if line.startswith("INFO export.onnx: [")]
     assert [s.split("]")[0] + "]" for s in stages] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
-    assert stages[0].startswith("[1/4] build convnext_atto (random init, seed 0; layer-scale gammas near 1, not 1e-6")
+    assert stages[0].startswith("[1/4] build convnext_atto (random init, seed 0) (")
+    assert "INFO export.source: random init: 12 layer-scale gammas drawn near 1, not 1e-6" in stderr
     assert stages[1].startswith("[2/4] ONNX: export convnext_atto at 32 px, opset 18")
     assert stages[2].startswith("[3/4] parity: ONNX Runtime fp32 vs PyTorch")
     assert stages[3].startswith("[4/4] fp16: convert and verify")
