@@ -94,9 +94,9 @@ def read_checkpoint(path: str | Path) -> dict:
         opcode = _unread_opcode(error)
         if opcode is not None:
             raise CheckpointError(f"checkpoint {path} uses pickle opcode {opcode} (pickle protocol 4 or 5), which "
-                                  "torch's weights-only loader does not read; re-save it with torch.save's default "
-                                  "protocol where you trust the file: torch.save(torch.load(path, weights_only=False), "
-                                  "'model.pth')") from None
+                                  "torch's weights-only loader does not read; where you trust the file, load it and "
+                                  "save it again with torch.save's default protocol (no pickle_protocol argument)"
+                                  ) from None
         if _pickle_is_garbled(error):
             raise CheckpointError(f"checkpoint {path} is damaged or truncated ({_refused_global(error)}); "
                                   f"{_advice_for_unreadable(path)}") from None
