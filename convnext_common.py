@@ -6,6 +6,7 @@ import argparse
 import functools
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -62,6 +63,10 @@ class CliParser(argparse.ArgumentParser):
 
     def __init__(self, prog: str | None = None, **kwargs):
         super().__init__(prog=None if prog is None else prog_name(prog), **kwargs)
+        # A value in exponent notation is a value: Python 3.11's argparse takes "-1e-6" for an option (its pattern of
+        # negative numbers has no exponent), so `--layer-scale-init -1e-6` failed "expected one argument" before the
+        # flag's own check could say what is wrong with the value.
+        self._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")

@@ -54,6 +54,8 @@ ERROR_CASES = [
     ("training", ["--preset", "demo", "--amp", "fp8"], "--amp"),
     ("training", ["--preset", "demo", "--interpolation", "bilinearx"], "--interpolation must be one of bicubic"),
     ("training", ["--preset", "demo", "--layer-scale-init=-1e-6"], "--layer-scale-init must be a finite number >= 0"),
+    # A negative value in exponent notation after a space: a value, not an unknown option (Python 3.11's argparse).
+    ("training", ["--preset", "demo", "--layer-scale-init", "-1e-6"], "--layer-scale-init must be a finite number"),
     ("training", ["--preset", "demo", "--head-init-scale", "nan"], "--head-init-scale must be a finite number > 0"),
     ("training", ["--preset", "demo", "--resume", "{tmp}/corrupt.pth", "--output", "{tmp}/run"],
      "truncated or not a torch.save file"),
