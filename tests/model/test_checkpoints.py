@@ -261,7 +261,7 @@ def test_a_pickle_no_writer_makes_is_called_damaged_and_real_code_is_still_calle
 
     for protocol in (4, 5):  # intact, but in opcodes (FRAME...) the weights-only loader does not read
         torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "new.pth", pickle_protocol=protocol)
-        with pytest.raises(CheckpointError, match="uses pickle opcode FRAME .*save it again with torch.save.s default protocol"):
+        with pytest.raises(CheckpointError, match="uses pickle opcode FRAME .*torch.save.s default protocol"):
             read_checkpoint(tmp_path / "new.pth")
 
     class Code:
