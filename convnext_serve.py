@@ -32,7 +32,7 @@ from runtime.engines.base import EngineError
 from runtime.engines.factory import check_engine_settings
 from runtime.repository import Manifest, ModelRepository, RepositoryError
 from service.__main__ import StartRefused, startable_settings
-from service.app import engine_options
+from service.engine_builds import engine_options
 from service.settings import Settings
 
 PROG = "convnext serve"

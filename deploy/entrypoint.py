@@ -160,12 +160,11 @@ def prepare(settings: PrepareSettings) -> int:
 
 
 def export_model(settings: PrepareSettings) -> int:
-    from model.checkpoints import CheckpointError
     from model.pretrained import DownloadError
 
     try:
         checkpoint = fetch_checkpoint(settings)
-    except (DownloadError, CheckpointError) as error:  # one line saying what to do, as the CLIs end, not a traceback
+    except DownloadError as error:  # one line saying what to do, as the CLIs end, not a traceback
         print(f"prepare: error: {one_line(error)}", file=sys.stderr, flush=True)
         return 1
     print(f"prepare: exporting {checkpoint} as {settings.model_name} ({settings.precisions})", flush=True)

@@ -124,12 +124,11 @@ def check_model_name(model_name: str) -> None:
 
 def check_input_size(model_name: str, input_size: int) -> None:
     """An ExportError when `input_size` px is below the model's total stride: its last feature map would be empty."""
-    import model as models
+    from model.flops import input_size_refusal
 
-    stride = models.get_config(model_name).total_stride_px
-    if input_size < stride:
-        raise ExportError(f"--input-size {input_size} is too small for {model_name}, which downsamples its input "
-                          f"{stride}x: pass --input-size {stride} or more")
+    refusal = input_size_refusal(model_name, input_size)
+    if refusal is not None:
+        raise ExportError(refusal)
 
 
 @contextmanager

@@ -16,17 +16,18 @@ from torch import nn
 ACTIVATION_LAYERS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
-def check_layer_scale_init(layer_scale_init: float) -> None:
-    """Refuse a value that would silently drop layer scale: blocks keep it only when `> 0`, which -1e-6 and NaN fail."""
+def check_layer_scale_init(layer_scale_init: float, name: str = "layer_scale_init") -> None:
+    """Refuse a value that would silently drop layer scale: blocks keep it only when `> 0`, which -1e-6 and NaN fail.
+    `name`: what the message calls it (training's flag)."""
     if not 0.0 <= layer_scale_init < math.inf:  # NaN fails every comparison
-        raise ValueError(f"layer_scale_init must be a finite number >= 0 (Table 5: 1e-6; 0: no layer scale), got "
+        raise ValueError(f"{name} must be a finite number >= 0 (Table 5: 1e-6; 0: no layer scale), got "
                          f"{layer_scale_init!r}")
 
 
-def check_head_init_scale(head_init_scale: float) -> None:
+def check_head_init_scale(head_init_scale: float, name: str = "head_init_scale") -> None:
     """Refuse a head scale that leaves a NaN, infinite, all-zero or sign-flipped classifier at initialisation."""
     if not 0.0 < head_init_scale < math.inf:
-        raise ValueError(f"head_init_scale must be a finite number > 0 (1.0: the usual init; fine-tuning: 0.001), got "
+        raise ValueError(f"{name} must be a finite number > 0 (1.0: the usual init; fine-tuning: 0.001), got "
                          f"{head_init_scale!r}")
 
 

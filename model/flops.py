@@ -46,6 +46,16 @@ def count_macs(model: nn.Module, input_size_px: int, in_chans: int = 3) -> int:
     return counter.get_total_flops() // 2
 
 
+def input_size_refusal(name: str, input_size_px: int) -> str | None:
+    """What `--input-size` of the export and of training says when `name` cannot run on it (below its total stride,
+    its last feature map would be empty), or None."""
+    stride_px = get_config(name).total_stride_px
+    if input_size_px >= stride_px:
+        return None
+    return (f"--input-size {input_size_px} is too small for {name}, which downsamples its input {stride_px}x: pass "
+            f"--input-size {stride_px} or more")
+
+
 def check_input_size(name: str, input_size_px: int) -> None:
     """Raise ValueError unless `name` runs on a square input of `input_size_px` (at least its total stride)."""
     stride_px = get_config(name).total_stride_px

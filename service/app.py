@@ -11,14 +11,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convnext_common import one_line, prog_name, project_version
 from runtime.engines.base import Engine
-from runtime.engines.factory import EngineOptions, check_engine_options, open_engine
+from runtime.engines.factory import check_engine_options, open_engine
 from runtime.preprocess import png_text_limited
 from runtime.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
 from service import PROG
 from service.admin import router as admin_router
 from service.admission import Admission, AdmissionGate
 from service.body_budget import BodyBudget, BodyBudgetMiddleware
-from service.engine_builds import EngineFactory
+from service.engine_builds import EngineFactory, engine_options
 from service.errors import ApiError, error_response, speaks_v2
 from service.grpc_server import GrpcService, start_grpc_server
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
@@ -36,14 +36,6 @@ HTTP_ERROR_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allo
 # What a start can expectedly fail with (a model, engine, provider, TensorRT build or port problem): logged as one line
 # by uvicorn. Anything else is a bug, and keeps its traceback.
 STARTUP_ERRORS = (RuntimeError, OSError, RepositoryError)
-
-
-def engine_options(settings: Settings) -> EngineOptions:
-    return EngineOptions(engine=settings.engine, provider=settings.provider, precision=settings.precision,
-                         max_batch_size=settings.max_batch_size, threads=settings.intra_op_threads,
-                         ort_spinning=settings.ort_spinning, ort_streams=settings.ort_streams,
-                         openvino_performance_hint=settings.openvino_performance_hint,
-                         repository=settings.repository)
 
 
 def default_engine(version: ModelVersion, settings: Settings) -> Engine:

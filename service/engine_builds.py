@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from runtime.engines.base import Engine
-from runtime.engines.factory import open_bound_s
+from runtime.engines.factory import EngineOptions, open_bound_s
 from runtime.repository import ModelVersion
 
 if TYPE_CHECKING:
@@ -38,6 +38,15 @@ class SmokeRunError(RuntimeError):
 class BuildTimeoutError(TimeoutError):
     """A build (the start's, a reload's, a rebuild's) went past build_limit_s and was abandoned; its message is the
     service's own, so /readyz and /healthz may show it."""
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    """The engine options the settings ask for (what the service opens, and convnext serve checks before export)."""
+    return EngineOptions(engine=settings.engine, provider=settings.provider, precision=settings.precision,
+                         max_batch_size=settings.max_batch_size, threads=settings.intra_op_threads,
+                         ort_spinning=settings.ort_spinning, ort_streams=settings.ort_streams,
+                         openvino_performance_hint=settings.openvino_performance_hint,
+                         repository=settings.repository)
 
 
 def build_timeout_s(settings: Settings) -> float:

@@ -29,10 +29,10 @@ FUNCTION_LEVEL_ALLOWED = {
     ("service.__main__", "service.app"): "`--help` and settings errors answer without importing FastAPI and uvicorn",
     ("service.__main__", "service.server"): "`--help` and settings errors answer without importing uvicorn",
     ("deploy.entrypoint", "model.pretrained"): "the service images run `serve` without torch; only `prepare` needs it",
-    ("deploy.entrypoint", "model.checkpoints"): "as model.pretrained: the CheckpointError a `prepare` download ends in",
     ("export.source", "model"): "model/ is torch: `python -m export tensorrt|list` run where there is none (GPU image)",
     ("export.source", "model.pretrained"): "model/ is torch: `python -m export tensorrt|list` run without it",
     ("export.source", "model.timm_pretrained"): "model/ is torch: `python -m export tensorrt|list` run without it",
+    ("export.source", "model.flops"): "model/ is torch: `python -m export tensorrt|list` run without it",
     ("bench.__main__", "bench.model_throughput"): "imports torch: only `python -m bench torch` needs it",
     ("bench.__main__", "bench.roadmap"): "imports torch and model/: only `python -m bench roadmap` needs them",
     ("bench.engine_benchmark", "model.flops"): "model/ is torch: only `bench all` counts FLOPs; `python -m bench "

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from model import get_config
 from model.convnext import check_head_init_scale, check_layer_scale_init
+from model.flops import input_size_refusal
 from model.registry import ACTIVATIONS, ModelConfig
 
 from .transforms import INTERPOLATION, check_auto_augment
@@ -193,10 +194,9 @@ def _validate(config: TrainConfig, model_cfg: ModelConfig) -> None:
                          f"{config.lr_ref_batch}")
     if config.max_steps_per_epoch < 0:
         raise ValueError(f"--max-steps-per-epoch must be >= 0 (0: the whole epoch), got {config.max_steps_per_epoch}")
-    stride = model_cfg.total_stride_px
-    if config.input_size < stride:  # its last feature map would be empty: the first forward pass would fail
-        raise ValueError(f"--input-size {config.input_size} is too small for {config.model}, which downsamples its "
-                         f"input {stride}x: pass --input-size {stride} or more")
+    input_refusal = input_size_refusal(config.model, config.input_size)  # the first forward pass would fail
+    if input_refusal is not None:
+        raise ValueError(input_refusal)
     # (0, 1]: what the exported manifest's preprocess takes; above 1 the evaluation crop would pad the image.
     if not 0.0 < config.crop_pct <= 1.0:
         raise ValueError(f"--crop-pct (the share of the resized image the evaluation crop keeps) must be in (0, 1], "
@@ -213,14 +213,9 @@ def _validate(config: TrainConfig, model_cfg: ModelConfig) -> None:
     if config.drop_path < 0 or config.drop_path >= 1:
         raise ValueError(f"--drop-path must be in [0, 1), got {config.drop_path}")
     # The model's own rules (a negative or NaN layer scale would read as "none"), refused before anything loads.
-    checks = [("--head-init-scale", check_head_init_scale, config.head_init_scale)]
+    check_head_init_scale(config.head_init_scale, name="--head-init-scale")
     if config.layer_scale_init is not None:
-        checks.append(("--layer-scale-init", check_layer_scale_init, config.layer_scale_init))
-    for flag, check, value in checks:
-        try:
-            check(value)
-        except ValueError as error:  # "layer_scale_init must be ..." -> "--layer-scale-init must be ..."
-            raise ValueError(flag + str(error).removeprefix(flag[2:].replace("-", "_"))) from None
+        check_layer_scale_init(config.layer_scale_init, name="--layer-scale-init")
     if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
         raise ValueError(f"Mixup/CutMix mix each batch with itself reversed (timm's batch mode): --batch-size (per "
                          f"process) must be even, got {config.batch_size}")
