@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import functools
 import io
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import PIL
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from runtime.decode import (
     FAST_DECODE_HEADROOM,
@@ -30,6 +28,7 @@ from runtime.decode import (
 from runtime.decode_memory import TIFF_BITS_PER_SAMPLE, decode_peak_bytes, first_tiff_value, resized_size
 from runtime.gif_frames import GIF_SIGNATURES, ExtensionsTooLarge, gif_first_frame_size
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
+from runtime.metadata_limits import MAX_METADATA_BYTES
 from runtime.orientation import exif_orientation, turned_upright
 from runtime.repository import Preprocess
 from runtime.transparency import composited_on_white, match_colour_key_to_pixels, on_white
@@ -44,24 +43,6 @@ HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # s
 TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 339, 2
 # PIL.Image.MAX_IMAGE_PIXELS's default (1 GiB / 4 / 3): Pillow warns above it, raises above twice it.
 PILLOW_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
-# The text (XMP, comments) a PNG may hold, all its chunks together, decompressed (png_text_limited). One chunk
-# may still take up to Pillow's MAX_TEXT_CHUNK (1 MiB) while it decompresses: that limit also bounds an embedded ICC
-# profile (iCCP), and real ones reach it. A GIF's extension blocks before its first frame (comments, XMP), which
-# Pillow reads while opening it, are held to the same (runtime/gif_frames.py).
-MAX_METADATA_BYTES = 512 * 1024
-
-
-@dataclass
-class ServicesRunning:
-    """Services running in this process: the first to start lowers Pillow's PNG text limit, the last to stop gives
-    Pillow's own back (png_text_limited)."""
-
-    services: int = 0
-    pillows_own: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_PNG_TEXT = ServicesRunning()
 # Entered with the bytes an image's decode will hold at its peak, held while it decodes (the service's budget).
 Reserve = Callable[[int], AbstractContextManager[object]]
 RESAMPLING = {
@@ -78,31 +59,6 @@ class ImageError(ValueError):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@contextmanager
-def png_text_limited() -> Iterator[None]:
-    """Pillow's limit on a PNG's text lowered to the service's policy while the service runs (its lifespan), and
-    Pillow's own again after: it is a module global, and training and export may share this interpreter (the tests
-    do) and keep Pillow's.
-
-    A PNG's text chunks are decompressed into image.info while its header is read, before the decode budget is
-    reserved (runtime.decode_memory counts pixels): Pillow lets an image hold 64 MiB of them, which a 66 KB file fills.
-    The service reads only an XMP orientation from them: MAX_METADATA_BYTES in all, beyond it a 400 corrupt_image. A
-    single chunk keeps Pillow's own limit (MAX_TEXT_CHUNK, 1 MiB), which is also an ICC profile's (a 700 KiB one is
-    valid)."""
-    with _PNG_TEXT.lock:  # services may start and stop in threads of one process (the tests' do)
-        if _PNG_TEXT.services == 0:
-            _PNG_TEXT.pillows_own = PngImagePlugin.MAX_TEXT_MEMORY
-            PngImagePlugin.MAX_TEXT_MEMORY = MAX_METADATA_BYTES
-        _PNG_TEXT.services += 1
-    try:
-        yield
-    finally:
-        with _PNG_TEXT.lock:
-            _PNG_TEXT.services -= 1
-            if _PNG_TEXT.services == 0:
-                PngImagePlugin.MAX_TEXT_MEMORY = _PNG_TEXT.pillows_own
 
 
 def decode_image(data: bytes, max_pixels: int, min_short_side_px: int | None = None) -> Image.Image:

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from convnext_common import one_line, prog_name, project_version
 from runtime.engines.base import Engine
 from runtime.engines.factory import check_engine_options, open_engine
-from runtime.preprocess import png_text_limited
+from runtime.metadata_limits import png_text_limited
 from runtime.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
 from service import PROG
 from service.admin import router as admin_router

@@ -14,14 +14,8 @@ from PIL import Image, ImageFile
 from pydantic import ValidationError
 
 from runtime.gif_frames import gif_first_frame_size
-from runtime.preprocess import (
-    MAX_METADATA_BYTES,
-    PILLOW_MAX_PIXELS,
-    ImageError,
-    image_errors,
-    opened_image,
-    preprocess,
-)
+from runtime.metadata_limits import MAX_METADATA_BYTES
+from runtime.preprocess import PILLOW_MAX_PIXELS, ImageError, image_errors, opened_image, preprocess
 from runtime.repository import Preprocess
 from service.settings import Settings
 

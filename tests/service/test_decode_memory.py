@@ -19,15 +19,8 @@ import pytest
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
 from runtime.decode_memory import decode_peak_bytes, decoder_bytes, resized_size
-from runtime.preprocess import (
-    MAX_METADATA_BYTES,
-    ImageError,
-    eval_transform,
-    opened_image,
-    png_text_limited,
-    preprocess,
-    to_rgb,
-)
+from runtime.metadata_limits import MAX_METADATA_BYTES, png_text_limited
+from runtime.preprocess import ImageError, eval_transform, opened_image, preprocess, to_rgb
 from runtime.repository import Preprocess
 from runtime.transparency import alpha_strip_rows
 from service.decode_budget import MIB, DecodeAbandoned, DecodeBudget, DecodeWaitTimeout
