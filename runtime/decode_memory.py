@@ -9,7 +9,8 @@ The two peaks (tests/service/test_decode_memory.py measures them in a fresh proc
   an EXIF rotation holds the picture twice for a moment.
 - resizing: the RGB picture, PIL's horizontal pass (output width x the rows it reads), the output and the filter
   weights.
-The decoder's own buffers come on top while it decodes (decoder_bytes).
+The decoder's own buffers come on top while it decodes (decoder_bytes), and for a GIF the area of its first frame that
+Pillow fills while it opens the file (runtime.gif_frames): gif_peak_bytes, known from the bytes, before Pillow opens it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import math
 
 from PIL import Image
 
+from runtime.gif_frames import GifFirstFrame
 from runtime.orientation import EXIF_ORIENTATION, TURNS, UNREADABLE_EXIF
 from runtime.repository import Preprocess
 from runtime.transparency import ALPHA_STRIP_PIXELS, alpha_strip_rows, composited_on_white
@@ -143,17 +145,37 @@ def resize_bytes(size: tuple[int, int], resized: tuple[int, int], interpolation:
 def decode_peak_bytes(image: Image.Image, declared: tuple[int, int], resized: tuple[int, int],
                       interpolation: str) -> int:
     """The most bytes decoding the opened (not yet loaded) image, converting it to RGB and resizing it to `resized`
-    hold at once. declared: its size in the header (a JPEG decoding at reduced scale has a smaller image.size)."""
+    hold at once. declared: its size in the header (a JPEG decoding at reduced scale has a smaller image.size). A GIF's
+    is gif_peak_bytes, known before Pillow opens it."""
     width, height = image.size
-    pixels, stored = width * height, stored_bytes(image.mode)
     decoder = decoder_bytes(image, declared)
     alpha = composited_on_white(image)
     if image.mode == "RGB" and not alpha:
-        decoding = pixels * stored * (2 if may_be_rotated(image) else 1)
+        decoding = width * height * stored_bytes(image.mode) * (2 if may_be_rotated(image) else 1)
     else:  # the rotation's second copy (<= 4 bytes a pixel) is gone before the RGB picture is made
-        decoding = pixels * (stored + RGB_BYTES + SCALING_SCRATCH.get(image.mode, 0))
-        if alpha:
-            decoding += ALPHA_STRIP_COPIES * RGB_BYTES * width * min(height, alpha_strip_rows(width))
-    resizing = RGB_BYTES * pixels + resize_bytes(image.size, resized, interpolation)
+        decoding = converting_bytes(image.size, image.mode, alpha)
     kept = decoder if image.format == "WEBP" else 0  # a WebP's frame buffers stay with the picture, through the resize
-    return max(decoding + decoder, resizing + kept)
+    return max(decoding + decoder, resizing_bytes(image.size, resized, interpolation) + kept)
+
+
+def gif_peak_bytes(frame: GifFirstFrame, resized: tuple[int, int], interpolation: str) -> int:
+    """decode_peak_bytes of a GIF, from its bytes (runtime.gif_frames), before Pillow opens it: Pillow reads the first
+    frame as P or L (1 byte a pixel, its default loading strategy), composited on white where it has a transparent
+    index; the area it fills while opening the file stays with the picture until it is RGB."""
+    decoding = converting_bytes(frame.size, "P", frame.transparent) + frame.filled_pixels
+    return max(decoding, resizing_bytes(frame.size, resized, interpolation))
+
+
+def converting_bytes(size: tuple[int, int], mode: str, alpha: bool) -> int:
+    """A decoded picture that is not opaque RGB and the RGB picture it becomes (runtime.preprocess.to_rgb), with the
+    scratch of its scaling to 8 bits or the strips of its composite on white."""
+    width, height = size
+    converting = width * height * (stored_bytes(mode) + RGB_BYTES + SCALING_SCRATCH.get(mode, 0))
+    if alpha:
+        converting += ALPHA_STRIP_COPIES * RGB_BYTES * width * min(height, alpha_strip_rows(width))
+    return converting
+
+
+def resizing_bytes(size: tuple[int, int], resized: tuple[int, int], interpolation: str) -> int:
+    """The RGB picture and what PIL's resize of it to `resized` holds besides (resize_bytes)."""
+    return RGB_BYTES * size[0] * size[1] + resize_bytes(size, resized, interpolation)

@@ -1,11 +1,13 @@
-"""The size Pillow gives a GIF once it has read its first frame's image descriptor, found before Image.open.
+"""What Pillow makes of a GIF's first frame once it has read its image descriptor, found before Image.open: the size,
+the area it fills, the transparent index.
 
-Pillow grows a GIF to cover a first frame that reaches beyond its logical screen, and with a disposal method fills
-the frame's area, while it opens the file (GifImagePlugin._seek(0)): before its size can be checked against
-max_pixels (a 37-byte GIF whose frame covers 12000 x 12000 had 140 MB filled). Pillow's own check there only warns
-below twice its limit. The walk follows _seek(0) block by block (its quirks included: after an extension other than a
-comment it reads sub-blocks up to an empty one, even when the first was empty; a NETSCAPE2.0 block's next one is
-read inside), so it finds the descriptor Pillow finds.
+Pillow grows a GIF to cover a first frame that reaches beyond its logical screen, and with a disposal method that
+restores the background fills the frame's area (1 byte a pixel, kept with the picture), while it opens the file
+(GifImagePlugin._seek(0)): before its size can be checked against max_pixels (a 37-byte GIF whose frame covers
+12000 x 12000 had 140 MB filled) or its decode memory reserved (runtime.decode_memory.gif_peak_bytes counts the fill).
+Pillow's own check there only warns below twice its limit. The walk follows _seek(0) block by block (its quirks
+included: after an extension other than a comment it reads sub-blocks up to an empty one, even when the first was
+empty; a NETSCAPE2.0 block's next one is read inside), so it finds the descriptor Pillow finds.
 
 Pillow also keeps every sub-block of a comment before the first frame as its own bytes object while it opens the
 file: 20 MB of one-byte sub-blocks held ~840 MB and seconds of CPU, outside the decode budget. So the extension
@@ -15,41 +17,58 @@ beyond it the walk stops and raises ExtensionsTooLarge, before Pillow sees the f
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
 SCREEN_BYTES = 13  # signature, logical screen width and height, flags, background, aspect
 EXTENSION, IMAGE, TRAILER = 0x21, 0x2C, 0x3B
-COMMENT, APPLICATION = 0xFE, 0xFF
+GRAPHIC_CONTROL, COMMENT, APPLICATION = 0xF9, 0xFE, 0xFF
+RESTORE_BACKGROUND = 2  # a graphic control's disposal method; 3 and above restore the previous frame
+
+
+class GifFirstFrame(NamedTuple):
+    size: tuple[int, int]  # the logical screen, grown to cover the frame: Pillow's image.size
+    filled_pixels: int  # the frame's area where Pillow fills it while opening the file, else 0
+    transparent: bool  # a graphic control gives a transparent index: the picture is composited on white
 
 
 class ExtensionsTooLarge(ValueError):
     """The extension blocks before a GIF's first frame take more of the file than allowed."""
 
 
-def gif_first_frame_size(data: bytes, max_extension_bytes: int | None = None) -> tuple[int, int]:
-    """The GIF's size once Pillow has read its first frame's descriptor: the logical screen, grown to cover the
-    frame; the screen's where no descriptor is found (Pillow then fails to open it). ExtensionsTooLarge when the
-    extension blocks before that descriptor pass max_extension_bytes (None: no limit)."""
+def gif_first_frame(data: bytes, max_extension_bytes: int | None = None) -> GifFirstFrame:
+    """What Pillow makes of the GIF's first frame once it has read its descriptor; the screen's size, nothing filled,
+    where no descriptor is found (Pillow then fails to open it). ExtensionsTooLarge when the extension blocks before
+    that descriptor pass max_extension_bytes (None: no limit)."""
     if len(data) < SCREEN_BYTES:
-        return 0, 0
+        return GifFirstFrame((0, 0), 0, False)
     width, height = struct.unpack_from("<HH", data, 6)
     flags = data[10]
     pos = SCREEN_BYTES + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # past the global colour table
-    extension_bytes = 0
+    extension_bytes, disposal, transparent = 0, 0, False
     while pos < len(data) and data[pos] != TRAILER:
         kind, pos = data[pos], pos + 1
         if kind == IMAGE:
             if pos + 9 > len(data):
                 break
             left, top, frame_width, frame_height = struct.unpack_from("<HHHH", data, pos)
-            return max(left + frame_width, width), max(top + frame_height, height)
+            # Pillow fills the area to restore the background, or (with nothing decoded yet) the previous frame when a
+            # transparent index stands for it.
+            filled = disposal == RESTORE_BACKGROUND or (disposal > RESTORE_BACKGROUND and transparent)
+            return GifFirstFrame((max(left + frame_width, width), max(top + frame_height, height)),
+                                 frame_width * frame_height if filled else 0, transparent)
         if kind == EXTENSION:
+            if pos < len(data) and data[pos] == GRAPHIC_CONTROL:
+                block, _ = sub_block(data, pos + 1)
+                if block:  # as Pillow: a disposal of 0 (unspecified) keeps an earlier one, a transparent index stays
+                    disposal = (block[0] >> 2) & 7 or disposal
+                    transparent = transparent or bool(block[0] & 1)
             start, pos = pos, past_extension(data, pos, max_extension_bytes)
             extension_bytes += pos - start
             if max_extension_bytes is not None and extension_bytes > max_extension_bytes:
                 raise ExtensionsTooLarge(f"the GIF's extension blocks before its first frame are over "
                                          f"{max_extension_bytes} bytes")
-    return width, height
+    return GifFirstFrame((width, height), 0, False)
 
 
 def past_extension(data: bytes, pos: int, max_bytes: int | None = None) -> int:

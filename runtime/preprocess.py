@@ -25,8 +25,14 @@ from runtime.decode import (
     reduce_jpeg_decode,
     reduced_picture,
 )
-from runtime.decode_memory import TIFF_BITS_PER_SAMPLE, decode_peak_bytes, first_tiff_value, resized_size
-from runtime.gif_frames import GIF_SIGNATURES, ExtensionsTooLarge, gif_first_frame_size
+from runtime.decode_memory import (
+    TIFF_BITS_PER_SAMPLE,
+    decode_peak_bytes,
+    first_tiff_value,
+    gif_peak_bytes,
+    resized_size,
+)
+from runtime.gif_frames import GIF_SIGNATURES, ExtensionsTooLarge, GifFirstFrame, gif_first_frame
 from runtime.jpeg_scans import MAX_JPEG_SCANS, scan_count
 from runtime.metadata_limits import MAX_METADATA_BYTES
 from runtime.orientation import exif_orientation, turned_upright
@@ -117,13 +123,27 @@ class OpenedImage(NamedTuple):
 def opened_image(data: bytes, max_pixels: int, min_short_side_px: int | None) -> OpenedImage:
     """The image's header read, its size and format checked, not a pixel decoded yet; and the size its header
     declares: a large JPEG in fast mode (min_short_side_px) decodes at reduced size, image.size then smaller."""
+    if data[:6] in GIF_SIGNATURES:
+        checked_gif_first_frame(data, max_pixels)
+    return opened_header(data, max_pixels, min_short_side_px)
+
+
+def checked_gif_first_frame(data: bytes, max_pixels: int) -> GifFirstFrame:
+    """A GIF's first frame as Pillow will open it, read from its bytes: Pillow grows the picture to cover it and may
+    fill its area while opening the file, whatever its size, and keeps a comment's every sub-block (413 beyond
+    max_pixels, 400 beyond MAX_METADATA_BYTES of extensions)."""
+    try:
+        frame = gif_first_frame(data, MAX_METADATA_BYTES)
+    except ExtensionsTooLarge as err:
+        raise ImageError("corrupt_image", f"{err}: not an image this service reads") from None
+    check_pixels(frame.size, max_pixels)
+    return frame
+
+
+def opened_header(data: bytes, max_pixels: int, min_short_side_px: int | None) -> OpenedImage:
+    """opened_image, a GIF's first frame already checked."""
     if not data:
         raise ImageError("empty_body", "the image is empty (0 bytes)")
-    if data[:6] in GIF_SIGNATURES:  # Pillow would fill its first frame while opening it, whatever its size
-        try:  # and keep a comment's every sub-block
-            check_pixels(gif_first_frame_size(data, MAX_METADATA_BYTES), max_pixels)
-        except ExtensionsTooLarge as err:
-            raise ImageError("corrupt_image", f"{err}: not an image this service reads") from None
     with image_errors():
         # formats: only these plugins look at the bytes (not every format Pillow can parse a header of).
         image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
@@ -321,25 +341,39 @@ def preprocess(data: bytes, spec: Preprocess, max_pixels: int, decode_mode: str 
     decode_mode "exact" is training's transform bit for bit (on 8-bit opaque pictures: decode_image also applies
     EXIF orientation, alpha on white and 16/32-bit scaling, which training's loader does not); "fast" lets large JPEGs
     decode at reduced size, their short side kept >= fast_decode_headroom x the resize target.
-    reserve (the service's decode budget) is entered with the bytes the decode will hold at its peak, once the header
-    is read, and held until the tensor is made.
+    reserve (the service's decode budget) is entered with the bytes the decode will hold at its peak, known before a
+    pixel is decoded, and held until the tensor is made: once the header is read; a GIF's from its bytes, before Pillow
+    opens it (which fills its first frame's area).
     """
     fast = decode_mode == "fast"
     min_short_side = fast_decode_min_short_side(spec.resize_px, fast_decode_headroom) if fast else None
-    image, declared, dct_scale = opened_image(data, max_pixels, min_short_side)
-    resized = resized_size(image.size, spec, dct_scale > 1 and resamples_crop_region_only(spec))
-    if resized[0] * resized[1] > max_pixels:  # a sliver: 4 x 100000 pixels resize to 256 x 6400000
-        raise ImageError("too_many_pixels", f"the image is {image.width}x{image.height}: resized to "
-                         f"{spec.resize_px} px on its short side it would be {resized[0]}x{resized[1]} = "
-                         f"{resized[0] * resized[1]} pixels, over the limit of {max_pixels}")
-    with image_errors():  # the estimate reads the EXIF block
-        peak_bytes = decode_peak_bytes(image, declared, resized, spec.interpolation)
+    opened: OpenedImage | None = None
+    if data[:6] in GIF_SIGNATURES:  # opened once its peak is held: Image.open fills the first frame's area
+        frame = checked_gif_first_frame(data, max_pixels)
+        peak_bytes = gif_peak_bytes(frame, resized_within(frame.size, spec, False, max_pixels), spec.interpolation)
+    else:
+        opened = opened_header(data, max_pixels, min_short_side)
+        resized = resized_within(opened.image.size, spec, opened.dct_scale > 1 and resamples_crop_region_only(spec),
+                                 max_pixels)
+        with image_errors():  # the estimate reads the EXIF block
+            peak_bytes = decode_peak_bytes(opened.image, opened.declared, resized, spec.interpolation)
     with reserve(peak_bytes) if reserve is not None else nullcontext():
+        image, declared, dct_scale = opened_header(data, max_pixels, min_short_side) if opened is None else opened
         picture, orientation = loaded_rgb(image)
-        del image  # the decoded picture, when to_rgb made another, is not held through the resize
+        del image, opened  # the decoded picture, when to_rgb made another, is not held through the resize
         if dct_scale == 1:
             return eval_transform(picture, spec)
         return fast_transform(picture, reduced_picture(declared, dct_scale, orientation), spec)
+
+
+def resized_within(size: tuple[int, int], spec: Preprocess, crop_region_only: bool, max_pixels: int) -> tuple[int, int]:
+    """resized_size, 413 too_many_pixels beyond max_pixels: a sliver of 4 x 100000 pixels resizes to 256 x 6400000."""
+    resized = resized_size(size, spec, crop_region_only)
+    if resized[0] * resized[1] > max_pixels:
+        raise ImageError("too_many_pixels", f"the image is {size[0]}x{size[1]}: resized to {spec.resize_px} px on its "
+                         f"short side it would be {resized[0]}x{resized[1]} = {resized[0] * resized[1]} pixels, over "
+                         f"the limit of {max_pixels}")
+    return resized
 
 
 def fast_transform(image: Image.Image, reduced: ReducedPicture | None, spec: Preprocess) -> np.ndarray:

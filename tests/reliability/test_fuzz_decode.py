@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 from pydantic import ValidationError
 
-from runtime.gif_frames import gif_first_frame_size
+from runtime.gif_frames import gif_first_frame
 from runtime.metadata_limits import MAX_METADATA_BYTES
 from runtime.preprocess import PILLOW_MAX_PIXELS, ImageError, image_errors, opened_image, preprocess
 from runtime.repository import Preprocess
@@ -170,20 +170,34 @@ def test_a_gif_frame_over_max_pixels_is_refused_before_pillow_fills_it(monkeypat
     assert refused.value.code == "too_many_pixels"
 
 
+def graphic_control(disposal: int, transparent: bool) -> bytes:
+    return b"\x21\xf9\x04" + bytes([disposal << 2 | transparent]) + bytes(4) + b"\x00"
+
+
 def test_the_gif_walk_finds_the_first_frame_pillow_finds():
     """Extensions before the first frame (graphic control, comments, NETSCAPE loop, an unknown application block,
-    an empty one) are stepped over as Pillow steps over them: the size matches Pillow's after it opens the file."""
+    an empty one) are stepped over as Pillow steps over them: the size, the area Pillow fills while opening the file
+    and the transparent index match Pillow's after it opens it."""
     frames = [Image.new("L", (40, 30), shade) for shade in (0, 90, 200)]
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], loop=0, duration=100, comment=b"c" * 600,
-                   transparency=0)
+                   transparency=0, disposal=2)
     animated = buffer.getvalue()
     beyond = gif_header_claiming(50, 40).replace(struct.pack("<HH", 50, 40), struct.pack("<HH", 20, 10), 1)
     extensions = (b"\x21\xff\x0bXMP DataXMP\x03abc\x00"  # an application block that is not NETSCAPE2.0
                   b"\x21\xfe\x00"  # an empty comment
                   b"\x21\x01\x00\x02xy\x00")  # a plain-text extension whose first sub-block is empty
-    for data in (animated, beyond, beyond.replace(b"\x2c", extensions + b"\x2c", 1)):
-        assert gif_first_frame_size(data) == Image.open(io.BytesIO(data)).size
+    offset = beyond.replace(struct.pack("<HHHH", 0, 0, 50, 40), struct.pack("<HHHH", 5, 6, 30, 20), 1)
+    # Graphic controls: a disposal restoring the background fills the frame; restoring the previous frame fills it
+    # only with a transparent index; a later disposal of 0 keeps an earlier one, a transparent index stays.
+    controls = [graphic_control(2, False), graphic_control(3, False), graphic_control(3, True),
+                graphic_control(7, True), graphic_control(2, False) + graphic_control(0, False),
+                graphic_control(0, True) + graphic_control(3, False), b"\x21\xf9\x00\x00" + graphic_control(2, True)]
+    for data in (animated, beyond, beyond.replace(b"\x2c", extensions + b"\x2c", 1),
+                 *(gif.replace(b"\x2c", control + b"\x2c", 1) for control in controls for gif in (beyond, offset))):
+        image = Image.open(io.BytesIO(data))
+        filled = image.dispose.size[0] * image.dispose.size[1] if image.dispose is not None else 0
+        assert gif_first_frame(data) == (image.size, filled, "transparency" in image.info)
 
 
 def gif_with_comment(sub_blocks: int, size: int) -> bytes:
@@ -203,7 +217,7 @@ def test_a_gif_whose_comment_passes_the_metadata_limit_is_refused_before_pillow_
     assert refused.value.code == "corrupt_image" and "extension blocks" in refused.value.message
     fine = gif_with_comment(sub_blocks=400, size=255)  # 100 KB of comment: read as before
     assert opened_image(fine, 40_000_000, None).image.info["comment"] == b"c" * 255 * 400
-    assert gif_first_frame_size(flood) == (10, 10)  # uncapped, the walk still finds what Pillow finds
+    assert gif_first_frame(flood).size == (10, 10)  # uncapped, the walk still finds what Pillow finds
 
 
 def test_decoding_leaves_the_process_warning_filters_alone():
