@@ -4,10 +4,12 @@ A seeded mutator starts from valid requests (JSON data, and the binary-data exte
 input, and breaks one thing at a time, by class: keys dropped or renamed, values of the wrong type, NaN and
 infinities, bad shapes, wrong datatypes, truncated or extra binary bytes, bad Inference-Header-Content-Length,
 bad binary_data_size, malformed outputs, a bad classification parameter, malformed JSON. Each class is its own test,
-so a failure names the class; the service must still be ready and serving afterwards.
+so a failure names the class; the service must still be ready and serving afterwards. The image model's JSON strings
+(base64 with other characters put in, non-ASCII text among them) are fuzzed on their own.
 """
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
@@ -23,7 +25,7 @@ pytest_plugins = ["tests.service.conftest"]
 
 MODEL = "atto"
 CASES_PER_CLASS = 30
-WRONG_VALUES = (None, True, False, "text", "", 1.5, -1, 0, 2**63, [], [[1, 2], [3]], {}, {"a": 1}, [None])
+WRONG_VALUES = (None, True, False, "text", "tëxt ☃", "", 1.5, -1, 0, 2**63, [], [[1, 2], [3]], {}, {"a": 1}, [None])
 HUGE = 2**62
 
 
@@ -279,6 +281,37 @@ def test_a_mutated_request_gets_200_or_a_json_4xx(v2_url, model_input, mutation)
     # Still ready after this class: a class that broke the service fails here, not in whichever test runs next.
     assert httpx.get(f"{v2_url}/v2/health/ready").status_code == 200, f"not ready after the {mutation} cases"
     assert httpx.get(f"{v2_url}/readyz").json() == {"status": "ready"}
+
+
+# Characters for the image model's JSON strings: base64's alphabet, ASCII outside it, and text beyond ASCII (Latin-1,
+# the BMP, an astral character, a lone surrogate), which base64 decoding refuses in a way of its own.
+STRING_CHARACTERS = ("ABCxyz019+/=", " \n!-_.*\x00", "éÿ", "☃\uffff中", "𝕏", "\ud800")
+
+
+def image_strings(rng: random.Random) -> list[str]:
+    """1..3 JSON elements for the image model: base64 of random bytes, some with random characters put in."""
+    strings = []
+    for _ in range(rng.randint(1, 3)):
+        text = list(base64.b64encode(rng.randbytes(rng.randrange(64))).decode())
+        for _ in range(rng.choice([0, 1, 1, 3])):
+            text.insert(rng.randint(0, len(text)), rng.choice(rng.choice(STRING_CHARACTERS)))
+        strings.append("".join(text))
+    return strings
+
+
+def test_image_model_json_strings_get_200_or_a_json_4xx(v2_url):
+    rng = random.Random("v2-image-strings")
+    failures = []
+    for _ in range(CASES_PER_CLASS * 2):
+        data = image_strings(rng)
+        header = {"inputs": [{"name": "IMAGE", "shape": [len(data)], "datatype": "BYTES", "data": data}]}
+        # The text as \u escapes or as UTF-8 (as tritonclient sends it); a lone surrogate in UTF-8 is not JSON (400).
+        body = json.dumps(header, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+        response = httpx.post(f"{v2_url}/v2/models/{MODEL}_image/infer", content=body, timeout=60)
+        if (problem := failure_of(response)) is not None:
+            failures.append(f"{problem}\n    sent {data!r}")
+    assert not failures, f"{len(failures)} of {CASES_PER_CLASS * 2} cases:\n" + "\n".join(failures[:5])
+    assert httpx.get(f"{v2_url}/v2/health/ready").status_code == 200
 
 
 def test_the_service_is_still_ready_and_serving_after_the_fuzzing(v2_url, model_input):

@@ -12,8 +12,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
 
 from runtime.preprocess import preprocess
+from service.v2 import INLINE_MAX_JSON_BYTES
 
 INFER = "/v2/models/atto/infer"
 IMAGE_INFER = "/v2/models/atto_image/infer"
@@ -248,6 +250,31 @@ def test_image_model_gives_the_logits_of_classify_preprocessing(service_url, rea
     assert answer["model_name"] == "atto_image"
     logits = np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(len(images), 10)
     np.testing.assert_allclose(logits, reference(images), atol=1e-4)
+
+
+NOT_ASCII = ["é", "héllo", "☃☃☃", "\uffff", "𝕏"]
+
+
+@pytest.mark.parametrize("padding", [0, INLINE_MAX_JSON_BYTES], ids=["inline", "worker_thread"])
+@pytest.mark.parametrize("text", NOT_ASCII)
+def test_image_model_json_text_that_is_not_ascii_is_400_invalid_data(service_url, padding, text):
+    # b64decode refuses a str with non-ASCII characters with a plain ValueError, not binascii.Error: once a 500.
+    data = [base64.b64encode(bytes(padding)).decode(), text] if padding else [text]
+    body = json.dumps({"inputs": [{"name": "IMAGE", "shape": [len(data)], "datatype": "BYTES", "data": data}]},
+                      ensure_ascii=False).encode()  # UTF-8 text, as tritonclient sends it
+    assert (len(body) > INLINE_MAX_JSON_BYTES) == (padding > 0)  # the JSON part parsed on the loop, or in a thread
+    response = httpx.post(f"{service_url}{IMAGE_INFER}", content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["code"] == "invalid_data" and "base64" in response.json()["error"]
+
+
+def test_tritonclient_text_in_json_on_the_image_model_is_a_client_error(service_url):
+    tensor = triton.InferInput("IMAGE", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array(["héllo".encode()], dtype=object), binary_data=False)  # sent as the text
+    with pytest.raises(InferenceServerException, match="base64") as raised:
+        client_for(service_url).infer("atto_image", [tensor])
+    assert raised.value.status() == "400"
+    assert httpx.get(f"{service_url}/v2/health/ready").json() == {"ready": True}
 
 
 def test_openapi_declares_the_v2_infer_body_and_its_errors(service_url):
