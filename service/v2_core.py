@@ -197,9 +197,8 @@ def _wanted_outputs(request: InferenceRequest, manifest: Manifest) -> list[_Want
     for output in request.outputs:
         params = output.parameters
         k = params.classification if params is not None else None
-        if k is not None and k > manifest.num_classes:
-            raise ApiError(400, "invalid_parameter", f"classification must be between 1 and {manifest.num_classes}, "
-                           f"got {k}")
+        if k is not None:  # >= 1 by the protocol's types; more than the classes gives them all, as Triton does
+            k = min(k, manifest.num_classes)
         binary = params.binary_data if params is not None and params.binary_data is not None else default_binary
         wanted.append(_WantedOutput(output.name, k, binary))
     return wanted

@@ -56,7 +56,8 @@ class OutputParameters(_Parameters):
     binary_data: bool | None = Field(None, description="binary-data extension: this output's bytes follow the "
                                      "JSON header of the response")
     classification: int | None = Field(None, ge=1, le=INT64_MAX, description="classification extension: the "
-                                       "top k as BYTES 'score:index:label' (k <= the number of classes)")
+                                       "top k as BYTES 'score:index:label'; a k over the class count gives "
+                                       "every class, as Triton does")
 
 
 class RequestInput(_Message):

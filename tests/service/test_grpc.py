@@ -147,6 +147,23 @@ def test_classification_over_grpc_equals_http_and_ranks_the_logits(served, real_
         np.testing.assert_allclose([s for s, _, _ in grpc_row], [s for s, _, _ in http_row], atol=1e-5)
 
 
+def test_classification_over_the_class_count_gives_every_class_over_grpc_too(served, real_photos, batch):
+    url, client = served
+    asked = [triton_grpc.InferRequestedOutput("logits", class_count=11)]  # of 10 classes: Triton gives all 10
+    top = client.infer("atto_image", [image_input(real_photos[:3])], outputs=asked).as_numpy("logits")
+    assert top.shape == (3, 10)
+    logits = client.infer("atto", [fp32_input(batch)]).as_numpy("logits")
+    for row, ranked in zip(logits, parse_classes(top), strict=True):
+        assert [i for _, i, _ in ranked] == list(np.argsort(-row, kind="stable"))
+    request = pb.ModelInferRequest(model_name="atto")  # k below 1 stays a client error
+    request.inputs.add(name="input", datatype="FP32", shape=list(batch[:1].shape))
+    request.raw_input_contents.append(batch[:1].tobytes())
+    request.outputs.add(name="logits").parameters["classification"].CopyFrom(pb.InferParameter(int64_param=0))
+    with pytest.raises(grpc.RpcError) as raised:
+        raw_call(grpc_address(url), "ModelInfer", request.SerializeToString())
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "classification" in raised.value.details()
+
+
 def test_typed_bytes_contents_and_bad_images_on_the_image_model(served, real_photos):
     url, client = served
     request = pb.ModelInferRequest(model_name="atto_image")
@@ -161,10 +178,6 @@ def test_typed_bytes_contents_and_bad_images_on_the_image_model(served, real_pho
     with pytest.raises(InferenceServerException) as raised:
         client.infer("atto_image", [broken])
     assert status_of(raised.value) == "INVALID_ARGUMENT" and "IMAGE[0]" in raised.value.message()
-    with pytest.raises(InferenceServerException) as raised:
-        client.infer("atto_image", [image_input(real_photos[:1])],
-                     outputs=[triton_grpc.InferRequestedOutput("logits", class_count=11)])
-    assert status_of(raised.value) == "INVALID_ARGUMENT" and "classification" in raised.value.message()
     assert client.is_server_ready()
 
 

@@ -142,8 +142,6 @@ MALFORMED = {
     "rank_17": (INFER, json.dumps({"inputs": [fp32_input(shape=(1,) * 17)]}).encode(), {}, 400, "invalid_request"),
     "classification_zero": (INFER, json.dumps({"inputs": [fp32_input()], "outputs": [
         {"name": "logits", "parameters": {"classification": 0}}]}).encode(), {}, 400, "invalid_request"),
-    "classification_too_many": (INFER, json.dumps({"inputs": [fp32_input()], "outputs": [
-        {"name": "logits", "parameters": {"classification": 11}}]}).encode(), {}, 400, "invalid_parameter"),
     "classification_bool": (INFER, json.dumps({"inputs": [fp32_input()], "outputs": [
         {"name": "logits", "parameters": {"classification": True}}]}).encode(), {}, 400, "invalid_request"),
     "parameter_nan": (INFER, raw_json('{"inputs": [{"name": "input", "shape": [1, 3, 64, 64], "datatype": "FP32", '
@@ -222,6 +220,21 @@ def test_classification_returns_the_top_k_as_triton_strings(service_url, version
         assert [index for _, index, _ in top] == list(np.argsort(-row, kind="stable")[:3])
         assert [label for _, _, label in top] == [labels[i] for _, i, _ in top]
         assert [s for s, _, _ in top] == pytest.approx([row[i] for _, i, _ in top], abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [11, 2**62])
+def test_classification_over_the_class_count_gives_every_class_as_triton_does(service_url, version, k):
+    batch = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    inputs = [fp32_input(shape=batch.shape, data=batch.reshape(-1).tolist())]
+    logits = np.array(httpx.post(f"{service_url}{INFER}", json={"inputs": inputs}).json()["outputs"][0]["data"],
+                      dtype=np.float32).reshape(2, 10)
+    response = httpx.post(f"{service_url}{INFER}", json={"inputs": inputs, "outputs": [
+        {"name": "logits", "parameters": {"classification": k}}]})
+    assert response.status_code == 200, response.text
+    output = response.json()["outputs"][0]
+    assert output["shape"] == [2, 10] and len(output["data"]) == 20  # Triton: min(k, the class count)
+    for row, strings in zip(logits, np.array(output["data"]).reshape(2, 10), strict=True):
+        assert [index for _, index, _ in triton_strings(strings)] == list(np.argsort(-row, kind="stable"))
 
 
 def test_image_model_metadata_says_it_decodes_like_classify(service_url):
