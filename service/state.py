@@ -1,5 +1,6 @@
-"""ServiceState: what the lifespan owns (settings, metrics, model manager, decode pool, admission, the memory bound
-on request bodies that HTTP and gRPC share), one per app."""
+"""ServiceState: what the lifespan owns (settings, metrics, model manager, decode pool and budget, admission, the memory
+bound on request bodies that HTTP and gRPC share, the v2 conversion pool, the repository reader, the gRPC per-client
+limiter), one per app."""
 from __future__ import annotations
 
 import asyncio

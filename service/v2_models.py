@@ -4,7 +4,7 @@ Shaped like KServe's data models (kserve/protocol/rest/v2_datamodels.py): unknow
 there, but every field the protocol defines is strictly typed: shapes are non-negative JSON integers (no floats, no
 booleans, no null), parameters are bool / int / finite float / string, and the extension parameters have their own
 types (`binary_data_size` an int >= 0, `binary_data` / `binary_data_output` booleans, `classification` an int >= 1).
-Tensor `data` stays a JSON list here: its element type depends on the datatype, checked by service/v2_core.py.
+Tensor `data` stays a JSON list here: its element type depends on the datatype, checked by service/v2_tensors.py.
 """
 from __future__ import annotations
 
