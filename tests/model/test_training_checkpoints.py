@@ -13,7 +13,7 @@ import timm
 import torch
 from timm.utils import CheckpointSaver, ModelEma, ModelEmaV3, get_state_dict
 
-from model import create_model
+from model import create_model, draw_layer_scales
 from model.checkpoints import CheckpointError, load_checkpoint, read_checkpoint
 
 
@@ -41,6 +41,7 @@ def _official_save_model(path, model, model_ema, args) -> None:
 def test_an_official_training_checkpoint_loads_its_model_or_its_ema_weights(tmp_path):
     torch.manual_seed(0)
     trained = create_model("convnext_atto")
+    draw_layer_scales(trained)  # in the EMA copy too: at 1e-6 its blocks would not shape the logits compared
     ema = ModelEma(trained, decay=0.9999)
     _perturb(trained)
     args = argparse.Namespace(model="convnext_atto", lr=4e-3, model_ema=True, model_ema_decay=0.9999,
@@ -58,6 +59,7 @@ def test_an_official_training_checkpoint_loads_its_model_or_its_ema_weights(tmp_
 def test_a_timm_training_checkpoint_loads_its_model_or_its_state_dict_ema(tmp_path):
     torch.manual_seed(0)
     trained = timm.create_model("convnext_atto", pretrained=False)
+    draw_layer_scales(trained)  # timm's `gamma`: near 1, as training leaves them, so the blocks shape the logits
     ema = ModelEmaV3(trained, decay=0.9998)
     _perturb(trained)
     args = argparse.Namespace(model="convnext_atto", lr=None, model_ema=True, model_kwargs={}, input_size=None)
