@@ -82,6 +82,8 @@ def test_ema_flag_exports_the_ema_weights_and_records_it(tmp_path, capsys):
     torch.manual_seed(2)
     trained = model.create_model("convnext_atto", num_classes=3).eval()
     ema = model.create_model("convnext_atto", num_classes=3).eval()  # other random weights: a visible difference
+    for net in (trained, ema):  # gammas near 1 (the project checkpoint's reason): the comparison sees the blocks
+        model.draw_layer_scales(net)
     path = tmp_path / "checkpoint_last.pth"
     torch.save({"model": trained.state_dict(), "model_ema": ema.state_dict(), "model_name": "convnext_atto",
                 "model_kwargs": {"num_classes": 3}, "data_config": DATA_CONFIG, "class_names": CLASS_NAMES}, path)
@@ -106,6 +108,8 @@ def test_convnext_serve_ema_serves_the_ema_weights_under_the_run_folders_name(tm
     torch.manual_seed(3)
     trained = model.create_model("convnext_atto", num_classes=3).eval()
     ema = model.create_model("convnext_atto", num_classes=3).eval()
+    for net in (trained, ema):  # gammas near 1, as training leaves them: at 1e-6 the blocks would go unseen
+        model.draw_layer_scales(net)
     path = tmp_path / "runs" / "demo" / "checkpoint_best_ema.pth"
     path.parent.mkdir(parents=True)
     torch.save({"model": trained.state_dict(), "model_ema": ema.state_dict(), "model_name": "convnext_atto",
