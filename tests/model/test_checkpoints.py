@@ -10,22 +10,16 @@ import pytest
 import timm
 import torch
 
-from model import create_model, draw_layer_scales
+from model import create_model
 from model.checkpoints import CheckpointError, convert_state_dict, load_checkpoint, read_checkpoint
+from tests.model.random_weights import randomise
 
 
 @pytest.fixture(scope="module")
 def atto_state() -> dict[str, torch.Tensor]:
-    """convnext_atto's weights with no two blocks alike: at init every block's gamma is 1e-6, its norm 1 and 0 and its
-    biases 0, so a key loaded into another block's place compared equal. Noise on every weight, gammas near 1."""
-    torch.manual_seed(0)
-    model = create_model("convnext_atto", num_classes=1000)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    draw_layer_scales(model, generator)
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    """convnext_atto's weights with no two blocks alike: at init a block's tensor loaded in another's place (their
+    gammas, norms, biases) compared equal."""
+    return {k: v.clone() for k, v in randomise(create_model("convnext_atto", num_classes=1000)).state_dict().items()}
 
 
 @pytest.fixture(scope="module")

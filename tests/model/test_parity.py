@@ -6,21 +6,9 @@ import timm
 import torch
 import torchvision
 
-from model import create_model, draw_layer_scales
+from model import create_model
 from model.checkpoints import load_checkpoint
-
-
-def _randomise(reference: torch.nn.Module) -> torch.nn.Module:
-    """Random weights everywhere, layer scale drawn near 1 as random-init exports draw it (at its 1e-6 init a
-    mis-mapped block would go unnoticed)."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for tensor in list(reference.parameters()) + [b for b in reference.buffers() if b.is_floating_point()]:
-            noise = torch.randn(tensor.shape, generator=generator) * 0.1
-            tensor.copy_(noise + 1.0 if tensor.ndim == 1 and tensor.min() >= 0.999 else noise)  # norm scales, BN var
-    draw_layer_scales(reference, generator)  # timm's `gamma`, torchvision's `layer_scale`
-    return reference.eval()
-
+from tests.model.random_weights import randomise
 
 REFERENCES = {
     "timm convnext_tiny": (lambda: timm.create_model("convnext_tiny", pretrained=False), "convnext_tiny", "timm"),
@@ -35,7 +23,7 @@ REFERENCES = {
 @pytest.mark.parametrize("reference_name", REFERENCES)
 def test_reference_state_dict_loads_and_logits_match(reference_name):
     build_reference, our_name, expected_format = REFERENCES[reference_name]
-    reference = _randomise(build_reference())
+    reference = randomise(build_reference())  # layer scale near 1: a mis-mapped block shows
     ours = create_model(our_name).eval()
     result = load_checkpoint(ours, reference.state_dict())
     assert result.source_format == expected_format
