@@ -166,50 +166,7 @@ step_tensorrt_fp16() { tensorrt_step fp16; }
 step_tensorrt_bf16() { tensorrt_step bf16; }
 
 step_ort_cuda() {
-  "$PY" - "$REPO" "$MODEL" <<'PYEOF'
-"""ORT CUDA (the service's provider options: TF32 off) vs CPU fp32 on the verification inputs, held to the export's
-parity thresholds (runtime/verify.py); fails when the session is not on CUDAExecutionProvider."""
-import sys
-
-import numpy as np
-import onnxruntime as ort
-
-from runtime.ort_session import cuda_provider_options
-from runtime.repository import ModelRepository
-from runtime.verify import ParityError, check_parity, compare, default_image_paths, verification_inputs
-
-version = ModelRepository(sys.argv[1]).load(sys.argv[2])
-manifest = version.manifest
-inputs = verification_inputs(manifest.preprocess, default_image_paths())
-batch = inputs.batch
-
-
-def run(precision, provider):
-    providers = [(provider, cuda_provider_options())] if provider == "CUDAExecutionProvider" else [provider]
-    session = ort.InferenceSession(str(version.artifact_path(manifest.find("onnx", precision))), providers=providers)
-    if session.get_providers()[0] != provider:
-        sys.exit(f"{precision}: asked for {provider}, ONNX Runtime runs {session.get_providers()}: see the doctor step")
-    feed = session.get_inputs()[0]
-    dtype = np.float16 if feed.type == "tensor(float16)" else np.float32
-    return session.run(None, {feed.name: batch.astype(dtype)})[0].astype(np.float32)
-
-
-reference = run("fp32", "CPUExecutionProvider")
-failed = []
-for precision in ("fp32", "fp16"):
-    out = run(precision, "CUDAExecutionProvider")
-    if not np.isfinite(out).all():
-        sys.exit(f"ORT CUDA {precision}: non-finite logits")
-    parity = compare(reference, out, "onnxruntime CPU fp32", inputs.num_real_images)
-    print(f"ORT CUDA {precision}: max|diff| {parity.max_abs_diff:.3g}, top-1 agreement {parity.top1_agreement:.3f} "
-          f"on {parity.num_inputs} inputs, session on CUDAExecutionProvider")
-    try:
-        check_parity(parity, reference, precision, f"ORT CUDA {precision}")
-    except ParityError as err:
-        failed.append(str(err))
-if failed:
-    sys.exit("\n".join(failed))
-PYEOF
+  "$PY" "$ROOT/scripts/gpu_check_onnx.py" parity "$REPO" "$MODEL" --provider cuda --precisions fp32 fp16
 }
 
 unexpected_skips() {  # pytest -rs output on stdin -> its SKIPPED lines, less bf16's on a GPU without bf16
@@ -231,9 +188,7 @@ step_pytest_gpu() {
 step_bench() {
   local precision path
   for precision in fp32 fp16; do
-    path="$("$PY" -c 'import sys; from runtime.repository import ModelRepository as R
-v = R(sys.argv[1]).load(sys.argv[2]); print(v.artifact_path(v.manifest.find("onnx", sys.argv[3])))' \
-      "$REPO" "$MODEL" "$precision")" || return 1
+    path="$("$PY" "$ROOT/scripts/gpu_check_onnx.py" path "$REPO" "$MODEL" "$precision")" || return 1
     echo "== $precision: $path"
     "$PY" -m bench engine "$path" --provider cuda --batch-sizes 1 8 32 --iterations 20 || return 1
   done
@@ -278,9 +233,9 @@ for entry in "${STEPS[@]}"; do
   if [ "$name" = tensorrt-bf16 ] && [ -n "$BF16_SKIP" ]; then skip_step "$index" "$name" "$BF16_SKIP"; continue; fi
   run_step "$index" "$name" "step_${name//-/_}"
   if [ "$name" = venv ] && [ -x "$PY" ]; then
-    # The service, bench and doctor preload the nvidia-* wheels' CUDA libraries (runtime/ort_session.py:
-    # preload_cuda_libraries); the ort-cuda step opens its sessions itself: put the wheels on the loader path, as the
-    # image does.
+    # The project's ONNX Runtime GPU sessions preload the nvidia-* wheels' CUDA libraries (runtime/ort_session.py:
+    # preload_cuda_libraries); the loader path names their folders too, as the GPU image's does, for anything that
+    # opens them by name without that preload.
     site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     export LD_LIBRARY_PATH="$site/nvidia/cu13/lib:$site/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,104 @@
+"""The Python of scripts/gpu_check.sh, run here as the script runs it: the ort-cuda step's parity (on the CPU provider,
+and refused on an ONNX Runtime whose CUDA provider does not load) and the bench step's file lookup."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from compose_yaml import ROOT
+
+ONNX_STEPS = ROOT / "scripts" / "gpu_check_onnx.py"
+
+
+def script_module(path: Path):
+    """A module of scripts/ (not a package), imported from its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    return module
+
+ORT_GPU = ROOT / ".venv" / "ort-gpu-probe"  # make test installs it (tests/service/test_ort_providers.py)
+
+
+def run_script(*args: str, pythonpath: str = str(ROOT)) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": pythonpath})
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    """convnext_atto at 32 px with its fp32 and fp16 ONNX."""
+    from export.onnx import export_onnx_version
+
+    root = tmp_path_factory.mktemp("gpu-check-models")
+    export_onnx_version(root, "tiny", "convnext_atto", num_classes=4, input_size=32, precisions=("fp32", "fp16"),
+                        verify_images=[])
+    return root
+
+
+@pytest.fixture(scope="module")
+def broken_fp16(repository, tmp_path_factory) -> Path:
+    """A copy of `repository` whose fp16 file has the classifier's weights negated (its manifest describing that
+    file): a variant that is not the model."""
+    import onnx
+    from onnx import numpy_helper
+
+    from runtime.repository import describe_file
+
+    root = tmp_path_factory.mktemp("gpu-check-broken")
+    version = Path(shutil.copytree(repository / "tiny", root / "tiny")) / "1"
+    model = onnx.load(version / "model.fp16.onnx")
+    (head,) = [i for i in model.graph.initializer if i.name == "head.weight"]
+    head.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(head), head.name))
+    onnx.save(model, version / "model.fp16.onnx")
+    manifest = json.loads((version / "manifest.json").read_text())
+    for artifact in manifest["artifacts"]:
+        if artifact["file"] == "model.fp16.onnx":
+            changed = describe_file(version, artifact["file"], format="onnx", precision="fp16")
+            artifact.update(sha256=changed.sha256, size_bytes=changed.size_bytes)
+    (version / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return root
+
+
+def test_the_ort_step_holds_fp32_and_fp16_to_the_export_thresholds_on_the_provider_it_names(repository):
+    done = run_script(str(ONNX_STEPS), "parity", str(repository), "tiny", "--provider", "cpu")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["CPUExecutionProvider fp32", "CPUExecutionProvider fp16"]
+    # 4 seeded random inputs + the 6 real photos, as the export verifies.
+    assert all("on 10 inputs vs onnxruntime CPU fp32, the session on CPUExecutionProvider" in line for line in lines)
+    assert float(re.search(r"max\|diff\| ([\d.e-]+)", lines[1]).group(1)) > 0  # the fp16 file ran, not fp32 again
+
+
+def test_a_variant_that_is_not_the_model_fails_the_step_and_the_other_is_still_reported(broken_fp16):
+    results = script_module(ONNX_STEPS).provider_parity(broken_fp16, "tiny", "cpu")
+    assert [r.precision for r in results] == ["fp32", "fp16"]
+    assert results[0].parity is not None and results[0].parity.max_abs_diff == 0
+    assert results[1].parity is None and "(fp16) does not match onnxruntime CPU fp32 on 10 inputs" in results[1].problem
+    done = run_script(str(ONNX_STEPS), "parity", str(broken_fp16), "tiny", "--provider", "cpu")
+    assert done.returncode == 1 and "CPUExecutionProvider fp16: ONNX Runtime CPUExecutionProvider (fp16) does not " \
+                                      "match" in done.stdout
+
+
+def test_on_an_onnxruntime_whose_cuda_provider_does_not_load_the_step_fails_instead_of_running_on_the_cpu(repository):
+    if not (ORT_GPU / "onnxruntime").is_dir():
+        pytest.fail(f"the GPU build of ONNX Runtime is not in {ORT_GPU}: make {ORT_GPU.relative_to(ROOT)}/.installed")
+    done = run_script(str(ONNX_STEPS), "parity", str(repository), "tiny", pythonpath=f"{ORT_GPU}{os.pathsep}{ROOT}")
+    assert done.returncode == 1 and done.stdout == ""
+    assert "asked ONNX Runtime for CUDAExecutionProvider but it loaded ['CPUExecutionProvider']" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_bench_step_finds_the_newest_versions_file_and_names_a_missing_precision(repository):
+    done = run_script(str(ONNX_STEPS), "path", str(repository), "tiny", "fp16")
+    assert done.returncode == 0 and done.stdout == f"{repository / 'tiny' / '1' / 'model.fp16.onnx'}\n"
+    done = run_script(str(ONNX_STEPS), "path", str(repository), "tiny", "bf16")
+    assert done.returncode == 1 and "tiny/1 has no bf16 ONNX (it has ['fp32', 'fp16'])" in done.stderr
