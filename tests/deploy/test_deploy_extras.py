@@ -55,7 +55,7 @@ def test_every_install_in_this_repository_gets_exactly_one_onnxruntime(where, ex
 def test_the_test_install_is_cpu_and_the_gpu_check_is_gpu():
     sets = install_sets()
     assert sets["Makefile"] == ["serve", "cpu", "train", "export", "dev", "bench"]
-    assert sets["gpu_check.sh"] == ["serve", "gpu", "export", "dev", "bench"]
+    assert sets["gpu_check.sh"] == ["serve", "gpu", "export", "train", "dev", "bench"]  # train: the train-amp step
 
 
 def test_asking_for_both_onnxruntimes_is_refused():

@@ -1,5 +1,6 @@
 """The Python of scripts/gpu_check.sh, run here as the script runs it: the ort-cuda step's parity (on the CPU provider,
-and refused on an ONNX Runtime whose CUDA provider does not load) and the bench step's file lookup."""
+and refused on an ONNX Runtime whose CUDA provider does not load), the bench step's file lookup, and what each step
+needs in the no-install mode."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,6 +16,7 @@ import pytest
 from compose_yaml import ROOT
 
 ONNX_STEPS = ROOT / "scripts" / "gpu_check_onnx.py"
+NEEDS = ROOT / "scripts" / "gpu_check_needs.py"
 
 
 def script_module(path: Path):
@@ -25,6 +27,8 @@ def script_module(path: Path):
     spec.loader.exec_module(module)
     return module
 
+
+gpu_check_needs = script_module(NEEDS)
 ORT_GPU = ROOT / ".venv" / "ort-gpu-probe"  # make test installs it (tests/service/test_ort_providers.py)
 
 
@@ -102,3 +106,33 @@ def test_the_bench_step_finds_the_newest_versions_file_and_names_a_missing_preci
     assert done.returncode == 0 and done.stdout == f"{repository / 'tiny' / '1' / 'model.fp16.onnx'}\n"
     done = run_script(str(ONNX_STEPS), "path", str(repository), "tiny", "bf16")
     assert done.returncode == 1 and "tiny/1 has no bf16 ONNX (it has ['fp32', 'fp16'])" in done.stderr
+
+
+def test_every_gpu_test_file_and_every_python_step_of_the_script_has_its_needs_listed():
+    assert sorted(gpu_check_needs.GPU_TEST_NEEDS) == sorted(
+        str(path.relative_to(ROOT)) for path in (ROOT / "tests" / "gpu").glob("test_*.py"))
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    steps = re.findall(r'^  "([\w-]+)\|', script.split("STEPS=(", 1)[1].split("\n)\n", 1)[0], re.M)
+    assert set(gpu_check_needs.STEP_NEEDS) == set(steps) - {"nvidia-smi", "venv"}
+    tables = [*gpu_check_needs.STEP_NEEDS.values(), *gpu_check_needs.GPU_TEST_NEEDS.values()]
+    assert {need for needs in tables for need in needs} <= set(gpu_check_needs.CHECKS)
+
+
+def test_a_need_is_named_once_and_cuda_torch_not_where_torch_itself_is_missing():
+    have = dict.fromkeys(gpu_check_needs.CHECKS, True) | {"numpy": False, "torch": False}
+    needs = ("numpy", "torch", "torch with CUDA (torch.cuda.is_available())", "numpy", "timm")
+    assert gpu_check_needs.missing(needs, have) == ["numpy", "torch"]
+    have["torch"] = True
+    have["torch with CUDA (torch.cuda.is_available())"] = False
+    assert gpu_check_needs.missing(needs, have) == ["numpy", "torch with CUDA (torch.cuda.is_available())"]
+
+
+def test_in_a_python_with_the_standard_library_only_every_step_names_what_it_lacks():
+    done = subprocess.run([sys.executable, "-S", str(NEEDS)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr
+    rows = {tuple(line.split("\t")[:2]): line.split("\t")[2] for line in done.stdout.splitlines()}
+    assert rows[("step", "train-amp")] == "numpy, torch, pillow, torchvision, timm, scikit-learn"
+    assert rows[("step", "ort-cuda")] == "numpy, pillow, pydantic, onnxruntime-gpu (CUDAExecutionProvider)"
+    assert rows[("test", "tests/gpu/test_training_rng_gpu.py")] == "numpy, torch"
+    assert len(rows) == len(gpu_check_needs.STEP_NEEDS) + len(gpu_check_needs.GPU_TEST_NEEDS)
