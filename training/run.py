@@ -220,9 +220,21 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
     are in the checkpoints. Without `dist_info`, the run joins torchrun's process group (WORLD_SIZE > 1) and
     destroys it when it ends or fails; with one, the caller owns the process group.
     """
+    refuse_an_earlier_runs_output(config)
     group = contextlib.nullcontext(dist_info) if dist_info is not None else process_group_from_env()
     with group as dist_info:
         return _train(config, dist_info, augment, stop_after_epoch)
+
+
+def refuse_an_earlier_runs_output(config: TrainConfig) -> None:
+    """A new run into an --output that holds an earlier run's checkpoint_last.pth would replace its checkpoints from
+    epoch 0 (a re-applied Job or a rerun command without --resume): refused, on every process, before any work."""
+    last = Path(config.output) / "checkpoint_last.pth"
+    if config.resume or config.overwrite_checkpoints or not last.is_file():
+        return
+    raise ValueError(f"--output {config.output} holds an earlier run's checkpoint_last.pth: pass --resume {last} to "
+                     "continue that run, --overwrite-checkpoints to start over and replace its checkpoints, or "
+                     "another --output")
 
 
 def _train(config: TrainConfig, dist_info: DistInfo, augment: bool, stop_after_epoch: int | None) -> dict:

@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -11,9 +17,11 @@ from compose_yaml import ROOT, load_compose, seconds
 from entrypoint_settings import load_entrypoint, settings_from
 
 from deploy.host_check import DOCTOR_TIMEOUT_S
+from model.checkpoints import read_checkpoint
 from service.engine_builds import build_timeout_s
 from service.server import graceful_shutdown_s
 from service.settings import Settings
+from tests.service.conftest import free_port
 
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37.0"
@@ -168,6 +176,39 @@ def test_training_job_flags_are_ones_the_training_cli_accepts():
     from training.__main__ import get_args_parser
 
     container = find("Job", "convnext-train")["spec"]["template"]["spec"]["containers"][0]
-    training_args = container["args"][0].split("-m training", 1)[1].split()
+    run_dir = next(e["value"] for e in container["env"] if e["name"] == "RUN_DIR")
+    training_args = [run_dir if arg == "$RUN_DIR" else arg  # "$@": the --resume the command adds when it resumes
+                     for arg in shlex.split(container["args"][0].split("-m training", 1)[1]) if arg != "$@"]
     parsed = get_args_parser().parse_args(training_args)
     assert (parsed.preset, parsed.data_dir, parsed.batch_size, parsed.accum_steps) == ("in1k", "/data/imagenet", 128, 2)
+    assert parsed.output == "/runs/in1k"
+
+
+def _run_training_job_command(run_dir, epochs: int) -> subprocess.CompletedProcess:
+    """The Job container's command as Kubernetes runs it (/bin/sh -c, real torchrun, one node of one process), with
+    flags appended that turn its ImageNet run into a tiny demo run (the last of a repeated flag wins)."""
+    container = find("Job", "convnext-train")["spec"]["template"]["spec"]["containers"][0]
+    demo = (f" --preset demo --data-dir '' --batch-size 8 --accum-steps 1 --epochs {epochs} --max-steps-per-epoch 1"
+            " --disable-eval --workers 0 --quiet")
+    env = {**os.environ, "NNODES": "1", "NPROC_PER_NODE": "1", "JOB_COMPLETION_INDEX": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RUN_DIR": str(run_dir),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*container["command"], container["args"][0] + demo], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _epochs_trained(stderr: str) -> list[int]:
+    """The epochs of the epoch records a run printed (one JSON line each)."""
+    return [json.loads(line)["epoch"] for line in stderr.splitlines() if line.startswith('{"epoch": ')]
+
+
+@pytest.mark.timeout(600)
+def test_the_training_job_applied_again_after_a_failure_resumes_instead_of_starting_over(tmp_path):
+    """backoffLimit 0: a failed Job is deleted and applied again, same command, same run folder. It must continue
+    from the folder's checkpoint_last.pth, not train from epoch 0 over the run's checkpoints."""
+    first = _run_training_job_command(tmp_path / "in1k", epochs=1)  # the run the failure ended after epoch 0
+    assert first.returncode == 0 and _epochs_trained(first.stderr) == [0], first.stderr[-3000:]
+    again = _run_training_job_command(tmp_path / "in1k", epochs=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _epochs_trained(again.stderr) == [1]  # resumed: epoch 0 is not trained again
+    assert read_checkpoint(tmp_path / "in1k" / "checkpoint_last.pth")["epoch"] == 1

@@ -90,11 +90,13 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ema_
 
 
 def test_a_run_that_diverges_before_its_first_checkpoint_names_none_not_an_earlier_runs(ema_run, tmp_path, capsys):
-    """A fresh run (no --resume) in an --output that holds an earlier run's checkpoint_last.pth."""
+    """A fresh run (no --resume; --overwrite-checkpoints, else it is refused) in an --output that holds an earlier
+    run's checkpoint_last.pth."""
     run = tmp_path / "run"
     shutil.copytree(ema_run, run)
     digest = sha256_file(run / "checkpoint_last.pth")
-    assert main(_argv(run, warmup_epochs=0, base_lr=1e30)) == 1  # diverges at epoch 0's second step
+    argv = [*_argv(run, warmup_epochs=0, base_lr=1e30), "--overwrite-checkpoints"]
+    assert main(argv) == 1  # diverges at epoch 0's second step
     err = capsys.readouterr().err
     assert "in epoch 0; nothing was saved after it: this run wrote no checkpoint yet; lower --base-lr" in err
     assert "checkpoint_last.pth" not in err and sha256_file(run / "checkpoint_last.pth") == digest

@@ -99,3 +99,29 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(finished, tmp_pa
     err = capsys.readouterr().err
     assert f"warning: nothing to train: {finished} has 1 epoch(s) done and --epochs is 1; raise --epochs" in err
     assert {path.name for path in (tmp_path / "run").iterdir()} <= {"tb"}  # no config.json, log or checkpoint
+
+
+def _rerun(output, *flags: str) -> list[str]:
+    """The command that made `finished`, run again into its folder (a re-applied Job, a rerun script)."""
+    return ["--preset", "demo", "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "1", "--quiet",
+            "--disable-eval", "--output", str(output), *flags]
+
+
+def test_a_new_run_into_an_earlier_runs_output_is_refused_before_any_work(finished, capsys):
+    """Started over at epoch 0, it would replace the earlier run's checkpoint_last.pth without a word."""
+    before = {path.name: path.read_bytes() for path in finished.parent.iterdir() if path.is_file()}
+    assert main(_rerun(finished.parent)) == 2
+    line = _one_error_line(capsys)
+    assert f"--output {finished.parent} holds an earlier run's checkpoint_last.pth: pass --resume {finished}" in line
+    assert "--overwrite-checkpoints to start over" in line
+    assert {path.name: path.read_bytes() for path in finished.parent.iterdir() if path.is_file()} == before
+
+
+def test_overwrite_checkpoints_starts_over_in_an_earlier_runs_output(finished, tmp_path, capsys):
+    output = tmp_path / "again"
+    output.mkdir()
+    (output / "checkpoint_last.pth").write_bytes(finished.read_bytes())
+    assert main(_rerun(output, "--overwrite-checkpoints")) == 0
+    assert "error" not in capsys.readouterr().err
+    replaced = read_checkpoint(output / "checkpoint_last.pth")  # this run's, not the copy of the earlier one's
+    assert replaced["epoch"] == 0 and replaced["config"]["overwrite_checkpoints"] is True
