@@ -1,4 +1,4 @@
-"""Container entrypoint: prepare the model repository if the model is missing, check the GPU host, exec the service.
+"""Container entrypoint: export the model unless the repository has it from that checkpoint, check the GPU host, serve.
 
     python deploy/entrypoint.py prepare   # download the checkpoint, export ONNX (needs torch: the train/export image)
     python deploy/entrypoint.py serve     # check the host (GPU settings), then exec `python -m service`, which
@@ -14,7 +14,9 @@ same variables as `prepare`, so give both the same ones):
                              not name it (an official or torchvision file); an official download's is known. The
                              model is exported under CONVNEXT_MODEL, else under this name, else the official one's
   CONVNEXT_PRETRAINED        official checkpoint name (default: convnext_tiny_1k_224_ema, ImageNet-1K, 82.1% top-1);
-                             its architecture, class count (21841 for the 22K ones) and input size go with it
+                             its architecture, class count (21841 for the 22K ones) and input size go with it. Another
+                             name of the same architecture is served under the same model name: `prepare` exports it
+                             as a new version (as any checkpoint file other than the newest version's)
   CONVNEXT_WEIGHTS_BASE_URL  mirror holding the official file names (default: dl.fbaipublicfiles.com)
   CONVNEXT_CHECKPOINT        your own checkpoint: a local path or an http(s)/file URL (overrides CONVNEXT_PRETRAINED)
   CONVNEXT_EXPORT_PRECISIONS ONNX precisions to export (default: fp32,fp16)
@@ -44,12 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convnext_common import one_line  # noqa: E402
 from convnext_files import checkpoint_name_part  # noqa: E402
 from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
-from runtime.repository import ModelRepository  # noqa: E402
+from runtime.repository import ModelRepository, RepositoryError  # noqa: E402
 from service.api_keys import admin_key  # noqa: E402
 from service.doctor import requirements_for  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 HOST_CHECK_MODES = ("hold", "exit", "off")
+DOWNLOAD_SCHEMES = ("http", "https", "file")  # a CONVNEXT_CHECKPOINT with one of these is downloaded, else a path
 # The official file names: convnext_base_22k_1k_384 -> convnext_base, convnext_iso_small_1k_224_ema ->
 # convnext_isotropic_small (model/pretrained.py's table; a test holds every entry to it).
 OFFICIAL_ARCHITECTURE = re.compile(r"^convnext_(iso_)?([a-z]+)_")
@@ -118,8 +121,33 @@ class PrepareSettings:
         return f"convnext_{'isotropic_' if official.group(1) else ''}{official.group(2)}"
 
 
+class PrepareError(Exception):
+    """A prepare that cannot go on, said in one line (an unknown CONVNEXT_PRETRAINED)."""
+
+
 def model_is_prepared(settings: PrepareSettings) -> bool:
     return bool(ModelRepository(settings.repository).versions(settings.model_name))
+
+
+def official_checkpoint(settings: PrepareSettings):
+    """CONVNEXT_PRETRAINED's entry in model.pretrained's table (a PretrainedCheckpoint)."""
+    from model.pretrained import get_pretrained
+
+    try:
+        return get_pretrained(settings.pretrained)
+    except ValueError as error:  # an unknown name: one line that lists the known ones, not a traceback
+        raise PrepareError(f"CONVNEXT_PRETRAINED: {one_line(error)}") from None
+
+
+def checkpoint_file_name(settings: PrepareSettings) -> str:
+    """The file name the export records as the manifest's source.checkpoint, known before any download: the official
+    file's (convnext_tiny_22k_224.pth), the URL's (its download keeps the name), or the local file's."""
+    if settings.checkpoint is None:
+        return official_checkpoint(settings).filename
+    parsed = urllib.parse.urlparse(settings.checkpoint)
+    if parsed.scheme in DOWNLOAD_SCHEMES:
+        return Path(parsed.path).name or "checkpoint.pth"
+    return Path(settings.checkpoint).name
 
 
 def fetch_checkpoint(settings: PrepareSettings) -> Path:
@@ -128,12 +156,11 @@ def fetch_checkpoint(settings: PrepareSettings) -> Path:
 
     if settings.checkpoint is None:
         return download_pretrained(
-            settings.pretrained, settings.cache_dir, base_url=settings.weights_base_url or OFFICIAL_BASE_URL
+            official_checkpoint(settings).name, settings.cache_dir,
+            base_url=settings.weights_base_url or OFFICIAL_BASE_URL,
         )
-    parsed = urllib.parse.urlparse(settings.checkpoint)
-    if parsed.scheme in ("http", "https", "file"):
-        filename = Path(parsed.path).name or "checkpoint.pth"
-        return download_file(settings.checkpoint, settings.cache_dir / filename)
+    if urllib.parse.urlparse(settings.checkpoint).scheme in DOWNLOAD_SCHEMES:
+        return download_file(settings.checkpoint, settings.cache_dir / checkpoint_file_name(settings))
     path = Path(settings.checkpoint)
     if not path.is_file():
         raise SystemExit(f"CONVNEXT_CHECKPOINT={path} is not a file; mount it into the container or give a URL")
@@ -152,21 +179,44 @@ def prepare_lock(settings: PrepareSettings) -> Iterator[None]:
 
 
 def prepare(settings: PrepareSettings) -> int:
-    with prepare_lock(settings):
-        if model_is_prepared(settings):
-            print(f"prepare: {settings.model_name} is already in {settings.repository}; skipping", flush=True)
-            return 0
-        return export_model(settings)
-
-
-def export_model(settings: PrepareSettings) -> int:
     from model.pretrained import DownloadError
 
     try:
-        checkpoint = fetch_checkpoint(settings)
-    except DownloadError as error:  # one line saying what to do, as the CLIs end, not a traceback
+        with prepare_lock(settings):
+            return export_model(settings) if export_needed(settings) else 0
+    except (DownloadError, PrepareError) as error:  # one line saying what to do, as the CLIs end, not a traceback
         print(f"prepare: error: {one_line(error)}", file=sys.stderr, flush=True)
         return 1
+
+
+def export_needed(settings: PrepareSettings) -> bool:
+    """Whether to export, said in a line when there is a version already. The model's name does not say its weights
+    (convnext_tiny_1k_224_ema, _22k_224 and _22k_1k_384 are all served as convnext_tiny, for the clients that call
+    it by that name), so a newest version exported from another checkpoint file than the variables now name is
+    followed by a new version; of the same file, prepare has nothing to do."""
+    repository, name = ModelRepository(settings.repository), settings.model_name
+    versions = repository.versions(name)
+    if not versions:
+        return True
+    wanted = checkpoint_file_name(settings)
+    try:
+        exported_from = repository.load(name, versions[-1], verify_files=False).manifest.source.checkpoint
+    except RepositoryError as error:  # the service says so at its start; prepare leaves the version alone
+        print(f"prepare: {name} is already in {settings.repository} (version {versions[-1]}, whose manifest does not "
+              f"load: {one_line(error)}); skipping", flush=True)
+        return False
+    if exported_from == wanted:
+        print(f"prepare: {name} is already in {settings.repository} (version {versions[-1]}, from {wanted}); "
+              "skipping", flush=True)
+        return False
+    print(f"prepare: {name} version {versions[-1]} in {settings.repository} was exported from "
+          f"{exported_from or 'no checkpoint (random weights)'}, not {wanted}: exporting {wanted} as a new version",
+          flush=True)
+    return True
+
+
+def export_model(settings: PrepareSettings) -> int:
+    checkpoint = fetch_checkpoint(settings)
     print(f"prepare: exporting {checkpoint} as {settings.model_name} ({settings.precisions})", flush=True)
     returncode = subprocess.run(export_command(settings, checkpoint), check=False).returncode
     if returncode != 0 and settings.checkpoint is not None and settings.architecture is None:

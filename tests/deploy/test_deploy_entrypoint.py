@@ -21,6 +21,7 @@ from entrypoint_settings import ENTRYPOINT, load_entrypoint, settings_from
 from tests.service.conftest import free_port
 
 OFFICIAL_FILE = "convnext_tiny_1k_224_ema.pth"
+OTHER_OFFICIAL_FILE = "convnext_tiny_22k_1k_224.pth"  # the same architecture: served under the same model name
 
 
 class CountingMirror(http.server.ThreadingHTTPServer):
@@ -54,6 +55,8 @@ def mirror(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("mirror")
     torch.save({"model": create_model("convnext_atto").state_dict()}, folder / OFFICIAL_FILE)
+    torch.manual_seed(1)
+    torch.save({"model": create_model("convnext_atto").state_dict()}, folder / OTHER_OFFICIAL_FILE)
     server = CountingMirror(folder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
@@ -143,13 +146,87 @@ def test_entrypoint_prepares_the_model_once_then_serves(tmp_path, mirror, real_p
     assert [p.name for p in (repository / "convnext_tiny").iterdir() if not p.name.startswith(".")] == ["1"]
 
 
+def run_prepare(env: dict[str, str], **variables: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ENTRYPOINT), "prepare"], env={**env, **variables}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def newest_source(repository: Path, name: str) -> tuple[int, dict]:
+    from runtime.repository import ModelRepository
+
+    newest = ModelRepository(repository).load(name, verify_files=False).manifest
+    return newest.version, newest.source.model_dump()
+
+
+def test_another_official_checkpoint_of_the_same_architecture_is_exported_as_a_new_version(tmp_path, mirror):
+    """convnext_tiny_1k_224_ema, _22k_1k_224 (and _22k_224, 21841 classes; _22k_1k_384, 384 px) are all served as
+    convnext_tiny: a prepare that found the name and skipped kept the old weights serving after CONVNEXT_PRETRAINED
+    changed. The newest version's checkpoint file decides; the same file again is skipped, as before."""
+    repository = tmp_path / "models"
+    env = entrypoint_env(repository, mirror, 0)
+    first = run_prepare(env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    version, source = newest_source(repository, "convnext_tiny")
+    assert (version, source["checkpoint"], source["dataset"]) == (1, OFFICIAL_FILE, "ImageNet-1K")
+    changed = run_prepare(env, CONVNEXT_PRETRAINED=OTHER_OFFICIAL_FILE.removesuffix(".pth"))
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert (f"prepare: convnext_tiny version 1 in {repository} was exported from {OFFICIAL_FILE}, not "
+            f"{OTHER_OFFICIAL_FILE}: exporting {OTHER_OFFICIAL_FILE} as a new version") in changed.stdout
+    version, source = newest_source(repository, "convnext_tiny")
+    assert (version, source["checkpoint"], source["dataset"]) == (
+        2, OTHER_OFFICIAL_FILE, "ImageNet-22K, fine-tuned on ImageNet-1K")
+    again = run_prepare(env, CONVNEXT_PRETRAINED=OTHER_OFFICIAL_FILE.removesuffix(".pth"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (f"prepare: convnext_tiny is already in {repository} (version 2, from {OTHER_OFFICIAL_FILE}); skipping"
+            in again.stdout)
+    assert newest_source(repository, "convnext_tiny")[0] == 2
+    assert mirror.downloads.count(f"/{OTHER_OFFICIAL_FILE}") == 1
+
+
+def version_exported_from(tiny_repository: Path, repository: Path, name: str, checkpoint: str | None) -> None:
+    """A copy of the tiny model as `name` version 1, its manifest saying it was exported from `checkpoint`."""
+    import shutil
+
+    shutil.copytree(tiny_repository / "tiny" / "1", repository / name / "1")
+    manifest_path = repository / name / "1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["name"] = name
+    manifest["source"]["checkpoint"] = checkpoint
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("checkpoint", ["https://host/runs/runA/checkpoint_best.pth",
+                                        "/ckpt/runs/runA/checkpoint_best.pth",
+                                        "file:///ckpt/runs/runA/checkpoint_best.pth"])
+def test_a_runs_checkpoint_prepared_before_is_skipped_another_file_under_its_name_exported(
+        checkpoint, tmp_path, tiny_repository, monkeypatch, capsys):
+    """A training run's checkpoint_best.pth is served as its run folder's name (runa): prepared once, skipped after,
+    as before, wherever the file is; another file named into that model (CONVNEXT_MODEL) is a new version."""
+    entrypoint = load_entrypoint()
+    repository = tmp_path / "models"
+    version_exported_from(tiny_repository, repository, "runa", "checkpoint_best.pth")
+    settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository),
+                                                        "CONVNEXT_CHECKPOINT": checkpoint})
+    assert settings.model_name == "runa"
+    monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported although the model was there"))
+    assert entrypoint.prepare(settings) == 0
+    assert "prepare: runa is already in" in capsys.readouterr().out
+    exports = []
+    monkeypatch.setattr(entrypoint, "export_model", lambda settings: exports.append(settings) or 0)
+    other = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository), "CONVNEXT_MODEL": "runa",
+                                                     "CONVNEXT_CHECKPOINT": checkpoint.replace("best", "last")})
+    assert entrypoint.prepare(other) == 0 and exports == [other]
+    assert "was exported from checkpoint_best.pth, not checkpoint_last.pth" in capsys.readouterr().out
+
+
 def test_serve_without_a_prepared_model_says_how_to_prepare(tmp_path, mirror):
     env = entrypoint_env(tmp_path / "empty", mirror, free_port())
+    before = list(mirror.downloads)  # the module's mirror: other tests download from it too
     result = subprocess.run([sys.executable, str(ENTRYPOINT), "serve"], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0
     assert "prepare" in result.stderr
-    assert mirror.downloads.count(f"/{OFFICIAL_FILE}") <= 1
+    assert mirror.downloads == before  # serve fetches nothing
 
 
 # What the serve extra installs and the train image (deploy/requirements.py train export cpu) does not, as modules.
@@ -222,6 +299,22 @@ def test_a_checkpoint_url_that_is_no_checkpoint_ends_prepare_in_one_line(tmp_pat
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("prepare: error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "not a torch.save checkpoint" in result.stderr
+
+
+def test_an_unknown_official_checkpoint_name_ends_prepare_in_one_line(tmp_path, mirror, tiny_repository):
+    """A typo in CONVNEXT_PRETRAINED: one line naming the variable and the known names, the exit status of a failed
+    download, not a traceback; on an empty volume and on one holding the model (whose source it is compared with)."""
+    repository = tmp_path / "models"
+    env = entrypoint_env(repository, mirror, 0)
+    for prepared in (False, True):
+        if prepared:
+            version_exported_from(tiny_repository, repository, "convnext_tiny", OFFICIAL_FILE)
+        result = run_prepare(env, CONVNEXT_PRETRAINED="convnext_tiny_1k_224_em")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("prepare: error: CONVNEXT_PRETRAINED: unknown pretrained checkpoint "
+                                        "'convnext_tiny_1k_224_em'; choose one of: ")
+        assert "convnext_tiny_1k_224_ema," in result.stderr
 
 
 def test_the_entrypoint_reads_the_services_settings_with_their_defaults(tmp_path, monkeypatch):
@@ -372,7 +465,6 @@ def test_a_prepare_that_finds_another_one_exporting_waits_for_it_then_skips(tmp_
     """Replicas' init containers start together on the first rollout: the second waits for the first's export
     instead of exporting the same version 1 over it."""
     import fcntl
-    import shutil
 
     entrypoint = load_entrypoint()
     repository = tmp_path / "models"
@@ -387,7 +479,7 @@ def test_a_prepare_that_finds_another_one_exporting_waits_for_it_then_skips(tmp_
         waiting.start()
         time.sleep(0.5)
         assert waiting.is_alive() and results == []  # the second one waits for the lock
-        shutil.copytree(tiny_repository / "tiny", repository / "tiny")  # the first one's export lands
+        version_exported_from(tiny_repository, repository, "tiny", OFFICIAL_FILE)  # the first one's export lands
     waiting.join(10)
     assert results == [0]
     assert "tiny is already in" in capsys.readouterr().out
