@@ -10,9 +10,12 @@ import urllib.error
 import urllib.request
 
 PORT = os.environ.get("CONVNEXT_PORT", "8000")
+# No proxy: Docker passes its client's proxies (~/.docker/config.json) into every container as HTTP_PROXY/http_proxy,
+# which urlopen honours; the proxy cannot reach this container's 127.0.0.1, and a healthy service would read unhealthy.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 try:
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/healthz", timeout=2) as response:
+    with DIRECT.open(f"http://127.0.0.1:{PORT}/healthz", timeout=2) as response:
         body = json.loads(response.read() or b"{}")
 except (urllib.error.URLError, OSError, ValueError) as error:
     print(f"healthz failed: {error}", file=sys.stderr)
