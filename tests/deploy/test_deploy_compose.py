@@ -179,6 +179,34 @@ def test_monitoring_ports_are_this_hosts_only_and_the_service_ports_are_public(c
     assert published(opened["grafana"]["ports"][0])[0] == "0.0.0.0"
 
 
+@pytest.mark.parametrize("compose", ["gpu", "cpu"])
+def test_the_published_ports_are_their_own_variables_and_the_services_settings_reach_the_container(
+        compose, request, monkeypatch):
+    """CONVNEXT_GRPC_PORT fed only the host side of the mapping: =0 (README: no gRPC server) published a random host
+    port with gRPC still on, and CONVNEXT_HOST never reached the container (IPv6-only networks need "::")."""
+    document = request.getfixturevalue(compose)
+    entrypoint = load_entrypoint()
+
+    def started_with(shell: dict[str, str]) -> tuple[list, Settings]:
+        ports = [published(p) for p in interpolate(document, shell)["services"]["service"]["ports"]]
+        return ports, settings_from(entrypoint, monkeypatch, container_environment(document, "service", shell)).service
+
+    ports, settings = started_with({})
+    assert ports == [(None, "8000", str(settings.port)), (None, "8001", str(settings.grpc_port))]
+    assert (settings.host, settings.port, settings.grpc_port) == ("0.0.0.0", 8000, 8001)
+    prometheus = (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
+    assert f'targets: ["service:{settings.port}"]' in prometheus  # the container's port, whatever is published
+
+    ports, settings = started_with({"CONVNEXT_GRPC_PORT": "0"})
+    assert settings.grpc_port == 0  # no gRPC server ...
+    assert ports == [(None, "8000", "8000"), (None, "8001", "8001")]  # ... and no random public port
+
+    ports, settings = started_with({"CONVNEXT_PUBLISH_PORT": "9000", "CONVNEXT_GRPC_PUBLISH_PORT": "9001",
+                                    "CONVNEXT_HOST": "::"})
+    assert ports == [(None, "9000", "8000"), (None, "9001", "8001")]
+    assert (settings.host, settings.port, settings.grpc_port) == ("::", 8000, 8001)
+
+
 def test_grafanas_admin_password_comes_from_the_environment_and_compose_up_needs_none(gpu):
     """`docker compose up` runs with nothing set: unset, Grafana keeps its own admin/admin (on a port of this host
     only, and it asks for a new one at the first login); set, the operator's."""
