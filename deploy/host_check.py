@@ -65,11 +65,20 @@ def describe(report: dict) -> str:
     return "\n".join(lines)
 
 
+def address_family_for(host: str, port: int) -> socket.AddressFamily:
+    """The family of the first address `host` resolves to for a listening socket: AF_INET6 for "::" (an IPv6-only
+    cluster's CONVNEXT_HOST, which the service binds) or "::1", AF_INET for "0.0.0.0"."""
+    return socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+
 class DiagnosisServer(http.server.ThreadingHTTPServer):
-    """A thread per connection, at most `max_connections` at once, each closed `deadline_s` after it opened."""
+    """A thread per connection, at most `max_connections` at once, each closed `deadline_s` after it opened; on the
+    address family of its host (the stdlib's server is IPv4 only: "::" failed to resolve, and the container crash-looped
+    instead of holding)."""
 
     def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS,
                  deadline_s: float = CONNECTION_DEADLINE_S):
+        self.address_family = address_family_for(*address)
         super().__init__(address, handler)
         self.slots = threading.BoundedSemaphore(max_connections)
         self.deadline_s = deadline_s
@@ -157,7 +166,8 @@ def hold(report: dict, host: str, port: int, key: str | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"host check failed: not serving; the diagnosis is on http://{host}:{port}/readyz (503) and /doctor. "
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address in a URL is bracketed
+    print(f"host check failed: not serving; the diagnosis is on http://{where}/readyz (503) and /doctor. "
           "Fix the host and restart the container.", file=sys.stderr, flush=True)
     server.serve_forever()
     server.server_close()

@@ -11,17 +11,17 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from deploy.host_check import DiagnosisHandler, DiagnosisServer
+from deploy.host_check import DiagnosisHandler, DiagnosisServer, address_family_for
 
 REPORT = {"ok": False, "checks": [], "error": "no NVIDIA driver is visible"}
 
 
 @contextlib.contextmanager
-def diagnosis_server(deadline_s: float) -> Iterator[int]:
-    """A DiagnosisServer on a free port with 2 connections at most, each read and each connection within
+def diagnosis_server(deadline_s: float, host: str = "127.0.0.1") -> Iterator[int]:
+    """A DiagnosisServer on `host` and a free port with 2 connections at most, each read and each connection within
     `deadline_s`; yields its port."""
     handler = type("Handler", (DiagnosisHandler,), {"report": REPORT, "key": None, "timeout": deadline_s})
-    server = DiagnosisServer(("127.0.0.1", 0), handler, max_connections=2, deadline_s=deadline_s)
+    server = DiagnosisServer((host, 0), handler, max_connections=2, deadline_s=deadline_s)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -91,3 +91,29 @@ def test_connections_beyond_the_limit_are_closed_at_once_and_the_probes_answer_a
                 time.sleep(0.05)
         assert healthz.json() == {"status": "host_check_failed", "reason": "no NVIDIA driver is visible"}
         assert healthz.headers["x-content-type-options"] == "nosniff"
+
+
+def ipv6_loopback_binds() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_the_diagnosis_server_listens_on_the_family_of_its_host():
+    """CONVNEXT_HOST="::" (IPv6-only clusters; the service binds it): the stdlib server, IPv4 only, raised gaierror
+    and the container crash-looped instead of holding. The family is chosen per host; "::" is served where this
+    machine has IPv6, the IPv4 path always."""
+    assert address_family_for("::", 8000) == socket.AF_INET6
+    assert address_family_for("0.0.0.0", 8000) == address_family_for("127.0.0.1", 0) == socket.AF_INET
+    hosts = ["127.0.0.1", "0.0.0.0"] + (["::", "::1"] if ipv6_loopback_binds() else [])
+    for host in hosts:
+        with diagnosis_server(deadline_s=5.0, host=host) as port:
+            loopback = "[::1]" if ":" in host else "127.0.0.1"
+            readyz = httpx.get(f"http://{loopback}:{port}/readyz", timeout=5)
+        assert readyz.status_code == 503, host
+        assert readyz.json()["reason"] == "host check failed: no NVIDIA driver is visible", host
