@@ -1,4 +1,5 @@
-"""deploy/k8s: every manifest validates strictly against the Kubernetes 1.37 OpenAPI schemas, and the pieces fit."""
+"""deploy/k8s: every manifest validates strictly against the Kubernetes 1.37 and 1.25 OpenAPI schemas, and the pieces
+fit."""
 from __future__ import annotations
 
 import copy
@@ -25,6 +26,7 @@ from tests.service.conftest import free_port
 
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37.0"
+OLDEST_KUBERNETES_VERSION = "1.25.0"
 
 
 def documents() -> list[tuple[str, dict]]:
@@ -39,6 +41,23 @@ def find(kind: str, name: str | None = None) -> dict:
 @pytest.mark.parametrize("filename,document", documents(), ids=lambda v: v if isinstance(v, str) else v["kind"])
 def test_manifest_validates_strictly(filename, document):
     kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("filename,document", documents(), ids=lambda v: v if isinstance(v, str) else v["kind"])
+def test_manifest_validates_strictly_on_the_oldest_kubernetes_checked_too(filename, document):
+    """No field newer than Kubernetes 1.25 (the oldest schemas kubernetes-validate has): the preStop `sleep` action
+    came in 1.29, alpha and off there (KEP-3960), on by default from 1.30; older API servers refuse or drop it."""
+    kubernetes_validate.validate(document, OLDEST_KUBERNETES_VERSION, strict=True)
+
+
+def test_the_prestop_sleep_runs_in_the_images_base():
+    """preStop execs `sleep` in the service container: the service images are built on the Debian slim Python image,
+    whose coreutils has it (no distroless or scratch base without a shell's tools)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (base,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", dockerfile, re.M)
+    assert re.fullmatch(r"python:[\d.]+-slim-(bookworm|trixie)", base)
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS service$", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS service-cpu$", dockerfile, re.M)
 
 
 def test_strict_validation_rejects_an_unknown_field():
@@ -63,7 +82,9 @@ def test_deployment_takes_a_gpu_probes_readyz_healthz_and_drains_before_it_is_ki
     # a probe answered behind a busy event loop (a large JSON body parses for ~0.25 s) must not time out at 1 s
     assert all(container[probe].get("timeoutSeconds", 1) >= 3
                for probe in ("startupProbe", "readinessProbe", "livenessProbe"))
-    pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    pre_stop_command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop_command[0] == "sleep"
+    pre_stop_s = int(pre_stop_command[1])
     settings = Settings()  # uvicorn's graceful shutdown (service/server.py), then the batcher drain
     worst_case_drain_s = graceful_shutdown_s(settings) + settings.request_timeout_ms / 1000
     assert pod["terminationGracePeriodSeconds"] > pre_stop_s + worst_case_drain_s
