@@ -40,10 +40,13 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/requirements.py deploy/check_nvidia_index.py deploy/gpu-constraints.txt deploy/
 COPY deploy/build-requirements.txt deploy/build-requirements.txt
+COPY locks/service-gpu-constraints.txt locks/service-gpu-constraints.txt
 # The CUDA/cuDNN wheels are pinned to the CUDA 13.0 builds (deploy/gpu-constraints.txt); pip takes TensorRT's real
 # wheels from NVIDIA's index (a binary wheel there wins over the placeholder sdist on PyPI).
 # Not hash-locked like service-cpu (locks/service-cpu.txt): the NVIDIA-index wheels cannot be hashed where the lock is
-# made (that index is unreachable there), so exact pins (pyproject.toml + deploy/gpu-constraints.txt) are what holds.
+# made (that index is unreachable there), so exact pins are what holds: pyproject.toml's, deploy/gpu-constraints.txt's,
+# and for what both images install (FastAPI, Starlette, AnyIO, NumPy, ...), the CPU lock's versions
+# (locks/service-gpu-constraints.txt, which `make lock` derives from locks/service-cpu.txt).
 # PyPI has onnxruntime-gpu for x86-64 only (Linux aarch64 CUDA builds are on Microsoft's own feed, microsoft/onnxruntime
 # issues 27005 and 27944): other platforms stop here first, saying so, rather than at pip's "no matching distribution".
 ARG TARGETARCH
@@ -58,7 +61,7 @@ RUN if [ "${TARGETARCH}" != "amd64" ]; then \
     && python deploy/requirements.py serve gpu > /tmp/requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade pip==25.3 \
     && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${NVIDIA_PYPI_URL}" \
-        -c deploy/gpu-constraints.txt -r /tmp/requirements.txt \
+        -c deploy/gpu-constraints.txt -c locks/service-gpu-constraints.txt -r /tmp/requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --require-hashes -r deploy/build-requirements.txt \
     && /opt/venv/bin/pip check
 COPY model/ model/

@@ -32,7 +32,9 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 # service-cpu image), and after editing locks/ort-gpu-probe.in: locks/ort-gpu-probe.txt (below), for CPython 3.11 on
 # x86-64 Linux. uv takes each version from PyPI or from the local wheel
 # folders pip is configured with here (LOCK_SOURCES), whichever has it (torch 2.14.1 is only local here). The GPU
-# image is not locked: its NVIDIA-index wheels cannot be hashed from here (deploy/gpu-constraints.txt pins them).
+# image is not locked: its NVIDIA-index wheels cannot be hashed from here (deploy/gpu-constraints.txt pins them);
+# what it shares with service-cpu is pinned at that lock's versions (locks/service-gpu-constraints.txt, from it).
+GPU_IMAGE_UNCONSTRAINED = onnxruntime openvino openvino-telemetry
 LOCK_SOURCES ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
 	$(foreach index,$(wildcard /opt/pypi/simple /opt/pypi-more/simple),--extra-index-url file://$(index))
 UV ?= $(PY) -m uv
@@ -43,6 +45,8 @@ UV_COMPILE = $(UV) pip compile pyproject.toml $(UV_COMPILE_FLAGS)
 lock:
 	$(UV_COMPILE) $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra)) -o locks/dev.txt
 	$(UV_COMPILE) --extra serve --extra cpu -o locks/service-cpu.txt
+	$(PY) deploy/lock_constraints.py locks/service-cpu.txt $(GPU_IMAGE_UNCONSTRAINED:%=--without %) \
+		> locks/service-gpu-constraints.txt
 	$(UV) pip compile locks/ort-gpu-probe.in --no-deps $(UV_COMPILE_FLAGS) -o locks/ort-gpu-probe.txt
 
 # System packages the tests use: headless Chromium (web page test), promtool (Prometheus config check). Root, as on CI.

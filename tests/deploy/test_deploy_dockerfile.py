@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import tomllib
+from pathlib import Path
 
 import pytest
 from compose_yaml import ROOT
@@ -197,6 +198,30 @@ def test_gpu_image_takes_cuda_cudnn_from_onnxruntime_gpus_extras_pinned_to_cuda_
     # No hash lock here (the NVIDIA index cannot be reached where locks are made), and the Dockerfile says so.
     dependencies = next(step for step in install.split("&&") if "-c deploy/gpu-constraints.txt" in step)
     assert "--require-hashes" not in dependencies and "not hash-locked" in DOCKERFILE.read_text().lower()
+
+
+def test_gpu_image_pins_what_it_shares_with_the_cpu_image_at_the_cpu_locks_versions(monkeypatch):
+    """Only pyproject's direct pins held the GPU image: NumPy, Starlette, AnyIO, pydantic-core, ... came at whatever
+    version PyPI had that day. Its constraints are the CPU lock's pins (`make lock` derives them), CPU runtimes left
+    out; checked with pip too (pip install --dry-run, 2026-11: the serve set with onnxruntime-gpu and cuda-python
+    resolves at exactly these versions; TensorRT's wheels come from NVIDIA's index, unreachable here)."""
+    from deploy.lock_constraints import constraints, lock_pins
+
+    install = " ".join(stages()["gpu-deps"])
+    assert "COPY locks/service-gpu-constraints.txt locks/service-gpu-constraints.txt" in install
+    dependencies = next(step for step in install.split("&&") if "-r /tmp/requirements.txt" in step)
+    assert "-c deploy/gpu-constraints.txt -c locks/service-gpu-constraints.txt" in dependencies
+    makefile = (ROOT / "Makefile").read_text()
+    left_out = re.search(r"^GPU_IMAGE_UNCONSTRAINED = (.+)$", makefile, re.M).group(1).split()
+    assert "deploy/lock_constraints.py locks/service-cpu.txt $(GPU_IMAGE_UNCONSTRAINED:%=--without %)" in makefile
+    monkeypatch.chdir(ROOT)  # `make lock` runs at the root: the file names the lock by its relative path
+    committed = Path("locks/service-gpu-constraints.txt").read_text()
+    assert committed == constraints(Path("locks/service-cpu.txt"), left_out), "run `make lock`"
+    pinned = {name.lower() for name, _ in lock_pins(committed)}
+    assert {"numpy", "starlette", "anyio", "pydantic-core", "h11", "uvloop"} <= pinned
+    assert not {"onnxruntime", "openvino"} & pinned
+    shared = {image_requirements.requirement_name(r) for r in image_requirements.requirements(["serve"], [])}
+    assert shared <= pinned
 
 
 def test_gpu_image_checks_nvidias_index_before_installing_tensorrt_and_uses_it():
