@@ -54,6 +54,7 @@ class EdgeLimitsMixin(_UvicornProtocol):
     """
 
     header_timeout_s: float
+    write_access_log: bool  # settings.access_log (uvicorn's own `access_log` attribute is turned off below)
     metrics: ServiceMetrics
     lingering_connections: LingeringConnections  # the server's, shared by its connections
     _lingering_transport: LingeringTransport  # the connection's transport, set when it is made
@@ -192,7 +193,8 @@ class EdgeLimitsMixin(_UvicornProtocol):
         if scope["type"] == "http":
             # Refused before routing (outside the request metrics' middleware): counted here, under no route.
             self.metrics.count_request("unmatched", scope["method"], status, time.perf_counter() - started)
-            ACCESS_LOG.record(scope, status)
+            if self.write_access_log:
+                ACCESS_LOG.record(scope, status)
 
 
 def head_bytes(scope: Scope) -> int:
@@ -210,11 +212,12 @@ def closing_connection(start: Message) -> Message:
 
 
 def http_protocol(header_timeout_s: float, metrics: ServiceMetrics, max_connections: int | None = None,
-                  base: type = AutoHTTPProtocol) -> type:
+                  base: type = AutoHTTPProtocol, *, access_log: bool = True) -> type:
     """The protocol class uvicorn would pick (`http="auto"`: httptools, or h11 where httptools is not installed), or
-    `base`, with the edge limits mixed in; one class per server, which its connections share (what lingers)."""
+    `base`, with the edge limits mixed in; one class per server, which its connections share (what lingers).
+    `access_log`: whether its own refusals (431, 503 at the connection limit) write an access line."""
     return type(f"Edge{base.__name__}", (EdgeLimitsMixin, base),
-                {"header_timeout_s": header_timeout_s, "metrics": metrics,
+                {"header_timeout_s": header_timeout_s, "write_access_log": access_log, "metrics": metrics,
                  "lingering_connections": LingeringConnections(max_connections)})
 
 
@@ -268,7 +271,8 @@ def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") ->
     """The one server set-up, used by `python -m service` and by the tests' live server."""
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level, log_config=log_config(log_level),
-        http=http_protocol(settings.header_timeout_s, app.state.metrics, settings.max_connections),
+        http=http_protocol(settings.header_timeout_s, app.state.metrics, settings.max_connections,
+                           access_log=settings.access_log),
         limit_concurrency=settings.max_connections, backlog=settings.backlog,
         # h11 (where httptools is not installed) refuses a head still incomplete past its own 16 KiB with a bare 400;
         # past the service's limit by one socket read, so EdgeLimitsMixin answers 431 after that read, as on httptools.

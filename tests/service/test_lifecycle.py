@@ -87,7 +87,8 @@ def test_cli_flags_override_environment(monkeypatch):
 
 def test_access_log_lines_are_uvicorns_and_the_setting_turns_them_off(model_repository, real_photos):
     """One line per request in uvicorn's access format, written by service/access_log.py's thread; off with
-    --access-log false (both processes end on SIGTERM, so the lines also prove the flush at shutdown)."""
+    --access-log false, the server's own refusals before routing (431 here) included (both processes end on SIGTERM,
+    so the lines also prove the flush at shutdown)."""
     from tests.service.conftest import free_port, wait_ready
 
     outputs = {}
@@ -103,6 +104,9 @@ def test_access_log_lines_are_uvicorns_and_the_setting_turns_them_off(model_repo
             assert httpx.post(f"{url}/classify?top_k=2", content=real_photos[0].read_bytes(),
                               headers={"Content-Type": "image/jpeg"}).status_code == 200
             assert httpx.get(f"{url}/nowhere").status_code == 404
+            # Just over the 64 KiB head limit: the head arrives whole (the first socket read is under the limit), so
+            # the server refuses it on its way to the app (service.server.EdgeLimitsMixin._refuse).
+            assert httpx.get(f"{url}/models", headers={"X-Pad": "x" * 65_600}).status_code == 431
             process.send_signal(signal.SIGTERM)
             process.wait(30)
             outputs[access_log] = process.stdout.read().decode()
@@ -111,8 +115,9 @@ def test_access_log_lines_are_uvicorns_and_the_setting_turns_them_off(model_repo
                 process.kill()
                 process.wait()
     assert '127.0.0.1:' in outputs["true"] and '"POST /classify?top_k=2 HTTP/1.1" 200' in outputs["true"]
-    assert '"GET /nowhere HTTP/1.1" 404' in outputs["true"]
+    assert '"GET /nowhere HTTP/1.1" 404' in outputs["true"] and '"GET /models HTTP/1.1" 431' in outputs["true"]
     assert "/classify" not in outputs["false"] and "Application shutdown complete" in outputs["false"]
+    assert "/models" not in outputs["false"]
 
 
 def test_the_access_log_writer_survives_a_line_it_cannot_format():

@@ -46,7 +46,8 @@ def serving(repository, launch, stack: str, **settings):
 
     def config_on_stack(app, settings, log_level="info"):
         config = uvicorn_config(app, settings, log_level)
-        config.http = server.http_protocol(settings.header_timeout_s, app.state.metrics, settings.max_connections, base)
+        config.http = server.http_protocol(settings.header_timeout_s, app.state.metrics, settings.max_connections, base,
+                                           access_log=settings.access_log)
         config.loop = loop
         return config
 
