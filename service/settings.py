@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -13,24 +14,43 @@ from runtime.decode import FAST_DECODE_HEADROOM, HEADROOM_RANGE
 from runtime.decode_memory import common_peak_bytes
 from runtime.preprocess import PILLOW_MAX_PIXELS
 
+# What an API key may hold: a header carries these bytes the same from every client (RFC 9110 field-value, no spaces).
+VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 C_INT_MAX = 2**31 - 1  # settings that reach a C int (grpc core's channel args, listen(), the engines' thread counts)
 
 
 def _key_from_file(data: dict, name: str) -> dict:
-    """data with `name` read from `name`_file when that is set; a ValueError for both, an unreadable file, or ""."""
+    """data with `name` read from `name`_file when that is set, and stripped either way (a secret made with
+    `kubectl create secret --from-file` ends in the file's newline, in a variable too); a ValueError for both, an
+    unreadable file, "", or a character no header can carry as it is."""
     file_name = f"{name}_file"
+    origin = f"CONVNEXT_{name.upper()}"
     if data.get(file_name) is not None:
         if data.get(name) is not None:
             raise ValueError(f"set {name} or {file_name}, not both")
+        origin = f"CONVNEXT_{file_name.upper()} ({data[file_name]})"
         try:
-            data = {**data, name: Path(data[file_name]).read_text().strip()}
+            data = {**data, name: Path(data[file_name]).read_bytes().decode("ascii")}
         except OSError as err:
             raise ValueError(f"{file_name}: cannot read {data[file_name]} ({err.strerror}); point it at the file "
                              "holding the key") from None
+        except UnicodeDecodeError:  # its message would quote a byte of the key
+            raise ValueError(not_a_header_key(origin)) from None
     key = data.get(name)
-    if key is not None and not (key.get_secret_value() if isinstance(key, SecretStr) else str(key)).strip():
+    if key is None:
+        return data
+    key = (key.get_secret_value() if isinstance(key, SecretStr) else str(key)).strip()
+    if not key:
         raise ValueError(f"{name} is empty; set a key, or leave it unset")
-    return data
+    if not VISIBLE_ASCII.fullmatch(key):
+        raise ValueError(not_a_header_key(origin))
+    return {**data, name: key}
+
+
+def not_a_header_key(origin: str) -> str:
+    return (f"{origin}: the key holds a space, a control or a non-ASCII character, which request headers do not carry "
+            "alike (browsers send Latin-1, curl UTF-8: the key would never match); use visible ASCII only (letters, "
+            "digits, punctuation), e.g. `openssl rand -hex 32`")
 
 
 class Settings(BaseSettings):
@@ -96,8 +116,8 @@ class Settings(BaseSettings):
     warmup_runs: int = Field(2, ge=0, description="warm-up runs at batch 1 and at max batch before ready")
     # The HTTP edge (service/security.py, service/server.py).
     api_key: SecretStr | None = Field(None, description=(
-        "when set, endpoints (except the open ones) need `Authorization: Bearer <key>` or `X-API-Key: <key>`; no "
-        "flag, as a command line is visible to every user of the host"))
+        "when set, endpoints (except the open ones) need `Authorization: Bearer <key>` or `X-API-Key: <key>`; visible "
+        "ASCII only, surrounding whitespace stripped; no flag, as a command line is visible to every user of the host"))
     api_key_file: str | None = Field(None, description="a file holding the api key (a mounted secret), not both")
     admin_api_key: SecretStr | None = Field(None, description=(
         "when set, /admin/* needs this key instead of api_key (inference keys cannot reload the model); no flag"))

@@ -137,6 +137,37 @@ def test_api_key_settings_read_the_file_refuse_empty_keys_and_never_print_the_ke
         Settings(api_key_file=str(key_file))
     with pytest.raises(ValueError, match="api_key is empty"):
         Settings(api_key=" ")
+    key_file.write_text("cl\u00e9\n")
+    with pytest.raises(ValueError, match=f"CONVNEXT_API_KEY_FILE \\({key_file}\\): the key holds .* visible ASCII"):
+        Settings(api_key_file=str(key_file))
+    key_file.write_bytes(b"cl\xe9\n")  # Latin-1, not UTF-8: no decoding error quoting the byte
+    with pytest.raises(ValueError, match="visible ASCII") as latin1:
+        Settings(api_key_file=str(key_file))
+    assert "0xe9" not in str(latin1.value)
+
+
+def test_a_key_variable_is_stripped_like_a_key_file(model_repository, launch, real_photos, monkeypatch):
+    """A Kubernetes secret made with `kubectl create secret --from-file` keeps the file's newline, as an environment
+    variable too; no header can carry it, so unstripped every request would be refused."""
+    monkeypatch.setenv("CONVNEXT_API_KEY", API_KEY + "\n")
+    jpeg = real_photos[0].read_bytes()
+    with launch(model_repository) as url:
+        assert classify(url, jpeg, {"X-API-Key": API_KEY}).status_code == 200
+        assert classify(url, jpeg, {"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+
+
+@pytest.mark.parametrize(("variable", "key"), [("CONVNEXT_API_KEY", "clé"), ("CONVNEXT_ADMIN_API_KEY", "two words")])
+def test_a_key_headers_cannot_carry_alike_stops_the_start_naming_its_variable(tmp_path, monkeypatch, capsys, variable,
+                                                                             key):
+    """A browser sends a header's non-ASCII characters as Latin-1, curl as UTF-8: a key such as "clé" could never
+    match from the web page. Refused at start (status 2, as any invalid setting), naming the variable, not the key;
+    before the repository is read (an empty one here: a start that got that far would end 1, never serve)."""
+    from service.__main__ import main
+
+    monkeypatch.setenv(variable, key)
+    assert main(["--repository", str(tmp_path), "--port", "0", "--grpc-port", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "invalid settings" in error and f"{variable}: the key holds" in error and key not in error
 
 
 def test_no_endpoint_takes_a_path_or_url_from_the_request(model_repository):
