@@ -17,18 +17,20 @@ def admin_key(settings: Settings) -> str | None:
 
 
 def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
-    """Every credential the request carries (X-API-Key, Authorization: Bearer); another scheme is never the key."""
+    """Every key the request carries (X-API-Key, Authorization: Bearer). Authorization in another scheme is not ours:
+    a proxy's HTTP Basic login (nginx auth_basic passes it on, and browsers re-send it on every same-origin request)."""
     keys = []
     for name, value in headers:
         if name == b"x-api-key":
             keys.append(value.strip())
         elif name == b"authorization":
             scheme, _, token = value.partition(b" ")
-            keys.append(token.strip() if scheme.lower() == b"bearer" else value)
+            if scheme.lower() == b"bearer":
+                keys.append(token.strip())
     return keys
 
 
 def key_accepted(headers: list[tuple[bytes, bytes]], api_key: bytes) -> bool:
-    """Every credential presented must be the key: a wrong one beside a right one is still a wrong one."""
+    """Every key presented must be the key: a wrong one beside a right one is still a wrong one."""
     keys = presented_keys(headers)
     return bool(keys) and all(hmac.compare_digest(key, api_key) for key in keys)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from fastapi import FastAPI
 
 from runtime.repository import Manifest
-from service.errors import ErrorResponse, V2ErrorResponse, error_responses, is_v2_path
-from service.security import SCHEME_NAMES, required_key
+from service.errors import ErrorResponse, V2ErrorResponse, error_responses, is_under, is_v2_path
+from service.security import ADMIN_PREFIX, required_key
 from service.settings import Settings
 
 # Every route but the probes (service.server.PROBE_PATHS): beyond max_connections the server answers 503 before
@@ -25,6 +25,19 @@ ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 V2_ERROR_REF = {"$ref": "#/components/schemas/V2ErrorResponse"}
 FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 TOP_K = ("/classify", "post", "top_k")  # 1 .. the served model's class count
+# The two ways to send a key, once per key: with admin_api_key set, /admin takes its own pair, so the docs' Authorize
+# dialog holds both keys and each call sends only its own (a call carrying both would be refused: service.api_keys).
+API_KEY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "the API key (CONVNEXT_API_KEY)"},
+    "api_key": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                "description": "the API key (CONVNEXT_API_KEY)"},
+}
+ADMIN_KEY_SCHEMES = {
+    "admin_bearer": {"type": "http", "scheme": "bearer", "description": "the admin key (CONVNEXT_ADMIN_API_KEY), "
+                                                                         "for /admin"},
+    "admin_api_key": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                      "description": "the admin key (CONVNEXT_ADMIN_API_KEY), for /admin"},
+}
 
 
 def install_openapi(app: FastAPI, settings: Settings, served_manifest: Callable[[], Manifest | None]) -> None:
@@ -97,16 +110,18 @@ def bound_top_k(schema: dict, num_classes: int) -> None:
 
 
 def declare_api_key(schema: dict, settings: Settings) -> None:
-    """The two ways to send the key (the docs' Authorize button), and 401 on every path that needs one
+    """The two ways to send each key (the docs' Authorize button), and 401 on every path that needs one
     (service.security.required_key: the api key, or the admin key on /admin)."""
-    schema.setdefault("components", {})["securitySchemes"] = {
-        "bearer": {"type": "http", "scheme": "bearer"},
-        "api_key": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-    }
+    schemes: dict[str, dict] = {}
     unauthorized = error_responses(401)[401]
     for path, _, operation in operations(schema):
-        if required_key(settings, path) is not None:
-            operation["security"] = [{name: []} for name in SCHEME_NAMES]
-            operation["responses"]["401"] = {"description": unauthorized["description"],
-                                             "headers": unauthorized["headers"],
-                                             "content": {"application/json": {"schema": dict(ERROR_REF)}}}
+        if required_key(settings, path) is None:
+            continue
+        own_key = settings.admin_api_key is not None and is_under(path, ADMIN_PREFIX)
+        ways = ADMIN_KEY_SCHEMES if own_key else API_KEY_SCHEMES
+        schemes.update(ways)
+        operation["security"] = [{name: []} for name in ways]
+        operation["responses"]["401"] = {"description": unauthorized["description"],
+                                         "headers": unauthorized["headers"],
+                                         "content": {"application/json": {"schema": dict(ERROR_REF)}}}
+    schema.setdefault("components", {})["securitySchemes"] = schemes

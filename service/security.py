@@ -17,7 +17,6 @@ from service.settings import Settings
 # Every other path, including any route added later, needs the key.
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/models", "/openapi.json", "/v2/health/live",
                           "/v2/health/ready"}) | DOCS_PUBLIC_PATHS
-SCHEME_NAMES = ("bearer", "api_key")
 NOSNIFF_HEADERS = {"X-Content-Type-Options": "nosniff"}
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 ADMIN_PREFIX = "/admin"

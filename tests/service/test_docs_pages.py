@@ -179,6 +179,42 @@ def test_both_pages_run_in_a_browser_under_their_policies_fetching_only_from_the
     page.close()
 
 
+def try_it_out(page, method: str, path: str) -> str:
+    """Swagger UI's "Try it out" + "Execute" on one operation; the status it shows."""
+    operation = page.locator(f".opblock-{method}").filter(
+        has=page.locator(".opblock-summary-path", has_text=re.compile(f"^{re.escape(path)}$"))).first
+    operation.locator(".opblock-summary").click()
+    operation.locator(".try-out__btn").click()
+    operation.locator(".execute").click()
+    status = operation.locator(".live-responses-table tbody .response-col_status").first
+    status.wait_for()
+    return status.inner_text()
+
+
+def test_the_docs_send_each_call_only_the_key_it_needs_with_an_admin_key(browser, model_repository, launch):
+    """With api_key and admin_api_key both set, Authorize takes both keys (a scheme pair for each) and each call
+    sends only its own: a call carrying both would be refused (every key presented must be the key)."""
+    keys = {"bearer": "docs-inference-key", "admin_api_key": "docs-admin-key"}
+    with launch(model_repository, api_key=keys["bearer"], admin_api_key=keys["admin_api_key"]) as url:
+        page = browser.new_page()
+        page.set_default_timeout(15_000)
+        sent = {}
+        page.on("request", lambda request: sent.setdefault(urlsplit(request.url).path, {
+            name: value for name, value in request.headers.items() if name in ("authorization", "x-api-key")}))
+        page.goto(f"{url}/docs")
+        page.locator(".btn.authorize").first.click()
+        for scheme, key in keys.items():
+            box = page.locator(".auth-container").filter(has=page.locator("h4", has_text=re.compile(f"^{scheme}\\b")))
+            box.locator("input").fill(key)
+            box.locator("button.authorize").click()
+        page.locator(".btn-done").first.click()
+        assert try_it_out(page, "get", "/v2") == "200"
+        assert sent["/v2"] == {"authorization": f"Bearer {keys['bearer']}"}
+        assert try_it_out(page, "post", "/admin/reload") == "200"  # its example body: the one version again
+        assert sent["/admin/reload"] == {"x-api-key": keys["admin_api_key"]}
+        page.close()
+
+
 def test_the_servers_own_refusals_carry_nosniff_too(service_url):
     """A head over 64 KiB is refused by the server itself (431), before the app and its middleware."""
     refused = httpx.get(f"{service_url}/healthz", headers={"X-Padding": "x" * 70_000})

@@ -41,14 +41,19 @@ def test_inference_and_admin_need_the_key_and_accept_either_header(secured_url, 
     assert_unauthorized(wrong)
     assert "not-the-key" not in wrong.text and API_KEY not in wrong.text
     assert_unauthorized(classify(secured_url, jpeg, {"X-API-Key": API_KEY[:-1]}))
-    assert_unauthorized(classify(secured_url, jpeg, {"Authorization": f"Basic {API_KEY}"}))
+    basic_only = classify(secured_url, jpeg, {"Authorization": f"Basic {API_KEY}"})
+    assert_unauthorized(basic_only)
+    assert "no API key" in basic_only.json()["error"]["message"]
     assert_unauthorized(httpx.post(f"{secured_url}/admin/reload", json={}))
     assert_unauthorized(httpx.post(f"{secured_url}/v2/models/atto/infer", json={"inputs": []}))
 
-    # The right key beside a wrong credential: every credential presented must be the key.
+    # The right key beside a wrong one: every key presented must be the key.
     assert_unauthorized(classify(secured_url, jpeg, {"X-API-Key": API_KEY, "Authorization": "Bearer wrong"}))
     assert classify(secured_url, jpeg, {"Authorization": f"Bearer {API_KEY}"}).status_code == 200
     assert classify(secured_url, jpeg, {"X-API-Key": API_KEY}).status_code == 200
+    # Another Authorization scheme is not a key of ours: a proxy's HTTP Basic login, which browsers re-send on every
+    # same-origin request, beside the right key.
+    assert classify(secured_url, jpeg, {"X-API-Key": API_KEY, "Authorization": "Basic dXNlcjpwYXNz"}).status_code == 200
     metrics = httpx.get(f"{secured_url}/metrics").text
     assert 'convnext_rejected_total{reason="unauthorized"} 7.0' in metrics
     assert API_KEY not in metrics
@@ -202,17 +207,25 @@ def test_an_admin_key_guards_admin_alone_and_the_inference_key_cannot_reload(mod
         assert_unauthorized(classify(url, jpeg, {"X-API-Key": ADMIN_KEY}))
         assert_unauthorized(httpx.post(f"{url}/admin/reload", headers={"X-API-Key": API_KEY}, **reload))
         assert httpx.post(f"{url}/admin/reload", headers={"X-API-Key": ADMIN_KEY}, **reload).status_code == 200
-        schema = httpx.get(f"{url}/openapi.json").json()["paths"]
+        document = httpx.get(f"{url}/openapi.json").json()
+        schema = document["paths"]
         assert "401" in schema["/admin/reload"]["post"]["responses"] and "401" in schema["/classify"]["post"][
             "responses"]
+        # Each key its own pair of schemes, so the docs send each call only its key (test_docs_pages.py).
+        assert schema["/classify"]["post"]["security"] == [{"bearer": []}, {"api_key": []}]
+        assert schema["/admin/reload"]["post"]["security"] == [{"admin_bearer": []}, {"admin_api_key": []}]
+        assert set(document["components"]["securitySchemes"]) == {"bearer", "api_key", "admin_bearer",
+                                                                   "admin_api_key"}
     with launch(model_repository, admin_api_key=ADMIN_KEY) as url:
         assert classify(url, jpeg).status_code == 200
         assert_unauthorized(httpx.post(f"{url}/admin/reload", **reload))
         assert httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                           **reload).status_code == 200
-        schema = httpx.get(f"{url}/openapi.json").json()["paths"]
+        document = httpx.get(f"{url}/openapi.json").json()
+        schema = document["paths"]
         assert "401" in schema["/admin/reload"]["post"]["responses"]
         assert "401" not in schema["/classify"]["post"]["responses"]
+        assert set(document["components"]["securitySchemes"]) == {"admin_bearer", "admin_api_key"}
 
 
 def test_cli_takes_origins_as_json_and_has_no_flag_for_the_key_itself():
