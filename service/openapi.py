@@ -2,8 +2,9 @@
 
 Routes declare their own bodies and answers (service/schemas.py, `error_responses`); this adds what the app's outer
 layers answer on any route, which no route can see: 503 at the connection limit (service/server.py), 401 from the
-API key edge (service/security.py), 422 from the validation handler in the service's error body; and on /v2 paths
-every error answer in the Open Inference Protocol's body (V2ErrorResponse).
+API key edge or, without a key, 403 from the Host check on /admin (service/security.py), 422 from the validation
+handler in the service's error body; and on /v2 paths every error answer in the Open Inference Protocol's body
+(V2ErrorResponse).
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def install_openapi(app: FastAPI, settings: Settings, served_manifest: Callable[
                 bound_top_k(schema, manifest.num_classes)
             if settings.api_key is not None or settings.admin_api_key is not None:
                 declare_api_key(schema, settings)
+            else:
+                declare_admin_host_check(schema)
             v2_errors_in_protocol_body(schema)
             documents[key] = schema
         return documents[key]
@@ -125,3 +128,14 @@ def declare_api_key(schema: dict, settings: Settings) -> None:
                                          "headers": unauthorized["headers"],
                                          "content": {"application/json": {"schema": dict(ERROR_REF)}}}
     schema.setdefault("components", {})["securitySchemes"] = schemes
+
+
+def declare_admin_host_check(schema: dict) -> None:
+    """403 on /admin while it needs no key: a Host naming neither an IP address, localhost nor an allowed host
+    (service.security.AdminHostMiddleware)."""
+    for path, _, operation in operations(schema):
+        if is_under(path, ADMIN_PREFIX):
+            operation["responses"]["403"] = {
+                "description": "The request's Host is a name neither localhost nor in allowed_hosts (host_not_allowed; "
+                               "only while /admin needs no key: DNS rebinding)",
+                "content": {"application/json": {"schema": dict(ERROR_REF)}}}

@@ -1,13 +1,16 @@
-"""The service's HTTP edge, as pure ASGI middleware: optional API-key auth (deny by default), opt-in CORS, and
-`X-Content-Type-Options: nosniff` on every answer."""
+"""The service's HTTP edge, as pure ASGI middleware: optional API-key auth (deny by default), without a key a Host
+check on /admin (against DNS rebinding), opt-in CORS, and `X-Content-Type-Options: nosniff` on every answer."""
 from __future__ import annotations
+
+import ipaddress
+import re
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api_keys import admin_key, key_accepted, presented_keys
-from service.errors import is_under, routed_path, send_error
+from service.errors import is_under, routed_path, send_error, shown
 from service.metrics import ServiceMetrics
 from service.pages import DOCS_PUBLIC_PATHS
 from service.settings import Settings
@@ -20,6 +23,8 @@ PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/models", "/o
 NOSNIFF_HEADERS = {"X-Content-Type-Options": "nosniff"}
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 ADMIN_PREFIX = "/admin"
+# A Host header: "[v6 address]" or a name or v4 address, then an optional port.
+HOST_HEADER = re.compile(r"(?:\[(?P<address>[^\]]*)\]|(?P<name>[^:\[\]]*))(?::[0-9]*)?")
 
 
 def required_key(settings: Settings, path: str) -> str | None:
@@ -56,6 +61,57 @@ class ApiKeyMiddleware:
                          "`Authorization: Bearer <key>` or `X-API-Key: <key>`", [(b"www-authenticate", b"Bearer")])
 
 
+def host_allowed(host: str, allowed_names: frozenset[str]) -> bool:
+    """Whether a Host header names an IP address (with or without a port), localhost, or one of `allowed_names`
+    (lower case, without a trailing dot, as settings.allowed_hosts holds them)."""
+    parts = HOST_HEADER.fullmatch(host)
+    if parts is None:
+        return False
+    if parts["address"] is not None:
+        return is_ip_address(parts["address"], ipaddress.IPv6Address)
+    name = parts["name"].lower().removesuffix(".")
+    # An empty Host (HTTP/1.1 allows one) names nothing to rebind, as no Host does.
+    return name in ("", "localhost") or name in allowed_names or is_ip_address(name, ipaddress.IPv4Address)
+
+
+def is_ip_address(text: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
+class AdminHostMiddleware:
+    """403 JSON for a request to /admin whose Host is a name neither localhost nor in allowed_hosts; installed only
+    while /admin needs no key (with one, the key is the defence).
+
+    DNS rebinding: a page the operator opens on attacker.example has its name re-resolved to the service's address, so
+    its requests are same-origin (a JSON POST needs no CORS preflight), yet still say `Host: attacker.example`. An IP
+    address is no name to rebind, and localhost resolves on the operator's own machine. A request without a Host, or
+    an empty one (an HTTP/1.0 client, never a browser), passes."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+        self.allowed_names = frozenset(name for name in settings.allowed_hosts.split(",") if name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_under(routed_path(scope), ADMIN_PREFIX):
+            for name, value in scope["headers"]:
+                if name == b"host" and not host_allowed(value.decode("latin-1"), self.allowed_names):
+                    self.metrics.rejected.labels("host_not_allowed").inc()
+                    await send_error(scope, send, 403, "host_not_allowed", host_refusal(value.decode("latin-1")))
+                    return
+        await self.app(scope, receive, send)
+
+
+def host_refusal(host: str) -> str:
+    return (f"/admin needs no key here, so it answers only requests addressed to an IP address, localhost or a name in "
+            f"allowed_hosts, and this one's Host is {shown(host)} (a web page can reach the service under its own "
+            "site's name by DNS rebinding); call the service by its address, add the name to CONVNEXT_ALLOWED_HOSTS "
+            "(--allowed-hosts), or set CONVNEXT_ADMIN_API_KEY")
+
+
 class NoSniffMiddleware:
     """`X-Content-Type-Options: nosniff` on every HTTP answer: a browser takes each body as its declared type (an
     error echoing a client's text is never run as HTML or script)."""
@@ -84,13 +140,15 @@ CORS_EXPOSED_HEADERS = ["Inference-Header-Content-Length", "Retry-After"]
 
 
 def install_edge(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> None:
-    """Auth when `api_key` or `admin_api_key` is set, then CORS (so preflights and 401s get its headers) when origins
-    are, then nosniff (outermost of the three: on 401s and CORS answers too).
+    """Auth when `api_key` or `admin_api_key` is set, else the Host check on /admin; then CORS (so preflights, 401s
+    and 403s get its headers) when origins are set, then nosniff (outermost: on every answer of these too).
 
-    The OpenAPI document declares the key and its 401s (service/openapi.py).
+    The OpenAPI document declares the key and its 401s, or the Host check's 403 (service/openapi.py).
     """
-    if settings.api_key is not None or settings.admin_api_key is not None:
+    if admin_key(settings) is not None:
         app.add_middleware(ApiKeyMiddleware, settings=settings, metrics=metrics)
+    else:
+        app.add_middleware(AdminHostMiddleware, settings=settings, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from convnext_common import usable_cpus
@@ -16,6 +16,8 @@ from runtime.preprocess import PILLOW_MAX_PIXELS
 
 # What an API key may hold: a header carries these bytes the same from every client (RFC 9110 field-value, no spaces).
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+# A DNS name as a Host header carries it (underscores too: a compose service may have one), lower case.
+HOST_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 C_INT_MAX = 2**31 - 1  # settings that reach a C int (grpc core's channel args, listen(), the engines' thread counts)
 
 
@@ -123,6 +125,11 @@ class Settings(BaseSettings):
         "when set, /admin/* needs this key instead of api_key (inference keys cannot reload the model); no flag"))
     admin_api_key_file: str | None = Field(None, description="a file holding the admin api key, not both")
     cors_origins: list[str] = Field([], description="JSON list of browser origins allowed; empty: no CORS headers")
+    allowed_hosts: str = Field("", description=(
+        "comma-separated host names that /admin answers to while it needs no key (neither api_key nor admin_api_key "
+        "set), e.g. the Kubernetes Service's or the compose service's name; an IP address or localhost always passes, "
+        "another Host gets 403 host_not_allowed: a web page can reach the service under its own site's name by DNS "
+        "rebinding (README, Security)"))
     header_timeout_s: float = Field(
         10.0, gt=0, description="request headers complete within this, or the connection closes")
     body_timeout_s: float = Field(30.0, gt=0, description="each chunk of a request body within this, or 408")
@@ -156,6 +163,17 @@ class Settings(BaseSettings):
         "LATENCY", description="--engine openvino: LATENCY runs each batch on every thread, one batch at a time; "
         "THROUGHPUT splits the cores into streams and the batcher keeps as many batches in flight as OpenVINO's "
         "optimal number of infer requests")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        """Lower case, without a trailing dot (as service.security compares a Host), comma-separated."""
+        names = [name.strip().lower().removesuffix(".") for name in value.split(",") if name.strip()]
+        for name in names:
+            if not HOST_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a host name: list names only, no scheme, port or wildcard, "
+                                 "comma-separated (e.g. convnext-serve,convnext-serve.default.svc.cluster.local)")
+        return ",".join(names)
 
     @model_validator(mode="after")
     def _ports_differ(self):

@@ -219,13 +219,54 @@ def test_an_admin_key_guards_admin_alone_and_the_inference_key_cannot_reload(mod
     with launch(model_repository, admin_api_key=ADMIN_KEY) as url:
         assert classify(url, jpeg).status_code == 200
         assert_unauthorized(httpx.post(f"{url}/admin/reload", **reload))
-        assert httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                          **reload).status_code == 200
+        # The key is the defence here: no Host rule (a rebinding page does not hold the key).
+        assert httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_KEY}",
+                                                          "Host": "any-name.example"}, **reload).status_code == 200
         document = httpx.get(f"{url}/openapi.json").json()
         schema = document["paths"]
         assert "401" in schema["/admin/reload"]["post"]["responses"]
         assert "401" not in schema["/classify"]["post"]["responses"]
         assert set(document["components"]["securitySchemes"]) == {"admin_bearer", "admin_api_key"}
+
+
+def test_without_a_key_admin_answers_only_an_address_localhost_or_an_allowed_name(model_repository, launch,
+                                                                                   real_photos):
+    """DNS rebinding: a page the operator opens on rebind.attacker.example has that name re-resolved to the service,
+    so its JSON POST is same-origin (no CORS preflight), Host and Origin naming the attacker's site. With no key,
+    /admin refuses such a Host; an IP address, localhost and the names in allowed_hosts pass. Inference and the read
+    routes take any Host: they are what the service is for, and a key is what guards them."""
+    jpeg = real_photos[0].read_bytes()
+    missing = {"json": {"version": 99}, "timeout": 60}  # 404 version_not_found: past the Host check, nothing built
+    with launch(model_repository, allowed_hosts="convnext-serve, Model.Internal.") as url:
+        port = url.rsplit(":", 1)[1]
+        rebound = {"Host": f"rebind.attacker.example:{port}", "Origin": f"http://rebind.attacker.example:{port}"}
+        refused = httpx.post(f"{url}/admin/reload", headers=rebound, json={}, timeout=60)
+        assert refused.status_code == 403 and refused.headers["x-content-type-options"] == "nosniff"
+        error = refused.json()["error"]
+        assert error["code"] == "host_not_allowed"
+        assert "'rebind.attacker.example:" in error["message"] and "CONVNEXT_ALLOWED_HOSTS" in error["message"]
+        for host in ("127.0.0.1", f"127.0.0.1:{port}", "[::1]", f"[::1]:{port}", f"localhost:{port}", "LOCALHOST",
+                     f"convnext-serve:{port}", "model.internal"):
+            assert httpx.post(f"{url}/admin/reload", headers={"Host": host}, **missing).status_code == 404, host
+        for host in ("convnext-serve.attacker.example", "localhost.attacker.example", "10.0.0.1.nip.io", "[1.2.3.4]"):
+            assert httpx.post(f"{url}/admin/reload", headers={"Host": host}, **missing).status_code == 403, host
+        assert httpx.post(f"{url}/admin/reload", headers={"Host": "convnext-serve"}, json={},
+                          timeout=60).status_code == 200
+        assert httpx.get(f"{url}/models", headers=rebound).status_code == 200
+        assert classify(url, jpeg, rebound).status_code == 200
+        assert 'convnext_rejected_total{reason="host_not_allowed"} 5.0' in httpx.get(f"{url}/metrics").text
+        reload_answers = httpx.get(f"{url}/openapi.json").json()["paths"]["/admin/reload"]["post"]["responses"]
+        assert "403" in reload_answers and "401" not in reload_answers
+
+
+def test_allowed_hosts_takes_names_only():
+    from service.__main__ import settings_from_args
+
+    assert settings_from_args(["--allowed-hosts", "convnext-serve, Serve.Default.svc.cluster.local.,"]
+                              ).allowed_hosts == "convnext-serve,serve.default.svc.cluster.local"
+    for entry in ("http://convnext-serve", "convnext-serve:8000", "*.example", "two words"):
+        with pytest.raises(ValueError, match="is not a host name"):
+            Settings(allowed_hosts=entry)
 
 
 def test_cli_takes_origins_as_json_and_has_no_flag_for_the_key_itself():
