@@ -48,6 +48,8 @@ class ExportSource:
 # torchvision's ConvNeXt weights evaluate with their own transform (weights.transforms(): resize 230-236, bilinear).
 TORCHVISION_WEIGHTS = {"convnext_tiny": "ConvNeXt_Tiny_Weights", "convnext_small": "ConvNeXt_Small_Weights",
                        "convnext_base": "ConvNeXt_Base_Weights", "convnext_large": "ConvNeXt_Large_Weights"}
+# The weights enums whose files (torch hub keeps a download's URL name: convnext_tiny-983f1562.pth) the export knows.
+TORCHVISION_WEIGHT_ENUMS = TORCHVISION_WEIGHTS | {"resnet50": "ResNet50_Weights"}
 OFFICIAL_SQUASH_FROM_PX = 384  # official datasets.py: at >= 384 px, warp to size x size (no crop) for evaluation
 
 
@@ -254,6 +256,7 @@ def _export_source(module, model_name: str, kwargs: dict, raw: dict, checkpoint:
         format=source_format,
         weights="ema" if use_ema else "model",
         dataset=dataset or dataset_of(raw, checkpoint, source_format, num_classes, tag),
+        pretrained=pretrained_of(checkpoint, source_format, model_name, num_classes, tag),
     )
     preprocess = checkpoint_preprocess(data_config, input_size, from_checkpoint, source_format, model_name)
     return ExportSource(module, model_name, kwargs.get("activation") or cfg.default_activation, num_classes, in_chans,
@@ -279,6 +282,29 @@ def _labels_of(labels: Sequence[str] | None, num_classes: int) -> tuple[str, ...
     if len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels for {num_classes} classes; pass one label per class")
     return labels
+
+
+def pretrained_of(checkpoint: str | Path | None, source_format: str, model_name: str, num_classes: int,
+                  timm_pretrained: TimmPretrained | None = None) -> str | None:
+    """The published weights a checkpoint is, known only by its name (its timm tag, the official file name, the file
+    name torchvision downloads its weights to) with the class count they have; None for any other checkpoint, whatever
+    its format (a model fine-tuned with the official repository or timm has their key names too)."""
+    from model.pretrained import PRETRAINED_CHECKPOINTS
+
+    if checkpoint is None or source_format == "project":
+        return None
+    if timm_pretrained is not None:
+        return timm_pretrained.name if timm_pretrained.num_classes == num_classes else None
+    if source_format == "official":
+        official = PRETRAINED_CHECKPOINTS.get(Path(checkpoint).stem)
+        matches = official is not None and (official.model_name, official.num_classes) == (model_name, num_classes)
+        return official.name if matches else None
+    if source_format == "torchvision" and num_classes == 1000 and model_name in TORCHVISION_WEIGHT_ENUMS:
+        import torchvision.models
+
+        weights = getattr(torchvision.models, TORCHVISION_WEIGHT_ENUMS[model_name])
+        return next((str(entry) for entry in weights if Path(entry.url).name == Path(checkpoint).name), None)
+    return None
 
 
 def dataset_of(raw: dict, checkpoint: str | Path | None, source_format: str, num_classes: int,

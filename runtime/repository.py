@@ -139,6 +139,11 @@ class Source(_Strict):
     # What the weights were trained on ("ImageNet-1K", "digits" for the offline demo, an ImageFolder's name...);
     # optional: manifests written before it existed still load (the service then infers it, service/model_card.py).
     dataset: str | None = None
+    # The published weights the checkpoint is, when the export knows them: an official file's name
+    # ("convnext_tiny_1k_224_ema"), a timm tag ("convnext_tiny.in12k_ft_in1k") or torchvision's weights
+    # ("ConvNeXt_Tiny_Weights.IMAGENET1K_V1"). None for any other checkpoint: `format` only says how its keys are
+    # named (the official repository's own fine-tuning writes official names). Optional, as `dataset`.
+    pretrained: str | None = None
 
 
 class Manifest(_Strict):

@@ -10,6 +10,8 @@ from runtime.repository import DIGITS_DATASET, Manifest
 IMAGENET_PRETRAINED = "convnext_tiny_1k_224_ema"
 SERVE_IMAGENET_COMMAND = f"convnext serve --pretrained {IMAGENET_PRETRAINED}"
 SAMPLE_LABELS = 5
+PUBLISHERS = {"official": "the official", "timm": "timm's", "torchvision": "torchvision's"}
+FORMAT_NAMES = {"official": "the official ConvNeXt repository's", "timm": "timm's", "torchvision": "torchvision's"}
 
 
 class ModelCard(BaseModel):
@@ -18,6 +20,7 @@ class ModelCard(BaseModel):
     architecture: str
     source: Literal["demo", "official", "checkpoint", "random"]
     checkpoint: str | None
+    pretrained: str | None
     dataset: str | None
     num_classes: int
     sample_labels: list[str]
@@ -38,12 +41,16 @@ def dataset_of(manifest: Manifest) -> str | None:
 
 
 def source_kind(manifest: Manifest, dataset: str | None) -> str:
-    """"demo" (the offline digits model), "official" (published pretrained weights), "checkpoint" or "random"."""
+    """"demo" (the offline digits model), "official" (published pretrained weights), "checkpoint" or "random".
+
+    Published weights only when the export knew them (source.pretrained): an official, timm or torchvision format
+    says how the keys are named, which a model fine-tuned on anything with those code bases shares. A manifest
+    written before source.pretrained existed so describes its checkpoint by format until exported again."""
     if manifest.source.format == "random":
         return "random"
     if manifest.source.format == "project" and dataset == DIGITS_DATASET:
         return "demo"
-    return "official" if manifest.source.format in ("official", "timm", "torchvision") else "checkpoint"
+    return "official" if manifest.source.pretrained is not None else "checkpoint"
 
 
 def describe(manifest: Manifest) -> dict:
@@ -53,16 +60,17 @@ def describe(manifest: Manifest) -> dict:
     samples = list(manifest.labels[:SAMPLE_LABELS])
     more = ", …" if manifest.num_classes > len(samples) else ""
     knows = f"recognises {manifest.num_classes} classes ({', '.join(samples)}{more})"
-    checkpoint = manifest.source.checkpoint
+    checkpoint, source_format = manifest.source.checkpoint, manifest.source.format
+    in_format = f" (in {FORMAT_NAMES[source_format]} format)" if source_format in FORMAT_NAMES else ""
     summary = {
         # The digits set is light ink on a dark background and training never inverts it: a digit drawn dark on
         # light (on paper, or a transparent drawing, which the service puts on white) is not recognised as it is.
         "demo": f"The offline demo model: {manifest.architecture} trained on handwritten digits, light digits on a "
                 f"dark background like scikit-learn's 8x8 digits; it {knows}. Invert a dark-on-light drawing (ink on "
                 "paper) first. It only knows digits: any photo gets a digit.",
-        "official": f"{manifest.architecture} with the official {dataset or 'pretrained'} weights ({checkpoint}); "
-                    f"it {knows}.",
-        "checkpoint": f"{manifest.architecture} from the checkpoint {checkpoint}"
+        "official": f"{manifest.architecture} with {PUBLISHERS.get(source_format, 'the published')} "
+                    f"{dataset or 'pretrained'} weights {manifest.source.pretrained} ({checkpoint}); it {knows}.",
+        "checkpoint": f"{manifest.architecture} from the checkpoint {checkpoint}{in_format}"
                       + (f", trained on {dataset}" if dataset else "") + f"; it {knows}.",
         "random": f"{manifest.architecture} with random (untrained) weights: its {manifest.num_classes} classes "
                   f"({', '.join(samples)}{more}) are placeholders and its answers mean nothing.",
@@ -71,6 +79,7 @@ def describe(manifest: Manifest) -> dict:
         "architecture": manifest.architecture,
         "source": kind,
         "checkpoint": checkpoint,
+        "pretrained": manifest.source.pretrained,
         "dataset": dataset,
         "num_classes": manifest.num_classes,
         "sample_labels": samples,

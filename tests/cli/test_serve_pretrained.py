@@ -81,6 +81,7 @@ def test_serve_pretrained_downloads_exports_and_serves_imagenet_labels(tmp_path,
         assert len(labels) == 5 and set(labels) <= imagenet
         card = next(m for m in httpx.get(f"{url}/models").json()["models"] if m["serving"])["description"]
         assert (card["architecture"], card["source"], card["dataset"]) == ("convnext_tiny", "official", "ImageNet-1K")
+        assert card["pretrained"] == NAME  # known by its official file name, which the download keeps
         assert card["num_classes"] == 1000 and card["sample_labels"][:2] == ["tench", "goldfish"]
         assert card["serve_imagenet_command"] is None
     first = (tmp_path / "first.log").read_text()

@@ -95,7 +95,7 @@ def test_a_timm_checkpoint_in_the_hugging_face_cache_is_known_by_its_path(tmp_pa
     source = load_source(None, path)
     assert (source.model_name, source.num_classes, source.source.format) == ("convnext_nano", 11821, "timm")
     assert (source.preprocess.crop_pct, source.preprocess.resize_px, source.preprocess.crop_px) == (0.95, 235, 224)
-    assert source.source.dataset == "ImageNet-12K"
+    assert source.source.dataset == "ImageNet-12K" and source.source.pretrained == "convnext_nano.in12k"
 
 
 def test_a_renamed_timm_checkpoint_is_named_with_timm_name_and_an_unnamed_one_warns(tmp_path, caplog):
@@ -103,11 +103,12 @@ def test_a_renamed_timm_checkpoint_is_named_with_timm_name_and_an_unnamed_one_wa
     named = load_source(None, path, timm_name="convnext_nano.in12k_ft_in1k")
     assert (named.preprocess.crop_pct, named.preprocess.resize_px) == (0.95, 235)
     assert named.source.dataset == "ImageNet-12K, fine-tuned on ImageNet-1K"
+    assert named.source.pretrained == "convnext_nano.in12k_ft_in1k"
     with pytest.raises(ExportError, match="the checkpoint holds convnext_nano; drop --model"):
         load_source("convnext_tiny", path, timm_name="convnext_nano.in12k_ft_in1k")
     with caplog.at_level("WARNING", logger="export.source"):
         unnamed = load_source("convnext_nano", path)
-    assert unnamed.preprocess.crop_pct == 0.875
+    assert unnamed.preprocess.crop_pct == 0.875 and unnamed.source.pretrained is None  # timm's names, origin unknown
     assert "--timm-name" in caplog.text and "convnext_nano.in12k_ft_in1k 0.95" in caplog.text
 
 
@@ -120,11 +121,13 @@ def test_an_official_file_is_known_by_its_name_with_its_class_count_and_input_si
     source = load_source(None, path)
     assert (source.model_name, source.num_classes, source.source.format) == ("convnext_tiny", 21841, "official")
     assert source.labels == imagenet22k_labels() and source.source.dataset == "ImageNet-22K"
+    assert source.source.pretrained == "convnext_tiny_22k_224"
     assert (source.preprocess.resize_px, source.preprocess.crop_px) == (256, 224)
     at_384 = tmp_path / "convnext_tiny_22k_1k_384.pth"
     torch.save({"model": create_model("convnext_tiny").state_dict()}, at_384)
     squashed = load_source(None, at_384)
     assert (squashed.num_classes, squashed.source.dataset) == (1000, "ImageNet-22K, fine-tuned on ImageNet-1K")
+    assert squashed.source.pretrained == "convnext_tiny_22k_1k_384"
     assert (squashed.preprocess.crop_px, squashed.preprocess.crop_mode) == (384, "squash")
     for name, official in PRETRAINED_CHECKPOINTS.items():
         assert official_pretrained_of(tmp_path / f"{name}.pth", None) == official
@@ -141,5 +144,6 @@ def test_the_cli_writes_a_timm_tags_transform_into_the_manifest(tmp_path, photo_
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((tmp_path / "models" / "nano" / "1" / MANIFEST_FILE).read_text())
     assert manifest["architecture"] == "convnext_nano" and manifest["source"]["format"] == "timm"
+    assert manifest["source"]["pretrained"] == "convnext_nano.d1h_in1k"
     assert {k: manifest["preprocess"][k] for k in ("crop_pct", "resize_px", "crop_px", "crop_mode")} == {
         "crop_pct": 0.95, "resize_px": 67, "crop_px": 64, "crop_mode": "center"}

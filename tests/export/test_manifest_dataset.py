@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from export.onnx import export_onnx_version
-from export.source import dataset_of
+from export.source import dataset_of, pretrained_of
 from runtime.repository import MANIFEST_FILE, ModelRepository
 from service.model_card import describe
 
@@ -29,6 +29,24 @@ ROOT = Path(__file__).resolve().parents[2]
 ])
 def test_dataset_of_a_checkpoint(raw, checkpoint, source_format, num_classes, expected):
     assert dataset_of(raw, checkpoint, source_format, num_classes) == expected
+
+
+@pytest.mark.parametrize(("checkpoint", "source_format", "model_name", "num_classes", "expected"), [
+    ("cache/convnext_tiny_1k_224_ema.pth", "official", "convnext_tiny", 1000, "convnext_tiny_1k_224_ema"),
+    ("convnext_base_22k_224.pth", "official", "convnext_base", 21841, "convnext_base_22k_224"),
+    # the official repository's own fine-tuning: its key names, on the user's classes
+    ("runs/flowers/checkpoint-best.pth", "official", "convnext_tiny", 5, None),
+    ("convnext_tiny_1k_224_ema.pth", "official", "convnext_tiny", 5, None),  # another head than the file's
+    ("hub/checkpoints/convnext_tiny-983f1562.pth", "torchvision", "convnext_tiny", 1000,
+     "ConvNeXt_Tiny_Weights.IMAGENET1K_V1"),
+    ("resnet50-0676ba61.pth", "torchvision", "resnet50", 1000, "ResNet50_Weights.IMAGENET1K_V1"),
+    ("my_resnet.pth", "torchvision", "resnet50", 1000, None),
+    ("runs/demo/checkpoint_best.pth", "project", "convnext_atto", 10, None),
+    (None, "random", "convnext_atto", 1000, None),
+])
+def test_pretrained_weights_are_known_by_name_never_by_format(checkpoint, source_format, model_name, num_classes,
+                                                             expected):
+    assert pretrained_of(checkpoint, source_format, model_name, num_classes) == expected
 
 
 @pytest.fixture(scope="module")

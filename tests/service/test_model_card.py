@@ -1,6 +1,7 @@
 """What /models says a model is: source kind, dataset and a sentence, from the manifest (old manifests included)."""
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from runtime.repository import ModelRepository
@@ -26,8 +27,18 @@ def with_source(manifest, labels=None, **source):
      "It only knows digits"),
     ({"format": "project", "checkpoint": "checkpoint_best.pth", "dataset": "flowers"}, None, "checkpoint", "flowers",
      "from the checkpoint checkpoint_best.pth, trained on flowers"),
-    ({"format": "official", "checkpoint": "x.pth", "dataset": "ImageNet-22K"}, None, "official", "ImageNet-22K",
-     "with the official ImageNet-22K weights (x.pth)"),
+    ({"format": "official", "checkpoint": "convnext_atto_22k.pth", "dataset": "ImageNet-22K",
+      "pretrained": "convnext_atto_22k"}, None, "official", "ImageNet-22K",
+     "with the official ImageNet-22K weights convnext_atto_22k (convnext_atto_22k.pth)"),
+    ({"format": "timm", "checkpoint": "pytorch_model.bin", "dataset": "ImageNet-1K",
+      "pretrained": "convnext_atto.d2_in1k"}, None, "official", "ImageNet-1K",
+     "with timm's ImageNet-1K weights convnext_atto.d2_in1k (pytorch_model.bin)"),
+    # official key names only (the official repository's own fine-tuning, or a manifest from before
+    # source.pretrained): a checkpoint in that format, never "official weights"
+    ({"format": "official", "checkpoint": "checkpoint-best.pth"}, None, "checkpoint", None,
+     "from the checkpoint checkpoint-best.pth (in the official ConvNeXt repository's format); it recognises 10"),
+    ({"format": "torchvision", "checkpoint": "mine.pth", "dataset": "flowers"}, None, "checkpoint", "flowers",
+     "from the checkpoint mine.pth (in torchvision's format), trained on flowers"),
 ])
 def test_describe(manifest, source, labels, kind, dataset, phrase):
     card = describe(with_source(manifest, labels, **source))
@@ -42,3 +53,28 @@ def test_the_demo_card_says_its_digits_are_light_on_dark_and_to_invert_a_drawing
     card = describe(with_source(manifest, format="project", checkpoint="checkpoint_best.pth", dataset="digits"))
     assert "light digits on a dark background like scikit-learn's 8x8 digits" in card["summary"]
     assert "Invert a dark-on-light drawing (ink on paper) first" in card["summary"]
+
+
+def test_a_model_fine_tuned_with_the_official_code_is_served_as_a_checkpoint_not_as_official_weights(
+        tmp_path, launch):
+    """The official repository's main.py saves {"model": state_dict, "epoch", ...} with its (our) key names and no
+    model name: a model fine-tuned on 5 flower classes exports with source.format "official", and /models must not
+    call it the official pretrained weights."""
+    import torch
+
+    from export.onnx import export_onnx_version
+    from model import create_model
+
+    checkpoint = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": create_model("convnext_atto", num_classes=5).state_dict(), "epoch": 29}, checkpoint)
+    labels = ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+    version = export_onnx_version(tmp_path / "models", "flowers", "convnext_atto", checkpoint=checkpoint,
+                                  num_classes=5, input_size=64, labels=labels)
+    assert (version.manifest.source.format, version.manifest.source.pretrained) == ("official", None)
+    with launch(tmp_path / "models") as url:
+        (served,) = httpx.get(f"{url}/models").json()["models"]
+    card = served["description"]
+    assert (card["source"], card["pretrained"], card["checkpoint"]) == ("checkpoint", None, "checkpoint-best.pth")
+    assert "official" not in card["summary"].replace("official ConvNeXt repository's format", "")
+    assert card["summary"].startswith("convnext_atto from the checkpoint checkpoint-best.pth (in the official ConvNeXt "
+                                      "repository's format); it recognises 5 classes (daisy, ")
