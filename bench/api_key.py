@@ -11,8 +11,10 @@ REFUSED_STATUSES = frozenset({"401", "403"})  # the service's 401, or a proxy's 
 
 
 def api_key_from(flag: str | None) -> str | None:
-    """--api-key, else $CONVNEXT_API_KEY (empty: none); a ValueError, never echoing it, for one no header can hold."""
+    """--api-key, else $CONVNEXT_API_KEY (empty: none), stripped as the service strips it (a Kubernetes secret from a
+    file ends in a newline); a ValueError, never echoing it, for one no header can hold."""
     api_key = flag if flag is not None else os.environ.get(API_KEY_VARIABLE)
+    api_key = api_key.strip() if api_key is not None else None
     if api_key and not api_key.isprintable():
         raise ValueError(f"the API key (--api-key or {API_KEY_VARIABLE}) holds a line break or another control "
                          "character, which an HTTP header cannot carry")

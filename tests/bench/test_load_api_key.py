@@ -37,6 +37,10 @@ def test_the_key_from_the_services_variable_or_the_flag_is_sent_and_never_printe
     assert bench_load(secured_url, "--api-key", API_KEY) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["ok"] == 4 and API_KEY not in out + err
+    # A Kubernetes secret made from a file ends in its newline: stripped here as the service strips it.
+    monkeypatch.setenv("CONVNEXT_API_KEY", API_KEY + "\n")
+    assert bench_load(secured_url) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] == 4
 
 
 def test_a_missing_key_is_named_as_the_problem_not_the_url(secured_url, monkeypatch, capsys):
