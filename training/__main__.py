@@ -20,8 +20,9 @@ FLAG_HELP = {  # what a flag does, where its name alone does not say it
                   "ReLU steps); recorded in the checkpoint, so the export builds the same",
     "log_every": "optimizer steps between log.jsonl records and, when stderr is not a terminal, progress lines "
                  "(images/s, ETA of the epoch and of the run)",
-    "overwrite_checkpoints": "start a new run in an --output that holds an earlier run's checkpoint_last.pth, "
-                             "replacing its checkpoints (without it, such a run is refused: --resume continues it)",
+    "overwrite_checkpoints": "start a new run in an --output that holds an earlier run's checkpoints, removing "
+                             "them and its config.json and log.jsonl at the start (without it, such a run is "
+                             "refused: --resume continues it)",
     "quiet": "no progress bar or progress lines (for scripts); epoch records and errors still print",
 }
 

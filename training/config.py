@@ -65,7 +65,7 @@ class TrainConfig:
     finetune: str = ""  # checkpoint to start from (head re-initialised on a class-count mismatch)
     model_key: str = "model"  # which weights of --finetune: model | model_ema (official --model_key)
     resume: str = ""  # checkpoint_last.pth to continue exactly
-    overwrite_checkpoints: bool = False  # a new run into an --output with an earlier run's checkpoints replaces them
+    overwrite_checkpoints: bool = False  # a new run into an --output with an earlier run's checkpoints removes them
     max_steps_per_epoch: int = 0  # 0 = the whole epoch (tests and smoke runs use a few)
     log_every: int = 20  # optimizer steps between log.jsonl records (and progress lines when not on a terminal)
     quiet: bool = False  # no progress bar or progress lines (for scripts); epoch records and errors still print

@@ -19,6 +19,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import build_datasets, build_loader, build_mixup, data_config_for, make_criterion
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_buffers, process_group_from_env
+from .earlier_run import refuse_an_earlier_runs_output, remove_an_earlier_runs_files
 from .ema import ModelEma
 from .engine import EpochSettings, NonFiniteLossError, StepPlan, TrainState, evaluate, train_one_epoch
 from .optim import create_optimizer
@@ -117,13 +118,13 @@ def build_run(config: TrainConfig, dist_info: DistInfo, augment: bool) -> Run:
     """Data, model, EMA, optimizer, scaler and schedule, seeded the same on every process; not yet DDP-wrapped.
 
     Refuses --compile first, before any data loads, where no compiler for torch.compile's kernels is installed.
+    Without --resume, removes an earlier run's files from --output once the rest is built (see earlier_run).
     """
     device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
     problem = compile_toolchain_problem(device.type) if config.compile else None
     if problem:
         raise ValueError(problem)
     configure_cuda_math(device)
-    log = RunLog(Path(config.output), dist_info.is_main)
     data_cfg, datasets, train_loader, val_loader = _build_data(config, dist_info, device, augment)
     num_classes = len(datasets.class_names)
 
@@ -147,6 +148,11 @@ def build_run(config: TrainConfig, dist_info: DistInfo, augment: bool) -> Run:
     settings = EpochSettings(device, config.amp, config.accum_steps, config.clip_grad, config.channels_last,
                              config.log_every, dist_info.world_size)
     ckpt.seed_everything(config.seed + dist_info.rank)  # per process from here: augmentation, Mixup/CutMix, drop path
+    # Only once the data and the model are built (a mistyped --data-dir must not cost the earlier run its files), and
+    # before the log opens (TensorBoard's writer creates its file at once).
+    if dist_info.is_main and not config.resume:
+        remove_an_earlier_runs_files(Path(config.output))
+    log = RunLog(Path(config.output), dist_info.is_main)
     return Run(config, dist_info, state, settings, train_loader, val_loader, mixup, make_criterion(config, mixup),
                meta, log)
 
@@ -224,17 +230,6 @@ def train(config: TrainConfig, dist_info: DistInfo | None = None, *, augment: bo
     group = contextlib.nullcontext(dist_info) if dist_info is not None else process_group_from_env()
     with group as dist_info:
         return _train(config, dist_info, augment, stop_after_epoch)
-
-
-def refuse_an_earlier_runs_output(config: TrainConfig) -> None:
-    """A new run into an --output that holds an earlier run's checkpoint_last.pth would replace its checkpoints from
-    epoch 0 (a re-applied Job or a rerun command without --resume): refused, on every process, before any work."""
-    last = Path(config.output) / "checkpoint_last.pth"
-    if config.resume or config.overwrite_checkpoints or not last.is_file():
-        return
-    raise ValueError(f"--output {config.output} holds an earlier run's checkpoint_last.pth: pass --resume {last} to "
-                     "continue that run, --overwrite-checkpoints to start over and replace its checkpoints, or "
-                     "another --output")
 
 
 def _train(config: TrainConfig, dist_info: DistInfo, augment: bool, stop_after_epoch: int | None) -> dict:

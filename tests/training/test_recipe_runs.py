@@ -90,16 +90,30 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ema_
 
 
 def test_a_run_that_diverges_before_its_first_checkpoint_names_none_not_an_earlier_runs(ema_run, tmp_path, capsys):
-    """A fresh run (no --resume; --overwrite-checkpoints, else it is refused) in an --output that holds an earlier
-    run's checkpoint_last.pth."""
+    """A fresh run (no --resume; --overwrite-checkpoints, else it is refused) in an --output that held an earlier
+    run's checkpoint_last.pth (removed at its start)."""
     run = tmp_path / "run"
     shutil.copytree(ema_run, run)
-    digest = sha256_file(run / "checkpoint_last.pth")
     argv = [*_argv(run, warmup_epochs=0, base_lr=1e30), "--overwrite-checkpoints"]
     assert main(argv) == 1  # diverges at epoch 0's second step
-    err = capsys.readouterr().err
-    assert "in epoch 0; nothing was saved after it: this run wrote no checkpoint yet; lower --base-lr" in err
-    assert "checkpoint_last.pth" not in err and sha256_file(run / "checkpoint_last.pth") == digest
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(error) == 1 and "in epoch 0; nothing was saved after it: this run wrote no checkpoint yet; lower " \
+        "--base-lr" in error[0]
+    assert "checkpoint_last.pth" not in error[0] and not (run / "checkpoint_last.pth").exists()
+
+
+def test_a_run_started_over_without_ema_leaves_no_best_ema_checkpoint_of_the_earlier_run(ema_run, tmp_path, capsys):
+    """The earlier run's checkpoint_best_ema.pth beside this run's checkpoints would be served (`serve --checkpoint
+    runs/X/checkpoint_best_ema.pth --ema`) as this run's EMA weights; its log.jsonl lines would precede this run's."""
+    run = tmp_path / "run"
+    shutil.copytree(ema_run, run)
+    assert main([*_argv(run, epochs=1, max_steps_per_epoch=1, ema_decay=0), "--overwrite-checkpoints"]) == 0
+    assert (f"warning: this run starts over in {run}: removed the earlier run's checkpoint_best.pth, "
+            "checkpoint_best_ema.pth, checkpoint_last.pth, config.json, log.jsonl\n") in capsys.readouterr().err
+    assert not (run / "checkpoint_best_ema.pth").exists()
+    assert read_checkpoint(run / "checkpoint_best.pth")["step"] == 1  # this run's one step
+    records = _records(run)
+    assert records[0]["event"] == "start" and [r.get("event") for r in records].count("start") == 1
 
 
 @pytest.fixture()

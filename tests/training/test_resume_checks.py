@@ -1,10 +1,13 @@
 """--resume refuses what it cannot continue with one error line (a weights-only file, another model's checkpoint),
 and continues with the flags' optimizer settings."""
 import dataclasses
+import json
+import shutil
 
 import pytest
 import torch
 
+from convnext_files import sidecar_path
 from model.checkpoints import read_checkpoint
 from training.__main__ import main
 from training.config import PRESETS
@@ -125,3 +128,60 @@ def test_overwrite_checkpoints_starts_over_in_an_earlier_runs_output(finished, t
     assert "error" not in capsys.readouterr().err
     replaced = read_checkpoint(output / "checkpoint_last.pth")  # this run's, not the copy of the earlier one's
     assert replaced["epoch"] == 0 and replaced["config"]["overwrite_checkpoints"] is True
+
+
+def _folder_of(finished, tmp_path, *names: str):
+    """A copy of the earlier run's folder keeping only `names` (each with its sidecar); checkpoint_best*.pth are its
+    checkpoint_last.pth, as the first epoch of a run with eval (and EMA) writes them."""
+    output = tmp_path / "earlier"
+    output.mkdir()
+    for name in names:
+        source = finished if name.startswith("checkpoint_") else finished.parent / name
+        shutil.copyfile(source, output / name)
+        if name.startswith("checkpoint_"):
+            sidecar_path(output / name).write_text(sidecar_path(finished).read_text().replace(finished.name, name))
+    return output
+
+
+def _start_events(output) -> int:
+    return [json.loads(line).get("event") for line in (output / "log.jsonl").read_text().splitlines()].count("start")
+
+
+def test_a_new_run_into_a_folder_with_best_checkpoints_but_no_last_is_refused(finished, tmp_path, capsys):
+    """The first epoch writes its best checkpoints before checkpoint_last.pth: a kill between the writes leaves them
+    alone, and a new run would replace one and leave the other beside its own."""
+    output = _folder_of(finished, tmp_path, "checkpoint_best.pth", "checkpoint_best_ema.pth", "log.jsonl")
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    assert main(_rerun(output)) == 2
+    line = _one_error_line(capsys)
+    assert (f"--output {output} holds an earlier run's checkpoint_best.pth and checkpoint_best_ema.pth but no "
+            f"checkpoint_last.pth (a run stopped during its first save?): pass --resume {output}/checkpoint_best.pth "
+            "to continue from it, --overwrite-checkpoints to start over and remove them") in line
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+    assert main(_rerun(output, "--resume", str(output / "checkpoint_best.pth"), "--epochs", "2")) == 0  # as it says
+    assert read_checkpoint(output / "checkpoint_last.pth")["epoch"] == 1
+
+
+def test_overwrite_checkpoints_removes_every_file_of_the_earlier_run_and_says_so(finished, tmp_path, capsys):
+    """This run (no eval) writes no best checkpoint: the earlier run's would stay beside its checkpoint_last.pth, and
+    its log.jsonl would hold both runs' lines."""
+    output = _folder_of(finished, tmp_path, "checkpoint_best.pth", "checkpoint_best_ema.pth", "checkpoint_last.pth",
+                        "config.json", "log.jsonl")
+    assert main(_rerun(output, "--overwrite-checkpoints")) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: this run starts over in {output}: removed the earlier run's checkpoint_best.pth, "
+            "checkpoint_best_ema.pth, checkpoint_last.pth, config.json, log.jsonl\n") in err
+    assert sorted(path.name for path in output.iterdir() if path.name != "tb") == [
+        "checkpoint_last.pth", "checkpoint_last.pth.sha256", "config.json", "log.jsonl"]
+    assert _start_events(output) == 1
+    assert json.loads((output / "config.json").read_text())["overwrite_checkpoints"] is True
+
+
+def test_a_run_that_saved_no_checkpoint_is_started_over_without_its_log(finished, tmp_path, capsys):
+    """Stopped in its first epoch, a run leaves config.json and log.jsonl: nothing to resume, so the same command
+    starts over (a restarted Job), and its log.jsonl holds this run's lines only."""
+    output = _folder_of(finished, tmp_path, "config.json", "log.jsonl")
+    assert main(_rerun(output)) == 0
+    err = capsys.readouterr().err
+    assert f"warning: this run starts over in {output}: removed the earlier run's config.json, log.jsonl\n" in err
+    assert _start_events(output) == 1
