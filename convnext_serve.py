@@ -18,7 +18,9 @@ from pathlib import Path
 
 from convnext_common import CliParser, add_version_argument, one_line
 from convnext_files import checkpoint_name_part, sha256_file
+from export.__main__ import precision_list_argument, repository_name_argument
 from export.onnx import export_onnx_version
+from export.source import ExportError, check_model_name
 from model.checkpoints import CheckpointError
 from model.pretrained import (
     OFFICIAL_BASE_URL,
@@ -56,8 +58,9 @@ def get_args_parser() -> CliParser:
                                                              "e.g. convnext_tiny_1k_224_ema")
     source.add_argument("--checkpoint", metavar="PATH", help="a local project, official, timm or torchvision .pth")
     parser.add_argument("--model", help="its architecture, for a checkpoint that does not name it (not project ones)")
-    parser.add_argument("--name", help="its name in the repository (default: from the pretrained name or the file; "
-                                       "for a training run's checkpoint_best/_best_ema/_last.pth, its run folder)")
+    parser.add_argument("--name", type=repository_name_argument,
+                        help="its name in the repository (default: from the pretrained name or the file; for a "
+                             "training run's checkpoint_best/_best_ema/_last.pth, its run folder)")
     parser.add_argument("--ema", action="store_true", help="serve the checkpoint's EMA weights (model_ema; timm's "
                                                            "state_dict_ema) instead of the trained ones")
     parser.add_argument("--timm-name", metavar="MODEL.TAG", help="the timm weights --checkpoint holds (e.g. "
@@ -65,7 +68,8 @@ def get_args_parser() -> CliParser:
     parser.add_argument("--repository", default=os.environ.get("CONVNEXT_REPOSITORY", "models"))
     parser.add_argument("--cache-dir", default=None, help=f"downloads (default: {default_cache_dir()})")
     parser.add_argument("--mirror", default=OFFICIAL_BASE_URL, help="base URL holding the official file names")
-    parser.add_argument("--precisions", default="fp32", help="ONNX precisions to export (python -m export onnx)")
+    parser.add_argument("--precisions", default="fp32", type=precision_list_argument,
+                        help="ONNX precisions to export (python -m export onnx), fp32 among them")
     parser.add_argument("--quiet", action="store_true", help="no download or export progress")
     return parser
 
@@ -152,10 +156,6 @@ def timm_tag(timm_name: str | None) -> TimmPretrained | None:
         raise ServeSetupError(f"--timm-name: {error}") from None
 
 
-def _precisions(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
 def onnx_precision_read(settings: Settings) -> str:
     """The precision of the ONNX file the service's engine reads to serve its precision; ServeSetupError for settings
     it would refuse (after the download and the export, were it not asked here)."""
@@ -165,12 +165,11 @@ def onnx_precision_read(settings: Settings) -> str:
         raise ServeSetupError(str(error)) from None
 
 
-def with_served_precision(precisions: str, settings: Settings) -> tuple[str, ...]:
+def with_served_precision(precisions: tuple[str, ...], settings: Settings) -> tuple[str, ...]:
     """--precisions plus the ONNX precision the service reads for its --engine and --precision, so `--precision fp16`
     alone exports fp32 and fp16 rather than failing once the export is done."""
     needed = onnx_precision_read(settings)
-    listed = _precisions(precisions)
-    return listed if needed in listed else (*listed, needed)
+    return precisions if needed in precisions else (*precisions, needed)
 
 
 def served_version_flags(repository: ModelRepository, name: str, version: int, settings: Settings) -> list[str]:
@@ -198,9 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     if any(arg.split("=")[0] == "--model-version" for arg in service_args):  # the service's own flag, overridden
         parser.error("--model-version is not taken here: the version served is the one this command exports or "
                      "finds for the checkpoint (python -m service --model-version N serves another)")
-    if args.pretrained and (args.ema or args.timm_name):
-        parser.error("--ema and --timm-name say what a --checkpoint holds; an official name says it itself (its _ema "
-                     "names are the EMA weights)")
+    if args.pretrained and (args.ema or args.timm_name or args.model):
+        parser.error("--model, --ema and --timm-name say what a --checkpoint holds; an official name says it itself "
+                     "(its _ema names are the EMA weights)")
+    if args.model is not None:  # else found unknown only once the checkpoint is hashed and read
+        try:
+            check_model_name(args.model)
+        except ExportError as error:
+            parser.error(f"--model: {error}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("export", "model", "convnext_serve"):  # progress lines, not third-party INFO (the ONNX optimizer's)
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return refused.status
     repository = ModelRepository(args.repository)
     try:
-        args.precisions = with_served_precision(args.precisions, settings)  # from here on, a tuple of precisions
+        args.precisions = with_served_precision(args.precisions, settings)
         name, version = (prepare_pretrained if args.pretrained else prepare_checkpoint)(args, repository)
     except (ServeSetupError, CheckpointError, RepositoryError, ValueError, RuntimeError, OSError) as error:
         print(f"{PROG}: error: {one_line(error)}{_export_first_hint(error)}", file=sys.stderr)

@@ -25,7 +25,8 @@ from .source import ExportError, check_input_size, check_model_name
 PROG = "python -m export"  # as the module runs; prog_name() gives it as the user ran it
 
 
-def _repository_name(text: str) -> str:
+def repository_name_argument(text: str) -> str:
+    """argparse type of --name (convnext serve's too): a name the repository takes, refused before any work."""
     if not NAME_PATTERN.match(text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a repository name: lower-case letters, digits, '.', '_' and '-', starting with a "
@@ -33,7 +34,8 @@ def _repository_name(text: str) -> str:
     return text
 
 
-def _precision_list(text: str) -> tuple[str, ...]:
+def precision_list_argument(text: str) -> tuple[str, ...]:
+    """argparse type of --precisions (convnext serve's too): known precisions, fp32 among them, in order, once each."""
     precisions = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
@@ -72,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="the timm weights --checkpoint holds (e.g. convnext_tiny.in12k_ft_in1k): their model, "
                            "class count and evaluation transform; read from the path when it names them (the "
                            "Hugging Face cache's models--timm--MODEL.TAG folder)")
-    onnx.add_argument("--name", required=True, type=_repository_name, help="model name in the repository")
+    onnx.add_argument("--name", required=True, type=repository_name_argument, help="model name in the repository")
     onnx.add_argument("--repository", default="models", help="model repository root")
     onnx.add_argument("--version", type=positive_int, help="version number, 1 or more (default: latest + 1)")
     onnx.add_argument("--ema", action="store_true",
@@ -80,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "trained weights")
     onnx.add_argument("--overwrite", action="store_true",
                       help="replace the existing --version N (without --version an export takes the next number)")
-    onnx.add_argument("--precisions", default="fp32", type=_precision_list,
+    onnx.add_argument("--precisions", default="fp32", type=precision_list_argument,
                       help="comma list from fp32,fp16,bf16,int8 (bf16: for TensorRT 11)")
     onnx.add_argument("--opset", type=_opset, default=18)
     onnx.add_argument("--activation", choices=("gelu", "relu"))

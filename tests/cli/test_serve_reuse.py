@@ -8,6 +8,7 @@ exec of the service is recorded instead.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import onnxruntime
@@ -138,12 +139,46 @@ def test_a_training_runs_checkpoint_is_named_after_its_run_folder(path, name):
     assert convnext_serve.default_checkpoint_name(Path(path)) == name
 
 
-def test_ema_and_timm_name_are_refused_with_an_official_name(capsys):
-    for flag in (["--ema"], ["--timm-name", "convnext_atto.d2_in1k"]):
+def test_model_ema_and_timm_name_are_refused_with_an_official_name(capsys):
+    for flag in (["--ema"], ["--timm-name", "convnext_atto.d2_in1k"], ["--model", "convnext_small"]):
         with pytest.raises(SystemExit) as exit_:
             convnext_serve.main(["--pretrained", "convnext_tiny_1k_224_ema", *flag])
         assert exit_.value.code == 2
         assert "say what a --checkpoint holds" in capsys.readouterr().err
+
+
+BAD_ARGUMENTS = [
+    (["--name", "Bad_Name"], "argument --name: 'Bad_Name' is not a repository name: lower-case letters"),
+    (["--precisions", "fp32,fp8"], "argument --precisions: unknown precision fp8; choose from fp32,fp16,bf16,int8"),
+    (["--precisions", "fp16"], "'fp16' leaves out fp32, the reference every other precision is verified against; "
+                               "pass --precisions fp32,fp16"),
+    (["--model", "convnext_nosuch"], "--model: unknown model 'convnext_nosuch'; choose one of: convnext_atto"),
+]
+
+
+@pytest.mark.parametrize(("flags", "refusal"), BAD_ARGUMENTS, ids=[" ".join(f) for f, _ in BAD_ARGUMENTS])
+def test_an_argument_the_export_would_refuse_is_refused_before_the_checkpoint_is_read(serve, capsys, flags, refusal):
+    """With the export's own checks, at parsing (status 2): not once the checkpoint is hashed, downloaded or built."""
+    run, exports, checkpoint, root = serve
+    with pytest.raises(SystemExit) as exit_:
+        convnext_serve.main(["--checkpoint", str(checkpoint), "--repository", str(root), "--quiet", "--port",
+                             str(free_port()), "--grpc-port", "0", *flags])
+    assert exit_.value.code == 2 and exports == []
+    assert refusal in capsys.readouterr().err
+
+
+def test_a_bad_name_is_refused_before_the_download(tmp_path, capsys):
+    """A mirror where nothing listens: the download, had it been tried, would fail with status 1."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        mirror = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+    with pytest.raises(SystemExit) as exit_:
+        convnext_serve.main(["--pretrained", "convnext_tiny_1k_224_ema", "--name", "Bad_Name", "--mirror", mirror,
+                             "--cache-dir", str(tmp_path / "cache"), "--repository", str(tmp_path / "models"),
+                             "--port", str(free_port()), "--grpc-port", "0"])
+    assert exit_.value.code == 2
+    assert "argument --name: 'Bad_Name' is not a repository name" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "models").exists()
 
 
 def test_an_unknown_timm_name_is_refused_before_the_export(serve, capsys):
