@@ -13,7 +13,7 @@ EXTRAS ?= serve,cpu,train,export,dev,bench
 LOCK ?= locks/dev.txt
 comma := ,
 
-.PHONY: install system-deps lint test serve demo-model clean lock
+.PHONY: install system-deps lint test serve demo-model clean clean-demo lock
 
 install: $(VENV)/.installed
 
@@ -91,5 +91,10 @@ serve: demo-model
 	$(PY) -m convnext_cli serve --repository models --model digits
 endif
 
+# The venv and the tools' caches only: runs/ (training runs, possibly days of them) and models/ (exports) stay.
 clean:
-	rm -rf $(VENV) runs models .pytest_cache .mypy_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# What `make serve` made for the demo, its training run and its export, so that the next one trains and exports anew.
+clean-demo:
+	rm -rf runs/demo models/digits
