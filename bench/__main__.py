@@ -40,7 +40,7 @@ from runtime.tensorrt import tensorrt_target
 
 PROG = "python -m bench"  # as the module runs; prog_name() gives it as the user ran it
 
-MAX_BATCH_SIZE, QUEUE_DELAY_MS = 8, 5.0
+QUEUE_DELAY_MS = 5.0
 CLOSED_LOOP_REQUESTS = 200  # `bench load` without --rate: requests sent, unless --seconds ends it first
 
 
@@ -60,14 +60,15 @@ def load_runs(url: str, server: str, preset: Preset, payloads: list[bytes], form
 
 
 def preprocess_and_low_load(repo: Path, served: str, payloads: list[bytes], engine: list[dict], load: list[dict],
-                            threads: int, by_size: list[dict] | None = None,
+                            threads: int, max_batch_size: int, by_size: list[dict] | None = None,
                             engine_on_cpu: bool = True) -> tuple[dict, dict | None]:
-    """Preprocessing cost per image vs the engine's, and a lone request's p50 vs the engine's batch-1 p50.
+    """Preprocessing cost per image vs the engine's (at the service's max batch size), and a lone request's p50 vs the
+    engine's batch-1 p50.
 
     The engine's CPU cost per image is its threads x its wall time per image, on the CPU only: a GPU engine's
     wall time is the GPU's, so none is given there."""
     spec = ModelRepository(repo).load(served, verify_files=False).manifest.preprocess
-    at_max = [r for r in engine if r["batch_size"] == min(MAX_BATCH_SIZE, max(r["batch_size"] for r in engine))]
+    at_max = [r for r in engine if r["batch_size"] == max_batch_size]
     engine_cpu_ms = threads * 1000 / at_max[0]["images_per_s"] if at_max and engine_on_cpu else None
     pre = preprocess_report(payloads, spec, engine_cpu_ms)
     lone = next((r for r in load if r["server"] == "ours" and r["mode"] == "closed" and r["concurrency"] == 1), None)
@@ -93,15 +94,15 @@ def open_loop_rate(preset: Preset, engine: list[dict]) -> float:
     """The configured arrival rate, or half the served engine's images/s at the max batch size (a moderate load)."""
     if preset.rate is not None:
         return preset.rate
-    at_max = [r for r in engine if r["batch_size"] == min(MAX_BATCH_SIZE, max(r["batch_size"] for r in engine))]
+    at_max = [r for r in engine if r["batch_size"] == preset.max_batch_size]
     return round(0.5 * at_max[0]["images_per_s"], 1) if at_max else 1.0
 
 
-def our_service_args(repo: str, served: str, engine: ServedEngine, threads: int,
+def our_service_args(repo: str, served: str, engine: ServedEngine, threads: int, max_batch_size: int,
                      ort_spinning: bool = True) -> list[str]:
     """`python -m service` flags for the engine the sweep timed alone: one ORT stream (a session runs one batch at a
     time there), exact decoding (as the peer decodes), every measured setting pinned against CONVNEXT_* variables."""
-    return ["--repository", repo, "--model", served, "--max-batch-size", str(MAX_BATCH_SIZE), "--intra-op-threads",
+    return ["--repository", repo, "--model", served, "--max-batch-size", str(max_batch_size), "--intra-op-threads",
             str(threads), "--engine", engine.engine, "--provider", engine.provider, "--precision", engine.precision,
             *measurement_pins(ort_spinning=ort_spinning, max_queue_delay_ms=QUEUE_DELAY_MS)]
 
@@ -115,7 +116,7 @@ SPINNING_OFF = "our service, ORT spinning off"
 def load_our_service(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> dict:
     """Our service under load, its batch sizes, and lone requests."""
     engine = preset.service
-    args = our_service_args(repo, served, engine, threads)
+    args = our_service_args(repo, served, engine, threads, preset.max_batch_size)
     ready_s = 900 if engine.engine == "tensorrt" else 120  # a TensorRT build on first start takes minutes
     out: dict = {}
     with service(args, ready_timeout_s=ready_s) as server:
@@ -128,7 +129,8 @@ def load_our_service(repo: str, served: str, preset: Preset, payloads: list[byte
 
 def load_spinning_off(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> list[dict]:
     """The ort_spinning trade-off, same run (CPU): a lone request's latency and saturated throughput with it off."""
-    with service(our_service_args(repo, served, preset.service, threads, ort_spinning=False)) as server:
+    with service(our_service_args(repo, served, preset.service, threads, preset.max_batch_size,
+                                  ort_spinning=False)) as server:
         return load_runs(f"{server.url}/classify", "ours (ORT spinning off)", preset, payloads,
                          concurrency_levels=(1, max(preset.concurrency)), open_loop_too=False)
 
@@ -142,9 +144,9 @@ def phase_failure(err: BaseException) -> str:
 def load_peer(repo: str, served: str, preset: Preset, payloads: list[bytes], threads: int) -> list[dict]:
     """The LitServe peer under the same load and batching settings, on the repository's ONNX file of its engine's
     precision (preset.peer_engine: ours on CPU; ONNX Runtime CUDA where ours runs TensorRT)."""
-    args = ["--repository", repo, "--model", served, "--max-batch-size", str(MAX_BATCH_SIZE), "--batch-timeout-ms",
-            str(QUEUE_DELAY_MS), "--threads", str(threads), "--provider", preset.peer_engine.provider,
-            "--precision", preset.peer_engine.precision]
+    args = ["--repository", repo, "--model", served, "--max-batch-size", str(preset.max_batch_size),
+            "--batch-timeout-ms", str(QUEUE_DELAY_MS), "--threads", str(threads), "--provider",
+            preset.peer_engine.provider, "--precision", preset.peer_engine.precision]
     with litserve_peer(args) as peer:
         return load_runs(f"{peer.url}/predict", "litserve", preset, payloads, form_field="content")
 
@@ -160,9 +162,10 @@ def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -
     after every phase, so a later phase that fails loses none of the earlier ones; a comparison phase that fails (the
     peer, the spinning-off rerun) is recorded and the run goes on, a failure of our service ends it."""
     results: dict = {"config": {**asdict(preset), "providers": providers, "threads": threads,
-                                "max_batch_size": MAX_BATCH_SIZE, "max_queue_delay_ms": QUEUE_DELAY_MS},
+                                "max_queue_delay_ms": QUEUE_DELAY_MS},
                      "host": host_line(providers), "phases": {}, "complete": False, "load": []}
-    results["efficiency_batch_size"] = min(MAX_BATCH_SIZE, max(preset.batch_sizes))
+    # The engine alone at the batch limit the service runs with (the preset's sweep times it): not a smaller one.
+    results["efficiency_batch_size"] = preset.max_batch_size
     with tempfile.TemporaryDirectory(prefix="bench-repo-") as repo:
         results["compare"] = compare_models(Path(repo), preset.variants, preset.precisions, preset.batch_sizes,
                                             providers, preset.tensorrt_precisions, threads=threads,
@@ -191,7 +194,7 @@ def run_all(preset: Preset, out_dir: Path, providers: list[str], threads: int) -
             raise
         results["load"], results["batch_distribution"] = ours["load"], ours["batch_distribution"]
         results["preprocess"], results["low_load"] = preprocess_and_low_load(
-            Path(repo), served, payloads, engine_rows, results["load"], threads, ours["by_size"],
+            Path(repo), served, payloads, engine_rows, results["load"], threads, preset.max_batch_size, ours["by_size"],
             engine_on_cpu=engine.provider == "cpu")
         save_phase(results, "our service", "done", out_dir, engine_rows)
         if engine.provider == "cpu":  # its own phase: an interrupted rerun loses none of the runs above

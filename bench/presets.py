@@ -45,11 +45,15 @@ class Preset:
     tensorrt_precisions: tuple[str, ...] = ()  # native TensorRT engines (GPU hosts)
     service: ServedEngine = field(default=CPU_SERVICE)
     peer_engine: ServedEngine = field(default=CPU_SERVICE)
+    max_batch_size: int = 8  # our service's and the peer's batch limit; the engine sweep times it too
 
     def __post_init__(self):
         if not self.variants or not self.precisions or not self.batch_sizes or not self.concurrency:
             raise ValueError(f"preset {self.name!r}: variants, precisions, batch sizes and concurrency must not "
                              "be empty")
+        if self.max_batch_size not in self.batch_sizes:  # the service efficiency's denominator
+            raise ValueError(f"preset {self.name!r}: batch sizes {self.batch_sizes} must include the service's max "
+                             f"batch size {self.max_batch_size}: its efficiency divides by the engine alone at it")
         if min(self.batch_sizes) < 1 or min(self.concurrency) < 1:
             raise ValueError(f"preset {self.name!r}: batch sizes and concurrency levels must be >= 1")
         if self.rate is not None and self.rate <= 0:
@@ -71,7 +75,7 @@ class Preset:
 
 PRESETS = {
     "smoke": Preset("smoke", variants=(("convnext_atto", "gelu"), ("convnext_atto", "relu")), precisions=("fp32",),
-                    batch_sizes=(1, 2), iterations=3, max_seconds=2.0, concurrency=(1, 4), rate=4.0, requests=12,
+                    batch_sizes=(1, 2, 8), iterations=3, max_seconds=2.0, concurrency=(1, 4), rate=4.0, requests=12,
                     seconds=6.0, lone_requests=3),
     "full": Preset("full", variants=(("convnext_tiny", "gelu"), ("convnext_tiny", "relu"), ("resnet50", "relu")),
                    precisions=("fp32", "int8"), batch_sizes=(1, 2, 4, 8, 16, 32), iterations=30, max_seconds=20.0,

@@ -18,12 +18,16 @@ SPINNING_OFF_RUN = "ours (ORT spinning off)"
 PEER_DIED = "bench.peer_litserve exited with 1 before http://127.0.0.1:1234/health answered"
 
 
+REAL_LOAD_OUR_SERVICE = bench_main.load_our_service
+
+
 @pytest.fixture()
 def canned_phases(monkeypatch):
     """Every phase before the peer answers at once with canned results (the engine sweep, our service)."""
     compared = {"models": [{"model": "convnext_atto", "activation": "gelu", "params_m": 3.7, "gmacs": 0.55,
                             "published_top1": None, "published_top1_source": "not published",
-                            "results": [ENGINE_ROW, {**ENGINE_ROW, "batch_size": 2, "images_per_s": 80.0}]}],
+                            "results": [ENGINE_ROW, {**ENGINE_ROW, "batch_size": 2, "images_per_s": 80.0},
+                                        {**ENGINE_ROW, "batch_size": 8, "images_per_s": 80.0}]}],
                 "skipped": {}, "onnx_files": {}}
     monkeypatch.setattr(bench_main, "compare_models", lambda *a, **k: compared)
     monkeypatch.setattr(bench_main, "jpeg_payloads", lambda *a, **k: [b"jpeg"])
@@ -49,7 +53,7 @@ def test_a_peer_that_fails_to_start_is_recorded_and_every_earlier_phase_is_writt
                                                     bench_main.SPINNING_OFF: "done",
                                                     "LitServe peer": f"failed: RuntimeError: {PEER_DIED}"}
     assert saved["complete"] and [run["server"] for run in saved["load"]] == ["ours", SPINNING_OFF_RUN]
-    assert saved["load"][0]["efficiency"] == 0.5  # against the engine alone at the largest batch timed, 80 images/s
+    assert saved["load"][0]["efficiency"] == 0.5  # against the engine alone at the service's max batch size (8)
     assert "engines_under_load" not in saved  # no peer ran: nothing to compare ours with
     assert f"LitServe peer: failed: RuntimeError: {PEER_DIED}." in report and "Incomplete" not in report
     assert "| ours | closed |" in report
@@ -95,3 +99,32 @@ def test_a_spinning_off_rerun_that_fails_leaves_our_services_runs_on_disk(canned
     else:
         assert saved["complete"] and saved["phases"][bench_main.SPINNING_OFF] == (
             "failed: RuntimeError: http://127.0.0.1:2/readyz not ready after 120 s")
+
+
+@pytest.mark.parametrize("name", ["smoke", "full"])
+def test_efficiency_divides_by_the_engine_alone_at_the_batch_limit_the_servers_run_with(canned_phases, monkeypatch,
+                                                                                      tmp_path, name):
+    """`bench all --smoke` started the service at --max-batch-size 8 and divided by the sweep's batch 2 (its largest):
+    efficiencies above 1, and the report called batch 2 the service's max batch size. The servers' real command lines
+    are recorded in place of starting them."""
+    started: dict[str, list[str]] = {}
+
+    def record(server: str):
+        def start(args, *rest, **kwargs):
+            started[server] = list(args)
+            raise RuntimeError(f"{server} recorded, not started")
+        return start
+
+    monkeypatch.setattr(bench_main, "load_our_service", REAL_LOAD_OUR_SERVICE)
+    monkeypatch.setattr(bench_main, "service", record("ours"))
+    monkeypatch.setattr(bench_main, "litserve_peer", record("litserve"))
+    preset = PRESETS[name]
+    with pytest.raises(RuntimeError, match="ours recorded"):
+        bench_main.run_all(preset, tmp_path, ["cpu"], 2)
+    with pytest.raises(RuntimeError, match="litserve recorded"):
+        bench_main.load_peer(str(tmp_path), "atto", preset, [b"jpeg"], 2)
+    saved, report = written(tmp_path)
+    for args in started.values():
+        assert int(args[args.index("--max-batch-size") + 1]) == saved["efficiency_batch_size"]
+    assert saved["efficiency_batch_size"] in preset.batch_sizes  # the sweep times it
+    assert saved["config"]["max_batch_size"] == saved["efficiency_batch_size"]

@@ -26,9 +26,11 @@ def test_every_preset_on_a_gpu_serves_tensorrt_and_keeps_its_models(name):
     gpu = PRESETS[name].on_gpu()
     assert gpu.name == f"{name}-gpu" and gpu.variants == PRESETS[name].variants
     assert gpu.service == GPU_SERVICE and "fp16" in gpu.precisions and gpu.tensorrt_precisions
+    assert gpu.max_batch_size in gpu.batch_sizes  # the service efficiency's denominator is timed
 
 
-@pytest.mark.parametrize("change", [{"batch_sizes": ()}, {"concurrency": (0, 4)}, {"rate": 0.0}, {"requests": 0}])
+@pytest.mark.parametrize("change", [{"batch_sizes": ()}, {"concurrency": (0, 4)}, {"rate": 0.0}, {"requests": 0},
+                                    {"batch_sizes": (1, 2)}, {"max_batch_size": 4}])
 def test_an_invalid_preset_is_refused_with_what_is_wrong(change):
     with pytest.raises(ValueError, match="preset 'smoke'"):
         dataclasses.replace(PRESETS["smoke"], **change)

@@ -47,6 +47,7 @@ def test_smoke_load_runs_against_ours_and_the_peer_succeed(smoke_run):
         assert len(run["latencies_ms"]) == run["ok"]
         assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
         assert (run["efficiency"] is not None) == (run["mode"] == "closed")
+    assert results["efficiency_batch_size"] == results["config"]["max_batch_size"] == 8  # the batch limit it served
     ours_sent = sum(run["ok"] for run in results["load"] if run["server"] == "ours")
     batches = results["batch_distribution"]
     assert 0 < sum(batches.values()) <= ours_sent  # every image went through the engine in some batch

@@ -42,9 +42,10 @@ def test_the_pins_are_the_service_defaults_unless_told(environment):
 
 
 def test_bench_all_runs_ours_on_the_engine_it_timed_alone_spinning_off_only_when_asked(environment, tmp_path):
-    args = bench_main.our_service_args(str(tmp_path), "atto", CPU_SERVICE, threads=2)
+    args = bench_main.our_service_args(str(tmp_path), "atto", CPU_SERVICE, threads=2, max_batch_size=8)
     assert measured(args) == ("onnxruntime", "cpu", "fp32", "exact", 1, True, FAST_DECODE_HEADROOM)
-    spinning_off = bench_main.our_service_args(str(tmp_path), "atto", CPU_SERVICE, threads=2, ort_spinning=False)
+    spinning_off = bench_main.our_service_args(str(tmp_path), "atto", CPU_SERVICE, threads=2, max_batch_size=8,
+                                               ort_spinning=False)
     assert measured(spinning_off) == ("onnxruntime", "cpu", "fp32", "exact", 1, False, FAST_DECODE_HEADROOM)
 
 
