@@ -14,7 +14,7 @@ from bench import cpu_engines, cpu_serving, serve_benchmark, soak
 from bench.api_key import API_KEY_HEADER, API_KEY_VARIABLE, api_key_from, what_to_check
 from bench.engine_benchmark import benchmark_onnx, compare_models
 from bench.host import host_description
-from bench.loadgen import PAYLOAD_SIZES, LoadResult, closed_loop, jpeg_payloads
+from bench.loadgen import PAYLOAD_SIZES, LoadResult, check_loopback, closed_loop, jpeg_payloads
 from bench.lone_request import lone_requests
 from bench.open_loop import open_loop
 from bench.preprocess_cost import preprocess_report
@@ -300,6 +300,15 @@ def _existing_file(text: str) -> Path:
     return Path(text)
 
 
+def _load_url(text: str) -> str:
+    """`bench load`'s URL, refused as a usage error before any payload is made (bench.loadgen.check_loopback)."""
+    try:
+        check_loopback(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 # Subcommands with flags of their own: main() hands them the rest of the command line; the parser only lists them.
 DELEGATED_HELP = {
     "torch": "PyTorch CPU throughput table (bench.model_throughput; its flags follow)",
@@ -326,7 +335,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     engine.add_argument("--threads", type=positive_int, default=usable_cpus())
     engine.add_argument("--iterations", type=positive_int, default=30)
     load = sub.add_parser("load", help="HTTP load against a loopback URL (closed loop, or open loop with --rate)")
-    load.add_argument("url")
+    load.add_argument("url", type=_load_url, help="http:// on 127.0.0.1, localhost or ::1")
     load.add_argument("--concurrency", type=positive_int, default=8)
     load.add_argument("--rate", type=positive_number, default=None, help="open loop: Poisson arrivals per second")
     load.add_argument("--requests", type=positive_int, default=None,

@@ -113,9 +113,17 @@ def transport_error_text(error: BaseException) -> str:
 
 
 def check_loopback(url: str) -> None:
-    host = urlparse(url).hostname
-    if host not in LOOPBACK_HOSTS:
-        raise ValueError(f"{url}: the load generator only targets loopback (127.0.0.1, localhost, ::1), got {host!r}")
+    """An http:// URL on a loopback host: bench.http_client speaks plain HTTP/1.1 (an https:// URL would be sent to its
+    port in plain text, a URL without a scheme has no host to urlparse), to this machine only."""
+    if "://" not in url:
+        raise ValueError(f"{url}: no scheme; the load generator sends plain HTTP: pass http://{url}")
+    parsed = urlparse(url)
+    if parsed.scheme != "http":
+        raise ValueError(f"{url}: the load generator sends plain HTTP (no TLS): pass an http:// URL, not "
+                         f"{parsed.scheme}://")
+    if parsed.hostname not in LOOPBACK_HOSTS:
+        raise ValueError(f"{url}: the load generator only targets loopback (127.0.0.1, localhost, ::1), got "
+                         f"{parsed.hostname!r}")
 
 
 async def _send(connection: Connection, request: PreparedRequest, result: LoadResult, errors: Counter,

@@ -107,6 +107,20 @@ def test_a_rate_or_duration_that_is_not_above_zero_is_a_usage_error(flag, value,
     assert f"argument {flag}: must be a number above 0, got {value}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("url", "refusal"), [
+    ("localhost:8000/classify", "no scheme; the load generator sends plain HTTP: pass http://localhost:8000/classify"),
+    ("https://127.0.0.1:8443/classify", "the load generator sends plain HTTP (no TLS): pass an http:// URL, not "
+                                        "https://"),
+    ("http://10.0.0.1:8000/classify", "the load generator only targets loopback (127.0.0.1, localhost, ::1), got "
+                                      "'10.0.0.1'")])
+def test_bench_load_takes_an_http_url_on_loopback_only_as_a_usage_error(url, refusal, capsys):
+    """Without a scheme the host was None (a misleading loopback error); an https:// URL was sent as plain HTTP."""
+    with pytest.raises(SystemExit) as stopped:
+        bench_main.main(["load", url])
+    assert stopped.value.code == 2
+    assert f"python -m bench load: error: argument url: {url}: {refusal}" in capsys.readouterr().err
+
+
 # Every bench's --threads default and its host line, in a process allowed one CPU fewer than the machine has (as under
 # taskset or a container's cpuset).
 THREAD_DEFAULTS_UNDER_A_MASK = """
