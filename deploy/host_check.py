@@ -21,6 +21,7 @@ import sys
 import threading
 
 from service.api_keys import key_accepted
+from service.listen_socket import is_ipv6_wildcard
 
 EXIT_HOST_CHECK_FAILED = 78  # sysexits.h EX_CONFIG: the host's configuration, not the program, is wrong
 DOCTOR_TIMEOUT_S = 600  # the first CUDA initialisation and a one-layer TensorRT build take seconds, not minutes
@@ -74,7 +75,7 @@ def address_family_for(host: str, port: int) -> socket.AddressFamily:
 class DiagnosisServer(http.server.ThreadingHTTPServer):
     """A thread per connection, at most `max_connections` at once, each closed `deadline_s` after it opened; on the
     address family of its host (the stdlib's server is IPv4 only: "::" failed to resolve, and the container crash-looped
-    instead of holding)."""
+    instead of holding), "::" for IPv4 too."""
 
     def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS,
                  deadline_s: float = CONNECTION_DEADLINE_S):
@@ -82,6 +83,13 @@ class DiagnosisServer(http.server.ThreadingHTTPServer):
         super().__init__(address, handler)
         self.slots = threading.BoundedSemaphore(max_connections)
         self.deadline_s = deadline_s
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6 and is_ipv6_wildcard(self.server_address[0]):
+            # "::" answers IPv4 too, as the service's own listener (service/listen_socket.py): the healthcheck's
+            # 127.0.0.1 reads the diagnosis, not a refused connection; the default depends on a kernel setting.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):

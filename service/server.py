@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import math
-import socket
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -15,11 +16,13 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.server import STARTUP_FAILURE
 
 from service.access_log import ACCESS_LOG
 from service.app import begin_drain
 from service.errors import error_body, send_error
 from service.lingering_close import LINGERING_TIME_S, LingeringConnections, LingeringTransport
+from service.listen_socket import bound_socket, is_ipv6_wildcard
 from service.metrics import ServiceMetrics
 from service.security import NOSNIFF
 from service.settings import Settings
@@ -31,6 +34,7 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TOO_LARGE_MESSAGE = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
 MAX_SOCKET_READ_BYTES = 256 * 1024  # the most one data_received brings (asyncio's and uvloop's read size)
+UVICORN_LOG = logging.getLogger("uvicorn.error")  # uvicorn's own start and error lines
 
 if TYPE_CHECKING:  # the hooks and fields the mixin uses; at run time it goes before AutoHTTPProtocol (http_protocol)
     from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornProtocol
@@ -229,9 +233,30 @@ def log_config(log_level: str) -> dict:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server. When its shutdown begins (SIGTERM), the app's gRPC server stops taking calls too
-    (service.app.begin_drain); once it has shut down, the access lines still queued are written before uvicorn
-    re-raises a caught SIGTERM (which ends the process without running atexit)."""
+    """uvicorn's server, listening on host "::" for IPv4 too (service/listen_socket.py). When its shutdown begins
+    (SIGTERM), the app's gRPC server stops taking calls too (service.app.begin_drain); once it has shut down, the
+    access lines still queued are written before uvicorn re-raises a caught SIGTERM (which ends the process without
+    running atexit)."""
+
+    async def startup(self, sockets=None) -> None:
+        if sockets is not None or not is_ipv6_wildcard(self.config.host):
+            await super().startup(sockets=sockets)
+            return
+        # uvicorn's own bind would be IPv6 only; it serves a socket bound here instead, as one a process manager hands
+        # it. Bound before the lifespan loads the model: a port taken since check_ports_free fails the start at once.
+        try:
+            listener = bound_socket(self.config.host, self.config.port)
+        except OSError as err:
+            UVICORN_LOG.error(err)  # as uvicorn ends a start whose bind failed
+            sys.exit(STARTUP_FAILURE)
+        try:
+            await super().startup(sockets=[listener])
+        except BaseException:
+            listener.close()
+            raise
+        # uvicorn names the address only for a socket it bound itself.
+        UVICORN_LOG.info("Uvicorn running on http://[%s]:%d (Press CTRL+C to quit)", self.config.host,
+                         listener.getsockname()[1])
 
     async def shutdown(self, sockets=None) -> None:
         if isinstance(self.config.app, FastAPI):
@@ -244,20 +269,17 @@ class Server(uvicorn.Server):
 
 def check_ports_free(settings: Settings) -> None:
     """OSError naming the setting to change when the HTTP or gRPC port is already taken. Checked before the model
-    loads: uvicorn and the gRPC server only bind after it, which can take minutes (a TensorRT build)."""
+    loads: the gRPC server and uvicorn (but on "::", Server.startup) only bind after it, which can take minutes (a
+    TensorRT build)."""
     for setting, port, protocol in (("port", settings.port, "HTTP"), ("grpc-port", settings.grpc_port, "gRPC")):
         if port == 0:  # HTTP: any free port; gRPC: off
             continue
-        family, kind, proto, _, address = socket.getaddrinfo(settings.host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no owner
-            try:
-                probe.bind(address)
-            except OSError as err:
-                raise OSError(f"the {protocol} port {settings.host}:{port} is taken ({err.strerror}): stop "
-                              f"the server using it, or pass --{setting} with a free port"
-                              + ("; 0 turns gRPC off" if protocol == "gRPC" else "")) from None
+        try:
+            bound_socket(settings.host, port).close()  # as the server binds: on "::", IPv4's port must be free too
+        except OSError as err:
+            raise OSError(f"the {protocol} port {settings.host}:{port} is taken ({err.strerror}): stop "
+                          f"the server using it, or pass --{setting} with a free port"
+                          + ("; 0 turns gRPC off" if protocol == "gRPC" else "")) from None
 
 
 def graceful_shutdown_s(settings: Settings) -> int:

@@ -100,7 +100,8 @@ def wait_ready(url: str, timeout_s: float = 60, alive=lambda: True) -> None:
 
 @contextmanager
 def serve(repository: Path, engine_factory=None, **overrides):
-    """Run the real app under uvicorn on 127.0.0.1 in a thread; yields the base URL once /readyz says ready."""
+    """Run the real app under uvicorn on 127.0.0.1 (or the `host` given) in a thread; yields the base URL once /readyz
+    says ready (for a wildcard host, 127.0.0.1's)."""
     from service.app import create_app, default_engine
     from service.server import Server, uvicorn_config
     from service.settings import Settings
@@ -113,7 +114,8 @@ def serve(repository: Path, engine_factory=None, **overrides):
     server = Server(uvicorn_config(app, settings, log_level="warning"))  # the server `python -m service` runs
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
+    loopback = f"[{settings.host}]" if ":" in settings.host and settings.host != "::" else "127.0.0.1"
+    url = f"http://{loopback}:{port}"
     try:
         wait_ready(url, alive=thread.is_alive)
     except RuntimeError:
