@@ -365,8 +365,9 @@ sys.exit(None if torch.cuda.is_available() else f"torch {torch.__version__} sees
   for amp in fp16 bf16; do
     if [ "$amp" = bf16 ] && [ -n "$BF16_SKIP" ]; then echo "== --amp bf16: skipped, $BF16_SKIP"; continue; fi
     echo "== --amp $amp"
+    # A fresh run each time: a rerun into the same OUT_DIR finds the last one's checkpoints, which training refuses.
     "$PY" -m training --preset demo --epochs 1 --max-steps-per-epoch 20 --amp "$amp" --output "$OUT/train-$amp" \
-      --quiet || return 1
+      --overwrite-checkpoints --quiet || return 1
   done
 }
 

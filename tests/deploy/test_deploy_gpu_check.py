@@ -252,25 +252,34 @@ def test_the_budget_caps_a_steps_limit_and_the_steps_after_it_are_not_run(tmp_pa
     assert not any(line.startswith("-m export") for line in calls.read_text().splitlines())
 
 
-def test_without_installing_it_runs_what_the_python_has_and_names_what_it_lacks(tmp_path):
-    """--python: an offline host's Python with CUDA torch, timm, scikit-learn, pydantic and pytest but no ONNX
-    toolchain, TensorRT or onnxruntime-gpu (a stand-in whose packages are empty modules and whose steps record their
-    arguments; scripts/gpu_check_needs.py runs for real in a Python without site-packages, seeing only those)."""
+def offline_python(tmp_path, calls: Path, training: str = "") -> Path:
+    """An offline host's Python with CUDA torch, timm, scikit-learn, pydantic and pytest but no ONNX toolchain,
+    TensorRT or onnxruntime-gpu: a stand-in whose packages are empty modules and whose steps record their arguments
+    (scripts/gpu_check_needs.py runs for real in a Python without site-packages, seeing only those). `training`: a
+    script that `-m training`'s arguments are run with instead."""
     site = tmp_path / "site"
     for module in ("numpy", "PIL", "pydantic", "pydantic_settings", "torch", "torchvision", "timm", "sklearn",
                    "pytest"):
         (site / module).mkdir(parents=True)
         (site / module / "__init__.py").write_text("")
     (site / "torch" / "__init__.py").write_text("class cuda:\n    is_available = staticmethod(lambda: True)\n")
-    env, calls = fake_gpu_host(tmp_path, "NVIDIA H200", "9.0")
     python = tmp_path / "offline" / "python3"
     python.parent.mkdir()
     python.write_text(
         "#!/bin/sh\n"
         f'case "$1" in */gpu_check_needs.py) PYTHONPATH="{site}" exec "{sys.executable}" -S "$@" ;; esac\n'
         f"echo \"$* (PYTHONPATH=$PYTHONPATH)\" >> '{calls}'\n"
-        'case "$*" in "-m pytest"*) echo "2 passed" ;; esac\n')
+        + (f'case "$1 $2" in "-m training") shift 2; exec "{sys.executable}" "{training}" "$@" ;; esac\n'
+           if training else "")
+        + 'case "$*" in "-m pytest"*) echo "2 passed" ;; esac\n')
     python.chmod(0o755)
+    return python
+
+
+def test_without_installing_it_runs_what_the_python_has_and_names_what_it_lacks(tmp_path):
+    """--python: a host's Python without the ONNX toolchain, TensorRT or onnxruntime-gpu (offline_python)."""
+    env, calls = fake_gpu_host(tmp_path, "NVIDIA H200", "9.0")
+    python = offline_python(tmp_path, calls)
     out = tmp_path / "report"
     result = subprocess.run(["bash", str(SCRIPT), "--python", str(python), str(out)], capture_output=True, text=True,
                             timeout=120, env=env)
@@ -291,6 +300,43 @@ def test_without_installing_it_runs_what_the_python_has_and_names_what_it_lacks(
     assert "\n-m service doctor --require gpu (" in ran  # no TensorRT here is no failure of the doctor
     for amp in ("fp16", "bf16"):
         assert f"-m training --preset demo --epochs 1 --max-steps-per-epoch 20 --amp {amp} --output {out}/train-{amp}" \
-               f" --quiet (PYTHONPATH={ROOT}" in ran  # the checkout imports without an install
+               f" --overwrite-checkpoints --quiet (PYTHONPATH={ROOT}" in ran  # the checkout imports without an install
     assert "\n-m pytest -m gpu -q -rs -p no:cacheprovider tests/gpu/test_training_rng_gpu.py (" in ran
     assert "not run: tests/gpu/test_tensorrt_export.py (needs onnx," in (out / "logs" / "10-pytest-gpu.log").read_text()
+
+
+# The GPU's training run, stood in for: the real command line, resolved and checked by training itself (an --output
+# holding an earlier run's checkpoint_last.pth is refused unless a flag says what to do), then a checkpoint written.
+TRAINING_STAND_IN = """
+import sys
+from pathlib import Path
+
+from training.__main__ import get_args_parser
+from training.config import resolve
+from training.run import refuse_an_earlier_runs_output
+
+args = vars(get_args_parser().parse_args(sys.argv[1:]))
+config = resolve(args.pop("preset"), {name: value for name, value in args.items() if value is not None})
+try:
+    refuse_an_earlier_runs_output(config)
+except ValueError as error:
+    sys.exit(f"python -m training: error: {error}")
+Path(config.output).mkdir(parents=True, exist_ok=True)
+(Path(config.output) / "checkpoint_last.pth").write_bytes(b"a checkpoint")
+"""
+
+
+def test_a_second_check_into_the_same_folder_trains_afresh(tmp_path):
+    """`bash scripts/gpu_check.sh gpu-check` run again: train-amp's output holds the first run's checkpoints, which
+    training refuses to start over without --overwrite-checkpoints; the step failed on every rerun."""
+    env, calls = fake_gpu_host(tmp_path, "NVIDIA H200", "9.0")
+    training = tmp_path / "training_stand_in.py"
+    training.write_text(TRAINING_STAND_IN)
+    python = offline_python(tmp_path, calls, training=str(training))
+    out = tmp_path / "report"
+    for run in ("first", "second"):
+        subprocess.run(["bash", str(SCRIPT), "--python", str(python), str(out)], capture_output=True, text=True,
+                       timeout=120, env=env)
+        report = (out / "report.md").read_text()
+        assert "| train-amp | PASS |" in report, (run, (out / "logs" / "09-train-amp.log").read_text())
+    assert all((out / f"train-{amp}" / "checkpoint_last.pth").is_file() for amp in ("fp16", "bf16"))
