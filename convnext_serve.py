@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from convnext_common import CliParser, add_version_argument, one_line
@@ -32,6 +31,7 @@ from model.pretrained import (
 from model.timm_pretrained import TimmPretrained, get_timm_pretrained
 from runtime.engines.base import EngineError
 from runtime.engines.factory import check_engine_settings
+from runtime.exported_versions import find_exported
 from runtime.repository import Manifest, ModelRepository, RepositoryError
 from service.__main__ import StartRefused, startable_settings
 from service.engine_builds import engine_options
@@ -83,28 +83,6 @@ def repository_name(text: str) -> str:
 def default_checkpoint_name(path: Path) -> str:
     """The repository name a checkpoint is served under without --name (convnext_files.checkpoint_name_part)."""
     return repository_name(checkpoint_name_part(path.resolve()))
-
-
-def find_exported(repository: ModelRepository, name: str, matches: Callable[[Manifest], bool],
-                  precisions: Sequence[str]) -> int | None:
-    """The newest version of `name` whose manifest source `matches` and that has an ONNX file of each of `precisions`,
-    or None (then a new version is exported)."""
-    lacking = []
-    for version in reversed(repository.versions(name)):
-        try:
-            manifest = repository.load(name, version, verify_files=False).manifest
-        except RepositoryError:
-            continue  # a broken version is not reused; the export writes a new one
-        if not matches(manifest):
-            continue
-        missing = [p for p in precisions if manifest.find("onnx", p) is None]
-        if not missing:
-            return version
-        lacking.append(f"{name}/{version} has no {','.join(missing)}")
-    if lacking:
-        logger.info("exported from this file before, but not in every precision --precisions asks for (%s): "
-                    "exporting a new version", "; ".join(lacking))
-    return None
 
 
 def prepare_pretrained(args, repository: ModelRepository) -> tuple[str, int]:
@@ -206,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         except ExportError as error:
             parser.error(f"--model: {error}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("export", "model", "convnext_serve"):  # progress lines, not third-party INFO (the ONNX optimizer's)
+    # Progress lines, not third-party INFO (the ONNX optimizer's); runtime.exported_versions says why an earlier export
+    # is not reused.
+    for name in ("export", "model", "convnext_serve", "runtime.exported_versions"):
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:  # the service's settings and ports before a download and an export that could take minutes
         settings = startable_settings([*service_args, "--repository", args.repository])

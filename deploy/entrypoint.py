@@ -16,7 +16,8 @@ same variables as `prepare`, so give both the same ones):
   CONVNEXT_PRETRAINED        official checkpoint name (default: convnext_tiny_1k_224_ema, ImageNet-1K, 82.1% top-1);
                              its architecture, class count (21841 for the 22K ones) and input size go with it. Another
                              name of the same architecture is served under the same model name: `prepare` exports it
-                             as a new version (as any checkpoint file other than the newest version's)
+                             as a new version (as any checkpoint file no version was exported from; the newest version
+                             is served, CONVNEXT_VERSION pins another)
   CONVNEXT_WEIGHTS_BASE_URL  mirror holding the official file names (default: dl.fbaipublicfiles.com)
   CONVNEXT_CHECKPOINT        your own checkpoint: a local path or an http(s)/file URL (overrides CONVNEXT_PRETRAINED)
   CONVNEXT_EXPORT_PRECISIONS ONNX precisions to export (default: fp32,fp16)
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convnext_common import one_line  # noqa: E402
 from convnext_files import checkpoint_name_part  # noqa: E402
 from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
+from runtime.exported_versions import find_exported  # noqa: E402
 from runtime.repository import ModelRepository, RepositoryError  # noqa: E402
 from service.api_keys import admin_key  # noqa: E402
 from service.doctor import requirements_for  # noqa: E402
@@ -192,27 +194,33 @@ def prepare(settings: PrepareSettings) -> int:
 def export_needed(settings: PrepareSettings) -> bool:
     """Whether to export, said in a line when there is a version already. The model's name does not say its weights
     (convnext_tiny_1k_224_ema, _22k_224 and _22k_1k_384 are all served as convnext_tiny, for the clients that call
-    it by that name), so a newest version exported from another checkpoint file than the variables now name is
-    followed by a new version; of the same file, prepare has nothing to do."""
+    it by that name), so a checkpoint file that no version was exported from gets a new version; of a file one was
+    exported from, prepare has nothing to do: the newest version is served (a version exported by hand after it, a
+    fine-tune, stays served as every replica's, not exported over at the next replica's start)."""
     repository, name = ModelRepository(settings.repository), settings.model_name
     versions = repository.versions(name)
     if not versions:
         return True
-    wanted = checkpoint_file_name(settings)
+    newest, wanted = versions[-1], checkpoint_file_name(settings)
     try:
-        exported_from = repository.load(name, versions[-1], verify_files=False).manifest.source.checkpoint
+        newest_from = repository.load(name, newest, verify_files=False).manifest.source.checkpoint
     except RepositoryError as error:  # the service says so at its start; prepare leaves the version alone
-        print(f"prepare: {name} is already in {settings.repository} (version {versions[-1]}, whose manifest does not "
+        print(f"prepare: {name} is already in {settings.repository} (version {newest}, whose manifest does not "
               f"load: {one_line(error)}); skipping", flush=True)
         return False
-    if exported_from == wanted:
-        print(f"prepare: {name} is already in {settings.repository} (version {versions[-1]}, from {wanted}); "
-              "skipping", flush=True)
-        return False
-    print(f"prepare: {name} version {versions[-1]} in {settings.repository} was exported from "
-          f"{exported_from or 'no checkpoint (random weights)'}, not {wanted}: exporting {wanted} as a new version",
-          flush=True)
-    return True
+    newest_from = newest_from or "no checkpoint (random weights)"
+    found = find_exported(repository, name, lambda manifest: manifest.source.checkpoint == wanted)
+    if found == newest:
+        print(f"prepare: {name} is already in {settings.repository} (version {newest}, from {wanted}); skipping",
+              flush=True)
+    elif found is not None:
+        print(f"prepare: {name} version {found} in {settings.repository} was exported from {wanted}, but version "
+              f"{newest}, from {newest_from}, is newer and is the one served; skipping (to serve version {found}: "
+              f"CONVNEXT_VERSION={found}, or move version {newest} out of {settings.repository / name})", flush=True)
+    else:
+        print(f"prepare: {name} version {newest} in {settings.repository} was exported from {newest_from}, not "
+              f"{wanted}: exporting {wanted} as a new version", flush=True)  # nor was any other version
+    return found is None
 
 
 def export_model(settings: PrepareSettings) -> int:

@@ -183,16 +183,40 @@ def test_another_official_checkpoint_of_the_same_architecture_is_exported_as_a_n
     assert mirror.downloads.count(f"/{OTHER_OFFICIAL_FILE}") == 1
 
 
-def version_exported_from(tiny_repository: Path, repository: Path, name: str, checkpoint: str | None) -> None:
-    """A copy of the tiny model as `name` version 1, its manifest saying it was exported from `checkpoint`."""
+def version_exported_from(tiny_repository: Path, repository: Path, name: str, checkpoint: str | None,
+                          version: int = 1) -> None:
+    """A copy of the tiny model as `name` `version`, its manifest saying it was exported from `checkpoint`."""
     import shutil
 
-    shutil.copytree(tiny_repository / "tiny" / "1", repository / name / "1")
-    manifest_path = repository / name / "1" / "manifest.json"
+    shutil.copytree(tiny_repository / "tiny" / "1", repository / name / str(version))
+    manifest_path = repository / name / str(version) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["name"] = name
+    manifest.update(name=name, version=version)
     manifest["source"]["checkpoint"] = checkpoint
     manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_version_exported_by_hand_after_the_prepared_one_is_not_exported_over(tmp_path, tiny_repository,
+                                                                                monkeypatch, capsys):
+    """An operator's fine-tune exported by hand into the deploy's model name as version 2: the next replica's prepare
+    (a scale-up, a reschedule) compared only the newest version's file with the variables' and exported the official
+    file again as version 3, so replicas started before served the fine-tune and those after the official weights.
+    A version exported from the variables' file exists: nothing is exported, the newest is served, and the line says
+    how to serve the other."""
+    entrypoint = load_entrypoint()
+    repository = tmp_path / "models"
+    version_exported_from(tiny_repository, repository, "convnext_tiny", OFFICIAL_FILE, version=1)
+    version_exported_from(tiny_repository, repository, "convnext_tiny", "my_finetune_best.pth", version=2)
+    settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository)})
+    monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported over the hand-exported version"))
+    assert entrypoint.prepare(settings) == 0
+    assert (f"prepare: convnext_tiny version 1 in {repository} was exported from {OFFICIAL_FILE}, but version 2, "
+            "from my_finetune_best.pth, is newer and is the one served; skipping (to serve version 1: "
+            f"CONVNEXT_VERSION=1, or move version 2 out of {repository / 'convnext_tiny'})") in capsys.readouterr().out
+    assert entrypoint.ModelRepository(repository).versions("convnext_tiny") == [1, 2]
+    assert "--model-version" not in entrypoint.service_command(settings)  # the newest, unpinned, as before
+    pinned = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository), "CONVNEXT_VERSION": "1"})
+    assert pinned.service.version == 1  # the variable the line names is the service's own
 
 
 @pytest.mark.parametrize("checkpoint", ["https://host/runs/runA/checkpoint_best.pth",
