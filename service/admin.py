@@ -45,8 +45,8 @@ RELOAD_BODY = {"requestBody": {"required": True, "content": {"application/json":
 async def reload_request(request: Request) -> ReloadRequest:
     """The JSON body, at most MAX_RELOAD_BODY_BYTES. Only application/json: a browser sends that cross-site only
     after a CORS preflight, so a web page the operator opens cannot make it reload (a bodyless or form POST can). A
-    page made same-origin by DNS rebinding needs no preflight: the admin key, or without one the Host check
-    (service.security.AdminHostMiddleware), refuses it."""
+    page made same-origin by DNS rebinding needs no preflight: the admin key, or without one the Host and Origin
+    check (service.security.AdminHostMiddleware), refuses it."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", f"content type {shown(content_type or 'none')}: send JSON with "

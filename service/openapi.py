@@ -131,11 +131,11 @@ def declare_api_key(schema: dict, settings: Settings) -> None:
 
 
 def declare_admin_host_check(schema: dict) -> None:
-    """403 on /admin while it needs no key: a Host naming neither an IP address, localhost nor an allowed host
-    (service.security.AdminHostMiddleware)."""
+    """403 on /admin while it needs no key: a Host, or an Origin, naming neither an IP address, localhost nor an
+    allowed host (service.security.AdminHostMiddleware)."""
     for path, _, operation in operations(schema):
         if is_under(path, ADMIN_PREFIX):
             operation["responses"]["403"] = {
-                "description": "The request's Host is a name neither localhost nor in allowed_hosts (host_not_allowed; "
-                               "only while /admin needs no key: DNS rebinding)",
+                "description": "The request's Host, or its Origin, is a name neither localhost nor in allowed_hosts "
+                               "(host_not_allowed; only while /admin needs no key: DNS rebinding)",
                 "content": {"application/json": {"schema": dict(ERROR_REF)}}}

@@ -1,5 +1,6 @@
 """The service's HTTP edge, as pure ASGI middleware: optional API-key auth (deny by default), without a key a Host
-check on /admin (against DNS rebinding), opt-in CORS, and `X-Content-Type-Options: nosniff` on every answer."""
+and Origin check on /admin (against DNS rebinding), opt-in CORS, and `X-Content-Type-Options: nosniff` on every
+answer."""
 from __future__ import annotations
 
 import ipaddress
@@ -74,6 +75,14 @@ def host_allowed(host: str, allowed_names: frozenset[str]) -> bool:
     return name in ("", "localhost") or name in allowed_names or is_ip_address(name, ipaddress.IPv4Address)
 
 
+def origin_allowed(origin: str, allowed_names: frozenset[str]) -> bool:
+    """Whether an Origin header names a site whose host passes host_allowed (any scheme and port). `null`, an opaque
+    origin (a sandboxed frame, a file:// page, a data: URL: what any page can make of itself), does not, nor does
+    anything but `scheme://host[:port]`."""
+    scheme, separator, host = origin.partition("://")
+    return bool(scheme and separator and host) and "/" not in host and host_allowed(host, allowed_names)
+
+
 def is_ip_address(text: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
     try:
         kind(text)
@@ -83,13 +92,16 @@ def is_ip_address(text: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Ad
 
 
 class AdminHostMiddleware:
-    """403 JSON for a request to /admin whose Host is a name neither localhost nor in allowed_hosts; installed only
-    while /admin needs no key (with one, the key is the defence).
+    """403 JSON for a request to /admin whose Host, or whose Origin when it has one, is a name neither localhost nor
+    in allowed_hosts; installed only while /admin needs no key (with one, the key is the defence).
 
     DNS rebinding: a page the operator opens on attacker.example has its name re-resolved to the service's address, so
     its requests are same-origin (a JSON POST needs no CORS preflight), yet still say `Host: attacker.example`. An IP
-    address is no name to rebind, and localhost resolves on the operator's own machine. A request without a Host, or
-    an empty one (an HTTP/1.0 client, never a browser), passes."""
+    address is no name to rebind, and localhost resolves on the operator's own machine. A reverse proxy that sets its
+    own Host (nginx's default: the upstream's address) hides the page's name there, but the browser's Origin still
+    says it: a browser sends Origin with every POST, and a page from a sandboxed frame or a file sends `null`, which
+    is refused. A request without a Host, or an empty one (an HTTP/1.0 client, never a browser), passes, as one
+    without an Origin does (curl, probes, scripts: no page sent it)."""
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: ServiceMetrics):
         self.app, self.metrics = app, metrics
@@ -98,18 +110,26 @@ class AdminHostMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and is_under(routed_path(scope), ADMIN_PREFIX):
             for name, value in scope["headers"]:
-                if name == b"host" and not host_allowed(value.decode("latin-1"), self.allowed_names):
-                    self.metrics.rejected.labels("host_not_allowed").inc()
-                    await send_error(scope, send, 403, "host_not_allowed", host_refusal(value.decode("latin-1")))
+                text = value.decode("latin-1")
+                if name == b"host" and not host_allowed(text, self.allowed_names):
+                    await self._refuse(scope, send, host_refusal("Host", text))
+                    return
+                if name == b"origin" and not origin_allowed(text, self.allowed_names):
+                    await self._refuse(scope, send, host_refusal("Origin", text))
                     return
         await self.app(scope, receive, send)
 
+    async def _refuse(self, scope: Scope, send: Send, message: str) -> None:
+        self.metrics.rejected.labels("host_not_allowed").inc()
+        await send_error(scope, send, 403, "host_not_allowed", message)
 
-def host_refusal(host: str) -> str:
-    return (f"/admin needs no key here, so it answers only requests addressed to an IP address, localhost or a name in "
-            f"allowed_hosts, and this one's Host is {shown(host)} (a web page can reach the service under its own "
-            "site's name by DNS rebinding); call the service by its address, add the name to CONVNEXT_ALLOWED_HOSTS "
-            "(--allowed-hosts), or set CONVNEXT_ADMIN_API_KEY")
+
+def host_refusal(header: str, value: str) -> str:
+    """Why a Host or an Origin is refused, and what to do."""
+    return (f"/admin needs no key here, so it answers only requests addressed to (Host) and sent from pages at "
+            f"(Origin) an IP address, localhost or a name in allowed_hosts, and this one's {header} is {shown(value)} "
+            "(a web page can reach the service under its own site's name by DNS rebinding); call the service by its "
+            "address, add the name to CONVNEXT_ALLOWED_HOSTS (--allowed-hosts), or set CONVNEXT_ADMIN_API_KEY")
 
 
 class NoSniffMiddleware:
@@ -140,8 +160,9 @@ CORS_EXPOSED_HEADERS = ["Inference-Header-Content-Length", "Retry-After"]
 
 
 def install_edge(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> None:
-    """Auth when `api_key` or `admin_api_key` is set, else the Host check on /admin; then CORS (so preflights, 401s
-    and 403s get its headers) when origins are set, then nosniff (outermost: on every answer of these too).
+    """Auth when `api_key` or `admin_api_key` is set, else the Host and Origin check on /admin; then CORS (so
+    preflights, 401s and 403s get its headers) when origins are set, then nosniff (outermost: on every answer of these
+    too).
 
     The OpenAPI document declares the key and its 401s, or the Host check's 403 (service/openapi.py).
     """

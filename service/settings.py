@@ -128,8 +128,8 @@ class Settings(BaseSettings):
     allowed_hosts: str = Field("", description=(
         "comma-separated host names that /admin answers to while it needs no key (neither api_key nor admin_api_key "
         "set), e.g. the Kubernetes Service's or the compose service's name; an IP address or localhost always passes, "
-        "another Host gets 403 host_not_allowed: a web page can reach the service under its own site's name by DNS "
-        "rebinding (README, Security)"))
+        "another Host, or a browser's Origin naming another site, gets 403 host_not_allowed: a web page can reach the "
+        "service under its own site's name by DNS rebinding (README, Security)"))
     header_timeout_s: float = Field(
         10.0, gt=0, description="request headers complete within this, or the connection closes")
     body_timeout_s: float = Field(30.0, gt=0, description="each chunk of a request body within this, or 408")

@@ -259,6 +259,32 @@ def test_without_a_key_admin_answers_only_an_address_localhost_or_an_allowed_nam
         assert "403" in reload_answers and "401" not in reload_answers
 
 
+def test_without_a_key_admin_refuses_an_origin_the_host_check_would_refuse(model_repository, launch):
+    """Behind a reverse proxy that sets its own Host (nginx's default `proxy_set_header Host $proxy_host`: the
+    upstream's 127.0.0.1:8000), a rebound page's request reaches /admin with an allowed Host; its browser's Origin still
+    names the attacker's site. An Origin passes by the Host rule (an address, localhost, an allowed name), `null` (a
+    sandboxed frame's or a file's page) does not, and a request without one (curl, scripts) passes."""
+    missing = {"json": {"version": 99}, "timeout": 60}  # 404 version_not_found: past the check, nothing built
+    with launch(model_repository, allowed_hosts="convnext-serve") as url:
+        port = url.rsplit(":", 1)[1]
+        proxied = {"Host": f"127.0.0.1:{port}", "Origin": f"http://rebind.attacker.example:{port}"}
+        refused = httpx.post(f"{url}/admin/reload", headers=proxied, json={}, timeout=60)
+        assert refused.status_code == 403 and refused.headers["x-content-type-options"] == "nosniff"
+        error = refused.json()["error"]
+        assert error["code"] == "host_not_allowed"
+        assert "Origin is 'http://rebind.attacker.example:" in error["message"]
+        assert "CONVNEXT_ALLOWED_HOSTS" in error["message"]
+        for origin in ("null", "rebind.attacker.example", "http://", "http://convnext-serve.attacker.example",
+                       "https://10.0.0.1.nip.io", "http://127.0.0.1/path"):
+            answer = httpx.post(f"{url}/admin/reload", headers={"Origin": origin}, **missing)
+            assert answer.status_code == 403, origin
+        for origin in (url, f"http://[::1]:{port}", "http://localhost:3000", "https://convnext-serve",
+                       "http://CONVNEXT-SERVE.:8000"):
+            assert httpx.post(f"{url}/admin/reload", headers={"Origin": origin}, **missing).status_code == 404, origin
+        assert httpx.post(f"{url}/admin/reload", **missing).status_code == 404  # no Origin: not from a page
+        assert 'convnext_rejected_total{reason="host_not_allowed"} 7.0' in httpx.get(f"{url}/metrics").text
+
+
 def test_allowed_hosts_takes_names_only():
     from service.__main__ import settings_from_args
 
