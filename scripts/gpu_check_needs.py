@@ -39,27 +39,33 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-# What a NOT RUN line names (the pip package, or what is wrong with one) -> whether this Python has it.
+# A pip package a NOT RUN line names -> the module it installs, which this Python has when it finds it
+# (tests/deploy/test_gpu_check_python.py holds each step's list to what its entry module really imports).
+PACKAGE_MODULES = {
+    "numpy": "numpy",
+    "pillow": "PIL",
+    "pydantic": "pydantic",  # the model repository's manifest schema (runtime/repository.py)
+    "pydantic-settings": "pydantic_settings",
+    "prometheus-client": "prometheus_client",
+    "threadpoolctl": "threadpoolctl",  # bench/cpu_engines.py, which `python -m bench` imports (scikit-learn's too)
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "timm": "timm",
+    "scikit-learn": "sklearn",
+    "scikit-image": "skimage",
+    "onnx": "onnx",
+    "onnxscript": "onnxscript",
+    "onnxconverter-common": "onnxconverter_common",
+    "ml_dtypes": "ml_dtypes",
+    "onnxruntime": "onnxruntime",
+    "matplotlib": "matplotlib",
+    "pytest": "pytest",
+    "tensorrt-cu13": "tensorrt",
+    "cuda-python": "cuda.bindings",
+}
+# What a NOT RUN line names (a pip package, or what is wrong with one) -> whether this Python has it.
 CHECKS: dict[str, Callable[[], bool]] = {
-    "numpy": importable("numpy"),
-    "pillow": importable("PIL"),
-    "pydantic": importable("pydantic"),  # the model repository's manifest schema (runtime/repository.py)
-    "pydantic-settings": importable("pydantic_settings"),
-    "prometheus-client": importable("prometheus_client"),
-    "torch": importable("torch"),
-    "torchvision": importable("torchvision"),
-    "timm": importable("timm"),
-    "scikit-learn": importable("sklearn"),
-    "scikit-image": importable("skimage"),
-    "onnx": importable("onnx"),
-    "onnxscript": importable("onnxscript"),
-    "onnxconverter-common": importable("onnxconverter_common"),
-    "ml_dtypes": importable("ml_dtypes"),
-    "onnxruntime": importable("onnxruntime"),
-    "matplotlib": importable("matplotlib"),
-    "pytest": importable("pytest"),
-    "tensorrt-cu13": importable("tensorrt"),
-    "cuda-python": importable("cuda.bindings"),
+    **{package: importable(module) for package, module in PACKAGE_MODULES.items()},
     "onnxruntime-gpu (CUDAExecutionProvider)": onnxruntime_cuda,
     "torch with CUDA (torch.cuda.is_available())": torch_cuda,
 }
@@ -71,7 +77,8 @@ EXPORT = RUNTIME + ("torch", "torchvision", "onnx", "onnxscript", "onnxconverter
 TENSORRT = RUNTIME + ("tensorrt-cu13", "cuda-python", "ml_dtypes", "onnxruntime")
 ORT_CUDA = RUNTIME + ("onnxruntime-gpu (CUDAExecutionProvider)",)
 TORCH_CUDA = ("numpy", "torch", "torch with CUDA (torch.cuda.is_available())")
-ROADMAP = EXPORT + TENSORRT + ORT_CUDA + ("prometheus-client", "matplotlib")
+BENCH = ("prometheus-client", "threadpoolctl")  # what `python -m bench` imports besides the runtime
+ROADMAP = EXPORT + TENSORRT + ORT_CUDA + BENCH + ("matplotlib",)
 STEP_NEEDS: dict[str, tuple[str, ...]] = {
     "doctor": RUNTIME + ("pydantic-settings",),
     "export": EXPORT,
@@ -81,12 +88,12 @@ STEP_NEEDS: dict[str, tuple[str, ...]] = {
     "ort-cuda": ORT_CUDA,
     "train-amp": TORCH_CUDA + ("pillow", "torchvision", "timm", "scikit-learn"),
     "pytest-gpu": ("pytest",),  # and, per file, GPU_TEST_NEEDS
-    "bench": ORT_CUDA + ("prometheus-client",),
+    "bench": ORT_CUDA + BENCH,
     "roadmap": ROADMAP,
 }
 # Every tests/gpu file (tests/deploy/test_gpu_check_python.py checks that none is missing): what its tests import.
 GPU_TEST_NEEDS: dict[str, tuple[str, ...]] = {
-    "tests/gpu/test_training_rng_gpu.py": TORCH_CUDA,
+    "tests/gpu/test_training_rng_gpu.py": TORCH_CUDA + ("torchvision",),  # training.checkpoint imports model/
     "tests/gpu/test_service_engines_gpu.py": EXPORT + TENSORRT + ORT_CUDA,
     "tests/gpu/test_tensorrt_export.py": EXPORT + TENSORRT + ("scikit-learn", "scikit-image"),
     "tests/gpu/test_roadmap_gpu_bench.py": ROADMAP,

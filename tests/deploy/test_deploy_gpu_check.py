@@ -291,7 +291,8 @@ def test_without_installing_it_runs_what_the_python_has_and_names_what_it_lacks(
            f"{python}) |" in report
     assert "| tensorrt-fp16 | NOT RUN (needs tensorrt-cu13, cuda-python, ml_dtypes, onnxruntime: not in" in report
     assert "| ort-cuda | NOT RUN (needs onnxruntime-gpu (CUDAExecutionProvider): not in" in report
-    assert "| bench | NOT RUN (needs onnxruntime-gpu (CUDAExecutionProvider), prometheus-client: not in" in report
+    assert "| bench | NOT RUN (needs onnxruntime-gpu (CUDAExecutionProvider), prometheus-client, threadpoolctl: not " \
+           "in" in report
     assert "| roadmap | NOT RUN (needs onnx, onnxscript" in report
     assert "| doctor | PASS |" in report and "| train-amp | PASS |" in report  # what this Python has still runs
     assert "| pytest-gpu | PASS (3 of 4 test files not run: their packages are missing (see the log)) |" in report

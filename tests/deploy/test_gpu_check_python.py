@@ -3,6 +3,7 @@ and refused on an ONNX Runtime whose CUDA provider does not load), the bench ste
 needs in the no-install mode."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -134,5 +135,78 @@ def test_in_a_python_with_the_standard_library_only_every_step_names_what_it_lac
     rows = {tuple(line.split("\t")[:2]): line.split("\t")[2] for line in done.stdout.splitlines()}
     assert rows[("step", "train-amp")] == "numpy, torch, pillow, torchvision, timm, scikit-learn"
     assert rows[("step", "ort-cuda")] == "numpy, pillow, pydantic, onnxruntime-gpu (CUDAExecutionProvider)"
-    assert rows[("test", "tests/gpu/test_training_rng_gpu.py")] == "numpy, torch"
+    assert rows[("step", "bench")] == ("numpy, pillow, pydantic, onnxruntime-gpu (CUDAExecutionProvider), "
+                                       "prometheus-client, threadpoolctl")
+    assert rows[("test", "tests/gpu/test_training_rng_gpu.py")] == "numpy, torch, torchvision"
     assert len(rows) == len(gpu_check_needs.STEP_NEEDS) + len(gpu_check_needs.GPU_TEST_NEEDS)
+
+
+# Runs a command as `python` would (-m MODULE ARGS or PATH ARGS) and prints, last, the top-level third-party modules
+# that project code imported while it ran (not what those packages import in turn).
+IMPORT_TRACER = """
+import atexit, builtins, runpy, sys
+PROJECT = set(sys.argv[1].split(","))
+imported = set()
+builtin_import = builtins.__import__
+
+def tracing_import(name, globals=None, locals=None, fromlist=(), level=0):
+    importer = ((globals or {}).get("__name__") or "").split(".")[0]
+    top = name.split(".")[0]
+    if level == 0 and importer in PROJECT and top not in PROJECT and top not in sys.stdlib_module_names:
+        imported.add(top)
+    return builtin_import(name, globals, locals, fromlist, level)
+
+builtins.__import__ = tracing_import
+atexit.register(lambda: print("IMPORTED", *sorted(imported)))
+command = sys.argv[2:]
+if command[0] == "-m":
+    sys.argv = command[1:]
+    runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = command
+    runpy.run_path(command[0], run_name="__main__" if command[0].startswith("scripts/") else "gpu_test")
+"""
+PROJECT_NAMES = ("model", "training", "export", "runtime", "service", "bench", "deploy", "tests", "convnext_cli",
+                 "convnext_common", "convnext_files", "convnext_serve", "__main__", "gpu_test")
+# Each Python step of scripts/gpu_check.sh: the commands it runs, as `"$PY" <command> ...` in the script.
+STEP_COMMANDS = {
+    "doctor": [("-m", "service", "doctor")],
+    "export": [("-m", "export", "onnx")],
+    "tensorrt-fp32": [("-m", "export", "tensorrt")],
+    "tensorrt-fp16": [("-m", "export", "tensorrt")],
+    "tensorrt-bf16": [("-m", "export", "tensorrt")],
+    "ort-cuda": [("scripts/gpu_check_onnx.py",)],
+    "train-amp": [("-m", "training")],
+    "bench": [("scripts/gpu_check_onnx.py",), ("-m", "bench", "engine")],
+    "roadmap": [("-m", "bench", "roadmap")],
+}
+
+
+@functools.cache
+def imported_by(command: tuple[str, ...]) -> frozenset[str]:
+    """The top-level third-party modules `python <command>` imports in project code (its entry module and what that
+    imports at module level, as `--help` runs it; a GPU test file as pytest collects it)."""
+    done = subprocess.run([sys.executable, "-c", IMPORT_TRACER, ",".join(PROJECT_NAMES), *command], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    return frozenset(done.stdout.splitlines()[-1].split()[1:])
+
+
+def test_each_steps_needs_name_every_package_its_entry_module_imports():
+    """`python -m bench` imports bench/cpu_engines.py, which imports threadpoolctl: the bench and roadmap steps did not
+    name it, so on a --python without it both FAILED on a ModuleNotFoundError instead of being NOT RUN with the
+    package named. Each step's commands, and each GPU test file, are imported here for real and what they import held
+    to their lists."""
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    assert set(STEP_COMMANDS) == set(gpu_check_needs.STEP_NEEDS) - {"pytest-gpu"}
+    package_of = {module.split(".")[0]: package for package, module in gpu_check_needs.PACKAGE_MODULES.items()}
+    lacking = {}
+    for step, commands in STEP_COMMANDS.items():
+        for command in commands:
+            in_script = f'"$PY" -m {" ".join(command[1:])} ' if command[0] == "-m" else f'"$PY" "$ROOT/{command[0]}" '
+            assert in_script in script, (step, in_script)
+            needs = set(gpu_check_needs.STEP_NEEDS[step])
+            lacking[step, command] = {package_of.get(m, m) for m in imported_by((*command, "--help"))} - needs
+    for path, needs in gpu_check_needs.GPU_TEST_NEEDS.items():  # pytest: the pytest-gpu step's own need
+        lacking[path] = {package_of.get(m, m) for m in imported_by((path,))} - {*needs, "pytest"}
+    assert not {where: packages for where, packages in lacking.items() if packages}
