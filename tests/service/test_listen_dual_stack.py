@@ -19,18 +19,6 @@ from tests.service.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def ipv6_loopback_binds() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not ipv6_loopback_binds(), reason="this machine has no IPv6 loopback")
-
-
 def healthcheck(host: str, port: int) -> subprocess.CompletedProcess:
     """deploy/healthcheck.py (Docker's HEALTHCHECK) as the container runs it: CONVNEXT_HOST and CONVNEXT_PORT set."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
