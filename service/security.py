@@ -75,10 +75,15 @@ def host_allowed(host: str, allowed_names: frozenset[str]) -> bool:
     return name in ("", "localhost") or name in allowed_names or is_ip_address(name, ipaddress.IPv4Address)
 
 
-def origin_allowed(origin: str, allowed_names: frozenset[str]) -> bool:
-    """Whether an Origin header names a site whose host passes host_allowed (any scheme and port). `null`, an opaque
-    origin (a sandboxed frame, a file:// page, a data: URL: what any page can make of itself), does not, nor does
-    anything but `scheme://host[:port]`."""
+def origin_allowed(origin: str, allowed_names: frozenset[str], cors_origins: frozenset[str]) -> bool:
+    """Whether an Origin header is one of `cors_origins` exactly, or names a site whose host passes host_allowed (any
+    scheme and port). `null`, an opaque origin (a sandboxed frame, a file:// page, a data: URL: what any page can make
+    of itself), does not, nor does anything but `scheme://host[:port]`."""
+    # A listed origin is the operator's own page, and a rebound page cannot claim it: its browser sends the origin the
+    # page was loaded from, whatever that name now resolves to. Exact, as CORSMiddleware compares (a listed "*" lets no
+    # Origin through here: no browser sends it).
+    if origin in cors_origins:
+        return True
     scheme, separator, host = origin.partition("://")
     return bool(scheme and separator and host) and "/" not in host and host_allowed(host, allowed_names)
 
@@ -93,7 +98,8 @@ def is_ip_address(text: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Ad
 
 class AdminHostMiddleware:
     """403 JSON for a request to /admin whose Host, or whose Origin when it has one, is a name neither localhost nor
-    in allowed_hosts; installed only while /admin needs no key (with one, the key is the defence).
+    in allowed_hosts (an Origin listed in cors_origins passes too); installed only while /admin needs no key (with
+    one, the key is the defence).
 
     DNS rebinding: a page the operator opens on attacker.example has its name re-resolved to the service's address, so
     its requests are same-origin (a JSON POST needs no CORS preflight), yet still say `Host: attacker.example`. An IP
@@ -106,6 +112,7 @@ class AdminHostMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: ServiceMetrics):
         self.app, self.metrics = app, metrics
         self.allowed_names = frozenset(name for name in settings.allowed_hosts.split(",") if name)
+        self.cors_origins = frozenset(settings.cors_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and is_under(routed_path(scope), ADMIN_PREFIX):
@@ -114,7 +121,7 @@ class AdminHostMiddleware:
                 if name == b"host" and not host_allowed(text, self.allowed_names):
                     await self._refuse(scope, send, host_refusal("Host", text))
                     return
-                if name == b"origin" and not origin_allowed(text, self.allowed_names):
+                if name == b"origin" and not origin_allowed(text, self.allowed_names, self.cors_origins):
                     await self._refuse(scope, send, host_refusal("Origin", text))
                     return
         await self.app(scope, receive, send)
@@ -126,10 +133,12 @@ class AdminHostMiddleware:
 
 def host_refusal(header: str, value: str) -> str:
     """Why a Host or an Origin is refused, and what to do."""
+    listed_origin = ", list the page's origin in CONVNEXT_CORS_ORIGINS" if header == "Origin" else ""
     return (f"/admin needs no key here, so it answers only requests addressed to (Host) and sent from pages at "
             f"(Origin) an IP address, localhost or a name in allowed_hosts, and this one's {header} is {shown(value)} "
             "(a web page can reach the service under its own site's name by DNS rebinding); call the service by its "
-            "address, add the name to CONVNEXT_ALLOWED_HOSTS (--allowed-hosts), or set CONVNEXT_ADMIN_API_KEY")
+            f"address, add the name to CONVNEXT_ALLOWED_HOSTS (--allowed-hosts){listed_origin}, or set "
+            "CONVNEXT_ADMIN_API_KEY")
 
 
 class NoSniffMiddleware:

@@ -285,6 +285,25 @@ def test_without_a_key_admin_refuses_an_origin_the_host_check_would_refuse(model
         assert 'convnext_rejected_total{reason="host_not_allowed"} 7.0' in httpx.get(f"{url}/metrics").text
 
 
+def test_without_a_key_admin_answers_a_page_at_an_origin_listed_in_cors_origins(model_repository, launch):
+    """The operator's dashboard at a listed CORS origin calls /admin/reload: its preflight passes, so its POST must
+    too (a rebound page cannot send that Origin: its browser names the site the page came from). Only the exact origin
+    passes; another scheme or port of that name is judged by the Host rule and refused."""
+    missing = {"json": {"version": 99}, "timeout": 60}  # 404 version_not_found: past the check, nothing built
+    with launch(model_repository, cors_origins=["https://ops.example"]) as url:
+        preflight = httpx.options(f"{url}/admin/reload", headers={
+            "Origin": "https://ops.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 200
+        answer = httpx.post(f"{url}/admin/reload", headers={"Origin": "https://ops.example"}, **missing)
+        assert answer.status_code == 404, answer.text
+        assert answer.headers["access-control-allow-origin"] == "https://ops.example"
+        for origin in ("http://ops.example", "https://ops.example:8443", "https://rebind.ops.example"):
+            refused = httpx.post(f"{url}/admin/reload", headers={"Origin": origin}, **missing)
+            assert refused.status_code == 403, origin
+            assert "CONVNEXT_CORS_ORIGINS" in refused.json()["error"]["message"]
+
+
 def test_allowed_hosts_takes_names_only():
     from service.__main__ import settings_from_args
 
