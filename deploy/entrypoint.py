@@ -20,7 +20,7 @@ same variables as `prepare`, so give both the same ones):
                              is served, CONVNEXT_VERSION pins another)
   CONVNEXT_WEIGHTS_BASE_URL  mirror holding the official file names (default: dl.fbaipublicfiles.com)
   CONVNEXT_CHECKPOINT        your own checkpoint: a local path or an http(s)/file URL (overrides CONVNEXT_PRETRAINED)
-  CONVNEXT_EXPORT_PRECISIONS ONNX precisions to export (default: fp32,fp16)
+  CONVNEXT_EXPORT_PRECISIONS ONNX precisions to export (default: fp32,fp16); a version lacking one is exported anew
   CONVNEXT_EXPORT_ARGS       more `python -m export onnx` flags, e.g. "--num-classes 10 --input-size 288"
   CONVNEXT_HOST_CHECK        on a failed host check: hold (default: stay up, not ready, explain on /readyz),
                              exit (status 78), or off (do not check). The check runs when the service's engine
@@ -48,7 +48,7 @@ from convnext_common import one_line  # noqa: E402
 from convnext_files import checkpoint_name_part  # noqa: E402
 from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
 from runtime.exported_versions import find_exported  # noqa: E402
-from runtime.repository import ModelRepository, RepositoryError  # noqa: E402
+from runtime.repository import Manifest, ModelRepository, RepositoryError  # noqa: E402
 from service.api_keys import admin_key  # noqa: E402
 from service.doctor import requirements_for  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -105,6 +105,12 @@ class PrepareSettings:
     @property
     def repository(self) -> Path:
         return Path(self.service.repository)
+
+    @property
+    def export_precisions(self) -> tuple[str, ...]:
+        """CONVNEXT_EXPORT_PRECISIONS as a tuple: a version lacking one of them is exported again (as `convnext serve
+        --precisions` does), so adding fp16 exports the same file again rather than starting without it."""
+        return tuple(precision.strip() for precision in self.precisions.split(",") if precision.strip())
 
     @property
     def model_name(self) -> str:
@@ -194,32 +200,47 @@ def prepare(settings: PrepareSettings) -> int:
 def export_needed(settings: PrepareSettings) -> bool:
     """Whether to export, said in a line when there is a version already. The model's name does not say its weights
     (convnext_tiny_1k_224_ema, _22k_224 and _22k_1k_384 are all served as convnext_tiny, for the clients that call
-    it by that name), so a checkpoint file that no version was exported from gets a new version; of a file one was
-    exported from, prepare has nothing to do: the newest version is served (a version exported by hand after it, a
-    fine-tune, stays served as every replica's, not exported over at the next replica's start)."""
+    it by that name), so a checkpoint file that no version was exported from, in each of CONVNEXT_EXPORT_PRECISIONS,
+    gets a new version; of a file one was exported from, prepare has nothing to do: the newest version is served (a
+    version exported by hand after it, a fine-tune, stays served as every replica's, not exported over at the next
+    replica's start), or the one CONVNEXT_VERSION pins."""
     repository, name = ModelRepository(settings.repository), settings.model_name
     versions = repository.versions(name)
     if not versions:
         return True
-    newest, wanted = versions[-1], checkpoint_file_name(settings)
+    wanted, pinned = checkpoint_file_name(settings), settings.service.version
+    served = pinned or versions[-1]
+    served_as = f"version {served}" + (", pinned by CONVNEXT_VERSION" if pinned else "")
     try:
-        newest_from = repository.load(name, newest, verify_files=False).manifest.source.checkpoint
+        served_from = repository.load(name, served, verify_files=False).manifest.source.checkpoint
     except RepositoryError as error:  # the service says so at its start; prepare leaves the version alone
-        print(f"prepare: {name} is already in {settings.repository} (version {newest}, whose manifest does not "
-              f"load: {one_line(error)}); skipping", flush=True)
+        print(f"prepare: {name} is already in {settings.repository} ({served_as}, whose manifest does not load: "
+              f"{one_line(error)}); skipping", flush=True)
         return False
-    newest_from = newest_from or "no checkpoint (random weights)"
-    found = find_exported(repository, name, lambda manifest: manifest.source.checkpoint == wanted)
-    if found == newest:
-        print(f"prepare: {name} is already in {settings.repository} (version {newest}, from {wanted}); skipping",
+    served_from = served_from or "no checkpoint (random weights)"
+
+    def from_wanted(manifest: Manifest) -> bool:
+        return manifest.source.checkpoint == wanted
+
+    found = find_exported(repository, name, from_wanted, settings.export_precisions)
+    if found == served:
+        print(f"prepare: {name} is already in {settings.repository} ({served_as}, from {wanted}); skipping",
               flush=True)
     elif found is not None:
+        served_because = "is the one CONVNEXT_VERSION pins" if pinned else "is newer and is the one served"
+        move_newest = "" if pinned else f", or move version {served} out of {settings.repository / name}"
         print(f"prepare: {name} version {found} in {settings.repository} was exported from {wanted}, but version "
-              f"{newest}, from {newest_from}, is newer and is the one served; skipping (to serve version {found}: "
-              f"CONVNEXT_VERSION={found}, or move version {newest} out of {settings.repository / name})", flush=True)
+              f"{served}, from {served_from}, {served_because}; skipping (to serve version {found}: "
+              f"CONVNEXT_VERSION={found}{move_newest})", flush=True)
     else:
-        print(f"prepare: {name} version {newest} in {settings.repository} was exported from {newest_from}, not "
-              f"{wanted}: exporting {wanted} as a new version", flush=True)  # nor was any other version
+        in_fewer = find_exported(repository, name, from_wanted)  # from that file, in fewer precisions
+        why = (f"{name} version {in_fewer} in {settings.repository} was exported from {wanted}, but not in each of "
+               f"CONVNEXT_EXPORT_PRECISIONS={settings.precisions}" if in_fewer is not None else
+               f"{name} {served_as}{',' if pinned else ''} in {settings.repository} was exported from {served_from}, "
+               f"not {wanted}")
+        unserved = (f", which is not served while CONVNEXT_VERSION={pinned} is set (unset it, or set it to the new "
+                    "version, to serve it)" if pinned else "")
+        print(f"prepare: {why}: exporting {wanted} as a new version{unserved}", flush=True)
     return found is None
 
 

@@ -207,7 +207,8 @@ def test_a_version_exported_by_hand_after_the_prepared_one_is_not_exported_over(
     repository = tmp_path / "models"
     version_exported_from(tiny_repository, repository, "convnext_tiny", OFFICIAL_FILE, version=1)
     version_exported_from(tiny_repository, repository, "convnext_tiny", "my_finetune_best.pth", version=2)
-    settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository)})
+    settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository),
+                                                        "CONVNEXT_EXPORT_PRECISIONS": "fp32"})
     monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported over the hand-exported version"))
     assert entrypoint.prepare(settings) == 0
     assert (f"prepare: convnext_tiny version 1 in {repository} was exported from {OFFICIAL_FILE}, but version 2, "
@@ -217,6 +218,58 @@ def test_a_version_exported_by_hand_after_the_prepared_one_is_not_exported_over(
     assert "--model-version" not in entrypoint.service_command(settings)  # the newest, unpinned, as before
     pinned = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository), "CONVNEXT_VERSION": "1"})
     assert pinned.service.version == 1  # the variable the line names is the service's own
+
+
+def test_with_a_version_pinned_the_line_names_the_pinned_one_as_served(tmp_path, tiny_repository, monkeypatch,
+                                                                      capsys):
+    """CONVNEXT_VERSION=1 set, as the line above advises: every start still said version 2 "is newer and is the one
+    served", and a new file's export did not say it would not be served. The pinned version is the one named."""
+    entrypoint = load_entrypoint()
+    repository = tmp_path / "models"
+    version_exported_from(tiny_repository, repository, "convnext_tiny", OFFICIAL_FILE, version=1)
+    version_exported_from(tiny_repository, repository, "convnext_tiny", "my_finetune_best.pth", version=2)
+    env = {"CONVNEXT_REPOSITORY": str(repository), "CONVNEXT_EXPORT_PRECISIONS": "fp32"}
+    monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported although version 1 is there"))
+    assert entrypoint.prepare(settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_VERSION": "1"})) == 0
+    assert capsys.readouterr().out == (f"prepare: convnext_tiny is already in {repository} (version 1, pinned by "
+                                       f"CONVNEXT_VERSION, from {OFFICIAL_FILE}); skipping\n")
+    assert entrypoint.prepare(settings_from(entrypoint, monkeypatch, {
+        **env, "CONVNEXT_VERSION": "2", "CONVNEXT_CHECKPOINT": "/ckpt/my_finetune_best.pth",
+        "CONVNEXT_MODEL": "convnext_tiny"})) == 0
+    assert "(version 2, pinned by CONVNEXT_VERSION, from my_finetune_best.pth); skipping" in capsys.readouterr().out
+    assert entrypoint.prepare(settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_VERSION": "2"})) == 0
+    assert (f"prepare: convnext_tiny version 1 in {repository} was exported from {OFFICIAL_FILE}, but version 2, from "
+            "my_finetune_best.pth, is the one CONVNEXT_VERSION pins; skipping (to serve version 1: CONVNEXT_VERSION=1)"
+            "\n") == capsys.readouterr().out
+    exports = []
+    monkeypatch.setattr(entrypoint, "export_model", lambda settings: exports.append(settings) or 0)
+    new_file = settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_VERSION": "1",
+                                                       "CONVNEXT_PRETRAINED": OTHER_OFFICIAL_FILE.removesuffix(".pth")})
+    assert entrypoint.prepare(new_file) == 0 and exports == [new_file]
+    assert (f"prepare: convnext_tiny version 1, pinned by CONVNEXT_VERSION, in {repository} was exported from "
+            f"{OFFICIAL_FILE}, not {OTHER_OFFICIAL_FILE}: exporting {OTHER_OFFICIAL_FILE} as a new version, which is "
+            "not served while CONVNEXT_VERSION=1 is set") in capsys.readouterr().out
+
+
+def test_a_precision_added_to_export_precisions_exports_the_same_file_again(tmp_path, tiny_repository, monkeypatch,
+                                                                            capsys):
+    """CONVNEXT_EXPORT_PRECISIONS raised from fp32 to fp32,fp16 after the first prepare: a version from the file
+    existed, so prepare skipped and the service had no fp16 to start on (convnext serve --precisions exported
+    again). A version lacking one of the precisions is exported again, and the line says why."""
+    entrypoint = load_entrypoint()
+    repository = tmp_path / "models"
+    version_exported_from(tiny_repository, repository, "convnext_tiny", OFFICIAL_FILE)  # fp32 only
+    env = {"CONVNEXT_REPOSITORY": str(repository), "CONVNEXT_EXPORT_PRECISIONS": "fp32"}
+    exports = []
+    monkeypatch.setattr(entrypoint, "export_model", lambda settings: exports.append(settings) or 0)
+    assert entrypoint.prepare(settings_from(entrypoint, monkeypatch, env)) == 0 and exports == []
+    capsys.readouterr()
+    raised = settings_from(entrypoint, monkeypatch, {**env, "CONVNEXT_EXPORT_PRECISIONS": "fp32, fp16"})
+    assert entrypoint.prepare(raised) == 0 and exports == [raised]
+    assert raised.export_precisions == ("fp32", "fp16")
+    assert (f"prepare: convnext_tiny version 1 in {repository} was exported from {OFFICIAL_FILE}, but not in each of "
+            f"CONVNEXT_EXPORT_PRECISIONS=fp32, fp16: exporting {OFFICIAL_FILE} as a new version\n"
+            ) == capsys.readouterr().out
 
 
 @pytest.mark.parametrize("checkpoint", ["https://host/runs/runA/checkpoint_best.pth",
@@ -230,7 +283,8 @@ def test_a_runs_checkpoint_prepared_before_is_skipped_another_file_under_its_nam
     repository = tmp_path / "models"
     version_exported_from(tiny_repository, repository, "runa", "checkpoint_best.pth")
     settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository),
-                                                        "CONVNEXT_CHECKPOINT": checkpoint})
+                                                        "CONVNEXT_CHECKPOINT": checkpoint,
+                                                        "CONVNEXT_EXPORT_PRECISIONS": "fp32"})  # the copy's
     assert settings.model_name == "runa"
     monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported although the model was there"))
     assert entrypoint.prepare(settings) == 0
@@ -493,7 +547,7 @@ def test_a_prepare_that_finds_another_one_exporting_waits_for_it_then_skips(tmp_
     entrypoint = load_entrypoint()
     repository = tmp_path / "models"
     settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository),
-                                                        "CONVNEXT_MODEL": "tiny"})
+                                                        "CONVNEXT_MODEL": "tiny", "CONVNEXT_EXPORT_PRECISIONS": "fp32"})
     monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported although the model was there"))
     repository.mkdir()
     results: list[int] = []
