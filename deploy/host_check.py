@@ -87,7 +87,8 @@ class DiagnosisServer(http.server.ThreadingHTTPServer):
     def server_bind(self):
         if self.address_family == socket.AF_INET6 and is_ipv6_wildcard(self.server_address[0]):
             # "::" answers IPv4 too, as the service's own listener (service/listen_socket.py): the healthcheck's
-            # 127.0.0.1 reads the diagnosis, not a refused connection; the default depends on a kernel setting.
+            # 127.0.0.1 reads the diagnosis, not a refused connection. Needed on a kernel with net.ipv6.bindv6only=1
+            # (its IPv6 sockets start IPv6 only, and the stdlib's server leaves them so); the default 0 has it already.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 

@@ -8,6 +8,7 @@ and Prometheus on an IPv4 network were refused. "::" here means both families, a
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import socket
 
@@ -24,7 +25,7 @@ def is_ipv6_wildcard(host: str) -> bool:
 def bound_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port (the first address `host` resolves to) as the service listens: SO_REUSEADDR,
     as uvicorn binds (a connection in TIME_WAIT is no owner), and on IPv6's wildcard IPV6_V6ONLY off. OSError when
-    the port is taken."""
+    it cannot be bound (bind_refusal says why)."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
     listener = socket.socket(family, kind, proto)
@@ -39,3 +40,23 @@ def bound_socket(host: str, port: int) -> socket.socket:
         listener.close()
         raise
     return listener
+
+
+def bind_refusal(error: OSError, protocol: str, host: str, port: int, port_flag: str) -> str:
+    """What to do when `protocol`'s port cannot be bound on host:port, by the error's cause: only EADDRINUSE means
+    another server holds it; a kernel without IPv6 (ipv6.disable=1) refuses the family, and an address this host does
+    not have cannot be listened on, whatever the port."""
+    where, reason = f"the {protocol} port {host}:{port}", error.strerror or str(error)
+    if error.errno == errno.EADDRINUSE:
+        return f"{where} is taken ({reason}): stop the server using it, or pass {port_flag} with a free port"
+    if error.errno == errno.EACCES:
+        return (f"{where} may not be bound by this user ({reason}): ports below 1024 need root or "
+                f"CAP_NET_BIND_SERVICE; pass {port_flag} with a port above 1023")
+    if error.errno == errno.EAFNOSUPPORT:
+        family = "IPv6" if ":" in host else "support for this address family"
+        return (f"{where} cannot be listened on: this host has no {family} ({reason}): pass --host 0.0.0.0 (every "
+                "IPv4 address)")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return (f"{where} cannot be listened on: this host has no address {host} ({reason}): pass --host 0.0.0.0 "
+                "(every IPv4 address) or one of this host's addresses")
+    return f"{where} cannot be bound ({reason}): pass --host or {port_flag} with another"

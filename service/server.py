@@ -22,7 +22,7 @@ from service.access_log import ACCESS_LOG
 from service.app import begin_drain
 from service.errors import error_body, send_error
 from service.lingering_close import LINGERING_TIME_S, LingeringConnections, LingeringTransport
-from service.listen_socket import bound_socket, is_ipv6_wildcard
+from service.listen_socket import bind_refusal, bound_socket, is_ipv6_wildcard
 from service.metrics import ServiceMetrics
 from service.security import NOSNIFF
 from service.settings import Settings
@@ -268,17 +268,16 @@ class Server(uvicorn.Server):
 
 
 def check_ports_free(settings: Settings) -> None:
-    """OSError naming the setting to change when the HTTP or gRPC port is already taken. Checked before the model
-    loads: the gRPC server and uvicorn (but on "::", Server.startup) only bind after it, which can take minutes (a
-    TensorRT build)."""
+    """OSError naming the setting to change when the HTTP or gRPC port cannot be bound (taken, or on an address or
+    family this host lacks: listen_socket.bind_refusal). Checked before the model loads: the gRPC server and uvicorn
+    (but on "::", Server.startup) only bind after it, which can take minutes (a TensorRT build)."""
     for setting, port, protocol in (("port", settings.port, "HTTP"), ("grpc-port", settings.grpc_port, "gRPC")):
         if port == 0:  # HTTP: any free port; gRPC: off
             continue
         try:
             bound_socket(settings.host, port).close()  # as the server binds: on "::", IPv4's port must be free too
         except OSError as err:
-            raise OSError(f"the {protocol} port {settings.host}:{port} is taken ({err.strerror}): stop "
-                          f"the server using it, or pass --{setting} with a free port"
+            raise OSError(bind_refusal(err, protocol, settings.host, port, f"--{setting}")
                           + ("; 0 turns gRPC off" if protocol == "gRPC" else "")) from None
 
 
