@@ -22,7 +22,7 @@ FLAG_HELP = {  # what a flag does, where its name alone does not say it
                  "(images/s, ETA of the epoch and of the run)",
     "overwrite_checkpoints": "start a new run in an --output that holds an earlier run's checkpoints, removing "
                              "them and its config.json and log.jsonl at the start (without it, such a run is "
-                             "refused: --resume continues it)",
+                             "refused: --resume continues it); not with --resume, nor a --finetune among them",
     "quiet": "no progress bar or progress lines (for scripts); epoch records and errors still print",
 }
 

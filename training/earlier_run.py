@@ -20,7 +20,13 @@ def refuse_an_earlier_runs_output(config: TrainConfig) -> None:
 
     A folder can hold best checkpoints but no checkpoint_last.pth: the first epoch writes the best ones first, so a
     kill between those writes leaves them alone (or someone removed the last one to save space).
+
+    A run that starts over is refused too when it contradicts itself: with --resume (which continues the run), or
+    with a --finetune that is one of the checkpoints it removes (rank 0 removes it while the other processes may still
+    be loading it, and it is gone after the run).
     """
+    if config.overwrite_checkpoints:
+        refuse_a_start_over_that_needs_the_earlier_run(config)
     if config.resume or config.overwrite_checkpoints:
         return
     output = Path(config.output)
@@ -35,6 +41,18 @@ def refuse_an_earlier_runs_output(config: TrainConfig) -> None:
                          f"checkpoint_last.pth (a run stopped during its first save?): pass --resume "
                          f"{output / best[0]} to continue from it, --overwrite-checkpoints to start over and remove "
                          "them, or another --output")
+
+
+def refuse_a_start_over_that_needs_the_earlier_run(config: TrainConfig) -> None:
+    output = Path(config.output)
+    if config.resume:
+        raise ValueError(f"--resume {config.resume} continues the run in --output {config.output} and "
+                         "--overwrite-checkpoints starts a new one there, removing its checkpoints: pass one of them")
+    removed = {(output / name).resolve() for name in CHECKPOINT_NAMES}
+    if config.finetune and Path(config.finetune).resolve() in removed:
+        raise ValueError(f"--finetune {config.finetune} is one of the checkpoints --overwrite-checkpoints removes from "
+                         f"--output {config.output} as this run starts over: copy it out of that folder and pass the "
+                         "copy, or pass another --output")
 
 
 def earlier_run_files(output: Path) -> list[Path]:

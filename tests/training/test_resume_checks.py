@@ -162,6 +162,33 @@ def test_a_new_run_into_a_folder_with_best_checkpoints_but_no_last_is_refused(fi
     assert read_checkpoint(output / "checkpoint_last.pth")["epoch"] == 1
 
 
+def test_a_start_over_that_would_remove_its_own_finetune_source_is_refused_before_any_work(finished, tmp_path, capsys):
+    """`--finetune <output>/checkpoint_best.pth --overwrite-checkpoints` removed the file it fine-tunes from: rank 0
+    unlinks it while the other torchrun processes may still be loading it, and it is gone after the run. Refused
+    (exit 2), however the path is spelled, and nothing is removed; --finetune from elsewhere starts over as before."""
+    output = _folder_of(finished, tmp_path, "checkpoint_best.pth", "checkpoint_last.pth", "log.jsonl")
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    for source in (output / "checkpoint_best.pth", output.parent / ".." / output.parent.name / output.name /
+                   "checkpoint_last.pth"):
+        assert main(_rerun(output, "--overwrite-checkpoints", "--finetune", str(source))) == 2
+        line = _one_error_line(capsys)
+        assert (f"--finetune {source} is one of the checkpoints --overwrite-checkpoints removes from --output {output}"
+                in line and "copy it out of that folder" in line), line
+        assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+    assert main(_rerun(output, "--overwrite-checkpoints", "--finetune", str(finished))) == 0
+
+
+def test_resume_and_overwrite_checkpoints_together_are_refused(finished, tmp_path, capsys):
+    """--resume continues the run in --output and --overwrite-checkpoints starts a new one: one of them."""
+    output = _folder_of(finished, tmp_path, "checkpoint_last.pth")
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    resumed = output / "checkpoint_last.pth"
+    assert main(_rerun(output, "--resume", str(resumed), "--epochs", "2", "--overwrite-checkpoints")) == 2
+    assert f"--resume {resumed} continues the run in --output {output} and --overwrite-checkpoints starts a new one" \
+        in _one_error_line(capsys)
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+
+
 def test_overwrite_checkpoints_removes_every_file_of_the_earlier_run_and_says_so(finished, tmp_path, capsys):
     """This run (no eval) writes no best checkpoint: the earlier run's would stay beside its checkpoint_last.pth, and
     its log.jsonl would hold both runs' lines."""
