@@ -74,11 +74,13 @@ test: lint install system-deps $(ORT_GPU_PROBE)/.installed
 
 # Train the offline demo model (digits, CPU, minutes) and export it to ./models unless a version of it is there already
 # (a published one, with its manifest: an export that was interrupted leaves the model's folder without one). A run
-# interrupted before (or finished, its export not) is resumed: training refuses to start over on its checkpoints.
+# interrupted before (or finished, its export not) is resumed, from checkpoint_last.pth, else a best checkpoint (a kill
+# during the first epoch's save leaves only those): training refuses to start over on its checkpoints.
 demo-model: install
 	@if ! ls models/digits/*/manifest.json >/dev/null 2>&1; then \
-		$(PY) -m training --preset demo --output runs/demo \
-			$$(test -f runs/demo/checkpoint_last.pth && echo --resume runs/demo/checkpoint_last.pth) && \
+		$(PY) -m training --preset demo --output runs/demo $$(for checkpoint in checkpoint_last.pth \
+			checkpoint_best.pth checkpoint_best_ema.pth; do test -f runs/demo/$$checkpoint \
+			&& echo --resume runs/demo/$$checkpoint && break; done) && \
 		$(PY) -m export onnx --model convnext_atto --checkpoint runs/demo/checkpoint_best.pth --name digits --repository models; \
 	fi
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 from compose_yaml import ROOT, load_compose, seconds
 from entrypoint_settings import load_entrypoint, settings_from
 
+from convnext_files import sidecar_path
 from deploy.host_check import DOCTOR_TIMEOUT_S
 from model.checkpoints import read_checkpoint
 from service.engine_builds import build_timeout_s
@@ -226,10 +228,21 @@ def _epochs_trained(stderr: str) -> list[int]:
 @pytest.mark.timeout(600)
 def test_the_training_job_applied_again_after_a_failure_resumes_instead_of_starting_over(tmp_path):
     """backoffLimit 0: a failed Job is deleted and applied again, same command, same run folder. It must continue
-    from the folder's checkpoint_last.pth, not train from epoch 0 over the run's checkpoints."""
+    from the folder's checkpoint_last.pth, not train from epoch 0 over the run's checkpoints; after a kill during the
+    first epoch's save (its best checkpoint written, checkpoint_last.pth not yet), from the best one: training refuses
+    to start over there, so every re-apply failed."""
     first = _run_training_job_command(tmp_path / "in1k", epochs=1)  # the run the failure ended after epoch 0
     assert first.returncode == 0 and _epochs_trained(first.stderr) == [0], first.stderr[-3000:]
+    best_only = tmp_path / "best-only"  # the same epoch-0 state, saved as the first epoch saves it first
+    best_only.mkdir()
+    shutil.copyfile(tmp_path / "in1k" / "checkpoint_last.pth", best_only / "checkpoint_best.pth")
+    sidecar = sidecar_path(tmp_path / "in1k" / "checkpoint_last.pth").read_text()
+    sidecar_path(best_only / "checkpoint_best.pth").write_text(sidecar.replace("checkpoint_last", "checkpoint_best"))
     again = _run_training_job_command(tmp_path / "in1k", epochs=2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _epochs_trained(again.stderr) == [1]  # resumed: epoch 0 is not trained again
     assert read_checkpoint(tmp_path / "in1k" / "checkpoint_last.pth")["epoch"] == 1
+    from_best = _run_training_job_command(best_only, epochs=2)
+    assert from_best.returncode == 0, from_best.stderr[-3000:]
+    assert _epochs_trained(from_best.stderr) == [1]
+    assert read_checkpoint(best_only / "checkpoint_last.pth")["epoch"] == 1
