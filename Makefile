@@ -70,7 +70,7 @@ lint: install
 	$(PY) -m mypy
 
 test: lint install system-deps $(ORT_GPU_PROBE)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=20
 
 # Train the offline demo model (digits, CPU, minutes) and export it to ./models unless a version of it is there already
 # (a published one, with its manifest: an export that was interrupted leaves the model's folder without one). A run
