@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from model import create_model
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIS = {  # how a person runs it -> the prog its errors start with
@@ -146,9 +147,7 @@ def places(tmp_path_factory) -> dict[str, str]:
     broken = tmp / "broken" / "digits" / "1"
     broken.mkdir(parents=True)
     (broken / "manifest.json").write_text(json.dumps({"schema_version": 1, "name": "digits"}))
-    with socket.socket() as s:  # bound, never listening: connections are refused, as with no network
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    dead = f"http://127.0.0.1:{free_port()}/"  # nothing listens there: connections are refused, as with no network
     return {"tmp": str(tmp), "dead": dead}
 
 

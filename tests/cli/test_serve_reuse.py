@@ -8,7 +8,6 @@ exec of the service is recorded instead.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import onnxruntime
@@ -169,9 +168,7 @@ def test_an_argument_the_export_would_refuse_is_refused_before_the_checkpoint_is
 
 def test_a_bad_name_is_refused_before_the_download(tmp_path, capsys):
     """A mirror where nothing listens: the download, had it been tried, would fail with status 1."""
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        mirror = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+    mirror = f"http://127.0.0.1:{free_port()}/"  # outside the kernel's own picks: nothing listens there
     with pytest.raises(SystemExit) as exit_:
         convnext_serve.main(["--pretrained", "convnext_tiny_1k_224_ema", "--name", "Bad_Name", "--mirror", mirror,
                              "--cache-dir", str(tmp_path / "cache"), "--repository", str(tmp_path / "models"),

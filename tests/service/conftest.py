@@ -3,7 +3,6 @@ hot-swaps), and a real uvicorn server."""
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ import pytest
 
 from runtime.preprocess import preprocess
 from runtime.repository import ModelRepository
+from tests.ports import free_port  # noqa: F401 (the service tests take it from here)
 
 
 @pytest.fixture(scope="session")
@@ -74,12 +74,6 @@ class LiveServer(str):
     """The base URL of a running server (a str), with the app it serves as `.app` for in-process checks."""
 
     app = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, timeout_s: float = 60, alive=lambda: True) -> None:

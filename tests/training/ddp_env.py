@@ -1,14 +1,9 @@
 """What a gloo test process needs to join a 2-process group as torchrun would start it (CPU, localhost)."""
 import os
-import socket
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port  # noqa: F401 (the tests take it from here)
 
 
 def join_as_torchrun(rank: int, world_size: int, port: int) -> None:
