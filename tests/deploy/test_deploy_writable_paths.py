@@ -11,10 +11,13 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import httpx
@@ -127,9 +130,9 @@ class Mounts:
     """Host folders standing in for a container's writable paths: the process is pointed at them (repository, TMPDIR,
     HOME, output), and each write it records is mapped back to the container's path."""
 
-    def __init__(self, root: Path, container: dict, paths: dict[str, str]):
+    def __init__(self, root: Path, container: dict, paths: dict[str, str], host: dict[str, Path]):
         self.container, self.log = container, root / "writes.log"
-        self.host = {name: root / name for name in paths}
+        self.host = {name: host.get(name, root / name) for name in paths}
         for folder in self.host.values():
             folder.mkdir(parents=True, exist_ok=True)
         self.container_path = {str(self.host[name]): path for name, path in paths.items()}
@@ -163,9 +166,21 @@ class Mounts:
         return [path for _, path in writes]
 
 
-def container_mounts(root: Path, name: str, **paths: str) -> Mounts:
+def container_mounts(root: Path, name: str, host_tmp: Path | None = None, **paths: str) -> Mounts:
+    """The container's writable paths as folders under `root` (its /tmp in `host_tmp` when given)."""
     container = containers()[name]
-    return Mounts(root, container, {"tmp": "/tmp", "home": home(container), **paths})
+    return Mounts(root, container, {"tmp": "/tmp", "home": home(container), **paths},
+                  {} if host_tmp is None else {"tmp": host_tmp})
+
+
+@pytest.fixture()
+def short_tmp() -> Iterator[Path]:
+    """A TMPDIR with a short path: multiprocessing's listener sockets live in it, and a socket's path over 107 bytes
+    cannot be bound. Under a pytest-xdist worker's longer tmp_path, the DataLoader worker's batch never reached the
+    training process (its file descriptor is passed through such a socket) and the run hung to its timeout."""
+    folder = Path(tempfile.mkdtemp(prefix="wa-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +264,10 @@ def _ready(url: str) -> bool:
         return False
 
 
-def test_a_torchrun_training_run_writes_only_to_the_jobs_writable_mounts(tmp_path):
+def test_a_torchrun_training_run_writes_only_to_the_jobs_writable_mounts(tmp_path, short_tmp):
     """The Job's command (torchrun, one process per GPU, DataLoader workers) on the offline demo data, one step
     (evaluation writes where training does: checkpoints into the output folder)."""
-    mounts = container_mounts(tmp_path, "torchrun", runs="/runs")
+    mounts = container_mounts(tmp_path, "torchrun", short_tmp, runs="/runs")
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=1", "--node-rank=0",
                "--master-addr=127.0.0.1", f"--master-port={free_port()}",
                "-m", "training", "--preset", "demo", "--output", str(mounts.host["runs"] / "demo"), "--epochs", "1",
