@@ -15,6 +15,39 @@ def pytest_configure(config):
     servers a free port.
     """
     os.environ.setdefault("CONVNEXT_GRPC_PORT", "0")
+    # pytest-xdist workers share the cores: torch's OpenMP threads in each (and in the processes they start) take
+    # their share, as spinning OpenMP threads oversubscribed made a 4-s training test take 74 s.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+
+
+# The longest files (serial seconds on CI's 2-core machine, session 20) run first: pytest-xdist (`make test` runs a
+# worker per core) hands files out in collection order, and one of these begun last kept a worker busy for a minute or
+# two after the other had run out of files.
+LONG_FILES = (
+    "tests/test_main_job.py",  # 44 s, one test
+    "tests/training/test_resume_ddp.py",  # 61 s
+    "tests/deploy/test_deploy_entrypoint.py",  # 62 s
+    "tests/cli/test_cli_errors.py",  # 52 s, most of it one module fixture
+    "tests/service/test_lingering_close.py",  # 43 s
+    "tests/bench/test_cpu_benches.py",  # 37 s
+    "tests/export/test_roadmap_export.py",  # 34 s
+    "tests/bench/test_bench_smoke.py",  # 30 s
+    "tests/training/test_crash_resume.py",  # 28 s, one test
+    "tests/deploy/test_deploy_writable_paths.py",  # 27 s
+    "tests/export/test_repository_writes.py",  # 27 s
+    "tests/training/test_engine_steps.py",
+    "tests/cli/test_serve_pretrained.py",  # 21 s, one test
+    "tests/reliability/test_overload.py",  # 16 s, one test
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """LONG_FILES' tests first, in that order, then the rest as collected (a stable sort: files stay whole)."""
+    root = config.rootpath
+    rank = {name: place for place, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.relative_to(root).as_posix(), len(LONG_FILES)))
 
 
 def _real_photo_sources() -> list[Path]:
