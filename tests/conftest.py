@@ -45,9 +45,8 @@ LONG_FILES = (
 
 def pytest_collection_modifyitems(session, config, items):
     """LONG_FILES' tests first, in that order, then the rest as collected (a stable sort: files stay whole)."""
-    root = config.rootpath
     rank = {name: place for place, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.relative_to(root).as_posix(), len(LONG_FILES)))
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FILES)))  # the file, from rootdir
 
 
 def _real_photo_sources() -> list[Path]:
