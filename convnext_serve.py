@@ -125,13 +125,8 @@ def prepare_checkpoint(args, repository: ModelRepository) -> tuple[str, int]:
 
 
 def timm_tag(timm_name: str | None) -> TimmPretrained | None:
-    """--timm-name's tag, refused before anything is read when this project does not know it."""
-    if timm_name is None:
-        return None
-    try:
-        return get_timm_pretrained(timm_name)
-    except ValueError as error:
-        raise ServeSetupError(f"--timm-name: {error}") from None
+    """--timm-name's tag (main refused a tag this project does not know at parsing)."""
+    return None if timm_name is None else get_timm_pretrained(timm_name)
 
 
 def onnx_precision_read(settings: Settings) -> str:
@@ -183,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
             check_model_name(args.model)
         except ExportError as error:
             parser.error(f"--model: {error}")
+    for flag, name, known in (("--pretrained", args.pretrained, get_pretrained),
+                              ("--timm-name", args.timm_name, get_timm_pretrained)):
+        if name is not None:  # a name this project does not know: bad arguments, as the parser's own refusals
+            try:
+                known(name)
+            except ValueError as error:
+                parser.error(f"{flag}: {error}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     # Progress lines, not third-party INFO (the ONNX optimizer's); runtime.exported_versions says why an earlier export
     # is not reused.

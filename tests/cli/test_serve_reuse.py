@@ -178,12 +178,25 @@ def test_a_bad_name_is_refused_before_the_download(tmp_path, capsys):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "models").exists()
 
 
-def test_an_unknown_timm_name_is_refused_before_the_export(serve, capsys):
+def test_an_unknown_timm_name_is_refused_at_parsing_before_the_export(serve, capsys):
     run, exports, checkpoint, root = serve
-    code = convnext_serve.main(["--checkpoint", str(checkpoint), "--repository", str(root), "--quiet",
-                                "--port", str(free_port()), "--grpc-port", "0", "--timm-name", "convnext_atto.bogus"])
-    assert code == 1 and exports == []
-    assert "--timm-name: 'convnext_atto.bogus' is not a timm ConvNeXt pretrained tag" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        convnext_serve.main(["--checkpoint", str(checkpoint), "--repository", str(root), "--quiet",
+                             "--port", str(free_port()), "--grpc-port", "0", "--timm-name", "convnext_atto.bogus"])
+    assert exit_.value.code == 2 and exports == []
+    assert "error: --timm-name: 'convnext_atto.bogus' is not a timm ConvNeXt pretrained tag" in capsys.readouterr().err
+
+
+def test_an_unknown_pretrained_name_is_refused_at_parsing_before_the_download(tmp_path, capsys):
+    """The mirror's port has nothing listening: a download, had one been tried, would end with status 1."""
+    with pytest.raises(SystemExit) as exit_:
+        convnext_serve.main(["--pretrained", "convnext_nosuch", "--mirror", f"http://127.0.0.1:{free_port()}/",
+                             "--cache-dir", str(tmp_path / "cache"), "--repository", str(tmp_path / "models"),
+                             "--port", str(free_port()), "--grpc-port", "0"])
+    assert exit_.value.code == 2
+    assert "error: --pretrained: unknown pretrained checkpoint 'convnext_nosuch'; choose one of: " in \
+        capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "models").exists()
 
 
 REFUSED_BEFORE_THE_EXPORT = [
