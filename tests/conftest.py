@@ -16,7 +16,8 @@ def pytest_configure(config):
     """
     os.environ.setdefault("CONVNEXT_GRPC_PORT", "0")
     # pytest-xdist workers share the cores: torch's OpenMP threads in each (and in the processes they start) take
-    # their share, as spinning OpenMP threads oversubscribed made a 4-s training test take 74 s.
+    # their share. With each worker's torch on every core, a training test of 4 s alone took 74 s beside another
+    # worker (7 s on its share).
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
@@ -37,7 +38,6 @@ LONG_FILES = (
     "tests/training/test_crash_resume.py",  # 28 s, one test
     "tests/deploy/test_deploy_writable_paths.py",  # 27 s
     "tests/export/test_repository_writes.py",  # 27 s
-    "tests/training/test_engine_steps.py",
     "tests/cli/test_serve_pretrained.py",  # 21 s, one test
     "tests/reliability/test_overload.py",  # 16 s, one test
 )
