@@ -37,6 +37,7 @@ import shlex
 import subprocess
 import sys
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from pathlib import Path, PurePosixPath
 # Keep this file torch-free at import: the GPU service image runs `serve` without torch installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convnext_common import one_line  # noqa: E402
-from convnext_files import checkpoint_name_part  # noqa: E402
+from convnext_files import checkpoint_name_part, sha256_file  # noqa: E402
 from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
 from runtime.exported_versions import find_exported  # noqa: E402
 from runtime.repository import Manifest, ModelRepository, RepositoryError  # noqa: E402
@@ -211,16 +212,17 @@ def export_needed(settings: PrepareSettings) -> bool:
     wanted, pinned = checkpoint_file_name(settings), settings.service.version
     served = pinned or versions[-1]
     served_as = f"version {served}" + (", pinned by CONVNEXT_VERSION" if pinned else "")
+    digest = local_checkpoint_sha256(settings)
     try:
-        served_from = repository.load(name, served, verify_files=False).manifest.source.checkpoint
+        served_manifest = repository.load(name, served, verify_files=False).manifest
     except RepositoryError as error:  # the service says so at its start; prepare leaves the version alone
         print(f"prepare: {name} is already in {settings.repository} ({served_as}, whose manifest does not load: "
               f"{one_line(error)}); skipping", flush=True)
         return False
-    served_from = served_from or "no checkpoint (random weights)"
+    served_from = source_named(served_manifest, wanted, digest)
 
-    def from_wanted(manifest: Manifest) -> bool:
-        return manifest.source.checkpoint == wanted
+    def from_wanted(manifest: Manifest) -> bool:  # that file, and where it is here, its bytes as they are now
+        return manifest.source.checkpoint == wanted and (digest is None or manifest.source.sha256 == digest)
 
     found = find_exported(repository, name, from_wanted, settings.export_precisions)
     if found == served:
@@ -236,12 +238,41 @@ def export_needed(settings: PrepareSettings) -> bool:
         in_fewer = find_exported(repository, name, from_wanted)  # from that file, in fewer precisions
         why = (f"{name} version {in_fewer} in {settings.repository} was exported from {wanted}, but not in each of "
                f"CONVNEXT_EXPORT_PRECISIONS={settings.precisions}" if in_fewer is not None else
-               f"{name} {served_as}{',' if pinned else ''} in {settings.repository} was exported from {served_from}, "
-               f"not {wanted}")
+               f"{name} {served_as}{',' if pinned else ''} in {settings.repository} was exported from {served_from}"
+               + ("" if served_manifest.source.checkpoint == wanted else f", not {wanted}"))
         unserved = (f", which is not served while CONVNEXT_VERSION={pinned} is set (unset it, or set it to the new "
                     "version, to serve it)" if pinned else "")
         print(f"prepare: {why}: exporting {wanted} as a new version{unserved}", flush=True)
     return found is None
+
+
+def local_checkpoint_sha256(settings: PrepareSettings) -> str | None:
+    """The sha256 of CONVNEXT_CHECKPOINT's file when it is here (a path or a file:// URL): a run trained again in its
+    folder keeps its file's name, so the bytes decide whether a version was exported from it. None for an official
+    name or an http(s) URL (their name decides: finding out would cost a download at every start) and for a path not
+    mounted here (the export says so, if one is needed)."""
+    if settings.checkpoint is None:
+        return None
+    parsed = urllib.parse.urlparse(settings.checkpoint)
+    if parsed.scheme == "file":
+        path = Path(urllib.request.url2pathname(parsed.path))
+    elif parsed.scheme in DOWNLOAD_SCHEMES:
+        return None
+    else:
+        path = Path(settings.checkpoint)
+    return sha256_file(path) if path.is_file() else None
+
+
+def source_named(manifest: Manifest, wanted: str, digest: str | None) -> str:
+    """The checkpoint a version was exported from, for prepare's line; a file of the wanted name with other bytes than
+    the wanted file's now is said to be one, with both digests' first 12 digits."""
+    source = manifest.source
+    if source.checkpoint is None:
+        return "no checkpoint (random weights)"
+    if digest is not None and source.checkpoint == wanted and source.sha256 != digest:
+        return (f"{wanted} with other bytes (sha256 {(source.sha256 or 'not recorded')[:12]}..., the file's now "
+                f"{digest[:12]}...)")
+    return source.checkpoint
 
 
 def export_model(settings: PrepareSettings) -> int:

@@ -184,15 +184,16 @@ def test_another_official_checkpoint_of_the_same_architecture_is_exported_as_a_n
 
 
 def version_exported_from(tiny_repository: Path, repository: Path, name: str, checkpoint: str | None,
-                          version: int = 1) -> None:
-    """A copy of the tiny model as `name` `version`, its manifest saying it was exported from `checkpoint`."""
+                          version: int = 1, sha256: str | None = None) -> None:
+    """A copy of the tiny model as `name` `version`, its manifest saying it was exported from `checkpoint` (of that
+    sha256, when given)."""
     import shutil
 
     shutil.copytree(tiny_repository / "tiny" / "1", repository / name / str(version))
     manifest_path = repository / name / str(version) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest.update(name=name, version=version)
-    manifest["source"]["checkpoint"] = checkpoint
+    manifest["source"].update(checkpoint=checkpoint, sha256=sha256)
     manifest_path.write_text(json.dumps(manifest))
 
 
@@ -295,6 +296,50 @@ def test_a_runs_checkpoint_prepared_before_is_skipped_another_file_under_its_nam
                                                      "CONVNEXT_CHECKPOINT": checkpoint.replace("best", "last")})
     assert entrypoint.prepare(other) == 0 and exports == [other]
     assert "was exported from checkpoint_best.pth, not checkpoint_last.pth" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("as_url", [False, True], ids=["path", "file-url"])
+def test_a_run_trained_again_in_its_folder_is_exported_anew_by_its_bytes(as_url, tmp_path, tiny_repository,
+                                                                         monkeypatch, capsys):
+    """A run trained again in its folder writes new weights under the same checkpoint_best.pth: prepare compared only
+    the file's name, skipped, and the service kept serving the old weights. Where the file is here (a path or a
+    file:// URL), its bytes decide too: the same bytes skip, new bytes are a new version, and the line says so."""
+    from convnext_files import sha256_file
+
+    entrypoint = load_entrypoint()
+    repository, checkpoint = tmp_path / "models", tmp_path / "runs" / "runA" / "checkpoint_best.pth"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"the first training's weights")
+    first = sha256_file(checkpoint)
+    version_exported_from(tiny_repository, repository, "runa", "checkpoint_best.pth", sha256=first)
+    settings = settings_from(entrypoint, monkeypatch, {
+        "CONVNEXT_REPOSITORY": str(repository), "CONVNEXT_EXPORT_PRECISIONS": "fp32",
+        "CONVNEXT_CHECKPOINT": checkpoint.as_uri() if as_url else str(checkpoint)})
+    monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported the same bytes again"))
+    assert entrypoint.prepare(settings) == 0
+    assert capsys.readouterr().out == (f"prepare: runa is already in {repository} (version 1, from "
+                                       "checkpoint_best.pth); skipping\n")
+
+    checkpoint.write_bytes(b"the second training's weights")  # trained again, in the same folder
+    second = sha256_file(checkpoint)
+    exports = []
+    monkeypatch.setattr(entrypoint, "export_model", lambda settings: exports.append(settings) or 0)
+    assert entrypoint.prepare(settings) == 0 and exports == [settings]
+    assert capsys.readouterr().out == (
+        f"prepare: runa version 1 in {repository} was exported from checkpoint_best.pth with other bytes (sha256 "
+        f"{first[:12]}..., the file's now {second[:12]}...): exporting checkpoint_best.pth as a new version\n")
+
+    version_exported_from(tiny_repository, repository, "runa", "checkpoint_best.pth", version=2, sha256=second)
+    monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported over the new version"))
+    assert entrypoint.prepare(settings) == 0
+    assert "(version 2, from checkpoint_best.pth); skipping" in capsys.readouterr().out
+    checkpoint.write_bytes(b"the first training's weights")  # put back: its version is there, the newer one served
+    assert entrypoint.prepare(settings) == 0
+    assert capsys.readouterr().out == (
+        f"prepare: runa version 1 in {repository} was exported from checkpoint_best.pth, but version 2, from "
+        f"checkpoint_best.pth with other bytes (sha256 {second[:12]}..., the file's now {first[:12]}...), is newer "
+        f"and is the one served; skipping (to serve version 1: CONVNEXT_VERSION=1, or move version 2 out of "
+        f"{repository / 'runa'})\n")
 
 
 def test_serve_without_a_prepared_model_says_how_to_prepare(tmp_path, mirror):
