@@ -20,8 +20,8 @@ from tests.service.test_hot_swap import NAME, publish_copy_of, wait_for
 
 
 def wait_for_a_later_second(created_at: datetime) -> None:
-    """Until an export now gets a later created_at: manifests tell exports apart by it, to the second (a real export
-    takes longer than that)."""
+    """Until an export now gets a later created_at: manifests tell exports apart by it (to the microsecond; a clock
+    that steps back would give an earlier one)."""
     while now_utc() <= created_at:
         time.sleep(0.05)
 
