@@ -2,17 +2,15 @@
 variables Docker put into the container."""
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 
 import pytest
 from compose_yaml import ROOT
+from threaded_server import serving
 
 from deploy.host_check import DiagnosisHandler, DiagnosisServer
 from tests.service.conftest import free_port
@@ -36,18 +34,6 @@ class HealthyHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         pass
-
-
-@contextlib.contextmanager
-def serving(server: http.server.HTTPServer) -> Iterator[int]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 def healthcheck(port: int, proxy: dict[str, str]) -> subprocess.CompletedProcess:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from threaded_server import serving
 
 from deploy.host_check import DiagnosisHandler, DiagnosisServer, address_family_for
 
@@ -21,15 +21,8 @@ def diagnosis_server(deadline_s: float, host: str = "127.0.0.1") -> Iterator[int
     """A DiagnosisServer on `host` and a free port with 2 connections at most, each read and each connection within
     `deadline_s`; yields its port."""
     handler = type("Handler", (DiagnosisHandler,), {"report": REPORT, "key": None, "timeout": deadline_s})
-    server = DiagnosisServer((host, 0), handler, max_connections=2, deadline_s=deadline_s)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with serving(DiagnosisServer((host, 0), handler, max_connections=2, deadline_s=deadline_s)) as port:
+        yield port
 
 
 @pytest.fixture
