@@ -116,6 +116,9 @@ def build_engine(
     if monitor is not None:
         config.progress_monitor = monitor
     serialized = builder.build_serialized_network(network, config)
+    interruption = getattr(monitor, "interruption", None)
+    if interruption is not None:  # a Ctrl-C that landed in a progress callback: it cancelled the build
+        raise interruption
     if serialized is None:
         raise TensorRTError(f"TensorRT failed to build a {precision} engine from {onnx_path} (see its log above)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +205,8 @@ def engine_parity(version: ModelVersion, engine_path: Path, precision: str, devi
     if fp32 is None:
         raise TensorRTError(f"{manifest.name}/{manifest.version} has no fp32 ONNX artifact to verify against")
     reference = run_onnxruntime(version.artifact_path(fp32), inputs.batch)
-    with TensorRTRunner(engine_path, device=device) as runner:
+    # buffers for these inputs, not for the profile's largest batch (up to 4096 images, pinned and on the device)
+    with TensorRTRunner(engine_path, device=device, max_batch_size=len(inputs.batch)) as runner:
         return verify_against(
             reference, runner.run, inputs, precision, "onnxruntime-fp32", f"TensorRT {precision} engine"
         )

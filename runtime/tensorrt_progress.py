@@ -5,6 +5,7 @@ that feeds it is made only once TensorRT is imported (progress_monitor).
 """
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import TextIO
 
 PREFIX = "TensorRT build:"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,7 +78,12 @@ class BuildPhaseLines:
 def progress_monitor(trt, lines: BuildPhaseLines):
     """A trt.IProgressMonitor that hands every callback to `lines`; None where TensorRT has no progress monitor.
 
-    Keep the returned object alive until the build ends (TensorRT does not own it).
+    Keep the returned object alive until the build ends (TensorRT does not own it). TensorRT's binding swallows what
+    a callback raises (it prints "Exception caught in phase_start()"; in step_complete it also cancels the build:
+    NVIDIA/TensorRT python/src/infer/pyCore.cpp, PyProgressMonitor), so nothing may escape one: a Ctrl-C (or SIGTERM's
+    SystemExit) raised in a callback is kept in `interruption` and cancels the build at the next step_complete
+    (False), as NVIDIA's simple_progress_monitor sample does, for build_engine to raise once the build returns; a
+    line that cannot be written (a closed stderr) ends the lines, not the build.
     """
     base = getattr(trt, "IProgressMonitor", None)
     if base is None:
@@ -84,14 +92,29 @@ def progress_monitor(trt, lines: BuildPhaseLines):
     class _Monitor(base):  # type: ignore[valid-type, misc]  # TensorRT's class, found at run time
         def __init__(self):
             base.__init__(self)  # type: ignore[misc]  # pybind11 classes need their __init__ called explicitly
+            self.interruption: BaseException | None = None
+            self.lines_failed = False
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            lines.phase_start(phase_name, parent_phase, num_steps)
+            self._call(lines.phase_start, phase_name, parent_phase, num_steps)
 
         def step_complete(self, phase_name, step):
-            return lines.step_complete(phase_name, step)
+            self._call(lines.step_complete, phase_name, step)
+            return self.interruption is None  # False cancels the build (TensorRT's only way to stop one)
 
         def phase_finish(self, phase_name):
-            lines.phase_finish(phase_name)
+            self._call(lines.phase_finish, phase_name)
+
+        def _call(self, callback, *args):
+            if self.interruption is not None or self.lines_failed:
+                return
+            try:
+                callback(*args)
+            except (KeyboardInterrupt, SystemExit) as interruption:
+                self.interruption = interruption
+            except Exception as error:  # noqa: BLE001  # the lines are a courtesy: the build goes on without them
+                self.lines_failed = True
+                logger.warning("TensorRT build progress lines stopped (%s: %s); the build goes on",
+                               type(error).__name__, error)
 
     return _Monitor()

@@ -6,6 +6,7 @@ runtime.tensorrt_build code.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -87,6 +88,9 @@ class StandInTensorRT:
                 return SimpleNamespace(set_shape=lambda name, low, opt, high: None)
 
             def build_serialized_network(self, network, config):
+                monitor = getattr(config, "progress_monitor", None)
+                if monitor is not None and not stand_in.run_phases(monitor):
+                    return None  # a step_complete answered False: TensorRT cancels the build
                 return b"serialized engine"
 
         class OnnxParser:
@@ -101,15 +105,79 @@ class StandInTensorRT:
             def get_error(self, i):
                 return "stand-in parse error"
 
+        class IProgressMonitor:
+            def __init__(self):
+                pass
+
         self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
+        self.IProgressMonitor = IProgressMonitor
+
+    @staticmethod
+    def run_phases(monitor, steps: int = 3) -> bool:
+        """One phase of `steps` steps, each callback called as TensorRT's binding calls it (NVIDIA/TensorRT
+        python/src/infer/pyCore.cpp, PyProgressMonitor): what one raises is printed and dropped, and in step_complete
+        it also cancels the build. False: the build was cancelled."""
+        def call(callback, *args, cancelled=None):
+            try:
+                return callback(*args)
+            except BaseException:  # noqa: BLE001  # as the binding's catch (...)
+                return cancelled
+
+        call(monitor.phase_start, "Building engine", None, steps)
+        for step in range(steps):
+            if not call(monitor.step_complete, "Building engine", step, cancelled=False):
+                return False
+        call(monitor.phase_finish, "Building engine")
+        return True
 
 
-def _build(monkeypatch, tmp_path: Path, trt: StandInTensorRT, precision="fp16", timing_cache: Path | None = None):
+def _build(monkeypatch, tmp_path: Path, trt: StandInTensorRT, precision="fp16", timing_cache: Path | None = None,
+           quiet: bool = True):
     monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: trt)
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"onnx")
     build_engine(onnx, tmp_path / "engines" / "model.engine", precision, BatchProfile(1, 4, 8), size_px=32,
-                 timing_cache=timing_cache, quiet=True)
+                 timing_cache=timing_cache, quiet=quiet)
+
+
+class FailingStderr:
+    """A stderr whose writes raise `error` from the `after`-th on (0: the first)."""
+
+    def __init__(self, error: type[BaseException], after: int = 0):
+        self.error, self.after, self.lines = error, after, []
+
+    def write(self, text: str) -> int:
+        if len(self.lines) >= self.after:
+            raise self.error()
+        self.lines.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_ctrl_c_in_a_progress_line_cancels_the_build_and_is_raised(monkeypatch, tmp_path):
+    """Ctrl-C during `export tensorrt` lands in a progress callback (the build's thread runs Python only there).
+    TensorRT's binding swallowed it: in phase_start the build went on, in step_complete it was cancelled and the
+    user read "TensorRT failed to build" with status 1, not "interrupted" (130). It cancels the build and is raised."""
+    monkeypatch.setattr("sys.stderr", FailingStderr(KeyboardInterrupt))  # the phase's first line
+    with pytest.raises(KeyboardInterrupt):
+        _build(monkeypatch, tmp_path, StandInTensorRT(TRT11_FLAGS), quiet=False)
+    assert not (tmp_path / "engines" / "model.engine").exists()
+
+
+def test_a_closed_stderr_ends_the_progress_lines_not_the_build(monkeypatch, tmp_path, caplog):
+    """`export tensorrt ... 2>&1 | head`: a progress line raising BrokenPipeError in step_complete cancelled the
+    build, reported as a failed build."""
+    stderr = FailingStderr(BrokenPipeError, after=2)  # the phase's line (text, newline), then the pipe closes
+    monkeypatch.setattr("sys.stderr", stderr)
+    every_step = functools.partial(tensorrt_build.BuildPhaseLines, step_interval_s=0)  # a line at each step
+    monkeypatch.setattr(tensorrt_build, "BuildPhaseLines", every_step)
+    with caplog.at_level(logging.WARNING, logger="runtime.tensorrt_progress"):
+        _build(monkeypatch, tmp_path, StandInTensorRT(TRT11_FLAGS), quiet=False)
+    assert (tmp_path / "engines" / "model.engine").read_bytes() == b"serialized engine"
+    assert stderr.lines == ["TensorRT build: Building engine (3 steps)", "\n"]
+    assert "progress lines stopped (BrokenPipeError" in caplog.text
 
 
 @pytest.mark.parametrize("flags", [TRT10_FLAGS, TRT11_FLAGS], ids=["tensorrt10", "tensorrt11"])

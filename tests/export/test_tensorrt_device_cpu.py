@@ -255,3 +255,30 @@ def test_a_runner_frees_its_buffers_on_its_device_when_closed_from_another_threa
     in_new_thread(lambda: runner.close() or True)
     assert {call for call, _ in cuda.devices_seen} == {"cudaFree", "cudaFreeHost", "cudaStreamDestroy"}
     assert {device for _, device in cuda.devices_seen} == {1}, cuda.devices_seen
+
+
+def test_the_parity_run_allocates_for_its_inputs_not_the_profiles_largest_batch(tmp_path, monkeypatch):
+    """The runner sized its pinned and device buffers for the profile's largest batch (--max-batch up to 4096: about
+    2.4 GiB each for a 224-px input) to check ten images; it is made for the verification inputs."""
+    made = []
+
+    def logits(path_or_batch, batch=None):  # the engine and ONNX Runtime fp32 stand in alike: two "logits" per row
+        rows = path_or_batch if batch is None else batch
+        return rows.reshape(len(rows), -1)[:, :2].astype(np.float32)
+
+    class Runner:  # TensorRTRunner's interface, recording what it was asked to allocate for
+        def __init__(self, engine_path, *, max_batch_size=None, device=None):
+            made.append(max_batch_size)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return None
+
+        run = staticmethod(logits)
+
+    monkeypatch.setattr(tensorrt_build, "run_onnxruntime", logits)
+    monkeypatch.setattr(tensorrt_build, "TensorRTRunner", Runner)
+    parity = tensorrt_build.engine_parity(make_version(tmp_path), tmp_path / "model.engine", "fp16")
+    assert made == [parity.num_inputs] and parity.max_abs_diff == 0.0
