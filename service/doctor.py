@@ -212,15 +212,22 @@ def check_ort_provider(provider: str) -> str:
     if provider not in ort.get_available_providers():
         raise CheckFailed(f"{provider} is not in this onnxruntime build (it has {ort.get_available_providers()})",
                           ORT_GPU_INSTALL)
-    # ONNX Runtime prints its fallback notice to stdout; keep stdout for this report (and --json).
+    # ONNX Runtime prints its fallback notice to stdout; keep stdout for this report (and --json). enable_fallback=0:
+    # a provider that fails inside run() (the TensorRT provider's EP_FAIL) raises rather than ORT printing "Falling
+    # back to ['CPUExecutionProvider'] and retrying" and answering from the CPU, which this check would call a pass.
     with contextlib.redirect_stdout(io.StringIO()):
-        session = ort.InferenceSession(str(TINY_MODEL), providers=[provider])
+        session = ort.InferenceSession(str(TINY_MODEL), providers=[provider], enable_fallback=0)
     running = session.get_providers()
     problem = fallback_problem(provider, running)
     if problem:
         raise CheckFailed(problem, _provider_fix(provider))
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
-    (y,) = session.run(None, {"x": x})
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            (y,) = session.run(None, {"x": x})
+    except Exception as err:  # onnxruntime's pybind errors derive from Exception only
+        raise CheckFailed(f"{provider} loads but failed to run the tiny model: {str(err).strip()}",
+                          _provider_fix(provider)) from None
     if not np.array_equal(y, 2 * x):
         raise CheckFailed(f"{provider} ran the tiny model but returned {y.tolist()}, not {(2 * x).tolist()}")
     return f"loads and runs (session providers: {', '.join(running)})"

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from service.doctor import TINY_MODEL, check_ort_provider, fallback_problem, requirements_for
+from service.doctor import TINY_MODEL, CheckFailed, check_ort_provider, fallback_problem, requirements_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,6 +101,29 @@ def test_the_tiny_model_really_runs_on_a_provider_that_loads():
     assert check_ort_provider("CPUExecutionProvider") == "loads and runs (session providers: CPUExecutionProvider)"
     # A convolution: on the CUDA provider it runs cuDNN, which a model of one Add never loads.
     assert [node.op_type for node in onnx.load(TINY_MODEL).graph.node] == ["Reshape", "Conv", "Reshape"]
+
+
+def test_a_provider_that_fails_inside_run_is_a_failure_not_a_quiet_cpu_rerun(monkeypatch):
+    """ONNX Runtime's default (enable_fallback=1) catches a provider's EP_FAIL inside run(), prints "Falling back to
+    ['CPUExecutionProvider'] and retrying." to stdout and answers from the CPU: the check said "loads and runs" (and
+    the print broke --json). Fallback is off, and a failing run is the check's failure."""
+    import onnxruntime as ort
+
+    made = []
+
+    class FailingRun(ort.InferenceSession):  # the real session; its run fails as a provider's EP_FAIL would
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+        def run(self, *args, **kwargs):
+            raise RuntimeError("TensorRT EP execution context enqueue failed.")
+
+    monkeypatch.setattr(ort, "InferenceSession", FailingRun)
+    with pytest.raises(CheckFailed, match="CPUExecutionProvider loads but failed to run the tiny model: TensorRT EP "
+                                          "execution context enqueue failed"):
+        check_ort_provider("CPUExecutionProvider")
+    assert made == [{"providers": ["CPUExecutionProvider"], "enable_fallback": 0}]
 
 
 def test_a_provider_that_fell_back_to_cpu_is_a_failure():
