@@ -64,7 +64,7 @@ class TrainConfig:
     disable_eval: bool = False  # no val/ needed, no evaluation, no best checkpoints (official ImageNet-22K runs)
     finetune: str = ""  # checkpoint to start from (head re-initialised on a class-count mismatch)
     model_key: str = "model"  # which weights of --finetune: model | model_ema (official --model_key)
-    resume: str = ""  # checkpoint_last.pth to continue exactly
+    resume: str = ""  # checkpoint_last.pth to continue (every RNG draw as if never stopped; README: exact on CPU)
     overwrite_checkpoints: bool = False  # a new run into an --output with an earlier run's checkpoints removes them
     max_steps_per_epoch: int = 0  # 0 = the whole epoch (tests and smoke runs use a few)
     log_every: int = 20  # optimizer steps between log.jsonl records (and progress lines when not on a terminal)

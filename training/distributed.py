@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# How long a collective may wait for the slowest rank before the job is aborted. While rank 0 writes an epoch's
+# checkpoints (up to three, each hashed after writing: ~3 GB apiece for ConvNeXt-L with EMA and AdamW state) the other
+# ranks wait at a barrier; NCCL's default, 10 minutes, can pass on slow shared storage (a k8s ReadWriteMany volume).
+# 30 minutes: gloo's default, which the CPU runs already had.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,7 @@ def init_from_env() -> DistInfo:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
