@@ -8,7 +8,8 @@
 #   export           1-3 min    ConvNeXt-T (random init) -> fp32/fp16/bf16 ONNX with parity (bf16's is numpy: the most)
 #   tensorrt-fp32    1-3 min    TensorRT engine (batch 1..32) + parity vs ONNX Runtime fp32; the same for fp16 and bf16
 #   ort-cuda         < 1 min    ONNX Runtime CUDA fp32/fp16 vs CPU fp32, the session checked to run on CUDA
-#   train-amp        < 1 min    python -m training on the GPU, AMP fp16 (GradScaler) and bf16, 20 steps of the demo
+#   train-amp        < 3 min    python -m training on the GPU: AMP fp16 (GradScaler) and bf16, 20 steps of the demo;
+#                               then fp16 with channels_last, torch.compile and EMA, and a --resume of that run
 #   pytest-gpu       3-8 min    pytest -m gpu tests/gpu
 #   bench            ~1 min     python -m bench engine on the CUDA provider, fp32 + fp16, batch 1/8/32
 #   roadmap          3-7 min    per roadmap step: TensorRT fp16/bf16 + ORT CUDA fp32 (default ROADMAP_STEPS: kernel7
@@ -111,7 +112,7 @@ STEPS=(  # name|time limit in seconds|what it does
   "tensorrt-fp16|900|TensorRT fp16 engine (batch 1..32) + parity vs ONNX Runtime fp32"
   "tensorrt-bf16|900|${BF16_SKIP:+skipped: $BF16_SKIP; }TensorRT bf16 engine (batch 1..32) + parity vs ONNX Runtime fp32"
   "ort-cuda|300|ONNX Runtime CUDAExecutionProvider (session.get_providers()[0] checked) fp32/fp16 within the export parity thresholds vs CPU fp32"
-  "train-amp|600|python -m training --preset demo on the GPU, 20 steps with --amp $TRAIN_AMP"
+  "train-amp|600|python -m training --preset demo on the GPU, 20 steps with --amp $TRAIN_AMP; then fp16 with --channels-last --compile --ema-decay, and --resume of it"
   "pytest-gpu|1800|pytest -m gpu tests/gpu (a skipped test counts as a failure here, but for bf16 on a GPU without it)"
   "bench|600|python -m bench engine on the CUDA provider, fp32 + fp16, batch 1/8/32"
   "roadmap|$((ROADMAP_LIMIT_PER_STEP_S * ROADMAP_COUNT))|python -m bench roadmap --engines $ROADMAP_ENGINES${ROADMAP_STEPS:+ --steps $ROADMAP_STEPS}: TensorRT $ROADMAP_TENSORRT + ORT CUDA fp32 of $ROADMAP_COUNT Table 10 step(s) (OUT_DIR/roadmap/)"
@@ -369,6 +370,13 @@ sys.exit(None if torch.cuda.is_available() else f"torch {torch.__version__} sees
     "$PY" -m training --preset demo --epochs 1 --max-steps-per-epoch 20 --amp "$amp" --output "$OUT/train-$amp" \
       --overwrite-checkpoints --quiet || return 1
   done
+  # What the demo preset leaves off: channels_last, torch.compile on CUDA (Triton), the EMA on the GPU; then a
+  # --resume of that run on the GPU (its CUDA RNG state and GradScaler). DDP/NCCL needs two GPUs: not run here.
+  echo "== --amp fp16 --channels-last --compile --ema-decay 0.99, 1 epoch; then --resume to epoch 2"
+  "$PY" -m training --preset demo --epochs 1 --max-steps-per-epoch 10 --amp fp16 --channels-last --compile \
+    --ema-decay 0.99 --output "$OUT/train-compiled" --overwrite-checkpoints --quiet || return 1
+  "$PY" -m training --preset demo --epochs 2 --max-steps-per-epoch 10 --amp fp16 --channels-last --compile \
+    --ema-decay 0.99 --output "$OUT/train-compiled" --resume "$OUT/train-compiled/checkpoint_last.pth" --quiet
 }
 
 unexpected_skips() {  # pytest -rs output on stdin -> its SKIPPED lines, less bf16's on a GPU without bf16

@@ -80,7 +80,7 @@ TORCH_CUDA = ("numpy", "torch", "torch with CUDA (torch.cuda.is_available())")
 BENCH = ("prometheus-client", "threadpoolctl")  # what `python -m bench` imports besides the runtime
 ROADMAP = EXPORT + TENSORRT + ORT_CUDA + BENCH + ("matplotlib",)
 STEP_NEEDS: dict[str, tuple[str, ...]] = {
-    "doctor": RUNTIME + ("pydantic-settings",),
+    "doctor": RUNTIME + ("pydantic-settings", "cuda-python"),  # --require gpu: the driver and GPU via cuda.bindings
     "export": EXPORT,
     "tensorrt-fp32": TENSORRT,
     "tensorrt-fp16": TENSORRT,

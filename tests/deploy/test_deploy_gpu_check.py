@@ -253,13 +253,14 @@ def test_the_budget_caps_a_steps_limit_and_the_steps_after_it_are_not_run(tmp_pa
 
 
 def offline_python(tmp_path, calls: Path, training: str = "") -> Path:
-    """An offline host's Python with CUDA torch, timm, scikit-learn, pydantic and pytest but no ONNX toolchain,
+    """An offline host's Python with CUDA torch (and the cuda-bindings it requires), timm, scikit-learn, pydantic and
+    pytest but no ONNX toolchain,
     TensorRT or onnxruntime-gpu: a stand-in whose packages are empty modules and whose steps record their arguments
     (scripts/gpu_check_needs.py runs for real in a Python without site-packages, seeing only those). `training`: a
     script that `-m training`'s arguments are run with instead."""
     site = tmp_path / "site"
     for module in ("numpy", "PIL", "pydantic", "pydantic_settings", "torch", "torchvision", "timm", "sklearn",
-                   "pytest"):
+                   "pytest", "cuda", "cuda/bindings"):
         (site / module).mkdir(parents=True)
         (site / module / "__init__.py").write_text("")
     (site / "torch" / "__init__.py").write_text("class cuda:\n    is_available = staticmethod(lambda: True)\n")
@@ -289,7 +290,7 @@ def test_without_installing_it_runs_what_the_python_has_and_names_what_it_lacks(
     assert f"| venv | SKIP (no install: --python {python}) |" in report
     assert "| export | NOT RUN (needs onnx, onnxscript, onnxconverter-common, ml_dtypes, onnxruntime: not in " \
            f"{python}) |" in report
-    assert "| tensorrt-fp16 | NOT RUN (needs tensorrt-cu13, cuda-python, ml_dtypes, onnxruntime: not in" in report
+    assert "| tensorrt-fp16 | NOT RUN (needs tensorrt-cu13, ml_dtypes, onnxruntime: not in" in report
     assert "| ort-cuda | NOT RUN (needs onnxruntime-gpu (CUDAExecutionProvider): not in" in report
     assert "| bench | NOT RUN (needs onnxruntime-gpu (CUDAExecutionProvider), prometheus-client, threadpoolctl: not " \
            "in" in report

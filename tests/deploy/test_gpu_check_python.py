@@ -134,6 +134,8 @@ def test_in_a_python_with_the_standard_library_only_every_step_names_what_it_lac
     assert done.returncode == 0, done.stderr
     rows = {tuple(line.split("\t")[:2]): line.split("\t")[2] for line in done.stdout.splitlines()}
     assert rows[("step", "train-amp")] == "numpy, torch, pillow, torchvision, timm, scikit-learn"
+    # --require gpu finds the driver and the GPU through cuda.bindings: without it the doctor is not run, not failed
+    assert rows[("step", "doctor")] == "numpy, pillow, pydantic, pydantic-settings, cuda-python"
     assert rows[("step", "ort-cuda")] == "numpy, pillow, pydantic, onnxruntime-gpu (CUDAExecutionProvider)"
     assert rows[("step", "bench")] == ("numpy, pillow, pydantic, onnxruntime-gpu (CUDAExecutionProvider), "
                                        "prometheus-client, threadpoolctl")
