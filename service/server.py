@@ -7,8 +7,10 @@ import copy
 import json
 import logging
 import math
+import re
 import sys
 import time
+import urllib.parse
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -34,6 +36,11 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TOO_LARGE_MESSAGE = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
 MAX_SOCKET_READ_BYTES = 256 * 1024  # the most one data_received brings (asyncio's and uvloop's read size)
+# Of a request head the server refuses itself before it is complete (431, 400): what the request metrics and the
+# access log are told of it, from its request line (RFC 9112 3: method SP target SP version; empty lines before it
+# are allowed).
+KEPT_HEAD_BYTES = 1024
+REQUEST_LINE = re.compile(rb"(?:\r?\n)*([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^ \r\n]*)(?: HTTP/([0-9]\.[0-9])\r?\n)?")
 UVICORN_LOG = logging.getLogger("uvicorn.error")  # uvicorn's own start and error lines
 
 if TYPE_CHECKING:  # the hooks and fields the mixin uses; at run time it goes before AutoHTTPProtocol (http_protocol)
@@ -72,6 +79,8 @@ class EdgeLimitsMixin(_UvicornProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._cycle_before_headers = None
         self._head_bytes = 0  # received while the request head is incomplete
+        self._head_start = b""  # its first KEPT_HEAD_BYTES, for a refusal's metrics and access line
+        self._head_started_at = 0.0  # when they began to arrive (time.perf_counter)
 
     def connection_made(self, transport) -> None:
         self._lingering_transport = LingeringTransport(transport, self.loop, self.lingering_connections)
@@ -83,6 +92,10 @@ class EdgeLimitsMixin(_UvicornProtocol):
             self._lingering_transport.discard()  # the answer is out: what the client still sends is dropped
             return
         head_pending = self._header_timer is not None
+        if head_pending and len(self._head_start) < KEPT_HEAD_BYTES:  # before parsing: a 400 may come of this read
+            if not self._head_start:
+                self._head_started_at = time.perf_counter()
+            self._head_start += data[:KEPT_HEAD_BYTES - len(self._head_start)]
         super().data_received(data)
         if not head_pending:
             return
@@ -106,7 +119,11 @@ class EdgeLimitsMixin(_UvicornProtocol):
     def _refuse_raw(self, status_line: bytes, code: str, message: str) -> None:
         """The service's JSON error, written by the server itself (no app), and the connection closed lingering: the
         rest of the request may still be arriving. Behind a response still being sent (bytes that do not parse after
-        a pipelined request) nothing is written: the connection just closes."""
+        a pipelined request) nothing is written: the connection just closes.
+
+        A head the app never saw is counted in the request metrics (route "unmatched", the method its request line
+        names, if that arrived) and written to the access log here, as _refuse does; a request the app is handling
+        (a body that does not parse) is counted by the app's own middleware."""
         self._lingering_transport.linger_on_close = True
         self._stop_header_timer()
         cycle = self.cycle
@@ -115,6 +132,13 @@ class EdgeLimitsMixin(_UvicornProtocol):
             self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-content-type-options: "
                                  b"nosniff\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
                                  % (status_line, len(body), body))
+            if cycle is None or cycle.response_complete:  # no request of this head reached the app
+                scope = partial_head_scope(self._head_start, self.client)
+                status = int(status_line.split()[0])
+                seconds = time.perf_counter() - self._head_started_at if self._head_start else 0.0
+                self.metrics.count_request("unmatched", scope["method"], status, seconds)
+                if self.write_access_log:
+                    ACCESS_LOG.record(scope, status)
         self.transport.close()
         self.metrics.rejected.labels(code).inc()
 
@@ -133,6 +157,7 @@ class EdgeLimitsMixin(_UvicornProtocol):
         self._stop_header_timer()
         self._cycle_before_headers = self.cycle
         self._head_bytes = 0
+        self._head_start = b""
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._on_header_timeout)
 
     def _stop_header_timer(self) -> None:
@@ -205,6 +230,20 @@ def head_bytes(scope: Scope) -> int:
     """The request line and headers' size as sent, give or take the spaces: method, target, version, each header."""
     target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 1
     return len(scope["method"]) + target + 12 + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+
+
+def partial_head_scope(head_start: bytes, client: tuple[str, int] | None) -> Scope:
+    """A head refused before it was complete, as a scope for the request metrics and the access log, from its first
+    bytes: the method and target its request line names, "-" for what did not arrive (or is not HTTP); a target cut
+    short (the request line did not end within them) ends in "...", an unknown version is "-"."""
+    line = REQUEST_LINE.match(head_start)
+    method, target, version = line.groups() if line is not None else (b"-", b"-", None)
+    if line is not None and version is None:
+        target += b"..."
+    path, _, query = target.decode("latin-1").partition("?")
+    return {"type": "http", "method": method.decode("latin-1"), "path": urllib.parse.unquote(path),
+            "query_string": urllib.parse.quote(query, safe="=&+%/:@!$'()*,;?").encode(),
+            "http_version": version.decode() if version is not None else "-", "client": client, "headers": []}
 
 
 def closing_connection(start: Message) -> Message:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -20,9 +21,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import lingering_close, server
+from service.access_log import ACCESS_LOG
 from tests.service.test_admission_gate import fill_to_capacity
 from tests.service.test_faults import Hold
-from tests.service.test_limits import read_response
+from tests.service.test_limits import metric, read_response
 
 UPLOAD_BYTES = 16 * 1024 * 1024  # 16 times max_body_bytes: far more than the socket buffers hold
 # body_timeout_s: 2 s, not less: the uploads that must go through (a 1 MiB streamed body, the keep-alive test's JPEGs)
@@ -337,3 +339,53 @@ def test_a_head_up_to_64_kib_is_served_and_one_over_it_gets_431_on_every_stack(e
             pass  # refused mid-head: the answer is already on its way
         answer_status, _, body = read_response(sock)
     assert answer_status == status, body[:300]
+
+
+@contextmanager
+def access_lines():
+    """The access log's lines while the block runs (the service's tests serve at log level warning: INFO meanwhile)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.access")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+        ACCESS_LOG.flush()  # the writer thread's queue, written
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+PADDED_HEAD = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Padding: %s\r\n\r\n" % (b"a" * 100_000)
+
+
+@pytest.mark.parametrize(("head", "write_bytes", "status", "method", "line"), [
+    (PADDED_HEAD, 4096, 431, "GET", '"GET /healthz HTTP/1.1" 431'),  # refused by the server mid-head
+    (PADDED_HEAD, None, 431, "GET", '"GET /healthz HTTP/1.1" 431'),
+    (b"GET /healthz HTTP/1.1\r\nHost: test\r\nno colon here\r\n\r\n", None, 400, "GET", '"GET /healthz HTTP/1.1" 400'),
+    (b"\x16\x03\x01\x02\x00 hello\r\n\r\n", None, 400, "other", '"- - HTTP/-" 400'),  # TLS on the plain port
+], ids=["431-in-4-KiB-writes", "431-in-one-write", "400-bad-header-line", "400-not-http"])
+def test_an_answer_the_server_writes_itself_is_in_the_request_metrics_and_the_access_log(edge_url, head, write_bytes,
+                                                                                       status, method, line):
+    """A 431 or 400 to a head the app never saw is counted under route "unmatched" (the method its request line names,
+    else "other") and logged, however the head arrived: one trickled over reads was neither."""
+    series = f'convnext_requests_total{{method="{method}",route="unmatched",status="{status}"}}'
+    before = metric(edge_url, series)
+    with access_lines() as lines, raw_socket(edge_url) as sock:
+        step = write_bytes or len(head)
+        try:
+            for start in range(0, len(head), step):
+                sock.sendall(head[start:start + step])
+                if write_bytes:
+                    time.sleep(0.002)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused mid-head: the answer is already on its way
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert metric(edge_url, series) == before + 1
+    assert sum(text.endswith(line) for text in lines) == 1, lines
