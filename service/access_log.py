@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING, cast
 
 from starlette.types import Scope
@@ -16,15 +17,28 @@ if TYPE_CHECKING:
     from uvicorn._types import HTTPScope
 
 LOGGER = logging.getLogger("uvicorn.access")
+WARNINGS = logging.getLogger("convnext.service")  # on stderr beside uvicorn's own lines, not in the stalled access log
 MAX_QUEUED_LINES = 10_000  # beyond this (a stalled stdout, say) lines are dropped and counted, never held without end
+DROPPED_WARNING_INTERVAL_S = 60.0  # at most one warning of dropped lines this often (and one at the flush)
 
 
 class AccessLog:
+    """Lines dropped are counted (`dropped`: convnext_access_log_dropped_total, service/metrics.py) and warned of."""
+
     def __init__(self) -> None:
         self._entries: queue.SimpleQueue[tuple[Scope, int] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.dropped = 0  # lines not written because the queue was full
+        # Each counted by one thread only (no increment lost between them): the event loop's and the writer's.
+        self._dropped_queue_full = 0
+        self._dropped_unformattable = 0
+        self._warned_dropped = 0  # of `dropped`, what a warning has already told
+        self._next_warning = 0.0  # time.monotonic() from which the next warning may go
+
+    @property
+    def dropped(self) -> int:
+        """Lines not written: the queue was full, or the line could not be formatted."""
+        return self._dropped_queue_full + self._dropped_unformattable
 
     def record(self, scope: Scope, status: int) -> None:
         """From the event loop: one answered request (nothing when the logger is off, e.g. at log level warning)."""
@@ -33,7 +47,7 @@ class AccessLog:
         if self._writer is None:
             self._start()
         if self._entries.qsize() >= MAX_QUEUED_LINES:
-            self.dropped += 1
+            self._dropped_queue_full += 1
             return
         self._entries.put((scope, status))
 
@@ -44,6 +58,7 @@ class AccessLog:
             if writer is not None:
                 self._entries.put(None)
                 writer.join()
+            self._warn_of_drops()
 
     def _start(self) -> None:
         with self._lock:
@@ -59,7 +74,21 @@ class AccessLog:
                 LOGGER.info('%s - "%s %s HTTP/%s" %d', get_client_addr(http_scope), scope["method"],
                             get_path_with_query_string(http_scope), scope["http_version"], status)
             except Exception:  # one line that cannot be formatted must not end the writer (the queue would only grow)
-                self.dropped += 1
+                self._dropped_unformattable += 1
+            if self.dropped != self._warned_dropped and time.monotonic() >= self._next_warning:
+                self._warn_of_drops()
+
+    def _warn_of_drops(self) -> None:
+        """From the writer (at most once per DROPPED_WARNING_INTERVAL_S) or the flush: the lines dropped since the
+        last warning, if any."""
+        dropped = self.dropped
+        if dropped == self._warned_dropped:
+            return
+        WARNINGS.warning("%d access log lines dropped (%d since the start): more than %d lines were waiting for the "
+                         "log's output (a stalled stdout?), or a line could not be formatted",
+                         dropped - self._warned_dropped, dropped, MAX_QUEUED_LINES)
+        self._warned_dropped = dropped
+        self._next_warning = time.monotonic() + DROPPED_WARNING_INTERVAL_S
 
 
 ACCESS_LOG = AccessLog()  # one per process, as the logger it writes to

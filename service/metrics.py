@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.access_log import ACCESS_LOG
+from service.access_log import ACCESS_LOG, AccessLog
 
 # From 1 ms (a GPU batch) to 30 s (a CPU batch of 32 queued behind others), neighbours 1.33-2x apart (mostly 1.5x):
 # a quantile interpolated in a bucket is that close anywhere in the range (the old 5 ms floor put a whole GPU batch
@@ -32,8 +35,21 @@ def method_label(method: str) -> str:
     return method if method in HTTP_METHODS else "other"
 
 
+class AccessLogDropped(Collector):
+    """convnext_access_log_dropped_total: the access log's count, read at each scrape (it lives in the process's
+    AccessLog, which the writer thread and the event loop count in)."""
+
+    def __init__(self, access_log: AccessLog):
+        self.access_log = access_log
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("convnext_access_log_dropped", "access log lines not written (the queue of lines "
+                                  "waiting for the log's output was full, or a line could not be formatted)",
+                                  value=self.access_log.dropped)
+
+
 class ServiceMetrics:
-    def __init__(self) -> None:
+    def __init__(self, access_log: AccessLog = ACCESS_LOG) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("convnext_requests_total", "HTTP requests", ["route", "method", "status"], registry=r)
@@ -60,6 +76,7 @@ class ServiceMetrics:
                                                "status code (OK: answered)", ["method", "code"],
                                                buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("convnext_rejected_total", "requests refused, by reason", ["reason"], registry=r)
+        r.register(AccessLogDropped(access_log))
 
         self.renders = 0
         self._next_render: asyncio.Future[bytes] | None = None  # scheduled, not started: later scrapes join it

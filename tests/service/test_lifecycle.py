@@ -6,16 +6,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 
 from runtime.engines.base import EngineError
 from runtime.engines.tensorrt import TensorRTEngine
 from service.access_log import LOGGER, AccessLog
+from service.metrics import ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,3 +143,39 @@ def test_the_access_log_writer_survives_a_line_it_cannot_format():
         LOGGER.setLevel(level)
     assert log.dropped == 1
     assert lines == ['127.0.0.1:5000 - "GET /healthz HTTP/1.1" 200']
+
+
+def test_dropped_access_lines_are_in_a_metric_and_a_warning(monkeypatch, caplog):
+    """Lines dropped while the log's output is stalled (its queue full) are counted in
+    convnext_access_log_dropped_total and warned of once the writer moves again, with the count."""
+    monkeypatch.setattr("service.access_log.MAX_QUEUED_LINES", 1)
+    log = AccessLog()
+    stalled, emitting = threading.Event(), threading.Event()
+    handler = logging.Handler()
+
+    def stalled_emit(record):
+        emitting.set()
+        stalled.wait(10)
+
+    handler.emit = stalled_emit  # type: ignore[method-assign]
+    LOGGER.addHandler(handler)
+    level = LOGGER.level
+    LOGGER.setLevel(logging.INFO)
+    try:
+        scope = {"type": "http", "method": "GET", "path": "/healthz", "query_string": b"", "http_version": "1.1",
+                 "client": ("127.0.0.1", 5000), "headers": []}
+        log.record(scope, 200)
+        assert emitting.wait(10)  # the writer is stuck in the first line: the next is queued, the 3 after it dropped
+        for _ in range(4):
+            log.record(scope, 200)
+        with caplog.at_level(logging.WARNING, logger="convnext.service"):
+            stalled.set()
+            log.flush()
+    finally:
+        LOGGER.removeHandler(handler)
+        LOGGER.setLevel(level)
+    assert log.dropped == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("3 access log lines dropped"), warnings
+    rendered = generate_latest(ServiceMetrics(log).registry).decode()
+    assert "convnext_access_log_dropped_total 3.0" in rendered.splitlines()
