@@ -65,7 +65,9 @@ class ModelManager:
         registry = metrics.registry
         self.restarts = Counter("convnext_engine_restarts_total", "engines abandoned and rebuilt, by reason",
                                 ["reason"], registry=registry)
-        self.reloads = Counter("convnext_model_reloads_total", "model reloads, by result", ["result"],
+        # A reload answered 404, 409 or shutting_down is none of these (README: Metrics).
+        self.reloads = Counter("convnext_model_reloads_total", "model reloads, by result: ok (swapped in), refused "
+                               "(the version failed), unavailable (the repository could not be read)", ["result"],
                                registry=registry)
         ready = Gauge("convnext_ready", "1 while the service can classify (what /readyz says)", registry=registry)
         ready.set_function(lambda: float(self.not_ready_reason is None))
@@ -190,7 +192,8 @@ class ModelManager:
                     "previous": {"name": previous.name, "version": previous.version} if previous else None}
 
     def _unavailable(self, err: Exception) -> ReloadRefused:
-        self.reloads.labels("refused").inc()
+        """The repository cannot be read now: the volume is at fault, not the version (which is not refused)."""
+        self.reloads.labels("unavailable").inc()
         return ReloadRefused(503, "repository_unavailable", f"cannot read the model repository ({err}); still serving "
                              f"{self.serving.name}/{self.serving.version}, retry later")
 

@@ -24,7 +24,9 @@ from runtime.repository import ModelRepository, TensorRTInfo, describe_file
 from runtime.tensorrt import BUILD_LOCK_TIMEOUT_S
 from service.app import default_engine
 from service.engine_builds import build_timeout_s
+from service.repository_reader import RepositoryStuck
 from service.settings import Settings
+from tests.service.test_limits import metric
 
 
 def black_png() -> bytes:
@@ -383,6 +385,25 @@ def test_a_reload_whose_files_cannot_be_read_is_refused_or_retried_by_the_kind_o
         assert type(error).__name__ in answer.json()["error"]["message"] or status == 503
         # the watcher tries a refused version only once re-exported
         assert (1 in manager._refused.versions) == (status == 422)
+
+
+def test_a_reload_the_volume_fails_is_counted_as_unavailable_not_as_a_refused_version(model_repository, launch):
+    """convnext_model_reloads_total: a 503 repository_unavailable is result "unavailable" (the version is not refused:
+    the volume is at fault), and a reload answered 404 (no such version) is no result at all."""
+    with launch(model_repository, warmup_runs=0) as url:
+        manager = url.app.state.service.models
+        real_read = manager.reader.read
+
+        async def stuck(*args, **kwargs):
+            raise RepositoryStuck("1 earlier read of the model repository has not returned")
+
+        manager.reader.read = stuck
+        answer = httpx.post(f"{url}/admin/reload", json={}, timeout=30)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (503, "repository_unavailable"), answer.text
+        manager.reader.read = real_read
+        assert httpx.post(f"{url}/admin/reload", json={"version": 99}, timeout=30).status_code == 404
+        assert metric(url, 'convnext_model_reloads_total{result="unavailable"}') == 1
+        assert metric(url, "convnext_model_reloads_total") == 1  # neither refused nor the 404
 
 
 def test_a_reload_whose_re_read_after_its_build_hangs_answers_503_not_a_refusal(model_repository, launch):

@@ -204,8 +204,9 @@ class FailingReads:
 
 def test_the_watcher_outlives_reloads_that_fail_and_serves_the_new_version_at_a_later_poll(own_repository,
                                                                                           real_photos, launch):
-    """An OSError from the repository (refused, counted) and any other error out of a reload are each logged, and the
-    watcher polls on: /readyz stays ready (it said "the repository watcher stopped" forever)."""
+    """An OSError from the repository (counted as unavailable, not as a refused version) and any other error out of a
+    reload are each logged, and the watcher polls on: /readyz stays ready (it said "the repository watcher stopped"
+    forever)."""
     photo = real_photos[3].read_bytes()
     with launch(own_repository, watch_interval_s=0.1) as url:  # the latest, 2
         repository = url.app.state.service.models.repository
@@ -215,7 +216,8 @@ def test_the_watcher_outlives_reloads_that_fail_and_serves_the_new_version_at_a_
         wait_for(lambda: served_version(url, photo) == 3, "the watcher to serve version 3 after two failed reloads")
         assert errors == [] and httpx.get(f"{url}/readyz").status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
-        assert 'convnext_model_reloads_total{result="refused"} 1.0' in metrics
+        assert 'convnext_model_reloads_total{result="unavailable"} 1.0' in metrics
+        assert 'convnext_model_reloads_total{result="refused"}' not in metrics
         assert 'convnext_model_reloads_total{result="ok"} 1.0' in metrics
 
 
