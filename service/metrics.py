@@ -5,9 +5,11 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+from fastapi.routing import iter_route_contexts
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access_log import ACCESS_LOG, AccessLog
@@ -108,12 +110,18 @@ class ServiceMetrics:
 
 class RequestMetricsMiddleware:
     """Counts HTTP requests by route, method and status, times them to the last body byte, tracks in-flight ones;
-    and queues each for the access log."""
+    and queues each for the access log.
+
+    The route label is the matched route's path; for a request answered before routing (a 401 from the API key check,
+    a 403 from the /admin Host check, a CORS preflight, the admission gate's 503) the path of the route its path names,
+    as the router would have picked it: a dashboard of /classify sees its refusals too. "unmatched": a path that is no
+    route (the server's own refusals, outside the app, count there too: service/server.py)."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log: bool = True,
                  plain_routes: frozenset[str] = frozenset()):
         self.app, self.metrics, self.access_log = app, metrics, access_log
         self.plain_routes = plain_routes  # paths of Starlette routes, which set no scope["route"] (/openapi.json)
+        self._routes: list[tuple[BaseRoute, str]] | None = None  # the app's, once a request is answered unrouted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -133,9 +141,35 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_and_note_status)
         finally:
             self.metrics.inflight.dec()
-            route = scope.get("route")  # set by the router on the same scope dict when a route matched
-            path = route.path if route is not None else scope.get("route_path") or \
-                (scope["path"] if scope["path"] in self.plain_routes else "unmatched")
-            self.metrics.count_request(path, scope["method"], status, time.perf_counter() - started)
+            self.metrics.count_request(self._route_label(scope), scope["method"], status,
+                                       time.perf_counter() - started)
             if self.access_log:
                 ACCESS_LOG.record(scope, status)
+
+    def _route_label(self, scope: Scope) -> str:
+        route = scope.get("route")  # set by the router on the same scope dict when a route matched
+        if route is not None:
+            return route.path
+        if scope.get("route_path"):  # set by a refusal before routing that knows its route (the admission gate)
+            return scope["route_path"]
+        if scope["path"] in self.plain_routes:
+            return scope["path"]
+        if "router" in scope:  # the router ran and matched nothing (404)
+            return "unmatched"
+        return self._route_named(scope)
+
+    def _route_named(self, scope: Scope) -> str:
+        """The path of the app's route the router would pick for this request: one of its path and method, else one
+        of its path alone (a 405 would name it); "unmatched" when none."""
+        if self._routes is None:  # built on first use: every route is in by then
+            contexts = iter_route_contexts(scope["app"].routes)
+            self._routes = [(context.original_route, path) for context in contexts
+                            if isinstance(path := getattr(context.original_route, "path", None), str)]
+        other_method = "unmatched"
+        for route, path in self._routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return path
+            if match is Match.PARTIAL and other_method == "unmatched":
+                other_method = path
+        return other_method

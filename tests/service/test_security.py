@@ -327,3 +327,34 @@ def test_cli_takes_origins_as_json_and_has_no_flag_for_the_key_itself():
         settings_from_args(["--admin-api-key", ADMIN_KEY])
     with pytest.raises(SystemExit):
         settings_from_args(["--cors-origins", APP_ORIGIN])
+
+
+def requests_counted(url: str, method: str, route: str, status: int) -> float:
+    sample = f'convnext_requests_total{{method="{method}",route="{route}",status="{status}"}} '
+    return sum(float(line.split()[-1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+               if line.startswith(sample))
+
+
+def test_a_request_refused_before_routing_is_counted_under_the_route_its_path_names(secured_url, real_photos):
+    """A 401 (and a CORS preflight, answered before the key check) goes under the route the request was for, as the
+    admission gate's 503 does: a dashboard filtered on /classify sees them. A path that is no route stays
+    "unmatched"."""
+    preflight = {"Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST"}
+    requests = [
+        (lambda: classify(secured_url, real_photos[0].read_bytes()), "POST", "/classify", 401),
+        (lambda: httpx.post(f"{secured_url}/v2/models/atto/infer", json={}), "POST", "/v2/models/{name}/infer", 401),
+        (lambda: httpx.get(f"{secured_url}/classify"), "GET", "/classify", 401),  # the router would answer 405
+        (lambda: httpx.options(f"{secured_url}/classify", headers=preflight), "OPTIONS", "/classify", 200),
+        (lambda: httpx.post(f"{secured_url}/no-such-route"), "POST", "unmatched", 401),
+    ]
+    for send, method, route, status in requests:
+        before = requests_counted(secured_url, method, route, status)
+        assert send().status_code == status, (method, route)
+        assert requests_counted(secured_url, method, route, status) == before + 1, (method, route)
+
+
+def test_without_a_key_an_admin_403_is_counted_under_its_route(model_repository, launch):
+    with launch(model_repository) as url:
+        host_refusal(httpx.post(f"{url}/admin/reload", headers={"Host": "rebind.attacker.example"}, json={}))
+        assert requests_counted(url, "POST", "/admin/reload", 403) == 1
+        assert requests_counted(url, "POST", "unmatched", 403) == 0
