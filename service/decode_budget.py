@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from runtime.preprocess import ImageError
@@ -28,8 +28,11 @@ class DecodeAbandoned(Exception):
 
 
 class DecodeBudget:
-    def __init__(self, limit_bytes: int):
+    def __init__(self, limit_bytes: int, observe_wait: Callable[[float], None] | None = None):
         self.limit_bytes = limit_bytes
+        # Called with each reservation's wait for memory (0 when it fitted at once), however the wait ended: the waits
+        # that end at a deadline or an abandoned request are the longest (convnext_decode_memory_wait_seconds).
+        self.observe_wait = observe_wait
         self._free = limit_bytes
         self._waiting: deque[object] = deque()  # tickets, in arrival order
         self._changed = threading.Condition()
@@ -39,16 +42,22 @@ class DecodeBudget:
         return self.limit_bytes - self._free
 
     @contextmanager
-    def reserved(self, nbytes: int, deadline: float, abandoned: threading.Event) -> Iterator[None]:
-        """Hold nbytes of the budget (in a decode thread) until the block ends. Raises ImageError too_many_pixels
-        (413) when nbytes exceeds the whole budget, DecodeWaitTimeout at `deadline` (time.monotonic()) and
-        DecodeAbandoned once `abandoned` is set (then call wake())."""
+    def reserved(self, nbytes: int, deadline: float, abandoned: threading.Event) -> Iterator[float]:
+        """Hold nbytes of the budget (in a decode thread) until the block ends; gives the seconds it waited for them.
+        Raises ImageError too_many_pixels (413) when nbytes exceeds the whole budget, DecodeWaitTimeout at `deadline`
+        (time.monotonic()) and DecodeAbandoned once `abandoned` is set (then call wake())."""
         if nbytes > self.limit_bytes:
             raise ImageError("too_many_pixels", f"decoding the image would hold {nbytes / MIB:.0f} MiB, over the "
                              f"decode memory budget of {self.limit_bytes / MIB:.0f} MiB (decode_memory_mb)")
-        self._acquire(nbytes, deadline, abandoned)
+        asked = time.perf_counter()
         try:
-            yield
+            self._acquire(nbytes, deadline, abandoned)
+        finally:
+            waited_s = time.perf_counter() - asked
+            if self.observe_wait is not None:
+                self.observe_wait(waited_s)
+        try:
+            yield waited_s
         finally:
             with self._changed:
                 self._free += nbytes

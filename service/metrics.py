@@ -60,8 +60,12 @@ class ServiceMetrics:
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("convnext_queue_wait_seconds", "time an image waits in the batch queue",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.preprocess = Histogram("convnext_preprocess_seconds", "decode + transform time per image",
-                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.preprocess = Histogram("convnext_preprocess_seconds", "decode + transform time per image decoded, the "
+                                    "wait for decode memory left out", buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_memory_wait = Histogram("convnext_decode_memory_wait_seconds", "time an image waits for its "
+                                            "decode memory (decode_memory_mb), 0 when it fits at once; waits that "
+                                            "end at the deadline or when the client leaves included",
+                                            buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("convnext_inference_seconds", "engine call per batch, from the hand-off to the "
                                    "engine thread to its result", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("convnext_batch_size", "images per engine batch", buckets=BATCH_BUCKETS, registry=r)

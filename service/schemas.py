@@ -35,7 +35,8 @@ class ClassScore(BaseModel):
 
 
 class Timings(BaseModel):
-    preprocess_ms: float = Field(description="this image's decode + transform in the decode pool")
+    preprocess_ms: float = Field(description="this image's decode + transform in the decode pool (not its wait for "
+                                 "decode memory)")
     queue_ms: float = Field(description="from enqueueing to its batch starting")
     inference_ms: float = Field(description="its batch on the engine, hand-offs to and from the engine thread included")
     total_ms: float = Field(description="in the handler, from its start (before the body is read) to the answer")

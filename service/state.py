@@ -30,7 +30,7 @@ class ServiceState:
         # Bounds images being decoded at once, so a flood waits here instead of piling up in the pool.
         self.preprocess_slots = asyncio.Semaphore(settings.preprocess_workers * 2)
         # The memory those decodes may hold at once: each image reserves its peak from its header before decoding.
-        self.decode_budget = DecodeBudget(settings.decode_memory_mb * MIB)
+        self.decode_budget = DecodeBudget(settings.decode_memory_mb * MIB, metrics.decode_memory_wait.observe)
         metrics.decode_memory.set_function(lambda: self.decode_budget.reserved_bytes)
         # Large v2 requests are parsed and converted here (service/v2.py, grpc_server.py): each builds a Python object
         # per number (several times its JSON in memory) and holds the GIL much of its run, so a flood of them waits

@@ -26,6 +26,7 @@ from runtime.repository import Preprocess
 from runtime.transparency import alpha_strip_rows
 from service.decode_budget import MIB, DecodeAbandoned, DecodeBudget, DecodeWaitTimeout
 from service.settings import Settings
+from tests.service.test_limits import metric
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = Preprocess(resize_px=256, crop_px=224, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -300,6 +301,62 @@ def test_the_service_bounds_decode_memory(launch, model_repository):
         metrics = httpx.get(f"{url}/metrics").text
         assert "convnext_decode_memory_bytes 0.0" in metrics
         assert budget.reserved_bytes == 0 and not budget._waiting
+
+
+def test_preprocess_time_is_decode_and_transform_and_the_wait_for_decode_memory_is_reported_apart(
+        launch, model_repository, real_photos):
+    """An image held up 0.5 s by another request's decode memory: its preprocess_ms and convnext_preprocess_seconds
+    are its own decode + transform (they were over 500 ms, the wait included); the wait is in
+    convnext_decode_memory_wait_seconds."""
+    with launch(model_repository) as url:
+        budget = url.app.state.service.decode_budget
+        held = threading.Event()
+
+        def hold_the_budget() -> None:  # another request's decode holding all of decode_memory_mb
+            with budget.reserved(budget.limit_bytes, time.monotonic() + 10, threading.Event()):
+                held.set()
+                give_up = time.monotonic() + 10
+                while not budget._waiting and time.monotonic() < give_up:
+                    time.sleep(0.001)
+                time.sleep(0.5)  # from the moment the image waits
+
+        holder = threading.Thread(target=hold_the_budget)
+        holder.start()
+        assert held.wait(5)
+        answer = httpx.post(f"{url}/classify", content=real_photos[0].read_bytes(),
+                            headers={"content-type": "image/jpeg"}, timeout=30)
+        holder.join()
+        assert answer.status_code == 200, answer.text
+        timings = answer.json()["results"][0]["timings"]
+        assert timings["preprocess_ms"] < 400 and timings["total_ms"] >= 500  # the wait is still in the total
+        assert metric(url, "convnext_preprocess_seconds_sum") < 0.4
+        assert metric(url, "convnext_decode_memory_wait_seconds_count") == 2  # the holder's (0 s) and the image's
+        assert metric(url, "convnext_decode_memory_wait_seconds_sum") >= 0.5
+
+
+def test_every_wait_for_decode_memory_is_reported_however_it_ends():
+    """Fitted at once (0), given the memory after a wait, or ended by the deadline or by the request leaving: each is
+    reported once; a picture over the whole budget never waited and is not."""
+    waits: list[float] = []
+    budget = DecodeBudget(10, observe_wait=waits.append)
+    with pytest.raises(ImageError), budget.reserved(11, time.monotonic() + 5, threading.Event()):
+        pass
+    assert waits == []
+    with budget.reserved(10, time.monotonic() + 5, threading.Event()) as waited_s:
+        assert waits == [waited_s] and waited_s < 0.1
+        with pytest.raises(DecodeWaitTimeout), budget.reserved(1, time.monotonic() + 0.1, threading.Event()):
+            pass
+        abandoned = threading.Event()
+        threading.Timer(0.1, lambda: (abandoned.set(), budget.wake())).start()
+        with pytest.raises(DecodeAbandoned), budget.reserved(1, time.monotonic() + 30, abandoned):
+            pass
+    assert len(waits) == 3 and all(0.09 <= w < 2 for w in waits[1:])
+    holding = budget.reserved(10, time.monotonic() + 5, threading.Event())
+    holding.__enter__()
+    threading.Timer(0.1, holding.__exit__, (None, None, None)).start()
+    with budget.reserved(1, time.monotonic() + 5, threading.Event()) as waited_s:
+        assert 0.09 <= waited_s < 2
+    assert len(waits) == 5 and waits[-1] == waited_s
 
 
 def test_a_gifs_first_frame_is_filled_within_its_reservation(service_url, monkeypatch):
