@@ -17,6 +17,12 @@ from runtime.repository import ModelRepository
 from tests.ports import free_port  # noqa: F401 (the service tests take it from here)
 
 
+def metric(url: str, name: str) -> float:
+    """The sum of a metric's samples, or one sample's value when `name` has its labels (0 when absent)."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory) -> Path:
     """convnext_atto, random weights, 10 classes at 64 px: fast, and the mechanics are those of any model."""

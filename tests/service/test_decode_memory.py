@@ -26,7 +26,7 @@ from runtime.repository import Preprocess
 from runtime.transparency import alpha_strip_rows
 from service.decode_budget import MIB, DecodeAbandoned, DecodeBudget, DecodeWaitTimeout
 from service.settings import Settings
-from tests.service.test_limits import metric
+from tests.service.conftest import metric
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = Preprocess(resize_px=256, crop_px=224, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from tests.service.conftest import metric
 from tests.service.test_faults import factory
 
 
@@ -43,12 +44,6 @@ def closed_by_server(sock: socket.socket, trickle: bytes = b"", deadline_s: floa
         except (ConnectionResetError, BrokenPipeError):
             return True
     return False
-
-
-def metric(url: str, name: str) -> float:
-    """The sum of a metric's samples, or one sample's value when `name` has its labels (0 when absent)."""
-    lines = httpx.get(f"{url}/metrics").text.splitlines()
-    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 @pytest.fixture(scope="module")
