@@ -340,8 +340,8 @@ class Batcher:
         elapsed = time.monotonic() - started
         self.metrics.inference.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))
-        self.metrics.images.labels(served.name).inc(len(batch))
         finite = np.isfinite(logits).all(axis=1)
+        classified = 0
         for item, row, row_is_finite in zip(batch, logits, finite, strict=True):
             item.timings["inference_ms"] = elapsed * 1000
             item.timings["batch_size"] = len(batch)
@@ -349,9 +349,12 @@ class Batcher:
                 continue
             if row_is_finite:
                 item.future.set_result(row)
+                classified += 1
             else:  # that image only (fp16 overflow on one input, say): the others in its batch are answered
                 item.future.set_exception(BatchFailedError("inference failed: the engine returned values that are "
                                                            "not finite numbers (NaN or inf) for this image"))
+        # Only the images answered with their logits: not one answered 500 for its NaNs, nor one whose client left.
+        self.metrics.images.labels(served.name).inc(classified)
 
     def _failed(self, batch: list[Item], buffer: np.ndarray, served: ServedModel, err: Exception) -> None:
         """The engine raised on this batch: it fails, and enough failures in a row detach the engine."""

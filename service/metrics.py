@@ -69,7 +69,7 @@ class ServiceMetrics:
         self.inference = Histogram("convnext_inference_seconds", "engine call per batch, from the hand-off to the "
                                    "engine thread to its result", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("convnext_batch_size", "images per engine batch", buckets=BATCH_BUCKETS, registry=r)
-        self.images = Counter("convnext_images_total", "images classified", ["model"], registry=r)
+        self.images = Counter("convnext_images_total", "images answered with a classification", ["model"], registry=r)
         self.queue_depth = Gauge("convnext_queue_depth", "images waiting in the batch queue", registry=r)
         self.decode_memory = Gauge("convnext_decode_memory_bytes", "memory reserved by images being decoded (of "
                                    "decode_memory_mb)", registry=r)

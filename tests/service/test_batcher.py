@@ -336,3 +336,29 @@ def test_queue_depth_counts_a_batch_held_open_for_more_images():
         return depth
 
     assert run(scenario()) == 2
+
+
+def sample(metrics: ServiceMetrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_only_images_answered_with_a_classification_are_counted():
+    """Not an image answered 500 for its non-finite logits, nor one whose client left while its batch ran."""
+    async def scenario():
+        engine, metrics = RecordingEngine(), ServiceMetrics()
+        batcher = Batcher(served(engine), max_batch_size=4, max_queue_delay_ms=1, queue_size=16, metrics=metrics)
+        batcher.start()
+        engine.gate.clear()
+        items = batcher.submit(tensors(1, float("nan"), 3, 4), time.monotonic() + 10)
+        while not batcher._running:
+            await asyncio.sleep(0.001)  # the four are on the engine, held at its gate
+        items[3].future.cancel()  # its client leaves while its batch runs
+        engine.gate.set()
+        outcomes = await asyncio.gather(*(item.future for item in items[:3]), return_exceptions=True)
+        await batcher.drain()
+        return engine.batches, outcomes, sample(metrics, "convnext_images_total", model="m")
+
+    batches, outcomes, counted = run(scenario())
+    assert len(batches) == 1 and len(batches[0]) == 4
+    assert isinstance(outcomes[1], BatchFailedError) and outcomes[0][0] == 1.0 and outcomes[2][0] == 3.0
+    assert counted == 2  # 1 and 3: not the NaN one (answered 500), not the one whose client left

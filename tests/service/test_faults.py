@@ -12,6 +12,7 @@ import numpy as np
 
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from service.app import default_engine
+from tests.service.conftest import metric
 
 
 class SlowEngine(OnnxRuntimeEngine):
@@ -50,6 +51,15 @@ def black_png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (80, 80), (0, 0, 0)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+class NanForBlack(OnnxRuntimeEngine):
+    """Logits NaN for an all-black image's row only (its batch mates are answered)."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        logits = super().run(batch).copy()
+        logits[batch.reshape(batch.shape[0], -1).max(axis=1) < -1.5] = np.nan
+        return logits
 
 
 class Hold:
@@ -184,3 +194,16 @@ def test_models_answers_503_when_the_repository_does_not_and_holds_few_threads_w
             assert time.monotonic() < deadline, answer.text
             time.sleep(0.05)
         assert answer.status_code == 200 and answer.json()["models"], answer.text
+
+
+def test_an_image_answered_500_for_non_finite_logits_is_not_counted_as_classified(model_repository, launch,
+                                                                                  real_photos):
+    with launch(model_repository, factory(NanForBlack), warmup_runs=0) as url:
+        before = metric(url, "convnext_images_total")
+        answer = httpx.post(f"{url}/classify", content=black_png(), headers={"content-type": "image/png"})
+        assert answer.status_code == 500 and answer.json()["error"]["code"] == "inference_failed"
+        assert metric(url, "convnext_images_total") == before  # (it was counted as classified)
+        good = httpx.post(f"{url}/classify", content=real_photos[0].read_bytes(),
+                          headers={"content-type": "image/jpeg"})
+        assert good.status_code == 200
+        assert metric(url, "convnext_images_total") == before + 1
