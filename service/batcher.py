@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import secrets
@@ -139,6 +140,7 @@ class Item:
     enqueued_at: float = field(default_factory=time.monotonic)
     timings: dict = field(default_factory=dict)
     served_by: ServedModel | None = None  # the model whose engine ran this image's batch
+    left_queue_at: float | None = None  # time.monotonic() when its wait ended: its batch started, or its request left
 
 
 class Batcher:
@@ -198,8 +200,23 @@ class Batcher:
         loop = asyncio.get_running_loop()
         items = [Item(t, deadline, loop.create_future()) for t in tensors]
         for item in items:
+            # A wait that ends without a batch (a 504 at the deadline, a client gone, often through an engine stall)
+            # is observed when the request stops waiting, not when the batcher later drops its place in the queue:
+            # those are the longest waits, and the batcher may not look at them for as long as the engine is away.
+            item.future.add_done_callback(functools.partial(self._item_done, item))
             self.queue.put_nowait(item)
         return items
+
+    def _item_done(self, item: Item, _: asyncio.Future) -> None:
+        """Its future is done: answered, or its request stopped waiting (deadline, client gone, shutdown)."""
+        self._left_queue(item, time.monotonic())
+
+    def _left_queue(self, item: Item, at: float) -> None:
+        """The image's wait is over (its batch starts, or its request stopped waiting): convnext_queue_wait_seconds,
+        once per image, whichever comes first."""
+        if item.left_queue_at is None:
+            item.left_queue_at = at
+            self.metrics.queue_wait.observe(at - item.enqueued_at)
 
     def waiting(self) -> int:
         """Images waiting for the engine (convnext_queue_depth, read at each scrape, on the event loop): those queued
@@ -311,7 +328,7 @@ class Batcher:
         for item in batch:
             item.timings["queue_ms"] = (started - item.enqueued_at) * 1000
             item.served_by = served
-            self.metrics.queue_wait.observe(started - item.enqueued_at)
+            self._left_queue(item, started)
         buffer = self._take_buffer(batch[0].tensor.shape)
         bound = asyncio.timeout(self.engine_timeout_s)  # cheaper than wait_for on the event loop
         try:
@@ -322,8 +339,10 @@ class Batcher:
                 raise RuntimeError(f"engine returned {logits.shape[0]} rows for a batch of {len(batch)}")
         except TimeoutError as err:
             if not bound.expired():  # the engine's own TimeoutError (socket.timeout is one): a failed batch
+                self._engine_call_ended(batch, started, "failed")
                 self._failed(batch, buffer, served, err)
                 return
+            self._engine_call_ended(batch, started, "timeout")
             # The hung call may still read its buffer: it is not reused.
             detail = (f"the engine did not finish a batch of {len(batch)} within {self.engine_timeout_s * 1000:.0f} "
                       f"ms (engine_timeout_ms); it is being reloaded, retry shortly")
@@ -332,14 +351,13 @@ class Batcher:
             self._detach(served, "engine_timeout", detail)
             return
         except Exception as err:  # any engine failure fails this batch only; the loop keeps serving
+            self._engine_call_ended(batch, started, "failed")
             self._failed(batch, buffer, served, err)
             return
+        elapsed = self._engine_call_ended(batch, started, "ok")
         self._buffers.append(buffer)
         if served is self.served:
             self.consecutive_failures = 0
-        elapsed = time.monotonic() - started
-        self.metrics.inference.observe(elapsed)
-        self.metrics.batch_size.observe(len(batch))
         finite = np.isfinite(logits).all(axis=1)
         classified = 0
         for item, row, row_is_finite in zip(batch, logits, finite, strict=True):
@@ -355,6 +373,14 @@ class Batcher:
                                                            "not finite numbers (NaN or inf) for this image"))
         # Only the images answered with their logits: not one answered 500 for its NaNs, nor one whose client left.
         self.metrics.images.labels(served.name).inc(classified)
+
+    def _engine_call_ended(self, batch: list[Item], started: float, outcome: str) -> float:
+        """convnext_inference_seconds{outcome} and convnext_batch_size for every engine call, however it ended (a
+        failing or hung engine shows in them too); the seconds since `started`."""
+        elapsed = time.monotonic() - started
+        self.metrics.inference.labels(outcome).observe(elapsed)
+        self.metrics.batch_size.observe(len(batch))
+        return elapsed
 
     def _failed(self, batch: list[Item], buffer: np.ndarray, served: ServedModel, err: Exception) -> None:
         """The engine raised on this batch: it fails, and enough failures in a row detach the engine."""

@@ -20,6 +20,7 @@ from service.access_log import ACCESS_LOG, AccessLog
 LATENCY_BUCKETS = (0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
                    0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+ENGINE_CALL_OUTCOMES = ("ok", "failed", "timeout")  # convnext_inference_seconds{outcome}
 # /metrics is open and exempt from max_connections (Prometheus must reach it under load), and a render takes ~4 ms of
 # the event loop: renders start at most this often, so a flood of scrapes costs the loop <= ~10% instead of all of it.
 METRICS_RENDER_INTERVAL_S = 0.05
@@ -58,7 +59,8 @@ class ServiceMetrics:
         self.request_duration = Histogram("convnext_request_duration_seconds", "HTTP request latency, to the last "
                                           "body byte, by status class (2xx: answered)", ["route", "status_class"],
                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("convnext_queue_wait_seconds", "time an image waits in the batch queue",
+        self.queue_wait = Histogram("convnext_queue_wait_seconds", "time an image waits in the batch queue, until "
+                                    "its batch starts or its request stops waiting (deadline, client gone)",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.preprocess = Histogram("convnext_preprocess_seconds", "decode + transform time per image decoded, the "
                                     "wait for decode memory left out", buckets=LATENCY_BUCKETS, registry=r)
@@ -67,8 +69,12 @@ class ServiceMetrics:
                                             "end at the deadline or when the client leaves included",
                                             buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("convnext_inference_seconds", "engine call per batch, from the hand-off to the "
-                                   "engine thread to its result", buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("convnext_batch_size", "images per engine batch", buckets=BATCH_BUCKETS, registry=r)
+                                   "engine thread to its result, by outcome (ok, failed: the engine raised, timeout: "
+                                   "given up at engine_timeout_ms)", ["outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        for outcome in ENGINE_CALL_OUTCOMES:  # each series exists (at 0) before its first call: rates read 0, not empty
+            self.inference.labels(outcome)
+        self.batch_size = Histogram("convnext_batch_size", "images per engine call, whatever its outcome",
+                                    buckets=BATCH_BUCKETS, registry=r)
         self.images = Counter("convnext_images_total", "images answered with a classification", ["model"], registry=r)
         self.queue_depth = Gauge("convnext_queue_depth", "images waiting in the batch queue", registry=r)
         self.decode_memory = Gauge("convnext_decode_memory_bytes", "memory reserved by images being decoded (of "

@@ -342,6 +342,98 @@ def sample(metrics: ServiceMetrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
+def test_each_images_queue_wait_is_observed_once_however_it_ends():
+    """Its batch starting, its deadline passing in the queue (DeadlineError), its client leaving: each image's wait is
+    observed once, when it ends (only images whose batch started were observed)."""
+    async def scenario():
+        engine, metrics = RecordingEngine(), ServiceMetrics()
+        batcher = Batcher(served(engine), max_batch_size=8, max_queue_delay_ms=1, queue_size=16, metrics=metrics)
+        batcher.start()
+        held = await hold_first_batch(batcher, engine)
+        (late,) = batcher.submit(tensors(1), time.monotonic() + 0.01)  # expires behind the held batch
+        (gone,) = batcher.submit(tensors(2), time.monotonic() + 10)
+        (ran,) = batcher.submit(tensors(3), time.monotonic() + 10)
+        await asyncio.sleep(0.1)
+        gone.future.cancel()  # its client leaves
+        await asyncio.sleep(0)
+        observed_while_held = sample(metrics, "convnext_queue_wait_seconds_count")
+        gone_waited = gone.left_queue_at - gone.enqueued_at
+        engine.gate.set()
+        await asyncio.gather(*(item.future for item in held + [late, ran]), return_exceptions=True)
+        await batcher.drain()
+        return observed_while_held, gone_waited, late, ran, sample(metrics, "convnext_queue_wait_seconds_count")
+
+    observed_while_held, gone_waited, late, ran, observed = run(scenario())
+    assert observed_while_held == 2  # the held batch's image and the one whose client left
+    assert 0.1 <= gone_waited < 1  # observed when it left, not when the batcher dropped its place
+    assert isinstance(late.future.exception(), DeadlineError) and late.left_queue_at is not None
+    assert ran.left_queue_at - ran.enqueued_at == pytest.approx(ran.timings["queue_ms"] / 1000)
+    assert observed == 4
+
+
+def test_queue_waits_that_end_while_the_engine_is_away_are_observed_then():
+    """Through an engine outage the batcher looks at no queued image: a request that gives up meanwhile has its wait
+    observed when it gives up, not once an engine is back (the histogram showed only the short waits)."""
+    class BrokenEngine(RecordingEngine):
+        def run(self, batch):
+            raise RuntimeError("device error")
+
+    async def scenario():
+        metrics = ServiceMetrics()
+        batcher = Batcher(served(BrokenEngine()), max_batch_size=1, max_queue_delay_ms=1, queue_size=8,
+                          metrics=metrics, max_consecutive_failures=1)
+        batcher.start()
+        (breaking,) = batcher.submit(tensors(0), time.monotonic() + 10)
+        with pytest.raises(BatchFailedError):
+            await breaking.future  # the engine is detached
+        items = batcher.submit(tensors(1, 2, 3), time.monotonic() + 10)
+        await asyncio.sleep(0.2)
+        for item in items:
+            item.future.cancel()  # their requests give up (a deadline, a client gone)
+        await asyncio.sleep(0)
+        count = sample(metrics, "convnext_queue_wait_seconds_count")
+        seconds = sample(metrics, "convnext_queue_wait_seconds_sum")
+        batcher.task.cancel()
+        return count, seconds
+
+    count, seconds = run(scenario())
+    assert count == 4 and seconds >= 3 * 0.2
+
+
+def test_failed_and_timed_out_engine_calls_are_in_the_inference_and_batch_size_histograms():
+    """convnext_inference_seconds{outcome} and convnext_batch_size see every engine call (only answered ones were)."""
+    class FailingEngine(RecordingEngine):
+        def run(self, batch):
+            raise RuntimeError("device error")
+
+    async def scenario():
+        metrics = ServiceMetrics()
+        failing = Batcher(served(FailingEngine()), max_batch_size=8, max_queue_delay_ms=1, queue_size=8,
+                          metrics=metrics)
+        failing.start()
+        items = failing.submit(tensors(1, 2), time.monotonic() + 10)
+        await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+        await failing.drain()
+        hung = RecordingEngine()
+        hung.gate.clear()  # released after the timeout
+        hanging = Batcher(served(hung), max_batch_size=8, max_queue_delay_ms=1, queue_size=8, metrics=metrics,
+                          engine_timeout_ms=200)
+        hanging.start()
+        (item,) = hanging.submit(tensors(3), time.monotonic() + 10)
+        with pytest.raises(EngineTimeoutError):
+            await item.future
+        hung.gate.set()
+        hanging.task.cancel()
+        return metrics
+
+    metrics = run(scenario())
+    assert sample(metrics, "convnext_inference_seconds_count", outcome="failed") == 1
+    assert sample(metrics, "convnext_inference_seconds_count", outcome="timeout") == 1
+    assert sample(metrics, "convnext_inference_seconds_sum", outcome="timeout") >= 0.2
+    assert sample(metrics, "convnext_inference_seconds_count", outcome="ok") == 0
+    assert sample(metrics, "convnext_batch_size_count") == 2 and sample(metrics, "convnext_batch_size_sum") == 3
+
+
 def test_only_images_answered_with_a_classification_are_counted():
     """Not an image answered 500 for its non-finite logits, nor one whose client left while its batch ran."""
     async def scenario():

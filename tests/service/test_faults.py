@@ -196,6 +196,20 @@ def test_models_answers_503_when_the_repository_does_not_and_holds_few_threads_w
         assert answer.status_code == 200 and answer.json()["models"], answer.text
 
 
+def test_a_failed_batch_is_in_the_inference_and_batch_size_histograms(model_repository, launch):
+    """Observed with outcome "failed" (only batches the engine answered were observed: a failing engine looked idle)."""
+    with launch(model_repository, factory(FailingEngine), warmup_runs=0) as url:
+        before = [metric(url, name) for name in ('convnext_inference_seconds_count{outcome="failed"}',
+                                                 'convnext_inference_seconds_count{outcome="ok"}',
+                                                 "convnext_batch_size_count")]
+        answer = httpx.post(f"{url}/classify", content=black_png(), headers={"content-type": "image/png"})
+        assert answer.status_code == 500 and answer.json()["error"]["code"] == "inference_failed"
+        after = [metric(url, name) for name in ('convnext_inference_seconds_count{outcome="failed"}',
+                                                'convnext_inference_seconds_count{outcome="ok"}',
+                                                "convnext_batch_size_count")]
+        assert [a - b for a, b in zip(after, before, strict=True)] == [1, 0, 1]
+
+
 def test_an_image_answered_500_for_non_finite_logits_is_not_counted_as_classified(model_repository, launch,
                                                                                   real_photos):
     with launch(model_repository, factory(NanForBlack), warmup_runs=0) as url:

@@ -283,6 +283,32 @@ class Gate:
         self.batch_started.clear()
 
 
+def test_an_image_that_waited_past_its_deadline_is_in_the_queue_wait_histogram(model_repository, real_photos, launch):
+    """The worst waits, those ending in 504 behind a stalled engine, are observed when the request gives up (they
+    were never observed: only an image whose batch started was)."""
+    jpeg = real_photos[0].read_bytes()
+    gate = Gate()
+    with launch(model_repository, gate.factory, max_batch_size=1, warmup_runs=0, request_timeout_ms=1500) as url:
+        gate.close()
+        first = threading.Thread(target=httpx.post, args=(f"{url}/classify",),
+                                 kwargs=dict(content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30))
+        first.start()
+        try:
+            assert gate.batch_started.wait(20)  # the first request holds the engine
+            waits_before = metric(url, "convnext_queue_wait_seconds_count")
+            seconds_before = metric(url, "convnext_queue_wait_seconds_sum")
+            second = httpx.post(f"{url}/classify", content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30)
+            assert second.status_code == 504 and second.json()["error"]["code"] == "deadline"
+            # Before the engine takes another batch: observed when its request stopped waiting.
+            assert metric(url, "convnext_queue_wait_seconds_count") == waits_before + 1
+            assert metric(url, "convnext_queue_wait_seconds_sum") - seconds_before >= 1.0
+        finally:
+            gate.open.set()
+            first.join()
+        time.sleep(0.3)  # the batcher drops the 504's place in the queue: not observed a second time
+        assert metric(url, "convnext_queue_wait_seconds_count") == waits_before + 1
+
+
 def test_a_client_that_leaves_is_counted_and_its_queued_images_never_run(model_repository, real_photos, launch):
     jpeg = real_photos[0].read_bytes()
     gate = Gate()
