@@ -26,6 +26,8 @@ from service.v2_models import MAX_PARAMETERS, MAX_RANK, MAX_TENSORS, InferenceRe
 # The protocol's service name on the wire; the .proto's own package differs (open_inference.proto says why).
 SERVICE_NAME = "inference.GRPCInferenceService"
 PUBLIC_METHODS = frozenset({"ServerLive", "ServerReady"})  # open without a key, like /v2/health/live and /ready
+# Answered beyond max_connections too, like /v2/health/live and /ready (service.server.PROBE_PATHS).
+PROBE_METHODS = frozenset({"ServerLive", "ServerReady"})
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
     408: grpc.StatusCode.DEADLINE_EXCEEDED, 409: grpc.StatusCode.ABORTED, 413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -235,7 +237,8 @@ def _has_key(context: grpc.aio.ServicerContext, api_key: bytes) -> bool:
 
 
 class _Method:
-    """One RPC: key check, parsing (a malformed message is INVALID_ARGUMENT), the handler, status and metrics.
+    """One RPC: the calls-in-flight limit, key check, parsing (a malformed message is INVALID_ARGUMENT), the handler,
+    status and metrics.
 
     Served as stream-unary, one request message read by hand: a unary handler runs only once grpc has received the
     whole message, so a caller without the key (or one that never finishes its message) would hold a call slot and
@@ -252,6 +255,7 @@ class _Method:
         # is reserved for it, so uploads that fill the body budget never hold up a health check (grpc core takes in
         # at most UNREAD_STREAM_WINDOW_BYTES of whatever a client sends on such a call).
         self.reads_request = bool(request_type.DESCRIPTOR.fields)
+        self.probe = name in PROBE_METHODS
         api_key = state.settings.api_key
         self.api_key = None if api_key is None or name in PUBLIC_METHODS else api_key.get_secret_value().encode()
 
@@ -260,21 +264,9 @@ class _Method:
         hold the message's bytes until the call ends."""
         metrics, started, code = self.state.metrics, time.perf_counter(), grpc.StatusCode.OK
         try:
-            if self.api_key is not None and not _has_key(context, self.api_key):
-                raise ApiError(401, "unauthorized", "the call carries no or a wrong API key; send metadata "
-                               "`authorization: Bearer <key>` or `x-api-key: <key>`")
-            if not self.reads_request:
-                return await self.handler(self.state, self.request_type(), context)
-            body = await self._request_message(context)
-            size = len(body)  # counted in the body budget until answered
-            try:
-                # The handler alone holds the parsed message (model_infer lets it go once converted), and the body
-                # goes once parsed: a call waiting for its batch holds about the one copy the budget counts.
-                handled = self.handler(self.state, self._parsed(body), context)
-                del body
-                return await handled
-            finally:
-                self.state.body_budget.give_back(size)
+            # First, as over HTTP: past the limit the call costs no key check and its message is never read.
+            with self.state.grpc_calls.held(self.probe):
+                return await self._answer(context)
         except ApiError as err:
             code = ERROR_STATUS_CODES.get(err.code) or STATUS_CODES.get(err.status, grpc.StatusCode.UNKNOWN)
             metrics.rejected.labels(err.code).inc()
@@ -291,6 +283,24 @@ class _Method:
         finally:
             metrics.grpc_requests.labels(self.name, code.name).inc()
             metrics.grpc_request_duration.labels(self.name, code.name).observe(time.perf_counter() - started)
+
+    async def _answer(self, context: grpc.aio.ServicerContext) -> Message:
+        """The call's answer, within the limit: its key checked, its message read (when it has fields) and handled."""
+        if self.api_key is not None and not _has_key(context, self.api_key):
+            raise ApiError(401, "unauthorized", "the call carries no or a wrong API key; send metadata "
+                           "`authorization: Bearer <key>` or `x-api-key: <key>`")
+        if not self.reads_request:
+            return await self.handler(self.state, self.request_type(), context)
+        body = await self._request_message(context)
+        size = len(body)  # counted in the body budget until answered
+        try:
+            # The handler alone holds the parsed message (model_infer lets it go once converted), and the body goes
+            # once parsed: a call waiting for its batch holds about the one copy the budget counts.
+            handled = self.handler(self.state, self._parsed(body), context)
+            del body
+            return await handled
+        finally:
+            self.state.body_budget.give_back(size)
 
     def _parsed(self, body: bytes) -> Message:
         try:
@@ -383,7 +393,9 @@ async def start_grpc_server(state: ServiceState) -> GrpcService:
     timeout to finish."""
     settings = state.settings
     server = grpc.aio.server(
-        handlers=[inference_service(state)], maximum_concurrent_rpcs=settings.max_connections,
+        # No maximum_concurrent_rpcs: the handler bounds calls in flight (_Method, service/grpc_calls.py), so a call
+        # refused at max_connections is counted and carries a retry hint (grpc core's refusal has neither).
+        handlers=[inference_service(state)],
         options=[("grpc.max_receive_message_length", settings.max_body_bytes),
                  # Calls at once on one connection (HTTP/2 streams; grpc core's default has no bound): one client
                  # cannot take every call slot; a client with more waits for a stream, not an error.

@@ -1,6 +1,6 @@
 """ServiceState: what the lifespan owns (settings, metrics, model manager, decode pool and budget, admission, the memory
 bound on request bodies that HTTP and gRPC share, the v2 conversion pool, the repository reader, the gRPC per-client
-limiter), one per app."""
+limiter and calls in flight), one per app."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +12,7 @@ from service.admission import Admission, admission_capacity
 from service.batcher import Batcher
 from service.body_budget import BodyBudget
 from service.decode_budget import MIB, DecodeBudget
+from service.grpc_calls import CallsInFlight
 from service.grpc_clients import ArrivingMessages
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
@@ -47,6 +48,9 @@ class ServiceState:
         self.admission = Admission(admission_capacity(settings.queue_size, settings.max_batch_size))
         # gRPC calls per client address waiting for room in the body budget or receiving their message.
         self.grpc_arrivals = ArrivingMessages(settings.grpc_messages_per_client)
+        # gRPC calls being handled, at most max_connections (service/grpc_calls.py).
+        self.grpc_calls = CallsInFlight(settings.max_connections)
+        metrics.grpc_inflight.set_function(lambda: self.grpc_calls.count)
 
     @property
     def version(self) -> ModelVersion | None:

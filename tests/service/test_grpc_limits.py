@@ -221,3 +221,26 @@ def test_one_client_holds_the_room_of_at_most_grpc_messages_per_client_messages(
         wait_for(lambda: metric(url, "convnext_buffered_body_bytes") == 0, "the room to come back")
         connection.close()
 
+
+
+def test_calls_past_max_connections_are_refused_unavailable_counted_and_told_when_to_retry(model_repository, launch):
+    """max_connections bounds gRPC calls in flight as it bounds HTTP requests: past it, UNAVAILABLE
+    too_many_connections with grpc-retry-pushback-ms, before the call's key is checked or its message read, counted in
+    convnext_grpc_requests_total and convnext_rejected_total; ServerLive and ServerReady still answer, as HTTP's probes
+    do. Before: grpc core answered RESOURCE_EXHAUSTED itself, before any handler: in no metric, with no retry hint."""
+    with launch(model_repository, grpc_port=free_port(), max_connections=1) as url:
+        address = grpc_address(url)
+        connection = H2Connection(address)
+        connection.open(1, MODEL_INFER)  # a call whose message never comes: the one call in flight
+        wait_for(lambda: metric(url, "convnext_grpc_inflight_calls") == 1, "the call to be in flight")
+        code, trailers = stalled_call(address)  # ModelReady, its message never sent: refused without it
+        assert (code, trailers.get(ERROR_CODE_KEY)) == (grpc.StatusCode.UNAVAILABLE, "too_many_connections")
+        assert trailers.get(RETRY_PUSHBACK_KEY) == "1000"  # HTTP's Retry-After: 1
+        assert metric(url, 'convnext_grpc_requests_total{code="UNAVAILABLE",method="ModelReady"}') == 1
+        assert metric(url, 'convnext_rejected_total{reason="too_many_connections"}') == 1
+        assert pb.ServerLiveResponse.FromString(raw_call(address, "ServerLive", b"")).live
+        assert pb.ServerReadyResponse.FromString(raw_call(address, "ServerReady", b"")).ready
+        connection.reset(1)
+        wait_for(lambda: metric(url, "convnext_grpc_inflight_calls") == 0, "the call's place to come back")
+        assert pb.ServerMetadataResponse.FromString(raw_call(address, "ServerMetadata", b"")).name  # served again
+        connection.close()

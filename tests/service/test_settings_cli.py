@@ -77,7 +77,8 @@ def test_no_float_setting_takes_infinity_or_nan(name, value):
 @pytest.mark.parametrize("name", C_INT_SETTINGS)
 def test_settings_that_reach_a_c_int_stop_at_its_largest_value(name):
     """max_body_bytes of 2 GiB was grpc's max_receive_message_length: an OverflowError traceback after the model
-    loaded; the backlog reaches listen(), max_connections grpc's maximum_concurrent_rpcs, threads the engines."""
+    loaded; the backlog reaches listen(), threads the engines (max_connections keeps the bound it had as grpc's
+    maximum_concurrent_rpcs)."""
     with pytest.raises(StartRefused) as refused:
         startable_settings([flag_name(name), str(C_INT_MAX + 1)])
     assert refused.value.status == 2
