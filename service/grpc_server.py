@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError, Message
 from service import v2_core, v2_tensors
 from service.api_keys import key_accepted
 from service.errors import ApiError, clipped, shown
+from service.grpc_calls import CallsInFlight
 from service.grpc_proto import open_inference_pb2 as pb
 from service.pipeline import ClientGone, converted, request_deadline
 from service.state import ServiceState
@@ -58,6 +59,12 @@ INLINE_MAX_ELEMENTS = 4096
 ERROR_CODE_KEY = "convnext-error-code"  # trailing metadata: the machine-readable code of the HTTP API's JSON errors
 # Trailing metadata of a refusal the HTTP API answers with Retry-After (gRPC's retry design: when to try again).
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# How long grpc's stop waits, past the grace period, for the calls the shutdown cut off (service/grpc_calls.py) to
+# send their UNAVAILABLE: each does so at once, its task cancelled; grpc then resets the streams of any left.
+CUT_OFF_S = 1.0
+# The answer of a call still in flight when the shutdown's grace period is over (the code /admin/reload answers then).
+SHUTTING_DOWN = ApiError(503, "shutting_down", "the server is shutting down; retry, on another replica if there is one",
+                         headers={"Retry-After": "1"})
 # uvicorn's configured logger: the gRPC address is logged beside the HTTP one ("Uvicorn running on ...").
 logger = logging.getLogger("uvicorn.error")
 
@@ -269,12 +276,17 @@ class _Method:
                 return await self._answer(context)
         except ApiError as err:
             code = ERROR_STATUS_CODES.get(err.code) or STATUS_CODES.get(err.status, grpc.StatusCode.UNKNOWN)
-            metrics.rejected.labels(err.code).inc()
+            reason = err.code
+            if err.status == 499 and _deadline_passed(context):  # the call ended (grpc_client_gone) by its deadline
+                code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "client_deadline"
+            metrics.rejected.labels(reason).inc()
             await context.abort(code, err.message, trailing_metadata=error_trailers(err))
-        except asyncio.CancelledError:  # the client cancelled or its deadline passed: grpc cancels this task
-            code = grpc.StatusCode.CANCELLED
-            metrics.rejected.labels("client_disconnected").inc()
-            raise
+        except asyncio.CancelledError:  # grpc cancels this task (the client left, its deadline passed), or the shutdown
+            code, reason = _why_cancelled(context, self.state.grpc_calls)
+            metrics.rejected.labels(reason).inc()
+            if code != grpc.StatusCode.UNAVAILABLE:
+                raise  # the call is over: nothing to answer
+            await context.abort(code, SHUTTING_DOWN.message, trailing_metadata=error_trailers(SHUTTING_DOWN))
         except Exception:  # a bug, not the client's fault: logged, answered INTERNAL, and the server carries on
             code = grpc.StatusCode.INTERNAL
             logger.exception("gRPC %s failed", self.name)
@@ -323,7 +335,7 @@ class _Method:
                 async with asyncio.timeout_at(deadline):
                     message = await context.read()
                 if message is grpc.aio.EOF:
-                    await _why_no_message(context, reserved)
+                    await _why_no_message(context, reserved, self.state.grpc_calls)
                 size = len(message)
                 return message
             except TimeoutError:
@@ -333,7 +345,7 @@ class _Method:
                 budget.received(reserved, size)  # no await from here to the caller's count of it
 
 
-async def _why_no_message(context: grpc.aio.ServicerContext, limit: int) -> None:
+async def _why_no_message(context: grpc.aio.ServicerContext, limit: int, calls: CallsInFlight) -> None:
     """A read that ended without a message: raise what ended it. grpc core ends the read of a message over
     max_receive_message_length (answering the client RESOURCE_EXHAUSTED itself), and of a call the client reset or
     whose deadline passed, then cancels this task at its next await; a client that closed its side without sending a
@@ -342,12 +354,28 @@ async def _why_no_message(context: grpc.aio.ServicerContext, limit: int) -> None
     try:
         await asyncio.sleep(EOF_SETTLE_S)
     except asyncio.CancelledError:
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise  # the client's deadline: counted as client_disconnected
+        if _deadline_passed(context) or calls.cut_off:
+            raise  # the client's deadline, or the shutdown: _Method.call counts it (_why_cancelled)
         raise ApiError(413, "body_too_large", f"the request message is over the limit of {limit} bytes "
                        "(max_body_bytes)") from None
     raise ApiError(400, "invalid_message", "the call ended without a request message; send one")
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    """The client's deadline for the call has passed (grpc has told the client DEADLINE_EXCEEDED)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def _why_cancelled(context: grpc.aio.ServicerContext, calls: CallsInFlight) -> tuple[grpc.StatusCode, str]:
+    """The status and the reason counted of a call whose task was cancelled: its deadline passed (DEADLINE_EXCEEDED,
+    as its client sees), the shutdown's grace period ended (UNAVAILABLE shutting_down, answered so: CallsInFlight), or
+    its client left (CANCELLED client_disconnected)."""
+    if _deadline_passed(context):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "client_deadline"
+    if calls.cut_off:
+        return grpc.StatusCode.UNAVAILABLE, "shutting_down"
+    return grpc.StatusCode.CANCELLED, "client_disconnected"
 
 
 def error_trailers(err: ApiError) -> tuple[tuple[str, str], ...]:
@@ -375,15 +403,18 @@ class GrpcService:
     """The running gRPC server and its one graceful stop: begun when the HTTP server's shutdown begins
     (service.app.begin_drain), so both protocols drain side by side, and awaited by the lifespan's shutdown."""
 
-    def __init__(self, server: grpc.aio.Server, grace_s: float):
-        self.server, self.grace_s = server, grace_s
+    def __init__(self, server: grpc.aio.Server, grace_s: float, calls: CallsInFlight):
+        self.server, self.grace_s, self.calls = server, grace_s, calls
         self._stopped: asyncio.Future[None] | None = None
 
     def begin_stop(self) -> asyncio.Future[None]:
-        """New calls are refused from now on (UNAVAILABLE); calls in flight get up to grace_s to finish. The same
-        future for every caller."""
+        """New calls are refused from now on (UNAVAILABLE); calls in flight get up to grace_s to finish, then are
+        answered UNAVAILABLE shutting_down (CallsInFlight.cut_off_all; grpc's own stop would reset them CUT_OFF_S
+        later). The same future for every caller."""
         if self._stopped is None:
-            self._stopped = asyncio.ensure_future(self.server.stop(self.grace_s))
+            cut_off = asyncio.get_running_loop().call_later(self.grace_s, self.calls.cut_off_all)
+            self._stopped = asyncio.ensure_future(self.server.stop(self.grace_s + CUT_OFF_S))
+            self._stopped.add_done_callback(lambda _: cut_off.cancel())  # every call ended within the grace
         return self._stopped
 
 
@@ -412,4 +443,4 @@ async def start_grpc_server(state: ServiceState) -> GrpcService:
                            "--grpc-port (0: no gRPC server)") from None
     await server.start()
     logger.info("Open Inference Protocol over gRPC on %s (inference.GRPCInferenceService)", address)
-    return GrpcService(server, settings.request_timeout_ms / 1000)
+    return GrpcService(server, settings.request_timeout_ms / 1000, state.grpc_calls)

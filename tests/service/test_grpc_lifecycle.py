@@ -1,5 +1,7 @@
-"""The gRPC server's lifecycle: a cancelled call drops its queued images, shutdown lets calls in flight finish and
-refuses new ones while HTTP drains, and the port setting, from the CLI to a start that fails on a taken port."""
+"""The gRPC server's lifecycle: a cancelled call drops its queued images, a call past its deadline is counted as the
+DEADLINE_EXCEEDED its client sees, shutdown lets calls in flight finish, refuses new ones while HTTP drains and
+answers those left at its grace's end UNAVAILABLE, and the port setting, from the CLI to a start that fails on a taken
+port."""
 from __future__ import annotations
 
 import asyncio
@@ -12,17 +14,21 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from prometheus_client import generate_latest
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
-from service.grpc_server import GrpcService
+from service.grpc_server import ERROR_CODE_KEY, RETRY_PUSHBACK_KEY, GrpcService
 from service.settings import Settings
 from tests.service.conftest import free_port
 from tests.service.test_grpc import fp32_input, grpc_address, preprocessed_photos, status_of
+from tests.service.test_grpc_limits import stalled_call
+from tests.service.test_hot_swap import wait_for
 from tests.service.test_limits import Gate, metric, wait_for_metric
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +56,50 @@ def test_a_cancelled_call_drops_its_queued_images(model_repository, launch, batc
         first.join()
         assert client.infer("atto", [fp32_input(batch[:1])]).as_numpy("logits").shape == (1, 10)
         assert metric(url, "convnext_images_total") == 2  # the first and the last call, none of the four
+
+
+@pytest.mark.parametrize("waiting_for", ["its batch", "its message"])
+def test_a_call_past_its_deadline_is_counted_as_the_deadline_exceeded_its_client_sees(model_repository, launch, batch,
+                                                                                       waiting_for):
+    """Before: counted CANCELLED and client_disconnected, as if the client had left."""
+    gate = Gate()
+    with launch(model_repository, gate.factory, grpc_port=free_port(), max_batch_size=1, warmup_runs=0) as url:
+        if waiting_for == "its batch":
+            client = triton_grpc.InferenceServerClient(grpc_address(url))
+            gate.close()  # the call's batch is held by the engine past the call's deadline
+            with pytest.raises(InferenceServerException) as late:
+                client.infer("atto", [fp32_input(batch[:1])], client_timeout=1.0)
+            gate.open.set()
+            method, seen = "ModelInfer", status_of(late.value)
+        else:  # its message never comes (body_deadline_s is longer than the call's deadline)
+            method, seen = "ModelReady", stalled_call(grpc_address(url), timeout_s=1.0)[0].name
+        assert seen == "DEADLINE_EXCEEDED"
+        wait_for_metric(url, f'convnext_grpc_requests_total{{code="DEADLINE_EXCEEDED",method="{method}"}}', 1)
+        assert metric(url, 'convnext_rejected_total{reason="client_deadline"}') == 1
+        assert metric(url, 'convnext_rejected_total{reason="client_disconnected"}') == 0
+        assert metric(url, "convnext_grpc_requests_total") == 1
+
+
+def test_a_call_still_in_flight_when_the_shutdowns_grace_ends_is_answered_unavailable_and_counted_so(
+        model_repository, launch):
+    """A call whose message is still arriving when the grace (request_timeout_ms) is over: answered UNAVAILABLE
+    shutting_down with a retry hint, and counted so. Before: grpc's stop ended it (UNAVAILABLE, no code, no hint) and
+    the metrics said RESOURCE_EXHAUSTED body_too_large."""
+    seen = []
+    with launch(model_repository, grpc_port=free_port(), request_timeout_ms=1000, body_deadline_s=60) as url:
+        address = grpc_address(url)
+        call = threading.Thread(target=lambda: seen.append(stalled_call(address)))
+        call.start()
+        wait_for(lambda: metric(url, "convnext_grpc_inflight_calls") == 1, "the call to be in flight")
+        registry = url.app.state.metrics.registry
+    call.join(30)
+    code, trailers = seen[0]
+    assert (code, trailers.get(ERROR_CODE_KEY)) == (grpc.StatusCode.UNAVAILABLE, "shutting_down")
+    assert trailers.get(RETRY_PUSHBACK_KEY) == "1000"
+    scrape = generate_latest(registry).decode()
+    assert 'convnext_grpc_requests_total{code="UNAVAILABLE",method="ModelReady"} 1.0' in scrape
+    assert 'convnext_rejected_total{reason="shutting_down"} 1.0' in scrape
+    assert "body_too_large" not in scrape and "client_disconnected" not in scrape
 
 
 def test_shutdown_lets_an_in_flight_call_finish(model_repository, launch, batch):

@@ -26,7 +26,7 @@ OK_INFERS = 'convnext_grpc_requests_total{code="OK",method="ModelInfer"}'
 MODEL_READY = f"/{SERVICE_NAME}/ModelReady"  # a request with fields: read (ServerMetadata's has none: never read)
 
 
-def stalled_call(address: str, metadata: tuple = ()) -> tuple[grpc.StatusCode, dict]:
+def stalled_call(address: str, metadata: tuple = (), timeout_s: float = 30) -> tuple[grpc.StatusCode, dict]:
     """A call whose request message never comes (the client holds its stream open), as grpc's client sees it."""
 
     async def call() -> tuple[grpc.StatusCode, dict]:
@@ -39,7 +39,7 @@ def stalled_call(address: str, metadata: tuple = ()) -> tuple[grpc.StatusCode, d
         async with grpc.aio.insecure_channel(address) as channel:
             method = channel.stream_unary(MODEL_READY, request_serializer=bytes, response_deserializer=bytes)
             try:
-                await method(no_message(), metadata=metadata, timeout=30)
+                await method(no_message(), metadata=metadata, timeout=timeout_s)
             except grpc.aio.AioRpcError as err:
                 return err.code(), dict(err.trailing_metadata() or ())
             finally:
