@@ -64,20 +64,22 @@ def test_a_call_past_its_deadline_is_counted_as_the_deadline_exceeded_its_client
     """Before: counted CANCELLED and client_disconnected, as if the client had left."""
     gate = Gate()
     with launch(model_repository, gate.factory, grpc_port=free_port(), max_batch_size=1, warmup_runs=0) as url:
-        if waiting_for == "its batch":
-            client = triton_grpc.InferenceServerClient(grpc_address(url))
-            gate.close()  # the call's batch is held by the engine past the call's deadline
-            with pytest.raises(InferenceServerException) as late:
-                client.infer("atto", [fp32_input(batch[:1])], client_timeout=1.0)
+        try:
+            if waiting_for == "its batch":
+                client = triton_grpc.InferenceServerClient(grpc_address(url))
+                gate.close()  # the call's batch is held by the engine past the call's deadline (and until counted)
+                with pytest.raises(InferenceServerException) as late:
+                    client.infer("atto", [fp32_input(batch[:1])], client_timeout=1.0)
+                method, seen = "ModelInfer", status_of(late.value)
+            else:  # its message never comes (body_deadline_s is longer than the call's deadline)
+                method, seen = "ModelReady", stalled_call(grpc_address(url), timeout_s=1.0)[0].name
+            assert seen == "DEADLINE_EXCEEDED"
+            wait_for_metric(url, f'convnext_grpc_requests_total{{code="DEADLINE_EXCEEDED",method="{method}"}}', 1)
+            assert metric(url, 'convnext_rejected_total{reason="client_deadline"}') == 1
+            assert metric(url, 'convnext_rejected_total{reason="client_disconnected"}') == 0
+            assert metric(url, "convnext_grpc_requests_total") == 1
+        finally:
             gate.open.set()
-            method, seen = "ModelInfer", status_of(late.value)
-        else:  # its message never comes (body_deadline_s is longer than the call's deadline)
-            method, seen = "ModelReady", stalled_call(grpc_address(url), timeout_s=1.0)[0].name
-        assert seen == "DEADLINE_EXCEEDED"
-        wait_for_metric(url, f'convnext_grpc_requests_total{{code="DEADLINE_EXCEEDED",method="{method}"}}', 1)
-        assert metric(url, 'convnext_rejected_total{reason="client_deadline"}') == 1
-        assert metric(url, 'convnext_rejected_total{reason="client_disconnected"}') == 0
-        assert metric(url, "convnext_grpc_requests_total") == 1
 
 
 def test_a_call_still_in_flight_when_the_shutdowns_grace_ends_is_answered_unavailable_and_counted_so(
