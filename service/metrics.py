@@ -79,7 +79,8 @@ class ServiceMetrics:
         self.queue_depth = Gauge("convnext_queue_depth", "images waiting in the batch queue", registry=r)
         self.decode_memory = Gauge("convnext_decode_memory_bytes", "memory reserved by images being decoded (of "
                                    "decode_memory_mb)", registry=r)
-        self.inflight = Gauge("convnext_inflight_requests", "HTTP requests being handled", registry=r)
+        self.inflight = Gauge("convnext_inflight_requests", "HTTP requests being handled, the scrape reading it "
+                              "included", registry=r)
         self.grpc_inflight = Gauge("convnext_grpc_inflight_calls", "gRPC calls being handled (max_connections bounds "
                                    "them, ServerLive and ServerReady aside)", registry=r)
         self.model_info = Gauge("convnext_model_info", "the served model (value 1)",

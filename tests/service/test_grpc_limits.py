@@ -7,6 +7,7 @@ carries a client's megabytes back."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,6 +21,7 @@ from tests.service.test_grpc import grpc_address, raw_call
 from tests.service.test_hot_swap import wait_for
 from tests.service.test_limits import BUDGET_LIMITS, Gate, finish_upload, metric, slow_upload
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 MIB = 1024 * 1024
 MODEL_INFER = f"/{SERVICE_NAME}/ModelInfer"
 OK_INFERS = 'convnext_grpc_requests_total{code="OK",method="ModelInfer"}'
@@ -244,3 +246,24 @@ def test_calls_past_max_connections_are_refused_unavailable_counted_and_told_whe
         wait_for(lambda: metric(url, "convnext_grpc_inflight_calls") == 0, "the call's place to come back")
         assert pb.ServerMetadataResponse.FromString(raw_call(address, "ServerMetadata", b"")).name  # served again
         connection.close()
+
+
+def readme_metric_row(name: str) -> str:
+    """The meaning README's Metrics table gives `name`."""
+    return next(line.split("|")[3] for line in README.read_text().splitlines() if line.startswith(f"| {name} |"))
+
+
+def test_the_in_flight_gauges_count_http_requests_and_grpc_calls_apart_as_the_readme_says(model_repository, launch):
+    """convnext_inflight_requests counts HTTP requests only, the scrape that reads it among them; gRPC calls are in
+    convnext_grpc_inflight_calls. Before: README said "requests being handled", as if gRPC calls were in it."""
+    with launch(model_repository, grpc_port=free_port()) as url:
+        connection = H2Connection(grpc_address(url))
+        connection.open(1, MODEL_INFER)  # a call whose message never comes: in flight until reset
+        wait_for(lambda: metric(url, "convnext_grpc_inflight_calls") == 1, "the call to be in flight")
+        assert metric(url, "convnext_inflight_requests") == 1  # the scrape itself, not the gRPC call
+        connection.reset(1)
+        wait_for(lambda: metric(url, "convnext_grpc_inflight_calls") == 0, "the call to end")
+        connection.close()
+    http = readme_metric_row("convnext_inflight_requests")
+    assert "HTTP requests" in http and "scrape" in http
+    assert "gRPC calls" in readme_metric_row("convnext_grpc_inflight_calls")
