@@ -320,6 +320,20 @@ def test_no_more_connections_linger_at_once_than_max_connections(model_repositor
 
 
 
+def send_head(sock: socket.socket, head: bytes, write_bytes: int | None, then: bytes = b"") -> None:
+    """`head` in one write, or in writes of `write_bytes` 2 ms apart, then `then`; a refusal mid-head (the answer
+    already on its way) ends the sending."""
+    step = write_bytes or len(head)
+    try:
+        for start in range(0, len(head), step):
+            sock.sendall(head[start:start + step])
+            if write_bytes:
+                time.sleep(0.002)
+        sock.sendall(then)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
 @pytest.mark.parametrize("header_bytes, status", [(40_000, 200), (100_000, 431)])
 @pytest.mark.parametrize("write_bytes", [4096, None])
 def test_a_head_up_to_64_kib_is_served_and_one_over_it_gets_431_on_every_stack(edge_url, jpeg, header_bytes, status,
@@ -328,15 +342,7 @@ def test_a_head_up_to_64_kib_is_served_and_one_over_it_gets_431_on_every_stack(e
     unless told the service's limit."""
     head = upload_head(len(jpeg)).replace(b"\r\n\r\n", b"\r\nX-Padding: %s\r\n\r\n" % (b"a" * header_bytes))
     with raw_socket(edge_url) as sock:
-        step = write_bytes or len(head)
-        try:
-            for start in range(0, len(head), step):
-                sock.sendall(head[start:start + step])
-                if write_bytes:
-                    time.sleep(0.002)
-            sock.sendall(jpeg)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused mid-head: the answer is already on its way
+        send_head(sock, head, write_bytes, then=jpeg)
         answer_status, _, body = read_response(sock)
     assert answer_status == status, body[:300]
 
@@ -375,14 +381,7 @@ def test_an_answer_the_server_writes_itself_is_in_the_request_metrics_and_the_ac
     series = f'convnext_requests_total{{method="{method}",route="unmatched",status="{status}"}}'
     before = metric(edge_url, series)
     with access_lines() as lines, raw_socket(edge_url) as sock:
-        step = write_bytes or len(head)
-        try:
-            for start in range(0, len(head), step):
-                sock.sendall(head[start:start + step])
-                if write_bytes:
-                    time.sleep(0.002)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused mid-head: the answer is already on its way
+        send_head(sock, head, write_bytes)
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
