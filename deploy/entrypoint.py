@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 # Keep this file torch-free at import: the GPU service image runs `serve` without torch installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convnext_common import one_line  # noqa: E402
-from convnext_files import checkpoint_name_part, sha256_file  # noqa: E402
+from convnext_files import checkpoint_name_part, sha256_file, sidecar_path  # noqa: E402
 from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
 from runtime.exported_versions import find_exported  # noqa: E402
 from runtime.repository import Manifest, ModelRepository, RepositoryError  # noqa: E402
@@ -169,7 +169,9 @@ def fetch_checkpoint(settings: PrepareSettings) -> Path:
             base_url=settings.weights_base_url or OFFICIAL_BASE_URL,
         )
     if urllib.parse.urlparse(settings.checkpoint).scheme in DOWNLOAD_SCHEMES:
-        return download_file(settings.checkpoint, settings.cache_dir / checkpoint_file_name(settings))
+        # A file:// URL's file is here: its bytes now, not a copy cached from it before (a run trained again in place)
+        return download_file(settings.checkpoint, settings.cache_dir / checkpoint_file_name(settings),
+                             sha256=local_checkpoint_sha256(settings))
     path = Path(settings.checkpoint)
     if not path.is_file():
         raise SystemExit(f"CONVNEXT_CHECKPOINT={path} is not a file; mount it into the container or give a URL")
@@ -250,7 +252,11 @@ def local_checkpoint_sha256(settings: PrepareSettings) -> str | None:
     """The sha256 of CONVNEXT_CHECKPOINT's file when it is here (a path or a file:// URL): a run trained again in its
     folder keeps its file's name, so the bytes decide whether a version was exported from it. None for an official
     name or an http(s) URL (their name decides: finding out would cost a download at every start) and for a path not
-    mounted here (the export says so, if one is needed)."""
+    mounted here (the export says so, if one is needed).
+
+    A training checkpoint's `.sha256` sidecar, written after the file (training/checkpoint.py: save_atomic), is read
+    instead of hashing the file again at every start (~15 s for a 3 GB ConvNeXt-L checkpoint on a slow volume, each
+    replica in turn under the prepare lock); a sidecar older than the file (the file copied over since) is not."""
     if settings.checkpoint is None:
         return None
     parsed = urllib.parse.urlparse(settings.checkpoint)
@@ -260,7 +266,17 @@ def local_checkpoint_sha256(settings: PrepareSettings) -> str | None:
         return None
     else:
         path = Path(settings.checkpoint)
-    return sha256_file(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    from model.checkpoints import CheckpointError, recorded_sha256
+
+    sidecar = sidecar_path(path)
+    try:
+        if sidecar.is_file() and sidecar.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+            return recorded_sha256(path) or sha256_file(path)
+    except CheckpointError:  # a garbled sidecar: the file's own hash (the export's load then says what is wrong)
+        pass
+    return sha256_file(path)
 
 
 def source_named(manifest: Manifest, wanted: str, digest: str | None) -> str:

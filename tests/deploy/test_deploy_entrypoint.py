@@ -411,6 +411,43 @@ def test_checkpoint_urls_of_the_same_file_name_each_give_their_own_file(tmp_path
         entrypoint.fetch_checkpoint(missing)
 
 
+def test_a_file_url_checkpoint_trained_again_is_fetched_anew_not_from_the_cache(tmp_path, mirror, monkeypatch):
+    """The cache held the first training's copy of a file:// checkpoint and handed it back after the file was
+    trained again in place: prepare saw new bytes, exported a new version, and the export read the old copy (and at
+    every start again). The file's bytes now are what is fetched."""
+    import torch
+
+    entrypoint = load_entrypoint()
+    checkpoint = tmp_path / "runs" / "runA" / "checkpoint_best.pth"
+    checkpoint.parent.mkdir(parents=True)
+    settings = settings_from(entrypoint, monkeypatch, {**entrypoint_env(tmp_path / "models", mirror, 0),
+                                                        "CONVNEXT_CHECKPOINT": checkpoint.as_uri()})
+    for training in ("first", "second"):
+        torch.save({"training": training}, checkpoint)
+        fetched = entrypoint.fetch_checkpoint(settings)
+        assert fetched.parent == settings.cache_dir
+        assert torch.load(fetched, weights_only=True)["training"] == training
+
+
+def test_a_training_checkpoints_sidecar_stands_for_its_hash_unless_the_file_is_newer(tmp_path, monkeypatch):
+    """Every start hashed the checkpoint under the prepare lock (replicas in turn); training writes a `.sha256`
+    sidecar after each checkpoint, which is read instead, unless the file was replaced after it."""
+    from convnext_files import sha256_file, write_sidecar
+
+    entrypoint = load_entrypoint()
+    checkpoint = tmp_path / "checkpoint_best.pth"
+    checkpoint.write_bytes(b"weights")
+    settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(tmp_path / "models"),
+                                                        "CONVNEXT_CHECKPOINT": str(checkpoint)})
+    assert entrypoint.local_checkpoint_sha256(settings) == sha256_file(checkpoint)  # no sidecar: hashed
+    recorded = "ab" * 32  # not the file's hash: read, not computed, is what this shows
+    write_sidecar(checkpoint, recorded)
+    assert entrypoint.local_checkpoint_sha256(settings) == recorded
+    newer = entrypoint.sidecar_path(checkpoint).stat().st_mtime_ns + 10**9
+    os.utime(checkpoint, ns=(newer, newer))  # the file copied over after the sidecar was written
+    assert entrypoint.local_checkpoint_sha256(settings) == sha256_file(checkpoint)
+
+
 def test_a_checkpoint_url_that_is_no_checkpoint_ends_prepare_in_one_line(tmp_path, mirror):
     """A login page or a safetensors file behind CONVNEXT_CHECKPOINT: the download's own advice, not a traceback."""
     page = tmp_path / "checkpoint_best.pth"
