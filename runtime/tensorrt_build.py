@@ -20,7 +20,7 @@ from pathlib import Path
 from convnext_files import write_bytes_atomic
 from runtime.repository import Artifact, ModelVersion, Parity
 from runtime.tensorrt_files import ENGINE_PRECISIONS, BatchProfile, BuildTarget, onnx_precision_for
-from runtime.tensorrt_progress import BuildPhaseLines, progress_monitor
+from runtime.tensorrt_progress import BuildPhaseLines, interrupts_noted, progress_monitor
 from runtime.tensorrt_runtime import (
     TensorRTError,
     TensorRTRunner,
@@ -112,12 +112,14 @@ def build_engine(
     optimization_profile.set_shape(input_name, *profile.shapes(channels, size_px))
     config.add_optimization_profile(optimization_profile)
     attach_timing_cache(config, timing_cache)
-    monitor = None if quiet else progress_monitor(trt, BuildPhaseLines())  # alive until the build returns
+    # alive until the build returns; with --quiet too, so that a Ctrl-C cancels the build
+    monitor = progress_monitor(trt, None if quiet else BuildPhaseLines())
     if monitor is not None:
         config.progress_monitor = monitor
-    serialized = builder.build_serialized_network(network, config)
+    with interrupts_noted(monitor):
+        serialized = builder.build_serialized_network(network, config)
     interruption = getattr(monitor, "interruption", None)
-    if interruption is not None:  # a Ctrl-C that landed in a progress callback: it cancelled the build
+    if interruption is not None:  # a Ctrl-C during the build: it cancelled the build
         raise interruption
     if serialized is None:
         raise TensorRTError(f"TensorRT failed to build a {precision} engine from {onnx_path} (see its log above)")

@@ -6,10 +6,12 @@ that feeds it is made only once TensorRT is imported (progress_monitor).
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -75,15 +77,18 @@ class BuildPhaseLines:
         print(f"{PREFIX} {'  ' * depth}{text}", file=self.stream, flush=True)
 
 
-def progress_monitor(trt, lines: BuildPhaseLines):
-    """A trt.IProgressMonitor that hands every callback to `lines`; None where TensorRT has no progress monitor.
+def progress_monitor(trt, lines: BuildPhaseLines | None):
+    """A trt.IProgressMonitor that hands every callback to `lines` (None: no lines, as with --quiet; the monitor still
+    cancels the build on a Ctrl-C); None where TensorRT has no progress monitor.
 
     Keep the returned object alive until the build ends (TensorRT does not own it). TensorRT's binding swallows what
     a callback raises (it prints "Exception caught in phase_start()"; in step_complete it also cancels the build:
     NVIDIA/TensorRT python/src/infer/pyCore.cpp, PyProgressMonitor), so nothing may escape one: a Ctrl-C (or SIGTERM's
     SystemExit) raised in a callback is kept in `interruption` and cancels the build at the next step_complete
     (False), as NVIDIA's simple_progress_monitor sample does, for build_engine to raise once the build returns; a
-    line that cannot be written (a closed stderr) ends the lines, not the build.
+    line that cannot be written (a closed stderr) ends the lines, not the build. A Ctrl-C that arrives while TensorRT
+    runs C++ is raised at the first instruction of the next callback, before any try in it: `interrupts_noted` keeps
+    it out of the callbacks altogether.
     """
     base = getattr(trt, "IProgressMonitor", None)
     if base is None:
@@ -96,18 +101,19 @@ def progress_monitor(trt, lines: BuildPhaseLines):
             self.lines_failed = False
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            self._call(lines.phase_start, phase_name, parent_phase, num_steps)
+            self._call("phase_start", phase_name, parent_phase, num_steps)
 
         def step_complete(self, phase_name, step):
-            self._call(lines.step_complete, phase_name, step)
+            self._call("step_complete", phase_name, step)
             return self.interruption is None  # False cancels the build (TensorRT's only way to stop one)
 
         def phase_finish(self, phase_name):
-            self._call(lines.phase_finish, phase_name)
+            self._call("phase_finish", phase_name)
 
-        def _call(self, callback, *args):
-            if self.interruption is not None or self.lines_failed:
+        def _call(self, name, *args):
+            if lines is None or self.interruption is not None or self.lines_failed:
                 return
+            callback = getattr(lines, name)
             try:
                 callback(*args)
             except (KeyboardInterrupt, SystemExit) as interruption:
@@ -118,3 +124,26 @@ def progress_monitor(trt, lines: BuildPhaseLines):
                                type(error).__name__, error)
 
     return _Monitor()
+
+
+@contextmanager
+def interrupts_noted(monitor) -> Iterator[None]:
+    """While TensorRT builds, a Ctrl-C (SIGINT) is noted in `monitor.interruption` instead of raised: the build runs in
+    C++ and returns to Python only in the monitor's callbacks, where CPython would raise KeyboardInterrupt at the
+    callback's first instruction, outside anything the callback can catch, and TensorRT's binding would drop it or
+    report a failed build. Noted, it cancels the build at the next step_complete, and build_engine raises it once the
+    build returns. A second Ctrl-C ends the process at once (the default action), for a build slow to reach a step.
+    Only in the main thread (where Python runs signal handlers); elsewhere, and without a monitor, nothing changes."""
+    if monitor is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum: int, frame) -> None:
+        monitor.interruption = monitor.interruption or KeyboardInterrupt()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which cannot be put back; the default is the nearest
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)

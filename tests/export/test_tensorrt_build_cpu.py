@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -112,13 +113,18 @@ class StandInTensorRT:
         self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
         self.IProgressMonitor = IProgressMonitor
 
-    @staticmethod
-    def run_phases(monitor, steps: int = 3) -> bool:
+    sigint_at_step: int | None = None  # a Ctrl-C while TensorRT works in C++, before this step's callback
+
+    def run_phases(self, monitor, steps: int = 3) -> bool:
         """One phase of `steps` steps, each callback called as TensorRT's binding calls it (NVIDIA/TensorRT
         python/src/infer/pyCore.cpp, PyProgressMonitor): what one raises is printed and dropped, and in step_complete
         it also cancels the build. False: the build was cancelled."""
         def call(callback, *args, cancelled=None):
             try:
+                if callback == monitor.step_complete and args[1] == self.sigint_at_step:
+                    # Python's handler runs at the next instruction: in the real build, the callback's first one,
+                    # inside the binding's catch, which is where this raises whatever the handler raises
+                    signal.raise_signal(signal.SIGINT)
                 return callback(*args)
             except BaseException:  # noqa: BLE001  # as the binding's catch (...)
                 return cancelled
@@ -164,6 +170,21 @@ def test_a_ctrl_c_in_a_progress_line_cancels_the_build_and_is_raised(monkeypatch
     with pytest.raises(KeyboardInterrupt):
         _build(monkeypatch, tmp_path, StandInTensorRT(TRT11_FLAGS), quiet=False)
     assert not (tmp_path / "engines" / "model.engine").exists()
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["lines", "quiet"])
+def test_a_ctrl_c_while_tensorrt_builds_cancels_the_build_and_is_raised(monkeypatch, tmp_path, quiet):
+    """A SIGINT arriving while TensorRT runs C++ raises KeyboardInterrupt at a callback's first instruction, before any
+    try there, and the binding dropped it or cancelled the build as a failure ("TensorRT failed to build", status 1);
+    with --quiet there was no callback and the build ran to its end. The interrupt is noted, cancels the build at the
+    next step, and is raised after it; the previous SIGINT handler is back."""
+    trt = StandInTensorRT(TRT11_FLAGS)
+    trt.sigint_at_step = 1
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        _build(monkeypatch, tmp_path, trt, quiet=quiet)
+    assert not (tmp_path / "engines" / "model.engine").exists()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_closed_stderr_ends_the_progress_lines_not_the_build(monkeypatch, tmp_path, caplog):
