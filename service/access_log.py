@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger("uvicorn.access")
 WARNINGS = logging.getLogger("convnext.service")  # on stderr beside uvicorn's own lines, not in the stalled access log
 MAX_QUEUED_LINES = 10_000  # beyond this (a stalled stdout, say) lines are dropped and counted, never held without end
+FLUSH_TIMEOUT_S = 10.0  # how long the flush at shutdown waits for the writer
 DROPPED_WARNING_INTERVAL_S = 60.0  # at most one warning of dropped lines this often (and one at the flush)
 
 
@@ -29,7 +30,8 @@ class AccessLog:
         self._entries: queue.SimpleQueue[tuple[Scope, int] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
-        # Each counted by one thread only (no increment lost between them): the event loop's and the writer's.
+        # Each counted by one thread only (no increment lost between them): the event loop's and the writer's; the
+        # warning's two fields are the event loop's.
         self._dropped_queue_full = 0
         self._dropped_unformattable = 0
         self._warned_dropped = 0  # of `dropped`, what a warning has already told
@@ -48,16 +50,23 @@ class AccessLog:
             self._start()
         if self._entries.qsize() >= MAX_QUEUED_LINES:
             self._dropped_queue_full += 1
-            return
-        self._entries.put((scope, status))
+        else:
+            self._entries.put((scope, status))
+        if self.dropped != self._warned_dropped and time.monotonic() >= self._next_warning:
+            self._warn_of_drops()
 
     def flush(self) -> None:
-        """Write every queued line and stop the writer (the next record starts one again)."""
+        """Write every queued line and stop the writer (the next record starts one again); behind an output stalled
+        for FLUSH_TIMEOUT_S, say how many lines were left and go on (the process is ending: a stalled stdout must not
+        hold its exit)."""
         with self._lock:
             writer, self._writer = self._writer, None
             if writer is not None:
                 self._entries.put(None)
-                writer.join()
+                writer.join(FLUSH_TIMEOUT_S)
+                if writer.is_alive():
+                    WARNINGS.warning("the access log's output took no line for %g s: about %d lines left unwritten",
+                                     FLUSH_TIMEOUT_S, self._entries.qsize())
             self._warn_of_drops()
 
     def _start(self) -> None:
@@ -75,12 +84,10 @@ class AccessLog:
                             get_path_with_query_string(http_scope), scope["http_version"], status)
             except Exception:  # one line that cannot be formatted must not end the writer (the queue would only grow)
                 self._dropped_unformattable += 1
-            if self.dropped != self._warned_dropped and time.monotonic() >= self._next_warning:
-                self._warn_of_drops()
 
     def _warn_of_drops(self) -> None:
-        """From the writer (at most once per DROPPED_WARNING_INTERVAL_S) or the flush: the lines dropped since the
-        last warning, if any."""
+        """From the event loop, never the writer (which a stalled stdout holds in its line): at a record, at most once
+        per DROPPED_WARNING_INTERVAL_S, and at the flush: the lines dropped since the last warning, if any."""
         dropped = self.dropped
         if dropped == self._warned_dropped:
             return

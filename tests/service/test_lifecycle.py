@@ -1,6 +1,7 @@
 """Process lifecycle: `python -m service` serves, SIGTERM drains in-flight requests; no TensorRT is a clear error."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -145,11 +147,14 @@ def test_the_access_log_writer_survives_a_line_it_cannot_format():
     assert lines == ['127.0.0.1:5000 - "GET /healthz HTTP/1.1" 200']
 
 
-def test_dropped_access_lines_are_in_a_metric_and_a_warning(monkeypatch, caplog):
-    """Lines dropped while the log's output is stalled (its queue full) are counted in
-    convnext_access_log_dropped_total and warned of once the writer moves again, with the count."""
-    monkeypatch.setattr("service.access_log.MAX_QUEUED_LINES", 1)
-    log = AccessLog()
+HEALTHZ_SCOPE = {"type": "http", "method": "GET", "path": "/healthz", "query_string": b"", "http_version": "1.1",
+                 "client": ("127.0.0.1", 5000), "headers": []}
+
+
+@contextlib.contextmanager
+def stalled_output() -> Iterator[tuple[threading.Event, threading.Event]]:
+    """The access logger's output stalled (a stdout that takes nothing) until `stalled` is set, at most 10 s;
+    yields (emitting: set once the writer is stuck in a line, stalled)."""
     stalled, emitting = threading.Event(), threading.Event()
     handler = logging.Handler()
 
@@ -162,20 +167,48 @@ def test_dropped_access_lines_are_in_a_metric_and_a_warning(monkeypatch, caplog)
     level = LOGGER.level
     LOGGER.setLevel(logging.INFO)
     try:
-        scope = {"type": "http", "method": "GET", "path": "/healthz", "query_string": b"", "http_version": "1.1",
-                 "client": ("127.0.0.1", 5000), "headers": []}
-        log.record(scope, 200)
-        assert emitting.wait(10)  # the writer is stuck in the first line: the next is queued, the 3 after it dropped
-        for _ in range(4):
-            log.record(scope, 200)
-        with caplog.at_level(logging.WARNING, logger="convnext.service"):
-            stalled.set()
-            log.flush()
+        yield emitting, stalled
     finally:
+        stalled.set()
         LOGGER.removeHandler(handler)
         LOGGER.setLevel(level)
+
+
+def test_the_flush_at_shutdown_does_not_wait_without_end_for_a_stalled_output(monkeypatch, caplog):
+    """The flush joined the writer without a bound: behind a stdout that takes nothing, the process never exited."""
+    monkeypatch.setattr("service.access_log.FLUSH_TIMEOUT_S", 0.2)
+    log = AccessLog()
+    with stalled_output() as (emitting, stalled):
+        for _ in range(3):
+            log.record(HEALTHZ_SCOPE, 200)
+        assert emitting.wait(10)
+        with caplog.at_level(logging.WARNING, logger="convnext.service"):
+            started = time.monotonic()
+            log.flush()
+            waited = time.monotonic() - started
+    for writer in [t for t in threading.enumerate() if t.name == "access-log"]:
+        writer.join(10)  # released: it writes its last lines and ends, not into the next test's logger
+    assert waited < 5
+    assert any("took no line for 0.2 s: about" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_dropped_access_lines_are_in_a_metric_and_a_warning(monkeypatch, caplog):
+    """Lines dropped while the log's output is stalled (its queue full) are counted in
+    convnext_access_log_dropped_total and warned of while it is stalled (the first at once, the rest at the flush)."""
+    monkeypatch.setattr("service.access_log.MAX_QUEUED_LINES", 1)
+    log = AccessLog()
+    with stalled_output() as (emitting, stalled):
+        log.record(HEALTHZ_SCOPE, 200)
+        assert emitting.wait(10)  # the writer is stuck in the first line: the next is queued, the 3 after it dropped
+        with caplog.at_level(logging.WARNING, logger="convnext.service"):
+            for _ in range(4):
+                log.record(HEALTHZ_SCOPE, 200)
+            while_stalled = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            stalled.set()
+            log.flush()
     assert log.dropped == 3
+    assert len(while_stalled) == 1 and while_stalled[0].startswith("1 access log lines dropped (1 since the start)")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith("3 access log lines dropped"), warnings
+    assert len(warnings) == 2 and warnings[1].startswith("2 access log lines dropped (3 since the start)"), warnings
     rendered = generate_latest(ServiceMetrics(log).registry).decode()
     assert "convnext_access_log_dropped_total 3.0" in rendered.splitlines()
