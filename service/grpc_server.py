@@ -26,9 +26,9 @@ from service.v2_models import MAX_PARAMETERS, MAX_RANK, MAX_TENSORS, InferenceRe
 
 # The protocol's service name on the wire; the .proto's own package differs (open_inference.proto says why).
 SERVICE_NAME = "inference.GRPCInferenceService"
-PUBLIC_METHODS = frozenset({"ServerLive", "ServerReady"})  # open without a key, like /v2/health/live and /ready
-# Answered beyond max_connections too, like /v2/health/live and /ready (service.server.PROBE_PATHS).
-PROBE_METHODS = frozenset({"ServerLive", "ServerReady"})
+# The health checks, like /v2/health/live and /ready: open without a key (service.security.PUBLIC_PATHS), and answered
+# beyond max_connections (service.server.PROBE_PATHS).
+HEALTH_METHODS = frozenset({"ServerLive", "ServerReady"})
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
     408: grpc.StatusCode.DEADLINE_EXCEEDED, 409: grpc.StatusCode.ABORTED, 413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -267,9 +267,9 @@ class _Method:
         # is reserved for it, so uploads that fill the body budget never hold up a health check (grpc core takes in
         # at most UNREAD_STREAM_WINDOW_BYTES of whatever a client sends on such a call).
         self.reads_request = bool(request_type.DESCRIPTOR.fields)
-        self.probe = name in PROBE_METHODS
+        self.probe = name in HEALTH_METHODS
         api_key = state.settings.api_key
-        self.api_key = None if api_key is None or name in PUBLIC_METHODS else api_key.get_secret_value().encode()
+        self.api_key = None if api_key is None or name in HEALTH_METHODS else api_key.get_secret_value().encode()
 
     async def call(self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Message:
         """The RPC. Its message is read with context.read(), not from `messages`: that iterator's generator would
