@@ -28,7 +28,9 @@ class CallsInFlight:
     def __init__(self, limit: int):
         self.limit = limit
         self._tasks: set[asyncio.Task[Any]] = set()  # each call's own task (grpc.aio runs a call in one)
-        self.cut_off = False  # the shutdown's grace period is over: a call cancelled now was cut off by it
+        # The calls cancelled by the shutdown at its grace's end; any other cancellation is grpc's (the client left, its
+        # deadline passed), even one that arrives after them.
+        self._cut_off: set[asyncio.Task[Any]] = set()
 
     @property
     def count(self) -> int:
@@ -53,6 +55,10 @@ class CallsInFlight:
     def cut_off_all(self) -> None:
         """The shutdown's grace period is over: every call still in flight is cancelled, to be answered UNAVAILABLE
         shutting_down."""
-        self.cut_off = True
+        self._cut_off.update(self._tasks)
         for task in self._tasks:
             task.cancel()
+
+    def was_cut_off(self) -> bool:
+        """The calling task's call was cancelled by cut_off_all (asked once it was cancelled, to say by whom)."""
+        return asyncio.current_task() in self._cut_off

@@ -57,7 +57,8 @@ EOF_SETTLE_S = 2.0
 # The server's deadline for a call is the client's timeout counted from the headers' arrival, so it falls later than the
 # client's own by their transit; when the client's deadline passes it cancels the call, which reaches the server that
 # long before the server's deadline (up to 7 ms measured on a loaded loopback): a call ended this close to its deadline
-# is taken for the deadline, not for a client that left (grpc tells the server no more).
+# is taken for the deadline, not for a client that left (grpc tells the server no more). At most a tenth of the call's
+# timeout: a call of 50 ms would otherwise count every cancel as its deadline.
 DEADLINE_SLACK_S = 0.1
 # Typed contents elements converted on the event loop; more (each one is Python work) go to a worker thread.
 INLINE_MAX_ELEMENTS = 4096
@@ -275,19 +276,20 @@ class _Method:
         """The RPC. Its message is read with context.read(), not from `messages`: that iterator's generator would
         hold the message's bytes until the call ends."""
         metrics, started, code = self.state.metrics, time.perf_counter(), grpc.StatusCode.OK
+        slack_s = _deadline_slack_s(context)
         try:
             # First, as over HTTP: past the limit the call costs no key check and its message is never read.
             with self.state.grpc_calls.held(self.probe):
-                return await self._answer(context)
+                return await self._answer(context, slack_s)
         except ApiError as err:
             code = ERROR_STATUS_CODES.get(err.code) or STATUS_CODES.get(err.status, grpc.StatusCode.UNKNOWN)
             reason = err.code
-            if err.status == 499 and _deadline_passed(context):  # the call ended (grpc_client_gone) by its deadline
+            if err.status == 499 and _deadline_passed(context, slack_s):  # it ended (grpc_client_gone) by its deadline
                 code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "client_deadline"
             metrics.rejected.labels(reason).inc()
             await context.abort(code, err.message, trailing_metadata=error_trailers(err))
         except asyncio.CancelledError:  # grpc cancels this task (the client left, its deadline passed), or the shutdown
-            code, reason = _why_cancelled(context, self.state.grpc_calls)
+            code, reason = _why_cancelled(context, self.state.grpc_calls, slack_s)
             metrics.rejected.labels(reason).inc()
             if code != grpc.StatusCode.UNAVAILABLE:
                 raise  # the call is over: nothing to answer
@@ -301,14 +303,14 @@ class _Method:
             metrics.grpc_requests.labels(self.name, code.name).inc()
             metrics.grpc_request_duration.labels(self.name, code.name).observe(time.perf_counter() - started)
 
-    async def _answer(self, context: grpc.aio.ServicerContext) -> Message:
+    async def _answer(self, context: grpc.aio.ServicerContext, slack_s: float) -> Message:
         """The call's answer, within the limit: its key checked, its message read (when it has fields) and handled."""
         if self.api_key is not None and not _has_key(context, self.api_key):
             raise ApiError(401, "unauthorized", "the call carries no or a wrong API key; send metadata "
                            "`authorization: Bearer <key>` or `x-api-key: <key>`")
         if not self.reads_request:
             return await self.handler(self.state, self.request_type(), context)
-        body = await self._request_message(context)
+        body = await self._request_message(context, slack_s)
         size = len(body)  # counted in the body budget until answered
         try:
             # The handler alone holds the parsed message (model_infer lets it go once converted), and the body goes
@@ -326,7 +328,7 @@ class _Method:
             raise ApiError(400, "invalid_message", f"not a {self.request_type.DESCRIPTOR.name} message: "
                            f"{err}") from None
 
-    async def _request_message(self, context: grpc.aio.ServicerContext) -> bytes:
+    async def _request_message(self, context: grpc.aio.ServicerContext, slack_s: float) -> bytes:
         """The call's one request message, within body_deadline_s of the call's start, its size counted in the body
         budget from its arrival: until then the budget holds max_body_bytes for it, waiting for that room first."""
         settings, budget = self.state.settings, self.state.body_budget
@@ -340,7 +342,7 @@ class _Method:
                 async with asyncio.timeout_at(deadline):
                     message = await context.read()
                 if message is grpc.aio.EOF:
-                    await _why_no_message(context, reserved, self.state.grpc_calls)
+                    await _why_no_message(context, reserved, self.state.grpc_calls, slack_s)
                 size = len(message)
                 return message
             except TimeoutError:
@@ -350,7 +352,8 @@ class _Method:
                 budget.received(reserved, size)  # no await from here to the caller's count of it
 
 
-async def _why_no_message(context: grpc.aio.ServicerContext, limit: int, calls: CallsInFlight) -> None:
+async def _why_no_message(context: grpc.aio.ServicerContext, limit: int, calls: CallsInFlight,
+                          slack_s: float) -> None:
     """A read that ended without a message: raise what ended it. grpc core ends the read of a message over
     max_receive_message_length (answering the client RESOURCE_EXHAUSTED itself), and of a call the client reset or
     whose deadline passed, then cancels this task at its next await; a client that closed its side without sending a
@@ -359,26 +362,34 @@ async def _why_no_message(context: grpc.aio.ServicerContext, limit: int, calls: 
     try:
         await asyncio.sleep(EOF_SETTLE_S)
     except asyncio.CancelledError:
-        if _deadline_passed(context) or calls.cut_off:
+        if _deadline_passed(context, slack_s) or calls.was_cut_off():
             raise  # the client's deadline, or the shutdown: _Method.call counts it (_why_cancelled)
         raise ApiError(413, "body_too_large", f"the request message is over the limit of {limit} bytes "
                        "(max_body_bytes)") from None
     raise ApiError(400, "invalid_message", "the call ended without a request message; send one")
 
 
-def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
-    """The client's deadline for the call has passed (its client sees DEADLINE_EXCEEDED), within DEADLINE_SLACK_S."""
+def _deadline_slack_s(context: grpc.aio.ServicerContext) -> float:
+    """How close to its deadline a call must end to be taken for it (DEADLINE_SLACK_S), asked as the call starts: its
+    time remaining then is its timeout."""
+    timeout_s = context.time_remaining()
+    return DEADLINE_SLACK_S if timeout_s is None else min(DEADLINE_SLACK_S, timeout_s / 10)
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext, slack_s: float) -> bool:
+    """The client's deadline for the call has passed (its client sees DEADLINE_EXCEEDED), within slack_s."""
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= DEADLINE_SLACK_S
+    return remaining is not None and remaining <= slack_s
 
 
-def _why_cancelled(context: grpc.aio.ServicerContext, calls: CallsInFlight) -> tuple[grpc.StatusCode, str]:
+def _why_cancelled(context: grpc.aio.ServicerContext, calls: CallsInFlight,
+                   slack_s: float) -> tuple[grpc.StatusCode, str]:
     """The status and the reason counted of a call whose task was cancelled: its deadline passed (DEADLINE_EXCEEDED,
     as its client sees), the shutdown's grace period ended (UNAVAILABLE shutting_down, answered so: CallsInFlight), or
     its client left (CANCELLED client_disconnected)."""
-    if _deadline_passed(context):
+    if _deadline_passed(context, slack_s):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "client_deadline"
-    if calls.cut_off:
+    if calls.was_cut_off():
         return grpc.StatusCode.UNAVAILABLE, "shutting_down"
     return grpc.StatusCode.CANCELLED, "client_disconnected"
 
