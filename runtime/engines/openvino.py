@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from runtime.engines.base import EngineError, ModelFileEngine
+from runtime.signal_stack import signal_stack_kept
 
 # precision -> (the ONNX artifact's precision it reads, OpenVINO's inference precision). bf16 reads the fp32 graph and
 # lets the CPU plugin run it in bf16; int8 reads the QDQ graph, whose unquantized ops stay f32.
@@ -79,7 +80,8 @@ class OpenVinoEngine(ModelFileEngine):
                 hints.performance_mode: getattr(hints.PerformanceMode, self.performance_hint),
                 props.inference_num_threads: self.threads,
             }
-            self.compiled = core.compile_model(model, "CPU", config)
+            with signal_stack_kept():  # the THROUGHPUT plugin's sigaltstack (runtime/signal_stack.py)
+                self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as err:  # OpenVINO raises RuntimeError subclasses for unreadable or unsupported models
             raise EngineError(f"OpenVINO could not load {self.model_path}: {err}") from err
         self.input_name = self.compiled.inputs[0].get_any_name()
@@ -114,5 +116,6 @@ class OpenVinoEngine(ModelFileEngine):
             idle.put(request)
 
     def close(self) -> None:
-        self.idle_requests = None
-        self.compiled = None
+        with signal_stack_kept():  # releasing the model puts back a signal stack (runtime/signal_stack.py)
+            self.idle_requests = None
+            self.compiled = None

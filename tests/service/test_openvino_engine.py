@@ -226,3 +226,37 @@ def test_onnxruntime_streams_share_the_sessions_threads_and_use_them_all():
         pool_workers = ort_intra_op_threads(threads, streams) - 1
         assert pool_workers + streams == threads, (threads, streams)
     assert ort_intra_op_threads(1, 2) == 1  # more streams than threads: still a session
+
+
+SWAP_THEN_SIGTERM = """
+import signal, sys
+from service.app import default_engine
+from service.settings import Settings
+from runtime.repository import ModelRepository
+from runtime.signal_stack import current_signal_stack
+
+version = ModelRepository(sys.argv[1]).load(sys.argv[2], int(sys.argv[3]))
+settings = Settings(engine="openvino", intra_op_threads=2, openvino_performance_hint="THROUGHPUT", max_batch_size=4)
+before = current_signal_stack()
+served = default_engine(version, settings)
+served.load()
+swapped_in = default_engine(version, settings)  # a hot swap: the new engine loads before the old one closes
+swapped_in.load()
+served.close()
+swapped_in.close()
+print("signal stack kept:", current_signal_stack() == before, flush=True)
+signal.signal(signal.SIGTERM, lambda signum, frame: print("SIGTERM handled", flush=True))
+signal.raise_signal(signal.SIGTERM)
+"""
+
+
+def test_a_hot_swap_of_throughput_engines_leaves_the_thread_a_signal_stack_it_can_handle_sigterm_on(version):
+    """OpenVINO's THROUGHPUT compile installs a signal stack on the calling thread and puts back the one it found when
+    the model goes: after two such engines closed in load order, the thread was left with the first one's freed stack,
+    and the next SIGTERM its Python handler took (uvicorn's, at a rolling update) killed the process with SIGSEGV
+    (exit 139) instead of draining it. Run in a process of its own: a crash must not take the test runner down."""
+    root, manifest = version.path.parent.parent, version.manifest
+    done = subprocess.run([sys.executable, "-c", SWAP_THEN_SIGTERM, str(root), manifest.name, str(manifest.version)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert done.stdout.splitlines() == ["signal stack kept: True", "SIGTERM handled"]
