@@ -70,10 +70,11 @@ lint: install
 	$(PY) -m mypy
 
 # The suite on a pytest-xdist worker per CPU (at most 4), each taking whole files (a module's fixtures are built once);
-# `make test PYTEST_WORKERS=0` runs it in one process. The 20 slowest tests are listed at the end.
+# `make test PYTEST_WORKERS=0` runs it in one process. The 20 slowest tests are listed at the end. A worker that dies
+# (a crash in native code) ends the run with that test named: replaced, one left the run waiting without end.
 PYTEST_WORKERS ?= logical
 test: lint install system-deps $(ORT_GPU_PROBE)/.installed
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile --durations=20
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile --max-worker-restart 0 --durations=20
 
 # Train the offline demo model (digits, CPU, minutes) and export it to ./models unless a version of it is there already
 # (a published one, with its manifest: an export that was interrupted leaves the model's folder without one). A run
