@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePath
@@ -42,6 +43,27 @@ def sidecar_path(path: str | Path) -> Path:
     """`checkpoint_last.pth` -> `checkpoint_last.pth.sha256` (the `sha256sum` line format)."""
     path = Path(path)
     return path.with_name(path.name + ".sha256")
+
+
+class SidecarError(ValueError):
+    """A `.sha256` sidecar that is not a `sha256sum` line (empty, cut off, edited): not a record of anything."""
+
+
+def recorded_sha256(path: str | Path) -> str | None:
+    """The hash in `path`'s sidecar, or None for a file without one (older runs, other projects' files).
+
+    The one sidecar parser (checkpoints, the pretrained download's cache, deploy's prepare): a sidecar that is not a
+    `sha256sum` line raises SidecarError rather than passing for a record.
+    """
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return None
+    fields = sidecar.read_text(errors="replace").split()
+    if not fields or not re.fullmatch(r"[0-9a-fA-F]{64}", fields[0]):
+        raise SidecarError(f"{sidecar} is not a sha256 line ('<64 hex digits>  {path.name}'); delete it to "
+                           f"load {path} unverified, or use an earlier checkpoint")
+    return fields[0].lower()
 
 
 def write_sidecar(path: str | Path, sha256: str) -> None:

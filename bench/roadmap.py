@@ -29,6 +29,7 @@ from model import create_model
 from model.__main__ import roadmap_rows
 from model.roadmap_steps import REGIMES, steps_of
 from runtime.repository import ModelRepository, ModelVersion
+from runtime.signal_stack import signal_stack_kept
 
 from .engine_benchmark import make_session
 from .host import host_description
@@ -71,8 +72,9 @@ def openvino_engine(precision: str) -> EngineFactory:
     def factory(onnx_path: Path, model: str, threads: int):
         import openvino as ov  # optional: only where the package is installed
 
-        compiled = ov.Core().compile_model(str(onnx_path), "CPU", {
-            "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+        with signal_stack_kept():  # the CPU plugin's sigaltstack, as the service's engine (runtime/signal_stack.py)
+            compiled = ov.Core().compile_model(str(onnx_path), "CPU", {
+                "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
         request = compiled.create_infer_request()
         return lambda batch: request.infer({0: batch})
     return factory

@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 # Keep this file torch-free at import: the GPU service image runs `serve` without torch installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convnext_common import one_line  # noqa: E402
-from convnext_files import checkpoint_name_part, sha256_file, sidecar_path  # noqa: E402
+from convnext_files import SidecarError, checkpoint_name_part, recorded_sha256, sha256_file, sidecar_path  # noqa: E402
 from deploy.host_check import EXIT_HOST_CHECK_FAILED, describe, hold, run_doctor  # noqa: E402
 from runtime.exported_versions import find_exported  # noqa: E402
 from runtime.repository import Manifest, ModelRepository, RepositoryError  # noqa: E402
@@ -249,34 +249,40 @@ def export_needed(settings: PrepareSettings) -> bool:
 
 
 def local_checkpoint_sha256(settings: PrepareSettings) -> str | None:
-    """The sha256 of CONVNEXT_CHECKPOINT's file when it is here (a path or a file:// URL): a run trained again in its
-    folder keeps its file's name, so the bytes decide whether a version was exported from it. None for an official
-    name or an http(s) URL (their name decides: finding out would cost a download at every start) and for a path not
-    mounted here (the export says so, if one is needed).
+    """The sha256 of CONVNEXT_CHECKPOINT's file when it is here (a path, or a file:// URL of this host): a run trained
+    again in its folder keeps its file's name, so the bytes decide whether a version was exported from it. None for
+    an official name or an http(s) URL (their name decides: finding out would cost a download at every start), a
+    file:// URL naming another host, and a path not mounted here (the export or the download says so, if needed).
 
     A training checkpoint's `.sha256` sidecar, written after the file (training/checkpoint.py: save_atomic), is read
     instead of hashing the file again at every start (~15 s for a 3 GB ConvNeXt-L checkpoint on a slow volume, each
-    replica in turn under the prepare lock); a sidecar older than the file (the file copied over since) is not."""
+    replica in turn under the prepare lock); not when the file's inode changed after it (ctime: `mv`, `cp -p` and
+    rsync keep an older file's mtime, never its ctime; a chown of the volume costs a hash, nothing more)."""
     if settings.checkpoint is None:
         return None
     parsed = urllib.parse.urlparse(settings.checkpoint)
     if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            return None
         path = Path(urllib.request.url2pathname(parsed.path))
     elif parsed.scheme in DOWNLOAD_SCHEMES:
         return None
     else:
         path = Path(settings.checkpoint)
-    if not path.is_file():
-        return None
-    from model.checkpoints import CheckpointError, recorded_sha256
-
-    sidecar = sidecar_path(path)
     try:
-        if sidecar.is_file() and sidecar.stat().st_mtime_ns >= path.stat().st_mtime_ns:
-            return recorded_sha256(path) or sha256_file(path)
-    except CheckpointError:  # a garbled sidecar: the file's own hash (the export's load then says what is wrong)
-        pass
-    return sha256_file(path)
+        if not path.is_file():
+            return None
+        sidecar = sidecar_path(path)
+        try:
+            if sidecar.is_file() and sidecar.stat().st_mtime_ns >= path.stat().st_ctime_ns:
+                return recorded_sha256(path) or sha256_file(path)
+        except (SidecarError, FileNotFoundError):  # garbled (the export then says so), or replaced meanwhile
+            pass
+        return sha256_file(path)
+    except OSError as error:
+        raise PrepareError(f"CONVNEXT_CHECKPOINT {settings.checkpoint} cannot be read here "
+                           f"({error.strerror or error}); check the volume and the file's permissions for this "
+                           "container's user") from None
 
 
 def source_named(manifest: Manifest, wanted: str, digest: str | None) -> str:

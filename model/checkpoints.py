@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from convnext_files import sha256_file, sidecar_path
+from convnext_files import SidecarError, recorded_sha256, sha256_file, sidecar_path
 
 from .convnext import ACTIVATION_LAYERS
 from .registry import get_config
@@ -77,7 +77,10 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}; pass the path of a .pth file")
-    expected = recorded_sha256(path)
+    try:
+        expected = recorded_sha256(path)
+    except SidecarError as error:
+        raise CheckpointError(str(error)) from None
     if expected is not None and sha256_file(path) != expected:
         raise CheckpointError(f"checkpoint {path} does not match its recorded sha256 ({sidecar_path(path).name}): "
                               "it was modified or partly written; copy it again, or export or resume from an "
@@ -109,23 +112,6 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a dict (state dict or checkpoint)")
     return checkpoint
-
-
-def recorded_sha256(path: str | Path) -> str | None:
-    """The hash in `path`'s sidecar, or None for a file without one (older runs, other projects' files).
-
-    The one sidecar parser (checkpoints here, the pretrained download's cache): a sidecar that is not a `sha256sum`
-    line (empty, cut off, edited) raises CheckpointError rather than passing for a record.
-    """
-    path = Path(path)
-    sidecar = sidecar_path(path)
-    if not sidecar.is_file():
-        return None
-    fields = sidecar.read_text(errors="replace").split()
-    if not fields or not re.fullmatch(r"[0-9a-fA-F]{64}", fields[0]):
-        raise CheckpointError(f"{sidecar} is not a sha256 line ('<64 hex digits>  {path.name}'); delete it to "
-                              f"load {path} unverified, or use an earlier checkpoint")
-    return fields[0].lower()
 
 
 def source_url_path(path: str | Path) -> Path:

@@ -23,14 +23,19 @@ from email.message import Message
 from pathlib import Path
 from typing import TextIO
 
-from convnext_files import sha256_file, sidecar_path, write_sidecar, write_text_atomic
+from convnext_files import (
+    SidecarError,
+    recorded_sha256,
+    sha256_file,
+    sidecar_path,
+    write_sidecar,
+    write_text_atomic,
+)
 
 from .checkpoints import (
     SAFETENSORS_ADVICE,
-    CheckpointError,
     is_safetensors_file,
     is_torch_save_file,
-    recorded_sha256,
     recorded_source_url,
     source_url_path,
 )
@@ -223,7 +228,7 @@ def _is_cache_hit(destination: Path, url: str, sha256: str | None, name_is_ident
         same_source = name_is_identity or recorded_source_url(destination) == url
         expected = sha256 or (recorded_sha256(destination) if same_source else None)
         return expected is not None and sha256_file(destination) == expected and is_torch_save_file(destination)
-    except (CheckpointError, FileNotFoundError):  # a garbled sidecar, or a file just removed: fetched again
+    except (SidecarError, FileNotFoundError):  # a garbled sidecar, or a file just removed: fetched again
         return False
 
 

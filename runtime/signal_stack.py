@@ -1,13 +1,14 @@
 """The calling thread's alternate signal stack, kept as it was across a call into a library that changes it.
 
-OpenVINO 2026.4's CPU plugin, compiling a model with the THROUGHPUT hint, installs an alternate signal stack
-(sigaltstack(2), ~11 KB) on the calling thread and, when that compiled model is released, puts back the stack it found.
+OpenVINO 2026.4's CPU plugin, compiling a model (with the LATENCY or the THROUGHPUT hint), installs an alternate
+signal stack (sigaltstack(2), ~11 KB) on the calling thread and, when that compiled model is released, puts back the
+stack it found.
 Two such models released in the order they were made (a hot swap: the new version loads before the old one closes)
 leave the thread with the first model's stack, already freed: the next signal the thread handles with a Python handler
 (CPython installs them with SA_ONSTACK: uvicorn's SIGTERM, Ctrl-C) runs on freed memory, and the process dies of
-SIGSEGV instead of draining (measured: two THROUGHPUT engines loaded and closed, then SIGTERM: exit 139). Keeping the
-thread's own stack around the compile and the release leaves OpenVINO nothing to restore wrongly; its plugin installs
-no signal handler of its own that would need the stack.
+SIGSEGV instead of draining (measured, with either hint: two engines loaded and closed, then SIGTERM: exit 139).
+Keeping the thread's own stack around the compile and the release leaves OpenVINO nothing to restore wrongly; its
+plugin installs no signal handler of its own that would need the stack.
 
 Linux only (where the service runs); elsewhere, or when the call is unavailable, nothing is changed.
 """

@@ -83,8 +83,9 @@ def progress_monitor(trt, lines: BuildPhaseLines | None):
 
     Keep the returned object alive until the build ends (TensorRT does not own it). TensorRT's binding swallows what
     a callback raises (it prints "Exception caught in phase_start()"; in step_complete it also cancels the build:
-    NVIDIA/TensorRT python/src/infer/pyCore.cpp, PyProgressMonitor), so nothing may escape one: a Ctrl-C (or SIGTERM's
-    SystemExit) raised in a callback is kept in `interruption` and cancels the build at the next step_complete
+    NVIDIA/TensorRT python/src/infer/pyCore.cpp, PyProgressMonitor), so nothing may escape one: a KeyboardInterrupt or
+    SystemExit raised inside the lines' code (by a signal handler run there) is kept in `interruption` and cancels the
+    build at the next step_complete
     (False), as NVIDIA's simple_progress_monitor sample does, for build_engine to raise once the build returns; a
     line that cannot be written (a closed stderr) ends the lines, not the build. A Ctrl-C that arrives while TensorRT
     runs C++ is raised at the first instruction of the next callback, before any try in it: `interrupts_noted` keeps
@@ -132,9 +133,13 @@ def interrupts_noted(monitor) -> Iterator[None]:
     C++ and returns to Python only in the monitor's callbacks, where CPython would raise KeyboardInterrupt at the
     callback's first instruction, outside anything the callback can catch, and TensorRT's binding would drop it or
     report a failed build. Noted, it cancels the build at the next step_complete, and build_engine raises it once the
-    build returns. A second Ctrl-C ends the process at once (the default action), for a build slow to reach a step.
-    Only in the main thread (where Python runs signal handlers); elsewhere, and without a monitor, nothing changes."""
-    if monitor is None or threading.current_thread() is not threading.main_thread():
+    build returns. Python runs the handler only when the main thread runs Python code, here at the build's next
+    callback; from then a second Ctrl-C ends the process at once (the default action), for a build slow to reach a
+    step. Only in the main thread (where Python runs signal handlers), and not where SIGINT is ignored (a job started
+    in the background by a script: a Ctrl-C meant for the foreground job); elsewhere, and without a monitor, nothing
+    changes."""
+    if (monitor is None or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield
         return
 

@@ -359,7 +359,6 @@ class Batcher:
         if served is self.served:
             self.consecutive_failures = 0
         finite = np.isfinite(logits).all(axis=1)
-        classified = 0
         for item, row, row_is_finite in zip(batch, logits, finite, strict=True):
             item.timings["inference_ms"] = elapsed * 1000
             item.timings["batch_size"] = len(batch)
@@ -367,12 +366,9 @@ class Batcher:
                 continue
             if row_is_finite:
                 item.future.set_result(row)
-                classified += 1
             else:  # that image only (fp16 overflow on one input, say): the others in its batch are answered
                 item.future.set_exception(BatchFailedError("inference failed: the engine returned values that are "
                                                            "not finite numbers (NaN or inf) for this image"))
-        # Only the images answered with their logits: not one answered 500 for its NaNs, nor one whose client left.
-        self.metrics.images.labels(served.name).inc(classified)
 
     def _engine_call_ended(self, batch: list[Item], started: float, outcome: str) -> float:
         """convnext_inference_seconds{outcome} and convnext_batch_size for every engine call, however it ended (a

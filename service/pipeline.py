@@ -11,6 +11,7 @@ import functools
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
@@ -317,6 +318,10 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyn
         if gathered is not futures[0]:
             gathered.cancel()
             gathered.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: not logged
+    # Counted once the whole request has its logits: an image whose batch mate in the request failed (non-finite
+    # logits, a failed batch: the request is answered 500), or whose client left, was not answered a classification.
+    for model_name, count in Counter(item.served_by.name for item in items).items():  # type: ignore[union-attr]
+        state.metrics.images.labels(model_name).inc(count)
     return items
 
 

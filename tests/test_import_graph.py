@@ -29,8 +29,6 @@ FUNCTION_LEVEL_ALLOWED = {
     ("service.__main__", "service.app"): "`--help` and settings errors answer without importing FastAPI and uvicorn",
     ("service.__main__", "service.server"): "`--help` and settings errors answer without importing uvicorn",
     ("deploy.entrypoint", "model.pretrained"): "the service images run `serve` without torch; only `prepare` needs it",
-    ("deploy.entrypoint", "model.checkpoints"): "the service images run `serve` without torch; only `prepare` reads a "
-                                                "checkpoint's sidecar",
     ("export.source", "model"): "model/ is torch: `python -m export tensorrt|list` run where there is none (GPU image)",
     ("export.source", "model.pretrained"): "model/ is torch: `python -m export tensorrt|list` run without it",
     ("export.source", "model.timm_pretrained"): "model/ is torch: `python -m export tensorrt|list` run without it",

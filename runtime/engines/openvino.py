@@ -80,7 +80,7 @@ class OpenVinoEngine(ModelFileEngine):
                 hints.performance_mode: getattr(hints.PerformanceMode, self.performance_hint),
                 props.inference_num_threads: self.threads,
             }
-            with signal_stack_kept():  # the THROUGHPUT plugin's sigaltstack (runtime/signal_stack.py)
+            with signal_stack_kept():  # the CPU plugin's sigaltstack (runtime/signal_stack.py)
                 self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as err:  # OpenVINO raises RuntimeError subclasses for unreadable or unsupported models
             raise EngineError(f"OpenVINO could not load {self.model_path}: {err}") from err

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from compose_yaml import ROOT
 from entrypoint_settings import ENTRYPOINT, load_entrypoint, settings_from
+from threaded_server import serving
 
 from tests.service.conftest import free_port
 
@@ -58,10 +59,8 @@ def mirror(tmp_path_factory):
     torch.manual_seed(1)
     torch.save({"model": create_model("convnext_atto").state_dict()}, folder / OTHER_OFFICIAL_FILE)
     server = CountingMirror(folder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(server):
+        yield server
 
 
 def entrypoint_env(repository: Path, mirror: CountingMirror, port: int) -> dict[str, str]:
@@ -444,8 +443,64 @@ def test_a_training_checkpoints_sidecar_stands_for_its_hash_unless_the_file_is_n
     write_sidecar(checkpoint, recorded)
     assert entrypoint.local_checkpoint_sha256(settings) == recorded
     newer = entrypoint.sidecar_path(checkpoint).stat().st_mtime_ns + 10**9
+    time.sleep(0.02)  # a clock tick of a coarse file system: the change below comes after the sidecar
     os.utime(checkpoint, ns=(newer, newer))  # the file copied over after the sidecar was written
     assert entrypoint.local_checkpoint_sha256(settings) == sha256_file(checkpoint)
+
+
+def test_a_checkpoint_moved_over_after_its_sidecar_is_hashed_though_its_mtime_is_older(tmp_path, monkeypatch):
+    """`mv`, `cp -p`, rsync and tar keep the older file's mtime: a run's file moved over the checkpoint after the
+    sidecar was written looked older than it, and the sidecar's stale hash was taken for its bytes (prepare skipped
+    the new weights). The inode's change time is what the sidecar must not be older than."""
+    from convnext_files import sha256_file, write_sidecar
+
+    entrypoint = load_entrypoint()
+    checkpoint, older = tmp_path / "checkpoint_best.pth", tmp_path / "older.pth"
+    checkpoint.write_bytes(b"the first training's weights")
+    write_sidecar(checkpoint, sha256_file(checkpoint))
+    older.write_bytes(b"weights from elsewhere")
+    long_ago = entrypoint.sidecar_path(checkpoint).stat().st_mtime_ns - 10**12
+    os.utime(older, ns=(long_ago, long_ago))
+    time.sleep(0.02)  # a clock tick of a coarse file system: the move comes after the sidecar
+    os.replace(older, checkpoint)
+    settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(tmp_path / "models"),
+                                                        "CONVNEXT_CHECKPOINT": checkpoint.as_uri()})
+    assert entrypoint.local_checkpoint_sha256(settings) == sha256_file(checkpoint)
+
+
+def test_a_checkpoint_prepare_cannot_read_ends_it_in_one_line(tmp_path, tiny_repository, monkeypatch, capsys):
+    """A file the container's user may not read (a root-owned 0600 file on the volume, an NFS EIO): a traceback
+    from the hash, before the export could say what was wrong. One line now, status 1. (The tests run as root, who
+    reads a 0600 file: the hash's own error is raised in its place.)"""
+    entrypoint = load_entrypoint()
+    repository, checkpoint = tmp_path / "models", tmp_path / "runs" / "runA" / "checkpoint_best.pth"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    version_exported_from(tiny_repository, repository, "runa", "checkpoint_best.pth")
+    settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(repository),
+                                                        "CONVNEXT_CHECKPOINT": str(checkpoint)})
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(entrypoint, "sha256_file", unreadable)
+    monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported a file it cannot read"))
+    assert entrypoint.prepare(settings) == 1
+    assert capsys.readouterr().err == (f"prepare: error: CONVNEXT_CHECKPOINT {checkpoint} cannot be read here "
+                                       "(Permission denied); check the volume and the file's permissions for this "
+                                       "container's user\n")
+
+
+def test_a_file_url_of_another_host_is_not_hashed_as_a_local_file(tmp_path, monkeypatch):
+    """file://otherhost/srv/x.pth is no file of this host (urllib refuses to fetch it): its local namesake's hash
+    decided whether to export."""
+    entrypoint = load_entrypoint()
+    checkpoint = tmp_path / "checkpoint_best.pth"
+    checkpoint.write_bytes(b"weights")
+    for host, hashed in (("otherhost", False), ("localhost", True), ("", True)):
+        settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(tmp_path / "models"),
+                                                            "CONVNEXT_CHECKPOINT": f"file://{host}{checkpoint}"})
+        assert (entrypoint.local_checkpoint_sha256(settings) is not None) is hashed, host
 
 
 def test_a_checkpoint_url_that_is_no_checkpoint_ends_prepare_in_one_line(tmp_path, mirror):

@@ -252,12 +252,13 @@ def test_the_budget_caps_a_steps_limit_and_the_steps_after_it_are_not_run(tmp_pa
     assert not any(line.startswith("-m export") for line in calls.read_text().splitlines())
 
 
-def offline_python(tmp_path, calls: Path, training: str = "") -> Path:
+def offline_python(tmp_path, calls: Path, training: str = "", no_compiler: str = "") -> Path:
     """An offline host's Python with CUDA torch (and the cuda-bindings it requires), timm, scikit-learn, pydantic and
     pytest but no ONNX toolchain,
     TensorRT or onnxruntime-gpu: a stand-in whose packages are empty modules and whose steps record their arguments
     (scripts/gpu_check_needs.py runs for real in a Python without site-packages, seeing only those). `training`: a
-    script that `-m training`'s arguments are run with instead."""
+    script that `-m training`'s arguments are run with instead; `no_compiler`: what training's check for a C compiler
+    says (none: it finds one)."""
     site = tmp_path / "site"
     for module in ("numpy", "PIL", "pydantic", "pydantic_settings", "torch", "torchvision", "timm", "sklearn",
                    "pytest", "cuda", "cuda/bindings"):
@@ -272,6 +273,7 @@ def offline_python(tmp_path, calls: Path, training: str = "") -> Path:
         f"echo \"$* (PYTHONPATH=$PYTHONPATH)\" >> '{calls}'\n"
         + (f'case "$1 $2" in "-m training") shift 2; exec "{sys.executable}" "{training}" "$@" ;; esac\n'
            if training else "")
+        + (f'case "$2" in *compile_toolchain_problem*) echo "{no_compiler}" ;; esac\n' if no_compiler else "")
         + 'case "$*" in "-m pytest"*) echo "2 passed" ;; esac\n')
     python.chmod(0o755)
     return python
@@ -305,6 +307,23 @@ def test_without_installing_it_runs_what_the_python_has_and_names_what_it_lacks(
                f" --overwrite-checkpoints --quiet (PYTHONPATH={ROOT}" in ran  # the checkout imports without an install
     assert "\n-m pytest -m gpu -q -rs -p no:cacheprovider tests/gpu/test_training_rng_gpu.py (" in ran
     assert "not run: tests/gpu/test_tensorrt_export.py (needs onnx," in (out / "logs" / "10-pytest-gpu.log").read_text()
+
+
+def test_train_amp_on_a_host_without_a_c_compiler_runs_its_last_runs_without_compile(tmp_path):
+    """Training refuses --compile on a GPU host without a C compiler (Triton builds its launcher with one): the
+    compiled run failed the whole step, the fp16 and bf16 runs that passed included. It runs without --compile now,
+    and says so."""
+    env, calls = fake_gpu_host(tmp_path, "NVIDIA H200", "9.0")
+    python = offline_python(tmp_path, calls, no_compiler="--compile on a GPU needs a C compiler at run time")
+    out = tmp_path / "report"
+    subprocess.run(["bash", str(SCRIPT), "--python", str(python), str(out)], capture_output=True, text=True,
+                   timeout=120, env=env)
+    assert "| train-amp | PASS |" in (out / "report.md").read_text()
+    log = (out / "logs" / "09-train-amp.log").read_text()
+    assert "== --compile: skipped, --compile on a GPU needs a C compiler at run time" in log
+    runs = [line for line in calls.read_text().splitlines() if line.startswith("-m training")]
+    assert len(runs) == 4 and "--channels-last --ema-decay 0.99" in runs[2] and "--resume" in runs[3]
+    assert not any("--compile" in run for run in runs)
 
 
 # The GPU's training run, stood in for: the real command line, resolved and checked by training itself (an --output

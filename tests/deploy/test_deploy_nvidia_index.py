@@ -5,10 +5,10 @@ import functools
 import http.server
 import subprocess
 import sys
-import threading
 
 import pytest
 from compose_yaml import ROOT
+from threaded_server import serving
 
 SCRIPT = ROOT / "deploy" / "check_nvidia_index.py"
 
@@ -18,10 +18,8 @@ def index(tmp_path):
     """A local simple index (PEP 503 layout, as pypi.nvidia.com and its mirrors serve) in `tmp_path`."""
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(server) as port:
+        yield tmp_path, f"http://127.0.0.1:{port}"
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -123,8 +123,11 @@ class StandInTensorRT:
             try:
                 if callback == monitor.step_complete and args[1] == self.sigint_at_step:
                     # Python's handler runs at the next instruction: in the real build, the callback's first one,
-                    # inside the binding's catch, which is where this raises whatever the handler raises
-                    signal.raise_signal(signal.SIGINT)
+                    # inside the binding's catch, which is where this raises whatever the handler raises. Called,
+                    # not raised: a real signal would end this test's process if no handler caught it.
+                    handler = signal.getsignal(signal.SIGINT)
+                    if callable(handler):  # SIG_IGN: nothing happens
+                        handler(signal.SIGINT, None)
                 return callback(*args)
             except BaseException:  # noqa: BLE001  # as the binding's catch (...)
                 return cancelled
@@ -185,6 +188,22 @@ def test_a_ctrl_c_while_tensorrt_builds_cancels_the_build_and_is_raised(monkeypa
         _build(monkeypatch, tmp_path, trt, quiet=quiet)
     assert not (tmp_path / "engines" / "model.engine").exists()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_ctrl_c_is_left_alone_where_sigint_is_ignored(monkeypatch, tmp_path):
+    """A build started in the background by a script ignores SIGINT; the handler the build installed replaced that,
+    and a Ctrl-C meant for the foreground job cancelled the build. It is left alone: the build finishes."""
+    trt = StandInTensorRT(TRT11_FLAGS)
+    trt.sigint_at_step = 1
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _build(monkeypatch, tmp_path, trt)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    except KeyboardInterrupt:
+        pytest.fail("a Ctrl-C the process ignores cancelled the build")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (tmp_path / "engines" / "model.engine").read_bytes() == b"serialized engine"
 
 
 def test_a_closed_stderr_ends_the_progress_lines_not_the_build(monkeypatch, tmp_path, caplog):

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service.test_limits import metric
+from tests.service.conftest import metric
 
 
 @pytest.fixture(scope="module")

@@ -435,22 +435,39 @@ def test_failed_and_timed_out_engine_calls_are_in_the_inference_and_batch_size_h
 
 
 def test_only_images_answered_with_a_classification_are_counted():
-    """Not an image answered 500 for its non-finite logits, nor one whose client left while its batch ran."""
+    """convnext_images_total, through the pipeline's run_batched: not an image answered 500 for its own non-finite
+    logits, nor its finite batch mate of the same request (the request is answered 500 as a whole: it was counted),
+    nor one whose client left while its batch ran; a request answered in full counts each of its images."""
+    from types import SimpleNamespace
+
+    from service.errors import ApiError
+    from service.pipeline import run_batched
+
+    async def outcome(request) -> int | str:
+        try:
+            return len(await request)
+        except ApiError as err:
+            return err.code
+
     async def scenario():
         engine, metrics = RecordingEngine(), ServiceMetrics()
         batcher = Batcher(served(engine), max_batch_size=4, max_queue_delay_ms=1, queue_size=16, metrics=metrics)
+        state = SimpleNamespace(batcher=batcher, metrics=metrics, settings=SimpleNamespace(request_timeout_ms=10_000))
         batcher.start()
         engine.gate.clear()
-        items = batcher.submit(tensors(1, float("nan"), 3, 4), time.monotonic() + 10)
+        gone = asyncio.get_running_loop().create_future()
+        deadline = time.monotonic() + 10
+        requests = [asyncio.create_task(outcome(run_batched(state, tensors(*values), client, deadline)))
+                    for values, client in (((1, float("nan")), None), ((3,), gone), ((5, 6), None))]
         while not batcher._running:
-            await asyncio.sleep(0.001)  # the four are on the engine, held at its gate
-        items[3].future.cancel()  # its client leaves while its batch runs
+            await asyncio.sleep(0.001)  # the five are on the engine, held at its gate
+        gone.set_result(None)  # the second request's client leaves while its batch runs
+        await asyncio.sleep(0.05)
         engine.gate.set()
-        outcomes = await asyncio.gather(*(item.future for item in items[:3]), return_exceptions=True)
+        outcomes = await asyncio.gather(*requests)
         await batcher.drain()
-        return engine.batches, outcomes, sample(metrics, "convnext_images_total", model="m")
+        return outcomes, sample(metrics, "convnext_images_total", model="m")
 
-    batches, outcomes, counted = run(scenario())
-    assert len(batches) == 1 and len(batches[0]) == 4
-    assert isinstance(outcomes[1], BatchFailedError) and outcomes[0][0] == 1.0 and outcomes[2][0] == 3.0
-    assert counted == 2  # 1 and 3: not the NaN one (answered 500), not the one whose client left
+    outcomes, counted = run(scenario())
+    assert outcomes == ["inference_failed", "client_disconnected", 2]
+    assert counted == 2  # 5 and 6: not 1 (its request's other image failed), nor the NaN, nor 3 (its client left)

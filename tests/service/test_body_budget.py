@@ -15,10 +15,10 @@ import pytest
 from service.body_budget import BodyBudget
 from service.errors import ApiError
 from service.grpc_proto import open_inference_pb2 as pb
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, metric
 from tests.service.test_grpc import grpc_address, raw_call
 from tests.service.test_hot_swap import wait_for
-from tests.service.test_limits import Gate, connect, metric, read_response
+from tests.service.test_limits import Gate, connect, read_response
 
 MIB = 1024 * 1024
 QUEUED_IMAGES = 128  # 6 MiB of 64 px FP32 images: far above anything else the server allocates meanwhile

@@ -26,7 +26,7 @@ from service.app import default_engine
 from service.engine_builds import build_timeout_s
 from service.repository_reader import RepositoryStuck
 from service.settings import Settings
-from tests.service.test_limits import metric
+from tests.service.conftest import metric
 
 
 def black_png() -> bytes:

@@ -14,8 +14,8 @@ from tritonclient.utils import InferenceServerException
 from runtime.preprocess import preprocess
 from runtime.repository import ModelRepository
 from service.grpc_proto import open_inference_pb2 as pb
-from tests.service.conftest import free_port
-from tests.service.test_limits import BUDGET_LIMITS, finish_upload, metric, slow_upload
+from tests.service.conftest import free_port, metric
+from tests.service.test_limits import BUDGET_LIMITS, finish_upload, slow_upload
 from tests.service.test_security import recorded_compare_digest
 
 API_KEY = "grpc-test-key"

@@ -25,11 +25,11 @@ from tritonclient.utils import InferenceServerException
 from service.app import create_app
 from service.grpc_server import ERROR_CODE_KEY, RETRY_PUSHBACK_KEY, GrpcService
 from service.settings import Settings
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, metric
 from tests.service.test_grpc import fp32_input, grpc_address, preprocessed_photos, status_of
 from tests.service.test_grpc_limits import stalled_call
 from tests.service.test_hot_swap import wait_for
-from tests.service.test_limits import Gate, metric, wait_for_metric
+from tests.service.test_limits import Gate, wait_for_metric
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,11 +15,11 @@ import pytest
 
 from service.grpc_proto import open_inference_pb2 as pb
 from service.grpc_server import ERROR_CODE_KEY, RETRY_PUSHBACK_KEY, SERVICE_NAME, UNREAD_STREAM_WINDOW_BYTES
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, metric
 from tests.service.h2c import DATA, END_STREAM, H2Connection, grpc_frame
 from tests.service.test_grpc import grpc_address, raw_call
 from tests.service.test_hot_swap import wait_for
-from tests.service.test_limits import BUDGET_LIMITS, Gate, finish_upload, metric, slow_upload
+from tests.service.test_limits import BUDGET_LIMITS, Gate, finish_upload, slow_upload
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MIB = 1024 * 1024

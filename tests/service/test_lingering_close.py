@@ -22,9 +22,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import lingering_close, server
 from service.access_log import ACCESS_LOG
+from tests.service.conftest import metric
 from tests.service.test_admission_gate import fill_to_capacity
 from tests.service.test_faults import Hold
-from tests.service.test_limits import metric, read_response
+from tests.service.test_limits import read_response
 
 UPLOAD_BYTES = 16 * 1024 * 1024  # 16 times max_body_bytes: far more than the socket buffers hold
 # body_timeout_s: 2 s, not less: the uploads that must go through (a 1 MiB streamed body, the keep-alive test's JPEGs)

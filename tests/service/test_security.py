@@ -8,6 +8,7 @@ import pytest
 
 from service import api_keys
 from service.settings import Settings
+from tests.service.conftest import metric
 
 API_KEY = "test-key-4f1c9a"
 APP_ORIGIN = "https://app.example"
@@ -330,9 +331,7 @@ def test_cli_takes_origins_as_json_and_has_no_flag_for_the_key_itself():
 
 
 def requests_counted(url: str, method: str, route: str, status: int) -> float:
-    sample = f'convnext_requests_total{{method="{method}",route="{route}",status="{status}"}} '
-    return sum(float(line.split()[-1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
-               if line.startswith(sample))
+    return metric(url, f'convnext_requests_total{{method="{method}",route="{route}",status="{status}"}}')
 
 
 def test_a_request_refused_before_routing_is_counted_under_the_route_its_path_names(secured_url, real_photos):

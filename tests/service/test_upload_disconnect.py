@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from tests.service.test_limits import connect, metric, wait_for_metric
+from tests.service.conftest import metric
+from tests.service.test_limits import connect, wait_for_metric
 
 ROUTES = {"/classify": "image/jpeg", "/v2/models/atto/infer": "application/json"}
 

@@ -28,10 +28,9 @@ from service.metrics import ServiceMetrics
 from service.pipeline import converted
 from service.settings import Settings
 from service.state import CONVERSIONS_AT_ONCE, ServiceState
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, metric
 from tests.service.test_faults import Hold
 from tests.service.test_grpc import grpc_address, raw_call
-from tests.service.test_limits import metric
 
 INFER = "/v2/models/atto/infer"
 SHAPE = (2, 3, 64, 64)
