@@ -318,11 +318,15 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyn
         if gathered is not futures[0]:
             gathered.cancel()
             gathered.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: not logged
-    # Counted once the whole request has its logits: an image whose batch mate in the request failed (non-finite
-    # logits, a failed batch: the request is answered 500), or whose client left, was not answered a classification.
+    return items
+
+
+def count_classified(state: ServiceState, items: list[Item]) -> None:
+    """convnext_images_total: a request's images, counted by its protocol once nothing is left to refuse it (an image
+    whose request mate failed is answered 500 with it, one whose client left 499, a v2 request whose rows two versions
+    ran 503: none of them was answered a classification)."""
     for model_name, count in Counter(item.served_by.name for item in items).items():  # type: ignore[union-attr]
         state.metrics.images.labels(model_name).inc(count)
-    return items
 
 
 async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_gone: ClientGone | None,

@@ -258,6 +258,7 @@ async def infer(state: ServiceState, prepared: PreparedRequest, client_gone: Cli
     logits = np.stack([item.future.result() for item in items]).astype(np.float32)
     if not np.isfinite(logits).all():
         raise ApiError(500, "inference_failed", "the engine returned values that are not finite numbers")
+    pipeline.count_classified(state, items)
     labels = labels_of(items[0])
     outputs = []
     for output in prepared.wanted:

@@ -435,19 +435,22 @@ def test_failed_and_timed_out_engine_calls_are_in_the_inference_and_batch_size_h
 
 
 def test_only_images_answered_with_a_classification_are_counted():
-    """convnext_images_total, through the pipeline's run_batched: not an image answered 500 for its own non-finite
-    logits, nor its finite batch mate of the same request (the request is answered 500 as a whole: it was counted),
-    nor one whose client left while its batch ran; a request answered in full counts each of its images."""
+    """convnext_images_total, through the pipeline's run_batched and count_classified, as each protocol calls them:
+    not an image answered 500 for its own non-finite logits, nor its finite mate of the same request (the request is
+    answered 500 as a whole: the batcher counted it), nor one whose client left while its batch ran; a request
+    answered in full counts each of its images."""
     from types import SimpleNamespace
 
     from service.errors import ApiError
-    from service.pipeline import run_batched
+    from service.pipeline import count_classified, run_batched
 
-    async def outcome(request) -> int | str:
+    async def outcome(state, request) -> int | str:
         try:
-            return len(await request)
+            items = await request
         except ApiError as err:
             return err.code
+        count_classified(state, items)
+        return len(items)
 
     async def scenario():
         engine, metrics = RecordingEngine(), ServiceMetrics()
@@ -457,10 +460,10 @@ def test_only_images_answered_with_a_classification_are_counted():
         engine.gate.clear()
         gone = asyncio.get_running_loop().create_future()
         deadline = time.monotonic() + 10
-        requests = [asyncio.create_task(outcome(run_batched(state, tensors(*values), client, deadline)))
+        requests = [asyncio.create_task(outcome(state, run_batched(state, tensors(*values), client, deadline)))
                     for values, client in (((1, float("nan")), None), ((3,), gone), ((5, 6), None))]
         while not batcher._running:
-            await asyncio.sleep(0.001)  # the five are on the engine, held at its gate
+            await asyncio.sleep(0.001)  # a batch is on the engine, held at its gate
         gone.set_result(None)  # the second request's client leaves while its batch runs
         await asyncio.sleep(0.05)
         engine.gate.set()

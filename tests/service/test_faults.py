@@ -221,3 +221,9 @@ def test_an_image_answered_500_for_non_finite_logits_is_not_counted_as_classifie
                           headers={"content-type": "image/jpeg"})
         assert good.status_code == 200
         assert metric(url, "convnext_images_total") == before + 1
+        # Nor its mate in one request: answered 500 with it (the mate was counted as its batch ran)
+        files = [("files", ("black.png", black_png(), "image/png")),
+                 ("files", ("photo.jpg", real_photos[0].read_bytes(), "image/jpeg"))]
+        both = httpx.post(f"{url}/classify", files=files)
+        assert both.status_code == 500 and both.json()["error"]["code"] == "inference_failed"
+        assert metric(url, "convnext_images_total") == before + 1

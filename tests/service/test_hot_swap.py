@@ -14,6 +14,7 @@ import pytest
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.repository import ModelRepository, now_utc
 from service.app import default_engine
+from tests.service.conftest import metric
 
 NAME = "atto"
 
@@ -321,12 +322,13 @@ def test_a_v2_request_whose_rows_ran_on_both_sides_of_a_swap_gets_503_not_one_ve
                                                                                                   launch, holding):
     """A v2 response names one model_version: rows that ran on two versions (a swap between the request's engine
     batches) are refused with 503 version_changed and Retry-After, instead of an answer that says version 1 or 2 for
-    logits from both."""
+    logits from both; its rows are not counted in convnext_images_total (they were: counted as their batches ran)."""
     rows = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     request = {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
                            "data": rows.reshape(-1).tolist()}]}
     answers: list[httpx.Response] = []
     with launch(swap_repository, holding.factory, version=1, max_batch_size=1, warmup_runs=0) as url:
+        counted_before = metric(url, "convnext_images_total")
         holding.hold.set()  # row 0 runs on version 1 and waits there; row 1 stays queued
         infer = threading.Thread(target=lambda: answers.append(httpx.post(
             f"{url}/v2/models/{NAME}/infer", json=request, timeout=60)))
@@ -341,8 +343,10 @@ def test_a_v2_request_whose_rows_ran_on_both_sides_of_a_swap_gets_503_not_one_ve
         reload.join(30)
         assert answers[0].status_code == 503, answers[0].text
         assert answers[0].json()["code"] == "version_changed" and answers[0].headers["retry-after"] == "1"
+        assert metric(url, "convnext_images_total") == counted_before
         again = httpx.post(f"{url}/v2/models/{NAME}/infer", json=request, timeout=60)
         assert again.status_code == 200 and again.json()["model_version"] == "2"
+        assert metric(url, "convnext_images_total") == counted_before + 2
 
 
 def test_a_classify_request_whose_images_ran_on_both_sides_of_a_swap_names_each_ones_version(swap_repository,
