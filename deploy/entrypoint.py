@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import ipaddress
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import urllib.parse
@@ -262,7 +264,7 @@ def local_checkpoint_sha256(settings: PrepareSettings) -> str | None:
         return None
     parsed = urllib.parse.urlparse(settings.checkpoint)
     if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
+        if not names_this_host(parsed.netloc):
             return None
         path = Path(urllib.request.url2pathname(parsed.path))
     elif parsed.scheme in DOWNLOAD_SCHEMES:
@@ -279,10 +281,22 @@ def local_checkpoint_sha256(settings: PrepareSettings) -> str | None:
         except (SidecarError, FileNotFoundError):  # garbled (the export then says so), or replaced meanwhile
             pass
         return sha256_file(path)
-    except OSError as error:
-        raise PrepareError(f"CONVNEXT_CHECKPOINT {settings.checkpoint} cannot be read here "
+    except OSError as error:  # the file's or its sidecar's: the one named
+        raise PrepareError(f"{error.filename or path} (CONVNEXT_CHECKPOINT={settings.checkpoint}) cannot be read here "
                            f"({error.strerror or error}); check the volume and the file's permissions for this "
                            "container's user") from None
+
+
+def names_this_host(host: str) -> bool:
+    """A file:// URL's host that urllib opens as a local file: none, localhost, a loopback address, this host's name
+    (urllib also resolves other names, to compare their addresses with this host's: prepare does not look them up)."""
+    host = host.lower()
+    if host in ("", "localhost") or host == socket.gethostname().lower():
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def source_named(manifest: Manifest, wanted: str, digest: str | None) -> str:

@@ -268,7 +268,7 @@ STEP_SETTINGS=(ROOT OUT REPO MODEL PY VENV PYTHON NVIDIA_PYPI_URL NO_INSTALL BF1
   ROADMAP_STEPS GPU_TESTS GPU_TESTS_NOT_RUN)
 
 run_step() {  # index name limit_s whose_limit: the step's function under its limit; PASS, FAIL or TIMEOUT in the report
-  local index=$1 name=$2 limit=$3 whose_limit=$4 log rc took
+  local index=$1 name=$2 limit=$3 whose_limit=$4 log rc took said note
   log="$(log_path "$index" "$name")"
   echo "== [$index/${#STEPS[@]}] $name (limit $limit s)"
   CURRENT=$name STEP_STARTED=$SECONDS
@@ -280,8 +280,10 @@ run_step() {  # index name limit_s whose_limit: the step's function under its li
   rc=$?
   STEP_PID="" CURRENT=""
   took=$((SECONDS - STEP_STARTED))
-  if [ "$rc" = 0 ]; then
-    record "$name" "PASS${NOTE[$name]:+ (${NOTE[$name]})}" "$took" "$log"
+  if [ "$rc" = 0 ]; then  # with what the step noted of itself ("== note: ..." in its log), for the report's line
+    said="$(sed -n 's/^== note: //p' "$log" | head -n 1)"
+    note="${NOTE[$name]:-}${said:+${NOTE[$name]:+; }$said}"
+    record "$name" "PASS${note:+ ($note)}" "$took" "$log"
   elif [ "$rc" = 124 ] || { [ "$rc" = 137 ] && [ "$took" -ge "$limit" ]; }; then
     record "$name" "TIMEOUT (after $whose_limit)" "$took" "$log"
     echo "!! $name timed out after $took s: $log"; tail -n 5 "$log"
@@ -377,7 +379,11 @@ sys.exit(None if torch.cuda.is_available() else f"torch {torch.__version__} sees
   local compile=--compile no_compiler
   no_compiler="$("$PY" -c 'from training.run import compile_toolchain_problem as p; print(p("cuda") or "")')" \
     || return 1
-  if [ -n "$no_compiler" ]; then compile=""; echo "== --compile: skipped, $no_compiler"; fi
+  if [ -n "$no_compiler" ]; then
+    compile=""
+    echo "== --compile: skipped, $no_compiler"
+    echo "== note: the last two runs without --compile: no C compiler"
+  fi
   echo "== --amp fp16 --channels-last ${compile:+--compile }--ema-decay 0.99, 1 epoch; then --resume to epoch 2"
   "$PY" -m training --preset demo --epochs 1 --max-steps-per-epoch 10 --amp fp16 --channels-last $compile \
     --ema-decay 0.99 --output "$OUT/train-compiled" --overwrite-checkpoints --quiet || return 1

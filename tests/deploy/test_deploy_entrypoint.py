@@ -486,9 +486,9 @@ def test_a_checkpoint_prepare_cannot_read_ends_it_in_one_line(tmp_path, tiny_rep
     monkeypatch.setattr(entrypoint, "sha256_file", unreadable)
     monkeypatch.setattr(entrypoint, "export_model", lambda _: pytest.fail("exported a file it cannot read"))
     assert entrypoint.prepare(settings) == 1
-    assert capsys.readouterr().err == (f"prepare: error: CONVNEXT_CHECKPOINT {checkpoint} cannot be read here "
-                                       "(Permission denied); check the volume and the file's permissions for this "
-                                       "container's user\n")
+    assert capsys.readouterr().err == (f"prepare: error: {checkpoint} (CONVNEXT_CHECKPOINT={checkpoint}) cannot be "
+                                       "read here (Permission denied); check the volume and the file's permissions "
+                                       "for this container's user\n")
 
 
 def test_a_file_url_of_another_host_is_not_hashed_as_a_local_file(tmp_path, monkeypatch):
@@ -497,7 +497,8 @@ def test_a_file_url_of_another_host_is_not_hashed_as_a_local_file(tmp_path, monk
     entrypoint = load_entrypoint()
     checkpoint = tmp_path / "checkpoint_best.pth"
     checkpoint.write_bytes(b"weights")
-    for host, hashed in (("otherhost", False), ("localhost", True), ("", True)):
+    for host, hashed in (("otherhost", False), ("10.0.0.7", False), ("localhost", True), ("LOCALHOST", True),
+                         ("127.0.0.1", True), ("", True)):
         settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(tmp_path / "models"),
                                                             "CONVNEXT_CHECKPOINT": f"file://{host}{checkpoint}"})
         assert (entrypoint.local_checkpoint_sha256(settings) is not None) is hashed, host

@@ -91,6 +91,7 @@ def test_deployment_takes_a_gpu_probes_readyz_healthz_and_drains_before_it_is_ki
     worst_case_drain_s = graceful_shutdown_s(settings) + settings.request_timeout_ms / 1000
     assert pod["terminationGracePeriodSeconds"] > pre_stop_s + worst_case_drain_s
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"  # no re-owning of each file per start
     assert pod["automountServiceAccountToken"] is False  # no API token in a pod that never calls the API
     prepare = pod["initContainers"][0]
     assert prepare["command"][-1] == "prepare"
@@ -150,6 +151,7 @@ def test_the_init_container_and_the_service_name_the_model_alike(monkeypatch):
 def test_the_training_job_meets_pod_security_restricted_too():
     pod = find("Job")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"  # no re-owning of each file per start
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     for container in pod["containers"]:
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
