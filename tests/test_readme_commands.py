@@ -9,8 +9,8 @@ list of modules (`python -m model|training`).
 A synopsis is checked in every form it allows: its optional `[...]` parts left out, and all taken with the first, then
 the second, ... choice of each `a|b` (`[--engine onnxruntime|tensorrt]`). Its placeholders are values: `N` is 1, `PX`
 224, any other (`PATH`, `NAME`, `<convnext_tiny repository>`) itself; `KEY ...` repeats the value before it.
-Skipped, with the reason: a command that elides its arguments (`python -m bench soak ...`) and one whose placeholder
-stands where the parser needs one of its choices (`python -m model download NAME`).
+A command that elides its arguments (`python -m bench soak ...`) is checked up to its `...`, as a reference; a
+placeholder where the parser needs one of its choices (`python -m model download NAME`) takes the first it names.
 Inline code that names a command or a flag in a sentence (`python -m export onnx`, `convnext serve --checkpoint`) is
 a reference, not a command line: its subcommands, flags and values must exist, but what it leaves out may be required.
 """
@@ -123,10 +123,12 @@ def extract_commands(readme: str) -> list[ReadmeCommand]:
     return sorted(found, key=lambda command: command.line)
 
 
-def skip_reason(tokens: list[str]) -> str | None:
-    for before, token in zip(["", *tokens[:-1]], tokens, strict=True):
+def elided_from(tokens: list[str]) -> int | None:
+    """Where a command elides its arguments (`python -m bench soak ...`): the index of its `...`, or None. Its words
+    before that are checked as a reference is. (`KEY ...` is KEY repeated, not an elision.)"""
+    for index, (before, token) in enumerate(zip(["", *tokens[:-1]], tokens, strict=True)):
         if "..." in token.strip("[]") and not (token.strip("[]") == "..." and PLACEHOLDER.match(before.strip("[]"))):
-            return "elides arguments (...)"
+            return index
     return None
 
 
@@ -292,20 +294,30 @@ def in_folder_with_assumed_files(tmp_path, monkeypatch):
 @pytest.mark.usefixtures("in_folder_with_assumed_files")
 @pytest.mark.parametrize("command", UNIQUE.values(), ids=[_test_id(command) for command in UNIQUE.values()])
 def test_readme_command_parses(command: ReadmeCommand):
+    """Elided arguments (`...`): the words before them, as a reference. A placeholder where the parser needs one of
+    its choices (`python -m model download NAME`): each of the parser's choices in turn would do; the first is taken."""
     where = f"README.md:{command.line}: {command.text}"
     tokens = shlex.split(command.text)
-    reason = skip_reason(tokens)
-    if reason:
-        pytest.skip(f"{reason}: {where}")
-    for words in forms(tokens):
+    elided = elided_from(tokens)
+    reference = command.inline or elided is not None
+    for words in forms(tokens[:elided]):
         module, argv = route(words)
         try:
-            check_arguments(module, argv, reference=command.inline)
+            with_choice(module, argv, reference)
         except Refused as refused:
-            placeholder = re.search(r"invalid choice: '([^']*)'", str(refused))
-            if placeholder and PLACEHOLDER.match(placeholder.group(1)):
-                pytest.skip(f"a placeholder where a choice is required ({placeholder.group(1)}): {where}")
             pytest.fail(f"{where}\n  as {module} {' '.join(argv)}\n  {refused}", pytrace=False)
+
+
+def with_choice(module: str, argv: list[str], reference: bool) -> None:
+    """check_arguments, with a placeholder the parser refuses as a choice replaced by the first choice it names."""
+    try:
+        check_arguments(module, argv, reference)
+    except Refused as refused:
+        placeholder = re.search(r"invalid choice: '([^']*)' \(choose from '?([^',)]+)", str(refused))
+        if not (placeholder and PLACEHOLDER.match(placeholder.group(1)) and placeholder.group(1) in argv):
+            raise
+        argv = [placeholder.group(2) if word == placeholder.group(1) else word for word in argv]
+        check_arguments(module, argv, reference)
 
 
 def test_the_extractor_finds_the_readme_commands():
