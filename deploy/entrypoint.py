@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import ipaddress
 import os
 import re
 import shlex
@@ -259,7 +258,8 @@ def local_checkpoint_sha256(settings: PrepareSettings) -> str | None:
     A training checkpoint's `.sha256` sidecar, written after the file (training/checkpoint.py: save_atomic), is read
     instead of hashing the file again at every start (~15 s for a 3 GB ConvNeXt-L checkpoint on a slow volume, each
     replica in turn under the prepare lock); not when the file's inode changed after it (ctime: `mv`, `cp -p` and
-    rsync keep an older file's mtime, never its ctime; a chown of the volume costs a hash, nothing more)."""
+    rsync keep an older file's mtime, never its ctime; after a chown of the volume, the file is hashed at every
+    start)."""
     if settings.checkpoint is None:
         return None
     parsed = urllib.parse.urlparse(settings.checkpoint)
@@ -288,14 +288,14 @@ def local_checkpoint_sha256(settings: PrepareSettings) -> str | None:
 
 
 def names_this_host(host: str) -> bool:
-    """A file:// URL's host that urllib opens as a local file: none, localhost, a loopback address, this host's name
-    (urllib also resolves other names, to compare their addresses with this host's: prepare does not look them up)."""
-    host = host.lower()
-    if host in ("", "localhost") or host == socket.gethostname().lower():
+    """A file:// URL's host that urllib opens as a local file, decided as urllib.request.FileHandler decides it: none,
+    or one whose IPv4 address is localhost's or this host's name's (LOCALHOST, 127.0.0.1, this host's name; not
+    [::1], not a host with a port)."""
+    if not host:
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
+        return socket.gethostbyname(host) in urllib.request.FileHandler().get_names()
+    except OSError:  # unknown, or not a host name at all
         return False
 
 

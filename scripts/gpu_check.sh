@@ -282,6 +282,7 @@ run_step() {  # index name limit_s whose_limit: the step's function under its li
   took=$((SECONDS - STEP_STARTED))
   if [ "$rc" = 0 ]; then  # with what the step noted of itself ("== note: ..." in its log), for the report's line
     said="$(sed -n 's/^== note: //p' "$log" | head -n 1)"
+    said="${said//|/\\|}"  # a cell of report.md's table
     note="${NOTE[$name]:-}${said:+${NOTE[$name]:+; }$said}"
     record "$name" "PASS${note:+ ($note)}" "$took" "$log"
   elif [ "$rc" = 124 ] || { [ "$rc" = 137 ] && [ "$took" -ge "$limit" ]; }; then

@@ -285,7 +285,7 @@ for _command in COMMANDS:
 def in_folder_with_assumed_files(tmp_path, monkeypatch):
     """The files the README's commands assume, and no CONVNEXT_* variable: the Settings read only the flags."""
     monkeypatch.chdir(tmp_path)
-    for name in [name for name in os.environ if name.startswith("CONVNEXT_")]:
+    for name in [name for name in os.environ if name.upper().startswith("CONVNEXT_")]:  # the Settings: any case
         monkeypatch.delenv(name)
     for name in FILES_THE_README_ASSUMES:
         (tmp_path / name).write_bytes(b"")
@@ -329,3 +329,5 @@ def test_the_extractor_finds_the_readme_commands():
                    "python -m bench ", "convnext serve --", "convnext doctor", "torchrun --nproc_per_node 8 -m "):
         assert any(text.startswith(prefix) for text in texts), f"no {prefix!r} command found"
     assert set(BENCH_DELEGATED) == set(DELEGATED_HELP), "bench/__main__.py delegates other subcommands: update the map"
+    ids = [_test_id(command) for command in UNIQUE.values()]
+    assert len(set(ids)) == len(ids), "two commands share a test id (pytest would number them by README order)"

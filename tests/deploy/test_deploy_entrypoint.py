@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import httpx
@@ -497,11 +499,18 @@ def test_a_file_url_of_another_host_is_not_hashed_as_a_local_file(tmp_path, monk
     entrypoint = load_entrypoint()
     checkpoint = tmp_path / "checkpoint_best.pth"
     checkpoint.write_bytes(b"weights")
-    for host, hashed in (("otherhost", False), ("10.0.0.7", False), ("localhost", True), ("LOCALHOST", True),
-                         ("127.0.0.1", True), ("", True)):
+    for host, hashed in (("otherhost.invalid", False), ("10.0.0.7", False), ("127.0.0.2", False), ("[::1]", False),
+                         ("localhost:8000", False), ("localhost", True), ("LOCALHOST", True), ("127.0.0.1", True),
+                         ("", True)):  # as urllib opens them
         settings = settings_from(entrypoint, monkeypatch, {"CONVNEXT_REPOSITORY": str(tmp_path / "models"),
                                                             "CONVNEXT_CHECKPOINT": f"file://{host}{checkpoint}"})
         assert (entrypoint.local_checkpoint_sha256(settings) is not None) is hashed, host
+        try:  # what urllib does with it, which the download does
+            urllib.request.urlopen(settings.checkpoint).close()
+            opened = True
+        except urllib.error.URLError:
+            opened = False
+        assert opened is hashed, host
 
 
 def test_a_checkpoint_url_that_is_no_checkpoint_ends_prepare_in_one_line(tmp_path, mirror):

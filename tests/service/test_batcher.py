@@ -437,7 +437,7 @@ def test_failed_and_timed_out_engine_calls_are_in_the_inference_and_batch_size_h
 def test_only_images_answered_with_a_classification_are_counted():
     """convnext_images_total, through the pipeline's run_batched and count_classified, as each protocol calls them:
     not an image answered 500 for its own non-finite logits, nor its finite mate of the same request (the request is
-    answered 500 as a whole: the batcher counted it), nor one whose client left while its batch ran; a request
+    answered 500 as a whole: the batcher used to count it), nor one whose client left while its batch ran; a request
     answered in full counts each of its images."""
     from types import SimpleNamespace
 
