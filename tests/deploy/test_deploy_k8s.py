@@ -156,6 +156,8 @@ def test_the_training_job_meets_pod_security_restricted_too():
     for container in pod["containers"]:
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    data = next(volume for volume in pod["volumes"] if volume["name"] == "data")
+    assert data["persistentVolumeClaim"]["readOnly"] is True  # the dataset is never re-owned for fsGroup
 
 
 def test_service_pdb_and_hpa_point_at_the_deployment():
