@@ -42,6 +42,13 @@ class RecordingEngine(Engine):
         return EngineDescription("recording", "input", (1, 1, 1), 8, "fp32", "cpu")
 
 
+class FailingEngine(RecordingEngine):
+    """Every batch raises, as a device error would."""
+
+    def run(self, batch):
+        raise RuntimeError("device error")
+
+
 def served(engine: Engine, version: int = 1) -> ServedModel:
     return ServedModel(engine, "m", version, EngineThread("engine-test"))
 
@@ -298,11 +305,7 @@ def test_queue_depth_is_read_at_each_scrape_so_it_follows_the_queue_through_an_e
         def depth() -> float:
             return metrics.queue_depth.collect()[0].samples[0].value
 
-        class BrokenEngine(RecordingEngine):
-            def run(self, batch):
-                raise RuntimeError("device error")
-
-        batcher = Batcher(served(BrokenEngine()), max_batch_size=2, max_queue_delay_ms=1, queue_size=8,
+        batcher = Batcher(served(FailingEngine()), max_batch_size=2, max_queue_delay_ms=1, queue_size=8,
                           metrics=metrics, max_consecutive_failures=1)
         batcher.start()
         (breaking,) = batcher.submit(tensors(0), time.monotonic() + 10)
@@ -374,13 +377,9 @@ def test_each_images_queue_wait_is_observed_once_however_it_ends():
 def test_queue_waits_that_end_while_the_engine_is_away_are_observed_then():
     """Through an engine outage the batcher looks at no queued image: a request that gives up meanwhile has its wait
     observed when it gives up, not once an engine is back (the histogram showed only the short waits)."""
-    class BrokenEngine(RecordingEngine):
-        def run(self, batch):
-            raise RuntimeError("device error")
-
     async def scenario():
         metrics = ServiceMetrics()
-        batcher = Batcher(served(BrokenEngine()), max_batch_size=1, max_queue_delay_ms=1, queue_size=8,
+        batcher = Batcher(served(FailingEngine()), max_batch_size=1, max_queue_delay_ms=1, queue_size=8,
                           metrics=metrics, max_consecutive_failures=1)
         batcher.start()
         (breaking,) = batcher.submit(tensors(0), time.monotonic() + 10)
@@ -402,10 +401,6 @@ def test_queue_waits_that_end_while_the_engine_is_away_are_observed_then():
 
 def test_failed_and_timed_out_engine_calls_are_in_the_inference_and_batch_size_histograms():
     """convnext_inference_seconds{outcome} and convnext_batch_size see every engine call (only answered ones were)."""
-    class FailingEngine(RecordingEngine):
-        def run(self, batch):
-            raise RuntimeError("device error")
-
     async def scenario():
         metrics = ServiceMetrics()
         failing = Batcher(served(FailingEngine()), max_batch_size=8, max_queue_delay_ms=1, queue_size=8,
