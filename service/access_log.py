@@ -1,17 +1,21 @@
-"""The HTTP access log: uvicorn's line per request ("client - "METHOD path HTTP/v" status", the `uvicorn.access`
-logger, so its handlers and format apply), written by a thread. uvicorn's own access log builds and writes each line
-on the event loop before the response's first byte (~0.2 ms of a lone request on a 2-core EPYC); here the loop only
-queues the request's scope and status."""
+"""The HTTP access log: uvicorn's line per request ("client - "METHOD path HTTP/v" status"), then the request's id
+(service/request_ids.py), on the `uvicorn.access` logger, so its handlers and format apply; written by a thread.
+uvicorn's own access log builds and writes each line on the event loop before the response's first byte (~0.2 ms of a
+lone request on a 2-core EPYC); here the loop only queues the request's scope and status."""
 from __future__ import annotations
 
 import logging
 import queue
 import threading
 import time
+from copy import copy
 from typing import TYPE_CHECKING, cast
 
 from starlette.types import Scope
+from uvicorn.logging import AccessFormatter
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+from service.request_ids import NO_REQUEST_ID, REQUEST_ID_SCOPE_KEY
 
 if TYPE_CHECKING:
     from uvicorn._types import HTTPScope
@@ -80,8 +84,10 @@ class AccessLog:
             scope, status = entry
             http_scope = cast("HTTPScope", scope)  # only HTTP requests are recorded
             try:
+                # The id as a record attribute, not a 6th argument: uvicorn's AccessFormatter unpacks exactly 5.
                 LOGGER.info('%s - "%s %s HTTP/%s" %d', get_client_addr(http_scope), scope["method"],
-                            get_path_with_query_string(http_scope), scope["http_version"], status)
+                            get_path_with_query_string(http_scope), scope["http_version"], status,
+                            extra={"request_id": scope.get(REQUEST_ID_SCOPE_KEY, NO_REQUEST_ID)})
             except Exception:  # one line that cannot be formatted must not end the writer (the queue would only grow)
                 self._dropped_unformattable += 1
 
@@ -96,6 +102,17 @@ class AccessLog:
                          dropped - self._warned_dropped, dropped, MAX_QUEUED_LINES)
         self._warned_dropped = dropped
         self._next_warning = time.monotonic() + DROPPED_WARNING_INTERVAL_S
+
+
+class AccessLineFormatter(AccessFormatter):
+    """uvicorn's access format, whose `%(request_id)s` (service/server.py's log_config ends the line with it) reads
+    "-" on a record without one (uvicorn's own access logger, a line logged by other code), instead of failing."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if not hasattr(record, "request_id"):
+            record = copy(record)
+            record.request_id = NO_REQUEST_ID
+        return super().formatMessage(record)
 
 
 ACCESS_LOG = AccessLog()  # one per process, as the logger it writes to

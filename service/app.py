@@ -1,6 +1,7 @@
 """FastAPI app wiring: settings -> engine options, routers, exception handlers, the lifespan that owns the engine."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,7 @@ from service.model_manager import ModelManager
 from service.openapi import APP_RESPONSES, install_openapi
 from service.pages import pages_router
 from service.repository_reader import load_model_version
+from service.request_ids import REQUEST_ID_SCOPE_KEY, new_request_id
 from service.routes import router
 from service.security import NOSNIFF_HEADERS, install_edge
 from service.settings import Settings
@@ -36,6 +38,7 @@ HTTP_ERROR_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allo
 # What a start can expectedly fail with (a model, engine, provider, TensorRT build or port problem): logged as one line
 # by uvicorn. Anything else is a bug, and keeps its traceback.
 STARTUP_ERRORS = (RuntimeError, OSError, RepositoryError)
+logger = logging.getLogger("convnext.service")  # beside uvicorn's lines on stderr (server.log_config)
 
 
 def default_engine(version: ModelVersion, settings: Settings) -> Engine:
@@ -141,11 +144,15 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected_error(request: Request, err: Exception):
-        # A bug, not the client's doing: still the JSON error body; Starlette logs the traceback after this answer.
-        # Starlette's outermost layer sends it, outside every middleware: nosniff is set here.
+        # A bug, not the client's doing: still the JSON error body; Starlette re-raises the error after this answer,
+        # and uvicorn logs its traceback. Starlette's outermost layer sends it, outside every middleware: nosniff and
+        # the request's id (left in the scope by RequestMetricsMiddleware) are set here, and the id is logged with the
+        # error's type, so the client's id finds the traceback that follows.
+        request_id = request.scope.get(REQUEST_ID_SCOPE_KEY) or new_request_id()
+        logger.error("request %s failed with %s: a bug (the traceback follows)", request_id, type(err).__name__)
         metrics.rejected.labels("internal_error").inc()
         return error_response(500, "internal_error", f"the server failed on this request ({type(err).__name__}); "
-                              "it is logged", NOSNIFF_HEADERS, speaks_v2(request.scope))
+                              "it is logged", {**NOSNIFF_HEADERS, "X-Request-ID": request_id}, speaks_v2(request.scope))
 
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:

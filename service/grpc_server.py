@@ -21,6 +21,7 @@ from service.errors import ApiError, clipped, shown
 from service.grpc_calls import CallsInFlight
 from service.grpc_proto import open_inference_pb2 as pb
 from service.pipeline import ClientGone, converted, request_deadline
+from service.request_ids import REQUEST_ID_METADATA, request_id_of_metadata
 from service.state import ServiceState
 from service.v2_models import MAX_PARAMETERS, MAX_RANK, MAX_TENSORS, InferenceRequest
 
@@ -274,31 +275,37 @@ class _Method:
 
     async def call(self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Message:
         """The RPC. Its message is read with context.read(), not from `messages`: that iterator's generator would
-        hold the message's bytes until the call ends."""
+        hold the message's bytes until the call ends. Every answer's trailing metadata carries the call's id
+        (x-request-id: the client's when safe, else a fresh one; service/request_ids.py)."""
         metrics, started, code = self.state.metrics, time.perf_counter(), grpc.StatusCode.OK
         slack_s = _deadline_slack_s(context)
+        id_trailer = (REQUEST_ID_METADATA, request_id_of_metadata(context.invocation_metadata()))
         try:
             # First, as over HTTP: past the limit the call costs no key check and its message is never read.
             with self.state.grpc_calls.held(self.probe):
-                return await self._answer(context, slack_s)
+                response = await self._answer(context, slack_s)
+            # set_trailing_metadata replaces: whatever the handler set is kept beside the id.
+            context.set_trailing_metadata((*(context.trailing_metadata() or ()), id_trailer))
+            return response
         except ApiError as err:
             code = ERROR_STATUS_CODES.get(err.code) or STATUS_CODES.get(err.status, grpc.StatusCode.UNKNOWN)
             reason = err.code
             if err.status == 499 and _deadline_passed(context, slack_s):  # it ended (grpc_client_gone) by its deadline
                 code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "client_deadline"
             metrics.rejected.labels(reason).inc()
-            await context.abort(code, err.message, trailing_metadata=error_trailers(err))
+            await context.abort(code, err.message, trailing_metadata=(*error_trailers(err), id_trailer))
         except asyncio.CancelledError:  # grpc cancels this task (the client left, its deadline passed), or the shutdown
             code, reason = _why_cancelled(context, self.state.grpc_calls, slack_s)
             metrics.rejected.labels(reason).inc()
             if code != grpc.StatusCode.UNAVAILABLE:
                 raise  # the call is over: nothing to answer
-            await context.abort(code, SHUTTING_DOWN.message, trailing_metadata=error_trailers(SHUTTING_DOWN))
-        except Exception:  # a bug, not the client's fault: logged, answered INTERNAL, and the server carries on
+            await context.abort(code, SHUTTING_DOWN.message,
+                                trailing_metadata=(*error_trailers(SHUTTING_DOWN), id_trailer))
+        except Exception as err:  # a bug, not the client's fault: logged, answered INTERNAL, and the server carries on
             code = grpc.StatusCode.INTERNAL
-            logger.exception("gRPC %s failed", self.name)
+            logger.exception("gRPC %s failed (request %s, %s)", self.name, id_trailer[1], type(err).__name__)
             await context.abort(code, "internal error (logged by the server)",
-                                trailing_metadata=((ERROR_CODE_KEY, "internal_error"),))
+                                trailing_metadata=((ERROR_CODE_KEY, "internal_error"), id_trailer))
         finally:
             metrics.grpc_requests.labels(self.name, code.name).inc()
             metrics.grpc_request_duration.labels(self.name, code.name).observe(time.perf_counter() - started)

@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access_log import ACCESS_LOG, AccessLog
+from service.request_ids import REQUEST_ID_HEADER, REQUEST_ID_SCOPE_KEY, request_id_of_headers
 
 # From 1 ms (a GPU batch) to 30 s (a CPU batch of 32 queued behind others), neighbours 1.33-2x apart (mostly 1.5x):
 # a quantile interpolated in a bucket is that close anywhere in the range (the old 5 ms floor put a whole GPU batch
@@ -123,7 +124,9 @@ class ServiceMetrics:
 
 class RequestMetricsMiddleware:
     """Counts HTTP requests by route, method and status, times them to the last body byte, tracks in-flight ones;
-    and queues each for the access log.
+    queues each for the access log; and gives each its id (service/request_ids.py), kept in the scope and sent back
+    as `X-Request-ID` on whatever answers it inside (routes, handlers, the edge's 401/403/CORS, the admission gate,
+    the body budget). Here rather than in a layer of its own: each layer is paid by every request.
 
     The route label is the matched route's path; for a request answered before routing (a 401 from the API key check,
     a 403 from the /admin Host check, a CORS preflight, the admission gate's 503) the path of the route its path names,
@@ -142,11 +145,14 @@ class RequestMetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500  # an exception that escapes the app is answered 500 by Starlette's outermost handler
+        request_id = scope[REQUEST_ID_SCOPE_KEY] = request_id_of_headers(scope["headers"])  # that 500's id too
+        id_header = (REQUEST_ID_HEADER, request_id.encode())
 
         async def send_and_note_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
         self.metrics.inflight.inc()

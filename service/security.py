@@ -161,11 +161,12 @@ class NoSniffMiddleware:
         await self.app(scope, receive, send_with_nosniff)
 
 
-# What a page on an allowed origin may send: the key, the body's type and encoding (gzip), and the v2 binary tensor
-# extension's header; and what it may read of an answer: that header (to split a binary answer) and Retry-After.
+# What a page on an allowed origin may send: the key, the body's type and encoding (gzip), the v2 binary tensor
+# extension's header and its own request id; and what it may read of an answer: that header (to split a binary
+# answer), Retry-After and the request's id (service/request_ids.py).
 CORS_REQUEST_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "Content-Encoding",
-                        "Inference-Header-Content-Length"]
-CORS_EXPOSED_HEADERS = ["Inference-Header-Content-Length", "Retry-After"]
+                        "Inference-Header-Content-Length", "X-Request-ID"]
+CORS_EXPOSED_HEADERS = ["Inference-Header-Content-Length", "Retry-After", "X-Request-ID"]
 
 
 def install_edge(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> None:

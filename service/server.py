@@ -20,7 +20,7 @@ from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.server import STARTUP_FAILURE
 
-from service.access_log import ACCESS_LOG
+from service.access_log import ACCESS_LOG, AccessLineFormatter
 from service.app import begin_drain
 from service.errors import error_body, send_error
 from service.lingering_close import LINGERING_TIME_S, LingeringConnections, LingeringTransport
@@ -265,8 +265,12 @@ def http_protocol(header_timeout_s: float, metrics: ServiceMetrics, max_connecti
 
 
 def log_config(log_level: str) -> dict:
-    """uvicorn's logging, plus the project's own loggers (convnext.*: engine choice, reloads, rebuilds) beside it."""
+    """uvicorn's logging, plus the project's own loggers (convnext.*: engine choice, reloads, rebuilds) beside it; an
+    access line ends with the request's id (service/access_log.py)."""
     config = copy.deepcopy(LOGGING_CONFIG)
+    access = config["formatters"]["access"]
+    access["()"] = f"{AccessLineFormatter.__module__}.{AccessLineFormatter.__qualname__}"
+    access["fmt"] += " %(request_id)s"
     config["loggers"]["convnext"] = {"handlers": ["default"], "level": log_level.upper()}
     return config
 

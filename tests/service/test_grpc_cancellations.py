@@ -17,17 +17,22 @@ from service.metrics import ServiceMetrics
 
 class FakeContext:
     """The server side of one call: its time remaining (None: no deadline) is set by the test; abort() records the
-    answer and raises, as grpc's does."""
+    answer and its trailing metadata, and raises, as grpc's does."""
 
     def __init__(self, remaining_s: float | None = None):
         self.remaining_s = remaining_s
         self.answered: list[grpc.StatusCode] = []
+        self.trailers: dict[str, str] = {}
 
     def time_remaining(self) -> float | None:
         return self.remaining_s
 
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("x-request-id", "call-1"),)
+
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
         self.answered.append(code)
+        self.trailers = dict(trailing_metadata)
         raise grpc.aio.AbortError()
 
 
@@ -63,6 +68,9 @@ def test_only_the_calls_the_shutdown_cut_off_are_counted_and_answered_as_cut_off
 
     state, cut, left, left_task = asyncio.run(scenario())
     assert cut.answered == [grpc.StatusCode.UNAVAILABLE]
+    # The cut-off's trailers: its code and retry hint, and the call's id beside them.
+    assert cut.trailers == {"convnext-error-code": "shutting_down", "grpc-retry-pushback-ms": "1000",
+                            "x-request-id": "call-1"}
     assert left.answered == [] and left_task.cancelled()
     assert rejected(state, "shutting_down") == 1 and rejected(state, "client_disconnected") == 1
 

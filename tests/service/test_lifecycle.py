@@ -91,12 +91,12 @@ def test_cli_flags_override_environment(monkeypatch):
 
 
 def test_access_log_lines_are_uvicorns_and_the_setting_turns_them_off(model_repository, real_photos):
-    """One line per request in uvicorn's access format, written by service/access_log.py's thread; off with
-    --access-log false, the server's own refusals before routing (431 here) included (both processes end on SIGTERM,
-    so the lines also prove the flush at shutdown)."""
+    """One line per request in uvicorn's access format, ending with the request's id, written by
+    service/access_log.py's thread; off with --access-log false, the server's own refusals before routing (431 here)
+    included (both processes end on SIGTERM, so the lines also prove the flush at shutdown)."""
     from tests.service.conftest import free_port, wait_ready
 
-    outputs = {}
+    outputs, fresh_ids = {}, {}
     for access_log in ("true", "false"):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -107,8 +107,10 @@ def test_access_log_lines_are_uvicorns_and_the_setting_turns_them_off(model_repo
         try:
             wait_ready(url, alive=lambda process=process: process.poll() is None)
             assert httpx.post(f"{url}/classify?top_k=2", content=real_photos[0].read_bytes(),
-                              headers={"Content-Type": "image/jpeg"}).status_code == 200
-            assert httpx.get(f"{url}/nowhere").status_code == 404
+                              headers={"Content-Type": "image/jpeg", "X-Request-ID": "client-id-1"}).status_code == 200
+            not_found = httpx.get(f"{url}/nowhere")
+            assert not_found.status_code == 404
+            fresh_ids[access_log] = not_found.headers["x-request-id"]
             # Just over the 64 KiB head limit: the head arrives whole (the first socket read is under the limit), so
             # the server refuses it on its way to the app (service.server.EdgeLimitsMixin._refuse).
             assert httpx.get(f"{url}/models", headers={"X-Pad": "x" * 65_600}).status_code == 431
@@ -121,6 +123,12 @@ def test_access_log_lines_are_uvicorns_and_the_setting_turns_them_off(model_repo
                 process.wait()
     assert '127.0.0.1:' in outputs["true"] and '"POST /classify?top_k=2 HTTP/1.1" 200' in outputs["true"]
     assert '"GET /nowhere HTTP/1.1" 404' in outputs["true"] and '"GET /models HTTP/1.1" 431' in outputs["true"]
+    # Each line ends with the request's id, as the answer's X-Request-ID says it (the client's, else a fresh one); the
+    # server's own refusal, which the app never saw, with "-".
+    lines = outputs["true"].splitlines()
+    assert any(line.endswith('"POST /classify?top_k=2 HTTP/1.1" 200 OK client-id-1') for line in lines)
+    assert any(line.endswith(f'"GET /nowhere HTTP/1.1" 404 Not Found {fresh_ids["true"]}') for line in lines)
+    assert any(line.endswith('"GET /models HTTP/1.1" 431 Request Header Fields Too Large -') for line in lines)
     assert "/classify" not in outputs["false"] and "Application shutdown complete" in outputs["false"]
     assert "/models" not in outputs["false"]
 

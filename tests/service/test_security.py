@@ -104,16 +104,17 @@ def test_cors_allows_only_the_configured_origin_and_preflight_needs_no_key(secur
 
 
 def test_cors_lets_an_allowed_page_use_the_v2_binary_extension_and_gzip_and_read_their_headers(secured_url):
-    """A preflight for v2 infer with the binary tensor extension's header and a gzip body is allowed, and an answer
-    lets the page read Inference-Header-Content-Length (to split a binary answer) and Retry-After."""
+    """A preflight for v2 infer with the binary tensor extension's header, a gzip body and the page's own request id
+    is allowed, and an answer lets the page read Inference-Header-Content-Length (to split a binary answer),
+    Retry-After and X-Request-ID."""
     preflight = {"Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "x-api-key, content-type, content-encoding, "
-                                                   "inference-header-content-length"}
+                                                   "inference-header-content-length, x-request-id"}
     allowed = httpx.options(f"{secured_url}/v2/models/atto/infer", headers=preflight)
     assert allowed.status_code == 200, allowed.text
     answer = httpx.get(f"{secured_url}/healthz", headers={"Origin": APP_ORIGIN})
     exposed = {h.strip().lower() for h in answer.headers["access-control-expose-headers"].split(",")}
-    assert exposed == {"inference-header-content-length", "retry-after"}
+    assert exposed == {"inference-header-content-length", "retry-after", "x-request-id"}
 
 
 def test_without_settings_there_is_no_auth_and_no_cors(service_url, real_photos):
