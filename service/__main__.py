@@ -30,8 +30,8 @@ FLAG_NAMES = {"version": "model-version"}
 # `convnext serve` takes these before the service starts (convnext_serve.py: download or export first, needs torch).
 EXPORT_FIRST_FLAGS = ("--pretrained", "--checkpoint")
 EXPORT_FIRST_HELP = ("`convnext serve --pretrained NAME | --checkpoint PATH` downloads or exports that model into the "
-                     "repository first, then serves it (its own flags: --model, --name, --mirror, --cache-dir, "
-                     "--precisions, --quiet; `convnext serve --pretrained NAME --help`).")
+                     "repository first, then serves it (its own flags: --model, --name, --ema, --timm-name, "
+                     "--cache-dir, --mirror, --precisions, --quiet; `convnext serve --pretrained NAME --help`).")
 
 
 def _json_list(text: str) -> list:

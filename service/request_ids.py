@@ -4,12 +4,13 @@ which the access line and the error log name too, so a client's failed request c
 The client's own id is kept when it is safe to log and echo (what proxies and tracing clients send: hex, as nginx's
 $request_id, UUIDs, base64, dotted or slashed trace ids); anything else (spaces, quotes, control or non-ASCII
 characters: a forged log line or header) is replaced by a fresh id, never echoed and never refused. Per request, on a
-2-core EPYC: a client's id costs ~0.4 us (one regex match on one header), a fresh one ~2 us (uuid4).
+2-core EPYC: a client's id costs ~0.4 us (one regex match on one header), a fresh one ~0.6 us (16 bytes of os.urandom
+in hex; uuid4().hex, the same randomness in a UUID object, ~2 us).
 """
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
 from collections.abc import Iterable
 
 REQUEST_ID_HEADER = b"x-request-id"  # ASGI header names are lower case; so are gRPC metadata keys
@@ -24,8 +25,8 @@ NO_REQUEST_ID = "-"  # an access line of a request the app never saw (the server
 
 
 def new_request_id() -> str:
-    """A fresh id: 32 hex digits."""
-    return uuid.uuid4().hex
+    """A fresh id: 32 hex digits, 128 random bits."""
+    return secrets.token_hex(16)
 
 
 def request_id_of_headers(headers: Iterable[tuple[bytes, bytes]]) -> str:

@@ -45,6 +45,18 @@ def test_help_shows_types_choices_and_defaults(help_text):
     assert "--api-key " not in text  # environment only
 
 
+def test_help_lists_every_flag_of_convnext_serves_own(help_text):
+    """`python -m service --help` sends --pretrained/--checkpoint users to `convnext serve` and lists the flags that
+    command takes for its download or export (all but the service's shared --repository)."""
+    from convnext_serve import get_args_parser  # torch-side: imported here, the service's own import stays torch-free
+
+    own = {option for action in get_args_parser()._actions for option in action.option_strings
+           if option.startswith("--") and option not in ("--help", "--version", "--pretrained", "--checkpoint",
+                                                         "--repository")}
+    listed = " ".join(help_text.split()).split("its own flags:")[1].split(";")[0]
+    assert {flag.strip(" ,") for flag in listed.split()} == own
+
+
 def test_flags_parse_to_the_settings_types():
     settings = settings_from_args(["--ort-spinning", "off", "--cors-origins", '["https://a.example"]', "--port", "81",
                                    "--decode-mode", "fast", "--watch-interval-s", "0.5"])
