@@ -122,6 +122,12 @@ class ServiceMetrics:
         self.request_duration.labels(route, status_class(status)).observe(seconds)
 
 
+# Where the server leaves the status it answered itself, outside the app, to a request the app has (service/server.py:
+# a body that does not parse): that is the status counted and logged, not the app's own answer to the closed
+# connection.
+SERVER_ANSWER_SCOPE_KEY = "convnext.server_answered"
+
+
 class RequestMetricsMiddleware:
     """Counts HTTP requests by route, method and status, times them to the last body byte, tracks in-flight ones;
     queues each for the access log; and gives each its id (service/request_ids.py), kept in the scope and sent back
@@ -145,7 +151,9 @@ class RequestMetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500  # an exception that escapes the app is answered 500 by Starlette's outermost handler
-        request_id = scope[REQUEST_ID_SCOPE_KEY] = request_id_of_headers(scope["headers"])  # that 500's id too
+        # That 500's id too; the server's own 400 may have given the request its id already (service/server.py).
+        request_id = scope.get(REQUEST_ID_SCOPE_KEY) or request_id_of_headers(scope["headers"])
+        scope[REQUEST_ID_SCOPE_KEY] = request_id
         id_header = (REQUEST_ID_HEADER, request_id.encode())
 
         async def send_and_note_status(message: Message) -> None:
@@ -160,6 +168,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_and_note_status)
         finally:
             self.metrics.inflight.dec()
+            status = scope.get(SERVER_ANSWER_SCOPE_KEY, status)
             self.metrics.count_request(self._route_label(scope), scope["method"], status,
                                        time.perf_counter() - started)
             if self.access_log:

@@ -25,7 +25,8 @@ from service.app import begin_drain
 from service.errors import error_body, send_error
 from service.lingering_close import LINGERING_TIME_S, LingeringConnections, LingeringTransport
 from service.listen_socket import bind_refusal, bound_socket, is_ipv6_wildcard
-from service.metrics import ServiceMetrics
+from service.metrics import SERVER_ANSWER_SCOPE_KEY, ServiceMetrics
+from service.request_ids import REQUEST_ID_SCOPE_KEY, request_id_of_headers
 from service.security import NOSNIFF
 from service.settings import Settings
 
@@ -123,18 +124,25 @@ class EdgeLimitsMixin(_UvicornProtocol):
 
         A head the app never saw is counted in the request metrics (route "unmatched", the method its request line
         names, if that arrived) and written to the access log here, as _refuse does; a request the app is handling
-        (a body that does not parse) is counted by the app's own middleware."""
+        (a body that does not parse) is counted and logged by the app's own middleware, with this status (not the
+        499 the app's answer to the closed connection would be), and this answer carries its X-Request-ID."""
         self._lingering_transport.linger_on_close = True
         self._stop_header_timer()
         cycle = self.cycle
         if cycle is None or not cycle.response_started or cycle.response_complete:
+            status = int(status_line.split()[0])
+            id_header = b""
+            if cycle is not None and not cycle.response_complete:  # the app has this request
+                app_scope: dict = cycle.scope  # type: ignore[assignment]  # uvicorn types its own keys only
+                app_scope[SERVER_ANSWER_SCOPE_KEY] = status
+                request_id = app_scope.setdefault(REQUEST_ID_SCOPE_KEY, request_id_of_headers(app_scope["headers"]))
+                id_header = b"x-request-id: %s\r\n" % request_id.encode()
             body = json.dumps(error_body(code, message)).encode()
             self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-content-type-options: "
-                                 b"nosniff\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-                                 % (status_line, len(body), body))
+                                 b"nosniff\r\n%scontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                                 % (status_line, id_header, len(body), body))
             if cycle is None or cycle.response_complete:  # no request of this head reached the app
                 scope = partial_head_scope(self._head_start, self.client)
-                status = int(status_line.split()[0])
                 seconds = time.perf_counter() - self._head_started_at if self._head_start else 0.0
                 self.metrics.count_request("unmatched", scope["method"], status, seconds)
                 if self.write_access_log:

@@ -6,17 +6,20 @@ from __future__ import annotations
 import logging
 import logging.config
 import re
+import socket
+import time
+from urllib.parse import urlsplit
 
 import grpc
 import httpx
 import pytest
 
-from service.access_log import LOGGER, AccessLineFormatter, AccessLog
+from service.access_log import ACCESS_LOG, LOGGER, AccessLineFormatter, AccessLog
 from service.grpc_proto import open_inference_pb2 as pb
 from service.grpc_server import ERROR_CODE_KEY, RETRY_PUSHBACK_KEY
 from service.request_ids import REQUEST_ID_SCOPE_KEY
 from service.server import log_config
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, metric
 from tests.service.test_grpc import grpc_address
 from tests.service.test_grpc_limits import infer_message
 
@@ -26,7 +29,7 @@ APP_ORIGIN = "https://app.example"
 MAX_BODY_BYTES = 100_000
 FRESH_ID = re.compile(r"[0-9a-f]{32}")
 CLIENT_ID = "3f2a9c1e-4b5d:trace/span=1.2_~@+"  # every kind of character the rule lets through
-UNSAFE_IDS = ["", "two words", 'a"quote', "x" * 129, "café", "line\tbreak"]
+UNSAFE_IDS = ["", "two words", 'a"quote', "x" * 129, "café", "line\tbreak", "-", "..."]  # "-": the log's "none"
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +119,42 @@ def test_the_unexpected_error_handlers_500_carries_the_id_and_its_log_line_names
     assert [line for line in lines if "r500" in line] == ["request r500 failed with KeyError: a bug (the traceback "
                                                           "follows)"]
     assert any(request_id(fresh) in line and "KeyError" in line for line in lines)
+
+
+def test_the_servers_400_to_a_body_that_does_not_parse_carries_the_id_and_is_counted_and_logged_as_400(served):
+    """The server writes that 400 itself, outside the app, while the app has the request: the answer carries the
+    request's id, and the app's middleware counts and logs the 400 the client got (it counted its own 499)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.setFormatter(access_formatter())
+    handler.emit = lambda record: lines.append(handler.format(record))  # type: ignore[method-assign]
+    counted = 'convnext_requests_total{method="POST",route="/classify",status="400"}'
+    before = metric(served, counted)
+    LOGGER.addHandler(handler)
+    level = LOGGER.level
+    LOGGER.setLevel(logging.INFO)
+    try:
+        address = urlsplit(str(served))
+        with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+            connection.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nX-API-Key: " + API_KEY.encode() +
+                               b"\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n"
+                               b"X-Request-ID: rbadchunk\r\n\r\nzz\r\n")  # "zz": no chunk size
+            answer = b""
+            while chunk := connection.recv(65536):  # the server closes after its answer
+                answer += chunk
+        deadline = time.monotonic() + 10
+        while metric(served, counted) == before and time.monotonic() < deadline:  # the app's request ends after
+            time.sleep(0.05)
+        ACCESS_LOG.flush()
+    finally:
+        LOGGER.removeHandler(handler)
+        LOGGER.setLevel(level)
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    assert head[0] == "HTTP/1.1 400 Bad Request"
+    assert [line for line in head if line.lower().startswith("x-request-id:")] == ["x-request-id: rbadchunk"]
+    assert metric(served, counted) == before + 1
+    logged = [line for line in lines if "rbadchunk" in line]
+    assert len(logged) == 1 and logged[0].endswith('"POST /classify HTTP/1.1" 400 Bad Request rbadchunk'), lines
 
 
 def access_formatter() -> logging.Formatter:
