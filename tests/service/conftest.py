@@ -2,6 +2,7 @@
 hot-swaps), and a real uvicorn server."""
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -15,6 +16,32 @@ import pytest
 from runtime.preprocess import preprocess
 from runtime.repository import ModelRepository
 from tests.ports import free_port  # noqa: F401 (the service tests take it from here)
+
+
+@contextmanager
+def access_handler(emit):
+    """`emit(record)` takes every record of the access log (`uvicorn.access`, at INFO meanwhile) while the block
+    runs; the logger's level is put back after."""
+    from service.access_log import LOGGER
+
+    handler = logging.Handler()
+    handler.emit = emit  # type: ignore[method-assign]
+    LOGGER.addHandler(handler)
+    level = LOGGER.level
+    LOGGER.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        LOGGER.removeHandler(handler)
+        LOGGER.setLevel(level)
+
+
+@contextmanager
+def access_lines(formatter: logging.Formatter | None = None):
+    """The access log's lines written while the block runs, formatted by `formatter` (else the bare message)."""
+    lines: list[str] = []
+    with access_handler(lambda record: lines.append(formatter.format(record) if formatter else record.getMessage())):
+        yield lines
 
 
 def metric(url: str, name: str) -> float:

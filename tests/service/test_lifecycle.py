@@ -19,8 +19,9 @@ from prometheus_client import generate_latest
 
 from runtime.engines.base import EngineError
 from runtime.engines.tensorrt import TensorRTEngine
-from service.access_log import LOGGER, AccessLog
+from service.access_log import AccessLog
 from service.metrics import ServiceMetrics
+from tests.service.conftest import access_handler, access_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,22 +136,13 @@ def test_access_log_lines_are_uvicorns_and_the_setting_turns_them_off(model_repo
 
 def test_the_access_log_writer_survives_a_line_it_cannot_format():
     """One bad entry must not end the writer thread: the queue would then grow with every request, unbounded."""
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    LOGGER.addHandler(handler)
-    level = LOGGER.level
-    LOGGER.setLevel(logging.INFO)
-    try:
+    with access_lines() as lines:
         log = AccessLog()
         good = {"type": "http", "method": "GET", "path": "/healthz", "query_string": b"", "http_version": "1.1",
                 "client": ("127.0.0.1", 5000), "headers": []}
         log.record({"type": "http"}, 200)  # no method, path or client: formatting it raises
         log.record(good, 200)
         log.flush()
-    finally:
-        LOGGER.removeHandler(handler)
-        LOGGER.setLevel(level)
     assert log.dropped == 1
     assert lines == ['127.0.0.1:5000 - "GET /healthz HTTP/1.1" 200']
 
@@ -164,22 +156,16 @@ def stalled_output() -> Iterator[tuple[threading.Event, threading.Event]]:
     """The access logger's output stalled (a stdout that takes nothing) until `stalled` is set, at most 10 s;
     yields (emitting: set once the writer is stuck in a line, stalled)."""
     stalled, emitting = threading.Event(), threading.Event()
-    handler = logging.Handler()
 
     def stalled_emit(record):
         emitting.set()
         stalled.wait(10)
 
-    handler.emit = stalled_emit  # type: ignore[method-assign]
-    LOGGER.addHandler(handler)
-    level = LOGGER.level
-    LOGGER.setLevel(logging.INFO)
-    try:
-        yield emitting, stalled
-    finally:
-        stalled.set()
-        LOGGER.removeHandler(handler)
-        LOGGER.setLevel(level)
+    with access_handler(stalled_emit):
+        try:
+            yield emitting, stalled
+        finally:
+            stalled.set()
 
 
 def test_the_flush_at_shutdown_does_not_wait_without_end_for_a_stalled_output(monkeypatch, caplog):

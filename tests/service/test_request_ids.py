@@ -19,7 +19,7 @@ from service.grpc_proto import open_inference_pb2 as pb
 from service.grpc_server import ERROR_CODE_KEY, RETRY_PUSHBACK_KEY
 from service.request_ids import REQUEST_ID_SCOPE_KEY
 from service.server import log_config
-from tests.service.conftest import free_port, metric
+from tests.service.conftest import access_lines, free_port, metric
 from tests.service.test_grpc import grpc_address
 from tests.service.test_grpc_limits import infer_message
 
@@ -124,16 +124,9 @@ def test_the_unexpected_error_handlers_500_carries_the_id_and_its_log_line_names
 def test_the_servers_400_to_a_body_that_does_not_parse_carries_the_id_and_is_counted_and_logged_as_400(served):
     """The server writes that 400 itself, outside the app, while the app has the request: the answer carries the
     request's id, and the app's middleware counts and logs the 400 the client got (it counted its own 499)."""
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.setFormatter(access_formatter())
-    handler.emit = lambda record: lines.append(handler.format(record))  # type: ignore[method-assign]
     counted = 'convnext_requests_total{method="POST",route="/classify",status="400"}'
     before = metric(served, counted)
-    LOGGER.addHandler(handler)
-    level = LOGGER.level
-    LOGGER.setLevel(logging.INFO)
-    try:
+    with access_lines(access_formatter()) as lines:
         address = urlsplit(str(served))
         with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
             connection.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nX-API-Key: " + API_KEY.encode() +
@@ -146,9 +139,6 @@ def test_the_servers_400_to_a_body_that_does_not_parse_carries_the_id_and_is_cou
         while metric(served, counted) == before and time.monotonic() < deadline:  # the app's request ends after
             time.sleep(0.05)
         ACCESS_LOG.flush()
-    finally:
-        LOGGER.removeHandler(handler)
-        LOGGER.setLevel(level)
     head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
     assert head[0] == "HTTP/1.1 400 Bad Request"
     assert [line for line in head if line.lower().startswith("x-request-id:")] == ["x-request-id: rbadchunk"]
@@ -165,14 +155,8 @@ def access_formatter() -> logging.Formatter:
 
 
 def test_the_access_line_ends_with_the_id_and_a_line_without_one_with_a_dash():
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.setFormatter(access_formatter())
-    handler.emit = lambda record: lines.append(handler.format(record))  # type: ignore[method-assign]
-    LOGGER.addHandler(handler)
-    level = LOGGER.level
-    LOGGER.setLevel(logging.INFO)
-    try:
+    formatter = access_formatter()
+    with access_lines(formatter) as lines:
         log = AccessLog()
         scope = {"type": "http", "method": "GET", "path": "/healthz", "query_string": b"", "http_version": "1.1",
                  "client": ("127.0.0.1", 5000), "headers": [], REQUEST_ID_SCOPE_KEY: "abc123"}
@@ -180,10 +164,7 @@ def test_the_access_line_ends_with_the_id_and_a_line_without_one_with_a_dash():
         log.record({k: v for k, v in scope.items() if k != REQUEST_ID_SCOPE_KEY}, 503)  # one the server refused itself
         log.flush()
         LOGGER.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", "/", "1.1", 200)  # a record without the id
-    finally:
-        LOGGER.removeHandler(handler)
-        LOGGER.setLevel(level)
-    assert isinstance(handler.formatter, AccessLineFormatter)
+    assert isinstance(formatter, AccessLineFormatter)
     assert lines[0].endswith('127.0.0.1:5000 - "GET /healthz HTTP/1.1" 200 OK abc123'), lines
     assert lines[1].endswith('127.0.0.1:5000 - "GET /healthz HTTP/1.1" 503 Service Unavailable -')
     assert lines[2].endswith('127.0.0.1:1 - "GET / HTTP/1.1" 200 OK -')
