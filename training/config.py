@@ -162,8 +162,22 @@ def resolve(preset: str, overrides: dict) -> TrainConfig:
                          f"pass --drop-path for {model}")
     config = dataclasses.replace(config, model=model, **rows.get(model, {}))
     config = dataclasses.replace(config, **overrides)
+    if model_cfg.family == "resnet":
+        config = _resnet_inits(config, overrides)
     _validate(config, model_cfg)
     return config
+
+
+def _resnet_inits(config: TrainConfig, overrides: dict) -> TrainConfig:
+    """ResNet-50 has no layer scale and keeps torchvision's head init (model/resnet.py takes only 0 and 1.0): another
+    value asked for is refused, not dropped, and a preset's (finetune's head scale 0.001) is not recorded in the run's
+    config.json as if it had applied."""
+    asked = [f"--{name.replace('_', '-')} {overrides[name]:g}" for name, inert in (("layer_scale_init", 0.0),
+             ("head_init_scale", 1.0)) if overrides.get(name) not in (None, inert)]
+    if asked:
+        raise ValueError(f"{config.model} has no layer scale and keeps torchvision's head init: {' and '.join(asked)} "
+                         f"apply to ConvNeXt models only")
+    return dataclasses.replace(config, layer_scale_init=None, head_init_scale=1.0)
 
 
 def _validate(config: TrainConfig, model_cfg: ModelConfig) -> None:

@@ -24,6 +24,19 @@ def test_resnet50_gets_stochastic_depth_from_the_run_with_torchvision_names():
     assert len(rates) == 16 and rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("override", [{"layer_scale_init": 1e-6}, {"head_init_scale": 0.5}])
+def test_resnet50_refuses_the_convnext_inits_instead_of_dropping_them(override):
+    with pytest.raises(ValueError, match="resnet50 has no layer scale .* apply to ConvNeXt models only"):
+        resolve("in1k", {"model": "resnet50", **override})
+
+
+def test_resnet50_records_the_inits_it_runs_with_not_the_presets():
+    """finetune's head scale 0.001 is ConvNeXt's: a ResNet-50 fine-tune's config.json says 1.0, what it runs with."""
+    config = resolve("finetune", {"model": "resnet50", "layer_decay": 1.0})
+    assert (config.head_init_scale, config.layer_scale_init) == (1.0, None)
+    assert resolve("in1k", {"model": "resnet50", "layer_scale_init": 0.0, "head_init_scale": 1.0}).head_init_scale == 1
+
+
 @pytest.mark.parametrize("rate", [0.0, 0.5])
 def test_resnet50_drops_residual_branches_only_while_training(rate):
     model = create_model("resnet50", num_classes=4, drop_path_rate=rate)
