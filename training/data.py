@@ -14,7 +14,7 @@ from torchvision.datasets import ImageFolder
 from model.registry import DataConfig
 
 from .config import TrainConfig
-from .transforms import eval_transform
+from .transforms import eval_transform, with_zero_bit_posterize
 
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -60,12 +60,13 @@ def data_config_for(config: TrainConfig, model_data: DataConfig) -> DataConfig:
 
 
 def train_transform(config: TrainConfig, data: DataConfig):
-    """timm's training pipeline: RandomResizedCrop, flip, RandAugment, normalize, Random Erasing (Table 5)."""
-    return create_transform(
+    """timm's training pipeline: RandomResizedCrop, flip, RandAugment, normalize, Random Erasing (Table 5); its
+    posterize as the official runs' Pillow did it (training/transforms.py)."""
+    return with_zero_bit_posterize(create_transform(
         data.input_size, is_training=True, scale=(config.scale_min, 1.0), hflip=config.hflip,
         auto_augment=config.auto_augment or None, interpolation=config.interpolation,
         mean=data.mean, std=data.std, re_prob=config.re_prob, re_mode="pixel", re_count=1,
-    )
+    ))
 
 
 @dataclass

@@ -1,11 +1,13 @@
-"""Evaluation transform on the training side (torchvision), from a model's DataConfig.
+"""Evaluation transform on the training side (torchvision), from a model's DataConfig; the checks and the one repair
+the training transform's timm augmentations need.
 
-The service reproduces it without torch (runtime/preprocess.py); a test proves the two agree.
+The service reproduces the evaluation transform without torch (runtime/preprocess.py); a test proves the two agree.
 """
 from __future__ import annotations
 
 import re
 
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from model.registry import DataConfig
@@ -68,3 +70,29 @@ def check_auto_augment(spec: str) -> None:
         reason = str(error) or "not a policy or section timm knows"
         raise ValueError(f"--auto-augment {spec!r}: {reason}; e.g. {AUTO_AUGMENT_EXAMPLE}") from None
 
+
+
+def posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's Posterize op, with Pillow < 13's answer to 0 bits kept: a black image (every bit masked off).
+
+    timm's RandAugment and AutoAugment ask for 0 bits whenever an increasing posterize's magnitude is sampled at its
+    top (the paper's rand-m9-mstd0.5-inc1: ~1 image in 600) or a plain one's near 0; Pillow 13 refuses that ("bits
+    must be between or equal to 1 and 8") and a run ended mid-epoch. The official runs' Pillow made the black image."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def with_zero_bit_posterize(transform):
+    """The timm training transform with every Posterize op of its RandAugment / AutoAugment / AugMix made
+    posterize_keeping_zero_bits; the ops' random draws are the same."""
+    from timm.data import auto_augment
+
+    for step in getattr(transform, "transforms", ()):
+        ops = [*getattr(step, "ops", ()), *(op for sub_policy in getattr(step, "policy", ()) for op in sub_policy)]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = posterize_keeping_zero_bits
+    return transform

@@ -161,6 +161,54 @@ def test_auto_augment_specs_timm_reads_are_accepted(spec):
     assert resolve("in1k", {"auto_augment": spec}).auto_augment == spec
 
 
+def augment_ops(transform) -> list:
+    """The AugmentOps of a timm training transform's RandAugment / AutoAugment / AugMix."""
+    return [op for step in transform.transforms for op in
+            [*getattr(step, "ops", ()), *(op for sub_policy in getattr(step, "policy", ()) for op in sub_policy)]]
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "v0", "original", "augmix-m5-w3"])
+def test_every_posterize_of_the_training_transform_keeps_zero_bits_as_the_official_runs_pillow(spec):
+    """timm asks for posterize(img, 0) at an increasing posterize's top magnitude (the paper's spec, ~1 image in 600)
+    or a plain one's bottom; Pillow 13 refuses it, and a run ended mid-epoch. Each such op makes the black image
+    Pillow < 13 made; any other bit count is Pillow's posterize."""
+    from PIL import Image, ImageOps
+
+    from training.data import train_transform
+
+    config = resolve("in1k", {"model": "convnext_atto", "input_size": 32, "auto_augment": spec})
+    transform = train_transform(config, data_config_for(config, get_config("convnext_atto").data))
+    posterizes = [op for op in augment_ops(transform) if op.name.startswith("Posterize")]
+    assert posterizes
+    image = Image.new("RGB", (32, 32), (200, 100, 55))
+    for op in posterizes:
+        op.prob, op.magnitude_std = 1.0, 0.0
+        for magnitude in (0.0, 5.0, 10.0):
+            op.magnitude = magnitude
+            bits = op.level_fn(magnitude, op.hparams)[0]
+            expected = image if bits >= 8 else Image.new("RGB", (32, 32)) if bits == 0 else \
+                ImageOps.posterize(image, bits)
+            assert op(image).tobytes() == expected.tobytes(), (op.name, magnitude, bits)
+
+
+def test_the_papers_training_transform_runs_on_every_draw(real_photos):
+    """3000 draws of the paper's training transform (RandAugment rand-m9-mstd0.5-inc1, Random Erasing) on a photo:
+    ~5 of them asked Pillow 13 for a 0-bit posterize and raised."""
+    import random
+
+    from PIL import Image
+
+    from training.data import train_transform
+
+    config = resolve("in1k", {"model": "convnext_atto", "input_size": 32})
+    transform = train_transform(config, data_config_for(config, get_config("convnext_atto").data))
+    photo = Image.open(real_photos[0]).convert("RGB").resize((48, 48))
+    random.seed(0)
+    torch.manual_seed(0)
+    for _ in range(3000):
+        assert transform(photo).shape == (3, 32, 32)
+
+
 def test_activation_is_a_training_flag_recorded_in_the_model_kwargs():
     """README: retraining with ReLU is `--activation relu`; the checkpoint records it, so the export builds the
     model it was trained as."""
