@@ -150,8 +150,8 @@ class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str
     version: int = Field(ge=1)
-    architecture: str  # a `model.list_models()` name
-    activation: str
+    architecture: str  # a `model.list_models()` name: shown (/models, the web page), not needed to serve the ONNX
+    activation: Literal["gelu", "relu"]  # model/registry.py ACTIVATIONS
     num_classes: int = Field(ge=1)
     input: InputSpec
     output_name: str = "logits"

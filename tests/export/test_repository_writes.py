@@ -92,8 +92,9 @@ def test_an_artifact_linking_outside_its_version_and_a_name_outside_the_reposito
         lambda m: m.update(onnx_opset=13),  # below the LayerNormalization opset
         lambda m: m["artifacts"][0].update(file="../escape.onnx"),
         lambda m: m.update(unexpected_field=1),
+        lambda m: m.update(activation="swish"),  # not one the models have (model/registry.py ACTIVATIONS)
     ],
-    ids=["labels-count", "old-opset", "path-escape", "extra-field"],
+    ids=["labels-count", "old-opset", "path-escape", "extra-field", "activation"],
 )
 def test_bad_manifest_is_refused(repository_copy, tamper):
     path = repository_copy.root / "atto" / "1" / MANIFEST_FILE
@@ -102,6 +103,15 @@ def test_bad_manifest_is_refused(repository_copy, tamper):
     path.write_text(json.dumps(manifest))
     with pytest.raises(RepositoryError, match="is not a valid manifest"):
         repository_copy.load("atto", 1)
+
+
+def test_a_manifests_activations_are_the_models():
+    from typing import get_args
+
+    from model.registry import ACTIVATIONS
+    from runtime.repository import Manifest
+
+    assert get_args(Manifest.model_fields["activation"].annotation) == ACTIVATIONS
 
 
 def test_version_is_readable_by_another_user(tmp_path):
