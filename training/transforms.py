@@ -80,7 +80,7 @@ def posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **_) -> Ima
     must be between or equal to 1 and 8") and a run ended mid-epoch. The official runs' Pillow made the black image."""
     if bits_to_keep >= 8:
         return img
-    if bits_to_keep <= 0:
+    if bits_to_keep <= 0 and img.mode in ("RGB", "L"):  # the modes Pillow < 13 posterized; others it refused
         return Image.new(img.mode, img.size)
     return ImageOps.posterize(img, bits_to_keep)
 
