@@ -63,7 +63,8 @@ class ModelManager:
         self._closing: set[asyncio.Task] = set()  # engines closing in the background; stop() awaits them
         self._stopping = False  # stop() has begun: an engine that breaks now is closed, not rebuilt
         registry = metrics.registry
-        self.restarts = Counter("convnext_engine_restarts_total", "engines abandoned and rebuilt, by reason",
+        self.restarts = Counter("convnext_engine_restarts_total",
+                                "engines abandoned as broken, by reason (each rebuilt unless the service is stopping)",
                                 ["reason"], registry=registry)
         # A reload answered 404, 409 or shutting_down is none of these (README: Metrics).
         self.reloads = Counter("convnext_model_reloads_total", "model reloads, by result: ok (swapped in), refused "
