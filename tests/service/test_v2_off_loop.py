@@ -7,6 +7,7 @@ whether it ran with a running event loop; the answers (logits, refusals: status,
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import json
 import threading
@@ -96,6 +97,26 @@ def test_a_large_json_request_is_parsed_and_converted_off_the_loop_with_the_same
         assert len(body) > v2.INLINE_MAX_JSON_BYTES
         np.testing.assert_allclose(logits_of(httpx.post(f"{served}{INFER}", content=body)), from_binary, atol=1e-6)
         assert calls == [("parse_request", False), ("prepare", False)]
+
+
+def test_a_large_base64_image_request_is_parsed_off_the_loop_with_the_binary_requests_logits(served, calls,
+                                                                                            real_photos):
+    """The encoded-image model's JSON (base64 strings) over INLINE_MAX_JSON_BYTES: parsed and prepared in a worker
+    thread, answered as the same images sent as binary BYTES elements (a small JSON part, parsed on the loop)."""
+    from tests.service.test_v2_protocol import binary_request as image_request
+    from tests.service.test_v2_protocol import bytes_elements, image_input
+
+    images = [path.read_bytes() for path in real_photos[1:4]]  # a JPEG and two PNGs
+    body, headers = image_request({"inputs": [image_input(*images)]}, bytes_elements(*images))
+    from_binary = logits_of(httpx.post(f"{served}/v2/models/atto_image/infer", content=body, headers=headers))
+    assert calls == [("parse_request", True), ("prepare", True)]
+    calls.clear()
+    body = json_request([base64.b64encode(image).decode() for image in images], shape=(len(images),), name="IMAGE",
+                        datatype="BYTES")
+    assert len(body) > v2.INLINE_MAX_JSON_BYTES
+    np.testing.assert_allclose(logits_of(httpx.post(f"{served}/v2/models/atto_image/infer", content=body)),
+                               from_binary, atol=1e-6)
+    assert calls == [("parse_request", False), ("prepare", False)]
 
 
 def test_a_small_json_request_is_parsed_on_the_loop(served, calls):
