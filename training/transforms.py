@@ -85,14 +85,18 @@ def posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **_) -> Ima
     return ImageOps.posterize(img, bits_to_keep)
 
 
+def augment_ops(transform) -> list:
+    """The AugmentOps of a timm training transform's RandAugment / AugMix (`ops`) and AutoAugment (`policy`)."""
+    return [op for step in getattr(transform, "transforms", ()) for op in
+            [*getattr(step, "ops", ()), *(op for sub_policy in getattr(step, "policy", ()) for op in sub_policy)]]
+
+
 def with_zero_bit_posterize(transform):
     """The timm training transform with every Posterize op of its RandAugment / AutoAugment / AugMix made
     posterize_keeping_zero_bits; the ops' random draws are the same."""
     from timm.data import auto_augment
 
-    for step in getattr(transform, "transforms", ()):
-        ops = [*getattr(step, "ops", ()), *(op for sub_policy in getattr(step, "policy", ()) for op in sub_policy)]
-        for op in ops:
-            if getattr(op, "aug_fn", None) is auto_augment.posterize:
-                op.aug_fn = posterize_keeping_zero_bits
+    for op in augment_ops(transform):
+        if getattr(op, "aug_fn", None) is auto_augment.posterize:
+            op.aug_fn = posterize_keeping_zero_bits
     return transform

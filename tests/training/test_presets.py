@@ -161,12 +161,6 @@ def test_auto_augment_specs_timm_reads_are_accepted(spec):
     assert resolve("in1k", {"auto_augment": spec}).auto_augment == spec
 
 
-def augment_ops(transform) -> list:
-    """The AugmentOps of a timm training transform's RandAugment / AutoAugment / AugMix."""
-    return [op for step in transform.transforms for op in
-            [*getattr(step, "ops", ()), *(op for sub_policy in getattr(step, "policy", ()) for op in sub_policy)]]
-
-
 @pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "v0", "original", "augmix-m5-w3"])
 def test_every_posterize_of_the_training_transform_keeps_zero_bits_as_the_official_runs_pillow(spec):
     """timm asks for posterize(img, 0) at an increasing posterize's top magnitude (the paper's spec, ~1 image in 600)
@@ -175,6 +169,7 @@ def test_every_posterize_of_the_training_transform_keeps_zero_bits_as_the_offici
     from PIL import Image, ImageOps
 
     from training.data import train_transform
+    from training.transforms import augment_ops
 
     config = resolve("in1k", {"model": "convnext_atto", "input_size": 32, "auto_augment": spec})
     transform = train_transform(config, data_config_for(config, get_config("convnext_atto").data))
