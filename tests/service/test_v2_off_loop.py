@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service import grpc_server, v2, v2_core
+from service import grpc_messages, grpc_server, v2, v2_core
 from service.body_budget import BodyBudget
 from service.errors import ApiError
 from service.grpc_proto import open_inference_pb2 as pb
@@ -180,7 +180,7 @@ def test_fp32_contents_become_the_bytes_numpy_gives_unknown_fields_and_all():
     assert contents.SerializeToString().endswith(b"abc")  # the unknown fields are there, after the floats
     expected = np.asarray(contents.fp32_contents, dtype="<f4").tobytes()
     assert expected == values.astype("<f4").tobytes()
-    assert grpc_server._fp32_bytes(contents) == expected
+    assert grpc_messages._fp32_bytes(contents) == expected
 
 
 def grpc_infer(url, request: pb.ModelInferRequest) -> np.ndarray:
@@ -215,7 +215,7 @@ GRPC_REFUSED = {
 
 @pytest.mark.parametrize("request_", GRPC_REFUSED.values(), ids=GRPC_REFUSED.keys())
 def test_grpc_many_typed_elements_convert_off_the_loop_and_are_refused_as_inline(served, calls, request_):
-    assert grpc_server.typed_elements(request_) > grpc_server.INLINE_MAX_ELEMENTS
+    assert grpc_messages.typed_elements(request_) > grpc_server.INLINE_MAX_ELEMENTS
     expected = refusal(grpc_server.prepared_request, served.app.state.service, request_)
     calls.clear()
     with pytest.raises(grpc.RpcError) as raised:
