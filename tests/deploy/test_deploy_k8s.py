@@ -134,18 +134,54 @@ def test_every_gpu_start_allowance_outlasts_the_host_check_then_the_services_own
     assert seconds(start_period) >= bound_s
 
 
+MODEL_SOURCE = "convnext-model-source"
+MODEL_SOURCE_VARIABLES = {"CONVNEXT_MODEL", "CONVNEXT_ARCHITECTURE", "CONVNEXT_PRETRAINED", "CONVNEXT_CHECKPOINT",
+                          "CONVNEXT_VERSION"}  # compose's x-model-source block
+
+
+def model_source() -> dict[str, str]:
+    """kustomization.yaml's generated ConfigMap that names (and may pin) the model, as KEY=VALUE literals."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (generator,) = [g for g in kustomization["configMapGenerator"] if g["name"] == MODEL_SOURCE]
+    return dict(literal.split("=", 1) for literal in generator["literals"])
+
+
+def container_env(container: dict, source: dict[str, str]) -> dict[str, str]:
+    """A container's variables as Kubernetes sets them: its envFrom ConfigMaps first, its own env over them."""
+    env: dict[str, str] = {}
+    for reference in container.get("envFrom", []):
+        assert reference["configMapRef"]["name"] == MODEL_SOURCE  # the one ConfigMap the pod reads
+        env.update(source)
+    return env | {item["name"]: item["value"] for item in container["env"]}
+
+
+def test_the_model_source_is_one_configmap_both_containers_read():
+    """One place names the model: the init container and the service container read the generated ConfigMap, and
+    neither sets a model-source variable of its own over it (README said "change both"; CONVNEXT_VERSION, the pin,
+    was in neither container)."""
+    pod = find("Deployment")["spec"]["template"]["spec"]
+    assert set(model_source()) <= MODEL_SOURCE_VARIABLES
+    for container in (*pod["initContainers"], *pod["containers"]):
+        assert container["envFrom"] == [{"configMapRef": {"name": MODEL_SOURCE}}], container["name"]
+        assert not {item["name"] for item in container["env"]} & MODEL_SOURCE_VARIABLES, container["name"]
+
+
 def test_the_init_container_and_the_service_name_the_model_alike(monkeypatch):
     """The service container's entrypoint serves the model the init container prepared: the same name from the same
-    variables (a fixed CONVNEXT_MODEL in both hid a changed CONVNEXT_PRETRAINED)."""
+    variables (a fixed CONVNEXT_MODEL in both hid a changed CONVNEXT_PRETRAINED), and a version pinned in the
+    ConfigMap is the one both take (prepare's line names it, the service serves it)."""
     pod = find("Deployment")["spec"]["template"]["spec"]
     entrypoint = load_entrypoint()
-    shipped, renamed = set(), set()
+    shipped, renamed, pinned = set(), set(), set()
     for container in (*pod["initContainers"], *pod["containers"]):
-        env = {item["name"]: item["value"] for item in container["env"]}
+        env = container_env(container, model_source())
         shipped.add(settings_from(entrypoint, monkeypatch, env).model_name)
-        another = {**env, "CONVNEXT_PRETRAINED": "convnext_base_22k_224"}  # README: "needs only its name"
+        # README: another official checkpoint "needs only its name"
+        another = container_env(container, model_source() | {"CONVNEXT_PRETRAINED": "convnext_base_22k_224"})
         renamed.add(settings_from(entrypoint, monkeypatch, another).model_name)
-    assert shipped == {"convnext_tiny"} and renamed == {"convnext_base"}
+        pin = container_env(container, model_source() | {"CONVNEXT_VERSION": "2"})
+        pinned.add(settings_from(entrypoint, monkeypatch, pin).service.version)
+    assert shipped == {"convnext_tiny"} and renamed == {"convnext_base"} and pinned == {2}
 
 
 def test_the_training_job_meets_pod_security_restricted_too():
