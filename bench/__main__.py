@@ -35,7 +35,7 @@ from convnext_common import (
     usable_cpus,
 )
 from export.onnx import PRECISIONS
-from runtime.repository import MANIFEST_FILE, ModelRepository, RepositoryError
+from runtime.repository import MANIFEST_FILE, VERSION_PATTERN, ModelRepository, RepositoryError
 from runtime.tensorrt import tensorrt_target
 
 PROG = "python -m bench"  # as the module runs; prog_name() gives it as the user ran it
@@ -256,7 +256,7 @@ def repository_labels(onnx_path: Path) -> dict[str, str]:
     version); {} for any other file, whose model cannot be told from the file."""
     path = onnx_path.resolve()
     version_dir = path.parent
-    if not (version_dir / MANIFEST_FILE).is_file() or not version_dir.name.isdigit():
+    if not (version_dir / MANIFEST_FILE).is_file() or not VERSION_PATTERN.fullmatch(version_dir.name):
         return {}
     manifest = ModelRepository(version_dir.parent.parent).load(
         version_dir.parent.name, int(version_dir.name), verify_files=False).manifest

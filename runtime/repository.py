@@ -45,6 +45,9 @@ LOCK_POLL_S = 0.5
 # An overwrite waits this long for the version's lock: a TensorRT engine being built for it holds the lock for minutes.
 OVERWRITE_LOCK_TIMEOUT_S = 1800.0
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# A version folder's name: a positive whole number in ASCII digits without leading zeros (str.isdigit() takes "²" and
+# "١", which int() refuses or reads as another version's number, and "01", the same version as "1").
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 DIGITS_DATASET = "digits"  # Source.dataset of a project run trained without --data-dir (the offline demo)
 # flock's answers when the file system has no locks: NFSv3 without a lock manager (ENOLCK), FUSE and the like
@@ -273,7 +276,8 @@ class ModelRepository:
         folder = self.root / name
         if not NAME_PATTERN.match(name) or not folder.is_dir():
             return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file())
+        return sorted(int(p.name) for p in folder.iterdir()
+                      if VERSION_PATTERN.fullmatch(p.name) and (p / MANIFEST_FILE).is_file())
 
     def latest_version(self, name: str) -> int:
         versions = self.versions(name)

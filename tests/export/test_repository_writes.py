@@ -187,3 +187,15 @@ def test_an_export_that_finishes_second_never_replaces_the_version_the_first_pub
     assert (repository_copy.root / "atto" / "2" / "who").read_text() == "early"
     assert repository_copy.load("atto", 2).manifest.version == 2  # intact, every hash checked
     assert [p.name for p in (repository_copy.root / "atto").iterdir() if p.name.startswith(".")] == []
+
+
+def test_only_plain_ascii_numbers_are_version_folders(repository_copy):
+    """str.isdigit() took "²" (int() refused it: /models answered 500 and `python -m service` failed its start with a
+    traceback) and "١" (read as version 1 a second time); "01" was version 1 again too. Such folders are not versions
+    now: the listing, the latest version and a load see version 1 alone."""
+    version_1 = repository_copy.root / "atto" / "1"
+    for name in ("²", "١", "01", "0", "1.0"):
+        shutil.copytree(version_1, version_1.parent / name)
+    assert repository_copy.versions("atto") == [1]
+    assert repository_copy.models() == ["atto"] and repository_copy.latest_version("atto") == 1
+    assert repository_copy.load("atto").manifest.version == 1
