@@ -85,8 +85,10 @@ class AccessLog:
             http_scope = cast("HTTPScope", scope)  # only HTTP requests are recorded
             try:
                 # The id as a record attribute, not a 6th argument: uvicorn's AccessFormatter unpacks exactly 5.
-                LOGGER.info('%s - "%s %s HTTP/%s" %d', get_client_addr(http_scope), scope["method"],
-                            get_path_with_query_string(http_scope), scope["http_version"], status,
+                # A '"' in the query string (the path's is %-escaped) would end the quoted request field early.
+                target = get_path_with_query_string(http_scope).replace('"', "%22")
+                LOGGER.info('%s - "%s %s HTTP/%s" %d', get_client_addr(http_scope), scope["method"], target,
+                            scope["http_version"], status,
                             extra={"request_id": scope.get(REQUEST_ID_SCOPE_KEY, NO_REQUEST_ID)})
             except Exception:  # one line that cannot be formatted must not end the writer (the queue would only grow)
                 self._dropped_unformattable += 1

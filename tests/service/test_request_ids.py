@@ -170,6 +170,17 @@ def test_the_access_line_ends_with_the_id_and_a_line_without_one_with_a_dash():
     assert lines[2].endswith('127.0.0.1:1 - "GET / HTTP/1.1" 200 OK -')
 
 
+def test_a_quote_in_the_query_string_cannot_end_the_access_lines_request_field():
+    """The path is %-escaped by uvicorn, the query string not: a client's '"' ended the quoted request field early
+    (`"GET /healthz?a=" 200 OK fake" 200`), so a log parser read what the client wrote as fields."""
+    with access_lines(access_formatter()) as lines:
+        log = AccessLog()
+        log.record({"type": "http", "method": "GET", "path": "/healthz", "query_string": b'a=" 200 OK x',
+                    "http_version": "1.1", "client": ("127.0.0.1", 5000), "headers": []}, 200)
+        log.flush()
+    assert lines[0].endswith('127.0.0.1:5000 - "GET /healthz?a=%22 200 OK x HTTP/1.1" 200 OK -'), lines
+
+
 def grpc_call(served, method: str, request: bytes, metadata=()) -> tuple[grpc.StatusCode, dict]:
     """One unary call: its status code and trailing metadata."""
     with grpc.insecure_channel(grpc_address(served)) as channel:
