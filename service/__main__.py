@@ -159,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog_name(PROG)}: error: {refused}", file=sys.stderr)
         return refused.status
     from service.app import check_servable, create_app
+    from service.grpc_server import PROBE_CONNECTIONS
+    from service.open_files import raise_open_files_limit
     from service.server import Server, uvicorn_config
+
+    if (short := raise_open_files_limit(settings, PROBE_CONNECTIONS)) is not None:
+        print(f"{prog_name(PROG)}: warning: {short}", file=sys.stderr)
 
     try:
         check_servable(settings)

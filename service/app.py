@@ -22,7 +22,7 @@ from service.body_budget import BodyBudget, BodyBudgetMiddleware
 from service.engine_builds import EngineFactory, engine_options
 from service.errors import ApiError, error_response, speaks_v2
 from service.grpc_server import GrpcService, start_grpc_server
-from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.metrics import SERVER_ANSWER_SCOPE_KEY, RequestMetricsMiddleware, ServiceMetrics
 from service.model_manager import ModelManager
 from service.openapi import APP_RESPONSES, install_openapi
 from service.pages import pages_router
@@ -120,9 +120,15 @@ def service_lifespan(settings: Settings, metrics: ServiceMetrics, body_budget: B
 
 def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     """Every error as the service's JSON body (the v2 protocol's on /v2 paths), refusals counted by code."""
+    def count_refusal(request: Request, code: str) -> None:
+        # A request the server answered itself (service/server.py: a body that does not parse) was counted then, with
+        # the code it was answered; the app's answer to the closed connection (its 499) reaches nobody.
+        if SERVER_ANSWER_SCOPE_KEY not in request.scope:
+            metrics.rejected.labels(code).inc()
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
-        metrics.rejected.labels(err.code).inc()
+        count_refusal(request, err.code)
         return error_response(err.status, err.code, err.message, err.headers, speaks_v2(request.scope))
 
     @app.exception_handler(RequestValidationError)
@@ -130,7 +136,7 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
         # A JSON body that does not parse is a bad body (400), like a multipart one; anything else a bad field (422).
         status, code = (400, "invalid_body") if any(e["type"] == "json_invalid" for e in err.errors()) else \
             (422, "invalid_parameter")
-        metrics.rejected.labels(code).inc()
+        count_refusal(request, code)
         details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         return error_response(status, code, details, v2=speaks_v2(request.scope))
 
@@ -139,7 +145,7 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
         # err.headers: a 405 carries Allow, the methods of the route at that path (RFC 9110).
         code = HTTP_ERROR_CODES.get(err.status_code, "http_error")
         if err.status_code not in (404, 405):  # an unknown path or method is not counted (unbounded by clients)
-            metrics.rejected.labels(code).inc()  # e.g. 400 invalid_body: a multipart body that does not parse
+            count_refusal(request, code)  # e.g. 400 invalid_body: a multipart body that does not parse
         return error_response(err.status_code, code, str(err.detail), err.headers, speaks_v2(request.scope))
 
     @app.exception_handler(Exception)
@@ -150,7 +156,7 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
         # error's type, so the client's id finds the traceback that follows.
         request_id = request.scope.get(REQUEST_ID_SCOPE_KEY) or new_request_id()
         logger.error("request %s failed with %s: a bug (the traceback follows)", request_id, type(err).__name__)
-        metrics.rejected.labels("internal_error").inc()
+        count_refusal(request, "internal_error")
         return error_response(500, "internal_error", f"the server failed on this request ({type(err).__name__}); "
                               "it is logged", {**NOSNIFF_HEADERS, "X-Request-ID": request_id}, speaks_v2(request.scope))
 

@@ -132,8 +132,9 @@ class BodyBudgetMiddleware:
 
     def __init__(self, app: ASGIApp, budget: BodyBudget, metrics: ServiceMetrics):
         self.app, self.budget = app, budget
-        Gauge("convnext_buffered_body_bytes", "bytes of request bodies held in memory now (max_buffered_body_bytes "
-              "bounds them)", registry=metrics.registry).set_function(lambda: float(budget.held_bytes))
+        Gauge("convnext_buffered_body_bytes", "bytes of request bodies held in memory now, with the max_body_bytes "
+              "held for each gRPC message being received (max_buffered_body_bytes bounds them)",
+              registry=metrics.registry).set_function(lambda: float(budget.held_bytes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -21,6 +21,7 @@ from service.errors import ApiError
 from service.grpc_calls import CallsInFlight
 from service.grpc_messages import check_message_bounds, inference_request_of, typed_elements
 from service.grpc_proto import open_inference_pb2 as pb
+from service.metrics import ServiceMetrics
 from service.pipeline import ClientGone, converted, request_deadline
 from service.request_ids import REQUEST_ID_METADATA, request_id_of_metadata
 from service.state import ServiceState
@@ -30,6 +31,7 @@ SERVICE_NAME = "inference.GRPCInferenceService"
 # The health checks, like /v2/health/live and /ready: open without a key (service.security.PUBLIC_PATHS), and answered
 # beyond max_connections (service.server.PROBE_PATHS).
 HEALTH_METHODS = frozenset({"ServerLive", "ServerReady"})
+UNMATCHED_METHOD = "unmatched"  # the metrics' method label of a call of no method here (answered UNIMPLEMENTED)
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
     408: grpc.StatusCode.DEADLINE_EXCEEDED, 409: grpc.StatusCode.ABORTED, 413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -40,6 +42,9 @@ STATUS_CODES = {
 # RESOURCE_EXHAUSTED (413 is otherwise INVALID_ARGUMENT: a batch over the request limit, which no retry can fix).
 ERROR_STATUS_CODES = {"body_too_large": grpc.StatusCode.RESOURCE_EXHAUSTED}
 MAX_STREAMS_PER_CONNECTION = 128
+# Connections open beyond max_connections (which bounds calls): room for health probes (ServerLive and ServerReady are
+# answered past max_connections), each on a connection of its own, while the calls' connections are all taken.
+PROBE_CONNECTIONS = 64
 # What grpc core takes in of a stream whose message nobody is reading (a call waiting for room in the body budget,
 # a health call answered without reading, or bytes a client sends after its one message): without BDP probing, the
 # stream's flow-control window stays at this (with it, the default, the window grows to megabytes a stream, outside
@@ -180,6 +185,11 @@ class _Method:
         metrics, started, code = self.state.metrics, time.perf_counter(), grpc.StatusCode.OK
         slack_s = _deadline_slack_s(context)
         id_trailer = (REQUEST_ID_METADATA, request_id_of_metadata(context.invocation_metadata()))
+        # The refusal is sent after the except blocks, never from one: abort raises, and an error raised inside an
+        # except block chains the caught one, whose traceback holds the handler's frames and the parsed message in a
+        # cycle only the garbage collector frees (a refused 20 MB message stayed in memory, call after call).
+        message: str = ""
+        trailers: tuple[tuple[str, str], ...] = ()
         try:
             # First, as over HTTP: past the limit the call costs no key check and its message is never read.
             with self.state.grpc_calls.held(self.probe):
@@ -193,22 +203,22 @@ class _Method:
             if err.status == 499 and _deadline_passed(context, slack_s):  # it ended (grpc_client_gone) by its deadline
                 code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "client_deadline"
             metrics.rejected.labels(reason).inc()
-            await context.abort(code, err.message, trailing_metadata=(*error_trailers(err), id_trailer))
+            message, trailers = err.message, (*error_trailers(err), id_trailer)
         except asyncio.CancelledError:  # grpc cancels this task (the client left, its deadline passed), or the shutdown
             code, reason = _why_cancelled(context, self.state.grpc_calls, slack_s)
             metrics.rejected.labels(reason).inc()
             if code != grpc.StatusCode.UNAVAILABLE:
                 raise  # the call is over: nothing to answer
-            await context.abort(code, SHUTTING_DOWN.message,
-                                trailing_metadata=(*error_trailers(SHUTTING_DOWN), id_trailer))
+            message, trailers = SHUTTING_DOWN.message, (*error_trailers(SHUTTING_DOWN), id_trailer)
         except Exception as err:  # a bug, not the client's fault: logged, answered INTERNAL, and the server carries on
             code = grpc.StatusCode.INTERNAL
             logger.exception("gRPC %s failed (request %s, %s)", self.name, id_trailer[1], type(err).__name__)
-            await context.abort(code, "internal error (logged by the server)",
-                                trailing_metadata=((ERROR_CODE_KEY, "internal_error"), id_trailer))
+            message = "internal error (logged by the server)"
+            trailers = ((ERROR_CODE_KEY, "internal_error"), id_trailer)
         finally:
             metrics.grpc_requests.labels(self.name, code.name).inc()
             metrics.grpc_request_duration.labels(self.name, code.name).observe(time.perf_counter() - started)
+        await context.abort(code, message, trailing_metadata=trailers)
 
     async def _answer(self, context: grpc.aio.ServicerContext, slack_s: float) -> Message:
         """The call's answer, within the limit: its key checked, its message read (when it has fields) and handled."""
@@ -319,7 +329,26 @@ def inference_service(state: ServiceState) -> grpc.GenericRpcHandler:
         methods[method.name] = grpc.stream_unary_rpc_method_handler(
             _Method(method.name, HANDLERS[method.name], request_type, state).call,  # a coroutine function, for grpc
             response_serializer=lambda message: message.SerializeToString())
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+    return InferenceService(methods, state.metrics)
+
+
+class InferenceService(grpc.GenericRpcHandler):
+    """The service's methods by their full name (`/inference.GRPCInferenceService/ModelInfer`); a call of any other
+    (another service's, a protocol RPC this service leaves out: ModelConfig, RepositoryIndex, ModelStatistics) is
+    answered UNIMPLEMENTED by grpc core, and counted here under the method "unmatched", as HTTP counts an unknown path:
+    a client's method name is no label."""
+
+    def __init__(self, methods: dict[str, grpc.RpcMethodHandler], metrics: ServiceMetrics):
+        self.methods = {f"/{SERVICE_NAME}/{name}": handler for name, handler in methods.items()}
+        self.metrics = metrics
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self.methods.get(handler_call_details.method)
+        if handler is None:
+            code = grpc.StatusCode.UNIMPLEMENTED.name
+            self.metrics.grpc_requests.labels(UNMATCHED_METHOD, code).inc()
+            self.metrics.grpc_request_duration.labels(UNMATCHED_METHOD, code).observe(0.0)
+        return handler
 
 
 class GrpcService:
@@ -343,8 +372,11 @@ class GrpcService:
 
 async def start_grpc_server(state: ServiceState) -> GrpcService:
     """Listen on host:grpc_port; messages up to max_body_bytes (larger: RESOURCE_EXHAUSTED), as HTTP bodies, and at
-    most UNREAD_STREAM_WINDOW_BYTES taken in of a stream nobody reads. Calls in flight at shutdown get the request
-    timeout to finish."""
+    most UNREAD_STREAM_WINDOW_BYTES taken in of a stream nobody reads. Connections as HTTP's: a connection's HTTP/2
+    preface within header_timeout_s, one with no call for timeout_keep_alive_s closed (GOAWAY: a client's channel
+    connects again for its next call), and at most max_connections + PROBE_CONNECTIONS open (one more is closed at
+    once); without these, idle connections stayed open for ever, without bound, until the process ran out of file
+    descriptors and HTTP stopped answering too. Calls in flight at shutdown get the request timeout to finish."""
     settings = state.settings
     server = grpc.aio.server(
         # No maximum_concurrent_rpcs: the handler bounds calls in flight (_Method, service/grpc_calls.py), so a call
@@ -356,6 +388,9 @@ async def start_grpc_server(state: ServiceState) -> GrpcService:
                  ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                  ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", UNREAD_STREAM_WINDOW_BYTES),
                  ("grpc.max_send_message_length", -1),
+                 ("grpc.max_allowed_incoming_connections", settings.max_connections + PROBE_CONNECTIONS),
+                 ("grpc.server_handshake_timeout_ms", round(settings.header_timeout_s * 1000)),
+                 ("grpc.max_connection_idle_ms", round(settings.timeout_keep_alive_s * 1000)),
                  ("grpc.so_reuseport", 0)])  # a port another server holds is an error, not a silent share
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     address = f"{host}:{settings.grpc_port}"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from fastapi.routing import iter_route_contexts
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -77,7 +77,9 @@ class ServiceMetrics:
         self.batch_size = Histogram("convnext_batch_size", "images per engine call, whatever its outcome",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.images = Counter("convnext_images_total", "images answered with a classification", ["model"], registry=r)
-        self.queue_depth = Gauge("convnext_queue_depth", "images waiting in the batch queue", registry=r)
+        self.queue_depth = Gauge("convnext_queue_depth", "images waiting for the engine: queued, in the batch being "
+                                 "gathered, or in one waiting for an engine; not those whose client has left",
+                                 registry=r)
         self.decode_memory = Gauge("convnext_decode_memory_bytes", "memory reserved by images being decoded (of "
                                    "decode_memory_mb)", registry=r)
         self.inflight = Gauge("convnext_inflight_requests", "HTTP requests being handled, the scrape reading it "
@@ -91,7 +93,10 @@ class ServiceMetrics:
         self.grpc_request_duration = Histogram("convnext_grpc_request_duration_seconds", "gRPC call latency, by "
                                                "status code (OK: answered)", ["method", "code"],
                                                buckets=LATENCY_BUCKETS, registry=r)
-        self.rejected = Counter("convnext_rejected_total", "requests refused, by reason", ["reason"], registry=r)
+        self.rejected = Counter("convnext_rejected_total", "requests not answered 200 (HTTP and gRPC), by the error "
+                                "code answered: refusals, deadlines, clients gone (client_disconnected, "
+                                "client_deadline), failures; header_timeout counts connections closed before a "
+                                "request head arrived", ["reason"], registry=r)
         r.register(AccessLogDropped(access_log))
 
         self.renders = 0
@@ -116,6 +121,11 @@ class ServiceMetrics:
         self.renders += 1
         return generate_latest(self.registry)
 
+    def count_images(self, counts: Mapping[str, int]) -> None:
+        """convnext_images_total: images answered with a classification, by the model that ran them."""
+        for model_name, count in counts.items():
+            self.images.labels(model_name).inc(count)
+
     def count_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One HTTP request answered: convnext_requests_total and its latency by status class."""
         self.requests.labels(route, method_label(method), str(status)).inc()
@@ -123,9 +133,12 @@ class ServiceMetrics:
 
 
 # Where the server leaves the status it answered itself, outside the app, to a request the app has (service/server.py:
-# a body that does not parse): that is the status counted and logged, not the app's own answer to the closed
-# connection.
+# a body that does not parse, or bytes that are not HTTP after a whole request): that is the status counted and
+# logged, not the app's own answer to the closed connection, and the app's refusal of it is not counted again.
 SERVER_ANSWER_SCOPE_KEY = "convnext.server_answered"
+# Where an HTTP request's classified images (model name -> count) wait to be counted in convnext_images_total: with
+# the request's answer, when that is the app's 200 (not the server's own answer, which the app's 200 never follows).
+CLASSIFIED_SCOPE_KEY = "convnext.classified"
 
 
 class RequestMetricsMiddleware:
@@ -169,6 +182,8 @@ class RequestMetricsMiddleware:
         finally:
             self.metrics.inflight.dec()
             status = scope.get(SERVER_ANSWER_SCOPE_KEY, status)
+            if status == 200 and CLASSIFIED_SCOPE_KEY in scope:
+                self.metrics.count_images(scope[CLASSIFIED_SCOPE_KEY])
             self.metrics.count_request(self._route_label(scope), scope["method"], status,
                                        time.perf_counter() - started)
             if self.access_log:

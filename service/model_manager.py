@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("convnext.service")
 RECOVERY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+# convnext_engine_restarts_total{reason}: why the batcher gave an engine up (service/batcher.py's _detach calls);
+# convnext_model_reloads_total{result}.
+ENGINE_BROKEN_REASONS = ("engine_timeout", "consecutive_failures")
+RELOAD_RESULTS = ("ok", "refused", "unavailable")
 BUILD_ATTEMPTS = 3  # builds of a version, each overtaken by an export of it anew, before giving up
 
 
@@ -70,6 +74,11 @@ class ModelManager:
         self.reloads = Counter("convnext_model_reloads_total", "model reloads, by result: ok (swapped in), refused "
                                "(the version failed), unavailable (the repository could not be read)", ["result"],
                                registry=registry)
+        # Each series exists (at 0) before its first event, as convnext_inference_seconds's: rates read 0, not empty.
+        for reason in ENGINE_BROKEN_REASONS:
+            self.restarts.labels(reason)
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
         ready = Gauge("convnext_ready", "1 while the service can classify (what /readyz says)", registry=registry)
         ready.set_function(lambda: float(self.not_ready_reason is None))
 

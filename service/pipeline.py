@@ -17,7 +17,9 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
+from prometheus_client import Histogram
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import Scope
 
 from runtime.preprocess import RGB_CHANNELS, ImageError, preprocess
 from runtime.repository import ModelVersion, Preprocess
@@ -26,6 +28,7 @@ from service.batcher import BatchFailedError, DeadlineError, EngineTimeoutError,
 from service.body_budget import count_copy
 from service.decode_budget import DecodeWaitTimeout
 from service.errors import ApiError, clipped, shown
+from service.metrics import CLASSIFIED_SCOPE_KEY
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -43,7 +46,7 @@ async def read_body(request: Request, state: ServiceState, max_bytes: int | None
     within body_deadline_s (413 / 408 otherwise)."""
     max_bytes = state.settings.max_body_bytes if max_bytes is None else max_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "body_too_large", f"the body is {declared} bytes, over the limit of {max_bytes}")
     chunks, size = [], 0
     timeout_s, deadline_s = state.settings.body_timeout_s, state.settings.body_deadline_s
@@ -142,10 +145,13 @@ def admitted(state: ServiceState, images: int) -> Iterator[None]:
 
 
 def timed_preprocess(data: bytes, spec: Preprocess, settings: Settings,
-                     reserve: Callable[[int], AbstractContextManager[float]]) -> tuple[np.ndarray, float]:
-    """In a decode-pool thread: the tensor and the seconds this image's decode + transform took there. `reserve` (the
-    decode budget's) gives the seconds it waited for memory: that wait is left out, as it is other images' decoding,
-    not this one's (the budget reports it: convnext_decode_memory_wait_seconds)."""
+                     reserve: Callable[[int], AbstractContextManager[float]],
+                     observed: Histogram | None = None) -> tuple[np.ndarray, float]:
+    """In a decode-pool thread: the tensor and the seconds this image's decode + transform took there, observed in
+    `observed` (convnext_preprocess_seconds) here, so a decode whose request stopped waiting for it (its deadline, its
+    client gone) is counted too. `reserve` (the decode budget's) gives the seconds it waited for memory: that wait is
+    left out, as it is other images' decoding, not this one's (the budget reports it:
+    convnext_decode_memory_wait_seconds)."""
     waits: list[float] = []
 
     @contextmanager
@@ -157,7 +163,10 @@ def timed_preprocess(data: bytes, spec: Preprocess, settings: Settings,
     started = time.perf_counter()
     tensor = preprocess(data, spec, settings.max_pixels, settings.decode_mode, settings.fast_decode_headroom,
                         reserve_noting_its_wait)
-    return tensor, time.perf_counter() - started - sum(waits)
+    seconds = time.perf_counter() - started - sum(waits)
+    if observed is not None:
+        observed.observe(seconds)
+    return tensor, seconds
 
 
 async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]],
@@ -173,7 +182,7 @@ async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]
             reserve = functools.partial(state.decode_budget.reserved, deadline=deadline, abandoned=abandoned)
             try:
                 tensor, seconds = await loop.run_in_executor(state.preprocess_pool, timed_preprocess, data, spec,
-                                                             state.settings, reserve)
+                                                             state.settings, reserve, state.metrics.preprocess)
             except ImageError as err:
                 status = 413 if err.code == "too_many_pixels" else 400
                 raise ApiError(status, err.code, f"{clipped(name)}: {err.message}") from None
@@ -183,7 +192,6 @@ async def preprocess_images(state: ServiceState, images: list[tuple[str, bytes]]
                 abandoned.set()
                 state.decode_budget.wake()
                 raise
-            state.metrics.preprocess.observe(seconds)
             return tensor, seconds
 
     if len(images) == 1:  # the common case: no task for a gather of one
@@ -321,12 +329,16 @@ async def run_batched(state: ServiceState, tensors: list[np.ndarray], gone: asyn
     return items
 
 
-def count_classified(state: ServiceState, items: list[Item]) -> None:
+def count_classified(state: ServiceState, items: list[Item], scope: Scope | None = None) -> None:
     """convnext_images_total: a request's images, counted by its protocol once nothing is left to refuse it (an image
     whose request mate failed is answered 500 with it, one whose client left 499, a v2 request whose rows two versions
-    ran 503: none of them was answered a classification)."""
-    for model_name, count in Counter(item.served_by.name for item in items).items():  # type: ignore[union-attr]
-        state.metrics.images.labels(model_name).inc(count)
+    ran 503: none of them was answered a classification). An HTTP request's (its `scope` given) are counted with its
+    answer, by RequestMetricsMiddleware, when that is the app's 200: the server may have answered it meanwhile."""
+    counts = Counter(item.served_by.name for item in items)  # type: ignore[union-attr]
+    if scope is None:
+        state.metrics.count_images(counts)
+    else:
+        scope[CLASSIFIED_SCOPE_KEY] = counts
 
 
 async def classify(state: ServiceState, images: list[tuple[str, bytes]], client_gone: ClientGone | None,

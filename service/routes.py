@@ -91,7 +91,7 @@ async def classify(request: Request, top_k: int = Query(DEFAULT_TOP_K, json_sche
         raise ApiError(422, "invalid_parameter", f"top_k must be between 1 and {manifest.num_classes}")
     images = await collect_images(request, state)
     items = await pipeline.classify(state, images, http_client_gone(request), pipeline.request_deadline(state))
-    pipeline.count_classified(state, items)
+    pipeline.count_classified(state, items, request.scope)
     total_ms = (time.perf_counter() - started) * 1000
     ran = [served_by(item) for item in items]  # the engines that ran them: a version swapped in may be newer
     results = [

@@ -22,7 +22,7 @@ from uvicorn.server import STARTUP_FAILURE
 
 from service.access_log import ACCESS_LOG, AccessLineFormatter
 from service.app import begin_drain
-from service.errors import error_body, send_error
+from service.errors import error_body, send_error, speaks_v2
 from service.lingering_close import LINGERING_TIME_S, LingeringConnections, LingeringTransport
 from service.listen_socket import bind_refusal, bound_socket, is_ipv6_wildcard
 from service.metrics import SERVER_ANSWER_SCOPE_KEY, ServiceMetrics
@@ -82,6 +82,7 @@ class EdgeLimitsMixin(_UvicornProtocol):
         self._head_bytes = 0  # received while the request head is incomplete
         self._head_start = b""  # its first KEPT_HEAD_BYTES, for a refusal's metrics and access line
         self._head_started_at = 0.0  # when they began to arrive (time.perf_counter)
+        self._answered = False  # a response has completed on this connection: idle now is keep-alive, not a refusal
 
     def connection_made(self, transport) -> None:
         self._lingering_transport = LingeringTransport(transport, self.loop, self.lingering_connections)
@@ -109,6 +110,7 @@ class EdgeLimitsMixin(_UvicornProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        self._answered = True
         # Idle now, unless a pipelined request, already parsed, has just been started.
         if self.cycle.response_complete and not self.transport.is_closing():
             self._start_header_timer()
@@ -131,18 +133,20 @@ class EdgeLimitsMixin(_UvicornProtocol):
         cycle = self.cycle
         if cycle is None or not cycle.response_started or cycle.response_complete:
             status = int(status_line.split()[0])
+            app_has_it = cycle is not None and not cycle.response_complete
             id_header = b""
-            if cycle is not None and not cycle.response_complete:  # the app has this request
-                app_scope: dict = cycle.scope  # type: ignore[assignment]  # uvicorn types its own keys only
-                app_scope[SERVER_ANSWER_SCOPE_KEY] = status
-                request_id = app_scope.setdefault(REQUEST_ID_SCOPE_KEY, request_id_of_headers(app_scope["headers"]))
+            if app_has_it:  # the app has this request
+                scope: Scope = cycle.scope  # type: ignore[assignment]  # uvicorn types its own keys only
+                scope[SERVER_ANSWER_SCOPE_KEY] = status
+                request_id = scope.setdefault(REQUEST_ID_SCOPE_KEY, request_id_of_headers(scope["headers"]))
                 id_header = b"x-request-id: %s\r\n" % request_id.encode()
-            body = json.dumps(error_body(code, message)).encode()
+            else:
+                scope = partial_head_scope(self._head_start, self.client)
+            body = json.dumps(error_body(code, message, speaks_v2(scope))).encode()  # v2 paths: the protocol's body
             self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-content-type-options: "
                                  b"nosniff\r\n%scontent-length: %d\r\nconnection: close\r\n\r\n%s"
                                  % (status_line, id_header, len(body), body))
-            if cycle is None or cycle.response_complete:  # no request of this head reached the app
-                scope = partial_head_scope(self._head_start, self.client)
+            if not app_has_it:  # no request of this head reached the app
                 seconds = time.perf_counter() - self._head_started_at if self._head_start else 0.0
                 self.metrics.count_request("unmatched", scope["method"], status, seconds)
                 if self.write_access_log:
@@ -177,7 +181,10 @@ class EdgeLimitsMixin(_UvicornProtocol):
         self._header_timer = None
         # get_protocol: a WebSocket upgrade hands the connection to another protocol with a complete request head.
         if not self.transport.is_closing() and self.transport.get_protocol() is self:
-            self.metrics.rejected.labels("header_timeout").inc()
+            # A refusal when a head had begun, or no request ever came; a kept-alive connection idle after its
+            # answers (header_timeout_s under timeout_keep_alive_s) is only closed, as the keep-alive timer would.
+            if self._head_start or not self._answered:
+                self.metrics.rejected.labels("header_timeout").inc()
             self.transport.close()
 
     def _close_after_early_answer(self, app: ASGIApp) -> ASGIApp:

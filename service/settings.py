@@ -131,14 +131,16 @@ class Settings(BaseSettings):
         "another Host, or a browser's Origin naming another site, gets 403 host_not_allowed: a web page can reach the "
         "service under its own site's name by DNS rebinding (README, Security)"))
     header_timeout_s: float = Field(
-        10.0, gt=0, description="request headers complete within this, or the connection closes")
+        10.0, gt=0, description="request headers (gRPC: the HTTP/2 preface) complete within this, or the connection "
+        "closes")
     body_timeout_s: float = Field(30.0, gt=0, description="each chunk of a request body within this, or 408")
     body_deadline_s: float = Field(120.0, gt=0, description=(
         "the whole request body within this, or 408 (a client sending a byte per body_timeout_s holds its connection "
         "and buffer no longer)"))
     max_connections: int = Field(512, ge=1, le=C_INT_MAX, description="open connections; beyond this, 503 at once")
     backlog: int = Field(2048, ge=1, le=C_INT_MAX, description="listen backlog")
-    timeout_keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    timeout_keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections (gRPC: without a call) "
+                                        "close after this")
     engine_timeout_ms: float = Field(10_000.0, gt=0, description=(
         "a batch running longer is failed (504) and its engine abandoned and rebuilt: keep it well above a batch's "
         "normal time (TensorRT's first batch on a cold GPU included)"))

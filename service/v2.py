@@ -7,9 +7,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from runtime.repository import Manifest
 from service import v2_core
 from service.errors import V2_PREFIX, ApiError, error_responses
 from service.pipeline import ClientGone, converted, http_client_gone, read_body, request_deadline, service_state
+from service.settings import Settings
 from service.state import ServiceState
 from service.v2_core import InferResult
 from service.v2_models import (
@@ -27,6 +29,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_HEADER_LENGTH_DIGITS = 20
 # A JSON part up to this is parsed on the event loop (~0.2 ms); a larger one in a worker thread (a hop: ~0.1 ms).
 INLINE_MAX_JSON_BYTES = 16 * 1024
+# Arrays and objects a request's envelope may hold beside its data: the request, its inputs and outputs (MAX_TENSORS
+# each) with their shapes and parameters (MAX_PARAMETERS entries, whose values may be arrays), many times over.
+ENVELOPE_CONTAINERS = 4096
 
 
 def inlined_schema(model) -> dict:
@@ -157,8 +162,30 @@ def parsed_request(header: bytes, header_length: str | None) -> InferenceRequest
         raise
 
 
+def max_json_containers(manifest: Manifest, settings: Settings) -> int:
+    """The JSON arrays and objects a request to this model can need: its data nested along the shape for the largest
+    batch a request carries (queue_size images of C x H x W: C x H rows of W numbers each, one array per channel and
+    per image), or max_files_per_request images as strings, plus the envelope."""
+    spec = manifest.input
+    per_image = spec.channels * spec.height + spec.channels + 1
+    return max(settings.queue_size, settings.max_files_per_request) * per_image + ENVELOPE_CONTAINERS
+
+
+def check_json_containers(header: bytes, manifest: Manifest, settings: Settings) -> None:
+    """400 invalid_json for a JSON part with more arrays and objects than any request to this model needs, counted in
+    its bytes before the parse (~14 ms for 20 MiB): parsed, each empty `[]` of 3 bytes would be a Python list of 56
+    (a gzip body of 20 KiB inflates to 20 MiB, ~7 million lists: 0.8 GB and seconds of the GIL). Brackets inside
+    strings count too; a request's strings (names, base64 images) hold none in numbers that matter."""
+    containers = header.count(b"[") + header.count(b"{")
+    limit = max_json_containers(manifest, settings)
+    if containers > limit:
+        raise ApiError(400, "invalid_json", f"the JSON has {containers} arrays and objects, more than any request to "
+                       f"model {manifest.name!r} needs ({limit}); send the data flat, or as binary data")
+
+
 def prepared_request(state: ServiceState, name: str, version: str | None, header: bytes, binary: bytes,
                      header_length: str | None) -> v2_core.PreparedRequest:
+    check_json_containers(header, v2_core.resolve_model(state, name, version).manifest, state.settings)
     return v2_core.prepare(state, name, version, parsed_request(header, header_length), binary)
 
 
@@ -183,7 +210,7 @@ async def infer_response_for(request: Request, name: str, version: str | None) -
     v2_core.resolve_model(state, name, version)  # 404 before reading the body of a request for no model
     client_gone = http_client_gone(request)
     prepared, deadline = await prepared_from_body(request, state, name, version, client_gone)
-    return infer_response(await v2_core.infer(state, prepared, client_gone, deadline))
+    return infer_response(await v2_core.infer(state, prepared, client_gone, deadline, request.scope))
 
 
 @router.post("/models/{name}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_OPENAPI)

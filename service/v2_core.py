@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydantic import ValidationError
+from starlette.types import Scope
 
 from convnext_common import project_version
 from runtime.preprocess import RGB_CHANNELS
@@ -246,9 +247,10 @@ def prepare(state: ServiceState, name: str, version: str | None, request: Infere
 
 
 async def infer(state: ServiceState, prepared: PreparedRequest, client_gone: ClientGone | None,
-                deadline: float) -> InferResult:
+                deadline: float, scope: Scope | None = None) -> InferResult:
     """Run a prepared request through the shared pipeline (admission, batcher, limits) by `deadline`
-    (pipeline.request_deadline, taken when its body or message had arrived), build the outputs."""
+    (pipeline.request_deadline, taken when its body or message had arrived), build the outputs. `scope`: an HTTP
+    request's, whose classified images are counted with its answer (pipeline.count_classified)."""
     require_ready(state)
     if prepared.model.is_image:
         items = await pipeline.classify(state, prepared.images, client_gone, deadline)
@@ -258,7 +260,7 @@ async def infer(state: ServiceState, prepared: PreparedRequest, client_gone: Cli
     logits = np.stack([item.future.result() for item in items]).astype(np.float32)
     if not np.isfinite(logits).all():
         raise ApiError(500, "inference_failed", "the engine returned values that are not finite numbers")
-    pipeline.count_classified(state, items)
+    pipeline.count_classified(state, items, scope)
     labels = labels_of(items[0])
     outputs = []
     for output in prepared.wanted:

@@ -101,7 +101,7 @@ def test_a_call_still_in_flight_when_the_shutdowns_grace_ends_is_answered_unavai
     scrape = generate_latest(registry).decode()
     assert 'convnext_grpc_requests_total{code="UNAVAILABLE",method="ModelReady"} 1.0' in scrape
     assert 'convnext_rejected_total{reason="shutting_down"} 1.0' in scrape
-    assert "body_too_large" not in scrape and "client_disconnected" not in scrape
+    assert 'reason="body_too_large"' not in scrape and 'reason="client_disconnected"' not in scrape
 
 
 def test_shutdown_lets_an_in_flight_call_finish(model_repository, launch, batch):

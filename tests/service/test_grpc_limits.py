@@ -7,14 +7,23 @@ carries a client's megabytes back."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 
 from service.grpc_proto import open_inference_pb2 as pb
-from service.grpc_server import ERROR_CODE_KEY, RETRY_PUSHBACK_KEY, SERVICE_NAME, UNREAD_STREAM_WINDOW_BYTES
+from service.grpc_server import (
+    ERROR_CODE_KEY,
+    PROBE_CONNECTIONS,
+    RETRY_PUSHBACK_KEY,
+    SERVICE_NAME,
+    UNREAD_STREAM_WINDOW_BYTES,
+)
 from tests.service.conftest import free_port, metric
 from tests.service.h2c import DATA, END_STREAM, H2Connection, grpc_frame
 from tests.service.test_grpc import grpc_address, raw_call
@@ -267,3 +276,90 @@ def test_the_in_flight_gauges_count_http_requests_and_grpc_calls_apart_as_the_re
     http = readme_metric_row("convnext_inflight_requests")
     assert "HTTP requests" in http and "scrape" in http
     assert "gRPC calls" in readme_metric_row("convnext_grpc_inflight_calls")
+
+
+@pytest.mark.parametrize("model_name, status", [("nope", grpc.StatusCode.NOT_FOUND),  # refused in the handler
+                                                ("atto", grpc.StatusCode.INVALID_ARGUMENT)])  # in the conversion
+def test_a_refused_call_leaves_no_reference_cycle_holding_its_message(model_repository, launch, model_name, status):
+    """A refusal aborted from inside the except block that caught it chained the caught error, whose traceback held
+    the handler's frames and the parsed message in a cycle only the garbage collector frees: a flood of refused
+    20 MB messages grew the server by ~1 GB a call (gzip makes each a few KB on the wire). Nothing of the call is
+    left for the collector now."""
+    import gc
+    import types
+
+    contents = [bytes(4 * 3 * 64 * 64)] + ([bytes(8)] if model_name == "atto" else [])  # "atto": two for one input
+    message = pb.ModelInferRequest(model_name=model_name, raw_input_contents=contents)
+    message.inputs.add(name="input", datatype="FP32", shape=[1, 3, 64, 64])
+    with launch(model_repository, grpc_port=free_port(), warmup_runs=0) as url:
+        gc.collect()
+        gc.disable()  # what the calls leave in cycles stays until the collect below, which saves it in gc.garbage
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as raised:
+                    raw_call(grpc_address(url), "ModelInfer", message.SerializeToString())
+                assert raised.value.code() == status
+            gc.collect()
+            frames = [o for o in gc.garbage if isinstance(o, types.FrameType)]
+            # grpc's own abort leaves a cycle through the call's outermost frame, which holds no message
+            holding = {frame.f_code.co_qualname for frame in frames
+                       if any(isinstance(value, (pb.ModelInferRequest, bytes)) and len(value.SerializeToString()
+                              if isinstance(value, pb.ModelInferRequest) else value) >= 4096
+                              for value in frame.f_locals.values())}
+            ours = {frame.f_code.co_qualname for frame in frames if "/service/" in frame.f_code.co_filename}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert not holding, holding
+    assert ours <= {"_Method.call"}, ours
+
+
+def closed_within(connection: H2Connection, timeout_s: float) -> bool:
+    with connection._changed:
+        return connection._changed.wait_for(lambda: connection.closed, timeout_s)
+
+
+def test_grpc_connections_beyond_max_connections_and_the_probes_room_are_closed_at_once(model_repository, launch):
+    """At most max_connections + PROBE_CONNECTIONS gRPC connections are open: one more is closed at once, those open
+    stay, and HTTP still answers. Before, idle connections had no bound: 2000 stayed open until file descriptors ran
+    out, and HTTP stopped answering too."""
+    with launch(model_repository, grpc_port=free_port(), max_connections=3, warmup_runs=0) as url:
+        held = [H2Connection(grpc_address(url)) for _ in range(3 + PROBE_CONNECTIONS)]
+        try:
+            time.sleep(0.3)  # each accepted (its preface read) before the next is counted
+            try:
+                extra = H2Connection(grpc_address(url))
+            except OSError:  # closed before its preface was all sent
+                pass
+            else:
+                assert closed_within(extra, 2.0)
+            assert not any(connection.closed for connection in held)
+            assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        finally:
+            for connection in held:
+                connection.close()
+
+
+def test_grpc_connections_without_a_preface_or_a_call_are_closed(model_repository, launch):
+    """A connection that sends no HTTP/2 preface is closed at header_timeout_s (grpc's default: 120 s), and one that
+    makes no call for timeout_keep_alive_s is sent GOAWAY and closed (it stayed open for ever), as HTTP closes a
+    connection whose head does not come and an idle kept-alive one; a client's channel connects again for its next
+    call."""
+    with launch(model_repository, grpc_port=free_port(), header_timeout_s=1.0, timeout_keep_alive_s=1.0,
+                warmup_runs=0) as url:
+        host, port = grpc_address(url).rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as silent:
+            started = time.monotonic()
+            while silent.recv(65536):  # the server's SETTINGS, then the close
+                pass
+            assert time.monotonic() - started < 5
+        idle = H2Connection(grpc_address(url))
+        assert closed_within(idle, 6.0)
+        with grpc.insecure_channel(grpc_address(url)) as channel:  # a channel across the idle close
+            ready = channel.unary_unary(f"/{SERVICE_NAME}/ServerReady", request_serializer=lambda b: b,
+                                        response_deserializer=pb.ServerReadyResponse.FromString)
+            assert ready(b"", timeout=10).ready
+            time.sleep(2.0)
+            assert ready(b"", timeout=10).ready

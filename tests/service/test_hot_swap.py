@@ -218,7 +218,7 @@ def test_the_watcher_outlives_reloads_that_fail_and_serves_the_new_version_at_a_
         assert errors == [] and httpx.get(f"{url}/readyz").status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
         assert 'convnext_model_reloads_total{result="unavailable"} 1.0' in metrics
-        assert 'convnext_model_reloads_total{result="refused"}' not in metrics
+        assert 'convnext_model_reloads_total{result="refused"} 0.0' in metrics
         assert 'convnext_model_reloads_total{result="ok"} 1.0' in metrics
 
 

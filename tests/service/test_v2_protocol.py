@@ -370,6 +370,36 @@ def test_nested_data_along_the_shape_is_accepted_flat_below_any_level(service_ur
     assert all(answer == answers[0] for answer in answers)
 
 
+@pytest.mark.parametrize("queue_size", [1, 4, 256])
+def test_data_nested_along_the_shape_for_the_largest_batch_is_within_the_container_bound(model_repository, queue_size):
+    """The bound on a JSON part's arrays and objects lets through any request the model takes: queue_size images of
+    data nested to the last dimension, with the envelope, shapes, outputs and parameters around them."""
+    from runtime.repository import ModelRepository
+    from service.settings import Settings
+    from service.v2 import max_json_containers
+
+    manifest = ModelRepository(model_repository).load("atto").manifest
+    request = {"id": "r", "parameters": {"p": [[1], [2]]},
+               "inputs": [fp32_input(shape=(queue_size, 3, 64, 64), data=np.zeros((queue_size, 3, 64, 64)).tolist(),
+                                     parameters={"q": {"r": [1]}})],
+               "outputs": [{"name": "logits", "parameters": {"classification": 3}}] * 16}
+    body = json.dumps(request).encode()
+    assert body.count(b"[") + body.count(b"{") <= max_json_containers(manifest, Settings(queue_size=queue_size))
+
+
+def test_a_json_part_of_more_arrays_than_any_request_needs_is_refused_before_its_parse(service_url):
+    """20 KiB of gzip inflating to a million empty arrays (~3 MB; a 20 MiB body holds 7 million): parsed, each a
+    Python list, 0.8 GB and seconds of the GIL for 20 MiB; refused from a count of the bytes, the service still
+    answering at once."""
+    data = b"[]," * 1_000_000 + b"0"
+    body = b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 64, 64], "data": [' + data + b"]}]}"
+    response = httpx.post(f"{service_url}{INFER}", content=gzip.compress(body), headers={"content-encoding": "gzip"},
+                          timeout=30)
+    assert response.status_code == 400 and response.json()["code"] == "invalid_json", response.text
+    assert "1000005 arrays and objects" in response.json()["error"] and "binary data" in response.json()["error"]
+    assert httpx.get(f"{service_url}/readyz").status_code == 200
+
+
 def test_binary_data_without_the_header_length_says_which_header_is_missing(service_url):
     response = httpx.post(f"{service_url}{INFER}", content=BINARY_BODY)
     assert response.status_code == 400 and "Inference-Header-Content-Length" in response.json()["error"]
