@@ -15,6 +15,7 @@ import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +96,21 @@ PRETRAINED_CHECKPOINTS: dict[str, PretrainedCheckpoint] = _table()
 
 class DownloadError(RuntimeError):
     """A download that failed or did not verify; nothing is left in the cache under the final name."""
+
+
+class NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects (http, https, ftp), except from https to anything but https: the official files have no
+    pinned sha256, so TLS is what vouches for their bytes, and a redirect to plain http would hand the download to
+    anyone on the path (urllib followed it without a word)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # newurl: absolute (urllib joined it)
+        if urllib.parse.urlsplit(req.full_url).scheme == "https" and urllib.parse.urlsplit(newurl).scheme != "https":
+            raise DownloadError(f"{req.full_url}: the server redirected the download to {newurl}, which is not "
+                                "https; refused (download it yourself if you trust that address, and pass the path)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(NoDowngradeRedirects)  # the default handlers (proxies from the environment too)
 
 
 def get_pretrained(name: str) -> PretrainedCheckpoint:
@@ -291,7 +307,7 @@ def _fetch(url: str, partial: Path, timeout_s: float, progress: bool = False) ->
     offset, validator = _resume_point(partial, url)
     headers = {"Range": f"bytes={offset}-", "If-Range": validator} if validator else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
+        with _OPENER.open(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
             start = _write_offset(response, offset, validator)
             content_range = response.headers.get("Content-Range")
             content_type = response.headers.get("Content-Type")

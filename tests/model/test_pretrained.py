@@ -5,6 +5,7 @@ import hashlib
 import io
 import re
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor, wait
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +20,7 @@ from model.pretrained import (
     PRETRAINED_CHECKPOINTS,
     DownloadError,
     DownloadProgress,
+    NoDowngradeRedirects,
     default_cache_dir,
     download_file,
     download_pretrained,
@@ -50,11 +52,18 @@ class _CheckpointServer(BaseHTTPRequestHandler):
     stalled = threading.Event()
     resume = threading.Event()
     requests: list[tuple[str, str | None, str | None]] = []  # (path, Range, If-Range)
+    redirects: dict[str, str] = {}  # name -> the URL a 302 sends the client to
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         cls = type(self)
         cls.requests.append((self.path, self.headers.get("Range"), self.headers.get("If-Range")))
         name = self.path.lstrip("/")
+        if name in cls.redirects:
+            self.send_response(302)
+            self.send_header("Location", cls.redirects[name])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = cls.files.get(name)
         if body is None:
             self.send_error(404)
@@ -119,6 +128,7 @@ def server(checkpoint_bytes):
     _CheckpointServer.send_length = True
     _CheckpointServer.stalled, _CheckpointServer.resume = threading.Event(), threading.Event()
     _CheckpointServer.requests = []
+    _CheckpointServer.redirects = {}
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _CheckpointServer)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -477,3 +487,21 @@ def test_an_empty_cache_dir_variable_means_the_default_not_the_working_folder(mo
     assert default_cache_dir() == Path.home() / ".cache" / "convnext"
     monkeypatch.setenv("CONVNEXT_CACHE_DIR", "/data/cache")
     assert default_cache_dir() == Path("/data/cache")
+
+
+def test_a_redirect_is_followed_but_never_from_https_to_plain_http(server, tmp_path, checkpoint_bytes):
+    """The official files have no pinned sha256: TLS vouches for their bytes, and urllib followed a redirect from an
+    https mirror to plain http without a word. http -> http (and http -> https, https -> https) is followed."""
+    handler, url = server
+    handler.redirects = {"moved.pth": f"{url}{FILENAME}"}
+    path = download_file(f"{url}moved.pth", tmp_path / FILENAME, timeout_s=30)
+    assert path.read_bytes() == checkpoint_bytes
+    redirects = NoDowngradeRedirects()
+    for source, target in (("https://mirror.example/a.pth", "https://cdn.example/a.pth"),
+                           ("http://mirror.example/a.pth", "https://cdn.example/a.pth")):
+        followed = redirects.redirect_request(urllib.request.Request(source), None, 302, "Found", {}, target)
+        assert followed is not None and followed.full_url == target
+    for target in ("http://cdn.example/a.pth", "ftp://cdn.example/a.pth"):
+        with pytest.raises(DownloadError, match=f"redirected the download to {target}, which is not https"):
+            redirects.redirect_request(urllib.request.Request("https://mirror.example/a.pth"), None, 302, "Found",
+                                       {}, target)
