@@ -157,11 +157,12 @@ async def models(request: Request):
 def repository_listing(state: ServiceState) -> list[dict]:
     """Every version in the repository with the fields /models shows; a broken one is left out (and logged)."""
     repository = ModelRepository(state.settings.repository)
-    listing = []
+    listing, listed = [], set()
     for name in repository.models():
         for version in repository.versions(name):
+            listed.add((name, version))
             try:
-                manifest = repository.load(name, version, verify_files=False).manifest
+                manifest = state.manifest_cache.manifest(repository, name, version)  # parsed once while unchanged
             except (RepositoryError, OSError) as err:  # a broken or unreadable version is the operator's to fix
                 logger.warning("/models leaves out %s/%s: %s", name, version, err)
                 continue
@@ -173,6 +174,7 @@ def repository_listing(state: ServiceState) -> list[dict]:
                 "serving": state.version is not None and (name, version) == (state.version.manifest.name,
                                                                              state.version.manifest.version),
             })
+    state.manifest_cache.keep_only(repository, listed)
     return listing
 
 

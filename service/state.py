@@ -14,6 +14,7 @@ from service.body_budget import BodyBudget
 from service.decode_budget import MIB, DecodeBudget
 from service.grpc_calls import CallsInFlight
 from service.grpc_clients import ArrivingMessages
+from service.manifest_cache import ManifestCache
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
 from service.repository_reader import RepositoryReader
@@ -44,6 +45,7 @@ class ServiceState:
         self.conversion_pool = ThreadPoolExecutor(CONVERSIONS_AT_ONCE, thread_name_prefix="v2-convert")
         # /models' reads of the repository: bounded, a few at once (service/repository_reader.py).
         self.repository_reader = RepositoryReader(max_reads=LISTINGS_AT_ONCE)
+        self.manifest_cache = ManifestCache()  # /models' manifests, parsed once while unchanged
         # Images in progress (decoding, queued or in the running batch); beyond this a request is refused at once.
         self.admission = Admission(admission_capacity(settings.queue_size, settings.max_batch_size))
         # gRPC calls per client address waiting for room in the body budget or receiving their message.
