@@ -24,6 +24,7 @@ from service.grpc_proto import open_inference_pb2 as pb
 from service.metrics import ServiceMetrics
 from service.pipeline import ClientGone, converted, request_deadline
 from service.request_ids import REQUEST_ID_METADATA, request_id_of_metadata
+from service.settings import C_INT_MAX
 from service.state import ServiceState
 
 # The protocol's service name on the wire; the .proto's own package differs (open_inference.proto says why).
@@ -370,6 +371,11 @@ class GrpcService:
         return self._stopped
 
 
+def c_int(value: float) -> int:
+    """A setting as a grpc channel argument: a C int from 1 (0 ms of idle time would refuse every call) to INT_MAX."""
+    return max(1, min(round(value), C_INT_MAX))
+
+
 async def start_grpc_server(state: ServiceState) -> GrpcService:
     """Listen on host:grpc_port; messages up to max_body_bytes (larger: RESOURCE_EXHAUSTED), as HTTP bodies, and at
     most UNREAD_STREAM_WINDOW_BYTES taken in of a stream nobody reads. Connections as HTTP's: a connection's HTTP/2
@@ -388,9 +394,10 @@ async def start_grpc_server(state: ServiceState) -> GrpcService:
                  ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                  ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", UNREAD_STREAM_WINDOW_BYTES),
                  ("grpc.max_send_message_length", -1),
-                 ("grpc.max_allowed_incoming_connections", settings.max_connections + PROBE_CONNECTIONS),
-                 ("grpc.server_handshake_timeout_ms", round(settings.header_timeout_s * 1000)),
-                 ("grpc.max_connection_idle_ms", round(settings.timeout_keep_alive_s * 1000)),
+                 # grpc's channel arguments are C ints: each bounded to one (valid settings must start).
+                 ("grpc.max_allowed_incoming_connections", c_int(settings.max_connections + PROBE_CONNECTIONS)),
+                 ("grpc.server_handshake_timeout_ms", c_int(settings.header_timeout_s * 1000)),
+                 ("grpc.max_connection_idle_ms", c_int(settings.timeout_keep_alive_s * 1000)),
                  ("grpc.so_reuseport", 0)])  # a port another server holds is an error, not a silent share
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     address = f"{host}:{settings.grpc_port}"

@@ -28,6 +28,8 @@ FUNCTION_LEVEL_ALLOWED = {
     ("service.__main__", "service.doctor"): "CLI dispatch: `python -m service doctor`",
     ("service.__main__", "service.app"): "`--help` and settings errors answer without importing FastAPI and uvicorn",
     ("service.__main__", "service.server"): "`--help` and settings errors answer without importing uvicorn",
+    ("service.__main__", "service.grpc_server"): "`--help` and settings errors answer without importing grpc",
+    ("service.__main__", "service.open_files"): "imported with the server it prepares the start of",
     ("deploy.entrypoint", "model.pretrained"): "the service images run `serve` without torch; only `prepare` needs it",
     ("export.source", "model"): "model/ is torch: `python -m export tensorrt|list` run where there is none (GPU image)",
     ("export.source", "model.pretrained"): "model/ is torch: `python -m export tensorrt|list` run without it",
