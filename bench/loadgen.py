@@ -1,7 +1,8 @@
 """HTTP load for loopback URLs: real JPEG payloads, the closed loop (fixed concurrency) and the result both loops give.
 
 Payloads are the scikit-learn / scikit-image photographs re-encoded as JPEG (quality 90) at typical upload sizes,
-so every request pays a realistic decode + resize. Results: images/s, p50/p95/p99 latency, errors by status. The
+so every request pays a realistic decode + resize. Results: images/s, p50/p95/p99 latency of the successful (200)
+answers, errors by status with the failed requests' own latency (p50, max: a slow refusal or a timeout shows). The
 open loop (arrivals on a schedule, latency from each request's due time) is bench/open_loop.py.
 """
 from __future__ import annotations
@@ -59,7 +60,9 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     first_error: str | None = None  # what the first failed request met, e.g. "HTTP 503: ..." or "TimeoutError"
     elapsed_s: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)  # the 200 answers'
+    # Each failed request's (a non-200 answer, or no answer: its timeout, a refused connection) until it failed.
+    failed_latencies_ms: list[float] = field(default_factory=list)
     # Open loop only: how late each request was sent after its due time (a lagging generator shows here).
     send_lags_ms: list[float] = field(default_factory=list)
     # Closed loop: when each counted 200 completed (time.perf_counter()); a steady run fits its images/s to these.
@@ -73,14 +76,18 @@ class LoadResult:
         return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def summary(self) -> dict:
-        """The run's figures; latency percentiles are None (JSON null) when no request succeeded."""
+        """The run's figures. p50/p95/p99_ms: of the 200 answers alone, None (JSON null) when no request succeeded;
+        failed_p50/max_ms: of the failed requests, None when none failed (a slow refusal is no success's latency)."""
         lat = np.asarray(self.latencies_ms)
         p50, p95, p99 = (float(v) for v in np.percentile(lat, [50, 95, 99])) if lat.size else (None, None, None)
+        failed = np.asarray(self.failed_latencies_ms)
         return {
             "mode": self.mode, "url": self.url, "concurrency": self.concurrency, "rate_per_s": self.rate_per_s,
             "sent": self.sent, "ok": self.ok, "errors": dict(self.errors), "first_error": self.first_error,
             "elapsed_s": self.elapsed_s, "images_per_s": self.images_per_s(),
-            "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, **send_lag_summary(self.send_lags_ms),
+            "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
+            "failed_p50_ms": float(np.percentile(failed, 50)) if failed.size else None,
+            "failed_max_ms": float(failed.max()) if failed.size else None, **send_lag_summary(self.send_lags_ms),
         }
 
 
@@ -147,6 +154,7 @@ async def _send(connection: Connection, request: PreparedRequest, result: LoadRe
         result.completed_at_s.append(done)
     else:
         errors[status] += 1
+        result.failed_latencies_ms.append((done - t0) * 1000)
         result.first_error = result.first_error or error
 
 

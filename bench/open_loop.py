@@ -118,11 +118,13 @@ class OpenLoop:
 
 
 def load_result(url: str, rate_per_s: float, outcomes: Sequence[Outcome], elapsed_s: float) -> LoadResult:
-    """The open loop's outcomes as a LoadResult: latency of each 200 from its due time, errors by status."""
+    """The open loop's outcomes as a LoadResult: latency from its due time of each 200 and, apart, of each failure;
+    errors by status."""
     errors = Counter(o.status for o in outcomes if o.status != "200")
     ok = [o for o in outcomes if o.status == "200"]
     return LoadResult("open", url, None, rate_per_s, sent=len(outcomes), ok=len(ok), errors=dict(errors),
                       elapsed_s=elapsed_s, latencies_ms=[o.latency_ms for o in ok],
+                      failed_latencies_ms=[o.latency_ms for o in outcomes if o.status != "200"],
                       send_lags_ms=[o.send_lag_ms for o in outcomes],
                       first_error=next((o.error for o in outcomes if o.status != "200"), None))
 

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| engine batch | images/s |\n|---|---|")
     for size, rate in engine.items():
         print(f"| {size} | {rate:.1f} |")
-    print("\n| /classify concurrency | images/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
+    print("\n| /classify concurrency | images/s | p50 ms (200s) | p99 ms (200s) | errors |\n|---|---|---|---|---|")
     for r in end_to_end:
         print(f"| {r['concurrency']} | {r['images_per_s']:.1f} | {format_ms(r['p50_ms'])} | {format_ms(r['p99_ms'])} | "
               f"{r['errors']} |")

@@ -121,7 +121,9 @@ async def drive(url: str, payloads: list[bytes], rate_per_s: float, seconds: flo
     t0 = time.perf_counter()
     outcomes, windows = await asyncio.gather(load.run(t0), sample(load, url, t0, seconds, window_s, pid))
     statuses = Counter(o.status for o in outcomes)
+    # Every failure, those answered after the last window included (errors_in_windows, from drift, leaves them out).
     return windows, {"sent": load.dispatched, "answered": len(outcomes), "statuses": dict(statuses),
+                     "errors": sum(count for status, count in statuses.items() if status != "200"),
                      **send_lag_summary([o.send_lag_ms for o in outcomes])}
 
 
@@ -151,7 +153,7 @@ def drift(windows: list[Window]) -> dict:
             "p50_last_over_first": last / first if first and last is not None else None,
             "p50_slope_ms_per_min": slope, "rss_first_window_mb": rss[0], "rss_last_mb": rss[-1],
             "rss_growth_mb": growth, "rss_growth_mb_per_min": growth / span_min if span_min else None,
-            "rss_max_mb": max(rss), "errors": sum(sum(w.errors.values()) for w in windows),
+            "rss_max_mb": max(rss), "errors_in_windows": sum(sum(w.errors.values()) for w in windows),
             "ok_in_windows": sum(w.ok for w in windows)}
 
 

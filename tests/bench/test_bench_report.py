@@ -40,6 +40,15 @@ def test_engine_table_shows_how_many_calls_each_p99_rests_on(results):
     assert "| 1 | 100.0 | 10.0 | 12.0 (n=40) |" in report and "| 8 | 100.0 | 10.0 | 12.0 (n=3) |" in report
 
 
+def test_end_to_end_latencies_say_they_are_the_successes_and_failed_requests_have_their_own(results):
+    results["load"][1].update(ok=6, errors={"503": 4}, failed_p50_ms=310.0, failed_max_ms=402.5)
+    report = markdown(results)
+    assert "| p50 ms (200s) | p95 ms (200s) | p99 ms (200s) | errors: p50 / max ms |" in report
+    assert "| 5.5 | 6 | 4 | 50.0 | 20.0 | 25.0 | 30.0 | 310.0 / 402.5 |" in report
+    assert "| 1 | - | 10 | 0 | 50.0 | 20.0 | 25.0 | 30.0 | - |" in report  # no failures (or a run before the figure)
+    assert "Latency percentiles are of the successful (200) answers alone" in report
+
+
 def test_a_low_load_difference_below_the_engine_alone_is_flagged_as_phase_drift_not_a_cost():
     lone = {"service_p50_ms": 10.0, "engine_p50_ms": 10.7, "overhead_ms": -0.7, "preprocess_ms": 3.0}
     line = low_load_line(lone)

@@ -28,8 +28,9 @@ def dead_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{s.getsockname()[1]}/classify"
 
 
-ANSWER_503 = answering(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n%s" % (len(BUSY_BODY), BUSY_BODY))
+RESPONSE_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(BUSY_BODY), BUSY_BODY))
+ANSWER_503 = answering(RESPONSE_503)
 
 
 async def closed_loop_against_503() -> dict:
@@ -57,3 +58,55 @@ def test_an_http_error_is_named_with_its_status_and_the_start_of_its_body():
     summary = strict_json(asyncio.run(closed_loop_against_503()))
     assert summary["errors"] == {"503": 6} and summary["p50_ms"] is None
     assert summary["first_error"] == f"HTTP 503: {BUSY_BODY.decode()}"
+
+
+SLOW_REFUSAL_S = 0.3
+ANSWER_200 = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def fast_200_or_slow_503(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers a body of b"ok" with a 200 at once and any other body with a 503 after SLOW_REFUSAL_S."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            if await reader.readexactly(length) == b"ok":
+                writer.write(ANSWER_200)
+            else:
+                await asyncio.sleep(SLOW_REFUSAL_S)
+                writer.write(RESPONSE_503)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
+async def mixed_load(loop_kind: str) -> dict:
+    server = await asyncio.start_server(fast_200_or_slow_503, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/classify"
+        if loop_kind == "closed":
+            return (await closed_loop(url, [b"ok", b"slow"], 2, 8, 10.0)).summary()
+        return (await open_loop(url, [b"ok", b"slow"], 40.0, 8, 10.0)).summary()
+
+
+@pytest.mark.parametrize("loop_kind", ["closed", "open"])
+def test_slow_refusals_have_their_own_latency_and_stay_out_of_the_successes_percentiles(loop_kind):
+    summary = strict_json(asyncio.run(mixed_load(loop_kind)))
+    assert summary["ok"] == 4 and summary["errors"] == {"503": 4}
+    assert summary["p99_ms"] < SLOW_REFUSAL_S * 1000 / 2  # the 200s' alone: answered at once
+    assert summary["failed_p50_ms"] >= SLOW_REFUSAL_S * 1000 * 0.9
+    assert summary["failed_max_ms"] >= summary["failed_p50_ms"]
+
+
+def test_failed_latency_is_null_without_failures_and_the_only_latency_when_all_failed():
+    async def closed_loop_against_200() -> dict:
+        server = await asyncio.start_server(answering(ANSWER_200), "127.0.0.1", 0)
+        async with server:
+            url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/classify"
+            return (await closed_loop(url, [b"ok"], 2, 4, 5.0)).summary()
+
+    all_ok = strict_json(asyncio.run(closed_loop_against_200()))
+    assert all_ok["ok"] == 4 and all_ok["failed_p50_ms"] is None and all_ok["failed_max_ms"] is None
+    all_failed = strict_json(asyncio.run(closed_loop_against_503()))
+    assert all_failed["p50_ms"] is None and all_failed["failed_p50_ms"] is not None

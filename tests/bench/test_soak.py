@@ -36,6 +36,9 @@ def test_smoke_soak_samples_every_window_from_the_live_server(smoke_soak):
     summary = report["summary"]
     assert summary["answered"] == summary["sent"] == sum(summary["statuses"].values())  # every request answered
     assert sum(w["ok"] + sum(w["errors"].values()) for w in windows) <= summary["answered"]
+    # errors: every failed request, those answered after the last window too; errors_in_windows: the windows' own.
+    assert summary["errors"] == sum(n for status, n in summary["statuses"].items() if status != "200")
+    assert summary["errors_in_windows"] == sum(sum(w["errors"].values()) for w in windows) <= summary["errors"]
     assert "p50_ms" in stdout and "rss_growth_mb" in stdout
 
 
