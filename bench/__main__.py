@@ -380,11 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         return subcommands[argv[0]](argv[1:])
     args = get_args_parser().parse_args(argv)
     if args.command == "engine":
+        host = host_line([args.provider])  # on every row: numbers from different machines are not comparable
         for r in benchmark_onnx(args.onnx, args.batch_sizes, provider=args.provider, threads=args.threads,
                                 iterations=args.iterations, **engine_labels(args.onnx, args.precision)):
-            print(json.dumps({k: v for k, v in asdict(r).items() if v is not None}, allow_nan=False))
+            print(json.dumps({k: v for k, v in asdict(r).items() if v is not None} | {"host": host}, allow_nan=False))
     elif args.command == "load":
-        print(json.dumps(run_load(args).summary(), indent=2, allow_nan=False))
+        # The client's host: on loopback, the machine the server shares (its load average counts both).
+        print(json.dumps(run_load(args).summary() | {"host": host_line(["cpu"])}, indent=2, allow_nan=False))
     else:
         preset = PRESETS["smoke" if args.smoke else "full"]
         preset = replace(preset, peer=preset.peer and not args.no_peer)

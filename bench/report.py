@@ -50,8 +50,10 @@ def _table(header: list[str], rows: list[list]) -> str:
 def markdown(results: dict) -> str:
     parts = [f"# Benchmark ({results['config']['name']})", "", f"Host: {results['host']}", ""]
     parts += phases_lines(results)
-    parts += ["## Engine alone (ONNX Runtime providers and native TensorRT engines; random-init weights: speed only)",
-              ""]
+    rows = [r for m in results["compare"]["models"] for r in m["results"]]
+    native_tensorrt = any(r["provider"] == "tensorrt-engine" for r in rows)
+    engines = "ONNX Runtime providers and native TensorRT engines" if native_tensorrt else "ONNX Runtime"
+    parts += [f"## Engine alone ({engines}; random-init weights: speed only)", ""]
     # n: the timed calls a row rests on; with few, p99 is the slowest call rather than a percentile.
     rows = [[r["model"], r["activation"], r["precision"], provider_cell(r), r["batch_size"], f"{r['images_per_s']:.1f}",
              f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f} (n={r['iterations']})"]

@@ -324,6 +324,9 @@ class ModelRepository:
             raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
         if version is not None and version < 1:  # before any folder: a write's folders are named by a number >= 1
             raise RepositoryError(f"version {version}: versions are numbered from 1")
+        if version is not None and not VERSION_PATTERN.fullmatch(str(version)):  # 10**18 or more: never listed
+            raise RepositoryError(f"version {version}: versions have at most 18 digits (a folder with more is no "
+                                  "version to the repository's listing, so nothing would load it)")
         folder = self.root / name
         make_folders(folder)
         remove_dead_writes(folder)  # before numbering: it may put back a version a dead overwrite moved aside

@@ -29,8 +29,11 @@ def raise_open_files_limit(settings: Settings, probe_connections: int) -> str | 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     ceiling = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < ceiling:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
-        soft = ceiling
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+        except (ValueError, OSError):  # macOS refuses a soft limit over its kern.maxfilesperproc: keep the soft one
+            pass
     needed = open_files_needed(settings, probe_connections)
     if soft != resource.RLIM_INFINITY and soft < needed:
         return (f"the open-files limit is {soft} (hard limit {hard}), under the {needed} that max_connections "

@@ -30,7 +30,7 @@ MAX_HEADER_LENGTH_DIGITS = 20
 # A JSON part up to this is parsed on the event loop (~0.2 ms); a larger one in a worker thread (a hop: ~0.1 ms).
 INLINE_MAX_JSON_BYTES = 16 * 1024
 # Arrays and objects a request's envelope may hold beside its data: the request, its inputs and outputs (MAX_TENSORS
-# each) with their shapes and parameters (MAX_PARAMETERS entries, whose values may be arrays), many times over.
+# each) with their shapes and parameters (MAX_PARAMETERS entries of scalar values), many times over.
 ENVELOPE_CONTAINERS = 4096
 
 

@@ -14,6 +14,7 @@ import pytest
 
 import bench.__main__ as bench_main
 from bench import cpu_engines
+from bench.host import cpu_model
 from bench.loadgen import LoadResult
 from bench.open_loop import poisson_arrivals_s
 from runtime.repository import ModelRepository
@@ -44,6 +45,7 @@ def test_bench_engine_labels_a_repository_artifact_from_its_manifest(repository)
     assert [r["batch_size"] for r in rows] == [1, 2]
     for row in rows:
         assert (row["model"], row["activation"], row["precision"]) == ("convnext_atto", "gelu", "fp32")
+        assert f"{cpu_model()}, " in row["host"] and "cores, load average (" in row["host"]  # whose numbers these are
 
 
 def test_bench_engine_leaves_out_what_a_bare_onnx_file_cannot_tell(repository, tmp_path):
@@ -196,13 +198,14 @@ def loads(monkeypatch):
     return started
 
 
-def test_an_open_loop_sends_for_the_whole_duration_asked_unless_its_requests_are_capped(loads):
+def test_an_open_loop_sends_for_the_whole_duration_asked_unless_its_requests_are_capped(loads, capsys):
     url = "http://127.0.0.1:8000/classify"
     assert bench_main.main(["load", url, "--rate", "20", "--seconds", "30"]) == 0  # the README's example
     ((mode, rate, cap, seconds),) = loads
     assert (mode, rate, seconds) == ("open", 20.0, 30.0)
     arrivals = poisson_arrivals_s(rate, cap, seconds)
     assert arrivals[-1] > 29 and 500 < len(arrivals) < 700  # ~rate x seconds, due until the end, not 200 in 10 s
+    assert f"{cpu_model()}, " in json.loads(capsys.readouterr().out)["host"]  # the machine the numbers are from
     bench_main.main(["load", url, "--rate", "20", "--requests", "50"])
     bench_main.main(["load", url])
     assert loads[1:] == [("open", 20.0, 50, 30.0), ("closed", 8, bench_main.CLOSED_LOOP_REQUESTS, 30.0)]

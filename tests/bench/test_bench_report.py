@@ -36,6 +36,9 @@ def results() -> dict:
 
 def test_engine_table_shows_how_many_calls_each_p99_rests_on(results):
     report = markdown(results)
+    assert "## Engine alone (ONNX Runtime; random-init weights: speed only)" in report  # no TensorRT in a CPU run
+    results["compare"]["models"][0]["results"].append({**engine_row(8, 3), "provider": "tensorrt-engine"})
+    assert "## Engine alone (ONNX Runtime providers and native TensorRT engines;" in markdown(results)
     assert "p99 ms (n calls)" in report
     assert "| 1 | 100.0 | 10.0 | 12.0 (n=40) |" in report and "| 8 | 100.0 | 10.0 | 12.0 (n=3) |" in report
 

@@ -199,3 +199,12 @@ def test_only_plain_ascii_numbers_are_version_folders(repository_copy):
     assert repository_copy.versions("atto") == [1]
     assert repository_copy.models() == ["atto"] and repository_copy.latest_version("atto") == 1
     assert repository_copy.load("atto").manifest.version == 1
+
+
+def test_a_version_number_the_listing_would_not_see_is_refused_before_any_folder(repository_copy):
+    """10**18 has 19 digits: its folder would be no version to the listing (VERSION_PATTERN): nothing could load it."""
+    before = sorted(p.name for p in (repository_copy.root / "atto").iterdir())
+    with pytest.raises(RepositoryError, match="at most 18 digits"):
+        with repository_copy.new_version("atto", 10**18):
+            pass
+    assert sorted(p.name for p in (repository_copy.root / "atto").iterdir()) == before

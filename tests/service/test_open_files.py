@@ -50,3 +50,17 @@ def test_a_hard_limit_under_what_the_connections_need_is_said_in_a_warning():
     assert short is not None and f"open-files limit is 600 (hard limit 600), under the {needed}" in short
     assert "max_connections (512)" in short and "--ulimit nofile" in short
     assert limited_run(256, 600, max_connections=100) == (600, None)  # 2 x 100 + 64 + 256 fit
+
+
+def test_a_refused_raise_keeps_the_soft_limit_and_the_service_starts(monkeypatch):
+    """macOS refuses a soft limit over kern.maxfilesperproc (ValueError) even under the hard one: the start goes on
+    with the soft limit it has, and says so when that is short."""
+    def refuse(*_):
+        raise ValueError("current limit exceeds maximum limit")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (256, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    from service.open_files import raise_open_files_limit
+
+    short = raise_open_files_limit(Settings(max_connections=512), PROBE_CONNECTIONS)
+    assert short is not None and "open-files limit is 256" in short
