@@ -64,25 +64,16 @@ SLOW_REFUSAL_S = 0.3
 ANSWER_200 = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
 
-async def fast_200_or_slow_503(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers a body of b"ok" with a 200 at once and any other body with a 503 after SLOW_REFUSAL_S."""
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length"))
-            if await reader.readexactly(length) == b"ok":
-                writer.write(ANSWER_200)
-            else:
-                await asyncio.sleep(SLOW_REFUSAL_S)
-                writer.write(RESPONSE_503)
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        writer.close()
+async def fast_200_or_slow_503(body: bytes) -> bytes:
+    """A 200 at once to a body of b"ok"; a 503 after SLOW_REFUSAL_S to any other."""
+    if body == b"ok":
+        return ANSWER_200
+    await asyncio.sleep(SLOW_REFUSAL_S)
+    return RESPONSE_503
 
 
 async def mixed_load(loop_kind: str) -> dict:
-    server = await asyncio.start_server(fast_200_or_slow_503, "127.0.0.1", 0)
+    server = await asyncio.start_server(answering(b"", respond=fast_200_or_slow_503), "127.0.0.1", 0)
     async with server:
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/classify"
         if loop_kind == "closed":
