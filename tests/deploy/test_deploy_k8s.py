@@ -119,7 +119,7 @@ def test_every_gpu_start_allowance_outlasts_the_host_check_then_the_services_own
     calls of warm-up and smoke run): k8s's startup probe, and the GPU image's and compose's health check start period
     (300 s, shorter than one engine build, before), allow both."""
     container = next(c for c in find("Deployment")["spec"]["template"]["spec"]["containers"] if c["name"] == "service")
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
     service = settings_from(load_entrypoint(), monkeypatch, env).service
     bound_s = DOCTOR_TIMEOUT_S + build_timeout_s(service)
     assert bound_s == 600 + 1970  # the numbers the comments and README give
@@ -152,7 +152,7 @@ def container_env(container: dict, source: dict[str, str]) -> dict[str, str]:
     for reference in container.get("envFrom", []):
         assert reference["configMapRef"]["name"] == MODEL_SOURCE  # the one ConfigMap the pod reads
         env.update(source)
-    return env | {item["name"]: item["value"] for item in container["env"]}
+    return env | {item["name"]: item["value"] for item in container["env"] if "value" in item}  # not Secrets
 
 
 def test_the_model_source_is_one_configmap_both_containers_read():
@@ -164,6 +164,19 @@ def test_the_model_source_is_one_configmap_both_containers_read():
     for container in (*pod["initContainers"], *pod["containers"]):
         assert container["envFrom"] == [{"configMapRef": {"name": MODEL_SOURCE}}], container["name"]
         assert not {item["name"] for item in container["env"]} & MODEL_SOURCE_VARIABLES, container["name"]
+
+
+def test_the_api_keys_come_from_an_optional_secret_to_the_service_container_alone():
+    """With the Secret convnext-api-keys, its keys reach the service (the variables Settings reads); without it the
+    pod still starts and the API is open, as compose without the variables. The init container gets neither."""
+    spec = find("Deployment")["spec"]["template"]["spec"]
+    service, init = spec["containers"][0], spec["initContainers"][0]
+    secrets = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in service["env"] if "valueFrom" in item}
+    assert secrets == {
+        "CONVNEXT_API_KEY": {"name": "convnext-api-keys", "key": "api-key", "optional": True},
+        "CONVNEXT_ADMIN_API_KEY": {"name": "convnext-api-keys", "key": "admin-api-key", "optional": True}}
+    assert {"api_key", "admin_api_key"} <= set(Settings.model_fields)  # CONVNEXT_ + the field's name
+    assert not [item for item in init.get("env", []) if "API_KEY" in item["name"]]
 
 
 def test_the_init_container_and_the_service_name_the_model_alike(monkeypatch):
