@@ -98,6 +98,19 @@ class DownloadError(RuntimeError):
     """A download that failed or did not verify; nothing is left in the cache under the final name."""
 
 
+def shown_url(url: str) -> str:
+    """`url` as a message may show it: without a user:password and with its query hidden (a presigned URL's query is
+    its credential: X-Amz-Signature, sig=...), so an error in a log never hands the file to whoever reads it."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "<query hidden>" if parts.query else "", ""))
+
+
+def _failed(url: str, text: str) -> DownloadError:
+    """A download's error: the URL as shown_url shows it, then what went wrong."""
+    return DownloadError(f"{shown_url(url)}: {text}")
+
+
 class NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
     """urllib's redirects (http, https, ftp), except from https to anything but https: the official files have no
     pinned sha256, so TLS is what vouches for their bytes, and a redirect to plain http would hand the download to
@@ -105,8 +118,8 @@ class NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # newurl: absolute (urllib joined it)
         if urllib.parse.urlsplit(req.full_url).scheme == "https" and urllib.parse.urlsplit(newurl).scheme != "https":
-            raise DownloadError(f"{req.full_url}: the server redirected the download to {newurl}, which is not "
-                                "https; refused (download it yourself if you trust that address, and pass the path)")
+            raise _failed(req.full_url, f"the server redirected the download to {shown_url(newurl)}, which is not "
+                          "https; refused (download it yourself if you trust that address, and pass the path)")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -181,14 +194,14 @@ def _download_unless_cached(url: str, destination: Path, sha256: str | None, tim
     actual = sha256_file(partial)
     if sha256 is not None and actual != sha256:
         _discard_partial(partial)
-        raise DownloadError(f"{url}: sha256 {actual} does not match the expected {sha256}; the file was discarded")
+        raise _failed(url, f"sha256 {actual} does not match the expected {sha256}; the file was discarded")
     if not is_torch_save_file(partial):
         size, safetensors = partial.stat().st_size, is_safetensors_file(partial)
         _discard_partial(partial)
         if safetensors:  # e.g. a Hugging Face timm repository's model.safetensors
-            raise DownloadError(f"{url}: a safetensors file, {SAFETENSORS_ADVICE} (fetch it yourself to convert it); "
+            raise _failed(url, f"a safetensors file, {SAFETENSORS_ADVICE} (fetch it yourself to convert it); "
                                 "the download was discarded")
-        raise DownloadError(f"{url}: the server sent {size} bytes of {content_type or 'no Content-Type'}, not a "
+        raise _failed(url, f"the server sent {size} bytes of {content_type or 'no Content-Type'}, not a "
                             "torch.save checkpoint (a login or share page, an error page, a mirror without the file?); "
                             "the file was discarded: check the URL, or download it in a browser and pass the path")
     # The old file's records go first: a crash before the new ones are written leaves a file that is no hit.
@@ -316,23 +329,23 @@ def _fetch(url: str, partial: Path, timeout_s: float, progress: bool = False) ->
         if error.code == 416 and offset:  # Range not satisfiable: the .part is stale or over-long, restart
             _discard_partial(partial)
             return _fetch(url, partial, timeout_s, progress)
-        raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; check the name or the mirror") from error
+        raise _failed(url, f"HTTP {error.code} {error.reason}; check the name or the mirror") from error
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
         reason = getattr(error, "reason", error)  # URLError wraps the socket error: "Name or service not known"
         if not (partial.is_file() and partial.stat().st_size):
             _discard_partial(partial)
-            raise DownloadError(f"{url}: cannot download ({reason}); check the network, or pass --mirror with a "
+            raise _failed(url, f"cannot download ({reason}); check the network, or pass --mirror with a "
                                 "reachable copy of the file") from error
-        raise DownloadError(f"{url}: download interrupted ({reason}); {_after_interruption(partial)}") from error
+        raise _failed(url, f"download interrupted ({reason}); {_after_interruption(partial)}") from error
     if start is None:  # a 206 that does not continue the .part: never splice it, fetch the whole file instead
         if not offset:
-            raise DownloadError(f"{url}: the server sent part of the file (Content-Range {content_range}) to a "
+            raise _failed(url, f"the server sent part of the file (Content-Range {content_range}) to a "
                                 "request for all of it; use another mirror")
         _discard_partial(partial)
         return _fetch(url, partial, timeout_s, progress)
     received = partial.stat().st_size
     if expected_total is not None and received != expected_total:
-        raise DownloadError(f"{url}: got {received} of {expected_total} bytes; {_after_interruption(partial)}")
+        raise _failed(url, f"got {received} of {expected_total} bytes; {_after_interruption(partial)}")
     return content_type
 
 

@@ -25,6 +25,7 @@ from model.pretrained import (
     download_file,
     download_pretrained,
     format_progress,
+    shown_url,
 )
 
 FILENAME = "convnext_tiny_1k_224_ema.pth"
@@ -505,3 +506,15 @@ def test_a_redirect_is_followed_but_never_from_https_to_plain_http(server, tmp_p
         with pytest.raises(DownloadError, match=f"redirected the download to {target}, which is not https"):
             redirects.redirect_request(urllib.request.Request("https://mirror.example/a.pth"), None, 302, "Found",
                                        {}, target)
+
+
+def test_an_error_never_shows_a_urls_password_or_query(server, tmp_path):
+    """A presigned URL's query is its credential (X-Amz-Signature=..., sig=...): an error in a log would hand the file
+    to whoever reads it. Messages show the URL without its query or user:password."""
+    assert (shown_url("https://user:pw@bucket.example:8443/w/x.pth?X-Amz-Signature=s3cr3t&X-Amz-Expires=60#f")
+            == "https://bucket.example:8443/w/x.pth?<query hidden>")
+    assert shown_url("https://host/x.pth") == "https://host/x.pth"  # nothing to hide: as given
+    _, base_url = server
+    with pytest.raises(DownloadError, match="HTTP 404") as refused:
+        download_file(f"{base_url}/missing.pth?sig=s3cr3t", tmp_path / "missing.pth")
+    assert "s3cr3t" not in str(refused.value) and "/missing.pth?<query hidden>: HTTP 404" in str(refused.value)
